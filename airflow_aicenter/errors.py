@@ -1,0 +1,46 @@
+"""Errors users see. Each message names the problem and the fix.
+
+No Airflow import: the runtime and the package contract raise these too.
+"""
+
+from __future__ import annotations
+
+
+class AICenterError(Exception):
+    """Base class: a user-facing error whose message says what is wrong and how to fix it."""
+
+
+class PackageError(AICenterError):
+    """The ML package breaks the package contract (missing file, class, method, syntax)."""
+
+
+class ArchiveError(PackageError):
+    """A package zip is unsafe or unreadable (path traversal, links, bombs, corruption)."""
+
+
+class VersionError(AICenterError):
+    """A version string or alias is malformed or does not exist in the registry."""
+
+
+class StorageError(AICenterError):
+    """The object store refused or failed a request, or returned corrupt content."""
+
+
+class NotFoundError(StorageError):
+    """An object or prefix that must exist does not."""
+
+
+class AlreadyExistsError(StorageError):
+    """A create-once put found the key already taken."""
+
+
+class DatasetError(AICenterError):
+    """A dataset URI is empty, missing or unreadable."""
+
+
+class ConfigurationError(AICenterError):
+    """A connection, launcher or operator argument is invalid."""
+
+
+class RunError(AICenterError):
+    """A pipeline run failed (user code, runtime or launcher); the message is the one-line cause."""
