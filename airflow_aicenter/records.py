@@ -1,0 +1,238 @@
+"""Every JSON record the product persists, and the one place that reads and writes them.
+
+Version records, aliases, run specs, outcomes, snapshot manifests and ``_results.json`` are
+pydantic models so a malformed record fails loudly at read time instead of half-working.
+No Airflow import: the runtime writes outcomes and manifests from inside the pod.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import datetime, timezone
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from airflow_aicenter.errors import NotFoundError, StorageError
+from airflow_aicenter.storage.store import Store
+
+Pipeline = Literal["train", "evaluate", "full"]
+RunStatus = Literal["running", "succeeded", "failed", "killed"]
+M = TypeVar("M", bound=BaseModel)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class BlobRef(Record):
+    sha256: str
+    size: int
+
+
+class RunRef(Record):
+    """Which Airflow task try (or CLI call) a record came from."""
+
+    dag_id: str
+    run_id: str
+    task_id: str
+    try_number: int = 1
+    map_index: int = -1
+    uri: str = ""  # the run folder (runs/<dag_id>/<run_id>/<task_id>/<try>) as a URI
+
+    @property
+    def prefix(self) -> str:
+        task = self.task_id if self.map_index < 0 else f"{self.task_id}__{self.map_index}"
+        return f"runs/{self.dag_id}/{self.run_id}/{task}/{self.try_number}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.dag_id}/{self.run_id}/{self.task_id}/{self.try_number}"
+
+
+class VersionRecord(Record):
+    """A package version exists exactly when this record exists (created once)."""
+
+    package: str
+    version: str
+    blob: BlobRef
+    parent: str | None = None
+    pipeline: Literal["upload", "train", "full"] = "upload"
+    run: RunRef | None = None
+    snapshot: str | None = None
+    score: float | None = None
+    description: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+    created_by: str = ""
+
+
+class EvaluationRecord(Record):
+    package: str
+    version: str
+    score: float | None
+    dataset: str | None = None
+    run: RunRef | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class AliasRecord(Record):
+    """One entry of an alias's history; the highest sequence number is the current target."""
+
+    package: str
+    alias: str
+    seq: int
+    version: str
+    previous: str | None = None
+    reason: str = ""
+    set_by: str = ""
+    set_at: datetime = Field(default_factory=utcnow)
+
+
+class ManifestEntry(Record):
+    path: str
+    sha256: str
+    size: int
+
+
+class Manifest(Record):
+    """A snapshot of a data folder: paths mapped to blobs in ``blobs/sha256/``."""
+
+    source: str | None
+    directory: str
+    files: list[ManifestEntry]
+    file_count: int
+    total_bytes: int
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class RunSpec(Record):
+    """What the operator asks the runtime to do. Holds no secret: credentials come from env."""
+
+    pipeline: Pipeline
+    storage: str
+    run_prefix: str
+    package: str
+    version: str
+    blob: BlobRef
+    dataset: str | None = None
+    evaluation_dataset: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    save_training_data: bool = False
+    save_test_data: bool = False
+    gpu: int = 0
+    dataset_mount: str | None = None  # a read-only mounted dataset folder (no staging)
+
+
+class Outcome(Record):
+    """What the runtime reports back through ``outcome.json`` in the run folder."""
+
+    status: RunStatus
+    pipeline: Pipeline
+    package: str
+    version: str
+    start_at: float
+    end_at: float | None = None
+    phases: dict[str, float] = Field(default_factory=dict)  # phase -> seconds
+    phase: str | None = None  # the phase that was running when it failed
+    score: float | None = None
+    blob: BlobRef | None = None  # the new package content (train/full)
+    artifacts: int = 0
+    artifacts_bytes: int = 0
+    snapshots: dict[str, str] = Field(default_factory=dict)  # directory name -> manifest URI
+    error: str | None = None  # one-line cause
+    warnings: list[str] = Field(default_factory=list)
+
+    @property
+    def execution_time(self) -> float:
+        return round((self.end_at or time.time()) - self.start_at, 3)
+
+
+class Registration(Record):
+    """Written into the run folder once the run's version is committed (idempotency marker)."""
+
+    package: str
+    version: str | None
+    registered_at: datetime = Field(default_factory=utcnow)
+
+
+# -- _results.json (AI Center's format; extra keys only under "aicenter") -------------------
+class ResultsInputs(Record):
+    model_config = ConfigDict(extra="forbid")
+    package: str
+    version: str
+    train_data: str | None = None
+    evaluation_data: str | None = None
+    gpu: Literal["True", "False"]
+
+
+class ResultsParameters(Record):
+    pipeline: str
+    inputs: ResultsInputs
+    env: dict[str, str]
+
+
+class ResultsOutputs(Record):
+    model_config = ConfigDict(extra="forbid")
+    train_data: str | None = None
+    evaluation_data: str | None = None
+    artifacts_data: str | None = None
+    package: str
+    version: str | None = None
+    score: float | None = None
+
+
+class ResultsSummary(Record):
+    execution_time: float
+    start_at: int
+    end_at: int
+    outputs: ResultsOutputs
+
+
+class Results(Record):
+    parameters: ResultsParameters
+    run_summary: ResultsSummary
+    aicenter: dict[str, Any] = Field(default_factory=dict)
+
+
+# -- read / write ---------------------------------------------------------------------------
+def dump(model: BaseModel) -> bytes:
+    # exclude_unset keeps AI Center's per-pipeline keys exact: only what a run set is written.
+    return model.model_dump_json(indent=2, exclude_unset=isinstance(model, Results)).encode()
+
+
+def write(store: Store, key: str, model: BaseModel, *, create: bool = False) -> None:
+    """Write a record; ``create=True`` makes it a create-once commit point."""
+    store.put_bytes(key, dump(model), create=create)
+
+
+def read(store: Store, key: str, model: type[M]) -> M:
+    raw = store.get_bytes(key)
+    try:
+        return model.model_validate_json(raw)
+    except ValueError as exc:
+        raise StorageError(f"{store.url(key)} is not a valid {model.__name__} record: {exc}") from exc
+
+
+def read_optional(store: Store, key: str, model: type[M]) -> M | None:
+    try:
+        return read(store, key, model)
+    except NotFoundError:
+        return None
+
+
+_SECRET = re.compile(r"password|passwd|token|secret|key|credential|private|auth", re.IGNORECASE)
+MASK = "***"
+
+
+def is_secret_key(name: str) -> bool:
+    """Env keys that look secret are masked everywhere we write them (as Airflow masks them)."""
+    return bool(_SECRET.search(name))
+
+
+def masked_env(env: dict[str, str]) -> dict[str, str]:
+    return {k: (MASK if is_secret_key(k) else str(v)) for k, v in env.items()}

@@ -1,0 +1,128 @@
+"""The store interface on both backends: create-once, copy, listing, errors, transfers."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from airflow_aicenter.errors import AlreadyExistsError, ConfigurationError, DatasetError, NotFoundError, StorageError
+from airflow_aicenter.storage import open_store
+from airflow_aicenter.storage.transfer import (
+    FileEntry,
+    blob_key,
+    download_tree,
+    ensure_blobs,
+    get_blob,
+    put_blob,
+    run,
+    sha256_file,
+    upload_tree,
+)
+
+
+def test_create_once_refuses_second_writer(store):
+    store.put_bytes("a/record.json", b"first", create=True)
+    with pytest.raises(AlreadyExistsError, match="already exists"):
+        store.put_bytes("a/record.json", b"second", create=True)
+    assert store.get_bytes("a/record.json") == b"first"
+
+
+def test_overwrite_copy_list_delete(store):
+    store.put_bytes("x/1", b"one")
+    store.put_bytes("x/1", b"uno")
+    store.copy("x/1", "y/2")
+    assert store.get_bytes("y/2") == b"uno"
+    assert sorted(i.key for i in store.list("")) == ["x/1", "y/2"]
+    dirs, objs = store.list_dir("")
+    assert sorted(dirs) == ["x", "y"] and objs == []
+    store.delete("x/1")
+    assert not store.exists("x/1") and store.head("y/2").size == 3
+
+
+def test_missing_object_is_a_clear_error(store):
+    with pytest.raises(NotFoundError, match=r"nope\.json does not exist"):
+        store.get_bytes("nope.json")
+    assert store.head("nope.json") is None
+
+
+def test_tree_roundtrip_with_digests(store, tmp_path):
+    src = tmp_path / "src"
+    for i in range(40):
+        (src / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
+        (src / f"d{i % 3}" / f"f{i}.bin").write_bytes(os.urandom(100 + i))
+    uploaded = run(upload_tree(src, store, "data"))
+    assert len(uploaded) == 40
+    entries = run(download_tree(store, tmp_path / "dst", prefix="data"))
+    assert len(entries) == 40
+    for entry in entries:
+        original = (src / entry.path).read_bytes()
+        assert (tmp_path / "dst" / entry.path).read_bytes() == original
+        assert entry.sha256 == hashlib.sha256(original).hexdigest()
+
+
+def test_empty_dataset_prefix_is_an_error(store, tmp_path):
+    with pytest.raises(DatasetError, match="empty or does not exist"):
+        run(download_tree(store, tmp_path / "dst", prefix="datasets/none"))
+
+
+def test_blobs_are_written_once_and_verified(store, tmp_path):
+    f = tmp_path / "model.bin"
+    f.write_bytes(b"weights" * 1000)
+    digest = sha256_file(f).sha256
+    assert put_blob(store, f, digest) is True
+    assert put_blob(store, f, digest) is False  # already there: nothing written
+    got = get_blob(store, digest, tmp_path / "back.bin")
+    assert got.sha256 == digest and (tmp_path / "back.bin").read_bytes() == f.read_bytes()
+    # damage the stored object: the download must refuse it and leave no file behind
+    store.put_bytes(blob_key(digest), b"tampered")
+    with pytest.raises(StorageError, match="is corrupt"):
+        get_blob(store, digest, tmp_path / "bad.bin")
+    assert not (tmp_path / "bad.bin").exists()
+
+
+def test_ensure_blobs_uploads_only_missing(store, tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    entries = []
+    for i in range(20):
+        p = root / f"{i}.txt"
+        p.write_text(f"row {i}")
+        e = sha256_file(p)
+        entries.append(FileEntry(p.name, e.sha256, e.size))
+    first = run(ensure_blobs(store, root, entries))
+    assert first.uploaded_files == 20
+    second = run(ensure_blobs(store, root, entries))
+    assert second.uploaded_files == 0 and second.uploaded_bytes == 0
+    (root / "0.txt").write_text("changed")
+    e = sha256_file(root / "0.txt")
+    entries[0] = FileEntry("0.txt", e.sha256, e.size)
+    third = run(ensure_blobs(store, root, entries))
+    assert third.uploaded_files == 1
+
+
+@pytest.mark.parametrize(
+    "uri, message",
+    [
+        ("", "storage URI is empty"),
+        ("gs://bucket/x", "not supported"),
+        ("file://host/abs", "names a host"),
+        ("relative/path", "is relative"),
+        ("s3:///nobucket", "not an S3 URI"),
+    ],
+)
+def test_bad_storage_uris(uri, message):
+    with pytest.raises(ConfigurationError, match=message):
+        open_store(uri)
+
+
+def test_wrong_credentials_name_the_fix(s3_server):
+    from airflow_aicenter.storage import S3Options
+
+    bucket = s3_server.create_bucket()
+    bad = S3Options(endpoint_url=s3_server.endpoint, region="us-east-1", access_key_id="x", secret_access_key="y")
+    store = open_store(f"s3://{bucket}-missing/p", bad)
+    with pytest.raises(StorageError):
+        store.put_bytes("k", b"v")
