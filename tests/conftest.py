@@ -96,3 +96,70 @@ def write_files(root: Path, files: dict[str, str | bytes]) -> Path:
 
 
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+
+
+# -- real Airflow --------------------------------------------------------------------------
+import json  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class AirflowEnv:
+    """A throw-away AIRFLOW_HOME with a migrated database and our DAGs in its dags folder."""
+
+    home: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def default_store_uri(self) -> str:
+        return (self.home / "aicenter").as_uri()
+
+    def run(self, *args: str, extra_env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / args[0]), *args[1:]], env={**self.env, **(extra_env or {})},
+            capture_output=True, text=True, timeout=timeout, check=False,
+        )
+
+    def dags_test(self, dag_id: str, conf: dict | None = None, *, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        args = ["airflow", "dags", "test", dag_id]
+        if conf:
+            args += ["-c", json.dumps(conf)]
+        return self.run(*args, extra_env=extra_env)
+
+    def aicenter(self, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return self.run("aicenter", *args, extra_env=extra_env, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> AirflowEnv:
+    home = tmp_path_factory.mktemp("airflow-home")
+    dags = home / "dags"
+    dags.mkdir()
+    for dag_file in (REPO / "dags").glob("*.py"):
+        shutil.copy(dag_file, dags / dag_file.name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "AWS_", "AICENTER_"))}
+    env.update(
+        AIRFLOW_HOME=str(home),
+        AIRFLOW__CORE__DAGS_FOLDER=str(dags),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__LOGGING__LOGGING_LEVEL="INFO",
+        PYTHONUNBUFFERED="1",
+    )
+    airflow = AirflowEnv(home=home, env=env)
+    done = airflow.run("airflow", "db", "migrate")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return airflow
+
+
+def make_dataset(dest: Path, rows: int = 400, seed: int = 7) -> Path:
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        from make_dataset import make_churn_dataset
+    finally:
+        sys.path.pop(0)
+    return make_churn_dataset(dest, rows=rows, seed=seed)

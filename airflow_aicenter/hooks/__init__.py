@@ -1,0 +1,3 @@
+from airflow_aicenter.hooks.aicenter import AICenterHook
+
+__all__ = ["AICenterHook"]

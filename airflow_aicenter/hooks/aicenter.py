@@ -1,0 +1,126 @@
+"""AICenterHook: the ``aicenter`` connection turned into a store, a registry and launcher settings.
+
+No connection at all is a valid deployment: the embedded default is a file store under
+``$AIRFLOW_HOME/aicenter`` and the local launcher, so a laptop needs no set-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import BaseHook
+
+from airflow_aicenter.errors import ConfigurationError
+from airflow_aicenter.registry import Registry
+from airflow_aicenter.storage import S3Options, Store, open_store
+
+LAUNCHERS = ("local", "kubernetes")
+
+
+def airflow_home() -> Path:
+    return Path(os.environ.get("AIRFLOW_HOME") or Path.home() / "airflow").expanduser().resolve()
+
+
+def default_storage_uri() -> str:
+    return (airflow_home() / "aicenter").as_uri()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the ``aicenter`` connection says (or the embedded defaults)."""
+
+    storage: str
+    launcher: str = "local"
+    aws_conn_id: str | None = None
+    image: str | None = None
+    namespace: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class AICenterHook(BaseHook):
+    """Connection ``aicenter`` -> storage URI, AWS credentials (via the amazon provider), launcher."""
+
+    conn_name_attr = "aicenter_conn_id"
+    default_conn_name = "aicenter_default"
+    conn_type = "aicenter"
+    hook_name = "AI Center"
+
+    def __init__(self, aicenter_conn_id: str = default_conn_name) -> None:
+        super().__init__()
+        self.aicenter_conn_id = aicenter_conn_id
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        return {
+            "hidden_fields": ["schema", "port", "login", "password", "host"],
+            "relabeling": {},
+            "placeholders": {"extra": json.dumps({"storage": "s3://bucket/aicenter", "aws_conn_id": "aws_default"})},
+        }
+
+    @cached_property
+    def settings(self) -> Settings:
+        extra = self._connection_extra()
+        if extra is None:
+            return Settings(storage=default_storage_uri())
+        launcher = extra.get("launcher") or "local"
+        if launcher not in LAUNCHERS:
+            raise ConfigurationError(
+                f"connection {self.aicenter_conn_id!r} has launcher={launcher!r}; use one of {', '.join(LAUNCHERS)}"
+            )
+        return Settings(
+            storage=extra.get("storage") or default_storage_uri(),
+            launcher=launcher,
+            aws_conn_id=extra.get("aws_conn_id") or None,
+            image=extra.get("image") or None,
+            namespace=extra.get("namespace") or None,
+            extra=extra,
+        )
+
+    def _connection_extra(self) -> dict[str, Any] | None:
+        from airflow.exceptions import AirflowNotFoundException
+
+        try:
+            conn = self.get_connection(self.aicenter_conn_id)
+        except AirflowNotFoundException:
+            if self.aicenter_conn_id != self.default_conn_name:
+                raise ConfigurationError(
+                    f"connection {self.aicenter_conn_id!r} does not exist; create it (type aicenter) or leave "
+                    f"aicenter_conn_id at {self.default_conn_name!r} to use the embedded file store"
+                ) from None
+            return None
+        return conn.extra_dejson or {}
+
+    @cached_property
+    def s3_options(self) -> S3Options | None:
+        """Endpoint, region and credentials from the AWS connection, when the store is on S3."""
+        if not self.settings.storage.startswith("s3://"):
+            return None
+        if not self.settings.aws_conn_id:
+            return S3Options.from_env()
+        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+
+        aws = AwsBaseHook(aws_conn_id=self.settings.aws_conn_id, client_type="s3")
+        creds = aws.get_credentials()
+        return S3Options(
+            endpoint_url=aws.conn_config.get_service_endpoint_url("s3"),
+            region=aws.conn_region_name,
+            access_key_id=creds.access_key,
+            secret_access_key=creds.secret_key,
+            session_token=creds.token,
+        )
+
+    def get_store(self, uri: str | None = None) -> Store:
+        """The storage root, or any other URI (a dataset) with the same credentials."""
+        return open_store(uri or self.settings.storage, self.s3_options)
+
+    def get_registry(self) -> Registry:
+        return Registry(self.get_store())
+
+    def runtime_env(self) -> dict[str, str]:
+        """Variables a local child process needs to reach the store (never written to a spec)."""
+        return self.s3_options.to_env() if self.s3_options else {}

@@ -1,0 +1,291 @@
+"""Package zips: deterministic writing and safe, streaming extraction.
+
+Writing is deterministic (sorted entries, fixed timestamps and modes) so the same folder
+always gives the same sha256: unchanged content is stored once. Extraction trusts nothing in
+the archive: names, links, sizes and compression ratios are checked before anything is
+written, actual bytes are counted while streaming, and a failed extraction leaves nothing.
+Files are copied in 1 MiB chunks, so multi-GB models never sit in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import shutil
+import stat
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from airflow_aicenter.errors import ArchiveError, PackageError
+from airflow_aicenter.package.validate import find_package_root, iter_package_files
+
+CHUNK = 1 << 20
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+COMPRESS_LEVEL = 1
+"""Deflate level: speed matters more than size for multi-GB model files."""
+MAX_RATIO = 200
+"""Largest expansion ratio accepted for an entry over ``RATIO_MIN_SIZE`` (zip bomb guard)."""
+RATIO_MIN_SIZE = 1 << 20
+"""Entries up to this size are not ratio-checked: small text files legitimately compress a lot."""
+
+_SUPPORTED_COMPRESSION = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+_DRIVE_RE = re.compile(r"^[A-Za-z]:")
+_REMAKE = "re-create the zip from the package folder (e.g. `aicenter package upload FOLDER`)"
+
+
+@dataclass(frozen=True)
+class ZipDigest:
+    """Identity of a written zip: its content address in the blob store."""
+
+    sha256: str
+    size: int
+
+
+def write_zip(root: Path, dest: Path) -> ZipDigest:
+    """Zip the package folder ``root`` into ``dest`` deterministically; return its sha256 and size.
+
+    Links are refused: following them could pull files from outside the package into a version.
+    A file that deflates beyond ``MAX_RATIO`` (say, a mostly-zero weight file) is stored
+    uncompressed instead, so ``extract_zip`` never mistakes our own zips for bombs; the
+    choice depends only on content, so the output stays deterministic.
+    ``dest`` appears only once complete (written next to it, then renamed).
+    """
+    root, dest = Path(root), Path(dest)
+    names = list(iter_package_files(root))
+    if not names:
+        raise PackageError(f"package folder {str(root)!r} is empty: put main.py and requirements.txt in it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    stored: set[Path] = set()
+    try:
+        with os.fdopen(fd, "w+b") as raw:
+            while True:  # at most one retry per over-compressible file, which is rare
+                raw.seek(0)
+                raw.truncate()
+                with zipfile.ZipFile(raw, "w") as zf:
+                    too_compressible = next((rel for rel in names if _add_file(zf, root, rel, rel in stored)), None)
+                if too_compressible is None:
+                    break
+                stored.add(too_compressible)
+            raw.seek(0)
+            sha256 = hashlib.file_digest(raw, "sha256").hexdigest()  # type: ignore[arg-type]
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return ZipDigest(sha256, dest.stat().st_size)
+
+
+def _add_file(zf: zipfile.ZipFile, root: Path, rel: Path, store: bool) -> bool:
+    """Add one file; return True (stop) if it deflated past ``MAX_RATIO`` and must be stored instead."""
+    path = root / rel
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode):
+        raise PackageError(
+            f"{rel.as_posix()} is a symbolic link; links are not allowed in a package (they could point outside it): "
+            f"replace it with a copy of the file or folder it points to"
+        )
+    if not stat.S_ISREG(st.st_mode):
+        raise PackageError(f"{rel.as_posix()} is not a regular file (a device, socket or pipe): remove it from the package")
+    info = zipfile.ZipInfo(rel.as_posix(), date_time=ZIP_EPOCH)
+    info.create_system = 3  # Unix, so the mode below is read back the same on every platform
+    info.compress_type = zipfile.ZIP_STORED if store else zipfile.ZIP_DEFLATED
+    _set_compress_level(info, COMPRESS_LEVEL)
+    info.external_attr = (stat.S_IFREG | (0o755 if st.st_mode & 0o111 else 0o644)) << 16
+    info.file_size = st.st_size  # lets zipfile pick zip64 up front for files over 2 GiB
+    with path.open("rb") as src, zf.open(info, "w") as out:
+        shutil.copyfileobj(src, out, CHUNK)
+    return _too_compressed(info, MAX_RATIO)
+
+
+def _set_compress_level(info: zipfile.ZipInfo, level: int) -> None:
+    """``ZipFile.open(info, "w")`` ignores the archive's level; the attribute was renamed in 3.13."""
+    if hasattr(info, "compress_level"):
+        info.compress_level = level  # type: ignore[attr-defined]
+    else:
+        info._compresslevel = level  # type: ignore[attr-defined]
+
+
+def _too_compressed(info: zipfile.ZipInfo, max_ratio: int) -> bool:
+    return info.file_size > RATIO_MIN_SIZE and info.file_size > max_ratio * max(info.compress_size, 1)
+
+
+class _BytesReader(io.RawIOBase):
+    """Adapts a seekable reader whose ``read`` returns a buffer (e.g. obstore's) to plain bytes."""
+
+    def __init__(self, inner: BinaryIO) -> None:
+        self._inner = inner
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._inner.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._inner.tell()
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = memoryview(self._inner.read(len(buffer))).cast("B")
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _check_name(name: str) -> tuple[str, ...]:
+    """Refuse names that could escape ``dest``; return the normalised path parts."""
+    if "\x00" in name:
+        raise ArchiveError(f"zip entry {name!r} has a NUL character in its name: {_REMAKE}")
+    if name.startswith("/") or _DRIVE_RE.match(name):
+        raise ArchiveError(f"zip entry {name!r} has an absolute path: entries must be relative to the package root; {_REMAKE}")
+    if "\\" in name:
+        raise ArchiveError(
+            f"zip entry {name!r} uses backslashes (a Windows path), which could escape the package folder: "
+            f"re-create the zip with a tool that writes '/' separators (e.g. `python -m zipfile -c`)"
+        )
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    if ".." in parts:
+        raise ArchiveError(f"zip entry {name!r} has a '..' component, which would write outside the package folder: {_REMAKE}")
+    return parts
+
+
+def _check_entries(infos: list[zipfile.ZipInfo], *, max_entries: int, max_total_bytes: int, max_ratio: int) -> None:
+    """Everything that can be refused from the central directory alone, before writing a byte."""
+    if not infos:
+        raise ArchiveError("the zip is empty: zip the package folder (main.py, requirements.txt, ...)")
+    if len(infos) > max_entries:
+        raise ArchiveError(f"the zip has {len(infos)} entries, more than the limit of {max_entries}: remove generated files or pack many small files into one")
+    seen: set[tuple[str, ...]] = set()
+    total = 0
+    for info in infos:
+        name = info.filename
+        parts = _check_name(name)
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise ArchiveError(
+                f"zip entry {name!r} is a symbolic link; links are not allowed in a package (they could point outside it): "
+                f"replace it with the file it points to and re-create the zip"
+            )
+        if info.is_dir():
+            continue
+        if not parts:
+            raise ArchiveError(f"zip entry {name!r} has an empty path: {_REMAKE}")
+        if parts in seen:
+            raise ArchiveError(f"zip entry {name!r} appears more than once; it is ambiguous which one is meant: {_REMAKE}")
+        seen.add(parts)
+        if info.flag_bits & 0x1:
+            raise ArchiveError(f"zip entry {name!r} is encrypted: packages cannot be password-protected; re-create the zip without a password")
+        if info.compress_type not in _SUPPORTED_COMPRESSION:
+            raise ArchiveError(f"zip entry {name!r} uses compression method {info.compress_type}, which is not supported: re-create the zip with deflate (the default)")
+        if _too_compressed(info, max_ratio):
+            raise ArchiveError(
+                f"zip entry {name!r} expands {info.file_size} bytes from {info.compress_size} (over {max_ratio}:1), "
+                f"which looks like a zip bomb: refused; if the file is genuine, store it uncompressed or compress it yourself"
+            )
+        total += info.file_size
+        if total > max_total_bytes:
+            raise ArchiveError(
+                f"the zip expands to more than {max_total_bytes} bytes (limit reached at entry {name!r}): "
+                f"keep large data in datasets, not in the package"
+            )
+
+
+def extract_zip(
+    zip_path: Path | BinaryIO,
+    dest: Path,
+    *,
+    max_entries: int = 20_000,
+    max_total_bytes: int = 16 * 2**30,
+    max_ratio: int = MAX_RATIO,
+    only: Callable[[str], bool] | None = None,
+) -> Path:
+    """Safely extract a package zip (a path, or a seekable binary reader) into ``dest``; return the package root.
+
+    ``only``, given an entry name, selects which files to write (all entries are still
+    checked), so validation can fetch just the contract files of a multi-GB zip.
+    ``dest`` must not exist or be empty; on failure it is left as it was.
+    """
+    dest = Path(dest)
+    label = str(zip_path) if isinstance(zip_path, (str, os.PathLike)) else "the package zip"
+    if isinstance(zip_path, (str, os.PathLike)):
+        if not Path(zip_path).is_file():
+            raise ArchiveError(f"{label} does not exist or is not a file: check the path")
+        source: str | BinaryIO = os.fspath(zip_path)
+    else:
+        source = io.BufferedReader(_BytesReader(zip_path), buffer_size=256 * 1024)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise FileExistsError(f"extraction target {dest} already exists and is not an empty folder")
+    try:
+        zf = zipfile.ZipFile(source)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError) as e:
+        raise ArchiveError(f"{label} is not a zip file or is corrupt ({e}): {_REMAKE}, or upload it again") from e
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial-"))
+    try:
+        with zf:
+            infos = zf.infolist()
+            _check_entries(infos, max_entries=max_entries, max_total_bytes=max_total_bytes, max_ratio=max_ratio)
+            budget = [max_total_bytes]
+            for info in infos:
+                if info.is_dir() or (only is not None and not only(info.filename)):
+                    continue
+                _extract_one(zf, info, staging, budget)
+        staging.chmod(0o755)  # mkdtemp makes it private; the package folder is an ordinary one
+        if dest.exists():
+            dest.rmdir()
+        os.replace(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return find_package_root(dest)
+
+
+def _extract_one(zf: zipfile.ZipFile, info: zipfile.ZipInfo, staging: Path, budget: list[int]) -> None:
+    name = info.filename
+    target = staging.joinpath(*_check_name(name))
+    base = staging.resolve()
+    if os.path.commonpath([base, target.parent.resolve()]) != str(base):  # defence in depth
+        raise ArchiveError(f"zip entry {name!r} would be written outside the package folder: {_REMAKE}")
+    written = 0
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with zf.open(info) as src, open(target, "xb") as out:
+            while chunk := src.read(CHUNK):
+                written += len(chunk)
+                budget[0] -= len(chunk)
+                if written > info.file_size:
+                    raise ArchiveError(f"zip entry {name!r} holds more data than its header declares ({info.file_size} bytes): the zip is corrupt or malicious; {_REMAKE}")
+                if budget[0] < 0:
+                    raise ArchiveError(f"the zip expands to more than its size limit (reached in entry {name!r}): keep large data in datasets, not in the package")
+                out.write(chunk)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise ArchiveError(f"zip entry {name!r} is corrupt ({e}): the zip was damaged (e.g. in transfer); {_REMAKE}, or upload it again") from e
+    except NotImplementedError as e:
+        raise ArchiveError(f"zip entry {name!r} cannot be read ({e}): re-create the zip with deflate compression") from e
+    except (FileExistsError, NotADirectoryError, IsADirectoryError) as e:
+        raise ArchiveError(f"zip entry {name!r} clashes with another entry (a file and a folder of the same name): {_REMAKE}") from e
+    if written != info.file_size:
+        raise ArchiveError(f"zip entry {name!r} holds {written} bytes but its header declares {info.file_size}: the zip is corrupt; {_REMAKE}")
+    if (info.external_attr >> 16) & 0o111:
+        target.chmod(0o755)
+
+
+def open_package(path: Path, workdir: Path) -> Path:
+    """The package root of a folder, or of a zip extracted into ``workdir``."""
+    path = Path(path)
+    if path.is_dir():
+        return find_package_root(path)
+    if not path.exists():
+        raise PackageError(f"package path {str(path)!r} does not exist: pass a package folder or a .zip of one")
+    if path.suffix.lower() == ".zip" or zipfile.is_zipfile(path):
+        return extract_zip(path, workdir)
+    raise PackageError(f"package path {str(path)!r} is neither a folder nor a .zip file: pass the package folder or a zip of it")

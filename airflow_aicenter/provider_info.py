@@ -1,0 +1,63 @@
+"""Provider metadata Airflow reads through the ``apache_airflow_provider`` entry point."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow_aicenter import __version__
+
+
+def get_provider_info() -> dict[str, Any]:
+    return {
+        "package-name": "airflow-aicenter",
+        "name": "AI Center",
+        "description": "AI-Center-style ML pipelines (train, evaluate, full) with a versioned package registry.",
+        "versions": [__version__],
+        "connection-types": [
+            {
+                "connection-type": "aicenter",
+                "hook-class-name": "airflow_aicenter.hooks.aicenter.AICenterHook",
+                "hook-name": "AI Center",
+                "conn-fields": {
+                    "storage": {
+                        "label": "Storage URI",
+                        "description": "s3://bucket/prefix, or file:///absolute/path (default: $AIRFLOW_HOME/aicenter)",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "aws_conn_id": {
+                        "label": "AWS connection id",
+                        "description": "Credentials, endpoint URL and region for an s3:// store",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "launcher": {
+                        "label": "Launcher",
+                        "description": "local (child process of the worker) or kubernetes (a pod per run)",
+                        "schema": {"type": ["string", "null"], "enum": ["local", "kubernetes", None]},
+                    },
+                    "image": {
+                        "label": "Runtime image",
+                        "description": "Image with airflow_aicenter.runtime, for the kubernetes launcher",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "namespace": {
+                        "label": "Namespace",
+                        "description": "Kubernetes namespace for training pods",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                },
+            }
+        ],
+        "hooks": [{"integration-name": "AI Center", "python-modules": ["airflow_aicenter.hooks.aicenter"]}],
+        "operators": [{"integration-name": "AI Center", "python-modules": ["airflow_aicenter.operators.pipeline"]}],
+        "integrations": [
+            {
+                "integration-name": "AI Center",
+                "external-doc-url": "https://docs.uipath.com/ai-center",
+                "tags": ["software"],
+            }
+        ],
+        "extra-links": [
+            "airflow_aicenter.operators.links.ResultsLink",
+            "airflow_aicenter.operators.links.ArtifactsLink",
+        ],
+    }

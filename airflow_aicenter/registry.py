@@ -1,0 +1,341 @@
+"""The versioned package registry: versions, aliases and evaluations on top of a store.
+
+Everything that must never be lost or duplicated is a numbered, create-once record:
+``versions/<M.m>.json`` (the commit point of a version) and ``aliases/<name>/<seq>.json``
+(one entry of an alias's history). Allocation is optimistic: take the next number, create
+it with If-None-Match (O_EXCL on disk), and on a conflict take the one after. A best-effort
+hint per sequence makes "what is the last number" O(1) requests, independent of how many
+versions exist; a stale hint costs a few HEADs and is never wrong.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import obstore
+
+from airflow_aicenter.errors import AlreadyExistsError, NotFoundError, PackageError, VersionError
+from airflow_aicenter.package import (
+    Version,
+    extract_zip,
+    is_contract_file,
+    open_package,
+    parse_version_spec,
+    validate_alias_name,
+    validate_package,
+    validate_package_name,
+    write_zip,
+)
+from airflow_aicenter.records import (
+    AliasRecord,
+    BlobRef,
+    EvaluationRecord,
+    Registration,
+    RunRef,
+    VersionRecord,
+    read,
+    read_optional,
+    write,
+)
+from airflow_aicenter.storage import Store
+from airflow_aicenter.storage.transfer import blob_key, get_blob, put_blob
+
+#: Give up after this many lost races in a row (only reachable under pathological contention).
+MAX_ATTEMPTS = 10_000
+
+
+class Sequence:
+    """Records numbered 0, 1, 2, ... each created once, plus a hint of the last number."""
+
+    def __init__(self, store: Store, key: Callable[[int], str], hint_key: str) -> None:
+        self.store, self.key, self.hint_key = store, key, hint_key
+
+    def _exists(self, n: int) -> bool:
+        return self.store.exists(self.key(n))
+
+    def last(self) -> int | None:
+        """The highest number in use: hint, then gallop and bisect over HEAD requests."""
+        try:
+            lo = int(self.store.get_bytes(self.hint_key))
+        except (NotFoundError, ValueError):
+            lo = 0
+        if not self._exists(lo):
+            if lo == 0 or not self._exists(0):
+                return None
+            lo = 0
+        step, hi = 1, lo + 1
+        while self._exists(hi):
+            lo, step = hi, step * 2
+            hi = lo + step
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self._exists(mid):
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def append(self, make: Callable[[int, int | None], bytes], start: int | None = None) -> int:
+        """Create the next free number with ``make(n, previous)``; returns n.
+
+        ``make`` is called again after each lost race, so it can re-check its condition
+        against the new latest entry (promotion "if better" does).
+        """
+        last = self.last() if start is None else start - 1
+        n = 0 if last is None else last + 1
+        for _ in range(MAX_ATTEMPTS):
+            try:
+                self.store.put_bytes(self.key(n), make(n, None if n == 0 else n - 1), create=True)
+            except AlreadyExistsError:
+                n += 1
+                continue
+            self.store.put_bytes(self.hint_key, str(n).encode())
+            return n
+        raise VersionError(f"could not allocate a number under {self.store.url(self.hint_key)} after {MAX_ATTEMPTS} tries")
+
+
+class Registry:
+    """Packages and their versions under ``packages/<name>/`` of one store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    # -- keys ----------------------------------------------------------------------------
+    @staticmethod
+    def version_key(name: str, version: Version | str) -> str:
+        return f"packages/{name}/versions/{version}.json"
+
+    def _minors(self, name: str, major: int) -> Sequence:
+        return Sequence(self.store, lambda m: self.version_key(name, Version(major, m)), f"packages/{name}/hints/{major}")
+
+    def _majors(self, name: str) -> Sequence:
+        # Majors start at 1: index n of this sequence is major n+1.
+        return Sequence(self.store, lambda n: self.version_key(name, Version(n + 1, 0)), f"packages/{name}/hints/major")
+
+    def _aliases(self, name: str, alias: str) -> Sequence:
+        return Sequence(
+            self.store, lambda n: f"packages/{name}/aliases/{alias}/{n:010d}.json", f"packages/{name}/hints/alias-{alias}"
+        )
+
+    # -- reading -------------------------------------------------------------------------
+    def packages(self) -> list[str]:
+        prefixes, _ = self.store.list_dir("packages")
+        return sorted(p.rsplit("/", 1)[-1] for p in prefixes)
+
+    def get(self, name: str, version: Version | str) -> VersionRecord:
+        record = read_optional(self.store, self.version_key(name, version), VersionRecord)
+        if record is None:
+            raise VersionError(self._missing(name, f"version {version}"))
+        return record
+
+    def versions(self, name: str) -> list[VersionRecord]:
+        """All versions (a listing: for humans and the CLI, never on the hot path)."""
+        prefix = f"packages/{name}/versions/"
+        out = [read(self.store, info.key, VersionRecord) for info in self.store.list(prefix) if info.key.endswith(".json")]
+        return sorted(out, key=lambda r: Version.parse(r.version))
+
+    def latest_major(self, name: str) -> int | None:
+        n = self._majors(name).last()
+        return None if n is None else n + 1
+
+    def latest_minor(self, name: str, major: int) -> int | None:
+        return self._minors(name, major).last()
+
+    def resolve(self, name: str, spec: str) -> VersionRecord:
+        """``"1.2"``, ``"1"`` (latest minor of 1), ``"latest"`` or an alias -> its record."""
+        validate_package_name(name)
+        parsed = parse_version_spec(str(spec))
+        if parsed.kind == "exact":
+            return self.get(name, parsed.version)
+        if parsed.kind == "alias":
+            current = self.alias(name, parsed.alias)
+            if current is None:
+                raise VersionError(
+                    self._missing(name, f"alias {parsed.alias!r}")
+                    + f"; set it with `aicenter package promote {name}:VERSION --alias {parsed.alias}`"
+                )
+            return self.get(name, current.version)
+        major = self.latest_major(name) if parsed.kind == "latest" else parsed.major
+        if major is None:
+            raise VersionError(self._missing(name, "any version"))
+        minor = self.latest_minor(name, major)
+        if minor is None:
+            raise VersionError(self._missing(name, f"major version {major}"))
+        return self.get(name, Version(major, minor))
+
+    def _missing(self, name: str, what: str) -> str:
+        if self.latest_major(name) is None:
+            return (
+                f"package {name!r} has no versions in {self.store.uri}; upload it first with "
+                f"`aicenter package upload PATH --name {name}`"
+            )
+        return f"package {name!r} has no {what} in {self.store.uri}; `aicenter package show {name}` lists its versions"
+
+    # -- writing -------------------------------------------------------------------------
+    def upload(self, path: Path, name: str, *, created_by: str = "", description: str | None = None) -> VersionRecord:
+        """Validate a package folder or zip, store its content, and create the next ``N.0``."""
+        validate_package_name(name)
+        with tempfile.TemporaryDirectory(prefix="aicenter-upload-") as tmp:
+            root = open_package(Path(path), Path(tmp) / "pkg")
+            info = validate_package(root, "serve")
+            zip_path = Path(tmp) / "package.zip"
+            digest = write_zip(root, zip_path)
+            put_blob(self.store, zip_path, digest.sha256)
+        blob = BlobRef(sha256=digest.sha256, size=digest.size)
+        desc = info.metadata.description if description is None else description
+        return self.commit(name, parent=None, blob=blob, pipeline="upload", created_by=created_by, description=desc)
+
+    def commit(
+        self,
+        name: str,
+        *,
+        parent: str | None,
+        blob: BlobRef,
+        pipeline: str,
+        run: RunRef | None = None,
+        snapshot: str | None = None,
+        score: float | None = None,
+        created_by: str = "",
+        description: str = "",
+    ) -> VersionRecord:
+        """Create the next version: ``N.0`` for an upload, the next free minor of the parent's major otherwise."""
+        if not self.store.exists(blob_key(blob.sha256)):
+            raise PackageError(f"blob sha256:{blob.sha256} is not in {self.store.uri}; upload the content before committing")
+        made: list[VersionRecord] = []
+
+        def make(version: Version) -> bytes:
+            record = VersionRecord(
+                package=name, version=str(version), blob=blob, parent=parent, pipeline=pipeline,  # type: ignore[arg-type]
+                run=run, snapshot=snapshot, score=score, created_by=created_by, description=description,
+            )
+            made[:] = [record]
+            return record.model_dump_json(indent=2).encode()
+
+        if parent is None:
+            self._majors(name).append(lambda n, _: make(Version(n + 1, 0)))
+        else:
+            major = Version.parse(parent).major
+            self._minors(name, major).append(lambda m, _: make(Version(major, m)))
+        return made[0]
+
+    def commit_once(self, name: str, *, run: RunRef, **kwargs: object) -> VersionRecord:
+        """Commit the run's version unless this task try already did (retry-safe).
+
+        The marker in the run folder is written after the version record; if a crash came
+        between the two, the recent versions of the major are searched for this run.
+        """
+        marker = f"{run.prefix}/registration.json"
+        done = read_optional(self.store, marker, Registration)
+        if done is not None and done.version:
+            return self.get(name, done.version)
+        parent = kwargs.get("parent")
+        if parent is not None:
+            found = self._find_by_run(name, Version.parse(str(parent)).major, run)
+            if found is not None:
+                write(self.store, marker, Registration(package=name, version=found.version))
+                return found
+        record = self.commit(name, run=run, **kwargs)  # type: ignore[arg-type]
+        write(self.store, marker, Registration(package=name, version=record.version))
+        return record
+
+    def _find_by_run(self, name: str, major: int, run: RunRef, window: int = 50) -> VersionRecord | None:
+        last = self.latest_minor(name, major)
+        for minor in range(last or 0, max(-1, (last or 0) - window), -1) if last is not None else ():
+            record = read_optional(self.store, self.version_key(name, Version(major, minor)), VersionRecord)
+            if record and record.run and record.run.prefix == run.prefix:
+                return record
+        return None
+
+    def check(self, record: VersionRecord, pipeline: str) -> None:
+        """Validate a stored version for ``pipeline`` statically, before any compute starts.
+
+        Reads the zip through range requests: the central directory and the small contract
+        files only (sources, requirements, metadata), never a multi-GB model. The runtime
+        verifies the whole blob's digest when it stages it.
+        """
+        key = blob_key(record.blob.sha256)
+        with tempfile.TemporaryDirectory(prefix="aicenter-check-") as tmp:
+            reader = obstore.open_reader(self.store.inner, key, size=record.blob.size)
+            root = extract_zip(reader, Path(tmp) / "pkg", only=is_contract_file)
+            validate_package(root, pipeline)
+
+    def download(self, name: str, spec: str, dest: Path) -> tuple[VersionRecord, Path]:
+        """Fetch a version's zip (verified against its digest) into ``dest`` (a folder)."""
+        record = self.resolve(name, spec)
+        dest.mkdir(parents=True, exist_ok=True)
+        target = dest / f"{name}-{record.version}.zip"
+        get_blob(self.store, record.blob.sha256, target)
+        return record, target
+
+    # -- aliases and evaluations ---------------------------------------------------------
+    def alias(self, name: str, alias: str) -> AliasRecord | None:
+        validate_alias_name(alias)
+        last = self._aliases(name, alias).last()
+        if last is None:
+            return None
+        return read(self.store, f"packages/{name}/aliases/{alias}/{last:010d}.json", AliasRecord)
+
+    def alias_history(self, name: str, alias: str) -> list[AliasRecord]:
+        prefix = f"packages/{name}/aliases/{alias}/"
+        return sorted((read(self.store, i.key, AliasRecord) for i in self.store.list(prefix)), key=lambda r: r.seq)
+
+    def aliases(self, name: str) -> dict[str, AliasRecord]:
+        prefixes, _ = self.store.list_dir(f"packages/{name}/aliases")
+        out = {}
+        for prefix in prefixes:
+            alias = prefix.rsplit("/", 1)[-1]
+            current = self.alias(name, alias)
+            if current is not None:
+                out[alias] = current
+        return out
+
+    def set_alias(
+        self,
+        name: str,
+        alias: str,
+        version: str,
+        *,
+        set_by: str = "",
+        reason: str = "",
+        condition: Callable[[AliasRecord | None], bool] | None = None,
+    ) -> AliasRecord | None:
+        """Point ``alias`` at ``version`` atomically, keeping history.
+
+        ``condition(current)`` is re-checked against the latest entry after every lost race;
+        when it says no, nothing is written and None is returned.
+        """
+        validate_alias_name(alias)
+        self.get(name, version)  # must exist
+        seq = self._aliases(name, alias)
+        made: list[AliasRecord | None] = [None]
+
+        class _Declined(Exception):
+            pass
+
+        def make(n: int, prev: int | None) -> bytes:
+            current = None if prev is None else read(self.store, f"packages/{name}/aliases/{alias}/{prev:010d}.json", AliasRecord)
+            if condition is not None and not condition(current):
+                raise _Declined
+            record = AliasRecord(
+                package=name, alias=alias, seq=n, version=version,
+                previous=current.version if current else None, reason=reason, set_by=set_by,
+            )
+            made[0] = record
+            return record.model_dump_json(indent=2).encode()
+
+        try:
+            seq.append(make)
+        except _Declined:
+            return None
+        return made[0]
+
+    def add_evaluation(self, record: EvaluationRecord) -> str:
+        key = f"packages/{record.package}/evaluations/{record.version}/{record.created_at:%Y%m%dT%H%M%S%fZ}.json"
+        write(self.store, key, record)
+        return key
+
+    def evaluations(self, name: str, version: str) -> list[EvaluationRecord]:
+        prefix = f"packages/{name}/evaluations/{version}/"
+        return sorted((read(self.store, i.key, EvaluationRecord) for i in self.store.list(prefix)), key=lambda r: r.created_at)

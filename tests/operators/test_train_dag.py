@@ -1,0 +1,157 @@
+"""TrainPipelineOperator end to end: real Airflow (`airflow dags test`), real child process, both stores."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from airflow_aicenter.records import Manifest, Outcome, Results, VersionRecord, read
+from airflow_aicenter.registry import Registry
+from airflow_aicenter.storage import open_store
+from airflow_aicenter.storage.transfer import run, upload_tree
+from tests.conftest import EXAMPLE_PACKAGE, make_dataset, write_files
+
+pytestmark = pytest.mark.airflow
+
+
+def s3_connection_env(server, bucket: str) -> dict[str, str]:
+    return {
+        "AIRFLOW_CONN_AICENTER_DEFAULT": json.dumps(
+            {"conn_type": "aicenter", "extra": {"storage": f"s3://{bucket}/aicenter", "aws_conn_id": "aws_moto"}}
+        ),
+        "AIRFLOW_CONN_AWS_MOTO": json.dumps(
+            {"conn_type": "aws", "login": "testing", "password": "testing-secret",
+             "extra": {"endpoint_url": server.endpoint, "region_name": "us-east-1"}}
+        ),
+    }
+
+
+@pytest.fixture(params=["file", "s3"])
+def deployment(request, airflow_env, tmp_path):
+    """(store, extra_env, dataset_uri) for a fresh deployment on each backend."""
+    data = make_dataset(tmp_path / "dataset", rows=300)
+    if request.param == "file":
+        uri = (tmp_path / "aicenter").as_uri()
+        env = {"AIRFLOW_CONN_AICENTER_DEFAULT": json.dumps({"conn_type": "aicenter", "extra": {"storage": uri}})}
+        return open_store(uri), env, data.parent.as_uri() if data.is_file() else data.as_uri()
+    server = request.getfixturevalue("s3_server")
+    bucket = server.create_bucket()
+    store = open_store(f"s3://{bucket}/aicenter", server.options)
+    datasets = open_store(f"s3://{bucket}/datasets/churn", server.options)
+    folder = data.parent if data.is_file() else data
+    run(upload_tree(folder, datasets, ""))
+    return store, s3_connection_env(server, bucket), f"s3://{bucket}/datasets/churn/"
+
+
+def test_example_training_dag_creates_a_version(deployment, airflow_env):
+    store, env, dataset = deployment
+    registry = Registry(store)
+    registry.upload(EXAMPLE_PACKAGE, "churn", created_by="test")
+
+    done = airflow_env.dags_test("aicenter_training", {"dataset": dataset, "version": "1.0"}, extra_env=env)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+    record = registry.resolve("churn", "latest")
+    assert record.version == "1.1" and record.parent == "1.0" and record.pipeline == "train"
+    assert record.run is not None and record.run.dag_id == "aicenter_training" and record.run.task_id == "train"
+    assert record.created_by == "aicenter_training.train"
+    prefix = record.run.prefix
+    results = read(store, f"{prefix}/_results.json", Results)
+    raw = json.loads(store.get_bytes(f"{prefix}/_results.json"))
+    assert set(raw) == {"parameters", "run_summary", "aicenter"}
+    assert set(raw["parameters"]) == {"pipeline", "inputs", "env"}
+    assert raw["parameters"]["pipeline"] == "aicenter_training.train"
+    assert raw["parameters"]["inputs"] == {"package": "churn", "version": "1.0", "train_data": dataset, "gpu": "False"}
+    assert raw["parameters"]["env"] == {"EPOCHS": "150", "LEARNING_RATE": "0.2"}
+    assert set(raw["run_summary"]) == {"execution_time", "start_at", "end_at", "outputs"}
+    assert set(raw["run_summary"]["outputs"]) == {"train_data", "artifacts_data", "package", "version"}
+    assert results.run_summary.outputs.version == "1.1"
+    assert results.run_summary.end_at >= results.run_summary.start_at > 1_700_000_000
+    # artifacts written by the package's save()
+    artifacts = {i.key.rsplit("/", 1)[-1] for i in store.list(f"{prefix}/artifacts")}
+    assert {"report.md", "loss.svg"} <= artifacts
+    # the data snapshot: a manifest whose every blob exists
+    manifest = read(store, f"{prefix}/data_directory.manifest.json", Manifest)
+    assert manifest.file_count >= 1 and manifest.source == dataset
+    assert all(store.exists(f"blobs/sha256/{f.sha256}") for f in manifest.files)
+    assert record.snapshot == store.url(f"{prefix}/data_directory.manifest.json")
+    # the new version's content holds the trained model
+    outcome = read(store, f"{prefix}/outcome.json", Outcome)
+    assert outcome.status == "succeeded" and set(outcome.phases) >= {"stage_package", "stage_data", "user_code"}
+    assert outcome.blob.sha256 == record.blob.sha256 != registry.get("churn", "1.0").blob.sha256
+
+    # the same parent again: a second, distinct version; nothing lost
+    done = airflow_env.dags_test("aicenter_training", {"dataset": dataset, "version": "1.0"}, extra_env=env)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert [r.version for r in registry.versions("churn")] == ["1.0", "1.1", "1.2"]
+    assert registry.get("churn", "1.2").parent == "1.0"
+
+
+CRASHING_TRAIN = '''
+import os, signal
+class Main:
+    def __init__(self):
+        pass
+    def train(self, training_directory):
+        open("model.txt", "w").write("half")
+    def save(self):
+        os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+FAILING_TRAIN = '''
+class Main:
+    def __init__(self):
+        pass
+    def train(self, training_directory):
+        self.helper()
+    def helper(self):
+        raise ValueError("labels column 'churned' is missing")
+    def save(self):
+        pass
+'''
+
+MAIN = "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return input\n"
+
+
+@pytest.mark.parametrize("train_py, expected", [
+    (CRASHING_TRAIN, "exited with code -9 during user_code"),
+    (FAILING_TRAIN, "Main.train() raised ValueError: labels column 'churned' is missing (train.py:7)"),
+])
+def test_failed_run_leaves_no_version(train_py, expected, airflow_env, tmp_path):
+    uri = (tmp_path / "aicenter").as_uri()
+    env = {"AIRFLOW_CONN_AICENTER_DEFAULT": json.dumps({"conn_type": "aicenter", "extra": {"storage": uri}})}
+    registry = Registry(open_store(uri))
+    pkg = write_files(tmp_path / "pkg", {"main.py": MAIN, "train.py": train_py, "requirements.txt": ""})
+    registry.upload(pkg, "crashy")
+    data = write_files(tmp_path / "data", {"rows.csv": "a,b\n1,2\n"})
+    done = airflow_env.dags_test("aicenter_training", {"package": "crashy", "dataset": data.as_uri()}, extra_env=env)
+    assert done.returncode != 0
+    assert expected in done.stdout + done.stderr
+    assert [r.version for r in registry.versions("crashy")] == ["1.0"]
+    outcomes = [i.key for i in registry.store.list("runs") if i.key.endswith("outcome.json")]
+    assert len(outcomes) == 1
+    outcome = read(registry.store, outcomes[0], Outcome)
+    assert outcome.status == "failed" and expected in outcome.error
+    assert not any(i.key.endswith("_results.json") for i in registry.store.list("runs"))
+
+
+@pytest.mark.parametrize("conf, expected", [
+    ({"package": "nosuch"}, "package 'nosuch' has no versions"),
+    ({"version": "7.3"}, "has no version 7.3"),
+    ({"version": "1.2.3"}, 'use "M.m"'),
+    ({"dataset": "file:///nonexistent/aicenter-empty"}, "is empty or does not exist"),
+])
+def test_bad_inputs_fail_before_compute(conf, expected, airflow_env, tmp_path):
+    uri = (tmp_path / "aicenter").as_uri()
+    env = {"AIRFLOW_CONN_AICENTER_DEFAULT": json.dumps({"conn_type": "aicenter", "extra": {"storage": uri}})}
+    registry = Registry(open_store(uri))
+    registry.upload(EXAMPLE_PACKAGE, "churn")
+    data = make_dataset(tmp_path / "data", rows=50)
+    dataset = (data.parent if data.is_file() else data).as_uri()
+    done = airflow_env.dags_test("aicenter_training", {"dataset": dataset, **conf}, extra_env=env)
+    assert done.returncode != 0
+    assert expected in done.stdout + done.stderr
+    assert not any(i.key.endswith("outcome.json") for i in registry.store.list("runs")), "no compute may start"
