@@ -75,6 +75,7 @@ class Runner:
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         self.outcome.phase = name
+        write(self.store, self.key("outcome.json"), self.outcome)  # live progress; says where a hard crash hit
         log(f"{name} ...")
         began = time.perf_counter()
         yield
