@@ -131,6 +131,10 @@ class AirflowEnv:
             args += ["-c", json.dumps(conf)]
         return self.run(*args, extra_env=extra_env)
 
+    def add_dag(self, name: str, source: str) -> None:
+        """Put a test DAG file next to the example DAGs."""
+        (self.home / "dags" / name).write_text(source)
+
     def aicenter(self, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         return self.run("aicenter", *args, extra_env=extra_env, timeout=120)
 

@@ -155,3 +155,28 @@ def test_bad_inputs_fail_before_compute(conf, expected, airflow_env, tmp_path):
     assert done.returncode != 0
     assert expected in done.stdout + done.stderr
     assert not any(i.key.endswith("outcome.json") for i in registry.store.list("runs")), "no compute may start"
+
+
+GPU_DAG = '''
+from datetime import datetime
+from airflow.sdk import DAG
+from airflow_aicenter.operators import TrainPipelineOperator
+
+with DAG("aicenter_test_gpu", schedule=None, start_date=datetime(2026, 1, 1), params={"dataset": ""}):
+    TrainPipelineOperator(task_id="train", package="churn", version="latest", dataset="{{ params.dataset }}", gpu=2)
+'''
+
+
+def test_gpu_on_a_worker_without_one_fails_before_compute(airflow_env, tmp_path):
+    uri = (tmp_path / "aicenter").as_uri()
+    env = {"AIRFLOW_CONN_AICENTER_DEFAULT": json.dumps({"conn_type": "aicenter", "extra": {"storage": uri}}),
+           "PATH": "/usr/bin:/bin"}  # no nvidia-smi here, as on a CPU worker
+    registry = Registry(open_store(uri))
+    registry.upload(EXAMPLE_PACKAGE, "churn")
+    data = make_dataset(tmp_path / "data", rows=50)
+    airflow_env.add_dag("aicenter_test_gpu.py", GPU_DAG)
+    done = airflow_env.dags_test("aicenter_test_gpu", {"dataset": (data.parent if data.is_file() else data).as_uri()}, extra_env=env)
+    assert done.returncode != 0
+    assert "gpu=2 was asked for, but this worker has 0 visible GPU(s)" in done.stdout + done.stderr
+    assert "launcher='kubernetes'" in done.stdout + done.stderr
+    assert not any(i.key.endswith("outcome.json") for i in registry.store.list("runs"))

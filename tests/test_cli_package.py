@@ -1,0 +1,116 @@
+"""`aicenter package upload/list/download` as a user runs them: the installed console script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from airflow_aicenter.registry import Registry
+from airflow_aicenter.storage import open_store
+from tests.conftest import EXAMPLE_PACKAGE, write_files
+
+AICENTER = str(Path(sys.executable).parent / "aicenter")
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("AICENTER_", "AWS_"))}
+    return subprocess.run([AICENTER, *args], capture_output=True, text=True, env={**base, **(env or {})}, timeout=120, check=False)
+
+
+@pytest.fixture(params=["file", "s3"])
+def target(request, tmp_path):
+    if request.param == "file":
+        return (tmp_path / "store").as_uri(), {}
+    server = request.getfixturevalue("s3_server")
+    return f"s3://{server.create_bucket()}/root", server.env()
+
+
+def test_upload_list_download_roundtrip(target, tmp_path):
+    uri, env = target
+    done = cli("--storage", uri, "package", "upload", str(EXAMPLE_PACKAGE), "--name", "churn", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "Uploaded churn version 1.0" in done.stdout
+    assert "version 2.0" in cli("--storage", uri, "package", "upload", str(EXAMPLE_PACKAGE), "--name", "churn", env=env).stdout
+
+    listed = json.loads(cli("--storage", uri, "package", "list", "--json", env=env).stdout)
+    assert [(p["package"], p["latest"]) for p in listed] == [("churn", "2.0")]
+    assert "churn" in cli("--storage", uri, "package", "list", env=env).stdout
+
+    done = cli("--storage", uri, "package", "download", "churn:1.0", str(tmp_path / "out"), env=env)
+    assert done.returncode == 0, done.stderr
+    with zipfile.ZipFile(tmp_path / "out" / "churn-1.0.zip") as zf:
+        assert {"main.py", "train.py", "requirements.txt", "aicenter.json"} <= set(zf.namelist())
+
+
+def test_storage_from_environment_variable(tmp_path):
+    uri = (tmp_path / "envstore").as_uri()
+    done = cli("package", "upload", str(EXAMPLE_PACKAGE), "--name", "churn", env={"AICENTER_STORAGE": uri})
+    assert done.returncode == 0, done.stderr
+    assert Registry(open_store(uri)).resolve("churn", "latest").version == "1.0"
+
+
+def test_upload_of_a_zip_with_one_root_folder(tmp_path):
+    pkg = EXAMPLE_PACKAGE
+    zpath = tmp_path / "churn.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for f in sorted(pkg.rglob("*")):
+            if f.is_file() and "__pycache__" not in f.parts:
+                zf.write(f, f"churn/{f.relative_to(pkg).as_posix()}")
+    uri = (tmp_path / "store").as_uri()
+    done = cli("--storage", uri, "package", "upload", str(zpath), "--name", "churn")
+    assert done.returncode == 0, done.stderr
+
+
+def test_download_detects_a_corrupt_blob(tmp_path):
+    uri = (tmp_path / "store").as_uri()
+    record = Registry(open_store(uri)).upload(EXAMPLE_PACKAGE, "churn")
+    blob = Path(open_store(uri).root) / "blobs" / "sha256" / record.blob.sha256
+    blob.write_bytes(b"not the package")
+    done = cli("--storage", uri, "package", "download", "churn:1.0", str(tmp_path / "out"))
+    assert done.returncode == 1 and "is corrupt" in done.stderr
+    assert not (tmp_path / "out" / "churn-1.0.zip").exists()
+
+
+@pytest.mark.parametrize("files, name, message", [
+    ({"main.py": "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return 1\n"}, "churn", "requirements.txt"),
+    ({"requirements.txt": ""}, "churn", "main.py"),
+    ({"main.py": "class Main(:\n", "requirements.txt": ""}, "churn", "main.py:1:"),
+    ({"main.py": "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return 1\n",
+      "requirements.txt": "", "train.py": "class Main:\n    def train(self, d)\n"}, "churn", "train.py:2:"),
+    ({"main.py": "x = 1\n", "requirements.txt": ""}, "churn", "class Main"),
+    ({"main.py": "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return 1\n",
+      "requirements.txt": ""}, "class", "Python keyword"),
+])
+def test_upload_rejects_bad_packages_with_clear_errors(files, name, message, tmp_path):
+    pkg = write_files(tmp_path / "pkg", files)
+    uri = (tmp_path / "store").as_uri()
+    done = cli("--storage", uri, "package", "upload", str(pkg), "--name", name)
+    assert done.returncode == 1
+    assert message in done.stderr, done.stderr
+    assert not any((tmp_path / "store").rglob("*.json")), "nothing may be registered"
+
+
+def test_unsafe_zip_is_refused(tmp_path):
+    zpath = tmp_path / "evil.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        zf.writestr("main.py", "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return 1\n")
+        zf.writestr("requirements.txt", "")
+        zf.writestr("../escape.txt", "x")
+    done = cli("--storage", (tmp_path / "store").as_uri(), "package", "upload", str(zpath), "--name", "churn")
+    assert done.returncode == 1 and ".." in done.stderr
+    assert not (tmp_path / "escape.txt").exists()
+
+
+def test_download_needs_a_version_and_a_known_package(tmp_path):
+    uri = (tmp_path / "store").as_uri()
+    done = cli("--storage", uri, "package", "download", "churn", str(tmp_path / "out"))
+    assert done.returncode == 1 and "NAME:VERSION" in done.stderr
+    done = cli("--storage", uri, "package", "download", "ghost:1.0", str(tmp_path / "out"))
+    assert done.returncode == 1 and "has no versions" in done.stderr
