@@ -23,8 +23,8 @@ from airflow_aicenter.errors import AICenterError, VersionError
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import S3Options, Store, open_store
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def resolve_store(uri: str | None) -> Store:

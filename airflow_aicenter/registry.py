@@ -77,13 +77,13 @@ class Sequence:
                 hi = mid
         return lo
 
-    def append(self, make: Callable[[int, int | None], bytes], start: int | None = None) -> int:
+    def append(self, make: Callable[[int, int | None], bytes]) -> int:
         """Create the next free number with ``make(n, previous)``; returns n.
 
         ``make`` is called again after each lost race, so it can re-check its condition
         against the new latest entry (promotion "if better" does).
         """
-        last = self.last() if start is None else start - 1
+        last = self.last()
         n = 0 if last is None else last + 1
         for _ in range(MAX_ATTEMPTS):
             try:

@@ -134,7 +134,7 @@ class BasePipelineOperator(KubernetesPodOperator):
         ti = context["ti"]
         ref = RunRef(
             dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id,
-            try_number=ti.try_number or 1, map_index=getattr(ti, "map_index", -1) if getattr(ti, "map_index", -1) is not None else -1,
+            try_number=ti.try_number or 1, map_index=ti.map_index if ti.map_index is not None else -1,
         )
         ref.uri = store.url(ref.prefix)
         return ref
@@ -190,7 +190,9 @@ class BasePipelineOperator(KubernetesPodOperator):
             )
         check_gpus(spec.gpu)
         self._local = LocalLauncher(self.log, python=self.python)
-        code = self._local.run(spec, {**hook.runtime_env(), **self.secret_env()})
+        runtime_env = hook.runtime_env()
+        secrets = tuple(v for k, v in {**runtime_env, **self.secret_env()}.items() if is_secret_key(k) and len(v) >= 4)
+        code = self._local.run(spec, {**runtime_env, **self.secret_env()}, secrets=secrets)
         return self.read_outcome(hook.get_store(), spec, exit_code=code)
 
     def read_outcome(self, store: Store, spec: RunSpec, *, exit_code: int | None) -> Outcome:

@@ -180,3 +180,51 @@ def test_gpu_on_a_worker_without_one_fails_before_compute(airflow_env, tmp_path)
     assert "gpu=2 was asked for, but this worker has 0 visible GPU(s)" in done.stdout + done.stderr
     assert "launcher='kubernetes'" in done.stdout + done.stderr
     assert not any(i.key.endswith("outcome.json") for i in registry.store.list("runs"))
+
+
+SECRET_DAG = '''
+from datetime import datetime
+from airflow.sdk import DAG
+from airflow_aicenter.operators import TrainPipelineOperator
+
+with DAG("aicenter_test_secrets", schedule=None, start_date=datetime(2026, 1, 1), params={"dataset": ""}):
+    TrainPipelineOperator(task_id="train", package="leaky", version="latest", dataset="{{ params.dataset }}",
+                          env={"API_TOKEN": "hunter2-s3cr3t-value", "db_password": "pw-0f-the-db", "EPOCHS": "2"})
+'''
+
+LEAKY_TRAIN = '''
+import os
+class Main:
+    def __init__(self):
+        pass
+    def train(self, training_directory):
+        print("token is", os.environ["API_TOKEN"], "and", os.environ["db_password"], flush=True)
+    def save(self):
+        open(os.path.join(os.environ["artifacts_directory"], "seen.txt"), "w").write(os.environ["API_TOKEN"])
+'''
+
+
+def test_secret_env_never_reaches_log_results_or_xcom(airflow_env, tmp_path):
+    uri = (tmp_path / "aicenter").as_uri()
+    env = {"AIRFLOW_CONN_AICENTER_DEFAULT": json.dumps({"conn_type": "aicenter", "extra": {"storage": uri}})}
+    registry = Registry(open_store(uri))
+    registry.upload(write_files(tmp_path / "pkg", {"main.py": MAIN, "train.py": LEAKY_TRAIN, "requirements.txt": ""}), "leaky")
+    data = write_files(tmp_path / "data", {"rows.csv": "a\n1\n"})
+    airflow_env.add_dag("aicenter_test_secrets.py", SECRET_DAG)
+    done = airflow_env.dags_test("aicenter_test_secrets", {"dataset": data.as_uri()}, extra_env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert "token is" in output, "the package's print reached the task log"
+    assert "hunter2-s3cr3t-value" not in output and "pw-0f-the-db" not in output
+    record = registry.resolve("leaky", "latest")
+    results = json.loads(registry.store.get_bytes(f"{record.run.prefix}/_results.json"))
+    assert results["parameters"]["env"] == {"API_TOKEN": "***", "db_password": "***", "EPOCHS": "2"}
+    everything = "".join(registry.store.get_bytes(i.key).decode(errors="replace") for i in registry.store.list("runs")
+                         if not i.key.endswith("seen.txt"))
+    assert "hunter2-s3cr3t-value" not in everything and "pw-0f-the-db" not in everything
+    # the package code itself did get the value (only the records and logs must not)
+    assert registry.store.get_bytes(f"{record.run.prefix}/artifacts/seen.txt") == b"hunter2-s3cr3t-value"
+    import sqlite3
+    db = sqlite3.connect(airflow_env.home / "airflow.db")
+    xcoms = " ".join(str(v) for (v,) in db.execute("select value from xcom where dag_id='aicenter_test_secrets'"))
+    assert xcoms and "hunter2" not in xcoms and "pw-0f" not in xcoms
