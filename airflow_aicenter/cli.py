@@ -1,8 +1,12 @@
-"""The ``aicenter`` command: packages and runs in a store, for people and for scripts (``--json``).
+"""The ``aicenter`` command: packages, versions, aliases and run records in a store, for people and scripts.
 
-The store comes from ``--storage URI``, else ``AICENTER_STORAGE``, else the ``aicenter_default``
+Every read command takes ``--json`` (stdout is then only JSON; progress goes to stderr). The
+store comes from ``--storage URI``, else ``AICENTER_STORAGE``, else the ``aicenter_default``
 connection, else ``$AIRFLOW_HOME/aicenter``. Airflow is only imported for the connection case,
-so plain store commands stay fast.
+so plain store commands stay fast; ``package validate`` needs no store at all.
+
+Adding a command: write ``cmd_<group>_<name>(args, registry) -> int`` and register it in that
+group's ``add_<group>_commands`` (or add a new ``add_*_commands`` to ``COMMAND_GROUPS``).
 """
 
 from __future__ import annotations
@@ -12,19 +16,26 @@ import getpass
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from airflow_aicenter.errors import AICenterError, VersionError
+from airflow_aicenter.package import open_package, validate_package
+from airflow_aicenter.promotion import PROMOTE_IF, promote, version_score
+from airflow_aicenter.records import AliasRecord, VersionRecord
 from airflow_aicenter.registry import Registry
+from airflow_aicenter.runs import STATUSES, RunRecord, compare, find_run, find_runs, list_runs
 from airflow_aicenter.storage import S3Options, Store, open_store
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
+STATUS_STYLE = {"succeeded": "green", "failed": "red", "killed": "magenta", "running": "yellow"}
 
 
 def resolve_store(uri: str | None) -> Store:
@@ -45,6 +56,41 @@ def split_ref(ref: str, *, need_version: bool) -> tuple[str, str | None]:
 
 def emit_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if hasattr(value, "strftime"):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items()) or "-"
+    return str(value)
+
+
+def _status(status: str) -> str:
+    return f"[{STATUS_STYLE.get(status, 'white')}]{status}[/]"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min"
+
+
+def _kv_table(title: str, rows: list[tuple[str, Any]]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for key, value in rows:
+        table.add_row(key, value if isinstance(value, str) and value.startswith("[") else _fmt(value))
+    return table
 
 
 # -- package commands ---------------------------------------------------------------------
@@ -91,18 +137,300 @@ def cmd_package_download(args: argparse.Namespace, registry: Registry) -> int:
     return 0
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if hasattr(value, "strftime"):
-        return value.strftime("%Y-%m-%d %H:%M:%S")
-    return str(value)
+def cmd_package_show(args: argparse.Namespace, registry: Registry) -> int:
+    name, version = split_ref(args.ref, need_version=False)
+    with err_console.status(f"Reading {name} ..."):
+        data = _version_detail(registry, name, version) if version else _package_overview(registry, name)
+    if args.json:
+        emit_json(data)
+    elif version:
+        _print_version_detail(data)
+    else:
+        _print_package_overview(data)
+    return 0
+
+
+def _alias_history(registry: Registry, name: str, alias: str) -> list[dict[str, Any]]:
+    return [_alias_entry(h) for h in registry.alias_history(name, alias)]
+
+
+def _alias_entry(h: AliasRecord) -> dict[str, Any]:
+    return {"seq": h.seq, "version": h.version, "previous": h.previous, "set_by": h.set_by, "set_at": h.set_at.isoformat(),
+            "reason": h.reason}
+
+
+def _version_row(registry: Registry, record: VersionRecord, pointed: dict[str, list[str]]) -> dict[str, Any]:
+    evaluations = registry.evaluations(record.package, record.version)
+    judged = version_score(registry, record.package, record.version, record=record, evaluations=evaluations)
+    return {
+        "version": record.version, "parent": record.parent, "pipeline": record.pipeline, "score": record.score,
+        "evaluations": [{"score": e.score, "dataset": e.dataset, "run": e.run.label if e.run else None,
+                         "created_at": e.created_at.isoformat()} for e in evaluations],
+        "judged_score": judged.score, "judged_by": judged.source,
+        "created_at": record.created_at.isoformat(), "created_by": record.created_by,
+        "run": record.run.label if record.run else None, "snapshot": record.snapshot,
+        "aliases": pointed.get(record.version, []),
+    }
+
+
+def _pointed(aliases: dict[str, AliasRecord]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for alias, current in sorted(aliases.items()):
+        out.setdefault(current.version, []).append(alias)
+    return out
+
+
+def _package_overview(registry: Registry, name: str) -> dict[str, Any]:
+    registry.resolve(name, "latest")  # a clear error for a package without versions
+    aliases = registry.aliases(name)
+    pointed = _pointed(aliases)
+    return {
+        "package": name,
+        "versions": [_version_row(registry, r, pointed) for r in registry.versions(name)],
+        "aliases": {a: {"version": c.version, "history": _alias_history(registry, name, a)} for a, c in sorted(aliases.items())},
+    }
+
+
+def _version_detail(registry: Registry, name: str, spec: str) -> dict[str, Any]:
+    record = registry.resolve(name, spec)
+    lineage, parent = [], record.parent
+    while parent is not None:
+        ancestor = registry.get(name, parent)
+        lineage.append({"version": ancestor.version, "pipeline": ancestor.pipeline, "score": ancestor.score,
+                        "created_at": ancestor.created_at.isoformat(), "run": ancestor.run.label if ancestor.run else None})
+        parent = ancestor.parent
+    aliases = registry.aliases(name)
+    return {
+        "package": name,
+        "requested": spec,
+        **_version_row(registry, record, _pointed(aliases)),
+        "blob": record.blob.model_dump(),
+        "description": record.description,
+        "lineage": lineage,
+        "all_aliases": {a: {"version": c.version, "points_here": c.version == record.version,
+                            "history": _alias_history(registry, name, a)} for a, c in sorted(aliases.items())},
+    }
+
+
+def _print_package_overview(data: dict[str, Any]) -> None:
+    table = Table(title=f"Package {data['package']}: versions")
+    for col in ("version", "parent", "made by", "score", "evaluations", "aliases", "created", "run"):
+        table.add_column(col, overflow="fold")
+    for v in data["versions"]:
+        evals = ", ".join(_fmt(e["score"]) for e in v["evaluations"]) or "-"
+        table.add_row(v["version"], _fmt(v["parent"]), v["pipeline"], _fmt(v["score"]), evals,
+                      ", ".join(v["aliases"]) or "-", v["created_at"][:19].replace("T", " "), _fmt(v["run"]))
+    console.print(table)
+    _print_aliases(data["aliases"])
+
+
+def _print_aliases(aliases: dict[str, dict[str, Any]]) -> None:
+    if not aliases:
+        console.print("No aliases yet: `aicenter package promote NAME:VERSION --alias production`")
+        return
+    table = Table(title="Aliases (history, oldest first)")
+    for col in ("alias", "#", "version", "previous", "set at", "set by", "reason"):
+        table.add_column(col, overflow="fold")
+    for alias, info in aliases.items():
+        for h in info["history"]:
+            current = h["seq"] == info["history"][-1]["seq"]
+            table.add_row(f"[bold]{alias}[/]" if current else alias, str(h["seq"]),
+                          f"[bold]{h['version']}[/]" if current else h["version"], _fmt(h["previous"]),
+                          h["set_at"][:19].replace("T", " "), h["set_by"] or "-", h["reason"] or "-")
+    console.print(table)
+
+
+def _print_version_detail(data: dict[str, Any]) -> None:
+    console.print(_kv_table(f"{data['package']} {data['version']}", [
+        ("version", data["version"]), ("parent", data["parent"]), ("made by", data["pipeline"]),
+        ("created", data["created_at"][:19].replace("T", " ")), ("created by", data["created_by"] or None),
+        ("run", data["run"]), ("snapshot", data["snapshot"]), ("content", f"sha256:{data['blob']['sha256'][:16]} "
+                                                                             f"({data['blob']['size']} bytes)"),
+        ("score (its run)", data["score"]), ("judged score", f"{_fmt(data['judged_score'])} ({data['judged_by']})"),
+        ("aliases", ", ".join(data["aliases"]) or None), ("description", data["description"] or None),
+    ]))
+    if data["evaluations"]:
+        table = Table(title="Evaluations")
+        for col in ("when", "score", "dataset", "run"):
+            table.add_column(col, overflow="fold")
+        for e in data["evaluations"]:
+            table.add_row(e["created_at"][:19].replace("T", " "), _fmt(e["score"]), _fmt(e["dataset"]), _fmt(e["run"]))
+        console.print(table)
+    chain = " <- ".join([data["version"], *(a["version"] for a in data["lineage"])])
+    console.print(f"[bold]Lineage:[/] {chain}")
+    _print_aliases(data["all_aliases"])
+
+
+def cmd_package_promote(args: argparse.Namespace, registry: Registry) -> int:
+    name, spec = split_ref(args.ref, need_version=True)
+    record = registry.resolve(name, spec or "latest")
+    decision = promote(registry, name, args.alias, record.version, score=version_score(registry, name, record.version).score,
+                       promote_if=args.promote_if, set_by=f"cli:{getpass.getuser()}")
+    if args.json:
+        emit_json({"package": name, "promoted": decision.promoted, **decision.as_dict()})
+    elif decision.promoted:
+        console.print(f"Promoted [bold]{name}[/] {args.alias!r}: {decision.from_version or '(new alias)'} -> "
+                      f"[bold green]{decision.to_version}[/] ({decision.reason})")
+    else:
+        console.print(f"Not promoted: {decision.reason}")
+    return 0
+
+
+def _public(methods: frozenset[str]) -> list[str]:
+    """The methods a pipeline can call (helpers such as ``_report`` are the package's business)."""
+    return sorted(m for m in methods if not m.startswith("_") or m == "__init__")
+
+
+def cmd_package_validate(args: argparse.Namespace, registry: Registry | None) -> int:
+    try:
+        with tempfile.TemporaryDirectory(prefix="aicenter-validate-") as tmp:
+            info = validate_package(open_package(Path(args.path), Path(tmp) / "pkg"), args.pipeline)
+            root = str(info.root) if Path(args.path).is_dir() else args.path
+    except AICenterError as exc:
+        if args.json:
+            emit_json({"valid": False, "path": args.path, "pipeline": args.pipeline, "error": str(exc)})
+        raise
+    data = {
+        "valid": True, "path": args.path, "root": root, "pipeline": args.pipeline, "has_train": info.has_train,
+        "main_methods": _public(info.main_methods), "train_methods": _public(info.train_methods),
+        "requirements": info.requirements, "metadata": info.metadata.model_dump(),
+    }
+    if args.json:
+        emit_json(data)
+        return 0
+    console.print(f"[green]valid[/] for the [bold]{args.pipeline}[/] pipeline: {root}")
+    console.print(f"  main.py Main: {', '.join(data['main_methods'])}")
+    console.print(f"  train.py Main: {', '.join(data['train_methods']) or '(no train.py)'}")
+    console.print(f"  requirements: {len(info.requirements)} line(s); description: {info.metadata.description or '-'}")
+    return 0
+
+
+# -- runs commands ------------------------------------------------------------------------
+def _read_runs(registry: Registry, args: argparse.Namespace) -> list[RunRecord]:
+    with Progress(TextColumn("Reading run records"), BarColumn(), MofNCompleteColumn(), console=err_console,
+                  transient=True) as bar:
+        task = bar.add_task("runs", total=None)
+        return list_runs(registry.store, package=args.package, status=args.status,
+                         progress=lambda done, total: bar.update(task, completed=done, total=total),
+                         on_error=lambda run_id, exc: err_console.print(
+                             f"[yellow]warning:[/] run {run_id} left out: {exc}", highlight=False))
+
+
+def _versions(record: RunRecord) -> str:
+    return record.version + (f" -> {record.new_version}" if record.new_version else "")
+
+
+def cmd_runs_list(args: argparse.Namespace, registry: Registry) -> int:
+    records = _read_runs(registry, args)
+    if args.json:
+        emit_json([r.summary() for r in records])
+        return 0
+    if not records:
+        console.print("No runs" + (" match" if args.package or args.status else " yet") + f" in {registry.store.uri}")
+        return 0
+    table = Table(title=f"Runs in {registry.store.uri} (newest first)")
+    for col in ("run", "pipeline", "status", "package", "version", "score", "started", "duration", "cause"):
+        table.add_column(col, overflow="fold")
+    for r in records:
+        table.add_row(r.id, r.pipeline, _status(r.status), r.package, _versions(r), _fmt(r.outcome.score),
+                      r.start.strftime("%Y-%m-%d %H:%M:%S"), _duration(r.duration), _fmt(r.cause))
+    console.print(table)
+    return 0
+
+
+def cmd_runs_show(args: argparse.Namespace, registry: Registry) -> int:
+    record = find_run(registry.store, args.run)
+    data = record.summary()
+    if args.json:
+        emit_json(data)
+        return 0
+    promotion = data["promotion"]
+    console.print(_kv_table(f"Run {record.id}", [
+        ("pipeline", data["pipeline"]), ("status", _status(data["status"])), ("cause", data["cause"]),
+        ("failed phase", data["failed_phase"]), ("package", data["package"]), ("version", _versions(record)),
+        ("dataset", data["dataset"]), ("evaluation dataset", data["evaluation_dataset"]), ("env", data["env"]),
+        ("score", data["score"]), ("started", record.start), ("duration", _duration(data["duration"])),
+        ("phases", {k: f"{v:.2f}s" for k, v in data["phases"].items()}), ("warnings", "; ".join(data["warnings"]) or None),
+        ("artifacts", f"{data['artifacts']['files']} files, {data['artifacts']['bytes']} bytes: {data['artifacts']['uri']}"),
+        ("snapshots", data["snapshots"] or None), ("results", data["results_uri"]),
+        ("promotion", None if promotion is None else
+         f"{'promoted' if promotion['promoted'] else 'not promoted'} to {promotion['alias']!r}: {promotion['reason']}"),
+        ("run folder", data["uri"]),
+    ]))
+    return 0
+
+
+def cmd_runs_compare(args: argparse.Namespace, registry: Registry) -> int:
+    records = find_runs(registry.store, args.runs)
+    rows = compare(records)
+    if args.json:
+        emit_json({"runs": [r.id for r in records], "fields": {name: values for name, values in rows},
+                   "differs": [name for name, values in rows if len({json.dumps(v, default=str) for v in values}) > 1]})
+        return 0
+    table = Table(title="Runs side by side (differing rows in bold)")
+    table.add_column("field", style="bold")
+    for i, r in enumerate(records, 1):
+        table.add_column(f"#{i} {r.id}", overflow="fold")
+    for name, values in rows:
+        differs = len({json.dumps(v, default=str) for v in values}) > 1
+        cells = [_status(v) if name == "status" else _fmt(v) for v in values]
+        table.add_row(f"[yellow]{name}[/]" if differs else name, *(f"[bold]{c}[/]" if differs else c for c in cells))
+    console.print(table)
+    return 0
 
 
 # -- parser -------------------------------------------------------------------------------
+#: A command: ``(args, registry) -> exit code``; the registry is None for commands made with needs_store=False.
 Handler = Callable[[argparse.Namespace, Registry], int]
+
+
+def command(group: Any, name: str, handler: Callable[..., int], help: str, *, needs_store: bool = True) -> argparse.ArgumentParser:
+    """Add one subcommand with ``--json`` (every command can answer scripts)."""
+    p: argparse.ArgumentParser = group.add_parser(name, help=help, description=help)
+    p.set_defaults(handler=handler, needs_store=needs_store)
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    return p
+
+
+def add_package_commands(groups: Any) -> None:
+    package = groups.add_parser("package", help="ML packages, versions and aliases").add_subparsers(dest="command", required=True)
+    p = command(package, "upload", cmd_package_upload, "validate a package folder or zip and create its next major version")
+    p.add_argument("path")
+    p.add_argument("--name", required=True)
+    p.add_argument("--description", default=None)
+    command(package, "list", cmd_package_list, "packages with their latest version and aliases")
+    p = command(package, "show", cmd_package_show,
+                "a package's versions and aliases, or one version's record, lineage, scores and aliases")
+    p.add_argument("ref", metavar="NAME[:VERSION]", help='e.g. churn, churn:1.2, churn:production')
+    p = command(package, "download", cmd_package_download, "download a version's zip (digest verified)")
+    p.add_argument("ref", metavar="NAME:VERSION")
+    p.add_argument("dest")
+    p = command(package, "promote", cmd_package_promote, "point an alias (e.g. production) at a version, keeping history")
+    p.add_argument("ref", metavar="NAME:VERSION")
+    p.add_argument("--alias", required=True)
+    p.add_argument("--if", dest="promote_if", choices=PROMOTE_IF, default="always",
+                   help="'better': only if its score beats the alias's current version's (default: always)")
+    p = command(package, "validate", cmd_package_validate, "check a package folder or zip statically (no code runs)",
+                needs_store=False)
+    p.add_argument("path")
+    p.add_argument("--pipeline", choices=("train", "evaluate", "full", "serve"), default="train")
+
+
+def add_runs_commands(groups: Any) -> None:
+    runs = groups.add_parser("runs", help="run records: every pipeline run, with its status and cause").add_subparsers(
+        dest="command", required=True)
+    p = command(runs, "list", cmd_runs_list, "runs, newest first")
+    p.add_argument("--package", default=None)
+    p.add_argument("--status", choices=STATUSES, default=None)
+    p = command(runs, "show", cmd_runs_show, "one run in full (RUN: its id dag/run/task/try, an unambiguous part, or its URI)")
+    p.add_argument("run", metavar="RUN")
+    p = command(runs, "compare", cmd_runs_compare, "runs side by side: type, status, timing, versions, data, env, score")
+    p.add_argument("runs", metavar="RUN", nargs="+")
+
+
+from airflow_aicenter.gc import add_gc_parser  # noqa: E402 - `aicenter gc` lives with the collector
+
+COMMAND_GROUPS: list[Callable[[Any], None]] = [add_package_commands, add_runs_commands, add_gc_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,30 +438,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--storage", help="storage URI (s3://bucket/prefix or file:///path); default: $AICENTER_STORAGE, "
                         "the aicenter_default connection, or $AIRFLOW_HOME/aicenter")
     groups = parser.add_subparsers(dest="group", required=True)
-
-    package = groups.add_parser("package", help="ML packages and their versions").add_subparsers(dest="command", required=True)
-    p = package.add_parser("upload", help="validate a package folder or zip and create its next major version")
-    p.add_argument("path")
-    p.add_argument("--name", required=True)
-    p.add_argument("--description", default=None)
-    p.set_defaults(handler=cmd_package_upload)
-    p = package.add_parser("list", help="packages with their latest version and aliases")
-    p.set_defaults(handler=cmd_package_list)
-    p = package.add_parser("download", help="download a version's zip (digest verified)")
-    p.add_argument("ref", metavar="NAME:VERSION")
-    p.add_argument("dest")
-    p.set_defaults(handler=cmd_package_download)
-
-    for sub in package.choices.values():
-        sub.add_argument("--json", action="store_true", help="machine-readable output")
+    for add in COMMAND_GROUPS:
+        add(groups)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        store = resolve_store(args.storage)
-        return args.handler(args, Registry(store))
+        registry = Registry(resolve_store(args.storage)) if getattr(args, "needs_store", True) else None
+        return args.handler(args, registry)
     except AICenterError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         return 1

@@ -18,6 +18,13 @@ def get_provider_info() -> dict[str, Any]:
                 "connection-type": "aicenter",
                 "hook-class-name": "airflow_aicenter.hooks.aicenter.AICenterHook",
                 "hook-name": "AI Center",
+                # With conn-fields, Airflow >= 3.2 no longer asks the hook's get_ui_field_behaviour():
+                # the unused standard fields are hidden here, or the form would show them.
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "port", "login", "password", "host"],
+                    "relabeling": {},
+                    "placeholders": {},
+                },
                 "conn-fields": {
                     "storage": {
                         "label": "Storage URI",
@@ -42,6 +49,12 @@ def get_provider_info() -> dict[str, Any]:
                     "namespace": {
                         "label": "Namespace",
                         "description": "Kubernetes namespace for training pods",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "aws_secret_name": {
+                        "label": "Pods' S3 Secret",
+                        "description": "Kubernetes Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (/ AWS_SESSION_TOKEN) "
+                        "for training pods; empty: the pods' service account (IRSA, workload identity)",
                         "schema": {"type": ["string", "null"]},
                     },
                 },

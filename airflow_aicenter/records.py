@@ -126,6 +126,7 @@ class RunSpec(Record):
     save_test_data: bool = False
     gpu: int = 0
     dataset_mount: str | None = None  # a read-only mounted dataset folder (no staging)
+    install_requirements: bool = False  # pip-install the package's requirements.txt before the run
 
 
 class Outcome(Record):

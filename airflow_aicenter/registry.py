@@ -55,6 +55,12 @@ class Sequence:
     def _exists(self, n: int) -> bool:
         return self.store.exists(self.key(n))
 
+    def _is(self, n: int, data: bytes) -> bool:
+        try:
+            return self.store.get_bytes(self.key(n)) == data
+        except NotFoundError:
+            return False
+
     def last(self) -> int | None:
         """The highest number in use: hint, then gallop and bisect over HEAD requests."""
         try:
@@ -86,11 +92,15 @@ class Sequence:
         last = self.last()
         n = 0 if last is None else last + 1
         for _ in range(MAX_ATTEMPTS):
+            data = make(n, None if n == 0 else n - 1)
             try:
-                self.store.put_bytes(self.key(n), make(n, None if n == 0 else n - 1), create=True)
+                self.store.put_bytes(self.key(n), data, create=True)
             except AlreadyExistsError:
-                n += 1
-                continue
+                # A retried put whose first attempt did land (its answer was lost) also ends
+                # here: the record is then ours, byte for byte, and must not be taken twice.
+                if not self._is(n, data):
+                    n += 1
+                    continue
             self.store.put_bytes(self.hint_key, str(n).encode())
             return n
         raise VersionError(f"could not allocate a number under {self.store.url(self.hint_key)} after {MAX_ATTEMPTS} tries")
@@ -223,19 +233,23 @@ class Registry:
     def commit_once(self, name: str, *, run: RunRef, **kwargs: object) -> VersionRecord:
         """Commit the run's version unless this task try already did (retry-safe).
 
-        The marker in the run folder is written after the version record; if a crash came
-        between the two, the recent versions of the major are searched for this run.
+        The marker in the run folder is written as an intent (no version) before the version
+        record and completed after it. Only when an intent is found (a crash came between the
+        two) are the recent versions of the major searched for this run, so a first attempt
+        costs O(1) requests however many versions exist.
         """
         marker = f"{run.prefix}/registration.json"
         done = read_optional(self.store, marker, Registration)
         if done is not None and done.version:
             return self.get(name, done.version)
         parent = kwargs.get("parent")
-        if parent is not None:
+        if done is not None and parent is not None:  # an earlier attempt of this try began: did it commit?
             found = self._find_by_run(name, Version.parse(str(parent)).major, run)
             if found is not None:
                 write(self.store, marker, Registration(package=name, version=found.version))
                 return found
+        if done is None:
+            write(self.store, marker, Registration(package=name, version=None))
         record = self.commit(name, run=run, **kwargs)  # type: ignore[arg-type]
         write(self.store, marker, Registration(package=name, version=record.version))
         return record

@@ -14,16 +14,23 @@ mkdir -p "$AIRFLOW_HOME"
 "$BIN/airflow" db migrate >/dev/null
 DATASET=$AIRFLOW_HOME/aicenter-datasets/churn
 "$BIN/python" examples/make_dataset.py "$DATASET" --rows 2000
+"$BIN/python" examples/make_dataset.py "$AIRFLOW_HOME/aicenter-datasets/churn-holdout" --rows 600 --seed 8
 "$BIN/aicenter" package upload examples/packages/churn --name churn
 "$BIN/airflow" dags test aicenter_training -c "{\"dataset\": \"file://$DATASET\"}"
+# Closing the loop: a full pipeline that promotes to production only when better, then an
+# evaluation of the newest version on the holdout set (the DAG that new versions trigger).
+"$BIN/airflow" dags test aicenter_retraining >/dev/null
+"$BIN/airflow" dags test aicenter_evaluate_new_version >/dev/null
 "$BIN/aicenter" package list
+"$BIN/aicenter" runs list
+"$BIN/aicenter" runs compare $("$BIN/aicenter" runs list --json | "$BIN/python" -c 'import json,sys; print(" ".join(r["id"] for r in json.load(sys.stdin)[:3]))')
 "$BIN/python" - <<'PY'
 import os
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
 registry = Registry(open_store(os.path.join(os.environ["AIRFLOW_HOME"], "aicenter")))
-record = registry.resolve("churn", "latest")
-print(f"\nNew version: churn {record.version} (parent {record.parent})")
+record = next(r for r in registry.versions("churn") if r.pipeline == "train")
+print(f"\nNew version from aicenter_training: churn {record.version} (parent {record.parent})")
 print(f"_results.json: {registry.store.url(record.run.prefix + '/_results.json')}")
 print(f"artifacts:     {registry.store.url(record.run.prefix + '/artifacts/')}")
 PY

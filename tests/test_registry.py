@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from airflow_aicenter.errors import PackageError, VersionError
-from airflow_aicenter.records import BlobRef, RunRef
+from airflow_aicenter.records import BlobRef, Registration, RunRef, write
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
 from airflow_aicenter.storage.store import S3Options
@@ -125,8 +125,9 @@ def test_commit_once_is_idempotent_per_task_try(store, pkg):
     first = registry.commit_once("churn", run=run, parent="1.0", blob=base.blob, pipeline="train")
     again = registry.commit_once("churn", run=run, parent="1.0", blob=base.blob, pipeline="train")
     assert first.version == again.version == "1.1"
-    # a crash between the version record and the run's marker: still found, not registered twice
-    store.delete(f"{run.prefix}/registration.json")
+    # a crash between the version record and the run's marker leaves the marker as an intent
+    # (no version): still found, not registered twice
+    write(store, f"{run.prefix}/registration.json", Registration(package="churn", version=None))
     assert registry.commit_once("churn", run=run, parent="1.0", blob=base.blob, pipeline="train").version == "1.1"
     other = RunRef(dag_id="d", run_id="r", task_id="t", try_number=2)
     assert registry.commit_once("churn", run=other, parent="1.0", blob=base.blob, pipeline="train").version == "1.2"

@@ -17,10 +17,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.sdk import Asset, AssetAlias
 
+from airflow_aicenter.crashpoints import crash_point
 from airflow_aicenter.errors import AICenterError, ConfigurationError, RunError
 from airflow_aicenter.hooks.aicenter import LAUNCHERS, AICenterHook
+from airflow_aicenter.operators.kubernetes import KubernetesLauncher, check_infra, pvc_uri
 from airflow_aicenter.operators.links import ArtifactsLink, ResultsLink
 from airflow_aicenter.operators.local import LocalLauncher, check_gpus
+from airflow_aicenter.package import validate_alias_name
+from airflow_aicenter.promotion import PromoteIf, check_promote_if, promote
 from airflow_aicenter.records import (
     EvaluationRecord,
     Outcome,
@@ -56,8 +60,17 @@ def gpu_count(gpu: bool | int) -> int:
     raise ConfigurationError(f"gpu={gpu!r} is not valid; use True/False or a GPU count such as 2")
 
 
-class BasePipelineOperator(KubernetesPodOperator):
-    """Shared flow of the three AI Center pipeline types. Use a subclass."""
+class BasePipelineOperator(KubernetesLauncher, KubernetesPodOperator):
+    """Shared flow of the three AI Center pipeline types. Use a subclass.
+
+    With ``launcher="kubernetes"`` the run is a pod (see operators/kubernetes.py), shaped by
+    every KubernetesPodOperator argument plus AI Center's infra settings: ``gpu`` (count),
+    ``cpu`` (cores or "500m"), ``memory_gb``, ``storage_gb`` (work volume and ephemeral
+    storage); ``dataset_volume_claim`` / ``dataset_sub_path`` mount the training data
+    read-only instead of staging it; ``aws_secret_name`` names the Kubernetes Secret with the
+    pods' S3 keys (else the pod's service account is used); ``install_requirements`` (default:
+    True in a pod, False for the local launcher) pip-installs the package's requirements.txt.
+    """
 
     pipeline: ClassVar[Pipeline]
     template_fields: Sequence[str] = (
@@ -66,6 +79,8 @@ class BasePipelineOperator(KubernetesPodOperator):
         "dataset",
         "evaluation_dataset",
         "env",
+        "dataset_volume_claim",
+        "dataset_sub_path",
         *KubernetesPodOperator.template_fields,
     )
     template_fields_renderers = {**KubernetesPodOperator.template_fields_renderers, "env": "json"}
@@ -86,8 +101,19 @@ class BasePipelineOperator(KubernetesPodOperator):
         aicenter_conn_id: str = AICenterHook.default_conn_name,
         launcher: str | None = None,
         python: str | None = None,
+        cpu: float | str | None = None,
+        memory_gb: float | None = None,
+        storage_gb: float | None = None,
+        dataset_volume_claim: str | None = None,
+        dataset_sub_path: str | None = None,
+        aws_secret_name: str | None = None,
+        install_requirements: bool | None = None,
+        promote_to: str | None = None,
+        promote_if: PromoteIf = "better",
         **kwargs: Any,
     ) -> None:
+        # Without a termination file (a hard crash) the log tail becomes the pod's failure message.
+        kwargs.setdefault("termination_message_policy", "FallbackToLogsOnError")
         super().__init__(**kwargs)
         self.package = package
         self.version = version
@@ -100,8 +126,35 @@ class BasePipelineOperator(KubernetesPodOperator):
         self.aicenter_conn_id = aicenter_conn_id
         self.launcher = launcher
         self.python = python
+        # AI Center infra settings and pod options (used by launcher="kubernetes"; see operators/kubernetes.py).
+        check_infra(cpu=cpu, memory_gb=memory_gb, storage_gb=storage_gb, dataset_sub_path=dataset_sub_path)
+        self.cpu, self.memory_gb, self.storage_gb = cpu, memory_gb, storage_gb
+        self.dataset_volume_claim, self.dataset_sub_path = dataset_volume_claim, dataset_sub_path
+        self.aws_secret_name = aws_secret_name
+        self.install_requirements = install_requirements  # None: True in a pod, False for the local launcher
+        if dataset_volume_claim and dataset and not dataset.startswith("pvc://"):
+            raise ConfigurationError(
+                f"give either dataset={dataset!r} (staged from the store) or dataset_volume_claim={dataset_volume_claim!r} "
+                "(mounted read-only), not both"
+            )
+        if dataset_volume_claim and not dataset:
+            self.dataset = pvc_uri(dataset_volume_claim, dataset_sub_path)
+        if self.do_xcom_push:
+            raise ConfigurationError(
+                "do_xcom_push=True would add KubernetesPodOperator's XCom sidecar (known to hang the task); the results "
+                "are pushed to XCom (return_value) without it: leave do_xcom_push unset"
+            )
         if launcher is not None and launcher not in LAUNCHERS:
             raise ConfigurationError(f"launcher={launcher!r} is not valid; use one of {', '.join(LAUNCHERS)} or None")
+        self.promote_to = promote_to
+        self.promote_if = check_promote_if(promote_if)
+        if promote_to is not None:
+            validate_alias_name(promote_to)
+            if self.pipeline == "train" and promote_if == "better":
+                raise ConfigurationError(
+                    "promote_if='better' needs a score, and a training run has none: use FullPipelineOperator "
+                    "(trains and evaluates) or promote_if='always'"
+                )
         if self.pipeline in ("train", "full"):
             self.outlets = [*self.outlets, AssetAlias(PACKAGE_ALIAS)]
         self._local: LocalLauncher | None = None
@@ -120,15 +173,25 @@ class BasePipelineOperator(KubernetesPodOperator):
         registry.check(parent, self.pipeline)
         self.check_datasets(hook)
         spec = self.build_spec(hook, parent, run)
+        if launcher == "kubernetes":
+            # Sync: runs the pod, then complete(); deferrable: defers, trigger_reentry() completes.
+            return self.execute_kubernetes(context, hook, spec, run)
         outcome = self.launch(context, hook, spec, launcher)
+        return self.complete(context, hook, run, parent, outcome)
 
+    def complete(self, context: Context, hook: AICenterHook, run: RunRef, parent: VersionRecord, outcome: Outcome) -> dict[str, Any]:
+        """After a successful runtime: register (once per run), _results.json, XCom, Asset event.
+
+        Shared by the local launcher and both KubernetesPodOperator paths; safe to repeat for
+        the same run (a reattached or retried post-pod step registers nothing new).
+        """
+        registry = hook.get_registry()
         new_version = self.register(registry, parent, outcome, run) if self.pipeline != "evaluate" else None
         if self.pipeline == "evaluate":
             registry.add_evaluation(
                 EvaluationRecord(package=self.package, version=parent.version, score=outcome.score, dataset=self.evaluation_dataset, run=run)
             )
-        result = self.finish(context, store, run, parent, outcome, new_version)
-        return result
+        return self.finish(context, registry.store, run, parent, outcome, new_version)
 
     def run_ref(self, context: Context, store: Store) -> RunRef:
         ti = context["ti"]
@@ -156,7 +219,7 @@ class BasePipelineOperator(KubernetesPodOperator):
                 raise ConfigurationError(f"{type(self).__name__} needs {attr}=...: the URI of the data folder (s3://... or file:///...)")
         for attr in ("dataset", "evaluation_dataset"):
             uri = getattr(self, attr)
-            if not uri:
+            if not uri or uri.startswith("pvc://"):  # a mounted volume claim: the pod checks it
                 continue
             store = hook.get_store(uri)
             if next(iter(store.list("")), None) is None:
@@ -183,11 +246,13 @@ class BasePipelineOperator(KubernetesPodOperator):
         return {k: str(v) for k, v in self.env.items() if is_secret_key(k)}
 
     def launch(self, context: Context, hook: AICenterHook, spec: RunSpec, launcher: str) -> Outcome:
-        if launcher == "kubernetes":
+        """The local launcher: the runtime as a child process (launcher="kubernetes" goes to execute_kubernetes)."""
+        if self.dataset_volume_claim:
             raise ConfigurationError(
-                "launcher='kubernetes' is not available in this release yet; use launcher='local' "
-                "(or set launcher to local in the aicenter connection)"
+                "dataset_volume_claim mounts a volume into a pod and needs launcher='kubernetes'; "
+                "with the local launcher pass dataset='file:///path/to/data'"
             )
+        spec = spec.model_copy(update={"install_requirements": bool(self.install_requirements)})
         check_gpus(spec.gpu)
         self._local = LocalLauncher(self.log, python=self.python)
         runtime_env = hook.runtime_env()
@@ -214,6 +279,7 @@ class BasePipelineOperator(KubernetesPodOperator):
 
     def register(self, registry: Registry, parent: VersionRecord, outcome: Outcome, run: RunRef) -> VersionRecord:
         assert outcome.blob is not None, "a successful train/full outcome carries the new package blob"
+        crash_point("register")
         snapshot = outcome.snapshots.get("data_directory")
         record = registry.commit_once(
             self.package, run=run, parent=parent.version, blob=outcome.blob, pipeline=self.pipeline,
@@ -233,10 +299,12 @@ class BasePipelineOperator(KubernetesPodOperator):
         new_version: VersionRecord | None,
         extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Write ``_results.json``, push the XCom dict, emit the Asset event."""
+        """Promote if asked, write ``_results.json``, push the XCom dict, emit the Asset event."""
+        extra = {**(extra or {}), **self.promote(Registry(store), run, new_version or parent, outcome)}
         artifacts_uri = store.url(f"{run.prefix}/artifacts/")
         results_uri = store.url(f"{run.prefix}/_results.json")
         results = self.build_results(context, run, parent, outcome, new_version, artifacts_uri, extra or {})
+        crash_point("results")
         write(store, f"{run.prefix}/_results.json", results)
         snapshot = outcome.snapshots.get("data_directory") or outcome.snapshots.get("test_data_directory")
         version = new_version or parent
@@ -262,6 +330,24 @@ class BasePipelineOperator(KubernetesPodOperator):
             )
         self.log.info("Results: %s", results_uri)
         return value
+
+    def promote(self, registry: Registry, run: RunRef, candidate: VersionRecord, outcome: Outcome) -> dict[str, Any]:
+        """Point ``promote_to`` at the run's version (full: the new one; evaluate: the evaluated one) if earned.
+
+        Returns the extra XCom / ``_results.json`` keys; nothing when no promotion was asked for.
+        """
+        if self.promote_to is None:
+            return {}
+        decision = promote(
+            registry, self.package, self.promote_to, candidate.version, score=outcome.score,
+            promote_if=self.promote_if, set_by=f"run {run.label}",
+        )
+        if decision.promoted:
+            self.log.info("Promoted %s %r: %s -> %s (%s)", self.package, self.promote_to,
+                          decision.from_version or "(none)", decision.to_version, decision.reason)
+        else:
+            self.log.info("Not promoting %s %s to %r: %s", self.package, decision.to_version, self.promote_to, decision.reason)
+        return {"promoted": decision.promoted, "promotion": decision.as_dict()}
 
     def build_results(
         self,
@@ -318,7 +404,7 @@ class TrainPipelineOperator(BasePipelineOperator):
 
     pipeline = "train"
 
-    def __init__(self, *, package: str, dataset: str, version: str = "latest", save_training_data: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *, package: str, dataset: str | None = None, version: str = "latest", save_training_data: bool = False, **kwargs: Any) -> None:
         super().__init__(package=package, version=version, dataset=dataset, save_training_data=save_training_data, **kwargs)
 
 
@@ -340,7 +426,7 @@ class FullPipelineOperator(BasePipelineOperator):
         self,
         *,
         package: str,
-        dataset: str,
+        dataset: str | None = None,
         version: str = "latest",
         evaluation_dataset: str | None = None,
         save_training_data: bool = False,

@@ -34,6 +34,12 @@ MAX_RATIO = 200
 """Largest expansion ratio accepted for an entry over ``RATIO_MIN_SIZE`` (zip bomb guard)."""
 RATIO_MIN_SIZE = 1 << 20
 """Entries up to this size are not ratio-checked: small text files legitimately compress a lot."""
+MAX_NAME_BYTES = 1024
+"""Longest entry path accepted (a file system refuses names over 255 bytes, paths over 4096)."""
+INCOMPRESSIBLE_SAMPLE = 1 << 20
+"""A file over this size whose first MiB deflates by less than 10% is stored, not deflated:
+weights and compressed data gain nothing, and deflate crawls through them at ~30 MB/s
+(benchmarks/README.md, "memory"). The choice depends on content only: zips stay deterministic."""
 
 _SUPPORTED_COMPRESSION = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
@@ -97,13 +103,22 @@ def _add_file(zf: zipfile.ZipFile, root: Path, rel: Path, store: bool) -> bool:
         raise PackageError(f"{rel.as_posix()} is not a regular file (a device, socket or pipe): remove it from the package")
     info = zipfile.ZipInfo(rel.as_posix(), date_time=ZIP_EPOCH)
     info.create_system = 3  # Unix, so the mode below is read back the same on every platform
-    info.compress_type = zipfile.ZIP_STORED if store else zipfile.ZIP_DEFLATED
+    info.compress_type = zipfile.ZIP_STORED if store or _incompressible(path, st.st_size) else zipfile.ZIP_DEFLATED
     _set_compress_level(info, COMPRESS_LEVEL)
     info.external_attr = (stat.S_IFREG | (0o755 if st.st_mode & 0o111 else 0o644)) << 16
     info.file_size = st.st_size  # lets zipfile pick zip64 up front for files over 2 GiB
     with path.open("rb") as src, zf.open(info, "w") as out:
         shutil.copyfileobj(src, out, CHUNK)
     return _too_compressed(info, MAX_RATIO)
+
+
+def _incompressible(path: Path, size: int) -> bool:
+    if size <= INCOMPRESSIBLE_SAMPLE:
+        return False
+    with path.open("rb") as fh:
+        sample = fh.read(INCOMPRESSIBLE_SAMPLE)
+    deflate = zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, -15)
+    return len(deflate.compress(sample) + deflate.flush()) > 0.9 * len(sample)
 
 
 def _set_compress_level(info: zipfile.ZipInfo, level: int) -> None:
@@ -144,6 +159,8 @@ class _BytesReader(io.RawIOBase):
 
 def _check_name(name: str) -> tuple[str, ...]:
     """Refuse names that could escape ``dest``; return the normalised path parts."""
+    if not name:  # zipfile cuts a name at its first NUL, so "\x00evil" arrives empty
+        raise ArchiveError(f"a zip entry has an empty name (or one starting with a NUL character): {_REMAKE}")
     if "\x00" in name:
         raise ArchiveError(f"zip entry {name!r} has a NUL character in its name: {_REMAKE}")
     if name.startswith("/") or _DRIVE_RE.match(name):
@@ -156,6 +173,13 @@ def _check_name(name: str) -> tuple[str, ...]:
     parts = tuple(p for p in name.split("/") if p not in ("", "."))
     if ".." in parts:
         raise ArchiveError(f"zip entry {name!r} has a '..' component, which would write outside the package folder: {_REMAKE}")
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES or any(
+        len(p.encode("utf-8", "surrogateescape")) > 255 for p in parts
+    ):
+        raise ArchiveError(
+            f"zip entry {name[:60]!r}... has a path longer than {MAX_NAME_BYTES} bytes or a file/folder name longer than "
+            f"255 bytes, which file systems refuse: shorten it; {_REMAKE}"
+        )
     return parts
 
 

@@ -18,9 +18,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from airflow_aicenter.crashpoints import crash_point
 from airflow_aicenter.errors import AICenterError, DatasetError, RunError
 from airflow_aicenter.package import extract_zip, iter_package_files, validate_package, write_zip
 from airflow_aicenter.records import BlobRef, Manifest, ManifestEntry, Outcome, RunSpec, write
+from airflow_aicenter.runtime.requirements import install_requirements
 from airflow_aicenter.runtime.usercode import PackageCode, UserCodeError, check_score
 from airflow_aicenter.storage import Store, open_store
 from airflow_aicenter.storage.transfer import (
@@ -76,6 +78,7 @@ class Runner:
     def phase(self, name: str) -> Iterator[None]:
         self.outcome.phase = name
         write(self.store, self.key("outcome.json"), self.outcome)  # live progress; says where a hard crash hit
+        crash_point(name)
         log(f"{name} ...")
         began = time.perf_counter()
         yield
@@ -107,6 +110,7 @@ class Runner:
             self.outcome.end_at = time.time()
             if self.outcome.status != "succeeded":
                 self._upload_artifacts_best_effort()
+            crash_point("outcome")
             write(self.store, self.key("outcome.json"), self.outcome)
             log(f"run {self.outcome.status} in {self.outcome.execution_time:.2f} s")
         return self.outcome
@@ -121,6 +125,9 @@ class Runner:
             path.mkdir(parents=True, exist_ok=True)
         with self.phase("stage_package"):
             root = self._stage_package()
+        if spec.install_requirements:
+            with self.phase("requirements"):
+                install_requirements(root, log)
         with self.phase("stage_data"):
             self._stage_data()
         self._set_env()

@@ -3,47 +3,15 @@
 from __future__ import annotations
 
 import json
-import uuid
-from pathlib import Path
 
 import pytest
 
 from airflow_aicenter.records import Manifest, Outcome, Results, VersionRecord, read
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
-from airflow_aicenter.storage.transfer import run, upload_tree
 from tests.conftest import EXAMPLE_PACKAGE, make_dataset, write_files
 
 pytestmark = pytest.mark.airflow
-
-
-def s3_connection_env(server, bucket: str) -> dict[str, str]:
-    return {
-        "AIRFLOW_CONN_AICENTER_DEFAULT": json.dumps(
-            {"conn_type": "aicenter", "extra": {"storage": f"s3://{bucket}/aicenter", "aws_conn_id": "aws_moto"}}
-        ),
-        "AIRFLOW_CONN_AWS_MOTO": json.dumps(
-            {"conn_type": "aws", "login": "testing", "password": "testing-secret",
-             "extra": {"endpoint_url": server.endpoint, "region_name": "us-east-1"}}
-        ),
-    }
-
-
-@pytest.fixture(params=["file", "s3"])
-def deployment(request, airflow_env, tmp_path):
-    """(store, extra_env, dataset_uri) for a fresh deployment on each backend."""
-    data = make_dataset(tmp_path / "dataset", rows=300)
-    if request.param == "file":
-        uri = (tmp_path / "aicenter").as_uri()
-        env = {"AIRFLOW_CONN_AICENTER_DEFAULT": json.dumps({"conn_type": "aicenter", "extra": {"storage": uri}})}
-        return open_store(uri), env, data.parent.as_uri() if data.is_file() else data.as_uri()
-    server = request.getfixturevalue("s3_server")
-    bucket = server.create_bucket()
-    store = open_store(f"s3://{bucket}/aicenter", server.options)
-    datasets = open_store(f"s3://{bucket}/datasets/churn", server.options)
-    folder = data.parent if data.is_file() else data
-    run(upload_tree(folder, datasets, ""))
-    return store, s3_connection_env(server, bucket), f"s3://{bucket}/datasets/churn/"
 
 
 def test_example_training_dag_creates_a_version(deployment, airflow_env):

@@ -1,0 +1,121 @@
+"""Promotion: point an alias (``production``) at a candidate version when it earns it.
+
+Shared by the Evaluate/Full operators (``promote_to=``) and ``aicenter package promote``;
+no Airflow import. The decision is made inside :meth:`Registry.set_alias`'s condition, which
+is re-run against the alias's newest entry after every lost race: two runs finishing at once
+can never let the worse model overwrite the better one, and no alias update is ever lost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from airflow_aicenter.errors import ConfigurationError
+from airflow_aicenter.package import validate_alias_name
+from airflow_aicenter.records import AliasRecord, EvaluationRecord, VersionRecord
+from airflow_aicenter.registry import Registry
+
+PromoteIf = Literal["better", "always"]
+PROMOTE_IF: tuple[str, ...] = ("better", "always")
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What a promotion attempt decided; ``as_dict`` is the ``"promotion"`` entry of XCom and results."""
+
+    alias: str
+    from_version: str | None  # the alias's version when the decision was made (None: no alias yet)
+    to_version: str
+    promoted: bool
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"alias": self.alias, "from": self.from_version, "to": self.to_version, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class VersionScore:
+    score: float | None
+    source: str  # "evaluation <time>", "record" or "none"
+
+
+def version_score(
+    registry: Registry,
+    package: str,
+    version: str,
+    *,
+    record: VersionRecord | None = None,
+    evaluations: list[EvaluationRecord] | None = None,
+) -> VersionScore:
+    """The score a version is judged by: its latest evaluation's, else the one its run recorded.
+
+    The latest evaluation wins because evaluation runs on a fixed holdout are the comparable
+    numbers; a full pipeline's own score comes from whatever split its ``process_data`` made.
+    ``record`` / ``evaluations`` save the reads when the caller has them already.
+    """
+    if evaluations is None:
+        evaluations = registry.evaluations(package, version)
+    scored = [e for e in evaluations if e.score is not None]
+    if scored:
+        last = scored[-1]
+        return VersionScore(last.score, f"evaluation of {last.created_at:%Y-%m-%d %H:%M:%S}")
+    record = record or registry.get(package, version)
+    if record.score is not None:
+        return VersionScore(record.score, f"{record.pipeline} run")
+    return VersionScore(None, "none")
+
+
+def check_promote_if(promote_if: str) -> str:
+    if promote_if not in PROMOTE_IF:
+        raise ConfigurationError(f"promote_if={promote_if!r} is not valid; use 'better' (score strictly above the alias's "
+                                 "current version's) or 'always'")
+    return promote_if
+
+
+def _decide(
+    registry: Registry, package: str, alias: str, version: str, score: float | None, promote_if: str, current: AliasRecord | None
+) -> tuple[bool, str]:
+    if current is not None and current.version == version:
+        return False, f"{alias!r} already points at {version}"
+    if promote_if == "always":
+        return True, "promote_if='always'" + (f" (replaces {current.version})" if current else f" (new alias {alias!r})")
+    if score is None:
+        return False, (f"version {version} has no score (its run did not evaluate), so promote_if='better' cannot judge it; "
+                       "give the run evaluation data or use promote_if='always'")
+    if current is None:
+        return True, f"score {score:.6g}; alias {alias!r} did not exist yet"
+    theirs = version_score(registry, package, current.version)
+    if theirs.score is None:
+        return True, f"score {score:.6g}; the current {alias} version {current.version} has no score"
+    if score > theirs.score:
+        return True, f"score {score:.6g} > {theirs.score:.6g} of the current {alias} version {current.version} ({theirs.source})"
+    return False, f"score {score:.6g} is not above {theirs.score:.6g} of the current {alias} version {current.version} ({theirs.source})"
+
+
+def promote(
+    registry: Registry,
+    package: str,
+    alias: str,
+    version: str,
+    *,
+    score: float | None,
+    promote_if: str = "better",
+    set_by: str = "",
+) -> Promotion:
+    """Point ``alias`` at ``version`` if ``promote_if`` allows it, atomically and with history."""
+    validate_alias_name(alias)
+    check_promote_if(promote_if)
+    last: dict[str, Any] = {}
+
+    def condition(current: AliasRecord | None) -> bool:
+        ok, reason = _decide(registry, package, alias, version, score, promote_if, current)
+        last.update(current=current.version if current else None, reason=reason)
+        return ok
+
+    shown = "none" if score is None else f"{score:.6g}"
+    record = registry.set_alias(package, alias, version, set_by=set_by, condition=condition,
+                                reason=f"promote_if={promote_if}, score {shown}")
+    if record is None:
+        return Promotion(alias, last.get("current"), version, False, last.get("reason", "declined"))
+    return Promotion(alias, record.previous, version, True, last["reason"])

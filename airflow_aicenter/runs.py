@@ -1,0 +1,300 @@
+"""Run records (ModelArts style): every pipeline run kept in the store, listed, looked up, compared.
+
+A run is one task try's folder ``runs/<dag_id>/<run_id>/<task>/<try>/``; its id is that path
+without ``runs/`` (``dag/run/task/try``). A folder is a run once its ``outcome.json`` exists,
+which the runtime writes before any user code starts, so failed and killed runs are recorded
+with their cause just like successful ones. ``_results.json`` (success) adds the datasets and
+the (masked) env parameters; ``registration.json`` the version the run created.
+
+No Airflow import: the ``aicenter`` CLI reads stores without Airflow.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from airflow_aicenter.errors import AICenterError, StorageError
+from airflow_aicenter.records import Outcome, Registration, masked_env, read, read_optional
+from airflow_aicenter.storage import Store
+
+RUNS = "runs"
+#: Reading run records is latency-bound (one small GET each); this many go at once.
+READ_CONCURRENCY = 16
+STATUSES = ("running", "succeeded", "failed", "killed")
+
+
+class RunNotFoundError(AICenterError):
+    """No run (or more than one) matches the id the user gave."""
+
+
+@dataclass
+class RunRecord:
+    """One run as the records show it. Fields the run never got to (a failed run's datasets) are None."""
+
+    id: str
+    uri: str
+    outcome: Outcome
+    results: dict[str, Any] | None = None  # _results.json as written (AI Center keys + "aicenter")
+    registration: Registration | None = None
+    results_uri: str | None = None
+
+    @property
+    def prefix(self) -> str:
+        return f"{RUNS}/{self.id}"
+
+    @property
+    def dag_id(self) -> str:
+        return self.id.split("/")[0]
+
+    @property
+    def status(self) -> str:
+        return self.outcome.status
+
+    @property
+    def pipeline(self) -> str:
+        return self.outcome.pipeline
+
+    @property
+    def package(self) -> str:
+        return self.outcome.package
+
+    @property
+    def version(self) -> str:
+        """The version the run started from (trained or evaluated)."""
+        return self.outcome.version
+
+    @property
+    def new_version(self) -> str | None:
+        """The version the run created (train/full), once registered."""
+        if self.registration is not None:
+            return self.registration.version
+        if self.results and self.pipeline != "evaluate":
+            return self.results.get("run_summary", {}).get("outputs", {}).get("version")
+        return None
+
+    def _input(self, key: str) -> str | None:
+        return (self.results or {}).get("parameters", {}).get("inputs", {}).get(key)
+
+    @property
+    def dataset(self) -> str | None:
+        return self._input("train_data")
+
+    @property
+    def evaluation_dataset(self) -> str | None:
+        return self._input("evaluation_data")
+
+    @property
+    def env(self) -> dict[str, str] | None:
+        """The run's env parameters, masked as in ``_results.json`` (None: the run never wrote results)."""
+        env = (self.results or {}).get("parameters", {}).get("env")
+        return None if env is None else masked_env(env)
+
+    @property
+    def start(self) -> datetime:
+        return datetime.fromtimestamp(self.outcome.start_at, timezone.utc)
+
+    @property
+    def duration(self) -> float | None:
+        return None if self.outcome.end_at is None else round(self.outcome.end_at - self.outcome.start_at, 3)
+
+    @property
+    def cause(self) -> str | None:
+        """Why the run did not succeed (None when it did)."""
+        if self.status == "succeeded":
+            return None
+        if self.status == "running":
+            return f"still running, or died without reporting (last phase: {self.outcome.phase or 'start-up'})"
+        return self.outcome.error or self.status
+
+    @property
+    def promotion(self) -> dict[str, Any] | None:
+        aicenter = (self.results or {}).get("aicenter", {})
+        if "promotion" not in aicenter:
+            return None
+        return {"promoted": aicenter.get("promoted"), **aicenter["promotion"]}
+
+    def summary(self) -> dict[str, Any]:
+        """Everything about the run, JSON-ready (``runs show --json``)."""
+        o = self.outcome
+        return {
+            "id": self.id,
+            "uri": self.uri,
+            "pipeline": self.pipeline,
+            "status": self.status,
+            "cause": self.cause,
+            "failed_phase": o.phase if self.status in ("failed", "killed", "running") else None,
+            "package": self.package,
+            "version": self.version,
+            "new_version": self.new_version,
+            "dataset": self.dataset,
+            "evaluation_dataset": self.evaluation_dataset,
+            "env": self.env,
+            "score": o.score,
+            "start_at": self.start.isoformat(),
+            "end_at": None if o.end_at is None else datetime.fromtimestamp(o.end_at, timezone.utc).isoformat(),
+            "duration": self.duration,
+            "phases": o.phases,
+            "warnings": o.warnings,
+            "artifacts": {"files": o.artifacts, "bytes": o.artifacts_bytes, "uri": f"{self.uri}/artifacts/"},
+            "snapshots": o.snapshots,
+            "results_uri": self.results_uri,
+            "promotion": self.promotion,
+        }
+
+
+@dataclass
+class _Folder:
+    id: str
+    files: set[str] = field(default_factory=set)
+
+
+def _normalise(store: Store, ref: str) -> str:
+    """Accept an id, a ``runs/...`` key, the run's URI, or a URI/key of a file in it."""
+    ref = ref.strip()
+    for prefix in (store.uri + "/", f"{RUNS}/"):
+        if ref.startswith(prefix):
+            ref = ref[len(prefix):]
+    for suffix in ("_results.json", "outcome.json", "registration.json"):
+        ref = ref.removesuffix(suffix)
+    return ref.strip("/")
+
+
+def _folders(store: Store) -> dict[str, _Folder]:
+    """Run folders (those with outcome.json) and their top-level files, from one listing of ``runs/``."""
+    folders: dict[str, _Folder] = {}
+    for info in store.list(f"{RUNS}/"):
+        parts = info.key.split("/")
+        if len(parts) != 6 or parts[0] != RUNS:
+            continue
+        run_id = "/".join(parts[1:5])
+        folders.setdefault(run_id, _Folder(run_id)).files.add(parts[5])
+    return {k: f for k, f in folders.items() if "outcome.json" in f.files}
+
+
+def _load(store: Store, run_id: str, files: set[str] | None = None) -> RunRecord:
+    prefix = f"{RUNS}/{run_id}"
+    outcome = read(store, f"{prefix}/outcome.json", Outcome)
+    results = None
+    if files is None or "_results.json" in files:
+        try:
+            results = json.loads(store.get_bytes(f"{prefix}/_results.json"))
+        except StorageError:
+            results = None  # not written: the run failed, or the task is still finishing
+        except ValueError as exc:
+            raise StorageError(f"{store.url(prefix)}/_results.json is not valid JSON: {exc}") from exc
+    registration = None
+    if files is None or "registration.json" in files:
+        registration = read_optional(store, f"{prefix}/registration.json", Registration)
+    return RunRecord(
+        id=run_id, uri=store.url(prefix), outcome=outcome, results=results, registration=registration,
+        results_uri=store.url(f"{prefix}/_results.json") if results is not None else None,
+    )
+
+
+def list_runs(
+    store: Store,
+    *,
+    package: str | None = None,
+    status: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    on_error: Callable[[str, StorageError], None] | None = None,
+) -> list[RunRecord]:
+    """Every run in the store, newest first, optionally only one package's or one status's.
+
+    ``progress(done, total)`` is called as records are read (for a progress bar). A record
+    that cannot be read raises, unless ``on_error(run_id, error)`` is given: then it is
+    reported there and left out, so one damaged folder does not hide the whole history.
+    """
+    if status is not None and status not in STATUSES:
+        raise AICenterError(f"unknown status {status!r}: use one of {', '.join(STATUSES)}")
+    folders = list(_folders(store).values())
+    total, done = len(folders), 0
+    if progress:
+        progress(0, total)
+    def load(folder: _Folder) -> RunRecord | StorageError:
+        try:
+            return _load(store, folder.id, folder.files)
+        except StorageError as exc:
+            if on_error is None:
+                raise
+            return exc
+
+    records: list[RunRecord] = []
+    with ThreadPoolExecutor(max_workers=READ_CONCURRENCY) as pool:
+        for folder, record in zip(folders, pool.map(load, folders)):
+            done += 1
+            if progress:
+                progress(done, total)
+            if isinstance(record, StorageError):
+                assert on_error is not None
+                on_error(folder.id, record)
+            elif (package is None or record.package == package) and (status is None or record.status == status):
+                records.append(record)
+    return sorted(records, key=lambda r: (r.outcome.start_at, r.id), reverse=True)
+
+
+def find_run(store: Store, ref: str) -> RunRecord:
+    """The run ``ref`` names: its full id (or URI), or an unambiguous start, end or run of whole parts of it.
+
+    Several tries of one task match as that task's last try (``dag/run/task`` or just ``task``).
+    """
+    wanted = _normalise(store, ref)
+    if not wanted:
+        raise RunNotFoundError("an empty run id names no run; `aicenter runs list` shows the run ids (dag/run/task/try)")
+    if wanted.count("/") >= 3:  # a full id: exact, never a guess
+        if store.exists(f"{RUNS}/{wanted}/outcome.json"):
+            return _load(store, wanted)
+        raise RunNotFoundError(f"no run {ref!r} in {store.uri}: runs/{wanted}/outcome.json does not exist; "
+                               "`aicenter runs list` shows the run ids (dag/run/task/try)")
+    folders = _folders(store)
+    matches = sorted(i for i in folders if i.startswith(wanted) or i.endswith(wanted) or f"/{wanted}/" in f"/{i}/")
+    if len({m.rsplit("/", 1)[0] for m in matches}) == 1 and len(matches) > 1:
+        matches = [max(matches, key=lambda m: int(m.rsplit("/", 1)[1]) if m.rsplit("/", 1)[1].isdigit() else -1)]
+    if not matches:
+        raise RunNotFoundError(
+            f"no run {ref!r} in {store.uri}; `aicenter runs list` shows the run ids (dag/run/task/try), "
+            "and any unambiguous part of one works (e.g. the task id)"
+        )
+    if len(matches) > 1:
+        shown = ", ".join(matches[:5]) + (f" and {len(matches) - 5} more" if len(matches) > 5 else "")
+        raise RunNotFoundError(f"run {ref!r} is ambiguous: it matches {len(matches)} runs ({shown}); give more of the id")
+    return _load(store, matches[0], folders[matches[0]].files)
+
+
+def find_runs(store: Store, refs: Iterable[str]) -> list[RunRecord]:
+    return [find_run(store, ref) for ref in refs]
+
+
+# -- comparison ---------------------------------------------------------------------------
+def _fmt_time(record: RunRecord) -> str:
+    return record.start.strftime("%Y-%m-%d %H:%M:%S")
+
+
+COMPARED: tuple[tuple[str, Callable[[RunRecord], Any]], ...] = (
+    ("pipeline", lambda r: r.pipeline),
+    ("status", lambda r: r.status),
+    ("start", _fmt_time),
+    ("duration_s", lambda r: r.duration),
+    ("package", lambda r: r.package),
+    ("version", lambda r: r.version),
+    ("new_version", lambda r: r.new_version),
+    ("dataset", lambda r: r.dataset),
+    ("evaluation_dataset", lambda r: r.evaluation_dataset),
+    ("score", lambda r: r.outcome.score),
+    ("promoted", lambda r: None if r.promotion is None else r.promotion.get("promoted")),
+    ("cause", lambda r: r.cause),
+)
+
+
+def compare(records: list[RunRecord]) -> list[tuple[str, list[Any]]]:
+    """Rows of (field, one value per run): the fixed fields, then one ``env.<KEY>`` row per parameter."""
+    rows = [(name, [get(r) for r in records]) for name, get in COMPARED]
+    keys = sorted({k for r in records for k in (r.env or {})})
+    for key in keys:
+        rows.append((f"env.{key}", [None if r.env is None else r.env.get(key) for r in records]))
+    return rows

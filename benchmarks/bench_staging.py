@@ -1,0 +1,195 @@
+"""Figure 1: staging (download) and upload throughput, ours vs s5cmd, aws-cli and cp -r.
+
+    benchmarks/.venv-peers/bin/... must exist: run `bash benchmarks/setup.sh` once.
+    .venv/bin/python benchmarks/bench_staging.py [--servers rclone,moto] [--repeat 3] [--shapes small,large]
+
+For each S3 server (rclone serve s3, moto server; each in its own process on 127.0.0.1) and
+each data shape (10,000 x 4 KB; 200 x 1 MB + 1 x 200 MB), every tool downloads the same
+prefix into an empty folder and uploads the same local folder to a fresh prefix. Each tool
+is a fresh process per run (ours: benchmarks/ours.py, the runtime's download_tree /
+upload_tree). The figure is the median wall time of --repeat runs; ratios are computed
+from numbers taken in this same run. `cp -r` copies the local source folder (page cache to
+disk): the machine's own limit for writing those files. `ceiling` is no product path: GETs
+of every object with 64 in flight, bytes discarded (no disk write, no hash), the fastest
+any client can read that server on this machine; it tells the server's limit from ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+from common import (
+    drop,
+    machine,
+    make_large_files,
+    make_small_files,
+    median,
+    ours_cmd,
+    peer,
+    run_cmd,
+    same_tree,
+    save_json,
+    server_kinds,
+    servers,
+    table,
+    tree_size,
+    verdict,
+    work_dir,
+)
+
+SHAPES = {
+    "small": "10,000 x 4 KB",
+    "large": "200 x 1 MB + 1 x 200 MB",
+}
+
+
+def seed_bucket(server, src: Path, bucket: str, prefix: str) -> None:
+    """Put the dataset in the server (untimed): a plain copy for rclone, s5cmd for moto."""
+    if server.kind == "rclone":
+        shutil.copytree(src, server.root / bucket / prefix)
+    else:
+        run_cmd([peer("s5cmd"), "--endpoint-url", server.endpoint, "cp", f"{src}/*", f"s3://{bucket}/{prefix}/"], server.env())
+
+
+def clear_prefix(server, bucket: str, prefix: str) -> None:
+    if server.kind == "rclone":
+        shutil.rmtree(server.root / bucket / prefix, ignore_errors=True)
+    else:
+        run_cmd([peer("s5cmd"), "--endpoint-url", server.endpoint, "rm", f"s3://{bucket}/{prefix}/*"], server.env())
+
+
+def bench_download(server, src: Path, work: Path, bucket: str, prefix: str, repeat: int, tools: list[str]) -> dict[str, list[float]]:
+    env, ep = server.env(), server.endpoint
+    dest = work / "dest"
+    commands = {
+        "ours": lambda: ours_cmd("download", f"s3://{bucket}", prefix, str(dest)),
+        "s5cmd": lambda: [peer("s5cmd"), "--endpoint-url", ep, "cp", f"s3://{bucket}/{prefix}/*", f"{dest}/"],
+        "aws s3 sync": lambda: [peer("aws"), "--endpoint-url", ep, "s3", "sync", "--only-show-errors", f"s3://{bucket}/{prefix}", str(dest)],
+        "cp -r": lambda: ["cp", "-r", str(src), str(dest)],
+        "ceiling": lambda: ours_cmd("ceiling", f"s3://{bucket}", prefix),
+    }
+    out: dict[str, list[float]] = {}
+    for _ in range(repeat):  # interleaved, so drift (page cache, server state) hits every tool alike
+        for tool in tools:
+            drop(dest)
+            took = run_cmd(commands[tool](), env)
+            if tool != "ceiling" and not same_tree(src, dest):
+                raise RuntimeError(f"{tool} did not download the whole tree into {dest}")
+            out.setdefault(tool, []).append(took)
+            print(f"    download {tool:12s} {took:7.2f} s", flush=True)
+    drop(dest)
+    return out
+
+
+def bench_upload(server, src: Path, bucket: str, repeat: int, tools: list[str]) -> dict[str, list[float]]:
+    env, ep = server.env(), server.endpoint
+    commands = {
+        "ours": lambda p: ours_cmd("upload", str(src), f"s3://{bucket}", p),
+        "s5cmd": lambda p: [peer("s5cmd"), "--endpoint-url", ep, "cp", f"{src}/*", f"s3://{bucket}/{p}/"],
+        "aws s3 cp": lambda p: [peer("aws"), "--endpoint-url", ep, "s3", "cp", "--recursive", "--only-show-errors", str(src), f"s3://{bucket}/{p}"],
+    }
+    out: dict[str, list[float]] = {}
+    n = 0
+    for _ in range(repeat):
+        for tool in tools:
+            n += 1
+            prefix = f"up{n}"
+            took = run_cmd(commands[tool](prefix), env)
+            out.setdefault(tool, []).append(took)
+            print(f"    upload   {tool:12s} {took:7.2f} s", flush=True)
+            clear_prefix(server, bucket, prefix)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--servers", default=",".join(server_kinds("rclone")), help="rclone and/or moto (one server per run keeps it under 5 min)")
+    parser.add_argument("--shapes", default="small,large")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--aws-repeat", type=int, default=1, help="aws-cli is slow on 10,000 files: fewer runs of it")
+    parser.add_argument("--ops", default="download,upload")
+    args = parser.parse_args()
+    for tool in ("s5cmd", "aws"):
+        if peer(tool) is None:
+            raise SystemExit(f"{tool} is missing: run `bash benchmarks/setup.sh` first")
+
+    work = work_dir("staging")
+    try:
+        run_all(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_all(args: argparse.Namespace, work: Path) -> None:
+    print(f"machine: {machine()}\nwork folder: {work}", flush=True)
+    sources = {}
+    for shape in args.shapes.split(","):
+        began = time.perf_counter()
+        src = work / f"src-{shape}"
+        make_small_files(src) if shape == "small" else make_large_files(src)
+        files, size = tree_size(src)
+        sources[shape] = (src, files, size)
+        print(f"generated {shape}: {files} files, {size / 2**20:.1f} MiB in {time.perf_counter() - began:.1f} s", flush=True)
+
+    results: dict = {"machine": machine(), "repeat": args.repeat, "figures": []}
+    rows = []
+    with servers(args.servers.split(","), work) as started:
+        for server in started:
+            bucket = server.create_bucket("bench")
+            for shape, (src, files, size) in sources.items():
+                print(f"== {server.kind}: {SHAPES[shape]}", flush=True)
+                prefix = f"data-{shape}"
+                seed_bucket(server, src, bucket, prefix)
+                # untimed warm-up: rclone's first listing of a new folder costs about a second
+                run_cmd([peer("s5cmd"), "--endpoint-url", server.endpoint, "ls", f"s3://{bucket}/{prefix}/*"], server.env())
+                figures = {}
+                if "download" in args.ops:
+                    figures["download"] = bench_download(server, src, work, bucket, prefix, args.repeat, ["ours", "s5cmd", "cp -r", "ceiling"])
+                    figures["download"] |= bench_download(server, src, work, bucket, prefix, args.aws_repeat, ["aws s3 sync"])
+                if "upload" in args.ops:
+                    figures["upload"] = bench_upload(server, src, bucket, args.repeat, ["ours", "s5cmd"])
+                    figures["upload"] |= bench_upload(server, src, bucket, args.aws_repeat, ["aws s3 cp"])
+                clear_prefix(server, bucket, prefix)
+                for op, per_tool in figures.items():
+                    ours = median(per_tool["ours"])
+                    for tool, times in per_tool.items():
+                        t = median(times)
+                        rows.append([server.kind, SHAPES[shape], op, tool, f"{t:.2f}", f"{files / t:,.0f}", f"{size / 2**20 / t:,.0f}",
+                                     "-" if tool == "ours" else f"{t / ours:.2f}x"])
+                        results["figures"].append({"server": server.kind, "shape": shape, "op": op, "tool": tool, "seconds": times,
+                                                   "median": t, "files": files, "bytes": size, "ours_speedup": t / ours})
+
+    print()
+    print(table(rows, ["server", "shape", "op", "tool", "median s", "files/s", "MiB/s", "ours is N x faster"]))
+    print()
+    print(targets(results["figures"]))
+    path = save_json("staging", results)
+    print(f"\nraw results: {path}")
+
+
+def targets(figures: list[dict]) -> str:
+    """The issue's targets, checked against this run's numbers."""
+    def speedup(server: str, shape: str, op: str, tool: str) -> float | None:
+        for f in figures:
+            if (f["server"], f["shape"], f["op"], f["tool"]) == (server, shape, op, tool):
+                return f["ours_speedup"]
+        return None
+
+    lines = []
+    for server in sorted({f["server"] for f in figures}):
+        checks = [
+            ("small download >= 1.0x s5cmd", speedup(server, "small", "download", "s5cmd"), 1.0),
+            ("small download >= 5x aws s3 sync", speedup(server, "small", "download", "aws s3 sync"), 5.0),
+            ("large download >= 0.9x cp -r", speedup(server, "large", "download", "cp -r"), 0.9),
+        ]
+        for label, value, target in checks:
+            if value is not None:
+                lines.append(f"{server:7s} {label:34s} {value:6.2f}x  {verdict(value >= target)}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Fixtures for operator tests that run real Airflow: a fresh deployment on each storage backend."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airflow_aicenter.storage import Store, open_store
+from airflow_aicenter.storage.transfer import run, upload_tree
+from tests.conftest import S3Server, make_dataset
+
+
+def s3_connection_env(server: S3Server, bucket: str) -> dict[str, str]:
+    """Connections (as env vars) that point the aicenter provider at a moto bucket."""
+    return {
+        "AIRFLOW_CONN_AICENTER_DEFAULT": json.dumps(
+            {"conn_type": "aicenter", "extra": {"storage": f"s3://{bucket}/aicenter", "aws_conn_id": "aws_moto"}}
+        ),
+        "AIRFLOW_CONN_AWS_MOTO": json.dumps(
+            {"conn_type": "aws", "login": "testing", "password": "testing-secret",
+             "extra": {"endpoint_url": server.endpoint, "region_name": "us-east-1"}}
+        ),
+    }
+
+
+def file_connection_env(uri: str) -> dict[str, str]:
+    return {"AIRFLOW_CONN_AICENTER_DEFAULT": json.dumps({"conn_type": "aicenter", "extra": {"storage": uri}})}
+
+
+class Deployment:
+    """A fresh storage root, the env that points Airflow at it, and the churn dataset's URI on the same backend.
+
+    Unpacks as ``store, env, dataset``; :meth:`add_dataset` puts more data folders next to it.
+    """
+
+    def __init__(self, backend: str, store: Store, env: dict[str, str], dataset: str, datasets: Store | None) -> None:
+        self.backend, self.store, self.env, self.dataset, self._datasets = backend, store, env, dataset, datasets
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.store, self.env, self.dataset))
+
+    def add_dataset(self, name: str, folder: Path) -> str:
+        """The URI of ``folder`` as a dataset on this backend (uploaded for S3)."""
+        if self._datasets is None:
+            return folder.as_uri()
+        run(upload_tree(folder, self._datasets, name))
+        return self._datasets.url(name) + "/"
+
+
+@pytest.fixture(params=["file", "s3"])
+def deployment(request: pytest.FixtureRequest, airflow_env: Any, tmp_path: Path) -> Deployment:
+    """A fresh deployment on each backend (file store; moto S3 through an aws connection)."""
+    data = make_dataset(tmp_path / "dataset", rows=300)
+    folder = data.parent if data.is_file() else data
+    if request.param == "file":
+        uri = (tmp_path / "aicenter").as_uri()
+        return Deployment("file", open_store(uri), file_connection_env(uri), folder.as_uri(), None)
+    server: S3Server = request.getfixturevalue("s3_server")
+    bucket = server.create_bucket()
+    store = open_store(f"s3://{bucket}/aicenter", server.options)
+    datasets = open_store(f"s3://{bucket}/datasets", server.options)
+    deployment = Deployment("s3", store, s3_connection_env(server, bucket), "", datasets)
+    deployment.dataset = deployment.add_dataset("churn", folder)
+    return deployment

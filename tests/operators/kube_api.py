@@ -1,0 +1,822 @@
+"""A small Kubernetes API server for tests: real HTTP on 127.0.0.1, pods run as local processes.
+
+A real cluster cannot run on these machines, so this implements the part of the core/v1 API
+that KubernetesPodOperator (sync client) and its trigger (kubernetes_asyncio) call: create,
+read, list (labelSelector), patch and delete pods, pod logs (``follow=true`` streams), events
+(list and ``watch=true``), plus ``/version``. A created pod is validated against the
+Kubernetes OpenAPI schema (kubernetes-validate), then its containers run as local processes:
+
+- env from ``value``, ``secretKeyRef`` / ``envFrom.secretRef`` (secrets the test registers),
+  ``fieldRef`` (metadata.name/namespace); nothing leaks in from the test process's env;
+- volumes: ``emptyDir`` -> a temp folder, ``persistentVolumeClaim`` -> the folder the test
+  registered for the claim (+ ``subPath``); mount paths in env values and arguments are
+  rewritten to those folders, ``/tmp`` becomes ``TMPDIR``;
+- ``python`` runs the interpreter given to the server (the airflow-free runtime venv);
+- the termination message file becomes ``AICENTER_TERMINATION_LOG`` and is reported in
+  ``status.containerStatuses[].state.terminated.message`` (``FallbackToLogsOnError`` honoured);
+- phases go Pending -> Running -> Succeeded/Failed; delete sends SIGTERM, then SIGKILL after
+  the grace period, like the kubelet.
+
+Fixtures for tests that use it are at the end of the module: import them into a test module.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib.metadata import version as dist_version
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+KUBE_VERSION = "1.34"
+#: Cap on a deleted pod's grace period, so a test never waits 30 s for a stubborn process.
+MAX_GRACE = 10.0
+#: How long a ``watch=true`` request is held open at most.
+MAX_WATCH = 5.0
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def rfc3339(moment: datetime, *, nano: bool = False) -> str:
+    if nano:
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.%f") + "000Z"
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class ApiError(Exception):
+    def __init__(self, code: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.reason, self.message = code, reason, message
+
+    def body(self) -> dict[str, Any]:
+        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": self.message, "reason": self.reason, "code": self.code}
+
+
+# -- selectors --------------------------------------------------------------------------
+def label_selector_matches(selector: str | None, labels: dict[str, str]) -> bool:
+    """``a=b``, ``a==b``, ``a!=b``, ``a``, ``!a``, ``a in (x,y)``, ``a notin (x,y)``."""
+    if not selector:
+        return True
+    for term in re.split(r",(?![^()]*\))", selector):
+        term = term.strip()
+        if not term:
+            continue
+        if m := re.fullmatch(r"([\w./-]+)\s+(in|notin)\s+\(([^)]*)\)", term):
+            key, op, values = m.group(1), m.group(2), {v.strip() for v in m.group(3).split(",")}
+            ok = labels.get(key) in values if op == "in" else labels.get(key) not in values
+        elif "!=" in term:
+            key, value = term.split("!=", 1)
+            ok = labels.get(key.strip()) != value.strip()
+        elif "=" in term:
+            key, value = re.split(r"==?", term, maxsplit=1)
+            ok = labels.get(key.strip()) == value.strip()
+        elif term.startswith("!"):
+            ok = term[1:] not in labels
+        else:
+            ok = term in labels
+        if not ok:
+            return False
+    return True
+
+
+def field_selector_matches(selector: str | None, obj: dict[str, Any]) -> bool:
+    if not selector:
+        return True
+    for term in selector.split(","):
+        path, _, value = term.partition("=")
+        current: Any = obj
+        for part in path.strip().split("."):
+            current = current.get(part) if isinstance(current, dict) else None
+        if str(current) != value.strip():
+            return False
+    return True
+
+
+def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            merge_patch(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+    return target
+
+
+# -- pods -------------------------------------------------------------------------------
+@dataclass
+class Container:
+    name: str
+    spec: dict[str, Any]
+    process: subprocess.Popen[bytes] | None = None
+    started: datetime | None = None
+    finished: datetime | None = None
+    exit_code: int | None = None
+    waiting: tuple[str, str] | None = ("ContainerCreating", "")
+    termination_file: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)  # resolved (for test assertions only)
+    argv: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Pod:
+    obj: dict[str, Any]
+    folder: Path
+    containers: list[Container]
+    log: list[tuple[datetime, str, str]] = field(default_factory=list)  # (time, container, line)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    deleting: bool = False
+    gone: bool = False
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.obj["metadata"]["namespace"], self.obj["metadata"]["name"]
+
+    @property
+    def terminal(self) -> bool:
+        return self.obj.get("status", {}).get("phase") in ("Succeeded", "Failed")
+
+
+class FakeKubernetes:
+    """The server and the pods it runs. See the module docstring."""
+
+    def __init__(self, root: Path, *, python: str = sys.executable) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.python = python
+        self.pods: dict[tuple[str, str], Pod] = {}
+        self.deleted: list[Pod] = []
+        self.created: list[dict[str, Any]] = []  # every pod manifest received, as sent
+        self.requests: list[tuple[str, str]] = []  # (method, path?query)
+        self.secrets: dict[tuple[str, str], dict[str, str]] = {}
+        self.claims: dict[tuple[str, str], Path] = {}
+        self.unpullable: set[str] = set()
+        self.start_delay = 0.0  # seconds a pod stays Pending before its containers start
+        #: Called with the labelSelector before a pod list is answered (a test can seed pods then).
+        self.on_list_pods: Callable[[str | None], None] | None = None
+        self.cond = threading.Condition()
+        self._rv = itertools.count(1000)
+        self._server: ThreadingHTTPServer | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> FakeKubernetes:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        server.daemon_threads = True
+        self._server = server
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-kube-api", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        for pod in list(self.pods.values()):
+            for container in pod.containers:
+                _kill(container, signal.SIGKILL)
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def kubeconfig(self, namespace: str = "default") -> Path:
+        path = self.root / "kubeconfig.json"
+        path.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+            "users": [{"name": "fake", "user": {"token": "fake-token"}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": namespace}}],
+        }))
+        return path
+
+    def connection_env(self, namespace: str = "default") -> dict[str, str]:
+        """``kubernetes_default`` pointing at this server (sync client and trigger alike)."""
+        extra = {"kube_config_path": str(self.kubeconfig(namespace)), "namespace": namespace}
+        return {"AIRFLOW_CONN_KUBERNETES_DEFAULT": json.dumps({"conn_type": "kubernetes", "extra": extra})}
+
+    # -- test set-up and inspection -----------------------------------------------------
+    def add_secret(self, name: str, data: dict[str, str], namespace: str = "default") -> None:
+        self.secrets[(namespace, name)] = dict(data)
+
+    def add_claim(self, name: str, folder: Path, namespace: str = "default") -> None:
+        self.claims[(namespace, name)] = folder
+
+    def all_pods(self) -> list[Pod]:
+        with self.cond:
+            return [*self.deleted, *self.pods.values()]
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not predicate():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out waiting for {what}")
+                self.cond.wait(min(left, 0.2))
+
+    def everything_sent(self) -> str:
+        """Every manifest and patch the clients sent, as text (for secret-leak assertions)."""
+        return json.dumps(self.created)
+
+    # -- API operations (called by the handler, under no lock) -----------------------------
+    def create_pod(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        import kubernetes_validate
+
+        self.created.append(copy.deepcopy(body))
+        try:
+            kubernetes_validate.validate(body, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            raise ApiError(422, "Invalid", f"Pod is invalid: {str(exc).splitlines()[0]}") from None
+        meta = body.setdefault("metadata", {})
+        meta.setdefault("namespace", namespace)
+        if not meta.get("name"):
+            raise ApiError(422, "Invalid", "Pod is invalid: metadata.name: Required value")
+        key = (meta["namespace"], meta["name"])
+        with self.cond:
+            if key in self.pods:
+                raise ApiError(409, "AlreadyExists", f'pods "{meta["name"]}" already exists')
+            meta.update(uid=str(uuid.uuid4()), creationTimestamp=rfc3339(now()), resourceVersion=str(next(self._rv)))
+            meta.setdefault("labels", {})
+            spec = body["spec"]
+            folder = self.root / "pods" / f"{meta['name']}-{meta['uid'][:8]}"
+            folder.mkdir(parents=True)
+            containers = [Container(name=c["name"], spec=c) for c in spec.get("containers", [])]
+            body["status"] = {
+                "phase": "Pending", "qosClass": "Burstable",
+                "conditions": [{"type": "PodScheduled", "status": "True", "lastTransitionTime": rfc3339(now())}],
+            }
+            pod = Pod(obj=body, folder=folder, containers=containers)
+            self._event(pod, "Scheduled", f"Successfully assigned {key[0]}/{key[1]} to fake-node")
+            self.pods[key] = pod
+            self._update_status(pod)
+            self.cond.notify_all()
+        threading.Thread(target=self._run_pod, args=(pod,), name=f"pod-{meta['name']}", daemon=True).start()
+        return copy.deepcopy(body)
+
+    def get_pod(self, namespace: str, name: str) -> Pod:
+        pod = self.pods.get((namespace, name))
+        if pod is None:
+            raise ApiError(404, "NotFound", f'pods "{name}" not found')
+        return pod
+
+    def delete_pod(self, namespace: str, name: str, grace: float | None) -> dict[str, Any]:
+        with self.cond:
+            pod = self.get_pod(namespace, name)
+            if not pod.deleting:
+                pod.deleting = True
+                pod.obj["metadata"]["deletionTimestamp"] = rfc3339(now())
+                pod.obj["metadata"]["resourceVersion"] = str(next(self._rv))
+                period = grace if grace is not None else pod.obj["spec"].get("terminationGracePeriodSeconds", 30)
+                threading.Thread(target=self._terminate, args=(pod, min(float(period), MAX_GRACE)), daemon=True).start()
+            return copy.deepcopy(pod.obj)
+
+    def patch_pod(self, namespace: str, name: str, patch: Any) -> dict[str, Any]:
+        with self.cond:
+            pod = self.get_pod(namespace, name)
+            if not isinstance(patch, dict):
+                raise ApiError(415, "UnsupportedMediaType", "only merge patches are supported by the test server")
+            self.created.append({"patch": copy.deepcopy(patch)})
+            merge_patch(pod.obj, {k: v for k, v in patch.items() if k in ("metadata",)})
+            pod.obj["metadata"]["resourceVersion"] = str(next(self._rv))
+            self.cond.notify_all()
+            return copy.deepcopy(pod.obj)
+
+    # -- running a pod -----------------------------------------------------------------
+    def _run_pod(self, pod: Pod) -> None:
+        if self.start_delay:
+            time.sleep(self.start_delay)
+        try:
+            for container in pod.containers:
+                self._prepare(pod, container)
+        except ApiError as exc:  # a missing secret/claim or image: the pod stays Pending, like the kubelet
+            with self.cond:
+                for container in pod.containers:
+                    container.waiting = (exc.reason, exc.message)
+                self._event(pod, exc.reason, exc.message, kind="Warning")
+                self._update_status(pod)
+            return
+        with self.cond:
+            if pod.deleting:
+                return
+            for container in pod.containers:
+                self._start(pod, container)
+            self._update_status(pod)
+            self.cond.notify_all()
+        readers = [threading.Thread(target=self._read_output, args=(pod, c), daemon=True) for c in pod.containers if c.process]
+        for reader in readers:
+            reader.start()
+        for container, reader in zip([c for c in pod.containers if c.process], readers, strict=True):
+            assert container.process is not None
+            code = container.process.wait()
+            reader.join()
+            with self.cond:
+                container.exit_code = 128 - code if code < 0 else code
+                container.finished = now()
+                self._update_status(pod)
+                self.cond.notify_all()
+
+    def _prepare(self, pod: Pod, container: Container) -> None:
+        namespace = pod.key[0]
+        spec = container.spec
+        image = spec.get("image", "")
+        if image in self.unpullable:
+            raise ApiError(0, "ErrImagePull", f'failed to pull and unpack image "{image}": not found')
+        mounts: dict[str, Path] = {}
+        volumes = {v["name"]: v for v in pod.obj["spec"].get("volumes", []) or []}
+        for mount in spec.get("volumeMounts", []) or []:
+            volume = volumes.get(mount["name"])
+            if volume is None:
+                raise ApiError(0, "CreateContainerConfigError", f'volume "{mount["name"]}" not found')
+            if "emptyDir" in volume:
+                host = pod.folder / "volumes" / mount["name"]
+            elif "persistentVolumeClaim" in volume:
+                claim = volume["persistentVolumeClaim"]["claimName"]
+                if (namespace, claim) not in self.claims:
+                    raise ApiError(0, "FailedMount", f'persistentvolumeclaim "{claim}" not found')
+                host = self.claims[(namespace, claim)]
+            elif "secret" in volume:
+                host = pod.folder / "volumes" / mount["name"]
+                host.mkdir(parents=True, exist_ok=True)
+                for key, value in self.secrets.get((namespace, volume["secret"]["secretName"]), {}).items():
+                    (host / key).write_text(value)
+            else:
+                host = pod.folder / "volumes" / mount["name"]
+            if mount.get("subPath"):
+                host = host / mount["subPath"]
+            host.mkdir(parents=True, exist_ok=True)
+            mounts[mount["mountPath"]] = host
+
+        def rewrite(value: str) -> str:
+            for path in sorted(mounts, key=len, reverse=True):
+                if path == "/tmp":
+                    continue
+                value = re.sub(rf"(?<![\w/.-]){re.escape(path)}(?=/|\"|$)", str(mounts[path]).replace("\\", "\\\\"), value)
+            return value
+
+        container.termination_file = pod.folder / f"termination-{container.name}"
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOSTNAME": pod.key[1],
+               "HOME": str(pod.folder / "home"),
+               # The kubelet mounts the file at terminationMessagePath; a process here cannot write
+               # /dev/termination-log, so the runtime is told where the file is instead.
+               "AICENTER_TERMINATION_LOG": str(container.termination_file)}
+        if "/tmp" in mounts:
+            env["TMPDIR"] = str(mounts["/tmp"])
+        for source in spec.get("envFrom", []) or []:
+            if "secretRef" in source:
+                ref = source["secretRef"]
+                data = self.secrets.get((namespace, ref["name"]))
+                if data is None and not ref.get("optional"):
+                    raise ApiError(0, "CreateContainerConfigError", f'secret "{ref["name"]}" not found')
+                env.update({f"{source.get('prefix', '')}{k}": v for k, v in (data or {}).items()})
+        for var in spec.get("env", []) or []:
+            if "valueFrom" not in var:
+                env[var["name"]] = rewrite(var.get("value", ""))
+                continue
+            source = var["valueFrom"]
+            if "secretKeyRef" in source:
+                ref = source["secretKeyRef"]
+                data = self.secrets.get((namespace, ref["name"]))
+                if data is None or ref["key"] not in data:
+                    if ref.get("optional"):
+                        continue
+                    what = f'secret "{ref["name"]}" not found' if data is None else f'couldn\'t find key {ref["key"]} in Secret {namespace}/{ref["name"]}'
+                    raise ApiError(0, "CreateContainerConfigError", what)
+                env[var["name"]] = data[ref["key"]]
+            elif "fieldRef" in source:
+                path = source["fieldRef"]["fieldPath"]
+                env[var["name"]] = {"metadata.name": pod.key[1], "metadata.namespace": namespace}.get(path, "")
+            else:
+                raise ApiError(0, "CreateContainerConfigError", f"unsupported env source for {var['name']}: {sorted(source)}")
+        argv = [*(spec.get("command") or []), *(spec.get("args") or [])]
+        if not argv:
+            raise ApiError(0, "CreateContainerError", f"image {image!r} has no entrypoint in the test server; set command")
+        if argv[0] in ("python", "python3"):
+            argv[0] = self.python
+        container.argv = [rewrite(a) for a in argv]
+        container.env = env
+        (pod.folder / "home").mkdir(exist_ok=True)
+        (pod.folder / "cwd").mkdir(exist_ok=True)
+
+    def _start(self, pod: Pod, container: Container) -> None:
+        container.process = subprocess.Popen(
+            container.argv, env=container.env, cwd=pod.folder / "cwd", stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        container.started, container.waiting = now(), None
+        for reason, message in (("Pulled", f'Container image "{container.spec.get("image")}" already present on machine'),
+                                ("Created", f"Created container {container.name}"),
+                                ("Started", f"Started container {container.name}")):
+            self._event(pod, reason, message, container=container.name)
+
+    def _read_output(self, pod: Pod, container: Container) -> None:
+        assert container.process is not None and container.process.stdout is not None
+        for raw in container.process.stdout:
+            with self.cond:
+                pod.log.append((now(), container.name, raw.decode(errors="replace").rstrip("\n")))
+                self.cond.notify_all()
+
+    def _terminate(self, pod: Pod, grace: float) -> None:
+        running = [c for c in pod.containers if c.process is not None and c.exit_code is None]
+        with self.cond:
+            self._event(pod, "Killing", "Stopping container " + ", ".join(c.name for c in running))
+        for container in running:
+            _kill(container, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for container in running:
+            assert container.process is not None
+            try:
+                container.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _kill(container, signal.SIGKILL)
+        with self.cond:
+            self.wait_for(lambda: all(c.exit_code is not None for c in running), timeout=30, what="containers to stop")
+            pod.gone = True
+            self.pods.pop(pod.key, None)
+            self.deleted.append(pod)
+            self.cond.notify_all()
+
+    # -- status ------------------------------------------------------------------------
+    def _event(self, pod: Pod, reason: str, message: str, *, kind: str = "Normal", container: str | None = None) -> None:
+        meta = pod.obj["metadata"]
+        moment = rfc3339(now())
+        pod.events.append({
+            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:12]}", "namespace": meta["namespace"],
+                         "uid": str(uuid.uuid4()), "resourceVersion": str(next(self._rv)), "creationTimestamp": moment},
+            "involvedObject": {"kind": "Pod", "name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid"),
+                               **({"fieldPath": f"spec.containers{{{container}}}"} if container else {})},
+            "reason": reason, "message": message, "type": kind, "count": 1,
+            "firstTimestamp": moment, "lastTimestamp": moment, "source": {"component": "kubelet", "host": "fake-node"},
+        })
+
+    def _update_status(self, pod: Pod) -> None:
+        statuses = []
+        for c in pod.containers:
+            if c.exit_code is not None:
+                message = c.termination_file.read_text()[:4096] if c.termination_file and c.termination_file.exists() else ""
+                if not message and c.exit_code != 0 and c.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+                    message = "\n".join(line for _, name, line in pod.log if name == c.name)[-2048:]
+                state = {"terminated": {"exitCode": c.exit_code, "reason": "Completed" if c.exit_code == 0 else "Error",
+                                        "message": message or None, "startedAt": rfc3339(c.started or now()),
+                                        "finishedAt": rfc3339(c.finished or now()), "containerID": f"fake://{c.name}"}}
+            elif c.process is not None:
+                state = {"running": {"startedAt": rfc3339(c.started or now())}}
+            else:
+                reason, message = c.waiting or ("ContainerCreating", "")
+                state = {"waiting": {"reason": reason, **({"message": message} if message else {})}}
+            statuses.append({"name": c.name, "image": c.spec.get("image", ""), "imageID": f"fake://{c.spec.get('image', '')}",
+                             "ready": "running" in state, "started": "running" in state, "restartCount": 0, "state": state})
+        codes = [c.exit_code for c in pod.containers]
+        if codes and all(code is not None for code in codes):
+            phase = "Succeeded" if all(code == 0 for code in codes) else "Failed"
+        elif any(c.process is not None for c in pod.containers):
+            phase = "Running"
+        else:
+            phase = "Pending"
+        status = pod.obj["status"]
+        status.update(phase=phase, containerStatuses=statuses, hostIP="127.0.0.1", podIP="127.0.0.1")
+        if phase != "Pending":
+            status.setdefault("startTime", rfc3339(now()))
+            ready = "True" if phase == "Running" else "False"
+            status["conditions"] = [
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": status["conditions"][0]["lastTransitionTime"]},
+                {"type": "Initialized", "status": "True", "lastTransitionTime": rfc3339(now())},
+                {"type": "ContainersReady", "status": ready, "lastTransitionTime": rfc3339(now())},
+                {"type": "Ready", "status": ready, "lastTransitionTime": rfc3339(now())},
+            ]
+        pod.obj["metadata"]["resourceVersion"] = str(next(self._rv))
+
+
+def _flag(value: str | None) -> bool:
+    """Query booleans: the sync client sends ``True``, the async one ``true``."""
+    return (value or "").lower() in ("true", "1")
+
+
+def _kill(container: Container, sig: int) -> None:
+    if container.process is not None and container.process.poll() is None:
+        try:
+            os.killpg(container.process.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+# -- HTTP ---------------------------------------------------------------------------------
+_POD = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)(/log|/status)?$")
+_PODS = re.compile(r"^/api/v1/(?:namespaces/([^/]+)/)?pods$")
+_EVENTS = re.compile(r"^/api/v1/(?:namespaces/([^/]+)/)?events$")
+
+
+def _handler(kube: FakeKubernetes) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
+            pass
+
+        def _query(self) -> dict[str, str]:
+            return {k: v[-1] for k, v in parse_qs(urlparse(self.path).query).items()}
+
+        def _body(self) -> Any:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            return json.loads(raw) if raw else None
+
+        def _send(self, code: int, payload: Any) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _stream_start(self, content_type: str) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+
+        def _dispatch(self, method: str) -> None:
+            kube.requests.append((method, self.path))
+            path = urlparse(self.path).path
+            try:
+                body = self._body() if method in ("POST", "PATCH", "DELETE", "PUT") else None
+                if path == "/version":
+                    return self._send(200, {"major": "1", "minor": KUBE_VERSION.split(".")[1], "gitVersion": f"v{KUBE_VERSION}.0-fake",
+                                            "platform": "linux/amd64"})
+                if m := _PODS.match(path):
+                    if method == "POST" and m.group(1):
+                        return self._send(201, kube.create_pod(m.group(1), body or {}))
+                    if method == "GET":
+                        return self._list_pods(m.group(1))
+                if m := _POD.match(path):
+                    namespace, name, sub = m.groups()
+                    if sub == "/log" and method == "GET":
+                        return self._log(namespace, name)
+                    if method == "GET":
+                        with kube.cond:
+                            return self._send(200, copy.deepcopy(kube.get_pod(namespace, name).obj))
+                    if method == "DELETE" and not sub:
+                        grace = (body or {}).get("gracePeriodSeconds", self._query().get("gracePeriodSeconds"))
+                        return self._send(200, kube.delete_pod(namespace, name, None if grace is None else float(grace)))
+                    if method == "PATCH" and not sub:
+                        return self._send(200, kube.patch_pod(namespace, name, body))
+                if (m := _EVENTS.match(path)) and method == "GET":
+                    return self._events(m.group(1))
+                raise ApiError(404, "NotFound", f"the server could not find the requested resource ({method} {path})")
+            except ApiError as exc:
+                self._send(exc.code, exc.body())
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            except Exception as exc:  # noqa: BLE001 - a bug in the test server: say so to the client
+                self._send(500, ApiError(500, "InternalError", f"test server error: {exc!r}").body())
+
+        def do_GET(self) -> None:  # noqa: N802
+            self._dispatch("GET")
+
+        def do_POST(self) -> None:  # noqa: N802
+            self._dispatch("POST")
+
+        def do_PATCH(self) -> None:  # noqa: N802
+            self._dispatch("PATCH")
+
+        def do_DELETE(self) -> None:  # noqa: N802
+            self._dispatch("DELETE")
+
+        def _list_pods(self, namespace: str | None) -> None:
+            query = self._query()
+            if kube.on_list_pods is not None:
+                kube.on_list_pods(query.get("labelSelector"))
+            with kube.cond:
+                items = [copy.deepcopy(p.obj) for p in kube.pods.values()
+                         if (namespace is None or p.key[0] == namespace)
+                         and label_selector_matches(query.get("labelSelector"), p.obj["metadata"].get("labels") or {})
+                         and field_selector_matches(query.get("fieldSelector"), p.obj)]
+                rv = str(next(kube._rv))
+            self._send(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": rv}, "items": items})
+
+        def _matching_events(self, namespace: str | None, selector: str | None) -> list[dict[str, Any]]:
+            return [e for p in [*kube.deleted, *kube.pods.values()] for e in p.events
+                    if (namespace is None or p.key[0] == namespace) and field_selector_matches(selector, e)]
+
+        def _events(self, namespace: str | None) -> None:
+            query = self._query()
+            selector = query.get("fieldSelector")
+            if not _flag(query.get("watch")):
+                with kube.cond:
+                    items = copy.deepcopy(self._matching_events(namespace, selector))
+                    rv = str(next(kube._rv))
+                return self._send(200, {"kind": "EventList", "apiVersion": "v1", "metadata": {"resourceVersion": rv}, "items": items})
+            self._stream_start("application/json")
+            since = int(query.get("resourceVersion") or 0)
+            hold = min(float(query.get("timeoutSeconds") or MAX_WATCH), MAX_WATCH)
+            deadline = time.monotonic() + hold
+            sent: set[str] = set()
+            while True:
+                with kube.cond:
+                    fresh = [e for e in self._matching_events(namespace, selector)
+                             if e["metadata"]["uid"] not in sent and int(e["metadata"]["resourceVersion"]) > since]
+                    done = time.monotonic() >= deadline
+                    if not fresh and not done:
+                        kube.cond.wait(0.2)
+                for event in fresh:
+                    sent.add(event["metadata"]["uid"])
+                    self.wfile.write(json.dumps({"type": "ADDED", "object": event}).encode() + b"\n")
+                    self.wfile.flush()
+                if done:
+                    return
+
+        def _log(self, namespace: str, name: str) -> None:
+            query = self._query()
+            follow = _flag(query.get("follow"))
+            stamps = _flag(query.get("timestamps"))
+            since = query.get("sinceSeconds")
+            tail = query.get("tailLines")
+            with kube.cond:
+                pod = kube.get_pod(namespace, name)
+                container = query.get("container") or pod.containers[0].name
+                target = next((c for c in pod.containers if c.name == container), None)
+                if target is None:
+                    raise ApiError(400, "BadRequest", f"container {container} is not valid for pod {name}")
+                if follow:
+                    kube.wait_for(lambda: target.process is not None or pod.gone or target.waiting != ("ContainerCreating", ""),
+                                  timeout=60, what="container start")
+            cutoff = now() - timedelta(seconds=int(since)) if since else None
+
+            def lines(start: int) -> tuple[list[str], int]:
+                picked = [(t, line) for t, c, line in pod.log[start:] if c == container and (cutoff is None or t >= cutoff)]
+                return [f"{rfc3339(t, nano=True)} {line}" if stamps else line for t, line in picked], len(pod.log)
+
+            with kube.cond:
+                out, seen = lines(0)
+            if tail:
+                out = out[-int(tail):]
+            if not follow:
+                data = "".join(f"{line}\n" for line in out).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return
+            self._stream_start("text/plain")
+            while True:
+                for line in out:
+                    self.wfile.write(f"{line}\n".encode())
+                self.wfile.flush()
+                with kube.cond:
+                    finished = target.exit_code is not None or pod.gone or (target.process is None and target.waiting is not None
+                                                                            and target.waiting[0] != "ContainerCreating")
+                    if len(pod.log) == seen and not finished:
+                        kube.cond.wait(0.5)
+                    out, seen = lines(seen)
+                    if finished and not out:
+                        return
+
+    return Handler
+
+
+# -- an Airflow-free interpreter like the runtime image -------------------------------------
+def image_sources() -> list[str]:
+    """The airflow_aicenter paths docker/Dockerfile copies into the image."""
+    sources: list[str] = []
+    for line in (REPO / "docker" / "Dockerfile").read_text().splitlines():
+        parts = line.split()
+        if parts[:1] == ["COPY"] and any(p.startswith("airflow_aicenter") for p in parts[1:-1]):
+            sources += [p for p in parts[1:-1] if not p.startswith("--")]
+    return sources
+
+
+def build_runtime_python(dest: Path) -> Path:
+    """A venv with only docker/requirements.txt (same versions as here) and the image's modules."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(dest)], check=True)
+    python = dest / "bin" / "python"
+    constraints = dest / "constraints.txt"
+    constraints.write_text("".join(f"{name}=={dist_version(name)}\n" for name in ("obstore", "pydantic", "pydantic-core", "pip")))
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--disable-pip-version-check",
+         "-r", str(REPO / "docker" / "requirements.txt"), "pip", "-c", str(constraints)],
+        capture_output=True, text=True, timeout=240, check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"could not build the runtime venv: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+    image_root = dest / "image"
+    for source in image_sources():
+        src = REPO / source
+        target = image_root / source
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, target)
+    site = next((dest / "lib").glob("python3*/site-packages"))
+    (site / "aicenter-image.pth").write_text(f"{image_root}\n")  # like PYTHONPATH=/opt/aicenter in the image
+    return python
+
+
+# -- fixtures -------------------------------------------------------------------------------
+_runtime_python: dict[Path, Path] = {}
+
+
+@pytest.fixture(scope="session")
+def runtime_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The runtime image's Python, minus Docker: no Airflow, no kubernetes client.
+
+    Built once per session even though each test module imports this fixture (and so gets
+    its own session-scoped copy of it).
+    """
+    base = tmp_path_factory.getbasetemp()
+    if base not in _runtime_python:
+        _runtime_python[base] = build_runtime_python(tmp_path_factory.mktemp("runtime-venv") / "venv")
+    return _runtime_python[base]
+
+
+@pytest.fixture
+def kube_api(tmp_path_factory: pytest.TempPathFactory, runtime_python: Path) -> Iterator[FakeKubernetes]:
+    kube = FakeKubernetes(tmp_path_factory.mktemp("kube"), python=str(runtime_python)).start()
+    yield kube
+    kube.stop()
+
+
+# -- running the operator in-process (no scheduler, no task runner) ------------------------
+@dataclass
+class FakeTI:
+    """What KubernetesPodOperator and BasePipelineOperator read from ``context["ti"]``."""
+
+    dag_id: str
+    run_id: str
+    task_id: str
+    try_number: int = 1
+    map_index: int = -1
+    start_date: datetime = field(default_factory=now)
+    xcom: dict[str, Any] = field(default_factory=dict)
+
+    def xcom_push(self, key: str, value: Any) -> None:
+        self.xcom[key] = value
+
+
+class _Events(dict):
+    """``context["outlet_events"][alias].add(asset, extra=...)``, recorded."""
+
+    def __missing__(self, key: Any) -> Any:
+        added: list[tuple[Any, dict[str, Any]]] = []
+
+        class Accessor:
+            def add(self, asset: Any, extra: dict[str, Any] | None = None) -> None:
+                added.append((asset, extra or {}))
+
+        accessor = Accessor()
+        accessor.added = added  # type: ignore[attr-defined]
+        self[key] = accessor
+        return accessor
+
+
+def make_context(dag_id: str = "aicenter_k8s", task_id: str = "train", *, run_id: str = "manual__2026-03-01T00:00:00+00:00",
+                 try_number: int = 1) -> dict[str, Any]:
+    ti = FakeTI(dag_id=dag_id, run_id=run_id, task_id=task_id, try_number=try_number)
+
+    class Dag:
+        pass
+
+    dag = Dag()
+    dag.dag_id = dag_id  # type: ignore[attr-defined]
+    return {"ti": ti, "run_id": run_id, "dag": dag, "outlet_events": _Events(), "task_instance": ti}
+
+
+def seed_pod(op: Any, registry: Any, context: dict[str, Any], *, command: list[str] | None = None,
+             env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The manifest the operator would have created for ``context`` (an earlier attempt's pod)."""
+    from kubernetes.client import ApiClient
+
+    from airflow_aicenter.hooks.aicenter import AICenterHook
+    from airflow_aicenter.operators.kubernetes import PodRun
+
+    hook = AICenterHook()
+    run = op.run_ref(context, registry.store)
+    parent = registry.resolve(op.package, str(op.version))
+    spec = op.build_spec(hook, parent, run).model_copy(update={"install_requirements": True})
+    spec.env.update(env or {})
+    op._pod_run = PodRun(spec=spec, run=run)
+    if command:
+        op.cmds = command
+    return ApiClient().sanitize_for_serialization(op.build_pod_request_obj(context))

@@ -1,0 +1,186 @@
+"""Full and Evaluate pipelines end to end: `airflow dags test`, real child processes, both stores.
+
+The package records the calls it gets and the env it sees, so the call order and folders are
+observed from inside user code, as AI Center packages would see them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pytest
+
+from airflow_aicenter.records import Manifest, Outcome, read
+from airflow_aicenter.registry import Registry
+from airflow_aicenter.storage import Store, open_store
+from tests.aicenter_helpers import RECORDING_TRAIN, SCORED_TRAIN, small_dataset, task_states, upload_package, xcoms
+from tests.conftest import write_files
+from tests.operators.conftest import file_connection_env
+
+pytestmark = pytest.mark.airflow
+
+FULL_EVALUATE_DAG = '''
+from datetime import datetime
+from airflow.sdk import DAG
+from airflow_aicenter.operators import EvaluatePipelineOperator, FullPipelineOperator
+
+with DAG("aicenter_test_full_evaluate", schedule=None, start_date=datetime(2026, 1, 1),
+         params={"dataset": "", "evaluation_dataset": ""}):
+    full = FullPipelineOperator(
+        task_id="full", package="rec", version="1.0", dataset="{{ params.dataset }}",
+        evaluation_dataset="{{ params.evaluation_dataset }}", env={"EPOCHS": "3", "API_TOKEN": "tok-3e1f"},
+        save_training_data=True, save_test_data=True,
+    )
+    evaluate = EvaluatePipelineOperator(
+        task_id="evaluate", package="rec", version="{{ ti.xcom_pull(task_ids='full')['version'] }}",
+        evaluation_dataset="{{ params.evaluation_dataset }}", save_test_data=True,
+    )
+    full >> evaluate
+'''
+
+RESULT_KEYS = {"package", "version", "package_uri", "results_uri", "artifacts_uri", "snapshot_uri", "score", "run_uri"}
+
+
+def key(store: Store, uri: str) -> str:
+    """The store key of a URI the product reported."""
+    assert uri.startswith(store.uri + "/"), (uri, store.uri)
+    return uri.removeprefix(store.uri + "/")
+
+
+def calls(store: Store, prefix: str) -> list[dict]:
+    return [json.loads(line) for line in store.get_bytes(f"{prefix}/artifacts/calls.jsonl").decode().splitlines()]
+
+
+def fetch_link(url: str) -> bytes:
+    """The object an extra link points at: the file, or (signed GET) the object at the S3 endpoint URL."""
+    if url.startswith("file://"):
+        return Path(unquote(urlparse(url).path)).read_bytes()
+    import boto3
+
+    parsed = urlparse(url)
+    bucket, _, key_ = unquote(parsed.path).lstrip("/").partition("/")
+    client = boto3.client("s3", endpoint_url=f"{parsed.scheme}://{parsed.netloc}", region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing-secret")
+    return client.get_object(Bucket=bucket, Key=key_)["Body"].read()
+
+
+def test_full_then_evaluate_end_to_end(deployment, airflow_env, tmp_path):
+    store = deployment.store
+    registry = Registry(store)
+    upload_package(registry, tmp_path, "rec", RECORDING_TRAIN)
+    holdout = deployment.add_dataset("holdout", write_files(tmp_path / "holdout", {"e.csv": "x\n9\n", "more/f.csv": "x\n8\n"}))
+    airflow_env.add_dag("aicenter_test_full_evaluate.py", FULL_EVALUATE_DAG)
+
+    done = airflow_env.dags_test("aicenter_test_full_evaluate", {"dataset": deployment.dataset, "evaluation_dataset": holdout},
+                                 extra_env=deployment.env)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "tok-3e1f" not in done.stdout + done.stderr
+    pushed = xcoms(airflow_env.home, "aicenter_test_full_evaluate")
+
+    # -- full: process_data, train, evaluate, save -> new version 1.1 with its score
+    full = pushed["full"]["return_value"]
+    assert set(full) == RESULT_KEYS, "no promotion asked for: no promotion keys"
+    assert full["version"] == "1.1" and full["score"] == 0.5, "full evaluates before save()"
+    record = registry.get("rec", "1.1")
+    assert (record.parent, record.pipeline, record.score, record.run.task_id) == ("1.0", "full", 0.5, "full")
+    prefix = record.run.prefix
+    seen = calls(store, prefix)
+    assert [c["event"] for c in seen] == ["__init__", "process_data", "train", "evaluate", "save"]
+    env = seen[0]["env"]
+    assert seen[1]["arg"] == env["data_directory"] and seen[1]["files"] == ["churn.csv"]
+    assert seen[2]["arg"] == env["training_data_directory"] and seen[2]["files"] == ["train.csv"]
+    # the evaluation dataset is staged at test_data_directory; evaluation_data_directory starts as its copy
+    assert seen[3]["arg"] == env["evaluation_data_directory"] != env["test_data_directory"]
+    assert seen[3]["files"] == ["e.csv", "more"]
+    assert env["EPOCHS"] == "3" and env["API_TOKEN"] == "tok-3e1f" and env["save_test_data"] == "True"
+    assert all(c["cwd"] == seen[0]["cwd"] for c in seen) and seen[0]["cwd"].endswith("package")
+
+    raw = json.loads(store.get_bytes(f"{prefix}/_results.json"))
+    assert raw["parameters"] == {
+        "pipeline": "aicenter_test_full_evaluate.full",
+        "inputs": {"package": "rec", "version": "1.0", "train_data": deployment.dataset, "evaluation_data": holdout, "gpu": "False"},
+        "env": {"EPOCHS": "3", "API_TOKEN": "***"},
+    }
+    outputs = raw["run_summary"]["outputs"]
+    assert set(outputs) == {"train_data", "evaluation_data", "artifacts_data", "package", "version", "score"}
+    assert (outputs["version"], outputs["score"]) == ("1.1", 0.5)
+    assert read(store, key(store, outputs["evaluation_data"]), Manifest).file_count == 2
+    assert outputs["train_data"] == record.snapshot
+    assert raw["aicenter"]["pipeline_type"] == "full" and "promoted" not in raw["aicenter"]
+
+    # -- evaluate: Main(), evaluate(test_data_directory) on the version the full run made; no new version
+    evaluation = pushed["evaluate"]["return_value"]
+    assert set(evaluation) == RESULT_KEYS
+    assert evaluation["version"] == "1.1" and evaluation["score"] == 0.75, "evaluated 1.1, which holds model.txt"
+    eval_prefix = key(store, evaluation["run_uri"])
+    seen = calls(store, eval_prefix)
+    assert [c["event"] for c in seen] == ["__init__", "evaluate"]
+    assert seen[1]["arg"] == seen[0]["env"]["test_data_directory"] and seen[1]["files"] == ["e.csv", "more"]
+    raw = json.loads(store.get_bytes(f"{eval_prefix}/_results.json"))
+    assert raw["parameters"]["inputs"] == {"package": "rec", "version": "1.1", "evaluation_data": holdout, "gpu": "False"}
+    assert set(raw["run_summary"]["outputs"]) == {"evaluation_data", "artifacts_data", "package", "version", "score"}
+    assert raw["run_summary"]["outputs"]["version"] == "1.1" and raw["run_summary"]["outputs"]["score"] == 0.75
+    snapshot = raw["run_summary"]["outputs"]["evaluation_data"]  # save_test_data=True: the holdout, as a manifest
+    assert snapshot == evaluation["snapshot_uri"] and read(store, key(store, snapshot), Manifest).source == holdout
+    assert [r.version for r in registry.versions("rec")] == ["1.0", "1.1"]
+    [evaluated] = registry.evaluations("rec", "1.1")
+    assert evaluated.score == 0.75 and evaluated.dataset == holdout and evaluated.run.task_id == "evaluate"
+
+    # -- the extra links the UI shows (XCom written by Airflow from the operator's links) resolve
+    for task, results_uri in (("full", full["results_uri"]), ("evaluate", evaluation["results_uri"])):
+        link = pushed[task]["_link_ResultsLink"]
+        assert link.startswith("file:///" if deployment.backend == "file" else "http://127.0.0.1:")
+        assert json.loads(fetch_link(link)) == json.loads(store.get_bytes(key(store, results_uri)))
+        assert pushed[task]["_link_ArtifactsLink"].endswith("/artifacts/")
+    assert b'"event": "save"' in fetch_link(pushed["full"]["_link_ArtifactsLink"] + "calls.jsonl")
+
+
+BAD_INPUTS_DAG = '''
+from datetime import datetime
+from airflow.sdk import DAG
+from airflow_aicenter.operators import EvaluatePipelineOperator, FullPipelineOperator
+
+with DAG("aicenter_test_bad_inputs", schedule=None, start_date=datetime(2026, 1, 1), params={"data": ""}):
+    EvaluatePipelineOperator(task_id="eval_string", package="scored", version="1.0",
+                             evaluation_dataset="{{ params.data }}", env={"SCORE": "high"})
+    EvaluatePipelineOperator(task_id="eval_nan", package="scored", version="1.0",
+                             evaluation_dataset="{{ params.data }}", env={"SCORE": "nan"})
+    FullPipelineOperator(task_id="full_no_training_data", package="scored", version="1.0", dataset="{{ params.data }}",
+                         env={"SCORE": "0.5", "TRAIN_SPLIT": "0"})
+    EvaluatePipelineOperator(task_id="eval_unknown_alias", package="scored", version="champion",
+                             evaluation_dataset="{{ params.data }}", env={"SCORE": "0.5"})
+'''
+
+BAD_CAUSES = {
+    "eval_string": "Main.evaluate() returned 'high' (str); it must return one number, the score",
+    "eval_nan": "Main.evaluate() returned nan, which is not a finite number",
+    "full_no_training_data": "Main.process_data() wrote nothing to training_data_directory",
+}
+
+
+def test_bad_scores_empty_training_split_and_unknown_alias_fail_clearly(airflow_env, tmp_path):
+    uri = (tmp_path / "aicenter").as_uri()
+    registry = Registry(open_store(uri))
+    upload_package(registry, tmp_path, "scored", SCORED_TRAIN)
+    airflow_env.add_dag("aicenter_test_bad_inputs.py", BAD_INPUTS_DAG)
+
+    done = airflow_env.dags_test("aicenter_test_bad_inputs", {"data": small_dataset(tmp_path).as_uri()},
+                                 extra_env=file_connection_env(uri))
+    assert done.returncode != 0
+    output = done.stdout + done.stderr
+    assert set(task_states(airflow_env.home, "aicenter_test_bad_inputs").values()) == {"failed"}
+    store = registry.store
+    outcomes = {i.key.split("/")[3]: read(store, i.key, Outcome) for i in store.list("runs") if i.key.endswith("outcome.json")}
+    assert set(outcomes) == set(BAD_CAUSES), "the unknown alias fails before any compute starts"
+    for task, cause in BAD_CAUSES.items():
+        assert outcomes[task].status == "failed" and cause in outcomes[task].error, (task, outcomes[task].error)
+        assert cause in output
+    assert outcomes["full_no_training_data"].phases.get("user_code") is None, "train() never ran"
+    assert "package 'scored' has no alias 'champion'" in output
+    assert "aicenter package promote scored:VERSION --alias champion" in output
+    # nothing half-done is visible: no version, no evaluation, no results
+    assert [r.version for r in registry.versions("scored")] == ["1.0"]
+    assert registry.evaluations("scored", "1.0") == []
+    assert not any(i.key.endswith("_results.json") for i in store.list("runs"))

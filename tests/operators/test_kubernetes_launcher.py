@@ -1,0 +1,329 @@
+"""The Kubernetes launcher in-process against the test API server: reattach, retries, kill, failures, PVC, requirements.
+
+The operator runs in this process with a hand-made task context (fast); the pods run as real
+processes of the airflow-free runtime interpreter. End-to-end runs through ``airflow dags
+test`` are in test_kubernetes_dags.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import threading
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.sdk.exceptions import TaskDeferred
+from kubernetes.client import ApiClient
+
+from airflow_aicenter.errors import RunError
+from airflow_aicenter.operators import TrainPipelineOperator
+from airflow_aicenter.operators.kubernetes import PodRun
+from airflow_aicenter.records import Manifest, Outcome, Results, read, read_optional
+from airflow_aicenter.registry import Registry
+from airflow_aicenter.storage import open_store
+from tests.conftest import write_files
+from tests.operators.kube_api import FakeKubernetes, kube_api, make_context, runtime_python, seed_pod  # noqa: F401 - fixtures
+
+MAIN = "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return input\n"
+TRAIN = '''
+import os
+class Main:
+    def __init__(self):
+        pass
+    def train(self, training_directory):
+        self.rows = sum(1 for _ in open(os.path.join(training_directory, "rows.csv")))
+    def save(self):
+        open("model.txt", "w").write(str(self.rows))
+'''
+SLOW_TRAIN = '''
+import time
+class Main:
+    def __init__(self):
+        pass
+    def train(self, training_directory):
+        time.sleep(60)
+    def save(self):
+        pass
+'''
+FAST = {"startup_check_interval_seconds": 1, "poll_interval": 0.5, "base_container_status_polling_interval": 0.2}
+
+
+class WorkerDied(BaseException):
+    """The worker process vanished here (not an exception Airflow code could handle)."""
+
+
+@pytest.fixture
+def kube_deployment(kube_api: FakeKubernetes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Registry, str]:
+    """A file store, a dataset, and connections pointing Airflow at the test API server."""
+    for key, value in kube_api.connection_env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    uri = (tmp_path / "aicenter").as_uri()
+    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps(
+        {"conn_type": "aicenter", "extra": {"storage": uri, "launcher": "kubernetes", "image": "aicenter-runtime:test"}}))
+    registry = Registry(open_store(uri))
+    data = write_files(tmp_path / "data", {"rows.csv": "a\n1\n2\n"})
+    return registry, data.as_uri()
+
+
+def upload(registry: Registry, tmp_path: Path, name: str, train_py: str = TRAIN, **files: str | bytes) -> None:
+    registry.upload(write_files(tmp_path / f"pkg-{name}", {"main.py": MAIN, "train.py": train_py, "requirements.txt": "", **files}), name)
+
+
+def train_op(package: str, dataset: str | None, **kwargs: Any) -> TrainPipelineOperator:
+    return TrainPipelineOperator(task_id="train", package=package, dataset=dataset, **FAST, **kwargs)
+
+
+def run_trigger(deferred: TaskDeferred) -> dict[str, Any]:
+    async def first_event() -> dict[str, Any]:
+        async for event in deferred.trigger.run():
+            return event.payload
+        raise AssertionError("the trigger ended without an event")
+
+    return asyncio.run(first_event())
+
+
+def posts(kube: FakeKubernetes) -> int:
+    return sum(1 for method, _ in kube.requests if method == "POST")
+
+
+# -- reattach and retries: one registration per run -----------------------------------------
+@pytest.mark.parametrize("dies", ["before registering", "after registering"])
+def test_worker_restart_reuses_the_finished_pod_and_registers_once(dies: str, kube_deployment, kube_api, tmp_path, monkeypatch):
+    registry, dataset = kube_deployment
+    upload(registry, tmp_path, "rows")
+    original_commit = Registry.commit_once
+    original_cleanup = KubernetesPodOperator.cleanup
+
+    def commit_then_die(self, *args, **kwargs):
+        original_commit(self, *args, **kwargs)
+        raise WorkerDied
+
+    def die(self, *args, **kwargs):
+        raise WorkerDied
+
+    with pytest.MonkeyPatch.context() as patch:
+        if dies == "before registering":
+            patch.setattr(TrainPipelineOperator, "complete", die)
+        else:
+            patch.setattr(Registry, "commit_once", commit_then_die)
+        with pytest.raises(WorkerDied):
+            train_op("rows", dataset).execute(make_context(try_number=1))
+    assert KubernetesPodOperator.cleanup is original_cleanup
+    [pod] = kube_api.all_pods()
+    assert pod.obj["status"]["phase"] == "Succeeded" and not pod.deleting, "the worker died before deleting the pod"
+    assert [r.version for r in registry.versions("rows")] == (["1.0"] if dies == "before registering" else ["1.0", "1.1"])
+
+    # the task's next attempt (try 2) finds the finished pod of try 1 and completes *its* run
+    context = make_context(try_number=2)
+    result = train_op("rows", dataset).execute(context)
+    assert posts(kube_api) == 1, "no second pod: the finished one was reused, nothing trained twice"
+    assert [r.version for r in registry.versions("rows")] == ["1.0", "1.1"]
+    record = registry.get("rows", "1.1")
+    assert record.run is not None and record.run.try_number == 1
+    assert result["version"] == "1.1" and result["run_uri"].endswith("/train/1")
+    assert context["ti"].xcom["return_value"] == result
+    read(registry.store, f"{record.run.prefix}/_results.json", Results)
+    assert kube_api.all_pods()[0].gone, "the reused pod is deleted once completed"
+
+
+def test_deferrable_reentry_repeated_registers_once(kube_deployment, kube_api, tmp_path):
+    registry, dataset = kube_deployment
+    upload(registry, tmp_path, "rows")
+    context = make_context()
+    with pytest.raises(TaskDeferred) as deferred:
+        train_op("rows", dataset, deferrable=True).execute(context)
+    assert deferred.value.method_name == "trigger_reentry"
+    event = run_trigger(deferred.value)
+    assert event["status"] == "success" and PodRun.from_event(event["aicenter"]) is not None
+    # re-entry runs in a fresh operator (as after deserialisation), twice: the retried post-pod step
+    first = train_op("rows", dataset, deferrable=True).trigger_reentry(context, event)
+    assert kube_api.all_pods()[0].gone
+    second = train_op("rows", dataset, deferrable=True).trigger_reentry(context, event)  # pod already deleted (404)
+    assert first == second and first["version"] == "1.1"
+    assert [r.version for r in registry.versions("rows")] == ["1.0", "1.1"]
+
+
+# -- wrong pods, lying pods, pods that never ran ---------------------------------------------
+@pytest.mark.parametrize("kind", ["not ours", "another package"])
+def test_foreign_pod_with_this_tasks_labels_is_refused(kind: str, kube_deployment, kube_api, tmp_path):
+    registry, dataset = kube_deployment
+    upload(registry, tmp_path, "rows")
+    upload(registry, tmp_path, "other")
+    context = make_context()
+    seed = train_op("other" if kind == "another package" else "rows", dataset)
+    if kind == "another package":
+        hook_spec_pod = seed_pod(seed, registry, context, command=["python", "-c", "import time; time.sleep(30)"])
+    else:
+        seed.cmds = ["python", "-c", "import time; time.sleep(30)"]
+        hook_spec_pod = ApiClient().sanitize_for_serialization(seed.build_pod_request_obj(context))
+        hook_spec_pod["metadata"].pop("annotations", None)
+    kube_api.create_pod("default", hook_spec_pod)
+    kube_api.wait_for(lambda: kube_api.all_pods()[0].obj["status"]["phase"] == "Running", what="seeded pod running")
+    with pytest.raises(RunError, match=r"matches this task's labels but .*refusing to reattach.*kubectl delete pod"):
+        train_op("rows", dataset).execute(context)
+    assert posts(kube_api) == 0 and not kube_api.all_pods()[0].deleting, "the foreign pod is left alone"
+    assert [r.version for r in registry.versions("rows")] == ["1.0"]
+
+
+def test_a_pod_that_succeeds_without_an_outcome_fails_the_task(kube_deployment, kube_api, tmp_path):
+    """#73006: phase Succeeded is not success; outcome.json is."""
+    registry, dataset = kube_deployment
+    upload(registry, tmp_path, "rows")
+    op = train_op("rows", dataset, cmds=["python", "-c", "print('did something else')"])
+    with pytest.raises(RunError, match=r"exit code 0, Completed\) during start-up before the runtime reported an outcome"):
+        op.execute(make_context())
+    assert [r.version for r in registry.versions("rows")] == ["1.0"]
+    [key] = [i.key for i in registry.store.list("runs") if i.key.endswith("outcome.json")]
+    assert read(registry.store, key, Outcome).status == "failed"
+
+
+def test_a_pod_that_never_starts_fails_with_the_launch_cause(kube_deployment, kube_api, tmp_path):
+    registry, dataset = kube_deployment
+    upload(registry, tmp_path, "rows")
+    kube_api.unpullable.add("registry.example.com/missing:1")
+    with pytest.raises(RunError, match=r"the training pod did not run: .*Image cannot be pulled.*ErrImagePull"):
+        train_op("rows", dataset, image="registry.example.com/missing:1").execute(make_context())
+    [key] = [i.key for i in registry.store.list("runs") if i.key.endswith("outcome.json")]
+    assert "did not run" in read(registry.store, key, Outcome).error
+
+
+def test_runtime_failure_surfaces_its_one_line_cause(kube_deployment, kube_api, tmp_path):
+    registry, dataset = kube_deployment
+    upload(registry, tmp_path, "broken", train_py=TRAIN.replace("sum(1 for _ in", "int(").replace('"rows.csv")))', '"rows.csv")).read())'))
+    with pytest.raises(RunError) as failed:
+        train_op("broken", dataset).execute(make_context())
+    message = str(failed.value)
+    assert message.startswith("train run of broken:1.0 failed: Main.train() raised ValueError: invalid literal for int()")
+    assert "remote_pod" not in message and "\n" not in message
+    [pod] = kube_api.all_pods()
+    terminated = pod.obj["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert terminated["exitCode"] == 1 and terminated["message"].startswith("Main.train() raised ValueError")
+
+
+# -- kill ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("when", ["running", "pending"])
+def test_on_kill_deletes_the_pod_and_records_the_run_as_killed(when: str, kube_deployment, kube_api, tmp_path):
+    registry, dataset = kube_deployment
+    upload(registry, tmp_path, "slow", train_py=SLOW_TRAIN)
+    if when == "pending":
+        kube_api.start_delay = 30.0
+    op = train_op("slow", dataset)
+    errors: list[BaseException] = []
+    worker = threading.Thread(target=lambda: _capture(errors, op.execute, make_context()), daemon=True)
+    worker.start()
+    key = "runs/aicenter_k8s/manual__2026-03-01T00:00:00+00:00/train/1/outcome.json"
+    if when == "running":
+        kube_api.wait_for(lambda: (o := read_optional(registry.store, key, Outcome)) is not None and o.phase == "user_code",
+                          timeout=60, what="training to start")
+    else:
+        kube_api.wait_for(lambda: op.pod is not None, what="the pod to be created")
+    op.on_kill()
+    kube_api.wait_for(lambda: all(p.gone for p in kube_api.all_pods()), timeout=30, what="the pod to be deleted")
+    outcome = read(registry.store, key, Outcome)
+    assert outcome.status == "killed"
+    assert outcome.error == ("killed during user_code" if when == "running" else "killed by Airflow (task stopped) during start-up")
+    worker.join(timeout=30)
+    assert [r.version for r in registry.versions("slow")] == ["1.0"]
+
+
+def _capture(errors: list[BaseException], fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except BaseException as exc:  # noqa: BLE001 - inspected by the test
+        errors.append(exc)
+
+
+# -- datasets on a volume claim, requirements in the pod -------------------------------------
+def test_pvc_dataset_is_mounted_read_only_not_staged(kube_deployment, kube_api, tmp_path):
+    registry, _ = kube_deployment
+    upload(registry, tmp_path, "rows")
+    claim = write_files(tmp_path / "claim", {"2026/01/rows.csv": "a\n1\n2\n3\n", "other/rows.csv": "nope\n"})
+    kube_api.add_claim("churn-data", claim)
+    op = train_op("rows", None, dataset_volume_claim="churn-data", dataset_sub_path="2026/01", save_training_data=True)
+    result = op.execute(make_context())
+    record = registry.get("rows", result["version"])
+    outcome = read(registry.store, f"{record.run.prefix}/outcome.json", Outcome)
+    assert outcome.status == "succeeded" and "requirements" in outcome.phases
+    manifest = read(registry.store, f"{record.run.prefix}/data_directory.manifest.json", Manifest)
+    assert manifest.source == "pvc://churn-data/2026/01" and [f.path for f in manifest.files] == ["rows.csv"]
+    results = json.loads(registry.store.get_bytes(f"{record.run.prefix}/_results.json"))
+    assert results["parameters"]["inputs"]["train_data"] == "pvc://churn-data/2026/01"
+    [pod] = kube_api.all_pods()
+    assert "staged" not in "\n".join(line for _, _, line in pod.log), "nothing was downloaded"
+    assert any("dataset mounted read-only" in line for _, _, line in pod.log)
+
+
+def tiny_wheel() -> bytes:
+    """A minimal wheel (aicenter-tiny 0.1) so pip installs offline from the package folder."""
+    files = {"aicenter_tiny/__init__.py": b"VALUE = 42\n",
+             "aicenter_tiny-0.1.dist-info/METADATA": b"Metadata-Version: 2.1\nName: aicenter-tiny\nVersion: 0.1\n",
+             "aicenter_tiny-0.1.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = "".join(
+        f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},{len(data)}\n"
+        for name, data in files.items()) + "aicenter_tiny-0.1.dist-info/RECORD,,\n"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as wheel:
+        for name, data in {**files, "aicenter_tiny-0.1.dist-info/RECORD": record.encode()}.items():
+            wheel.writestr(name, data)
+    return buffer.getvalue()
+
+
+NEEDS_TINY = '''
+import aicenter_tiny
+class Main:
+    def __init__(self):
+        pass
+    def train(self, training_directory):
+        self.value = aicenter_tiny.VALUE
+    def save(self):
+        open("model.txt", "w").write(str(self.value))
+'''
+
+
+def test_requirements_are_installed_in_the_pod(kube_deployment, kube_api, tmp_path):
+    registry, dataset = kube_deployment
+    upload(registry, tmp_path, "needs", train_py=NEEDS_TINY,
+           **{"requirements.txt": "--no-index\n--find-links ./wheels\naicenter-tiny==0.1\n",
+              "wheels/aicenter_tiny-0.1-py3-none-any.whl": tiny_wheel()})
+    result = train_op("needs", dataset).execute(make_context())
+    record = registry.get("needs", result["version"])
+    outcome = read(registry.store, f"{record.run.prefix}/outcome.json", Outcome)
+    assert outcome.status == "succeeded" and list(outcome.phases)[:2] == ["stage_package", "requirements"]
+    [pod] = kube_api.all_pods()
+    assert any("Successfully installed aicenter-tiny-0.1" in line for _, _, line in pod.log)
+
+
+def test_failed_requirements_are_reported_as_such(kube_deployment, kube_api, tmp_path):
+    registry, dataset = kube_deployment
+    upload(registry, tmp_path, "badreq", **{"requirements.txt": "# deps\nthis is not a requirement ===\n"})
+    with pytest.raises(RunError, match=r"failed: installing requirements failed: pip exited with code 1: ERROR: Invalid requirement"):
+        train_op("badreq", dataset).execute(make_context())
+    [key] = [i.key for i in registry.store.list("runs") if i.key.endswith("outcome.json")]
+    outcome = read(registry.store, key, Outcome)
+    assert outcome.status == "failed" and outcome.phase == "requirements" and "Main.train" not in outcome.error
+
+
+def test_install_requirements_false_skips_the_phase(kube_deployment, kube_api, tmp_path):
+    registry, dataset = kube_deployment
+    upload(registry, tmp_path, "badreq", **{"requirements.txt": "this is not a requirement ===\n"})
+    result = train_op("badreq", dataset, install_requirements=False).execute(make_context())
+    outcome = read(registry.store, result["run_uri"].removeprefix(registry.store.uri + "/") + "/outcome.json", Outcome)
+    assert "requirements" not in outcome.phases and outcome.status == "succeeded"
+
+
+def test_evaluate_with_a_volume_claim_is_refused(kube_deployment, kube_api):
+    from airflow_aicenter.errors import ConfigurationError
+    from airflow_aicenter.operators import EvaluatePipelineOperator
+
+    registry, dataset = kube_deployment
+    op = EvaluatePipelineOperator(task_id="eval", package="rows", evaluation_dataset=dataset, dataset_volume_claim="c")
+    with pytest.raises(ConfigurationError, match="evaluation runs read evaluation_dataset"):
+        op.execute_kubernetes(make_context(), None, None, None)  # type: ignore[arg-type]

@@ -1,0 +1,142 @@
+"""Garbage collection: `aicenter gc` removes blobs nothing references, never one a run is still writing.
+
+gc runs over and over while a real runtime run uploads its new package and snapshot, and
+again between the run's outcome and its registration: the run's fresh blobs must survive
+(younger than the grace period), an old orphan must go, and every referenced blob must stay.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from airflow_aicenter import cli
+from airflow_aicenter.errors import ConfigurationError, StorageError
+from airflow_aicenter.gc import collect, references
+from airflow_aicenter.records import Outcome, RunRef, read
+from airflow_aicenter.storage import open_store
+from airflow_aicenter.storage.transfer import BLOB_PREFIX, put_blob, sha256_file
+from tests.resilience.support import Setup, check_store, run_runtime, setup_package
+
+#: Seconds between writing the old orphan and starting the run. Each gc call uses a grace
+#: period that makes the orphan just old enough and everything written after orphan + GAP/2
+#: young, however long the run takes (S3 timestamps may be rounded to the second: GAP > 2).
+GAP = 2.5
+
+
+@pytest.fixture(params=["s3", "file"])
+def setup(request, tmp_path) -> Setup:
+    if request.param == "file":
+        return setup_package(open_store((tmp_path / "store").as_uri()), tmp_path, {"MODEL_MB": "16"}, files=30)
+    server = request.getfixturevalue("s3_server")
+    store = open_store(f"s3://{server.create_bucket()}/aicenter", server.options)
+    return setup_package(store, tmp_path, {**server.env(), "MODEL_MB": "16"}, files=30)
+
+
+def _orphan(setup: Setup, tmp_path, name: str) -> tuple[str, datetime]:
+    path = tmp_path / name
+    path.write_bytes(os.urandom(5000))
+    digest = sha256_file(path).sha256
+    assert put_blob(setup.store, path, digest)
+    return digest, setup.store.head(BLOB_PREFIX + digest).last_modified
+
+
+def _register(setup: Setup, ref: RunRef, spec) -> str:
+    outcome = read(setup.store, f"{spec.run_prefix}/outcome.json", Outcome)
+    assert outcome.status == "succeeded"
+    return setup.registry.commit_once("res", run=ref, parent="1.0", blob=outcome.blob, pipeline="train",
+                                      snapshot=outcome.snapshots["data_directory"]).version
+
+
+def test_gc_during_an_upload_keeps_young_and_referenced_blobs_and_removes_old_orphans(setup, tmp_path):
+    # history: a registered training (its package and snapshot blobs are referenced)
+    ref1, spec1 = setup.spec(try_number=1)
+    assert run_runtime(spec1, tmp_path, setup.env).returncode == 0
+    assert _register(setup, ref1, spec1) == "1.1"
+    referenced_before, _ = references(setup.store)
+    assert len(referenced_before) >= 30  # two package zips and the snapshot's files
+
+    orphan, orphan_time = _orphan(setup, tmp_path, "orphan.bin")  # e.g. left by a run that crashed
+    time.sleep(GAP)
+
+    def gc_now(**kw):
+        now = datetime.now(timezone.utc)
+        return collect(setup.store, grace=now - orphan_time - timedelta(seconds=GAP / 2), now=now, **kw)
+
+    ref2, spec2 = setup.spec(try_number=2)
+    spec_file = tmp_path / "spec2.json"
+    spec_file.write_text(spec2.model_dump_json())
+    proc = subprocess.Popen([sys.executable, "-m", "airflow_aicenter.runtime", str(spec_file)],
+                            env={**os.environ, **setup.env, "AICENTER_WORKDIR": str(tmp_path / "work2")},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    reports = []
+    try:
+        for _ in range(500):  # bounded; each pass lists and reads the whole store
+            reports.append(gc_now())
+            if proc.poll() is not None:
+                break
+    finally:
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    deleted = [d for r in reports for d in r.deleted]
+    assert deleted == [orphan], deleted  # the orphan once, nothing the run was writing
+    assert len(reports) >= 2
+
+    # between the outcome and the registration: the new package blob is unreferenced, and young
+    new_blob = read(setup.store, f"{spec2.run_prefix}/outcome.json", Outcome).blob
+    assert new_blob.sha256 not in references(setup.store)[0]
+    between = gc_now()
+    assert between.deleted == [] and between.young >= 1
+    assert _register(setup, ref2, spec2) == "1.2"
+
+    assert not setup.store.exists(BLOB_PREFIX + orphan)
+    assert referenced_before <= {i.key[len(BLOB_PREFIX):] for i in setup.store.list(BLOB_PREFIX)}
+    assert check_store(setup.store) == ["res:1.0", "res:1.1", "res:1.2"]
+    # with everything referenced, even a zero grace period deletes nothing
+    final = collect(setup.store, grace=timedelta(0))
+    assert final.deleted == [] and final.missing == [] and final.young == 0
+    assert final.records == {"versions": 3, "manifests": 2}
+
+
+def test_gc_command_dry_run_json_and_grace(setup, tmp_path, monkeypatch, capsys):
+    if setup.store.uri.startswith("s3://"):
+        for key, value in setup.env.items():
+            monkeypatch.setenv(key, value)
+    orphan, _ = _orphan(setup, tmp_path, "o.bin")
+    storage = ["--storage", setup.store.uri]
+
+    assert cli.main([*storage, "gc", "--json"]) == 0  # default grace (24 h): young, kept
+    report = json.loads(capsys.readouterr().out)
+    assert report["deleted"] == [] and report["young"] == 1 and report["referenced"] == 1
+
+    assert cli.main([*storage, "gc", "--grace-hours", "0", "--dry-run", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["deleted"] == [orphan]
+    assert setup.store.exists(BLOB_PREFIX + orphan)  # a dry run deletes nothing
+
+    assert cli.main([*storage, "gc", "--grace-hours", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "deleted 1" in out and orphan in out
+    assert not setup.store.exists(BLOB_PREFIX + orphan)
+    assert check_store(setup.store) == ["res:1.0"]
+
+
+def test_gc_stops_before_deleting_when_a_record_is_unreadable(setup, tmp_path):
+    orphan, _ = _orphan(setup, tmp_path, "o.bin")
+    setup.store.put_bytes("runs/d/r/t/1/data_directory.manifest.json", b"{not json")
+    with pytest.raises(StorageError, match="gc stopped before deleting anything"):
+        collect(setup.store, grace=timedelta(0))
+    assert setup.store.exists(BLOB_PREFIX + orphan)
+    with pytest.raises(ConfigurationError, match="negative"):
+        collect(setup.store, grace=timedelta(hours=-1))
+
+
+def test_gc_leaves_foreign_keys_under_the_blob_prefix_alone(setup):
+    setup.store.put_bytes(BLOB_PREFIX + "not-a-digest.tmp", b"x")
+    report = collect(setup.store, grace=timedelta(0))
+    assert report.deleted == [] and setup.store.exists(BLOB_PREFIX + "not-a-digest.tmp")

@@ -1,0 +1,191 @@
+"""Storage faults: 503 SlowDown, connection resets, hung requests, truncated bodies and lost answers,
+injected by a loopback proxy in front of the moto S3 server.
+
+Transfers must retry with backoff and complete with every byte right (digests checked), or
+fail with a clear message once the retry budget is spent; a commit whose answer is lost must
+still make exactly one version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+import airflow_aicenter.storage.store as store_module
+from airflow_aicenter.errors import StorageError
+from airflow_aicenter.records import RunRef
+from airflow_aicenter.registry import Registry
+from airflow_aicenter.storage import S3Options, open_store
+from airflow_aicenter.storage.transfer import (
+    FileEntry,
+    blob_key,
+    download_tree,
+    ensure_blobs,
+    get_blob,
+    local_files,
+    put_blob,
+    run,
+    sha256_file,
+    upload_tree,
+)
+from tests.conftest import write_files
+from tests.resilience.support import FaultPlan, FaultProxy, check_store
+
+#: Client timeouts short enough that a hung request costs a second, not two minutes.
+TIMEOUT_S = 1
+
+
+class QuickTimeouts(S3Options):
+    def client_options(self) -> dict:
+        return {**super().client_options(), "timeout": f"{TIMEOUT_S}s", "connect_timeout": f"{TIMEOUT_S}s"}
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    """The production policy's shape (exponential backoff), with test-sized waits and budget."""
+    config = {
+        "max_retries": 6,
+        "retry_timeout": timedelta(seconds=30),
+        "backoff": {"init_backoff": timedelta(milliseconds=20), "max_backoff": timedelta(milliseconds=400), "base": 2},
+    }
+    monkeypatch.setattr(store_module, "RETRY_CONFIG", config)
+    return config
+
+
+@pytest.fixture
+def faulty(s3_server, fast_retries):
+    """(proxy, store through the proxy, store straight to the server) on a fresh bucket."""
+    bucket = s3_server.create_bucket()
+    plan = FaultPlan(hang_seconds=TIMEOUT_S + 2)
+    with FaultProxy(s3_server.port, plan) as proxy:
+        options = QuickTimeouts(endpoint_url=proxy.endpoint, region="us-east-1", access_key_id="testing", secret_access_key="testing-secret")
+        yield proxy, open_store(f"s3://{bucket}/aicenter", options), open_store(f"s3://{bucket}/aicenter", s3_server.options)
+
+
+def _data(root: Path) -> Path:
+    files: dict[str, str | bytes] = {f"small/f{i:03d}.bin": os.urandom(1000 + i) for i in range(60)}
+    files["big/model.bin"] = os.urandom(20 * 2**20)  # multipart upload (8 MiB parts), several GET chunks
+    return write_files(root, files)
+
+
+def test_transfers_complete_through_every_kind_of_fault(faulty, tmp_path):
+    proxy, store, direct = faulty
+    plan = proxy.plan
+    is_obj = lambda m, p: "/small/" in p or "/big/" in p or "/blobs/" in p  # noqa: E731
+    plan.rules = [
+        (lambda m, p: m == "PUT" and "/big/" in p, "reset", 2),  # multipart parts / create
+        (lambda m, p: m == "GET" and "/big/" in p, "truncate", 1),  # a body cut in the middle
+        (lambda m, p: m == "GET" and "/small/" in p, "hang", 1),  # no answer until the client times out
+        (lambda m, p: m == "HEAD", "slowdown", 3),
+        (lambda m, p: m == "PUT" and "/blobs/" in p, "reset_after", 2),  # a put that landed, its answer lost
+        (lambda m, p: m == "POST", "slowdown", 2),  # multipart create / complete
+    ]
+    plan.rate, plan.random_faults, plan.max_faults = 0.08, ("slowdown", "reset"), 150
+    plan.__post_init__()
+    src = _data(tmp_path / "src")
+
+    run(upload_tree(src, store, "data"))
+    entries = [FileEntry(rel, *_digest(src / rel)) for rel in local_files(src)]
+    stats = run(ensure_blobs(store, src, entries))
+    # a put that landed but whose answer was lost is retried, gets 412, and counts as "already there"
+    assert stats.uploaded_files >= len(entries) - 2
+    assert all(direct.exists(blob_key(e.sha256)) for e in entries)
+    got = run(download_tree(store, tmp_path / "dst", prefix="data"))
+    model = sha256_file(src / "big" / "model.bin").sha256
+    get_blob(store, model, tmp_path / "model.bin")
+
+    assert {e.path: e.sha256 for e in got} == {e.path: e.sha256 for e in entries}
+    for rel in local_files(src):
+        assert (tmp_path / "dst" / rel).read_bytes() == (src / rel).read_bytes()
+    kinds = {kind for kind, _, _ in plan.injected}
+    assert {"reset", "truncate", "hang", "slowdown", "reset_after"} <= kinds, plan.injected
+    assert len(plan.injected) >= 15
+    check_store(direct)  # every blob hashes to its name, read straight from the server
+    assert not list(tmp_path.glob("dst/**/.*.part")), "no temp file left behind"
+
+
+def _digest(path: Path) -> tuple[str, int]:
+    entry = sha256_file(path)
+    return entry.sha256, entry.size
+
+
+def test_commit_whose_answer_is_lost_makes_exactly_one_version(faulty, tmp_path):
+    """The create-once PUT of a version record lands, its answer is lost, the client retries and gets
+    412: that record is ours, not a lost race, so no second version may be taken."""
+    proxy, store, direct = faulty
+    registry = Registry(store)
+    pkg = write_files(tmp_path / "pkg", {"main.py": "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return input\n",
+                                         "requirements.txt": ""})
+    base = Registry(direct).upload(pkg, "lost")
+    proxy.plan.rules = [(lambda m, p: m == "PUT" and "/versions/" in p, "reset_after", 1)]
+    proxy.plan.__post_init__()
+    run_ref = RunRef(dag_id="d", run_id="r", task_id="t", try_number=1)
+    record = registry.commit_once("lost", run=run_ref, parent=base.version, blob=base.blob, pipeline="train")
+    assert [k for k, _, _ in proxy.plan.injected] == ["reset_after"]
+    assert record.version == "1.1"
+    assert check_store(direct) == ["lost:1.0", "lost:1.1"]
+    # and the alias history, which is the same kind of numbered record
+    proxy.plan.rules = [(lambda m, p: m == "PUT" and "/aliases/" in p, "reset_after", 1)]
+    proxy.plan.__post_init__()
+    registry.set_alias("lost", "production", "1.1")
+    history = Registry(direct).alias_history("lost", "production")
+    assert [h.version for h in history] == ["1.1"] and [k for k, _, _ in proxy.plan.injected] == ["reset_after"]
+
+
+@pytest.mark.parametrize("fault", ["slowdown", "reset", "hang"])
+def test_persistent_fault_fails_with_a_clear_message_after_the_retry_budget(faulty, fast_retries, tmp_path, fault):
+    proxy, store, direct = faulty
+    direct.put_bytes("data/a.bin", b"x" * 100)
+    proxy.plan.rules = [(lambda m, p: True, fault, 10_000)]
+    proxy.plan.max_faults = 10_000
+    proxy.plan.__post_init__()
+    with pytest.raises(StorageError) as info:
+        run(download_tree(store, tmp_path / "dst", prefix="data"))
+    message = str(info.value)
+    assert store.url("data") in message or store.url("data/a.bin") in message, message
+    assert "retries" in message or "retry" in message, message
+    if fault == "slowdown":
+        assert "SlowDown" in message or "503" in message, message
+    tries = len(proxy.plan.injected)
+    assert 2 <= tries <= fast_retries["max_retries"] + 2, (tries, proxy.plan.injected)  # retried, and bounded
+    assert not (tmp_path / "dst").exists() or not list((tmp_path / "dst").rglob("*"))
+
+
+def test_put_blob_through_faults_never_leaves_a_corrupt_blob(faulty, tmp_path):
+    proxy, store, direct = faulty
+    path = tmp_path / "blob.bin"
+    path.write_bytes(os.urandom(12 * 2**20))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    proxy.plan.rules = [
+        (lambda m, p: m == "HEAD", "reset", 1),
+        (lambda m, p: m == "POST" and "uploads" in p, "slowdown", 1),  # create the multipart upload
+        (lambda m, p: m == "PUT" and "partNumber=1" in p, "reset_after", 1),  # part 1 lands, answer lost
+        (lambda m, p: m == "PUT" and "partNumber=2" in p, "truncate", 1),
+        (lambda m, p: m == "POST" and "uploadId" in p, "reset_after", 1),  # the complete lands, answer lost
+    ]
+    proxy.plan.__post_init__()
+    put_blob(store, path, digest)
+    assert len(proxy.plan.injected) == 5, proxy.plan.injected
+    assert direct.head(blob_key(digest)).size == path.stat().st_size
+    check_store(direct)
+
+
+@pytest.mark.parametrize("size", [5000, 20 * 2**20], ids=["single-put", "multipart"])
+def test_a_file_changed_after_hashing_is_never_stored_under_the_old_digest(store, tmp_path, size):
+    """Package code that rewrites a staged file must not poison the content-addressed store: the
+    upload hashes what it sends and stores nothing when it no longer matches the blob's name."""
+    path = tmp_path / "data.bin"
+    path.write_bytes(os.urandom(size))
+    entry = FileEntry("data.bin", sha256_file(path).sha256, size)
+    path.write_bytes(os.urandom(size))  # changed after the digest was taken (same size)
+    with pytest.raises(StorageError, match="changed while it was being stored"):
+        run(ensure_blobs(store, tmp_path, [entry]))
+    assert not store.exists(blob_key(entry.sha256))
+    with pytest.raises(StorageError, match="changed while it was being stored"):
+        put_blob(store, path, entry.sha256)
+    assert not store.exists(blob_key(entry.sha256))
+    assert list(store.list("blobs/")) == []  # no partial object either (an aborted multipart upload)

@@ -1,0 +1,129 @@
+"""Run records (airflow_aicenter.runs) over stores filled by real runtime runs, on both backends.
+
+The runs are the runtime as the launchers start it (a child process with a spec): succeeded,
+failed and killed runs, so the records show the whole history, not only the successes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from airflow_aicenter.errors import StorageError
+from airflow_aicenter.records import Outcome, RunSpec, read_optional
+from airflow_aicenter.registry import Registry
+from airflow_aicenter.runs import RunNotFoundError, compare, find_run, list_runs
+from airflow_aicenter.storage import Store
+from airflow_aicenter.storage.transfer import run, upload_tree
+from tests.aicenter_helpers import SCORED_TRAIN, small_dataset, upload_package
+
+SLEEPY_TRAIN = '''
+import time
+class Main:
+    def __init__(self):
+        pass
+    def train(self, training_directory):
+        time.sleep(120)
+    def save(self):
+        pass
+'''
+
+
+def start_runtime(store: Store, tmp_path: Path, process_env: dict[str, str], run_id: str, pipeline: str, package: str,
+                  **spec_kw: object) -> subprocess.Popen[str]:
+    registry = Registry(store)
+    base = registry.get(package, "1.0")
+    spec = RunSpec(pipeline=pipeline, storage=store.uri, run_prefix=f"runs/{run_id}", package=package, version="1.0",
+                   blob=base.blob, **spec_kw)
+    spec_file = tmp_path / f"spec-{run_id.replace('/', '_')}.json"
+    spec_file.write_text(spec.model_dump_json())
+    return subprocess.Popen([sys.executable, "-m", "airflow_aicenter.runtime", str(spec_file)], env={**os.environ, **process_env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+
+
+@pytest.fixture
+def history(store: Store, tmp_path: Path, request: pytest.FixtureRequest) -> Store:
+    """Five real runs: two tries of a training task, a failed evaluation, a full run, a killed run."""
+    env = request.getfixturevalue("s3_server").env() if store.uri.startswith("s3://") else {}
+    registry = Registry(store)
+    upload_package(registry, tmp_path, "scored", SCORED_TRAIN)
+    upload_package(registry, tmp_path, "sleepy", SLEEPY_TRAIN)
+    run(upload_tree(small_dataset(tmp_path), store, "datasets/d"))
+    data = store.url("datasets/d")
+    for run_id, pipeline, kw in [
+        ("nightly/r1/train/1", "train", {"dataset": data}),
+        ("nightly/r1/train/2", "train", {"dataset": data}),
+        ("nightly/r1/evaluate/1", "evaluate", {"evaluation_dataset": data, "env": {"SCORE": "nan"}}),
+        ("adhoc/r2/full/1", "full", {"dataset": data, "env": {"SCORE": "0.7", "EPOCHS": "4"}}),
+    ]:
+        assert start_runtime(store, tmp_path, env, run_id, pipeline, "scored", **kw).wait(timeout=120) in (0, 1)
+    slow = start_runtime(store, tmp_path, env, "adhoc/r2/slow/1", "train", "sleepy", dataset=data)
+    deadline = time.monotonic() + 60
+    while (o := read_optional(store, "runs/adhoc/r2/slow/1/outcome.json", Outcome)) is None or o.phase != "user_code":
+        assert time.monotonic() < deadline, "the slow run never reached user code"
+        time.sleep(0.2)
+    slow.send_signal(signal.SIGTERM)  # what on_kill / pod deletion does
+    assert slow.wait(timeout=60) == 1
+    return store
+
+
+def test_list_shows_every_run_with_status_and_cause(history):
+    seen: list[tuple[int, int]] = []
+    records = list_runs(history, progress=lambda done, total: seen.append((done, total)))
+    assert seen[0] == (0, 5) and seen[-1] == (5, 5)
+    assert [r.id for r in records] == ["adhoc/r2/slow/1", "adhoc/r2/full/1", "nightly/r1/evaluate/1",
+                                       "nightly/r1/train/2", "nightly/r1/train/1"], "newest first"
+    by_id = {r.id: r for r in records}
+    failed, killed, full = by_id["nightly/r1/evaluate/1"], by_id["adhoc/r2/slow/1"], by_id["adhoc/r2/full/1"]
+    assert failed.status == "failed" and "Main.evaluate() returned nan, which is not a finite number" in failed.cause
+    assert failed.summary()["failed_phase"] == "user_code"
+    assert killed.status == "killed" and killed.cause == "killed during user_code" and killed.package == "sleepy"
+    assert full.status == "succeeded" and full.cause is None and full.outcome.score == 0.7 and full.pipeline == "full"
+    assert full.duration is not None and full.duration > 0 and full.summary()["uri"] == history.url("runs/adhoc/r2/full/1")
+
+    assert [r.id for r in list_runs(history, status="failed")] == ["nightly/r1/evaluate/1"]
+    assert [r.id for r in list_runs(history, package="sleepy")] == ["adhoc/r2/slow/1"]
+    assert list_runs(history, package="nosuch") == []
+    with pytest.raises(Exception, match="unknown status 'done': use one of running, succeeded, failed, killed"):
+        list_runs(history, status="done")
+
+    # one damaged record: an error by default; reported and left out when the caller asks for that (the CLI does)
+    history.put_bytes("runs/broken/r/t/1/outcome.json", b"{not json")
+    with pytest.raises(StorageError, match="runs/broken/r/t/1/outcome.json is not a valid Outcome record"):
+        list_runs(history)
+    skipped: list[str] = []
+    assert len(list_runs(history, on_error=lambda run_id, exc: skipped.append(run_id))) == 5
+    assert skipped == ["broken/r/t/1"]
+
+
+def test_find_and_compare_runs_by_id_uri_or_unambiguous_part(history):
+    assert find_run(history, "nightly/r1/train/1").id == "nightly/r1/train/1"
+    assert find_run(history, history.url("runs/adhoc/r2/full/1")).id == "adhoc/r2/full/1"
+    assert find_run(history, history.url("runs/adhoc/r2/full/1/_results.json")).id == "adhoc/r2/full/1"
+    assert find_run(history, "runs/nightly/r1/evaluate/1/").id == "nightly/r1/evaluate/1"
+    assert find_run(history, "nightly/r1/train").id == "nightly/r1/train/2", "a task's last try"
+    assert find_run(history, "train").id == "nightly/r1/train/2"
+    assert find_run(history, "evaluate").id == "nightly/r1/evaluate/1"
+    assert find_run(history, "slow/1").id == "adhoc/r2/slow/1"
+    with pytest.raises(RunNotFoundError, match=r"run 'nightly' is ambiguous: it matches 3 runs \(nightly/r1/evaluate/1, "):
+        find_run(history, "nightly")
+    with pytest.raises(RunNotFoundError, match="no run 'nosuch' in .*`aicenter runs list` shows the run ids"):
+        find_run(history, "nosuch")
+    with pytest.raises(RunNotFoundError, match="runs/nightly/r1/train/7/outcome.json does not exist"):
+        find_run(history, "nightly/r1/train/7")
+    with pytest.raises(RunNotFoundError, match="empty run id"):
+        find_run(history, " ")
+
+    # side by side (``aicenter runs compare``)
+    a, b = find_run(history, "full"), find_run(history, "evaluate")
+    rows = dict(compare([a, b]))
+    assert rows["pipeline"] == ["full", "evaluate"] and rows["status"] == ["succeeded", "failed"]
+    assert rows["score"] == [0.7, None] and rows["package"] == ["scored", "scored"] and rows["version"] == ["1.0", "1.0"]
+    assert rows["cause"][0] is None and "not a finite number" in rows["cause"][1]
+    assert list(rows)[:4] == ["pipeline", "status", "start", "duration_s"]
