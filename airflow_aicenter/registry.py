@@ -10,6 +10,7 @@ versions exist; a stale hint costs a few HEADs and is never wrong.
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -346,8 +347,15 @@ class Registry:
         return made[0]
 
     def add_evaluation(self, record: EvaluationRecord) -> str:
-        key = f"packages/{record.package}/evaluations/{record.version}/{record.created_at:%Y%m%dT%H%M%S%fZ}.json"
-        write(self.store, key, record)
+        """Keep a score for a version; once per task try (a reattached or retried step adds nothing)."""
+        name = f"{record.created_at:%Y%m%dT%H%M%S%fZ}"
+        if record.run is not None:
+            name = "run-" + hashlib.sha256(record.run.prefix.encode()).hexdigest()[:24]
+        key = f"packages/{record.package}/evaluations/{record.version}/{name}.json"
+        try:
+            write(self.store, key, record, create=True)
+        except AlreadyExistsError:
+            pass
         return key
 
     def evaluations(self, name: str, version: str) -> list[EvaluationRecord]:

@@ -177,3 +177,15 @@ def test_resolve_is_constant_in_requests(tmp_path, pkg):
         assert "list" not in calls and "list_dir" not in calls
         counts[n] = len(calls)
     assert counts[5] == counts[200]
+
+
+def test_an_evaluation_is_recorded_once_per_task_try(store, pkg):
+    from airflow_aicenter.records import EvaluationRecord
+
+    registry = Registry(store)
+    registry.upload(pkg, "churn")
+    run = RunRef(dag_id="d", run_id="r", task_id="evaluate", try_number=1)
+    registry.add_evaluation(EvaluationRecord(package="churn", version="1.0", score=0.8, run=run))
+    registry.add_evaluation(EvaluationRecord(package="churn", version="1.0", score=0.8, run=run))  # reattached step
+    registry.add_evaluation(EvaluationRecord(package="churn", version="1.0", score=0.9, run=run.model_copy(update={"try_number": 2})))
+    assert [e.score for e in registry.evaluations("churn", "1.0")] == [0.8, 0.9]
