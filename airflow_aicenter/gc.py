@@ -16,6 +16,9 @@ and only those:
   the grace period.
 - references are read twice: before and after the blobs are listed, and a blob is deleted
   only when neither pass found a reference, so a record written while gc runs is seen.
+- the runtime's snapshot hints (``snapshots/*.json``) take the blobs a manifest lists as
+  stored without checking each one; that holds because a manifest is written only after its
+  blobs and gc keeps every blob a manifest names.
 - a record that cannot be read stops gc before it deletes anything: never delete on partial
   knowledge.
 

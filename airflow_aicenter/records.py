@@ -110,6 +110,13 @@ class Manifest(Record):
     created_at: datetime = Field(default_factory=utcnow)
 
 
+class SnapshotHint(Record):
+    """The last snapshot manifest of a source: a hint that makes re-snapshots zero-copy, never authoritative."""
+
+    source: str
+    manifest: str
+
+
 class RunSpec(Record):
     """What the operator asks the runtime to do. Holds no secret: credentials come from env."""
 

@@ -21,14 +21,14 @@ from pathlib import Path
 from airflow_aicenter.crashpoints import crash_point
 from airflow_aicenter.errors import AICenterError, DatasetError, RunError
 from airflow_aicenter.package import extract_zip, iter_package_files, validate_package, write_zip
-from airflow_aicenter.records import BlobRef, Manifest, ManifestEntry, Outcome, RunSpec, write
+from airflow_aicenter.records import BlobRef, Outcome, RunSpec, write
 from airflow_aicenter.runtime.requirements import install_requirements
+from airflow_aicenter.runtime.snapshot import take_snapshot
 from airflow_aicenter.runtime.usercode import PackageCode, UserCodeError, check_score
 from airflow_aicenter.storage import Store, open_store
 from airflow_aicenter.storage.transfer import (
     FileEntry,
     download_tree,
-    ensure_blobs,
     get_blob,
     local_files,
     put_blob,
@@ -245,14 +245,8 @@ class Runner:
         entries = self.entries.get(name)
         if entries is None:  # a mounted dataset: hash it in place
             entries = [FileEntry(rel, *_digest(folder / rel)) for rel in local_files(folder)]
-        stats = run(ensure_blobs(self.store, folder, entries))
-        manifest = Manifest(
-            source=source, directory=name,
-            files=[ManifestEntry(path=e.path, sha256=e.sha256, size=e.size) for e in entries],
-            file_count=len(entries), total_bytes=stats.bytes,
-        )
         key = self.key(f"{name}.manifest.json")
-        write(self.store, key, manifest)
+        stats = take_snapshot(self.store, folder, entries, source=source, directory=name, key=key, log=log)
         self.outcome.snapshots[name] = self.store.url(key)
         log(f"snapshot of {name}: {stats.files} files ({human(stats.bytes)}), "
             f"{stats.uploaded_files} new blobs ({human(stats.uploaded_bytes)}) written")

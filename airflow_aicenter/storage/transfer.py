@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -281,16 +281,21 @@ async def stored_digests(store: Store, digests: set[str], ranges: int | None = N
     return present, unknown
 
 
-async def ensure_blobs(store: Store, root: Path, entries: Sequence[FileEntry], *, limit: int = CONCURRENCY) -> BlobStats:
+async def ensure_blobs(
+    store: Store, root: Path, entries: Sequence[FileEntry], *, known: Collection[str] = (), limit: int = CONCURRENCY
+) -> BlobStats:
     """Make sure every entry's content exists as a blob; upload only the missing ones.
 
     A blob key is its digest, so unchanged data is never written twice: a second snapshot of
     the same data reads a listing (S3, many files) or HEADs, and writes nothing. A concurrent
-    writer of the same blob is harmless.
+    writer of the same blob is harmless. ``known`` digests are taken as stored without a check
+    (the caller vouches for them, e.g. from a committed manifest).
     """
     unique: dict[str, FileEntry] = {}
     for entry in entries:
         unique.setdefault(entry.sha256, entry)
+    for digest in known:
+        unique.pop(digest, None)
     budget = MemoryBudget()
     listed: set[str] | None = None
     if store.scheme == "s3" and len(unique) >= LIST_MIN_FILES:

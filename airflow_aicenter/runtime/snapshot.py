@@ -1,0 +1,77 @@
+"""Snapshots of data folders: a manifest (path -> digest, size) over the content-addressed blob store.
+
+A blob's key is its digest, so data that is already stored is never written again. What
+makes a re-snapshot of a large dataset cheap is knowing *which* digests are stored without
+asking the store once per file: after each snapshot of a source (a dataset URI) the runtime
+leaves a hint, ``snapshots/<sha256 of the source>.json``, naming that snapshot's manifest.
+The next snapshot of the same source reads the hint and the manifest (two GETs) and takes
+the digests it lists as stored: a manifest is written only after all its blobs, and ``gc``
+never deletes a blob a manifest names. Only the digests the last manifest does not list
+(new or changed files) are checked and uploaded.
+
+The hint is never authoritative: a missing or unreadable hint or manifest, a source that
+does not match, or one missing blob in a random sample of the vouched-for digests, and the
+snapshot falls back to checking every digest (a listing or HEADs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from airflow_aicenter.errors import AICenterError
+from airflow_aicenter.records import Manifest, ManifestEntry, SnapshotHint, read_optional, write
+from airflow_aicenter.storage import Store
+from airflow_aicenter.storage.transfer import BlobStats, FileEntry, blob_key, ensure_blobs, run
+
+#: How many vouched-for digests are checked with a HEAD before the hint is trusted.
+SAMPLE = 8
+
+
+def hint_key(source: str) -> str:
+    return f"snapshots/{hashlib.sha256(source.encode()).hexdigest()}.json"
+
+
+def stored_by_hint(store: Store, source: str | None, digests: set[str], log: Callable[[str], None]) -> set[str]:
+    """The digests among ``digests`` that the last snapshot of ``source`` proves stored (maybe none)."""
+    if not source or not digests:
+        return set()
+    try:
+        hint = read_optional(store, hint_key(source), SnapshotHint)
+        if hint is None or hint.source != source:
+            return set()
+        manifest = read_optional(store, hint.manifest, Manifest)
+        if manifest is None:
+            return set()
+        known = digests & {entry.sha256 for entry in manifest.files}
+        sample = random.sample(sorted(known), min(SAMPLE, len(known)))
+        if any(not store.exists(blob_key(d)) for d in sample):
+            log(f"the last snapshot of {source} names blobs that are gone; checking every file")
+            return set()
+    except AICenterError as exc:  # a hint must never fail a run
+        log(f"snapshot hint for {source} not usable ({exc}); checking every file")
+        return set()
+    return known
+
+
+def take_snapshot(
+    store: Store, folder: Path, entries: Sequence[FileEntry], *, source: str | None, directory: str, key: str,
+    log: Callable[[str], None],
+) -> BlobStats:
+    """Store the blobs of ``entries`` that are missing, then the manifest at ``key``, then the hint."""
+    known = stored_by_hint(store, source, {e.sha256 for e in entries}, log)
+    stats = run(ensure_blobs(store, folder, entries, known=known))
+    manifest = Manifest(
+        source=source, directory=directory,
+        files=[ManifestEntry(path=e.path, sha256=e.sha256, size=e.size) for e in entries],
+        file_count=len(entries), total_bytes=stats.bytes,
+    )
+    write(store, key, manifest)
+    if source:
+        try:
+            write(store, hint_key(source), SnapshotHint(source=source, manifest=key))
+        except AICenterError as exc:
+            log(f"could not leave a snapshot hint ({exc}); the next snapshot of {source} checks every file")
+    return stats
