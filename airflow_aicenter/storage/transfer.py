@@ -27,6 +27,10 @@ CHUNK = 8 * 2**20
 #: Download chunk: 1 MiB keeps 64 large files in flight at 64 MiB of buffers (not 512), at the
 #: same speed (benchmarks/README.md, "download chunk").
 DOWNLOAD_CHUNK = 2**20
+#: Objects from this size on are received while a thread writes and hashes (PIPELINE_DEPTH
+#: chunks queued at most): a large download is then bound by the network, not by the sum.
+PIPELINE_MIN = 8 * 2**20
+PIPELINE_DEPTH = 4
 #: Files up to this size go up in one request (create-once where asked); larger ones as
 #: multipart uploads of CHUNK-sized parts, PARTS_IN_FLIGHT at a time.
 SINGLE_PUT_MAX = CHUNK
@@ -113,14 +117,21 @@ async def download_file(store: Store, key: str, dest: Path, *, expect_sha256: st
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.part")
     digest = hashlib.sha256()
-    size = 0
     with store._errors(key):
         result = await obstore.get_async(store.inner, key)
         with open(tmp, "wb") as fh:
-            async for chunk in result.stream(min_chunk_size=DOWNLOAD_CHUNK):
+
+            def sink(chunk: bytes) -> None:
                 fh.write(chunk)
                 digest.update(chunk)
-                size += len(chunk)
+
+            stream = result.stream(min_chunk_size=DOWNLOAD_CHUNK)
+            if result.meta["size"] >= PIPELINE_MIN:
+                await _pipelined(stream, sink)
+            else:
+                async for chunk in stream:
+                    sink(chunk)
+            size = fh.tell()
     hexdigest = digest.hexdigest()
     if expect_sha256 is not None and hexdigest != expect_sha256:
         tmp.unlink(missing_ok=True)
@@ -130,6 +141,29 @@ async def download_file(store: Store, key: str, dest: Path, *, expect_sha256: st
         )
     os.replace(tmp, dest)
     return FileEntry(key, hexdigest, size)
+
+
+async def _pipelined(stream: AsyncIterator[bytes], sink: Callable[[bytes], None]) -> None:
+    """Receive the next chunks while a thread writes and hashes the last one (both release the GIL).
+
+    At most PIPELINE_DEPTH chunks wait, so memory stays bounded whatever the object's size.
+    """
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=PIPELINE_DEPTH)
+
+    async def receive() -> None:
+        async for chunk in stream:
+            await queue.put(chunk)
+        await queue.put(None)
+
+    receiver = asyncio.ensure_future(receive())
+    try:
+        while (chunk := await queue.get()) is not None:
+            await asyncio.to_thread(sink, chunk)
+        await receiver  # re-raises a failed receive
+    finally:
+        if not receiver.done():
+            receiver.cancel()
+            await asyncio.gather(receiver, return_exceptions=True)
 
 
 async def download_tree(store: Store, dest: Path, *, prefix: str = "", limit: int = CONCURRENCY) -> list[FileEntry]:

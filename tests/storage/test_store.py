@@ -126,3 +126,22 @@ def test_wrong_credentials_name_the_fix(s3_server):
     store = open_store(f"s3://{bucket}-missing/p", bad)
     with pytest.raises(StorageError):
         store.put_bytes("k", b"v")
+
+
+def test_large_objects_download_through_the_pipeline_and_are_verified(store, tmp_path):
+    from airflow_aicenter.storage.transfer import PIPELINE_MIN
+
+    f = tmp_path / "model.bin"
+    f.write_bytes(os.urandom(PIPELINE_MIN + 3 * 2**20 + 17))  # pipelined path, several chunks, odd tail
+    digest = sha256_file(f).sha256
+    put_blob(store, f, digest)
+    got = get_blob(store, digest, tmp_path / "back.bin")
+    assert (got.sha256, got.size) == (digest, f.stat().st_size)
+    assert (tmp_path / "back.bin").read_bytes() == f.read_bytes()
+    # one flipped byte in the stored object: refused, no file left
+    damaged = bytearray(f.read_bytes())
+    damaged[PIPELINE_MIN + 5] ^= 0xFF
+    store.put_bytes(blob_key(digest), bytes(damaged))
+    with pytest.raises(StorageError, match="is corrupt"):
+        get_blob(store, digest, tmp_path / "bad.bin")
+    assert not (tmp_path / "bad.bin").exists() and not list(tmp_path.glob(".bad.bin.part"))
