@@ -47,18 +47,13 @@ SHAPES = {
 
 
 def seed_bucket(server, src: Path, bucket: str, prefix: str) -> None:
-    """Put the dataset in the server (untimed): a plain copy for rclone, s5cmd for moto."""
-    if server.kind == "rclone":
-        shutil.copytree(src, server.root / bucket / prefix)
-    else:
-        run_cmd([peer("s5cmd"), "--endpoint-url", server.endpoint, "cp", f"{src}/*", f"s3://{bucket}/{prefix}/"], server.env())
+    """Put the dataset in the server (untimed), through its S3 API: rclone serve s3 caches
+    directory listings, so files copied into its folder behind its back may stay invisible."""
+    run_cmd([peer("s5cmd"), "--endpoint-url", server.endpoint, "cp", f"{src}/*", f"s3://{bucket}/{prefix}/"], server.env())
 
 
 def clear_prefix(server, bucket: str, prefix: str) -> None:
-    if server.kind == "rclone":
-        shutil.rmtree(server.root / bucket / prefix, ignore_errors=True)
-    else:
-        run_cmd([peer("s5cmd"), "--endpoint-url", server.endpoint, "rm", f"s3://{bucket}/{prefix}/*"], server.env())
+    run_cmd([peer("s5cmd"), "--endpoint-url", server.endpoint, "rm", f"s3://{bucket}/{prefix}/*"], server.env())
 
 
 def bench_download(server, src: Path, work: Path, bucket: str, prefix: str, repeat: int, tools: list[str]) -> dict[str, list[float]]:

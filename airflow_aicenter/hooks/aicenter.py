@@ -115,8 +115,8 @@ class AICenterHook(BaseHook):
         )
 
     def get_store(self, uri: str | None = None) -> Store:
-        """The storage root, or any other URI (a dataset) with the same credentials."""
-        return open_store(uri or self.settings.storage, self.s3_options)
+        """The storage root, or any other URI (a dataset, which must exist) with the same credentials."""
+        return open_store(uri or self.settings.storage, self.s3_options, create=uri is None)
 
     def get_registry(self) -> Registry:
         return Registry(self.get_store())

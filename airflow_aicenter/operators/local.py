@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from airflow_aicenter.errors import ConfigurationError
-from airflow_aicenter.records import RunSpec
+from airflow_aicenter.records import RunSpec, redact
 
 #: Seconds between SIGTERM (the runtime records "killed") and SIGKILL.
 KILL_GRACE = 10
@@ -47,14 +47,6 @@ def check_gpus(requested: int) -> None:
             f"gpu={requested} was asked for, but this worker has {available} visible GPU(s) (nvidia-smi); "
             "run with launcher='kubernetes' to get a GPU node, or set gpu=False to train on CPU"
         )
-
-
-def redact(line: str, secrets: tuple[str, ...]) -> str:
-    """Our own guarantee, independent of Airflow's masker: known secret values never reach the log."""
-    for secret in secrets:
-        if secret and secret in line:
-            line = line.replace(secret, "***")
-    return line
 
 
 class LocalLauncher:

@@ -18,7 +18,7 @@ from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperato
 from airflow.sdk import Asset, AssetAlias
 
 from airflow_aicenter.crashpoints import crash_point
-from airflow_aicenter.errors import AICenterError, ConfigurationError, RunError
+from airflow_aicenter.errors import AICenterError, ConfigurationError, DatasetError, NotFoundError, RunError
 from airflow_aicenter.hooks.aicenter import LAUNCHERS, AICenterHook
 from airflow_aicenter.operators.kubernetes import KubernetesLauncher, check_infra, pvc_uri
 from airflow_aicenter.operators.links import ArtifactsLink, ResultsLink
@@ -36,6 +36,7 @@ from airflow_aicenter.records import (
     is_secret_key,
     masked_env,
     read_optional,
+    secret_values,
     write,
 )
 from airflow_aicenter.registry import Registry
@@ -202,17 +203,25 @@ class BasePipelineOperator(KubernetesLauncher, KubernetesPodOperator):
         ref.uri = store.url(ref.prefix)
         return ref
 
+    def render_template_fields(self, context: Context, jinja_env: Any = None) -> None:
+        """Mask secret-looking ``env`` values as soon as they exist, before Airflow stores the rendered fields.
+
+        Airflow's own masker knows a fixed list of names (token, password, ...), not ``*key*`` or
+        ``*credential*``; without this, ``env={"STRIPE_KEY": ...}`` would be kept in plain text in
+        the metadata database and shown in the UI's Rendered Template view.
+        """
+        super().render_template_fields(context, jinja_env)
+        self._mask_secrets()
+
     def _mask_secrets(self) -> None:
         from airflow.sdk.log import mask_secret
 
-        for key, value in self.env.items():
-            if is_secret_key(key) and value:
-                mask_secret(str(value), key)
+        # No name passed: Airflow only keeps a value whose name is on its own list (token, password, ...).
+        for value in secret_values(self.env):
+            mask_secret(value)
 
     def check_datasets(self, hook: AICenterHook) -> None:
         """Fail before compute when a dataset is missing, empty or unreadable."""
-        from airflow_aicenter.errors import DatasetError
-
         needed = {"train": ("dataset",), "evaluate": ("evaluation_dataset",), "full": ("dataset",)}[self.pipeline]
         for attr in needed:
             if not getattr(self, attr):
@@ -221,8 +230,11 @@ class BasePipelineOperator(KubernetesLauncher, KubernetesPodOperator):
             uri = getattr(self, attr)
             if not uri or uri.startswith("pvc://"):  # a mounted volume claim: the pod checks it
                 continue
-            store = hook.get_store(uri)
-            if next(iter(store.list("")), None) is None:
+            try:
+                empty = next(iter(hook.get_store(uri).list("")), None) is None
+            except NotFoundError:
+                empty = True
+            if empty:
                 raise DatasetError(f"{attr} {uri} is empty or does not exist; upload the data there or fix the URI")
 
     def build_spec(self, hook: AICenterHook, parent: VersionRecord, run: RunRef) -> RunSpec:
@@ -256,8 +268,8 @@ class BasePipelineOperator(KubernetesLauncher, KubernetesPodOperator):
         check_gpus(spec.gpu)
         self._local = LocalLauncher(self.log, python=self.python)
         runtime_env = hook.runtime_env()
-        secrets = tuple(v for k, v in {**runtime_env, **self.secret_env()}.items() if is_secret_key(k) and len(v) >= 4)
-        code = self._local.run(spec, {**runtime_env, **self.secret_env()}, secrets=secrets)
+        child_env = {**runtime_env, **self.secret_env()}
+        code = self._local.run(spec, child_env, secrets=secret_values(child_env))
         return self.read_outcome(hook.get_store(), spec, exit_code=code)
 
     def read_outcome(self, store: Store, spec: RunSpec, *, exit_code: int | None) -> Outcome:
@@ -328,6 +340,8 @@ class BasePipelineOperator(KubernetesLauncher, KubernetesPodOperator):
                 extra={"package": self.package, "version": new_version.version, "parent": parent.version,
                        "score": outcome.score, "run_uri": run.uri},
             )
+        for warning in outcome.warnings:
+            self.log.warning("%s", warning)
         self.log.info("Results: %s", results_uri)
         return value
 
@@ -365,7 +379,7 @@ class BasePipelineOperator(KubernetesLauncher, KubernetesPodOperator):
         if self.pipeline in ("train", "full"):
             inputs["train_data"] = self.dataset
             outputs["train_data"] = outcome.snapshots.get("data_directory")
-        if self.pipeline == "evaluate" or self.evaluation_dataset:
+        if self.pipeline in ("evaluate", "full"):  # a full run carries both datasets, null when not given
             inputs["evaluation_data"] = self.evaluation_dataset
             outputs["evaluation_data"] = outcome.snapshots.get("test_data_directory")
         if self.pipeline in ("evaluate", "full"):

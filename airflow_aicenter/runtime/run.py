@@ -19,9 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from airflow_aicenter.crashpoints import crash_point
-from airflow_aicenter.errors import AICenterError, DatasetError, RunError
+from airflow_aicenter.errors import AICenterError, DatasetError, NotFoundError, RunError
 from airflow_aicenter.package import extract_zip, iter_package_files, validate_package, write_zip
-from airflow_aicenter.records import BlobRef, Outcome, RunSpec, write
+from airflow_aicenter.records import BlobRef, Outcome, RunSpec, redact, secret_values, write
 from airflow_aicenter.runtime.requirements import install_requirements
 from airflow_aicenter.runtime.snapshot import take_snapshot
 from airflow_aicenter.runtime.usercode import PackageCode, UserCodeError, check_score
@@ -73,6 +73,8 @@ class Runner:
             status="running", pipeline=spec.pipeline, package=spec.package, version=spec.version, start_at=time.time()
         )
         self.entries: dict[str, list[FileEntry]] = {}
+        #: Values of secret-looking variables (the user's secret env, S3 keys): never in outcome.json.
+        self.secrets = secret_values(os.environ)
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -97,14 +99,14 @@ class Runner:
         except Killed:
             self.outcome.status, self.outcome.error = "killed", f"killed during {self.outcome.phase}"
         except UserCodeError as exc:
-            print(exc.details, file=sys.stderr, flush=True)
+            print(redact(exc.details, self.secrets), file=sys.stderr, flush=True)
             self._fail(str(exc))
         except AICenterError as exc:
             self._fail(str(exc))
         except Exception as exc:  # noqa: BLE001 - report, never hide
             import traceback
 
-            traceback.print_exc()
+            print(redact(traceback.format_exc(), self.secrets), file=sys.stderr, flush=True)
             self._fail(f"internal error during {self.outcome.phase}: {type(exc).__name__}: {exc}")
         finally:
             self.outcome.end_at = time.time()
@@ -116,6 +118,7 @@ class Runner:
         return self.outcome
 
     def _fail(self, cause: str) -> None:
+        cause = redact(cause, self.secrets)
         self.outcome.status, self.outcome.error = "failed", cause
         log(f"FAILED: {cause}")
 
@@ -173,7 +176,11 @@ class Runner:
 
     def _download(self, uri: str, dest: Path) -> list[FileEntry]:
         began = time.perf_counter()
-        entries = run(download_tree(open_store(uri), dest))
+        try:
+            source = open_store(uri, create=False)
+        except NotFoundError:
+            raise DatasetError(f"dataset {uri} does not exist; upload the data there or fix the URI") from None
+        entries = run(download_tree(source, dest))
         took = time.perf_counter() - began
         size = sum(e.size for e in entries)
         log(f"staged {len(entries)} files ({human(size)}) from {uri} in {took:.2f} s")

@@ -200,6 +200,11 @@ class _ErrorMap:
             return False
         where = self.store.url(self.key)
         first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        if "<Code>NoSuchBucket</Code>" in str(exc):
+            bucket = getattr(self.store, "bucket", "?")
+            raise StorageError(
+                f"bucket {bucket!r} does not exist (reading or writing {where}); create it, or fix the bucket name in the URI"
+            ) from exc
         if isinstance(exc, (FileNotFoundError, obx.NotFoundError)):
             raise NotFoundError(f"{where} does not exist") from exc
         if isinstance(exc, obx.AlreadyExistsError):
@@ -248,16 +253,23 @@ class S3Store(Store):
         kind = "object" if key and not key.endswith("/") else "buckets"
         if kind == "object":
             return f"https://{region}.console.aws.amazon.com/s3/object/{self.bucket}?region={region}&prefix={quote(full)}"
-        return f"https://{region}.console.aws.amazon.com/s3/buckets/{self.bucket}?region={region}&prefix={quote(full)}/"
+        folder = quote(full.rstrip("/"))
+        return f"https://{region}.console.aws.amazon.com/s3/buckets/{self.bucket}?region={region}&prefix={folder + '/' if folder else ''}"
 
 
 class LocalStore(Store):
     scheme = "file"
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, *, create: bool = True) -> None:
+        """``create=False`` opens an existing folder only (a dataset): a typo must not make one."""
         self.root = local_path(uri)
-        self.root.mkdir(parents=True, exist_ok=True)
-        super().__init__(self.root.as_uri(), _ObLocalStore(self.root, mkdir=True))
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigurationError(f"{self.root.as_uri()} is a file, not a folder; give the folder that holds it")
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        elif not self.root.is_dir():
+            raise NotFoundError(f"{self.root.as_uri()} does not exist")
+        super().__init__(self.root.as_uri(), _ObLocalStore(self.root, mkdir=create))
 
     def child(self, prefix: str) -> LocalStore:
         return LocalStore(str(self.root / prefix.strip("/")))
@@ -282,15 +294,19 @@ def local_path(uri: str) -> Path:
     return path
 
 
-def open_store(uri: str, s3: S3Options | None = None) -> Store:
-    """The store for a URI: ``s3://bucket/prefix``, ``file:///abs/path`` or an absolute path."""
+def open_store(uri: str, s3: S3Options | None = None, *, create: bool = True) -> Store:
+    """The store for a URI: ``s3://bucket/prefix``, ``file:///abs/path`` or an absolute path.
+
+    ``create=False`` is for reading what must already be there (datasets): a missing local
+    folder is a NotFoundError instead of a new empty folder.
+    """
     if not isinstance(uri, str) or not uri.strip():
         raise ConfigurationError("storage URI is empty; use s3://bucket/prefix or file:///absolute/path")
     scheme = urlparse(uri).scheme
     if scheme == "s3":
         return S3Store(uri, s3)
     if scheme in ("file", ""):
-        return LocalStore(uri)
+        return LocalStore(uri, create=create)
     raise ConfigurationError(
         f"storage URI {uri!r} has scheme {scheme!r}, which is not supported; use s3://bucket/prefix or file:///absolute/path"
     )

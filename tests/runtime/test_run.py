@@ -168,6 +168,22 @@ def test_user_error_is_one_line_with_location_and_full_traceback_in_log(tmp_path
     assert "Traceback (most recent call last)" in done.stderr
 
 
+def test_a_secret_in_a_user_error_never_reaches_outcome_or_log(tmp_path):
+    from airflow_aicenter.storage import open_store
+    store = open_store((tmp_path / "s").as_uri())
+    train_py = ("import os\nclass Main:\n    def __init__(self):\n        pass\n    def train(self, d):\n"
+                "        raise RuntimeError('login refused for key ' + os.environ['STRIPE_KEY'])\n"
+                "    def save(self):\n        pass\n")
+    _, spec = setup_run(store, tmp_path, train_py=train_py)
+    done = run_runtime(spec, tmp_path, env={"STRIPE_KEY": "sk-live-4242-very-secret", "AICENTER_TERMINATION_LOG": str(tmp_path / "term")})
+    assert done.returncode == 1
+    outcome = read(store, f"{spec.run_prefix}/outcome.json", Outcome)
+    assert outcome.error == "Main.train() raised RuntimeError: login refused for key *** (train.py:6)"
+    assert "login refused for key ***" in done.stderr and "Traceback" in done.stderr
+    assert "sk-live-4242" not in done.stdout + done.stderr
+    assert (tmp_path / "term").read_text() == outcome.error
+
+
 def test_sigterm_records_killed(tmp_path):
     import time
     from airflow_aicenter.storage import open_store

@@ -118,14 +118,15 @@ def test_bad_storage_uris(uri, message):
         open_store(uri)
 
 
-def test_wrong_credentials_name_the_fix(s3_server):
+def test_a_missing_bucket_names_the_fix(s3_server):
     from airflow_aicenter.storage import S3Options
 
     bucket = s3_server.create_bucket()
-    bad = S3Options(endpoint_url=s3_server.endpoint, region="us-east-1", access_key_id="x", secret_access_key="y")
-    store = open_store(f"s3://{bucket}-missing/p", bad)
-    with pytest.raises(StorageError):
-        store.put_bytes("k", b"v")
+    options = S3Options(endpoint_url=s3_server.endpoint, region="us-east-1", access_key_id="x", secret_access_key="y")
+    store = open_store(f"s3://{bucket}-missing/p", options)
+    for request in (lambda: store.put_bytes("k", b"v"), lambda: store.get_bytes("k"), lambda: list(store.list(""))):
+        with pytest.raises(StorageError, match=f"bucket '{bucket}-missing' does not exist .*create it, or fix the bucket name"):
+            request()
 
 
 def test_large_objects_download_through_the_pipeline_and_are_verified(store, tmp_path):
@@ -145,3 +146,31 @@ def test_large_objects_download_through_the_pipeline_and_are_verified(store, tmp
     with pytest.raises(StorageError, match="is corrupt"):
         get_blob(store, digest, tmp_path / "bad.bin")
     assert not (tmp_path / "bad.bin").exists() and not list(tmp_path.glob(".bad.bin.part"))
+
+
+def test_reading_a_missing_local_folder_never_creates_it(tmp_path):
+    missing = tmp_path / "typo" / "dataset"
+    with pytest.raises(NotFoundError, match="does not exist"):
+        open_store(missing.as_uri(), create=False)
+    assert not (tmp_path / "typo").exists(), "a typo in a dataset URI must not leave a folder behind"
+    a_file = tmp_path / "rows.csv"
+    a_file.write_text("a\n1\n")
+    with pytest.raises(ConfigurationError, match="is a file, not a folder"):
+        open_store(a_file.as_uri(), create=False)
+    with pytest.raises(ConfigurationError, match="is a file, not a folder"):
+        open_store(a_file.as_uri())
+    assert open_store((tmp_path / "new-root").as_uri()).list("") is not None and (tmp_path / "new-root").is_dir()
+
+
+def test_browse_links_for_the_aws_console_and_for_custom_endpoints():
+    from airflow_aicenter.storage import S3Options
+
+    aws = open_store("s3://bucket/team/aicenter", S3Options(region="eu-west-1"))
+    folder = aws.browse_url("runs/d/r/t/1/artifacts/")
+    assert folder == ("https://eu-west-1.console.aws.amazon.com/s3/buckets/bucket?region=eu-west-1"
+                      "&prefix=team/aicenter/runs/d/r/t/1/artifacts/")
+    assert aws.browse_url("runs/d/r/t/1/_results.json") == (
+        "https://eu-west-1.console.aws.amazon.com/s3/object/bucket?region=eu-west-1"
+        "&prefix=team/aicenter/runs/d/r/t/1/_results.json")
+    minio = open_store("s3://bucket/p", S3Options(endpoint_url="http://127.0.0.1:9000/", region="us-east-1"))
+    assert minio.browse_url("runs/x/_results.json") == "http://127.0.0.1:9000/bucket/p/runs/x/_results.json"
