@@ -164,6 +164,7 @@ def _version_row(registry: Registry, record: VersionRecord, pointed: dict[str, l
     judged = version_score(registry, record.package, record.version, record=record, evaluations=evaluations)
     return {
         "version": record.version, "parent": record.parent, "pipeline": record.pipeline, "score": record.score,
+        "evaluated_on": record.evaluated_on,
         "evaluations": [{"score": e.score, "dataset": e.dataset, "run": e.run.label if e.run else None,
                          "created_at": e.created_at.isoformat()} for e in evaluations],
         "judged_score": judged.score, "judged_by": judged.source,
@@ -264,7 +265,8 @@ def _print_version_detail(data: dict[str, Any]) -> None:
 def cmd_package_promote(args: argparse.Namespace, registry: Registry) -> int:
     name, spec = split_ref(args.ref, need_version=True)
     record = registry.resolve(name, spec or "latest")
-    decision = promote(registry, name, args.alias, record.version, score=version_score(registry, name, record.version).score,
+    judged = version_score(registry, name, record.version)
+    decision = promote(registry, name, args.alias, record.version, score=judged.score, evaluated_on=judged.on,
                        promote_if=args.promote_if, set_by=f"cli:{getpass.getuser()}")
     if args.json:
         emit_json({"package": name, "promoted": decision.promoted, **decision.as_dict()})

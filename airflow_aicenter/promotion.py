@@ -37,7 +37,8 @@ class Promotion:
 @dataclass(frozen=True)
 class VersionScore:
     score: float | None
-    source: str  # "evaluation <time>", "record" or "none"
+    source: str  # where the score comes from, for the decision's reason
+    on: str | None = None  # the data it was measured on, when known
 
 
 def version_score(
@@ -47,22 +48,32 @@ def version_score(
     *,
     record: VersionRecord | None = None,
     evaluations: list[EvaluationRecord] | None = None,
+    on: str | None = None,
 ) -> VersionScore:
-    """The score a version is judged by: its latest evaluation's, else the one its run recorded.
+    """The score a version is judged by.
 
-    The latest evaluation wins because evaluation runs on a fixed holdout are the comparable
-    numbers; a full pipeline's own score comes from whatever split its ``process_data`` made.
+    With ``on`` (what the candidate was scored on), a score measured on that same data comes
+    first: the latest evaluation on it, else the version's own run score if that run
+    evaluated on it. Scores on different data are not comparable, so only without such a
+    score: the latest evaluation (a fixed holdout is the usual comparable number), else the
+    score its own run recorded. The source says which, so a decision can be checked.
     ``record`` / ``evaluations`` save the reads when the caller has them already.
     """
     if evaluations is None:
         evaluations = registry.evaluations(package, version)
     scored = [e for e in evaluations if e.score is not None]
+    same = [e for e in scored if on is not None and e.dataset == on]
+    if same:
+        return VersionScore(same[-1].score, f"evaluation on the same data, {same[-1].created_at:%Y-%m-%d %H:%M:%S}", on)
+    record = record or registry.get(package, version)
+    if on is not None and record.score is not None and record.evaluated_on == on:
+        return VersionScore(record.score, f"{record.pipeline} run on the same data", on)
+    elsewhere = " on other data" if on is not None else ""
     if scored:
         last = scored[-1]
-        return VersionScore(last.score, f"evaluation of {last.created_at:%Y-%m-%d %H:%M:%S}")
-    record = record or registry.get(package, version)
+        return VersionScore(last.score, f"evaluation{elsewhere} of {last.created_at:%Y-%m-%d %H:%M:%S}", last.dataset)
     if record.score is not None:
-        return VersionScore(record.score, f"{record.pipeline} run")
+        return VersionScore(record.score, f"{record.pipeline} run{elsewhere}", record.evaluated_on)
     return VersionScore(None, "none")
 
 
@@ -74,7 +85,8 @@ def check_promote_if(promote_if: str) -> str:
 
 
 def _decide(
-    registry: Registry, package: str, alias: str, version: str, score: float | None, promote_if: str, current: AliasRecord | None
+    registry: Registry, package: str, alias: str, version: str, score: float | None, promote_if: str,
+    current: AliasRecord | None, on: str | None,
 ) -> tuple[bool, str]:
     if current is not None and current.version == version:
         return False, f"{alias!r} already points at {version}"
@@ -85,7 +97,7 @@ def _decide(
                        "give the run evaluation data or use promote_if='always'")
     if current is None:
         return True, f"score {score:.6g}; alias {alias!r} did not exist yet"
-    theirs = version_score(registry, package, current.version)
+    theirs = version_score(registry, package, current.version, on=on)
     if theirs.score is None:
         return True, f"score {score:.6g}; the current {alias} version {current.version} has no score"
     if score > theirs.score:
@@ -102,14 +114,18 @@ def promote(
     score: float | None,
     promote_if: str = "better",
     set_by: str = "",
+    evaluated_on: str | None = None,
 ) -> Promotion:
-    """Point ``alias`` at ``version`` if ``promote_if`` allows it, atomically and with history."""
+    """Point ``alias`` at ``version`` if ``promote_if`` allows it, atomically and with history.
+
+    ``evaluated_on`` names the data ``score`` was measured on (see :func:`version_score`).
+    """
     validate_alias_name(alias)
     check_promote_if(promote_if)
     last: dict[str, Any] = {}
 
     def condition(current: AliasRecord | None) -> bool:
-        ok, reason = _decide(registry, package, alias, version, score, promote_if, current)
+        ok, reason = _decide(registry, package, alias, version, score, promote_if, current, evaluated_on)
         last.update(current=current.version if current else None, reason=reason)
         return ok
 

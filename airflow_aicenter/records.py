@@ -67,6 +67,9 @@ class VersionRecord(Record):
     run: RunRef | None = None
     snapshot: str | None = None
     score: float | None = None
+    #: What ``score`` was measured on: the evaluation dataset's URI, or ``<dataset>#process_data``
+    #: for the split a full run's ``process_data`` made. Promotion compares like with like.
+    evaluated_on: str | None = None
     description: str = ""
     created_at: datetime = Field(default_factory=utcnow)
     created_by: str = ""

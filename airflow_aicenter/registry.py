@@ -208,6 +208,7 @@ class Registry:
         run: RunRef | None = None,
         snapshot: str | None = None,
         score: float | None = None,
+        evaluated_on: str | None = None,
         created_by: str = "",
         description: str = "",
     ) -> VersionRecord:
@@ -219,7 +220,8 @@ class Registry:
         def make(version: Version) -> bytes:
             record = VersionRecord(
                 package=name, version=str(version), blob=blob, parent=parent, pipeline=pipeline,  # type: ignore[arg-type]
-                run=run, snapshot=snapshot, score=score, created_by=created_by, description=description,
+                run=run, snapshot=snapshot, score=score, evaluated_on=evaluated_on, created_by=created_by,
+                description=description,
             )
             made[:] = [record]
             return record.model_dump_json(indent=2).encode()

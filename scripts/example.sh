@@ -29,7 +29,8 @@ import os
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
 registry = Registry(open_store(os.path.join(os.environ["AIRFLOW_HOME"], "aicenter")))
-record = next(r for r in registry.versions("churn") if r.pipeline == "train")
+# the newest version a training run made (run this script again and it trains again)
+record = max((r for r in registry.versions("churn") if r.pipeline == "train"), key=lambda r: r.created_at)
 print(f"\nNew version from aicenter_training: churn {record.version} (parent {record.parent})")
 print(f"_results.json: {registry.store.url(record.run.prefix + '/_results.json')}")
 print(f"artifacts:     {registry.store.url(record.run.prefix + '/artifacts/')}")

@@ -295,7 +295,7 @@ class BasePipelineOperator(KubernetesLauncher, KubernetesPodOperator):
         snapshot = outcome.snapshots.get("data_directory")
         record = registry.commit_once(
             self.package, run=run, parent=parent.version, blob=outcome.blob, pipeline=self.pipeline,
-            snapshot=snapshot, score=outcome.score, created_by=f"{run.dag_id}.{run.task_id}",
+            snapshot=snapshot, score=outcome.score, evaluated_on=self.evaluated_on(outcome), created_by=f"{run.dag_id}.{run.task_id}",
             description=parent.description,
         )
         self.log.info("Registered %s version %s (parent %s)", self.package, record.version, parent.version)
@@ -345,6 +345,12 @@ class BasePipelineOperator(KubernetesLauncher, KubernetesPodOperator):
         self.log.info("Results: %s", results_uri)
         return value
 
+    def evaluated_on(self, outcome: Outcome) -> str | None:
+        """The data this run's score was measured on: the evaluation dataset, else the full run's own split."""
+        if outcome.score is None:
+            return None
+        return self.evaluation_dataset or f"{self.dataset}#process_data"
+
     def promote(self, registry: Registry, run: RunRef, candidate: VersionRecord, outcome: Outcome) -> dict[str, Any]:
         """Point ``promote_to`` at the run's version (full: the new one; evaluate: the evaluated one) if earned.
 
@@ -354,7 +360,7 @@ class BasePipelineOperator(KubernetesLauncher, KubernetesPodOperator):
             return {}
         decision = promote(
             registry, self.package, self.promote_to, candidate.version, score=outcome.score,
-            promote_if=self.promote_if, set_by=f"run {run.label}",
+            promote_if=self.promote_if, set_by=f"run {run.label}", evaluated_on=self.evaluated_on(outcome),
         )
         if decision.promoted:
             self.log.info("Promoted %s %r: %s -> %s (%s)", self.package, self.promote_to,

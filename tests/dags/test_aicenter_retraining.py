@@ -8,7 +8,9 @@ asset-scheduled DAG falls back to its ``version`` param.
 
 from __future__ import annotations
 
+import csv
 import json
+import random
 import shutil
 
 import pytest
@@ -99,3 +101,22 @@ def test_retraining_promotes_and_each_new_version_is_evaluated(airflow_env):
     assert triggered["promoted"] is False and triggered["promotion"]["reason"] == "'staging' already points at 1.1"
     assert [e.run.run_id for e in registry.evaluations("churn", "1.1")][-1] == run["run_id"]
     assert queued_for(home, CONSUMER) == 0
+
+    # 5. a bad week of data (labels shuffled: nothing to learn): a new version, but production stays
+    bad = make_dataset(home / "aicenter-datasets" / "churn-shuffled", rows=300, seed=9)
+    bad = bad if bad.is_file() else bad / "churn.csv"
+    rows = list(csv.DictReader(bad.open()))
+    labels = [r["churned"] for r in rows]
+    random.Random(5).shuffle(labels)
+    with bad.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({**r, "churned": label} for r, label in zip(rows, labels))
+    done = airflow_env.dags_test("aicenter_retraining", {"dataset": bad.parent.as_uri()}, extra_env=unpaused)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    worse = xcoms(home, "aicenter_retraining")["retrain"]["return_value"]
+    assert worse["version"] == "2.1" and worse["score"] < value["score"]
+    assert worse["promoted"] is False and worse["promotion"]["from"] == "1.1"
+    assert " is not above " in worse["promotion"]["reason"] and "current production version 1.1" in worse["promotion"]["reason"]
+    assert registry.resolve("churn", "production").version == "1.1"
+    assert [h.version for h in registry.alias_history("churn", "production")] == ["1.1"]

@@ -66,6 +66,36 @@ def test_better_promotes_and_worse_does_not(store, tmp_path):
         promote(registry, "scored", "production", v1, score=1.0, promote_if="sometimes")
 
 
+def test_better_compares_scores_measured_on_the_same_data(store, tmp_path):
+    registry = Registry(store)
+    upload_package(registry, tmp_path, "scored", SCORED_TRAIN)
+    base = registry.get("scored", "1.0")
+    split, holdout = "s3://b/churn#process_data", "s3://b/churn-holdout"
+
+    def full(score: float, on: str) -> str:
+        return registry.commit("scored", parent="1.0", blob=base.blob, pipeline="full", score=score, evaluated_on=on).version
+
+    v1 = full(0.9, split)
+    assert promote(registry, "scored", "production", v1, score=0.9, evaluated_on=split).promoted
+    registry.add_evaluation(EvaluationRecord(package="scored", version=v1, score=0.6, dataset=holdout))
+    # 0.8 beats production's holdout score (0.6) but not its score on the same split (0.9): not promoted
+    v2 = full(0.8, split)
+    decision = promote(registry, "scored", "production", v2, score=0.8, evaluated_on=split)
+    assert not decision.promoted
+    assert decision.reason == "score 0.8 is not above 0.9 of the current production version 1.1 (full run on the same data)"
+    # scored on the holdout: compared with production's holdout evaluation
+    decision = promote(registry, "scored", "production", full(0.7, holdout), score=0.7, evaluated_on=holdout)
+    assert decision.promoted and decision.reason.startswith("score 0.7 > 0.6 of the current production version 1.1 "
+                                                            "(evaluation on the same data, ")
+    # no comparable score: the latest evaluation is used, and the reason says it is on other data
+    v4 = full(0.95, "file:///elsewhere#process_data")
+    decision = promote(registry, "scored", "staging", v1, score=0.9, evaluated_on=split)
+    decision = promote(registry, "scored", "staging", v4, score=0.95, evaluated_on="file:///elsewhere#process_data")
+    assert decision.promoted and "(evaluation on other data of " in decision.reason
+    assert version_score(registry, "scored", v1).on == holdout
+    assert registry.get("scored", v2).evaluated_on == split
+
+
 def _race(registry: Registry, versions: list[str], scores: list, promote_if: str) -> tuple[list, int]:
     """All threads promote at once; returns their decisions and how many alias writes lost a race."""
     barrier, lock, lost = threading.Barrier(len(versions)), threading.Lock(), [0]
