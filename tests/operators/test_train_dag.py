@@ -9,6 +9,7 @@ import pytest
 from airflow_aicenter.records import Manifest, Outcome, Results, VersionRecord, read
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
+from tests.aicenter_helpers import asset_events, xcoms
 from tests.conftest import EXAMPLE_PACKAGE, make_dataset, write_files
 
 pytestmark = pytest.mark.airflow
@@ -56,6 +57,35 @@ def test_example_training_dag_creates_a_version(deployment, airflow_env):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert [r.version for r in registry.versions("churn")] == ["1.0", "1.1", "1.2"]
     assert registry.get("churn", "1.2").parent == "1.0"
+
+
+def test_example_training_dag_on_the_embedded_default(airflow_env, tmp_path):
+    """No connection at all: file store under $AIRFLOW_HOME/aicenter, local launcher; XCom and Asset event."""
+    registry = Registry(open_store(airflow_env.default_store_uri))
+    registry.upload(EXAMPLE_PACKAGE, "churnlocal")
+    data = make_dataset(tmp_path / "data", rows=200)
+    dataset = (data.parent if data.is_file() else data).as_uri()
+    done = airflow_env.dags_test("aicenter_training", {"package": "churnlocal", "dataset": dataset})
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+    record = registry.resolve("churnlocal", "latest")
+    assert (record.version, record.parent) == ("1.1", "1.0")
+    store = registry.store
+    assert store.uri == airflow_env.default_store_uri
+    prefix = record.run.prefix
+    value = xcoms(airflow_env.home, "aicenter_training")["train"]["return_value"]
+    assert value == {
+        "package": "churnlocal", "version": "1.1",
+        "package_uri": store.url(f"blobs/sha256/{record.blob.sha256}"),
+        "results_uri": store.url(f"{prefix}/_results.json"),
+        "artifacts_uri": store.url(f"{prefix}/artifacts/"),
+        "snapshot_uri": store.url(f"{prefix}/data_directory.manifest.json"),
+        "score": None,
+        "run_uri": store.url(prefix),
+    }
+    assert store.exists(f"{prefix}/_results.json") and store.exists(f"blobs/sha256/{record.blob.sha256}")
+    [event] = [e for e in asset_events(airflow_env.home, "aicenter://churnlocal/") if e["dag_id"] == "aicenter_training"]
+    assert event["extra"] == {"package": "churnlocal", "version": "1.1", "parent": "1.0", "score": None, "run_uri": store.url(prefix)}
 
 
 CRASHING_TRAIN = '''
