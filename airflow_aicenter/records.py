@@ -158,6 +158,21 @@ class Outcome(Record):
     snapshots: dict[str, str] = Field(default_factory=dict)  # directory name -> manifest URI
     error: str | None = None  # one-line cause
     warnings: list[str] = Field(default_factory=list)
+    # The run's inputs, so the records show a failed run's parameters too (no secret: masked).
+    dataset: str | None = None
+    evaluation_dataset: str | None = None
+    env: dict[str, str] | None = None
+
+    @classmethod
+    def starting(cls, spec: RunSpec, status: RunStatus = "running", **fields: Any) -> Outcome:
+        """The outcome of a run of ``spec`` at its start: inputs filled in, the rest to come.
+
+        Also written on the runtime's behalf when it could not report (killed, never started).
+        """
+        return cls(
+            status=status, pipeline=spec.pipeline, package=spec.package, version=spec.version, start_at=time.time(),
+            dataset=spec.dataset, evaluation_dataset=spec.evaluation_dataset, env=masked_env(spec.env), **fields,
+        )
 
     @property
     def execution_time(self) -> float:

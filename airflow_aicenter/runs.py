@@ -2,9 +2,10 @@
 
 A run is one task try's folder ``runs/<dag_id>/<run_id>/<task>/<try>/``; its id is that path
 without ``runs/`` (``dag/run/task/try``). A folder is a run once its ``outcome.json`` exists,
-which the runtime writes before any user code starts, so failed and killed runs are recorded
-with their cause just like successful ones. ``_results.json`` (success) adds the datasets and
-the (masked) env parameters; ``registration.json`` the version the run created.
+which the runtime writes before any user code starts (and the operator for a run it refuses
+before compute, phase "prepare"), so failed and killed runs are recorded with their cause and
+inputs just like successful ones. ``_results.json`` (success) adds the AI Center view;
+``registration.json`` the version the run created.
 
 No Airflow import: the ``aicenter`` CLI reads stores without Airflow.
 """
@@ -82,16 +83,19 @@ class RunRecord:
 
     @property
     def dataset(self) -> str | None:
-        return self._input("train_data")
+        return self._input("train_data") if self.results else self.outcome.dataset
 
     @property
     def evaluation_dataset(self) -> str | None:
-        return self._input("evaluation_data")
+        return self._input("evaluation_data") if self.results else self.outcome.evaluation_dataset
 
     @property
     def env(self) -> dict[str, str] | None:
-        """The run's env parameters, masked as in ``_results.json`` (None: the run never wrote results)."""
-        env = (self.results or {}).get("parameters", {}).get("env")
+        """The run's env parameters, masked: from ``_results.json``, else (a failed run) from ``outcome.json``.
+
+        None only for records older than outcome inputs.
+        """
+        env = (self.results or {}).get("parameters", {}).get("env") if self.results else self.outcome.env
         return None if env is None else masked_env(env)
 
     @property

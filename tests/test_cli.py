@@ -117,7 +117,7 @@ def test_runs_compare(filled, capsys):
     assert fields["pipeline"] == ["full", "evaluate", "evaluate"] and fields["status"] == ["succeeded", "succeeded", "failed"]
     assert fields["score"] == [0.7, 0.8, None] and fields["version"] == ["1.1", "1.2", "1.2"]
     assert fields["new_version"] == ["1.2", None, None] and fields["env.EPOCHS"] == ["4", None, None]
-    assert fields["env.SCORE"] == ["0.7", "0.8", None], "a failed run wrote no results: its env is unknown"
+    assert fields["env.SCORE"] == ["0.7", "0.8", "nan"], "a failed run wrote no results: its env comes from outcome.json"
     assert {"pipeline", "status", "score", "env.EPOCHS"} <= set(compared["differs"]) and "package" not in compared["differs"]
     assert fields["duration_s"][0] > 0 and len(fields["start"]) == 3
 

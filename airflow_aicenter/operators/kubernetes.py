@@ -571,12 +571,10 @@ class KubernetesLauncher:
             return self._complete(context, outcome)
         if outcome is None and code is None:
             cause = f"the training pod did not run: {_first_lines(failure) if failure else 'it ended without starting the runtime'}"
-            write(store, key, Outcome(status="failed", pipeline=spec.pipeline, package=spec.package, version=spec.version,
-                                      start_at=time.time(), end_at=time.time(), error=cause))
+            write(store, key, Outcome.starting(spec, "failed", end_at=time.time(), error=cause))
             raise RunError(f"{spec.pipeline} run of {spec.package}:{spec.version} failed: {cause}") from None
         if outcome is None or outcome.status == "running":
-            outcome = outcome or Outcome(status="running", pipeline=spec.pipeline, package=spec.package, version=spec.version,
-                                         start_at=time.time())
+            outcome = outcome or Outcome.starting(spec)
             detail = f"exit code {code}" + (f", {reason}" if reason else "")
             outcome.status, outcome.end_at = "failed", time.time()
             outcome.error = (f"the pod's container ended ({detail}) during {outcome.phase or 'start-up'} before the runtime "
@@ -607,8 +605,7 @@ class KubernetesLauncher:
                 time.sleep(0.5)
                 outcome = read_optional(store, key, Outcome)
             if outcome is None or outcome.status == "running":
-                outcome = outcome or Outcome(status="running", pipeline=spec.pipeline, package=spec.package,
-                                             version=spec.version, start_at=time.time())
+                outcome = outcome or Outcome.starting(spec)
                 outcome.status, outcome.end_at = "killed", time.time()
                 outcome.error = f"killed by Airflow (task stopped) during {outcome.phase or 'start-up'}"
                 write(store, key, outcome)

@@ -36,6 +36,7 @@ from airflow_aicenter.records import (
     is_secret_key,
     masked_env,
     read_optional,
+    redact,
     secret_values,
     write,
 )
@@ -169,11 +170,17 @@ class BasePipelineOperator(KubernetesLauncher, KubernetesPodOperator):
         self._mask_secrets()
         run = self.run_ref(context, store)
 
-        parent = registry.resolve(self.package, str(self.version))
-        self.log.info("Package %s version %s (resolved from %r), run folder %s", self.package, parent.version, self.version, run.uri)
-        registry.check(parent, self.pipeline)
-        self.check_datasets(hook)
-        spec = self.build_spec(hook, parent, run)
+        try:
+            parent = registry.resolve(self.package, str(self.version))
+            self.log.info("Package %s version %s (resolved from %r), run folder %s", self.package, parent.version, self.version, run.uri)
+            registry.check(parent, self.pipeline)
+            self.check_datasets(hook)
+            if launcher != "kubernetes":
+                self.check_local()
+            spec = self.build_spec(hook, parent, run)
+        except AICenterError as exc:
+            self.record_refused(store, run, exc)
+            raise
         if launcher == "kubernetes":
             # Sync: runs the pod, then complete(); deferrable: defers, trigger_reentry() completes.
             return self.execute_kubernetes(context, hook, spec, run)
@@ -257,15 +264,31 @@ class BasePipelineOperator(KubernetesLauncher, KubernetesPodOperator):
         """User parameters whose names look secret travel as process env, never in the spec."""
         return {k: str(v) for k, v in self.env.items() if is_secret_key(k)}
 
-    def launch(self, context: Context, hook: AICenterHook, spec: RunSpec, launcher: str) -> Outcome:
-        """The local launcher: the runtime as a child process (launcher="kubernetes" goes to execute_kubernetes)."""
+    def record_refused(self, store: Store, run: RunRef, error: AICenterError) -> None:
+        """A run refused before compute is recorded too (phase "prepare"), so the run records show it."""
+        now = time.time()
+        outcome = Outcome(
+            status="failed", pipeline=self.pipeline, package=self.package, version=str(self.version), start_at=now,
+            end_at=now, phase="prepare", error=redact(str(error), secret_values(self.env)), dataset=self.dataset,
+            evaluation_dataset=self.evaluation_dataset, env=masked_env(self.env),
+        )
+        try:
+            write(store, f"{run.prefix}/outcome.json", outcome)
+        except AICenterError as exc:  # the store itself may be what is wrong: the original error matters more
+            self.log.warning("Could not record the refused run in %s: %s", run.uri, exc)
+
+    def check_local(self) -> None:
+        """What the local launcher cannot do, refused before anything starts."""
         if self.dataset_volume_claim:
             raise ConfigurationError(
                 "dataset_volume_claim mounts a volume into a pod and needs launcher='kubernetes'; "
                 "with the local launcher pass dataset='file:///path/to/data'"
             )
+        check_gpus(self.gpu)
+
+    def launch(self, context: Context, hook: AICenterHook, spec: RunSpec, launcher: str) -> Outcome:
+        """The local launcher: the runtime as a child process (launcher="kubernetes" goes to execute_kubernetes)."""
         spec = spec.model_copy(update={"install_requirements": bool(self.install_requirements)})
-        check_gpus(spec.gpu)
         self._local = LocalLauncher(self.log, python=self.python)
         runtime_env = hook.runtime_env()
         child_env = {**runtime_env, **self.secret_env()}
@@ -277,7 +300,7 @@ class BasePipelineOperator(KubernetesLauncher, KubernetesPodOperator):
         key = f"{spec.run_prefix}/outcome.json"
         outcome = read_optional(store, key, Outcome)
         if outcome is None or outcome.status == "running":
-            outcome = outcome or Outcome(status="failed", pipeline=spec.pipeline, package=spec.package, version=spec.version, start_at=time.time())
+            outcome = outcome or Outcome.starting(spec, "failed")
             outcome.status = "failed"
             outcome.end_at = time.time()
             outcome.error = (

@@ -69,9 +69,7 @@ class Runner:
         self.spec, self.store = spec, store
         self.work = workdir.resolve()
         self.dirs = {name: self.work / name.removesuffix("_directory") for name in DIRECTORIES}
-        self.outcome = Outcome(
-            status="running", pipeline=spec.pipeline, package=spec.package, version=spec.version, start_at=time.time()
-        )
+        self.outcome = Outcome.starting(spec)
         self.entries: dict[str, list[FileEntry]] = {}
         #: Values of secret-looking variables (the user's secret env, S3 keys): never in outcome.json.
         self.secrets = secret_values(os.environ)

@@ -173,10 +173,13 @@ def test_bad_scores_empty_training_split_and_unknown_alias_fail_clearly(airflow_
     assert set(task_states(airflow_env.home, "aicenter_test_bad_inputs").values()) == {"failed"}
     store = registry.store
     outcomes = {i.key.split("/")[3]: read(store, i.key, Outcome) for i in store.list("runs") if i.key.endswith("outcome.json")}
-    assert set(outcomes) == set(BAD_CAUSES), "the unknown alias fails before any compute starts"
+    assert set(outcomes) == set(BAD_CAUSES) | {"eval_unknown_alias"}
     for task, cause in BAD_CAUSES.items():
         assert outcomes[task].status == "failed" and cause in outcomes[task].error, (task, outcomes[task].error)
         assert cause in output
+    refused = outcomes["eval_unknown_alias"]
+    assert (refused.status, refused.phase, refused.phases) == ("failed", "prepare", {}), "refused before any compute"
+    assert "package 'scored' has no alias 'champion'" in refused.error
     assert outcomes["full_no_training_data"].phases.get("user_code") is None, "train() never ran"
     assert "package 'scored' has no alias 'champion'" in output
     assert "aicenter package promote scored:VERSION --alias champion" in output

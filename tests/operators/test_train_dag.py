@@ -136,6 +136,15 @@ def test_failed_run_leaves_no_version(train_py, expected, airflow_env, tmp_path)
     assert not any(i.key.endswith("_results.json") for i in registry.store.list("runs"))
 
 
+def assert_refused_before_compute(store, cause: str, env: dict | None = None) -> None:
+    """No compute started (no runtime phase ran), and the run records still show the refused run and why."""
+    [key] = [i.key for i in store.list("runs") if i.key.endswith("outcome.json")]
+    outcome = read(store, key, Outcome)
+    assert (outcome.status, outcome.phase, outcome.phases) == ("failed", "prepare", {}), outcome
+    assert cause in outcome.error and outcome.env == (env if env is not None else {"EPOCHS": "150", "LEARNING_RATE": "0.2"})
+    assert not any(i.key.endswith(("_results.json", "registration.json")) for i in store.list("runs"))
+
+
 @pytest.mark.parametrize("conf, expected", [
     ({"package": "nosuch"}, "package 'nosuch' has no versions"),
     ({"version": "7.3"}, "has no version 7.3"),
@@ -158,7 +167,7 @@ def test_bad_inputs_fail_before_compute(conf, expected, airflow_env, tmp_path, s
     done = airflow_env.dags_test("aicenter_training", {"dataset": dataset, **conf}, extra_env=env)
     assert done.returncode != 0
     assert expected in done.stdout + done.stderr
-    assert not any(i.key.endswith("outcome.json") for i in registry.store.list("runs")), "no compute may start"
+    assert_refused_before_compute(registry.store, expected)
     assert not (tmp_path / "typo").exists(), "a dataset URI with a typo must not create a folder"
 
 
@@ -184,7 +193,7 @@ def test_gpu_on_a_worker_without_one_fails_before_compute(airflow_env, tmp_path)
     assert done.returncode != 0
     assert "gpu=2 was asked for, but this worker has 0 visible GPU(s)" in done.stdout + done.stderr
     assert "launcher='kubernetes'" in done.stdout + done.stderr
-    assert not any(i.key.endswith("outcome.json") for i in registry.store.list("runs"))
+    assert_refused_before_compute(registry.store, "0 visible GPU(s)", env={})
 
 
 SECRET_DAG = '''
