@@ -31,6 +31,7 @@ from airflow_aicenter.promotion import PROMOTE_IF, promote, version_score
 from airflow_aicenter.records import AliasRecord, VersionRecord
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.runs import STATUSES, RunRecord, compare, find_run, find_runs, list_runs
+from airflow_aicenter.storage.store import exit_process
 from airflow_aicenter.storage import S3Options, Store, open_store
 
 console = Console(soft_wrap=True)
@@ -332,7 +333,8 @@ def cmd_runs_list(args: argparse.Namespace, registry: Registry) -> int:
         return 0
     table = Table(title=f"Runs in {registry.store.uri} (newest first)")
     for col in ("run", "pipeline", "status", "package", "version", "score", "started", "duration", "cause"):
-        table.add_column(col, overflow="fold")
+        # short fields never break mid-word; the long ones (run id, cause) take the squeeze
+        table.add_column(col, overflow="fold", min_width={"pipeline": 8, "status": 9, "version": 6}.get(col))
     for r in records:
         table.add_row(r.id, r.pipeline, _status(r.status), r.package, _versions(r), _fmt(r.outcome.score),
                       r.start.strftime("%Y-%m-%d %H:%M:%S"), _duration(r.duration), _fmt(r.cause))
@@ -455,5 +457,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def script() -> None:
+    """The ``aicenter`` console script: :func:`main`, then :func:`exit_process` (no teardown abort)."""
+    try:
+        code = main()
+    except SystemExit as exc:  # argparse: --help, usage errors
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    exit_process(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    script()

@@ -1,7 +1,6 @@
 """``python -m airflow_aicenter.runtime SPEC.json``."""
 
-import sys
-
 from airflow_aicenter.runtime.run import main
+from airflow_aicenter.storage.store import exit_process
 
-sys.exit(main())
+exit_process(main())

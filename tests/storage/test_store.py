@@ -174,3 +174,26 @@ def test_browse_links_for_the_aws_console_and_for_custom_endpoints():
         "&prefix=team/aicenter/runs/d/r/t/1/_results.json")
     minio = open_store("s3://bucket/p", S3Options(endpoint_url="http://127.0.0.1:9000/", region="us-east-1"))
     assert minio.browse_url("runs/x/_results.json") == "http://127.0.0.1:9000/bucket/p/runs/x/_results.json"
+
+
+def test_a_download_that_fails_midway_leaves_no_partial_file(store, tmp_path, monkeypatch):
+    from airflow_aicenter.storage import transfer
+
+    f = tmp_path / "weights.bin"
+    f.write_bytes(os.urandom(3 * 2**20 + 17))  # pipelined: several chunks
+    store.put_bytes("data/weights.bin", f.read_bytes())
+    calls = []
+
+    def failing_write(chunk):
+        calls.append(len(chunk))
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+
+    real_pipelined = transfer._pipelined
+    monkeypatch.setattr(transfer, "_pipelined", lambda stream, sink: real_pipelined(stream, failing_write))
+    with pytest.raises(StorageError, match="No space left on device"):
+        run(transfer.download_file(store, "data/weights.bin", tmp_path / "out" / "weights.bin"))
+    assert len(calls) == 2 and list((tmp_path / "out").iterdir()) == [], "no .part file is left behind"
+    with pytest.raises(NotFoundError):
+        run(transfer.download_file(store, "data/missing.bin", tmp_path / "out" / "missing.bin"))
+    assert list((tmp_path / "out").iterdir()) == []
