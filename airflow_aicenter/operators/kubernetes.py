@@ -529,7 +529,6 @@ class KubernetesLauncher:
         self._pod_run = PodRun.from_event(event.get(EVENT_KEY)) or self._pod_run
         if self._pod_run is None:
             raise RunError(f"the trigger event carries no aicenter run ({sorted(event)}); clear the task to run it again")
-        self._mask_secrets()
         self.trigger_kwargs = {**(self.trigger_kwargs or {}), EVENT_KEY: self._pod_run.to_event()}
         try:
             super().trigger_reentry(context, event)  # type: ignore[misc]

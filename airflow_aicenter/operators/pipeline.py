@@ -167,7 +167,6 @@ class BasePipelineOperator(KubernetesLauncher, KubernetesPodOperator):
         launcher = self.launcher or hook.settings.launcher
         registry = hook.get_registry()
         store = registry.store
-        self._mask_secrets()
         run = self.run_ref(context, store)
 
         try:
