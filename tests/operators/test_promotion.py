@@ -203,9 +203,10 @@ EXPECTED = {  # task -> (promoted, from, to, reason fragment)
     "first": (True, None, "1.1", "alias 'production' did not exist yet"),
     "worse": (False, "1.1", "1.2", "score 0.4 is not above 0.5"),
     "equal": (False, "1.1", "1.3", "score 0.5 is not above 0.5"),
-    "better": (True, "1.1", "1.4", "score 0.9 > 0.5 of the current production version 1.1"),
-    "evaluate_better": (True, "1.4", "1.2", "score 0.95 > 0.9 of the current production version 1.4"),
-    "evaluate_worse": (False, "1.2", "1.4", "score 0.3 is not above 0.95 of the current production version 1.2 (evaluation of"),
+    "better": (True, "1.1", "1.4", "score 0.9 > 0.5 of the current production version 1.1 (full run on the same data)"),
+    # 1.4 was never evaluated on this data: its full run's score (on its own split) is all there is, and the reason says so
+    "evaluate_better": (True, "1.4", "1.2", "score 0.95 > 0.9 of the current production version 1.4 (full run on other data)"),
+    "evaluate_worse": (False, "1.2", "1.4", "score 0.3 is not above 0.95 of the current production version 1.2 (evaluation on the same data, "),
     "unscored": (False, "1.2", "1.5", "has no score"),
     "forced": (True, "1.2", "1.6", "promote_if='always'"),
 }
