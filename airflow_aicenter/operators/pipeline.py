@@ -24,7 +24,7 @@ from airflow_aicenter.operators.kubernetes import KubernetesLauncher, check_infr
 from airflow_aicenter.operators.links import ArtifactsLink, ResultsLink
 from airflow_aicenter.operators.local import LocalLauncher, check_gpus
 from airflow_aicenter.package import validate_alias_name
-from airflow_aicenter.promotion import PromoteIf, check_promote_if, promote
+from airflow_aicenter.promotion import PromoteIf, Promotion, check_promote_if, promote
 from airflow_aicenter.records import (
     EvaluationRecord,
     Outcome,
@@ -380,10 +380,18 @@ class BasePipelineOperator(KubernetesLauncher, KubernetesPodOperator):
         """
         if self.promote_to is None:
             return {}
-        decision = promote(
-            registry, self.package, self.promote_to, candidate.version, score=outcome.score,
-            promote_if=self.promote_if, set_by=f"run {run.label}", evaluated_on=self.evaluated_on(outcome),
-        )
+        set_by = f"run {run.prefix.removeprefix('runs/')}"  # dag/run/task[__map]/try
+        current = registry.alias(self.package, self.promote_to)
+        if current is not None and current.version == candidate.version and \
+                current.set_by.rsplit("/", 1)[0] == set_by.rsplit("/", 1)[0]:
+            # An earlier attempt of this very task promoted it, then died before its results: still ours.
+            decision = Promotion(self.promote_to, current.previous, candidate.version, True,
+                                 f"promoted by an earlier attempt of this task ({current.set_by}; {current.reason})")
+        else:
+            decision = promote(
+                registry, self.package, self.promote_to, candidate.version, score=outcome.score,
+                promote_if=self.promote_if, set_by=set_by, evaluated_on=self.evaluated_on(outcome),
+            )
         if decision.promoted:
             self.log.info("Promoted %s %r: %s -> %s (%s)", self.package, self.promote_to,
                           decision.from_version or "(none)", decision.to_version, decision.reason)
