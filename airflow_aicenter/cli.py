@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from airflow_aicenter.errors import AICenterError, VersionError
+from airflow_aicenter.errors import AICenterError, NotFoundError, StorageError, VersionError
 from airflow_aicenter.package import open_package, validate_package
 from airflow_aicenter.promotion import PROMOTE_IF, promote, version_score
 from airflow_aicenter.records import AliasRecord, VersionRecord
@@ -39,13 +39,27 @@ err_console = Console(stderr=True, soft_wrap=True)
 STATUS_STYLE = {"succeeded": "green", "failed": "red", "killed": "magenta", "running": "yellow"}
 
 
-def resolve_store(uri: str | None) -> Store:
+def resolve_store(uri: str | None, *, create: bool = True) -> Store:
+    """--storage, else $AICENTER_STORAGE, else the aicenter_default connection, else $AIRFLOW_HOME/aicenter.
+
+    Only commands that write (``create``) make a missing local store: a typo in ``--storage``
+    given to a read command is an error, not a new empty folder.
+    """
     uri = uri or os.environ.get("AICENTER_STORAGE")
     if uri:
-        return open_store(uri, S3Options.from_env() if uri.startswith("s3://") else None)
-    from airflow_aicenter.hooks.aicenter import AICenterHook
+        s3 = S3Options.from_env() if uri.startswith("s3://") else None
+    else:
+        from airflow_aicenter.hooks.aicenter import AICenterHook
 
-    return AICenterHook().get_store()
+        hook = AICenterHook()
+        uri, s3 = hook.settings.storage, hook.s3_options
+    try:
+        return open_store(uri, s3, create=create)
+    except NotFoundError:
+        raise StorageError(
+            f"there is no store at {uri}: nothing was ever stored there; upload a package first "
+            "(aicenter package upload PATH --name NAME), or fix --storage / $AICENTER_STORAGE"
+        ) from None
 
 
 def split_ref(ref: str, *, need_version: bool) -> tuple[str, str | None]:
@@ -388,17 +402,19 @@ def cmd_runs_compare(args: argparse.Namespace, registry: Registry) -> int:
 Handler = Callable[[argparse.Namespace, Registry], int]
 
 
-def command(group: Any, name: str, handler: Callable[..., int], help: str, *, needs_store: bool = True) -> argparse.ArgumentParser:
-    """Add one subcommand with ``--json`` (every command can answer scripts)."""
+def command(group: Any, name: str, handler: Callable[..., int], help: str, *, needs_store: bool = True,
+            writes: bool = False) -> argparse.ArgumentParser:
+    """Add one subcommand with ``--json`` (every command can answer scripts); ``writes``: may create the store."""
     p: argparse.ArgumentParser = group.add_parser(name, help=help, description=help)
-    p.set_defaults(handler=handler, needs_store=needs_store)
+    p.set_defaults(handler=handler, needs_store=needs_store, writes=writes)
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     return p
 
 
 def add_package_commands(groups: Any) -> None:
     package = groups.add_parser("package", help="ML packages, versions and aliases").add_subparsers(dest="command", required=True)
-    p = command(package, "upload", cmd_package_upload, "validate a package folder or zip and create its next major version")
+    p = command(package, "upload", cmd_package_upload, "validate a package folder or zip and create its next major version",
+                writes=True)
     p.add_argument("path")
     p.add_argument("--name", required=True)
     p.add_argument("--description", default=None)
@@ -409,7 +425,8 @@ def add_package_commands(groups: Any) -> None:
     p = command(package, "download", cmd_package_download, "download a version's zip (digest verified)")
     p.add_argument("ref", metavar="NAME:VERSION")
     p.add_argument("dest")
-    p = command(package, "promote", cmd_package_promote, "point an alias (e.g. production) at a version, keeping history")
+    p = command(package, "promote", cmd_package_promote, "point an alias (e.g. production) at a version, keeping history",
+                writes=True)
     p.add_argument("ref", metavar="NAME:VERSION")
     p.add_argument("--alias", required=True)
     p.add_argument("--if", dest="promote_if", choices=PROMOTE_IF, default="always",
@@ -450,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        registry = Registry(resolve_store(args.storage)) if getattr(args, "needs_store", True) else None
+        registry = Registry(resolve_store(args.storage, create=getattr(args, "writes", False))) if getattr(args, "needs_store", True) else None
         return args.handler(args, registry)
     except AICenterError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)

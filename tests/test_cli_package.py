@@ -109,8 +109,25 @@ def test_unsafe_zip_is_refused(tmp_path):
 
 
 def test_download_needs_a_version_and_a_known_package(tmp_path):
+    (tmp_path / "store").mkdir()  # an existing, empty store
     uri = (tmp_path / "store").as_uri()
     done = cli("--storage", uri, "package", "download", "churn", str(tmp_path / "out"))
     assert done.returncode == 1 and "NAME:VERSION" in done.stderr
     done = cli("--storage", uri, "package", "download", "ghost:1.0", str(tmp_path / "out"))
     assert done.returncode == 1 and "has no versions" in done.stderr
+
+
+def test_read_commands_never_create_a_store_only_writes_do(tmp_path):
+    typo = tmp_path / "aicenter-typo"
+    for args in (["package", "list"], ["package", "show", "churn"], ["runs", "list"], ["gc", "--dry-run"]):
+        done = cli("--storage", typo.as_uri(), *args)
+        assert done.returncode == 1, (args, done.stdout, done.stderr)
+        assert f"there is no store at {typo.as_uri()}" in done.stderr and "aicenter package upload" in done.stderr, done.stderr
+        assert not typo.exists(), f"`aicenter {' '.join(args)}` created the store"
+    done = cli("--storage", typo.as_uri(), "package", "upload", str(EXAMPLE_PACKAGE), "--name", "churn")
+    assert done.returncode == 0 and typo.is_dir(), done.stderr
+    assert "churn" in cli("--storage", typo.as_uri(), "package", "list").stdout
+    # with nothing configured, the embedded default ($AIRFLOW_HOME/aicenter) follows the same rule
+    home = tmp_path / "airflow-home"
+    done = cli("package", "list", env={"AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"})
+    assert done.returncode == 1 and f"there is no store at {(home / 'aicenter').as_uri()}" in done.stderr, done.stderr
