@@ -97,11 +97,9 @@ class AICenterHook(BaseHook):
 
     @cached_property
     def s3_options(self) -> S3Options | None:
-        """Endpoint, region and credentials from the AWS connection, when the store is on S3."""
-        if not self.settings.storage.startswith("s3://"):
-            return None
+        """Endpoint, region and credentials from the AWS connection (for an S3 store, or S3 datasets beside a file store)."""
         if not self.settings.aws_conn_id:
-            return S3Options.from_env()
+            return S3Options.from_env() if self.settings.storage.startswith("s3://") else None
         from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
 
         aws = AwsBaseHook(aws_conn_id=self.settings.aws_conn_id, client_type="s3")

@@ -327,14 +327,17 @@ class KubernetesLauncher:
     _final_pod: k8s.V1Pod | None = None
 
     # -- entry from BasePipelineOperator.execute --------------------------------------
+    def check_kubernetes(self: BasePipelineOperator) -> None:
+        """What a pod cannot do, refused before anything starts (and recorded like any refused run)."""
+        refuse_secret_env(self.env)
+        if self.pipeline == "evaluate" and self.dataset_volume_claim:
+            raise ConfigurationError("dataset_volume_claim mounts the training dataset; evaluation runs read evaluation_dataset=URI")
+
     def execute_kubernetes(self: BasePipelineOperator, context: Context, hook: AICenterHook, spec: RunSpec, run: RunRef) -> dict[str, Any]:
         """Run the spec in a pod; returns the XCom dict (sync) or defers (deferrable)."""
         from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
         from airflow.sdk.exceptions import TaskDeferred
 
-        refuse_secret_env(self.env)
-        if self.pipeline == "evaluate" and self.dataset_volume_claim:
-            raise ConfigurationError("dataset_volume_claim mounts the training dataset; evaluation runs read evaluation_dataset=URI")
         if hook.settings.storage.startswith("file://"):
             self.log.warning(
                 "The store is %s on the worker's disk: the pod must see the same path (mount it with volumes=/volume_mounts), "

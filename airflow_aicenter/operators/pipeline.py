@@ -174,7 +174,9 @@ class BasePipelineOperator(KubernetesLauncher, KubernetesPodOperator):
             self.log.info("Package %s version %s (resolved from %r), run folder %s", self.package, parent.version, self.version, run.uri)
             registry.check(parent, self.pipeline)
             self.check_datasets(hook)
-            if launcher != "kubernetes":
+            if launcher == "kubernetes":
+                self.check_kubernetes()
+            else:
                 self.check_local()
             spec = self.build_spec(hook, parent, run)
         except AICenterError as exc:
@@ -234,6 +236,11 @@ class BasePipelineOperator(KubernetesLauncher, KubernetesPodOperator):
                 raise ConfigurationError(f"{type(self).__name__} needs {attr}=...: the URI of the data folder (s3://... or file:///...)")
         for attr in ("dataset", "evaluation_dataset"):
             uri = getattr(self, attr)
+            if uri and uri.startswith("pvc://") and not (attr == "dataset" and self.dataset_volume_claim):
+                raise ConfigurationError(
+                    f"{attr}={uri!r} names a volume claim; mount it with dataset_volume_claim='<claim>' "
+                    "(and dataset_sub_path=...) and leave dataset unset, or give an s3:// or file:// URI"
+                )
             if not uri or uri.startswith("pvc://"):  # a mounted volume claim: the pod checks it
                 continue
             try:

@@ -319,11 +319,26 @@ def test_install_requirements_false_skips_the_phase(kube_deployment, kube_api, t
     assert "requirements" not in outcome.phases and outcome.status == "succeeded"
 
 
-def test_evaluate_with_a_volume_claim_is_refused(kube_deployment, kube_api):
+def test_pod_only_refusals_come_before_any_pod_and_are_recorded(kube_deployment, kube_api, tmp_path):
     from airflow_aicenter.errors import ConfigurationError
     from airflow_aicenter.operators import EvaluatePipelineOperator
+    from tests.aicenter_helpers import SCORED_TRAIN
 
     registry, dataset = kube_deployment
-    op = EvaluatePipelineOperator(task_id="eval", package="rows", evaluation_dataset=dataset, dataset_volume_claim="c")
-    with pytest.raises(ConfigurationError, match="evaluation runs read evaluation_dataset"):
-        op.execute_kubernetes(make_context(), None, None, None)  # type: ignore[arg-type]
+    upload(registry, tmp_path, "scored", SCORED_TRAIN)
+    cases = {
+        "eval_claim": (EvaluatePipelineOperator(task_id="eval_claim", package="scored", evaluation_dataset=dataset,
+                                                dataset_volume_claim="c", **FAST), "evaluation runs read evaluation_dataset"),
+        "secret_env": (TrainPipelineOperator(task_id="secret_env", package="scored", dataset=dataset,
+                                             env={"API_TOKEN": "tok-0123456789"}, **FAST), "API_TOKEN look secret"),
+        "pvc_uri": (TrainPipelineOperator(task_id="pvc_uri", package="scored", dataset="pvc://claim/data", **FAST),
+                    "names a volume claim; mount it with dataset_volume_claim="),
+    }
+    for task_id, (op, message) in cases.items():
+        with pytest.raises(ConfigurationError, match=message):
+            op.execute(make_context(task_id=task_id))
+    assert kube_api.all_pods() == [], "no pod was created"
+    for task_id, (_, message) in cases.items():
+        outcome = read(registry.store, f"runs/aicenter_k8s/manual__2026-03-01T00:00:00+00:00/{task_id}/1/outcome.json", Outcome)
+        assert (outcome.status, outcome.phase, outcome.phases) == ("failed", "prepare", {}) and message in outcome.error
+        assert "tok-0123456789" not in outcome.model_dump_json()

@@ -246,6 +246,16 @@ def test_s3_credentials_secret_name_from_the_connection(monkeypatch: pytest.Monk
     assert env["AWS_ACCESS_KEY_ID"]["secretKeyRef"]["name"] == "team-s3"
 
 
+def test_s3_dataset_beside_a_file_store_still_gets_the_endpoint_and_region(monkeypatch: pytest.MonkeyPatch) -> None:
+    s3_connections(monkeypatch, storage="file:///mnt/shared/aicenter", aws_secret_name="aicenter-s3")
+    op = TrainPipelineOperator(task_id="train", package="churn", dataset="s3://ml-bucket/datasets/churn/")
+    data = manifest(op, storage="file:///mnt/shared/aicenter")
+    env = env_of(base(data))
+    assert env["AWS_ENDPOINT_URL"] == "https://s3.internal.example.com" and env["AWS_REGION"] == "eu-west-3"
+    assert env["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "aicenter-s3", "key": "AWS_ACCESS_KEY_ID"}}
+    assert AWS_PASSWORD not in json.dumps(data) and "AKIAWORKERKEY" not in json.dumps(data)
+
+
 def test_s3_through_the_service_account_injects_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     s3_connections(monkeypatch)
     op = TrainPipelineOperator(task_id="train", package="churn", dataset="s3://ml-bucket/datasets/churn/",
