@@ -347,7 +347,7 @@ def cmd_runs_list(args: argparse.Namespace, registry: Registry) -> int:
         return 0
     table = Table(title=f"Runs in {registry.store.uri} (newest first)")
     for col in ("run", "pipeline", "status", "package", "version", "score", "started", "duration", "cause"):
-        # short fields never break mid-word; the long ones (run id, cause) take the squeeze
+        # short fields keep their width at 80 columns; the long ones (run id, cause) take the squeeze
         table.add_column(col, overflow="fold", min_width={"pipeline": 8, "status": 9, "version": 6}.get(col))
     for r in records:
         table.add_row(r.id, r.pipeline, _status(r.status), r.package, _versions(r), _fmt(r.outcome.score),
