@@ -52,7 +52,8 @@ def resolve_store(uri: str | None, *, create: bool = True) -> Store:
         from airflow_aicenter.hooks.aicenter import AICenterHook
 
         hook = AICenterHook()
-        uri, s3 = hook.settings.storage, hook.s3_options
+        uri = hook.settings.storage
+        s3 = hook.s3_options if uri.startswith("s3://") else None
     try:
         return open_store(uri, s3, create=create)
     except NotFoundError:

@@ -114,11 +114,19 @@ class AICenterHook(BaseHook):
 
     def get_store(self, uri: str | None = None) -> Store:
         """The storage root, or any other URI (a dataset, which must exist) with the same credentials."""
-        return open_store(uri or self.settings.storage, self.s3_options, create=uri is None)
+        target = uri or self.settings.storage
+        # AWS credentials are fetched only for an s3:// target: a file store with local data never needs them.
+        return open_store(target, self.s3_options if target.startswith("s3://") else None, create=uri is None)
 
     def get_registry(self) -> Registry:
         return Registry(self.get_store())
 
-    def runtime_env(self) -> dict[str, str]:
-        """Variables a local child process needs to reach the store (never written to a spec)."""
+    def uses_s3(self, *uris: str | None) -> bool:
+        """Whether the store or any of ``uris`` (a run's datasets) is on S3."""
+        return any(str(u or "").startswith("s3://") for u in (self.settings.storage, *uris))
+
+    def runtime_env(self, *uris: str | None) -> dict[str, str]:
+        """Variables a local child process needs to reach the store and ``uris`` (never written to a spec)."""
+        if not self.uses_s3(*uris):
+            return {}
         return self.s3_options.to_env() if self.s3_options else {}

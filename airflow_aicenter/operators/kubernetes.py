@@ -449,8 +449,7 @@ class KubernetesLauncher:
         ]
         if self._pod_run is not None:
             env.append(k8s.V1EnvVar(name=SPEC_ENV, value=self._pod_run.spec.model_dump_json()))
-        uses_s3 = any(str(uri or "").startswith("s3://") for uri in (hook.settings.storage, self.dataset, self.evaluation_dataset))
-        if uses_s3:
+        if hook.uses_s3(self.dataset, self.evaluation_dataset):
             options = hook.s3_options
             if options is not None and options.endpoint_url:
                 env.append(k8s.V1EnvVar(name="AWS_ENDPOINT_URL", value=options.endpoint_url))

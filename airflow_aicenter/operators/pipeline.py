@@ -296,7 +296,7 @@ class BasePipelineOperator(KubernetesLauncher, KubernetesPodOperator):
         """The local launcher: the runtime as a child process (launcher="kubernetes" goes to execute_kubernetes)."""
         spec = spec.model_copy(update={"install_requirements": bool(self.install_requirements)})
         self._local = LocalLauncher(self.log, python=self.python)
-        runtime_env = hook.runtime_env()
+        runtime_env = hook.runtime_env(self.dataset, self.evaluation_dataset)
         child_env = {**runtime_env, **self.secret_env()}
         code = self._local.run(spec, child_env, secrets=secret_values(child_env))
         return self.read_outcome(hook.get_store(), spec, exit_code=code)
