@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from airflow_aicenter.errors import NotFoundError, StorageError
+from airflow_aicenter.layout import RunPath
 from airflow_aicenter.storage.store import Store
 
 Pipeline = Literal["train", "evaluate", "full"]
@@ -47,9 +48,16 @@ class RunRef(Record):
     uri: str = ""  # the run folder (runs/<dag_id>/<run_id>/<task_id>/<try>) as a URI
 
     @property
+    def path(self) -> RunPath:
+        return RunPath(self.dag_id, self.run_id, self.task_id, self.map_index, self.try_number)
+
+    @property
     def prefix(self) -> str:
-        task = self.task_id if self.map_index < 0 else f"{self.task_id}__{self.map_index}"
-        return f"runs/{self.dag_id}/{self.run_id}/{task}/{self.try_number}"
+        return self.path.prefix
+
+    def key(self, name: str) -> str:
+        """A file of the run folder (``layout.OUTCOME``, ``layout.RESULTS``, ``artifacts/...``)."""
+        return self.path.key(name)
 
     @property
     def label(self) -> str:

@@ -1,0 +1,154 @@
+"""The store layout: every key the product reads or writes, built and parsed here and nowhere else.
+
+```
+blobs/sha256/<hex>                               immutable content
+envs/<key>.json                                  a cached package environment (names its blob)
+packages/<name>/versions/<M.m>.json              version records (the commit point)
+packages/<name>/aliases/<alias>/<seq>.json       alias history
+runs/<dag_id>/<run_id>/<task>/<try>/             one folder per task try
+runs/<dag_id>/<run_id>/<task>/checkpoints/       the task's checkpoints (all tries)
+```
+
+``<task>`` is the task id, or ``<task_id>~<map_index>`` for a mapped task instance: ``~`` cannot
+occur in an Airflow task id, so a mapped ``train`` (index 0) and a task named ``train__0`` never
+share a folder. No Airflow import: the runtime, the CLI and the UI pages use it too.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+RUNS = "runs"
+BLOBS = "blobs/sha256/"
+ENVS = "envs/"
+PACKAGES = "packages/"
+
+# Files of a run folder.
+OUTCOME = "outcome.json"
+RESULTS = "_results.json"
+REGISTRATION = "registration.json"
+ARTIFACTS = "artifacts"
+PREDICTIONS = "predictions"
+CHECKPOINTS = "checkpoints"
+#: The AI Center folders whose content can be snapshotted, and their manifest names.
+SNAPSHOT_DIRECTORIES = ("data_directory", "test_data_directory")
+MAP_SEPARATOR = "~"
+_TRY = re.compile(r"^[1-9][0-9]{0,5}$")
+
+
+class LayoutError(ValueError):
+    """A path that is not a run folder of this layout (the message says what was expected)."""
+
+
+def blob_key(sha256: str) -> str:
+    return f"{BLOBS}{sha256}"
+
+
+def env_key(key: str) -> str:
+    return f"{ENVS}{key}.json"
+
+
+def package_prefix(package: str) -> str:
+    return f"{PACKAGES}{package}/"
+
+
+def versions_prefix(package: str) -> str:
+    return f"{PACKAGES}{package}/versions/"
+
+
+def version_key(package: str, version: str) -> str:
+    return f"{versions_prefix(package)}{version}.json"
+
+
+def aliases_prefix(package: str, alias: str) -> str:
+    return f"{PACKAGES}{package}/aliases/{alias}/"
+
+
+def alias_key(package: str, alias: str, seq: int) -> str:
+    return f"{aliases_prefix(package, alias)}{seq:010d}.json"
+
+
+def manifest_name(directory: str) -> str:
+    """``data_directory`` -> ``data_directory.manifest.json`` (a snapshot manifest in a run folder)."""
+    return f"{directory}.manifest.json"
+
+
+MANIFEST_NAMES = frozenset(manifest_name(d) for d in SNAPSHOT_DIRECTORIES)
+
+
+def task_folder(task_id: str, map_index: int = -1) -> str:
+    return task_id if map_index < 0 else f"{task_id}{MAP_SEPARATOR}{map_index}"
+
+
+def _component(name: str, value: str) -> str:
+    if not value or value in (".", "..") or "/" in value:
+        raise LayoutError(f"{name} {value!r} cannot name a folder of the store (empty, '.', '..' or a '/')")
+    return value
+
+
+@dataclass(frozen=True)
+class TaskPath:
+    """One task instance (any try): ``runs/<dag_id>/<run_id>/<task>``."""
+
+    dag_id: str
+    run_id: str
+    task_id: str
+    map_index: int = -1
+
+    def __post_init__(self) -> None:
+        _component("dag_id", self.dag_id)
+        _component("run_id", self.run_id)
+        _component("task_id", self.task_id)
+
+    @property
+    def prefix(self) -> str:
+        return f"{RUNS}/{self.dag_id}/{self.run_id}/{task_folder(self.task_id, self.map_index)}"
+
+    @property
+    def checkpoints(self) -> str:
+        return f"{self.prefix}/{CHECKPOINTS}/"
+
+    def attempt(self, try_number: int) -> RunPath:
+        return RunPath(self.dag_id, self.run_id, self.task_id, self.map_index, try_number)
+
+
+@dataclass(frozen=True)
+class RunPath(TaskPath):
+    """One task try: ``runs/<dag_id>/<run_id>/<task>/<try>``; its id is that path without ``runs/``."""
+
+    try_number: int = 1
+
+    @property
+    def prefix(self) -> str:
+        return f"{super().prefix}/{self.try_number}"
+
+    @property
+    def task(self) -> TaskPath:
+        return TaskPath(self.dag_id, self.run_id, self.task_id, self.map_index)
+
+    @property
+    def id(self) -> str:
+        return self.prefix.removeprefix(f"{RUNS}/")
+
+    def key(self, name: str) -> str:
+        """A file of the run folder: ``key(OUTCOME)``, ``key("artifacts/model.pkl")``."""
+        return f"{self.prefix}/{name}"
+
+    @classmethod
+    def parse(cls, text: str) -> RunPath:
+        """``dag/run/task/try`` or ``runs/dag/run/task/try`` (a trailing file name is not accepted)."""
+        parts = text.strip("/").split("/")
+        if parts and parts[0] == RUNS:
+            parts = parts[1:]
+        if len(parts) != 4 or not _TRY.match(parts[3]):
+            raise LayoutError(
+                f"{text!r} is not a run id; a run id is <dag_id>/<run_id>/<task>/<try> (as `aicenter runs list` shows it)"
+            )
+        dag_id, run_id, task, try_text = parts
+        task_id, map_index = task, -1
+        head, sep, tail = task.rpartition(MAP_SEPARATOR)
+        if sep and tail.isdigit():
+            task_id, map_index = head, int(tail)
+        return cls(_component("dag_id", dag_id), _component("run_id", run_id), _component("task_id", task_id), map_index,
+                   int(try_text))
