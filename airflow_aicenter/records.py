@@ -20,7 +20,8 @@ from airflow_aicenter.layout import RunPath
 from airflow_aicenter.storage.store import Store
 
 Pipeline = Literal["train", "evaluate", "full"]
-RunStatus = Literal["running", "succeeded", "failed", "killed"]
+#: "skipped": an incremental run found no new or changed file; ``Outcome.skipped`` says why (no version).
+RunStatus = Literal["running", "succeeded", "failed", "killed", "skipped"]
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -109,6 +110,8 @@ class ManifestEntry(Record):
     path: str
     sha256: str
     size: int
+    #: The source object's ETag when it was staged: an incremental run compares it instead of downloading.
+    etag: str | None = None
 
 
 class Manifest(Record):
@@ -146,6 +149,11 @@ class RunSpec(Record):
     gpu: int = 0
     dataset_mount: str | None = None  # a read-only mounted dataset folder (no staging)
     install_requirements: bool = False  # pip-install the package's requirements.txt before the run
+    #: The task's checkpoint folder (``runs/<dag>/<run>/<task>/checkpoints/``, shared by its tries); None: no sync.
+    checkpoint_prefix: str | None = None
+    checkpoint_interval: float = 300  # seconds between background checkpoint syncs
+    #: The parent version's training-data snapshot manifest URI: stage only files new or changed since.
+    incremental_base: str | None = None
 
 
 class Outcome(Record):
@@ -170,6 +178,9 @@ class Outcome(Record):
     dataset: str | None = None
     evaluation_dataset: str | None = None
     env: dict[str, str] | None = None
+    #: ``{"resumed_from_try", "files", "bytes"}`` of the task's checkpoint (``_results.json`` aicenter.checkpoint).
+    checkpoint: dict[str, Any] | None = None
+    skipped: str | None = None  # why an incremental run had nothing to train on (status "skipped")
 
     @classmethod
     def starting(cls, spec: RunSpec, status: RunStatus = "running", **fields: Any) -> Outcome:
