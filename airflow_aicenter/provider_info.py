@@ -62,6 +62,16 @@ def get_provider_info() -> dict[str, Any]:
         ],
         "hooks": [{"integration-name": "AI Center", "python-modules": ["airflow_aicenter.hooks.aicenter"]}],
         "operators": [{"integration-name": "AI Center", "python-modules": ["airflow_aicenter.operators.pipeline"]}],
+        "triggers": [{"integration-name": "AI Center", "python-modules": ["airflow_aicenter.triggers.dataset"]}],
+        # aicenter://<package>: validated when a DAG is parsed, and reported to OpenLineage as namespace "aicenter"
+        "asset-uris": [
+            {
+                "schemes": ["aicenter"],
+                "handler": "airflow_aicenter.assets.sanitize_uri",
+                "factory": "airflow_aicenter.assets.create_asset",
+                "to_openlineage_converter": "airflow_aicenter.assets.convert_asset_to_openlineage",
+            }
+        ],
         "integrations": [
             {
                 "integration-name": "AI Center",
