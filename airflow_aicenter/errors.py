@@ -7,11 +7,20 @@ from __future__ import annotations
 
 
 class AICenterError(Exception):
-    """Base class: a user-facing error whose message says what is wrong and how to fix it."""
+    """Base class: a user-facing error whose message says what is wrong and how to fix it.
+
+    ``retryable`` says whether trying again can help: a store that did not answer can, a
+    package that breaks the contract or an unknown version cannot. The operators fail a task
+    whose error is not retryable at once, without its retries (:func:`no_retry`).
+    """
+
+    retryable: bool = True
 
 
 class PackageError(AICenterError):
     """The ML package breaks the package contract (missing file, class, method, syntax)."""
+
+    retryable = False
 
 
 class ArchiveError(PackageError):
@@ -20,6 +29,8 @@ class ArchiveError(PackageError):
 
 class VersionError(AICenterError):
     """A version string or alias is malformed or does not exist in the registry."""
+
+    retryable = False
 
 
 class StorageError(AICenterError):
@@ -37,10 +48,33 @@ class AlreadyExistsError(StorageError):
 class DatasetError(AICenterError):
     """A dataset URI is empty, missing or unreadable."""
 
+    retryable = False
+
 
 class ConfigurationError(AICenterError):
     """A connection, launcher or operator argument is invalid."""
 
+    retryable = False
+
 
 class RunError(AICenterError):
     """A pipeline run failed (user code, runtime or launcher); the message is the one-line cause."""
+
+
+_NO_RETRY: dict[type[AICenterError], type[AICenterError]] = {}
+
+
+def no_retry(error: AICenterError) -> AICenterError:
+    """The same error, also an Airflow ``AirflowFailException``, so the task fails without retries.
+
+    The class keeps its name and stays a subclass of the original (``except ConfigurationError``
+    still catches it). Called only in the worker: the runtime never imports Airflow.
+    """
+    from airflow.sdk.exceptions import AirflowFailException
+
+    kind = type(error)
+    if kind not in _NO_RETRY:
+        _NO_RETRY[kind] = type(kind.__name__, (kind, AirflowFailException), {"__module__": kind.__module__})
+    failed = _NO_RETRY[kind](*error.args)
+    failed.__cause__ = error.__cause__
+    return failed

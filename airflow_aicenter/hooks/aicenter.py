@@ -6,7 +6,6 @@ No connection at all is a valid deployment: the embedded default is a file store
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -53,14 +52,7 @@ class AICenterHook(BaseHook):
     def __init__(self, aicenter_conn_id: str = default_conn_name) -> None:
         super().__init__()
         self.aicenter_conn_id = aicenter_conn_id
-
-    @classmethod
-    def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        return {
-            "hidden_fields": ["schema", "port", "login", "password", "host"],
-            "relabeling": {},
-            "placeholders": {"extra": json.dumps({"storage": "s3://bucket/aicenter", "aws_conn_id": "aws_default"})},
-        }
+        self._stores: dict[str, Store] = {}
 
     @cached_property
     def settings(self) -> Settings:
@@ -113,13 +105,22 @@ class AICenterHook(BaseHook):
         )
 
     def get_store(self, uri: str | None = None) -> Store:
-        """The storage root, or any other URI (a dataset, which must exist) with the same credentials."""
+        """The storage root, or any other URI (a dataset, which must exist) with the same credentials.
+
+        Stores are cached per URI for the hook's life: one S3 client per run, not one per call.
+        """
         target = uri or self.settings.storage
-        # AWS credentials are fetched only for an s3:// target: a file store with local data never needs them.
-        return open_store(target, self.s3_options if target.startswith("s3://") else None, create=uri is None)
+        if target not in self._stores:
+            # AWS credentials are fetched only for an s3:// target: a file store with local data never needs them.
+            self._stores[target] = open_store(target, self.s3_options if target.startswith("s3://") else None, create=uri is None)
+        return self._stores[target]
+
+    @cached_property
+    def registry(self) -> Registry:
+        return Registry(self.get_store())
 
     def get_registry(self) -> Registry:
-        return Registry(self.get_store())
+        return self.registry
 
     def uses_s3(self, *uris: str | None) -> bool:
         """Whether the store or any of ``uris`` (a run's datasets) is on S3."""
