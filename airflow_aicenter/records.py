@@ -7,9 +7,7 @@ No Airflow import: the runtime writes outcomes and manifests from inside the pod
 
 from __future__ import annotations
 
-import re
 import time
-from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any, Literal, TypeVar
 
@@ -17,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from airflow_aicenter.errors import NotFoundError, StorageError
 from airflow_aicenter.layout import RunPath
+
+# The secret helpers live in airflow_aicenter.secrets; re-exported for the code that imports them from here.
+from airflow_aicenter.secrets import MASK, is_secret_key, masked_env, redact, secret_values  # noqa: F401
 from airflow_aicenter.storage.store import Store
 
 Pipeline = Literal["train", "evaluate", "full"]
@@ -269,35 +270,3 @@ def read_optional(store: Store, key: str, model: type[M]) -> M | None:
         return read(store, key, model)
     except NotFoundError:
         return None
-
-
-_SECRET = re.compile(r"password|passwd|token|secret|key|credential|private|auth", re.IGNORECASE)
-MASK = "***"
-_NOT_SECRET = frozenset({"true", "false", "none", "null", "yes"})
-
-
-def is_secret_key(name: str) -> bool:
-    """Env keys that look secret are masked everywhere we write them (as Airflow masks them)."""
-    return bool(_SECRET.search(name))
-
-
-def masked_env(env: dict[str, str]) -> dict[str, str]:
-    return {k: (MASK if is_secret_key(k) else str(v)) for k, v in env.items()}
-
-
-def secret_values(env: Mapping[str, str]) -> tuple[str, ...]:
-    """The values of secret-looking keys, longest first.
-
-    Values too short or too common to be secrets (``"1"``, ``"true"``) are left out: redacting
-    them would garble every message and protect nothing.
-    """
-    values = {str(v) for k, v in env.items() if is_secret_key(k) and v}
-    return tuple(sorted((v for v in values if len(v) >= 4 and v.lower() not in _NOT_SECRET), key=len, reverse=True))
-
-
-def redact(text: str, secrets: tuple[str, ...]) -> str:
-    """Our own guarantee, independent of Airflow's masker: known secret values never reach a log or record."""
-    for secret in secrets:
-        if secret in text:
-            text = text.replace(secret, MASK)
-    return text

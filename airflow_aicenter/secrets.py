@@ -1,0 +1,301 @@
+"""Secrets: which values are secret, and masking every form of them wherever they could land.
+
+A value is secret when its key looks secret (``is_secret_key``) or when it is registered as one
+(``Redactor.add``: the operator registers the values Airflow's own masker knows, such as a
+templated Variable or Connection field under a neutral key like ``DB``).
+
+A secret rarely reaches a sink exactly as it was given: a private key is printed one line at a
+time, ``repr`` and exception messages escape its quotes and backslashes, ``json.dumps`` (and
+every JSON record we write) escapes newlines and non-ASCII characters, a URL percent-encodes
+it. ``Redactor`` therefore masks each of those forms, of the whole value and of each of its
+lines, with one compiled regular expression however many secrets there are.
+
+This is our own guarantee, independent of Airflow's masker (which only knows exact values and
+a fixed list of key names). No Airflow import: the runtime masks inside the pod too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import urllib.parse
+from collections.abc import Iterable, Iterator, Mapping
+from functools import lru_cache
+from typing import Any
+
+MASK = "***"
+#: Shorter values (after stripping blanks) are not treated as secrets: masking ``"1"`` or
+#: ``"on"`` would garble every message and protect nothing. Longer than MASK on purpose, so
+#: every masking step shortens the text (see ``Redactor.redact``).
+MIN_SECRET_LENGTH = 4
+_SECRET_KEY = re.compile(r"password|passwd|passphrase|token|secret|key|credential|private|auth", re.IGNORECASE)
+_NOT_SECRET = frozenset({"true", "false", "none", "null", "yes"})
+_PERCENT_ESCAPE = re.compile(r"%([0-9A-F])([0-9A-F])")
+
+
+def is_secret_key(name: str) -> bool:
+    """Keys that look secret (``*password*``, ``*token*``, ``*key*``, ...) have their values masked everywhere."""
+    return bool(_SECRET_KEY.search(name))
+
+
+def is_secret_value(value: str) -> bool:
+    """Whether ``value`` (or one line of a secret) is worth masking: long and uncommon enough to be one."""
+    text = value.strip()
+    return len(text) >= MIN_SECRET_LENGTH and text.lower() not in _NOT_SECRET and bool(text.strip(MASK[0]))
+
+
+def secret_values(env: Mapping[str, str]) -> tuple[str, ...]:
+    """The values of secret-looking keys that are worth masking, longest first."""
+    values = {str(v) for k, v in env.items() if is_secret_key(k) and v is not None and is_secret_value(str(v))}
+    return tuple(sorted(values, key=len, reverse=True))
+
+
+def masked_env(env: Mapping[str, Any], redactor: Redactor | None = None) -> dict[str, str]:
+    """``env`` as we may write it: secret-looking keys' values are MASK, registered secrets inside other values too."""
+    return {
+        k: MASK if is_secret_key(k) else (redactor.redact(str(v)) if redactor else str(v)) for k, v in env.items()
+    }
+
+
+def forms(value: str) -> set[str]:
+    """Every form in which ``value`` can be printed: itself and each of its lines, each escaped as JSON,
+    ``repr`` (either quote style) and in URLs. Lines too short or common to be secret are left out.
+    """
+    pieces = {value} | {line for line in value.splitlines() if is_secret_value(line)}
+    found: set[str] = set()
+    for piece in pieces:
+        single = repr('"' + piece)[2:-1]  # a str holding both quotes is always written in single quotes
+        double = single.replace("\\'", "'")  # as repr writes it between double quotes
+        found |= {
+            piece,
+            json.dumps(piece)[1:-1],
+            json.dumps(piece, ensure_ascii=False)[1:-1],
+            single,
+            double,
+            double.replace('"', '\\"'),  # a double-quoted literal with its quotes escaped (JSON-like, shells)
+            urllib.parse.quote(piece, safe="", errors="surrogatepass"),
+            urllib.parse.quote(piece, safe="/", errors="surrogatepass"),
+            urllib.parse.quote_plus(piece, safe="", errors="surrogatepass"),
+        }
+    return found
+
+
+def _matchable(found: Iterable[str]) -> set[str]:
+    """The literal strings to search for: each form, and URL forms with lower-case percent-escapes too."""
+    words = set(found)
+    words |= {_PERCENT_ESCAPE.sub(lambda m: m.group(0).lower(), w) for w in words if "%" in w}
+    return words
+
+
+def _alternation(words: Iterable[str]) -> str:
+    """One pattern matching the longest of ``words`` at a position: a trie of them, so the cost per
+    character is a branch on the next character rather than a try of every word (4x faster than a
+    flat alternation of 900 forms on a clean 1 MB log).
+    """
+    trie: dict[str, Any] = {}
+    for word in words:
+        node = trie
+        for char in word:
+            node = node.setdefault(char, {})
+        node[""] = {}
+
+    def build(node: dict[str, Any]) -> str:
+        out = ""
+        while True:  # a chain without branches is one literal (no nesting, no recursion)
+            keys = sorted(k for k in node if k)
+            if len(keys) == 1 and "" not in node:
+                out += re.escape(keys[0])
+                node = node[keys[0]]
+                continue
+            if not keys:
+                return out
+            # Greedy: a longer word is tried first, the shorter one ending here is the fallback.
+            alternatives = "|".join(re.escape(k) + build(node[k]) for k in keys)
+            return f"{out}(?:{alternatives}){'?' if '' in node else ''}"
+
+    return build(trie)
+
+
+class Redactor:
+    """Masks every form of a set of secret values in text, records and log streams.
+
+    All forms of all secrets are one compiled alternation (a trie: the longest form at each
+    position wins), rebuilt once per change of the set. Where forms overlap (one secret's line
+    inside another's JSON form) the union of all their occurrences is masked, so no fragment of
+    a longer form survives a shorter match.
+    """
+
+    def __init__(self, values: Iterable[str] = ()) -> None:
+        self._values: set[str] = set()
+        self._lock = threading.Lock()
+        self._compiled: tuple[re.Pattern[str], re.Pattern[str], bool] | None = None
+        self._longest = 0
+        for value in values:
+            self.add(value)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Redactor:
+        """A redactor for the values of ``env``'s secret-looking keys."""
+        return cls(secret_values(env))
+
+    def add(self, value: str) -> None:
+        """Register ``value`` (and so all its forms) as secret; values too short or common are ignored."""
+        value = str(value)
+        if not is_secret_value(value) or value in self._values:
+            return
+        with self._lock:
+            self._values.add(value)
+            self._compiled = None
+
+    def add_env(self, env: Mapping[str, str]) -> None:
+        for value in secret_values(env):
+            self.add(value)
+
+    @property
+    def values(self) -> tuple[str, ...]:
+        """The registered secrets, longest first."""
+        return tuple(sorted(self._values, key=len, reverse=True))
+
+    def __bool__(self) -> bool:
+        return bool(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:  # never the values
+        return f"Redactor({len(self._values)} secrets)"
+
+    def _patterns(self) -> tuple[re.Pattern[str], re.Pattern[str], bool] | None:
+        with self._lock:
+            if self._compiled is None and self._values:
+                every = _matchable(set().union(*(forms(v) for v in self._values)))
+                self._longest = max(map(len, every))
+                try:
+                    alternation = _alternation(every)
+                    re.compile(alternation)
+                except (RecursionError, re.error):  # pathologically nested prefixes: the flat form, longest first
+                    alternation = "|".join(re.escape(w) for w in sorted(every, key=len, reverse=True))
+                # ``any`` finds whether there is anything to mask (the common, clean case, fast);
+                # ``at`` finds the longest form starting at each position, overlaps included.
+                self._compiled = (
+                    re.compile(alternation),
+                    re.compile(f"(?=({alternation}))"),
+                    any(MASK[0] in f for f in every),
+                )
+            return self._compiled
+
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        """The merged ``(start, end)`` ranges of ``text`` covered by any form of any secret."""
+        compiled = self._patterns()
+        if compiled is None or compiled[0].search(text) is None:
+            return []
+        merged: list[list[int]] = []
+        for match in compiled[1].finditer(text):
+            start, end = match.start(), match.end(1)
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        return [(s, e) for s, e in merged]
+
+    def redact(self, text: str) -> str:
+        """``text`` with every occurrence of every form of every secret replaced by MASK."""
+        while True:
+            spans = self.spans(text)
+            if not spans:
+                return text
+            parts: list[str] = []
+            last = 0
+            for start, end in spans:
+                parts += [text[last:start], MASK]
+                last = end
+            parts.append(text[last:])
+            text = "".join(parts)
+            compiled = self._compiled
+            # Masking can only create a new occurrence across a MASK if some form contains its
+            # character; every pass shortens the text (forms are longer than MASK), so this ends.
+            if compiled is None or not compiled[2]:
+                return text
+
+    def redact_data(self, data: Any) -> Any:
+        """A JSON-like structure (XCom value, results, rendered fields) with every string in it redacted."""
+        if isinstance(data, str):
+            return self.redact(data)
+        if isinstance(data, Mapping):
+            return {self.redact_data(k): self.redact_data(v) for k, v in data.items()}
+        if isinstance(data, list):
+            return [self.redact_data(v) for v in data]
+        if isinstance(data, tuple):
+            return tuple(self.redact_data(v) for v in data)
+        return data
+
+    def lines(self, lines: Iterable[str]) -> Iterator[str]:
+        """Each line of a log stream, redacted (a multi-line secret is masked line by line)."""
+        for line in lines:
+            yield self.redact(line)
+
+    @property
+    def longest_form(self) -> int:
+        """The length of the longest form of any secret (0 without secrets)."""
+        self._patterns()
+        return self._longest if self._values else 0
+
+
+class LineRedactor:
+    """Cuts a stream that arrives in arbitrary chunks (a pod's log, a pipe) into lines and
+    redacts each whole line, so a secret split across two chunks is still masked.
+
+    A line longer than ``max_line`` is passed on in pieces, so memory stays bounded whatever
+    the stream holds; each cut is placed where no form of a secret can straddle it.
+    """
+
+    def __init__(self, redactor: Redactor, *, max_line: int = 1 << 20) -> None:
+        self.redactor = redactor
+        self.max_line = max_line
+        self._pending: list[str] = []
+        self._size = 0
+
+    def feed(self, chunk: str) -> list[str]:
+        """The lines (without their ``\\n``) and pieces of over-long lines now safe to emit, redacted."""
+        if "\n" not in chunk:
+            self._pending.append(chunk)
+            self._size += len(chunk)
+            piece = self._cut() if self._size > self.max_line else None
+            return [] if piece is None else [piece]
+        head, *middle, tail = chunk.split("\n")
+        out = [self.redactor.redact("".join(self._pending) + head)]
+        out += [self.redactor.redact(line) for line in middle]
+        self._pending, self._size = ([tail] if tail else []), len(tail)
+        return out
+
+    def _cut(self) -> str | None:
+        text = "".join(self._pending)
+        # Keep back one form's length: a secret starting before the cut then ends inside the text.
+        cut = len(text) - max(self.redactor.longest_form - 1, 0)
+        for start, end in self.redactor.spans(text):
+            if start < cut < end:
+                cut = start
+                break
+        self._pending, self._size = [text], len(text)
+        if cut <= 0:
+            return None
+        self._pending, self._size = [text[cut:]], len(text) - cut
+        return self.redactor.redact(text[:cut])
+
+    def close(self) -> list[str]:
+        """What is left at the end of the stream (a last line without ``\\n``), redacted."""
+        rest = "".join(self._pending)
+        self._pending, self._size = [], 0
+        return [self.redactor.redact(rest)] if rest else []
+
+
+@lru_cache(maxsize=64)
+def _redactor_for(values: tuple[str, ...]) -> Redactor:
+    return Redactor(values)
+
+
+def redact(text: str, secrets: Redactor | Iterable[str]) -> str:
+    """``text`` with every form of ``secrets`` masked (a Redactor, or secret values as ``secret_values`` gives them)."""
+    redactor = secrets if isinstance(secrets, Redactor) else _redactor_for(tuple(secrets))
+    return redactor.redact(text)
