@@ -33,6 +33,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from airflow_aicenter.errors import PackageError
+from airflow_aicenter.package.requirements import check_requirements_file
 
 PIPELINES = ("serve", "train", "evaluate", "full")
 
@@ -327,8 +328,7 @@ def _load_metadata(path: Path) -> PackageMetadata:
 def _read_requirements(path: Path) -> list[str]:
     if not path.is_file():
         raise PackageError("requirements.txt is missing: add it to the package root (create an empty requirements.txt if the package needs nothing)")
-    lines = (line.strip() for line in _read_text(path, "requirements.txt").splitlines())
-    return [line for line in lines if line and not line.startswith("#")]
+    return check_requirements_file(path.parent)  # requirements only: refusals name their line
 
 
 def validate_package(root: Path, pipeline: str = "serve") -> PackageInfo:
