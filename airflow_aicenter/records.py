@@ -20,7 +20,8 @@ from airflow_aicenter.layout import RunPath
 from airflow_aicenter.secrets import MASK, is_secret_key, masked_env, redact, secret_values  # noqa: F401
 from airflow_aicenter.storage.store import Store
 
-Pipeline = Literal["train", "evaluate", "full"]
+Pipeline = Literal["train", "evaluate", "full", "predict"]
+InputType = Literal["json", "file"]
 #: "skipped": an incremental run found no new or changed file; ``Outcome.skipped`` says why (no version).
 RunStatus = Literal["running", "succeeded", "failed", "killed", "skipped"]
 M = TypeVar("M", bound=BaseModel)
@@ -150,6 +151,18 @@ class RunSpec(Record):
     gpu: int = 0
     dataset_mount: str | None = None  # a read-only mounted dataset folder (no staging)
     install_requirements: bool = False  # pip-install the package's requirements.txt before the run
+    #: Names of the user's secret env values, which the launcher hands the runtime as real
+    #: environment variables (never in the spec); the agent forwards exactly these to user code.
+    user_env_names: list[str] = Field(default_factory=list)
+    # Distributed runs (DESIGN "Distributed training"); the defaults are one process on one node.
+    nodes: int = Field(default=1, ge=1)
+    procs_per_node: int = Field(default=1, ge=1)
+    node_rank: int | None = Field(default=None, ge=0)  # None: env JOB_COMPLETION_INDEX, else 0
+    master_addr: str | None = None  # None: env AICENTER_MASTER_ADDR, else 127.0.0.1
+    master_port: int | None = Field(default=None, ge=1, le=65535)  # None: env AICENTER_MASTER_PORT, else free / 29500
+    # Batch prediction (DESIGN "Batch prediction").
+    input_type: InputType = "json"
+    max_failed: int = Field(default=0, ge=0)
     #: The task's checkpoint folder (``runs/<dag>/<run>/<task>/checkpoints/``, shared by its tries); None: no sync.
     checkpoint_prefix: str | None = None
     checkpoint_interval: float = 300  # seconds between background checkpoint syncs
@@ -179,6 +192,11 @@ class Outcome(Record):
     dataset: str | None = None
     evaluation_dataset: str | None = None
     env: dict[str, str] | None = None
+    #: ``{"nodes", "procs_per_node", "world_size"}`` when the world size is above 1.
+    distributed: dict[str, int] | None = None
+    #: Batch prediction: inputs with an output, inputs with an error.
+    predicted: int | None = None
+    failed: int | None = None
     #: ``{"resumed_from_try", "files", "bytes"}`` of the task's checkpoint (``_results.json`` aicenter.checkpoint).
     checkpoint: dict[str, Any] | None = None
     skipped: str | None = None  # why an incremental run had nothing to train on (status "skipped")
