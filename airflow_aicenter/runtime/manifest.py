@@ -1,0 +1,287 @@
+"""Manifest datasets (the ModelArts format): a JSON Lines file that lists the samples, not a folder.
+
+A dataset URI ending in ``.manifest`` or ``.jsonl`` is a manifest. Each line is one JSON object
+with ``source`` (an ``s3://`` or ``file://`` URI, or a path relative to the manifest's folder)
+and an optional ``usage`` (``TRAIN``, ``EVAL``, ``TEST``, ``INFERENCE``, any case); other keys
+(``id``, ``annotation``, ...) are kept as they are. Lines are routed by usage:
+
+- training (``data_directory``): ``TRAIN`` and unmarked lines;
+- evaluation (``test_data_directory``, and ``evaluation_data_directory`` of full runs): ``EVAL``
+  and ``TEST``;
+- batch prediction only: ``INFERENCE`` (:func:`stage_inference`).
+
+A staged folder holds the files of its lines, each at its path relative to the manifest's
+folder (or ``<bucket>/<key>``, ``<absolute path without its leading />`` when outside it),
+and ``manifest.jsonl``: its lines with ``source`` rewritten to that local relative path, so
+package code reads the manifest it knows and finds every file beside it. A snapshot of the
+folder therefore records the manifest and every staged file.
+
+A bad line (not JSON, not an object, no ``source``, an unknown usage, a source that does not
+exist) is a DatasetError naming the line number. :func:`check_manifest` finds all of that
+before compute (the operator calls it in the worker: no Airflow import here).
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from airflow_aicenter.errors import DatasetError, NotFoundError
+from airflow_aicenter.storage import Store
+from airflow_aicenter.storage.transfer import FileEntry, download_file, gather_limited, run, sha256_file
+
+#: Opens the store of a folder URI (the runtime reads credentials from its env; the worker uses its hook).
+OpenStore = Callable[[str], Store]
+
+SUFFIXES = (".manifest", ".jsonl")
+USAGES = ("TRAIN", "EVAL", "TEST", "INFERENCE")
+UNMARKED = ""
+TRAINING = frozenset({"TRAIN", UNMARKED})
+EVALUATION = frozenset({"EVAL", "TEST"})
+INFERENCE = frozenset({"INFERENCE"})
+#: The rewritten manifest in each staged folder.
+STAGED_MANIFEST = "manifest.jsonl"
+EXAMPLE_LINE = '{"source": "images/cat.jpg", "usage": "TRAIN"}'
+
+
+def is_manifest_uri(uri: str | None) -> bool:
+    """A dataset URI that names a manifest file rather than a folder."""
+    return bool(uri) and urlparse(str(uri)).path.rstrip("/").endswith(SUFFIXES)
+
+
+@dataclass(frozen=True)
+class ManifestLine:
+    number: int  # 1-based, as editors count
+    record: dict[str, Any]  # the line's object, every key kept
+    usage: str  # upper case; "" when the line has none
+    root: str  # the URI of the folder the source is read from
+    key: str  # the source's key under ``root``
+    local: str  # where it is staged, relative to the staged folder
+
+    @property
+    def source(self) -> str:
+        return f"{self.root.rstrip('/')}/{self.key}"
+
+
+@dataclass(frozen=True)
+class ManifestSummary:
+    """What a manifest holds, checked: lines per usage, distinct files and their bytes."""
+
+    uri: str
+    lines: int
+    usages: dict[str, int] = field(default_factory=dict)  # usage ("" for unmarked) -> lines
+    files: int = 0
+    bytes: int = 0
+
+    def count(self, usages: Collection[str]) -> int:
+        return sum(n for usage, n in self.usages.items() if usage in usages)
+
+
+@dataclass(frozen=True)
+class _Folder:
+    """The manifest's folder: where relative sources live, and what counts as inside it."""
+
+    uri: str
+    scheme: str  # "s3" or "file"
+    bucket: str  # s3 only
+    path: str  # s3: the key prefix ("" at the bucket root); file: the absolute path
+
+
+def _split(uri: str) -> tuple[_Folder, str]:
+    """A manifest URI -> (its folder, its file name)."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        key = parsed.path.strip("/")
+        prefix, _, name = key.rpartition("/")
+        folder_uri = f"s3://{parsed.netloc}/{prefix}" if prefix else f"s3://{parsed.netloc}"
+        return _Folder(folder_uri, "s3", parsed.netloc, prefix), name
+    if parsed.scheme in ("file", ""):
+        path = Path(unquote(parsed.path))
+        if not path.is_absolute():
+            raise DatasetError(f"manifest {uri!r} is a relative path; give an s3:// or file:///absolute/path URI")
+        return _Folder(path.parent.as_uri(), "file", "", path.parent.as_posix()), path.name
+    raise DatasetError(f"manifest {uri!r} has scheme {parsed.scheme!r}; put it on s3:// or file://")
+
+
+def _bad(uri: str, number: int, problem: str) -> DatasetError:
+    return DatasetError(f"line {number} of manifest {uri}: {problem}")
+
+
+def _locate(uri: str, folder: _Folder, number: int, source: str) -> tuple[str, str, str]:
+    """A line's ``source`` -> (root URI, key under it, local relative path)."""
+    parsed = urlparse(source)
+    if parsed.scheme == "s3":
+        bucket, key = parsed.netloc, parsed.path.lstrip("/")
+        if not bucket or not key or key.endswith("/"):
+            raise _bad(uri, number, f"source {source!r} is not an S3 object; write s3://bucket/key of one file")
+        if folder.scheme == "s3" and bucket == folder.bucket and (not folder.path or key.startswith(folder.path + "/")):
+            rel = key[len(folder.path) + 1:] if folder.path else key
+            return folder.uri, rel, rel
+        return f"s3://{bucket}", key, f"{bucket}/{key}"
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise _bad(uri, number, f"source {source!r} names a host; write file:///absolute/path")
+        path = posixpath.normpath(unquote(parsed.path))
+        if not path.startswith("/") or path == "/":
+            raise _bad(uri, number, f"source {source!r} is not a file; write file:///absolute/path/to/file")
+        if folder.scheme == "file" and path.startswith(folder.path.rstrip("/") + "/"):
+            rel = path[len(folder.path.rstrip("/")) + 1:]
+            return folder.uri, rel, rel
+        parent, name = posixpath.split(path)
+        return Path(parent).as_uri(), name, path.lstrip("/")
+    if parsed.scheme or source.startswith("/"):
+        raise _bad(uri, number, f"source {source!r} is not supported; use an s3:// or file:// URI, or a path relative "
+                                "to the manifest's folder")
+    rel = posixpath.normpath(source)
+    if rel in (".", "..") or rel.startswith("../"):
+        raise _bad(uri, number, f"source {source!r} leaves the manifest's folder; give files outside it as s3:// or "
+                                "file:// URIs")
+    return folder.uri, rel, rel
+
+
+def parse_manifest(uri: str, text: str) -> list[ManifestLine]:
+    """Every sample line of a manifest, validated (format only: existence is :func:`check_manifest`'s)."""
+    folder, _ = _split(uri)
+    lines: list[ManifestLine] = []
+    taken: dict[str, ManifestLine] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except ValueError as exc:
+            raise _bad(uri, number, f"not JSON ({exc}); each line is one JSON object such as {EXAMPLE_LINE}") from None
+        if not isinstance(record, dict):
+            raise _bad(uri, number, f"a JSON {type(record).__name__}, not an object; write it as {EXAMPLE_LINE}")
+        source = record.get("source")
+        if not isinstance(source, str) or not source.strip():
+            raise _bad(uri, number, f"no \"source\" (the sample's file); write it as {EXAMPLE_LINE}")
+        usage = record.get("usage")
+        if usage is None:
+            usage = UNMARKED
+        if not isinstance(usage, str) or usage.strip().upper() not in (*USAGES, UNMARKED):
+            raise _bad(uri, number, f"usage {usage!r} is not one of {', '.join(USAGES)} (any case), or left out")
+        root, key, local = _locate(uri, folder, number, source.strip())
+        if local == STAGED_MANIFEST:
+            raise _bad(uri, number, f"source {source!r} would be staged as {STAGED_MANIFEST}, the name of the staged "
+                                    "manifest; rename or move the file")
+        line = ManifestLine(number, record, usage.strip().upper(), root, key, local)
+        other = taken.setdefault(local, line)
+        if other.source != line.source:
+            raise _bad(uri, number, f"source {line.source} would be staged at {local!r}, where line {other.number} "
+                                    f"puts {other.source}; move one of them")
+        lines.append(line)
+    if not lines:
+        raise DatasetError(f"manifest {uri} has no sample lines; write one JSON object per line such as {EXAMPLE_LINE}")
+    return lines
+
+
+def read_manifest(uri: str, open_store: OpenStore) -> list[ManifestLine]:
+    folder, name = _split(uri)
+    try:
+        raw = open_store(folder.uri).get_bytes(name)
+    except NotFoundError:
+        raise DatasetError(f"manifest {uri} does not exist; upload it there or fix the dataset URI") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"manifest {uri} is not UTF-8 text (byte {exc.start}); save it as UTF-8 JSON Lines") from None
+    return parse_manifest(uri, text)
+
+
+class _Stores:
+    """One store per source folder, opened once."""
+
+    def __init__(self, open_store: OpenStore) -> None:
+        self._open = open_store
+        self._stores: dict[str, Store] = {}
+
+    def __call__(self, root: str) -> Store:
+        if root not in self._stores:
+            self._stores[root] = self._open(root)
+        return self._stores[root]
+
+
+def _missing(uri: str, line: ManifestLine) -> DatasetError:
+    return _bad(uri, line.number, f"source {line.source} does not exist; upload it or fix the line")
+
+
+def _distinct(lines: Sequence[ManifestLine]) -> list[ManifestLine]:
+    first: dict[str, ManifestLine] = {}
+    for line in lines:
+        first.setdefault(line.local, line)
+    return list(first.values())
+
+
+def check_manifest(uri: str, open_store: OpenStore) -> ManifestSummary:
+    """Read and check a manifest before compute: every line well formed, every source there."""
+    lines = read_manifest(uri, open_store)
+    stores = _Stores(open_store)
+
+    async def size(line: ManifestLine) -> int:
+        try:
+            info = await stores(line.root).head_async(line.key)
+        except NotFoundError:
+            info = None
+        if info is None:
+            raise _missing(uri, line)
+        return info.size
+
+    sizes = run(gather_limited(_distinct(lines), size))
+    usages: dict[str, int] = {}
+    for line in lines:
+        usages[line.usage] = usages.get(line.usage, 0) + 1
+    return ManifestSummary(uri=uri, lines=len(lines), usages=usages, files=len(sizes), bytes=sum(sizes))
+
+
+def stage_manifest(
+    uri: str, usages: Collection[str], dest: Path, open_store: OpenStore, *, write_manifest: bool = True,
+    lines: Sequence[ManifestLine] | None = None,
+) -> list[FileEntry]:
+    """Download the sources of the lines whose usage is in ``usages`` into ``dest``, plus ``manifest.jsonl``.
+
+    Returns the staged files (the manifest included) with their digests, for the snapshot.
+    """
+    lines = read_manifest(uri, open_store) if lines is None else lines
+    chosen = [line for line in lines if line.usage in usages]
+    if not chosen:
+        names = " or ".join(sorted(u or "unmarked" for u in usages))
+        raise DatasetError(f"manifest {uri} has no {names} lines; mark the samples for this step with \"usage\"")
+    stores = _Stores(open_store)
+    root = dest.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+
+    async def one(line: ManifestLine) -> FileEntry:
+        target = (root / line.local).resolve()
+        if not target.is_relative_to(root):
+            raise _bad(uri, line.number, f"source {line.source} would be staged outside the data folder; rename it")
+        try:
+            entry = await download_file(stores(line.root), line.key, target)
+        except NotFoundError:
+            raise _missing(uri, line) from None
+        except IsADirectoryError:
+            raise _bad(uri, line.number, f"source {line.source} is a folder; list its files one per line") from None
+        return FileEntry(line.local, entry.sha256, entry.size)
+
+    entries = run(gather_limited(_distinct(chosen), one))
+    if write_manifest:
+        path = root / STAGED_MANIFEST
+        with open(path, "w", encoding="utf-8") as fh:
+            for line in chosen:
+                fh.write(json.dumps({**line.record, "source": line.local}, ensure_ascii=False) + "\n")
+        digest = sha256_file(path)
+        entries.append(FileEntry(STAGED_MANIFEST, digest.sha256, digest.size))
+    return sorted(entries, key=lambda e: e.path)
+
+
+def stage_inference(uri: str, dest: Path, open_store: OpenStore) -> list[FileEntry]:
+    """Batch prediction's inputs from a manifest: the files of its INFERENCE lines, without ``manifest.jsonl``
+
+    (a ``.jsonl`` beside them would be taken for inputs by ``input_type="json"``).
+    """
+    return stage_manifest(uri, INFERENCE, dest, open_store, write_manifest=False)

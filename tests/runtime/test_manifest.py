@@ -1,0 +1,160 @@
+"""Manifest datasets (ModelArts JSON Lines): usage routing, staged layout, errors with line numbers, on both stores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from airflow_aicenter.errors import DatasetError
+from airflow_aicenter.records import Manifest, read
+from airflow_aicenter.runtime.manifest import (
+    EVALUATION,
+    TRAINING,
+    OpenStore,
+    check_manifest,
+    is_manifest_uri,
+    stage_inference,
+    stage_manifest,
+)
+from airflow_aicenter.runtime.snapshot import take_snapshot
+from airflow_aicenter.storage import S3Store, Store, open_store
+
+
+def opener(store: Store) -> OpenStore:
+    """Opens source folders the way the runtime does: existing ones only, with the store's S3 options."""
+    if isinstance(store, S3Store):
+        return lambda uri: open_store(uri, store.options, create=False)
+    return lambda uri: open_store(uri, create=False)
+
+
+def put(store: Store, files: dict[str, str]) -> None:
+    for key, text in files.items():
+        store.put_bytes(key, text.encode())
+
+
+def outside_local(store: Store, key: str) -> str:
+    """Where a source outside the manifest's folder is staged: <bucket>/<key>, or the path without its '/'."""
+    url = store.url(key)
+    return url.removeprefix("s3://") if url.startswith("s3://") else url.removeprefix("file:///")
+
+
+@pytest.fixture
+def dataset(store: Store) -> tuple[Store, str]:
+    """A manifest in datasets/m/ whose sources are relative, absolute inside its folder, and outside it."""
+    put(store, {
+        "datasets/m/images/a.jpg": "A", "datasets/m/images/b.jpg": "BB", "other/c.jpg": "CCC",
+        "datasets/m/images/d.jpg": "DDDD", "datasets/m/e.jpg": "EEEEE", "datasets/m/f.jpg": "FFFFFF",
+    })
+    lines = [
+        {"id": "1", "source": "images/a.jpg", "usage": "TRAIN", "annotation": [{"name": "cat", "type": "label"}]},
+        {"id": "2", "source": store.url("datasets/m/images/b.jpg")},
+        {"id": "3", "source": store.url("other/c.jpg"), "usage": "train"},
+        {"id": "4", "source": "images/d.jpg", "usage": "eval"},
+        {"id": "5", "source": "./e.jpg", "usage": "Test"},
+        {"id": "6", "source": "f.jpg", "usage": "INFERENCE"},
+    ]
+    put(store, {"datasets/m/train.manifest": "\n".join(json.dumps(line) for line in lines) + "\n\n"})
+    return store, store.url("datasets/m/train.manifest")
+
+
+def test_training_lines_are_staged_with_a_rewritten_manifest(dataset: tuple[Store, str], tmp_path: Path) -> None:
+    store, uri = dataset
+    entries = stage_manifest(uri, TRAINING, tmp_path / "data", opener(store))
+    c_local = outside_local(store, "other/c.jpg")
+    assert sorted(e.path for e in entries) == sorted(["images/a.jpg", "images/b.jpg", c_local, "manifest.jsonl"])
+    assert (tmp_path / "data" / c_local).read_text() == "CCC"
+    staged = [json.loads(line) for line in (tmp_path / "data" / "manifest.jsonl").read_text().splitlines()]
+    assert [(s["id"], s["source"]) for s in staged] == [("1", "images/a.jpg"), ("2", "images/b.jpg"), ("3", c_local)]
+    assert staged[0]["annotation"] == [{"name": "cat", "type": "label"}] and staged[2]["usage"] == "train"
+    for line in staged:  # every rewritten source is a file beside the manifest
+        assert (tmp_path / "data" / line["source"]).is_file()
+    assert sorted(p.relative_to(tmp_path / "data").as_posix() for p in (tmp_path / "data").rglob("*") if p.is_file()) == \
+        sorted(e.path for e in entries)
+
+
+def test_evaluation_and_inference_lines_go_to_their_own_folders(dataset: tuple[Store, str], tmp_path: Path) -> None:
+    store, uri = dataset
+    evaluation = stage_manifest(uri, EVALUATION, tmp_path / "test", opener(store))
+    assert [e.path for e in evaluation] == ["e.jpg", "images/d.jpg", "manifest.jsonl"]
+    assert [json.loads(x)["id"] for x in (tmp_path / "test" / "manifest.jsonl").read_text().splitlines()] == ["4", "5"]
+    inference = stage_inference(uri, tmp_path / "inbox", opener(store))
+    assert [(e.path, e.size) for e in inference] == [("f.jpg", 6)]
+    assert sorted(p.name for p in (tmp_path / "inbox").iterdir()) == ["f.jpg"]  # no manifest.jsonl among inputs
+
+
+def test_check_manifest_summarises_before_compute(dataset: tuple[Store, str]) -> None:
+    store, uri = dataset
+    summary = check_manifest(uri, opener(store))
+    assert (summary.lines, summary.files, summary.bytes) == (6, 6, 1 + 2 + 3 + 4 + 5 + 6)
+    assert summary.usages == {"TRAIN": 2, "": 1, "EVAL": 1, "TEST": 1, "INFERENCE": 1}
+    assert summary.count(TRAINING) == 3 and summary.count(EVALUATION) == 2
+
+
+def test_a_snapshot_records_the_manifest_and_every_staged_file(dataset: tuple[Store, str], tmp_path: Path) -> None:
+    store, uri = dataset
+    entries = stage_manifest(uri, TRAINING, tmp_path / "data", opener(store))
+    take_snapshot(store, tmp_path / "data", entries, source=uri, directory="data_directory", key="snap.json", log=print)
+    manifest = read(store, "snap.json", Manifest)
+    assert manifest.source == uri and len(manifest.files) == 4
+    assert "manifest.jsonl" in {f.path for f in manifest.files}
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("{not json", "line 2 of manifest .*: not JSON"),
+    ('["images/a.jpg"]', "line 2 of manifest .*: a JSON list, not an object"),
+    ('{"usage": "TRAIN"}', 'line 2 of manifest .*: no "source"'),
+    ('{"source": ""}', 'line 2 of manifest .*: no "source"'),
+    ('{"source": "images/a.jpg", "usage": "VALIDATION"}', "line 2 .*usage 'VALIDATION' is not one of TRAIN, EVAL, TEST"),
+    ('{"source": "images/missing.jpg"}', "line 2 .*source .*images/missing.jpg does not exist"),
+    ('{"source": "../../etc/passwd"}', "line 2 .*leaves the manifest's folder"),
+    ('{"source": "http://example.com/a.jpg"}', "line 2 .*is not supported; use an s3:// or file:// URI"),
+    ('{"source": "manifest.jsonl"}', "line 2 .*would be staged as manifest.jsonl"),
+])
+def test_a_bad_line_is_an_error_naming_its_number(store: Store, tmp_path: Path, line: str, problem: str) -> None:
+    put(store, {"m/images/a.jpg": "A", "m/data.jsonl": '{"source": "images/a.jpg"}\n' + line + "\n"})
+    uri = store.url("m/data.jsonl")
+    with pytest.raises(DatasetError, match=problem):
+        check_manifest(uri, opener(store))
+    with pytest.raises(DatasetError, match=problem):  # and staging says the same
+        stage_manifest(uri, TRAINING, tmp_path / "data", opener(store))
+
+
+def test_two_sources_staged_at_one_path_are_refused(store: Store) -> None:
+    clash = outside_local(store, "x/a.jpg")  # a relative path equal to where an outside source is staged
+    put(store, {"m/data.jsonl": json.dumps({"source": clash}) + "\n" + json.dumps({"source": store.url("x/a.jpg")}) + "\n"})
+    with pytest.raises(DatasetError, match=f"line 2 .*would be staged at '{clash}', where line 1 puts"):
+        check_manifest(store.url("m/data.jsonl"), opener(store))
+
+
+def test_missing_or_empty_manifests_and_steps_without_lines(store: Store, tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=r"manifest .*nope\.jsonl does not exist"):
+        check_manifest(store.url("m/nope.jsonl"), opener(store))
+    put(store, {"m/empty.jsonl": "\n\n", "m/a.jpg": "A", "m/only-train.jsonl": '{"source": "a.jpg"}\n'})
+    with pytest.raises(DatasetError, match="has no sample lines"):
+        check_manifest(store.url("m/empty.jsonl"), opener(store))
+    with pytest.raises(DatasetError, match="has no EVAL or TEST lines"):
+        stage_manifest(store.url("m/only-train.jsonl"), EVALUATION, tmp_path / "t", opener(store))
+
+
+def test_sources_on_s3_from_a_manifest_on_a_file_store(s3_server, tmp_path: Path) -> None:
+    bucket = s3_server.create_bucket()
+    s3 = open_store(f"s3://{bucket}", s3_server.options)
+    s3.put_bytes("raw/x.bin", b"xyz")
+    local = tmp_path / "ds"
+    local.mkdir()
+    (local / "y.bin").write_bytes(b"yy")
+    (local / "data.jsonl").write_text(f'{{"source": "s3://{bucket}/raw/x.bin"}}\n{{"source": "y.bin", "usage": "TRAIN"}}\n')
+
+    def open_any(uri: str) -> Store:
+        return open_store(uri, s3_server.options, create=False)
+
+    entries = stage_manifest((local / "data.jsonl").as_uri(), TRAINING, tmp_path / "data", open_any)
+    assert [e.path for e in entries] == [f"{bucket}/raw/x.bin", "manifest.jsonl", "y.bin"]
+    assert (tmp_path / "data" / bucket / "raw" / "x.bin").read_bytes() == b"xyz"
+
+
+def test_manifest_uris_are_recognised() -> None:
+    assert is_manifest_uri("s3://b/d/train.manifest") and is_manifest_uri("file:///d/x.jsonl")
+    assert not is_manifest_uri("s3://b/datasets/churn/") and not is_manifest_uri(None)
