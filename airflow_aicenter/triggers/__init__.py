@@ -1,0 +1,5 @@
+"""Triggers: ``DatasetChangedTrigger`` for data-driven schedules (``AssetWatcher``)."""
+
+from airflow_aicenter.triggers.dataset import DatasetChangedTrigger
+
+__all__ = ["DatasetChangedTrigger"]
