@@ -16,6 +16,12 @@ What is checked statically and where it is lenient:
 - Every method of the contract that is present must accept AI Center's call (``*args`` and
   defaults count); a method with other decorators than ``staticmethod``/``classmethod`` is
   not arity-checked, as the decorator may change its signature.
+
+Validation runs in the worker, so its cost is bounded before any parsing: a contract file over
+``MAX_CONTRACT_FILE_BYTES`` is refused from its size alone (parsing a 5 MB source took 17 s and
+2.4 GB), source that nests beyond the parser's limits is a ``PackageError``, and only the
+module's top-level statements and the bodies of the classes ``Main`` derives from are walked,
+without recursion, at most ``MAX_BASE_DEPTH`` base classes deep.
 """
 
 from __future__ import annotations
@@ -66,6 +72,14 @@ _PURPOSE = {
     "save": "it persists the model into the package folder (e.g. ./model.pkl) so main.py can load it",
     "process_data": "it splits input_directory into the training_data_directory and evaluation_data_directory folders",
 }
+
+MAX_CONTRACT_FILE_BYTES = 1 << 20
+"""Largest contract file (``main.py``, ``train.py``, ``aicenter.json``) validation reads: real ones
+are a few KB; tables or weights pasted into source belong in a data file the code loads."""
+
+MAX_BASE_DEPTH = 100
+"""How many same-file base classes deep validation follows ``Main``: real hierarchies are a few
+levels; a generated chain of thousands would only make the worker do the work."""
 
 TRAINING_PIPELINES = ("train", "full")
 """Pipelines that make a new version; ``aicenter.json`` ``retrainable: false`` forbids them."""
@@ -147,6 +161,15 @@ def find_package_root(path: Path) -> Path:
 
 
 def _read_text(path: Path, name: str) -> str:
+    """The file's text; refused from its size alone, before a byte is read, when over the limit."""
+    size = path.stat().st_size
+    if size > MAX_CONTRACT_FILE_BYTES:
+        raise PackageError(
+            f"{name} is {size} bytes, over the limit of {MAX_CONTRACT_FILE_BYTES} bytes for a contract file "
+            f"(it is parsed in the Airflow worker before the run): move large data such as tables or weights "
+            f"into a data file of the package that the code loads at run time, or split the code into modules "
+            f"that {name} imports"
+        )
     data = path.read_bytes()
     try:
         encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline) if name.endswith(".py") else ("utf-8-sig", [])
@@ -163,6 +186,11 @@ def _parse(path: Path, name: str) -> ast.Module:
         raise PackageError(f"{name}:{e.lineno or 1}: {e.msg}") from e
     except ValueError as e:  # e.g. null bytes on Python 3.11
         raise PackageError(f"{name}: {e}: save it as a plain UTF-8 Python source file") from e
+    except (RecursionError, MemoryError) as e:  # the parser's stack, e.g. thousands of nested operators
+        raise PackageError(
+            f"{name} nests expressions or blocks too deeply to be parsed ({type(e).__name__}): "
+            f"split the deeply nested expression into separate statements"
+        ) from e
 
 
 def _top_level_bindings(tree: ast.Module) -> dict[str, ast.stmt]:
@@ -175,14 +203,25 @@ def _top_level_bindings(tree: ast.Module) -> dict[str, ast.stmt]:
             for alias in stmt.names:
                 out[(alias.asname or alias.name).split(".")[0]] = stmt
         elif isinstance(stmt, ast.Assign):
-            for target in stmt.targets:
-                for node in ast.walk(target):
-                    if isinstance(node, ast.Name):
-                        out[node.id] = stmt
+            for name in _assigned_names(stmt.targets):
+                out[name] = stmt
         elif isinstance(stmt, (ast.AnnAssign, ast.AugAssign)) and isinstance(stmt.target, ast.Name):
             if not isinstance(stmt, ast.AnnAssign) or stmt.value is not None:
                 out[stmt.target.id] = stmt
     return out
+
+
+def _assigned_names(targets: list[ast.expr]) -> Iterator[str]:
+    """Names an assignment binds (``a = ...``, ``a, (b, *c) = ...``); subscripts and attributes bind none."""
+    pending = list(targets)
+    while pending:
+        target = pending.pop()
+        if isinstance(target, ast.Name):
+            yield target.id
+        elif isinstance(target, (ast.Tuple, ast.List)):
+            pending.extend(target.elts)
+        elif isinstance(target, ast.Starred):
+            pending.append(target.value)
 
 
 @dataclass
@@ -192,38 +231,58 @@ class _Class:
     open_bases: bool  # some base is not in this file: missing methods may come from it
 
 
-def _resolve_class(name: str, bindings: dict[str, ast.stmt], seen: frozenset[str] = frozenset()) -> ast.ClassDef | None | bool:
-    """The same-file class bound to ``name``; ``None`` if it is not inspectable; ``False`` if not a class."""
-    stmt = bindings.get(name)
-    if isinstance(stmt, ast.ClassDef):
-        return stmt
-    if isinstance(stmt, (ast.Import, ast.ImportFrom)) or stmt is None:
-        return None
-    if isinstance(stmt, ast.Assign) and isinstance(stmt.value, ast.Name) and stmt.value.id not in seen | {name}:
-        return _resolve_class(stmt.value.id, bindings, seen | {name})
-    return False
+def _resolve_class(name: str, bindings: dict[str, ast.stmt]) -> ast.ClassDef | None | bool:
+    """The same-file class bound to ``name``; ``None`` if it is not inspectable; ``False`` if not a class.
+
+    Follows ``A = B`` chains in a loop (a chain may be as long as the file allows).
+    """
+    seen = {name}
+    while True:
+        stmt = bindings.get(name)
+        if isinstance(stmt, ast.ClassDef):
+            return stmt
+        if isinstance(stmt, (ast.Import, ast.ImportFrom)) or stmt is None:
+            return None
+        if isinstance(stmt, ast.Assign) and isinstance(stmt.value, ast.Name) and stmt.value.id not in seen:
+            name = stmt.value.id
+            seen.add(name)
+            continue
+        return False
 
 
-def _collect(node: ast.ClassDef, bindings: dict[str, ast.stmt]) -> _Class:
-    """Methods of ``node`` and its same-file bases (depth-first, left to right, subclass first)."""
+def _collect(node: ast.ClassDef, bindings: dict[str, ast.stmt], file: str) -> _Class:
+    """Methods of ``node`` and its same-file bases (depth-first, left to right, subclass first).
+
+    An explicit stack, not recursion: a chain of thousands of classes gives a ``PackageError``
+    at ``MAX_BASE_DEPTH``, never a ``RecursionError``.
+    """
     order: list[ast.ClassDef] = []
+    visited: set[int] = set()
     open_bases = False
-
-    def visit(cls: ast.ClassDef) -> None:
-        nonlocal open_bases
-        if cls in order:
-            return
+    stack: list[tuple[ast.ClassDef, int]] = [(node, 0)]
+    while stack:
+        cls, depth = stack.pop()
+        if id(cls) in visited:
+            continue
+        if depth > MAX_BASE_DEPTH:
+            raise PackageError(
+                f"{file}:{cls.lineno}: class Main derives from same-file classes more than {MAX_BASE_DEPTH} levels deep "
+                f"(class {cls.name} is level {depth}): validation follows base classes only that far; "
+                f"flatten the class hierarchy"
+            )
+        visited.add(id(cls))
         order.append(cls)
+        bases: list[ast.ClassDef] = []
         for base in cls.bases:
             if isinstance(base, ast.Name) and base.id == "object" and "object" not in bindings:
                 continue
             resolved = _resolve_class(base.id, bindings) if isinstance(base, ast.Name) else None
             if isinstance(resolved, ast.ClassDef):
-                visit(resolved)
+                bases.append(resolved)
             else:
                 open_bases = True
+        stack.extend((base, depth + 1) for base in reversed(bases))  # the first base is visited next
 
-    visit(node)
     decided: dict[str, ast.FunctionDef | ast.AsyncFunctionDef | None] = {}
     for cls in order:
         own: dict[str, ast.FunctionDef | ast.AsyncFunctionDef | None] = {}
@@ -249,11 +308,14 @@ def _find_main(tree: ast.Module, file: str) -> _Class:
         raise PackageError(f"{file}:{stmt.lineno}: Main is defined but is not a class: define `class Main:` at the top level of {file}")
     if resolved is None:
         return _Class(None, {}, True)
-    return _collect(resolved, bindings)
+    return _collect(resolved, bindings, file)
 
 
 def _signature(func: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
-    return f"{func.name}({ast.unparse(func.args)})"
+    try:
+        return f"{func.name}({ast.unparse(func.args)})"
+    except RecursionError:  # a default value nested hundreds deep: the name still tells which method
+        return f"{func.name}(...)"
 
 
 def _call_signature(name: str) -> str:

@@ -16,14 +16,7 @@ import pytest
 from airflow_aicenter.errors import ArchiveError, PackageError
 from airflow_aicenter.package import extract_zip, is_contract_file, open_package, validate_package, write_zip
 
-from .conftest import MAIN, TRAIN, MakePackage
-
-
-def make_zip(path: Path, entries: dict[str, bytes | str], *, compression: int = zipfile.ZIP_DEFLATED) -> Path:
-    with zipfile.ZipFile(path, "w", compression) as zf:
-        for name, data in entries.items():
-            zf.writestr(name, data)
-    return path
+from tests.packages import MAIN, TRAIN, MakePackage, make_zip
 
 
 def aicenter_zip(path: Path, root: str = "churn") -> Path:

@@ -17,19 +17,7 @@ from airflow_aicenter.package import (
     validate_package,
 )
 
-from .conftest import MAIN, TRAIN, MakePackage, write_package
-
-TRAIN_ONLY = """
-class Main:
-    def __init__(self):
-        pass
-
-    def train(self, training_directory):
-        pass
-
-    def save(self):
-        pass
-"""
+from tests.packages import MAIN, TRAIN, TRAIN_ONLY, MakePackage, write_package
 
 
 def error(root: Path, pipeline: str = "serve") -> str:
