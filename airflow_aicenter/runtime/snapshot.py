@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from airflow_aicenter.errors import AICenterError
@@ -58,16 +58,25 @@ def stored_by_hint(store: Store, source: str | None, digests: set[str], log: Cal
 
 def take_snapshot(
     store: Store, folder: Path, entries: Sequence[FileEntry], *, source: str | None, directory: str, key: str,
-    log: Callable[[str], None],
+    log: Callable[[str], None], carried: Sequence[ManifestEntry] = (), fingerprints: Mapping[str, str] | None = None,
 ) -> BlobStats:
-    """Store the blobs of ``entries`` that are missing, then the manifest at ``key``, then the hint."""
+    """Store the blobs of ``entries`` that are missing, then the manifest at ``key``, then the hint.
+
+    ``carried`` are files of the dataset that were not staged (an incremental run's unchanged
+    files): listed in the manifest as they are, their blobs vouched for by the manifest they come
+    from. ``fingerprints`` (path -> source ETag or mtime) let the next incremental run compare
+    without downloading.
+    """
     known = stored_by_hint(store, source, {e.sha256 for e in entries}, log)
     stats = run(ensure_blobs(store, folder, entries, known=known))
-    manifest = Manifest(
-        source=source, directory=directory,
-        files=[ManifestEntry(path=e.path, sha256=e.sha256, size=e.size) for e in entries],
-        file_count=len(entries), total_bytes=stats.bytes,
-    )
+    marks = fingerprints or {}
+    files = [ManifestEntry(path=e.path, sha256=e.sha256, size=e.size, etag=marks.get(e.path)) for e in entries]
+    files = sorted([*files, *carried], key=lambda e: e.path)
+    total = stats.bytes + sum(e.size for e in carried)
+    if carried:
+        stats = BlobStats(files=len(files), bytes=total, uploaded_files=stats.uploaded_files,
+                          uploaded_bytes=stats.uploaded_bytes)
+    manifest = Manifest(source=source, directory=directory, files=files, file_count=len(files), total_bytes=total)
     write(store, key, manifest)
     if source:
         try:
