@@ -1,0 +1,259 @@
+"""Least-privilege S3 credentials for one run (DESIGN "★ Trust boundaries").
+
+With ``runtime_role_arn`` in the ``aicenter`` connection's extra, the worker assumes that role
+for each run (STS AssumeRole through the amazon provider's AWS connection) with a session
+policy, so a pod holds credentials that can only:
+
+- write its own run folder ``runs/<dag>/<run>/<task>/<try>/`` and its task's
+  ``runs/<dag>/<run>/<task>/checkpoints/`` (delete only there: checkpoints are pruned);
+- create, never overwrite, ``blobs/sha256/*`` and ``envs/*`` (``s3:if-none-match``: every
+  object-creating request there must carry ``If-None-Match: *``; the multipart steps that
+  cannot carry it, CreateMultipartUpload and UploadPart, are exempted through
+  ``s3:ObjectCreationOperation`` as AWS documents, so the completion must carry it);
+- read its run folder, its checkpoints, ``blobs/``, ``envs/``, its datasets and the extra keys
+  it is given (the parent's snapshot manifest of an incremental run), and list those prefixes.
+
+Nothing allows ``packages/`` (version records and aliases), and an explicit Deny keeps it so
+even if a dataset is the store itself: those are written by the worker alone. Effective
+permissions are the intersection of the role's own policy and this session policy, so the role
+may be as broad as the store; the session policy is what makes each run narrow.
+
+Not imported by ``runtime/``, ``package/`` or ``storage/`` (it needs the amazon provider).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from airflow_aicenter.errors import ConfigurationError
+from airflow_aicenter.layout import BLOBS, ENVS, PACKAGES
+
+DEFAULT_DURATION = 3600
+#: What STS accepts for DurationSeconds (the role's own maximum may be lower).
+MIN_DURATION, MAX_DURATION = 900, 43200
+#: AWS refuses a session policy whose plaintext is longer than this.
+MAX_POLICY_CHARS = 2048
+_ROLE_ARN = re.compile(r"^arn:(aws[a-z-]*):iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
+#: IAM reads these inside a Resource or a condition value as wildcards and policy variables.
+_POLICY_SPECIAL = re.compile(r"[*?$]")
+#: Writing an object, in one request or as a multipart upload (whose abandoning is allowed too).
+_WRITE = ("s3:PutObject", "s3:AbortMultipartUpload")
+
+
+@dataclass(frozen=True)
+class S3Credentials:
+    """STS session credentials for one run. The secret parts stay out of reprs and logs."""
+
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+    session_token: str = field(repr=False)
+    expiration: datetime
+    role_arn: str
+
+    def to_env(self) -> dict[str, str]:
+        """The AWS SDK's variables for a pod or child process (merge over the endpoint and region)."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
+            "AWS_SESSION_TOKEN": self.session_token,
+        }
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix/`` -> ``("bucket", "some/prefix")``."""
+    parts = urlsplit(uri)
+    if parts.scheme != "s3" or not parts.netloc:
+        raise ConfigurationError(f"{uri!r} is not an s3://bucket/prefix URI; runtime_role_arn needs the store on S3")
+    return parts.netloc, parts.path.strip("/")
+
+
+def role_settings(extra: Mapping[str, Any]) -> tuple[str, int] | None:
+    """``(runtime_role_arn, runtime_role_duration)`` from the connection extra, or None without a role."""
+    role = extra.get("runtime_role_arn")
+    if not role:
+        return None
+    if not isinstance(role, str) or not _ROLE_ARN.match(role):
+        raise ConfigurationError(
+            f"runtime_role_arn {role!r} is not an IAM role ARN; give one like arn:aws:iam::123456789012:role/aicenter-runtime"
+        )
+    raw = extra.get("runtime_role_duration", DEFAULT_DURATION)
+    try:
+        duration = int(raw)
+    except (TypeError, ValueError):
+        duration = -1
+    if isinstance(raw, bool) or not MIN_DURATION <= duration <= MAX_DURATION or str(duration) != str(raw).strip():
+        raise ConfigurationError(
+            f"runtime_role_duration {raw!r} is not a whole number of seconds between {MIN_DURATION} and {MAX_DURATION}; "
+            f"set it to how long a run may take (default {DEFAULT_DURATION}), within the role's maximum session duration"
+        )
+    return role, duration
+
+
+def session_policy(
+    *,
+    storage: str,
+    run_prefix: str,
+    checkpoint_prefix: str | None,
+    datasets: Iterable[str | None] = (),
+    reads: Iterable[str] = (),
+    partition: str = "aws",
+) -> dict[str, Any]:
+    """The session policy for one run: exactly what DESIGN lets a pod do, nothing else.
+
+    ``run_prefix`` and ``checkpoint_prefix`` are store keys (``runs/<dag>/<run>/<task>/<try>``,
+    ``runs/<dag>/<run>/<task>/checkpoints``); ``datasets`` are the run's dataset URIs (only
+    ``s3://`` ones matter; for a manifest dataset give the manifest and its sources' prefixes);
+    ``reads`` are further store keys the run reads (the parent snapshot of an incremental run).
+    """
+    bucket, root = parse_s3_uri(storage)
+
+    def key(name: str) -> str:
+        name = name.strip("/")
+        return f"{root}/{name}" if root else name
+
+    def objects(bucket_name: str, *prefixes: str) -> list[str]:
+        return [f"arn:{partition}:s3:::{bucket_name}/{p}" for p in prefixes]
+
+    for what, prefix in (("run_prefix", run_prefix), ("checkpoint_prefix", checkpoint_prefix or "runs/")):
+        if not prefix.strip("/").startswith("runs/"):
+            raise ConfigurationError(f"{what} {prefix!r} is not a folder under runs/ (runs/<dag>/<run>/<task>/...)")
+    run = key(_checked("run_prefix", run_prefix))
+    checkpoints = key(_checked("checkpoint_prefix", checkpoint_prefix)) if checkpoint_prefix else None
+    create_only = [key(BLOBS), key(ENVS)]
+    data: dict[str, list[str]] = {}  # the run's S3 datasets: bucket -> prefixes
+    for uri in datasets:
+        if uri and uri.startswith("s3://"):
+            data_bucket, prefix = parse_s3_uri(_checked("dataset", uri))
+            data.setdefault(data_bucket, []).append(prefix)
+    # Listed: what the runtime lists (checkpoint manifests, the blobs it may skip, datasets) and envs/.
+    listed = {bucket: [*([checkpoints] if checkpoints else []), *create_only]}
+    for data_bucket, prefixes in data.items():
+        listed.setdefault(data_bucket, []).extend(prefixes)
+    read_only = [
+        *objects(bucket, *(key(_checked("read", k)) for k in reads)),
+        *(arn for b, prefixes in data.items() for arn in objects(b, *_object_patterns(prefixes))),
+    ]
+
+    # Grouped by resource, no Sids: AWS refuses a session policy over 2,048 characters, and the
+    # run's folder names (long run ids) and datasets all add to it.
+    statements: list[dict[str, Any]] = [
+        # The run folder: written (overwrites too: outcome.json is rewritten as the run goes) and read.
+        {"Effect": "Allow", "Action": [*_WRITE, "s3:GetObject"], "Resource": objects(bucket, f"{run}/*")},
+    ]
+    if checkpoints:  # the task's checkpoints: a sync also prunes what only older manifests named
+        statements.append(
+            {"Effect": "Allow", "Action": [*_WRITE, "s3:GetObject", "s3:DeleteObject"],
+             "Resource": objects(bucket, f"{checkpoints}/*")}
+        )
+    blobs_envs = objects(bucket, *(f"{p}/*" for p in create_only))
+    statements += [
+        # blobs/ and envs/: an object-creating request (PutObject, CompleteMultipartUpload) only with If-None-Match...
+        {"Effect": "Allow", "Action": "s3:PutObject", "Resource": blobs_envs,
+         "Condition": {"Null": {"s3:if-none-match": "false"}}},
+        # ...and the multipart steps that cannot carry it (CreateMultipartUpload, UploadPart).
+        {"Effect": "Allow", "Action": "s3:PutObject", "Resource": blobs_envs,
+         "Condition": {"Bool": {"s3:ObjectCreationOperation": "false"}}},
+        {"Effect": "Allow", "Action": ["s3:GetObject", "s3:AbortMultipartUpload"], "Resource": blobs_envs},
+    ]
+    if read_only:  # the run's datasets and the single keys it is given
+        statements.append({"Effect": "Allow", "Action": "s3:GetObject", "Resource": read_only})
+    statements += [
+        {"Effect": "Allow", "Action": "s3:ListBucket", "Resource": f"arn:{partition}:s3:::{b}",
+         "Condition": {"StringLike": {"s3:prefix": [f"{p}/*" if p else "*" for p in prefixes]}}}
+        for b, prefixes in listed.items()
+    ]
+    # Version records and aliases are the worker's alone, whatever else a dataset URI grants.
+    statements.append(
+        {"Effect": "Deny", "Action": ["s3:PutObject", "s3:DeleteObject"], "Resource": objects(bucket, f"{key(PACKAGES)}/*")}
+    )
+    return {"Version": "2012-10-17", "Statement": statements}
+
+
+def _checked(what: str, value: str) -> str:
+    if _POLICY_SPECIAL.search(value):
+        raise ConfigurationError(
+            f"{what} {value!r} has '*', '?' or '$', which an IAM policy reads as a wildcard or variable and would widen "
+            "the run's credentials; rename it without those characters"
+        )
+    return value
+
+
+def _object_patterns(prefixes: Sequence[str]) -> list[str]:
+    """A dataset prefix is a folder (``p/*``) or one object (a manifest file, ``p``)."""
+    out: list[str] = []
+    for p in prefixes:
+        out += [f"{p}/*", p] if p else ["*"]
+    return out
+
+
+def session_name(run_prefix: str) -> str:
+    """A RoleSessionName naming the run (CloudTrail shows it), within STS's 64 characters and alphabet."""
+    digest = hashlib.sha256(run_prefix.encode()).hexdigest()[:10]
+    readable = re.sub(r"[^\w+=,.@-]", "-", run_prefix.strip("/").removeprefix("runs/"))
+    return f"aicenter-{readable[:43]}-{digest}"
+
+
+def run_credentials(
+    extra: Mapping[str, Any],
+    aws_conn_id: str | None,
+    *,
+    storage: str,
+    run_prefix: str,
+    checkpoint_prefix: str | None,
+    datasets: Iterable[str | None] = (),
+    reads: Iterable[str] = (),
+) -> S3Credentials | None:
+    """Per-run STS credentials limited by ``session_policy``; None when the connection names no role.
+
+    ``extra`` is the ``aicenter`` connection's extra (``runtime_role_arn``, ``runtime_role_duration``);
+    ``aws_conn_id`` the AWS connection whose identity may assume the role.
+    """
+    settings = role_settings(extra)
+    if settings is None:
+        return None
+    role_arn, duration = settings
+    partition = role_arn.split(":")[1]
+    policy = session_policy(
+        storage=storage, run_prefix=run_prefix, checkpoint_prefix=checkpoint_prefix, datasets=datasets, reads=reads,
+        partition=partition,
+    )
+    document = json.dumps(policy, separators=(",", ":"))
+    if len(document) > MAX_POLICY_CHARS:
+        raise ConfigurationError(
+            f"the session policy for run {run_prefix} is {len(document)} characters, over the {MAX_POLICY_CHARS} AWS "
+            "accepts: the run names too many datasets; put them under fewer s3:// prefixes"
+        )
+    from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    sts = AwsBaseHook(aws_conn_id=aws_conn_id, client_type="sts").get_conn()
+    try:
+        answer = sts.assume_role(
+            RoleArn=role_arn, RoleSessionName=session_name(run_prefix), Policy=document, DurationSeconds=duration,
+        )
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        raise ConfigurationError(
+            f"cannot assume runtime_role_arn {role_arn} ({error.get('Code')}: {error.get('Message')}); let the identity "
+            f"of AWS connection {aws_conn_id!r} call sts:AssumeRole on it (the role's trust policy and that identity's "
+            "policy), or remove runtime_role_arn from the aicenter connection"
+        ) from None
+    except BotoCoreError as exc:
+        raise ConfigurationError(
+            f"cannot reach STS to assume {role_arn}: {exc}; check the endpoint and region of AWS connection {aws_conn_id!r}"
+        ) from None
+    creds = answer["Credentials"]
+    return S3Credentials(
+        access_key_id=creds["AccessKeyId"],
+        secret_access_key=creds["SecretAccessKey"],
+        session_token=creds["SessionToken"],
+        expiration=creds["Expiration"],
+        role_arn=role_arn,
+    )
