@@ -78,3 +78,7 @@ def no_retry(error: AICenterError) -> AICenterError:
     failed = _NO_RETRY[kind](*error.args)
     failed.__cause__ = error.__cause__
     return failed
+
+
+class RequirementsError(RunError):
+    """Installing a package's ``requirements.txt`` failed: a packaging problem, not a training error."""

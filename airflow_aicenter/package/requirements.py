@@ -116,12 +116,32 @@ def _checked(text: str, source: str) -> list[tuple[int, str, str | None]]:
     return checked
 
 
-def _check_option(line: str, where: str) -> str | None:
+def local_path(line: str) -> str | None:
+    """The package file or folder a checked line names (an included file, a local wheel or project), else None."""
+    if line.startswith("-"):
+        name, value = _split_option(line)
+        return value if name in INCLUDE_OPTIONS and value else None
+    target = _target(line)
+    return target if target and not _URL.match(target) and _looks_like_path(target) else None
+
+
+def _split_option(line: str) -> tuple[str, str]:
     if line.startswith("--"):  # --name value, --name=value
         name, value = re.split(r"[\s=]", line, maxsplit=1) if re.search(r"[\s=]", line) else (line, "")
     else:  # -r value, -rvalue
         name, value = line[:2], line[2:]
-    value = value.strip().lstrip("=").strip()
+    return name, value.strip().lstrip("=").strip()
+
+
+def _target(line: str) -> str:
+    """What a requirement line points at: the URL or path of a direct reference, else the line's first word."""
+    spec = line.split(";", 1)[0].strip()
+    target = spec.split("@", 1)[1].strip() if "@" in spec and not _URL.match(spec) else spec
+    return target.split()[0] if target else target
+
+
+def _check_option(line: str, where: str) -> str | None:
+    name, value = _split_option(line)
     if name in REFUSED_OPTIONS:
         raise PackageError(f"{where}: {name} is not allowed in requirements.txt: {REFUSED_OPTIONS[name]}")
     if name in INCLUDE_OPTIONS:
@@ -144,9 +164,7 @@ def _check_requirement(line: str, where: str) -> None:
     if "file:" in line.lower():
         raise PackageError(f"{where}: file: URLs reach outside the package: put the file in the package and name it "
                            f"by relative path (./wheels/x.whl), or publish it to an index in package_indexes")
-    spec = line.split(";", 1)[0].strip()
-    target = spec.split("@", 1)[1].strip() if "@" in spec and not _URL.match(spec) else spec
-    target = target.split()[0] if target else target
+    target = _target(line)
     if _URL.match(target):
         return  # a remote direct reference (https://, git+https://): fetched like any index package
     if _looks_like_path(target):
