@@ -77,6 +77,8 @@ class ManifestSummary:
     usages: dict[str, int] = field(default_factory=dict)  # usage ("" for unmarked) -> lines
     files: int = 0
     bytes: int = 0
+    #: The folders the sources are read from (the manifest's own included), for a run's read permissions.
+    folders: list[str] = field(default_factory=list)
 
     def count(self, usages: Collection[str]) -> int:
         return sum(n for usage, n in self.usages.items() if usage in usages)
@@ -236,7 +238,9 @@ def check_manifest(uri: str, open_store: OpenStore) -> ManifestSummary:
     usages: dict[str, int] = {}
     for line in lines:
         usages[line.usage] = usages.get(line.usage, 0) + 1
-    return ManifestSummary(uri=uri, lines=len(lines), usages=usages, files=len(sizes), bytes=sum(sizes))
+    folders = {uri.rsplit("/", 1)[0]} | {line.source.rsplit("/", 1)[0] for line in lines}
+    return ManifestSummary(uri=uri, lines=len(lines), usages=usages, files=len(sizes), bytes=sum(sizes),
+                           folders=sorted(folders))
 
 
 def stage_manifest(

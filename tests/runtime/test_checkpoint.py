@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from airflow_aicenter.records import read
+from airflow_aicenter.records import Outcome, RunSpec, read
+from airflow_aicenter.registry import Registry
 from airflow_aicenter.runtime.checkpoint import CheckpointManifest, CheckpointSync
 from airflow_aicenter.storage import Store
+from airflow_aicenter.storage.transfer import run, upload_tree
 from tests.conftest import write_files
+from tests.packages import MAIN
 
 PREFIX = "runs/d/r/t/checkpoints/"
 
@@ -160,3 +166,120 @@ def test_background_syncs_every_interval_and_a_final_sync(store: Store, tmp_path
     assert [(f.path, f.size) for f in latest.files] == [("epoch.txt", 6)]
     assert any(line.startswith("periodic checkpoint 1") for line in logs)
     assert any(line.startswith("final checkpoint") for line in logs)
+
+
+# -- end to end: the runtime as the launchers start it, killed and retried -------------------
+# A package that resumes from checkpoint_directory: state.json holds the epochs done (written
+# atomically at the end of each epoch); MARKERS gets one file per finished epoch.
+RESUMING_TRAIN = '''
+import json, os, time
+
+class Main:
+    def __init__(self):
+        self.state = os.path.join(os.environ["checkpoint_directory"], "state.json")
+        self.epoch = json.load(open(self.state))["epoch"] if os.path.exists(self.state) else 0
+        with open(os.path.join(os.environ["artifacts_directory"], "resumed.txt"), "w") as fh:
+            fh.write(str(self.epoch))
+
+    def train(self, training_directory):
+        while self.epoch < int(os.environ["EPOCHS"]):
+            time.sleep(float(os.environ["EPOCH_SECONDS"]))
+            self.epoch += 1
+            with open(self.state + ".tmp", "w") as fh:
+                json.dump({"epoch": self.epoch}, fh)
+            os.replace(self.state + ".tmp", self.state)
+            open(os.path.join(os.environ["MARKERS"], str(self.epoch)), "w").close()
+
+    def save(self):
+        with open("model.txt", "w") as fh:
+            fh.write(str(self.epoch))
+'''
+
+
+def runtime_spec(store: Store, tmp_path: Path, train_py: str, try_number: int, **fields: Any) -> RunSpec:
+    """A train spec for try ``try_number`` of task runs/d/r/t (one package version per test)."""
+    pkg = tmp_path / "pkg"
+    if not pkg.exists():
+        write_files(pkg, {"main.py": MAIN, "train.py": train_py, "requirements.txt": ""})
+        write_files(tmp_path / "data", {"a.csv": "x\n1\n"})
+        run(upload_tree(tmp_path / "data", store, "datasets/train"))
+        Registry(store).upload(pkg, "resume")
+    base = Registry(store).resolve("resume", "1.0")
+    return RunSpec(pipeline="train", storage=store.uri, run_prefix=f"runs/d/r/t/{try_number}", package="resume",
+                   version=base.version, blob=base.blob, dataset=store.url("datasets/train"),
+                   **fields)
+
+
+def start_runtime(spec: RunSpec, tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    spec_file = tmp_path / f"spec-{spec.run_prefix.rsplit('/', 1)[-1]}.json"
+    spec_file.write_text(spec.model_dump_json())
+    return subprocess.Popen([sys.executable, "-m", "airflow_aicenter.runtime", str(spec_file)], env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def latest_epoch(store: Store) -> int:
+    """The epoch in the task's latest complete checkpoint, read from the store."""
+    sync = CheckpointSync(store, PREFIX, Path("/nonexistent"), 300, print)
+    manifest = read(store, sync.manifest_key(sync.manifest_seqs()[-1]), CheckpointManifest)
+    state = next(f for f in manifest.files if f.path == "state.json")
+    return int(json.loads(store.get_bytes(sync.object_key(state.sha256)))["epoch"])
+
+
+def retry_resumes(store: Store, tmp_path: Path, env: dict[str, str], expected_epoch: int) -> Outcome:
+    spec = runtime_spec(store, tmp_path, RESUMING_TRAIN, 2, checkpoint_prefix=PREFIX, checkpoint_interval=300)
+    retry = start_runtime(spec, tmp_path, {**env, "EPOCHS": str(expected_epoch + 2)})
+    _, err = retry.communicate(timeout=120)
+    assert retry.returncode == 0, err
+    assert "restored checkpoint of try 1: 1 files" in err
+    assert store.get_bytes(f"{spec.run_prefix}/artifacts/resumed.txt").decode() == str(expected_epoch)
+    outcome = read(store, f"{spec.run_prefix}/outcome.json", Outcome)
+    assert outcome.status == "succeeded"
+    assert outcome.checkpoint == {"resumed_from_try": 1, "files": 1, "bytes": len(json.dumps({"epoch": expected_epoch + 2}))}
+    assert latest_epoch(store) == expected_epoch + 2  # the final sync of the retry
+    return outcome
+
+
+def test_a_run_killed_by_sigkill_after_a_sync_resumes_from_it(store: Store, tmp_path: Path, request) -> None:
+    env = request.getfixturevalue("s3_env").env() if store.uri.startswith("s3://") else {}
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    env = {**env, "MARKERS": str(markers), "EPOCH_SECONDS": "0.15"}
+    spec = runtime_spec(store, tmp_path, RESUMING_TRAIN, 1, checkpoint_prefix=PREFIX, checkpoint_interval=0.3)
+    proc = start_runtime(spec, tmp_path, {**env, "EPOCHS": "1000"})
+    sync = CheckpointSync(store, PREFIX, tmp_path, 300, print)
+    wait_for(lambda: len(sync.manifest_seqs()) >= 2, "two periodic checkpoints")
+    proc.kill()  # preempted: no final sync, no outcome; the user process dies with its agent
+    proc.communicate(timeout=30)
+    epoch = latest_epoch(store)
+    assert 1 <= epoch < len(os.listdir(markers)) + 1
+    outcome = read(store, f"{spec.run_prefix}/outcome.json", Outcome)
+    assert outcome.status == "running"  # it never reported: killed hard
+    retry_resumes(store, tmp_path, env, epoch)
+
+
+def test_a_run_stopped_by_sigterm_mid_epoch_syncs_and_resumes(store: Store, tmp_path: Path, request) -> None:
+    env = request.getfixturevalue("s3_env").env() if store.uri.startswith("s3://") else {}
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    env = {**env, "MARKERS": str(markers), "EPOCH_SECONDS": "0.4"}
+    spec = runtime_spec(store, tmp_path, RESUMING_TRAIN, 1, checkpoint_prefix=PREFIX, checkpoint_interval=300)
+    proc = start_runtime(spec, tmp_path, {**env, "EPOCHS": "1000"})
+    wait_for(lambda: len(os.listdir(markers)) >= 3, "three epochs")
+    time.sleep(0.2)  # mid-epoch
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    done = len(os.listdir(markers))
+    outcome = read(store, f"{spec.run_prefix}/outcome.json", Outcome)
+    assert outcome.status == "killed" and outcome.checkpoint is not None
+    assert outcome.checkpoint["files"] == 1 and outcome.checkpoint["resumed_from_try"] is None
+    assert "final checkpoint 1" in err  # no periodic sync ran (interval 300 s): the final one took it
+    assert latest_epoch(store) == done
+    retry_resumes(store, tmp_path, env, done)

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from airflow_aicenter.errors import DatasetError
-from airflow_aicenter.records import Manifest, read
+from airflow_aicenter.records import Manifest, Outcome, RunSpec, read
+from airflow_aicenter.registry import Registry
 from airflow_aicenter.runtime.incremental import IncrementalStaging, NothingNew, check_carried, read_base, stage_incremental
 from airflow_aicenter.runtime.snapshot import take_snapshot
 from airflow_aicenter.storage import S3Store, Store, open_store
 from airflow_aicenter.storage.transfer import blob_key, download_tree, run
+from tests.conftest import write_files
+from tests.packages import MAIN
 
 DATA = "datasets/d"
 
@@ -98,3 +106,72 @@ def test_a_missing_base_snapshot_or_blob_is_a_clear_error(store: Store, tmp_path
     store.delete(blob_key(base.files[0].sha256))
     with pytest.raises(DatasetError, match="which is gone from the store"):
         check_carried(store, base, base.files, store.url("runs/p/m.json"))
+
+
+# -- end to end: the runtime as the launchers start it -----------------------------------------
+LISTING_TRAIN = '''
+import json, os
+
+def _files(folder):
+    return sorted(os.path.relpath(os.path.join(r, f), folder) for r, _, fs in os.walk(folder) for f in fs)
+
+class Main:
+    def __init__(self):
+        pass
+    def train(self, training_directory):
+        with open(os.path.join(os.environ["artifacts_directory"], "seen.json"), "w") as fh:
+            json.dump(_files(training_directory), fh)
+    def save(self):
+        open("model.txt", "w").write("m")
+'''
+
+
+def runtime(store: Store, tmp_path: Path, env: dict[str, str], try_number: int, **fields: Any) -> tuple[Outcome, str, int]:
+    registry = Registry(store)
+    if not store.exists("packages/inc/versions/1.0.json"):
+        registry.upload(write_files(tmp_path / "pkg", {"main.py": MAIN, "train.py": LISTING_TRAIN, "requirements.txt": ""}),
+                        "inc")
+    base = registry.resolve("inc", "1.0")
+    spec = RunSpec(pipeline="train", storage=store.uri, run_prefix=f"runs/d/r/t/{try_number}", package="inc",
+                   version=base.version, blob=base.blob, dataset=store.url(DATA), save_training_data=True, **fields)
+    spec_file = tmp_path / f"spec-{try_number}.json"
+    spec_file.write_text(spec.model_dump_json())
+    done = subprocess.run([sys.executable, "-m", "airflow_aicenter.runtime", str(spec_file)], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120, check=False)
+    return read(store, f"{spec.run_prefix}/outcome.json", Outcome), done.stderr, done.returncode
+
+
+def seen(store: Store, try_number: int) -> list[str]:
+    return json.loads(store.get_bytes(f"runs/d/r/t/{try_number}/artifacts/seen.json"))
+
+
+def test_incremental_runs_train_on_what_changed_and_skip_when_nothing_did(store: Store, tmp_path: Path, request) -> None:
+    env = request.getfixturevalue("s3_env").env() if store.uri.startswith("s3://") else {}
+    put(store, {"a.csv": "a,1\n", "sub/b.csv": "b,1\n", "c.csv": "c,1\n"})
+    parent, err, code = runtime(store, tmp_path, env, 1)
+    assert code == 0 and parent.status == "succeeded", err
+    assert seen(store, 1) == ["a.csv", "c.csv", "sub/b.csv"]
+
+    put(store, {"sub/b.csv": "b,2\n", "d.csv": "d,1\n"})
+    child, err, code = runtime(store, tmp_path, env, 2, incremental_base=parent.snapshots["data_directory"])
+    assert code == 0 and child.status == "succeeded", err
+    assert seen(store, 2) == ["d.csv", "sub/b.csv"]  # only what is new or changed
+    assert "1 new, 1 changed, 2 unchanged (not staged), 0 removed" in err
+    whole = read(store, "runs/d/r/t/2/data_directory.manifest.json", Manifest)
+    assert [f.path for f in whole.files] == ["a.csv", "c.csv", "d.csv", "sub/b.csv"] and whole.total_bytes == 16
+
+    skipped, err, code = runtime(store, tmp_path, env, 3, incremental_base=child.snapshots["data_directory"])
+    assert code == 0, err
+    assert skipped.status == "skipped" and skipped.skipped is not None
+    assert skipped.skipped.startswith("no new or changed files in") and "(4 unchanged, 0 removed)" in skipped.skipped
+    assert skipped.blob is None and not store.exists("runs/d/r/t/3/artifacts/seen.json")  # no user code, no version
+    assert "user_code" not in skipped.phases
+
+
+def test_incremental_run_without_the_parent_snapshot_fails_before_compute(store: Store, tmp_path: Path, request) -> None:
+    env = request.getfixturevalue("s3_env").env() if store.uri.startswith("s3://") else {}
+    put(store, {"a.csv": "a,1\n"})
+    outcome, err, code = runtime(store, tmp_path, env, 1, incremental_base=store.url("runs/x/y/z/1/data_directory.manifest.json"))
+    assert "does not exist" in err
+    assert code == 1 and outcome.status == "failed" and outcome.phase == "stage_data"
+    assert outcome.error is not None and "training snapshot" in outcome.error and "does not exist" in outcome.error

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from airflow_aicenter.errors import DatasetError
-from airflow_aicenter.records import Manifest, read
+from airflow_aicenter.records import Manifest, Outcome, RunSpec, read
+from airflow_aicenter.registry import Registry
 from airflow_aicenter.runtime.manifest import (
     EVALUATION,
     TRAINING,
@@ -20,6 +25,8 @@ from airflow_aicenter.runtime.manifest import (
 )
 from airflow_aicenter.runtime.snapshot import take_snapshot
 from airflow_aicenter.storage import S3Store, Store, open_store
+from tests.conftest import write_files
+from tests.packages import MAIN
 
 
 def opener(store: Store) -> OpenStore:
@@ -90,6 +97,8 @@ def test_check_manifest_summarises_before_compute(dataset: tuple[Store, str]) ->
     assert (summary.lines, summary.files, summary.bytes) == (6, 6, 1 + 2 + 3 + 4 + 5 + 6)
     assert summary.usages == {"TRAIN": 2, "": 1, "EVAL": 1, "TEST": 1, "INFERENCE": 1}
     assert summary.count(TRAINING) == 3 and summary.count(EVALUATION) == 2
+    folder = uri.rsplit("/", 1)[0]
+    assert summary.folders == sorted([folder, f"{folder}/images", store.url("other")])
 
 
 def test_a_snapshot_records_the_manifest_and_every_staged_file(dataset: tuple[Store, str], tmp_path: Path) -> None:
@@ -158,3 +167,84 @@ def test_sources_on_s3_from_a_manifest_on_a_file_store(s3_server, tmp_path: Path
 def test_manifest_uris_are_recognised() -> None:
     assert is_manifest_uri("s3://b/d/train.manifest") and is_manifest_uri("file:///d/x.jsonl")
     assert not is_manifest_uri("s3://b/datasets/churn/") and not is_manifest_uri(None)
+
+
+# -- end to end: the runtime as the launchers start it -----------------------------------------
+RECORDING_FULL = '''
+import json, os, shutil
+
+def _files(folder):
+    return sorted(os.path.relpath(os.path.join(r, f), folder) for r, _, fs in os.walk(folder) for f in fs)
+
+def _record(name, value):
+    with open(os.path.join(os.environ["artifacts_directory"], name + ".json"), "w") as fh:
+        json.dump(value, fh)
+
+class Main:
+    def __init__(self):
+        pass
+    def process_data(self, input_directory):
+        _record("process_data", _files(input_directory))
+        shutil.copytree(input_directory, os.environ["training_data_directory"], dirs_exist_ok=True)
+    def train(self, training_directory):
+        _record("train", _files(training_directory))
+        with open(os.path.join(training_directory, "manifest.jsonl")) as fh:
+            for line in fh:  # every staged source is readable beside the manifest
+                open(os.path.join(training_directory, json.loads(line)["source"])).read()
+    def evaluate(self, evaluation_directory):
+        _record("evaluate", _files(evaluation_directory))
+        return 0.5
+    def save(self):
+        open("model.txt", "w").write("m")
+'''
+
+
+def run_runtime(store: Store, tmp_path: Path, env: dict[str, str], **fields: Any) -> tuple[Outcome, str, int]:
+    registry = Registry(store)
+    pkg = write_files(tmp_path / "pkg", {"main.py": MAIN, "train.py": RECORDING_FULL, "requirements.txt": ""})
+    base = registry.upload(pkg, "man")
+    spec = RunSpec(storage=store.uri, run_prefix="runs/d/r/t/1", package="man", version=base.version, blob=base.blob,
+                   **fields)
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(spec.model_dump_json())
+    done = subprocess.run([sys.executable, "-m", "airflow_aicenter.runtime", str(spec_file)], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120, check=False)
+    return read(store, "runs/d/r/t/1/outcome.json", Outcome), done.stderr, done.returncode
+
+
+def recorded(store: Store, name: str) -> list[str]:
+    return json.loads(store.get_bytes(f"runs/d/r/t/1/artifacts/{name}.json"))
+
+
+def test_a_full_run_on_a_manifest_routes_lines_by_usage(dataset: tuple[Store, str], tmp_path: Path, request) -> None:
+    store, uri = dataset
+    env = request.getfixturevalue("s3_env").env() if store.uri.startswith("s3://") else {}
+    outcome, err, code = run_runtime(store, tmp_path, env, pipeline="full", dataset=uri, save_training_data=True,
+                                     save_test_data=True)
+    assert code == 0 and outcome.status == "succeeded", err
+    c_local = outside_local(store, "other/c.jpg")
+    assert recorded(store, "process_data") == sorted(["images/a.jpg", "images/b.jpg", c_local, "manifest.jsonl"])
+    assert recorded(store, "evaluate") == ["e.jpg", "images/d.jpg", "manifest.jsonl"]  # EVAL + TEST lines
+    assert outcome.score == 0.5
+    training = read(store, "runs/d/r/t/1/data_directory.manifest.json", Manifest)
+    assert training.source == uri and "manifest.jsonl" in {f.path for f in training.files} and len(training.files) == 4
+    evaluation = read(store, "runs/d/r/t/1/test_data_directory.manifest.json", Manifest)
+    assert sorted(f.path for f in evaluation.files) == ["e.jpg", "images/d.jpg", "manifest.jsonl"]
+
+
+def test_an_evaluation_run_on_a_manifest_uses_its_eval_and_test_lines(dataset: tuple[Store, str], tmp_path: Path,
+                                                                     request) -> None:
+    store, uri = dataset
+    env = request.getfixturevalue("s3_env").env() if store.uri.startswith("s3://") else {}
+    outcome, err, code = run_runtime(store, tmp_path, env, pipeline="evaluate", evaluation_dataset=uri)
+    assert code == 0 and outcome.status == "succeeded", err
+    assert recorded(store, "evaluate") == ["e.jpg", "images/d.jpg", "manifest.jsonl"]
+
+
+def test_a_bad_manifest_line_fails_the_run_before_user_code(store: Store, tmp_path: Path, request) -> None:
+    env = request.getfixturevalue("s3_env").env() if store.uri.startswith("s3://") else {}
+    put(store, {"m/a.jpg": "A", "m/data.jsonl": '{"source": "a.jpg"}\n{"source": "b.jpg"}\n'})
+    outcome, err, code = run_runtime(store, tmp_path, env, pipeline="train", dataset=store.url("m/data.jsonl"))
+    assert code == 1 and outcome.status == "failed" and outcome.phase == "stage_data", err
+    assert outcome.error is not None and outcome.error.startswith("line 2 of manifest")
+    assert "b.jpg does not exist" in outcome.error
