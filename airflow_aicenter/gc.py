@@ -47,6 +47,7 @@ from airflow_aicenter.storage.store import Store
 from airflow_aicenter.storage.transfer import BLOB_PREFIX
 
 DEFAULT_GRACE_HOURS = 24.0
+_TEMP = re.compile(r"^[0-9a-f]{64}#\d+$")
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 _VERSION_RECORD = re.compile(r"^packages/[^/]+/versions/[^/]+\.json$")
 
@@ -118,7 +119,9 @@ def collect(store: Store, *, grace: timedelta = timedelta(hours=DEFAULT_GRACE_HO
     for info in store.list(BLOB_PREFIX):
         digest = info.key[len(BLOB_PREFIX):]
         if not _HEX.match(digest):
-            continue  # not ours (a temp or foreign file): leave it alone
+            if _TEMP.match(digest) and info.last_modified is not None and info.last_modified <= cutoff and not dry_run:
+                store.delete(info.key)  # a killed upload's temporary (file store: <hex>#<n>)
+            continue  # not ours (a foreign file): leave it alone
         present.add(digest)
         report.blobs += 1
         report.blob_bytes += info.size

@@ -8,19 +8,25 @@ uses this module inside training pods.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import os
+import re
+import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, ClassVar, NoReturn
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, cast
 from urllib.parse import quote, unquote, urlparse
 
 import obstore
 import obstore.exceptions as obx
 from obstore.store import LocalStore as _ObLocalStore
 from obstore.store import S3Store as _ObS3Store
+
+if TYPE_CHECKING:
+    from obstore.store import ClientConfig, RetryConfig, S3Config
 
 from airflow_aicenter.errors import (
     AlreadyExistsError,
@@ -29,12 +35,43 @@ from airflow_aicenter.errors import (
     StorageError,
 )
 
-#: Retries with exponential backoff for transient S3 errors (503 SlowDown, resets, timeouts).
+#: Retries with exponential backoff and jitter for transient S3 errors (503 SlowDown, resets,
+#: timeouts), inside obstore, for every request. The budget is time, not a count: 8 retries from
+#: 100 ms were spent in 1.3 s on a busy machine (issue 11), so a server that is overloaded for a
+#: few seconds failed the run. From 250 ms up to 8 s a wait, 12 retries span about 30 to 60 s,
+#: capped at 60 s from the first attempt. transfer.py adds one level above this: a transfer whose
+#: request still fails lowers its concurrency and tries that file again (AdaptiveLimit).
 RETRY_CONFIG: dict[str, Any] = {
-    "max_retries": 8,
-    "retry_timeout": timedelta(minutes=3),
-    "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=15), "base": 2},
+    "max_retries": 12,
+    "retry_timeout": timedelta(seconds=60),
+    "backoff": {"init_backoff": timedelta(milliseconds=250), "max_backoff": timedelta(seconds=8), "base": 2},
 }
+
+#: obstore's local backend writes ``<key>#<n>`` and renames it into place; it refuses such keys
+#: and hides such files from its listing. Nothing of ours may be named like that.
+_TEMP_SUFFIX = re.compile(r"#\d+$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def unstorable(name: str) -> str | None:
+    """Why ``name`` (a relative key) cannot be a key on every store, or None when it can.
+
+    The same rules on both backends, so a run that works on a file store works on S3: no control
+    characters (a newline included), valid UTF-8 (a name read from disk with undecodable bytes
+    carries surrogates), no empty, ``.`` or ``..`` segment, and no segment ending in ``#<digits>``.
+    """
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its name is not valid UTF-8"
+    if _CONTROL.search(name):
+        return "its name contains a control character (a newline, a tab or another non-printing character)"
+    for part in name.split("/"):
+        if part in ("", ".", ".."):
+            return "its path has an empty, '.' or '..' segment"
+        if _TEMP_SUFFIX.search(part):
+            return "its name ends in '#' and digits, which the file store uses for its temporary files"
+    return None
 
 
 @dataclass(frozen=True)
@@ -102,6 +139,9 @@ class Store:
     def __init__(self, uri: str, inner: Any) -> None:
         self.uri = uri.rstrip("/")
         self._inner = inner
+        #: False once the server answered a ranged GET with the whole object (rclone serve s3):
+        #: transfer.py then reads large objects as one stream.
+        self.ranged_reads = True
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"
@@ -130,15 +170,18 @@ class Store:
             await obstore.put_async(self._inner, key, data, mode="create" if create else "overwrite")
 
     def get_bytes(self, key: str) -> bytes:
+        self.check_readable(key)
         with self._errors(key):
             return bytes(obstore.get(self._inner, key).bytes())
 
     async def get_bytes_async(self, key: str) -> bytes:
+        self.check_readable(key)
         with self._errors(key):
             result = await obstore.get_async(self._inner, key)
             return bytes(await result.bytes_async())
 
     def head(self, key: str) -> ObjectInfo | None:
+        self.check_readable(key)
         try:
             with self._errors(key):
                 return _info(obstore.head(self._inner, key))
@@ -146,23 +189,31 @@ class Store:
             return None
 
     async def head_async(self, key: str) -> ObjectInfo | None:
+        self.check_readable(key)
         try:
             with self._errors(key):
                 return _info(await obstore.head_async(self._inner, key))
         except NotFoundError:
             return None
 
+    def check_readable(self, key: str) -> None:
+        """Refuse a read that would leave the store's root (the file store's links); S3 has none."""
+
     def exists(self, key: str) -> bool:
         return self.head(key) is not None
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Every object under ``prefix`` (recursive), in pages, never all in memory at once."""
+        """Every object under ``prefix`` (recursive), in pages, never all in memory at once.
+
+        On S3 a zero-byte folder marker (``name/``, made by the S3 console) comes back as an
+        object named ``name`` that cannot be read: ``transfer.download_tree`` skips those.
+        """
         with self._errors(prefix):
             for page in obstore.list(self._inner, prefix or None, chunk_size=1000):
                 for meta in page:
                     yield _info(meta)
 
-    def list_dir(self, prefix: str = "") -> tuple[list[str], list[ObjectInfo]]:
+    def list_dir(self, prefix: str = "") -> tuple[builtins.list[str], builtins.list[ObjectInfo]]:
         """One level under ``prefix``: (sub-prefixes, objects)."""
         with self._errors(prefix):
             result = obstore.list_with_delimiter(self._inner, prefix or None)
@@ -196,9 +247,9 @@ class _ErrorMap:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
         if exc is None or isinstance(exc, (StorageError, ConfigurationError)):
-            return False
+            return
         where = self.store.url(self.key)
         first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
         if "<Code>NoSuchBucket</Code>" in str(exc):
@@ -217,7 +268,6 @@ class _ErrorMap:
             ) from exc
         if isinstance(exc, (obx.BaseError, OSError)):
             raise StorageError(f"storage request for {where} failed: {first}") from exc
-        return False
 
 
 def _info(meta: Mapping[str, Any]) -> ObjectInfo:
@@ -237,9 +287,9 @@ class S3Store(Store):
         inner = _ObS3Store(
             self.bucket,
             prefix=self.prefix or None,
-            config=self.options.obstore_config(),
-            client_options=self.options.client_options(),
-            retry_config=RETRY_CONFIG,
+            config=cast("S3Config", self.options.obstore_config()),
+            client_options=cast("ClientConfig", self.options.client_options()),
+            retry_config=cast("RetryConfig", RETRY_CONFIG),
         )
         super().__init__(f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}", inner)
 
@@ -255,7 +305,8 @@ class S3Store(Store):
         if kind == "object":
             return f"https://{region}.console.aws.amazon.com/s3/object/{self.bucket}?region={region}&prefix={quote(full)}"
         folder = quote(full.rstrip("/"))
-        return f"https://{region}.console.aws.amazon.com/s3/buckets/{self.bucket}?region={region}&prefix={folder + '/' if folder else ''}"
+        console = f"https://{region}.console.aws.amazon.com/s3/buckets/{self.bucket}?region={region}"
+        return f"{console}&prefix={folder + '/' if folder else ''}"
 
 
 class LocalStore(Store):
@@ -270,6 +321,7 @@ class LocalStore(Store):
             self.root.mkdir(parents=True, exist_ok=True)
         elif not self.root.is_dir():
             raise NotFoundError(f"{self.root.as_uri()} does not exist")
+        self._real_root = os.path.realpath(self.root)
         super().__init__(self.root.as_uri(), _ObLocalStore(self.root, mkdir=create))
 
     def child(self, prefix: str) -> LocalStore:
@@ -277,6 +329,84 @@ class LocalStore(Store):
 
     def browse_url(self, key: str = "") -> str:
         return self.url(key)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every file under ``prefix``, walked here rather than by obstore, for two reasons.
+
+        obstore follows symbolic links anywhere (a dataset link to /etc/passwd was snapshotted
+        into the store) and hides files named ``*#<digits>`` (a dataset file so named was
+        skipped silently, and the temporaries of a killed upload were invisible to gc). Here a
+        link that stays inside the root is read, one that leaves it is an error naming it, and
+        every file is listed.
+        """
+        sub = prefix.strip("/")
+        if not (self.root / sub).is_dir():
+            return
+        for key, st in walk_files(self.root, sub, label=self.uri):
+            yield ObjectInfo(key=key, size=st.st_size, last_modified=datetime.fromtimestamp(st.st_mtime, UTC))
+
+    def delete(self, key: str) -> None:
+        """obstore refuses keys ending in ``#<digits>``: such a leftover temporary is unlinked here."""
+        if _TEMP_SUFFIX.search(key):
+            self.check_readable(key)
+            with self._errors(key):
+                os.unlink(self.root / key)
+            return
+        super().delete(key)
+
+    def check_readable(self, key: str) -> None:
+        real = os.path.realpath(self.root / key)
+        if not _inside(real, self._real_root):
+            raise StorageError(link_error(key, real, self.uri))
+
+
+def _inside(real: str, root: str) -> bool:
+    return real == root or real.startswith(root.rstrip("/") + "/")
+
+
+def link_error(rel: str, target: str, root: str) -> str:
+    return (
+        f"{rel!r} is a symbolic link to {target}, outside {root}; links are only followed inside their folder: "
+        "copy the file into the folder instead of linking to it, or give the folder the link points to"
+    )
+
+
+def walk_files(root: Path, sub: str = "", *, label: str | None = None) -> Iterator[tuple[str, os.stat_result]]:
+    """(path relative to ``root``, stat) of every regular file below ``root/sub``, sorted per folder.
+
+    A symbolic link is followed only when its target stays inside ``root``: one that leaves it,
+    dangles, or loops back to a folder being walked is a StorageError naming it (``label``
+    names the root in the message). The walk never reads a byte outside ``root``.
+    """
+    real_root = os.path.realpath(root)
+    where = label or str(root)
+    start = root / sub if sub else root
+
+    def walk(folder: str, rel: str, chain: frozenset[str]) -> Iterator[tuple[str, os.stat_result]]:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            name = f"{rel}{entry.name}"
+            if entry.is_symlink():
+                real = os.path.realpath(entry.path)
+                if not _inside(real, real_root):
+                    raise StorageError(link_error(name, real, where))
+                try:
+                    st = os.stat(real)
+                except OSError:
+                    raise StorageError(f"{name!r} in {where} is a broken symbolic link (to {real}); remove it") from None
+                if stat.S_ISDIR(st.st_mode):
+                    if real in chain:
+                        raise StorageError(f"{name!r} in {where} is a symbolic link that loops back to {real}; remove it")
+                    yield from walk(real, name + "/", chain | {real})
+                elif stat.S_ISREG(st.st_mode):
+                    yield name, st
+            elif entry.is_dir(follow_symlinks=False):
+                yield from walk(entry.path, name + "/", chain | {os.path.realpath(entry.path)})
+            elif entry.is_file(follow_symlinks=False):
+                yield name, entry.stat(follow_symlinks=False)
+
+    yield from walk(str(start), f"{sub}/" if sub else "", frozenset({os.path.realpath(start)}))
 
 
 def local_path(uri: str) -> Path:

@@ -3,6 +3,13 @@
 The one place that moves file bytes: staging datasets and packages into a work folder,
 uploading artifacts, and writing snapshot blobs. Files are streamed in chunks (a 2 GB model
 never sits in memory) and hashed while they stream, so a digest costs no second read.
+Large S3 objects are read as concurrent ranged GETs written at their offsets, because one
+connection to S3 moves 50-100 MB/s; large files go up as concurrent multipart parts.
+
+Every transfer runs its requests under an AdaptiveLimit: obstore retries each request with
+backoff and jitter (store.RETRY_CONFIG); a request that still fails with an overload or a
+connection error halves the transfer's concurrency and is tried again after a jittered wait,
+so a struggling server sees fewer requests, not the same number again.
 """
 
 from __future__ import annotations
@@ -10,16 +17,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import os
+import random
+import secrets
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import obstore
+import obstore.exceptions as obx
 
-from airflow_aicenter.errors import AlreadyExistsError, DatasetError, StorageError
-from airflow_aicenter.storage.store import Store
+if TYPE_CHECKING:
+    from obstore import GetOptions
+
+from airflow_aicenter.errors import AlreadyExistsError, DatasetError, NotFoundError, StorageError
+from airflow_aicenter.storage.store import ObjectInfo, Store, unstorable, walk_files
 
 #: Concurrent requests per transfer; small files are latency-bound, so many in flight win.
 CONCURRENCY = 64
@@ -34,6 +50,13 @@ DOWNLOAD_CHUNK = 2**20
 #: would cost more than the write.
 PIPELINE_MIN = 256 * 2**10
 PIPELINE_DEPTH = 4
+#: S3 objects from this size on are read as RANGE_PART-sized ranged GETs, RANGES_IN_FLIGHT at a
+#: time, each written at its offset (os.pwrite) and hashed in order as the parts complete. Below
+#: it, one stream: a range costs a request and its first-byte latency, and on moto every range
+#: reads the whole object (3.5x slower for 200 MB, benchmarks/README.md).
+RANGED_MIN = 64 * 2**20
+RANGE_PART = 16 * 2**20
+RANGES_IN_FLIGHT = 8
 #: Files up to this size go up in one request (create-once where asked); larger ones as
 #: multipart uploads of CHUNK-sized parts, PARTS_IN_FLIGHT at a time.
 SINGLE_PUT_MAX = CHUNK
@@ -42,7 +65,18 @@ PARTS_IN_FLIGHT = 4
 #: or two large ones with their parts in flight. Keeps the runtime's RSS flat (a 2 GB model
 #: costs 40 MiB of buffers, not 2 GB twice: benchmarks/README.md, "memory").
 MEMORY_BUDGET = 64 * 2**20
+#: A request that obstore gave up on (its own retries spent) is tried again this many times in
+#: all, after a wait drawn from [0, RETRY_WAIT * 2**attempt] (full jitter), at most RETRY_WAIT_MAX.
+TRANSFER_ATTEMPTS = 3
+RETRY_WAIT = 1.0
+RETRY_WAIT_MAX = 8.0
+#: An existing blob whose size matches is also hashed (a GET) before it is trusted when it is at
+#: most this large; a snapshot hashes at most VERIFY_SAMPLE such blobs, and all of them as soon as
+#: one is found damaged.
+VERIFY_MAX = 16 * 2**20
+VERIFY_SAMPLE = 8
 BLOB_PREFIX = "blobs/sha256/"
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -74,15 +108,95 @@ def run(coro: Awaitable[T]) -> T:
     return asyncio.run(coro)  # type: ignore[arg-type]
 
 
-async def gather_limited(items: Iterable[T], fn: Callable[[T], Awaitable[R]], limit: int = CONCURRENCY) -> list[R]:
-    """``fn`` over ``items`` with at most ``limit`` in flight; the first error cancels the rest."""
-    sem = asyncio.Semaphore(limit)
+# -- concurrency and retries -----------------------------------------------------------------
+#: What an overloaded or flaky server looks like in obstore's final error: 503 SlowDown, 500,
+#: 429, a reset or dropped connection, a body cut short, a timeout.
+_TRANSIENT = (
+    "SlowDown", "Slow Down", "503", "500", "429", "Service Unavailable", "InternalError", "connection",
+    "Connection", "reset", "body error", "timed out", "timeout", "Timeout", "broken pipe", "error sending request",
+    "IncompleteBody", "unexpected EOF",
+)
 
-    async def one(item: T) -> R:
-        async with sem:
-            return await fn(item)
 
-    tasks = [asyncio.ensure_future(one(item)) for item in items]
+def is_transient(exc: BaseException) -> bool:
+    """True for an error that another try may not have: overload, connection, timeout, cut body."""
+    if isinstance(exc, (NotFoundError, AlreadyExistsError)):
+        return False
+    cause = exc.__cause__ if isinstance(exc, StorageError) else exc
+    if cause is None:
+        return False  # ours: a digest mismatch, a refused name, a changed file
+    if isinstance(cause, (obx.NotFoundError, obx.AlreadyExistsError, obx.PreconditionError, obx.PermissionDeniedError,
+                          obx.UnauthenticatedError, obx.NotSupportedError)):
+        return False
+    if isinstance(cause, (ConnectionError, TimeoutError)):
+        return True
+    return isinstance(cause, obx.BaseError) and any(mark in str(cause) for mark in _TRANSIENT)
+
+
+class AdaptiveLimit:
+    """How many requests a transfer keeps in flight: halved on each overload, regrown slowly.
+
+    Additive increase, multiplicative decrease (as TCP does): every ``limit`` successes in a
+    row add one slot, up to the starting ``limit``; each transient failure halves it (to 1 at
+    least). ``lowest`` records how far it went down.
+    """
+
+    def __init__(self, limit: int = CONCURRENCY) -> None:
+        self.max = self.limit = self.lowest = max(1, limit)
+        self.in_flight = 0
+        self._streak = 0
+        self._cond = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.in_flight < self.limit)
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self.in_flight -= 1
+                self._cond.notify_all()
+
+    def succeeded(self) -> None:
+        self._streak += 1
+        if self._streak >= self.limit and self.limit < self.max:
+            self.limit += 1
+            self._streak = 0
+
+    def overloaded(self) -> None:
+        self.limit = max(1, self.limit // 2)
+        self.lowest = min(self.lowest, self.limit)
+        self._streak = 0
+
+    async def call(self, fn: Callable[[], Awaitable[R]]) -> R:
+        """``fn()`` in a slot; a transient failure shrinks the limit and tries again (TRANSFER_ATTEMPTS)."""
+        for attempt in range(TRANSFER_ATTEMPTS):
+            try:
+                async with self.slot():
+                    result = await fn()
+            except Exception as exc:
+                if attempt + 1 >= TRANSFER_ATTEMPTS or not is_transient(exc):
+                    raise
+                self.overloaded()
+                await asyncio.sleep(random.uniform(0, min(RETRY_WAIT_MAX, RETRY_WAIT * 2**attempt)))
+            else:
+                self.succeeded()
+                return result
+        raise AssertionError("unreachable")
+
+
+def _limit(limit: int | AdaptiveLimit) -> AdaptiveLimit:
+    return limit if isinstance(limit, AdaptiveLimit) else AdaptiveLimit(limit)
+
+
+async def gather_limited(
+    items: Iterable[T], fn: Callable[[T], Awaitable[R]], limit: int | AdaptiveLimit = CONCURRENCY
+) -> list[R]:
+    """``fn`` over ``items`` under an AdaptiveLimit (retries included); the first error cancels the rest."""
+    limiter = _limit(limit)
+    tasks = [asyncio.ensure_future(limiter.call(lambda item=item: fn(item))) for item in items]  # type: ignore[misc]
     try:
         return list(await asyncio.gather(*tasks))
     except BaseException:
@@ -103,43 +217,38 @@ def sha256_file(path: Path) -> FileEntry:
 
 
 def local_files(root: Path) -> list[str]:
-    """Files under ``root`` as sorted POSIX relative paths (links are not followed)."""
-    out: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in filenames:
-            full = Path(dirpath, name)
-            if full.is_file() and not full.is_symlink():
-                out.append(full.relative_to(root).as_posix())
-    return sorted(out)
+    """Files under ``root`` as sorted POSIX relative paths.
+
+    Links are followed inside ``root`` only: one that leaves it is a StorageError naming it
+    (store.walk_files), so an artifacts folder or a mounted dataset never carries /etc/passwd.
+    """
+    return sorted(rel for rel, _ in walk_files(root))
 
 
 # -- download ------------------------------------------------------------------------------
-async def download_file(store: Store, key: str, dest: Path, *, expect_sha256: str | None = None) -> FileEntry:
-    """Stream ``key`` into ``dest`` (via a temp name), hashing as it goes; verify if asked."""
+async def download_file(
+    store: Store, key: str, dest: Path, *, expect_sha256: str | None = None, size: int | None = None,
+    etag: str | None = None, tmp: Path | None = None, limit: AdaptiveLimit | None = None,
+) -> FileEntry:
+    """Stream ``key`` into ``dest`` (via a temp name), hashing as it goes; verify if asked.
+
+    ``size`` (from a listing or HEAD) lets a large S3 object be read as concurrent ranges;
+    ``etag`` pins those ranges to one version of the object. The temp file is ``tmp`` when
+    given (download_tree keeps them in a folder of its own), else a random name beside ``dest``.
+    """
+    store.check_readable(key)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.part")
-    digest = hashlib.sha256()
+    tmp = tmp or dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.part")
     try:
         with store._errors(key):
-            result = await obstore.get_async(store.inner, key)
-            with open(tmp, "wb") as fh:
-
-                def sink(chunk: bytes) -> None:
-                    fh.write(chunk)
-                    digest.update(chunk)
-
-                stream = result.stream(min_chunk_size=DOWNLOAD_CHUNK)
-                if result.meta["size"] >= PIPELINE_MIN:
-                    await _pipelined(stream, sink)
-                else:
-                    async for chunk in stream:
-                        sink(chunk)
-                size = fh.tell()
+            if size is not None and size >= RANGED_MIN and store.scheme == "s3" and store.ranged_reads:
+                hexdigest, got = await _ranged(store, key, tmp, size=size, etag=etag,
+                                             limit=limit or AdaptiveLimit(RANGES_IN_FLIGHT))
+            else:
+                hexdigest, got = await _streamed(store, key, tmp)
     except BaseException:  # a failed or cancelled download leaves no partial file behind
         tmp.unlink(missing_ok=True)
         raise
-    hexdigest = digest.hexdigest()
     if expect_sha256 is not None and hexdigest != expect_sha256:
         tmp.unlink(missing_ok=True)
         raise StorageError(
@@ -147,7 +256,109 @@ async def download_file(store: Store, key: str, dest: Path, *, expect_sha256: st
             "the object was changed or damaged in the store: restore it from a backup or re-upload the package"
         )
     os.replace(tmp, dest)
-    return FileEntry(key, hexdigest, size)
+    return FileEntry(key, hexdigest, got)
+
+
+async def _streamed(store: Store, key: str, tmp: Path) -> tuple[str, int]:
+    """One GET, streamed to ``tmp`` and hashed on the way."""
+    digest = hashlib.sha256()
+    result = await obstore.get_async(store.inner, key)
+    with open(tmp, "wb") as fh:
+
+        def sink(chunk: bytes) -> None:
+            fh.write(chunk)
+            digest.update(chunk)
+
+        stream = result.stream(min_chunk_size=DOWNLOAD_CHUNK)
+        if result.meta["size"] >= PIPELINE_MIN:
+            await _pipelined(stream, sink)
+        else:
+            async for chunk in stream:
+                sink(chunk)
+        return digest.hexdigest(), fh.tell()
+
+
+class _RangesIgnored(Exception):
+    """The server answered a ranged GET with the whole object (rclone serve s3 does)."""
+
+
+async def _ranged(store: Store, key: str, tmp: Path, *, size: int, etag: str | None, limit: AdaptiveLimit) -> tuple[str, int]:
+    """Concurrent ranged GETs written at their offsets; the digest follows the parts in order.
+
+    Memory is one DOWNLOAD_CHUNK per part in flight: parts go to disk as they arrive and the
+    hasher reads them back from the page cache once every earlier part is on disk. A part that
+    fails resumes from its last written byte under the transfer's AdaptiveLimit. A server that
+    ignores ``Range`` gets one plain stream instead (remembered for the rest of this store's life).
+    """
+    bounds = [(start, min(start + RANGE_PART, size)) for start in range(0, size, RANGE_PART)]
+    done = [asyncio.Event() for _ in bounds]
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+
+        async def part(i: int) -> None:
+            start, end = bounds[i]
+            pos = [start]
+
+            async def fetch() -> None:
+                options: GetOptions = {"range": (pos[0], end)}
+                if etag:
+                    options["if_match"] = etag
+                result = await obstore.get_async(store.inner, key, options=options)
+                if result.range[0] != pos[0] or result.meta["size"] != size:
+                    raise _RangesIgnored
+                async for chunk in result.stream(min_chunk_size=DOWNLOAD_CHUNK):
+                    if pos[0] + len(chunk) > end:
+                        raise _RangesIgnored
+                    os.pwrite(fd, chunk, pos[0])
+                    pos[0] += len(chunk)
+                if pos[0] != end:
+                    raise StorageError(f"{store.url(key)}: bytes {start}-{end} ended at {pos[0]}")
+
+            await limit.call(fetch)
+            done[i].set()
+
+        async def hasher() -> str:
+            digest = hashlib.sha256()
+            with open(tmp, "rb", buffering=0) as reader:
+                for i, (start, end) in enumerate(bounds):
+                    await done[i].wait()
+                    await asyncio.to_thread(_hash_range, reader, digest, start, end)
+            return digest.hexdigest()
+
+        parts = [asyncio.ensure_future(part(i)) for i in range(len(bounds))]
+        hashing = asyncio.ensure_future(hasher())
+        try:
+            await asyncio.gather(*parts)
+            hexdigest = await hashing
+        except _RangesIgnored:
+            store.ranged_reads = False
+            for task in [*parts, hashing]:
+                task.cancel()
+            await asyncio.gather(*parts, hashing, return_exceptions=True)
+            os.close(fd)
+            fd = -1
+            return await _streamed(store, key, tmp)
+        except BaseException:
+            for task in [*parts, hashing]:
+                task.cancel()
+            await asyncio.gather(*parts, hashing, return_exceptions=True)
+            raise
+        return hexdigest, size
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _hash_range(reader: object, digest: hashlib._Hash, start: int, end: int) -> None:
+    fd = reader.fileno()  # type: ignore[attr-defined]
+    pos = start
+    while pos < end:
+        chunk = os.pread(fd, min(CHUNK, end - pos), pos)
+        if not chunk:
+            raise StorageError(f"{reader!r} is shorter than expected ({pos} of {end} bytes)")
+        digest.update(chunk)
+        pos += len(chunk)
 
 
 async def _pipelined(stream: AsyncIterator[bytes], sink: Callable[[bytes], None]) -> None:
@@ -173,25 +384,79 @@ async def _pipelined(stream: AsyncIterator[bytes], sink: Callable[[bytes], None]
             await asyncio.gather(receiver, return_exceptions=True)
 
 
-async def download_tree(store: Store, dest: Path, *, prefix: str = "", limit: int = CONCURRENCY) -> list[FileEntry]:
-    """Copy every object under ``prefix`` into ``dest``; entries are relative to ``prefix``."""
+async def download_tree(
+    store: Store, dest: Path, *, prefix: str = "", limit: int | AdaptiveLimit = CONCURRENCY
+) -> list[FileEntry]:
+    """Copy every object under ``prefix`` into ``dest``; entries are relative to ``prefix``.
+
+    S3 folder markers (zero-byte ``name/`` keys) are skipped; a key that is also a folder
+    (``x`` and ``x/y``) and, on a file store, a name obstore cannot read are DatasetErrors
+    naming them, found before any byte is read. Temporary files live in a folder of their own
+    beside ``dest``, so no dataset file name can collide with one.
+    """
     strip = len(prefix.rstrip("/") + "/") if prefix else 0
-    keys = [info.key for info in store.list(prefix)]
-    if not keys:
+    infos = [info for info in store.list(prefix) if info.key[strip:]]
+    if not infos:
         raise DatasetError(
             f"dataset {store.url(prefix)} is empty or does not exist; upload the data there or fix the dataset URI"
         )
+    limiter = _limit(limit)
+    infos = await _without_folder_markers(store, infos, limiter)
+    _check_dataset_names(store, [info.key[strip:] for info in infos])
+    dest.mkdir(parents=True, exist_ok=True)
     dest_root = dest.resolve()
+    staging = Path(tempfile.mkdtemp(prefix=".aicenter-staging-", dir=dest_root.parent))
+    ranges = AdaptiveLimit(RANGES_IN_FLIGHT)
+    try:
 
-    async def one(key: str) -> FileEntry:
-        rel = key[strip:]
-        target = (dest_root / rel).resolve()
-        if not target.is_relative_to(dest_root):
-            raise DatasetError(f"dataset object {key!r} would be written outside the data folder; rename it")
-        entry = await download_file(store, key, target)
-        return FileEntry(rel, entry.sha256, entry.size)
+        async def one(numbered: tuple[int, ObjectInfo]) -> FileEntry:
+            n, info = numbered
+            rel = info.key[strip:]
+            target = (dest_root / rel).resolve()
+            if not target.is_relative_to(dest_root):
+                raise DatasetError(f"dataset object {info.key!r} would be written outside the data folder; rename it")
+            if info.size == 0:  # nothing to fetch (and on S3, _without_folder_markers already asked)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.touch()
+                return FileEntry(rel, EMPTY_SHA256, 0)
+            entry = await download_file(store, info.key, target, size=info.size, etag=info.etag,
+                                        tmp=staging / f"{n}.part", limit=ranges)
+            return FileEntry(rel, entry.sha256, entry.size)
 
-    return sorted(await gather_limited(keys, one, limit), key=lambda e: e.path)
+        entries = await gather_limited(list(enumerate(infos)), one, limiter)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return sorted(entries, key=lambda e: e.path)
+
+
+async def _without_folder_markers(store: Store, infos: list[ObjectInfo], limiter: AdaptiveLimit) -> list[ObjectInfo]:
+    """Drop S3 folder markers: obstore lists ``name/`` as ``name``, which a GET or HEAD cannot find."""
+    if store.scheme != "s3":
+        return infos
+    empty = [info for info in infos if info.size == 0]
+    if not empty:
+        return infos
+
+    async def is_marker(info: ObjectInfo) -> bool:
+        return await store.head_async(info.key) is None
+
+    markers = {info.key for info, gone in zip(empty, await gather_limited(empty, is_marker, limiter), strict=True) if gone}
+    return [info for info in infos if info.key not in markers]
+
+
+def _check_dataset_names(store: Store, rels: list[str]) -> None:
+    keys = set(rels)
+    for rel in rels:
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            folder = "/".join(parts[:i])
+            if folder in keys:
+                raise DatasetError(
+                    f"dataset {store.url()} has both an object {folder!r} and an object {rel!r} below it; a file and a "
+                    "folder cannot share a name on disk: rename or remove one of them"
+                )
+        if store.scheme == "file" and (reason := unstorable(rel)):
+            raise DatasetError(f"dataset file {rel!r} in {store.url()} cannot be read: {reason}; rename the file")
 
 
 # -- upload --------------------------------------------------------------------------------
@@ -264,14 +529,31 @@ async def upload_file(
             )
 
 
-async def upload_tree(root: Path, store: Store, prefix: str, *, limit: int = CONCURRENCY) -> list[FileEntry]:
-    """Upload every file under ``root`` to ``prefix/<relative path>``; returns (path, "", size)."""
+def check_names(root: Path, rels: Sequence[str]) -> None:
+    """Refuse, before any byte is sent, a tree with a file name that not every store can hold."""
+    bad = [(rel, reason) for rel in rels if (reason := unstorable(rel))]
+    if bad:
+        listed = "; ".join(f"{rel!r}: {reason}" for rel, reason in bad[:5])
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise StorageError(
+            f"cannot store the files of {root}: {listed}{more}; rename the file(s) (printable UTF-8 names, "
+            "no control characters, no '#<digits>' ending); nothing was uploaded"
+        )
+
+
+async def upload_tree(root: Path, store: Store, prefix: str, *, limit: int | AdaptiveLimit = CONCURRENCY) -> list[FileEntry]:
+    """Upload every file under ``root`` to ``prefix/<relative path>``; returns (path, "", size).
+
+    Every name is checked first (check_names), and links are followed inside ``root`` only
+    (local_files), so a bad name or link fails the upload before anything is stored.
+    """
     rels = local_files(root)
+    check_names(root, rels)
     budget = MemoryBudget()
 
     async def one(rel: str) -> FileEntry:
         path = root / rel
-        await upload_file(store, path, f"{prefix.rstrip('/')}/{rel}", budget=budget)
+        await upload_file(store, path, f"{prefix.rstrip('/')}/{rel}" if prefix.strip("/") else rel, budget=budget)
         return FileEntry(rel, "", path.stat().st_size)
 
     return await gather_limited(rels, one, limit)
@@ -287,11 +569,11 @@ LIST_RANGES = 4
 _HEX = "0123456789abcdef"
 
 
-async def stored_digests(store: Store, digests: set[str], ranges: int | None = None) -> tuple[set[str], set[str]]:
-    """(present, unknown) among ``digests``, by listing the blob prefix in key ranges concurrently."""
+async def stored_digests(store: Store, digests: set[str], ranges: int | None = None) -> tuple[dict[str, int], set[str]]:
+    """({digest: stored size} for those present, unknown) among ``digests``, by listing the blob prefix."""
     ranges = ranges or LIST_RANGES
     pages_left = [max(ranges, len(digests) * LIST_PAGES_PER_1000 // 1000)]
-    present: set[str] = set()
+    present: dict[str, int] = {}
     unknown: set[str] = {d for d in digests if d[:1] not in _HEX}
     step = 16 // ranges
 
@@ -299,7 +581,7 @@ async def stored_digests(store: Store, digests: set[str], ranges: int | None = N
         mine = {d for d in digests if lo <= d[:1] and (hi is None or d[:1] < hi)}
         if not mine:
             return
-        found: set[str] = set()
+        found: dict[str, int] = {}
         offset = {"offset": BLOB_PREFIX + lo} if lo != "0" else {}
         try:
             async for page in obstore.list(store.inner, BLOB_PREFIX.rstrip("/"), chunk_size=1000, **offset):
@@ -309,26 +591,39 @@ async def stored_digests(store: Store, digests: set[str], ranges: int | None = N
                     if hi is not None and digest[:1] >= hi:  # S3 lists in key order: this range is done
                         return
                     if digest in mine:
-                        found.add(digest)
+                        found[digest] = meta["size"]
                 if pages_left[0] < 0:
-                    unknown.update(mine - found)
+                    unknown.update(mine - set(found))
                     return
         finally:
             present.update(found)
 
-    bounds = [_HEX[i] for i in range(0, 16, step)] + [None]
+    bounds: list[str | None] = [_HEX[i] for i in range(0, 16, step)] + [None]
     with store._errors(BLOB_PREFIX):
-        await asyncio.gather(*(scan(lo, hi) for lo, hi in zip(bounds, bounds[1:])))
+        await asyncio.gather(*(scan(lo or "0", hi) for lo, hi in itertools.pairwise(bounds)))
     return present, unknown
+
+
+async def _hashes_to(store: Store, key: str, sha256: str) -> bool:
+    """Whether the stored object ``key`` hashes to ``sha256`` (streamed, nothing kept)."""
+    digest = hashlib.sha256()
+    with store._errors(key):
+        result = await obstore.get_async(store.inner, key)
+        async for chunk in result.stream(min_chunk_size=DOWNLOAD_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest() == sha256
 
 
 async def ensure_blobs(
     store: Store, root: Path, entries: Sequence[FileEntry], *, known: Collection[str] = (), limit: int = CONCURRENCY
 ) -> BlobStats:
-    """Make sure every entry's content exists as a blob; upload only the missing ones.
+    """Make sure every entry's content exists, intact, as a blob; upload only what is missing or damaged.
 
     A blob key is its digest, so unchanged data is never written twice: a second snapshot of
-    the same data reads a listing (S3, many files) or HEADs, and writes nothing. A concurrent
+    the same data reads a listing (S3, many files) or HEADs, and writes nothing. A stored blob
+    whose size differs from the file is damaged and is rewritten; of those whose size matches,
+    VERIFY_SAMPLE small ones are hashed, and every small one once a damaged one is found (a blob
+    that was corrupted in place is repaired by the next snapshot of its content). A concurrent
     writer of the same blob is harmless. ``known`` digests are taken as stored without a check
     (the caller vouches for them, e.g. from a committed manifest).
     """
@@ -338,24 +633,42 @@ async def ensure_blobs(
     for digest in known:
         unique.pop(digest, None)
     budget = MemoryBudget()
-    listed: set[str] | None = None
+    listed: dict[str, int] | None = None
+    unknown: set[str] = set()
     if store.scheme == "s3" and len(unique) >= LIST_MIN_FILES:
-        present, unknown = await stored_digests(store, set(unique))
-        listed = set(unique) - unknown  # known either way: present, or absent
-        for digest in present:
-            del unique[digest]
+        listed, unknown = await stored_digests(store, set(unique))
+    limiter = AdaptiveLimit(limit)
+
+    async def stored_size(entry: FileEntry) -> int | None:
+        if listed is not None and entry.sha256 not in unknown:
+            return listed.get(entry.sha256)
+        info = await store.head_async(blob_key(entry.sha256))
+        return None if info is None else info.size
+
+    sizes = await gather_limited(list(unique.values()), stored_size, limiter)
+    upload: list[FileEntry] = []
+    same_size: list[FileEntry] = []
+    for entry, size in zip(unique.values(), sizes, strict=True):
+        (same_size if size == entry.size else upload).append(entry)
+    small = [e for e in same_size if e.size <= VERIFY_MAX]
+    sample = random.sample(small, min(VERIFY_SAMPLE, len(small)))
+    damaged = [e for e, ok in zip(sample, await gather_limited(sample, _intact(store), limiter), strict=True) if not ok]
+    if damaged:  # one damaged blob: check the others of this snapshot too
+        rest = [e for e in small if e not in sample]
+        damaged += [e for e, ok in zip(rest, await gather_limited(rest, _intact(store), limiter), strict=True) if not ok]
+    upload += damaged
+    repair = {e.sha256 for e in damaged}
+    repair |= {e.sha256 for e, n in zip(unique.values(), sizes, strict=True) if n is not None and n != e.size}
 
     async def one(entry: FileEntry) -> FileEntry | None:
-        key = blob_key(entry.sha256)
-        if (listed is None or entry.sha256 not in listed) and await store.head_async(key) is not None:
-            return None
         try:
-            await upload_file(store, root / entry.path, key, create=True, expect_sha256=entry.sha256, budget=budget)
+            await upload_file(store, root / entry.path, blob_key(entry.sha256), create=entry.sha256 not in repair,
+                              expect_sha256=entry.sha256, budget=budget)
         except AlreadyExistsError:
             return None
         return entry
 
-    uploaded = [e for e in await gather_limited(list(unique.values()), one, limit) if e is not None]
+    uploaded = [e for e in await gather_limited(upload, one, limiter) if e is not None]
     return BlobStats(
         files=len(entries),
         bytes=sum(e.size for e in entries),
@@ -364,18 +677,57 @@ async def ensure_blobs(
     )
 
 
+def _intact(store: Store) -> Callable[[FileEntry], Awaitable[bool]]:
+    async def check(entry: FileEntry) -> bool:
+        try:
+            return await _hashes_to(store, blob_key(entry.sha256), entry.sha256)
+        except NotFoundError:
+            return False
+
+    return check
+
+
 def put_blob(store: Store, path: Path, sha256: str) -> bool:
-    """Store one file as a blob if it is not there yet; True when bytes were written."""
+    """Store one file as a blob unless an intact copy is there; True when bytes were written.
+
+    An existing blob of another size is damaged and is replaced; one of the right size is
+    hashed first when that is cheap (at most VERIFY_MAX bytes) and replaced when it differs.
+    """
     key = blob_key(sha256)
-    if store.exists(key):
-        return False
-    try:
-        run(upload_file(store, path, key, create=True, expect_sha256=sha256))
-    except AlreadyExistsError:
-        return False
-    return True
+    size = path.stat().st_size
+
+    async def put() -> bool:
+        info = await store.head_async(key)
+        if info is not None and info.size == size and (size > VERIFY_MAX or await _hashes_to(store, key, sha256)):
+            return False
+        try:
+            await upload_file(store, path, key, create=info is None, expect_sha256=sha256)
+        except AlreadyExistsError:
+            return False
+        return True
+
+    return run(AdaptiveLimit(1).call(put))
+
+
+def missing_blob(store: Store, sha256: str) -> NotFoundError:
+    return NotFoundError(
+        f"blob sha256:{sha256} is missing from the store ({store.url(blob_key(sha256))}): it was deleted after the "
+        "record naming it was written (by `aicenter gc` or by hand); upload that package version again "
+        "(`aicenter package upload`) or restore the blob from a backup"
+    )
 
 
 def get_blob(store: Store, sha256: str, dest: Path) -> FileEntry:
-    """Download a blob into ``dest`` and verify it against its digest."""
-    return run(download_file(store, blob_key(sha256), dest, expect_sha256=sha256))
+    """Download a blob into ``dest`` and verify it against its digest; a missing blob says so."""
+    key = blob_key(sha256)
+
+    async def get() -> FileEntry:
+        info = await store.head_async(key)
+        if info is None:
+            raise missing_blob(store, sha256)
+        try:
+            return await download_file(store, key, dest, expect_sha256=sha256, size=info.size, etag=info.etag)
+        except NotFoundError:
+            raise missing_blob(store, sha256) from None
+
+    return run(AdaptiveLimit(1).call(get))
