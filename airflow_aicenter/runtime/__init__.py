@@ -1,5 +1,9 @@
-"""What runs in the training pod or the local child process. Imports neither Airflow nor Kubernetes."""
+"""What runs in the training pod or the local child process. Imports neither Airflow nor Kubernetes.
 
-from airflow_aicenter.runtime.run import Runner, main
+The agent (``agent.py``) stages, uploads and reports; package code runs in user processes
+(``user.py``, a standalone script run with the package's interpreter).
+"""
 
-__all__ = ["Runner", "main"]
+from airflow_aicenter.runtime.agent import Agent, main
+
+__all__ = ["Agent", "main"]

@@ -71,7 +71,7 @@ def runtime_closure() -> tuple[set[str], set[str]]:
 
 def test_the_runtime_imports_neither_airflow_nor_kubernetes() -> None:
     ours, others = runtime_closure()
-    assert "airflow_aicenter.runtime.run" in ours and "airflow_aicenter.storage.store" in ours
+    assert "airflow_aicenter.runtime.agent" in ours and "airflow_aicenter.storage.store" in ours
     assert not others & FORBIDDEN, f"the pod's code imports {sorted(others & FORBIDDEN)}"
     third_party = {name for name in others if name not in sys.stdlib_module_names and name != "__future__"}
     assert third_party <= {"obstore", "pydantic"}, f"docker/requirements.txt lacks {sorted(third_party - {'obstore', 'pydantic'})}"

@@ -60,7 +60,7 @@ def setup_run(store, tmp_path, train_py=RECORDING_TRAIN, pipeline="train", **spe
     kw = dict(dataset=store.url("datasets/train"))
     kw.update(spec_kw)
     spec = RunSpec(pipeline=pipeline, storage=store.uri, run_prefix="runs/d/r/t/1", package="rec", version=base.version,
-                   blob=base.blob, env={"EPOCHS": "3"}, **kw)
+                   blob=base.blob, env={"EPOCHS": "3"}, user_env_names=["API_TOKEN", "STRIPE_KEY"], **kw)
     return registry, spec
 
 

@@ -1,0 +1,722 @@
+"""The agent: one pipeline run's trusted process. Stage, start the user processes, upload, report.
+
+Runs inside a Kubernetes pod or as a child process of the Airflow worker; the same code for
+every launcher. The operator gives it a :class:`RunSpec`; it answers with ``outcome.json``
+in the run folder (and its exit code). It never registers versions: the operator does that
+once it has read the outcome, so a run that dies at any point leaves no version behind.
+
+Package code never runs here. The agent holds the store credentials, so ``Main`` and its
+methods run in user processes (``runtime/user.py``, started by path with the package's
+interpreter) whose environment is built from scratch: the AI Center variables, the user's
+``env`` and secret env, the distributed variables, and nothing of the agent's or the
+worker's (DESIGN "Trust boundaries"). One user process per rank in distributed runs, one per
+share of the inputs in batch prediction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, TextIO, cast
+
+from airflow_aicenter.crashpoints import crash_point
+from airflow_aicenter.errors import AICenterError, DatasetError, NotFoundError, RunError
+from airflow_aicenter.package import extract_zip, iter_package_files, validate_package, write_zip
+from airflow_aicenter.records import BlobRef, Outcome, RunSpec, write
+from airflow_aicenter.runtime.requirements import install_requirements
+from airflow_aicenter.runtime.snapshot import take_snapshot
+from airflow_aicenter.secrets import Redactor, redact
+from airflow_aicenter.storage import Store, open_store
+from airflow_aicenter.storage.transfer import (
+    FileEntry,
+    download_tree,
+    get_blob,
+    local_files,
+    put_blob,
+    run,
+    sha256_file,
+    upload_tree,
+)
+
+#: The folders package code sees, by their AI Center environment variable names.
+DIRECTORIES = (
+    "data_directory",
+    "test_data_directory",
+    "training_data_directory",
+    "evaluation_data_directory",
+    "artifacts_directory",
+    "checkpoint_directory",
+)
+TERMINATION_LOG = "/dev/termination-log"
+#: The user process, started by path: the package's environment does not hold airflow_aicenter.
+USER_SCRIPT = Path(__file__).resolve().with_name("user.py")
+#: Longest line of user output passed on; the rest of the line is cut (a 400 MB line must not
+#: cost the agent 400 MB).
+LINE_LIMIT = 64 * 1024
+#: Seconds a user process gets between SIGTERM and SIGKILL (less than the launcher gives the agent).
+USER_GRACE = 5.0
+#: The agent's variables a user process inherits: the system's, never credentials or run spec.
+INHERITED = frozenset({"PATH", "HOME", "LANG", "TMPDIR", "TZ", "LD_LIBRARY_PATH", "PYTHONUSERBASE"})
+INHERITED_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "NCCL_")
+DEFAULT_MULTI_NODE_PORT = 29500
+
+
+class Killed(BaseException):
+    """SIGTERM arrived (on_kill, pod deletion, the launcher gone): stop and record the run as killed."""
+
+
+class Unbreakable(io.TextIOBase):
+    """The agent's stdout/stderr: a reader that went away (``| head``, a dead launcher) never stops the run.
+
+    On the first failed write the stream's descriptor is pointed at ``/dev/null``, so the run
+    goes on and still records its ending in ``outcome.json``.
+    """
+
+    def __init__(self, inner: TextIO) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def write(self, text: str) -> int:
+        try:
+            self.inner.write(text)
+        except OSError:
+            self._to_devnull()
+        return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.inner.flush()
+        except OSError:
+            self._to_devnull()
+
+    def fileno(self) -> int:
+        return self.inner.fileno()
+
+    def _to_devnull(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.inner.fileno())
+            os.close(devnull)
+        with contextlib.suppress(OSError, ValueError):
+            self.inner.flush()  # drops what was buffered for the dead reader
+
+
+_output_lock = threading.Lock()
+
+
+def emit(stream: TextIO, text: str) -> None:
+    """Write whole lines from any thread without interleaving them."""
+    with _output_lock:
+        stream.write(text)
+        stream.flush()
+
+
+def log(message: str) -> None:
+    emit(sys.stderr, f"[aicenter] {message}\n")
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Topology:
+    """Where this agent's ranks sit in the run (torchrun's and ModelArts' view)."""
+
+    nodes: int
+    procs_per_node: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+    worker_hosts: str
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node
+
+    def rank(self, local_rank: int) -> int:
+        return self.node_rank * self.procs_per_node + local_rank
+
+    @classmethod
+    def of(cls, spec: RunSpec) -> Topology:
+        node_rank = spec.node_rank if spec.node_rank is not None else int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
+        addr = spec.master_addr or os.environ.get("AICENTER_MASTER_ADDR") or "127.0.0.1"
+        port = spec.master_port
+        if port is None:
+            given = os.environ.get("AICENTER_MASTER_PORT")
+            port = int(given) if given else (free_port() if spec.nodes == 1 else DEFAULT_MULTI_NODE_PORT)
+        if not 0 <= node_rank < spec.nodes:
+            raise RunError(f"node_rank {node_rank} is outside 0..{spec.nodes - 1}; check JOB_COMPLETION_INDEX and nodes")
+        hosts = os.environ.get("AICENTER_WORKER_HOSTS") or addr
+        return cls(spec.nodes, spec.procs_per_node, node_rank, addr, port, hosts)
+
+    def env(self, local_rank: int, gpus: int) -> dict[str, str]:
+        return {
+            "RANK": str(self.rank(local_rank)), "WORLD_SIZE": str(self.world_size),
+            "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(self.procs_per_node),
+            "NODE_RANK": str(self.node_rank), "GROUP_RANK": str(self.node_rank),
+            "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port),
+            "MA_NUM_HOSTS": str(self.nodes), "MA_NUM_GPUS": str(gpus),
+            "VC_TASK_INDEX": str(self.node_rank), "VC_WORKER_HOSTS": self.worker_hosts,
+        }
+
+
+@dataclass
+class UserProcess:
+    """A started user process: who it is, where it reports, the threads streaming its output."""
+
+    label: str
+    process: subprocess.Popen[bytes]
+    result_path: Path
+    pumps: list[threading.Thread] = field(default_factory=list)
+
+    def result(self) -> dict[str, Any] | None:
+        try:
+            return cast(dict[str, Any], json.loads(self.result_path.read_text()))
+        except (OSError, ValueError):
+            return None
+
+    def failure_time(self) -> float:
+        result = self.result()
+        failure = (result or {}).get("failure") or {}
+        return float(failure.get("at", float("inf")))
+
+
+class Agent:
+    def __init__(self, spec: RunSpec, store: Store, workdir: Path) -> None:
+        self.spec, self.store = spec, store
+        self.work = workdir.resolve()
+        self.dirs = {name: self.work / name.removesuffix("_directory") for name in DIRECTORIES}
+        self.control = self.work / "control"  # instructions and results of the user processes
+        self.outcome = Outcome.starting(spec)
+        self.entries: dict[str, list[FileEntry]] = {}
+        #: Every user process started, so none outlives the run whatever ends it.
+        self.users: list[UserProcess] = []
+        #: Batch prediction: the first failed input, in input order, for the run's cause.
+        self.first_error: str | None = None
+        #: Every form of the secret-looking variables' values (the user's secret env, S3 keys):
+        #: never in outcome.json or the log.
+        self.secrets = Redactor.from_env({**os.environ, **spec.env})
+        self.topology = Topology.of(spec)
+        if self.topology.world_size > 1:
+            self.outcome.distributed = {"nodes": spec.nodes, "procs_per_node": spec.procs_per_node,
+                                        "world_size": self.topology.world_size}
+        #: Node 0 reports in outcome.json (the operator reads it); other nodes of a multi-node Job beside it.
+        self.outcome_name = "outcome.json" if self.topology.node_rank == 0 else f"node-{self.topology.node_rank}.outcome.json"
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.outcome.phase = name
+        write(self.store, self.key(self.outcome_name), self.outcome)  # live progress; says where a hard crash hit
+        crash_point(name)
+        log(f"{name} ...")
+        began = time.perf_counter()
+        yield
+        self.outcome.phases[name] = round(time.perf_counter() - began, 3)
+        log(f"{name} done in {self.outcome.phases[name]:.2f} s")
+
+    def key(self, name: str) -> str:
+        return f"{self.spec.run_prefix}/{name}"
+
+    # -- the run -------------------------------------------------------------------------
+    def run(self) -> Outcome:
+        write(self.store, self.key(self.outcome_name), self.outcome)
+        try:
+            self._run()
+            self.outcome.status, self.outcome.phase = "succeeded", None
+        except Killed:
+            self.outcome.status, self.outcome.error = "killed", f"killed during {self.outcome.phase}"
+        except AICenterError as exc:
+            self._fail(str(exc))
+        except Exception as exc:  # noqa: BLE001 - report, never hide
+            import traceback
+
+            emit(sys.stderr, redact(traceback.format_exc(), self.secrets))
+            self._fail(f"internal error during {self.outcome.phase}: {type(exc).__name__}: {exc}")
+        finally:
+            self.stop(self.users)
+            self.outcome.end_at = time.time()
+            if self.outcome.status != "succeeded":
+                self._upload_artifacts_best_effort()
+            crash_point("outcome")
+            write(self.store, self.key(self.outcome_name), self.outcome)
+            log(f"run {self.outcome.status} in {self.outcome.execution_time:.2f} s")
+        return self.outcome
+
+    def _fail(self, cause: str) -> None:
+        cause = redact(cause, self.secrets)
+        self.outcome.status, self.outcome.error = "failed", cause
+        log(f"FAILED: {cause}")
+
+    def _run(self) -> None:
+        spec = self.spec
+        if spec.pipeline == "evaluate" and self.topology.world_size > 1:
+            raise RunError("evaluation runs in one process; use nodes=1 and procs_per_node=1 for the evaluate pipeline")
+        if spec.pipeline == "predict" and spec.nodes > 1:
+            raise RunError("batch prediction runs on one node; use nodes=1 and procs_per_node to share the inputs")
+        for path in (*self.dirs.values(), self.control):
+            path.mkdir(parents=True, exist_ok=True)
+        with self.phase("stage_package"):
+            root = self._stage_package()
+        if spec.install_requirements:
+            with self.phase("requirements"):
+                install_requirements(root, log)
+        with self.phase("stage_data"):
+            self._stage_data()
+        with self.phase("user_code"):
+            if spec.pipeline == "predict":
+                self._predict(root)
+            else:
+                self._call_package(root)
+        last_node = self.topology.node_rank == 0
+        if spec.pipeline in ("train", "full") and last_node:
+            with self.phase("package_upload"):
+                self.outcome.blob = self._store_package(root)
+        if spec.pipeline == "predict":
+            with self.phase("predictions_upload"):
+                self._upload_predictions()
+        with self.phase("artifacts_upload"):
+            self._upload_artifacts()
+        if last_node:
+            with self.phase("snapshot"):
+                if spec.save_training_data and spec.pipeline != "evaluate":
+                    self._snapshot("data_directory", spec.dataset)
+                if spec.save_test_data and (spec.pipeline == "evaluate" or spec.evaluation_dataset):
+                    self._snapshot("test_data_directory", spec.evaluation_dataset)
+        if spec.pipeline == "predict":
+            self._check_failed_inputs()
+
+    # -- staging -------------------------------------------------------------------------
+    def _stage_package(self) -> Path:
+        spec = self.spec
+        zip_path = self.work / "package.zip"
+        get_blob(self.store, spec.blob.sha256, zip_path)
+        root = extract_zip(zip_path, self.work / "package")
+        zip_path.unlink()
+        validate_package(root, "serve" if spec.pipeline == "predict" else spec.pipeline)
+        return root
+
+    def _stage_data(self) -> None:
+        spec = self.spec
+        data, test = self.dirs["data_directory"], self.dirs["test_data_directory"]
+        if spec.dataset_mount:
+            mount = Path(spec.dataset_mount)
+            if not mount.is_dir() or not any(mount.iterdir()):
+                raise DatasetError(f"mounted dataset {mount} is empty or missing; check the volume claim and sub path")
+            data.rmdir()
+            self.dirs["data_directory"] = mount
+            log(f"dataset mounted read-only at {mount}")
+        if spec.dataset and not spec.dataset_mount:
+            self.entries["data_directory"] = self._download(spec.dataset, data)
+        if spec.evaluation_dataset:
+            self.entries["test_data_directory"] = self._download(spec.evaluation_dataset, test)
+            if spec.pipeline == "full":
+                shutil.copytree(test, self.dirs["evaluation_data_directory"], dirs_exist_ok=True)
+
+    def _download(self, uri: str, dest: Path) -> list[FileEntry]:
+        began = time.perf_counter()
+        try:
+            source = open_store(uri, create=False)
+        except NotFoundError:
+            raise DatasetError(f"dataset {uri} does not exist; upload the data there or fix the URI") from None
+        entries = run(download_tree(source, dest))
+        took = time.perf_counter() - began
+        size = sum(e.size for e in entries)
+        log(f"staged {len(entries)} files ({human(size)}) from {uri} in {took:.2f} s")
+        return entries
+
+    # -- user processes ------------------------------------------------------------------
+    def user_python(self, root: Path) -> str:
+        """The interpreter of the package's environment (the one place that chooses it)."""
+        return sys.executable
+
+    def user_env(self, local_rank: int) -> dict[str, str]:
+        """A user process's whole environment, built from scratch (DESIGN "Trust boundaries").
+
+        The system's basics (PATH, HOME, locale, temp, time zone, GPU devices), the AI Center
+        variables, the user's ``env`` and the secret env values the launcher named in
+        ``spec.user_env_names``, the distributed variables. No ``AWS_*`` store keys, no
+        ``AIRFLOW_*``, no run spec: nothing else of the agent's environment.
+        """
+        spec = self.spec
+        env = {k: v for k, v in os.environ.items() if k in INHERITED or k.startswith(INHERITED_PREFIXES)}
+        env.update(spec.env)
+        env.update({name: os.environ[name] for name in spec.user_env_names if name in os.environ})
+        env.update({name: str(path) for name, path in self.dirs.items()})
+        env["artifacts_directory"] = str(self.artifacts_of(self.topology.rank(local_rank)))
+        env["save_training_data"] = str(spec.save_training_data)
+        env["save_test_data"] = str(spec.save_test_data)
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.topology.env(local_rank, spec.gpu))
+        return env
+
+    def artifacts_of(self, rank: int) -> Path:
+        """Rank 0 writes the run's ``artifacts/``; rank r > 0 writes ``artifacts/rank-<r>/``."""
+        folder = self.dirs["artifacts_directory"]
+        return folder if rank == 0 else folder / f"rank-{rank}"
+
+    def start(self, name: str, root: Path, env: dict[str, str], *, module: str = "train",
+              steps: list[dict[str, Any]] | None = None, predict: dict[str, Any] | None = None) -> UserProcess:
+        """Start one user process in ``root`` (cwd) with its instructions; stream its output."""
+        tag = name.replace(" ", "-")
+        result_path = self.control / f"{tag}.result.json"
+        instructions = self.control / f"{tag}.json"
+        instructions.write_text(json.dumps({
+            "root": str(root), "module": module, "result": str(result_path), "parent": os.getpid(),
+            "steps": steps or [], "predict": predict,
+        }))
+        Path(env["artifacts_directory"]).mkdir(parents=True, exist_ok=True)
+        process = subprocess.Popen(
+            [self.user_python(root), str(USER_SCRIPT), str(instructions)], cwd=root, env=env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True,  # its own group: stopping it stops what it started
+        )
+        prefix = f"[{name}] " if self.topology.world_size > 1 else ""
+        user = UserProcess(name, process, result_path)
+        self.users.append(user)
+        for pipe, sink in ((process.stdout, sys.stdout), (process.stderr, sys.stderr)):
+            assert pipe is not None
+            pump = threading.Thread(target=self._pump, args=(pipe, sink, prefix), daemon=True)
+            pump.start()
+            user.pumps.append(pump)
+        return user
+
+    def _pump(self, pipe: IO[bytes], sink: TextIO, prefix: str) -> None:
+        """Pass user output on line by line, secrets redacted, each line at most LINE_LIMIT bytes."""
+        cutting = False
+        with pipe:
+            while chunk := pipe.readline(LINE_LIMIT):
+                complete = chunk.endswith(b"\n") or len(chunk) < LINE_LIMIT  # short and no newline: the last line
+                if not cutting:
+                    text = redact(chunk.decode("utf-8", "replace").rstrip("\n"), self.secrets)
+                    if not complete:
+                        text += f" [... line cut at {LINE_LIMIT // 1024} KiB]"
+                    emit(sink, f"{prefix}{text}\n")
+                cutting = not complete
+
+    def supervise(self, users: list[UserProcess]) -> list[dict[str, Any]]:
+        """Wait for every user process; the first to fail fails the run, and the others are stopped."""
+        try:
+            while True:
+                failed = [u for u in users if u.process.poll() not in (None, 0)]
+                if failed:
+                    time.sleep(0.3)  # let failures caused by this one (a broken rendezvous) land, then pick the first
+                    failed = [u for u in users if u.process.poll() not in (None, 0)]
+                    self.stop(users)
+                    self._join(users)
+                    first = min(failed, key=UserProcess.failure_time)
+                    raise RunError(self._cause(first))
+                if all(u.process.returncode is not None for u in users):
+                    break
+                time.sleep(0.05)
+        finally:
+            self.stop(users)  # on Killed too
+        self._join(users)
+        results = []
+        for user in users:
+            result = user.result()
+            if result is None or not result.get("ok"):
+                raise RunError(self._cause(user))
+            results.append(result)
+        return results
+
+    def _cause(self, user: UserProcess) -> str:
+        """The one-line cause of ``user``'s failure (its full traceback goes to the log)."""
+        prefix = f"{user.label}: " if self.topology.world_size > 1 else ""
+        result = user.result()
+        failure = (result or {}).get("failure")
+        if failure:
+            if failure.get("traceback"):
+                emit(sys.stderr, "".join(f"{prefix}{line}\n" for line in redact(failure["traceback"], self.secrets).splitlines()))
+            return f"{prefix}{failure['cause']}"
+        code = user.process.returncode
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+            hint = " (out of memory?)" if -code == signal.SIGKILL else ""
+            return f"{prefix}the user process was killed by {name}{hint} before it reported"
+        return f"{prefix}the user process exited with code {code} before it reported (did package code call os._exit?)"
+
+    def stop(self, users: list[UserProcess]) -> None:
+        """SIGTERM each running user process's group, SIGKILL what is left after USER_GRACE."""
+        running = [u for u in users if u.process.poll() is None]
+        for user in running:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(user.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + USER_GRACE
+        for user in running:
+            try:
+                user.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(user.process.pid, signal.SIGKILL)
+                user.process.wait()
+
+    @staticmethod
+    def _join(users: list[UserProcess]) -> None:
+        for user in users:
+            for pump in user.pumps:
+                pump.join(timeout=5)
+
+    # -- the call plans ------------------------------------------------------------------
+    def _call_package(self, root: Path) -> None:
+        """Train, evaluate or full: one user process, or one per rank (DESIGN "Distributed training")."""
+        spec, dirs, topo = self.spec, {k: str(v) for k, v in self.dirs.items()}, self.topology
+        process_data: list[dict[str, Any]] = [
+            {"call": "process_data", "args": [dirs["data_directory"]]},
+            {"require_files": dirs["training_data_directory"], "message": (
+                "Main.process_data() wrote nothing to training_data_directory "
+                f"({dirs['training_data_directory']}); write the training split there "
+                "(os.environ['training_data_directory'])")},
+        ]
+        head: list[dict[str, Any]]
+        tail: list[dict[str, Any]]
+        if spec.pipeline == "evaluate":
+            head, tail = [], [{"call": "evaluate", "args": [dirs["test_data_directory"]], "score": True}]
+        else:
+            training = dirs["training_data_directory" if spec.pipeline == "full" else "data_directory"]
+            head = [{"call": "train", "args": [training]}]
+            tail = [{"call": "save"}]
+            if spec.pipeline == "full":
+                evaluation = dirs["evaluation_data_directory"]
+                tail.insert(0, {"call": "evaluate", "args": [evaluation], "score": True, "unless_empty": evaluation})
+        if topo.world_size == 1:
+            steps = (process_data if spec.pipeline == "full" else []) + head + tail
+            results = self.supervise([self.start("user", root, self.user_env(0), steps=steps)])
+        else:
+            if spec.pipeline == "full":
+                self.supervise([self.start(f"node {topo.node_rank} process_data", root, self.user_env(0), steps=process_data)])
+            users = []
+            for local_rank in range(topo.procs_per_node):
+                rank = topo.rank(local_rank)
+                users.append(self.start(f"rank {rank}", self._rank_root(root, rank), self.user_env(local_rank),
+                                        steps=head + (tail if rank == 0 else [])))
+            results = self.supervise(users)
+        lead = results[0]
+        if topo.node_rank != 0:
+            return
+        if lead.get("score") is not None:
+            self.outcome.score = float(lead["score"])
+            log(f"score: {self.outcome.score}")
+        if "evaluate" in lead.get("skipped", []):
+            warning = (
+                "evaluation_data_directory is empty, so Main.evaluate() was not called and the score is null; "
+                "write the evaluation split there in process_data() or pass evaluation_dataset"
+            )
+            self.outcome.warnings.append(warning)
+            log(f"WARNING: {warning}")
+
+    def _rank_root(self, root: Path, rank: int) -> Path:
+        """Rank 0 works in the real package folder (it becomes the new version); the others in a copy."""
+        if rank == 0:
+            return root
+        copy = self.work / "ranks" / str(rank) / root.name
+        shutil.copytree(root, copy, symlinks=True)
+        return copy
+
+    # -- batch prediction ----------------------------------------------------------------
+    def _predict(self, root: Path) -> None:
+        """``procs_per_node`` user processes, each ``Main()`` once, each a contiguous share of the inputs.
+
+        Each process reads its share and writes its own part files (no per-input messages);
+        the agent then joins the parts in process order, which is input order.
+        """
+        spec, data = self.spec, self.dirs["data_directory"]
+        out = self.work / "predictions"
+        parts = self.work / "parts"
+        procs = spec.procs_per_node
+        if spec.input_type == "json":
+            files = [rel for rel in local_files(data) if rel.endswith(".jsonl")]
+            counts = [(rel, count_lines(data / rel)) for rel in files]
+            if not sum(n for _, n in counts):
+                raise DatasetError(
+                    f"dataset {spec.dataset} has no input lines: input_type='json' reads every line of every *.jsonl "
+                    "file; add .jsonl files, or use input_type='file' to predict on each file"
+                )
+            shares: list[list[list[Any]]] = split_lines(counts, procs)
+        else:
+            files = local_files(data)
+            if not files:
+                raise DatasetError(f"dataset {spec.dataset} has no files to predict on; upload the inputs there")
+            shares = [[[rel] for rel in files[i * len(files) // procs:(i + 1) * len(files) // procs]] for i in range(procs)]
+        users = []
+        for index, share in enumerate(shares):
+            target = parts / str(index) if spec.input_type == "json" else out
+            plan = {"input_type": spec.input_type, "data": str(data), "out": str(target), "inputs": share}
+            users.append(self.start(f"rank {index}", self._rank_root(root, index), self.user_env(index),
+                                    module="main", predict=plan))
+        results = self.supervise(users)
+        if spec.input_type == "json":
+            for rel in files:
+                merge_parts([parts / str(i) / rel for i in range(len(shares))], out / rel)
+        self.outcome.predicted = sum(int(r.get("predicted") or 0) for r in results)
+        self.outcome.failed = sum(int(r.get("failed") or 0) for r in results)
+        self.first_error = next((r["first_error"] for r in results if r.get("first_error")), None)
+        log(f"predicted {self.outcome.predicted} inputs, {self.outcome.failed} failed")
+
+    def _upload_predictions(self) -> None:
+        entries = run(upload_tree(self.work / "predictions", self.store, self.key("predictions")))
+        log(f"uploaded {len(entries)} prediction files to {self.store.url(self.key('predictions'))}")
+
+    def _check_failed_inputs(self) -> None:
+        failed, allowed = self.outcome.failed or 0, self.spec.max_failed
+        if failed > allowed:
+            total = failed + (self.outcome.predicted or 0)
+            raise RunError(
+                f"{failed} of {total} inputs failed, more than max_failed={allowed}; first: {self.first_error}; "
+                f"every output and error is in {self.store.url(self.key('predictions'))}"
+            )
+
+    # -- uploads -------------------------------------------------------------------------
+    def _store_package(self, root: Path) -> BlobRef:
+        with tempfile.TemporaryDirectory(dir=self.work) as tmp:
+            zip_path = Path(tmp) / "package.zip"
+            digest = write_zip(root, zip_path)
+            wrote = put_blob(self.store, zip_path, digest.sha256)
+        files = sum(1 for _ in iter_package_files(root))
+        log(f"new package content: {files} files, {human(digest.size)} zipped, sha256:{digest.sha256[:12]}"
+            f"{'' if wrote else ' (already stored)'}")
+        return BlobRef(sha256=digest.sha256, size=digest.size)
+
+    def _upload_artifacts(self) -> None:
+        entries = run(upload_tree(self.dirs["artifacts_directory"], self.store, self.key("artifacts")))
+        self.outcome.artifacts = len(entries)
+        self.outcome.artifacts_bytes = sum(e.size for e in entries)
+        log(f"uploaded {len(entries)} artifacts ({human(self.outcome.artifacts_bytes)})")
+
+    def _upload_artifacts_best_effort(self) -> None:
+        try:
+            if local_files(self.dirs["artifacts_directory"]):
+                self._upload_artifacts()
+        except Exception as exc:  # noqa: BLE001 - the failure being reported matters more
+            log(f"could not upload artifacts of the failed run: {exc}")
+
+    def _snapshot(self, name: str, source: str | None) -> None:
+        folder = self.dirs[name]
+        entries = self.entries.get(name)
+        if entries is None:  # a mounted dataset: hash it in place
+            entries = [FileEntry(rel, *_digest(folder / rel)) for rel in local_files(folder)]
+        key = self.key(f"{name}.manifest.json")
+        stats = take_snapshot(self.store, folder, entries, source=source, directory=name, key=key, log=log)
+        self.outcome.snapshots[name] = self.store.url(key)
+        log(f"snapshot of {name}: {stats.files} files ({human(stats.bytes)}), "
+            f"{stats.uploaded_files} new blobs ({human(stats.uploaded_bytes)}) written")
+
+
+def count_lines(path: Path) -> int:
+    """Lines of a file, a last line without newline included, without holding the file in memory."""
+    lines, last = 0, b"\n"
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+    return lines + (last != b"\n")
+
+
+def split_lines(counts: list[tuple[str, int]], procs: int) -> list[list[list[Any]]]:
+    """Contiguous shares of all lines of all files: ``[[rel, first, last), ...]`` per process."""
+    total = sum(n for _, n in counts)
+    shares: list[list[list[Any]]] = []
+    for index in range(procs):
+        begin, end = index * total // procs, (index + 1) * total // procs
+        share, offset = [], 0
+        for rel, n in counts:
+            first, last = max(begin - offset, 0), min(end - offset, n)
+            if first < last:
+                share.append([rel, first, last])
+            offset += n
+        shares.append(share)
+    return shares
+
+
+def merge_parts(parts: list[Path], target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("wb") as sink:
+        for part in parts:
+            if part.exists():
+                with part.open("rb") as source:
+                    shutil.copyfileobj(source, sink, 1 << 20)
+
+
+def _digest(path: Path) -> tuple[str, int]:
+    entry = sha256_file(path)
+    return entry.sha256, entry.size
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop is enough: a second must not interrupt the cleanup
+    raise Killed
+
+
+def watch_parent() -> None:
+    """When the launcher that started this agent dies, stop the run as if killed (SIGTERM to self).
+
+    A pod's agent is its container's first process (parent 0) and needs no watch.
+    """
+    parent = os.getppid()
+    if parent <= 1:
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="aicenter-parent-watch", daemon=True).start()
+
+
+def write_termination_message(message: str) -> None:
+    """Kubernetes shows this file's content as the container's termination reason."""
+    path = Path(os.environ.get("AICENTER_TERMINATION_LOG", TERMINATION_LOG))
+    with contextlib.suppress(OSError):
+        if path.parent.is_dir() and (path.exists() or os.access(path.parent, os.W_OK)):
+            path.write_text(message[:4000])
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.stdout = cast(TextIO, Unbreakable(sys.stdout))
+    sys.stderr = cast(TextIO, Unbreakable(sys.stderr))
+    args = sys.argv[1:] if argv is None else argv
+    raw = os.environ.get("AICENTER_RUN_SPEC")
+    if args:
+        raw = Path(args[0]).read_text()
+    if not raw:
+        print("usage: python -m airflow_aicenter.runtime SPEC.json (or set AICENTER_RUN_SPEC)", file=sys.stderr)
+        return 2
+    spec = RunSpec.model_validate_json(raw)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    watch_parent()
+    workdir = Path(os.environ.get("AICENTER_WORKDIR") or tempfile.mkdtemp(prefix="aicenter-run-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        outcome = Agent(spec, open_store(spec.storage), workdir).run()
+    finally:
+        if not os.environ.get("AICENTER_KEEP_WORKDIR"):
+            shutil.rmtree(workdir, ignore_errors=True)
+    if outcome.status != "succeeded":
+        write_termination_message(outcome.error or outcome.status)
+        return 1
+    write_termination_message(f"succeeded in {outcome.execution_time:.1f} s")
+    return 0

@@ -1,0 +1,290 @@
+"""The user process: package code (``Main`` and its methods) in a process of its own.
+
+The agent (``runtime/agent.py``) starts this file BY PATH with the package's interpreter::
+
+    <env python> .../airflow_aicenter/runtime/user.py INSTRUCTIONS.json
+
+That interpreter belongs to the package's environment, which does not contain
+``airflow_aicenter`` (nor pydantic, nor obstore), so this script is self-contained and uses
+the standard library only: it must never import the rest of the runtime. Its environment
+holds the AI Center variables, the user's ``env`` and the distributed variables, no store
+credentials: what package code can reach is decided by the agent, not by this file.
+
+It creates ``Main()`` from ``train.py`` (or ``main.py`` for batch prediction), calls the
+methods its instructions list, in order, on that one instance, and writes a result JSON file
+(score, prediction counts, or the failure as one line with the package ``file:line`` plus
+the full traceback) at the path the agent gave it. Exit code 0 when every step ran, 1 when
+it reported a failure; any other ending (a signal, ``os._exit``) is the agent's to explain.
+
+Instructions (JSON)::
+
+    {"root": "/work/package", "module": "train", "result": "/work/control/rank-0.result.json",
+     "parent": 1234,                      # the agent's pid: this process dies with it
+     "steps": [{"call": "process_data", "args": ["/work/data"]},
+               {"require_files": "/work/training_data", "message": "..."},
+               {"call": "train", "args": ["/work/training_data"]},
+               {"call": "evaluate", "args": ["/work/evaluation_data"], "score": true,
+                "unless_empty": "/work/evaluation_data"},
+               {"call": "save"}],
+     "predict": {"input_type": "json", "data": "/work/data", "out": "/work/parts/0",
+                 "inputs": [["a.jsonl", 0, 500], ...]}}   # or [["x.png"], ...] for "file"
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import json
+import math
+import numbers
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+#: Full tracebacks of failed predictions printed per process; the rest are only counted.
+PRINTED_TRACEBACKS = 3
+#: ``prctl(PR_SET_PDEATHSIG, ...)``: the kernel signals this process when its parent dies.
+PR_SET_PDEATHSIG = 1
+
+
+class Failure(Exception):
+    """A step failed: ``cause`` is the one-line message, ``details`` the traceback (may be empty)."""
+
+    def __init__(self, cause: str, details: str = "") -> None:
+        super().__init__(cause)
+        self.cause, self.details = cause, details
+
+
+def die_with_parent(parent: int | None) -> None:
+    """Never outlive the agent: if it dies (killed, its launcher gone), this process is killed too."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if parent is not None and os.getppid() != parent:  # the agent died before prctl took effect
+        os._exit(137)
+
+
+def location(exc: BaseException, root: Path) -> str:
+    """``file:line`` of the innermost frame inside the package (`` (train.py:41)``), or ``""``.
+
+    Frames of the import machinery (``<frozen importlib._bootstrap>``) are not files and are
+    skipped, so an import error at the top of ``train.py`` points at its line.
+    """
+    places = [(f.filename, f.lineno) for f in traceback.extract_tb(exc.__traceback__)]
+    if isinstance(exc, SyntaxError) and exc.filename:
+        places.append((exc.filename, exc.lineno))
+    for filename, lineno in reversed(places):
+        rel = _inside(filename, root)
+        if rel is not None:
+            return f" ({rel}:{lineno})"
+    return ""
+
+
+def _inside(filename: str, root: Path) -> str | None:
+    if not filename or not os.path.isabs(filename):
+        return None
+    try:
+        path = Path(filename).resolve()
+    except OSError:
+        return None
+    if not path.is_file() or not path.is_relative_to(root):
+        return None
+    return path.relative_to(root).as_posix()
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def cause_of(exc: BaseException, root: Path, where: str) -> str:
+    message = first_line(exc)
+    return f"{where} raised {type(exc).__name__}{': ' + message if message else ''}{location(exc, root)}"
+
+
+def guarded(root: Path, where: str, fn: Any, *args: Any) -> Any:
+    """Call user code; anything it raises (``sys.exit()`` too) becomes a :class:`Failure`."""
+    try:
+        return fn(*args)
+    except (Exception, SystemExit) as exc:  # user code may raise anything; a kill passes through
+        raise Failure(cause_of(exc, root, where), traceback.format_exc()) from exc
+
+
+def load_main(root: Path, module_name: str) -> Any:
+    """Import ``<module_name>.py`` from the package root and create its ``Main()``."""
+    path = root / f"{module_name}.py"
+    if not path.is_file():
+        raise Failure(f"{module_name}.py is missing from the package root; add it with class Main")
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise Failure(f"{module_name}.py cannot be loaded as a Python module; check the file")
+    module: ModuleType = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    guarded(root, f"importing {module_name}.py", spec.loader.exec_module, module)
+    cls = getattr(module, "Main", None)
+    if cls is None:
+        raise Failure(f"{module_name}.py defines no class Main; add class Main with __init__(self)")
+    return guarded(root, "Main()", cls)
+
+
+def check_score(value: Any) -> float:
+    """``evaluate`` must return one finite number; say exactly what it returned otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise Failure(
+            f"Main.evaluate() returned {shown} ({type(value).__name__}); it must return one number, the score "
+            "(e.g. `return float(accuracy)`)"
+        )
+    score = float(value)
+    if not math.isfinite(score):
+        raise Failure(f"Main.evaluate() returned {score}, which is not a finite number; return a real score such as accuracy")
+    return score
+
+
+def has_files(folder: str) -> bool:
+    return any(files for _, _, files in os.walk(folder))
+
+
+def run_steps(instance: Any, root: Path, steps: list[dict[str, Any]], result: dict[str, Any]) -> None:
+    for step in steps:
+        if "require_files" in step:
+            if not has_files(step["require_files"]):
+                raise Failure(step["message"])
+            continue
+        method = step["call"]
+        if step.get("unless_empty") is not None and not has_files(step["unless_empty"]):
+            result["skipped"].append(method)
+            continue
+        fn = getattr(instance, method, None)
+        if fn is None:
+            raise Failure(f"train.py's Main has no {method}() method; add it to run this pipeline")
+        value = guarded(root, f"Main.{method}()", fn, *step.get("args", []))
+        if step.get("score"):
+            result["score"] = check_score(value)
+
+
+# -- batch prediction ------------------------------------------------------------------------
+def encode(key: str, n: Any, value: Any) -> tuple[str, str | None]:
+    """One output record, and the error when JSON cannot hold the value (that input's error)."""
+    try:
+        return json.dumps({key: n, "output": value}, allow_nan=False), None
+    except (TypeError, ValueError) as exc:
+        error = (f"Main.predict() returned {type(value).__name__}, which is not JSON-serialisable ({first_line(exc)}); "
+                 "return a str, number, bool, None, list or dict")
+        return json.dumps({key: n, "error": error}), error
+
+
+class Predictor:
+    """Calls ``predict`` for each input of this process's share and writes the outputs."""
+
+    def __init__(self, instance: Any, root: Path, out: Path) -> None:
+        fn = getattr(instance, "predict", None)
+        if fn is None:
+            raise Failure("main.py's Main has no predict(self, input) method; add it to run batch prediction")
+        self.predict, self.root, self.out = fn, root, out
+        self.predicted = self.failed = 0
+        self.first_error: str | None = None
+
+    def one(self, key: str, n: Any, value: Any, where: str) -> str:
+        try:
+            output = self.predict(value)
+        except Exception as exc:  # noqa: BLE001 - a failing input is recorded, the batch goes on
+            message = cause_of(exc, self.root, "Main.predict()")
+            if self.failed < PRINTED_TRACEBACKS:
+                print(f"{where}: {traceback.format_exc()}", file=sys.stderr, flush=True)
+            self._count_failure(where, message)
+            return json.dumps({key: n, "error": message})
+        line, error = encode(key, n, output)
+        if error is None:
+            self.predicted += 1
+        else:
+            self._count_failure(where, error)
+        return line
+
+    def _count_failure(self, where: str, message: str) -> None:
+        self.failed += 1
+        if self.first_error is None:
+            self.first_error = f"{where}: {message}"
+
+    def json_lines(self, data: Path, rel: str, first: int, last: int) -> None:
+        """Lines ``first`` to ``last - 1`` (0-based) of ``rel``; each non-blank line is one input, as the string it is."""
+        target = self.out / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(data / rel, "rb") as source, open(target, "w", encoding="utf-8") as sink:
+            for index, raw in enumerate(source):
+                if index < first:
+                    continue
+                if index >= last:
+                    break
+                n = index + 1
+                try:
+                    text = raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as exc:
+                    message = f"line is not UTF-8 text ({exc.reason} at byte {exc.start}); write the inputs as UTF-8"
+                    self._count_failure(f"{rel} line {n}", message)
+                    sink.write(json.dumps({"line": n, "error": message}) + "\n")
+                    continue
+                if not text.strip():
+                    continue
+                sink.write(self.one("line", n, text, f"{rel} line {n}") + "\n")
+
+    def file(self, data: Path, rel: str) -> None:
+        target = self.out / f"{rel}.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(self.one("file", rel, (data / rel).read_bytes(), rel) + "\n", encoding="utf-8")
+
+
+def run_predict(instance: Any, root: Path, plan: dict[str, Any], result: dict[str, Any]) -> None:
+    predictor = Predictor(instance, root, Path(plan["out"]))
+    data = Path(plan["data"])
+    for item in plan["inputs"]:
+        if plan["input_type"] == "json":
+            predictor.json_lines(data, item[0], item[1], item[2])
+        else:
+            predictor.file(data, item[0])
+    result.update(predicted=predictor.predicted, failed=predictor.failed, first_error=predictor.first_error)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python user.py INSTRUCTIONS.json (started by the aicenter agent)", file=sys.stderr)
+        return 2
+    plan = json.loads(Path(argv[0]).read_text())
+    die_with_parent(plan.get("parent"))
+    root = Path(plan["root"]).resolve()
+    os.chdir(root)
+    # Package code imports its own modules (``from model import Net``), never this folder's.
+    sys.path[0] = str(root)
+    result: dict[str, Any] = {"ok": False, "score": None, "skipped": [], "failure": None}
+    try:
+        instance = load_main(root, plan["module"])
+        run_steps(instance, root, plan.get("steps", []), result)
+        if plan.get("predict"):
+            run_predict(instance, root, plan["predict"], result)
+        result["ok"] = True
+    except Failure as failure:
+        result["failure"] = {"cause": failure.cause, "traceback": failure.details, "at": time.time()}
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    tmp = Path(plan["result"] + ".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(plan["result"])
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    code = main(sys.argv[1:])
+    # Leave at once: threads user code left running (a data loader) must not hold the process.
+    os._exit(code)

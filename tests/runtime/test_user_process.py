@@ -1,0 +1,202 @@
+"""The agent and its user processes: what package code can see, how its failures and output come
+back, and that no user process outlives its run. Real runtime child processes throughout."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from airflow_aicenter.records import Outcome, read
+from airflow_aicenter.storage import open_store
+from tests.runtime.test_run import run_runtime, setup_run
+
+DUMP_ENV = '''
+import json, os, sys
+class Main:
+    def __init__(self):
+        pass
+    def train(self, d):
+        with open(os.path.join(os.environ["artifacts_directory"], "env.json"), "w") as fh:
+            json.dump({"env": dict(os.environ), "sys_path": sys.path, "cwd": os.getcwd()}, fh)
+    def save(self):
+        pass
+'''
+
+
+def wait_for(path: Path, timeout: float = 30) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and path.read_text():
+            return path.read_text()
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never appeared")
+
+
+def gone(pid: int) -> bool:
+    """The process has ended (a zombie waiting for its reaper counts as ended)."""
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in state
+
+
+def test_user_code_sees_only_its_variables(store, tmp_path, request):
+    s3 = request.getfixturevalue("s3_env").env() if store.uri.startswith("s3://") else {}
+    _, spec = setup_run(store, tmp_path, train_py=DUMP_ENV)
+    worker = {
+        **s3,
+        "AWS_ACCESS_KEY_ID": "AKIAWORKERKEY", "AWS_SECRET_ACCESS_KEY": "worker-secret-access",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql://airflow:pw@db/airflow", "AIRFLOW_CTX_DAG_ID": "d",
+        "AICENTER_RUN_SPEC": spec.model_dump_json(), "UNRELATED_WORKER_VAR": "x",
+        "API_TOKEN": "user-secret-token",  # named in spec.user_env_names: the user's own secret
+        "OTHER_TOKEN": "not-the-users",  # a secret the launcher did not name
+        "LANG": "C.UTF-8", "TZ": "UTC", "CUDA_VISIBLE_DEVICES": "",
+    }
+    done = run_runtime(spec, tmp_path, worker)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(store.get_bytes(f"{spec.run_prefix}/artifacts/env.json"))
+    env = seen["env"]
+    assert not [k for k in env if k.startswith(("AWS_", "AIRFLOW", "AICENTER_"))], sorted(env)
+    assert "UNRELATED_WORKER_VAR" not in env and "OTHER_TOKEN" not in env
+    assert env["API_TOKEN"] == "user-secret-token" and env["EPOCHS"] == "3"
+    assert env["LANG"] == "C.UTF-8" and env["TZ"] == "UTC" and env["CUDA_VISIBLE_DEVICES"] == ""
+    assert env["PATH"] and env["PYTHONUNBUFFERED"] == "1"
+    for name in ("data_directory", "test_data_directory", "training_data_directory", "evaluation_data_directory",
+                 "artifacts_directory", "checkpoint_directory"):
+        assert os.path.isabs(env[name]), name
+    assert env["save_training_data"] == "False" and env["save_test_data"] == "False"
+    assert env["RANK"] == "0" and env["WORLD_SIZE"] == "1" and env["MASTER_ADDR"] == "127.0.0.1"
+    assert not any(value in ("AKIAWORKERKEY", "worker-secret-access", "testing-secret") for value in env.values())
+    assert not any("postgresql://" in value for value in env.values())
+    # imports resolve in the package, never in the runtime's own folder
+    assert seen["sys_path"][0] == seen["cwd"] and not any(p.endswith("airflow_aicenter/runtime") for p in seen["sys_path"])
+
+
+def test_an_import_error_in_train_py_is_reported_as_such(tmp_path):
+    store = open_store((tmp_path / "s").as_uri())
+    train_py = "import os\n\nimport no_such_module_xyz\n\nclass Main:\n    def __init__(self):\n        pass\n" \
+               "    def train(self, d):\n        pass\n    def save(self):\n        pass\n"
+    _, spec = setup_run(store, tmp_path, train_py=train_py)
+    done = run_runtime(spec, tmp_path)
+    assert done.returncode == 1
+    outcome = read(store, f"{spec.run_prefix}/outcome.json", Outcome)
+    assert outcome.error == "importing train.py raised ModuleNotFoundError: No module named 'no_such_module_xyz' (train.py:3)"
+    assert "Traceback (most recent call last)" in done.stderr
+
+
+def test_an_error_in_a_package_module_names_that_file(tmp_path):
+    store = open_store((tmp_path / "s").as_uri())
+    train_py = "from helpers import boom\nclass Main:\n    def __init__(self):\n        pass\n" \
+               "    def train(self, d):\n        boom()\n    def save(self):\n        pass\n"
+    _, spec = setup_run(store, tmp_path, train_py=train_py)
+    from airflow_aicenter.registry import Registry
+    from tests.conftest import write_files
+    from tests.runtime.test_run import MAIN
+    pkg = write_files(tmp_path / "pkg2", {"main.py": MAIN, "train.py": train_py, "requirements.txt": "",
+                                          "helpers.py": "def boom():\n    raise KeyError('missing column')\n"})
+    base = Registry(store).upload(pkg, "helped")
+    spec = spec.model_copy(update={"package": "helped", "version": base.version, "blob": base.blob})
+    done = run_runtime(spec, tmp_path)
+    assert done.returncode == 1, done.stderr
+    outcome = read(store, f"{spec.run_prefix}/outcome.json", Outcome)
+    assert outcome.error == "Main.train() raised KeyError: 'missing column' (helpers.py:2)"
+
+
+def test_a_huge_output_line_is_cut_and_the_run_goes_on(tmp_path):
+    store = open_store((tmp_path / "s").as_uri())
+    train_py = ("import sys\nclass Main:\n    def __init__(self):\n        pass\n    def train(self, d):\n"
+                "        sys.stdout.write('x' * 20_000_000)\n        sys.stdout.write('\\n')\n        print('after the long line')\n"
+                "    def save(self):\n        pass\n")
+    _, spec = setup_run(store, tmp_path, train_py=train_py)
+    done = run_runtime(spec, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    long_lines = [line for line in done.stdout.splitlines() if line.startswith("xxx")]
+    assert len(long_lines) == 1 and len(long_lines[0]) < 65 * 1024
+    assert long_lines[0].endswith("[... line cut at 64 KiB]")
+    assert "after the long line" in done.stdout
+    assert len(done.stdout) < 200_000
+
+
+def test_a_broken_output_pipe_still_records_the_ending(tmp_path):
+    """``python -m airflow_aicenter.runtime spec.json 2>&1 | head -n 8``: the run ends and says so."""
+    store = open_store((tmp_path / "s").as_uri())
+    train_py = ("import time\nclass Main:\n    def __init__(self):\n        pass\n    def train(self, d):\n"
+                "        for i in range(300):\n            print('epoch', i, flush=True)\n            time.sleep(0.002)\n"
+                "    def save(self):\n        open('model.txt', 'w').write('ok')\n")
+    _, spec = setup_run(store, tmp_path, train_py=train_py)
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(spec.model_dump_json())
+    done = subprocess.run(["bash", "-c", f"'{sys.executable}' -m airflow_aicenter.runtime '{spec_file}' 2>&1 | head -n 8"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert len(done.stdout.splitlines()) == 8
+    outcome = read(store, f"{spec.run_prefix}/outcome.json", Outcome)
+    assert outcome.status == "succeeded", outcome.error
+    assert outcome.blob is not None and store.exists(f"blobs/sha256/{outcome.blob.sha256}")
+
+
+SLEEPER = '''
+import os, time
+class Main:
+    def __init__(self):
+        pass
+    def train(self, d):
+        with open(os.environ["MARKER"] + ".tmp", "w") as fh:
+            fh.write(str(os.getpid()))
+        os.rename(os.environ["MARKER"] + ".tmp", os.environ["MARKER"])
+        time.sleep(120)
+    def save(self):
+        pass
+'''
+
+
+def test_the_run_stops_and_says_killed_when_its_launcher_dies(tmp_path):
+    store = open_store((tmp_path / "s").as_uri())
+    marker, workdir = tmp_path / "user.pid", tmp_path / "work"
+    _, spec = setup_run(store, tmp_path, train_py=SLEEPER)
+    spec.env["MARKER"] = str(marker)
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(spec.model_dump_json())
+    # A stand-in for the worker: starts the runtime in its own session (as the local launcher does), then dies.
+    launcher = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        f"p = subprocess.Popen([sys.executable, '-m', 'airflow_aicenter.runtime', {str(spec_file)!r}], start_new_session=True,"
+        " stdout=subprocess.PIPE, stderr=subprocess.STDOUT)\n"
+        "print(p.pid, flush=True)\ntime.sleep(600)\n")],
+        env={**os.environ, "AICENTER_WORKDIR": str(workdir)}, stdout=subprocess.PIPE, text=True)
+    assert launcher.stdout is not None
+    agent = int(launcher.stdout.readline())
+    user = int(wait_for(marker))
+    launcher.kill()
+    launcher.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and not (gone(agent) and gone(user)):
+        time.sleep(0.1)
+    assert gone(user), "the user process outlived its run"
+    assert gone(agent), "the agent outlived its launcher"
+    outcome = read(store, f"{spec.run_prefix}/outcome.json", Outcome)
+    assert outcome.status == "killed" and outcome.error == "killed during user_code"
+    assert not workdir.exists(), "the run's work folder was left behind"
+
+
+def test_a_user_process_dies_with_its_agent(tmp_path):
+    store = open_store((tmp_path / "s").as_uri())
+    marker = tmp_path / "user.pid"
+    _, spec = setup_run(store, tmp_path, train_py=SLEEPER)
+    spec.env["MARKER"] = str(marker)
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(spec.model_dump_json())
+    agent = subprocess.Popen([sys.executable, "-m", "airflow_aicenter.runtime", str(spec_file)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    user = int(wait_for(marker))
+    agent.send_signal(signal.SIGKILL)
+    agent.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and not gone(user):
+        time.sleep(0.05)
+    assert gone(user), "the user process outlived its agent"
