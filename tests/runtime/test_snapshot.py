@@ -90,8 +90,11 @@ def test_a_hint_whose_blobs_are_gone_is_not_trusted(store: Store, tmp_path: Path
     assert any("gone" in line for line in logs)
 
 
-@pytest.mark.parametrize("garbage", [b"{not json", b'{"source": "s3://other", "manifest": "runs/d/r/t/1/data_directory.manifest.json"}',
-                                     b'{"source": "s3://data/churn", "manifest": "runs/missing.json"}'])
+@pytest.mark.parametrize("garbage", [
+    b"{not json",
+    b'{"source": "s3://other", "manifest": "runs/d/r/t/1/data_directory.manifest.json"}',
+    b'{"source": "s3://data/churn", "manifest": "runs/missing.json"}',
+])
 def test_an_unusable_hint_falls_back_to_checking_every_file(store: Store, tmp_path: Path, garbage: bytes) -> None:
     root = tmp_path / "data"
     files = make_data(root, n=12)
