@@ -26,36 +26,39 @@ def get_provider_info() -> dict[str, Any]:
                     "placeholders": {},
                 },
                 "conn-fields": {
+                    # String fields show their "examples" as the input's suggestions (the form's only
+                    # placeholder for extra fields); an empty field means the default in the description.
                     "storage": {
                         "label": "Storage URI",
-                        "description": "s3://bucket/prefix, or file:///absolute/path (default: $AIRFLOW_HOME/aicenter)",
-                        "schema": {"type": ["string", "null"]},
+                        "description": "s3://bucket/prefix, or file:///absolute/path (empty: $AIRFLOW_HOME/aicenter)",
+                        "schema": {"type": ["string", "null"], "examples": ["s3://my-bucket/aicenter", "file:///data/aicenter"]},
                     },
                     "aws_conn_id": {
                         "label": "AWS connection id",
-                        "description": "Credentials, endpoint URL and region for an s3:// store",
-                        "schema": {"type": ["string", "null"]},
+                        "description": "Credentials, endpoint URL and region for an s3:// store (empty: the AWS_* variables)",
+                        "schema": {"type": ["string", "null"], "examples": ["aws_default"]},
                     },
                     "launcher": {
                         "label": "Launcher",
-                        "description": "local (child process of the worker) or kubernetes (a pod per run)",
-                        "schema": {"type": ["string", "null"], "enum": ["local", "kubernetes", None]},
+                        "description": "local (a child process of the worker) or kubernetes (a pod per run)",
+                        # No null choice: a select shows null as a literal "null" option.
+                        "schema": {"type": "string", "enum": ["local", "kubernetes"], "default": "local"},
                     },
                     "image": {
                         "label": "Runtime image",
                         "description": "Image with airflow_aicenter.runtime, for the kubernetes launcher",
-                        "schema": {"type": ["string", "null"]},
+                        "schema": {"type": ["string", "null"], "examples": ["registry.example.com/aicenter-runtime:0.1.0"]},
                     },
                     "namespace": {
                         "label": "Namespace",
-                        "description": "Kubernetes namespace for training pods",
-                        "schema": {"type": ["string", "null"]},
+                        "description": "Kubernetes namespace for training pods (empty: the worker's)",
+                        "schema": {"type": ["string", "null"], "examples": ["default", "ml-training"]},
                     },
                     "aws_secret_name": {
                         "label": "Pods' S3 Secret",
                         "description": "Kubernetes Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (/ AWS_SESSION_TOKEN) "
                         "for training pods; empty: the pods' service account (IRSA, workload identity)",
-                        "schema": {"type": ["string", "null"]},
+                        "schema": {"type": ["string", "null"], "examples": ["aicenter-s3"]},
                     },
                 },
             }
@@ -79,6 +82,8 @@ def get_provider_info() -> dict[str, Any]:
                 "tags": ["software"],
             }
         ],
+        # The AI Center pages (/aicenter in the api-server) and their "ML Packages" navigation entry.
+        "plugins": [{"name": "aicenter", "plugin-class": "airflow_aicenter.plugins.AICenterPlugin"}],
         "extra-links": [
             "airflow_aicenter.operators.links.ResultsLink",
             "airflow_aicenter.operators.links.ArtifactsLink",

@@ -131,3 +131,35 @@ class AICenterHook(BaseHook):
         if not self.uses_s3(*uris):
             return {}
         return self.s3_options.to_env() if self.s3_options else {}
+
+    def test_connection(self) -> tuple[bool, str]:
+        """The connection form's Test button: the store answers, and it is an AI Center store (or a new, empty one).
+
+        The store is opened read-only (a typo in a file:// URI must not create a folder) and its
+        top level listed once. Errors other than ours (credentials, network) are reported by
+        Airflow with their own message.
+        """
+        from airflow_aicenter import layout
+        from airflow_aicenter.errors import AICenterError
+
+        uri = self.settings.storage
+        try:
+            store = open_store(uri, self.s3_options if uri.startswith("s3://") else None, create=False)
+            folders, files = store.list_dir("")
+        except AICenterError as exc:
+            return False, f"{uri}: {exc}"
+        ours = {layout.PACKAGES.strip("/"), layout.RUNS, layout.BLOBS.split("/")[0], layout.ENVS.strip("/")}
+        names = {f.rsplit("/", 1)[-1] for f in folders}
+        if names & ours:
+            packages = Registry(store).packages()
+            return True, f"{store.uri} is an AI Center store with {len(packages)} package(s)"
+        if not names and not files:
+            return True, (
+                f"{store.uri} is reachable and empty: a new store (`aicenter package upload PATH --name NAME` adds a "
+                "package); if you expected packages here, check the URI for a typo"
+            )
+        shown = ", ".join(sorted(names)[:5] + [i.key for i in files[:5]])
+        return False, (
+            f"{store.uri} holds other data ({shown}) but no packages/, runs/ or blobs/ folder, so it is not an AI Center "
+            "store; give the prefix the store was created at, or an empty one"
+        )

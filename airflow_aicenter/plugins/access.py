@@ -1,0 +1,43 @@
+"""Who may see what: Airflow's own authentication and DAG-level authorization for the AI Center pages.
+
+Plugin endpoints are not protected by the api-server on their own. Every page depends on
+:data:`UserDep` (the api-server's ``get_user``: a bearer token, or the ``_token`` cookie the
+UI sets at sign-in), and a run belongs to a DAG: showing it needs read access to that DAG,
+as the auth manager decides (roles in SimpleAuthManager, DAG permissions in FAB, teams).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from airflow.api_fastapi.core_api.security import GetUserDep
+from fastapi import HTTPException, status
+
+if TYPE_CHECKING:
+    from airflow.api_fastapi.auth.managers.models.base_user import BaseUser
+
+#: The signed-in user (401 when there is none); re-exported so the routes name one dependency.
+UserDep = GetUserDep
+
+
+def can_read_dag(user: BaseUser, dag_id: str) -> bool:
+    """Whether ``user`` may read ``dag_id`` (its runs, task instances and so its AI Center runs)."""
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagDetails
+    from airflow.models.dag import DagModel
+
+    details = DagDetails(id=dag_id, team_name=DagModel.get_team_name(dag_id))
+    return bool(get_auth_manager().is_authorized_dag(method="GET", details=details, user=user))
+
+
+def require_dag(user: BaseUser, dag_id: str) -> None:
+    """403 unless ``user`` may read ``dag_id``."""
+    if not can_read_dag(user, dag_id):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"you do not have read access to DAG {dag_id!r}, so not to its runs")
+
+
+def login_url(next_url: str) -> str:
+    """Where the auth manager signs people in, coming back to ``next_url`` afterwards."""
+    from airflow.api_fastapi.app import get_auth_manager
+
+    return str(get_auth_manager().get_url_login(next_url=next_url))

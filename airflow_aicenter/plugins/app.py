@@ -1,0 +1,183 @@
+"""The AI Center pages: a FastAPI app the api-server mounts at ``/aicenter`` (server-side HTML, no CDN).
+
+Pages: ``/`` packages, ``/packages/<name>``, ``/runs/<dag_id>/<run_id>/<task>/<try>`` (with
+artifact previews and downloads), ``/compare?run=...&run=...``. The store is the one the
+``aicenter_default`` connection names (or the embedded default), read through
+:class:`AICenterHook`, so file and S3 stores show the same pages. Every page needs a signed-in
+user; a run's pages need read access to its DAG (:mod:`access`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote
+
+import obstore
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from airflow_aicenter import layout
+from airflow_aicenter.errors import AICenterError, ConfigurationError, NotFoundError, StorageError, VersionError
+from airflow_aicenter.plugins import pages
+from airflow_aicenter.plugins.access import UserDep, can_read_dag, login_url, require_dag
+from airflow_aicenter.registry import Registry
+from airflow_aicenter.runs import RunNotFoundError, find_runs
+from airflow_aicenter.storage import LocalStore
+
+HERE = Path(__file__).resolve().parent
+URL_PREFIX = "/aicenter"
+#: Sent with every artifact: the browser must never run an artifact (HTML, SVG) in the Airflow origin.
+ARTIFACT_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox; default-src 'none'"}
+#: A compare page shows at most this many runs side by side.
+MAX_COMPARED = 12
+
+
+def registry() -> Registry:
+    """The deployment's registry, read fresh per request (a changed connection shows at once)."""
+    from airflow_aicenter.hooks.aicenter import AICenterHook
+
+    return AICenterHook().get_registry()
+
+
+def run_url(base: str, run_id: str) -> str:
+    """The run page of ``dag/run/task/try``; each part is quoted (run ids hold ``:`` and ``+``)."""
+    return f"{base}/runs/" + "/".join(quote(p, safe="") for p in run_id.split("/"))
+
+
+def task_instance_url(airflow: str, path: layout.RunPath) -> str:
+    """The Airflow UI's page of the task try that made a run."""
+    url = f"{airflow}/dags/{quote(path.dag_id, safe='')}/runs/{quote(path.run_id, safe='')}/tasks/{quote(path.task_id, safe='')}"
+    if path.map_index >= 0:
+        url += f"/mapped/{path.map_index}"
+    return f"{url}?try_number={path.try_number}"
+
+
+def _run_path(dag_id: str, run_id: str, task: str, try_number: int) -> layout.RunPath:
+    """The run folder a URL names (``/runs/<dag_id>/<run_id>/<task>/<try>``); a part that leaves ``runs/`` is a 400."""
+    return pages.run_path(dag_id, run_id, task, try_number)
+
+
+RunPathDep = Annotated[layout.RunPath, Depends(_run_path)]
+
+
+def _wants_html(request: Request) -> bool:
+    return "text/html" in request.headers.get("accept", "")
+
+
+_STATUS = (
+    ((pages.PathRefused, layout.LayoutError), status.HTTP_400_BAD_REQUEST),
+    ((RunNotFoundError, NotFoundError, VersionError), status.HTTP_404_NOT_FOUND),
+    ((StorageError,), status.HTTP_502_BAD_GATEWAY),
+    ((ConfigurationError,), status.HTTP_500_INTERNAL_SERVER_ERROR),
+)
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(title="AI Center", docs_url=None, redoc_url=None, openapi_url=None)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    templates = Jinja2Templates(directory=HERE / "templates")
+    templates.env.filters["score"] = pages.score
+    templates.env.filters["q"] = lambda text: quote(str(text), safe="")
+    templates.env.filters["qp"] = lambda text: quote(str(text), safe="/")
+
+    def render(request: Request, template: str, code: int = 200, **context: Any) -> HTMLResponse:
+        base = request.scope.get("root_path", "").rstrip("/") or URL_PREFIX
+        user = getattr(request.state, "aicenter_user", None)
+        return templates.TemplateResponse(
+            request, template, {
+                "base": base, "airflow": base.removesuffix(URL_PREFIX),
+                "user": user.get_name() if user is not None else None,
+                "run_url": lambda run_id: run_url(base, run_id), **context,
+            }, status_code=code,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == status.HTTP_401_UNAUTHORIZED and _wants_html(request):
+            return RedirectResponse(login_url(str(request.url)), status_code=status.HTTP_307_TEMPORARY_REDIRECT)
+        if _wants_html(request):
+            return render(request, "error.html", exc.status_code, title=f"{exc.status_code}", message=str(exc.detail))
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(AICenterError)
+    async def aicenter_error(request: Request, exc: AICenterError) -> Response:
+        code = next((c for kinds, c in _STATUS if isinstance(exc, kinds)), status.HTTP_500_INTERNAL_SERVER_ERROR)
+        if _wants_html(request):
+            return render(request, "error.html", code, title=type(exc).__name__, message=str(exc))
+        return JSONResponse({"detail": str(exc)}, status_code=code)
+
+    @app.middleware("http")
+    async def no_store(request: Request, call_next: Any) -> Response:
+        response: Response = await call_next(request)
+        if not request.url.path.startswith(f"{request.scope.get('root_path', '')}/static/"):
+            response.headers.setdefault("Cache-Control", "no-store")  # pages show live records and private data
+        return response
+
+    @app.get("/", response_class=HTMLResponse)
+    def packages_page(request: Request, user: UserDep) -> HTMLResponse:
+        request.state.aicenter_user = user
+        reg = registry()
+        return render(request, "index.html", packages=pages.package_rows(reg), store=reg.store.uri)
+
+    @app.get("/packages/{name}", response_class=HTMLResponse)
+    def package_page(request: Request, name: str, user: UserDep) -> HTMLResponse:
+        request.state.aicenter_user = user
+        reg = registry()
+        return render(request, "package.html", page=pages.package_page(reg, name), store=reg.store.uri)
+
+    @app.get("/runs/{dag_id}/{run_id}/{task}/{try_number}", response_class=HTMLResponse)
+    def run_page(request: Request, path: RunPathDep, user: UserDep) -> HTMLResponse:
+        request.state.aicenter_user = user
+        require_dag(user, path.dag_id)
+        store = registry().store
+        page = pages.run_page(store, path)
+        airflow = (request.scope.get("root_path", "").rstrip("/") or URL_PREFIX).removesuffix(URL_PREFIX)
+        return render(request, "run.html", page=page, s=page.summary, store=store.uri,
+                      task_instance=task_instance_url(airflow, path))
+
+    @app.get("/runs/{dag_id}/{run_id}/{task}/{try_number}/preview/{relative:path}", response_class=HTMLResponse)
+    def preview_page(request: Request, path: RunPathDep, relative: str, user: UserDep) -> HTMLResponse:
+        request.state.aicenter_user = user
+        require_dag(user, path.dag_id)
+        return render(request, "preview.html", path=path, run_id=path.id, preview=pages.preview(registry().store, path, relative))
+
+    @app.get("/runs/{dag_id}/{run_id}/{task}/{try_number}/artifacts/{relative:path}")
+    def artifact(path: RunPathDep, relative: str, user: UserDep, inline: bool = False) -> StreamingResponse:
+        require_dag(user, path.dag_id)
+        key = pages.artifact_key(path, relative)
+        store = registry().store
+        if store.head(key) is None:
+            raise NotFoundError(f"{store.url(key)} does not exist; the run's page lists its artifacts")
+        if isinstance(store, LocalStore):
+            store.check_readable(key)  # a symbolic link planted in a file store must not serve a file outside it
+        try:
+            result = obstore.get(store.inner, key)
+        except (OSError, ValueError) as exc:  # obstore's errors: the store did not answer as it should
+            raise StorageError(f"could not read {store.url(key)}: {exc}") from exc
+        name = relative.rsplit("/", 1)[-1]
+        disposition = "inline" if inline and pages.artifact_kind(relative) == "image" else "attachment"
+        headers = {**ARTIFACT_HEADERS, "Content-Disposition": f"{disposition}; filename*=UTF-8''{quote(name)}",
+                   "Content-Length": str(result.meta["size"])}
+        return StreamingResponse(result.stream(min_chunk_size=256 * 1024), media_type=pages.media_type(relative), headers=headers)
+
+    @app.get("/compare", response_class=HTMLResponse)
+    def compare_page(request: Request, user: UserDep, run: Annotated[list[str] | None, Query()] = None) -> HTMLResponse:
+        request.state.aicenter_user = user
+        refs = [ref for value in (run or []) for ref in value.split()]  # the form's text box: one id per line
+        if len(refs) > MAX_COMPARED:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, f"{len(refs)} runs asked for; compare at most {MAX_COMPARED}")
+        store = registry().store
+        records = find_runs(store, refs)
+        refused = sorted({r.dag_id for r in records if not can_read_dag(user, r.dag_id)})
+        if refused:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, f"you do not have read access to DAG(s) {', '.join(refused)}")
+        rows = pages.compare_rows(store, records) if records else []
+        return render(request, "compare.html", records=records, rows=rows, refs=refs, store=store.uri,
+                      as_json=lambda v: json.dumps(v, indent=1, sort_keys=True) if isinstance(v, (dict, list)) else v)
+
+    return app

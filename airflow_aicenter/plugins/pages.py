@@ -1,0 +1,349 @@
+"""What each AI Center page shows, read from the store: packages, versions, runs, artifacts, comparisons.
+
+No FastAPI and no Airflow here: the routes (``app.py``) check access and render; this module
+turns the registry and the run records (``runs.py``, ``layout.py``) into plain values for the
+templates, so the same pages work on ``file://`` and ``s3://`` stores alike.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import mimetypes
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+import obstore
+
+from airflow_aicenter import layout
+from airflow_aicenter.errors import AICenterError, NotFoundError, StorageError
+from airflow_aicenter.package import Version
+from airflow_aicenter.records import AliasRecord, EvaluationRecord, Manifest, VersionRecord, read
+from airflow_aicenter.registry import Registry
+from airflow_aicenter.runs import RunRecord, compare, find_run
+from airflow_aicenter.storage import Store
+
+#: Reads of many small records go this many at once (each is one GET, latency-bound).
+READ_CONCURRENCY = 16
+#: A text or CSV preview reads at most this much of an artifact.
+PREVIEW_BYTES = 256 * 1024
+#: A CSV preview shows at most this many rows.
+PREVIEW_ROWS = 200
+SCORE_DIGITS = 4
+
+TEXT_SUFFIXES = frozenset({".txt", ".md", ".log", ".json", ".jsonl", ".yaml", ".yml", ".py", ".cfg", ".ini", ".toml", ".xml"})
+CSV_SUFFIXES = frozenset({".csv", ".tsv"})
+#: Raster images only: an SVG can carry script, so it is offered for download, never shown inline.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".gif", ".webp"})
+
+
+class PathRefused(AICenterError):
+    """A path in a URL that would leave the run folder (``..``, an absolute path, a backslash)."""
+
+    retryable = False
+
+
+def score(value: float | None) -> str:
+    """Scores as people read them: 4 decimal places (``0.8133``), or an empty cell."""
+    return "" if value is None else f"{value:.{SCORE_DIGITS}f}"
+
+
+def run_id_of(record: VersionRecord) -> str | None:
+    """The run id (``dag/run/task/try``) that created a version, if a run did."""
+    return None if record.run is None else record.run.path.id
+
+
+# -- packages ----------------------------------------------------------------------------------
+@dataclass
+class PackageRow:
+    name: str
+    latest: str | None
+    versions: int
+    aliases: dict[str, str]
+    best_score: float | None
+    best_version: str | None
+
+
+def _best(versions: list[VersionRecord], evaluations: dict[str, list[EvaluationRecord]]) -> tuple[float | None, str | None]:
+    scored = [(v.score, v.version) for v in versions if v.score is not None]
+    scored += [(e.score, e.version) for evs in evaluations.values() for e in evs if e.score is not None]
+    if not scored:
+        return None, None
+    best = max(scored, key=lambda s: (s[0], Version.parse(s[1])))
+    return best[0], best[1]
+
+
+def _evaluations(registry: Registry, name: str, versions: list[VersionRecord]) -> dict[str, list[EvaluationRecord]]:
+    """Every evaluation of every version, from one listing of the package's evaluations."""
+    infos = [i for i in registry.store.list(f"{layout.package_prefix(name)}evaluations/") if i.key.endswith(".json")]
+    with ThreadPoolExecutor(max_workers=READ_CONCURRENCY) as pool:
+        records = list(pool.map(lambda i: read(registry.store, i.key, EvaluationRecord), infos))
+    out: dict[str, list[EvaluationRecord]] = {v.version: [] for v in versions}
+    for record in sorted(records, key=lambda r: r.created_at):
+        out.setdefault(record.version, []).append(record)
+    return out
+
+
+def package_rows(registry: Registry) -> list[PackageRow]:
+    """The packages page: one row per package (latest version, aliases, best score)."""
+
+    def row(name: str) -> PackageRow:
+        versions = registry.versions(name)
+        best, best_version = _best(versions, _evaluations(registry, name, versions))
+        return PackageRow(
+            name=name, latest=versions[-1].version if versions else None, versions=len(versions),
+            aliases={a: r.version for a, r in sorted(registry.aliases(name).items())},
+            best_score=best, best_version=best_version,
+        )
+
+    names = registry.packages()
+    with ThreadPoolExecutor(max_workers=min(READ_CONCURRENCY, max(1, len(names)))) as pool:
+        return list(pool.map(row, names))
+
+
+@dataclass
+class VersionRow:
+    record: VersionRecord
+    run_id: str | None
+    evaluations: list[EvaluationRecord]
+    aliases: list[str]
+
+    @property
+    def version(self) -> str:
+        return self.record.version
+
+
+@dataclass
+class PackagePage:
+    name: str
+    versions: list[VersionRow]
+    aliases: dict[str, AliasRecord]
+    history: dict[str, list[AliasRecord]]
+    chart: str
+    description: str = ""
+
+
+def package_page(registry: Registry, name: str) -> PackagePage:
+    """A package: its versions (newest first), aliases with their history, and the score chart."""
+    versions = registry.versions(name)
+    if not versions:
+        raise NotFoundError(f"package {name!r} has no versions in {registry.store.uri}; "
+                            f"upload it with `aicenter package upload PATH --name {name}`")
+    evaluations = _evaluations(registry, name, versions)
+    aliases = registry.aliases(name)
+    history = {alias: list(reversed(registry.alias_history(name, alias))) for alias in sorted(aliases)}
+    by_version: dict[str, list[str]] = {}
+    for alias, current in sorted(aliases.items()):
+        by_version.setdefault(current.version, []).append(alias)
+    rows = [VersionRow(v, run_id_of(v), evaluations.get(v.version, []), by_version.get(v.version, [])) for v in versions]
+    points = [(v.version, v.score) for v in versions]
+    for v in versions:  # a version without its own score is drawn with its latest evaluation
+        if v.score is None and evaluations.get(v.version):
+            points[versions.index(v)] = (v.version, evaluations[v.version][-1].score)
+    return PackagePage(
+        name=name, versions=list(reversed(rows)), aliases=dict(sorted(aliases.items())), history=history,
+        chart=score_chart(points), description=versions[-1].description,
+    )
+
+
+def score_chart(points: list[tuple[str, float | None]], width: int = 640, height: int = 220) -> str:
+    """An inline SVG line chart of score by version (versions in order; unscored ones are skipped).
+
+    Drawn on the server: the page needs no charting library and no network.
+    """
+    scored = [(i, v, s) for i, (v, s) in enumerate(points) if s is not None]
+    if not scored:
+        return ""
+    pad_l, pad_r, pad_t, pad_b = 56, 16, 16, 40
+    lo, hi = min(s for _, _, s in scored), max(s for _, _, s in scored)
+    if hi == lo:
+        lo, hi = lo - 0.5 if lo else -0.5, hi + 0.5 if hi else 0.5
+    n = max(1, len(points) - 1)
+
+    def x(i: int) -> float:
+        return pad_l + (width - pad_l - pad_r) * (i / n if len(points) > 1 else 0.5)
+
+    def y(s: float) -> float:
+        return pad_t + (height - pad_t - pad_b) * (1 - (s - lo) / (hi - lo))
+
+    parts = [f'<svg class="chart" role="img" aria-label="score by version" viewBox="0 0 {width} {height}" '
+             f'xmlns="http://www.w3.org/2000/svg">']
+    for frac in (0.0, 0.5, 1.0):
+        value = lo + (hi - lo) * frac
+        parts.append(f'<line class="grid" x1="{pad_l}" x2="{width - pad_r}" y1="{y(value):.1f}" y2="{y(value):.1f}"/>'
+                     f'<text class="axis" x="{pad_l - 6}" y="{y(value) + 4:.1f}" text-anchor="end">{score(value)}</text>')
+    parts.append('<polyline class="line" points="' + " ".join(f"{x(i):.1f},{y(s):.1f}" for i, _, s in scored) + '"/>')
+    for i, version, s in scored:
+        parts.append(f'<circle class="point" cx="{x(i):.1f}" cy="{y(s):.1f}" r="4"><title>{_xml(version)}: {score(s)}</title>'
+                     "</circle>")
+    step = max(1, len(points) // 12)  # at most ~12 labels on the version axis
+    for i, (version, _) in enumerate(points):
+        if i % step == 0 or i == len(points) - 1:
+            parts.append(f'<text class="axis" x="{x(i):.1f}" y="{height - pad_b + 18}" text-anchor="middle">'
+                         f"{_xml(version)}</text>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _xml(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+# -- runs --------------------------------------------------------------------------------------
+@dataclass
+class Artifact:
+    path: str  # relative to artifacts/
+    size: int
+
+    @property
+    def kind(self) -> str:
+        return artifact_kind(self.path)
+
+
+@dataclass
+class Snapshot:
+    directory: str
+    uri: str
+    manifest: Manifest | None
+    error: str | None = None
+
+
+@dataclass
+class RunPage:
+    run: RunRecord
+    path: layout.RunPath
+    summary: dict[str, Any]
+    results_json: str | None
+    artifacts: list[Artifact]
+    snapshots: list[Snapshot] = field(default_factory=list)
+
+
+def run_path(dag_id: str, run_id: str, task: str, try_number: int) -> layout.RunPath:
+    """The run folder named by a URL's parts; a part that would leave ``runs/`` is refused."""
+    try:
+        return layout.RunPath.parse(f"{dag_id}/{run_id}/{task}/{try_number}")
+    except layout.LayoutError as exc:
+        raise PathRefused(str(exc)) from exc
+
+
+def _key_of(store: Store, uri: str) -> str | None:
+    prefix = store.uri + "/"
+    return uri[len(prefix):] if uri.startswith(prefix) else None
+
+
+def run_page(store: Store, path: layout.RunPath) -> RunPage:
+    """A run: its record, ``_results.json``, artifacts and snapshot summaries."""
+    record = find_run(store, path.id)
+    artifacts_prefix = path.key(layout.ARTIFACTS) + "/"
+    artifacts = sorted(
+        (Artifact(i.key[len(artifacts_prefix):], i.size) for i in store.list(artifacts_prefix)), key=lambda a: a.path
+    )
+    snapshots = []
+    for directory, uri in sorted(record.outcome.snapshots.items()):
+        key = _key_of(store, uri)
+        if key is None:
+            snapshots.append(Snapshot(directory, uri, None, "outside this store"))
+            continue
+        try:
+            snapshots.append(Snapshot(directory, uri, read(store, key, Manifest)))
+        except StorageError as exc:
+            snapshots.append(Snapshot(directory, uri, None, str(exc)))
+    results = None if record.results is None else json.dumps(record.results, indent=2, sort_keys=False)
+    return RunPage(record, path, record.summary(), results, artifacts, snapshots)
+
+
+def artifact_key(path: layout.RunPath, relative: str) -> str:
+    """The store key of an artifact; any path that could leave the run's ``artifacts/`` folder is refused."""
+    if not relative or "\\" in relative or "\x00" in relative or relative.startswith("/"):
+        raise PathRefused(f"artifact path {relative!r} is not a relative path inside the run's artifacts folder")
+    parts = PurePosixPath(relative).parts
+    if any(p in ("..", ".", "") for p in parts) or relative.endswith("/"):
+        raise PathRefused(f"artifact path {relative!r} must not contain '..' or '.' parts; give a file inside artifacts/")
+    return path.key(f"{layout.ARTIFACTS}/{relative}")
+
+
+def artifact_kind(relative: str) -> str:
+    """How an artifact is previewed: ``text``, ``csv``, ``image`` or ``binary`` (download only)."""
+    suffix = PurePosixPath(relative).suffix.lower()
+    if suffix in CSV_SUFFIXES:
+        return "csv"
+    if suffix in IMAGE_SUFFIXES:
+        return "image"
+    if suffix in TEXT_SUFFIXES:
+        return "text"
+    return "binary"
+
+
+def media_type(relative: str) -> str:
+    kind = artifact_kind(relative)
+    if kind == "image":
+        return mimetypes.guess_type(relative)[0] or "application/octet-stream"
+    if kind in ("text", "csv"):
+        return "text/plain; charset=utf-8"  # never text/html: an artifact must not run in the page's origin
+    return "application/octet-stream"
+
+
+@dataclass
+class Preview:
+    relative: str
+    kind: str
+    size: int
+    truncated: bool
+    text: str | None = None
+    rows: list[list[str]] | None = None
+
+
+def preview(store: Store, path: layout.RunPath, relative: str) -> Preview:
+    """The first ``PREVIEW_BYTES`` of a text or CSV artifact (CSV parsed into rows); images are linked."""
+    key = artifact_key(path, relative)
+    info = store.head(key)
+    if info is None:
+        raise NotFoundError(f"{store.url(key)} does not exist; the run's page lists its artifacts")
+    kind = artifact_kind(relative)
+    if kind in ("image", "binary") or info.size == 0:
+        return Preview(relative, kind, info.size, False, text="" if info.size == 0 else None)
+    length = min(info.size, PREVIEW_BYTES)
+    data = bytes(obstore.get_range(store.inner, key, start=0, length=length))
+    truncated = info.size > length
+    text = data.decode("utf-8", errors="replace")
+    if "\x00" in text:
+        return Preview(relative, "binary", info.size, False)
+    if kind == "csv":
+        if truncated:  # a cut line would be a broken row
+            text = text.rsplit("\n", 1)[0]
+        dialect = "excel-tab" if relative.lower().endswith(".tsv") else "excel"
+        rows = list(csv.reader(io.StringIO(text), dialect=dialect))
+        return Preview(relative, "csv", info.size, truncated or len(rows) > PREVIEW_ROWS, rows=rows[:PREVIEW_ROWS])
+    return Preview(relative, "text", info.size, truncated, text=text)
+
+
+# -- compare -----------------------------------------------------------------------------------
+def snapshot_summary(store: Store, record: RunRecord) -> str | None:
+    """One line per snapshot: files, bytes and the manifest, so a change of data shows beside the dataset URI."""
+    lines = []
+    for directory, uri in sorted(record.outcome.snapshots.items()):
+        key = _key_of(store, uri)
+        try:
+            manifest = read(store, key, Manifest) if key else None
+        except StorageError:
+            manifest = None
+        if manifest is None:
+            lines.append(f"{directory}: {uri}")
+        else:
+            lines.append(f"{directory}: {manifest.file_count} files, {manifest.total_bytes} bytes ({uri.rsplit('/', 2)[-2]})")
+    return "\n".join(lines) or None
+
+
+def compare_rows(store: Store, records: list[RunRecord]) -> list[tuple[str, list[Any], bool]]:
+    """Rows of (field, value per run, differs): ``runs.compare`` plus the data snapshots; scores rounded."""
+    rows: list[tuple[str, list[Any]]] = []
+    for name, values in compare(records):
+        if name == "score":
+            values = [score(v) if isinstance(v, float) else v for v in values]
+        rows.append((name, values))
+        if name == "evaluation_dataset":
+            rows.append(("snapshot", [snapshot_summary(store, r) for r in records]))
+    return [(name, values, len({json.dumps(v, default=str) for v in values}) > 1) for name, values in rows]
