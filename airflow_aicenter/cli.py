@@ -12,12 +12,16 @@ group's ``add_<group>_commands`` (or add a new ``add_*_commands`` to ``COMMAND_G
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
+import hashlib
 import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,41 +30,120 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from airflow_aicenter.errors import AICenterError, NotFoundError, StorageError, VersionError
-from airflow_aicenter.package import open_package, validate_package
+from airflow_aicenter.gc import DEFAULT_GRACE_HOURS, collect
+from airflow_aicenter.package import open_package, validate_package, validate_package_name, write_zip
 from airflow_aicenter.promotion import PROMOTE_IF, promote, version_score
-from airflow_aicenter.records import AliasRecord, VersionRecord
+from airflow_aicenter.records import AliasRecord, BlobRef, Manifest, VersionRecord, read_optional
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.runs import STATUSES, RunRecord, compare, find_run, find_runs, list_runs
-from airflow_aicenter.storage.store import exit_process
 from airflow_aicenter.storage import S3Options, Store, open_store
+from airflow_aicenter.storage.store import exit_process
+from airflow_aicenter.storage.transfer import put_blob
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 STATUS_STYLE = {"succeeded": "green", "failed": "red", "killed": "magenta", "running": "yellow"}
 
 
-def resolve_store(uri: str | None, *, create: bool = True) -> Store:
-    """--storage, else $AICENTER_STORAGE, else the aicenter_default connection, else $AIRFLOW_HOME/aicenter.
+#: Top-level folders only an airflow-aicenter store has: a location without any of them is not one.
+STORE_FOLDERS = frozenset({"packages", "runs", "blobs", "envs", "snapshots", "triggers"})
 
-    Only commands that write (``create``) make a missing local store: a typo in ``--storage``
-    given to a read command is an error, not a new empty folder.
+
+FROM_FLAG = "given with --storage"
+FROM_ENV = "from $AICENTER_STORAGE"
+FROM_CONNECTION = "from the aicenter_default connection's storage extra"
+FROM_DEFAULT = "the embedded default, $AIRFLOW_HOME/aicenter"
+
+
+@dataclass(frozen=True)
+class StoreChoice:
+    """Which store a command works on, and where that choice came from (errors name both)."""
+
+    uri: str
+    source: str
+    s3: S3Options | None = None
+
+    def fix(self) -> str:
+        """How to point the command elsewhere, for the place the URI came from."""
+        if self.source == FROM_FLAG:
+            return "fix the URI given with --storage"
+        if self.source == FROM_ENV:
+            return "fix $AICENTER_STORAGE (or unset it to use the aicenter_default connection)"
+        if self.source == FROM_CONNECTION:
+            return ("fix the connection's storage extra (`airflow connections get aicenter_default`), "
+                    "or give --storage URI / AICENTER_STORAGE=URI")
+        home = "" if os.environ.get("AIRFLOW_HOME") else "AIRFLOW_HOME is not set, so ~/airflow was assumed; "
+        return (f"{home}point the command at your store: set AIRFLOW_HOME to your Airflow home (its aicenter_default "
+                "connection, or its aicenter/ folder, is then used), or give --storage URI or AICENTER_STORAGE=URI")
+
+
+@contextlib.contextmanager
+def _metadata_db_lookups() -> Iterator[None]:
+    """Let Airflow's connection lookups reach its metadata database, as its own servers' do.
+
+    Outside a task, the Task SDK looks connections up in environment variables and configured
+    secrets backends only; the scheduler and the triggerer declare themselves a server process
+    to add the metadata database. The command does the same for the length of its lookups, so
+    an ``aicenter_default`` (or AWS) connection made with ``airflow connections add`` is the one
+    it uses, exactly as tasks do.
     """
-    uri = uri or os.environ.get("AICENTER_STORAGE")
-    if uri:
-        s3 = S3Options.from_env() if uri.startswith("s3://") else None
-    else:
-        from airflow_aicenter.hooks.aicenter import AICenterHook
+    previous = os.environ.get("_AIRFLOW_PROCESS_CONTEXT")
+    os.environ["_AIRFLOW_PROCESS_CONTEXT"] = "server"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("_AIRFLOW_PROCESS_CONTEXT", None)
+        else:
+            os.environ["_AIRFLOW_PROCESS_CONTEXT"] = previous
 
-        hook = AICenterHook()
+
+def choose_store(flag: str | None) -> StoreChoice:
+    """--storage, else $AICENTER_STORAGE, else the aicenter_default connection (as tasks read it), else $AIRFLOW_HOME/aicenter.
+
+    Airflow is imported only in the last two cases, so commands given a store stay fast.
+    """
+    for uri, source in ((flag, FROM_FLAG), (os.environ.get("AICENTER_STORAGE"), FROM_ENV)):
+        if uri:
+            return StoreChoice(uri, source, S3Options.from_env() if uri.startswith("s3://") else None)
+    from airflow_aicenter.hooks.aicenter import AICenterHook
+
+    hook = AICenterHook()
+    with _metadata_db_lookups():
         uri = hook.settings.storage
         s3 = hook.s3_options if uri.startswith("s3://") else None
+    if hook.settings.extra.get("storage"):
+        return StoreChoice(uri, FROM_CONNECTION, s3)
+    return StoreChoice(uri, FROM_DEFAULT, s3)
+
+
+def resolve_store(flag: str | None, *, create: bool = True) -> tuple[Store, StoreChoice]:
+    """The store and where it came from. Read commands (``create=False``) need a store that exists.
+
+    Only commands that write make a missing store: a typo given to a read command, on file://
+    or s3://, is an error naming the fix, not an empty listing (S3 has no folders, so a prefix
+    is a store when it holds one of the store's own top-level folders).
+    """
+    choice = choose_store(flag)
     try:
-        return open_store(uri, s3, create=create)
+        store = open_store(choice.uri, choice.s3, create=create)
+        if not create:
+            folders, files = store.list_dir("")
+            names = {f.rsplit("/", 1)[-1] for f in folders}
+            if not names & STORE_FOLDERS:
+                if names or files:
+                    shown = ", ".join(sorted(names)[:5] + [f.key for f in files[:5]])
+                    raise StorageError(
+                        f"{store.uri} ({choice.source}) is not an aicenter store: it holds other data ({shown}) but no "
+                        f"packages/, runs/ or blobs/; {choice.fix()}"
+                    )
+                raise NotFoundError(store.uri)
     except NotFoundError:
         raise StorageError(
-            f"there is no store at {uri}: nothing was ever stored there; upload a package first "
-            "(aicenter package upload PATH --name NAME), or fix --storage / $AICENTER_STORAGE"
+            f"there is no store at {choice.uri} ({choice.source}): nothing was ever stored there; {choice.fix()}; "
+            "or start a store there by uploading a package: aicenter package upload PATH --name NAME"
         ) from None
+    return store, choice
 
 
 def split_ref(ref: str, *, need_version: bool) -> tuple[str, str | None]:
@@ -82,7 +165,7 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     if hasattr(value, "strftime"):
-        return value.strftime("%Y-%m-%d %H:%M:%S")
+        return str(value.strftime("%Y-%m-%d %H:%M:%S"))
     if isinstance(value, dict):
         return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items()) or "-"
     return str(value)
@@ -100,7 +183,7 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds / 60:.1f} min"
 
 
-def _kv_table(title: str, rows: list[tuple[str, Any]]) -> Table:
+def _kv_table(title: str | None, rows: list[tuple[str, Any]]) -> Table:
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
@@ -110,19 +193,49 @@ def _kv_table(title: str, rows: list[tuple[str, Any]]) -> Table:
 
 
 # -- package commands ---------------------------------------------------------------------
+def upload(registry: Registry, path: Path, name: str, *, force: bool, description: str | None) -> tuple[VersionRecord, bool]:
+    """Validate and store a package; (record, created). Content identical to a stored version makes none.
+
+    The zip is deterministic, so identical content has the same digest: re-uploading an
+    unchanged package returns the upload (``N.0``) it equals (``created`` False) instead of a
+    new major; ``force`` makes the new major anyway. The steps are Registry.upload's, with
+    the digest checked between zipping and committing.
+    """
+    validate_package_name(name)
+    with tempfile.TemporaryDirectory(prefix="aicenter-upload-") as tmp:
+        root = open_package(path, Path(tmp) / "pkg")
+        info = validate_package(root, "serve")
+        zip_path = Path(tmp) / "package.zip"
+        digest = write_zip(root, zip_path)
+        latest = None if force else registry.latest_major(name)
+        for major in range(latest or 0, 0, -1):  # uploads are the N.0 versions: one read per major, newest first
+            stored = registry.get(name, f"{major}.0")
+            if stored.blob.sha256 == digest.sha256:
+                return stored, False
+        put_blob(registry.store, zip_path, digest.sha256)
+    desc = info.metadata.description if description is None else description
+    record = registry.commit(name, parent=None, blob=BlobRef(sha256=digest.sha256, size=digest.size), pipeline="upload",
+                             created_by=f"cli:{getpass.getuser()}", description=desc)
+    return record, True
+
+
 def cmd_package_upload(args: argparse.Namespace, registry: Registry) -> int:
-    with console.status(f"Validating and uploading {args.path} ..."):
-        record = registry.upload(Path(args.path), args.name, created_by=f"cli:{getpass.getuser()}", description=args.description)
+    with err_console.status(f"Validating and uploading {args.path} ..."):
+        record, created = upload(registry, Path(args.path), args.name, force=args.force, description=args.description)
     if args.json:
-        emit_json(record.model_dump(mode="json"))
-    else:
+        emit_json({**record.model_dump(mode="json"), "created": created})
+    elif created:
         console.print(f"Uploaded [bold]{record.package}[/] version [bold green]{record.version}[/] "
                       f"(sha256:{record.blob.sha256[:12]}, {record.blob.size} bytes) to {registry.store.uri}")
+    else:
+        console.print(f"Not uploaded: the content is identical to [bold]{record.package} {record.version}[/] "
+                      f"(sha256:{record.blob.sha256[:12]}) in {registry.store.uri}, so no new version was made; "
+                      "`--force` makes a new major version anyway")
     return 0
 
 
 def cmd_package_list(args: argparse.Namespace, registry: Registry) -> int:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in registry.packages():
         latest = registry.resolve(name, "latest") if registry.latest_major(name) is not None else None
         aliases = registry.aliases(name)
@@ -230,14 +343,22 @@ def _version_detail(registry: Registry, name: str, spec: str) -> dict[str, Any]:
 
 
 def _print_package_overview(data: dict[str, Any]) -> None:
+    versions = data["versions"]
+    runs_inline = _fits([v["run"] or "" for v in versions], 90)
     table = Table(title=f"Package {data['package']}: versions")
-    for col in ("version", "parent", "made by", "score", "evaluations", "aliases", "created", "run"):
-        table.add_column(col, overflow="fold")
-    for v in data["versions"]:
+    columns = ["version", "parent", "made by", "score", "evaluations", "aliases", "created"] + (["run"] if runs_inline else [])
+    for col in columns:
+        table.add_column(col, overflow="fold", no_wrap=col == "run")
+    for v in versions:
         evals = ", ".join(_fmt(e["score"]) for e in v["evaluations"]) or "-"
-        table.add_row(v["version"], _fmt(v["parent"]), v["pipeline"], _fmt(v["score"]), evals,
-                      ", ".join(v["aliases"]) or "-", v["created_at"][:19].replace("T", " "), _fmt(v["run"]))
+        row = [v["version"], _fmt(v["parent"]), v["pipeline"], _fmt(v["score"]), evals,
+               ", ".join(v["aliases"]) or "-", v["created_at"][:19].replace("T", " ")]
+        table.add_row(*row, *([_fmt(v["run"])] if runs_inline else []))
     console.print(table)
+    if not runs_inline:  # narrow: the runs that made each version below the table, ids whole
+        for v in versions:
+            if v["run"]:
+                console.print(f"{v['version']} made by run {v['run']}", overflow="ignore", crop=False, highlight=False)
     _print_aliases(data["aliases"])
 
 
@@ -290,7 +411,15 @@ def cmd_package_promote(args: argparse.Namespace, registry: Registry) -> int:
         console.print(f"Promoted [bold]{name}[/] {args.alias!r}: {decision.from_version or '(new alias)'} -> "
                       f"[bold green]{decision.to_version}[/] ({decision.reason})")
     else:
-        console.print(f"Not promoted: {decision.reason}")
+        # the decision's reason speaks the operators' language (promote_if='always'); say the command's
+        reason = decision.reason.replace("promote_if='always'", "--if always").replace("promote_if='better'", "--if better")
+        console.print(f"Not promoted: {reason}")
+        if decision.from_version and decision.from_version != decision.to_version:
+            current = version_score(registry, name, decision.from_version)
+            console.print(f"{args.alias!r} stays at {decision.from_version} (score {_fmt(current.score)}, {current.source})")
+        if args.promote_if == "better" and decision.from_version != decision.to_version:
+            console.print(f"To promote it all the same: aicenter package promote {name}:{record.version} "
+                          f"--alias {args.alias} --if always")
     return 0
 
 
@@ -338,6 +467,11 @@ def _versions(record: RunRecord) -> str:
     return record.version + (f" -> {record.new_version}" if record.new_version else "")
 
 
+def _fits(ids: Sequence[str], other_columns: int) -> bool:
+    """Whether a table with whole run ids (and ``other_columns`` characters of the rest) fits the console."""
+    return max(map(len, ids), default=0) + other_columns <= console.width
+
+
 def cmd_runs_list(args: argparse.Namespace, registry: Registry) -> int:
     records = _read_runs(registry, args)
     if args.json:
@@ -346,14 +480,24 @@ def cmd_runs_list(args: argparse.Namespace, registry: Registry) -> int:
     if not records:
         console.print("No runs" + (" match" if args.package or args.status else " yet") + f" in {registry.store.uri}")
         return 0
-    table = Table(title=f"Runs in {registry.store.uri} (newest first)")
-    for col in ("run", "pipeline", "status", "package", "version", "score", "started", "duration", "cause"):
-        # short fields keep their width at 80 columns; the long ones (run id, cause) take the squeeze
-        table.add_column(col, overflow="fold", min_width={"pipeline": 8, "status": 9, "version": 6}.get(col))
+    console.print(f"Runs in {registry.store.uri} (newest first)")
+    if _fits([r.id for r in records], 100):
+        table = Table()
+        table.add_column("run", no_wrap=True)  # whole, to copy into `runs show`
+        for col in ("pipeline", "status", "package", "version", "score", "started", "duration", "cause"):
+            table.add_column(col, overflow="fold", min_width={"pipeline": 8, "status": 9, "version": 6}.get(col))
+        for r in records:
+            table.add_row(r.id, r.pipeline, _status(r.status), r.package, _versions(r), _fmt(r.outcome.score),
+                          r.start.strftime("%Y-%m-%d %H:%M:%S"), _duration(r.duration), _fmt(r.cause))
+        console.print(table)
+        return 0
+    # narrow (a pipe, CI, 80 columns): one block per run, its id on a line of its own, never broken
     for r in records:
-        table.add_row(r.id, r.pipeline, _status(r.status), r.package, _versions(r), _fmt(r.outcome.score),
-                      r.start.strftime("%Y-%m-%d %H:%M:%S"), _duration(r.duration), _fmt(r.cause))
-    console.print(table)
+        console.print(f"[bold]{r.id}[/]", overflow="ignore", crop=False)
+        console.print(f"  {r.pipeline} {_status(r.status)}  {r.package} {_versions(r)}  score {_fmt(r.outcome.score)}  "
+                      f"{r.start:%Y-%m-%d %H:%M:%S}  {_duration(r.duration)}")
+        if r.cause:
+            console.print(f"  cause: {r.cause}", highlight=False)
     return 0
 
 
@@ -364,7 +508,8 @@ def cmd_runs_show(args: argparse.Namespace, registry: Registry) -> int:
         emit_json(data)
         return 0
     promotion = data["promotion"]
-    console.print(_kv_table(f"Run {record.id}", [
+    console.print(f"Run [bold]{record.id}[/]", overflow="ignore", crop=False)
+    console.print(_kv_table(None, [
         ("pipeline", data["pipeline"]), ("status", _status(data["status"])), ("cause", data["cause"]),
         ("failed phase", data["failed_phase"]), ("package", data["package"]), ("version", _versions(record)),
         ("dataset", data["dataset"]), ("evaluation dataset", data["evaluation_dataset"]), ("env", data["env"]),
@@ -379,17 +524,46 @@ def cmd_runs_show(args: argparse.Namespace, registry: Registry) -> int:
     return 0
 
 
+def snapshot_summary(store: Store, uri: str | None) -> str | None:
+    """``<manifest URI> (N files, B bytes, content <digest>)``: the digest is over paths and file digests, so
+    two runs on the same data show the same one, and a change of data shows, whatever the dataset URI says."""
+    if not uri:
+        return None
+    key = uri[len(store.uri) + 1:] if uri.startswith(store.uri + "/") else uri
+    manifest = read_optional(store, key, Manifest)
+    if manifest is None:
+        return f"{uri} (missing)"
+    content = hashlib.sha256()
+    for entry in sorted(manifest.files, key=lambda e: e.path):
+        content.update(f"{entry.path}\0{entry.sha256}\n".encode())
+    return f"{uri} ({manifest.file_count} files, {manifest.total_bytes} bytes, content {content.hexdigest()[:12]})"
+
+
+def _with_snapshots(store: Store, records: list[RunRecord], rows: list[tuple[str, list[Any]]]) -> list[tuple[str, list[Any]]]:
+    """The compared rows with each dataset's snapshot right after the dataset URI (None: the run kept no snapshot)."""
+    out: list[tuple[str, list[Any]]] = []
+    for name, values in rows:
+        out.append((name, values))
+        snapshot = {"dataset": "data_directory", "evaluation_dataset": "test_data_directory"}.get(name)
+        if snapshot:
+            out.append((f"{name}_snapshot", [snapshot_summary(store, r.outcome.snapshots.get(snapshot)) for r in records]))
+    return out
+
+
 def cmd_runs_compare(args: argparse.Namespace, registry: Registry) -> int:
     records = find_runs(registry.store, args.runs)
-    rows = compare(records)
+    rows = _with_snapshots(registry.store, records, compare(records))
     if args.json:
         emit_json({"runs": [r.id for r in records], "fields": {name: values for name, values in rows},
                    "differs": [name for name, values in rows if len({json.dumps(v, default=str) for v in values}) > 1]})
         return 0
-    table = Table(title="Runs side by side (differing rows in bold)")
-    table.add_column("field", style="bold")
+    # runs are numbered in the header; their ids go above the table, whole at any width
     for i, r in enumerate(records, 1):
-        table.add_column(f"#{i} {r.id}", overflow="fold")
+        console.print(f"#{i} [bold]{r.id}[/]", overflow="ignore", crop=False)
+    table = Table(title="Runs side by side (differing rows in bold)", title_justify="left")
+    table.add_column("field", style="bold")
+    for i, _ in enumerate(records, 1):
+        table.add_column(f"#{i}", overflow="fold")
     for name, values in rows:
         differs = len({json.dumps(v, default=str) for v in values}) > 1
         cells = [_status(v) if name == "status" else _fmt(v) for v in values]
@@ -419,6 +593,8 @@ def add_package_commands(groups: Any) -> None:
     p.add_argument("path")
     p.add_argument("--name", required=True)
     p.add_argument("--description", default=None)
+    p.add_argument("--force", action="store_true",
+                   help="make a new major version even when the content is identical to a stored version")
     command(package, "list", cmd_package_list, "packages with their latest version and aliases")
     p = command(package, "show", cmd_package_show,
                 "a package's versions and aliases, or one version's record, lineage, scores and aliases")
@@ -430,8 +606,9 @@ def add_package_commands(groups: Any) -> None:
                 writes=True)
     p.add_argument("ref", metavar="NAME:VERSION")
     p.add_argument("--alias", required=True)
-    p.add_argument("--if", dest="promote_if", choices=PROMOTE_IF, default="always",
-                   help="'better': only if its score beats the alias's current version's (default: always)")
+    p.add_argument("--if", dest="promote_if", choices=PROMOTE_IF, default="better",
+                   help="'better' (default, as the operators): only a scored version whose score beats the alias's "
+                        "current version's; 'always': unconditionally")
     p = command(package, "validate", cmd_package_validate, "check a package folder or zip statically (no code runs)",
                 needs_store=False)
     p.add_argument("path")
@@ -450,15 +627,45 @@ def add_runs_commands(groups: Any) -> None:
     p.add_argument("runs", metavar="RUN", nargs="+")
 
 
-from airflow_aicenter.gc import add_gc_parser  # noqa: E402 - `aicenter gc` lives with the collector
+def cmd_gc(args: argparse.Namespace, registry: Registry) -> int:
+    report = collect(registry.store, grace=timedelta(hours=args.grace_hours), dry_run=args.dry_run)
+    if args.json:
+        emit_json(report.to_dict())
+        return 0
+    verb = "would delete" if report.dry_run else "deleted"
+    console.print(f"{report.store}: {report.blobs} blobs ({_mb(report.blob_bytes)}), {report.referenced} referenced, "
+                  f"{report.young} unreferenced but younger than {report.grace_hours:g} h (kept); "
+                  f"{verb} {len(report.deleted)} ({_mb(report.deleted_bytes)}) in {report.seconds:.1f} s", highlight=False)
+    for digest in report.deleted[:50]:
+        console.print(f"  {verb} sha256:{digest}", highlight=False)
+    if len(report.deleted) > 50:
+        console.print(f"  ... and {len(report.deleted) - 50} more")
+    if report.missing:
+        console.print(f"[yellow]WARNING:[/] {len(report.missing)} referenced blob(s) are missing from the store, "
+                      f"e.g. sha256:{report.missing[0]}", highlight=False)
+    return 0
 
-COMMAND_GROUPS: list[Callable[[Any], None]] = [add_package_commands, add_runs_commands, add_gc_parser]
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def add_gc_command(groups: Any) -> None:
+    p = command(groups, "gc", cmd_gc, "delete content blobs no version or snapshot references (older than a grace period)")
+    p.description = ("Delete blobs under blobs/sha256/ that no version record or run snapshot manifest references "
+                     "and that are older than the grace period, so uploads in progress are never harmed.")
+    p.add_argument("--grace-hours", type=float, default=DEFAULT_GRACE_HOURS,
+                   help=f"only delete blobs last modified longer ago than this (default {DEFAULT_GRACE_HOURS:g})")
+    p.add_argument("--dry-run", action="store_true", help="report what would be deleted; delete nothing")
+
+
+COMMAND_GROUPS: list[Callable[[Any], None]] = [add_package_commands, add_runs_commands, add_gc_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aicenter", description="AI Center packages and runs in an airflow-aicenter store.")
     parser.add_argument("--storage", help="storage URI (s3://bucket/prefix or file:///path); default: $AICENTER_STORAGE, "
-                        "the aicenter_default connection, or $AIRFLOW_HOME/aicenter")
+                        "the aicenter_default connection (as tasks read it), or $AIRFLOW_HOME/aicenter")
     groups = parser.add_subparsers(dest="group", required=True)
     for add in COMMAND_GROUPS:
         add(groups)
@@ -467,22 +674,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    choice: StoreChoice | None = None
     try:
-        registry = Registry(resolve_store(args.storage, create=getattr(args, "writes", False))) if getattr(args, "needs_store", True) else None
-        return args.handler(args, registry)
+        registry = None
+        if args.needs_store:
+            store, choice = resolve_store(args.storage, create=args.writes)
+            registry = Registry(store)
+        code: int = args.handler(args, registry)
+        return code
     except AICenterError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        if choice is not None and "aicenter package upload" in str(exc) and choice.source not in str(exc):
+            # the DAG's tasks and this command must look at one store: say which one this was
+            err_console.print(f"(this command used the store {choice.uri}, {choice.source})", highlight=False)
         return 1
 
 
+#: The exit status of a command whose reader went away (``| head``): 128 + SIGPIPE, as the shell's own tools.
+BROKEN_PIPE = 141
+
+
 def script() -> None:
-    """The ``aicenter`` console script: :func:`main`, then :func:`exit_process` (no teardown abort)."""
+    """The ``aicenter`` console script: :func:`main`, then :func:`exit_process` (no teardown abort).
+
+    A reader that stops early (``aicenter runs list --json | head -1``) ends the command quietly
+    with status 141, as ``cat`` or ``git log`` end, not with a BrokenPipeError traceback.
+    """
     try:
         code = main()
     except SystemExit as exc:  # argparse: --help, usage errors
         if isinstance(exc.code, str):
             print(exc.code, file=sys.stderr)
         code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the final flush has nowhere to fail
+        code = BROKEN_PIPE
     exit_process(code)
 
 

@@ -33,8 +33,6 @@ No Airflow import: it runs from the CLI against any store.
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -147,41 +145,4 @@ def collect(store: Store, *, grace: timedelta = timedelta(hours=DEFAULT_GRACE_HO
     report.missing = sorted(first - present)
     report.seconds = round(time.perf_counter() - began, 3)
     return report
-
-
-# -- the `aicenter gc` command --------------------------------------------------------------
-def add_gc_parser(groups: Any) -> None:
-    """Register ``aicenter gc`` on the CLI's sub-command group."""
-    p = groups.add_parser(
-        "gc", help="delete content blobs no version or snapshot references (older than a grace period)",
-        description="Delete blobs under blobs/sha256/ that no version record or run snapshot manifest references "
-                    "and that are older than the grace period, so uploads in progress are never harmed.",
-    )
-    p.add_argument("--grace-hours", type=float, default=DEFAULT_GRACE_HOURS,
-                   help=f"only delete blobs last modified longer ago than this (default {DEFAULT_GRACE_HOURS:g})")
-    p.add_argument("--dry-run", action="store_true", help="report what would be deleted; delete nothing")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(handler=cmd_gc, needs_store=True)
-
-
-def cmd_gc(args: argparse.Namespace, registry: Any) -> int:
-    report = collect(registry.store, grace=timedelta(hours=args.grace_hours), dry_run=args.dry_run)
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
-        return 0
-    verb = "would delete" if report.dry_run else "deleted"
-    print(f"{report.store}: {report.blobs} blobs ({_mb(report.blob_bytes)}), {report.referenced} referenced, "
-          f"{report.young} unreferenced but younger than {report.grace_hours:g} h (kept); "
-          f"{verb} {len(report.deleted)} ({_mb(report.deleted_bytes)}) in {report.seconds:.1f} s")
-    for digest in report.deleted[:50]:
-        print(f"  {verb} sha256:{digest}")
-    if len(report.deleted) > 50:
-        print(f"  ... and {len(report.deleted) - 50} more")
-    if report.missing:
-        print(f"WARNING: {len(report.missing)} referenced blob(s) are missing from the store, e.g. sha256:{report.missing[0]}")
-    return 0
-
-
-def _mb(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
 
