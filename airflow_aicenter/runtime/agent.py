@@ -36,6 +36,9 @@ from airflow_aicenter.crashpoints import crash_point
 from airflow_aicenter.errors import AICenterError, DatasetError, NotFoundError, RunError
 from airflow_aicenter.package import extract_zip, iter_package_files, validate_package, write_zip
 from airflow_aicenter.records import BlobRef, Outcome, RunSpec, write
+from airflow_aicenter.runtime.checkpoint import CheckpointSync, try_of
+from airflow_aicenter.runtime.incremental import IncrementalStaging, NothingNew, check_carried, read_base, stage_incremental
+from airflow_aicenter.runtime.manifest import EVALUATION, INFERENCE, TRAINING, is_manifest_uri, stage_manifest
 from airflow_aicenter.runtime.requirements import install_requirements
 from airflow_aicenter.runtime.snapshot import take_snapshot
 from airflow_aicenter.secrets import Redactor, redact
@@ -217,6 +220,10 @@ class Agent:
         self.users: list[UserProcess] = []
         #: Batch prediction: the first failed input, in input order, for the run's cause.
         self.first_error: str | None = None
+        #: The task's checkpoint sync, once its latest checkpoint is restored (runtime/checkpoint.py).
+        self.checkpoints: CheckpointSync | None = None
+        #: An incremental run's staging: unchanged files carried into the snapshot (runtime/incremental.py).
+        self.incremental: IncrementalStaging | None = None
         #: Every form of the secret-looking variables' values (the user's secret env, S3 keys):
         #: never in outcome.json or the log.
         self.secrets = Redactor.from_env({**os.environ, **spec.env})
@@ -249,6 +256,9 @@ class Agent:
             self.outcome.status, self.outcome.phase = "succeeded", None
         except Killed:
             self.outcome.status, self.outcome.error = "killed", f"killed during {self.outcome.phase}"
+        except NothingNew as exc:  # an incremental run with nothing to train on: no user code, no version
+            self.outcome.status, self.outcome.phase, self.outcome.skipped = "skipped", None, str(exc)
+            log(f"SKIPPED: {exc}")
         except AICenterError as exc:
             self._fail(str(exc))
         except Exception as exc:  # noqa: BLE001 - report, never hide
@@ -258,6 +268,7 @@ class Agent:
             self._fail(f"internal error during {self.outcome.phase}: {type(exc).__name__}: {exc}")
         finally:
             self.stop(self.users)
+            self._final_checkpoint()
             self.outcome.end_at = time.time()
             if self.outcome.status != "succeeded":
                 self._upload_artifacts_best_effort()
@@ -286,6 +297,9 @@ class Agent:
                 install_requirements(root, log)
         with self.phase("stage_data"):
             self._stage_data()
+        if spec.checkpoint_prefix:
+            with self.phase("checkpoint_restore"):
+                self._restore_checkpoint(spec.checkpoint_prefix)
         with self.phase("user_code"):
             if spec.pipeline == "predict":
                 self._predict(root)
@@ -304,8 +318,8 @@ class Agent:
             with self.phase("snapshot"):
                 if spec.save_training_data and spec.pipeline != "evaluate":
                     self._snapshot("data_directory", spec.dataset)
-                if spec.save_test_data and (spec.pipeline == "evaluate" or spec.evaluation_dataset):
-                    self._snapshot("test_data_directory", spec.evaluation_dataset)
+                if spec.save_test_data and (spec.pipeline == "evaluate" or self.entries.get("test_data_directory")):
+                    self._snapshot("test_data_directory", spec.evaluation_dataset or spec.dataset)
         if spec.pipeline == "predict":
             self._check_failed_inputs()
 
@@ -330,19 +344,32 @@ class Agent:
             self.dirs["data_directory"] = mount
             log(f"dataset mounted read-only at {mount}")
         if spec.dataset and not spec.dataset_mount:
-            self.entries["data_directory"] = self._download(spec.dataset, data)
+            usages = INFERENCE if spec.pipeline == "predict" else TRAINING
+            self.entries["data_directory"] = self._download(spec.dataset, data, usages)
         if spec.evaluation_dataset:
-            self.entries["test_data_directory"] = self._download(spec.evaluation_dataset, test)
-            if spec.pipeline == "full":
-                shutil.copytree(test, self.dirs["evaluation_data_directory"], dirs_exist_ok=True)
+            self.entries["test_data_directory"] = self._download(spec.evaluation_dataset, test, EVALUATION)
+        elif spec.pipeline == "full" and spec.dataset and is_manifest_uri(spec.dataset):  # its EVAL and TEST lines
+            self.entries["test_data_directory"] = stage_manifest(spec.dataset, EVALUATION, test, required=False)
+        if spec.pipeline == "full" and self.entries.get("test_data_directory"):
+            shutil.copytree(test, self.dirs["evaluation_data_directory"], dirs_exist_ok=True)
 
-    def _download(self, uri: str, dest: Path) -> list[FileEntry]:
+    def _download(self, uri: str, dest: Path, usages: frozenset[str] = TRAINING) -> list[FileEntry]:
+        """Stage a dataset: a folder, a manifest's lines of ``usages``, or only what an incremental run needs."""
         began = time.perf_counter()
-        try:
-            source = open_store(uri, create=False)
-        except NotFoundError:
-            raise DatasetError(f"dataset {uri} does not exist; upload the data there or fix the URI") from None
-        entries = run(download_tree(source, dest))
+        if is_manifest_uri(uri):
+            if self.spec.incremental_base:
+                raise DatasetError(f"incremental training compares folders; {uri} is a manifest: train without "
+                                   "incremental=True, or give the dataset as a folder")
+            entries = stage_manifest(uri, usages, dest, write_manifest=usages != INFERENCE)
+        else:
+            try:
+                source = open_store(uri, create=False)
+            except NotFoundError:
+                raise DatasetError(f"dataset {uri} does not exist; upload the data there or fix the URI") from None
+            if self.spec.incremental_base and usages == TRAINING:
+                entries = self._stage_incremental(source, dest, self.spec.incremental_base)
+            else:
+                entries = run(download_tree(source, dest))
         took = time.perf_counter() - began
         size = sum(e.size for e in entries)
         log(f"staged {len(entries)} files ({human(size)}) from {uri} in {took:.2f} s")
@@ -445,12 +472,15 @@ class Agent:
 
     def _cause(self, user: UserProcess) -> str:
         """The one-line cause of ``user``'s failure (its full traceback goes to the log)."""
-        prefix = f"{user.label}: " if self.topology.world_size > 1 else ""
+        distributed = self.topology.world_size > 1
+        prefix = f"{user.label}: " if distributed else ""
         result = user.result()
         failure = (result or {}).get("failure")
         if failure:
             if failure.get("traceback"):
-                emit(sys.stderr, "".join(f"{prefix}{line}\n" for line in redact(failure["traceback"], self.secrets).splitlines()))
+                tag = f"[{user.label}] " if distributed else ""
+                lines = redact(failure["traceback"], self.secrets).splitlines()
+                emit(sys.stderr, "".join(f"{tag}{line}\n" for line in lines))
             return f"{prefix}{failure['cause']}"
         code = user.process.returncode
         if code is not None and code < 0:
@@ -613,13 +643,41 @@ class Agent:
         except Exception as exc:  # noqa: BLE001 - the failure being reported matters more
             log(f"could not upload artifacts of the failed run: {exc}")
 
+    # -- checkpoints and incremental staging (runtime/checkpoint.py, runtime/incremental.py) ----
+    def _restore_checkpoint(self, prefix: str) -> None:
+        """Restore the task's latest complete checkpoint before ``Main()``; node 0 then syncs it periodically."""
+        sync = CheckpointSync(self.store, prefix, self.dirs["checkpoint_directory"], self.spec.checkpoint_interval, log,
+                              try_number=try_of(self.spec.run_prefix))
+        sync.restore()
+        self.checkpoints = sync  # only now: a half-restored folder must never be synced
+        if self.topology.node_rank == 0:
+            sync.start()
+
+    def _final_checkpoint(self) -> None:
+        """The last sync, after the user processes stopped (run end, failure or SIGTERM)."""
+        if self.checkpoints is None:
+            return
+        if self.topology.node_rank == 0:
+            problem = self.checkpoints.final()
+            if problem:
+                self.outcome.warnings.append(problem)
+        self.outcome.checkpoint = self.checkpoints.stats()
+
+    def _stage_incremental(self, source: Store, dest: Path, base_uri: str) -> list[FileEntry]:
+        base = read_base(self.store, base_uri)
+        self.incremental = stage_incremental(source, dest, base, log)
+        check_carried(self.store, base, self.incremental.carried, base_uri)
+        return self.incremental.staged
+
     def _snapshot(self, name: str, source: str | None) -> None:
         folder = self.dirs[name]
         entries = self.entries.get(name)
         if entries is None:  # a mounted dataset: hash it in place
             entries = [FileEntry(rel, *_digest(folder / rel)) for rel in local_files(folder)]
         key = self.key(f"{name}.manifest.json")
-        stats = take_snapshot(self.store, folder, entries, source=source, directory=name, key=key, log=log)
+        inc = self.incremental if name == "data_directory" else None  # the unchanged files, carried over
+        stats = take_snapshot(self.store, folder, entries, source=source, directory=name, key=key, log=log,
+                              carried=inc.carried if inc else (), fingerprints=inc.fingerprints if inc else None)
         self.outcome.snapshots[name] = self.store.url(key)
         log(f"snapshot of {name}: {stats.files} files ({human(stats.bytes)}), "
             f"{stats.uploaded_files} new blobs ({human(stats.uploaded_bytes)}) written")
@@ -715,6 +773,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not os.environ.get("AICENTER_KEEP_WORKDIR"):
             shutil.rmtree(workdir, ignore_errors=True)
+    if outcome.status == "skipped":
+        write_termination_message(f"skipped: {outcome.skipped}")
+        return 0
     if outcome.status != "succeeded":
         write_termination_message(outcome.error or outcome.status)
         return 1

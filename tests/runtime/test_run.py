@@ -93,6 +93,7 @@ def test_train_call_order_env_and_outputs(store, tmp_path, request):
     assert "s3cr3t" not in done.stderr and "s3cr3t" not in store.get_bytes(f"{spec.run_prefix}/outcome.json").decode()
     # the new content is the package folder after save(), minus __pycache__
     import zipfile
+
     from airflow_aicenter.storage.transfer import get_blob
     get_blob(store, outcome.blob.sha256, tmp_path / "new.zip")
     names = zipfile.ZipFile(tmp_path / "new.zip").namelist()
@@ -104,7 +105,7 @@ def test_train_call_order_env_and_outputs(store, tmp_path, request):
 
 def test_full_pipeline_with_evaluation_dataset(store, tmp_path, request):
     env = request.getfixturevalue("s3_env").env() if store.uri.startswith("s3://") else {}
-    registry, spec = setup_run(store, tmp_path, pipeline="full", save_test_data=True)
+    _, spec = setup_run(store, tmp_path, pipeline="full", save_test_data=True)
     evald = write_files(tmp_path / "eval", {"e.csv": "x\n9\n"})
     run(upload_tree(evald, store, "datasets/eval"))
     spec.evaluation_dataset = store.url("datasets/eval")
@@ -139,7 +140,10 @@ def test_evaluate_must_return_a_finite_number(store, tmp_path, request, returns,
 
 def test_process_data_writing_nothing_is_an_error_before_train(store, tmp_path, request):
     env = request.getfixturevalue("s3_env").env() if store.uri.startswith("s3://") else {}
-    train_py = RECORDING_TRAIN.replace('with open(os.path.join(os.environ["training_data_directory"], "train.csv"), "w") as fh:\n            fh.write("x\\n1\\n")', "pass")
+    writes_split = ('with open(os.path.join(os.environ["training_data_directory"], "train.csv"), "w") as fh:\n'
+                    '            fh.write("x\\n1\\n")')
+    assert writes_split in RECORDING_TRAIN
+    train_py = RECORDING_TRAIN.replace(writes_split, "pass")
     _, spec = setup_run(store, tmp_path, train_py=train_py, pipeline="full")
     done = run_runtime(spec, tmp_path, env)
     assert done.returncode == 1
@@ -159,7 +163,8 @@ def test_empty_evaluation_folder_warns_and_scores_null(store, tmp_path, request)
 def test_user_error_is_one_line_with_location_and_full_traceback_in_log(tmp_path):
     from airflow_aicenter.storage import open_store
     store = open_store((tmp_path / "s").as_uri())
-    train_py = "class Main:\n    def __init__(self):\n        pass\n    def train(self, d):\n        1 / 0\n    def save(self):\n        pass\n"
+    train_py = ("class Main:\n    def __init__(self):\n        pass\n    def train(self, d):\n        1 / 0\n"
+                "    def save(self):\n        pass\n")
     _, spec = setup_run(store, tmp_path, train_py=train_py)
     done = run_runtime(spec, tmp_path)
     assert done.returncode == 1
@@ -175,7 +180,8 @@ def test_a_secret_in_a_user_error_never_reaches_outcome_or_log(tmp_path):
                 "        raise RuntimeError('login refused for key ' + os.environ['STRIPE_KEY'])\n"
                 "    def save(self):\n        pass\n")
     _, spec = setup_run(store, tmp_path, train_py=train_py)
-    done = run_runtime(spec, tmp_path, env={"STRIPE_KEY": "sk-live-4242-very-secret", "AICENTER_TERMINATION_LOG": str(tmp_path / "term")})
+    done = run_runtime(spec, tmp_path, env={"STRIPE_KEY": "sk-live-4242-very-secret",
+                                            "AICENTER_TERMINATION_LOG": str(tmp_path / "term")})
     assert done.returncode == 1
     outcome = read(store, f"{spec.run_prefix}/outcome.json", Outcome)
     assert outcome.error == "Main.train() raised RuntimeError: login refused for key *** (train.py:6)"
@@ -186,6 +192,7 @@ def test_a_secret_in_a_user_error_never_reaches_outcome_or_log(tmp_path):
 
 def test_sigterm_records_killed(tmp_path):
     import time
+
     from airflow_aicenter.storage import open_store
     store = open_store((tmp_path / "s").as_uri())
     train_py = ("import time\nclass Main:\n    def __init__(self):\n        pass\n    def train(self, d):\n"

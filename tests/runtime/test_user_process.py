@@ -111,7 +111,8 @@ def test_an_error_in_a_package_module_names_that_file(tmp_path):
 def test_a_huge_output_line_is_cut_and_the_run_goes_on(tmp_path):
     store = open_store((tmp_path / "s").as_uri())
     train_py = ("import sys\nclass Main:\n    def __init__(self):\n        pass\n    def train(self, d):\n"
-                "        sys.stdout.write('x' * 20_000_000)\n        sys.stdout.write('\\n')\n        print('after the long line')\n"
+                "        sys.stdout.write('x' * 20_000_000)\n        sys.stdout.write('\\n')\n"
+                "        print('after the long line')\n"
                 "    def save(self):\n        pass\n")
     _, spec = setup_run(store, tmp_path, train_py=train_py)
     done = run_runtime(spec, tmp_path)
