@@ -253,13 +253,14 @@ def prepare_environment(
     if (final / MARKER).is_file():
         source = "local"
         log(f"environment {key[:12]} found in the local cache {final}")
-    elif _restore(store, key, final, log):
+    elif (found := _restore(store, key, final, log)) == "hit":
         source = "store"
     else:
         won = _build(final, lambda tmp: _install(tmp, root, envs.parent, indexes, log), key, requirements, log)
         source = "installed"
         if won:
-            storing = _in_background(lambda: _store(store, key, final, requirements, log))
+            replace = found == "broken"
+            storing = _in_background(lambda: _store(store, key, final, requirements, log, replace=replace))
     _mark_used(store, key, final)
     seconds = round(time.perf_counter() - began, 3)
     log(f"environment {key[:12]} ready ({source}) in {seconds:.2f} s")
@@ -340,8 +341,8 @@ def _uv(command: list[str], *, cwd: Path, env: dict[str, str], secrets: list[str
             tail = [*tail[-(TAIL - 1):], line.strip()]
     code = process.wait()
     if code != 0:
-        errors = [line for line in tail if line.lower().startswith(("error", "×", "x ", "╰─▶", "caused by"))] or tail[-3:]
-        cause = " ".join(errors)[:800] or "no output"
+        first = next((i for i, line in enumerate(tail) if line.lower().startswith(("error", "×"))), max(len(tail) - 3, 0))
+        cause = " ".join(tail[first:])[:800] or "no output"  # uv's error and its causes
         raise RequirementsError(
             f"{what} failed: uv exited with code {code}: {cause}; fix requirements.txt in the package (or the "
             "connection extra package_indexes), or build the requirements into the image and pass install_requirements=False"
@@ -349,19 +350,22 @@ def _uv(command: list[str], *, cwd: Path, env: dict[str, str], secrets: list[str
 
 
 # -- the store -------------------------------------------------------------------------------
-def _restore(store: Store, key: str, final: Path, log: Log) -> bool:
-    """Unpack the stored environment of ``key`` into ``final``; False on a miss or a corrupt blob."""
+def _restore(store: Store, key: str, final: Path, log: Log) -> Literal["hit", "miss", "broken"]:
+    """Unpack the stored environment of ``key`` into ``final``.
+
+    "broken": the record names a blob that is corrupt or gone (gc); the rebuilt environment replaces it.
+    """
     try:
         record = read_optional(store, env_key(key), EnvironmentRecord)
     except StorageError as exc:
         log(f"WARNING: could not read the stored environment record ({exc}); installing instead")
-        return False
+        return "miss"
     if record is None:
         log(f"environment {key[:12]} is in neither the local cache nor the store: installing")
-        return False
+        return "miss"
     if record.format != PACKED:
         log(f"stored environment {key[:12]} is packed as {record.format!r}, which this runtime cannot read: installing")
-        return False
+        return "miss"
     final.parent.mkdir(parents=True, exist_ok=True)
     packed = final.parent / f".tmp-{key[:12]}-{uuid.uuid4().hex[:8]}.{PACKED}"
     began = time.perf_counter()
@@ -370,7 +374,7 @@ def _restore(store: Store, key: str, final: Path, log: Log) -> bool:
             get_blob(store, record.blob.sha256, packed)  # verified against its digest
         except StorageError as exc:  # corrupt or gone (gc): rebuild
             log(f"WARNING: the stored environment {key[:12]} cannot be used ({exc}); installing it again")
-            return False
+            return "broken"
         fetched = time.perf_counter() - began
 
         def unpack(tmp: Path) -> None:
@@ -381,19 +385,23 @@ def _restore(store: Store, key: str, final: Path, log: Log) -> bool:
             _build(final, unpack, key, record.requirements, log)
         except (OSError, StorageError) as exc:
             log(f"WARNING: the stored environment {key[:12]} could not be unpacked ({exc}); installing it again")
-            return False
+            return "broken"
         log(f"environment {key[:12]} restored from the store: {record.blob.size / 2**20:.1f} MiB fetched in "
             f"{fetched:.2f} s, unpacked in {time.perf_counter() - began - fetched:.2f} s")
-        return True
+        return "hit"
     finally:
         packed.unlink(missing_ok=True)
 
 
-def _store(store: Store, key: str, env: Path, requirements: list[str], log: Log) -> str:
-    """Pack ``env`` and store it (blob, then the create-once record); what happened, in words."""
+def _store(store: Store, key: str, env: Path, requirements: list[str], log: Log, *, replace: bool = False) -> str:
+    """Pack ``env`` and store it (blob, then the create-once record); what happened, in words.
+
+    ``replace``: the record names a broken blob, so it is overwritten; where the credentials only
+    allow creating records (a pod's session policy) that fails with a warning naming the fix.
+    """
     with contextlib.suppress(OSError):  # pack at low priority: the user code runs meanwhile
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-    if store.exists(env_key(key)):
+    if not replace and store.exists(env_key(key)):
         return f"environment {key[:12]} was stored by another run meanwhile"
     began = time.perf_counter()
     packed = env.parent / f".tmp-{key[:12]}-{uuid.uuid4().hex[:8]}.{PACKED}"
@@ -404,9 +412,14 @@ def _store(store: Store, key: str, env: Path, requirements: list[str], log: Log)
         record = EnvironmentRecord(key=key, blob=BlobRef(sha256=sha256, size=size), python=python_tag(),
                                    platform=platform_tag(), requirements=requirements)
         try:
-            write(store, env_key(key), record, create=True)
+            write(store, env_key(key), record, create=not replace)
         except AlreadyExistsError:
             return f"environment {key[:12]} was stored by another run meanwhile"
+        except StorageError as exc:
+            if not replace:
+                raise
+            raise StorageError(f"{exc}; the record names a broken blob: delete {store.url(env_key(key))} so that "
+                               "the next run stores a good one") from exc
         return (f"environment {key[:12]} stored for the next run: {size / 2**20:.1f} MiB packed in {packed_in:.2f} s, "
                 f"uploaded in {time.perf_counter() - began - packed_in:.2f} s")
     finally:

@@ -1,0 +1,241 @@
+"""Package environments (DESIGN "★ Environments"): uv installs, the local cache, the store, corruption, races, offline.
+
+Real uv, real virtual environments, real stores (file and the moto S3 server). Nothing comes from
+PyPI: the packages are tiny wheels written here, named by a package-local path or served from a
+PEP 503 index folder (file://).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import shutil
+import subprocess
+import sys
+import threading
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from airflow_aicenter.errors import RequirementsError
+from airflow_aicenter.layout import blob_key, env_key
+from airflow_aicenter.records import read
+from airflow_aicenter.runtime.environment import (
+    MARKER,
+    Environment,
+    EnvironmentRecord,
+    mask_url,
+    prepare_environment,
+    requirement_material,
+)
+from airflow_aicenter.storage import Store
+from tests.conftest import free_port, write_files
+
+
+def tiny_wheel(folder: Path, name: str = "aicenter_tiny", version: str = "0.1", value: int = 42) -> Path:
+    """A real, minimal, installable wheel (METADATA, WHEEL, RECORD with digests)."""
+    dist = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}/__init__.py": f"VALUE = {value}\n",
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: {version}\n",
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = [f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b'=').decode()},"
+              f"{len(text.encode())}" for path, text in files.items()]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        for rel, text in files.items():
+            zf.writestr(rel, text)
+        zf.writestr(f"{dist}/RECORD", "\n".join([*record, f"{dist}/RECORD,,"]) + "\n")
+    return path
+
+
+def simple_index(folder: Path, wheel: Path) -> str:
+    """A PEP 503 index on disk serving ``wheel``; its file:// URL."""
+    project = wheel.name.split("-")[0].replace("_", "-")
+    page = folder / "simple" / project
+    page.mkdir(parents=True)
+    shutil.copy(wheel, page / wheel.name)
+    (page / "index.html").write_text(f'<html><body><a href="{wheel.name}">{wheel.name}</a></body></html>\n')
+    return (folder / "simple").as_uri()
+
+
+def package(root: Path, requirements: str, **files: str | bytes) -> Path:
+    return write_files(root, {"main.py": "class Main:\n    def predict(self, x):\n        return x\n",
+                              "requirements.txt": requirements, **files})
+
+
+def local_wheel_package(tmp_path: Path, name: str = "pkg", value: int = 42) -> Path:
+    root = package(tmp_path / name, "./wheels/aicenter_tiny-0.1-py3-none-any.whl\n")
+    tiny_wheel(root / "wheels", value=value)
+    return root
+
+
+def imports_tiny(env: Environment) -> str:
+    done = subprocess.run([str(env.python), "-c", "import aicenter_tiny, sys; print(aicenter_tiny.VALUE, sys.prefix)"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def prepare(root: Path, store: Store, cache: Path, said: list[str] | None = None, indexes: Sequence[str] = ()) -> Environment:
+    log = said.append if said is not None else (lambda message: None)
+    env = prepare_environment(root, store, cache_dir=cache, log=log, indexes=indexes)
+    env.finish(log)
+    return env
+
+
+@pytest.fixture
+def closed_index(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every index uv could reach by default points at a closed local port: nothing may be downloaded."""
+    url = f"http://127.0.0.1:{free_port()}/simple"
+    for name in ("UV_INDEX_URL", "UV_DEFAULT_INDEX", "PIP_INDEX_URL"):
+        monkeypatch.setenv(name, url)
+    for name in ("UV_EXTRA_INDEX_URL", "UV_INDEX", "UV_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS"):
+        monkeypatch.delenv(name, raising=False)
+    return url
+
+
+# -- miss, local hit, store hit ---------------------------------------------------------------
+def test_miss_installs_then_the_local_cache_then_the_store_serve_it(store: Store, tmp_path: Path, closed_index: str) -> None:
+    root = local_wheel_package(tmp_path)
+    said: list[str] = []
+    first = prepare(root, store, tmp_path / "cache", said)
+    assert first.source == "installed" and imports_tiny(first) == f"42 {first.python.parent.parent}"
+    assert first.python.parent.parent == tmp_path / "cache" / "envs" / first.key
+    assert any("+ aicenter-tiny==0.1" in line or "stored for the next run" in line for line in said)
+    record = read(store, env_key(first.key), EnvironmentRecord)
+    assert store.exists(blob_key(record.blob.sha256)) and record.requirements == requirement_material(root)
+
+    again = prepare(root, store, tmp_path / "cache")
+    assert (again.source, again.python, again.key) == ("local", first.python, first.key)
+
+    shutil.rmtree(tmp_path / "cache")  # a new machine: only the store has it
+    restored = prepare(root, store, tmp_path / "cache")
+    assert restored.source == "store" and restored.key == first.key
+    assert imports_tiny(restored) == f"42 {restored.python.parent.parent}"
+    assert (restored.python.parent.parent / MARKER).is_file()
+    assert restored.summary() == {"key": first.key, "source": "store", "seconds": restored.seconds}
+
+
+def test_the_environment_is_its_own_never_the_workers(store: Store, tmp_path: Path) -> None:
+    env = prepare(package(tmp_path / "pkg", ""), store, tmp_path / "cache")
+    assert env.source == "none"
+    probe = "import sys, importlib.util; print(sys.prefix); print(importlib.util.find_spec('airflow') is None); print(sys.path)"
+    done = subprocess.run([str(env.python), "-c", probe], capture_output=True, text=True, check=True)
+    prefix, no_airflow, path = done.stdout.splitlines()
+    assert Path(prefix) == tmp_path / "cache" / "envs" / env.key
+    assert no_airflow == "True", "the worker's own packages (Airflow) must not be visible to package code"
+    assert sys.prefix not in path or sys.prefix == sys.base_prefix
+    assert any(p.startswith(sys.base_prefix) and p.endswith("site-packages") for p in eval(path)), "image packages visible"
+    assert not store.exists(env_key(env.key)), "an empty environment is made, never stored"
+
+
+# -- the key -----------------------------------------------------------------------------------
+def test_key_ignores_order_comments_and_blank_lines_but_not_content(tmp_path: Path, store: Store) -> None:
+    a = package(tmp_path / "a", "numpy==2.1\n# arrays\npandas>=2\n")
+    b = package(tmp_path / "b", "\npandas>=2   # frames\n\nnumpy==2.1\n")
+    c = package(tmp_path / "c", "numpy==2.2\npandas>=2\n")
+    assert requirement_material(a) == requirement_material(b) != requirement_material(c)
+    one, two = local_wheel_package(tmp_path, "w1", value=1), local_wheel_package(tmp_path, "w2", value=2)
+    assert requirement_material(one) != requirement_material(two), "a rebuilt local wheel is a new environment"
+    first, second = prepare(one, store, tmp_path / "cache"), prepare(two, store, tmp_path / "cache")
+    assert first.key != second.key and imports_tiny(first).startswith("1 ") and imports_tiny(second).startswith("2 ")
+
+
+# -- corruption --------------------------------------------------------------------------------
+def test_a_corrupted_stored_environment_is_detected_and_rebuilt(store: Store, tmp_path: Path, closed_index: str) -> None:
+    root = local_wheel_package(tmp_path)
+    first = prepare(root, store, tmp_path / "c1")
+    record = read(store, env_key(first.key), EnvironmentRecord)
+    store.put_bytes(blob_key(record.blob.sha256), b"not an environment")  # damaged at rest
+
+    said: list[str] = []
+    rebuilt = prepare(root, store, tmp_path / "c2", said)
+    assert rebuilt.source == "installed" and imports_tiny(rebuilt).startswith("42 ")
+    assert any("cannot be used" in line and "is corrupt" in line for line in said), said
+    replaced = read(store, env_key(first.key), EnvironmentRecord)
+    assert replaced.blob.sha256 != record.blob.sha256, "the record now names the rebuilt environment"
+
+    restored = prepare(root, store, tmp_path / "c3")
+    assert restored.source == "store" and imports_tiny(restored).startswith("42 ")
+
+
+# -- two first runs at once --------------------------------------------------------------------
+@pytest.mark.parametrize("shared_cache", [True, False], ids=["same-machine", "two-machines"])
+def test_two_first_runs_at_once_both_succeed_and_one_environment_is_stored(
+        store: Store, tmp_path: Path, closed_index: str, shared_cache: bool) -> None:
+    root = local_wheel_package(tmp_path)
+    results: dict[int, Environment | BaseException] = {}
+    barrier = threading.Barrier(2)
+
+    def run(index: int) -> None:
+        barrier.wait()
+        try:
+            results[index] = prepare(root, store, tmp_path / ("cache" if shared_cache else f"cache{index}"))
+        except BaseException as exc:
+            results[index] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    envs = [env for env in results.values() if isinstance(env, Environment)]
+    assert len(envs) == 2, results
+    for env in envs:
+        assert imports_tiny(env).startswith("42 ")
+    records = [info.key for info in store.list("envs/") if info.key.endswith(".json")]
+    assert records == [env_key(envs[0].key)]
+    record = read(store, records[0], EnvironmentRecord)
+    shutil.rmtree(tmp_path / ("cache" if shared_cache else "cache0"))
+    assert prepare(root, store, tmp_path / "fresh").source == "store", f"the stored blob {record.blob.sha256} is whole"
+    leftovers = [p.name for p in (tmp_path / "fresh" / "envs").iterdir() if p.name.startswith(".tmp")]
+    assert leftovers == []
+
+
+# -- no index on a warm run; private indexes ---------------------------------------------------
+def test_a_warm_run_needs_no_package_index(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    index = simple_index(tmp_path / "mirror", tiny_wheel(tmp_path / "built"))
+    root = package(tmp_path / "pkg", "aicenter-tiny==0.1\n")
+    cold = prepare(root, store, tmp_path / "c1", indexes=[index])
+    assert cold.source == "installed" and imports_tiny(cold).startswith("42 ")
+
+    closed = f"http://127.0.0.1:{free_port()}/simple"
+    monkeypatch.setenv("UV_INDEX_URL", closed)
+    monkeypatch.setenv("UV_DEFAULT_INDEX", closed)
+    shutil.rmtree(tmp_path / "mirror")  # the index is gone too
+    warm = prepare(root, store, tmp_path / "c2", indexes=[closed])
+    assert warm.source == "store" and imports_tiny(warm).startswith("42 ")
+    assert prepare(root, store, tmp_path / "c2", indexes=[closed]).source == "local"
+
+
+def test_index_credentials_are_never_logged(store: Store, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    index = simple_index(tmp_path / "mirror", tiny_wheel(tmp_path / "built"))
+    secret = "s3cr3t-p%40ss"
+    private = f"http://build-bot:{secret}@127.0.0.1:{free_port()}/simple"
+    root = package(tmp_path / "pkg", "aicenter-tiny==0.1\nno-such-package-anywhere==1.0\n")
+    said: list[str] = []
+    with pytest.raises(RequirementsError) as info:
+        prepare(root, store, tmp_path / "cache", said, indexes=[private, index])
+    out, err = capfd.readouterr()
+    everything = "\n".join([*said, str(info.value), out, err])
+    assert "no-such-package-anywhere" in everything
+    assert secret not in everything and "s3cr3t-p@ss" not in everything
+    assert "build-bot:***@127.0.0.1" in "\n".join(said)
+    assert mask_url(private) == f"http://build-bot:***@127.0.0.1:{private.rsplit(':', 1)[1]}"
+    assert mask_url("https://pypi.org/simple") == "https://pypi.org/simple"
+
+
+def test_a_failing_install_is_reported_as_a_requirements_problem(store: Store, tmp_path: Path, closed_index: str) -> None:
+    root = package(tmp_path / "pkg", "# deps\nthis is not a requirement ===\n")
+    with pytest.raises(RequirementsError) as info:
+        prepare(root, store, tmp_path / "cache")
+    message = str(info.value)
+    assert message.startswith("installing requirements failed: uv exited with code 2: ")
+    assert "this is not a requirement" in message and message.endswith("pass install_requirements=False")
+    assert not [p for p in (tmp_path / "cache" / "envs").iterdir() if not p.name.startswith(".")], "nothing half-made"
+    assert not any(store.list("envs/"))
