@@ -150,7 +150,7 @@ class RunSpec(Record):
     save_test_data: bool = False
     gpu: int = 0
     dataset_mount: str | None = None  # a read-only mounted dataset folder (no staging)
-    install_requirements: bool = False  # pip-install the package's requirements.txt before the run
+    install_requirements: bool = False  # install requirements.txt into the package's own environment (uv, cached)
     #: Names of the user's secret env values, which the launcher hands the runtime as real
     #: environment variables (never in the spec); the agent forwards exactly these to user code.
     user_env_names: list[str] = Field(default_factory=list)
@@ -168,6 +168,9 @@ class RunSpec(Record):
     checkpoint_interval: float = 300  # seconds between background checkpoint syncs
     #: The parent version's training-data snapshot manifest URI: stage only files new or changed since.
     incremental_base: str | None = None
+    #: The deployment's package indexes (connection extra ``package_indexes``): the first replaces
+    #: PyPI, the others are searched before it. May hold credentials: never logged unmasked.
+    package_indexes: list[str] = Field(default_factory=list)
 
 
 class Outcome(Record):
@@ -200,6 +203,8 @@ class Outcome(Record):
     #: ``{"resumed_from_try", "files", "bytes"}`` of the task's checkpoint (``_results.json`` aicenter.checkpoint).
     checkpoint: dict[str, Any] | None = None
     skipped: str | None = None  # why an incremental run had nothing to train on (status "skipped")
+    #: The package environment: ``{"key", "source", "seconds"}`` (source: none, local, store, installed).
+    environment: dict[str, Any] | None = None
 
     @classmethod
     def starting(cls, spec: RunSpec, status: RunStatus = "running", **fields: Any) -> Outcome:
