@@ -272,6 +272,12 @@ class CheckpointSync:
         return {"resumed_from_try": self.resumed_from_try, "files": len(files), "bytes": sum(f.size for f in files)}
 
 
+def try_of(run_prefix: str) -> int | None:
+    """The try number of a run folder (``runs/<dag>/<run>/<task>/<try>``), recorded in its checkpoints."""
+    last = run_prefix.rstrip("/").rsplit("/", 1)[-1]
+    return int(last) if last.isdigit() else None
+
+
 def _content(files: list[CheckpointFile]) -> list[tuple[str, str]]:
     return sorted((f.path, f.sha256) for f in files)
 

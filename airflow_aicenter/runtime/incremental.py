@@ -118,7 +118,7 @@ def stage_incremental(
         target = (root / info.key).resolve()
         if not target.is_relative_to(root):
             raise DatasetError(f"dataset object {info.key!r} would be written outside the data folder; rename it")
-        got = await download_file(source, info.key, target)
+        got = await download_file(source, info.key, target, size=info.size, etag=info.etag)
         mark = fingerprint(info)
         if before is not None and before.size == got.size:
             result.compared_by_digest += 1

@@ -33,6 +33,7 @@ from urllib.parse import unquote, urlparse
 
 from airflow_aicenter.errors import DatasetError, NotFoundError
 from airflow_aicenter.storage import Store
+from airflow_aicenter.storage import open_store as open_any_store
 from airflow_aicenter.storage.transfer import FileEntry, download_file, gather_limited, run, sha256_file
 
 #: Opens the store of a folder URI (the runtime reads credentials from its env; the worker uses its hook).
@@ -243,16 +244,25 @@ def check_manifest(uri: str, open_store: OpenStore) -> ManifestSummary:
                            folders=sorted(folders))
 
 
+def open_dataset(uri: str) -> Store:
+    """The runtime's :data:`OpenStore`: an existing folder, S3 credentials from the environment."""
+    return open_any_store(uri, create=False)
+
+
 def stage_manifest(
-    uri: str, usages: Collection[str], dest: Path, open_store: OpenStore, *, write_manifest: bool = True,
-    lines: Sequence[ManifestLine] | None = None,
+    uri: str, usages: Collection[str], dest: Path, open_store: OpenStore = open_dataset, *, write_manifest: bool = True,
+    required: bool = True,
 ) -> list[FileEntry]:
     """Download the sources of the lines whose usage is in ``usages`` into ``dest``, plus ``manifest.jsonl``.
 
     Returns the staged files (the manifest included) with their digests, for the snapshot.
+    No such line is an error when ``required``, else nothing is staged (a full run's optional
+    evaluation lines).
     """
-    lines = read_manifest(uri, open_store) if lines is None else lines
+    lines = read_manifest(uri, open_store)
     chosen = [line for line in lines if line.usage in usages]
+    if not chosen and not required:
+        return []
     if not chosen:
         names = " or ".join(sorted(u or "unmarked" for u in usages))
         raise DatasetError(f"manifest {uri} has no {names} lines; mark the samples for this step with \"usage\"")
@@ -283,7 +293,7 @@ def stage_manifest(
     return sorted(entries, key=lambda e: e.path)
 
 
-def stage_inference(uri: str, dest: Path, open_store: OpenStore) -> list[FileEntry]:
+def stage_inference(uri: str, dest: Path, open_store: OpenStore = open_dataset) -> list[FileEntry]:
     """Batch prediction's inputs from a manifest: the files of its INFERENCE lines, without ``manifest.jsonl``
 
     (a ``.jsonl`` beside them would be taken for inputs by ``input_type="json"``).

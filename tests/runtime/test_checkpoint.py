@@ -232,9 +232,10 @@ def latest_epoch(store: Store) -> int:
     return int(json.loads(store.get_bytes(sync.object_key(state.sha256)))["epoch"])
 
 
-def retry_resumes(store: Store, tmp_path: Path, env: dict[str, str], expected_epoch: int) -> Outcome:
-    spec = runtime_spec(store, tmp_path, RESUMING_TRAIN, 2, checkpoint_prefix=PREFIX, checkpoint_interval=300)
-    retry = start_runtime(spec, tmp_path, {**env, "EPOCHS": str(expected_epoch + 2)})
+def retry_resumes(store: Store, tmp_path: Path, env: dict[str, str], user_env: dict[str, str], expected_epoch: int) -> Outcome:
+    spec = runtime_spec(store, tmp_path, RESUMING_TRAIN, 2, checkpoint_prefix=PREFIX, checkpoint_interval=300,
+                        env={**user_env, "EPOCHS": str(expected_epoch + 2)})
+    retry = start_runtime(spec, tmp_path, env)
     _, err = retry.communicate(timeout=120)
     assert retry.returncode == 0, err
     assert "restored checkpoint of try 1: 1 files" in err
@@ -246,32 +247,43 @@ def retry_resumes(store: Store, tmp_path: Path, env: dict[str, str], expected_ep
     return outcome
 
 
+def running(proc: subprocess.Popen[str], condition: Callable[[], bool]) -> Callable[[], bool]:
+    """``condition``, failing at once with the runtime's output if it ended first."""
+    def check() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"the runtime ended with {proc.returncode}: {proc.communicate()[1]}")
+        return condition()
+    return check
+
+
 def test_a_run_killed_by_sigkill_after_a_sync_resumes_from_it(store: Store, tmp_path: Path, request) -> None:
     env = request.getfixturevalue("s3_env").env() if store.uri.startswith("s3://") else {}
     markers = tmp_path / "markers"
     markers.mkdir()
-    env = {**env, "MARKERS": str(markers), "EPOCH_SECONDS": "0.15"}
-    spec = runtime_spec(store, tmp_path, RESUMING_TRAIN, 1, checkpoint_prefix=PREFIX, checkpoint_interval=0.3)
-    proc = start_runtime(spec, tmp_path, {**env, "EPOCHS": "1000"})
+    user_env = {"MARKERS": str(markers), "EPOCH_SECONDS": "0.15"}
+    spec = runtime_spec(store, tmp_path, RESUMING_TRAIN, 1, checkpoint_prefix=PREFIX, checkpoint_interval=0.3,
+                        env={**user_env, "EPOCHS": "1000"})
+    proc = start_runtime(spec, tmp_path, env)
     sync = CheckpointSync(store, PREFIX, tmp_path, 300, print)
-    wait_for(lambda: len(sync.manifest_seqs()) >= 2, "two periodic checkpoints")
+    wait_for(running(proc, lambda: len(sync.manifest_seqs()) >= 2), "two periodic checkpoints")
     proc.kill()  # preempted: no final sync, no outcome; the user process dies with its agent
     proc.communicate(timeout=30)
     epoch = latest_epoch(store)
-    assert 1 <= epoch < len(os.listdir(markers)) + 1
+    assert 1 <= epoch <= len(os.listdir(markers))
     outcome = read(store, f"{spec.run_prefix}/outcome.json", Outcome)
     assert outcome.status == "running"  # it never reported: killed hard
-    retry_resumes(store, tmp_path, env, epoch)
+    retry_resumes(store, tmp_path, env, user_env, epoch)
 
 
 def test_a_run_stopped_by_sigterm_mid_epoch_syncs_and_resumes(store: Store, tmp_path: Path, request) -> None:
     env = request.getfixturevalue("s3_env").env() if store.uri.startswith("s3://") else {}
     markers = tmp_path / "markers"
     markers.mkdir()
-    env = {**env, "MARKERS": str(markers), "EPOCH_SECONDS": "0.4"}
-    spec = runtime_spec(store, tmp_path, RESUMING_TRAIN, 1, checkpoint_prefix=PREFIX, checkpoint_interval=300)
-    proc = start_runtime(spec, tmp_path, {**env, "EPOCHS": "1000"})
-    wait_for(lambda: len(os.listdir(markers)) >= 3, "three epochs")
+    user_env = {"MARKERS": str(markers), "EPOCH_SECONDS": "0.4"}
+    spec = runtime_spec(store, tmp_path, RESUMING_TRAIN, 1, checkpoint_prefix=PREFIX, checkpoint_interval=300,
+                        env={**user_env, "EPOCHS": "1000"})
+    proc = start_runtime(spec, tmp_path, env)
+    wait_for(running(proc, lambda: len(os.listdir(markers)) >= 3), "three epochs")
     time.sleep(0.2)  # mid-epoch
     proc.terminate()
     _, err = proc.communicate(timeout=60)
@@ -282,4 +294,4 @@ def test_a_run_stopped_by_sigterm_mid_epoch_syncs_and_resumes(store: Store, tmp_
     assert outcome.checkpoint["files"] == 1 and outcome.checkpoint["resumed_from_try"] is None
     assert "final checkpoint 1" in err  # no periodic sync ran (interval 300 s): the final one took it
     assert latest_epoch(store) == done
-    retry_resumes(store, tmp_path, env, done)
+    retry_resumes(store, tmp_path, env, user_env, done)
