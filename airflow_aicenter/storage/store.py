@@ -37,14 +37,16 @@ from airflow_aicenter.errors import (
 
 #: Retries with exponential backoff and jitter for transient S3 errors (503 SlowDown, resets,
 #: timeouts), inside obstore, for every request. The budget is time, not a count: 8 retries from
-#: 100 ms were spent in 1.3 s on a busy machine (issue 11), so a server that is overloaded for a
-#: few seconds failed the run. From 250 ms up to 8 s a wait, 12 retries span about 30 to 60 s,
-#: capped at 60 s from the first attempt. transfer.py adds one level above this: a transfer whose
-#: request still fails lowers its concurrency and tries that file again (AdaptiveLimit).
+#: 100 ms were spent in 1.3 s on a busy machine (issue 11), so a server overloaded for a few
+#: seconds failed the run. obstore draws each wait from [init, previous * base] (capped), so with
+#: base 2 the waits only grow by init/2 a step; base 3 grows them about 1.5x a step: from 200 ms
+#: to the 10 s cap, 15 retries span about a minute, and retry_timeout stops them at 60 s from
+#: the first attempt. transfer.py adds one level above this: a transfer whose request still fails
+#: lowers its concurrency and tries that file again (AdaptiveLimit).
 RETRY_CONFIG: dict[str, Any] = {
-    "max_retries": 12,
+    "max_retries": 15,
     "retry_timeout": timedelta(seconds=60),
-    "backoff": {"init_backoff": timedelta(milliseconds=250), "max_backoff": timedelta(seconds=8), "base": 2},
+    "backoff": {"init_backoff": timedelta(milliseconds=200), "max_backoff": timedelta(seconds=10), "base": 3},
 }
 
 #: obstore's local backend writes ``<key>#<n>`` and renames it into place; it refuses such keys

@@ -189,3 +189,112 @@ def test_a_file_changed_after_hashing_is_never_stored_under_the_old_digest(store
         put_blob(store, path, entry.sha256)
     assert not store.exists(blob_key(entry.sha256))
     assert list(store.list("blobs/")) == []  # no partial object either (an aborted multipart upload)
+
+
+# -- large objects, overload, retry budget (issue 11) -------------------------------------------
+@pytest.fixture
+def small_ranges(monkeypatch):
+    """Ranged GETs from 4 MiB in 1 MiB parts, so a test object of a few MiB takes that path."""
+    from airflow_aicenter.storage import transfer
+
+    monkeypatch.setattr(transfer, "RANGED_MIN", 4 * 2**20)
+    monkeypatch.setattr(transfer, "RANGE_PART", 2**20)
+    monkeypatch.setattr(transfer, "RETRY_WAIT", 0.05)
+    return transfer
+
+
+def test_a_large_object_is_read_as_ranges_and_a_failed_part_is_retried(faulty, small_ranges, tmp_path):
+    proxy, store, direct = faulty
+    data = os.urandom(6 * 2**20 + 12345)  # 7 parts, an odd tail
+    digest = hashlib.sha256(data).hexdigest()
+    direct.put_bytes(blob_key(digest), data)
+    proxy.plan.rules = [
+        (lambda m, p: m == "GET" and "/blobs/" in p, "truncate", 2),  # parts cut in the middle
+        (lambda m, p: m == "GET" and "/blobs/" in p, "reset", 2),
+        (lambda m, p: m == "GET" and "/blobs/" in p, "slowdown", 2),
+    ]
+    proxy.plan.__post_init__()
+    before = proxy.requests
+    got = get_blob(store, digest, tmp_path / "model.bin")
+    assert (got.sha256, got.size) == (digest, len(data))
+    assert (tmp_path / "model.bin").read_bytes() == data
+    assert [k for k, _, _ in proxy.plan.injected] == ["truncate"] * 2 + ["reset"] * 2 + ["slowdown"] * 2
+    assert proxy.requests - before >= 1 + 7 + 6, "a HEAD, then one GET per part, plus the retried ones"
+    assert store.ranged_reads
+    assert [p.name for p in tmp_path.iterdir()] == ["model.bin"], "no temporary left"
+
+
+def test_a_damaged_large_object_read_as_ranges_is_refused(faulty, small_ranges, tmp_path):
+    proxy, store, direct = faulty
+    data = bytearray(os.urandom(5 * 2**20))
+    digest = hashlib.sha256(data).hexdigest()
+    data[3 * 2**20 + 7] ^= 1
+    direct.put_bytes(blob_key(digest), bytes(data))
+    with pytest.raises(StorageError, match="is corrupt"):
+        get_blob(store, digest, tmp_path / "model.bin")
+    assert list(tmp_path.iterdir()) == []
+
+
+class RangeIgnoringProxy(FaultProxy):
+    """A server that answers every ranged GET with the whole object (as rclone serve s3 does)."""
+
+    def _forward(self, h, body):
+        del h.headers["Range"]
+        return super()._forward(h, body)
+
+
+def test_a_server_that_ignores_range_gets_one_stream(s3_server, fast_retries, small_ranges, tmp_path):
+    bucket = s3_server.create_bucket()
+    direct = open_store(f"s3://{bucket}/aicenter", s3_server.options)
+    data = os.urandom(5 * 2**20 + 3)
+    digest = hashlib.sha256(data).hexdigest()
+    direct.put_bytes(blob_key(digest), data)
+    with RangeIgnoringProxy(s3_server.port) as proxy:
+        store = open_store(f"s3://{bucket}/aicenter", QuickTimeouts(endpoint_url=proxy.endpoint, region="us-east-1",
+                                                                    access_key_id="testing", secret_access_key="testing-secret"))
+        got = get_blob(store, digest, tmp_path / "model.bin")
+        assert got.sha256 == digest and (tmp_path / "model.bin").read_bytes() == data
+        assert store.ranged_reads is False, "remembered: the next large object is one stream at once"
+        get_blob(store, digest, tmp_path / "again.bin")
+        assert (tmp_path / "again.bin").read_bytes() == data
+
+
+def test_overload_lowers_the_number_of_requests_in_flight(faulty, monkeypatch, tmp_path):
+    """obstore's own retries off, so each 503 reaches the transfer: it halves its limit and retries."""
+    from airflow_aicenter.storage import transfer
+
+    proxy, _, direct = faulty
+    monkeypatch.setattr(store_module, "RETRY_CONFIG", {"max_retries": 0})
+    monkeypatch.setattr(transfer, "TRANSFER_ATTEMPTS", 8)
+    monkeypatch.setattr(transfer, "RETRY_WAIT", 0.02)
+    store = open_store(direct.uri, QuickTimeouts(endpoint_url=proxy.endpoint, region="us-east-1",
+                                                 access_key_id="testing", secret_access_key="testing-secret"))
+    src = write_files(tmp_path / "src", {f"f{i:03d}.bin": os.urandom(500 + i) for i in range(80)})
+    run(upload_tree(src, direct, "data"))
+    proxy.plan.rules = [(lambda m, p: m == "GET" and "/data/" in p, "slowdown", 25)]
+    proxy.plan.__post_init__()
+    limit = transfer.AdaptiveLimit(32)
+    got = run(download_tree(store, tmp_path / "dst", prefix="data", limit=limit))
+    assert len(got) == 80 and len(proxy.plan.injected) == 25
+    assert limit.lowest <= 4, f"25 overloads should have brought 32 in flight down to a few, not {limit.lowest}"
+    for rel in local_files(src):
+        assert (tmp_path / "dst" / rel).read_bytes() == (src / rel).read_bytes()
+
+
+def test_a_server_overloaded_for_seconds_is_outlasted(s3_server, tmp_path):
+    """The production retry policy: 503 SlowDown to every request for 8 s, and the read still succeeds
+    (the old policy, 8 retries from 100 ms, spent its whole budget in about a second)."""
+    import time
+
+    bucket = s3_server.create_bucket()
+    direct = open_store(f"s3://{bucket}/aicenter", s3_server.options)
+    direct.put_bytes("data/a.bin", b"payload")
+    until = [0.0]
+    plan = FaultPlan(rules=[(lambda m, p: time.monotonic() < until[0], "slowdown", 10_000)], max_faults=10_000)
+    with FaultProxy(s3_server.port, plan) as proxy:
+        store = open_store(f"s3://{bucket}/aicenter", S3Options(endpoint_url=proxy.endpoint, region="us-east-1",
+                                                               access_key_id="testing", secret_access_key="testing-secret"))
+        until[0] = time.monotonic() + 8
+        began = time.monotonic()
+        assert store.get_bytes("data/a.bin") == b"payload"
+        assert time.monotonic() - began >= 8 and len(plan.injected) >= 3
