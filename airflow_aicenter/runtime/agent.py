@@ -37,9 +37,9 @@ from airflow_aicenter.errors import AICenterError, DatasetError, NotFoundError, 
 from airflow_aicenter.package import extract_zip, iter_package_files, validate_package, write_zip
 from airflow_aicenter.records import BlobRef, Outcome, RunSpec, write
 from airflow_aicenter.runtime.checkpoint import CheckpointSync, try_of
+from airflow_aicenter.runtime.environment import Environment, prepare_environment
 from airflow_aicenter.runtime.incremental import IncrementalStaging, NothingNew, check_carried, read_base, stage_incremental
 from airflow_aicenter.runtime.manifest import EVALUATION, INFERENCE, TRAINING, is_manifest_uri, stage_manifest
-from airflow_aicenter.runtime.requirements import install_requirements
 from airflow_aicenter.runtime.snapshot import take_snapshot
 from airflow_aicenter.secrets import Redactor, redact
 from airflow_aicenter.storage import Store, open_store
@@ -233,6 +233,8 @@ class Agent:
                                         "world_size": self.topology.world_size}
         #: Node 0 reports in outcome.json (the operator reads it); other nodes of a multi-node Job beside it.
         self.outcome_name = "outcome.json" if self.topology.node_rank == 0 else f"node-{self.topology.node_rank}.outcome.json"
+        #: The package's environment once prepared (user_python); after an install it is stored meanwhile.
+        self.environment: Environment | None = None
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -269,6 +271,8 @@ class Agent:
         finally:
             self.stop(self.users)
             self._final_checkpoint()
+            if self.environment is not None:
+                self.environment.finish(log)  # the environment's upload for the next run, begun after its install
             self.outcome.end_at = time.time()
             if self.outcome.status != "succeeded":
                 self._upload_artifacts_best_effort()
@@ -294,7 +298,7 @@ class Agent:
             root = self._stage_package()
         if spec.install_requirements:
             with self.phase("requirements"):
-                install_requirements(root, log)
+                self.user_python(root)  # prepares the package's environment: cached, from the store, or installed
         with self.phase("stage_data"):
             self._stage_data()
         if spec.checkpoint_prefix:
@@ -377,8 +381,17 @@ class Agent:
 
     # -- user processes ------------------------------------------------------------------
     def user_python(self, root: Path) -> str:
-        """The interpreter of the package's environment (the one place that chooses it)."""
-        return sys.executable
+        """The interpreter of the package's environment (the one place that chooses it).
+
+        With ``install_requirements`` the package's own cached environment (runtime/environment.py);
+        without, the runtime's interpreter (an image built with the requirements).
+        """
+        if not self.spec.install_requirements:
+            return sys.executable
+        if self.environment is None:
+            self.environment = prepare_environment(root, self.store, indexes=self.spec.package_indexes, log=log)
+            self.outcome.environment = self.environment.summary()
+        return str(self.environment.python)
 
     def user_env(self, local_rank: int) -> dict[str, str]:
         """A user process's whole environment, built from scratch (DESIGN "Trust boundaries").
