@@ -147,3 +147,40 @@ def test_two_nodes_of_two_processes(store, tmp_path, request):
     # each node's log shows its own ranks' output, prefixed
     assert "[rank 3] rank 3 trained" in outputs[0] and "[rank 0] rank 0 trained" in outputs[1]
     assert "rank 0 trained" not in outputs[0]
+
+
+def test_the_example_ddp_package_trains_on_two_ranks_and_serves(tmp_path):
+    """examples/packages/regression_ddp: gradients averaged across 2 ranks (torch DDP when installed,
+    else over TCP), rank 0's model saved; the new content then serves a batch prediction."""
+    import random
+
+    from airflow_aicenter.registry import Registry
+    from airflow_aicenter.storage.transfer import run, upload_tree
+    from tests.conftest import REPO, write_files
+
+    store = open_store((tmp_path / "s").as_uri())
+    base = Registry(store).upload(REPO / "examples" / "packages" / "regression_ddp", "regression")
+    rng = random.Random(3)
+    rows = [(rng.uniform(-1, 1), rng.uniform(-1, 1)) for _ in range(400)]
+    csv = "x1,x2,y\n" + "".join(f"{a},{b},{2 * a - 3 * b + 1 + rng.gauss(0, 0.01)}\n" for a, b in rows)
+    run(upload_tree(write_files(tmp_path / "data", {"part-0.csv": csv}), store, "datasets/reg"))
+    spec = RunSpec(pipeline="full", storage=store.uri, run_prefix="runs/d/r/train/1", package="regression",
+                   version=base.version, blob=base.blob, dataset=store.url("datasets/reg"), procs_per_node=2,
+                   env={"EPOCHS": "400", "LEARNING_RATE": "0.3", "BACKEND": "python"})
+    done = run_runtime(spec, tmp_path)
+    assert done.returncode == 0, done.stderr
+    outcome = read(store, f"{spec.run_prefix}/outcome.json", Outcome)
+    assert outcome.score is not None and outcome.score > 0.99 and outcome.blob is not None
+    summaries = [json.loads(store.get_bytes(f"{spec.run_prefix}/artifacts/{folder}train.json")) for folder in ("", "rank-1/")]
+    assert [s["rank"] for s in summaries] == [0, 1] and sum(s["rows"] for s in summaries) == 320  # 80 % of 400, sharded
+    assert summaries[0]["final_loss"] == summaries[1]["final_loss"], "the ranks train one model together"
+    assert "[rank 1] rank 1/2" in done.stdout
+
+    run(upload_tree(write_files(tmp_path / "inbox", {"in.jsonl": '{"x1": 1, "x2": 0}\n{"x1": 0, "x2": 1}\n'}), store, "inbox"))
+    serve = RunSpec(pipeline="predict", storage=store.uri, run_prefix="runs/d/r/score/1", package="regression",
+                    version="1.1", blob=outcome.blob, dataset=store.url("inbox"), procs_per_node=2)
+    done = run_runtime(serve, tmp_path)
+    assert done.returncode == 0, done.stderr
+    outputs = [json.loads(json.loads(line)["output"])["prediction"]
+               for line in store.get_bytes(f"{serve.run_prefix}/predictions/in.jsonl").decode().splitlines()]
+    assert abs(outputs[0] - 3) < 0.05 and abs(outputs[1] + 2) < 0.05
