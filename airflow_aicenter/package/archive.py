@@ -31,9 +31,15 @@ ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 COMPRESS_LEVEL = 1
 """Deflate level: speed matters more than size for multi-GB model files."""
 MAX_RATIO = 200
-"""Largest expansion ratio accepted for an entry over ``RATIO_MIN_SIZE`` (zip bomb guard)."""
+"""Largest expansion ratio accepted for an entry over ``RATIO_MIN_SIZE``, and for the whole zip
+once it expands past ``TOTAL_RATIO_MIN_SIZE`` (zip bomb guard)."""
 RATIO_MIN_SIZE = 1 << 20
-"""Entries up to this size are not ratio-checked: small text files legitimately compress a lot."""
+"""Entries up to this size are not ratio-checked one by one: small text files legitimately compress a lot."""
+TOTAL_RATIO_MIN_SIZE = 16 << 20
+"""A zip that expands to no more than this is not ratio-checked as a whole: it cannot fill a disk.
+Past it, many small entries of zeros (each under ``RATIO_MIN_SIZE``) are caught by the overall ratio."""
+MAX_TOTAL_BYTES = 16 << 30
+"""Default limit on what a zip may expand to: models are large, datasets belong in datasets."""
 MAX_NAME_BYTES = 1024
 """Longest entry path accepted (a file system refuses names over 255 bytes, paths over 4096)."""
 INCOMPRESSIBLE_SAMPLE = 1 << 20
@@ -58,9 +64,11 @@ def write_zip(root: Path, dest: Path) -> ZipDigest:
     """Zip the package folder ``root`` into ``dest`` deterministically; return its sha256 and size.
 
     Links are refused: following them could pull files from outside the package into a version.
-    A file that deflates beyond ``MAX_RATIO`` (say, a mostly-zero weight file) is stored
-    uncompressed instead, so ``extract_zip`` never mistakes our own zips for bombs; the
-    choice depends only on content, so the output stays deterministic.
+    A file that would deflate beyond ``MAX_RATIO`` (say, a mostly-zero weight file), of any
+    size, is stored uncompressed instead, decided before it is written (``_stored``), so every
+    file is written once (linear time) and no entry, nor the zip as a whole, expands beyond
+    ``MAX_RATIO``: ``extract_zip`` never mistakes our own zips for bombs. The choice depends only
+    on content, so the output stays deterministic.
     ``dest`` appears only once complete (written next to it, then renamed).
     """
     root, dest = Path(root), Path(dest)
@@ -70,19 +78,13 @@ def write_zip(root: Path, dest: Path) -> ZipDigest:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
-    stored: set[Path] = set()
     try:
         with os.fdopen(fd, "w+b") as raw:
-            while True:  # at most one retry per over-compressible file, which is rare
-                raw.seek(0)
-                raw.truncate()
-                with zipfile.ZipFile(raw, "w") as zf:
-                    too_compressible = next((rel for rel in names if _add_file(zf, root, rel, rel in stored)), None)
-                if too_compressible is None:
-                    break
-                stored.add(too_compressible)
+            with zipfile.ZipFile(raw, "w") as zf:
+                for rel in names:
+                    _add_file(zf, root, rel)
             raw.seek(0)
-            sha256 = hashlib.file_digest(raw, "sha256").hexdigest()  # type: ignore[arg-type]
+            sha256 = hashlib.file_digest(raw, "sha256").hexdigest()
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -90,8 +92,8 @@ def write_zip(root: Path, dest: Path) -> ZipDigest:
     return ZipDigest(sha256, dest.stat().st_size)
 
 
-def _add_file(zf: zipfile.ZipFile, root: Path, rel: Path, store: bool) -> bool:
-    """Add one file; return True (stop) if it deflated past ``MAX_RATIO`` and must be stored instead."""
+def _add_file(zf: zipfile.ZipFile, root: Path, rel: Path) -> None:
+    """Add one regular file, deflated unless ``_stored`` says storing it is better or safer."""
     path = root / rel
     st = path.lstat()
     if stat.S_ISLNK(st.st_mode):
@@ -103,28 +105,46 @@ def _add_file(zf: zipfile.ZipFile, root: Path, rel: Path, store: bool) -> bool:
         raise PackageError(f"{rel.as_posix()} is not a regular file (a device, socket or pipe): remove it from the package")
     info = zipfile.ZipInfo(rel.as_posix(), date_time=ZIP_EPOCH)
     info.create_system = 3  # Unix, so the mode below is read back the same on every platform
-    info.compress_type = zipfile.ZIP_STORED if store or _incompressible(path, st.st_size) else zipfile.ZIP_DEFLATED
+    info.compress_type = zipfile.ZIP_STORED if _stored(path, st.st_size) else zipfile.ZIP_DEFLATED
     _set_compress_level(info, COMPRESS_LEVEL)
     info.external_attr = (stat.S_IFREG | (0o755 if st.st_mode & 0o111 else 0o644)) << 16
     info.file_size = st.st_size  # lets zipfile pick zip64 up front for files over 2 GiB
     with path.open("rb") as src, zf.open(info, "w") as out:
         shutil.copyfileobj(src, out, CHUNK)
-    return _too_compressed(info, MAX_RATIO)
 
 
-def _incompressible(path: Path, size: int) -> bool:
-    if size <= INCOMPRESSIBLE_SAMPLE:
-        return False
+def _deflater() -> zlib._Compress:
+    """The compressor ``zipfile`` uses for our entries: same level and raw stream, so same sizes."""
+    return zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, -15)
+
+
+def _stored(path: Path, size: int) -> bool:
+    """Whether to store the file rather than deflate it: it is incompressible, or it would deflate past ``MAX_RATIO``.
+
+    The second question is answered by deflating into a counter (nothing kept) and stopping as
+    soon as the output passes ``size / MAX_RATIO``: ordinary data settles it within its first
+    few percent, and only data that really is that compressible (zeros) is read through, fast.
+    """
+    if size > INCOMPRESSIBLE_SAMPLE:
+        with path.open("rb") as fh:
+            sample = fh.read(INCOMPRESSIBLE_SAMPLE)
+        deflate = _deflater()
+        if len(deflate.compress(sample) + deflate.flush()) > 0.9 * len(sample):
+            return True
+    bound = size / MAX_RATIO
+    deflate, out = _deflater(), 0
     with path.open("rb") as fh:
-        sample = fh.read(INCOMPRESSIBLE_SAMPLE)
-    deflate = zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, -15)
-    return len(deflate.compress(sample) + deflate.flush()) > 0.9 * len(sample)
+        while chunk := fh.read(CHUNK):
+            out += len(deflate.compress(chunk))
+            if out > bound:
+                return False
+    return out + len(deflate.flush()) < bound
 
 
 def _set_compress_level(info: zipfile.ZipInfo, level: int) -> None:
     """``ZipFile.open(info, "w")`` ignores the archive's level; the attribute was renamed in 3.13."""
     if hasattr(info, "compress_level"):
-        info.compress_level = level  # type: ignore[attr-defined]
+        info.compress_level = level
     else:
         info._compresslevel = level  # type: ignore[attr-defined]
 
@@ -190,7 +210,7 @@ def _check_entries(infos: list[zipfile.ZipInfo], *, max_entries: int, max_total_
     if len(infos) > max_entries:
         raise ArchiveError(f"the zip has {len(infos)} entries, more than the limit of {max_entries}: remove generated files or pack many small files into one")
     seen: set[tuple[str, ...]] = set()
-    total = 0
+    total = compressed = 0
     for info in infos:
         name = info.filename
         parts = _check_name(name)
@@ -216,11 +236,18 @@ def _check_entries(infos: list[zipfile.ZipInfo], *, max_entries: int, max_total_
                 f"which looks like a zip bomb: refused; if the file is genuine, store it uncompressed or compress it yourself"
             )
         total += info.file_size
+        compressed += info.compress_size
         if total > max_total_bytes:
             raise ArchiveError(
                 f"the zip expands to more than {max_total_bytes} bytes (limit reached at entry {name!r}): "
                 f"keep large data in datasets, not in the package"
             )
+    if total > TOTAL_RATIO_MIN_SIZE and total > max_ratio * max(compressed, 1):
+        raise ArchiveError(
+            f"the zip expands {total} bytes from {compressed} compressed (over {max_ratio}:1 overall, across "
+            f"{len(infos)} entries), which looks like a zip bomb: refused; if the files are genuine, store the "
+            f"highly compressible ones uncompressed (`aicenter package upload FOLDER` does) or keep such data in a dataset"
+        )
 
 
 def extract_zip(
@@ -228,7 +255,7 @@ def extract_zip(
     dest: Path,
     *,
     max_entries: int = 20_000,
-    max_total_bytes: int = 16 * 2**30,
+    max_total_bytes: int = MAX_TOTAL_BYTES,
     max_ratio: int = MAX_RATIO,
     only: Callable[[str], bool] | None = None,
 ) -> Path:

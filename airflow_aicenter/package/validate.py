@@ -231,7 +231,7 @@ class _Class:
     open_bases: bool  # some base is not in this file: missing methods may come from it
 
 
-def _resolve_class(name: str, bindings: dict[str, ast.stmt]) -> ast.ClassDef | None | bool:
+def _resolve_class(name: str, bindings: dict[str, ast.stmt]) -> ast.ClassDef | Literal[False] | None:
     """The same-file class bound to ``name``; ``None`` if it is not inspectable; ``False`` if not a class.
 
     Follows ``A = B`` chains in a loop (a chain may be as long as the file allows).
