@@ -74,7 +74,8 @@ def test_the_runtime_imports_neither_airflow_nor_kubernetes() -> None:
     assert "airflow_aicenter.runtime.agent" in ours and "airflow_aicenter.storage.store" in ours
     assert not others & FORBIDDEN, f"the pod's code imports {sorted(others & FORBIDDEN)}"
     third_party = {name for name in others if name not in sys.stdlib_module_names and name != "__future__"}
-    assert third_party <= {"obstore", "pydantic"}, f"docker/requirements.txt lacks {sorted(third_party - {'obstore', 'pydantic'})}"
+    image = {"obstore", "pydantic", "uv", "zstandard"}
+    assert third_party <= image, f"docker/requirements.txt lacks {sorted(third_party - image)}"
     # and the image holds every module of that closure
     copied = [REPO / source for source in image_sources()]
     for name in ours:
@@ -87,7 +88,7 @@ def test_docker_requirements_follow_pyproject() -> None:
     wanted = {re.split(r"[<>=!~ ]", dep, maxsplit=1)[0]: dep.replace(" ", "") for dep in pyproject["project"]["dependencies"]}
     lines = [line.split("#")[0].strip() for line in (REPO / "docker" / "requirements.txt").read_text().splitlines()]
     pinned = {re.split(r"[<>=!~ ]", line, maxsplit=1)[0]: line.replace(" ", "") for line in lines if line}
-    assert set(pinned) == {"obstore", "pydantic"}
+    assert set(pinned) == {"obstore", "pydantic", "uv", "zstandard"}
     for name, requirement in pinned.items():
         assert requirement == wanted[name], f"docker/requirements.txt has {requirement}, pyproject.toml {wanted[name]}"
 
