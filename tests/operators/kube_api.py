@@ -712,7 +712,8 @@ def build_runtime_python(dest: Path) -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(dest)], check=True)
     python = dest / "bin" / "python"
     constraints = dest / "constraints.txt"
-    constraints.write_text("".join(f"{name}=={dist_version(name)}\n" for name in ("obstore", "pydantic", "pydantic-core", "pip")))
+    constraints.write_text("".join(f"{name}=={dist_version(name)}\n" for name in ("obstore", "pydantic", "pydantic-core", "pip",
+                                                                                     "uv", "zstandard")))
     done = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--disable-pip-version-check",
          "-r", str(REPO / "docker" / "requirements.txt"), "pip", "-c", str(constraints)],
