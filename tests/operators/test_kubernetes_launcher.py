@@ -291,20 +291,21 @@ class Main:
 def test_requirements_are_installed_in_the_pod(kube_deployment, kube_api, tmp_path):
     registry, dataset = kube_deployment
     upload(registry, tmp_path, "needs", train_py=NEEDS_TINY,
-           **{"requirements.txt": "--no-index\n--find-links ./wheels\naicenter-tiny==0.1\n",
+           **{"requirements.txt": "./wheels/aicenter_tiny-0.1-py3-none-any.whl\n",
               "wheels/aicenter_tiny-0.1-py3-none-any.whl": tiny_wheel()})
     result = train_op("needs", dataset).execute(make_context())
     record = registry.get("needs", result["version"])
     outcome = read(registry.store, f"{record.run.prefix}/outcome.json", Outcome)
     assert outcome.status == "succeeded" and list(outcome.phases)[:2] == ["stage_package", "requirements"]
     [pod] = kube_api.all_pods()
-    assert any("Successfully installed aicenter-tiny-0.1" in line for _, _, line in pod.log)
+    assert any("+ aicenter-tiny==0.1" in line for _, _, line in pod.log)
+    assert outcome.environment is not None and outcome.environment["source"] == "installed"
 
 
 def test_failed_requirements_are_reported_as_such(kube_deployment, kube_api, tmp_path):
     registry, dataset = kube_deployment
     upload(registry, tmp_path, "badreq", **{"requirements.txt": "# deps\nthis is not a requirement ===\n"})
-    with pytest.raises(RunError, match=r"failed: installing requirements failed: pip exited with code 1: ERROR: Invalid requirement"):
+    with pytest.raises(RunError, match=r"failed: installing requirements failed: uv exited with code 2: error: Couldn't parse requirement"):
         train_op("badreq", dataset).execute(make_context())
     [key] = [i.key for i in registry.store.list("runs") if i.key.endswith("outcome.json")]
     outcome = read(registry.store, key, Outcome)
