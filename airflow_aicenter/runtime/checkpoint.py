@@ -134,6 +134,7 @@ class CheckpointSync:
             self.log(f"restored checkpoint of try {manifest.try_number}: {len(manifest.files)} files, "
                      f"{manifest.bytes} bytes")
             return manifest
+        self.log(f"no checkpoint to restore under {self.store.url(self.prefix)}; checkpoint_directory starts empty")
         return None
 
     async def _download(self, manifest: CheckpointManifest) -> None:

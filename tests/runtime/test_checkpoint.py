@@ -76,8 +76,10 @@ def test_a_retry_restores_the_latest_checkpoint_and_logs_it(store: Store, tmp_pa
 
 
 def test_no_checkpoint_yet_restores_nothing(store: Store, tmp_path: Path) -> None:
-    sync = sync_for(store, tmp_path / "empty")
+    logs: list[str] = []
+    sync = sync_for(store, tmp_path / "empty", logs=logs)
     assert sync.restore() is None and sync.stats() == {"resumed_from_try": None, "files": 0, "bytes": 0}
+    assert logs == [f"no checkpoint to restore under {store.url(PREFIX)}; checkpoint_directory starts empty"]
     assert sync.sync() is None and not list(store.list(PREFIX))  # an empty folder commits nothing
 
 
