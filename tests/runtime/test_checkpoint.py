@@ -16,7 +16,7 @@ from airflow_aicenter.registry import Registry
 from airflow_aicenter.runtime.checkpoint import CheckpointManifest, CheckpointSync
 from airflow_aicenter.storage import Store
 from airflow_aicenter.storage.transfer import run, upload_tree
-from tests.conftest import write_files
+from tests.conftest import REPO, make_dataset, write_files
 from tests.packages import MAIN
 
 PREFIX = "runs/d/r/t/checkpoints/"
@@ -297,3 +297,22 @@ def test_a_run_stopped_by_sigterm_mid_epoch_syncs_and_resumes(store: Store, tmp_
     assert "final checkpoint 1" in err  # no periodic sync ran (interval 300 s): the final one took it
     assert latest_epoch(store) == done
     retry_resumes(store, tmp_path, env, user_env, done)
+
+
+def test_the_resumable_example_package_continues_from_its_checkpoint(store: Store, tmp_path: Path, request) -> None:
+    env = request.getfixturevalue("s3_env").env() if store.uri.startswith("s3://") else {}
+    make_dataset(tmp_path / "data", rows=200)
+    run(upload_tree(tmp_path / "data", store, "datasets/churn"))
+    base = Registry(store).upload(REPO / "examples" / "packages" / "resumable", "resumable")
+
+    def train(try_number: int, epochs: int) -> dict[str, int]:
+        spec = RunSpec(pipeline="train", storage=store.uri, run_prefix=f"runs/d/r/t/{try_number}", package="resumable",
+                       version=base.version, blob=base.blob, dataset=store.url("datasets/churn"),
+                       env={"EPOCHS": str(epochs)}, checkpoint_prefix=PREFIX, checkpoint_interval=300)
+        proc = start_runtime(spec, tmp_path, env)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        return json.loads(store.get_bytes(f"{spec.run_prefix}/artifacts/training.json"))
+
+    assert train(1, 3) == {"resumed_from_epoch": 0, "epochs": 3, "epochs_this_run": 3}
+    assert train(2, 5) == {"resumed_from_epoch": 3, "epochs": 5, "epochs_this_run": 2}
