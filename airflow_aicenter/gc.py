@@ -6,8 +6,10 @@ written. A crash in between leaves a blob nothing refers to. ``collect`` deletes
 and only those:
 
 - a blob is *referenced* when a version record (``packages/<name>/versions/*.json``) names it
-  as its content, or a run's snapshot manifest (``runs/**/<dir>.manifest.json``: the
-  ``data_directory`` and ``test_data_directory`` snapshots) lists it. Aliases and evaluations
+  as its content, or a run's snapshot manifest lists it: exactly
+  ``runs/<dag>/<run>/<task>/<try>/{data_directory,test_data_directory}.manifest.json``
+  (``layout.MANIFEST_NAMES`` in a run folder). Anything else that merely ends in
+  ``.manifest.json`` (an artifact, say) is user content, not a record. Aliases and evaluations
   point at versions and runs, whose records are never deleted, so what they reach is kept
   through those; outcomes of runs still in flight are protected by the grace period below.
 - a blob is deleted only when it is unreferenced *and* its ``last_modified`` is older than
@@ -19,8 +21,10 @@ and only those:
 - the runtime's snapshot hints (``snapshots/*.json``) take the blobs a manifest lists as
   stored without checking each one; that holds because a manifest is written only after its
   blobs and gc keeps every blob a manifest names.
-- a record that cannot be read stops gc before it deletes anything: never delete on partial
-  knowledge.
+- a record that cannot be read (damaged, or a failed request) is reported in
+  ``GcReport.unreadable`` and skipped; gc still reports on the whole store, but deletes
+  nothing in that pass: what that record names is unknown, and a blob is only deleted on full
+  knowledge (fail safe: keep).
 
 Known limit (documented, not closed): a *new* run that finds an old orphan blob already there
 (identical content) and reuses it without rewriting it refers to it only once its manifest or
@@ -36,10 +40,11 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from airflow_aicenter.errors import ConfigurationError, NotFoundError, StorageError
+from airflow_aicenter.layout import MANIFEST_NAMES, RUNS, LayoutError, RunPath
 from airflow_aicenter.records import Manifest, VersionRecord, read
 from airflow_aicenter.storage.store import Store
 from airflow_aicenter.storage.transfer import BLOB_PREFIX
@@ -65,53 +70,73 @@ class GcReport:
     deleted_bytes: int = 0
     missing: list[str] = field(default_factory=list)  # referenced by a record but not in the store
     records: dict[str, int] = field(default_factory=dict)  # kind -> how many were read
+    unreadable: dict[str, str] = field(default_factory=dict)  # record URI -> why; while any, nothing is deleted
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def references(store: Store) -> tuple[set[str], dict[str, int]]:
-    """Every blob digest a version record or a snapshot manifest names, and how many records were read."""
-    refs: set[str] = set()
-    counts = {"versions": 0, "manifests": 0}
+@dataclass
+class References:
+    """What the records name: blob digests, how many records of each kind, and those that could not be read."""
+
+    digests: set[str] = field(default_factory=set)
+    counts: dict[str, int] = field(default_factory=lambda: {"versions": 0, "manifests": 0})
+    unreadable: dict[str, str] = field(default_factory=dict)
+
+
+def is_snapshot_manifest(key: str) -> bool:
+    """Whether ``key`` is a run folder's snapshot manifest, not user content that happens to look like one."""
+    folder, _, name = key.rpartition("/")
+    if name not in MANIFEST_NAMES:
+        return False
+    try:
+        RunPath.parse(folder)
+    except LayoutError:
+        return False
+    return folder.startswith(f"{RUNS}/")
+
+
+def references(store: Store) -> References:
+    """Every blob digest a version record or a snapshot manifest names; unreadable records are reported, not fatal."""
+    found = References()
     for info in store.list("packages/"):
         if _VERSION_RECORD.match(info.key):
-            record = _read(store, info.key, VersionRecord)
-            if record is None:
-                continue
-            refs.add(record.blob.sha256)
-            counts["versions"] += 1
-    for info in store.list("runs/"):
-        if info.key.endswith(".manifest.json"):
-            manifest = _read(store, info.key, Manifest)
-            if manifest is None:
-                continue
-            refs.update(entry.sha256 for entry in manifest.files)
-            counts["manifests"] += 1
-    return refs, counts
+            record = _read(store, info.key, VersionRecord, found)
+            if record is not None:
+                found.digests.add(record.blob.sha256)
+                found.counts["versions"] += 1
+    for info in store.list(f"{RUNS}/"):
+        if is_snapshot_manifest(info.key):
+            manifest = _read(store, info.key, Manifest, found)
+            if manifest is not None:
+                found.digests.update(entry.sha256 for entry in manifest.files)
+                found.counts["manifests"] += 1
+    return found
 
 
-def _read(store: Store, key: str, model: type[Any]) -> Any:
+def _read(store: Store, key: str, model: type[Any], found: References) -> Any:
     try:
         return read(store, key, model)
     except NotFoundError:  # deleted between listing and reading: it refers to nothing any more
         return None
     except StorageError as exc:
-        raise StorageError(
-            f"gc stopped before deleting anything: {exc}; repair or remove that record, then run gc again"
-        ) from exc
+        found.unreadable[store.url(key)] = f"{exc}; repair or remove that record, then run gc again"
+        return None
 
 
 def collect(store: Store, *, grace: timedelta = timedelta(hours=DEFAULT_GRACE_HOURS), dry_run: bool = False,
             now: datetime | None = None) -> GcReport:
     """Delete the blobs nothing refers to that are older than ``grace``; see the module docstring."""
     if grace < timedelta(0):
-        raise ConfigurationError(f"grace period {grace} is negative; give --grace-hours 0 or more (default {DEFAULT_GRACE_HOURS:g})")
+        raise ConfigurationError(
+            f"grace period {grace} is negative; give --grace-hours 0 or more (default {DEFAULT_GRACE_HOURS:g})")
     began = time.perf_counter()
     report = GcReport(store=store.uri, grace_hours=grace.total_seconds() / 3600, dry_run=dry_run)
-    first, report.records = references(store)
-    cutoff = (now or datetime.now(timezone.utc)) - grace
+    before = references(store)
+    first, report.records, report.unreadable = before.digests, before.counts, before.unreadable
+    cutoff = (now or datetime.now(UTC)) - grace
     candidates: list[tuple[str, int]] = []
     present: set[str] = set()
     for info in store.list(BLOB_PREFIX):
@@ -129,10 +154,12 @@ def collect(store: Store, *, grace: timedelta = timedelta(hours=DEFAULT_GRACE_HO
             report.young += 1
         else:
             candidates.append((digest, info.size))
-    if candidates:
-        second, _ = references(store)  # records written while we listed
+    after = references(store) if candidates and not report.unreadable else None  # records written while we listed
+    if after is not None:
+        report.unreadable.update(after.unreadable)
+    if after is not None and not report.unreadable:  # partial knowledge deletes nothing (fail safe: keep)
         for digest, size in candidates:
-            if digest in second:
+            if digest in after.digests:
                 report.referenced += 1
                 continue
             if not dry_run:

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from airflow_aicenter import cli
-from airflow_aicenter.errors import ConfigurationError, StorageError
+from airflow_aicenter.errors import ConfigurationError
 from airflow_aicenter.gc import collect, references
 from airflow_aicenter.records import Outcome, RunRef, read
 from airflow_aicenter.storage import open_store
@@ -59,7 +59,7 @@ def test_gc_during_an_upload_keeps_young_and_referenced_blobs_and_removes_old_or
     ref1, spec1 = setup.spec(try_number=1)
     assert run_runtime(spec1, tmp_path, setup.env).returncode == 0
     assert _register(setup, ref1, spec1) == "1.1"
-    referenced_before, _ = references(setup.store)
+    referenced_before = references(setup.store).digests
     assert len(referenced_before) >= 30  # two package zips and the snapshot's files
 
     orphan, orphan_time = _orphan(setup, tmp_path, "orphan.bin")  # e.g. left by a run that crashed
@@ -69,7 +69,7 @@ def test_gc_during_an_upload_keeps_young_and_referenced_blobs_and_removes_old_or
         now = datetime.now(timezone.utc)
         return collect(setup.store, grace=now - orphan_time - timedelta(seconds=GAP / 2), now=now, **kw)
 
-    ref2, spec2 = setup.spec(try_number=2)
+    ref2, spec2 = setup.spec(try_number=1, task_id="train_again")  # another task: a retry would report 1.1
     spec_file = tmp_path / "spec2.json"
     spec_file.write_text(spec2.model_dump_json())
     proc = subprocess.Popen([sys.executable, "-m", "airflow_aicenter.runtime", str(spec_file)],
@@ -90,7 +90,7 @@ def test_gc_during_an_upload_keeps_young_and_referenced_blobs_and_removes_old_or
 
     # between the outcome and the registration: the new package blob is unreferenced, and young
     new_blob = read(setup.store, f"{spec2.run_prefix}/outcome.json", Outcome).blob
-    assert new_blob.sha256 not in references(setup.store)[0]
+    assert new_blob.sha256 not in references(setup.store).digests
     between = gc_now()
     assert between.deleted == [] and between.young >= 1
     assert _register(setup, ref2, spec2) == "1.2"
@@ -126,14 +126,39 @@ def test_gc_command_dry_run_json_and_grace(setup, tmp_path, monkeypatch, capsys)
     assert check_store(setup.store) == ["res:1.0"]
 
 
-def test_gc_stops_before_deleting_when_a_record_is_unreadable(setup, tmp_path):
+def test_an_unreadable_record_is_reported_and_keeps_every_blob(setup, tmp_path):
+    """A damaged snapshot manifest: gc reports it and the whole store, never stops, deletes nothing
+    (what the record names is unknown: fail safe), and collects again once it is repaired."""
     orphan, _ = _orphan(setup, tmp_path, "o.bin")
-    setup.store.put_bytes("runs/d/r/t/1/data_directory.manifest.json", b"{not json")
-    with pytest.raises(StorageError, match="gc stopped before deleting anything"):
-        collect(setup.store, grace=timedelta(0))
+    damaged = "runs/d/r/t/1/data_directory.manifest.json"
+    setup.store.put_bytes(damaged, b"{not json")
+    report = collect(setup.store, grace=timedelta(0))
+    assert list(report.unreadable) == [setup.store.url(damaged)]
+    assert "is not a valid Manifest record" in report.unreadable[setup.store.url(damaged)]
+    assert "repair or remove that record, then run gc again" in report.unreadable[setup.store.url(damaged)]
+    assert report.deleted == [] and report.blobs == 2 and report.records == {"versions": 1, "manifests": 0}
     assert setup.store.exists(BLOB_PREFIX + orphan)
+    setup.store.delete(damaged)
+    assert collect(setup.store, grace=timedelta(0)).deleted == [orphan]
     with pytest.raises(ConfigurationError, match="negative"):
         collect(setup.store, grace=timedelta(hours=-1))
+
+
+def test_artifacts_named_like_manifests_are_not_records(setup, tmp_path):
+    """An artifact ``*.manifest.json`` (even one named ``data_directory.manifest.json``) stopped gc
+    for the whole store: only a run folder's own snapshot manifests are records."""
+    orphan, _ = _orphan(setup, tmp_path, "o.bin")
+    ref, spec = setup.spec(try_number=1)
+    assert run_runtime(spec, tmp_path, setup.env).returncode == 0
+    _register(setup, ref, spec)
+    for name in ("model.manifest.json", "data_directory.manifest.json", "sub/test_data_directory.manifest.json"):
+        setup.store.put_bytes(f"{ref.prefix}/artifacts/{name}", b'["user content, not a manifest"]')
+    setup.store.put_bytes("runs/notes/data_directory.manifest.json", b"not a run folder")
+    report = collect(setup.store, grace=timedelta(0))
+    assert report.unreadable == {}
+    assert report.deleted == [orphan]
+    assert report.records == {"versions": 2, "manifests": 1}
+    assert report.missing == [] and check_store(setup.store) == ["res:1.0", "res:1.1"]
 
 
 def test_gc_leaves_foreign_keys_under_the_blob_prefix_alone(setup):
