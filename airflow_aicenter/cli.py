@@ -87,6 +87,9 @@ def _metadata_db_lookups() -> Iterator[None]:
     an ``aicenter_default`` (or AWS) connection made with ``airflow connections add`` is the one
     it uses, exactly as tasks do.
     """
+    if not _metadata_db_exists():
+        yield
+        return
     previous = os.environ.get("_AIRFLOW_PROCESS_CONTEXT")
     os.environ["_AIRFLOW_PROCESS_CONTEXT"] = "server"
     try:
@@ -96,6 +99,16 @@ def _metadata_db_lookups() -> Iterator[None]:
             os.environ.pop("_AIRFLOW_PROCESS_CONTEXT", None)
         else:
             os.environ["_AIRFLOW_PROCESS_CONTEXT"] = previous
+
+
+def _metadata_db_exists() -> bool:
+    """False for a SQLite database file that is not there: looking into it would create an empty one."""
+    from airflow.configuration import conf
+
+    url = conf.get("database", "sql_alchemy_conn", fallback="")
+    if url.startswith("sqlite:///"):
+        return Path(url.removeprefix("sqlite:///").split("?", 1)[0]).exists()
+    return bool(url)
 
 
 def choose_store(flag: str | None) -> StoreChoice:

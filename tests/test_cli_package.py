@@ -24,6 +24,12 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     return subprocess.run([AICENTER, *args], capture_output=True, text=True, env={**base, **(env or {})}, timeout=120, check=False)
 
 
+def server_options(env: dict[str, str]):
+    from airflow_aicenter.storage import S3Options
+
+    return S3Options.from_env(env) if env else None
+
+
 @pytest.fixture(params=["file", "s3"])
 def target(request, tmp_path):
     if request.param == "file":
@@ -37,7 +43,17 @@ def test_upload_list_download_roundtrip(target, tmp_path):
     done = cli("--storage", uri, "package", "upload", str(EXAMPLE_PACKAGE), "--name", "churn", env=env)
     assert done.returncode == 0, done.stderr
     assert "Uploaded churn version 1.0" in done.stdout
-    assert "version 2.0" in cli("--storage", uri, "package", "upload", str(EXAMPLE_PACKAGE), "--name", "churn", env=env).stdout
+
+    # the same content again makes no new major version: it is identical to 1.0 (exit 0, nothing written)
+    again = cli("--storage", uri, "package", "upload", str(EXAMPLE_PACKAGE), "--name", "churn", env=env)
+    assert again.returncode == 0, again.stderr
+    assert "identical to churn 1.0" in again.stdout and "--force" in again.stdout and "2.0" not in again.stdout
+    as_json = json.loads(cli("--storage", uri, "package", "upload", str(EXAMPLE_PACKAGE), "--name", "churn", "--json",
+                             env=env).stdout)
+    assert (as_json["version"], as_json["created"]) == ("1.0", False)
+    assert Registry(open_store(uri, server_options(env))).latest_major("churn") == 1
+    forced = cli("--storage", uri, "package", "upload", str(EXAMPLE_PACKAGE), "--name", "churn", "--force", env=env)
+    assert forced.returncode == 0 and "Uploaded churn version 2.0" in forced.stdout, forced.stderr
 
     listed = json.loads(cli("--storage", uri, "package", "list", "--json", env=env).stdout)
     assert [(p["package"], p["latest"]) for p in listed] == [("churn", "2.0")]
@@ -109,12 +125,14 @@ def test_unsafe_zip_is_refused(tmp_path):
 
 
 def test_download_needs_a_version_and_a_known_package(tmp_path):
-    (tmp_path / "store").mkdir()  # an existing, empty store
     uri = (tmp_path / "store").as_uri()
+    Registry(open_store(uri)).upload(EXAMPLE_PACKAGE, "churn")
     done = cli("--storage", uri, "package", "download", "churn", str(tmp_path / "out"))
     assert done.returncode == 1 and "NAME:VERSION" in done.stderr
     done = cli("--storage", uri, "package", "download", "ghost:1.0", str(tmp_path / "out"))
     assert done.returncode == 1 and "has no versions" in done.stderr
+    assert f"in {uri}; upload it first with `aicenter package upload PATH --name ghost`" in done.stderr, "names the store"
+    assert "(this command used the store" in done.stderr and "given with --storage" in done.stderr
 
 
 def test_read_commands_never_create_a_store_only_writes_do(tmp_path):
@@ -131,3 +149,28 @@ def test_read_commands_never_create_a_store_only_writes_do(tmp_path):
     home = tmp_path / "airflow-home"
     done = cli("package", "list", env={"AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"})
     assert done.returncode == 1 and f"there is no store at {(home / 'aicenter').as_uri()}" in done.stderr, done.stderr
+
+
+def test_a_mistyped_s3_prefix_is_an_error_like_a_mistyped_folder(s3_server, tmp_path):
+    env = s3_server.env()
+    bucket = s3_server.create_bucket()
+    store = f"s3://{bucket}/aicenter"
+    done = cli("--storage", store, "package", "upload", str(EXAMPLE_PACKAGE), "--name", "churn", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "churn" in cli("--storage", store, "package", "list", env=env).stdout
+
+    for args in (["package", "list"], ["runs", "list"], ["package", "show", "churn"], ["gc", "--dry-run"]):
+        typo = cli("--storage", f"s3://{bucket}/aicentre", *args, env=env)
+        assert typo.returncode == 1, (args, typo.stdout)
+        assert f"there is no store at s3://{bucket}/aicentre (given with --storage)" in typo.stderr, typo.stderr
+        assert "No packages yet" not in typo.stdout
+    # a prefix that holds data, but not a store (the bucket's root here: only aicenter/ is in it)
+    boto = __import__("boto3").client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1",
+                                      aws_access_key_id="testing", aws_secret_access_key="testing-secret")
+    boto.put_object(Bucket=bucket, Key="datasets/churn/a.csv", Body=b"x\n")
+    other = cli("--storage", f"s3://{bucket}/datasets", "package", "list", env=env)
+    assert other.returncode == 1 and "is not an aicenter store: it holds other data (churn)" in other.stderr, other.stderr
+    folder = tmp_path / "not-a-store"
+    (folder / "x").mkdir(parents=True)
+    other = cli("--storage", folder.as_uri(), "runs", "list")
+    assert other.returncode == 1 and "is not an aicenter store" in other.stderr
