@@ -2,13 +2,24 @@
 # The main job, end to end on the embedded default (file store + local launcher):
 # install, migrate a fresh Airflow home, generate the churn dataset, upload the example
 # package, run dags/aicenter_training.py with `airflow dags test`, print the new version.
+#
+# It works in an Airflow home of its own, ./airflow-home, or the folder named by
+# AICENTER_EXAMPLE_HOME. It never uses an AIRFLOW_HOME exported in your shell: it migrates
+# the database of the home it works in and fills it with example runs, which has no place in
+# the Airflow you run. Likewise an exported AICENTER_STORAGE or aicenter_default connection
+# is not used: the example's store is <its home>/aicenter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+EXAMPLE_HOME=$(realpath -m "${AICENTER_EXAMPLE_HOME:-$PWD/airflow-home}")
+if [ -n "${AIRFLOW_HOME:-}" ] && [ "$(realpath -m "$AIRFLOW_HOME")" != "$EXAMPLE_HOME" ]; then
+  echo "example.sh: leaving AIRFLOW_HOME=$AIRFLOW_HOME alone; the example works in its own home, $EXAMPLE_HOME" \
+       "(set AICENTER_EXAMPLE_HOME to choose another)" >&2
+fi
 bash scripts/setup.sh
-export AIRFLOW_HOME=${AIRFLOW_HOME:-$PWD/airflow-home}
+export AIRFLOW_HOME=$EXAMPLE_HOME
 export AIRFLOW__CORE__DAGS_FOLDER=$PWD/dags
 export AIRFLOW__CORE__LOAD_EXAMPLES=False
-unset AICENTER_STORAGE
+unset AICENTER_STORAGE AIRFLOW_CONN_AICENTER_DEFAULT
 BIN=$PWD/.venv/bin
 mkdir -p "$AIRFLOW_HOME"
 "$BIN/airflow" db migrate >/dev/null

@@ -15,13 +15,15 @@ from airflow_aicenter.storage import open_store
 from tests.conftest import EXAMPLE_PACKAGE, write_files
 
 AICENTER = str(Path(sys.executable).parent / "aicenter")
+MAIN_PY = "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return 1\n"
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     import os
 
     base = {k: v for k, v in os.environ.items() if not k.startswith(("AICENTER_", "AWS_"))}
-    return subprocess.run([AICENTER, *args], capture_output=True, text=True, env={**base, **(env or {})}, timeout=120, check=False)
+    return subprocess.run([AICENTER, *args], capture_output=True, text=True, env={**base, **(env or {})}, timeout=120,
+                          check=False)
 
 
 def server_options(env: dict[str, str]):
@@ -95,7 +97,7 @@ def test_download_detects_a_corrupt_blob(tmp_path):
 
 
 @pytest.mark.parametrize("files, name, message", [
-    ({"main.py": "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return 1\n"}, "churn", "requirements.txt"),
+    ({"main.py": MAIN_PY}, "churn", "requirements.txt"),
     ({"requirements.txt": ""}, "churn", "main.py"),
     ({"main.py": "class Main(:\n", "requirements.txt": ""}, "churn", "main.py:1:"),
     ({"main.py": "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return 1\n",
@@ -116,7 +118,7 @@ def test_upload_rejects_bad_packages_with_clear_errors(files, name, message, tmp
 def test_unsafe_zip_is_refused(tmp_path):
     zpath = tmp_path / "evil.zip"
     with zipfile.ZipFile(zpath, "w") as zf:
-        zf.writestr("main.py", "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return 1\n")
+        zf.writestr("main.py", MAIN_PY)
         zf.writestr("requirements.txt", "")
         zf.writestr("../escape.txt", "x")
     done = cli("--storage", (tmp_path / "store").as_uri(), "package", "upload", str(zpath), "--name", "churn")

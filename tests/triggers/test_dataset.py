@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -293,8 +291,10 @@ def test_an_asset_watcher_in_a_parsed_dag_round_trips_and_fires(airflow_env, tmp
     inbox.mkdir()
     (inbox / "a.csv").write_text("x\n1\n")
     airflow_env.add_dag("aicenter_test_watcher.py", WATCHED_DAG.format(data=inbox.as_uri()))
-    done = airflow_env.run("airflow", "dags", "reserialize")
-    assert done.returncode == 0, done.stderr[-3000:]
+    # Airflow keeps watcher triggers for active, unpaused DAGs only: parse, unpause, parse again
+    for step in (("dags", "reserialize"), ("dags", "unpause", "aicenter_test_watcher"), ("dags", "reserialize")):
+        done = airflow_env.run("airflow", *step)
+        assert done.returncode == 0, done.stderr[-3000:]
     done = airflow_env.run("python", "-c", FROM_DB)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout.split("ROWS=", 1)[1])
@@ -323,8 +323,3 @@ asyncio.run(main())
     assert payload["dataset"] == inbox.as_uri() and payload["files"] == 2
     assert (airflow_env.home / "aicenter" / "triggers").is_dir(), "the embedded default store keeps the record"
 
-
-def test_the_trigger_module_imports_without_side_effects() -> None:
-    done = subprocess.run([sys.executable, "-c", "import airflow_aicenter.triggers as t; print(t.DatasetChangedTrigger.__name__)"],
-                          capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0 and done.stdout.strip() == "DatasetChangedTrigger", done.stderr
