@@ -15,6 +15,7 @@ so a struggling server sees fewer requests, not the same number again.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import itertools
@@ -138,32 +139,49 @@ class AdaptiveLimit:
 
     Additive increase, multiplicative decrease (as TCP does): every ``limit`` successes in a
     row add one slot, up to the starting ``limit``; each transient failure halves it (to 1 at
-    least). ``lowest`` records how far it went down.
+    least). ``lowest`` records how far it went down. Waiters queue in order and a release hands
+    its slot to the next one (no wake-up of every waiter: 10,000 small files stay O(n)).
     """
 
     def __init__(self, limit: int = CONCURRENCY) -> None:
         self.max = self.limit = self.lowest = max(1, limit)
         self.in_flight = 0
         self._streak = 0
-        self._cond = asyncio.Condition()
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.in_flight < self.limit)
+    async def acquire(self) -> None:
+        if self.in_flight < self.limit and not self._waiters:
             self.in_flight += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
         try:
-            yield
-        finally:
-            async with self._cond:
-                self.in_flight -= 1
-                self._cond.notify_all()
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # the slot was handed over: give it back
+                self.release()
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.in_flight < self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.in_flight += 1
+                waiter.set_result(None)
 
     def succeeded(self) -> None:
         self._streak += 1
         if self._streak >= self.limit and self.limit < self.max:
             self.limit += 1
             self._streak = 0
+            self._wake()
 
     def overloaded(self) -> None:
         self.limit = max(1, self.limit // 2)
@@ -173,15 +191,20 @@ class AdaptiveLimit:
     async def call(self, fn: Callable[[], Awaitable[R]]) -> R:
         """``fn()`` in a slot; a transient failure shrinks the limit and tries again (TRANSFER_ATTEMPTS)."""
         for attempt in range(TRANSFER_ATTEMPTS):
+            await self.acquire()
             try:
-                async with self.slot():
-                    result = await fn()
+                result = await fn()
             except Exception as exc:
+                self.release()
                 if attempt + 1 >= TRANSFER_ATTEMPTS or not is_transient(exc):
                     raise
                 self.overloaded()
                 await asyncio.sleep(random.uniform(0, min(RETRY_WAIT_MAX, RETRY_WAIT * 2**attempt)))
+            except BaseException:
+                self.release()
+                raise
             else:
+                self.release()
                 self.succeeded()
                 return result
         raise AssertionError("unreachable")
@@ -194,16 +217,30 @@ def _limit(limit: int | AdaptiveLimit) -> AdaptiveLimit:
 async def gather_limited(
     items: Iterable[T], fn: Callable[[T], Awaitable[R]], limit: int | AdaptiveLimit = CONCURRENCY
 ) -> list[R]:
-    """``fn`` over ``items`` under an AdaptiveLimit (retries included); the first error cancels the rest."""
+    """``fn`` over ``items`` under an AdaptiveLimit (retries included), results in order.
+
+    A pool of workers (as many as the limit allows at most) takes the items in turn, instead
+    of one task per item: 10,000 small files are 64 tasks, not 10,000 waiting ones. The first
+    error cancels the rest.
+    """
     limiter = _limit(limit)
-    tasks = [asyncio.ensure_future(limiter.call(lambda item=item: fn(item))) for item in items]  # type: ignore[misc]
+    todo = list(enumerate(items))
+    results: list[R] = [None] * len(todo)  # type: ignore[list-item]
+    feed = iter(todo)
+
+    async def worker() -> None:
+        for i, item in feed:
+            results[i] = await limiter.call(lambda item=item: fn(item))  # type: ignore[misc]
+
+    workers = [asyncio.ensure_future(worker()) for _ in range(min(limiter.max, len(todo)))]
     try:
-        return list(await asyncio.gather(*tasks))
+        await asyncio.gather(*workers)
     except BaseException:
-        for task in tasks:
+        for task in workers:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*workers, return_exceptions=True)
         raise
+    return results
 
 
 def sha256_file(path: Path) -> FileEntry:
