@@ -84,8 +84,8 @@ def test_runs_list_and_show(filled, capsys):
     assert {t: r["status"] for t, r in by_task.items()} == {
         "train": "succeeded", "full": "succeeded", "evaluate": "succeeded", "evaluate_nan": "failed"}
     assert "Main.evaluate() returned nan, which is not a finite number" in by_task["evaluate_nan"]["cause"]
-    assert [(by_task[t]["version"], by_task[t]["new_version"]) for t in ("train", "full", "evaluate")] == [
-        ("1.0", "1.1"), ("1.1", "1.2"), ("1.2", None)]
+    versions = [(by_task[t]["version"], by_task[t]["new_version"]) for t in ("train", "full", "evaluate")]
+    assert versions == [("1.0", "1.1"), ("1.1", "1.2"), ("1.2", None)]
     assert [r["id"].split("/")[2] for r in read_json(capsys, "--storage", uri, "runs", "list", "--status", "failed")] == ["evaluate_nan"]
     assert read_json(capsys, "--storage", uri, "runs", "list", "--package", "other") == []
     assert len(read_json(capsys, "--storage", uri, "runs", "list", "--package", "scored")) == 4
@@ -96,7 +96,8 @@ def test_runs_list_and_show(filled, capsys):
     assert train["results_uri"].endswith("/train/1/_results.json") and train["snapshots"] == {}
     full = read_json(capsys, "--storage", uri, "runs", "show", by_task["full"]["uri"])
     assert full["score"] == 0.7 and full["new_version"] == "1.2"
-    assert full["promotion"]["promoted"] is True and (full["promotion"]["alias"], full["promotion"]["to"]) == ("production", "1.2")
+    assert full["promotion"]["promoted"] is True
+    assert (full["promotion"]["alias"], full["promotion"]["to"]) == ("production", "1.2")
 
     # as a person sees it: the installed command, a rich table, nothing secret
     done = console_script("--storage", uri, "runs", "list")
@@ -161,7 +162,7 @@ def test_package_show_versions_lineage_scores_aliases(filled, capsys):
 @pytest.mark.airflow
 def test_package_promote(filled, capsys):
     uri, _ = filled
-    first = read_json(capsys, "--storage", uri, "package", "promote", "scored:1.1", "--alias", "canary")
+    first = read_json(capsys, "--storage", uri, "package", "promote", "scored:1.1", "--alias", "canary", "--if", "always")
     assert first == {"package": "scored", "promoted": True, "alias": "canary", "from": None, "to": "1.1",
                      "reason": "promote_if='always' (new alias 'canary')"}
     again = read_json(capsys, "--storage", uri, "package", "promote", "scored:1.1", "--alias", "canary")
@@ -203,3 +204,157 @@ def test_package_validate_is_static_and_needs_no_store(tmp_path, capsys, monkeyp
     assert not (tmp_path / "no-airflow-here").exists(), "validate opened no store"
     text = console_script("package", "validate", str(EXAMPLE_PACKAGE), "--pipeline", "evaluate")
     assert text.returncode == 0 and "valid for the evaluate pipeline" in text.stdout
+
+
+# -- the first hour -------------------------------------------------------------------------
+TRAIN_DB_DAG = '''
+from datetime import datetime
+from airflow.sdk import DAG
+from airflow_aicenter.operators import TrainPipelineOperator
+
+with DAG("aicenter_test_cli_db", schedule=None, start_date=datetime(2026, 1, 1), params={"data": ""}):
+    TrainPipelineOperator(task_id="train", package="dbpkg", version="1.0", dataset="{{ params.data }}")
+'''
+
+
+@pytest.mark.airflow
+def test_cli_and_dags_share_the_connection_stored_in_airflows_database(airflow_env, tmp_path):
+    """`airflow connections add aicenter_default ...` is what the command uses, as tasks do: one store for both."""
+    uri = (tmp_path / "db-store").as_uri()
+    added = airflow_env.run("airflow", "connections", "add", "aicenter_default", "--conn-type", "aicenter",
+                            "--conn-extra", json.dumps({"storage": uri}))
+    assert added.returncode == 0, added.stderr[-2000:]
+    try:
+        missing = airflow_env.aicenter("package", "show", "dbpkg")
+        assert missing.returncode == 1
+        assert f"there is no store at {uri} (from the aicenter_default connection's storage extra)" in missing.stderr
+        pkg = write_files(tmp_path / "dbpkg", {"main.py": MAIN, "train.py": SCORED_TRAIN, "requirements.txt": ""})
+        done = airflow_env.aicenter("package", "upload", str(pkg), "--name", "dbpkg")
+        assert done.returncode == 0 and "version 1.0" in done.stdout and uri in done.stdout, done.stderr
+        assert not (airflow_env.home / "aicenter" / "packages" / "dbpkg").exists(), "not the embedded default"
+
+        unknown = airflow_env.aicenter("package", "show", "dbpkg:7.0")
+        assert unknown.returncode == 1 and f"in {uri}" in unknown.stderr
+
+        airflow_env.add_dag("aicenter_test_cli_db.py", TRAIN_DB_DAG)
+        ran = airflow_env.dags_test("aicenter_test_cli_db", {"data": small_dataset(tmp_path).as_uri()})
+        assert ran.returncode == 0, (ran.stdout + ran.stderr)[-4000:]
+        assert Registry(open_store(uri)).resolve("dbpkg", "latest").version == "1.1", "the task trained what the CLI uploaded"
+        listed = airflow_env.aicenter("runs", "list", "--json")
+        assert [r["id"].split("/")[0] for r in json.loads(listed.stdout)] == ["aicenter_test_cli_db"], listed.stderr
+    finally:
+        airflow_env.run("airflow", "connections", "delete", "aicenter_default")
+
+
+def test_without_airflow_home_the_error_says_how_to_point_the_command(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AICENTER_", "AWS_", "AIRFLOW"))}
+    env.update(HOME=str(tmp_path), COLUMNS="250")
+    done = subprocess.run([AICENTER, "package", "list"], capture_output=True, text=True, env=env, timeout=120, check=False)
+    default = (tmp_path / "airflow" / "aicenter").as_uri()
+    assert done.returncode == 1
+    assert f"there is no store at {default} (the embedded default, $AIRFLOW_HOME/aicenter)" in done.stderr, done.stderr
+    assert "AIRFLOW_HOME is not set, so ~/airflow was assumed" in done.stderr
+    assert "set AIRFLOW_HOME to your Airflow home" in done.stderr and "--storage URI or AICENTER_STORAGE=URI" in done.stderr
+    assert not (tmp_path / "airflow" / "airflow.db").exists(), "looking for a connection made no database"
+
+
+def test_promote_defaults_to_better_and_keeps_a_scored_version_over_an_unscored_one(tmp_path, capsys):
+    uri = (tmp_path / "store").as_uri()
+    registry = Registry(open_store(uri))
+    upload_package(registry, tmp_path, "scored", SCORED_TRAIN)
+    blob = registry.get("scored", "1.0").blob
+    registry.commit("scored", parent="1.0", blob=blob, pipeline="full", score=0.8)
+    registry.commit("scored", parent="1.1", blob=blob, pipeline="train")  # 1.2: trained, never evaluated
+
+    first = read_json(capsys, "--storage", uri, "package", "promote", "scored:1.1", "--alias", "production")
+    assert first["promoted"] is True and first["reason"].startswith("score 0.8")
+    refused = read_json(capsys, "--storage", uri, "package", "promote", "scored:1.2", "--alias", "production")
+    assert refused["promoted"] is False and "version 1.2 has no score" in refused["reason"]
+    assert registry.alias("scored", "production").version == "1.1"
+
+    done = console_script("--storage", uri, "package", "promote", "scored:1.2", "--alias", "production")
+    assert done.returncode == 0, done.stderr
+    assert "Not promoted: version 1.2 has no score" in done.stdout and "--if better cannot judge it" in done.stdout
+    assert "'production' stays at 1.1 (score 0.8" in done.stdout
+    assert "aicenter package promote scored:1.2 --alias production --if always" in done.stdout
+    forced = read_json(capsys, "--storage", uri, "package", "promote", "scored:1.2", "--alias", "production", "--if", "always")
+    assert forced["promoted"] is True and (forced["from"], forced["to"]) == ("1.1", "1.2")
+
+
+# -- run records made by hand, to read at 80 columns ---------------------------------------
+def record_run(store, run_id: str, *, dataset: str, files: dict[str, bytes], start: float, status: str = "succeeded"):
+    """A run folder as the runtime leaves it: outcome.json and the data snapshot's manifest."""
+    import hashlib
+
+    from airflow_aicenter.records import Manifest, ManifestEntry, Outcome, write
+
+    entries = [ManifestEntry(path=p, sha256=hashlib.sha256(b).hexdigest(), size=len(b)) for p, b in sorted(files.items())]
+    manifest_key = f"runs/{run_id}/data_directory.manifest.json"
+    write(store, manifest_key, Manifest(source=dataset, directory="data_directory", files=entries, file_count=len(entries),
+                                        total_bytes=sum(e.size for e in entries)))
+    write(store, f"runs/{run_id}/outcome.json", Outcome(
+        status=status, pipeline="train", package="churn", version="1.0", start_at=start, end_at=start + 12.5,
+        dataset=dataset, env={"EPOCHS": "5"}, snapshots={"data_directory": store.url(manifest_key)},
+        error=None if status == "succeeded" else "ValueError: bad rows (train.py:12)"))
+
+
+RUN_IDS = [f"aicenter_training/scheduled__2026-11-{day:02d}T03:00:00+00:00/train_churn_model/1" for day in (1, 2, 3)]
+
+
+@pytest.fixture
+def recorded(tmp_path) -> str:
+    uri = (tmp_path / "store").as_uri()
+    store = open_store(uri)
+    data = "s3://bucket/datasets/churn/"
+    record_run(store, RUN_IDS[0], dataset=data, files={"a.csv": b"x\n1\n"}, start=1_790_000_000)
+    record_run(store, RUN_IDS[1], dataset=data, files={"a.csv": b"x\n1\n"}, start=1_790_086_400)
+    record_run(store, RUN_IDS[2], dataset=data, files={"a.csv": b"x\n1\n", "b.csv": b"x\n2\n"}, start=1_790_172_800,
+               status="failed")
+    return uri
+
+
+def whole_on_a_line(text: str, run_id: str) -> bool:
+    return any(run_id in line for line in text.splitlines())
+
+
+def test_run_ids_stay_whole_at_80_columns(recorded):
+    listed = console_script("--storage", recorded, "runs", "list", columns=80)
+    assert listed.returncode == 0, listed.stderr
+    assert all(whole_on_a_line(listed.stdout, i) for i in RUN_IDS), listed.stdout
+    assert "ValueError: bad rows" in listed.stdout and max(map(len, RUN_IDS)) > 80 - 20
+    wide = console_script("--storage", recorded, "runs", "list", columns=250)
+    assert all(whole_on_a_line(wide.stdout, i) for i in RUN_IDS) and "┃ run" in wide.stdout, "a table when it fits"
+
+    shown = console_script("--storage", recorded, "runs", "show", RUN_IDS[2], columns=80)
+    assert shown.returncode == 0 and whole_on_a_line(shown.stdout, RUN_IDS[2]), shown.stdout
+    compared = console_script("--storage", recorded, "runs", "compare", *RUN_IDS, columns=80)
+    assert compared.returncode == 0, compared.stderr
+    assert all(whole_on_a_line(compared.stdout, f"#{n} {i}") for n, i in enumerate(RUN_IDS, 1)), compared.stdout
+
+
+def test_runs_compare_shows_the_data_snapshot_beside_the_dataset(recorded, capsys):
+    compared = read_json(capsys, "--storage", recorded, "runs", "compare", *RUN_IDS)
+    fields = compared["fields"]
+    assert len(set(fields["dataset"])) == 1 and "dataset" not in compared["differs"], "the same URI each time"
+    first, second, third = fields["dataset_snapshot"]
+    assert first.endswith("(1 files, 4 bytes, content " + first[-13:]) and first.split("(")[1] == second.split("(")[1]
+    assert "(2 files, 8 bytes" in third and third[-13:] != first[-13:], "the data changed under the same URI"
+    assert "dataset_snapshot" in compared["differs"]
+    assert list(fields).index("dataset_snapshot") == list(fields).index("dataset") + 1
+    assert fields["evaluation_dataset_snapshot"] == [None, None, None]
+    text = console_script("--storage", recorded, "runs", "compare", *RUN_IDS, columns=200)
+    assert "dataset_snapshot" in text.stdout and "2 files, 8 bytes" in text.stdout
+
+
+def test_a_closed_pipe_ends_the_command_quietly(tmp_path):
+    uri = (tmp_path / "store").as_uri()
+    store = open_store(uri)
+    for n in range(300):  # about 300 KB of JSON: more than a pipe holds, so the writer meets the closed end
+        record_run(store, f"big/manual__{n:04d}/train/1", dataset="file:///data", files={"a.csv": b"1"}, start=1_790_000_000 + n)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AICENTER_", "AWS_"))}
+    for args in ("runs list --json", "runs list"):
+        done = subprocess.run(["bash", "-c", f"'{AICENTER}' --storage '{uri}' {args} | head -1"], capture_output=True,
+                              text=True, env={**env, "COLUMNS": "80"}, timeout=120, check=False)
+        assert done.returncode == 0 and done.stdout.strip(), done.stderr
+        assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+        assert done.stderr.strip() == "", done.stderr
