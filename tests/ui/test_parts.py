@@ -1,0 +1,112 @@
+"""The parts of the AI Center pages that need no server: links, artifact paths, chart, connection test."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from airflow_aicenter import layout
+from airflow_aicenter.operators.links import ArtifactsLink, ResultsLink, run_page_url
+from airflow_aicenter.plugins import AICenterPlugin, pages
+from airflow_aicenter.registry import Registry
+from airflow_aicenter.storage import open_store
+from tests.conftest import EXAMPLE_PACKAGE
+
+
+def key(**kw):
+    return SimpleNamespace(**{"dag_id": "d", "run_id": "manual__2026-01-01T00:00:00+00:00", "task_id": "train",
+                              "map_index": -1, "try_number": 2, **kw})
+
+
+def test_links_are_same_origin_and_need_no_xcom(monkeypatch):
+    monkeypatch.delenv("AIRFLOW__API__BASE_URL", raising=False)
+    url = ResultsLink().get_link(None, ti_key=key())  # type: ignore[arg-type]
+    assert url == "/aicenter/runs/d/manual__2026-01-01T00%3A00%3A00%2B00%3A00/train/2"
+    assert ArtifactsLink().get_link(None, ti_key=key()) == url + "#artifacts"  # type: ignore[arg-type]
+    # a mapped task instance's folder is <task>~<index>, as the layout names it
+    mapped = run_page_url(key(map_index=3))
+    assert mapped.endswith("/train~3/2")
+    assert layout.RunPath.parse(mapped.removeprefix("/aicenter/runs/").replace("%3A", ":").replace("%2B", "+")).map_index == 3
+    # behind a proxy: under [api] base_url, still http(s)
+    monkeypatch.setenv("AIRFLOW__API__BASE_URL", "https://airflow.example.com/team/")
+    assert run_page_url(key()).startswith("https://airflow.example.com/team/aicenter/runs/d/")
+    monkeypatch.setenv("AIRFLOW__API__BASE_URL", "airflow.example.com")  # not http(s): a root-relative path instead
+    assert run_page_url(key()).startswith("/aicenter/runs/")
+
+
+@pytest.mark.parametrize("bad", ["../outcome.json", "a/../../x", "/etc/passwd", "a\\..\\b", "./a", "a//b", "", "dir/", "a\x00b"])
+def test_artifact_paths_outside_the_artifacts_folder_are_refused(bad):
+    path = layout.RunPath("d", "r", "t", -1, 1)
+    with pytest.raises(pages.PathRefused, match="artifact path"):
+        pages.artifact_key(path, bad)
+    assert pages.artifact_key(path, "plots/chart.png") == "runs/d/r/t/1/artifacts/plots/chart.png"
+
+
+@pytest.mark.parametrize("parts", [("..", "r", "t", 1), ("d", "..", "t", 1), ("d", "r", ".", 1), ("d", "r", "t", 0)])
+def test_run_folders_outside_runs_are_refused(parts):
+    with pytest.raises(pages.PathRefused):
+        pages.run_path(*parts)
+
+
+def test_artifact_kinds_never_serve_html_or_svg_inline():
+    assert [pages.artifact_kind(p) for p in ("a.txt", "b.CSV", "c.png", "d.svg", "e.html", "f.tsv")] == [
+        "text", "csv", "image", "binary", "binary", "csv"]
+    assert pages.media_type("report.html") == "application/octet-stream"
+    assert pages.media_type("notes.md").startswith("text/plain")
+
+
+def test_score_chart_and_rounding():
+    svg = pages.score_chart([("1.0", None), ("1.1", 0.8133333333333334), ("1.2", 0.79)])
+    assert svg.startswith("<svg") and svg.count("<circle") == 2 and "0.8133" in svg and "0.8133333" not in svg
+    assert pages.score_chart([("1.0", None)]) == ""
+    assert pages.score_chart([("1.0", 0.5)]).count("<circle") == 1  # one point: no division by zero
+    assert pages.score(0.8133333333333334) == "0.8133" and pages.score(None) == ""
+
+
+def test_plugin_mounts_the_pages_and_adds_the_nav_entry():
+    [app] = AICenterPlugin.fastapi_apps
+    assert app["url_prefix"] == "/aicenter"
+    [view] = AICenterPlugin.external_views
+    assert view["name"] == "ML Packages" and view["href"] == "aicenter/" and not view["href"].startswith("/")
+
+
+def _hook(monkeypatch, extra):
+    from airflow_aicenter.hooks.aicenter import AICenterHook
+
+    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_TEST", json.dumps({"conn_type": "aicenter", "extra": extra}))
+    return AICenterHook("aicenter_test")
+
+
+def test_connection_test_on_file_stores(monkeypatch, tmp_path):
+    missing = tmp_path / "typo"
+    ok, message = _hook(monkeypatch, {"storage": missing.as_uri()}).test_connection()
+    assert not ok and "does not exist" in message and not missing.exists()  # the Test button creates nothing
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ok, message = _hook(monkeypatch, {"storage": empty.as_uri()}).test_connection()
+    assert ok and "empty" in message and "typo" in message
+
+    other = tmp_path / "other"
+    (other / "photos").mkdir(parents=True)
+    ok, message = _hook(monkeypatch, {"storage": other.as_uri()}).test_connection()
+    assert not ok and "photos" in message and "not an AI Center store" in message
+
+    store = tmp_path / "store"
+    Registry(open_store(store.as_uri())).upload(EXAMPLE_PACKAGE, "churn")
+    ok, message = _hook(monkeypatch, {"storage": store.as_uri()}).test_connection()
+    assert ok and "1 package(s)" in message
+
+
+def test_connection_test_on_s3(monkeypatch, s3_server):
+    bucket = s3_server.create_bucket()
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_MOTO", json.dumps({
+        "conn_type": "aws", "login": "testing", "password": "testing-secret",
+        "extra": {"endpoint_url": s3_server.endpoint, "region_name": "us-east-1"}}))
+    Registry(open_store(f"s3://{bucket}/aicenter", s3_server.options)).upload(EXAMPLE_PACKAGE, "churn")
+    ok, message = _hook(monkeypatch, {"storage": f"s3://{bucket}/aicenter", "aws_conn_id": "aws_moto"}).test_connection()
+    assert ok and "1 package(s)" in message
+    ok, message = _hook(monkeypatch, {"storage": f"s3://no-such-bucket-{bucket}/x", "aws_conn_id": "aws_moto"}).test_connection()
+    assert not ok and "does not exist" in message
