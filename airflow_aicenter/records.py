@@ -237,6 +237,7 @@ class ResultsInputs(Record):
     version: str
     train_data: str | None = None
     evaluation_data: str | None = None
+    inference_data: str | None = None  # batch prediction
     gpu: Literal["True", "False"]
 
 
@@ -254,6 +255,10 @@ class ResultsOutputs(Record):
     package: str
     version: str | None = None
     score: float | None = None
+    # batch prediction
+    predictions_data: str | None = None
+    predicted: int | None = None
+    failed: int | None = None
 
 
 class ResultsSummary(Record):

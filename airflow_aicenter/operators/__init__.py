@@ -1,10 +1,17 @@
-"""Train, Evaluate and Full pipeline operators."""
+"""The AI Center pipeline operators: Train, Evaluate, Full and Predict."""
 
+from airflow_aicenter.operators.base import BasePipelineOperator
 from airflow_aicenter.operators.pipeline import (
-    BasePipelineOperator,
     EvaluatePipelineOperator,
     FullPipelineOperator,
+    PredictPipelineOperator,
     TrainPipelineOperator,
 )
 
-__all__ = ["BasePipelineOperator", "EvaluatePipelineOperator", "FullPipelineOperator", "TrainPipelineOperator"]
+__all__ = [
+    "BasePipelineOperator",
+    "EvaluatePipelineOperator",
+    "FullPipelineOperator",
+    "PredictPipelineOperator",
+    "TrainPipelineOperator",
+]

@@ -788,6 +788,7 @@ class _Events(dict):
 
         accessor = Accessor()
         accessor.added = added  # type: ignore[attr-defined]
+        accessor.extra = {}  # type: ignore[attr-defined]
         self[key] = accessor
         return accessor
 
@@ -809,15 +810,15 @@ def seed_pod(op: Any, registry: Any, context: dict[str, Any], *, command: list[s
     """The manifest the operator would have created for ``context`` (an earlier attempt's pod)."""
     from kubernetes.client import ApiClient
 
-    from airflow_aicenter.hooks.aicenter import AICenterHook
-    from airflow_aicenter.operators.kubernetes import PodRun
+    from airflow_aicenter.launchers.pod import PodRun
 
-    hook = AICenterHook()
-    run = op.run_ref(context, registry.store)
+    run = op.run_ref(context)
     parent = registry.resolve(op.package, str(op.version))
-    spec = op.build_spec(hook, parent, run).model_copy(update={"install_requirements": True})
+    spec = op.build_spec(parent, run).model_copy(update={"install_requirements": True})
     spec.env.update(env or {})
-    op._pod_run = PodRun(spec=spec, run=run)
+    launcher = op.make_launcher("kubernetes")
+    launcher.pod_run = PodRun(spec=spec, run=run)
+    op.launcher_in_use = launcher
     if command:
         op.cmds = command
     return ApiClient().sanitize_for_serialization(op.build_pod_request_obj(context))

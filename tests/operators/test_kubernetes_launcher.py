@@ -24,7 +24,7 @@ from kubernetes.client import ApiClient
 
 from airflow_aicenter.errors import RunError
 from airflow_aicenter.operators import TrainPipelineOperator
-from airflow_aicenter.operators.kubernetes import PodRun
+from airflow_aicenter.launchers.pod import PodRun
 from airflow_aicenter.records import Manifest, Outcome, Results, read, read_optional
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store

@@ -14,7 +14,7 @@ from kubernetes.client import models as k8s
 
 from airflow_aicenter.errors import ConfigurationError
 from airflow_aicenter.operators import FullPipelineOperator, TrainPipelineOperator
-from airflow_aicenter.operators.kubernetes import (
+from airflow_aicenter.launchers.pod import (
     ANNOTATION_RUN,
     DATASET_MOUNT,
     SPEC_ENV,

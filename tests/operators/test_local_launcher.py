@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
 from pathlib import Path
 
-from airflow_aicenter.operators.local import LocalLauncher
+from airflow_aicenter.launchers.local import LocalLauncher
 from airflow_aicenter.records import Outcome, RunSpec, read
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
@@ -48,9 +47,10 @@ def test_kill_stops_the_runtime_and_what_user_code_started_and_records_killed(tm
     spec = RunSpec(pipeline="train", storage=store.uri, run_prefix="runs/d/r/train/1", package="sleepy", version="1.0",
                    blob=base.blob, dataset=small_dataset(tmp_path).as_uri())
     pids_file = tmp_path / "pids"
-    launcher = LocalLauncher(logging.getLogger("test"))
+    launcher = LocalLauncher(store=store, env={"PIDS_FILE": str(pids_file)})
+    spec = spec.model_copy(update={"user_env_names": ["PIDS_FILE"]})
     codes: list[int] = []
-    thread = threading.Thread(target=lambda: codes.append(launcher.run(spec, {"PIDS_FILE": str(pids_file)})))
+    thread = threading.Thread(target=lambda: codes.append(launcher.run(spec)))
     thread.start()
     deadline = time.monotonic() + 60
     while not pids_file.exists() or not pids_file.read_text():

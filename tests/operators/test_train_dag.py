@@ -115,7 +115,7 @@ MAIN = "class Main:\n    def __init__(self):\n        pass\n    def predict(self
 
 
 @pytest.mark.parametrize("train_py, expected", [
-    (CRASHING_TRAIN, "exited with code -9 during user_code"),
+    (CRASHING_TRAIN, "the user process was killed by SIGKILL (out of memory?) before it reported"),
     (FAILING_TRAIN, "Main.train() raised ValueError: labels column 'churned' is missing (train.py:8)"),
 ])
 def test_failed_run_leaves_no_version(train_py, expected, airflow_env, tmp_path):

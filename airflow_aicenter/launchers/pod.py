@@ -1,30 +1,27 @@
-"""The Kubernetes launcher: the runtime in a pod that KubernetesPodOperator starts and watches.
+"""The pod launcher: the runtime in one pod that KubernetesPodOperator itself starts and watches.
 
-:class:`KubernetesLauncher` is a mixin placed before ``KubernetesPodOperator`` in
-``BasePipelineOperator``'s bases, so its overrides call the real operator with ``super()``
-and every KubernetesPodOperator argument, pod template and ``deferrable=True`` keep working.
-What it adds, and why:
+The pipeline operators subclass KubernetesPodOperator, so every pod argument, pod template and
+``deferrable=True`` work as they do there. This module shapes the pod through KPO's public
+extension points and reads the run's ending afterwards:
 
-- **the pod** (:meth:`build_pod_request_obj`): the runtime command, the run spec in
-  ``AICENTER_RUN_SPEC`` (never a secret: secret-looking ``env`` keys are refused, see
-  :func:`refuse_secret_env`), a work volume (``emptyDir``, ``sizeLimit`` = ``storage_gb``)
-  holding the run folder, ``$HOME`` and pip's ``--user`` installs, a ``/tmp`` volume (so the
-  root filesystem can be read-only), AI Center's infra settings as resources (``gpu`` ->
-  ``nvidia.com/gpu`` limit plus a toleration, ``cpu``, ``memory_gb``, ``storage_gb``), lookup
-  labels, and a restrictive security context. Whatever the user gave (arguments, templates)
-  wins over each of our settings, field by field.
-- **credentials**: S3 keys come from a named Kubernetes Secret through ``secretKeyRef``
-  (``aws_secret_name``) or from the pod's service account (IRSA / workload identity: nothing
-  injected). Only the endpoint URL and region, which are not secret, travel as plain env.
+- **the pod** (:meth:`PodLauncher.shape_pod`, called from the operator's
+  ``build_pod_request_obj``): the runtime command, the run spec in ``AICENTER_RUN_SPEC`` (never
+  a secret: secret-looking ``env`` keys are refused, see :func:`refuse_secret_env`), a work
+  volume (``emptyDir``, ``sizeLimit`` = ``storage_gb``), a ``/tmp`` volume (the root
+  filesystem is read-only), AI Center's infra settings as resources (``gpu`` ->
+  ``nvidia.com/gpu`` plus a toleration), lookup labels, the run annotation, and a restrictive
+  security context. Whatever the user gave wins over each of our settings, field by field.
+- **credentials**: S3 keys from a named Kubernetes Secret (``aws_secret_name``), per-run STS
+  session credentials (``runtime_role_arn``), or the pod's service account. Only the endpoint
+  URL and region, which are not secret, travel as plain env.
 - **results without the XCom sidecar** (#37298, #45772): the runtime writes ``outcome.json``
-  into the run folder; after the pod ends the operator reads it in :meth:`cleanup`, *before*
-  the pod is deleted, and runs the same register -> ``_results.json`` -> XCom -> Asset step as
-  the local launcher. A worker that dies in between leaves the finished pod behind; the next
-  attempt reattaches to it (:meth:`get_or_create_pod`) and ``Registry.commit_once`` keyed on
-  the pod's own run makes the registration happen once.
-- **never trust the pod phase alone** (#73006): success needs ``outcome.json`` saying so.
+  into the run folder; after KPO is done (sync or deferrable re-entry) the launcher reads it.
+  Success needs ``outcome.json`` saying so, never the pod phase alone (#73006).
 - **never reattach to a foreign pod** (#39096): a pod found by labels must carry our
   ``aicenter/run`` annotation for this very task, or the task fails naming the pod.
+- **the final pod** is captured through a KPO callback (``on_pod_completion``), so the cause of
+  a pod that died (OOMKilled, exit code, termination message) is read from its status, not
+  from KPO's error messages.
 """
 
 from __future__ import annotations
@@ -33,21 +30,23 @@ import hashlib
 import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from airflow.providers.cncf.kubernetes.callbacks import KubernetesPodOperatorCallback
 from kubernetes.client import ApiClient
 from kubernetes.client import models as k8s
 
 from airflow_aicenter.errors import AICenterError, ConfigurationError, RunError
 from airflow_aicenter.hooks.aicenter import AICenterHook
+from airflow_aicenter.launchers.base import Finished, Launcher, settle_outcome
+from airflow_aicenter.layout import OUTCOME
 from airflow_aicenter.records import Outcome, RunRef, RunSpec, is_secret_key, read_optional, write
 
 if TYPE_CHECKING:
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from airflow.sdk import Context
-
-    from airflow_aicenter.operators.pipeline import BasePipelineOperator
 
 #: Where the work volume is mounted; the runtime's AICENTER_WORKDIR (run folder, HOME, pip --user).
 WORK_MOUNT = "/aicenter/work"
@@ -142,17 +141,22 @@ def refuse_secret_env(env: dict[str, Any]) -> None:
         )
 
 
-def _first_lines(error: BaseException, limit: int = 2) -> str:
-    """The gist of a KubernetesPodOperator error, without its multi-line pod dump.
+def launch_cause(error: BaseException) -> str:
+    """The gist of why a pod did not run, from the exception chain's types, not its text.
 
-    KPO's cleanup raises a generic "Pod ... returned a failure" from a ``finally`` block, which
-    hides the real launch error (image pull, timeout) in ``__context__``: that one is used.
+    KubernetesPodOperator's cleanup raises a generic ``AirflowException`` from a ``finally``
+    block over the real launch error (image pull, timeout): the most specific error in the
+    chain is used, and only its first line (never the pod dump that may follow).
     """
-    if "returned a failure" in str(error) and error.__context__ is not None:
-        error = error.__context__
-    text = str(error).split("remote_pod:", 1)[0]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return " ".join(lines[:limit]) or type(error).__name__
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    specific = [e for e in chain if type(e).__name__ not in ("AirflowException", "Exception")]
+    chosen = specific[0] if specific else chain[-1]
+    first = next((line.strip() for line in str(chosen).splitlines() if line.strip()), "")
+    return f"{type(chosen).__name__}: {first}" if first else type(chosen).__name__
 
 
 _API: ApiClient | None = None
@@ -316,63 +320,134 @@ def _set_env(container: k8s.V1Container, env: list[k8s.V1EnvVar], *, owned: set[
     container.env = [*current, *(e for e in env if e.name in owned or e.name not in names)]
 
 
-# -- the mixin ---------------------------------------------------------------------------
-class KubernetesLauncher:
-    """KubernetesPodOperator overrides that run the AI Center runtime in a pod. See the module doc."""
 
-    _pod_run: PodRun | None = None
-    _aicenter_hook: AICenterHook | None = None
-    _aicenter_result: dict[str, Any] | None = None
-    _complete_error: BaseException | None = None
-    _final_pod: k8s.V1Pod | None = None
 
-    # -- entry from BasePipelineOperator.execute --------------------------------------
-    def check_kubernetes(self: BasePipelineOperator) -> None:
-        """What a pod cannot do, refused before anything starts (and recorded like any refused run)."""
-        refuse_secret_env(self.env)
-        if self.pipeline == "evaluate" and self.dataset_volume_claim:
+# -- the launcher ----------------------------------------------------------------------------
+@dataclass
+class PodSettings:
+    """AI Center's pod options of one operator (see the operator's ``:param`` docs)."""
+
+    pipeline: str
+    env: dict[str, Any]
+    gpu: int = 0
+    cpu: float | str | None = None
+    memory_gb: float | None = None
+    storage_gb: float | None = None
+    dataset_volume_claim: str | None = None
+    dataset_sub_path: str | None = None
+    aws_secret_name: str | None = None
+    install_requirements: bool | None = None
+    datasets: tuple[str | None, ...] = ()
+    #: Extra env for the runtime container (per-run credentials), replacing the user's of the same name.
+    credentials: list[k8s.V1EnvVar] = field(default_factory=list)
+
+
+class RunCallbacks(KubernetesPodOperatorCallback):
+    """KPO callbacks: keep the finished pod, whose status says how the container ended."""
+
+    @staticmethod
+    def on_pod_completion(*, pod: k8s.V1Pod, operator: KubernetesPodOperator | None = None, **kwargs: Any) -> None:
+        launcher = getattr(operator, "launcher_in_use", None)
+        if isinstance(launcher, PodLauncher):
+            launcher.final_pod = pod
+
+
+class PodLauncher(Launcher):
+    """One pod per run, started and watched by the operator's own KubernetesPodOperator machinery.
+
+    :param operator: the pipeline operator (a KubernetesPodOperator).
+    :param hook: the operator's AICenterHook (store, connection settings).
+    :param settings: AI Center's pod options.
+    """
+
+    name = "kubernetes"
+    outlives_worker: ClassVar[bool] = True
+
+    def __init__(self, operator: KubernetesPodOperator, hook: AICenterHook, settings: PodSettings) -> None:
+        self.op, self.hook, self.settings = operator, hook, settings
+        self.pod_run: PodRun | None = None
+        self.final_pod: k8s.V1Pod | None = None
+
+    def check(self) -> None:
+        refuse_secret_env(self.settings.env)
+        if self.settings.pipeline == "evaluate" and self.settings.dataset_volume_claim:
             raise ConfigurationError("dataset_volume_claim mounts the training dataset; evaluation runs read evaluation_dataset=URI")
+        check_sub_path(self.settings.dataset_sub_path)
 
-    def execute_kubernetes(self: BasePipelineOperator, context: Context, hook: AICenterHook, spec: RunSpec, run: RunRef) -> dict[str, Any]:
-        """Run the spec in a pod; returns the XCom dict (sync) or defers (deferrable)."""
+    def plan(self, spec: RunSpec, run: RunRef) -> PodRun:
+        """The spec as the pod runs it: requirements installed there, a mounted dataset not staged."""
+        install = True if self.settings.install_requirements is None else self.settings.install_requirements
+        return PodRun(spec=spec.model_copy(update={
+            "install_requirements": install,
+            "dataset_mount": DATASET_MOUNT if self.settings.dataset_volume_claim else None,
+        }), run=run)
+
+    # -- run ------------------------------------------------------------------------------
+    def launch(self, context: Context, spec: RunSpec, run: RunRef) -> Finished:
         from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
         from airflow.sdk.exceptions import TaskDeferred
 
-        if hook.settings.storage.startswith("file://"):
-            self.log.warning(
+        if self.hook.settings.storage.startswith("file://"):
+            self.op.log.warning(
                 "The store is %s on the worker's disk: the pod must see the same path (mount it with volumes=/volume_mounts), "
-                "or use an s3:// store", hook.settings.storage)
-        self._aicenter_hook = hook
-        self._pod_run = PodRun(
-            spec=spec.model_copy(update={
-                "install_requirements": True if self.install_requirements is None else self.install_requirements,
-                "dataset_mount": DATASET_MOUNT if self.dataset_volume_claim else None,
-            }),
-            run=run,
-        )
+                "or use an s3:// store", self.hook.settings.storage)
+        self.pod_run = self.plan(spec, run)
+        self.op.trigger_kwargs = {**(self.op.trigger_kwargs or {}), EVENT_KEY: self.pod_run.to_event()}
         try:
-            KubernetesPodOperator.execute(self, context)
+            KubernetesPodOperator.execute(self.op, context)
         except (TaskDeferred, AICenterError):
             raise
-        except Exception as exc:
-            if exc is self._complete_error:
-                raise
-            return self._fail_or_complete(context, exc)
-        if self._aicenter_result is not None:
-            return self._aicenter_result
-        return self._fail_or_complete(context, None)
+        except Exception as exc:  # noqa: BLE001 - outcome.json decides what the pod's failure means
+            return self.ending(exc)
+        return self.ending(None)
 
-    # -- the pod ----------------------------------------------------------------------
-    def build_pod_request_obj(self: BasePipelineOperator, context: Context | None = None, *, dry_run: bool = False) -> k8s.V1Pod:
-        hook = self._aicenter_hook or AICenterHook(self.aicenter_conn_id)
-        settings = hook.settings
-        if self.namespace is None and settings.namespace and self._template_namespace() is None:
-            self.namespace = settings.namespace
-        check_sub_path(self.dataset_sub_path)
-        pod = super().build_pod_request_obj(context, dry_run=dry_run)  # type: ignore[misc]
-        container = base_container(pod, self.base_container_name)
+    def resume(self, context: Context, event: dict[str, Any]) -> Finished:
+        """Deferrable re-entry: KPO's own (logs, callbacks, pod deletion), then the run's ending."""
+        from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+        from airflow.sdk.exceptions import TaskDeferred
 
-        container.image = container.image or settings.image
+        self.pod_run = PodRun.from_event(event.get(EVENT_KEY)) or self.pod_run
+        if self.pod_run is None:
+            raise RunError(f"the trigger event carries no aicenter run ({sorted(event)}); clear the task to run it again")
+        self.op.trigger_kwargs = {**(self.op.trigger_kwargs or {}), EVENT_KEY: self.pod_run.to_event()}
+        try:
+            KubernetesPodOperator.trigger_reentry(self.op, context, event)
+        except (TaskDeferred, AICenterError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - outcome.json decides
+            return self.ending(exc)
+        return self.ending(None)
+
+    def ending(self, failure: BaseException | None) -> Finished:
+        """outcome.json decides: succeeded -> Finished; otherwise the one-line cause, from the pod's status."""
+        assert self.pod_run is not None
+        spec, run = self.pod_run.spec, self.pod_run.run
+        store = self.hook.get_store()
+        outcome = read_optional(store, run.key(OUTCOME), Outcome)
+        pod = self.final_pod or getattr(self.op, "remote_pod", None) or getattr(self.op, "pod", None)
+        code, reason, message = termination(pod, self.op.base_container_name)
+        if outcome is not None and outcome.status == "succeeded":
+            if failure is not None:
+                self.op.log.warning("The pod reported a problem (%s), but the runtime's outcome.json says the run succeeded",
+                                    launch_cause(failure))
+            return Finished(spec, run, outcome)
+        if outcome is None and code is None:
+            cause = f"the training pod did not run: {launch_cause(failure) if failure else 'it ended without starting the runtime'}"
+            write(store, run.key(OUTCOME), Outcome.starting(spec, "failed", end_at=time.time(), error=cause))
+            raise RunError(f"{spec.pipeline} run of {spec.package}:{spec.version} failed: {cause}")
+        ended = f"the pod's container ended (exit code {code}" + (f", {reason})" if reason else ")")
+        if message and (outcome is None or outcome.status == "running"):
+            ended += f" with: {message.splitlines()[-1]}"
+        if reason == "OOMKilled":
+            ended += "; it ran out of memory: give it more with memory_gb=..."
+        return Finished(spec, run, settle_outcome(store, spec, run, ended=ended))
+
+    # -- the pod ----------------------------------------------------------------------------
+    def shape_pod(self, pod: k8s.V1Pod) -> k8s.V1Pod:
+        """Our container settings under the user's (called from the operator's build_pod_request_obj)."""
+        op, settings = self.op, self.settings
+        container = base_container(pod, op.base_container_name)
+        container.image = container.image or self.hook.settings.image
         if not container.image:
             raise ConfigurationError(
                 "launcher='kubernetes' needs the runtime image: pass image='<registry>/aicenter-runtime:<tag>' or set "
@@ -380,21 +455,20 @@ class KubernetesLauncher:
             )
         if not container.command and not container.args:
             container.command = list(RUNTIME_COMMAND)
-
         self._add_volumes(pod, container)
-        self._add_env(container, hook)
-        requests, limits = infra_resources(gpu=self.gpu, cpu=self.cpu, memory_gb=self.memory_gb, storage_gb=self.storage_gb)
+        self._add_env(container)
+        requests, limits = infra_resources(gpu=settings.gpu, cpu=settings.cpu, memory_gb=settings.memory_gb,
+                                           storage_gb=settings.storage_gb)
         container.resources = merge_resources(requests, limits, container.resources)
-        pod.spec.tolerations = merge_tolerations(pod.spec.tolerations, self.gpu)
+        pod.spec.tolerations = merge_tolerations(pod.spec.tolerations, settings.gpu)
         pod.spec.security_context = merge_pod_security(pod.spec.security_context, container.security_context)
         container.security_context = merge_container_security(container.security_context)
         if pod.spec.automount_service_account_token is None:
             # Training code has no business with the Kubernetes API; IRSA and workload
             # identity inject their own projected token and do not need this one.
             pod.spec.automount_service_account_token = False
-
-        if self._pod_run is not None:
-            spec, run = self._pod_run.spec, self._pod_run.run
+        if self.pod_run is not None:
+            spec, run = self.pod_run.spec, self.pod_run.run
             pod.metadata.labels = {
                 **(pod.metadata.labels or {}),
                 LABEL_PACKAGE: label_value(spec.package),
@@ -404,35 +478,23 @@ class KubernetesLauncher:
             pod.metadata.annotations = {**(pod.metadata.annotations or {}), ANNOTATION_RUN: run.model_dump_json()}
         return pod
 
-    def _template_namespace(self: BasePipelineOperator) -> str | None:
-        from airflow.providers.cncf.kubernetes.pod_generator import PodGenerator
-
-        template: Any = None
-        if self.full_pod_spec is not None:
-            template = self.full_pod_spec
-        if template is None or not (template.metadata and template.metadata.namespace):
-            if self.pod_template_file:
-                template = PodGenerator.deserialize_model_file(self.pod_template_file)
-            elif self.pod_template_dict:
-                template = PodGenerator.deserialize_model_dict(self.pod_template_dict)
-        return template.metadata.namespace if template is not None and template.metadata else None
-
-    def _add_volumes(self: BasePipelineOperator, pod: k8s.V1Pod, container: k8s.V1Container) -> None:
+    def _add_volumes(self, pod: k8s.V1Pod, container: k8s.V1Container) -> None:
+        settings = self.settings
         mounts = list(container.volume_mounts or [])
         taken = {(m.get("mountPath") if isinstance(m, dict) else m.mount_path) for m in mounts}
         volumes = list(pod.spec.volumes or [])
-        storage = memory_quantity(self.storage_gb) if self.storage_gb is not None else None
+        storage = memory_quantity(settings.storage_gb) if settings.storage_gb is not None else None
         ours: list[tuple[k8s.V1Volume, k8s.V1VolumeMount]] = [
             (k8s.V1Volume(name=WORK_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=storage)),
              k8s.V1VolumeMount(name=WORK_VOLUME, mount_path=WORK_MOUNT)),
             (k8s.V1Volume(name=TMP_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource()),
              k8s.V1VolumeMount(name=TMP_VOLUME, mount_path=TMP_MOUNT)),
         ]
-        if self.dataset_volume_claim:
-            claim = k8s.V1PersistentVolumeClaimVolumeSource(claim_name=self.dataset_volume_claim, read_only=True)
+        if settings.dataset_volume_claim:
+            claim = k8s.V1PersistentVolumeClaimVolumeSource(claim_name=settings.dataset_volume_claim, read_only=True)
             ours.append((k8s.V1Volume(name=DATASET_VOLUME, persistent_volume_claim=claim),
                          k8s.V1VolumeMount(name=DATASET_VOLUME, mount_path=DATASET_MOUNT, read_only=True,
-                                           sub_path=self.dataset_sub_path or None)))
+                                           sub_path=settings.dataset_sub_path or None)))
         for volume, mount in ours:
             if mount.mount_path in taken:  # the user mounts their own volume there: theirs wins
                 continue
@@ -441,41 +503,37 @@ class KubernetesLauncher:
         pod.spec.volumes = volumes
         container.volume_mounts = mounts
 
-    def _add_env(self: BasePipelineOperator, container: k8s.V1Container, hook: AICenterHook) -> None:
+    def _add_env(self, container: k8s.V1Container) -> None:
+        hook = self.hook
         env = [
             k8s.V1EnvVar(name="AICENTER_WORKDIR", value=WORK_MOUNT),
             k8s.V1EnvVar(name="HOME", value=f"{WORK_MOUNT}/.home"),
             k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1"),
         ]
-        if self._pod_run is not None:
-            env.append(k8s.V1EnvVar(name=SPEC_ENV, value=self._pod_run.spec.model_dump_json()))
-        if hook.uses_s3(self.dataset, self.evaluation_dataset):
+        if self.pod_run is not None:
+            env.append(k8s.V1EnvVar(name=SPEC_ENV, value=self.pod_run.spec.model_dump_json()))
+        owned = {SPEC_ENV, "AICENTER_WORKDIR"}
+        if hook.uses_s3(*self.settings.datasets):
             options = hook.s3_options
             if options is not None and options.endpoint_url:
                 env.append(k8s.V1EnvVar(name="AWS_ENDPOINT_URL", value=options.endpoint_url))
             if options is not None and options.region:
                 env.append(k8s.V1EnvVar(name="AWS_REGION", value=options.region))
-            secret_name = self.aws_secret_name or hook.settings.extra.get("aws_secret_name")
-            if secret_name:
+            secret_name = self.settings.aws_secret_name or hook.settings.extra.get("aws_secret_name")
+            if self.settings.credentials:
+                env.extend(self.settings.credentials)
+                owned |= {e.name for e in self.settings.credentials}
+            elif secret_name:
                 for key, optional in AWS_SECRET_KEYS.items():
                     ref = k8s.V1SecretKeySelector(name=secret_name, key=key, optional=optional or None)
                     env.append(k8s.V1EnvVar(name=key, value_from=k8s.V1EnvVarSource(secret_key_ref=ref)))
-        _set_env(container, env, owned={SPEC_ENV, "AICENTER_WORKDIR"})
+        _set_env(container, env, owned=owned)
 
-    # -- reattach ---------------------------------------------------------------------
-    def get_or_create_pod(self: BasePipelineOperator, pod_request_obj: k8s.V1Pod, context: Context) -> k8s.V1Pod:
-        """KPO's, plus: reuse a finished pod whose run succeeded, and refuse foreign pods.
-
-        KubernetesPodOperator deletes a terminated pod it finds and starts a new one; for us
-        that would train again and register a second version. A finished pod of this task
-        whose ``outcome.json`` says succeeded is reused instead: its result is registered
-        (once, under its own run) and reported.
-        """
-        pod = self._finished_pod_to_reuse(pod_request_obj, context) if self.reattach_on_restart else None
-        if pod is None:
-            pod = super().get_or_create_pod(pod_request_obj, context)  # type: ignore[misc]
-        found = PodRun.from_pod(pod, self.base_container_name)
-        planned = self._pod_run
+    # -- reattach ---------------------------------------------------------------------------
+    def adopt(self, pod: k8s.V1Pod) -> None:
+        """A pod KPO found or created must run this very task (any try), or the task fails naming it."""
+        found = PodRun.from_pod(pod, self.op.base_container_name)
+        planned = self.pod_run
         name = f"{pod.metadata.namespace}/{pod.metadata.name}"
         if found is None or (planned is not None and not found.same_task(planned)):
             what = "was not started by airflow-aicenter" if found is None else f"runs {found.spec.package} ({found.spec.pipeline}) for {found.run.label}"
@@ -484,125 +542,26 @@ class KubernetesLauncher:
                 f"Delete it (kubectl delete pod -n {pod.metadata.namespace} {pod.metadata.name}) and clear the task"
             )
         if planned is not None and found.run.prefix != planned.run.prefix:
-            self.log.info("Reattached to pod %s of an earlier attempt: its run folder %s holds the result", name, found.run.uri or found.run.prefix)
-        self._pod_run = found
-        self.trigger_kwargs = {**(self.trigger_kwargs or {}), EVENT_KEY: found.to_event()}
-        return pod
+            self.op.log.info("Reattached to pod %s of an earlier attempt: its run folder %s holds the result",
+                             name, found.run.uri or found.run.prefix)
+        self.pod_run = found
+        self.op.trigger_kwargs = {**(self.op.trigger_kwargs or {}), EVENT_KEY: found.to_event()}
 
-    def _finished_pod_to_reuse(self: BasePipelineOperator, pod_request_obj: k8s.V1Pod, context: Context) -> k8s.V1Pod | None:
-        pod = self.find_pod(pod_request_obj.metadata.namespace, context=context)
-        if pod is None or pod.status is None or pod.status.phase not in ("Succeeded", "Failed"):
-            return None
-        found = PodRun.from_pod(pod, self.base_container_name)
-        if found is None:
-            return None
-        outcome = read_optional(self._hook().get_store(), f"{found.run.prefix}/outcome.json", Outcome)
-        if outcome is None or outcome.status != "succeeded":
-            return None  # a failed run is trained again by the retry, as KPO does
-        self.log.info("Found finished pod %s/%s whose run succeeded: using its result instead of training again",
-                      pod.metadata.namespace, pod.metadata.name)
-        return pod
-
-    # -- after the pod ----------------------------------------------------------------
-    def cleanup(self: BasePipelineOperator, pod: k8s.V1Pod, remote_pod: k8s.V1Pod, xcom_result: dict | None = None,
-                context: Context | None = None) -> None:
-        """Complete a succeeded run *before* KPO deletes the pod, so a crash here is recoverable."""
-        if remote_pod is not None:
-            self._final_pod = remote_pod
-        phase = remote_pod.status.phase if remote_pod is not None and remote_pod.status else None
-        if not self._killed and context is not None and self._pod_run is not None and phase in ("Succeeded", "Failed"):
-            outcome = read_optional(self._hook().get_store(), f"{self._pod_run.run.prefix}/outcome.json", Outcome)
-            if outcome is not None and outcome.status == "succeeded":
-                try:
-                    self._aicenter_result = self._complete(context, outcome)
-                except Exception as exc:
-                    self._complete_error = exc
-                    self.log.error("Completing the run failed; pod %s is kept so that a retry reattaches to it and "
-                                   "registers its result once", remote_pod.metadata.name)
-                    raise
-        super().cleanup(pod, remote_pod, xcom_result, context)  # type: ignore[misc]
-
-    def trigger_reentry(self: BasePipelineOperator, context: Context, event: dict[str, Any]) -> Any:
-        """Deferrable re-entry: KPO's logs and cleanup, then the same post-pod step as sync."""
-        from airflow.sdk.exceptions import TaskDeferred
-
-        if self._aicenter_result is not None:  # completed while skipping the deferral
-            return self._aicenter_result
-        self._pod_run = PodRun.from_event(event.get(EVENT_KEY)) or self._pod_run
-        if self._pod_run is None:
-            raise RunError(f"the trigger event carries no aicenter run ({sorted(event)}); clear the task to run it again")
-        self.trigger_kwargs = {**(self.trigger_kwargs or {}), EVENT_KEY: self._pod_run.to_event()}
-        try:
-            super().trigger_reentry(context, event)  # type: ignore[misc]
-        except (TaskDeferred, AICenterError):
-            raise
-        except Exception as exc:
-            if exc is self._complete_error:
-                raise
-            self._aicenter_result = self._fail_or_complete(context, exc)
-            return self._aicenter_result
-        if self._aicenter_result is None:
-            self._aicenter_result = self._fail_or_complete(context, None)
-        return self._aicenter_result
-
-    def _hook(self: BasePipelineOperator) -> AICenterHook:
-        if self._aicenter_hook is None:
-            self._aicenter_hook = AICenterHook(self.aicenter_conn_id)
-        return self._aicenter_hook
-
-    def _complete(self: BasePipelineOperator, context: Context, outcome: Outcome) -> dict[str, Any]:
-        assert self._pod_run is not None
-        hook = self._hook()
-        spec = self._pod_run.spec
-        parent = hook.get_registry().get(spec.package, spec.version)
-        return self.complete(context, hook, self._pod_run.run, parent, outcome)
-
-    def _fail_or_complete(self: BasePipelineOperator, context: Context, failure: BaseException | None) -> dict[str, Any]:
-        """outcome.json decides: succeeded -> complete; otherwise fail with the one-line cause."""
-        assert self._pod_run is not None
-        spec = self._pod_run.spec
-        store = self._hook().get_store()
-        key = f"{self._pod_run.run.prefix}/outcome.json"
-        outcome = read_optional(store, key, Outcome)
-        code, reason, message = termination(self._final_pod or self.remote_pod or self.pod, self.base_container_name)
-        if outcome is not None and outcome.status == "succeeded":
-            if failure is not None:
-                self.log.warning("The pod reported a problem (%s), but the runtime's outcome.json says the run succeeded",
-                                 _first_lines(failure))
-            return self._complete(context, outcome)
-        if outcome is None and code is None:
-            cause = f"the training pod did not run: {_first_lines(failure) if failure else 'it ended without starting the runtime'}"
-            write(store, key, Outcome.starting(spec, "failed", end_at=time.time(), error=cause))
-            raise RunError(f"{spec.pipeline} run of {spec.package}:{spec.version} failed: {cause}") from None
-        if outcome is None or outcome.status == "running":
-            outcome = outcome or Outcome.starting(spec)
-            detail = f"exit code {code}" + (f", {reason}" if reason else "")
-            outcome.status, outcome.end_at = "failed", time.time()
-            outcome.error = (f"the pod's container ended ({detail}) during {outcome.phase or 'start-up'} before the runtime "
-                             "reported an outcome" + (f": {message.splitlines()[-1]}" if message else ""))
-            if reason == "OOMKilled":
-                outcome.error += "; it ran out of memory: give it more with memory_gb=..."
-            write(store, key, outcome)
-        try:
-            outcome = self.read_outcome(store, spec, exit_code=code)
-        except RunError as exc:
-            raise RunError(str(exc)) from None
-        return self._complete(context, outcome)
-
-    # -- kill -------------------------------------------------------------------------
-    def on_kill(self: BasePipelineOperator) -> None:
+    # -- kill -------------------------------------------------------------------------------
+    def kill(self) -> None:
         """KPO deletes the pod; the run is then recorded as killed (if the runtime could not)."""
+        from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
         from airflow.providers.cncf.kubernetes.utils.pod_manager import OnKillAction
 
-        super().on_kill()  # type: ignore[misc]
-        if self._pod_run is None or self.on_kill_action == OnKillAction.KEEP_POD:
+        KubernetesPodOperator.on_kill(self.op)
+        if self.pod_run is None or self.op.on_kill_action == OnKillAction.KEEP_POD:
             return
-        spec, key = self._pod_run.spec, f"{self._pod_run.run.prefix}/outcome.json"
+        spec, key = self.pod_run.spec, self.pod_run.run.key(OUTCOME)
         try:
-            store = self._hook().get_store()
+            store = self.hook.get_store()
             deadline = time.monotonic() + KILL_RECORD_WAIT
             outcome = read_optional(store, key, Outcome)
-            while self.pod is not None and outcome is not None and outcome.status == "running" and time.monotonic() < deadline:
+            while self.op.pod is not None and outcome is not None and outcome.status == "running" and time.monotonic() < deadline:
                 time.sleep(0.5)
                 outcome = read_optional(store, key, Outcome)
             if outcome is None or outcome.status == "running":
@@ -610,6 +569,6 @@ class KubernetesLauncher:
                 outcome.status, outcome.end_at = "killed", time.time()
                 outcome.error = f"killed by Airflow (task stopped) during {outcome.phase or 'start-up'}"
                 write(store, key, outcome)
-            self.log.info("Run %s recorded as %s", self._pod_run.run.label, outcome.status)
+            self.op.log.info("Run %s recorded as %s", self.pod_run.run.label, outcome.status)
         except Exception:  # noqa: BLE001 - on_kill must not fail the kill itself
-            self.log.exception("Could not record the run as killed")
+            self.op.log.exception("Could not record the run as killed")

@@ -1,0 +1,77 @@
+"""The launcher interface and the one way a run's ending is settled from its ``outcome.json``."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from airflow_aicenter.errors import RunError
+from airflow_aicenter.layout import OUTCOME
+from airflow_aicenter.records import Outcome, RunRef, RunSpec, read_optional, write
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+    from airflow_aicenter.storage import Store
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A run that ended well: the spec it ran, its run folder and the runtime's report.
+
+    ``run`` may be an earlier try's folder (a reattached pod, a recovered run): the version is
+    registered under the run that made it.
+    """
+
+    spec: RunSpec
+    run: RunRef
+    outcome: Outcome
+
+
+class Launcher(ABC):
+    """Runs a :class:`RunSpec` somewhere and returns the :class:`Finished` run (or raises).
+
+    ``launch`` either runs to the end (returns), fails with the run's one-line cause
+    (:class:`RunError`), or defers (Airflow's ``TaskDeferred``; ``resume`` continues from the
+    trigger's event). ``kill`` stops what ``launch`` started.
+    """
+
+    name: ClassVar[str]
+    #: Whether a run of an earlier try can still be running elsewhere (a pod the next try
+    #: reattaches to): then an earlier try's "running" outcome is not abandoned.
+    outlives_worker: ClassVar[bool] = False
+
+    def check(self) -> None:  # noqa: B027 - optional hook
+        """Refuse, before anything is created, what this launcher cannot do."""
+
+    @abstractmethod
+    def launch(self, context: Context, spec: RunSpec, run: RunRef) -> Finished: ...
+
+    def resume(self, context: Context, event: dict[str, Any]) -> Finished:
+        raise RunError(f"the {self.name} launcher does not defer; clear the task to run it again")
+
+    @abstractmethod
+    def kill(self) -> None: ...
+
+
+def settle_outcome(store: Store, spec: RunSpec, run: RunRef, *, ended: str | None = None) -> Outcome:
+    """The run's ending, from ``outcome.json``; the one place a missing ending is written.
+
+    A runtime that died without reporting (killed, out of memory, a pod that never started)
+    leaves no outcome or one still ``running``: a failed outcome is written for it with
+    ``ended`` (what the launcher saw, e.g. "the runtime exited with code 137") as the cause.
+    A run that did not succeed raises :class:`RunError` with its one-line cause.
+    """
+    key = run.key(OUTCOME)
+    outcome = read_optional(store, key, Outcome)
+    if outcome is None or outcome.status == "running":
+        outcome = outcome or Outcome.starting(spec, "failed")
+        outcome.status, outcome.end_at = "failed", time.time()
+        during = outcome.phase or "start-up"
+        outcome.error = f"{ended or 'the runtime ended'} during {during} before reporting an outcome"
+        write(store, key, outcome)
+    if outcome.status not in ("succeeded", "skipped"):
+        raise RunError(f"{spec.pipeline} run of {spec.package}:{spec.version} {outcome.status}: {outcome.error}")
+    return outcome

@@ -1,0 +1,608 @@
+"""The one flow every AI Center pipeline operator follows.
+
+resolve the version -> check (package, datasets, launcher) -> recover an earlier try's run ->
+launch the runtime (a launcher) -> :meth:`BasePipelineOperator.complete`: register the new
+version (once per task instance), promote, write ``_results.json``, push XCom, emit the Asset
+event. The pipeline type is a :class:`~airflow_aicenter.plans.PipelinePlan` (data), the place
+the run executes a :class:`~airflow_aicenter.launchers.Launcher` chosen in ``execute``.
+
+The operators subclass KubernetesPodOperator so every pod setting is available as it is; only
+its public extension points are used (``build_pod_request_obj``, ``get_or_create_pod``,
+``trigger_reentry``, callbacks). Nothing of ours runs inside KPO's ``cleanup``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.sdk import Asset, AssetAlias
+
+from airflow_aicenter.crashpoints import crash_point
+from airflow_aicenter.errors import AICenterError, ConfigurationError, DatasetError, NotFoundError, RunError, no_retry
+from airflow_aicenter.hooks.aicenter import LAUNCHERS, AICenterHook
+from airflow_aicenter.launchers.base import Finished, Launcher
+from airflow_aicenter.launchers.local import LocalLauncher
+from airflow_aicenter.launchers.pod import PodLauncher, PodSettings, RunCallbacks, check_infra, pvc_uri
+from airflow_aicenter.layout import OUTCOME, RESULTS, blob_key
+from airflow_aicenter.operators.links import ArtifactsLink, ResultsLink
+from airflow_aicenter.package import validate_alias_name
+from airflow_aicenter.plans import PipelinePlan
+from airflow_aicenter.promotion import PromoteIf, Promotion, check_promote_if, promote
+from airflow_aicenter.records import (
+    EvaluationRecord,
+    Outcome,
+    Results,
+    RunRef,
+    RunSpec,
+    VersionRecord,
+    is_secret_key,
+    masked_env,
+    read_optional,
+    redact,
+    secret_values,
+    write,
+)
+
+if TYPE_CHECKING:
+    from kubernetes.client import models as k8s
+
+    from airflow.sdk import Context
+
+#: Version-producing runs whose package name is only known at run time add their event through this alias.
+PACKAGE_ALIAS = "aicenter-package-versions"
+#: Our own template fields; KubernetesPodOperator's are rendered too, but shown only for pod runs.
+AICENTER_TEMPLATE_FIELDS = ("package", "version", "dataset", "evaluation_dataset", "env", "dataset_volume_claim",
+                            "dataset_sub_path")
+
+
+def package_asset(package: str) -> Asset:
+    return Asset(f"aicenter://{package}")
+
+
+def gpu_count(gpu: bool | int) -> int:
+    if isinstance(gpu, bool):
+        return int(gpu)
+    if isinstance(gpu, int) and gpu >= 0:
+        return gpu
+    raise ConfigurationError(f"gpu={gpu!r} is not valid; use True/False or a GPU count such as 2")
+
+
+def positive_count(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{name}={value!r} is not valid; give a whole number of at least 1")
+    return value
+
+
+def is_templated(value: object) -> bool:
+    return isinstance(value, str) and ("{{" in value or "{%" in value)
+
+
+class BasePipelineOperator(KubernetesPodOperator):
+    """Shared flow of the AI Center pipeline types. Use a subclass.
+
+    :param package: the ML package's name in the registry. (templated)
+    :param version: ``"1.2"``, ``"1"`` (latest minor of major 1), ``"latest"`` or an alias such as
+        ``"production"``. (templated)
+    :param dataset: the data folder (``s3://bucket/prefix/``, ``file:///path``) or a ModelArts manifest
+        (``.manifest``/``.jsonl``); staged at ``data_directory``. (templated)
+    :param evaluation_dataset: the evaluation data, staged at ``test_data_directory``. (templated)
+    :param env: AI Center "parameters": environment variables for the package code. Values whose keys
+        look secret are masked everywhere we write them. (templated)
+    :param save_training_data: snapshot the training data (content-addressed, deduplicated).
+    :param save_test_data: snapshot the evaluation data.
+    :param gpu: ``True``/``False`` or a GPU count (per node).
+    :param aicenter_conn_id: the ``aicenter`` connection (store, launcher, image, namespace).
+    :param launcher: ``"kubernetes"`` or ``"local"``; default: the connection's, else local.
+    :param python: the local launcher's interpreter (one with ``airflow_aicenter`` installed).
+    :param cpu: CPU request of the pod (cores, or ``"500m"``).
+    :param memory_gb: memory request and limit of the pod.
+    :param storage_gb: the pod's work volume and ephemeral storage.
+    :param dataset_volume_claim: mount this PersistentVolumeClaim read-only as the dataset instead of
+        staging it (pods only). (templated)
+    :param dataset_sub_path: folder inside ``dataset_volume_claim``. (templated)
+    :param aws_secret_name: the Kubernetes Secret holding the pods' S3 keys (else the connection's
+        ``runtime_role_arn`` session credentials, else the pod's service account).
+    :param install_requirements: install ``requirements.txt`` into the package's own environment
+        (default: True in a pod; the local launcher uses the cached environment when asked, never the
+        worker's environment).
+    :param promote_to: an alias to point at the run's version when it earns it.
+    :param promote_if: ``"better"`` (a strictly higher score, like with like) or ``"always"``.
+    :param nodes: machines of a distributed run (``nodes > 1``: an Indexed Job; local: must be 1).
+    :param procs_per_node: user processes per machine (ranks); world size = nodes x procs_per_node.
+    :param checkpoint_interval: seconds between syncs of ``checkpoint_directory`` to the task's
+        ``checkpoints/`` (a retry resumes from the latest complete one).
+    :param incremental: train on the files new or changed since the parent version's snapshot.
+    :param kwargs: any KubernetesPodOperator argument (node selector, tolerations, pod templates,
+        ``deferrable=True``, ...).
+    """
+
+    plan: ClassVar[PipelinePlan]
+    template_fields: Sequence[str] = (*AICENTER_TEMPLATE_FIELDS, *KubernetesPodOperator.template_fields)
+    template_fields_renderers = {**KubernetesPodOperator.template_fields_renderers, "env": "json"}
+    operator_extra_links = (ResultsLink(), ArtifactsLink())
+    ui_color = "#e8f0fe"
+
+    def __init__(
+        self,
+        *,
+        package: str,
+        version: str = "latest",
+        dataset: str | None = None,
+        evaluation_dataset: str | None = None,
+        env: dict[str, str] | None = None,
+        save_training_data: bool = False,
+        save_test_data: bool = False,
+        gpu: bool | int = False,
+        aicenter_conn_id: str = AICenterHook.default_conn_name,
+        launcher: str | None = None,
+        python: str | None = None,
+        cpu: float | str | None = None,
+        memory_gb: float | None = None,
+        storage_gb: float | None = None,
+        dataset_volume_claim: str | None = None,
+        dataset_sub_path: str | None = None,
+        aws_secret_name: str | None = None,
+        install_requirements: bool | None = None,
+        promote_to: str | None = None,
+        promote_if: PromoteIf = "better",
+        nodes: int = 1,
+        procs_per_node: int = 1,
+        checkpoint_interval: float = 300,
+        incremental: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        # Without a termination file (a hard crash) the log tail becomes the pod's failure message.
+        kwargs.setdefault("termination_message_policy", "FallbackToLogsOnError")
+        super().__init__(**kwargs)
+        self.package = package
+        self.version = version
+        self.dataset = dataset
+        self.evaluation_dataset = evaluation_dataset
+        self.env = env or {}
+        self.save_training_data = save_training_data
+        self.save_test_data = save_test_data
+        self.gpu = gpu_count(gpu)
+        self.aicenter_conn_id = aicenter_conn_id
+        self.launcher = launcher
+        self.python = python
+        check_infra(cpu=cpu, memory_gb=memory_gb, storage_gb=storage_gb, dataset_sub_path=dataset_sub_path)
+        self.cpu, self.memory_gb, self.storage_gb = cpu, memory_gb, storage_gb
+        self.dataset_volume_claim = dataset_volume_claim
+        self.dataset_sub_path = dataset_sub_path
+        self.aws_secret_name = aws_secret_name
+        self.install_requirements = install_requirements
+        self.nodes = positive_count("nodes", nodes)
+        self.procs_per_node = positive_count("procs_per_node", procs_per_node)
+        if (self.nodes > 1 or self.procs_per_node > 1) and not self.plan.distributed and self.plan.name != "predict":
+            raise ConfigurationError(
+                f"{type(self).__name__} runs one process (nodes and procs_per_node apply to training); "
+                "leave them at 1"
+            )
+        if self.plan.name == "predict" and self.nodes != 1:
+            raise ConfigurationError("batch prediction runs on one node: use procs_per_node=N to share the inputs")
+        if isinstance(checkpoint_interval, bool) or not isinstance(checkpoint_interval, int | float) or checkpoint_interval <= 0:
+            raise ConfigurationError(f"checkpoint_interval={checkpoint_interval!r} is not valid; give seconds > 0 (default 300)")
+        self.checkpoint_interval = float(checkpoint_interval)
+        if incremental and not self.plan.makes_version:
+            raise ConfigurationError(f"incremental=True applies to training runs; {type(self).__name__} does not train")
+        self.incremental = incremental
+        if dataset_volume_claim and dataset and not dataset.startswith("pvc://"):
+            raise ConfigurationError(
+                f"give either dataset={dataset!r} (staged from the store) or dataset_volume_claim={dataset_volume_claim!r} "
+                "(mounted read-only), not both"
+            )
+        if dataset_volume_claim and not dataset:
+            self.dataset = pvc_uri(dataset_volume_claim, dataset_sub_path)
+        if self.do_xcom_push:
+            raise ConfigurationError(
+                "do_xcom_push=True would add KubernetesPodOperator's XCom sidecar (known to hang the task); the results "
+                "are pushed to XCom (return_value) without it: leave do_xcom_push unset"
+            )
+        if launcher is not None and launcher not in LAUNCHERS:
+            raise ConfigurationError(f"launcher={launcher!r} is not valid; use one of {', '.join(LAUNCHERS)} or None")
+        self.promote_to = promote_to
+        self.promote_if = check_promote_if(promote_if)
+        if promote_to is not None:
+            validate_alias_name(promote_to)
+            if not self.plan.scored and promote_if == "better":
+                raise ConfigurationError(
+                    "promote_if='better' needs a score, and a training run has none: use FullPipelineOperator "
+                    "(trains and evaluates) or promote_if='always'"
+                )
+        if self.plan.makes_version:
+            # A plain package name declares its own asset (lineage shows who produces it); a templated
+            # one is only known at run time and goes through the shared alias.
+            outlet = AssetAlias(PACKAGE_ALIAS) if is_templated(package) else package_asset(package)
+            self.outlets = [*self.outlets, outlet]
+        self.callbacks = [*self.callbacks, RunCallbacks]
+        self.requested_version = version
+        self.launcher_in_use: Launcher | None = None
+
+    # -- the hook, the launcher ---------------------------------------------------------
+    @cached_property
+    def hook(self) -> AICenterHook:
+        return AICenterHook(self.aicenter_conn_id)
+
+    def launcher_name(self) -> str:
+        return self.launcher or self.hook.settings.launcher
+
+    def make_launcher(self, name: str) -> Launcher:
+        """The launcher for this run (override to add one); ``nodes > 1`` on Kubernetes is a Job."""
+        if name == "kubernetes":
+            settings = PodSettings(
+                pipeline=self.plan.name, env=self.env, gpu=self.gpu, cpu=self.cpu, memory_gb=self.memory_gb,
+                storage_gb=self.storage_gb, dataset_volume_claim=self.dataset_volume_claim,
+                dataset_sub_path=self.dataset_sub_path, aws_secret_name=self.aws_secret_name,
+                install_requirements=self.install_requirements, datasets=(self.dataset, self.evaluation_dataset),
+            )
+            if self.nodes > 1:
+                from airflow_aicenter.launchers.job import JobLauncher
+
+                return JobLauncher(self, self.hook, settings, nodes=self.nodes)
+            return PodLauncher(self, self.hook, settings)
+        child_env = {**self.hook.runtime_env(self.dataset, self.evaluation_dataset), **self.user_secret_env()}
+        return LocalLauncher(store=self.hook.get_store(), env=child_env, secrets=secret_values(child_env),
+                             python=self.python, gpu=self.gpu, nodes=self.nodes,
+                             dataset_volume_claim=self.dataset_volume_claim, log=self.log)
+
+    # -- the one flow --------------------------------------------------------------------
+    def execute(self, context: Context) -> dict[str, Any]:
+        run = self.run_ref(context)
+        store = self.hook.get_store()
+        try:
+            launcher = self.launcher_in_use = self.make_launcher(self.launcher_name())
+            parent = self.hook.registry.resolve(self.package, str(self.requested_version))
+            self.log.info("Package %s version %s (resolved from %r), run folder %s",
+                          self.package, parent.version, self.requested_version, run.uri)
+            self.hook.registry.check(parent, self.plan.name)
+            self.check_datasets()
+            launcher.check()
+            recovered = self.recover(run, parent, launcher)
+            spec = None if recovered else self.build_spec(parent, run)
+        except AICenterError as exc:
+            self.record_refused(run, exc)
+            raise no_retry(exc) if not exc.retryable else exc
+        if recovered is not None:
+            return self.complete(context, recovered)
+        assert spec is not None
+        return self.complete(context, launcher.launch(context, spec, run))
+
+    def trigger_reentry(self, context: Context, event: dict[str, Any]) -> Any:
+        """Deferrable re-entry (pod or Job): the launcher settles the run, then the same post-run step."""
+        launcher = self.launcher_in_use = self.launcher_in_use or self.make_launcher("kubernetes")
+        return self.complete(context, launcher.resume(context, event))
+
+    def build_pod_request_obj(self, context: Context | None = None, *, dry_run: bool = False) -> k8s.V1Pod:
+        """KubernetesPodOperator's pod, with the runtime container, volumes, resources and security added."""
+        settings = self.hook.settings
+        if self.namespace is None and settings.namespace and not self._template_namespace():
+            self.namespace = settings.namespace
+        pod = super().build_pod_request_obj(context, dry_run=dry_run)
+        launcher = self.launcher_in_use
+        if not isinstance(launcher, PodLauncher):
+            launcher = self.make_launcher("kubernetes")
+            assert isinstance(launcher, PodLauncher)
+        return launcher.shape_pod(pod)
+
+    def get_or_create_pod(self, pod_request_obj: k8s.V1Pod, context: Context) -> k8s.V1Pod:
+        """KPO's reattach, refusing a pod that does not run this very task (#39096)."""
+        pod = super().get_or_create_pod(pod_request_obj, context)
+        if isinstance(self.launcher_in_use, PodLauncher):
+            self.launcher_in_use.adopt(pod)
+        return pod
+
+    def _template_namespace(self) -> str | None:
+        from airflow.providers.cncf.kubernetes.pod_generator import PodGenerator
+
+        template: Any = self.full_pod_spec
+        if template is None or not (template.metadata and template.metadata.namespace):
+            if self.pod_template_file:
+                template = PodGenerator.deserialize_model_file(self.pod_template_file)
+            elif self.pod_template_dict:
+                template = PodGenerator.deserialize_model_dict(self.pod_template_dict)
+        namespace = template.metadata.namespace if template is not None and template.metadata else None
+        return str(namespace) if namespace else None
+
+    def on_kill(self) -> None:
+        if self.launcher_in_use is not None:
+            self.launcher_in_use.kill()
+        else:
+            super().on_kill()
+
+    # -- before compute -------------------------------------------------------------------
+    def run_ref(self, context: Context) -> RunRef:
+        ti = context["ti"]
+        ref = RunRef(
+            dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id,
+            try_number=ti.try_number or 1, map_index=ti.map_index if ti.map_index is not None else -1,
+        )
+        ref.uri = self.hook.get_store().url(ref.prefix)
+        return ref
+
+    def render_template_fields(self, context: Context, jinja_env: Any = None) -> None:
+        """Render, then mask secrets and show what the run will use, before Airflow stores the rendered fields.
+
+        Airflow's own masker knows a fixed list of names (token, password, ...), not ``*key*`` or
+        ``*credential*``: secret-looking ``env`` values are registered with it here. On the local
+        launcher the Kubernetes fields mean nothing and are left out of the Rendered Templates
+        view; ``version`` shows the version that will run, not ``"latest"``.
+        """
+        super().render_template_fields(context, jinja_env)
+        from airflow.sdk.log import mask_secret
+
+        for value in secret_values(self.env):
+            mask_secret(value)  # no name: Airflow keeps a named value only if the name is on its own list
+        self.requested_version = self.version
+        try:
+            if self.launcher_name() == "local":
+                self.template_fields = AICENTER_TEMPLATE_FIELDS
+            self.version = self.hook.registry.resolve(self.package, str(self.version)).version
+        except AICenterError:
+            pass  # execute() reports it, and records the refused run
+
+    def check_datasets(self) -> None:
+        """Fail before compute when a dataset is missing, empty or unreadable."""
+        for attr in self.plan.datasets:
+            if not getattr(self, attr):
+                raise ConfigurationError(f"{type(self).__name__} needs {attr}=...: the URI of the data folder (s3://... or file:///...)")
+        for attr in self.plan.all_datasets:
+            uri = getattr(self, attr)
+            if uri and uri.startswith("pvc://") and not (attr == "dataset" and self.dataset_volume_claim):
+                raise ConfigurationError(
+                    f"{attr}={uri!r} names a volume claim; mount it with dataset_volume_claim='<claim>' "
+                    "(and dataset_sub_path=...) and leave dataset unset, or give an s3:// or file:// URI"
+                )
+            if not uri or uri.startswith("pvc://"):  # a mounted volume claim: the pod checks it
+                continue
+            if uri.endswith((".manifest", ".jsonl")):
+                self.check_manifest(attr, uri)
+                continue
+            try:
+                empty = next(iter(self.hook.get_store(uri).list("")), None) is None
+            except NotFoundError:
+                empty = True
+            if empty:
+                raise DatasetError(f"{attr} {uri} is empty or does not exist; upload the data there or fix the URI")
+
+    def check_manifest(self, attr: str, uri: str) -> None:
+        """A ModelArts manifest: every line checked (JSON, ``source``, the source exists) before compute."""
+        from airflow_aicenter.runtime.manifest import check_manifest
+
+        check_manifest(uri, lambda target, **kw: self.hook.get_store(target))
+
+    def user_secret_env(self) -> dict[str, str]:
+        """User parameters whose names look secret travel as process env, never in the spec."""
+        return {k: str(v) for k, v in self.env.items() if is_secret_key(k)}
+
+    def build_spec(self, parent: VersionRecord, run: RunRef) -> RunSpec:
+        incremental_base = None
+        if self.incremental:
+            if not parent.snapshot:
+                raise ConfigurationError(
+                    f"incremental=True trains on the data added since {self.package} {parent.version}'s training data, but "
+                    f"{parent.version} has no snapshot of it; train it once with save_training_data=True (or set incremental=False)"
+                )
+            incremental_base = parent.snapshot
+        return RunSpec(
+            pipeline=self.plan.name,
+            storage=self.hook.get_store().uri,
+            run_prefix=run.prefix,
+            package=self.package,
+            version=parent.version,
+            blob=parent.blob,
+            dataset=self.dataset,
+            evaluation_dataset=self.evaluation_dataset,
+            env={k: str(v) for k, v in self.env.items() if not is_secret_key(k)},
+            save_training_data=self.save_training_data,
+            save_test_data=self.save_test_data,
+            gpu=self.gpu,
+            install_requirements=bool(self.install_requirements),
+            user_env_names=sorted(self.user_secret_env()),
+            nodes=self.nodes,
+            procs_per_node=self.procs_per_node,
+            checkpoint_prefix=run.path.task.checkpoints if self.plan.makes_version else None,
+            checkpoint_interval=self.checkpoint_interval,
+            incremental_base=incremental_base,
+            **self.spec_extra(),
+        )
+
+    def spec_extra(self) -> dict[str, Any]:
+        """More RunSpec fields of a pipeline type (prediction's input type)."""
+        return {}
+
+    def recover(self, run: RunRef, parent: VersionRecord, launcher: Launcher) -> Finished | None:
+        """A task instance makes at most one version: an earlier try's finished run is completed, not redone.
+
+        An earlier try whose runtime succeeded (its version may or may not be registered yet: the
+        worker died in between) is completed under its own run folder; ``commit_once`` makes the
+        registration happen once. An earlier try still ``running`` whose process cannot be alive
+        (local launcher: it dies with its worker) is marked abandoned, so no record stays running.
+        """
+        store = self.hook.get_store()
+        for earlier in range(run.try_number - 1, 0, -1):
+            ref = run.model_copy(update={"try_number": earlier})
+            ref.uri = store.url(ref.prefix)
+            outcome = read_optional(store, ref.key(OUTCOME), Outcome)
+            if outcome is None:
+                continue
+            if outcome.status == "running" and not launcher.outlives_worker:
+                outcome.status, outcome.end_at = "failed", time.time()
+                outcome.error = f"abandoned: try {earlier} never reported an ending (its worker stopped during {outcome.phase or 'start-up'})"
+                write(store, ref.key(OUTCOME), outcome)
+                self.log.warning("Marked try %s as abandoned: it never reported an ending", earlier)
+                continue
+            if (self.plan.makes_version and outcome.status == "succeeded" and outcome.blob is not None
+                    and outcome.package == self.package and outcome.pipeline == self.plan.name):
+                self.log.info("Try %s of this task already trained %s (run folder %s): completing it instead of training again",
+                              earlier, self.package, ref.uri)
+                spec = self.build_spec(self.hook.registry.get(self.package, outcome.version), ref)
+                return Finished(spec, ref, outcome)
+        return None
+
+    def record_refused(self, run: RunRef, error: AICenterError) -> None:
+        """A run refused before compute is recorded too (phase "prepare"), so the run records show it."""
+        now = time.time()
+        outcome = Outcome(
+            status="failed", pipeline=self.plan.name, package=self.package, version=str(self.requested_version), start_at=now,
+            end_at=now, phase="prepare", error=redact(str(error), secret_values(self.env)), dataset=self.dataset,
+            evaluation_dataset=self.evaluation_dataset, env=masked_env(self.env),
+        )
+        try:
+            write(self.hook.get_store(), run.key(OUTCOME), outcome)
+        except AICenterError as exc:  # the store itself may be what is wrong: the original error matters more
+            self.log.warning("Could not record the refused run in %s: %s", run.uri, exc)
+
+    # -- after the run: the one post-run step ---------------------------------------------
+    def complete(self, context: Context, finished: Finished) -> dict[str, Any]:
+        """Register (once per task instance), promote, ``_results.json``, XCom, Asset event.
+
+        Every launcher path ends here: local, pod (sync and deferrable), Job, and a recovered
+        earlier try. Safe to repeat for the same run.
+        """
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        spec, run, outcome = finished.spec, finished.run, finished.outcome
+        registry = self.hook.registry
+        if outcome.status == "skipped":
+            raise AirflowSkipException(outcome.skipped or "the runtime found nothing to do")
+        parent = registry.get(spec.package, spec.version)
+        new_version = self.register(parent, outcome, run) if self.plan.makes_version else None
+        if self.plan.name == "evaluate":
+            registry.add_evaluation(EvaluationRecord(package=self.package, version=parent.version, score=outcome.score,
+                                                     dataset=self.evaluation_dataset, run=run))
+        extra = {**self.promote(run, new_version or parent, outcome), **self.result_extra(outcome, run)}
+        store = registry.store
+        artifacts_uri = store.url(run.key("artifacts/"))
+        results_uri = store.url(run.key(RESULTS))
+        results = self.build_results(run, parent, outcome, new_version, artifacts_uri, extra)
+        crash_point("results")
+        write(store, run.key(RESULTS), results)
+        snapshot = outcome.snapshots.get("data_directory") or outcome.snapshots.get("test_data_directory")
+        version = new_version or parent
+        value = {
+            "package": self.package,
+            "version": version.version,
+            "package_uri": store.url(blob_key(version.blob.sha256)),
+            "results_uri": results_uri,
+            "artifacts_uri": artifacts_uri,
+            "snapshot_uri": snapshot,
+            "score": outcome.score,
+            "run_uri": run.uri or store.url(run.prefix),
+            **extra,
+        }
+        context["ti"].xcom_push(key="return_value", value=value)
+        if new_version is not None:
+            event = {"package": self.package, "version": new_version.version, "parent": parent.version,
+                     "score": outcome.score, "run_uri": value["run_uri"]}
+            if is_templated(self.package) or any(isinstance(o, AssetAlias) for o in self.outlets):
+                context["outlet_events"][AssetAlias(PACKAGE_ALIAS)].add(package_asset(self.package), extra=event)
+            else:
+                context["outlet_events"][package_asset(self.package)].extra = event
+        for warning in outcome.warnings:
+            self.log.warning("%s", warning)
+        self.log.info("Results: %s", results_uri)
+        return value
+
+    def result_extra(self, outcome: Outcome, run: RunRef) -> dict[str, Any]:
+        """More XCom keys of a pipeline type (prediction's counts)."""
+        return {}
+
+    def register(self, parent: VersionRecord, outcome: Outcome, run: RunRef) -> VersionRecord:
+        if outcome.blob is None:
+            raise RunError(f"the {self.plan.name} run reported success without the new package content; "
+                           "clear the task to run it again")
+        crash_point("register")
+        record = self.hook.registry.commit_once(
+            self.package, run=run, parent=parent.version, blob=outcome.blob, pipeline=self.plan.name,
+            snapshot=outcome.snapshots.get("data_directory"), score=outcome.score, evaluated_on=self.evaluated_on(outcome),
+            created_by=f"{run.dag_id}.{run.task_id}", description=parent.description,
+        )
+        self.log.info("Registered %s version %s (parent %s)", self.package, record.version, parent.version)
+        return record
+
+    def evaluated_on(self, outcome: Outcome) -> str | None:
+        """The data this run's score was measured on: the evaluation dataset, else the full run's own split."""
+        if outcome.score is None:
+            return None
+        return self.evaluation_dataset or f"{self.dataset}#process_data"
+
+    def promote(self, run: RunRef, candidate: VersionRecord, outcome: Outcome) -> dict[str, Any]:
+        """Point ``promote_to`` at the run's version (full: the new one; evaluate: the evaluated one) if earned.
+
+        Returns the extra XCom / ``_results.json`` keys; nothing when no promotion was asked for.
+        """
+        if self.promote_to is None:
+            return {}
+        registry = self.hook.registry
+        set_by = f"run {run.path.id}"
+        current = registry.alias(self.package, self.promote_to)
+        if current is not None and current.version == candidate.version and current.set_by.startswith("run ") \
+                and _same_task(current.set_by.removeprefix("run "), run):
+            # An earlier attempt of this very task promoted it, then died before its results: still ours.
+            decision = Promotion(self.promote_to, current.previous, candidate.version, True,
+                                 f"promoted by an earlier attempt of this task ({current.set_by}; {current.reason})")
+        else:
+            decision = promote(
+                registry, self.package, self.promote_to, candidate.version, score=outcome.score,
+                promote_if=self.promote_if, set_by=set_by, evaluated_on=self.evaluated_on(outcome),
+            )
+        if decision.promoted:
+            self.log.info("Promoted %s %r: %s -> %s (%s)", self.package, self.promote_to,
+                          decision.from_version or "(none)", decision.to_version, decision.reason)
+        else:
+            self.log.info("Not promoting %s %s to %r: %s", self.package, decision.to_version, self.promote_to, decision.reason)
+        return {"promoted": decision.promoted, "promotion": decision.as_dict()}
+
+    def build_results(self, run: RunRef, parent: VersionRecord, outcome: Outcome, new_version: VersionRecord | None,
+                      artifacts_uri: str, extra: dict[str, Any]) -> Results:
+        inputs: dict[str, Any] = {"package": self.package, "version": parent.version, "gpu": str(bool(self.gpu))}
+        outputs: dict[str, Any] = {"artifacts_data": artifacts_uri, "package": self.package,
+                                   "version": (new_version or parent).version}
+        snapshot_of = {"dataset": "data_directory", "evaluation_dataset": "test_data_directory"}
+        for key, attr in self.plan.input_keys:
+            inputs[key] = getattr(self, attr)
+            if key != "inference_data":
+                outputs[key] = outcome.snapshots.get(snapshot_of[attr])
+        if self.plan.scored:
+            outputs["score"] = outcome.score
+        aicenter: dict[str, Any] = {
+            "pipeline_type": self.plan.name,
+            "status": outcome.status,
+            "run_uri": run.uri,
+            "requested_version": str(self.requested_version),
+            "phases": outcome.phases,
+            "warnings": outcome.warnings,
+            "artifacts": {"files": outcome.artifacts, "bytes": outcome.artifacts_bytes},
+            **extra,
+        }
+        if outcome.distributed:
+            aicenter["distributed"] = outcome.distributed
+        if outcome.checkpoint:
+            aicenter["checkpoint"] = outcome.checkpoint
+        return Results.model_validate({
+            "parameters": {"pipeline": f"{run.dag_id}.{run.task_id}", "inputs": inputs, "env": masked_env(self.env)},
+            "run_summary": {
+                "execution_time": outcome.execution_time,
+                "start_at": int(outcome.start_at),
+                "end_at": int(outcome.end_at or time.time()),
+                "outputs": {**outputs, **self.results_outputs(outcome, run)},
+            },
+            "aicenter": aicenter,
+        })
+
+    def results_outputs(self, outcome: Outcome, run: RunRef) -> dict[str, Any]:
+        """More ``run_summary.outputs`` keys of a pipeline type."""
+        return {}
+
+
+def _same_task(run_id: str, run: RunRef) -> bool:
+    from airflow_aicenter.layout import LayoutError, RunPath
+
+    try:
+        return RunPath.parse(run_id).task == run.path.task
+    except LayoutError:
+        return False
