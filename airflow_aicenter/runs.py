@@ -16,14 +16,14 @@ import json
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from airflow_aicenter.errors import AICenterError, StorageError
+from airflow_aicenter.layout import OUTCOME, REGISTRATION, RESULTS, RUNS, LayoutError, RunPath
 from airflow_aicenter.records import Outcome, Registration, masked_env, read, read_optional
 from airflow_aicenter.storage import Store
 
-RUNS = "runs"
 #: Reading run records is latency-bound (one small GET each); this many go at once.
 READ_CONCURRENCY = 16
 STATUSES = ("running", "succeeded", "failed", "killed")
@@ -75,11 +75,13 @@ class RunRecord:
         if self.registration is not None:
             return self.registration.version
         if self.results and self.pipeline != "evaluate":
-            return self.results.get("run_summary", {}).get("outputs", {}).get("version")
+            version = self.results.get("run_summary", {}).get("outputs", {}).get("version")
+            return version if isinstance(version, str) else None
         return None
 
     def _input(self, key: str) -> str | None:
-        return (self.results or {}).get("parameters", {}).get("inputs", {}).get(key)
+        value = (self.results or {}).get("parameters", {}).get("inputs", {}).get(key)
+        return value if isinstance(value, str) else None
 
     @property
     def dataset(self) -> str | None:
@@ -100,7 +102,7 @@ class RunRecord:
 
     @property
     def start(self) -> datetime:
-        return datetime.fromtimestamp(self.outcome.start_at, timezone.utc)
+        return datetime.fromtimestamp(self.outcome.start_at, UTC)
 
     @property
     def duration(self) -> float | None:
@@ -140,7 +142,7 @@ class RunRecord:
             "env": self.env,
             "score": o.score,
             "start_at": self.start.isoformat(),
-            "end_at": None if o.end_at is None else datetime.fromtimestamp(o.end_at, timezone.utc).isoformat(),
+            "end_at": None if o.end_at is None else datetime.fromtimestamp(o.end_at, UTC).isoformat(),
             "duration": self.duration,
             "phases": o.phases,
             "warnings": o.warnings,
@@ -157,46 +159,69 @@ class _Folder:
     files: set[str] = field(default_factory=set)
 
 
+_RUN_IDS_HINT = "`aicenter runs list` shows the run ids (dag/run/task/try)"
+
+
 def _normalise(store: Store, ref: str) -> str:
-    """Accept an id, a ``runs/...`` key, the run's URI, or a URI/key of a file in it."""
+    """Accept an id, a ``runs/...`` key, the run's URI, or a URI/key of a file in it.
+
+    Refuses what names no folder of the layout ('.', '..', empty parts) with a ``RunNotFoundError``:
+    such a reference would otherwise reach the store as a path it cannot hold.
+    """
     ref = ref.strip()
     for prefix in (store.uri + "/", f"{RUNS}/"):
         if ref.startswith(prefix):
             ref = ref[len(prefix):]
-    for suffix in ("_results.json", "outcome.json", "registration.json"):
+    for suffix in (RESULTS, OUTCOME, REGISTRATION):
         ref = ref.removesuffix(suffix)
-    return ref.strip("/")
+    wanted = ref.strip("/")
+    if not wanted:
+        raise RunNotFoundError(f"an empty run id names no run; {_RUN_IDS_HINT}")
+    if any(part in ("", ".", "..") for part in wanted.split("/")):
+        raise RunNotFoundError(
+            f"{ref!r} is not a run id or part of one: a run id has no '.', '..' or empty parts; {_RUN_IDS_HINT}"
+        )
+    return wanted
+
+
+def _run_folder(key: str) -> tuple[str, str] | None:
+    """(run id, file name) of a file directly in a run folder; None for anything else under ``runs/``."""
+    folder, _, name = key.rpartition("/")
+    try:
+        RunPath.parse(folder)
+    except LayoutError:  # deeper files (artifacts/, checkpoints/), or keys another tool wrote
+        return None
+    return folder.removeprefix(f"{RUNS}/"), name
 
 
 def _folders(store: Store) -> dict[str, _Folder]:
     """Run folders (those with outcome.json) and their top-level files, from one listing of ``runs/``."""
     folders: dict[str, _Folder] = {}
     for info in store.list(f"{RUNS}/"):
-        parts = info.key.split("/")
-        if len(parts) != 6 or parts[0] != RUNS:
-            continue
-        run_id = "/".join(parts[1:5])
-        folders.setdefault(run_id, _Folder(run_id)).files.add(parts[5])
-    return {k: f for k, f in folders.items() if "outcome.json" in f.files}
+        found = _run_folder(info.key)
+        if found is not None:
+            run_id, name = found
+            folders.setdefault(run_id, _Folder(run_id)).files.add(name)
+    return {k: f for k, f in folders.items() if OUTCOME in f.files}
 
 
 def _load(store: Store, run_id: str, files: set[str] | None = None) -> RunRecord:
     prefix = f"{RUNS}/{run_id}"
-    outcome = read(store, f"{prefix}/outcome.json", Outcome)
+    outcome = read(store, f"{prefix}/{OUTCOME}", Outcome)
     results = None
-    if files is None or "_results.json" in files:
+    if files is None or RESULTS in files:
         try:
-            results = json.loads(store.get_bytes(f"{prefix}/_results.json"))
+            results = json.loads(store.get_bytes(f"{prefix}/{RESULTS}"))
         except StorageError:
             results = None  # not written: the run failed, or the task is still finishing
         except ValueError as exc:
-            raise StorageError(f"{store.url(prefix)}/_results.json is not valid JSON: {exc}") from exc
+            raise StorageError(f"{store.url(prefix)}/{RESULTS} is not valid JSON: {exc}") from exc
     registration = None
-    if files is None or "registration.json" in files:
-        registration = read_optional(store, f"{prefix}/registration.json", Registration)
+    if files is None or REGISTRATION in files:
+        registration = read_optional(store, f"{prefix}/{REGISTRATION}", Registration)
     return RunRecord(
         id=run_id, uri=store.url(prefix), outcome=outcome, results=results, registration=registration,
-        results_uri=store.url(f"{prefix}/_results.json") if results is not None else None,
+        results_uri=store.url(f"{prefix}/{RESULTS}") if results is not None else None,
     )
 
 
@@ -230,7 +255,7 @@ def list_runs(
 
     records: list[RunRecord] = []
     with ThreadPoolExecutor(max_workers=READ_CONCURRENCY) as pool:
-        for folder, record in zip(folders, pool.map(load, folders)):
+        for folder, record in zip(folders, pool.map(load, folders), strict=True):
             done += 1
             if progress:
                 progress(done, total)
@@ -248,13 +273,14 @@ def find_run(store: Store, ref: str) -> RunRecord:
     Several tries of one task match as that task's last try (``dag/run/task`` or just ``task``).
     """
     wanted = _normalise(store, ref)
-    if not wanted:
-        raise RunNotFoundError("an empty run id names no run; `aicenter runs list` shows the run ids (dag/run/task/try)")
     if wanted.count("/") >= 3:  # a full id: exact, never a guess
-        if store.exists(f"{RUNS}/{wanted}/outcome.json"):
+        try:
+            RunPath.parse(wanted)
+        except LayoutError as exc:
+            raise RunNotFoundError(str(exc)) from exc
+        if store.exists(f"{RUNS}/{wanted}/{OUTCOME}"):
             return _load(store, wanted)
-        raise RunNotFoundError(f"no run {ref!r} in {store.uri}: runs/{wanted}/outcome.json does not exist; "
-                               "`aicenter runs list` shows the run ids (dag/run/task/try)")
+        raise RunNotFoundError(f"no run {ref!r} in {store.uri}: {RUNS}/{wanted}/{OUTCOME} does not exist; {_RUN_IDS_HINT}")
     folders = _folders(store)
     matches = sorted(i for i in folders if i.startswith(wanted) or i.endswith(wanted) or f"/{wanted}/" in f"/{i}/")
     if len({m.rsplit("/", 1)[0] for m in matches}) == 1 and len(matches) > 1:

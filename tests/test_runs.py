@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from airflow_aicenter.errors import StorageError
-from airflow_aicenter.records import Outcome, RunSpec, read_optional
+from airflow_aicenter.records import Outcome, RunSpec, read_optional, write
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.runs import RunNotFoundError, compare, find_run, list_runs
 from airflow_aicenter.storage import Store
@@ -127,3 +127,42 @@ def test_find_and_compare_runs_by_id_uri_or_unambiguous_part(history):
     assert rows["score"] == [0.7, None] and rows["package"] == ["scored", "scored"] and rows["version"] == ["1.0", "1.0"]
     assert rows["cause"][0] is None and "not a finite number" in rows["cause"][1]
     assert list(rows)[:4] == ["pipeline", "status", "start", "duration_s"]
+
+
+# -- hostile run ids and foreign keys under runs/ ----------------------------------------------
+def _outcome(store: Store, run_id: str, start_at: float = 1_700_000_000.0) -> None:
+    write(store, f"runs/{run_id}/outcome.json",
+          Outcome(status="succeeded", pipeline="train", package="p", version="1.0", start_at=start_at))
+
+
+@pytest.mark.parametrize(("ref", "message"), [
+    ("..", r"'\.\.' is not a run id or part of one: a run id has no '\.', '\.\.' or empty parts"),
+    ("../..", r"'\.\./\.\.' is not a run id or part of one"),
+    (".", r"'\.' is not a run id or part of one"),
+    ("a/../b/c", r"'a/\.\./b/c' is not a run id or part of one"),
+    ("d/./t/1", r"'d/\./t/1' is not a run id or part of one"),
+    ("d//t/1", r"'d//t/1' is not a run id or part of one"),
+    ("runs/../../../../etc/passwd", r"'\.\./\.\./\.\./\.\./etc/passwd' is not a run id or part of one"),
+    ("a/b/c/d/e", r"'a/b/c/d/e' is not a run id; a run id is <dag_id>/<run_id>/<task>/<try>"),
+    ("d/r/t/latest", r"'d/r/t/latest' is not a run id; a run id is <dag_id>/<run_id>/<task>/<try>"),
+])
+def test_run_ids_that_name_no_folder_are_clear_errors(store: Store, ref: str, message: str) -> None:
+    """`aicenter runs show '../..'` and ids with '.' parts reached the store as paths it refuses (a raw ValueError)."""
+    _outcome(store, "d/r/t/1")
+    with pytest.raises(RunNotFoundError, match=message) as e:
+        find_run(store, ref)
+    assert "`aicenter runs list` shows the run ids" in str(e.value) or "as `aicenter runs list` shows it" in str(e.value)
+    assert find_run(store, "d/r/t/1").id == "d/r/t/1"
+
+
+def test_only_files_directly_in_a_run_folder_make_runs(store: Store) -> None:
+    """The listing is parsed by the layout: artifacts, checkpoints and keys of other tools are not runs."""
+    _outcome(store, "d/r/t/1")
+    _outcome(store, "d/r/t~3/2", start_at=1_700_000_100.0)
+    for key in ("runs/d/r/t/1/artifacts/outcome.json", "runs/d/r/t/1/artifacts/a/b/outcome.json",
+                "runs/d/r/t/checkpoints/outcome.json", "runs/d/r/t/checkpoints/manifests/000000000001.json",
+                "runs/outcome.json", "runs/d/outcome.json", "runs/d/r/t/0/outcome.json", "runs/d/r/t/x/outcome.json"):
+        store.put_bytes(key, b"{not an outcome")
+    assert [r.id for r in list_runs(store)] == ["d/r/t~3/2", "d/r/t/1"]
+    assert find_run(store, "t~3").id == "d/r/t~3/2"
+
