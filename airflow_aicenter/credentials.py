@@ -8,10 +8,11 @@ policy, so a pod holds credentials that can only:
   ``runs/<dag>/<run>/<task>/checkpoints/`` (delete only there: checkpoints are pruned);
 - create, never overwrite, ``blobs/sha256/*`` and ``envs/*`` (``s3:if-none-match``: every
   object-creating request there must carry ``If-None-Match: *``; the multipart steps that
-  cannot carry it, CreateMultipartUpload and UploadPart, are exempted through
-  ``s3:ObjectCreationOperation`` as AWS documents, so the completion must carry it);
+  cannot carry it, CreateMultipartUpload and UploadPart, are told apart through
+  ``s3:ObjectCreationOperation`` as AWS documents, so a multipart completion must carry it);
 - read its run folder, its checkpoints, ``blobs/``, ``envs/``, its datasets and the extra keys
-  it is given (the parent's snapshot manifest of an incremental run), and list those prefixes.
+  it is given (the parent's snapshot manifest of an incremental run); list only its
+  checkpoints, ``blobs/``, ``envs/`` and its datasets (``s3:prefix``).
 
 Nothing allows ``packages/`` (version records and aliases), and an explicit Deny keeps it so
 even if a dataset is the store itself: those are written by the worker alone. Effective
@@ -121,8 +122,8 @@ def session_policy(
     def objects(bucket_name: str, *prefixes: str) -> list[str]:
         return [f"arn:{partition}:s3:::{bucket_name}/{p}" for p in prefixes]
 
-    for what, prefix in (("run_prefix", run_prefix), ("checkpoint_prefix", checkpoint_prefix or "runs/")):
-        if not prefix.strip("/").startswith("runs/"):
+    for what, prefix in (("run_prefix", run_prefix), ("checkpoint_prefix", checkpoint_prefix)):
+        if prefix is not None and not prefix.strip("/").startswith("runs/"):
             raise ConfigurationError(f"{what} {prefix!r} is not a folder under runs/ (runs/<dag>/<run>/<task>/...)")
     run = key(_checked("run_prefix", run_prefix))
     checkpoints = key(_checked("checkpoint_prefix", checkpoint_prefix)) if checkpoint_prefix else None
@@ -141,38 +142,37 @@ def session_policy(
         *(arn for b, prefixes in data.items() for arn in objects(b, *_object_patterns(prefixes))),
     ]
 
-    # Grouped by resource, no Sids: AWS refuses a session policy over 2,048 characters, and the
-    # run's folder names (long run ids) and datasets all add to it.
+    def one_or_many(arns: list[str]) -> str | list[str]:
+        return arns[0] if len(arns) == 1 else arns
+
+    # Few statements, no Sids: AWS refuses a session policy over 2,048 characters, and the run's
+    # folder names (long run ids) and datasets all add to it.
+    writable = [run, *([checkpoints] if checkpoints else []), *create_only]
     statements: list[dict[str, Any]] = [
-        # The run folder: written (overwrites too: outcome.json is rewritten as the run goes) and read.
-        {"Effect": "Allow", "Action": [*_WRITE, "s3:GetObject"], "Resource": objects(bucket, f"{run}/*")},
+        # The run folder (overwrites too: outcome.json is rewritten as the run goes), the task's
+        # checkpoints, blobs/ and envs/: written, in one request or as a multipart upload, and read.
+        {"Effect": "Allow", "Action": ["s3:PutObject", "s3:AbortMultipartUpload", "s3:GetObject"],
+         "Resource": objects(bucket, *(f"{p}/*" for p in writable))},
+        # blobs/ and envs/ are create-only: an object-creating request there (PutObject,
+        # CompleteMultipartUpload, CopyObject) without If-None-Match is refused. The multipart steps
+        # that cannot carry the header (CreateMultipartUpload, UploadPart) are not object-creating.
+        {"Effect": "Deny", "Action": "s3:PutObject", "Resource": objects(bucket, *(f"{p}/*" for p in create_only)),
+         "Condition": {"Null": {"s3:if-none-match": "true"}, "BoolIfExists": {"s3:ObjectCreationOperation": "true"}}},
+        # Version records and aliases are the worker's alone, whatever else a dataset URI grants.
+        {"Effect": "Deny", "Action": ["s3:PutObject", "s3:DeleteObject"], "Resource": objects(bucket, f"{key(PACKAGES)}/*")},
     ]
-    if checkpoints:  # the task's checkpoints: a sync also prunes what only older manifests named
-        statements.append(
-            {"Effect": "Allow", "Action": [*_WRITE, "s3:GetObject", "s3:DeleteObject"],
-             "Resource": objects(bucket, f"{checkpoints}/*")}
-        )
-    blobs_envs = objects(bucket, *(f"{p}/*" for p in create_only))
-    statements += [
-        # blobs/ and envs/: an object-creating request (PutObject, CompleteMultipartUpload) only with If-None-Match...
-        {"Effect": "Allow", "Action": "s3:PutObject", "Resource": blobs_envs,
-         "Condition": {"Null": {"s3:if-none-match": "false"}}},
-        # ...and the multipart steps that cannot carry it (CreateMultipartUpload, UploadPart).
-        {"Effect": "Allow", "Action": "s3:PutObject", "Resource": blobs_envs,
-         "Condition": {"Bool": {"s3:ObjectCreationOperation": "false"}}},
-        {"Effect": "Allow", "Action": ["s3:GetObject", "s3:AbortMultipartUpload"], "Resource": blobs_envs},
-    ]
+    if checkpoints:  # a checkpoint sync prunes what only older manifests named
+        statements.append({"Effect": "Allow", "Action": "s3:DeleteObject", "Resource": objects(bucket, f"{checkpoints}/*")})
     if read_only:  # the run's datasets and the single keys it is given
         statements.append({"Effect": "Allow", "Action": "s3:GetObject", "Resource": read_only})
     statements += [
         {"Effect": "Allow", "Action": "s3:ListBucket", "Resource": f"arn:{partition}:s3:::{b}",
-         "Condition": {"StringLike": {"s3:prefix": [f"{p}/*" if p else "*" for p in prefixes]}}}
+         "Condition": {"StringLike": {"s3:prefix": one_or_many([f"{p}/*" if p else "*" for p in prefixes])}}}
         for b, prefixes in listed.items()
     ]
-    # Version records and aliases are the worker's alone, whatever else a dataset URI grants.
-    statements.append(
-        {"Effect": "Deny", "Action": ["s3:PutObject", "s3:DeleteObject"], "Resource": objects(bucket, f"{key(PACKAGES)}/*")}
-    )
+    for statement in statements:
+        if isinstance(statement["Resource"], list):
+            statement["Resource"] = one_or_many(statement["Resource"])
     return {"Version": "2012-10-17", "Statement": statements}
 
 

@@ -1,0 +1,381 @@
+"""Least-privilege run credentials (DESIGN "★ Trust boundaries"; issue 13).
+
+Against a moto server of its own with IAM access control on (``INITIAL_NO_AUTH_ACTION_COUNT``:
+the set-up requests pass unauthenticated, every later one is checked): the worker assumes
+the runtime role through the amazon provider's AWS connection, and the credentials it gets
+can write their run folder and cannot write a version record, an alias or another run.
+
+moto 5.2 does not apply session policies (``moto/iam/access_control.py``: an assumed role's
+permissions are its role's policies only) and ignores condition operators other than
+StringEquals. So the role here carries this run's session policy as its own policy, which
+moto does enforce (actions and resources), and the session policy the worker sent (read
+back from moto's record of the AssumeRole call) is checked against an IAM evaluator below,
+conditions included: create-only blobs, listing limited by prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+
+from airflow_aicenter.credentials import (
+    MAX_POLICY_CHARS,
+    S3Credentials,
+    run_credentials,
+    session_name,
+    session_policy,
+)
+from airflow_aicenter.errors import AICenterError, ConfigurationError
+from airflow_aicenter.storage import S3Options, open_store
+from tests.conftest import free_port
+
+ACCOUNT = "123456789012"  # moto's default account
+ROLE = "aicenter-runtime"
+ROLE_ARN = f"arn:aws:iam::{ACCOUNT}:role/{ROLE}"
+BUCKET = "aicenter-iam"
+STORAGE = f"s3://{BUCKET}/aicenter"
+# No '+' in the run id here: moto matches policy resources as unescaped regular expressions (real ids
+# such as manual__...+00:00 are covered by the evaluator tests below).
+RUN = "runs/churn/manual__2026-11-28T00:00:00/train/1"
+CHECKPOINTS = "runs/churn/manual__2026-11-28T00:00:00/train/checkpoints"
+DATASET = f"s3://{BUCKET}/datasets/churn"
+BLOB = "aicenter/blobs/sha256/" + "ab" * 32
+#: The requests the set-up makes before access control starts (bucket, user, key, user policy, role, role policy).
+SETUP_REQUESTS = 6
+
+
+def policy_for_this_run() -> dict[str, Any]:
+    return session_policy(storage=STORAGE, run_prefix=RUN, checkpoint_prefix=CHECKPOINTS, datasets=[DATASET])
+
+
+@dataclass
+class IamMoto:
+    endpoint: str
+    worker_key: str
+    worker_secret: str
+
+    def client(self, service: str, key: str, secret: str, token: str | None = None) -> Any:
+        return boto3.client(service, endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id=key,
+                            aws_secret_access_key=secret, aws_session_token=token)
+
+    def worker(self, service: str) -> Any:
+        return self.client(service, self.worker_key, self.worker_secret)
+
+    def connection_env(self) -> dict[str, str]:
+        return {"AIRFLOW_CONN_AWS_IAM_MOTO": json.dumps({
+            "conn_type": "aws", "login": self.worker_key, "password": self.worker_secret,
+            "extra": {"endpoint_url": self.endpoint, "region_name": "us-east-1"},
+        })}
+
+    def assumed_role_policies(self) -> list[str]:
+        """The session policies moto recorded for AssumeRole calls (its own model API, no auth)."""
+        with urllib.request.urlopen(f"{self.endpoint}/moto-api/data.json", timeout=10) as answer:
+            data = json.load(answer)
+        return [role["policy"] for role in data.get("sts", {}).get("AssumedRole", []) if role.get("policy")]
+
+
+@pytest.fixture(scope="module")
+def iam_moto() -> Iterator[IamMoto]:
+    """A moto server of this module's own, with IAM access control on after the set-up requests."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(SETUP_REQUESTS)}
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the moto server did not start") from None
+                time.sleep(0.1)
+        anyone = IamMoto(endpoint, "testing", "testing-secret")
+        anyone.worker("s3").create_bucket(Bucket=BUCKET)  # 1
+        iam = anyone.worker("iam")
+        iam.create_user(UserName="airflow-worker")  # 2
+        key = iam.create_access_key(UserName="airflow-worker")["AccessKey"]  # 3
+        iam.put_user_policy(UserName="airflow-worker", PolicyName="worker", PolicyDocument=json.dumps({  # 4
+            "Version": "2012-10-17",
+            "Statement": [
+                {"Effect": "Allow", "Action": "sts:AssumeRole", "Resource": ROLE_ARN},
+                {"Effect": "Allow", "Action": "s3:*", "Resource": [f"arn:aws:s3:::{BUCKET}", f"arn:aws:s3:::{BUCKET}/*"]},
+            ],
+        }))
+        iam.create_role(RoleName=ROLE, AssumeRolePolicyDocument=json.dumps({  # 5
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:user/airflow-worker"},
+                           "Action": "sts:AssumeRole"}],
+        }))
+        # moto enforces only the role's own policy for assumed-role credentials: give the role this run's session policy.
+        iam.put_role_policy(RoleName=ROLE, PolicyName="run", PolicyDocument=json.dumps(policy_for_this_run()))  # 6
+        moto = IamMoto(endpoint, key["AccessKeyId"], key["SecretAccessKey"])
+        with pytest.raises(ClientError):  # access control is on now: unknown keys are refused
+            anyone.worker("s3").list_objects_v2(Bucket=BUCKET)
+        yield moto
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.fixture
+def credentials(iam_moto: IamMoto, monkeypatch: pytest.MonkeyPatch) -> S3Credentials:
+    for name, value in iam_moto.connection_env().items():
+        monkeypatch.setenv(name, value)
+    # The worker's own writes (it alone registers versions): a package blob and a dataset file to read.
+    worker_s3 = iam_moto.worker("s3")
+    worker_s3.put_object(Bucket=BUCKET, Key=BLOB, Body=b"package zip")
+    worker_s3.put_object(Bucket=BUCKET, Key="datasets/churn/train.csv", Body=b"a,b\n1,2\n")
+    creds = run_credentials(
+        {"runtime_role_arn": ROLE_ARN, "runtime_role_duration": "1800"}, "aws_iam_moto",
+        storage=STORAGE, run_prefix=RUN, checkpoint_prefix=CHECKPOINTS, datasets=[DATASET, "file:///local/data"],
+    )
+    assert creds is not None
+    return creds
+
+
+def denied(call: Any, **kwargs: Any) -> bool:
+    try:
+        call(**kwargs)
+    except ClientError as exc:
+        return exc.response["Error"]["Code"] in ("AccessDenied", "403")
+    return False
+
+
+def test_run_credentials_write_their_run_folder_and_never_a_version_record_or_alias(
+    iam_moto: IamMoto, credentials: S3Credentials
+) -> None:
+    pod = iam_moto.client("s3", credentials.access_key_id, credentials.secret_access_key, credentials.session_token)
+    # Allowed: the run folder, the task's checkpoints (and pruning them), reading the package blob and the dataset.
+    pod.put_object(Bucket=BUCKET, Key=f"aicenter/{RUN}/outcome.json", Body=b"{}")
+    pod.put_object(Bucket=BUCKET, Key=f"aicenter/{RUN}/artifacts/model.pkl", Body=b"model")
+    pod.put_object(Bucket=BUCKET, Key=f"aicenter/{CHECKPOINTS}/manifests/0000000001.json", Body=b"{}")
+    pod.delete_object(Bucket=BUCKET, Key=f"aicenter/{CHECKPOINTS}/manifests/0000000001.json")
+    assert pod.get_object(Bucket=BUCKET, Key=BLOB)["Body"].read() == b"package zip"
+    assert pod.get_object(Bucket=BUCKET, Key="datasets/churn/train.csv")["Body"].read() == b"a,b\n1,2\n"
+    # Refused: version records, aliases, other runs and tries, the dataset, deleting in the run folder.
+    assert denied(pod.put_object, Bucket=BUCKET, Key="aicenter/packages/x/versions/1.1.json", Body=b"{}")
+    assert denied(pod.put_object, Bucket=BUCKET, Key="aicenter/packages/x/aliases/production/0000000002.json", Body=b"{}")
+    assert denied(pod.delete_object, Bucket=BUCKET, Key="aicenter/packages/x/versions/1.0.json")
+    assert denied(pod.put_object, Bucket=BUCKET, Key="aicenter/runs/churn/other_run/train/1/outcome.json", Body=b"{}")
+    assert denied(pod.put_object, Bucket=BUCKET, Key=f"aicenter/{RUN[:-1]}2/outcome.json", Body=b"{}")
+    assert denied(pod.put_object, Bucket=BUCKET, Key="datasets/churn/train.csv", Body=b"poisoned")
+    assert denied(pod.delete_object, Bucket=BUCKET, Key=f"aicenter/{RUN}/outcome.json")
+    assert denied(pod.get_object, Bucket=BUCKET, Key="aicenter/packages/x/versions/1.0.json")
+    # The same worker identity without the role can write a version record: the narrowing comes from the role.
+    iam_moto.worker("s3").put_object(Bucket=BUCKET, Key="aicenter/packages/x/versions/1.0.json", Body=b"{}")
+
+
+def test_the_runtime_store_with_run_credentials_writes_its_run_and_is_refused_a_version(
+    iam_moto: IamMoto, credentials: S3Credentials
+) -> None:
+    """The runtime's own S3 client (obstore) given the pod's credentials, as the pod gets them in env."""
+    options = S3Options.from_env({"AWS_ENDPOINT_URL": iam_moto.endpoint, "AWS_REGION": "us-east-1",
+                                  **credentials.to_env()})
+    store = open_store(STORAGE, options)
+    store.put_bytes(f"{RUN}/outcome.json", b'{"status": "running"}')
+    assert store.get_bytes(f"{RUN}/outcome.json") == b'{"status": "running"}'
+    with pytest.raises(AICenterError):
+        store.put_bytes("packages/churn/versions/1.1.json", b"{}", create=True)
+    with pytest.raises(AICenterError):
+        store.put_bytes("packages/churn/aliases/production/0000000009.json", b"{}")
+
+
+def test_the_worker_sends_the_session_policy_and_the_duration_of_the_connection(
+    iam_moto: IamMoto, credentials: S3Credentials
+) -> None:
+    assert json.loads(iam_moto.assumed_role_policies()[-1]) == policy_for_this_run()
+    left = (credentials.expiration - datetime.now(UTC)).total_seconds()
+    assert 1700 < left <= 1800
+    assert credentials.role_arn == ROLE_ARN
+    assert credentials.secret_access_key not in repr(credentials)
+    assert credentials.session_token not in repr(credentials)
+    identity = iam_moto.client("sts", credentials.access_key_id, credentials.secret_access_key,
+                               credentials.session_token).get_caller_identity()
+    assert identity["Arn"] == f"arn:aws:sts::{ACCOUNT}:assumed-role/{ROLE}/{session_name(RUN)}"
+
+
+def test_a_role_the_worker_may_not_assume_is_a_clear_error(iam_moto: IamMoto, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in iam_moto.connection_env().items():
+        monkeypatch.setenv(name, value)
+    other = f"arn:aws:iam::{ACCOUNT}:role/not-for-airflow"
+    with pytest.raises(ConfigurationError, match=r"cannot assume runtime_role_arn .*not-for-airflow.*sts:AssumeRole"):
+        run_credentials({"runtime_role_arn": other}, "aws_iam_moto", storage=STORAGE, run_prefix=RUN,
+                        checkpoint_prefix=CHECKPOINTS)
+
+
+def test_without_a_role_there_are_no_run_credentials() -> None:
+    # No STS call at all (no connection exists under that id): the pod's own identity is used.
+    assert run_credentials({"storage": STORAGE}, "no_such_connection", storage=STORAGE, run_prefix=RUN,
+                           checkpoint_prefix=None) is None
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"runtime_role_arn": "aicenter-runtime"}, "is not an IAM role ARN"),
+    ({"runtime_role_arn": f"arn:aws:iam::{ACCOUNT}:user/ana"}, "is not an IAM role ARN"),
+    ({"runtime_role_arn": ROLE_ARN, "runtime_role_duration": "1h"}, "runtime_role_duration '1h'"),
+    ({"runtime_role_arn": ROLE_ARN, "runtime_role_duration": 60}, "between 900 and 43200"),
+    ({"runtime_role_arn": ROLE_ARN, "runtime_role_duration": 86400}, "between 900 and 43200"),
+    ({"runtime_role_arn": ROLE_ARN, "runtime_role_duration": True}, "runtime_role_duration True"),
+])
+def test_bad_role_settings_are_refused_naming_the_fix(extra: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        run_credentials(extra, None, storage=STORAGE, run_prefix=RUN, checkpoint_prefix=None)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"storage": "file:///srv/aicenter"}, "needs the store on S3"),
+    ({"run_prefix": "runs/churn/*/train/1"}, "wildcard or variable"),
+    ({"run_prefix": "runs/churn/${aws:username}/train/1"}, "wildcard or variable"),
+    ({"datasets": ["s3://data/ch?rn"]}, "wildcard or variable"),
+    ({"run_prefix": "packages/churn"}, "is not a folder under runs/"),
+    ({"checkpoint_prefix": "blobs/sha256"}, "is not a folder under runs/"),
+])
+def test_a_policy_that_would_grant_more_is_refused(kwargs: dict[str, Any], message: str) -> None:
+    arguments: dict[str, Any] = {"storage": STORAGE, "run_prefix": RUN, "checkpoint_prefix": CHECKPOINTS, **kwargs}
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        session_policy(**arguments)
+
+
+def test_a_session_policy_over_the_aws_limit_is_refused_before_calling_sts() -> None:
+    datasets = [f"s3://data-{uuid.uuid4().hex}/folder-{i}" for i in range(30)]
+    with pytest.raises(ConfigurationError, match=f"over the {MAX_POLICY_CHARS} AWS accepts"):
+        run_credentials({"runtime_role_arn": ROLE_ARN}, "no_such_connection", storage=STORAGE, run_prefix=RUN,
+                        checkpoint_prefix=CHECKPOINTS, datasets=datasets)
+
+
+def test_a_typical_full_run_fits_the_aws_limit() -> None:
+    long_run = "runs/customer_churn_retraining/scheduled__2026-11-28T00:00:00+00:00/train_and_evaluate~12"
+    policy = session_policy(storage="s3://company-ml-platform-store/aicenter", run_prefix=f"{long_run}/3",
+                            checkpoint_prefix=f"{long_run}/checkpoints",
+                            datasets=["s3://company-datasets/churn/2026-11", "s3://company-datasets/churn/holdout"])
+    assert len(json.dumps(policy, separators=(",", ":"))) <= MAX_POLICY_CHARS
+
+
+def test_session_names_fit_sts() -> None:
+    name = session_name("runs/" + "d" * 200 + "/manual__2026-11-28T00:00:00+00:00/t~3/1")
+    assert re.fullmatch(r"[\w+=,.@-]{2,64}", name)
+    assert session_name(RUN) != session_name(RUN[:-1] + "2")
+
+
+# -- the session policy as AWS evaluates it (conditions included, which moto ignores) ---------------
+def _like(pattern: str, value: str) -> bool:
+    return re.fullmatch(".*".join(re.escape(part).replace(r"\?", ".") for part in pattern.split("*")), value) is not None
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def _condition_holds(operator: str, key: str, expected: Any, context: Mapping[str, str]) -> bool:
+    actual = context.get(key)
+    if operator.endswith("IfExists"):
+        return actual is None or _condition_holds(operator.removesuffix("IfExists"), key, expected, context)
+    if operator == "Null":
+        return (actual is None) == (str(expected).lower() == "true")
+    if actual is None:
+        return False
+    if operator == "StringLike":
+        return any(_like(p, actual) for p in _as_list(expected))
+    if operator == "Bool":
+        return actual.lower() == str(expected).lower()
+    raise AssertionError(f"the evaluator does not know {operator}")
+
+
+def allowed(policy: dict[str, Any], action: str, resource: str, **context: str) -> bool:
+    """IAM's evaluation of one policy: an explicit Deny wins, else any Allow that applies, else denied."""
+    def applies(statement: dict[str, Any]) -> bool:
+        return (
+            any(_like(a, action) for a in _as_list(statement["Action"]))
+            and any(_like(r, resource) for r in _as_list(statement["Resource"]))
+            and all(_condition_holds(op, key, value, context)
+                    for op, keys in statement.get("Condition", {}).items() for key, value in keys.items())
+        )
+    effects = {s["Effect"] for s in policy["Statement"] if applies(s)}
+    return "Deny" not in effects and "Allow" in effects
+
+
+def obj(key: str, bucket: str = BUCKET) -> str:
+    return f"arn:aws:s3:::{bucket}/{key}"
+
+
+CREATE = {"s3:ObjectCreationOperation": "true"}  # PutObject, CompleteMultipartUpload
+STEP = {"s3:ObjectCreationOperation": "false"}  # CreateMultipartUpload, UploadPart
+
+
+def test_the_policy_allows_exactly_what_design_lists() -> None:
+    policy = session_policy(storage=STORAGE, run_prefix=RUN, checkpoint_prefix=CHECKPOINTS,
+                            datasets=[DATASET, "s3://other-data/images/2026", "file:///x", None],
+                            reads=["runs/churn/manual__1/train/1/data_directory.manifest.json"])
+    put, get, delete, lst = "s3:PutObject", "s3:GetObject", "s3:DeleteObject", "s3:ListBucket"
+    bucket = f"arn:aws:s3:::{BUCKET}"
+    expectations = [
+        # the run folder and the task's checkpoints
+        (True, put, obj(f"aicenter/{RUN}/_outcome.json"), CREATE),
+        (True, put, obj(f"aicenter/{RUN}/artifacts/a/b.bin"), STEP),
+        (True, "s3:AbortMultipartUpload", obj(f"aicenter/{RUN}/artifacts/a/b.bin"), {}),
+        (True, put, obj(f"aicenter/{CHECKPOINTS}/objects/" + "0" * 64), CREATE),
+        (True, delete, obj(f"aicenter/{CHECKPOINTS}/objects/" + "0" * 64), {}),
+        (False, delete, obj(f"aicenter/{RUN}/outcome.json"), {}),
+        (False, put, obj("aicenter/runs/churn/manual__2026-11-28T00:00:00/train/2/outcome.json"), CREATE),
+        (False, put, obj("aicenter/runs/churn/manual__2026-11-28T00:00:00/evaluate/checkpoints/x"), CREATE),
+        # blobs and envs: created with If-None-Match, never overwritten
+        (True, put, obj(BLOB), {**CREATE, "s3:if-none-match": "*"}),
+        (False, put, obj(BLOB), CREATE),  # a plain put, or a multipart completion, without If-None-Match
+        (True, put, obj(BLOB), STEP),  # the parts of a multipart upload
+        (True, put, obj("aicenter/envs/k.json"), {**CREATE, "s3:if-none-match": "*"}),
+        (False, put, obj("aicenter/envs/k.json"), CREATE),
+        (False, delete, obj(BLOB), {}),
+        (True, get, obj(BLOB), {}),
+        (True, get, obj("aicenter/envs/k.json"), {}),
+        # version records and aliases: never
+        (False, put, obj("aicenter/packages/x/versions/1.1.json"), {**CREATE, "s3:if-none-match": "*"}),
+        (False, put, obj("aicenter/packages/x/aliases/production/0000000002.json"), CREATE),
+        (False, delete, obj("aicenter/packages/x/versions/1.0.json"), {}),
+        (False, get, obj("aicenter/packages/x/versions/1.0.json"), {}),
+        # datasets and given keys: read only, exactly those prefixes
+        (True, get, obj("datasets/churn/train.csv"), {}),
+        (True, get, obj("images/2026/cat.png", "other-data"), {}),
+        (False, get, obj("images/2025/cat.png", "other-data"), {}),
+        (False, get, obj("datasets/churn-private/x.csv"), {}),
+        (False, put, obj("datasets/churn/train.csv"), CREATE),
+        (True, get, obj("aicenter/runs/churn/manual__1/train/1/data_directory.manifest.json"), {}),
+        (False, get, obj("aicenter/runs/churn/manual__1/train/1/outcome.json"), {}),
+        (False, put, obj("aicenter/runs/churn/manual__1/train/1/data_directory.manifest.json"), CREATE),
+        # listing: only the prefixes the run reads
+        (True, lst, bucket, {"s3:prefix": f"aicenter/{CHECKPOINTS}/manifests/"}),
+        (True, lst, bucket, {"s3:prefix": "aicenter/blobs/sha256/"}),
+        (True, lst, bucket, {"s3:prefix": "datasets/churn/"}),
+        (True, lst, "arn:aws:s3:::other-data", {"s3:prefix": "images/2026/"}),
+        (False, lst, bucket, {"s3:prefix": "aicenter/packages/"}),
+        (False, lst, bucket, {"s3:prefix": "aicenter/runs/"}),
+        (False, lst, bucket, {}),
+        (False, lst, "arn:aws:s3:::other-data", {"s3:prefix": "images/"}),
+    ]
+    wrong = [(a, r, c, want) for want, a, r, c in expectations if allowed(policy, a, r, **c) != want]
+    assert wrong == []
+
+
+def test_without_checkpoints_nothing_under_the_task_but_the_run_folder_is_writable() -> None:
+    policy = session_policy(storage=f"s3://{BUCKET}", run_prefix=RUN, checkpoint_prefix=None)
+    assert allowed(policy, "s3:PutObject", obj(f"{RUN}/outcome.json"), **CREATE)
+    assert not allowed(policy, "s3:PutObject", obj(f"{CHECKPOINTS}/manifests/1.json"), **CREATE)
+    assert not any("s3:DeleteObject" in _as_list(s["Action"]) for s in policy["Statement"] if s["Effect"] == "Allow")
+    assert not allowed(policy, "s3:PutObject", obj("packages/x/versions/1.1.json"), **CREATE, **{"s3:if-none-match": "*"})
