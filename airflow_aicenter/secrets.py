@@ -91,7 +91,7 @@ def _matchable(found: Iterable[str]) -> set[str]:
 def _alternation(words: Iterable[str]) -> str:
     """One pattern matching the longest of ``words`` at a position: a trie of them, so the cost per
     character is a branch on the next character rather than a try of every word (4x faster than a
-    flat alternation of 900 forms on a clean 1 MB log).
+    flat alternation of the 312 forms of 100 secrets on a clean 1 MB log).
     """
     trie: dict[str, Any] = {}
     for word in words:
@@ -129,7 +129,7 @@ class Redactor:
     def __init__(self, values: Iterable[str] = ()) -> None:
         self._values: set[str] = set()
         self._lock = threading.Lock()
-        self._compiled: tuple[re.Pattern[str], re.Pattern[str], bool] | None = None
+        self._compiled: tuple[re.Pattern[str], bool] | None = None
         self._longest = 0
         for value in values:
             self.add(value)
@@ -166,7 +166,7 @@ class Redactor:
     def __repr__(self) -> str:  # never the values
         return f"Redactor({len(self._values)} secrets)"
 
-    def _patterns(self) -> tuple[re.Pattern[str], re.Pattern[str], bool] | None:
+    def _patterns(self) -> tuple[re.Pattern[str], bool] | None:
         with self._lock:
             if self._compiled is None and self._values:
                 every = _matchable(set().union(*(forms(v) for v in self._values)))
@@ -176,23 +176,25 @@ class Redactor:
                     re.compile(alternation)
                 except (RecursionError, re.error):  # pathologically nested prefixes: the flat form, longest first
                     alternation = "|".join(re.escape(w) for w in sorted(every, key=len, reverse=True))
-                # ``any`` finds whether there is anything to mask (the common, clean case, fast);
-                # ``at`` finds the longest form starting at each position, overlaps included.
-                self._compiled = (
-                    re.compile(alternation),
-                    re.compile(f"(?=({alternation}))"),
-                    any(MASK[0] in f for f in every),
-                )
+                # With it: whether masking can make a new occurrence (a form holding MASK's character).
+                self._compiled = (re.compile(alternation), any(MASK[0] in f for f in every))
             return self._compiled
 
     def spans(self, text: str) -> list[tuple[int, int]]:
         """The merged ``(start, end)`` ranges of ``text`` covered by any form of any secret."""
         compiled = self._patterns()
-        if compiled is None or compiled[0].search(text) is None:
+        if compiled is None:
             return []
+        pattern = compiled[0]
         merged: list[list[int]] = []
-        for match in compiled[1].finditer(text):
-            start, end = match.start(), match.end(1)
+        # The leftmost-longest matches come fast; a form that starts inside one of them and ends
+        # beyond it (one secret's line inside another's JSON form) is found by trying each position.
+        for match in pattern.finditer(text):
+            start, end = match.span()
+            for position in range(start + 1, match.end()):
+                inner = pattern.match(text, position)  # the longest form starting there
+                if inner is not None:
+                    end = max(end, inner.end())
             if merged and start <= merged[-1][1]:
                 merged[-1][1] = max(merged[-1][1], end)
             else:
@@ -215,7 +217,7 @@ class Redactor:
             compiled = self._compiled
             # Masking can only create a new occurrence across a MASK if some form contains its
             # character; every pass shortens the text (forms are longer than MASK), so this ends.
-            if compiled is None or not compiled[2]:
+            if compiled is None or not compiled[1]:
                 return text
 
     def redact_data(self, data: Any) -> Any:
