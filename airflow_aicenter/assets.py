@@ -27,8 +27,9 @@ OPENLINEAGE_NAMESPACE = "aicenter"
 
 
 def package_uri(package: str) -> str:
-    """``aicenter://<package>/``, the normalised form Airflow stores, for a valid package name."""
-    return f"{SCHEME}://{validate_package_name(package)}/"
+    """``aicenter://<package>`` for a valid package name: the form DAGs and the operators write (the asset's name;
+    Airflow stores its URI normalised, ``aicenter://<package>/``)."""
+    return f"{SCHEME}://{validate_package_name(package)}"
 
 
 def sanitize_uri(uri: SplitResult) -> SplitResult:
