@@ -6,18 +6,27 @@ Everything that must never be lost or duplicated is a numbered, create-once reco
 it with If-None-Match (O_EXCL on disk), and on a conflict take the one after. A best-effort
 hint per sequence makes "what is the last number" O(1) requests, independent of how many
 versions exist; a stale hint costs a few HEADs and is never wrong.
+
+A task instance (dag, run, task, map index: every try of it) makes at most one version. Its
+commit leaves ``packages/<name>/runs/<sha256 of the task instance>.json``: an intent before
+the version record, completed with the version after it. ``version_made_by`` reads it (one
+request), so a retry finds the version an earlier try committed instead of making another.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, cast
 
 import obstore
 
-from airflow_aicenter.errors import AlreadyExistsError, NotFoundError, PackageError, VersionError
+from airflow_aicenter.errors import AICenterError, AlreadyExistsError, NotFoundError, PackageError, VersionError
+from airflow_aicenter.layout import REGISTRATION
 from airflow_aicenter.package import (
     Version,
     extract_zip,
@@ -107,6 +116,16 @@ class Sequence:
         raise VersionError(f"could not allocate a number under {self.store.url(self.hint_key)} after {MAX_ATTEMPTS} tries")
 
 
+@dataclass
+class PackageSummary:
+    """One package as ``aicenter package list`` shows it; ``problems`` names records that could not be read."""
+
+    name: str
+    latest: VersionRecord | None = None
+    aliases: dict[str, AliasRecord] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
 class Registry:
     """Packages and their versions under ``packages/<name>/`` of one store."""
 
@@ -124,6 +143,12 @@ class Registry:
     def _majors(self, name: str) -> Sequence:
         # Majors start at 1: index n of this sequence is major n+1.
         return Sequence(self.store, lambda n: self.version_key(name, Version(n + 1, 0)), f"packages/{name}/hints/major")
+
+    @staticmethod
+    def made_by_key(name: str, run: RunRef) -> str:
+        """The record of the version a task instance (any try) made: keyed by dag, run, task and map index."""
+        instance = json.dumps([run.dag_id, run.run_id, run.task_id, run.map_index])
+        return f"packages/{name}/runs/{hashlib.sha256(instance.encode()).hexdigest()}.json"
 
     def _aliases(self, name: str, alias: str) -> Sequence:
         return Sequence(
@@ -158,9 +183,9 @@ class Registry:
         """``"1.2"``, ``"1"`` (latest minor of 1), ``"latest"`` or an alias -> its record."""
         validate_package_name(name)
         parsed = parse_version_spec(str(spec))
-        if parsed.kind == "exact":
+        if parsed.version is not None:  # "exact"
             return self.get(name, parsed.version)
-        if parsed.kind == "alias":
+        if parsed.alias is not None:  # "alias"
             current = self.alias(name, parsed.alias)
             if current is None:
                 raise VersionError(
@@ -233,36 +258,64 @@ class Registry:
             self._minors(name, major).append(lambda m, _: make(Version(major, m)))
         return made[0]
 
-    def commit_once(self, name: str, *, run: RunRef, **kwargs: object) -> VersionRecord:
-        """Commit the run's version unless this task try already did (retry-safe).
+    def version_made_by(self, name: str, run: RunRef) -> VersionRecord | None:
+        """The version the task instance of ``run`` (same dag, run, task and map index; any try) committed, or None.
 
-        The marker in the run folder is written as an intent (no version) before the version
-        record and completed after it. Only when an intent is found (a crash came between the
-        two) are the recent versions of the major searched for this run, so a first attempt
-        costs O(1) requests however many versions exist.
+        One GET (two when there is one). Only when an earlier try died between its intent and
+        its version record are recent versions searched for the task instance.
         """
-        marker = f"{run.prefix}/registration.json"
+        made = read_optional(self.store, self.made_by_key(name, run), Registration)
+        if made is None:
+            return None
+        if made.version is not None:
+            return self.get(name, made.version)
+        return self._find_by_task(name, run, range(self.latest_major(name) or 0, 0, -1))
+
+    def commit_once(self, name: str, *, run: RunRef, **kwargs: object) -> VersionRecord:
+        """Commit the run's version unless its task instance already did, in this try or an earlier one.
+
+        Intents are written before the version record and completed after it: the task
+        instance's record (``made_by_key``) and the try's ``registration.json``. A retry that
+        finds a completed record returns that version; only when an intent is found (a crash
+        came between the two) are the recent versions searched for the task instance, so a
+        first attempt costs O(1) requests however many versions exist.
+        """
+        marker = run.key(REGISTRATION)
+        made_key = self.made_by_key(name, run)
         done = read_optional(self.store, marker, Registration)
         if done is not None and done.version:
             return self.get(name, done.version)
-        parent = kwargs.get("parent")
-        if done is not None and parent is not None:  # an earlier attempt of this try began: did it commit?
-            found = self._find_by_run(name, Version.parse(str(parent)).major, run)
-            if found is not None:
-                write(self.store, marker, Registration(package=name, version=found.version))
-                return found
+        made = read_optional(self.store, made_key, Registration)
+        found = None
+        if made is not None and made.version:
+            found = self.get(name, made.version)
+        elif made is not None or done is not None:  # an earlier attempt began: did it commit?
+            parent = kwargs.get("parent")
+            majors = [Version.parse(str(parent)).major] if parent is not None else range(self.latest_major(name) or 0, 0, -1)
+            found = self._find_by_task(name, run, majors)
+        if found is not None:
+            write(self.store, made_key, Registration(package=name, version=found.version))
+            write(self.store, marker, Registration(package=name, version=found.version))
+            return found
+        if made is None:
+            write(self.store, made_key, Registration(package=name, version=None))
         if done is None:
             write(self.store, marker, Registration(package=name, version=None))
         record = self.commit(name, run=run, **kwargs)  # type: ignore[arg-type]
+        write(self.store, made_key, Registration(package=name, version=record.version))
         write(self.store, marker, Registration(package=name, version=record.version))
         return record
 
-    def _find_by_run(self, name: str, major: int, run: RunRef, window: int = 50) -> VersionRecord | None:
-        last = self.latest_minor(name, major)
-        for minor in range(last or 0, max(-1, (last or 0) - window), -1) if last is not None else ():
-            record = read_optional(self.store, self.version_key(name, Version(major, minor)), VersionRecord)
-            if record and record.run and record.run.prefix == run.prefix:
-                return record
+    def _find_by_task(self, name: str, run: RunRef, majors: Iterable[int], window: int = 50) -> VersionRecord | None:
+        """A version among the last ``window`` minors of ``majors`` that ``run``'s task instance made (any try)."""
+        instance = (run.dag_id, run.run_id, run.task_id, run.map_index)
+        for major in majors:
+            last = self.latest_minor(name, major)
+            for minor in range(last, max(-1, last - window), -1) if last is not None else ():
+                record = read_optional(self.store, self.version_key(name, Version(major, minor)), VersionRecord)
+                if record and record.run and (record.run.dag_id, record.run.run_id, record.run.task_id,
+                                              record.run.map_index) == instance:
+                    return record
         return None
 
     def check(self, record: VersionRecord, pipeline: str) -> None:
@@ -275,7 +328,7 @@ class Registry:
         key = blob_key(record.blob.sha256)
         with tempfile.TemporaryDirectory(prefix="aicenter-check-") as tmp:
             reader = obstore.open_reader(self.store.inner, key, size=record.blob.size)
-            root = extract_zip(reader, Path(tmp) / "pkg", only=is_contract_file)
+            root = extract_zip(cast(BinaryIO, reader), Path(tmp) / "pkg", only=is_contract_file)  # seekable, read() -> bytes
             validate_package(root, pipeline)
 
     def download(self, name: str, spec: str, dest: Path) -> tuple[VersionRecord, Path]:
@@ -298,15 +351,40 @@ class Registry:
         prefix = f"packages/{name}/aliases/{alias}/"
         return sorted((read(self.store, i.key, AliasRecord) for i in self.store.list(prefix)), key=lambda r: r.seq)
 
-    def aliases(self, name: str) -> dict[str, AliasRecord]:
+    def aliases(self, name: str, problems: list[str] | None = None) -> dict[str, AliasRecord]:
+        """Each alias's current entry. An unreadable alias raises, or, given ``problems``, is noted there and left out."""
         prefixes, _ = self.store.list_dir(f"packages/{name}/aliases")
         out = {}
         for prefix in prefixes:
             alias = prefix.rsplit("/", 1)[-1]
-            current = self.alias(name, alias)
+            try:
+                current = self.alias(name, alias)
+            except AICenterError as exc:
+                if problems is None:
+                    raise
+                problems.append(f"alias {alias!r}: {exc}")
+                continue
             if current is not None:
                 out[alias] = current
         return out
+
+    def summary(self, name: str) -> PackageSummary:
+        """Latest version and aliases of one package; a damaged record is a problem of this package only."""
+        summary = PackageSummary(name)
+        try:
+            if self.latest_major(name) is not None:
+                summary.latest = self.resolve(name, "latest")
+        except AICenterError as exc:
+            summary.problems.append(f"latest version: {exc}")
+        try:
+            summary.aliases = self.aliases(name, summary.problems)
+        except AICenterError as exc:  # the aliases folder itself could not be listed
+            summary.problems.append(f"aliases: {exc}")
+        return summary
+
+    def summaries(self) -> list[PackageSummary]:
+        """Every package (``aicenter package list``): one damaged record never hides the other packages."""
+        return [self.summary(name) for name in self.packages()]
 
     def set_alias(
         self,

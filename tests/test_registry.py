@@ -9,23 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from airflow_aicenter.errors import PackageError, VersionError
-from airflow_aicenter.records import BlobRef, Registration, RunRef, write
+from airflow_aicenter.errors import PackageError, StorageError, VersionError
+from airflow_aicenter.records import BlobRef, Registration, RunRef, read, write
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
 from airflow_aicenter.storage.store import S3Options
-from tests.conftest import write_files
-
-MAIN = "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return input\n"
-TRAIN = (
-    "class Main:\n    def __init__(self):\n        pass\n    def train(self, training_directory):\n        pass\n"
-    "    def save(self):\n        pass\n"
-)
+from tests.packages import TRAIN_ONLY, write_package
 
 
 @pytest.fixture
 def pkg(tmp_path: Path) -> Path:
-    return write_files(tmp_path / "pkg", {"main.py": MAIN, "train.py": TRAIN, "requirements.txt": ""})
+    return write_package(tmp_path / "pkg", train=TRAIN_ONLY)
 
 
 def test_upload_creates_next_major(store, pkg):
@@ -129,8 +123,92 @@ def test_commit_once_is_idempotent_per_task_try(store, pkg):
     # (no version): still found, not registered twice
     write(store, f"{run.prefix}/registration.json", Registration(package="churn", version=None))
     assert registry.commit_once("churn", run=run, parent="1.0", blob=base.blob, pipeline="train").version == "1.1"
-    other = RunRef(dag_id="d", run_id="r", task_id="t", try_number=2)
-    assert registry.commit_once("churn", run=other, parent="1.0", blob=base.blob, pipeline="train").version == "1.2"
+    other_task = RunRef(dag_id="d", run_id="r", task_id="t2", try_number=1)
+    assert registry.commit_once("churn", run=other_task, parent="1.0", blob=base.blob, pipeline="train").version == "1.2"
+
+
+def test_a_task_instance_makes_at_most_one_version_over_its_tries(store, pkg):
+    """Under a real scheduler a task failed after registering 1.1 and, cleared and retried, registered 1.9
+    as well. The retry finds its task instance's version (same dag, run, task, map index; any try)."""
+    registry = Registry(store)
+    base = registry.upload(pkg, "churn")
+    try1 = RunRef(dag_id="d", run_id="r", task_id="train", map_index=1, try_number=1)
+    try2 = try1.model_copy(update={"try_number": 2})
+    assert registry.version_made_by("churn", try1) is None
+    first = registry.commit_once("churn", run=try1, parent="1.0", blob=base.blob, pipeline="train")
+    other_index = try1.model_copy(update={"map_index": 0})
+    registry.commit_once("churn", run=other_index, parent="1.0", blob=base.blob, pipeline="train")  # 1.2, a sibling
+
+    made = registry.version_made_by("churn", try2)  # what the operator asks before launching try 2
+    assert made is not None and made.version == first.version == "1.1" and made.run.try_number == 1
+    assert registry.commit_once("churn", run=try2, parent="1.0", blob=base.blob, pipeline="train").version == "1.1"
+    assert [r.version for r in registry.versions("churn")] == ["1.0", "1.1", "1.2"]
+    assert read(store, f"{try2.prefix}/registration.json", Registration).version == "1.1"  # the try's record says so
+    # another task, another dag run, an unmapped task of the same id: each its own instance
+    for other in (try1.model_copy(update={"task_id": "train2"}), try1.model_copy(update={"run_id": "r2"}),
+                  try1.model_copy(update={"map_index": -1})):
+        assert registry.version_made_by("churn", other) is None
+
+
+def test_a_retry_after_a_crash_between_intent_and_version_finds_the_version(store, pkg):
+    """Try 1 committed its version but died before completing its records: try 2 still finds it."""
+    registry = Registry(store)
+    base = registry.upload(pkg, "churn")
+    try1 = RunRef(dag_id="d", run_id="r", task_id="train", try_number=1)
+    first = registry.commit_once("churn", run=try1, parent="1.0", blob=base.blob, pipeline="train")
+    write(store, Registry.made_by_key("churn", try1), Registration(package="churn", version=None))  # the crash
+    for _ in range(3):
+        registry.commit("churn", parent="1.0", blob=base.blob, pipeline="train")  # others commit meanwhile
+    try2 = try1.model_copy(update={"try_number": 2})
+    assert registry.version_made_by("churn", try2) == first
+    assert registry.commit_once("churn", run=try2, parent="1.0", blob=base.blob, pipeline="train").version == "1.1"
+    assert read(store, Registry.made_by_key("churn", try2), Registration).version == "1.1"
+    assert len(registry.versions("churn")) == 5
+
+
+def test_version_made_by_costs_constant_requests(tmp_path, pkg):
+    counts = {}
+    for n in (3, 60):
+        store = open_store((tmp_path / f"s{n}").as_uri())
+        registry = Registry(store)
+        base = registry.upload(pkg, "churn")
+        for i in range(n):
+            run = RunRef(dag_id="d", run_id="r", task_id="train", map_index=i)
+            registry.commit_once("churn", run=run, parent="1.0", blob=base.blob, pipeline="train")
+        calls: list[str] = []
+        for name in ("get_bytes", "head", "exists", "list", "list_dir"):
+            original = getattr(store, name)
+
+            def counted(*a, _o=original, _n=name, **k):
+                calls.append(_n)
+                return _o(*a, **k)
+            setattr(store, name, counted)
+        made = registry.version_made_by("churn", RunRef(dag_id="d", run_id="r", task_id="train", map_index=1, try_number=3))
+        assert made is not None and made.version == "1.2"
+        counts[n] = len(calls)
+    assert counts[3] == counts[60] == 2
+
+
+def test_a_damaged_record_is_a_problem_of_its_package_only(store, pkg):
+    """One corrupt alias record broke `aicenter package list` for every package."""
+    registry = Registry(store)
+    for name in ("alpha", "beta", "gamma"):
+        registry.upload(pkg, name)
+        registry.set_alias(name, "production", "1.0")
+    store.put_bytes("packages/alpha/aliases/production/0000000000.json", b"{damaged")
+    registry.commit("gamma", parent="1.0", blob=registry.get("gamma", "1.0").blob, pipeline="train")
+    store.put_bytes("packages/gamma/versions/1.1.json", b"[]")
+    summaries = {s.name: s for s in registry.summaries()}
+    assert list(summaries) == ["alpha", "beta", "gamma"]
+    alpha, beta, gamma = summaries["alpha"], summaries["beta"], summaries["gamma"]
+    assert alpha.latest is not None and alpha.latest.version == "1.0" and alpha.aliases == {}
+    [problem] = alpha.problems
+    assert problem.startswith("alias 'production': ") and "packages/alpha/aliases/production/0000000000.json is not a valid AliasRecord" in problem
+    assert beta.problems == [] and beta.latest is not None and beta.aliases["production"].version == "1.0"
+    assert gamma.latest is None and gamma.aliases["production"].version == "1.0"
+    assert len(gamma.problems) == 1 and "packages/gamma/versions/1.1.json is not a valid VersionRecord" in gamma.problems[0]
+    with pytest.raises(StorageError, match="is not a valid AliasRecord"):  # elsewhere a damaged record is still an error
+        registry.aliases("alpha")
 
 
 def test_download_verifies_and_roundtrips(store, pkg, tmp_path):
