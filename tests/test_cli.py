@@ -86,7 +86,8 @@ def test_runs_list_and_show(filled, capsys):
     assert "Main.evaluate() returned nan, which is not a finite number" in by_task["evaluate_nan"]["cause"]
     versions = [(by_task[t]["version"], by_task[t]["new_version"]) for t in ("train", "full", "evaluate")]
     assert versions == [("1.0", "1.1"), ("1.1", "1.2"), ("1.2", None)]
-    assert [r["id"].split("/")[2] for r in read_json(capsys, "--storage", uri, "runs", "list", "--status", "failed")] == ["evaluate_nan"]
+    failed = read_json(capsys, "--storage", uri, "runs", "list", "--status", "failed")
+    assert [r["id"].split("/")[2] for r in failed] == ["evaluate_nan"]
     assert read_json(capsys, "--storage", uri, "runs", "list", "--package", "other") == []
     assert len(read_json(capsys, "--storage", uri, "runs", "list", "--package", "scored")) == 4
 
@@ -358,3 +359,39 @@ def test_a_closed_pipe_ends_the_command_quietly(tmp_path):
         assert done.returncode == 0 and done.stdout.strip(), done.stderr
         assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
         assert done.stderr.strip() == "", done.stderr
+
+
+# -- scripts/example.sh chooses its own Airflow home ----------------------------------------
+STUB = '''#!/usr/bin/env bash
+conn=${AIRFLOW_CONN_AICENTER_DEFAULT:-}
+echo "$(basename "$0") home=$AIRFLOW_HOME storage=${AICENTER_STORAGE:-} conn=$conn args=$*" >> "$STUB_LOG"
+'''
+
+
+@pytest.mark.parametrize("example_home", [None, "chosen-home"])
+def test_example_script_migrates_only_its_own_airflow_home(tmp_path, example_home):
+    """The real script, with the tools it calls recording what they were given (setup, airflow, aicenter, python)."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    (repo / "scripts" / "example.sh").write_text((Path(__file__).parents[1] / "scripts" / "example.sh").read_text())
+    (repo / "scripts" / "setup.sh").write_text("exit 0\n")
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    for tool in ("airflow", "aicenter", "python"):
+        (repo / ".venv" / "bin" / tool).write_text(STUB)
+        (repo / ".venv" / "bin" / tool).chmod(0o755)
+    unrelated = tmp_path / "my-real-airflow"
+    log = tmp_path / "calls.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AICENTER_", "AIRFLOW"))}
+    env.update(STUB_LOG=str(log), AIRFLOW_HOME=str(unrelated), AICENTER_STORAGE="s3://prod/aicenter",
+               AIRFLOW_CONN_AICENTER_DEFAULT='{"conn_type": "aicenter"}')
+    if example_home:
+        env["AICENTER_EXAMPLE_HOME"] = str(tmp_path / example_home)
+    done = subprocess.run(["bash", str(repo / "scripts" / "example.sh")], capture_output=True, text=True, env=env,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    home = tmp_path / example_home if example_home else repo / "airflow-home"
+    calls = log.read_text().splitlines()
+    assert f"airflow home={home} storage= conn= args=db migrate" in calls, calls
+    assert all(f"home={home} " in call for call in calls), "every tool runs in the example's home, with no store of yours"
+    assert not unrelated.exists(), "the exported AIRFLOW_HOME is left alone"
+    assert f"leaving AIRFLOW_HOME={unrelated} alone" in done.stderr and "AICENTER_EXAMPLE_HOME" in done.stderr
