@@ -173,18 +173,16 @@ def run_steps(instance: Any, root: Path, steps: list[dict[str, Any]], result: di
 
 
 # -- batch prediction ------------------------------------------------------------------------
-def encode(key: str, n: Any, value: Any) -> tuple[str, str | None]:
-    """One output record, and the error when JSON cannot hold the value (that input's error)."""
-    try:
-        return json.dumps({key: n, "output": value}, allow_nan=False), None
-    except (TypeError, ValueError) as exc:
-        error = (f"Main.predict() returned {type(value).__name__}, which is not JSON-serialisable ({first_line(exc)}); "
-                 "return a str, number, bool, None, list or dict")
-        return json.dumps({key: n, "error": error}), error
+#: One encoder for every output (``json.dumps`` with options builds a new one per call).
+_encode = json.JSONEncoder(allow_nan=False).encode
 
 
 class Predictor:
-    """Calls ``predict`` for each input of this process's share and writes the outputs."""
+    """Calls ``predict`` for each input of this process's share and writes the outputs.
+
+    The loop over inputs is the hot path of batch prediction: per input it calls ``predict``
+    and encodes the output, nothing else (the label of an input is only built when it fails).
+    """
 
     def __init__(self, instance: Any, root: Path, out: Path) -> None:
         fn = getattr(instance, "predict", None)
@@ -194,48 +192,54 @@ class Predictor:
         self.predicted = self.failed = 0
         self.first_error: str | None = None
 
-    def one(self, key: str, n: Any, value: Any, where: str) -> str:
+    def one(self, key: str, n: Any, value: Any, rel: str) -> str:
+        """The output record of one input (``{key: n, "output": ...}`` or ``{key: n, "error": ...}``)."""
         try:
             output = self.predict(value)
         except Exception as exc:  # noqa: BLE001 - a failing input is recorded, the batch goes on
             message = cause_of(exc, self.root, "Main.predict()")
             if self.failed < PRINTED_TRACEBACKS:
-                print(f"{where}: {traceback.format_exc()}", file=sys.stderr, flush=True)
-            self._count_failure(where, message)
-            return json.dumps({key: n, "error": message})
-        line, error = encode(key, n, output)
-        if error is None:
-            self.predicted += 1
-        else:
-            self._count_failure(where, error)
-        return line
+                print(f"{self._where(key, n, rel)}: {traceback.format_exc()}", file=sys.stderr, flush=True)
+            return self._failed(key, n, rel, message)
+        try:
+            encoded = _encode(output)
+        except (TypeError, ValueError) as exc:
+            return self._failed(key, n, rel, (
+                f"Main.predict() returned {type(output).__name__}, which is not JSON-serialisable ({first_line(exc)}); "
+                "return a str, number, bool, None, list or dict"))
+        self.predicted += 1
+        return f'{{"{key}": {_encode(n)}, "output": {encoded}}}'
 
-    def _count_failure(self, where: str, message: str) -> None:
+    @staticmethod
+    def _where(key: str, n: Any, rel: str) -> str:
+        return f"{rel} line {n}" if key == "line" else rel
+
+    def _failed(self, key: str, n: Any, rel: str, message: str) -> str:
         self.failed += 1
         if self.first_error is None:
-            self.first_error = f"{where}: {message}"
+            self.first_error = f"{self._where(key, n, rel)}: {message}"
+        return json.dumps({key: n, "error": message})
 
     def json_lines(self, data: Path, rel: str, first: int, last: int) -> None:
         """Lines ``first`` to ``last - 1`` (0-based) of ``rel``; each non-blank line is one input, as the string it is."""
         target = self.out / rel
         target.parent.mkdir(parents=True, exist_ok=True)
+        one = self.one
         with open(data / rel, "rb") as source, open(target, "w", encoding="utf-8") as sink:
+            write = sink.write
             for index, raw in enumerate(source):
                 if index < first:
                     continue
                 if index >= last:
                     break
-                n = index + 1
                 try:
                     text = raw.decode("utf-8").rstrip("\r\n")
                 except UnicodeDecodeError as exc:
                     message = f"line is not UTF-8 text ({exc.reason} at byte {exc.start}); write the inputs as UTF-8"
-                    self._count_failure(f"{rel} line {n}", message)
-                    sink.write(json.dumps({"line": n, "error": message}) + "\n")
+                    write(self._failed("line", index + 1, rel, message) + "\n")
                     continue
-                if not text.strip():
-                    continue
-                sink.write(self.one("line", n, text, f"{rel} line {n}") + "\n")
+                if text and not text.isspace():
+                    write(one("line", index + 1, text, rel) + "\n")
 
     def file(self, data: Path, rel: str) -> None:
         target = self.out / f"{rel}.json"
