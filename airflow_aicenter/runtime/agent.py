@@ -38,7 +38,14 @@ from airflow_aicenter.package import extract_zip, iter_package_files, validate_p
 from airflow_aicenter.records import BlobRef, Outcome, RunSpec, write
 from airflow_aicenter.runtime.checkpoint import CheckpointSync, try_of
 from airflow_aicenter.runtime.environment import Environment, prepare_environment
-from airflow_aicenter.runtime.incremental import IncrementalStaging, NothingNew, check_carried, read_base, stage_incremental
+from airflow_aicenter.runtime.incremental import (
+    IncrementalStaging,
+    NothingNew,
+    check_carried,
+    list_fingerprints,
+    read_base,
+    stage_incremental,
+)
 from airflow_aicenter.runtime.manifest import EVALUATION, INFERENCE, TRAINING, is_manifest_uri, stage_manifest
 from airflow_aicenter.runtime.snapshot import take_snapshot
 from airflow_aicenter.secrets import Redactor, redact
@@ -224,6 +231,9 @@ class Agent:
         self.checkpoints: CheckpointSync | None = None
         #: An incremental run's staging: unchanged files carried into the snapshot (runtime/incremental.py).
         self.incremental: IncrementalStaging | None = None
+        #: The training dataset's fingerprints, listed before a full staging: its snapshot keeps them for
+        #: the next incremental run (runtime/incremental.py).
+        self.fingerprints: dict[str, str] = {}
         #: Every form of the secret-looking variables' values (the user's secret env, S3 keys):
         #: never in outcome.json or the log.
         self.secrets = Redactor.from_env({**os.environ, **spec.env})
@@ -373,6 +383,8 @@ class Agent:
             if self.spec.incremental_base and usages == TRAINING:
                 entries = self._stage_incremental(source, dest, self.spec.incremental_base)
             else:
+                if usages == TRAINING and self.spec.save_training_data:
+                    self.fingerprints = list_fingerprints(source)
                 entries = run(download_tree(source, dest))
         took = time.perf_counter() - began
         size = sum(e.size for e in entries)
@@ -410,6 +422,10 @@ class Agent:
         env["save_training_data"] = str(spec.save_training_data)
         env["save_test_data"] = str(spec.save_test_data)
         env["PYTHONUNBUFFERED"] = "1"
+        if spec.procs_per_node > 1:
+            # As torchrun does: N processes each with one OpenMP thread per core oversubscribe the
+            # node (a 2-rank CPU DDP run took > 240 s instead of 10 s); the user's env may say otherwise.
+            env.setdefault("OMP_NUM_THREADS", "1")
         env.update(self.topology.env(local_rank, spec.gpu))
         return env
 
@@ -690,7 +706,8 @@ class Agent:
         key = self.key(f"{name}.manifest.json")
         inc = self.incremental if name == "data_directory" else None  # the unchanged files, carried over
         stats = take_snapshot(self.store, folder, entries, source=source, directory=name, key=key, log=log,
-                              carried=inc.carried if inc else (), fingerprints=inc.fingerprints if inc else None)
+                              carried=inc.carried if inc else (),
+                              fingerprints=inc.fingerprints if inc else self.fingerprints if name == "data_directory" else None)
         self.outcome.snapshots[name] = self.store.url(key)
         log(f"snapshot of {name}: {stats.files} files ({human(stats.bytes)}), "
             f"{stats.uploaded_files} new blobs ({human(stats.uploaded_bytes)}) written")

@@ -7,8 +7,12 @@ its URI as ``RunSpec.incremental_base``. Staging lists the dataset and compares 
 - not in the base, or another size: new or changed, downloaded;
 - same size and the same fingerprint as recorded (the S3 ETag; on a file store, which lists
   no ETag, the modification time): unchanged, not downloaded;
-- otherwise (no fingerprint recorded, e.g. the parent was a full staging, or a different one):
-  downloaded and hashed; the same digest as the base means unchanged, and the copy is removed.
+- otherwise (another fingerprint, or none recorded: a snapshot older than fingerprints, a
+  mounted dataset): downloaded and hashed; the same digest as the base means unchanged, and
+  the copy is removed.
+
+A full staging records fingerprints too (:func:`list_fingerprints`, listed before the
+download), so the first incremental run after it compares without downloading.
 
 ``data_directory`` then holds only the new and changed files. The snapshot of the run (with
 ``save_training_data``) is the whole dataset as of now: the staged files plus the unchanged ones
@@ -51,7 +55,7 @@ class IncrementalStaging:
     new: int = 0
     changed: int = 0
     removed: int = 0
-    compared_by_digest: int = 0  # downloaded only to compare (no fingerprint to go by)
+    compared_by_digest: int = 0  # downloaded only to find them unchanged (no matching fingerprint to go by)
 
     def summary(self) -> str:
         return (f"{self.new} new, {self.changed} changed, {len(self.carried)} unchanged (not staged), "
@@ -65,6 +69,16 @@ def fingerprint(info: ObjectInfo) -> str | None:
     if info.last_modified is not None:
         return f"mtime:{info.last_modified.isoformat()}"
     return None
+
+
+def list_fingerprints(source: Store) -> dict[str, str]:
+    """Every object's fingerprint, listed BEFORE a full staging so its snapshot lets the next incremental run
+    compare without downloading.
+
+    Listed before the download, a fingerprint is never newer than the content staged: an object
+    rewritten in between shows a fingerprint that no longer matches, and is compared by digest.
+    """
+    return {info.key: mark for info in source.list("") if not info.key.endswith("/") and (mark := fingerprint(info))}
 
 
 def read_base(store: Store, uri: str) -> Manifest:
@@ -120,12 +134,11 @@ def stage_incremental(
             raise DatasetError(f"dataset object {info.key!r} would be written outside the data folder; rename it")
         got = await download_file(source, info.key, target, size=info.size, etag=info.etag)
         mark = fingerprint(info)
-        if before is not None and before.size == got.size:
+        if before is not None and before.sha256 == got.sha256:  # same content, another fingerprint: unchanged
             result.compared_by_digest += 1
-            if before.sha256 == got.sha256:  # same content, new fingerprint: unchanged
-                target.unlink()
-                result.carried.append(before.model_copy(update={"etag": mark}))
-                return
+            target.unlink()
+            result.carried.append(before.model_copy(update={"etag": mark}))
+            return
         if before is None:
             result.new += 1
         else:
@@ -139,7 +152,8 @@ def stage_incremental(
     result.staged.sort(key=lambda e: e.path)
     result.carried.sort(key=lambda e: e.path)
     log(f"incremental staging of {source.uri}: {result.summary()}"
-        + (f"; {result.compared_by_digest} downloaded to compare by digest" if result.compared_by_digest else ""))
+        + (f"; {result.compared_by_digest} unchanged files downloaded to compare by digest"
+           if result.compared_by_digest else ""))
     if not result.staged:
         raise NothingNew(f"no new or changed files in {source.uri} since the parent's training snapshot "
                          f"({len(result.carried)} unchanged, {result.removed} removed)")

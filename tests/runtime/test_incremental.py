@@ -63,7 +63,7 @@ def test_only_new_and_changed_files_are_staged_and_the_snapshot_is_the_whole_dat
     assert files_in(tmp_path / "data") == ["new/d.csv", "sub/b.csv"]
     assert (tmp_path / "data" / "sub" / "b.csv").read_text() == "b,2\n"
     assert (staging.new, staging.changed, staging.removed, len(staging.carried)) == (1, 1, 1, 2)
-    assert staging.compared_by_digest == 3  # the parent recorded no fingerprints: a, b, c compared by digest
+    assert staging.compared_by_digest == 2  # the parent recorded no fingerprints: a and c downloaded to compare
     assert "1 new, 1 changed, 2 unchanged (not staged), 1 removed" in logs[0]
 
     snap = incremental_snapshot(store, tmp_path / "data", staging, "runs/c/data_directory.manifest.json")
@@ -157,6 +157,8 @@ def test_incremental_runs_train_on_what_changed_and_skip_when_nothing_did(store:
     assert code == 0 and child.status == "succeeded", err
     assert seen(store, 2) == ["d.csv", "sub/b.csv"]  # only what is new or changed
     assert "1 new, 1 changed, 2 unchanged (not staged), 0 removed" in err
+    assert "compare by digest" not in err  # the parent's full staging recorded fingerprints: nothing downloaded to compare
+    assert all(f.etag for f in read(store, "runs/d/r/t/1/data_directory.manifest.json", Manifest).files)
     whole = read(store, "runs/d/r/t/2/data_directory.manifest.json", Manifest)
     assert [f.path for f in whole.files] == ["a.csv", "c.csv", "d.csv", "sub/b.csv"] and whole.total_bytes == 16
 
