@@ -224,11 +224,11 @@ class BasePipelineOperator(KubernetesPodOperator):
 
     # -- the hook, the launcher ---------------------------------------------------------
     @cached_property
-    def hook(self) -> AICenterHook:
+    def aicenter_hook(self) -> AICenterHook:
         return AICenterHook(self.aicenter_conn_id)
 
     def launcher_name(self) -> str:
-        return self.launcher or self.hook.settings.launcher
+        return self.launcher or self.aicenter_hook.settings.launcher
 
     def make_launcher(self, name: str) -> Launcher:
         """The launcher for this run (override to add one); ``nodes > 1`` on Kubernetes is a Job."""
@@ -242,23 +242,23 @@ class BasePipelineOperator(KubernetesPodOperator):
             if self.nodes > 1:
                 from airflow_aicenter.launchers.job import JobLauncher
 
-                return JobLauncher(self, self.hook, settings, nodes=self.nodes)
-            return PodLauncher(self, self.hook, settings)
-        child_env = {**self.hook.runtime_env(self.dataset, self.evaluation_dataset), **self.user_secret_env()}
-        return LocalLauncher(store=self.hook.get_store(), env=child_env, secrets=secret_values(child_env),
+                return JobLauncher(self, self.aicenter_hook, settings, nodes=self.nodes)
+            return PodLauncher(self, self.aicenter_hook, settings)
+        child_env = {**self.aicenter_hook.runtime_env(self.dataset, self.evaluation_dataset), **self.user_secret_env()}
+        return LocalLauncher(store=self.aicenter_hook.get_store(), env=child_env, secrets=secret_values(child_env),
                              python=self.python, gpu=self.gpu, nodes=self.nodes,
                              dataset_volume_claim=self.dataset_volume_claim, log=self.log)
 
     # -- the one flow --------------------------------------------------------------------
     def execute(self, context: Context) -> dict[str, Any]:
         run = self.run_ref(context)
-        store = self.hook.get_store()
+        store = self.aicenter_hook.get_store()
         try:
             launcher = self.launcher_in_use = self.make_launcher(self.launcher_name())
-            parent = self.hook.registry.resolve(self.package, str(self.requested_version))
+            parent = self.aicenter_hook.registry.resolve(self.package, str(self.requested_version))
             self.log.info("Package %s version %s (resolved from %r), run folder %s",
                           self.package, parent.version, self.requested_version, run.uri)
-            self.hook.registry.check(parent, self.plan.name)
+            self.aicenter_hook.registry.check(parent, self.plan.name)
             self.check_datasets()
             launcher.check()
             recovered = self.recover(run, parent, launcher)
@@ -278,7 +278,7 @@ class BasePipelineOperator(KubernetesPodOperator):
 
     def build_pod_request_obj(self, context: Context | None = None, *, dry_run: bool = False) -> k8s.V1Pod:
         """KubernetesPodOperator's pod, with the runtime container, volumes, resources and security added."""
-        settings = self.hook.settings
+        settings = self.aicenter_hook.settings
         if self.namespace is None and settings.namespace and not self._template_namespace():
             self.namespace = settings.namespace
         pod = super().build_pod_request_obj(context, dry_run=dry_run)
@@ -320,7 +320,7 @@ class BasePipelineOperator(KubernetesPodOperator):
             dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id,
             try_number=ti.try_number or 1, map_index=ti.map_index if ti.map_index is not None else -1,
         )
-        ref.uri = self.hook.get_store().url(ref.prefix)
+        ref.uri = self.aicenter_hook.get_store().url(ref.prefix)
         return ref
 
     def render_template_fields(self, context: Context, jinja_env: Any = None) -> None:
@@ -340,7 +340,7 @@ class BasePipelineOperator(KubernetesPodOperator):
         try:
             if self.launcher_name() == "local":
                 self.template_fields = AICENTER_TEMPLATE_FIELDS
-            self.version = self.hook.registry.resolve(self.package, str(self.version)).version
+            self.version = self.aicenter_hook.registry.resolve(self.package, str(self.version)).version
         except AICenterError:
             pass  # execute() reports it, and records the refused run
 
@@ -362,7 +362,7 @@ class BasePipelineOperator(KubernetesPodOperator):
                 self.check_manifest(attr, uri)
                 continue
             try:
-                empty = next(iter(self.hook.get_store(uri).list("")), None) is None
+                empty = next(iter(self.aicenter_hook.get_store(uri).list("")), None) is None
             except NotFoundError:
                 empty = True
             if empty:
@@ -372,7 +372,7 @@ class BasePipelineOperator(KubernetesPodOperator):
         """A ModelArts manifest: every line checked (JSON, ``source``, the source exists) before compute."""
         from airflow_aicenter.runtime.manifest import check_manifest
 
-        check_manifest(uri, lambda target, **kw: self.hook.get_store(target))
+        check_manifest(uri, lambda target, **kw: self.aicenter_hook.get_store(target))
 
     def user_secret_env(self) -> dict[str, str]:
         """User parameters whose names look secret travel as process env, never in the spec."""
@@ -389,7 +389,7 @@ class BasePipelineOperator(KubernetesPodOperator):
             incremental_base = parent.snapshot
         return RunSpec(
             pipeline=self.plan.name,
-            storage=self.hook.get_store().uri,
+            storage=self.aicenter_hook.get_store().uri,
             run_prefix=run.prefix,
             package=self.package,
             version=parent.version,
@@ -422,7 +422,7 @@ class BasePipelineOperator(KubernetesPodOperator):
         registration happen once. An earlier try still ``running`` whose process cannot be alive
         (local launcher: it dies with its worker) is marked abandoned, so no record stays running.
         """
-        store = self.hook.get_store()
+        store = self.aicenter_hook.get_store()
         for earlier in range(run.try_number - 1, 0, -1):
             ref = run.model_copy(update={"try_number": earlier})
             ref.uri = store.url(ref.prefix)
@@ -439,7 +439,7 @@ class BasePipelineOperator(KubernetesPodOperator):
                     and outcome.package == self.package and outcome.pipeline == self.plan.name):
                 self.log.info("Try %s of this task already trained %s (run folder %s): completing it instead of training again",
                               earlier, self.package, ref.uri)
-                spec = self.build_spec(self.hook.registry.get(self.package, outcome.version), ref)
+                spec = self.build_spec(self.aicenter_hook.registry.get(self.package, outcome.version), ref)
                 return Finished(spec, ref, outcome)
         return None
 
@@ -452,7 +452,7 @@ class BasePipelineOperator(KubernetesPodOperator):
             evaluation_dataset=self.evaluation_dataset, env=masked_env(self.env),
         )
         try:
-            write(self.hook.get_store(), run.key(OUTCOME), outcome)
+            write(self.aicenter_hook.get_store(), run.key(OUTCOME), outcome)
         except AICenterError as exc:  # the store itself may be what is wrong: the original error matters more
             self.log.warning("Could not record the refused run in %s: %s", run.uri, exc)
 
@@ -466,7 +466,7 @@ class BasePipelineOperator(KubernetesPodOperator):
         from airflow.sdk.exceptions import AirflowSkipException
 
         spec, run, outcome = finished.spec, finished.run, finished.outcome
-        registry = self.hook.registry
+        registry = self.aicenter_hook.registry
         if outcome.status == "skipped":
             raise AirflowSkipException(outcome.skipped or "the runtime found nothing to do")
         parent = registry.get(spec.package, spec.version)
@@ -516,7 +516,7 @@ class BasePipelineOperator(KubernetesPodOperator):
             raise RunError(f"the {self.plan.name} run reported success without the new package content; "
                            "clear the task to run it again")
         crash_point("register")
-        record = self.hook.registry.commit_once(
+        record = self.aicenter_hook.registry.commit_once(
             self.package, run=run, parent=parent.version, blob=outcome.blob, pipeline=self.plan.name,
             snapshot=outcome.snapshots.get("data_directory"), score=outcome.score, evaluated_on=self.evaluated_on(outcome),
             created_by=f"{run.dag_id}.{run.task_id}", description=parent.description,
@@ -537,7 +537,7 @@ class BasePipelineOperator(KubernetesPodOperator):
         """
         if self.promote_to is None:
             return {}
-        registry = self.hook.registry
+        registry = self.aicenter_hook.registry
         set_by = f"run {run.path.id}"
         current = registry.alias(self.package, self.promote_to)
         if current is not None and current.version == candidate.version and current.set_by.startswith("run ") \

@@ -109,9 +109,9 @@ class PredictPipelineOperator(BasePipelineOperator):
         return {"input_type": self.input_type, "max_failed": self.max_failed}
 
     def result_extra(self, outcome: Outcome, run: RunRef) -> dict[str, Any]:
-        return {"predictions_uri": self.hook.get_store().url(run.key(f"{PREDICTIONS}/")),
+        return {"predictions_uri": self.aicenter_hook.get_store().url(run.key(f"{PREDICTIONS}/")),
                 "predicted": outcome.predicted, "failed": outcome.failed}
 
     def results_outputs(self, outcome: Outcome, run: RunRef) -> dict[str, Any]:
-        return {"predictions_data": self.hook.get_store().url(run.key(f"{PREDICTIONS}/")),
+        return {"predictions_data": self.aicenter_hook.get_store().url(run.key(f"{PREDICTIONS}/")),
                 "predicted": outcome.predicted, "failed": outcome.failed}

@@ -51,7 +51,7 @@ def s3_connections(monkeypatch: pytest.MonkeyPatch, **extra: Any) -> None:
 
 
 def spec_for(op: Any, *, storage: str = "file:///srv/aicenter") -> RunSpec:
-    return RunSpec(pipeline=op.pipeline, storage=storage, run_prefix="runs/aicenter_k8s/manual__2026-03-01/train/1",
+    return RunSpec(pipeline=op.plan.name, storage=storage, run_prefix="runs/aicenter_k8s/manual__2026-03-01/train/1",
                    package=op.package, version="1.0", blob=BlobRef(sha256="ab" * 32, size=10), dataset=op.dataset,
                    env={k: v for k, v in op.env.items()}, gpu=op.gpu,
                    dataset_mount=DATASET_MOUNT if op.dataset_volume_claim else None, install_requirements=True)
@@ -60,8 +60,10 @@ def spec_for(op: Any, *, storage: str = "file:///srv/aicenter") -> RunSpec:
 def manifest(op: Any, *, storage: str = "file:///srv/aicenter") -> dict[str, Any]:
     """What execute() sends to the API server (minus the in-cluster probe), as JSON."""
     context = make_context()
-    op._pod_run = PodRun(spec=spec_for(op, storage=storage), run=RunRef(
+    launcher = op.make_launcher("kubernetes")
+    launcher.pod_run = PodRun(spec=spec_for(op, storage=storage), run=RunRef(
         dag_id="aicenter_k8s", run_id=context["run_id"], task_id="train", try_number=1))
+    op.launcher_in_use = launcher
     pod = op.build_pod_request_obj(context, dry_run=True)
     data = ApiClient().sanitize_for_serialization(pod)
     for version in KUBE_VERSIONS:
