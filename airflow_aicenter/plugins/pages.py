@@ -259,8 +259,7 @@ def artifact_key(path: layout.RunPath, relative: str) -> str:
     """The store key of an artifact; any path that could leave the run's ``artifacts/`` folder is refused."""
     if not relative or "\\" in relative or "\x00" in relative or relative.startswith("/"):
         raise PathRefused(f"artifact path {relative!r} is not a relative path inside the run's artifacts folder")
-    parts = PurePosixPath(relative).parts
-    if any(p in ("..", ".", "") for p in parts) or relative.endswith("/"):
+    if any(part in ("..", ".", "") for part in relative.split("/")):  # PurePosixPath would hide "./" and "//"
         raise PathRefused(f"artifact path {relative!r} must not contain '..' or '.' parts; give a file inside artifacts/")
     return path.key(f"{layout.ARTIFACTS}/{relative}")
 

@@ -15,10 +15,11 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -36,6 +37,7 @@ CHROMIUM_ARGS = [
 PASSWORDS = {"admin": "admin-pass-1", "viewer": "viewer-pass-1", "nobody": "nobody-pass-1"}
 PACKAGE = "uipkg"
 DAG_ID = "aicenter_ui"
+T = TypeVar("T")
 SCREENSHOTS = Path(os.environ.get("AICENTER_TEST_OUTPUT", HERE.parents[1] / "test-output")) / "ui"
 
 
@@ -97,7 +99,7 @@ def _env(home: Path) -> dict[str, str]:
 def _seed(home: Path, env: dict[str, str], store: Store) -> str:
     """Upload the test package, run the DAG once (one success, one failure), add scored versions and an alias."""
     registry = Registry(store)
-    registry.upload(HERE / "package", PACKAGE, created_by="ui-tests")
+    off_loop(registry.upload, HERE / "package", PACKAGE, created_by="ui-tests")
     data = home / "dataset"
     data.mkdir()
     (data / "values.csv").write_text("row,value\n" + "".join(f"{i},{v}\n" for i, v in enumerate([0.1, 0.4, 0.35, 0.8, 0.9, 0.2])))
@@ -190,16 +192,33 @@ def shots(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     return take
 
 
-@pytest.fixture
-def signed_in(browser: Any, ui_server: UIServer) -> Iterator[Any]:
-    """A browser page signed in as admin through the Airflow login form."""
+@pytest.fixture(scope="session")
+def admin_context(browser: Any, ui_server: UIServer) -> Iterator[Any]:
+    """A browser context signed in once as admin, through the Airflow login form (the ``_token`` cookie)."""
     context = browser.new_context(base_url=ui_server.url, viewport={"width": 1400, "height": 900})
     page = context.new_page()
     page.goto("/aicenter/")
-    page.wait_for_url("**/auth/login**")
+    page.wait_for_url("**/auth/login**")  # anonymous: sent to the sign-in page, coming back afterwards
     page.locator("input[name=username], #username").first.fill("admin")
     page.locator("input[name=password], #password").first.fill(PASSWORDS["admin"])
     page.locator("button[type=submit]").first.click()
     page.wait_for_url("**/aicenter/")
-    yield page
+    page.close()
+    yield context
     context.close()
+
+
+@pytest.fixture
+def signed_in(admin_context: Any) -> Iterator[Any]:
+    """A new page of the signed-in admin, on the packages page."""
+    page = admin_context.new_page()
+    page.goto("/aicenter/")
+    yield page
+    page.close()
+
+
+def off_loop(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call ``fn`` in another thread: Playwright's sync API keeps an event loop running in this one,
+    and the store's transfers start their own (``asyncio.run``)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(fn, *args, **kwargs).result()

@@ -13,6 +13,7 @@ from airflow_aicenter.plugins import AICenterPlugin, pages
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
 from tests.conftest import EXAMPLE_PACKAGE
+from tests.ui.conftest import off_loop
 
 
 def key(**kw):
@@ -95,7 +96,7 @@ def test_connection_test_on_file_stores(monkeypatch, tmp_path):
     assert not ok and "photos" in message and "not an AI Center store" in message
 
     store = tmp_path / "store"
-    Registry(open_store(store.as_uri())).upload(EXAMPLE_PACKAGE, "churn")
+    off_loop(Registry(open_store(store.as_uri())).upload, EXAMPLE_PACKAGE, "churn")
     ok, message = _hook(monkeypatch, {"storage": store.as_uri()}).test_connection()
     assert ok and "1 package(s)" in message
 
@@ -105,7 +106,7 @@ def test_connection_test_on_s3(monkeypatch, s3_server):
     monkeypatch.setenv("AIRFLOW_CONN_AWS_MOTO", json.dumps({
         "conn_type": "aws", "login": "testing", "password": "testing-secret",
         "extra": {"endpoint_url": s3_server.endpoint, "region_name": "us-east-1"}}))
-    Registry(open_store(f"s3://{bucket}/aicenter", s3_server.options)).upload(EXAMPLE_PACKAGE, "churn")
+    off_loop(Registry(open_store(f"s3://{bucket}/aicenter", s3_server.options)).upload, EXAMPLE_PACKAGE, "churn")
     ok, message = _hook(monkeypatch, {"storage": f"s3://{bucket}/aicenter", "aws_conn_id": "aws_moto"}).test_connection()
     assert ok and "1 package(s)" in message
     ok, message = _hook(monkeypatch, {"storage": f"s3://no-such-bucket-{bucket}/x", "aws_conn_id": "aws_moto"}).test_connection()
