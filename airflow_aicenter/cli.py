@@ -37,7 +37,7 @@ from airflow_aicenter.records import AliasRecord, BlobRef, Manifest, VersionReco
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.runs import STATUSES, RunRecord, compare, find_run, find_runs, list_runs
 from airflow_aicenter.storage import S3Options, Store, open_store
-from airflow_aicenter.storage.store import exit_process
+from airflow_aicenter.process import exit_process
 from airflow_aicenter.storage.transfer import put_blob
 
 console = Console(soft_wrap=True)
@@ -538,28 +538,37 @@ def cmd_runs_show(args: argparse.Namespace, registry: Registry) -> int:
 
 
 def snapshot_summary(store: Store, uri: str | None) -> str | None:
-    """``<manifest URI> (N files, B bytes, content <digest>)``: the digest is over paths and file digests, so
-    two runs on the same data show the same one, and a change of data shows, whatever the dataset URI says."""
+    """``content <digest>, N files, B bytes`` of a snapshot manifest (``runs show`` gives its URI).
+
+    The digest is over the paths and the files' digests: two runs on the same data show the
+    same one, and a change of data shows, whatever the dataset URI says.
+    """
     if not uri:
         return None
     key = uri[len(store.uri) + 1:] if uri.startswith(store.uri + "/") else uri
     manifest = read_optional(store, key, Manifest)
     if manifest is None:
-        return f"{uri} (missing)"
+        return f"missing: {uri}"
     content = hashlib.sha256()
     for entry in sorted(manifest.files, key=lambda e: e.path):
         content.update(f"{entry.path}\0{entry.sha256}\n".encode())
-    return f"{uri} ({manifest.file_count} files, {manifest.total_bytes} bytes, content {content.hexdigest()[:12]})"
+    files = f"{manifest.file_count} file" + ("" if manifest.file_count == 1 else "s")
+    return f"content {content.hexdigest()[:12]}, {files}, {manifest.total_bytes} bytes"
+
+
+#: The snapshot row shown right after each dataset row of ``runs compare``: (row, snapshot directory).
+SNAPSHOT_ROWS = {"dataset": ("dataset_snapshot", "data_directory"),
+                 "evaluation_dataset": ("evaluation_snapshot", "test_data_directory")}
 
 
 def _with_snapshots(store: Store, records: list[RunRecord], rows: list[tuple[str, list[Any]]]) -> list[tuple[str, list[Any]]]:
-    """The compared rows with each dataset's snapshot right after the dataset URI (None: the run kept no snapshot)."""
+    """The compared rows with each dataset's snapshot right after its URI (None: the run kept no snapshot)."""
     out: list[tuple[str, list[Any]]] = []
     for name, values in rows:
         out.append((name, values))
-        snapshot = {"dataset": "data_directory", "evaluation_dataset": "test_data_directory"}.get(name)
-        if snapshot:
-            out.append((f"{name}_snapshot", [snapshot_summary(store, r.outcome.snapshots.get(snapshot)) for r in records]))
+        if name in SNAPSHOT_ROWS:
+            row, directory = SNAPSHOT_ROWS[name]
+            out.append((row, [snapshot_summary(store, r.outcome.snapshots.get(directory)) for r in records]))
     return out
 
 

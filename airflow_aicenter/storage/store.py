@@ -9,7 +9,6 @@ uses this module inside training pods.
 from __future__ import annotations
 
 import builtins
-import contextlib
 import os
 import re
 import stat
@@ -17,7 +16,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 from urllib.parse import quote, unquote, urlparse
 
 import obstore
@@ -425,25 +424,6 @@ def local_path(uri: str) -> Path:
     if not path.is_absolute():
         raise ConfigurationError(f"{uri!r} is relative; give an absolute path such as file:///data/aicenter")
     return path
-
-
-def exit_process(code: int) -> NoReturn:
-    """End a short-lived process (the runtime, the CLI) without interpreter teardown.
-
-    obstore's Tokio worker threads are never told that Python is finalizing; one that is still
-    busy at that moment (cleaning up after a multipart upload, say) can abort the process with
-    SIGABRT after all its work succeeded (seen here twice in about 100 benchmark runs: exit
-    -6 with the results already printed). Everything the process owes is written before this is called,
-    so output is flushed and the process leaves at once with its real exit code.
-    """
-    import logging
-    import sys
-
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(code)
 
 
 def open_store(uri: str, s3: S3Options | None = None, *, create: bool = True) -> Store:
