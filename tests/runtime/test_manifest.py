@@ -248,3 +248,29 @@ def test_a_bad_manifest_line_fails_the_run_before_user_code(store: Store, tmp_pa
     assert code == 1 and outcome.status == "failed" and outcome.phase == "stage_data", err
     assert outcome.error is not None and outcome.error.startswith("line 2 of manifest")
     assert "b.jpg does not exist" in outcome.error
+
+
+SIZES = '''
+class Main:
+    def __init__(self):
+        pass
+    def predict(self, input):
+        return {"size": len(input)}
+'''
+
+
+def test_batch_prediction_on_a_manifest_reads_only_its_inference_lines(dataset: tuple[Store, str], tmp_path: Path,
+                                                                       request) -> None:
+    store, uri = dataset
+    env = request.getfixturevalue("s3_env").env() if store.uri.startswith("s3://") else {}
+    base = Registry(store).upload(write_files(tmp_path / "serving", {"main.py": SIZES, "requirements.txt": ""}), "sizes")
+    spec = RunSpec(pipeline="predict", storage=store.uri, run_prefix="runs/d/r/p/1", package="sizes", version=base.version,
+                   blob=base.blob, dataset=uri, input_type="file")
+    spec_file = tmp_path / "predict.json"
+    spec_file.write_text(spec.model_dump_json())
+    done = subprocess.run([sys.executable, "-m", "airflow_aicenter.runtime", str(spec_file)], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    outcome = read(store, "runs/d/r/p/1/outcome.json", Outcome)
+    assert (outcome.predicted, outcome.failed) == (1, 0)  # f.jpg alone: no training, evaluation or manifest file
+    assert [i.key.rsplit("/", 1)[-1] for i in store.list("runs/d/r/p/1/predictions/")] == ["f.jpg.json"]
