@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from airflow_aicenter.package import (
     is_contract_file,
     iter_package_files,
     validate_package,
+    write_zip,
 )
 
 from tests.packages import MAIN, TRAIN, TRAIN_ONLY, MakePackage, write_package
@@ -76,7 +78,9 @@ def test_flexible_signatures_are_accepted(make_package: MakePackage) -> None:
             pass
     """
     main = "class Main:\n    def __init__(self, *a, **k): pass\n    @classmethod\n    def predict(cls, input): return input\n"
-    validate_package(make_package(main=main, train=train), "full")
+    info = validate_package(make_package(main=main, train=train), "full")
+    assert info.main_methods == {"__init__", "predict"}
+    assert info.train_methods == {"__init__", "process_data", "train", "evaluate", "save"}
 
 
 def test_aicenter_zip_layout_with_one_root_folder(tmp_path: Path) -> None:
@@ -126,7 +130,8 @@ def test_missing_method_with_imported_base_is_assumed_inherited(make_package: Ma
 
 def test_imported_main_is_not_inspected(make_package: MakePackage) -> None:
     root = make_package(main="from model import Main\n", train="from model import Predictor as _P\nMain = _P\n")
-    validate_package(root, "full")
+    info = validate_package(root, "full")
+    assert info.has_train and info.main_methods == frozenset() and info.train_methods == frozenset()
 
 
 def test_main_bound_by_assignment_to_a_same_file_class(make_package: MakePackage) -> None:
@@ -210,8 +215,11 @@ def test_non_utf8_source(make_package: MakePackage) -> None:
 
 
 def test_declared_source_encoding_is_honoured(make_package: MakePackage) -> None:
-    main = "# -*- coding: latin-1 -*-\n# caf\xe9\n" + textwrap.dedent(MAIN)
-    validate_package(make_package(files={"main.py": main.encode("latin-1")}))
+    main = "# -*- coding: latin-1 -*-\n# caf\xe9\n" + textwrap.dedent(MAIN).replace("str(input)", "'r\xe9sum\xe9: ' + str(input)")
+    with pytest.raises(UnicodeDecodeError):  # read as UTF-8, this file would be refused
+        main.encode("latin-1").decode("utf-8")
+    root = make_package(files={"main.py": main.encode("latin-1")})
+    assert validate_package(root).main_methods == {"__init__", "predict"}
 
 
 def test_null_bytes_in_source(make_package: MakePackage) -> None:
@@ -241,6 +249,20 @@ def test_main_missing_predict(make_package: MakePackage) -> None:
     assert message == (
         "main.py:1: class Main has no method predict (needed to serve the package): "
         "add `def predict(self, input):` to Main; it returns the prediction for one input"
+    )
+
+
+@pytest.mark.parametrize("pipeline", ["train", "full"])
+def test_training_a_package_whose_main_has_no_save(make_package: MakePackage, pipeline: str) -> None:
+    """save() persists the trained model into the new version: without it a training run would make a version
+    holding no model."""
+    train = TRAIN.replace("    def save(self):\n        pass\n", "")
+    assert "def save" not in train
+    root = make_package(train=train)
+    assert validate_package(root, "evaluate").train_methods == {"__init__", "process_data", "train", "evaluate"}
+    assert error(root, pipeline) == (
+        f"train.py:2: class Main has no method save (needed by the {pipeline} pipeline): add `def save(self):` to Main; "
+        "it persists the model into the package folder (e.g. ./model.pkl) so main.py can load it"
     )
 
 
@@ -332,6 +354,18 @@ def test_iter_package_files_is_sorted_relative_and_skips_bytecode(make_package: 
     root = make_package(files={"a-b.txt": "x", "a/b.txt": "x", "__pycache__/main.cpython-311.pyc": b"\0", "sub/__pycache__/x.pyc": b"\0", "sub/old.pyc": b"\0", ".env": "x"})
     names = [p.as_posix() for p in iter_package_files(root)]
     assert names == [".env", "a-b.txt", "a/b.txt", "main.py", "requirements.txt", "train.py"]
+
+
+def test_iter_package_files_leaves_out_everything_under_pycache(make_package: MakePackage, tmp_path: Path) -> None:
+    """``__pycache__`` is a byproduct of running the code, whatever its files are called."""
+    root = make_package(files={"__pycache__/main.cpython-311.pyc": b"\0", "__pycache__/notes.txt": "x",
+                               "__pycache__/sub/state.json": "{}", "lib/__pycache__/lib.cpython-311.opt-1.pyc": b"\0",
+                               "lib/__pycache__/README": "x", "lib/util.py": "", "lib/pycache_notes.txt": "kept"})
+    names = [p.as_posix() for p in iter_package_files(root)]
+    assert names == ["lib/pycache_notes.txt", "lib/util.py", "main.py", "requirements.txt", "train.py"]
+    write_zip(root, tmp_path / "p.zip")
+    with zipfile.ZipFile(tmp_path / "p.zip") as zf:
+        assert sorted(zf.namelist()) == names
 
 
 def test_iter_package_files_lists_links_without_following(make_package: MakePackage, tmp_path: Path) -> None:
