@@ -12,6 +12,10 @@ and only those:
   ``.manifest.json`` (an artifact, say) is user content, not a record. Aliases and evaluations
   point at versions and runs, whose records are never deleted, so what they reach is kept
   through those; outcomes of runs still in flight are protected by the grace period below.
+- a stored package environment (``envs/<key>.json``) references its packed blob. Environments
+  unused for longer than ``env_grace`` (default 7 days, never less than the blob grace; last use
+  = the newest of the record and its daily ``envs/<key>.used-<day>`` markers) are deleted first
+  (``collect_environments``), so their blobs go in the same pass.
 - a blob is deleted only when it is unreferenced *and* its ``last_modified`` is older than
   the grace period (default 24 h). An upload in progress, or a run between writing its blob
   and writing the record that names it, is never harmed as long as that gap is shorter than
@@ -44,8 +48,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from airflow_aicenter.errors import ConfigurationError, NotFoundError, StorageError
-from airflow_aicenter.layout import MANIFEST_NAMES, RUNS, LayoutError, RunPath
+from airflow_aicenter.layout import ENVS, MANIFEST_NAMES, RUNS, LayoutError, RunPath
 from airflow_aicenter.records import Manifest, VersionRecord, read
+from airflow_aicenter.runtime.environment import EnvironmentRecord
 from airflow_aicenter.storage.store import Store
 from airflow_aicenter.storage.transfer import BLOB_PREFIX
 
@@ -53,6 +58,11 @@ DEFAULT_GRACE_HOURS = 24.0
 _TEMP = re.compile(r"^[0-9a-f]{64}#\d+$")
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 _VERSION_RECORD = re.compile(r"^packages/[^/]+/versions/[^/]+\.json$")
+#: Package environments (runtime/environment.py) unused this long are deleted (never sooner than the blob grace):
+#: deleting one costs the next run a cold install, keeping one only storage.
+DEFAULT_ENV_GRACE_DAYS = 7.0
+_ENV_RECORD = re.compile(r"^envs/([0-9a-f]{64})\.json$")
+_ENV_USED = re.compile(r"^envs/([0-9a-f]{64})\.used-\d{4}-\d{2}-\d{2}$")
 
 
 @dataclass
@@ -71,6 +81,8 @@ class GcReport:
     missing: list[str] = field(default_factory=list)  # referenced by a record but not in the store
     records: dict[str, int] = field(default_factory=dict)  # kind -> how many were read
     unreadable: dict[str, str] = field(default_factory=dict)  # record URI -> why; while any, nothing is deleted
+    environments: int = 0  # stored package environments (envs/<key>.json)
+    environments_deleted: list[str] = field(default_factory=list)  # keys unused for longer than env_grace
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,6 +125,10 @@ def references(store: Store) -> References:
             if manifest is not None:
                 found.digests.update(entry.sha256 for entry in manifest.files)
                 found.counts["manifests"] += 1
+    for info in store.list(ENVS):
+        if _ENV_RECORD.match(info.key) and (env := _read(store, info.key, EnvironmentRecord, found)) is not None:
+            found.digests.add(env.blob.sha256)
+            found.counts["environments"] = found.counts.get("environments", 0) + 1
     return found
 
 
@@ -127,13 +143,14 @@ def _read(store: Store, key: str, model: type[Any], found: References) -> Any:
 
 
 def collect(store: Store, *, grace: timedelta = timedelta(hours=DEFAULT_GRACE_HOURS), dry_run: bool = False,
-            now: datetime | None = None) -> GcReport:
+            now: datetime | None = None, env_grace: timedelta = timedelta(days=DEFAULT_ENV_GRACE_DAYS)) -> GcReport:
     """Delete the blobs nothing refers to that are older than ``grace``; see the module docstring."""
     if grace < timedelta(0):
         raise ConfigurationError(
             f"grace period {grace} is negative; give --grace-hours 0 or more (default {DEFAULT_GRACE_HOURS:g})")
     began = time.perf_counter()
     report = GcReport(store=store.uri, grace_hours=grace.total_seconds() / 3600, dry_run=dry_run)
+    collect_environments(store, report, cutoff=(now or datetime.now(UTC)) - max(grace, env_grace))  # frees their blobs
     before = references(store)
     first, report.records, report.unreadable = before.digests, before.counts, before.unreadable
     cutoff = (now or datetime.now(UTC)) - grace
@@ -173,3 +190,39 @@ def collect(store: Store, *, grace: timedelta = timedelta(hours=DEFAULT_GRACE_HO
     report.seconds = round(time.perf_counter() - began, 3)
     return report
 
+
+def collect_environments(store: Store, report: GcReport, *, cutoff: datetime) -> None:
+    """Delete the stored package environments last used before ``cutoff`` (their blobs follow as unreferenced).
+
+    Last use: the newest of the record and its ``envs/<key>.used-<day>`` markers, which the
+    runtime writes (create-once) on the first run of each day that uses the environment. A run
+    that read a record just before it goes finds its blob gone, installs again and stores it anew.
+    """
+    last_used: dict[str, datetime] = {}
+    unknown: set[str] = set()  # an object without a modification time: its age is unknown, keep
+    markers: dict[str, list[str]] = {}
+    records: set[str] = set()
+    for info in store.list(ENVS):
+        match = _ENV_RECORD.match(info.key) or _ENV_USED.match(info.key)
+        if match is None:
+            continue
+        key = match.group(1)
+        markers.setdefault(key, []).append(info.key)
+        if info.key.endswith(".json"):
+            records.add(key)
+        if info.last_modified is None:
+            unknown.add(key)
+        elif key not in last_used or info.last_modified > last_used[key]:
+            last_used[key] = info.last_modified
+    report.environments = len(records)
+    for key, used in sorted(last_used.items()):
+        if key in unknown or used > cutoff:
+            continue
+        if not report.dry_run:
+            for name in sorted(markers[key], key=lambda k: not k.endswith(".json")):  # the record first
+                try:
+                    store.delete(name)
+                except NotFoundError:
+                    continue
+        if key in records:
+            report.environments_deleted.append(key)

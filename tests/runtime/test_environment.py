@@ -239,3 +239,37 @@ def test_a_failing_install_is_reported_as_a_requirements_problem(store: Store, t
     assert "this is not a requirement" in message and message.endswith("pass install_requirements=False")
     assert not [p for p in (tmp_path / "cache" / "envs").iterdir() if not p.name.startswith(".")], "nothing half-made"
     assert not any(store.list("envs/"))
+
+
+# -- gc ------------------------------------------------------------------------------------------
+def test_gc_removes_environments_unused_longer_than_their_grace_and_keeps_the_others(tmp_path: Path) -> None:
+    import os
+    import time
+    from datetime import timedelta
+
+    from airflow_aicenter.gc import collect
+    from airflow_aicenter.storage import open_store
+
+    store = open_store((tmp_path / "store").as_uri())  # a file store: object ages are file times, which the test sets
+    used = prepare(local_wheel_package(tmp_path, "used", value=1), store, tmp_path / "cache")
+    idle = prepare(local_wheel_package(tmp_path, "idle", value=2), store, tmp_path / "cache")
+    blobs = {env.key: read(store, env_key(env.key), EnvironmentRecord).blob.sha256 for env in (used, idle)}
+    ten_days_ago = time.time() - 10 * 86400
+    for env in (used, idle):  # everything was written long ago...
+        for path in [*(tmp_path / "store" / "envs").glob(f"{env.key}*"), tmp_path / "store" / blob_key(blobs[env.key])]:
+            os.utime(path, (ten_days_ago, ten_days_ago))
+    store.put_bytes(f"envs/{used.key}.used-2099-01-01", b"")  # ...but this one was used just now
+
+    dry = collect(store, grace=timedelta(hours=1), dry_run=True)
+    assert dry.environments == 2 and dry.environments_deleted == [idle.key] and dry.deleted == []
+    assert store.exists(env_key(idle.key))
+
+    report = collect(store, grace=timedelta(hours=1))
+    assert report.environments_deleted == [idle.key] and report.deleted == [blobs[idle.key]]
+    assert not any(info.key.startswith(f"envs/{idle.key}") for info in store.list("envs/"))
+    assert store.exists(env_key(used.key)) and store.exists(blob_key(blobs[used.key])), "a used environment and its blob stay"
+    assert report.records["environments"] == 1
+
+    shutil.rmtree(tmp_path / "cache")  # the idle one's next run installs again and stores it anew
+    again = prepare(tmp_path / "idle", store, tmp_path / "cache")
+    assert again.key == idle.key and again.source == "installed" and store.exists(env_key(idle.key))
