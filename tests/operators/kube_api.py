@@ -158,6 +158,17 @@ class Pod:
         return self.obj.get("status", {}).get("phase") in ("Succeeded", "Failed")
 
 
+@dataclass
+class Job:
+    """An Indexed batch/v1 Job: one pod per completion index, no retries (backoffLimit 0)."""
+
+    obj: dict[str, Any]
+    pods: list[tuple[str, str]] = field(default_factory=list)
+    #: The port every pod of this Job sees as AICENTER_MASTER_PORT (one host: one free port per Job).
+    port: int = 0
+    deleting: bool = False
+
+
 class FakeKubernetes:
     """The server and the pods it runs. See the module docstring."""
 
@@ -172,6 +183,10 @@ class FakeKubernetes:
         self.secrets: dict[tuple[str, str], dict[str, str]] = {}
         self.claims: dict[tuple[str, str], Path] = {}
         self.unpullable: set[str] = set()
+        self.jobs: dict[tuple[str, str], Job] = {}
+        self.services: dict[tuple[str, str], dict[str, Any]] = {}
+        #: The cluster DNS of Job pods (``<job>-<i>.<service>``): every pod runs on this host.
+        self.dns: dict[str, str] = {}
         self.start_delay = 0.0  # seconds a pod stays Pending before its containers start
         #: Called with the labelSelector before a pod list is answered (a test can seed pods then).
         self.on_list_pods: Callable[[str | None], None] | None = None
@@ -302,6 +317,135 @@ class FakeKubernetes:
             self.cond.notify_all()
             return copy.deepcopy(pod.obj)
 
+    # -- Jobs and Services (the Job controller runs here too) -------------------------------
+    def create_service(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        import kubernetes_validate
+
+        self.created.append(copy.deepcopy(body))
+        try:
+            kubernetes_validate.validate(body, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            raise ApiError(422, "Invalid", f"Service is invalid: {str(exc).splitlines()[0]}") from None
+        meta = body.setdefault("metadata", {})
+        meta.setdefault("namespace", namespace)
+        key = (meta["namespace"], meta["name"])
+        with self.cond:
+            if key in self.services:
+                raise ApiError(409, "AlreadyExists", f'services "{meta["name"]}" already exists')
+            meta.update(uid=str(uuid.uuid4()), creationTimestamp=rfc3339(now()), resourceVersion=str(next(self._rv)))
+            self.services[key] = body
+        return copy.deepcopy(body)
+
+    def get_service(self, namespace: str, name: str) -> dict[str, Any]:
+        service = self.services.get((namespace, name))
+        if service is None:
+            raise ApiError(404, "NotFound", f'services "{name}" not found')
+        return service
+
+    def delete_service(self, namespace: str, name: str) -> dict[str, Any]:
+        with self.cond:
+            service = self.get_service(namespace, name)
+            del self.services[(namespace, name)]
+            return copy.deepcopy(service)
+
+    def create_job(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        import kubernetes_validate
+
+        self.created.append(copy.deepcopy(body))
+        try:
+            kubernetes_validate.validate(body, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            raise ApiError(422, "Invalid", f"Job is invalid: {str(exc).splitlines()[0]}") from None
+        meta = body.setdefault("metadata", {})
+        meta.setdefault("namespace", namespace)
+        spec = body["spec"]
+        if spec.get("completionMode") != "Indexed":
+            raise ApiError(422, "Invalid", "the test server runs Indexed Jobs only (spec.completionMode: Indexed)")
+        key = (meta["namespace"], meta["name"])
+        with self.cond:
+            if key in self.jobs:
+                raise ApiError(409, "AlreadyExists", f'jobs.batch "{meta["name"]}" already exists')
+            meta.update(uid=str(uuid.uuid4()), creationTimestamp=rfc3339(now()), resourceVersion=str(next(self._rv)))
+            job = Job(obj=body, port=_free_port())
+            body["status"] = {"active": 0, "startTime": rfc3339(now())}
+            self.jobs[key] = job
+        template = spec["template"]
+        subdomain = template["spec"].get("subdomain")
+        for index in range(int(spec.get("completions", 1))):
+            pod = copy.deepcopy(template)
+            pod_meta = pod.setdefault("metadata", {})
+            hostname = f"{meta['name']}-{index}"
+            pod_meta["name"] = f"{hostname}-{uuid.uuid4().hex[:5]}"
+            pod_meta["namespace"] = meta["namespace"]
+            pod_meta["labels"] = {**(pod_meta.get("labels") or {}), "job-name": meta["name"],
+                                  "batch.kubernetes.io/job-name": meta["name"],
+                                  "batch.kubernetes.io/job-completion-index": str(index)}
+            pod_meta["annotations"] = {**(pod_meta.get("annotations") or {}), "batch.kubernetes.io/job-completion-index": str(index)}
+            pod_meta["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"], "uid": meta["uid"],
+                                            "controller": True, "blockOwnerDeletion": True}]
+            pod.update(apiVersion="v1", kind="Pod")
+            pod["spec"]["hostname"] = hostname
+            for container in pod["spec"].get("containers", []):
+                container["env"] = [*(container.get("env") or []), {"name": "JOB_COMPLETION_INDEX", "value": str(index)}]
+            if subdomain:
+                self.dns[f"{hostname}.{subdomain}"] = "127.0.0.1"
+            created = self.create_pod(meta["namespace"], pod)
+            with self.cond:
+                job.pods.append((created["metadata"]["namespace"], created["metadata"]["name"]))
+        threading.Thread(target=self._control_job, args=(job,), name=f"job-{meta['name']}", daemon=True).start()
+        return copy.deepcopy(body)
+
+    def get_job(self, namespace: str, name: str) -> Job:
+        job = self.jobs.get((namespace, name))
+        if job is None:
+            raise ApiError(404, "NotFound", f'jobs.batch "{name}" not found')
+        return job
+
+    def delete_job(self, namespace: str, name: str) -> dict[str, Any]:
+        """Background propagation: the Job goes at once, its pods are stopped after."""
+        with self.cond:
+            job = self.get_job(namespace, name)
+            job.deleting = True
+            del self.jobs[(namespace, name)]
+            for key in job.pods:
+                if key in self.pods:
+                    self.delete_pod(*key, None)
+            return copy.deepcopy(job.obj)
+
+    def job_pods(self, job: Job) -> list[Pod]:
+        return [p for p in self.all_pods() if p.key in job.pods]
+
+    def _control_job(self, job: Job) -> None:
+        """Count pods; all succeeded -> Complete; one failed -> Failed and the others stopped (backoffLimit 0)."""
+        while True:
+            with self.cond:
+                if job.deleting:
+                    return
+                pods = self.job_pods(job)
+                phases = [p.obj["status"]["phase"] for p in pods]
+                status = job.obj["status"]
+                status.update(active=sum(1 for ph in phases if ph in ("Pending", "Running")),
+                              succeeded=phases.count("Succeeded"), failed=phases.count("Failed"))
+                done = None
+                if phases.count("Failed"):
+                    done = ("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")
+                elif phases and all(ph == "Succeeded" for ph in phases):
+                    done = ("Complete", "CompletionsReached", "Reached expected number of succeeded pods")
+                    status["completedIndexes"] = f"0-{len(phases) - 1}" if len(phases) > 1 else "0"
+                if done is not None:
+                    moment = rfc3339(now())
+                    status["conditions"] = [{"type": done[0], "status": "True", "reason": done[1], "message": done[2],
+                                             "lastProbeTime": moment, "lastTransitionTime": moment}]
+                    if done[0] == "Complete":
+                        status["completionTime"] = moment
+                    job.obj["metadata"]["resourceVersion"] = str(next(self._rv))
+                    for pod in pods:
+                        if not pod.terminal and not pod.deleting:
+                            self.delete_pod(*pod.key, None)
+                    self.cond.notify_all()
+                    return
+                self.cond.wait(0.2)
+
     # -- running a pod -----------------------------------------------------------------
     def _run_pod(self, pod: Pod) -> None:
         if self.start_delay:
@@ -408,6 +552,13 @@ class FakeKubernetes:
                 env[var["name"]] = {"metadata.name": pod.key[1], "metadata.namespace": namespace}.get(path, "")
             else:
                 raise ApiError(0, "CreateContainerConfigError", f"unsupported env source for {var['name']}: {sorted(source)}")
+        for name, value in list(env.items()):  # the cluster DNS of Job pods: all on this host
+            for host, address in self.dns.items():
+                value = value.replace(host, address)
+            env[name] = value
+        job_name = (pod.obj["metadata"].get("labels") or {}).get("job-name")
+        if job_name and "AICENTER_MASTER_PORT" in env and (namespace, job_name) in self.jobs:
+            env["AICENTER_MASTER_PORT"] = str(self.jobs[(namespace, job_name)].port)
         argv = [*(spec.get("command") or []), *(spec.get("args") or [])]
         if not argv:
             raise ApiError(0, "CreateContainerError", f"image {image!r} has no entrypoint in the test server; set command")
@@ -507,6 +658,14 @@ class FakeKubernetes:
         pod.obj["metadata"]["resourceVersion"] = str(next(self._rv))
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def _flag(value: str | None) -> bool:
     """Query booleans: the sync client sends ``True``, the async one ``true``."""
     return (value or "").lower() in ("true", "1")
@@ -524,6 +683,10 @@ def _kill(container: Container, sig: int) -> None:
 _POD = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)(/log|/status)?$")
 _PODS = re.compile(r"^/api/v1/(?:namespaces/([^/]+)/)?pods$")
 _EVENTS = re.compile(r"^/api/v1/(?:namespaces/([^/]+)/)?events$")
+_JOBS = re.compile(r"^/apis/batch/v1/namespaces/([^/]+)/jobs$")
+_JOB = re.compile(r"^/apis/batch/v1/namespaces/([^/]+)/jobs/([^/]+)(/status)?$")
+_SERVICES = re.compile(r"^/api/v1/namespaces/([^/]+)/services$")
+_SERVICE = re.compile(r"^/api/v1/namespaces/([^/]+)/services/([^/]+)$")
 
 
 def _handler(kube: FakeKubernetes) -> type[BaseHTTPRequestHandler]:
@@ -583,6 +746,22 @@ def _handler(kube: FakeKubernetes) -> type[BaseHTTPRequestHandler]:
                         return self._send(200, kube.patch_pod(namespace, name, body))
                 if (m := _EVENTS.match(path)) and method == "GET":
                     return self._events(m.group(1))
+                if (m := _JOBS.match(path)) and method == "POST":
+                    return self._send(201, kube.create_job(m.group(1), body or {}))
+                if m := _JOB.match(path):
+                    if method == "GET":
+                        with kube.cond:
+                            return self._send(200, copy.deepcopy(kube.get_job(m.group(1), m.group(2)).obj))
+                    if method == "DELETE":
+                        return self._send(200, kube.delete_job(m.group(1), m.group(2)))
+                if (m := _SERVICES.match(path)) and method == "POST":
+                    return self._send(201, kube.create_service(m.group(1), body or {}))
+                if m := _SERVICE.match(path):
+                    if method == "GET":
+                        with kube.cond:
+                            return self._send(200, copy.deepcopy(kube.get_service(m.group(1), m.group(2))))
+                    if method == "DELETE":
+                        return self._send(200, kube.delete_service(m.group(1), m.group(2)))
                 raise ApiError(404, "NotFound", f"the server could not find the requested resource ({method} {path})")
             except ApiError as exc:
                 self._send(exc.code, exc.body())

@@ -1,0 +1,300 @@
+"""The Job launcher: a distributed run on ``nodes > 1`` machines as an Indexed ``batch/v1`` Job.
+
+Kubernetes Jobs are the engine; we orchestrate nothing of our own. One pod per node
+(``completionMode: Indexed``, ``completions = parallelism = nodes``), no pod retries
+(``backoffLimit: 0``: Airflow retries the task), and a headless Service named in the pod
+template's ``subdomain`` so node 0 has a stable name, ``<job>-0.<service>``: that is
+``MASTER_ADDR``; ``NODE_RANK`` is the completion index (``JOB_COMPLETION_INDEX``). Each pod is
+the same pod the single-node launcher builds (image, volumes, resources, GPUs per node,
+security context, credentials), through the operator's ``build_pod_request_obj``.
+
+The Job and the Service are named after the task instance (not the try), so a worker that
+restarts finds its running Job and waits for it instead of starting a second one. They are
+removed at the end, whatever the ending. The node that failed is named in the task's error,
+with its own cause from ``node-<k>.outcome.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from kubernetes.client import models as k8s
+from kubernetes.client.exceptions import ApiException
+
+from airflow_aicenter.errors import ConfigurationError, RunError
+from airflow_aicenter.hooks.aicenter import AICenterHook
+from airflow_aicenter.launchers.base import Finished, settle_outcome
+from airflow_aicenter.launchers.pod import (
+    ANNOTATION_RUN,
+    LABEL_RUN,
+    SPEC_ENV,
+    PodLauncher,
+    PodRun,
+    PodSettings,
+    _set_env,
+    base_container,
+    label_value,
+    termination,
+)
+from airflow_aicenter.layout import OUTCOME
+from airflow_aicenter.records import Outcome, RunRef, RunSpec, read_optional, write
+
+if TYPE_CHECKING:
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from airflow.sdk import Context
+
+#: The rendezvous port of node 0 (every pod has its own network namespace).
+MASTER_PORT = 29500
+LABEL_JOB = "aicenter/job"
+#: Seconds between Job status polls while waiting (sync).
+POLL = 2.0
+
+
+def job_name(run: RunRef) -> str:
+    """A DNS-1123 label for the task instance (any try): ``aicenter-<task>-<hash>``, <= 52 chars.
+
+    52 leaves room for the ``-<index>`` hostnames and the pod name suffix Kubernetes adds.
+    """
+    task = run.path.task
+    digest = hashlib.sha256(task.prefix.encode()).hexdigest()[:10]
+    stem = "".join(c if c.isalnum() else "-" for c in task.task_id.lower()).strip("-")[:28] or "run"
+    return f"aicenter-{stem}-{digest}".replace("--", "-")
+
+
+class JobLauncher(PodLauncher):
+    """``nodes`` pods of an Indexed Job and a headless Service; waits (or defers) until the Job ends.
+
+    :param operator: the pipeline operator (its pod settings shape every node's pod).
+    :param hook: the operator's AICenterHook.
+    :param settings: AI Center's pod options (``gpu`` is per node).
+    :param nodes: the number of machines (pods).
+    """
+
+    name = "kubernetes-job"
+    outlives_worker: ClassVar[bool] = True
+
+    def __init__(self, operator: KubernetesPodOperator, hook: AICenterHook, settings: PodSettings, *, nodes: int) -> None:
+        super().__init__(operator, hook, settings)
+        self.nodes = nodes
+        self.job: str | None = None
+        self.namespace: str | None = None
+
+    def check(self) -> None:
+        super().check()
+        if self.settings.dataset_volume_claim:
+            raise ConfigurationError(
+                "dataset_volume_claim with nodes > 1 would mount one claim into every node's pod; stage the data from "
+                "the store (dataset='s3://...') for a multi-node run"
+            )
+
+    # -- the manifests ----------------------------------------------------------------------
+    def manifests(self, context: Context, spec: RunSpec, run: RunRef) -> tuple[k8s.V1Job, k8s.V1Service]:
+        """The Job and its headless Service, from the operator's own pod (its every pod argument)."""
+        self.pod_run = self.plan(spec, run)
+        pod = self.op.build_pod_request_obj(context)
+        name = job_name(run)
+        namespace = pod.metadata.namespace or self.op.namespace or "default"
+        self.job, self.namespace = name, namespace
+        container = base_container(pod, self.op.base_container_name)
+        hosts = ",".join(f"{name}-{i}.{name}" for i in range(self.nodes))
+        _set_env(container, [
+            k8s.V1EnvVar(name="AICENTER_MASTER_ADDR", value=f"{name}-0.{name}"),
+            k8s.V1EnvVar(name="AICENTER_MASTER_PORT", value=str(MASTER_PORT)),
+            k8s.V1EnvVar(name="AICENTER_WORKER_HOSTS", value=hosts),
+        ], owned={"AICENTER_MASTER_ADDR", "AICENTER_MASTER_PORT", "AICENTER_WORKER_HOSTS"})
+        container.ports = [*(container.ports or []), k8s.V1ContainerPort(name="rendezvous", container_port=MASTER_PORT)]
+        labels = {**(pod.metadata.labels or {}), LABEL_JOB: name}
+        # KPO's per-try labels would make the Job's pods look like a KPO pod of one try.
+        for kpo_label in ("try_number", "already_checked"):
+            labels.pop(kpo_label, None)
+        pod.spec.restart_policy = "Never"
+        pod.spec.subdomain = name
+        template = k8s.V1PodTemplateSpec(
+            metadata=k8s.V1ObjectMeta(labels=labels, annotations=pod.metadata.annotations),
+            spec=pod.spec,
+        )
+        job = k8s.V1Job(
+            api_version="batch/v1", kind="Job",
+            metadata=k8s.V1ObjectMeta(name=name, namespace=namespace, labels={LABEL_JOB: name, LABEL_RUN: label_value(run.label)},
+                                      annotations={ANNOTATION_RUN: run.model_dump_json()}),
+            spec=k8s.V1JobSpec(completion_mode="Indexed", completions=self.nodes, parallelism=self.nodes, backoff_limit=0,
+                               template=template),
+        )
+        service = k8s.V1Service(
+            api_version="v1", kind="Service",
+            metadata=k8s.V1ObjectMeta(name=name, namespace=namespace, labels={LABEL_JOB: name}),
+            spec=k8s.V1ServiceSpec(cluster_ip="None", selector={LABEL_JOB: name}, publish_not_ready_addresses=True,
+                                   ports=[k8s.V1ServicePort(name="rendezvous", port=MASTER_PORT, target_port=MASTER_PORT)]),
+        )
+        return job, service
+
+    # -- run --------------------------------------------------------------------------------
+    def launch(self, context: Context, spec: RunSpec, run: RunRef) -> Finished:
+        job, service = self.manifests(context, spec, run)
+        batch, core = self.op.hook.batch_v1_client, self.op.hook.core_v1_client
+        assert self.job is not None and self.namespace is not None
+        existing = self._read_job()
+        if existing is not None and self._adopt_job(existing):
+            self.op.log.info("Reattached to Job %s/%s of an earlier attempt", self.namespace, self.job)
+        else:
+            if existing is not None:  # a finished Job of an earlier try: it is replaced
+                self._delete()
+            try:
+                core.create_namespaced_service(self.namespace, service)
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+            batch.create_namespaced_job(self.namespace, job)
+            self.op.log.info("Created Job %s/%s: %d nodes x %d processes", self.namespace, self.job, self.nodes,
+                             spec.procs_per_node)
+        if self.op.deferrable:
+            self._defer(context)
+        try:
+            status = self._wait()
+            return self.ending_of_job(status)
+        finally:
+            if not self.op.deferrable:
+                self._delete()
+
+    def _defer(self, context: Context) -> None:
+        from airflow.providers.cncf.kubernetes.triggers.job import KubernetesJobTrigger
+
+        assert self.job is not None and self.namespace is not None
+        self.op.defer(
+            trigger=KubernetesJobTrigger(
+                job_name=self.job, job_namespace=self.namespace, pod_names=[], pod_namespace=self.namespace,
+                base_container_name=self.op.base_container_name, kubernetes_conn_id=self.op.kubernetes_conn_id,
+                cluster_context=self.op.cluster_context, config_file=self.op.config_file, in_cluster=self.op.in_cluster,
+                poll_interval=self.op.poll_interval, get_logs=False, do_xcom_push=False,
+            ),
+            method_name="trigger_reentry",
+        )
+
+    def resume(self, context: Context, event: dict[str, Any]) -> Finished:
+        """Deferrable re-entry: the Job's own annotation says which run it executes."""
+        self.job, self.namespace = event["name"], event["namespace"]
+        job = self._read_job()
+        if job is None or not self._adopt_job(job):
+            raise RunError(f"Job {self.namespace}/{self.job} is gone or not ours; clear the task to run it again")
+        try:
+            return self.ending_of_job(job.status)
+        finally:
+            self._delete()
+
+    def _read_job(self) -> k8s.V1Job | None:
+        assert self.job is not None and self.namespace is not None
+        try:
+            return self.op.hook.batch_v1_client.read_namespaced_job(self.job, self.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def _adopt_job(self, job: k8s.V1Job) -> bool:
+        """Take over a Job of this task instance that is still running (a worker restart)."""
+        raw = (job.metadata.annotations or {}).get(ANNOTATION_RUN)
+        container = base_container(k8s.V1Pod(spec=job.spec.template.spec), self.op.base_container_name)
+        env = {e.name: e.value for e in (container.env or []) if e.value is not None}
+        if not raw or SPEC_ENV not in env:
+            raise RunError(f"Job {self.namespace}/{self.job} was not started by airflow-aicenter; delete it and clear the task")
+        found = PodRun(spec=RunSpec.model_validate_json(env[SPEC_ENV]), run=RunRef.model_validate_json(raw))
+        if self.pod_run is not None and not found.same_task(self.pod_run):
+            raise RunError(f"Job {self.namespace}/{self.job} runs {found.run.label}, not this task; delete it and clear the task")
+        finished = any(c.type in ("Complete", "Failed") and c.status == "True" for c in (job.status.conditions or []))
+        if finished and self.pod_run is not None:
+            return False
+        self.pod_run = found
+        return True
+
+    def _wait(self) -> k8s.V1JobStatus:
+        while True:
+            job = self._read_job()
+            if job is None:
+                raise RunError(f"Job {self.namespace}/{self.job} disappeared while running (deleted by someone?)")
+            for condition in job.status.conditions or []:
+                if condition.type in ("Complete", "Failed") and condition.status == "True":
+                    self._relay_logs()
+                    return job.status
+            time.sleep(POLL)
+
+    def _pods(self) -> list[k8s.V1Pod]:
+        assert self.job is not None and self.namespace is not None
+        pods = self.op.hook.core_v1_client.list_namespaced_pod(self.namespace, label_selector=f"job-name={self.job}").items
+        return sorted(pods, key=lambda p: int((p.metadata.labels or {}).get("batch.kubernetes.io/job-completion-index", "0")))
+
+    def _relay_logs(self) -> None:
+        """Every node's log into the task log, prefixed with its node, once the Job ended."""
+        for pod in self._pods():
+            index = (pod.metadata.labels or {}).get("batch.kubernetes.io/job-completion-index", "?")
+            try:
+                text = self.op.hook.core_v1_client.read_namespaced_pod_log(
+                    pod.metadata.name, pod.metadata.namespace, container=self.op.base_container_name)
+            except ApiException as exc:
+                self.op.log.warning("Could not read the log of node %s (%s): %s", index, pod.metadata.name, exc.reason)
+                continue
+            for line in str(text).splitlines():
+                self.op.log.info("[node %s] %s", index, line)
+
+    def ending_of_job(self, status: k8s.V1JobStatus | None) -> Finished:
+        """Node 0's outcome.json decides; a failed node's own outcome names the cause."""
+        assert self.pod_run is not None
+        spec, run = self.pod_run.spec, self.pod_run.run
+        store = self.hook.get_store()
+        outcome = read_optional(store, run.key(OUTCOME), Outcome)
+        succeeded = status is not None and any(c.type == "Complete" and c.status == "True" for c in status.conditions or [])
+        if succeeded and outcome is not None and outcome.status == "succeeded":
+            return Finished(spec, run, outcome)
+        causes = []
+        for node in range(1, self.nodes):
+            node_outcome = read_optional(store, run.key(f"node-{node}.{OUTCOME}"), Outcome)
+            if node_outcome is not None and node_outcome.status not in ("succeeded", "running"):
+                causes.append(f"node {node}: {node_outcome.error}")
+        pods = {(p.metadata.labels or {}).get("batch.kubernetes.io/job-completion-index"): p for p in self._safe_pods()}
+        for index, pod in sorted(pods.items(), key=lambda kv: str(kv[0])):
+            code, reason, _ = termination(pod, self.op.base_container_name)
+            if code not in (None, 0) and not any(c.startswith(f"node {index}:") for c in causes) and index != "0":
+                causes.append(f"node {index}: its container ended (exit code {code}{', ' + reason if reason else ''})")
+        if causes and (outcome is None or outcome.status in ("running", "succeeded")):
+            outcome = outcome or Outcome.starting(spec)
+            outcome.status, outcome.end_at, outcome.error = "failed", time.time(), "; ".join(causes)
+            write(store, run.key(OUTCOME), outcome)
+        elif causes and outcome is not None and outcome.error:
+            outcome.error = f"{outcome.error}; {'; '.join(causes)}"
+            write(store, run.key(OUTCOME), outcome)
+        return Finished(spec, run, settle_outcome(store, spec, run, ended=f"Job {self.job} ended without node 0's report"))
+
+    def _safe_pods(self) -> list[k8s.V1Pod]:
+        try:
+            return self._pods()
+        except ApiException:
+            return []
+
+    def _delete(self) -> None:
+        """Remove the Job (its pods with it) and the Service; a missing one is fine."""
+        from airflow.providers.cncf.kubernetes.utils.pod_manager import OnFinishAction
+
+        if self.job is None or self.namespace is None or self.op.on_finish_action == OnFinishAction.KEEP_POD:
+            return
+        body = k8s.V1DeleteOptions(propagation_policy="Background")
+        for delete in (self.op.hook.batch_v1_client.delete_namespaced_job, self.op.hook.core_v1_client.delete_namespaced_service):
+            try:
+                delete(self.job, self.namespace, body=body)
+            except ApiException as exc:
+                if exc.status != 404:
+                    self.op.log.warning("Could not delete %s/%s: %s", self.namespace, self.job, exc.reason)
+
+    def kill(self) -> None:
+        """Delete the Job and Service; the run is recorded as killed."""
+        self._delete()
+        if self.pod_run is None:
+            return
+        store = self.hook.get_store()
+        key = self.pod_run.run.key(OUTCOME)
+        outcome = read_optional(store, key, Outcome)
+        if outcome is None or outcome.status == "running":
+            outcome = outcome or Outcome.starting(self.pod_run.spec)
+            outcome.status, outcome.end_at = "killed", time.time()
+            outcome.error = f"killed by Airflow (task stopped) during {outcome.phase or 'start-up'}"
+            write(store, key, outcome)
