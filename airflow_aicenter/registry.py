@@ -326,6 +326,12 @@ class Registry:
         verifies the whole blob's digest when it stages it.
         """
         key = blob_key(record.blob.sha256)
+        if not self.store.exists(key):  # else the reader's failure would read as "not a zip"
+            raise NotFoundError(
+                f"version {record.package}:{record.version} names content sha256:{record.blob.sha256}, which is missing "
+                f"from {self.store.uri} (deleted by hand, or by gc): upload the package again "
+                f"(`aicenter package upload PATH --name {record.package}`) or use another version"
+            )
         with tempfile.TemporaryDirectory(prefix="aicenter-check-") as tmp:
             reader = obstore.open_reader(self.store.inner, key, size=record.blob.size)
             root = extract_zip(cast(BinaryIO, reader), Path(tmp) / "pkg", only=is_contract_file)  # seekable, read() -> bytes

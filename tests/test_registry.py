@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from airflow_aicenter.errors import PackageError, StorageError, VersionError
+from airflow_aicenter.errors import NotFoundError, PackageError, StorageError, VersionError
 from airflow_aicenter.records import BlobRef, Registration, RunRef, read, write
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
@@ -267,3 +267,18 @@ def test_an_evaluation_is_recorded_once_per_task_try(store, pkg):
     registry.add_evaluation(EvaluationRecord(package="churn", version="1.0", score=0.8, run=run))  # reattached step
     registry.add_evaluation(EvaluationRecord(package="churn", version="1.0", score=0.9, run=run.model_copy(update={"try_number": 2})))
     assert [e.score for e in registry.evaluations("churn", "1.0")] == [0.8, 0.9]
+
+
+def test_checking_a_version_whose_content_was_deleted_says_so(store, pkg):
+    """A deleted blob was reported as "not a zip file or is corrupt"."""
+    registry = Registry(store)
+    record = registry.upload(pkg, "churn")
+    registry.check(record, "train")
+    store.delete(f"blobs/sha256/{record.blob.sha256}")
+    with pytest.raises(NotFoundError) as e:
+        registry.check(record, "train")
+    assert str(e.value) == (
+        f"version churn:1.0 names content sha256:{record.blob.sha256}, which is missing from {store.uri} "
+        "(deleted by hand, or by gc): upload the package again (`aicenter package upload PATH --name churn`) "
+        "or use another version"
+    )
