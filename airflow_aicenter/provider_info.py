@@ -78,7 +78,7 @@ def get_provider_info() -> dict[str, Any]:
         "integrations": [
             {
                 "integration-name": "AI Center",
-                "external-doc-url": "https://docs.uipath.com/ai-center",
+                "external-doc-url": "aicenter/docs/",  # served by the api-server (the plugin), as the Providers page link
                 "tags": ["software"],
             }
         ],

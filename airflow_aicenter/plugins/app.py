@@ -30,6 +30,8 @@ from airflow_aicenter.runs import RunNotFoundError, find_runs
 from airflow_aicenter.storage import LocalStore
 
 HERE = Path(__file__).resolve().parent
+#: The repository's docs/ folder (a link to it in a source tree, its files in an installed package).
+DOCS = HERE / "docs"
 URL_PREFIX = "/aicenter"
 #: Sent with every artifact: the browser must never run an artifact (HTML, SVG) in the Airflow origin.
 ARTIFACT_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox; default-src 'none'"}
@@ -117,6 +119,16 @@ def create_app() -> FastAPI:
         if not request.url.path.startswith(f"{request.scope.get('root_path', '')}/static/"):
             response.headers.setdefault("Cache-Control", "no-store")  # pages show live records and private data
         return response
+
+    @app.get("/docs/", response_class=HTMLResponse)
+    def docs_index(request: Request) -> HTMLResponse:
+        """The repository's docs/ (shipped in the package): what the Providers page links to. No data, no sign-in."""
+        return render(request, "docs.html", title="Documentation", docs=pages.doc_titles(DOCS), html=None)
+
+    @app.get("/docs/{name}", response_class=HTMLResponse)
+    def doc_page(request: Request, name: str) -> HTMLResponse:
+        title, html = pages.render_doc(DOCS, name)
+        return render(request, "docs.html", title=title, docs=pages.doc_titles(DOCS), html=html)
 
     @app.get("/", response_class=HTMLResponse)
     def packages_page(request: Request, user: UserDep) -> HTMLResponse:

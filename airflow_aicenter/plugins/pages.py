@@ -11,9 +11,10 @@ import csv
 import io
 import json
 import mimetypes
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import obstore
@@ -317,6 +318,30 @@ def preview(store: Store, path: layout.RunPath, relative: str) -> Preview:
         rows = list(csv.reader(io.StringIO(text), dialect=dialect))
         return Preview(relative, "csv", info.size, truncated or len(rows) > PREVIEW_ROWS, rows=rows[:PREVIEW_ROWS])
     return Preview(relative, "text", info.size, truncated, text=text)
+
+
+# -- docs ------------------------------------------------------------------------------------
+_DOC_NAME = re.compile(r"^[A-Za-z0-9_-]+\.md$")
+
+
+def doc_titles(folder: Path) -> list[tuple[str, str]]:
+    """(file name, first heading) of every Markdown document in ``folder``."""
+    out = []
+    for path in sorted(folder.glob("*.md")) if folder.is_dir() else ():
+        first = next((line for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("# ")), path.stem)
+        out.append((path.name, first.removeprefix("# ").strip()))
+    return out
+
+
+def render_doc(folder: Path, name: str) -> tuple[str, str]:
+    """A document of ``folder`` as HTML (raw HTML in it is escaped, not passed through); only plain file names."""
+    if not _DOC_NAME.match(name) or not (folder / name).is_file():
+        raise NotFoundError(f"there is no document {name!r}; the documentation index lists them")
+    from markdown_it import MarkdownIt
+
+    text = (folder / name).read_text(encoding="utf-8")
+    title = next((line.removeprefix("# ").strip() for line in text.splitlines() if line.startswith("# ")), name)
+    return title, MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
 
 
 # -- compare -----------------------------------------------------------------------------------

@@ -205,3 +205,28 @@ def test_the_same_run_page_on_an_s3_store(signed_in, ui_server, s3_server, shots
         ui_server.set_store({"storage": ui_server.store.uri})
     # static files (CSS, JS, the nav icon) need no sign-in; they hold no data
     assert httpx.get(f"{ui_server.url}/aicenter/static/aicenter.css", timeout=30).status_code == 200
+
+
+def test_the_providers_page_links_to_documentation_that_exists(ui_server, signed_in, shots):
+    providers = ui_server.get("/api/v2/providers", "viewer").json()["providers"]
+    [ours] = [p for p in providers if p["package_name"] == "airflow-aicenter"]
+    # The UI opens documentation_url relative to itself (else it makes up an airflow.apache.org URL that does not exist)
+    assert ours["documentation_url"] == "aicenter/docs/"
+    index = httpx.get(f"{ui_server.url}/{ours['documentation_url']}", timeout=30)
+    assert index.status_code == 200 and "ui.md" in index.text
+    page = signed_in
+    page.goto("/providers")
+    link = page.locator("a[aria-label='airflow-aicenter']")
+    link.wait_for(timeout=60_000)
+    with page.context.expect_page() as opened:
+        link.click()
+    docs = opened.value
+    docs.wait_for_load_state()
+    assert docs.url == f"{ui_server.url}/aicenter/docs/"
+    docs.click("text=The AI Center pages in the Airflow UI")
+    assert "From a task to its run" in docs.locator("#doc").inner_text()
+    shots(docs, "docs")
+    docs.close()
+    # only documents of docs/ are served, and their raw HTML is escaped
+    for bad in ("..%2Fpyproject.toml", "%2e%2e%2FREADME.md", "missing.md", "ui.txt"):
+        assert httpx.get(f"{ui_server.url}/aicenter/docs/{bad}", timeout=30).status_code == 404, bad
