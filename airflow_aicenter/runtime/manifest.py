@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from airflow_aicenter.errors import DatasetError, NotFoundError
+from airflow_aicenter.errors import AICenterError, DatasetError, NotFoundError
 from airflow_aicenter.storage import Store
 from airflow_aicenter.storage import open_store as open_any_store
 from airflow_aicenter.storage.transfer import FileEntry, download_file, gather_limited, run, sha256_file
@@ -222,9 +222,16 @@ def _distinct(lines: Sequence[ManifestLine]) -> list[ManifestLine]:
 
 
 def check_manifest(uri: str, open_store: OpenStore) -> ManifestSummary:
-    """Read and check a manifest before compute: every line well formed, every source there."""
+    """Read and check a manifest before compute: every line well formed, every source there.
+
+    Sources are found by listing the folders that hold many of them (one request per 1,000
+    keys instead of one HEAD per file: 3,000 sources on moto took 43 s with HEADs); the rest,
+    and any a listing did not show, are checked with a HEAD.
+    """
     lines = read_manifest(uri, open_store)
     stores = _Stores(open_store)
+    distinct = _distinct(lines)
+    sizes = _listed_sizes(distinct, stores)
 
     async def size(line: ManifestLine) -> int:
         try:
@@ -235,13 +242,45 @@ def check_manifest(uri: str, open_store: OpenStore) -> ManifestSummary:
             raise _missing(uri, line)
         return info.size
 
-    sizes = run(gather_limited(_distinct(lines), size))
+    headed = run(gather_limited([line for line in distinct if line.local not in sizes], size))
+    total = sum(sizes.values()) + sum(headed)
     usages: dict[str, int] = {}
     for line in lines:
         usages[line.usage] = usages.get(line.usage, 0) + 1
     folders = {uri.rsplit("/", 1)[0]} | {line.source.rsplit("/", 1)[0] for line in lines}
-    return ManifestSummary(uri=uri, lines=len(lines), usages=usages, files=len(sizes), bytes=sum(sizes),
+    return ManifestSummary(uri=uri, lines=len(lines), usages=usages, files=len(distinct), bytes=total,
                            folders=sorted(folders))
+
+
+#: A folder holding at least this many of a manifest's sources is listed rather than HEADed file by file.
+LIST_MIN = 16
+#: Keys a listing may read per source it looks for (then the rest are HEADed): a huge folder that
+#: holds a few sources is not listed whole.
+LIST_KEYS_PER_SOURCE = 20
+
+
+def _listed_sizes(lines: Sequence[ManifestLine], stores: _Stores) -> dict[str, int]:
+    """Sizes of the sources that listings of their folders show, by local path (a listing proves presence only)."""
+    groups: dict[tuple[str, str], list[ManifestLine]] = {}
+    for line in lines:
+        groups.setdefault((line.root, posixpath.dirname(line.key)), []).append(line)
+    found: dict[str, int] = {}
+    for (root, folder), members in groups.items():
+        if len(members) < LIST_MIN:
+            continue
+        wanted = {line.key: line.local for line in members}
+        budget = 1000 + LIST_KEYS_PER_SOURCE * len(members)
+        try:
+            for info in stores(root).list(f"{folder}/" if folder else ""):
+                local = wanted.pop(info.key, None)
+                if local is not None:
+                    found[local] = info.size
+                budget -= 1
+                if budget <= 0 or not wanted:
+                    break
+        except AICenterError:  # the HEADs decide
+            continue
+    return found
 
 
 def open_dataset(uri: str) -> Store:

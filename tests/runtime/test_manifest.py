@@ -274,3 +274,34 @@ def test_batch_prediction_on_a_manifest_reads_only_its_inference_lines(dataset: 
     outcome = read(store, "runs/d/r/p/1/outcome.json", Outcome)
     assert (outcome.predicted, outcome.failed) == (1, 0)  # f.jpg alone: no training, evaluation or manifest file
     assert [i.key.rsplit("/", 1)[-1] for i in store.list("runs/d/r/p/1/predictions/")] == ["f.jpg.json"]
+
+
+def test_many_sources_in_one_folder_are_checked_by_listing(store: Store) -> None:
+    sources = {f"m/img/{i}.jpg": "x" * i for i in range(40)}
+    lines = [json.dumps({"source": f"img/{i}.jpg"}) for i in range(40)] + [json.dumps({"source": "img/gone.jpg"})]
+    put(store, {**sources, "m/img/unrelated.txt": "u", "m/data.jsonl": "\n".join(lines)})
+    heads: list[str] = []
+
+    class Counting:
+        """The real store, with its HEADs counted."""
+
+        def __init__(self, inner: Store) -> None:
+            self.inner = inner
+
+        async def head_async(self, key: str) -> Any:
+            heads.append(key)
+            return await self.inner.head_async(key)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+    def counting(uri: str) -> Store:
+        return Counting(opener(store)(uri))  # type: ignore[return-value]
+
+    with pytest.raises(DatasetError, match=r"line 41 of manifest .*img/gone\.jpg does not exist"):
+        check_manifest(store.url("m/data.jsonl"), counting)
+    assert heads == ["img/gone.jpg"]  # the 40 others were seen in one listing
+    put(store, {"m/img/gone.jpg": "back"})
+    heads.clear()
+    summary = check_manifest(store.url("m/data.jsonl"), counting)
+    assert (summary.files, summary.bytes, heads) == (41, sum(range(40)) + 4, [])
