@@ -505,7 +505,45 @@ class BasePipelineOperator(KubernetesPodOperator):
         for warning in outcome.warnings:
             self.log.warning("%s", warning)
         self.log.info("Results: %s", results_uri)
+        self.lineage = (parent, new_version, outcome)
         return value
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """OpenLineage: inputs = the datasets and the parent version; outputs = the new version and its snapshot.
+
+        Imported lazily: OpenLineage is optional. Versions are datasets of the ``aicenter``
+        namespace named after the package, with the version as their dataset version.
+        """
+        from openlineage.client.event_v2 import Dataset
+        from openlineage.client.generated.dataset_version_dataset import DatasetVersionDatasetFacet
+
+        from airflow.providers.openlineage.extractors import OperatorLineage
+
+        from airflow_aicenter.assets import OPENLINEAGE_NAMESPACE
+
+        def data(uri: str | None) -> list[Dataset]:
+            if not uri:
+                return []
+            scheme, _, rest = uri.partition("://")
+            if scheme == "s3":
+                bucket, _, key = rest.partition("/")
+                return [Dataset(namespace=f"s3://{bucket}", name=key.rstrip("/") or "/")]
+            return [Dataset(namespace=scheme or "file", name=rest.rstrip("/") or "/")]
+
+        def version(record: VersionRecord) -> Dataset:
+            return Dataset(namespace=OPENLINEAGE_NAMESPACE, name=record.package,
+                           facets={"version": DatasetVersionDatasetFacet(datasetVersion=record.version)})
+
+        lineage = getattr(self, "lineage", None)
+        inputs = [d for attr in self.plan.all_datasets for d in data(getattr(self, attr))]
+        if lineage is None:
+            return OperatorLineage(inputs=inputs)
+        parent, new_version, outcome = lineage
+        outputs = []
+        if new_version is not None:
+            outputs.append(version(new_version))
+            outputs.extend(data(outcome.snapshots.get("data_directory")))
+        return OperatorLineage(inputs=[*inputs, version(parent)], outputs=outputs)
 
     def result_extra(self, outcome: Outcome, run: RunRef) -> dict[str, Any]:
         """More XCom keys of a pipeline type (prediction's counts)."""
