@@ -32,6 +32,7 @@ class Dataset:
 
     def __init__(self, uri: str, s3: Any = None, bucket: str = "", prefix: str = "", root: Path | None = None) -> None:
         self.uri, self.s3, self.bucket, self.prefix, self.root = uri, s3, bucket, prefix, root
+        self.store_uri = ""  # the aicenter store the connection names
 
     def put(self, name: str, data: bytes, *, mtime_ns: int | None = None) -> None:
         if self.s3 is not None:
@@ -57,18 +58,20 @@ class Dataset:
 
 @pytest.fixture(params=["file", "s3"])
 def dataset(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Dataset:
-    """An existing dataset holding a.csv, and an aicenter_default connection naming a fresh store."""
-    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps(
-        {"conn_type": "aicenter", "extra": {"storage": (tmp_path / "aicenter").as_uri()}}))
+    """An existing dataset holding a.csv, and an aicenter_default connection naming a fresh store on the same backend."""
     if request.param == "file":
         root = tmp_path / "inbox"
         data = Dataset(root.as_uri(), root=root)
+        data.store_uri = (tmp_path / "aicenter").as_uri()
     else:
         server = request.getfixturevalue("s3_env")
         client = boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1",
                               aws_access_key_id="testing", aws_secret_access_key="testing-secret")
         bucket = server.create_bucket()
         data = Dataset(f"s3://{bucket}/inbox/", s3=client, bucket=bucket, prefix="inbox")
+        data.store_uri = f"s3://{bucket}/aicenter"
+    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps(
+        {"conn_type": "aicenter", "extra": {"storage": data.store_uri}}))
     data.put("a.csv", b"x,y\n1,2\n")
     return data
 
@@ -253,7 +256,7 @@ def test_the_record_of_what_was_announced_lives_in_the_aicenter_store(dataset: D
             dataset.put("b.csv", b"1\n")
             await w.until(1)
             await asyncio.sleep(QUIET)
-            state = json.loads(open_store((tmp_path / "aicenter").as_uri()).get_bytes(trigger.state_key))
+            state = json.loads(open_store(dataset.store_uri).get_bytes(trigger.state_key))
             assert state["fingerprint"] == w.events[0]["fingerprint"] and state["announced"] is True
 
     run(scenario)
