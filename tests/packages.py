@@ -63,7 +63,8 @@ def write_package(
 ) -> Path:
     """A package folder; pass None to leave a contract file out. ``.py`` sources are dedented."""
     root.mkdir(parents=True, exist_ok=True)
-    contents: dict[str, str | bytes | None] = {"main.py": main, "train.py": train, "requirements.txt": requirements, **(files or {})}
+    contents: dict[str, str | bytes | None] = {"main.py": main, "train.py": train,
+        "requirements.txt": requirements, **(files or {})}
     for name, content in contents.items():
         if content is None:
             continue

@@ -13,7 +13,6 @@ from airflow_aicenter.errors import NotFoundError, PackageError, StorageError, V
 from airflow_aicenter.records import BlobRef, Registration, RunRef, read, write
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
-from airflow_aicenter.storage.store import S3Options
 from tests.packages import TRAIN_ONLY, write_package
 
 
@@ -60,7 +59,7 @@ def test_unknown_versions_are_clear_errors(store, pkg, spec, message):
 
 
 def test_package_without_versions(store):
-    with pytest.raises(VersionError, match="has no versions .*aicenter package upload"):
+    with pytest.raises(VersionError, match=r"has no versions .*aicenter package upload"):
         Registry(store).resolve("ghost", "latest")
 
 
@@ -179,8 +178,8 @@ def test_version_made_by_costs_constant_requests(tmp_path, pkg):
         for name in ("get_bytes", "head", "exists", "list", "list_dir"):
             original = getattr(store, name)
 
-            def counted(*a, _o=original, _n=name, **k):
-                calls.append(_n)
+            def counted(*a, _o=original, _n=name, _calls=calls, **k):
+                _calls.append(_n)
                 return _o(*a, **k)
             setattr(store, name, counted)
         made = registry.version_made_by("churn", RunRef(dag_id="d", run_id="r", task_id="train", map_index=1, try_number=3))
@@ -203,7 +202,8 @@ def test_a_damaged_record_is_a_problem_of_its_package_only(store, pkg):
     alpha, beta, gamma = summaries["alpha"], summaries["beta"], summaries["gamma"]
     assert alpha.latest is not None and alpha.latest.version == "1.0" and alpha.aliases == {}
     [problem] = alpha.problems
-    assert problem.startswith("alias 'production': ") and "packages/alpha/aliases/production/0000000000.json is not a valid AliasRecord" in problem
+    assert problem.startswith("alias 'production': ")
+    assert "packages/alpha/aliases/production/0000000000.json is not a valid AliasRecord" in problem
     assert beta.problems == [] and beta.latest is not None and beta.aliases["production"].version == "1.0"
     assert gamma.latest is None and gamma.aliases["production"].version == "1.0"
     assert len(gamma.problems) == 1 and "packages/gamma/versions/1.1.json is not a valid VersionRecord" in gamma.problems[0]
@@ -214,7 +214,7 @@ def test_a_damaged_record_is_a_problem_of_its_package_only(store, pkg):
 def test_download_verifies_and_roundtrips(store, pkg, tmp_path):
     registry = Registry(store)
     registry.upload(pkg, "churn")
-    record, path = registry.download("churn", "1.0", tmp_path / "out")
+    _, path = registry.download("churn", "1.0", tmp_path / "out")
     with zipfile.ZipFile(path) as zf:
         assert sorted(zf.namelist()) == ["main.py", "requirements.txt", "train.py"]
 
@@ -247,8 +247,8 @@ def test_resolve_is_constant_in_requests(tmp_path, pkg):
         calls = []
         for name in ("get_bytes", "head", "list", "list_dir"):
             original = getattr(store, name)
-            def counted(*a, _o=original, _n=name, **k):
-                calls.append(_n)
+            def counted(*a, _o=original, _n=name, _calls=calls, **k):
+                _calls.append(_n)
                 return _o(*a, **k)
             setattr(store, name, counted)
         assert registry.resolve("churn", "latest").version == f"1.{n}"
@@ -265,7 +265,8 @@ def test_an_evaluation_is_recorded_once_per_task_try(store, pkg):
     run = RunRef(dag_id="d", run_id="r", task_id="evaluate", try_number=1)
     registry.add_evaluation(EvaluationRecord(package="churn", version="1.0", score=0.8, run=run))
     registry.add_evaluation(EvaluationRecord(package="churn", version="1.0", score=0.8, run=run))  # reattached step
-    registry.add_evaluation(EvaluationRecord(package="churn", version="1.0", score=0.9, run=run.model_copy(update={"try_number": 2})))
+    retried = run.model_copy(update={"try_number": 2})
+    registry.add_evaluation(EvaluationRecord(package="churn", version="1.0", score=0.9, run=retried))
     assert [e.score for e in registry.evaluations("churn", "1.0")] == [0.8, 0.9]
 
 

@@ -95,7 +95,7 @@ def test_list_shows_every_run_with_status_and_cause(history):
 
     # one damaged record: an error by default; reported and left out when the caller asks for that (the CLI does)
     history.put_bytes("runs/broken/r/t/1/outcome.json", b"{not json")
-    with pytest.raises(StorageError, match="runs/broken/r/t/1/outcome.json is not a valid Outcome record"):
+    with pytest.raises(StorageError, match=r"runs/broken/r/t/1/outcome\.json is not a valid Outcome record"):
         list_runs(history)
     skipped: list[str] = []
     assert len(list_runs(history, on_error=lambda run_id, exc: skipped.append(run_id))) == 5
@@ -113,9 +113,9 @@ def test_find_and_compare_runs_by_id_uri_or_unambiguous_part(history):
     assert find_run(history, "slow/1").id == "adhoc/r2/slow/1"
     with pytest.raises(RunNotFoundError, match=r"run 'nightly' is ambiguous: it matches 3 runs \(nightly/r1/evaluate/1, "):
         find_run(history, "nightly")
-    with pytest.raises(RunNotFoundError, match="no run 'nosuch' in .*`aicenter runs list` shows the run ids"):
+    with pytest.raises(RunNotFoundError, match=r"no run 'nosuch' in .*`aicenter runs list` shows the run ids"):
         find_run(history, "nosuch")
-    with pytest.raises(RunNotFoundError, match="runs/nightly/r1/train/7/outcome.json does not exist"):
+    with pytest.raises(RunNotFoundError, match=r"runs/nightly/r1/train/7/outcome\.json does not exist"):
         find_run(history, "nightly/r1/train/7")
     with pytest.raises(RunNotFoundError, match="empty run id"):
         find_run(history, " ")

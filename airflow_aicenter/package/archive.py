@@ -208,7 +208,9 @@ def _check_entries(infos: list[zipfile.ZipInfo], *, max_entries: int, max_total_
     if not infos:
         raise ArchiveError("the zip is empty: zip the package folder (main.py, requirements.txt, ...)")
     if len(infos) > max_entries:
-        raise ArchiveError(f"the zip has {len(infos)} entries, more than the limit of {max_entries}: remove generated files or pack many small files into one")
+        raise ArchiveError(
+            f"the zip has {len(infos)} entries, more than the limit of {max_entries}: remove generated files or pack many small "
+            "files into one")
     seen: set[tuple[str, ...]] = set()
     total = compressed = 0
     for info in infos:
@@ -227,9 +229,12 @@ def _check_entries(infos: list[zipfile.ZipInfo], *, max_entries: int, max_total_
             raise ArchiveError(f"zip entry {name!r} appears more than once; it is ambiguous which one is meant: {_REMAKE}")
         seen.add(parts)
         if info.flag_bits & 0x1:
-            raise ArchiveError(f"zip entry {name!r} is encrypted: packages cannot be password-protected; re-create the zip without a password")
+            raise ArchiveError(
+                f"zip entry {name!r} is encrypted: packages cannot be password-protected; re-create the zip without a password")
         if info.compress_type not in _SUPPORTED_COMPRESSION:
-            raise ArchiveError(f"zip entry {name!r} uses compression method {info.compress_type}, which is not supported: re-create the zip with deflate (the default)")
+            raise ArchiveError(
+                f"zip entry {name!r} uses compression method {info.compress_type}, which is not supported: re-create the zip "
+                "with deflate (the default)")
         if _too_compressed(info, max_ratio):
             raise ArchiveError(
                 f"zip entry {name!r} expands {info.file_size} bytes from {info.compress_size} (over {max_ratio}:1), "
@@ -314,18 +319,25 @@ def _extract_one(zf: zipfile.ZipFile, info: zipfile.ZipInfo, staging: Path, budg
                 written += len(chunk)
                 budget[0] -= len(chunk)
                 if written > info.file_size:
-                    raise ArchiveError(f"zip entry {name!r} holds more data than its header declares ({info.file_size} bytes): the zip is corrupt or malicious; {_REMAKE}")
+                    raise ArchiveError(
+                        f"zip entry {name!r} holds more data than its header declares ({info.file_size} bytes): the zip is "
+                        f"corrupt or malicious; {_REMAKE}")
                 if budget[0] < 0:
-                    raise ArchiveError(f"the zip expands to more than its size limit (reached in entry {name!r}): keep large data in datasets, not in the package")
+                    raise ArchiveError(
+                        f"the zip expands to more than its size limit (reached in entry {name!r}): keep large data in datasets, "
+                        "not in the package")
                 out.write(chunk)
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-        raise ArchiveError(f"zip entry {name!r} is corrupt ({e}): the zip was damaged (e.g. in transfer); {_REMAKE}, or upload it again") from e
+        raise ArchiveError(
+            f"zip entry {name!r} is corrupt ({e}): the zip was damaged (e.g. in transfer); {_REMAKE}, or upload it again") from e
     except NotImplementedError as e:
         raise ArchiveError(f"zip entry {name!r} cannot be read ({e}): re-create the zip with deflate compression") from e
     except (FileExistsError, NotADirectoryError, IsADirectoryError) as e:
-        raise ArchiveError(f"zip entry {name!r} clashes with another entry (a file and a folder of the same name): {_REMAKE}") from e
+        raise ArchiveError(
+            f"zip entry {name!r} clashes with another entry (a file and a folder of the same name): {_REMAKE}") from e
     if written != info.file_size:
-        raise ArchiveError(f"zip entry {name!r} holds {written} bytes but its header declares {info.file_size}: the zip is corrupt; {_REMAKE}")
+        raise ArchiveError(
+            f"zip entry {name!r} holds {written} bytes but its header declares {info.file_size}: the zip is corrupt; {_REMAKE}")
     if (info.external_attr >> 16) & 0o111:
         target.chmod(0o755)
 

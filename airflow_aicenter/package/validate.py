@@ -205,9 +205,9 @@ def _top_level_bindings(tree: ast.Module) -> dict[str, ast.stmt]:
         elif isinstance(stmt, ast.Assign):
             for name in _assigned_names(stmt.targets):
                 out[name] = stmt
-        elif isinstance(stmt, (ast.AnnAssign, ast.AugAssign)) and isinstance(stmt.target, ast.Name):
-            if not isinstance(stmt, ast.AnnAssign) or stmt.value is not None:
-                out[stmt.target.id] = stmt
+        elif (isinstance(stmt, (ast.AnnAssign, ast.AugAssign)) and isinstance(stmt.target, ast.Name)
+              and (not isinstance(stmt, ast.AnnAssign) or stmt.value is not None)):
+            out[stmt.target.id] = stmt
     return out
 
 
@@ -302,10 +302,13 @@ def _find_main(tree: ast.Module, file: str) -> _Class:
     bindings = _top_level_bindings(tree)
     stmt = bindings.get("Main")
     if stmt is None:
-        raise PackageError(f"{file} has no top-level class Main: define `class Main:` at the top level of {file} (not inside a function or if-block)")
+        raise PackageError(
+            f"{file} has no top-level class Main: define `class Main:` at the top level of {file} (not inside a function or "
+            "if-block)")
     resolved = _resolve_class("Main", bindings)
     if resolved is False:
-        raise PackageError(f"{file}:{stmt.lineno}: Main is defined but is not a class: define `class Main:` at the top level of {file}")
+        raise PackageError(
+            f"{file}:{stmt.lineno}: Main is defined but is not a class: define `class Main:` at the top level of {file}")
     if resolved is None:
         return _Class(None, {}, True)
     return _collect(resolved, bindings, file)
@@ -329,7 +332,9 @@ def _expected(name: str) -> str:
 def _check_arity(func: ast.FunctionDef | ast.AsyncFunctionDef, file: str) -> None:
     name = func.name
     if isinstance(func, ast.AsyncFunctionDef):
-        raise PackageError(f"{file}:{func.lineno}: Main.{name} is `async def`, but AI Center calls it synchronously: make it `{_expected(name)}`")
+        raise PackageError(
+            f"{file}:{func.lineno}: Main.{name} is `async def`, but AI Center calls it synchronously: make it "
+            f"`{_expected(name)}`")
     decorators = {d.id for d in func.decorator_list if isinstance(d, ast.Name)}
     if len(decorators) != len(func.decorator_list) or decorators - {"staticmethod", "classmethod"}:
         return  # another decorator may change the signature: cannot tell statically
@@ -337,7 +342,7 @@ def _check_arity(func: ast.FunctionDef | ast.AsyncFunctionDef, file: str) -> Non
     wanted = len(EXPECTED_PARAMS[name]) + (0 if "staticmethod" in decorators else 1)
     positional = len(args.posonlyargs) + len(args.args)
     required = positional - len(args.defaults)
-    required_kwonly = [a.arg for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is None]
+    required_kwonly = [a.arg for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True) if d is None]
     if required <= wanted and (positional >= wanted or args.vararg is not None) and not required_kwonly:
         return
     if name == "__init__":
@@ -346,7 +351,9 @@ def _check_arity(func: ast.FunctionDef | ast.AsyncFunctionDef, file: str) -> Non
             f"give the extra parameters default values or remove them (`def __init__(self):`)"
         )
     call = f"Main().{name}({', '.join(EXPECTED_PARAMS[name])})"
-    raise PackageError(f"{file}:{func.lineno}: Main.{_signature(func)} has the wrong parameters: AI Center calls {call}; define it as `{_expected(name)}`")
+    raise PackageError(
+        f"{file}:{func.lineno}: Main.{_signature(func)} has the wrong parameters: AI Center calls {call}; define it as "
+        f"`{_expected(name)}`")
 
 
 def _check_class(cls: _Class, file: str, required: tuple[str, ...], why: str) -> frozenset[str]:
@@ -357,7 +364,8 @@ def _check_class(cls: _Class, file: str, required: tuple[str, ...], why: str) ->
         for name in required:
             if name not in cls.methods:
                 where = f"{file}:{cls.node.lineno}" if cls.node else file
-                raise PackageError(f"{where}: class Main has no method {name} ({why}): add `{_expected(name)}` to Main; {_PURPOSE[name]}")
+                raise PackageError(
+                    f"{where}: class Main has no method {name} ({why}): add `{_expected(name)}` to Main; {_PURPOSE[name]}")
     return frozenset(cls.methods)
 
 
@@ -372,7 +380,8 @@ def _load_metadata(path: Path) -> PackageMetadata:
     except json.JSONDecodeError as e:
         raise PackageError(f"aicenter.json:{e.lineno}: {e.msg}: fix the JSON or remove the file (it is optional)") from e
     if not isinstance(data, dict):
-        raise PackageError(f"aicenter.json must hold a JSON object such as {{\"description\": \"...\"}}, not {type(data).__name__}")
+        raise PackageError(
+            f"aicenter.json must hold a JSON object such as {{\"description\": \"...\"}}, not {type(data).__name__}")
     try:
         return PackageMetadata.model_validate(data)
     except ValidationError as e:
@@ -389,7 +398,9 @@ def _load_metadata(path: Path) -> PackageMetadata:
 
 def _read_requirements(path: Path) -> list[str]:
     if not path.is_file():
-        raise PackageError("requirements.txt is missing: add it to the package root (create an empty requirements.txt if the package needs nothing)")
+        raise PackageError(
+            "requirements.txt is missing: add it to the package root (create an empty requirements.txt if the package needs "
+            "nothing)")
     return check_requirements_file(path.parent)  # requirements only: refusals name their line
 
 
@@ -404,15 +415,19 @@ def validate_package(root: Path, pipeline: str = "serve") -> PackageInfo:
     if not given.exists():
         raise PackageError(f"package folder {str(given)!r} does not exist: pass the folder that holds main.py, or its zip")
     if not given.is_dir():
-        raise PackageError(f"package path {str(given)!r} is not a folder: pass the folder that holds main.py (or use open_package for a zip)")
+        raise PackageError(
+            f"package path {str(given)!r} is not a folder: pass the folder that holds main.py (or use open_package for a zip)")
     root = find_package_root(given)
     if next(iter_package_files(root), None) is None:
-        raise PackageError(f"package folder {str(root)!r} is empty: put main.py (class Main with predict) and requirements.txt in it")
+        raise PackageError(
+            f"package folder {str(root)!r} is empty: put main.py (class Main with predict) and requirements.txt in it")
     main_py = root / "main.py"
     if not main_py.is_file():
         nested = [d.name for d in _visible_subdirs(root) if (d / "main.py").is_file()]
         hint = f" (found it in {', '.join(repr(n + '/') for n in nested)}: point to that folder instead)" if nested else ""
-        raise PackageError(f"main.py is missing from the package root{hint}: add main.py with class Main defining __init__(self) and predict(self, input)")
+        raise PackageError(
+            f"main.py is missing from the package root{hint}: add main.py with class Main defining __init__(self) and "
+            "predict(self, input)")
     requirements = _read_requirements(root / "requirements.txt")
     main_cls = _find_main(_parse(main_py, "main.py"), "main.py")
     main_methods = _check_class(main_cls, "main.py", MAIN_METHODS, "needed to serve the package")

@@ -64,7 +64,10 @@ def validate_alias_name(name: str) -> str:
     if not isinstance(name, str) or not _ALIAS_RE.fullmatch(name):
         raise VersionError(f"invalid alias name {name!r}: {_ALIAS_HELP}")
     if name == "latest":
-        raise VersionError("alias name 'latest' is reserved (it always means the highest version): pick another name such as 'production'")
+        raise VersionError(
+            "alias name 'latest' is reserved (it always means the highest version): pick another name such as 'production'")
     if _VERSIONISH_RE.fullmatch(name):
-        raise VersionError(f"alias name {name!r} looks like a version: pick a name such as 'production'; a version is written \"{name[1:]}\" or \"{name[1:]}.0\"")
+        raise VersionError(
+            f"alias name {name!r} looks like a version: pick a name such as 'production'; a version is written \"{name[1:]}\" or "
+            f"\"{name[1:]}.0\"")
     return name

@@ -15,7 +15,6 @@ import pytest
 
 from airflow_aicenter.errors import ArchiveError, PackageError
 from airflow_aicenter.package import extract_zip, is_contract_file, open_package, validate_package, write_zip
-
 from tests.packages import MAIN, TRAIN, MakePackage, make_zip
 
 
@@ -66,7 +65,8 @@ def test_write_zip_is_deterministic(make_package: MakePackage, tmp_path: Path) -
 
 
 def test_write_zip_entries(make_package: MakePackage, tmp_path: Path) -> None:
-    root = make_package(files={"b/x.txt": "x", "a-b.txt": "y", "run.sh": "#!/bin/sh\n", "__pycache__/m.pyc": b"\0", "old.pyc": b"\0"})
+    root = make_package(files={"b/x.txt": "x", "a-b.txt": "y", "run.sh": "#!/bin/sh\n",
+        "__pycache__/m.pyc": b"\0", "old.pyc": b"\0"})
     (root / "run.sh").chmod(0o744)
     write_zip(root, tmp_path / "p.zip")
     with zipfile.ZipFile(tmp_path / "p.zip") as zf:
@@ -204,13 +204,13 @@ def test_open_package_folder_and_zip(make_package: MakePackage, tmp_path: Path) 
 
 
 def test_open_package_missing_path(tmp_path: Path) -> None:
-    with pytest.raises(PackageError, match="does not exist: pass a package folder or a .zip"):
+    with pytest.raises(PackageError, match=r"does not exist: pass a package folder or a \.zip"):
         open_package(tmp_path / "nope", tmp_path / "w")
 
 
 def test_open_package_other_file(tmp_path: Path) -> None:
     (tmp_path / "model.tar").write_bytes(b"not a zip")
-    with pytest.raises(PackageError, match="neither a folder nor a .zip file"):
+    with pytest.raises(PackageError, match=r"neither a folder nor a \.zip file"):
         open_package(tmp_path / "model.tar", tmp_path / "w")
 
 
@@ -378,7 +378,8 @@ def test_empty_zip(tmp_path: Path) -> None:
 def test_failure_midway_removes_extracted_files(tmp_path: Path) -> None:
     """Entries before the corrupt one were written to the staging folder; none must remain."""
     payload = b"C" * 300
-    z = make_zip(tmp_path / "p.zip", {"pkg/main.py": MAIN, "pkg/requirements.txt": "", "pkg/z.bin": payload}, compression=zipfile.ZIP_STORED)
+    z = make_zip(tmp_path / "p.zip", {"pkg/main.py": MAIN,
+        "pkg/requirements.txt": "", "pkg/z.bin": payload}, compression=zipfile.ZIP_STORED)
     data = bytearray(z.read_bytes())
     data[data.index(payload)] ^= 0xFF
     z.write_bytes(bytes(data))

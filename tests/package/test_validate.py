@@ -18,7 +18,6 @@ from airflow_aicenter.package import (
     validate_package,
     write_zip,
 )
-
 from tests.packages import MAIN, TRAIN, TRAIN_ONLY, MakePackage, write_package
 
 
@@ -52,12 +51,15 @@ def test_full_package_passes_every_pipeline(make_package: MakePackage, pipeline:
 def test_train_only_package_passes_train_but_not_evaluate_or_full(make_package: MakePackage) -> None:
     root = make_package(train=TRAIN_ONLY)
     assert validate_package(root, "train").train_methods == {"__init__", "train", "save"}
-    assert "class Main has no method evaluate (needed by the evaluate pipeline): add `def evaluate(self, evaluation_directory):`" in error(root, "evaluate")
-    assert "no method process_data (needed by the full pipeline): add `def process_data(self, input_directory):`" in error(root, "full")
+    assert ("class Main has no method evaluate (needed by the evaluate pipeline): "
+            "add `def evaluate(self, evaluation_directory):`") in error(root, "evaluate")
+    assert ("no method process_data (needed by the full pipeline): "
+            "add `def process_data(self, input_directory):`") in error(root, "full")
 
 
 def test_evaluate_only_package(make_package: MakePackage) -> None:
-    root = make_package(train="class Main:\n    def __init__(self): pass\n    def evaluate(self, evaluation_directory): return 0.5\n")
+    root = make_package(train="class Main:\n    def __init__(self): pass\n"
+                              "    def evaluate(self, evaluation_directory): return 0.5\n")
     assert validate_package(root, "evaluate").train_methods == {"__init__", "evaluate"}
     assert "no method train" in error(root, "train")
 
@@ -118,7 +120,8 @@ def test_methods_from_same_file_bases_count(make_package: MakePackage) -> None:
 
 
 def test_wrong_arity_in_a_same_file_base_is_reported(make_package: MakePackage) -> None:
-    train = "class Base:\n    def train(self):\n        pass\n\nclass Main(Base):\n    def __init__(self): pass\n    def save(self): pass\n"
+    train = ("class Base:\n    def train(self):\n        pass\n\n"
+             "class Main(Base):\n    def __init__(self): pass\n    def save(self): pass\n")
     assert "train.py:2: Main.train(self) has the wrong parameters" in error(make_package(train=train), "train")
 
 
@@ -272,12 +275,14 @@ def test_train_main_missing_init(make_package: MakePackage) -> None:
 
 
 def test_method_assigned_in_class_body_counts_as_missing(make_package: MakePackage) -> None:
-    train = "def _train(self, d):\n    pass\n\nclass Main:\n    def __init__(self): pass\n    def save(self): pass\n    train = _train\n"
+    train = ("def _train(self, d):\n    pass\n\n"
+             "class Main:\n    def __init__(self): pass\n    def save(self): pass\n    train = _train\n")
     assert "no method train (needed by the train pipeline)" in error(make_package(train=train), "train")
 
 
 def test_train_without_training_directory(make_package: MakePackage) -> None:
-    train = "class Main:\n    def __init__(self):\n        pass\n    def train(self):\n        pass\n    def save(self):\n        pass\n"
+    train = ("class Main:\n    def __init__(self):\n        pass\n    def train(self):\n        pass\n"
+             "    def save(self):\n        pass\n")
     assert error(make_package(train=train), "train") == (
         "train.py:4: Main.train(self) has the wrong parameters: AI Center calls Main().train(training_directory); "
         "define it as `def train(self, training_directory):`"
@@ -292,7 +297,8 @@ def test_wrong_arity_is_reported_even_when_the_pipeline_does_not_call_it(make_pa
 def test_init_with_required_arguments(make_package: MakePackage) -> None:
     main = "class Main:\n    def __init__(self, model_path):\n        pass\n    def predict(self, input): pass\n"
     message = error(make_package(main=main))
-    assert message.startswith("main.py:2: Main.__init__(self, model_path) needs arguments, but AI Center creates Main() with none")
+    assert message.startswith(
+        "main.py:2: Main.__init__(self, model_path) needs arguments, but AI Center creates Main() with none")
     assert "give the extra parameters default values or remove them" in message
 
 
@@ -303,12 +309,14 @@ def test_required_keyword_only_argument(make_package: MakePackage) -> None:
 
 def test_async_method(make_package: MakePackage) -> None:
     train = TRAIN.replace("def train(", "async def train(")
-    assert "Main.train is `async def`, but AI Center calls it synchronously: make it `def train(self, training_directory):`" in error(make_package(train=train), "train")
+    assert ("Main.train is `async def`, but AI Center calls it synchronously: "
+            "make it `def train(self, training_directory):`") in error(make_package(train=train), "train")
 
 
 def test_training_a_package_without_train_py(make_package: MakePackage) -> None:
     message = error(make_package(train=None), "train")
-    assert message.startswith("package has no train.py, so it can be registered and served but not trained: add train.py with class Main")
+    assert message.startswith(
+        "package has no train.py, so it can be registered and served but not trained: add train.py with class Main")
     assert "train(self, training_directory), save(self)" in message
 
 
@@ -336,7 +344,8 @@ def test_metadata_invalid_json(make_package: MakePackage) -> None:
 
 @pytest.mark.parametrize(
     ("content", "field"),
-    [('{"gpu": "yes"}', "gpu"), ('{"gpu": -1}', "gpu"), ('{"retrainable": "no"}', "retrainable"), ('{"input_type": "csv"}', "input_type"), ('{"description": 3}', "description")],
+    [('{"gpu": "yes"}', "gpu"), ('{"gpu": -1}', "gpu"), ('{"retrainable": "no"}', "retrainable"),
+     ('{"input_type": "csv"}', "input_type"), ('{"description": 3}', "description")],
 )
 def test_metadata_wrong_types_name_the_field(make_package: MakePackage, content: str, field: str) -> None:
     message = error(make_package(files={"aicenter.json": content}))
@@ -351,7 +360,8 @@ def test_metadata_not_an_object(make_package: MakePackage) -> None:
 
 
 def test_iter_package_files_is_sorted_relative_and_skips_bytecode(make_package: MakePackage) -> None:
-    root = make_package(files={"a-b.txt": "x", "a/b.txt": "x", "__pycache__/main.cpython-311.pyc": b"\0", "sub/__pycache__/x.pyc": b"\0", "sub/old.pyc": b"\0", ".env": "x"})
+    root = make_package(files={"a-b.txt": "x", "a/b.txt": "x",
+        "__pycache__/main.cpython-311.pyc": b"\0", "sub/__pycache__/x.pyc": b"\0", "sub/old.pyc": b"\0", ".env": "x"})
     names = [p.as_posix() for p in iter_package_files(root)]
     assert names == [".env", "a-b.txt", "a/b.txt", "main.py", "requirements.txt", "train.py"]
 
@@ -382,7 +392,8 @@ def test_iter_package_files_lists_links_without_following(make_package: MakePack
 
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [("main.py", True), ("pkg/train.py", True), ("pkg/aicenter.json", True), ("requirements.txt", True), ("pkg/sub/main.py", False), ("pkg/model.bin", False), ("pkg/", False)],
+    [("main.py", True), ("pkg/train.py", True), ("pkg/aicenter.json", True), ("requirements.txt", True),
+     ("pkg/sub/main.py", False), ("pkg/model.bin", False), ("pkg/", False)],
 )
 def test_is_contract_file(name: str, expected: bool) -> None:
     assert is_contract_file(name) is expected

@@ -16,7 +16,8 @@ def test_parse_and_str_round_trip() -> None:
 def test_order_is_numeric_not_lexical() -> None:
     assert Version.parse("1.10") > Version.parse("1.9")
     assert Version.parse("2.0") > Version.parse("1.99")
-    assert sorted(map(Version.parse, ["1.10", "1.2", "0.9", "2.0"])) == [Version(0, 9), Version(1, 2), Version(1, 10), Version(2, 0)]
+    assert sorted(map(Version.parse, [
+        "1.10", "1.2", "0.9", "2.0"])) == [Version(0, 9), Version(1, 2), Version(1, 10), Version(2, 0)]
 
 
 def test_versions_are_hashable_and_frozen() -> None:
@@ -27,7 +28,7 @@ def test_versions_are_hashable_and_frozen() -> None:
 
 @pytest.mark.parametrize("text", ["", "1", "1.2.3", "v1.2", "+1.2", "1.-2", " 1.2", "1.2 ", "1.2\n", "1.x", "١.٢"])
 def test_parse_rejects_malformed(text: str) -> None:
-    with pytest.raises(VersionError, match="MAJOR.MINOR") as e:
+    with pytest.raises(VersionError, match=r"MAJOR\.MINOR") as e:
         Version.parse(text)
     assert repr(text) in str(e.value)
 
@@ -72,10 +73,10 @@ def test_alias_names_rejected(name: str) -> None:
 
 
 def test_version_like_alias_is_refused() -> None:
-    with pytest.raises(VersionError, match="looks like a version.*\"2\" or \"2.0\""):
+    with pytest.raises(VersionError, match=r"looks like a version.*\"2\" or \"2\.0\""):
         validate_alias_name("v2")
 
 
 def test_latest_is_reserved() -> None:
-    with pytest.raises(VersionError, match="reserved.*highest version.*pick another name"):
+    with pytest.raises(VersionError, match=r"reserved.*highest version.*pick another name"):
         validate_alias_name("latest")

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -66,7 +66,7 @@ def test_gc_during_an_upload_keeps_young_and_referenced_blobs_and_removes_old_or
     time.sleep(GAP)
 
     def gc_now(**kw):
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         return collect(setup.store, grace=now - orphan_time - timedelta(seconds=GAP / 2), now=now, **kw)
 
     ref2, spec2 = setup.spec(try_number=1, task_id="train_again")  # another task: a retry would report 1.1

@@ -51,7 +51,9 @@ def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Store, d
     return open_store(f"s3://{server.create_bucket()}/aicenter", server.options), server.env()
 
 
-def test_empty_files_survive_staging_snapshot_and_the_new_version(deployment: tuple[Store, dict[str, str]], tmp_path: Path) -> None:
+def test_empty_files_survive_staging_snapshot_and_the_new_version(
+    deployment: tuple[Store, dict[str, str]], tmp_path: Path,
+) -> None:
     store, env = deployment
     registry = Registry(store)
     base = registry.upload(write_package(tmp_path / "pkg", main=MAIN, train=TRAIN, files={"lib/__init__.py": ""}), "empty")

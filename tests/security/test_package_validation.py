@@ -57,7 +57,8 @@ def test_every_contract_file_has_the_size_limit(tmp_path: Path, name: str) -> No
     padding = "#" * (MAX_CONTRACT_FILE_BYTES + 1) + "\n"
     content = padding + textwrap.dedent(MAIN) if name == "main.py" else '{"description": "' + "x" * MAX_CONTRACT_FILE_BYTES + '"}'
     root = write_package(tmp_path / "pkg", files={name: content})
-    assert error(root).startswith(f"{name} is {(root / name).stat().st_size} bytes, over the limit of {MAX_CONTRACT_FILE_BYTES} bytes")
+    assert error(root).startswith(
+        f"{name} is {(root / name).stat().st_size} bytes, over the limit of {MAX_CONTRACT_FILE_BYTES} bytes")
 
 
 def test_a_source_at_the_limit_is_validated(tmp_path: Path) -> None:
@@ -70,7 +71,8 @@ def test_a_source_at_the_limit_is_validated(tmp_path: Path) -> None:
 def _chain(depth: int) -> str:
     """class C0 with the contract's methods, C1(C0), ..., Main(C<depth-1>): Main is ``depth`` levels above C0."""
     head = "class C0:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return input\n"
-    return head + "".join(f"class C{i}(C{i - 1}):\n    pass\n" for i in range(1, depth)) + f"class Main(C{depth - 1}):\n    pass\n"
+    chain = "".join(f"class C{i}(C{i - 1}):\n    pass\n" for i in range(1, depth))
+    return head + chain + f"class Main(C{depth - 1}):\n    pass\n"
 
 
 def test_a_3000_deep_class_chain_is_a_package_error_not_a_recursion_error(tmp_path: Path) -> None:

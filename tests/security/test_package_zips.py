@@ -49,7 +49,8 @@ def test_a_bomb_of_many_small_entries_is_refused_before_writing(tmp_path: Path, 
     with pytest.raises(ArchiveError) as e:
         extract_zip(target, tmp_path / "x")
     assert str(e.value) == (
-        f"the zip expands {total} bytes from {compressed} compressed (over {MAX_RATIO}:1 overall, across {BOMB_ENTRIES + 2} entries), "
+        f"the zip expands {total} bytes from {compressed} compressed "
+        f"(over {MAX_RATIO}:1 overall, across {BOMB_ENTRIES + 2} entries), "
         "which looks like a zip bomb: refused; if the files are genuine, store the highly compressible ones uncompressed "
         "(`aicenter package upload FOLDER` does) or keep such data in a dataset"
     )
