@@ -32,12 +32,12 @@ from rich.table import Table
 from airflow_aicenter.errors import AICenterError, NotFoundError, StorageError, VersionError
 from airflow_aicenter.gc import DEFAULT_GRACE_HOURS, collect
 from airflow_aicenter.package import open_package, validate_package, validate_package_name, write_zip
+from airflow_aicenter.process import exit_process
 from airflow_aicenter.promotion import PROMOTE_IF, promote, version_score
 from airflow_aicenter.records import AliasRecord, BlobRef, Manifest, VersionRecord, read_optional
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.runs import STATUSES, RunRecord, compare, find_run, find_runs, list_runs
 from airflow_aicenter.storage import S3Options, Store, open_store
-from airflow_aicenter.process import exit_process
 from airflow_aicenter.storage.transfer import put_blob
 
 console = Console(soft_wrap=True)
