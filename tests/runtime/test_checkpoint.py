@@ -316,3 +316,41 @@ def test_the_resumable_example_package_continues_from_its_checkpoint(store: Stor
 
     assert train(1, 3) == {"resumed_from_epoch": 0, "epochs": 3, "epochs_this_run": 3}
     assert train(2, 5) == {"resumed_from_epoch": 3, "epochs": 5, "epochs_this_run": 2}
+
+
+def test_two_writers_never_overwrite_or_mix_checkpoints(store: Store, tmp_path: Path) -> None:
+    """A try that was given up on but still runs, and its retry, sync the same prefix at once."""
+    import threading
+
+    writers = {name: sync_for(store, write_files(tmp_path / name, {"tag.txt": "", "data.bin": ""}), try_number=n)
+               for n, name in enumerate(("zombie", "retry"), start=1)}
+    committed: dict[str, list[int]] = {name: [] for name in writers}
+    errors: list[BaseException] = []
+
+    def work(name: str) -> None:
+        sync = writers[name]
+        try:
+            for round_ in range(8):
+                tag = f"{name}-{round_}"
+                (sync.local_dir / "tag.txt").write_text(tag)
+                (sync.local_dir / "data.bin").write_bytes(tag.encode() * 1000)
+                stats = sync.sync()
+                assert stats is not None
+                committed[name].append(stats.seq)
+        except BaseException as exc:  # reported by the test thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(name,)) for name in writers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    seqs = committed["zombie"] + committed["retry"]
+    assert len(seqs) == len(set(seqs)) == 16  # every sync committed under its own number
+
+    restored = sync_for(store, tmp_path / "restored", try_number=3).restore()
+    assert restored is not None
+    tag = (tmp_path / "restored" / "tag.txt").read_text()
+    assert (tmp_path / "restored" / "data.bin").read_bytes() == tag.encode() * 1000  # one writer's whole checkpoint
+    assert restored.try_number == (1 if tag.startswith("zombie") else 2)
