@@ -21,7 +21,7 @@ RENDEZVOUS = '''
 import json, os, socket, time
 
 VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR",
-        "MASTER_PORT", "MA_NUM_HOSTS", "MA_NUM_GPUS", "VC_TASK_INDEX", "VC_WORKER_HOSTS")
+        "MASTER_PORT", "MA_NUM_HOSTS", "MA_NUM_GPUS", "VC_TASK_INDEX", "VC_WORKER_HOSTS", "OMP_NUM_THREADS")
 
 def _log(event, **kw):
     with open(os.path.join(os.environ["artifacts_directory"], "calls.jsonl"), "a") as fh:
@@ -98,6 +98,7 @@ def test_two_ranks_rendezvous_and_rank_0_alone_evaluates_and_saves(store, tmp_pa
     assert env0["MASTER_ADDR"] == env1["MASTER_ADDR"] == "127.0.0.1" and env0["MASTER_PORT"] == env1["MASTER_PORT"]
     assert env1["NODE_RANK"] == env1["GROUP_RANK"] == env1["VC_TASK_INDEX"] == "0"
     assert env1["MA_NUM_HOSTS"] == "1" and env1["MA_NUM_GPUS"] == "0" and env1["VC_WORKER_HOSTS"] == "127.0.0.1"
+    assert env0["OMP_NUM_THREADS"] == env1["OMP_NUM_THREADS"] == "1"  # as torchrun: ranks do not oversubscribe the node
 
 
 def test_a_failing_rank_fails_the_run_and_stops_the_others(tmp_path):
