@@ -47,3 +47,9 @@ def test_openlineage_sees_a_package_as_a_dataset_of_the_aicenter_namespace() -> 
     dataset = converter(Asset("aicenter://churn"), None)
     assert isinstance(dataset, Dataset) and (dataset.namespace, dataset.name) == ("aicenter", "churn")
     assert convert_asset_to_openlineage(Asset("aicenter://Churn_v2"), None).name == "Churn_v2"
+
+    # what the OpenLineage provider's listener does with an inlet or outlet asset
+    from airflow.providers.openlineage.utils.utils import translate_airflow_asset
+
+    translated = translate_airflow_asset(Asset("aicenter://churn"), None)
+    assert translated is not None and (translated.namespace, translated.name) == ("aicenter", "churn")
