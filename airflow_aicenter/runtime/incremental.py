@@ -31,8 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from airflow_aicenter.errors import DatasetError, NotFoundError
-from airflow_aicenter.records import Manifest, ManifestEntry, read
+from airflow_aicenter.errors import ConfigurationError, DatasetError, NotFoundError
+from airflow_aicenter.records import Manifest, ManifestEntry, VersionRecord, read
 from airflow_aicenter.storage import Store, open_store
 from airflow_aicenter.storage.store import ObjectInfo
 from airflow_aicenter.storage.transfer import FileEntry, blob_key, download_file, gather_limited, run
@@ -79,6 +79,20 @@ def list_fingerprints(source: Store) -> dict[str, str]:
     rewritten in between shows a fingerprint that no longer matches, and is compared by digest.
     """
     return {info.key: mark for info in source.list("") if not info.key.endswith("/") and (mark := fingerprint(info))}
+
+
+def require_base(version: VersionRecord) -> str:
+    """The operator's check before compute: ``incremental=True`` needs the parent version's training snapshot.
+
+    Returns the snapshot manifest URI to pass as ``RunSpec.incremental_base``.
+    """
+    if not version.snapshot:
+        raise ConfigurationError(
+            f"incremental=True needs the training-data snapshot of {version.package} {version.version}, and it has none "
+            f"(it was {'uploaded' if version.pipeline == 'upload' else 'trained without save_training_data=True'}); "
+            "train it once with save_training_data=True, or run without incremental=True"
+        )
+    return version.snapshot
 
 
 def read_base(store: Store, uri: str) -> Manifest:

@@ -210,6 +210,11 @@ class _Stores:
         return self._stores[root]
 
 
+def _no_lines(uri: str, usages: Collection[str]) -> DatasetError:
+    names = " or ".join(sorted(u or "unmarked" for u in usages))
+    return DatasetError(f"manifest {uri} has no {names} lines; mark the samples for this step with \"usage\"")
+
+
 def _missing(uri: str, line: ManifestLine) -> DatasetError:
     return _bad(uri, line.number, f"source {line.source} does not exist; upload it or fix the line")
 
@@ -221,14 +226,18 @@ def _distinct(lines: Sequence[ManifestLine]) -> list[ManifestLine]:
     return list(first.values())
 
 
-def check_manifest(uri: str, open_store: OpenStore) -> ManifestSummary:
-    """Read and check a manifest before compute: every line well formed, every source there.
+def check_manifest(uri: str, open_store: OpenStore, *, require: Collection[str] = ()) -> ManifestSummary:
+    """Read and check a manifest before compute: every line well formed, every source there, and
+    at least one line of the usages ``require`` names (TRAINING for train and full runs,
+    EVALUATION for evaluation runs, INFERENCE for batch prediction).
 
     Sources are found by listing the folders that hold many of them (one request per 1,000
     keys instead of one HEAD per file: 3,000 sources on moto took 43 s with HEADs); the rest,
     and any a listing did not show, are checked with a HEAD.
     """
     lines = read_manifest(uri, open_store)
+    if require and not any(line.usage in require for line in lines):
+        raise _no_lines(uri, require)
     stores = _Stores(open_store)
     distinct = _distinct(lines)
     sizes = _listed_sizes(distinct, stores)
@@ -303,8 +312,7 @@ def stage_manifest(
     if not chosen and not required:
         return []
     if not chosen:
-        names = " or ".join(sorted(u or "unmarked" for u in usages))
-        raise DatasetError(f"manifest {uri} has no {names} lines; mark the samples for this step with \"usage\"")
+        raise _no_lines(uri, usages)
     stores = _Stores(open_store)
     root = dest.resolve()
     root.mkdir(parents=True, exist_ok=True)

@@ -11,10 +11,17 @@ from typing import Any
 
 import pytest
 
-from airflow_aicenter.errors import DatasetError
+from airflow_aicenter.errors import ConfigurationError, DatasetError
 from airflow_aicenter.records import Manifest, Outcome, RunSpec, read
 from airflow_aicenter.registry import Registry
-from airflow_aicenter.runtime.incremental import IncrementalStaging, NothingNew, check_carried, read_base, stage_incremental
+from airflow_aicenter.runtime.incremental import (
+    IncrementalStaging,
+    NothingNew,
+    check_carried,
+    read_base,
+    require_base,
+    stage_incremental,
+)
 from airflow_aicenter.runtime.snapshot import take_snapshot
 from airflow_aicenter.storage import S3Store, Store, open_store
 from airflow_aicenter.storage.transfer import blob_key, download_tree, run
@@ -177,3 +184,15 @@ def test_incremental_run_without_the_parent_snapshot_fails_before_compute(store:
     assert "does not exist" in err
     assert code == 1 and outcome.status == "failed" and outcome.phase == "stage_data"
     assert outcome.error is not None and "training snapshot" in outcome.error and "does not exist" in outcome.error
+
+
+def test_the_operator_refuses_a_parent_without_snapshot_before_compute(store: Store, tmp_path: Path) -> None:
+    uploaded = Registry(store).upload(write_files(tmp_path / "pkg", {"main.py": MAIN, "train.py": LISTING_TRAIN,
+                                                                     "requirements.txt": ""}), "inc")
+    with pytest.raises(ConfigurationError, match=r"needs the training-data snapshot of inc 1\.0, and it has none \(it was "
+                                                  r"uploaded\); train it once with save_training_data=True"):
+        require_base(uploaded)
+    trained = uploaded.model_copy(update={"version": "1.1", "pipeline": "train", "snapshot": store.url("runs/x/m.json")})
+    assert require_base(trained) == store.url("runs/x/m.json")
+    with pytest.raises(ConfigurationError, match="trained without save_training_data=True"):
+        require_base(trained.model_copy(update={"snapshot": None}))

@@ -16,6 +16,7 @@ from airflow_aicenter.records import Manifest, Outcome, RunSpec, read
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.runtime.manifest import (
     EVALUATION,
+    INFERENCE,
     TRAINING,
     OpenStore,
     check_manifest,
@@ -135,6 +136,14 @@ def test_two_sources_staged_at_one_path_are_refused(store: Store) -> None:
     put(store, {"m/data.jsonl": json.dumps({"source": clash}) + "\n" + json.dumps({"source": store.url("x/a.jpg")}) + "\n"})
     with pytest.raises(DatasetError, match=f"line 2 .*would be staged at '{clash}', where line 1 puts"):
         check_manifest(store.url("m/data.jsonl"), opener(store))
+
+
+def test_check_manifest_requires_lines_for_the_step(dataset: tuple[Store, str], store: Store) -> None:
+    _, uri = dataset
+    assert check_manifest(uri, opener(store), require=INFERENCE).count(INFERENCE) == 1
+    put(store, {"m/a.jpg": "A", "m/eval-only.jsonl": '{"source": "a.jpg", "usage": "EVAL"}\n'})
+    with pytest.raises(DatasetError, match=r"eval-only\.jsonl has no TRAIN or unmarked lines; mark the samples"):
+        check_manifest(store.url("m/eval-only.jsonl"), opener(store), require=TRAINING)
 
 
 def test_missing_or_empty_manifests_and_steps_without_lines(store: Store, tmp_path: Path) -> None:
