@@ -178,8 +178,6 @@ class Topology:
         if port is None:
             given = os.environ.get("AICENTER_MASTER_PORT")
             port = int(given) if given else (free_port() if spec.nodes == 1 else DEFAULT_MULTI_NODE_PORT)
-        if not 0 <= node_rank < spec.nodes:
-            raise RunError(f"node_rank {node_rank} is outside 0..{spec.nodes - 1}; check JOB_COMPLETION_INDEX and nodes")
         hosts = os.environ.get("AICENTER_WORKER_HOSTS") or addr
         return cls(spec.nodes, spec.procs_per_node, node_rank, addr, port, hosts)
 
@@ -300,6 +298,9 @@ class Agent:
         spec = self.spec
         if spec.pipeline == "evaluate" and self.topology.world_size > 1:
             raise RunError("evaluation runs in one process; use nodes=1 and procs_per_node=1 for the evaluate pipeline")
+        if not 0 <= self.topology.node_rank < spec.nodes:
+            raise RunError(f"node_rank {self.topology.node_rank} is outside 0..{spec.nodes - 1}; "
+                           "check JOB_COMPLETION_INDEX and nodes")
         if spec.pipeline == "predict" and spec.nodes > 1:
             raise RunError("batch prediction runs on one node; use nodes=1 and procs_per_node to share the inputs")
         for path in (*self.dirs.values(), self.control):
@@ -624,7 +625,8 @@ class Agent:
         for index, share in enumerate(shares):
             target = parts / str(index) if spec.input_type == "json" else out
             plan = {"input_type": spec.input_type, "data": str(data), "out": str(target), "inputs": share}
-            users.append(self.start(f"rank {index}", self._rank_root(root, index), self.user_env(index),
+            # Serving writes no version: every process reads the one package folder (no copies of a large model).
+            users.append(self.start(f"rank {index}", root, self.user_env(index),
                                     module="main", predict=plan))
         results = self.supervise(users)
         if spec.input_type == "json":

@@ -12,9 +12,10 @@ credentials: what package code can reach is decided by the agent, not by this fi
 
 It creates ``Main()`` from ``train.py`` (or ``main.py`` for batch prediction), calls the
 methods its instructions list, in order, on that one instance, and writes a result JSON file
-(score, prediction counts, or the failure as one line with the package ``file:line`` plus
-the full traceback) at the path the agent gave it. Exit code 0 when every step ran, 1 when
-it reported a failure; any other ending (a signal, ``os._exit``) is the agent's to explain.
+(score, prediction counts, or the failure: one line with the package ``file:line``, the
+exception's type, first message line and location, and the full traceback) at the path the
+agent gave it. Exit code 0 when every step ran, 1 when it reported a failure; any other
+ending (a signal, ``os._exit``) is the agent's to explain.
 
 Instructions (JSON)::
 
@@ -53,11 +54,15 @@ PR_SET_PDEATHSIG = 1
 
 
 class Failure(Exception):
-    """A step failed: ``cause`` is the one-line message, ``details`` the traceback (may be empty)."""
+    """A step failed: ``cause`` is the one-line message, ``details`` the traceback (may be empty).
 
-    def __init__(self, cause: str, details: str = "") -> None:
+    ``fields`` says what user code raised, when it raised: ``type``, ``message`` (its first
+    line) and ``location`` (the package ``file:line``), for the agent and the run records.
+    """
+
+    def __init__(self, cause: str, details: str = "", **fields: str) -> None:
         super().__init__(cause)
-        self.cause, self.details = cause, details
+        self.cause, self.details, self.fields = cause, details, fields
 
 
 def die_with_parent(parent: int | None) -> None:
@@ -115,7 +120,8 @@ def guarded(root: Path, where: str, fn: Any, *args: Any) -> Any:
     try:
         return fn(*args)
     except (Exception, SystemExit) as exc:  # user code may raise anything; a kill passes through
-        raise Failure(cause_of(exc, root, where), traceback.format_exc()) from exc
+        raise Failure(cause_of(exc, root, where), traceback.format_exc(), type=type(exc).__name__,
+                      message=first_line(exc), location=location(exc, root).strip(" ()")) from exc
 
 
 def load_main(root: Path, module_name: str) -> Any:
@@ -276,7 +282,7 @@ def main(argv: list[str]) -> int:
             run_predict(instance, root, plan["predict"], result)
         result["ok"] = True
     except Failure as failure:
-        result["failure"] = {"cause": failure.cause, "traceback": failure.details, "at": time.time()}
+        result["failure"] = {"cause": failure.cause, "traceback": failure.details, "at": time.time(), **failure.fields}
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -90,6 +90,26 @@ def test_an_import_error_in_train_py_is_reported_as_such(tmp_path):
     assert "Traceback (most recent call last)" in done.stderr
 
 
+def test_the_user_process_reports_type_message_location_and_traceback(tmp_path):
+    """user.py run by path, as the agent runs it, with a stdlib-only interpreter view (-S: no site-packages)."""
+    import sys
+
+    from airflow_aicenter.runtime.agent import USER_SCRIPT
+    from tests.conftest import write_files
+    root = write_files(tmp_path / "pkg", {"train.py": "class Main:\n    def __init__(self):\n        pass\n"
+                                                     "    def train(self, d):\n        raise ValueError('bad rows\\nmore')\n"})
+    result = tmp_path / "result.json"
+    (tmp_path / "plan.json").write_text(json.dumps({"root": str(root), "module": "train", "result": str(result),
+                                                    "steps": [{"call": "train", "args": ["/data"]}]}))
+    done = subprocess.run([sys.executable, "-S", str(USER_SCRIPT), str(tmp_path / "plan.json")], cwd=root,
+                          env={"PATH": os.environ["PATH"]}, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1, done.stderr
+    failure = json.loads(result.read_text())["failure"]
+    assert failure["cause"] == "Main.train() raised ValueError: bad rows (train.py:5)"
+    assert (failure["type"], failure["message"], failure["location"]) == ("ValueError", "bad rows", "train.py:5")
+    assert failure["traceback"].startswith("Traceback (most recent call last)") and "more" in failure["traceback"]
+
+
 def test_an_error_in_a_package_module_names_that_file(tmp_path):
     store = open_store((tmp_path / "s").as_uri())
     train_py = "from helpers import boom\nclass Main:\n    def __init__(self):\n        pass\n" \
