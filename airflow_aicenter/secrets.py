@@ -45,9 +45,19 @@ def is_secret_value(value: str) -> bool:
     return len(text) >= MIN_SECRET_LENGTH and text.lower() not in _NOT_SECRET and bool(text.strip(MASK[0]))
 
 
+#: Names (comma-separated, never values) of further ``env`` keys whose values are secret: the
+#: worker sets it for the keys whose values Airflow's masker knows (a Connection field under
+#: ``DB``), so the runtime, which cannot ask Airflow, masks them too.
+SECRET_KEYS_ENV = "AICENTER_MASKED_ENV"  # its own name must not look secret
+
+
 def secret_values(env: Mapping[str, str]) -> tuple[str, ...]:
-    """The values of secret-looking keys that are worth masking, longest first."""
-    values = {str(v) for k, v in env.items() if is_secret_key(k) and v is not None and is_secret_value(str(v))}
+    """The values worth masking of secret-looking keys and of the keys ``env`` names in SECRET_KEYS_ENV, longest first."""
+    named = {k.strip() for k in str(env.get(SECRET_KEYS_ENV) or "").split(",") if k.strip()}
+    values = {
+        str(v) for k, v in env.items()
+        if (is_secret_key(k) or k in named) and v is not None and is_secret_value(str(v))
+    }
     return tuple(sorted(values, key=len, reverse=True))
 
 

@@ -24,6 +24,7 @@ from airflow_aicenter.records import redact as records_redact
 from airflow_aicenter.secrets import (
     MASK,
     MIN_SECRET_LENGTH,
+    SECRET_KEYS_ENV,
     LineRedactor,
     Redactor,
     is_secret_key,
@@ -181,6 +182,15 @@ def test_a_value_airflow_masks_under_a_neutral_key_is_masked_once_registered() -
     assert dsn not in repr(redactor)
 
 
+def test_the_worker_names_further_secret_keys_for_the_runtime() -> None:
+    """The runtime cannot ask Airflow's masker: the worker names the keys (never the values) in the env."""
+    dsn = "postgresql://ana:s3cr3t-pw@db.internal/ml"
+    env = {"DB": dsn, "EPOCHS": "3", SECRET_KEYS_ENV: "DB, OTHER"}
+    assert secret_values(env) == (dsn,)
+    assert Redactor.from_env(env).redact(f"connect {dsn!r}") == "connect '***'"
+    assert secret_values({"DB": dsn}) == ()
+
+
 def test_secret_keys_are_recognised_by_every_documented_pattern() -> None:
     secret = ["DB_PASSWORD", "api_token", "CLIENT_SECRET", "STRIPE_KEY", "gcp_credentials", "AUTH_HEADER",
               "gpg_passphrase", "private_pem", "ldap_passwd", "PassWord"]
@@ -219,3 +229,79 @@ def test_records_keeps_the_old_helpers_and_they_mask_every_form() -> None:
     text = json.dumps({"e": secret}) + repr(secret)
     assert leaked(records_redact(text, (secret,)), secret) == []
     assert leaked(redact(text, [secret]), secret) == []
+
+
+# -- every sink of a real run ----------------------------------------------------------------
+PRIVATE_KEY = "\n".join([
+    "-----BEGIN OPENSSH PRIVATE KEY-----",
+    "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW",
+    "QyNTUxOQAAACDb7vS2Ibl9P5e2mMc8kl0qfHf2bhTPRlLAbX0+Hq9HJwAAAJhT6b5bU+m+",
+    "-----END OPENSSH PRIVATE KEY-----",
+])
+#: A Connection password: Airflow's masker knows it; under the neutral key DB only registration tells.
+DB_PASSWORD = "pw'with\"quotes\\and/slashes?&=9f3"
+
+FORMS_DAG = '''
+from datetime import datetime
+from airflow.sdk import DAG
+from airflow_aicenter.operators import TrainPipelineOperator
+
+ENV = {"SSH_PRIVATE_KEY": __KEY__, "DB": "{{ conn.warehouse.password }}", "EPOCHS": "2"}
+with DAG("aicenter_test_secret_forms", schedule=None, start_date=datetime(2026, 1, 1), params={"dataset": ""}):
+    TrainPipelineOperator(task_id="train", package="formleak", version="latest", dataset="{{ params.dataset }}",
+                          env=ENV)
+    TrainPipelineOperator(task_id="fails", package="formleak", version="latest", dataset="{{ params.dataset }}",
+                          env={**ENV, "FAIL": "1"})
+'''.replace("__KEY__", repr(PRIVATE_KEY))
+
+FORMS_TRAIN = '''
+import json, os, urllib.parse
+class Main:
+    def __init__(self):
+        pass
+    def train(self, training_directory):
+        key, db = os.environ["SSH_PRIVATE_KEY"], os.environ["DB"]
+        print("the key:", flush=True)
+        print(key, flush=True)
+        print("as repr", repr(key), repr({"db": db}), flush=True)
+        print("as json", json.dumps({"key": key, "db": db}), flush=True)
+        print("in a url", "postgresql://ana:" + urllib.parse.quote(db, safe="") + "@db/ml", flush=True)
+        if os.environ.get("FAIL"):
+            raise ConnectionError(f"cannot log in with {db!r} and {key!r}")
+    def save(self):
+        pass
+'''
+
+
+def test_no_form_of_a_secret_reaches_any_sink_of_a_real_run(airflow_env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Log, XCom, _results.json, outcome.json, run records and rendered fields of a local run."""
+    import sqlite3
+
+    from airflow_aicenter.registry import Registry
+    from airflow_aicenter.storage import open_store
+    from tests.conftest import write_files
+
+    uri = (tmp_path / "aicenter").as_uri()
+    env = {
+        "AIRFLOW_CONN_AICENTER_DEFAULT": json.dumps({"conn_type": "aicenter", "extra": {"storage": uri}}),
+        "AIRFLOW_CONN_WAREHOUSE": json.dumps({"conn_type": "generic", "login": "ana", "password": DB_PASSWORD}),
+    }
+    registry = Registry(open_store(uri))
+    main = "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return input\n"
+    registry.upload(write_files(tmp_path / "pkg", {"main.py": main, "train.py": FORMS_TRAIN, "requirements.txt": ""}),
+                    "formleak")
+    data = write_files(tmp_path / "data", {"rows.csv": "a\n1\n"})
+    airflow_env.add_dag("aicenter_test_secret_forms.py", FORMS_DAG)
+    done = airflow_env.dags_test("aicenter_test_secret_forms", {"dataset": data.as_uri()}, extra_env=env)
+    output = done.stdout + done.stderr
+    assert "in a url" in output and "cannot log in with" in output, output[-3000:]  # both tasks ran their code
+    records = "".join(registry.store.get_bytes(i.key).decode(errors="replace") for i in registry.store.list("runs"))
+    db = sqlite3.connect(airflow_env.home / "airflow.db")
+    xcom = " ".join(str(v) for (v,) in db.execute("select value from xcom where dag_id='aicenter_test_secret_forms'"))
+    rendered = " ".join(str(v) for (v,) in db.execute(
+        "select rendered_fields from rendered_task_instance_fields where dag_id='aicenter_test_secret_forms'"))
+    assert "_results.json" in " ".join(i.key for i in registry.store.list("runs")) and "EPOCHS" in rendered
+    sinks = {"log": output, "records": records, "xcom": xcom, "rendered": rendered}
+    found = {(sink, form) for sink, text in sinks.items() for secret in (PRIVATE_KEY, DB_PASSWORD)
+             for form in leaked(text, secret)}
+    assert found == set()
