@@ -49,7 +49,7 @@ import sysconfig
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -60,11 +60,11 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from pydantic import Field
 
 from airflow_aicenter.errors import AlreadyExistsError, RequirementsError, StorageError
-from airflow_aicenter.layout import ENVS, env_key
+from airflow_aicenter.layout import ENVS, blob_key, env_key
 from airflow_aicenter.package.requirements import REQUIREMENTS, check_requirements_file, local_path, logical_lines
 from airflow_aicenter.records import BlobRef, Record, read_optional, utcnow, write
 from airflow_aicenter.storage.store import Store
-from airflow_aicenter.storage.transfer import get_blob, put_blob
+from airflow_aicenter.storage.transfer import put_blob
 
 Source = Literal["none", "local", "store", "installed"]
 Log = Callable[[str], None]
@@ -309,7 +309,7 @@ def _create_venv(tmp: Path, log: Log) -> None:
 
 def _install(tmp: Path, root: Path, cache: Path, indexes: Sequence[str], log: Log) -> None:
     _create_venv(tmp, log)
-    command = [uv_binary(), "pip", "install", "--no-config", "--compile-bytecode", "--python", str(venv_python(tmp))]
+    command = [uv_binary(), "pip", "install", "--no-config", "--python", str(venv_python(tmp))]
     if indexes:
         command += ["--default-index", indexes[0]]
         for url in indexes[1:]:
@@ -366,31 +366,15 @@ def _restore(store: Store, key: str, final: Path, log: Log) -> Literal["hit", "m
     if record.format != PACKED:
         log(f"stored environment {key[:12]} is packed as {record.format!r}, which this runtime cannot read: installing")
         return "miss"
-    final.parent.mkdir(parents=True, exist_ok=True)
-    packed = final.parent / f".tmp-{key[:12]}-{uuid.uuid4().hex[:8]}.{PACKED}"
     began = time.perf_counter()
     try:
-        try:
-            get_blob(store, record.blob.sha256, packed)  # verified against its digest
-        except StorageError as exc:  # corrupt or gone (gc): rebuild
-            log(f"WARNING: the stored environment {key[:12]} cannot be used ({exc}); installing it again")
-            return "broken"
-        fetched = time.perf_counter() - began
-
-        def unpack(tmp: Path) -> None:
-            tmp.mkdir()
-            _unpack(packed, tmp)
-
-        try:
-            _build(final, unpack, key, record.requirements, log)
-        except (OSError, StorageError) as exc:
-            log(f"WARNING: the stored environment {key[:12]} could not be unpacked ({exc}); installing it again")
-            return "broken"
-        log(f"environment {key[:12]} restored from the store: {record.blob.size / 2**20:.1f} MiB fetched in "
-            f"{fetched:.2f} s, unpacked in {time.perf_counter() - began - fetched:.2f} s")
-        return "hit"
-    finally:
-        packed.unlink(missing_ok=True)
+        _build(final, lambda tmp: _fetch_unpack(store, record.blob, tmp), key, record.requirements, log)
+    except (OSError, StorageError) as exc:  # corrupt or gone (gc): rebuild
+        log(f"WARNING: the stored environment {key[:12]} cannot be used ({exc}); installing it again")
+        return "broken"
+    log(f"environment {key[:12]} restored from the store: {record.blob.size / 2**20:.1f} MiB fetched, verified and "
+        f"unpacked in {time.perf_counter() - began:.2f} s")
+    return "hit"
 
 
 def _store(store: Store, key: str, env: Path, requirements: list[str], log: Log, *, replace: bool = False) -> str:
@@ -406,8 +390,10 @@ def _store(store: Store, key: str, env: Path, requirements: list[str], log: Log,
     began = time.perf_counter()
     packed = env.parent / f".tmp-{key[:12]}-{uuid.uuid4().hex[:8]}.{PACKED}"
     try:
+        _compile(env)
+        compiled_in = time.perf_counter() - began
         sha256, size = _pack(env, packed)
-        packed_in = time.perf_counter() - began
+        packed_in = time.perf_counter() - began - compiled_in
         put_blob(store, packed, sha256)
         record = EnvironmentRecord(key=key, blob=BlobRef(sha256=sha256, size=size), python=python_tag(),
                                    platform=platform_tag(), requirements=requirements)
@@ -420,8 +406,9 @@ def _store(store: Store, key: str, env: Path, requirements: list[str], log: Log,
                 raise
             raise StorageError(f"{exc}; the record names a broken blob: delete {store.url(env_key(key))} so that "
                                "the next run stores a good one") from exc
-        return (f"environment {key[:12]} stored for the next run: {size / 2**20:.1f} MiB packed in {packed_in:.2f} s, "
-                f"uploaded in {time.perf_counter() - began - packed_in:.2f} s")
+        return (f"environment {key[:12]} stored for the next run: bytecode compiled in {compiled_in:.2f} s, "
+                f"{size / 2**20:.1f} MiB packed in {packed_in:.2f} s, uploaded in "
+                f"{time.perf_counter() - began - compiled_in - packed_in:.2f} s")
     finally:
         packed.unlink(missing_ok=True)
 
@@ -456,6 +443,17 @@ def _in_background(work: Callable[[], str]) -> Future[str]:
 
 
 # -- packing ---------------------------------------------------------------------------------
+def _compile(env: Path) -> None:
+    """Byte-compile the environment's packages before packing, off the run's critical path.
+
+    Runs with the packed environment restored from the store then import without compiling
+    (pods run with PYTHONDONTWRITEBYTECODE: without this every pod would compile pandas & co.
+    at each import). Best effort: a file that does not compile is left as it is.
+    """
+    subprocess.run([str(venv_python(env)), "-m", "compileall", "-q", "-j", "0", str(env / "lib")],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+
 class _HashingWriter:
     def __init__(self, out: IO[bytes]) -> None:
         self.out, self.digest, self.size = out, hashlib.sha256(), 0
@@ -483,14 +481,57 @@ def _pack(env: Path, dest: Path) -> tuple[str, int]:
     return writer.digest.hexdigest(), writer.size
 
 
-def _unpack(packed: Path, dest: Path) -> None:
+class _ReadError(StorageError):
+    """The packed environment could not be read from the store (as opposed to read and found damaged)."""
+
+
+def _fetch_unpack(store: Store, blob: BlobRef, dest: Path) -> None:
+    """Stream the packed environment from the store through zstd into tar, hashing it on the way.
+
+    Download, decompression and extraction overlap (obstore's I/O threads, this thread, the tar
+    process). ``dest`` is a temporary folder: if the digest does not match, the caller discards
+    it, so a corrupt blob is never used.
+    """
+    import obstore
+
+    dest.mkdir()
+    digest = hashlib.sha256()
+    key = blob_key(blob.sha256)
+
+    def hashed() -> Iterator[bytes]:
+        try:
+            for chunk in obstore.get(store.inner, key).stream(min_chunk_size=CHUNK):
+                data = bytes(chunk)
+                digest.update(data)
+                yield data
+        except FileNotFoundError:
+            raise _ReadError(f"{store.url(key)} does not exist") from None
+        except Exception as exc:  # obstore's own errors: a failed or missing object
+            raise _ReadError(f"reading {store.url(key)} failed: {str(exc).splitlines()[0][:300]}") from exc
+
+    try:
+        _untar(dest, hashed())
+    except _ReadError:
+        raise
+    except StorageError as exc:  # what was read does not unpack: not what was stored
+        raise StorageError(f"{store.url(key)} is corrupt: {exc}") from exc
+    if digest.hexdigest() != blob.sha256:
+        raise StorageError(f"{store.url(key)} is corrupt: its content hashes to sha256:{digest.hexdigest()}, "
+                           f"expected sha256:{blob.sha256}")
+
+
+def _untar(dest: Path, packed: Iterable[bytes]) -> None:
+    """Extract a zstd-compressed tar stream into ``dest`` (the system's tar: fast)."""
     import zstandard
 
     tar = subprocess.Popen(["tar", "-C", str(dest), "-xf", "-"], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
     assert tar.stdin is not None and tar.stderr is not None
     try:
-        with packed.open("rb") as f:
-            zstandard.ZstdDecompressor().copy_stream(f, tar.stdin, read_size=CHUNK, write_size=CHUNK)
+        with zstandard.ZstdDecompressor().stream_writer(tar.stdin, closefd=False) as writer:
+            for chunk in packed:
+                writer.write(chunk)
+    except (zstandard.ZstdError, BrokenPipeError) as exc:
+        raise StorageError(f"the stored environment is not a zstd tar stream ({exc})") from exc
     finally:
         tar.stdin.close()
     errors = tar.stderr.read().decode(errors="replace")
