@@ -635,7 +635,9 @@ class Agent:
         self.outcome.predicted = sum(int(r.get("predicted") or 0) for r in results)
         self.outcome.failed = sum(int(r.get("failed") or 0) for r in results)
         self.first_error = next((r["first_error"] for r in results if r.get("first_error")), None)
-        log(f"predicted {self.outcome.predicted} inputs, {self.outcome.failed} failed")
+        inputs, busy = self.outcome.predicted + self.outcome.failed, max(float(r.get("predict_seconds") or 0) for r in results)
+        rate = f", {inputs / busy:.0f} inputs/s once loaded" if busy > 0 else ""
+        log(f"predicted {self.outcome.predicted} inputs, {self.outcome.failed} failed, over {len(results)} processes{rate}")
 
     def _upload_predictions(self) -> None:
         entries = run(upload_tree(self.work / "predictions", self.store, self.key("predictions")))

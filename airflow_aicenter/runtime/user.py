@@ -256,12 +256,14 @@ class Predictor:
 def run_predict(instance: Any, root: Path, plan: dict[str, Any], result: dict[str, Any]) -> None:
     predictor = Predictor(instance, root, Path(plan["out"]))
     data = Path(plan["data"])
+    began = time.perf_counter()
     for item in plan["inputs"]:
         if plan["input_type"] == "json":
             predictor.json_lines(data, item[0], item[1], item[2])
         else:
             predictor.file(data, item[0])
-    result.update(predicted=predictor.predicted, failed=predictor.failed, first_error=predictor.first_error)
+    result.update(predicted=predictor.predicted, failed=predictor.failed, first_error=predictor.first_error,
+                  predict_seconds=round(time.perf_counter() - began, 6))
 
 
 def main(argv: list[str]) -> int:

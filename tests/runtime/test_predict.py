@@ -62,6 +62,7 @@ def test_json_inputs_over_two_processes_keep_their_order(store, tmp_path, reques
     assert done.returncode == 0, done.stderr
     outcome = read(store, f"{spec.run_prefix}/outcome.json", Outcome)
     assert outcome.status == "succeeded" and (outcome.predicted, outcome.failed) == (10_002, 3)
+    assert "predicted 10002 inputs, 3 failed, over 2 processes, " in done.stderr and "inputs/s once loaded" in done.stderr
     out = f"{spec.run_prefix}/predictions"
     a = lines_of(store, f"{out}/a.jsonl")
     assert a[0] == {"line": 1, "output": {"double": 2, "pid": a[0]["output"]["pid"]}}
