@@ -46,6 +46,7 @@ from airflow_aicenter.records import (
     secret_values,
     write,
 )
+from airflow_aicenter.runtime.environment import package_indexes
 
 if TYPE_CHECKING:
     from kubernetes.client import models as k8s
@@ -407,6 +408,7 @@ class BasePipelineOperator(KubernetesPodOperator):
             checkpoint_prefix=run.path.task.checkpoints if self.plan.makes_version else None,
             checkpoint_interval=self.checkpoint_interval,
             incremental_base=incremental_base,
+            package_indexes=package_indexes(self.aicenter_hook.settings.extra.get("package_indexes")),
             **self.spec_extra(),
         )
 

@@ -59,7 +59,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pydantic import Field
 
-from airflow_aicenter.errors import AlreadyExistsError, RequirementsError, StorageError
+from airflow_aicenter.errors import AlreadyExistsError, ConfigurationError, RequirementsError, StorageError
 from airflow_aicenter.layout import ENVS, blob_key, env_key
 from airflow_aicenter.package.requirements import REQUIREMENTS, check_requirements_file, local_path, logical_lines
 from airflow_aicenter.records import BlobRef, Record, read_optional, utcnow, write
@@ -213,6 +213,25 @@ def mask_url(url: str) -> str:
     host = parts.hostname or ""
     netloc = f"{user}@{host}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def package_indexes(value: object) -> list[str]:
+    """The connection extra ``package_indexes``: a list of index URLs (or one URL, or URLs separated by spaces)."""
+    if value is None or value == "":
+        return []
+    urls = value.replace(",", " ").split() if isinstance(value, str) else value
+    if not isinstance(urls, list) or not all(isinstance(url, str) for url in urls):
+        raise ConfigurationError(
+            f"connection extra package_indexes is {type(value).__name__}, not a list of index URLs: write it as "
+            '["https://pypi.internal/simple"] (the first replaces PyPI, the others are searched before it)'
+        )
+    for url in urls:
+        if urlsplit(url).scheme not in ("https", "http", "file"):
+            raise ConfigurationError(
+                f"connection extra package_indexes: {mask_url(url)!r} is not an index URL: give the simple index's "
+                "https:// URL, such as https://pypi.internal/simple"
+            )
+    return list(urls)
 
 
 def _index_secrets(indexes: Iterable[str]) -> list[str]:

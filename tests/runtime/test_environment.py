@@ -273,3 +273,18 @@ def test_gc_removes_environments_unused_longer_than_their_grace_and_keeps_the_ot
     shutil.rmtree(tmp_path / "cache")  # the idle one's next run installs again and stores it anew
     again = prepare(tmp_path / "idle", store, tmp_path / "cache")
     assert again.key == idle.key and again.source == "installed" and store.exists(env_key(idle.key))
+
+
+def test_package_indexes_from_the_connection_extra() -> None:
+    from airflow_aicenter.errors import ConfigurationError
+    from airflow_aicenter.runtime.environment import package_indexes
+
+    assert package_indexes(None) == [] and package_indexes("") == []
+    assert package_indexes(["https://pypi.internal/simple", "file:///mirror/simple"]) == [
+        "https://pypi.internal/simple", "file:///mirror/simple"]
+    assert package_indexes("https://a/simple, https://b/simple") == ["https://a/simple", "https://b/simple"]
+    with pytest.raises(ConfigurationError, match=r"package_indexes is dict, not a list of index URLs: write it as \["):
+        package_indexes({"url": "https://a/simple"})
+    with pytest.raises(ConfigurationError, match=r"'ftp://u:\*\*\*@host/simple' is not an index URL") as info:
+        package_indexes(["ftp://u:pw@host/simple"])
+    assert "pw" not in str(info.value)
