@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import platform
 import shutil
@@ -307,8 +308,6 @@ def _build(final: Path, make: Callable[[Path], None], key: str, requirements: li
 
 
 def _write_marker(env: Path, key: str, requirements: list[str]) -> None:
-    import json
-
     info = {"key": key, "python": python_tag(), "platform": platform_tag(), "requirements": requirements}
     (env / MARKER).write_text(json.dumps(info, indent=2))
 
