@@ -81,12 +81,17 @@ class Server:
             "AWS_DEFAULT_REGION": REGION,
         }
 
-    def options(self):  # noqa: ANN201 - S3Options, imported lazily
+    @property
+    def direct(self) -> Server:
+        """Where seeding and cleaning go: the server itself (a ShapedServer's upstream)."""
+        return self
+
+    def options(self):
         from airflow_aicenter.storage import S3Options
 
         return S3Options(endpoint_url=self.endpoint, region=REGION, access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY)
 
-    def store(self, uri: str):  # noqa: ANN201
+    def store(self, uri: str):
         from airflow_aicenter.storage import open_store
 
         return open_store(uri, self.options())
@@ -146,6 +151,38 @@ def servers(kinds: Sequence[str], workdir: Path | None = None) -> Iterator[list[
     finally:
         for server in started:
             server.stop()
+
+
+@dataclass
+class ShapedServer(Server):
+    """``upstream`` seen through benchmarks/shaped_link.py: a capped, latent "real S3 link".
+
+    Tools under test get this endpoint; seeding and cleaning go straight to ``upstream``.
+    """
+
+    upstream: Server | None = None
+
+    def create_bucket(self, name: str) -> str:
+        assert self.upstream is not None
+        return self.upstream.create_bucket(name)
+
+    @property
+    def direct(self) -> Server:
+        assert self.upstream is not None
+        return self.upstream
+
+
+def start_shaped(upstream: Server, rate_mb: float, latency_ms: float, workdir: Path | None = None) -> ShapedServer:
+    """A shaped_link.py process in front of ``upstream``; rclone's folder lets it answer ranged GETs."""
+    cmd = [str(PYTHON), str(BENCH / "shaped_link.py"), "--upstream", f"127.0.0.1:{upstream.port}",
+           "--rate-mb", str(rate_mb), "--latency-ms", str(latency_ms)]
+    if upstream.root is not None:
+        cmd += ["--folder", str(upstream.root)]
+    log = open(Path(workdir or tempfile.gettempdir()) / f"shaped-{upstream.port}.log", "w")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
+    assert proc.stdout is not None
+    port = int(proc.stdout.readline().split()[1])
+    return ShapedServer(f"{upstream.kind}+link", port, proc, upstream=upstream)
 
 
 def server_kinds(default: str = "rclone,moto") -> list[str]:

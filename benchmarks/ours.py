@@ -1,6 +1,8 @@
 """Our transfer code as a command, so it is timed like the peers (a fresh process each run).
 
     python benchmarks/ours.py download s3://BUCKET PREFIX DEST     (the runtime's staging)
+    python benchmarks/ours.py download1 s3://BUCKET PREFIX DEST    (the same, every object on one stream:
+                                                                    the single-stream baseline of ranged GETs)
     python benchmarks/ours.py upload SRC s3://BUCKET PREFIX        (artifacts upload)
     python benchmarks/ours.py blobs SRC s3://BUCKET                (package/snapshot blobs: hash, then ensure_blobs)
     python benchmarks/ours.py ceiling s3://BUCKET PREFIX           (GET every object, 64 in flight, bytes discarded)
@@ -19,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from airflow_aicenter.storage import open_store  # noqa: E402
-from airflow_aicenter.storage.transfer import (  # noqa: E402
+from airflow_aicenter.storage import open_store
+from airflow_aicenter.storage.transfer import (
     FileEntry,
     download_tree,
     ensure_blobs,
@@ -33,6 +35,11 @@ from airflow_aicenter.storage.transfer import (  # noqa: E402
 
 def main(argv: list[str]) -> int:
     op = argv[0]
+    if op == "download1":
+        from airflow_aicenter.storage import transfer
+
+        transfer.RANGED_MIN = 2**62
+        op = "download"
     if op == "download":
         uri, prefix, dest = argv[1], argv[2], Path(argv[3])
         entries = run(download_tree(open_store(uri), dest, prefix=prefix))
