@@ -2,8 +2,11 @@
 
 Every read command takes ``--json`` (stdout is then only JSON; progress goes to stderr). The
 store comes from ``--storage URI``, else ``AICENTER_STORAGE``, else the ``aicenter_default``
-connection, else ``$AIRFLOW_HOME/aicenter``. Airflow is only imported for the connection case,
-so plain store commands stay fast; ``package validate`` needs no store at all.
+connection read as tasks read it (environment, secrets backends, Airflow's database), else
+``$AIRFLOW_HOME/aicenter``: with AIRFLOW_HOME set, the command and the DAGs share one store.
+Airflow is only imported for the connection case, so plain store commands stay fast;
+``package validate`` needs no store at all. Output is for terminals and pipes alike: run ids
+are never broken across lines, and a reader that stops early (``| head``) ends it quietly.
 
 Adding a command: write ``cmd_<group>_<name>(args, registry) -> int`` and register it in that
 group's ``add_<group>_commands`` (or add a new ``add_*_commands`` to ``COMMAND_GROUPS``).
