@@ -6,13 +6,15 @@ import multiprocessing
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from airflow_aicenter.errors import NotFoundError, PackageError, StorageError, VersionError
-from airflow_aicenter.records import BlobRef, Registration, RunRef, read, write
+from airflow_aicenter.records import AliasRecord, BlobRef, Registration, RunRef, read, write
 from airflow_aicenter.registry import Registry
-from airflow_aicenter.storage import open_store
+from airflow_aicenter.storage import Store, open_store
+from airflow_aicenter.storage.store import S3Options
 from tests.packages import TRAIN_ONLY, write_package
 
 
@@ -21,7 +23,7 @@ def pkg(tmp_path: Path) -> Path:
     return write_package(tmp_path / "pkg", train=TRAIN_ONLY)
 
 
-def test_upload_creates_next_major(store, pkg):
+def test_upload_creates_next_major(store: Store, pkg: Path) -> None:
     registry = Registry(store)
     assert registry.upload(pkg, "churn").version == "1.0"
     (pkg / "extra.txt").write_text("v2")
@@ -31,7 +33,7 @@ def test_upload_creates_next_major(store, pkg):
     assert [r.version for r in registry.versions("churn")] == ["1.0", "2.0"]
 
 
-def test_training_creates_next_free_minor_and_resolves(store, pkg):
+def test_training_creates_next_free_minor_and_resolves(store: Store, pkg: Path) -> None:
     registry = Registry(store)
     base = registry.upload(pkg, "churn")
     registry.upload(pkg, "churn")  # 2.0
@@ -51,24 +53,24 @@ def test_training_creates_next_free_minor_and_resolves(store, pkg):
     ("1.2.3", 'use "M.m"'),
     ("production", "has no alias 'production'"),
 ])
-def test_unknown_versions_are_clear_errors(store, pkg, spec, message):
+def test_unknown_versions_are_clear_errors(store: Store, pkg: Path, spec: str, message: str) -> None:
     registry = Registry(store)
     registry.upload(pkg, "churn")
     with pytest.raises(VersionError, match=message):
         registry.resolve("churn", spec)
 
 
-def test_package_without_versions(store):
+def test_package_without_versions(store: Store) -> None:
     with pytest.raises(VersionError, match=r"has no versions .*aicenter package upload"):
         Registry(store).resolve("ghost", "latest")
 
 
-def test_commit_needs_stored_content(store):
+def test_commit_needs_stored_content(store: Store) -> None:
     with pytest.raises(PackageError, match="is not in"):
         Registry(store).commit("churn", parent=None, blob=BlobRef(sha256="0" * 64, size=1), pipeline="upload")
 
 
-def _register_many(store, pkg, n):
+def _register_many(store: Store, pkg: Path, n: int) -> tuple[Registry, list[str]]:
     registry = Registry(store)
     base = registry.upload(pkg, "race")
     with ThreadPoolExecutor(n) as pool:
@@ -76,19 +78,19 @@ def _register_many(store, pkg, n):
     return registry, made
 
 
-def test_sixteen_concurrent_registrations_threads(store, pkg):
+def test_sixteen_concurrent_registrations_threads(store: Store, pkg: Path) -> None:
     registry, made = _register_many(store, pkg, 16)
     assert sorted(made, key=lambda v: int(v.split(".")[1])) == [f"1.{i}" for i in range(1, 17)]
     assert len(registry.versions("race")) == 17
 
 
-def _commit_in_process(args):
+def _commit_in_process(args: tuple[str, S3Options | None, str, int]) -> str:
     uri, options, sha, size = args
     registry = Registry(open_store(uri, options))
     return registry.commit("race", parent="1.0", blob=BlobRef(sha256=sha, size=size), pipeline="train").version
 
 
-def test_sixteen_concurrent_registrations_processes(store, pkg):
+def test_sixteen_concurrent_registrations_processes(store: Store, pkg: Path) -> None:
     registry = Registry(store)
     base = registry.upload(pkg, "race")
     options = getattr(store, "options", None)
@@ -99,7 +101,7 @@ def test_sixteen_concurrent_registrations_processes(store, pkg):
     assert sorted(int(v.split(".")[1]) for v in made) == list(range(1, 17))
 
 
-def test_stale_hint_is_never_wrong(store, pkg):
+def test_stale_hint_is_never_wrong(store: Store, pkg: Path) -> None:
     registry = Registry(store)
     base = registry.upload(pkg, "churn")
     for _ in range(5):
@@ -111,7 +113,7 @@ def test_stale_hint_is_never_wrong(store, pkg):
     assert registry.latest_minor("churn", 1) == 6
 
 
-def test_commit_once_is_idempotent_per_task_try(store, pkg):
+def test_commit_once_is_idempotent_per_task_try(store: Store, pkg: Path) -> None:
     registry = Registry(store)
     base = registry.upload(pkg, "churn")
     run = RunRef(dag_id="d", run_id="r", task_id="t", try_number=1)
@@ -126,7 +128,7 @@ def test_commit_once_is_idempotent_per_task_try(store, pkg):
     assert registry.commit_once("churn", run=other_task, parent="1.0", blob=base.blob, pipeline="train").version == "1.2"
 
 
-def test_a_task_instance_makes_at_most_one_version_over_its_tries(store, pkg):
+def test_a_task_instance_makes_at_most_one_version_over_its_tries(store: Store, pkg: Path) -> None:
     """Under a real scheduler a task failed after registering 1.1 and, cleared and retried, registered 1.9
     as well. The retry finds its task instance's version (same dag, run, task, map index; any try)."""
     registry = Registry(store)
@@ -139,7 +141,7 @@ def test_a_task_instance_makes_at_most_one_version_over_its_tries(store, pkg):
     registry.commit_once("churn", run=other_index, parent="1.0", blob=base.blob, pipeline="train")  # 1.2, a sibling
 
     made = registry.version_made_by("churn", try2)  # what the operator asks before launching try 2
-    assert made is not None and made.version == first.version == "1.1" and made.run.try_number == 1
+    assert made is not None and made.version == first.version == "1.1" and made.run is not None and made.run.try_number == 1
     assert registry.commit_once("churn", run=try2, parent="1.0", blob=base.blob, pipeline="train").version == "1.1"
     assert [r.version for r in registry.versions("churn")] == ["1.0", "1.1", "1.2"]
     assert read(store, f"{try2.prefix}/registration.json", Registration).version == "1.1"  # the try's record says so
@@ -149,7 +151,7 @@ def test_a_task_instance_makes_at_most_one_version_over_its_tries(store, pkg):
         assert registry.version_made_by("churn", other) is None
 
 
-def test_a_retry_after_a_crash_between_intent_and_version_finds_the_version(store, pkg):
+def test_a_retry_after_a_crash_between_intent_and_version_finds_the_version(store: Store, pkg: Path) -> None:
     """Try 1 committed its version but died before completing its records: try 2 still finds it."""
     registry = Registry(store)
     base = registry.upload(pkg, "churn")
@@ -165,7 +167,7 @@ def test_a_retry_after_a_crash_between_intent_and_version_finds_the_version(stor
     assert len(registry.versions("churn")) == 5
 
 
-def test_version_made_by_costs_constant_requests(tmp_path, pkg):
+def test_version_made_by_costs_constant_requests(tmp_path: Path, pkg: Path) -> None:
     counts = {}
     for n in (3, 60):
         store = open_store((tmp_path / f"s{n}").as_uri())
@@ -178,7 +180,7 @@ def test_version_made_by_costs_constant_requests(tmp_path, pkg):
         for name in ("get_bytes", "head", "exists", "list", "list_dir"):
             original = getattr(store, name)
 
-            def counted(*a, _o=original, _n=name, _calls=calls, **k):
+            def counted(*a: Any, _o: Any = original, _n: str = name, _calls: list[str] = calls, **k: Any) -> Any:
                 _calls.append(_n)
                 return _o(*a, **k)
             setattr(store, name, counted)
@@ -188,7 +190,7 @@ def test_version_made_by_costs_constant_requests(tmp_path, pkg):
     assert counts[3] == counts[60] == 2
 
 
-def test_a_damaged_record_is_a_problem_of_its_package_only(store, pkg):
+def test_a_damaged_record_is_a_problem_of_its_package_only(store: Store, pkg: Path) -> None:
     """One corrupt alias record broke `aicenter package list` for every package."""
     registry = Registry(store)
     for name in ("alpha", "beta", "gamma"):
@@ -211,7 +213,7 @@ def test_a_damaged_record_is_a_problem_of_its_package_only(store, pkg):
         registry.aliases("alpha")
 
 
-def test_download_verifies_and_roundtrips(store, pkg, tmp_path):
+def test_download_verifies_and_roundtrips(store: Store, pkg: Path, tmp_path: Path) -> None:
     registry = Registry(store)
     registry.upload(pkg, "churn")
     _, path = registry.download("churn", "1.0", tmp_path / "out")
@@ -219,23 +221,27 @@ def test_download_verifies_and_roundtrips(store, pkg, tmp_path):
         assert sorted(zf.namelist()) == ["main.py", "requirements.txt", "train.py"]
 
 
-def test_aliases_with_history_and_condition(store, pkg):
+def test_aliases_with_history_and_condition(store: Store, pkg: Path) -> None:
     registry = Registry(store)
     base = registry.upload(pkg, "churn")
     registry.commit("churn", parent="1.0", blob=base.blob, pipeline="train", score=0.8)
     registry.commit("churn", parent="1.0", blob=base.blob, pipeline="train", score=0.7)
-    assert registry.set_alias("churn", "production", "1.1", set_by="me").previous is None
-    better = lambda cur: cur is None or (registry.get("churn", cur.version).score or 0) < 0.7  # noqa: E731
+    first = registry.set_alias("churn", "production", "1.1", set_by="me")
+    assert first is not None and first.previous is None
+
+    def better(cur: AliasRecord | None) -> bool:
+        return cur is None or (registry.get("churn", cur.version).score or 0) < 0.7
+
     assert registry.set_alias("churn", "production", "1.2", condition=better) is None
     moved = registry.set_alias("churn", "production", "1.2", reason="rollback")
-    assert moved.previous == "1.1" and moved.seq == 1
+    assert moved is not None and moved.previous == "1.1" and moved.seq == 1
     assert registry.resolve("churn", "production").version == "1.2"
     assert [h.version for h in registry.alias_history("churn", "production")] == ["1.1", "1.2"]
     with pytest.raises(VersionError):
         registry.set_alias("churn", "latest", "1.1")
 
 
-def test_resolve_is_constant_in_requests(tmp_path, pkg):
+def test_resolve_is_constant_in_requests(tmp_path: Path, pkg: Path) -> None:
     """Resolving latest costs the same number of store requests with 5 or 200 versions."""
     counts = {}
     for n in (5, 200):
@@ -244,10 +250,10 @@ def test_resolve_is_constant_in_requests(tmp_path, pkg):
         base = registry.upload(pkg, "churn")
         for _ in range(n):
             registry.commit("churn", parent="1.0", blob=base.blob, pipeline="train")
-        calls = []
+        calls: list[str] = []
         for name in ("get_bytes", "head", "list", "list_dir"):
             original = getattr(store, name)
-            def counted(*a, _o=original, _n=name, _calls=calls, **k):
+            def counted(*a: Any, _o: Any = original, _n: str = name, _calls: list[str] = calls, **k: Any) -> Any:
                 _calls.append(_n)
                 return _o(*a, **k)
             setattr(store, name, counted)
@@ -257,7 +263,7 @@ def test_resolve_is_constant_in_requests(tmp_path, pkg):
     assert counts[5] == counts[200]
 
 
-def test_an_evaluation_is_recorded_once_per_task_try(store, pkg):
+def test_an_evaluation_is_recorded_once_per_task_try(store: Store, pkg: Path) -> None:
     from airflow_aicenter.records import EvaluationRecord
 
     registry = Registry(store)
@@ -270,7 +276,7 @@ def test_an_evaluation_is_recorded_once_per_task_try(store, pkg):
     assert [e.score for e in registry.evaluations("churn", "1.0")] == [0.8, 0.9]
 
 
-def test_checking_a_version_whose_content_was_deleted_says_so(store, pkg):
+def test_checking_a_version_whose_content_was_deleted_says_so(store: Store, pkg: Path) -> None:
     """A deleted blob was reported as "not a zip file or is corrupt"."""
     registry = Registry(store)
     record = registry.upload(pkg, "churn")

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,11 +37,11 @@ class Main:
 
 
 def start_runtime(store: Store, tmp_path: Path, process_env: dict[str, str], run_id: str, pipeline: str, package: str,
-                  **spec_kw: object) -> subprocess.Popen[str]:
+                  **spec_kw: Any) -> subprocess.Popen[str]:
     registry = Registry(store)
     base = registry.get(package, "1.0")
-    spec = RunSpec(pipeline=pipeline, storage=store.uri, run_prefix=f"runs/{run_id}", package=package, version="1.0",
-                   blob=base.blob, **spec_kw)
+    spec = RunSpec.model_validate({"pipeline": pipeline, "storage": store.uri, "run_prefix": f"runs/{run_id}",
+                                   "package": package, "version": "1.0", "blob": base.blob, **spec_kw})
     spec_file = tmp_path / f"spec-{run_id.replace('/', '_')}.json"
     spec_file.write_text(spec.model_dump_json())
     return subprocess.Popen([sys.executable, "-m", "airflow_aicenter.runtime", str(spec_file)], env={**os.environ, **process_env},
@@ -56,12 +57,13 @@ def history(store: Store, tmp_path: Path, request: pytest.FixtureRequest) -> Sto
     upload_package(registry, tmp_path, "sleepy", SLEEPY_TRAIN)
     run(upload_tree(small_dataset(tmp_path), store, "datasets/d"))
     data = store.url("datasets/d")
-    for run_id, pipeline, kw in [
+    runs: list[tuple[str, str, dict[str, Any]]] = [
         ("nightly/r1/train/1", "train", {"dataset": data}),
         ("nightly/r1/train/2", "train", {"dataset": data}),
         ("nightly/r1/evaluate/1", "evaluate", {"evaluation_dataset": data, "env": {"SCORE": "nan"}}),
         ("adhoc/r2/full/1", "full", {"dataset": data, "env": {"SCORE": "0.7", "EPOCHS": "4"}}),
-    ]:
+    ]
+    for run_id, pipeline, kw in runs:
         assert start_runtime(store, tmp_path, env, run_id, pipeline, "scored", **kw).wait(timeout=120) in (0, 1)
     slow = start_runtime(store, tmp_path, env, "adhoc/r2/slow/1", "train", "sleepy", dataset=data)
     deadline = time.monotonic() + 60
@@ -73,7 +75,7 @@ def history(store: Store, tmp_path: Path, request: pytest.FixtureRequest) -> Sto
     return store
 
 
-def test_list_shows_every_run_with_status_and_cause(history):
+def test_list_shows_every_run_with_status_and_cause(history: Store) -> None:
     seen: list[tuple[int, int]] = []
     records = list_runs(history, progress=lambda done, total: seen.append((done, total)))
     assert seen[0] == (0, 5) and seen[-1] == (5, 5)
@@ -81,7 +83,8 @@ def test_list_shows_every_run_with_status_and_cause(history):
                                        "nightly/r1/train/2", "nightly/r1/train/1"], "newest first"
     by_id = {r.id: r for r in records}
     failed, killed, full = by_id["nightly/r1/evaluate/1"], by_id["adhoc/r2/slow/1"], by_id["adhoc/r2/full/1"]
-    assert failed.status == "failed" and "Main.evaluate() returned nan, which is not a finite number" in failed.cause
+    assert failed.status == "failed" and failed.cause is not None
+    assert "Main.evaluate() returned nan, which is not a finite number" in failed.cause
     assert failed.summary()["failed_phase"] == "user_code"
     assert killed.status == "killed" and killed.cause == "killed during user_code" and killed.package == "sleepy"
     assert full.status == "succeeded" and full.cause is None and full.outcome.score == 0.7 and full.pipeline == "full"
@@ -102,7 +105,7 @@ def test_list_shows_every_run_with_status_and_cause(history):
     assert skipped == ["broken/r/t/1"]
 
 
-def test_find_and_compare_runs_by_id_uri_or_unambiguous_part(history):
+def test_find_and_compare_runs_by_id_uri_or_unambiguous_part(history: Store) -> None:
     assert find_run(history, "nightly/r1/train/1").id == "nightly/r1/train/1"
     assert find_run(history, history.url("runs/adhoc/r2/full/1")).id == "adhoc/r2/full/1"
     assert find_run(history, history.url("runs/adhoc/r2/full/1/_results.json")).id == "adhoc/r2/full/1"

@@ -10,6 +10,7 @@ import sys
 import warnings
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,7 +31,7 @@ def aicenter_zip(path: Path, root: str = "churn") -> Path:
     return path
 
 
-def extract_error(zip_path: Path, dest: Path, **limits: int) -> str:
+def extract_error(zip_path: Path, dest: Path, **limits: Any) -> str:
     with pytest.raises(ArchiveError) as e:
         extract_zip(zip_path, dest, **limits)
     assert not dest.exists(), "a failed extraction must leave no destination"

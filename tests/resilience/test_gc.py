@@ -13,13 +13,15 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from airflow_aicenter import cli
 from airflow_aicenter.errors import ConfigurationError
-from airflow_aicenter.gc import collect, references
-from airflow_aicenter.records import Outcome, RunRef, read
+from airflow_aicenter.gc import GcReport, collect, references
+from airflow_aicenter.records import Outcome, RunRef, RunSpec, read
 from airflow_aicenter.storage import open_store
 from airflow_aicenter.storage.transfer import BLOB_PREFIX, put_blob, sha256_file
 from tests.resilience.support import Setup, check_store, run_runtime, setup_package
@@ -31,7 +33,7 @@ GAP = 2.5
 
 
 @pytest.fixture(params=["s3", "file"])
-def setup(request, tmp_path) -> Setup:
+def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Setup:
     if request.param == "file":
         return setup_package(open_store((tmp_path / "store").as_uri()), tmp_path, {"MODEL_MB": "16"}, files=30)
     server = request.getfixturevalue("s3_server")
@@ -39,22 +41,24 @@ def setup(request, tmp_path) -> Setup:
     return setup_package(store, tmp_path, {**server.env(), "MODEL_MB": "16"}, files=30)
 
 
-def _orphan(setup: Setup, tmp_path, name: str) -> tuple[str, datetime]:
+def _orphan(setup: Setup, tmp_path: Path, name: str) -> tuple[str, datetime]:
     path = tmp_path / name
     path.write_bytes(os.urandom(5000))
     digest = sha256_file(path).sha256
     assert put_blob(setup.store, path, digest)
-    return digest, setup.store.head(BLOB_PREFIX + digest).last_modified
+    info = setup.store.head(BLOB_PREFIX + digest)
+    assert info is not None and info.last_modified is not None
+    return digest, info.last_modified
 
 
-def _register(setup: Setup, ref: RunRef, spec) -> str:
+def _register(setup: Setup, ref: RunRef, spec: RunSpec) -> str:
     outcome = read(setup.store, f"{spec.run_prefix}/outcome.json", Outcome)
-    assert outcome.status == "succeeded"
+    assert outcome.status == "succeeded" and outcome.blob is not None
     return setup.registry.commit_once("res", run=ref, parent="1.0", blob=outcome.blob, pipeline="train",
                                       snapshot=outcome.snapshots["data_directory"]).version
 
 
-def test_gc_during_an_upload_keeps_young_and_referenced_blobs_and_removes_old_orphans(setup, tmp_path):
+def test_gc_during_an_upload_keeps_young_and_referenced_blobs_and_removes_old_orphans(setup: Setup, tmp_path: Path) -> None:
     # history: a registered training (its package and snapshot blobs are referenced)
     ref1, spec1 = setup.spec(try_number=1)
     assert run_runtime(spec1, tmp_path, setup.env).returncode == 0
@@ -65,7 +69,7 @@ def test_gc_during_an_upload_keeps_young_and_referenced_blobs_and_removes_old_or
     orphan, orphan_time = _orphan(setup, tmp_path, "orphan.bin")  # e.g. left by a run that crashed
     time.sleep(GAP)
 
-    def gc_now(**kw):
+    def gc_now(**kw: Any) -> GcReport:
         now = datetime.now(UTC)
         return collect(setup.store, grace=now - orphan_time - timedelta(seconds=GAP / 2), now=now, **kw)
 
@@ -90,7 +94,7 @@ def test_gc_during_an_upload_keeps_young_and_referenced_blobs_and_removes_old_or
 
     # between the outcome and the registration: the new package blob is unreferenced, and young
     new_blob = read(setup.store, f"{spec2.run_prefix}/outcome.json", Outcome).blob
-    assert new_blob.sha256 not in references(setup.store).digests
+    assert new_blob is not None and new_blob.sha256 not in references(setup.store).digests
     between = gc_now()
     assert between.deleted == [] and between.young >= 1
     assert _register(setup, ref2, spec2) == "1.2"
@@ -104,7 +108,9 @@ def test_gc_during_an_upload_keeps_young_and_referenced_blobs_and_removes_old_or
     assert final.records == {"versions": 3, "manifests": 2}
 
 
-def test_gc_command_dry_run_json_and_grace(setup, tmp_path, monkeypatch, capsys):
+def test_gc_command_dry_run_json_and_grace(
+    setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
     if setup.store.uri.startswith("s3://"):
         for key, value in setup.env.items():
             monkeypatch.setenv(key, value)
@@ -126,7 +132,7 @@ def test_gc_command_dry_run_json_and_grace(setup, tmp_path, monkeypatch, capsys)
     assert check_store(setup.store) == ["res:1.0"]
 
 
-def test_an_unreadable_record_is_reported_and_keeps_every_blob(setup, tmp_path):
+def test_an_unreadable_record_is_reported_and_keeps_every_blob(setup: Setup, tmp_path: Path) -> None:
     """A damaged snapshot manifest: gc reports it and the whole store, never stops, deletes nothing
     (what the record names is unknown: fail safe), and collects again once it is repaired."""
     orphan, _ = _orphan(setup, tmp_path, "o.bin")
@@ -144,7 +150,7 @@ def test_an_unreadable_record_is_reported_and_keeps_every_blob(setup, tmp_path):
         collect(setup.store, grace=timedelta(hours=-1))
 
 
-def test_artifacts_named_like_manifests_are_not_records(setup, tmp_path):
+def test_artifacts_named_like_manifests_are_not_records(setup: Setup, tmp_path: Path) -> None:
     """An artifact ``*.manifest.json`` (even one named ``data_directory.manifest.json``) stopped gc
     for the whole store: only a run folder's own snapshot manifests are records."""
     orphan, _ = _orphan(setup, tmp_path, "o.bin")
@@ -161,7 +167,7 @@ def test_artifacts_named_like_manifests_are_not_records(setup, tmp_path):
     assert report.missing == [] and check_store(setup.store) == ["res:1.0", "res:1.1"]
 
 
-def test_gc_leaves_foreign_keys_under_the_blob_prefix_alone(setup):
+def test_gc_leaves_foreign_keys_under_the_blob_prefix_alone(setup: Setup) -> None:
     setup.store.put_bytes(BLOB_PREFIX + "not-a-digest.tmp", b"x")
     report = collect(setup.store, grace=timedelta(0))
     assert report.deleted == [] and setup.store.exists(BLOB_PREFIX + "not-a-digest.tmp")
