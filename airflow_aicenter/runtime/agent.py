@@ -533,6 +533,19 @@ class Agent:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(user.process.pid, signal.SIGKILL)
                 user.process.wait()
+        self._kill_leftovers(users)
+
+    @staticmethod
+    def _kill_leftovers(users: list[UserProcess]) -> None:
+        """What a user process started and left behind (a data loader worker, a server) ends with it.
+
+        Each user process leads its own process group; once the leader has ended, whatever is
+        still in that group is killed, so no process outlives the run.
+        """
+        for user in users:
+            if user.process.returncode is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(user.process.pid, signal.SIGKILL)
 
     @staticmethod
     def _join(users: list[UserProcess]) -> None:

@@ -221,3 +221,23 @@ def test_a_user_process_dies_with_its_agent(tmp_path):
     while time.time() < deadline and not gone(user):
         time.sleep(0.05)
     assert gone(user), "the user process outlived its agent"
+
+
+def test_what_user_code_leaves_running_ends_with_the_run(tmp_path):
+    store = open_store((tmp_path / "s").as_uri())
+    marker = tmp_path / "child.pid"
+    train_py = ("import os, subprocess, sys\nclass Main:\n    def __init__(self):\n        pass\n    def train(self, d):\n"
+                "        child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+                "        open(os.environ['MARKER'], 'w').write(str(child.pid))\n"
+                "    def save(self):\n        pass\n")
+    _, spec = setup_run(store, tmp_path, train_py=train_py)
+    spec.env["MARKER"] = str(marker)
+    began = time.time()
+    done = run_runtime(spec, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert time.time() - began < 60
+    child = int(marker.read_text())
+    deadline = time.time() + 10
+    while time.time() < deadline and not gone(child):
+        time.sleep(0.05)
+    assert gone(child), "a process started by user code outlived the run"
