@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import itertools
 import json
+import sqlite3
 import subprocess
 import sys
 import traceback
 import urllib.parse
+from pathlib import Path
 
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from airflow_aicenter.records import Outcome
 from airflow_aicenter.records import redact as records_redact
+from airflow_aicenter.registry import Registry
 from airflow_aicenter.secrets import (
     MASK,
     MIN_SECRET_LENGTH,
@@ -32,6 +35,8 @@ from airflow_aicenter.secrets import (
     redact,
     secret_values,
 )
+from airflow_aicenter.storage import open_store
+from tests.conftest import AirflowEnv, write_files
 
 SPECIAL = "\n\r\t'\"\\/%&=?#+@:;, *{}[]<>é中😀\x00\x7f"
 secret_text = st.text(alphabet=st.characters(codec="utf-8") | st.sampled_from(SPECIAL), min_size=6, max_size=60)
@@ -273,13 +278,8 @@ class Main:
 '''
 
 
-def test_no_form_of_a_secret_reaches_any_sink_of_a_real_run(airflow_env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_no_form_of_a_secret_reaches_any_sink_of_a_real_run(airflow_env: AirflowEnv, tmp_path: Path) -> None:
     """Log, XCom, _results.json, outcome.json, run records and rendered fields of a local run."""
-    import sqlite3
-
-    from airflow_aicenter.registry import Registry
-    from airflow_aicenter.storage import open_store
-    from tests.conftest import write_files
 
     uri = (tmp_path / "aicenter").as_uri()
     env = {
