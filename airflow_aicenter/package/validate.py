@@ -160,16 +160,24 @@ def find_package_root(path: Path) -> Path:
     return candidates[0] if len(candidates) == 1 else path
 
 
-def _read_text(path: Path, name: str) -> str:
-    """The file's text; refused from its size alone, before a byte is read, when over the limit."""
+def _check_size(path: Path, name: str) -> None:
+    """Refuse a contract file over ``MAX_CONTRACT_FILE_BYTES`` from its size alone, before a byte is read."""
     size = path.stat().st_size
-    if size > MAX_CONTRACT_FILE_BYTES:
-        raise PackageError(
-            f"{name} is {size} bytes, over the limit of {MAX_CONTRACT_FILE_BYTES} bytes for a contract file "
-            f"(it is parsed in the Airflow worker before the run): move large data such as tables or weights "
-            f"into a data file of the package that the code loads at run time, or split the code into modules "
-            f"that {name} imports"
-        )
+    if size <= MAX_CONTRACT_FILE_BYTES:
+        return
+    if name.endswith(".py"):
+        fix = (f"move large data such as tables or weights into a data file of the package that the code loads at "
+               f"run time, or split the code into modules that {name} imports")
+    else:
+        fix = f"{name} holds only {'requirements' if name.endswith('.txt') else 'package metadata'}: keep data in other files"
+    raise PackageError(
+        f"{name} is {size} bytes, over the limit of {MAX_CONTRACT_FILE_BYTES} bytes for a contract file "
+        f"(it is parsed in the Airflow worker before the run): {fix}"
+    )
+
+
+def _read_text(path: Path, name: str) -> str:
+    _check_size(path, name)
     data = path.read_bytes()
     try:
         encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline) if name.endswith(".py") else ("utf-8-sig", [])
@@ -401,6 +409,7 @@ def _read_requirements(path: Path) -> list[str]:
         raise PackageError(
             "requirements.txt is missing: add it to the package root (create an empty requirements.txt if the package needs "
             "nothing)")
+    _check_size(path, "requirements.txt")
     return check_requirements_file(path.parent)  # requirements only: refusals name their line
 
 

@@ -52,13 +52,20 @@ def test_a_large_train_py_is_refused_from_its_size_before_parsing(tmp_path: Path
     assert seconds < 2 and grew_mib < 16, (seconds, grew_mib)
 
 
-@pytest.mark.parametrize("name", ["main.py", "aicenter.json"])
-def test_every_contract_file_has_the_size_limit(tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize(("name", "fix"), [
+    ("main.py", "or split the code into modules that main.py imports"),
+    ("aicenter.json", "aicenter.json holds only package metadata: keep data in other files"),
+    ("requirements.txt", "requirements.txt holds only requirements: keep data in other files"),
+])
+def test_every_contract_file_has_the_size_limit(tmp_path: Path, name: str, fix: str) -> None:
     padding = "#" * (MAX_CONTRACT_FILE_BYTES + 1) + "\n"
-    content = padding + textwrap.dedent(MAIN) if name == "main.py" else '{"description": "' + "x" * MAX_CONTRACT_FILE_BYTES + '"}'
+    content = {"main.py": padding + textwrap.dedent(MAIN), "requirements.txt": padding + "numpy\n",
+               "aicenter.json": '{"description": "' + "x" * MAX_CONTRACT_FILE_BYTES + '"}'}[name]
     root = write_package(tmp_path / "pkg", files={name: content})
-    assert error(root).startswith(
-        f"{name} is {(root / name).stat().st_size} bytes, over the limit of {MAX_CONTRACT_FILE_BYTES} bytes")
+    message = error(root)
+    size = (root / name).stat().st_size
+    assert message.startswith(f"{name} is {size} bytes, over the limit of {MAX_CONTRACT_FILE_BYTES} bytes")
+    assert message.endswith(fix)
 
 
 def test_a_source_at_the_limit_is_validated(tmp_path: Path) -> None:
