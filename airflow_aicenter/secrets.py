@@ -158,10 +158,6 @@ class Redactor:
             self._values.add(value)
             self._compiled = None
 
-    def add_env(self, env: Mapping[str, str]) -> None:
-        for value in secret_values(env):
-            self.add(value)
-
     @property
     def values(self) -> tuple[str, ...]:
         """The registered secrets, longest first."""
