@@ -622,13 +622,14 @@ class Agent:
         procs = spec.procs_per_node
         if spec.input_type == "json":
             files = [rel for rel in local_files(data) if rel.endswith(".jsonl")]
-            counts = [(rel, count_lines(data / rel)) for rel in files]
-            if not sum(n for _, n in counts):
+            if not any((data / rel).stat().st_size for rel in files):
                 raise DatasetError(
                     f"dataset {spec.dataset} has no input lines: input_type='json' reads every line of every *.jsonl "
                     "file; add .jsonl files, or use input_type='file' to predict on each file"
                 )
-            shares: list[list[list[Any]]] = split_lines(counts, procs)
+            # One process reads every line as it goes; several need the line counts to share them out.
+            counts = [(rel, count_lines(data / rel) if procs > 1 else sys.maxsize) for rel in files]
+            shares: list[list[list[Any]]] = split_lines(counts, procs) if procs > 1 else [[[rel, 0, n] for rel, n in counts]]
         else:
             files = local_files(data)
             if not files:

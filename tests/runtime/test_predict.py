@@ -104,9 +104,10 @@ def test_more_failures_than_allowed_fail_the_run_after_every_output_is_written(t
     assert [r["line"] for r in lines_of(store, f"{spec.run_prefix}/predictions/in.jsonl")] == [1, 2, 3, 4]
 
 
-def test_a_dataset_without_jsonl_inputs_is_an_error(tmp_path):
+@pytest.mark.parametrize("files", [{"data.csv": "x\n1\n"}, {"empty.jsonl": "", "data.csv": "x\n"}])
+def test_a_dataset_without_jsonl_inputs_is_an_error(tmp_path, files):
     store = open_store((tmp_path / "s").as_uri())
-    spec = setup_predict(store, tmp_path, {"data.csv": "x\n1\n"})
+    spec = setup_predict(store, tmp_path, files)
     done = run_runtime(spec, tmp_path)
     assert done.returncode == 1
     outcome = read(store, f"{spec.run_prefix}/outcome.json", Outcome)
