@@ -31,26 +31,33 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pydantic import Field
 
 from airflow_aicenter.crashpoints import crash_point
-from airflow_aicenter.errors import AICenterError, AlreadyExistsError, StorageError
+from airflow_aicenter.errors import AICenterError, AlreadyExistsError, NotFoundError, StorageError
 from airflow_aicenter.records import Record, read, utcnow, write
 from airflow_aicenter.storage import Store
+from airflow_aicenter.storage.store import ObjectInfo
 from airflow_aicenter.storage.transfer import download_file, gather_limited, local_files, run, sha256_file, upload_file
 
 #: Manifests kept after a sync (the newest is restored; the one before is its fallback).
 KEEP = 2
 #: Tries of a create-once manifest write that lost a race to another writer.
 _COMMIT_TRIES = 5
+_LIST_TRIES = 3
+#: An object that is not a digest (a put's temporary) is pruned only once this old: it may be
+#: another writer's upload in flight.
+TEMP_MAX_AGE = timedelta(hours=1)
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
 class CheckpointFile(Record):
@@ -112,11 +119,21 @@ class CheckpointSync:
     def manifest_seqs(self) -> list[int]:
         """Sequence numbers of the stored manifests, ascending."""
         seqs = []
-        for info in self.store.list(f"{self.prefix}manifests/"):
+        for info in self._list(f"{self.prefix}manifests/"):
             name = info.key.rsplit("/", 1)[-1]
             if name.endswith(".json") and name[:-5].isdigit():
                 seqs.append(int(name[:-5]))
         return sorted(seqs)
+
+    def _list(self, prefix: str) -> list[ObjectInfo]:
+        """A listing, taken again when another writer renamed or deleted a file under it meanwhile."""
+        for attempt in range(_LIST_TRIES):
+            try:
+                return list(self.store.list(prefix))
+            except (NotFoundError, FileNotFoundError):
+                if attempt == _LIST_TRIES - 1:
+                    raise
+        return []
 
     # -- restore -------------------------------------------------------------------------
     def restore(self) -> CheckpointManifest | None:
@@ -229,9 +246,15 @@ class CheckpointSync:
             names = set()
             for seq in kept:
                 names |= {f.sha256 for f in read(self.store, self.manifest_key(seq), CheckpointManifest).files}
-            for info in list(self.store.list(f"{self.prefix}objects/")):
-                if info.key.rsplit("/", 1)[-1] not in names:
-                    self.store.delete(info.key)
+            stale = datetime.now(UTC) - TEMP_MAX_AGE
+            for info in self._list(f"{self.prefix}objects/"):
+                name = info.key.rsplit("/", 1)[-1]
+                if not _DIGEST.match(name):  # another writer's upload in flight, or one killed long ago
+                    if info.last_modified is None or info.last_modified > stale:
+                        continue
+                elif name in names:
+                    continue
+                self.store.delete(info.key)
         except AICenterError as exc:  # pruning is housekeeping: the checkpoint is committed
             self.log(f"WARNING: could not prune old checkpoints ({exc}); the next sync tries again")
 

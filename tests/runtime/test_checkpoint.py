@@ -14,7 +14,7 @@ from typing import Any
 from airflow_aicenter.records import Outcome, RunSpec, read
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.runtime.checkpoint import CheckpointManifest, CheckpointSync
-from airflow_aicenter.storage import Store
+from airflow_aicenter.storage import Store, open_store
 from airflow_aicenter.storage.transfer import run, upload_tree
 from tests.conftest import REPO, make_dataset, write_files
 from tests.packages import MAIN
@@ -354,3 +354,19 @@ def test_two_writers_never_overwrite_or_mix_checkpoints(store: Store, tmp_path: 
     tag = (tmp_path / "restored" / "tag.txt").read_text()
     assert (tmp_path / "restored" / "data.bin").read_bytes() == tag.encode() * 1000  # one writer's whole checkpoint
     assert restored.try_number == (1 if tag.startswith("zombie") else 2)
+
+
+def test_pruning_spares_another_writers_upload_in_flight(tmp_path: Path) -> None:
+    """A put's temporary (``<digest>#1`` on a file store) may be a live upload: pruned only once it is old."""
+    store = open_store((tmp_path / "store").as_uri())
+    ckpt = write_files(tmp_path / "ckpt", {"epoch.txt": "1"})
+    sync = sync_for(store, ckpt)
+    sync.sync()
+    objects_dir = tmp_path / "store" / PREFIX / "objects"
+    live, old = objects_dir / f"{'a' * 64}#1", objects_dir / f"{'b' * 64}#1"
+    live.write_text("in flight")
+    old.write_text("killed long ago")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    (ckpt / "epoch.txt").write_text("2")
+    sync.sync()
+    assert live.exists() and not old.exists()
