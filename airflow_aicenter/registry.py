@@ -28,6 +28,7 @@ import obstore
 from airflow_aicenter.errors import AICenterError, AlreadyExistsError, NotFoundError, PackageError, VersionError
 from airflow_aicenter.layout import REGISTRATION
 from airflow_aicenter.package import (
+    MAX_CONTRACT_FILE_BYTES,
     Version,
     extract_zip,
     is_contract_file,
@@ -334,7 +335,8 @@ class Registry:
             )
         with tempfile.TemporaryDirectory(prefix="aicenter-check-") as tmp:
             reader = obstore.open_reader(self.store.inner, key, size=record.blob.size)
-            root = extract_zip(cast(BinaryIO, reader), Path(tmp) / "pkg", only=is_contract_file)  # seekable, read() -> bytes
+            root = extract_zip(cast(BinaryIO, reader), Path(tmp) / "pkg", only=is_contract_file,  # seekable, read() -> bytes
+                               max_selected_bytes=MAX_CONTRACT_FILE_BYTES)
             validate_package(root, pipeline)
 
     def download(self, name: str, spec: str, dest: Path) -> tuple[VersionRecord, Path]:

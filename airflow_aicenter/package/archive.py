@@ -263,11 +263,14 @@ def extract_zip(
     max_total_bytes: int = MAX_TOTAL_BYTES,
     max_ratio: int = MAX_RATIO,
     only: Callable[[str], bool] | None = None,
+    max_selected_bytes: int | None = None,
 ) -> Path:
     """Safely extract a package zip (a path, or a seekable binary reader) into ``dest``; return the package root.
 
     ``only``, given an entry name, selects which files to write (all entries are still
-    checked), so validation can fetch just the contract files of a multi-GB zip.
+    checked), so validation can fetch just the contract files of a multi-GB zip;
+    ``max_selected_bytes`` refuses a selected file larger than that from the central directory,
+    before it is fetched (a 2 GB ``main.py`` in a trained version is not downloaded to be refused).
     ``dest`` must not exist or be empty; on failure it is left as it was.
     """
     dest = Path(dest)
@@ -290,6 +293,8 @@ def extract_zip(
         with zf:
             infos = zf.infolist()
             _check_entries(infos, max_entries=max_entries, max_total_bytes=max_total_bytes, max_ratio=max_ratio)
+            if max_selected_bytes is not None:
+                _check_selected(infos, only, max_selected_bytes)
             budget = [max_total_bytes]
             for info in infos:
                 if info.is_dir() or (only is not None and not only(info.filename)):
@@ -303,6 +308,17 @@ def extract_zip(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return find_package_root(dest)
+
+
+def _check_selected(infos: list[zipfile.ZipInfo], only: Callable[[str], bool] | None, limit: int) -> None:
+    for info in infos:
+        if not info.is_dir() and (only is None or only(info.filename)) and info.file_size > limit:
+            name = info.filename.rsplit("/", 1)[-1]
+            raise ArchiveError(
+                f"zip entry {info.filename!r} is {info.file_size} bytes, over the limit of {limit} bytes for a contract file "
+                f"(it is parsed in the Airflow worker before the run): keep {name} small and large data in other files "
+                f"of the package"
+            )
 
 
 def _extract_one(zf: zipfile.ZipFile, info: zipfile.ZipInfo, staging: Path, budget: list[int]) -> None:

@@ -11,8 +11,12 @@ from pathlib import Path
 import pytest
 
 from airflow_aicenter.errors import PackageError
-from airflow_aicenter.package import validate_package
+from airflow_aicenter.package import validate_package, write_zip
 from airflow_aicenter.package.validate import MAX_BASE_DEPTH, MAX_CONTRACT_FILE_BYTES
+from airflow_aicenter.records import BlobRef
+from airflow_aicenter.registry import Registry
+from airflow_aicenter.storage import Store
+from airflow_aicenter.storage.transfer import put_blob
 from tests.packages import MAIN, TRAIN, write_package
 
 
@@ -32,7 +36,7 @@ def test_a_large_train_py_is_refused_from_its_size_before_parsing(tmp_path: Path
     script = textwrap.dedent(f"""
         import resource, sys, time
         from airflow_aicenter.errors import PackageError
-        from airflow_aicenter.package import validate_package
+        from airflow_aicenter.package import validate_package, write_zip
         began = time.perf_counter()
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         try:
@@ -114,3 +118,22 @@ def test_a_wrong_signature_with_a_deeply_nested_default_is_still_reported(tmp_pa
     main = "class Main:\n    def __init__(self): pass\n    def predict(self, input, extra, y=" + "-" * 900 + "1): pass\n"
     assert error(write_package(tmp_path / "pkg", main=main)).startswith(
         "main.py:3: Main.predict(...) has the wrong parameters: AI Center calls Main().predict(input)")
+
+
+def test_checking_a_stored_version_refuses_a_large_contract_file_before_fetching_it(store: Store, tmp_path: Path) -> None:
+    """A trained version's content is whatever save() left: a huge main.py is refused from the zip's
+    central directory, not downloaded into the worker first."""
+    registry = Registry(store)
+    base = registry.upload(write_package(tmp_path / "pkg"), "big")
+    big = write_package(tmp_path / "trained", main=textwrap.dedent(MAIN) + "#" * (2 * MAX_CONTRACT_FILE_BYTES) + "\n")
+    digest = write_zip(big, tmp_path / "trained.zip")
+    put_blob(store, tmp_path / "trained.zip", digest.sha256)
+    trained = registry.commit("big", parent="1.0", blob=BlobRef(sha256=digest.sha256, size=digest.size), pipeline="train")
+    registry.check(base, "train")
+    with pytest.raises(PackageError) as e:
+        registry.check(trained, "train")
+    size = (big / "main.py").stat().st_size
+    assert str(e.value) == (
+        f"zip entry 'main.py' is {size} bytes, over the limit of {MAX_CONTRACT_FILE_BYTES} bytes for a contract file "
+        "(it is parsed in the Airflow worker before the run): keep main.py small and large data in other files of the package"
+    )
