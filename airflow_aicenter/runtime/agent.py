@@ -352,6 +352,9 @@ class Agent:
         spec = self.spec
         data, test = self.dirs["data_directory"], self.dirs["test_data_directory"]
         if spec.dataset_mount:
+            if spec.incremental_base:  # never ignored silently: the whole volume would be trained on
+                raise DatasetError("incremental=True compares a listed dataset with the parent's snapshot; a mounted volume "
+                                   "claim is not staged: give the dataset as an s3:// or file:// URI, or set incremental=False")
             mount = Path(spec.dataset_mount)
             if not mount.is_dir() or not any(mount.iterdir()):
                 raise DatasetError(f"mounted dataset {mount} is empty or missing; check the volume claim and sub path")

@@ -196,3 +196,12 @@ def test_the_operator_refuses_a_parent_without_snapshot_before_compute(store: St
     assert require_base(trained) == store.url("runs/x/m.json")
     with pytest.raises(ConfigurationError, match="trained without save_training_data=True"):
         require_base(trained.model_copy(update={"snapshot": None}))
+
+
+def test_an_incremental_run_on_a_mounted_dataset_is_refused(tmp_path: Path) -> None:
+    store = open_store((tmp_path / "store").as_uri())
+    mount = write_files(tmp_path / "volume", {"a.csv": "a,1\n"})
+    outcome, err, code = runtime(store, tmp_path, {}, 1, dataset_mount=str(mount),
+                                 incremental_base=store.url("runs/p/data_directory.manifest.json"))
+    assert code == 1 and outcome.status == "failed", err
+    assert outcome.error is not None and "a mounted volume claim is not staged" in outcome.error
