@@ -48,6 +48,7 @@ class UIServer:
     store: Store
     run_id: str  # the DAG run's id
     process: subprocess.Popen[bytes]
+    dag_log: str  # what `airflow dags test` printed
 
     def token(self, user: str) -> str:
         response = httpx.post(f"{self.url}/auth/token", json={"username": user, "password": PASSWORDS[user]}, timeout=30)
@@ -96,7 +97,7 @@ def _env(home: Path) -> dict[str, str]:
     return env
 
 
-def _seed(home: Path, env: dict[str, str], store: Store) -> str:
+def _seed(home: Path, env: dict[str, str], store: Store) -> tuple[str, str]:
     """Upload the test package, run the DAG once (one success, one failure), add scored versions and an alias."""
     registry = Registry(store)
     off_loop(registry.upload, HERE / "package", PACKAGE, created_by="ui-tests")
@@ -118,7 +119,7 @@ def _seed(home: Path, env: dict[str, str], store: Store) -> str:
         registry.commit(PACKAGE, parent="1.0", blob=trained.blob, pipeline="train", score=score, created_by="ui-tests")
     registry.set_alias(PACKAGE, "production", "1.1", set_by="ui-tests", reason="first")
     registry.set_alias(PACKAGE, "production", "1.3", set_by="ui-tests", reason="better: 0.8512 > 0.8133")
-    return runs[0]
+    return runs[0], done.stdout + done.stderr
 
 
 def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 150) -> None:
@@ -154,9 +155,9 @@ def ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UIServer]:
         process = subprocess.Popen([str(BIN / "airflow"), "api-server", "--host", "127.0.0.1", "--port", str(port)],
                                    env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        run_id = _seed(home, env, store)
+        run_id, dag_log = _seed(home, env, store)
         _wait_healthy(url, process, log)
-        server = UIServer(url, home, store, run_id, process)
+        server = UIServer(url, home, store, run_id, process, dag_log)
         server.set_store({"storage": store.uri})
         yield server
     finally:

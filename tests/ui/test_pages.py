@@ -150,6 +150,8 @@ def test_extra_links_lead_to_the_run_page_for_success_and_failure(signed_in, ui_
             "AI Center run": f"/aicenter/runs/{quoted(ui_server.run_folder(task))}",
             "AI Center artifacts": f"/aicenter/runs/{quoted(ui_server.run_folder(task))}#artifacts",
         }
+    # computed from the task instance key: no XCom is read, so a failed task logs no "XCom not found" beside its cause
+    assert "failed on purpose" in ui_server.dag_log and "XCom not found" not in ui_server.dag_log
     page = signed_in
     # from the task instance's Details in the Airflow UI, one click to the failed run's page
     page.goto(f"/dags/{DAG_ID}/runs/{quote(ui_server.run_id, safe='')}/tasks/broken/details")
