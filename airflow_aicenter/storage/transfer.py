@@ -126,10 +126,17 @@ _TRANSIENT = (
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True for an error that another try may not have: overload, connection, timeout, cut body."""
+    """True for an error that another try may not have: overload, connection, timeout, cut body.
+
+    A multipart upload that broke off is one too, whatever the last error says: obstore then
+    aborts the upload, and the abort's own answer (404 NoSuchUpload when the server already
+    dropped it) replaces the fault that caused it. The whole file is sent again.
+    """
+    cause = exc.__cause__ if isinstance(exc, StorageError) else exc
+    if cause is not None and "uploadId=" in str(cause):
+        return True
     if isinstance(exc, (NotFoundError, AlreadyExistsError)):
         return False
-    cause = exc.__cause__ if isinstance(exc, StorageError) else exc
     if cause is None:
         return False  # ours: a digest mismatch, a refused name, a changed file
     if isinstance(cause, (obx.NotFoundError, obx.AlreadyExistsError, obx.PreconditionError, obx.PermissionDeniedError,

@@ -62,7 +62,8 @@ def faulty(s3_server, fast_retries):
     bucket = s3_server.create_bucket()
     plan = FaultPlan(hang_seconds=TIMEOUT_S + 2)
     with FaultProxy(s3_server.port, plan) as proxy:
-        options = QuickTimeouts(endpoint_url=proxy.endpoint, region="us-east-1", access_key_id="testing", secret_access_key="testing-secret")
+        options = QuickTimeouts(endpoint_url=proxy.endpoint, region="us-east-1", access_key_id="testing",
+                                secret_access_key="testing-secret")
         yield proxy, open_store(f"s3://{bucket}/aicenter", options), open_store(f"s3://{bucket}/aicenter", s3_server.options)
 
 
@@ -75,7 +76,6 @@ def _data(root: Path) -> Path:
 def test_transfers_complete_through_every_kind_of_fault(faulty, tmp_path):
     proxy, store, direct = faulty
     plan = proxy.plan
-    is_obj = lambda m, p: "/small/" in p or "/big/" in p or "/blobs/" in p  # noqa: E731
     plan.rules = [
         (lambda m, p: m == "PUT" and "/big/" in p, "reset", 2),  # multipart parts / create
         (lambda m, p: m == "GET" and "/big/" in p, "truncate", 1),  # a body cut in the middle
@@ -88,13 +88,15 @@ def test_transfers_complete_through_every_kind_of_fault(faulty, tmp_path):
     plan.__post_init__()
     src = _data(tmp_path / "src")
 
-    run(upload_tree(src, store, "data"))
+    # 16 in flight, not 256: the proxy is a thread per connection and the 1 s client timeouts are
+    # sized for it; a slow answer past the timeout is a put that lands twice (412 on the second).
+    run(upload_tree(src, store, "data", limit=16))
     entries = [FileEntry(rel, *_digest(src / rel)) for rel in local_files(src)]
-    stats = run(ensure_blobs(store, src, entries))
+    stats = run(ensure_blobs(store, src, entries, limit=16))
     # a put that landed but whose answer was lost is retried, gets 412, and counts as "already there"
     assert stats.uploaded_files >= len(entries) - 2
     assert all(direct.exists(blob_key(e.sha256)) for e in entries)
-    got = run(download_tree(store, tmp_path / "dst", prefix="data"))
+    got = run(download_tree(store, tmp_path / "dst", prefix="data", limit=16))
     model = sha256_file(src / "big" / "model.bin").sha256
     get_blob(store, model, tmp_path / "model.bin")
 
@@ -118,8 +120,8 @@ def test_commit_whose_answer_is_lost_makes_exactly_one_version(faulty, tmp_path)
     412: that record is ours, not a lost race, so no second version may be taken."""
     proxy, store, direct = faulty
     registry = Registry(store)
-    pkg = write_files(tmp_path / "pkg", {"main.py": "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return input\n",
-                                         "requirements.txt": ""})
+    main = "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return input\n"
+    pkg = write_files(tmp_path / "pkg", {"main.py": main, "requirements.txt": ""})
     base = Registry(direct).upload(pkg, "lost")
     proxy.plan.rules = [(lambda m, p: m == "PUT" and "/versions/" in p, "reset_after", 1)]
     proxy.plan.__post_init__()
@@ -225,7 +227,7 @@ def test_a_large_object_is_read_as_ranges_and_a_failed_part_is_retried(faulty, s
 
 
 def test_a_damaged_large_object_read_as_ranges_is_refused(faulty, small_ranges, tmp_path):
-    proxy, store, direct = faulty
+    _, store, direct = faulty
     data = bytearray(os.urandom(5 * 2**20))
     digest = hashlib.sha256(data).hexdigest()
     data[3 * 2**20 + 7] ^= 1
