@@ -202,7 +202,7 @@ class Predictor:
         """The output record of one input (``{key: n, "output": ...}`` or ``{key: n, "error": ...}``)."""
         try:
             output = self.predict(value)
-        except Exception as exc:  # noqa: BLE001 - a failing input is recorded, the batch goes on
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - a failing input is recorded, the batch goes on
             message = cause_of(exc, self.root, "Main.predict()")
             if self.failed < PRINTED_TRACEBACKS:
                 print(f"{self._where(key, n, rel)}: {traceback.format_exc()}", file=sys.stderr, flush=True)
@@ -285,6 +285,9 @@ def main(argv: list[str]) -> int:
         result["ok"] = True
     except Failure as failure:
         result["failure"] = {"cause": failure.cause, "traceback": failure.details, "at": time.time(), **failure.fields}
+    except Exception as exc:  # noqa: BLE001 - not user code (writing outputs: a full disk): reported all the same
+        result["failure"] = {"cause": f"the user process failed: {type(exc).__name__}: {first_line(exc)}",
+                             "traceback": traceback.format_exc(), "at": time.time()}
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

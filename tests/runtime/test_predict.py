@@ -31,6 +31,8 @@ class Main:
             raise ValueError("boom input")
         if input == "set":
             return {1, 2}
+        if input == "exit":
+            raise SystemExit(3)
         return {"double": json.loads(input)["x"] * 2, "pid": self.pid}
 '''
 TRAIN = ("class Main:\n    def __init__(self):\n        pass\n    def train(self, d):\n        pass\n"
@@ -56,13 +58,13 @@ def lines_of(store: Store, key: str) -> list[dict]:
 def test_json_inputs_over_two_processes_keep_their_order(store, tmp_path, request):
     big = "".join(json.dumps({"x": i}) + "\n" for i in range(10_000))
     files = {"b/big.jsonl": big, "a.jsonl": '{"x": 1}\nboom\nnot json\n\n{"x": 2}', "skip.csv": "x\n1\n",
-             "c.jsonl": "set\n"}
-    spec = setup_predict(store, tmp_path, files, procs_per_node=2, max_failed=3)
+             "c.jsonl": "set\nexit\n"}
+    spec = setup_predict(store, tmp_path, files, procs_per_node=2, max_failed=4)
     done = run_runtime(spec, tmp_path, env_for(store, request))
     assert done.returncode == 0, done.stderr
     outcome = read(store, f"{spec.run_prefix}/outcome.json", Outcome)
-    assert outcome.status == "succeeded" and (outcome.predicted, outcome.failed) == (10_002, 3)
-    assert "predicted 10002 inputs, 3 failed, over 2 processes, " in done.stderr and "inputs/s once loaded" in done.stderr
+    assert outcome.status == "succeeded" and (outcome.predicted, outcome.failed) == (10_002, 4)
+    assert "predicted 10002 inputs, 4 failed, over 2 processes, " in done.stderr and "inputs/s once loaded" in done.stderr
     out = f"{spec.run_prefix}/predictions"
     a = lines_of(store, f"{out}/a.jsonl")
     assert a[0] == {"line": 1, "output": {"double": 2, "pid": a[0]["output"]["pid"]}}
@@ -73,8 +75,9 @@ def test_json_inputs_over_two_processes_keep_their_order(store, tmp_path, reques
     assert [r["line"] for r in big_out] == list(range(1, 10_001))
     assert [r["output"]["double"] for r in big_out] == [2 * i for i in range(10_000)]
     assert len({r["output"]["pid"] for r in big_out}) == 2, "the two processes share the inputs"
-    [c] = lines_of(store, f"{out}/c.jsonl")
+    c, exits = lines_of(store, f"{out}/c.jsonl")
     assert c["line"] == 1 and "returned set, which is not JSON-serialisable" in c["error"]
+    assert exits == {"line": 2, "error": "Main.predict() raised SystemExit: 3 (main.py:17)"}
     assert not store.exists(f"{out}/skip.csv")
     # each process created Main() once
     assert store.get_bytes(f"{spec.run_prefix}/artifacts/loads.txt") == b"Main()\n"
