@@ -26,6 +26,7 @@ class PipelinePlan:
     :param scored: the run reports a score (``Main.evaluate``).
     :param input_keys: ``_results.json`` ``parameters.inputs`` keys for the datasets, in order.
     :param distributed: ``nodes``/``procs_per_node`` > 1 are allowed (ranks train together).
+    :param contract: what ``validate_package`` checks the package for (predicting needs the serving half).
     """
 
     name: Pipeline
@@ -37,6 +38,11 @@ class PipelinePlan:
     scored: bool = False
     input_keys: tuple[tuple[str, str], ...] = ()
     distributed: bool = False
+    contract: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.contract:
+            object.__setattr__(self, "contract", self.name)
 
     @property
     def all_datasets(self) -> tuple[str, ...]:
@@ -58,7 +64,7 @@ FULL = PipelinePlan(
 )
 PREDICT = PipelinePlan(
     name="predict", source="main.py", calls=("predict",), datasets=("dataset",),
-    input_keys=(("inference_data", "dataset"),),
+    input_keys=(("inference_data", "dataset"),), contract="serve",
 )
 
 PLANS: dict[str, PipelinePlan] = {plan.name: plan for plan in (TRAIN, EVALUATE, FULL, PREDICT)}

@@ -259,7 +259,7 @@ class BasePipelineOperator(KubernetesPodOperator):
             parent = self.aicenter_hook.registry.resolve(self.package, str(self.requested_version))
             self.log.info("Package %s version %s (resolved from %r), run folder %s",
                           self.package, parent.version, self.requested_version, run.uri)
-            self.aicenter_hook.registry.check(parent, self.plan.name)
+            self.aicenter_hook.registry.check(parent, self.plan.contract)
             self.check_datasets()
             launcher.check()
             recovered = self.recover(run, parent, launcher)
