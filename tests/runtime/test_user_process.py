@@ -241,3 +241,21 @@ def test_what_user_code_leaves_running_ends_with_the_run(tmp_path):
     while time.time() < deadline and not gone(child):
         time.sleep(0.05)
     assert gone(child), "a process started by user code outlived the run"
+
+
+def test_a_400_mb_line_costs_the_agent_no_memory(tmp_path):
+    """Issue 13 finding 14: one output line of 400 MB without a newline; the agent's peak memory stays flat."""
+    store = open_store((tmp_path / "s").as_uri())
+    train_py = ("import sys\nclass Main:\n    def __init__(self):\n        pass\n    def train(self, d):\n"
+                "        chunk = 'y' * (1 << 20)\n        for _ in range(400):\n            sys.stdout.write(chunk)\n"
+                "        sys.stdout.write('\\n')\n    def save(self):\n        pass\n")
+    _, spec = setup_run(store, tmp_path, train_py=train_py)
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(spec.model_dump_json())
+    agent = ("import resource, sys\nfrom airflow_aicenter.runtime.agent import main\ncode = main([sys.argv[1]])\n"
+             "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\nsys.exit(code)\n")
+    done = subprocess.run([sys.executable, "-c", agent, str(spec_file)], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    peak_mb = int(done.stderr.split("MAXRSS_KB ")[1].split()[0]) / 1024
+    assert peak_mb < 250, f"the agent peaked at {peak_mb:.0f} MB passing on one long line"
+    assert len(done.stdout) < 100_000 and "[... line cut at 64 KiB]" in done.stdout
