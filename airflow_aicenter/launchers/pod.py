@@ -124,13 +124,13 @@ def pvc_uri(claim: str, sub_path: str | None) -> str:
     return f"pvc://{claim}/{(sub_path or '').strip('/')}".rstrip("/")
 
 
-def refuse_secret_env(env: dict[str, Any]) -> None:
+def refuse_secret_env(env: dict[str, Any], secret_keys: frozenset[str] = frozenset()) -> None:
     """Secret-looking ``env`` keys cannot go into a pod spec (anyone who can read pods reads them).
 
     Creating Secrets on the fly would leave orphans behind on every crash and needs write
     access to Secrets, so the user points at an existing Secret instead.
     """
-    secret = sorted(k for k in env if is_secret_key(k))
+    secret = sorted(k for k in env if is_secret_key(k) or k in secret_keys)
     if secret:
         first = secret[0]
         raise ConfigurationError(
@@ -338,6 +338,8 @@ class PodSettings:
     aws_secret_name: str | None = None
     install_requirements: bool | None = None
     datasets: tuple[str | None, ...] = ()
+    #: ``env`` keys whose values Airflow's masker knows (a templated Variable or Connection field).
+    secret_keys: frozenset[str] = frozenset()
     #: Extra env for the runtime container (per-run credentials), replacing the user's of the same name.
     credentials: list[k8s.V1EnvVar] = field(default_factory=list)
 
@@ -369,7 +371,7 @@ class PodLauncher(Launcher):
         self.final_pod: k8s.V1Pod | None = None
 
     def check(self) -> None:
-        refuse_secret_env(self.settings.env)
+        refuse_secret_env(self.settings.env, self.settings.secret_keys)
         if self.settings.pipeline == "evaluate" and self.settings.dataset_volume_claim:
             raise ConfigurationError("dataset_volume_claim mounts the training dataset; evaluation runs read evaluation_dataset=URI")
         check_sub_path(self.settings.dataset_sub_path)

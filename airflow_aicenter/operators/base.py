@@ -32,6 +32,7 @@ from airflow_aicenter.operators.links import ArtifactsLink, ResultsLink
 from airflow_aicenter.package import validate_alias_name
 from airflow_aicenter.plans import PipelinePlan
 from airflow_aicenter.promotion import PromoteIf, Promotion, check_promote_if, promote
+from airflow_aicenter.secrets import SECRET_KEYS_ENV, Redactor, forms
 from airflow_aicenter.records import (
     EvaluationRecord,
     Outcome,
@@ -116,7 +117,8 @@ class BasePipelineOperator(KubernetesPodOperator):
     :param procs_per_node: user processes per machine (ranks); world size = nodes x procs_per_node.
     :param checkpoint_interval: seconds between syncs of ``checkpoint_directory`` to the task's
         ``checkpoints/`` (a retry resumes from the latest complete one).
-    :param incremental: train on the files new or changed since the parent version's snapshot.
+    :param incremental: train on the files new or changed since the parent version's snapshot (the
+        parent needs one: train it with ``save_training_data=True``); the run snapshots its data too.
     :param kwargs: any KubernetesPodOperator argument (node selector, tolerations, pod templates,
         ``deferrable=True``, ...).
     """
@@ -239,14 +241,16 @@ class BasePipelineOperator(KubernetesPodOperator):
                 storage_gb=self.storage_gb, dataset_volume_claim=self.dataset_volume_claim,
                 dataset_sub_path=self.dataset_sub_path, aws_secret_name=self.aws_secret_name,
                 install_requirements=self.install_requirements, datasets=(self.dataset, self.evaluation_dataset),
+                secret_keys=frozenset(self.masked_keys()),
             )
             if self.nodes > 1:
                 from airflow_aicenter.launchers.job import JobLauncher
 
                 return JobLauncher(self, self.aicenter_hook, settings, nodes=self.nodes)
             return PodLauncher(self, self.aicenter_hook, settings)
-        child_env = {**self.aicenter_hook.runtime_env(self.dataset, self.evaluation_dataset), **self.user_secret_env()}
-        return LocalLauncher(store=self.aicenter_hook.get_store(), env=child_env, secrets=secret_values(child_env),
+        child_env = {**self.aicenter_hook.runtime_env(self.dataset, self.evaluation_dataset), **self.user_secret_env(),
+                     SECRET_KEYS_ENV: ",".join(sorted(self.masked_keys()))}
+        return LocalLauncher(store=self.aicenter_hook.get_store(), env=child_env, secrets=self.redactor(),
                              python=self.python, gpu=self.gpu, nodes=self.nodes,
                              dataset_volume_claim=self.dataset_volume_claim, log=self.log)
 
@@ -335,8 +339,8 @@ class BasePipelineOperator(KubernetesPodOperator):
         super().render_template_fields(context, jinja_env)
         from airflow.sdk.log import mask_secret
 
-        for value in secret_values(self.env):
-            mask_secret(value)  # no name: Airflow keeps a named value only if the name is on its own list
+        for value in self.redactor().values:
+            mask_secret(sorted(forms(value)))  # every form; no name: Airflow keeps a named value only if on its list
         self.requested_version = self.version
         try:
             if self.launcher_name() == "local":
@@ -370,24 +374,36 @@ class BasePipelineOperator(KubernetesPodOperator):
                 raise DatasetError(f"{attr} {uri} is empty or does not exist; upload the data there or fix the URI")
 
     def check_manifest(self, attr: str, uri: str) -> None:
-        """A ModelArts manifest: every line checked (JSON, ``source``, the source exists) before compute."""
-        from airflow_aicenter.runtime.manifest import check_manifest
+        """A ModelArts manifest: every line checked (JSON, ``source``, the source exists) before compute,
+        and at least one line for what this run reads from it (TRAIN, EVAL/TEST or INFERENCE lines)."""
+        from airflow_aicenter.runtime.manifest import EVALUATION, INFERENCE, TRAINING, check_manifest
 
-        check_manifest(uri, lambda target, **kw: self.aicenter_hook.get_store(target))
+        usages = INFERENCE if self.plan.name == "predict" else EVALUATION if attr == "evaluation_dataset" else TRAINING
+        check_manifest(uri, lambda target, **kw: self.aicenter_hook.get_store(target), require=usages)
+
+    def masked_keys(self) -> set[str]:
+        """``env`` keys whose values are secret: secret-looking names, and values Airflow's masker knows."""
+        from airflow.sdk.log import redact as airflow_redact
+
+        return {k for k, v in self.env.items() if is_secret_key(k) or airflow_redact(str(v)) != str(v)}
+
+    def redactor(self) -> Redactor:
+        redactor = Redactor()
+        for key in self.masked_keys():
+            redactor.add(str(self.env[key]))
+        return redactor
 
     def user_secret_env(self) -> dict[str, str]:
-        """User parameters whose names look secret travel as process env, never in the spec."""
-        return {k: str(v) for k, v in self.env.items() if is_secret_key(k)}
+        """User parameters that are secret travel as process env, never in the spec."""
+        masked = self.masked_keys()
+        return {k: str(v) for k, v in self.env.items() if k in masked}
 
     def build_spec(self, parent: VersionRecord, run: RunRef) -> RunSpec:
         incremental_base = None
         if self.incremental:
-            if not parent.snapshot:
-                raise ConfigurationError(
-                    f"incremental=True trains on the data added since {self.package} {parent.version}'s training data, but "
-                    f"{parent.version} has no snapshot of it; train it once with save_training_data=True (or set incremental=False)"
-                )
-            incremental_base = parent.snapshot
+            from airflow_aicenter.runtime.incremental import require_base
+
+            incremental_base = require_base(parent)
         return RunSpec(
             pipeline=self.plan.name,
             storage=self.aicenter_hook.get_store().uri,
@@ -397,8 +413,9 @@ class BasePipelineOperator(KubernetesPodOperator):
             blob=parent.blob,
             dataset=self.dataset,
             evaluation_dataset=self.evaluation_dataset,
-            env={k: str(v) for k, v in self.env.items() if not is_secret_key(k)},
-            save_training_data=self.save_training_data,
+            env={k: str(v) for k, v in self.env.items() if k not in self.masked_keys()},
+            # An incremental run snapshots its data: the next incremental run compares with it.
+            save_training_data=self.save_training_data or self.incremental,
             save_test_data=self.save_test_data,
             gpu=self.gpu,
             install_requirements=bool(self.install_requirements),
@@ -450,8 +467,8 @@ class BasePipelineOperator(KubernetesPodOperator):
         now = time.time()
         outcome = Outcome(
             status="failed", pipeline=self.plan.name, package=self.package, version=str(self.requested_version), start_at=now,
-            end_at=now, phase="prepare", error=redact(str(error), secret_values(self.env)), dataset=self.dataset,
-            evaluation_dataset=self.evaluation_dataset, env=masked_env(self.env),
+            end_at=now, phase="prepare", error=redact(str(error), self.redactor()), dataset=self.dataset,
+            evaluation_dataset=self.evaluation_dataset, env=masked_env(self.env, self.redactor()),
         )
         try:
             write(self.aicenter_hook.get_store(), run.key(OUTCOME), outcome)
@@ -624,7 +641,7 @@ class BasePipelineOperator(KubernetesPodOperator):
         if outcome.checkpoint:
             aicenter["checkpoint"] = outcome.checkpoint
         return Results.model_validate({
-            "parameters": {"pipeline": f"{run.dag_id}.{run.task_id}", "inputs": inputs, "env": masked_env(self.env)},
+            "parameters": {"pipeline": f"{run.dag_id}.{run.task_id}", "inputs": inputs, "env": masked_env(self.env, self.redactor())},
             "run_summary": {
                 "execution_time": outcome.execution_time,
                 "start_at": int(outcome.start_at),
