@@ -5,6 +5,7 @@ blobs/sha256/<hex>                               immutable content
 envs/<key>.json                                  a cached package environment (names its blob)
 packages/<name>/versions/<M.m>.json              version records (the commit point)
 packages/<name>/aliases/<alias>/<seq>.json       alias history
+packages/<name>/runs/<sha256>.json               the version a task instance made (sha256 of its runs/ prefix)
 runs/<dag_id>/<run_id>/<task>/<try>/             one folder per task try
 runs/<dag_id>/<run_id>/<task>/checkpoints/       the task's checkpoints (all tries)
 ```
@@ -16,6 +17,7 @@ share a folder. No Airflow import: the runtime, the CLI and the UI pages use it 
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -67,6 +69,11 @@ def aliases_prefix(package: str, alias: str) -> str:
 
 def alias_key(package: str, alias: str, seq: int) -> str:
     return f"{aliases_prefix(package, alias)}{seq:010d}.json"
+
+
+def made_by_key(package: str, task: TaskPath) -> str:
+    """The record of the version ``task`` (a task instance: every try of it) committed, if any."""
+    return f"{PACKAGES}{package}/runs/{hashlib.sha256(task.prefix.encode()).hexdigest()}.json"
 
 
 def manifest_name(directory: str) -> str:

@@ -16,7 +16,6 @@ request), so a retry finds the version an earlier try committed instead of makin
 from __future__ import annotations
 
 import hashlib
-import json
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import BinaryIO, cast
 
 import obstore
 
+from airflow_aicenter import layout
 from airflow_aicenter.errors import AICenterError, AlreadyExistsError, NotFoundError, PackageError, VersionError
 from airflow_aicenter.layout import REGISTRATION
 from airflow_aicenter.package import (
@@ -136,7 +136,7 @@ class Registry:
     # -- keys ----------------------------------------------------------------------------
     @staticmethod
     def version_key(name: str, version: Version | str) -> str:
-        return f"packages/{name}/versions/{version}.json"
+        return layout.version_key(name, str(version))
 
     def _minors(self, name: str, major: int) -> Sequence:
         return Sequence(self.store, lambda m: self.version_key(name, Version(major, m)), f"packages/{name}/hints/{major}")
@@ -147,13 +147,12 @@ class Registry:
 
     @staticmethod
     def made_by_key(name: str, run: RunRef) -> str:
-        """The record of the version a task instance (any try) made: keyed by dag, run, task and map index."""
-        instance = json.dumps([run.dag_id, run.run_id, run.task_id, run.map_index])
-        return f"packages/{name}/runs/{hashlib.sha256(instance.encode()).hexdigest()}.json"
+        """The record of the version ``run``'s task instance (dag, run, task, map index; any try) made."""
+        return layout.made_by_key(name, run.path.task)
 
     def _aliases(self, name: str, alias: str) -> Sequence:
         return Sequence(
-            self.store, lambda n: f"packages/{name}/aliases/{alias}/{n:010d}.json", f"packages/{name}/hints/alias-{alias}"
+            self.store, lambda n: layout.alias_key(name, alias, n), f"packages/{name}/hints/alias-{alias}"
         )
 
     # -- reading -------------------------------------------------------------------------
@@ -169,7 +168,7 @@ class Registry:
 
     def versions(self, name: str) -> list[VersionRecord]:
         """All versions (a listing: for humans and the CLI, never on the hot path)."""
-        prefix = f"packages/{name}/versions/"
+        prefix = layout.versions_prefix(name)
         out = [read(self.store, info.key, VersionRecord) for info in self.store.list(prefix) if info.key.endswith(".json")]
         return sorted(out, key=lambda r: Version.parse(r.version))
 
@@ -353,10 +352,10 @@ class Registry:
         last = self._aliases(name, alias).last()
         if last is None:
             return None
-        return read(self.store, f"packages/{name}/aliases/{alias}/{last:010d}.json", AliasRecord)
+        return read(self.store, layout.alias_key(name, alias, last), AliasRecord)
 
     def alias_history(self, name: str, alias: str) -> list[AliasRecord]:
-        prefix = f"packages/{name}/aliases/{alias}/"
+        prefix = layout.aliases_prefix(name, alias)
         return sorted((read(self.store, i.key, AliasRecord) for i in self.store.list(prefix)), key=lambda r: r.seq)
 
     def aliases(self, name: str, problems: list[str] | None = None) -> dict[str, AliasRecord]:
@@ -418,7 +417,7 @@ class Registry:
             pass
 
         def make(n: int, prev: int | None) -> bytes:
-            current = None if prev is None else read(self.store, f"packages/{name}/aliases/{alias}/{prev:010d}.json", AliasRecord)
+            current = None if prev is None else read(self.store, layout.alias_key(name, alias, prev), AliasRecord)
             if condition is not None and not condition(current):
                 raise _Declined
             record = AliasRecord(
