@@ -86,12 +86,12 @@ def run_runtime(spec_json: str, env: dict[str, str], work: Path) -> dict:
     if proc.returncode != 0:
         raise RuntimeError("runtime failed:\n" + "".join(log[-30:]))
     return {"maxrss_mb": usage.ru_maxrss / 1024, "peaks": peaks, "durations": durations,
-            "log": [l.rstrip() for l in log if "new package content" in l or "staged" in l]}
+            "log": [x.rstrip() for x in log if "new package content" in x or "staged" in x]}
 
 
 def measure(store_uri: str, env: dict[str, str], work: Path, model_mb: int) -> list[dict]:
     sys.path.insert(0, str(REPO))
-    from airflow_aicenter.records import BlobRef, RunSpec, read, Outcome
+    from airflow_aicenter.records import BlobRef, Outcome, RunSpec, read
     from airflow_aicenter.registry import Registry
     from airflow_aicenter.storage import open_store
     from airflow_aicenter.storage.transfer import run, upload_tree

@@ -29,7 +29,7 @@ class Counting:
 
     PRIMITIVES = ("get_bytes", "put_bytes", "head", "copy", "delete", "list_dir")
 
-    def __init__(self, store) -> None:  # noqa: ANN001
+    def __init__(self, store) -> None:
         self.store = store
         self.counts: Counter[str] = Counter()
         for name in self.PRIMITIVES:
@@ -37,7 +37,7 @@ class Counting:
             setattr(store, name, self._wrap(name, original))
         original_list = store.list
 
-        def counted_list(prefix: str = ""):  # noqa: ANN202
+        def counted_list(prefix: str = ""):
             self.counts["list"] += 1
             for n, item in enumerate(original_list(prefix), start=1):
                 if n % 1000 == 0:
@@ -46,14 +46,14 @@ class Counting:
 
         store.list = counted_list
 
-    def _wrap(self, name, fn):  # noqa: ANN001, ANN202
-        def wrapped(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def _wrap(self, name, fn):
+        def wrapped(*args, **kwargs):
             self.counts[name] += 1
             return fn(*args, **kwargs)
 
         return wrapped
 
-    def measure(self, fn) -> tuple[int, dict[str, int], float, object]:  # noqa: ANN001
+    def measure(self, fn) -> tuple[int, dict[str, int], float, object]:
         self.counts.clear()
         began = time.perf_counter()
         value = fn()
@@ -86,12 +86,13 @@ def main() -> None:
                     registry.commit("scale", parent="1.0", blob=blob, pipeline="train")
                 print(f"made {n} versions in {time.perf_counter() - began:.1f} s", flush=True)
                 counting = Counting(store)
+                # every lambda below runs within this iteration: binding the loop's registry, n and blob is meant
                 ops = {
-                    'resolve("latest")': lambda: registry.resolve("scale", "latest"),
-                    'resolve("1")': lambda: registry.resolve("scale", "1"),
-                    'get("1.0")': lambda: registry.get("scale", "1.0"),
-                    "register (commit_once)": lambda: registry.commit_once(
-                        "scale", run=RunRef(dag_id="d", run_id="r", task_id="t", try_number=n), parent="1.0", blob=blob,
+                    'resolve("latest")': lambda: registry.resolve("scale", "latest"),  # noqa: B023
+                    'resolve("1")': lambda: registry.resolve("scale", "1"),  # noqa: B023
+                    'get("1.0")': lambda: registry.get("scale", "1.0"),  # noqa: B023
+                    "register (commit_once)": lambda: registry.commit_once(  # noqa: B023
+                        "scale", run=RunRef(dag_id="d", run_id="r", task_id="t", try_number=n), parent="1.0", blob=blob,  # noqa: B023
                         pipeline="train"),
                 }
                 for label, fn in ops.items():
@@ -102,7 +103,7 @@ def main() -> None:
                 expected_latest = f"1.{n}"  # after the registration above
                 store.delete("packages/scale/hints/1")
                 store.delete("packages/scale/hints/major")
-                total, detail, took, value = counting.measure(lambda: registry.resolve("scale", "latest"))
+                total, detail, took, value = counting.measure(lambda: registry.resolve("scale", "latest"))  # noqa: B023
                 assert value.version == expected_latest, (value.version, expected_latest)
                 rows.append([n, 'resolve("latest"), no hint', total, " ".join(f"{k}={v}" for k, v in sorted(detail.items())),
                              f"{took * 1000:.0f}"])

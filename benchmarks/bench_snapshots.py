@@ -77,8 +77,9 @@ def run_training(server, store, base, dataset: str, n: int, work: Path) -> dict:
     outcome = read(store, f"{spec.run_prefix}/outcome.json", Outcome)
     after = store_state(store)
     blobs, blob_bytes, other, other_bytes = written(before, after)
-    line = next((l for l in done.stderr.splitlines() if "snapshot of data_directory" in l), "")
-    return {"snapshot_s": outcome.phases["snapshot"], "stage_data_s": outcome.phases["stage_data"], "wall_s": round(wall, 2),
+    line = next((x for x in done.stderr.splitlines() if "snapshot of data_directory" in x), "")
+    return {"snapshot_s": outcome.phases["snapshot"], "stage_data_s": outcome.phases["stage_data"],
+            "wall_s": round(wall, 2),
             "blobs_written": blobs, "blob_bytes_written": blob_bytes, "records_written": other,
             "record_bytes_written": other_bytes, "runtime_says": line.replace("[aicenter] ", "")}
 
@@ -105,7 +106,8 @@ def main() -> None:
                 (pkg / "train.py").write_text(TRAIN)
                 (pkg / "requirements.txt").write_text("")
                 base = Registry(store).upload(pkg, "snap")
-                run_cmd([peer("s5cmd"), "--endpoint-url", server.endpoint, "cp", f"{src}/*", f"s3://{bucket}/datasets/d/"], server.env())
+                run_cmd([peer("s5cmd"), "--endpoint-url", server.endpoint, "cp", f"{src}/*", f"s3://{bucket}/datasets/d/"],
+                        server.env())
                 dataset = f"s3://{bucket}/datasets/d"
                 print(f"== {server.kind}: {args.files} files", flush=True)
                 for n, label in enumerate(["first snapshot", "unchanged", "1% changed"], start=1):
@@ -119,7 +121,8 @@ def main() -> None:
                                 server.env())
                     r = run_training(server, store, base, dataset, n, work)
                     print(f"   {label:15s} snapshot {r['snapshot_s']:.2f} s, {r['blobs_written']} blobs "
-                          f"({r['blob_bytes_written']} B) + {r['records_written']} records written; {r['runtime_says']}", flush=True)
+                          f"({r['blob_bytes_written']} B) + {r['records_written']} records written; {r['runtime_says']}",
+                          flush=True)
                     # The first run also stores the trained package once (1 blob); later runs save the same content.
                     expect = {"first snapshot": args.files + 1, "unchanged": 0, "1% changed": len(changed)}[label]
                     ok = r["blobs_written"] == expect and (label != "unchanged" or r["snapshot_s"] < 2.0)

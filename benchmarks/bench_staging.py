@@ -70,14 +70,17 @@ def clear_prefix(server, bucket: str, prefix: str) -> None:
     run_cmd([peer("s5cmd"), "--endpoint-url", direct.endpoint, "rm", f"s3://{bucket}/{prefix}/*"], direct.env())
 
 
-def bench_download(server, src: Path, work: Path, bucket: str, prefix: str, repeat: int, tools: list[str]) -> dict[str, list[float]]:
+def bench_download(
+    server, src: Path, work: Path, bucket: str, prefix: str, repeat: int, tools: list[str]
+) -> dict[str, list[float]]:
     env, ep = server.env(), server.endpoint
     dest = work / "dest"
     commands = {
         "ours": lambda: ours_cmd("download", f"s3://{bucket}", prefix, str(dest)),
         "ours 1 stream": lambda: ours_cmd("download1", f"s3://{bucket}", prefix, str(dest)),
         "s5cmd": lambda: [peer("s5cmd"), "--endpoint-url", ep, "cp", f"s3://{bucket}/{prefix}/*", f"{dest}/"],
-        "aws s3 sync": lambda: [peer("aws"), "--endpoint-url", ep, "s3", "sync", "--only-show-errors", f"s3://{bucket}/{prefix}", str(dest)],
+        "aws s3 sync": lambda: [peer("aws"), "--endpoint-url", ep, "s3", "sync", "--only-show-errors",
+                                f"s3://{bucket}/{prefix}", str(dest)],
         "cp -r": lambda: ["cp", "-r", str(src), str(dest)],
         "ceiling": lambda: ours_cmd("ceiling", f"s3://{bucket}", prefix),
     }
@@ -116,7 +119,8 @@ def bench_upload(server, src: Path, bucket: str, repeat: int, tools: list[str]) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--servers", default=",".join(server_kinds("rclone")), help="rclone and/or moto (one server per run keeps it under 5 min)")
+    parser.add_argument("--servers", default=",".join(server_kinds("rclone")),
+                        help="rclone and/or moto (one server per run keeps it under 5 min)")
     parser.add_argument("--shapes", default="small,large")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--aws-repeat", type=int, default=1, help="aws-cli is slow on 10,000 files: fewer runs of it")
@@ -204,9 +208,10 @@ def bench_servers(args: argparse.Namespace, started: list, sources: dict, result
             run_cmd([peer("s5cmd"), "--endpoint-url", server.endpoint, "ls", f"s3://{bucket}/{prefix}/*"], server.env())
             figures = {}
             if "download" in args.ops:
-                figures["download"] = bench_download(server, src, src.parent, bucket, prefix, args.repeat, tools_for(shape, "download"))
+                where = (server, src, src.parent, bucket, prefix)
+                figures["download"] = bench_download(*where, args.repeat, tools_for(shape, "download"))
                 if args.aws_repeat:
-                    figures["download"] |= bench_download(server, src, src.parent, bucket, prefix, args.aws_repeat, ["aws s3 sync"])
+                    figures["download"] |= bench_download(*where, args.aws_repeat, ["aws s3 sync"])
             if "upload" in args.ops:
                 figures["upload"] = bench_upload(server, src, bucket, args.repeat, tools_for(shape, "upload"))
                 if args.aws_repeat:
@@ -216,8 +221,8 @@ def bench_servers(args: argparse.Namespace, started: list, sources: dict, result
                 ours = median(per_tool["ours"])
                 for tool, times in per_tool.items():
                     t = median(times)
-                    rows.append([server.kind, SHAPES[shape], op, tool, f"{t:.2f}", f"{files / t:,.0f}", f"{size / 2**20 / t:,.0f}",
-                                 "-" if tool == "ours" else f"{t / ours:.2f}x"])
+                    rows.append([server.kind, SHAPES[shape], op, tool, f"{t:.2f}", f"{files / t:,.0f}",
+                                 f"{size / 2**20 / t:,.0f}", "-" if tool == "ours" else f"{t / ours:.2f}x"])
                     results["figures"].append({"server": server.kind, "shape": shape, "op": op, "tool": tool, "seconds": times,
                                                "median": t, "files": files, "bytes": size, "ours_speedup": t / ours})
 

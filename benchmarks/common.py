@@ -120,7 +120,7 @@ class Server:
 
 def start_server(kind: str, workdir: Path | None = None) -> Server:
     port = free_port()
-    log = open(Path(workdir or tempfile.gettempdir()) / f"server-{kind}-{port}.log", "w")
+    log_path = Path(workdir or tempfile.gettempdir()) / f"server-{kind}-{port}.log"
     if kind == "moto":
         cmd = [str(PYTHON.parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
         server = Server(kind, port)
@@ -133,7 +133,8 @@ def start_server(kind: str, workdir: Path | None = None) -> Server:
         server = Server(kind, port, root=root)
     else:
         raise ValueError(kind)
-    server.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+        server.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     wait_port(port)
     return server
 
@@ -178,8 +179,8 @@ def start_shaped(upstream: Server, rate_mb: float, latency_ms: float, workdir: P
            "--rate-mb", str(rate_mb), "--latency-ms", str(latency_ms)]
     if upstream.root is not None:
         cmd += ["--folder", str(upstream.root)]
-    log = open(Path(workdir or tempfile.gettempdir()) / f"shaped-{upstream.port}.log", "w")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
+    with open(Path(workdir or tempfile.gettempdir()) / f"shaped-{upstream.port}.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
     assert proc.stdout is not None
     port = int(proc.stdout.readline().split()[1])
     return ShapedServer(f"{upstream.kind}+link", port, proc, upstream=upstream)
@@ -248,7 +249,8 @@ def drop(path: Path) -> None:
 def run_cmd(cmd: Sequence[str], env: dict[str, str] | None = None, timeout: float = 600) -> float:
     """Run a command; return its wall time in seconds; raise with its output on failure."""
     began = time.perf_counter()
-    done = subprocess.run(list(cmd), env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout, check=False)
+    done = subprocess.run(list(cmd), env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
+                          check=False)
     took = time.perf_counter() - began
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({done.returncode}): {(done.stdout + done.stderr)[-2000:]}")
@@ -280,9 +282,9 @@ def ours_cmd(*args: str) -> list[str]:
 def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
     cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths)) + " |",
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths, strict=True)) + " |",
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells[1:]]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells[1:]]
     return "\n".join(lines)
 
 
@@ -301,8 +303,8 @@ def verdict(ok: bool) -> str:
 
 def machine() -> str:
     cpu = ""
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        for line in info:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
