@@ -471,11 +471,23 @@ class Agent:
             while chunk := pipe.readline(LINE_LIMIT):
                 complete = chunk.endswith(b"\n") or len(chunk) < LINE_LIMIT  # short and no newline: the last line
                 if not cutting:
-                    text = redact(chunk.decode("utf-8", "replace").rstrip("\n"), self.secrets)
-                    if not complete:
-                        text += f" [... line cut at {LINE_LIMIT // 1024} KiB]"
+                    text = chunk.decode("utf-8", "replace").rstrip("\n")
+                    text = redact(text, self.secrets) if complete else self._cut(text)
                     emit(sink, f"{prefix}{text}\n")
                 cutting = not complete
+
+    def _cut(self, text: str) -> str:
+        """The head of an over-long line, redacted, marked as cut.
+
+        A secret that the cut would split (its start kept, its end in the dropped rest) could not
+        be recognised, so the head ends before the last ``longest_form`` characters or before a
+        secret crossing that point.
+        """
+        keep = max(0, len(text) - self.secrets.longest_form)
+        for start, end in self.secrets.spans(text):
+            if start < keep < end:
+                keep = start
+        return f"{redact(text[:keep], self.secrets)} [... line cut at {LINE_LIMIT // 1024} KiB]"
 
     def supervise(self, users: list[UserProcess]) -> list[dict[str, Any]]:
         """Wait for every user process; the first to fail fails the run, and the others are stopped."""

@@ -259,3 +259,20 @@ def test_a_400_mb_line_costs_the_agent_no_memory(tmp_path):
     peak_mb = int(done.stderr.split("MAXRSS_KB ")[1].split()[0]) / 1024
     assert peak_mb < 250, f"the agent peaked at {peak_mb:.0f} MB passing on one long line"
     assert len(done.stdout) < 100_000 and "[... line cut at 64 KiB]" in done.stdout
+
+
+def test_a_secret_at_the_cut_of_a_long_line_does_not_leak_in_part(tmp_path):
+    store = open_store((tmp_path / "s").as_uri())
+    secret = "sk-live-0123456789abcdef"
+    train_py = ("import os, sys\nclass Main:\n    def __init__(self):\n        pass\n    def train(self, d):\n"
+                "        for shift in range(len(os.environ['API_TOKEN'])):\n"
+                "            print('z' * (65536 - shift - 4) + os.environ['API_TOKEN'] + 'z' * 100)\n"
+                "    def save(self):\n        pass\n")
+    _, spec = setup_run(store, tmp_path, train_py=train_py)
+    done = run_runtime(spec, tmp_path, {"API_TOKEN": secret})
+    assert done.returncode == 0, done.stderr[-2000:]
+    cut = [line for line in done.stdout.splitlines() if line.startswith("zzz")]
+    assert len(cut) == len(secret) and all(line.endswith("[... line cut at 64 KiB]") for line in cut)
+    for line in cut:  # no line ends with the first characters of the secret
+        head = line.removesuffix(" [... line cut at 64 KiB]")
+        assert not any(head.endswith(secret[:k]) for k in range(2, len(secret) + 1)), head[-40:]
