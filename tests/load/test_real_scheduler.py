@@ -107,16 +107,14 @@ class Postgres:
 
     @property
     def sqlalchemy_url(self) -> str:
-        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{self.database}"
+        # psycopg 3 serves both Airflow's engines: the sync one and the async one (create_async_engine)
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{self.database}"
 
     def query(self, sql: str, *params: object) -> list[tuple[Any, ...]]:
-        import psycopg2
+        import psycopg
 
-        with psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname=self.database) as db, \
-                db.cursor() as cursor:
-            cursor.execute(sql, params)
-            rows: list[tuple[Any, ...]] = cursor.fetchall()
-        db.close()
+        with psycopg.connect(host="127.0.0.1", port=self.port, user="postgres", dbname=self.database) as db:
+            rows: list[tuple[Any, ...]] = db.execute(sql, params).fetchall()
         return rows
 
 
@@ -156,10 +154,20 @@ class Stack:
 
     home: Path
     env: dict[str, str]
+    api_port: int
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def airflow(self, *args: str, timeout: int = 240) -> str:
         return run_checked([str(BIN / "airflow"), *args], env=self.env, timeout=timeout)
+
+    def up(self) -> None:
+        """api-server, dag-processor, scheduler; the DAG files must be in place (they are listed once at start)."""
+        started = time.monotonic()
+        self.start("api-server", "api-server", "-H", "127.0.0.1", "-p", str(self.api_port), "-w", "1")
+        self.start("dag-processor", "dag-processor")
+        self.start("scheduler", "scheduler")
+        wait_for("the api-server", lambda: self.check_alive() and api_ready(self.api_port), 180)
+        print(f"[load] api-server up: {time.monotonic() - started:.1f} s")
 
     def start(self, name: str, *args: str) -> None:
         log = (self.home / f"{name}.log").open("ab")
@@ -253,6 +261,7 @@ def stack(postgres: Postgres, tmp_path: Path) -> Iterator[tuple[Stack, Postgres,
         AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://127.0.0.1:{api_port}/execution/",
         AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="True",
         AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=postgres.sqlalchemy_url,
+        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC=postgres.sqlalchemy_url,
         AIRFLOW__API_AUTH__JWT_SECRET=secrets.token_hex(32),
         AIRFLOW__API__SECRET_KEY=secrets.token_hex(16),
         AIRFLOW__API__WORKERS="1",
@@ -263,16 +272,11 @@ def stack(postgres: Postgres, tmp_path: Path) -> Iterator[tuple[Stack, Postgres,
         AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD="15",
         AIRFLOW__LOGGING__LOGGING_LEVEL="INFO",
     )
-    airflow = Stack(home=home, env=env)
+    airflow = Stack(home=home, env=env, api_port=api_port)
     started = time.monotonic()
     airflow.airflow("db", "migrate", timeout=300)
     print(f"[load] db migrate: {time.monotonic() - started:.1f} s")
     try:
-        airflow.start("api-server", "api-server", "-H", "127.0.0.1", "-p", str(api_port), "-w", "1")
-        airflow.start("dag-processor", "dag-processor")
-        airflow.start("scheduler", "scheduler")
-        wait_for("the api-server", lambda: airflow.check_alive() and api_ready(api_port), 120)
-        print(f"[load] stack up: {time.monotonic() - started:.1f} s")
         yield airflow, postgres, tmp_root
     finally:
         airflow.stop_all()
@@ -287,6 +291,7 @@ def test_scheduler_killed_mid_training_leaves_an_exact_store(stack: tuple[Stack,
     dataset = write_files(tmp_path / "data", {"rows.csv": "x\n1\n2\n"}).as_uri()
     (airflow.home / "dags" / "aicenter_load.py").write_text(DAG_SOURCE.format(
         dag_id=DAG_ID, package=PACKAGE, dataset=dataset, trainings=TRAININGS, at_once=AT_ONCE, seconds=TRAIN_SECONDS))
+    airflow.up()
 
     wait_for("the DAG to be parsed", lambda: airflow.check_alive() and db.query(
         "select 1 from serialized_dag where dag_id = %s", DAG_ID), 120)
