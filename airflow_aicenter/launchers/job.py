@@ -132,6 +132,8 @@ class JobLauncher(PodLauncher):
 
     # -- run --------------------------------------------------------------------------------
     def launch(self, context: Context, spec: RunSpec, run: RunRef) -> Finished:
+        self.pod_run = self.plan(spec, run)
+        self.issue_credentials(spec, run)
         job, service = self.manifests(context, spec, run)
         batch, core = self.op.hook.batch_v1_client, self.op.hook.core_v1_client
         assert self.job is not None and self.namespace is not None
@@ -157,6 +159,7 @@ class JobLauncher(PodLauncher):
         finally:
             if not self.op.deferrable:
                 self._delete()
+                self.revoke_credentials()
 
     def _defer(self, context: Context) -> None:
         from airflow.providers.cncf.kubernetes.triggers.job import KubernetesJobTrigger
@@ -182,6 +185,7 @@ class JobLauncher(PodLauncher):
             return self.ending_of_job(job.status)
         finally:
             self._delete()
+            self.revoke_credentials(self.pod_run.run if self.pod_run else None)
 
     def _read_job(self) -> k8s.V1Job | None:
         assert self.job is not None and self.namespace is not None
@@ -288,6 +292,7 @@ class JobLauncher(PodLauncher):
     def kill(self) -> None:
         """Delete the Job and Service; the run is recorded as killed."""
         self._delete()
+        self.revoke_credentials(self.pod_run.run if self.pod_run else None)
         if self.pod_run is None:
             return
         store = self.hook.get_store()

@@ -323,6 +323,11 @@ def _set_env(container: k8s.V1Container, env: list[k8s.V1EnvVar], *, owned: set[
 
 
 # -- the launcher ----------------------------------------------------------------------------
+def credentials_secret_name(run: RunRef) -> str:
+    """The per-run Secret holding a pod's STS session credentials (one per task try)."""
+    return f"aicenter-run-{hashlib.sha256(run.prefix.encode()).hexdigest()[:16]}"
+
+
 @dataclass
 class PodSettings:
     """AI Center's pod options of one operator (see the operator's ``:param`` docs)."""
@@ -369,9 +374,13 @@ class PodLauncher(Launcher):
         self.op, self.hook, self.settings = operator, hook, settings
         self.pod_run: PodRun | None = None
         self.final_pod: k8s.V1Pod | None = None
+        self.credentials_secret: str | None = None
 
     def check(self) -> None:
         refuse_secret_env(self.settings.env, self.settings.secret_keys)
+        from airflow_aicenter.credentials import role_settings
+
+        role_settings(self.hook.settings.extra)  # a malformed runtime_role_arn fails here, before any pod
         if self.settings.pipeline == "evaluate" and self.settings.dataset_volume_claim:
             raise ConfigurationError("dataset_volume_claim mounts the training dataset; evaluation runs read evaluation_dataset=URI")
         check_sub_path(self.settings.dataset_sub_path)
@@ -384,6 +393,66 @@ class PodLauncher(Launcher):
             "dataset_mount": DATASET_MOUNT if self.settings.dataset_volume_claim else None,
         }), run=run)
 
+    # -- per-run credentials ------------------------------------------------------------------
+    def namespace(self) -> str:
+        return str(self.op.namespace or self.hook.settings.namespace or self.op.hook.get_namespace() or "default")
+
+    def issue_credentials(self, spec: RunSpec, run: RunRef) -> None:
+        """With ``runtime_role_arn``: STS session credentials for this run alone, in a Secret of its own.
+
+        The session policy lets the pod write only its run folder and the task's checkpoints, create
+        (never overwrite) blobs and environments, and read its package, datasets and checkpoints;
+        version records and aliases stay the worker's. The values go into a per-run Kubernetes
+        Secret referenced by ``secretKeyRef`` (never into the pod spec), are masked in every log,
+        and the Secret is deleted when the run ends (the credentials expire on their own anyway).
+        """
+        from airflow.sdk.log import mask_secret
+
+        from airflow_aicenter.credentials import run_credentials
+
+        reads = [spec.incremental_base] if spec.incremental_base else []
+        creds = run_credentials(self.hook.settings.extra, self.hook.settings.aws_conn_id, storage=spec.storage,
+                                run_prefix=spec.run_prefix, checkpoint_prefix=spec.checkpoint_prefix,
+                                datasets=[spec.dataset, spec.evaluation_dataset], reads=reads)
+        if creds is None:
+            return
+        values = creds.to_env()
+        for value in values.values():
+            mask_secret(value)
+        name = credentials_secret_name(run)
+        body = k8s.V1Secret(
+            api_version="v1", kind="Secret", type="Opaque",
+            metadata=k8s.V1ObjectMeta(name=name, labels={LABEL_RUN: label_value(run.label), "aicenter/credentials": "run"}),
+            string_data=values,
+        )
+        core = self.op.hook.core_v1_client
+        try:
+            core.create_namespaced_secret(self.namespace(), body)
+        except Exception as exc:  # noqa: BLE001 - a stale one of this very try is replaced
+            if getattr(exc, "status", None) != 409:
+                raise
+            core.replace_namespaced_secret(name, self.namespace(), body)
+        self.credentials_secret = name
+        self.settings.credentials = [
+            k8s.V1EnvVar(name=key, value_from=k8s.V1EnvVarSource(secret_key_ref=k8s.V1SecretKeySelector(name=name, key=key)))
+            for key in sorted(values)
+        ]
+        self.op.log.info("Run credentials: role %s, session policy limited to %s (expire %s), in Secret %s",
+                         creds.role_arn, spec.run_prefix, creds.expiration.isoformat(), name)
+
+    def revoke_credentials(self, run: RunRef | None = None) -> None:
+        """Delete the run's credentials Secret (after the run; on deferrable re-entry, from the run's name)."""
+        name = self.credentials_secret
+        if name is None and run is not None and self.hook.settings.extra.get("runtime_role_arn"):
+            name = credentials_secret_name(run)
+        if name is None:
+            return
+        try:
+            self.op.hook.core_v1_client.delete_namespaced_secret(name, self.namespace())
+        except Exception as exc:  # noqa: BLE001 - the credentials expire anyway; say so and go on
+            self.op.log.warning("Could not delete the run's credentials Secret %s: %s", name, exc)
+        self.credentials_secret = None
+
     # -- run ------------------------------------------------------------------------------
     def launch(self, context: Context, spec: RunSpec, run: RunRef) -> Finished:
         from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
@@ -395,12 +464,20 @@ class PodLauncher(Launcher):
                 "or use an s3:// store", self.hook.settings.storage)
         self.pod_run = self.plan(spec, run)
         self.op.trigger_kwargs = {**(self.op.trigger_kwargs or {}), EVENT_KEY: self.pod_run.to_event()}
+        self.issue_credentials(spec, run)
+        deferred = False
         try:
             KubernetesPodOperator.execute(self.op, context)
-        except (TaskDeferred, AICenterError):
+        except TaskDeferred:
+            deferred = True
+            raise
+        except AICenterError:
             raise
         except Exception as exc:  # noqa: BLE001 - outcome.json decides what the pod's failure means
             return self.ending(exc)
+        finally:
+            if not deferred:
+                self.revoke_credentials()
         return self.ending(None)
 
     def resume(self, context: Context, event: dict[str, Any]) -> Finished:
@@ -414,10 +491,15 @@ class PodLauncher(Launcher):
         self.op.trigger_kwargs = {**(self.op.trigger_kwargs or {}), EVENT_KEY: self.pod_run.to_event()}
         try:
             KubernetesPodOperator.trigger_reentry(self.op, context, event)
-        except (TaskDeferred, AICenterError):
+        except TaskDeferred:
+            raise
+        except AICenterError:
+            self.revoke_credentials(self.pod_run.run)
             raise
         except Exception as exc:  # noqa: BLE001 - outcome.json decides
+            self.revoke_credentials(self.pod_run.run)
             return self.ending(exc)
+        self.revoke_credentials(self.pod_run.run)
         return self.ending(None)
 
     def ending(self, failure: BaseException | None) -> Finished:
@@ -556,6 +638,7 @@ class PodLauncher(Launcher):
         from airflow.providers.cncf.kubernetes.utils.pod_manager import OnKillAction
 
         KubernetesPodOperator.on_kill(self.op)
+        self.revoke_credentials(self.pod_run.run if self.pod_run else None)
         if self.pod_run is None or self.op.on_kill_action == OnKillAction.KEEP_POD:
             return
         spec, key = self.pod_run.spec, self.pod_run.run.key(OUTCOME)

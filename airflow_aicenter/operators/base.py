@@ -274,7 +274,11 @@ class BasePipelineOperator(KubernetesPodOperator):
         if recovered is not None:
             return self.complete(context, recovered)
         assert spec is not None
-        return self.complete(context, launcher.launch(context, spec, run))
+        try:
+            finished = launcher.launch(context, spec, run)
+        except AICenterError as exc:
+            raise no_retry(exc) if not exc.retryable else exc
+        return self.complete(context, finished)
 
     def trigger_reentry(self, context: Context, event: dict[str, Any]) -> Any:
         """Deferrable re-entry (pod or Job): the launcher settles the run, then the same post-run step."""

@@ -184,6 +184,7 @@ class FakeKubernetes:
         self.claims: dict[tuple[str, str], Path] = {}
         self.unpullable: set[str] = set()
         self.jobs: dict[tuple[str, str], Job] = {}
+        self.secret_manifests: list[dict[str, Any]] = []
         self.services: dict[tuple[str, str], dict[str, Any]] = {}
         #: The cluster DNS of Job pods (``<job>-<i>.<service>``): every pod runs on this host.
         self.dns: dict[str, str] = {}
@@ -335,6 +336,33 @@ class FakeKubernetes:
             meta.update(uid=str(uuid.uuid4()), creationTimestamp=rfc3339(now()), resourceVersion=str(next(self._rv)))
             self.services[key] = body
         return copy.deepcopy(body)
+
+    def create_secret(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A Secret (kept out of ``created``: its values are secret by design; ``secret_manifests`` has them)."""
+        import base64
+
+        import kubernetes_validate
+
+        try:
+            kubernetes_validate.validate(body, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            raise ApiError(422, "Invalid", f"Secret is invalid: {str(exc).splitlines()[0]}") from None
+        meta = body.setdefault("metadata", {})
+        key = (meta.setdefault("namespace", namespace), meta["name"])
+        data = {k: base64.b64decode(v).decode() for k, v in (body.get("data") or {}).items()}
+        data.update(body.get("stringData") or {})
+        with self.cond:
+            if key in self.secrets:
+                raise ApiError(409, "AlreadyExists", f'secrets "{meta["name"]}" already exists')
+            self.secrets[key] = data
+            self.secret_manifests.append(copy.deepcopy(body))
+        return {"apiVersion": "v1", "kind": "Secret", "metadata": meta}
+
+    def delete_secret(self, namespace: str, name: str) -> dict[str, Any]:
+        with self.cond:
+            if self.secrets.pop((namespace, name), None) is None:
+                raise ApiError(404, "NotFound", f'secrets "{name}" not found')
+        return {"kind": "Status", "apiVersion": "v1", "status": "Success"}
 
     def get_service(self, namespace: str, name: str) -> dict[str, Any]:
         service = self.services.get((namespace, name))
@@ -685,6 +713,8 @@ _PODS = re.compile(r"^/api/v1/(?:namespaces/([^/]+)/)?pods$")
 _EVENTS = re.compile(r"^/api/v1/(?:namespaces/([^/]+)/)?events$")
 _JOBS = re.compile(r"^/apis/batch/v1/namespaces/([^/]+)/jobs$")
 _JOB = re.compile(r"^/apis/batch/v1/namespaces/([^/]+)/jobs/([^/]+)(/status)?$")
+_SECRETS = re.compile(r"^/api/v1/namespaces/([^/]+)/secrets$")
+_SECRET = re.compile(r"^/api/v1/namespaces/([^/]+)/secrets/([^/]+)$")
 _SERVICES = re.compile(r"^/api/v1/namespaces/([^/]+)/services$")
 _SERVICE = re.compile(r"^/api/v1/namespaces/([^/]+)/services/([^/]+)$")
 
@@ -754,6 +784,10 @@ def _handler(kube: FakeKubernetes) -> type[BaseHTTPRequestHandler]:
                             return self._send(200, copy.deepcopy(kube.get_job(m.group(1), m.group(2)).obj))
                     if method == "DELETE":
                         return self._send(200, kube.delete_job(m.group(1), m.group(2)))
+                if (m := _SECRETS.match(path)) and method == "POST":
+                    return self._send(201, kube.create_secret(m.group(1), body or {}))
+                if (m := _SECRET.match(path)) and method == "DELETE":
+                    return self._send(200, kube.delete_secret(m.group(1), m.group(2)))
                 if (m := _SERVICES.match(path)) and method == "POST":
                     return self._send(201, kube.create_service(m.group(1), body or {}))
                 if m := _SERVICE.match(path):
