@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -59,25 +60,33 @@ def package(work: Path) -> Path:
     return root
 
 
-def cold_pip(work: Path, root: Path) -> float:
+def cpu_seconds() -> float:
+    """CPU time of this process and its waited-for children: what a phase costs whatever else the machine runs."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def cold_pip(work: Path, root: Path) -> tuple[float, float]:
     venv = work / "pip-venv"
     shutil.rmtree(venv, ignore_errors=True)
     subprocess.run([str(base_python()), "-m", "venv", str(venv)], check=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), cpu_seconds()
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--isolated", "--no-cache-dir",
                     "--disable-pip-version-check", "--quiet", "-r", "requirements.txt"], cwd=root, env=env, check=True)
-    took = time.perf_counter() - began
+    took, cpu = time.perf_counter() - began, cpu_seconds() - cpu
     shutil.rmtree(venv, ignore_errors=True)
-    return took
+    return took, cpu
 
 
-def prepare(root: Path, store: Store, cache: Path) -> tuple[float, str, float]:
-    """(phase seconds, source, seconds the end of the run waits for the background upload)."""
+def prepare(root: Path, store: Store, cache: Path) -> tuple[float, str, float, float]:
+    """(phase seconds, source, phase CPU seconds, seconds the end of the run waits for the background upload)."""
+    cpu = cpu_seconds()
     env = prepare_environment(root, store, cache_dir=cache, log=quiet)
+    cpu = cpu_seconds() - cpu
     began = time.perf_counter()
     env.finish(quiet)
-    return env.seconds, env.source, time.perf_counter() - began
+    return env.seconds, env.source, cpu, time.perf_counter() - began
 
 
 def copy_environment(source: Store, target: Store, key: str, work: Path) -> None:
@@ -127,12 +136,13 @@ def one_round(work: Path, s3: bool) -> dict[str, float]:
     root = package(work)
     results: dict[str, float] = {}
     print("  cold pip ...", flush=True)
-    results["cold pip"] = cold_pip(work, root)
+    results["cold pip"], results["cold pip cpu"] = cold_pip(work, root)
 
     print("  cold uv ...", flush=True)
     store = open_store((work / "store").as_uri())
+    cpu = cpu_seconds()
     env = prepare_environment(root, store, cache_dir=work / "c1", log=quiet)
-    results["cold uv"] = env.seconds
+    results["cold uv"], results["cold uv cpu"] = env.seconds, cpu_seconds() - cpu
     began = time.perf_counter()
     env.finish(quiet)
     results["end-of-run wait for the upload (user code 0 s)"] = time.perf_counter() - began
@@ -140,18 +150,19 @@ def one_round(work: Path, s3: bool) -> dict[str, float]:
 
     print("  cold uv, warm uv cache ...", flush=True)
     os.environ["UV_CACHE_DIR"] = str(work / "c1" / "uv")
-    results["cold uv, warm uv cache"] = prepare(root, open_store((work / "store2").as_uri()), work / "c2")[0]
+    seconds, _, cpu, _ = prepare(root, open_store((work / "store2").as_uri()), work / "c2")
+    results["cold uv, warm uv cache"], results["cold uv, warm uv cache cpu"] = seconds, cpu
     os.environ.pop("UV_CACHE_DIR")
 
     print("  warm local ...", flush=True)
-    seconds, source, _ = prepare(root, store, work / "c1")
+    seconds, source, cpu, _ = prepare(root, store, work / "c1")
     assert source == "local", source
-    results["warm local"] = seconds
+    results["warm local"], results["warm local cpu"] = seconds, cpu
 
     print("  warm store (file) ...", flush=True)
-    seconds, source, _ = prepare(root, store, work / "c3")
+    seconds, source, cpu, _ = prepare(root, store, work / "c3")
     assert source == "store", source
-    results["warm store (file)"] = seconds
+    results["warm store (file)"], results["warm store (file) cpu"] = seconds, cpu
 
     if s3:
         print("  warm store (S3, moto) ...", flush=True)
@@ -160,9 +171,9 @@ def one_round(work: Path, s3: bool) -> dict[str, float]:
             bucket = server.create_bucket("envs")
             s3_store = server.store(f"s3://{bucket}/aicenter")
             copy_environment(store, s3_store, key, work)
-            seconds, source, _ = prepare(root, s3_store, work / "c4")
+            seconds, source, cpu, _ = prepare(root, s3_store, work / "c4")
             assert source == "store", source
-            results["warm store (S3, moto)"] = seconds
+            results["warm store (S3, moto)"], results["warm store (S3, moto) cpu"] = seconds, cpu
         finally:
             server.stop()
     for name, figures in formats(work / "c1" / "envs" / key, work).items():
@@ -186,8 +197,11 @@ def main() -> None:
     phases = [n for n in ("cold pip", "cold uv", "cold uv, warm uv cache", "warm local", "warm store (file)",
                           "warm store (S3, moto)") if n in figures]
     print()
-    print(table([(name, f"{figures[name]:.2f} s", f"{pip / figures[name]:.1f}x") for name in phases],
-                ("requirements phase", "median", "cold pip / this")))
+    pip_cpu = figures["cold pip cpu"]
+    print(table([(name, f"{figures[name]:.2f} s", f"{pip / figures[name]:.1f}x", f"{figures[name + ' cpu']:.2f} s",
+                  f"{pip_cpu / max(figures[name + ' cpu'], 1e-3):.1f}x") for name in phases],
+                ("requirements phase", "wall (median)", "cold pip / this", "CPU", "cold pip CPU / this")))
+    print(f"(load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     print()
     rows = [(fmt, f"{figures[f'{fmt} mib']:.0f} MiB", f"{figures[f'{fmt} pack_s']:.2f} s", f"{figures[f'{fmt} unpack_s']:.2f} s")
             for fmt in ("zstd", "gzip")]
