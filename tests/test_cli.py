@@ -333,6 +333,20 @@ def test_run_ids_stay_whole_at_80_columns(recorded):
     assert all(whole_on_a_line(compared.stdout, f"#{n} {i}") for n, i in enumerate(RUN_IDS, 1)), compared.stdout
 
 
+def test_the_runs_that_made_versions_stay_whole_at_80_columns(tmp_path):
+    from airflow_aicenter.records import RunRef
+
+    uri = (tmp_path / "store").as_uri()
+    registry = Registry(open_store(uri))
+    upload_package(registry, tmp_path, "churn", SCORED_TRAIN)
+    dag, run, task = RUN_IDS[0].split("/")[:3]
+    registry.commit("churn", parent="1.0", blob=registry.get("churn", "1.0").blob, pipeline="train",
+                    run=RunRef(dag_id=dag, run_id=run, task_id=task, try_number=1))
+    for columns in (80, 250):
+        shown = console_script("--storage", uri, "package", "show", "churn", columns=columns)
+        assert shown.returncode == 0 and whole_on_a_line(shown.stdout, RUN_IDS[0]), (columns, shown.stdout)
+
+
 def test_runs_compare_shows_the_data_snapshot_beside_the_dataset(recorded, capsys):
     compared = read_json(capsys, "--storage", recorded, "runs", "compare", *RUN_IDS)
     fields = compared["fields"]
