@@ -367,6 +367,7 @@ class BasePipelineOperator(KubernetesPodOperator):
                 )
             if not uri or uri.startswith("pvc://"):  # a mounted volume claim: the pod checks it
                 continue
+            self.check_dataset_root(attr, uri)
             if uri.endswith((".manifest", ".jsonl")):
                 self.check_manifest(attr, uri)
                 continue
@@ -376,6 +377,27 @@ class BasePipelineOperator(KubernetesPodOperator):
                 empty = True
             if empty:
                 raise DatasetError(f"{attr} {uri} is empty or does not exist; upload the data there or fix the URI")
+
+    def check_dataset_root(self, attr: str, uri: str) -> None:
+        """With the connection extra ``allowed_dataset_roots``, a ``file://`` dataset must lie inside one of them.
+
+        The worker's disk holds more than data (its own configuration, other teams' files): a
+        deployment names the folders DAG authors may train from. Links are resolved first.
+        """
+        from pathlib import Path
+        from urllib.parse import unquote, urlparse
+
+        roots = self.aicenter_hook.settings.extra.get("allowed_dataset_roots")
+        if not roots or not uri.startswith("file://"):
+            return
+        allowed = [Path(r).expanduser().resolve() for r in (roots.split(",") if isinstance(roots, str) else roots) if str(r).strip()]
+        path = Path(unquote(urlparse(uri).path)).resolve()
+        if not any(path == root or path.is_relative_to(root) for root in allowed):
+            raise ConfigurationError(
+                f"{attr} {uri} is outside the folders this deployment allows for file:// datasets "
+                f"({', '.join(str(r) for r in allowed)}; the aicenter connection's allowed_dataset_roots): "
+                "move the data under one of them, or use an s3:// dataset"
+            )
 
     def check_manifest(self, attr: str, uri: str) -> None:
         """A ModelArts manifest: every line checked (JSON, ``source``, the source exists) before compute,

@@ -70,3 +70,4 @@ def test_a_plain_package_name_is_its_own_outlet_a_templated_one_goes_through_the
     assert plain.outlets == [Asset("aicenter://churn")]
     assert templated.outlets == [AssetAlias(PACKAGE_ALIAS)]
     assert evaluate.outlets == [], "an evaluation makes no version"
+
