@@ -487,8 +487,8 @@ async def download_tree(
                         if info.size:
                             data = memoryview(await (await obstore.get_async(store.inner, info.key)).bytes_async())
                         return FileEntry(rel, await asyncio.to_thread(_write_new, target, data), len(data))
-            held = RANGES_IN_FLIGHT if info.size >= RANGED_MIN else PIPELINE_DEPTH + 1
-            async with budget.hold(held * DOWNLOAD_CHUNK):
+            chunks = RANGES_IN_FLIGHT if info.size >= RANGED_MIN else PIPELINE_DEPTH + 1
+            async with budget.hold(min(info.size, chunks * DOWNLOAD_CHUNK)):
                 entry = await download_file(store, info.key, target, size=info.size, etag=info.etag,
                                             tmp=staging / f"{n}.part", limit=ranges)
             return FileEntry(rel, entry.sha256, entry.size)
