@@ -57,6 +57,9 @@ PIPELINE_DEPTH = 4
 #: Bytes of object content one download transfer holds at once: a small body whole, a streamed
 #: object its queued chunks, a ranged one a chunk per part in flight.
 DOWNLOAD_BUDGET = 96 * 2**20
+#: download_tree takes objects up to this size as one body, then writes and hashes it on a worker
+#: thread in one go (one thread hop per file instead of a queue, a temp file and a rename).
+WHOLE_MAX = 4 * 2**20
 #: S3 objects from this size on are read as RANGE_PART-sized ranged GETs, RANGES_IN_FLIGHT at a
 #: time, each written at its offset (os.pwrite) and hashed in order as the parts complete. Below
 #: it, one stream: a range costs a request and its first-byte latency, and on moto every range
@@ -480,7 +483,7 @@ async def download_tree(
             n, info = numbered
             rel = rels[n]
             target = dest_root / rel
-            if info.size < PIPELINE_MIN:  # nothing (an empty file: _without_folder_markers already asked S3), or one body
+            if info.size <= WHOLE_MAX:  # nothing (an empty file: _without_folder_markers already asked S3), or one body
                 async with budget.hold(info.size):
                     with store._errors(info.key):
                         data = memoryview(b"")
