@@ -100,3 +100,18 @@ def test_write_zip_writes_each_file_once(tmp_path: Path, monkeypatch: pytest.Mon
     expected = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     assert sorted(writes) == expected and len(expected) == 44
     assert write_zip(root, tmp_path / "q.zip") == digest  # still deterministic
+
+
+def test_max_selected_bytes_limits_only_the_selected_entries(tmp_path: Path) -> None:
+    big = os.urandom(64 << 10)
+    zip_path = tmp_path / "p.zip"
+    with zipfile.ZipFile(zip_path, "w") as zf:
+        zf.writestr("pkg/main.py", MAIN)
+        zf.writestr("pkg/requirements.txt", "")
+        zf.writestr("pkg/model.bin", big)  # large, but not selected
+    root = extract_zip(zip_path, tmp_path / "x", only=lambda n: n.endswith(".py"), max_selected_bytes=len(MAIN))
+    assert sorted(p.name for p in root.iterdir()) == ["main.py"]
+    with pytest.raises(ArchiveError) as e:
+        extract_zip(zip_path, tmp_path / "y", only=lambda n: not n.endswith(".txt"), max_selected_bytes=len(MAIN))
+    assert str(e.value).startswith(f"zip entry 'pkg/model.bin' is {len(big)} bytes, over the limit of {len(MAIN)} bytes")
+    assert not (tmp_path / "y").exists()
