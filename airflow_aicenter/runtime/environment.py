@@ -8,10 +8,12 @@ image's libraries are used as they are. It is found, in this order:
 1. the local cache: ``$AICENTER_CACHE/envs/<key>`` (default ``~/.cache/aicenter/envs/<key>``),
    used in place;
 2. the store: ``envs/<key>.json`` names a packed environment (tar + zstd) under
-   ``blobs/sha256/``; it is verified against its digest, unpacked into the local cache, used;
-3. installed: ``uv venv`` + ``uv pip install -r requirements.txt``; then packed and uploaded in
-   a background thread (the agent waits for it at the end of the run, so user code runs while it
-   packs), create-once, for the next run.
+   ``blobs/sha256/``; it is streamed through zstd into tar while its digest is computed, into a
+   temporary folder that is used only when the digest matches;
+3. installed: ``uv venv`` + ``uv pip install -r requirements.txt``; then, in a background thread
+   at low priority while the user code runs, byte-compiled (so restored environments import
+   without compiling: pods run with PYTHONDONTWRITEBYTECODE), packed and uploaded create-once
+   for the next run. The agent waits for that thread at the end of the run.
 
 A hit (1 or 2) runs no uv command at all, so it needs no package index (clusters without
 egress). A corrupt blob is reported and the environment rebuilt. Two first runs of one key at
@@ -401,7 +403,7 @@ def _store(store: Store, key: str, env: Path, requirements: list[str], log: Log,
     ``replace``: the record names a broken blob, so it is overwritten; where the credentials only
     allow creating records (a pod's session policy) that fails with a warning naming the fix.
     """
-    with contextlib.suppress(OSError):  # pack at low priority: the user code runs meanwhile
+    with contextlib.suppress(OSError):  # compile and pack at low priority: the user code runs meanwhile
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
     if not replace and store.exists(env_key(key)):
         return f"environment {key[:12]} was stored by another run meanwhile"
