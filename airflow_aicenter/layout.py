@@ -157,5 +157,6 @@ class RunPath(TaskPath):
         head, sep, tail = task.rpartition(MAP_SEPARATOR)
         if sep and tail.isdigit():
             task_id, map_index = head, int(tail)
-        return cls(_component("dag_id", dag_id), _component("run_id", run_id), _component("task_id", task_id), map_index,
-                   int(try_text))
+        return cls(
+            _component("dag_id", dag_id), _component("run_id", run_id), _component("task_id", task_id), map_index, int(try_text)
+        )

@@ -50,21 +50,40 @@ class PipelinePlan:
 
 
 TRAIN = PipelinePlan(
-    name="train", source="train.py", calls=("train", "save"), datasets=("dataset",), makes_version=True,
-    input_keys=(("train_data", "dataset"),), distributed=True,
+    name="train",
+    source="train.py",
+    calls=("train", "save"),
+    datasets=("dataset",),
+    makes_version=True,
+    input_keys=(("train_data", "dataset"),),
+    distributed=True,
 )
 EVALUATE = PipelinePlan(
-    name="evaluate", source="train.py", calls=("evaluate",), datasets=("evaluation_dataset",), scored=True,
+    name="evaluate",
+    source="train.py",
+    calls=("evaluate",),
+    datasets=("evaluation_dataset",),
+    scored=True,
     input_keys=(("evaluation_data", "evaluation_dataset"),),
 )
 FULL = PipelinePlan(
-    name="full", source="train.py", calls=("process_data", "train", "evaluate", "save"), datasets=("dataset",),
-    optional_datasets=("evaluation_dataset",), makes_version=True, scored=True,
-    input_keys=(("train_data", "dataset"), ("evaluation_data", "evaluation_dataset")), distributed=True,
+    name="full",
+    source="train.py",
+    calls=("process_data", "train", "evaluate", "save"),
+    datasets=("dataset",),
+    optional_datasets=("evaluation_dataset",),
+    makes_version=True,
+    scored=True,
+    input_keys=(("train_data", "dataset"), ("evaluation_data", "evaluation_dataset")),
+    distributed=True,
 )
 PREDICT = PipelinePlan(
-    name="predict", source="main.py", calls=("predict",), datasets=("dataset",),
-    input_keys=(("inference_data", "dataset"),), contract="serve",
+    name="predict",
+    source="main.py",
+    calls=("predict",),
+    datasets=("dataset",),
+    input_keys=(("inference_data", "dataset"),),
+    contract="serve",
 )
 
 PLANS: dict[str, PipelinePlan] = {plan.name: plan for plan in (TRAIN, EVALUATE, FULL, PREDICT)}

@@ -79,22 +79,32 @@ def version_score(
 
 def check_promote_if(promote_if: str) -> str:
     if promote_if not in PROMOTE_IF:
-        raise ConfigurationError(f"promote_if={promote_if!r} is not valid; use 'better' (score strictly above the alias's "
-                                 "current version's) or 'always'")
+        raise ConfigurationError(
+            f"promote_if={promote_if!r} is not valid; use 'better' (score strictly above the alias's "
+            "current version's) or 'always'"
+        )
     return promote_if
 
 
 def _decide(
-    registry: Registry, package: str, alias: str, version: str, score: float | None, promote_if: str,
-    current: AliasRecord | None, on: str | None,
+    registry: Registry,
+    package: str,
+    alias: str,
+    version: str,
+    score: float | None,
+    promote_if: str,
+    current: AliasRecord | None,
+    on: str | None,
 ) -> tuple[bool, str]:
     if current is not None and current.version == version:
         return False, f"{alias!r} already points at {version}"
     if promote_if == "always":
         return True, "promote_if='always'" + (f" (replaces {current.version})" if current else f" (new alias {alias!r})")
     if score is None:
-        return False, (f"version {version} has no score (its run did not evaluate), so promote_if='better' cannot judge it; "
-                       "give the run evaluation data or use promote_if='always'")
+        return False, (
+            f"version {version} has no score (its run did not evaluate), so promote_if='better' cannot judge it; "
+            "give the run evaluation data or use promote_if='always'"
+        )
     if current is None:
         return True, f"score {score:.6g}; alias {alias!r} did not exist yet"
     theirs = version_score(registry, package, current.version, on=on)
@@ -102,7 +112,10 @@ def _decide(
         return True, f"score {score:.6g}; the current {alias} version {current.version} has no score"
     if score > theirs.score:
         return True, f"score {score:.6g} > {theirs.score:.6g} of the current {alias} version {current.version} ({theirs.source})"
-    return False, f"score {score:.6g} is not above {theirs.score:.6g} of the current {alias} version {current.version} ({theirs.source})"
+    return (
+        False,
+        f"score {score:.6g} is not above {theirs.score:.6g} of the current {alias} version {current.version} ({theirs.source})",
+    )
 
 
 def promote(
@@ -130,8 +143,9 @@ def promote(
         return ok
 
     shown = "none" if score is None else f"{score:.6g}"
-    record = registry.set_alias(package, alias, version, set_by=set_by, condition=condition,
-                                reason=f"promote_if={promote_if}, score {shown}")
+    record = registry.set_alias(
+        package, alias, version, set_by=set_by, condition=condition, reason=f"promote_if={promote_if}, score {shown}"
+    )
     if record is None:
         return Promotion(alias, last.get("current"), version, False, last.get("reason", "declined"))
     return Promotion(alias, record.previous, version, True, last["reason"])

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from kubernetes.client import models as k8s
 from kubernetes.client.exceptions import ApiException
@@ -42,6 +42,7 @@ from airflow_aicenter.layout import OUTCOME
 from airflow_aicenter.records import Outcome, RunRef, RunSpec, read_optional, write
 
 if TYPE_CHECKING:
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from airflow.sdk import Context
 
@@ -78,6 +79,7 @@ class JobLauncher(PodLauncher):
     def __init__(self, operator: KubernetesPodOperator, hook: AICenterHook, settings: PodSettings, *, nodes: int) -> None:
         super().__init__(operator, hook, settings)
         self.nodes = nodes
+        self.kube = cast("KubernetesHook", operator.hook)
         self.job: str | None = None
         self.namespace: str | None = None
 
@@ -99,11 +101,15 @@ class JobLauncher(PodLauncher):
         self.job, self.namespace = name, namespace
         container = base_container(pod, self.op.base_container_name)
         hosts = ",".join(f"{name}-{i}.{name}" for i in range(self.nodes))
-        _set_env(container, [
-            k8s.V1EnvVar(name="AICENTER_MASTER_ADDR", value=f"{name}-0.{name}"),
-            k8s.V1EnvVar(name="AICENTER_MASTER_PORT", value=str(MASTER_PORT)),
-            k8s.V1EnvVar(name="AICENTER_WORKER_HOSTS", value=hosts),
-        ], owned={"AICENTER_MASTER_ADDR", "AICENTER_MASTER_PORT", "AICENTER_WORKER_HOSTS"})
+        _set_env(
+            container,
+            [
+                k8s.V1EnvVar(name="AICENTER_MASTER_ADDR", value=f"{name}-0.{name}"),
+                k8s.V1EnvVar(name="AICENTER_MASTER_PORT", value=str(MASTER_PORT)),
+                k8s.V1EnvVar(name="AICENTER_WORKER_HOSTS", value=hosts),
+            ],
+            owned={"AICENTER_MASTER_ADDR", "AICENTER_MASTER_PORT", "AICENTER_WORKER_HOSTS"},
+        )
         container.ports = [*(container.ports or []), k8s.V1ContainerPort(name="rendezvous", container_port=MASTER_PORT)]
         labels = {**(pod.metadata.labels or {}), LABEL_JOB: name}
         # KPO's per-try labels would make the Job's pods look like a KPO pod of one try.
@@ -116,17 +122,28 @@ class JobLauncher(PodLauncher):
             spec=pod.spec,
         )
         job = k8s.V1Job(
-            api_version="batch/v1", kind="Job",
-            metadata=k8s.V1ObjectMeta(name=name, namespace=namespace, labels={LABEL_JOB: name, LABEL_RUN: label_value(run.label)},
-                                      annotations={ANNOTATION_RUN: run.model_dump_json()}),
-            spec=k8s.V1JobSpec(completion_mode="Indexed", completions=self.nodes, parallelism=self.nodes, backoff_limit=0,
-                               template=template),
+            api_version="batch/v1",
+            kind="Job",
+            metadata=k8s.V1ObjectMeta(
+                name=name,
+                namespace=namespace,
+                labels={LABEL_JOB: name, LABEL_RUN: label_value(run.label)},
+                annotations={ANNOTATION_RUN: run.model_dump_json()},
+            ),
+            spec=k8s.V1JobSpec(
+                completion_mode="Indexed", completions=self.nodes, parallelism=self.nodes, backoff_limit=0, template=template
+            ),
         )
         service = k8s.V1Service(
-            api_version="v1", kind="Service",
+            api_version="v1",
+            kind="Service",
             metadata=k8s.V1ObjectMeta(name=name, namespace=namespace, labels={LABEL_JOB: name}),
-            spec=k8s.V1ServiceSpec(cluster_ip="None", selector={LABEL_JOB: name}, publish_not_ready_addresses=True,
-                                   ports=[k8s.V1ServicePort(name="rendezvous", port=MASTER_PORT, target_port=MASTER_PORT)]),
+            spec=k8s.V1ServiceSpec(
+                cluster_ip="None",
+                selector={LABEL_JOB: name},
+                publish_not_ready_addresses=True,
+                ports=[k8s.V1ServicePort(name="rendezvous", port=MASTER_PORT, target_port=MASTER_PORT)],
+            ),
         )
         return job, service
 
@@ -135,7 +152,7 @@ class JobLauncher(PodLauncher):
         self.pod_run = self.plan(spec, run)
         self.issue_credentials(spec, run)
         job, service = self.manifests(context, spec, run)
-        batch, core = self.op.hook.batch_v1_client, self.op.hook.core_v1_client
+        batch, core = self.kube.batch_v1_client, self.kube.core_v1_client
         assert self.job is not None and self.namespace is not None
         existing = self._read_job()
         if existing is not None and self._adopt_job(existing):
@@ -149,8 +166,9 @@ class JobLauncher(PodLauncher):
                 if exc.status != 409:
                     raise
             batch.create_namespaced_job(self.namespace, job)
-            self.op.log.info("Created Job %s/%s: %d nodes x %d processes", self.namespace, self.job, self.nodes,
-                             spec.procs_per_node)
+            self.op.log.info(
+                "Created Job %s/%s: %d nodes x %d processes", self.namespace, self.job, self.nodes, spec.procs_per_node
+            )
         if self.op.deferrable:
             self._defer(context)
         try:
@@ -167,10 +185,18 @@ class JobLauncher(PodLauncher):
         assert self.job is not None and self.namespace is not None
         self.op.defer(
             trigger=KubernetesJobTrigger(
-                job_name=self.job, job_namespace=self.namespace, pod_names=[], pod_namespace=self.namespace,
-                base_container_name=self.op.base_container_name, kubernetes_conn_id=self.op.kubernetes_conn_id,
-                cluster_context=self.op.cluster_context, config_file=self.op.config_file, in_cluster=self.op.in_cluster,
-                poll_interval=self.op.poll_interval, get_logs=False, do_xcom_push=False,
+                job_name=self.job,
+                job_namespace=self.namespace,
+                pod_names=[],
+                pod_namespace=self.namespace,
+                base_container_name=self.op.base_container_name,
+                kubernetes_conn_id=self.op.kubernetes_conn_id,
+                cluster_context=self.op.cluster_context,
+                config_file=self.op.config_file,
+                in_cluster=self.op.in_cluster,
+                poll_interval=self.op.poll_interval,
+                get_logs=False,
+                do_xcom_push=False,
             ),
             method_name="trigger_reentry",
         )
@@ -190,7 +216,7 @@ class JobLauncher(PodLauncher):
     def _read_job(self) -> k8s.V1Job | None:
         assert self.job is not None and self.namespace is not None
         try:
-            return self.op.hook.batch_v1_client.read_namespaced_job(self.job, self.namespace)
+            return self.kube.batch_v1_client.read_namespaced_job(self.job, self.namespace)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -225,7 +251,7 @@ class JobLauncher(PodLauncher):
 
     def _pods(self) -> list[k8s.V1Pod]:
         assert self.job is not None and self.namespace is not None
-        pods = self.op.hook.core_v1_client.list_namespaced_pod(self.namespace, label_selector=f"job-name={self.job}").items
+        pods = self.kube.core_v1_client.list_namespaced_pod(self.namespace, label_selector=f"job-name={self.job}").items
         return sorted(pods, key=lambda p: int((p.metadata.labels or {}).get("batch.kubernetes.io/job-completion-index", "0")))
 
     def _relay_logs(self) -> None:
@@ -233,8 +259,9 @@ class JobLauncher(PodLauncher):
         for pod in self._pods():
             index = (pod.metadata.labels or {}).get("batch.kubernetes.io/job-completion-index", "?")
             try:
-                text = self.op.hook.core_v1_client.read_namespaced_pod_log(
-                    pod.metadata.name, pod.metadata.namespace, container=self.op.base_container_name)
+                text = self.kube.core_v1_client.read_namespaced_pod_log(
+                    pod.metadata.name, pod.metadata.namespace, container=self.op.base_container_name
+                )
             except ApiException as exc:
                 self.op.log.warning("Could not read the log of node %s (%s): %s", index, pod.metadata.name, exc.reason)
                 continue
@@ -282,7 +309,7 @@ class JobLauncher(PodLauncher):
         if self.job is None or self.namespace is None or self.op.on_finish_action == OnFinishAction.KEEP_POD:
             return
         body = k8s.V1DeleteOptions(propagation_policy="Background")
-        for delete in (self.op.hook.batch_v1_client.delete_namespaced_job, self.op.hook.core_v1_client.delete_namespaced_service):
+        for delete in (self.kube.batch_v1_client.delete_namespaced_job, self.kube.core_v1_client.delete_namespaced_service):
             try:
                 delete(self.job, self.namespace, body=body)
             except ApiException as exc:

@@ -19,11 +19,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from airflow_aicenter.errors import ConfigurationError
 from airflow_aicenter.launchers.base import Finished, Launcher, settle_outcome
 from airflow_aicenter.records import RunRef, RunSpec, redact
+from airflow_aicenter.secrets import Redactor
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -36,8 +37,23 @@ KILL_GRACE = 10
 MAX_LINE = 64 * 1024
 #: Variables of the worker the runtime may see; everything else (AIRFLOW_*, the worker's own
 #: credentials) stays behind.
-PASS_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES",
-            "AICENTER_CACHE", "UV_CACHE_DIR", "UV_INDEX_URL", "UV_EXTRA_INDEX_URL", "PIP_INDEX_URL", "SSL_CERT_FILE")
+PASS_ENV = (
+    "PATH",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+    "CUDA_VISIBLE_DEVICES",
+    "NVIDIA_VISIBLE_DEVICES",
+    "AICENTER_CACHE",
+    "UV_CACHE_DIR",
+    "UV_INDEX_URL",
+    "UV_EXTRA_INDEX_URL",
+    "PIP_INDEX_URL",
+    "SSL_CERT_FILE",
+)
 #: Test hooks (crash points) and the runtime's own settings pass as well.
 PASS_PREFIXES = ("AICENTER_TEST_", "LC_")
 #: Where the runtime's lines go without an operator (tests, the CLI).
@@ -84,8 +100,18 @@ class LocalLauncher(Launcher):
 
     name = "local"
 
-    def __init__(self, *, store: Store, env: dict[str, str], secrets: tuple[str, ...] = (), python: str | None = None,
-                 gpu: int = 0, nodes: int = 1, dataset_volume_claim: str | None = None, log: Any = None) -> None:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        env: dict[str, str],
+        secrets: Redactor | tuple[str, ...] = (),
+        python: str | None = None,
+        gpu: int = 0,
+        nodes: int = 1,
+        dataset_volume_claim: str | None = None,
+        log: Any = None,
+    ) -> None:
         self.store, self.env, self.secrets = store, env, secrets
         self.log = log or RUNTIME_LOG
         self.python = python or sys.executable
@@ -104,7 +130,9 @@ class LocalLauncher(Launcher):
                 "with the local launcher pass dataset='file:///path/to/data'"
             )
         if not Path(self.python).exists() and shutil.which(self.python) is None:
-            raise ConfigurationError(f"local launcher interpreter {self.python!r} does not exist; give a path to a python executable")
+            raise ConfigurationError(
+                f"local launcher interpreter {self.python!r} does not exist; give a path to a python executable"
+            )
         if self.gpu > 0:
             available = visible_gpus()
             if available < self.gpu:
@@ -115,7 +143,9 @@ class LocalLauncher(Launcher):
 
     def launch(self, context: Context, spec: RunSpec, run: RunRef) -> Finished:
         code = self.run(spec)
-        ended = f"the runtime exited with code {code}" + (" (killed: out of memory or a signal)" if code < 0 or code == 137 else "")
+        ended = f"the runtime exited with code {code}" + (
+            " (killed: out of memory or a signal)" if code < 0 or code == 137 else ""
+        )
         return Finished(spec, run, settle_outcome(self.store, spec, run, ended=ended))
 
     def run(self, spec: RunSpec) -> int:
@@ -125,12 +155,16 @@ class LocalLauncher(Launcher):
             spec_path.write_text(spec.model_dump_json())
             child_env = {k: v for k, v in os.environ.items() if k in PASS_ENV or k.startswith(PASS_PREFIXES)}
             child_env.update(self.env)
-            child_env.update({"PYTHONUNBUFFERED": "1", "AICENTER_WORKDIR": str(Path(tmp) / "work"),
-                              "AICENTER_PARENT_PID": str(os.getpid())})
+            child_env.update(
+                {"PYTHONUNBUFFERED": "1", "AICENTER_WORKDIR": str(Path(tmp) / "work"), "AICENTER_PARENT_PID": str(os.getpid())}
+            )
             self.log.info("Starting the runtime: %s -m airflow_aicenter.runtime", self.python)
             self.process = subprocess.Popen(
                 [self.python, "-m", "airflow_aicenter.runtime", str(spec_path)],
-                env=child_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                env=child_env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
             assert self.process.stdout is not None

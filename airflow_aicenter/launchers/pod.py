@@ -26,6 +26,7 @@ extension points and reads the run's ending afterwards:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -98,7 +99,7 @@ def _positive(name: str, value: float | str | None) -> None:
     if value is None or (name == "cpu" and isinstance(value, str) and re.fullmatch(r"\d+(\.\d+)?m?", value)):
         return
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigurationError(f"{name}={value!r} is not valid; give a positive number (cpu also takes \"500m\")")
+        raise ConfigurationError(f'{name}={value!r} is not valid; give a positive number (cpu also takes "500m")')
 
 
 def check_sub_path(sub_path: str | None) -> None:
@@ -111,7 +112,9 @@ def check_sub_path(sub_path: str | None) -> None:
         )
 
 
-def check_infra(*, cpu: float | str | None, memory_gb: float | None, storage_gb: float | None, dataset_sub_path: str | None) -> None:
+def check_infra(
+    *, cpu: float | str | None, memory_gb: float | None, storage_gb: float | None, dataset_sub_path: str | None
+) -> None:
     """Validate AI Center's infra settings when the DAG is parsed, long before a pod exists."""
     _positive("cpu", cpu)
     _positive("memory_gb", memory_gb)
@@ -159,22 +162,22 @@ def launch_cause(error: BaseException) -> str:
     return f"{type(chosen).__name__}: {first}" if first else type(chosen).__name__
 
 
-_API: ApiClient | None = None
+@functools.cache
+def _api_client() -> ApiClient:
+    return ApiClient()
 
 
 def as_model(value: Any, klass: str) -> Any:
     """A kubernetes model from a dict in API (camelCase) form; models pass through."""
-    global _API
     if value is None or not isinstance(value, dict):
         return value
     if not value:
         return None
-    _API = _API or ApiClient()
 
     class _Response:
         data = json.dumps(value)
 
-    return _API.deserialize(_Response(), klass)
+    return _api_client().deserialize(_Response(), klass)
 
 
 def base_container(pod: k8s.V1Pod, name: str) -> k8s.V1Container:
@@ -227,11 +230,19 @@ class PodRun:
         """Same task instance, package and pipeline (any try): safe to reattach to."""
         a, b = self.run, other.run
         return (a.dag_id, a.run_id, a.task_id, a.map_index, self.spec.package, self.spec.pipeline) == (
-            b.dag_id, b.run_id, b.task_id, b.map_index, other.spec.package, other.spec.pipeline)
+            b.dag_id,
+            b.run_id,
+            b.task_id,
+            b.map_index,
+            other.spec.package,
+            other.spec.pipeline,
+        )
 
 
 # -- merging ours under the user's -------------------------------------------------------
-def infra_resources(*, gpu: int, cpu: float | str | None, memory_gb: float | None, storage_gb: float | None) -> tuple[dict[str, str], dict[str, str]]:
+def infra_resources(
+    *, gpu: int, cpu: float | str | None, memory_gb: float | None, storage_gb: float | None
+) -> tuple[dict[str, str], dict[str, str]]:
     """(requests, limits) for AI Center's infra settings.
 
     CPU is requested, not limited (limits throttle); memory and ephemeral storage are both
@@ -288,7 +299,9 @@ def merge_pod_security(user: Any, container_user: Any) -> k8s.V1PodSecurityConte
     container = as_model(container_user, "V1SecurityContext")
     wants_root = pod.run_as_user == 0 or (container is not None and container.run_as_user == 0)
     defaults: dict[str, Any] = {
-        "run_as_user": RUNTIME_UID, "run_as_group": RUNTIME_UID, "fs_group": RUNTIME_UID,
+        "run_as_user": RUNTIME_UID,
+        "run_as_group": RUNTIME_UID,
+        "fs_group": RUNTIME_UID,
         "seccomp_profile": k8s.V1SeccompProfile(type="RuntimeDefault"),
     }
     if not wants_root:
@@ -318,8 +331,6 @@ def _set_env(container: k8s.V1Container, env: list[k8s.V1EnvVar], *, owned: set[
     current = [e for e in (container.env or []) if (e.get("name") if isinstance(e, dict) else e.name) not in owned]
     names = {(e.get("name") if isinstance(e, dict) else e.name) for e in current}
     container.env = [*current, *(e for e in env if e.name in owned or e.name not in names)]
-
-
 
 
 # -- the launcher ----------------------------------------------------------------------------
@@ -382,19 +393,26 @@ class PodLauncher(Launcher):
 
         role_settings(self.hook.settings.extra)  # a malformed runtime_role_arn fails here, before any pod
         if self.settings.pipeline == "evaluate" and self.settings.dataset_volume_claim:
-            raise ConfigurationError("dataset_volume_claim mounts the training dataset; evaluation runs read evaluation_dataset=URI")
+            raise ConfigurationError(
+                "dataset_volume_claim mounts the training dataset; evaluation runs read evaluation_dataset=URI"
+            )
         check_sub_path(self.settings.dataset_sub_path)
 
     def plan(self, spec: RunSpec, run: RunRef) -> PodRun:
         """The spec as the pod runs it: requirements installed there, a mounted dataset not staged."""
         install = True if self.settings.install_requirements is None else self.settings.install_requirements
-        return PodRun(spec=spec.model_copy(update={
-            "install_requirements": install,
-            "dataset_mount": DATASET_MOUNT if self.settings.dataset_volume_claim else None,
-        }), run=run)
+        return PodRun(
+            spec=spec.model_copy(
+                update={
+                    "install_requirements": install,
+                    "dataset_mount": DATASET_MOUNT if self.settings.dataset_volume_claim else None,
+                }
+            ),
+            run=run,
+        )
 
     # -- per-run credentials ------------------------------------------------------------------
-    def namespace(self) -> str:
+    def pod_namespace(self) -> str:
         return str(self.op.namespace or self.hook.settings.namespace or self.op.hook.get_namespace() or "default")
 
     def issue_credentials(self, spec: RunSpec, run: RunRef) -> None:
@@ -411,9 +429,15 @@ class PodLauncher(Launcher):
         from airflow_aicenter.credentials import run_credentials
 
         reads = [spec.incremental_base] if spec.incremental_base else []
-        creds = run_credentials(self.hook.settings.extra, self.hook.settings.aws_conn_id, storage=spec.storage,
-                                run_prefix=spec.run_prefix, checkpoint_prefix=spec.checkpoint_prefix,
-                                datasets=[spec.dataset, spec.evaluation_dataset], reads=reads)
+        creds = run_credentials(
+            self.hook.settings.extra,
+            self.hook.settings.aws_conn_id,
+            storage=spec.storage,
+            run_prefix=spec.run_prefix,
+            checkpoint_prefix=spec.checkpoint_prefix,
+            datasets=[spec.dataset, spec.evaluation_dataset],
+            reads=reads,
+        )
         if creds is None:
             return
         values = creds.to_env()
@@ -421,24 +445,31 @@ class PodLauncher(Launcher):
             mask_secret(value)
         name = credentials_secret_name(run)
         body = k8s.V1Secret(
-            api_version="v1", kind="Secret", type="Opaque",
+            api_version="v1",
+            kind="Secret",
+            type="Opaque",
             metadata=k8s.V1ObjectMeta(name=name, labels={LABEL_RUN: label_value(run.label), "aicenter/credentials": "run"}),
             string_data=values,
         )
         core = self.op.hook.core_v1_client
         try:
-            core.create_namespaced_secret(self.namespace(), body)
-        except Exception as exc:  # noqa: BLE001 - a stale one of this very try is replaced
+            core.create_namespaced_secret(self.pod_namespace(), body)
+        except Exception as exc:
             if getattr(exc, "status", None) != 409:
                 raise
-            core.replace_namespaced_secret(name, self.namespace(), body)
+            core.replace_namespaced_secret(name, self.pod_namespace(), body)
         self.credentials_secret = name
         self.settings.credentials = [
             k8s.V1EnvVar(name=key, value_from=k8s.V1EnvVarSource(secret_key_ref=k8s.V1SecretKeySelector(name=name, key=key)))
             for key in sorted(values)
         ]
-        self.op.log.info("Run credentials: role %s, session policy limited to %s (expire %s), in Secret %s",
-                         creds.role_arn, spec.run_prefix, creds.expiration.isoformat(), name)
+        self.op.log.info(
+            "Run credentials: role %s, session policy limited to %s (expire %s), in Secret %s",
+            creds.role_arn,
+            spec.run_prefix,
+            creds.expiration.isoformat(),
+            name,
+        )
 
     def revoke_credentials(self, run: RunRef | None = None) -> None:
         """Delete the run's credentials Secret (after the run; on deferrable re-entry, from the run's name)."""
@@ -448,7 +479,7 @@ class PodLauncher(Launcher):
         if name is None:
             return
         try:
-            self.op.hook.core_v1_client.delete_namespaced_secret(name, self.namespace())
+            self.op.hook.core_v1_client.delete_namespaced_secret(name, self.pod_namespace())
         except Exception as exc:  # noqa: BLE001 - the credentials expire anyway; say so and go on
             self.op.log.warning("Could not delete the run's credentials Secret %s: %s", name, exc)
         self.credentials_secret = None
@@ -461,7 +492,9 @@ class PodLauncher(Launcher):
         if self.hook.settings.storage.startswith("file://"):
             self.op.log.warning(
                 "The store is %s on the worker's disk: the pod must see the same path (mount it with volumes=/volume_mounts), "
-                "or use an s3:// store", self.hook.settings.storage)
+                "or use an s3:// store",
+                self.hook.settings.storage,
+            )
         self.pod_run = self.plan(spec, run)
         self.op.trigger_kwargs = {**(self.op.trigger_kwargs or {}), EVENT_KEY: self.pod_run.to_event()}
         self.issue_credentials(spec, run)
@@ -512,11 +545,15 @@ class PodLauncher(Launcher):
         code, reason, message = termination(pod, self.op.base_container_name)
         if outcome is not None and outcome.status == "succeeded":
             if failure is not None:
-                self.op.log.warning("The pod reported a problem (%s), but the runtime's outcome.json says the run succeeded",
-                                    launch_cause(failure))
+                self.op.log.warning(
+                    "The pod reported a problem (%s), but the runtime's outcome.json says the run succeeded",
+                    launch_cause(failure),
+                )
             return Finished(spec, run, outcome)
         if outcome is None and code is None:
-            cause = f"the training pod did not run: {launch_cause(failure) if failure else 'it ended without starting the runtime'}"
+            cause = (
+                f"the training pod did not run: {launch_cause(failure) if failure else 'it ended without starting the runtime'}"
+            )
             write(store, run.key(OUTCOME), Outcome.starting(spec, "failed", end_at=time.time(), error=cause))
             raise RunError(f"{spec.pipeline} run of {spec.package}:{spec.version} failed: {cause}")
         ended = f"the pod's container ended (exit code {code}" + (f", {reason})" if reason else ")")
@@ -541,8 +578,9 @@ class PodLauncher(Launcher):
             container.command = list(RUNTIME_COMMAND)
         self._add_volumes(pod, container)
         self._add_env(container)
-        requests, limits = infra_resources(gpu=settings.gpu, cpu=settings.cpu, memory_gb=settings.memory_gb,
-                                           storage_gb=settings.storage_gb)
+        requests, limits = infra_resources(
+            gpu=settings.gpu, cpu=settings.cpu, memory_gb=settings.memory_gb, storage_gb=settings.storage_gb
+        )
         container.resources = merge_resources(requests, limits, container.resources)
         pod.spec.tolerations = merge_tolerations(pod.spec.tolerations, settings.gpu)
         pod.spec.security_context = merge_pod_security(pod.spec.security_context, container.security_context)
@@ -569,16 +607,25 @@ class PodLauncher(Launcher):
         volumes = list(pod.spec.volumes or [])
         storage = memory_quantity(settings.storage_gb) if settings.storage_gb is not None else None
         ours: list[tuple[k8s.V1Volume, k8s.V1VolumeMount]] = [
-            (k8s.V1Volume(name=WORK_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=storage)),
-             k8s.V1VolumeMount(name=WORK_VOLUME, mount_path=WORK_MOUNT)),
-            (k8s.V1Volume(name=TMP_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource()),
-             k8s.V1VolumeMount(name=TMP_VOLUME, mount_path=TMP_MOUNT)),
+            (
+                k8s.V1Volume(name=WORK_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=storage)),
+                k8s.V1VolumeMount(name=WORK_VOLUME, mount_path=WORK_MOUNT),
+            ),
+            (
+                k8s.V1Volume(name=TMP_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource()),
+                k8s.V1VolumeMount(name=TMP_VOLUME, mount_path=TMP_MOUNT),
+            ),
         ]
         if settings.dataset_volume_claim:
             claim = k8s.V1PersistentVolumeClaimVolumeSource(claim_name=settings.dataset_volume_claim, read_only=True)
-            ours.append((k8s.V1Volume(name=DATASET_VOLUME, persistent_volume_claim=claim),
-                         k8s.V1VolumeMount(name=DATASET_VOLUME, mount_path=DATASET_MOUNT, read_only=True,
-                                           sub_path=settings.dataset_sub_path or None)))
+            ours.append(
+                (
+                    k8s.V1Volume(name=DATASET_VOLUME, persistent_volume_claim=claim),
+                    k8s.V1VolumeMount(
+                        name=DATASET_VOLUME, mount_path=DATASET_MOUNT, read_only=True, sub_path=settings.dataset_sub_path or None
+                    ),
+                )
+            )
         for volume, mount in ours:
             if mount.mount_path in taken:  # the user mounts their own volume there: theirs wins
                 continue
@@ -620,14 +667,21 @@ class PodLauncher(Launcher):
         planned = self.pod_run
         name = f"{pod.metadata.namespace}/{pod.metadata.name}"
         if found is None or (planned is not None and not found.same_task(planned)):
-            what = "was not started by airflow-aicenter" if found is None else f"runs {found.spec.package} ({found.spec.pipeline}) for {found.run.label}"
+            what = (
+                "was not started by airflow-aicenter"
+                if found is None
+                else f"runs {found.spec.package} ({found.spec.pipeline}) for {found.run.label}"
+            )
             raise RunError(
                 f"pod {name} matches this task's labels but {what}; refusing to reattach to it. "
                 f"Delete it (kubectl delete pod -n {pod.metadata.namespace} {pod.metadata.name}) and clear the task"
             )
         if planned is not None and found.run.prefix != planned.run.prefix:
-            self.op.log.info("Reattached to pod %s of an earlier attempt: its run folder %s holds the result",
-                             name, found.run.uri or found.run.prefix)
+            self.op.log.info(
+                "Reattached to pod %s of an earlier attempt: its run folder %s holds the result",
+                name,
+                found.run.uri or found.run.prefix,
+            )
         self.pod_run = found
         self.op.trigger_kwargs = {**(self.op.trigger_kwargs or {}), EVENT_KEY: found.to_event()}
 
@@ -655,5 +709,5 @@ class PodLauncher(Launcher):
                 outcome.error = f"killed by Airflow (task stopped) during {outcome.phase or 'start-up'}"
                 write(store, key, outcome)
             self.op.log.info("Run %s recorded as %s", self.pod_run.run.label, outcome.status)
-        except Exception:  # noqa: BLE001 - on_kill must not fail the kill itself
+        except Exception:
             self.op.log.exception("Could not record the run as killed")

@@ -32,7 +32,6 @@ from airflow_aicenter.operators.links import ArtifactsLink, ResultsLink
 from airflow_aicenter.package import validate_alias_name
 from airflow_aicenter.plans import PipelinePlan
 from airflow_aicenter.promotion import PromoteIf, Promotion, check_promote_if, promote
-from airflow_aicenter.secrets import SECRET_KEYS_ENV, Redactor, forms
 from airflow_aicenter.records import (
     EvaluationRecord,
     Outcome,
@@ -44,21 +43,27 @@ from airflow_aicenter.records import (
     masked_env,
     read_optional,
     redact,
-    secret_values,
     write,
 )
 from airflow_aicenter.runtime.environment import package_indexes
+from airflow_aicenter.secrets import SECRET_KEYS_ENV, Redactor, forms
 
 if TYPE_CHECKING:
-    from kubernetes.client import models as k8s
-
     from airflow.sdk import Context
+    from kubernetes.client import models as k8s
 
 #: Version-producing runs whose package name is only known at run time add their event through this alias.
 PACKAGE_ALIAS = "aicenter-package-versions"
 #: Our own template fields; KubernetesPodOperator's are rendered too, but shown only for pod runs.
-AICENTER_TEMPLATE_FIELDS = ("package", "version", "dataset", "evaluation_dataset", "env", "dataset_volume_claim",
-                            "dataset_sub_path")
+AICENTER_TEMPLATE_FIELDS = (
+    "package",
+    "version",
+    "dataset",
+    "evaluation_dataset",
+    "env",
+    "dataset_volume_claim",
+    "dataset_sub_path",
+)
 
 
 def package_asset(package: str) -> Asset:
@@ -125,7 +130,7 @@ class BasePipelineOperator(KubernetesPodOperator):
 
     plan: ClassVar[PipelinePlan]
     template_fields: Sequence[str] = (*AICENTER_TEMPLATE_FIELDS, *KubernetesPodOperator.template_fields)
-    template_fields_renderers = {**KubernetesPodOperator.template_fields_renderers, "env": "json"}
+    template_fields_renderers: ClassVar[dict[str, str]] = {**KubernetesPodOperator.template_fields_renderers, "env": "json"}
     operator_extra_links = (ResultsLink(), ArtifactsLink())
     ui_color = "#e8f0fe"
 
@@ -182,8 +187,7 @@ class BasePipelineOperator(KubernetesPodOperator):
         self.procs_per_node = positive_count("procs_per_node", procs_per_node)
         if (self.nodes > 1 or self.procs_per_node > 1) and not self.plan.distributed and self.plan.name != "predict":
             raise ConfigurationError(
-                f"{type(self).__name__} runs one process (nodes and procs_per_node apply to training); "
-                "leave them at 1"
+                f"{type(self).__name__} runs one process (nodes and procs_per_node apply to training); leave them at 1"
             )
         if self.plan.name == "predict" and self.nodes != 1:
             raise ConfigurationError("batch prediction runs on one node: use procs_per_node=N to share the inputs")
@@ -237,10 +241,17 @@ class BasePipelineOperator(KubernetesPodOperator):
         """The launcher for this run (override to add one); ``nodes > 1`` on Kubernetes is a Job."""
         if name == "kubernetes":
             settings = PodSettings(
-                pipeline=self.plan.name, env=self.env, gpu=self.gpu, cpu=self.cpu, memory_gb=self.memory_gb,
-                storage_gb=self.storage_gb, dataset_volume_claim=self.dataset_volume_claim,
-                dataset_sub_path=self.dataset_sub_path, aws_secret_name=self.aws_secret_name,
-                install_requirements=self.install_requirements, datasets=(self.dataset, self.evaluation_dataset),
+                pipeline=self.plan.name,
+                env=self.env,
+                gpu=self.gpu,
+                cpu=self.cpu,
+                memory_gb=self.memory_gb,
+                storage_gb=self.storage_gb,
+                dataset_volume_claim=self.dataset_volume_claim,
+                dataset_sub_path=self.dataset_sub_path,
+                aws_secret_name=self.aws_secret_name,
+                install_requirements=self.install_requirements,
+                datasets=(self.dataset, self.evaluation_dataset),
                 secret_keys=frozenset(self.masked_keys()),
             )
             if self.nodes > 1:
@@ -248,21 +259,35 @@ class BasePipelineOperator(KubernetesPodOperator):
 
                 return JobLauncher(self, self.aicenter_hook, settings, nodes=self.nodes)
             return PodLauncher(self, self.aicenter_hook, settings)
-        child_env = {**self.aicenter_hook.runtime_env(self.dataset, self.evaluation_dataset), **self.user_secret_env(),
-                     SECRET_KEYS_ENV: ",".join(sorted(self.masked_keys()))}
-        return LocalLauncher(store=self.aicenter_hook.get_store(), env=child_env, secrets=self.redactor(),
-                             python=self.python, gpu=self.gpu, nodes=self.nodes,
-                             dataset_volume_claim=self.dataset_volume_claim, log=self.log)
+        child_env = {
+            **self.aicenter_hook.runtime_env(self.dataset, self.evaluation_dataset),
+            **self.user_secret_env(),
+            SECRET_KEYS_ENV: ",".join(sorted(self.masked_keys())),
+        }
+        return LocalLauncher(
+            store=self.aicenter_hook.get_store(),
+            env=child_env,
+            secrets=self.redactor(),
+            python=self.python,
+            gpu=self.gpu,
+            nodes=self.nodes,
+            dataset_volume_claim=self.dataset_volume_claim,
+            log=self.log,
+        )
 
     # -- the one flow --------------------------------------------------------------------
     def execute(self, context: Context) -> dict[str, Any]:
         run = self.run_ref(context)
-        store = self.aicenter_hook.get_store()
         try:
             launcher = self.launcher_in_use = self.make_launcher(self.launcher_name())
             parent = self.aicenter_hook.registry.resolve(self.package, str(self.requested_version))
-            self.log.info("Package %s version %s (resolved from %r), run folder %s",
-                          self.package, parent.version, self.requested_version, run.uri)
+            self.log.info(
+                "Package %s version %s (resolved from %r), run folder %s",
+                self.package,
+                parent.version,
+                self.requested_version,
+                run.uri,
+            )
             self.aicenter_hook.registry.check(parent, self.plan.contract)
             self.check_datasets()
             launcher.check()
@@ -270,14 +295,18 @@ class BasePipelineOperator(KubernetesPodOperator):
             spec = None if recovered else self.build_spec(parent, run)
         except AICenterError as exc:
             self.record_refused(run, exc)
-            raise no_retry(exc) if not exc.retryable else exc
+            if exc.retryable:
+                raise
+            raise no_retry(exc) from exc
         if recovered is not None:
             return self.complete(context, recovered)
         assert spec is not None
         try:
             finished = launcher.launch(context, spec, run)
         except AICenterError as exc:
-            raise no_retry(exc) if not exc.retryable else exc
+            if exc.retryable:
+                raise
+            raise no_retry(exc) from exc
         return self.complete(context, finished)
 
     def trigger_reentry(self, context: Context, event: dict[str, Any]) -> Any:
@@ -326,8 +355,11 @@ class BasePipelineOperator(KubernetesPodOperator):
     def run_ref(self, context: Context) -> RunRef:
         ti = context["ti"]
         ref = RunRef(
-            dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id,
-            try_number=ti.try_number or 1, map_index=ti.map_index if ti.map_index is not None else -1,
+            dag_id=ti.dag_id,
+            run_id=ti.run_id,
+            task_id=ti.task_id,
+            try_number=ti.try_number or 1,
+            map_index=ti.map_index if ti.map_index is not None else -1,
         )
         ref.uri = self.aicenter_hook.get_store().url(ref.prefix)
         return ref
@@ -344,7 +376,8 @@ class BasePipelineOperator(KubernetesPodOperator):
         from airflow.sdk.log import mask_secret
 
         for value in self.redactor().values:
-            mask_secret(sorted(forms(value)))  # every form; no name: Airflow keeps a named value only if on its list
+            for form in sorted(forms(value)):  # every form; no name: Airflow keeps a named value only if on its list
+                mask_secret(form)
         self.requested_version = self.version
         try:
             if self.launcher_name() == "local":
@@ -357,7 +390,9 @@ class BasePipelineOperator(KubernetesPodOperator):
         """Fail before compute when a dataset is missing, empty or unreadable."""
         for attr in self.plan.datasets:
             if not getattr(self, attr):
-                raise ConfigurationError(f"{type(self).__name__} needs {attr}=...: the URI of the data folder (s3://... or file:///...)")
+                raise ConfigurationError(
+                    f"{type(self).__name__} needs {attr}=...: the URI of the data folder (s3://... or file:///...)"
+                )
         for attr in self.plan.all_datasets:
             uri = getattr(self, attr)
             if uri and uri.startswith("pvc://") and not (attr == "dataset" and self.dataset_volume_claim):
@@ -390,7 +425,9 @@ class BasePipelineOperator(KubernetesPodOperator):
         roots = self.aicenter_hook.settings.extra.get("allowed_dataset_roots")
         if not roots or not uri.startswith("file://"):
             return
-        allowed = [Path(r).expanduser().resolve() for r in (roots.split(",") if isinstance(roots, str) else roots) if str(r).strip()]
+        allowed = [
+            Path(r).expanduser().resolve() for r in (roots.split(",") if isinstance(roots, str) else roots) if str(r).strip()
+        ]
         path = Path(unquote(urlparse(uri).path)).resolve()
         if not any(path == root or path.is_relative_to(root) for root in allowed):
             raise ConfigurationError(
@@ -476,14 +513,25 @@ class BasePipelineOperator(KubernetesPodOperator):
                 continue
             if outcome.status == "running" and not launcher.outlives_worker:
                 outcome.status, outcome.end_at = "failed", time.time()
-                outcome.error = f"abandoned: try {earlier} never reported an ending (its worker stopped during {outcome.phase or 'start-up'})"
+                outcome.error = (
+                    f"abandoned: try {earlier} never reported an ending (its worker stopped during {outcome.phase or 'start-up'})"
+                )
                 write(store, ref.key(OUTCOME), outcome)
                 self.log.warning("Marked try %s as abandoned: it never reported an ending", earlier)
                 continue
-            if (self.plan.makes_version and outcome.status == "succeeded" and outcome.blob is not None
-                    and outcome.package == self.package and outcome.pipeline == self.plan.name):
-                self.log.info("Try %s of this task already trained %s (run folder %s): completing it instead of training again",
-                              earlier, self.package, ref.uri)
+            if (
+                self.plan.makes_version
+                and outcome.status == "succeeded"
+                and outcome.blob is not None
+                and outcome.package == self.package
+                and outcome.pipeline == self.plan.name
+            ):
+                self.log.info(
+                    "Try %s of this task already trained %s (run folder %s): completing it instead of training again",
+                    earlier,
+                    self.package,
+                    ref.uri,
+                )
                 spec = self.build_spec(self.aicenter_hook.registry.get(self.package, outcome.version), ref)
                 return Finished(spec, ref, outcome)
         return None
@@ -492,9 +540,17 @@ class BasePipelineOperator(KubernetesPodOperator):
         """A run refused before compute is recorded too (phase "prepare"), so the run records show it."""
         now = time.time()
         outcome = Outcome(
-            status="failed", pipeline=self.plan.name, package=self.package, version=str(self.requested_version), start_at=now,
-            end_at=now, phase="prepare", error=redact(str(error), self.redactor()), dataset=self.dataset,
-            evaluation_dataset=self.evaluation_dataset, env=masked_env(self.env, self.redactor()),
+            status="failed",
+            pipeline=self.plan.name,
+            package=self.package,
+            version=str(self.requested_version),
+            start_at=now,
+            end_at=now,
+            phase="prepare",
+            error=redact(str(error), self.redactor()),
+            dataset=self.dataset,
+            evaluation_dataset=self.evaluation_dataset,
+            env=masked_env(self.env, self.redactor()),
         )
         try:
             write(self.aicenter_hook.get_store(), run.key(OUTCOME), outcome)
@@ -517,8 +573,11 @@ class BasePipelineOperator(KubernetesPodOperator):
         parent = registry.get(spec.package, spec.version)
         new_version = self.register(parent, outcome, run) if self.plan.makes_version else None
         if self.plan.name == "evaluate":
-            registry.add_evaluation(EvaluationRecord(package=self.package, version=parent.version, score=outcome.score,
-                                                     dataset=self.evaluation_dataset, run=run))
+            registry.add_evaluation(
+                EvaluationRecord(
+                    package=self.package, version=parent.version, score=outcome.score, dataset=self.evaluation_dataset, run=run
+                )
+            )
         extra = {**self.promote(run, new_version or parent, outcome), **self.result_extra(outcome, run)}
         store = registry.store
         artifacts_uri = store.url(run.key("artifacts/"))
@@ -541,8 +600,13 @@ class BasePipelineOperator(KubernetesPodOperator):
         }
         context["ti"].xcom_push(key="return_value", value=value)
         if new_version is not None:
-            event = {"package": self.package, "version": new_version.version, "parent": parent.version,
-                     "score": outcome.score, "run_uri": value["run_uri"]}
+            event = {
+                "package": self.package,
+                "version": new_version.version,
+                "parent": parent.version,
+                "score": outcome.score,
+                "run_uri": value["run_uri"],
+            }
             if is_templated(self.package) or any(isinstance(o, AssetAlias) for o in self.outlets):
                 context["outlet_events"][AssetAlias(PACKAGE_ALIAS)].add(package_asset(self.package), extra=event)
             else:
@@ -559,10 +623,9 @@ class BasePipelineOperator(KubernetesPodOperator):
         Imported lazily: OpenLineage is optional. Versions are datasets of the ``aicenter``
         namespace named after the package, with the version as their dataset version.
         """
+        from airflow.providers.openlineage.extractors import OperatorLineage
         from openlineage.client.event_v2 import Dataset
         from openlineage.client.generated.dataset_version_dataset import DatasetVersionDatasetFacet
-
-        from airflow.providers.openlineage.extractors import OperatorLineage
 
         from airflow_aicenter.assets import OPENLINEAGE_NAMESPACE
 
@@ -576,8 +639,11 @@ class BasePipelineOperator(KubernetesPodOperator):
             return [Dataset(namespace=scheme or "file", name=rest.rstrip("/") or "/")]
 
         def version(record: VersionRecord) -> Dataset:
-            return Dataset(namespace=OPENLINEAGE_NAMESPACE, name=record.package,
-                           facets={"version": DatasetVersionDatasetFacet(datasetVersion=record.version)})
+            return Dataset(
+                namespace=OPENLINEAGE_NAMESPACE,
+                name=record.package,
+                facets={"version": DatasetVersionDatasetFacet(datasetVersion=record.version)},
+            )
 
         lineage = getattr(self, "lineage", None)
         inputs = [d for attr in self.plan.all_datasets for d in data(getattr(self, attr))]
@@ -596,13 +662,21 @@ class BasePipelineOperator(KubernetesPodOperator):
 
     def register(self, parent: VersionRecord, outcome: Outcome, run: RunRef) -> VersionRecord:
         if outcome.blob is None:
-            raise RunError(f"the {self.plan.name} run reported success without the new package content; "
-                           "clear the task to run it again")
+            raise RunError(
+                f"the {self.plan.name} run reported success without the new package content; clear the task to run it again"
+            )
         crash_point("register")
         record = self.aicenter_hook.registry.commit_once(
-            self.package, run=run, parent=parent.version, blob=outcome.blob, pipeline=self.plan.name,
-            snapshot=outcome.snapshots.get("data_directory"), score=outcome.score, evaluated_on=self.evaluated_on(outcome),
-            created_by=f"{run.dag_id}.{run.task_id}", description=parent.description,
+            self.package,
+            run=run,
+            parent=parent.version,
+            blob=outcome.blob,
+            pipeline=self.plan.name,
+            snapshot=outcome.snapshots.get("data_directory"),
+            score=outcome.score,
+            evaluated_on=self.evaluated_on(outcome),
+            created_by=f"{run.dag_id}.{run.task_id}",
+            description=parent.description,
         )
         self.log.info("Registered %s version %s (parent %s)", self.package, record.version, parent.version)
         return record
@@ -623,28 +697,59 @@ class BasePipelineOperator(KubernetesPodOperator):
         registry = self.aicenter_hook.registry
         set_by = f"run {run.path.id}"
         current = registry.alias(self.package, self.promote_to)
-        if current is not None and current.version == candidate.version and current.set_by.startswith("run ") \
-                and _same_task(current.set_by.removeprefix("run "), run):
+        if (
+            current is not None
+            and current.version == candidate.version
+            and current.set_by.startswith("run ")
+            and _same_task(current.set_by.removeprefix("run "), run)
+        ):
             # An earlier attempt of this very task promoted it, then died before its results: still ours.
-            decision = Promotion(self.promote_to, current.previous, candidate.version, True,
-                                 f"promoted by an earlier attempt of this task ({current.set_by}; {current.reason})")
+            decision = Promotion(
+                self.promote_to,
+                current.previous,
+                candidate.version,
+                True,
+                f"promoted by an earlier attempt of this task ({current.set_by}; {current.reason})",
+            )
         else:
             decision = promote(
-                registry, self.package, self.promote_to, candidate.version, score=outcome.score,
-                promote_if=self.promote_if, set_by=set_by, evaluated_on=self.evaluated_on(outcome),
+                registry,
+                self.package,
+                self.promote_to,
+                candidate.version,
+                score=outcome.score,
+                promote_if=self.promote_if,
+                set_by=set_by,
+                evaluated_on=self.evaluated_on(outcome),
             )
         if decision.promoted:
-            self.log.info("Promoted %s %r: %s -> %s (%s)", self.package, self.promote_to,
-                          decision.from_version or "(none)", decision.to_version, decision.reason)
+            self.log.info(
+                "Promoted %s %r: %s -> %s (%s)",
+                self.package,
+                self.promote_to,
+                decision.from_version or "(none)",
+                decision.to_version,
+                decision.reason,
+            )
         else:
             self.log.info("Not promoting %s %s to %r: %s", self.package, decision.to_version, self.promote_to, decision.reason)
         return {"promoted": decision.promoted, "promotion": decision.as_dict()}
 
-    def build_results(self, run: RunRef, parent: VersionRecord, outcome: Outcome, new_version: VersionRecord | None,
-                      artifacts_uri: str, extra: dict[str, Any]) -> Results:
+    def build_results(
+        self,
+        run: RunRef,
+        parent: VersionRecord,
+        outcome: Outcome,
+        new_version: VersionRecord | None,
+        artifacts_uri: str,
+        extra: dict[str, Any],
+    ) -> Results:
         inputs: dict[str, Any] = {"package": self.package, "version": parent.version, "gpu": str(bool(self.gpu))}
-        outputs: dict[str, Any] = {"artifacts_data": artifacts_uri, "package": self.package,
-                                   "version": (new_version or parent).version}
+        outputs: dict[str, Any] = {
+            "artifacts_data": artifacts_uri,
+            "package": self.package,
+            "version": (new_version or parent).version,
+        }
         snapshot_of = {"dataset": "data_directory", "evaluation_dataset": "test_data_directory"}
         for key, attr in self.plan.input_keys:
             inputs[key] = getattr(self, attr)
@@ -666,16 +771,22 @@ class BasePipelineOperator(KubernetesPodOperator):
             aicenter["distributed"] = outcome.distributed
         if outcome.checkpoint:
             aicenter["checkpoint"] = outcome.checkpoint
-        return Results.model_validate({
-            "parameters": {"pipeline": f"{run.dag_id}.{run.task_id}", "inputs": inputs, "env": masked_env(self.env, self.redactor())},
-            "run_summary": {
-                "execution_time": outcome.execution_time,
-                "start_at": int(outcome.start_at),
-                "end_at": int(outcome.end_at or time.time()),
-                "outputs": {**outputs, **self.results_outputs(outcome, run)},
-            },
-            "aicenter": aicenter,
-        })
+        return Results.model_validate(
+            {
+                "parameters": {
+                    "pipeline": f"{run.dag_id}.{run.task_id}",
+                    "inputs": inputs,
+                    "env": masked_env(self.env, self.redactor()),
+                },
+                "run_summary": {
+                    "execution_time": outcome.execution_time,
+                    "start_at": int(outcome.start_at),
+                    "end_at": int(outcome.end_at or time.time()),
+                    "outputs": {**outputs, **self.results_outputs(outcome, run)},
+                },
+                "aicenter": aicenter,
+            }
+        )
 
     def results_outputs(self, outcome: Outcome, run: RunRef) -> dict[str, Any]:
         """More ``run_summary.outputs`` keys of a pipeline type."""

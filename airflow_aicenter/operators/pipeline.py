@@ -32,8 +32,15 @@ class TrainPipelineOperator(BasePipelineOperator):
 
     plan = TRAIN
 
-    def __init__(self, *, package: str, dataset: str | None = None, version: str = "latest",
-                 save_training_data: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        package: str,
+        dataset: str | None = None,
+        version: str = "latest",
+        save_training_data: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(package=package, version=version, dataset=dataset, save_training_data=save_training_data, **kwargs)
 
 
@@ -48,10 +55,12 @@ class EvaluatePipelineOperator(BasePipelineOperator):
 
     plan = EVALUATE
 
-    def __init__(self, *, package: str, evaluation_dataset: str, version: str = "latest", save_test_data: bool = False,
-                 **kwargs: Any) -> None:
-        super().__init__(package=package, version=version, evaluation_dataset=evaluation_dataset,
-                         save_test_data=save_test_data, **kwargs)
+    def __init__(
+        self, *, package: str, evaluation_dataset: str, version: str = "latest", save_test_data: bool = False, **kwargs: Any
+    ) -> None:
+        super().__init__(
+            package=package, version=version, evaluation_dataset=evaluation_dataset, save_test_data=save_test_data, **kwargs
+        )
 
 
 class FullPipelineOperator(BasePipelineOperator):
@@ -68,11 +77,26 @@ class FullPipelineOperator(BasePipelineOperator):
 
     plan = FULL
 
-    def __init__(self, *, package: str, dataset: str | None = None, version: str = "latest",
-                 evaluation_dataset: str | None = None, save_training_data: bool = False, save_test_data: bool = False,
-                 **kwargs: Any) -> None:
-        super().__init__(package=package, version=version, dataset=dataset, evaluation_dataset=evaluation_dataset,
-                         save_training_data=save_training_data, save_test_data=save_test_data, **kwargs)
+    def __init__(
+        self,
+        *,
+        package: str,
+        dataset: str | None = None,
+        version: str = "latest",
+        evaluation_dataset: str | None = None,
+        save_training_data: bool = False,
+        save_test_data: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            package=package,
+            version=version,
+            dataset=dataset,
+            evaluation_dataset=evaluation_dataset,
+            save_training_data=save_training_data,
+            save_test_data=save_test_data,
+            **kwargs,
+        )
 
 
 class PredictPipelineOperator(BasePipelineOperator):
@@ -94,11 +118,20 @@ class PredictPipelineOperator(BasePipelineOperator):
 
     plan = PREDICT
 
-    def __init__(self, *, package: str, dataset: str, version: str = "latest",
-                 input_type: Literal["json", "file"] = "json", max_failed: int = 0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        package: str,
+        dataset: str,
+        version: str = "latest",
+        input_type: Literal["json", "file"] = "json",
+        max_failed: int = 0,
+        **kwargs: Any,
+    ) -> None:
         if input_type not in INPUT_TYPES:
-            raise ConfigurationError(f"input_type={input_type!r} is not valid; use 'json' (JSON Lines, one input a line) "
-                                     "or 'file' (one input a file)")
+            raise ConfigurationError(
+                f"input_type={input_type!r} is not valid; use 'json' (JSON Lines, one input a line) or 'file' (one input a file)"
+            )
         if isinstance(max_failed, bool) or not isinstance(max_failed, int) or max_failed < 0:
             raise ConfigurationError(f"max_failed={max_failed!r} is not valid; give how many inputs may fail (0 or more)")
         super().__init__(package=package, version=version, dataset=dataset, **kwargs)
@@ -109,9 +142,15 @@ class PredictPipelineOperator(BasePipelineOperator):
         return {"input_type": self.input_type, "max_failed": self.max_failed}
 
     def result_extra(self, outcome: Outcome, run: RunRef) -> dict[str, Any]:
-        return {"predictions_uri": self.aicenter_hook.get_store().url(run.key(f"{PREDICTIONS}/")),
-                "predicted": outcome.predicted, "failed": outcome.failed}
+        return {
+            "predictions_uri": self.aicenter_hook.get_store().url(run.key(f"{PREDICTIONS}/")),
+            "predicted": outcome.predicted,
+            "failed": outcome.failed,
+        }
 
     def results_outputs(self, outcome: Outcome, run: RunRef) -> dict[str, Any]:
-        return {"predictions_data": self.aicenter_hook.get_store().url(run.key(f"{PREDICTIONS}/")),
-                "predicted": outcome.predicted, "failed": outcome.failed}
+        return {
+            "predictions_data": self.aicenter_hook.get_store().url(run.key(f"{PREDICTIONS}/")),
+            "predicted": outcome.predicted,
+            "failed": outcome.failed,
+        }
