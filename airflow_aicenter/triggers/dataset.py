@@ -178,3 +178,5 @@ class DatasetChangedTrigger(BaseEventTrigger):
                 await asyncio.to_thread(self._write_state, store, listing, announced=True)
             known = listing.fingerprint
             await asyncio.sleep(self.poll_interval)
+            # opened anew for every poll: temporary credentials from the AWS connection expire, a watch runs for months
+            dataset, store = await asyncio.to_thread(self._open)

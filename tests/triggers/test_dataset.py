@@ -34,7 +34,7 @@ class Dataset:
         self.uri, self.s3, self.bucket, self.prefix, self.root = uri, s3, bucket, prefix, root
         self.store_uri = ""  # the aicenter store the connection names
 
-    def put(self, name: str, data: bytes, *, mtime_ns: int | None = None) -> None:
+    def put(self, name: str, data: bytes) -> None:
         if self.s3 is not None:
             self.s3.put_object(Bucket=self.bucket, Key=f"{self.prefix}/{name}", Body=data)
             return
@@ -42,18 +42,26 @@ class Dataset:
         path = self.root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-        if mtime_ns is not None:
-            os.utime(path, ns=(mtime_ns, mtime_ns))
 
-    def delete(self, name: str) -> int | None:
-        """Remove a file; returns its mtime (ns) on a file store, to re-create it with the same listing."""
+    def recreate(self, name: str, data: bytes) -> None:
+        """Write ``name`` anew with ``data``, with no moment in which it is missing: uploaded again over itself on S3;
+        on disk a new file (new inode) with the old one's mtime, renamed over it (as ``rsync -t`` or ``cp -p`` leave it)."""
+        if self.s3 is not None:
+            self.put(name, data)
+            return
+        assert self.root is not None
+        old = self.root / name
+        fresh = self.root.parent / f".{name}.new"
+        fresh.write_bytes(data)
+        os.utime(fresh, ns=(old.stat().st_atime_ns, old.stat().st_mtime_ns))
+        os.replace(fresh, old)
+
+    def delete(self, name: str) -> None:
         if self.s3 is not None:
             self.s3.delete_object(Bucket=self.bucket, Key=f"{self.prefix}/{name}")
-            return None
-        assert self.root is not None
-        mtime = (self.root / name).stat().st_mtime_ns
-        (self.root / name).unlink()
-        return mtime
+        else:
+            assert self.root is not None
+            (self.root / name).unlink()
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -79,8 +87,8 @@ def dataset(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.
 class Watch:
     """One running trigger: its events as the triggerer would receive them."""
 
-    def __init__(self, trigger: DatasetChangedTrigger) -> None:
-        self.trigger = trigger
+    def __init__(self, trigger: DatasetChangedTrigger, store_uri: str) -> None:
+        self.trigger, self.store_uri = trigger, store_uri
         self.events: list[dict[str, Any]] = []
         self.error: BaseException | None = None
         self.task: asyncio.Task[None] | None = None
@@ -96,7 +104,11 @@ class Watch:
 
     async def __aenter__(self) -> Watch:
         self.task = asyncio.create_task(self._collect())
-        await asyncio.sleep(QUIET)  # the first listing is taken and recorded
+        store = open_store(self.store_uri)
+        deadline = time.monotonic() + 30
+        while not store.exists(self.trigger.state_key) and self.error is None and time.monotonic() < deadline:
+            await asyncio.sleep(POLL)  # until the first listing is recorded (at once after a restart: it was before)
+        await asyncio.sleep(QUIET)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -121,7 +133,7 @@ class Watch:
 
 
 def watch(dataset: Dataset) -> Watch:
-    return Watch(DatasetChangedTrigger(dataset=dataset.uri, poll_interval=POLL))
+    return Watch(DatasetChangedTrigger(dataset=dataset.uri, poll_interval=POLL), dataset.store_uri)
 
 
 def run(scenario: Callable[[], Awaitable[None]]) -> None:
@@ -139,8 +151,7 @@ def test_fires_once_per_change_not_for_the_same_listing_nor_after_a_restart(data
             assert len(event["fingerprint"]) == 64
             await w.quiet(1)  # once per change, not once per poll
 
-            mtime = dataset.delete("b.csv")  # re-created with the same listing: same key, size, ETag / mtime
-            dataset.put("b.csv", b"x,y\n3,4\n5,6\n", mtime_ns=mtime)
+            dataset.recreate("b.csv", b"x,y\n3,4\n5,6\n")  # re-created with the same listing: key, size, ETag / mtime
             await w.quiet(1)
 
             dataset.put("a.csv", b"x,y\n1,2\n7,8\n")  # the next change
@@ -167,9 +178,11 @@ def test_the_same_bytes_with_a_new_mtime_is_a_change_on_a_file_store_not_on_s3(d
 
     async def scenario() -> None:
         async with watch(dataset) as w:
-            dataset.delete("a.csv")
-            time.sleep(0.01)
-            dataset.put("a.csv", b"x,y\n1,2\n")  # same bytes, written anew
+            if dataset.s3 is not None:
+                dataset.put("a.csv", b"x,y\n1,2\n")  # same bytes, uploaded again: a new LastModified, the same ETag
+            else:
+                time.sleep(0.01)
+                (dataset.root / "a.csv").write_bytes(b"x,y\n1,2\n")  # same bytes, written again: a new mtime
             if dataset.s3 is not None:
                 await w.quiet(0)
             else:
@@ -183,7 +196,7 @@ def test_an_emptied_dataset_is_not_announced_and_the_next_data_is(dataset: Datas
         async with watch(dataset) as w:
             dataset.delete("a.csv")
             await w.quiet(0)  # nothing to train on
-            dataset.put("a.csv", b"x,y\n1,2\n", mtime_ns=None)
+            dataset.put("a.csv", b"x,y\n1,2\n")
             await w.until(1)
             assert w.events[0]["files"] == 1
 
@@ -192,8 +205,8 @@ def test_an_emptied_dataset_is_not_announced_and_the_next_data_is(dataset: Datas
 
 def test_two_watchers_with_different_arguments_each_get_the_change(dataset: Dataset) -> None:
     async def scenario() -> None:
-        fast = Watch(DatasetChangedTrigger(dataset=dataset.uri, poll_interval=POLL))
-        slow = Watch(DatasetChangedTrigger(dataset=dataset.uri, poll_interval=POLL * 3))
+        fast = Watch(DatasetChangedTrigger(dataset=dataset.uri, poll_interval=POLL), dataset.store_uri)
+        slow = Watch(DatasetChangedTrigger(dataset=dataset.uri, poll_interval=POLL * 3), dataset.store_uri)
         async with fast, slow:
             dataset.put("b.csv", b"1\n")
             await fast.until(1)
@@ -208,6 +221,7 @@ def test_the_listing_never_reads_content(tmp_path: Path, monkeypatch: pytest.Mon
         {"conn_type": "aicenter", "extra": {"storage": (tmp_path / "aicenter").as_uri()}}))
     root = tmp_path / "big"
     data = Dataset(root.as_uri(), root=root)
+    data.store_uri = (tmp_path / "aicenter").as_uri()
     data.put("a.csv", b"1\n")
 
     async def scenario() -> None:
@@ -252,7 +266,7 @@ def test_the_record_of_what_was_announced_lives_in_the_aicenter_store(dataset: D
     trigger = DatasetChangedTrigger(dataset=dataset.uri, poll_interval=POLL)
 
     async def scenario() -> None:
-        async with Watch(trigger) as w:
+        async with Watch(trigger, dataset.store_uri) as w:
             dataset.put("b.csv", b"1\n")
             await w.until(1)
             await asyncio.sleep(QUIET)
