@@ -72,7 +72,7 @@ def _wants_html(request: Request) -> bool:
 
 
 _STATUS = (
-    ((pages.PathRefused, layout.LayoutError), status.HTTP_400_BAD_REQUEST),
+    ((layout.LayoutError,), status.HTTP_400_BAD_REQUEST),
     ((RunNotFoundError, NotFoundError, VersionError), status.HTTP_404_NOT_FOUND),
     ((StorageError,), status.HTTP_502_BAD_GATEWAY),
     ((ConfigurationError,), status.HTTP_500_INTERNAL_SERVER_ERROR),
@@ -106,8 +106,9 @@ def create_app() -> FastAPI:
             return render(request, "error.html", exc.status_code, title=f"{exc.status_code}", message=str(exc.detail))
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
+    @app.exception_handler(layout.LayoutError)  # a URL naming no run folder or artifact (a ValueError)
     @app.exception_handler(AICenterError)
-    async def aicenter_error(request: Request, exc: AICenterError) -> Response:
+    async def aicenter_error(request: Request, exc: Exception) -> Response:
         code = next((c for kinds, c in _STATUS if isinstance(exc, kinds)), status.HTTP_500_INTERNAL_SERVER_ERROR)
         if _wants_html(request):
             return render(request, "error.html", code, title=type(exc).__name__, message=str(exc))

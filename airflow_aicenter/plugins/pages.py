@@ -20,7 +20,7 @@ from typing import Any
 import obstore
 
 from airflow_aicenter import layout
-from airflow_aicenter.errors import AICenterError, NotFoundError, StorageError
+from airflow_aicenter.errors import NotFoundError, StorageError
 from airflow_aicenter.package import Version
 from airflow_aicenter.records import AliasRecord, EvaluationRecord, Manifest, VersionRecord, read
 from airflow_aicenter.registry import Registry
@@ -39,12 +39,6 @@ TEXT_SUFFIXES = frozenset({".txt", ".md", ".log", ".json", ".jsonl", ".yaml", ".
 CSV_SUFFIXES = frozenset({".csv", ".tsv"})
 #: Raster images only: an SVG can carry script, so it is offered for download, never shown inline.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".gif", ".webp"})
-
-
-class PathRefused(AICenterError):
-    """A path in a URL that would leave the run folder (``..``, an absolute path, a backslash)."""
-
-    retryable = False
 
 
 def score(value: float | None) -> str:
@@ -223,11 +217,8 @@ class RunPage:
 
 
 def run_path(dag_id: str, run_id: str, task: str, try_number: int) -> layout.RunPath:
-    """The run folder named by a URL's parts; a part that would leave ``runs/`` is refused."""
-    try:
-        return layout.RunPath.parse(f"{dag_id}/{run_id}/{task}/{try_number}")
-    except layout.LayoutError as exc:
-        raise PathRefused(str(exc)) from exc
+    """The run folder named by a URL's parts; a part that would leave ``runs/`` is a ``layout.LayoutError``."""
+    return layout.RunPath.parse(f"{dag_id}/{run_id}/{task}/{try_number}")
 
 
 def _key_of(store: Store, uri: str) -> str | None:
@@ -257,11 +248,11 @@ def run_page(store: Store, path: layout.RunPath) -> RunPage:
 
 
 def artifact_key(path: layout.RunPath, relative: str) -> str:
-    """The store key of an artifact; any path that could leave the run's ``artifacts/`` folder is refused."""
+    """The store key of an artifact; a path that could leave the run's ``artifacts/`` folder is a ``layout.LayoutError``."""
     if not relative or "\\" in relative or "\x00" in relative or relative.startswith("/"):
-        raise PathRefused(f"artifact path {relative!r} is not a relative path inside the run's artifacts folder")
+        raise layout.LayoutError(f"artifact path {relative!r} is not a relative path inside the run's artifacts folder")
     if any(part in ("..", ".", "") for part in relative.split("/")):  # PurePosixPath would hide "./" and "//"
-        raise PathRefused(f"artifact path {relative!r} must not contain '..' or '.' parts; give a file inside artifacts/")
+        raise layout.LayoutError(f"artifact path {relative!r} must not contain '..' or '.' parts; give a file inside artifacts/")
     return path.key(f"{layout.ARTIFACTS}/{relative}")
 
 

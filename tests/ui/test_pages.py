@@ -52,12 +52,27 @@ def test_artifact_paths_cannot_leave_the_run_folder(ui_server):
         response = ui_server.get(f"/aicenter/runs/{run}/artifacts/{bad}", "admin")
         assert response.status_code in (400, 404), (bad, response.status_code)
         assert b'"parameters"' not in response.content and b'"status"' not in response.content
+    refused = ui_server.get(f"/aicenter/runs/{run}/artifacts/plots/%2e%2e/%2e%2e/_results.json", "admin",
+                            headers={"Accept": "text/html"})
+    assert refused.status_code == 400 and "must not contain &#39;..&#39;" in refused.text, refused.text[-500:]
     # a run folder named with '..' is refused before the store is read
     assert ui_server.get(f"/aicenter/runs/{DAG_ID}/%2e%2e/full/1", "admin").status_code in (400, 404)
     # artifacts are never served as HTML in the Airflow origin
     ok = ui_server.get(f"/aicenter/runs/{run}/artifacts/metrics.txt", "admin")
     assert ok.headers["content-security-policy"].startswith("sandbox") and ok.headers["x-content-type-options"] == "nosniff"
     assert ok.headers["content-disposition"].startswith("attachment")
+
+
+def test_bad_requests_get_errors_that_say_what_to_do(ui_server):
+    html = {"Accept": "text/html"}
+    missing = ui_server.get("/aicenter/packages/nope", "admin", headers=html)
+    assert missing.status_code == 404 and "aicenter package upload PATH --name nope" in missing.text
+    no_run = ui_server.get(f"/aicenter/runs/{DAG_ID}/no-such-run/full/1", "admin", headers=html)
+    assert no_run.status_code == 404 and "aicenter runs list" in no_run.text
+    too_many = ui_server.get("/aicenter/compare?" + "&".join(f"run=r{i}" for i in range(13)), "admin")
+    assert too_many.status_code == 400 and "compare at most 12" in too_many.json()["detail"]
+    ambiguous = ui_server.get(f"/aicenter/compare?run={DAG_ID}", "admin")
+    assert ambiguous.status_code == 404 and "ambiguous" in ambiguous.json()["detail"]
 
 
 def test_packages_package_run_and_previews_in_the_browser(signed_in, ui_server, shots):
