@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import signal
+from types import SimpleNamespace
 
 import pytest
 
 from airflow_aicenter.errors import RunError
+from airflow_aicenter.launchers import settle_outcome
 from airflow_aicenter.operators import TrainPipelineOperator
 from airflow_aicenter.records import Manifest, Outcome, Registration, RunRef, read, read_optional
 from airflow_aicenter.storage import open_store
@@ -60,8 +62,14 @@ def operator() -> TrainPipelineOperator:
 
 
 def _commit(operator, setup: Setup, ref: RunRef, outcome: Outcome):
-    """What the operator does once the runtime succeeded: register the version once per try."""
-    return operator.register(setup.registry, setup.base, outcome, ref)
+    """What the operator does once the runtime succeeded: register the version once per task instance."""
+    operator.__dict__["aicenter_hook"] = SimpleNamespace(registry=setup.registry)  # the operator's hook, on this store
+    return operator.register(setup.base, outcome, ref)
+
+
+def _settle(setup: Setup, spec, ref: RunRef, code: int) -> Outcome:
+    """What every launcher does when the runtime has exited: outcome.json decides (the one place)."""
+    return settle_outcome(setup.store, spec, ref, ended=f"the runtime exited with code {code}")
 
 
 @pytest.mark.parametrize("backend, point", CASES, ids=[f"{b}-{p}" for b, p in CASES])
@@ -82,7 +90,7 @@ def test_runtime_killed_at_every_phase(request, operator, tmp_path, backend, poi
     else:
         assert live.phase == phase
     with pytest.raises(RunError, match=f"exited with code -9 during {live.phase}"):
-        operator.read_outcome(setup.store, spec, exit_code=done.returncode)
+        _settle(setup, spec, ref, done.returncode)
     final = read(setup.store, f"{spec.run_prefix}/outcome.json", Outcome)
     assert final.status == "failed" and f"during {live.phase}" in final.error and final.end_at is not None
 
@@ -97,7 +105,7 @@ def test_runtime_killed_at_every_phase(request, operator, tmp_path, backend, poi
     ref2, spec2 = setup.spec(try_number=2)
     again = run_runtime(spec2, tmp_path, setup.env)
     assert again.returncode == 0, again.stderr[-3000:]
-    outcome = operator.read_outcome(setup.store, spec2, exit_code=0)
+    outcome = _settle(setup, spec2, ref2, 0)
     first = _commit(operator, setup, ref2, outcome)
     second = _commit(operator, setup, ref2, outcome)
     assert first.version == second.version == "1.1"
@@ -114,7 +122,7 @@ def test_operator_killed_between_version_record_and_marker_does_not_register_twi
     completed: the same try registering again finds its version instead of taking the next one."""
     ref, spec = setup.spec(try_number=1)
     assert run_runtime(spec, tmp_path, setup.env).returncode == 0
-    outcome = operator.read_outcome(setup.store, spec, exit_code=0)
+    outcome = _settle(setup, spec, ref, 0)
     commit = type(setup.registry).commit
 
     def commit_then_die(self, *args, **kwargs):
