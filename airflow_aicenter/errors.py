@@ -11,7 +11,8 @@ class AICenterError(Exception):
 
     ``retryable`` says whether trying again can help: a store that did not answer can, a
     package that breaks the contract or an unknown version cannot. The operators fail a task
-    whose error is not retryable at once, without its retries (:func:`no_retry`).
+    whose error is not retryable at once, without its retries
+    (``airflow_aicenter.operators.base.no_retry``).
     """
 
     retryable: bool = True
@@ -59,25 +60,6 @@ class ConfigurationError(AICenterError):
 
 class RunError(AICenterError):
     """A pipeline run failed (user code, runtime or launcher); the message is the one-line cause."""
-
-
-_NO_RETRY: dict[type[AICenterError], type[AICenterError]] = {}
-
-
-def no_retry(error: AICenterError) -> AICenterError:
-    """The same error, also an Airflow ``AirflowFailException``, so the task fails without retries.
-
-    The class keeps its name and stays a subclass of the original (``except ConfigurationError``
-    still catches it). Called only in the worker: the runtime never imports Airflow.
-    """
-    from airflow.sdk.exceptions import AirflowFailException
-
-    kind = type(error)
-    if kind not in _NO_RETRY:
-        _NO_RETRY[kind] = type(kind.__name__, (kind, AirflowFailException), {"__module__": kind.__module__})
-    failed = _NO_RETRY[kind](*error.args)
-    failed.__cause__ = error.__cause__
-    return failed
 
 
 class RequirementsError(RunError):

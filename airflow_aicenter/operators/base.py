@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.sdk import Asset, AssetAlias
+from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_aicenter.crashpoints import crash_point
-from airflow_aicenter.errors import AICenterError, ConfigurationError, DatasetError, NotFoundError, RunError, no_retry
+from airflow_aicenter.errors import AICenterError, ConfigurationError, DatasetError, NotFoundError, RunError
 from airflow_aicenter.hooks.aicenter import LAUNCHERS, AICenterHook
 from airflow_aicenter.launchers.base import Finished, Launcher
 from airflow_aicenter.launchers.local import LocalLauncher
@@ -64,6 +65,23 @@ AICENTER_TEMPLATE_FIELDS = (
     "dataset_volume_claim",
     "dataset_sub_path",
 )
+
+
+_NO_RETRY: dict[type[AICenterError], type[AICenterError]] = {}
+
+
+def no_retry(error: AICenterError) -> AICenterError:
+    """The same error, also an Airflow ``AirflowFailException``, so the task fails without retries.
+
+    The class keeps its name and stays a subclass of the original (``except ConfigurationError``
+    still catches it). Called only in the worker: the runtime never imports Airflow.
+    """
+    kind = type(error)
+    if kind not in _NO_RETRY:
+        _NO_RETRY[kind] = type(kind.__name__, (kind, AirflowFailException), {"__module__": kind.__module__})
+    failed = _NO_RETRY[kind](*error.args)
+    failed.__cause__ = error.__cause__
+    return failed
 
 
 def package_asset(package: str) -> Asset:
