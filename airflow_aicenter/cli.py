@@ -251,16 +251,16 @@ def cmd_package_upload(args: argparse.Namespace, registry: Registry) -> int:
 
 
 def cmd_package_list(args: argparse.Namespace, registry: Registry) -> int:
+    """Every package; a damaged record is shown as a problem of its own package, never hides the others."""
     rows: list[dict[str, Any]] = []
-    for name in registry.packages():
-        latest = registry.resolve(name, "latest") if registry.latest_major(name) is not None else None
-        aliases = registry.aliases(name)
-        rows.append({"package": name, "latest": latest.version if latest else None,
+    for summary in registry.summaries():
+        latest = summary.latest
+        rows.append({"package": summary.name, "latest": latest.version if latest else None,
                      "created_at": latest.created_at if latest else None, "score": latest.score if latest else None,
-                     "aliases": {a: r.version for a, r in aliases.items()}})
+                     "aliases": {a: r.version for a, r in summary.aliases.items()}, "problems": summary.problems})
     if args.json:
         emit_json(rows)
-        return 0
+        return 1 if any(r["problems"] for r in rows) else 0
     table = Table(title=f"Packages in {registry.store.uri}")
     for col in ("package", "latest", "score", "aliases", "created"):
         table.add_column(col)
@@ -268,7 +268,10 @@ def cmd_package_list(args: argparse.Namespace, registry: Registry) -> int:
         table.add_row(r["package"], r["latest"] or "-", _fmt(r["score"]),
                       ", ".join(f"{a}={v}" for a, v in r["aliases"].items()) or "-", _fmt(r["created_at"]))
     console.print(table if rows else "No packages yet: `aicenter package upload PATH --name NAME`")
-    return 0
+    problems = [(r["package"], p) for r in rows for p in r["problems"]]
+    for package, problem in problems:
+        err_console.print(f"[red]{package}[/red]: {problem}")
+    return 1 if problems else 0
 
 
 def cmd_package_download(args: argparse.Namespace, registry: Registry) -> int:
@@ -668,7 +671,9 @@ def cmd_gc(args: argparse.Namespace, registry: Registry) -> int:
     if report.missing:
         console.print(f"[yellow]WARNING:[/] {len(report.missing)} referenced blob(s) are missing from the store, "
                       f"e.g. sha256:{report.missing[0]}", highlight=False)
-    return 0
+    for record, why in report.unreadable.items():
+        err_console.print(f"[red]unreadable record, nothing deleted:[/] {record}: {why}", highlight=False)
+    return 1 if report.unreadable else 0
 
 
 def _mb(n: int) -> str:

@@ -409,3 +409,20 @@ def test_example_script_migrates_only_its_own_airflow_home(tmp_path, example_hom
     assert all(f"home={home} " in call for call in calls), "every tool runs in the example's home, with no store of yours"
     assert not unrelated.exists(), "the exported AIRFLOW_HOME is left alone"
     assert f"leaving AIRFLOW_HOME={unrelated} alone" in done.stderr and "AICENTER_EXAMPLE_HOME" in done.stderr
+
+
+
+def test_one_damaged_alias_record_does_not_hide_the_other_packages(tmp_path, capsys):
+    """`aicenter package list` with a corrupt alias record: that package shows the problem, the others list (exit 1)."""
+    uri = (tmp_path / "store").as_uri()
+    registry = Registry(open_store(uri))
+    registry.upload(EXAMPLE_PACKAGE, "churn")
+    upload_package(registry, tmp_path, "other", SCORED_TRAIN)
+    registry.set_alias("churn", "production", "1.0", set_by="test")
+    [key] = [i.key for i in registry.store.list("packages/churn/aliases/") if i.key.endswith(".json")]
+    registry.store.put_bytes(key, b"{not json")
+    code = cli.main(["--storage", uri, "package", "list", "--json"])
+    rows = {r["package"]: r for r in json.loads(capsys.readouterr().out)}
+    assert code == 1 and set(rows) == {"churn", "other"}
+    assert rows["other"]["problems"] == [] and rows["other"]["latest"] == "1.0"
+    assert rows["churn"]["latest"] == "1.0" and any("production" in p for p in rows["churn"]["problems"])
