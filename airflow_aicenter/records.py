@@ -8,7 +8,7 @@ No Airflow import: the runtime writes outcomes and manifests from inside the pod
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,7 +28,7 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Record(BaseModel):

@@ -36,7 +36,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.metadata import version as dist_version
 from pathlib import Path
@@ -54,7 +54,7 @@ MAX_WATCH = 5.0
 
 
 def now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def rfc3339(moment: datetime, *, nano: bool = False) -> str:
@@ -723,7 +723,7 @@ def _handler(kube: FakeKubernetes) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
+        def log_message(self, format: str, *args: Any) -> None:
             pass
 
         def _query(self) -> dict[str, str]:
@@ -801,19 +801,19 @@ def _handler(kube: FakeKubernetes) -> type[BaseHTTPRequestHandler]:
                 self._send(exc.code, exc.body())
             except (BrokenPipeError, ConnectionResetError):
                 pass
-            except Exception as exc:  # noqa: BLE001 - a bug in the test server: say so to the client
+            except Exception as exc:
                 self._send(500, ApiError(500, "InternalError", f"test server error: {exc!r}").body())
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             self._dispatch("GET")
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             self._dispatch("POST")
 
-        def do_PATCH(self) -> None:  # noqa: N802
+        def do_PATCH(self) -> None:
             self._dispatch("PATCH")
 
-        def do_DELETE(self) -> None:  # noqa: N802
+        def do_DELETE(self) -> None:
             self._dispatch("DELETE")
 
         def _list_pods(self, namespace: str | None) -> None:
@@ -857,7 +857,7 @@ def _handler(kube: FakeKubernetes) -> type[BaseHTTPRequestHandler]:
                     self.wfile.write(json.dumps({"type": "ADDED", "object": event}).encode() + b"\n")
                     self.wfile.flush()
                 if done:
-                    return
+                    return None
 
         def _log(self, namespace: str, name: str) -> None:
             query = self._query()

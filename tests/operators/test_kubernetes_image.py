@@ -102,7 +102,7 @@ def test_dockerfile_runs_the_runtime_as_non_root() -> None:
     assert "AICENTER_WORKDIR=/aicenter/work" in dockerfile
 
 
-def test_image_python_runs_the_runtime_without_airflow(runtime_python: Path) -> None:  # noqa: F811
+def test_image_python_runs_the_runtime_without_airflow(runtime_python: Path) -> None:
     probe = "\n".join((
         "import importlib.util, airflow_aicenter.runtime, obstore, pydantic",
         "print([m for m in ('airflow', 'kubernetes', 'kubernetes_asyncio', 'boto3') if importlib.util.find_spec(m)])",

@@ -18,7 +18,7 @@ from airflow.sdk.exceptions import TaskDeferred
 from airflow_aicenter.errors import ConfigurationError, RunError
 from airflow_aicenter.launchers.job import JobLauncher, job_name
 from airflow_aicenter.operators import FullPipelineOperator, TrainPipelineOperator
-from airflow_aicenter.records import Outcome, Results, read
+from airflow_aicenter.records import Results, read
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
 from tests.conftest import write_files

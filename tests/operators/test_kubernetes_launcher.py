@@ -23,8 +23,8 @@ from airflow.sdk.exceptions import TaskDeferred
 from kubernetes.client import ApiClient
 
 from airflow_aicenter.errors import RunError
-from airflow_aicenter.operators import TrainPipelineOperator
 from airflow_aicenter.launchers.pod import PodRun
+from airflow_aicenter.operators import TrainPipelineOperator
 from airflow_aicenter.records import Manifest, Outcome, Results, read, read_optional
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
@@ -237,7 +237,7 @@ def test_on_kill_deletes_the_pod_and_records_the_run_as_killed(when: str, kube_d
 def _capture(errors: list[BaseException], fn: Any, *args: Any) -> None:
     try:
         fn(*args)
-    except BaseException as exc:  # noqa: BLE001 - inspected by the test
+    except BaseException as exc:
         errors.append(exc)
 
 

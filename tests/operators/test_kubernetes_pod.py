@@ -13,7 +13,6 @@ from kubernetes.client import ApiClient
 from kubernetes.client import models as k8s
 
 from airflow_aicenter.errors import ConfigurationError
-from airflow_aicenter.operators import FullPipelineOperator, TrainPipelineOperator
 from airflow_aicenter.launchers.pod import (
     ANNOTATION_RUN,
     DATASET_MOUNT,
@@ -23,6 +22,7 @@ from airflow_aicenter.launchers.pod import (
     label_value,
     refuse_secret_env,
 )
+from airflow_aicenter.operators import FullPipelineOperator, TrainPipelineOperator
 from airflow_aicenter.records import BlobRef, RunRef, RunSpec
 from tests.operators.kube_api import make_context
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from airflow_aicenter.records import Manifest, Outcome, Results, VersionRecord, read
+from airflow_aicenter.records import Manifest, Outcome, Results, read
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
 from tests.aicenter_helpers import asset_events, xcoms

@@ -91,7 +91,7 @@ def test_concurrent_alias_promotions_keep_a_consistent_history(setup):
         try:
             barrier.wait(timeout=30)
             registry.set_alias("res", "production", targets[i % len(targets)], set_by=f"promoter-{i}")
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=promote, args=(i,)) for i in range(16)]

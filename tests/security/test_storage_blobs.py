@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -64,7 +64,7 @@ def test_a_killed_upload_leaves_a_temporary_that_the_file_store_lists_and_gc_rem
     leftover = tmp_path / "store" / "blobs" / "sha256" / f"{digest}#1"
     leftover.parent.mkdir(parents=True)
     leftover.write_bytes(b"partial")
-    old = (datetime.now(timezone.utc) - timedelta(days=30)).timestamp()
+    old = (datetime.now(UTC) - timedelta(days=30)).timestamp()
     os.utime(leftover, (old, old))
     assert f"blobs/sha256/{digest}#1" in [i.key for i in store.list("blobs/")]
     collect(store, grace=timedelta(hours=1))

@@ -28,7 +28,7 @@ class Main:
             )
         self.model = LogisticModel.load(MODEL_FILE)
 
-    def predict(self, input: str | bytes) -> str:  # noqa: A002 - the name AI Center uses
+    def predict(self, input: str | bytes) -> str:
         data: Any = json.loads(input) if isinstance(input, (str, bytes, bytearray)) else input
         single = isinstance(data, dict)
         records = [data] if single else data

@@ -24,7 +24,7 @@ import os
 import random
 from pathlib import Path
 
-from churn_model import MODEL_FILE, LABEL, LogisticModel, accuracy, confusion_matrix, csv_files, log_loss, read_rows, to_xy
+from churn_model import LABEL, MODEL_FILE, LogisticModel, accuracy, confusion_matrix, csv_files, log_loss, read_rows, to_xy
 
 EVALUATION_FRACTION = 0.2  # share of the data process_data keeps for evaluation
 SHUFFLE_SEED = 42          # process_data's split is the same for the same data
