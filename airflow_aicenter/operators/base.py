@@ -88,6 +88,14 @@ def package_asset(package: str) -> Asset:
     return Asset(f"aicenter://{package}")
 
 
+def package_outlet(package: object) -> Asset | AssetAlias:
+    """A plain package name declares its own asset (lineage shows who produces it); a templated or
+    mapped one is only known at run time and goes through the shared alias."""
+    if isinstance(package, str) and not is_templated(package):
+        return package_asset(package)
+    return AssetAlias(PACKAGE_ALIAS)
+
+
 def gpu_count(gpu: bool | int) -> int:
     if isinstance(gpu, bool):
         return int(gpu)
@@ -239,13 +247,25 @@ class BasePipelineOperator(KubernetesPodOperator):
                     "(trains and evaluates) or promote_if='always'"
                 )
         if self.plan.makes_version:
-            # A plain package name declares its own asset (lineage shows who produces it); a templated
-            # one is only known at run time and goes through the shared alias.
-            outlet = AssetAlias(PACKAGE_ALIAS) if is_templated(package) else package_asset(package)
-            self.outlets = [*self.outlets, outlet]
+            outlet = package_outlet(package)
+            if outlet not in self.outlets and AssetAlias(PACKAGE_ALIAS) not in self.outlets:  # partial() declared it
+                self.outlets = [*self.outlets, outlet]
         self.callbacks = [*self.callbacks, RunCallbacks]
         self.requested_version = version
         self.launcher_in_use: Launcher | None = None
+
+    @classmethod
+    def partial(cls, **kwargs: Any) -> Any:
+        """A mapped task declares its outlet here: its ``__init__`` runs only after unmapping, in the worker.
+
+        Airflow registers the assets a DAG declares when it is parsed and drops events for any
+        other ("inactive assets"): 8 mapped trainings made 8 versions and no event.
+        """
+        if cls.plan.makes_version:
+            declared = kwargs.get("outlets") or []
+            declared = list(declared) if isinstance(declared, list | tuple) else [declared]
+            kwargs["outlets"] = [*declared, package_outlet(kwargs.get("package"))]
+        return super().partial(**kwargs)
 
     # -- the hook, the launcher ---------------------------------------------------------
     @cached_property
