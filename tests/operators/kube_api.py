@@ -257,13 +257,8 @@ class FakeKubernetes:
 
     # -- API operations (called by the handler, under no lock) -----------------------------
     def create_pod(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
-        import kubernetes_validate
-
         self.created.append(copy.deepcopy(body))
-        try:
-            kubernetes_validate.validate(body, KUBE_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            raise ApiError(422, "Invalid", f"Pod is invalid: {str(exc).splitlines()[0]}") from None
+        validate(body, "Pod")
         meta = body.setdefault("metadata", {})
         meta.setdefault("namespace", namespace)
         if not meta.get("name"):
@@ -320,13 +315,8 @@ class FakeKubernetes:
 
     # -- Jobs and Services (the Job controller runs here too) -------------------------------
     def create_service(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
-        import kubernetes_validate
-
         self.created.append(copy.deepcopy(body))
-        try:
-            kubernetes_validate.validate(body, KUBE_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            raise ApiError(422, "Invalid", f"Service is invalid: {str(exc).splitlines()[0]}") from None
+        validate(body, "Service")
         meta = body.setdefault("metadata", {})
         meta.setdefault("namespace", namespace)
         key = (meta["namespace"], meta["name"])
@@ -341,12 +331,7 @@ class FakeKubernetes:
         """A Secret (kept out of ``created``: its values are secret by design; ``secret_manifests`` has them)."""
         import base64
 
-        import kubernetes_validate
-
-        try:
-            kubernetes_validate.validate(body, KUBE_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            raise ApiError(422, "Invalid", f"Secret is invalid: {str(exc).splitlines()[0]}") from None
+        validate(body, "Secret")
         meta = body.setdefault("metadata", {})
         key = (meta.setdefault("namespace", namespace), meta["name"])
         data = {k: base64.b64decode(v).decode() for k, v in (body.get("data") or {}).items()}
@@ -377,13 +362,8 @@ class FakeKubernetes:
             return copy.deepcopy(service)
 
     def create_job(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
-        import kubernetes_validate
-
         self.created.append(copy.deepcopy(body))
-        try:
-            kubernetes_validate.validate(body, KUBE_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            raise ApiError(422, "Invalid", f"Job is invalid: {str(exc).splitlines()[0]}") from None
+        validate(body, "Job")
         meta = body.setdefault("metadata", {})
         meta.setdefault("namespace", namespace)
         spec = body["spec"]
@@ -684,6 +664,16 @@ class FakeKubernetes:
                 {"type": "Ready", "status": ready, "lastTransitionTime": rfc3339(now())},
             ]
         pod.obj["metadata"]["resourceVersion"] = str(next(self._rv))
+
+
+def validate(body: dict[str, Any], kind: str) -> None:
+    """What the API server would reject: the manifest against the Kubernetes schema (422 Invalid)."""
+    import kubernetes_validate
+
+    try:
+        kubernetes_validate.validate(body, KUBE_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        raise ApiError(422, "Invalid", f"{kind} is invalid: {str(exc).splitlines()[0]}") from None
 
 
 def _free_port() -> int:
