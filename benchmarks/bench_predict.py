@@ -1,0 +1,249 @@
+"""Figure 6: batch prediction throughput (inputs per second) against a bare loop over the same Main.predict.
+
+    .venv/bin/python benchmarks/bench_predict.py [--inputs 10000] [--repeat 5] [--no-operator]
+
+Method: one package whose ``main.py`` scores a small model in pure Python (32 features ->
+16 tanh units -> logistic; weights read once from the package's ``model.json``; about 100 us
+a predict here, printed), one ``inputs.jsonl`` of --inputs JSON lines in a file store. Measured
+in the same run, interleaved, --repeat times (best and median printed):
+
+- bare loop: a fresh ``python`` that imports ``main.py``, creates ``Main()`` once, and for each
+  line calls ``predict`` and writes ``json.dumps`` of the output; only the loop is timed (no
+  interpreter start, no ``Main()``), so it is the strictest baseline: no staging, no upload.
+- runtime: ``python -m airflow_aicenter.runtime spec.json`` (pipeline "predict", as the local
+  launcher runs it) with procs_per_node = 1 and 2. Three times from each run: the whole child's
+  wall time; the prediction phase (``outcome.json`` phase ``user_code``: start the user
+  processes, ``Main()``, predict, join the parts in input order); and the slowest process's
+  own predict loop (``predict_seconds``, logged as "inputs/s once loaded").
+- operator: ``PredictPipelineOperator.execute`` in this process with a hand-made context (no
+  scheduler; local launcher, file store): resolve, check, launch the runtime, read its records.
+
+Targets (issue 15): >= 0.9x the bare loop's inputs/s with 1 process, >= 1.6x with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+from common import PYTHON, REPO, machine, median, save_json, table, verdict, work_dir
+
+MAIN = '''
+import json
+import math
+
+
+class Main:
+    """A small logistic model scored in pure Python: 32 features -> 16 tanh units -> probability."""
+
+    def __init__(self):
+        with open("model.json") as fh:
+            model = json.load(fh)
+        self.w1, self.b1, self.w2, self.b2 = model["w1"], model["b1"], model["w2"], model["b2"]
+
+    def predict(self, input):
+        row = json.loads(input)
+        x = row["features"]
+        hidden = [math.tanh(b + sum(w * v for w, v in zip(weights, x))) for weights, b in zip(self.w1, self.b1)]
+        z = self.b2 + sum(w * h for w, h in zip(self.w2, hidden))
+        p = 1.0 / (1.0 + math.exp(-z))
+        return {"id": row["id"], "score": round(p, 6), "label": p >= 0.5}
+'''
+TRAIN = ("class Main:\n    def __init__(self):\n        pass\n    def train(self, d):\n        pass\n"
+         "    def save(self):\n        pass\n")
+FEATURES, HIDDEN = 32, 16
+BARE = textwrap.dedent('''
+    import json, os, sys, time
+    pkg, data, out = sys.argv[1:4]
+    os.chdir(pkg)
+    sys.path.insert(0, pkg)
+    from main import Main
+    model = Main()
+    began = time.perf_counter()
+    with open(data, "rb") as source, open(out, "w") as sink:
+        for n, raw in enumerate(source, 1):
+            sink.write(json.dumps({"line": n, "output": model.predict(raw.decode().rstrip("\\n"))}) + "\\n")
+    print(time.perf_counter() - began)
+''')
+TARGETS = {1: 0.9, 2: 1.6}
+RATE = re.compile(r"predicted (\d+) inputs, (\d+) failed, over (\d+) processes, (\d+) inputs/s once loaded")
+
+
+def make_package(root: Path) -> Path:
+    rng = random.Random(7)
+    root.mkdir(parents=True)
+    model = {"w1": [[rng.gauss(0, 0.3) for _ in range(FEATURES)] for _ in range(HIDDEN)],
+             "b1": [rng.gauss(0, 0.1) for _ in range(HIDDEN)], "w2": [rng.gauss(0, 0.5) for _ in range(HIDDEN)], "b2": 0.1}
+    (root / "model.json").write_text(json.dumps(model))
+    (root / "main.py").write_text(MAIN)
+    (root / "train.py").write_text(TRAIN)
+    (root / "requirements.txt").write_text("")
+    return root
+
+
+def make_inputs(path: Path, count: int) -> Path:
+    rng = random.Random(8)
+    path.parent.mkdir(parents=True)
+    with open(path, "w") as fh:
+        for i in range(count):
+            fh.write(json.dumps({"id": i, "features": [round(rng.uniform(-1, 1), 4) for _ in range(FEATURES)]}) + "\n")
+    return path
+
+
+def launcher_env() -> dict[str, str]:
+    """The environment the local launcher gives the runtime (the bare loop gets the same interpreter settings)."""
+    from airflow_aicenter.launchers.local import PASS_ENV, PASS_PREFIXES
+
+    return {**{k: v for k, v in os.environ.items() if k in PASS_ENV or k.startswith(PASS_PREFIXES)}, "PYTHONUNBUFFERED": "1"}
+
+
+def bare_loop(pkg: Path, inputs: Path, out: Path) -> float:
+    done = subprocess.run([str(PYTHON), "-c", BARE, str(pkg), str(inputs), str(out)], capture_output=True, text=True,
+                          env=launcher_env(), check=True, timeout=600)
+    return float(done.stdout.strip())
+
+
+def runtime(spec: Any, work: Path, store: Any) -> dict[str, float]:
+    """One runtime child; its wall time, its prediction phase and its slowest process's predict loop."""
+    from airflow_aicenter.records import Outcome, read
+
+    spec_file = work / "spec.json"
+    spec_file.write_text(spec.model_dump_json())
+    began = time.perf_counter()
+    done = subprocess.run([str(PYTHON), "-m", "airflow_aicenter.runtime", str(spec_file)], capture_output=True, text=True,
+                          env=launcher_env(), check=False, timeout=600)
+    wall = time.perf_counter() - began
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    outcome = read(store, f"{spec.run_prefix}/outcome.json", Outcome)
+    found = RATE.search(done.stderr)
+    assert found is not None and outcome.predicted == int(found[1]) and outcome.failed == 0, done.stderr[-2000:]
+    inputs = int(found[1])
+    return {"wall": wall, "phase": outcome.phases["user_code"], "loop": inputs / int(found[4]),
+            **{f"phase:{k}": v for k, v in outcome.phases.items()}}
+
+
+def operator_run(package: str, dataset: str, procs: int, run_id: str, log: Path) -> float:
+    """``PredictPipelineOperator.execute`` in this process; its log (the runtime's lines, relayed) goes to ``log``."""
+    from airflow_aicenter.operators import PredictPipelineOperator
+    from tests.operators.kube_api import make_context
+
+    op = PredictPipelineOperator(task_id=f"predict_{procs}", package=package, version="1.0", dataset=dataset,
+                                 procs_per_node=procs, launcher="local")
+    context = cast("Context", make_context("bench_predict", f"predict_{procs}", run_id=run_id))  # hand-made, as the tests do
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log, "a") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            began = time.perf_counter()
+            result = op.execute(context)
+            took = time.perf_counter() - began
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+    assert result["predicted"] and not result["failed"], result
+    return took
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--inputs", type=int, default=10_000)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--no-operator", action="store_true", help="skip PredictPipelineOperator (imports Airflow)")
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    from airflow_aicenter.records import RunSpec
+    from airflow_aicenter.registry import Registry
+    from airflow_aicenter.storage import open_store
+    from airflow_aicenter.storage.transfer import run, upload_tree
+
+    work = work_dir("predict")
+    try:
+        pkg = make_package(work / "pkg")
+        inputs = make_inputs(work / "inbox" / "inputs.jsonl", args.inputs)
+        store = open_store((work / "store").as_uri())
+        base = Registry(store).upload(pkg, "scorer")
+        run(upload_tree(inputs.parent, store, "datasets/inbox"))
+        dataset = store.url("datasets/inbox")
+        os.environ["AIRFLOW_CONN_AICENTER_DEFAULT"] = json.dumps({"conn_type": "aicenter", "extra": {"storage": store.uri}})
+        os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+        print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f} (2 shared cores: other work runs beside "
+              f"this, so read the ratios, not the seconds); {args.inputs:,} JSON inputs", flush=True)
+
+        times: dict[str, list[float]] = {}
+        phases: dict[str, list[dict[str, float]]] = {}
+        loads: list[float] = []
+
+        def note(name: str, seconds: float) -> None:
+            times.setdefault(name, []).append(seconds)
+            print(f"  {name}: {seconds:.3f} s ({args.inputs / seconds:,.0f} inputs/s)", flush=True)
+
+        for attempt in range(args.repeat):
+            loads.append(os.getloadavg()[0])
+            print(f"round {attempt + 1} (load average {loads[-1]:.1f})", flush=True)
+            note("bare loop", bare_loop(pkg, inputs, work / "bare.jsonl"))
+            for procs in (1, 2):
+                spec = RunSpec(pipeline="predict", storage=store.uri, run_prefix=f"runs/bench/r{attempt}/p{procs}/1",
+                               package="scorer", version=base.version, blob=base.blob, dataset=dataset, procs_per_node=procs)
+                got = runtime(spec, work, store)
+                phases.setdefault(f"runtime {procs}", []).append(got)
+                note(f"runtime {procs} proc: whole", got["wall"])
+                note(f"runtime {procs} proc: prediction phase", got["phase"])
+                note(f"runtime {procs} proc: predict loop", got["loop"])
+            if not args.no_operator:
+                for procs in (1, 2):
+                    took = operator_run("scorer", dataset, procs, f"manual__r{attempt}", work / "operator.log")
+                    note(f"operator {procs} proc", took)
+
+        bare = min(times["bare loop"])
+        print(f"\nbare loop: {bare / args.inputs * 1e6:.0f} us per input (best of {args.repeat})\n")
+        rows, checks = [], []
+        for name, values in times.items():
+            best = min(values)
+            ratio = bare / best
+            procs = 2 if " 2 proc" in name else 1
+            target = TARGETS[procs] if name != "bare loop" else None
+            rows.append([name, ", ".join(f"{v:.2f}" for v in values), f"{best:.2f}", f"{median(values):.2f}",
+                         f"{args.inputs / best:,.0f}", "-" if name == "bare loop" else f"{ratio:.2f}x",
+                         "-" if target is None else f">= {target}x: {verdict(ratio >= target)}"])
+            checks.append({"name": name, "runs": values, "best": best, "ratio_vs_bare": ratio, "target": target})
+        print(table(rows, ["measure", "runs (s)", "best s", "median s", "inputs/s (best)", "vs bare loop", "target"]))
+        for procs in (1, 2):
+            runs = phases[f"runtime {procs}"]
+            fixed = [r["wall"] - r["phase"] for r in runs]
+            start = [r["phase"] - r["loop"] for r in runs]
+            print(f"runtime {procs} proc: outside the prediction phase (interpreter, imports, staging, uploads, records) "
+                  f"{min(fixed):.2f} s; in it but outside the predict loop (user processes, Main(), joining parts) "
+                  f"{min(start):.2f} s; phases of the best run: "
+                  + ", ".join(f"{k[6:]} {v:.2f}" for k, v in min(runs, key=lambda r: r["wall"]).items()
+                              if k.startswith("phase:")))
+        path = save_json("predict", {"machine": machine(), "inputs": args.inputs, "repeat": args.repeat, "load_average": loads,
+                                     "us_per_input_bare": bare / args.inputs * 1e6, "times": times, "runtime": phases,
+                                     "results": checks})
+        print(f"raw results: {path}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
