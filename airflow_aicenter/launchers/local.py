@@ -150,13 +150,15 @@ class LocalLauncher(Launcher):
 
     def run(self, spec: RunSpec) -> int:
         """Run the runtime to its end; every line it prints is logged (masked, capped, by level)."""
-        with tempfile.TemporaryDirectory(prefix="aicenter-launch-") as tmp:
+        # The folder is also the runtime's work folder: the runtime removes it when it ends, so it does
+        # not outlive a worker that was SIGKILLed (the runtime watches its parent and stops).
+        with tempfile.TemporaryDirectory(prefix="aicenter-launch-", ignore_cleanup_errors=True) as tmp:
             spec_path = Path(tmp) / "spec.json"
             spec_path.write_text(spec.model_dump_json())
             child_env = {k: v for k, v in os.environ.items() if k in PASS_ENV or k.startswith(PASS_PREFIXES)}
             child_env.update(self.env)
             child_env.update(
-                {"PYTHONUNBUFFERED": "1", "AICENTER_WORKDIR": str(Path(tmp) / "work"), "AICENTER_PARENT_PID": str(os.getpid())}
+                {"PYTHONUNBUFFERED": "1", "AICENTER_WORKDIR": tmp, "AICENTER_PARENT_PID": str(os.getpid())}
             )
             self.log.info("Starting the runtime: %s -m airflow_aicenter.runtime", self.python)
             self.process = subprocess.Popen(

@@ -22,10 +22,10 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -34,6 +34,7 @@ from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
 from tests.aicenter_helpers import upload_package
 from tests.conftest import free_port, write_files
+from tests.load.support import TRAIN_PY, runtime_processes, user_processes, wait_for
 
 pytestmark = pytest.mark.airflow
 
@@ -44,23 +45,6 @@ PACKAGE = "loadpkg"
 TRAININGS = 8
 AT_ONCE = 4
 TRAIN_SECONDS = 8
-
-#: train() prints while it works (an orphaned child used to die on its next print) and saves a model.
-TRAIN_PY = '''
-import os, time
-
-class Main:
-    def __init__(self):
-        pass
-    def train(self, training_directory):
-        end = time.monotonic() + float(os.environ["TRAIN_SECONDS"])
-        while time.monotonic() < end:
-            print("training shard", os.environ["SHARD"], flush=True)
-            time.sleep(0.5)
-    def save(self):
-        with open("model.txt", "w") as fh:
-            fh.write("shard " + os.environ["SHARD"])
-'''
 
 DAG_SOURCE = '''
 from datetime import timedelta
@@ -77,21 +61,6 @@ with DAG({dag_id!r}, schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz=
         retries=1, retry_delay=timedelta(seconds=2), max_active_tis_per_dag={at_once},
     ).expand(env=[{{"TRAIN_SECONDS": "{seconds}", "SHARD": str(i)}} for i in range({trainings})])
 '''
-
-T = TypeVar("T")
-
-
-def wait_for(what: str, check: Callable[[], T], timeout: float, interval: float = 1.0) -> T:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
 
 def run_checked(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 180) -> str:
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout, check=False)
@@ -215,25 +184,6 @@ def api_ready(port: int) -> bool:
             return bool(answer.status == 200)
     except OSError:
         return False
-
-
-def runtime_processes(tmp_root: Path) -> list[str]:
-    """Runtime and user processes of this test (their command lines name files under its TMPDIR)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if ("airflow_aicenter.runtime" in cmdline or "user.py" in cmdline) and str(tmp_root) in cmdline:
-            found.append(f"{entry.name}: {cmdline}")
-    return found
-
-
-def user_processes(tmp_root: Path) -> int:
-    return sum(1 for p in runtime_processes(tmp_root) if "user.py" in p)
 
 
 def task_log_tails(home: Path, chars: int = 2500) -> str:
