@@ -67,6 +67,11 @@ def _run_path(dag_id: str, run_id: str, task: str, try_number: int) -> layout.Ru
 RunPathDep = Annotated[layout.RunPath, Depends(_run_path)]
 
 
+def _base(request: Request) -> str:
+    """Where this app is mounted (``/aicenter``, under the api-server's own root path if it has one)."""
+    return str(request.scope.get("root_path", "")).rstrip("/") or URL_PREFIX
+
+
 def _wants_html(request: Request) -> bool:
     return "text/html" in request.headers.get("accept", "")
 
@@ -88,7 +93,7 @@ def create_app() -> FastAPI:
     templates.env.filters["qp"] = lambda text: quote(str(text), safe="/")
 
     def render(request: Request, template: str, code: int = 200, **context: Any) -> HTMLResponse:
-        base = request.scope.get("root_path", "").rstrip("/") or URL_PREFIX
+        base = _base(request)
         user = getattr(request.state, "aicenter_user", None)
         return templates.TemplateResponse(
             request, template, {
@@ -117,7 +122,7 @@ def create_app() -> FastAPI:
     @app.middleware("http")
     async def no_store(request: Request, call_next: Any) -> Response:
         response: Response = await call_next(request)
-        if not request.url.path.startswith(f"{request.scope.get('root_path', '')}/static/"):
+        if not request.url.path.startswith(f"{_base(request)}/static/"):
             response.headers.setdefault("Cache-Control", "no-store")  # pages show live records and private data
         return response
 
@@ -141,7 +146,10 @@ def create_app() -> FastAPI:
     def package_page(request: Request, name: str, user: UserDep) -> HTMLResponse:
         request.state.aicenter_user = user
         reg = registry()
-        return render(request, "package.html", page=pages.package_page(reg, name), store=reg.store.uri)
+        page = pages.package_page(reg, name)
+        # The runs of DAGs this user cannot read are not named (their ids hold the DAG and run ids).
+        readable = {d for d in {r.record.run.dag_id for r in page.versions if r.record.run} if can_read_dag(user, d)}
+        return render(request, "package.html", page=page, readable=readable, store=reg.store.uri)
 
     @app.get("/runs/{dag_id}/{run_id}/{task}/{try_number}", response_class=HTMLResponse)
     def run_page(request: Request, path: RunPathDep, user: UserDep) -> HTMLResponse:
@@ -149,9 +157,8 @@ def create_app() -> FastAPI:
         require_dag(user, path.dag_id)
         store = registry().store
         page = pages.run_page(store, path)
-        airflow = (request.scope.get("root_path", "").rstrip("/") or URL_PREFIX).removesuffix(URL_PREFIX)
         return render(request, "run.html", page=page, s=page.summary, store=store.uri,
-                      task_instance=task_instance_url(airflow, path))
+                      task_instance=task_instance_url(_base(request).removesuffix(URL_PREFIX), path))
 
     @app.get("/runs/{dag_id}/{run_id}/{task}/{try_number}/preview/{relative:path}", response_class=HTMLResponse)
     def preview_page(request: Request, path: RunPathDep, relative: str, user: UserDep) -> HTMLResponse:

@@ -44,6 +44,10 @@ def test_a_run_needs_read_access_to_its_dag(ui_server):
         refused = ui_server.get(path, "nobody", headers={"Accept": "text/html"})
         assert refused.status_code == 403, (path, refused.status_code)
         assert DAG_ID in refused.text and "threshold" not in refused.text
+    # the package page does not name the runs of DAGs the user cannot read
+    package = ui_server.get(f"/aicenter/packages/{PACKAGE}", "nobody").text
+    assert "a run of a DAG you cannot read" in package and ui_server.run_id not in package
+    assert ui_server.run_id in ui_server.get(f"/aicenter/packages/{PACKAGE}", "viewer").text
 
 
 def test_artifact_paths_cannot_leave_the_run_folder(ui_server):
