@@ -45,6 +45,8 @@ PACKAGE = "loadpkg"
 TRAININGS = 8
 AT_ONCE = 4
 TRAIN_SECONDS = 8
+#: One retry is what the kill costs a running task; one more absorbs a try the loaded machine fails before it starts.
+RETRIES = 2
 
 DAG_SOURCE = '''
 from datetime import timedelta
@@ -58,7 +60,7 @@ with DAG({dag_id!r}, schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz=
          max_active_tasks={trainings}):
     TrainPipelineOperator.partial(
         task_id="train", package={package!r}, version="1.0", dataset={dataset!r},
-        retries=1, retry_delay=timedelta(seconds=2), max_active_tis_per_dag={at_once},
+        retries={retries}, retry_delay=timedelta(seconds=2), max_active_tis_per_dag={at_once},
     ).expand(env=[{{"TRAIN_SECONDS": "{seconds}", "SHARD": str(i)}} for i in range({trainings})])
 '''
 
@@ -215,6 +217,9 @@ def stack(postgres: Postgres, tmp_path: Path) -> Iterator[tuple[Stack, Postgres,
         AIRFLOW__API_AUTH__JWT_SECRET=secrets.token_hex(32),
         AIRFLOW__API__SECRET_KEY=secrets.token_hex(16),
         AIRFLOW__API__WORKERS="1",
+        # On a loaded 2-core machine the api-server can take more than the default 5 s to answer a
+        # worker's "start": the try then fails before it runs.
+        AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT="60",
         # A killed scheduler's running tasks stop heartbeating: found within seconds, not the default 5 minutes.
         AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT="30",
         AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL="5",
@@ -240,7 +245,7 @@ def test_scheduler_killed_mid_training_leaves_an_exact_store(stack: tuple[Stack,
     upload_package(registry, tmp_path, PACKAGE, TRAIN_PY)
     dataset = write_files(tmp_path / "data", {"rows.csv": "x\n1\n2\n"}).as_uri()
     (airflow.home / "dags" / "aicenter_load.py").write_text(DAG_SOURCE.format(
-        dag_id=DAG_ID, package=PACKAGE, dataset=dataset, trainings=TRAININGS, at_once=AT_ONCE, seconds=TRAIN_SECONDS))
+        dag_id=DAG_ID, package=PACKAGE, dataset=dataset, trainings=TRAININGS, at_once=AT_ONCE, seconds=TRAIN_SECONDS, retries=RETRIES))
     airflow.up()
 
     wait_for("the DAG to be parsed", lambda: airflow.check_alive() and db.query(
