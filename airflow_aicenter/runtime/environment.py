@@ -229,17 +229,29 @@ def package_indexes(value: object) -> list[str]:
             '["https://pypi.internal/simple"] (the first replaces PyPI, the others are searched before it)'
         )
     for url in urls:
-        if urlsplit(url).scheme not in ("https", "http", "file"):
+        parts = urlsplit(url)
+        if parts.scheme not in ("https", "http", "file"):
             raise ConfigurationError(
                 f"connection extra package_indexes: {mask_url(url)!r} is not an index URL: give the simple index's "
                 "https:// URL, such as https://pypi.internal/simple"
             )
+        if parts.username or parts.password:
+            raise ConfigurationError(
+                f"connection extra package_indexes: {mask_url(url)!r} carries credentials, which would travel in the "
+                "run spec (readable in the pod spec): give the URL without them and hand uv the credentials through a "
+                "netrc file (NETRC, or ~/.netrc of the runtime, e.g. mounted from a Kubernetes Secret)"
+            )
     return list(urls)
 
 
+#: uv's own index variables: a deployment may set them (with credentials) where the runtime runs.
+INDEX_VARIABLES = ("UV_INDEX_URL", "UV_DEFAULT_INDEX", "UV_EXTRA_INDEX_URL", "UV_INDEX", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL")
+
+
 def _index_secrets(indexes: Iterable[str]) -> list[str]:
+    """Credentials in the given indexes and in uv's index variables: masked in everything uv prints."""
     secrets: list[str] = []
-    for url in indexes:
+    for url in [*indexes, *(u for name in INDEX_VARIABLES for u in os.environ.get(name, "").split())]:
         parts = urlsplit(url)
         for value in (parts.password, parts.username if parts.password is None else None):
             if value:

@@ -288,3 +288,6 @@ def test_package_indexes_from_the_connection_extra() -> None:
     with pytest.raises(ConfigurationError, match=r"'ftp://u:\*\*\*@host/simple' is not an index URL") as info:
         package_indexes(["ftp://u:pw@host/simple"])
     assert "pw" not in str(info.value)
+    with pytest.raises(ConfigurationError, match=r"'https://bot:\*\*\*@pypi.internal/simple' carries credentials, which would "
+                                                 r"travel in the run spec .*netrc"):
+        package_indexes(["https://bot:t0ken@pypi.internal/simple"])
