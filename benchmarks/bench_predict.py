@@ -35,6 +35,7 @@ import json
 import os
 import random
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -79,11 +80,11 @@ BARE = textwrap.dedent('''
     sys.path.insert(0, pkg)
     from main import Main
     model = Main()
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     with open(data, "rb") as source, open(out, "w") as sink:
         for n, raw in enumerate(source, 1):
             sink.write(json.dumps({"line": n, "output": model.predict(raw.decode().rstrip("\\n"))}) + "\\n")
-    print(time.perf_counter() - began)
+    print(time.perf_counter() - began, time.process_time() - cpu)
 ''')
 TARGETS = {1: 0.9, 2: 1.6}
 RATE = re.compile(r"predicted (\d+) inputs, (\d+) failed, over (\d+) processes, (\d+) inputs/s once loaded")
@@ -117,26 +118,34 @@ def launcher_env() -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if k in PASS_ENV or k.startswith(PASS_PREFIXES)}, "PYTHONUNBUFFERED": "1"}
 
 
-def bare_loop(pkg: Path, inputs: Path, out: Path) -> float:
+def cpu_seconds() -> float:
+    """CPU time of the waited-for children (a runtime's includes its user processes): cost whatever else runs."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return children.ru_utime + children.ru_stime
+
+
+def bare_loop(pkg: Path, inputs: Path, out: Path) -> tuple[float, float]:
+    """(wall, CPU) seconds of the loop alone."""
     done = subprocess.run([str(PYTHON), "-c", BARE, str(pkg), str(inputs), str(out)], capture_output=True, text=True,
                           env=launcher_env(), check=True, timeout=600)
-    return float(done.stdout.strip())
+    wall, cpu = done.stdout.split()
+    return float(wall), float(cpu)
 
 
 def bare_pair(pkg: Path, halves: list[Path], work: Path) -> float:
     """Two bare loops at once, each on half the inputs: what 2 processes can get on this machine, no runtime at all."""
     procs = [subprocess.Popen([str(PYTHON), "-c", BARE, str(pkg), str(half), str(work / f"bare-{i}.jsonl")],
                               stdout=subprocess.PIPE, text=True, env=launcher_env()) for i, half in enumerate(halves)]
-    loops = [float(proc.communicate(timeout=600)[0].strip()) for proc in procs]
+    loops = [float(proc.communicate(timeout=600)[0].split()[0]) for proc in procs]
     assert all(proc.returncode == 0 for proc in procs)
     return max(loops)
 
 
-def startup() -> float:
-    """A fresh interpreter importing the runtime: the fixed cost every run pays before its first phase."""
-    began = time.perf_counter()
+def startup() -> tuple[float, float]:
+    """(wall, CPU) of a fresh interpreter importing the runtime: the fixed cost every run pays before its first phase."""
+    began, cpu = time.perf_counter(), cpu_seconds()
     subprocess.run([str(PYTHON), "-c", "import airflow_aicenter.runtime.agent"], env=launcher_env(), check=True, timeout=120)
-    return time.perf_counter() - began
+    return time.perf_counter() - began, cpu_seconds() - cpu
 
 
 def runtime(spec: Any, work: Path, store: Any) -> dict[str, float]:
@@ -145,17 +154,17 @@ def runtime(spec: Any, work: Path, store: Any) -> dict[str, float]:
 
     spec_file = work / "spec.json"
     spec_file.write_text(spec.model_dump_json())
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), cpu_seconds()
     done = subprocess.run([str(PYTHON), "-m", "airflow_aicenter.runtime", str(spec_file)], capture_output=True, text=True,
                           env=launcher_env(), check=False, timeout=600)
-    wall = time.perf_counter() - began
+    wall, cpu = time.perf_counter() - began, cpu_seconds() - cpu
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
     outcome = read(store, f"{spec.run_prefix}/outcome.json", Outcome)
     found = RATE.search(done.stderr)
     assert found is not None and outcome.predicted == int(found[1]) and outcome.failed == 0, done.stderr[-2000:]
     inputs = int(found[1])
-    return {"wall": wall, "phase": outcome.phases["user_code"], "loop": inputs / int(found[4]),
+    return {"wall": wall, "cpu": cpu, "phase": outcome.phases["user_code"], "loop": inputs / int(found[4]),
             **{f"phase:{k}": v for k, v in outcome.phases.items()}}
 
 
@@ -220,6 +229,8 @@ def main() -> None:
         times: dict[str, list[float]] = {}
         phases: dict[str, list[dict[str, float]]] = {}
         loads: list[float] = []
+        bare_cpu: list[float] = []
+        imports_cpu: list[float] = []
 
         def note(name: str, seconds: float) -> None:
             times.setdefault(name, []).append(seconds)
@@ -228,7 +239,9 @@ def main() -> None:
         for attempt in range(args.repeat):
             loads.append(os.getloadavg()[0])
             print(f"round {attempt + 1} (load average {loads[-1]:.1f})", flush=True)
-            note("bare loop", bare_loop(pkg, inputs, work / "bare.jsonl"))
+            wall, cpu = bare_loop(pkg, inputs, work / "bare.jsonl")
+            note("bare loop", wall)
+            bare_cpu.append(cpu)
             note("bare loop x2 (2 halves at once)", bare_pair(pkg, halves, work))
             for procs in (1, 2):
                 spec = RunSpec(pipeline="predict", storage=store.uri, run_prefix=f"runs/bench/r{attempt}/p{procs}/1",
@@ -238,7 +251,9 @@ def main() -> None:
                 note(f"runtime {procs} proc: whole", got["wall"])
                 note(f"runtime {procs} proc: prediction phase", got["phase"])
                 note(f"runtime {procs} proc: predict loop", got["loop"])
-            times.setdefault("interpreter + runtime imports", []).append(startup())
+            wall, cpu = startup()
+            times.setdefault("interpreter + runtime imports", []).append(wall)
+            imports_cpu.append(cpu)
             if not args.no_operator:
                 for procs in (1, 2):
                     took = operator_run("scorer", dataset, procs, f"manual__r{attempt}", work / "operator.log")
@@ -270,11 +285,15 @@ def main() -> None:
                   f"{min(start):.2f} s; phases of the best run: "
                   + ", ".join(f"{k[6:]} {v:.2f}" for k, v in min(runs, key=lambda r: r["wall"]).items()
                               if k.startswith("phase:")))
+        print(f"CPU seconds (load-independent), best: bare loop {min(bare_cpu):.2f} (loop only); runtime whole child "
+              f"tree, user processes included: 1 proc {min(r['cpu'] for r in phases['runtime 1']):.2f}, "
+              f"2 procs {min(r['cpu'] for r in phases['runtime 2']):.2f}")
         imports = times["interpreter + runtime imports"]
         print(f"interpreter + runtime imports (python -c 'import airflow_aicenter.runtime.agent'): "
-              f"{min(imports):.2f} s best, {median(imports):.2f} s median")
+              f"{min(imports):.2f} s best, {median(imports):.2f} s median; {min(imports_cpu):.2f} CPU s best")
         path = save_json("predict", {"machine": machine(), "inputs": args.inputs, "repeat": args.repeat, "load_average": loads,
-                                     "us_per_input_bare": bare / args.inputs * 1e6, "times": times, "runtime": phases,
+                                     "us_per_input_bare": bare / args.inputs * 1e6, "bare_cpu": bare_cpu,
+                                     "imports_cpu": imports_cpu, "times": times, "runtime": phases,
                                      "results": checks})
         print(f"raw results: {path}")
     finally:
