@@ -47,8 +47,12 @@ AT_ONCE = 4
 TRAIN_SECONDS = 8
 #: One retry is what the kill costs a running task; one more absorbs a try the loaded machine fails before it starts.
 RETRIES = 2
+#: Map indexes whose first try dies right after registering its version (a retry must report that version):
+#: the last ones, which start after the scheduler's restart (the first wave is map indexes 0-3).
+CRASHED = (6, 7)
 
 DAG_SOURCE = '''
+import os
 from datetime import timedelta
 
 import pendulum
@@ -56,13 +60,21 @@ from airflow.sdk import DAG
 
 from airflow_aicenter.operators import TrainPipelineOperator
 
+
+def die_after_registering(context):
+    """Try 1 of map indexes {crashed} registers its version, then its worker is SIGKILLed (finding 16)."""
+    if context["ti"].try_number == 1 and context["ti"].map_index in {crashed}:
+        os.environ["AICENTER_TEST_CRASH_AT"] = "results"
+
 with DAG({dag_id!r}, schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz="UTC"), catchup=False,
          max_active_tasks={trainings}):
     TrainPipelineOperator.partial(
         task_id="train", package={package!r}, version="1.0", dataset={dataset!r},
         retries={retries}, retry_delay=timedelta(seconds=2), max_active_tis_per_dag={at_once},
+        pre_execute=die_after_registering,
     ).expand(env=[{{"TRAIN_SECONDS": "{seconds}", "SHARD": str(i)}} for i in range({trainings})])
 '''
+
 
 def run_checked(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 180) -> str:
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout, check=False)
@@ -245,7 +257,8 @@ def test_scheduler_killed_mid_training_leaves_an_exact_store(stack: tuple[Stack,
     upload_package(registry, tmp_path, PACKAGE, TRAIN_PY)
     dataset = write_files(tmp_path / "data", {"rows.csv": "x\n1\n2\n"}).as_uri()
     (airflow.home / "dags" / "aicenter_load.py").write_text(DAG_SOURCE.format(
-        dag_id=DAG_ID, package=PACKAGE, dataset=dataset, trainings=TRAININGS, at_once=AT_ONCE, seconds=TRAIN_SECONDS, retries=RETRIES))
+        dag_id=DAG_ID, package=PACKAGE, dataset=dataset, trainings=TRAININGS, at_once=AT_ONCE, seconds=TRAIN_SECONDS, retries=RETRIES,
+        crashed=CRASHED))
     airflow.up()
 
     wait_for("the DAG to be parsed", lambda: airflow.check_alive() and db.query(
@@ -295,6 +308,9 @@ def test_scheduler_killed_mid_training_leaves_an_exact_store(stack: tuple[Stack,
         [(r.version, r.run.map_index if r.run else None) for r in versions]
     made_by = sorted((r.run.dag_id, r.run.run_id, r.run.task_id, r.run.map_index) for r in versions if r.run)
     assert made_by == [(DAG_ID, RUN_ID, "train", index) for index in range(TRAININGS)], made_by
+    # the tries that died after registering: a later try finished the task instance with their version
+    made_in = {r.run.map_index: r.run.try_number for r in versions if r.run}
+    assert {i: (made_in[i], final_states[i][1]) for i in CRASHED} == {i: (1, 2) for i in CRASHED}, final_states
 
     # no outcome stays "running"
     outcomes = {info.key: Outcome.model_validate_json(store.get_bytes(info.key))
@@ -302,6 +318,12 @@ def test_scheduler_killed_mid_training_leaves_an_exact_store(stack: tuple[Stack,
     assert outcomes
     running = sorted(key for key, outcome in outcomes.items() if outcome.status == "running")
     assert not running, running
+    # a task instance trains once: a retry after a registered version completes that try, it does not train again
+    succeeded: dict[int, list[str]] = {}
+    for key, outcome in outcomes.items():
+        if outcome.status == "succeeded":
+            succeeded.setdefault(int(key.split("/")[3].rsplit("~", 1)[1]), []).append(key)
+    assert sorted(succeeded) == list(range(TRAININGS)) and all(len(keys) == 1 for keys in succeeded.values()), succeeded
 
     # no temp folder and no process left
     left = sorted(p.name for p in tmp_root.iterdir() if p.name.startswith(("aicenter-launch-", "aicenter-run-")))
