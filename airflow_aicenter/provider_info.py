@@ -60,6 +60,28 @@ def get_provider_info() -> dict[str, Any]:
                         "for training pods; empty: the pods' service account (IRSA, workload identity)",
                         "schema": {"type": ["string", "null"], "examples": ["aicenter-s3"]},
                     },
+                    "runtime_role_arn": {
+                        "label": "Run role ARN",
+                        "description": "IAM role the worker assumes for each pod run with a session policy limited to that run's "
+                        "folder (least privilege); empty: pods use their own identity",
+                        "schema": {"type": ["string", "null"], "examples": ["arn:aws:iam::123456789012:role/aicenter-runtime"]},
+                    },
+                    "runtime_role_duration": {
+                        "label": "Run credentials lifetime (s)",
+                        "description": "Seconds the per-run credentials last (900 to 43200; at least the run's timeout)",
+                        "schema": {"type": ["integer", "null"], "examples": [3600]},
+                    },
+                    "package_indexes": {
+                        "label": "Package indexes",
+                        "description": "Private package indexes for requirements.txt, comma-separated (the first is the index URL); "
+                        "credentials go in a netrc file, not in the URL",
+                        "schema": {"type": ["string", "null"], "examples": ["https://pypi.internal.example.com/simple"]},
+                    },
+                    "allowed_dataset_roots": {
+                        "label": "Allowed dataset folders",
+                        "description": "Comma-separated folders file:// datasets must lie in (empty: any)",
+                        "schema": {"type": ["string", "null"], "examples": ["/data/datasets"]},
+                    },
                 },
             }
         ],
