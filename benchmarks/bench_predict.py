@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_predict.py [--inputs 10000] [--repeat 5] [--no-operator]
 
 Method: one package whose ``main.py`` scores a small model in pure Python (32 features ->
-16 tanh units -> logistic; weights read once from the package's ``model.json``; about 100 us
+32 tanh units -> logistic; weights read once from the package's ``model.json``; about 100 us
 a predict here, printed), one ``inputs.jsonl`` of --inputs JSON lines in a file store. Measured
 in the same run, interleaved, --repeat times (best and median printed):
 
@@ -55,7 +55,7 @@ import math
 
 
 class Main:
-    """A small logistic model scored in pure Python: 32 features -> 16 tanh units -> probability."""
+    """A small logistic model scored in pure Python: 32 features -> 32 tanh units -> probability."""
 
     def __init__(self):
         with open("model.json") as fh:
@@ -72,7 +72,7 @@ class Main:
 '''
 TRAIN = ("class Main:\n    def __init__(self):\n        pass\n    def train(self, d):\n        pass\n"
          "    def save(self):\n        pass\n")
-FEATURES, HIDDEN = 32, 16
+FEATURES, HIDDEN = 32, 32
 BARE = textwrap.dedent('''
     import json, os, sys, time
     pkg, data, out = sys.argv[1:4]
