@@ -9,8 +9,9 @@ from typing import Any
 
 from airflow_aicenter.registry import Registry
 from tests.conftest import write_files
+from tests.packages import ECHO_MAIN
 
-MAIN = "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return input\n"
+MAIN = ECHO_MAIN
 
 #: A package that records every call it gets (and the env it sees) in artifacts/calls.jsonl.
 #: evaluate() returns 0.75 when the version holds the model.txt save() wrote, else 0.5 (before save in a full run).

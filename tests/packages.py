@@ -83,3 +83,6 @@ def make_zip(path: Path, entries: dict[str, bytes | str], *, compression: int = 
         for name, data in entries.items():
             zf.writestr(name, data)
     return path
+
+#: The smallest serving half: ``Main()`` and a ``predict`` that echoes its input (shared by the tests that train).
+ECHO_MAIN = "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return input\n"

@@ -310,7 +310,7 @@ def test_scheduler_killed_mid_training_leaves_an_exact_store(stack: tuple[Stack,
     assert made_by == [(DAG_ID, RUN_ID, "train", index) for index in range(TRAININGS)], made_by
     # the tries that died after registering: a later try finished the task instance with their version
     made_in = {r.run.map_index: r.run.try_number for r in versions if r.run}
-    assert {i: (made_in[i], final_states[i][1]) for i in CRASHED} == {i: (1, 2) for i in CRASHED}, final_states
+    assert {i: (made_in[i], final_states[i][1] > 1) for i in CRASHED} == {i: (1, True) for i in CRASHED}, final_states
 
     # no outcome stays "running"
     outcomes = {info.key: Outcome.model_validate_json(store.get_bytes(info.key))

@@ -25,6 +25,7 @@ from airflow_aicenter.storage import Store, open_store
 from airflow_aicenter.storage.transfer import run, upload_tree
 from tests.conftest import BIN, EXAMPLE_PACKAGE, make_dataset, write_files
 from tests.operators.kube_api import FakeKubernetes, kube_api, make_context, runtime_python, seed_pod  # noqa: F401 - fixtures
+from tests.packages import ECHO_MAIN
 
 pytestmark = pytest.mark.airflow
 
@@ -80,7 +81,7 @@ class Main:
     def save(self):
         open("model.txt", "w").write(str(self.opened))
 '''
-MAIN = "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return input\n"
+MAIN = ECHO_MAIN
 
 
 def kube_env(kube: FakeKubernetes, aicenter_extra: dict[str, Any], **more: str) -> dict[str, str]:

@@ -30,8 +30,9 @@ from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
 from tests.conftest import write_files
 from tests.operators.kube_api import FakeKubernetes, kube_api, make_context, runtime_python, seed_pod  # noqa: F401 - fixtures
+from tests.packages import ECHO_MAIN
 
-MAIN = "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return input\n"
+MAIN = ECHO_MAIN
 TRAIN = '''
 import os
 class Main:

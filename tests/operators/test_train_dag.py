@@ -11,6 +11,7 @@ from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
 from tests.aicenter_helpers import asset_events, xcoms
 from tests.conftest import EXAMPLE_PACKAGE, make_dataset, write_files
+from tests.packages import ECHO_MAIN
 
 pytestmark = pytest.mark.airflow
 
@@ -111,7 +112,7 @@ class Main:
         pass
 '''
 
-MAIN = "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return input\n"
+MAIN = ECHO_MAIN
 
 
 @pytest.mark.parametrize("train_py, expected", [
@@ -248,3 +249,8 @@ def test_secret_env_never_reaches_log_results_or_xcom(airflow_env, tmp_path):
     rendered = " ".join(str(v) for (v,) in db.execute(
         "select rendered_fields from rendered_task_instance_fields where dag_id='aicenter_test_secrets'"))
     assert "EPOCHS" in rendered and not any(secret in rendered for secret in secrets)
+    # a local run shows our fields only (no empty Kubernetes ones), and the version that ran, not "latest"
+    [fields] = [json.loads(v) for (v,) in db.execute(
+        "select rendered_fields from rendered_task_instance_fields where dag_id='aicenter_test_secrets'")]
+    assert fields["version"] == "1.0", "the version the run trained from, resolved from \"latest\""
+    assert "image" not in fields and "cmds" not in fields and "labels" not in fields

@@ -10,8 +10,9 @@ from airflow_aicenter.errors import PackageError
 from airflow_aicenter.package import validate_package
 from airflow_aicenter.package.requirements import check_requirements, check_requirements_file, logical_lines
 from tests.conftest import write_files
+from tests.packages import ECHO_MAIN
 
-MAIN = "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return input\n"
+MAIN = ECHO_MAIN
 
 
 def test_requirements_and_harmless_options_pass() -> None:

@@ -23,8 +23,9 @@ from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import Store
 from airflow_aicenter.storage.transfer import BLOB_PREFIX, run, upload_tree
 from tests.conftest import write_files
+from tests.packages import ECHO_MAIN
 
-MAIN = "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return input\n"
+MAIN = ECHO_MAIN
 
 # save() writes a model of MODEL_MB random megabytes (big enough that a timed kill lands
 # inside the zip or its upload) and a few artifacts.

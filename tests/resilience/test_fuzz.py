@@ -23,6 +23,7 @@ from airflow_aicenter.errors import AICenterError
 from airflow_aicenter.package import extract_zip, validate_package, write_zip
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
+from tests.packages import ECHO_MAIN
 
 pytestmark = pytest.mark.filterwarnings("ignore:Duplicate name:UserWarning")
 
@@ -35,7 +36,7 @@ FUZZ = settings(
     database=None,
 )
 
-MAIN = "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return input\n"
+MAIN = ECHO_MAIN
 TRAIN = ("class Main:\n    def __init__(self):\n        pass\n    def train(self, training_directory):\n        pass\n"
          "    def save(self):\n        pass\n")
 

@@ -17,10 +17,11 @@ from airflow_aicenter.records import Outcome, RunSpec, read
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import Store, open_store
 from tests.conftest import free_port, write_files
+from tests.packages import ECHO_MAIN
 from tests.runtime.test_environment import tiny_wheel
 from tests.runtime.test_run import run_runtime
 
-MAIN = "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return input\n"
+MAIN = ECHO_MAIN
 TRAIN = '''
 import json, os, sys
 import aicenter_tiny

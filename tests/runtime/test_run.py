@@ -14,8 +14,9 @@ from airflow_aicenter.records import Manifest, Outcome, RunSpec, read
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage.transfer import run, upload_tree
 from tests.conftest import write_files
+from tests.packages import ECHO_MAIN
 
-MAIN = "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return input\n"
+MAIN = ECHO_MAIN
 
 # A package that records every call it gets and the environment it sees.
 RECORDING_TRAIN = '''

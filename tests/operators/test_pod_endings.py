@@ -1,0 +1,79 @@
+"""How a pod's ending becomes the run's: branches a cluster reaches but the test API server rarely does.
+
+The launcher reads the run's outcome.json and the finished pod's status (a real kubernetes
+model, as KPO's ``on_pod_completion`` callback hands it over). No API server is involved.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from kubernetes.client import models as k8s
+
+from airflow_aicenter.errors import RunError
+from airflow_aicenter.launchers.pod import PodLauncher, PodRun
+from airflow_aicenter.operators import TrainPipelineOperator
+from airflow_aicenter.records import BlobRef, Outcome, RunRef, RunSpec, read, write
+from airflow_aicenter.storage import open_store
+
+
+def terminated(reason: str, code: int, message: str | None = None) -> k8s.V1Pod:
+    state = k8s.V1ContainerState(terminated=k8s.V1ContainerStateTerminated(exit_code=code, reason=reason, message=message))
+    status = k8s.V1PodStatus(phase="Failed", container_statuses=[
+        k8s.V1ContainerStatus(name="base", image="aicenter-runtime:test", image_id="", ready=False, restart_count=0, state=state)])
+    return k8s.V1Pod(metadata=k8s.V1ObjectMeta(name="p", namespace="default"), status=status)
+
+
+@pytest.fixture
+def launcher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> PodLauncher:
+    uri = (tmp_path / "store").as_uri()
+    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps(
+        {"conn_type": "aicenter", "extra": {"storage": uri, "launcher": "kubernetes", "image": "aicenter-runtime:test"}}))
+    op = TrainPipelineOperator(task_id="train", package="p", dataset="s3://b/d/")
+    launcher = op.make_launcher("kubernetes")
+    assert isinstance(launcher, PodLauncher)
+    run = RunRef(dag_id="d", run_id="r", task_id="train")
+    spec = RunSpec(pipeline="train", storage=uri, run_prefix=run.prefix, package="p", version="1.0",
+                   blob=BlobRef(sha256="ab" * 32, size=1))
+    launcher.pod_run = PodRun(spec=spec, run=run)
+    return launcher
+
+
+def test_an_oom_killed_pod_says_so_and_how_to_fix_it(launcher: PodLauncher):
+    store = open_store(launcher.pod_run.spec.storage)
+    live = Outcome.starting(launcher.pod_run.spec)
+    live.phase = "user_code"
+    write(store, launcher.pod_run.run.key("outcome.json"), live)  # the runtime's live progress, then SIGKILL
+    launcher.final_pod = terminated("OOMKilled", 137)
+    with pytest.raises(RunError) as failed:
+        launcher.ending(None)
+    message = str(failed.value)
+    assert "exit code 137, OOMKilled" in message and "during user_code" in message
+    assert "ran out of memory: give it more with memory_gb=" in message
+    recorded = read(store, launcher.pod_run.run.key("outcome.json"), Outcome)
+    assert recorded.status == "failed" and recorded.error and "OOMKilled" in recorded.error
+
+
+def test_a_pod_whose_outcome_says_succeeded_succeeds_whatever_the_pod_says(launcher: PodLauncher):
+    store = open_store(launcher.pod_run.spec.storage)
+    done = Outcome.starting(launcher.pod_run.spec, "succeeded", blob=BlobRef(sha256="cd" * 32, size=2))
+    write(store, launcher.pod_run.run.key("outcome.json"), done)
+    launcher.final_pod = terminated("Error", 2, "sidecar trouble")
+    finished = launcher.ending(RuntimeError("the pod manager lost the log stream"))
+    assert finished.outcome.status == "succeeded" and finished.run == launcher.pod_run.run
+
+
+def test_a_pod_that_never_ran_names_the_launch_cause_from_the_exception_chain(launcher: PodLauncher):
+    from airflow.providers.cncf.kubernetes.utils.pod_manager import PodLaunchFailedException
+
+    try:
+        try:
+            raise PodLaunchFailedException("Pod took too long to start: ErrImagePull\nremote_pod: {huge dump}")
+        finally:
+            raise Exception("Pod p returned a failure.")  # noqa: B012 - what KPO's cleanup does over the launch error
+    except Exception as exc:  # noqa: BLE001
+        failure = exc
+    with pytest.raises(RunError, match=r"did not run: PodLaunchFailedException: Pod took too long to start: ErrImagePull$"):
+        launcher.ending(failure)
