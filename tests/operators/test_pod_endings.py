@@ -72,8 +72,8 @@ def test_a_pod_that_never_ran_names_the_launch_cause_from_the_exception_chain(la
         try:
             raise PodLaunchFailedException("Pod took too long to start: ErrImagePull\nremote_pod: {huge dump}")
         finally:
-            raise Exception("Pod p returned a failure.")  # noqa: B012 - what KPO's cleanup does over the launch error
-    except Exception as exc:  # noqa: BLE001
+            raise Exception("Pod p returned a failure.")
+    except Exception as exc:
         failure = exc
     with pytest.raises(RunError, match=r"did not run: PodLaunchFailedException: Pod took too long to start: ErrImagePull$"):
         launcher.ending(failure)
