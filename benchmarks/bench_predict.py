@@ -1,4 +1,4 @@
-"""Figure 6: batch prediction throughput (inputs per second) against a bare loop over the same Main.predict.
+"""Figure 7: batch prediction throughput (inputs per second) against a bare loop over the same Main.predict.
 
     .venv/bin/python benchmarks/bench_predict.py [--inputs 10000] [--repeat 5] [--no-operator]
 
