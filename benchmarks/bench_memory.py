@@ -112,10 +112,10 @@ def measure(store_uri: str, env: dict[str, str], work: Path, model_mb: int) -> l
     blob: BlobRef = base.blob
     for i, label in enumerate(["train: save() writes the model, zip + upload", "train again: stage 2 GB, zip, dedupe"]):
         spec = RunSpec(pipeline="train", storage=store.uri, run_prefix=f"runs/mem/r/t/{i + 1}", package="big",
-                       version="1.0", blob=blob, dataset=store.url("datasets/d"))
+                       version="1.0", blob=blob, dataset=store.url("datasets/d"), env={"MODEL_MB": str(model_mb)})
         began = time.perf_counter()
-        result = run_runtime(spec.model_dump_json(), {**env, "MODEL_MB": str(model_mb),
-                                                      "AICENTER_WORKDIR": str(work / f"run{i}")}, work)
+        # MODEL_MB is the user's env (the spec): the user process does not inherit the runtime's variables
+        result = run_runtime(spec.model_dump_json(), {**env, "AICENTER_WORKDIR": str(work / f"run{i}")}, work)
         result["wall_s"] = round(time.perf_counter() - began, 1)
         outcome = read(store, f"{spec.run_prefix}/outcome.json", Outcome)
         blob = outcome.blob
