@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job, end to end on the embedded default (file store + local launcher):
 # install, migrate a fresh Airflow home, generate the churn dataset, upload the example
-# package, run dags/aicenter_training.py with `airflow dags test`, print the new version.
+# package, run dags/aicenter_training.py with `airflow dags test`, then the retraining,
+# evaluation and closed-loop (batch prediction) DAGs, and print the new version.
 #
 # It works in an Airflow home of its own, ./airflow-home, or the folder named by
 # AICENTER_EXAMPLE_HOME. It never uses an AIRFLOW_HOME exported in your shell: it migrates
@@ -32,6 +33,8 @@ DATASET=$AIRFLOW_HOME/aicenter-datasets/churn
 # evaluation of the newest version on the holdout set (the DAG that new versions trigger).
 "$BIN/airflow" dags test aicenter_retraining >/dev/null
 "$BIN/airflow" dags test aicenter_evaluate_new_version >/dev/null
+# New data -> full pipeline promoting only a better model -> batch prediction with production (2 processes).
+"$BIN/airflow" dags test aicenter_closed_loop >/dev/null
 "$BIN/aicenter" package list
 "$BIN/aicenter" runs list
 "$BIN/aicenter" runs compare $("$BIN/aicenter" runs list --json | "$BIN/python" -c 'import json,sys; print(" ".join(r["id"] for r in json.load(sys.stdin)[:3]))')
