@@ -5,6 +5,8 @@ The scores are controlled: the package's evaluate() returns the run's ``SCORE`` 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import json
 import random
 import threading
@@ -256,12 +258,13 @@ def test_a_retry_reports_the_promotion_its_earlier_attempt_made(tmp_path):
                                   promote_to="production")
     outcome = Outcome(status="succeeded", pipeline="evaluate", package="scored", version=v2, start_at=0, score=0.9)
     tries = [RunRef(dag_id="d", run_id="r", task_id="evaluate", try_number=n) for n in (1, 2)]
-    first = op.promote(registry, tries[0], registry.get("scored", v2), outcome)
+    op.__dict__["aicenter_hook"] = SimpleNamespace(registry=registry)  # the operator's hook, on this store
+    first = op.promote(tries[0], registry.get("scored", v2), outcome)
     assert first["promoted"] is True and first["promotion"]["from"] == v1
-    retried = op.promote(registry, tries[1], registry.get("scored", v2), outcome)
+    retried = op.promote(tries[1], registry.get("scored", v2), outcome)
     assert retried["promoted"] is True and (retried["promotion"]["from"], retried["promotion"]["to"]) == (v1, v2)
     assert retried["promotion"]["reason"].startswith("promoted by an earlier attempt of this task (run d/r/evaluate/1; ")
     assert [h.version for h in registry.alias_history("scored", "production")] == [v1, v2], "no second alias entry"
     # another task finding the alias already at that version did not promote it
     other = RunRef(dag_id="d", run_id="r", task_id="evaluate_again")
-    assert op.promote(registry, other, registry.get("scored", v2), outcome)["promoted"] is False
+    assert op.promote(other, registry.get("scored", v2), outcome)["promoted"] is False
