@@ -40,6 +40,16 @@ class PipelinePlan:
     distributed: bool = False
     contract: str = ""
 
+    @property
+    def serving(self) -> bool:
+        """Batch prediction: ``main.py``'s ``Main``, processes share the inputs, outputs go to ``predictions/``."""
+        return self.contract == "serve"
+
+    @property
+    def processes_data(self) -> bool:
+        """``process_data`` runs first (once per node) and writes the training and evaluation splits."""
+        return "process_data" in self.calls
+
     def __post_init__(self) -> None:
         if not self.contract:
             object.__setattr__(self, "contract", self.name)

@@ -73,8 +73,8 @@ def get_provider_info() -> dict[str, Any]:
                     },
                     "package_indexes": {
                         "label": "Package indexes",
-                        "description": "Private package indexes for requirements.txt, comma-separated (the first is the index URL); "
-                        "credentials go in a netrc file, not in the URL",
+                        "description": "Private package indexes for requirements.txt, comma-separated (the first is the "
+                        "index URL); credentials go in a netrc file, not in the URL",
                         "schema": {"type": ["string", "null"], "examples": ["https://pypi.internal.example.com/simple"]},
                     },
                     "allowed_dataset_roots": {

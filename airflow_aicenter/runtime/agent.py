@@ -35,6 +35,7 @@ from typing import IO, Any, TextIO, cast
 from airflow_aicenter.crashpoints import crash_point
 from airflow_aicenter.errors import AICenterError, DatasetError, NotFoundError, RunError
 from airflow_aicenter.package import extract_zip, iter_package_files, validate_package, write_zip
+from airflow_aicenter.plans import plan_for
 from airflow_aicenter.records import BlobRef, Outcome, RunSpec, write
 from airflow_aicenter.runtime.checkpoint import CheckpointSync, try_of
 from airflow_aicenter.runtime.environment import Environment, prepare_environment
@@ -216,6 +217,7 @@ class UserProcess:
 class Agent:
     def __init__(self, spec: RunSpec, store: Store, workdir: Path) -> None:
         self.spec, self.store = spec, store
+        self.plan = plan_for(spec.pipeline)
         self.work = workdir.resolve()
         self.dirs = {name: self.work / name.removesuffix("_directory") for name in DIRECTORIES}
         self.control = self.work / "control"  # instructions and results of the user processes
@@ -295,13 +297,13 @@ class Agent:
         log(f"FAILED: {cause}")
 
     def _run(self) -> None:
-        spec = self.spec
-        if spec.pipeline == "evaluate" and self.topology.world_size > 1:
-            raise RunError("evaluation runs in one process; use nodes=1 and procs_per_node=1 for the evaluate pipeline")
+        spec, plan = self.spec, self.plan
+        if not (plan.distributed or plan.serving) and self.topology.world_size > 1:
+            raise RunError(f"the {plan.name} pipeline runs in one process; use nodes=1 and procs_per_node=1")
         if not 0 <= self.topology.node_rank < spec.nodes:
             raise RunError(f"node_rank {self.topology.node_rank} is outside 0..{spec.nodes - 1}; "
                            "check JOB_COMPLETION_INDEX and nodes")
-        if spec.pipeline == "predict" and spec.nodes > 1:
+        if plan.serving and spec.nodes > 1:
             raise RunError("batch prediction runs on one node; use nodes=1 and procs_per_node to share the inputs")
         for path in (*self.dirs.values(), self.control):
             path.mkdir(parents=True, exist_ok=True)
@@ -316,26 +318,26 @@ class Agent:
             with self.phase("checkpoint_restore"):
                 self._restore_checkpoint(spec.checkpoint_prefix)
         with self.phase("user_code"):
-            if spec.pipeline == "predict":
+            if plan.serving:
                 self._predict(root)
             else:
                 self._call_package(root)
         last_node = self.topology.node_rank == 0
-        if spec.pipeline in ("train", "full") and last_node:
+        if plan.makes_version and last_node:
             with self.phase("package_upload"):
                 self.outcome.blob = self._store_package(root)
-        if spec.pipeline == "predict":
+        if plan.serving:
             with self.phase("predictions_upload"):
                 self._upload_predictions()
         with self.phase("artifacts_upload"):
             self._upload_artifacts()
         if last_node:
             with self.phase("snapshot"):
-                if spec.save_training_data and spec.pipeline != "evaluate":
+                if spec.save_training_data and "dataset" in plan.all_datasets and not plan.serving:
                     self._snapshot("data_directory", spec.dataset)
-                if spec.save_test_data and (spec.pipeline == "evaluate" or self.entries.get("test_data_directory")):
+                if spec.save_test_data and ("evaluation_dataset" in plan.datasets or self.entries.get("test_data_directory")):
                     self._snapshot("test_data_directory", spec.evaluation_dataset or spec.dataset)
-        if spec.pipeline == "predict":
+        if plan.serving:
             self._check_failed_inputs()
 
     # -- staging -------------------------------------------------------------------------
@@ -345,7 +347,7 @@ class Agent:
         get_blob(self.store, spec.blob.sha256, zip_path)
         root = extract_zip(zip_path, self.work / "package")
         zip_path.unlink()
-        validate_package(root, "serve" if spec.pipeline == "predict" else spec.pipeline)
+        validate_package(root, self.plan.contract)
         return root
 
     def _stage_data(self) -> None:
@@ -362,13 +364,13 @@ class Agent:
             self.dirs["data_directory"] = mount
             log(f"dataset mounted read-only at {mount}")
         if spec.dataset and not spec.dataset_mount:
-            usages = INFERENCE if spec.pipeline == "predict" else TRAINING
+            usages = INFERENCE if self.plan.serving else TRAINING
             self.entries["data_directory"] = self._download(spec.dataset, data, usages)
         if spec.evaluation_dataset:
             self.entries["test_data_directory"] = self._download(spec.evaluation_dataset, test, EVALUATION)
-        elif spec.pipeline == "full" and spec.dataset and is_manifest_uri(spec.dataset):  # its EVAL and TEST lines
+        elif self.plan.processes_data and spec.dataset and is_manifest_uri(spec.dataset):  # its EVAL and TEST lines
             self.entries["test_data_directory"] = stage_manifest(spec.dataset, EVALUATION, test, required=False)
-        if spec.pipeline == "full" and self.entries.get("test_data_directory"):
+        if self.plan.processes_data and self.entries.get("test_data_directory"):
             shutil.copytree(test, self.dirs["evaluation_data_directory"], dirs_exist_ok=True)
 
     def _download(self, uri: str, dest: Path, usages: frozenset[str] = TRAINING) -> list[FileEntry]:
@@ -571,7 +573,7 @@ class Agent:
     # -- the call plans ------------------------------------------------------------------
     def _call_package(self, root: Path) -> None:
         """Train, evaluate or full: one user process, or one per rank (DESIGN "Distributed training")."""
-        spec, dirs, topo = self.spec, {k: str(v) for k, v in self.dirs.items()}, self.topology
+        dirs, topo = {k: str(v) for k, v in self.dirs.items()}, self.topology
         process_data: list[dict[str, Any]] = [
             {"call": "process_data", "args": [dirs["data_directory"]]},
             {"require_files": dirs["training_data_directory"], "message": (
@@ -579,22 +581,24 @@ class Agent:
                 f"({dirs['training_data_directory']}); write the training split there "
                 "(os.environ['training_data_directory'])")},
         ]
-        head: list[dict[str, Any]]
-        tail: list[dict[str, Any]]
-        if spec.pipeline == "evaluate":
-            head, tail = [], [{"call": "evaluate", "args": [dirs["test_data_directory"]], "score": True}]
-        else:
-            training = dirs["training_data_directory" if spec.pipeline == "full" else "data_directory"]
-            head = [{"call": "train", "args": [training]}]
-            tail = [{"call": "save"}]
-            if spec.pipeline == "full":
+        # The plan's calls: every rank trains (head); rank 0 alone evaluates and saves (tail).
+        plan = self.plan
+        training = dirs["training_data_directory" if plan.processes_data else "data_directory"]
+        head: list[dict[str, Any]] = [{"call": "train", "args": [training]}] if "train" in plan.calls else []
+        tail: list[dict[str, Any]] = []
+        if "evaluate" in plan.calls:
+            if plan.makes_version:  # a full run scores the split process_data wrote (or the evaluation dataset)
                 evaluation = dirs["evaluation_data_directory"]
-                tail.insert(0, {"call": "evaluate", "args": [evaluation], "score": True, "unless_empty": evaluation})
+                tail.append({"call": "evaluate", "args": [evaluation], "score": True, "unless_empty": evaluation})
+            else:
+                tail.append({"call": "evaluate", "args": [dirs["test_data_directory"]], "score": True})
+        if "save" in plan.calls:
+            tail.append({"call": "save"})
         if topo.world_size == 1:
-            steps = (process_data if spec.pipeline == "full" else []) + head + tail
+            steps = (process_data if plan.processes_data else []) + head + tail
             results = self.supervise([self.start("user", root, self.user_env(0), steps=steps)])
         else:
-            if spec.pipeline == "full":
+            if plan.processes_data:
                 self.supervise([self.start(f"node {topo.node_rank} process_data", root, self.user_env(0), steps=process_data)])
             users = []
             for local_rank in range(topo.procs_per_node):

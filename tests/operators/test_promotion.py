@@ -5,13 +5,12 @@ The scores are controlled: the package's evaluate() returns the run's ``SCORE`` 
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import json
 import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 
