@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, cast
-from urllib.parse import quote, unquote, urlparse
+from urllib.parse import unquote, urlparse
 
 import obstore
 import obstore.exceptions as obx
@@ -152,34 +152,16 @@ class Store:
         """The URI of a key (or of the root when ``key`` is empty)."""
         return f"{self.uri}/{key}" if key else self.uri
 
-    def browse_url(self, key: str = "") -> str:
-        """A link a person can open for a key (console page or local path)."""
-        return self.url(key)
-
-    def child(self, prefix: str) -> Store:
-        """A store rooted at ``prefix`` below this one (same credentials)."""
-        raise NotImplementedError
-
     # -- small objects -------------------------------------------------------------------
     def put_bytes(self, key: str, data: bytes, *, create: bool = False) -> None:
         """Write ``data``; with ``create=True`` fail with AlreadyExistsError if the key exists."""
         with self._errors(key):
             obstore.put(self._inner, key, data, mode="create" if create else "overwrite")
 
-    async def put_bytes_async(self, key: str, data: bytes, *, create: bool = False) -> None:
-        with self._errors(key):
-            await obstore.put_async(self._inner, key, data, mode="create" if create else "overwrite")
-
     def get_bytes(self, key: str) -> bytes:
         self.check_readable(key)
         with self._errors(key):
             return bytes(obstore.get(self._inner, key).bytes())
-
-    async def get_bytes_async(self, key: str) -> bytes:
-        self.check_readable(key)
-        with self._errors(key):
-            result = await obstore.get_async(self._inner, key)
-            return bytes(await result.bytes_async())
 
     def head(self, key: str) -> ObjectInfo | None:
         self.check_readable(key)
@@ -294,21 +276,6 @@ class S3Store(Store):
         )
         super().__init__(f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}", inner)
 
-    def child(self, prefix: str) -> S3Store:
-        return S3Store(self.url(prefix.strip("/")), self.options)
-
-    def browse_url(self, key: str = "") -> str:
-        full = "/".join(p for p in (self.prefix, key) if p)
-        if self.options.endpoint_url:  # MinIO, moto, Ceph: the object's own URL
-            return f"{self.options.endpoint_url.rstrip('/')}/{self.bucket}/{quote(full)}"
-        region = self.options.region or "us-east-1"
-        kind = "object" if key and not key.endswith("/") else "buckets"
-        if kind == "object":
-            return f"https://{region}.console.aws.amazon.com/s3/object/{self.bucket}?region={region}&prefix={quote(full)}"
-        folder = quote(full.rstrip("/"))
-        console = f"https://{region}.console.aws.amazon.com/s3/buckets/{self.bucket}?region={region}"
-        return f"{console}&prefix={folder + '/' if folder else ''}"
-
 
 class LocalStore(Store):
     scheme = "file"
@@ -324,12 +291,6 @@ class LocalStore(Store):
             raise NotFoundError(f"{self.root.as_uri()} does not exist")
         self._real_root = os.path.realpath(self.root)
         super().__init__(self.root.as_uri(), _ObLocalStore(self.root, mkdir=create))
-
-    def child(self, prefix: str) -> LocalStore:
-        return LocalStore(str(self.root / prefix.strip("/")))
-
-    def browse_url(self, key: str = "") -> str:
-        return self.url(key)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         """Every file under ``prefix``, walked here rather than by obstore, for two reasons.

@@ -313,7 +313,8 @@ def test_training_pod_on_a_real_cluster(tmp_path: Path, monkeypatch: pytest.Monk
 
     registry = AICenterHook().get_registry()
     registry.upload(EXAMPLE_PACKAGE, "churn-cluster-test")
-    datasets = registry.store.child("datasets/churn-cluster-test")
+    hook = AICenterHook()
+    datasets = open_store(registry.store.url("datasets/churn-cluster-test"), hook.s3_options)
     run(upload_tree(churn_dataset(tmp_path), datasets, ""))
     result = TrainPipelineOperator(task_id="train", package="churn-cluster-test", dataset=datasets.url() + "/",
                                    memory_gb=1, storage_gb=2).execute(make_context("aicenter_cluster_test"))

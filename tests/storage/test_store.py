@@ -161,20 +161,6 @@ def test_reading_a_missing_local_folder_never_creates_it(tmp_path):
     assert list(open_store((tmp_path / "new-root").as_uri()).list("")) == [] and (tmp_path / "new-root").is_dir()
 
 
-def test_browse_links_for_the_aws_console_and_for_custom_endpoints():
-    from airflow_aicenter.storage import S3Options
-
-    aws = open_store("s3://bucket/team/aicenter", S3Options(region="eu-west-1"))
-    folder = aws.browse_url("runs/d/r/t/1/artifacts/")
-    assert folder == ("https://eu-west-1.console.aws.amazon.com/s3/buckets/bucket?region=eu-west-1"
-                      "&prefix=team/aicenter/runs/d/r/t/1/artifacts/")
-    assert aws.browse_url("runs/d/r/t/1/_results.json") == (
-        "https://eu-west-1.console.aws.amazon.com/s3/object/bucket?region=eu-west-1"
-        "&prefix=team/aicenter/runs/d/r/t/1/_results.json")
-    minio = open_store("s3://bucket/p", S3Options(endpoint_url="http://127.0.0.1:9000/", region="us-east-1"))
-    assert minio.browse_url("runs/x/_results.json") == "http://127.0.0.1:9000/bucket/p/runs/x/_results.json"
-
-
 def test_a_download_that_fails_midway_leaves_no_partial_file(store, tmp_path, monkeypatch):
     from airflow_aicenter.storage import transfer
 
