@@ -25,7 +25,7 @@ from typing import BinaryIO, cast
 import obstore
 
 from airflow_aicenter import layout
-from airflow_aicenter.errors import AICenterError, AlreadyExistsError, NotFoundError, PackageError, VersionError
+from airflow_aicenter.errors import AICenterError, AlreadyExistsError, NotFoundError, StorageError, VersionError
 from airflow_aicenter.layout import REGISTRATION
 from airflow_aicenter.package import (
     MAX_CONTRACT_FILE_BYTES,
@@ -239,7 +239,11 @@ class Registry:
     ) -> VersionRecord:
         """Create the next version: ``N.0`` for an upload, the next free minor of the parent's major otherwise."""
         if not self.store.exists(blob_key(blob.sha256)):
-            raise PackageError(f"blob sha256:{blob.sha256} is not in {self.store.uri}; upload the content before committing")
+            raise StorageError(
+                f"the package content sha256:{blob.sha256} is no longer in {self.store.uri} (deleted while the run was "
+                "going: `aicenter gc` with a grace period shorter than the run, or by hand); nothing was registered: "
+                "run the task again, and keep gc's grace period longer than the longest run"
+            )
         made: list[VersionRecord] = []
 
         def make(version: Version) -> bytes:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from airflow_aicenter.errors import NotFoundError, PackageError, StorageError, VersionError
+from airflow_aicenter.errors import NotFoundError, StorageError, VersionError
 from airflow_aicenter.records import AliasRecord, BlobRef, Registration, RunRef, read, write
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import Store, open_store
@@ -66,7 +66,7 @@ def test_package_without_versions(store: Store) -> None:
 
 
 def test_commit_needs_stored_content(store: Store) -> None:
-    with pytest.raises(PackageError, match="is not in"):
+    with pytest.raises(StorageError, match="is no longer in .*nothing was registered"):
         Registry(store).commit("churn", parent=None, blob=BlobRef(sha256="0" * 64, size=1), pipeline="upload")
 
 

@@ -609,7 +609,11 @@ class BasePipelineOperator(KubernetesPodOperator):
         if outcome.status == "skipped":
             raise AirflowSkipException(outcome.skipped or "the runtime found nothing to do")
         parent = registry.get(spec.package, spec.version)
-        new_version = self.register(parent, outcome, run) if self.plan.makes_version else None
+        try:
+            new_version = self.register(parent, outcome, run) if self.plan.makes_version else None
+        except AICenterError as exc:
+            self.record_unregistered(run, outcome, exc)
+            raise
         if self.plan.name == "evaluate":
             registry.add_evaluation(
                 EvaluationRecord(
@@ -693,6 +697,15 @@ class BasePipelineOperator(KubernetesPodOperator):
             outputs.append(version(new_version))
             outputs.extend(data(outcome.snapshots.get("data_directory")))
         return OperatorLineage(inputs=[*inputs, version(parent)], outputs=outputs)
+
+    def record_unregistered(self, run: RunRef, outcome: Outcome, error: AICenterError) -> None:
+        """A run whose runtime succeeded but whose version could not be registered is a failed run, with that cause."""
+        outcome.status, outcome.phase = "failed", "register"
+        outcome.error = redact(f"registering the new version failed: {error}", self.redactor())
+        try:
+            write(self.aicenter_hook.get_store(), run.key(OUTCOME), outcome)
+        except AICenterError as exc:
+            self.log.warning("Could not record the failed registration in %s: %s", run.uri, exc)
 
     def result_extra(self, outcome: Outcome, run: RunRef) -> dict[str, Any]:
         """More XCom keys of a pipeline type (prediction's counts)."""
