@@ -66,7 +66,7 @@ def test_package_without_versions(store: Store) -> None:
 
 
 def test_commit_needs_stored_content(store: Store) -> None:
-    with pytest.raises(StorageError, match="is no longer in .*nothing was registered"):
+    with pytest.raises(StorageError, match=r"is no longer in .*nothing was registered"):
         Registry(store).commit("churn", parent=None, blob=BlobRef(sha256="0" * 64, size=1), pipeline="upload")
 
 
