@@ -1,0 +1,75 @@
+"""Batch prediction in a pod: PredictPipelineOperator on the Kubernetes launcher, against the test API server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from airflow_aicenter.errors import RunError
+from airflow_aicenter.operators import PredictPipelineOperator
+from airflow_aicenter.records import Results, read
+from airflow_aicenter.registry import Registry
+from airflow_aicenter.storage import open_store
+from tests.conftest import write_files
+from tests.operators.kube_api import FakeKubernetes, kube_api, make_context, runtime_python  # noqa: F401 - fixtures
+from tests.operators.test_kubernetes_launcher import FAST
+
+DOUBLING_MAIN = '''
+import json
+class Main:
+    def __init__(self):
+        self.factor = 2
+    def predict(self, input):
+        value = json.loads(input)["x"]
+        if value < 0:
+            raise ValueError(f"negative input {value}")
+        return json.dumps({"y": value * self.factor})
+'''
+
+
+@pytest.fixture
+def deployment(kube_api: FakeKubernetes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Registry, str]:
+    for key, value in kube_api.connection_env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    uri = (tmp_path / "aicenter").as_uri()
+    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps(
+        {"conn_type": "aicenter", "extra": {"storage": uri, "launcher": "kubernetes", "image": "aicenter-runtime:test"}}))
+    registry = Registry(open_store(uri))
+    registry.upload(write_files(tmp_path / "pkg", {"main.py": DOUBLING_MAIN, "requirements.txt": ""}), "doubler")
+    registry.set_alias("doubler", "production", "1.0", set_by="test")
+    lines = "".join(json.dumps({"x": n}) + "\n" for n in range(1, 201))
+    inbox = write_files(tmp_path / "inbox", {"a/batch.jsonl": lines, "b.jsonl": '{"x": 5}\n{"x": -1}\n'})
+    return registry, inbox.as_uri()
+
+
+def predict_op(dataset: str, **kwargs) -> PredictPipelineOperator:
+    return PredictPipelineOperator(task_id="score", package="doubler", version="production", dataset=dataset,
+                                   procs_per_node=2, install_requirements=False, **FAST, **kwargs)
+
+
+def test_a_pod_scores_every_input_with_the_promoted_version(deployment, kube_api: FakeKubernetes):
+    registry, inbox = deployment
+    result = predict_op(inbox, max_failed=1).execute(make_context(task_id="score"))
+    assert (result["version"], result["predicted"], result["failed"]) == ("1.0", 201, 1)
+    prefix = result["run_uri"].removeprefix(registry.store.url("")).strip("/")
+    lines = [json.loads(line) for line in registry.store.get_bytes(f"{prefix}/predictions/a/batch.jsonl").decode().splitlines()]
+    assert [json.loads(line["output"])["y"] for line in lines] == [2 * n for n in range(1, 201)], "every output, in input order"
+    other = [json.loads(line) for line in registry.store.get_bytes(f"{prefix}/predictions/b.jsonl").decode().splitlines()]
+    assert "output" in other[0] and "negative input -1" in other[1]["error"]
+    results = read(registry.store, f"{prefix}/_results.json", Results)
+    assert results.parameters.inputs.inference_data == inbox
+    assert (results.run_summary.outputs.predicted, results.run_summary.outputs.failed) == (201, 1)
+    assert [r.version for r in registry.versions("doubler")] == ["1.0"], "prediction makes no version"
+    [pod] = [p for p in kube_api.all_pods()]
+    assert pod.obj["status"]["phase"] == "Succeeded"
+
+
+def test_too_many_failed_inputs_fail_the_task_after_every_output(deployment, kube_api: FakeKubernetes):
+    registry, inbox = deployment
+    with pytest.raises(RunError, match=r"1 .*failed"):
+        predict_op(inbox).execute(make_context(task_id="score"))
+    [run] = [i.key for i in registry.store.list("runs/") if i.key.endswith("predictions/b.jsonl")]
+    assert "negative input -1" in registry.store.get_bytes(run).decode(), "the outputs were written before the run failed"
