@@ -73,3 +73,16 @@ def test_too_many_failed_inputs_fail_the_task_after_every_output(deployment, kub
         predict_op(inbox).execute(make_context(task_id="score"))
     [run] = [i.key for i in registry.store.list("runs/") if i.key.endswith("predictions/b.jsonl")]
     assert "negative input -1" in registry.store.get_bytes(run).decode(), "the outputs were written before the run failed"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"input_type": "csv"}, r"input_type='csv' is not valid; use 'json'"),
+    ({"max_failed": -1}, r"max_failed=-1 is not valid"),
+    ({"nodes": 2}, r"batch prediction runs on one node"),
+    ({"procs_per_node": 0}, r"procs_per_node=0 is not valid"),
+])
+def test_bad_prediction_arguments_are_refused_when_the_dag_is_parsed(kwargs, message):
+    from airflow_aicenter.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=message):
+        PredictPipelineOperator(task_id="score", package="doubler", dataset="s3://b/inbox/", **kwargs)
