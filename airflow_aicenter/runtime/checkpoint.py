@@ -203,9 +203,22 @@ class CheckpointSync:
         crash_point("checkpoint_manifest")
         manifest = self._commit(entries)
         self.last = manifest
+        self._ensure_objects(entries)
         self._prune(manifest.seq)
         return SyncStats(seq=manifest.seq, files=len(entries), bytes=manifest.bytes,
                          uploaded_files=len(uploads), uploaded_bytes=sum(e.size for e in uploads.values()))
+
+    def _ensure_objects(self, entries: list[CheckpointFile]) -> None:
+        """Every object the new manifest names is there (another writer's prune may have raced ours).
+
+        A try given up on may still be syncing beside its retry; an object one of them skipped as
+        "already stored" can be pruned by the other just before this manifest is listed. Missing
+        ones are uploaded again from the local files (which the manifest describes).
+        """
+        present = {info.key.rsplit("/", 1)[-1] for info in self._list(f"{self.prefix}objects/")}
+        missing = list({e.sha256: e for e in entries if e.sha256 not in present}.values())
+        if missing:
+            run(gather_limited(missing, self._upload))
 
     async def _upload(self, entry: CheckpointFile) -> None:
         key = self.object_key(entry.sha256)
