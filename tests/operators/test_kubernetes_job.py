@@ -20,25 +20,17 @@ from airflow_aicenter.launchers.job import JobLauncher, job_name
 from airflow_aicenter.operators import FullPipelineOperator, TrainPipelineOperator
 from airflow_aicenter.records import Results, read
 from airflow_aicenter.registry import Registry
-from airflow_aicenter.storage import open_store
 from tests.conftest import write_files
 from tests.operators.kube_api import FakeKubernetes, kube_api, make_context, runtime_python  # noqa: F401 - fixtures
-from tests.operators.test_kubernetes_launcher import FAST, MAIN, run_trigger
+from tests.operators.test_kubernetes_launcher import FAST, MAIN, kube_deployment, run_trigger  # noqa: F401 - fixture
 from tests.runtime.test_distributed import RENDEZVOUS
 
 
 @pytest.fixture
-def deployment(kube_api: FakeKubernetes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Registry, str]:
-    for key, value in kube_api.connection_env().items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("KUBECONFIG", raising=False)
-    uri = (tmp_path / "aicenter").as_uri()
-    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps(
-        {"conn_type": "aicenter", "extra": {"storage": uri, "launcher": "kubernetes", "image": "aicenter-runtime:test"}}))
-    registry = Registry(open_store(uri))
+def deployment(kube_deployment: tuple[Registry, str], tmp_path: Path) -> tuple[Registry, str]:
+    registry, dataset = kube_deployment
     registry.upload(write_files(tmp_path / "pkg", {"main.py": MAIN, "train.py": RENDEZVOUS, "requirements.txt": ""}), "ddp")
-    data = write_files(tmp_path / "data", {"rows.csv": "x\n1\n"})
-    return registry, data.as_uri()
+    return registry, dataset
 
 
 def full_op(dataset: str, **kwargs: Any) -> FullPipelineOperator:

@@ -11,10 +11,9 @@ from airflow_aicenter.errors import RunError
 from airflow_aicenter.operators import PredictPipelineOperator
 from airflow_aicenter.records import Results, read
 from airflow_aicenter.registry import Registry
-from airflow_aicenter.storage import open_store
 from tests.conftest import write_files
 from tests.operators.kube_api import FakeKubernetes, kube_api, make_context, runtime_python  # noqa: F401 - fixtures
-from tests.operators.test_kubernetes_launcher import FAST
+from tests.operators.test_kubernetes_launcher import FAST, kube_deployment  # noqa: F401 - fixture
 
 DOUBLING_MAIN = '''
 import json
@@ -30,14 +29,8 @@ class Main:
 
 
 @pytest.fixture
-def deployment(kube_api: FakeKubernetes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Registry, str]:
-    for key, value in kube_api.connection_env().items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("KUBECONFIG", raising=False)
-    uri = (tmp_path / "aicenter").as_uri()
-    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps(
-        {"conn_type": "aicenter", "extra": {"storage": uri, "launcher": "kubernetes", "image": "aicenter-runtime:test"}}))
-    registry = Registry(open_store(uri))
+def deployment(kube_deployment: tuple[Registry, str], tmp_path: Path) -> tuple[Registry, str]:
+    registry, _ = kube_deployment
     registry.upload(write_files(tmp_path / "pkg", {"main.py": DOUBLING_MAIN, "requirements.txt": ""}), "doubler")
     registry.set_alias("doubler", "production", "1.0", set_by="test")
     lines = "".join(json.dumps({"x": n}) + "\n" for n in range(1, 201))
