@@ -505,6 +505,7 @@ class BasePipelineOperator(KubernetesPodOperator):
             from airflow_aicenter.runtime.incremental import require_base
 
             incremental_base = require_base(parent)
+        masked = self.masked_keys()
         return RunSpec(
             pipeline=self.plan.name,
             storage=self.aicenter_hook.get_store().uri,
@@ -514,7 +515,7 @@ class BasePipelineOperator(KubernetesPodOperator):
             blob=parent.blob,
             dataset=self.dataset,
             evaluation_dataset=self.evaluation_dataset,
-            env={k: str(v) for k, v in self.env.items() if k not in self.masked_keys()},
+            env={k: str(v) for k, v in self.env.items() if k not in masked},
             # An incremental run snapshots its data: the next incremental run compares with it.
             save_training_data=self.save_training_data or self.incremental,
             save_test_data=self.save_test_data,
