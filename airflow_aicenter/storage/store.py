@@ -339,14 +339,21 @@ def walk_files(root: Path, sub: str = "", *, label: str | None = None) -> Iterat
     A symbolic link is followed only when its target stays inside ``root``: one that leaves it,
     dangles, or loops back to a folder being walked is a StorageError naming it (``label``
     names the root in the message). The walk never reads a byte outside ``root``.
+
+    Other processes write and delete while a walk runs (a writer renames its temporary into
+    place, gc removes a run): a file or folder gone by the time the walk looks at it is left
+    out, as an S3 listing would, rather than failing the whole walk.
     """
     real_root = os.path.realpath(root)
     where = label or str(root)
     start = root / sub if sub else root
 
     def walk(folder: str, rel: str, chain: frozenset[str]) -> Iterator[tuple[str, os.stat_result]]:
-        with os.scandir(folder) as it:
-            entries = sorted(it, key=lambda e: e.name)
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except FileNotFoundError:
+            return  # removed since its parent was read
         for entry in entries:
             name = f"{rel}{entry.name}"
             if entry.is_symlink():
@@ -356,6 +363,8 @@ def walk_files(root: Path, sub: str = "", *, label: str | None = None) -> Iterat
                 try:
                     st = os.stat(real)
                 except OSError:
+                    if not os.path.lexists(entry.path):
+                        continue  # the link itself was removed meanwhile
                     raise StorageError(f"{name!r} in {where} is a broken symbolic link (to {real}); remove it") from None
                 if stat.S_ISDIR(st.st_mode):
                     if real in chain:
@@ -366,7 +375,11 @@ def walk_files(root: Path, sub: str = "", *, label: str | None = None) -> Iterat
             elif entry.is_dir(follow_symlinks=False):
                 yield from walk(entry.path, name + "/", chain | {os.path.realpath(entry.path)})
             elif entry.is_file(follow_symlinks=False):
-                yield name, entry.stat(follow_symlinks=False)
+                try:
+                    file_stat = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # renamed or deleted since the folder was read
+                yield name, file_stat
 
     yield from walk(str(start), f"{sub}/" if sub else "", frozenset({os.path.realpath(start)}))
 

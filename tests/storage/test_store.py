@@ -215,3 +215,30 @@ def test_large_objects_are_read_as_concurrent_ranges_and_written_as_multipart(st
         assert sorted(ranges) == [(s, min(s + 2**20, size)) for s in range(0, size, 2**20)]
     else:
         assert ranges == []
+
+
+def test_a_file_or_folder_removed_during_a_listing_is_left_out_not_an_error(tmp_path):
+    """A writer renames its temporary into place and gc deletes while another process lists:
+    what vanished between reading a folder and looking at an entry is simply not listed (as
+    on S3), instead of failing the listing (seen in CI: gc during an upload hit a
+    ``*.json#1`` temporary that its writer had just renamed)."""
+    import shutil
+
+    from airflow_aicenter.storage.store import LocalStore
+
+    root = tmp_path / "store"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "1.txt").write_text("one")
+    (root / "a" / "2.txt#1").write_text("temporary")
+    (root / "a" / "3.txt").write_text("three")
+    (root / "z").mkdir()
+    (root / "z" / "late.txt").write_text("late")
+    store = LocalStore(root.as_uri())
+
+    listing = store.list()
+    first = next(listing)
+    assert first.key == "a/1.txt"
+    (root / "a" / "2.txt#1").rename(root / "a" / "2.txt")  # the writer publishes its temporary
+    shutil.rmtree(root / "z")  # and gc removes a whole folder
+    assert [o.key for o in listing] == ["a/3.txt"]
+    assert sorted(o.key for o in store.list()) == ["a/1.txt", "a/2.txt", "a/3.txt"]
