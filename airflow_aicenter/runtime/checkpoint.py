@@ -43,17 +43,15 @@ from pathlib import Path
 from pydantic import Field
 
 from airflow_aicenter.crashpoints import crash_point
-from airflow_aicenter.errors import AICenterError, AlreadyExistsError, NotFoundError, StorageError
+from airflow_aicenter.errors import AICenterError, AlreadyExistsError, StorageError
 from airflow_aicenter.records import Record, read, utcnow, write
 from airflow_aicenter.storage import Store
-from airflow_aicenter.storage.store import ObjectInfo
 from airflow_aicenter.storage.transfer import download_file, gather_limited, local_files, run, sha256_file, upload_file
 
 #: Manifests kept after a sync (the newest is restored; the one before is its fallback).
 KEEP = 2
 #: Tries of a create-once manifest write that lost a race to another writer.
 _COMMIT_TRIES = 5
-_LIST_TRIES = 3
 #: An object that is not a digest (a put's temporary) is pruned only once this old: it may be
 #: another writer's upload in flight.
 TEMP_MAX_AGE = timedelta(hours=1)
@@ -119,21 +117,11 @@ class CheckpointSync:
     def manifest_seqs(self) -> list[int]:
         """Sequence numbers of the stored manifests, ascending."""
         seqs = []
-        for info in self._list(f"{self.prefix}manifests/"):
+        for info in self.store.list(f"{self.prefix}manifests/"):
             name = info.key.rsplit("/", 1)[-1]
             if name.endswith(".json") and name[:-5].isdigit():
                 seqs.append(int(name[:-5]))
         return sorted(seqs)
-
-    def _list(self, prefix: str) -> list[ObjectInfo]:
-        """A listing, taken again when another writer renamed or deleted a file under it meanwhile."""
-        for attempt in range(_LIST_TRIES):
-            try:
-                return list(self.store.list(prefix))
-            except (NotFoundError, FileNotFoundError):
-                if attempt == _LIST_TRIES - 1:
-                    raise
-        return []
 
     # -- restore -------------------------------------------------------------------------
     def restore(self) -> CheckpointManifest | None:
@@ -215,7 +203,7 @@ class CheckpointSync:
         "already stored" can be pruned by the other just before this manifest is listed. Missing
         ones are uploaded again from the local files (which the manifest describes).
         """
-        present = {info.key.rsplit("/", 1)[-1] for info in self._list(f"{self.prefix}objects/")}
+        present = {info.key.rsplit("/", 1)[-1] for info in self.store.list(f"{self.prefix}objects/")}
         missing = list({e.sha256: e for e in entries if e.sha256 not in present}.values())
         if missing:
             run(gather_limited(missing, self._upload))
@@ -260,7 +248,7 @@ class CheckpointSync:
             for seq in kept:
                 names |= {f.sha256 for f in read(self.store, self.manifest_key(seq), CheckpointManifest).files}
             stale = datetime.now(UTC) - TEMP_MAX_AGE
-            for info in self._list(f"{self.prefix}objects/"):
+            for info in self.store.list(f"{self.prefix}objects/"):
                 name = info.key.rsplit("/", 1)[-1]
                 if not _DIGEST.match(name):  # another writer's upload in flight, or one killed long ago
                     if info.last_modified is None or info.last_modified > stale:
