@@ -153,6 +153,7 @@ def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> AirflowEnv:
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
         AIRFLOW__LOGGING__LOGGING_LEVEL="INFO",
         PYTHONUNBUFFERED="1",
+        AICENTER_CACHE=str(home / "aicenter-cache"),  # package environments of this session's runs
     )
     airflow = AirflowEnv(home=home, env=env)
     done = airflow.run("airflow", "db", "migrate")

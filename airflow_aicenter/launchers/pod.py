@@ -352,7 +352,6 @@ class PodSettings:
     dataset_volume_claim: str | None = None
     dataset_sub_path: str | None = None
     aws_secret_name: str | None = None
-    install_requirements: bool | None = None
     datasets: tuple[str | None, ...] = ()
     #: ``env`` keys whose values Airflow's masker knows (a templated Variable or Connection field).
     secret_keys: frozenset[str] = frozenset()
@@ -399,12 +398,10 @@ class PodLauncher(Launcher):
         check_sub_path(self.settings.dataset_sub_path)
 
     def plan(self, spec: RunSpec, run: RunRef) -> PodRun:
-        """The spec as the pod runs it: requirements installed there, a mounted dataset not staged."""
-        install = True if self.settings.install_requirements is None else self.settings.install_requirements
+        """The spec as the pod runs it: a mounted dataset is not staged."""
         return PodRun(
             spec=spec.model_copy(
                 update={
-                    "install_requirements": install,
                     "dataset_mount": DATASET_MOUNT if self.settings.dataset_volume_claim else None,
                 }
             ),

@@ -139,9 +139,10 @@ class BasePipelineOperator(KubernetesPodOperator):
     :param dataset_sub_path: folder inside ``dataset_volume_claim``. (templated)
     :param aws_secret_name: the Kubernetes Secret holding the pods' S3 keys (else the connection's
         ``runtime_role_arn`` session credentials, else the pod's service account).
-    :param install_requirements: install ``requirements.txt`` into the package's own environment
-        (default: True in a pod; the local launcher uses the cached environment when asked, never the
-        worker's environment).
+    :param install_requirements: run user code in the package's own environment, with
+        ``requirements.txt`` installed by uv and cached by content (default True, on every launcher;
+        nothing is ever installed into the worker's environment). False runs user code with the
+        runtime's own interpreter: an image (or worker) built with the requirements already.
     :param promote_to: an alias to point at the run's version when it earns it.
     :param promote_if: ``"better"`` (a strictly higher score, like with like) or ``"always"``.
     :param nodes: machines of a distributed run (``nodes > 1``: an Indexed Job; local: must be 1).
@@ -180,7 +181,7 @@ class BasePipelineOperator(KubernetesPodOperator):
         dataset_volume_claim: str | None = None,
         dataset_sub_path: str | None = None,
         aws_secret_name: str | None = None,
-        install_requirements: bool | None = None,
+        install_requirements: bool = True,
         promote_to: str | None = None,
         promote_if: PromoteIf = "better",
         nodes: int = 1,
@@ -288,7 +289,6 @@ class BasePipelineOperator(KubernetesPodOperator):
                 dataset_volume_claim=self.dataset_volume_claim,
                 dataset_sub_path=self.dataset_sub_path,
                 aws_secret_name=self.aws_secret_name,
-                install_requirements=self.install_requirements,
                 datasets=(self.dataset, self.evaluation_dataset),
                 secret_keys=frozenset(self.masked_keys()),
             )
@@ -520,7 +520,7 @@ class BasePipelineOperator(KubernetesPodOperator):
             save_training_data=self.save_training_data or self.incremental,
             save_test_data=self.save_test_data,
             gpu=self.gpu,
-            install_requirements=bool(self.install_requirements),
+            install_requirements=self.install_requirements,
             user_env_names=sorted(self.user_secret_env()),
             nodes=self.nodes,
             procs_per_node=self.procs_per_node,

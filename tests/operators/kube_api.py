@@ -1017,7 +1017,7 @@ def seed_pod(op: Any, registry: Any, context: dict[str, Any], *, command: list[s
 
     run = op.run_ref(context)
     parent = registry.resolve(op.package, str(op.version))
-    spec = op.build_spec(parent, run).model_copy(update={"install_requirements": True})
+    spec = op.build_spec(parent, run)
     spec.env.update(env or {})
     launcher = op.make_launcher("kubernetes")
     launcher.pod_run = PodRun(spec=spec, run=run)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -18,13 +19,17 @@ from tests.conftest import write_files
 from tests.operators.conftest import s3_connection_env
 
 ENV_DUMP_TRAIN = '''
-import json, os
+import importlib.util, json, os, sys
 class Main:
     def __init__(self):
         pass
     def train(self, training_directory):
         with open(os.path.join(os.environ["artifacts_directory"], "environ.json"), "w") as fh:
             json.dump(dict(os.environ), fh)
+        with open(os.path.join(os.environ["artifacts_directory"], "python.json"), "w") as fh:
+            json.dump({"prefix": sys.prefix, "executable": sys.executable,
+                       "importable": [m for m in ("airflow", "airflow_aicenter", "obstore")
+                                      if importlib.util.find_spec(m) is not None]}, fh)
         if os.environ.get("FAIL_TRAIN"):
             raise RuntimeError("train failed on purpose")
     def save(self):
@@ -79,6 +84,11 @@ def test_user_code_sees_no_worker_variables_credentials_or_spec(airflow_env, s3_
     assert "testing-secret" not in json.dumps(seen), "the store's secret key appears nowhere"
     assert seen["EPOCHS"] == "3" and seen["API_TOKEN"] == "tok-sekrit-4711", "the user's env, secret ones included, is theirs"
     assert seen["data_directory"].startswith("/") and seen["artifacts_directory"].startswith("/")
+    # By default user code runs in the package's own environment (an empty requirements.txt: a
+    # bare one), not the worker's: Airflow, this provider and the store client are not importable.
+    python = json.loads(registry.store.get_bytes(f"{record.run.prefix}/artifacts/python.json"))
+    assert python["importable"] == [], python
+    assert python["prefix"] != sys.prefix and "/envs/" in python["prefix"], python
 
 
 def test_a_configuration_error_fails_once_a_user_error_is_retried(airflow_env, s3_deployment):
