@@ -99,7 +99,7 @@ def create_app() -> FastAPI:
             request, template, {
                 "base": base, "airflow": base.removesuffix(URL_PREFIX),
                 "user": user.get_name() if user is not None else None,
-                "run_url": lambda run_id: run_url(base, run_id), **context,
+                "run_url": lambda run_id: run_url(base, run_id), "set_by_run": pages.set_by_run, **context,
             }, status_code=code,
         )
 
@@ -148,7 +148,7 @@ def create_app() -> FastAPI:
         reg = registry()
         page = pages.package_page(reg, name)
         # The runs of DAGs this user cannot read are not named (their ids hold the DAG and run ids).
-        readable = {d for d in {r.record.run.dag_id for r in page.versions if r.record.run} if can_read_dag(user, d)}
+        readable = {d for d in page.dag_ids() if can_read_dag(user, d)}
         return render(request, "package.html", page=page, readable=readable, store=reg.store.uri)
 
     @app.get("/runs/{dag_id}/{run_id}/{task}/{try_number}", response_class=HTMLResponse)

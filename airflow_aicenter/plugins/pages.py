@@ -51,6 +51,16 @@ def run_id_of(record: VersionRecord) -> str | None:
     return None if record.run is None else record.run.path.id
 
 
+def set_by_run(entry: AliasRecord) -> str | None:
+    """The run id that moved an alias (``set_by`` ``run <dag>/<run>/<task>/<try>``), else None (a CLI user)."""
+    if not entry.set_by.startswith("run "):
+        return None
+    try:
+        return layout.RunPath.parse(entry.set_by.removeprefix("run ")).id
+    except layout.LayoutError:
+        return None
+
+
 # -- packages ----------------------------------------------------------------------------------
 @dataclass
 class PackageRow:
@@ -119,6 +129,12 @@ class PackagePage:
     history: dict[str, list[AliasRecord]]
     chart: str
     description: str = ""
+
+    def dag_ids(self) -> set[str]:
+        """Every DAG whose runs this page names: made a version, or moved an alias."""
+        made = {r.record.run.dag_id for r in self.versions if r.record.run}
+        moved = {run.split("/", 1)[0] for entries in self.history.values() for e in entries if (run := set_by_run(e))}
+        return made | moved
 
 
 def package_page(registry: Registry, name: str) -> PackagePage:
