@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +25,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def atomic_conditional_writes() -> None:
+    """Give moto's server S3's guarantee for conditional writes (``If-None-Match: *``).
+
+    moto checks the condition, then parses the body and stores it, while other request threads
+    run: under load two create-only PUTs of one key both got 200 (a stress run of the 32
+    concurrent trainings test made version 1.27 twice). S3 decides a conditional write
+    atomically, and the registry relies on that; one lock around moto's conditional writes (a
+    PUT, and the POST completing a multipart upload) restores it. Other requests stay concurrent.
+    """
+    from moto.s3.responses import S3Response
+
+    if getattr(S3Response, "_aicenter_atomic", False):
+        return
+    lock = threading.Lock()
+
+    def serialised(method: Any) -> Any:
+        @functools.wraps(method)
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if self.headers.get("If-None-Match") is None and self.headers.get("If-Match") is None:
+                return method(self, *args, **kwargs)
+            with lock:
+                return method(self, *args, **kwargs)
+        return wrapper
+
+    S3Response.put_object = serialised(S3Response.put_object)  # type: ignore[method-assign]
+    S3Response._key_response_post = serialised(S3Response._key_response_post)  # type: ignore[method-assign]
+    S3Response._aicenter_atomic = True  # type: ignore[attr-defined]
+
+
 class S3Server:
     """moto in server mode: real HTTP, real S3 protocol, on a free loopback port."""
 
@@ -34,6 +66,7 @@ class S3Server:
         self.options = S3Options(endpoint_url=self.endpoint, region="us-east-1", access_key_id="testing", secret_access_key="testing-secret")
 
     def start(self) -> None:
+        atomic_conditional_writes()
         self._server.start()
 
     def stop(self) -> None:

@@ -242,3 +242,45 @@ def test_a_file_or_folder_removed_during_a_listing_is_left_out_not_an_error(tmp_
     shutil.rmtree(root / "z")  # and gc removes a whole folder
     assert [o.key for o in listing] == ["a/3.txt"]
     assert sorted(o.key for o in store.list()) == ["a/1.txt", "a/2.txt", "a/3.txt"]
+
+
+
+def _create_race(store, key: str, writers: int) -> tuple[list[int], list[int], list[BaseException]]:
+    """``writers`` threads create ``key`` at the same moment: (winners, losers, other errors)."""
+    import threading
+
+    barrier = threading.Barrier(writers)
+    won: list[int] = []
+    lost: list[int] = []
+    other: list[BaseException] = []
+
+    def write(i: int) -> None:
+        barrier.wait(timeout=30)
+        try:
+            store.put_bytes(key, f"writer {i}".encode() * 2_000, create=True)
+            won.append(i)
+        except AlreadyExistsError:
+            lost.append(i)
+        except BaseException as exc:
+            other.append(exc)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return won, lost, other
+
+
+def test_create_once_has_one_winner_among_concurrent_writers(store):
+    """Version records, checkpoint manifests and run markers rely on it: of many writers creating
+    one key at the same moment exactly one succeeds, the others get AlreadyExistsError, and the
+    key holds the winner's bytes. (On the S3 side this also checks the test server: moto alone
+    let two conditional PUTs of one key both succeed under load; tests/conftest.py fixes that.)"""
+    writers = 12
+    for round_ in range(15):
+        key = f"race/{round_}.json"
+        won, lost, other = _create_race(store, key, writers)
+        assert not other, other
+        assert len(won) == 1 and len(lost) == writers - 1, (round_, won)
+        assert store.get_bytes(key) == f"writer {won[0]}".encode() * 2_000
