@@ -51,12 +51,12 @@ def run_id_of(record: VersionRecord) -> str | None:
     return None if record.run is None else record.run.path.id
 
 
-def set_by_run(entry: AliasRecord) -> str | None:
-    """The run id that moved an alias (``set_by`` ``run <dag>/<run>/<task>/<try>``), else None (a CLI user)."""
+def set_by_run(entry: AliasRecord) -> layout.RunPath | None:
+    """The run that moved an alias (``set_by`` ``run <dag>/<run>/<task>/<try>``), else None (a CLI user)."""
     if not entry.set_by.startswith("run "):
         return None
     try:
-        return layout.RunPath.parse(entry.set_by.removeprefix("run ")).id
+        return layout.RunPath.parse(entry.set_by.removeprefix("run "))
     except layout.LayoutError:
         return None
 
@@ -133,7 +133,7 @@ class PackagePage:
     def dag_ids(self) -> set[str]:
         """Every DAG whose runs this page names: made a version, or moved an alias."""
         made = {r.record.run.dag_id for r in self.versions if r.record.run}
-        moved = {run.split("/", 1)[0] for entries in self.history.values() for e in entries if (run := set_by_run(e))}
+        moved = {run.dag_id for entries in self.history.values() for e in entries if (run := set_by_run(e))}
         return made | moved
 
 
