@@ -16,13 +16,16 @@ a fixed list of key names). No Airflow import: the runtime masks inside the pod 
 
 from __future__ import annotations
 
+import codecs
 import json
+import os
 import re
 import threading
 import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping
 from functools import lru_cache
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 MASK = "***"
 #: Shorter values (after stripping blanks) are not treated as secrets: masking ``"1"`` or
@@ -307,3 +310,69 @@ def redact(text: str, secrets: Redactor | Iterable[str]) -> str:
     """``text`` with every form of ``secrets`` masked (a Redactor, or secret values as ``secret_values`` gives them)."""
     redactor = secrets if isinstance(secrets, Redactor) else _redactor_for(tuple(secrets))
     return redactor.redact(text)
+
+
+#: Lines of a JSON Lines file longer than this are masked as text in bounded pieces, not parsed.
+JSON_LINE_LIMIT = 16 << 20
+
+
+def _redact_json_line(line: str, redactor: Redactor) -> str:
+    """One JSON line with every string in it (keys too) masked, then the text itself.
+
+    Masking the decoded strings finds what the text alone cannot: a secret's ``repr`` inside an
+    exception message that ``json.dumps`` escaped once more (``'a\\nb'`` as ``'a\\\\nb'``).
+    A line that is not JSON is masked as text.
+    """
+    try:
+        data = json.loads(line)
+    except ValueError:
+        return redactor.redact(line)
+    masked = redactor.redact_data(data)
+    return redactor.redact(json.dumps(masked) if masked != data else line)
+
+
+def _redact_long_line(first: bytes, source: IO[bytes], sink: IO[bytes], redactor: Redactor, limit: int) -> None:
+    """The rest of a line longer than ``limit``, masked as text through a LineRedactor (bounded memory)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    stream = LineRedactor(redactor, max_line=limit)
+    chunk = first
+    while chunk:
+        text = decoder.decode(chunk)
+        pieces = stream.feed(text)
+        if text.endswith("\n"):
+            sink.write(("".join(pieces) + "\n").encode())
+            return
+        sink.write("".join(pieces).encode())
+        chunk = source.readline(limit)
+    sink.write("".join(stream.feed(decoder.decode(b"", final=True)) + stream.close()).encode())
+
+
+def redact_json_lines_file(path: Path, redactor: Redactor, *, limit: int = JSON_LINE_LIMIT) -> bool:
+    """Mask every form of every secret in a JSON Lines file (batch prediction's outputs and errors), in place.
+
+    Streams line by line (memory bounded by ``limit``); the file is replaced only when something
+    was masked (a temporary beside it, renamed over it). Returns whether it changed.
+    """
+    if not redactor:
+        return False
+    tmp = path.with_name(f".{path.name}.masking")
+    changed = False
+    try:
+        with open(path, "rb") as source, open(tmp, "wb") as sink:
+            while raw := source.readline(limit):
+                if len(raw) >= limit and not raw.endswith(b"\n"):
+                    changed = True  # cannot compare cheaply: written anew either way
+                    _redact_long_line(raw, source, sink, redactor, limit)
+                    continue
+                text = raw.decode("utf-8", "replace")
+                body = text.rstrip("\r\n")
+                masked = _redact_json_line(body, redactor)
+                if masked != body:
+                    changed = True
+                    raw = (masked + text[len(body):]).encode()
+                sink.write(raw)
+        if changed:
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return changed

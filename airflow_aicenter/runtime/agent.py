@@ -49,10 +49,11 @@ from airflow_aicenter.runtime.incremental import (
 )
 from airflow_aicenter.runtime.manifest import EVALUATION, INFERENCE, TRAINING, is_manifest_uri, stage_manifest
 from airflow_aicenter.runtime.snapshot import take_snapshot
-from airflow_aicenter.secrets import Redactor, redact
+from airflow_aicenter.secrets import Redactor, redact, redact_json_lines_file
 from airflow_aicenter.storage import Store, open_store
 from airflow_aicenter.storage.transfer import (
     FileEntry,
+    check_names,
     download_tree,
     get_blob,
     local_files,
@@ -286,6 +287,7 @@ class Agent:
             self.outcome.end_at = time.time()
             if self.outcome.status != "succeeded":
                 self._upload_artifacts_best_effort()
+            self.outcome.warnings = [redact(w, self.secrets) for w in self.outcome.warnings]  # may name user files
             crash_point("outcome")
             write(self.store, self.key(self.outcome_name), self.outcome)
             log(f"run {self.outcome.status} in {self.outcome.execution_time:.2f} s")
@@ -322,6 +324,7 @@ class Agent:
                 self._predict(root)
             else:
                 self._call_package(root)
+            self._check_names(root)
         last_node = self.topology.node_rank == 0
         if plan.makes_version and last_node:
             with self.phase("package_upload"):
@@ -672,8 +675,19 @@ class Agent:
         rate = f", {inputs / busy:.0f} inputs/s once loaded" if busy > 0 else ""
         log(f"predicted {self.outcome.predicted} inputs, {self.outcome.failed} failed, over {len(results)} processes{rate}")
 
+    def _check_names(self, root: Path) -> None:
+        """Refuse the run's outputs when a file name holds a secret, before any of them is uploaded."""
+        folders = {name: self.dirs[name] for name in ("artifacts_directory", "checkpoint_directory")}
+        if self.plan.makes_version and self.topology.node_rank == 0:
+            folders["the package folder (the new version)"] = root
+        for label, folder in folders.items():
+            check_names(folder, local_files(folder), secrets=self.secrets, label=label)
+
     def _upload_predictions(self) -> None:
-        entries = run(upload_tree(self.work / "predictions", self.store, self.key("predictions")))
+        folder = self.work / "predictions"
+        for rel in local_files(folder):  # outputs and errors may quote the secrets user code knows
+            redact_json_lines_file(folder / rel, self.secrets)
+        entries = run(upload_tree(folder, self.store, self.key("predictions"), secrets=self.secrets, label="predictions"))
         log(f"uploaded {len(entries)} prediction files to {self.store.url(self.key('predictions'))}")
 
     def _check_failed_inputs(self) -> None:
@@ -697,7 +711,8 @@ class Agent:
         return BlobRef(sha256=digest.sha256, size=digest.size)
 
     def _upload_artifacts(self) -> None:
-        entries = run(upload_tree(self.dirs["artifacts_directory"], self.store, self.key("artifacts")))
+        entries = run(upload_tree(self.dirs["artifacts_directory"], self.store, self.key("artifacts"), secrets=self.secrets,
+                                  label="artifacts_directory"))
         self.outcome.artifacts = len(entries)
         self.outcome.artifacts_bytes = sum(e.size for e in entries)
         log(f"uploaded {len(entries)} artifacts ({human(self.outcome.artifacts_bytes)})")
@@ -713,7 +728,7 @@ class Agent:
     def _restore_checkpoint(self, prefix: str) -> None:
         """Restore the task's latest complete checkpoint before ``Main()``; node 0 then syncs it periodically."""
         sync = CheckpointSync(self.store, prefix, self.dirs["checkpoint_directory"], self.spec.checkpoint_interval, log,
-                              try_number=try_of(self.spec.run_prefix))
+                              try_number=try_of(self.spec.run_prefix), secrets=self.secrets)
         sync.restore()
         self.checkpoints = sync  # only now: a half-restored folder must never be synced
         if self.topology.node_rank == 0:

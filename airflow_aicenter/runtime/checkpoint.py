@@ -45,8 +45,17 @@ from pydantic import Field
 from airflow_aicenter.crashpoints import crash_point
 from airflow_aicenter.errors import AICenterError, AlreadyExistsError, StorageError
 from airflow_aicenter.records import Record, read, utcnow, write
+from airflow_aicenter.secrets import Redactor
 from airflow_aicenter.storage import Store
-from airflow_aicenter.storage.transfer import download_file, gather_limited, local_files, run, sha256_file, upload_file
+from airflow_aicenter.storage.transfer import (
+    check_names,
+    download_file,
+    gather_limited,
+    local_files,
+    run,
+    sha256_file,
+    upload_file,
+)
 
 #: Manifests kept after a sync (the newest is restored; the one before is its fallback).
 KEEP = 2
@@ -93,9 +102,10 @@ class CheckpointSync:
 
     def __init__(
         self, store: Store, prefix: str, local_dir: Path, interval: float, log: Callable[[str], None], *,
-        try_number: int | None = None,
+        try_number: int | None = None, secrets: Redactor | None = None,
     ) -> None:
         self.store = store
+        self.secrets = secrets  # a file name holding one is refused (transfer.check_names), never synced
         self.prefix = prefix.rstrip("/") + "/"
         self.local_dir = local_dir
         self.interval = interval
@@ -166,7 +176,9 @@ class CheckpointSync:
         stored = {f.sha256 for f in previous.values()}
         entries: list[CheckpointFile] = []
         hashed: list[CheckpointFile] = []
-        for rel in local_files(self.local_dir) if self.local_dir.is_dir() else []:
+        rels = local_files(self.local_dir) if self.local_dir.is_dir() else []
+        check_names(self.local_dir, rels, secrets=self.secrets, label="checkpoint_directory")
+        for rel in rels:
             path = self.local_dir / rel
             st = path.stat()
             known = previous.get(rel)

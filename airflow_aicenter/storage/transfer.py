@@ -36,7 +36,9 @@ import obstore.exceptions as obx
 if TYPE_CHECKING:
     from obstore import GetOptions
 
-from airflow_aicenter.errors import AlreadyExistsError, DatasetError, NotFoundError, StorageError
+    from airflow_aicenter.secrets import Redactor
+
+from airflow_aicenter.errors import AlreadyExistsError, DatasetError, NotFoundError, PackageError, StorageError
 from airflow_aicenter.storage.store import ObjectInfo, Store, unstorable, walk_files
 
 #: Concurrent requests per transfer; small files are latency-bound, so many in flight win: with
@@ -614,8 +616,23 @@ async def upload_file(
             )
 
 
-def check_names(root: Path, rels: Sequence[str]) -> None:
-    """Refuse, before any byte is sent, a tree with a file name that not every store can hold."""
+def check_names(root: Path, rels: Sequence[str], *, secrets: Redactor | None = None, label: str | None = None) -> None:
+    """Refuse, before any byte is sent, a tree with a file name that not every store can hold,
+    or (with ``secrets``) one that holds a secret value in any form the Redactor knows.
+
+    A name becomes a store key, a line of the log and of ``outcome.json``, a row in the UI: a
+    secret in it would land in all of them, so such a tree is refused whole. The error names
+    the folder (``label``, else ``root``) and the file with the secret masked, never the value.
+    """
+    if secrets:
+        holding = [secrets.redact(rel) for rel in rels if secrets.spans(rel)]
+        if holding:
+            listed = ", ".join(repr(name) for name in holding[:3]) + (f" and {len(holding) - 3} more" if len(holding) > 3 else "")
+            raise PackageError(
+                f"{label or root}: the name of {listed} holds a secret value (of a secret env variable or a store "
+                "credential; masked here); nothing was uploaded: rename the file(s) so that no name is made from a "
+                "secret, e.g. name files after a hash or a run number instead"
+            )
     bad = [(rel, reason) for rel in rels if (reason := unstorable(rel))]
     if bad:
         listed = "; ".join(f"{rel!r}: {reason}" for rel, reason in bad[:5])
@@ -626,14 +643,18 @@ def check_names(root: Path, rels: Sequence[str]) -> None:
         )
 
 
-async def upload_tree(root: Path, store: Store, prefix: str, *, limit: int | AdaptiveLimit = CONCURRENCY) -> list[FileEntry]:
+async def upload_tree(
+    root: Path, store: Store, prefix: str, *, limit: int | AdaptiveLimit = CONCURRENCY, secrets: Redactor | None = None,
+    label: str | None = None,
+) -> list[FileEntry]:
     """Upload every file under ``root`` to ``prefix/<relative path>``; returns (path, "", size).
 
-    Every name is checked first (check_names), and links are followed inside ``root`` only
-    (local_files), so a bad name or link fails the upload before anything is stored.
+    Every name is checked first (check_names: storable, and with ``secrets`` holding no secret),
+    and links are followed inside ``root`` only (local_files), so a bad name or link fails the
+    upload before anything is stored.
     """
-    files = sorted(walk_files(root))
-    check_names(root, [rel for rel, _ in files])
+    files = sorted(walk_files(root, label=label))
+    check_names(root, [rel for rel, _ in files], secrets=secrets, label=label)
     budget = MemoryBudget()
     base = prefix.strip("/")
 
