@@ -22,21 +22,21 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TextIO, cast
+from typing import Any, TextIO, cast
 
 from airflow_aicenter.crashpoints import crash_point
 from airflow_aicenter.errors import AICenterError, DatasetError, NotFoundError, RunError
 from airflow_aicenter.package import extract_zip, iter_package_files, validate_package, write_zip
 from airflow_aicenter.plans import plan_for
 from airflow_aicenter.records import BlobRef, Outcome, RunSpec, write
+from airflow_aicenter.runtime import supervisor
 from airflow_aicenter.runtime.checkpoint import CheckpointSync, try_of
 from airflow_aicenter.runtime.environment import Environment, prepare_environment
 from airflow_aicenter.runtime.incremental import (
@@ -49,7 +49,8 @@ from airflow_aicenter.runtime.incremental import (
 )
 from airflow_aicenter.runtime.manifest import EVALUATION, INFERENCE, TRAINING, is_manifest_uri, stage_manifest
 from airflow_aicenter.runtime.snapshot import take_snapshot
-from airflow_aicenter.secrets import Redactor, redact, redact_json_lines_file
+from airflow_aicenter.runtime.supervisor import emit, supervise
+from airflow_aicenter.secrets import SECRET_KEYS_ENV, Redactor, is_secret_key, redact, redact_json_lines_file
 from airflow_aicenter.storage import Store, open_store
 from airflow_aicenter.storage.transfer import (
     FileEntry,
@@ -77,9 +78,9 @@ TERMINATION_LOG = "/dev/termination-log"
 USER_SCRIPT = Path(__file__).resolve().with_name("user.py")
 #: Longest line of user output passed on; the rest of the line is cut (a 400 MB line must not
 #: cost the agent 400 MB).
-LINE_LIMIT = 64 * 1024
+LINE_LIMIT = supervisor.LINE_LIMIT
 #: Seconds a user process gets between SIGTERM and SIGKILL (less than the launcher gives the agent).
-USER_GRACE = 5.0
+USER_GRACE = supervisor.GRACE
 #: The agent's variables a user process inherits: the system's, never credentials or run spec.
 INHERITED = frozenset({"PATH", "HOME", "LANG", "TMPDIR", "TZ", "LD_LIBRARY_PATH", "PYTHONUSERBASE"})
 INHERITED_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "NCCL_")
@@ -124,16 +125,6 @@ class Unbreakable(io.TextIOBase):
             os.close(devnull)
         with contextlib.suppress(OSError, ValueError):
             self.inner.flush()  # drops what was buffered for the dead reader
-
-
-_output_lock = threading.Lock()
-
-
-def emit(stream: TextIO, text: str) -> None:
-    """Write whole lines from any thread without interleaving them."""
-    with _output_lock:
-        stream.write(text)
-        stream.flush()
 
 
 def log(message: str) -> None:
@@ -194,27 +185,6 @@ class Topology:
         }
 
 
-@dataclass
-class UserProcess:
-    """A started user process: who it is, where it reports, the threads streaming its output."""
-
-    label: str
-    process: subprocess.Popen[bytes]
-    result_path: Path
-    pumps: list[threading.Thread] = field(default_factory=list)
-
-    def result(self) -> dict[str, Any] | None:
-        try:
-            return cast(dict[str, Any], json.loads(self.result_path.read_text()))
-        except (OSError, ValueError):
-            return None
-
-    def failure_time(self) -> float:
-        result = self.result()
-        failure = (result or {}).get("failure") or {}
-        return float(failure.get("at", float("inf")))
-
-
 class Agent:
     def __init__(self, spec: RunSpec, store: Store, workdir: Path) -> None:
         self.spec, self.store = spec, store
@@ -224,8 +194,6 @@ class Agent:
         self.control = self.work / "control"  # instructions and results of the user processes
         self.outcome = Outcome.starting(spec)
         self.entries: dict[str, list[FileEntry]] = {}
-        #: Every user process started, so none outlives the run whatever ends it.
-        self.users: list[UserProcess] = []
         #: Batch prediction: the first failed input, in input order, for the run's cause.
         self.first_error: str | None = None
         #: The task's checkpoint sync, once its latest checkpoint is restored (runtime/checkpoint.py).
@@ -238,6 +206,8 @@ class Agent:
         #: Every form of the secret-looking variables' values (the user's secret env, S3 keys):
         #: never in outcome.json or the log.
         self.secrets = Redactor.from_env({**os.environ, **spec.env})
+        #: The names whose values the user supervisor masks in user output (the same values as ``secrets``).
+        self.secret_env = secret_names({**os.environ, **spec.env})
         self.topology = Topology.of(spec)
         if self.topology.world_size > 1:
             self.outcome.distributed = {"nodes": spec.nodes, "procs_per_node": spec.procs_per_node,
@@ -280,7 +250,6 @@ class Agent:
             emit(sys.stderr, redact(traceback.format_exc(), self.secrets))
             self._fail(f"internal error during {self.outcome.phase}: {type(exc).__name__}: {exc}")
         finally:
-            self.stop(self.users)
             self._final_checkpoint()
             if self.environment is not None:
                 self.environment.finish(log)  # the environment's upload for the next run, begun after its install
@@ -444,8 +413,8 @@ class Agent:
         return folder if rank == 0 else folder / f"rank-{rank}"
 
     def start(self, name: str, root: Path, env: dict[str, str], *, module: str = "train",
-              steps: list[dict[str, Any]] | None = None, predict: dict[str, Any] | None = None) -> UserProcess:
-        """Start one user process in ``root`` (cwd) with its instructions; stream its output."""
+              steps: list[dict[str, Any]] | None = None, predict: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One user process of the supervisor's plan (runtime/supervisor.py): ``root`` as cwd, its instructions."""
         tag = name.replace(" ", "-")
         result_path = self.control / f"{tag}.result.json"
         instructions = self.control / f"{tag}.json"
@@ -454,124 +423,28 @@ class Agent:
             "steps": steps or [], "predict": predict,
         }))
         Path(env["artifacts_directory"]).mkdir(parents=True, exist_ok=True)
-        process = subprocess.Popen(
-            [self.user_python(root), str(USER_SCRIPT), str(instructions)], cwd=root, env=env,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            start_new_session=True,  # its own group: stopping it stops what it started
-        )
-        prefix = f"[{name}] " if self.topology.world_size > 1 else ""
-        user = UserProcess(name, process, result_path)
-        self.users.append(user)
-        for pipe, sink in ((process.stdout, sys.stdout), (process.stderr, sys.stderr)):
-            assert pipe is not None
-            pump = threading.Thread(target=self._pump, args=(pipe, sink, prefix), daemon=True)
-            pump.start()
-            user.pumps.append(pump)
-        return user
+        return {"label": name, "argv": [self.user_python(root), str(USER_SCRIPT), str(instructions)],
+                "cwd": str(root), "env": env, "result": str(result_path)}
 
-    def _pump(self, pipe: IO[bytes], sink: TextIO, prefix: str) -> None:
-        """Pass user output on line by line, secrets redacted, each line at most LINE_LIMIT bytes."""
-        cutting = False
-        with pipe:
-            while chunk := pipe.readline(LINE_LIMIT):
-                complete = chunk.endswith(b"\n") or len(chunk) < LINE_LIMIT  # short and no newline: the last line
-                if not cutting:
-                    text = chunk.decode("utf-8", "replace").rstrip("\n")
-                    text = redact(text, self.secrets) if complete else self._cut(text)
-                    emit(sink, f"{prefix}{text}\n")
-                cutting = not complete
+    def supervise(self, processes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Run the user processes under the supervisor, in this process (it is their subreaper).
 
-    def _cut(self, text: str) -> str:
-        """The head of an over-long line, redacted, marked as cut.
-
-        A secret that the cut would split (its start kept, its end in the dropped rest) could not
-        be recognised, so the head ends before the last ``longest_form`` characters or before a
-        secret crossing that point.
+        The first to fail fails the run and the others are stopped; whatever they started ends
+        with them. A SIGTERM (``Killed``) stops them all on its way up.
         """
-        keep = max(0, len(text) - self.secrets.longest_form)
-        for start, end in self.secrets.spans(text):
-            if start < keep < end:
-                keep = start
-        return f"{redact(text[:keep], self.secrets)} [... line cut at {LINE_LIMIT // 1024} KiB]"
-
-    def supervise(self, users: list[UserProcess]) -> list[dict[str, Any]]:
-        """Wait for every user process; the first to fail fails the run, and the others are stopped."""
-        try:
-            while True:
-                failed = [u for u in users if u.process.poll() not in (None, 0)]
-                if failed:
-                    time.sleep(0.3)  # let failures caused by this one (a broken rendezvous) land, then pick the first
-                    failed = [u for u in users if u.process.poll() not in (None, 0)]
-                    self.stop(users)
-                    self._join(users)
-                    first = min(failed, key=UserProcess.failure_time)
-                    raise RunError(self._cause(first))
-                if all(u.process.returncode is not None for u in users):
-                    break
-                time.sleep(0.05)
-        finally:
-            self.stop(users)  # on Killed too
-        self._join(users)
-        results = []
-        for user in users:
-            result = user.result()
-            if result is None or not result.get("ok"):
-                raise RunError(self._cause(user))
-            results.append(result)
-        return results
-
-    def _cause(self, user: UserProcess) -> str:
-        """The one-line cause of ``user``'s failure (its full traceback goes to the log)."""
-        distributed = self.topology.world_size > 1
-        prefix = f"{user.label}: " if distributed else ""
-        result = user.result()
-        failure = (result or {}).get("failure")
-        if failure:
-            if failure.get("traceback"):
-                tag = f"[{user.label}] " if distributed else ""
-                lines = redact(failure["traceback"], self.secrets).splitlines()
-                emit(sys.stderr, "".join(f"{tag}{line}\n" for line in lines))
-            return f"{prefix}{failure['cause']}"
-        code = user.process.returncode
-        if code is not None and code < 0:
-            name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
-            hint = " (out of memory?)" if -code == signal.SIGKILL else ""
-            return f"{prefix}the user process was killed by {name}{hint} before it reported"
-        return f"{prefix}the user process exited with code {code} before it reported (did package code call os._exit?)"
-
-    def stop(self, users: list[UserProcess]) -> None:
-        """SIGTERM each running user process's group, SIGKILL what is left after USER_GRACE."""
-        running = [u for u in users if u.process.poll() is None]
-        for user in running:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(user.process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + USER_GRACE
-        for user in running:
-            try:
-                user.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(user.process.pid, signal.SIGKILL)
-                user.process.wait()
-        self._kill_leftovers(users)
-
-    @staticmethod
-    def _kill_leftovers(users: list[UserProcess]) -> None:
-        """What a user process started and left behind (a data loader worker, a server) ends with it.
-
-        Each user process leads its own process group; once the leader has ended, whatever is
-        still in that group is killed, so no process outlives the run.
-        """
-        for user in users:
-            if user.process.returncode is not None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(user.process.pid, signal.SIGKILL)
-
-    @staticmethod
-    def _join(users: list[UserProcess]) -> None:
-        for user in users:
-            for pump in user.pumps:
-                pump.join(timeout=5)
+        plan = {
+            "processes": processes,
+            "secret_env": self.secret_env,
+            "prefix_output": self.topology.world_size > 1,
+            "line_limit": LINE_LIMIT,
+            "grace": USER_GRACE,
+            "run_as": None,
+            "exit_file": str(self.control / "exit.json"),
+        }
+        ended = supervise(plan)
+        if ended["status"] != "succeeded":
+            raise RunError(ended["cause"] or f"the user processes {ended['status']}")
+        return cast(list[dict[str, Any]], ended["results"])
 
     # -- the call plans ------------------------------------------------------------------
     def _call_package(self, root: Path) -> None:
@@ -763,6 +636,12 @@ class Agent:
         self.outcome.snapshots[name] = self.store.url(key)
         log(f"snapshot of {name}: {stats.files} files ({human(stats.bytes)}), "
             f"{stats.uploaded_files} new blobs ({human(stats.uploaded_bytes)}) written")
+
+
+def secret_names(env: dict[str, str]) -> list[str]:
+    """The names in ``env`` whose values are secret (as ``Redactor.from_env`` picks them), for the user supervisor."""
+    named = {k.strip() for k in str(env.get(SECRET_KEYS_ENV) or "").split(",") if k.strip()}
+    return sorted(k for k in env if is_secret_key(k) or k in named)
 
 
 def count_lines(path: Path) -> int:

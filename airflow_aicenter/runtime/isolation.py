@@ -1,0 +1,249 @@
+"""Linux process hardening for the local runtime: what separates the agent from package code.
+
+DESIGN "★ Trust boundaries", "Locally". Hiding variables is not a boundary: a process of the
+same uid reads another's ``/proc/<pid>/environ`` and ``/proc/<pid>/mem``. So:
+
+- the agent makes itself non-dumpable (:func:`make_undumpable`): the kernel then refuses those
+  files to every process of the same uid (root still reads them, so as root only another uid
+  separates: the connection extra ``run_as_user``, :func:`resolve_user`);
+- the process that starts user processes is the *subreaper* of everything they start
+  (:func:`become_subreaper`): a daemon that called ``setsid()`` and lost its parent is
+  reparented to it instead of to init, so :func:`kill_descendants` still finds and kills it;
+- what even a SIGKILL of worker and agent together leaves behind (a daemon reparented to init)
+  is found by the next launch: each launch folder is locked (:func:`hold_lock`) for as long as
+  its launcher lives, and :func:`sweep` removes the folders nobody holds and kills the processes
+  whose working directory lies inside them.
+
+Standard library only and no import of ``airflow_aicenter``: the user supervisor loads this file
+by path (in a pod it is copied beside it as ``aicenter_isolation.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import os
+import pwd
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_SET_CHILD_SUBREAPER = 36
+#: Where the local launcher's folders live, and their name: one per launch.
+LAUNCH_PREFIX = "aicenter-launch-"
+#: The lock a live launcher holds (flock) on its launch folder; nobody holding it means its owner is dead.
+LOCK_NAME = ".lock"
+#: How long :func:`kill_descendants` keeps killing what keeps appearing (a fork loop) before giving up.
+KILL_PATIENCE = 10.0
+
+
+def _prctl(option: int, arg: int) -> bool:
+    """``prctl(option, arg)``; False where the call is not available (not Linux) or refused."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(option, arg, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def make_undumpable() -> bool:
+    """No core dumps and no ``/proc/<self>/environ`` or ``mem`` for other processes of this uid (root excepted).
+
+    Called first thing by the agent, before it reads its run spec or opens the store, so the
+    store's keys in its environment and memory are out of reach of package code.
+    """
+    return _prctl(PR_SET_DUMPABLE, 0)
+
+
+def become_subreaper() -> bool:
+    """Orphaned descendants (a ``setsid()`` daemon whose parent exited) are reparented to this process."""
+    return _prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+    """The kernel sends ``sig`` to this process when its parent thread ends (cleared by a change of uid)."""
+    return _prctl(PR_SET_PDEATHSIG, int(sig))
+
+
+# -- the process table -------------------------------------------------------------------------
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """``(state, ppid, session)`` of ``pid`` from ``/proc/<pid>/stat``; None when it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(b")") + 2:].split()  # the command name may hold spaces and parentheses
+    return fields[0].decode(), int(fields[1]), int(fields[3])
+
+
+def _pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def descendants(root: int) -> dict[int, int]:
+    """Every live (non-zombie) descendant of ``root``: pid -> session id."""
+    table: dict[int, tuple[str, int, int]] = {}
+    for pid in _pids():
+        stat = _stat(pid)
+        if stat is not None:
+            table[pid] = stat
+    children: dict[int, list[int]] = {}
+    for pid, (_, ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found: dict[int, int] = {}
+    todo = list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        if pid in found:
+            continue
+        state, _, session = table[pid]
+        if state not in ("Z", "X"):
+            found[pid] = session
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def kill_descendants(root: int | None = None, *, spare_session: int | None = None,
+                     patience: float = KILL_PATIENCE) -> int:
+    """SIGKILL every descendant of ``root`` (default: this process), again until none is left.
+
+    ``spare_session`` leaves alone the descendants in that session: the agent's own helpers
+    (an environment being packed) run in the agent's session, which no user process can join
+    (each starts a session of its own, and sessions cannot be entered from outside), so
+    everything user code started, ``setsid`` daemons included, is outside it. Zombies this
+    process inherited (orphans, as subreaper) are reaped. Returns how many were killed.
+    """
+    root = os.getpid() if root is None else root
+    killed = 0
+    deadline = time.monotonic() + patience
+    while True:
+        found = [pid for pid, session in descendants(root).items() if session != spare_session]
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+        if root == os.getpid():
+            reap_orphans()
+        if not found or time.monotonic() > deadline:
+            return killed
+        time.sleep(0.02)
+
+
+def reap_orphans(known: Iterable[int] = ()) -> None:
+    """Collect the exit status of this process's zombie children that no ``Popen`` waits for.
+
+    As subreaper this process inherits killed orphans; their zombies would stay until it ends.
+    Only zombies are reaped (a live child is left to whoever started it), and never ``known`` pids.
+    """
+    skip = set(known)
+    me = os.getpid()
+    for pid in _pids():
+        stat = _stat(pid)
+        if stat is not None and stat[1] == me and stat[0] == "Z" and pid not in skip:
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, os.WNOHANG)
+
+
+# -- identities --------------------------------------------------------------------------------
+def resolve_user(value: str | int) -> tuple[int, int]:
+    """``(uid, gid)`` of ``run_as_user``: a user name or a numeric uid (gid: the user's, else the uid)."""
+    text = str(value).strip()
+    if text.isdigit():
+        uid = int(text)
+        try:
+            return uid, pwd.getpwuid(uid).pw_gid
+        except KeyError:
+            return uid, uid
+    try:
+        entry = pwd.getpwnam(text)
+    except KeyError:
+        raise LookupError(f"run_as_user {text!r} is not a user on this machine; give an existing user name or a uid") from None
+    return entry.pw_uid, entry.pw_gid
+
+
+# -- launch folders ----------------------------------------------------------------------------
+def hold_lock(folder: Path) -> int:
+    """Lock ``folder`` for as long as the returned descriptor is open (it dies with its holder)."""
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _abandoned(folder: Path) -> bool:
+    """Whether no live process holds ``folder``'s lock (a folder being created has no lock yet: spared)."""
+    try:
+        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False  # held: its launcher is alive
+    finally:
+        os.close(fd)  # closing drops our own lock again
+    return True
+
+
+def processes_in(folder: Path) -> list[int]:
+    """Processes left by a dead run in ``folder``: working directory, executable or an open file inside it,
+    or its folders in their environment (user processes get ``artifacts_directory`` & co., and what
+    they start inherits them, a daemon that changed to ``/`` included).
+    """
+    inside: list[int] = []
+    base = str(folder.resolve())
+    marker = (base + "/").encode()
+
+    def within(target: str) -> bool:
+        return target == base or target.startswith(base + "/")
+
+    for pid in _pids():
+        if pid == os.getpid():
+            continue
+        try:
+            links = [os.readlink(f"/proc/{pid}/{name}") for name in ("cwd", "exe")]
+            with contextlib.suppress(OSError):
+                links += [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue  # gone, or not ours to look at
+        if any(within(target) for target in links) or marker in environ:
+            inside.append(pid)
+    return inside
+
+
+def sweep(parent: Path, log: Callable[[str], None] | None = None) -> list[Path]:
+    """Remove the launch folders under ``parent`` whose launcher is dead, killing what still runs in them.
+
+    Liveness is exact: a live launcher holds its folder's lock (:func:`hold_lock`), and the kernel
+    drops the lock when that process dies, however it died. Returns the folders removed.
+    """
+    removed: list[Path] = []
+    try:
+        folders = [p for p in parent.iterdir() if p.name.startswith(LAUNCH_PREFIX) and p.is_dir() and not p.is_symlink()]
+    except OSError:
+        return removed
+    for folder in folders:
+        if not _abandoned(folder):
+            continue
+        for _ in range(3):  # a process may start another while we kill: look again
+            pids = processes_in(folder)
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            removed.append(folder)
+            if log is not None:
+                log(f"removed {folder}, left by a run whose launcher died")
+    return removed

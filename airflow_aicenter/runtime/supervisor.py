@@ -1,0 +1,337 @@
+"""The user supervisor: starts the user processes of a run, passes their output on, and ends them all.
+
+DESIGN "★ Trust boundaries". Locally the agent calls :func:`supervise` in-process; in a pod the
+``user`` container (``base``) runs this file by path, with no store credentials::
+
+    python /aicenter/work/bin/supervisor.py /aicenter/work/control/supervisor.json
+
+It uses the standard library only and imports nothing of ``airflow_aicenter``: the redactor
+(``secrets.py``) and the process hardening (``runtime/isolation.py``) are loaded by path, from
+beside this file in a pod (the stage container copies :data:`BUNDLE` into ``bin/``) or from the
+package otherwise: one implementation of each, whoever runs it.
+
+The plan (JSON)::
+
+    {"processes": [{"label": "rank 0", "argv": [python, user.py, instructions.json], "cwd": "...",
+                    "env": {...}, "result": "/.../control/rank-0.result.json"}, ...],
+     "secret_env": ["NAMES", ...],     # whose values (in this process's or a user process's env) are masked
+     "prefix_output": true,             # "[label] " before each line (distributed runs)
+     "line_limit": 65536, "grace": 5.0,
+     "run_as": null | {"uid": 1234, "gid": 1234},
+     "exit_file": "/.../control/exit.json"}
+
+What it does: starts each process (its own session; as ``run_as`` with no supplementary
+groups when given), pumps its stdout and stderr line by line (each line at most
+``line_limit`` bytes, secrets masked), waits; the first process to fail fails the run and the
+others get SIGTERM, then SIGKILL after ``grace``. At every ending it kills every remaining
+descendant (it is their subreaper, so ``setsid`` daemons are found too), collects each
+process's result file and writes the exit file last, atomically::
+
+    {"status": "succeeded" | "failed" | "killed", "results": [<result JSON or null>, ...],
+     "failed": "<label of the first failing process or null>", "cause": "<capped text or null>"}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import IO, Any, TextIO, cast
+
+HERE = Path(__file__).resolve().parent
+#: What a pod's stage container copies into ``bin/`` of the work volume: name there -> file here.
+#: The companions get names no package module or standard module has (``secrets`` is a standard one).
+BUNDLE = {
+    "supervisor.py": HERE / "supervisor.py",
+    "user.py": HERE / "user.py",
+    "aicenter_secrets.py": HERE.parent / "secrets.py",
+    "aicenter_isolation.py": HERE / "isolation.py",
+}
+#: Longest line of user output passed on; the rest of the line is cut (a 400 MB line must not
+#: cost the supervisor 400 MB).
+LINE_LIMIT = 64 * 1024
+#: Seconds a user process gets between SIGTERM and SIGKILL.
+GRACE = 5.0
+#: The longest cause recorded (its head and its end are kept: the end says what went wrong).
+CAUSE_LIMIT = 4000
+
+
+def _companion(name: str) -> ModuleType:
+    """``aicenter_secrets`` or ``aicenter_isolation``: from beside this file (a pod's ``bin/``), else the package."""
+    if name in sys.modules:
+        return sys.modules[name]
+    path = HERE / f"{name}.py"
+    if not path.exists():
+        path = BUNDLE[f"{name}.py"]
+    loaded = importlib.util.spec_from_file_location(name, path)
+    assert loaded is not None and loaded.loader is not None, path
+    module = importlib.util.module_from_spec(loaded)
+    sys.modules[name] = module  # before running it: its dataclasses look their module up
+    loaded.loader.exec_module(module)
+    return module
+
+
+secrets = _companion("aicenter_secrets")
+isolation = _companion("aicenter_isolation")
+
+_output_lock = threading.Lock()
+
+
+def emit(stream: TextIO, text: str) -> None:
+    """Write whole lines from any thread without interleaving them (the agent's own log lines too)."""
+    with _output_lock:
+        stream.write(text)
+        stream.flush()
+
+
+class Stopped(BaseException):
+    """SIGTERM reached the supervisor run as a script (pod deletion): stop everything, report killed."""
+
+
+def cap(text: str, limit: int = CAUSE_LIMIT) -> str:
+    """``text`` at most about ``limit`` characters: its head and its end, with how much was left out."""
+    if len(text) <= limit:
+        return text
+    head, tail = limit // 4, limit - limit // 4
+    return f"{text[:head]} [... {len(text) - head - tail} characters cut ...] {text[-tail:]}"
+
+
+@dataclass
+class UserProcess:
+    """A started user process: who it is, where it reports, the threads streaming its output."""
+
+    label: str
+    process: subprocess.Popen[bytes]
+    result_path: Path
+    pumps: list[threading.Thread] = field(default_factory=list)
+
+    def result(self) -> dict[str, Any] | None:
+        try:
+            return cast(dict[str, Any], json.loads(self.result_path.read_text()))
+        except (OSError, ValueError):
+            return None
+
+    def failure_time(self) -> float:
+        failure = (self.result() or {}).get("failure") or {}
+        return float(failure.get("at", float("inf")))
+
+
+class Supervisor:
+    """One plan's run: see the module's docstring. :func:`supervise` is the way to use it."""
+
+    def __init__(self, plan: dict[str, Any], stdout: TextIO, stderr: TextIO) -> None:
+        self.plan, self.stdout, self.stderr = plan, stdout, stderr
+        self.line_limit = int(plan.get("line_limit") or LINE_LIMIT)
+        self.grace = float(plan.get("grace", GRACE))
+        self.prefix = bool(plan.get("prefix_output"))
+        self.run_as = plan.get("run_as")
+        names = list(plan.get("secret_env") or [])
+        envs = [os.environ, *(p.get("env") or {} for p in plan["processes"])]
+        self.secrets = secrets.Redactor(env[n] for env in envs for n in names if env.get(n))
+        self.users: list[UserProcess] = []
+        self.session = os.getsid(0)
+
+    # -- starting and streaming ------------------------------------------------------------
+    def start(self, entry: dict[str, Any]) -> UserProcess:
+        label = str(entry["label"])
+        extra: dict[str, Any] = {}
+        if self.run_as:  # the kernel switches before exec: no supplementary groups, then gid, then uid
+            extra = {"user": int(self.run_as["uid"]), "group": int(self.run_as["gid"]), "extra_groups": []}
+        try:
+            process = subprocess.Popen(
+                [str(a) for a in entry["argv"]], cwd=entry.get("cwd"), env=dict(entry.get("env") or {}),
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                start_new_session=True,  # its own session: the supervisor's (the agent's) is never joined
+                **extra,
+            )
+        except OSError as exc:
+            who = f" as uid {self.run_as['uid']}" if self.run_as else ""
+            raise StartError(label, f"{label}: could not start the user process{who}: {exc}"
+                             + (" (that user must be able to read and run the interpreter and the package: "
+                                "check the folders' permissions, or AICENTER_CACHE for the environments)"
+                                if self.run_as and isinstance(exc, PermissionError) else "")) from None
+        user = UserProcess(label, process, Path(entry["result"]))
+        self.users.append(user)
+        prefix = f"[{label}] " if self.prefix else ""
+        for pipe, sink in ((process.stdout, self.stdout), (process.stderr, self.stderr)):
+            assert pipe is not None
+            pump = threading.Thread(target=self._pump, args=(pipe, sink, prefix), daemon=True)
+            pump.start()
+            user.pumps.append(pump)
+        return user
+
+    def _pump(self, pipe: IO[bytes], sink: TextIO, prefix: str) -> None:
+        """Pass user output on line by line, secrets redacted, each line at most ``line_limit`` bytes."""
+        cutting = False
+        limit = self.line_limit
+        with pipe:
+            while chunk := pipe.readline(limit):
+                complete = chunk.endswith(b"\n") or len(chunk) < limit  # short and no newline: the last line
+                if not cutting:
+                    text = chunk.decode("utf-8", "replace").rstrip("\n")
+                    text = self.secrets.redact(text) if complete else self._cut(text)
+                    emit(sink, f"{prefix}{text}\n")
+                cutting = not complete
+
+    def _cut(self, text: str) -> str:
+        """The head of an over-long line, redacted, marked as cut.
+
+        A secret that the cut would split (its start kept, its end in the dropped rest) could not
+        be recognised, so the head ends before the last ``longest_form`` characters or before a
+        secret crossing that point.
+        """
+        keep = max(0, len(text) - self.secrets.longest_form)
+        for start, end in self.secrets.spans(text):
+            if start < keep < end:
+                keep = start
+        return f"{self.secrets.redact(text[:keep])} [... line cut at {self.line_limit // 1024} KiB]"
+
+    # -- waiting and ending ----------------------------------------------------------------
+    def wait(self) -> tuple[str | None, str | None]:
+        """``(label, cause)`` of the first process to fail, or ``(None, None)`` when all succeeded."""
+        users = self.users
+        while True:
+            failed = [u for u in users if u.process.poll() not in (None, 0)]
+            if failed:
+                time.sleep(0.3)  # let failures caused by this one (a broken rendezvous) land, then pick the first
+                failed = [u for u in users if u.process.poll() not in (None, 0)]
+                self.stop()
+                self.join()
+                first = min(failed, key=UserProcess.failure_time)
+                return first.label, self.cause(first)
+            if all(u.process.returncode is not None for u in users):
+                break
+            time.sleep(0.05)
+        self.join()
+        for user in users:
+            result = user.result()
+            if result is None or not result.get("ok"):
+                return user.label, self.cause(user)
+        return None, None
+
+    def cause(self, user: UserProcess) -> str:
+        """The one-line cause of ``user``'s failure (its full traceback goes to the log)."""
+        prefix = f"{user.label}: " if self.prefix else ""
+        failure = (user.result() or {}).get("failure")
+        if failure:
+            if failure.get("traceback"):
+                tag = f"[{user.label}] " if self.prefix else ""
+                lines = self.secrets.redact(str(failure["traceback"])).splitlines()
+                emit(self.stderr, "".join(f"{tag}{line}\n" for line in lines))
+            return f"{prefix}{failure['cause']}"
+        code = user.process.returncode
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+            hint = " (out of memory?)" if -code == signal.SIGKILL else ""
+            return f"{prefix}the user process was killed by {name}{hint} before it reported"
+        return f"{prefix}the user process exited with code {code} before it reported (did package code call os._exit?)"
+
+    def stop(self) -> None:
+        """SIGTERM each running user process's group, SIGKILL what is left after the grace."""
+        running = [u for u in self.users if u.process.poll() is None]
+        for user in running:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(user.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.grace
+        for user in running:
+            try:
+                user.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(user.process.pid, signal.SIGKILL)
+                user.process.wait()
+        self.kill_leftovers()
+
+    def kill_leftovers(self) -> None:
+        """Whatever the user processes started and left behind ends with them, ``setsid`` daemons included.
+
+        Every descendant of this process outside its own session is user code's (each user
+        process starts a session of its own; the agent's helpers stay in the agent's), and as
+        subreaper this process inherits the orphans, so walking its descendants finds them all.
+        """
+        for user in self.users:
+            if user.process.returncode is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(user.process.pid, signal.SIGKILL)
+        isolation.kill_descendants(spare_session=self.session)
+
+    def join(self) -> None:
+        for user in self.users:
+            for pump in user.pumps:
+                pump.join(timeout=5)
+
+
+class StartError(Exception):
+    """A user process could not be started (its interpreter missing or not runnable by ``run_as``)."""
+
+    def __init__(self, label: str, cause: str) -> None:
+        super().__init__(cause)
+        self.label, self.cause = label, cause
+
+
+def supervise(plan: dict[str, Any], *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> dict[str, Any]:
+    """Run ``plan``'s processes to their end and return the exit record (also written to ``exit_file``).
+
+    An exception in the caller's thread while waiting (the agent's ``Killed`` on SIGTERM,
+    :class:`Stopped`) stops every process, records ``killed`` and propagates.
+    """
+    isolation.become_subreaper()
+    sup = Supervisor(plan, stdout or sys.stdout, stderr or sys.stderr)
+    record: dict[str, Any] = {"status": "killed", "results": [], "failed": None, "cause": "the run was stopped"}
+    try:
+        try:
+            for entry in plan["processes"]:
+                sup.start(entry)
+            label, cause = sup.wait()
+        except StartError as exc:
+            label, cause = exc.label, exc.cause
+        record["status"] = "failed" if label else "succeeded"
+        record["failed"] = label
+        record["cause"] = cap(sup.secrets.redact(cause)) if cause else None
+    finally:
+        sup.stop()  # on an exception too: nothing outlives the supervisor's run
+        sup.join()
+        results = [u.result() for u in sup.users]
+        record["results"] = results + [None] * (len(plan["processes"]) - len(results))
+        exit_file = plan.get("exit_file")
+        if exit_file:
+            tmp = Path(f"{exit_file}.tmp")
+            tmp.write_text(json.dumps(record))
+            tmp.replace(exit_file)  # last, atomically: whoever waits for it sees all of it or nothing
+    return record
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop is enough: a second must not interrupt the cleanup
+    raise Stopped
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python supervisor.py PLAN.json``: 0 when every process succeeded, 1 when one failed, 143 when stopped."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python supervisor.py PLAN.json", file=sys.stderr)
+        return 2
+    plan = json.loads(Path(args[0]).read_text())
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        record = supervise(plan)
+    except Stopped:
+        return 143
+    if record["status"] != "succeeded":
+        emit(sys.stderr, f"[aicenter] FAILED: {record['cause']}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
