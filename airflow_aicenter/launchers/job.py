@@ -26,17 +26,16 @@ from kubernetes.client.exceptions import ApiException
 from airflow_aicenter.errors import ConfigurationError, RunError
 from airflow_aicenter.hooks.aicenter import AICenterHook
 from airflow_aicenter.launchers.base import Finished, settle_outcome
-from airflow_aicenter.launchers.pod import (
-    ANNOTATION_RUN,
-    LABEL_RUN,
-    SPEC_ENV,
-    PodLauncher,
-    PodRun,
-    PodSettings,
-    _set_env,
-    base_container,
-    label_value,
-    termination,
+from airflow_aicenter.launchers.pod import PodLauncher, PodRun, PodSettings
+from airflow_aicenter.launchers.pod_spec import (
+    LABEL_JOB,
+    MASTER_PORT,
+    STAGE_CONTAINER,
+    SYNC_CONTAINER,
+    job_agent_env,
+    job_manifests,
+    job_ports,
+    run_ending,
 )
 from airflow_aicenter.layout import OUTCOME
 from airflow_aicenter.records import Outcome, RunRef, RunSpec, read_optional, write
@@ -46,9 +45,7 @@ if TYPE_CHECKING:
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from airflow.sdk import Context
 
-#: The rendezvous port of node 0 (every pod has its own network namespace).
-MASTER_PORT = 29500
-LABEL_JOB = "aicenter/job"
+__all__ = ["LABEL_JOB", "MASTER_PORT", "JobLauncher", "job_name"]
 #: Seconds between Job status polls while waiting (sync).
 POLL = 2.0
 
@@ -75,6 +72,7 @@ class JobLauncher(PodLauncher):
 
     name = "kubernetes-job"
     outlives_worker: ClassVar[bool] = True
+    runs_in_operator: ClassVar[bool] = False
 
     def __init__(self, operator: KubernetesPodOperator, hook: AICenterHook, settings: PodSettings, *, nodes: int) -> None:
         super().__init__(operator, hook, settings)
@@ -93,59 +91,15 @@ class JobLauncher(PodLauncher):
 
     # -- the manifests ----------------------------------------------------------------------
     def manifests(self, context: Context, spec: RunSpec, run: RunRef) -> tuple[k8s.V1Job, k8s.V1Service]:
-        """The Job and its headless Service, from the operator's own pod (its every pod argument)."""
+        """The Job and its headless Service, from the operator's own pod (its every pod argument, see pod_spec.py)."""
         self.pod_run = self.plan(spec, run)
-        pod = self.op.build_pod_request_obj(context)
         name = job_name(run)
+        self.agent_env, self.ports = list(job_agent_env(name, self.nodes)), list(job_ports())
+        pod = self.op.build_pod_request_obj(context)
         namespace = pod.metadata.namespace or self.op.namespace or "default"
         self.job, self.namespace = name, namespace
-        container = base_container(pod, self.op.base_container_name)
-        hosts = ",".join(f"{name}-{i}.{name}" for i in range(self.nodes))
-        _set_env(
-            container,
-            [
-                k8s.V1EnvVar(name="AICENTER_MASTER_ADDR", value=f"{name}-0.{name}"),
-                k8s.V1EnvVar(name="AICENTER_MASTER_PORT", value=str(MASTER_PORT)),
-                k8s.V1EnvVar(name="AICENTER_WORKER_HOSTS", value=hosts),
-            ],
-            owned={"AICENTER_MASTER_ADDR", "AICENTER_MASTER_PORT", "AICENTER_WORKER_HOSTS"},
-        )
-        container.ports = [*(container.ports or []), k8s.V1ContainerPort(name="rendezvous", container_port=MASTER_PORT)]
-        labels = {**(pod.metadata.labels or {}), LABEL_JOB: name}
-        # KPO's per-try labels would make the Job's pods look like a KPO pod of one try.
-        for kpo_label in ("try_number", "already_checked"):
-            labels.pop(kpo_label, None)
-        pod.spec.restart_policy = "Never"
-        pod.spec.subdomain = name
-        template = k8s.V1PodTemplateSpec(
-            metadata=k8s.V1ObjectMeta(labels=labels, annotations=pod.metadata.annotations),
-            spec=pod.spec,
-        )
-        job = k8s.V1Job(
-            api_version="batch/v1",
-            kind="Job",
-            metadata=k8s.V1ObjectMeta(
-                name=name,
-                namespace=namespace,
-                labels={LABEL_JOB: name, LABEL_RUN: label_value(run.label)},
-                annotations={ANNOTATION_RUN: run.model_dump_json()},
-            ),
-            spec=k8s.V1JobSpec(
-                completion_mode="Indexed", completions=self.nodes, parallelism=self.nodes, backoff_limit=0, template=template
-            ),
-        )
-        service = k8s.V1Service(
-            api_version="v1",
-            kind="Service",
-            metadata=k8s.V1ObjectMeta(name=name, namespace=namespace, labels={LABEL_JOB: name}),
-            spec=k8s.V1ServiceSpec(
-                cluster_ip="None",
-                selector={LABEL_JOB: name},
-                publish_not_ready_addresses=True,
-                ports=[k8s.V1ServicePort(name="rendezvous", port=MASTER_PORT, target_port=MASTER_PORT)],
-            ),
-        )
-        return job, service
+        return job_manifests(pod, name=name, namespace=namespace, nodes=self.nodes, run_label=run.label,
+                             run_json=run.model_dump_json())
 
     # -- run --------------------------------------------------------------------------------
     def launch(self, context: Context, spec: RunSpec, run: RunRef) -> Finished:
@@ -224,12 +178,9 @@ class JobLauncher(PodLauncher):
 
     def _adopt_job(self, job: k8s.V1Job) -> bool:
         """Take over a Job of this task instance that is still running (a worker restart)."""
-        raw = (job.metadata.annotations or {}).get(ANNOTATION_RUN)
-        container = base_container(k8s.V1Pod(spec=job.spec.template.spec), self.op.base_container_name)
-        env = {e.name: e.value for e in (container.env or []) if e.value is not None}
-        if not raw or SPEC_ENV not in env:
+        found = PodRun.from_pod(k8s.V1Pod(metadata=job.metadata, spec=job.spec.template.spec))
+        if found is None:
             raise RunError(f"Job {self.namespace}/{self.job} was not started by airflow-aicenter; delete it and clear the task")
-        found = PodRun(spec=RunSpec.model_validate_json(env[SPEC_ENV]), run=RunRef.model_validate_json(raw))
         if self.pod_run is not None and not found.same_task(self.pod_run):
             raise RunError(f"Job {self.namespace}/{self.job} runs {found.run.label}, not this task; delete it and clear the task")
         finished = any(c.type in ("Complete", "Failed") and c.status == "True" for c in (job.status.conditions or []))
@@ -258,15 +209,17 @@ class JobLauncher(PodLauncher):
         """Every node's log into the task log, prefixed with its node, once the Job ended."""
         for pod in self._pods():
             index = (pod.metadata.labels or {}).get("batch.kubernetes.io/job-completion-index", "?")
-            try:
-                text = self.kube.core_v1_client.read_namespaced_pod_log(
-                    pod.metadata.name, pod.metadata.namespace, container=self.op.base_container_name
-                )
-            except ApiException as exc:
-                self.op.log.warning("Could not read the log of node %s (%s): %s", index, pod.metadata.name, exc.reason)
-                continue
-            for line in str(text).splitlines():
-                self.op.log.info("[node %s] %s", index, line)
+            for container in (STAGE_CONTAINER, self.op.base_container_name, SYNC_CONTAINER):
+                try:
+                    text = self.kube.core_v1_client.read_namespaced_pod_log(
+                        pod.metadata.name, pod.metadata.namespace, container=container
+                    )
+                except ApiException as exc:
+                    self.op.log.warning("Could not read the %s log of node %s (%s): %s", container, index, pod.metadata.name,
+                                        exc.reason)
+                    continue
+                for line in str(text).splitlines():
+                    self.op.log.info("[node %s] %s", index, line)
 
     def ending_of_job(self, status: k8s.V1JobStatus | None) -> Finished:
         """Node 0's outcome.json decides; a failed node's own outcome names the cause."""
@@ -284,9 +237,10 @@ class JobLauncher(PodLauncher):
                 causes.append(f"node {node}: {node_outcome.error}")
         pods = {(p.metadata.labels or {}).get("batch.kubernetes.io/job-completion-index"): p for p in self._safe_pods()}
         for index, pod in sorted(pods.items(), key=lambda kv: str(kv[0])):
-            code, reason, _ = termination(pod, self.op.base_container_name)
+            container, code, reason, _ = run_ending(pod, self.op.base_container_name)
             if code not in (None, 0) and not any(c.startswith(f"node {index}:") for c in causes) and index != "0":
-                causes.append(f"node {index}: its container ended (exit code {code}{', ' + reason if reason else ''})")
+                how = f"exit code {code}{', ' + reason if reason else ''}"
+                causes.append(f"node {index}: its {container} container ended ({how})")
         if causes and (outcome is None or outcome.status in ("running", "succeeded")):
             outcome = outcome or Outcome.starting(spec)
             outcome.status, outcome.end_at, outcome.error = "failed", time.time(), "; ".join(causes)

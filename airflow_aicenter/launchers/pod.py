@@ -1,14 +1,14 @@
-"""The pod launcher: the runtime in one pod that KubernetesPodOperator itself starts and watches.
+"""The pod launcher: the run in one pod that KubernetesPodOperator itself starts and watches.
 
 The pipeline operators subclass KubernetesPodOperator, so every pod argument, pod template and
-``deferrable=True`` work as they do there. This module shapes the pod through KPO's public
-extension points and reads the run's ending afterwards:
+``deferrable=True`` work as they do there. The operator calls KPO's own ``execute`` and
+``trigger_reentry``; this module decides the pod's shape before and reads the run's ending after:
 
 - **the pod** (:meth:`PodLauncher.shape_pod`, called from the operator's
-  ``build_pod_request_obj``): the runtime command, the run spec in ``AICENTER_RUN_SPEC`` (never
-  a secret: secret-looking ``env`` keys are refused, see :func:`refuse_secret_env`), a work
-  volume (``emptyDir``, ``sizeLimit`` = ``storage_gb``), a ``/tmp`` volume (the root
-  filesystem is read-only), AI Center's infra settings as resources (``gpu`` ->
+  ``build_pod_request_obj``): three containers, built by :mod:`.pod_spec` (``stage``, the user
+  supervisor in ``base``, ``sync``); the run spec in ``AICENTER_RUN_SPEC`` of ``stage`` and
+  ``sync`` only (never a secret: secret-looking ``env`` keys are refused, see
+  :func:`refuse_secret_env`), AI Center's infra settings as ``base``'s resources (``gpu`` ->
   ``nvidia.com/gpu`` plus a toleration), lookup labels, the run annotation, and a restrictive
   security context. Whatever the user gave wins over each of our settings, field by field.
 - **credentials**: S3 keys from a named Kubernetes Secret (``aws_secret_name``), per-run STS
@@ -26,100 +26,68 @@ extension points and reads the run's ending afterwards:
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import json
-import re
 import time
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.providers.cncf.kubernetes.callbacks import KubernetesPodOperatorCallback
-from kubernetes.client import ApiClient
 from kubernetes.client import models as k8s
 
-from airflow_aicenter.errors import AICenterError, ConfigurationError, RunError
+from airflow_aicenter.errors import ConfigurationError, RunError
 from airflow_aicenter.hooks.aicenter import AICenterHook
 from airflow_aicenter.launchers.base import Finished, Launcher, settle_outcome
+from airflow_aicenter.launchers.pod_spec import (
+    ANNOTATION_RUN,
+    AWS_SECRET_KEYS,
+    DATASET_MOUNT,
+    LABEL_PACKAGE,
+    LABEL_RUN,
+    LABEL_VERSION,
+    RUNTIME_COMMAND,
+    RUNTIME_UID,
+    SPEC_ENV,
+    WORK_MOUNT,
+    PodShape,
+    as_model,
+    base_container,
+    check_infra,
+    check_sub_path,
+    label_value,
+    run_ending,
+    run_spec_json,
+    shape_pod,
+    termination,
+)
 from airflow_aicenter.layout import OUTCOME
+from airflow_aicenter.plans import plan_for
 from airflow_aicenter.records import Outcome, RunRef, RunSpec, is_secret_key, read_optional, write
 
 if TYPE_CHECKING:
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from airflow.sdk import Context
 
-#: Where the work volume is mounted; the runtime's AICENTER_WORKDIR (run folder, HOME, pip --user).
-WORK_MOUNT = "/aicenter/work"
-#: Where a dataset PersistentVolumeClaim is mounted, read-only; the run's data_directory.
-DATASET_MOUNT = "/aicenter/dataset"
-TMP_MOUNT = "/tmp"
-WORK_VOLUME, TMP_VOLUME, DATASET_VOLUME = "aicenter-work", "aicenter-tmp", "aicenter-dataset"
-RUNTIME_COMMAND = ("python", "-m", "airflow_aicenter.runtime")
-#: The runtime image's user (docker/Dockerfile); any image works, HOME is set explicitly.
-RUNTIME_UID = 10001
-SPEC_ENV = "AICENTER_RUN_SPEC"
-GPU_RESOURCE = "nvidia.com/gpu"
-LABEL_PACKAGE, LABEL_VERSION, LABEL_RUN = "aicenter/package", "aicenter/version", "aicenter/run"
-#: Annotation with the exact RunRef (JSON) of the run the pod executes; labels are lossy.
-ANNOTATION_RUN = "aicenter/run"
-#: Keys of the ``aws_secret_name`` Secret, mapped to the same env names; the token is optional.
-AWS_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": False, "AWS_SECRET_ACCESS_KEY": False, "AWS_SESSION_TOKEN": True}
+
+__all__ = [
+    "ANNOTATION_RUN",
+    "DATASET_MOUNT",
+    "RUNTIME_COMMAND",
+    "RUNTIME_UID",
+    "SPEC_ENV",
+    "WORK_MOUNT",
+    "PodLauncher",
+    "PodRun",
+    "PodSettings",
+    "as_model",
+    "base_container",
+    "check_infra",
+    "label_value",
+    "termination",
+]
+
 #: Seconds on_kill waits for the runtime to record "killed" itself before writing it.
 KILL_RECORD_WAIT = 10.0
 EVENT_KEY = "aicenter"
-_MAX_LABEL = 63
-
-
-# -- small pure helpers ------------------------------------------------------------------
-def label_value(value: str) -> str:
-    """A valid label value: [A-Za-z0-9._-], alphanumeric at both ends, <= 63 chars.
-
-    Truncated values get a hash suffix so that two long names do not collide.
-    """
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", value).strip("._-")
-    if len(safe) <= _MAX_LABEL:
-        return safe
-    digest = hashlib.sha256(value.encode()).hexdigest()[:10]
-    return f"{safe[: _MAX_LABEL - len(digest) - 1].rstrip('._-')}-{digest}"
-
-
-def memory_quantity(gb: float) -> str:
-    """``4`` -> ``"4Gi"``, ``0.5`` -> ``"512Mi"``."""
-    return f"{int(gb)}Gi" if float(gb).is_integer() else f"{round(gb * 1024)}Mi"
-
-
-def cpu_quantity(cpu: float | str) -> str:
-    if isinstance(cpu, str):
-        return cpu
-    return str(int(cpu)) if float(cpu).is_integer() else f"{round(cpu * 1000)}m"
-
-
-def _positive(name: str, value: float | str | None) -> None:
-    if value is None or (name == "cpu" and isinstance(value, str) and re.fullmatch(r"\d+(\.\d+)?m?", value)):
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigurationError(f'{name}={value!r} is not valid; give a positive number (cpu also takes "500m")')
-
-
-def check_sub_path(sub_path: str | None) -> None:
-    if sub_path is None:
-        return
-    parts = PurePosixPath(sub_path).parts
-    if not sub_path or sub_path.startswith("/") or ".." in parts:
-        raise ConfigurationError(
-            f"dataset_sub_path={sub_path!r} is not valid; give a relative folder inside the volume claim, without '..'"
-        )
-
-
-def check_infra(
-    *, cpu: float | str | None, memory_gb: float | None, storage_gb: float | None, dataset_sub_path: str | None
-) -> None:
-    """Validate AI Center's infra settings when the DAG is parsed, long before a pod exists."""
-    _positive("cpu", cpu)
-    _positive("memory_gb", memory_gb)
-    _positive("storage_gb", storage_gb)
-    check_sub_path(dataset_sub_path)
 
 
 def pvc_uri(claim: str, sub_path: str | None) -> str:
@@ -162,40 +130,6 @@ def launch_cause(error: BaseException) -> str:
     return f"{type(chosen).__name__}: {first}" if first else type(chosen).__name__
 
 
-@functools.cache
-def _api_client() -> ApiClient:
-    return ApiClient()
-
-
-def as_model(value: Any, klass: str) -> Any:
-    """A kubernetes model from a dict in API (camelCase) form; models pass through."""
-    if value is None or not isinstance(value, dict):
-        return value
-    if not value:
-        return None
-
-    class _Response:
-        data = json.dumps(value)
-
-    return _api_client().deserialize(_Response(), klass)
-
-
-def base_container(pod: k8s.V1Pod, name: str) -> k8s.V1Container:
-    containers = pod.spec.containers or []
-    return next((c for c in containers if c.name == name), containers[0])
-
-
-def termination(pod: k8s.V1Pod | None, container: str) -> tuple[int | None, str | None, str | None]:
-    """(exit code, reason, message) of the container once terminated, else Nones."""
-    statuses = (pod.status.container_statuses or []) if pod is not None and pod.status else []
-    status = next((s for s in statuses if s.name == container), None)
-    terminated = status.state.terminated if status and status.state else None
-    if terminated is None:
-        return None, None, None
-    message = (terminated.message or "").strip() or None
-    return terminated.exit_code, terminated.reason, message
-
-
 # -- what a pod runs ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class PodRun:
@@ -205,15 +139,16 @@ class PodRun:
     run: RunRef
 
     @classmethod
-    def from_pod(cls, pod: k8s.V1Pod | None, container: str) -> PodRun | None:
+    def from_pod(cls, pod: k8s.V1Pod | None) -> PodRun | None:
+        """The run a pod (or a Job's pod template) executes: its annotation and its ``stage`` container's spec."""
         if pod is None or pod.metadata is None or pod.spec is None:
             return None
         raw_run = (pod.metadata.annotations or {}).get(ANNOTATION_RUN)
-        env = {e.name: e.value for e in (base_container(pod, container).env or []) if e.value is not None}
-        if not raw_run or SPEC_ENV not in env:
+        raw_spec = run_spec_json(pod.spec)
+        if not raw_run or raw_spec is None:
             return None
         try:
-            return cls(spec=RunSpec.model_validate_json(env[SPEC_ENV]), run=RunRef.model_validate_json(raw_run))
+            return cls(spec=RunSpec.model_validate_json(raw_spec), run=RunRef.model_validate_json(raw_run))
         except ValueError:
             return None
 
@@ -237,100 +172,6 @@ class PodRun:
             other.spec.package,
             other.spec.pipeline,
         )
-
-
-# -- merging ours under the user's -------------------------------------------------------
-def infra_resources(
-    *, gpu: int, cpu: float | str | None, memory_gb: float | None, storage_gb: float | None
-) -> tuple[dict[str, str], dict[str, str]]:
-    """(requests, limits) for AI Center's infra settings.
-
-    CPU is requested, not limited (limits throttle); memory and ephemeral storage are both
-    requested and limited so the scheduler places the pod where it fits and it cannot
-    starve its node; GPUs are extended resources, given as a limit.
-    """
-    requests: dict[str, str] = {}
-    limits: dict[str, str] = {}
-    if cpu is not None:
-        requests["cpu"] = cpu_quantity(cpu)
-    if memory_gb is not None:
-        requests["memory"] = limits["memory"] = memory_quantity(memory_gb)
-    if storage_gb is not None:
-        requests["ephemeral-storage"] = limits["ephemeral-storage"] = memory_quantity(storage_gb)
-    if gpu:
-        limits[GPU_RESOURCE] = str(gpu)
-    return requests, limits
-
-
-def merge_resources(requests: dict[str, str], limits: dict[str, str], user: Any) -> k8s.V1ResourceRequirements | None:
-    """Ours, except for every resource the user named (in requests or limits): theirs, whole."""
-    user = as_model(user, "V1ResourceRequirements")
-    user_requests = dict((user.requests or {}) if user else {})
-    user_limits = dict((user.limits or {}) if user else {})
-    named = set(user_requests) | set(user_limits)
-    merged_requests = {**{k: v for k, v in requests.items() if k not in named}, **user_requests}
-    merged_limits = {**{k: v for k, v in limits.items() if k not in named}, **user_limits}
-    if not merged_requests and not merged_limits and user is None:
-        return None
-    result = user or k8s.V1ResourceRequirements()
-    result.requests = merged_requests or None
-    result.limits = merged_limits or None
-    return result
-
-
-def merge_tolerations(user: list[Any] | None, gpu: int) -> list[Any]:
-    tolerations = list(user or [])
-    keys = {(t.get("key") if isinstance(t, dict) else t.key) for t in tolerations}
-    if gpu and GPU_RESOURCE not in keys:
-        tolerations.append(k8s.V1Toleration(key=GPU_RESOURCE, operator="Exists", effect="NoSchedule"))
-    return tolerations
-
-
-def _fill(target: Any, defaults: dict[str, Any]) -> Any:
-    for attr, value in defaults.items():
-        if getattr(target, attr) is None:
-            setattr(target, attr, value)
-    return target
-
-
-def merge_pod_security(user: Any, container_user: Any) -> k8s.V1PodSecurityContext:
-    """Non-root (uid 10001), seccomp RuntimeDefault; a user who asks for uid 0 gets it."""
-    pod = as_model(user, "V1PodSecurityContext") or k8s.V1PodSecurityContext()
-    container = as_model(container_user, "V1SecurityContext")
-    wants_root = pod.run_as_user == 0 or (container is not None and container.run_as_user == 0)
-    defaults: dict[str, Any] = {
-        "run_as_user": RUNTIME_UID,
-        "run_as_group": RUNTIME_UID,
-        "fs_group": RUNTIME_UID,
-        "seccomp_profile": k8s.V1SeccompProfile(type="RuntimeDefault"),
-    }
-    if not wants_root:
-        defaults["run_as_non_root"] = True
-    return _fill(pod, defaults)
-
-
-def merge_container_security(user: Any) -> k8s.V1SecurityContext:
-    """No privilege escalation, all capabilities dropped, read-only root filesystem.
-
-    Kubernetes rejects ``allowPrivilegeEscalation: false`` next to ``privileged`` or an added
-    CAP_SYS_ADMIN, so a user who asks for those keeps them and we leave that field alone.
-    """
-    container = as_model(user, "V1SecurityContext") or k8s.V1SecurityContext()
-    added = set((container.capabilities.add or []) if container.capabilities else [])
-    defaults: dict[str, Any] = {
-        "capabilities": k8s.V1Capabilities(drop=["ALL"]),
-        "read_only_root_filesystem": True,
-    }
-    if not container.privileged and not added & {"SYS_ADMIN", "CAP_SYS_ADMIN"}:
-        defaults["allow_privilege_escalation"] = False
-    return _fill(container, defaults)
-
-
-def _set_env(container: k8s.V1Container, env: list[k8s.V1EnvVar], *, owned: set[str]) -> None:
-    """Add ours; names in ``owned`` replace the user's, the others only fill gaps."""
-    current = [e for e in (container.env or []) if (e.get("name") if isinstance(e, dict) else e.name) not in owned]
-    names = {(e.get("name") if isinstance(e, dict) else e.name) for e in current}
-    container.env = [*current, *(e for e in env if e.name in owned or e.name not in names)]
 
 
 # -- the launcher ----------------------------------------------------------------------------
@@ -385,6 +226,9 @@ class PodLauncher(Launcher):
         self.pod_run: PodRun | None = None
         self.final_pod: k8s.V1Pod | None = None
         self.credentials_secret: str | None = None
+        #: More env for ``stage`` and ``sync``, and ports of ``base`` (a Job's rendezvous).
+        self.agent_env: list[k8s.V1EnvVar] = []
+        self.ports: list[k8s.V1ContainerPort] = []
 
     def check(self) -> None:
         refuse_secret_env(self.settings.env, self.settings.secret_keys)
@@ -481,11 +325,11 @@ class PodLauncher(Launcher):
             self.op.log.warning("Could not delete the run's credentials Secret %s: %s", name, exc)
         self.credentials_secret = None
 
-    # -- run ------------------------------------------------------------------------------
-    def launch(self, context: Context, spec: RunSpec, run: RunRef) -> Finished:
-        from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-        from airflow.sdk.exceptions import TaskDeferred
+    # -- run (the operator calls KPO's execute / trigger_reentry between these) -------------
+    runs_in_operator: ClassVar[bool] = True
 
+    def prepare(self, spec: RunSpec, run: RunRef) -> None:
+        """Before KPO's ``execute``: the pod's run (its shape and the trigger's event) and its credentials."""
         if self.hook.settings.storage.startswith("file://"):
             self.op.log.warning(
                 "The store is %s on the worker's disk: the pod must see the same path (mount it with volumes=/volume_mounts), "
@@ -495,51 +339,31 @@ class PodLauncher(Launcher):
         self.pod_run = self.plan(spec, run)
         self.op.trigger_kwargs = {**(self.op.trigger_kwargs or {}), EVENT_KEY: self.pod_run.to_event()}
         self.issue_credentials(spec, run)
-        deferred = False
-        try:
-            KubernetesPodOperator.execute(self.op, context)
-        except TaskDeferred:
-            deferred = True
-            raise
-        except AICenterError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - outcome.json decides what the pod's failure means
-            return self.ending(exc)
-        finally:
-            if not deferred:
-                self.revoke_credentials()
-        return self.ending(None)
 
-    def resume(self, context: Context, event: dict[str, Any]) -> Finished:
-        """Deferrable re-entry: KPO's own (logs, callbacks, pod deletion), then the run's ending."""
-        from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-        from airflow.sdk.exceptions import TaskDeferred
+    def launch(self, context: Context, spec: RunSpec, run: RunRef) -> Finished:
+        """The operator runs the pod itself (KPO's ``execute``), between :meth:`prepare` and :meth:`ending`."""
+        raise RunError("the kubernetes pod launcher runs through the operator's execute(); call it there")
 
+    def resumed(self, event: dict[str, Any]) -> PodRun:
+        """Deferrable re-entry, before KPO's ``trigger_reentry``: the run, from the trigger's event."""
         self.pod_run = PodRun.from_event(event.get(EVENT_KEY)) or self.pod_run
         if self.pod_run is None:
             raise RunError(f"the trigger event carries no aicenter run ({sorted(event)}); clear the task to run it again")
         self.op.trigger_kwargs = {**(self.op.trigger_kwargs or {}), EVENT_KEY: self.pod_run.to_event()}
-        try:
-            KubernetesPodOperator.trigger_reentry(self.op, context, event)
-        except TaskDeferred:
-            raise
-        except AICenterError:
-            self.revoke_credentials(self.pod_run.run)
-            raise
-        except Exception as exc:  # noqa: BLE001 - outcome.json decides
-            self.revoke_credentials(self.pod_run.run)
-            return self.ending(exc)
-        self.revoke_credentials(self.pod_run.run)
-        return self.ending(None)
+        return self.pod_run
 
     def ending(self, failure: BaseException | None) -> Finished:
-        """outcome.json decides: succeeded -> Finished; otherwise the one-line cause, from the pod's status."""
+        """outcome.json decides: succeeded -> Finished; otherwise the one-line cause, from the pod's status.
+
+        The container that tells is ``stage`` when it failed (no user code ran), ``base`` when
+        it was killed from outside (out of memory), else ``sync``, which wrote the run's message.
+        """
         assert self.pod_run is not None
         spec, run = self.pod_run.spec, self.pod_run.run
         store = self.hook.get_store()
         outcome = read_optional(store, run.key(OUTCOME), Outcome)
         pod = self.final_pod or getattr(self.op, "remote_pod", None) or getattr(self.op, "pod", None)
-        code, reason, message = termination(pod, self.op.base_container_name)
+        container, code, reason, message = run_ending(pod, self.op.base_container_name)
         if outcome is not None and outcome.status == "succeeded":
             if failure is not None:
                 self.op.log.warning(
@@ -553,7 +377,8 @@ class PodLauncher(Launcher):
             )
             write(store, run.key(OUTCOME), Outcome.starting(spec, "failed", end_at=time.time(), error=cause))
             raise RunError(f"{spec.pipeline} run of {spec.package}:{spec.version} failed: {cause}")
-        ended = f"the pod's container ended (exit code {code}" + (f", {reason})" if reason else ")")
+        which = "" if container == self.op.base_container_name else f" {container}"
+        ended = f"the pod's{which} container ended (exit code {code}" + (f", {reason})" if reason else ")")
         if message and (outcome is None or outcome.status == "running"):
             ended += f" with: {message.splitlines()[-1]}"
         if reason == "OOMKilled":
@@ -561,106 +386,65 @@ class PodLauncher(Launcher):
         return Finished(spec, run, settle_outcome(store, spec, run, ended=ended))
 
     # -- the pod ----------------------------------------------------------------------------
-    def shape_pod(self, pod: k8s.V1Pod) -> k8s.V1Pod:
-        """Our container settings under the user's (called from the operator's build_pod_request_obj)."""
-        op, settings = self.op, self.settings
-        container = base_container(pod, op.base_container_name)
-        container.image = container.image or self.hook.settings.image
-        if not container.image:
-            raise ConfigurationError(
-                "launcher='kubernetes' needs the runtime image: pass image='<registry>/aicenter-runtime:<tag>' or set "
-                '"image" in the aicenter connection\'s extras (build it from docker/Dockerfile, see docker/README.md)'
-            )
-        if not container.command and not container.args:
-            container.command = list(RUNTIME_COMMAND)
-        self._add_volumes(pod, container)
-        self._add_env(container)
-        requests, limits = infra_resources(
-            gpu=settings.gpu, cpu=settings.cpu, memory_gb=settings.memory_gb, storage_gb=settings.storage_gb
-        )
-        container.resources = merge_resources(requests, limits, container.resources)
-        pod.spec.tolerations = merge_tolerations(pod.spec.tolerations, settings.gpu)
-        pod.spec.security_context = merge_pod_security(pod.spec.security_context, container.security_context)
-        container.security_context = merge_container_security(container.security_context)
-        if pod.spec.automount_service_account_token is None:
-            # Training code has no business with the Kubernetes API; IRSA and workload
-            # identity inject their own projected token and do not need this one.
-            pod.spec.automount_service_account_token = False
+    def pod_shape(self) -> PodShape:
+        """What this run's pod needs besides the operator's own pod arguments (see :mod:`.pod_spec`)."""
+        settings, hook = self.settings, self.hook
+        spec_json = run_json = None
+        labels: dict[str, str] = {}
         if self.pod_run is not None:
             spec, run = self.pod_run.spec, self.pod_run.run
-            pod.metadata.labels = {
-                **(pod.metadata.labels or {}),
+            spec_json, run_json = spec.model_dump_json(), run.model_dump_json()
+            labels = {
                 LABEL_PACKAGE: label_value(spec.package),
                 LABEL_VERSION: label_value(spec.version),
                 LABEL_RUN: label_value(run.label),
             }
-            pod.metadata.annotations = {**(pod.metadata.annotations or {}), ANNOTATION_RUN: run.model_dump_json()}
-        return pod
+        return PodShape(
+            image=hook.settings.image,
+            base_container=self.op.base_container_name,
+            makes_version=plan_for(settings.pipeline).makes_version,
+            gpu=settings.gpu,
+            cpu=settings.cpu,
+            memory_gb=settings.memory_gb,
+            storage_gb=settings.storage_gb,
+            dataset_volume_claim=settings.dataset_volume_claim,
+            dataset_sub_path=settings.dataset_sub_path,
+            spec_json=spec_json,
+            run_json=run_json,
+            labels=labels,
+            store_env=tuple(self.store_env()),
+            agent_env=tuple(self.agent_env),
+            ports=tuple(self.ports),
+        )
 
-    def _add_volumes(self, pod: k8s.V1Pod, container: k8s.V1Container) -> None:
-        settings = self.settings
-        mounts = list(container.volume_mounts or [])
-        taken = {(m.get("mountPath") if isinstance(m, dict) else m.mount_path) for m in mounts}
-        volumes = list(pod.spec.volumes or [])
-        storage = memory_quantity(settings.storage_gb) if settings.storage_gb is not None else None
-        ours: list[tuple[k8s.V1Volume, k8s.V1VolumeMount]] = [
-            (
-                k8s.V1Volume(name=WORK_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=storage)),
-                k8s.V1VolumeMount(name=WORK_VOLUME, mount_path=WORK_MOUNT),
-            ),
-            (
-                k8s.V1Volume(name=TMP_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource()),
-                k8s.V1VolumeMount(name=TMP_VOLUME, mount_path=TMP_MOUNT),
-            ),
-        ]
-        if settings.dataset_volume_claim:
-            claim = k8s.V1PersistentVolumeClaimVolumeSource(claim_name=settings.dataset_volume_claim, read_only=True)
-            ours.append(
-                (
-                    k8s.V1Volume(name=DATASET_VOLUME, persistent_volume_claim=claim),
-                    k8s.V1VolumeMount(
-                        name=DATASET_VOLUME, mount_path=DATASET_MOUNT, read_only=True, sub_path=settings.dataset_sub_path or None
-                    ),
-                )
-            )
-        for volume, mount in ours:
-            if mount.mount_path in taken:  # the user mounts their own volume there: theirs wins
-                continue
-            volumes.append(volume)
-            mounts.append(mount)
-        pod.spec.volumes = volumes
-        container.volume_mounts = mounts
+    def shape_pod(self, pod: k8s.V1Pod) -> k8s.V1Pod:
+        """Our three containers under the user's settings (called from the operator's build_pod_request_obj)."""
+        return shape_pod(pod, self.pod_shape())
 
-    def _add_env(self, container: k8s.V1Container) -> None:
+    def store_env(self) -> list[k8s.V1EnvVar]:
+        """The store's endpoint and region (not secret) and credentials (Secret references): ``stage`` and ``sync`` only."""
         hook = self.hook
-        env = [
-            k8s.V1EnvVar(name="AICENTER_WORKDIR", value=WORK_MOUNT),
-            k8s.V1EnvVar(name="HOME", value=f"{WORK_MOUNT}/.home"),
-            k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1"),
-        ]
-        if self.pod_run is not None:
-            env.append(k8s.V1EnvVar(name=SPEC_ENV, value=self.pod_run.spec.model_dump_json()))
-        owned = {SPEC_ENV, "AICENTER_WORKDIR"}
-        if hook.uses_s3(*self.settings.datasets):
-            options = hook.s3_options
-            if options is not None and options.endpoint_url:
-                env.append(k8s.V1EnvVar(name="AWS_ENDPOINT_URL", value=options.endpoint_url))
-            if options is not None and options.region:
-                env.append(k8s.V1EnvVar(name="AWS_REGION", value=options.region))
-            secret_name = self.settings.aws_secret_name or hook.settings.extra.get("aws_secret_name")
-            if self.settings.credentials:
-                env.extend(self.settings.credentials)
-                owned |= {e.name for e in self.settings.credentials}
-            elif secret_name:
-                for key, optional in AWS_SECRET_KEYS.items():
-                    ref = k8s.V1SecretKeySelector(name=secret_name, key=key, optional=optional or None)
-                    env.append(k8s.V1EnvVar(name=key, value_from=k8s.V1EnvVarSource(secret_key_ref=ref)))
-        _set_env(container, env, owned=owned)
+        env: list[k8s.V1EnvVar] = []
+        if not hook.uses_s3(*self.settings.datasets):
+            return env
+        options = hook.s3_options
+        if options is not None and options.endpoint_url:
+            env.append(k8s.V1EnvVar(name="AWS_ENDPOINT_URL", value=options.endpoint_url))
+        if options is not None and options.region:
+            env.append(k8s.V1EnvVar(name="AWS_REGION", value=options.region))
+        secret_name = self.settings.aws_secret_name or hook.settings.extra.get("aws_secret_name")
+        if self.settings.credentials:
+            env.extend(self.settings.credentials)
+        elif secret_name:
+            for key, optional in AWS_SECRET_KEYS.items():
+                ref = k8s.V1SecretKeySelector(name=secret_name, key=key, optional=optional or None)
+                env.append(k8s.V1EnvVar(name=key, value_from=k8s.V1EnvVarSource(secret_key_ref=ref)))
+        return env
 
     # -- reattach ---------------------------------------------------------------------------
     def adopt(self, pod: k8s.V1Pod) -> None:
         """A pod KPO found or created must run this very task (any try), or the task fails naming it."""
-        found = PodRun.from_pod(pod, self.op.base_container_name)
+        found = PodRun.from_pod(pod)
         planned = self.pod_run
         name = f"{pod.metadata.namespace}/{pod.metadata.name}"
         if found is None or (planned is not None and not found.same_task(planned)):
@@ -684,11 +468,9 @@ class PodLauncher(Launcher):
 
     # -- kill -------------------------------------------------------------------------------
     def kill(self) -> None:
-        """KPO deletes the pod; the run is then recorded as killed (if the runtime could not)."""
-        from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+        """After the operator's KPO ``on_kill`` deleted the pod: the run is recorded as killed (if the runtime could not)."""
         from airflow.providers.cncf.kubernetes.utils.pod_manager import OnKillAction
 
-        KubernetesPodOperator.on_kill(self.op)
         self.revoke_credentials(self.pod_run.run if self.pod_run else None)
         if self.pod_run is None or self.op.on_kill_action == OnKillAction.KEEP_POD:
             return

@@ -340,17 +340,56 @@ class BasePipelineOperator(KubernetesPodOperator):
             return self.complete(context, recovered)
         assert spec is not None
         try:
-            finished = launcher.launch(context, spec, run)
+            if isinstance(launcher, PodLauncher) and launcher.runs_in_operator:
+                finished = self.run_pod(context, launcher, spec, run)
+            else:
+                finished = launcher.launch(context, spec, run)
         except AICenterError as exc:
             if exc.retryable:
                 raise
             raise no_retry(exc) from exc
         return self.complete(context, finished)
 
+    def run_pod(self, context: Context, launcher: PodLauncher, spec: RunSpec, run: RunRef) -> Finished:
+        """KubernetesPodOperator's own ``execute`` runs the pod; outcome.json then decides how the run ended."""
+        from airflow.sdk.exceptions import TaskDeferred
+
+        launcher.prepare(spec, run)
+        deferred = False
+        try:
+            super().execute(context)
+        except TaskDeferred:
+            deferred = True
+            raise
+        except AICenterError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - outcome.json decides what the pod's failure means
+            return launcher.ending(exc)
+        finally:
+            if not deferred:
+                launcher.revoke_credentials()
+        return launcher.ending(None)
+
     def trigger_reentry(self, context: Context, event: dict[str, Any]) -> Any:
-        """Deferrable re-entry (pod or Job): the launcher settles the run, then the same post-run step."""
+        """Deferrable re-entry (pod or Job): KPO's own re-entry for a pod, then the same post-run step."""
+        from airflow.sdk.exceptions import TaskDeferred
+
         launcher = self.launcher_in_use = self.launcher_in_use or self.make_launcher("kubernetes")
-        return self.complete(context, launcher.resume(context, event))
+        if not (isinstance(launcher, PodLauncher) and launcher.runs_in_operator):
+            return self.complete(context, launcher.resume(context, event))
+        pod_run = launcher.resumed(event)
+        try:
+            super().trigger_reentry(context, event)
+        except TaskDeferred:
+            raise
+        except AICenterError:
+            launcher.revoke_credentials(pod_run.run)
+            raise
+        except Exception as exc:  # noqa: BLE001 - outcome.json decides
+            launcher.revoke_credentials(pod_run.run)
+            return self.complete(context, launcher.ending(exc))
+        launcher.revoke_credentials(pod_run.run)
+        return self.complete(context, launcher.ending(None))
 
     def build_pod_request_obj(self, context: Context | None = None, *, dry_run: bool = False) -> k8s.V1Pod:
         """KubernetesPodOperator's pod, with the runtime container, volumes, resources and security added."""
@@ -384,10 +423,12 @@ class BasePipelineOperator(KubernetesPodOperator):
         return str(namespace) if namespace else None
 
     def on_kill(self) -> None:
-        if self.launcher_in_use is not None:
-            self.launcher_in_use.kill()
-        else:
+        """KPO deletes the pod (a pod run, or nothing started yet); the launcher then records the run as killed."""
+        launcher = self.launcher_in_use
+        if launcher is None or (isinstance(launcher, PodLauncher) and launcher.runs_in_operator):
             super().on_kill()
+        if launcher is not None:
+            launcher.kill()
 
     # -- before compute -------------------------------------------------------------------
     def run_ref(self, context: Context) -> RunRef:

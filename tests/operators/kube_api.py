@@ -4,7 +4,8 @@ A real cluster cannot run on these machines, so this implements the part of the 
 that KubernetesPodOperator (sync client) and its trigger (kubernetes_asyncio) call: create,
 read, list (labelSelector), patch and delete pods, pod logs (``follow=true`` streams), events
 (list and ``watch=true``), plus ``/version``. A created pod is validated against the
-Kubernetes OpenAPI schema (kubernetes-validate), then its containers run as local processes:
+Kubernetes OpenAPI schema (kubernetes-validate), then its containers run as local processes
+(``initContainers`` one after the other, a failed one fails the pod; then ``containers`` together):
 
 - env from ``value``, ``secretKeyRef`` / ``envFrom.secretRef`` (secrets the test registers),
   ``fieldRef`` (metadata.name/namespace); nothing leaks in from the test process's env;
@@ -144,10 +145,13 @@ class Pod:
     obj: dict[str, Any]
     folder: Path
     containers: list[Container]
+    #: ``initContainers``, run one after the other before ``containers`` start (all at once).
+    init: list[Container] = field(default_factory=list)
     log: list[tuple[datetime, str, str]] = field(default_factory=list)  # (time, container, line)
     events: list[dict[str, Any]] = field(default_factory=list)
     deleting: bool = False
     gone: bool = False
+    init_failed: bool = False
 
     @property
     def key(self) -> tuple[str, str]:
@@ -205,7 +209,7 @@ class FakeKubernetes:
 
     def stop(self) -> None:
         for pod in list(self.pods.values()):
-            for container in pod.containers:
+            for container in [*pod.init, *pod.containers]:
                 _kill(container, signal.SIGKILL)
         if self._server is not None:
             self._server.shutdown()
@@ -273,11 +277,12 @@ class FakeKubernetes:
             folder = self.root / "pods" / f"{meta['name']}-{meta['uid'][:8]}"
             folder.mkdir(parents=True)
             containers = [Container(name=c["name"], spec=c) for c in spec.get("containers", [])]
+            init = [Container(name=c["name"], spec=c) for c in spec.get("initContainers", []) or []]
             body["status"] = {
                 "phase": "Pending", "qosClass": "Burstable",
                 "conditions": [{"type": "PodScheduled", "status": "True", "lastTransitionTime": rfc3339(now())}],
             }
-            pod = Pod(obj=body, folder=folder, containers=containers)
+            pod = Pod(obj=body, folder=folder, containers=containers, init=init)
             self._event(pod, "Scheduled", f"Successfully assigned {key[0]}/{key[1]} to fake-node")
             self.pods[key] = pod
             self._update_status(pod)
@@ -393,7 +398,7 @@ class FakeKubernetes:
                                             "controller": True, "blockOwnerDeletion": True}]
             pod.update(apiVersion="v1", kind="Pod")
             pod["spec"]["hostname"] = hostname
-            for container in pod["spec"].get("containers", []):
+            for container in [*pod["spec"].get("initContainers", []), *pod["spec"].get("containers", [])]:
                 container["env"] = [*(container.get("env") or []), {"name": "JOB_COMPLETION_INDEX", "value": str(index)}]
             if subdomain:
                 self.dns[f"{hostname}.{subdomain}"] = "127.0.0.1"
@@ -459,15 +464,31 @@ class FakeKubernetes:
         if self.start_delay:
             time.sleep(self.start_delay)
         try:
-            for container in pod.containers:
+            for container in [*pod.init, *pod.containers]:
                 self._prepare(pod, container)
         except ApiError as exc:  # a missing secret/claim or image: the pod stays Pending, like the kubelet
             with self.cond:
-                for container in pod.containers:
+                for container in [*pod.init, *pod.containers]:
                     container.waiting = (exc.reason, exc.message)
                 self._event(pod, exc.reason, exc.message, kind="Warning")
                 self._update_status(pod)
             return
+        for container in pod.init:  # one after the other; a failed one fails the pod (restartPolicy Never)
+            with self.cond:
+                if pod.deleting:
+                    return
+                self._start(pod, container)
+                self._update_status(pod)
+                self.cond.notify_all()
+            self._wait(pod, container)
+            if container.exit_code != 0:
+                with self.cond:
+                    for main in pod.containers:
+                        main.waiting = ("PodInitializing", "")
+                    pod.init_failed = True
+                    self._update_status(pod)
+                    self.cond.notify_all()
+                return
         with self.cond:
             if pod.deleting:
                 return
@@ -487,6 +508,17 @@ class FakeKubernetes:
                 container.finished = now()
                 self._update_status(pod)
                 self.cond.notify_all()
+
+    def _wait(self, pod: Pod, container: Container) -> None:
+        """Run one (init) container to its end, its output into the pod's log."""
+        assert container.process is not None
+        self._read_output(pod, container)
+        code = container.process.wait()
+        with self.cond:
+            container.exit_code = 128 - code if code < 0 else code
+            container.finished = now()
+            self._update_status(pod)
+            self.cond.notify_all()
 
     def _prepare(self, pod: Pod, container: Container) -> None:
         namespace = pod.key[0]
@@ -596,7 +628,7 @@ class FakeKubernetes:
                 self.cond.notify_all()
 
     def _terminate(self, pod: Pod, grace: float) -> None:
-        running = [c for c in pod.containers if c.process is not None and c.exit_code is None]
+        running = [c for c in [*pod.init, *pod.containers] if c.process is not None and c.exit_code is None]
         with self.cond:
             self._event(pod, "Killing", "Stopping container " + ", ".join(c.name for c in running))
         for container in running:
@@ -629,8 +661,37 @@ class FakeKubernetes:
         })
 
     def _update_status(self, pod: Pod) -> None:
+        statuses = self._statuses(pod, pod.containers)
+        init_statuses = self._statuses(pod, pod.init)
+        codes = [c.exit_code for c in pod.containers]
+        if pod.init_failed:
+            phase = "Failed"
+        elif codes and all(code is not None for code in codes):
+            phase = "Succeeded" if all(code == 0 for code in codes) else "Failed"
+        elif any(c.process is not None for c in pod.containers):
+            phase = "Running"
+        else:
+            phase = "Pending"
+        status = pod.obj["status"]
+        status.update(phase=phase, containerStatuses=statuses, hostIP="127.0.0.1", podIP="127.0.0.1")
+        if init_statuses:
+            status["initContainerStatuses"] = init_statuses
+        if phase != "Pending" or any(c.process is not None for c in pod.init):
+            status.setdefault("startTime", rfc3339(now()))
+        if phase != "Pending":
+            ready = "True" if phase == "Running" else "False"
+            initialized = "False" if pod.init_failed else "True"
+            status["conditions"] = [
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": status["conditions"][0]["lastTransitionTime"]},
+                {"type": "Initialized", "status": initialized, "lastTransitionTime": rfc3339(now())},
+                {"type": "ContainersReady", "status": ready, "lastTransitionTime": rfc3339(now())},
+                {"type": "Ready", "status": ready, "lastTransitionTime": rfc3339(now())},
+            ]
+        pod.obj["metadata"]["resourceVersion"] = str(next(self._rv))
+
+    def _statuses(self, pod: Pod, containers: list[Container]) -> list[dict[str, Any]]:
         statuses = []
-        for c in pod.containers:
+        for c in containers:
             if c.exit_code is not None:
                 message = c.termination_file.read_text()[:4096] if c.termination_file and c.termination_file.exists() else ""
                 if not message and c.exit_code != 0 and c.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError":
@@ -645,25 +706,7 @@ class FakeKubernetes:
                 state = {"waiting": {"reason": reason, **({"message": message} if message else {})}}
             statuses.append({"name": c.name, "image": c.spec.get("image", ""), "imageID": f"fake://{c.spec.get('image', '')}",
                              "ready": "running" in state, "started": "running" in state, "restartCount": 0, "state": state})
-        codes = [c.exit_code for c in pod.containers]
-        if codes and all(code is not None for code in codes):
-            phase = "Succeeded" if all(code == 0 for code in codes) else "Failed"
-        elif any(c.process is not None for c in pod.containers):
-            phase = "Running"
-        else:
-            phase = "Pending"
-        status = pod.obj["status"]
-        status.update(phase=phase, containerStatuses=statuses, hostIP="127.0.0.1", podIP="127.0.0.1")
-        if phase != "Pending":
-            status.setdefault("startTime", rfc3339(now()))
-            ready = "True" if phase == "Running" else "False"
-            status["conditions"] = [
-                {"type": "PodScheduled", "status": "True", "lastTransitionTime": status["conditions"][0]["lastTransitionTime"]},
-                {"type": "Initialized", "status": "True", "lastTransitionTime": rfc3339(now())},
-                {"type": "ContainersReady", "status": ready, "lastTransitionTime": rfc3339(now())},
-                {"type": "Ready", "status": ready, "lastTransitionTime": rfc3339(now())},
-            ]
-        pod.obj["metadata"]["resourceVersion"] = str(next(self._rv))
+        return statuses
 
 
 def validate(body: dict[str, Any], kind: str) -> None:
@@ -858,7 +901,7 @@ def _handler(kube: FakeKubernetes) -> type[BaseHTTPRequestHandler]:
             with kube.cond:
                 pod = kube.get_pod(namespace, name)
                 container = query.get("container") or pod.containers[0].name
-                target = next((c for c in pod.containers if c.name == container), None)
+                target = next((c for c in [*pod.containers, *pod.init] if c.name == container), None)
                 if target is None:
                     raise ApiError(400, "BadRequest", f"container {container} is not valid for pod {name}")
                 if follow:

@@ -77,6 +77,14 @@ def base(data: dict[str, Any]) -> dict[str, Any]:
     return next(c for c in data["spec"]["containers"] if c["name"] == "base")
 
 
+def stage(data: dict[str, Any]) -> dict[str, Any]:
+    return next(c for c in data["spec"]["initContainers"] if c["name"] == "stage")
+
+
+def sync(data: dict[str, Any]) -> dict[str, Any]:
+    return next(c for c in data["spec"]["containers"] if c["name"] == "sync")
+
+
 def env_of(container: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
 
@@ -95,7 +103,10 @@ def test_gpu_pod() -> None:
     data = manifest(op)
     container = base(data)
     assert container["image"] == "registry.example.com/aicenter-runtime:0.1.0"
-    assert container["command"] == ["python", "-m", "airflow_aicenter.runtime"]
+    assert container["command"] == ["python", "/aicenter/work/bin/supervisor.py", "/aicenter/work/control/supervisor.json"]
+    assert stage(data)["command"] == ["python", "-m", "airflow_aicenter.runtime", "--phase", "stage"]
+    assert sync(data)["command"] == ["python", "-m", "airflow_aicenter.runtime", "--phase", "sync"]
+    assert "resources" not in stage(data) and "resources" not in sync(data), "GPUs and AI Center's resources: base only"
     assert container["resources"] == {
         "requests": {"cpu": "8", "memory": "32Gi", "ephemeral-storage": "100Gi"},
         "limits": {"memory": "32Gi", "ephemeral-storage": "100Gi", "nvidia.com/gpu": "2"},
@@ -104,10 +115,11 @@ def test_gpu_pod() -> None:
     assert volumes_of(data)["aicenter-work"]["emptyDir"] == {"sizeLimit": "100Gi"}
     assert mounts_of(container)[WORK_MOUNT]["name"] == "aicenter-work"
     assert mounts_of(container)["/tmp"]["name"] == "aicenter-tmp"
-    env = env_of(container)
+    env = env_of(stage(data))
     spec = RunSpec.model_validate_json(env[SPEC_ENV])
     assert spec.gpu == 2 and spec.env == {"EPOCHS": "5"} and spec.install_requirements
-    assert env["AICENTER_WORKDIR"] == WORK_MOUNT and env["HOME"].startswith(WORK_MOUNT)
+    assert env["AICENTER_WORKDIR"] == WORK_MOUNT and env_of(container)["HOME"].startswith(WORK_MOUNT)
+    assert SPEC_ENV not in env_of(container), "no run spec in the user container"
     labels = data["metadata"]["labels"]
     assert labels["aicenter/package"] == "churn" and labels["aicenter/version"] == "1.0"
     assert labels["aicenter/run"].startswith("aicenter_k8s_manual__2026-03-01T00_00_00_00_00_train_1")
@@ -115,12 +127,16 @@ def test_gpu_pod() -> None:
     # restrictive by default
     assert data["spec"]["securityContext"] == {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
                                                "seccompProfile": {"type": "RuntimeDefault"}}
-    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
-                                            "readOnlyRootFilesystem": True}
+    for each in (container, stage(data), sync(data)):
+        assert each["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                           "readOnlyRootFilesystem": True}
+    assert data["spec"]["shareProcessNamespace"] is False
     assert data["spec"]["automountServiceAccountToken"] is False
     assert data["spec"]["restartPolicy"] == "Never"
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
-    assert "sidecar" not in json.dumps(data) and len(data["spec"]["containers"]) == 1
+    assert "sidecar" not in json.dumps(data)
+    assert [c["name"] for c in data["spec"]["containers"]] == ["base", "sync"]
+    assert [c["name"] for c in data["spec"]["initContainers"]] == ["stage"]
 
 
 def test_cpu_only_pod() -> None:
@@ -139,9 +155,10 @@ def test_pvc_dataset_pod() -> None:
     data = manifest(op)
     container = base(data)
     assert volumes_of(data)["aicenter-dataset"]["persistentVolumeClaim"] == {"claimName": "churn-data", "readOnly": True}
-    assert mounts_of(container)[DATASET_MOUNT] == {"name": "aicenter-dataset", "mountPath": DATASET_MOUNT, "readOnly": True,
-                                                   "subPath": "2026/01"}
-    spec = RunSpec.model_validate_json(env_of(container)[SPEC_ENV])
+    for each in (container, stage(data), sync(data)):
+        assert mounts_of(each)[DATASET_MOUNT] == {"name": "aicenter-dataset", "mountPath": DATASET_MOUNT, "readOnly": True,
+                                                  "subPath": "2026/01"}
+    spec = RunSpec.model_validate_json(env_of(stage(data))[SPEC_ENV])
     assert spec.dataset_mount == DATASET_MOUNT and spec.dataset == "pvc://churn-data/2026/01"
 
 
@@ -212,8 +229,8 @@ def test_pod_template(tmp_path: Path) -> None:
         keys = [t["key"] for t in data["spec"]["tolerations"]]
         assert keys == ["dedicated", "nvidia.com/gpu"]
         assert container["resources"]["limits"] == {"memory": "64Gi", "nvidia.com/gpu": "1"}
-        assert container["command"] == ["python", "-m", "airflow_aicenter.runtime"]
-        assert SPEC_ENV in env_of(container)
+        assert container["command"] == ["python", "/aicenter/work/bin/supervisor.py", "/aicenter/work/control/supervisor.json"]
+        assert SPEC_ENV in env_of(stage(data)) and stage(data)["image"] == "template.registry/runtime:7"
 
 
 def test_full_pod_spec_is_honoured() -> None:
@@ -232,7 +249,9 @@ def test_s3_credentials_from_a_kubernetes_secret(monkeypatch: pytest.MonkeyPatch
     op = TrainPipelineOperator(task_id="train", package="churn", dataset="s3://ml-bucket/datasets/churn/",
                                aws_secret_name="aicenter-s3")
     data = manifest(op, storage="s3://ml-bucket/aicenter")
-    env = env_of(base(data))
+    assert not {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env_of(base(data))), "no store access in base"
+    assert env_of(stage(data)) == env_of(sync(data)), "the same credentials for stage and sync"
+    env = env_of(stage(data))
     assert env["AWS_ENDPOINT_URL"] == "https://s3.internal.example.com" and env["AWS_REGION"] == "eu-west-3"
     assert env["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "aicenter-s3", "key": "AWS_ACCESS_KEY_ID"}}
     assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "aicenter-s3", "key": "AWS_SECRET_ACCESS_KEY"}}
@@ -244,7 +263,7 @@ def test_s3_credentials_from_a_kubernetes_secret(monkeypatch: pytest.MonkeyPatch
 def test_s3_credentials_secret_name_from_the_connection(monkeypatch: pytest.MonkeyPatch) -> None:
     s3_connections(monkeypatch, aws_secret_name="team-s3")
     op = TrainPipelineOperator(task_id="train", package="churn", dataset="s3://ml-bucket/datasets/churn/")
-    env = env_of(base(manifest(op, storage="s3://ml-bucket/aicenter")))
+    env = env_of(sync(manifest(op, storage="s3://ml-bucket/aicenter")))
     assert env["AWS_ACCESS_KEY_ID"]["secretKeyRef"]["name"] == "team-s3"
 
 
@@ -252,7 +271,7 @@ def test_s3_dataset_beside_a_file_store_still_gets_the_endpoint_and_region(monke
     s3_connections(monkeypatch, storage="file:///mnt/shared/aicenter", aws_secret_name="aicenter-s3")
     op = TrainPipelineOperator(task_id="train", package="churn", dataset="s3://ml-bucket/datasets/churn/")
     data = manifest(op, storage="file:///mnt/shared/aicenter")
-    env = env_of(base(data))
+    env = env_of(stage(data))
     assert env["AWS_ENDPOINT_URL"] == "https://s3.internal.example.com" and env["AWS_REGION"] == "eu-west-3"
     assert env["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "aicenter-s3", "key": "AWS_ACCESS_KEY_ID"}}
     assert AWS_PASSWORD not in json.dumps(data) and "AKIAWORKERKEY" not in json.dumps(data)
@@ -263,7 +282,7 @@ def test_s3_through_the_service_account_injects_nothing(monkeypatch: pytest.Monk
     op = TrainPipelineOperator(task_id="train", package="churn", dataset="s3://ml-bucket/datasets/churn/",
                                service_account_name="aicenter-irsa")
     data = manifest(op, storage="s3://ml-bucket/aicenter")
-    env = env_of(base(data))
+    env = env_of(stage(data))
     assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(env)
     assert env["AWS_REGION"] == "eu-west-3" and data["spec"]["serviceAccountName"] == "aicenter-irsa"
     assert AWS_PASSWORD not in json.dumps(data)

@@ -1,0 +1,525 @@
+"""The pod of a run, as three containers: one pure module for the single pod and every pod of a Job.
+
+DESIGN "Trust boundaries": a pod is three containers sharing volumes, never credentials.
+
+- ``stage`` (init container; the run spec and the store credentials): stages the package, the
+  data and the environment, restores the latest checkpoint, and writes the user supervisor's
+  plan and the supervisor itself into the work volume
+  (``python -m airflow_aicenter.runtime --phase stage``);
+- ``base`` (the main container, named as KubernetesPodOperator expects): the stdlib-only user
+  supervisor runs the package code. No run spec, no store credentials, no service-account
+  token; package (unless the run makes a version), data, environment and the supervisor are
+  mounted read-only;
+- ``sync`` (the run spec and the credentials): syncs checkpoints while it waits for the
+  supervisor's exit file, then uploads and writes ``outcome.json`` and the termination message
+  (``--phase sync``).
+
+One ``emptyDir`` per purpose (a container runtime such as podman does not share ``subPath``
+mounts of one ``emptyDir``), mounted where the runtime expects its folders, so the agent's
+paths are the same in every container. The ``state`` volume (the agent's handover from stage
+to sync) is never mounted in ``base``.
+
+Only kubernetes client models here: no API calls, no store, no Airflow.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+from kubernetes.client import ApiClient
+from kubernetes.client import models as k8s
+
+from airflow_aicenter.errors import ConfigurationError
+
+#: The work volume: the agent's AICENTER_WORKDIR (artifacts, checkpoints, process_data's splits, control).
+WORK_MOUNT = "/aicenter/work"
+#: The package folder (``save()`` writes there in the runs that make a version).
+PACKAGE_MOUNT = f"{WORK_MOUNT}/package"
+#: The staged datasets: read-only to user code.
+DATA_MOUNT = f"{WORK_MOUNT}/data"
+TEST_DATA_MOUNT = f"{WORK_MOUNT}/test_data"
+#: The user supervisor and user.py, copied there by ``stage``: read-only to user code.
+BIN_MOUNT = f"{WORK_MOUNT}/bin"
+#: The package environment, built by ``stage`` at the path ``base`` runs it from (venvs are not relocatable).
+ENV_MOUNT = "/aicenter/env"
+#: The agent's handover from ``stage`` to ``sync``; never in ``base``.
+STATE_MOUNT = "/aicenter/state"
+#: Where a dataset PersistentVolumeClaim is mounted, read-only; the run's data_directory.
+DATASET_MOUNT = "/aicenter/dataset"
+TMP_MOUNT = "/tmp"
+WORK_VOLUME, TMP_VOLUME, DATASET_VOLUME = "aicenter-work", "aicenter-tmp", "aicenter-dataset"
+PACKAGE_VOLUME, DATA_VOLUME, TEST_DATA_VOLUME = "aicenter-package", "aicenter-data", "aicenter-test-data"
+BIN_VOLUME, ENV_VOLUME, STATE_VOLUME, AGENT_TMP_VOLUME = "aicenter-bin", "aicenter-env", "aicenter-state", "aicenter-agent-tmp"
+STAGE_CONTAINER, SYNC_CONTAINER = "stage", "sync"
+RUNTIME_COMMAND = ("python", "-m", "airflow_aicenter.runtime")
+STAGE_COMMAND = (*RUNTIME_COMMAND, "--phase", "stage")
+SYNC_COMMAND = (*RUNTIME_COMMAND, "--phase", "sync")
+SUPERVISOR_COMMAND = ("python", f"{BIN_MOUNT}/supervisor.py", f"{WORK_MOUNT}/control/supervisor.json")
+#: The runtime image's user (docker/Dockerfile); any image works, HOME is set explicitly.
+RUNTIME_UID = 10001
+SPEC_ENV = "AICENTER_RUN_SPEC"
+GPU_RESOURCE = "nvidia.com/gpu"
+LABEL_PACKAGE, LABEL_VERSION, LABEL_RUN = "aicenter/package", "aicenter/version", "aicenter/run"
+#: Annotation with the exact RunRef (JSON) of the run the pod executes; labels are lossy.
+ANNOTATION_RUN = "aicenter/run"
+#: Keys of the ``aws_secret_name`` Secret, mapped to the same env names; the token is optional.
+AWS_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": False, "AWS_SECRET_ACCESS_KEY": False, "AWS_SESSION_TOKEN": True}
+#: The rendezvous port of node 0 of a Job (every pod has its own network namespace).
+MASTER_PORT = 29500
+LABEL_JOB = "aicenter/job"
+_MAX_LABEL = 63
+
+
+# -- small pure helpers ------------------------------------------------------------------
+def label_value(value: str) -> str:
+    """A valid label value: [A-Za-z0-9._-], alphanumeric at both ends, <= 63 chars.
+
+    Truncated values get a hash suffix so that two long names do not collide.
+    """
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", value).strip("._-")
+    if len(safe) <= _MAX_LABEL:
+        return safe
+    digest = hashlib.sha256(value.encode()).hexdigest()[:10]
+    return f"{safe[: _MAX_LABEL - len(digest) - 1].rstrip('._-')}-{digest}"
+
+
+def memory_quantity(gb: float) -> str:
+    """``4`` -> ``"4Gi"``, ``0.5`` -> ``"512Mi"``."""
+    return f"{int(gb)}Gi" if float(gb).is_integer() else f"{round(gb * 1024)}Mi"
+
+
+def cpu_quantity(cpu: float | str) -> str:
+    if isinstance(cpu, str):
+        return cpu
+    return str(int(cpu)) if float(cpu).is_integer() else f"{round(cpu * 1000)}m"
+
+
+def _positive(name: str, value: float | str | None) -> None:
+    if value is None or (name == "cpu" and isinstance(value, str) and re.fullmatch(r"\d+(\.\d+)?m?", value)):
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigurationError(f'{name}={value!r} is not valid; give a positive number (cpu also takes "500m")')
+
+
+def check_sub_path(sub_path: str | None) -> None:
+    if sub_path is None:
+        return
+    parts = PurePosixPath(sub_path).parts
+    if not sub_path or sub_path.startswith("/") or ".." in parts:
+        raise ConfigurationError(
+            f"dataset_sub_path={sub_path!r} is not valid; give a relative folder inside the volume claim, without '..'"
+        )
+
+
+def check_infra(
+    *, cpu: float | str | None, memory_gb: float | None, storage_gb: float | None, dataset_sub_path: str | None
+) -> None:
+    """Validate AI Center's infra settings when the DAG is parsed, long before a pod exists."""
+    _positive("cpu", cpu)
+    _positive("memory_gb", memory_gb)
+    _positive("storage_gb", storage_gb)
+    check_sub_path(dataset_sub_path)
+
+
+_API_CLIENT: list[ApiClient] = []
+
+
+def as_model(value: Any, klass: str) -> Any:
+    """A kubernetes model from a dict in API (camelCase) form; models pass through."""
+    if value is None or not isinstance(value, dict):
+        return value
+    if not value:
+        return None
+
+    class _Response:
+        data = json.dumps(value)
+
+    if not _API_CLIENT:
+        _API_CLIENT.append(ApiClient())
+    return _API_CLIENT[0].deserialize(_Response(), klass)
+
+
+def _name(item: Any) -> str | None:
+    return item.get("name") if isinstance(item, dict) else item.name
+
+
+def _mount_path(item: Any) -> str | None:
+    return item.get("mountPath") if isinstance(item, dict) else item.mount_path
+
+
+def base_container(pod: k8s.V1Pod, name: str) -> k8s.V1Container:
+    containers = pod.spec.containers or []
+    return next((c for c in containers if c.name == name), containers[0])
+
+
+def stage_container(pod_spec: k8s.V1PodSpec | None) -> k8s.V1Container | None:
+    """The ``stage`` init container (it carries the run spec), if the pod is ours."""
+    if pod_spec is None:
+        return None
+    return next((c for c in (pod_spec.init_containers or []) if _name(c) == STAGE_CONTAINER), None)
+
+
+def run_spec_json(pod_spec: k8s.V1PodSpec | None) -> str | None:
+    """The run spec a pod (or a Job's pod template) carries in its ``stage`` container, else None."""
+    stage = stage_container(pod_spec)
+    if stage is None:
+        return None
+    for var in stage.env or []:
+        name = var.get("name") if isinstance(var, dict) else var.name
+        value = var.get("value") if isinstance(var, dict) else var.value
+        if name == SPEC_ENV and value is not None:
+            return str(value)
+    return None
+
+
+def termination(pod: k8s.V1Pod | None, container: str) -> tuple[int | None, str | None, str | None]:
+    """(exit code, reason, message) of the container (or init container) once terminated, else Nones."""
+    status = pod.status if pod is not None else None
+    statuses = [*(status.container_statuses or []), *(status.init_container_statuses or [])] if status else []
+    found = next((s for s in statuses if s.name == container), None)
+    terminated = found.state.terminated if found and found.state else None
+    if terminated is None:
+        return None, None, None
+    message = (terminated.message or "").strip() or None
+    return terminated.exit_code, terminated.reason, message
+
+
+def run_ending(pod: k8s.V1Pod | None, base: str) -> tuple[str, int | None, str | None, str | None]:
+    """Which container tells how the run ended, and its (exit code, reason, message).
+
+    A ``stage`` that failed ended the run before any user code; otherwise a ``base`` killed
+    from outside (out of memory) says more than ``sync``; else ``sync`` wrote the run's message.
+    """
+    code, reason, message = termination(pod, STAGE_CONTAINER)
+    if code not in (None, 0):
+        return STAGE_CONTAINER, code, reason, message
+    code, reason, message = termination(pod, base)
+    if reason == "OOMKilled" or code is None:
+        return base, code, reason, message
+    sync = termination(pod, SYNC_CONTAINER)
+    if sync[0] is not None:
+        return (SYNC_CONTAINER, *sync)
+    return base, code, reason, message
+
+
+# -- merging ours under the user's -------------------------------------------------------
+def infra_resources(
+    *, gpu: int, cpu: float | str | None, memory_gb: float | None, storage_gb: float | None
+) -> tuple[dict[str, str], dict[str, str]]:
+    """(requests, limits) for AI Center's infra settings.
+
+    CPU is requested, not limited (limits throttle); memory and ephemeral storage are both
+    requested and limited so the scheduler places the pod where it fits and it cannot
+    starve its node; GPUs are extended resources, given as a limit.
+    """
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if cpu is not None:
+        requests["cpu"] = cpu_quantity(cpu)
+    if memory_gb is not None:
+        requests["memory"] = limits["memory"] = memory_quantity(memory_gb)
+    if storage_gb is not None:
+        requests["ephemeral-storage"] = limits["ephemeral-storage"] = memory_quantity(storage_gb)
+    if gpu:
+        limits[GPU_RESOURCE] = str(gpu)
+    return requests, limits
+
+
+def merge_resources(requests: dict[str, str], limits: dict[str, str], user: Any) -> k8s.V1ResourceRequirements | None:
+    """Ours, except for every resource the user named (in requests or limits): theirs, whole."""
+    user = as_model(user, "V1ResourceRequirements")
+    user_requests = dict((user.requests or {}) if user else {})
+    user_limits = dict((user.limits or {}) if user else {})
+    named = set(user_requests) | set(user_limits)
+    merged_requests = {**{k: v for k, v in requests.items() if k not in named}, **user_requests}
+    merged_limits = {**{k: v for k, v in limits.items() if k not in named}, **user_limits}
+    if not merged_requests and not merged_limits and user is None:
+        return None
+    result = user or k8s.V1ResourceRequirements()
+    result.requests = merged_requests or None
+    result.limits = merged_limits or None
+    return result
+
+
+def merge_tolerations(user: list[Any] | None, gpu: int) -> list[Any]:
+    tolerations = list(user or [])
+    keys = {(t.get("key") if isinstance(t, dict) else t.key) for t in tolerations}
+    if gpu and GPU_RESOURCE not in keys:
+        tolerations.append(k8s.V1Toleration(key=GPU_RESOURCE, operator="Exists", effect="NoSchedule"))
+    return tolerations
+
+
+def _fill(target: Any, defaults: dict[str, Any]) -> Any:
+    for attr, value in defaults.items():
+        if getattr(target, attr) is None:
+            setattr(target, attr, value)
+    return target
+
+
+def merge_pod_security(user: Any, container_user: Any) -> k8s.V1PodSecurityContext:
+    """Non-root (uid 10001), seccomp RuntimeDefault; a user who asks for uid 0 gets it."""
+    pod = as_model(user, "V1PodSecurityContext") or k8s.V1PodSecurityContext()
+    container = as_model(container_user, "V1SecurityContext")
+    wants_root = pod.run_as_user == 0 or (container is not None and container.run_as_user == 0)
+    defaults: dict[str, Any] = {
+        "run_as_user": RUNTIME_UID,
+        "run_as_group": RUNTIME_UID,
+        "fs_group": RUNTIME_UID,
+        "seccomp_profile": k8s.V1SeccompProfile(type="RuntimeDefault"),
+    }
+    if not wants_root:
+        defaults["run_as_non_root"] = True
+    return _fill(pod, defaults)
+
+
+def merge_container_security(user: Any) -> k8s.V1SecurityContext:
+    """No privilege escalation, all capabilities dropped, read-only root filesystem.
+
+    Kubernetes rejects ``allowPrivilegeEscalation: false`` next to ``privileged`` or an added
+    CAP_SYS_ADMIN, so a user who asks for those keeps them and we leave that field alone.
+    """
+    container = as_model(user, "V1SecurityContext") or k8s.V1SecurityContext()
+    added = set((container.capabilities.add or []) if container.capabilities else [])
+    defaults: dict[str, Any] = {
+        "capabilities": k8s.V1Capabilities(drop=["ALL"]),
+        "read_only_root_filesystem": True,
+    }
+    if not container.privileged and not added & {"SYS_ADMIN", "CAP_SYS_ADMIN"}:
+        defaults["allow_privilege_escalation"] = False
+    return _fill(container, defaults)
+
+
+def agent_security() -> k8s.V1SecurityContext:
+    """``stage`` and ``sync`` run our code only: always the restrictive settings, whatever ``base`` asks for."""
+    return k8s.V1SecurityContext(
+        capabilities=k8s.V1Capabilities(drop=["ALL"]), read_only_root_filesystem=True, allow_privilege_escalation=False
+    )
+
+
+def set_env(container: k8s.V1Container, env: Sequence[k8s.V1EnvVar], *, owned: set[str]) -> None:
+    """Add ours; names in ``owned`` replace the user's, the others only fill gaps."""
+    current = [e for e in (container.env or []) if _name(e) not in owned]
+    names = {_name(e) for e in current}
+    container.env = [*current, *(e for e in env if e.name in owned or e.name not in names)]
+
+
+# -- the pod ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PodShape:
+    """Everything the launcher decided about a run's pod (the operator's pod arguments are in the pod itself).
+
+    :param image: the runtime image when neither the operator nor a template names one.
+    :param base_container: KubernetesPodOperator's main container name (``base``).
+    :param makes_version: the run writes a new package (``save()``): the package is writable in ``base``.
+    :param spec_json: the run spec (``stage`` and ``sync`` only); None for a pod that is not tied to a run yet.
+    :param run_json: the run (annotation); ``labels`` the lookup labels.
+    :param store_env: the store's endpoint, region and credentials (``stage`` and ``sync`` only).
+    :param agent_env: more env for ``stage`` and ``sync`` (a Job's rendezvous address).
+    :param ports: container ports of ``base`` (a Job's rendezvous port).
+    """
+
+    image: str | None
+    base_container: str = "base"
+    makes_version: bool = True
+    gpu: int = 0
+    cpu: float | str | None = None
+    memory_gb: float | None = None
+    storage_gb: float | None = None
+    dataset_volume_claim: str | None = None
+    dataset_sub_path: str | None = None
+    spec_json: str | None = None
+    run_json: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    store_env: tuple[k8s.V1EnvVar, ...] = ()
+    agent_env: tuple[k8s.V1EnvVar, ...] = ()
+    ports: tuple[k8s.V1ContainerPort, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Volume:
+    name: str
+    path: str
+    #: Mounted read-only in ``base``; None: not mounted in ``base`` at all.
+    base_read_only: bool | None
+    in_sync: bool = True
+    in_stage: bool = True
+
+
+def volumes_of(shape: PodShape) -> list[_Volume]:
+    """Our volumes and where each container sees them (DESIGN "Trust boundaries")."""
+    return [
+        _Volume(WORK_VOLUME, WORK_MOUNT, False),
+        _Volume(PACKAGE_VOLUME, PACKAGE_MOUNT, not shape.makes_version),
+        _Volume(DATA_VOLUME, DATA_MOUNT, True),
+        _Volume(TEST_DATA_VOLUME, TEST_DATA_MOUNT, True),
+        _Volume(BIN_VOLUME, BIN_MOUNT, True, in_sync=False),
+        _Volume(ENV_VOLUME, ENV_MOUNT, True, in_sync=False),
+        _Volume(STATE_VOLUME, STATE_MOUNT, None),
+        _Volume(TMP_VOLUME, TMP_MOUNT, False, in_sync=False, in_stage=False),
+        _Volume(AGENT_TMP_VOLUME, TMP_MOUNT, None),
+    ]
+
+
+def shape_pod(pod: k8s.V1Pod, shape: PodShape) -> k8s.V1Pod:
+    """The run's three containers around KubernetesPodOperator's pod; the user's settings win, field by field.
+
+    The user's container settings (image, resources, env, mounts, security) stay on ``base``;
+    GPUs and AI Center's resources go to ``base`` alone. ``stage`` and ``sync`` run the same
+    image with the run spec and the store's credentials, and the user's own volume mounts (a
+    file store mounted into the pod must be reachable by the containers that write it).
+    """
+    base = base_container(pod, shape.base_container)
+    base.image = base.image or shape.image
+    if not base.image:
+        raise ConfigurationError(
+            "launcher='kubernetes' needs the runtime image: pass image='<registry>/aicenter-runtime:<tag>' or set "
+            '"image" in the aicenter connection\'s extras (build it from docker/Dockerfile, see docker/README.md)'
+        )
+    if not base.command and not base.args:
+        base.command = list(SUPERVISOR_COMMAND)
+    user_mounts = list(base.volume_mounts or [])
+    taken = {_mount_path(m) for m in user_mounts}
+    volumes = list(pod.spec.volumes or [])
+    size = memory_quantity(shape.storage_gb) if shape.storage_gb is not None else None
+    ours = volumes_of(shape)
+    for volume in ours:
+        if volume.name == TMP_VOLUME and TMP_MOUNT in taken:
+            continue
+        source = k8s.V1EmptyDirVolumeSource(size_limit=size if volume.name == WORK_VOLUME else None)
+        volumes.append(k8s.V1Volume(name=volume.name, empty_dir=source))
+    dataset: k8s.V1VolumeMount | None = None
+    if shape.dataset_volume_claim:
+        claim = k8s.V1PersistentVolumeClaimVolumeSource(claim_name=shape.dataset_volume_claim, read_only=True)
+        volumes.append(k8s.V1Volume(name=DATASET_VOLUME, persistent_volume_claim=claim))
+        dataset = k8s.V1VolumeMount(
+            name=DATASET_VOLUME, mount_path=DATASET_MOUNT, read_only=True, sub_path=shape.dataset_sub_path or None
+        )
+    pod.spec.volumes = volumes
+
+    base_mounts = list(user_mounts)
+    for volume in ours:
+        if volume.base_read_only is None or volume.path in taken:  # the user's mount there wins in base
+            continue
+        base_mounts.append(k8s.V1VolumeMount(name=volume.name, mount_path=volume.path, read_only=volume.base_read_only or None))
+    if dataset is not None and DATASET_MOUNT not in taken:
+        base_mounts.append(dataset)
+    base.volume_mounts = base_mounts
+    set_env(
+        base,
+        [
+            k8s.V1EnvVar(name="HOME", value=f"{WORK_MOUNT}/.home"),
+            k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1"),
+        ],
+        owned=set(),
+    )
+    base.env = [e for e in (base.env or []) if _name(e) not in (SPEC_ENV, "AICENTER_WORKDIR")]
+    requests, limits = infra_resources(gpu=shape.gpu, cpu=shape.cpu, memory_gb=shape.memory_gb, storage_gb=shape.storage_gb)
+    base.resources = merge_resources(requests, limits, base.resources)
+    pod.spec.tolerations = merge_tolerations(pod.spec.tolerations, shape.gpu)
+    pod.spec.security_context = merge_pod_security(pod.spec.security_context, base.security_context)
+    base.security_context = merge_container_security(base.security_context)
+    if shape.ports:
+        base.ports = [*(base.ports or []), *shape.ports]
+    if pod.spec.automount_service_account_token is None:
+        # Package code has no business with the Kubernetes API; IRSA and workload identity
+        # inject their own projected token into the containers that need it.
+        pod.spec.automount_service_account_token = False
+    pod.spec.share_process_namespace = False
+
+    def agent(name: str, command: Sequence[str]) -> k8s.V1Container:
+        mounts = [m for m in user_mounts if _mount_path(m) not in {v.path for v in ours}]
+        for volume in ours:
+            if (volume.in_stage if name == STAGE_CONTAINER else volume.in_sync) and volume.name != TMP_VOLUME:
+                mounts.append(k8s.V1VolumeMount(name=volume.name, mount_path=volume.path))
+        if dataset is not None:
+            mounts.append(copy.deepcopy(dataset))
+        env = [
+            k8s.V1EnvVar(name="AICENTER_WORKDIR", value=WORK_MOUNT),
+            k8s.V1EnvVar(name="AICENTER_STATE", value=STATE_MOUNT),
+            k8s.V1EnvVar(name="AICENTER_CACHE", value=ENV_MOUNT),
+            k8s.V1EnvVar(name="AICENTER_USER_HOME", value=f"{WORK_MOUNT}/.home"),
+            k8s.V1EnvVar(name="HOME", value=f"{STATE_MOUNT}/home"),
+            k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1"),
+            *([k8s.V1EnvVar(name=SPEC_ENV, value=shape.spec_json)] if shape.spec_json is not None else []),
+            *shape.store_env,
+            *shape.agent_env,
+        ]
+        return k8s.V1Container(
+            name=name,
+            image=base.image,
+            image_pull_policy=base.image_pull_policy,
+            command=list(command),
+            env=env,
+            volume_mounts=mounts,
+            security_context=agent_security(),
+            termination_message_policy="FallbackToLogsOnError",
+        )
+
+    init = [c for c in (pod.spec.init_containers or []) if _name(c) != STAGE_CONTAINER]
+    pod.spec.init_containers = [*init, agent(STAGE_CONTAINER, STAGE_COMMAND)]
+    others = [c for c in (pod.spec.containers or []) if c is not base and _name(c) != SYNC_CONTAINER]
+    pod.spec.containers = [base, *others, agent(SYNC_CONTAINER, SYNC_COMMAND)]
+    if shape.labels:
+        pod.metadata.labels = {**(pod.metadata.labels or {}), **shape.labels}
+    if shape.run_json is not None:
+        pod.metadata.annotations = {**(pod.metadata.annotations or {}), ANNOTATION_RUN: shape.run_json}
+    return pod
+
+
+# -- the Indexed Job of a distributed run -------------------------------------------------
+def job_agent_env(name: str, nodes: int) -> tuple[k8s.V1EnvVar, ...]:
+    """The rendezvous address the agent gives the user processes: node 0's stable name and port."""
+    hosts = ",".join(f"{name}-{i}.{name}" for i in range(nodes))
+    return (
+        k8s.V1EnvVar(name="AICENTER_MASTER_ADDR", value=f"{name}-0.{name}"),
+        k8s.V1EnvVar(name="AICENTER_MASTER_PORT", value=str(MASTER_PORT)),
+        k8s.V1EnvVar(name="AICENTER_WORKER_HOSTS", value=hosts),
+    )
+
+
+def job_ports() -> tuple[k8s.V1ContainerPort, ...]:
+    return (k8s.V1ContainerPort(name="rendezvous", container_port=MASTER_PORT),)
+
+
+def job_manifests(
+    pod: k8s.V1Pod, *, name: str, namespace: str, nodes: int, run_label: str, run_json: str
+) -> tuple[k8s.V1Job, k8s.V1Service]:
+    """The Indexed Job (the run's pod as its template) and its headless Service (node 0's stable name)."""
+    labels = {**(pod.metadata.labels or {}), LABEL_JOB: name}
+    # KPO's per-try labels would make the Job's pods look like a KPO pod of one try.
+    for kpo_label in ("try_number", "already_checked"):
+        labels.pop(kpo_label, None)
+    pod.spec.restart_policy = "Never"
+    pod.spec.subdomain = name
+    meta = k8s.V1ObjectMeta(labels=labels, annotations=pod.metadata.annotations)
+    template = k8s.V1PodTemplateSpec(metadata=meta, spec=pod.spec)
+    job = k8s.V1Job(
+        api_version="batch/v1",
+        kind="Job",
+        metadata=k8s.V1ObjectMeta(
+            name=name,
+            namespace=namespace,
+            labels={LABEL_JOB: name, LABEL_RUN: label_value(run_label)},
+            annotations={ANNOTATION_RUN: run_json},
+        ),
+        spec=k8s.V1JobSpec(completion_mode="Indexed", completions=nodes, parallelism=nodes, backoff_limit=0, template=template),
+    )
+    service = k8s.V1Service(
+        api_version="v1",
+        kind="Service",
+        metadata=k8s.V1ObjectMeta(name=name, namespace=namespace, labels={LABEL_JOB: name}),
+        spec=k8s.V1ServiceSpec(
+            cluster_ip="None",
+            selector={LABEL_JOB: name},
+            publish_not_ready_addresses=True,
+            ports=[k8s.V1ServicePort(name="rendezvous", port=MASTER_PORT, target_port=MASTER_PORT)],
+        ),
+    )
+    return job, service
