@@ -4,6 +4,7 @@
 # docker/Dockerfile. Idempotent: a second run with nothing changed takes about a second.
 #
 #   bash scripts/images.sh           # installs what is missing, builds what is missing or stale
+#   bash scripts/images.sh --check   # only says whether the runtime image is there and current (exit 1 if not)
 #
 # Everything podman keeps (configuration, image storage, events) lives under
 # $AICENTER_PODMAN_HOME (default: .podman/ in the repository, gitignored), never in
@@ -19,16 +20,23 @@ SUITE=${AICENTER_DEBIAN_SUITE:-bookworm}  # bookworm: Python 3.11, like the prov
 MIRROR=${AICENTER_DEBIAN_MIRROR:-}        # empty: mmdebstrap's default (deb.debian.org)
 DIGEST_LABEL=aicenter.source-digest
 started=$(date +%s.%N)
+CHECK=0
+[ "${1:-}" = --check ] && CHECK=1
 
 say() { printf 'images.sh: %s\n' "$*" >&2; }
 elapsed() { python3 -c "import sys,time; print(f'{time.time()-float(sys.argv[1]):.1f} s')" "$1"; }
+
+if [ "$CHECK" = 1 ] && { ! command -v podman >/dev/null 2>&1 || [ ! -f "$PODMAN_HOME/containers.conf" ]; }; then
+  echo "podman is not set up for the tests (no $PODMAN_HOME/containers.conf): run bash scripts/images.sh" >&2
+  exit 1
+fi
 
 # -- tools -----------------------------------------------------------------------------
 missing=()
 for pair in podman:podman buildah:buildah mmdebstrap:mmdebstrap newuidmap:uidmap fuse-overlayfs:fuse-overlayfs runc:runc; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
-if [ ${#missing[@]} -gt 0 ]; then
+if [ ${#missing[@]} -gt 0 ] && [ "$CHECK" = 0 ]; then
   say "installing ${missing[*]} with apt-get"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
@@ -74,6 +82,10 @@ work=$(mktemp -d "$PODMAN_HOME/tmp/images.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
 # -- the base image: Debian's Python, made with mmdebstrap ---------------------------------
+if [ "$CHECK" = 1 ] && ! podman image exists "$BASE_IMAGE"; then
+  echo "the base image $BASE_IMAGE is missing: run bash scripts/images.sh" >&2
+  exit 1
+fi
 if ! podman image exists "$BASE_IMAGE"; then
   t=$(date +%s.%N)
   say "making $BASE_IMAGE with mmdebstrap ($SUITE)"
@@ -102,6 +114,14 @@ digest=$( { (cd "$context" && find . -type f -print0 | LC_ALL=C sort -z | xargs 
 current=""
 if podman image exists "$RUNTIME_IMAGE"; then
   current=$(podman image inspect --format "{{ index .Labels \"$DIGEST_LABEL\" }}" "$RUNTIME_IMAGE" 2>/dev/null || true)
+fi
+if [ "$CHECK" = 1 ]; then
+  if [ -z "$current" ]; then
+    echo "the runtime image $RUNTIME_IMAGE is missing: run bash scripts/images.sh" >&2; exit 1
+  elif [ "$current" != "$digest" ]; then
+    echo "the runtime image $RUNTIME_IMAGE is older than airflow_aicenter/ or docker/: run bash scripts/images.sh" >&2; exit 1
+  fi
+  exit 0
 fi
 if [ "$current" != "$digest" ]; then
   t=$(date +%s.%N)

@@ -19,6 +19,8 @@ Kubernetes OpenAPI schema (kubernetes-validate), then its containers run as loca
   the grace period, like the kubelet.
 
 Fixtures for tests that use it are at the end of the module: import them into a test module.
+``FakeKubernetes(..., podman=PodmanPods())`` runs the pods in real containers instead
+(tests/containers/podman.py, used by tests/containers/).
 """
 
 from __future__ import annotations
@@ -41,10 +43,13 @@ from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.metadata import version as dist_version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlparse
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.containers.podman import PodmanPods
 
 REPO = Path(__file__).resolve().parents[2]
 KUBE_VERSION = "1.34"
@@ -176,10 +181,12 @@ class Job:
 class FakeKubernetes:
     """The server and the pods it runs. See the module docstring."""
 
-    def __init__(self, root: Path, *, python: str = sys.executable) -> None:
+    def __init__(self, root: Path, *, python: str = sys.executable, podman: PodmanPods | None = None) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.python = python
+        #: Podman mode (tests/containers/podman.py): pods run in real containers instead of as processes.
+        self.podman = podman
         self.pods: dict[tuple[str, str], Pod] = {}
         self.deleted: list[Pod] = []
         self.created: list[dict[str, Any]] = []  # every pod manifest received, as sent
@@ -208,6 +215,8 @@ class FakeKubernetes:
         return self
 
     def stop(self) -> None:
+        if self.podman is not None:
+            self.podman.stop()
         for pod in list(self.pods.values()):
             for container in [*pod.init, *pod.containers]:
                 _kill(container, signal.SIGKILL)
@@ -287,7 +296,8 @@ class FakeKubernetes:
             self.pods[key] = pod
             self._update_status(pod)
             self.cond.notify_all()
-        threading.Thread(target=self._run_pod, args=(pod,), name=f"pod-{meta['name']}", daemon=True).start()
+        run, args = (self._run_pod, (pod,)) if self.podman is None else (self.podman.run, (self, pod))
+        threading.Thread(target=run, args=args, name=f"pod-{meta['name']}", daemon=True).start()
         return copy.deepcopy(body)
 
     def get_pod(self, namespace: str, name: str) -> Pod:
@@ -304,7 +314,9 @@ class FakeKubernetes:
                 pod.obj["metadata"]["deletionTimestamp"] = rfc3339(now())
                 pod.obj["metadata"]["resourceVersion"] = str(next(self._rv))
                 period = grace if grace is not None else pod.obj["spec"].get("terminationGracePeriodSeconds", 30)
-                threading.Thread(target=self._terminate, args=(pod, min(float(period), MAX_GRACE)), daemon=True).start()
+                grace = min(float(period), MAX_GRACE)
+                stop, args = (self._terminate, (pod, grace)) if self.podman is None else (self.podman.terminate, (self, pod, grace))
+                threading.Thread(target=stop, args=args, daemon=True).start()
             return copy.deepcopy(pod.obj)
 
     def patch_pod(self, namespace: str, name: str, patch: Any) -> dict[str, Any]:
