@@ -8,17 +8,36 @@ image's libraries are used as they are. It is found, in this order:
 1. the local cache: ``$AICENTER_CACHE/envs/<key>`` (default ``~/.cache/aicenter/envs/<key>``),
    used in place;
 2. the store: ``envs/<key>.json`` names a packed environment (tar + zstd) under
-   ``blobs/sha256/``; it is streamed through zstd into tar while its digest is computed, into a
-   temporary folder that is used only when the digest matches;
-3. installed: ``uv venv`` + ``uv pip install -r requirements.txt``; then, in a background thread
-   at low priority while the user code runs, byte-compiled (so restored environments import
-   without compiling: pods run with PYTHONDONTWRITEBYTECODE), packed and uploaded create-once
-   for the next run. The agent waits for that thread at the end of the run.
+   ``blobs/sha256/``; the record must match its key (requirements, Python, platform, package)
+   and the blob its digest and size; it is streamed through zstd into tar while its digest is
+   computed, into a temporary folder that is used only when the digest matches;
+3. installed: ``uv venv`` + ``uv pip install -r requirements.txt``, byte-compiled and packed
+   (its digest computed) BEFORE any package code runs; only the upload of those very bytes
+   (verified against that digest while uploading) goes on in a background thread while the
+   user code runs, and the agent waits for it at the end of the run.
+
+Installing runs no package-supplied code by default (finding 2 of issue 18): uv installs wheels
+only (``--only-binary :all:``), and every uv command runs with a minimal environment
+(:func:`install_env`: PATH, HOME, TMPDIR, uv's cache, the index settings; no store credentials,
+no user ``env``, no ``AWS_*``, no ``AIRFLOW_*``). A requirement published only as a source
+distribution fails with the fix named. Byte-compilation runs ``python -I -S`` (no ``site``, so no
+``.pth`` file of the environment runs) with the same minimal environment. With
+``allow_source_builds`` builds are allowed, still with that environment, with a uv cache of the
+package's own, optionally as another user (``build_user``/``demote``: the local launcher's
+``run_as_user``), and the environment is cached under a key that includes the package's name,
+never shared with another package.
+
+What package code writes into its environment can never reach the store (finding 4): the
+bytes stored are those packed before it ran. Every environment is also made read-only
+(``chmod -R a-w``) before it is handed over; that is a boundary against another user (the
+local launcher's ``run_as_user``, a pod's read-only mount), not against code of the same uid,
+which could make it writable again: there the pack-before-run is the protection of the store,
+and the local cache of that worker is as trusted as the code it runs.
 
 A hit (1 or 2) runs no uv command at all, so it needs no package index (clusters without
-egress). A corrupt blob is reported and the environment rebuilt. Two first runs of one key at
-once both succeed: each builds in a temporary folder renamed into place atomically (the loser
-uses the winner's), and the store record is created once.
+egress). A corrupt or mismatched blob is reported and the environment rebuilt. Two first runs of
+one key at once both succeed: each builds in a temporary folder renamed into place atomically
+(the loser uses the winner's), and the store record is created once.
 
 The key is the sha256 of: the normalised requirements (every logical line of requirements.txt
 and of the files it includes, comments and blank lines dropped, lines stripped, SORTED: the
@@ -26,7 +45,8 @@ resolver reads the file as a set, so reordering it must not cost a cold install)
 the package-local files it names (``./wheels/x.whl``: a rebuilt wheel is a new environment), the
 Python version (implementation, major.minor, ABI flags) and the platform (``sys.platform``, machine,
 multiarch/libc, and the names of the base interpreter's installed distributions: the environment
-sees the image's packages, so an environment built on another image must not be reused).
+sees the image's packages, so an environment built on another image must not be reused), and,
+with source builds allowed, the package's name.
 Indexes are not part of the key: they say where packages come from, not what is installed, and a
 warm run must not depend on them.
 
@@ -44,6 +64,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import site
 import subprocess
@@ -72,8 +93,9 @@ from airflow_aicenter.storage.transfer import put_blob
 Source = Literal["none", "local", "store", "installed"]
 Log = Callable[[str], None]
 
-#: Bumped when the layout of a cached environment changes, so old ones are never reused.
-FORMAT = "aicenter-env-1"
+#: Bumped when the layout of a cached environment changes, so old ones are never reused (2: packed
+#: before package code runs and read-only; an environment of format 1 may hold what package code wrote).
+FORMAT = "aicenter-env-2"
 #: Written last into a built environment: a cache folder without it is not a usable one.
 MARKER = "aicenter-env.json"
 PACKED = "tar.zst"
@@ -94,6 +116,8 @@ class EnvironmentRecord(Record):
     python: str
     platform: str
     requirements: list[str]
+    #: Set when source builds were allowed: the environment of this package alone (part of the key).
+    package: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -175,8 +199,10 @@ def _tree_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def environment_key(requirements: Sequence[str]) -> str:
-    text = "\n".join([FORMAT, f"python {python_tag()}", f"platform {platform_tag()}", *requirements])
+def environment_key(requirements: Sequence[str], package: str | None = None) -> str:
+    """The cache key; ``package``: source builds were allowed, so the environment is this package's alone."""
+    own = [f"source builds of package {package}"] if package is not None else []
+    text = "\n".join([FORMAT, f"python {python_tag()}", f"platform {platform_tag()}", *own, *requirements])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -246,6 +272,15 @@ def package_indexes(value: object) -> list[str]:
 
 #: uv's own index variables: a deployment may set them (with credentials) where the runtime runs.
 INDEX_VARIABLES = ("UV_INDEX_URL", "UV_DEFAULT_INDEX", "UV_EXTRA_INDEX_URL", "UV_INDEX", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL")
+#: All an install sees of the agent's environment (DESIGN "★ Environments"): the system's basics and
+#: how to reach the package indexes (their URLs, netrc, TLS roots, proxies). Nothing else: no store
+#: credentials, no user ``env``, no ``AWS_*``, no ``AIRFLOW_*``. A source build (when allowed) runs
+#: with this environment too, so it sees the index settings and nothing of the run.
+INSTALL_INHERITED = frozenset({
+    "PATH", "HOME", "TMPDIR", "LANG", "NETRC", "SSL_CERT_FILE", "SSL_CERT_DIR", "UV_NATIVE_TLS", "UV_HTTP_TIMEOUT",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy", "all_proxy",
+    *INDEX_VARIABLES,
+})
 
 
 def _index_secrets(indexes: Iterable[str]) -> list[str]:
@@ -259,42 +294,102 @@ def _index_secrets(indexes: Iterable[str]) -> list[str]:
     return sorted(set(secrets), key=len, reverse=True)
 
 
+def install_env(uv_cache: Path, *, home: Path | None = None, tmp: Path | None = None) -> dict[str, str]:
+    """The whole environment of a uv command (and of any build it runs): :data:`INSTALL_INHERITED`, uv's cache.
+
+    ``home``/``tmp``: a build as another user gets its own (it may not reach the agent's).
+    """
+    env = {name: value for name, value in os.environ.items() if name in INSTALL_INHERITED}
+    env.setdefault("PATH", os.defpath)
+    env["UV_CACHE_DIR"] = str(uv_cache)
+    env["UV_NO_PROGRESS"] = "1"
+    if home is not None:
+        env["HOME"] = str(home)
+    if tmp is not None:
+        env["TMPDIR"] = str(tmp)
+    return env
+
+
+@dataclass(frozen=True)
+class _BuildAs:
+    """How the install of a source build is started: as ``user`` (uid, gid), or through ``demote`` (pre-exec)."""
+
+    user: tuple[int, int] | None = None
+    demote: Callable[[], None] | None = None
+
+    def popen(self) -> dict[str, Any]:
+        if self.demote is not None:
+            return {"preexec_fn": self.demote}
+        if self.user is not None:
+            return {"user": self.user[0], "group": self.user[1], "extra_groups": []}
+        return {}
+
+
 # -- the entry point -------------------------------------------------------------------------
 def prepare_environment(
     package_root: Path, store: Store, *, cache_dir: Path | None = None, indexes: Sequence[str] = (), log: Log,
+    allow_source_builds: bool = False, package: str | None = None, build_user: tuple[int, int] | None = None,
+    demote: Callable[[], None] | None = None,
 ) -> Environment:
     """The environment for the package at ``package_root``: cached locally, from the store, or installed.
 
     ``indexes``: the deployment's package indexes (connection extra ``package_indexes``); the
     first replaces PyPI, the others are searched before it (uv's first-index strategy, so a
     private package name cannot be shadowed from PyPI). Never logged with their credentials.
-    Raises RequirementsError when the install fails.
+
+    ``allow_source_builds`` (the operator argument): source distributions may be built, which
+    runs their code; ``package`` (its registry name) is then required: the environment is cached
+    under a key of that package alone. ``build_user`` ``(uid, gid)`` runs that install as another
+    user (the local launcher's ``run_as_user``; the worker must be allowed to switch), in a build
+    folder of its own that is copied out after uv exits (so nothing the build left running can
+    change what is packed); ``demote`` replaces the switch with the caller's own pre-exec function
+    (it must then make the process the ``build_user`` it names). The cache folder and the base
+    interpreter must be reachable by that user. Wheels-only installs run no package code and are
+    never demoted.
+
+    Raises RequirementsError when the install fails (a source distribution without
+    ``allow_source_builds`` names the requirement and the fix).
     """
     began = time.perf_counter()
+    if allow_source_builds and not package:
+        raise ConfigurationError("allow_source_builds=True needs the package's name: its environment is cached for it alone")
+    if demote is not None and build_user is None:
+        raise ConfigurationError("demote needs build_user: the (uid, gid) it switches to, which owns the build folder")
+    owner = package if allow_source_builds else None
     root = Path(package_root).absolute()
     check_requirements_file(root)  # validation has refused these already; the runtime never trusts it
     requirements = requirement_material(root)
-    key = environment_key(requirements)
+    key = environment_key(requirements, owner)
     envs = cache_root(cache_dir) / "envs"
     final = envs / key
     if not requirements:
         source: Source = "none"
         if not (final / MARKER).is_file():
-            _build(final, lambda tmp: _create_venv(tmp, log), key, requirements, log)
+            _build(final, lambda tmp: _create_venv(tmp, envs.parent, log), key, requirements, owner, log)
         log("requirements.txt lists nothing: a bare environment with the image's packages")
         return Environment(venv_python(final), key, source, round(time.perf_counter() - began, 3))
     storing: Future[str] | None = None
     if (final / MARKER).is_file():
         source = "local"
         log(f"environment {key[:12]} found in the local cache {final}")
-    elif (found := _restore(store, key, final, log)) == "hit":
+    elif (found := _restore(store, key, owner, final, log)) == "hit":
         source = "store"
     else:
-        won = _build(final, lambda tmp: _install(tmp, root, envs.parent, indexes, log), key, requirements, log)
+        replace = found == "broken"
+        build_as = _BuildAs(build_user, demote) if allow_source_builds and build_user is not None else None
+
+        def install(tmp: Path) -> None:
+            _install(tmp, root, envs.parent, indexes, log, package=owner, build_as=build_as)
+
+        # Packed here, before any package code runs; skipped when another run stored it meanwhile.
+        pack = replace or not _stored(store, key)
+        won, packed = _build(final, install, key, requirements, owner, log, compile_and_pack=pack)
         source = "installed"
-        if won:
-            replace = found == "broken"
-            storing = _in_background(lambda: _store(store, key, final, requirements, log, replace=replace))
+        if packed is not None:
+            if won:
+                storing = _in_background(lambda: _store(store, key, packed, requirements, owner, log, replace=replace))
+            else:
+                packed.path.unlink(missing_ok=True)
     _mark_used(store, key, final)
     seconds = round(time.perf_counter() - began, 3)
     log(f"environment {key[:12]} ready ({source}) in {seconds:.2f} s")
@@ -302,57 +397,166 @@ def prepare_environment(
 
 
 # -- building --------------------------------------------------------------------------------
-def _build(final: Path, make: Callable[[Path], None], key: str, requirements: list[str], log: Log) -> bool:
-    """Make an environment in a temporary folder and rename it to ``final``; False when another run won."""
+@dataclass(frozen=True)
+class _Packed:
+    """A freshly built environment, packed before package code ran: what may be stored, and its digest."""
+
+    path: Path
+    sha256: str
+    size: int
+
+
+def _build(final: Path, make: Callable[[Path], None], key: str, requirements: list[str], package: str | None, log: Log,
+           *, compile_and_pack: bool = False) -> tuple[bool, _Packed | None]:
+    """Make an environment in a temporary folder and rename it to ``final``; False when another run won.
+
+    With ``compile_and_pack`` (a fresh install) it is byte-compiled (running none of its code)
+    and packed for the store here, before anyone uses it. Every environment is made read-only
+    before it is renamed into place.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{key[:12]}-{uuid.uuid4().hex[:8]}"
+    packed: _Packed | None = None
     try:
         make(tmp)
-        _write_marker(tmp, key, requirements)
+        if compile_and_pack:
+            began = time.perf_counter()
+            _compile(tmp)
+            compiled = time.perf_counter() - began
+        _write_marker(tmp, key, requirements, package)
+        _seal(tmp)
+        if compile_and_pack:
+            path = final.parent / f".tmp-{key[:12]}-{uuid.uuid4().hex[:8]}.{PACKED}"
+            try:
+                packed = _Packed(path, *_pack(tmp, path))
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+            log(f"environment {key[:12]}: bytecode compiled in {compiled:.2f} s, packed ({packed.size / 2**20:.1f} MiB) "
+                f"in {time.perf_counter() - began - compiled:.2f} s, before any package code runs")
         try:
             tmp.rename(final)
         except OSError:
             if not (final / MARKER).is_file():
                 raise
             log(f"environment {key[:12]}: another run made it at the same time; using theirs")
-            return False
-        return True
+            return False, packed
+        return True, packed
+    except BaseException:
+        if packed is not None:
+            packed.path.unlink(missing_ok=True)
+        raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
 
 
-def _write_marker(env: Path, key: str, requirements: list[str]) -> None:
-    info = {"key": key, "python": python_tag(), "platform": platform_tag(), "requirements": requirements}
+def _write_marker(env: Path, key: str, requirements: list[str], package: str | None) -> None:
+    info = {"key": key, "python": python_tag(), "platform": platform_tag(), "requirements": requirements, "package": package}
     (env / MARKER).write_text(json.dumps(info, indent=2))
 
 
-def _uv_env(cache: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("UV_CACHE_DIR", str(cache / "uv"))  # beside the environments: uv links instead of copying
-    env["UV_NO_PROGRESS"] = "1"
-    return env
+def _seal(env: Path) -> None:
+    """Make the environment read-only (every file and folder; links are not followed).
+
+    A boundary against another user (``run_as_user``), not against the owner, who may chmod it
+    back: what is stored was packed before package code ran, whatever it does here.
+    """
+    done = subprocess.run(["chmod", "-R", "a-w", "--", str(env)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise OSError(f"could not make the environment read-only: chmod: {done.stderr.strip()[:300]}")
 
 
-def _create_venv(tmp: Path, log: Log) -> None:
-    command = [uv_binary(), "venv", "--no-config", "--no-project", "--quiet", "--system-site-packages", "--relocatable",
+def _remove(path: Path) -> None:
+    """Remove a (possibly read-only) folder tree; best effort."""
+    if not path.exists() and not path.is_symlink():
+        return
+    subprocess.run(["chmod", "-R", "u+w", "--", str(path)], capture_output=True, check=False)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _create_venv(tmp: Path, cache: Path, log: Log, *, build_as: _BuildAs | None = None,
+                 env: dict[str, str] | None = None, uv: str | None = None) -> None:
+    command = [uv or uv_binary(), "venv", "--no-config", "--no-project", "--quiet", "--system-site-packages", "--relocatable",
                "--python", str(base_python()), str(tmp)]
-    _uv(command, cwd=tmp.parent, env=_uv_env(tmp.parent.parent), secrets=[], log=log, what="creating the environment")
+    _uv(command, cwd=tmp.parent, env=env or install_env(cache / "uv"), secrets=[], log=log,
+        what="creating the environment", build_as=build_as)
 
 
-def _install(tmp: Path, root: Path, cache: Path, indexes: Sequence[str], log: Log) -> None:
-    _create_venv(tmp, log)
-    command = [uv_binary(), "pip", "install", "--no-config", "--python", str(venv_python(tmp))]
+def _install(tmp: Path, root: Path, cache: Path, indexes: Sequence[str], log: Log, *, package: str | None,
+             build_as: _BuildAs | None) -> None:
+    """``uv pip install -r requirements.txt`` into a new environment at ``tmp``.
+
+    Wheels only unless source builds are allowed for ``package``; then with a uv cache of that
+    package's own (a build's code must not reach what other packages' installs link from), and,
+    with ``build_as``, as another user in a build folder of its own, copied to ``tmp`` after.
+    """
+    command = [uv_binary(), "pip", "install", "--no-config"]
+    if package is None:
+        command += ["--only-binary", ":all:"]
     if indexes:
         command += ["--default-index", indexes[0]]
         for url in indexes[1:]:
             command += ["--index", url]
     command += ["-r", REQUIREMENTS]
     shown = [mask_url(part) if part in indexes else part for part in command[1:]]
-    log(f"installing requirements: uv {' '.join(shown)}")
-    _uv(command, cwd=root, env=_uv_env(cache), secrets=_index_secrets(indexes), log=log, what="installing requirements")
+    secrets = _index_secrets(indexes)
+    if package is None:
+        _create_venv(tmp, cache, log)
+        log(f"installing requirements: uv {' '.join(shown)}")
+        _uv([*command, "--python", str(venv_python(tmp))], cwd=root, env=install_env(cache / "uv"), secrets=secrets,
+            log=log, what="installing requirements")
+        return
+    uv_cache = cache / "uv-builds" / hashlib.sha256(package.encode()).hexdigest()[:16]
+    log(f"installing requirements, source builds allowed for package {package!r}"
+        f"{f' (as uid {build_as.user[0]})' if build_as is not None and build_as.user else ''}: uv {' '.join(shown)}")
+    if build_as is None:
+        _create_venv(tmp, cache, log)
+        _uv([*command, "--python", str(venv_python(tmp))], cwd=root, env=install_env(uv_cache), secrets=secrets, log=log,
+            what="installing requirements")
+        return
+    assert build_as.user is not None
+    area = cache / "builds" / f"{tmp.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        for folder in (area / "home", area / "tmp", uv_cache):
+            folder.mkdir(parents=True, exist_ok=True)
+        _hand_over(uv_cache, build_as.user)
+        shutil.copy2(uv_binary(), area / "uv")  # the worker's own environment may be unreadable to that user
+        env = install_env(uv_cache, home=area / "home", tmp=area / "tmp")
+        _hand_over(area, build_as.user)
+        _create_venv(area / "env", cache, log, build_as=build_as, env=env, uv=str(area / "uv"))
+        _uv([str(area / "uv"), *command[1:], "--python", str(venv_python(area / "env"))], cwd=root, env=env,
+            secrets=secrets, log=log, what="installing requirements", build_as=build_as)
+        # A copy, owned by the agent: whatever the build left running (as that user) holds files of the
+        # build folder, not of what is packed and used.
+        done = subprocess.run(["cp", "-a", "--no-preserve=ownership", "--", str(area / "env"), str(tmp)],
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RequirementsError(f"installing requirements failed: copying the built environment: {done.stderr.strip()[:300]}")
+    finally:
+        _remove(area)
 
 
-def _uv(command: list[str], *, cwd: Path, env: dict[str, str], secrets: list[str], log: Log, what: str) -> None:
+def _hand_over(folder: Path, user: tuple[int, int]) -> None:
+    """Make ``folder`` (and what is in it) the build user's, unless it already is."""
+    info = folder.stat()
+    if (info.st_uid, info.st_gid) == user:
+        return
+    done = subprocess.run(["chown", "-R", f"{user[0]}:{user[1]}", "--", str(folder)], capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        raise RequirementsError(
+            f"installing requirements failed: cannot hand {folder} to uid {user[0]} for the source build "
+            f"({done.stderr.strip()[:200]}); the worker must be allowed to switch user (run it as root) for run_as_user"
+        )
+
+
+#: uv's words for a requirement it would have to build from source (uv 0.13): the name follows in backquotes.
+_SOURCE_ONLY = (re.compile(r"Wheels are required for `([^`]+)`"),
+                re.compile(r"Building source distributions is disabled, but attempted to build `([^`]+)`"))
+
+
+def _uv(command: list[str], *, cwd: Path, env: dict[str, str], secrets: list[str], log: Log, what: str,
+        build_as: _BuildAs | None = None) -> None:
     """Run uv, streaming its output (credentials masked) and keeping the tail for the error message."""
     def clean(text: str) -> str:
         for secret in secrets:
@@ -361,17 +565,28 @@ def _uv(command: list[str], *, cwd: Path, env: dict[str, str], secrets: list[str
 
     try:
         process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   errors="replace", bufsize=1)
-    except OSError as exc:
+                                   errors="replace", bufsize=1, **(build_as.popen() if build_as else {}))
+    except (OSError, subprocess.SubprocessError) as exc:
         raise RequirementsError(f"{what} failed: could not start uv ({exc}); install uv into the runtime image") from None
     tail: list[str] = []
+    source_only: list[str] = []
     assert process.stdout is not None
     for raw in process.stdout:
         line = clean(raw.rstrip())
         print(f"[uv] {line}", file=sys.stderr, flush=True)
+        source_only += [m.group(1) for pattern in _SOURCE_ONLY if (m := pattern.search(line))]
         if line.strip():
             tail = [*tail[-(TAIL - 1):], line.strip()]
     code = process.wait()
+    if code != 0 and source_only:
+        names = ", ".join(dict.fromkeys(source_only))
+        raise RequirementsError(
+            f"{what} failed: {names} is published only as a source distribution (no wheel for this Python and "
+            "platform), and building it would run its code during the install, which is not allowed by default: "
+            f"publish a wheel of {names} to the package index (connection extra package_indexes), pin a version "
+            "that has one, or pass allow_source_builds=True to the operator (the build then runs without "
+            "credentials, and the environment is cached for this package alone)"
+        )
     if code != 0:
         first = next((i for i, line in enumerate(tail) if line.lower().startswith(("error", "×"))), max(len(tail) - 3, 0))
         cause = " ".join(tail[first:])[:800] or "no output"  # uv's error and its causes
@@ -382,10 +597,33 @@ def _uv(command: list[str], *, cwd: Path, env: dict[str, str], secrets: list[str
 
 
 # -- the store -------------------------------------------------------------------------------
-def _restore(store: Store, key: str, final: Path, log: Log) -> Literal["hit", "miss", "broken"]:
+def _stored(store: Store, key: str) -> bool:
+    try:
+        return store.exists(env_key(key))
+    except StorageError:
+        return False
+
+
+def _mismatch(record: EnvironmentRecord, key: str, package: str | None) -> str | None:
+    """Why a stored record is not that of ``key`` (a record planted for a key it predicted, say); None: it is."""
+    if record.key != key:
+        return f"it names key {record.key[:12]}"
+    if record.python != python_tag():
+        return f"it was built for Python {record.python!r}, this is {python_tag()!r}"
+    if record.platform != platform_tag():
+        return f"it was built on platform {record.platform!r}, this is {platform_tag()!r}"
+    if record.package != package:
+        return f"it was built for package {record.package!r}" if record.package else "it is shared, not this package's own"
+    if environment_key(record.requirements, record.package) != key:
+        return "its requirements are not those of the key"
+    return None
+
+
+def _restore(store: Store, key: str, package: str | None, final: Path, log: Log) -> Literal["hit", "miss", "broken"]:
     """Unpack the stored environment of ``key`` into ``final``.
 
-    "broken": the record names a blob that is corrupt or gone (gc); the rebuilt environment replaces it.
+    "broken": the record names a blob that is corrupt or gone (gc), or does not match its key;
+    the rebuilt environment replaces it.
     """
     try:
         record = read_optional(store, env_key(key), EnvironmentRecord)
@@ -398,9 +636,13 @@ def _restore(store: Store, key: str, final: Path, log: Log) -> Literal["hit", "m
     if record.format != PACKED:
         log(f"stored environment {key[:12]} is packed as {record.format!r}, which this runtime cannot read: installing")
         return "miss"
+    if (problem := _mismatch(record, key, package)) is not None:
+        log(f"WARNING: the stored environment record {store.url(env_key(key))} does not match its key ({problem}): "
+            "not used; installing it again")
+        return "broken"
     began = time.perf_counter()
     try:
-        _build(final, lambda tmp: _fetch_unpack(store, record.blob, tmp), key, record.requirements, log)
+        _build(final, lambda tmp: _fetch_unpack(store, record.blob, tmp), key, record.requirements, package, log)
     except (OSError, StorageError) as exc:  # corrupt or gone (gc): rebuild
         log(f"WARNING: the stored environment {key[:12]} cannot be used ({exc}); installing it again")
         return "broken"
@@ -409,26 +651,28 @@ def _restore(store: Store, key: str, final: Path, log: Log) -> Literal["hit", "m
     return "hit"
 
 
-def _store(store: Store, key: str, env: Path, requirements: list[str], log: Log, *, replace: bool = False) -> str:
-    """Pack ``env`` and store it (blob, then the create-once record); what happened, in words.
+def _store(store: Store, key: str, packed: _Packed, requirements: list[str], package: str | None, log: Log, *,
+           replace: bool = False) -> str:
+    """Upload the environment packed before package code ran, then create its record; what happened, in words.
 
-    ``replace``: the record names a broken blob, so it is overwritten; where the credentials only
-    allow creating records (a pod's session policy) that fails with a warning naming the fix.
+    The upload sends exactly the packed bytes: they are hashed again while read and must match
+    the digest taken when they were packed (a file changed meanwhile stores nothing).
+    ``replace``: the record names a broken blob or does not match its key, so it is overwritten;
+    where the credentials only allow creating records (a pod's session policy) that fails with a
+    warning naming the fix.
     """
-    with contextlib.suppress(OSError):  # compile and pack at low priority: the user code runs meanwhile
+    with contextlib.suppress(OSError):  # upload at low priority: the user code runs meanwhile
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-    if not replace and store.exists(env_key(key)):
-        return f"environment {key[:12]} was stored by another run meanwhile"
-    began = time.perf_counter()
-    packed = env.parent / f".tmp-{key[:12]}-{uuid.uuid4().hex[:8]}.{PACKED}"
     try:
-        _compile(env)
-        compiled_in = time.perf_counter() - began
-        sha256, size = _pack(env, packed)
-        packed_in = time.perf_counter() - began - compiled_in
-        put_blob(store, packed, sha256)
-        record = EnvironmentRecord(key=key, blob=BlobRef(sha256=sha256, size=size), python=python_tag(),
-                                   platform=platform_tag(), requirements=requirements)
+        if not replace and _stored(store, key):
+            return f"environment {key[:12]} was stored by another run meanwhile"
+        began = time.perf_counter()
+        try:
+            put_blob(store, packed.path, packed.sha256)
+        except StorageError as exc:
+            raise StorageError(f"the packed environment was not stored: {exc}") from exc
+        record = EnvironmentRecord(key=key, blob=BlobRef(sha256=packed.sha256, size=packed.size), python=python_tag(),
+                                   platform=platform_tag(), requirements=requirements, package=package)
         try:
             write(store, env_key(key), record, create=not replace)
         except AlreadyExistsError:
@@ -436,19 +680,21 @@ def _store(store: Store, key: str, env: Path, requirements: list[str], log: Log,
         except StorageError as exc:
             if not replace:
                 raise
-            raise StorageError(f"{exc}; the record names a broken blob: delete {store.url(env_key(key))} so that "
-                               "the next run stores a good one") from exc
-        return (f"environment {key[:12]} stored for the next run: bytecode compiled in {compiled_in:.2f} s, "
-                f"{size / 2**20:.1f} MiB packed in {packed_in:.2f} s, uploaded in "
-                f"{time.perf_counter() - began - compiled_in - packed_in:.2f} s")
+            raise StorageError(f"{exc}; the record names a broken blob or does not match its key: delete "
+                               f"{store.url(env_key(key))} so that the next run stores a good one") from exc
+        return (f"environment {key[:12]} stored for the next run: {packed.size / 2**20:.1f} MiB uploaded in "
+                f"{time.perf_counter() - began:.2f} s")
     finally:
-        packed.unlink(missing_ok=True)
+        packed.path.unlink(missing_ok=True)
 
 
 def _mark_used(store: Store, key: str, final: Path) -> None:
-    """Tell gc this environment is in use: a create-once ``envs/<key>.used-<day>`` once a day, best effort."""
+    """Tell gc this environment is in use: a create-once ``envs/<key>.used-<day>`` once a day, best effort.
+
+    The local stamp lies beside the environment, never in it (it is read-only).
+    """
     day = datetime.now(UTC).strftime("%Y-%m-%d")
-    stamp = final / f".used-{day}"
+    stamp = final.parent / f".{final.name}.used-{day}"
     if stamp.exists():
         return
     with contextlib.suppress(StorageError):
@@ -476,14 +722,16 @@ def _in_background(work: Callable[[], str]) -> Future[str]:
 
 # -- packing ---------------------------------------------------------------------------------
 def _compile(env: Path) -> None:
-    """Byte-compile the environment's packages before packing, off the run's critical path.
+    """Byte-compile the environment's packages before packing, running none of their code.
 
     Runs with the packed environment restored from the store then import without compiling
     (pods run with PYTHONDONTWRITEBYTECODE: without this every pod would compile pandas & co.
-    at each import). Best effort: a file that does not compile is left as it is.
+    at each import). ``-I -S``: no ``site``, so no ``.pth`` file of the environment runs, and
+    the minimal install environment. Best effort: a file that does not compile is left as it is.
     """
-    subprocess.run([str(venv_python(env)), "-m", "compileall", "-q", "-j", "0", str(env / "lib")],
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    subprocess.run([str(venv_python(env)), "-I", "-S", "-m", "compileall", "-q", "-j", "0", str(env / "lib")],
+                   env={"PATH": os.environ.get("PATH", os.defpath)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   check=False)
 
 
 class _HashingWriter:
@@ -529,15 +777,23 @@ def _fetch_unpack(store: Store, blob: BlobRef, dest: Path) -> None:
     dest.mkdir()
     digest = hashlib.sha256()
     key = blob_key(blob.sha256)
+    size = 0
 
     def hashed() -> Iterator[bytes]:
+        nonlocal size
         try:
             for chunk in obstore.get(store.inner, key).stream(min_chunk_size=CHUNK):
                 data = bytes(chunk)
                 digest.update(data)
+                size += len(data)
+                if size > blob.size:
+                    raise _ReadError(f"{store.url(key)} does not match its record: it is larger than the "
+                                       f"{blob.size} bytes the record says")
                 yield data
         except FileNotFoundError:
             raise _ReadError(f"{store.url(key)} does not exist") from None
+        except _ReadError:
+            raise
         except Exception as exc:  # obstore's own errors: a failed or missing object
             raise _ReadError(f"reading {store.url(key)} failed: {str(exc).splitlines()[0][:300]}") from exc
 
@@ -547,6 +803,8 @@ def _fetch_unpack(store: Store, blob: BlobRef, dest: Path) -> None:
         raise
     except StorageError as exc:  # what was read does not unpack: not what was stored
         raise StorageError(f"{store.url(key)} is corrupt: {exc}") from exc
+    if size != blob.size:
+        raise StorageError(f"{store.url(key)} does not match its record: {size} bytes, the record says {blob.size}")
     if digest.hexdigest() != blob.sha256:
         raise StorageError(f"{store.url(key)} is corrupt: its content hashes to sha256:{digest.hexdigest()}, "
                            f"expected sha256:{blob.sha256}")

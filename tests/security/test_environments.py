@@ -1,0 +1,266 @@
+"""Package environments run no package code with credentials, and no package reaches another's (issue 18 findings 2, 4).
+
+DESIGN "★ Environments". Real uv, real virtual environments, real stores (file and the moto S3
+server), and a real source distribution with an in-tree build backend served from a PEP 503
+index folder: its backend and the ``.pth`` file of the wheel it builds write ``os.environ`` to a
+spy file each time they run, so the tests see exactly what package code saw and when.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tarfile
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from airflow_aicenter.errors import RequirementsError
+from airflow_aicenter.layout import env_key
+from airflow_aicenter.records import read, write
+from airflow_aicenter.runtime.environment import (
+    INSTALL_INHERITED,
+    EnvironmentRecord,
+    _pack,
+    environment_key,
+    prepare_environment,
+    requirement_material,
+)
+from airflow_aicenter.storage import Store
+from airflow_aicenter.storage.transfer import put_blob
+from tests.runtime.test_environment import imports_tiny, package, simple_index, tiny_wheel
+
+SECRET = "agent-secret-4a1f9c"
+#: What the agent's environment holds and nothing package-supplied may see.
+AGENT_ENV = {"AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ACCESS_KEY_ID": "AKIAAGENT", "AIRFLOW_CONN_STORE": f"s3://x:{SECRET}@h",
+             "USER_PARAM_TOKEN": SECRET}
+
+BACKEND = '''
+import json, os, zipfile
+
+SPY = {spy!r}
+
+
+def _log(what):
+    with open(os.path.join(SPY, "build.jsonl"), "a") as f:
+        f.write(json.dumps({{"what": what, "uid": os.getuid(), "env": dict(os.environ)}}) + "\\n")
+
+
+def get_requires_for_build_wheel(config_settings=None):
+    _log("requires")
+    return []
+
+
+def prepare_metadata_for_build_wheel(directory, config_settings=None):
+    _log("metadata")
+    info = os.path.join(directory, "evilproj-1.0.dist-info")
+    os.makedirs(info)
+    with open(os.path.join(info, "METADATA"), "w") as f:
+        f.write("Metadata-Version: 2.1\\nName: evilproj\\nVersion: 1.0\\n")
+    return "evilproj-1.0.dist-info"
+
+
+def build_wheel(directory, config_settings=None, metadata_directory=None):
+    _log("build")
+    pth = ("import json, os; open(os.path.join(%r, 'pth.jsonl'), 'a').write("
+           "json.dumps({{'argv': __import__('sys').argv, 'env': dict(os.environ)}}) + chr(10))\\n" % SPY)
+    name = "evilproj-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(os.path.join(directory, name), "w") as whl:
+        whl.writestr("evilproj.pth", pth)
+        whl.writestr("evilproj/__init__.py", "VALUE = 'built'\\n")
+        whl.writestr("evilproj-1.0.dist-info/METADATA", "Metadata-Version: 2.1\\nName: evilproj\\nVersion: 1.0\\n")
+        whl.writestr("evilproj-1.0.dist-info/WHEEL",
+                     "Wheel-Version: 1.0\\nGenerator: tests\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n")
+        whl.writestr("evilproj-1.0.dist-info/RECORD", "")
+    return name
+'''
+
+
+def evil_index(folder: Path, spy: Path) -> str:
+    """A PEP 503 index holding only an sdist of ``evilproj`` whose in-tree backend spies; its file:// URL."""
+    spy.mkdir(parents=True, exist_ok=True)
+    source = folder / "src" / "evilproj-1.0"
+    source.mkdir(parents=True)
+    (source / "pyproject.toml").write_text(textwrap.dedent("""\
+        [build-system]
+        requires = []
+        build-backend = "backend"
+        backend-path = ["."]
+
+        [project]
+        name = "evilproj"
+        version = "1.0"
+        """))
+    (source / "backend.py").write_text(BACKEND.format(spy=str(spy)))
+    page = folder / "simple" / "evilproj"
+    page.mkdir(parents=True)
+    with tarfile.open(page / "evilproj-1.0.tar.gz", "w:gz") as tar:
+        tar.add(source, arcname="evilproj-1.0")
+    (page / "index.html").write_text('<html><body><a href="evilproj-1.0.tar.gz">evilproj-1.0.tar.gz</a></body></html>\n')
+    return (folder / "simple").as_uri()
+
+
+def spied(spy: Path, name: str) -> list[dict[str, object]]:
+    path = spy / name
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def leaks(entries: list[dict[str, object]]) -> list[str]:
+    """What of the agent's environment package code saw."""
+    found = []
+    for entry in entries:
+        env = entry["env"]
+        assert isinstance(env, dict)
+        found += [f"{k}={v}" for k, v in env.items() if SECRET in v or k.startswith(("AWS_", "AIRFLOW_", "USER_PARAM"))]
+    return found
+
+
+@pytest.fixture
+def agent_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    for name, value in AGENT_ENV.items():
+        monkeypatch.setenv(name, value)
+    return AGENT_ENV
+
+
+# -- finding 2: installing runs package code with the agent's credentials ----------------------
+def test_installing_runs_no_package_code_with_the_agents_credentials(
+        store: Store, tmp_path: Path, agent_env: dict[str, str]) -> None:
+    spy = tmp_path / "spy"
+    index = evil_index(tmp_path / "mirror", spy)
+    root = package(tmp_path / "pkg", "evilproj==1.0\n")
+    try:
+        env = prepare_environment(root, store, cache_dir=tmp_path / "cache", indexes=[index], log=lambda m: None)
+        env.finish(lambda m: None)
+    except RequirementsError:
+        pass
+    assert leaks(spied(spy, "build.jsonl")) == [], "the build backend saw the agent's credentials"
+    assert leaks(spied(spy, "pth.jsonl")) == [], "the wheel's .pth ran with the agent's credentials"
+
+
+def test_a_source_distribution_is_refused_by_default_with_the_fix(store: Store, tmp_path: Path, agent_env: dict[str, str]) -> None:
+    spy = tmp_path / "spy"
+    index = evil_index(tmp_path / "mirror", spy)
+    root = package(tmp_path / "pkg", "evilproj==1.0\n")
+    with pytest.raises(RequirementsError) as info:
+        prepare_environment(root, store, cache_dir=tmp_path / "cache", indexes=[index], log=lambda m: None)
+    message = str(info.value)
+    assert "evilproj" in message and "only as a source distribution" in message, message
+    assert "allow_source_builds=True" in message and "wheel" in message, message
+    assert spied(spy, "build.jsonl") == [], "nothing of the package ran"
+    assert not any(store.list("envs/"))
+
+
+def test_allowed_source_builds_run_without_credentials_and_are_cached_per_package(
+        store: Store, tmp_path: Path, agent_env: dict[str, str]) -> None:
+    spy = tmp_path / "spy"
+    index = evil_index(tmp_path / "mirror", spy)
+    a, b = package(tmp_path / "a", "evilproj==1.0\n"), package(tmp_path / "b", "evilproj==1.0\n")
+    said: list[str] = []
+    env = prepare_environment(a, store, cache_dir=tmp_path / "cache", indexes=[index], log=said.append,
+                              allow_source_builds=True, package="pkg-a")
+    env.finish(said.append)
+    builds = spied(spy, "build.jsonl")
+    assert [entry["what"] for entry in builds][-1] == "build", builds
+    assert leaks(builds) == []
+    for entry in builds:
+        env_seen = entry["env"]
+        assert isinstance(env_seen, dict)
+        inherited = {k for k in env_seen if k in os.environ and env_seen[k] == os.environ[k]}
+        assert inherited <= INSTALL_INHERITED, inherited - INSTALL_INHERITED
+    assert leaks(spied(spy, "pth.jsonl")) == [], "byte-compiling ran the .pth with the agent's credentials"
+    assert spied(spy, "pth.jsonl") == [], "byte-compiling runs no .pth at all (-I -S)"
+
+    # The package's own key: never the key another package with the same requirements gets.
+    shared = environment_key(requirement_material(a))
+    assert env.key == environment_key(requirement_material(a), package="pkg-a") != shared
+    assert not store.exists(env_key(shared))
+    record = read(store, env_key(env.key), EnvironmentRecord)
+    assert record.package == "pkg-a"
+    other = prepare_environment(b, store, cache_dir=tmp_path / "cache", indexes=[index], log=lambda m: None,
+                                allow_source_builds=True, package="pkg-b")
+    other.finish(lambda m: None)
+    assert other.source == "installed" and other.key != env.key, "package B never gets package A's build"
+    again = prepare_environment(a, store, cache_dir=tmp_path / "fresh", indexes=[index], log=lambda m: None,
+                                allow_source_builds=True, package="pkg-a")
+    assert again.source == "store" and again.key == env.key
+    with pytest.raises(RequirementsError, match="evilproj"):  # the wheels-only default still refuses it
+        prepare_environment(b, store, cache_dir=tmp_path / "cache", indexes=[index], log=lambda m: None)
+
+
+# -- finding 4: the cache can be poisoned across packages ---------------------------------------
+def test_what_package_code_writes_into_its_new_environment_never_reaches_the_store(store: Store, tmp_path: Path) -> None:
+    index = simple_index(tmp_path / "mirror", tiny_wheel(tmp_path / "built"))
+    marker = tmp_path / "b-ran-a-code"
+    env_a = prepare_environment(package(tmp_path / "a", "aicenter-tiny==0.1\n"), store, cache_dir=tmp_path / "cache-a",
+                                indexes=[index], log=lambda m: None)
+    assert env_a.source == "installed"
+    # Package A's train.py, the moment the environment is handed over (same user, as on the local launcher):
+    site = next((env_a.python.parent.parent / "lib").glob("python*/site-packages"))
+    (site / "zz_planted.pth").write_text(f"import pathlib; pathlib.Path({str(marker)!r}).write_text('ran')\n")
+    (site / "aicenter_tiny" / "__init__.py").write_text("VALUE = 666\n")
+    env_a.finish(lambda m: None)
+
+    env_b = prepare_environment(package(tmp_path / "b", "aicenter-tiny==0.1\n"), store, cache_dir=tmp_path / "cache-b",
+                                indexes=[index], log=lambda m: None)
+    assert env_b.source == "store" and env_b.key == env_a.key
+    assert imports_tiny(env_b).startswith("42 "), "package B imports what the install left, not A's edit"
+    assert not marker.exists(), "package B ran package A's code"
+
+
+def test_a_new_environment_is_read_only_to_package_code(store: Store, tmp_path: Path) -> None:
+    index = simple_index(tmp_path / "mirror", tiny_wheel(tmp_path / "built"))
+    env = prepare_environment(package(tmp_path / "a", "aicenter-tiny==0.1\n"), store, cache_dir=tmp_path / "cache",
+                              indexes=[index], log=lambda m: None)
+    env.finish(lambda m: None)
+    folder = env.python.parent.parent
+    writable = [p for p in [folder, *folder.rglob("*")] if not p.is_symlink() and p.stat().st_mode & 0o222]
+    assert writable == [], writable[:5]
+    restored = prepare_environment(package(tmp_path / "b", "aicenter-tiny==0.1\n"), store, cache_dir=tmp_path / "other",
+                                   indexes=[index], log=lambda m: None)
+    assert restored.source == "store"
+    folder = restored.python.parent.parent
+    assert [p for p in [folder, *folder.rglob("*")] if not p.is_symlink() and p.stat().st_mode & 0o222] == []
+
+
+def plant(store: Store, tmp_path: Path, name: str, **fields: object) -> None:
+    """What a run with create-only access to envs/ and blobs/ could write: a record naming its own blob."""
+    evil = tmp_path / "evil-env"
+    site = evil / "lib" / "python3" / "site-packages"
+    site.mkdir(parents=True)
+    (site / "zz.pth").write_text(f"import pathlib; pathlib.Path({str(tmp_path / 'planted-ran')!r}).write_text('ran')\n")
+    sha256, size = _pack(evil, tmp_path / "evil.tar.zst")
+    put_blob(store, tmp_path / "evil.tar.zst", sha256)
+    values: dict[str, object] = {"key": name, "blob": {"sha256": sha256, "size": size}, "python": "x", "platform": "x",
+                                 "requirements": []}
+    values.update(fields)
+    write(store, env_key(name), EnvironmentRecord.model_validate(values), create=True)
+
+
+@pytest.mark.parametrize("lie", ["requirements", "python", "size", "key"])
+def test_a_planted_record_that_does_not_match_its_key_is_not_used(store: Store, tmp_path: Path, lie: str) -> None:
+    from airflow_aicenter.runtime.environment import platform_tag, python_tag
+
+    index = simple_index(tmp_path / "mirror", tiny_wheel(tmp_path / "built"))
+    root = package(tmp_path / "victim", "aicenter-tiny==0.1\n")
+    key = environment_key(requirement_material(root))  # predictable from the package's requirements
+    honest = {"python": python_tag(), "platform": platform_tag(), "requirements": requirement_material(root)}
+    lies: dict[str, dict[str, object]] = {
+        "requirements": {"requirements": ["evil==1"]},
+        "python": {"python": "cpython-3.99"},
+        "key": {"key": "0" * 64},
+        "size": {},
+    }
+    plant(store, tmp_path, key, **{**honest, **lies[lie]})
+    if lie == "size":
+        record = read(store, env_key(key), EnvironmentRecord)
+        write(store, env_key(key), record.model_copy(update={"blob": record.blob.model_copy(update={"size": 1})}))
+    said: list[str] = []
+    env = prepare_environment(root, store, cache_dir=tmp_path / "cache", indexes=[index], log=said.append)
+    env.finish(said.append)
+    assert env.source == "installed", said
+    assert imports_tiny(env).startswith("42 ")
+    assert not (tmp_path / "planted-ran").exists()
+    assert any("does not match" in line for line in said), said
+    subprocess.run([str(env.python), "-c", "pass"], check=True)
