@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer
 
 from airflow_aicenter.errors import NotFoundError, StorageError
 from airflow_aicenter.layout import RunPath
@@ -29,6 +29,30 @@ M = TypeVar("M", bound=BaseModel)
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+#: The most characters a recorded error, cause or warning keeps (DESIGN "Trust boundaries"): a
+#: 50 MB exception message must not become a 50 MB outcome.json, run page or worker exception.
+ERROR_CAP = 4096
+#: Characters of a capped error's start that are kept (what failed); the rest of the cap is its end
+#: (the package ``file:line``, the fix).
+ERROR_HEAD = 1024
+
+
+def cap_error(text: str, limit: int = ERROR_CAP) -> str:
+    """``text`` if it fits in ``limit`` characters, else its head, ``…[N characters cut]…`` and its end."""
+    if len(text) <= limit:
+        return text
+    head = min(ERROR_HEAD, limit // 4)
+    marker_room = len("…[ characters cut]…") + len(str(len(text)))
+    tail = max(limit - head - marker_room, 0)
+    cut = len(text) - head - tail
+    return f"{text[:head]}…[{cut} characters cut]…{text[len(text) - tail:] if tail else ''}"
+
+
+#: A recorded error: capped when read, assigned (models with ``validate_assignment``) and written
+#: (so a warning appended to a list in place is capped too).
+CappedText = Annotated[str, AfterValidator(cap_error), PlainSerializer(cap_error, return_type=str)]
 
 
 class Record(BaseModel):
@@ -174,7 +198,12 @@ class RunSpec(Record):
 
 
 class Outcome(Record):
-    """What the runtime reports back through ``outcome.json`` in the run folder."""
+    """What the runtime reports back through ``outcome.json`` in the run folder.
+
+    ``error``, ``warnings`` and ``skipped`` are capped (:func:`cap_error`), however they are set.
+    """
+
+    model_config = ConfigDict(extra="ignore", validate_assignment=True)
 
     status: RunStatus
     pipeline: Pipeline
@@ -189,8 +218,8 @@ class Outcome(Record):
     artifacts: int = 0
     artifacts_bytes: int = 0
     snapshots: dict[str, str] = Field(default_factory=dict)  # directory name -> manifest URI
-    error: str | None = None  # one-line cause
-    warnings: list[str] = Field(default_factory=list)
+    error: CappedText | None = None  # one-line cause
+    warnings: list[CappedText] = Field(default_factory=list)
     # The run's inputs, so the records show a failed run's parameters too (no secret: masked).
     dataset: str | None = None
     evaluation_dataset: str | None = None
@@ -202,7 +231,7 @@ class Outcome(Record):
     failed: int | None = None
     #: ``{"resumed_from_try", "files", "bytes"}`` of the task's checkpoint (``_results.json`` aicenter.checkpoint).
     checkpoint: dict[str, Any] | None = None
-    skipped: str | None = None  # why an incremental run had nothing to train on (status "skipped")
+    skipped: CappedText | None = None  # why an incremental run had nothing to train on (status "skipped")
     #: The package environment: ``{"key", "source", "seconds"}`` (source: none, local, store, installed).
     environment: dict[str, Any] | None = None
 

@@ -51,6 +51,25 @@ from typing import Any
 PRINTED_TRACEBACKS = 3
 #: ``prctl(PR_SET_PDEATHSIG, ...)``: the kernel signals this process when its parent dies.
 PR_SET_PDEATHSIG = 1
+#: The most characters of an error this process records (a cause, a failed input's error): the same
+#: cap as ``records.ERROR_CAP``, which this stdlib-only file cannot import. A 50 MB exception
+#: message must not become a 50 MB result, prediction line or ``outcome.json``.
+ERROR_CAP = 4096
+ERROR_HEAD = 1024
+#: A recorded or printed traceback keeps this much (its frames' start and its end).
+TRACEBACK_CAP = 64 * 1024
+
+
+def cap(text: str, limit: int = ERROR_CAP) -> str:
+    """``text`` if it fits in ``limit`` characters, else its head, ``…[N characters cut]…`` and its end
+    (where the package ``file:line`` is). The same format as ``records.cap_error``."""
+    if len(text) <= limit:
+        return text
+    head = min(ERROR_HEAD, limit // 4)
+    marker_room = len("…[ characters cut]…") + len(str(len(text)))
+    tail = max(limit - head - marker_room, 0)
+    cut = len(text) - head - tail
+    return f"{text[:head]}…[{cut} characters cut]…{text[len(text) - tail:] if tail else ''}"
 
 
 class Failure(Exception):
@@ -106,13 +125,14 @@ def _inside(filename: str, root: Path) -> str | None:
 
 
 def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, capped."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
+    return cap(text.splitlines()[0]) if text else ""
 
 
 def cause_of(exc: BaseException, root: Path, where: str) -> str:
     message = first_line(exc)
-    return f"{where} raised {type(exc).__name__}{': ' + message if message else ''}{location(exc, root)}"
+    return cap(f"{where} raised {type(exc).__name__}{': ' + message if message else ''}{location(exc, root)}")
 
 
 def guarded(root: Path, where: str, fn: Any, *args: Any) -> Any:
@@ -120,7 +140,7 @@ def guarded(root: Path, where: str, fn: Any, *args: Any) -> Any:
     try:
         return fn(*args)
     except (Exception, SystemExit) as exc:  # user code may raise anything; a kill passes through
-        raise Failure(cause_of(exc, root, where), traceback.format_exc(), type=type(exc).__name__,
+        raise Failure(cause_of(exc, root, where), cap(traceback.format_exc(), TRACEBACK_CAP), type=type(exc).__name__,
                       message=first_line(exc), location=location(exc, root).strip(" ()")) from exc
 
 
@@ -205,7 +225,8 @@ class Predictor:
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - a failing input is recorded, the batch goes on
             message = cause_of(exc, self.root, "Main.predict()")
             if self.failed < PRINTED_TRACEBACKS:
-                print(f"{self._where(key, n, rel)}: {traceback.format_exc()}", file=sys.stderr, flush=True)
+                print(f"{self._where(key, n, rel)}: {cap(traceback.format_exc(), TRACEBACK_CAP)}", file=sys.stderr,
+                      flush=True)
             return self._failed(key, n, rel, message)
         try:
             encoded = _encode(output)
@@ -223,7 +244,7 @@ class Predictor:
     def _failed(self, key: str, n: Any, rel: str, message: str) -> str:
         self.failed += 1
         if self.first_error is None:
-            self.first_error = f"{self._where(key, n, rel)}: {message}"
+            self.first_error = cap(f"{self._where(key, n, rel)}: {message}")
         return json.dumps({key: n, "error": message})
 
     def json_lines(self, data: Path, rel: str, first: int, last: int) -> None:
@@ -286,8 +307,8 @@ def main(argv: list[str]) -> int:
     except Failure as failure:
         result["failure"] = {"cause": failure.cause, "traceback": failure.details, "at": time.time(), **failure.fields}
     except Exception as exc:  # noqa: BLE001 - not user code (writing outputs: a full disk): reported all the same
-        result["failure"] = {"cause": f"the user process failed: {type(exc).__name__}: {first_line(exc)}",
-                             "traceback": traceback.format_exc(), "at": time.time()}
+        result["failure"] = {"cause": cap(f"the user process failed: {type(exc).__name__}: {first_line(exc)}"),
+                             "traceback": cap(traceback.format_exc(), TRACEBACK_CAP), "at": time.time()}
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
