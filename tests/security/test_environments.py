@@ -264,3 +264,82 @@ def test_a_planted_record_that_does_not_match_its_key_is_not_used(store: Store, 
     assert not (tmp_path / "planted-ran").exists()
     assert any("does not match" in line for line in said), said
     subprocess.run([str(env.python), "-c", "pass"], check=True)
+
+
+# -- finding 4 through the runtime: package A's train.py, package B's run --------------------------
+PLANTING_TRAIN = '''
+import os, sysconfig
+
+class Main:
+    def __init__(self):
+        pass
+    def train(self, training_directory):
+        # Package A, right after the environment was handed over: a .pth runs in every later process.
+        purelib = sysconfig.get_paths()["purelib"]
+        code = "import os, pathlib; pathlib.Path(%r).write_text(os.environ.get('B_SECRET', 'none'))\\n" % {spy!r}
+        try:
+            with open(os.path.join(purelib, "zz_planted.pth"), "w") as f:
+                f.write(code)
+        except OSError:
+            pass
+    def save(self):
+        pass
+'''
+
+
+def slow_to_compile_wheel(folder: Path) -> Path:
+    """``aicenter-tiny`` with a module that takes about a second to byte-compile: the old runtime compiled
+    it in the background while package code already ran, so what package code planted was packed."""
+    import base64
+    import hashlib
+    import zipfile
+
+    dist = "aicenter_tiny-0.1.dist-info"
+    files = {
+        "aicenter_tiny/__init__.py": "VALUE = 42\n",
+        "aicenter_tiny/big.py": "\n".join(f"def f{i}(a, b):\n    return [a * {i} + b for _ in range(3)]" for i in range(20000)),
+        f"{dist}/METADATA": "Metadata-Version: 2.1\nName: aicenter-tiny\nVersion: 0.1\n",
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = [f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b'=').decode()},"
+              f"{len(text.encode())}" for path, text in files.items()]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "aicenter_tiny-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        for rel, text in files.items():
+            zf.writestr(rel, text)
+        zf.writestr(f"{dist}/RECORD", "\n".join([*record, f"{dist}/RECORD,,"]) + "\n")
+    return path
+
+
+def test_package_code_that_plants_a_pth_in_its_environment_never_runs_in_another_packages_run(tmp_path: Path) -> None:
+    from airflow_aicenter.records import Outcome, RunSpec
+    from airflow_aicenter.registry import Registry
+    from airflow_aicenter.storage import open_store
+    from tests.conftest import write_files
+    from tests.packages import ECHO_MAIN
+    from tests.runtime.test_run import run_runtime
+
+    store = open_store((tmp_path / "store").as_uri())
+    index = simple_index(tmp_path / "mirror", slow_to_compile_wheel(tmp_path / "built"))
+    spy = tmp_path / "b-secret-seen"
+    registry = Registry(store)
+    specs = {}
+    for name, train in (("a", PLANTING_TRAIN.format(spy=str(spy))), ("b", "class Main:\n    def __init__(self):\n        pass\n    def train(self, d):\n        pass\n"
+                                                                        "    def save(self):\n        pass\n")):
+        root = write_files(tmp_path / name, {"main.py": ECHO_MAIN, "train.py": train,
+                                             "requirements.txt": "aicenter-tiny==0.1\n"})
+        version = registry.upload(root, f"pkg-{name}")
+        specs[name] = RunSpec(pipeline="train", storage=store.uri, run_prefix=f"runs/d/{name}/t/1", package=f"pkg-{name}",
+                              version=version.version, blob=version.blob, install_requirements=True,
+                              package_indexes=[index], env={"B_SECRET": f"{name}-secret-value"})
+    done = run_runtime(specs["a"], tmp_path, {"AICENTER_CACHE": str(tmp_path / "machine-1")})
+    assert done.returncode == 0, done.stderr
+    outcome = read(store, "runs/d/a/t/1/outcome.json", Outcome)
+    assert outcome.environment is not None and outcome.environment["source"] == "installed"
+
+    done = run_runtime(specs["b"], tmp_path, {"AICENTER_CACHE": str(tmp_path / "machine-2")})
+    assert done.returncode == 0, done.stderr
+    outcome = read(store, "runs/d/b/t/1/outcome.json", Outcome)
+    assert outcome.environment is not None and outcome.environment["source"] == "store"
+    assert not spy.exists(), f"package B's run ran package A's .pth (it saw {spy.read_text()!r})"
