@@ -19,6 +19,7 @@ import contextlib
 import io
 import json
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -185,9 +186,24 @@ class Topology:
         }
 
 
+#: The phases of a pod (DESIGN "Trust boundaries"): ``stage`` (init container) runs everything
+#: before user code and hands the user supervisor its plan; ``sync`` waits for the supervisor's
+#: exit file, then runs everything after. Without a phase (the local launcher) the agent runs
+#: the three in one process, calling the supervisor in-process: the same steps either way.
+PHASES = ("stage", "sync")
+#: The agent's handover from stage to sync, in a volume user code never sees (``AICENTER_STATE``).
+STATE_FILE = "agent-state.pickle"
+#: Seconds between looks for the supervisor's exit file.
+EXIT_POLL = 0.5
+
+
 class Agent:
-    def __init__(self, spec: RunSpec, store: Store, workdir: Path) -> None:
+    def __init__(self, spec: RunSpec, store: Store, workdir: Path, *, phase: str | None = None,
+                 state: Path | None = None) -> None:
         self.spec, self.store = spec, store
+        #: None: the whole run here; "stage" or "sync": one container's part of a pod's run.
+        self.mode = phase
+        self.state = state
         self.plan = plan_for(spec.pipeline)
         self.work = workdir.resolve()
         self.dirs = {name: self.work / name.removesuffix("_directory") for name in DIRECTORIES}
@@ -216,6 +232,8 @@ class Agent:
         self.outcome_name = "outcome.json" if self.topology.node_rank == 0 else f"node-{self.topology.node_rank}.outcome.json"
         #: The package's environment once prepared (user_python); after an install it is stored meanwhile.
         self.environment: Environment | None = None
+        #: Batch prediction: what merging the processes' parts needs once they are done.
+        self.predict_parts: tuple[list[str], int] | None = None
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -233,9 +251,12 @@ class Agent:
 
     # -- the run -------------------------------------------------------------------------
     def run(self) -> Outcome:
-        write(self.store, self.key(self.outcome_name), self.outcome)
+        if self.mode != "sync":
+            write(self.store, self.key(self.outcome_name), self.outcome)
         try:
             self._run()
+            if self.mode == "stage":  # user code and sync are still to come: the outcome stays running
+                return self.outcome
             self.outcome.status, self.outcome.phase = "succeeded", None
         except Killed:
             self.outcome.status, self.outcome.error = "killed", f"killed during {self.outcome.phase}"
@@ -253,7 +274,8 @@ class Agent:
             self._final_checkpoint()
             if self.environment is not None:
                 self.environment.finish(log)  # the environment's upload for the next run, begun after its install
-            self.outcome.end_at = time.time()
+            if not (self.mode == "stage" and self.outcome.status == "running"):  # a staged run goes on in sync
+                self.outcome.end_at = time.time()
             if self.outcome.status != "succeeded":
                 self._upload_artifacts_best_effort()
             self.outcome.warnings = [redact(w, self.secrets) for w in self.outcome.warnings]  # may name user files
@@ -276,23 +298,25 @@ class Agent:
                            "check JOB_COMPLETION_INDEX and nodes")
         if plan.serving and spec.nodes > 1:
             raise RunError("batch prediction runs on one node; use nodes=1 and procs_per_node to share the inputs")
-        for path in (*self.dirs.values(), self.control):
-            path.mkdir(parents=True, exist_ok=True)
-        with self.phase("stage_package"):
-            root = self._stage_package()
-        if spec.install_requirements:
-            with self.phase("requirements"):
-                self.user_python(root)  # prepares the package's environment: cached, from the store, or installed
-        with self.phase("stage_data"):
-            self._stage_data()
-        if spec.checkpoint_prefix:
-            with self.phase("checkpoint_restore"):
-                self._restore_checkpoint(spec.checkpoint_prefix)
+        if self.mode == "sync":
+            root = self._take_over()
+        else:
+            root = self._before_user_code()
+            groups = self._predict_plan(root) if plan.serving else self._package_plan(root)
+            if self.mode == "stage":
+                self._hand_over(root, groups)
+                return
         with self.phase("user_code"):
-            if plan.serving:
-                self._predict(root)
+            if self.mode == "sync":
+                results = self._wait_for_supervisor()
             else:
-                self._call_package(root)
+                results = []
+                for group in groups:  # one after the other: a node's process_data before its ranks
+                    results = self.supervise(group)
+            if plan.serving:
+                self._predict_results(results)
+            else:
+                self._package_results(results)
             self._check_names(root)
         last_node = self.topology.node_rank == 0
         if plan.makes_version and last_node:
@@ -312,12 +336,96 @@ class Agent:
         if plan.serving:
             self._check_failed_inputs()
 
+    def _before_user_code(self) -> Path:
+        """Everything before package code runs (stage): package, environment, data, checkpoint."""
+        spec = self.spec
+        for path in (*self.dirs.values(), self.control):
+            path.mkdir(parents=True, exist_ok=True)
+        with self.phase("stage_package"):
+            root = self._stage_package()
+        if spec.install_requirements:
+            with self.phase("requirements"):
+                self.user_python(root)  # prepares the package's environment: cached, from the store, or installed
+        with self.phase("stage_data"):
+            self._stage_data()
+        if spec.checkpoint_prefix:
+            with self.phase("checkpoint_restore"):
+                self._restore_checkpoint(spec.checkpoint_prefix)
+        return root
+
+    # -- a pod's handover: stage -> user supervisor -> sync -----------------------------------
+    def _hand_over(self, root: Path, groups: list[list[dict[str, Any]]]) -> None:
+        """Stage's last step: the supervisor and user.py into ``bin/``, its plan into ``control/``, our state aside.
+
+        The environment's upload for the next run ends here too, before any package code runs
+        (DESIGN "Environments"). The state goes to ``AICENTER_STATE``, a volume the user
+        container does not mount, so nothing user code writes can change what sync uploads.
+        """
+        if self.environment is not None:
+            self.environment.finish(log)
+            self.environment = None
+        bin_dir = self.work / "bin"
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        for name, source in supervisor.BUNDLE.items():
+            shutil.copyfile(source, bin_dir / name)
+        plan = self._supervisor_plan(groups[-1])
+        if len(groups) > 1:
+            plan["before"] = [{"processes": group} for group in groups[:-1]]
+        (self.control / "supervisor.json").write_text(json.dumps(plan))
+        state = {
+            "root": str(root), "dirs": {k: str(v) for k, v in self.dirs.items()}, "outcome": self.outcome.model_dump_json(),
+            "entries": self.entries, "fingerprints": self.fingerprints, "incremental": self.incremental,
+            "predict_parts": self.predict_parts,
+            "checkpoint": (self.checkpoints.last, self.checkpoints.resumed_from_try) if self.checkpoints else None,
+        }
+        assert self.state is not None
+        self.state.mkdir(parents=True, exist_ok=True)
+        with (self.state / STATE_FILE).open("wb") as fh:
+            pickle.dump(state, fh)
+        log(f"staged; the user supervisor runs {len(plan['processes'])} process(es) from {self.control / 'supervisor.json'}")
+
+    def _take_over(self) -> Path:
+        """Sync's first step: stage's state, and the periodic checkpoint sync while user code runs."""
+        assert self.state is not None
+        path = self.state / STATE_FILE
+        if not path.exists():
+            raise RunError(f"the stage container left no state in {path}; it did not finish (see its log)")
+        with path.open("rb") as fh:
+            state = pickle.load(fh)  # written by stage into a volume only stage and sync mount
+        self.dirs = {k: Path(v) for k, v in state["dirs"].items()}
+        self.outcome = Outcome.model_validate_json(state["outcome"])
+        self.entries, self.fingerprints, self.incremental = state["entries"], state["fingerprints"], state["incremental"]
+        self.predict_parts = state["predict_parts"]
+        if state["checkpoint"] is not None and self.spec.checkpoint_prefix:
+            sync = self._checkpoint_sync(self.spec.checkpoint_prefix)
+            sync.last, sync.resumed_from_try = state["checkpoint"]
+            self.checkpoints = sync
+            if self.topology.node_rank == 0:
+                sync.start()
+        return Path(state["root"])
+
+    def _wait_for_supervisor(self) -> list[dict[str, Any]]:
+        """The user supervisor's exit file (``base`` container), then its results, as ``supervise`` returns them."""
+        exit_file = self.control / "exit.json"
+        while not exit_file.exists():
+            time.sleep(EXIT_POLL)
+        try:
+            ended = json.loads(exit_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise RunError(f"the user supervisor's exit file {exit_file} cannot be read: {exc}") from None
+        if not isinstance(ended, dict) or ended.get("status") != "succeeded":
+            cause = ended.get("cause") if isinstance(ended, dict) else None
+            raise RunError(str(cause or f"the user processes {ended.get('status') if isinstance(ended, dict) else 'failed'}"))
+        return cast(list[dict[str, Any]], ended.get("results") or [])
+
     # -- staging -------------------------------------------------------------------------
     def _stage_package(self) -> Path:
         spec = self.spec
         zip_path = self.work / "package.zip"
         get_blob(self.store, spec.blob.sha256, zip_path)
-        root = extract_zip(zip_path, self.work / "package")
+        # In a pod package/ is a volume's mount point, which cannot be replaced: the package goes inside it.
+        target = self.work / "package" / "root" if self.mode == "stage" else self.work / "package"
+        root = extract_zip(zip_path, target)
         zip_path.unlink()
         validate_package(root, self.plan.contract)
         return root
@@ -332,7 +440,8 @@ class Agent:
             mount = Path(spec.dataset_mount)
             if not mount.is_dir() or not any(mount.iterdir()):
                 raise DatasetError(f"mounted dataset {mount} is empty or missing; check the volume claim and sub path")
-            data.rmdir()
+            with contextlib.suppress(OSError):  # in a pod, data/ is a volume's mount point
+                data.rmdir()
             self.dirs["data_directory"] = mount
             log(f"dataset mounted read-only at {mount}")
         if spec.dataset and not spec.dataset_mount:
@@ -396,6 +505,8 @@ class Agent:
         env.update(spec.env)
         env.update({name: os.environ[name] for name in spec.user_env_names if name in os.environ})
         env.update({name: str(path) for name, path in self.dirs.items()})
+        if os.environ.get("AICENTER_USER_HOME"):  # a pod: the agent's HOME is in a volume the user container lacks
+            env["HOME"] = os.environ["AICENTER_USER_HOME"]
         env["artifacts_directory"] = str(self.artifacts_of(self.topology.rank(local_rank)))
         env["save_training_data"] = str(spec.save_training_data)
         env["save_test_data"] = str(spec.save_test_data)
@@ -418,12 +529,14 @@ class Agent:
         tag = name.replace(" ", "-")
         result_path = self.control / f"{tag}.result.json"
         instructions = self.control / f"{tag}.json"
+        # In a pod the supervisor (another container) is the parent, and runs user.py from bin/.
+        script = self.work / "bin" / "user.py" if self.mode == "stage" else USER_SCRIPT
         instructions.write_text(json.dumps({
-            "root": str(root), "module": module, "result": str(result_path), "parent": os.getpid(),
-            "steps": steps or [], "predict": predict,
+            "root": str(root), "module": module, "result": str(result_path),
+            "parent": None if self.mode == "stage" else os.getpid(), "steps": steps or [], "predict": predict,
         }))
         Path(env["artifacts_directory"]).mkdir(parents=True, exist_ok=True)
-        return {"label": name, "argv": [self.user_python(root), str(USER_SCRIPT), str(instructions)],
+        return {"label": name, "argv": [self.user_python(root), str(script), str(instructions)],
                 "cwd": str(root), "env": env, "result": str(result_path)}
 
     def supervise(self, processes: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -432,7 +545,14 @@ class Agent:
         The first to fail fails the run and the others are stopped; whatever they started ends
         with them. A SIGTERM (``Killed``) stops them all on its way up.
         """
-        plan = {
+        ended = supervise(self._supervisor_plan(processes))
+        if ended["status"] != "succeeded":
+            raise RunError(ended["cause"] or f"the user processes {ended['status']}")
+        return cast(list[dict[str, Any]], ended["results"])
+
+    def _supervisor_plan(self, processes: list[dict[str, Any]]) -> dict[str, Any]:
+        """The user supervisor's plan (runtime/supervisor.py) for these processes."""
+        return {
             "processes": processes,
             "secret_env": self.secret_env,
             "prefix_output": self.topology.world_size > 1,
@@ -441,14 +561,13 @@ class Agent:
             "run_as": None,
             "exit_file": str(self.control / "exit.json"),
         }
-        ended = supervise(plan)
-        if ended["status"] != "succeeded":
-            raise RunError(ended["cause"] or f"the user processes {ended['status']}")
-        return cast(list[dict[str, Any]], ended["results"])
 
     # -- the call plans ------------------------------------------------------------------
-    def _call_package(self, root: Path) -> None:
-        """Train, evaluate or full: one user process, or one per rank (DESIGN "Distributed training")."""
+    def _package_plan(self, root: Path) -> list[list[dict[str, Any]]]:
+        """Train, evaluate or full: one user process, or one per rank (DESIGN "Distributed training").
+
+        Groups of processes run one after the other: a node's ``process_data`` before its ranks.
+        """
         dirs, topo = {k: str(v) for k, v in self.dirs.items()}, self.topology
         process_data: list[dict[str, Any]] = [
             {"call": "process_data", "args": [dirs["data_directory"]]},
@@ -472,16 +591,20 @@ class Agent:
             tail.append({"call": "save"})
         if topo.world_size == 1:
             steps = (process_data if plan.processes_data else []) + head + tail
-            results = self.supervise([self.start("user", root, self.user_env(0), steps=steps)])
-        else:
-            if plan.processes_data:
-                self.supervise([self.start(f"node {topo.node_rank} process_data", root, self.user_env(0), steps=process_data)])
-            users = []
-            for local_rank in range(topo.procs_per_node):
-                rank = topo.rank(local_rank)
-                users.append(self.start(f"rank {rank}", self._rank_root(root, rank), self.user_env(local_rank),
-                                        steps=head + (tail if rank == 0 else [])))
-            results = self.supervise(users)
+            return [[self.start("user", root, self.user_env(0), steps=steps)]]
+        groups = []
+        if plan.processes_data:
+            groups.append([self.start(f"node {topo.node_rank} process_data", root, self.user_env(0), steps=process_data)])
+        users = []
+        for local_rank in range(topo.procs_per_node):
+            rank = topo.rank(local_rank)
+            users.append(self.start(f"rank {rank}", self._rank_root(root, rank), self.user_env(local_rank),
+                                    steps=head + (tail if rank == 0 else [])))
+        return [*groups, users]
+
+    def _package_results(self, results: list[dict[str, Any]]) -> None:
+        """The lead process's report: the score, and a warning when evaluation had nothing to score."""
+        topo = self.topology
         lead = results[0]
         if topo.node_rank != 0:
             return
@@ -505,7 +628,7 @@ class Agent:
         return copy
 
     # -- batch prediction ----------------------------------------------------------------
-    def _predict(self, root: Path) -> None:
+    def _predict_plan(self, root: Path) -> list[list[dict[str, Any]]]:
         """``procs_per_node`` user processes, each ``Main()`` once, each a contiguous share of the inputs.
 
         Each process reads its share and writes its own part files (no per-input messages);
@@ -537,10 +660,17 @@ class Agent:
             # Serving writes no version: every process reads the one package folder (no copies of a large model).
             users.append(self.start(f"rank {index}", root, self.user_env(index),
                                     module="main", predict=plan))
-        results = self.supervise(users)
+        self.predict_parts = (files, len(shares))
+        return [users]
+
+    def _predict_results(self, results: list[dict[str, Any]]) -> None:
+        """Join the processes' parts in input order; count the predicted and failed inputs."""
+        spec, out, parts = self.spec, self.work / "predictions", self.work / "parts"
+        assert self.predict_parts is not None
+        files, shares = self.predict_parts
         if spec.input_type == "json":
             for rel in files:
-                merge_parts([parts / str(i) / rel for i in range(len(shares))], out / rel)
+                merge_parts([parts / str(i) / rel for i in range(shares)], out / rel)
         self.outcome.predicted = sum(int(r.get("predicted") or 0) for r in results)
         self.outcome.failed = sum(int(r.get("failed") or 0) for r in results)
         self.first_error = next((r["first_error"] for r in results if r.get("first_error")), None)
@@ -600,16 +730,19 @@ class Agent:
     # -- checkpoints and incremental staging (runtime/checkpoint.py, runtime/incremental.py) ----
     def _restore_checkpoint(self, prefix: str) -> None:
         """Restore the task's latest complete checkpoint before ``Main()``; node 0 then syncs it periodically."""
-        sync = CheckpointSync(self.store, prefix, self.dirs["checkpoint_directory"], self.spec.checkpoint_interval, log,
-                              try_number=try_of(self.spec.run_prefix), secrets=self.secrets)
+        sync = self._checkpoint_sync(prefix)
         sync.restore()
         self.checkpoints = sync  # only now: a half-restored folder must never be synced
-        if self.topology.node_rank == 0:
+        if self.topology.node_rank == 0 and self.mode is None:  # in a pod, sync runs the periodic syncs
             sync.start()
 
+    def _checkpoint_sync(self, prefix: str) -> CheckpointSync:
+        return CheckpointSync(self.store, prefix, self.dirs["checkpoint_directory"], self.spec.checkpoint_interval, log,
+                              try_number=try_of(self.spec.run_prefix), secrets=self.secrets)
+
     def _final_checkpoint(self) -> None:
-        """The last sync, after the user processes stopped (run end, failure or SIGTERM)."""
-        if self.checkpoints is None:
+        """The last sync, after the user processes stopped (run end, failure or SIGTERM); sync's job in a pod."""
+        if self.checkpoints is None or self.mode == "stage":
             return
         if self.topology.node_rank == 0:
             problem = self.checkpoints.final()
@@ -717,26 +850,38 @@ def write_termination_message(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     sys.stdout = cast(TextIO, Unbreakable(sys.stdout))
     sys.stderr = cast(TextIO, Unbreakable(sys.stderr))
-    args = sys.argv[1:] if argv is None else argv
+    args = list(sys.argv[1:] if argv is None else argv)
+    phase = None
+    if args[:1] == ["--phase"]:
+        phase = args[1] if len(args) > 1 else None
+        args = args[2:]
+        if phase not in PHASES:
+            print(f"--phase must be one of {', '.join(PHASES)}", file=sys.stderr)
+            return 2
     raw = os.environ.get("AICENTER_RUN_SPEC")
     if args:
         raw = Path(args[0]).read_text()
     if not raw:
-        print("usage: python -m airflow_aicenter.runtime SPEC.json (or set AICENTER_RUN_SPEC)", file=sys.stderr)
+        print("usage: python -m airflow_aicenter.runtime [--phase stage|sync] SPEC.json (or set AICENTER_RUN_SPEC)",
+              file=sys.stderr)
         return 2
     spec = RunSpec.model_validate_json(raw)
     signal.signal(signal.SIGTERM, _on_sigterm)
     watch_parent()
     workdir = Path(os.environ.get("AICENTER_WORKDIR") or tempfile.mkdtemp(prefix="aicenter-run-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    state = Path(os.environ.get("AICENTER_STATE") or workdir / ".state")
     try:
-        outcome = Agent(spec, open_store(spec.storage), workdir).run()
+        outcome = Agent(spec, open_store(spec.storage), workdir, phase=phase, state=state).run()
     finally:
-        if not os.environ.get("AICENTER_KEEP_WORKDIR"):
+        if phase is None and not os.environ.get("AICENTER_KEEP_WORKDIR"):  # a pod's volumes go with the pod
             shutil.rmtree(workdir, ignore_errors=True)
+    if phase == "stage" and outcome.status == "running":
+        write_termination_message("staged")
+        return 0
     if outcome.status == "skipped":
         write_termination_message(f"skipped: {outcome.skipped}")
-        return 0
+        return 1 if phase == "stage" else 0  # no user code to run: the pod ends at its init container
     if outcome.status != "succeeded":
         write_termination_message(outcome.error or outcome.status)
         return 1

@@ -18,7 +18,8 @@ The plan (JSON)::
      "prefix_output": true,             # "[label] " before each line (distributed runs)
      "line_limit": 65536, "grace": 5.0,
      "run_as": null | {"uid": 1234, "gid": 1234},
-     "exit_file": "/.../control/exit.json"}
+     "exit_file": "/.../control/exit.json",
+     "before": [{"processes": [...]}, ...]}   # optional: groups run first, one after the other
 
 What it does: starts each process (its own session; as ``run_as`` with no supplementary
 groups when given), pumps its stdout and stderr line by line (each line at most
@@ -285,6 +286,10 @@ def supervise(plan: dict[str, Any], *, stdout: TextIO | None = None, stderr: Tex
     :class:`Stopped`) stops every process, records ``killed`` and propagates.
     """
     isolation.become_subreaper()
+    for earlier in plan.get("before") or []:  # groups run first, one after the other (a node's process_data)
+        first = supervise({**plan, **earlier, "before": None, "exit_file": None}, stdout=stdout, stderr=stderr)
+        if first["status"] != "succeeded":  # none of the last group starts; the exit file says why
+            return _write_exit(plan.get("exit_file"), {**first, "results": [None] * len(plan["processes"])})
     sup = Supervisor(plan, stdout or sys.stdout, stderr or sys.stderr)
     record: dict[str, Any] = {"status": "killed", "results": [], "failed": None, "cause": "the run was stopped"}
     try:
@@ -302,11 +307,15 @@ def supervise(plan: dict[str, Any], *, stdout: TextIO | None = None, stderr: Tex
         sup.join()
         results = [u.result() for u in sup.users]
         record["results"] = results + [None] * (len(plan["processes"]) - len(results))
-        exit_file = plan.get("exit_file")
-        if exit_file:
-            tmp = Path(f"{exit_file}.tmp")
-            tmp.write_text(json.dumps(record))
-            tmp.replace(exit_file)  # last, atomically: whoever waits for it sees all of it or nothing
+        _write_exit(plan.get("exit_file"), record)
+    return record
+
+
+def _write_exit(exit_file: str | None, record: dict[str, Any]) -> dict[str, Any]:
+    if exit_file:
+        tmp = Path(f"{exit_file}.tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(exit_file)  # last, atomically: whoever waits for it sees all of it or nothing
     return record
 
 
