@@ -195,6 +195,9 @@ class RunSpec(Record):
     #: The deployment's package indexes (connection extra ``package_indexes``): the first replaces
     #: PyPI, the others are searched before it. May hold credentials: never logged unmasked.
     package_indexes: list[str] = Field(default_factory=list)
+    #: The connection extra ``allowed_dataset_roots``: the only folders ``file://`` data may come from.
+    #: The runtime checks every source a manifest names against them again before reading it.
+    allowed_dataset_roots: list[str] = Field(default_factory=list)
 
 
 class Outcome(Record):

@@ -521,7 +521,8 @@ class BasePipelineOperator(KubernetesPodOperator):
         from airflow_aicenter.runtime.manifest import EVALUATION, INFERENCE, TRAINING, check_manifest
 
         usages = INFERENCE if self.plan.name == "predict" else EVALUATION if attr == "evaluation_dataset" else TRAINING
-        check_manifest(uri, lambda target, **kw: self.aicenter_hook.get_store(target), require=usages)
+        check_manifest(uri, lambda target, **kw: self.aicenter_hook.get_store(target), require=usages,
+                       roots=self.aicenter_hook.settings.extra.get("allowed_dataset_roots"))
 
     def masked_keys(self) -> set[str]:
         """``env`` keys whose values are secret: secret-looking names, and values Airflow's masker knows."""
@@ -541,6 +542,8 @@ class BasePipelineOperator(KubernetesPodOperator):
         return {k: str(v) for k, v in self.env.items() if k in masked}
 
     def build_spec(self, parent: VersionRecord, run: RunRef) -> RunSpec:
+        from airflow_aicenter.runtime.manifest import dataset_roots
+
         incremental_base = None
         if self.incremental:
             from airflow_aicenter.runtime.incremental import require_base
@@ -569,6 +572,7 @@ class BasePipelineOperator(KubernetesPodOperator):
             checkpoint_interval=self.checkpoint_interval,
             incremental_base=incremental_base,
             package_indexes=package_indexes(self.aicenter_hook.settings.extra.get("package_indexes")),
+            allowed_dataset_roots=[str(r) for r in dataset_roots(self.aicenter_hook.settings.extra.get("allowed_dataset_roots"))],
             **self.spec_extra(),
         )
 

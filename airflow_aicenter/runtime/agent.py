@@ -450,7 +450,8 @@ class Agent:
         if spec.evaluation_dataset:
             self.entries["test_data_directory"] = self._download(spec.evaluation_dataset, test, EVALUATION)
         elif self.plan.processes_data and spec.dataset and is_manifest_uri(spec.dataset):  # its EVAL and TEST lines
-            self.entries["test_data_directory"] = stage_manifest(spec.dataset, EVALUATION, test, required=False)
+            self.entries["test_data_directory"] = stage_manifest(spec.dataset, EVALUATION, test, required=False,
+                                                                 roots=spec.allowed_dataset_roots)
         if self.plan.processes_data and self.entries.get("test_data_directory"):
             shutil.copytree(test, self.dirs["evaluation_data_directory"], dirs_exist_ok=True)
 
@@ -461,7 +462,8 @@ class Agent:
             if self.spec.incremental_base:
                 raise DatasetError(f"incremental training compares folders; {uri} is a manifest: train without "
                                    "incremental=True, or give the dataset as a folder")
-            entries = stage_manifest(uri, usages, dest, write_manifest=usages != INFERENCE)
+            entries = stage_manifest(uri, usages, dest, write_manifest=usages != INFERENCE,
+                                     roots=self.spec.allowed_dataset_roots)
         else:
             try:
                 source = open_store(uri, create=False)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from airflow_aicenter.errors import AICenterError, DatasetError, NotFoundError
+from airflow_aicenter.errors import AICenterError, ConfigurationError, DatasetError, NotFoundError
 from airflow_aicenter.storage import Store
 from airflow_aicenter.storage import open_store as open_any_store
 from airflow_aicenter.storage.transfer import FileEntry, download_file, gather_limited, run, sha256_file
@@ -184,6 +184,49 @@ def parse_manifest(uri: str, text: str) -> list[ManifestLine]:
     return lines
 
 
+#: The connection extra ``allowed_dataset_roots`` as it may be written: a comma-separated string or a list.
+Roots = str | Sequence[str] | None
+
+
+def dataset_roots(roots: Roots) -> list[Path]:
+    """The allowed folders for ``file://`` data, links resolved; empty when the deployment sets none."""
+    if not roots:
+        return []
+    items = roots.split(",") if isinstance(roots, str) else roots
+    return [Path(str(r).strip()).expanduser().resolve() for r in items if str(r).strip()]
+
+
+def outside_roots(path: Path, allowed: Sequence[Path]) -> bool:
+    """Whether ``path``, every link in it resolved, lies outside all of ``allowed`` (never when none are set)."""
+    if not allowed:
+        return False
+    real = path.resolve()
+    return not any(real == root or real.is_relative_to(root) for root in allowed)
+
+
+def _outside(what: str, allowed: Sequence[Path]) -> str:
+    return (f"{what} is outside the folders this deployment allows for file:// datasets "
+            f"({', '.join(str(r) for r in allowed)}; the aicenter connection's allowed_dataset_roots): move the "
+            "file under one of them, or use an s3:// source")
+
+
+def check_roots(uri: str, lines: Sequence[ManifestLine], roots: Roots) -> None:
+    """With ``allowed_dataset_roots`` set, the manifest and every ``file://`` source it names lie inside
+    the roots, links resolved (a relative source through a link that leaves the root is outside).
+
+    The worker checks it before compute; the runtime again right before it reads the files.
+    """
+    allowed = dataset_roots(roots)
+    if not allowed:
+        return
+    folder, _ = _split(uri)
+    if folder.scheme == "file" and outside_roots(Path(unquote(urlparse(uri).path)), allowed):
+        raise ConfigurationError(f"manifest {uri}: {_outside('the manifest', allowed)}")
+    for line in lines:
+        if urlparse(line.root).scheme == "file" and outside_roots(Path(unquote(urlparse(line.source).path)), allowed):
+            raise ConfigurationError(f"line {line.number} of manifest {uri}: {_outside(f'source {line.source}', allowed)}")
+
+
 def read_manifest(uri: str, open_store: OpenStore) -> list[ManifestLine]:
     folder, name = _split(uri)
     try:
@@ -226,16 +269,18 @@ def _distinct(lines: Sequence[ManifestLine]) -> list[ManifestLine]:
     return list(first.values())
 
 
-def check_manifest(uri: str, open_store: OpenStore, *, require: Collection[str] = ()) -> ManifestSummary:
-    """Read and check a manifest before compute: every line well formed, every source there, and
-    at least one line of the usages ``require`` names (TRAINING for train and full runs,
-    EVALUATION for evaluation runs, INFERENCE for batch prediction).
+def check_manifest(uri: str, open_store: OpenStore, *, require: Collection[str] = (), roots: Roots = None) -> ManifestSummary:
+    """Read and check a manifest before compute: every line well formed, every ``file://`` source
+    inside ``roots`` (``allowed_dataset_roots``), every source there, and at least one line of the
+    usages ``require`` names (TRAINING for train and full runs, EVALUATION for evaluation runs,
+    INFERENCE for batch prediction).
 
     Sources are found by listing the folders that hold many of them (one request per 1,000
     keys instead of one HEAD per file: 3,000 sources on moto took 43 s with HEADs); the rest,
     and any a listing did not show, are checked with a HEAD.
     """
     lines = read_manifest(uri, open_store)
+    check_roots(uri, lines, roots)
     if require and not any(line.usage in require for line in lines):
         raise _no_lines(uri, require)
     stores = _Stores(open_store)
@@ -299,15 +344,17 @@ def open_dataset(uri: str) -> Store:
 
 def stage_manifest(
     uri: str, usages: Collection[str], dest: Path, open_store: OpenStore = open_dataset, *, write_manifest: bool = True,
-    required: bool = True,
+    required: bool = True, roots: Roots = None,
 ) -> list[FileEntry]:
     """Download the sources of the lines whose usage is in ``usages`` into ``dest``, plus ``manifest.jsonl``.
 
     Returns the staged files (the manifest included) with their digests, for the snapshot.
     No such line is an error when ``required``, else nothing is staged (a full run's optional
-    evaluation lines).
+    evaluation lines). With ``roots`` (``allowed_dataset_roots``) every ``file://`` source is checked
+    again before any is read (:func:`check_roots`).
     """
     lines = read_manifest(uri, open_store)
+    check_roots(uri, lines, roots)
     chosen = [line for line in lines if line.usage in usages]
     if not chosen and not required:
         return []
@@ -340,9 +387,9 @@ def stage_manifest(
     return sorted(entries, key=lambda e: e.path)
 
 
-def stage_inference(uri: str, dest: Path, open_store: OpenStore = open_dataset) -> list[FileEntry]:
+def stage_inference(uri: str, dest: Path, open_store: OpenStore = open_dataset, *, roots: Roots = None) -> list[FileEntry]:
     """Batch prediction's inputs from a manifest: the files of its INFERENCE lines, without ``manifest.jsonl``
 
     (a ``.jsonl`` beside them would be taken for inputs by ``input_type="json"``).
     """
-    return stage_manifest(uri, INFERENCE, dest, open_store, write_manifest=False)
+    return stage_manifest(uri, INFERENCE, dest, open_store, write_manifest=False, roots=roots)
