@@ -45,7 +45,8 @@ SPY = {spy!r}
 
 def _log(what):
     with open(os.path.join(SPY, "build.jsonl"), "a") as f:
-        f.write(json.dumps({{"what": what, "uid": os.getuid(), "env": dict(os.environ)}}) + "\\n")
+        f.write(json.dumps({{"what": what, "uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(),
+                            "env": dict(os.environ)}}) + "\\n")
 
 
 def get_requires_for_build_wheel(config_settings=None):
@@ -187,6 +188,52 @@ def test_allowed_source_builds_run_without_credentials_and_are_cached_per_packag
     assert again.source == "store" and again.key == env.key
     with pytest.raises(RequirementsError, match="evilproj"):  # the wheels-only default still refuses it
         prepare_environment(b, store, cache_dir=tmp_path / "cache", indexes=[index], log=lambda m: None)
+
+
+def demote_to_nogroup() -> None:
+    os.setgroups([])
+    os.setgid(NOGROUP)
+
+
+NOGROUP = 65534
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="switching identity needs root (as in CI and in the runtime image's stage)")
+@pytest.mark.parametrize("how", ["build_user", "demote"])
+def test_a_source_build_runs_as_the_build_user_into_a_folder_copied_out_for_the_agent(
+        store: Store, tmp_path: Path, agent_env: dict[str, str], how: str) -> None:
+    """The local launcher's run_as_user runs source builds as that user (here: root's uid with the nogroup group,
+    since this machine's base interpreter lies under /root, which another uid cannot reach). The environment used
+    and packed is a copy made by the agent after uv exited: what the build left running holds only the build folder."""
+    spy = tmp_path / "spy"
+    index = evil_index(tmp_path / "mirror", spy)
+    root = package(tmp_path / "a", "evilproj==1.0\n")
+    said: list[str] = []
+    env = prepare_environment(root, store, cache_dir=tmp_path / "cache", indexes=[index], log=said.append,
+                              allow_source_builds=True, package="pkg-a", build_user=(0, NOGROUP),
+                              demote=demote_to_nogroup if how == "demote" else None)
+    env.finish(said.append)
+    builds = spied(spy, "build.jsonl")
+    assert builds and {(entry["gid"], tuple(entry["groups"])) for entry in builds} == {(NOGROUP, ())}, builds  # type: ignore[arg-type]
+    assert leaks(builds) == []
+    folder = env.python.parent.parent
+    assert {p.stat().st_gid for p in [folder, *folder.rglob("*")] if not p.is_symlink()} == {os.getgid()}, \
+        "the environment is the agent's, not the build user's"
+    assert not list((tmp_path / "cache" / "builds").iterdir()), "the build folder is gone"
+    done = subprocess.run([str(env.python), "-c", "import evilproj; print(evilproj.VALUE)"], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "built"
+
+
+def test_demote_without_the_user_it_switches_to_is_refused(store: Store, tmp_path: Path) -> None:
+    from airflow_aicenter.errors import ConfigurationError
+
+    root = package(tmp_path / "a", "evilproj==1.0\n")
+    with pytest.raises(ConfigurationError, match="demote needs build_user"):
+        prepare_environment(root, store, cache_dir=tmp_path / "cache", log=lambda m: None, allow_source_builds=True,
+                            package="a", demote=demote_to_nogroup)
+    with pytest.raises(ConfigurationError, match="allow_source_builds=True needs the package's name"):
+        prepare_environment(root, store, cache_dir=tmp_path / "cache", log=lambda m: None, allow_source_builds=True)
 
 
 # -- finding 4: the cache can be poisoned across packages ---------------------------------------
@@ -343,3 +390,23 @@ def test_package_code_that_plants_a_pth_in_its_environment_never_runs_in_another
     outcome = read(store, "runs/d/b/t/1/outcome.json", Outcome)
     assert outcome.environment is not None and outcome.environment["source"] == "store"
     assert not spy.exists(), f"package B's run ran package A's .pth (it saw {spy.read_text()!r})"
+
+
+def test_a_packed_environment_changed_before_its_upload_stores_nothing(store: Store, tmp_path: Path) -> None:
+    """The upload sends the bytes packed before package code ran: a tarball changed meanwhile is refused."""
+    from airflow_aicenter.errors import StorageError
+    from airflow_aicenter.runtime.environment import _Packed, _store
+
+    folder = tmp_path / "env"
+    (folder / "lib").mkdir(parents=True)
+    (folder / "lib" / "a.py").write_text("A = 1\n" * 1000)
+    packed = _Packed(tmp_path / "env.tar.zst", *_pack(folder, tmp_path / "env.tar.zst"))
+    with packed.path.open("r+b") as f:  # package code of the same user, between the pack and the upload
+        f.seek(100)
+        f.write(b"tampered")
+    key = "f" * 64
+    with pytest.raises(StorageError, match=r"the packed environment was not stored: .* changed while it was being stored"):
+        _store(store, key, packed, [], None, lambda m: None)
+    assert not store.exists(env_key(key))
+    assert not [info.key for info in store.list("blobs/")]
+    assert not packed.path.exists()
