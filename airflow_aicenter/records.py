@@ -175,6 +175,9 @@ class RunSpec(Record):
     gpu: int = 0
     dataset_mount: str | None = None  # a read-only mounted dataset folder (no staging)
     install_requirements: bool = False  # install requirements.txt into the package's own environment (uv, cached)
+    #: Source distributions may be built (their code runs, without credentials); the environment is
+    #: then cached for this package alone. False: wheels only (DESIGN "★ Environments").
+    allow_source_builds: bool = False
     #: Names of the user's secret env values, which the launcher hands the runtime as real
     #: environment variables (never in the spec); the agent forwards exactly these to user code.
     user_env_names: list[str] = Field(default_factory=list)

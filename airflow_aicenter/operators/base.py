@@ -143,6 +143,11 @@ class BasePipelineOperator(KubernetesPodOperator):
         ``requirements.txt`` installed by uv and cached by content (default True, on every launcher;
         nothing is ever installed into the worker's environment). False runs user code with the
         runtime's own interpreter: an image (or worker) built with the requirements already.
+    :param allow_source_builds: let the install build requirements published only as source
+        distributions (default False: wheels only, so installing runs no code of the packages).
+        A build runs their code: it gets no credentials, no ``env`` and, with the connection's
+        ``run_as_user``, runs as that user; the environment is then cached for this package
+        alone, never shared with another package.
     :param promote_to: an alias to point at the run's version when it earns it.
     :param promote_if: ``"better"`` (a strictly higher score, like with like) or ``"always"``.
     :param nodes: machines of a distributed run (``nodes > 1``: an Indexed Job; local: must be 1).
@@ -182,6 +187,7 @@ class BasePipelineOperator(KubernetesPodOperator):
         dataset_sub_path: str | None = None,
         aws_secret_name: str | None = None,
         install_requirements: bool = True,
+        allow_source_builds: bool = False,
         promote_to: str | None = None,
         promote_if: PromoteIf = "better",
         nodes: int = 1,
@@ -210,6 +216,9 @@ class BasePipelineOperator(KubernetesPodOperator):
         self.dataset_sub_path = dataset_sub_path
         self.aws_secret_name = aws_secret_name
         self.install_requirements = install_requirements
+        if not isinstance(allow_source_builds, bool):
+            raise ConfigurationError(f"allow_source_builds={allow_source_builds!r} is not valid; give True or False")
+        self.allow_source_builds = allow_source_builds
         self.nodes = positive_count("nodes", nodes)
         self.procs_per_node = positive_count("procs_per_node", procs_per_node)
         if (self.nodes > 1 or self.procs_per_node > 1) and not self.plan.distributed and self.plan.name != "predict":
@@ -565,6 +574,7 @@ class BasePipelineOperator(KubernetesPodOperator):
             save_test_data=self.save_test_data,
             gpu=self.gpu,
             install_requirements=self.install_requirements,
+            allow_source_builds=self.allow_source_builds,
             user_env_names=sorted(self.user_secret_env()),
             nodes=self.nodes,
             procs_per_node=self.procs_per_node,

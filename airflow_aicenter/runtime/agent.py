@@ -490,7 +490,9 @@ class Agent:
         if not self.spec.install_requirements:
             return sys.executable
         if self.environment is None:
-            self.environment = prepare_environment(root, self.store, indexes=self.spec.package_indexes, log=log)
+            self.environment = prepare_environment(root, self.store, indexes=self.spec.package_indexes, log=log,
+                                                   allow_source_builds=self.spec.allow_source_builds,
+                                                   package=self.spec.package)
             self.outcome.environment = self.environment.summary()
         return str(self.environment.python)
 

@@ -410,3 +410,62 @@ def test_a_packed_environment_changed_before_its_upload_stores_nothing(store: St
     assert not store.exists(env_key(key))
     assert not [info.key for info in store.list("blobs/")]
     assert not packed.path.exists()
+
+
+def test_the_runtime_refuses_a_source_build_unless_the_spec_allows_it(tmp_path: Path) -> None:
+    from airflow_aicenter.records import Outcome, RunSpec
+    from airflow_aicenter.registry import Registry
+    from airflow_aicenter.storage import open_store
+    from tests.conftest import write_files
+    from tests.packages import ECHO_MAIN
+    from tests.runtime.test_run import run_runtime
+
+    store = open_store((tmp_path / "store").as_uri())
+    spy = tmp_path / "spy"
+    index = evil_index(tmp_path / "mirror", spy)
+    train = ("import evilproj\nclass Main:\n    def __init__(self):\n        pass\n    def train(self, d):\n"
+             "        assert evilproj.VALUE == 'built'\n    def save(self):\n        pass\n")
+    root = write_files(tmp_path / "pkg", {"main.py": ECHO_MAIN, "train.py": train, "requirements.txt": "evilproj==1.0\n"})
+    version = Registry(store).upload(root, "builds")
+    spec = RunSpec(pipeline="train", storage=store.uri, run_prefix="runs/d/r/t/1", package="builds", version=version.version,
+                   blob=version.blob, install_requirements=True, package_indexes=[index])
+    env = {"AICENTER_CACHE": str(tmp_path / "cache"), **AGENT_ENV}
+
+    done = run_runtime(spec, tmp_path, env)
+    outcome = read(store, f"{spec.run_prefix}/outcome.json", Outcome)
+    assert done.returncode == 1 and outcome.status == "failed" and outcome.phase == "requirements"
+    assert outcome.error is not None and "evilproj is published only as a source distribution" in outcome.error
+    assert "allow_source_builds=True" in outcome.error and spied(spy, "build.jsonl") == []
+
+    spec = spec.model_copy(update={"run_prefix": "runs/d/r/t/2", "allow_source_builds": True})
+    done = run_runtime(spec, tmp_path, env)
+    assert done.returncode == 0, done.stderr
+    outcome = read(store, f"{spec.run_prefix}/outcome.json", Outcome)
+    assert outcome.status == "succeeded" and outcome.environment is not None
+    assert outcome.environment["key"] == environment_key(requirement_material(root), package="builds")
+    assert spied(spy, "build.jsonl") and leaks(spied(spy, "build.jsonl")) == []
+
+
+def test_the_operator_passes_allow_source_builds_into_the_run_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow_aicenter.errors import ConfigurationError
+    from airflow_aicenter.operators import TrainPipelineOperator
+    from airflow_aicenter.records import RunRef
+    from airflow_aicenter.registry import Registry
+    from airflow_aicenter.storage import open_store
+    from tests.operators.conftest import file_connection_env
+
+    uri = (tmp_path / "store").as_uri()
+    for name, value in file_connection_env(uri).items():
+        monkeypatch.setenv(name, value)
+    from tests.conftest import write_files
+    from tests.packages import ECHO_MAIN
+
+    root = write_files(tmp_path / "pkg", {"main.py": ECHO_MAIN, "requirements.txt": "evilproj==1.0\n"})
+    parent = Registry(open_store(uri)).upload(root, "builds")
+    run = RunRef(dag_id="d", run_id="r", task_id="t")
+    default = TrainPipelineOperator(task_id="t", package="builds")
+    allowed = TrainPipelineOperator(task_id="t2", package="builds", allow_source_builds=True)
+    assert default.build_spec(parent, run).allow_source_builds is False
+    assert allowed.build_spec(parent, run).allow_source_builds is True
+    with pytest.raises(ConfigurationError, match="allow_source_builds='yes' is not valid; give True or False"):
+        TrainPipelineOperator(task_id="t3", package="builds", allow_source_builds="yes")  # type: ignore[arg-type]
