@@ -294,6 +294,15 @@ def _index_secrets(indexes: Iterable[str]) -> list[str]:
     return sorted(set(secrets), key=len, reverse=True)
 
 
+def shared_uv_cache(cache: Path) -> Path:
+    """uv's cache for wheels-only installs: ``$UV_CACHE_DIR`` (a node's cache volume), else beside the environments.
+
+    Beside them by default so that uv links files instead of copying them. Source builds never
+    use it (see :func:`_install`).
+    """
+    return Path(os.environ.get("UV_CACHE_DIR") or cache / "uv")
+
+
 def install_env(uv_cache: Path, *, home: Path | None = None, tmp: Path | None = None) -> dict[str, str]:
     """The whole environment of a uv command (and of any build it runs): :data:`INSTALL_INHERITED`, uv's cache.
 
@@ -383,7 +392,7 @@ def prepare_environment(
 
         # Packed here, before any package code runs; skipped when another run stored it meanwhile.
         pack = replace or not _stored(store, key)
-        won, packed = _build(final, install, key, requirements, owner, log, compile_and_pack=pack)
+        won, packed = _build(final, install, key, requirements, owner, log, byte_compile=True, pack=pack)
         source = "installed"
         if packed is not None:
             if won:
@@ -407,25 +416,25 @@ class _Packed:
 
 
 def _build(final: Path, make: Callable[[Path], None], key: str, requirements: list[str], package: str | None, log: Log,
-           *, compile_and_pack: bool = False) -> tuple[bool, _Packed | None]:
+           *, byte_compile: bool = False, pack: bool = False) -> tuple[bool, _Packed | None]:
     """Make an environment in a temporary folder and rename it to ``final``; False when another run won.
 
-    With ``compile_and_pack`` (a fresh install) it is byte-compiled (running none of its code)
-    and packed for the store here, before anyone uses it. Every environment is made read-only
-    before it is renamed into place.
+    A fresh install is byte-compiled (``byte_compile``, running none of its code) and packed for the
+    store (``pack``) here, before anyone uses it. Every environment is made read-only before it
+    is renamed into place (so it is compiled first: Python could not write its bytecode later).
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{key[:12]}-{uuid.uuid4().hex[:8]}"
     packed: _Packed | None = None
     try:
         make(tmp)
-        if compile_and_pack:
-            began = time.perf_counter()
+        began = time.perf_counter()
+        if byte_compile:
             _compile(tmp)
-            compiled = time.perf_counter() - began
+        compiled = time.perf_counter() - began
         _write_marker(tmp, key, requirements, package)
         _seal(tmp)
-        if compile_and_pack:
+        if pack:
             path = final.parent / f".tmp-{key[:12]}-{uuid.uuid4().hex[:8]}.{PACKED}"
             try:
                 packed = _Packed(path, *_pack(tmp, path))
@@ -478,7 +487,7 @@ def _create_venv(tmp: Path, cache: Path, log: Log, *, build_as: _BuildAs | None 
                  env: dict[str, str] | None = None, uv: str | None = None) -> None:
     command = [uv or uv_binary(), "venv", "--no-config", "--no-project", "--quiet", "--system-site-packages", "--relocatable",
                "--python", str(base_python()), str(tmp)]
-    _uv(command, cwd=tmp.parent, env=env or install_env(cache / "uv"), secrets=[], log=log,
+    _uv(command, cwd=tmp.parent, env=env or install_env(shared_uv_cache(cache)), secrets=[], log=log,
         what="creating the environment", build_as=build_as)
 
 
@@ -503,7 +512,7 @@ def _install(tmp: Path, root: Path, cache: Path, indexes: Sequence[str], log: Lo
     if package is None:
         _create_venv(tmp, cache, log)
         log(f"installing requirements: uv {' '.join(shown)}")
-        _uv([*command, "--python", str(venv_python(tmp))], cwd=root, env=install_env(cache / "uv"), secrets=secrets,
+        _uv([*command, "--python", str(venv_python(tmp))], cwd=root, env=install_env(shared_uv_cache(cache)), secrets=secrets,
             log=log, what="installing requirements")
         return
     uv_cache = cache / "uv-builds" / hashlib.sha256(package.encode()).hexdigest()[:16]
