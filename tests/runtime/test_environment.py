@@ -291,3 +291,14 @@ def test_package_indexes_from_the_connection_extra() -> None:
     with pytest.raises(ConfigurationError, match=r"'https://bot:\*\*\*@pypi.internal/simple' carries credentials, which would "
                                                  r"travel in the run spec .*netrc"):
         package_indexes(["https://bot:t0ken@pypi.internal/simple"])
+
+
+def test_a_deployments_uv_cache_is_used_and_the_used_stamp_lies_beside_the_environment(
+        store: Store, tmp_path: Path, closed_index: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UV_CACHE_DIR", str(tmp_path / "node-cache"))
+    env = prepare(local_wheel_package(tmp_path), store, tmp_path / "cache")
+    assert env.source == "installed" and any((tmp_path / "node-cache").iterdir()), "uv used the node's cache"
+    assert not (tmp_path / "cache" / "uv").exists()
+    folder = env.python.parent.parent
+    assert not list(folder.glob(".used-*")), "the environment is read-only: nothing is written into it"
+    assert list(folder.parent.glob(f".{env.key}.used-*"))
