@@ -34,6 +34,14 @@ local launcher's ``run_as_user``, a pod's read-only mount), not against code of 
 which could make it writable again: there the pack-before-run is the protection of the store,
 and the local cache of that worker is as trusted as the code it runs.
 
+What the record check cannot stop: keys are predictable (they are made of public inputs), so
+whoever can create ``envs/<key>.json`` and a blob (a pod's session policy allows both, create-only,
+to the ``stage`` and ``sync`` containers) can plant, for a key not stored yet, a record that names
+its own blob with every field right, and it will be used. Package code never holds those
+credentials (DESIGN "★ Trust boundaries"); a planted record that does not match (or a blob that
+does not) is replaced by the next install where the credentials may overwrite, and otherwise stays
+until someone deletes it (the warning names the key to delete).
+
 A hit (1 or 2) runs no uv command at all, so it needs no package index (clusters without
 egress). A corrupt or mismatched blob is reported and the environment rebuilt. Two first runs of
 one key at once both succeed: each builds in a temporary folder renamed into place atomically
