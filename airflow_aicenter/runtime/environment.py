@@ -584,6 +584,9 @@ def _uv(command: list[str], *, cwd: Path, env: dict[str, str], secrets: list[str
         process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                    errors="replace", bufsize=1, **(build_as.popen() if build_as else {}))
     except (OSError, subprocess.SubprocessError) as exc:
+        if build_as is not None:
+            raise RequirementsError(f"{what} failed: could not start uv as the build user ({exc}); the worker must be "
+                                    "allowed to switch users (root) for run_as_user") from None
         raise RequirementsError(f"{what} failed: could not start uv ({exc}); install uv into the runtime image") from None
     tail: list[str] = []
     source_only: list[str] = []
@@ -603,6 +606,13 @@ def _uv(command: list[str], *, cwd: Path, env: dict[str, str], secrets: list[str
             f"publish a wheel of {names} to the package index (connection extra package_indexes), pin a version "
             "that has one, or pass allow_source_builds=True to the operator (the build then runs without "
             "credentials, and the environment is cached for this package alone)"
+        )
+    if code != 0 and build_as is not None and build_as.user is not None:
+        first = next((i for i, line in enumerate(tail) if line.lower().startswith(("error", "×"))), max(len(tail) - 3, 0))
+        raise RequirementsError(
+            f"{what} failed: uv exited with code {code} as uid {build_as.user[0]} (run_as_user, for the source build): "
+            f"{' '.join(tail[first:])[:800] or 'no output'}; that user must be able to read the package, the cache folder "
+            f"(AICENTER_CACHE) and the base interpreter {base_python()}, or fix requirements.txt"
         )
     if code != 0:
         first = next((i for i, line in enumerate(tail) if line.lower().startswith(("error", "×"))), max(len(tail) - 3, 0))

@@ -469,3 +469,46 @@ def test_the_operator_passes_allow_source_builds_into_the_run_spec(tmp_path: Pat
     assert allowed.build_spec(parent, run).allow_source_builds is True
     with pytest.raises(ConfigurationError, match="allow_source_builds='yes' is not valid; give True or False"):
         TrainPipelineOperator(task_id="t3", package="builds", allow_source_builds="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="switching identity needs root (as in CI and in the runtime image's stage)")
+def test_a_source_build_as_another_uid_runs_as_that_uid_or_says_what_it_cannot_reach(store: Store, agent_env: dict[str, str]) -> None:
+    """``build_user`` with a real other uid (nobody). Where that uid can run the base interpreter, the build runs
+    as it; where it cannot (this machine's interpreter lies under /root, mode 0700), the error says which uid and
+    what it must reach."""
+    import shutil
+    import tempfile
+
+    from airflow_aicenter.runtime.environment import base_python
+
+    nobody = (65534, 65534)
+    top = Path(tempfile.mkdtemp(prefix="aicenter-build-user-"))
+    try:
+        top.chmod(0o755)
+        spy = top / "spy"
+        index = evil_index(top / "mirror", spy)
+        spy.chmod(0o777)
+        root = package(top / "pkg", "evilproj==1.0\n")
+        try:
+            reachable = subprocess.run([str(base_python()), "-c", "pass"], user=nobody[0], group=nobody[1],
+                                       extra_groups=[], capture_output=True, check=False).returncode == 0
+        except PermissionError:
+            reachable = False
+        try:
+            env = prepare_environment(root, store, cache_dir=top / "cache", indexes=[index], log=lambda m: None,
+                                      allow_source_builds=True, package="pkg-a", build_user=nobody)
+        except RequirementsError as exc:
+            assert not reachable, f"the build failed although uid 65534 can run the interpreter: {exc}"
+            assert "as uid 65534 (run_as_user, for the source build)" in str(exc), exc
+            assert str(base_python()) in str(exc) and "AICENTER_CACHE" in str(exc)
+            assert spied(spy, "build.jsonl") == []
+        else:
+            env.finish(lambda m: None)
+            builds = spied(spy, "build.jsonl")
+            assert builds and {entry["uid"] for entry in builds} == {65534} and leaks(builds) == []
+            folder = env.python.parent.parent
+            assert {p.lstat().st_uid for p in [folder, *folder.rglob("*")]} == {os.getuid()}
+        assert not list((top / "cache" / "builds").iterdir()), "the build folder is gone"
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(top)], check=False)
+        shutil.rmtree(top)
