@@ -535,13 +535,36 @@ class Agent:
         instructions = self.control / f"{tag}.json"
         # In a pod the supervisor (another container) is the parent, and runs user.py from bin/.
         script = self.work / "bin" / "user.py" if self.mode == "stage" else USER_SCRIPT
+        tmp = self.work / "tmp"  # TMPDIR, and its caches (torch, matplotlib) below it: writable, unlike HOME
+        env = {**env, "TMPDIR": str(tmp), "XDG_CACHE_HOME": env.get("XDG_CACHE_HOME") or str(tmp / tag / "cache"),
+               "MPLCONFIGDIR": env.get("MPLCONFIGDIR") or str(tmp / tag / "matplotlib")}
         instructions.write_text(json.dumps({
             "root": str(root), "module": module, "result": str(result_path),
             "parent": None if self.mode == "stage" else os.getpid(), "steps": steps or [], "predict": predict,
+            # Several processes of one run: each is confined to its own share (DESIGN "Distributed training").
+            "writable": self.writable(root, env, steps or [], predict) if self.topology.world_size > 1 else None,
         }))
-        Path(env["artifacts_directory"]).mkdir(parents=True, exist_ok=True)
         return {"label": name, "argv": [self.user_python(root), str(script), str(instructions)],
                 "cwd": str(root), "env": env, "result": str(result_path)}
+
+    def writable(self, root: Path, env: dict[str, str], steps: list[dict[str, Any]], predict: dict[str, Any] | None) -> list[str]:
+        """The only folders a user process may write (user.py confines it with Landlock), created now.
+
+        Its TMPDIR, its ``artifacts_directory`` (rank r > 0: ``artifacts/rank-<r>/``) and, to train,
+        its package folder (rank 0: the new version; rank r > 0: its own copy), the checkpoint
+        folder (sharded checkpoints: every rank) and, to run ``process_data``, the training and
+        evaluation splits; to predict, its outputs only (the one package folder is shared).
+        """
+        paths = [Path(env["TMPDIR"]), Path(env["artifacts_directory"])]
+        if predict is not None:
+            paths.append(Path(predict["out"]))
+        else:
+            paths += [root, self.dirs["checkpoint_directory"]]
+            if any(step.get("call") == "process_data" for step in steps):
+                paths += [self.dirs["training_data_directory"], self.dirs["evaluation_data_directory"]]
+        for path in paths:
+            path.mkdir(parents=True, exist_ok=True)
+        return [str(path) for path in paths] + ["/dev/null", "/dev/shm"]
 
     def supervise(self, processes: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Run the user processes under the supervisor, in this process (it is their subreaper).

@@ -28,7 +28,12 @@ Instructions (JSON)::
                 "unless_empty": "/work/evaluation_data"},
                {"call": "save"}],
      "predict": {"input_type": "json", "data": "/work/data", "out": "/work/parts/0",
-                 "inputs": [["a.jsonl", 0, 500], ...]}}   # or [["x.png"], ...] for "file"
+                 "inputs": [["a.jsonl", 0, 500], ...]},   # or [["x.png"], ...] for "file"
+     "writable": ["/work/tmp", "/work/artifacts/rank-1", ...]}   # or null: not confined
+
+With ``writable`` (the runs of several processes), the process confines itself with Landlock
+before it imports package code (:func:`confine`): it writes only below those folders and reads
+everywhere; where the kernel has no Landlock, local rank 0 says so in one line and the run goes on.
 """
 
 from __future__ import annotations
@@ -94,6 +99,83 @@ def die_with_parent(parent: int | None) -> None:
             pass
     if parent is not None and os.getppid() != parent:  # the agent died before prctl took effect
         os._exit(137)
+
+
+# -- Landlock: each process writes only its own folders (DESIGN "Trust boundaries") ----------
+#: Syscall numbers (the same on x86_64 and aarch64) and constants of <linux/landlock.h>.
+SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+LANDLOCK_CREATE_RULESET_VERSION = 1
+LANDLOCK_RULE_PATH_BENEATH = 1
+PR_SET_NO_NEW_PRIVS = 38
+#: Write access rights by the ABI that introduced them; reads and execution are never restricted.
+#: ``IOCTL_DEV`` (ABI 5) is left alone: GPU drivers need ioctls on /dev/nvidia*.
+WRITE_FILE, TRUNCATE = 1 << 1, 1 << 14
+WRITE_ACCESS_ABI1 = sum(1 << bit for bit in (1, 4, 5, 6, 7, 8, 9, 10, 11, 12))  # write, remove, make *
+REFER = 1 << 13  # ABI 2: links and renames across folders (ABI 1 refuses them all)
+#: The rights that apply to a file (a rule for /dev/null may name no folder right).
+FILE_ACCESS = WRITE_FILE | TRUNCATE
+
+
+class _PathBeneath(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+def _libc() -> Any:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return libc
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version, 0 where there is none (not Linux, an old kernel, a seccomp filter)."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    try:
+        abi = _libc().syscall(SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), LANDLOCK_CREATE_RULESET_VERSION)
+    except (OSError, AttributeError):
+        return 0
+    return max(int(abi), 0)
+
+
+def confine(writable: list[str]) -> str | None:
+    """Allow this process (and all it starts) to write only below ``writable``; read everywhere.
+
+    Landlock, applied before any package code runs: a rank cannot write another rank's
+    artifacts or the package that becomes the new version, nor the agent's files. Being in a
+    Landlock domain also denies ptrace-style access (``/proc/<pid>/mem``, ``environ``) to every
+    process outside it, to a process without CAP_SYS_PTRACE (measured: root keeps reading
+    ``environ``). Returns None once confined, or why it could not be (no Landlock here).
+    """
+    abi = landlock_abi()
+    if abi < 1:
+        return "this kernel has no Landlock (Linux 5.13 or later, enabled in the LSM list)"
+    handled = WRITE_ACCESS_ABI1 | (REFER if abi >= 2 else 0) | (TRUNCATE if abi >= 3 else 0)
+    libc = _libc()
+    attr = ctypes.c_uint64(handled)  # struct landlock_ruleset_attr's first field: handled_access_fs
+    ruleset = libc.syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(8), 0)
+    if ruleset < 0:
+        return f"landlock_create_ruleset failed: {os.strerror(ctypes.get_errno())}"
+    try:
+        for path in writable:
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                continue  # a folder that does not exist cannot be written to anyway
+            try:
+                rights = handled if os.path.isdir(path) else handled & FILE_ACCESS
+                rule = _PathBeneath(rights, fd)
+                if libc.syscall(SYS_LANDLOCK_ADD_RULE, ruleset, LANDLOCK_RULE_PATH_BENEATH, ctypes.byref(rule), 0) < 0:
+                    return f"landlock_add_rule for {path} failed: {os.strerror(ctypes.get_errno())}"
+            finally:
+                os.close(fd)
+        if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            return f"prctl(PR_SET_NO_NEW_PRIVS) failed: {os.strerror(ctypes.get_errno())}"
+        if libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0) < 0:
+            return f"landlock_restrict_self failed: {os.strerror(ctypes.get_errno())}"
+    finally:
+        os.close(ruleset)
+    return None
 
 
 def location(exc: BaseException, root: Path) -> str:
@@ -295,6 +377,14 @@ def main(argv: list[str]) -> int:
     die_with_parent(plan.get("parent"))
     root = Path(plan["root"]).resolve()
     os.chdir(root)
+    # The result file is opened before confinement: it lies in the agent's control folder, which
+    # package code may not write.
+    result_fd = os.open(plan["result"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    if plan.get("writable") is not None:
+        problem = confine(plan["writable"])
+        if problem and os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"[aicenter] user processes are not confined to their own folders: {problem}", file=sys.stderr,
+                  flush=True)
     # Package code imports its own modules (``from model import Net``), never this folder's.
     sys.path[0] = str(root)
     result: dict[str, Any] = {"ok": False, "score": None, "skipped": [], "failure": None}
@@ -314,9 +404,12 @@ def main(argv: list[str]) -> int:
             stream.flush()
         except (OSError, ValueError):
             pass
-    tmp = Path(plan["result"] + ".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(plan["result"])
+    # One write at the very end: the supervisor reads it once this process has ended (an empty
+    # or cut file, from a process killed meanwhile, reads as no report).
+    data = json.dumps(result).encode()
+    while data:
+        data = data[os.write(result_fd, data):]
+    os.close(result_fd)
     return 0 if result["ok"] else 1
 
 
