@@ -536,6 +536,7 @@ class Agent:
         # In a pod the supervisor (another container) is the parent, and runs user.py from bin/.
         script = self.work / "bin" / "user.py" if self.mode == "stage" else USER_SCRIPT
         tmp = self.work / "tmp"  # TMPDIR, and its caches (torch, matplotlib) below it: writable, unlike HOME
+        tmp.mkdir(exist_ok=True)
         env = {**env, "TMPDIR": str(tmp), "XDG_CACHE_HOME": env.get("XDG_CACHE_HOME") or str(tmp / tag / "cache"),
                "MPLCONFIGDIR": env.get("MPLCONFIGDIR") or str(tmp / tag / "matplotlib")}
         instructions.write_text(json.dumps({
