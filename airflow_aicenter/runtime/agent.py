@@ -128,8 +128,13 @@ class Unbreakable(io.TextIOBase):
             self.inner.flush()  # drops what was buffered for the dead reader
 
 
+#: The secrets of the run this process serves: every line the agent logs is masked with them (a
+#: message may quote the name of a file that user code made, a link refused in a walk).
+LOG_SECRETS = Redactor()
+
+
 def log(message: str) -> None:
-    emit(sys.stderr, f"[aicenter] {message}\n")
+    emit(sys.stderr, f"[aicenter] {LOG_SECRETS.redact(message)}\n")
 
 
 def human(n: float) -> str:
@@ -222,6 +227,8 @@ class Agent:
         #: Every form of the secret-looking variables' values (the user's secret env, S3 keys):
         #: never in outcome.json or the log.
         self.secrets = Redactor.from_env({**os.environ, **spec.env})
+        for value in self.secrets.values:
+            LOG_SECRETS.add(value)
         #: The names whose values the user supervisor masks in user output (the same values as ``secrets``).
         self.secret_env = secret_names({**os.environ, **spec.env})
         self.topology = Topology.of(spec)

@@ -128,3 +128,31 @@ def test_prediction_errors_and_outputs_are_masked(store: Store, tmp_path: Path, 
             json.loads(line)  # still JSON Lines after masking
     assert not leaked(everything(store), SECRET_LINES)
     assert not leaked(done.stdout + done.stderr, SECRET_LINES)
+
+
+LINKING = '''
+import os
+
+class Main:
+    def __init__(self):
+        pass
+    def train(self, d):
+        folder = os.environ[os.environ["WHERE"]]
+        os.symlink("/etc/hostname", os.path.join(folder, "link-" + os.environ["API_TOKEN"]))
+    def save(self):
+        pass
+'''
+
+
+@pytest.mark.parametrize("where", ["artifacts_directory", "checkpoint_directory"])
+def test_a_link_named_after_the_secret_leaves_no_trace_of_it(tmp_path: Path, where: str) -> None:
+    """A link out of the folder is refused by the walk itself, whose error names it: masked everywhere."""
+    store = open_store((tmp_path / "store").as_uri())
+    _, spec = setup_run(store, tmp_path, train_py=LINKING, checkpoint_prefix="runs/d/r/t/checkpoints/",
+                        checkpoint_interval=0.2)
+    spec.env.update(WHERE=where)
+    done = run_runtime(spec, tmp_path, {"API_TOKEN": TOKEN})
+    outcome = read(store, f"{spec.run_prefix}/outcome.json", Outcome)
+    assert outcome.status == "failed", done.stderr
+    assert not leaked(everything(store), TOKEN), "a form of the secret reached the store"
+    assert not leaked(done.stdout + done.stderr, TOKEN), "a form of the secret reached the log"
