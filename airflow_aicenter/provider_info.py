@@ -77,6 +77,13 @@ def get_provider_info() -> dict[str, Any]:
                         "index URL); credentials go in a netrc file, not in the URL",
                         "schema": {"type": ["string", "null"], "examples": ["https://pypi.internal.example.com/simple"]},
                     },
+                    "run_as_user": {
+                        "label": "Run package code as",
+                        "description": "Local launcher: a user name or uid that package code runs as, so it cannot read the "
+                        "worker's processes and files, the store folder nor the run spec (the worker must run as root); "
+                        "empty: the worker's own user (trusted code only)",
+                        "schema": {"type": ["string", "null"], "examples": ["nobody"]},
+                    },
                     "allowed_dataset_roots": {
                         "label": "Allowed dataset folders",
                         "description": "Comma-separated folders file:// datasets must lie in (empty: any)",

@@ -1,16 +1,26 @@
 """The local launcher: the runtime as a child process of the worker (the embedded default).
 
-Same runtime, same spec, same outcome as a pod; only the process boundary differs. It is for
-trusted code (a laptop, CI): package code runs as the worker's OS user. It still never
-installs anything into the worker's environment and never hands the worker's environment
-variables to the runtime: the child gets a small fixed set (PATH, HOME, locale, temp dir, GPU
-devices), the store's credentials and the user's secret ``env``, nothing of ``AIRFLOW_*``.
-The child has its own process group, so ``kill`` stops everything user code started, and it
-dies with the worker (the runtime watches its parent).
+Same runtime, same outcome as a pod; only the process boundary differs (DESIGN "★ Trust
+boundaries", "Locally"). It never installs anything into the worker's environment and never
+hands the worker's environment variables to the runtime: the child gets a small fixed set
+(PATH, HOME, locale, temp dir, GPU devices), the store's credentials and the user's secret
+``env``, nothing of ``AIRFLOW_*``. The run spec goes to the runtime on its stdin, never into a
+file. The runtime makes itself non-dumpable and is the subreaper of everything package code
+starts, so it is all killed at the end; it dies with the worker (it watches its parent).
+
+Package code runs as the worker's OS user unless the connection extra ``run_as_user`` names
+another (the worker must be allowed to switch: root): then it can read or write neither the
+worker's processes and files, nor the store folder, nor the run spec. Without it the local
+launcher is for trusted code: package code can read the worker's own ``/proc/<pid>/environ``.
+
+Each launch's folder (``$TMPDIR/aicenter-launch-*``, the runtime's work folder) is locked for
+as long as its launcher lives; the next launch removes the folders whose launcher died (a
+SIGKILLed worker) and kills whatever still runs in them, so nothing is left in the temp folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -24,7 +34,9 @@ from typing import TYPE_CHECKING, Any
 from airflow_aicenter.errors import ConfigurationError
 from airflow_aicenter.launchers.base import Finished, Launcher, settle_outcome
 from airflow_aicenter.records import RunRef, RunSpec, redact
+from airflow_aicenter.runtime import isolation
 from airflow_aicenter.secrets import Redactor
+from airflow_aicenter.storage.store import LocalStore
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -96,6 +108,7 @@ class LocalLauncher(Launcher):
     :param gpu: GPUs the run asks for; refused when the worker has fewer.
     :param nodes: must be 1: a local run is one machine.
     :param log: where the runtime's lines go (the task's logger), each at its own level.
+    :param run_as_user: a user name or uid that package code runs as (the worker must be root).
     """
 
     name = "local"
@@ -111,8 +124,10 @@ class LocalLauncher(Launcher):
         nodes: int = 1,
         dataset_volume_claim: str | None = None,
         log: Any = None,
+        run_as_user: str | int | None = None,
     ) -> None:
         self.store, self.env, self.secrets = store, env, secrets
+        self.run_as_user = None if run_as_user is None or str(run_as_user).strip() == "" else run_as_user
         self.log = log or RUNTIME_LOG
         self.python = python or sys.executable
         self.gpu, self.nodes, self.dataset_volume_claim = gpu, nodes, dataset_volume_claim
@@ -133,6 +148,7 @@ class LocalLauncher(Launcher):
             raise ConfigurationError(
                 f"local launcher interpreter {self.python!r} does not exist; give a path to a python executable"
             )
+        self._run_as()
         if self.gpu > 0:
             available = visible_gpus()
             if available < self.gpu:
@@ -148,32 +164,85 @@ class LocalLauncher(Launcher):
         )
         return Finished(spec, run, settle_outcome(self.store, spec, run, ended=ended))
 
+    def _run_as(self) -> tuple[int, int] | None:
+        """``(uid, gid)`` of ``run_as_user``, refused clearly when it cannot work."""
+        if self.run_as_user is None:
+            return None
+        try:
+            uid, gid = isolation.resolve_user(self.run_as_user)
+        except LookupError as exc:
+            raise ConfigurationError(f"{exc} (connection extra run_as_user)") from None
+        if os.geteuid() != 0:
+            raise ConfigurationError(
+                f"run_as_user={self.run_as_user!r} needs a worker that may switch users (root), and this worker runs as "
+                f"uid {os.geteuid()}: run the worker as root (e.g. in a container), or remove run_as_user"
+            )
+        if uid == 0:
+            raise ConfigurationError("run_as_user must name an unprivileged user, not root (uid 0)")
+        return uid, gid
+
+    def _private_store(self) -> None:
+        """A file store is the worker's alone under ``run_as_user``: its root is made 0700 (package code cannot read it)."""
+        if isinstance(self.store, LocalStore):
+            root = self.store.root
+            mode = root.stat().st_mode & 0o777
+            if mode & 0o077:
+                root.chmod(mode & 0o700)
+                self.log.info("Made the file store %s private to the worker (mode 0700): run_as_user must not read it", root)
+
     def run(self, spec: RunSpec) -> int:
         """Run the runtime to its end; every line it prints is logged (masked, capped, by level)."""
-        # The folder is also the runtime's work folder: the runtime removes it when it ends, so it does
-        # not outlive a worker that was SIGKILLed (the runtime watches its parent and stops).
-        with tempfile.TemporaryDirectory(prefix="aicenter-launch-", ignore_cleanup_errors=True) as tmp:
-            spec_path = Path(tmp) / "spec.json"
-            spec_path.write_text(spec.model_dump_json())
+        run_as = self._run_as()
+        for folder in isolation.sweep(Path(tempfile.gettempdir())):
+            self.log.warning("Removed %s and what still ran in it: left by a launch whose worker died", folder)
+        if run_as is not None:
+            self._private_store()
+        # The folder is also the runtime's work folder: the runtime removes it when it ends, and the
+        # next launch removes it (and kills what runs in it) if the worker and the runtime were killed.
+        work = Path(tempfile.mkdtemp(prefix=isolation.LAUNCH_PREFIX))
+        lock = isolation.hold_lock(work)
+        try:
             child_env = {k: v for k, v in os.environ.items() if k in PASS_ENV or k.startswith(PASS_PREFIXES)}
             child_env.update(self.env)
             child_env.update(
-                {"PYTHONUNBUFFERED": "1", "AICENTER_WORKDIR": tmp, "AICENTER_PARENT_PID": str(os.getpid())}
+                {"PYTHONUNBUFFERED": "1", "AICENTER_WORKDIR": str(work), "AICENTER_PARENT_PID": str(os.getpid())}
             )
+            if run_as is not None:
+                child_env["AICENTER_RUN_AS"] = f"{run_as[0]}:{run_as[1]}"
             self.log.info("Starting the runtime: %s -m airflow_aicenter.runtime", self.python)
             self.process = subprocess.Popen(
-                [self.python, "-m", "airflow_aicenter.runtime", str(spec_path)],
+                [self.python, "-m", "airflow_aicenter.runtime", "-"],  # the spec on stdin: in no file
                 env=child_env,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-            assert self.process.stdout is not None
+            assert self.process.stdin is not None and self.process.stdout is not None
+            try:
+                with self.process.stdin:
+                    self.process.stdin.write(spec.model_dump_json().encode())
+            except BrokenPipeError:
+                pass  # the runtime ended before reading it: its exit code says why
             self._stream(self.process.stdout)
             code = self.process.wait()
+        finally:
+            self._clean(work)
+            os.close(lock)
         self.log.info("The runtime exited with code %s", code)
         return code
+
+    @staticmethod
+    def _clean(work: Path) -> None:
+        """Whatever still runs in the launch folder (the runtime was killed before it could) ends, then the folder goes."""
+        for _ in range(3):
+            pids = isolation.processes_in(work)
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(work, ignore_errors=True)
 
     def _stream(self, out: object) -> None:
         reader = out.readline  # type: ignore[attr-defined]

@@ -320,6 +320,7 @@ class BasePipelineOperator(KubernetesPodOperator):
             nodes=self.nodes,
             dataset_volume_claim=self.dataset_volume_claim,
             log=self.log,
+            run_as_user=self.aicenter_hook.settings.extra.get("run_as_user"),
         )
 
     # -- the one flow --------------------------------------------------------------------
@@ -596,7 +597,7 @@ class BasePipelineOperator(KubernetesPodOperator):
         An earlier try whose runtime succeeded (its version may or may not be registered yet: the
         worker died in between) is completed under its own run folder; ``commit_once`` makes the
         registration happen once. An earlier try still ``running`` whose process cannot be alive
-        (local launcher: it dies with its worker) is marked abandoned, so no record stays running.
+        (local launcher: it dies with its worker) is settled as killed, so no record stays running.
         """
         store = self.aicenter_hook.get_store()
         for earlier in range(run.try_number - 1, 0, -1):
@@ -606,7 +607,7 @@ class BasePipelineOperator(KubernetesPodOperator):
             if outcome is None:
                 continue
             if outcome.status == "running" and not launcher.outlives_worker:
-                outcome.status, outcome.end_at = "failed", time.time()
+                outcome.status, outcome.end_at = "killed", time.time()  # its worker was killed: nothing failed
                 outcome.error = (
                     f"abandoned: try {earlier} never reported an ending (its worker stopped during {outcome.phase or 'start-up'})"
                 )

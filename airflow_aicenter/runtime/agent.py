@@ -37,7 +37,7 @@ from airflow_aicenter.errors import AICenterError, DatasetError, NotFoundError, 
 from airflow_aicenter.package import extract_zip, iter_package_files, validate_package, write_zip
 from airflow_aicenter.plans import plan_for
 from airflow_aicenter.records import BlobRef, Outcome, RunSpec, write
-from airflow_aicenter.runtime import supervisor
+from airflow_aicenter.runtime import isolation, supervisor
 from airflow_aicenter.runtime.checkpoint import CheckpointSync, try_of
 from airflow_aicenter.runtime.environment import Environment, prepare_environment
 from airflow_aicenter.runtime.incremental import (
@@ -231,6 +231,9 @@ class Agent:
             LOG_SECRETS.add(value)
         #: The names whose values the user supervisor masks in user output (the same values as ``secrets``).
         self.secret_env = secret_names({**os.environ, **spec.env})
+        #: The local launcher's run_as_user, "uid:gid": user processes run as that user (DESIGN "Trust boundaries").
+        run_as = os.environ.get("AICENTER_RUN_AS")
+        self.run_as = dict(zip(("uid", "gid"), map(int, run_as.split(":")), strict=True)) if run_as else None
         self.topology = Topology.of(spec)
         if self.topology.world_size > 1:
             self.outcome.distributed = {"nodes": spec.nodes, "procs_per_node": spec.procs_per_node,
@@ -580,10 +583,28 @@ class Agent:
         The first to fail fails the run and the others are stopped; whatever they started ends
         with them. A SIGTERM (``Killed``) stops them all on its way up.
         """
+        self._confine(processes)
         ended = supervise(self._supervisor_plan(processes))
         if ended["status"] != "succeeded":
             raise RunError(ended["cause"] or f"the user processes {ended['status']}")
         return cast(list[dict[str, Any]], ended["results"])
+
+    def _confine(self, processes: list[dict[str, Any]]) -> None:
+        """Locally: scratch files in the work folder (removed with it), and under ``run_as`` only its folders writable."""
+        tmp = self.work / "tmp"
+        tmp.mkdir(exist_ok=True)
+        for entry in processes:
+            entry["env"]["TMPDIR"] = str(tmp)
+            if self.run_as:
+                entry["env"]["HOME"] = str(tmp)
+        if self.run_as:
+            names = ("artifacts_directory", "checkpoint_directory", "training_data_directory", "evaluation_data_directory")
+            writable = [self.control, tmp, *(self.dirs[name] for name in names)]
+            if self.plan.makes_version:  # the package folder (and each rank's copy) becomes the new version
+                writable += [Path(entry["cwd"]) for entry in processes]
+            if self.plan.serving:
+                writable += [self.work / "predictions", self.work / "parts"]
+            isolation.hand_over(self.work, self.run_as["uid"], self.run_as["gid"], writable)
 
     def _supervisor_plan(self, processes: list[dict[str, Any]]) -> dict[str, Any]:
         """The user supervisor's plan (runtime/supervisor.py) for these processes."""
@@ -593,7 +614,7 @@ class Agent:
             "prefix_output": self.topology.world_size > 1,
             "line_limit": LINE_LIMIT,
             "grace": USER_GRACE,
-            "run_as": None,
+            "run_as": self.run_as,
             "exit_file": str(self.control / "exit.json"),
         }
 
@@ -883,6 +904,7 @@ def write_termination_message(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    isolation.make_undumpable()  # first: the store's keys in our environment and memory are no one else's to read
     sys.stdout = cast(TextIO, Unbreakable(sys.stdout))
     sys.stderr = cast(TextIO, Unbreakable(sys.stderr))
     args = list(sys.argv[1:] if argv is None else argv)
@@ -894,7 +916,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--phase must be one of {', '.join(PHASES)}", file=sys.stderr)
             return 2
     raw = os.environ.get("AICENTER_RUN_SPEC")
-    if args:
+    if args == ["-"]:  # the local launcher: on stdin, in no file
+        raw = sys.stdin.read()
+    elif args:
         raw = Path(args[0]).read_text()
     if not raw:
         print("usage: python -m airflow_aicenter.runtime [--phase stage|sync] SPEC.json (or set AICENTER_RUN_SPEC)",

@@ -39,6 +39,8 @@ PR_SET_CHILD_SUBREAPER = 36
 LAUNCH_PREFIX = "aicenter-launch-"
 #: The lock a live launcher holds (flock) on its launch folder; nobody holding it means its owner is dead.
 LOCK_NAME = ".lock"
+#: Seconds after which a launch folder without a lock, with nothing running in it, counts as abandoned.
+UNLOCKED_PATIENCE = 300.0
 #: How long :func:`kill_descendants` keeps killing what keeps appearing (a fork loop) before giving up.
 KILL_PATIENCE = 10.0
 
@@ -169,6 +171,29 @@ def resolve_user(value: str | int) -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
+def hand_over(work: Path, uid: int, gid: int, writable: Iterable[Path]) -> None:
+    """Give ``run_as`` what it may write in the work folder, and nothing else of it.
+
+    The work folder becomes traversable but not listable (0711): user processes reach the
+    folders whose paths they are given and read what the agent staged there (data, package,
+    instructions: created world-readable), but write only ``writable`` (made theirs, through no
+    link) and never see the folder's own files (its lock). The agent keeps everything else.
+    """
+    work.chmod(0o711)
+    for folder in writable:
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in _tree(folder):
+            os.chown(path, uid, gid, follow_symlinks=False)
+
+
+def _tree(folder: Path) -> Iterable[Path]:
+    """``folder`` and everything under it, without following links."""
+    yield folder
+    for base, dirs, files in os.walk(folder, followlinks=False):
+        for name in (*dirs, *files):
+            yield Path(base) / name
+
+
 # -- launch folders ----------------------------------------------------------------------------
 def hold_lock(folder: Path) -> int:
     """Lock ``folder`` for as long as the returned descriptor is open (it dies with its holder)."""
@@ -178,11 +203,15 @@ def hold_lock(folder: Path) -> int:
 
 
 def _abandoned(folder: Path) -> bool:
-    """Whether no live process holds ``folder``'s lock (a folder being created has no lock yet: spared)."""
+    """Whether no live process holds ``folder``'s lock (an unlocked one only when it is old and nothing runs in it)."""
     try:
         fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
+    except OSError:  # no lock: one being created, or one of a launcher that died before it locked
+        try:
+            old = time.time() - folder.stat().st_mtime > UNLOCKED_PATIENCE
+        except OSError:
+            return False
+        return old and not processes_in(folder)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

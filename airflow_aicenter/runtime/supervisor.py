@@ -39,6 +39,7 @@ import importlib.util
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -62,6 +63,8 @@ BUNDLE = {
 LINE_LIMIT = 64 * 1024
 #: Seconds a user process gets between SIGTERM and SIGKILL.
 GRACE = 5.0
+#: The largest result file read (a user process writes it: it must not cost the supervisor its memory).
+RESULT_LIMIT = 64 << 20
 #: The longest cause recorded (its head and its end are kept: the end says what went wrong).
 CAUSE_LIMIT = 4000
 
@@ -116,10 +119,24 @@ class UserProcess:
     pumps: list[threading.Thread] = field(default_factory=list)
 
     def result(self) -> dict[str, Any] | None:
+        """The process's result file, when it is a regular file (never through a link user code planted)."""
         try:
-            return cast(dict[str, Any], json.loads(self.result_path.read_text()))
+            fd = os.open(self.result_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            with os.fdopen(fd, "rb", closefd=False) as fh:
+                raw = fh.read(RESULT_LIMIT + 1)
+            if len(raw) > RESULT_LIMIT:
+                return None
+            value = json.loads(raw)
+            return cast(dict[str, Any], value) if isinstance(value, dict) else None
         except (OSError, ValueError):
             return None
+        finally:
+            os.close(fd)
 
     def failure_time(self) -> float:
         failure = (self.result() or {}).get("failure") or {}
@@ -312,10 +329,17 @@ def supervise(plan: dict[str, Any], *, stdout: TextIO | None = None, stderr: Tex
 
 
 def _write_exit(exit_file: str | None, record: dict[str, Any]) -> dict[str, Any]:
+    """Write the exit record atomically, through no link: its folder may be writable by ``run_as``.
+
+    The temporary file has an unpredictable name and is created exclusively without following
+    links, and a rename replaces a planted link rather than writing through it.
+    """
     if exit_file:
-        tmp = Path(f"{exit_file}.tmp")
-        tmp.write_text(json.dumps(record))
-        tmp.replace(exit_file)  # last, atomically: whoever waits for it sees all of it or nothing
+        tmp = f"{exit_file}.{os.getpid()}.{os.urandom(8).hex()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(record))
+        os.replace(tmp, exit_file)  # last, atomically: whoever waits for it sees all of it or nothing
     return record
 
 

@@ -1,0 +1,420 @@
+"""Issue 18, findings 1 and 5, on the local launcher: package code tries to reach the agent, the worker and
+the run spec, and to outlive its run. Real launches (the local launcher run by a real worker process,
+as a throwaway system user or as root with ``run_as_user``), the moto S3 server's keys in the agent's
+environment, real ``/proc`` reads, real daemons and real SIGKILLs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from airflow_aicenter.launchers.local import LocalLauncher
+from airflow_aicenter.operators import TrainPipelineOperator
+from airflow_aicenter.records import Outcome, RunRef, read
+from airflow_aicenter.storage import open_store
+from tests.runtime.test_run import setup_run
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV_SITE = Path(sysconfig.get_paths()["purelib"])  # the worker's venv
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or os.geteuid() != 0,
+                                reason="needs Linux and root (creates a system user)")
+
+#: Package code as an attacker writes it: everything it could read or write, into artifacts/probe.json.
+PROBE = r'''
+import json, os, subprocess, sys, time
+
+def attempt(fn):
+    try:
+        return {"ok": True, "value": fn()}
+    except Exception as exc:
+        return {"ok": False, "error": type(exc).__name__}
+
+def read(path):
+    with open(path, "rb") as fh:
+        return fh.read().decode("latin-1")
+
+def scan_mem(pid):
+    """What follows every AWS_SECRET_ACCESS_KEY= in the process's writable memory."""
+    found = []
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb") as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if "rw" not in perms:
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            try:
+                mem.seek(start)
+                chunk = mem.read(min(end - start, 64 << 20))
+            except OSError:
+                continue
+            at = chunk.find(b"AWS_SECRET_ACCESS_KEY=")
+            while at >= 0:
+                found.append(chunk[at:at + 60].decode("latin-1"))
+                at = chunk.find(b"AWS_SECRET_ACCESS_KEY=", at + 1)
+    return found
+
+def write(path):
+    with open(path, "w") as fh:
+        fh.write("planted")
+    return path
+
+class Main:
+    def __init__(self):
+        pass
+    def train(self, d):
+        agent = os.getppid()
+        worker = int(read(f"/proc/{agent}/stat").rsplit(")", 1)[1].split()[1])
+        launch = os.path.dirname(os.environ["artifacts_directory"])
+        probe = {
+            "uid": os.getuid(), "groups": os.getgroups(), "agent": agent, "worker": worker,
+            "agent_environ": attempt(lambda: read(f"/proc/{agent}/environ")),
+            "agent_mem": attempt(lambda: scan_mem(agent)),
+            "worker_environ": attempt(lambda: read(f"/proc/{worker}/environ")),
+            "launch_listing": attempt(lambda: sorted(os.listdir(launch))),
+            "spec": attempt(lambda: read(os.path.join(launch, "spec.json"))),
+        }
+        if os.environ.get("PROBE_VENV"):
+            probe["venv_write"] = attempt(lambda: write(os.path.join(os.environ["PROBE_VENV"], "planted.pth")))
+        if os.environ.get("PROBE_STORE"):
+            probe["store_listing"] = attempt(lambda: os.listdir(os.environ["PROBE_STORE"]))
+            probe["store_write"] = attempt(lambda: write(os.path.join(os.environ["PROBE_STORE"], "planted")))
+        if os.environ.get("PROBE_SECRET_FILE"):
+            probe["worker_file"] = attempt(lambda: read(os.environ["PROBE_SECRET_FILE"]))
+        probe["tmp_write"] = attempt(lambda: write(os.path.join(os.environ.get("TMPDIR", "/tmp"), "scratch")))
+        with open(os.path.join(os.environ["artifacts_directory"], "probe.json"), "w") as fh:
+            json.dump(probe, fh)
+    def save(self):
+        with open("model.txt", "w") as fh:
+            fh.write("trained")
+'''
+
+#: A daemon as servers and leaky libraries start one: setsid, double fork, chdir /, then it lives on.
+DAEMON_TRAIN = r'''
+import os, subprocess, sys, time
+DAEMON = """
+import os, sys, time
+os.setsid()
+if os.fork():
+    os._exit(0)
+os.chdir("/")
+open(sys.argv[1], "w").write(str(os.getpid()))
+time.sleep(300)
+"""
+class Main:
+    def __init__(self):
+        pass
+    def train(self, d):
+        pid_file = os.path.join(os.environ["artifacts_directory"], "daemon.pid")  # Landlock: its own folders only
+        subprocess.run([sys.executable, "-c", DAEMON, pid_file + ".tmp"], check=True)
+        while not os.path.exists(pid_file + ".tmp") or not open(pid_file + ".tmp").read():
+            time.sleep(0.05)
+        os.replace(pid_file + ".tmp", pid_file)
+        open(pid_file + ".user", "w").write(f"{os.getpid()} {os.getppid()}")
+        if os.environ.get("FAIL"):
+            raise ValueError("boom")
+        time.sleep(float(os.environ.get("TRAIN_SLEEP", "0")))
+    def save(self):
+        pass
+'''
+
+#: The worker: a process that runs the local launcher, as the operator does (its environment holds Airflow's secrets).
+WORKER = r'''
+import os, signal, sys
+from airflow_aicenter.launchers.local import LocalLauncher
+from airflow_aicenter.records import RunSpec
+from airflow_aicenter.storage import open_store
+
+spec = RunSpec.model_validate_json(open(sys.argv[1]).read())
+env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+env.update({k: os.environ[k] for k in spec.user_env_names if k in os.environ})
+extra = {"run_as_user": os.environ["RUN_AS"]} if os.environ.get("RUN_AS") else {}
+launcher = LocalLauncher(store=open_store(spec.storage), env=env, python=os.environ.get("RUNTIME_PYTHON"), **extra)
+launcher.check()
+signal.signal(signal.SIGTERM, lambda *_: launcher.kill())  # Airflow's on_kill
+sys.exit(launcher.run(spec))
+'''
+
+WORKER_SECRETS = {
+    "AIRFLOW_CONN_WAREHOUSE": "postgresql://etl:worker-conn-password@db/warehouse",
+    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql://airflow:worker-sqlalchemy-password@db/airflow",
+}
+
+
+@pytest.fixture
+def system_user() -> Iterator[SimpleNamespace]:
+    """A throwaway system user (no home, no login), removed afterwards with everything it still runs."""
+    name = f"aict{uuid.uuid4().hex[:10]}"
+    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                   check=True, capture_output=True)
+    entry = pwd.getpwnam(name)
+    try:
+        yield SimpleNamespace(name=name, uid=entry.pw_uid, gid=entry.pw_gid)
+    finally:
+        subprocess.run(["pkill", "-KILL", "-u", str(entry.pw_uid)], capture_output=True, check=False)
+        subprocess.run(["userdel", name], capture_output=True, check=False)
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """A folder any user may traverse (pytest's own tmp is root's alone): driver files, TMPDIR, a file store."""
+    path = Path(tempfile.mkdtemp(prefix="aict-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def s3_store(s3_server):
+    return open_store(f"s3://{s3_server.create_bucket()}/aicenter", s3_server.options)
+
+
+def runtime_python(scratch: Path, user: SimpleNamespace | None) -> Path:
+    """An interpreter with this checkout and the worker's packages that ``user`` can run (a wrapper script).
+
+    The worker's venv may be made from an interpreter only root can reach (pyenv under /root): then
+    the system's Python of the same version runs the venv's packages.
+    """
+    python = sys.executable
+    if user is not None and not runnable_by(user, python):
+        python = "/usr/bin/python3"
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        if not runnable_by(user, python, f"import sys; assert sys.version.startswith('{version}.')"):
+            pytest.skip(f"no Python {version} that user {user.name} can run (the venv's interpreter is not reachable)")
+    wrapper = scratch / f"python-{user.uid if user else 0}"
+    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={ROOT}:{VENV_SITE} exec {python} "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def runnable_by(user: SimpleNamespace, python: str, code: str = "pass") -> bool:
+    try:
+        done = subprocess.run([python, "-c", code], user=user.uid, group=user.gid, extra_groups=[], cwd="/",
+                              capture_output=True, timeout=60, check=False)
+    except OSError:
+        return False
+    return done.returncode == 0
+
+
+def launch(spec, scratch: Path, env: dict[str, str], *, user: SimpleNamespace | None = None,
+           run_as: SimpleNamespace | None = None, tmpdir: Path | None = None, wait: bool = True) -> subprocess.Popen[str]:
+    """Start the worker (as ``user``, or root) running the local launcher on ``spec`` (user code as ``run_as``)."""
+    driver = scratch / "worker.py"
+    driver.write_text(WORKER)
+    spec_file = scratch / f"spec-{uuid.uuid4().hex[:6]}.json"
+    spec_file.write_text(spec.model_dump_json())
+    tmpdir = tmpdir or scratch / "tmp"
+    tmpdir.mkdir(exist_ok=True)
+    if user is not None:
+        os.chown(tmpdir, user.uid, user.gid)
+    python = runtime_python(scratch, user or run_as)  # user processes run the runtime's interpreter
+    full = {"PATH": os.environ["PATH"], "HOME": str(tmpdir), "TMPDIR": str(tmpdir), "LANG": "C.UTF-8",
+            "RUNTIME_PYTHON": str(python), **WORKER_SECRETS, **env}
+    if run_as:
+        full["RUN_AS"] = run_as.name
+    extra = {"user": user.uid, "group": user.gid, "extra_groups": []} if user is not None else {}
+    process = subprocess.Popen([str(python), str(driver), str(spec_file)], env=full, cwd=str(scratch),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **extra)
+    if wait:
+        process.output = process.communicate(timeout=180)[0]  # type: ignore[attr-defined]
+    return process
+
+
+def daemon_run(store, tmp_path: Path, env: dict[str, str]):
+    registry, spec = setup_run(store, tmp_path, train_py=DAEMON_TRAIN)
+    return registry, spec.model_copy(update={"env": {**spec.env, **env}})
+
+
+def run_file(scratch: Path, name: str, timeout: float = 60) -> str:
+    """A file package code wrote into its artifacts folder, read while the run is going on."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for path in (scratch / "tmp").glob(f"aicenter-launch-*/artifacts/{name}"):
+            with contextlib.suppress(OSError):
+                if text := path.read_text():
+                    return text
+        time.sleep(0.05)
+    raise AssertionError(f"package code never wrote {name}")
+
+
+def probe_of(store, spec) -> dict:
+    return json.loads(store.get_bytes(f"{spec.run_prefix}/artifacts/probe.json"))
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def gone_within(pid: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+# -- finding 1: the user process reads the agent ------------------------------------------------
+def test_same_user_package_code_cannot_read_the_agent_nor_the_run_spec(s3_server, system_user, scratch, tmp_path):
+    """Worker, agent and package code all run as one non-root user (the default local setup)."""
+    store = s3_store(s3_server)
+    _, spec = setup_run(store, tmp_path, train_py=PROBE)
+    worker = launch(spec, scratch, s3_server.env(), user=system_user)
+    assert worker.returncode == 0, worker.output[-3000:]
+    probe = probe_of(store, spec)
+    assert probe["uid"] == system_user.uid
+    # the agent holds the store's keys: neither its environment nor its memory can be read
+    assert probe["agent_environ"] == {"ok": False, "error": "PermissionError"}, "the agent's environ was readable"
+    assert probe["agent_mem"] == {"ok": False, "error": "PermissionError"}, "the agent's memory was readable"
+    # the run spec is in no file of the launch folder
+    assert probe["spec"]["ok"] is False
+    assert "spec.json" not in (probe["launch_listing"].get("value") or [])
+    # nothing of it reached the logs or the store
+    assert "testing-secret" not in worker.output
+    assert read(store, f"{spec.run_prefix}/outcome.json", Outcome).status == "succeeded"
+
+
+def test_the_agent_is_not_dumpable_to_any_process_of_its_uid(s3_server, system_user, scratch, tmp_path):
+    """Not only to package code (which Landlock may confine as well): to any process of the same uid."""
+    store = s3_store(s3_server)
+    _, spec = daemon_run(store, tmp_path, {"TRAIN_SLEEP": "6"})
+    worker = launch(spec, scratch, s3_server.env(), user=system_user, wait=False)
+    _, agent = map(int, run_file(scratch, "daemon.pid.user").split())
+    reader = "import sys\ntry:\n    open(sys.argv[1], 'rb').read(); print('read')\nexcept PermissionError:\n    print('denied')"
+    seen = {}
+    for pid in (agent, worker.pid):
+        for name in ("environ", "mem"):
+            done = subprocess.run([sys.executable if runnable_by(system_user, sys.executable) else "/usr/bin/python3",
+                                   "-c", reader, f"/proc/{pid}/{name}"], user=system_user.uid, group=system_user.gid,
+                                  extra_groups=[], capture_output=True, text=True, cwd="/", timeout=60, check=False)
+            seen[("agent" if pid == agent else "worker", name)] = done.stdout.strip() or done.stderr[-300:]
+    out = worker.communicate(timeout=120)[0]
+    assert worker.returncode == 0, out[-3000:]
+    assert seen[("agent", "environ")] == "denied" and seen[("agent", "mem")] == "denied", seen
+    assert seen[("worker", "environ")] == "read", seen  # the control: the same reader reads a dumpable process
+
+
+def test_run_as_user_cannot_reach_the_worker_its_venv_the_store_or_the_spec(system_user, scratch, tmp_path):
+    """The worker is root and switches user processes to ``run_as_user``: the worker's files and processes are out of reach."""
+    store_dir = scratch / "store"
+    store = open_store(store_dir.as_uri())
+    secret_file = scratch / "airflow.cfg"
+    secret_file.write_text("fernet_key = worker-fernet-secret\n")
+    secret_file.chmod(0o600)
+    _, spec = setup_run(store, tmp_path, train_py=PROBE)
+    spec = spec.model_copy(update={"env": {**spec.env, "PROBE_VENV": str(VENV_SITE), "PROBE_STORE": str(store_dir),
+                                           "PROBE_SECRET_FILE": str(secret_file)}})
+    worker = launch(spec, scratch, {"AWS_SECRET_ACCESS_KEY": "worker-aws-secret"}, run_as=system_user)
+    assert worker.returncode == 0, worker.output[-3000:]
+    probe = probe_of(store, spec)
+    assert probe["uid"] == system_user.uid and probe["groups"] in ([], [system_user.gid])
+    for what in ("agent_environ", "agent_mem", "worker_environ", "spec", "launch_listing", "venv_write",
+                 "store_listing", "store_write", "worker_file"):
+        assert probe[what]["ok"] is False, (what, probe[what])
+    assert not (VENV_SITE / "planted.pth").exists() and not (store_dir / "planted").exists()
+    # what it may write, it can: its artifacts (probe.json came back), its tmp, and the package it saves
+    assert probe["tmp_write"]["ok"] is True
+    outcome = read(store, f"{spec.run_prefix}/outcome.json", Outcome)
+    assert outcome.status == "succeeded" and outcome.blob is not None
+    assert "worker-aws-secret" not in json.dumps(probe) and "worker-fernet-secret" not in json.dumps(probe)
+    assert not any((scratch / "tmp").iterdir()), "the launch left something in TMPDIR"
+
+
+def test_run_as_user_that_does_not_exist_is_refused_before_anything_runs(tmp_path):
+    store = open_store((tmp_path / "store").as_uri())
+    launcher = LocalLauncher(store=store, env={}, run_as_user="no-such-user-aicenter")
+    with pytest.raises(Exception, match="run_as_user 'no-such-user-aicenter' is not a user on this machine"):
+        launcher.check()
+
+
+# -- finding 5: daemons survive the run --------------------------------------------------------
+def test_a_setsid_daemon_is_killed_when_the_run_succeeds(scratch, tmp_path):
+    store = open_store((tmp_path / "store").as_uri())
+    _, spec = daemon_run(store, tmp_path, {})
+    worker = launch(spec, scratch, {})
+    assert worker.returncode == 0, worker.output[-3000:]
+    daemon = int(store.get_bytes(f"{spec.run_prefix}/artifacts/daemon.pid"))
+    assert gone_within(daemon, 5), "the setsid daemon outlived its successful run"
+    assert not any((scratch / "tmp").iterdir()), "the launch left something in TMPDIR"
+
+
+@pytest.mark.parametrize("ending", ["failure", "sigterm"])
+def test_nothing_is_left_after_a_failure_or_a_sigterm(scratch, tmp_path, ending):
+    store = open_store((tmp_path / "store").as_uri())
+    _, spec = daemon_run(store, tmp_path, {"TRAIN_SLEEP": "120", **({"FAIL": "1"} if ending == "failure" else {})})
+    worker = launch(spec, scratch, {}, wait=False)
+    daemon = int(run_file(scratch, "daemon.pid"))
+    if ending == "sigterm":
+        run_file(scratch, "daemon.pid.user")
+        worker.send_signal(signal.SIGTERM)  # Airflow's on_kill reaches the worker: it kills the launcher's group
+    worker.communicate(timeout=60)
+    assert gone_within(daemon, 5), f"the setsid daemon outlived a {ending}"
+    assert not any((scratch / "tmp").iterdir()), sorted(p.name for p in (scratch / "tmp").iterdir())
+
+
+def test_sigkill_of_worker_and_agent_is_cleaned_up_by_the_next_launch(scratch, tmp_path):
+    store = open_store((tmp_path / "store").as_uri())
+    _, spec = daemon_run(store, tmp_path, {"TRAIN_SLEEP": "120"})
+    worker = launch(spec, scratch, {}, wait=False)
+    daemon = int(run_file(scratch, "daemon.pid"))
+    user, agent = map(int, run_file(scratch, "daemon.pid.user").split())
+    os.kill(worker.pid, signal.SIGKILL)
+    os.kill(agent, signal.SIGKILL)
+    worker.communicate(timeout=30)
+    assert gone_within(user, 5), "the user process outlived its agent"
+    assert alive(daemon)  # reparented to init: only the next launch can find it
+    left = list((scratch / "tmp").iterdir())
+    assert [p.name.startswith("aicenter-launch-") for p in left] == [True]
+    assert not (left[0] / "spec.json").exists(), "the run spec sat in a file of the launch folder"
+    assert read(store, f"{spec.run_prefix}/outcome.json", Outcome).status == "running"
+
+    # the next launch on this worker sweeps what the dead one left: its folder and its daemon
+    quick = setup_run(store, tmp_path / "next")[1].model_copy(update={"run_prefix": "runs/d/r/t/2"})
+    again = launch(quick, scratch, {})
+    assert again.returncode == 0, again.output[-3000:]
+    assert gone_within(daemon, 5), "the next launch left the dead run's daemon alive"
+    assert not any((scratch / "tmp").iterdir()), sorted(p.name for p in (scratch / "tmp").iterdir())
+
+    # and the operator's next try settles the dead try's outcome as killed
+    operator = TrainPipelineOperator(task_id="t", package="rec", dataset="file:///unused")
+    operator.__dict__["aicenter_hook"] = SimpleNamespace(get_store=lambda: store)
+    ref = RunRef(dag_id="d", run_id="r", task_id="t", try_number=2)
+    assert operator.recover(ref, None, LocalLauncher(store=store, env={})) is None
+    settled = read(store, f"{spec.run_prefix}/outcome.json", Outcome)
+    assert settled.status == "killed" and settled.end_at is not None and "never reported an ending" in settled.error
+
+
+def test_a_live_launch_folder_is_never_swept(scratch, tmp_path):
+    """The next launch removes only folders whose launcher is dead: a concurrent run on the same worker is left alone."""
+    store = open_store((tmp_path / "store").as_uri())
+    _, spec = daemon_run(store, tmp_path, {"TRAIN_SLEEP": "15"})
+    first = launch(spec, scratch, {}, wait=False)
+    daemon = int(run_file(scratch, "daemon.pid"))
+    quick = setup_run(store, tmp_path / "next")[1].model_copy(update={"run_prefix": "runs/d/r/t/2"})
+    second = launch(quick, scratch, {})
+    assert second.returncode == 0, second.output[-3000:]
+    assert alive(daemon) and first.poll() is None, "a live run was swept"
+    out = first.communicate(timeout=60)[0]
+    assert first.returncode == 0, out[-3000:]
+    assert gone_within(daemon, 5)
+    assert not any((scratch / "tmp").iterdir())
