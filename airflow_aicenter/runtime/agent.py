@@ -502,7 +502,8 @@ class Agent:
         if self.environment is None:
             self.environment = prepare_environment(root, self.store, indexes=self.spec.package_indexes, log=log,
                                                    allow_source_builds=self.spec.allow_source_builds,
-                                                   package=self.spec.package)
+                                                   package=self.spec.package,
+                                                   build_user=(self.run_as["uid"], self.run_as["gid"]) if self.run_as else None)
             self.outcome.environment = self.environment.summary()
         return str(self.environment.python)
 
