@@ -549,7 +549,8 @@ class Agent:
         tmp = self.work / "tmp"  # TMPDIR, and its caches (torch, matplotlib) below it: writable, unlike HOME
         tmp.mkdir(exist_ok=True)
         env = {**env, "TMPDIR": str(tmp), "XDG_CACHE_HOME": env.get("XDG_CACHE_HOME") or str(tmp / tag / "cache"),
-               "MPLCONFIGDIR": env.get("MPLCONFIGDIR") or str(tmp / tag / "matplotlib")}
+               "MPLCONFIGDIR": env.get("MPLCONFIGDIR") or str(tmp / tag / "matplotlib"),
+               "TRITON_CACHE_DIR": env.get("TRITON_CACHE_DIR") or str(tmp / tag / "triton")}
         instructions.write_text(json.dumps({
             "root": str(root), "module": module, "result": str(result_path),
             "parent": None if self.mode == "stage" else os.getpid(), "steps": steps or [], "predict": predict,
