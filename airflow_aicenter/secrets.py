@@ -321,8 +321,11 @@ def _redact_json_line(line: str, redactor: Redactor) -> str:
 
     Masking the decoded strings finds what the text alone cannot: a secret's ``repr`` inside an
     exception message that ``json.dumps`` escaped once more (``'a\\nb'`` as ``'a\\\\nb'``).
-    A line that is not JSON is masked as text.
+    A line that is not JSON is masked as text, and so is one without a backslash (the fast path:
+    without escapes its strings decode to themselves, so the text holds every form they hold).
     """
+    if "\\" not in line:
+        return redactor.redact(line)
     try:
         data = json.loads(line)
     except ValueError:

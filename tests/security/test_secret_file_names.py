@@ -156,3 +156,30 @@ def test_a_link_named_after_the_secret_leaves_no_trace_of_it(tmp_path: Path, whe
     assert outcome.status == "failed", done.stderr
     assert not leaked(everything(store), TOKEN), "a form of the secret reached the store"
     assert not leaked(done.stdout + done.stderr, TOKEN), "a form of the secret reached the log"
+
+
+def test_json_lines_masking_covers_escaped_plain_broken_and_over_long_lines(tmp_path: Path) -> None:
+    """The masking pass itself: each kind of line a prediction file can hold, memory bounded by ``limit``."""
+    from airflow_aicenter.secrets import Redactor, redact_json_lines_file
+
+    secret = SECRET_LINES
+    lines = [
+        json.dumps({"line": 1, "error": f"raised ValueError: {secret!r}"}),  # repr, escaped once more by JSON
+        json.dumps({"line": 2, "output": "clean"}),
+        "not json at all " + secret.splitlines()[0],
+        json.dumps({"line": 4, "output": "x" * 5000 + secret + "y" * 5000}),  # over the limit below: as text
+        json.dumps({"line": 5, "output": 7}),
+    ]
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert redact_json_lines_file(path, Redactor([secret]), limit=4096)
+    text = path.read_text(encoding="utf-8")
+    assert not leaked(text, secret), text
+    out = text.splitlines()
+    assert len(out) == 5 and out[1] == lines[1] and out[4] == lines[4]
+    assert json.loads(out[0])["error"] == "raised ValueError: '***'"
+    assert out[2] == "not json at all ***"
+    assert json.loads(out[3])["output"] == "x" * 5000 + "***" + "y" * 5000
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text(lines[1] + "\n")
+    assert not redact_json_lines_file(clean, Redactor([secret])) and clean.read_text() == lines[1] + "\n"
