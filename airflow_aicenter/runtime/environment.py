@@ -23,9 +23,11 @@ no user ``env``, no ``AWS_*``, no ``AIRFLOW_*``). A requirement published only a
 distribution fails with the fix named. Byte-compilation runs ``python -I -S`` (no ``site``, so no
 ``.pth`` file of the environment runs) with the same minimal environment. With
 ``allow_source_builds`` builds are allowed, still with that environment, with a uv cache of the
-package's own, optionally as another user (``build_user``/``demote``: the local launcher's
-``run_as_user``), and the environment is cached under a key that includes the package's name,
-never shared with another package.
+package's own, confined by Landlock to write only the build's own folders (as user processes
+are: reads stay open; where the kernel has no Landlock uv's output says so), optionally as
+another user (``build_user``/``demote``: the local launcher's ``run_as_user``), and the
+environment is cached under a key that includes the package's name, never shared with another
+package.
 
 What package code writes into its environment can never reach the store (finding 4): the
 bytes stored are those packed before it ran. Every environment is also made read-only
@@ -524,33 +526,54 @@ def _install(tmp: Path, root: Path, cache: Path, indexes: Sequence[str], log: Lo
             log=log, what="installing requirements")
         return
     uv_cache = cache / "uv-builds" / hashlib.sha256(package.encode()).hexdigest()[:16]
+    user = build_as.user if build_as is not None else None
     log(f"installing requirements, source builds allowed for package {package!r}"
-        f"{f' (as uid {build_as.user[0]})' if build_as is not None and build_as.user else ''}: uv {' '.join(shown)}")
-    if build_as is None:
-        _create_venv(tmp, cache, log)
-        _uv([*command, "--python", str(venv_python(tmp))], cwd=root, env=install_env(uv_cache), secrets=secrets, log=log,
-            what="installing requirements")
-        return
-    assert build_as.user is not None
+        f"{f' (as uid {user[0]})' if user else ''}: uv {' '.join(shown)}")
     area = cache / "builds" / f"{tmp.name}-{uuid.uuid4().hex[:8]}"
     try:
         for folder in (area / "home", area / "tmp", uv_cache):
             folder.mkdir(parents=True, exist_ok=True)
-        _hand_over(uv_cache, build_as.user)
-        shutil.copy2(uv_binary(), area / "uv")  # the worker's own environment may be unreadable to that user
-        env = install_env(uv_cache, home=area / "home", tmp=area / "tmp")
-        _hand_over(area, build_as.user)
-        _create_venv(area / "env", cache, log, build_as=build_as, env=env, uv=str(area / "uv"))
-        _uv([str(area / "uv"), *command[1:], "--python", str(venv_python(area / "env"))], cwd=root, env=env,
+        # Copies the build user can run (the worker's own environment may be unreadable to it).
+        shutil.copy2(uv_binary(), area / "uv")
+        shutil.copy2(CONFINE_SCRIPT, area / "aicenter_confine.py")
+        target = area / "env" if user else tmp
+        env = install_env(uv_cache, home=area / "home" if user else None, tmp=area / "tmp")
+        if user:
+            _hand_over(uv_cache, user)
+            _hand_over(area, user)
+        _create_venv(target, cache, log, build_as=build_as, env=env, uv=str(area / "uv"))
+        writable = [str(target), str(uv_cache), str(area / "tmp"), *([str(area / "home")] if user else []), os.devnull]
+        confined = [str(base_python()), "-I", "-S", "-c", _CONFINE, str(area / "aicenter_confine.py"), *writable, "--"]
+        _uv([*confined, str(area / "uv"), *command[1:], "--python", str(venv_python(target))], cwd=root, env=env,
             secrets=secrets, log=log, what="installing requirements", build_as=build_as)
-        # A copy, owned by the agent: whatever the build left running (as that user) holds files of the
-        # build folder, not of what is packed and used.
-        done = subprocess.run(["cp", "-a", "--no-preserve=ownership", "--", str(area / "env"), str(tmp)],
-                              capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RequirementsError(f"installing requirements failed: copying the built environment: {done.stderr.strip()[:300]}")
+        if user:
+            # A copy, owned by the agent: whatever the build left running (as that user) holds files of the
+            # build folder, not of what is packed and used.
+            done = subprocess.run(["cp", "-a", "--no-preserve=ownership", "--", str(target), str(tmp)],
+                                  capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise RequirementsError(
+                    f"installing requirements failed: copying the built environment: {done.stderr.strip()[:300]}")
     finally:
         _remove(area)
+
+
+#: The Landlock confinement of user processes (stdlib only), reused for source builds.
+CONFINE_SCRIPT = Path(__file__).resolve().with_name("user.py")
+#: Run by the base interpreter (``-I -S``) in front of uv for a source build: confine writes to
+#: the build's own folders (Landlock; reads stay open), then become uv. Where the kernel has no
+#: Landlock it says so in uv's output and goes on unconfined.
+_CONFINE = """
+import importlib.util, os, sys
+spec = importlib.util.spec_from_file_location("aicenter_confine", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+end = sys.argv.index("--")
+why = module.confine(sys.argv[2:end])
+if why is not None:
+    print(f"WARNING: the source build is not confined to its folders: {why}", flush=True)
+os.execv(sys.argv[end + 1], sys.argv[end + 1:])
+"""
 
 
 def _hand_over(folder: Path, user: tuple[int, int]) -> None:

@@ -14,6 +14,7 @@ import subprocess
 import tarfile
 import textwrap
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -22,12 +23,14 @@ from airflow_aicenter.layout import env_key
 from airflow_aicenter.records import read, write
 from airflow_aicenter.runtime.environment import (
     INSTALL_INHERITED,
+    Environment,
     EnvironmentRecord,
     _pack,
     environment_key,
     prepare_environment,
     requirement_material,
 )
+from airflow_aicenter.runtime.user import landlock_abi
 from airflow_aicenter.storage import Store
 from airflow_aicenter.storage.transfer import put_blob
 from tests.runtime.test_environment import imports_tiny, package, simple_index, tiny_wheel
@@ -44,9 +47,15 @@ SPY = {spy!r}
 
 
 def _log(what):
-    with open(os.path.join(SPY, "build.jsonl"), "a") as f:
-        f.write(json.dumps({{"what": what, "uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(),
-                            "env": dict(os.environ)}}) + "\\n")
+    """What this hook sees; and whether it could write outside the build's folders (the spy file)."""
+    seen = {{"what": what, "uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(), "env": dict(os.environ)}}
+    try:
+        with open(os.path.join(SPY, "build.jsonl"), "a") as f:
+            f.write(json.dumps(seen) + "\\n")
+        seen["escape"] = "written"
+    except OSError as exc:
+        seen["escape"] = type(exc).__name__
+    return seen
 
 
 def get_requires_for_build_wheel(config_settings=None):
@@ -64,13 +73,14 @@ def prepare_metadata_for_build_wheel(directory, config_settings=None):
 
 
 def build_wheel(directory, config_settings=None, metadata_directory=None):
-    _log("build")
+    seen = _log("build")
     pth = ("import json, os; open(os.path.join(%r, 'pth.jsonl'), 'a').write("
            "json.dumps({{'argv': __import__('sys').argv, 'env': dict(os.environ)}}) + chr(10))\\n" % SPY)
     name = "evilproj-1.0-py3-none-any.whl"
     with zipfile.ZipFile(os.path.join(directory, name), "w") as whl:
         whl.writestr("evilproj.pth", pth)
         whl.writestr("evilproj/__init__.py", "VALUE = 'built'\\n")
+        whl.writestr("evilproj/seen.json", json.dumps(seen))
         whl.writestr("evilproj-1.0.dist-info/METADATA", "Metadata-Version: 2.1\\nName: evilproj\\nVersion: 1.0\\n")
         whl.writestr("evilproj-1.0.dist-info/WHEEL",
                      "Wheel-Version: 1.0\\nGenerator: tests\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n")
@@ -101,6 +111,12 @@ def evil_index(folder: Path, spy: Path) -> str:
         tar.add(source, arcname="evilproj-1.0")
     (page / "index.html").write_text('<html><body><a href="evilproj-1.0.tar.gz">evilproj-1.0.tar.gz</a></body></html>\n')
     return (folder / "simple").as_uri()
+
+
+def built(env: Environment) -> dict[str, Any]:
+    """What the build backend saw while it built the installed wheel (it ships it in the wheel)."""
+    seen = next((env.python.parent.parent / "lib").glob("python*/site-packages/evilproj/seen.json"))
+    return cast(dict[str, Any], json.loads(seen.read_text()))
 
 
 def spied(spy: Path, name: str) -> list[dict[str, object]]:
@@ -162,14 +178,14 @@ def test_allowed_source_builds_run_without_credentials_and_are_cached_per_packag
     env = prepare_environment(a, store, cache_dir=tmp_path / "cache", indexes=[index], log=said.append,
                               allow_source_builds=True, package="pkg-a")
     env.finish(said.append)
-    builds = spied(spy, "build.jsonl")
-    assert [entry["what"] for entry in builds][-1] == "build", builds
-    assert leaks(builds) == []
-    for entry in builds:
-        env_seen = entry["env"]
-        assert isinstance(env_seen, dict)
-        inherited = {k for k in env_seen if k in os.environ and env_seen[k] == os.environ[k]}
-        assert inherited <= INSTALL_INHERITED, inherited - INSTALL_INHERITED
+    seen = built(env)
+    assert seen["what"] == "build" and leaks([seen]) == []
+    inherited = {k for k in seen["env"] if k in os.environ and seen["env"][k] == os.environ[k]}
+    assert inherited <= INSTALL_INHERITED, inherited - INSTALL_INHERITED
+    if landlock_abi() > 0:  # confined to its own folders: the spy file outside them cannot be written
+        assert seen["escape"] == "PermissionError" and spied(spy, "build.jsonl") == [], seen["escape"]
+    else:
+        assert any("not confined" in line for line in said), said
     assert leaks(spied(spy, "pth.jsonl")) == [], "byte-compiling ran the .pth with the agent's credentials"
     assert spied(spy, "pth.jsonl") == [], "byte-compiling runs no .pth at all (-I -S)"
 
@@ -213,9 +229,8 @@ def test_a_source_build_runs_as_the_build_user_into_a_folder_copied_out_for_the_
                               allow_source_builds=True, package="pkg-a", build_user=(0, NOGROUP),
                               demote=demote_to_nogroup if how == "demote" else None)
     env.finish(said.append)
-    builds = spied(spy, "build.jsonl")
-    assert builds and {(entry["gid"], tuple(entry["groups"])) for entry in builds} == {(NOGROUP, ())}, builds  # type: ignore[arg-type]
-    assert leaks(builds) == []
+    seen = built(env)
+    assert (seen["gid"], seen["groups"]) == (NOGROUP, []) and leaks([seen]) == [], seen
     folder = env.python.parent.parent
     assert {p.stat().st_gid for p in [folder, *folder.rglob("*")] if not p.is_symlink()} == {os.getgid()}, \
         "the environment is the agent's, not the build user's"
@@ -423,8 +438,9 @@ def test_the_runtime_refuses_a_source_build_unless_the_spec_allows_it(tmp_path: 
     store = open_store((tmp_path / "store").as_uri())
     spy = tmp_path / "spy"
     index = evil_index(tmp_path / "mirror", spy)
-    train = ("import evilproj\nclass Main:\n    def __init__(self):\n        pass\n    def train(self, d):\n"
-             "        assert evilproj.VALUE == 'built'\n    def save(self):\n        pass\n")
+    train = ("import evilproj, os, shutil\nclass Main:\n    def __init__(self):\n        pass\n    def train(self, d):\n"
+             "        shutil.copy(os.path.join(os.path.dirname(evilproj.__file__), 'seen.json'), "
+             "os.environ['artifacts_directory'])\n    def save(self):\n        pass\n")
     root = write_files(tmp_path / "pkg", {"main.py": ECHO_MAIN, "train.py": train, "requirements.txt": "evilproj==1.0\n"})
     version = Registry(store).upload(root, "builds")
     spec = RunSpec(pipeline="train", storage=store.uri, run_prefix="runs/d/r/t/1", package="builds", version=version.version,
@@ -443,7 +459,8 @@ def test_the_runtime_refuses_a_source_build_unless_the_spec_allows_it(tmp_path: 
     outcome = read(store, f"{spec.run_prefix}/outcome.json", Outcome)
     assert outcome.status == "succeeded" and outcome.environment is not None
     assert outcome.environment["key"] == environment_key(requirement_material(root), package="builds")
-    assert spied(spy, "build.jsonl") and leaks(spied(spy, "build.jsonl")) == []
+    seen = json.loads(store.get_bytes(f"{spec.run_prefix}/artifacts/seen.json"))
+    assert seen["what"] == "build" and leaks([seen]) == []
 
 
 def test_the_operator_passes_allow_source_builds_into_the_run_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -504,8 +521,8 @@ def test_a_source_build_as_another_uid_runs_as_that_uid_or_says_what_it_cannot_r
             assert spied(spy, "build.jsonl") == []
         else:
             env.finish(lambda m: None)
-            builds = spied(spy, "build.jsonl")
-            assert builds and {entry["uid"] for entry in builds} == {65534} and leaks(builds) == []
+            seen = built(env)
+            assert seen["uid"] == 65534 and leaks([seen]) == []
             folder = env.python.parent.parent
             assert {p.lstat().st_uid for p in [folder, *folder.rglob("*")]} == {os.getuid()}
         assert not list((top / "cache" / "builds").iterdir()), "the build folder is gone"
