@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from airflow_aicenter.errors import ConfigurationError
+from airflow_aicenter.errors import ConfigurationError, DatasetError
 from airflow_aicenter.records import Outcome, RunSpec, read
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.runtime.manifest import TRAINING, check_manifest, stage_manifest
@@ -59,6 +59,9 @@ def test_check_and_stage_refuse_sources_outside_the_roots(tmp_path: Path) -> Non
         with pytest.raises(ConfigurationError, match=r"line 2 of manifest .*allowed_dataset_roots"):
             stage_manifest(uri, TRAINING, tmp_path / "staged" / what, roots=[str(allowed)])
         assert not (tmp_path / "staged" / what / "manifest.jsonl").exists(), what
+    uri = write_manifest(allowed / "m", "../../elsewhere/secret.csv")  # `..` out of the manifest's folder
+    with pytest.raises(DatasetError, match=r"line 2 of manifest .*leaves the manifest's folder"):
+        check_manifest(uri, lambda u: open_store(u, create=False), roots=[str(allowed)])
     uri = write_manifest(allowed / "m", (allowed / "m" / "rows.csv").as_uri())  # inside: fine
     assert check_manifest(uri, lambda u: open_store(u, create=False), roots=[str(allowed)]).files == 1
     entries = stage_manifest(uri, TRAINING, tmp_path / "staged" / "fine", roots=[str(allowed)])
