@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -222,15 +223,20 @@ def test_vendored_wheels_hashes_and_windows_line_ends_pass() -> None:
     ]
 
 
-def test_a_vendored_wheel_must_be_a_file_of_the_package(tmp_path: Path) -> None:
+def test_a_vendored_wheel_must_be_a_plain_file_of_the_package(tmp_path: Path) -> None:
+    """A folder named like a wheel would be built by uv; a missing wheel passes (the operator's pre-check sees
+    only the contract files of a stored version; uv names the missing file at install)."""
     write_files(tmp_path, {"requirements.txt": "numpy\n./wheels/a-1.0-py3-none-any.whl\n"})
-    with pytest.raises(PackageError, match=r"^requirements.txt:2: ./wheels/a-1.0-py3-none-any.whl is missing from the "
-                                           r"package: add the wheel, or remove the line"):
-        check_requirements_file(tmp_path)
+    assert check_requirements_file(tmp_path) == ["numpy", "./wheels/a-1.0-py3-none-any.whl"]
     (tmp_path / "wheels/a-1.0-py3-none-any.whl").mkdir(parents=True)
+    (tmp_path / "wheels/a-1.0-py3-none-any.whl/pyproject.toml").write_text("[project]\nname = 'a'\n")
     with pytest.raises(PackageError, match=r"^requirements.txt:2: ./wheels/a-1.0-py3-none-any.whl is not a file"):
         check_requirements_file(tmp_path)
-    (tmp_path / "wheels/a-1.0-py3-none-any.whl").rmdir()
+    shutil.rmtree(tmp_path / "wheels/a-1.0-py3-none-any.whl")
+    (tmp_path / "wheels/a-1.0-py3-none-any.whl").symlink_to("/etc/hostname")
+    with pytest.raises(PackageError, match=r"^requirements.txt:2: ./wheels/a-1.0-py3-none-any.whl is not a file"):
+        check_requirements_file(tmp_path)
+    (tmp_path / "wheels/a-1.0-py3-none-any.whl").unlink()
     (tmp_path / "wheels/a-1.0-py3-none-any.whl").write_bytes(b"PK")
     assert check_requirements_file(tmp_path) == ["numpy", "./wheels/a-1.0-py3-none-any.whl"]
 
