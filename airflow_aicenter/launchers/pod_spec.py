@@ -61,7 +61,24 @@ STAGE_CONTAINER, SYNC_CONTAINER = "stage", "sync"
 RUNTIME_COMMAND = ("python", "-m", "airflow_aicenter.runtime")
 STAGE_COMMAND = (*RUNTIME_COMMAND, "--phase", "stage")
 SYNC_COMMAND = (*RUNTIME_COMMAND, "--phase", "sync")
-SUPERVISOR_COMMAND = ("python", f"{BIN_MOUNT}/supervisor.py", f"{WORK_MOUNT}/control/supervisor.json")
+CONTROL = f"{WORK_MOUNT}/control"
+#: Seconds between the user container's heartbeats (``control/alive``).
+HEARTBEAT = 5
+_NO_EXIT = (
+    '{"status": "failed", "results": [], "failed": null, '
+    '"cause": "the user supervisor exited with code %s before it reported (see the base container log)"}'
+)
+#: ``base``: the user supervisor with its plan, under a shell that (a) touches ``control/alive``
+#: every few seconds, so ``sync`` sees a container that was killed whole (out of memory) stop,
+#: and (b) writes the exit file itself when the supervisor could not (it crashed or never
+#: started), so ``sync`` never waits for an exit file that cannot come.
+SUPERVISOR_COMMAND = (
+    "sh",
+    "-c",
+    f"(while :; do : > {CONTROL}/alive; sleep {HEARTBEAT}; done) & "
+    f"python {BIN_MOUNT}/supervisor.py {CONTROL}/supervisor.json; code=$?; kill $! 2>/dev/null; "
+    f"[ -e {CONTROL}/exit.json ] || printf '{_NO_EXIT}' \"$code\" > {CONTROL}/exit.json; exit $code",
+)
 #: The runtime image's user (docker/Dockerfile); any image works, HOME is set explicitly.
 RUNTIME_UID = 10001
 SPEC_ENV = "AICENTER_RUN_SPEC"

@@ -200,6 +200,11 @@ PHASES = ("stage", "sync")
 STATE_FILE = "agent-state.pickle"
 #: Seconds between looks for the supervisor's exit file.
 EXIT_POLL = 0.5
+#: The user container touches ``control/alive`` every few seconds (launchers/pod_spec.py): older
+#: than this, it was killed whole (out of memory) and no exit file will come.
+HEARTBEAT_LOST = 60.0
+#: Seconds sync waits for the user container's first heartbeat.
+START_LOST = 600.0
 
 
 class Agent:
@@ -416,8 +421,19 @@ class Agent:
 
     def _wait_for_supervisor(self) -> list[dict[str, Any]]:
         """The user supervisor's exit file (``base`` container), then its results, as ``supervise`` returns them."""
-        exit_file = self.control / "exit.json"
+        exit_file, alive = self.control / "exit.json", self.control / "alive"
+        began = time.monotonic()
         while not exit_file.exists():
+            try:
+                silent = time.time() - alive.stat().st_mtime
+            except FileNotFoundError:
+                silent = None
+            if (silent is not None and silent > HEARTBEAT_LOST) or (silent is None and time.monotonic() - began > START_LOST):
+                if exit_file.exists():
+                    break
+                what = f"stopped {silent:.0f} s ago" if silent is not None else f"did not start within {START_LOST:.0f} s"
+                raise RunError(f"the user container {what} without reporting (killed whole: out of memory? "
+                               "see the pod's status and the base container's log)")
             time.sleep(EXIT_POLL)
         try:
             ended = json.loads(exit_file.read_text())

@@ -540,11 +540,16 @@ class FakeKubernetes:
             raise ApiError(0, "ErrImagePull", f'failed to pull and unpack image "{image}": not found')
         mounts: dict[str, Path] = {}
         volumes = {v["name"]: v for v in pod.obj["spec"].get("volumes", []) or []}
-        for mount in spec.get("volumeMounts", []) or []:
+        for mount in sorted(spec.get("volumeMounts", []) or [], key=lambda m: len(m["mountPath"])):
             volume = volumes.get(mount["name"])
             if volume is None:
                 raise ApiError(0, "CreateContainerConfigError", f'volume "{mount["name"]}" not found')
-            if "emptyDir" in volume:
+            # A volume mounted inside another one's mount path (work/bin in work): processes here see
+            # one file tree, so it is that folder of the outer volume, in every container alike.
+            outer = next((p for p in sorted(mounts, key=len, reverse=True) if mount["mountPath"].startswith(f"{p}/")), None)
+            if "emptyDir" in volume and outer is not None:
+                host = mounts[outer] / mount["mountPath"][len(outer) + 1:]
+            elif "emptyDir" in volume:
                 host = pod.folder / "volumes" / mount["name"]
             elif "persistentVolumeClaim" in volume:
                 claim = volume["persistentVolumeClaim"]["claimName"]
@@ -571,7 +576,8 @@ class FakeKubernetes:
             return value
 
         container.termination_file = pod.folder / f"termination-{container.name}"
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOSTNAME": pod.key[1],
+        # ``python`` in a shell command is the image's interpreter: the runtime venv's, first on PATH.
+        env = {"PATH": f"{Path(self.python).parent}:/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOSTNAME": pod.key[1],
                "HOME": str(pod.folder / "home"),
                # The kubelet mounts the file at terminationMessagePath; a process here cannot write
                # /dev/termination-log, so the runtime is told where the file is instead.

@@ -22,6 +22,7 @@ from airflow_aicenter.launchers.pod import (
     label_value,
     refuse_secret_env,
 )
+from airflow_aicenter.launchers.pod_spec import SUPERVISOR_COMMAND
 from airflow_aicenter.operators import FullPipelineOperator, TrainPipelineOperator
 from airflow_aicenter.records import BlobRef, RunRef, RunSpec
 from tests.operators.kube_api import make_context
@@ -103,7 +104,7 @@ def test_gpu_pod() -> None:
     data = manifest(op)
     container = base(data)
     assert container["image"] == "registry.example.com/aicenter-runtime:0.1.0"
-    assert container["command"] == ["python", "/aicenter/work/bin/supervisor.py", "/aicenter/work/control/supervisor.json"]
+    assert container["command"] == list(SUPERVISOR_COMMAND)
     assert stage(data)["command"] == ["python", "-m", "airflow_aicenter.runtime", "--phase", "stage"]
     assert sync(data)["command"] == ["python", "-m", "airflow_aicenter.runtime", "--phase", "sync"]
     assert "resources" not in stage(data) and "resources" not in sync(data), "GPUs and AI Center's resources: base only"
@@ -229,7 +230,7 @@ def test_pod_template(tmp_path: Path) -> None:
         keys = [t["key"] for t in data["spec"]["tolerations"]]
         assert keys == ["dedicated", "nvidia.com/gpu"]
         assert container["resources"]["limits"] == {"memory": "64Gi", "nvidia.com/gpu": "1"}
-        assert container["command"] == ["python", "/aicenter/work/bin/supervisor.py", "/aicenter/work/control/supervisor.json"]
+        assert container["command"] == list(SUPERVISOR_COMMAND)
         assert SPEC_ENV in env_of(stage(data)) and stage(data)["image"] == "template.registry/runtime:7"
 
 
