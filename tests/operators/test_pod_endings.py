@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubernetes.client import models as k8s
@@ -77,3 +78,74 @@ def test_a_pod_that_never_ran_names_the_launch_cause_from_the_exception_chain(la
         failure = exc
     with pytest.raises(RunError, match=r"did not run: PodLaunchFailedException: Pod took too long to start: ErrImagePull$"):
         launcher.ending(failure)
+
+
+def test_a_failed_stage_container_is_the_cause(launcher: PodLauncher):
+    """Stage failed before any user code (its outcome says so); the task error is the runtime's cause."""
+    store = open_store(launcher.pod_run.spec.storage)
+    failed = Outcome.starting(launcher.pod_run.spec, "failed", error="requirements: no matching distribution for nope==9")
+    write(store, launcher.pod_run.run.key("outcome.json"), failed)
+    state = k8s.V1ContainerState(terminated=k8s.V1ContainerStateTerminated(exit_code=1, reason="Error", message="requirements"))
+    launcher.final_pod = k8s.V1Pod(metadata=k8s.V1ObjectMeta(name="p", namespace="default"), status=k8s.V1PodStatus(
+        phase="Failed", init_container_statuses=[k8s.V1ContainerStatus(name="stage", image="i", image_id="", ready=False,
+                                                                        restart_count=0, state=state)]))
+    with pytest.raises(RunError, match=r"failed: requirements: no matching distribution for nope==9$"):
+        launcher.ending(RuntimeError("Pod p returned a failure"))
+
+
+def test_a_stage_container_killed_before_reporting_is_named(launcher: PodLauncher):
+    store = open_store(launcher.pod_run.spec.storage)
+    live = Outcome.starting(launcher.pod_run.spec)
+    live.phase = "stage_data"
+    write(store, launcher.pod_run.run.key("outcome.json"), live)
+    state = k8s.V1ContainerState(terminated=k8s.V1ContainerStateTerminated(exit_code=137, reason="OOMKilled"))
+    launcher.final_pod = k8s.V1Pod(metadata=k8s.V1ObjectMeta(name="p", namespace="default"), status=k8s.V1PodStatus(
+        phase="Failed", init_container_statuses=[k8s.V1ContainerStatus(name="stage", image="i", image_id="", ready=False,
+                                                                        restart_count=0, state=state)]))
+    with pytest.raises(RunError, match=r"the pod's stage container ended \(exit code 137, OOMKilled\).*during stage_data"):
+        launcher.ending(None)
+
+
+# -- the user container's handover to sync: it always ends, with a cause ----------------------
+def _control(tmp_path: Path) -> tuple[str, Path]:
+    """The base container's shell command with the work volume at ``tmp_path``."""
+    from airflow_aicenter.launchers.pod_spec import SUPERVISOR_COMMAND, WORK_MOUNT
+
+    (tmp_path / "control").mkdir()
+    return SUPERVISOR_COMMAND[2].replace(WORK_MOUNT, str(tmp_path)), tmp_path / "control"
+
+
+def _agent(tmp_path: Path) -> Any:
+    from airflow_aicenter.runtime.agent import Agent
+
+    spec = RunSpec(pipeline="train", storage=(tmp_path / "store").as_uri(), run_prefix="runs/d/r/t/1", package="p",
+                   version="1.0", blob=BlobRef(sha256="ab" * 32, size=1))
+    return Agent(spec, open_store(spec.storage), tmp_path, phase="sync", state=tmp_path / "state")
+
+
+def test_a_supervisor_that_cannot_start_still_gives_sync_an_exit_file(tmp_path: Path):
+    import subprocess
+
+    script, control = _control(tmp_path)
+    done = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode != 0 and (control / "alive").exists()
+    ended = json.loads((control / "exit.json").read_text())
+    assert ended["status"] == "failed" and f"exited with code {done.returncode} before it reported" in ended["cause"]
+    with pytest.raises(RunError, match="the user supervisor exited with code"):
+        _agent(tmp_path)._wait_for_supervisor()
+
+
+def test_a_user_container_killed_whole_is_noticed_by_its_silence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import os
+    import time
+
+    from airflow_aicenter.runtime import agent
+
+    control = tmp_path / "control"
+    control.mkdir()
+    (control / "alive").touch()
+    stale = time.time() - 120
+    os.utime(control / "alive", (stale, stale))
+    monkeypatch.setattr(agent, "EXIT_POLL", 0.01)
+    with pytest.raises(RunError, match=r"the user container stopped 1\d\d s ago without reporting \(killed whole"):
+        _agent(tmp_path)._wait_for_supervisor()
