@@ -206,6 +206,8 @@ def _abandoned(folder: Path) -> bool:
     """Whether no live process holds ``folder``'s lock (an unlocked one only when it is old and nothing runs in it)."""
     try:
         fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
+    except PermissionError:
+        return False  # another user's launch: not ours to judge
     except OSError:  # no lock: one being created, or one of a launcher that died before it locked
         try:
             old = time.time() - folder.stat().st_mtime > UNLOCKED_PATIENCE

@@ -322,7 +322,7 @@ def supervise(plan: dict[str, Any], *, stdout: TextIO | None = None, stderr: Tex
     finally:
         sup.stop()  # on an exception too: nothing outlives the supervisor's run
         sup.join()
-        results = [u.result() for u in sup.users]
+        results = [sup.secrets.redact_data(u.result()) for u in sup.users]  # user env secrets masked in them too
         record["results"] = results + [None] * (len(plan["processes"]) - len(results))
         _write_exit(plan.get("exit_file"), record)
     return record

@@ -279,3 +279,96 @@ def test_a_secret_at_the_cut_of_a_long_line_does_not_leak_in_part(tmp_path):
     for line in cut:  # no line ends with the first characters of the secret
         head = line.removesuffix(" [... line cut at 64 KiB]")
         assert not any(head.endswith(secret[:k]) for k in range(2, len(secret) + 1)), head[-40:]
+
+
+# -- the user supervisor run by path, as a pod's user container runs it ---------------------------
+FAKE_USER = r'''
+import json, os, subprocess, sys, time
+instructions = json.load(open(sys.argv[1]))
+print("token is", os.environ["API_TOKEN"], flush=True)
+sys.stdout.write("q" * 200_000 + "\n")
+if instructions.get("daemon"):  # a setsid daemon that would outlive everything
+    subprocess.Popen([sys.executable, "-c", "import os, time; os.setsid(); time.sleep(300)"], start_new_session=True)
+    child = subprocess.Popen([sys.executable, "-c",
+        "import os, sys, time\nos.setsid()\nif os.fork(): os._exit(0)\nopen(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(300)",
+        instructions["daemon"]])
+    child.wait()
+    while not os.path.exists(instructions["daemon"]):
+        time.sleep(0.02)
+if instructions.get("fail"):
+    result = {"ok": False, "failure": {"cause": "Main.train() raised ValueError: " + os.environ["API_TOKEN"], "traceback": "", "at": time.time()}}
+    json.dump(result, open(instructions["result"], "w"))
+    sys.exit(1)
+if instructions.get("sleep"):
+    time.sleep(instructions["sleep"])
+json.dump({"ok": True, "score": 0.5}, open(instructions["result"], "w"))
+'''
+
+
+def _plan(tmp_path: Path, procs: list[dict], secret: str) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    from airflow_aicenter.runtime.supervisor import BUNDLE
+
+    for name, source in BUNDLE.items():  # what a pod's stage container copies into bin/
+        (bin_dir / name).write_bytes(source.read_bytes())
+    user = tmp_path / "fake_user.py"
+    user.write_text(FAKE_USER)
+    processes = []
+    for i, extra in enumerate(procs):
+        result = tmp_path / f"rank-{i}.result.json"
+        instructions = tmp_path / f"rank-{i}.json"
+        instructions.write_text(json.dumps({"result": str(result), **extra}))
+        processes.append({"label": f"rank {i}", "argv": [sys.executable, "-I", "-S", str(user), str(instructions)],
+                          "cwd": str(tmp_path), "env": {"API_TOKEN": secret, "PATH": os.environ["PATH"]},
+                          "result": str(result)})
+    plan = tmp_path / "supervisor.json"
+    plan.write_text(json.dumps({"processes": processes, "secret_env": ["API_TOKEN"], "prefix_output": True,
+                                "line_limit": 65536, "grace": 2.0, "run_as": None,
+                                "exit_file": str(tmp_path / "exit.json")}))
+    return plan
+
+
+def test_the_supervisor_runs_by_path_with_the_standard_library_alone(tmp_path):
+    """``python -I -S bin/supervisor.py PLAN``: no site-packages, so nothing of airflow_aicenter nor its dependencies."""
+    secret = "sk-supervised-0123456789"
+    daemon = tmp_path / "daemon.pid"
+    plan = _plan(tmp_path, [{"daemon": str(daemon)}, {}], secret)
+    done = subprocess.run([sys.executable, "-I", "-S", str(tmp_path / "bin" / "supervisor.py"), str(plan)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ended = json.loads((tmp_path / "exit.json").read_text())
+    assert ended == {"status": "succeeded", "results": [{"ok": True, "score": 0.5}] * 2, "failed": None, "cause": None}
+    assert "[rank 0] token is ***" in done.stdout and "[rank 1] token is ***" in done.stdout and secret not in done.stdout
+    cut = [line for line in done.stdout.splitlines() if "qqq" in line]
+    assert len(cut) == 2 and all(line.endswith("[... line cut at 64 KiB]") and len(line) < 66_000 for line in cut)
+    assert gone(int(daemon.read_text())), "a setsid daemon outlived the supervisor"
+    assert not list(tmp_path.glob("exit.json.*")), "a temporary exit file was left"
+
+
+def test_the_supervisor_stops_the_others_when_one_fails_and_masks_the_cause(tmp_path):
+    secret = "sk-supervised-0123456789"
+    plan = _plan(tmp_path, [{"sleep": 60}, {"fail": True}], secret)
+    began = time.monotonic()
+    done = subprocess.run([sys.executable, "-I", "-S", str(tmp_path / "bin" / "supervisor.py"), str(plan)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1 and time.monotonic() - began < 30
+    ended = json.loads((tmp_path / "exit.json").read_text())
+    assert ended["status"] == "failed" and ended["failed"] == "rank 1"
+    assert ended["cause"] == "rank 1: Main.train() raised ValueError: ***"
+    assert ended["results"][0] is None and ended["results"][1]["ok"] is False
+    assert secret not in done.stdout + done.stderr + (tmp_path / "exit.json").read_text()
+
+
+def test_the_supervisor_records_killed_on_sigterm(tmp_path):
+    plan = _plan(tmp_path, [{"sleep": 60}], "sk-supervised-0123456789")
+    proc = subprocess.Popen([sys.executable, "-I", "-S", str(tmp_path / "bin" / "supervisor.py"), str(plan)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while "token is" not in (proc.stdout.readline() if proc.stdout else ""):
+        assert time.monotonic() < deadline
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 143
+    ended = json.loads((tmp_path / "exit.json").read_text())
+    assert ended["status"] == "killed" and ended["results"] == [None]
