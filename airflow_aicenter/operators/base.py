@@ -198,6 +198,9 @@ class BasePipelineOperator(KubernetesPodOperator):
     ) -> None:
         # Without a termination file (a hard crash) the log tail becomes the pod's failure message.
         kwargs.setdefault("termination_message_policy", "FallbackToLogsOnError")
+        # The run's own messages come from its stage and sync containers, the user's from base.
+        kwargs.setdefault("init_container_logs", True)
+        kwargs.setdefault("container_logs", True)
         super().__init__(**kwargs)
         self.package = package
         self.version = version

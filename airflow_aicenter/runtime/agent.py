@@ -203,8 +203,10 @@ EXIT_POLL = 0.5
 #: The user container touches ``control/alive`` every few seconds (launchers/pod_spec.py): older
 #: than this, it was killed whole (out of memory) and no exit file will come.
 HEARTBEAT_LOST = 60.0
-#: Seconds sync waits for the user container's first heartbeat.
-START_LOST = 600.0
+#: Seconds sync waits for the user container's first heartbeat (the kubelet starts ``base``
+#: before ``sync``, and its shell's first heartbeat comes at once: a user command that replaced
+#: the supervisor never gives one).
+START_LOST = 30.0
 
 
 class Agent:
@@ -296,7 +298,10 @@ class Agent:
             self.outcome.warnings = [redact(w, self.secrets) for w in self.outcome.warnings]  # may name user files
             crash_point("outcome")
             write(self.store, self.key(self.outcome_name), self.outcome)
-            log(f"run {self.outcome.status} in {self.outcome.execution_time:.2f} s")
+            if self.mode == "stage" and self.outcome.status == "running":
+                log("stage done: user code runs next, in the base container")
+            else:
+                log(f"run {self.outcome.status} in {self.outcome.execution_time:.2f} s")
         return self.outcome
 
     def _fail(self, cause: str) -> None:
@@ -397,7 +402,7 @@ class Agent:
         self.state.mkdir(parents=True, exist_ok=True)
         with (self.state / STATE_FILE).open("wb") as fh:
             pickle.dump(state, fh)
-        log(f"staged; the user supervisor runs {len(plan['processes'])} process(es) from {self.control / 'supervisor.json'}")
+        log(f"handed over to the user supervisor: {len(plan['processes'])} process(es), plan {self.control / 'supervisor.json'}")
 
     def _take_over(self) -> Path:
         """Sync's first step: stage's state, and the periodic checkpoint sync while user code runs."""
@@ -431,8 +436,10 @@ class Agent:
             if (silent is not None and silent > HEARTBEAT_LOST) or (silent is None and time.monotonic() - began > START_LOST):
                 if exit_file.exists():
                     break
-                what = f"stopped {silent:.0f} s ago" if silent is not None else f"did not start within {START_LOST:.0f} s"
-                raise RunError(f"the user container {what} without reporting (killed whole: out of memory? "
+                if silent is None:
+                    raise RunError(f"the user container gave no sign of the user supervisor within {START_LOST:.0f} s "
+                                   "(did a command given for the base container replace it? see the base container's log)")
+                raise RunError(f"the user container stopped {silent:.0f} s ago without reporting (killed whole: out of memory? "
                                "see the pod's status and the base container's log)")
             time.sleep(EXIT_POLL)
         try:

@@ -166,6 +166,8 @@ def test_foreign_pod_with_this_tasks_labels_is_refused(kind: str, kube_deploymen
         seed.cmds = ["python", "-c", "import time; time.sleep(30)"]
         hook_spec_pod = ApiClient().sanitize_for_serialization(seed.build_pod_request_obj(context))
         hook_spec_pod["metadata"].pop("annotations", None)
+        hook_spec_pod["spec"].pop("initContainers")  # someone else's pod: one container of theirs
+        hook_spec_pod["spec"]["containers"] = [c for c in hook_spec_pod["spec"]["containers"] if c["name"] == "base"]
     kube_api.create_pod("default", hook_spec_pod)
     kube_api.wait_for(lambda: kube_api.all_pods()[0].obj["status"]["phase"] == "Running", what="seeded pod running")
     with pytest.raises(RunError, match=r"matches this task's labels but .*refusing to reattach.*kubectl delete pod"):
@@ -175,11 +177,12 @@ def test_foreign_pod_with_this_tasks_labels_is_refused(kind: str, kube_deploymen
 
 
 def test_a_pod_that_succeeds_without_an_outcome_fails_the_task(kube_deployment, kube_api, tmp_path):
-    """#73006: phase Succeeded is not success; outcome.json is."""
+    """#73006: phase Succeeded is not success; outcome.json is. A base command that replaced the
+    user supervisor ends the run too: sync gives up waiting for its sign of life."""
     registry, dataset = kube_deployment
     upload(registry, tmp_path, "rows")
     op = train_op("rows", dataset, cmds=["python", "-c", "print('did something else')"])
-    with pytest.raises(RunError, match=r"exit code 0, Completed\) during start-up before reporting an outcome"):
+    with pytest.raises(RunError, match=r"failed: the user container gave no sign of the user supervisor within 30 s"):
         op.execute(make_context())
     assert [r.version for r in registry.versions("rows")] == ["1.0"]
     [key] = [i.key for i in registry.store.list("runs") if i.key.endswith("outcome.json")]
@@ -205,7 +208,8 @@ def test_runtime_failure_surfaces_its_one_line_cause(kube_deployment, kube_api, 
     assert message.startswith("train run of broken:1.0 failed: Main.train() raised ValueError: invalid literal for int()")
     assert "remote_pod" not in message and "\n" not in message
     [pod] = kube_api.all_pods()
-    terminated = pod.obj["status"]["containerStatuses"][0]["state"]["terminated"]
+    [sync] = [c for c in pod.obj["status"]["containerStatuses"] if c["name"] == "sync"]  # it writes the run's message
+    terminated = sync["state"]["terminated"]
     assert terminated["exitCode"] == 1 and terminated["message"].startswith("Main.train() raised ValueError")
 
 
