@@ -17,10 +17,12 @@ Only what podman 4.3 cannot take from a manifest is translated (measured, see
 - each ``emptyDir`` -> the same, under a name unique to the pod (podman names the volume after
   the manifest's volume name, so two pods at once would otherwise share one "emptyDir");
 - ``persistentVolumeClaim`` and ``secret`` volumes -> ``hostPath`` folders;
+- container ``ports`` are left out (on the host network podman refuses them; every port is the host's);
 - ``terminationMessagePath`` -> a host file mounted there (what the kubelet does too), read into
   ``state.terminated.message``; ``FallbackToLogsOnError`` uses the container's last log lines;
 - the pod annotation ``io.podman.annotations.init.container.type: always``: podman removes a
-  finished init container otherwise, and its exit code and logs with it;
+  finished init container otherwise, and its exit code and logs with it; annotations with values
+  over 63 characters are left out (podman 4.3 refuses them; no container reads them);
 - the host folders in :attr:`PodmanPods.host_paths` (a file store, a file dataset) mounted at
   the same path into every container except the user's (``base``), owned by the pod's uid.
 
@@ -120,7 +122,10 @@ class PodmanPods:
         meta, spec = manifest["metadata"], manifest["spec"]
         for key in ("uid", "resourceVersion", "creationTimestamp", "ownerReferences", "deletionTimestamp", "namespace"):
             meta.pop(key, None)
-        meta["annotations"] = {**(meta.get("annotations") or {}), INIT_TYPE_ANNOTATION: "always"}
+        # podman 4.3 refuses annotation values over 63 characters (Kubernetes has no such limit; the
+        # run annotation is longer): the containers never read annotations, so those stay with the API.
+        annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if len(v) <= 63}
+        meta["annotations"] = {**annotations, INIT_TYPE_ANNOTATION: "always"}
         short = pod.obj["metadata"]["uid"][:8]
         volumes: list[dict[str, Any]] = []
         renamed: dict[str, str] = {}
@@ -157,6 +162,8 @@ class PodmanPods:
                 container["image"], container["imagePullPolicy"] = self.image, "Never"
                 container["env"] = [{"name": k, "value": v} for k, v in self.env(kube, pod, container).items()]
                 container.pop("envFrom", None)
+                # On the host network every port is the host's; podman refuses port declarations there.
+                container.pop("ports", None)
                 mounts = []
                 for mount in container.get("volumeMounts") or []:
                     mount = dict(mount)

@@ -1,0 +1,357 @@
+"""Runs in real containers: the launchers' own pods (stage, base, sync), played by podman.
+
+The operators run in this process against the test Kubernetes API server in podman mode
+(tests/containers/podman.py): every pod and every pod of an Indexed Job is validated against the
+Kubernetes schema, then played with ``podman kube play`` in the runtime image built from
+docker/Dockerfile (scripts/images.sh). So the pod spec is what is tested: init container
+first, user and sync containers together, emptyDir volumes, read-only mounts, read-only root
+filesystem, uid 10001, no capabilities, no service-account token, credentials in ``stage`` and
+``sync`` only.
+
+One training (file store), one distributed run (Indexed Job, 2 nodes, S3 with per-run STS
+credentials), one batch prediction (S3) and one attack from inside the user container.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airflow_aicenter.operators import (
+    EvaluatePipelineOperator,
+    FullPipelineOperator,
+    PredictPipelineOperator,
+    TrainPipelineOperator,
+)
+from airflow_aicenter.registry import Registry
+from airflow_aicenter.storage import Store, open_store
+from airflow_aicenter.storage.transfer import run, upload_tree
+from tests.conftest import S3Server, write_files
+from tests.containers.podman import PodmanPods
+from tests.operators.kube_api import FakeKubernetes, Pod, make_context
+from tests.packages import ECHO_MAIN
+from tests.runtime.test_distributed import RENDEZVOUS
+
+pytestmark = pytest.mark.containers
+
+FAST = {"startup_check_interval_seconds": 1, "poll_interval": 0.5, "base_container_status_polling_interval": 0.2}
+ROLE = "arn:aws:iam::123456789012:role/aicenter-runtime"
+CONN_PASSWORD = "aws-conn-password-not-for-pods"
+TRAIN = '''
+import os
+class Main:
+    def __init__(self):
+        pass
+    def train(self, training_directory):
+        self.rows = sum(1 for _ in open(os.path.join(training_directory, "rows.csv")))
+        print("trained on", self.rows, "rows as uid", os.getuid(), flush=True)
+    def save(self):
+        open("model.txt", "w").write(str(self.rows))
+'''
+
+
+@dataclass
+class Deployment:
+    registry: Registry
+    dataset: str
+    kube: FakeKubernetes
+    pods: PodmanPods
+    #: The file store's folder on this host (None on S3).
+    store_folder: Path | None = None
+    #: Where datasets go on this deployment's backend.
+    datasets: Store | None = None
+
+    def add_dataset(self, name: str, files: dict[str, str | bytes], tmp_path: Path) -> str:
+        folder = write_files(tmp_path / f"dataset-{name}", files)
+        if self.datasets is None:
+            self.pods.host_paths[str(folder)] = False
+            return folder.as_uri()
+        run(upload_tree(folder, self.datasets, name))
+        return self.datasets.url(name) + "/"
+
+
+def _connections(kube: FakeKubernetes, monkeypatch: pytest.MonkeyPatch, extra: dict[str, Any]) -> None:
+    for key, value in kube.connection_env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps(
+        {"conn_type": "aicenter", "extra": {"launcher": "kubernetes", "image": "aicenter-runtime:test", **extra}}))
+
+
+@pytest.fixture
+def file_deployment(kube_podman: FakeKubernetes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Deployment:
+    """A file store on this host, mounted (hostPath, same path) into stage and sync only: never into base."""
+    store_folder = tmp_path / "aicenter"
+    store_folder.mkdir()
+    pods = kube_podman.podman
+    assert pods is not None
+    pods.host_paths[str(store_folder)] = True
+    _connections(kube_podman, monkeypatch, {"storage": store_folder.as_uri()})
+    deployment = Deployment(Registry(open_store(store_folder.as_uri())), "", kube_podman, pods, store_folder=store_folder)
+    deployment.dataset = deployment.add_dataset("rows", {"rows.csv": "a\n1\n2\n"}, tmp_path)
+    return deployment
+
+
+@pytest.fixture
+def s3_deployment(kube_podman: FakeKubernetes, s3_server: S3Server, tmp_path: Path,
+                  monkeypatch: pytest.MonkeyPatch) -> Deployment:
+    """moto S3 (reached over the host network); pods get per-run STS credentials through a Secret."""
+    bucket = s3_server.create_bucket()
+    store = open_store(f"s3://{bucket}/aicenter", s3_server.options)
+    _connections(kube_podman, monkeypatch, {"storage": store.uri, "aws_conn_id": "aws_moto", "runtime_role_arn": ROLE,
+                                            "runtime_role_duration": 900})
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_MOTO", json.dumps({
+        "conn_type": "aws", "login": "testing", "password": CONN_PASSWORD,
+        "extra": {"endpoint_url": s3_server.endpoint, "region_name": "us-east-1"}}))
+    pods = kube_podman.podman
+    assert pods is not None
+    deployment = Deployment(Registry(store), "", kube_podman, pods,
+                            datasets=open_store(f"s3://{bucket}/datasets", s3_server.options))
+    deployment.dataset = deployment.add_dataset("rows", {"rows.csv": "a\n1\n2\n"}, tmp_path)
+    return deployment
+
+
+def upload(deployment: Deployment, tmp_path: Path, name: str, **files: str) -> None:
+    folder = write_files(tmp_path / f"pkg-{name}", {"main.py": ECHO_MAIN, "requirements.txt": "", **files})
+    deployment.registry.upload(folder, name)
+
+
+def container_states(pod: Pod) -> dict[str, Any]:
+    status = pod.obj["status"]
+    return {s["name"]: s["state"] for s in [*status.get("initContainerStatuses", []), *status["containerStatuses"]]}
+
+
+def played(deployment: Deployment, pod: Pod) -> dict[str, Any]:
+    """The manifest podman was given for ``pod``."""
+    return next(m for m in deployment.pods.manifests if m["metadata"]["name"] == pod.key[1])
+
+
+def env_of(manifest: dict[str, Any], container: str) -> dict[str, str]:
+    spec = manifest["spec"]
+    found = next(c for c in [*spec.get("initContainers", []), *spec["containers"]] if c["name"] == container)
+    return {e["name"]: e["value"] for e in found["env"]}
+
+
+# -- the pipelines --------------------------------------------------------------------------
+def test_a_training_runs_as_stage_base_and_sync_containers(file_deployment: Deployment, tmp_path: Path):
+    deployment = file_deployment
+    upload(deployment, tmp_path, "rows", **{"train.py": TRAIN})
+    op = TrainPipelineOperator(task_id="train", package="rows", dataset=deployment.dataset, **FAST)
+    result = op.execute(make_context())
+
+    assert result["version"] == "1.1"
+    blob = deployment.registry.get("rows", "1.1")
+    assert blob.run is not None
+    [pod] = deployment.kube.all_pods()
+    states = container_states(pod)
+    assert {name: s["terminated"]["exitCode"] for name, s in states.items()} == {"stage": 0, "base": 0, "sync": 0}
+    assert "trained on 3 rows as uid 10001" in "\n".join(line for _, c, line in pod.log if c == "base")
+    manifest = played(deployment, pod)
+    assert manifest["spec"]["automountServiceAccountToken"] is False
+    assert manifest["spec"]["securityContext"]["runAsUser"] == 10001
+    base_mounts = {m["mountPath"] for m in next(c for c in manifest["spec"]["containers"] if c["name"] == "base")["volumeMounts"]}
+    assert str(deployment.store_folder) not in base_mounts, "the file store is not mounted into base"
+    assert "AICENTER_RUN_SPEC" not in env_of(manifest, "base") and "AICENTER_RUN_SPEC" in env_of(manifest, "sync")
+
+
+def test_a_distributed_run_is_an_indexed_job_of_two_pods_in_containers(s3_deployment: Deployment, tmp_path: Path):
+    deployment = s3_deployment
+    upload(deployment, tmp_path, "ddp", **{"train.py": RENDEZVOUS})
+    op = FullPipelineOperator(task_id="train", package="ddp", dataset=deployment.dataset, nodes=2, procs_per_node=2, **FAST)
+    result = op.execute(make_context())
+
+    assert result["version"] == "1.1" and result["score"] == 6.0, "rank 0 summed ranks 0+1+2+3 over TCP, across two pods"
+    pods = deployment.kube.all_pods()
+    assert len(pods) == 2
+    for pod in pods:
+        assert {n: s["terminated"]["exitCode"] for n, s in container_states(pod).items()} == {"stage": 0, "base": 0, "sync": 0}
+        manifest = played(deployment, pod)
+        base, sync = env_of(manifest, "base"), env_of(manifest, "sync")
+        assert "AWS_SECRET_ACCESS_KEY" not in base and "AWS_SESSION_TOKEN" not in base
+        assert sync["AWS_SESSION_TOKEN"], "sync reached S3 with the run's session credentials"
+    deployment.kube.wait_for(lambda: not deployment.kube.jobs and not deployment.kube.services, timeout=30,
+                             what="Job and Service removal")
+    assert CONN_PASSWORD not in deployment.kube.everything_sent()
+
+
+DOUBLING_MAIN = '''
+import json
+class Main:
+    def __init__(self):
+        self.factor = 2
+    def predict(self, input):
+        value = json.loads(input)["x"]
+        if value < 0:
+            raise ValueError(f"negative input {value}")
+        return json.dumps({"y": value * self.factor})
+'''
+
+
+def test_a_batch_prediction_runs_in_containers(s3_deployment: Deployment, tmp_path: Path):
+    deployment = s3_deployment
+    deployment.registry.upload(write_files(tmp_path / "pkg", {"main.py": DOUBLING_MAIN, "requirements.txt": ""}), "doubler")
+    lines = "".join(json.dumps({"x": n}) + "\n" for n in range(1, 51))
+    inbox = deployment.add_dataset("inbox", {"a/batch.jsonl": lines, "b.jsonl": '{"x": -1}\n'}, tmp_path)
+    op = PredictPipelineOperator(task_id="score", package="doubler", version="1.0", dataset=inbox, procs_per_node=2,
+                                 max_failed=1, **FAST)
+    result = op.execute(make_context(task_id="score"))
+
+    assert (result["predicted"], result["failed"]) == (50, 1), "50 outputs, 1 counted failure (max_failed=1)"
+    store = deployment.registry.store
+    prefix = result["run_uri"].removeprefix(store.url("")).strip("/")
+    outputs = [json.loads(line) for line in store.get_bytes(f"{prefix}/predictions/a/batch.jsonl").decode().splitlines()]
+    assert [json.loads(o["output"])["y"] for o in outputs] == [2 * n for n in range(1, 51)]
+    [pod] = deployment.kube.all_pods()
+    assert {n: s["terminated"]["exitCode"] for n, s in container_states(pod).items()} == {"stage": 0, "base": 0, "sync": 0}
+
+
+# -- an attack from inside the user container --------------------------------------------------
+ATTACK = r'''
+import glob, json, os, socket
+
+def attempt(fn):
+    try:
+        return {"ok": True, "value": fn()}
+    except Exception as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+def write(path):
+    def go():
+        with open(path, "w") as fh:
+            fh.write("planted")
+        return path
+    return go
+
+def environ(pid):
+    with open(f"/proc/{pid}/environ", "rb") as fh:
+        return fh.read().decode(errors="replace")
+
+def status_field(name):
+    for line in open("/proc/self/status"):
+        if line.startswith(name + ":"):
+            return line.split(":", 1)[1].strip()
+
+def readable_files(root, skip):
+    """Every file under root it can read (contents capped), but the environment's own files."""
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if os.path.join(folder, d) not in skip]
+        for name in files:
+            path = os.path.join(folder, name)
+            try:
+                with open(path, "rb") as fh:
+                    found[path] = fh.read(65536).decode(errors="replace")
+            except OSError as exc:
+                found[path] = f"<{type(exc).__name__}>"
+    return found
+
+class Main:
+    def __init__(self):
+        pass
+
+    def evaluate(self, evaluation_directory):
+        store = os.environ["ATTACK_STORE"]
+        store_listing = attempt(lambda: os.listdir(store))  # before anything here creates that path
+        pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+        report = {
+            "uid": os.getuid(), "gid": os.getgid(), "euid": os.geteuid(),
+            "cap_eff": status_field("CapEff"), "cap_prm": status_field("CapPrm"), "cap_bnd": status_field("CapBnd"),
+            "no_new_privs": status_field("NoNewPrivs"), "seccomp": status_field("Seccomp"),
+            "env_names": sorted(os.environ),
+            "pids": {pid: attempt(lambda pid=pid: open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode())
+                     for pid in pids},
+            "environ": {pid: attempt(lambda pid=pid: environ(pid)) for pid in pids},
+            "files": readable_files("/aicenter", {"/aicenter/env"}),
+            "spec_files": glob.glob("/aicenter/**/*spec*.json", recursive=True),
+            "state_folder": attempt(lambda: os.listdir("/aicenter/state")),
+            "sa_token": attempt(lambda: open("/var/run/secrets/kubernetes.io/serviceaccount/token").read()),
+            "sa_folder": os.path.exists("/var/run/secrets/kubernetes.io"),
+            "write_package": attempt(write(os.path.join(os.getcwd(), "planted.py"))),
+            "write_data": attempt(write(os.path.join(evaluation_directory, "planted.csv"))),
+            "env_prefix": os.sys.prefix,
+            "write_env": attempt(write(os.path.join(os.sys.prefix, "planted.pth"))),
+            "write_env_site": attempt(write(os.path.join(
+                next(iter(glob.glob(os.sys.prefix + "/lib/python3*/site-packages")), os.sys.prefix), "planted.pth"))),
+            "write_bin": attempt(write("/aicenter/work/bin/supervisor.py")),
+            "write_root": {p: attempt(write(p)) for p in ("/planted", "/etc/planted", "/usr/lib/planted", "/opt/aicenter/planted",
+                                                           "/home/aicenter/planted")},
+            "store_listing": store_listing,
+            "write_store": attempt(lambda: os.makedirs(os.path.join(store, "runs", "planted"))),
+            "write_artifacts": attempt(write(os.path.join(os.environ["artifacts_directory"], "ok.txt"))),
+            "mounts": open("/proc/self/mountinfo").read().splitlines(),
+            "hostname": socket.gethostname(),
+        }
+        with open(os.path.join(os.environ["artifacts_directory"], "attack.json"), "w") as fh:
+            json.dump(report, fh, indent=1, default=str)
+        return 1.0
+'''
+
+
+def where(report: Any, needle: str, path: str = "") -> list[str]:
+    """The places in the attack report whose text holds ``needle``."""
+    if isinstance(report, dict):
+        return [hit for key, value in report.items() for hit in where(value, needle, f"{path}/{key}")]
+    if isinstance(report, list):
+        return [hit for i, value in enumerate(report) for hit in where(value, needle, f"{path}[{i}]")]
+    return [path] if needle in str(report) else []
+
+
+@pytest.mark.parametrize("backend", ["file", "s3"])
+def test_package_code_in_base_reaches_no_credentials_spec_agent_or_store(backend: str, request: pytest.FixtureRequest,
+                                                                         tmp_path: Path):
+    deployment: Deployment = request.getfixturevalue(f"{backend}_deployment")
+    upload(deployment, tmp_path, "attacker", **{"train.py": ATTACK})
+    evaluation = deployment.add_dataset("eval", {"rows.csv": "a\n1\n"}, tmp_path)
+    store_path = str(deployment.store_folder) if deployment.store_folder else "/aicenter/store-not-mounted"
+    op = EvaluatePipelineOperator(task_id="evaluate", package="attacker", version="1.0", evaluation_dataset=evaluation,
+                                  env={"ATTACK_STORE": store_path}, **FAST)
+    result = op.execute(make_context(task_id="evaluate"))
+    assert result["score"] == 1.0
+    store = deployment.registry.store
+    prefix = result["run_uri"].removeprefix(store.url("")).strip("/")
+    report = json.loads(store.get_bytes(f"{prefix}/artifacts/attack.json"))
+    [pod] = deployment.kube.all_pods()
+    manifest = played(deployment, pod)
+    agent_env = env_of(manifest, "sync")
+    secrets = [agent_env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN") if k in agent_env]
+    assert bool(secrets) == (backend == "s3"), "stage and sync hold the run's credentials on S3"
+    spec = agent_env["AICENTER_RUN_SPEC"]
+    print(json.dumps({k: v for k, v in report.items() if k not in ("mounts", "files", "environ")}, indent=1))
+    print("readable under /aicenter:", sorted(report["files"]))
+
+    # identity and privileges
+    assert report["uid"] == report["euid"] == 10001 and report["gid"] == 10001
+    assert int(report["cap_eff"], 16) == 0 and int(report["cap_prm"], 16) == 0
+    assert report["no_new_privs"] == "1" and report["seccomp"] == "2"
+    # credentials and run spec: not in its env, no other process's env, no file it can read
+    assert not [n for n in report["env_names"] if n.startswith("AWS_") or n in ("AICENTER_RUN_SPEC", "AICENTER_STATE")]
+    environs = [r["value"] for r in report["environ"].values() if r["ok"]]
+    assert environs, "it can read its own container's /proc/*/environ"
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AICENTER_RUN_SPEC"):
+        assert not [e for e in environs if f"{name}=" in e], f"{name} in a process environment in base"
+    for needle in (*secrets, spec, json.loads(spec)["run_prefix"]):  # the values, anywhere it could read
+        assert not where(report, needle), f"{needle[:40]} reachable from base: {where(report, needle)}"
+    assert not report["spec_files"]
+    assert report["state_folder"] in ({"ok": True, "value": []}, {"ok": False, "error": report["state_folder"].get("error")}), \
+        "the agent's handover volume is not mounted in base (the image's empty mount point at most)"
+    # other containers' processes: /proc shows only this container's (the supervisor and the user processes)
+    cmdlines = [r["value"] for r in report["pids"].values() if r["ok"]]
+    assert not [c for c in cmdlines if "--phase" in c], cmdlines
+    assert any("supervisor.py" in c for c in cmdlines)
+    # no service-account token
+    assert not report["sa_token"]["ok"] and not report["sa_folder"]
+    # read-only: package (evaluation makes no version), data, environment, supervisor, root filesystem
+    for key in ("write_package", "write_data", "write_env", "write_env_site", "write_bin"):
+        assert not report[key]["ok"] and "Read-only file system" in report[key]["error"], (key, report[key])
+    for path, outcome in report["write_root"].items():
+        assert not outcome["ok"] and "Read-only file system" in outcome["error"], (path, outcome)
+    assert report["write_artifacts"]["ok"]
+    # the store: a file store is not mounted in base at all. Its path is under /tmp here, so the write
+    # attempt may "succeed" into base's own /tmp volume: what counts is that nothing reached the store.
+    assert not report["store_listing"]["ok"] and "FileNotFoundError" in report["store_listing"]["error"]
+    if deployment.store_folder is not None:
+        assert not (deployment.store_folder / "runs" / "planted").exists(), "nothing written by base reached the store"
