@@ -99,7 +99,7 @@ def log_level(line: str) -> int:
 
 
 class LocalLauncher(Launcher):
-    """Runs ``python -m airflow_aicenter.runtime SPEC.json`` and streams its output to the task log.
+    """Runs ``python -m airflow_aicenter.runtime -`` (the spec on its stdin) and streams its output to the task log.
 
     :param store: the run's store (to settle its outcome).
     :param env: the runtime's credentials and the user's secret ``env`` (never in the spec).
@@ -217,6 +217,7 @@ class LocalLauncher(Launcher):
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                pass_fds=(lock,),  # the runtime holds the folder's lock too: a run outliving its worker is not swept
             )
             assert self.process.stdin is not None and self.process.stdout is not None
             try:

@@ -196,7 +196,11 @@ def _tree(folder: Path) -> Iterable[Path]:
 
 # -- launch folders ----------------------------------------------------------------------------
 def hold_lock(folder: Path) -> int:
-    """Lock ``folder`` for as long as the returned descriptor is open (it dies with its holder)."""
+    """Lock ``folder`` for as long as the returned descriptor is open in any process (it dies with its holders).
+
+    A child given the descriptor (``pass_fds``) shares the lock: the folder stays locked until
+    the launcher and the runtime have both ended.
+    """
     fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)
     return fd

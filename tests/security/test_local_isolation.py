@@ -418,3 +418,21 @@ def test_a_live_launch_folder_is_never_swept(scratch, tmp_path):
     assert first.returncode == 0, out[-3000:]
     assert gone_within(daemon, 5)
     assert not any((scratch / "tmp").iterdir())
+
+
+def test_the_launch_lock_lives_as_long_as_the_launcher_or_the_runtime(scratch):
+    """A runtime outliving its worker (stopping after its parent died) keeps its folder from the next launch's sweep."""
+    from airflow_aicenter.runtime import isolation
+
+    folder = scratch / "tmp" / f"{isolation.LAUNCH_PREFIX}x"
+    folder.mkdir(parents=True)
+    lock = isolation.hold_lock(folder)
+    runtime = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], pass_fds=(lock,))
+    try:
+        assert isolation.sweep(scratch / "tmp") == [] and folder.exists()  # the launcher holds it
+        os.close(lock)  # the launcher is gone; the runtime still holds the lock
+        assert isolation.sweep(scratch / "tmp") == [] and folder.exists()
+    finally:
+        runtime.kill()
+        runtime.wait()
+    assert isolation.sweep(scratch / "tmp") == [folder] and not folder.exists()
