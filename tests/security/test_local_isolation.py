@@ -24,6 +24,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from airflow_aicenter.errors import ConfigurationError
 from airflow_aicenter.launchers.local import LocalLauncher
 from airflow_aicenter.operators import TrainPipelineOperator
 from airflow_aicenter.records import Outcome, RunRef, read
@@ -137,6 +138,7 @@ class Main:
 #: The worker: a process that runs the local launcher, as the operator does (its environment holds Airflow's secrets).
 WORKER = r'''
 import os, signal, sys
+from airflow_aicenter.errors import ConfigurationError
 from airflow_aicenter.launchers.local import LocalLauncher
 from airflow_aicenter.records import RunSpec
 from airflow_aicenter.storage import open_store
@@ -343,7 +345,7 @@ def test_run_as_user_cannot_reach_the_worker_its_venv_the_store_or_the_spec(syst
 def test_run_as_user_that_does_not_exist_is_refused_before_anything_runs(tmp_path):
     store = open_store((tmp_path / "store").as_uri())
     launcher = LocalLauncher(store=store, env={}, run_as_user="no-such-user-aicenter")
-    with pytest.raises(Exception, match="run_as_user 'no-such-user-aicenter' is not a user on this machine"):
+    with pytest.raises(ConfigurationError, match="run_as_user 'no-such-user-aicenter' is not a user on this machine"):
         launcher.check()
 
 
@@ -436,3 +438,17 @@ def test_the_launch_lock_lives_as_long_as_the_launcher_or_the_runtime(scratch):
         runtime.kill()
         runtime.wait()
     assert isolation.sweep(scratch / "tmp") == [folder] and not folder.exists()
+
+
+def test_the_connection_extra_run_as_user_reaches_the_local_launcher(tmp_path, monkeypatch, system_user):
+    """The operator reads ``run_as_user`` from the aicenter connection (a real Airflow connection from the environment)."""
+    extra = {"storage": (tmp_path / "store").as_uri(), "run_as_user": system_user.name}
+    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps({"conn_type": "aicenter", "extra": extra}))
+    operator = TrainPipelineOperator(task_id="t", package="rec", dataset="file:///unused")
+    launcher = operator.make_launcher("local")
+    assert isinstance(launcher, LocalLauncher) and launcher.run_as_user == system_user.name
+    launcher.check()  # root may switch to it
+    extra["run_as_user"] = "root"
+    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps({"conn_type": "aicenter", "extra": extra}))
+    with pytest.raises(ConfigurationError, match="unprivileged user, not root"):
+        TrainPipelineOperator(task_id="t", package="rec", dataset="file:///unused").make_launcher("local").check()
