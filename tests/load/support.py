@@ -49,6 +49,12 @@ def runtime_processes(tmp_root: Path) -> list[str]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
+        if "airflow_aicenter.runtime" in cmdline and str(tmp_root) not in cmdline:
+            try:  # the local launcher hands the runtime its spec on stdin: its work folder is in its environment
+                if str(tmp_root).encode() in (entry / "environ").read_bytes():
+                    cmdline += f" [AICENTER_WORKDIR under {tmp_root}]"
+            except OSError:
+                continue
         if ("airflow_aicenter.runtime" in cmdline or "user.py" in cmdline) and str(tmp_root) in cmdline:
             found.append(f"{entry.name}: {cmdline}")
     return found
