@@ -31,7 +31,7 @@ from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import Store, open_store
 from airflow_aicenter.storage.transfer import run, upload_tree
 from tests.conftest import S3Server, write_files
-from tests.containers.podman import PodmanPods
+from tests.containers.podman import PodmanPods, podman
 from tests.operators.kube_api import FakeKubernetes, Pod, make_context
 from tests.packages import ECHO_MAIN
 from tests.runtime.test_distributed import RENDEZVOUS
@@ -156,6 +156,11 @@ def test_a_training_runs_as_stage_base_and_sync_containers(file_deployment: Depl
     base_mounts = {m["mountPath"] for m in next(c for c in manifest["spec"]["containers"] if c["name"] == "base")["volumeMounts"]}
     assert str(deployment.store_folder) not in base_mounts, "the file store is not mounted into base"
     assert "AICENTER_RUN_SPEC" not in env_of(manifest, "base") and "AICENTER_RUN_SPEC" in env_of(manifest, "sync")
+    # nothing left in podman once the pod is deleted: the pod, its containers and its emptyDir volumes
+    deployment.kube.wait_for(lambda: all(p.done.is_set() for p in deployment.pods.played.values()), what="pod removal")
+    assert pod.key[1] not in podman("pod", "ps", "--format", "{{.Name}}").stdout
+    volumes = podman("volume", "ls", "--format", "{{.Name}}").stdout.split()
+    assert not [v for v in volumes if v.startswith(pod.obj["metadata"]["uid"][:8])], volumes
 
 
 def test_a_distributed_run_is_an_indexed_job_of_two_pods_in_containers(s3_deployment: Deployment, tmp_path: Path):
