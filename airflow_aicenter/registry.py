@@ -39,6 +39,7 @@ from airflow_aicenter.package import (
     validate_package_name,
     write_zip,
 )
+from airflow_aicenter.package.requirements import included_files
 from airflow_aicenter.records import (
     AliasRecord,
     BlobRef,
@@ -337,9 +338,21 @@ class Registry:
                 f"(`aicenter package upload PATH --name {record.package}`) or use another version"
             )
         with tempfile.TemporaryDirectory(prefix="aicenter-check-") as tmp:
-            reader = obstore.open_reader(self.store.inner, key, size=record.blob.size)
-            root = extract_zip(cast(BinaryIO, reader), Path(tmp) / "pkg", only=is_contract_file,  # seekable, read() -> bytes
-                               max_selected_bytes=MAX_CONTRACT_FILE_BYTES)
+            wanted: set[str] = set()
+
+            def selected(name: str) -> bool:
+                parts = name.strip("/").split("/")
+                return is_contract_file(name) or "/".join(parts) in wanted or "/".join(parts[1:]) in wanted
+
+            # The contract files, then the files requirements.txt includes (-r, -c), followed until none is new.
+            for attempt in range(8):
+                reader = obstore.open_reader(self.store.inner, key, size=record.blob.size)
+                root = extract_zip(cast(BinaryIO, reader), Path(tmp) / f"pkg{attempt}", only=selected,  # seekable reader
+                                   max_selected_bytes=MAX_CONTRACT_FILE_BYTES)
+                includes = included_files(root)
+                if includes <= wanted:
+                    break
+                wanted |= includes
             validate_package(root, pipeline)
 
     def download(self, name: str, spec: str, dest: Path) -> tuple[VersionRecord, Path]:

@@ -289,3 +289,20 @@ def test_checking_a_version_whose_content_was_deleted_says_so(store: Store, pkg:
         "(deleted by hand, or by gc): upload the package again (`aicenter package upload PATH --name churn`) "
         "or use another version"
     )
+
+
+def test_checking_a_version_follows_the_files_its_requirements_include(store: Store, pkg: Path) -> None:
+    """A package whose requirements.txt includes others (-r, -c, nested) uploads and passes the pre-check.
+
+    The pre-check extracted only the contract files, so upload accepted the package and the
+    operator then refused it with "extra.txt is missing from the package".
+    """
+    (pkg / "requirements.txt").write_text("-r reqs/base.txt\n-c constraints.txt\n")
+    (pkg / "reqs").mkdir()
+    (pkg / "reqs" / "base.txt").write_text("numpy\n-r more.txt\n")
+    (pkg / "reqs" / "more.txt").write_text("pandas\n")
+    (pkg / "constraints.txt").write_text("numpy<3\n")
+    registry = Registry(store)
+    record = registry.upload(pkg, "churn")
+    registry.check(record, "train")
+

@@ -161,6 +161,33 @@ def check_requirements_file(root: Path, name: str = REQUIREMENTS) -> list[str]:
     return lines
 
 
+def included_files(root: Path, name: str = REQUIREMENTS) -> set[str]:
+    """The package files ``root/name`` includes with ``-r``/``-c``, followed through those present.
+
+    Lets a caller that extracted only the contract files of a stored version (``registry.check``)
+    fetch the included ones too before :func:`check_requirements_file` reads them.
+    """
+    found: set[str] = set()
+    pending = [name]
+    while pending:
+        current = pending.pop()
+        path = root / current
+        info = _lstat(path)
+        if info is None or not stat.S_ISREG(info.st_mode) or info.st_size > MAX_REQUIREMENTS_BYTES:
+            continue  # check_requirements_file says what is wrong with it
+        try:
+            text = path.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError:
+            continue
+        for _, _, include in _checked(text, current):
+            if include is not None:
+                target = str(PurePosixPath(current).parent / include)
+                if target not in found:
+                    found.add(target)
+                    pending.append(target)
+    return found
+
+
 def local_path(line: str) -> str | None:
     """The package file a checked line names (an included file or a vendored wheel), else None."""
     if line.startswith("-"):
