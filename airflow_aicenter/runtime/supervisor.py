@@ -303,10 +303,15 @@ def supervise(plan: dict[str, Any], *, stdout: TextIO | None = None, stderr: Tex
     :class:`Stopped`) stops every process, records ``killed`` and propagates.
     """
     isolation.become_subreaper()
-    for earlier in plan.get("before") or []:  # groups run first, one after the other (a node's process_data)
-        first = supervise({**plan, **earlier, "before": None, "exit_file": None}, stdout=stdout, stderr=stderr)
-        if first["status"] != "succeeded":  # none of the last group starts; the exit file says why
-            return _write_exit(plan.get("exit_file"), {**first, "results": [None] * len(plan["processes"])})
+    try:
+        for earlier in plan.get("before") or []:  # groups run first, one after the other (a node's process_data)
+            first = supervise({**plan, **earlier, "before": None, "exit_file": None}, stdout=stdout, stderr=stderr)
+            if first["status"] != "succeeded":  # none of the last group starts; the exit file says why
+                return _write_exit(plan.get("exit_file"), {**first, "results": [None] * len(plan["processes"])})
+    except BaseException:  # stopped during an earlier group: whoever waits for the exit file still gets one
+        _write_exit(plan.get("exit_file"), {"status": "killed", "results": [None] * len(plan["processes"]),
+                                            "failed": None, "cause": "the run was stopped"})
+        raise
     sup = Supervisor(plan, stdout or sys.stdout, stderr or sys.stderr)
     record: dict[str, Any] = {"status": "killed", "results": [], "failed": None, "cause": "the run was stopped"}
     try:

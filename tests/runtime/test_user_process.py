@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from airflow_aicenter.records import Outcome, read
 from airflow_aicenter.storage import open_store
 from tests.runtime.test_run import run_runtime, setup_run
@@ -305,7 +307,7 @@ json.dump({"ok": True, "score": 0.5}, open(instructions["result"], "w"))
 '''
 
 
-def _plan(tmp_path: Path, procs: list[dict], secret: str) -> Path:
+def _plan(tmp_path: Path, procs: list[dict], secret: str, before: list[dict] | None = None) -> Path:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     from airflow_aicenter.runtime.supervisor import BUNDLE
@@ -314,18 +316,23 @@ def _plan(tmp_path: Path, procs: list[dict], secret: str) -> Path:
         (bin_dir / name).write_bytes(source.read_bytes())
     user = tmp_path / "fake_user.py"
     user.write_text(FAKE_USER)
-    processes = []
-    for i, extra in enumerate(procs):
-        result = tmp_path / f"rank-{i}.result.json"
-        instructions = tmp_path / f"rank-{i}.json"
-        instructions.write_text(json.dumps({"result": str(result), **extra}))
-        processes.append({"label": f"rank {i}", "argv": [sys.executable, "-I", "-S", str(user), str(instructions)],
-                          "cwd": str(tmp_path), "env": {"API_TOKEN": secret, "PATH": os.environ["PATH"]},
-                          "result": str(result)})
+
+    def processes(group: str, specs: list[dict]) -> list[dict]:
+        out = []
+        for i, extra in enumerate(specs):
+            result = tmp_path / f"{group}-{i}.result.json"
+            instructions = tmp_path / f"{group}-{i}.json"
+            instructions.write_text(json.dumps({"result": str(result), **extra}))
+            out.append({"label": f"{group} {i}", "argv": [sys.executable, "-I", "-S", str(user), str(instructions)],
+                        "cwd": str(tmp_path), "env": {"API_TOKEN": secret, "PATH": os.environ["PATH"]},
+                        "result": str(result)})
+        return out
+
     plan = tmp_path / "supervisor.json"
-    plan.write_text(json.dumps({"processes": processes, "secret_env": ["API_TOKEN"], "prefix_output": True,
+    plan.write_text(json.dumps({"processes": processes("rank", procs), "secret_env": ["API_TOKEN"], "prefix_output": True,
                                 "line_limit": 65536, "grace": 2.0, "run_as": None,
-                                "exit_file": str(tmp_path / "exit.json")}))
+                                "exit_file": str(tmp_path / "exit.json"),
+                                **({"before": [{"processes": processes("prep", before)}]} if before else {})}))
     return plan
 
 
@@ -360,8 +367,10 @@ def test_the_supervisor_stops_the_others_when_one_fails_and_masks_the_cause(tmp_
     assert secret not in done.stdout + done.stderr + (tmp_path / "exit.json").read_text()
 
 
-def test_the_supervisor_records_killed_on_sigterm(tmp_path):
-    plan = _plan(tmp_path, [{"sleep": 60}], "sk-supervised-0123456789")
+@pytest.mark.parametrize("during", ["the last group", "an earlier group"])
+def test_the_supervisor_records_killed_on_sigterm(tmp_path, during):
+    before = [{"sleep": 60}] if during == "an earlier group" else None
+    plan = _plan(tmp_path, [{"sleep": 60}], "sk-supervised-0123456789", before=before)
     proc = subprocess.Popen([sys.executable, "-I", "-S", str(tmp_path / "bin" / "supervisor.py"), str(plan)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
