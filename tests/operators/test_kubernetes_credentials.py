@@ -58,10 +58,14 @@ def test_a_pod_gets_its_own_session_credentials_through_a_per_run_secret(s3_depl
     values = secret["stringData"]
     assert set(values) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
     [pod] = kube_api.all_pods()
-    [container] = pod.containers
-    assert container.env["AWS_SESSION_TOKEN"] == values["AWS_SESSION_TOKEN"], "the runtime reached S3 with the session credentials"
-    env = {e["name"]: e for e in pod.obj["spec"]["containers"][0]["env"]}
-    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
+    containers = {c.name: c for c in [*pod.init, *pod.containers]}
+    assert set(containers) == {"stage", "base", "sync"}
+    for name in ("stage", "sync"):
+        assert containers[name].env["AWS_SESSION_TOKEN"] == values["AWS_SESSION_TOKEN"], "stage and sync reach S3 with them"
+        [spec] = [c for c in [*pod.obj["spec"]["initContainers"], *pod.obj["spec"]["containers"]] if c["name"] == name]
+        env = {e["name"]: e for e in spec["env"]}
+        assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
+    assert not {k for k in containers["base"].env if k.startswith("AWS_")}, "the user container holds no store credential"
     sent = kube_api.everything_sent()
     for value in (*values.values(), CONN_PASSWORD, "testing"):
         assert f'"{value}"' not in sent, "no credential in any pod manifest"

@@ -178,15 +178,18 @@ def test_example_dag_sync_on_s3_with_secret_credentials(airflow_env, kube_api: F
     done = airflow_env.dags_test("aicenter_training", {"dataset": dataset, "version": "1.0"}, extra_env=env)
     assert done.returncode == 0, output(done)[-5000:]
     log = output(done)
-    assert "[base] [aicenter] run succeeded" in log, "the pod's log streamed into the task log"
+    assert "[sync] [aicenter] run succeeded" in log, "the pod's logs streamed into the task log"
     assert_same_run(summary(store, registry, dataset), image_python_baseline.summary)
 
     [pod] = kube_api.all_pods()
     assert pod.gone and pod.obj["status"]["phase"] == "Succeeded"
-    [container] = pod.containers
-    assert (container.env["AWS_ACCESS_KEY_ID"], container.env["AWS_SECRET_ACCESS_KEY"]) == (POD_KEY_ID, POD_SECRET), \
-        "the runtime reached S3 with the Secret's keys (secretKeyRef)"
-    assert container.env["AWS_ENDPOINT_URL"] == s3_server.endpoint and container.env["AWS_REGION"] == "us-east-1"
+    containers = {c.name: c for c in [*pod.init, *pod.containers]}
+    for name in ("stage", "sync"):
+        container = containers[name]
+        assert (container.env["AWS_ACCESS_KEY_ID"], container.env["AWS_SECRET_ACCESS_KEY"]) == (POD_KEY_ID, POD_SECRET), \
+            "the runtime reached S3 with the Secret's keys (secretKeyRef)"
+        assert container.env["AWS_ENDPOINT_URL"] == s3_server.endpoint and container.env["AWS_REGION"] == "us-east-1"
+    assert not {k for k in containers["base"].env if k.startswith("AWS_")}, "no store credential in the user container"
     # no secret anywhere: manifest/spec, task log, run records, XCom
     sent = kube_api.everything_sent()
     stored = "".join(store.get_bytes(i.key).decode(errors="replace") for i in store.list("runs"))

@@ -60,10 +60,15 @@ def test_two_nodes_of_two_processes_train_together(deployment, kube_api: FakeKub
     assert job["spec"]["backoffLimit"] == 0 and job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
     assert job["spec"]["template"]["spec"]["subdomain"] == service["metadata"]["name"] == name
     assert service["spec"]["clusterIP"] == "None"
-    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    template = job["spec"]["template"]["spec"]
+    assert [c["name"] for c in template["initContainers"]] == ["stage"]
+    assert [c["name"] for c in template["containers"]] == ["base", "sync"], "the same three containers as a single pod"
+    env = {e["name"]: e.get("value") for e in template["initContainers"][0]["env"]}
     assert env["AICENTER_MASTER_ADDR"] == f"{name}-0.{name}"
     assert env["AICENTER_WORKER_HOSTS"] == f"{name}-0.{name},{name}-1.{name}"
-    assert not any(k.startswith("AWS_SECRET") for k in env)
+    base_env = {e["name"] for e in template["containers"][0]["env"]}
+    assert not any(k.startswith("AWS_") or k == "AICENTER_RUN_SPEC" for k in base_env)
+    assert template["automountServiceAccountToken"] is False
     # every rank's view: torchrun's and ModelArts' variables
     prefix = record.run.prefix
     rank0, rank3 = calls(registry, prefix), calls(registry, prefix, "rank-3/")
