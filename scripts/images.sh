@@ -9,7 +9,7 @@
 # Everything podman keeps (configuration, image storage, events) lives under
 # $AICENTER_PODMAN_HOME (default: .podman/ in the repository, gitignored), never in
 # /var/lib/containers. To use the same podman by hand: `source .podman/env.sh; podman images`.
-# Measured recipe and why each setting is needed: ../shared/REFERENCE.md "Real containers".
+# Cold (no images): about 35 s (mmdebstrap about 27 s, the build about 7 s); nothing to do: under 1 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -50,7 +50,7 @@ mkdir -p "$PODMAN_HOME/storage" "$PODMAN_HOME/run" "$PODMAN_HOME/tmp"
 cap() { local v; v=$(ulimit -H "$1"); [ "$v" = unlimited ] || [ "$v" -gt "$2" ] && v=$2; echo "$v"; }
 nofile=$(cap -n 20000); nproc=$(cap -u 32768)
 cat >"$PODMAN_HOME/containers.conf.new" <<EOF
-# Written by scripts/images.sh: podman for the tests (see ../shared/REFERENCE.md "Real containers").
+# Written by scripts/images.sh: podman for the tests (tests/containers/podman.py).
 [containers]
 default_ulimits = ["nofile=$nofile:$nofile", "nproc=$nproc:$nproc"]
 
