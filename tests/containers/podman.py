@@ -160,7 +160,7 @@ class PodmanPods:
                 if image in kube.unpullable:
                     raise ApiError(0, "ErrImagePull", f'failed to pull and unpack image "{image}": not found')
                 container["image"], container["imagePullPolicy"] = self.image, "Never"
-                container["env"] = [{"name": k, "value": v} for k, v in self.env(kube, pod, container).items()]
+                container["env"] = [{"name": k, "value": v} for k, v in kube.container_env(pod, container).items()]
                 container.pop("envFrom", None)
                 # On the host network every port is the host's; podman refuses port declarations there.
                 container.pop("ports", None)
@@ -186,49 +186,6 @@ class PodmanPods:
         spec["volumes"] = volumes
         spec["restartPolicy"] = "Never"
         return manifest
-
-    def env(self, kube: FakeKubernetes, pod: Pod, container: dict[str, Any]) -> dict[str, str]:
-        """The container's env as the kubelet resolves it (envFrom first, then env in order)."""
-        from tests.operators.kube_api import ApiError
-
-        namespace = pod.key[0]
-        env: dict[str, str] = {}
-        for source in container.get("envFrom") or []:
-            if "secretRef" in source:
-                ref = source["secretRef"]
-                data = kube.secrets.get((namespace, ref["name"]))
-                if data is None and not ref.get("optional"):
-                    raise ApiError(0, "CreateContainerConfigError", f'secret "{ref["name"]}" not found')
-                env.update({f"{source.get('prefix', '')}{k}": v for k, v in (data or {}).items()})
-        for var in container.get("env") or []:
-            if "valueFrom" not in var:
-                env[var["name"]] = var.get("value", "")
-                continue
-            source = var["valueFrom"]
-            if "secretKeyRef" in source:
-                ref = source["secretKeyRef"]
-                data = kube.secrets.get((namespace, ref["name"]))
-                if data is None or ref["key"] not in data:
-                    if ref.get("optional"):
-                        continue
-                    what = (f'secret "{ref["name"]}" not found' if data is None
-                            else f"couldn't find key {ref['key']} in Secret {namespace}/{ref['name']}")
-                    raise ApiError(0, "CreateContainerConfigError", what)
-                env[var["name"]] = data[ref["key"]]
-            elif "fieldRef" in source:
-                path = source["fieldRef"]["fieldPath"]
-                env[var["name"]] = {"metadata.name": pod.key[1], "metadata.namespace": namespace,
-                                    "status.podIP": "127.0.0.1", "status.hostIP": "127.0.0.1"}.get(path, "")
-            else:
-                raise ApiError(0, "CreateContainerConfigError", f"unsupported env source for {var['name']}: {sorted(source)}")
-        for key, value in list(env.items()):  # the cluster DNS of Job pods: every pod is on this host
-            for host, address in kube.dns.items():
-                value = value.replace(host, address)
-            env[key] = value
-        job_name = (pod.obj["metadata"].get("labels") or {}).get("job-name")
-        if job_name and "AICENTER_MASTER_PORT" in env and (namespace, job_name) in kube.jobs:
-            env["AICENTER_MASTER_PORT"] = str(kube.jobs[(namespace, job_name)].port)
-        return env
 
     @staticmethod
     def termination_file(pod: Pod, container: str) -> Path:

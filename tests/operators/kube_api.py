@@ -584,6 +584,26 @@ class FakeKubernetes:
                "AICENTER_TERMINATION_LOG": str(container.termination_file)}
         if "/tmp" in mounts:
             env["TMPDIR"] = str(mounts["/tmp"])
+        env.update(self.container_env(pod, spec, rewrite))
+        argv = [*(spec.get("command") or []), *(spec.get("args") or [])]
+        if not argv:
+            raise ApiError(0, "CreateContainerError", f"image {image!r} has no entrypoint in the test server; set command")
+        if argv[0] in ("python", "python3"):
+            argv[0] = self.python
+        container.argv = [rewrite(a) for a in argv]
+        container.env = env
+        (pod.folder / "home").mkdir(exist_ok=True)
+        (pod.folder / "cwd").mkdir(exist_ok=True)
+
+    def container_env(self, pod: Pod, spec: dict[str, Any], rewrite: Callable[[str], str] = str) -> dict[str, str]:
+        """A container's env as the kubelet resolves it: ``envFrom`` first, then ``env`` in order.
+
+        Secrets come from those the test registered (a missing one raises like the kubelet:
+        the pod stays Pending); Job pods see the cluster DNS names of their Job as this host and
+        their Job's own rendezvous port. Used by the process mode and the podman mode alike.
+        """
+        namespace = pod.key[0]
+        env: dict[str, str] = {}
         for source in spec.get("envFrom", []) or []:
             if "secretRef" in source:
                 ref = source["secretRef"]
@@ -607,7 +627,8 @@ class FakeKubernetes:
                 env[var["name"]] = data[ref["key"]]
             elif "fieldRef" in source:
                 path = source["fieldRef"]["fieldPath"]
-                env[var["name"]] = {"metadata.name": pod.key[1], "metadata.namespace": namespace}.get(path, "")
+                env[var["name"]] = {"metadata.name": pod.key[1], "metadata.namespace": namespace,
+                                    "status.podIP": "127.0.0.1", "status.hostIP": "127.0.0.1"}.get(path, "")
             else:
                 raise ApiError(0, "CreateContainerConfigError", f"unsupported env source for {var['name']}: {sorted(source)}")
         for name, value in list(env.items()):  # the cluster DNS of Job pods: all on this host
@@ -617,15 +638,7 @@ class FakeKubernetes:
         job_name = (pod.obj["metadata"].get("labels") or {}).get("job-name")
         if job_name and "AICENTER_MASTER_PORT" in env and (namespace, job_name) in self.jobs:
             env["AICENTER_MASTER_PORT"] = str(self.jobs[(namespace, job_name)].port)
-        argv = [*(spec.get("command") or []), *(spec.get("args") or [])]
-        if not argv:
-            raise ApiError(0, "CreateContainerError", f"image {image!r} has no entrypoint in the test server; set command")
-        if argv[0] in ("python", "python3"):
-            argv[0] = self.python
-        container.argv = [rewrite(a) for a in argv]
-        container.env = env
-        (pod.folder / "home").mkdir(exist_ok=True)
-        (pod.folder / "cwd").mkdir(exist_ok=True)
+        return env
 
     def _start(self, pod: Pod, container: Container) -> None:
         container.process = subprocess.Popen(
