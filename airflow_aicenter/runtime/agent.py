@@ -389,6 +389,8 @@ class Agent:
         for name, source in supervisor.BUNDLE.items():
             shutil.copyfile(source, bin_dir / name)
         plan = self._supervisor_plan(groups[-1])
+        # The user container's own system variables (GPU devices, HOME) replace stage's for those names.
+        plan["inherit_env"] = {"names": sorted(INHERITED), "prefixes": list(INHERITED_PREFIXES)}
         if len(groups) > 1:
             plan["before"] = [{"processes": group} for group in groups[:-1]]
         (self.control / "supervisor.json").write_text(json.dumps(plan))

@@ -19,7 +19,8 @@ The plan (JSON)::
      "line_limit": 65536, "grace": 5.0,
      "run_as": null | {"uid": 1234, "gid": 1234},
      "exit_file": "/.../control/exit.json",
-     "before": [{"processes": [...]}, ...]}   # optional: groups run first, one after the other
+     "before": [{"processes": [...]}, ...],   # optional: groups run first, one after the other
+     "inherit_env": {"names": [...], "prefixes": [...]}}  # optional: these come from this process's env
 
 What it does: starts each process (its own session; as ``run_as`` with no supplementary
 groups when given), pumps its stdout and stderr line by line (each line at most
@@ -164,9 +165,15 @@ class Supervisor:
         extra: dict[str, Any] = {}
         if self.run_as:  # the kernel switches before exec: no supplementary groups, then gid, then uid
             extra = {"user": int(self.run_as["uid"]), "group": int(self.run_as["gid"]), "extra_groups": []}
+        env = dict(entry.get("env") or {})
+        # A pod's stage wrote the plan; the system variables of the user container itself (its HOME,
+        # the GPU device plugin's NVIDIA_*/CUDA_*) are this process's: they win for those names.
+        inherit = self.plan.get("inherit_env") or {}
+        names, prefixes = set(inherit.get("names") or ()), tuple(inherit.get("prefixes") or ())
+        env.update({k: v for k, v in os.environ.items() if k in names or (prefixes and k.startswith(prefixes))})
         try:
             process = subprocess.Popen(
-                [str(a) for a in entry["argv"]], cwd=entry.get("cwd"), env=dict(entry.get("env") or {}),
+                [str(a) for a in entry["argv"]], cwd=entry.get("cwd"), env=env,
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 start_new_session=True,  # its own session: the supervisor's (the agent's) is never joined
                 **extra,

@@ -348,3 +348,33 @@ def test_pod_only_refusals_come_before_any_pod_and_are_recorded(kube_deployment,
         outcome = read(registry.store, f"runs/aicenter_k8s/manual__2026-03-01T00:00:00+00:00/{task_id}/1/outcome.json", Outcome)
         assert (outcome.status, outcome.phase, outcome.phases) == ("failed", "prepare", {}) and message in outcome.error
         assert "tok-0123456789" not in outcome.model_dump_json()
+
+
+ENV_TRAIN = '''
+import json, os
+class Main:
+    def __init__(self):
+        pass
+    def train(self, training_directory):
+        seen = {k: os.environ.get(k) for k in ("HOME", "NVIDIA_VISIBLE_DEVICES", "AICENTER_RUN_SPEC", "AWS_ENDPOINT_URL")}
+        with open(os.path.join(os.environ["artifacts_directory"], "env.json"), "w") as fh:
+            json.dump(seen, fh)
+    def save(self):
+        pass
+'''
+
+
+def test_user_code_gets_the_user_containers_system_variables_not_stages(kube_deployment, kube_api, tmp_path):
+    """The supervisor's plan comes from stage, but the GPU device plugin sets NVIDIA_*/CUDA_* on ``base``
+    (the container with the GPU limit), and the user's HOME is base's: those reach user code."""
+    registry, dataset = kube_deployment
+    upload(registry, tmp_path, "envs", train_py=ENV_TRAIN)
+    op = train_op("envs", dataset, install_requirements=False,
+                  env_vars={"NVIDIA_VISIBLE_DEVICES": "0,1", "HOME": "/aicenter/work/custom-home"})
+    result = op.execute(make_context())
+    seen = json.loads(registry.store.get_bytes(f"{registry.get('envs', result['version']).run.prefix}/artifacts/env.json"))
+    [pod] = kube_api.all_pods()
+    work = next(m for m in pod.obj["spec"]["containers"][0]["volumeMounts"] if m["mountPath"] == "/aicenter/work")
+    assert work and seen["NVIDIA_VISIBLE_DEVICES"] == "0,1"
+    assert seen["HOME"].endswith("/custom-home")
+    assert seen["AICENTER_RUN_SPEC"] is None and seen["AWS_ENDPOINT_URL"] is None
