@@ -234,7 +234,8 @@ def test_failed_pods_fail_the_task_with_the_runtime_cause(airflow_env, kube_api:
     pods = kube_api.all_pods()
     assert len(pods) == 2 and all(p.gone and p.obj["status"]["phase"] == "Failed" for p in pods)
     for pod in pods:
-        message = pod.obj["status"]["containerStatuses"][0]["state"]["terminated"]["message"]
+        [sync] = [c for c in pod.obj["status"]["containerStatuses"] if c["name"] == "sync"]  # it writes the run's message
+        message = sync["state"]["terminated"]["message"]
         assert message == "Main.train() raised ValueError: labels column 'churned' is missing (train.py:8)"
 
 
