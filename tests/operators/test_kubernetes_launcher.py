@@ -376,3 +376,42 @@ def test_user_code_gets_the_user_containers_system_variables_not_stages(kube_dep
     assert seen["NVIDIA_VISIBLE_DEVICES"] == "0,1"
     assert seen["HOME"].endswith("/custom-home")
     assert seen["AICENTER_RUN_SPEC"] is None and seen["AWS_ENDPOINT_URL"] is None
+
+
+CHECKPOINT_TRAIN = '''
+import json, os, time
+class Main:
+    def __init__(self):
+        self.state = os.path.join(os.environ["checkpoint_directory"], "state.json")
+    def train(self, training_directory):
+        epoch = json.load(open(self.state))["epoch"] if os.path.exists(self.state) else 0
+        with open(os.path.join(os.environ["artifacts_directory"], "resumed.txt"), "w") as fh:
+            fh.write(str(epoch))
+        json.dump({"epoch": epoch + 1}, open(self.state, "w"))
+        time.sleep(2.5)
+        if epoch == 0:
+            raise RuntimeError("the first try fails after its checkpoint")
+    def save(self):
+        pass
+'''
+
+
+def test_checkpoints_restore_in_stage_and_sync_in_sync(kube_deployment, kube_api, tmp_path):
+    """sync syncs checkpoint_directory while user code runs and at the end (a failed try too); the next
+    try's stage restores the latest checkpoint before user code."""
+    registry, dataset = kube_deployment
+    upload(registry, tmp_path, "ckpt", train_py=CHECKPOINT_TRAIN)
+    with pytest.raises(RunError, match="the first try fails after its checkpoint"):
+        train_op("ckpt", dataset, install_requirements=False, checkpoint_interval=1).execute(make_context())
+    [first] = [i.key for i in registry.store.list("runs") if i.key.endswith("outcome.json")]
+    outcome = read(registry.store, first, Outcome)
+    assert outcome.checkpoint == {"resumed_from_try": None, "files": 1, "bytes": len('{"epoch": 1}')}
+    logs = "\n".join(line for p in kube_api.all_pods() for _, name, line in p.log if name == "sync")
+    assert "periodic checkpoint" in logs and "restored checkpoint" not in logs, logs[-2000:]
+
+    result = train_op("ckpt", dataset, install_requirements=False, checkpoint_interval=1).execute(make_context(try_number=2))
+    run = registry.get("ckpt", result["version"]).run
+    assert run.try_number == 2
+    assert registry.store.get_bytes(f"{run.prefix}/artifacts/resumed.txt").decode() == "1", "resumed from try 1's checkpoint"
+    second = read(registry.store, f"{run.prefix}/outcome.json", Outcome)
+    assert second.checkpoint is not None and second.checkpoint["resumed_from_try"] == 1
