@@ -82,6 +82,9 @@ SUPERVISOR_COMMAND = (
 #: The runtime image's user (docker/Dockerfile); any image works, HOME is set explicitly.
 RUNTIME_UID = 10001
 SPEC_ENV = "AICENTER_RUN_SPEC"
+#: On ``stage``: the names of the variables the user gave the user container (its values stay
+#: there), and those of them that come from a Secret: user code gets them, its output masks them.
+USER_ENV_NAMES, USER_SECRET_NAMES = "AICENTER_USER_ENV_NAMES", "AICENTER_USER_SECRET_NAMES"
 GPU_RESOURCE = "nvidia.com/gpu"
 LABEL_PACKAGE, LABEL_VERSION, LABEL_RUN = "aicenter/package", "aicenter/version", "aicenter/run"
 #: Annotation with the exact RunRef (JSON) of the run the pod executes; labels are lossy.
@@ -320,6 +323,13 @@ def agent_security() -> k8s.V1SecurityContext:
     )
 
 
+def _secret_ref(var: Any) -> bool:
+    source = var.get("valueFrom") if isinstance(var, dict) else var.value_from
+    if source is None:
+        return False
+    return bool(source.get("secretKeyRef") if isinstance(source, dict) else source.secret_key_ref)
+
+
 def set_env(container: k8s.V1Container, env: Sequence[k8s.V1EnvVar], *, owned: set[str]) -> None:
     """Add ours; names in ``owned`` replace the user's, the others only fill gaps."""
     current = [e for e in (container.env or []) if _name(e) not in owned]
@@ -428,6 +438,11 @@ def shape_pod(pod: k8s.V1Pod, shape: PodShape) -> k8s.V1Pod:
     if dataset is not None and DATASET_MOUNT not in taken:
         base_mounts.append(dataset)
     base.volume_mounts = base_mounts
+    # The user's own variables of the user container (env_vars, secrets=[Secret('env', ...)]) reach
+    # user code: stage learns their names (never their values) to put in the supervisor's plan.
+    user_vars = [e for e in (base.env or []) if _name(e) not in (SPEC_ENV, "AICENTER_WORKDIR")]
+    user_names = sorted({str(_name(e)) for e in user_vars})
+    secret_names = sorted({str(_name(e)) for e in user_vars if _secret_ref(e)})
     set_env(
         base,
         [
@@ -467,6 +482,8 @@ def shape_pod(pod: k8s.V1Pod, shape: PodShape) -> k8s.V1Pod:
             *([k8s.V1EnvVar(name=SPEC_ENV, value=shape.spec_json)] if shape.spec_json is not None else []),
             *shape.store_env,
             *shape.agent_env,
+            *([k8s.V1EnvVar(name=USER_ENV_NAMES, value=",".join(user_names))] if user_names else []),
+            *([k8s.V1EnvVar(name=USER_SECRET_NAMES, value=",".join(secret_names))] if secret_names else []),
         ]
         return k8s.V1Container(
             name=name,

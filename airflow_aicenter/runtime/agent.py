@@ -390,7 +390,11 @@ class Agent:
             shutil.copyfile(source, bin_dir / name)
         plan = self._supervisor_plan(groups[-1])
         # The user container's own system variables (GPU devices, HOME) replace stage's for those names.
-        plan["inherit_env"] = {"names": sorted(INHERITED), "prefixes": list(INHERITED_PREFIXES)}
+        # So do the variables the user gave that container (names only here; values stay there).
+        given = _names("AICENTER_USER_ENV_NAMES")
+        plan["inherit_env"] = {"names": sorted(INHERITED | given), "prefixes": list(INHERITED_PREFIXES)}
+        plan["secret_env"] = sorted({*plan["secret_env"], *_names("AICENTER_USER_SECRET_NAMES"),
+                                     *(n for n in given if is_secret_key(n))})
         if len(groups) > 1:
             plan["before"] = [{"processes": group} for group in groups[:-1]]
         (self.control / "supervisor.json").write_text(json.dumps(plan))
@@ -858,6 +862,11 @@ def secret_names(env: dict[str, str]) -> list[str]:
     """The names in ``env`` whose values are secret (as ``Redactor.from_env`` picks them), for the user supervisor."""
     named = {k.strip() for k in str(env.get(SECRET_KEYS_ENV) or "").split(",") if k.strip()}
     return sorted(k for k in env if is_secret_key(k) or k in named)
+
+
+def _names(variable: str) -> set[str]:
+    """A comma-separated list of variable names from this process's environment."""
+    return {n.strip() for n in os.environ.get(variable, "").split(",") if n.strip()}
 
 
 def count_lines(path: Path) -> int:

@@ -415,3 +415,38 @@ def test_checkpoints_restore_in_stage_and_sync_in_sync(kube_deployment, kube_api
     assert registry.store.get_bytes(f"{run.prefix}/artifacts/resumed.txt").decode() == "1", "resumed from try 1's checkpoint"
     second = read(registry.store, f"{run.prefix}/outcome.json", Outcome)
     assert second.checkpoint is not None and second.checkpoint["resumed_from_try"] == 1
+
+
+SECRET_TRAIN = '''
+import json, os
+class Main:
+    def __init__(self):
+        pass
+    def train(self, training_directory):
+        print("token is", os.environ.get("API_TOKEN"), flush=True)
+        with open(os.path.join(os.environ["artifacts_directory"], "seen.json"), "w") as fh:
+            json.dump({"flag": os.environ.get("MY_FLAG"), "token": os.environ.get("API_TOKEN") == "tok-s3cr3t-value"}, fh)
+    def save(self):
+        pass
+'''
+
+
+def test_variables_given_to_the_user_container_reach_user_code_and_secrets_are_masked(kube_deployment, kube_api, tmp_path):
+    """env_vars and secrets=[Secret('env', ...)] are the user container's: user code gets them (the
+    refusal of secret-looking env= names points there); a Secret's value is masked in its output
+    and never reaches stage or sync."""
+    from airflow.providers.cncf.kubernetes.secret import Secret
+
+    registry, dataset = kube_deployment
+    kube_api.add_secret("team", {"API_TOKEN": "tok-s3cr3t-value"})
+    upload(registry, tmp_path, "given", train_py=SECRET_TRAIN)
+    op = train_op("given", dataset, install_requirements=False, env_vars={"MY_FLAG": "on"},
+                  secrets=[Secret("env", "API_TOKEN", "team", "API_TOKEN")])
+    result = op.execute(make_context())
+    prefix = registry.get("given", result["version"]).run.prefix
+    assert json.loads(registry.store.get_bytes(f"{prefix}/artifacts/seen.json")) == {"flag": "on", "token": True}
+    [pod] = kube_api.all_pods()
+    text = "\n".join(line for _, _, line in pod.log)
+    assert "token is" in text and "tok-s3cr3t-value" not in text, "masked in the user output"
+    containers = {c.name: c for c in [*pod.init, *pod.containers]}
+    assert "API_TOKEN" not in containers["stage"].env and "API_TOKEN" not in containers["sync"].env
