@@ -174,3 +174,13 @@ def test_which_container_tells_how_the_run_ended() -> None:
     assert run_ending(oom, "base")[:3] == ("base", 137, "OOMKilled")
     done = pod([_status("stage", 0)], [_status("base", 1), _status("sync", 1, message="rank 0: ValueError")])
     assert run_ending(done, "base") == ("sync", 1, "Error", "rank 0: ValueError")
+
+
+def test_stage_learns_the_names_of_the_user_containers_variables_never_their_values() -> None:
+    secret = k8s.V1EnvVar(name="API_TOKEN", value_from=k8s.V1EnvVarSource(
+        secret_key_ref=k8s.V1SecretKeySelector(name="team", key="API_TOKEN")))
+    every = containers(shaped(env=[k8s.V1EnvVar(name="MY_FLAG", value="on-value"), secret]))
+    stage = env(every["stage"])
+    assert stage["AICENTER_USER_ENV_NAMES"] == "API_TOKEN,MY_FLAG" and stage["AICENTER_USER_SECRET_NAMES"] == "API_TOKEN"
+    assert "on-value" not in str(every["stage"]) and "API_TOKEN" not in {e["name"] for e in every["sync"]["env"]}
+    assert env(every["base"])["MY_FLAG"] == "on-value" and env(every["base"])["API_TOKEN"]["secretKeyRef"]["name"] == "team"
