@@ -36,7 +36,7 @@ from airflow_aicenter.crashpoints import crash_point
 from airflow_aicenter.errors import AICenterError, DatasetError, NotFoundError, RunError
 from airflow_aicenter.package import extract_zip, iter_package_files, validate_package, write_zip
 from airflow_aicenter.plans import plan_for
-from airflow_aicenter.records import BlobRef, Outcome, RunSpec, write
+from airflow_aicenter.records import BlobRef, Outcome, RunSpec, cap_error, write
 from airflow_aicenter.runtime import isolation, supervisor
 from airflow_aicenter.runtime.checkpoint import CheckpointSync, try_of
 from airflow_aicenter.runtime.environment import Environment, prepare_environment
@@ -50,7 +50,7 @@ from airflow_aicenter.runtime.incremental import (
 )
 from airflow_aicenter.runtime.manifest import EVALUATION, INFERENCE, TRAINING, is_manifest_uri, stage_manifest
 from airflow_aicenter.runtime.snapshot import take_snapshot
-from airflow_aicenter.runtime.supervisor import emit, supervise
+from airflow_aicenter.runtime.supervisor import RESULT_LIMIT, emit, read_untrusted_json, supervise
 from airflow_aicenter.secrets import SECRET_KEYS_ENV, Redactor, is_secret_key, redact, redact_json_lines_file
 from airflow_aicenter.storage import Store, open_store
 from airflow_aicenter.storage.transfer import (
@@ -200,6 +200,8 @@ PHASES = ("stage", "sync")
 STATE_FILE = "agent-state.pickle"
 #: Seconds between looks for the supervisor's exit file.
 EXIT_POLL = 0.5
+#: The largest exit file sync reads from the user container (the results of every user process of the node).
+EXIT_LIMIT = RESULT_LIMIT
 #: The user container touches ``control/alive`` every few seconds (launchers/pod_spec.py): older
 #: than this, it was killed whole (out of memory) and no exit file will come.
 HEARTBEAT_LOST = 60.0
@@ -448,14 +450,17 @@ class Agent:
                 raise RunError(f"the user container stopped {silent:.0f} s ago without reporting (killed whole: out of memory? "
                                "see the pod's status and the base container's log)")
             time.sleep(EXIT_POLL)
-        try:
-            ended = json.loads(exit_file.read_text())
-        except (OSError, ValueError) as exc:
-            raise RunError(f"the user supervisor's exit file {exit_file} cannot be read: {exc}") from None
-        if not isinstance(ended, dict) or ended.get("status") != "succeeded":
-            cause = ended.get("cause") if isinstance(ended, dict) else None
-            raise RunError(str(cause or f"the user processes {ended.get('status') if isinstance(ended, dict) else 'failed'}"))
-        return cast(list[dict[str, Any]], ended.get("results") or [])
+        # Written in the user container, where package code could replace it: never through a link, bounded.
+        ended = read_untrusted_json(exit_file, EXIT_LIMIT)
+        if ended is None:
+            raise RunError(f"the user supervisor's exit file {exit_file} is not a JSON object in a regular file of at most "
+                           f"{EXIT_LIMIT} bytes (replaced by package code?)")
+        if ended.get("status") != "succeeded":
+            raise RunError(cap_error(str(ended.get("cause") or f"the user processes {ended.get('status') or 'failed'}")))
+        results = ended.get("results")
+        if not isinstance(results, list) or not all(isinstance(r, dict) or r is None for r in results):
+            raise RunError(f"the user supervisor's exit file {exit_file} holds no list of results (replaced by package code?)")
+        return cast(list[dict[str, Any]], results)
 
     # -- staging -------------------------------------------------------------------------
     def _stage_package(self) -> Path:

@@ -110,6 +110,32 @@ def cap(text: str, limit: int = CAUSE_LIMIT) -> str:
     return f"{text[:head]} [... {len(text) - head - tail} characters cut ...] {text[-tail:]}"
 
 
+def read_untrusted_json(path: Path | str, limit: int | None = None) -> dict[str, Any] | None:
+    """A JSON object from a file that package code could have written or replaced, else None.
+
+    Opened without following a link (a link planted in ``control/`` would make the reader,
+    which sees other volumes, read them), only when it is a regular file, at most ``limit`` bytes.
+    """
+    limit = RESULT_LIMIT if limit is None else limit
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            raw = fh.read(limit + 1)
+        if len(raw) > limit:
+            return None
+        value = json.loads(raw)
+        return cast(dict[str, Any], value) if isinstance(value, dict) else None
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class UserProcess:
     """A started user process: who it is, where it reports, the threads streaming its output."""
@@ -121,23 +147,7 @@ class UserProcess:
 
     def result(self) -> dict[str, Any] | None:
         """The process's result file, when it is a regular file (never through a link user code planted)."""
-        try:
-            fd = os.open(self.result_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return None
-            with os.fdopen(fd, "rb", closefd=False) as fh:
-                raw = fh.read(RESULT_LIMIT + 1)
-            if len(raw) > RESULT_LIMIT:
-                return None
-            value = json.loads(raw)
-            return cast(dict[str, Any], value) if isinstance(value, dict) else None
-        except (OSError, ValueError):
-            return None
-        finally:
-            os.close(fd)
+        return read_untrusted_json(self.result_path)
 
     def failure_time(self) -> float:
         failure = (self.result() or {}).get("failure") or {}

@@ -149,3 +149,29 @@ def test_a_user_container_killed_whole_is_noticed_by_its_silence(tmp_path: Path,
     monkeypatch.setattr(agent, "EXIT_POLL", 0.01)
     with pytest.raises(RunError, match=r"the user container stopped 1\d\d s ago without reporting \(killed whole"):
         _agent(tmp_path)._wait_for_supervisor()
+
+
+def test_sync_never_follows_a_link_planted_as_the_exit_file(tmp_path: Path):
+    """Package code in ``base`` can write ``control/``: a link there must not make sync read its other volumes.
+
+    ``state/`` is mounted in stage and sync only; a link ``control/exit.json -> state/...`` was
+    followed, and its content became the run's results (or its cause).
+    """
+    control = tmp_path / "control"
+    control.mkdir()
+    (tmp_path / "state").mkdir()
+    planted = tmp_path / "state" / "visible-only-to-sync.json"
+    planted.write_text(json.dumps({"status": "succeeded", "results": [{"score": 99.0}]}))
+    (control / "exit.json").symlink_to(planted)
+    (control / "alive").touch()
+    with pytest.raises(RunError, match="not a JSON object in a regular file"):
+        _agent(tmp_path)._wait_for_supervisor()
+
+
+def test_sync_refuses_an_exit_file_without_a_list_of_results(tmp_path: Path):
+    control = tmp_path / "control"
+    control.mkdir()
+    (control / "exit.json").write_text(json.dumps({"status": "succeeded", "results": "rm -rf"}))
+    (control / "alive").touch()
+    with pytest.raises(RunError, match="holds no list of results"):
+        _agent(tmp_path)._wait_for_supervisor()
