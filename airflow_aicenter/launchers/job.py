@@ -211,9 +211,11 @@ class JobLauncher(PodLauncher):
             index = (pod.metadata.labels or {}).get("batch.kubernetes.io/job-completion-index", "?")
             for container in (STAGE_CONTAINER, self.op.base_container_name, SYNC_CONTAINER):
                 try:
-                    text = self.kube.core_v1_client.read_namespaced_pod_log(
-                        pod.metadata.name, pod.metadata.namespace, container=container
+                    # Raw bytes: with its content preloaded the client gives str(bytes) of a plain-text body.
+                    response = self.kube.core_v1_client.read_namespaced_pod_log(
+                        pod.metadata.name, pod.metadata.namespace, container=container, _preload_content=False
                     )
+                    text = response.data.decode("utf-8", "replace")
                 except ApiException as exc:
                     self.op.log.warning("Could not read the %s log of node %s (%s): %s", container, index, pod.metadata.name,
                                         exc.reason)

@@ -43,10 +43,16 @@ def calls(registry: Registry, prefix: str, folder: str = "") -> list[dict[str, A
     return [json.loads(line) for line in raw.splitlines()]
 
 
-def test_two_nodes_of_two_processes_train_together(deployment, kube_api: FakeKubernetes):
+def test_two_nodes_of_two_processes_train_together(deployment, kube_api: FakeKubernetes, capfd: pytest.CaptureFixture[str]):
     registry, dataset = deployment
     context = make_context()
     result = full_op(dataset).execute(context)
+    # every node's log reaches the task log line by line (it came as one "b'...\\n...'" string)
+    captured = capfd.readouterr()
+    logged = (captured.out + captured.err).splitlines()
+    node_lines = [line[line.index("[node 1] "):] for line in logged if "[node 1] " in line]
+    assert any("[aicenter]" in line for line in node_lines), node_lines[:5]
+    assert not any(line.startswith("[node 1] b'") or "\\n" in line for line in node_lines), node_lines[:5]
 
     assert result["version"] == "1.1" and result["score"] == 6.0, "rank 0 summed the ranks 0+1+2+3 over TCP"
     record = registry.get("ddp", "1.1")
