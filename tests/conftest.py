@@ -201,3 +201,55 @@ def make_dataset(dest: Path, rows: int = 400, seed: int = 7) -> Path:
     finally:
         sys.path.pop(0)
     return make_churn_dataset(dest, rows=rows, seed=seed)
+
+
+# -- the two tiers and their timeouts (DESIGN "Tests") ---------------------------------------------
+# ``python -m pytest`` runs the fast tier (pyproject's addopts: -m "not integration"); ``-m integration``
+# runs the rest. Tests are marked here, by the fixtures they use and the folder they are in, so no
+# test module has to say which tier it belongs to.
+INTEGRATION_FIXTURES = {
+    "airflow_env",  # a real AIRFLOW_HOME: `airflow db migrate`, `airflow dags test` subprocesses
+    "ui_server", "browser",  # tests/ui: the api-server and Chromium
+    "postgres", "stack",  # tests/load: PostgreSQL with a scheduler, a dag-processor and an api-server
+    "runtime_image", "podman_pods", "kube_podman",  # tests/containers: pods in real containers (podman)
+}
+INTEGRATION_MARKERS = ("containers", "cluster")
+INTEGRATION_TIMEOUT = 300  # seconds; the fast tier's default is pyproject's `timeout`
+SLOWER = {  # a longer timeout (seconds) for the integration tests under these paths, first match
+    "tests/load/": 900,  # PostgreSQL, db migrate, 8 trainings, a scheduler killed and restarted
+    "tests/containers/": 600,  # pods' containers started one after another by podman
+}
+
+
+def is_integration(item: pytest.Item) -> bool:
+    if INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        return True
+    path = item.nodeid.replace("\\", "/")
+    return path.startswith("tests/containers/") or any(item.get_closest_marker(name) for name in INTEGRATION_MARKERS)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the integration tier, and give it a longer timeout unless a test or the command line names one.
+
+    tryfirst: the marks must be there before pytest's own hook deselects by ``-m``.
+    """
+    timeout_given = config.getoption("timeout", None) is not None
+    for item in items:
+        if not is_integration(item):
+            continue
+        item.add_marker(pytest.mark.integration)
+        if timeout_given or item.get_closest_marker("timeout") is not None:
+            continue
+        path = item.nodeid.replace("\\", "/")
+        seconds = next((s for prefix, s in SLOWER.items() if path.startswith(prefix)), INTEGRATION_TIMEOUT)
+        item.add_marker(pytest.mark.timeout(seconds))
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """Say why nothing ran when the tier's marker deselected every test that was asked for."""
+    deselected = len(terminalreporter.stats.get("deselected", []))
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED and deselected:
+        terminalreporter.write_line(
+            f"all {deselected} tests asked for are outside this tier: python -m pytest runs the fast tier, "
+            "python -m pytest -m integration the rest (scripts/test.sh runs both)", yellow=True)
