@@ -11,12 +11,11 @@ from urllib.parse import quote
 
 import pytest
 
-from airflow_aicenter.records import Manifest, Outcome, read
+from airflow_aicenter.records import Manifest, read
 from airflow_aicenter.registry import Registry
-from airflow_aicenter.storage import Store, open_store
-from tests.aicenter_helpers import RECORDING_TRAIN, SCORED_TRAIN, small_dataset, task_states, upload_package, xcoms
+from airflow_aicenter.storage import Store
+from tests.aicenter_helpers import RECORDING_TRAIN, upload_package, xcoms
 from tests.conftest import write_files
-from tests.operators.conftest import file_connection_env
 
 pytestmark = pytest.mark.airflow
 
@@ -119,55 +118,3 @@ def test_full_then_evaluate_end_to_end(deployment, airflow_env, tmp_path):
         run_id = key(store, results_uri).removeprefix("runs/").removesuffix("/_results.json")
         assert pushed[task]["_link_ResultsLink"] == "/aicenter/runs/" + "/".join(quote(p, safe="") for p in run_id.split("/"))
         assert pushed[task]["_link_ArtifactsLink"] == pushed[task]["_link_ResultsLink"] + "#artifacts"
-
-
-BAD_INPUTS_DAG = '''
-from datetime import datetime
-from airflow.sdk import DAG
-from airflow_aicenter.operators import EvaluatePipelineOperator, FullPipelineOperator
-
-with DAG("aicenter_test_bad_inputs", schedule=None, start_date=datetime(2026, 1, 1), params={"data": ""}):
-    EvaluatePipelineOperator(task_id="eval_string", package="scored", version="1.0",
-                             evaluation_dataset="{{ params.data }}", env={"SCORE": "high"})
-    EvaluatePipelineOperator(task_id="eval_nan", package="scored", version="1.0",
-                             evaluation_dataset="{{ params.data }}", env={"SCORE": "nan"})
-    FullPipelineOperator(task_id="full_no_training_data", package="scored", version="1.0", dataset="{{ params.data }}",
-                         env={"SCORE": "0.5", "TRAIN_SPLIT": "0"})
-    EvaluatePipelineOperator(task_id="eval_unknown_alias", package="scored", version="champion",
-                             evaluation_dataset="{{ params.data }}", env={"SCORE": "0.5"})
-'''
-
-BAD_CAUSES = {
-    "eval_string": "Main.evaluate() returned 'high' (str); it must return one number, the score",
-    "eval_nan": "Main.evaluate() returned nan, which is not a finite number",
-    "full_no_training_data": "Main.process_data() wrote nothing to training_data_directory",
-}
-
-
-def test_bad_scores_empty_training_split_and_unknown_alias_fail_clearly(airflow_env, tmp_path):
-    uri = (tmp_path / "aicenter").as_uri()
-    registry = Registry(open_store(uri))
-    upload_package(registry, tmp_path, "scored", SCORED_TRAIN)
-    airflow_env.add_dag("aicenter_test_bad_inputs.py", BAD_INPUTS_DAG)
-
-    done = airflow_env.dags_test("aicenter_test_bad_inputs", {"data": small_dataset(tmp_path).as_uri()},
-                                 extra_env=file_connection_env(uri))
-    assert done.returncode != 0
-    output = done.stdout + done.stderr
-    assert set(task_states(airflow_env.home, "aicenter_test_bad_inputs").values()) == {"failed"}
-    store = registry.store
-    outcomes = {i.key.split("/")[3]: read(store, i.key, Outcome) for i in store.list("runs") if i.key.endswith("outcome.json")}
-    assert set(outcomes) == set(BAD_CAUSES) | {"eval_unknown_alias"}
-    for task, cause in BAD_CAUSES.items():
-        assert outcomes[task].status == "failed" and cause in outcomes[task].error, (task, outcomes[task].error)
-        assert cause in output
-    refused = outcomes["eval_unknown_alias"]
-    assert (refused.status, refused.phase, refused.phases) == ("failed", "prepare", {}), "refused before any compute"
-    assert "package 'scored' has no alias 'champion'" in refused.error
-    assert outcomes["full_no_training_data"].phases.get("user_code") is None, "train() never ran"
-    assert "package 'scored' has no alias 'champion'" in output
-    assert "aicenter package promote scored:VERSION --alias champion" in output
-    # nothing half-done is visible: no version, no evaluation, no results
-    assert [r.version for r in registry.versions("scored")] == ["1.0"]
-    assert registry.evaluations("scored", "1.0") == []
-    assert not any(i.key.endswith("_results.json") for i in store.list("runs"))

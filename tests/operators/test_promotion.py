@@ -19,8 +19,8 @@ from airflow_aicenter.promotion import promote, version_score
 from airflow_aicenter.records import EvaluationRecord
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
-from tests.aicenter_helpers import SCORED_TRAIN, small_dataset, upload_package, xcoms
-from tests.operators.conftest import file_connection_env
+from tests.aicenter_helpers import SCORED_TRAIN, small_dataset, upload_package
+from tests.operators.kube_api import make_context
 
 
 def versions_with_scores(registry: Registry, tmp_path, scores: list[float | None]) -> list[str]:
@@ -173,22 +173,20 @@ def test_operator_arguments_are_checked_when_the_dag_is_parsed():
         TrainPipelineOperator(task_id="t", package="p", dataset="file:///d", promote_to="production")
 
 
-PROMOTION_DAG = '''
-from datetime import datetime
-from airflow.sdk import DAG, chain
-from airflow_aicenter.operators import EvaluatePipelineOperator, FullPipelineOperator
+def promotion_tasks(data: str) -> list:
+    """The chain of a promotion DAG, run one after the other: each task as Airflow would run it."""
+    from airflow_aicenter.operators import EvaluatePipelineOperator, FullPipelineOperator
 
-with DAG("aicenter_test_promotion", schedule=None, start_date=datetime(2026, 1, 1), params={"data": ""}):
     def full(task_id, score, **kw):
         env = {"SCORE": score, **kw.pop("env", {})}
-        return FullPipelineOperator(task_id=task_id, package="scored", version="1.0", dataset="{{ params.data }}",
+        return FullPipelineOperator(task_id=task_id, package="scored", version="1.0", dataset=data,
                                     env=env, promote_to="production", **kw)
 
     def evaluate(task_id, version, score):
         return EvaluatePipelineOperator(task_id=task_id, package="scored", version=version, env={"SCORE": score},
-                                        evaluation_dataset="{{ params.data }}", promote_to="production")
+                                        evaluation_dataset=data, promote_to="production")
 
-    chain(
+    return [
         full("first", "0.5"),                         # 1.1: no alias yet -> promoted
         full("worse", "0.4"),                         # 1.2: not promoted
         full("equal", "0.5"),                         # 1.3: not strictly better -> not promoted
@@ -197,8 +195,8 @@ with DAG("aicenter_test_promotion", schedule=None, start_date=datetime(2026, 1, 
         evaluate("evaluate_worse", "1.4", "0.3"),     # 0.3 < 0.95 (1.2's evaluation) -> not promoted
         full("unscored", "0.99", env={"EVAL_SPLIT": "0"}),  # 1.5: empty evaluation split -> score null, not promoted
         full("forced", "0.1", promote_if="always"),   # 1.6: promoted although worse
-    )
-'''
+    ]
+
 
 EXPECTED = {  # task -> (promoted, from, to, reason fragment)
     "first": (True, None, "1.1", "alias 'production' did not exist yet"),
@@ -213,18 +211,16 @@ EXPECTED = {  # task -> (promoted, from, to, reason fragment)
 }
 
 
-@pytest.mark.airflow
-def test_promotion_through_the_operators(airflow_env, tmp_path):
+def test_promotion_through_the_operators(tmp_path, monkeypatch, capsys):
     uri = (tmp_path / "aicenter").as_uri()
+    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps({"conn_type": "aicenter", "extra": {"storage": uri}}))
     registry = Registry(open_store(uri))
     upload_package(registry, tmp_path, "scored", SCORED_TRAIN)
-    airflow_env.add_dag("aicenter_test_promotion.py", PROMOTION_DAG)
 
-    done = airflow_env.dags_test("aicenter_test_promotion", {"data": small_dataset(tmp_path).as_uri()},
-                                 extra_env=file_connection_env(uri))
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    output = done.stdout + done.stderr
-    pushed = xcoms(airflow_env.home, "aicenter_test_promotion")
+    pushed = {op.task_id: {"return_value": op.execute(make_context("aicenter_test_promotion", op.task_id))}
+              for op in promotion_tasks(small_dataset(tmp_path).as_uri())}
+    captured = capsys.readouterr()
+    output = captured.out + captured.err
     for task, (promoted, before, after, reason) in EXPECTED.items():
         value = pushed[task]["return_value"]
         assert value["promoted"] is promoted, (task, value["promotion"])
