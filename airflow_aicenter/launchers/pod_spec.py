@@ -1,4 +1,4 @@
-"""The pod of a run, as three containers: one pure module for the single pod and every pod of a Job.
+"""The pod of a run, as three containers (four with source builds): one pure module for the single pod and every pod of a Job.
 
 DESIGN "Trust boundaries": a pod is three containers sharing volumes, never credentials.
 
@@ -6,13 +6,19 @@ DESIGN "Trust boundaries": a pod is three containers sharing volumes, never cred
   data and the environment, restores the latest checkpoint, and writes the user supervisor's
   plan and the supervisor itself into the work volume
   (``python -m airflow_aicenter.runtime --phase stage``);
+- ``build`` (init container, only with ``allow_source_builds``): builds the package's environment
+  when ``stage`` found it neither cached nor stored (``--phase build``, reading the plan stage
+  wrote). A source build runs package-supplied code, so it runs like package code: no run
+  spec, no store credentials, no user ``env``, the work and package volumes read-only, the
+  ``state`` volume absent; the environment volume is writable here alone (DESIGN "Environments");
 - ``base`` (the main container, named as KubernetesPodOperator expects): the stdlib-only user
   supervisor runs the package code. No run spec, no store credentials, no service-account
   token; package (unless the run makes a version), data, environment and the supervisor are
   mounted read-only;
 - ``sync`` (the run spec and the credentials): syncs checkpoints while it waits for the
   supervisor's exit file, then uploads and writes ``outcome.json`` and the termination message
-  (``--phase sync``).
+  (``--phase sync``); it packs and stores an environment ``build`` made, from the volume ``base``
+  had read-only.
 
 One ``emptyDir`` per purpose (a container runtime such as podman does not share ``subPath``
 mounts of one ``emptyDir``), mounted where the runtime expects its folders, so the agent's
@@ -57,11 +63,16 @@ TMP_MOUNT = "/tmp"
 WORK_VOLUME, TMP_VOLUME, DATASET_VOLUME = "aicenter-work", "aicenter-tmp", "aicenter-dataset"
 PACKAGE_VOLUME, DATA_VOLUME, TEST_DATA_VOLUME = "aicenter-package", "aicenter-data", "aicenter-test-data"
 BIN_VOLUME, ENV_VOLUME, STATE_VOLUME, AGENT_TMP_VOLUME = "aicenter-bin", "aicenter-env", "aicenter-state", "aicenter-agent-tmp"
-STAGE_CONTAINER, SYNC_CONTAINER = "stage", "sync"
+#: The build container's /tmp: its own, shared with neither the agents nor user code.
+BUILD_TMP_VOLUME = "aicenter-build-tmp"
+STAGE_CONTAINER, BUILD_CONTAINER, SYNC_CONTAINER = "stage", "build", "sync"
 RUNTIME_COMMAND = ("python", "-m", "airflow_aicenter.runtime")
 STAGE_COMMAND = (*RUNTIME_COMMAND, "--phase", "stage")
 SYNC_COMMAND = (*RUNTIME_COMMAND, "--phase", "sync")
 CONTROL = f"{WORK_MOUNT}/control"
+#: The build plan ``stage`` writes for ``build`` (absent: nothing to build).
+BUILD_PLAN = f"{CONTROL}/build.json"
+BUILD_COMMAND = (*RUNTIME_COMMAND, "--phase", "build", BUILD_PLAN)
 #: Seconds between the user container's heartbeats (``control/alive``).
 HEARTBEAT = 5
 _NO_EXIT = (
@@ -217,9 +228,10 @@ def run_ending(pod: k8s.V1Pod | None, base: str) -> tuple[str, int | None, str |
     A ``stage`` that failed ended the run before any user code; otherwise a ``base`` killed
     from outside (out of memory) says more than ``sync``; else ``sync`` wrote the run's message.
     """
-    code, reason, message = termination(pod, STAGE_CONTAINER)
-    if code not in (None, 0):
-        return STAGE_CONTAINER, code, reason, message
+    for init in (STAGE_CONTAINER, BUILD_CONTAINER):
+        code, reason, message = termination(pod, init)
+        if code not in (None, 0):
+            return init, code, reason, message
     code, reason, message = termination(pod, base)
     if reason == "OOMKilled" or code is None:
         return base, code, reason, message
@@ -368,6 +380,14 @@ class PodShape:
     agent_env: tuple[k8s.V1EnvVar, ...] = ()
     ports: tuple[k8s.V1ContainerPort, ...] = ()
 
+    @property
+    def source_builds(self) -> bool:
+        """The run installs its requirements with ``allow_source_builds``: the pod gets the ``build`` container."""
+        if self.spec_json is None:
+            return False
+        spec = json.loads(self.spec_json)
+        return bool(spec.get("install_requirements") and spec.get("allow_source_builds"))
+
 
 @dataclass(frozen=True)
 class _Volume:
@@ -387,7 +407,7 @@ def volumes_of(shape: PodShape) -> list[_Volume]:
         _Volume(DATA_VOLUME, DATA_MOUNT, True),
         _Volume(TEST_DATA_VOLUME, TEST_DATA_MOUNT, True),
         _Volume(BIN_VOLUME, BIN_MOUNT, True, in_sync=False),
-        _Volume(ENV_VOLUME, ENV_MOUNT, True, in_sync=False),
+        _Volume(ENV_VOLUME, ENV_MOUNT, True),  # sync reads it (read-only) to store what build made
         _Volume(STATE_VOLUME, STATE_MOUNT, None),
         _Volume(TMP_VOLUME, TMP_MOUNT, False, in_sync=False, in_stage=False),
         _Volume(AGENT_TMP_VOLUME, TMP_MOUNT, None),
@@ -469,7 +489,8 @@ def shape_pod(pod: k8s.V1Pod, shape: PodShape) -> k8s.V1Pod:
         mounts = [m for m in user_mounts if _mount_path(m) not in {v.path for v in ours}]
         for volume in ours:
             if (volume.in_stage if name == STAGE_CONTAINER else volume.in_sync) and volume.name != TMP_VOLUME:
-                mounts.append(k8s.V1VolumeMount(name=volume.name, mount_path=volume.path))
+                read_only = name == SYNC_CONTAINER and volume.name == ENV_VOLUME
+                mounts.append(k8s.V1VolumeMount(name=volume.name, mount_path=volume.path, read_only=read_only or None))
         if dataset is not None:
             mounts.append(copy.deepcopy(dataset))
         env = [
@@ -496,8 +517,39 @@ def shape_pod(pod: k8s.V1Pod, shape: PodShape) -> k8s.V1Pod:
             termination_message_policy="FallbackToLogsOnError",
         )
 
-    init = [c for c in (pod.spec.init_containers or []) if _name(c) != STAGE_CONTAINER]
-    pod.spec.init_containers = [*init, agent(STAGE_CONTAINER, STAGE_COMMAND)]
+    def build() -> k8s.V1Container:
+        """``build``: the environment only, as package code (no spec, credentials or user env; see the module doc)."""
+        # The user's own mounts, as base has them (a netrc for a private index mounted from a Secret).
+        own = {WORK_MOUNT, PACKAGE_MOUNT, ENV_MOUNT, TMP_MOUNT, *(v.path for v in ours)}
+        mounts = [
+            *(copy.deepcopy(m) for m in user_mounts if _mount_path(m) not in own),
+            k8s.V1VolumeMount(name=WORK_VOLUME, mount_path=WORK_MOUNT, read_only=True),
+            k8s.V1VolumeMount(name=PACKAGE_VOLUME, mount_path=PACKAGE_MOUNT, read_only=True),
+            k8s.V1VolumeMount(name=ENV_VOLUME, mount_path=ENV_MOUNT),
+            k8s.V1VolumeMount(name=BUILD_TMP_VOLUME, mount_path=TMP_MOUNT),
+        ]
+        env = [
+            k8s.V1EnvVar(name="AICENTER_CACHE", value=ENV_MOUNT),
+            k8s.V1EnvVar(name="HOME", value=TMP_MOUNT),
+            k8s.V1EnvVar(name="TMPDIR", value=TMP_MOUNT),
+            k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1"),
+        ]
+        return k8s.V1Container(
+            name=BUILD_CONTAINER,
+            image=base.image,
+            image_pull_policy=base.image_pull_policy,
+            command=list(BUILD_COMMAND),
+            env=env,
+            volume_mounts=mounts,
+            security_context=agent_security(),
+            termination_message_policy="FallbackToLogsOnError",
+        )
+
+    init = [c for c in (pod.spec.init_containers or []) if _name(c) not in (STAGE_CONTAINER, BUILD_CONTAINER)]
+    builds = [build()] if shape.source_builds else []
+    if builds:
+        pod.spec.volumes = [*pod.spec.volumes, k8s.V1Volume(name=BUILD_TMP_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource())]
+    pod.spec.init_containers = [*init, agent(STAGE_CONTAINER, STAGE_COMMAND), *builds]
     others = [c for c in (pod.spec.containers or []) if c is not base and _name(c) != SYNC_CONTAINER]
     pod.spec.containers = [base, *others, agent(SYNC_CONTAINER, SYNC_COMMAND)]
     if shape.labels:

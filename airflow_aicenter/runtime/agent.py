@@ -39,7 +39,7 @@ from airflow_aicenter.plans import plan_for
 from airflow_aicenter.records import BlobRef, Outcome, RunSpec, cap_error, write
 from airflow_aicenter.runtime import isolation, supervisor
 from airflow_aicenter.runtime.checkpoint import CheckpointSync, try_of
-from airflow_aicenter.runtime.environment import Environment, prepare_environment
+from airflow_aicenter.runtime.environment import Environment, build_planned, prepare_environment, store_built
 from airflow_aicenter.runtime.incremental import (
     IncrementalStaging,
     NothingNew,
@@ -195,7 +195,11 @@ class Topology:
 #: before user code and hands the user supervisor its plan; ``sync`` waits for the supervisor's
 #: exit file, then runs everything after. Without a phase (the local launcher) the agent runs
 #: the three in one process, calling the supervisor in-process: the same steps either way.
-PHASES = ("stage", "sync")
+#: ``build`` (init container after stage, source builds only) installs the environment stage
+#: planned, without credentials or run spec (:func:`build_main`).
+PHASES = ("stage", "build", "sync")
+#: Stage's plan for the ``build`` container, in ``control/`` (absent: nothing to build).
+BUILD_PLAN = "build.json"
 #: The agent's handover from stage to sync, in a volume user code never sees (``AICENTER_STATE``).
 STATE_FILE = "agent-state.pickle"
 #: Seconds between looks for the supervisor's exit file.
@@ -253,6 +257,8 @@ class Agent:
         self.environment: Environment | None = None
         #: Batch prediction: what merging the processes' parts needs once they are done.
         self.predict_parts: tuple[list[str], int] | None = None
+        #: A pod with source builds: the environment stage left to the ``build`` container, for sync to store.
+        self.built: dict[str, Any] | None = None
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -291,6 +297,8 @@ class Agent:
             self._fail(f"internal error during {self.outcome.phase}: {type(exc).__name__}: {exc}")
         finally:
             self._final_checkpoint()
+            if self.mode == "sync" and self.built is not None:
+                self._store_built(self.built)
             if self.environment is not None:
                 self.environment.finish(log)  # the environment's upload for the next run, begun after its install
             if not (self.mode == "stage" and self.outcome.status == "running"):  # a staged run goes on in sync
@@ -305,6 +313,14 @@ class Agent:
             else:
                 log(f"run {self.outcome.status} in {self.outcome.execution_time:.2f} s")
         return self.outcome
+
+    def _store_built(self, plan: dict[str, Any]) -> None:
+        """Sync: store the environment the ``build`` container made (read-only to user code) for the next run."""
+        try:
+            log(store_built(self.store, plan, log))
+        except (Exception, Killed) as exc:  # noqa: BLE001 - never fail a run for its cache
+            log(f"WARNING: the environment was not stored for the next run ({type(exc).__name__}: {exc}); "
+                "the next run builds it again")
 
     def _fail(self, cause: str) -> None:
         cause = redact(cause, self.secrets)
@@ -403,7 +419,7 @@ class Agent:
         state = {
             "root": str(root), "dirs": {k: str(v) for k, v in self.dirs.items()}, "outcome": self.outcome.model_dump_json(),
             "entries": self.entries, "fingerprints": self.fingerprints, "incremental": self.incremental,
-            "predict_parts": self.predict_parts,
+            "predict_parts": self.predict_parts, "built": self.built,
             "checkpoint": (self.checkpoints.last, self.checkpoints.resumed_from_try) if self.checkpoints else None,
         }
         assert self.state is not None
@@ -424,6 +440,7 @@ class Agent:
         self.outcome = Outcome.model_validate_json(state["outcome"])
         self.entries, self.fingerprints, self.incremental = state["entries"], state["fingerprints"], state["incremental"]
         self.predict_parts = state["predict_parts"]
+        self.built = state.get("built")
         if state["checkpoint"] is not None and self.spec.checkpoint_prefix:
             sync = self._checkpoint_sync(self.spec.checkpoint_prefix)
             sync.last, sync.resumed_from_try = state["checkpoint"]
@@ -537,8 +554,12 @@ class Agent:
             self.environment = prepare_environment(root, self.store, indexes=self.spec.package_indexes, log=log,
                                                    allow_source_builds=self.spec.allow_source_builds,
                                                    package=self.spec.package,
-                                                   build_user=(self.run_as["uid"], self.run_as["gid"]) if self.run_as else None)
+                                                   build_user=(self.run_as["uid"], self.run_as["gid"]) if self.run_as else None,
+                                                   defer_build=self.mode == "stage")
             self.outcome.environment = self.environment.summary()
+            if self.environment.build_plan is not None:  # a pod's build container installs it, without credentials
+                self.built = self.environment.build_plan
+                (self.control / BUILD_PLAN).write_text(json.dumps(self.built))
         return str(self.environment.python)
 
     def user_env(self, local_rank: int) -> dict[str, str]:
@@ -944,6 +965,28 @@ def write_termination_message(message: str) -> None:
             path.write_text(message[:4000])
 
 
+def build_main(args: list[str]) -> int:
+    """The ``build`` container: install the environment of stage's plan (``control/build.json``), or nothing.
+
+    No run spec, no store: this process holds no credentials, and runs the package's build code
+    (DESIGN "Environments").
+    """
+    plan_path = Path(args[0]) if args else Path(os.environ.get("AICENTER_WORKDIR", ".")) / "control" / BUILD_PLAN
+    if not plan_path.exists():
+        log("nothing to build: stage found the environment in the local cache or the store")
+        write_termination_message("nothing to build")
+        return 0
+    try:
+        said = build_planned(json.loads(plan_path.read_text()), log)
+    except AICenterError as exc:
+        log(f"FAILED: {exc}")
+        write_termination_message(str(exc))
+        return 1
+    log(said)
+    write_termination_message(said)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     isolation.make_undumpable()  # first: the store's keys in our environment and memory are no one else's to read
     sys.stdout = cast(TextIO, Unbreakable(sys.stdout))
@@ -956,13 +999,16 @@ def main(argv: list[str] | None = None) -> int:
         if phase not in PHASES:
             print(f"--phase must be one of {', '.join(PHASES)}", file=sys.stderr)
             return 2
+    if phase == "build":
+        return build_main(args)
     raw = os.environ.get("AICENTER_RUN_SPEC")
     if args == ["-"]:  # the local launcher: on stdin, in no file
         raw = sys.stdin.read()
     elif args:
         raw = Path(args[0]).read_text()
     if not raw:
-        print("usage: python -m airflow_aicenter.runtime [--phase stage|sync] SPEC.json (or set AICENTER_RUN_SPEC)",
+        print("usage: python -m airflow_aicenter.runtime [--phase stage|sync] SPEC.json (or set AICENTER_RUN_SPEC); "
+              "--phase build PLAN.json",
               file=sys.stderr)
         return 2
     spec = RunSpec.model_validate_json(raw)

@@ -29,6 +29,12 @@ another user (``build_user``/``demote``: the local launcher's ``run_as_user``), 
 environment is cached under a key that includes the package's name, never shared with another
 package.
 
+In a pod (launchers/pod_spec.py) a source build never runs in ``stage``, next to the store
+credentials: ``stage`` (``defer_build``) only looks in the cache and the store, and on a miss
+hands a build plan to the ``build`` init container (:func:`build_planned`: no credentials, no run
+spec, no user ``env``, the minimal install environment); ``base`` then gets the environment volume
+read-only, and ``sync`` packs and stores the folder as the build left it (:func:`store_built`).
+
 What package code writes into its environment can never reach the store (finding 4): the
 bytes stored are those packed before it ran. Every environment is also made read-only
 (``chmod -R a-w``) before it is handed over; that is a boundary against another user (the
@@ -80,6 +86,7 @@ import site
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import threading
 import time
 import uuid
@@ -100,7 +107,8 @@ from airflow_aicenter.records import BlobRef, Record, read_optional, utcnow, wri
 from airflow_aicenter.storage.store import Store
 from airflow_aicenter.storage.transfer import put_blob
 
-Source = Literal["none", "local", "store", "installed"]
+#: "build": a pod's ``build`` container installs it (source builds), after ``stage``.
+Source = Literal["none", "local", "store", "installed", "build"]
 Log = Callable[[str], None]
 
 #: Bumped when the layout of a cached environment changes, so old ones are never reused (2: packed
@@ -141,6 +149,8 @@ class Environment:
     seconds: float
     #: After an install: packing and uploading it for the next run (see :meth:`finish`).
     storing: Future[str] | None = field(default=None, repr=False, compare=False)
+    #: ``defer_build`` and a miss: what the ``build`` container is to install (see :func:`build_planned`).
+    build_plan: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def summary(self) -> dict[str, Any]:
         """What ``outcome.json`` records."""
@@ -348,7 +358,7 @@ class _BuildAs:
 def prepare_environment(
     package_root: Path, store: Store, *, cache_dir: Path | None = None, indexes: Sequence[str] = (), log: Log,
     allow_source_builds: bool = False, package: str | None = None, build_user: tuple[int, int] | None = None,
-    demote: Callable[[], None] | None = None,
+    demote: Callable[[], None] | None = None, defer_build: bool = False,
 ) -> Environment:
     """The environment for the package at ``package_root``: cached locally, from the store, or installed.
 
@@ -365,6 +375,11 @@ def prepare_environment(
     (it must then make the process the ``build_user`` it names). The cache folder and the base
     interpreter must be reachable by that user. Wheels-only installs run no package code and are
     never demoted.
+
+    ``defer_build`` (a pod's ``stage``, with source builds allowed): on a miss nothing is installed
+    here, next to the store credentials; the returned environment (source "build") carries the
+    plan for the pod's ``build`` container in ``build_plan``, and its interpreter is where that
+    build will put it.
 
     Raises RequirementsError when the install fails (a source distribution without
     ``allow_source_builds`` names the requirement and the fix).
@@ -395,6 +410,12 @@ def prepare_environment(
         source = "store"
     else:
         replace = found == "broken"
+        if allow_source_builds and defer_build:
+            log(f"environment {key[:12]}: source builds allowed, so it is built by the pod's build container, "
+                "without credentials")
+            plan = {"key": key, "requirements": requirements, "package": owner, "indexes": list(indexes),
+                    "root": str(root), "replace": replace}
+            return Environment(venv_python(final), key, "build", round(time.perf_counter() - began, 3), build_plan=plan)
         build_as = _BuildAs(build_user, demote) if allow_source_builds and build_user is not None else None
 
         def install(tmp: Path) -> None:
@@ -413,6 +434,64 @@ def prepare_environment(
     seconds = round(time.perf_counter() - began, 3)
     log(f"environment {key[:12]} ready ({source}) in {seconds:.2f} s")
     return Environment(venv_python(final), key, source, seconds, storing)
+
+
+# -- a pod's build container, and sync storing what it built ---------------------------------
+def _built_digest_path(final: Path) -> Path:
+    return final.parent / f".{final.name}.built"
+
+
+def build_planned(plan: dict[str, Any], log: Log, cache_dir: Path | None = None) -> str:
+    """The ``build`` container's work: install ``plan`` (from ``prepare_environment(defer_build=True)``).
+
+    Runs with neither credentials nor run spec: what it makes is trusted for this package alone
+    (the key holds its name). It records the tree digest of the built folder beside it, which
+    ``sync`` compares before it packs (a consistency check: the build is package code).
+    """
+    key, package = str(plan["key"]), str(plan["package"])
+    cache = cache_root(cache_dir)
+    final = cache / "envs" / key
+    if (final / MARKER).is_file():
+        return f"environment {key[:12]} is already here: nothing to build"
+    root = Path(plan["root"])
+    indexes = [str(url) for url in plan.get("indexes") or []]
+    began = time.perf_counter()
+    _build(final, lambda tmp: _install(tmp, root, cache, indexes, log, package=package, build_as=None), key,
+           list(plan["requirements"]), package, log, byte_compile=True)
+    _built_digest_path(final).write_text(_tree_digest(final))
+    return f"environment {key[:12]} built for package {package!r} in {time.perf_counter() - began:.2f} s"
+
+
+def store_built(store: Store, plan: dict[str, Any], log: Log, cache_dir: Path | None = None) -> str:
+    """``sync``: pack the environment the ``build`` container made and store it under its key; what happened.
+
+    ``base`` had that folder read-only, so it is as the build left it; the tree digest the build
+    recorded must still match. ``plan`` comes from ``stage`` (through the agent's state), never from
+    the build. Raises StorageError when the folder is not the planned environment.
+    """
+    key, package = str(plan["key"]), str(plan["package"])
+    final = cache_root(cache_dir) / "envs" / key
+    try:
+        info = json.loads((final / MARKER).read_text())
+        recorded = _built_digest_path(final).read_text().strip()
+    except (OSError, ValueError) as exc:
+        raise StorageError(f"the build container left no usable environment {key[:12]} ({exc})") from None
+    if info.get("key") != key or info.get("package") != package:
+        raise StorageError(f"the environment in {final} is not the one planned for package {package!r} (key {key[:12]})")
+    if _tree_digest(final) != recorded:
+        raise StorageError(f"the environment {key[:12]} changed after its build; not stored")
+    replace = bool(plan.get("replace"))
+    if not replace and _stored(store, key):
+        return f"environment {key[:12]} was stored by another run meanwhile"
+    handle, name = tempfile.mkstemp(prefix=f".env-{key[:12]}-", suffix=f".{PACKED}")
+    os.close(handle)
+    path = Path(name)
+    try:
+        packed = _Packed(path, *_pack(final, path))
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return _store(store, key, packed, list(plan["requirements"]), package, log, replace=replace)
 
 
 # -- building --------------------------------------------------------------------------------

@@ -98,7 +98,8 @@ def test_read_only_mounts_in_the_user_container(makes_version: bool) -> None:
     assert base[PACKAGE_MOUNT].get("readOnly") is (None if makes_version else True), "save() writes the package of a new version"
     for name in ("stage", "sync"):
         agent = mounts(every[name])
-        assert all(not m.get("readOnly") for path, m in agent.items() if path != DATASET_MOUNT)
+        # sync packs the environment stage or build made, and never writes it
+        assert all(not m.get("readOnly") for path, m in agent.items() if path not in (DATASET_MOUNT, ENV_MOUNT))
         assert agent[STATE_MOUNT]["name"] == "aicenter-state" and agent["/tmp"]["name"] == "aicenter-agent-tmp"
     assert ENV_MOUNT in mounts(every["stage"]) and BIN_MOUNT in mounts(every["stage"])
     volumes = {v["name"]: v for v in data["spec"]["volumes"]}
@@ -184,3 +185,43 @@ def test_stage_learns_the_names_of_the_user_containers_variables_never_their_val
     assert stage["AICENTER_USER_ENV_NAMES"] == "API_TOKEN,MY_FLAG" and stage["AICENTER_USER_SECRET_NAMES"] == "API_TOKEN"
     assert "on-value" not in str(every["stage"]) and "API_TOKEN" not in {e["name"] for e in every["sync"]["env"]}
     assert env(every["base"])["MY_FLAG"] == "on-value" and env(every["base"])["API_TOKEN"]["secretKeyRef"]["name"] == "team"
+
+
+SOURCE_BUILDS = '{"pipeline": "train", "install_requirements": true, "allow_source_builds": true}'
+
+
+def test_source_builds_get_a_build_container_without_credentials_and_the_only_writable_env() -> None:
+    """DESIGN "Environments": a source build runs where package code runs, never next to the store credentials."""
+    assert "build" not in containers(shaped()), "no build container without allow_source_builds"
+    shape = PodShape(image="aicenter-runtime:1", spec_json=SOURCE_BUILDS, run_json='{"run": 1}', store_env=(SECRET_REF,))
+    netrc = k8s.V1VolumeMount(name="netrc", mount_path="/etc/netrc", read_only=True)
+    data = shaped(shape, env=[k8s.V1EnvVar(name="MY_FLAG", value="on")], volume_mounts=[netrc])
+    assert [c["name"] for c in data["spec"]["initContainers"]] == ["stage", "build"]
+    build = containers(data)["build"]
+    assert build["image"] == "aicenter-runtime:1"
+    assert build["command"][-3:] == ["--phase", "build", f"{WORK_MOUNT}/control/build.json"]
+    variables = env(build)
+    assert SPEC_ENV not in variables and not {k for k in variables if k.startswith("AWS_")}, "no run spec, no credentials"
+    assert "MY_FLAG" not in variables and "AICENTER_USER_ENV_NAMES" not in variables, "not even the names of the user's env"
+    assert variables["AICENTER_CACHE"] == ENV_MOUNT
+    seen = mounts(build)
+    assert STATE_MOUNT not in seen, "the agent's handover (a pickle sync loads) is out of the build's reach"
+    assert not seen[ENV_MOUNT].get("readOnly"), "the build writes the environment"
+    for path in (WORK_MOUNT, PACKAGE_MOUNT):
+        assert seen[path]["readOnly"] is True, f"{path}: the supervisor and its plan stay stage's"
+    assert DATA_MOUNT not in seen and BIN_MOUNT not in seen
+    assert seen["/etc/netrc"]["name"] == "netrc", "the user's own mounts, as base has them (index credentials)"
+    assert build["securityContext"]["readOnlyRootFilesystem"] is True
+    assert build["securityContext"]["allowPrivilegeEscalation"] is False
+    assert data["spec"]["automountServiceAccountToken"] is False
+    parts = containers(data)
+    assert mounts(parts["base"])[ENV_MOUNT]["readOnly"] is True, "package code cannot change what sync packs"
+    assert mounts(parts["sync"])[ENV_MOUNT]["readOnly"] is True, "sync packs the environment, read-only"
+    assert not mounts(parts["stage"])[ENV_MOUNT].get("readOnly"), "stage restores a stored environment there"
+    job, _ = job_manifests(shape_pod(kpo_pod(), shape), name="j", namespace="ml", nodes=2, run_label="r", run_json="{}")
+    assert [c.name for c in job.spec.template.spec.init_containers] == ["stage", "build"], "the Job's pods alike"
+
+
+def test_a_failed_build_tells_how_the_run_ended() -> None:
+    pod = k8s.V1Pod(status=k8s.V1PodStatus(init_container_statuses=[_status("stage", 0), _status("build", 1, message="uv failed")]))
+    assert run_ending(pod, "base") == ("build", 1, "Error", "uv failed")
