@@ -1,8 +1,9 @@
 """`aicenter runs ...` and `aicenter package show/promote/validate` against a store filled by real runs.
 
-One real `airflow dags test` (train -> full -> evaluate, plus an evaluation that fails) fills
-the store; the commands then read it in-process (``cli.main`` + capsys) and, for the exact
-user experience, through the installed console script.
+One DAG run's tasks, executed in process (train -> full -> evaluate, plus an evaluation that
+fails; local launcher, real runtime processes), fill the store; the commands then read it
+in-process (``cli.main`` + capsys) and, for the exact user experience, through the installed
+console script.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,37 +25,36 @@ from tests.conftest import EXAMPLE_PACKAGE, write_files
 
 AICENTER = str(Path(sys.executable).parent / "aicenter")
 
-CLI_DAG = '''
-from datetime import datetime
-from airflow.sdk import DAG
-from airflow_aicenter.operators import EvaluatePipelineOperator, FullPipelineOperator, TrainPipelineOperator
+def run_cli_dag(data: str) -> None:
+    """One run of a DAG ``aicenter_test_cli``: train >> full >> [evaluate, evaluate_nan], each task as Airflow runs it."""
+    from airflow_aicenter.operators import EvaluatePipelineOperator, FullPipelineOperator, TrainPipelineOperator
+    from tests.operators.kube_api import make_context
 
-with DAG("aicenter_test_cli", schedule=None, start_date=datetime(2026, 1, 1), params={"data": ""}):
-    train = TrainPipelineOperator(task_id="train", package="scored", version="1.0", dataset="{{ params.data }}",
-                                  env={"SCORE": "0.1", "API_KEY": "k-9f8e7d"})
-    full = FullPipelineOperator(task_id="full", package="scored", version="{{ ti.xcom_pull(task_ids='train')['version'] }}",
-                                dataset="{{ params.data }}", env={"SCORE": "0.7", "EPOCHS": "4"}, promote_to="production")
-    evaluate = EvaluatePipelineOperator(task_id="evaluate", package="scored", version="production",
-                                        evaluation_dataset="{{ params.data }}", env={"SCORE": "0.8"}, promote_to="staging")
-    evaluate_nan = EvaluatePipelineOperator(task_id="evaluate_nan", package="scored", version="production",
-                                            evaluation_dataset="{{ params.data }}", env={"SCORE": "nan"})
-    train >> full >> [evaluate, evaluate_nan]
-'''
+    def run(op: object) -> dict:
+        return op.execute(make_context("aicenter_test_cli", op.task_id))  # type: ignore[attr-defined]
+
+    trained = run(TrainPipelineOperator(task_id="train", package="scored", version="1.0", dataset=data,
+                                        env={"SCORE": "0.1", "API_KEY": "k-9f8e7d"}))
+    run(FullPipelineOperator(task_id="full", package="scored", version=trained["version"], dataset=data,
+                             env={"SCORE": "0.7", "EPOCHS": "4"}, promote_to="production"))
+    run(EvaluatePipelineOperator(task_id="evaluate", package="scored", version="production", evaluation_dataset=data,
+                                 env={"SCORE": "0.8"}, promote_to="staging"))
+    with pytest.raises(Exception, match=r"Main\.evaluate\(\) returned nan"):  # evaluate_nan fails the DAG run
+        run(EvaluatePipelineOperator(task_id="evaluate_nan", package="scored", version="production",
+                                     evaluation_dataset=data, env={"SCORE": "nan"}))
 
 
 @pytest.fixture(scope="module")
-def filled(airflow_env, tmp_path_factory) -> tuple[str, str]:
-    """(store URI, dataset URI) after one real DAG run: 1.1 trained, 1.2 full (production), evaluated, one failure."""
+def filled(tmp_path_factory) -> Iterator[tuple[str, str]]:
+    """(store URI, dataset URI) after one DAG run: 1.1 trained, 1.2 full (production), evaluated, one failure."""
     tmp = tmp_path_factory.mktemp("cli")
     uri = (tmp / "aicenter").as_uri()
     upload_package(Registry(open_store(uri)), tmp, "scored", SCORED_TRAIN)
     data = small_dataset(tmp).as_uri()
-    airflow_env.add_dag("aicenter_test_cli.py", CLI_DAG)
-    env = {"AIRFLOW_CONN_AICENTER_DEFAULT": json.dumps({"conn_type": "aicenter", "extra": {"storage": uri}})}
-    done = airflow_env.dags_test("aicenter_test_cli", {"data": data}, extra_env=env)
-    assert done.returncode != 0, "evaluate_nan fails the DAG run"
-    assert "Main.evaluate() returned nan" in done.stdout + done.stderr
-    return uri, data
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps({"conn_type": "aicenter", "extra": {"storage": uri}}))
+        run_cli_dag(data)
+    yield uri, data
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -74,7 +75,6 @@ def console_script(*args: str, columns: int = 250) -> subprocess.CompletedProces
                           timeout=120, check=False)
 
 
-@pytest.mark.airflow
 def test_runs_list_and_show(filled, capsys):
     uri, data = filled
     runs = read_json(capsys, "--storage", uri, "runs", "list")
@@ -110,7 +110,6 @@ def test_runs_list_and_show(filled, capsys):
     assert "k-9f8e7d" not in done.stdout + shown.stdout + console_script("--storage", uri, "runs", "show", "train").stdout
 
 
-@pytest.mark.airflow
 def test_runs_compare(filled, capsys):
     uri, _ = filled
     compared = read_json(capsys, "--storage", uri, "runs", "compare", "full", "evaluate", "evaluate_nan")
@@ -132,7 +131,6 @@ def test_runs_compare(filled, capsys):
     assert table.returncode == 0 and "env.EPOCHS" in table.stdout and "new_version" in table.stdout
 
 
-@pytest.mark.airflow
 def test_package_show_versions_lineage_scores_aliases(filled, capsys):
     uri, _ = filled
     overview = read_json(capsys, "--storage", uri, "package", "show", "scored")
@@ -160,7 +158,6 @@ def test_package_show_versions_lineage_scores_aliases(filled, capsys):
     assert code == 1 and "package 'nosuch' has no versions" in err
 
 
-@pytest.mark.airflow
 def test_package_promote(filled, capsys):
     uri, _ = filled
     first = read_json(capsys, "--storage", uri, "package", "promote", "scored:1.1", "--alias", "canary", "--if", "always")
