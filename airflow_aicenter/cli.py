@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
+from airflow_aicenter import layout
 from airflow_aicenter.errors import AICenterError, NotFoundError, StorageError, VersionError
 from airflow_aicenter.gc import DEFAULT_GRACE_HOURS, collect
 from airflow_aicenter.package import open_package, validate_package, validate_package_name, write_zip
@@ -46,10 +47,6 @@ from airflow_aicenter.storage.transfer import put_blob
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 STATUS_STYLE = {"succeeded": "green", "failed": "red", "killed": "magenta", "running": "yellow"}
-
-
-#: Top-level folders only an airflow-aicenter store has: a location without any of them is not one.
-STORE_FOLDERS = frozenset({"packages", "runs", "blobs", "envs", "snapshots", "triggers"})
 
 
 FROM_FLAG = "given with --storage"
@@ -145,14 +142,13 @@ def resolve_store(flag: str | None, *, create: bool = True) -> tuple[Store, Stor
         store = open_store(choice.uri, choice.s3, create=create)
         if not create:
             folders, files = store.list_dir("")
-            names = {f.rsplit("/", 1)[-1] for f in folders}
-            if not names & STORE_FOLDERS:
-                if names or files:
-                    shown = ", ".join(sorted(names)[:5] + [f.key for f in files[:5]])
-                    raise StorageError(
-                        f"{store.uri} ({choice.source}) is not an aicenter store: it holds other data ({shown}) but no "
-                        f"packages/, runs/ or blobs/; {choice.fix()}"
-                    )
+            kind, shown = layout.classify_top(folders, [f.key for f in files])
+            if kind == "other":
+                raise StorageError(
+                    f"{store.uri} ({choice.source}) is not an aicenter store: it holds other data ({shown}) but "
+                    f"{layout.NOT_A_STORE}; {choice.fix()}"
+                )
+            if kind == "empty":
                 raise NotFoundError(store.uri)
     except NotFoundError:
         raise StorageError(

@@ -34,7 +34,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from airflow_aicenter.errors import ConfigurationError
-from airflow_aicenter.layout import BLOBS, ENVS, PACKAGES
+from airflow_aicenter.layout import BLOBS, ENVS, PACKAGES, RUNS
 
 DEFAULT_DURATION = 3600
 #: What STS accepts for DurationSeconds (the role's own maximum may be lower).
@@ -123,7 +123,7 @@ def session_policy(
         return [f"arn:{partition}:s3:::{bucket_name}/{p}" for p in prefixes]
 
     for what, prefix in (("run_prefix", run_prefix), ("checkpoint_prefix", checkpoint_prefix)):
-        if prefix is not None and not prefix.strip("/").startswith("runs/"):
+        if prefix is not None and not prefix.strip("/").startswith(f"{RUNS}/"):
             raise ConfigurationError(f"{what} {prefix!r} is not a folder under runs/ (runs/<dag>/<run>/<task>/...)")
     run = key(_checked("run_prefix", run_prefix))
     checkpoints = key(_checked("checkpoint_prefix", checkpoint_prefix)) if checkpoint_prefix else None
@@ -196,7 +196,7 @@ def _object_patterns(prefixes: Sequence[str]) -> list[str]:
 def session_name(run_prefix: str) -> str:
     """A RoleSessionName naming the run (CloudTrail shows it), within STS's 64 characters and alphabet."""
     digest = hashlib.sha256(run_prefix.encode()).hexdigest()[:10]
-    readable = re.sub(r"[^\w+=,.@-]", "-", run_prefix.strip("/").removeprefix("runs/"))
+    readable = re.sub(r"[^\w+=,.@-]", "-", run_prefix.strip("/").removeprefix(f"{RUNS}/"))
     return f"aicenter-{readable[:43]}-{digest}"
 
 

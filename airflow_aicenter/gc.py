@@ -48,16 +48,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from airflow_aicenter.errors import ConfigurationError, NotFoundError, StorageError
-from airflow_aicenter.layout import ENVS, MANIFEST_NAMES, RUNS, LayoutError, RunPath
+from airflow_aicenter.layout import BLOBS, ENVS, MANIFEST_NAMES, PACKAGES, RUNS, LayoutError, RunPath, blob_key
 from airflow_aicenter.records import Manifest, VersionRecord, read
 from airflow_aicenter.runtime.environment import EnvironmentRecord
 from airflow_aicenter.storage.store import Store
-from airflow_aicenter.storage.transfer import BLOB_PREFIX
 
 DEFAULT_GRACE_HOURS = 24.0
 _TEMP = re.compile(r"^[0-9a-f]{64}#\d+$")
 _HEX = re.compile(r"^[0-9a-f]{64}$")
-_VERSION_RECORD = re.compile(r"^packages/[^/]+/versions/[^/]+\.json$")
+_VERSION_RECORD = re.compile(rf"^{re.escape(PACKAGES)}[^/]+/versions/[^/]+\.json$")
 #: Package environments (runtime/environment.py) unused this long are deleted (never sooner than the blob grace):
 #: deleting one costs the next run a cold install, keeping one only storage.
 DEFAULT_ENV_GRACE_DAYS = 7.0
@@ -113,7 +112,7 @@ def is_snapshot_manifest(key: str) -> bool:
 def references(store: Store) -> References:
     """Every blob digest a version record or a snapshot manifest names; unreadable records are reported, not fatal."""
     found = References()
-    for info in store.list("packages/"):
+    for info in store.list(PACKAGES):
         if _VERSION_RECORD.match(info.key):
             record = _read(store, info.key, VersionRecord, found)
             if record is not None:
@@ -156,8 +155,8 @@ def collect(store: Store, *, grace: timedelta = timedelta(hours=DEFAULT_GRACE_HO
     cutoff = (now or datetime.now(UTC)) - grace
     candidates: list[tuple[str, int]] = []
     present: set[str] = set()
-    for info in store.list(BLOB_PREFIX):
-        digest = info.key[len(BLOB_PREFIX):]
+    for info in store.list(BLOBS):
+        digest = info.key[len(BLOBS):]
         if not _HEX.match(digest):
             if _TEMP.match(digest) and info.last_modified is not None and info.last_modified <= cutoff and not dry_run:
                 store.delete(info.key)  # a killed upload's temporary (file store: <hex>#<n>)
@@ -181,7 +180,7 @@ def collect(store: Store, *, grace: timedelta = timedelta(hours=DEFAULT_GRACE_HO
                 continue
             if not dry_run:
                 try:
-                    store.delete(BLOB_PREFIX + digest)
+                    store.delete(blob_key(digest))
                 except NotFoundError:
                     continue
             report.deleted.append(digest)

@@ -3,8 +3,12 @@
 ```
 blobs/sha256/<hex>                               immutable content
 envs/<key>.json                                  a cached package environment (names its blob)
+snapshots/<sha256 of the source>.json            the last snapshot of a data source (a hint naming its manifest)
+triggers/<sha256 of the arguments>.json          a dataset trigger's last listing
 packages/<name>/versions/<M.m>.json              version records (the commit point)
 packages/<name>/aliases/<alias>/<seq>.json       alias history
+packages/<name>/hints/<sequence>                 where the next number of a sequence is (a hint)
+packages/<name>/evaluations/<M.m>/<name>.json    evaluations of a version
 packages/<name>/runs/<sha256>.json               the version a task instance made (sha256 of its runs/ prefix)
 runs/<dag_id>/<run_id>/<task>/<try>/             one folder per task try
 runs/<dag_id>/<run_id>/<task>/checkpoints/       the task's checkpoints (all tries)
@@ -19,12 +23,18 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 RUNS = "runs"
 BLOBS = "blobs/sha256/"
 ENVS = "envs/"
 PACKAGES = "packages/"
+SNAPSHOTS = "snapshots/"
+TRIGGERS = "triggers/"
+#: The top-level folders of a store: a location holding none of them is not an AI Center store.
+STORE_FOLDERS = frozenset(p.split("/")[0] for p in (RUNS, BLOBS, ENVS, PACKAGES, SNAPSHOTS, TRIGGERS))
 
 # Files of a run folder.
 OUTCOME = "outcome.json"
@@ -43,6 +53,23 @@ class LayoutError(ValueError):
     """A path that is not a run folder of this layout (the message says what was expected)."""
 
 
+def classify_top(folders: Iterable[str], files: Iterable[str]) -> tuple[Literal["store", "empty", "other"], str]:
+    """What a listing of a location's top (folder prefixes, file keys) is: an AI Center store (it holds
+    one of the store's own folders: S3 has no folders, so a prefix is a store by its content), empty (a
+    new store), or other data; with the names shown in a message (at most five folders and five files).
+    """
+    names = {f.rstrip("/").rsplit("/", 1)[-1] for f in folders}
+    keys = list(files)
+    shown = ", ".join(sorted(names)[:5] + keys[:5])
+    if names & STORE_FOLDERS:
+        return "store", shown
+    return ("other" if names or keys else "empty"), shown
+
+
+#: What a location holding other data lacks (the end of a refusal).
+NOT_A_STORE = "no packages/, runs/ or blobs/ folder"
+
+
 def blob_key(sha256: str) -> str:
     return f"{BLOBS}{sha256}"
 
@@ -51,8 +78,40 @@ def env_key(key: str) -> str:
     return f"{ENVS}{key}.json"
 
 
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def snapshot_hint_key(source: str) -> str:
+    """The hint naming the manifest of the last snapshot of ``source`` (a dataset URI)."""
+    return f"{SNAPSHOTS}{_digest(source)}.json"
+
+
+def trigger_state_key(arguments: str) -> str:
+    """A dataset trigger's saved listing, by its arguments (canonical JSON)."""
+    return f"{TRIGGERS}{_digest(arguments)}.json"
+
+
 def package_prefix(package: str) -> str:
     return f"{PACKAGES}{package}/"
+
+
+def aliases_root(package: str) -> str:
+    """The folder of every alias of ``package`` (no trailing ``/``: a directory listing)."""
+    return f"{PACKAGES}{package}/aliases"
+
+
+def hint_key(package: str, sequence: str) -> str:
+    """Where a number sequence of ``package`` (``major``, a major's minors, ``alias-<name>``) keeps its hint."""
+    return f"{PACKAGES}{package}/hints/{sequence}"
+
+
+def evaluations_prefix(package: str, version: str) -> str:
+    return f"{PACKAGES}{package}/evaluations/{version}/"
+
+
+def evaluation_key(package: str, version: str, name: str) -> str:
+    return f"{evaluations_prefix(package, version)}{name}.json"
 
 
 def versions_prefix(package: str) -> str:
@@ -73,7 +132,7 @@ def alias_key(package: str, alias: str, seq: int) -> str:
 
 def made_by_key(package: str, task: TaskPath) -> str:
     """The record of the version ``task`` (a task instance: every try of it) committed, if any."""
-    return f"{PACKAGES}{package}/runs/{hashlib.sha256(task.prefix.encode()).hexdigest()}.json"
+    return f"{PACKAGES}{package}/runs/{_digest(task.prefix)}.json"
 
 
 def manifest_name(directory: str) -> str:
@@ -82,6 +141,11 @@ def manifest_name(directory: str) -> str:
 
 
 MANIFEST_NAMES = frozenset(manifest_name(d) for d in SNAPSHOT_DIRECTORIES)
+
+
+def outcome_name(node_rank: int = 0) -> str:
+    """Node 0's ``outcome.json`` (the run's); another node of a multi-node Job writes ``node-<k>.outcome.json``."""
+    return OUTCOME if node_rank == 0 else f"node-{node_rank}.{OUTCOME}"
 
 
 def task_folder(task_id: str, map_index: int = -1) -> str:

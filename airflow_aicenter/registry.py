@@ -52,7 +52,7 @@ from airflow_aicenter.records import (
     write,
 )
 from airflow_aicenter.storage import Store
-from airflow_aicenter.storage.transfer import blob_key, get_blob, put_blob
+from airflow_aicenter.storage.transfer import get_blob, put_blob
 
 #: Give up after this many lost races in a row (only reachable under pathological contention).
 MAX_ATTEMPTS = 10_000
@@ -140,11 +140,11 @@ class Registry:
         return layout.version_key(name, str(version))
 
     def _minors(self, name: str, major: int) -> Sequence:
-        return Sequence(self.store, lambda m: self.version_key(name, Version(major, m)), f"packages/{name}/hints/{major}")
+        return Sequence(self.store, lambda m: self.version_key(name, Version(major, m)), layout.hint_key(name, str(major)))
 
     def _majors(self, name: str) -> Sequence:
         # Majors start at 1: index n of this sequence is major n+1.
-        return Sequence(self.store, lambda n: self.version_key(name, Version(n + 1, 0)), f"packages/{name}/hints/major")
+        return Sequence(self.store, lambda n: self.version_key(name, Version(n + 1, 0)), layout.hint_key(name, "major"))
 
     @staticmethod
     def made_by_key(name: str, run: RunRef) -> str:
@@ -153,12 +153,12 @@ class Registry:
 
     def _aliases(self, name: str, alias: str) -> Sequence:
         return Sequence(
-            self.store, lambda n: layout.alias_key(name, alias, n), f"packages/{name}/hints/alias-{alias}"
+            self.store, lambda n: layout.alias_key(name, alias, n), layout.hint_key(name, f"alias-{alias}")
         )
 
     # -- reading -------------------------------------------------------------------------
     def packages(self) -> list[str]:
-        prefixes, _ = self.store.list_dir("packages")
+        prefixes, _ = self.store.list_dir(layout.PACKAGES.rstrip("/"))
         return sorted(p.rsplit("/", 1)[-1] for p in prefixes)
 
     def get(self, name: str, version: Version | str) -> VersionRecord:
@@ -239,7 +239,7 @@ class Registry:
         description: str = "",
     ) -> VersionRecord:
         """Create the next version: ``N.0`` for an upload, the next free minor of the parent's major otherwise."""
-        if not self.store.exists(blob_key(blob.sha256)):
+        if not self.store.exists(layout.blob_key(blob.sha256)):
             raise StorageError(
                 f"the package content sha256:{blob.sha256} is no longer in {self.store.uri} (deleted while the run was "
                 "going: `aicenter gc` with a grace period shorter than the run, or by hand); nothing was registered: "
@@ -330,7 +330,7 @@ class Registry:
         files only (sources, requirements, metadata), never a multi-GB model. The runtime
         verifies the whole blob's digest when it stages it.
         """
-        key = blob_key(record.blob.sha256)
+        key = layout.blob_key(record.blob.sha256)
         if not self.store.exists(key):  # else the reader's failure would read as "not a zip"
             raise NotFoundError(
                 f"version {record.package}:{record.version} names content sha256:{record.blob.sha256}, which is missing "
@@ -377,7 +377,7 @@ class Registry:
 
     def aliases(self, name: str, problems: list[str] | None = None) -> dict[str, AliasRecord]:
         """Each alias's current entry. An unreadable alias raises, or, given ``problems``, is noted there and left out."""
-        prefixes, _ = self.store.list_dir(f"packages/{name}/aliases")
+        prefixes, _ = self.store.list_dir(layout.aliases_root(name))
         out = {}
         for prefix in prefixes:
             alias = prefix.rsplit("/", 1)[-1]
@@ -455,7 +455,7 @@ class Registry:
         name = f"{record.created_at:%Y%m%dT%H%M%S%fZ}"
         if record.run is not None:
             name = "run-" + hashlib.sha256(record.run.prefix.encode()).hexdigest()[:24]
-        key = f"packages/{record.package}/evaluations/{record.version}/{name}.json"
+        key = layout.evaluation_key(record.package, record.version, name)
         try:
             write(self.store, key, record, create=True)
         except AlreadyExistsError:
@@ -463,5 +463,5 @@ class Registry:
         return key
 
     def evaluations(self, name: str, version: str) -> list[EvaluationRecord]:
-        prefix = f"packages/{name}/evaluations/{version}/"
+        prefix = layout.evaluations_prefix(name, version)
         return sorted((read(self.store, i.key, EvaluationRecord) for i in self.store.list(prefix)), key=lambda r: r.created_at)

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from airflow_aicenter.errors import AICenterError, StorageError
-from airflow_aicenter.layout import OUTCOME, REGISTRATION, RESULTS, RUNS, LayoutError, RunPath
+from airflow_aicenter.layout import ARTIFACTS, OUTCOME, REGISTRATION, RESULTS, RUNS, LayoutError, RunPath
 from airflow_aicenter.records import Outcome, Registration, masked_env, read, read_optional
 from airflow_aicenter.storage import Store
 
@@ -146,7 +146,7 @@ class RunRecord:
             "duration": self.duration,
             "phases": o.phases,
             "warnings": o.warnings,
-            "artifacts": {"files": o.artifacts, "bytes": o.artifacts_bytes, "uri": f"{self.uri}/artifacts/"},
+            "artifacts": {"files": o.artifacts, "bytes": o.artifacts_bytes, "uri": f"{self.uri}/{ARTIFACTS}/"},
             "snapshots": o.snapshots,
             "results_uri": self.results_uri,
             "promotion": self.promotion,

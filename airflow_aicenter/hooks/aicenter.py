@@ -148,18 +148,16 @@ class AICenterHook(BaseHook):
             folders, files = store.list_dir("")
         except AICenterError as exc:
             return False, f"{uri}: {exc}"
-        ours = {layout.PACKAGES.strip("/"), layout.RUNS, layout.BLOBS.split("/")[0], layout.ENVS.strip("/")}
-        names = {f.rsplit("/", 1)[-1] for f in folders}
-        if names & ours:
+        kind, shown = layout.classify_top(folders, [i.key for i in files])
+        if kind == "store":
             packages = Registry(store).packages()
             return True, f"{store.uri} is an AI Center store with {len(packages)} package(s)"
-        if not names and not files:
+        if kind == "empty":
             return True, (
                 f"{store.uri} is reachable and empty: a new store (`aicenter package upload PATH --name NAME` adds a "
                 "package); if you expected packages here, check the URI for a typo"
             )
-        shown = ", ".join(sorted(names)[:5] + [i.key for i in files[:5]])
         return False, (
-            f"{store.uri} holds other data ({shown}) but no packages/, runs/ or blobs/ folder, so it is not an AI Center "
+            f"{store.uri} holds other data ({shown}) but {layout.NOT_A_STORE}, so it is not an AI Center "
             "store; give the prefix the store was created at, or an empty one"
         )

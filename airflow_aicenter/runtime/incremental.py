@@ -32,10 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from airflow_aicenter.errors import ConfigurationError, DatasetError, NotFoundError
+from airflow_aicenter.layout import blob_key
 from airflow_aicenter.records import Manifest, ManifestEntry, VersionRecord, read
 from airflow_aicenter.storage import Store, open_store
 from airflow_aicenter.storage.store import ObjectInfo
-from airflow_aicenter.storage.transfer import FileEntry, blob_key, download_file, gather_limited, run
+from airflow_aicenter.storage.transfer import FileEntry, download_file, gather_limited, run
 
 #: Carried-over blobs checked with a HEAD before they are taken as stored.
 SAMPLE = 8

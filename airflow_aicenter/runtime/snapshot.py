@@ -16,22 +16,18 @@ snapshot falls back to checking every digest (a listing or HEADs).
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from airflow_aicenter.errors import AICenterError
+from airflow_aicenter.layout import blob_key, snapshot_hint_key
 from airflow_aicenter.records import Manifest, ManifestEntry, SnapshotHint, read_optional, write
 from airflow_aicenter.storage import Store
-from airflow_aicenter.storage.transfer import BlobStats, FileEntry, blob_key, ensure_blobs, run
+from airflow_aicenter.storage.transfer import BlobStats, FileEntry, ensure_blobs, run
 
 #: How many vouched-for digests are checked with a HEAD before the hint is trusted.
 SAMPLE = 8
-
-
-def hint_key(source: str) -> str:
-    return f"snapshots/{hashlib.sha256(source.encode()).hexdigest()}.json"
 
 
 def stored_by_hint(store: Store, source: str | None, digests: set[str], log: Callable[[str], None]) -> set[str]:
@@ -39,7 +35,7 @@ def stored_by_hint(store: Store, source: str | None, digests: set[str], log: Cal
     if not source or not digests:
         return set()
     try:
-        hint = read_optional(store, hint_key(source), SnapshotHint)
+        hint = read_optional(store, snapshot_hint_key(source), SnapshotHint)
         if hint is None or hint.source != source:
             return set()
         manifest = read_optional(store, hint.manifest, Manifest)
@@ -80,7 +76,7 @@ def take_snapshot(
     write(store, key, manifest)
     if source:
         try:
-            write(store, hint_key(source), SnapshotHint(source=source, manifest=key))
+            write(store, snapshot_hint_key(source), SnapshotHint(source=source, manifest=key))
         except AICenterError as exc:
             log(f"could not leave a snapshot hint ({exc}); the next snapshot of {source} checks every file")
     return stats

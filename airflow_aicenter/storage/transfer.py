@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from airflow_aicenter.secrets import Redactor
 
 from airflow_aicenter.errors import AlreadyExistsError, DatasetError, NotFoundError, PackageError, StorageError
+from airflow_aicenter.layout import BLOBS, blob_key
 from airflow_aicenter.storage.store import ObjectInfo, Store, unstorable, walk_files
 
 #: Concurrent requests per transfer; small files are latency-bound, so many in flight win: with
@@ -88,7 +89,6 @@ RETRY_WAIT_MAX = 8.0
 #: one is found damaged.
 VERIFY_MAX = 16 * 2**20
 VERIFY_SAMPLE = 8
-BLOB_PREFIX = "blobs/sha256/"
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 T = TypeVar("T")
@@ -110,10 +110,6 @@ class BlobStats:
     bytes: int
     uploaded_files: int
     uploaded_bytes: int
-
-
-def blob_key(sha256: str) -> str:
-    return BLOB_PREFIX + sha256
 
 
 def run(coro: Awaitable[T]) -> T:
@@ -689,12 +685,12 @@ async def stored_digests(store: Store, digests: set[str], ranges: int | None = N
         if not mine:
             return
         found: dict[str, int] = {}
-        offset = {"offset": BLOB_PREFIX + lo} if lo != "0" else {}
+        offset = {"offset": BLOBS + lo} if lo != "0" else {}
         try:
-            async for page in obstore.list(store.inner, BLOB_PREFIX.rstrip("/"), chunk_size=1000, **offset):
+            async for page in obstore.list(store.inner, BLOBS.rstrip("/"), chunk_size=1000, **offset):
                 pages_left[0] -= 1
                 for meta in page:
-                    digest = meta["path"][len(BLOB_PREFIX):]
+                    digest = meta["path"][len(BLOBS):]
                     if hi is not None and digest[:1] >= hi:  # S3 lists in key order: this range is done
                         return
                     if digest in mine:
@@ -706,7 +702,7 @@ async def stored_digests(store: Store, digests: set[str], ranges: int | None = N
             present.update(found)
 
     bounds: list[str | None] = [_HEX[i] for i in range(0, 16, step)] + [None]
-    with store._errors(BLOB_PREFIX):
+    with store._errors(BLOBS):
         await asyncio.gather(*(scan(lo or "0", hi) for lo, hi in itertools.pairwise(bounds)))
     return present, unknown
 

@@ -43,9 +43,8 @@ from typing import Any
 from airflow.triggers.base import BaseEventTrigger, TriggerEvent
 
 from airflow_aicenter.errors import ConfigurationError, DatasetError, NotFoundError
+from airflow_aicenter.layout import trigger_state_key
 from airflow_aicenter.storage import Store
-
-STATE_PREFIX = "triggers/"
 
 
 @dataclass(frozen=True)
@@ -108,7 +107,7 @@ class DatasetChangedTrigger(BaseEventTrigger):
     def state_key(self) -> str:
         """Where the last fingerprint acted on is kept in the aicenter store (see the module docstring)."""
         _, kwargs = self.serialize()
-        return STATE_PREFIX + hashlib.sha256(json.dumps(kwargs, sort_keys=True).encode()).hexdigest() + ".json"
+        return trigger_state_key(json.dumps(kwargs, sort_keys=True))
 
     # -- blocking parts, run in a thread ---------------------------------------------------
     def _open(self) -> tuple[Store, Store]:

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from airflow_aicenter.layout import BLOBS
 from airflow_aicenter.package import Version
 from airflow_aicenter.records import RunRef, RunSpec, VersionRecord, read
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import Store
-from airflow_aicenter.storage.transfer import BLOB_PREFIX, run, upload_tree
+from airflow_aicenter.storage.transfer import run, upload_tree
 from tests.conftest import write_files
 from tests.packages import ECHO_MAIN
 
@@ -55,15 +56,15 @@ def check_store(store: Store) -> list[str]:
     - every version record names a blob that exists with the recorded size;
     - version records parse (a record is whole or absent).
     """
-    for info in store.list(BLOB_PREFIX):
-        digest = info.key[len(BLOB_PREFIX):]
+    for info in store.list(BLOBS):
+        digest = info.key[len(BLOBS):]
         data = store.get_bytes(info.key)
         assert hashlib.sha256(data).hexdigest() == digest, f"blob {info.key} is partial or corrupt ({len(data)} bytes)"
     versions = []
     for info in store.list("packages/"):
         if "/versions/" in info.key and info.key.endswith(".json"):
             record = read(store, info.key, VersionRecord)
-            blob = store.head(BLOB_PREFIX + record.blob.sha256)
+            blob = store.head(BLOBS + record.blob.sha256)
             assert blob is not None, f"version {record.package}:{record.version} names a missing blob"
             assert blob.size == record.blob.size, f"version {record.package}:{record.version} blob size differs"
             versions.append(f"{record.package}:{record.version}")

@@ -21,9 +21,10 @@ import pytest
 from airflow_aicenter import cli
 from airflow_aicenter.errors import ConfigurationError
 from airflow_aicenter.gc import GcReport, collect, references
+from airflow_aicenter.layout import BLOBS
 from airflow_aicenter.records import Outcome, RunRef, RunSpec, read
 from airflow_aicenter.storage import open_store
-from airflow_aicenter.storage.transfer import BLOB_PREFIX, put_blob, sha256_file
+from airflow_aicenter.storage.transfer import put_blob, sha256_file
 from tests.resilience.support import Setup, check_store, run_runtime, setup_package
 
 #: Seconds between writing the old orphan and starting the run. Each gc call uses a grace
@@ -46,7 +47,7 @@ def _orphan(setup: Setup, tmp_path: Path, name: str) -> tuple[str, datetime]:
     path.write_bytes(os.urandom(5000))
     digest = sha256_file(path).sha256
     assert put_blob(setup.store, path, digest)
-    info = setup.store.head(BLOB_PREFIX + digest)
+    info = setup.store.head(BLOBS + digest)
     assert info is not None and info.last_modified is not None
     return digest, info.last_modified
 
@@ -99,8 +100,8 @@ def test_gc_during_an_upload_keeps_young_and_referenced_blobs_and_removes_old_or
     assert between.deleted == [] and between.young >= 1
     assert _register(setup, ref2, spec2) == "1.2"
 
-    assert not setup.store.exists(BLOB_PREFIX + orphan)
-    assert referenced_before <= {i.key[len(BLOB_PREFIX):] for i in setup.store.list(BLOB_PREFIX)}
+    assert not setup.store.exists(BLOBS + orphan)
+    assert referenced_before <= {i.key[len(BLOBS):] for i in setup.store.list(BLOBS)}
     assert check_store(setup.store) == ["res:1.0", "res:1.1", "res:1.2"]
     # with everything referenced, even a zero grace period deletes nothing
     final = collect(setup.store, grace=timedelta(0))
@@ -123,12 +124,12 @@ def test_gc_command_dry_run_json_and_grace(
 
     assert cli.main([*storage, "gc", "--grace-hours", "0", "--dry-run", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["deleted"] == [orphan]
-    assert setup.store.exists(BLOB_PREFIX + orphan)  # a dry run deletes nothing
+    assert setup.store.exists(BLOBS + orphan)  # a dry run deletes nothing
 
     assert cli.main([*storage, "gc", "--grace-hours", "0"]) == 0
     out = capsys.readouterr().out
     assert "deleted 1" in out and orphan in out
-    assert not setup.store.exists(BLOB_PREFIX + orphan)
+    assert not setup.store.exists(BLOBS + orphan)
     assert check_store(setup.store) == ["res:1.0"]
 
 
@@ -143,7 +144,7 @@ def test_an_unreadable_record_is_reported_and_keeps_every_blob(setup: Setup, tmp
     assert "is not a valid Manifest record" in report.unreadable[setup.store.url(damaged)]
     assert "repair or remove that record, then run gc again" in report.unreadable[setup.store.url(damaged)]
     assert report.deleted == [] and report.blobs == 2 and report.records == {"versions": 1, "manifests": 0}
-    assert setup.store.exists(BLOB_PREFIX + orphan)
+    assert setup.store.exists(BLOBS + orphan)
     setup.store.delete(damaged)
     assert collect(setup.store, grace=timedelta(0)).deleted == [orphan]
     with pytest.raises(ConfigurationError, match="negative"):
@@ -168,6 +169,6 @@ def test_artifacts_named_like_manifests_are_not_records(setup: Setup, tmp_path: 
 
 
 def test_gc_leaves_foreign_keys_under_the_blob_prefix_alone(setup: Setup) -> None:
-    setup.store.put_bytes(BLOB_PREFIX + "not-a-digest.tmp", b"x")
+    setup.store.put_bytes(BLOBS + "not-a-digest.tmp", b"x")
     report = collect(setup.store, grace=timedelta(0))
-    assert report.deleted == [] and setup.store.exists(BLOB_PREFIX + "not-a-digest.tmp")
+    assert report.deleted == [] and setup.store.exists(BLOBS + "not-a-digest.tmp")

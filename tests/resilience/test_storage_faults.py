@@ -17,12 +17,12 @@ import pytest
 
 import airflow_aicenter.storage.store as store_module
 from airflow_aicenter.errors import StorageError
+from airflow_aicenter.layout import blob_key
 from airflow_aicenter.records import RunRef
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import S3Options, open_store
 from airflow_aicenter.storage.transfer import (
     FileEntry,
-    blob_key,
     download_tree,
     ensure_blobs,
     get_blob,

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from airflow_aicenter.errors import ConfigurationError, DatasetError
+from airflow_aicenter.layout import blob_key
 from airflow_aicenter.records import Manifest, Outcome, RunSpec, read
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.runtime.incremental import (
@@ -24,7 +25,7 @@ from airflow_aicenter.runtime.incremental import (
 )
 from airflow_aicenter.runtime.snapshot import take_snapshot
 from airflow_aicenter.storage import S3Store, Store, open_store
-from airflow_aicenter.storage.transfer import blob_key, download_tree, run
+from airflow_aicenter.storage.transfer import download_tree, run
 from tests.conftest import write_files
 from tests.packages import MAIN
 

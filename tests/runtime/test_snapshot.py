@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 
+from airflow_aicenter.layout import BLOBS, blob_key, snapshot_hint_key
 from airflow_aicenter.records import Manifest, read
-from airflow_aicenter.runtime.snapshot import SAMPLE, hint_key, take_snapshot
+from airflow_aicenter.runtime.snapshot import SAMPLE, take_snapshot
 from airflow_aicenter.storage import Store
-from airflow_aicenter.storage.transfer import BLOB_PREFIX, FileEntry, blob_key, sha256_file
+from airflow_aicenter.storage.transfer import FileEntry, sha256_file
 
 SOURCE = "s3://data/churn"
 
@@ -22,11 +23,11 @@ class CountingStore:
         self._inner, self.checks = inner, 0
 
     def exists(self, key: str) -> bool:
-        self.checks += key.startswith(BLOB_PREFIX)
+        self.checks += key.startswith(BLOBS)
         return self._inner.exists(key)
 
     async def head_async(self, key: str) -> Any:
-        self.checks += key.startswith(BLOB_PREFIX)
+        self.checks += key.startswith(BLOBS)
         return await self._inner.head_async(key)
 
     def __getattr__(self, name: str) -> Any:
@@ -98,7 +99,7 @@ def test_a_hint_whose_blobs_are_gone_is_not_trusted(store: Store, tmp_path: Path
 def test_an_unusable_hint_falls_back_to_checking_every_file(store: Store, tmp_path: Path, garbage: bytes) -> None:
     root = tmp_path / "data"
     files = make_data(root, n=12)
-    store.put_bytes(hint_key(SOURCE), garbage)
+    store.put_bytes(snapshot_hint_key(SOURCE), garbage)
     counting = CountingStore(store)
     stats = snap(counting, root, files, 1)
     assert stats.uploaded_files == 12 and counting.checks == 12

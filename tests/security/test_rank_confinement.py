@@ -106,7 +106,7 @@ def test_rank_1_cannot_write_rank_0s_artifacts_or_package(tmp_path: Path) -> Non
     assert rank0 == {"tmp": "written", "checkpoint": "written"}
     keys = [info.key for info in store.list(f"{spec.run_prefix}/artifacts/")]
     assert not any(key.endswith("intruder.txt") for key in keys), keys
-    from airflow_aicenter.storage.transfer import blob_key
+    from airflow_aicenter.layout import blob_key
 
     with zipfile.ZipFile(io.BytesIO(store.get_bytes(blob_key(outcome.blob.sha256)))) as zf:
         names = zf.namelist()

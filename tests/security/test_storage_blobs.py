@@ -10,8 +10,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from airflow_aicenter.errors import NotFoundError
+from airflow_aicenter.layout import blob_key
 from airflow_aicenter.storage import open_store
-from airflow_aicenter.storage.transfer import FileEntry, blob_key, ensure_blobs, get_blob, put_blob, run, sha256_file
+from airflow_aicenter.storage.transfer import FileEntry, ensure_blobs, get_blob, put_blob, run, sha256_file
 
 
 @pytest.mark.parametrize("damage", ["flipped byte", "truncated", "emptied"])

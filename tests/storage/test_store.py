@@ -8,10 +8,10 @@ import os
 import pytest
 
 from airflow_aicenter.errors import AlreadyExistsError, ConfigurationError, DatasetError, NotFoundError, StorageError
+from airflow_aicenter.layout import blob_key
 from airflow_aicenter.storage import open_store
 from airflow_aicenter.storage.transfer import (
     FileEntry,
-    blob_key,
     download_tree,
     ensure_blobs,
     get_blob,
