@@ -22,7 +22,7 @@ import os
 import re
 import threading
 import urllib.parse
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import IO, Any
@@ -252,53 +252,38 @@ class Redactor:
         self._patterns()
         return self._longest if self._values else 0
 
+    def cut_point(self, text: str) -> int:
+        """Where ``text`` may be cut so that no form of a secret straddles the cut.
 
-class LineRedactor:
-    """Cuts a stream that arrives in arbitrary chunks (a pod's log, a pipe) into lines and
-    redacts each whole line, so a secret split across two chunks is still masked.
-
-    A line longer than ``max_line`` is passed on in pieces, so memory stays bounded whatever
-    the stream holds; each cut is placed where no form of a secret can straddle it.
-    """
-
-    def __init__(self, redactor: Redactor, *, max_line: int = 1 << 20) -> None:
-        self.redactor = redactor
-        self.max_line = max_line
-        self._pending: list[str] = []
-        self._size = 0
-
-    def feed(self, chunk: str) -> list[str]:
-        """The lines (without their ``\\n``) and pieces of over-long lines now safe to emit, redacted."""
-        if "\n" not in chunk:
-            self._pending.append(chunk)
-            self._size += len(chunk)
-            piece = self._cut() if self._size > self.max_line else None
-            return [] if piece is None else [piece]
-        head, *middle, tail = chunk.split("\n")
-        out = [self.redactor.redact("".join(self._pending) + head)]
-        out += [self.redactor.redact(line) for line in middle]
-        self._pending, self._size = ([tail] if tail else []), len(tail)
-        return out
-
-    def _cut(self) -> str | None:
-        text = "".join(self._pending)
-        # Keep back one form's length: a secret starting before the cut then ends inside the text.
-        cut = len(text) - max(self.redactor.longest_form - 1, 0)
-        for start, end in self.redactor.spans(text):
+        A secret whose start is kept and whose end is not could not be recognised on either side, so
+        the cut comes before the last ``longest_form`` characters (a secret starting there may end
+        past the text) and before a secret crossing that point.
+        """
+        cut = max(0, len(text) - self.longest_form)
+        for start, end in self.spans(text):
             if start < cut < end:
-                cut = start
-                break
-        self._pending, self._size = [text], len(text)
-        if cut <= 0:
-            return None
-        self._pending, self._size = [text[cut:]], len(text) - cut
-        return self.redactor.redact(text[:cut])
+                return start
+        return cut
 
-    def close(self) -> list[str]:
-        """What is left at the end of the stream (a last line without ``\\n``), redacted."""
-        rest = "".join(self._pending)
-        self._pending, self._size = [], 0
-        return [self.redactor.redact(rest)] if rest else []
+
+def capped_lines(readline: Callable[[int], bytes], redactor: Redactor, limit: int) -> Iterator[str]:
+    """The lines of a pipe (without their ``\\n``), decoded, every form of a secret masked, each at most ``limit`` bytes.
+
+    ``readline(limit)`` (a binary pipe's) reads them, so memory stays bounded whatever the stream
+    holds: an over-long line keeps its head, cut where no secret straddles the cut
+    (``Redactor.cut_point``) and marked ``[... line cut at N KiB]``; the rest of it is read and dropped.
+    The one line capper of the product: the local launcher's log and the supervisor's user output.
+    """
+    cutting = False
+    while chunk := readline(limit):
+        complete = chunk.endswith(b"\n") or len(chunk) < limit  # short and no newline: the last line
+        if not cutting:
+            text = chunk.decode("utf-8", "replace").rstrip("\n")
+            if complete:
+                yield redactor.redact(text)
+            else:
+                yield f"{redactor.redact(text[:redactor.cut_point(text)])} [... line cut at {limit // 1024} KiB]"
+        cutting = not complete
 
 
 @lru_cache(maxsize=64)
@@ -335,19 +320,21 @@ def _redact_json_line(line: str, redactor: Redactor) -> str:
 
 
 def _redact_long_line(first: bytes, source: IO[bytes], sink: IO[bytes], redactor: Redactor, limit: int) -> None:
-    """The rest of a line longer than ``limit``, masked as text through a LineRedactor (bounded memory)."""
+    """The rest of a line longer than ``limit``, masked as text in pieces (bounded memory): each piece
+    ends where no secret straddles it (``Redactor.cut_point``), what follows is carried to the next.
+    """
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
-    stream = LineRedactor(redactor, max_line=limit)
-    chunk = first
+    pending, chunk = "", first
     while chunk:
-        text = decoder.decode(chunk)
-        pieces = stream.feed(text)
-        if text.endswith("\n"):
-            sink.write(("".join(pieces) + "\n").encode())
+        pending += decoder.decode(chunk)
+        if pending.endswith("\n"):
+            sink.write((redactor.redact(pending[:-1]) + "\n").encode())
             return
-        sink.write("".join(pieces).encode())
+        cut = redactor.cut_point(pending)
+        sink.write(redactor.redact(pending[:cut]).encode())
+        pending = pending[cut:]
         chunk = source.readline(limit)
-    sink.write("".join(stream.feed(decoder.decode(b"", final=True)) + stream.close()).encode())
+    sink.write(redactor.redact(pending + decoder.decode(b"", final=True)).encode())
 
 
 def redact_json_lines_file(path: Path, redactor: Redactor, *, limit: int = JSON_LINE_LIMIT) -> bool:

@@ -29,13 +29,13 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from airflow_aicenter.errors import ConfigurationError
 from airflow_aicenter.launchers.base import Finished, Launcher, settle_outcome
-from airflow_aicenter.records import RunRef, RunSpec, redact
+from airflow_aicenter.records import RunRef, RunSpec
 from airflow_aicenter.runtime import isolation
-from airflow_aicenter.secrets import Redactor
+from airflow_aicenter.secrets import Redactor, capped_lines
 from airflow_aicenter.storage.store import LocalStore
 
 if TYPE_CHECKING:
@@ -245,22 +245,9 @@ class LocalLauncher(Launcher):
                     os.kill(pid, signal.SIGKILL)
         shutil.rmtree(work, ignore_errors=True)
 
-    def _stream(self, out: object) -> None:
-        reader = out.readline  # type: ignore[attr-defined]
-        while True:
-            chunk: bytes = reader(MAX_LINE)
-            if not chunk:
-                return
-            line = chunk.decode(errors="replace").rstrip("\n")
-            if not chunk.endswith(b"\n") and len(chunk) >= MAX_LINE:
-                skipped = 0
-                while True:  # drop the rest of the over-long line without keeping it
-                    rest: bytes = reader(MAX_LINE)
-                    skipped += len(rest)
-                    if not rest or rest.endswith(b"\n"):
-                        break
-                line += f" ... [{skipped} more bytes of this line not shown]"
-            line = redact(line, self.secrets)
+    def _stream(self, out: IO[bytes]) -> None:
+        redactor = self.secrets if isinstance(self.secrets, Redactor) else Redactor(self.secrets)
+        for line in capped_lines(out.readline, redactor, MAX_LINE):
             self.log.log(log_level(line), "%s", line)
 
     def kill(self) -> None:

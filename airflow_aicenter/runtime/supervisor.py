@@ -206,29 +206,9 @@ class Supervisor:
 
     def _pump(self, pipe: IO[bytes], sink: TextIO, prefix: str) -> None:
         """Pass user output on line by line, secrets redacted, each line at most ``line_limit`` bytes."""
-        cutting = False
-        limit = self.line_limit
         with pipe:
-            while chunk := pipe.readline(limit):
-                complete = chunk.endswith(b"\n") or len(chunk) < limit  # short and no newline: the last line
-                if not cutting:
-                    text = chunk.decode("utf-8", "replace").rstrip("\n")
-                    text = self.secrets.redact(text) if complete else self._cut(text)
-                    emit(sink, f"{prefix}{text}\n")
-                cutting = not complete
-
-    def _cut(self, text: str) -> str:
-        """The head of an over-long line, redacted, marked as cut.
-
-        A secret that the cut would split (its start kept, its end in the dropped rest) could not
-        be recognised, so the head ends before the last ``longest_form`` characters or before a
-        secret crossing that point.
-        """
-        keep = max(0, len(text) - self.secrets.longest_form)
-        for start, end in self.secrets.spans(text):
-            if start < keep < end:
-                keep = start
-        return f"{self.secrets.redact(text[:keep])} [... line cut at {self.line_limit // 1024} KiB]"
+            for text in secrets.capped_lines(pipe.readline, self.secrets, self.line_limit):
+                emit(sink, f"{prefix}{text}\n")
 
     # -- waiting and ending ----------------------------------------------------------------
     def wait(self) -> tuple[str | None, str | None]:

@@ -9,7 +9,7 @@ computed here, independently of the code under test.
 
 from __future__ import annotations
 
-import itertools
+import io
 import json
 import sqlite3
 import subprocess
@@ -22,17 +22,17 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from airflow_aicenter.records import Outcome
-from airflow_aicenter.records import redact as records_redact
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.secrets import (
     MASK,
     MIN_SECRET_LENGTH,
     SECRET_KEYS_ENV,
-    LineRedactor,
     Redactor,
+    capped_lines,
     is_secret_key,
     masked_env,
     redact,
+    redact_json_lines_file,
     secret_values,
 )
 from airflow_aicenter.storage import open_store
@@ -117,22 +117,15 @@ def test_many_secrets_at_once_including_overlapping_ones(secret: str, other: str
 
 
 @settings(max_examples=60, deadline=None)
-@given(secret=secret_text, cuts=st.lists(st.integers(min_value=1, max_value=17), min_size=1, max_size=40))
-def test_a_log_stream_in_arbitrary_chunks_is_masked_line_by_line(secret: str, cuts: list[int]) -> None:
-    """A secret split across two chunks of a pipe, or printed line by line (a private key), is masked."""
+@given(secret=secret_text)
+def test_a_log_stream_is_masked_line_by_line(secret: str) -> None:
+    """A secret printed line by line (a private key) or in one line of a pipe is masked (``capped_lines``)."""
     assume(worth_masking(secret))
     stream = "\n".join([
         "epoch 1 loss 0.5", *(f"key> {line}" for line in secret.splitlines()), f"env TOKEN={secret!r}",
         json.dumps({"secret": secret}), "done",
     ]) + "\n"
-    reader = LineRedactor(Redactor([secret]))
-    out: list[str] = []
-    position, sizes = 0, itertools.cycle(cuts)
-    while position < len(stream):
-        size = next(sizes)
-        out += reader.feed(stream[position:position + size])
-        position += size
-    out += reader.close()
+    out = list(capped_lines(io.BytesIO(stream.encode()).readline, Redactor([secret]), 1 << 20))
     for line in out:
         assert leaked(line, secret) == [], line
     assert out[0] == "epoch 1 loss 0.5" and out[-1] == "done"
@@ -140,20 +133,27 @@ def test_a_log_stream_in_arbitrary_chunks_is_masked_line_by_line(secret: str, cu
 
 @settings(max_examples=40, deadline=None)
 @given(secret=secret_text, where=st.integers(min_value=0, max_value=5000))
-def test_an_overlong_line_is_passed_on_in_pieces_without_cutting_a_secret(secret: str, where: int) -> None:
+def test_an_overlong_line_is_cut_before_a_secret_it_would_split(secret: str, where: int) -> None:
     assume(worth_masking(secret) and not set(secret) & set("xy*") and len(secret.splitlines()) == 1)
     redactor = Redactor([secret])
     line = "x" * where + secret + "y" * (5000 - where)
-    reader = LineRedactor(redactor, max_line=256)
-    pieces: list[str] = []
-    for i in range(0, len(line), 100):
-        pieces += reader.feed(line[i:i + 100])
-    pieces += reader.close()
-    assert len(pieces) > 1, "the line was held whole"
-    # Held back at most: one form's length (a secret starting before a cut ends inside), plus a chunk.
-    assert max(map(len, pieces)) <= max(256, redactor.longest_form) + 100
-    assert leaked("".join(pieces), secret) == []
-    assert "".join(pieces).replace(MASK, "") == "x" * where + "y" * (5000 - where)
+    out = list(capped_lines(io.BytesIO((line + "\nnext\n").encode()).readline, redactor, 1024))
+    assert len(out) == 2 and out[1] == "next" and out[0].endswith(" [... line cut at 1 KiB]"), out
+    head = out[0].removesuffix(" [... line cut at 1 KiB]")
+    assert leaked(head, secret) == [] and len(head.encode()) <= 1024
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(secret=secret_text, where=st.integers(min_value=0, max_value=5000))
+def test_an_overlong_json_line_is_masked_in_pieces_without_cutting_a_secret(tmp_path: Path, secret: str, where: int) -> None:
+    assume(worth_masking(secret) and not set(secret) & set("xy*") and len(secret.splitlines()) == 1)
+    line = "x" * where + secret + "y" * (5000 - where)
+    path = tmp_path / "errors.jsonl"
+    path.write_text(f"{line}\n{line}")
+    assert redact_json_lines_file(path, Redactor([secret]), limit=256)
+    masked = path.read_text()
+    assert leaked(masked, secret) == []
+    assert masked.replace(MASK, "") == "x" * where + "y" * (5000 - where) + "\n" + "x" * where + "y" * (5000 - where)
 
 
 def test_a_private_key_printed_by_a_real_process_is_masked_in_its_log() -> None:
@@ -229,10 +229,10 @@ def test_masking_never_reassembles_a_secret_that_contains_the_mask() -> None:
     assert secret not in redacted
 
 
-def test_records_keeps_the_old_helpers_and_they_mask_every_form() -> None:
+def test_redact_with_secret_values_masks_every_form() -> None:
     secret = 'pa"ss\\word\nline-two-of-it'
     text = json.dumps({"e": secret}) + repr(secret)
-    assert leaked(records_redact(text, (secret,)), secret) == []
+    assert leaked(redact(text, (secret,)), secret) == []
     assert leaked(redact(text, [secret]), secret) == []
 
 
