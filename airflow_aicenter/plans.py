@@ -55,6 +55,11 @@ class PipelinePlan:
             object.__setattr__(self, "contract", self.name)
 
     @property
+    def records_evaluation(self) -> bool:
+        """The run scores the version it ran, which stays as it is: an evaluation record of that version."""
+        return self.scored and not self.makes_version
+
+    @property
     def all_datasets(self) -> tuple[str, ...]:
         return (*self.datasets, *self.optional_datasets)
 

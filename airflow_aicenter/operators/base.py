@@ -1,10 +1,13 @@
 """The one flow every AI Center pipeline operator follows.
 
 resolve the version -> check (package, datasets, launcher) -> recover an earlier try's run ->
-launch the runtime (a launcher) -> :meth:`BasePipelineOperator.complete`: register the new
-version (once per task instance), promote, write ``_results.json``, push XCom, emit the Asset
-event. The pipeline type is a :class:`~airflow_aicenter.plans.PipelinePlan` (data), the place
-the run executes a :class:`~airflow_aicenter.launchers.Launcher` chosen in ``execute``.
+launch the runtime (a launcher) -> :meth:`BasePipelineOperator.complete`. The operator is glue:
+what happens after a run (recover an earlier try, register the new version once per task
+instance, promote, ``_results.json``, the XCom value, the Asset event's data) is
+:mod:`airflow_aicenter.completion`, without Airflow; the operator publishes the one value it
+returns. The pipeline type is a :class:`~airflow_aicenter.plans.PipelinePlan` (data), asked and
+never compared by name; the place the run executes is a
+:class:`~airflow_aicenter.launchers.Launcher`, built once per execution.
 
 The operators subclass KubernetesPodOperator so every pod setting is available as it is; only
 its public extension points are used (``build_pod_request_obj``, ``get_or_create_pod``,
@@ -13,7 +16,6 @@ its public extension points are used (``build_pod_request_obj``, ``get_or_create
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -22,32 +24,19 @@ from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperato
 from airflow.sdk import Asset, AssetAlias
 from airflow.sdk.exceptions import AirflowFailException
 
-from airflow_aicenter.crashpoints import crash_point
-from airflow_aicenter.errors import AICenterError, ConfigurationError, DatasetError, NotFoundError, RunError
+from airflow_aicenter.completion import Completion, LineageDataset, PostRun, RunRequest, lineage
+from airflow_aicenter.errors import AICenterError, ConfigurationError, DatasetError, NotFoundError
 from airflow_aicenter.hooks.aicenter import LAUNCHERS, AICenterHook
 from airflow_aicenter.launchers.base import Finished, Launcher
 from airflow_aicenter.launchers.local import LocalLauncher
 from airflow_aicenter.launchers.pod import PodLauncher, PodSettings, RunCallbacks, check_infra, pvc_uri
-from airflow_aicenter.layout import OUTCOME, RESULTS, blob_key
 from airflow_aicenter.operators.links import ArtifactsLink, ResultsLink
 from airflow_aicenter.package import validate_alias_name
 from airflow_aicenter.plans import PipelinePlan
-from airflow_aicenter.promotion import PromoteIf, Promotion, check_promote_if, promote
-from airflow_aicenter.records import (
-    EvaluationRecord,
-    Outcome,
-    Results,
-    RunRef,
-    RunSpec,
-    VersionRecord,
-    is_secret_key,
-    masked_env,
-    read_optional,
-    redact,
-    write,
-)
+from airflow_aicenter.promotion import PromoteIf, check_promote_if
+from airflow_aicenter.records import RunRef, RunSpec, VersionRecord
 from airflow_aicenter.runtime.environment import package_indexes
-from airflow_aicenter.secrets import SECRET_KEYS_ENV, Redactor, forms
+from airflow_aicenter.secrets import SECRET_KEYS_ENV, Redactor, forms, is_secret_key
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -224,11 +213,11 @@ class BasePipelineOperator(KubernetesPodOperator):
         self.allow_source_builds = allow_source_builds
         self.nodes = positive_count("nodes", nodes)
         self.procs_per_node = positive_count("procs_per_node", procs_per_node)
-        if (self.nodes > 1 or self.procs_per_node > 1) and not self.plan.distributed and self.plan.name != "predict":
+        if (self.nodes > 1 or self.procs_per_node > 1) and not (self.plan.distributed or self.plan.serving):
             raise ConfigurationError(
                 f"{type(self).__name__} runs one process (nodes and procs_per_node apply to training); leave them at 1"
             )
-        if self.plan.name == "predict" and self.nodes != 1:
+        if self.plan.serving and self.nodes != 1:
             raise ConfigurationError("batch prediction runs on one node: use procs_per_node=N to share the inputs")
         if isinstance(checkpoint_interval, bool) or not isinstance(checkpoint_interval, int | float) or checkpoint_interval <= 0:
             raise ConfigurationError(f"checkpoint_interval={checkpoint_interval!r} is not valid; give seconds > 0 (default 300)")
@@ -266,6 +255,7 @@ class BasePipelineOperator(KubernetesPodOperator):
         self.callbacks = [*self.callbacks, RunCallbacks]
         self.requested_version = version
         self.launcher_in_use: Launcher | None = None
+        self.completion: Completion | None = None
 
     @classmethod
     def partial(cls, **kwargs: Any) -> Any:
@@ -287,6 +277,12 @@ class BasePipelineOperator(KubernetesPodOperator):
 
     def launcher_name(self) -> str:
         return self.launcher or self.aicenter_hook.settings.launcher
+
+    def run_launcher(self, name: str | None = None) -> Launcher:
+        """This execution's launcher, built on first use (``execute``, a deferrable re-entry, or KPO's pod build)."""
+        if self.launcher_in_use is None:
+            self.launcher_in_use = self.make_launcher(name or self.launcher_name())
+        return self.launcher_in_use
 
     def make_launcher(self, name: str) -> Launcher:
         """The launcher for this run (override to add one); ``nodes > 1`` on Kubernetes is a Job."""
@@ -329,8 +325,9 @@ class BasePipelineOperator(KubernetesPodOperator):
     # -- the one flow --------------------------------------------------------------------
     def execute(self, context: Context) -> dict[str, Any]:
         run = self.run_ref(context)
+        post = self.post_run()
         try:
-            launcher = self.launcher_in_use = self.make_launcher(self.launcher_name())
+            launcher = self.run_launcher()
             parent = self.aicenter_hook.registry.resolve(self.package, str(self.requested_version))
             self.log.info(
                 "Package %s version %s (resolved from %r), run folder %s",
@@ -342,16 +339,17 @@ class BasePipelineOperator(KubernetesPodOperator):
             self.aicenter_hook.registry.check(parent, self.plan.contract)
             self.check_datasets()
             launcher.check()
-            recovered = self.recover(run, parent, launcher)
-            spec = None if recovered else self.build_spec(parent, run)
+            recovered = post.recover(run, outlives_worker=launcher.outlives_worker)
+            if recovered is not None:
+                parent, run = recovered.parent, recovered.run
+            spec = self.build_spec(parent, run)
         except AICenterError as exc:
-            self.record_refused(run, exc)
+            post.record_refused(run, exc)
             if exc.retryable:
                 raise
             raise no_retry(exc) from exc
         if recovered is not None:
-            return self.complete(context, recovered)
-        assert spec is not None
+            return self.complete(context, Finished(spec, run, recovered.outcome))
         try:
             if isinstance(launcher, PodLauncher) and launcher.runs_in_operator:
                 finished = self.run_pod(context, launcher, spec, run)
@@ -387,7 +385,7 @@ class BasePipelineOperator(KubernetesPodOperator):
         """Deferrable re-entry (pod or Job): KPO's own re-entry for a pod, then the same post-run step."""
         from airflow.sdk.exceptions import TaskDeferred
 
-        launcher = self.launcher_in_use = self.launcher_in_use or self.make_launcher("kubernetes")
+        launcher = self.run_launcher("kubernetes")
         if not (isinstance(launcher, PodLauncher) and launcher.runs_in_operator):
             return self.complete(context, launcher.resume(context, event))
         pod_run = launcher.resumed(event)
@@ -410,8 +408,8 @@ class BasePipelineOperator(KubernetesPodOperator):
         if self.namespace is None and settings.namespace and not self._template_namespace():
             self.namespace = settings.namespace
         pod = super().build_pod_request_obj(context, dry_run=dry_run)
-        launcher = self.launcher_in_use
-        if not isinstance(launcher, PodLauncher):
+        launcher = self.run_launcher("kubernetes")
+        if not isinstance(launcher, PodLauncher):  # a pod asked for outside a pod run (KPO's dry_run)
             launcher = self.make_launcher("kubernetes")
             assert isinstance(launcher, PodLauncher)
         return launcher.shape_pod(pod)
@@ -533,7 +531,7 @@ class BasePipelineOperator(KubernetesPodOperator):
         and at least one line for what this run reads from it (TRAIN, EVAL/TEST or INFERENCE lines)."""
         from airflow_aicenter.runtime.manifest import EVALUATION, INFERENCE, TRAINING, check_manifest
 
-        usages = INFERENCE if self.plan.name == "predict" else EVALUATION if attr == "evaluation_dataset" else TRAINING
+        usages = INFERENCE if self.plan.serving else EVALUATION if attr == "evaluation_dataset" else TRAINING
         check_manifest(uri, lambda target, **kw: self.aicenter_hook.get_store(target), require=usages,
                        roots=self.aicenter_hook.settings.extra.get("allowed_dataset_roots"))
 
@@ -594,130 +592,43 @@ class BasePipelineOperator(KubernetesPodOperator):
         """More RunSpec fields of a pipeline type (prediction's input type)."""
         return {}
 
-    def recover(self, run: RunRef, parent: VersionRecord, launcher: Launcher) -> Finished | None:
-        """A task instance makes at most one version: an earlier try's finished run is completed, not redone.
-
-        An earlier try whose runtime succeeded (its version may or may not be registered yet: the
-        worker died in between) is completed under its own run folder; ``commit_once`` makes the
-        registration happen once. An earlier try still ``running`` whose process cannot be alive
-        (local launcher: it dies with its worker) is settled as killed, so no record stays running.
-        """
-        store = self.aicenter_hook.get_store()
-        for earlier in range(run.try_number - 1, 0, -1):
-            ref = run.model_copy(update={"try_number": earlier})
-            ref.uri = store.url(ref.prefix)
-            outcome = read_optional(store, ref.key(OUTCOME), Outcome)
-            if outcome is None:
-                continue
-            if outcome.status == "running" and not launcher.outlives_worker:
-                outcome.status, outcome.end_at = "killed", time.time()  # its worker was killed: nothing failed
-                outcome.error = (
-                    f"abandoned: try {earlier} never reported an ending (its worker stopped during {outcome.phase or 'start-up'})"
-                )
-                write(store, ref.key(OUTCOME), outcome)
-                self.log.warning("Marked try %s as abandoned: it never reported an ending", earlier)
-                continue
-            if (
-                self.plan.makes_version
-                and outcome.status == "succeeded"
-                and outcome.blob is not None
-                and outcome.package == self.package
-                and outcome.pipeline == self.plan.name
-            ):
-                self.log.info(
-                    "Try %s of this task already trained %s (run folder %s): completing it instead of training again",
-                    earlier,
-                    self.package,
-                    ref.uri,
-                )
-                spec = self.build_spec(self.aicenter_hook.registry.get(self.package, outcome.version), ref)
-                return Finished(spec, ref, outcome)
-        return None
-
-    def record_refused(self, run: RunRef, error: AICenterError) -> None:
-        """A run refused before compute is recorded too (phase "prepare"), so the run records show it."""
-        now = time.time()
-        outcome = Outcome(
-            status="failed",
-            pipeline=self.plan.name,
+    # -- after the run: completion.py's one value, published --------------------------------
+    def run_request(self) -> RunRequest:
+        """The rendered arguments the post-run step needs."""
+        return RunRequest(
+            plan=self.plan,
             package=self.package,
-            version=str(self.requested_version),
-            start_at=now,
-            end_at=now,
-            phase="prepare",
-            error=redact(str(error), self.redactor()),
+            requested_version=str(self.requested_version),
             dataset=self.dataset,
             evaluation_dataset=self.evaluation_dataset,
-            env=masked_env(self.env, self.redactor()),
+            env=self.env,
+            gpu=self.gpu,
+            promote_to=self.promote_to,
+            promote_if=self.promote_if,
+            redactor=self.redactor(),
         )
-        try:
-            write(self.aicenter_hook.get_store(), run.key(OUTCOME), outcome)
-        except AICenterError as exc:  # the store itself may be what is wrong: the original error matters more
-            self.log.warning("Could not record the refused run in %s: %s", run.uri, exc)
 
-    # -- after the run: the one post-run step ---------------------------------------------
+    def post_run(self) -> PostRun:
+        return PostRun(self.aicenter_hook.registry, self.run_request(), self.log)
+
     def complete(self, context: Context, finished: Finished) -> dict[str, Any]:
-        """Register (once per task instance), promote, ``_results.json``, XCom, Asset event.
+        """Every launcher path ends here (local, pod sync and deferrable, Job, a recovered earlier try).
 
-        Every launcher path ends here: local, pod (sync and deferrable), Job, and a recovered
-        earlier try. Safe to repeat for the same run.
+        :meth:`PostRun.complete <airflow_aicenter.completion.PostRun.complete>` registers, promotes
+        and writes ``_results.json``; its value is published: XCom, the Asset event. Safe to repeat.
         """
         from airflow.sdk.exceptions import AirflowSkipException
 
-        spec, run, outcome = finished.spec, finished.run, finished.outcome
-        registry = self.aicenter_hook.registry
-        if outcome.status == "skipped":
-            raise AirflowSkipException(outcome.skipped or "the runtime found nothing to do")
-        parent = registry.get(spec.package, spec.version)
-        try:
-            new_version = self.register(parent, outcome, run) if self.plan.makes_version else None
-        except AICenterError as exc:
-            self.record_unregistered(run, outcome, exc)
-            raise
-        if self.plan.name == "evaluate":
-            registry.add_evaluation(
-                EvaluationRecord(
-                    package=self.package, version=parent.version, score=outcome.score, dataset=self.evaluation_dataset, run=run
-                )
-            )
-        extra = {**self.promote(run, new_version or parent, outcome), **self.result_extra(outcome, run)}
-        store = registry.store
-        artifacts_uri = store.url(run.key("artifacts/"))
-        results_uri = store.url(run.key(RESULTS))
-        results = self.build_results(run, parent, outcome, new_version, artifacts_uri, extra)
-        crash_point("results")
-        write(store, run.key(RESULTS), results)
-        snapshot = outcome.snapshots.get("data_directory") or outcome.snapshots.get("test_data_directory")
-        version = new_version or parent
-        value = {
-            "package": self.package,
-            "version": version.version,
-            "package_uri": store.url(blob_key(version.blob.sha256)),
-            "results_uri": results_uri,
-            "artifacts_uri": artifacts_uri,
-            "snapshot_uri": snapshot,
-            "score": outcome.score,
-            "run_uri": run.uri or store.url(run.prefix),
-            **extra,
-        }
-        context["ti"].xcom_push(key="return_value", value=value)
-        if new_version is not None:
-            event = {
-                "package": self.package,
-                "version": new_version.version,
-                "parent": parent.version,
-                "score": outcome.score,
-                "run_uri": value["run_uri"],
-            }
+        if finished.outcome.status == "skipped":
+            raise AirflowSkipException(finished.outcome.skipped or "the runtime found nothing to do")
+        done = self.completion = self.post_run().complete(finished.run, finished.outcome, finished.spec.version)
+        context["ti"].xcom_push(key="return_value", value=done.value)
+        if done.event is not None:
             if is_templated(self.package) or any(isinstance(o, AssetAlias) for o in self.outlets):
-                context["outlet_events"][AssetAlias(PACKAGE_ALIAS)].add(package_asset(self.package), extra=event)
+                context["outlet_events"][AssetAlias(PACKAGE_ALIAS)].add(package_asset(self.package), extra=done.event)
             else:
-                context["outlet_events"][package_asset(self.package)].extra = event
-        for warning in outcome.warnings:
-            self.log.warning("%s", warning)
-        self.log.info("Results: %s", results_uri)
-        self.lineage = (parent, new_version, outcome)
-        return value
+                context["outlet_events"][package_asset(self.package)].extra = done.event
+        return done.value
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
         """OpenLineage: inputs = the datasets and the parent version; outputs = the new version and its snapshot.
@@ -731,183 +642,11 @@ class BasePipelineOperator(KubernetesPodOperator):
 
         from airflow_aicenter.assets import OPENLINEAGE_NAMESPACE
 
-        def data(uri: str | None) -> list[Dataset]:
-            if not uri:
-                return []
-            scheme, _, rest = uri.partition("://")
-            if scheme == "s3":
-                bucket, _, key = rest.partition("/")
-                return [Dataset(namespace=f"s3://{bucket}", name=key.rstrip("/") or "/")]
-            return [Dataset(namespace=scheme or "file", name=rest.rstrip("/") or "/")]
+        def dataset(d: LineageDataset) -> Dataset:
+            if d.version is None:
+                return Dataset(namespace=d.namespace, name=d.name)
+            facet = DatasetVersionDatasetFacet(datasetVersion=d.version)
+            return Dataset(namespace=d.namespace, name=d.name, facets={"version": facet})
 
-        def version(record: VersionRecord) -> Dataset:
-            return Dataset(
-                namespace=OPENLINEAGE_NAMESPACE,
-                name=record.package,
-                facets={"version": DatasetVersionDatasetFacet(datasetVersion=record.version)},
-            )
-
-        lineage = getattr(self, "lineage", None)
-        inputs = [d for attr in self.plan.all_datasets for d in data(getattr(self, attr))]
-        if lineage is None:
-            return OperatorLineage(inputs=inputs)
-        parent, new_version, outcome = lineage
-        outputs = []
-        if new_version is not None:
-            outputs.append(version(new_version))
-            outputs.extend(data(outcome.snapshots.get("data_directory")))
-        return OperatorLineage(inputs=[*inputs, version(parent)], outputs=outputs)
-
-    def record_unregistered(self, run: RunRef, outcome: Outcome, error: AICenterError) -> None:
-        """A run whose runtime succeeded but whose version could not be registered is a failed run, with that cause."""
-        outcome.status, outcome.phase = "failed", "register"
-        outcome.error = redact(f"registering the new version failed: {error}", self.redactor())
-        try:
-            write(self.aicenter_hook.get_store(), run.key(OUTCOME), outcome)
-        except AICenterError as exc:
-            self.log.warning("Could not record the failed registration in %s: %s", run.uri, exc)
-
-    def result_extra(self, outcome: Outcome, run: RunRef) -> dict[str, Any]:
-        """More XCom keys of a pipeline type (prediction's counts)."""
-        return {}
-
-    def register(self, parent: VersionRecord, outcome: Outcome, run: RunRef) -> VersionRecord:
-        if outcome.blob is None:
-            raise RunError(
-                f"the {self.plan.name} run reported success without the new package content; clear the task to run it again"
-            )
-        crash_point("register")
-        record = self.aicenter_hook.registry.commit_once(
-            self.package,
-            run=run,
-            parent=parent.version,
-            blob=outcome.blob,
-            pipeline=self.plan.name,
-            snapshot=outcome.snapshots.get("data_directory"),
-            score=outcome.score,
-            evaluated_on=self.evaluated_on(outcome),
-            created_by=f"{run.dag_id}.{run.task_id}",
-            description=parent.description,
-        )
-        self.log.info("Registered %s version %s (parent %s)", self.package, record.version, parent.version)
-        return record
-
-    def evaluated_on(self, outcome: Outcome) -> str | None:
-        """The data this run's score was measured on: the evaluation dataset, else the full run's own split."""
-        if outcome.score is None:
-            return None
-        return self.evaluation_dataset or f"{self.dataset}#process_data"
-
-    def promote(self, run: RunRef, candidate: VersionRecord, outcome: Outcome) -> dict[str, Any]:
-        """Point ``promote_to`` at the run's version (full: the new one; evaluate: the evaluated one) if earned.
-
-        Returns the extra XCom / ``_results.json`` keys; nothing when no promotion was asked for.
-        """
-        if self.promote_to is None:
-            return {}
-        registry = self.aicenter_hook.registry
-        set_by = f"run {run.path.id}"
-        current = registry.alias(self.package, self.promote_to)
-        if (
-            current is not None
-            and current.version == candidate.version
-            and current.set_by.startswith("run ")
-            and _same_task(current.set_by.removeprefix("run "), run)
-        ):
-            # An earlier attempt of this very task promoted it, then died before its results: still ours.
-            decision = Promotion(
-                self.promote_to,
-                current.previous,
-                candidate.version,
-                True,
-                f"promoted by an earlier attempt of this task ({current.set_by}; {current.reason})",
-            )
-        else:
-            decision = promote(
-                registry,
-                self.package,
-                self.promote_to,
-                candidate.version,
-                score=outcome.score,
-                promote_if=self.promote_if,
-                set_by=set_by,
-                evaluated_on=self.evaluated_on(outcome),
-            )
-        if decision.promoted:
-            self.log.info(
-                "Promoted %s %r: %s -> %s (%s)",
-                self.package,
-                self.promote_to,
-                decision.from_version or "(none)",
-                decision.to_version,
-                decision.reason,
-            )
-        else:
-            self.log.info("Not promoting %s %s to %r: %s", self.package, decision.to_version, self.promote_to, decision.reason)
-        return {"promoted": decision.promoted, "promotion": decision.as_dict()}
-
-    def build_results(
-        self,
-        run: RunRef,
-        parent: VersionRecord,
-        outcome: Outcome,
-        new_version: VersionRecord | None,
-        artifacts_uri: str,
-        extra: dict[str, Any],
-    ) -> Results:
-        inputs: dict[str, Any] = {"package": self.package, "version": parent.version, "gpu": str(bool(self.gpu))}
-        outputs: dict[str, Any] = {
-            "artifacts_data": artifacts_uri,
-            "package": self.package,
-            "version": (new_version or parent).version,
-        }
-        snapshot_of = {"dataset": "data_directory", "evaluation_dataset": "test_data_directory"}
-        for key, attr in self.plan.input_keys:
-            inputs[key] = getattr(self, attr)
-            if key != "inference_data":
-                outputs[key] = outcome.snapshots.get(snapshot_of[attr])
-        if self.plan.scored:
-            outputs["score"] = outcome.score
-        aicenter: dict[str, Any] = {
-            "pipeline_type": self.plan.name,
-            "status": outcome.status,
-            "run_uri": run.uri,
-            "requested_version": str(self.requested_version),
-            "phases": outcome.phases,
-            "warnings": outcome.warnings,
-            "artifacts": {"files": outcome.artifacts, "bytes": outcome.artifacts_bytes},
-            **extra,
-        }
-        if outcome.distributed:
-            aicenter["distributed"] = outcome.distributed
-        if outcome.checkpoint:
-            aicenter["checkpoint"] = outcome.checkpoint
-        return Results.model_validate(
-            {
-                "parameters": {
-                    "pipeline": f"{run.dag_id}.{run.task_id}",
-                    "inputs": inputs,
-                    "env": masked_env(self.env, self.redactor()),
-                },
-                "run_summary": {
-                    "execution_time": outcome.execution_time,
-                    "start_at": int(outcome.start_at),
-                    "end_at": int(outcome.end_at or time.time()),
-                    "outputs": {**outputs, **self.results_outputs(outcome, run)},
-                },
-                "aicenter": aicenter,
-            }
-        )
-
-    def results_outputs(self, outcome: Outcome, run: RunRef) -> dict[str, Any]:
-        """More ``run_summary.outputs`` keys of a pipeline type."""
-        return {}
-
-
-def _same_task(run_id: str, run: RunRef) -> bool:
-    from airflow_aicenter.layout import LayoutError, RunPath
-
-    try:
-        return RunPath.parse(run_id).task == run.path.task
-    except LayoutError:
-        return False
+        inputs, outputs = lineage(self.run_request(), self.completion, OPENLINEAGE_NAMESPACE)
+        return OperatorLineage(inputs=[dataset(d) for d in inputs], outputs=[dataset(d) for d in outputs])

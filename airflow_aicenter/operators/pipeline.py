@@ -10,10 +10,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from airflow_aicenter.errors import ConfigurationError
-from airflow_aicenter.layout import PREDICTIONS
 from airflow_aicenter.operators.base import BasePipelineOperator
 from airflow_aicenter.plans import EVALUATE, FULL, PREDICT, TRAIN
-from airflow_aicenter.records import Outcome, RunRef
 
 INPUT_TYPES = ("json", "file")
 
@@ -140,17 +138,3 @@ class PredictPipelineOperator(BasePipelineOperator):
 
     def spec_extra(self) -> dict[str, Any]:
         return {"input_type": self.input_type, "max_failed": self.max_failed}
-
-    def result_extra(self, outcome: Outcome, run: RunRef) -> dict[str, Any]:
-        return {
-            "predictions_uri": self.aicenter_hook.get_store().url(run.key(f"{PREDICTIONS}/")),
-            "predicted": outcome.predicted,
-            "failed": outcome.failed,
-        }
-
-    def results_outputs(self, outcome: Outcome, run: RunRef) -> dict[str, Any]:
-        return {
-            "predictions_data": self.aicenter_hook.get_store().url(run.key(f"{PREDICTIONS}/")),
-            "predicted": outcome.predicted,
-            "failed": outcome.failed,
-        }

@@ -10,7 +10,6 @@ import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 import pytest
 
@@ -239,27 +238,3 @@ def test_promotion_through_the_operators(tmp_path, monkeypatch, capsys):
     assert [(h.version, h.previous) for h in history] == [("1.1", None), ("1.4", "1.1"), ("1.2", "1.4"), ("1.6", "1.2")]
     assert history[1].set_by.startswith("run aicenter_test_promotion/manual__") and history[1].set_by.endswith("/better/1")
     assert registry.resolve("scored", "production").version == "1.6"
-
-
-def test_a_retry_reports_the_promotion_its_earlier_attempt_made(tmp_path):
-    """Try 1 promoted, then died before writing its results; try 2 must not report "not promoted"."""
-    from airflow_aicenter.operators import EvaluatePipelineOperator
-    from airflow_aicenter.records import Outcome, RunRef
-
-    registry = Registry(open_store((tmp_path / "store").as_uri()))
-    [v1, v2] = versions_with_scores(registry, tmp_path, [0.5, 0.6])
-    assert promote(registry, "scored", "production", v1, score=0.5).promoted
-    op = EvaluatePipelineOperator(task_id="evaluate", package="scored", version=v2, evaluation_dataset="file:///data",
-                                  promote_to="production")
-    outcome = Outcome(status="succeeded", pipeline="evaluate", package="scored", version=v2, start_at=0, score=0.9)
-    tries = [RunRef(dag_id="d", run_id="r", task_id="evaluate", try_number=n) for n in (1, 2)]
-    op.__dict__["aicenter_hook"] = SimpleNamespace(registry=registry)  # the operator's hook, on this store
-    first = op.promote(tries[0], registry.get("scored", v2), outcome)
-    assert first["promoted"] is True and first["promotion"]["from"] == v1
-    retried = op.promote(tries[1], registry.get("scored", v2), outcome)
-    assert retried["promoted"] is True and (retried["promotion"]["from"], retried["promotion"]["to"]) == (v1, v2)
-    assert retried["promotion"]["reason"].startswith("promoted by an earlier attempt of this task (run d/r/evaluate/1; ")
-    assert [h.version for h in registry.alias_history("scored", "production")] == [v1, v2], "no second alias entry"
-    # another task finding the alias already at that version did not promote it
-    other = RunRef(dag_id="d", run_id="r", task_id="evaluate_again")
-    assert op.promote(other, registry.get("scored", v2), outcome)["promoted"] is False

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import signal
-from types import SimpleNamespace
 
 import pytest
 
+from airflow_aicenter.completion import PostRun
 from airflow_aicenter.errors import RunError
 from airflow_aicenter.launchers import settle_outcome
 from airflow_aicenter.operators import TrainPipelineOperator
@@ -65,9 +65,8 @@ def operator() -> TrainPipelineOperator:
 
 
 def _commit(operator, setup: Setup, ref: RunRef, outcome: Outcome):
-    """What the operator does once the runtime succeeded: register the version once per task instance."""
-    operator.__dict__["aicenter_hook"] = SimpleNamespace(registry=setup.registry)  # the operator's hook, on this store
-    return operator.register(setup.base, outcome, ref)
+    """What the operator's post-run step does once the runtime succeeded: register the version once per task instance."""
+    return PostRun(setup.registry, operator.run_request()).register(setup.base, outcome, ref)
 
 
 def _settle(setup: Setup, spec, ref: RunRef, code: int) -> Outcome:

@@ -24,10 +24,13 @@ from types import SimpleNamespace
 
 import pytest
 
+from airflow_aicenter.completion import PostRun, RunRequest
 from airflow_aicenter.errors import ConfigurationError
 from airflow_aicenter.launchers.local import LocalLauncher
 from airflow_aicenter.operators import TrainPipelineOperator
+from airflow_aicenter.plans import TRAIN
 from airflow_aicenter.records import Outcome, RunRef, read
+from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
 from tests.runtime.test_run import setup_run
 
@@ -398,10 +401,9 @@ def test_sigkill_of_worker_and_agent_is_cleaned_up_by_the_next_launch(scratch, t
     assert not any((scratch / "tmp").iterdir()), sorted(p.name for p in (scratch / "tmp").iterdir())
 
     # and the operator's next try settles the dead try's outcome as killed
-    operator = TrainPipelineOperator(task_id="t", package="rec", dataset="file:///unused")
-    operator.__dict__["aicenter_hook"] = SimpleNamespace(get_store=lambda: store)
+    post = PostRun(Registry(store), RunRequest(plan=TRAIN, package="rec", dataset="file:///unused"))
     ref = RunRef(dag_id="d", run_id="r", task_id="t", try_number=2)
-    assert operator.recover(ref, None, LocalLauncher(store=store, env={})) is None
+    assert post.recover(ref, outlives_worker=LocalLauncher.outlives_worker) is None
     settled = read(store, f"{spec.run_prefix}/outcome.json", Outcome)
     assert settled.status == "killed" and settled.end_at is not None and "never reported an ending" in settled.error
 
