@@ -402,6 +402,8 @@ class Agent:
         if self.environment is not None:
             self.environment.finish(log)
             self.environment = None
+        if self.built is not None:  # what a pod that ends in its build container was doing
+            self.outcome.phase = "requirements"
         bin_dir = self.work / "bin"
         bin_dir.mkdir(parents=True, exist_ok=True)
         for name, source in supervisor.BUNDLE.items():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from airflow_aicenter.errors import StorageError
+from airflow_aicenter.errors import RunError, StorageError
 from airflow_aicenter.layout import env_key
 from airflow_aicenter.operators import TrainPipelineOperator
 from airflow_aicenter.records import Outcome, read, read_optional
@@ -119,3 +119,18 @@ def test_sync_stores_nothing_when_the_built_environment_changed_after_its_build(
     with pytest.raises(StorageError, match="changed after its build"):
         store_built(store, staged.build_plan, said.append, cache_dir=cache)
     assert not store.exists(env_key(staged.key)), "nothing stored"
+
+
+def test_a_failed_build_fails_the_run_with_its_cause_before_any_user_code(
+    deployment: tuple[Registry, str, str], kube_api: FakeKubernetes, tmp_path: Path,
+) -> None:
+    registry, dataset, _ = deployment
+    registry.upload(write_files(tmp_path / "bad", {"main.py": MAIN, "train.py": TRAIN, "requirements.txt": "nosuchproj\n"}), "badsrc")
+    op = TrainPipelineOperator(task_id="train", package="badsrc", dataset=dataset, allow_source_builds=True, **FAST)
+    with pytest.raises(RunError) as failed:
+        op.execute(make_context())
+    message = str(failed.value)
+    assert "build container" in message and "installing requirements failed" in message, message
+    assert message.endswith("during requirements before reporting an outcome"), message
+    [pod] = kube_api.all_pods()
+    assert not [line for _, c, line in pod.log if c == "base"], "no user code ran"
