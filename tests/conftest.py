@@ -253,3 +253,50 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.write_line(
             f"all {deselected} tests asked for are outside this tier: python -m pytest runs the fast tier, "
             "python -m pytest -m integration the rest (scripts/test.sh runs both)", yellow=True)
+
+
+# -- the runtime as a subprocess (what the local launcher starts) ----------------------------------
+class RuntimeSpawner:
+    """``python -m airflow_aicenter.runtime SPEC.json``, as the local launcher and a pod start it.
+
+    :meth:`run` waits and captures the output; :meth:`start` returns the process. Each spec gets
+    its own file under ``folder``; processes started and still running are killed at the end.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.started: list[subprocess.Popen[str]] = []
+
+    def spec_file(self, spec: Any) -> Path:
+        """The spec (a RunSpec, or its JSON text) written to a fresh file."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"spec-{uuid.uuid4().hex[:8]}.json"
+        path.write_text(spec if isinstance(spec, str) else spec.model_dump_json())
+        return path
+
+    def command(self, spec: Any) -> list[str]:
+        return [sys.executable, "-m", "airflow_aicenter.runtime", str(self.spec_file(spec))]
+
+    def run(self, spec: Any, env: dict[str, str] | None = None, *, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.command(spec), capture_output=True, text=True, env={**os.environ, **(env or {})},
+                              timeout=timeout, check=False)
+
+    def start(self, spec: Any, env: dict[str, str] | None = None, *, stdout: Any = subprocess.PIPE,
+              stderr: Any = subprocess.PIPE) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(self.command(spec), env={**os.environ, **(env or {})}, stdout=stdout, stderr=stderr, text=True)
+        self.started.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in self.started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+
+
+@pytest.fixture
+def spawn_runtime(tmp_path: Path) -> Iterator[RuntimeSpawner]:
+    """Start the runtime as a subprocess: ``spawn_runtime.run(spec, env)`` or ``spawn_runtime.start(spec, env)``."""
+    spawner = RuntimeSpawner(tmp_path / "runtime-specs")
+    yield spawner
+    spawner.close()

@@ -6,10 +6,8 @@ failed and killed runs, so the records show the whole history, not only the succ
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from airflow_aicenter.runs import RunNotFoundError, compare, find_run, list_runs
 from airflow_aicenter.storage import Store
 from airflow_aicenter.storage.transfer import run, upload_tree
 from tests.aicenter_helpers import SCORED_TRAIN, small_dataset, upload_package
+from tests.conftest import RuntimeSpawner
 
 SLEEPY_TRAIN = '''
 import time
@@ -36,20 +35,17 @@ class Main:
 '''
 
 
-def start_runtime(store: Store, tmp_path: Path, process_env: dict[str, str], run_id: str, pipeline: str, package: str,
-                  **spec_kw: Any) -> subprocess.Popen[str]:
+def start_runtime(spawn_runtime: RuntimeSpawner, store: Store, process_env: dict[str, str], run_id: str, pipeline: str,
+                  package: str, **spec_kw: Any) -> subprocess.Popen[str]:
     registry = Registry(store)
     base = registry.get(package, "1.0")
     spec = RunSpec.model_validate({"pipeline": pipeline, "storage": store.uri, "run_prefix": f"runs/{run_id}",
                                    "package": package, "version": "1.0", "blob": base.blob, **spec_kw})
-    spec_file = tmp_path / f"spec-{run_id.replace('/', '_')}.json"
-    spec_file.write_text(spec.model_dump_json())
-    return subprocess.Popen([sys.executable, "-m", "airflow_aicenter.runtime", str(spec_file)], env={**os.environ, **process_env},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+    return spawn_runtime.start(spec, process_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 @pytest.fixture
-def history(store: Store, tmp_path: Path, request: pytest.FixtureRequest) -> Store:
+def history(store: Store, tmp_path: Path, request: pytest.FixtureRequest, spawn_runtime: RuntimeSpawner) -> Store:
     """Five real runs: two tries of a training task, a failed evaluation, a full run, a killed run."""
     env = request.getfixturevalue("s3_server").env() if store.uri.startswith("s3://") else {}
     registry = Registry(store)
@@ -64,8 +60,8 @@ def history(store: Store, tmp_path: Path, request: pytest.FixtureRequest) -> Sto
         ("adhoc/r2/full/1", "full", {"dataset": data, "env": {"SCORE": "0.7", "EPOCHS": "4"}}),
     ]
     for run_id, pipeline, kw in runs:
-        assert start_runtime(store, tmp_path, env, run_id, pipeline, "scored", **kw).wait(timeout=120) in (0, 1)
-    slow = start_runtime(store, tmp_path, env, "adhoc/r2/slow/1", "train", "sleepy", dataset=data)
+        assert start_runtime(spawn_runtime, store, env, run_id, pipeline, "scored", **kw).wait(timeout=120) in (0, 1)
+    slow = start_runtime(spawn_runtime, store, env, "adhoc/r2/slow/1", "train", "sleepy", dataset=data)
     deadline = time.monotonic() + 60
     while (o := read_optional(store, "runs/adhoc/r2/slow/1/outcome.json", Outcome)) is None or o.phase != "user_code":
         assert time.monotonic() < deadline, "the slow run never reached user code"

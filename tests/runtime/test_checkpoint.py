@@ -16,7 +16,7 @@ from airflow_aicenter.registry import Registry
 from airflow_aicenter.runtime.checkpoint import CheckpointManifest, CheckpointSync
 from airflow_aicenter.storage import Store, open_store
 from airflow_aicenter.storage.transfer import run, upload_tree
-from tests.conftest import REPO, make_dataset, write_files
+from tests.conftest import REPO, RuntimeSpawner, make_dataset, write_files
 from tests.packages import MAIN
 
 PREFIX = "runs/d/r/t/checkpoints/"
@@ -212,13 +212,6 @@ def runtime_spec(store: Store, tmp_path: Path, train_py: str, try_number: int, *
                    **fields)
 
 
-def start_runtime(spec: RunSpec, tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[str]:
-    spec_file = tmp_path / f"spec-{spec.run_prefix.rsplit('/', 1)[-1]}.json"
-    spec_file.write_text(spec.model_dump_json())
-    return subprocess.Popen([sys.executable, "-m", "airflow_aicenter.runtime", str(spec_file)], env={**os.environ, **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
     deadline = time.time() + timeout
     while not condition():
@@ -234,10 +227,11 @@ def latest_epoch(store: Store) -> int:
     return int(json.loads(store.get_bytes(sync.object_key(state.sha256)))["epoch"])
 
 
-def retry_resumes(store: Store, tmp_path: Path, env: dict[str, str], user_env: dict[str, str], expected_epoch: int) -> Outcome:
+def retry_resumes(store: Store, tmp_path: Path, spawn_runtime: RuntimeSpawner, env: dict[str, str], user_env: dict[str, str],
+                  expected_epoch: int) -> Outcome:
     spec = runtime_spec(store, tmp_path, RESUMING_TRAIN, 2, checkpoint_prefix=PREFIX, checkpoint_interval=300,
                         env={**user_env, "EPOCHS": str(expected_epoch + 2)})
-    retry = start_runtime(spec, tmp_path, env)
+    retry = spawn_runtime.start(spec, env)
     _, err = retry.communicate(timeout=120)
     assert retry.returncode == 0, err
     assert "restored checkpoint of try 1: 1 files" in err
@@ -258,14 +252,14 @@ def running(proc: subprocess.Popen[str], condition: Callable[[], bool]) -> Calla
     return check
 
 
-def test_a_run_killed_by_sigkill_after_a_sync_resumes_from_it(store: Store, tmp_path: Path, request) -> None:
+def test_a_run_killed_by_sigkill_after_a_sync_resumes_from_it(store: Store, tmp_path: Path, request, spawn_runtime: RuntimeSpawner) -> None:
     env = request.getfixturevalue("s3_env").env() if store.uri.startswith("s3://") else {}
     markers = tmp_path / "markers"
     markers.mkdir()
     user_env = {"MARKERS": str(markers), "EPOCH_SECONDS": "0.15"}
     spec = runtime_spec(store, tmp_path, RESUMING_TRAIN, 1, checkpoint_prefix=PREFIX, checkpoint_interval=0.3,
                         env={**user_env, "EPOCHS": "1000"})
-    proc = start_runtime(spec, tmp_path, env)
+    proc = spawn_runtime.start(spec, env)
     sync = CheckpointSync(store, PREFIX, tmp_path, 300, print)
     wait_for(running(proc, lambda: len(sync.manifest_seqs()) >= 2), "two periodic checkpoints")
     proc.kill()  # preempted: no final sync, no outcome; the user process dies with its agent
@@ -274,17 +268,17 @@ def test_a_run_killed_by_sigkill_after_a_sync_resumes_from_it(store: Store, tmp_
     assert 1 <= epoch <= len(os.listdir(markers))
     outcome = read(store, f"{spec.run_prefix}/outcome.json", Outcome)
     assert outcome.status == "running"  # it never reported: killed hard
-    retry_resumes(store, tmp_path, env, user_env, epoch)
+    retry_resumes(store, tmp_path, spawn_runtime, env, user_env, epoch)
 
 
-def test_a_run_stopped_by_sigterm_mid_epoch_syncs_and_resumes(store: Store, tmp_path: Path, request) -> None:
+def test_a_run_stopped_by_sigterm_mid_epoch_syncs_and_resumes(store: Store, tmp_path: Path, request, spawn_runtime: RuntimeSpawner) -> None:
     env = request.getfixturevalue("s3_env").env() if store.uri.startswith("s3://") else {}
     markers = tmp_path / "markers"
     markers.mkdir()
     user_env = {"MARKERS": str(markers), "EPOCH_SECONDS": "0.4"}
     spec = runtime_spec(store, tmp_path, RESUMING_TRAIN, 1, checkpoint_prefix=PREFIX, checkpoint_interval=300,
                         env={**user_env, "EPOCHS": "1000"})
-    proc = start_runtime(spec, tmp_path, env)
+    proc = spawn_runtime.start(spec, env)
     wait_for(running(proc, lambda: len(os.listdir(markers)) >= 3), "three epochs")
     time.sleep(0.2)  # mid-epoch
     proc.terminate()
@@ -296,10 +290,10 @@ def test_a_run_stopped_by_sigterm_mid_epoch_syncs_and_resumes(store: Store, tmp_
     assert outcome.checkpoint["files"] == 1 and outcome.checkpoint["resumed_from_try"] is None
     assert "final checkpoint 1" in err  # no periodic sync ran (interval 300 s): the final one took it
     assert latest_epoch(store) == done
-    retry_resumes(store, tmp_path, env, user_env, done)
+    retry_resumes(store, tmp_path, spawn_runtime, env, user_env, done)
 
 
-def test_the_resumable_example_package_continues_from_its_checkpoint(store: Store, tmp_path: Path, request) -> None:
+def test_the_resumable_example_package_continues_from_its_checkpoint(store: Store, tmp_path: Path, request, spawn_runtime: RuntimeSpawner) -> None:
     env = request.getfixturevalue("s3_env").env() if store.uri.startswith("s3://") else {}
     make_dataset(tmp_path / "data", rows=200)
     run(upload_tree(tmp_path / "data", store, "datasets/churn"))
@@ -309,7 +303,7 @@ def test_the_resumable_example_package_continues_from_its_checkpoint(store: Stor
         spec = RunSpec(pipeline="train", storage=store.uri, run_prefix=f"runs/d/r/t/{try_number}", package="resumable",
                        version=base.version, blob=base.blob, dataset=store.url("datasets/churn"),
                        env={"EPOCHS": str(epochs)}, checkpoint_prefix=PREFIX, checkpoint_interval=300)
-        proc = start_runtime(spec, tmp_path, env)
+        proc = spawn_runtime.start(spec, env)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
         return json.loads(store.get_bytes(f"{spec.run_prefix}/artifacts/training.json"))

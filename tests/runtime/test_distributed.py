@@ -5,9 +5,7 @@ artifacts, and a failing rank that stops the others."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 
 from airflow_aicenter.records import Outcome, RunSpec, read
@@ -119,20 +117,17 @@ def test_a_failing_rank_fails_the_run_and_stops_the_others(tmp_path):
     assert [c["event"] for c in calls(store, spec, "rank-2/")] == ["__init__", "train"]
 
 
-def test_two_nodes_of_two_processes(store, tmp_path, request):
+def test_two_nodes_of_two_processes(store, tmp_path, request, spawn_runtime):
     """A multi-node Job seen from inside: two agents (node_rank 0 and 1), four ranks, one rendezvous."""
     s3 = request.getfixturevalue("s3_env").env() if store.uri.startswith("s3://") else {}
     _, spec = setup_run(store, tmp_path, train_py=RENDEZVOUS, pipeline="train", nodes=2, procs_per_node=2,
                         master_addr="127.0.0.1", master_port=free_port())
     agents = []
     for node in (1, 0):
-        spec_file = tmp_path / f"spec-{node}.json"
-        spec_file.write_text(spec.model_copy(update={"node_rank": None}).model_dump_json())
-        agents.append(subprocess.Popen(
-            [sys.executable, "-m", "airflow_aicenter.runtime", str(spec_file)], stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, **s3, "JOB_COMPLETION_INDEX": str(node),
-                 "AICENTER_WORKER_HOSTS": "job-0.svc,job-1.svc"}))
+        agents.append(spawn_runtime.start(
+            spec.model_copy(update={"node_rank": None}), {**s3, "JOB_COMPLETION_INDEX": str(node),
+                                                          "AICENTER_WORKER_HOSTS": "job-0.svc,job-1.svc"},
+            stderr=subprocess.STDOUT))
     outputs = [agent.communicate(timeout=180)[0] for agent in agents]
     assert [agent.returncode for agent in agents] == [0, 0], outputs
     node0 = read(store, f"{spec.run_prefix}/outcome.json", Outcome)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +23,7 @@ from airflow_aicenter.runtime.manifest import (
 )
 from airflow_aicenter.runtime.snapshot import take_snapshot
 from airflow_aicenter.storage import S3Store, Store, open_store
-from tests.conftest import write_files
+from tests.conftest import RuntimeSpawner, write_files
 from tests.packages import MAIN
 
 
@@ -214,10 +211,7 @@ def run_runtime(store: Store, tmp_path: Path, env: dict[str, str], **fields: Any
     base = registry.upload(pkg, "man")
     spec = RunSpec(storage=store.uri, run_prefix="runs/d/r/t/1", package="man", version=base.version, blob=base.blob,
                    **fields)
-    spec_file = tmp_path / "spec.json"
-    spec_file.write_text(spec.model_dump_json())
-    done = subprocess.run([sys.executable, "-m", "airflow_aicenter.runtime", str(spec_file)], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=120, check=False)
+    done = RuntimeSpawner(tmp_path / "runtime-specs").run(spec, env)
     return read(store, "runs/d/r/t/1/outcome.json", Outcome), done.stderr, done.returncode
 
 
@@ -269,16 +263,13 @@ class Main:
 
 
 def test_batch_prediction_on_a_manifest_reads_only_its_inference_lines(dataset: tuple[Store, str], tmp_path: Path,
-                                                                       request) -> None:
+                                                                       request, spawn_runtime: RuntimeSpawner) -> None:
     store, uri = dataset
     env = request.getfixturevalue("s3_env").env() if store.uri.startswith("s3://") else {}
     base = Registry(store).upload(write_files(tmp_path / "serving", {"main.py": SIZES, "requirements.txt": ""}), "sizes")
     spec = RunSpec(pipeline="predict", storage=store.uri, run_prefix="runs/d/r/p/1", package="sizes", version=base.version,
                    blob=base.blob, dataset=uri, input_type="file")
-    spec_file = tmp_path / "predict.json"
-    spec_file.write_text(spec.model_dump_json())
-    done = subprocess.run([sys.executable, "-m", "airflow_aicenter.runtime", str(spec_file)], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=120, check=False)
+    done = spawn_runtime.run(spec, env)
     assert done.returncode == 0, done.stderr
     outcome = read(store, "runs/d/r/p/1/outcome.json", Outcome)
     assert (outcome.predicted, outcome.failed) == (1, 0)  # f.jpg alone: no training, evaluation or manifest file

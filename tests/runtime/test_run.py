@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import pytest
 from airflow_aicenter.records import Manifest, Outcome, RunSpec, read
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage.transfer import run, upload_tree
-from tests.conftest import write_files
+from tests.conftest import RuntimeSpawner, write_files
 from tests.packages import ECHO_MAIN
 
 MAIN = ECHO_MAIN
@@ -66,10 +65,8 @@ def setup_run(store, tmp_path, train_py=RECORDING_TRAIN, pipeline="train", **spe
 
 
 def run_runtime(spec: RunSpec, tmp_path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    spec_file = tmp_path / "spec.json"
-    spec_file.write_text(spec.model_dump_json())
-    return subprocess.run([sys.executable, "-m", "airflow_aicenter.runtime", str(spec_file)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=120, check=False)
+    """The ``spawn_runtime`` fixture's :meth:`~tests.conftest.RuntimeSpawner.run`, for the helpers that have no fixture."""
+    return RuntimeSpawner(tmp_path / "runtime-specs").run(spec, env)
 
 
 def calls(store, spec):
@@ -191,23 +188,25 @@ def test_a_secret_in_a_user_error_never_reaches_outcome_or_log(tmp_path):
     assert (tmp_path / "term").read_text() == outcome.error
 
 
-def test_sigterm_records_killed(tmp_path):
+def test_sigterm_records_killed(tmp_path, spawn_runtime):
     import time
+    import uuid
 
     from airflow_aicenter.storage import open_store
     store = open_store((tmp_path / "s").as_uri())
+    # user code runs in a process of its own (not the runtime's pid): the marker is named by the test
+    started = Path(f"/tmp/.aicenter-started-{uuid.uuid4().hex}")
     train_py = ("import time\nclass Main:\n    def __init__(self):\n        pass\n    def train(self, d):\n"
-                "        open('/tmp/.aicenter-started-' + str(__import__('os').getpid()), 'w').close()\n        time.sleep(60)\n"
+                f"        open({str(started)!r}, 'w').close()\n        time.sleep(60)\n"
                 "    def save(self):\n        pass\n")
     _, spec = setup_run(store, tmp_path, train_py=train_py)
-    spec_file = tmp_path / "spec.json"
-    spec_file.write_text(spec.model_dump_json())
-    proc = subprocess.Popen([sys.executable, "-m", "airflow_aicenter.runtime", str(spec_file)], stderr=subprocess.PIPE, text=True)
+    proc = spawn_runtime.start(spec, stdout=None)
     deadline = time.time() + 30
-    while time.time() < deadline and not Path(f"/tmp/.aicenter-started-{proc.pid}").exists():
+    while time.time() < deadline and not started.exists():
         time.sleep(0.1)
+    assert started.exists(), "train() never started"
     proc.terminate()
     assert proc.wait(timeout=30) == 1
-    Path(f"/tmp/.aicenter-started-{proc.pid}").unlink(missing_ok=True)
+    started.unlink(missing_ok=True)
     outcome = read(store, f"{spec.run_prefix}/outcome.json", Outcome)
     assert outcome.status == "killed" and outcome.error == "killed during user_code"
