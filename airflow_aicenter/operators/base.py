@@ -25,13 +25,13 @@ from airflow.sdk import Asset, AssetAlias
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_aicenter.completion import Completion, LineageDataset, PostRun, RunRequest, lineage
-from airflow_aicenter.errors import AICenterError, ConfigurationError, DatasetError, NotFoundError
+from airflow_aicenter.errors import AICenterError, ConfigurationError
 from airflow_aicenter.hooks.aicenter import LAUNCHERS, AICenterHook
 from airflow_aicenter.launchers.base import Finished, Launcher
 from airflow_aicenter.launchers.local import LocalLauncher
 from airflow_aicenter.launchers.pod import PodLauncher, PodSettings, RunCallbacks, check_infra, pvc_uri
+from airflow_aicenter.operators.checks import check_datasets, check_shape, gpu_count, positive_count
 from airflow_aicenter.operators.links import ArtifactsLink, ResultsLink
-from airflow_aicenter.package import validate_alias_name
 from airflow_aicenter.plans import PipelinePlan
 from airflow_aicenter.promotion import PromoteIf, check_promote_if
 from airflow_aicenter.records import RunRef, RunSpec, VersionRecord
@@ -83,20 +83,6 @@ def package_outlet(package: object) -> Asset | AssetAlias:
     if isinstance(package, str) and not is_templated(package):
         return package_asset(package)
     return AssetAlias(PACKAGE_ALIAS)
-
-
-def gpu_count(gpu: bool | int) -> int:
-    if isinstance(gpu, bool):
-        return int(gpu)
-    if isinstance(gpu, int) and gpu >= 0:
-        return gpu
-    raise ConfigurationError(f"gpu={gpu!r} is not valid; use True/False or a GPU count such as 2")
-
-
-def positive_count(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{name}={value!r} is not valid; give a whole number of at least 1")
-    return value
 
 
 def is_templated(value: object) -> bool:
@@ -213,17 +199,9 @@ class BasePipelineOperator(KubernetesPodOperator):
         self.allow_source_builds = allow_source_builds
         self.nodes = positive_count("nodes", nodes)
         self.procs_per_node = positive_count("procs_per_node", procs_per_node)
-        if (self.nodes > 1 or self.procs_per_node > 1) and not (self.plan.distributed or self.plan.serving):
-            raise ConfigurationError(
-                f"{type(self).__name__} runs one process (nodes and procs_per_node apply to training); leave them at 1"
-            )
-        if self.plan.serving and self.nodes != 1:
-            raise ConfigurationError("batch prediction runs on one node: use procs_per_node=N to share the inputs")
         if isinstance(checkpoint_interval, bool) or not isinstance(checkpoint_interval, int | float) or checkpoint_interval <= 0:
             raise ConfigurationError(f"checkpoint_interval={checkpoint_interval!r} is not valid; give seconds > 0 (default 300)")
         self.checkpoint_interval = float(checkpoint_interval)
-        if incremental and not self.plan.makes_version:
-            raise ConfigurationError(f"incremental=True applies to training runs; {type(self).__name__} does not train")
         self.incremental = incremental
         if dataset_volume_claim and dataset and not dataset.startswith("pvc://"):
             raise ConfigurationError(
@@ -241,13 +219,15 @@ class BasePipelineOperator(KubernetesPodOperator):
             raise ConfigurationError(f"launcher={launcher!r} is not valid; use one of {', '.join(LAUNCHERS)} or None")
         self.promote_to = promote_to
         self.promote_if = check_promote_if(promote_if)
-        if promote_to is not None:
-            validate_alias_name(promote_to)
-            if not self.plan.scored and promote_if == "better":
-                raise ConfigurationError(
-                    "promote_if='better' needs a score, and a training run has none: use FullPipelineOperator "
-                    "(trains and evaluates) or promote_if='always'"
-                )
+        check_shape(
+            self.plan,
+            type(self).__name__,
+            nodes=self.nodes,
+            procs_per_node=self.procs_per_node,
+            incremental=incremental,
+            promote_to=promote_to,
+            promote_if=promote_if,
+        )
         if self.plan.makes_version:
             outlet = package_outlet(package)
             if outlet not in self.outlets and AssetAlias(PACKAGE_ALIAS) not in self.outlets:  # partial() declared it
@@ -477,63 +457,15 @@ class BasePipelineOperator(KubernetesPodOperator):
             pass  # execute() reports it, and records the refused run
 
     def check_datasets(self) -> None:
-        """Fail before compute when a dataset is missing, empty or unreadable."""
-        for attr in self.plan.datasets:
-            if not getattr(self, attr):
-                raise ConfigurationError(
-                    f"{type(self).__name__} needs {attr}=...: the URI of the data folder (s3://... or file:///...)"
-                )
-        for attr in self.plan.all_datasets:
-            uri = getattr(self, attr)
-            if uri and uri.startswith("pvc://") and not (attr == "dataset" and self.dataset_volume_claim):
-                raise ConfigurationError(
-                    f"{attr}={uri!r} names a volume claim; mount it with dataset_volume_claim='<claim>' "
-                    "(and dataset_sub_path=...) and leave dataset unset, or give an s3:// or file:// URI"
-                )
-            if not uri or uri.startswith("pvc://"):  # a mounted volume claim: the pod checks it
-                continue
-            self.check_dataset_root(attr, uri)
-            if uri.endswith((".manifest", ".jsonl")):
-                self.check_manifest(attr, uri)
-                continue
-            try:
-                empty = next(iter(self.aicenter_hook.get_store(uri).list("")), None) is None
-            except NotFoundError:
-                empty = True
-            if empty:
-                raise DatasetError(f"{attr} {uri} is empty or does not exist; upload the data there or fix the URI")
-
-    def check_dataset_root(self, attr: str, uri: str) -> None:
-        """With the connection extra ``allowed_dataset_roots``, a ``file://`` dataset must lie inside one of them.
-
-        The worker's disk holds more than data (its own configuration, other teams' files): a
-        deployment names the folders DAG authors may train from. Links are resolved first.
-        """
-        from pathlib import Path
-        from urllib.parse import unquote, urlparse
-
-        roots = self.aicenter_hook.settings.extra.get("allowed_dataset_roots")
-        if not roots or not uri.startswith("file://"):
-            return
-        allowed = [
-            Path(r).expanduser().resolve() for r in (roots.split(",") if isinstance(roots, str) else roots) if str(r).strip()
-        ]
-        path = Path(unquote(urlparse(uri).path)).resolve()
-        if not any(path == root or path.is_relative_to(root) for root in allowed):
-            raise ConfigurationError(
-                f"{attr} {uri} is outside the folders this deployment allows for file:// datasets "
-                f"({', '.join(str(r) for r in allowed)}; the aicenter connection's allowed_dataset_roots): "
-                "move the data under one of them, or use an s3:// dataset"
-            )
-
-    def check_manifest(self, attr: str, uri: str) -> None:
-        """A ModelArts manifest: every line checked (JSON, ``source``, the source exists) before compute,
-        and at least one line for what this run reads from it (TRAIN, EVAL/TEST or INFERENCE lines)."""
-        from airflow_aicenter.runtime.manifest import EVALUATION, INFERENCE, TRAINING, check_manifest
-
-        usages = INFERENCE if self.plan.serving else EVALUATION if attr == "evaluation_dataset" else TRAINING
-        check_manifest(uri, lambda target, **kw: self.aicenter_hook.get_store(target), require=usages,
-                       roots=self.aicenter_hook.settings.extra.get("allowed_dataset_roots"))
+        """Fail before compute when a dataset is missing, empty or unreadable (see :func:`.checks.check_datasets`)."""
+        check_datasets(
+            self.plan,
+            {attr: getattr(self, attr) for attr in self.plan.all_datasets},
+            type(self).__name__,
+            open_store=self.aicenter_hook.get_store,
+            mounted_claim=bool(self.dataset_volume_claim),
+            allowed_roots=self.aicenter_hook.settings.extra.get("allowed_dataset_roots"),
+        )
 
     def masked_keys(self) -> set[str]:
         """``env`` keys whose values are secret: secret-looking names, and values Airflow's masker knows."""

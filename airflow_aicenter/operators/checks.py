@@ -1,0 +1,125 @@
+"""Before compute: the pipeline operators' arguments and datasets, checked against the plan.
+
+A run that cannot work fails here, before any pod or process starts, with what to change. The
+pipeline type is asked of its :class:`~airflow_aicenter.plans.PipelinePlan`. No Airflow import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlparse
+
+from airflow_aicenter.errors import ConfigurationError, DatasetError, NotFoundError
+from airflow_aicenter.package import validate_alias_name
+from airflow_aicenter.plans import PipelinePlan
+from airflow_aicenter.runtime.manifest import (
+    EVALUATION,
+    INFERENCE,
+    TRAINING,
+    Roots,
+    check_manifest,
+    dataset_roots,
+    outside_roots,
+)
+
+if TYPE_CHECKING:
+    from airflow_aicenter.storage import Store
+
+
+def gpu_count(gpu: bool | int) -> int:
+    if isinstance(gpu, bool):
+        return int(gpu)
+    if isinstance(gpu, int) and gpu >= 0:
+        return gpu
+    raise ConfigurationError(f"gpu={gpu!r} is not valid; use True/False or a GPU count such as 2")
+
+
+def positive_count(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{name}={value!r} is not valid; give a whole number of at least 1")
+    return value
+
+
+def check_shape(
+    plan: PipelinePlan,
+    who: str,
+    *,
+    nodes: int,
+    procs_per_node: int,
+    incremental: bool,
+    promote_to: str | None,
+    promote_if: str,
+) -> None:
+    """What the pipeline type allows: ranks (training, or processes sharing prediction inputs), incremental, promotion."""
+    if (nodes > 1 or procs_per_node > 1) and not (plan.distributed or plan.serving):
+        raise ConfigurationError(f"{who} runs one process (nodes and procs_per_node apply to training); leave them at 1")
+    if plan.serving and nodes != 1:
+        raise ConfigurationError("batch prediction runs on one node: use procs_per_node=N to share the inputs")
+    if incremental and not plan.makes_version:
+        raise ConfigurationError(f"incremental=True applies to training runs; {who} does not train")
+    if promote_to is not None:
+        validate_alias_name(promote_to)
+        if not plan.scored and promote_if == "better":
+            raise ConfigurationError(
+                "promote_if='better' needs a score, and a training run has none: use FullPipelineOperator "
+                "(trains and evaluates) or promote_if='always'"
+            )
+
+
+def check_datasets(
+    plan: PipelinePlan,
+    datasets: Mapping[str, str | None],
+    who: str,
+    *,
+    open_store: Callable[[str], Store],
+    mounted_claim: bool = False,
+    allowed_roots: Roots = None,
+) -> None:
+    """Fail before compute when a dataset is missing, empty or unreadable.
+
+    ``datasets`` maps the operator's dataset arguments to their URIs; ``mounted_claim``: the
+    dataset is a volume claim the pod mounts (it checks it); ``allowed_roots``: the connection
+    extra ``allowed_dataset_roots``, the only folders ``file://`` data may come from.
+    """
+    for attr in plan.datasets:
+        if not datasets.get(attr):
+            raise ConfigurationError(f"{who} needs {attr}=...: the URI of the data folder (s3://... or file:///...)")
+    for attr in plan.all_datasets:
+        uri = datasets.get(attr)
+        if uri and uri.startswith("pvc://") and not (attr == "dataset" and mounted_claim):
+            raise ConfigurationError(
+                f"{attr}={uri!r} names a volume claim; mount it with dataset_volume_claim='<claim>' "
+                "(and dataset_sub_path=...) and leave dataset unset, or give an s3:// or file:// URI"
+            )
+        if not uri or uri.startswith("pvc://"):  # a mounted volume claim: the pod checks it
+            continue
+        check_dataset_root(attr, uri, allowed_roots)
+        if uri.endswith((".manifest", ".jsonl")):
+            # A ModelArts manifest: every line checked (JSON, ``source``, the source exists), and at
+            # least one line for what this run reads from it (TRAIN, EVAL/TEST or INFERENCE lines).
+            usages = INFERENCE if plan.serving else EVALUATION if attr == "evaluation_dataset" else TRAINING
+            check_manifest(uri, lambda target, **kw: open_store(target), require=usages, roots=allowed_roots)
+            continue
+        try:
+            empty = next(iter(open_store(uri).list("")), None) is None
+        except NotFoundError:
+            empty = True
+        if empty:
+            raise DatasetError(f"{attr} {uri} is empty or does not exist; upload the data there or fix the URI")
+
+
+def check_dataset_root(attr: str, uri: str, roots: Roots) -> None:
+    """With the connection extra ``allowed_dataset_roots``, a ``file://`` dataset must lie inside one of them.
+
+    The worker's disk holds more than data (its own configuration, other teams' files): a
+    deployment names the folders DAG authors may train from. Links are resolved first.
+    """
+    allowed = dataset_roots(roots) if uri.startswith("file://") else []
+    if outside_roots(Path(unquote(urlparse(uri).path)), allowed):
+        raise ConfigurationError(
+            f"{attr} {uri} is outside the folders this deployment allows for file:// datasets "
+            f"({', '.join(str(r) for r in allowed)}; the aicenter connection's allowed_dataset_roots): "
+            "move the data under one of them, or use an s3:// dataset"
+        )
