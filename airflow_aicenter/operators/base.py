@@ -306,6 +306,7 @@ class BasePipelineOperator(KubernetesPodOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         run = self.run_ref(context)
         post = self.post_run()
+        self.launcher_in_use = None  # each execution builds its own
         try:
             launcher = self.run_launcher()
             parent = self.aicenter_hook.registry.resolve(self.package, str(self.requested_version))
