@@ -11,7 +11,9 @@ packages/<name>/hints/<sequence>                 where the next number of a sequ
 packages/<name>/evaluations/<M.m>/<name>.json    evaluations of a version
 packages/<name>/runs/<sha256>.json               the version a task instance made (sha256 of its runs/ prefix)
 runs/<dag_id>/<run_id>/<task>/<try>/             one folder per task try
-runs/<dag_id>/<run_id>/<task>/checkpoints/       the task's checkpoints (all tries)
+runs/<dag_id>/<run_id>/<task>/checkpoints/       the task's checkpoints (all tries):
+    objects/<sha256>                             their files' content
+    manifests/<seq>.json                         one a checkpoint (12 digits)
 ```
 
 ``<task>`` is the task id, or ``<task_id>~<map_index>`` for a mapped task instance: ``~`` cannot
@@ -146,6 +148,19 @@ MANIFEST_NAMES = frozenset(manifest_name(d) for d in SNAPSHOT_DIRECTORIES)
 def outcome_name(node_rank: int = 0) -> str:
     """Node 0's ``outcome.json`` (the run's); another node of a multi-node Job writes ``node-<k>.outcome.json``."""
     return OUTCOME if node_rank == 0 else f"node-{node_rank}.{OUTCOME}"
+
+
+CHECKPOINT_OBJECTS = "objects/"
+CHECKPOINT_MANIFESTS = "manifests/"
+
+
+def checkpoint_object_key(checkpoints: str, sha256: str) -> str:
+    """A file's content under a task's checkpoint prefix (``TaskPath.checkpoints``)."""
+    return f"{checkpoints.rstrip('/')}/{CHECKPOINT_OBJECTS}{sha256}"
+
+
+def checkpoint_manifest_key(checkpoints: str, seq: int) -> str:
+    return f"{checkpoints.rstrip('/')}/{CHECKPOINT_MANIFESTS}{seq:012d}.json"
 
 
 def task_folder(task_id: str, map_index: int = -1) -> str:

@@ -8,6 +8,7 @@ No Airflow import: the runtime writes outcomes and manifests from inside the pod
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -15,9 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializ
 
 from airflow_aicenter.errors import NotFoundError, StorageError
 from airflow_aicenter.layout import RunPath
-
-# The secret helpers live in airflow_aicenter.secrets; re-exported for the code that imports them from here.
-from airflow_aicenter.secrets import MASK, is_secret_key, masked_env, redact, secret_values  # noqa: F401
+from airflow_aicenter.secrets import masked_env
 from airflow_aicenter.storage.store import Store
 
 Pipeline = Literal["train", "evaluate", "full", "predict"]
@@ -310,6 +309,22 @@ class Results(Record):
 
 
 # -- read / write ---------------------------------------------------------------------------
+def end_outcome(
+    store: Store, key: str, outcome: Outcome | RunSpec, status: RunStatus, error: str | Callable[[str], str]
+) -> Outcome:
+    """The one writer of a run's final outcome on its runtime's behalf (the runtime writes its own).
+
+    ``outcome`` is the run's outcome so far, or the spec of a run that left none; it ends now with
+    ``status`` and ``error``, which may be built from the phase the run stopped in (``"start-up"``
+    before any), and is written at ``key``. Returns it.
+    """
+    outcome = Outcome.starting(outcome) if isinstance(outcome, RunSpec) else outcome
+    outcome.status, outcome.end_at = status, time.time()
+    outcome.error = error if isinstance(error, str) else error(outcome.phase or "start-up")
+    write(store, key, outcome)
+    return outcome
+
+
 def dump(model: BaseModel) -> bytes:
     # exclude_unset keeps AI Center's per-pipeline keys exact: only what a run set is written.
     return model.model_dump_json(indent=2, exclude_unset=isinstance(model, Results)).encode()

@@ -21,7 +21,8 @@ from typing import Any
 
 from airflow_aicenter.errors import AICenterError, StorageError
 from airflow_aicenter.layout import ARTIFACTS, OUTCOME, REGISTRATION, RESULTS, RUNS, LayoutError, RunPath
-from airflow_aicenter.records import Outcome, Registration, masked_env, read, read_optional
+from airflow_aicenter.records import Outcome, Registration, read, read_optional
+from airflow_aicenter.secrets import masked_env
 from airflow_aicenter.storage import Store
 
 #: Reading run records is latency-bound (one small GET each); this many go at once.

@@ -74,7 +74,7 @@ class AICenterHook(BaseHook):
         )
 
     def _connection_extra(self) -> dict[str, Any] | None:
-        from airflow.exceptions import AirflowNotFoundException
+        from airflow.sdk.exceptions import AirflowNotFoundException
 
         try:
             conn = self.get_connection(self.aicenter_conn_id)

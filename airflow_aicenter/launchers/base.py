@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow_aicenter.errors import RunError
 from airflow_aicenter.layout import OUTCOME
-from airflow_aicenter.records import Outcome, RunRef, RunSpec, read_optional, write
+from airflow_aicenter.records import Outcome, RunRef, RunSpec, end_outcome, read_optional
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -56,6 +55,11 @@ class Launcher(ABC):
     def kill(self) -> None: ...
 
 
+def killed_by_airflow(phase: str) -> str:
+    """The error of a run Airflow stopped (``on_kill``) before its runtime could record it."""
+    return f"killed by Airflow (task stopped) during {phase}"
+
+
 def settle_outcome(store: Store, spec: RunSpec, run: RunRef, *, ended: str | None = None) -> Outcome:
     """The run's ending, from ``outcome.json``; the one place a missing ending is written.
 
@@ -67,11 +71,10 @@ def settle_outcome(store: Store, spec: RunSpec, run: RunRef, *, ended: str | Non
     key = run.key(OUTCOME)
     outcome = read_optional(store, key, Outcome)
     if outcome is None or outcome.status == "running":
-        outcome = outcome or Outcome.starting(spec, "failed")
-        outcome.status, outcome.end_at = "failed", time.time()
-        during = outcome.phase or "start-up"
-        outcome.error = f"{ended or 'the runtime ended'} during {during} before reporting an outcome"
-        write(store, key, outcome)
+        outcome = end_outcome(
+            store, key, outcome or spec, "failed",
+            lambda phase: f"{ended or 'the runtime ended'} during {phase} before reporting an outcome",
+        )
     if outcome.status not in ("succeeded", "skipped"):
         raise RunError(f"{spec.pipeline} run of {spec.package}:{spec.version} {outcome.status}: {outcome.error}")
     return outcome

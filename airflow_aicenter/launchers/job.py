@@ -25,7 +25,7 @@ from kubernetes.client.exceptions import ApiException
 
 from airflow_aicenter.errors import ConfigurationError, RunError
 from airflow_aicenter.hooks.aicenter import AICenterHook
-from airflow_aicenter.launchers.base import Finished, settle_outcome
+from airflow_aicenter.launchers.base import Finished, killed_by_airflow, settle_outcome
 from airflow_aicenter.launchers.pod import PodLauncher, PodRun, PodSettings
 from airflow_aicenter.launchers.pod_spec import (
     LABEL_JOB,
@@ -37,8 +37,8 @@ from airflow_aicenter.launchers.pod_spec import (
     job_ports,
     run_ending,
 )
-from airflow_aicenter.layout import OUTCOME
-from airflow_aicenter.records import Outcome, RunRef, RunSpec, read_optional, write
+from airflow_aicenter.layout import OUTCOME, outcome_name
+from airflow_aicenter.records import Outcome, RunRef, RunSpec, end_outcome, read_optional, write
 
 if TYPE_CHECKING:
     from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
@@ -234,7 +234,7 @@ class JobLauncher(PodLauncher):
             return Finished(spec, run, outcome)
         causes = []
         for node in range(1, self.nodes):
-            node_outcome = read_optional(store, run.key(f"node-{node}.{OUTCOME}"), Outcome)
+            node_outcome = read_optional(store, run.key(outcome_name(node)), Outcome)
             if node_outcome is not None and node_outcome.status not in ("succeeded", "running"):
                 causes.append(f"node {node}: {node_outcome.error}")
         pods = {(p.metadata.labels or {}).get("batch.kubernetes.io/job-completion-index"): p for p in self._safe_pods()}
@@ -244,9 +244,7 @@ class JobLauncher(PodLauncher):
                 how = f"exit code {code}{', ' + reason if reason else ''}"
                 causes.append(f"node {index}: its {container} container ended ({how})")
         if causes and (outcome is None or outcome.status in ("running", "succeeded")):
-            outcome = outcome or Outcome.starting(spec)
-            outcome.status, outcome.end_at, outcome.error = "failed", time.time(), "; ".join(causes)
-            write(store, run.key(OUTCOME), outcome)
+            outcome = end_outcome(store, run.key(OUTCOME), outcome or spec, "failed", "; ".join(causes))
         elif causes and outcome is not None and outcome.error:
             outcome.error = f"{outcome.error}; {'; '.join(causes)}"
             write(store, run.key(OUTCOME), outcome)
@@ -282,7 +280,4 @@ class JobLauncher(PodLauncher):
         key = self.pod_run.run.key(OUTCOME)
         outcome = read_optional(store, key, Outcome)
         if outcome is None or outcome.status == "running":
-            outcome = outcome or Outcome.starting(self.pod_run.spec)
-            outcome.status, outcome.end_at = "killed", time.time()
-            outcome.error = f"killed by Airflow (task stopped) during {outcome.phase or 'start-up'}"
-            write(store, key, outcome)
+            end_outcome(store, key, outcome or self.pod_run.spec, "killed", killed_by_airflow)

@@ -36,7 +36,7 @@ from kubernetes.client import models as k8s
 
 from airflow_aicenter.errors import ConfigurationError, RunError
 from airflow_aicenter.hooks.aicenter import AICenterHook
-from airflow_aicenter.launchers.base import Finished, Launcher, settle_outcome
+from airflow_aicenter.launchers.base import Finished, Launcher, killed_by_airflow, settle_outcome
 from airflow_aicenter.launchers.pod_spec import (
     ANNOTATION_RUN,
     AWS_SECRET_KEYS,
@@ -61,7 +61,8 @@ from airflow_aicenter.launchers.pod_spec import (
 )
 from airflow_aicenter.layout import OUTCOME
 from airflow_aicenter.plans import plan_for
-from airflow_aicenter.records import Outcome, RunRef, RunSpec, is_secret_key, read_optional, write
+from airflow_aicenter.records import Outcome, RunRef, RunSpec, end_outcome, read_optional
+from airflow_aicenter.secrets import is_secret_key
 
 if TYPE_CHECKING:
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
@@ -375,7 +376,7 @@ class PodLauncher(Launcher):
             cause = (
                 f"the training pod did not run: {launch_cause(failure) if failure else 'it ended without starting the runtime'}"
             )
-            write(store, run.key(OUTCOME), Outcome.starting(spec, "failed", end_at=time.time(), error=cause))
+            end_outcome(store, run.key(OUTCOME), spec, "failed", cause)
             raise RunError(f"{spec.pipeline} run of {spec.package}:{spec.version} failed: {cause}")
         which = "" if container == self.op.base_container_name else f" {container}"
         ended = f"the pod's{which} container ended (exit code {code}" + (f", {reason})" if reason else ")")
@@ -483,10 +484,7 @@ class PodLauncher(Launcher):
                 time.sleep(0.5)
                 outcome = read_optional(store, key, Outcome)
             if outcome is None or outcome.status == "running":
-                outcome = outcome or Outcome.starting(spec)
-                outcome.status, outcome.end_at = "killed", time.time()
-                outcome.error = f"killed by Airflow (task stopped) during {outcome.phase or 'start-up'}"
-                write(store, key, outcome)
+                outcome = end_outcome(store, key, outcome or spec, "killed", killed_by_airflow)
             self.op.log.info("Run %s recorded as %s", self.pod_run.run.label, outcome.status)
         except Exception:
             self.op.log.exception("Could not record the run as killed")

@@ -44,6 +44,7 @@ from pydantic import Field
 
 from airflow_aicenter.crashpoints import crash_point
 from airflow_aicenter.errors import AICenterError, AlreadyExistsError, StorageError
+from airflow_aicenter.layout import CHECKPOINT_MANIFESTS, CHECKPOINT_OBJECTS, checkpoint_manifest_key, checkpoint_object_key
 from airflow_aicenter.records import Record, read, utcnow, write
 from airflow_aicenter.secrets import Redactor
 from airflow_aicenter.storage import Store
@@ -119,15 +120,15 @@ class CheckpointSync:
 
     # -- keys ----------------------------------------------------------------------------
     def object_key(self, sha256: str) -> str:
-        return f"{self.prefix}objects/{sha256}"
+        return checkpoint_object_key(self.prefix, sha256)
 
     def manifest_key(self, seq: int) -> str:
-        return f"{self.prefix}manifests/{seq:012d}.json"
+        return checkpoint_manifest_key(self.prefix, seq)
 
     def manifest_seqs(self) -> list[int]:
         """Sequence numbers of the stored manifests, ascending."""
         seqs = []
-        for info in self.store.list(f"{self.prefix}manifests/"):
+        for info in self.store.list(f"{self.prefix}{CHECKPOINT_MANIFESTS}"):
             name = info.key.rsplit("/", 1)[-1]
             if name.endswith(".json") and name[:-5].isdigit():
                 seqs.append(int(name[:-5]))
@@ -215,7 +216,7 @@ class CheckpointSync:
         "already stored" can be pruned by the other just before this manifest is listed. Missing
         ones are uploaded again from the local files (which the manifest describes).
         """
-        present = {info.key.rsplit("/", 1)[-1] for info in self.store.list(f"{self.prefix}objects/")}
+        present = {info.key.rsplit("/", 1)[-1] for info in self.store.list(f"{self.prefix}{CHECKPOINT_OBJECTS}")}
         missing = list({e.sha256: e for e in entries if e.sha256 not in present}.values())
         if missing:
             run(gather_limited(missing, self._upload))
@@ -260,7 +261,7 @@ class CheckpointSync:
             for seq in kept:
                 names |= {f.sha256 for f in read(self.store, self.manifest_key(seq), CheckpointManifest).files}
             stale = datetime.now(UTC) - TEMP_MAX_AGE
-            for info in self.store.list(f"{self.prefix}objects/"):
+            for info in self.store.list(f"{self.prefix}{CHECKPOINT_OBJECTS}"):
                 name = info.key.rsplit("/", 1)[-1]
                 if not _DIGEST.match(name):  # another writer's upload in flight, or one killed long ago
                     if info.last_modified is None or info.last_modified > stale:

@@ -134,7 +134,7 @@ def test_a_log_stream_is_masked_line_by_line(secret: str) -> None:
 @settings(max_examples=40, deadline=None)
 @given(secret=secret_text, where=st.integers(min_value=0, max_value=5000))
 def test_an_overlong_line_is_cut_before_a_secret_it_would_split(secret: str, where: int) -> None:
-    assume(worth_masking(secret) and not set(secret) & set("xy*") and len(secret.splitlines()) == 1)
+    assume(worth_masking(secret) and not set(secret) & set("xy*\n"))
     redactor = Redactor([secret])
     line = "x" * where + secret + "y" * (5000 - where)
     out = list(capped_lines(io.BytesIO((line + "\nnext\n").encode()).readline, redactor, 1024))
