@@ -16,10 +16,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializ
 
 from airflow_aicenter.errors import NotFoundError, StorageError
 from airflow_aicenter.layout import RunPath
+from airflow_aicenter.plans import Pipeline
 from airflow_aicenter.secrets import masked_env
 from airflow_aicenter.storage.store import Store
 
-Pipeline = Literal["train", "evaluate", "full", "predict"]
 InputType = Literal["json", "file"]
 #: "skipped": an incremental run found no new or changed file; ``Outcome.skipped`` says why (no version).
 RunStatus = Literal["running", "succeeded", "failed", "killed", "skipped"]

@@ -236,7 +236,7 @@ class PodLauncher(Launcher):
         from airflow_aicenter.credentials import role_settings
 
         role_settings(self.hook.settings.extra)  # a malformed runtime_role_arn fails here, before any pod
-        if self.settings.pipeline == "evaluate" and self.settings.dataset_volume_claim:
+        if self.settings.dataset_volume_claim and "dataset" not in plan_for(self.settings.pipeline).all_datasets:
             raise ConfigurationError(
                 "dataset_volume_claim mounts the training dataset; evaluation runs read evaluation_dataset=URI"
             )
