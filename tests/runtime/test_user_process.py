@@ -207,15 +207,12 @@ def test_the_run_stops_and_says_killed_when_its_launcher_dies(tmp_path):
     assert not workdir.exists(), "the run's work folder was left behind"
 
 
-def test_a_user_process_dies_with_its_agent(tmp_path):
+def test_a_user_process_dies_with_its_agent(tmp_path, spawn_runtime):
     store = open_store((tmp_path / "s").as_uri())
     marker = tmp_path / "user.pid"
     _, spec = setup_run(store, tmp_path, train_py=SLEEPER)
     spec.env["MARKER"] = str(marker)
-    spec_file = tmp_path / "spec.json"
-    spec_file.write_text(spec.model_dump_json())
-    agent = subprocess.Popen([sys.executable, "-m", "airflow_aicenter.runtime", str(spec_file)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    agent = spawn_runtime.start(spec, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     user = int(wait_for(marker))
     agent.send_signal(signal.SIGKILL)
     agent.wait()
