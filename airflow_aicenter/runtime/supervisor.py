@@ -66,17 +66,16 @@ LINE_LIMIT = 64 * 1024
 GRACE = 5.0
 #: The largest result file read (a user process writes it: it must not cost the supervisor its memory).
 RESULT_LIMIT = 64 << 20
-#: The longest cause recorded (its head and its end are kept: the end says what went wrong).
-CAUSE_LIMIT = 4000
 
 
-def _companion(name: str) -> ModuleType:
-    """``aicenter_secrets`` or ``aicenter_isolation``: from beside this file (a pod's ``bin/``), else the package."""
+def _companion(name: str, file: str | None = None) -> ModuleType:
+    """A file of the bundle as module ``name``: from beside this file (a pod's ``bin/``), else the package."""
     if name in sys.modules:
         return sys.modules[name]
-    path = HERE / f"{name}.py"
+    file = file or f"{name}.py"
+    path = HERE / file
     if not path.exists():
-        path = BUNDLE[f"{name}.py"]
+        path = BUNDLE[file]
     loaded = importlib.util.spec_from_file_location(name, path)
     assert loaded is not None and loaded.loader is not None, path
     module = importlib.util.module_from_spec(loaded)
@@ -87,6 +86,8 @@ def _companion(name: str) -> ModuleType:
 
 secrets = _companion("aicenter_secrets")
 isolation = _companion("aicenter_isolation")
+#: The user process's file, for its ``cap`` (the one cap of a recorded error: the records use it too).
+user_module = _companion("aicenter_user", "user.py")
 
 _output_lock = threading.Lock()
 
@@ -100,14 +101,6 @@ def emit(stream: TextIO, text: str) -> None:
 
 class Stopped(BaseException):
     """SIGTERM reached the supervisor run as a script (pod deletion): stop everything, report killed."""
-
-
-def cap(text: str, limit: int = CAUSE_LIMIT) -> str:
-    """``text`` at most about ``limit`` characters: its head and its end, with how much was left out."""
-    if len(text) <= limit:
-        return text
-    head, tail = limit // 4, limit - limit // 4
-    return f"{text[:head]} [... {len(text) - head - tail} characters cut ...] {text[-tail:]}"
 
 
 def read_untrusted_json(path: Path | str, limit: int | None = None) -> dict[str, Any] | None:
@@ -320,7 +313,7 @@ def supervise(plan: dict[str, Any], *, stdout: TextIO | None = None, stderr: Tex
             label, cause = exc.label, exc.cause
         record["status"] = "failed" if label else "succeeded"
         record["failed"] = label
-        record["cause"] = cap(sup.secrets.redact(cause)) if cause else None
+        record["cause"] = user_module.cap(sup.secrets.redact(cause)) if cause else None
     finally:
         sup.stop()  # on an exception too: nothing outlives the supervisor's run
         sup.join()
