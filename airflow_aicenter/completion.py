@@ -22,7 +22,16 @@ from airflow_aicenter.errors import AICenterError, RunError
 from airflow_aicenter.layout import ARTIFACTS, OUTCOME, PREDICTIONS, RESULTS, LayoutError, RunPath, blob_key
 from airflow_aicenter.plans import PipelinePlan
 from airflow_aicenter.promotion import Promotion, promote
-from airflow_aicenter.records import EvaluationRecord, Outcome, Results, RunRef, VersionRecord, read_optional, write
+from airflow_aicenter.records import (
+    EvaluationRecord,
+    Outcome,
+    Results,
+    RunRef,
+    VersionRecord,
+    end_outcome,
+    read_optional,
+    write,
+)
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.secrets import Redactor, masked_env, redact
 
@@ -181,12 +190,10 @@ class PostRun:
             outcome = read_optional(store, ref.key(OUTCOME), Outcome)
             if outcome is None:
                 continue
-            if outcome.status == "running" and not outlives_worker:
-                outcome.status, outcome.end_at = "killed", time.time()  # its worker was killed: nothing failed
-                outcome.error = (
-                    f"abandoned: try {earlier} never reported an ending (its worker stopped during {outcome.phase or 'start-up'})"
-                )
-                write(store, ref.key(OUTCOME), outcome)
+            if outcome.status == "running" and not outlives_worker:  # its worker was killed: nothing failed
+                during = outcome.phase or "start-up"
+                abandoned = f"abandoned: try {earlier} never reported an ending (its worker stopped during {during})"
+                end_outcome(store, ref.key(OUTCOME), outcome, "killed", abandoned)
                 self.log.warning("Marked try %s as abandoned: it never reported an ending", earlier)
                 continue
             if (
@@ -207,22 +214,20 @@ class PostRun:
 
     def record_refused(self, run: RunRef, error: AICenterError) -> None:
         """A run refused before compute is recorded too (phase "prepare"), so the run records show it."""
-        request, now = self.request, time.time()
+        request = self.request
         outcome = Outcome(
-            status="failed",
+            status="running",
             pipeline=self.plan.name,
             package=request.package,
             version=str(request.requested_version),
-            start_at=now,
-            end_at=now,
+            start_at=time.time(),
             phase="prepare",
-            error=redact(str(error), request.redactor),
             dataset=request.dataset,
             evaluation_dataset=request.evaluation_dataset,
             env=request.masked_env(),
         )
         try:
-            write(self.registry.store, run.key(OUTCOME), outcome)
+            end_outcome(self.registry.store, run.key(OUTCOME), outcome, "failed", redact(str(error), request.redactor))
         except AICenterError as exc:  # the store itself may be what is wrong: the original error matters more
             self.log.warning("Could not record the refused run in %s: %s", run.uri, exc)
 
@@ -304,10 +309,10 @@ class PostRun:
 
     def record_unregistered(self, run: RunRef, outcome: Outcome, error: AICenterError) -> None:
         """A run whose runtime succeeded but whose version could not be registered is a failed run, with that cause."""
-        outcome.status, outcome.phase = "failed", "register"
-        outcome.error = redact(f"registering the new version failed: {error}", self.request.redactor)
+        outcome.phase = "register"
+        cause = redact(f"registering the new version failed: {error}", self.request.redactor)
         try:
-            write(self.registry.store, run.key(OUTCOME), outcome)
+            end_outcome(self.registry.store, run.key(OUTCOME), outcome, "failed", cause)
         except AICenterError as exc:
             self.log.warning("Could not record the failed registration in %s: %s", run.uri, exc)
 
