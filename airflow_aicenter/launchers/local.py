@@ -20,7 +20,6 @@ SIGKILLed worker) and kills whatever still runs in them, so nothing is left in t
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -228,22 +227,10 @@ class LocalLauncher(Launcher):
             self._stream(self.process.stdout)
             code = self.process.wait()
         finally:
-            self._clean(work)
+            isolation.clear(work)  # what still runs there (the runtime was killed before it could end it), then the folder
             os.close(lock)
         self.log.info("The runtime exited with code %s", code)
         return code
-
-    @staticmethod
-    def _clean(work: Path) -> None:
-        """Whatever still runs in the launch folder (the runtime was killed before it could) ends, then the folder goes."""
-        for _ in range(3):
-            pids = isolation.processes_in(work)
-            if not pids:
-                break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(work, ignore_errors=True)
 
     def _stream(self, out: IO[bytes]) -> None:
         redactor = self.secrets if isinstance(self.secrets, Redactor) else Redactor(self.secrets)

@@ -254,6 +254,19 @@ def processes_in(folder: Path) -> list[int]:
     return inside
 
 
+def clear(folder: Path) -> None:
+    """Kill whatever still runs in a launch folder, then remove the folder."""
+    for _ in range(3):  # a process may start another while we kill: look again
+        pids = processes_in(folder)
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def sweep(parent: Path, log: Callable[[str], None] | None = None) -> list[Path]:
     """Remove the launch folders under ``parent`` whose launcher is dead, killing what still runs in them.
 
@@ -268,15 +281,7 @@ def sweep(parent: Path, log: Callable[[str], None] | None = None) -> list[Path]:
     for folder in folders:
         if not _abandoned(folder):
             continue
-        for _ in range(3):  # a process may start another while we kill: look again
-            pids = processes_in(folder)
-            if not pids:
-                break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.05)
-        shutil.rmtree(folder, ignore_errors=True)
+        clear(folder)
         if not folder.exists():
             removed.append(folder)
             if log is not None:
