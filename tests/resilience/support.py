@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import os
 import random
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +21,7 @@ from airflow_aicenter.records import RunRef, RunSpec, VersionRecord, read
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import Store
 from airflow_aicenter.storage.transfer import run, upload_tree
-from tests.conftest import write_files
+from tests.conftest import RuntimeSpawner, write_files
 from tests.packages import ECHO_MAIN
 
 MAIN = ECHO_MAIN
@@ -99,11 +97,9 @@ def setup_package(store: Store, tmp_path: Path, env: dict[str, str], *, name: st
 
 
 def run_runtime(spec: RunSpec, tmp_path: Path, env: dict[str, str], timeout: int = 120) -> subprocess.CompletedProcess[str]:
-    spec_file = tmp_path / f"spec-{spec.run_prefix.replace('/', '_')}.json"
-    spec_file.write_text(spec.model_dump_json())
-    child_env = {**os.environ, **env, "AICENTER_WORKDIR": str(tmp_path / f"work-{spec.run_prefix.replace('/', '_')}")}
-    return subprocess.run([sys.executable, "-m", "airflow_aicenter.runtime", str(spec_file)], capture_output=True, text=True,
-                          env=child_env, timeout=timeout, check=False)
+    """The runtime as ``spawn_runtime`` runs it, with a work folder of its own under ``tmp_path``."""
+    child_env = {**env, "AICENTER_WORKDIR": str(tmp_path / f"work-{spec.run_prefix.replace('/', '_')}")}
+    return RuntimeSpawner(tmp_path / "runtime-specs").run(spec, child_env, timeout=timeout)
 
 
 # -- a fault-injecting HTTP proxy --------------------------------------------------------

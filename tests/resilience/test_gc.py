@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,6 +24,7 @@ from airflow_aicenter.layout import BLOBS
 from airflow_aicenter.records import Outcome, RunRef, RunSpec, read
 from airflow_aicenter.storage import open_store
 from airflow_aicenter.storage.transfer import put_blob, sha256_file
+from tests.conftest import RuntimeSpawner
 from tests.resilience.support import Setup, check_store, run_runtime, setup_package
 
 #: Seconds between writing the old orphan and starting the run. Each gc call uses a grace
@@ -59,7 +59,8 @@ def _register(setup: Setup, ref: RunRef, spec: RunSpec) -> str:
                                       snapshot=outcome.snapshots["data_directory"]).version
 
 
-def test_gc_during_an_upload_keeps_young_and_referenced_blobs_and_removes_old_orphans(setup: Setup, tmp_path: Path) -> None:
+def test_gc_during_an_upload_keeps_young_and_referenced_blobs_and_removes_old_orphans(setup: Setup, tmp_path: Path,
+                                                                                     spawn_runtime: RuntimeSpawner) -> None:
     # history: a registered training (its package and snapshot blobs are referenced)
     ref1, spec1 = setup.spec(try_number=1)
     assert run_runtime(spec1, tmp_path, setup.env).returncode == 0
@@ -75,11 +76,7 @@ def test_gc_during_an_upload_keeps_young_and_referenced_blobs_and_removes_old_or
         return collect(setup.store, grace=now - orphan_time - timedelta(seconds=GAP / 2), now=now, **kw)
 
     ref2, spec2 = setup.spec(try_number=1, task_id="train_again")  # another task: a retry would report 1.1
-    spec_file = tmp_path / "spec2.json"
-    spec_file.write_text(spec2.model_dump_json())
-    proc = subprocess.Popen([sys.executable, "-m", "airflow_aicenter.runtime", str(spec_file)],
-                            env={**os.environ, **setup.env, "AICENTER_WORKDIR": str(tmp_path / "work2")},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = spawn_runtime.start(spec2, {**setup.env, "AICENTER_WORKDIR": str(tmp_path / "work2")}, stdout=subprocess.DEVNULL)
     reports = []
     try:
         for _ in range(500):  # bounded; each pass lists and reads the whole store

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +23,7 @@ from airflow_aicenter.runtime.incremental import (
 from airflow_aicenter.runtime.snapshot import take_snapshot
 from airflow_aicenter.storage import S3Store, Store, open_store
 from airflow_aicenter.storage.transfer import download_tree, run
-from tests.conftest import write_files
+from tests.conftest import RuntimeSpawner, write_files
 from tests.packages import MAIN
 
 DATA = "datasets/d"
@@ -142,10 +139,7 @@ def runtime(store: Store, tmp_path: Path, env: dict[str, str], try_number: int, 
     base = registry.resolve("inc", "1.0")
     spec = RunSpec(pipeline="train", storage=store.uri, run_prefix=f"runs/d/r/t/{try_number}", package="inc",
                    version=base.version, blob=base.blob, dataset=store.url(DATA), save_training_data=True, **fields)
-    spec_file = tmp_path / f"spec-{try_number}.json"
-    spec_file.write_text(spec.model_dump_json())
-    done = subprocess.run([sys.executable, "-m", "airflow_aicenter.runtime", str(spec_file)], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=120, check=False)
+    done = RuntimeSpawner(tmp_path / "runtime-specs").run(spec, env)
     return read(store, f"{spec.run_prefix}/outcome.json", Outcome), done.stderr, done.returncode
 
 
