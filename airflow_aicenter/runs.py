@@ -47,7 +47,7 @@ class RunRecord:
 
     @property
     def prefix(self) -> str:
-        return f"{RUNS}/{self.id}"
+        return RunPath.parse(self.id).prefix
 
     @property
     def dag_id(self) -> str:
@@ -189,10 +189,10 @@ def _run_folder(key: str) -> tuple[str, str] | None:
     """(run id, file name) of a file directly in a run folder; None for anything else under ``runs/``."""
     folder, _, name = key.rpartition("/")
     try:
-        RunPath.parse(folder)
+        path = RunPath.parse(folder)
     except LayoutError:  # deeper files (artifacts/, checkpoints/), or keys another tool wrote
         return None
-    return folder.removeprefix(f"{RUNS}/"), name
+    return path.id, name
 
 
 def _folders(store: Store) -> dict[str, _Folder]:
@@ -207,22 +207,22 @@ def _folders(store: Store) -> dict[str, _Folder]:
 
 
 def _load(store: Store, run_id: str, files: set[str] | None = None) -> RunRecord:
-    prefix = f"{RUNS}/{run_id}"
-    outcome = read(store, f"{prefix}/{OUTCOME}", Outcome)
+    path = RunPath.parse(run_id)
+    outcome = read(store, path.key(OUTCOME), Outcome)
     results = None
     if files is None or RESULTS in files:
         try:
-            results = json.loads(store.get_bytes(f"{prefix}/{RESULTS}"))
+            results = json.loads(store.get_bytes(path.key(RESULTS)))
         except StorageError:
             results = None  # not written: the run failed, or the task is still finishing
         except ValueError as exc:
-            raise StorageError(f"{store.url(prefix)}/{RESULTS} is not valid JSON: {exc}") from exc
+            raise StorageError(f"{store.url(path.key(RESULTS))} is not valid JSON: {exc}") from exc
     registration = None
     if files is None or REGISTRATION in files:
-        registration = read_optional(store, f"{prefix}/{REGISTRATION}", Registration)
+        registration = read_optional(store, path.key(REGISTRATION), Registration)
     return RunRecord(
-        id=run_id, uri=store.url(prefix), outcome=outcome, results=results, registration=registration,
-        results_uri=store.url(f"{prefix}/{RESULTS}") if results is not None else None,
+        id=run_id, uri=store.url(path.prefix), outcome=outcome, results=results, registration=registration,
+        results_uri=store.url(path.key(RESULTS)) if results is not None else None,
     )
 
 
@@ -276,12 +276,12 @@ def find_run(store: Store, ref: str) -> RunRecord:
     wanted = _normalise(store, ref)
     if wanted.count("/") >= 3:  # a full id: exact, never a guess
         try:
-            RunPath.parse(wanted)
+            path = RunPath.parse(wanted)
         except LayoutError as exc:
             raise RunNotFoundError(str(exc)) from exc
-        if store.exists(f"{RUNS}/{wanted}/{OUTCOME}"):
+        if store.exists(path.key(OUTCOME)):
             return _load(store, wanted)
-        raise RunNotFoundError(f"no run {ref!r} in {store.uri}: {RUNS}/{wanted}/{OUTCOME} does not exist; {_RUN_IDS_HINT}")
+        raise RunNotFoundError(f"no run {ref!r} in {store.uri}: {path.key(OUTCOME)} does not exist; {_RUN_IDS_HINT}")
     folders = _folders(store)
     matches = sorted(i for i in folders if i.startswith(wanted) or i.endswith(wanted) or f"/{wanted}/" in f"/{i}/")
     if len({m.rsplit("/", 1)[0] for m in matches}) == 1 and len(matches) > 1:
