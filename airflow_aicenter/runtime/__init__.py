@@ -3,7 +3,3 @@
 The agent (``agent.py``) stages, uploads and reports; package code runs in user processes
 (``user.py``, a standalone script run with the package's interpreter).
 """
-
-from airflow_aicenter.runtime.agent import Agent, main
-
-__all__ = ["Agent", "main"]
