@@ -113,6 +113,20 @@ class Watch:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self.task is not None
+        if self.events and exc[0] is None:
+            # The trigger records a change as announced right after it yields the event (a triggerer that
+            # dies in between announces it again: at least once). A restart simulated here is a graceful
+            # one: let the record land before cancelling (on a loaded machine the cancel could win).
+            store, want = open_store(self.store_uri), self.events[-1]["fingerprint"]
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and self.error is None:
+                try:
+                    state = json.loads(store.get_bytes(self.trigger.state_key))
+                except Exception:  # not written yet
+                    state = {}
+                if state.get("fingerprint") == want and state.get("announced"):
+                    break
+                await asyncio.sleep(POLL)
         self.task.cancel()
         try:
             await self.task
