@@ -228,6 +228,22 @@ def is_integration(item: pytest.Item) -> bool:
     return path.startswith("tests/containers/") or any(item.get_closest_marker(name) for name in INTEGRATION_MARKERS)
 
 
+def xdist_group(item: pytest.Item) -> str:
+    """The worker an integration test shares with others under ``-n 2 --dist loadgroup`` (pyproject's addopts).
+
+    One group per module, so a module's and a session's fixtures (a migrated AIRFLOW_HOME, the
+    api-server and Chromium of tests/ui, a module's DAG run) are built once, not on both workers;
+    every container test in one group, so podman runs one test's pods at a time. The fast tier has
+    no groups: its tests go to whichever worker is free.
+    """
+    path = item.nodeid.replace("\\", "/")
+    if path.startswith("tests/containers/"):
+        return "containers"
+    if path.startswith("tests/ui/"):
+        return "ui"
+    return path.split("::", 1)[0]
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark the integration tier, and give it a longer timeout unless a test or the command line names one.
@@ -235,10 +251,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     tryfirst: the marks must be there before pytest's own hook deselects by ``-m``.
     """
     timeout_given = config.getoption("timeout", None) is not None
+    xdist = config.pluginmanager.hasplugin("xdist")
     for item in items:
         if not is_integration(item):
             continue
         item.add_marker(pytest.mark.integration)
+        if xdist:
+            item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
         if timeout_given or item.get_closest_marker("timeout") is not None:
             continue
         path = item.nodeid.replace("\\", "/")
@@ -247,11 +266,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    """Say why nothing ran when the tier's marker deselected every test that was asked for."""
-    deselected = len(terminalreporter.stats.get("deselected", []))
-    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED and deselected:
+    """Say where the tests went when none ran: often every one asked for is in the other tier."""
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
         terminalreporter.write_line(
-            f"all {deselected} tests asked for are outside this tier: python -m pytest runs the fast tier, "
+            f"no tests ran with -m {config.getoption('markexpr')!r}: python -m pytest runs the fast tier, "
             "python -m pytest -m integration the rest (scripts/test.sh runs both)", yellow=True)
 
 
