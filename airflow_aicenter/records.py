@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializ
 from airflow_aicenter.errors import NotFoundError, StorageError
 from airflow_aicenter.layout import RunPath
 from airflow_aicenter.plans import Pipeline
+from airflow_aicenter.runtime.user import cap
 from airflow_aicenter.secrets import masked_env
 from airflow_aicenter.storage.store import Store
 
@@ -30,28 +31,9 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-#: The most characters a recorded error, cause or warning keeps (DESIGN "Trust boundaries"): a
-#: 50 MB exception message must not become a 50 MB outcome.json, run page or worker exception.
-ERROR_CAP = 4096
-#: Characters of a capped error's start that are kept (what failed); the rest of the cap is its end
-#: (the package ``file:line``, the fix).
-ERROR_HEAD = 1024
-
-
-def cap_error(text: str, limit: int = ERROR_CAP) -> str:
-    """``text`` if it fits in ``limit`` characters, else its head, ``…[N characters cut]…`` and its end."""
-    if len(text) <= limit:
-        return text
-    head = min(ERROR_HEAD, limit // 4)
-    marker_room = len("…[ characters cut]…") + len(str(len(text)))
-    tail = max(limit - head - marker_room, 0)
-    cut = len(text) - head - tail
-    return f"{text[:head]}…[{cut} characters cut]…{text[len(text) - tail:] if tail else ''}"
-
-
 #: A recorded error: capped when read, assigned (models with ``validate_assignment``) and written
 #: (so a warning appended to a list in place is capped too).
-CappedText = Annotated[str, AfterValidator(cap_error), PlainSerializer(cap_error, return_type=str)]
+CappedText = Annotated[str, AfterValidator(cap), PlainSerializer(cap, return_type=str)]
 
 
 class Record(BaseModel):
@@ -205,7 +187,7 @@ class RunSpec(Record):
 class Outcome(Record):
     """What the runtime reports back through ``outcome.json`` in the run folder.
 
-    ``error``, ``warnings`` and ``skipped`` are capped (:func:`cap_error`), however they are set.
+    ``error``, ``warnings`` and ``skipped`` are capped (``runtime.user.cap``), however they are set.
     """
 
     model_config = ConfigDict(extra="ignore", validate_assignment=True)

@@ -34,9 +34,10 @@ from typing import Any, TextIO, cast
 
 from airflow_aicenter.crashpoints import crash_point
 from airflow_aicenter.errors import AICenterError, DatasetError, NotFoundError, RunError
+from airflow_aicenter.layout import manifest_name, outcome_name
 from airflow_aicenter.package import extract_zip, iter_package_files, validate_package, write_zip
 from airflow_aicenter.plans import plan_for
-from airflow_aicenter.records import BlobRef, Outcome, RunSpec, cap_error, write
+from airflow_aicenter.records import BlobRef, Outcome, RunSpec, write
 from airflow_aicenter.runtime import isolation, supervisor
 from airflow_aicenter.runtime.checkpoint import CheckpointSync, try_of
 from airflow_aicenter.runtime.environment import Environment, build_planned, prepare_environment, store_built
@@ -51,6 +52,7 @@ from airflow_aicenter.runtime.incremental import (
 from airflow_aicenter.runtime.manifest import EVALUATION, INFERENCE, TRAINING, is_manifest_uri, stage_manifest
 from airflow_aicenter.runtime.snapshot import take_snapshot
 from airflow_aicenter.runtime.supervisor import RESULT_LIMIT, emit, read_untrusted_json, supervise
+from airflow_aicenter.runtime.user import cap
 from airflow_aicenter.secrets import SECRET_KEYS_ENV, Redactor, is_secret_key, redact, redact_json_lines_file
 from airflow_aicenter.storage import Store, open_store
 from airflow_aicenter.storage.transfer import (
@@ -252,7 +254,7 @@ class Agent:
             self.outcome.distributed = {"nodes": spec.nodes, "procs_per_node": spec.procs_per_node,
                                         "world_size": self.topology.world_size}
         #: Node 0 reports in outcome.json (the operator reads it); other nodes of a multi-node Job beside it.
-        self.outcome_name = "outcome.json" if self.topology.node_rank == 0 else f"node-{self.topology.node_rank}.outcome.json"
+        self.outcome_name = outcome_name(self.topology.node_rank)
         #: The package's environment once prepared (user_python); after an install it is stored meanwhile.
         self.environment: Environment | None = None
         #: Batch prediction: what merging the processes' parts needs once they are done.
@@ -475,7 +477,7 @@ class Agent:
             raise RunError(f"the user supervisor's exit file {exit_file} is not a JSON object in a regular file of at most "
                            f"{EXIT_LIMIT} bytes (replaced by package code?)")
         if ended.get("status") != "succeeded":
-            raise RunError(cap_error(str(ended.get("cause") or f"the user processes {ended.get('status') or 'failed'}")))
+            raise RunError(cap(str(ended.get("cause") or f"the user processes {ended.get('status') or 'failed'}")))
         results = ended.get("results")
         if not isinstance(results, list) or not all(isinstance(r, dict) or r is None for r in results):
             raise RunError(f"the user supervisor's exit file {exit_file} holds no list of results (replaced by package code?)")
@@ -876,7 +878,7 @@ class Agent:
         entries = self.entries.get(name)
         if entries is None:  # a mounted dataset: hash it in place
             entries = [FileEntry(rel, *_digest(folder / rel)) for rel in local_files(folder)]
-        key = self.key(f"{name}.manifest.json")
+        key = self.key(manifest_name(name))
         inc = self.incremental if name == "data_directory" else None  # the unchanged files, carried over
         stats = take_snapshot(self.store, folder, entries, source=source, directory=name, key=key, log=log,
                               carried=inc.carried if inc else (),

@@ -56,9 +56,9 @@ from typing import Any
 PRINTED_TRACEBACKS = 3
 #: ``prctl(PR_SET_PDEATHSIG, ...)``: the kernel signals this process when its parent dies.
 PR_SET_PDEATHSIG = 1
-#: The most characters of an error this process records (a cause, a failed input's error): the same
-#: cap as ``records.ERROR_CAP``, which this stdlib-only file cannot import. A 50 MB exception
-#: message must not become a 50 MB result, prediction line or ``outcome.json``.
+#: The most characters of an error recorded (a cause, a failed input's error, a warning): by this
+#: process and, through ``records`` (which takes ``cap`` from here), in every record (DESIGN "Trust
+#: boundaries"). A 50 MB exception message must not become a 50 MB result, prediction line or ``outcome.json``.
 ERROR_CAP = 4096
 ERROR_HEAD = 1024
 #: A recorded or printed traceback keeps this much (its frames' start and its end).
@@ -67,7 +67,7 @@ TRACEBACK_CAP = 64 * 1024
 
 def cap(text: str, limit: int = ERROR_CAP) -> str:
     """``text`` if it fits in ``limit`` characters, else its head, ``…[N characters cut]…`` and its end
-    (where the package ``file:line`` is). The same format as ``records.cap_error``."""
+    (where the package ``file:line`` is)."""
     if len(text) <= limit:
         return text
     head = min(ERROR_HEAD, limit // 4)

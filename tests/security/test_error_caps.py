@@ -11,7 +11,9 @@ import json
 import re
 from pathlib import Path
 
-from airflow_aicenter.records import ERROR_CAP, Outcome, RunSpec, cap_error, read
+from airflow_aicenter.records import Outcome, RunSpec, read
+from airflow_aicenter.runtime.user import ERROR_CAP
+from airflow_aicenter.runtime.user import cap as cap_error
 from airflow_aicenter.storage import open_store
 from tests.runtime.test_predict import setup_predict
 from tests.runtime.test_run import run_runtime, setup_run
