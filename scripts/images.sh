@@ -49,7 +49,7 @@ mkdir -p "$PODMAN_HOME/storage" "$PODMAN_HOME/run" "$PODMAN_HOME/tmp"
 # (No CAP_SYS_RESOURCE here: a limit above what runc itself holds fails with "error setting rlimit".)
 cap() { local v; v=$(ulimit -H "$1"); [ "$v" = unlimited ] || [ "$v" -gt "$2" ] && v=$2; echo "$v"; }
 nofile=$(cap -n 20000); nproc=$(cap -u 32768)
-cat >"$PODMAN_HOME/containers.conf.new" <<EOF
+cat >"$PODMAN_HOME/containers.conf.new.$$" <<EOF
 # Written by scripts/images.sh: podman for the tests (tests/containers/podman.py).
 [containers]
 default_ulimits = ["nofile=$nofile:$nofile", "nproc=$nproc:$nproc"]
@@ -61,20 +61,21 @@ events_logger = "file"
 events_logfile_path = "$PODMAN_HOME/events.log"
 tmp_dir = "$PODMAN_HOME/tmp"
 EOF
-cat >"$PODMAN_HOME/storage.conf.new" <<EOF
+cat >"$PODMAN_HOME/storage.conf.new.$$" <<EOF
 # Written by scripts/images.sh: image storage of the tests' podman, apart from the system's.
 [storage]
 driver = "overlay"
 graphroot = "$PODMAN_HOME/storage"
 runroot = "$PODMAN_HOME/run"
 EOF
-cat >"$PODMAN_HOME/env.sh.new" <<EOF
+cat >"$PODMAN_HOME/env.sh.new.$$" <<EOF
 # source this to use the tests' podman by hand (written by scripts/images.sh)
 export CONTAINERS_CONF="$PODMAN_HOME/containers.conf"
 export CONTAINERS_STORAGE_CONF="$PODMAN_HOME/storage.conf"
 EOF
 for name in containers.conf storage.conf env.sh; do
-  if cmp -s "$PODMAN_HOME/$name.new" "$PODMAN_HOME/$name"; then rm "$PODMAN_HOME/$name.new"; else mv "$PODMAN_HOME/$name.new" "$PODMAN_HOME/$name"; fi
+  # one temporary per process: the test fixtures of two pytest workers may check at the same time
+  if cmp -s "$PODMAN_HOME/$name.new.$$" "$PODMAN_HOME/$name"; then rm -f "$PODMAN_HOME/$name.new.$$"; else mv -f "$PODMAN_HOME/$name.new.$$" "$PODMAN_HOME/$name"; fi
 done
 export CONTAINERS_CONF="$PODMAN_HOME/containers.conf" CONTAINERS_STORAGE_CONF="$PODMAN_HOME/storage.conf"
 
