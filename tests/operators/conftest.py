@@ -12,6 +12,7 @@ import pytest
 from airflow_aicenter.storage import Store, open_store
 from airflow_aicenter.storage.transfer import run, upload_tree
 from tests.conftest import S3Server, make_dataset
+from tests.operators.kube_api import FakeKubernetes, build_runtime_python
 
 
 def s3_connection_env(server: S3Server, bucket: str) -> dict[str, str]:
@@ -66,3 +67,26 @@ def deployment(request: pytest.FixtureRequest, airflow_env: Any, tmp_path: Path)
     deployment = Deployment("s3", store, s3_connection_env(server, bucket), "", datasets)
     deployment.dataset = deployment.add_dataset("churn", folder)
     return deployment
+
+
+# -- the test Kubernetes API server (tests/operators/kube_api.py) --------------------------
+_runtime_python: dict[Path, Path] = {}
+
+
+@pytest.fixture(scope="session")
+def runtime_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The runtime image's Python, minus Docker: no Airflow, no kubernetes client.
+
+    Built once per session (and per pytest worker).
+    """
+    base = tmp_path_factory.getbasetemp()
+    if base not in _runtime_python:
+        _runtime_python[base] = build_runtime_python(tmp_path_factory.mktemp("runtime-venv") / "venv")
+    return _runtime_python[base]
+
+
+@pytest.fixture
+def kube_api(tmp_path_factory: pytest.TempPathFactory, runtime_python: Path) -> Iterator[FakeKubernetes]:
+    kube = FakeKubernetes(tmp_path_factory.mktemp("kube"), python=str(runtime_python)).start()
+    yield kube
+    kube.stop()

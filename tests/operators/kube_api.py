@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -45,8 +45,6 @@ from importlib.metadata import version as dist_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlparse
-
-import pytest
 
 if TYPE_CHECKING:
     from tests.containers.podman import PodmanPods
@@ -1010,30 +1008,6 @@ def build_runtime_python(dest: Path) -> Path:
     site = next((dest / "lib").glob("python3*/site-packages"))
     (site / "aicenter-image.pth").write_text(f"{image_root}\n")  # like PYTHONPATH=/opt/aicenter in the image
     return python
-
-
-# -- fixtures -------------------------------------------------------------------------------
-_runtime_python: dict[Path, Path] = {}
-
-
-@pytest.fixture(scope="session")
-def runtime_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The runtime image's Python, minus Docker: no Airflow, no kubernetes client.
-
-    Built once per session even though each test module imports this fixture (and so gets
-    its own session-scoped copy of it).
-    """
-    base = tmp_path_factory.getbasetemp()
-    if base not in _runtime_python:
-        _runtime_python[base] = build_runtime_python(tmp_path_factory.mktemp("runtime-venv") / "venv")
-    return _runtime_python[base]
-
-
-@pytest.fixture
-def kube_api(tmp_path_factory: pytest.TempPathFactory, runtime_python: Path) -> Iterator[FakeKubernetes]:
-    kube = FakeKubernetes(tmp_path_factory.mktemp("kube"), python=str(runtime_python)).start()
-    yield kube
-    kube.stop()
 
 
 # -- running the operator in-process (no scheduler, no task runner) ------------------------

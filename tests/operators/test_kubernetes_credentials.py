@@ -20,7 +20,7 @@ from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
 from airflow_aicenter.storage.transfer import run, upload_tree
 from tests.conftest import write_files
-from tests.operators.kube_api import FakeKubernetes, kube_api, make_context, runtime_python  # noqa: F401 - fixtures
+from tests.operators.kube_api import FakeKubernetes, make_context
 from tests.operators.test_kubernetes_launcher import FAST, MAIN, TRAIN
 
 ROLE = "arn:aws:iam::123456789012:role/aicenter-runtime"

@@ -24,7 +24,7 @@ from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import Store, open_store
 from airflow_aicenter.storage.transfer import run, upload_tree
 from tests.conftest import BIN, EXAMPLE_PACKAGE, make_dataset, write_files
-from tests.operators.kube_api import FakeKubernetes, kube_api, make_context, runtime_python, seed_pod  # noqa: F401 - fixtures
+from tests.operators.kube_api import FakeKubernetes, make_context, seed_pod
 from tests.packages import ECHO_MAIN
 
 pytestmark = pytest.mark.airflow

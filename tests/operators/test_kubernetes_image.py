@@ -15,7 +15,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from tests.operators.kube_api import image_sources, runtime_python  # noqa: F401 - fixture
+from tests.operators.kube_api import image_sources
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "airflow_aicenter"

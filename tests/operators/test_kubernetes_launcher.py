@@ -29,7 +29,7 @@ from airflow_aicenter.records import Manifest, Outcome, Results, read, read_opti
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
 from tests.conftest import write_files
-from tests.operators.kube_api import FakeKubernetes, kube_api, make_context, runtime_python, seed_pod  # noqa: F401 - fixtures
+from tests.operators.kube_api import FakeKubernetes, make_context, seed_pod
 from tests.packages import ECHO_MAIN
 
 MAIN = ECHO_MAIN

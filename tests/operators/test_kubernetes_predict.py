@@ -12,7 +12,7 @@ from airflow_aicenter.operators import PredictPipelineOperator
 from airflow_aicenter.records import Results, read
 from airflow_aicenter.registry import Registry
 from tests.conftest import write_files
-from tests.operators.kube_api import FakeKubernetes, kube_api, make_context, runtime_python  # noqa: F401 - fixtures
+from tests.operators.kube_api import FakeKubernetes, make_context
 from tests.operators.test_kubernetes_launcher import FAST, kube_deployment  # noqa: F401 - fixture
 
 DOUBLING_MAIN = '''

@@ -23,7 +23,7 @@ from airflow_aicenter.runtime.environment import EnvironmentRecord, build_planne
 from airflow_aicenter.storage import Store, open_store
 from airflow_aicenter.storage.transfer import run, upload_tree
 from tests.conftest import write_files
-from tests.operators.kube_api import FakeKubernetes, kube_api, make_context, runtime_python  # noqa: F401 - fixtures
+from tests.operators.kube_api import FakeKubernetes, make_context
 from tests.operators.test_kubernetes_credentials import CONN_PASSWORD, ROLE
 from tests.operators.test_kubernetes_launcher import FAST, MAIN
 from tests.runtime.test_environment import package
