@@ -86,3 +86,29 @@ def make_zip(path: Path, entries: dict[str, bytes | str], *, compression: int = 
 
 #: The smallest serving half: ``Main()`` and a ``predict`` that echoes its input (shared by the tests that train).
 ECHO_MAIN = "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return input\n"
+
+#: A training that fails inside a helper method (the cause names the method, file and line).
+FAILING_TRAIN = '''
+class Main:
+    def __init__(self):
+        pass
+    def train(self, training_directory):
+        self.helper()
+    def helper(self):
+        raise ValueError("labels column 'churned' is missing")
+    def save(self):
+        pass
+'''
+
+#: A serving class doubling {"x": n}, refusing negative inputs (batch prediction tests).
+DOUBLING_MAIN = '''
+import json
+class Main:
+    def __init__(self):
+        self.factor = 2
+    def predict(self, input):
+        value = json.loads(input)["x"]
+        if value < 0:
+            raise ValueError(f"negative input {value}")
+        return json.dumps({"y": value * self.factor})
+'''

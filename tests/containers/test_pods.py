@@ -33,7 +33,7 @@ from airflow_aicenter.storage.transfer import run, upload_tree
 from tests.conftest import S3Server, write_files
 from tests.containers.podman import PodmanPods, podman
 from tests.operators.kube_api import FakeKubernetes, Pod, make_context
-from tests.packages import ECHO_MAIN
+from tests.packages import DOUBLING_MAIN, ECHO_MAIN
 from tests.runtime.test_distributed import RENDEZVOUS
 
 pytestmark = pytest.mark.containers
@@ -183,17 +183,6 @@ def test_a_distributed_run_is_an_indexed_job_of_two_pods_in_containers(s3_deploy
     assert CONN_PASSWORD not in deployment.kube.everything_sent()
 
 
-DOUBLING_MAIN = '''
-import json
-class Main:
-    def __init__(self):
-        self.factor = 2
-    def predict(self, input):
-        value = json.loads(input)["x"]
-        if value < 0:
-            raise ValueError(f"negative input {value}")
-        return json.dumps({"y": value * self.factor})
-'''
 
 
 def test_a_batch_prediction_runs_in_containers(s3_deployment: Deployment, tmp_path: Path):

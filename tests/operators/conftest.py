@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
+from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import Store, open_store
 from airflow_aicenter.storage.transfer import run, upload_tree
-from tests.conftest import S3Server, make_dataset
+from tests.conftest import S3Server, make_dataset, write_files
 from tests.operators.kube_api import FakeKubernetes, build_runtime_python
 
 
@@ -90,3 +91,17 @@ def kube_api(tmp_path_factory: pytest.TempPathFactory, runtime_python: Path) -> 
     kube = FakeKubernetes(tmp_path_factory.mktemp("kube"), python=str(runtime_python)).start()
     yield kube
     kube.stop()
+
+
+@pytest.fixture
+def kube_deployment(kube_api: FakeKubernetes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Registry, str]:
+    """A file store, a dataset, and connections pointing Airflow at the test API server."""
+    for key, value in kube_api.connection_env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    uri = (tmp_path / "aicenter").as_uri()
+    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps(
+        {"conn_type": "aicenter", "extra": {"storage": uri, "launcher": "kubernetes", "image": "aicenter-runtime:test"}}))
+    registry = Registry(open_store(uri))
+    data = write_files(tmp_path / "data", {"rows.csv": "a\n1\n2\n"})
+    return registry, data.as_uri()

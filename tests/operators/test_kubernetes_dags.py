@@ -25,7 +25,7 @@ from airflow_aicenter.storage import Store, open_store
 from airflow_aicenter.storage.transfer import run, upload_tree
 from tests.conftest import BIN, EXAMPLE_PACKAGE, make_dataset, write_files
 from tests.operators.kube_api import FakeKubernetes, make_context, seed_pod
-from tests.packages import ECHO_MAIN
+from tests.packages import ECHO_MAIN, FAILING_TRAIN
 
 pytestmark = pytest.mark.airflow
 
@@ -56,17 +56,6 @@ with DAG("aicenter_test_k8s_failures", schedule=None, start_date=datetime(2026, 
     TrainPipelineOperator(task_id="deferred", package="broken", dataset="{{ params.dataset }}", deferrable=True, **FAST)
 '''
 
-FAILING_TRAIN = '''
-class Main:
-    def __init__(self):
-        pass
-    def train(self, training_directory):
-        self.helper()
-    def helper(self):
-        raise ValueError("labels column 'churned' is missing")
-    def save(self):
-        pass
-'''
 
 GATED_TRAIN = '''
 import os, time

@@ -22,7 +22,7 @@ from airflow_aicenter.records import Results, read
 from airflow_aicenter.registry import Registry
 from tests.conftest import write_files
 from tests.operators.kube_api import FakeKubernetes, make_context
-from tests.operators.test_kubernetes_launcher import FAST, MAIN, kube_deployment, run_trigger  # noqa: F401 - fixture
+from tests.operators.test_kubernetes_launcher import FAST, MAIN, run_trigger
 from tests.runtime.test_distributed import RENDEZVOUS
 
 

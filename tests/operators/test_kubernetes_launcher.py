@@ -27,7 +27,6 @@ from airflow_aicenter.launchers.pod import PodRun
 from airflow_aicenter.operators import TrainPipelineOperator
 from airflow_aicenter.records import Manifest, Outcome, Results, read, read_optional
 from airflow_aicenter.registry import Registry
-from airflow_aicenter.storage import open_store
 from tests.conftest import write_files
 from tests.operators.kube_api import FakeKubernetes, make_context, seed_pod
 from tests.packages import ECHO_MAIN
@@ -58,20 +57,6 @@ FAST = {"startup_check_interval_seconds": 1, "poll_interval": 0.5, "base_contain
 
 class WorkerDied(BaseException):
     """The worker process vanished here (not an exception Airflow code could handle)."""
-
-
-@pytest.fixture
-def kube_deployment(kube_api: FakeKubernetes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Registry, str]:
-    """A file store, a dataset, and connections pointing Airflow at the test API server."""
-    for key, value in kube_api.connection_env().items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("KUBECONFIG", raising=False)
-    uri = (tmp_path / "aicenter").as_uri()
-    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps(
-        {"conn_type": "aicenter", "extra": {"storage": uri, "launcher": "kubernetes", "image": "aicenter-runtime:test"}}))
-    registry = Registry(open_store(uri))
-    data = write_files(tmp_path / "data", {"rows.csv": "a\n1\n2\n"})
-    return registry, data.as_uri()
 
 
 def upload(registry: Registry, tmp_path: Path, name: str, train_py: str = TRAIN, **files: str | bytes) -> None:

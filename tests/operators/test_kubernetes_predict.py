@@ -13,19 +13,8 @@ from airflow_aicenter.records import Results, read
 from airflow_aicenter.registry import Registry
 from tests.conftest import write_files
 from tests.operators.kube_api import FakeKubernetes, make_context
-from tests.operators.test_kubernetes_launcher import FAST, kube_deployment  # noqa: F401 - fixture
-
-DOUBLING_MAIN = '''
-import json
-class Main:
-    def __init__(self):
-        self.factor = 2
-    def predict(self, input):
-        value = json.loads(input)["x"]
-        if value < 0:
-            raise ValueError(f"negative input {value}")
-        return json.dumps({"y": value * self.factor})
-'''
+from tests.operators.test_kubernetes_launcher import FAST
+from tests.packages import DOUBLING_MAIN
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from airflow_aicenter.storage import Store, open_store
 from tests.aicenter_helpers import MAIN, SCORED_TRAIN, small_dataset, upload_package
 from tests.conftest import EXAMPLE_PACKAGE, make_dataset, write_files
 from tests.operators.kube_api import make_context
+from tests.packages import FAILING_TRAIN
 
 #: The example DAG's operator (dags/aicenter_training.py) with its params given as values.
 EXAMPLE_ENV = {"EPOCHS": "150", "LEARNING_RATE": "0.2"}
@@ -107,17 +108,6 @@ class Main:
         os.kill(os.getpid(), signal.SIGKILL)
 '''
 
-FAILING_TRAIN = '''
-class Main:
-    def __init__(self):
-        pass
-    def train(self, training_directory):
-        self.helper()
-    def helper(self):
-        raise ValueError("labels column 'churned' is missing")
-    def save(self):
-        pass
-'''
 
 
 @pytest.mark.parametrize("train_py, expected", [
