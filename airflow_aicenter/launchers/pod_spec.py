@@ -485,6 +485,20 @@ def shape_pod(pod: k8s.V1Pod, shape: PodShape) -> k8s.V1Pod:
         pod.spec.automount_service_account_token = False
     pod.spec.share_process_namespace = False
 
+    def runtime_container(name: str, command: Sequence[str], env: list[k8s.V1EnvVar],
+                          mounts: list[k8s.V1VolumeMount]) -> k8s.V1Container:
+        """A container of ours beside ``base`` (stage, build, sync): the runtime image, the agents' security."""
+        return k8s.V1Container(
+            name=name,
+            image=base.image,
+            image_pull_policy=base.image_pull_policy,
+            command=list(command),
+            env=env,
+            volume_mounts=mounts,
+            security_context=agent_security(),
+            termination_message_policy="FallbackToLogsOnError",
+        )
+
     def agent(name: str, command: Sequence[str]) -> k8s.V1Container:
         mounts = [m for m in user_mounts if _mount_path(m) not in {v.path for v in ours}]
         for volume in ours:
@@ -506,16 +520,7 @@ def shape_pod(pod: k8s.V1Pod, shape: PodShape) -> k8s.V1Pod:
             *([k8s.V1EnvVar(name=USER_ENV_NAMES, value=",".join(user_names))] if user_names else []),
             *([k8s.V1EnvVar(name=USER_SECRET_NAMES, value=",".join(secret_names))] if secret_names else []),
         ]
-        return k8s.V1Container(
-            name=name,
-            image=base.image,
-            image_pull_policy=base.image_pull_policy,
-            command=list(command),
-            env=env,
-            volume_mounts=mounts,
-            security_context=agent_security(),
-            termination_message_policy="FallbackToLogsOnError",
-        )
+        return runtime_container(name, command, env, mounts)
 
     def build() -> k8s.V1Container:
         """``build``: the environment only, as package code (no spec, credentials or user env; see the module doc)."""
@@ -534,16 +539,7 @@ def shape_pod(pod: k8s.V1Pod, shape: PodShape) -> k8s.V1Pod:
             k8s.V1EnvVar(name="TMPDIR", value=TMP_MOUNT),
             k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1"),
         ]
-        return k8s.V1Container(
-            name=BUILD_CONTAINER,
-            image=base.image,
-            image_pull_policy=base.image_pull_policy,
-            command=list(BUILD_COMMAND),
-            env=env,
-            volume_mounts=mounts,
-            security_context=agent_security(),
-            termination_message_policy="FallbackToLogsOnError",
-        )
+        return runtime_container(BUILD_CONTAINER, BUILD_COMMAND, env, mounts)
 
     init = [c for c in (pod.spec.init_containers or []) if _name(c) not in (STAGE_CONTAINER, BUILD_CONTAINER)]
     builds = [build()] if shape.source_builds else []
