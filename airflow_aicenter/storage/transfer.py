@@ -28,7 +28,7 @@ import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, Literal, TypeVar
 
 import obstore
 import obstore.exceptions as obx
@@ -810,6 +810,30 @@ def put_blob(store: Store, path: Path, sha256: str) -> bool:
         return True
 
     return run(AdaptiveLimit(1).call(put))
+
+
+BlobState = Literal["ok", "missing", "damaged"]
+
+
+async def blob_state_async(store: Store, sha256: str) -> BlobState:
+    """Whether the blob ``sha256`` is stored intact: its whole content is streamed and hashed.
+
+    Nothing short of the hash is trusted, whatever the size: a blob with one byte flipped has
+    the right size, and a truncated or padded one hashes differently too ("damaged").
+    """
+    try:
+        return "ok" if await _hashes_to(store, blob_key(sha256), sha256) else "damaged"
+    except NotFoundError:
+        return "missing"
+
+
+def blob_state(store: Store, sha256: str) -> BlobState:
+    """``"ok"``, ``"missing"`` or ``"damaged"`` for the blob ``sha256`` (`aicenter verify`, re-upload).
+
+    Reads the whole object (streamed, nothing kept) under the transfer retries, so a transient
+    error is retried rather than reported as damage; a persistent one raises StorageError.
+    """
+    return run(AdaptiveLimit(1).call(lambda: blob_state_async(store, sha256)))
 
 
 def missing_blob(store: Store, sha256: str) -> NotFoundError:
