@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
@@ -652,10 +653,12 @@ def add_runs_commands(groups: Any) -> None:
 
 
 def cmd_gc(args: argparse.Namespace, registry: Registry) -> int:
+    """Exit 1 when a record was damaged or unreadable (reported on stderr), even though gc ran."""
     report = collect(registry.store, grace=timedelta(hours=args.grace_hours), dry_run=args.dry_run)
+    problems = bool(report.damaged or report.unreadable)
     if args.json:
         emit_json(report.to_dict())
-        return 0
+        return 1 if problems else 0
     verb = "would delete" if report.dry_run else "deleted"
     console.print(f"{report.store}: {report.blobs} blobs ({_mb(report.blob_bytes)}), {report.referenced} referenced, "
                   f"{report.young} unreferenced but younger than {report.grace_hours:g} h (kept); "
@@ -666,10 +669,15 @@ def cmd_gc(args: argparse.Namespace, registry: Registry) -> int:
         console.print(f"  ... and {len(report.deleted) - 50} more")
     if report.missing:
         console.print(f"[yellow]WARNING:[/] {len(report.missing)} referenced blob(s) are missing from the store, "
-                      f"e.g. sha256:{report.missing[0]}", highlight=False)
+                      f"e.g. sha256:{report.missing[0]}; `aicenter verify` names them and what refers to them",
+                      highlight=False)
+    for record, why in report.damaged.items():
+        err_console.print(f"[red]damaged record, skipped:[/] {escape(record)}: {escape(why)}", highlight=False)
     for record, why in report.unreadable.items():
-        err_console.print(f"[red]unreadable record, nothing deleted:[/] {record}: {why}", highlight=False)
-    return 1 if report.unreadable else 0
+        err_console.print(f"[red]unreadable record:[/] {escape(record)}: {escape(why)}", highlight=False)
+    if report.held:
+        err_console.print(f"[red]nothing deleted:[/] {escape(report.held)}", highlight=False)
+    return 1 if problems else 0
 
 
 def _mb(n: int) -> str:

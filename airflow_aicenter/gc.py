@@ -25,10 +25,21 @@ and only those:
 - the runtime's snapshot hints (``snapshots/*.json``) take the blobs a manifest lists as
   stored without checking each one; that holds because a manifest is written only after its
   blobs and gc keeps every blob a manifest names.
-- a record that cannot be read (damaged, or a failed request) is reported in
-  ``GcReport.unreadable`` and skipped; gc still reports on the whole store, but deletes
-  nothing in that pass: what that record names is unknown, and a blob is only deleted on full
-  knowledge (fail safe: keep).
+- a *damaged* record (read, but not a valid record: bit rot, a hand edit, or garbage that a
+  run's credentials wrote under ``envs/`` or its run folder) is reported in
+  ``GcReport.damaged`` by its URI, with the fix, and skipped: one such record must not stop the
+  collection of the whole store (a run can write one, and would otherwise hold gc hostage).
+  Every sha256 digest still readable in its bytes is kept (``GcReport.salvaged``), so a record
+  damaged anywhere but in its digest still protects its blob until it is repaired. What a
+  damaged record named beyond that is unknowable; dropping it costs: for an environment record,
+  a rebuild of that environment (a cache); for a run's snapshot manifest, nothing that manifest
+  did not already lose. A damaged *version record* is different: only the CLI and the
+  operators write ``packages/`` (runs cannot), and its blob is the only copy of a version; one
+  that names no readable digest holds the collection (``GcReport.held``): nothing is deleted
+  until it is restored or removed (fail safe: keep).
+- a record that cannot be *read* (the request failed: access denied, the store unreachable) is
+  reported in ``GcReport.unreadable``; gc still reports on the whole store, but deletes nothing
+  in that pass: what that record names is unknown, and trying again may read it.
 
 Known limit (documented, not closed): a *new* run that finds an old orphan blob already there
 (identical content) and reuses it without rewriting it refers to it only once its manifest or
@@ -49,13 +60,15 @@ from typing import Any
 
 from airflow_aicenter.errors import ConfigurationError, NotFoundError, StorageError
 from airflow_aicenter.layout import BLOBS, ENVS, MANIFEST_NAMES, PACKAGES, RUNS, LayoutError, RunPath, blob_key
-from airflow_aicenter.records import Manifest, VersionRecord, read
+from airflow_aicenter.records import DamagedRecordError, Manifest, VersionRecord, read
 from airflow_aicenter.runtime.environment import EnvironmentRecord
 from airflow_aicenter.storage.store import Store
 
 DEFAULT_GRACE_HOURS = 24.0
 _TEMP = re.compile(r"^[0-9a-f]{64}#\d+$")
 _HEX = re.compile(r"^[0-9a-f]{64}$")
+#: A sha256 digest anywhere in a damaged record's bytes (not part of a longer hex run).
+_DIGEST_IN = re.compile(rb"(?<![0-9a-f])[0-9a-f]{64}(?![0-9a-f])")
 _VERSION_RECORD = re.compile(rf"^{re.escape(PACKAGES)}[^/]+/versions/[^/]+\.json$")
 #: Package environments (runtime/environment.py) unused this long are deleted (never sooner than the blob grace):
 #: deleting one costs the next run a cold install, keeping one only storage.
@@ -79,7 +92,10 @@ class GcReport:
     deleted_bytes: int = 0
     missing: list[str] = field(default_factory=list)  # referenced by a record but not in the store
     records: dict[str, int] = field(default_factory=dict)  # kind -> how many were read
+    damaged: dict[str, str] = field(default_factory=dict)  # record URI -> why and the fix: reported, skipped
+    salvaged: list[str] = field(default_factory=list)  # digests read from damaged records' bytes: kept
     unreadable: dict[str, str] = field(default_factory=dict)  # record URI -> why; while any, nothing is deleted
+    held: str | None = None  # why nothing was deleted in this pass (None: the collection ran)
     environments: int = 0  # stored package environments (envs/<key>.json)
     environments_deleted: list[str] = field(default_factory=list)  # keys unused for longer than env_grace
     seconds: float = 0.0
@@ -90,11 +106,30 @@ class GcReport:
 
 @dataclass
 class References:
-    """What the records name: blob digests, how many records of each kind, and those that could not be read."""
+    """What the records name: blob digests, how many records of each kind, and the records that failed.
+
+    ``damaged``: records read but not valid (skipped; ``salvaged`` holds the digests in their
+    bytes); ``holding``: damaged version records with no readable digest; ``unreadable``:
+    records whose reading failed.
+    """
 
     digests: set[str] = field(default_factory=set)
     counts: dict[str, int] = field(default_factory=lambda: {"versions": 0, "manifests": 0})
+    damaged: dict[str, str] = field(default_factory=dict)
+    salvaged: set[str] = field(default_factory=set)
+    holding: list[str] = field(default_factory=list)
     unreadable: dict[str, str] = field(default_factory=dict)
+
+    def hold(self) -> str | None:
+        """Why nothing may be deleted on what was read, or None when the collection can go on."""
+        if self.unreadable:
+            return (f"{len(self.unreadable)} record(s) could not be read, so what they name is unknown: "
+                    "nothing deleted; run gc again once the store answers")
+        if self.holding:
+            return (f"version record(s) {', '.join(self.holding)} are damaged and name no readable blob digest: "
+                    "a version's content has no other copy, so nothing was deleted; restore each record from a "
+                    "backup or remove it, then run gc again")
+        return None
 
 
 def is_snapshot_manifest(key: str) -> bool:
@@ -136,8 +171,15 @@ def _read(store: Store, key: str, model: type[Any], found: References) -> Any:
         return read(store, key, model)
     except NotFoundError:  # deleted between listing and reading: it refers to nothing any more
         return None
+    except DamagedRecordError as exc:
+        digests = {m.decode() for m in _DIGEST_IN.findall(exc.raw)}
+        found.damaged[store.url(key)] = f"{exc} (gc skipped it, keeping the {len(digests)} blob digest(s) read in it)"
+        found.salvaged |= digests
+        if model is VersionRecord and not digests:
+            found.holding.append(store.url(key))
+        return None
     except StorageError as exc:
-        found.unreadable[store.url(key)] = f"{exc}; repair or remove that record, then run gc again"
+        found.unreadable[store.url(key)] = f"{exc}; check access to that record, then run gc again"
         return None
 
 
@@ -151,7 +193,8 @@ def collect(store: Store, *, grace: timedelta = timedelta(hours=DEFAULT_GRACE_HO
     report = GcReport(store=store.uri, grace_hours=grace.total_seconds() / 3600, dry_run=dry_run)
     collect_environments(store, report, cutoff=(now or datetime.now(UTC)) - max(grace, env_grace))  # frees their blobs
     before = references(store)
-    first, report.records, report.unreadable = before.digests, before.counts, before.unreadable
+    first, report.records = before.digests | before.salvaged, before.counts
+    _note(report, before)
     cutoff = (now or datetime.now(UTC)) - grace
     candidates: list[tuple[str, int]] = []
     present: set[str] = set()
@@ -170,12 +213,12 @@ def collect(store: Store, *, grace: timedelta = timedelta(hours=DEFAULT_GRACE_HO
             report.young += 1
         else:
             candidates.append((digest, info.size))
-    after = references(store) if candidates and not report.unreadable else None  # records written while we listed
+    after = references(store) if candidates and report.held is None else None  # records written while we listed
     if after is not None:
-        report.unreadable.update(after.unreadable)
-    if after is not None and not report.unreadable:  # partial knowledge deletes nothing (fail safe: keep)
+        _note(report, after)
+    if after is not None and report.held is None:  # partial knowledge deletes nothing (fail safe: keep)
         for digest, size in candidates:
-            if digest in after.digests:
+            if digest in after.digests or digest in after.salvaged:
                 report.referenced += 1
                 continue
             if not dry_run:
@@ -185,9 +228,17 @@ def collect(store: Store, *, grace: timedelta = timedelta(hours=DEFAULT_GRACE_HO
                     continue
             report.deleted.append(digest)
             report.deleted_bytes += size
-    report.missing = sorted(first - present)
+    report.missing = sorted(before.digests - present)
     report.seconds = round(time.perf_counter() - began, 3)
     return report
+
+
+def _note(report: GcReport, found: References) -> None:
+    """Add what one reading of the records found wrong to the report (the first reason to hold wins)."""
+    report.damaged.update(found.damaged)
+    report.unreadable.update(found.unreadable)
+    report.salvaged = sorted(set(report.salvaged) | found.salvaged)
+    report.held = report.held or found.hold()
 
 
 def collect_environments(store: Store, report: GcReport, *, cutoff: datetime) -> None:

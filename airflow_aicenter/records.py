@@ -317,12 +317,40 @@ def write(store: Store, key: str, model: BaseModel, *, create: bool = False) -> 
     store.put_bytes(key, dump(model), create=create)
 
 
-def read(store: Store, key: str, model: type[M]) -> M:
-    raw = store.get_bytes(key)
+class DamagedRecordError(StorageError):
+    """A record was read but its content is not a valid record (bit rot, a hand edit, a foreign writer).
+
+    Unlike a failed request, trying again cannot help: ``retryable`` is False. ``raw`` keeps the
+    bytes read, so a reader that skips the record can still see what it names (gc keeps every
+    digest found in them).
+    """
+
+    retryable = False
+
+    def __init__(self, message: str, *, key: str, raw: bytes) -> None:
+        super().__init__(message)
+        self.key, self.raw = key, raw
+
+
+#: What to do about a damaged record, the end of every message about one.
+DAMAGED_RECORD_FIX = ("restore it from a backup, or remove it if what it records is to go "
+                      "(`aicenter verify` lists every damaged record)")
+
+
+def parse(store: Store, key: str, raw: bytes, model: type[M]) -> M:
+    """``raw`` (the bytes stored at ``key``) as a ``model`` record; DamagedRecordError when it is not one."""
     try:
         return model.model_validate_json(raw)
     except ValueError as exc:
-        raise StorageError(f"{store.url(key)} is not a valid {model.__name__} record: {exc}") from exc
+        first = str(exc).splitlines()
+        detail = "; ".join(line.strip() for line in first[:3])
+        raise DamagedRecordError(f"{store.url(key)} is not a valid {model.__name__} record ({detail}); {DAMAGED_RECORD_FIX}",
+                                 key=key, raw=raw) from exc
+
+
+def read(store: Store, key: str, model: type[M]) -> M:
+    """The record at ``key``: NotFoundError when absent, DamagedRecordError when its content is not valid."""
+    return parse(store, key, store.get_bytes(key), model)
 
 
 def read_optional(store: Store, key: str, model: type[M]) -> M | None:

@@ -130,20 +130,18 @@ def test_gc_command_dry_run_json_and_grace(
     assert check_store(setup.store) == ["res:1.0"]
 
 
-def test_an_unreadable_record_is_reported_and_keeps_every_blob(setup: Setup, tmp_path: Path) -> None:
-    """A damaged snapshot manifest: gc reports it and the whole store, never stops, deletes nothing
-    (what the record names is unknown: fail safe), and collects again once it is repaired."""
+def test_a_damaged_record_is_reported_and_skipped(setup: Setup, tmp_path: Path) -> None:
+    """A damaged snapshot manifest (a run's credentials can write one): gc reports it by URI with the
+    fix, skips it and still collects the orphan (issue 20: one damaged record stopped gc for good)."""
     orphan, _ = _orphan(setup, tmp_path, "o.bin")
     damaged = "runs/d/r/t/1/data_directory.manifest.json"
     setup.store.put_bytes(damaged, b"{not json")
     report = collect(setup.store, grace=timedelta(0))
-    assert list(report.unreadable) == [setup.store.url(damaged)]
-    assert "is not a valid Manifest record" in report.unreadable[setup.store.url(damaged)]
-    assert "repair or remove that record, then run gc again" in report.unreadable[setup.store.url(damaged)]
-    assert report.deleted == [] and report.blobs == 2 and report.records == {"versions": 1, "manifests": 0}
-    assert setup.store.exists(BLOBS + orphan)
-    setup.store.delete(damaged)
-    assert collect(setup.store, grace=timedelta(0)).deleted == [orphan]
+    assert list(report.damaged) == [setup.store.url(damaged)] and report.unreadable == {} and report.held is None
+    assert "is not a valid Manifest record" in report.damaged[setup.store.url(damaged)]
+    assert "restore it from a backup, or remove it" in report.damaged[setup.store.url(damaged)]
+    assert report.deleted == [orphan] and report.blobs == 2 and report.records == {"versions": 1, "manifests": 0}
+    assert not setup.store.exists(BLOBS + orphan)
     with pytest.raises(ConfigurationError, match="negative"):
         collect(setup.store, grace=timedelta(hours=-1))
 
