@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from airflow_aicenter import layout
 from airflow_aicenter.errors import AICenterError, ConfigurationError, NotFoundError, StorageError, VersionError
 from airflow_aicenter.plugins import pages
-from airflow_aicenter.plugins.access import UserDep, can_read_dag, login_url, require_dag
+from airflow_aicenter.plugins.access import AccessDep, UserDep, login_url
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.runs import RunNotFoundError, find_runs
 from airflow_aicenter.storage import LocalStore
@@ -143,32 +143,32 @@ def create_app() -> FastAPI:
         return render(request, "index.html", packages=pages.package_rows(reg), store=reg.store.uri)
 
     @app.get("/packages/{name}", response_class=HTMLResponse)
-    def package_page(request: Request, name: str, user: UserDep) -> HTMLResponse:
+    def package_page(request: Request, name: str, user: UserDep, access: AccessDep) -> HTMLResponse:
         request.state.aicenter_user = user
         reg = registry()
         page = pages.package_page(reg, name)
         # The runs of DAGs this user cannot read are not named (their ids hold the DAG and run ids).
-        readable = {d for d in page.dag_ids() if can_read_dag(user, d)}
+        readable = {d for d in page.dag_ids() if access.can_read(d)}
         return render(request, "package.html", page=page, readable=readable, store=reg.store.uri)
 
     @app.get("/runs/{dag_id}/{run_id}/{task}/{try_number}", response_class=HTMLResponse)
-    def run_page(request: Request, path: RunPathDep, user: UserDep) -> HTMLResponse:
+    def run_page(request: Request, path: RunPathDep, user: UserDep, access: AccessDep) -> HTMLResponse:
         request.state.aicenter_user = user
-        require_dag(user, path.dag_id)
+        access.require(path.dag_id)
         store = registry().store
         page = pages.run_page(store, path)
         return render(request, "run.html", page=page, s=page.summary, store=store.uri,
                       task_instance=task_instance_url(_base(request).removesuffix(URL_PREFIX), path))
 
     @app.get("/runs/{dag_id}/{run_id}/{task}/{try_number}/preview/{relative:path}", response_class=HTMLResponse)
-    def preview_page(request: Request, path: RunPathDep, relative: str, user: UserDep) -> HTMLResponse:
+    def preview_page(request: Request, path: RunPathDep, relative: str, user: UserDep, access: AccessDep) -> HTMLResponse:
         request.state.aicenter_user = user
-        require_dag(user, path.dag_id)
+        access.require(path.dag_id)
         return render(request, "preview.html", path=path, run_id=path.id, preview=pages.preview(registry().store, path, relative))
 
     @app.get("/runs/{dag_id}/{run_id}/{task}/{try_number}/artifacts/{relative:path}")
-    def artifact(path: RunPathDep, relative: str, user: UserDep, inline: bool = False) -> StreamingResponse:
-        require_dag(user, path.dag_id)
+    def artifact(path: RunPathDep, relative: str, access: AccessDep, inline: bool = False) -> StreamingResponse:
+        access.require(path.dag_id)
         key = pages.artifact_key(path, relative)
         store = registry().store
         if store.head(key) is None:
@@ -186,14 +186,15 @@ def create_app() -> FastAPI:
         return StreamingResponse(result.stream(min_chunk_size=256 * 1024), media_type=pages.media_type(relative), headers=headers)
 
     @app.get("/compare", response_class=HTMLResponse)
-    def compare_page(request: Request, user: UserDep, run: Annotated[list[str] | None, Query()] = None) -> HTMLResponse:
+    def compare_page(request: Request, user: UserDep, access: AccessDep,
+                     run: Annotated[list[str] | None, Query()] = None) -> HTMLResponse:
         request.state.aicenter_user = user
         refs = [ref for value in (run or []) for ref in value.split()]  # the form's text box: one id per line
         if len(refs) > MAX_COMPARED:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, f"{len(refs)} runs asked for; compare at most {MAX_COMPARED}")
         store = registry().store
         records = find_runs(store, refs)
-        refused = sorted({r.dag_id for r in records if not can_read_dag(user, r.dag_id)})
+        refused = sorted({r.dag_id for r in records if not access.can_read(r.dag_id)})
         if refused:
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"you do not have read access to DAG(s) {', '.join(refused)}")
         rows = pages.compare_rows(store, records) if records else []
