@@ -34,11 +34,13 @@ from airflow_aicenter.storage import Store
 from tests.conftest import free_port, write_files
 
 
-def tiny_wheel(folder: Path, name: str = "aicenter_tiny", version: str = "0.1", value: int = 42) -> Path:
-    """A real, minimal, installable wheel (METADATA, WHEEL, RECORD with digests)."""
+def tiny_wheel(folder: Path, name: str = "aicenter_tiny", version: str = "0.1", value: int = 42,
+               extra: dict[str, str] | None = None) -> Path:
+    """A real, minimal, installable wheel (METADATA, WHEEL, RECORD with digests); ``extra``: more files of the package."""
     dist = f"{name}-{version}.dist-info"
     files = {
         f"{name}/__init__.py": f"VALUE = {value}\n",
+        **{f"{name}/{rel}": text for rel, text in (extra or {}).items()},
         f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: {version}\n",
         f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
@@ -68,9 +70,9 @@ def package(root: Path, requirements: str, **files: str | bytes) -> Path:
                               "requirements.txt": requirements, **files})
 
 
-def local_wheel_package(tmp_path: Path, name: str = "pkg", value: int = 42) -> Path:
+def local_wheel_package(tmp_path: Path, name: str = "pkg", value: int = 42, extra: dict[str, str] | None = None) -> Path:
     root = package(tmp_path / name, "./wheels/aicenter_tiny-0.1-py3-none-any.whl\n")
-    tiny_wheel(root / "wheels", value=value)
+    tiny_wheel(root / "wheels", value=value, extra=extra)
     return root
 
 
@@ -86,17 +88,6 @@ def prepare(root: Path, store: Store, cache: Path, said: list[str] | None = None
     env = prepare_environment(root, store, cache_dir=cache, log=log, indexes=indexes)
     env.finish(log)
     return env
-
-
-@pytest.fixture
-def closed_index(monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every index uv could reach by default points at a closed local port: nothing may be downloaded."""
-    url = f"http://127.0.0.1:{free_port()}/simple"
-    for name in ("UV_INDEX_URL", "UV_DEFAULT_INDEX", "PIP_INDEX_URL"):
-        monkeypatch.setenv(name, url)
-    for name in ("UV_EXTRA_INDEX_URL", "UV_INDEX", "UV_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS"):
-        monkeypatch.delenv(name, raising=False)
-    return url
 
 
 # -- miss, local hit, store hit ---------------------------------------------------------------
