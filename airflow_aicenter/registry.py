@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import BinaryIO, Literal, cast
 
 import obstore
 
@@ -52,7 +52,7 @@ from airflow_aicenter.records import (
     write,
 )
 from airflow_aicenter.storage import Store
-from airflow_aicenter.storage.transfer import get_blob, put_blob
+from airflow_aicenter.storage.transfer import get_blob, store_blob
 
 #: Give up after this many lost races in a row (only reachable under pathological contention).
 MAX_ATTEMPTS = 10_000
@@ -126,6 +126,21 @@ class PackageSummary:
     latest: VersionRecord | None = None
     aliases: dict[str, AliasRecord] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Upload:
+    """What ``Registry.upload_package`` did, for the CLI to say.
+
+    ``created`` is False when the content is identical to a stored upload (``record``), which is
+    then returned instead of a new version. ``repaired`` is what was wrong with the stored blob
+    of ``record`` that this upload rewrote ("missing" or "damaged"), or None when it was intact
+    (a new version's blob that was simply not stored yet is no repair).
+    """
+
+    record: VersionRecord
+    created: bool
+    repaired: Literal["missing", "damaged"] | None = None
 
 
 class Registry:
@@ -212,17 +227,42 @@ class Registry:
 
     # -- writing -------------------------------------------------------------------------
     def upload(self, path: Path, name: str, *, created_by: str = "", description: str | None = None) -> VersionRecord:
-        """Validate a package folder or zip, store its content, and create the next ``N.0``."""
+        """Validate a package folder or zip, store its content, and create the next ``N.0`` (always)."""
+        return self.upload_package(path, name, force=True, created_by=created_by, description=description).record
+
+    def upload_package(
+        self, path: Path, name: str, *, force: bool = False, created_by: str = "", description: str | None = None
+    ) -> Upload:
+        """Validate and store a package; content identical to a stored upload makes no new version.
+
+        The zip is deterministic, so identical content has the same digest: re-uploading an
+        unchanged package returns the upload (``N.0``) it equals instead of a new major
+        (``force`` makes the new major anyway). Either way the stored blob is hashed in full
+        and rewritten from this upload when it is damaged or missing, which is what the
+        corruption and missing-blob errors advise: uploading the same package again repairs it.
+        """
         validate_package_name(name)
         with tempfile.TemporaryDirectory(prefix="aicenter-upload-") as tmp:
             root = open_package(Path(path), Path(tmp) / "pkg")
             info = validate_package(root, "serve")
             zip_path = Path(tmp) / "package.zip"
             digest = write_zip(root, zip_path)
-            put_blob(self.store, zip_path, digest.sha256)
+            stored = None if force else self._identical_upload(name, digest.sha256)
+            found = store_blob(self.store, zip_path, digest.sha256)
+        if stored is not None:
+            return Upload(stored, created=False, repaired=None if found == "ok" else found)
         blob = BlobRef(sha256=digest.sha256, size=digest.size)
         desc = info.metadata.description if description is None else description
-        return self.commit(name, parent=None, blob=blob, pipeline="upload", created_by=created_by, description=desc)
+        record = self.commit(name, parent=None, blob=blob, pipeline="upload", created_by=created_by, description=desc)
+        return Upload(record, created=True, repaired="damaged" if found == "damaged" else None)
+
+    def _identical_upload(self, name: str, sha256: str) -> VersionRecord | None:
+        """The upload (``N.0``) of ``name`` whose content is ``sha256``: one read per major, newest first."""
+        for major in range((self.latest_major(name) or 0), 0, -1):
+            stored = self.get(name, f"{major}.0")
+            if stored.blob.sha256 == sha256:
+                return stored
+        return None
 
     def commit(
         self,

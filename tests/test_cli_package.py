@@ -176,3 +176,35 @@ def test_a_mistyped_s3_prefix_is_an_error_like_a_mistyped_folder(s3_server, tmp_
     (folder / "x").mkdir(parents=True)
     other = cli("--storage", folder.as_uri(), "runs", "list")
     assert other.returncode == 1 and "is not an aicenter store" in other.stderr
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "missing"])
+def test_uploading_identical_content_again_repairs_its_blob(target, tmp_path, damage):
+    """Issue 20, finding 1: the corruption error advises re-uploading the package, and identical content
+    made no new version and never looked at the stored blob: re-uploading repaired nothing."""
+    uri, env = target
+    store = open_store(uri, server_options(env))
+    first = cli("--storage", uri, "package", "upload", str(EXAMPLE_PACKAGE), "--name", "churn", env=env)
+    assert first.returncode == 0, first.stderr
+    record = Registry(store).get("churn", "1.0")
+    key = f"blobs/sha256/{record.blob.sha256}"
+    good = store.get_bytes(key)
+    if damage == "missing":
+        store.delete(key)
+    else:
+        store.put_bytes(key, good[:100] + bytes([good[100] ^ 1]) + good[101:] if damage == "flipped" else good[:-7])
+    done = cli("--storage", uri, "package", "download", "churn:1.0", str(tmp_path / "out"), env=env)
+    assert done.returncode == 1 and "package upload" in done.stderr and "verify --repair" in done.stderr, done.stderr
+
+    again = cli("--storage", uri, "package", "upload", str(EXAMPLE_PACKAGE), "--name", "churn", env=env)
+    assert again.returncode == 0, again.stderr
+    found = "missing" if damage == "missing" else "damaged"
+    assert f"churn 1.0 already stored; its blob was {found} and has been rewritten" in " ".join(again.stdout.split())
+    assert store.get_bytes(key) == good
+    assert Registry(store).latest_major("churn") == 1, "no new version"
+    done = cli("--storage", uri, "package", "download", "churn:1.0", str(tmp_path / "out"), env=env)
+    assert done.returncode == 0, done.stderr
+
+    intact = json.loads(cli("--storage", uri, "package", "upload", str(EXAMPLE_PACKAGE), "--name", "churn", "--json",
+                            env=env).stdout)
+    assert (intact["version"], intact["created"], intact["repaired"]) == ("1.0", False, None)

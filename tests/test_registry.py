@@ -306,3 +306,24 @@ def test_checking_a_version_follows_the_files_its_requirements_include(store: St
     record = registry.upload(pkg, "churn")
     registry.check(record, "train")
 
+
+
+@pytest.mark.parametrize("damage", ["damaged", "missing"])
+def test_uploading_identical_content_verifies_and_repairs_the_stored_blob(store: Store, pkg: Path, damage: str) -> None:
+    """Issue 20, finding 1: identical content makes no new version, and its stored blob is checked and rewritten."""
+    registry = Registry(store)
+    first = registry.upload_package(pkg, "churn")
+    assert (first.record.version, first.created, first.repaired) == ("1.0", True, None)
+    key = f"blobs/sha256/{first.record.blob.sha256}"
+    good = store.get_bytes(key)
+    if damage == "missing":
+        store.delete(key)
+    else:
+        store.put_bytes(key, good[:-1] + bytes([good[-1] ^ 0xFF]))
+    again = registry.upload_package(pkg, "churn")
+    assert (again.record.version, again.created, again.repaired) == ("1.0", False, damage)
+    assert store.get_bytes(key) == good
+    intact = registry.upload_package(pkg, "churn")
+    assert (intact.record.version, intact.created, intact.repaired) == ("1.0", False, None)
+    forced = registry.upload_package(pkg, "churn", force=True)
+    assert (forced.record.version, forced.created) == ("2.0", True)

@@ -99,6 +99,12 @@ class FileEntry:
     size: int
 
 
+#: How a damaged or missing blob is put back: both ways hash what they write and rewrite the blob in place.
+REPAIR_ADVICE = (
+    "upload the same package again (`aicenter package upload PATH --name NAME` rewrites the blob of an identical "
+    "stored version), or run `aicenter verify --repair PATH` with a folder or zip holding the original content"
+)
+
 #: What a blob was found to be: stored intact, absent, or present with other content (hashed).
 BlobState = Literal["ok", "missing", "damaged"]
 
@@ -304,7 +310,7 @@ async def download_file(
         tmp.unlink(missing_ok=True)
         raise StorageError(
             f"{store.url(key)} is corrupt: its content hashes to sha256:{hexdigest}, expected sha256:{expect_sha256}; "
-            "the object was changed or damaged in the store: restore it from a backup or re-upload the package"
+            f"the object was changed or damaged in the store: {REPAIR_ADVICE}"
         )
     os.replace(tmp, dest)
     return FileEntry(key, hexdigest, got)
@@ -856,8 +862,7 @@ def blob_state(store: Store, sha256: str) -> BlobState:
 def missing_blob(store: Store, sha256: str) -> NotFoundError:
     return NotFoundError(
         f"blob sha256:{sha256} is missing from the store ({store.url(blob_key(sha256))}): it was deleted after the "
-        "record naming it was written (by `aicenter gc` or by hand); upload that package version again "
-        "(`aicenter package upload`) or restore the blob from a backup"
+        f"record naming it was written (by `aicenter gc` or by hand); {REPAIR_ADVICE}"
     )
 
 
