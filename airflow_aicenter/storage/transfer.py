@@ -451,7 +451,8 @@ async def download_tree(
 ) -> list[FileEntry]:
     """Copy every object under ``prefix`` into ``dest``; entries are relative to ``prefix``.
 
-    S3 folder markers (zero-byte ``name/`` keys) are skipped; a key that is also a folder
+    S3 folder markers (zero-byte ``name/`` keys) are skipped, a ``name/`` key with content is
+    refused by name (it cannot be read as a file); a key that is also a folder
     (``x`` and ``x/y``) and, on a file store, a name obstore cannot read are DatasetErrors
     naming them, found before any byte is read. Temporary files live in a folder of their own
     beside ``dest``, so no dataset file name can collide with one.
@@ -468,7 +469,7 @@ async def download_tree(
             f"dataset {store.url(prefix)} is empty or does not exist; upload the data there or fix the dataset URI"
         )
     limiter = _limit(limit)
-    infos = await _without_folder_markers(store, infos, limiter)
+    infos = await _without_folder_markers(store, infos, limiter, prefix)
     rels = [info.key[strip:] for info in infos]
     _check_dataset_names(store, rels)
     for info, rel in zip(infos, rels, strict=True):
@@ -484,6 +485,14 @@ async def download_tree(
     try:
 
         async def one(numbered: tuple[int, ObjectInfo]) -> FileEntry:
+            try:
+                return await fetch(numbered)
+            except NotFoundError:
+                if marker := await _diagnose_unreadable(store, numbered[1], prefix):
+                    raise marker from None
+                raise
+
+        async def fetch(numbered: tuple[int, ObjectInfo]) -> FileEntry:
             n, info = numbered
             rel = rels[n]
             target = dest_root / rel
@@ -517,19 +526,59 @@ def _write_new(target: Path, data: memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-async def _without_folder_markers(store: Store, infos: list[ObjectInfo], limiter: AdaptiveLimit) -> list[ObjectInfo]:
-    """Drop S3 folder markers: obstore lists ``name/`` as ``name``, which a GET or HEAD cannot find."""
+async def _without_folder_markers(
+    store: Store, infos: list[ObjectInfo], limiter: AdaptiveLimit, prefix: str = ""
+) -> list[ObjectInfo]:
+    """Drop S3 folder markers: obstore lists ``name/`` as ``name``, which a GET or HEAD cannot find.
+
+    An empty ``name/`` is what the S3 console's "Create folder" makes: skipped. One with content
+    cannot be read through its listed name at all, so it is refused by name (marker_error)
+    rather than failing later as "``name`` does not exist". Only the keys that can be such an
+    object cheaply are asked about (a HEAD each): empty ones, and those that are also the
+    folder of another key; any other one is diagnosed if its GET fails (download_tree).
+    """
     if store.scheme != "s3":
         return infos
-    empty = [info for info in infos if info.size == 0]
-    if not empty:
+    folders = {key.rsplit("/", i)[0] for key in (info.key for info in infos) for i in range(1, key.count("/") + 1)}
+    suspects = [info for info in infos if info.size == 0 or info.key in folders]
+    if not suspects:
         return infos
 
     async def is_marker(info: ObjectInfo) -> bool:
         return await store.head_async(info.key) is None
 
-    markers = {info.key for info, gone in zip(empty, await gather_limited(empty, is_marker, limiter), strict=True) if gone}
+    gone = await gather_limited(suspects, is_marker, limiter)
+    for info, marker in zip(suspects, gone, strict=True):
+        if marker and info.size:
+            raise marker_error(store, info, prefix)
+    markers = {info.key for info, marker in zip(suspects, gone, strict=True) if marker}
     return [info for info in infos if info.key not in markers]
+
+
+def marker_error(store: Store, info: ObjectInfo, prefix: str) -> DatasetError:
+    """A dataset object whose key ends in '/' and holds bytes: neither a folder marker nor a readable file."""
+    strip = len(prefix.rstrip("/") + "/") if prefix else 0
+    return DatasetError(
+        f"dataset object {info.key[strip:] + '/'!r} in {store.url(prefix.rstrip('/'))} ends in '/' but holds "
+        f"{info.size} bytes: S3 tools take a key ending in '/' for a folder, and it cannot be staged as a file; "
+        f"delete it ({store.url(info.key)}/) if it is an empty folder's marker written with content by mistake, or "
+        "move its content to a name without the trailing '/'"
+    )
+
+
+async def _diagnose_unreadable(store: Store, info: ObjectInfo, prefix: str) -> DatasetError | None:
+    """For a listed object whose GET found nothing: the marker error when it is a ``name/`` with content.
+
+    A HEAD that finds nothing while a listing still shows the object (not deleted meanwhile)
+    means its real key is ``name/``.
+    """
+    if store.scheme != "s3" or not info.size or await store.head_async(info.key) is not None:
+        return None
+    with store._errors(info.key):
+        async for page in obstore.list(store.inner, info.key, chunk_size=1000):
+            if any(meta["path"] == info.key for meta in page):
+                return marker_error(store, info, prefix)
+    return None
 
 
 def _check_dataset_names(store: Store, rels: list[str]) -> None:
