@@ -12,6 +12,7 @@ churn". The package name is kept as written: names are case-sensitive in the reg
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import SplitResult, urlsplit
 
@@ -20,6 +21,8 @@ from airflow_aicenter.package.names import validate_package_name
 
 if TYPE_CHECKING:
     from airflow.sdk import Asset
+
+    from airflow_aicenter.completion import LineageDataset
 
 SCHEME = "aicenter"
 #: The OpenLineage namespace of every package dataset (the name is the package).
@@ -70,7 +73,27 @@ def convert_asset_to_openlineage(asset: Asset, lineage_context: Any = None) -> A
     Called by the OpenLineage provider only, which brings the OpenLineage client: imported here
     so that it stays an optional dependency.
     """
-    from openlineage.client.event_v2 import Dataset
+    return openlineage_dataset(OPENLINEAGE_NAMESPACE, sanitize_uri(urlsplit(asset.uri)).netloc)
 
-    package = sanitize_uri(urlsplit(asset.uri)).netloc
-    return Dataset(namespace=OPENLINEAGE_NAMESPACE, name=package)
+
+def openlineage_dataset(namespace: str, name: str, version: str | None = None) -> Any:
+    """An OpenLineage ``Dataset``; a package version carries its version as the dataset's version facet."""
+    from openlineage.client.event_v2 import Dataset
+    from openlineage.client.generated.dataset_version_dataset import DatasetVersionDatasetFacet
+
+    if version is None:
+        return Dataset(namespace=namespace, name=name)
+    return Dataset(namespace=namespace, name=name, facets={"version": DatasetVersionDatasetFacet(datasetVersion=version)})
+
+
+def operator_lineage(inputs: Iterable[LineageDataset], outputs: Iterable[LineageDataset]) -> Any:
+    """A task's lineage (:func:`airflow_aicenter.completion.lineage`) as the OpenLineage provider's ``OperatorLineage``.
+
+    Called from the operator's OpenLineage hook only: the provider is optional.
+    """
+    from airflow.providers.openlineage.extractors import OperatorLineage
+
+    return OperatorLineage(
+        inputs=[openlineage_dataset(d.namespace, d.name, d.version) for d in inputs],
+        outputs=[openlineage_dataset(d.namespace, d.name, d.version) for d in outputs],
+    )

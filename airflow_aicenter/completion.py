@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol
 
 from airflow_aicenter.crashpoints import crash_point
@@ -33,7 +34,7 @@ from airflow_aicenter.records import (
     write,
 )
 from airflow_aicenter.registry import Registry
-from airflow_aicenter.secrets import Redactor, masked_env, redact
+from airflow_aicenter.secrets import Redactor, is_secret_key, masked_env, redact
 
 #: What the data of a run's snapshot is called in ``_results.json`` outputs, by operator argument.
 SNAPSHOT_OF = {"dataset": "data_directory", "evaluation_dataset": "test_data_directory"}
@@ -47,7 +48,11 @@ class Log(Protocol):
 
 @dataclass(frozen=True, eq=False)
 class RunRequest:
-    """What the task asked for (the operator's rendered arguments), as the post-run step needs it."""
+    """What the task asked for: the operator's rendered arguments, one value for before and after the run.
+
+    The spec (:func:`airflow_aicenter.run_spec.build_spec`), the launcher's secret env and the
+    post-run step all read it, so every one of them sees the same arguments and the same secrets.
+    """
 
     plan: PipelinePlan
     package: str
@@ -58,8 +63,40 @@ class RunRequest:
     gpu: int = 0
     promote_to: str | None = None
     promote_if: str = "better"
-    #: The secret values of ``env`` (masked in every record).
-    redactor: Redactor = field(default_factory=Redactor)
+    #: ``env`` keys whose values are secret although their names do not look it (values Airflow's masker knows).
+    secret_keys: frozenset[str] = frozenset()
+    save_training_data: bool = False
+    save_test_data: bool = False
+    install_requirements: bool = True
+    allow_source_builds: bool = False
+    nodes: int = 1
+    procs_per_node: int = 1
+    checkpoint_interval: float = 300.0
+    incremental: bool = False
+    #: More RunSpec fields of a pipeline type (prediction's ``input_type`` and ``max_failed``).
+    spec_extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def masked_keys(self) -> frozenset[str]:
+        """``env`` keys whose values are secret: secret-looking names and ``secret_keys``."""
+        return frozenset(k for k in self.env if is_secret_key(k) or k in self.secret_keys)
+
+    @cached_property
+    def redactor(self) -> Redactor:
+        """The secret values of ``env``, masked in every record."""
+        return Redactor(str(self.env[k]) for k in self.masked_keys)
+
+    def secret_env(self) -> dict[str, str]:
+        """The secret user parameters: they travel as process env, never in the spec."""
+        return {k: str(v) for k, v in self.env.items() if k in self.masked_keys}
+
+    def plain_env(self) -> dict[str, str]:
+        """The user parameters the spec may hold."""
+        return {k: str(v) for k, v in self.env.items() if k not in self.masked_keys}
+
+    def datasets(self) -> dict[str, str | None]:
+        """The dataset arguments by name, as plans name them (``dataset``, ``evaluation_dataset``)."""
+        return {"dataset": self.dataset, "evaluation_dataset": self.evaluation_dataset}
 
     def evaluated_on(self, outcome: Outcome) -> str | None:
         """The data this run's score was measured on: the evaluation dataset, else the full run's own split."""
@@ -136,7 +173,7 @@ def lineage(
     Before a run (no ``completion``): the declared datasets only. Versions are datasets of
     ``namespace`` named after the package, with the version as their dataset version.
     """
-    datasets = {"dataset": request.dataset, "evaluation_dataset": request.evaluation_dataset}
+    datasets = request.datasets()
     inputs = [d for attr in request.plan.all_datasets for d in lineage_data(datasets.get(attr))]
     if completion is None:
         return inputs, []
@@ -377,7 +414,7 @@ class PostRun:
     ) -> Results:
         """``_results.json``: AI Center's keys for this pipeline type, ours under ``aicenter``."""
         request, plan = self.request, self.plan
-        datasets = {"dataset": request.dataset, "evaluation_dataset": request.evaluation_dataset}
+        datasets = request.datasets()
         inputs: dict[str, Any] = {"package": request.package, "version": parent.version, "gpu": str(bool(request.gpu))}
         outputs: dict[str, Any] = {
             "artifacts_data": artifacts_uri,

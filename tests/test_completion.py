@@ -20,7 +20,7 @@ from airflow_aicenter.plans import EVALUATE, FULL, PREDICT, TRAIN, PipelinePlan
 from airflow_aicenter.promotion import promote
 from airflow_aicenter.records import BlobRef, Outcome, Registration, RunRef, read, write
 from airflow_aicenter.registry import Registry
-from airflow_aicenter.secrets import MASK, Redactor
+from airflow_aicenter.secrets import MASK
 from airflow_aicenter.storage import Store
 from tests.aicenter_helpers import SCORED_TRAIN, upload_package
 
@@ -46,8 +46,7 @@ def ref(store: Store, try_number: int = 1, task_id: str = "task") -> RunRef:
 def request(plan: PipelinePlan, **fields) -> RunRequest:
     datasets = {"dataset": DATA, "evaluation_dataset": EVAL}
     given = {attr: datasets[attr] for attr in plan.datasets}
-    return RunRequest(plan=plan, package="scored", env={"EPOCHS": "3", "API_TOKEN": SECRET},
-                      redactor=Redactor([SECRET]), **{**given, **fields})
+    return RunRequest(plan=plan, package="scored", env={"EPOCHS": "3", "API_TOKEN": SECRET}, **{**given, **fields})
 
 
 def outcome(registry: Registry, plan: PipelinePlan, status: str = "succeeded", **fields) -> Outcome:

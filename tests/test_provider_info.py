@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from airflow_aicenter.hooks.aicenter import LAUNCHERS, AICenterHook
+from airflow_aicenter.hooks.aicenter import AICenterHook
+from airflow_aicenter.launchers.base import LAUNCHERS
 
 pytestmark = pytest.mark.airflow
 

@@ -15,10 +15,9 @@ from typing import Any
 from airflow.sdk import BaseHook
 
 from airflow_aicenter.errors import ConfigurationError
+from airflow_aicenter.launchers.base import LAUNCHERS
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import S3Options, Store, open_store
-
-LAUNCHERS = ("local", "kubernetes")
 
 
 def airflow_home() -> Path:

@@ -15,6 +15,9 @@ if TYPE_CHECKING:
 
     from airflow_aicenter.storage import Store
 
+#: The launchers by name (the operator's ``launcher`` argument, the connection's ``launcher`` extra).
+LAUNCHERS = ("local", "kubernetes")
+
 
 @dataclass(frozen=True)
 class Finished:

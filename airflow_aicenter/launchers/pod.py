@@ -96,6 +96,21 @@ def pvc_uri(claim: str, sub_path: str | None) -> str:
     return f"pvc://{claim}/{(sub_path or '').strip('/')}".rstrip("/")
 
 
+def template_namespace(op: KubernetesPodOperator) -> str | None:
+    """The namespace the operator's own pod template names (``full_pod_spec``, ``pod_template_file`` or
+    ``pod_template_dict``): it wins over the connection's ``namespace``."""
+    from airflow.providers.cncf.kubernetes.pod_generator import PodGenerator
+
+    template: Any = op.full_pod_spec
+    if template is None or not (template.metadata and template.metadata.namespace):
+        if op.pod_template_file:
+            template = PodGenerator.deserialize_model_file(op.pod_template_file)
+        elif op.pod_template_dict:
+            template = PodGenerator.deserialize_model_dict(op.pod_template_dict)
+    namespace = template.metadata.namespace if template is not None and template.metadata else None
+    return str(namespace) if namespace else None
+
+
 def refuse_secret_env(env: dict[str, Any], secret_keys: frozenset[str] = frozenset()) -> None:
     """Secret-looking ``env`` keys cannot go into a pod spec (anyone who can read pods reads them).
 

@@ -16,27 +16,29 @@ its public extension points are used (``build_pod_request_obj``, ``get_or_create
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from functools import cached_property
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.sdk import Asset, AssetAlias
 from airflow.sdk.exceptions import AirflowFailException
 
-from airflow_aicenter.completion import Completion, LineageDataset, PostRun, RunRequest, lineage
-from airflow_aicenter.errors import AICenterError, ConfigurationError
-from airflow_aicenter.hooks.aicenter import LAUNCHERS, AICenterHook
+from airflow_aicenter import run_spec
+from airflow_aicenter.assets import OPENLINEAGE_NAMESPACE, operator_lineage
+from airflow_aicenter.completion import Completion, PostRun, RunRequest, lineage
+from airflow_aicenter.errors import AICenterError
+from airflow_aicenter.hooks.aicenter import AICenterHook
 from airflow_aicenter.launchers.base import Finished, Launcher
 from airflow_aicenter.launchers.local import LocalLauncher
-from airflow_aicenter.launchers.pod import PodLauncher, PodSettings, RunCallbacks, check_infra, pvc_uri
-from airflow_aicenter.operators.checks import check_datasets, check_shape, gpu_count, positive_count
+from airflow_aicenter.launchers.pod import PodLauncher, PodSettings, RunCallbacks, pvc_uri, template_namespace
+from airflow_aicenter.operators.checks import check_arguments, check_datasets
 from airflow_aicenter.operators.links import ArtifactsLink, ResultsLink
 from airflow_aicenter.plans import PipelinePlan
-from airflow_aicenter.promotion import PromoteIf, check_promote_if
+from airflow_aicenter.promotion import PromoteIf
 from airflow_aicenter.records import RunRef, RunSpec, VersionRecord
-from airflow_aicenter.runtime.environment import package_indexes
-from airflow_aicenter.secrets import SECRET_KEYS_ENV, Redactor, forms, is_secret_key
+from airflow_aicenter.secrets import forms
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -71,6 +73,17 @@ def no_retry(error: AICenterError) -> AICenterError:
     failed = _NO_RETRY[kind](*error.args)
     failed.__cause__ = error.__cause__
     return failed
+
+
+@contextmanager
+def fail_once() -> Iterator[None]:
+    """Our errors that retrying cannot fix (bad input) fail the task once; transient ones are retried."""
+    try:
+        yield
+    except AICenterError as exc:
+        if exc.retryable:
+            raise
+        raise no_retry(exc) from exc
 
 
 def package_asset(package: str) -> Asset:
@@ -177,63 +190,58 @@ class BasePipelineOperator(KubernetesPodOperator):
         kwargs.setdefault("init_container_logs", True)
         kwargs.setdefault("container_logs", True)
         super().__init__(**kwargs)
+        check_arguments(
+            self.plan,
+            type(self).__name__,
+            dataset=dataset,
+            gpu=gpu,
+            cpu=cpu,
+            memory_gb=memory_gb,
+            storage_gb=storage_gb,
+            dataset_volume_claim=dataset_volume_claim,
+            dataset_sub_path=dataset_sub_path,
+            allow_source_builds=allow_source_builds,
+            nodes=nodes,
+            procs_per_node=procs_per_node,
+            checkpoint_interval=checkpoint_interval,
+            incremental=incremental,
+            launcher=launcher,
+            promote_to=promote_to,
+            promote_if=promote_if,
+            do_xcom_push=self.do_xcom_push,
+        )
         self.package = package
         self.version = version
-        self.dataset = dataset
+        self.requested_version = version
+        # A mounted claim is the dataset: records and _results.json name it pvc://<claim>/<sub_path>.
+        self.dataset = pvc_uri(dataset_volume_claim, dataset_sub_path) if dataset_volume_claim and not dataset else dataset
         self.evaluation_dataset = evaluation_dataset
         self.env = env or {}
         self.save_training_data = save_training_data
         self.save_test_data = save_test_data
-        self.gpu = gpu_count(gpu)
+        self.gpu = int(gpu)
         self.aicenter_conn_id = aicenter_conn_id
         self.launcher = launcher
         self.python = python
-        check_infra(cpu=cpu, memory_gb=memory_gb, storage_gb=storage_gb, dataset_sub_path=dataset_sub_path)
-        self.cpu, self.memory_gb, self.storage_gb = cpu, memory_gb, storage_gb
+        self.cpu = cpu
+        self.memory_gb = memory_gb
+        self.storage_gb = storage_gb
         self.dataset_volume_claim = dataset_volume_claim
         self.dataset_sub_path = dataset_sub_path
         self.aws_secret_name = aws_secret_name
         self.install_requirements = install_requirements
-        if not isinstance(allow_source_builds, bool):
-            raise ConfigurationError(f"allow_source_builds={allow_source_builds!r} is not valid; give True or False")
         self.allow_source_builds = allow_source_builds
-        self.nodes = positive_count("nodes", nodes)
-        self.procs_per_node = positive_count("procs_per_node", procs_per_node)
-        if isinstance(checkpoint_interval, bool) or not isinstance(checkpoint_interval, int | float) or checkpoint_interval <= 0:
-            raise ConfigurationError(f"checkpoint_interval={checkpoint_interval!r} is not valid; give seconds > 0 (default 300)")
+        self.nodes = nodes
+        self.procs_per_node = procs_per_node
         self.checkpoint_interval = float(checkpoint_interval)
         self.incremental = incremental
-        if dataset_volume_claim and dataset and not dataset.startswith("pvc://"):
-            raise ConfigurationError(
-                f"give either dataset={dataset!r} (staged from the store) or dataset_volume_claim={dataset_volume_claim!r} "
-                "(mounted read-only), not both"
-            )
-        if dataset_volume_claim and not dataset:
-            self.dataset = pvc_uri(dataset_volume_claim, dataset_sub_path)
-        if self.do_xcom_push:
-            raise ConfigurationError(
-                "do_xcom_push=True would add KubernetesPodOperator's XCom sidecar (known to hang the task); the results "
-                "are pushed to XCom (return_value) without it: leave do_xcom_push unset"
-            )
-        if launcher is not None and launcher not in LAUNCHERS:
-            raise ConfigurationError(f"launcher={launcher!r} is not valid; use one of {', '.join(LAUNCHERS)} or None")
         self.promote_to = promote_to
-        self.promote_if = check_promote_if(promote_if)
-        check_shape(
-            self.plan,
-            type(self).__name__,
-            nodes=self.nodes,
-            procs_per_node=self.procs_per_node,
-            incremental=incremental,
-            promote_to=promote_to,
-            promote_if=promote_if,
-        )
+        self.promote_if = promote_if
         if self.plan.makes_version:
             outlet = package_outlet(package)
             if outlet not in self.outlets and AssetAlias(PACKAGE_ALIAS) not in self.outlets:  # partial() declared it
                 self.outlets = [*self.outlets, outlet]
         self.callbacks = [*self.callbacks, RunCallbacks]
-        self.requested_version = version
         self.launcher_in_use: Launcher | None = None
         self.completion: Completion | None = None
 
@@ -266,6 +274,7 @@ class BasePipelineOperator(KubernetesPodOperator):
 
     def make_launcher(self, name: str) -> Launcher:
         """The launcher for this run (override to add one); ``nodes > 1`` on Kubernetes is a Job."""
+        request, hook = self.run_request(), self.aicenter_hook
         if name == "kubernetes":
             settings = PodSettings(
                 pipeline=self.plan.name,
@@ -278,78 +287,84 @@ class BasePipelineOperator(KubernetesPodOperator):
                 dataset_sub_path=self.dataset_sub_path,
                 aws_secret_name=self.aws_secret_name,
                 datasets=(self.dataset, self.evaluation_dataset),
-                secret_keys=frozenset(self.masked_keys()),
+                secret_keys=request.masked_keys,
             )
             if self.nodes > 1:
                 from airflow_aicenter.launchers.job import JobLauncher
 
-                return JobLauncher(self, self.aicenter_hook, settings, nodes=self.nodes)
-            return PodLauncher(self, self.aicenter_hook, settings)
-        child_env = {
-            **self.aicenter_hook.runtime_env(self.dataset, self.evaluation_dataset),
-            **self.user_secret_env(),
-            SECRET_KEYS_ENV: ",".join(sorted(self.masked_keys())),
-        }
+                return JobLauncher(self, hook, settings, nodes=self.nodes)
+            return PodLauncher(self, hook, settings)
         return LocalLauncher(
-            store=self.aicenter_hook.get_store(),
-            env=child_env,
-            secrets=self.redactor(),
+            store=hook.get_store(),
+            env={**hook.runtime_env(self.dataset, self.evaluation_dataset), **run_spec.secret_env(request)},
+            secrets=request.redactor,
             python=self.python,
             gpu=self.gpu,
             nodes=self.nodes,
             dataset_volume_claim=self.dataset_volume_claim,
             log=self.log,
-            run_as_user=self.aicenter_hook.settings.extra.get("run_as_user"),
+            run_as_user=hook.settings.extra.get("run_as_user"),
         )
 
     # -- the one flow --------------------------------------------------------------------
     def execute(self, context: Context) -> dict[str, Any]:
+        hook, request = self.aicenter_hook, self.run_request()
         run = self.run_ref(context)
-        post = self.post_run()
+        post = PostRun(hook.registry, request, self.log)
         self.launcher_in_use = None  # each execution builds its own
-        try:
-            launcher = self.run_launcher()
-            parent = self.aicenter_hook.registry.resolve(self.package, str(self.requested_version))
-            self.log.info(
-                "Package %s version %s (resolved from %r), run folder %s",
-                self.package,
-                parent.version,
-                self.requested_version,
-                run.uri,
-            )
-            self.aicenter_hook.registry.check(parent, self.plan.contract)
-            self.check_datasets()
-            launcher.check()
-            recovered = post.recover(run, outlives_worker=launcher.outlives_worker)
-            if recovered is not None:
-                parent, run = recovered.parent, recovered.run
-            spec = self.build_spec(parent, run)
-        except AICenterError as exc:
-            post.record_refused(run, exc)
-            if exc.retryable:
+        with fail_once():
+            try:
+                launcher = self.run_launcher()
+                parent = hook.registry.resolve(self.package, request.requested_version)
+                self.log.info(
+                    "Package %s version %s (resolved from %r), run folder %s",
+                    self.package,
+                    parent.version,
+                    request.requested_version,
+                    run.uri,
+                )
+                hook.registry.check(parent, self.plan.contract)
+                check_datasets(
+                    self.plan,
+                    request.datasets(),
+                    type(self).__name__,
+                    open_store=hook.get_store,
+                    mounted_claim=bool(self.dataset_volume_claim),
+                    allowed_roots=hook.settings.extra.get("allowed_dataset_roots"),
+                )
+                launcher.check()
+                recovered = post.recover(run, outlives_worker=launcher.outlives_worker)
+                if recovered is not None:
+                    parent, run = recovered.parent, recovered.run
+                spec = self.build_spec(parent, run)
+            except AICenterError as exc:
+                post.record_refused(run, exc)
                 raise
-            raise no_retry(exc) from exc
-        if recovered is not None:
-            return self.complete(context, Finished(spec, run, recovered.outcome))
-        try:
-            if isinstance(launcher, PodLauncher) and launcher.runs_in_operator:
-                finished = self.run_pod(context, launcher, spec, run)
+            if recovered is not None:
+                finished = Finished(spec, run, recovered.outcome)
+            elif isinstance(launcher, PodLauncher) and launcher.runs_in_operator:
+                launcher.prepare(spec, run)
+                finished = self.kpo_run(launcher, None, partial(super().execute, context))
             else:
                 finished = launcher.launch(context, spec, run)
-        except AICenterError as exc:
-            if exc.retryable:
-                raise
-            raise no_retry(exc) from exc
         return self.complete(context, finished)
 
-    def run_pod(self, context: Context, launcher: PodLauncher, spec: RunSpec, run: RunRef) -> Finished:
-        """KubernetesPodOperator's own ``execute`` runs the pod; outcome.json then decides how the run ended."""
+    def trigger_reentry(self, context: Context, event: dict[str, Any]) -> Any:
+        """Deferrable re-entry (pod or Job): KPO's own re-entry for a pod, then the same post-run step."""
+        launcher = self.run_launcher("kubernetes")
+        if not (isinstance(launcher, PodLauncher) and launcher.runs_in_operator):
+            return self.complete(context, launcher.resume(context, event))
+        pod_run = launcher.resumed(event)
+        return self.complete(context, self.kpo_run(launcher, pod_run.run, partial(super().trigger_reentry, context, event)))
+
+    def kpo_run(self, launcher: PodLauncher, run: RunRef | None, kpo: Callable[[], Any]) -> Finished:
+        """KubernetesPodOperator runs the pod (``execute``) or watches it on (``trigger_reentry``); outcome.json then
+        decides how the run ended, and the run's credentials are revoked (unless the task defers)."""
         from airflow.sdk.exceptions import TaskDeferred
 
-        launcher.prepare(spec, run)
         deferred = False
         try:
-            super().execute(context)
+            kpo()
         except TaskDeferred:
             deferred = True
             raise
@@ -359,34 +374,13 @@ class BasePipelineOperator(KubernetesPodOperator):
             return launcher.ending(exc)
         finally:
             if not deferred:
-                launcher.revoke_credentials()
+                launcher.revoke_credentials(run)
         return launcher.ending(None)
-
-    def trigger_reentry(self, context: Context, event: dict[str, Any]) -> Any:
-        """Deferrable re-entry (pod or Job): KPO's own re-entry for a pod, then the same post-run step."""
-        from airflow.sdk.exceptions import TaskDeferred
-
-        launcher = self.run_launcher("kubernetes")
-        if not (isinstance(launcher, PodLauncher) and launcher.runs_in_operator):
-            return self.complete(context, launcher.resume(context, event))
-        pod_run = launcher.resumed(event)
-        try:
-            super().trigger_reentry(context, event)
-        except TaskDeferred:
-            raise
-        except AICenterError:
-            launcher.revoke_credentials(pod_run.run)
-            raise
-        except Exception as exc:  # noqa: BLE001 - outcome.json decides
-            launcher.revoke_credentials(pod_run.run)
-            return self.complete(context, launcher.ending(exc))
-        launcher.revoke_credentials(pod_run.run)
-        return self.complete(context, launcher.ending(None))
 
     def build_pod_request_obj(self, context: Context | None = None, *, dry_run: bool = False) -> k8s.V1Pod:
         """KubernetesPodOperator's pod, with the runtime container, volumes, resources and security added."""
         settings = self.aicenter_hook.settings
-        if self.namespace is None and settings.namespace and not self._template_namespace():
+        if self.namespace is None and settings.namespace and not template_namespace(self):
             self.namespace = settings.namespace
         pod = super().build_pod_request_obj(context, dry_run=dry_run)
         launcher = self.run_launcher("kubernetes")
@@ -402,18 +396,6 @@ class BasePipelineOperator(KubernetesPodOperator):
             self.launcher_in_use.adopt(pod)
         return pod
 
-    def _template_namespace(self) -> str | None:
-        from airflow.providers.cncf.kubernetes.pod_generator import PodGenerator
-
-        template: Any = self.full_pod_spec
-        if template is None or not (template.metadata and template.metadata.namespace):
-            if self.pod_template_file:
-                template = PodGenerator.deserialize_model_file(self.pod_template_file)
-            elif self.pod_template_dict:
-                template = PodGenerator.deserialize_model_dict(self.pod_template_dict)
-        namespace = template.metadata.namespace if template is not None and template.metadata else None
-        return str(namespace) if namespace else None
-
     def on_kill(self) -> None:
         """KPO deletes the pod (a pod run, or nothing started yet); the launcher then records the run as killed."""
         launcher = self.launcher_in_use
@@ -424,16 +406,8 @@ class BasePipelineOperator(KubernetesPodOperator):
 
     # -- before compute -------------------------------------------------------------------
     def run_ref(self, context: Context) -> RunRef:
-        ti = context["ti"]
-        ref = RunRef(
-            dag_id=ti.dag_id,
-            run_id=ti.run_id,
-            task_id=ti.task_id,
-            try_number=ti.try_number or 1,
-            map_index=ti.map_index if ti.map_index is not None else -1,
-        )
-        ref.uri = self.aicenter_hook.get_store().url(ref.prefix)
-        return ref
+        """This task try's run folder (see :func:`airflow_aicenter.run_spec.run_ref`)."""
+        return run_spec.run_ref(context["ti"], self.aicenter_hook.get_store())
 
     def render_template_fields(self, context: Context, jinja_env: Any = None) -> None:
         """Render, then mask secrets and show what the run will use, before Airflow stores the rendered fields.
@@ -446,7 +420,7 @@ class BasePipelineOperator(KubernetesPodOperator):
         super().render_template_fields(context, jinja_env)
         from airflow.sdk.log import mask_secret
 
-        for value in self.redactor().values:
+        for value in self.run_request().redactor.values:
             for form in sorted(forms(value)):  # every form; no name: Airflow keeps a named value only if on its list
                 mask_secret(form)
         self.requested_version = self.version
@@ -457,69 +431,10 @@ class BasePipelineOperator(KubernetesPodOperator):
         except AICenterError:
             pass  # execute() reports it, and records the refused run
 
-    def check_datasets(self) -> None:
-        """Fail before compute when a dataset is missing, empty or unreadable (see :func:`.checks.check_datasets`)."""
-        check_datasets(
-            self.plan,
-            {attr: getattr(self, attr) for attr in self.plan.all_datasets},
-            type(self).__name__,
-            open_store=self.aicenter_hook.get_store,
-            mounted_claim=bool(self.dataset_volume_claim),
-            allowed_roots=self.aicenter_hook.settings.extra.get("allowed_dataset_roots"),
-        )
-
-    def masked_keys(self) -> set[str]:
-        """``env`` keys whose values are secret: secret-looking names, and values Airflow's masker knows."""
-        from airflow.sdk.log import redact as airflow_redact
-
-        return {k for k, v in self.env.items() if is_secret_key(k) or airflow_redact(str(v)) != str(v)}
-
-    def redactor(self) -> Redactor:
-        redactor = Redactor()
-        for key in self.masked_keys():
-            redactor.add(str(self.env[key]))
-        return redactor
-
-    def user_secret_env(self) -> dict[str, str]:
-        """User parameters that are secret travel as process env, never in the spec."""
-        masked = self.masked_keys()
-        return {k: str(v) for k, v in self.env.items() if k in masked}
-
     def build_spec(self, parent: VersionRecord, run: RunRef) -> RunSpec:
-        from airflow_aicenter.runtime.manifest import dataset_roots
-
-        incremental_base = None
-        if self.incremental:
-            from airflow_aicenter.runtime.incremental import require_base
-
-            incremental_base = require_base(parent)
-        masked = self.masked_keys()
-        return RunSpec(
-            pipeline=self.plan.name,
-            storage=self.aicenter_hook.get_store().uri,
-            run_prefix=run.prefix,
-            package=self.package,
-            version=parent.version,
-            blob=parent.blob,
-            dataset=self.dataset,
-            evaluation_dataset=self.evaluation_dataset,
-            env={k: str(v) for k, v in self.env.items() if k not in masked},
-            # An incremental run snapshots its data: the next incremental run compares with it.
-            save_training_data=self.save_training_data or self.incremental,
-            save_test_data=self.save_test_data,
-            gpu=self.gpu,
-            install_requirements=self.install_requirements,
-            allow_source_builds=self.allow_source_builds,
-            user_env_names=sorted(self.user_secret_env()),
-            nodes=self.nodes,
-            procs_per_node=self.procs_per_node,
-            checkpoint_prefix=run.path.task.checkpoints if self.plan.makes_version else None,
-            checkpoint_interval=self.checkpoint_interval,
-            incremental_base=incremental_base,
-            package_indexes=package_indexes(self.aicenter_hook.settings.extra.get("package_indexes")),
-            allowed_dataset_roots=[str(r) for r in dataset_roots(self.aicenter_hook.settings.extra.get("allowed_dataset_roots"))],
-            **self.spec_extra(),
-        )
+        """The run's spec (see :func:`airflow_aicenter.run_spec.build_spec`): ``parent`` run in ``run``'s folder."""
+        store, extra = self.aicenter_hook.get_store(), self.aicenter_hook.settings.extra
+        return run_spec.build_spec(self.run_request(), parent, run, storage=store.uri, extra=extra)
 
     def spec_extra(self) -> dict[str, Any]:
         """More RunSpec fields of a pipeline type (prediction's input type)."""
@@ -527,7 +442,9 @@ class BasePipelineOperator(KubernetesPodOperator):
 
     # -- after the run: completion.py's one value, published --------------------------------
     def run_request(self) -> RunRequest:
-        """The rendered arguments the post-run step needs."""
+        """The rendered arguments as one value: the spec, the launcher's secret env and the post-run step read it."""
+        from airflow.sdk.log import redact as airflow_redact
+
         return RunRequest(
             plan=self.plan,
             package=self.package,
@@ -538,7 +455,17 @@ class BasePipelineOperator(KubernetesPodOperator):
             gpu=self.gpu,
             promote_to=self.promote_to,
             promote_if=self.promote_if,
-            redactor=self.redactor(),
+            # Values Airflow's masker knows (a templated Variable or Connection field) are secret under any name.
+            secret_keys=frozenset(k for k, v in self.env.items() if airflow_redact(str(v)) != str(v)),
+            save_training_data=self.save_training_data,
+            save_test_data=self.save_test_data,
+            install_requirements=self.install_requirements,
+            allow_source_builds=self.allow_source_builds,
+            nodes=self.nodes,
+            procs_per_node=self.procs_per_node,
+            checkpoint_interval=self.checkpoint_interval,
+            incremental=self.incremental,
+            spec_extra=self.spec_extra(),
         )
 
     def post_run(self) -> PostRun:
@@ -564,22 +491,5 @@ class BasePipelineOperator(KubernetesPodOperator):
         return done.value
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
-        """OpenLineage: inputs = the datasets and the parent version; outputs = the new version and its snapshot.
-
-        Imported lazily: OpenLineage is optional. Versions are datasets of the ``aicenter``
-        namespace named after the package, with the version as their dataset version.
-        """
-        from airflow.providers.openlineage.extractors import OperatorLineage
-        from openlineage.client.event_v2 import Dataset
-        from openlineage.client.generated.dataset_version_dataset import DatasetVersionDatasetFacet
-
-        from airflow_aicenter.assets import OPENLINEAGE_NAMESPACE
-
-        def dataset(d: LineageDataset) -> Dataset:
-            if d.version is None:
-                return Dataset(namespace=d.namespace, name=d.name)
-            facet = DatasetVersionDatasetFacet(datasetVersion=d.version)
-            return Dataset(namespace=d.namespace, name=d.name, facets={"version": facet})
-
-        inputs, outputs = lineage(self.run_request(), self.completion, OPENLINEAGE_NAMESPACE)
-        return OperatorLineage(inputs=[dataset(d) for d in inputs], outputs=[dataset(d) for d in outputs])
+        """OpenLineage: inputs = the datasets and the parent version; outputs = the new version and its snapshot."""
+        return operator_lineage(*lineage(self.run_request(), self.completion, OPENLINEAGE_NAMESPACE))

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 from urllib.parse import unquote, urlparse
 
 from airflow_aicenter.errors import ConfigurationError, DatasetError, NotFoundError
+from airflow_aicenter.launchers.base import LAUNCHERS
+from airflow_aicenter.launchers.pod_spec import check_infra
 from airflow_aicenter.package import validate_alias_name
 from airflow_aicenter.plans import PipelinePlan
+from airflow_aicenter.promotion import check_promote_if
+from airflow_aicenter.records import InputType
 from airflow_aicenter.runtime.manifest import (
     EVALUATION,
     INFERENCE,
@@ -40,6 +44,69 @@ def positive_count(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigurationError(f"{name}={value!r} is not valid; give a whole number of at least 1")
     return value
+
+
+def check_arguments(
+    plan: PipelinePlan,
+    who: str,
+    *,
+    dataset: str | None,
+    gpu: bool | int,
+    cpu: float | str | None,
+    memory_gb: float | None,
+    storage_gb: float | None,
+    dataset_volume_claim: str | None,
+    dataset_sub_path: str | None,
+    allow_source_builds: bool,
+    nodes: int,
+    procs_per_node: int,
+    checkpoint_interval: float,
+    incremental: bool,
+    launcher: str | None,
+    promote_to: str | None,
+    promote_if: str,
+    do_xcom_push: bool,
+) -> None:
+    """The operator's arguments, checked when the DAG is parsed: a task that cannot work never reaches a worker.
+
+    ``who`` names the operator class in the messages. Only what is known before rendering is
+    checked here (the datasets' content is checked by :func:`check_datasets` before compute).
+    """
+    gpu_count(gpu)
+    check_infra(cpu=cpu, memory_gb=memory_gb, storage_gb=storage_gb, dataset_sub_path=dataset_sub_path)
+    if not isinstance(allow_source_builds, bool):
+        raise ConfigurationError(f"allow_source_builds={allow_source_builds!r} is not valid; give True or False")
+    positive_count("nodes", nodes)
+    positive_count("procs_per_node", procs_per_node)
+    if isinstance(checkpoint_interval, bool) or not isinstance(checkpoint_interval, int | float) or checkpoint_interval <= 0:
+        raise ConfigurationError(f"checkpoint_interval={checkpoint_interval!r} is not valid; give seconds > 0 (default 300)")
+    if dataset_volume_claim and dataset and not dataset.startswith("pvc://"):
+        raise ConfigurationError(
+            f"give either dataset={dataset!r} (staged from the store) or dataset_volume_claim={dataset_volume_claim!r} "
+            "(mounted read-only), not both"
+        )
+    if do_xcom_push:
+        raise ConfigurationError(
+            "do_xcom_push=True would add KubernetesPodOperator's XCom sidecar (known to hang the task); the results "
+            "are pushed to XCom (return_value) without it: leave do_xcom_push unset"
+        )
+    if launcher is not None and launcher not in LAUNCHERS:
+        raise ConfigurationError(f"launcher={launcher!r} is not valid; use one of {', '.join(LAUNCHERS)} or None")
+    check_promote_if(promote_if)
+    check_shape(
+        plan, who, nodes=nodes, procs_per_node=procs_per_node, incremental=incremental, promote_to=promote_to,
+        promote_if=promote_if,
+    )
+
+
+def check_prediction(input_type: str, max_failed: int) -> None:
+    """Batch prediction's own arguments: how inputs are read, how many may fail."""
+    if input_type not in get_args(InputType):
+        raise ConfigurationError(
+            f"input_type={input_type!r} is not valid; use 'json' (JSON Lines, one input a line) or 'file' (one input a file)"
+        )
+    if isinstance(max_failed, bool) or not isinstance(max_failed, int) or max_failed < 0:
+        raise ConfigurationError(f"max_failed={max_failed!r} is not valid; give how many inputs may fail (0 or more)")
 
 
 def check_shape(

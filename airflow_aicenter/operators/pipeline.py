@@ -7,13 +7,12 @@ base operator's one flow.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from airflow_aicenter.errors import ConfigurationError
 from airflow_aicenter.operators.base import BasePipelineOperator
+from airflow_aicenter.operators.checks import check_prediction
 from airflow_aicenter.plans import EVALUATE, FULL, PREDICT, TRAIN
-
-INPUT_TYPES = ("json", "file")
+from airflow_aicenter.records import InputType
 
 
 class TrainPipelineOperator(BasePipelineOperator):
@@ -122,16 +121,11 @@ class PredictPipelineOperator(BasePipelineOperator):
         package: str,
         dataset: str,
         version: str = "latest",
-        input_type: Literal["json", "file"] = "json",
+        input_type: InputType = "json",
         max_failed: int = 0,
         **kwargs: Any,
     ) -> None:
-        if input_type not in INPUT_TYPES:
-            raise ConfigurationError(
-                f"input_type={input_type!r} is not valid; use 'json' (JSON Lines, one input a line) or 'file' (one input a file)"
-            )
-        if isinstance(max_failed, bool) or not isinstance(max_failed, int) or max_failed < 0:
-            raise ConfigurationError(f"max_failed={max_failed!r} is not valid; give how many inputs may fail (0 or more)")
+        check_prediction(input_type, max_failed)
         super().__init__(package=package, version=version, dataset=dataset, **kwargs)
         self.input_type = input_type
         self.max_failed = max_failed

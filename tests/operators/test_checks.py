@@ -1,0 +1,110 @@
+"""The operators' argument checks (airflow_aicenter/operators/checks.py) as plain functions, without Airflow.
+
+Each bad argument is refused with a ConfigurationError (non-retryable) that names the argument
+and the fix; the operators call exactly these when a DAG is parsed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airflow_aicenter.errors import AICenterError, ConfigurationError
+from airflow_aicenter.operators.checks import check_arguments, check_prediction, gpu_count
+from airflow_aicenter.plans import EVALUATE, FULL, PREDICT, TRAIN, PipelinePlan
+
+GOOD: dict[str, Any] = {
+    "dataset": "s3://data/train/",
+    "gpu": False,
+    "cpu": None,
+    "memory_gb": None,
+    "storage_gb": None,
+    "dataset_volume_claim": None,
+    "dataset_sub_path": None,
+    "allow_source_builds": False,
+    "nodes": 1,
+    "procs_per_node": 1,
+    "checkpoint_interval": 300,
+    "incremental": False,
+    "launcher": None,
+    "promote_to": None,
+    "promote_if": "better",
+    "do_xcom_push": False,
+}
+
+
+def check(plan: PipelinePlan = TRAIN, **changed: Any) -> None:
+    check_arguments(plan, "SomeOperator", **{**GOOD, **changed})
+
+
+def test_good_arguments_pass():
+    check()
+    check(FULL, nodes=2, procs_per_node=4, incremental=True, promote_to="production", gpu=2, launcher="kubernetes")
+    check(PREDICT, procs_per_node=3)
+    check(dataset=None, dataset_volume_claim="claim", dataset_sub_path="2026/01", cpu="500m", memory_gb=4, storage_gb=10)
+    check(dataset="pvc://claim/x", dataset_volume_claim="claim")
+
+
+@pytest.mark.parametrize(
+    ("plan", "changed", "says"),
+    [
+        (TRAIN, {"gpu": -1}, "gpu=-1 is not valid"),
+        (TRAIN, {"gpu": "yes"}, "gpu='yes' is not valid"),
+        (TRAIN, {"cpu": -2}, "cpu"),
+        (TRAIN, {"memory_gb": 0}, "memory_gb"),
+        (TRAIN, {"dataset_volume_claim": "c", "dataset": None, "dataset_sub_path": "../up"}, "dataset_sub_path='../up'"),
+        (TRAIN, {"allow_source_builds": "yes"}, "allow_source_builds='yes' is not valid; give True or False"),
+        (TRAIN, {"nodes": 0}, "nodes=0 is not valid; give a whole number of at least 1"),
+        (TRAIN, {"procs_per_node": True}, "procs_per_node=True is not valid"),
+        (TRAIN, {"checkpoint_interval": 0}, "checkpoint_interval=0 is not valid; give seconds > 0"),
+        (TRAIN, {"checkpoint_interval": True}, "checkpoint_interval=True"),
+        (TRAIN, {"dataset_volume_claim": "claim"}, "give either dataset='s3://data/train/'"),
+        (TRAIN, {"do_xcom_push": True}, "leave do_xcom_push unset"),
+        (TRAIN, {"launcher": "slurm"}, "launcher='slurm' is not valid; use one of local, kubernetes or None"),
+        (TRAIN, {"promote_if": "sometimes"}, "promote_if='sometimes' is not valid"),
+        (TRAIN, {"promote_to": "production"}, "promote_if='better' needs a score"),
+        (TRAIN, {"promote_to": "bad alias!", "promote_if": "always"}, "bad alias!"),
+        (EVALUATE, {"nodes": 2}, "SomeOperator runs one process"),
+        (PREDICT, {"nodes": 2}, "use procs_per_node=N to share the inputs"),
+        (EVALUATE, {"incremental": True}, "incremental=True applies to training runs; SomeOperator does not train"),
+    ],
+)
+def test_each_bad_argument_is_refused_with_its_fix(plan: PipelinePlan, changed: dict[str, Any], says: str):
+    with pytest.raises(AICenterError) as raised:  # a bad alias name is a VersionError, the rest ConfigurationError
+        check(plan, **changed)
+    assert says in str(raised.value)
+    assert raised.value.retryable is False
+
+
+def test_gpu_count_is_a_whole_number():
+    assert (gpu_count(True), gpu_count(False), gpu_count(3)) == (1, 0, 3)
+
+
+@pytest.mark.parametrize(
+    ("input_type", "max_failed", "says"),
+    [("csv", 0, "input_type='csv' is not valid; use 'json'"), ("json", -1, "max_failed=-1"), ("file", True, "max_failed=True")],
+)
+def test_prediction_arguments(input_type: str, max_failed: Any, says: str):
+    check_prediction("json", 0)
+    check_prediction("file", 5)
+    with pytest.raises(ConfigurationError) as raised:
+        check_prediction(input_type, max_failed)
+    assert says in str(raised.value)
+
+
+def test_checks_need_no_airflow():
+    """The module itself (loaded from its file: the operators package around it is the Airflow part) imports no Airflow."""
+    code = (
+        "import importlib.util, sys\n"
+        "spec = importlib.util.spec_from_file_location('checks', 'airflow_aicenter/operators/checks.py')\n"
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'airflow')\n"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60, cwd=root)
+    assert done.returncode == 0, done.stdout + done.stderr
