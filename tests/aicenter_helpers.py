@@ -1,14 +1,17 @@
-"""Tiny ML packages with controllable behaviour, and readers for a test AIRFLOW_HOME's metadata DB."""
+"""Tiny ML packages with controllable behaviour, tasks run in process, and readers for a test AIRFLOW_HOME's metadata DB."""
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import json
 import sqlite3
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from airflow_aicenter.registry import Registry
-from tests.conftest import write_files
+from tests.conftest import REPO, write_files
 from tests.packages import ECHO_MAIN
 
 MAIN = ECHO_MAIN
@@ -74,6 +77,63 @@ def upload_package(registry: Registry, tmp_path: Path, name: str, train_py: str)
 
 def small_dataset(tmp_path: Path, name: str = "data") -> Path:
     return write_files(tmp_path / name, {"rows.csv": "x\n1\n2\n"})
+
+
+# -- tasks run in process (the operator's execute with a task context; no Airflow subprocess) ----------
+#: The example DAG's training env (dags/aicenter_training.py).
+EXAMPLE_ENV = {"EPOCHS": "150", "LEARNING_RATE": "0.2"}
+
+
+def example_training(dataset: str, package: str = "churn", version: str = "latest", **kwargs: Any) -> Any:
+    """The example DAG's training task (dags/aicenter_training.py) with its params given as values."""
+    from airflow_aicenter.operators import TrainPipelineOperator
+
+    return TrainPipelineOperator(task_id="train", package=package, version=version, dataset=dataset, env=dict(EXAMPLE_ENV),
+                                 save_training_data=True, **kwargs)
+
+
+def run_trigger(deferred: Any) -> dict[str, Any]:
+    """Run a deferred task's trigger (``TaskDeferred.trigger``) to its first event, as the triggerer does; its payload."""
+    async def first_event() -> dict[str, Any]:
+        async for event in deferred.trigger.run():
+            return dict(event.payload)
+        raise AssertionError("the trigger ended without an event")
+
+    return asyncio.run(first_event())
+
+
+@cache
+def _dag_bag(dag_file: Path) -> Any:
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(dag_file), safe_mode=False)
+    assert not bag.import_errors, bag.import_errors
+    return bag
+
+
+def example_task(dag_id: str, task_id: str, dag_file: str | None = None) -> Any:
+    """A task of a shipped DAG (``dags/<dag_file or dag_id>.py``), parsed as Airflow parses it."""
+    bag = _dag_bag(REPO / "dags" / f"{dag_file or dag_id}.py")
+    return bag.dags[dag_id].get_task(task_id)
+
+
+def run_task(task: Any, conf: dict[str, Any] | None = None, *, run_id: str = "manual__2026-03-01T00:00:00+00:00",
+             try_number: int = 1, **context: Any) -> tuple[Any, dict[str, Any]]:
+    """Run a DAG's task in process as a DAG run with ``conf`` would: params resolved, templates rendered, ``execute``.
+
+    Returns the task's value and the context (its ``ti.xcom`` holds what the task pushed). ``context``
+    adds to the task context (``triggering_asset_events``, say).
+    """
+    from tests.operators.kube_api import make_context
+
+    dag = task.dag
+    ctx = make_context(dag.dag_id, task.task_id, run_id=run_id, try_number=try_number)
+    params = copy.deepcopy(dag.params)
+    params.update(conf or {})  # what a DAG run's conf does to the DAG's params (each still validated)
+    ctx.update(params=params.validate(), triggering_asset_events={}, **context)
+    rendered = copy.copy(task)  # rendering sets the templated fields: the parsed task stays as it was
+    rendered.render_template_fields(ctx)
+    return rendered.execute(ctx), ctx
 
 
 # -- the metadata DB of a test AIRFLOW_HOME ------------------------------------------------

@@ -1,8 +1,11 @@
-"""launcher="kubernetes" end to end: real Airflow (`airflow dags test`) against the test Kubernetes API server.
+"""launcher="kubernetes" against the test Kubernetes API server: one `airflow dags test` smoke run, the rest in process.
 
-The example training DAG runs unchanged, sync and deferrable (the trigger runs inline in
-`dags test`), and must give what the local launcher gives with the runtime image's
-interpreter: the same new version, package content, results, artifacts and data snapshot.
+The example training DAG runs unchanged through real Airflow on Kubernetes (sync, S3 store,
+credentials from a Secret); the same training deferrable (the operator deferred, its trigger
+run, the task re-entered), failing pods and a worker restart run the operator's ``execute``
+in this process with a task context. Each must give what the local launcher gives with the
+runtime image's interpreter: the same new version, package content, results, artifacts and
+data snapshot.
 """
 
 from __future__ import annotations
@@ -13,48 +16,30 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from airflow.sdk.exceptions import TaskDeferred
 
+from airflow_aicenter.operators import TrainPipelineOperator
 from airflow_aicenter.records import Manifest, Outcome, read
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import Store, open_store
 from airflow_aicenter.storage.transfer import run, upload_tree
-from tests.conftest import BIN, EXAMPLE_PACKAGE, make_dataset, write_files
+from tests.aicenter_helpers import example_training, run_trigger
+from tests.conftest import EXAMPLE_PACKAGE, make_dataset, write_files
 from tests.operators.kube_api import FakeKubernetes, make_context, seed_pod
 from tests.packages import ECHO_MAIN, FAILING_TRAIN
-
-pytestmark = pytest.mark.airflow
 
 IMAGE = "aicenter-runtime:test"
 POD_KEY_ID, POD_SECRET = "AKIAPODONLY00000001", "pod-only-s3cr3t-never-in-a-manifest"
 CONN_PASSWORD = "testing-secret"  # the worker's AWS connection (tests.conftest's moto credentials)
 
-IMAGE_PYTHON_DAG = '''
-from datetime import datetime
-from airflow.sdk import DAG
-from airflow_aicenter.operators import TrainPipelineOperator
-
-with DAG("aicenter_test_image_python", schedule=None, start_date=datetime(2026, 1, 1), params={"dataset": ""}):
-    # The example DAG's training, on the local launcher with the runtime image's interpreter.
-    TrainPipelineOperator(task_id="train", package="churn", version="1.0", dataset="{{ params.dataset }}",
-                          env={"EPOCHS": "150", "LEARNING_RATE": "0.2"}, save_training_data=True,
-                          launcher="local", python=PYTHON)
-'''
-
-FAILING_DAG = '''
-from datetime import datetime
-from airflow.sdk import DAG
-from airflow_aicenter.operators import TrainPipelineOperator
-
-FAST = dict(poll_interval=0.5, startup_check_interval_seconds=1, base_container_status_polling_interval=0.2)
-with DAG("aicenter_test_k8s_failures", schedule=None, start_date=datetime(2026, 1, 1), params={"dataset": ""}):
-    TrainPipelineOperator(task_id="sync", package="broken", dataset="{{ params.dataset }}", **FAST)
-    TrainPipelineOperator(task_id="deferred", package="broken", dataset="{{ params.dataset }}", deferrable=True, **FAST)
-'''
+#: Poll the test API server often: the pods of these tests start and end in seconds.
+FAST = {"poll_interval": 0.5, "startup_check_interval_seconds": 1, "base_container_status_polling_interval": 0.2}
 
 
 GATED_TRAIN = '''
@@ -76,6 +61,13 @@ MAIN = ECHO_MAIN
 def kube_env(kube: FakeKubernetes, aicenter_extra: dict[str, Any], **more: str) -> dict[str, str]:
     extra = {"launcher": "kubernetes", "image": IMAGE, **aicenter_extra}
     return {**kube.connection_env(), "AIRFLOW_CONN_AICENTER_DEFAULT": json.dumps({"conn_type": "aicenter", "extra": extra}), **more}
+
+
+def use_kube(monkeypatch: pytest.MonkeyPatch, kube: FakeKubernetes, aicenter_extra: dict[str, Any]) -> None:
+    """Point this process (the operator run in process) at the test API server, as ``kube_env`` points Airflow."""
+    for key, value in kube_env(kube, aicenter_extra).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("KUBECONFIG", raising=False)
 
 
 def churn_dataset(root: Path) -> Path:
@@ -127,17 +119,20 @@ class Baseline:
 
 
 @pytest.fixture(scope="module")
-def image_python_baseline(airflow_env, runtime_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Baseline:
+def image_python_baseline(runtime_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Baseline:
+    """The example DAG's training in process on the local launcher, with the runtime image's interpreter."""
+    from structlog.testing import capture_logs
+
     root = tmp_path_factory.mktemp("image-python")
     store = open_store((root / "aicenter").as_uri())
     registry = Registry(store)
     registry.upload(EXAMPLE_PACKAGE, "churn")
     dataset = churn_dataset(root).as_uri()
-    airflow_env.add_dag("aicenter_test_image_python.py", IMAGE_PYTHON_DAG.replace("PYTHON)", f"{str(runtime_python)!r})"))
-    env = {"AIRFLOW_CONN_AICENTER_DEFAULT": json.dumps({"conn_type": "aicenter", "extra": {"storage": store.uri}})}
-    done = airflow_env.dags_test("aicenter_test_image_python", {"dataset": dataset}, extra_env=env)
-    assert done.returncode == 0, output(done)[-5000:]
-    return Baseline(summary=summary(store, registry, dataset), output=output(done))
+    op = example_training(dataset, version="1.0", launcher="local", python=str(runtime_python))
+    with pytest.MonkeyPatch.context() as patch, capture_logs() as logs:
+        patch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps({"conn_type": "aicenter", "extra": {"storage": store.uri}}))
+        op.execute(make_context("aicenter_test_image_python", "train"))
+    return Baseline(summary=summary(store, registry, dataset), output="\n".join(str(entry["event"]) for entry in logs))
 
 
 def test_image_python_trains_through_the_local_launcher(image_python_baseline: Baseline, runtime_python: Path) -> None:
@@ -151,6 +146,7 @@ def test_image_python_trains_through_the_local_launcher(image_python_baseline: B
 
 
 # -- the example DAG on Kubernetes ---------------------------------------------------------
+@pytest.mark.airflow
 def test_example_dag_sync_on_s3_with_secret_credentials(airflow_env, kube_api: FakeKubernetes, s3_server, tmp_path,
                                                         image_python_baseline: Baseline) -> None:
     bucket = s3_server.create_bucket()
@@ -190,33 +186,49 @@ def test_example_dag_sync_on_s3_with_secret_credentials(airflow_env, kube_api: F
             assert secret not in text, f"{secret!r} leaked into the {where}"
 
 
-def test_example_dag_deferrable(airflow_env, kube_api: FakeKubernetes, tmp_path, image_python_baseline: Baseline) -> None:
+def test_example_training_deferrable(kube_api: FakeKubernetes, tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                     image_python_baseline: Baseline) -> None:
+    """The example DAG's training with deferrable=True: it defers, its trigger follows the pod, the task re-enters."""
     store = open_store((tmp_path / "aicenter").as_uri())
     registry = Registry(store)
     registry.upload(EXAMPLE_PACKAGE, "churn")
     dataset = churn_dataset(tmp_path).as_uri()
-    env = kube_env(kube_api, {"storage": store.uri}, AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE="True")
+    use_kube(monkeypatch, kube_api, {"storage": store.uri})
 
-    done = airflow_env.dags_test("aicenter_training", {"dataset": dataset, "version": "1.0"}, extra_env=env)
-    assert done.returncode == 0, output(done)[-5000:]
-    assert "running trigger in line" in output(done), "the task deferred and resumed through trigger_reentry"
+    context = make_context("aicenter_training", "train")
+    with pytest.raises(TaskDeferred) as deferred:
+        example_training(dataset, version="1.0", deferrable=True, **FAST).execute(context)
+    assert deferred.value.method_name == "trigger_reentry", "the task deferred and resumes through trigger_reentry"
+    event = run_trigger(deferred.value)
+    result = example_training(dataset, version="1.0", deferrable=True, **FAST).trigger_reentry(context, event)
+    assert result["version"] == "1.1" and context["ti"].xcom["return_value"] == result
     assert_same_run(summary(store, registry, dataset), image_python_baseline.summary)
     assert [p.obj["status"]["phase"] for p in kube_api.all_pods()] == ["Succeeded"]
 
 
-def test_failed_pods_fail_the_task_with_the_runtime_cause(airflow_env, kube_api: FakeKubernetes, tmp_path) -> None:
+def test_failed_pods_fail_the_task_with_the_runtime_cause(kube_api: FakeKubernetes, tmp_path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failing training, sync and deferrable: the task fails with the runtime's one-line cause; no version."""
     store = open_store((tmp_path / "aicenter").as_uri())
     registry = Registry(store)
     registry.upload(write_files(tmp_path / "pkg", {"main.py": MAIN, "train.py": FAILING_TRAIN, "requirements.txt": ""}), "broken")
-    data = write_files(tmp_path / "data", {"rows.csv": "a\n1\n"})
-    airflow_env.add_dag("aicenter_test_k8s_failures.py", FAILING_DAG)
+    data = write_files(tmp_path / "data", {"rows.csv": "a\n1\n"}).as_uri()
+    use_kube(monkeypatch, kube_api, {"storage": store.uri})
 
-    done = airflow_env.dags_test("aicenter_test_k8s_failures", {"dataset": data.as_uri()}, extra_env=kube_env(kube_api, {"storage": store.uri}))
-    assert done.returncode != 0
+    def task(task_id: str, **kwargs: Any) -> TrainPipelineOperator:
+        return TrainPipelineOperator(task_id=task_id, package="broken", dataset=data, **FAST, **kwargs)
+
+    with pytest.raises(Exception) as sync_failed:
+        task("sync").execute(make_context("aicenter_test_k8s_failures", "sync"))
+    context = make_context("aicenter_test_k8s_failures", "deferred")
+    with pytest.raises(TaskDeferred) as deferred:
+        task("deferred", deferrable=True).execute(context)
+    event = run_trigger(deferred.value)
+    with pytest.raises(Exception) as deferred_failed:
+        task("deferred", deferrable=True).trigger_reentry(context, event)
     cause = "train run of broken:1.0 failed: Main.train() raised ValueError: labels column 'churned' is missing (train.py:8)"
-    log = output(done)
-    assert log.count(cause) >= 2, log[-5000:]  # the sync task and the deferred one
-    assert "running trigger in line" in log
+    for failed in (sync_failed, deferred_failed):  # the exception the task fails with is what Airflow logs
+        assert cause in str(failed.value), str(failed.value)
     assert [r.version for r in registry.versions("broken")] == ["1.0"]
     outcomes = [read(store, i.key, Outcome) for i in store.list("runs") if i.key.endswith("outcome.json")]
     assert sorted(o.status for o in outcomes) == ["failed", "failed"] and all(o.phase == "user_code" for o in outcomes)
@@ -228,58 +240,55 @@ def test_failed_pods_fail_the_task_with_the_runtime_cause(airflow_env, kube_api:
         assert message == "Main.train() raised ValueError: labels column 'churned' is missing (train.py:8)"
 
 
-def test_worker_restart_reattaches_to_the_running_pod(airflow_env, kube_api: FakeKubernetes, tmp_path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_worker_restart_reattaches_to_the_running_pod(kube_api: FakeKubernetes, tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                                      capfd: pytest.CaptureFixture[str]) -> None:
     """The worker died while the pod trained; the task runs again and follows that pod: no second pod or version.
 
     The pod the dead worker had started is created (by the operator's own pod builder) the
     moment the new worker first looks for pods of this task instance.
     """
-    from airflow_aicenter.operators import TrainPipelineOperator
-
     store = open_store((tmp_path / "aicenter").as_uri())
     registry = Registry(store)
     registry.upload(write_files(tmp_path / "pkg", {"main.py": MAIN, "train.py": GATED_TRAIN, "requirements.txt": ""}), "gated")
     dataset = write_files(tmp_path / "data", {"rows.csv": "a\n1\n"}).as_uri()
-    env = kube_env(kube_api, {"storage": store.uri})
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    use_kube(monkeypatch, kube_api, {"storage": store.uri})
     gate = tmp_path / "gate"
+    context = make_context("aicenter_training", "train")
     seeded: dict[str, Any] = {}
+
+    def example_task() -> TrainPipelineOperator:
+        return example_training(dataset, package="gated", version="1.0", **FAST)
 
     def earlier_pod(selector: str | None) -> None:
         if seeded or "dag_id=aicenter_training" not in (selector or ""):
             return
-        with sqlite3.connect(airflow_env.home / "airflow.db") as db:
-            (run_id,) = db.execute("select run_id from dag_run where dag_id = 'aicenter_training' order by id desc limit 1").fetchone()
-        op = TrainPipelineOperator(task_id="train", package="gated", version="1.0", dataset=dataset)
-        seeded.update(seed_pod(op, registry, make_context("aicenter_training", "train", run_id=run_id), env={"GATE": str(gate)}))
+        seeded.update(seed_pod(example_task(), registry, context, env={"GATE": str(gate)}))
         kube_api.create_pod("default", dict(seeded))
         kube_api.wait_for(lambda: kube_api.all_pods()[0].obj["status"]["phase"] == "Running", what="the earlier pod to run")
 
     kube_api.on_list_pods = earlier_pod
-    log_file = tmp_path / "dags-test.log"
-    with log_file.open("w") as sink:
-        worker = subprocess.Popen(
-            [str(BIN / "airflow"), "dags", "test", "aicenter_training", "-c",
-             json.dumps({"package": "gated", "version": "1.0", "dataset": dataset})],
-            env={**airflow_env.env, **env}, stdout=sink, stderr=subprocess.STDOUT, text=True,
-        )
+    outcome: dict[str, Any] = {}
+
+    def worker() -> None:  # the task once more, on the restarted worker
         try:
-            kube_api.wait_for(lambda: bool(seeded) and any(f"/pods/{seeded['metadata']['name']}/log" in path
-                                                         for _, path in kube_api.requests),
-                              timeout=150, what="the restarted worker to follow the running pod")
-            gate.touch()
-            code = worker.wait(timeout=180)
-        finally:
-            if worker.poll() is None:
-                worker.kill()
-    log = log_file.read_text()
-    assert code == 0, log[-5000:]
+            outcome["result"] = example_task().execute(context)
+        except BaseException as error:
+            outcome["error"] = error
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    kube_api.wait_for(lambda: (bool(seeded) and any(f"/pods/{seeded['metadata']['name']}/log" in path for _, path in kube_api.requests))
+                      or not thread.is_alive(), timeout=150, what="the restarted worker to follow the running pod")
+    gate.touch()
+    thread.join(timeout=180)
+    assert not thread.is_alive(), "the task did not end"
+    assert "error" not in outcome, outcome.get("error")
+    captured = capfd.readouterr()
     name = seeded["metadata"]["name"]
-    assert f"Reusing existing pod '{name}'" in log
+    assert f"Reusing existing pod '{name}'" in captured.out + captured.err
     assert not any(method == "POST" for method, _ in kube_api.requests), "no second pod"
     assert [r.version for r in registry.versions("gated")] == ["1.0", "1.1"]
+    assert outcome["result"]["version"] == "1.1"
     record = registry.get("gated", "1.1")
     assert record.run is not None and record.run.try_number == 1
     assert store.get_bytes(f"{record.run.prefix}/_results.json")
