@@ -137,6 +137,33 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before(store: Store, tmp_pat
     assert any("checkpoint 2 cannot be restored" in line and "corrupt" in line for line in logs)
 
 
+def test_an_object_pruned_by_another_writer_before_the_commit_is_uploaded_again(store: Store, tmp_path: Path) -> None:
+    """Issue 20, finding 9: the re-check after a commit was caught only by a two-thread race test.
+
+    One writer, made deterministic: after its first sync one object is deleted from the store, as
+    a concurrent writer's prune would between this writer's "already stored" and its commit. The
+    next sync skips that unchanged file's upload (the last manifest names it), commits, re-checks
+    the objects of its manifest and uploads the missing one: a retry restores the checkpoint whole.
+    """
+    ckpt = write_files(tmp_path / "try1", {"model.bin": b"\x07" * 50_000, "epoch.txt": "1"})
+    sync = sync_for(store, ckpt)
+    sync.sync()
+    model = next(f for f in read(store, sync.manifest_key(1), CheckpointManifest).files if f.path == "model.bin")
+    store.delete(sync.object_key(model.sha256))  # pruned by another writer
+    (ckpt / "epoch.txt").write_text("2")
+    stats = sync.sync()
+    assert stats is not None and stats.seq == 2
+    assert model.sha256 in objects(store), "the object the new manifest names must be in the store"
+
+    logs: list[str] = []
+    retry = sync_for(store, tmp_path / "try2", try_number=2, logs=logs)
+    restored = retry.restore()
+    assert restored is not None and restored.seq == 2, logs
+    assert (tmp_path / "try2" / "epoch.txt").read_text() == "2"
+    assert (tmp_path / "try2" / "model.bin").read_bytes() == b"\x07" * 50_000
+    assert not any("cannot be restored" in line for line in logs), logs
+
+
 def test_old_checkpoints_are_pruned(store: Store, tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
