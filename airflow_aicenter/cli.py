@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import getpass
 import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -32,18 +35,18 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
+from rich.text import Text
 
 from airflow_aicenter import layout
 from airflow_aicenter.errors import AICenterError, NotFoundError, StorageError, VersionError
 from airflow_aicenter.gc import DEFAULT_GRACE_HOURS, collect
-from airflow_aicenter.package import open_package, validate_package, validate_package_name, write_zip
+from airflow_aicenter.package import open_package, validate_package
 from airflow_aicenter.process import exit_process
 from airflow_aicenter.promotion import PROMOTE_IF, promote, version_score
-from airflow_aicenter.records import AliasRecord, BlobRef, Manifest, VersionRecord, read_optional
+from airflow_aicenter.records import AliasRecord, Manifest, VersionRecord, read_optional
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.runs import STATUSES, RunRecord, compare, find_run, find_runs, list_runs
 from airflow_aicenter.storage import S3Options, Store, open_store
-from airflow_aicenter.storage.transfer import put_blob
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -76,6 +79,43 @@ class StoreChoice:
         home = "" if os.environ.get("AIRFLOW_HOME") else "AIRFLOW_HOME is not set, so ~/airflow was assumed; "
         return (f"{home}point the command at your store: set AIRFLOW_HOME to your Airflow home (its aicenter_default "
                 "connection, or its aicenter/ folder, is then used), or give --storage URI or AICENTER_STORAGE=URI")
+
+
+class LocalPathError(AICenterError):
+    """A local path given to a command cannot be used (not there, not a folder, not permitted)."""
+
+    retryable = False
+
+
+def os_error(exc: OSError, *, named: str = "") -> str:
+    """An operating system's refusal in one line: the path (unless ``named`` already holds it), the reason, the fix."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    path = f"{exc.filename}: " if exc.filename and str(exc.filename) not in named else ""
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        fix = (f"this user ({getpass.getuser()}) may not do that there: give a path it can read and write, "
+               "or change that path's permissions")
+    elif exc.errno == errno.ENOENT:
+        fix = "that path, or a folder on the way to it, does not exist or cannot hold new entries: give another path"
+    elif exc.errno == errno.ENOTDIR:
+        fix = "a part of that path is a file, not a folder: give another path"
+    elif exc.errno == errno.EROFS:
+        fix = "it is on a read-only file system: give a path on a writable one"
+    elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "the disk is full: free some space, or give a path on another disk"
+    else:
+        fix = "check the path and try again"
+    return f"{path}{reason}; {fix}"
+
+
+@contextlib.contextmanager
+def local_path_errors(action: str) -> Iterator[None]:
+    """Turn an OSError on a local path into ``cannot <action>: <why>; <fix>`` (LocalPathError)."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise LocalPathError(f"cannot {action}: {os_error(exc, named=action)}") from exc
 
 
 @contextlib.contextmanager
@@ -140,7 +180,11 @@ def resolve_store(flag: str | None, *, create: bool = True) -> tuple[Store, Stor
     """
     choice = choose_store(flag)
     try:
-        store = open_store(choice.uri, choice.s3, create=create)
+        try:
+            store = open_store(choice.uri, choice.s3, create=create)
+        except OSError as exc:  # the file store's folder: not there and cannot be made, or not readable
+            raise StorageError(f"cannot open the store at {choice.uri} ({choice.source}): {os_error(exc, named=choice.uri)}; "
+                               f"or {choice.fix()}") from exc
         if not create:
             folders, files = store.list_dir("")
             kind, shown = layout.classify_top(folders, [f.key for f in files])
@@ -180,8 +224,8 @@ def _fmt(value: Any) -> str:
     if hasattr(value, "strftime"):
         return str(value.strftime("%Y-%m-%d %H:%M:%S"))
     if isinstance(value, dict):
-        return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items()) or "-"
-    return str(value)
+        return ", ".join(f"{escape(str(k))}={_fmt(v)}" for k, v in value.items()) or "-"
+    return escape(str(value))
 
 
 def _status(status: str) -> str:
@@ -197,49 +241,32 @@ def _duration(seconds: float | None) -> str:
 
 
 def _kv_table(title: str | None, rows: list[tuple[str, Any]]) -> Table:
-    table = Table(title=title, show_header=False, title_justify="left")
+    """Values are shown as text (a run's cause may hold ``[`` and ``]``); a styled value comes as a Text."""
+    table = Table(title=title and escape(title), show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     for key, value in rows:
-        table.add_row(key, value if isinstance(value, str) and value.startswith("[") else _fmt(value))
+        table.add_row(key, value if isinstance(value, Text) else _fmt(value))
     return table
 
 
 # -- package commands ---------------------------------------------------------------------
-def upload(registry: Registry, path: Path, name: str, *, force: bool, description: str | None) -> tuple[VersionRecord, bool]:
-    """Validate and store a package; (record, created). Content identical to a stored version makes none.
-
-    The zip is deterministic, so identical content has the same digest: re-uploading an
-    unchanged package returns the upload (``N.0``) it equals (``created`` False) instead of a
-    new major; ``force`` makes the new major anyway. The steps are Registry.upload's, with
-    the digest checked between zipping and committing.
-    """
-    validate_package_name(name)
-    with tempfile.TemporaryDirectory(prefix="aicenter-upload-") as tmp:
-        root = open_package(path, Path(tmp) / "pkg")
-        info = validate_package(root, "serve")
-        zip_path = Path(tmp) / "package.zip"
-        digest = write_zip(root, zip_path)
-        latest = None if force else registry.latest_major(name)
-        for major in range(latest or 0, 0, -1):  # uploads are the N.0 versions: one read per major, newest first
-            stored = registry.get(name, f"{major}.0")
-            if stored.blob.sha256 == digest.sha256:
-                return stored, False
-        put_blob(registry.store, zip_path, digest.sha256)
-    desc = info.metadata.description if description is None else description
-    record = registry.commit(name, parent=None, blob=BlobRef(sha256=digest.sha256, size=digest.size), pipeline="upload",
-                             created_by=f"cli:{getpass.getuser()}", description=desc)
-    return record, True
-
-
 def cmd_package_upload(args: argparse.Namespace, registry: Registry) -> int:
+    """Content identical to a stored upload makes no new version; its stored blob is checked and repaired."""
     with err_console.status(f"Validating and uploading {args.path} ..."):
-        record, created = upload(registry, Path(args.path), args.name, force=args.force, description=args.description)
+        done = registry.upload_package(Path(args.path), args.name, force=args.force, description=args.description,
+                                       created_by=f"cli:{getpass.getuser()}")
+    record = done.record
     if args.json:
-        emit_json({**record.model_dump(mode="json"), "created": created})
-    elif created:
+        emit_json({**record.model_dump(mode="json"), "created": done.created, "repaired": done.repaired})
+    elif done.created:
         console.print(f"Uploaded [bold]{record.package}[/] version [bold green]{record.version}[/] "
-                      f"(sha256:{record.blob.sha256[:12]}, {record.blob.size} bytes) to {registry.store.uri}")
+                      f"(sha256:{record.blob.sha256[:12]}, {record.blob.size} bytes) to {registry.store.uri}"
+                      + ("; the stored copy of this content was damaged and has been rewritten" if done.repaired else ""))
+    elif done.repaired:
+        console.print(f"[bold]{record.package} {record.version}[/] already stored; its blob was {done.repaired} and "
+                      f"has been rewritten from this upload (sha256:{record.blob.sha256[:12]}, in {registry.store.uri}); "
+                      "no new version was made")
     else:
         console.print(f"Not uploaded: the content is identical to [bold]{record.package} {record.version}[/] "
                       f"(sha256:{record.blob.sha256[:12]}) in {registry.store.uri}, so no new version was made; "
@@ -258,27 +285,31 @@ def cmd_package_list(args: argparse.Namespace, registry: Registry) -> int:
     if args.json:
         emit_json(rows)
         return 1 if any(r["problems"] for r in rows) else 0
-    table = Table(title=f"Packages in {registry.store.uri}")
+    table = Table(title=f"Packages in {escape(registry.store.uri)}")
     for col in ("package", "latest", "score", "aliases", "created"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["package"], r["latest"] or "-", _fmt(r["score"]),
-                      ", ".join(f"{a}={v}" for a, v in r["aliases"].items()) or "-", _fmt(r["created_at"]))
+        table.add_row(_fmt(r["package"]), _fmt(r["latest"]), _fmt(r["score"]), _fmt(r["aliases"]), _fmt(r["created_at"]))
     console.print(table if rows else "No packages yet: `aicenter package upload PATH --name NAME`")
     problems = [(r["package"], p) for r in rows for p in r["problems"]]
     for package, problem in problems:
-        err_console.print(f"[red]{package}[/red]: {problem}")
+        err_console.print(f"[red]{escape(package)}[/red]: {escape(problem)}", highlight=False)
     return 1 if problems else 0
 
 
 def cmd_package_download(args: argparse.Namespace, registry: Registry) -> int:
     name, version = split_ref(args.ref, need_version=True)
-    with console.status(f"Downloading {name}:{version} ..."):
-        record, path = registry.download(name, version or "latest", Path(args.dest))
+    dest = Path(args.dest)
+    for part in (dest, *dest.parents):
+        if part.exists() and not part.is_dir():
+            raise LocalPathError(f"cannot download into {dest}: {part} is a file, not a folder; give a folder "
+                                 "(it is made if it does not exist), e.g. the current one: .")
+    with console.status(f"Downloading {escape(name)}:{escape(version or '')} ..."), local_path_errors(f"download into {dest}"):
+        record, path = registry.download(name, version or "latest", dest)
     if args.json:
         emit_json({"package": name, "version": record.version, "path": str(path), "sha256": record.blob.sha256})
     else:
-        console.print(f"Downloaded {name} version {record.version} to {path} (sha256 verified)")
+        console.print(f"Downloaded {escape(name)} version {escape(record.version)} to {escape(str(path))} (sha256 verified)")
     return 0
 
 
@@ -361,20 +392,21 @@ def _version_detail(registry: Registry, name: str, spec: str) -> dict[str, Any]:
 def _print_package_overview(data: dict[str, Any]) -> None:
     versions = data["versions"]
     runs_inline = _fits([v["run"] or "" for v in versions], 90)
-    table = Table(title=f"Package {data['package']}: versions")
+    table = Table(title=f"Package {escape(data['package'])}: versions")
     columns = ["version", "parent", "made by", "score", "evaluations", "aliases", "created"] + (["run"] if runs_inline else [])
     for col in columns:
         table.add_column(col, overflow="fold", no_wrap=col == "run")
     for v in versions:
         evals = ", ".join(_fmt(e["score"]) for e in v["evaluations"]) or "-"
-        row = [v["version"], _fmt(v["parent"]), v["pipeline"], _fmt(v["score"]), evals,
-               ", ".join(v["aliases"]) or "-", v["created_at"][:19].replace("T", " ")]
+        row = [_fmt(v["version"]), _fmt(v["parent"]), v["pipeline"], _fmt(v["score"]), evals,
+               escape(", ".join(v["aliases"])) or "-", v["created_at"][:19].replace("T", " ")]
         table.add_row(*row, *([_fmt(v["run"])] if runs_inline else []))
     console.print(table)
     if not runs_inline:  # narrow: the runs that made each version below the table, ids whole
         for v in versions:
             if v["run"]:
-                console.print(f"{v['version']} made by run {v['run']}", overflow="ignore", crop=False, highlight=False)
+                console.print(f"{escape(v['version'])} made by run {escape(v['run'])}", overflow="ignore", crop=False,
+                              highlight=False)
     _print_aliases(data["aliases"])
 
 
@@ -388,9 +420,9 @@ def _print_aliases(aliases: dict[str, dict[str, Any]]) -> None:
     for alias, info in aliases.items():
         for h in info["history"]:
             current = h["seq"] == info["history"][-1]["seq"]
-            table.add_row(f"[bold]{alias}[/]" if current else alias, str(h["seq"]),
-                          f"[bold]{h['version']}[/]" if current else h["version"], _fmt(h["previous"]),
-                          h["set_at"][:19].replace("T", " "), h["set_by"] or "-", h["reason"] or "-")
+            table.add_row(f"[bold]{escape(alias)}[/]" if current else escape(alias), str(h["seq"]),
+                          f"[bold]{_fmt(h['version'])}[/]" if current else _fmt(h["version"]), _fmt(h["previous"]),
+                          h["set_at"][:19].replace("T", " "), _fmt(h["set_by"] or None), _fmt(h["reason"] or None))
     console.print(table)
 
 
@@ -411,7 +443,7 @@ def _print_version_detail(data: dict[str, Any]) -> None:
             table.add_row(e["created_at"][:19].replace("T", " "), _fmt(e["score"]), _fmt(e["dataset"]), _fmt(e["run"]))
         console.print(table)
     chain = " <- ".join([data["version"], *(a["version"] for a in data["lineage"])])
-    console.print(f"[bold]Lineage:[/] {chain}")
+    console.print(f"[bold]Lineage:[/] {escape(chain)}")
     _print_aliases(data["all_aliases"])
 
 
@@ -424,17 +456,19 @@ def cmd_package_promote(args: argparse.Namespace, registry: Registry) -> int:
     if args.json:
         emit_json({"package": name, "promoted": decision.promoted, **decision.as_dict()})
     elif decision.promoted:
-        console.print(f"Promoted [bold]{name}[/] {args.alias!r}: {decision.from_version or '(new alias)'} -> "
-                      f"[bold green]{decision.to_version}[/] ({decision.reason})")
+        console.print(f"Promoted [bold]{escape(name)}[/] {escape(repr(args.alias))}: "
+                      f"{escape(decision.from_version or '(new alias)')} -> "
+                      f"[bold green]{escape(decision.to_version)}[/] ({escape(decision.reason)})")
     else:
         # the decision's reason speaks the operators' language (promote_if='always'); say the command's
         reason = decision.reason.replace("promote_if='always'", "--if always").replace("promote_if='better'", "--if better")
-        console.print(f"Not promoted: {reason}")
+        console.print(f"Not promoted: {escape(reason)}")
         if decision.from_version and decision.from_version != decision.to_version:
             current = version_score(registry, name, decision.from_version)
-            console.print(f"{args.alias!r} stays at {decision.from_version} (score {_fmt(current.score)}, {current.source})")
+            console.print(f"{escape(repr(args.alias))} stays at {escape(decision.from_version)} "
+                          f"(score {_fmt(current.score)}, {escape(current.source)})")
         if args.promote_if == "better" and decision.from_version != decision.to_version:
-            console.print(f"To promote it all the same: aicenter package promote {name}:{record.version} "
+            console.print(f"To promote it all the same: aicenter package promote {escape(name)}:{escape(record.version)} "
                           f"--alias {args.alias} --if always")
     return 0
 
@@ -461,10 +495,10 @@ def cmd_package_validate(args: argparse.Namespace, registry: Registry | None) ->
     if args.json:
         emit_json(data)
         return 0
-    console.print(f"[green]valid[/] for the [bold]{args.pipeline}[/] pipeline: {root}")
-    console.print(f"  main.py Main: {', '.join(data['main_methods'])}")
-    console.print(f"  train.py Main: {', '.join(data['train_methods']) or '(no train.py)'}")
-    console.print(f"  requirements: {len(info.requirements)} line(s); description: {info.metadata.description or '-'}")
+    console.print(f"[green]valid[/] for the [bold]{args.pipeline}[/] pipeline: {escape(root)}")
+    console.print(f"  main.py Main: {escape(', '.join(data['main_methods']))}")
+    console.print(f"  train.py Main: {escape(', '.join(data['train_methods'])) or '(no train.py)'}")
+    console.print(f"  requirements: {len(info.requirements)} line(s); description: {_fmt(info.metadata.description or '-')}")
     return 0
 
 
@@ -476,11 +510,13 @@ def _read_runs(registry: Registry, args: argparse.Namespace) -> list[RunRecord]:
         return list_runs(registry.store, package=args.package, status=args.status,
                          progress=lambda done, total: bar.update(task, completed=done, total=total),
                          on_error=lambda run_id, exc: err_console.print(
-                             f"[yellow]warning:[/] run {run_id} left out: {exc}", highlight=False))
+                             f"[yellow]warning:[/] run {escape(run_id)} left out: {escape(str(exc))}", highlight=False))
 
 
-def _versions(record: RunRecord) -> str:
-    return record.version + (f" -> {record.new_version}" if record.new_version else "")
+def _versions(record: RunRecord, *, markup: bool = True) -> str:
+    """``1.0 -> 1.1`` (started from, made); escaped for rich markup unless ``markup`` is False."""
+    text = record.version + (f" -> {record.new_version}" if record.new_version else "")
+    return escape(text) if markup else text
 
 
 def _fits(ids: Sequence[str], other_columns: int) -> bool:
@@ -494,26 +530,26 @@ def cmd_runs_list(args: argparse.Namespace, registry: Registry) -> int:
         emit_json([r.summary() for r in records])
         return 0
     if not records:
-        console.print("No runs" + (" match" if args.package or args.status else " yet") + f" in {registry.store.uri}")
+        console.print("No runs" + (" match" if args.package or args.status else " yet") + f" in {escape(registry.store.uri)}")
         return 0
-    console.print(f"Runs in {registry.store.uri} (newest first)")
+    console.print(f"Runs in {escape(registry.store.uri)} (newest first)")
     if _fits([r.id for r in records], 100):
         table = Table()
         table.add_column("run", no_wrap=True)  # whole, to copy into `runs show`
         for col in ("pipeline", "status", "package", "version", "score", "started", "duration", "cause"):
             table.add_column(col, overflow="fold", min_width={"pipeline": 8, "status": 9, "version": 6}.get(col))
         for r in records:
-            table.add_row(r.id, r.pipeline, _status(r.status), r.package, _versions(r), _fmt(r.outcome.score),
+            table.add_row(escape(r.id), r.pipeline, _status(r.status), _fmt(r.package), _versions(r), _fmt(r.outcome.score),
                           r.start.strftime("%Y-%m-%d %H:%M:%S"), _duration(r.duration), _fmt(r.cause))
         console.print(table)
         return 0
     # narrow (a pipe, CI, 80 columns): one block per run, its id on a line of its own, never broken
     for r in records:
-        console.print(f"[bold]{r.id}[/]", overflow="ignore", crop=False)
-        console.print(f"  {r.pipeline} {_status(r.status)}  {r.package} {_versions(r)}  score {_fmt(r.outcome.score)}  "
+        console.print(f"[bold]{escape(r.id)}[/]", overflow="ignore", crop=False)
+        console.print(f"  {r.pipeline} {_status(r.status)}  {_fmt(r.package)} {_versions(r)}  score {_fmt(r.outcome.score)}  "
                       f"{r.start:%Y-%m-%d %H:%M:%S}  {_duration(r.duration)}")
         if r.cause:
-            console.print(f"  cause: {r.cause}", highlight=False)
+            console.print(f"  cause: {_fmt(r.cause)}", highlight=False)
     return 0
 
 
@@ -524,10 +560,10 @@ def cmd_runs_show(args: argparse.Namespace, registry: Registry) -> int:
         emit_json(data)
         return 0
     promotion = data["promotion"]
-    console.print(f"Run [bold]{record.id}[/]", overflow="ignore", crop=False)
+    console.print(f"Run [bold]{escape(record.id)}[/]", overflow="ignore", crop=False)
     console.print(_kv_table(None, [
-        ("pipeline", data["pipeline"]), ("status", _status(data["status"])), ("cause", data["cause"]),
-        ("failed phase", data["failed_phase"]), ("package", data["package"]), ("version", _versions(record)),
+        ("pipeline", data["pipeline"]), ("status", Text.from_markup(_status(data["status"]))), ("cause", data["cause"]),
+        ("failed phase", data["failed_phase"]), ("package", data["package"]), ("version", _versions(record, markup=False)),
         ("dataset", data["dataset"]), ("evaluation dataset", data["evaluation_dataset"]), ("env", data["env"]),
         ("score", data["score"]), ("started", record.start), ("duration", _duration(data["duration"])),
         ("phases", {k: f"{v:.2f}s" for k, v in data["phases"].items()}), ("warnings", "; ".join(data["warnings"]) or None),
@@ -584,7 +620,7 @@ def cmd_runs_compare(args: argparse.Namespace, registry: Registry) -> int:
         return 0
     # runs are numbered in the header; their ids go above the table, whole at any width
     for i, r in enumerate(records, 1):
-        console.print(f"#{i} [bold]{r.id}[/]", overflow="ignore", crop=False)
+        console.print(f"#{i} [bold]{escape(r.id)}[/]", overflow="ignore", crop=False)
     table = Table(title="Runs side by side (differing rows in bold)", title_justify="left")
     table.add_column("field", style="bold")
     for i, _ in enumerate(records, 1):
@@ -592,7 +628,8 @@ def cmd_runs_compare(args: argparse.Namespace, registry: Registry) -> int:
     for name, values in rows:
         differs = len({json.dumps(v, default=str) for v in values}) > 1
         cells = [_status(v) if name == "status" else _fmt(v) for v in values]
-        table.add_row(f"[yellow]{name}[/]" if differs else name, *(f"[bold]{c}[/]" if differs else c for c in cells))
+        label = escape(name)
+        table.add_row(f"[yellow]{label}[/]" if differs else label, *(f"[bold]{c}[/]" if differs else c for c in cells))
     console.print(table)
     return 0
 
@@ -660,7 +697,7 @@ def cmd_gc(args: argparse.Namespace, registry: Registry) -> int:
         emit_json(report.to_dict())
         return 1 if problems else 0
     verb = "would delete" if report.dry_run else "deleted"
-    console.print(f"{report.store}: {report.blobs} blobs ({_mb(report.blob_bytes)}), {report.referenced} referenced, "
+    console.print(f"{escape(report.store)}: {report.blobs} blobs ({_mb(report.blob_bytes)}), {report.referenced} referenced, "
                   f"{report.young} unreferenced but younger than {report.grace_hours:g} h (kept); "
                   f"{verb} {len(report.deleted)} ({_mb(report.deleted_bytes)}) in {report.seconds:.1f} s", highlight=False)
     for digest in report.deleted[:50]:
@@ -680,6 +717,19 @@ def cmd_gc(args: argparse.Namespace, registry: Registry) -> int:
     return 1 if problems else 0
 
 
+def hours(text: str) -> float:
+    """A number of hours, 0 or more (argparse type: anything else is a usage error, exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of hours; give one such as 24 or 0.5")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative; give 0 or more hours (0: no grace period)")
+    return value
+
+
 def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -688,7 +738,7 @@ def add_gc_command(groups: Any) -> None:
     p = command(groups, "gc", cmd_gc, "delete content blobs no version or snapshot references (older than a grace period)")
     p.description = ("Delete blobs under blobs/sha256/ that no version record or run snapshot manifest references "
                      "and that are older than the grace period, so uploads in progress are never harmed.")
-    p.add_argument("--grace-hours", type=float, default=DEFAULT_GRACE_HOURS,
+    p.add_argument("--grace-hours", type=hours, default=DEFAULT_GRACE_HOURS,
                    help=f"only delete blobs last modified longer ago than this (default {DEFAULT_GRACE_HOURS:g})")
     p.add_argument("--dry-run", action="store_true", help="report what would be deleted; delete nothing")
 
@@ -697,16 +747,39 @@ COMMAND_GROUPS: list[Callable[[Any], None]] = [add_package_commands, add_runs_co
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aicenter", description="AI Center packages and runs in an airflow-aicenter store.")
+    parser = argparse.ArgumentParser(
+        prog="aicenter", description="AI Center packages and runs in an airflow-aicenter store.",
+        epilog="Exit status: 0 done, nothing wrong; 1 an error (the line on stderr says what and how to fix it) or "
+               "problems found (damaged records or blobs); 2 a malformed command line; 130 interrupted; "
+               "141 the reader of the output went away. --debug (or AICENTER_DEBUG=1) adds the traceback to an error.")
     parser.add_argument("--storage", help="storage URI (s3://bucket/prefix or file:///path); default: $AICENTER_STORAGE, "
                         "the aicenter_default connection (as tasks read it), or $AIRFLOW_HOME/aicenter")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also: AICENTER_DEBUG=1)")
     groups = parser.add_subparsers(dest="group", required=True)
     for add in COMMAND_GROUPS:
         add(groups)
     return parser
 
 
+#: Exit statuses (docs/cli.md): done; an error or problems found; a malformed command line (argparse's own).
+EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
+#: Interrupted (Ctrl-C): 128 + SIGINT, as the shell reports it.
+INTERRUPTED = 130
+
+
+def _debug(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("AICENTER_DEBUG", "") not in ("", "0", "false", "no")
+
+
+def _error(message: str, args: argparse.Namespace) -> None:
+    """The one line an error gets (rich markup in it is text: it may quote a record or a path)."""
+    if _debug(args):
+        traceback.print_exc()
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; every failure is one line on stderr and an exit status, never a traceback (unless --debug)."""
     args = build_parser().parse_args(argv)
     choice: StoreChoice | None = None
     try:
@@ -717,11 +790,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.handler(args, registry)
         return code
     except AICenterError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        _error(str(exc), args)
         if choice is not None and "aicenter package upload" in str(exc) and choice.source not in str(exc):
             # the DAG's tasks and this command must look at one store: say which one this was
-            err_console.print(f"(this command used the store {choice.uri}, {choice.source})", highlight=False)
-        return 1
+            err_console.print(f"(this command used the store {escape(choice.uri)}, {choice.source})", highlight=False)
+        return EXIT_PROBLEM
+    except BrokenPipeError:
+        raise  # script(): the reader went away
+    except OSError as exc:  # a local path no command anticipated
+        _error(os_error(exc), args)
+        return EXIT_PROBLEM
+    except Exception as exc:  # noqa: BLE001 -- a bug: one line and the way to see more, not a raw traceback
+        _error(f"unexpected {type(exc).__name__}: {exc}; this is a bug in aicenter: run the command again with --debug "
+               "(or AICENTER_DEBUG=1) to see where it happened, and report it with that output", args)
+        return EXIT_PROBLEM
 
 
 #: The exit status of a command whose reader went away (``| head``): 128 + SIGPIPE, as the shell's own tools.
@@ -743,6 +825,9 @@ def script() -> None:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the final flush has nowhere to fail
         code = BROKEN_PIPE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = INTERRUPTED
     exit_process(code)
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, ValidationError
 
 from airflow_aicenter.errors import NotFoundError, StorageError
 from airflow_aicenter.layout import RunPath
@@ -341,9 +341,9 @@ def parse(store: Store, key: str, raw: bytes, model: type[M]) -> M:
     """``raw`` (the bytes stored at ``key``) as a ``model`` record; DamagedRecordError when it is not one."""
     try:
         return model.model_validate_json(raw)
-    except ValueError as exc:
-        first = str(exc).splitlines()
-        detail = "; ".join(line.strip() for line in first[:3])
+    except ValidationError as exc:
+        problems = [f"{'.'.join(map(str, e['loc'])) or 'the record'}: {e['msg']}" for e in exc.errors()[:3]]
+        detail = "; ".join(problems) + (f" and {exc.error_count() - 3} more" if exc.error_count() > 3 else "")
         raise DamagedRecordError(f"{store.url(key)} is not a valid {model.__name__} record ({detail}); {DAMAGED_RECORD_FIX}",
                                  key=key, raw=raw) from exc
 
