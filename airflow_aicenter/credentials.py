@@ -6,13 +6,25 @@ policy, so a pod holds credentials that can only:
 
 - write its own run folder ``runs/<dag>/<run>/<task>/<try>/`` and its task's
   ``runs/<dag>/<run>/<task>/checkpoints/`` (delete only there: checkpoints are pruned);
-- create, never overwrite, ``blobs/sha256/*`` and ``envs/*`` (``s3:if-none-match``: every
-  object-creating request there must carry ``If-None-Match: *``; the multipart steps that
+- read its run folder, its checkpoints, its datasets, its package version's blob (by its exact
+  key) and the single objects it is given (the parent's snapshot manifest of an incremental run);
+- only when the run makes blobs (a new version, a snapshot, a package environment; an incremental
+  run): create, never overwrite, ``blobs/sha256/*`` and read blobs by digest (``s3:if-none-match``:
+  every object-creating request there must carry ``If-None-Match: *``; the multipart steps that
   cannot carry it, CreateMultipartUpload and UploadPart, are told apart through
   ``s3:ObjectCreationOperation`` as AWS documents, so a multipart completion must carry it);
-- read its run folder, its checkpoints, ``blobs/``, ``envs/``, its datasets and the extra keys
-  it is given (the parent's snapshot manifest of an incremental run); list only its
-  checkpoints, ``blobs/``, ``envs/`` and its datasets (``s3:prefix``).
+- only when it installs requirements: read and create (never overwrite) ``envs/*``;
+- list only its checkpoints and its datasets (``s3:prefix``): never ``blobs/`` or ``envs/``.
+
+Why blobs are read "by digest" and not by a list of keys: the digests a run reads besides its
+package blob are decided inside the pod, after the credentials are issued (the environment key
+depends on the image's Python and platform; a snapshot's blobs on the data staged; a new
+version's on what the code saved), and a session policy holds at most 2,048 characters, a few
+blob ARNs. So a run that makes blobs may read any blob whose full sha256 it knows; what it
+cannot do is learn digests from the store: it lists no blob or environment, and reads no version
+record, alias, snapshot hint, trigger state or other run's folder, which are where digests are
+named. A run that makes no blob (batch prediction, an evaluation without snapshots or
+environment) reads its package blob and nothing else under ``blobs/``.
 
 Nothing allows ``packages/`` (version records and aliases), and an explicit Deny keeps it so
 even if a dataset is the store itself: those are written by the worker alone. Effective
@@ -30,11 +42,13 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import urlsplit
 
 from airflow_aicenter.errors import ConfigurationError
-from airflow_aicenter.layout import BLOBS, ENVS, PACKAGES, RUNS
+from airflow_aicenter.layout import BLOBS, ENVS, PACKAGES, RUNS, blob_key
+from airflow_aicenter.plans import plan_for
+from airflow_aicenter.records import RunSpec
 
 DEFAULT_DURATION = 3600
 #: What STS accepts for DurationSeconds (the role's own maximum may be lower).
@@ -44,8 +58,7 @@ MAX_POLICY_CHARS = 2048
 _ROLE_ARN = re.compile(r"^arn:(aws[a-z-]*):iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
 #: IAM reads these inside a Resource or a condition value as wildcards and policy variables.
 _POLICY_SPECIAL = re.compile(r"[*?$]")
-#: Writing an object, in one request or as a multipart upload (whose abandoning is allowed too).
-_WRITE = ("s3:PutObject", "s3:AbortMultipartUpload")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,43 @@ def role_settings(extra: Mapping[str, Any]) -> tuple[str, int] | None:
     return role, duration
 
 
+class Scope(TypedDict):
+    """What one run reaches in the store, as the worker knows it before the pod starts (``run_scope``)."""
+
+    storage: str
+    run_prefix: str
+    checkpoint_prefix: str | None
+    datasets: list[str | None]
+    reads: list[str]
+    blobs: list[str]
+    makes_blobs: bool
+    environments: bool
+
+
+def run_scope(spec: RunSpec) -> Scope:
+    """The scope of a run's credentials, from its spec: exactly what its agent reads and writes.
+
+    ``blobs`` is the package version's blob; ``reads`` the parent's training snapshot manifest
+    (``incremental_base``, a URI). ``makes_blobs`` when the run creates or checks blobs whose
+    digests only the pod learns: a new version (train, full), a snapshot (``save_training_data``,
+    ``save_test_data``), a package environment (``install_requirements``), and an incremental run
+    (it checks that the parent snapshot's blobs are still stored). ``environments`` when it
+    restores or stores ``envs/<key>.json``.
+    """
+    plan = plan_for(spec.pipeline)
+    snapshots = spec.save_training_data or spec.save_test_data
+    return Scope(
+        storage=spec.storage,
+        run_prefix=spec.run_prefix,
+        checkpoint_prefix=spec.checkpoint_prefix,
+        datasets=[spec.dataset, spec.evaluation_dataset],
+        reads=[spec.incremental_base] if spec.incremental_base else [],
+        blobs=[spec.blob.sha256],
+        makes_blobs=plan.makes_version or snapshots or spec.install_requirements or bool(spec.incremental_base),
+        environments=spec.install_requirements,
+    )
+
+
 def session_policy(
     *,
     storage: str,
@@ -104,6 +154,9 @@ def session_policy(
     checkpoint_prefix: str | None,
     datasets: Iterable[str | None] = (),
     reads: Iterable[str] = (),
+    blobs: Iterable[str] = (),
+    makes_blobs: bool = False,
+    environments: bool = False,
     partition: str = "aws",
 ) -> dict[str, Any]:
     """The session policy for one run: exactly what DESIGN lets a pod do, nothing else.
@@ -111,7 +164,10 @@ def session_policy(
     ``run_prefix`` and ``checkpoint_prefix`` are store keys (``runs/<dag>/<run>/<task>/<try>``,
     ``runs/<dag>/<run>/<task>/checkpoints``); ``datasets`` are the run's dataset URIs (only
     ``s3://`` ones matter; for a manifest dataset give the manifest and its sources' prefixes);
-    ``reads`` are further store keys the run reads (the parent snapshot of an incremental run).
+    ``reads`` are single objects the run reads, as store keys or ``s3://`` URIs (the parent
+    snapshot of an incremental run); ``blobs`` the digests of the blobs it reads (its package).
+    ``makes_blobs``: it creates blobs and reads them by digest (see the module docstring for why
+    S3 cannot narrow that further); ``environments``: it reads and creates ``envs/*``.
     """
     bucket, root = parse_s3_uri(storage)
 
@@ -127,20 +183,27 @@ def session_policy(
             raise ConfigurationError(f"{what} {prefix!r} is not a folder under runs/ (runs/<dag>/<run>/<task>/...)")
     run = key(_checked("run_prefix", run_prefix))
     checkpoints = key(_checked("checkpoint_prefix", checkpoint_prefix)) if checkpoint_prefix else None
-    create_only = [key(BLOBS), key(ENVS)]
+    create_only = [*([key(BLOBS)] if makes_blobs else []), *([key(ENVS)] if environments else [])]
     data: dict[str, list[str]] = {}  # the run's S3 datasets: bucket -> prefixes
     for uri in datasets:
         if uri and uri.startswith("s3://"):
             data_bucket, prefix = parse_s3_uri(_checked("dataset", uri))
             data.setdefault(data_bucket, []).append(prefix)
-    # Listed: what the runtime lists (checkpoint manifests, the blobs it may skip, datasets) and envs/.
-    listed = {bucket: [*([checkpoints] if checkpoints else []), *create_only]}
+    # Listed: what the runtime lists (checkpoint manifests, datasets). Never blobs/ or envs/: a run
+    # that could list them could read every blob by the digests the listing names.
+    listed = {bucket: [checkpoints]} if checkpoints else {}
     for data_bucket, prefixes in data.items():
         listed.setdefault(data_bucket, []).extend(prefixes)
-    read_only = [
-        *objects(bucket, *(key(_checked("read", k)) for k in reads)),
-        *(arn for b, prefixes in data.items() for arn in objects(b, *_object_patterns(prefixes))),
-    ]
+    single: list[str] = []  # the single objects it reads: given keys or URIs, its package blob
+    for name in reads:
+        if "://" in name:
+            if name.startswith("s3://"):
+                single += objects(*parse_s3_uri(_checked("read", name)))
+        else:
+            single += objects(bucket, key(_checked("read", name)))
+    if not makes_blobs:  # else blobs/sha256/* is readable anyway (by digest)
+        single += objects(bucket, *(key(blob_key(_digest(d))) for d in blobs))
+    read_only = [*single, *(arn for b, prefixes in data.items() for arn in objects(b, *_object_patterns(prefixes)))]
 
     def one_or_many(arns: list[str]) -> str | list[str]:
         return arns[0] if len(arns) == 1 else arns
@@ -150,20 +213,24 @@ def session_policy(
     writable = [run, *([checkpoints] if checkpoints else []), *create_only]
     statements: list[dict[str, Any]] = [
         # The run folder (overwrites too: outcome.json is rewritten as the run goes), the task's
-        # checkpoints, blobs/ and envs/: written, in one request or as a multipart upload, and read.
+        # checkpoints, and where the run makes them blobs/ and envs/: written, in one request or as
+        # a multipart upload, and read.
         {"Effect": "Allow", "Action": ["s3:PutObject", "s3:AbortMultipartUpload", "s3:GetObject"],
          "Resource": objects(bucket, *(f"{p}/*" for p in writable))},
+    ]
+    if create_only:
         # blobs/ and envs/ are create-only: an object-creating request there (PutObject,
         # CompleteMultipartUpload, CopyObject) without If-None-Match is refused. The multipart steps
         # that cannot carry the header (CreateMultipartUpload, UploadPart) are not object-creating.
-        {"Effect": "Deny", "Action": "s3:PutObject", "Resource": objects(bucket, *(f"{p}/*" for p in create_only)),
-         "Condition": {"Null": {"s3:if-none-match": "true"}, "BoolIfExists": {"s3:ObjectCreationOperation": "true"}}},
-        # Version records and aliases are the worker's alone, whatever else a dataset URI grants.
-        {"Effect": "Deny", "Action": ["s3:PutObject", "s3:DeleteObject"], "Resource": objects(bucket, f"{key(PACKAGES)}/*")},
-    ]
+        statements.append(
+            {"Effect": "Deny", "Action": "s3:PutObject", "Resource": objects(bucket, *(f"{p}/*" for p in create_only)),
+             "Condition": {"Null": {"s3:if-none-match": "true"}, "BoolIfExists": {"s3:ObjectCreationOperation": "true"}}})
+    # Version records and aliases are the worker's alone, whatever else a dataset URI grants.
+    statements.append(
+        {"Effect": "Deny", "Action": ["s3:PutObject", "s3:DeleteObject"], "Resource": objects(bucket, f"{key(PACKAGES)}/*")})
     if checkpoints:  # a checkpoint sync prunes what only older manifests named
         statements.append({"Effect": "Allow", "Action": "s3:DeleteObject", "Resource": objects(bucket, f"{checkpoints}/*")})
-    if read_only:  # the run's datasets and the single keys it is given
+    if read_only:  # the run's datasets, its package blob and the single keys it is given
         statements.append({"Effect": "Allow", "Action": "s3:GetObject", "Resource": read_only})
     statements += [
         {"Effect": "Allow", "Action": "s3:ListBucket", "Resource": f"arn:{partition}:s3:::{b}",
@@ -174,6 +241,13 @@ def session_policy(
         if isinstance(statement["Resource"], list):
             statement["Resource"] = one_or_many(statement["Resource"])
     return {"Version": "2012-10-17", "Statement": statements}
+
+
+def _digest(value: str) -> str:
+    if not _SHA256.match(value):
+        raise ConfigurationError(f"blob digest {value!r} is not 64 lowercase hex characters (a sha256); the version "
+                                 "record naming it is damaged: run `aicenter verify` on the store")
+    return value
 
 
 def _checked(what: str, value: str) -> str:
@@ -209,11 +283,15 @@ def run_credentials(
     checkpoint_prefix: str | None,
     datasets: Iterable[str | None] = (),
     reads: Iterable[str] = (),
+    blobs: Iterable[str] = (),
+    makes_blobs: bool = False,
+    environments: bool = False,
 ) -> S3Credentials | None:
     """Per-run STS credentials limited by ``session_policy``; None when the connection names no role.
 
     ``extra`` is the ``aicenter`` connection's extra (``runtime_role_arn``, ``runtime_role_duration``);
-    ``aws_conn_id`` the AWS connection whose identity may assume the role.
+    ``aws_conn_id`` the AWS connection whose identity may assume the role. The rest is the run's
+    scope (``run_scope(spec)`` gives it from the run spec).
     """
     settings = role_settings(extra)
     if settings is None:
@@ -222,7 +300,7 @@ def run_credentials(
     partition = role_arn.split(":")[1]
     policy = session_policy(
         storage=storage, run_prefix=run_prefix, checkpoint_prefix=checkpoint_prefix, datasets=datasets, reads=reads,
-        partition=partition,
+        blobs=blobs, makes_blobs=makes_blobs, environments=environments, partition=partition,
     )
     document = json.dumps(policy, separators=(",", ":"))
     if len(document) > MAX_POLICY_CHARS:

@@ -275,26 +275,18 @@ class PodLauncher(Launcher):
     def issue_credentials(self, spec: RunSpec, run: RunRef) -> None:
         """With ``runtime_role_arn``: STS session credentials for this run alone, in a Secret of its own.
 
-        The session policy lets the pod write only its run folder and the task's checkpoints, create
-        (never overwrite) blobs and environments, and read its package, datasets and checkpoints;
-        version records and aliases stay the worker's. The values go into a per-run Kubernetes
+        The session policy (``credentials.run_scope``) lets the pod write only its run folder and the
+        task's checkpoints, create (never overwrite) blobs and environments where the run makes them,
+        and read its package blob, datasets, checkpoints and parent snapshot; it lists no blob or
+        environment; version records and aliases stay the worker's. The values go into a per-run Kubernetes
         Secret referenced by ``secretKeyRef`` (never into the pod spec), are masked in every log,
         and the Secret is deleted when the run ends (the credentials expire on their own anyway).
         """
         from airflow.sdk.log import mask_secret
 
-        from airflow_aicenter.credentials import run_credentials
+        from airflow_aicenter.credentials import run_credentials, run_scope
 
-        reads = [spec.incremental_base] if spec.incremental_base else []
-        creds = run_credentials(
-            self.hook.settings.extra,
-            self.hook.settings.aws_conn_id,
-            storage=spec.storage,
-            run_prefix=spec.run_prefix,
-            checkpoint_prefix=spec.checkpoint_prefix,
-            datasets=[spec.dataset, spec.evaluation_dataset],
-            reads=reads,
-        )
+        creds = run_credentials(self.hook.settings.extra, self.hook.settings.aws_conn_id, **run_scope(spec))
         if creds is None:
             return
         values = creds.to_env()

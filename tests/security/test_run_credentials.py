@@ -1,16 +1,18 @@
-"""Least-privilege run credentials (DESIGN "★ Trust boundaries"; issue 13).
+"""Least-privilege run credentials (DESIGN "★ Trust boundaries"; issue 13, issue 20 finding 8).
 
 Against a moto server of its own with IAM access control on (``INITIAL_NO_AUTH_ACTION_COUNT``:
 the set-up requests pass unauthenticated, every later one is checked): the worker assumes
 the runtime role through the amazon provider's AWS connection, and the credentials it gets
-can write their run folder and cannot write a version record, an alias or another run.
+can write their run folder and cannot write a version record, an alias or another run, nor
+read another team's blobs where the run needs none but its package's.
 
 moto 5.2 does not apply session policies (``moto/iam/access_control.py``: an assumed role's
 permissions are its role's policies only) and ignores condition operators other than
-StringEquals. So the role here carries this run's session policy as its own policy, which
-moto does enforce (actions and resources), and the session policy the worker sent (read
-back from moto's record of the AssumeRole call) is checked against an IAM evaluator below,
-conditions included: create-only blobs, listing limited by prefix.
+StringEquals (a statement with one applies unconditionally). So each test gives the role the
+session policy of the run it tests as the role's own policy, which moto does enforce (actions
+and resources), and the session policy the worker sent (read back from moto's record of the
+AssumeRole call) is checked against an IAM evaluator below, conditions included: create-only
+blobs, listing limited by prefix, against lists of keys each kind of run must and must not reach.
 """
 
 from __future__ import annotations
@@ -36,11 +38,14 @@ from botocore.exceptions import ClientError
 from airflow_aicenter.credentials import (
     MAX_POLICY_CHARS,
     S3Credentials,
+    Scope,
     run_credentials,
+    run_scope,
     session_name,
     session_policy,
 )
 from airflow_aicenter.errors import AICenterError, ConfigurationError
+from airflow_aicenter.records import BlobRef, RunSpec
 from airflow_aicenter.storage import S3Options, open_store
 from tests.conftest import free_port
 
@@ -54,13 +59,26 @@ STORAGE = f"s3://{BUCKET}/aicenter"
 RUN = "runs/churn/manual__2026-11-28T00:00:00/train/1"
 CHECKPOINTS = "runs/churn/manual__2026-11-28T00:00:00/train/checkpoints"
 DATASET = f"s3://{BUCKET}/datasets/churn"
-BLOB = "aicenter/blobs/sha256/" + "ab" * 32
+PACKAGE = "ab" * 32  # the digest of the package version's zip
+BLOB = f"aicenter/blobs/sha256/{PACKAGE}"
+OTHER = "aicenter/blobs/sha256/" + "cd" * 32  # another team's model, in the same store
 #: The requests the set-up makes before access control starts (bucket, user, key, user policy, role, role policy).
 SETUP_REQUESTS = 6
 
 
+def spec(pipeline: str = "train", **changes: Any) -> RunSpec:
+    """A run of package churn 1.0 in run folder RUN, as the operator hands it to the launcher."""
+    fields: dict[str, Any] = {"pipeline": pipeline, "storage": STORAGE, "run_prefix": RUN, "package": "churn",
+                              "version": "1.0", "blob": BlobRef(sha256=PACKAGE, size=11), "dataset": DATASET}
+    return RunSpec(**(fields | changes))
+
+
+#: A training run with checkpoints: it makes a new version, so it creates blobs.
+SCOPE = run_scope(spec(checkpoint_prefix=CHECKPOINTS))
+
+
 def policy_for_this_run() -> dict[str, Any]:
-    return session_policy(storage=STORAGE, run_prefix=RUN, checkpoint_prefix=CHECKPOINTS, datasets=[DATASET])
+    return session_policy(**SCOPE)
 
 
 @dataclass
@@ -116,6 +134,8 @@ def iam_moto() -> Iterator[IamMoto]:
             "Version": "2012-10-17",
             "Statement": [
                 {"Effect": "Allow", "Action": "sts:AssumeRole", "Resource": ROLE_ARN},
+                # Each test gives the role the policy of the run it tests (moto enforces the role's policy only).
+                {"Effect": "Allow", "Action": "iam:PutRolePolicy", "Resource": ROLE_ARN},
                 {"Effect": "Allow", "Action": "s3:*", "Resource": [f"arn:aws:s3:::{BUCKET}", f"arn:aws:s3:::{BUCKET}/*"]},
             ],
         }))
@@ -135,20 +155,28 @@ def iam_moto() -> Iterator[IamMoto]:
         server.wait(timeout=10)
 
 
-@pytest.fixture
-def credentials(iam_moto: IamMoto, monkeypatch: pytest.MonkeyPatch) -> S3Credentials:
+def assume(iam_moto: IamMoto, monkeypatch: pytest.MonkeyPatch, scope: Scope, duration: str = "1800") -> S3Credentials:
+    """The credentials the worker gets for a run of ``scope``, with the role carrying that run's session policy."""
     for name, value in iam_moto.connection_env().items():
         monkeypatch.setenv(name, value)
+    iam_moto.worker("iam").put_role_policy(RoleName=ROLE, PolicyName="run",
+                                           PolicyDocument=json.dumps(session_policy(**scope)))
+    creds = run_credentials({"runtime_role_arn": ROLE_ARN, "runtime_role_duration": duration}, "aws_iam_moto", **scope)
+    assert creds is not None
+    return creds
+
+
+def s3_of(iam_moto: IamMoto, creds: S3Credentials) -> Any:
+    return iam_moto.client("s3", creds.access_key_id, creds.secret_access_key, creds.session_token)
+
+
+@pytest.fixture
+def credentials(iam_moto: IamMoto, monkeypatch: pytest.MonkeyPatch) -> S3Credentials:
     # The worker's own writes (it alone registers versions): a package blob and a dataset file to read.
     worker_s3 = iam_moto.worker("s3")
     worker_s3.put_object(Bucket=BUCKET, Key=BLOB, Body=b"package zip")
     worker_s3.put_object(Bucket=BUCKET, Key="datasets/churn/train.csv", Body=b"a,b\n1,2\n")
-    creds = run_credentials(
-        {"runtime_role_arn": ROLE_ARN, "runtime_role_duration": "1800"}, "aws_iam_moto",
-        storage=STORAGE, run_prefix=RUN, checkpoint_prefix=CHECKPOINTS, datasets=[DATASET, "file:///local/data"],
-    )
-    assert creds is not None
-    return creds
+    return assume(iam_moto, monkeypatch, {**SCOPE, "datasets": [DATASET, "file:///local/data"]})
 
 
 def denied(call: Any, **kwargs: Any) -> bool:
@@ -162,7 +190,7 @@ def denied(call: Any, **kwargs: Any) -> bool:
 def test_run_credentials_write_their_run_folder_and_never_a_version_record_or_alias(
     iam_moto: IamMoto, credentials: S3Credentials
 ) -> None:
-    pod = iam_moto.client("s3", credentials.access_key_id, credentials.secret_access_key, credentials.session_token)
+    pod = s3_of(iam_moto, credentials)
     # Allowed: the run folder, the task's checkpoints (and pruning them), reading the package blob and the dataset.
     pod.put_object(Bucket=BUCKET, Key=f"aicenter/{RUN}/outcome.json", Body=b"{}")
     pod.put_object(Bucket=BUCKET, Key=f"aicenter/{RUN}/artifacts/model.pkl", Body=b"model")
@@ -263,10 +291,14 @@ def test_a_session_policy_over_the_aws_limit_is_refused_before_calling_sts() -> 
 
 def test_a_typical_full_run_fits_the_aws_limit() -> None:
     long_run = "runs/customer_churn_retraining/scheduled__2026-11-28T00:00:00+00:00/train_and_evaluate~12"
-    policy = session_policy(storage="s3://company-ml-platform-store/aicenter", run_prefix=f"{long_run}/3",
-                            checkpoint_prefix=f"{long_run}/checkpoints",
-                            datasets=["s3://company-datasets/churn/2026-11", "s3://company-datasets/churn/holdout"])
-    assert len(json.dumps(policy, separators=(",", ":"))) <= MAX_POLICY_CHARS
+    store = "s3://company-ml-platform-store/aicenter"
+    full = spec("full", storage=store, run_prefix=f"{long_run}/3", checkpoint_prefix=f"{long_run}/checkpoints",
+                dataset="s3://company-datasets/churn/2026-11", evaluation_dataset="s3://company-datasets/churn/holdout",
+                install_requirements=True, save_training_data=True, save_test_data=True,
+                incremental_base=f"{store}/{long_run.replace('~12', '~11')}/2/data_directory.manifest.json")
+    predict = spec("predict", storage=store, run_prefix=f"{long_run}/3", dataset="s3://company-datasets/churn/inbox")
+    for run in (full, predict):
+        assert len(json.dumps(session_policy(**run_scope(run)), separators=(",", ":"))) <= MAX_POLICY_CHARS
 
 
 def test_session_names_fit_sts() -> None:
@@ -320,10 +352,14 @@ CREATE = {"s3:ObjectCreationOperation": "true"}  # PutObject, CompleteMultipartU
 STEP = {"s3:ObjectCreationOperation": "false"}  # CreateMultipartUpload, UploadPart
 
 
+PARENT = "runs/churn/manual__1/train/1"  # the run that made the parent version (its snapshot)
+
+
 def test_the_policy_allows_exactly_what_design_lists() -> None:
-    policy = session_policy(storage=STORAGE, run_prefix=RUN, checkpoint_prefix=CHECKPOINTS,
-                            datasets=[DATASET, "s3://other-data/images/2026", "file:///x", None],
-                            reads=["runs/churn/manual__1/train/1/data_directory.manifest.json"])
+    full = spec("full", evaluation_dataset="s3://other-data/images/2026", checkpoint_prefix=CHECKPOINTS,
+                install_requirements=True, save_training_data=True,
+                incremental_base=f"{STORAGE}/{PARENT}/data_directory.manifest.json")
+    policy = session_policy(**run_scope(full))
     put, get, delete, lst = "s3:PutObject", "s3:GetObject", "s3:DeleteObject", "s3:ListBucket"
     bucket = f"arn:aws:s3:::{BUCKET}"
     expectations = [
@@ -356,21 +392,98 @@ def test_the_policy_allows_exactly_what_design_lists() -> None:
         (False, get, obj("images/2025/cat.png", "other-data"), {}),
         (False, get, obj("datasets/churn-private/x.csv"), {}),
         (False, put, obj("datasets/churn/train.csv"), CREATE),
-        (True, get, obj("aicenter/runs/churn/manual__1/train/1/data_directory.manifest.json"), {}),
-        (False, get, obj("aicenter/runs/churn/manual__1/train/1/outcome.json"), {}),
-        (False, put, obj("aicenter/runs/churn/manual__1/train/1/data_directory.manifest.json"), CREATE),
-        # listing: only the prefixes the run reads
+        # the parent's snapshot manifest, given as the URI the version record holds: that one object
+        (True, get, obj(f"aicenter/{PARENT}/data_directory.manifest.json"), {}),
+        (False, get, obj(f"aicenter/{PARENT}/outcome.json"), {}),
+        (False, put, obj(f"aicenter/{PARENT}/data_directory.manifest.json"), CREATE),
+        # where digests are named: other runs' manifests, snapshot hints, trigger state
+        (False, get, obj("aicenter/runs/other_team/manual__2/train/1/data_directory.manifest.json"), {}),
+        (False, get, obj("aicenter/snapshots/" + "5" * 64 + ".json"), {}),
+        (False, get, obj("aicenter/triggers/" + "6" * 64 + ".json"), {}),
+        # listing: only the prefixes the run reads; never blobs/ or envs/ (every digest in the store)
         (True, lst, bucket, {"s3:prefix": f"aicenter/{CHECKPOINTS}/manifests/"}),
-        (True, lst, bucket, {"s3:prefix": "aicenter/blobs/sha256/"}),
         (True, lst, bucket, {"s3:prefix": "datasets/churn/"}),
         (True, lst, "arn:aws:s3:::other-data", {"s3:prefix": "images/2026/"}),
+        (False, lst, bucket, {"s3:prefix": "aicenter/blobs/sha256/"}),
+        (False, lst, bucket, {"s3:prefix": "aicenter/blobs/sha256"}),
+        (False, lst, bucket, {"s3:prefix": "aicenter/envs/"}),
         (False, lst, bucket, {"s3:prefix": "aicenter/packages/"}),
         (False, lst, bucket, {"s3:prefix": "aicenter/runs/"}),
+        (False, lst, bucket, {"s3:prefix": "aicenter/"}),
         (False, lst, bucket, {}),
         (False, lst, "arn:aws:s3:::other-data", {"s3:prefix": "images/"}),
     ]
     wrong = [(a, r, c, want) for want, a, r, c in expectations if allowed(policy, a, r, **c) != want]
     assert wrong == []
+
+
+@pytest.mark.parametrize("run", [
+    spec("predict"),
+    spec("evaluate", dataset=None, evaluation_dataset=DATASET),
+    spec("evaluate", dataset=None, evaluation_dataset=DATASET, checkpoint_prefix=CHECKPOINTS),
+], ids=["predict", "evaluate", "evaluate-with-checkpoints"])
+def test_a_run_that_makes_no_blob_reads_its_package_blob_and_no_other(run: RunSpec) -> None:
+    policy = session_policy(**run_scope(run))
+    put, get, lst = "s3:PutObject", "s3:GetObject", "s3:ListBucket"
+    expectations = [
+        (True, get, obj(BLOB), {}),
+        (True, get, obj("datasets/churn/train.csv"), {}),
+        (True, put, obj(f"aicenter/{RUN}/outcome.json"), CREATE),
+        (False, get, obj(OTHER), {}),
+        (False, get, obj("aicenter/envs/k.json"), {}),
+        (False, put, obj(OTHER), {**CREATE, "s3:if-none-match": "*"}),
+        (False, put, obj("aicenter/envs/k.json"), {**CREATE, "s3:if-none-match": "*"}),
+        (False, lst, f"arn:aws:s3:::{BUCKET}", {"s3:prefix": "aicenter/blobs/sha256/"}),
+    ]
+    wrong = [(a, r, c, want) for want, a, r, c in expectations if allowed(policy, a, r, **c) != want]
+    assert wrong == []
+
+
+@pytest.mark.parametrize(("run", "makes_blobs", "environments"), [
+    (spec("train"), True, False),  # the new version's package blob
+    (spec("full", install_requirements=True), True, True),
+    (spec("predict"), False, False),
+    (spec("predict", install_requirements=True), True, True),  # restores or stores its environment's blob
+    (spec("evaluate", dataset=None, evaluation_dataset=DATASET), False, False),
+    (spec("evaluate", dataset=None, evaluation_dataset=DATASET, save_test_data=True), True, False),  # a snapshot
+    (spec("predict", incremental_base=f"{STORAGE}/{PARENT}/data_directory.manifest.json"), True, False),
+])
+def test_the_scope_follows_what_the_run_does(run: RunSpec, makes_blobs: bool, environments: bool) -> None:
+    scope = run_scope(run)
+    assert (scope["makes_blobs"], scope["environments"], scope["blobs"]) == (makes_blobs, environments, [PACKAGE])
+
+
+def test_a_digest_that_is_not_one_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="is not 64 lowercase hex characters"):
+        session_policy(storage=STORAGE, run_prefix=RUN, checkpoint_prefix=None, blobs=["*"])
+
+
+def test_prediction_credentials_read_their_package_blob_and_not_another_teams(
+    iam_moto: IamMoto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker_s3 = iam_moto.worker("s3")
+    for key, body in ((BLOB, b"package zip"), (OTHER, b"another team's model"), ("aicenter/envs/k.json", b"{}")):
+        worker_s3.put_object(Bucket=BUCKET, Key=key, Body=body)
+    pod = s3_of(iam_moto, assume(iam_moto, monkeypatch, run_scope(spec("predict"))))
+    # (GETs only: moto 5.2 answers 403 to every HEAD made with assumed-role credentials, whatever the policy.)
+    assert pod.get_object(Bucket=BUCKET, Key=BLOB)["Body"].read() == b"package zip"
+    assert denied(pod.get_object, Bucket=BUCKET, Key=OTHER)
+    assert denied(pod.get_object, Bucket=BUCKET, Key="aicenter/envs/k.json")
+    assert denied(pod.put_object, Bucket=BUCKET, Key="aicenter/blobs/sha256/" + "ef" * 32, Body=b"x", IfNoneMatch="*")
+
+
+def test_incremental_credentials_read_the_parent_snapshot_the_version_record_names(
+    iam_moto: IamMoto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``incremental_base`` is a URI (the version record's ``snapshot``), not a store key."""
+    manifest = f"aicenter/{PARENT}/data_directory.manifest.json"
+    worker_s3 = iam_moto.worker("s3")
+    worker_s3.put_object(Bucket=BUCKET, Key=manifest, Body=b'{"files": []}')
+    worker_s3.put_object(Bucket=BUCKET, Key=f"aicenter/{PARENT}/outcome.json", Body=b"{}")
+    run = spec("train", save_training_data=True, incremental_base=f"s3://{BUCKET}/{manifest}")
+    pod = s3_of(iam_moto, assume(iam_moto, monkeypatch, run_scope(run)))
+    assert pod.get_object(Bucket=BUCKET, Key=manifest)["Body"].read() == b'{"files": []}'
+    assert denied(pod.get_object, Bucket=BUCKET, Key=f"aicenter/{PARENT}/outcome.json")
 
 
 def test_without_checkpoints_nothing_under_the_task_but_the_run_folder_is_writable() -> None:
