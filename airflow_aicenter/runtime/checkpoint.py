@@ -36,7 +36,6 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -49,6 +48,7 @@ from airflow_aicenter.records import Record, read, utcnow, write
 from airflow_aicenter.secrets import Redactor
 from airflow_aicenter.storage import Store
 from airflow_aicenter.storage.transfer import (
+    BlobStats,
     check_names,
     download_file,
     gather_limited,
@@ -83,15 +83,6 @@ class CheckpointManifest(Record):
     files: list[CheckpointFile]
     bytes: int
     created_at: datetime = Field(default_factory=utcnow)
-
-
-@dataclass(frozen=True)
-class SyncStats:
-    seq: int
-    files: int
-    bytes: int
-    uploaded_files: int
-    uploaded_bytes: int
 
 
 class FileChanged(Exception):
@@ -167,12 +158,12 @@ class CheckpointSync:
         await gather_limited(manifest.files, one)
 
     # -- sync ----------------------------------------------------------------------------
-    def sync(self) -> SyncStats | None:
+    def sync(self) -> BlobStats | None:
         """Upload changed files, then commit them with a new manifest; None when nothing changed."""
         with self._lock:
             return self._sync()
 
-    def _sync(self) -> SyncStats | None:
+    def _sync(self) -> BlobStats | None:
         previous = {f.path: f for f in self.last.files} if self.last else {}
         stored = {f.sha256 for f in previous.values()}
         entries: list[CheckpointFile] = []
@@ -206,7 +197,7 @@ class CheckpointSync:
         self.last = manifest
         self._ensure_objects(entries)
         self._prune(manifest.seq)
-        return SyncStats(seq=manifest.seq, files=len(entries), bytes=manifest.bytes,
+        return BlobStats(seq=manifest.seq, files=len(entries), bytes=manifest.bytes,
                          uploaded_files=len(uploads), uploaded_bytes=sum(e.size for e in uploads.values()))
 
     def _ensure_objects(self, entries: list[CheckpointFile]) -> None:

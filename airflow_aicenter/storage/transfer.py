@@ -111,10 +111,17 @@ BlobState = Literal["ok", "missing", "damaged"]
 
 @dataclass(frozen=True)
 class BlobStats:
+    """What storing a set of files as content-addressed objects did: all of them, and those actually sent.
+
+    One type for snapshots (ensure_blobs) and checkpoint syncs; ``seq`` is the checkpoint
+    manifest a sync committed, None for a snapshot.
+    """
+
     files: int
     bytes: int
     uploaded_files: int
     uploaded_bytes: int
+    seq: int | None = None
 
 
 def run(coro: Awaitable[T]) -> T:
