@@ -11,7 +11,11 @@ never deletes a blob a manifest names. Only the digests the last manifest does n
 
 The hint is never authoritative: a missing or unreadable hint or manifest, a source that
 does not match, or one missing blob in a random sample of the vouched-for digests, and the
-snapshot falls back to checking every digest (a listing or HEADs).
+snapshot falls back to checking every digest (a listing or HEADs, then a full hash of each
+blob that is there: ensure_blobs). The vouched-for blobs are not read back: that would read the
+whole dataset from the store on every run. A blob damaged after the snapshot that wrote it is
+still never used: every download verifies its digest, and `aicenter verify` finds it and, with
+`--repair`, rewrites it.
 """
 
 from __future__ import annotations
