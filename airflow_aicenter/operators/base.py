@@ -190,36 +190,15 @@ class BasePipelineOperator(KubernetesPodOperator):
         kwargs.setdefault("init_container_logs", True)
         kwargs.setdefault("container_logs", True)
         super().__init__(**kwargs)
-        check_arguments(
-            self.plan,
-            type(self).__name__,
-            dataset=dataset,
-            gpu=gpu,
-            cpu=cpu,
-            memory_gb=memory_gb,
-            storage_gb=storage_gb,
-            dataset_volume_claim=dataset_volume_claim,
-            dataset_sub_path=dataset_sub_path,
-            allow_source_builds=allow_source_builds,
-            nodes=nodes,
-            procs_per_node=procs_per_node,
-            checkpoint_interval=checkpoint_interval,
-            incremental=incremental,
-            launcher=launcher,
-            promote_to=promote_to,
-            promote_if=promote_if,
-            do_xcom_push=self.do_xcom_push,
-        )
         self.package = package
         self.version = version
         self.requested_version = version
-        # A mounted claim is the dataset: records and _results.json name it pvc://<claim>/<sub_path>.
-        self.dataset = pvc_uri(dataset_volume_claim, dataset_sub_path) if dataset_volume_claim and not dataset else dataset
+        self.dataset = dataset
         self.evaluation_dataset = evaluation_dataset
         self.env = env or {}
         self.save_training_data = save_training_data
         self.save_test_data = save_test_data
-        self.gpu = int(gpu)
+        self.gpu = gpu
         self.aicenter_conn_id = aicenter_conn_id
         self.launcher = launcher
         self.python = python
@@ -233,10 +212,14 @@ class BasePipelineOperator(KubernetesPodOperator):
         self.allow_source_builds = allow_source_builds
         self.nodes = nodes
         self.procs_per_node = procs_per_node
-        self.checkpoint_interval = float(checkpoint_interval)
+        self.checkpoint_interval = checkpoint_interval
         self.incremental = incremental
         self.promote_to = promote_to
         self.promote_if = promote_if
+        check_arguments(self.plan, type(self).__name__, self)
+        self.gpu, self.checkpoint_interval = int(gpu), float(checkpoint_interval)
+        if dataset_volume_claim and not dataset:  # records and _results.json name a mounted claim pvc://<claim>/<sub_path>
+            self.dataset = pvc_uri(dataset_volume_claim, dataset_sub_path)
         if self.plan.makes_version:
             outlet = package_outlet(package)
             if outlet not in self.outlets and AssetAlias(PACKAGE_ALIAS) not in self.outlets:  # partial() declared it
@@ -316,13 +299,8 @@ class BasePipelineOperator(KubernetesPodOperator):
             try:
                 launcher = self.run_launcher()
                 parent = hook.registry.resolve(self.package, request.requested_version)
-                self.log.info(
-                    "Package %s version %s (resolved from %r), run folder %s",
-                    self.package,
-                    parent.version,
-                    request.requested_version,
-                    run.uri,
-                )
+                self.log.info("Package %s version %s (resolved from %r), run folder %s", self.package, parent.version,
+                              request.requested_version, run.uri)
                 hook.registry.check(parent, self.plan.contract)
                 check_datasets(
                     self.plan,
@@ -468,9 +446,6 @@ class BasePipelineOperator(KubernetesPodOperator):
             spec_extra=self.spec_extra(),
         )
 
-    def post_run(self) -> PostRun:
-        return PostRun(self.aicenter_hook.registry, self.run_request(), self.log)
-
     def complete(self, context: Context, finished: Finished) -> dict[str, Any]:
         """Every launcher path ends here (local, pod sync and deferrable, Job, a recovered earlier try).
 
@@ -481,7 +456,8 @@ class BasePipelineOperator(KubernetesPodOperator):
 
         if finished.outcome.status == "skipped":
             raise AirflowSkipException(finished.outcome.skipped or "the runtime found nothing to do")
-        done = self.completion = self.post_run().complete(finished.run, finished.outcome, finished.spec.version)
+        post = PostRun(self.aicenter_hook.registry, self.run_request(), self.log)
+        done = self.completion = post.complete(finished.run, finished.outcome, finished.spec.version)
         context["ti"].xcom_push(key="return_value", value=done.value)
         if done.event is not None:
             if is_templated(self.package) or any(isinstance(o, AssetAlias) for o in self.outlets):

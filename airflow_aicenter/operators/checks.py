@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING, Protocol, get_args
 from urllib.parse import unquote, urlparse
 
 from airflow_aicenter.errors import ConfigurationError, DatasetError, NotFoundError
@@ -16,7 +16,7 @@ from airflow_aicenter.launchers.base import LAUNCHERS
 from airflow_aicenter.launchers.pod_spec import check_infra
 from airflow_aicenter.package import validate_alias_name
 from airflow_aicenter.plans import PipelinePlan
-from airflow_aicenter.promotion import check_promote_if
+from airflow_aicenter.promotion import PromoteIf, check_promote_if
 from airflow_aicenter.records import InputType
 from airflow_aicenter.runtime.manifest import (
     EVALUATION,
@@ -46,56 +46,59 @@ def positive_count(name: str, value: int) -> int:
     return value
 
 
-def check_arguments(
-    plan: PipelinePlan,
-    who: str,
-    *,
-    dataset: str | None,
-    gpu: bool | int,
-    cpu: float | str | None,
-    memory_gb: float | None,
-    storage_gb: float | None,
-    dataset_volume_claim: str | None,
-    dataset_sub_path: str | None,
-    allow_source_builds: bool,
-    nodes: int,
-    procs_per_node: int,
-    checkpoint_interval: float,
-    incremental: bool,
-    launcher: str | None,
-    promote_to: str | None,
-    promote_if: str,
-    do_xcom_push: bool,
-) -> None:
+class Arguments(Protocol):
+    """The operator's arguments as it holds them (its attributes of the same names), before any is normalised."""
+
+    dataset: str | None
+    gpu: bool | int
+    cpu: float | str | None
+    memory_gb: float | None
+    storage_gb: float | None
+    dataset_volume_claim: str | None
+    dataset_sub_path: str | None
+    allow_source_builds: bool
+    nodes: int
+    procs_per_node: int
+    checkpoint_interval: float
+    incremental: bool
+    launcher: str | None
+    promote_to: str | None
+    promote_if: PromoteIf
+    do_xcom_push: bool
+
+
+def check_arguments(plan: PipelinePlan, who: str, args: Arguments) -> None:
     """The operator's arguments, checked when the DAG is parsed: a task that cannot work never reaches a worker.
 
     ``who`` names the operator class in the messages. Only what is known before rendering is
     checked here (the datasets' content is checked by :func:`check_datasets` before compute).
     """
-    gpu_count(gpu)
-    check_infra(cpu=cpu, memory_gb=memory_gb, storage_gb=storage_gb, dataset_sub_path=dataset_sub_path)
-    if not isinstance(allow_source_builds, bool):
-        raise ConfigurationError(f"allow_source_builds={allow_source_builds!r} is not valid; give True or False")
-    positive_count("nodes", nodes)
-    positive_count("procs_per_node", procs_per_node)
-    if isinstance(checkpoint_interval, bool) or not isinstance(checkpoint_interval, int | float) or checkpoint_interval <= 0:
-        raise ConfigurationError(f"checkpoint_interval={checkpoint_interval!r} is not valid; give seconds > 0 (default 300)")
-    if dataset_volume_claim and dataset and not dataset.startswith("pvc://"):
+    dataset, claim = args.dataset, args.dataset_volume_claim
+    gpu_count(args.gpu)
+    check_infra(cpu=args.cpu, memory_gb=args.memory_gb, storage_gb=args.storage_gb, dataset_sub_path=args.dataset_sub_path)
+    if not isinstance(args.allow_source_builds, bool):
+        raise ConfigurationError(f"allow_source_builds={args.allow_source_builds!r} is not valid; give True or False")
+    positive_count("nodes", args.nodes)
+    positive_count("procs_per_node", args.procs_per_node)
+    interval = args.checkpoint_interval
+    if isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0:
+        raise ConfigurationError(f"checkpoint_interval={interval!r} is not valid; give seconds > 0 (default 300)")
+    if claim and dataset and not dataset.startswith("pvc://"):
         raise ConfigurationError(
-            f"give either dataset={dataset!r} (staged from the store) or dataset_volume_claim={dataset_volume_claim!r} "
+            f"give either dataset={dataset!r} (staged from the store) or dataset_volume_claim={claim!r} "
             "(mounted read-only), not both"
         )
-    if do_xcom_push:
+    if args.do_xcom_push:
         raise ConfigurationError(
             "do_xcom_push=True would add KubernetesPodOperator's XCom sidecar (known to hang the task); the results "
             "are pushed to XCom (return_value) without it: leave do_xcom_push unset"
         )
-    if launcher is not None and launcher not in LAUNCHERS:
-        raise ConfigurationError(f"launcher={launcher!r} is not valid; use one of {', '.join(LAUNCHERS)} or None")
-    check_promote_if(promote_if)
+    if args.launcher is not None and args.launcher not in LAUNCHERS:
+        raise ConfigurationError(f"launcher={args.launcher!r} is not valid; use one of {', '.join(LAUNCHERS)} or None")
+    check_promote_if(args.promote_if)
     check_shape(
-        plan, who, nodes=nodes, procs_per_node=procs_per_node, incremental=incremental, promote_to=promote_to,
-        promote_if=promote_if,
+        plan, who, nodes=args.nodes, procs_per_node=args.procs_per_node, incremental=args.incremental,
+        promote_to=args.promote_to, promote_if=args.promote_if,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -38,7 +39,8 @@ GOOD: dict[str, Any] = {
 
 
 def check(plan: PipelinePlan = TRAIN, **changed: Any) -> None:
-    check_arguments(plan, "SomeOperator", **{**GOOD, **changed})
+    """The checks read the arguments as the operator holds them: attributes of the same names."""
+    check_arguments(plan, "SomeOperator", SimpleNamespace(**{**GOOD, **changed}))
 
 
 def test_good_arguments_pass():
