@@ -4,7 +4,8 @@
 blobs/sha256/<hex>                               immutable content
 envs/<key>.json                                  a cached package environment (names its blob)
 snapshots/<sha256 of the source>.json            the last snapshot of a data source (a hint naming its manifest)
-triggers/<sha256 of the arguments>.json          a dataset trigger's last listing
+triggers/                                        left by earlier versions' dataset triggers (never read: their
+                                                 state is in Airflow's asset state store, where runs cannot write)
 packages/<name>/versions/<M.m>.json              version records (the commit point)
 packages/<name>/aliases/<alias>/<seq>.json       alias history
 packages/<name>/hints/<sequence>                 where the next number of a sequence is (a hint)
@@ -87,11 +88,6 @@ def _digest(text: str) -> str:
 def snapshot_hint_key(source: str) -> str:
     """The hint naming the manifest of the last snapshot of ``source`` (a dataset URI)."""
     return f"{SNAPSHOTS}{_digest(source)}.json"
-
-
-def trigger_state_key(arguments: str) -> str:
-    """A dataset trigger's saved listing, by its arguments (canonical JSON)."""
-    return f"{TRIGGERS}{_digest(arguments)}.json"
 
 
 def package_prefix(package: str) -> str:

@@ -85,7 +85,7 @@ def damaged_store(store: Store, tmp: Path) -> Damaged:
         "outcome": layout.RunPath("dag", "run2", "train", try_number=1).key(layout.OUTCOME),
         "manifest": layout.RunPath("dag", "run3", "train", try_number=1).key(layout.manifest_name("data_directory")),
         "checkpoint manifest": layout.checkpoint_manifest_key(RUN.task.checkpoints, 2),
-        "trigger state": layout.trigger_state_key('{"dataset": "x"}'),
+        "trigger state": f"{layout.TRIGGERS}{'d' * 64}.json",  # an earlier version's dataset trigger record
     }
     for key in records.values():
         store.put_bytes(key, b"garbage \x00\xff not json")

@@ -18,16 +18,32 @@ already there is not news; an existing empty folder is a fine start); an emptied
 recorded but not announced (there is nothing to train on), so the next data to land fires even
 if it lists like data seen before.
 
-Restarts: the last fingerprint acted on is kept in the aicenter store under
-``triggers/<sha256 of the trigger's arguments>.json`` and compared with on start, so a
-restarted triggerer does not announce a change again. The key is the trigger's arguments, the
-identity Airflow itself uses to run one trigger for identical watchers: two watchers Airflow
-runs as one share the record, two that differ (another poll interval) never take each other's
-events. The record is written right after the event is handed to the triggerer: a triggerer
-killed in between announces that change once more rather than never.
+Restarts: the last fingerprint acted on is kept in Airflow's asset state store (Airflow 3.3,
+AIP-103), on the asset the watcher belongs to, under ``aicenter.dataset_changed.<sha256 of the
+trigger's arguments>``, and compared with on start, so a restarted triggerer does not announce a
+change again, and does announce, once, a change made while it was down. The key is the trigger's
+arguments, the identity Airflow itself uses to run one trigger for identical watchers: two
+watchers Airflow runs as one share the record, two that differ (another poll interval) never take
+each other's events. The record is written right after the event is handed to the triggerer: a
+triggerer killed in between announces that change once more rather than never.
 
-Everything that blocks (the connection, listing, the record) runs in a worker thread, off the
-triggerer's event loop.
+Why there and not in the aicenter store: runs write the store (their run folder, blobs and
+environments; a file store's whole folder; with ``aws_secret_name`` the store's own keys), so a
+record there could be forged: "the current listing was announced" written by a run silences the
+next start for the change at hand. The asset state store lives in Airflow's metadata database and
+is written by the triggerer and by Airflow tasks through the execution API with a task's own token
+(DAG code, which a deployment trusts already; Airflow 3.3 lets any task write any asset's state);
+a run's package code has neither the database nor such a token: a pod gets storage credentials
+only, and the local launcher hands the runtime none of the worker's Airflow settings. Records a
+trigger of an earlier version left under ``triggers/`` in the aicenter store are never read.
+
+Without an asset state store (the trigger run outside an ``AssetWatcher``, or one trigger shared
+by watchers of several assets, which Airflow does for identical arguments on different assets)
+the last fingerprint is kept in memory, with a warning: a restart then starts from the listing it
+finds, never announcing a change twice, but missing one made while it was down.
+
+Everything that blocks (the connection, the listing) runs in a worker thread, off the triggerer's
+event loop; the state store is used through its async methods.
 """
 
 from __future__ import annotations
@@ -35,16 +51,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol, cast
 
 from airflow.triggers.base import BaseEventTrigger, TriggerEvent
 
 from airflow_aicenter.errors import ConfigurationError, DatasetError, NotFoundError
-from airflow_aicenter.layout import trigger_state_key
 from airflow_aicenter.storage import Store
+
+#: The asset state store key prefix of a DatasetChangedTrigger's record (the rest: sha256 of its arguments).
+STATE_PREFIX = "aicenter.dataset_changed."
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -105,21 +125,19 @@ class DatasetChangedTrigger(BaseEventTrigger):
 
     @property
     def state_key(self) -> str:
-        """Where the last fingerprint acted on is kept in the aicenter store (see the module docstring)."""
+        """The key of the last fingerprint acted on, in the watched asset's state store (see the module docstring)."""
         _, kwargs = self.serialize()
-        return trigger_state_key(json.dumps(kwargs, sort_keys=True))
+        return f"{STATE_PREFIX}{hashlib.sha256(json.dumps(kwargs, sort_keys=True).encode()).hexdigest()}"
 
     # -- blocking parts, run in a thread ---------------------------------------------------
-    def _open(self) -> tuple[Store, Store]:
-        """(dataset, aicenter store) through the connection, as the operators open them."""
+    def _open(self) -> Store:
+        """The dataset, through the connection, as the operators open it."""
         from airflow_aicenter.hooks.aicenter import AICenterHook
 
-        hook = AICenterHook(self.aicenter_conn_id)
         try:
-            dataset = hook.get_store(self.dataset)
+            return AICenterHook(self.aicenter_conn_id).get_store(self.dataset)
         except NotFoundError:
             raise DatasetError(self._missing()) from None
-        return dataset, hook.get_store()
 
     def _missing(self) -> str:
         return (
@@ -134,28 +152,46 @@ class DatasetChangedTrigger(BaseEventTrigger):
         except NotFoundError:  # a local folder removed while watched
             raise DatasetError(self._missing()) from None
 
-    def _read_state(self, store: Store) -> str | None:
-        try:
-            state = json.loads(store.get_bytes(self.state_key))
-        except NotFoundError:
-            return None
-        except ValueError:  # unreadable (hand-edited): start over from the current listing
-            self.log.warning("unreadable trigger state %s: recording the current listing anew", store.url(self.state_key))
-            return None
-        fingerprint = state.get("fingerprint") if isinstance(state, dict) else None
-        return fingerprint if isinstance(fingerprint, str) else None
+    # -- the state: Airflow's asset state store ----------------------------------------------
+    def _state_store(self) -> StateStore:
+        """The watched asset's state store, as the triggerer hands it to an asset watcher's trigger; else memory."""
+        store = getattr(self, "asset_state_store", None)
+        if store is not None:
+            return cast(StateStore, store)
+        self.log.warning(
+            "DatasetChangedTrigger(dataset=%s) runs without an asset state store (not as an AssetWatcher's trigger in "
+            "Airflow 3.3+): what was announced is kept in memory only, so a restart will not announce a change made "
+            "while it was down", self.dataset)
+        return _MemoryState()
 
-    def _write_state(self, store: Store, listing: Listing, *, announced: bool) -> None:
-        state = {
+    async def _read_state(self, state: StateStore) -> tuple[StateStore, str | None]:
+        """(the state store to use from now on, the last fingerprint acted on or None)."""
+        try:
+            value = await state.aget(self.state_key, None)
+        except ValueError as exc:  # the trigger serves several assets: Airflow cannot tell whose state to use
+            self.log.warning(
+                "DatasetChangedTrigger(dataset=%s) has no single asset state store (%s): what was announced is kept "
+                "in memory only, so a restart will not announce a change made while it was down; give each asset's "
+                "watcher its own arguments (another poll_interval) so that each has its own trigger",
+                self.dataset, exc)
+            return _MemoryState(), None
+        fingerprint = value.get("fingerprint") if isinstance(value, dict) else None
+        if value is not None and not (isinstance(fingerprint, str) and _FINGERPRINT.fullmatch(fingerprint)):
+            self.log.warning("unreadable state %s of DatasetChangedTrigger(dataset=%s): recording the current listing "
+                             "anew", self.state_key, self.dataset)
+            return state, None
+        return state, fingerprint
+
+    async def _write_state(self, state: StateStore, listing: Listing, *, announced: bool) -> None:
+        await state.aset(self.state_key, {
             "dataset": self.dataset, "fingerprint": listing.fingerprint, "files": listing.files, "bytes": listing.bytes,
             "announced": announced, "at": datetime.now(UTC).isoformat(),
-        }
-        store.put_bytes(self.state_key, json.dumps(state, indent=2).encode())
+        })
 
     # -- the trigger -------------------------------------------------------------------------
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        dataset, store = await asyncio.to_thread(self._open)
-        known = await asyncio.to_thread(self._read_state, store)
+        dataset = await asyncio.to_thread(self._open)
+        state, known = await self._read_state(self._state_store())
         first = True
         while True:
             listing = await asyncio.to_thread(self._list, dataset)
@@ -165,17 +201,38 @@ class DatasetChangedTrigger(BaseEventTrigger):
             if known is None:
                 self.log.info("watching %s: %d files, %d bytes (fingerprint %s)", self.dataset, listing.files, listing.bytes,
                               listing.fingerprint[:12])
-                await asyncio.to_thread(self._write_state, store, listing, announced=False)
+                await self._write_state(state, listing, announced=False)
             elif listing.fingerprint != known and listing.files == 0:
                 self.log.info("%s was emptied: recorded, not announced (nothing to train on)", self.dataset)
-                await asyncio.to_thread(self._write_state, store, listing, announced=False)
+                await self._write_state(state, listing, announced=False)
             elif listing.fingerprint != known:
                 self.log.info("%s changed: %d files, %d bytes (fingerprint %s)", self.dataset, listing.files, listing.bytes,
                               listing.fingerprint[:12])
                 yield TriggerEvent({"dataset": self.dataset, "files": listing.files, "bytes": listing.bytes,
                                     "fingerprint": listing.fingerprint})
-                await asyncio.to_thread(self._write_state, store, listing, announced=True)
+                await self._write_state(state, listing, announced=True)
             known = listing.fingerprint
             await asyncio.sleep(self.poll_interval)
             # opened anew for every poll: temporary credentials from the AWS connection expire, a watch runs for months
-            dataset, store = await asyncio.to_thread(self._open)
+            dataset = await asyncio.to_thread(self._open)
+
+
+class StateStore(Protocol):
+    """What the trigger uses of Airflow's asset state store (``AssetStateStoreAccessors``: JSON values by key)."""
+
+    async def aget(self, key: str, default: Any = None) -> Any: ...
+
+    async def aset(self, key: str, value: Any) -> None: ...
+
+
+class _MemoryState:
+    """The fallback without an asset state store: this trigger instance's memory (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, Any] = {}
+
+    async def aget(self, key: str, default: Any = None) -> Any:
+        return self._values.get(key, default)
+
+    async def aset(self, key: str, value: Any) -> None:
+        self._values[key] = value

@@ -3,12 +3,16 @@
 The trigger's ``run()`` is driven in an event loop by a collector task, exactly as the
 triggerer iterates it; the tests change the dataset and watch which events come out. A
 "restart" is a new trigger instance with the same arguments (what a triggerer builds from the
-database), after the old one was cancelled.
+database), after the old one was cancelled, given the same asset state store (what Airflow's
+triggerer hands an asset watcher's trigger: here a stand-in for its database, ``AssetState``;
+the last test runs a real triggerer on a real database).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
 import os
 import time
@@ -19,20 +23,44 @@ from typing import Any
 import boto3
 import pytest
 
-from airflow_aicenter.errors import ConfigurationError, DatasetError, StorageError
+from airflow_aicenter.errors import ConfigurationError, DatasetError, NotFoundError, StorageError
 from airflow_aicenter.storage import open_store
 from airflow_aicenter.triggers import DatasetChangedTrigger
+from airflow_aicenter.triggers.dataset import listing_of
 
 POLL = 0.05
 QUIET = 0.6  # about a dozen polls: long enough for an event that should not come to have come
 
 
+class AssetState:
+    """One asset's state store as the triggerer hands it to an ``AssetWatcher``'s trigger (Airflow's
+    ``AssetStateStoreAccessors``): JSON values by key, kept in Airflow's database across trigger
+    instances. A stand-in for that database, in memory; values are stored as JSON text, as there."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {}
+
+    async def aget(self, key: str, default: Any = None) -> Any:
+        await asyncio.sleep(0)
+        return json.loads(self.values[key]) if key in self.values else default
+
+    async def aset(self, key: str, value: Any) -> None:
+        if value is None:
+            raise ValueError("Cannot set value as None")
+        await asyncio.sleep(0)
+        self.values[key] = json.dumps(value)
+
+    def get(self, key: str) -> Any:
+        return json.loads(self.values[key]) if key in self.values else None
+
+
 class Dataset:
-    """A dataset to change: a local folder, or a prefix in a moto bucket."""
+    """A dataset to change: a local folder, or a prefix in a moto bucket; and the state store of the asset watching it."""
 
     def __init__(self, uri: str, s3: Any = None, bucket: str = "", prefix: str = "", root: Path | None = None) -> None:
         self.uri, self.s3, self.bucket, self.prefix, self.root = uri, s3, bucket, prefix, root
         self.store_uri = ""  # the aicenter store the connection names
+        self.state = AssetState()  # the watched asset's, in Airflow's database: it outlives triggerer restarts
 
     def put(self, name: str, data: bytes) -> None:
         if self.s3 is not None:
@@ -87,8 +115,9 @@ def dataset(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.
 class Watch:
     """One running trigger: its events as the triggerer would receive them."""
 
-    def __init__(self, trigger: DatasetChangedTrigger, store_uri: str) -> None:
-        self.trigger, self.store_uri = trigger, store_uri
+    def __init__(self, trigger: DatasetChangedTrigger, state: AssetState) -> None:
+        self.trigger, self.state = trigger, state
+        trigger.asset_state_store = state  # as the triggerer does for a trigger that watches an asset
         self.events: list[dict[str, Any]] = []
         self.error: BaseException | None = None
         self.task: asyncio.Task[None] | None = None
@@ -104,9 +133,8 @@ class Watch:
 
     async def __aenter__(self) -> Watch:
         self.task = asyncio.create_task(self._collect())
-        store = open_store(self.store_uri)
         deadline = time.monotonic() + 30
-        while not store.exists(self.trigger.state_key) and self.error is None and time.monotonic() < deadline:
+        while self.state.get(self.trigger.state_key) is None and self.error is None and time.monotonic() < deadline:
             await asyncio.sleep(POLL)  # until the first listing is recorded (at once after a restart: it was before)
         await asyncio.sleep(QUIET)
         return self
@@ -117,13 +145,10 @@ class Watch:
             # The trigger records a change as announced right after it yields the event (a triggerer that
             # dies in between announces it again: at least once). A restart simulated here is a graceful
             # one: let the record land before cancelling (on a loaded machine the cancel could win).
-            store, want = open_store(self.store_uri), self.events[-1]["fingerprint"]
+            want = self.events[-1]["fingerprint"]
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline and self.error is None:
-                try:
-                    state = json.loads(store.get_bytes(self.trigger.state_key))
-                except Exception:  # not written yet
-                    state = {}
+                state = self.state.get(self.trigger.state_key) or {}
                 if state.get("fingerprint") == want and state.get("announced"):
                     break
                 await asyncio.sleep(POLL)
@@ -147,7 +172,15 @@ class Watch:
 
 
 def watch(dataset: Dataset) -> Watch:
-    return Watch(DatasetChangedTrigger(dataset=dataset.uri, poll_interval=POLL), dataset.store_uri)
+    return Watch(DatasetChangedTrigger(dataset=dataset.uri, poll_interval=POLL), dataset.state)
+
+
+def store_keys(dataset: Dataset) -> list[str]:
+    """What the aicenter store the connection names holds (none of it written by the trigger)."""
+    try:
+        return [info.key for info in open_store(dataset.store_uri).list()]
+    except NotFoundError:  # a file store never written to: no folder
+        return []
 
 
 def run(scenario: Callable[[], Awaitable[None]]) -> None:
@@ -187,6 +220,55 @@ def test_fires_once_per_change_not_for_the_same_listing_nor_after_a_restart(data
     run(scenario)
 
 
+def forge_store_state(dataset: Dataset, trigger: DatasetChangedTrigger) -> str:
+    """Write "the current listing was announced" where the trigger kept its state in the aicenter store, with the
+    access a run has there (a file store's folder; on S3 the store's own keys, as an ``aws_secret_name`` Secret
+    gives them to pods): what a run that wants the next change ignored would write. The forged key."""
+    _, kwargs = trigger.serialize()
+    key = f"triggers/{hashlib.sha256(json.dumps(kwargs, sort_keys=True).encode()).hexdigest()}.json"
+    current = listing_of(open_store(dataset.uri))
+    forged = {"dataset": dataset.uri, "fingerprint": current.fingerprint, "files": current.files, "bytes": current.bytes,
+              "announced": True, "at": "2026-01-01T00:00:00+00:00"}
+    if dataset.s3 is not None:  # the run's credentials: the store's access keys
+        bucket, prefix = dataset.store_uri.removeprefix("s3://").split("/", 1)
+        dataset.s3.put_object(Bucket=bucket, Key=f"{prefix}/{key}", Body=json.dumps(forged).encode())
+    else:
+        path = Path(dataset.store_uri.removeprefix("file://")) / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(forged))
+    return key
+
+
+def test_a_run_cannot_silence_the_trigger_by_forging_its_state(dataset: Dataset) -> None:
+    """A run can write the aicenter store (its own folder on a file store; anything with the store's keys on S3):
+    state forged there must not make a restarted trigger skip a real change, nor announce one twice."""
+
+    async def scenario() -> None:
+        async with watch(dataset) as w:
+            dataset.put("b.csv", b"1\n")
+            await w.until(1)
+
+        dataset.put("c.csv", b"landed while no triggerer ran\n")  # a real change, not yet announced
+        forge_store_state(dataset, w.trigger)  # ... that a run marks as announced
+        async with watch(dataset) as restarted:
+            await restarted.until(1)  # announced anyway, once
+            assert restarted.events[0]["files"] == 3
+            await restarted.quiet(1)
+            forge_store_state(dataset, restarted.trigger)  # forged while the trigger runs: read by the next start
+            dataset.put("d.csv", b"the next change\n")
+            await restarted.until(2)
+            await restarted.quiet(2)
+
+        forge_store_state(dataset, restarted.trigger)
+        async with watch(dataset) as again:  # nothing changed since the last announcement: no event
+            await again.quiet(0)
+            dataset.put("e.csv", b"and the next\n")
+            await again.until(1)
+            assert again.events[0]["files"] == 5
+
+    run(scenario)
+
+
 def test_the_same_bytes_with_a_new_mtime_is_a_change_on_a_file_store_not_on_s3(dataset: Dataset) -> None:
     """S3 ETags come from the content; a file store's listing has only the mtime (reading files would cost the content)."""
 
@@ -219,8 +301,8 @@ def test_an_emptied_dataset_is_not_announced_and_the_next_data_is(dataset: Datas
 
 def test_two_watchers_with_different_arguments_each_get_the_change(dataset: Dataset) -> None:
     async def scenario() -> None:
-        fast = Watch(DatasetChangedTrigger(dataset=dataset.uri, poll_interval=POLL), dataset.store_uri)
-        slow = Watch(DatasetChangedTrigger(dataset=dataset.uri, poll_interval=POLL * 3), dataset.store_uri)
+        fast = Watch(DatasetChangedTrigger(dataset=dataset.uri, poll_interval=POLL), dataset.state)
+        slow = Watch(DatasetChangedTrigger(dataset=dataset.uri, poll_interval=POLL * 3), dataset.state)
         async with fast, slow:
             dataset.put("b.csv", b"1\n")
             await fast.until(1)
@@ -276,19 +358,46 @@ def test_a_dataset_that_does_not_exist_fails_the_trigger_with_its_name(tmp_path:
             DatasetChangedTrigger(**bad)  # type: ignore[arg-type]
 
 
-def test_the_record_of_what_was_announced_lives_in_the_aicenter_store(dataset: Dataset, tmp_path: Path) -> None:
+def test_the_record_of_what_was_announced_lives_in_the_asset_state_store_not_the_aicenter_store(dataset: Dataset) -> None:
     trigger = DatasetChangedTrigger(dataset=dataset.uri, poll_interval=POLL)
 
     async def scenario() -> None:
-        async with Watch(trigger, dataset.store_uri) as w:
+        async with Watch(trigger, dataset.state) as w:
             dataset.put("b.csv", b"1\n")
             await w.until(1)
             await asyncio.sleep(QUIET)
-            state = json.loads(open_store(dataset.store_uri).get_bytes(trigger.state_key))
+            state = dataset.state.get(trigger.state_key)
             assert state["fingerprint"] == w.events[0]["fingerprint"] and state["announced"] is True
 
     run(scenario)
-    assert trigger.state_key.startswith("triggers/") and trigger.state_key.endswith(".json")
+    assert trigger.state_key.startswith("aicenter.dataset_changed.") and len(trigger.state_key) <= 512
+    assert not store_keys(dataset), "the trigger writes nothing into the aicenter store"
+
+
+def test_without_an_asset_state_store_the_state_is_kept_in_memory_with_a_warning(
+    dataset: Dataset, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Outside an AssetWatcher (no state store from the triggerer) it still fires once per change, and says that a
+    restart will miss a change made while it was down; it never falls back to a store that runs can write."""
+    trigger = DatasetChangedTrigger(dataset=dataset.uri, poll_interval=POLL)
+
+    async def scenario() -> None:
+        events = trigger.run()
+        first = asyncio.ensure_future(events.__anext__())
+        await asyncio.sleep(QUIET)
+        dataset.put("b.csv", b"1\n")
+        assert (await asyncio.wait_for(first, 20)).payload["files"] == 2
+        second = asyncio.ensure_future(events.__anext__())
+        await asyncio.sleep(QUIET)
+        assert not second.done(), "fired again without a change"
+        second.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await second
+
+    run(scenario)
+    said = "".join(capfd.readouterr())  # the trigger's log (Airflow's structlog writes to the process's output)
+    assert "without an asset state store" in said and "kept in memory only" in said, said
+    assert not store_keys(dataset), "the trigger writes nothing into the aicenter store"
 
 
 # -- a real AssetWatcher in a DAG that Airflow parses ---------------------------------------
@@ -353,5 +462,5 @@ asyncio.run(main())
     assert done.returncode == 0, done.stderr[-3000:]
     payload = json.loads(done.stdout.split("EVENT=", 1)[1])
     assert payload["dataset"] == inbox.as_uri() and payload["files"] == 2
-    assert (airflow_env.home / "aicenter" / "triggers").is_dir(), "the embedded default store keeps the record"
+    assert not (airflow_env.home / "aicenter" / "triggers").exists(), "no trigger state in the store runs can write"
 
