@@ -102,7 +102,7 @@ class FileEntry:
 #: How a damaged or missing blob is put back: both ways hash what they write and rewrite the blob in place.
 REPAIR_ADVICE = (
     "upload the same package again (`aicenter package upload PATH --name NAME` rewrites the blob of an identical "
-    "stored version), or run `aicenter verify --repair PATH` with a folder or zip holding the original content"
+    "stored version), or run `aicenter verify --repair SOURCE` with a folder or zip that holds the original content"
 )
 
 #: What a blob was found to be: stored intact, absent, or present with other content (hashed).
