@@ -21,7 +21,7 @@ from typing import Any
 
 from airflow_aicenter.errors import AICenterError, StorageError
 from airflow_aicenter.layout import ARTIFACTS, OUTCOME, REGISTRATION, RESULTS, RUNS, LayoutError, RunPath
-from airflow_aicenter.records import Outcome, Registration, read, read_optional
+from airflow_aicenter.records import DAMAGED_RECORD_FIX, DamagedRecordError, Outcome, Registration, read, read_optional
 from airflow_aicenter.secrets import masked_env
 from airflow_aicenter.storage import Store
 
@@ -76,12 +76,12 @@ class RunRecord:
         if self.registration is not None:
             return self.registration.version
         if self.results and self.pipeline != "evaluate":
-            version = self.results.get("run_summary", {}).get("outputs", {}).get("version")
+            version = _dig(self.results, "run_summary", "outputs", "version")
             return version if isinstance(version, str) else None
         return None
 
     def _input(self, key: str) -> str | None:
-        value = (self.results or {}).get("parameters", {}).get("inputs", {}).get(key)
+        value = _dig(self.results, "parameters", "inputs", key)
         return value if isinstance(value, str) else None
 
     @property
@@ -98,8 +98,10 @@ class RunRecord:
 
         None only for records older than outcome inputs.
         """
-        env = (self.results or {}).get("parameters", {}).get("env") if self.results else self.outcome.env
-        return None if env is None else masked_env(env)
+        env = _dig(self.results, "parameters", "env") if self.results else self.outcome.env
+        if not isinstance(env, dict):
+            return None
+        return masked_env(env)
 
     @property
     def start(self) -> datetime:
@@ -120,10 +122,10 @@ class RunRecord:
 
     @property
     def promotion(self) -> dict[str, Any] | None:
-        aicenter = (self.results or {}).get("aicenter", {})
-        if "promotion" not in aicenter:
+        promotion = _dig(self.results, "aicenter", "promotion")
+        if not isinstance(promotion, dict):
             return None
-        return {"promoted": aicenter.get("promoted"), **aicenter["promotion"]}
+        return {"promoted": _dig(self.results, "aicenter", "promoted"), **promotion}
 
     def summary(self) -> dict[str, Any]:
         """Everything about the run, JSON-ready (``runs show --json``)."""
@@ -211,12 +213,16 @@ def _load(store: Store, run_id: str, files: set[str] | None = None) -> RunRecord
     outcome = read(store, path.key(OUTCOME), Outcome)
     results = None
     if files is None or RESULTS in files:
+        raw = b""
         try:
-            results = json.loads(store.get_bytes(path.key(RESULTS)))
+            raw = store.get_bytes(path.key(RESULTS))
+            results = json.loads(raw)
         except StorageError:
             results = None  # not written: the run failed, or the task is still finishing
         except ValueError as exc:
-            raise StorageError(f"{store.url(path.key(RESULTS))} is not valid JSON: {exc}") from exc
+            raise _damaged_results(store, path, raw, f"not valid JSON: {exc}") from exc
+        if results is not None and not isinstance(results, dict):
+            raise _damaged_results(store, path, raw, f"a JSON {type(results).__name__}, not an object")
     registration = None
     if files is None or REGISTRATION in files:
         registration = read_optional(store, path.key(REGISTRATION), Registration)
@@ -224,6 +230,21 @@ def _load(store: Store, run_id: str, files: set[str] | None = None) -> RunRecord
         id=run_id, uri=store.url(path.prefix), outcome=outcome, results=results, registration=registration,
         results_uri=store.url(path.key(RESULTS)) if results is not None else None,
     )
+
+
+def _damaged_results(store: Store, path: RunPath, raw: bytes, problem: str) -> DamagedRecordError:
+    key = path.key(RESULTS)
+    return DamagedRecordError(f"{store.url(key)} is {problem}; {DAMAGED_RECORD_FIX}", key=key, raw=raw)
+
+
+def _dig(record: dict[str, Any] | None, *keys: str) -> Any:
+    """``record[k1][k2]...``, or None where a level is missing or not an object (a hand-edited ``_results.json``)."""
+    value: Any = record
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
 
 
 def list_runs(
@@ -268,10 +289,13 @@ def list_runs(
     return sorted(records, key=lambda r: (r.outcome.start_at, r.id), reverse=True)
 
 
-def find_run(store: Store, ref: str) -> RunRecord:
+def find_run(store: Store, ref: str, visible: Callable[[str], bool] | None = None) -> RunRecord:
     """The run ``ref`` names: its full id (or URI), or an unambiguous start, end or run of whole parts of it.
 
     Several tries of one task match as that task's last try (``dag/run/task`` or just ``task``).
+    ``visible(dag_id)`` (the UI: the user's read access) leaves out every run of a DAG it refuses
+    before matching: an ambiguity lists, and a part resolves among, only the runs the caller may
+    see; a run of another DAG is "no run", exists or not.
     """
     wanted = _normalise(store, ref)
     if wanted.count("/") >= 3:  # a full id: exact, never a guess
@@ -279,10 +303,10 @@ def find_run(store: Store, ref: str) -> RunRecord:
             path = RunPath.parse(wanted)
         except LayoutError as exc:
             raise RunNotFoundError(str(exc)) from exc
-        if store.exists(path.key(OUTCOME)):
+        if (visible is None or visible(path.dag_id)) and store.exists(path.key(OUTCOME)):
             return _load(store, wanted)
         raise RunNotFoundError(f"no run {ref!r} in {store.uri}: {path.key(OUTCOME)} does not exist; {_RUN_IDS_HINT}")
-    folders = _folders(store)
+    folders = {k: f for k, f in _folders(store).items() if visible is None or visible(k.split("/", 1)[0])}
     matches = sorted(i for i in folders if i.startswith(wanted) or i.endswith(wanted) or f"/{wanted}/" in f"/{i}/")
     if len({m.rsplit("/", 1)[0] for m in matches}) == 1 and len(matches) > 1:
         matches = [max(matches, key=lambda m: int(m.rsplit("/", 1)[1]) if m.rsplit("/", 1)[1].isdigit() else -1)]
@@ -297,8 +321,8 @@ def find_run(store: Store, ref: str) -> RunRecord:
     return _load(store, matches[0], folders[matches[0]].files)
 
 
-def find_runs(store: Store, refs: Iterable[str]) -> list[RunRecord]:
-    return [find_run(store, ref) for ref in refs]
+def find_runs(store: Store, refs: Iterable[str], visible: Callable[[str], bool] | None = None) -> list[RunRecord]:
+    return [find_run(store, ref, visible) for ref in refs]
 
 
 # -- comparison ---------------------------------------------------------------------------
