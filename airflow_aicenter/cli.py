@@ -47,6 +47,7 @@ from airflow_aicenter.records import AliasRecord, Manifest, VersionRecord, read_
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.runs import STATUSES, RunRecord, compare, find_run, find_runs, list_runs
 from airflow_aicenter.storage import S3Options, Store, open_store
+from airflow_aicenter.verify import verify
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -743,7 +744,60 @@ def add_gc_command(groups: Any) -> None:
     p.add_argument("--dry-run", action="store_true", help="report what would be deleted; delete nothing")
 
 
-COMMAND_GROUPS: list[Callable[[Any], None]] = [add_package_commands, add_runs_commands, add_gc_command]
+def cmd_verify(args: argparse.Namespace, registry: Registry) -> int:
+    """Exit 0 when every record and object is sound (or was repaired), 1 while any damage remains."""
+    source = None if args.repair is None else Path(args.repair)
+    with Progress(TextColumn("Hashing stored objects"), BarColumn(), MofNCompleteColumn(), console=err_console,
+                  transient=True) as bar:
+        task = bar.add_task("objects", total=None)
+        report = verify(registry.store, repair=source,
+                        progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if args.json:
+        emit_json(report.to_dict())
+        return 1 if report.remaining else 0
+    records = ", ".join(f"{kind} {n}" for kind, n in sorted(report.records.items())) or "none"
+    console.print(f"Verified {escape(report.store)}: records read: {records}; {report.blobs} blobs and "
+                  f"{report.checkpoint_objects} checkpoint objects ({_mb(report.bytes)}) read and hashed in "
+                  f"{report.seconds:.1f} s", highlight=False)
+    for d in report.damage:
+        what = f"{d.kind} sha256:{d.sha256}" if d.sha256 else f"{d.record} record"
+        if d.repaired:
+            console.print(f"[green]repaired[/] {what} ({d.state}) at {escape(d.uri)} from {escape(str(source))}",
+                          highlight=False)
+            continue
+        console.print(f"[bold red]{d.state.upper()}[/] {escape(what)}: {escape(d.uri)}", highlight=False)
+        for by in d.referenced_by[:10] if d.kind != "record" else []:
+            console.print(f"  referenced by {escape(by)}", highlight=False)
+        if len(d.referenced_by) > 10 and d.kind != "record":
+            console.print(f"  ... and {len(d.referenced_by) - 10} more")
+        if d.detail:
+            console.print(f"  {escape(d.detail)}", highlight=False)
+        console.print(f"  fix: {escape(d.fix)}", highlight=False)
+    remaining, repaired = report.remaining, report.repaired
+    if not report.damage:
+        console.print("[green]No damage found.[/]")
+    elif not remaining:
+        console.print(f"[green]All {len(repaired)} damaged object(s) repaired.[/]")
+    else:
+        console.print(f"[red]{len(remaining)} problem(s) remain[/]" + (f", {len(repaired)} repaired" if repaired else "")
+                      + ("" if source else "; `aicenter verify --repair SOURCE` rewrites lost content found in a folder "
+                         "or zip"), highlight=False)
+    return 1 if remaining else 0
+
+
+def add_verify_command(groups: Any) -> None:
+    p = command(groups, "verify", cmd_verify,
+                "check every record and every blob a version, snapshot, environment or checkpoint names; repair from a source")
+    p.description = ("Read every record of the store and hash every blob (and checkpoint object) a record names, whatever "
+                     "its size; report each damaged or missing one by name with what refers to it, and each damaged "
+                     "record by key. Exit 0: no damage; 1: damage remains.")
+    p.add_argument("--repair", metavar="SOURCE", default=None,
+                   help="a folder or zip holding lost content (a package folder or zip, a dataset folder): each missing "
+                        "or damaged blob whose content is found there (a file, the zip, or the package zip `aicenter "
+                        "package upload` builds from it) is rewritten")
+
+
+COMMAND_GROUPS: list[Callable[[Any], None]] = [add_package_commands, add_runs_commands, add_gc_command, add_verify_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
