@@ -25,6 +25,7 @@ from airflow_aicenter import layout
 from airflow_aicenter.errors import AICenterError, ConfigurationError, NotFoundError, StorageError, VersionError
 from airflow_aicenter.plugins import pages
 from airflow_aicenter.plugins.access import AccessDep, UserDep, login_url
+from airflow_aicenter.records import DamagedRecordError
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.runs import RunNotFoundError, find_runs
 from airflow_aicenter.storage import LocalStore
@@ -115,9 +116,12 @@ def create_app() -> FastAPI:
     @app.exception_handler(AICenterError)
     async def aicenter_error(request: Request, exc: Exception) -> Response:
         code = next((c for kinds, c in _STATUS if isinstance(exc, kinds)), status.HTTP_500_INTERNAL_SERVER_ERROR)
+        title, message = type(exc).__name__, str(exc)
+        if isinstance(exc, DamagedRecordError):  # what the page needed is damaged in the store: named by key
+            title, message = "Damaged record", f"damaged record {exc.key}: {exc}"
         if _wants_html(request):
-            return render(request, "error.html", code, title=type(exc).__name__, message=str(exc))
-        return JSONResponse({"detail": str(exc)}, status_code=code)
+            return render(request, "error.html", code, title=title, message=message)
+        return JSONResponse({"detail": message}, status_code=code)
 
     @app.middleware("http")
     async def no_store(request: Request, call_next: Any) -> Response:
@@ -192,11 +196,14 @@ def create_app() -> FastAPI:
         refs = [ref for value in (run or []) for ref in value.split()]  # the form's text box: one id per line
         if len(refs) > MAX_COMPARED:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, f"{len(refs)} runs asked for; compare at most {MAX_COMPARED}")
+        for ref in refs:  # a full id names its DAG: refused for that, before the store is asked whether the run exists
+            try:
+                access.require(layout.RunPath.parse(ref.strip()).dag_id)
+            except layout.LayoutError:
+                continue  # a part of an id: it is matched among the runs of readable DAGs alone
         store = registry().store
-        records = find_runs(store, refs)
-        refused = sorted({r.dag_id for r in records if not access.can_read(r.dag_id)})
-        if refused:
-            raise HTTPException(status.HTTP_403_FORBIDDEN, f"you do not have read access to DAG(s) {', '.join(refused)}")
+        # Runs of DAGs the user cannot read are left out before matching: no error names one.
+        records = find_runs(store, refs, access.can_read)
         rows = pages.compare_rows(store, records) if records else []
         return render(request, "compare.html", records=records, rows=rows, refs=refs, store=store.uri,
                       as_json=lambda v: json.dumps(v, indent=1, sort_keys=True) if isinstance(v, (dict, list)) else v)

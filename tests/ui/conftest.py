@@ -1,4 +1,5 @@
-"""A real ``airflow api-server`` with the AI Center plugin, a seeded store, and Debian's Chromium driven by Playwright.
+"""A real ``airflow api-server`` with the AI Center plugin, a seeded store, and Debian's Chromium driven by Playwright;
+and (``pages``) the same pages' app in process, for the access and damage checks of the fast tier.
 
 One session: a temp AIRFLOW_HOME (``airflow db migrate``), SimpleAuthManager with known users
 (admin, viewer, and ``nobody`` without a role), the ``aicenter_ui`` DAG run once with
@@ -23,10 +24,14 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+from fastapi import Request
 
+from airflow_aicenter.plugins.access import DagAccess, UserDep
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import Store, open_store
 from tests.conftest import BIN, free_port
+from tests.ui.stores import OURS
 
 HERE = Path(__file__).resolve().parent
 CHROMIUM = "/usr/bin/chromium"
@@ -35,6 +40,8 @@ CHROMIUM_ARGS = [
     "--disable-sync", "--no-first-run",
 ]
 PASSWORDS = {"admin": "admin-pass-1", "viewer": "viewer-pass-1", "nobody": "nobody-pass-1"}
+#: The in-process app's users and the DAGs each may read (None: every DAG), as an auth manager with DAG permissions decides.
+READS: dict[str, set[str] | None] = {"alice": {OURS}, "nobody": set(), "admin": None}
 PACKAGE = "uipkg"
 DAG_ID = "aicenter_ui"
 T = TypeVar("T")
@@ -223,3 +230,50 @@ def off_loop(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     and the store's transfers start their own (``asyncio.run``)."""
     with ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(fn, *args, **kwargs).result()
+
+
+def _test_user(request: Request) -> SimpleAuthManagerUser:
+    """The signed-in user of an in-process request (FastAPI reads this signature: module-level names only)."""
+    return SimpleAuthManagerUser(username=request.headers["X-Test-User"], role=None)
+
+
+def _test_access(user: UserDep) -> DagAccess:
+    reads = READS[user.get_name()]
+    return DagAccess(lambda dag_id: reads is None or dag_id in reads)
+
+
+@dataclass
+class Pages:
+    """The AI Center app in process over a file store: the real routes, templates and store reads.
+
+    Only the two answers Airflow's api-server gives the app are stood in for: who is signed in
+    (the ``X-Test-User`` header instead of a JWT) and which DAGs that user may read (:data:`READS`
+    instead of an auth manager's database). Server errors come back as 500 responses, not raised.
+    """
+
+    client: Any
+    store: Store
+    root: Path
+
+    def get(self, path: str, user: str = "alice", *, html: bool = True) -> httpx.Response:
+        accept = "text/html" if html else "application/json"
+        return self.client.get(path, headers={"Accept": accept, "X-Test-User": user}, follow_redirects=False)
+
+
+@pytest.fixture
+def pages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pages]:
+    from airflow.api_fastapi.core_api.security import get_user
+    from fastapi.testclient import TestClient
+
+    from airflow_aicenter.plugins.access import dag_access
+    from airflow_aicenter.plugins.app import create_app
+
+    root = tmp_path / "store"
+    store = open_store(root.as_uri())
+    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps({"conn_type": "aicenter", "extra": {"storage": store.uri}}))
+
+    app = create_app()
+    app.dependency_overrides[get_user] = _test_user
+    app.dependency_overrides[dag_access] = _test_access
+    with TestClient(app, root_path="/aicenter", raise_server_exceptions=False) as client:
+        yield Pages(client, store, root)
