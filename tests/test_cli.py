@@ -205,45 +205,8 @@ def test_package_validate_is_static_and_needs_no_store(tmp_path, capsys, monkeyp
 
 
 # -- the first hour -------------------------------------------------------------------------
-TRAIN_DB_DAG = '''
-from datetime import datetime
-from airflow.sdk import DAG
-from airflow_aicenter.operators import TrainPipelineOperator
-
-with DAG("aicenter_test_cli_db", schedule=None, start_date=datetime(2026, 1, 1), params={"data": ""}):
-    TrainPipelineOperator(task_id="train", package="dbpkg", version="1.0", dataset="{{ params.data }}")
-'''
-
-
-@pytest.mark.airflow
-def test_cli_and_dags_share_the_connection_stored_in_airflows_database(airflow_env, tmp_path):
-    """`airflow connections add aicenter_default ...` is what the command uses, as tasks do: one store for both."""
-    uri = (tmp_path / "db-store").as_uri()
-    added = airflow_env.run("airflow", "connections", "add", "aicenter_default", "--conn-type", "aicenter",
-                            "--conn-extra", json.dumps({"storage": uri}))
-    assert added.returncode == 0, added.stderr[-2000:]
-    try:
-        missing = airflow_env.aicenter("package", "show", "dbpkg")
-        assert missing.returncode == 1
-        assert f"there is no store at {uri} (from the aicenter_default connection's storage extra)" in missing.stderr
-        pkg = write_files(tmp_path / "dbpkg", {"main.py": MAIN, "train.py": SCORED_TRAIN, "requirements.txt": ""})
-        done = airflow_env.aicenter("package", "upload", str(pkg), "--name", "dbpkg")
-        assert done.returncode == 0 and "version 1.0" in done.stdout and uri in done.stdout, done.stderr
-        assert not (airflow_env.home / "aicenter" / "packages" / "dbpkg").exists(), "not the embedded default"
-
-        unknown = airflow_env.aicenter("package", "show", "dbpkg:7.0")
-        assert unknown.returncode == 1 and f"in {uri}" in unknown.stderr
-
-        airflow_env.add_dag("aicenter_test_cli_db.py", TRAIN_DB_DAG)
-        ran = airflow_env.dags_test("aicenter_test_cli_db", {"data": small_dataset(tmp_path).as_uri()})
-        assert ran.returncode == 0, (ran.stdout + ran.stderr)[-4000:]
-        assert Registry(open_store(uri)).resolve("dbpkg", "latest").version == "1.1", "the task trained what the CLI uploaded"
-        listed = airflow_env.aicenter("runs", "list", "--json")
-        assert [r["id"].split("/")[0] for r in json.loads(listed.stdout)] == ["aicenter_test_cli_db"], listed.stderr
-    finally:
-        airflow_env.run("airflow", "connections", "delete", "aicenter_default")
-
-
+# That the command and a DAG's task share the connection stored in Airflow's database is proved by the
+# example training DAG's smoke run (tests/operators/test_train_dag.py).
 def test_without_airflow_home_the_error_says_how_to_point_the_command(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AICENTER_", "AWS_", "AIRFLOW"))}
     env.update(HOME=str(tmp_path), COLUMNS="250")

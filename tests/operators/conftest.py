@@ -1,4 +1,4 @@
-"""Fixtures for operator tests that run real Airflow: a fresh deployment on each storage backend."""
+"""Fixtures for operator tests: a fresh deployment on each storage backend, and the test Kubernetes API server."""
 
 from __future__ import annotations
 
@@ -45,6 +45,11 @@ class Deployment:
     def __iter__(self) -> Iterator[Any]:
         return iter((self.store, self.env, self.dataset))
 
+    def use(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Point this process at the deployment (a task run in process), as ``env`` points an Airflow subprocess."""
+        for key, value in self.env.items():
+            monkeypatch.setenv(key, value)
+
     def add_dataset(self, name: str, folder: Path) -> str:
         """The URI of ``folder`` as a dataset on this backend (uploaded for S3)."""
         if self._datasets is None:
@@ -54,8 +59,11 @@ class Deployment:
 
 
 @pytest.fixture(params=["file", "s3"])
-def deployment(request: pytest.FixtureRequest, airflow_env: Any, tmp_path: Path) -> Deployment:
-    """A fresh deployment on each backend (file store; moto S3 through an aws connection)."""
+def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> Deployment:
+    """A fresh deployment on each backend (file store; moto S3 through an aws connection).
+
+    ``deployment.env`` for an Airflow subprocess, ``deployment.use(monkeypatch)`` for a task run in process.
+    """
     data = make_dataset(tmp_path / "dataset", rows=300)
     folder = data.parent if data.is_file() else data
     if request.param == "file":
