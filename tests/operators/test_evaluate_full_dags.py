@@ -1,7 +1,9 @@
-"""Full and Evaluate pipelines end to end: `airflow dags test`, real child processes, both stores.
+"""Full then Evaluate, as one DAG run's two tasks: each operator's ``execute`` in process, real child processes, both stores.
 
 The package records the calls it gets and the env it sees, so the call order and folders are
-observed from inside user code, as AI Center packages would see them.
+observed from inside user code, as AI Center packages would see them. The same two pipelines
+run through real Airflow in the shipped retraining DAGs' smoke run (tests/dags/test_aicenter_retraining.py),
+which also checks that Airflow stores the extra links.
 """
 
 from __future__ import annotations
@@ -9,34 +11,17 @@ from __future__ import annotations
 import json
 from urllib.parse import quote
 
-import pytest
+from airflow.models.taskinstancekey import TaskInstanceKey
 
+from airflow_aicenter.operators import EvaluatePipelineOperator, FullPipelineOperator
 from airflow_aicenter.records import Manifest, read
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import Store
-from tests.aicenter_helpers import RECORDING_TRAIN, upload_package, xcoms
+from tests.aicenter_helpers import RECORDING_TRAIN, upload_package
 from tests.conftest import write_files
+from tests.operators.kube_api import make_context
 
-pytestmark = pytest.mark.airflow
-
-FULL_EVALUATE_DAG = '''
-from datetime import datetime
-from airflow.sdk import DAG
-from airflow_aicenter.operators import EvaluatePipelineOperator, FullPipelineOperator
-
-with DAG("aicenter_test_full_evaluate", schedule=None, start_date=datetime(2026, 1, 1),
-         params={"dataset": "", "evaluation_dataset": ""}):
-    full = FullPipelineOperator(
-        task_id="full", package="rec", version="1.0", dataset="{{ params.dataset }}",
-        evaluation_dataset="{{ params.evaluation_dataset }}", env={"EPOCHS": "3", "API_TOKEN": "tok-3e1f"},
-        save_training_data=True, save_test_data=True,
-    )
-    evaluate = EvaluatePipelineOperator(
-        task_id="evaluate", package="rec", version="{{ ti.xcom_pull(task_ids='full')['version'] }}",
-        evaluation_dataset="{{ params.evaluation_dataset }}", save_test_data=True,
-    )
-    full >> evaluate
-'''
+DAG_ID = "aicenter_test_full_evaluate"
 
 RESULT_KEYS = {"package", "version", "package_uri", "results_uri", "artifacts_uri", "snapshot_uri", "score", "run_uri"}
 
@@ -51,18 +36,25 @@ def calls(store: Store, prefix: str) -> list[dict]:
     return [json.loads(line) for line in store.get_bytes(f"{prefix}/artifacts/calls.jsonl").decode().splitlines()]
 
 
-def test_full_then_evaluate_end_to_end(deployment, airflow_env, tmp_path):
+def test_full_then_evaluate_end_to_end(deployment, tmp_path, monkeypatch, capfd):
     store = deployment.store
+    deployment.use(monkeypatch)
     registry = Registry(store)
     upload_package(registry, tmp_path, "rec", RECORDING_TRAIN)
     holdout = deployment.add_dataset("holdout", write_files(tmp_path / "holdout", {"e.csv": "x\n9\n", "more/f.csv": "x\n8\n"}))
-    airflow_env.add_dag("aicenter_test_full_evaluate.py", FULL_EVALUATE_DAG)
 
-    done = airflow_env.dags_test("aicenter_test_full_evaluate", {"dataset": deployment.dataset, "evaluation_dataset": holdout},
-                                 extra_env=deployment.env)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert "tok-3e1f" not in done.stdout + done.stderr
-    pushed = xcoms(airflow_env.home, "aicenter_test_full_evaluate")
+    # the DAG run: full >> evaluate, the evaluation on the version the full run returned (its XCom)
+    tasks = {"full": FullPipelineOperator(
+        task_id="full", package="rec", version="1.0", dataset=deployment.dataset, evaluation_dataset=holdout,
+        env={"EPOCHS": "3", "API_TOKEN": "tok-3e1f"}, save_training_data=True, save_test_data=True)}
+    pushed = {"full": {"return_value": tasks["full"].execute(make_context(DAG_ID, "full"))}}
+    tasks["evaluate"] = EvaluatePipelineOperator(
+        task_id="evaluate", package="rec", version=pushed["full"]["return_value"]["version"],
+        evaluation_dataset=holdout, save_test_data=True)
+    pushed["evaluate"] = {"return_value": tasks["evaluate"].execute(make_context(DAG_ID, "evaluate"))}
+    captured = capfd.readouterr()
+    assert "tok-3e1f" not in captured.out + captured.err, "the secret env value never reaches the task log"
+    assert "[aicenter] run succeeded" in captured.out + captured.err, "the runtime's output reached the task log"
 
     # -- full: process_data, train, evaluate, save -> new version 1.1 with its score
     full = pushed["full"]["return_value"]
@@ -113,8 +105,11 @@ def test_full_then_evaluate_end_to_end(deployment, airflow_env, tmp_path):
     [evaluated] = registry.evaluations("rec", "1.1")
     assert evaluated.score == 0.75 and evaluated.dataset == holdout and evaluated.run.task_id == "evaluate"
 
-    # -- the extra links the UI shows (XCom written by Airflow from the operator's links) open the run's AI Center page
+    # -- the extra links the UI shows (Airflow stores them from the operator's links) open the run's AI Center page
     for task, results_uri in (("full", full["results_uri"]), ("evaluate", evaluation["results_uri"])):
         run_id = key(store, results_uri).removeprefix("runs/").removesuffix("/_results.json")
-        assert pushed[task]["_link_ResultsLink"] == "/aicenter/runs/" + "/".join(quote(p, safe="") for p in run_id.split("/"))
-        assert pushed[task]["_link_ArtifactsLink"] == pushed[task]["_link_ResultsLink"] + "#artifacts"
+        dag_id, dag_run_id, task_id, try_number = run_id.split("/")
+        ti_key = TaskInstanceKey(dag_id=dag_id, task_id=task_id, run_id=dag_run_id, try_number=int(try_number))
+        links = {type(link).__name__: link.get_link(tasks[task], ti_key=ti_key) for link in tasks[task].operator_extra_links}
+        assert links["ResultsLink"] == "/aicenter/runs/" + "/".join(quote(p, safe="") for p in run_id.split("/"))
+        assert links["ArtifactsLink"] == links["ResultsLink"] + "#artifacts"
