@@ -38,7 +38,14 @@ if TYPE_CHECKING:
 
     from airflow_aicenter.secrets import Redactor
 
-from airflow_aicenter.errors import AlreadyExistsError, DatasetError, NotFoundError, PackageError, StorageError
+from airflow_aicenter.errors import (
+    AccessDeniedError,
+    AlreadyExistsError,
+    DatasetError,
+    NotFoundError,
+    PackageError,
+    StorageError,
+)
 from airflow_aicenter.layout import BLOBS, blob_key
 from airflow_aicenter.storage.store import ObjectInfo, Store, unstorable, walk_files
 
@@ -101,8 +108,8 @@ class FileEntry:
 
 #: How a damaged or missing blob is put back: both ways hash what they write and rewrite the blob in place.
 REPAIR_ADVICE = (
-    "upload the same package again (`aicenter package upload PATH --name NAME` rewrites the blob of an identical "
-    "stored version), or run `aicenter verify --repair SOURCE` with a folder or zip that holds the original content"
+    "`aicenter verify --repair SOURCE` rewrites it from a folder or zip that holds the original content, and for a "
+    "package version, uploading the same package again (`aicenter package upload PATH --name NAME`) rewrites it"
 )
 
 #: What a blob was found to be: stored intact, absent, or present with other content (hashed).
@@ -149,7 +156,7 @@ def is_transient(exc: BaseException) -> bool:
     cause = exc.__cause__ if isinstance(exc, StorageError) else exc
     if cause is not None and "uploadId=" in str(cause):
         return True
-    if isinstance(exc, (NotFoundError, AlreadyExistsError)):
+    if isinstance(exc, (NotFoundError, AlreadyExistsError, AccessDeniedError)):
         return False
     if cause is None:
         return False  # ours: a digest mismatch, a refused name, a changed file
@@ -813,14 +820,17 @@ async def ensure_blobs(
     listed: dict[str, int] | None = None
     unknown: set[str] = set()
     if store.scheme == "s3" and len(unique) >= LIST_MIN_FILES:
-        listed, unknown = await stored_digests(store, set(unique))
+        try:
+            listed, unknown = await stored_digests(store, set(unique))
+        except AccessDeniedError:  # a run's credentials list no blob (credentials.py): look each one up
+            listed = None
     limiter = AdaptiveLimit(limit)
 
     async def state(entry: FileEntry) -> BlobState:
         if listed is not None and entry.sha256 not in unknown:
             size = listed.get(entry.sha256)
         else:
-            info = await store.head_async(blob_key(entry.sha256))
+            info = await _lookup(store, blob_key(entry.sha256))
             size = None if info is None else info.size
         if size is None:
             return "missing"
@@ -852,6 +862,20 @@ async def ensure_blobs(
     )
 
 
+async def _lookup(store: Store, key: str) -> ObjectInfo | None:
+    """HEAD a blob before creating it; a refused HEAD counts as absent.
+
+    S3 answers 403, not 404, for an absent key to whoever may not list it, and run credentials
+    list no blob (credentials.py): for them a missing blob looks refused. Absent is the safe
+    reading: the create-only upload that follows stores it, finds it there (412: another writer,
+    or a blob these credentials may not read) or is refused by name.
+    """
+    try:
+        return await store.head_async(key)
+    except AccessDeniedError:
+        return None
+
+
 async def store_blob_async(store: Store, path: Path, sha256: str) -> BlobState:
     """Store ``path`` as the blob ``sha256`` unless an intact copy is there; the state it was found in.
 
@@ -862,7 +886,7 @@ async def store_blob_async(store: Store, path: Path, sha256: str) -> BlobState:
     """
     key = blob_key(sha256)
     size = path.stat().st_size
-    info = await store.head_async(key)
+    info = await _lookup(store, key)
     found: BlobState
     if info is None:
         found = "missing"
