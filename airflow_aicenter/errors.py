@@ -42,6 +42,15 @@ class NotFoundError(StorageError):
     """An object or prefix that must exist does not."""
 
 
+class AccessDeniedError(StorageError):
+    """The store refused the request for lack of permission (S3 403).
+
+    S3 also answers 403, not 404, to a lookup of an absent key from whoever may not list it:
+    run credentials list no blob (airflow_aicenter/credentials.py), so for them a refused lookup
+    of a blob means "absent or unreadable", and the create-only upload that follows decides.
+    """
+
+
 class AlreadyExistsError(StorageError):
     """A create-once put found the key already taken."""
 

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from obstore.store import ClientConfig, RetryConfig, S3Config
 
 from airflow_aicenter.errors import (
+    AccessDeniedError,
     AlreadyExistsError,
     ConfigurationError,
     NotFoundError,
@@ -244,8 +245,11 @@ class _ErrorMap:
             raise NotFoundError(f"{where} does not exist") from exc
         if isinstance(exc, obx.AlreadyExistsError):
             raise AlreadyExistsError(f"{where} already exists") from exc
-        if isinstance(exc, (obx.PermissionDeniedError, obx.UnauthenticatedError, PermissionError)):
-            raise StorageError(
+        # obstore reports a refused listing as a generic error carrying the status line.
+        if isinstance(exc, (obx.PermissionDeniedError, obx.UnauthenticatedError, PermissionError)) or (
+            isinstance(exc, obx.BaseError) and "403 Forbidden" in str(exc)
+        ):
+            raise AccessDeniedError(
                 f"access to {where} was denied ({first}); check the credentials of the AWS connection "
                 "(or the pod's service account) and the bucket policy"
             ) from exc

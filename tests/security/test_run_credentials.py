@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -45,8 +46,10 @@ from airflow_aicenter.credentials import (
     session_policy,
 )
 from airflow_aicenter.errors import AICenterError, ConfigurationError
+from airflow_aicenter.layout import blob_key
 from airflow_aicenter.records import BlobRef, RunSpec
-from airflow_aicenter.storage import S3Options, open_store
+from airflow_aicenter.storage import S3Options, Store, open_store, transfer
+from airflow_aicenter.storage.transfer import ensure_blobs, put_blob, sha256_file
 from tests.conftest import free_port
 
 ACCOUNT = "123456789012"  # moto's default account
@@ -168,6 +171,27 @@ def assume(iam_moto: IamMoto, monkeypatch: pytest.MonkeyPatch, scope: Scope, dur
 
 def s3_of(iam_moto: IamMoto, creds: S3Credentials) -> Any:
     return iam_moto.client("s3", creds.access_key_id, creds.secret_access_key, creds.session_token)
+
+
+def runtime_store(iam_moto: IamMoto, creds: S3Credentials) -> Store:
+    """The runtime's own S3 client (obstore) with the pod's credentials, as the pod gets them in env."""
+    return open_store(STORAGE, S3Options.from_env({"AWS_ENDPOINT_URL": iam_moto.endpoint, "AWS_REGION": "us-east-1",
+                                                   **creds.to_env()}))
+
+
+def assume_unconditioned(iam_moto: IamMoto, monkeypatch: pytest.MonkeyPatch, scope: Scope) -> S3Credentials:
+    """Credentials whose role carries the run's session policy without its conditional statements.
+
+    moto ignores the conditions it cannot evaluate (``Null``, ``BoolIfExists``, ``StringLike``) and
+    applies such a statement to every request: the create-only Deny would refuse every blob write,
+    a prefix-limited listing would allow every listing. The evaluator tests those statements; this
+    lets moto enforce the rest while the runtime writes blobs.
+    """
+    creds = assume(iam_moto, monkeypatch, scope)
+    policy = session_policy(**scope)
+    policy["Statement"] = [st for st in policy["Statement"] if "Condition" not in st]
+    iam_moto.worker("iam").put_role_policy(RoleName=ROLE, PolicyName="run", PolicyDocument=json.dumps(policy))
+    return creds
 
 
 @pytest.fixture
@@ -492,3 +516,40 @@ def test_without_checkpoints_nothing_under_the_task_but_the_run_folder_is_writab
     assert not allowed(policy, "s3:PutObject", obj(f"{CHECKPOINTS}/manifests/1.json"), **CREATE)
     assert not any("s3:DeleteObject" in _as_list(s["Action"]) for s in policy["Statement"] if s["Effect"] == "Allow")
     assert not allowed(policy, "s3:PutObject", obj("packages/x/versions/1.1.json"), **CREATE, **{"s3:if-none-match": "*"})
+
+
+# -- the runtime under credentials that may not list blobs/ ------------------------------------
+# Run credentials list no blob, and S3 answers 403 (not 404) to a lookup of an absent key from
+# whoever may not list it; moto 5.2 answers 403 to every HEAD made with assumed-role credentials,
+# which stands for that here.
+def test_a_snapshot_with_run_credentials_stores_its_blobs_without_listing_the_store(
+    iam_moto: IamMoto, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    files = {"stored.csv": b"already stored\n", "new-1.csv": b"new one\n", "new-2.csv": b"new two\n"}
+    for name, body in files.items():
+        (tmp_path / name).write_bytes(body)
+    entries = [sha256_file(tmp_path / name) for name in files]
+    iam_moto.worker("s3").put_object(Bucket=BUCKET, Key=f"aicenter/{blob_key(entries[0].sha256)}", Body=files["stored.csv"])
+    creds = assume_unconditioned(iam_moto, monkeypatch, run_scope(spec("train", dataset=None, save_training_data=True)))
+    store = runtime_store(iam_moto, creds)
+    with pytest.raises(AICenterError, match="denied"):  # the credentials cannot list the blobs
+        list(store.list("blobs/sha256"))
+    monkeypatch.setattr(transfer, "LIST_MIN_FILES", 2)  # the listing path, which a large snapshot takes on S3
+    stats = transfer.run(ensure_blobs(store, tmp_path, entries))
+    assert (stats.files, stats.uploaded_files) == (3, 2)
+    worker_s3 = iam_moto.worker("s3")
+    for entry in entries:
+        key = f"aicenter/{blob_key(entry.sha256)}"
+        assert worker_s3.get_object(Bucket=BUCKET, Key=key)["Body"].read() == files[entry.path]
+
+
+def test_a_new_package_blob_is_stored_with_run_credentials(
+    iam_moto: IamMoto, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    package = tmp_path / "package.zip"
+    package.write_bytes(b"PK new version " + uuid.uuid4().bytes)
+    entry = sha256_file(package)
+    creds = assume_unconditioned(iam_moto, monkeypatch, run_scope(spec("train", dataset=None)))
+    assert put_blob(runtime_store(iam_moto, creds), package, entry.sha256)
+    stored = iam_moto.worker("s3").get_object(Bucket=BUCKET, Key=f"aicenter/{blob_key(entry.sha256)}")
+    assert stored["Body"].read() == package.read_bytes()
