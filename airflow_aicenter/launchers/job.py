@@ -83,7 +83,7 @@ class JobLauncher(PodLauncher):
 
     def check(self) -> None:
         super().check()
-        if self.settings.dataset_volume_claim:
+        if self.settings.resources.dataset_volume_claim:
             raise ConfigurationError(
                 "dataset_volume_claim with nodes > 1 would mount one claim into every node's pod; stage the data from "
                 "the store (dataset='s3://...') for a multi-node run"

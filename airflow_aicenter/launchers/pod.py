@@ -44,20 +44,13 @@ from airflow_aicenter.launchers.pod_spec import (
     LABEL_PACKAGE,
     LABEL_RUN,
     LABEL_VERSION,
-    RUNTIME_COMMAND,
-    RUNTIME_UID,
-    SPEC_ENV,
-    WORK_MOUNT,
+    PodResources,
     PodShape,
-    as_model,
-    base_container,
-    check_infra,
     check_sub_path,
     label_value,
     run_ending,
     run_spec_json,
     shape_pod,
-    termination,
 )
 from airflow_aicenter.layout import OUTCOME
 from airflow_aicenter.plans import plan_for
@@ -68,23 +61,6 @@ if TYPE_CHECKING:
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from airflow.sdk import Context
 
-
-__all__ = [
-    "ANNOTATION_RUN",
-    "DATASET_MOUNT",
-    "RUNTIME_COMMAND",
-    "RUNTIME_UID",
-    "SPEC_ENV",
-    "WORK_MOUNT",
-    "PodLauncher",
-    "PodRun",
-    "PodSettings",
-    "as_model",
-    "base_container",
-    "check_infra",
-    "label_value",
-    "termination",
-]
 
 #: Seconds on_kill waits for the runtime to record "killed" itself before writing it.
 KILL_RECORD_WAIT = 10.0
@@ -202,12 +178,7 @@ class PodSettings:
 
     pipeline: str
     env: dict[str, Any]
-    gpu: int = 0
-    cpu: float | str | None = None
-    memory_gb: float | None = None
-    storage_gb: float | None = None
-    dataset_volume_claim: str | None = None
-    dataset_sub_path: str | None = None
+    resources: PodResources = field(default_factory=PodResources)
     aws_secret_name: str | None = None
     datasets: tuple[str | None, ...] = ()
     #: ``env`` keys whose values Airflow's masker knows (a templated Variable or Connection field).
@@ -251,18 +222,18 @@ class PodLauncher(Launcher):
         from airflow_aicenter.credentials import role_settings
 
         role_settings(self.hook.settings.extra)  # a malformed runtime_role_arn fails here, before any pod
-        if self.settings.dataset_volume_claim and "dataset" not in plan_for(self.settings.pipeline).all_datasets:
+        if self.settings.resources.dataset_volume_claim and "dataset" not in plan_for(self.settings.pipeline).all_datasets:
             raise ConfigurationError(
                 "dataset_volume_claim mounts the training dataset; evaluation runs read evaluation_dataset=URI"
             )
-        check_sub_path(self.settings.dataset_sub_path)
+        check_sub_path(self.settings.resources.dataset_sub_path)
 
     def plan(self, spec: RunSpec, run: RunRef) -> PodRun:
         """The spec as the pod runs it: a mounted dataset is not staged."""
         return PodRun(
             spec=spec.model_copy(
                 update={
-                    "dataset_mount": DATASET_MOUNT if self.settings.dataset_volume_claim else None,
+                    "dataset_mount": DATASET_MOUNT if self.settings.resources.dataset_volume_claim else None,
                 }
             ),
             run=run,
@@ -411,12 +382,7 @@ class PodLauncher(Launcher):
             image=hook.settings.image,
             base_container=self.op.base_container_name,
             makes_version=plan_for(settings.pipeline).makes_version,
-            gpu=settings.gpu,
-            cpu=settings.cpu,
-            memory_gb=settings.memory_gb,
-            storage_gb=settings.storage_gb,
-            dataset_volume_claim=settings.dataset_volume_claim,
-            dataset_sub_path=settings.dataset_sub_path,
+            resources=settings.resources,
             spec_json=spec_json,
             run_json=run_json,
             labels=labels,

@@ -351,12 +351,25 @@ def set_env(container: k8s.V1Container, env: Sequence[k8s.V1EnvVar], *, owned: s
 
 # -- the pod ----------------------------------------------------------------------------
 @dataclass(frozen=True)
+class PodResources:
+    """AI Center's infra settings of a run's pod: the operator's arguments of the same names (see its ``:param`` docs)."""
+
+    gpu: int = 0
+    cpu: float | str | None = None
+    memory_gb: float | None = None
+    storage_gb: float | None = None
+    dataset_volume_claim: str | None = None
+    dataset_sub_path: str | None = None
+
+
+@dataclass(frozen=True)
 class PodShape:
     """Everything the launcher decided about a run's pod (the operator's pod arguments are in the pod itself).
 
     :param image: the runtime image when neither the operator nor a template names one.
     :param base_container: KubernetesPodOperator's main container name (``base``).
     :param makes_version: the run writes a new package (``save()``): the package is writable in ``base``.
+    :param resources: GPUs, CPU, memory, storage and a mounted dataset claim.
     :param spec_json: the run spec (``stage`` and ``sync`` only); None for a pod that is not tied to a run yet.
     :param run_json: the run (annotation); ``labels`` the lookup labels.
     :param store_env: the store's endpoint, region and credentials (``stage`` and ``sync`` only).
@@ -367,12 +380,7 @@ class PodShape:
     image: str | None
     base_container: str = "base"
     makes_version: bool = True
-    gpu: int = 0
-    cpu: float | str | None = None
-    memory_gb: float | None = None
-    storage_gb: float | None = None
-    dataset_volume_claim: str | None = None
-    dataset_sub_path: str | None = None
+    resources: PodResources = field(default_factory=PodResources)
     spec_json: str | None = None
     run_json: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
@@ -434,7 +442,8 @@ def shape_pod(pod: k8s.V1Pod, shape: PodShape) -> k8s.V1Pod:
     user_mounts = list(base.volume_mounts or [])
     taken = {_mount_path(m) for m in user_mounts}
     volumes = list(pod.spec.volumes or [])
-    size = memory_quantity(shape.storage_gb) if shape.storage_gb is not None else None
+    res = shape.resources
+    size = memory_quantity(res.storage_gb) if res.storage_gb is not None else None
     ours = volumes_of(shape)
     for volume in ours:
         if volume.name == TMP_VOLUME and TMP_MOUNT in taken:
@@ -442,11 +451,11 @@ def shape_pod(pod: k8s.V1Pod, shape: PodShape) -> k8s.V1Pod:
         source = k8s.V1EmptyDirVolumeSource(size_limit=size if volume.name == WORK_VOLUME else None)
         volumes.append(k8s.V1Volume(name=volume.name, empty_dir=source))
     dataset: k8s.V1VolumeMount | None = None
-    if shape.dataset_volume_claim:
-        claim = k8s.V1PersistentVolumeClaimVolumeSource(claim_name=shape.dataset_volume_claim, read_only=True)
+    if res.dataset_volume_claim:
+        claim = k8s.V1PersistentVolumeClaimVolumeSource(claim_name=res.dataset_volume_claim, read_only=True)
         volumes.append(k8s.V1Volume(name=DATASET_VOLUME, persistent_volume_claim=claim))
         dataset = k8s.V1VolumeMount(
-            name=DATASET_VOLUME, mount_path=DATASET_MOUNT, read_only=True, sub_path=shape.dataset_sub_path or None
+            name=DATASET_VOLUME, mount_path=DATASET_MOUNT, read_only=True, sub_path=res.dataset_sub_path or None
         )
     pod.spec.volumes = volumes
 
@@ -472,9 +481,9 @@ def shape_pod(pod: k8s.V1Pod, shape: PodShape) -> k8s.V1Pod:
         owned=set(),
     )
     base.env = [e for e in (base.env or []) if _name(e) not in (SPEC_ENV, "AICENTER_WORKDIR")]
-    requests, limits = infra_resources(gpu=shape.gpu, cpu=shape.cpu, memory_gb=shape.memory_gb, storage_gb=shape.storage_gb)
+    requests, limits = infra_resources(gpu=res.gpu, cpu=res.cpu, memory_gb=res.memory_gb, storage_gb=res.storage_gb)
     base.resources = merge_resources(requests, limits, base.resources)
-    pod.spec.tolerations = merge_tolerations(pod.spec.tolerations, shape.gpu)
+    pod.spec.tolerations = merge_tolerations(pod.spec.tolerations, res.gpu)
     pod.spec.security_context = merge_pod_security(pod.spec.security_context, base.security_context)
     base.security_context = merge_container_security(base.security_context)
     if shape.ports:

@@ -33,6 +33,7 @@ from airflow_aicenter.hooks.aicenter import AICenterHook
 from airflow_aicenter.launchers.base import Finished, Launcher
 from airflow_aicenter.launchers.local import LocalLauncher
 from airflow_aicenter.launchers.pod import PodLauncher, PodSettings, RunCallbacks, pvc_uri, template_namespace
+from airflow_aicenter.launchers.pod_spec import PodResources
 from airflow_aicenter.operators.checks import check_arguments, check_datasets
 from airflow_aicenter.operators.links import ArtifactsLink, ResultsLink
 from airflow_aicenter.plans import PipelinePlan
@@ -259,15 +260,18 @@ class BasePipelineOperator(KubernetesPodOperator):
         """The launcher for this run (override to add one); ``nodes > 1`` on Kubernetes is a Job."""
         request, hook = self.run_request(), self.aicenter_hook
         if name == "kubernetes":
-            settings = PodSettings(
-                pipeline=self.plan.name,
-                env=self.env,
+            resources = PodResources(
                 gpu=self.gpu,
                 cpu=self.cpu,
                 memory_gb=self.memory_gb,
                 storage_gb=self.storage_gb,
                 dataset_volume_claim=self.dataset_volume_claim,
                 dataset_sub_path=self.dataset_sub_path,
+            )
+            settings = PodSettings(
+                pipeline=self.plan.name,
+                env=self.env,
+                resources=resources,
                 aws_secret_name=self.aws_secret_name,
                 datasets=(self.dataset, self.evaluation_dataset),
                 secret_keys=request.masked_keys,

@@ -13,16 +13,15 @@ from kubernetes.client import ApiClient
 from kubernetes.client import models as k8s
 
 from airflow_aicenter.errors import ConfigurationError
-from airflow_aicenter.launchers.pod import (
+from airflow_aicenter.launchers.pod import PodRun, refuse_secret_env
+from airflow_aicenter.launchers.pod_spec import (
     ANNOTATION_RUN,
     DATASET_MOUNT,
     SPEC_ENV,
+    SUPERVISOR_COMMAND,
     WORK_MOUNT,
-    PodRun,
     label_value,
-    refuse_secret_env,
 )
-from airflow_aicenter.launchers.pod_spec import SUPERVISOR_COMMAND
 from airflow_aicenter.operators import FullPipelineOperator, TrainPipelineOperator
 from airflow_aicenter.records import BlobRef, RunRef, RunSpec
 from tests.operators.kube_api import make_context

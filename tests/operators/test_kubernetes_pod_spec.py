@@ -25,6 +25,7 @@ from airflow_aicenter.launchers.pod_spec import (
     STATE_MOUNT,
     TEST_DATA_MOUNT,
     WORK_MOUNT,
+    PodResources,
     PodShape,
     job_agent_env,
     job_manifests,
@@ -89,7 +90,8 @@ def test_the_user_container_has_no_credentials_no_spec_no_token() -> None:
 
 @pytest.mark.parametrize("makes_version", [True, False])
 def test_read_only_mounts_in_the_user_container(makes_version: bool) -> None:
-    data = shaped(PodShape(image="i", spec_json=SPEC, makes_version=makes_version, dataset_volume_claim="claim"))
+    data = shaped(PodShape(image="i", spec_json=SPEC, makes_version=makes_version,
+                           resources=PodResources(dataset_volume_claim="claim")))
     every = containers(data)
     base = mounts(every["base"])
     for path in (DATA_MOUNT, TEST_DATA_MOUNT, BIN_MOUNT, ENV_MOUNT, DATASET_MOUNT):
@@ -127,7 +129,7 @@ def test_privileges_asked_for_base_stay_in_base() -> None:
 
 
 def test_gpus_and_resources_on_base_only_and_user_mounts_everywhere() -> None:
-    shape = PodShape(image="i", spec_json=SPEC, gpu=2, cpu=4, memory_gb=16)
+    shape = PodShape(image="i", spec_json=SPEC, resources=PodResources(gpu=2, cpu=4, memory_gb=16))
     data = shaped(shape, volume_mounts=[k8s.V1VolumeMount(name="store", mount_path="/srv/store")])
     every = containers(data)
     assert every["base"]["resources"]["limits"] == {"memory": "16Gi", "nvidia.com/gpu": "2"}
