@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import getpass
 import hashlib
 import json
@@ -40,7 +41,7 @@ from rich.text import Text
 from airflow_aicenter import layout
 from airflow_aicenter.errors import AICenterError, NotFoundError, StorageError, VersionError
 from airflow_aicenter.gc import DEFAULT_GRACE_HOURS, collect
-from airflow_aicenter.package import open_package, validate_package
+from airflow_aicenter.package import Version, open_package, validate_package, validate_package_name
 from airflow_aicenter.process import exit_process
 from airflow_aicenter.promotion import PROMOTE_IF, promote, version_score
 from airflow_aicenter.records import AliasRecord, Manifest, VersionRecord, read_optional
@@ -315,8 +316,9 @@ def cmd_package_download(args: argparse.Namespace, registry: Registry) -> int:
 
 
 def cmd_package_show(args: argparse.Namespace, registry: Registry) -> int:
+    """A damaged record (a version, an alias entry, an evaluation) is a problem on stderr (exit 1), not an end."""
     name, version = split_ref(args.ref, need_version=False)
-    with err_console.status(f"Reading {name} ..."):
+    with err_console.status(f"Reading {escape(name)} ..."):
         data = _version_detail(registry, name, version) if version else _package_overview(registry, name)
     if args.json:
         emit_json(data)
@@ -324,11 +326,23 @@ def cmd_package_show(args: argparse.Namespace, registry: Registry) -> int:
         _print_version_detail(data)
     else:
         _print_package_overview(data)
-    return 0
+    for problem in data["problems"]:
+        err_console.print(f"[red]{escape(name)}[/red]: {escape(problem)}", highlight=False)
+    return 1 if data["problems"] else 0
 
 
-def _alias_history(registry: Registry, name: str, alias: str) -> list[dict[str, Any]]:
-    return [_alias_entry(h) for h in registry.alias_history(name, alias)]
+def _tolerant(problems: list[str], what: str, read: Callable[[], Any], default: Any) -> Any:
+    """``read()``, or ``default`` with the error noted in ``problems``: one damaged record hides only itself."""
+    try:
+        return read()
+    except AICenterError as exc:
+        problems.append(f"{what}: {exc}")
+        return default
+
+
+def _alias_history(registry: Registry, name: str, alias: str, current: AliasRecord, problems: list[str]) -> list[dict[str, Any]]:
+    history = _tolerant(problems, f"alias {alias!r} history", lambda: registry.alias_history(name, alias), [current])
+    return [_alias_entry(h) for h in history]
 
 
 def _alias_entry(h: AliasRecord) -> dict[str, Any]:
@@ -336,15 +350,17 @@ def _alias_entry(h: AliasRecord) -> dict[str, Any]:
             "reason": h.reason}
 
 
-def _version_row(registry: Registry, record: VersionRecord, pointed: dict[str, list[str]]) -> dict[str, Any]:
-    evaluations = registry.evaluations(record.package, record.version)
-    judged = version_score(registry, record.package, record.version, record=record, evaluations=evaluations)
+def _version_row(registry: Registry, record: VersionRecord, pointed: dict[str, list[str]], problems: list[str]) -> dict[str, Any]:
+    evaluations = _tolerant(problems, f"evaluations of {record.version}",
+                            lambda: registry.evaluations(record.package, record.version), [])
+    judged = _tolerant(problems, f"score of {record.version}", lambda: version_score(
+        registry, record.package, record.version, record=record, evaluations=evaluations), None)
     return {
         "version": record.version, "parent": record.parent, "pipeline": record.pipeline, "score": record.score,
         "evaluated_on": record.evaluated_on,
         "evaluations": [{"score": e.score, "dataset": e.dataset, "run": e.run.label if e.run else None,
                          "created_at": e.created_at.isoformat()} for e in evaluations],
-        "judged_score": judged.score, "judged_by": judged.source,
+        "judged_score": judged.score if judged else None, "judged_by": judged.source if judged else "unknown",
         "created_at": record.created_at.isoformat(), "created_by": record.created_by,
         "run": record.run.label if record.run else None, "snapshot": record.snapshot,
         "aliases": pointed.get(record.version, []),
@@ -358,35 +374,64 @@ def _pointed(aliases: dict[str, AliasRecord]) -> dict[str, list[str]]:
     return out
 
 
+def _versions_of(registry: Registry, name: str, problems: list[str]) -> list[VersionRecord]:
+    """Every readable version of ``name``, oldest first; each damaged record is a problem."""
+    records = []
+    for info in registry.store.list(layout.versions_prefix(name)):
+        if info.key.endswith(".json"):
+            version = info.key.rsplit("/", 1)[-1].removesuffix(".json")
+            record = _tolerant(problems, f"version {version}", functools.partial(registry.get, name, version), None)
+            if record is not None:
+                records.append(record)
+
+    def order(record: VersionRecord) -> tuple[int, int, str]:
+        try:
+            parsed = Version.parse(record.version)
+        except VersionError:
+            return (2**31, 0, record.version)
+        return (parsed.major, parsed.minor, "")
+
+    return sorted(records, key=order)
+
+
 def _package_overview(registry: Registry, name: str) -> dict[str, Any]:
-    registry.resolve(name, "latest")  # a clear error for a package without versions
-    aliases = registry.aliases(name)
+    validate_package_name(name)
+    if registry.latest_major(name) is None:
+        registry.resolve(name, "latest")  # a clear error for a package without versions
+    problems: list[str] = []
+    aliases = _tolerant(problems, "aliases", lambda: registry.aliases(name, problems), {})
     pointed = _pointed(aliases)
     return {
         "package": name,
-        "versions": [_version_row(registry, r, pointed) for r in registry.versions(name)],
-        "aliases": {a: {"version": c.version, "history": _alias_history(registry, name, a)} for a, c in sorted(aliases.items())},
+        "versions": [_version_row(registry, r, pointed, problems) for r in _versions_of(registry, name, problems)],
+        "aliases": {a: {"version": c.version, "history": _alias_history(registry, name, a, c, problems)}
+                    for a, c in sorted(aliases.items())},
+        "problems": problems,
     }
 
 
 def _version_detail(registry: Registry, name: str, spec: str) -> dict[str, Any]:
     record = registry.resolve(name, spec)
+    problems: list[str] = []
     lineage, parent = [], record.parent
     while parent is not None:
-        ancestor = registry.get(name, parent)
+        ancestor = _tolerant(problems, f"lineage: version {parent}", functools.partial(registry.get, name, parent), None)
+        if ancestor is None:
+            break
         lineage.append({"version": ancestor.version, "pipeline": ancestor.pipeline, "score": ancestor.score,
                         "created_at": ancestor.created_at.isoformat(), "run": ancestor.run.label if ancestor.run else None})
         parent = ancestor.parent
-    aliases = registry.aliases(name)
+    aliases = _tolerant(problems, "aliases", lambda: registry.aliases(name, problems), {})
     return {
         "package": name,
         "requested": spec,
-        **_version_row(registry, record, _pointed(aliases)),
+        **_version_row(registry, record, _pointed(aliases), problems),
         "blob": record.blob.model_dump(),
         "description": record.description,
         "lineage": lineage,
         "all_aliases": {a: {"version": c.version, "points_here": c.version == record.version,
-                            "history": _alias_history(registry, name, a)} for a, c in sorted(aliases.items())},
+                            "history": _alias_history(registry, name, a, c, problems)} for a, c in sorted(aliases.items())},
+        "problems": problems,
     }
 
 

@@ -79,7 +79,7 @@ def damaged_store(store: Store, tmp: Path) -> Damaged:
     store.delete(object_key)
     records = {
         "version": layout.version_key("churn", "1.1"),
-        "alias": layout.alias_key("churn", "production", 2),
+        "alias": layout.alias_key("churn", "production", 1),  # the current entry
         "env": layout.env_key("e" * 64),
         "env (digest readable)": layout.env_key("f" * 64),
         "outcome": layout.RunPath("dag", "run2", "train", try_number=1).key(layout.OUTCOME),

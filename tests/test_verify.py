@@ -149,3 +149,42 @@ def test_verify_command(store_env: Store, tmp_path: Path, capsys: pytest.Capture
     assert "repair source" in capsys.readouterr().err
     with pytest.raises(ConfigurationError, match="does not exist"):
         verify(store, repair=tmp_path / "nothere")
+
+
+def test_a_store_with_every_kind_of_damage_is_listed_verified_and_collected(store: Store, tmp_path: Path) -> None:
+    """Issue 20, "done when": one of each damage (blob, version record, alias, environment record, trigger
+    state, outcome, manifest, checkpoint) is listed, shown, verified and collected by the installed
+    command on both stores: each damage named, exit 1, never a traceback; gc still collects."""
+    import subprocess
+    import sys
+
+    damage = damaged_store(store, tmp_path / "build")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AICENTER_", "AWS_"))}
+    env.update({"AICENTER_STORAGE": store.uri, "COLUMNS": "250"})
+    if store.uri.startswith("s3://"):
+        env.update(store.options.to_env())  # type: ignore[attr-defined]
+
+    def aicenter(*args: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([str(Path(sys.executable).parent / "aicenter"), *args], capture_output=True, text=True,
+                              env=env, timeout=120, check=False)
+        assert "Traceback" not in done.stdout + done.stderr, (args, done.stderr)
+        return done
+
+    version, alias = store.url(damage.records["version"]), store.url(damage.records["alias"])
+    listed = aicenter("package", "list")
+    assert listed.returncode == 1 and "churn" in listed.stdout and version in listed.stderr and alias in listed.stderr
+    shown = aicenter("package", "show", "churn")
+    assert shown.returncode == 1 and "1.0" in shown.stdout and version in shown.stderr and alias in shown.stderr
+    detail = aicenter("package", "show", "churn:1.0")
+    assert detail.returncode == 1 and "Lineage: 1.0" in detail.stdout and alias in detail.stderr
+    runs = aicenter("runs", "list")
+    assert runs.returncode == 0 and "dag/run1/train/1" in runs.stdout
+    assert f"run dag/run2/train/1 left out: {store.url(damage.records['outcome'])}" in runs.stderr
+    verified = aicenter("verify")
+    assert verified.returncode == 1
+    for key in damage.records.values():
+        assert store.url(key) in verified.stdout, key
+    assert f"DAMAGED blob sha256:{damage.damaged_blob}" in verified.stdout
+    collected = aicenter("gc", "--grace-hours", "0", "--json")
+    assert collected.returncode == 1 and json.loads(collected.stdout)["deleted"] == [damage.orphan]
+    assert store.url(damage.records["env"]) in json.loads(collected.stdout)["damaged"]
