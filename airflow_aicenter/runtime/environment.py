@@ -76,16 +76,15 @@ No Airflow import: this runs in the pod.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import inspect
 import json
 import os
-import platform
 import re
 import shutil
-import site
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
@@ -173,18 +172,63 @@ class Environment:
 
 # -- the key ---------------------------------------------------------------------------------
 def python_tag() -> str:
-    return f"{sys.implementation.name}-{sys.version_info.major}.{sys.version_info.minor}{sys.abiflags}"
+    """The base interpreter's implementation, major.minor and ABI flags (the environment's Python)."""
+    return _base_tags()["python"]
 
 
 def platform_tag() -> str:
     """The platform, and the image: which distributions the base interpreter has (they are visible in the env)."""
+    return _base_tags()["platform"]
+
+
+def _tags() -> dict[str, str]:
+    """The key's facts of the running interpreter's base; also run by another interpreter (:func:`_tags_of`).
+
+    Self-contained (its imports inside) for that reason.
+    """
+    import hashlib
+    import os
+    import platform
+    import site
+    import sys
+    import sysconfig
+
     names: list[str] = []
     for folder in site.getsitepackages([sys.base_prefix, sys.base_exec_prefix]):
-        with contextlib.suppress(OSError):
+        try:
             names += [n for n in os.listdir(folder) if n.endswith((".dist-info", ".egg-info"))]
+        except OSError:
+            pass
     image = hashlib.sha256("\n".join(sorted(set(names))).encode()).hexdigest()[:16]
     multiarch = sysconfig.get_config_var("MULTIARCH") or ""
-    return f"{sys.platform}-{platform.machine()}-{multiarch}-image:{image}"
+    return {"python": f"{sys.implementation.name}-{sys.version_info.major}.{sys.version_info.minor}{sys.abiflags}",
+            "platform": f"{sys.platform}-{platform.machine()}-{multiarch}-image:{image}"}
+
+
+def _base_tags() -> dict[str, str]:
+    """:func:`_tags` of the interpreter environments are made from: this one's base, or ``AICENTER_BASE_PYTHON``'s."""
+    named = os.environ.get(BASE_PYTHON_ENV)
+    if named and os.path.realpath(named) != os.path.realpath(_own_base()):
+        return _tags_of(named)
+    return _tags()
+
+
+@functools.cache
+def _tags_of(python: str) -> dict[str, str]:
+    """:func:`_tags` as another interpreter (``AICENTER_BASE_PYTHON``) answers them: its environments see its packages."""
+    code = f"{inspect.getsource(_tags)}\nimport json\nprint(json.dumps(_tags()))"
+    try:
+        done = subprocess.run([python, "-I", "-S", "-c", code], capture_output=True, text=True, timeout=60,
+                              env={"PATH": os.defpath}, check=False)
+        tags = json.loads(done.stdout) if done.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, ValueError):
+        tags = None
+    if not isinstance(tags, dict) or not {"python", "platform"} <= tags.keys():
+        raise ConfigurationError(
+            f"{BASE_PYTHON_ENV}={python} does not run as a Python interpreter here; name the Python that package "
+            "environments are made from (such as /usr/bin/python3.11), or unset it"
+        )
+    return {"python": str(tags["python"]), "platform": str(tags["platform"])}
 
 
 def requirement_material(root: Path) -> list[str]:
@@ -233,9 +277,19 @@ def cache_root(cache_dir: Path | None = None) -> Path:
     return Path(chosen).absolute()
 
 
+#: The interpreter package environments are made from, when not the runtime's own base: the local launcher
+#: sets it under ``run_as_user`` to one that user can run (the worker's base may sit in a folder closed to it).
+BASE_PYTHON_ENV = "AICENTER_BASE_PYTHON"
+
+
+def _own_base() -> str:
+    return getattr(sys, "_base_executable", None) or sys.executable
+
+
 def base_python() -> Path:
-    """The interpreter the runtime's own one was made from: the image's Python, not a virtual environment's."""
-    return Path(getattr(sys, "_base_executable", None) or sys.executable)
+    """The interpreter package environments are made from: ``$AICENTER_BASE_PYTHON``, else the one the runtime's
+    own was made from (the image's Python, never a virtual environment's)."""
+    return Path(os.environ.get(BASE_PYTHON_ENV) or _own_base())
 
 
 def uv_binary() -> str:
