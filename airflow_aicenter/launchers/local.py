@@ -10,8 +10,14 @@ starts, so it is all killed at the end; it dies with the worker (it watches its 
 
 Package code runs as the worker's OS user unless the connection extra ``run_as_user`` names
 another (the worker must be allowed to switch: root): then it can read or write neither the
-worker's processes and files, nor the store folder, nor the run spec. Without it the local
-launcher is for trusted code: package code can read the worker's own ``/proc/<pid>/environ``.
+worker's processes and files, nor the store folder, nor the run spec, nor the worker's Python
+environment (``sys.prefix``: Airflow, this provider and whatever else is kept there). Package code
+then runs in an environment of its own (``install_requirements``), made from an interpreter that
+user can run, and never from the worker's. Before a run the launcher proves all of it with a
+process of that user (:func:`~airflow_aicenter.runtime.isolation.probe_as`) and refuses to start
+otherwise, naming the fix: it does not change the modes of someone's installation itself.
+Without ``run_as_user`` the local launcher is for trusted code: package code can read the
+worker's own ``/proc/<pid>/environ``.
 
 Each launch's folder (``$TMPDIR/aicenter-launch-*``, the runtime's work folder) is locked for
 as long as its launcher lives; the next launch removes the folders whose launcher died (a
@@ -20,6 +26,7 @@ SIGKILLed worker) and kills whatever still runs in them, so nothing is left in t
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -28,12 +35,13 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from airflow_aicenter.errors import ConfigurationError
 from airflow_aicenter.launchers.base import Finished, Launcher, settle_outcome
 from airflow_aicenter.records import RunRef, RunSpec
 from airflow_aicenter.runtime import isolation
+from airflow_aicenter.runtime.environment import BASE_PYTHON_ENV
 from airflow_aicenter.secrets import Redactor, capped_lines
 from airflow_aicenter.storage.store import LocalStore
 
@@ -64,6 +72,7 @@ PASS_ENV = (
     "UV_EXTRA_INDEX_URL",
     "PIP_INDEX_URL",
     "SSL_CERT_FILE",
+    BASE_PYTHON_ENV,
 )
 #: Test hooks (crash points) and the runtime's own settings pass as well.
 PASS_PREFIXES = ("AICENTER_TEST_", "LC_")
@@ -85,6 +94,28 @@ def visible_gpus() -> int:
     if devices is not None:
         count = min(count, len([d for d in devices.split(",") if d.strip() and d.strip() != "-1"]))
     return count
+
+
+class RunAs(NamedTuple):
+    """``run_as_user`` as checked: who user processes run as, and what their environments are made from."""
+
+    uid: int
+    gid: int
+    #: The interpreter package environments are made from (the runtime gets it as ``AICENTER_BASE_PYTHON``).
+    base_python: str
+
+
+class _Interpreter(NamedTuple):
+    """What the runtime's interpreter says of itself."""
+
+    prefix: str
+    base_prefix: str
+    base_executable: str
+    version: str
+
+
+_DESCRIBE = ("import json, sys; print(json.dumps([sys.prefix, sys.base_prefix, "
+             "getattr(sys, '_base_executable', None) or sys.executable, '%d.%d' % sys.version_info[:2]]))")
 
 
 def log_level(line: str) -> int:
@@ -131,6 +162,7 @@ class LocalLauncher(Launcher):
         self.python = python or sys.executable
         self.gpu, self.nodes, self.dataset_volume_claim = gpu, nodes, dataset_volume_claim
         self.process: subprocess.Popen[bytes] | None = None
+        self._checked_run_as: RunAs | None = None
 
     def check(self) -> None:
         if self.nodes != 1:
@@ -163,10 +195,17 @@ class LocalLauncher(Launcher):
         )
         return Finished(spec, run, settle_outcome(self.store, spec, run, ended=ended))
 
-    def _run_as(self) -> tuple[int, int] | None:
-        """``(uid, gid)`` of ``run_as_user``, refused clearly when it cannot work."""
+    def _run_as(self) -> RunAs | None:
+        """``run_as_user`` checked (once): refused clearly when it cannot work, or would not separate.
+
+        Beside the user itself: the interpreter package environments are made from must be one that
+        user can run, the environment cache one it can enter, and the worker's own Python environment
+        one it can neither read nor enter. A process of that user answers (``isolation.probe_as``).
+        """
         if self.run_as_user is None:
             return None
+        if self._checked_run_as is not None:
+            return self._checked_run_as
         try:
             uid, gid = isolation.resolve_user(self.run_as_user)
         except LookupError as exc:
@@ -178,7 +217,100 @@ class LocalLauncher(Launcher):
             )
         if uid == 0:
             raise ConfigurationError("run_as_user must name an unprivileged user, not root (uid 0)")
-        return uid, gid
+        runtime = self._interpreter()
+        base = self._base_python(uid, gid, runtime)
+        self._check_cache(uid, gid, base)
+        self._check_private(uid, gid, base, runtime)
+        self._checked_run_as = RunAs(uid, gid, base)
+        return self._checked_run_as
+
+    def _interpreter(self) -> _Interpreter:
+        """The runtime's interpreter (``python``): its prefix, base and version (asked of it unless it is the worker's)."""
+        if Path(self.python).absolute() == Path(sys.executable).absolute():
+            return _Interpreter(sys.prefix, sys.base_prefix, getattr(sys, "_base_executable", None) or sys.executable,
+                                f"{sys.version_info.major}.{sys.version_info.minor}")
+        try:  # not -S: a virtual environment's prefix is set by site
+            done = subprocess.run([self.python, "-I", "-c", _DESCRIBE], capture_output=True, text=True, timeout=60, check=True)
+            return _Interpreter(*json.loads(done.stdout))
+        except (OSError, subprocess.SubprocessError, ValueError, TypeError) as exc:
+            raise ConfigurationError(
+                f"local launcher interpreter {self.python!r} did not describe itself ({type(exc).__name__}); "
+                "give a path to a python executable with airflow_aicenter installed"
+            ) from None
+
+    def _base_python(self, uid: int, gid: int, runtime: _Interpreter) -> str:
+        """The interpreter package environments are made from: ``AICENTER_BASE_PYTHON``, else the runtime's base, else
+        a Python of the same version that ``run_as_user`` can run (the runtime's may sit in a folder closed to it)."""
+        named = os.environ.get(BASE_PYTHON_ENV)
+        if named:
+            if isolation.probe_as(uid, gid, named) is None:
+                raise ConfigurationError(
+                    f"{BASE_PYTHON_ENV}={named} is an interpreter run_as_user {self.run_as_user!r} cannot run (missing, "
+                    f"or a folder on its way is closed to that user): name a Python that user can run, such as "
+                    f"/usr/bin/python{runtime.version}, or unset {BASE_PYTHON_ENV}"
+                )
+            return named
+        name = f"python{runtime.version}"
+        folders = ["/usr/local/bin", "/usr/bin", *os.environ.get("PATH", os.defpath).split(os.pathsep)]
+        tried = list(dict.fromkeys([runtime.base_executable, *(os.path.join(f, name) for f in folders if f)]))
+        for candidate in tried:
+            if not os.path.exists(candidate):
+                continue
+            answer = isolation.probe_as(uid, gid, candidate)
+            if answer is not None and answer.get("version") == runtime.version:
+                if candidate != runtime.base_executable:
+                    self.log.info("Package environments are made from %s: run_as_user %r cannot run the runtime's base "
+                                  "interpreter %s", candidate, self.run_as_user, runtime.base_executable)
+                return candidate
+        raise ConfigurationError(
+            f"run_as_user {self.run_as_user!r} cannot run the interpreter package environments are made from "
+            f"({runtime.base_executable}: missing, or a folder on its way is closed to that user, as pyenv's under "
+            f"/root is), nor another Python {runtime.version} (looked for {', '.join(tried[1:])}): install Python "
+            f"{runtime.version} for all users (e.g. apt-get install {name}), or name one that user can run in the "
+            f"worker's environment variable {BASE_PYTHON_ENV}"
+        )
+
+    def _check_cache(self, uid: int, gid: int, base: str) -> None:
+        """Package environments live in the cache (``AICENTER_CACHE``): ``run_as_user`` must be able to enter it."""
+        root = Path(os.environ.get("AICENTER_CACHE") or Path(os.environ.get("HOME") or Path.home()) / ".cache" / "aicenter")
+        root = root.absolute()
+        existing = next(p for p in (root, *root.parents) if p.exists())  # the runtime creates the rest, open to all
+        answer = isolation.probe_as(uid, gid, base, [existing])
+        if answer is None or not answer["access"][0][1]:
+            raise ConfigurationError(
+                f"run_as_user {self.run_as_user!r} cannot enter {existing}, on the way to the package environments' "
+                f"cache {root}: set AICENTER_CACHE on the worker to a folder that user may enter (not write), such as "
+                "/var/cache/aicenter"
+            )
+
+    def _check_private(self, uid: int, gid: int, base: str, runtime: _Interpreter) -> None:
+        """The worker's Python environment (and the runtime's, when another) must be closed to ``run_as_user``.
+
+        Refused, not changed: making someone's installation private is theirs to decide (other
+        services may run from it), so the error names the command.
+        """
+        prefixes = list(dict.fromkeys([sys.prefix, runtime.prefix]))
+        for prefix, base_prefix in ((sys.prefix, sys.base_prefix), (runtime.prefix, runtime.base_prefix)):
+            if os.path.realpath(prefix) == os.path.realpath(base_prefix):
+                raise ConfigurationError(
+                    f"run_as_user needs the worker's Python packages in a virtual environment of its own, and "
+                    f"{'the runtime' if prefix != sys.prefix else 'this worker'} runs from the interpreter's own "
+                    f"prefix {prefix}, which package environments are made from and see: install Airflow and this "
+                    "provider into a virtual environment (python -m venv /opt/airflow-venv), make it the worker's "
+                    "alone (chmod 0700 /opt/airflow-venv), and run the worker from it"
+                )
+        answer = isolation.probe_as(uid, gid, base, prefixes)
+        if answer is None:
+            raise ConfigurationError(f"run_as_user {self.run_as_user!r} could not run {base} to check what it can read")
+        for prefix, (readable, enterable) in zip(prefixes, answer["access"], strict=True):
+            if readable or enterable:
+                mode = Path(prefix).stat().st_mode & 0o777
+                raise ConfigurationError(
+                    f"run_as_user {self.run_as_user!r} can read the worker's Python environment {prefix} (mode "
+                    f"{mode:04o}): package code could read the worker's installation (Airflow, this provider, anything "
+                    f"kept there). Make it the worker's alone: chmod 0700 {prefix} (or chmod 0750 with a group that "
+                    "user is not in); package code runs in an environment of its own and never needs it"
+                )
 
     def _private_store(self) -> None:
         """A file store is the worker's alone under ``run_as_user``: its root is made 0700 (package code cannot read it)."""
@@ -191,6 +323,13 @@ class LocalLauncher(Launcher):
 
     def run(self, spec: RunSpec) -> int:
         """Run the runtime to its end; every line it prints is logged (masked, capped, by level)."""
+        if self.run_as_user is not None and not spec.install_requirements:
+            raise ConfigurationError(
+                f"install_requirements=False runs package code with the runtime's own interpreter, the worker's Python "
+                f"environment, which run_as_user {self.run_as_user!r} must not read: pass install_requirements=True "
+                "(requirements.txt is installed into an environment of the package's own; without one, a bare "
+                "environment with the base interpreter's packages), or remove run_as_user"
+            )
         run_as = self._run_as()
         for folder in isolation.sweep(Path(tempfile.gettempdir())):
             self.log.warning("Removed %s and what still ran in it: left by a launch whose worker died", folder)
@@ -207,7 +346,8 @@ class LocalLauncher(Launcher):
                 {"PYTHONUNBUFFERED": "1", "AICENTER_WORKDIR": str(work), "AICENTER_PARENT_PID": str(os.getpid())}
             )
             if run_as is not None:
-                child_env["AICENTER_RUN_AS"] = f"{run_as[0]}:{run_as[1]}"
+                child_env["AICENTER_RUN_AS"] = f"{run_as.uid}:{run_as.gid}"
+                child_env[BASE_PYTHON_ENV] = run_as.base_python
             self.log.info("Starting the runtime: %s -m airflow_aicenter.runtime", self.python)
             self.process = subprocess.Popen(
                 [self.python, "-m", "airflow_aicenter.runtime", "-"],  # the spec on stdin: in no file

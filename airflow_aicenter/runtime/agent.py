@@ -603,8 +603,7 @@ class Agent:
         tag = name.replace(" ", "-")
         result_path = self.control / f"{tag}.result.json"
         instructions = self.control / f"{tag}.json"
-        # In a pod the supervisor (another container) is the parent, and runs user.py from bin/.
-        script = self.work / "bin" / "user.py" if self.mode == "stage" else USER_SCRIPT
+        script = self._user_script()
         tmp = self.work / "tmp"  # TMPDIR, and its caches (torch, matplotlib) below it: writable, unlike HOME
         tmp.mkdir(exist_ok=True)
         env = {**env, "TMPDIR": str(tmp), "XDG_CACHE_HOME": env.get("XDG_CACHE_HOME") or str(tmp / tag / "cache"),
@@ -618,6 +617,25 @@ class Agent:
         }))
         return {"label": name, "argv": [self.user_python(root), str(script), str(instructions)],
                 "cwd": str(root), "env": env, "result": str(result_path)}
+
+    def _user_script(self) -> Path:
+        """``user.py`` where the user process can read it.
+
+        In a pod the supervisor (another container) runs it from ``bin/`` (copied there by ``_hand_over``).
+        Under ``run_as_user`` a copy in ``bin/`` of the work folder as well: the installed provider lies in
+        the worker's venv, which that user cannot read (the local launcher makes sure of it).
+        """
+        copy = self.work / "bin" / "user.py"
+        if self.mode == "stage":
+            return copy
+        if not self.run_as:
+            return USER_SCRIPT
+        if not copy.exists():
+            copy.parent.mkdir(exist_ok=True)
+            copy.parent.chmod(0o755)
+            shutil.copyfile(USER_SCRIPT, copy)
+            copy.chmod(0o644)
+        return copy
 
     def writable(self, root: Path, env: dict[str, str], steps: list[dict[str, Any]], predict: dict[str, Any] | None) -> list[str]:
         """The only folders a user process may write (user.py confines it with Landlock), created now.

@@ -12,7 +12,10 @@ same uid reads another's ``/proc/<pid>/environ`` and ``/proc/<pid>/mem``. So:
 - what even a SIGKILL of worker and agent together leaves behind (a daemon reparented to init)
   is found by the next launch: each launch folder is locked (:func:`hold_lock`) for as long as
   its launcher lives, and :func:`sweep` removes the folders nobody holds and kills the processes
-  whose working directory lies inside them.
+  whose working directory lies inside them;
+- what another user can reach is asked of a process of that user (:func:`probe_as`): the local
+  launcher proves with it, before a run, that ``run_as_user`` cannot read the worker's own Python
+  environment and can run the interpreter package environments are made from.
 
 Standard library only and no import of ``airflow_aicenter``: the user supervisor loads this file
 by path (in a pod it is copied beside it as ``aicenter_isolation.py``).
@@ -23,14 +26,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import json
 import os
 import pwd
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
@@ -169,6 +175,36 @@ def resolve_user(value: str | int) -> tuple[int, int]:
     except KeyError:
         raise LookupError(f"run_as_user {text!r} is not a user on this machine; give an existing user name or a uid") from None
     return entry.pw_uid, entry.pw_gid
+
+
+#: Run by :func:`probe_as` as another user: the interpreter's version, and for each path given whether it
+#: may read it and whether it may enter (search) it. ``os.access`` asks the kernel for the real uid, so
+#: modes, ACLs and every folder on the way count.
+_PROBE = (
+    "import json, os, sys; print(json.dumps({'version': '%d.%d' % sys.version_info[:2], "
+    "'access': [[os.access(p, os.R_OK), os.access(p, os.X_OK)] for p in sys.argv[1:]]}))"
+)
+
+
+def probe_as(uid: int, gid: int, python: str, paths: Iterable[Path | str] = ()) -> dict[str, Any] | None:
+    """Ask ``python``, run as ``uid``:``gid`` without supplementary groups (as user processes run), what that user can do.
+
+    Returns ``{"version": "3.11", "access": [[readable, enterable], ...]}`` for ``paths``, or None
+    when that user cannot run ``python`` at all (missing, or a folder on its way closed to it). A
+    real process of that user, so the answer is the kernel's, not a reading of mode bits. Needs root.
+    """
+    try:
+        done = subprocess.run([python, "-I", "-S", "-c", _PROBE, *map(str, paths)], user=uid, group=gid, extra_groups=[],
+                              cwd="/", env={"PATH": os.defpath}, capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    try:
+        answer = json.loads(done.stdout)
+    except ValueError:
+        return None
+    return answer if isinstance(answer, dict) else None
 
 
 def hand_over(work: Path, uid: int, gid: int, writable: Iterable[Path]) -> None:

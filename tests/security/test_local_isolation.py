@@ -10,11 +10,11 @@ import contextlib
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 import uuid
@@ -33,9 +33,6 @@ from airflow_aicenter.records import Outcome, RunRef, read
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
 from tests.runtime.test_run import setup_run
-
-ROOT = Path(__file__).resolve().parents[2]
-VENV_SITE = Path(sysconfig.get_paths()["purelib"])  # the worker's venv
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or os.geteuid() != 0,
                                 reason="needs Linux and root (creates a system user)")
@@ -93,9 +90,12 @@ class Main:
             "worker_environ": attempt(lambda: read(f"/proc/{worker}/environ")),
             "launch_listing": attempt(lambda: sorted(os.listdir(launch))),
             "spec": attempt(lambda: read(os.path.join(launch, "spec.json"))),
+            "python": os.path.realpath(sys.executable),
         }
         if os.environ.get("PROBE_VENV"):
             probe["venv_write"] = attempt(lambda: write(os.path.join(os.environ["PROBE_VENV"], "planted.pth")))
+            probe["venv_read"] = attempt(lambda: read(os.environ["PROBE_VENV_FILE"]))
+            probe["venv_listing"] = attempt(lambda: sorted(os.listdir(os.environ["PROBE_PREFIX"])))
         if os.environ.get("PROBE_STORE"):
             probe["store_listing"] = attempt(lambda: os.listdir(os.environ["PROBE_STORE"]))
             probe["store_write"] = attempt(lambda: write(os.path.join(os.environ["PROBE_STORE"], "planted")))
@@ -150,8 +150,12 @@ spec = RunSpec.model_validate_json(open(sys.argv[1]).read())
 env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
 env.update({k: os.environ[k] for k in spec.user_env_names if k in os.environ})
 extra = {"run_as_user": os.environ["RUN_AS"]} if os.environ.get("RUN_AS") else {}
-launcher = LocalLauncher(store=open_store(spec.storage), env=env, python=os.environ.get("RUNTIME_PYTHON"), **extra)
-launcher.check()
+launcher = LocalLauncher(store=open_store(spec.storage), env=env, **extra)  # the runtime runs the worker's interpreter
+try:
+    launcher.check()
+except ConfigurationError as exc:
+    print(f"ConfigurationError: {exc}")
+    sys.exit(3)
 signal.signal(signal.SIGTERM, lambda *_: launcher.kill())  # Airflow's on_kill
 sys.exit(launcher.run(spec))
 '''
@@ -191,24 +195,6 @@ def s3_store(s3_server):
     return open_store(f"s3://{s3_server.create_bucket()}/aicenter", s3_server.options)
 
 
-def runtime_python(scratch: Path, user: SimpleNamespace | None) -> Path:
-    """An interpreter with this checkout and the worker's packages that ``user`` can run (a wrapper script).
-
-    The worker's venv may be made from an interpreter only root can reach (pyenv under /root): then
-    the system's Python of the same version runs the venv's packages.
-    """
-    python = sys.executable
-    if user is not None and not runnable_by(user, python):
-        python = "/usr/bin/python3"
-        version = f"{sys.version_info.major}.{sys.version_info.minor}"
-        if not runnable_by(user, python, f"import sys; assert sys.version.startswith('{version}.')"):
-            pytest.skip(f"no Python {version} that user {user.name} can run (the venv's interpreter is not reachable)")
-    wrapper = scratch / f"python-{user.uid if user else 0}"
-    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={ROOT}:{VENV_SITE} exec {python} "$@"\n')
-    wrapper.chmod(0o755)
-    return wrapper
-
-
 def runnable_by(user: SimpleNamespace, python: str, code: str = "pass") -> bool:
     try:
         done = subprocess.run([python, "-c", code], user=user.uid, group=user.gid, extra_groups=[], cwd="/",
@@ -218,9 +204,11 @@ def runnable_by(user: SimpleNamespace, python: str, code: str = "pass") -> bool:
     return done.returncode == 0
 
 
-def launch(spec, scratch: Path, env: dict[str, str], *, user: SimpleNamespace | None = None,
+def launch(spec, scratch: Path, env: dict[str, str], python: Path, *, user: SimpleNamespace | None = None,
            run_as: SimpleNamespace | None = None, tmpdir: Path | None = None, wait: bool = True) -> subprocess.Popen[str]:
-    """Start the worker (as ``user``, or root) running the local launcher on ``spec`` (user code as ``run_as``)."""
+    """Start the worker (as ``user``, or root) from the venv of ``python``, running the local launcher on ``spec``
+    (user code as ``run_as``). The worker's installation is that venv (conftest's ``runtime_venv`` or ``private_worker``).
+    """
     driver = scratch / "worker.py"
     driver.write_text(WORKER)
     spec_file = scratch / f"spec-{uuid.uuid4().hex[:6]}.json"
@@ -229,9 +217,8 @@ def launch(spec, scratch: Path, env: dict[str, str], *, user: SimpleNamespace | 
     tmpdir.mkdir(exist_ok=True)
     if user is not None:
         os.chown(tmpdir, user.uid, user.gid)
-    python = runtime_python(scratch, user or run_as)  # user processes run the runtime's interpreter
     full = {"PATH": os.environ["PATH"], "HOME": str(tmpdir), "TMPDIR": str(tmpdir), "LANG": "C.UTF-8",
-            "RUNTIME_PYTHON": str(python), **WORKER_SECRETS, **env}
+            "AICENTER_CACHE": str(scratch / "cache"), **WORKER_SECRETS, **env}
     if run_as:
         full["RUN_AS"] = run_as.name
     extra = {"user": user.uid, "group": user.gid, "extra_groups": []} if user is not None else {}
@@ -280,11 +267,12 @@ def gone_within(pid: int, timeout: float = 10) -> bool:
 
 
 # -- finding 1: the user process reads the agent ------------------------------------------------
-def test_same_user_package_code_cannot_read_the_agent_nor_the_run_spec(s3_server, system_user, scratch, tmp_path):
+def test_same_user_package_code_cannot_read_the_agent_nor_the_run_spec(s3_server, system_user, scratch, tmp_path,
+                                                                        runtime_venv):
     """Worker, agent and package code all run as one non-root user (the default local setup)."""
     store = s3_store(s3_server)
     _, spec = setup_run(store, tmp_path, train_py=PROBE)
-    worker = launch(spec, scratch, s3_server.env(), user=system_user)
+    worker = launch(spec, scratch, s3_server.env(), runtime_venv.python, user=system_user)
     assert worker.returncode == 0, worker.output[-3000:]
     probe = probe_of(store, spec)
     assert probe["uid"] == system_user.uid
@@ -299,11 +287,11 @@ def test_same_user_package_code_cannot_read_the_agent_nor_the_run_spec(s3_server
     assert read(store, f"{spec.run_prefix}/outcome.json", Outcome).status == "succeeded"
 
 
-def test_the_agent_is_not_dumpable_to_any_process_of_its_uid(s3_server, system_user, scratch, tmp_path):
+def test_the_agent_is_not_dumpable_to_any_process_of_its_uid(s3_server, system_user, scratch, tmp_path, runtime_venv):
     """Not only to package code (which Landlock may confine as well): to any process of the same uid."""
     store = s3_store(s3_server)
     _, spec = daemon_run(store, tmp_path, {"TRAIN_SLEEP": "6"})
-    worker = launch(spec, scratch, s3_server.env(), user=system_user, wait=False)
+    worker = launch(spec, scratch, s3_server.env(), runtime_venv.python, user=system_user, wait=False)
     _, agent = map(int, run_file(scratch, "daemon.pid.user").split())
     reader = "import sys\ntry:\n    open(sys.argv[1], 'rb').read(); print('read')\nexcept PermissionError:\n    print('denied')"
     seen = {}
@@ -319,30 +307,82 @@ def test_the_agent_is_not_dumpable_to_any_process_of_its_uid(s3_server, system_u
     assert seen[("worker", "environ")] == "read", seen  # the control: the same reader reads a dumpable process
 
 
-def test_run_as_user_cannot_reach_the_worker_its_venv_the_store_or_the_spec(system_user, scratch, tmp_path):
-    """The worker is root and switches user processes to ``run_as_user``: the worker's files and processes are out of reach."""
+def run_as_probe(scratch: Path, tmp_path: Path, worker_venv: SimpleNamespace):
+    """A file store, a secret file of the worker's, and a probing run that looks at them and at the worker's venv."""
     store_dir = scratch / "store"
     store = open_store(store_dir.as_uri())
     secret_file = scratch / "airflow.cfg"
     secret_file.write_text("fernet_key = worker-fernet-secret\n")
     secret_file.chmod(0o600)
     _, spec = setup_run(store, tmp_path, train_py=PROBE)
-    spec = spec.model_copy(update={"env": {**spec.env, "PROBE_VENV": str(VENV_SITE), "PROBE_STORE": str(store_dir),
-                                           "PROBE_SECRET_FILE": str(secret_file)}})
-    worker = launch(spec, scratch, {"AWS_SECRET_ACCESS_KEY": "worker-aws-secret"}, run_as=system_user)
+    probes = {"PROBE_VENV": str(worker_venv.site), "PROBE_PREFIX": str(worker_venv.prefix),
+              # the provider's own code, installed in the worker's venv
+              "PROBE_VENV_FILE": str(worker_venv.site / "airflow_aicenter" / "__init__.py"),
+              "PROBE_STORE": str(store_dir), "PROBE_SECRET_FILE": str(secret_file)}
+    # run_as_user runs package code in an environment of its own (an empty requirements.txt: a bare one)
+    return store, store_dir, spec.model_copy(update={"env": {**spec.env, **probes}, "install_requirements": True})
+
+
+def test_run_as_user_cannot_reach_the_worker_its_venv_the_store_or_the_spec(system_user, scratch, tmp_path,
+                                                                            private_worker):
+    """The worker is root and switches user processes to ``run_as_user``: the worker's files and processes are out of reach.
+
+    The worker's venv is private (0700) and made from an interpreter that user cannot run (pyenv's under /root
+    here): the package's environment is made from one that user can run, and package code reads nothing of
+    the worker's installation (not even the provider's own files, which user processes no longer run from).
+    """
+    store, store_dir, spec = run_as_probe(scratch, tmp_path, private_worker)
+    worker = launch(spec, scratch, {"AWS_SECRET_ACCESS_KEY": "worker-aws-secret"}, private_worker.python, run_as=system_user)
     assert worker.returncode == 0, worker.output[-3000:]
     probe = probe_of(store, spec)
     assert probe["uid"] == system_user.uid and probe["groups"] in ([], [system_user.gid])
-    for what in ("agent_environ", "agent_mem", "worker_environ", "spec", "launch_listing", "venv_write",
-                 "store_listing", "store_write", "worker_file"):
+    for what in ("agent_environ", "agent_mem", "worker_environ", "spec", "launch_listing", "venv_write", "venv_read",
+                 "venv_listing", "store_listing", "store_write", "worker_file"):
         assert probe[what]["ok"] is False, (what, probe[what])
-    assert not (VENV_SITE / "planted.pth").exists() and not (store_dir / "planted").exists()
+    assert probe["venv_read"]["error"] == "PermissionError"
+    assert not (private_worker.site / "planted.pth").exists() and not (store_dir / "planted").exists()
+    assert not Path(probe["python"]).is_relative_to(private_worker.prefix)
     # what it may write, it can: its artifacts (probe.json came back), its tmp, and the package it saves
     assert probe["tmp_write"]["ok"] is True
     outcome = read(store, f"{spec.run_prefix}/outcome.json", Outcome)
     assert outcome.status == "succeeded" and outcome.blob is not None
     assert "worker-aws-secret" not in json.dumps(probe) and "worker-fernet-secret" not in json.dumps(probe)
     assert not any((scratch / "tmp").iterdir()), "the launch left something in TMPDIR"
+
+
+def test_run_as_user_refuses_a_worker_venv_that_user_can_read(system_user, scratch, tmp_path, private_worker):
+    """The worker's venv (``sys.prefix``) readable by that user: refused before anything runs, with the chmod that fixes it."""
+    store, _, spec = run_as_probe(scratch, tmp_path, private_worker)
+    private_worker.holder.chmod(0o755)  # a venv as pip and python -m venv leave it: 0755 all the way
+    try:
+        worker = launch(spec, scratch, {}, private_worker.python, run_as=system_user)
+    finally:
+        private_worker.holder.chmod(0o700)
+    assert worker.returncode == 3, worker.output[-3000:]
+    assert f"chmod 0700 {private_worker.prefix}" in worker.output, worker.output[-3000:]
+    assert f"user {system_user.name!r}" in worker.output and "can read" in worker.output
+    assert not store.exists(f"{spec.run_prefix}/outcome.json"), "the run started"
+
+
+def test_run_as_user_refuses_package_code_in_the_workers_own_interpreter(system_user, tmp_path):
+    """``install_requirements=False`` runs package code with the runtime's (the worker's) interpreter: not as another user."""
+    store = open_store((tmp_path / "store").as_uri())
+    _, spec = setup_run(store, tmp_path)
+    launcher = LocalLauncher(store=store, env={}, run_as_user=system_user.name)
+    with pytest.raises(ConfigurationError, match=r"install_requirements=False.*run_as_user.*install_requirements=True"):
+        launcher.run(spec.model_copy(update={"install_requirements": False}))
+    assert not store.exists(f"{spec.run_prefix}/outcome.json")
+
+
+def test_run_as_user_refuses_a_base_python_that_user_cannot_run(system_user, tmp_path, monkeypatch, private_worker):
+    """The interpreter named to make package environments from must be one ``run_as_user`` can run."""
+    monkeypatch.setenv("AICENTER_BASE_PYTHON", str(private_worker.python))  # inside a 0700 folder
+    launcher = LocalLauncher(store=open_store((tmp_path / "store").as_uri()), env={}, run_as_user=system_user.name)
+    with pytest.raises(ConfigurationError, match=rf"AICENTER_BASE_PYTHON={re.escape(str(private_worker.python))}.*cannot run"):
+        launcher.check()
+    monkeypatch.setenv("AICENTER_BASE_PYTHON", str(tmp_path / "no-python"))
+    with pytest.raises(ConfigurationError, match=r"AICENTER_BASE_PYTHON=.*no-python"):
+        launcher.check()
 
 
 def test_run_as_user_that_does_not_exist_is_refused_before_anything_runs(tmp_path):
@@ -353,10 +393,10 @@ def test_run_as_user_that_does_not_exist_is_refused_before_anything_runs(tmp_pat
 
 
 # -- finding 5: daemons survive the run --------------------------------------------------------
-def test_a_setsid_daemon_is_killed_when_the_run_succeeds(scratch, tmp_path):
+def test_a_setsid_daemon_is_killed_when_the_run_succeeds(scratch, tmp_path, runtime_venv):
     store = open_store((tmp_path / "store").as_uri())
     _, spec = daemon_run(store, tmp_path, {})
-    worker = launch(spec, scratch, {})
+    worker = launch(spec, scratch, {}, runtime_venv.python)
     assert worker.returncode == 0, worker.output[-3000:]
     daemon = int(store.get_bytes(f"{spec.run_prefix}/artifacts/daemon.pid"))
     assert gone_within(daemon, 5), "the setsid daemon outlived its successful run"
@@ -364,10 +404,10 @@ def test_a_setsid_daemon_is_killed_when_the_run_succeeds(scratch, tmp_path):
 
 
 @pytest.mark.parametrize("ending", ["failure", "sigterm"])
-def test_nothing_is_left_after_a_failure_or_a_sigterm(scratch, tmp_path, ending):
+def test_nothing_is_left_after_a_failure_or_a_sigterm(scratch, tmp_path, ending, runtime_venv):
     store = open_store((tmp_path / "store").as_uri())
     _, spec = daemon_run(store, tmp_path, {"TRAIN_SLEEP": "120", **({"FAIL": "1"} if ending == "failure" else {})})
-    worker = launch(spec, scratch, {}, wait=False)
+    worker = launch(spec, scratch, {}, runtime_venv.python, wait=False)
     daemon = int(run_file(scratch, "daemon.pid"))
     if ending == "sigterm":
         run_file(scratch, "daemon.pid.user")
@@ -377,10 +417,10 @@ def test_nothing_is_left_after_a_failure_or_a_sigterm(scratch, tmp_path, ending)
     assert not any((scratch / "tmp").iterdir()), sorted(p.name for p in (scratch / "tmp").iterdir())
 
 
-def test_sigkill_of_worker_and_agent_is_cleaned_up_by_the_next_launch(scratch, tmp_path):
+def test_sigkill_of_worker_and_agent_is_cleaned_up_by_the_next_launch(scratch, tmp_path, runtime_venv):
     store = open_store((tmp_path / "store").as_uri())
     _, spec = daemon_run(store, tmp_path, {"TRAIN_SLEEP": "120"})
-    worker = launch(spec, scratch, {}, wait=False)
+    worker = launch(spec, scratch, {}, runtime_venv.python, wait=False)
     daemon = int(run_file(scratch, "daemon.pid"))
     user, agent = map(int, run_file(scratch, "daemon.pid.user").split())
     os.kill(worker.pid, signal.SIGKILL)
@@ -395,7 +435,7 @@ def test_sigkill_of_worker_and_agent_is_cleaned_up_by_the_next_launch(scratch, t
 
     # the next launch on this worker sweeps what the dead one left: its folder and its daemon
     quick = setup_run(store, tmp_path / "next")[1].model_copy(update={"run_prefix": "runs/d/r/t/2"})
-    again = launch(quick, scratch, {})
+    again = launch(quick, scratch, {}, runtime_venv.python)
     assert again.returncode == 0, again.output[-3000:]
     assert gone_within(daemon, 5), "the next launch left the dead run's daemon alive"
     assert not any((scratch / "tmp").iterdir()), sorted(p.name for p in (scratch / "tmp").iterdir())
@@ -408,14 +448,14 @@ def test_sigkill_of_worker_and_agent_is_cleaned_up_by_the_next_launch(scratch, t
     assert settled.status == "killed" and settled.end_at is not None and "never reported an ending" in settled.error
 
 
-def test_a_live_launch_folder_is_never_swept(scratch, tmp_path):
+def test_a_live_launch_folder_is_never_swept(scratch, tmp_path, runtime_venv):
     """The next launch removes only folders whose launcher is dead: a concurrent run on the same worker is left alone."""
     store = open_store((tmp_path / "store").as_uri())
     _, spec = daemon_run(store, tmp_path, {"TRAIN_SLEEP": "15"})
-    first = launch(spec, scratch, {}, wait=False)
+    first = launch(spec, scratch, {}, runtime_venv.python, wait=False)
     daemon = int(run_file(scratch, "daemon.pid"))
     quick = setup_run(store, tmp_path / "next")[1].model_copy(update={"run_prefix": "runs/d/r/t/2"})
-    second = launch(quick, scratch, {})
+    second = launch(quick, scratch, {}, runtime_venv.python)
     assert second.returncode == 0, second.output[-3000:]
     assert alive(daemon) and first.poll() is None, "a live run was swept"
     out = first.communicate(timeout=60)[0]
@@ -442,14 +482,26 @@ def test_the_launch_lock_lives_as_long_as_the_launcher_or_the_runtime(scratch):
     assert isolation.sweep(scratch / "tmp") == [folder] and not folder.exists()
 
 
-def test_the_connection_extra_run_as_user_reaches_the_local_launcher(tmp_path, monkeypatch, system_user):
+def test_run_as_user_refuses_an_environment_cache_that_user_cannot_enter(system_user, tmp_path, monkeypatch):
+    """Package environments live in the cache: a cache under a folder closed to that user (root's HOME) is refused."""
+    monkeypatch.setenv("AICENTER_CACHE", str(tmp_path / "cache"))  # pytest's folders are root's alone
+    launcher = LocalLauncher(store=open_store((tmp_path / "store").as_uri()), env={}, run_as_user=system_user.name)
+    with pytest.raises(ConfigurationError, match=r"cannot enter .*set AICENTER_CACHE on the worker to a folder that user"):
+        launcher.check()
+
+
+def test_the_connection_extra_run_as_user_reaches_the_local_launcher(tmp_path, monkeypatch, system_user, scratch):
     """The operator reads ``run_as_user`` from the aicenter connection (a real Airflow connection from the environment)."""
+    monkeypatch.setenv("AICENTER_CACHE", str(scratch / "cache"))
     extra = {"storage": (tmp_path / "store").as_uri(), "run_as_user": system_user.name}
     monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps({"conn_type": "aicenter", "extra": extra}))
     operator = TrainPipelineOperator(task_id="t", package="rec", dataset="file:///unused")
     launcher = operator.make_launcher("local")
     assert isinstance(launcher, LocalLauncher) and launcher.run_as_user == system_user.name
-    launcher.check()  # root may switch to it
+    try:
+        launcher.check()  # root may switch to it
+    except ConfigurationError as exc:  # only because this checkout's venv is readable by that user
+        assert f"chmod 0700 {sys.prefix}" in str(exc), exc
     extra["run_as_user"] = "root"
     monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps({"conn_type": "aicenter", "extra": extra}))
     with pytest.raises(ConfigurationError, match="unprivileged user, not root"):

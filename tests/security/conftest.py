@@ -1,0 +1,82 @@
+"""Fixtures of the attack tests: Python environments laid out as a worker's are, without this checkout's venv.
+
+The local launcher's boundary under ``run_as_user`` includes the worker's own Python environment
+(``sys.prefix``): package code must not read it. The tests therefore never run another user's
+processes through this checkout's venv (``.venv``, made from an interpreter under ``/root``): each
+worker and runtime they start runs from a venv built here, with the runtime's dependencies
+(``docker/requirements.txt``, pinned to the versions installed here) and ``airflow_aicenter``
+copied into its ``site-packages`` (installed, as a wheel would put it: its files live under
+``sys.prefix``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from importlib.metadata import version as dist_version
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+#: The system's interpreter: any user can run it (this checkout's venv was made from pyenv's, under /root).
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+
+
+def build_venv(base: str, dest: Path) -> SimpleNamespace:
+    """A venv made from ``base`` with the runtime's dependencies and this checkout's ``airflow_aicenter`` installed."""
+    subprocess.run([base, "-m", "venv", "--without-pip", str(dest)], check=True, capture_output=True, timeout=120)
+    python = dest / "bin" / "python"
+    pins = dest / "constraints.txt"
+    pins.write_text("".join(f"{name}=={dist_version(name)}\n"
+                            for name in ("obstore", "pydantic", "pydantic-core", "uv", "zstandard")))
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--disable-pip-version-check",
+         "-r", str(REPO / "docker" / "requirements.txt"), "-c", str(pins)],
+        capture_output=True, text=True, timeout=240, check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"could not build the venv {dest}: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+    site = next((dest / "lib").glob("python3*/site-packages"))
+    shutil.copytree(REPO / "airflow_aicenter", site / "airflow_aicenter", ignore=shutil.ignore_patterns("__pycache__"))
+    return SimpleNamespace(prefix=dest, python=python, site=site)
+
+
+@pytest.fixture(scope="session")
+def runtime_venv() -> Iterator[SimpleNamespace]:
+    """A worker's and runtime's venv that every user can run: made from the system's Python, world-readable.
+
+    For the tests where the worker itself runs as an unprivileged user, and the ones run as root without
+    ``run_as_user``. Outside pytest's temporary folders, which are root's alone.
+    """
+    if not SYSTEM_PYTHON.exists():
+        pytest.fail(f"{SYSTEM_PYTHON} is missing: the attack tests run other users' processes with the system's Python")
+    folder = Path(tempfile.mkdtemp(prefix="aict-venv-", dir="/tmp"))
+    folder.chmod(0o755)
+    try:
+        yield build_venv(str(SYSTEM_PYTHON), folder / "venv")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def private_worker() -> Iterator[SimpleNamespace]:
+    """A root worker's venv as a platform team sets one up for ``run_as_user``: private (its folder 0700).
+
+    Made from the interpreter this checkout's venv was made from (on these machines pyenv's under
+    ``/root``, which another user cannot run: the launcher must then find one that user can run to
+    make package environments from). ``holder`` is the 0700 folder around it, in ``/tmp`` (open to
+    all, unlike pytest's folders): a test may open it.
+    """
+    holder = Path(tempfile.mkdtemp(prefix="aict-worker-", dir="/tmp"))
+    holder.chmod(0o700)
+    try:
+        built = build_venv(getattr(sys, "_base_executable", None) or sys.executable, holder / "venv")
+        built.holder = holder
+        yield built
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
