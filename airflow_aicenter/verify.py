@@ -4,7 +4,7 @@ What is checked, by reading the whole store once:
 
 - every record is read and validated: version records, aliases, evaluations and made-by
   records under ``packages/``; environment records (``envs/<key>.json``); snapshot hints
-  (``snapshots/``) and dataset trigger state (``triggers/``); in each run folder its outcomes,
+  (``snapshots/``) and the dataset trigger state earlier versions left (``triggers/``); in each run folder its outcomes,
   ``registration.json``, ``_results.json`` and snapshot manifests; each task's checkpoint
   manifests. A record that is not valid is reported by its key (``state`` "damaged"), one whose
   read failed too ("unreadable");
@@ -254,7 +254,8 @@ def _record_fix(kind: str) -> str:
                     "deletes no blob while it names no readable digest"),
         "environment": "remove it: the next run that needs this environment installs it again and stores it anew",
         "snapshot hint": "remove it: the next snapshot of that source copies the data again (a hint only saves work)",
-        "trigger state": "remove it: the trigger then takes the dataset as it finds it next as its new baseline",
+        "trigger state": ("remove it: nothing reads it any more (a dataset trigger keeps what it announced in Airflow's "
+                          "asset state store; triggers/ holds what earlier versions left)"),
         "checkpoint manifest": "remove it: a restore then takes the previous checkpoint",
     }
     return fixes.get(kind, DAMAGED_RECORD_FIX)
