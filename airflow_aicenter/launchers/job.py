@@ -225,10 +225,7 @@ class JobLauncher(PodLauncher):
 
     def ending_of_job(self, status: k8s.V1JobStatus | None) -> Finished:
         """Node 0's outcome.json decides; a failed node's own outcome names the cause."""
-        assert self.pod_run is not None
-        spec, run = self.pod_run.spec, self.pod_run.run
-        store = self.hook.get_store()
-        outcome = read_optional(store, run.key(OUTCOME), Outcome)
+        spec, run, store, outcome = self.reported()
         succeeded = status is not None and any(c.type == "Complete" and c.status == "True" for c in status.conditions or [])
         if succeeded and outcome is not None and outcome.status == "succeeded":
             return Finished(spec, run, outcome)

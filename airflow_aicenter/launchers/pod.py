@@ -61,6 +61,8 @@ if TYPE_CHECKING:
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from airflow.sdk import Context
 
+    from airflow_aicenter.storage import Store
+
 
 #: Seconds on_kill waits for the runtime to record "killed" itself before writing it.
 KILL_RECORD_WAIT = 10.0
@@ -331,16 +333,20 @@ class PodLauncher(Launcher):
         self.op.trigger_kwargs = {**(self.op.trigger_kwargs or {}), EVENT_KEY: self.pod_run.to_event()}
         return self.pod_run
 
+    def reported(self) -> tuple[RunSpec, RunRef, Store, Outcome | None]:
+        """The run this launcher ran, its store, and what its runtime reported (``outcome.json``; None: nothing)."""
+        assert self.pod_run is not None
+        spec, run = self.pod_run.spec, self.pod_run.run
+        store = self.hook.get_store()
+        return spec, run, store, read_optional(store, run.key(OUTCOME), Outcome)
+
     def ending(self, failure: BaseException | None) -> Finished:
         """outcome.json decides: succeeded -> Finished; otherwise the one-line cause, from the pod's status.
 
         The container that tells is ``stage`` when it failed (no user code ran), ``base`` when
         it was killed from outside (out of memory), else ``sync``, which wrote the run's message.
         """
-        assert self.pod_run is not None
-        spec, run = self.pod_run.spec, self.pod_run.run
-        store = self.hook.get_store()
-        outcome = read_optional(store, run.key(OUTCOME), Outcome)
+        spec, run, store, outcome = self.reported()
         pod = self.final_pod or getattr(self.op, "remote_pod", None) or getattr(self.op, "pod", None)
         container, code, reason, message = run_ending(pod, self.op.base_container_name)
         if outcome is not None and outcome.status == "succeeded":
