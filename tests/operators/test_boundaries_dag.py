@@ -1,23 +1,33 @@
-"""Through `airflow dags test`: what user code can see, and which errors Airflow may retry.
+"""What user code can see, and which errors Airflow may retry: the operator's ``execute`` in process, on an S3 store.
 
 - User code runs in its own process with the AI Center variables and the user's ``env`` only:
   none of the worker's ``AIRFLOW_*`` variables, no store credentials (here an S3 store on the moto
-  server, whose keys the runtime itself does hold), no run spec.
-- A failure of user code stays retryable (Airflow's retries are the user's to set); that a
-  configuration error (an unknown version) fails without its retries is checked in process
-  (test_refusals.py: the exception is an ``AirflowFailException``).
+  server, whose keys the runtime itself does hold), no run spec. The operator runs in this
+  process as it runs in a worker's task process; the worker's variables are set around it.
+- A failure of user code stays retryable (Airflow's retries are the user's to set): the task
+  fails with an exception that is not an ``AirflowFailException``. That Airflow then runs the
+  next try is seen in the secrets smoke run (tests/security/test_secrets.py, its ``fails`` task
+  has ``retries=1``); that a configuration error fails without its retries is checked in
+  test_refusals.py.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import pytest
+from airflow.sdk.exceptions import AirflowFailException
 
-from tests.aicenter_helpers import MAIN, _db, latest_run_id, small_dataset
-from tests.conftest import write_files
+from airflow_aicenter.operators import TrainPipelineOperator
+from airflow_aicenter.registry import Registry
+from airflow_aicenter.storage import open_store
+from airflow_aicenter.storage.transfer import run, upload_tree
+from tests.aicenter_helpers import MAIN, small_dataset
+from tests.conftest import S3Server, write_files
 from tests.operators.conftest import s3_connection_env
+from tests.operators.kube_api import make_context
 
 ENV_DUMP_TRAIN = '''
 import importlib.util, json, os, sys
@@ -37,46 +47,29 @@ class Main:
         pass
 '''
 
-DAG = '''
-from datetime import datetime, timedelta
-from airflow.sdk import DAG
-from airflow_aicenter.operators import TrainPipelineOperator
-
-with DAG(dag_id="aicenter_boundaries", schedule=None, start_date=datetime(2026, 1, 1), catchup=False,
-         params={"dataset": "", "version": "latest", "fail": ""}):
-    TrainPipelineOperator(task_id="train", package="envdump", version="{{ params.version }}", dataset="{{ params.dataset }}",
-                          env={"EPOCHS": "3", "FAIL_TRAIN": "{{ params.fail }}", "API_TOKEN": "tok-sekrit-4711"},
-                          retries=1, retry_delay=timedelta(seconds=0))
-'''
-
-
-def tries(home, dag_id: str) -> tuple[str, int]:
-    run_id = latest_run_id(home, dag_id)
-    with _db(home) as db:
-        state, try_number = db.execute("select state, try_number from task_instance where dag_id = ? and run_id = ? and task_id = 'train'",
-                                       (dag_id, run_id)).fetchone()
-    return state, try_number
+def train_task(dataset: str, fail: str = "") -> TrainPipelineOperator:
+    return TrainPipelineOperator(task_id="train", package="envdump", version="latest", dataset=dataset,
+                                 env={"EPOCHS": "3", "FAIL_TRAIN": fail, "API_TOKEN": "tok-sekrit-4711"}, retries=1)
 
 
 @pytest.fixture
-def s3_deployment(airflow_env, s3_server, tmp_path):
-    from airflow_aicenter.registry import Registry
-    from airflow_aicenter.storage import open_store
-    from airflow_aicenter.storage.transfer import run, upload_tree
-
+def s3_deployment(s3_server: S3Server, tmp_path, monkeypatch: pytest.MonkeyPatch) -> tuple[Registry, str]:
+    """The envdump package and a dataset on S3; this process is the worker: the connections and worker-only variables set."""
     bucket = s3_server.create_bucket()
     registry = Registry(open_store(f"s3://{bucket}/aicenter", s3_server.options))
     registry.upload(write_files(tmp_path / "pkg", {"main.py": MAIN, "train.py": ENV_DUMP_TRAIN, "requirements.txt": ""}), "envdump")
     data = open_store(f"s3://{bucket}/datasets", s3_server.options)
     run(upload_tree(small_dataset(tmp_path), data, "rows"))
-    airflow_env.add_dag("aicenter_boundaries.py", DAG)
-    return registry, f"s3://{bucket}/datasets/rows/", s3_connection_env(s3_server, bucket)
+    worker: dict[str, Any] = {**s3_connection_env(s3_server, bucket), "AIRFLOW_VAR_PROBE": "worker-only",
+                              "AIRFLOW_HOME": str(tmp_path / "airflow-home"), **s3_server.env()}
+    for key, value in worker.items():
+        monkeypatch.setenv(key, value)
+    return registry, f"s3://{bucket}/datasets/rows/"
 
 
-def test_user_code_sees_no_worker_variables_credentials_or_spec(airflow_env, s3_deployment):
-    registry, dataset, env = s3_deployment
-    done = airflow_env.dags_test("aicenter_boundaries", {"dataset": dataset}, extra_env={**env, "AIRFLOW_VAR_PROBE": "worker-only"})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+def test_user_code_sees_no_worker_variables_credentials_or_spec(s3_deployment):
+    registry, dataset = s3_deployment
+    assert train_task(dataset).execute(make_context("aicenter_boundaries"))["version"] == "1.1"
     record = registry.get("envdump", "1.1")
     seen = json.loads(registry.store.get_bytes(f"{record.run.prefix}/artifacts/environ.json"))
     assert not [k for k in seen if k.startswith("AIRFLOW")], "no AIRFLOW_* variable reaches user code"
@@ -92,13 +85,11 @@ def test_user_code_sees_no_worker_variables_credentials_or_spec(airflow_env, s3_
     assert python["prefix"] != sys.prefix and "/envs/" in python["prefix"], python
 
 
-def test_a_user_error_is_retried(airflow_env, s3_deployment):
-    """Airflow's retries apply to a failure of user code (that a configuration error is not retried is
-    decided by the exception's kind: test_refusals.py)."""
-    registry, dataset, env = s3_deployment
-    done = airflow_env.dags_test("aicenter_boundaries", {"dataset": dataset, "fail": "yes"}, extra_env=env)
-    assert done.returncode != 0
-    state, try_number = tries(airflow_env.home, "aicenter_boundaries")
-    assert state == "failed" and try_number == 2, "a failure of user code uses the task's retries"
-    assert "train failed on purpose" in done.stdout + done.stderr
+def test_a_user_error_is_retryable(s3_deployment):
+    """The task fails with the user's error, as an exception Airflow retries (not an AirflowFailException)."""
+    registry, dataset = s3_deployment
+    with pytest.raises(Exception) as failed:
+        train_task(dataset, fail="yes").execute(make_context("aicenter_boundaries"))
+    assert "train failed on purpose" in str(failed.value)
+    assert not isinstance(failed.value, AirflowFailException), "a failure of user code uses the task's retries"
     assert [r.version for r in registry.versions("envdump")] == ["1.0"]

@@ -36,7 +36,9 @@ from airflow_aicenter.secrets import (
     secret_values,
 )
 from airflow_aicenter.storage import open_store
+from tests.aicenter_helpers import latest_run_id
 from tests.conftest import AirflowEnv, write_files
+from tests.packages import ECHO_MAIN
 
 SPECIAL = "\n\r\t'\"\\/%&=?#+@:;, *{}[]<>é中😀\x00\x7f"
 secret_text = st.text(alphabet=st.characters(codec="utf-8") | st.sampled_from(SPECIAL), min_size=6, max_size=60)
@@ -247,7 +249,7 @@ PRIVATE_KEY = "\n".join([
 DB_PASSWORD = "pw'with\"quotes\\and/slashes?&=9f3"
 
 FORMS_DAG = '''
-from datetime import datetime
+from datetime import datetime, timedelta
 from airflow.sdk import DAG
 from airflow_aicenter.operators import TrainPipelineOperator
 
@@ -256,8 +258,25 @@ with DAG("aicenter_test_secret_forms", schedule=None, start_date=datetime(2026, 
     TrainPipelineOperator(task_id="train", package="formleak", version="latest", dataset="{{ params.dataset }}",
                           env=ENV)
     TrainPipelineOperator(task_id="fails", package="formleak", version="latest", dataset="{{ params.dataset }}",
-                          env={**ENV, "FAIL": "1"})
+                          env={**ENV, "FAIL": "1"}, retries=1, retry_delay=timedelta(seconds=0))
+    TrainPipelineOperator(task_id="leaky", package="leaky", version="latest", dataset="{{ params.dataset }}",
+                          env={"API_TOKEN": "hunter2-s3cr3t-value", "db_password": "pw-0f-the-db",
+                               "STRIPE_KEY": "sk-live-0f-stripe", "EPOCHS": "2"})
 '''.replace("__KEY__", repr(PRIVATE_KEY))
+
+#: Values under names that look secret (the ``leaky`` task's env): what Airflow's masker alone misses (*_KEY).
+NAMED_SECRETS = ("hunter2-s3cr3t-value", "pw-0f-the-db", "sk-live-0f-stripe")
+
+LEAKY_TRAIN = '''
+import os
+class Main:
+    def __init__(self):
+        pass
+    def train(self, training_directory):
+        print("token is", os.environ["API_TOKEN"], "and", os.environ["db_password"], os.environ["STRIPE_KEY"], flush=True)
+    def save(self):
+        open(os.path.join(os.environ["artifacts_directory"], "seen.txt"), "w").write(os.environ["API_TOKEN"])
+'''
 
 FORMS_TRAIN = '''
 import json, os, urllib.parse
@@ -279,29 +298,54 @@ class Main:
 
 
 def test_no_form_of_a_secret_reaches_any_sink_of_a_real_run(airflow_env: AirflowEnv, tmp_path: Path) -> None:
-    """Log, XCom, _results.json, outcome.json, run records and rendered fields of a local run."""
+    """Log, XCom, _results.json, outcome.json, run records and rendered fields of a local run (the secrets smoke run).
 
+    Three tasks: a training that prints a private key and a Connection password in every form, the same
+    failing (with ``retries=1``: Airflow runs its second try, a failure of user code is retried), and a
+    training whose env holds values under secret-looking names.
+    """
     uri = (tmp_path / "aicenter").as_uri()
     env = {
         "AIRFLOW_CONN_AICENTER_DEFAULT": json.dumps({"conn_type": "aicenter", "extra": {"storage": uri}}),
         "AIRFLOW_CONN_WAREHOUSE": json.dumps({"conn_type": "generic", "login": "ana", "password": DB_PASSWORD}),
     }
     registry = Registry(open_store(uri))
-    main = "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return input\n"
-    registry.upload(write_files(tmp_path / "pkg", {"main.py": main, "train.py": FORMS_TRAIN, "requirements.txt": ""}),
+    registry.upload(write_files(tmp_path / "pkg", {"main.py": ECHO_MAIN, "train.py": FORMS_TRAIN, "requirements.txt": ""}),
                     "formleak")
+    registry.upload(write_files(tmp_path / "leaky", {"main.py": ECHO_MAIN, "train.py": LEAKY_TRAIN, "requirements.txt": ""}),
+                    "leaky")
     data = write_files(tmp_path / "data", {"rows.csv": "a\n1\n"})
     airflow_env.add_dag("aicenter_test_secret_forms.py", FORMS_DAG)
     done = airflow_env.dags_test("aicenter_test_secret_forms", {"dataset": data.as_uri()}, extra_env=env)
     output = done.stdout + done.stderr
     assert "in a url" in output and "cannot log in with" in output, output[-3000:]  # both tasks ran their code
-    records = "".join(registry.store.get_bytes(i.key).decode(errors="replace") for i in registry.store.list("runs"))
-    db = sqlite3.connect(airflow_env.home / "airflow.db")
-    xcom = " ".join(str(v) for (v,) in db.execute("select value from xcom where dag_id='aicenter_test_secret_forms'"))
-    rendered = " ".join(str(v) for (v,) in db.execute(
-        "select rendered_fields from rendered_task_instance_fields where dag_id='aicenter_test_secret_forms'"))
-    assert "_results.json" in " ".join(i.key for i in registry.store.list("runs")) and "EPOCHS" in rendered
+    assert "token is" in output, "the package's print reached the task log"
+    with sqlite3.connect(airflow_env.home / "airflow.db") as db:
+        run_id = latest_run_id(airflow_env.home, "aicenter_test_secret_forms")
+        tries = dict(db.execute("select task_id, state || ' ' || try_number from task_instance where dag_id = ? and run_id = ?",
+                                ("aicenter_test_secret_forms", run_id)))
+        xcom = " ".join(str(v) for (v,) in db.execute("select value from xcom where dag_id='aicenter_test_secret_forms'"))
+        stored = dict(db.execute(
+            "select task_id, rendered_fields from rendered_task_instance_fields where dag_id='aicenter_test_secret_forms'"))
+    assert tries == {"train": "success 1", "leaky": "success 1", "fails": "failed 2"}, "a failure of user code uses its retries"
+    assert [r.version for r in registry.versions("formleak")] == ["1.0", "1.1"], "the failed task made no version"
+    keys = [i.key for i in registry.store.list("runs")]
+    records = "".join(registry.store.get_bytes(key).decode(errors="replace") for key in keys if not key.endswith("seen.txt"))
+    rendered = " ".join(str(v) for v in stored.values())
+    fields = {task: json.loads(v) for task, v in stored.items()}
+    assert "_results.json" in " ".join(keys) and "EPOCHS" in rendered and xcom
     sinks = {"log": output, "records": records, "xcom": xcom, "rendered": rendered}
     found = {(sink, form) for sink, text in sinks.items() for secret in (PRIVATE_KEY, DB_PASSWORD)
              for form in leaked(text, secret)}
     assert found == set()
+    named = {(sink, secret) for sink, text in sinks.items() for secret in NAMED_SECRETS if secret in text}
+    assert named == set(), "the UI's Rendered Template view too: Airflow's masker alone does not know *_KEY names"
+
+    # the leaky task: its records say which names were secret; the package code itself did get the value
+    record = registry.resolve("leaky", "latest")
+    results = json.loads(registry.store.get_bytes(f"{record.run.prefix}/_results.json"))
+    assert results["parameters"]["env"] == {"API_TOKEN": "***", "db_password": "***", "STRIPE_KEY": "***", "EPOCHS": "2"}
+    assert registry.store.get_bytes(f"{record.run.prefix}/artifacts/seen.txt") == b"hunter2-s3cr3t-value"
+    # a local run shows our fields only (no empty Kubernetes ones), and the version that ran, not "latest"
+    assert fields["leaky"]["version"] == "1.0", "the version the run trained from, resolved from \"latest\""
+    assert "image" not in fields["leaky"] and "cmds" not in fields["leaky"] and "labels" not in fields["leaky"]
