@@ -9,7 +9,10 @@ airflow_aicenter/crashpoints.py): at a phase's start, or ``<phase>+<s>`` to land
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -19,6 +22,7 @@ from airflow_aicenter.launchers import settle_outcome
 from airflow_aicenter.operators import TrainPipelineOperator
 from airflow_aicenter.records import Manifest, Outcome, Registration, RunRef, read, read_optional
 from airflow_aicenter.storage import open_store
+from tests.conftest import REPO
 from tests.resilience.support import Setup, check_store, run_runtime, setup_package
 
 #: Where the runtime is killed. A bare phase dies as it starts; "+s" lands inside it
@@ -160,11 +164,24 @@ aicenter_resilience_kill()
 '''
 
 
+#: The DAG's task run by a plain Python process (the operator's execute with a task context): the worker
+#: process killed by the ``results`` crash point is this process, not pytest.
+KILLED_TASK = """
+import json, sys
+from airflow_aicenter.operators import TrainPipelineOperator
+from tests.operators.kube_api import make_context
+
+conf = json.loads(sys.argv[1])
+TrainPipelineOperator(task_id="train", package="res", version="1.0", dataset=conf["dataset"], save_training_data=True,
+                      launcher="local").execute(make_context("aicenter_resilience_kill", "train", run_id=conf["run_id"]))
+"""
+
+
 @pytest.mark.airflow
 def test_operator_killed_in_airflow_dags_test(airflow_env, tmp_path):
-    """Real Airflow: SIGKILL the worker process between outcome and registration, then (next run)
-    during _results.json; each time the store stays whole and the next run makes exactly one version.
-    (The same try registering again is a no-op: see the operator-level tests above.)"""
+    """Real Airflow: SIGKILL the worker process between outcome and registration, then (the next run, a task
+    process of its own) during _results.json; each time the store stays whole and the next run makes exactly
+    one version. (The same try registering again is a no-op: see the operator-level tests above.)"""
     airflow_env.add_dag("aicenter_resilience_kill.py", KILL_DAG)
     uri = (tmp_path / "store").as_uri()
     setup = setup_package(open_store(uri), tmp_path, {})
@@ -179,10 +196,12 @@ def test_operator_killed_in_airflow_dags_test(airflow_env, tmp_path):
     assert not setup.store.exists(f"{run_dir}/registration.json") and not setup.store.exists(f"{run_dir}/_results.json")
 
     # the next run of the task: exactly one new version, registered whole; killed while writing _results.json
-    killed = airflow_env.dags_test("aicenter_resilience_kill", conf, extra_env={**env, "AICENTER_TEST_CRASH_AT": "results"})
+    next_run = {**conf, "run_id": "manual__2026-03-02T00:00:00+00:00"}
+    killed = subprocess.run([sys.executable, "-c", KILLED_TASK, json.dumps(next_run)], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, **env, "AICENTER_TEST_CRASH_AT": "results"}, timeout=240, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:] + killed.stderr[-3000:]
     assert check_store(setup.store) == ["res:1.0", "res:1.1"]
     record = setup.registry.get("res", "1.1")
-    assert record.run.prefix != run_dir
+    assert record.run.prefix != run_dir and record.run.run_id == next_run["run_id"]
     assert read(setup.store, f"{record.run.prefix}/registration.json", Registration).version == "1.1"
     assert not setup.store.exists(f"{record.run.prefix}/_results.json")  # the record says the task did not finish
