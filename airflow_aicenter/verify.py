@@ -150,7 +150,12 @@ def verify(store: Store, *, repair: Path | None = None, progress: Callable[[int,
     ``progress(done, total)`` is called as objects are hashed. A source that is neither a
     folder nor a zip is a ConfigurationError before anything is read.
     """
-    if repair is not None and not (repair.is_dir() or repair.is_file()):
+    try:
+        usable = repair is None or repair.is_dir() or repair.is_file()
+    except OSError as exc:  # not even its kind can be seen (permissions)
+        raise ConfigurationError(f"cannot read the repair source {repair}: {exc.strerror or exc}; give a folder or zip "
+                                 "this user can read") from exc
+    if not usable:
         raise ConfigurationError(f"repair source {repair} does not exist or is not a folder or a file: give the "
                                  "folder or the .zip that holds the lost content (a package folder, a package zip, "
                                  "a dataset folder)")

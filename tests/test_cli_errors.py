@@ -68,6 +68,10 @@ BAD_INPUTS = [
     ("--storage file:///proc/1/root/x package list", 1, "cannot open the store at file:///proc/1/root/x"),
     ("--storage file:///sys/aicenter package upload {example} --name q", 1, "cannot open the store at file:///sys/aicenter"),
     ("--storage http://x package list", 1, "is not supported"),
+    ("package promote churn:9.9 --alias production", 1, "has no version 9.9"),
+    ("package list --bogus", 2, "unrecognized arguments"),
+    ("verify --repair {tmp}/nothere", 1, "repair source"),
+    ("verify --repair /proc/1/root", 1, "cannot read the repair source /proc/1/root"),
 ]
 
 
