@@ -112,6 +112,26 @@ REPAIR_ADVICE = (
     "package version, uploading the same package again (`aicenter package upload PATH --name NAME`) rewrites it"
 )
 
+
+
+class DamagedBlobError(StorageError):
+    """A stored blob does not hash to its name and these credentials may not rewrite it.
+
+    Not retryable: the blob stays damaged until someone who may overwrite blobs repairs it.
+    """
+
+    retryable = False
+
+
+def _refused_repair(store: Store, sha256: str) -> DamagedBlobError:
+    """The error for a damaged blob whose overwrite was refused (run credentials may only create blobs)."""
+    return DamagedBlobError(
+        f"blob sha256:{sha256} ({store.url(blob_key(sha256))}) is damaged: its stored content does not hash to its "
+        "name, and these credentials may not overwrite it (a run's credentials may only create blobs); nothing was "
+        f"stored. Repair it: {REPAIR_ADVICE}; then run the task again"
+    )
+
+
 #: What a blob was found to be: stored intact, absent, or present with other content (hashed).
 BlobState = Literal["ok", "missing", "damaged"]
 
@@ -851,6 +871,10 @@ async def ensure_blobs(
                               expect_sha256=entry.sha256, budget=budget)
         except AlreadyExistsError:
             return None
+        except AccessDeniedError as exc:
+            if found == "damaged":
+                raise _refused_repair(store, entry.sha256) from exc
+            raise
         return entry
 
     uploaded = [e for e in await gather_limited(upload, one, limiter) if e is not None]
@@ -898,8 +922,14 @@ async def store_blob_async(store: Store, path: Path, sha256: str) -> BlobState:
         except NotFoundError:
             found = "missing"
     if found != "ok":
-        with contextlib.suppress(AlreadyExistsError):
+        try:
             await upload_file(store, path, key, create=found == "missing", expect_sha256=sha256)
+        except AlreadyExistsError:
+            pass
+        except AccessDeniedError as exc:
+            if found == "damaged":
+                raise _refused_repair(store, sha256) from exc
+            raise
     return found
 
 

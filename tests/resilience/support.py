@@ -106,11 +106,16 @@ def run_runtime(spec: RunSpec, tmp_path: Path, env: dict[str, str], timeout: int
 S3_SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
                b"<Message>Please reduce your request rate.</Message><RequestId>fault</RequestId></Error>")
 
+S3_ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+                    b"<Message>Access Denied</Message><RequestId>fault</RequestId></Error>")
+
 #: Fault kinds: what the proxy does instead of (or after) forwarding one request.
 #: slowdown: 503 SlowDown, nothing forwarded; reset: TCP RST before forwarding; hang: no
 #: answer until the client times out; reset_after: forwarded (the server acted on it), then
-#: RST instead of the answer; truncate: forwarded, then half the body and a close.
-FAULTS = ("slowdown", "reset", "hang", "reset_after", "truncate")
+#: RST instead of the answer; truncate: forwarded, then half the body and a close; denied: 403
+#: AccessDenied, nothing forwarded (a bucket policy refusing that request, e.g. an overwrite
+#: under create-only run credentials, which moto does not enforce).
+FAULTS = ("slowdown", "reset", "hang", "reset_after", "truncate", "denied")
 
 
 @dataclass
@@ -202,6 +207,8 @@ class FaultProxy:
         fault = self.plan.decide(h.command, h.path)
         if fault == "slowdown":
             return self._reply(h, 503, S3_SLOWDOWN)
+        if fault == "denied":
+            return self._reply(h, 403, S3_ACCESS_DENIED)
         if fault == "reset":
             return self._reset(h)
         if fault == "hang":

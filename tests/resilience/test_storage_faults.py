@@ -176,6 +176,35 @@ def test_put_blob_through_faults_never_leaves_a_corrupt_blob(faulty, tmp_path):
     check_store(direct)
 
 
+@pytest.mark.parametrize("how", ["put_blob", "ensure_blobs"])
+def test_a_damaged_blob_that_these_credentials_may_not_overwrite_is_named_with_its_repair(faulty, tmp_path, how):
+    """Run credentials may only create blobs: repairing a damaged one in a run is refused (403).
+
+    That refusal read as "access denied; check the credentials", about a blob that is damaged:
+    the error names the damage and the repairs that work, and is not retried.
+    """
+    proxy, store, direct = faulty
+    path = tmp_path / "data.bin"
+    path.write_bytes(os.urandom(50_000))
+    entry = FileEntry(path.name, sha256_file(path).sha256, 50_000)
+    assert put_blob(direct, path, entry.sha256) is True
+    damaged = bytearray(path.read_bytes())
+    damaged[7] ^= 0x01
+    direct.put_bytes(blob_key(entry.sha256), bytes(damaged))
+    proxy.plan.rules = [(lambda m, p: m == "PUT" and "/blobs/" in p, "denied", 10)]
+    proxy.plan.__post_init__()
+    with pytest.raises(StorageError) as info:
+        if how == "put_blob":
+            put_blob(store, path, entry.sha256)
+        else:
+            run(ensure_blobs(store, tmp_path, [entry]))
+    message = str(info.value)
+    assert f"blob sha256:{entry.sha256}" in message and "is damaged" in message, message
+    assert "may not overwrite" in message and "aicenter verify --repair" in message, message
+    assert not info.value.retryable
+    assert len(proxy.plan.injected) == 1, "a refusal is not retried"
+
+
 @pytest.mark.parametrize("size", [5000, 20 * 2**20], ids=["single-put", "multipart"])
 def test_a_file_changed_after_hashing_is_never_stored_under_the_old_digest(store, tmp_path, size):
     """Package code that rewrites a staged file must not poison the content-addressed store: the
