@@ -42,7 +42,7 @@ from pathlib import Path
 from pydantic import Field
 
 from airflow_aicenter.crashpoints import crash_point
-from airflow_aicenter.errors import AICenterError, AlreadyExistsError, StorageError
+from airflow_aicenter.errors import AccessDeniedError, AICenterError, AlreadyExistsError, StorageError
 from airflow_aicenter.layout import CHECKPOINT_MANIFESTS, CHECKPOINT_OBJECTS, checkpoint_manifest_key, checkpoint_object_key
 from airflow_aicenter.records import Record, read, utcnow, write
 from airflow_aicenter.secrets import Redactor
@@ -214,7 +214,11 @@ class CheckpointSync:
 
     async def _upload(self, entry: CheckpointFile) -> None:
         key = self.object_key(entry.sha256)
-        if await self.store.head_async(key) is not None:
+        try:
+            there = await self.store.head_async(key) is not None
+        except AccessDeniedError:  # run credentials: S3 answers 403 for an absent key; the create decides
+            there = False
+        if there:
             return
         try:
             await upload_file(self.store, self.local_dir / entry.path, key, create=True, expect_sha256=entry.sha256)

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from airflow_aicenter.errors import ConfigurationError, DatasetError, NotFoundError
+from airflow_aicenter.errors import AccessDeniedError, ConfigurationError, DatasetError, NotFoundError
 from airflow_aicenter.layout import blob_key
 from airflow_aicenter.records import Manifest, ManifestEntry, VersionRecord, read
 from airflow_aicenter.storage import Store, open_store
@@ -114,10 +114,15 @@ def check_carried(store: Store, base: Manifest, carried: list[ManifestEntry], ur
     """A sample of the carried-over blobs must exist: they go into the new snapshot without being uploaded."""
     digests = sorted({e.sha256 for e in carried})
     for digest in random.sample(digests, min(SAMPLE, len(digests))):
-        if not store.exists(blob_key(digest)):
+        try:
+            there = store.exists(blob_key(digest))
+        except AccessDeniedError:  # run credentials list no blob: S3 answers 403 for an absent one
+            there = False
+        if not there:
             raise DatasetError(
                 f"the parent version's training snapshot {uri} names blob sha256:{digest[:12]}..., which is gone from "
-                "the store; train without incremental=True to take a full snapshot again"
+                "the store (or, with runtime_role_arn, not readable with the run's credentials); train without "
+                "incremental=True to take a full snapshot again"
             )
 
 

@@ -45,9 +45,11 @@ from airflow_aicenter.credentials import (
     session_name,
     session_policy,
 )
-from airflow_aicenter.errors import AICenterError, ConfigurationError
+from airflow_aicenter.errors import AICenterError, ConfigurationError, DatasetError
 from airflow_aicenter.layout import blob_key
-from airflow_aicenter.records import BlobRef, RunSpec
+from airflow_aicenter.records import BlobRef, Manifest, ManifestEntry, RunSpec
+from airflow_aicenter.runtime.checkpoint import CheckpointSync
+from airflow_aicenter.runtime.incremental import check_carried
 from airflow_aicenter.storage import S3Options, Store, open_store, transfer
 from airflow_aicenter.storage.transfer import ensure_blobs, put_blob, sha256_file
 from tests.conftest import free_port
@@ -179,18 +181,28 @@ def runtime_store(iam_moto: IamMoto, creds: S3Credentials) -> Store:
                                                    **creds.to_env()}))
 
 
-def assume_unconditioned(iam_moto: IamMoto, monkeypatch: pytest.MonkeyPatch, scope: Scope) -> S3Credentials:
-    """Credentials whose role carries the run's session policy without its conditional statements.
+def assume_for_moto(iam_moto: IamMoto, monkeypatch: pytest.MonkeyPatch, scope: Scope) -> S3Credentials:
+    """Credentials whose role carries the run's session policy as far as moto can enforce it.
 
-    moto ignores the conditions it cannot evaluate (``Null``, ``BoolIfExists``, ``StringLike``) and
-    applies such a statement to every request: the create-only Deny would refuse every blob write,
-    a prefix-limited listing would allow every listing. The evaluator tests those statements; this
-    lets moto enforce the rest while the runtime writes blobs.
+    moto 5.2 evaluates no condition but StringEquals (it would apply the create-only Deny, with
+    its ``Null`` and ``BoolIfExists``, to every blob write), and authorizes a listing as action
+    ``s3:ListObjectsV2``, not IAM's ``s3:ListBucket``. So the role gets the policy without its
+    conditional Deny, with its listing unconditional and under moto's name too: broader, never
+    narrower, than the session policy, so what moto refuses, AWS refuses too. The evaluator
+    tests those conditions. (moto authorizes a HEAD under no S3 action a policy can name: every
+    HEAD is refused, as AWS refuses a HEAD of an absent key to whoever may not list it.)
     """
     creds = assume(iam_moto, monkeypatch, scope)
-    policy = session_policy(**scope)
-    policy["Statement"] = [st for st in policy["Statement"] if "Condition" not in st]
-    iam_moto.worker("iam").put_role_policy(RoleName=ROLE, PolicyName="run", PolicyDocument=json.dumps(policy))
+    statements = []
+    for st in session_policy(**scope)["Statement"]:
+        if "Condition" in st and st["Effect"] == "Deny":
+            continue
+        st = {k: v for k, v in st.items() if k != "Condition"}
+        if st["Action"] == "s3:ListBucket":
+            st["Action"] = ["s3:ListBucket", "s3:ListObjectsV2"]
+        statements.append(st)
+    iam_moto.worker("iam").put_role_policy(RoleName=ROLE, PolicyName="run", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": statements}))
     return creds
 
 
@@ -530,7 +542,7 @@ def test_a_snapshot_with_run_credentials_stores_its_blobs_without_listing_the_st
         (tmp_path / name).write_bytes(body)
     entries = [sha256_file(tmp_path / name) for name in files]
     iam_moto.worker("s3").put_object(Bucket=BUCKET, Key=f"aicenter/{blob_key(entries[0].sha256)}", Body=files["stored.csv"])
-    creds = assume_unconditioned(iam_moto, monkeypatch, run_scope(spec("train", dataset=None, save_training_data=True)))
+    creds = assume_for_moto(iam_moto, monkeypatch, run_scope(spec("train", dataset=None, save_training_data=True)))
     store = runtime_store(iam_moto, creds)
     with pytest.raises(AICenterError, match="denied"):  # the credentials cannot list the blobs
         list(store.list("blobs/sha256"))
@@ -549,7 +561,38 @@ def test_a_new_package_blob_is_stored_with_run_credentials(
     package = tmp_path / "package.zip"
     package.write_bytes(b"PK new version " + uuid.uuid4().bytes)
     entry = sha256_file(package)
-    creds = assume_unconditioned(iam_moto, monkeypatch, run_scope(spec("train", dataset=None)))
+    creds = assume_for_moto(iam_moto, monkeypatch, run_scope(spec("train", dataset=None)))
     assert put_blob(runtime_store(iam_moto, creds), package, entry.sha256)
     stored = iam_moto.worker("s3").get_object(Bucket=BUCKET, Key=f"aicenter/{blob_key(entry.sha256)}")
     assert stored["Body"].read() == package.read_bytes()
+
+
+def test_a_checkpoint_sync_with_run_credentials_stores_its_objects(
+    iam_moto: IamMoto, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The sync looks each new object up before creating it; a refused lookup is an absent object."""
+    local = tmp_path / "checkpoint"
+    local.mkdir()
+    (local / "step-1.pt").write_bytes(b"weights " + uuid.uuid4().bytes)
+    creds = assume_for_moto(iam_moto, monkeypatch, run_scope(spec("train", dataset=None, checkpoint_prefix=CHECKPOINTS)))
+    sync = CheckpointSync(runtime_store(iam_moto, creds), CHECKPOINTS, local, 300, lambda _: None, try_number=1)
+    stats = sync.sync()
+    assert stats is not None and stats.uploaded_files == 1
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    manifest = CheckpointSync(runtime_store(iam_moto, creds), CHECKPOINTS, restored, 300, lambda _: None,
+                              try_number=2).restore()
+    assert manifest is not None
+    assert (restored / "step-1.pt").read_bytes() == (local / "step-1.pt").read_bytes()
+
+
+def test_a_parent_blob_that_is_gone_is_named_under_run_credentials(
+    iam_moto: IamMoto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not "access denied; check the credentials": run credentials get 403 for an absent blob."""
+    uri = f"{STORAGE}/{PARENT}/data_directory.manifest.json"
+    gone = ManifestEntry(path="old.csv", sha256="0f" * 32, size=3)
+    base = Manifest(source=DATASET, directory="data_directory", files=[gone], file_count=1, total_bytes=3)
+    creds = assume(iam_moto, monkeypatch, run_scope(spec("train", save_training_data=True, incremental_base=uri)))
+    with pytest.raises(DatasetError, match=r"which is gone from the store .*train without incremental=True"):
+        check_carried(runtime_store(iam_moto, creds), base, [gone], uri)
