@@ -428,11 +428,8 @@ class PostRun:
         if plan.scored:
             outputs["score"] = outcome.score
         if plan.serving:
-            outputs.update(
-                predictions_data=self.registry.store.url(run.key(f"{PREDICTIONS}/")),
-                predicted=outcome.predicted,
-                failed=outcome.failed,
-            )
+            # The same counts the XCom value carries (``extra``), under AI Center's output name.
+            outputs.update(predictions_data=extra["predictions_uri"], predicted=extra["predicted"], failed=extra["failed"])
         aicenter: dict[str, Any] = {
             "pipeline_type": plan.name,
             "status": outcome.status,

@@ -26,7 +26,7 @@ from airflow.sdk import Asset, AssetAlias
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_aicenter import run_spec
-from airflow_aicenter.assets import OPENLINEAGE_NAMESPACE, operator_lineage
+from airflow_aicenter.assets import OPENLINEAGE_NAMESPACE, SCHEME, operator_lineage
 from airflow_aicenter.completion import Completion, PostRun, RunRequest, lineage
 from airflow_aicenter.errors import AICenterError
 from airflow_aicenter.hooks.aicenter import AICenterHook
@@ -88,7 +88,8 @@ def fail_once() -> Iterator[None]:
 
 
 def package_asset(package: str) -> Asset:
-    return Asset(f"aicenter://{package}")
+    """The package's asset, ``aicenter://<package>`` (the scheme of :mod:`airflow_aicenter.assets`)."""
+    return Asset(f"{SCHEME}://{package}")
 
 
 def package_outlet(package: object) -> Asset | AssetAlias:
