@@ -4,7 +4,8 @@ What these check was checked through ``airflow dags test`` before (one Airflow s
 case); the messages are the exceptions the task fails with, which Airflow writes to the task
 log. A configuration error is an ``AirflowFailException`` (the task fails without its retries); a
 failure of user code is not (Airflow's retries are the user's to set). The real path is proved
-by the smoke runs in test_train_dag.py, test_evaluate_full_dags.py and test_boundaries_dag.py.
+by the ``airflow dags test`` smoke runs (test_train_dag.py, tests/dags, tests/security/test_secrets.py,
+whose failing task Airflow retries).
 """
 
 from __future__ import annotations
@@ -20,13 +21,10 @@ from airflow_aicenter.operators import EvaluatePipelineOperator, FullPipelineOpe
 from airflow_aicenter.records import Outcome, read
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import Store, open_store
-from tests.aicenter_helpers import MAIN, SCORED_TRAIN, small_dataset, upload_package
+from tests.aicenter_helpers import EXAMPLE_ENV, MAIN, SCORED_TRAIN, example_training, small_dataset, upload_package
 from tests.conftest import EXAMPLE_PACKAGE, make_dataset, write_files
 from tests.operators.kube_api import make_context
 from tests.packages import FAILING_TRAIN
-
-#: The example DAG's operator (dags/aicenter_training.py) with its params given as values.
-EXAMPLE_ENV = {"EPOCHS": "150", "LEARNING_RATE": "0.2"}
 
 
 @pytest.fixture
@@ -35,11 +33,6 @@ def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Registry:
     uri = (tmp_path / "aicenter").as_uri()
     monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps({"conn_type": "aicenter", "extra": {"storage": uri}}))
     return Registry(open_store(uri))
-
-
-def example_training(dataset: str, package: str = "churn", version: str = "latest", **kwargs: Any) -> TrainPipelineOperator:
-    return TrainPipelineOperator(task_id="train", package=package, version=version, dataset=dataset, env=dict(EXAMPLE_ENV),
-                                 save_training_data=True, **kwargs)
 
 
 def fails(op: Any, task_id: str = "train") -> BaseException:
