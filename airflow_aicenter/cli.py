@@ -39,7 +39,7 @@ from rich.table import Table
 from rich.text import Text
 
 from airflow_aicenter import layout
-from airflow_aicenter.errors import AICenterError, NotFoundError, StorageError, VersionError
+from airflow_aicenter.errors import AICenterError, ConfigurationError, NotFoundError, StorageError, VersionError
 from airflow_aicenter.gc import DEFAULT_GRACE_HOURS, collect
 from airflow_aicenter.package import Version, open_package, validate_package, validate_package_name
 from airflow_aicenter.process import exit_process
@@ -162,12 +162,22 @@ def choose_store(flag: str | None) -> StoreChoice:
     for uri, source in ((flag, FROM_FLAG), (os.environ.get("AICENTER_STORAGE"), FROM_ENV)):
         if uri:
             return StoreChoice(uri, source, S3Options.from_env() if uri.startswith("s3://") else None)
-    from airflow_aicenter.hooks.aicenter import AICenterHook
+    try:
+        from airflow_aicenter.hooks.aicenter import AICenterHook
 
-    hook = AICenterHook()
-    with _metadata_db_lookups():
-        uri = hook.settings.storage
-        s3 = hook.s3_options if uri.startswith("s3://") else None
+        hook = AICenterHook()
+        with _metadata_db_lookups():
+            uri = hook.settings.storage
+            s3 = hook.s3_options if uri.startswith("s3://") else None
+    except AICenterError:
+        raise
+    except Exception as exc:  # Airflow itself could not start (its configuration, its database): re-raised as ours
+        first = " ".join(str(exc).split())[:400]
+        home = os.environ.get("AIRFLOW_HOME", "~/airflow")
+        raise ConfigurationError(
+            f"no store was given, and the aicenter_default connection could not be read through Airflow "
+            f"({type(exc).__name__}: {first}); fix Airflow's configuration (AIRFLOW_HOME={home}), "
+            "or give the store with --storage URI or AICENTER_STORAGE=URI (Airflow is then not needed)") from exc
     if hook.settings.extra.get("storage"):
         return StoreChoice(uri, FROM_CONNECTION, s3)
     return StoreChoice(uri, FROM_DEFAULT, s3)
@@ -874,7 +884,7 @@ def _error(message: str, args: argparse.Namespace) -> None:
     """The one line an error gets (rich markup in it is text: it may quote a record or a path)."""
     if _debug(args):
         traceback.print_exc()
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {escape(' '.join(message.splitlines()))}", highlight=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -900,8 +910,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(os_error(exc), args)
         return EXIT_PROBLEM
     except Exception as exc:  # noqa: BLE001 -- a bug: one line and the way to see more, not a raw traceback
-        _error(f"unexpected {type(exc).__name__}: {exc}; this is a bug in aicenter: run the command again with --debug "
-               "(or AICENTER_DEBUG=1) to see where it happened, and report it with that output", args)
+        _error(f"{type(exc).__name__}: {exc} (unexpected: if the message does not say what to fix, run the command again "
+               "with --debug, or AICENTER_DEBUG=1, to see where it happened, and report it with that output)", args)
         return EXIT_PROBLEM
 
 

@@ -108,3 +108,12 @@ def test_debug_shows_the_traceback(stored: tuple[str, Path]) -> None:
     assert done.returncode == 1 and "Traceback" in done.stderr and "cannot download into /proc/x" in done.stderr
     done = aicenter("package", "download", "churn:1.0", "/proc/x", env={"AICENTER_STORAGE": uri, "AICENTER_DEBUG": "1"})
     assert "Traceback" in done.stderr
+
+
+def test_a_broken_airflow_configuration_is_one_line(tmp_path: Path) -> None:
+    """No store given: the connection is read through Airflow, whose configuration may not even parse."""
+    (tmp_path / "airflow.cfg").write_text("[core\nx")
+    done = aicenter("package", "list", env={"AIRFLOW_HOME": str(tmp_path)})
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "the aicenter_default connection could not be read through Airflow (MissingSectionHeaderError" in done.stderr
+    assert "--storage URI" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
