@@ -2,8 +2,13 @@
 
 The loop: the cron DAG retrains and promotes; its Asset event is recorded and queues the
 asset-scheduled DAG; the scheduler's own asset-triggered run creation makes that DAG's run,
-which evaluates exactly the version named in the event. Without an event (``dags test``) the
+which evaluates exactly the version named in the event. Without an event (run by hand) the
 asset-scheduled DAG falls back to its ``version`` param.
+
+The cron DAG runs once through ``airflow dags test`` (the smoke run of the full pipeline, promotion,
+the Asset event and the extra links), the triggered run through ``airflow tasks test``; the run by
+hand and a second retraining run the DAGs' own tasks (parsed from dags/, templates rendered) in
+process against the same store.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import pytest
 
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
-from tests.aicenter_helpers import asset_events, dag_paused, queued_for, task_states, xcoms
+from tests.aicenter_helpers import asset_events, dag_paused, example_task, queued_for, run_task, task_states, xcoms
 from tests.conftest import EXAMPLE_PACKAGE, make_dataset
 
 pytestmark = pytest.mark.airflow
@@ -46,7 +51,7 @@ with create_session() as session:
 '''
 
 
-def test_retraining_promotes_and_each_new_version_is_evaluated(airflow_env):
+def test_retraining_promotes_and_each_new_version_is_evaluated(airflow_env, monkeypatch):
     home = airflow_env.home
     shutil.rmtree(home / "aicenter", ignore_errors=True)  # the embedded default store, ours alone
     for name, seed in (("churn", 7), ("churn-holdout", 8)):  # where the DAGs' default params point
@@ -80,10 +85,11 @@ def test_retraining_promotes_and_each_new_version_is_evaluated(airflow_env):
     assert dag_paused(home, CONSUMER) is False
     assert queued_for(home, CONSUMER) == 1, "the event queued the asset-scheduled DAG"
 
-    # 2. the asset-scheduled DAG by hand: no event, so the version param ("latest") is evaluated
-    done = airflow_env.dags_test(CONSUMER)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    manual = xcoms(home, CONSUMER)["evaluate"]["return_value"]
+    # 2. the asset-scheduled DAG by hand (its task in this process, on the same store): no event, so the
+    #    version param ("latest") is evaluated
+    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps({"conn_type": "aicenter", "extra": {"storage": registry.store.uri}}))
+    holdout = {"evaluation_dataset": (home / "aicenter-datasets" / "churn-holdout").as_uri()}  # the DAG's default in this home
+    manual, _ = run_task(example_task(CONSUMER, "evaluate", "aicenter_retraining"), holdout)
     assert manual["version"] == "1.1" and manual["promoted"] is True and manual["promotion"]["alias"] == "staging"
 
     # 3. a newer version without an event: "latest" would now be 2.0 (untrained; evaluating it fails)
@@ -114,9 +120,8 @@ def test_retraining_promotes_and_each_new_version_is_evaluated(airflow_env):
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows({**r, "churned": label} for r, label in zip(rows, labels))
-    done = airflow_env.dags_test("aicenter_retraining", {"dataset": bad.parent.as_uri()}, extra_env=unpaused)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    worse = xcoms(home, "aicenter_retraining")["retrain"]["return_value"]
+    worse, _ = run_task(example_task("aicenter_retraining", "retrain"), {"dataset": bad.parent.as_uri()},
+                        run_id="scheduled__2026-03-02T03:00:00+00:00")
     assert worse["version"] == "2.1" and worse["score"] < value["score"]
     assert worse["promoted"] is False and worse["promotion"]["from"] == "1.1"
     assert " is not above " in worse["promotion"]["reason"] and "current production version 1.1" in worse["promotion"]["reason"]
