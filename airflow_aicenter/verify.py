@@ -33,6 +33,7 @@ import re
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -69,6 +70,8 @@ from airflow_aicenter.storage.transfer import (
 
 #: Objects read and hashed at once: verification is bound by bytes, not by request latency.
 CONCURRENCY = 16
+#: Records read at once (small GETs, bound by latency, as runs.READ_CONCURRENCY).
+READ_CONCURRENCY = 16
 State = Literal["missing", "damaged", "unreadable"]
 Kind = Literal["blob", "checkpoint object", "record"]
 
@@ -196,26 +199,34 @@ def _classify(key: str) -> tuple[str, type[BaseModel] | None] | None:
 
 
 def _read_records(store: Store, report: VerifyReport, refs: dict[str, _Ref]) -> None:
+    """Read every record (READ_CONCURRENCY at once: one small GET each, latency-bound) and note what each names."""
+    keys: list[tuple[str, str, type[BaseModel] | None]] = []
     for top in (layout.PACKAGES, layout.ENVS, layout.SNAPSHOTS, layout.TRIGGERS, f"{layout.RUNS}/"):
         for info in store.list(top):
             found = _classify(info.key)
-            if found is None:
-                continue
-            kind, model = found
+            if found is not None:
+                keys.append((info.key, *found))
+
+    def load(item: tuple[str, str, type[BaseModel] | None]) -> Any:
+        try:
+            return _read(store, item[0], item[2])
+        except StorageError as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=READ_CONCURRENCY) as pool:
+        for (key, kind, _), record in zip(keys, pool.map(load, keys), strict=True):
             report.records[kind] = report.records.get(kind, 0) + 1
-            try:
-                record = _read(store, info.key, model)
-            except NotFoundError:  # deleted since it was listed
+            if isinstance(record, NotFoundError):  # deleted since it was listed
                 continue
-            except StorageError as exc:
-                damaged = isinstance(exc, DamagedRecordError)
-                detail = str(exc).removeprefix(f"{store.url(info.key)} ").removesuffix(f"; {DAMAGED_RECORD_FIX}")
+            if isinstance(record, StorageError):
+                damaged = isinstance(record, DamagedRecordError)
+                detail = str(record).removeprefix(f"{store.url(key)} ").removesuffix(f"; {DAMAGED_RECORD_FIX}")
                 report.damage.append(Damage(
-                    kind="record", key=info.key, uri=store.url(info.key), state="damaged" if damaged else "unreadable",
+                    kind="record", key=key, uri=store.url(key), state="damaged" if damaged else "unreadable",
                     record=kind, detail=detail,
                     fix=_record_fix(kind) if damaged else "check access to the store and run `aicenter verify` again"))
                 continue
-            _refs_of(info.key, kind, record, refs)
+            _refs_of(key, kind, record, refs)
 
 
 def _read(store: Store, key: str, model: type[BaseModel] | None) -> Any:
