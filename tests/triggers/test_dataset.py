@@ -15,6 +15,8 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -27,6 +29,7 @@ from airflow_aicenter.errors import ConfigurationError, DatasetError, NotFoundEr
 from airflow_aicenter.storage import open_store
 from airflow_aicenter.triggers import DatasetChangedTrigger
 from airflow_aicenter.triggers.dataset import listing_of
+from tests.conftest import BIN
 
 POLL = 0.05
 QUIET = 0.6  # about a dozen polls: long enough for an event that should not come to have come
@@ -464,3 +467,117 @@ asyncio.run(main())
     assert payload["dataset"] == inbox.as_uri() and payload["files"] == 2
     assert not (airflow_env.home / "aicenter" / "triggers").exists(), "no trigger state in the store runs can write"
 
+
+
+# -- a real triggerer: the state in Airflow's asset state store, forged state in the store ignored ---------
+REAL_DAG = '''
+from datetime import datetime
+from airflow.sdk import DAG, Asset, AssetWatcher
+from airflow.providers.standard.operators.empty import EmptyOperator
+from airflow_aicenter.triggers import DatasetChangedTrigger
+
+DATA = {data!r}
+with DAG("aicenter_test_real_triggerer", start_date=datetime(2026, 1, 1), schedule=[
+        Asset(DATA, watchers=[AssetWatcher(name="new-data", trigger=DatasetChangedTrigger(dataset=DATA, poll_interval=0.2))])]):
+    EmptyOperator(task_id="retrain")
+'''
+
+# Waits (in one process: each `python -c` pays Airflow's imports) until the asset has WANT events and the
+# trigger's record in the asset state store says the last one was announced (WANT 0: the first listing is
+# recorded), then SETTLE seconds more, in which nothing else may come; prints what it saw.
+SEEN = '''
+import json, sys, time
+from sqlalchemy import select
+from airflow.models.asset import AssetEvent, AssetModel
+from airflow.models.asset_state_store import AssetStateStoreModel
+from airflow.utils.session import create_session
+
+uri, want, key, settle = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+
+def look():
+    with create_session() as session:
+        events = session.scalars(select(AssetEvent.extra).join(AssetModel, AssetModel.id == AssetEvent.asset_id)
+                                 .where(AssetModel.uri == uri).order_by(AssetEvent.id)).all()
+        state = session.scalar(select(AssetStateStoreModel.value).join(AssetModel, AssetModel.id == AssetStateStoreModel.asset_id)
+                               .where(AssetModel.uri == uri, AssetStateStoreModel.key == key))
+    return [e["payload"] for e in events], json.loads(state) if state else None
+
+deadline = time.monotonic() + 120
+while True:
+    events, state = look()
+    recorded = state is not None and (want == 0 or (state["announced"] and events and state["fingerprint"] == events[-1]["fingerprint"]))
+    if (recorded and len(events) >= want) or time.monotonic() > deadline:
+        break
+    time.sleep(0.2)
+time.sleep(settle)
+events, state = look()
+print("SEEN=" + json.dumps({"events": events, "state": state}))
+'''
+
+
+class Triggerer:
+    """``airflow triggerer`` in the test's AIRFLOW_HOME, stopped as a deployment stops it (SIGTERM)."""
+
+    def __init__(self, airflow_env: Any, log: Path) -> None:
+        self.log = log
+        with log.open("ab") as out:
+            self.process = subprocess.Popen([str(BIN / "airflow"), "triggerer"], env=airflow_env.env, stdout=out,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+@pytest.mark.airflow
+@pytest.mark.timeout(420)  # two triggerer starts and graceful stops: about 2.5 min on a loaded 2-core machine
+def test_a_real_triggerer_keeps_its_state_where_runs_cannot_write_it(airflow_env, tmp_path: Path) -> None:
+    """Airflow's own triggerer runs the watcher: the state lands in the asset state store, and state forged in the
+    aicenter store (as a run could write it) neither silences a change made while the triggerer was down nor
+    makes one fire twice."""
+    inbox = tmp_path / "watched-by-a-triggerer"
+    inbox.mkdir()
+    (inbox / "a.csv").write_text("x\n1\n")
+    uri = inbox.as_uri()
+    airflow_env.add_dag("aicenter_test_real_triggerer.py", REAL_DAG.format(data=uri))
+    # parsed once, unpaused from the start: Airflow keeps watcher triggers for active, unpaused DAGs only
+    done = airflow_env.run("airflow", "dags", "reserialize", extra_env={"AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    trigger = DatasetChangedTrigger(dataset=uri, poll_interval=0.2)
+    log = tmp_path / "triggerer.log"
+
+    def seen(want: int, settle: float = 0) -> dict[str, Any]:
+        done = airflow_env.run("python", "-c", SEEN, uri, str(want), trigger.state_key, str(settle), timeout=200)
+        assert done.returncode == 0 and "SEEN=" in done.stdout, done.stderr[-3000:] + log.read_text()[-3000:]
+        return json.loads(done.stdout.split("SEEN=", 1)[1])
+
+    first = Triggerer(airflow_env, log)
+    try:
+        watching = seen(0)
+        assert watching["events"] == [] and watching["state"]["files"] == 1, watching  # the first listing, recorded
+        (inbox / "b.csv").write_text("x\n2\n")
+        changed = seen(1)
+        assert [e["files"] for e in changed["events"]] == [2], changed
+    finally:
+        first.stop()
+
+    (inbox / "c.csv").write_text("x\n3\n")  # lands while no triggerer runs
+    forged = {"dataset": uri, "fingerprint": listing_of(open_store(uri)).fingerprint, "announced": True}
+    _, kwargs = trigger.serialize()
+    legacy = airflow_env.home / "aicenter" / "triggers" / f"{hashlib.sha256(json.dumps(kwargs, sort_keys=True).encode()).hexdigest()}.json"
+    legacy.parent.mkdir(parents=True, exist_ok=True)
+    legacy.write_text(json.dumps(forged))  # where the trigger kept its state before, writable by runs
+
+    second = Triggerer(airflow_env, log)
+    try:
+        restarted = seen(2, settle=3)
+    finally:
+        second.stop()
+    assert [e["files"] for e in restarted["events"]] == [2, 3], restarted  # the change made while down, once
+    assert restarted["state"]["fingerprint"] == restarted["events"][-1]["fingerprint"], restarted
+    assert "without an asset state store" not in log.read_text(), "the triggerer handed the trigger its asset's store"
