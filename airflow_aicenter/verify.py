@@ -19,9 +19,11 @@ package zip ``aicenter package upload`` builds from the folder (or from the zip'
 from a package folder or zip inside the folder): the upload zip is deterministic, so the same
 package folder gives the same digest (``package/archive.write_zip``). Only files of a size some
 damaged blob has are hashed. The content is written over the damaged object (an overwrite: a
-blob is otherwise created once) through ``transfer.upload_file`` with its digest checked, and the
-object is hashed again before it counts as repaired. Damaged records are never rewritten: what
-they held is gone; the report says how to restore each.
+blob is otherwise created once), its bytes checked against the digest as they are sent: a blob
+through ``transfer.store_blob``, the writer that replaces a blob it finds damaged (as a re-upload
+does), a checkpoint object through ``transfer.upload_file``. Each is hashed again before it counts
+as repaired. Damaged records are never rewritten: what they held is gone; the report says how
+to restore each.
 
 No Airflow import: it runs from the CLI against any store.
 """
@@ -65,6 +67,7 @@ from airflow_aicenter.storage.transfer import (
     gather_limited,
     run,
     sha256_file,
+    store_blob_async,
     upload_file,
 )
 
@@ -385,7 +388,10 @@ def _repair(store: Store, report: VerifyReport, source: Path) -> None:
 
         async def rewrite(damage: Damage) -> bool:
             assert damage.sha256 is not None
-            await upload_file(store, found[damage.sha256], damage.key, expect_sha256=damage.sha256)
+            if damage.kind == "blob":  # the blob writer of every path: hashes what is there, rewrites what is not intact
+                await store_blob_async(store, found[damage.sha256], damage.sha256)
+            else:  # a checkpoint object: overwritten in place, the bytes checked against the digest as they go
+                await upload_file(store, found[damage.sha256], damage.key, expect_sha256=damage.sha256)
             ref = _Ref(damage.kind, damage.key, damage.sha256, damage.size or 0)
             state, _ = await _state(store, ref)
             return state is None
