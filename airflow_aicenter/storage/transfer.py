@@ -981,7 +981,13 @@ def get_blob(store: Store, sha256: str, dest: Path) -> FileEntry:
     key = blob_key(sha256)
 
     async def get() -> FileEntry:
-        info = await store.head_async(key)
+        try:
+            info = await store.head_async(key)
+        except AccessDeniedError:  # S3's answer for an absent key to credentials that may not list it (a run's)
+            raise NotFoundError(
+                f"blob sha256:{sha256} is missing from the store or not readable with these credentials "
+                f"({store.url(key)}); if it was deleted (by `aicenter gc` or by hand), {REPAIR_ADVICE}"
+            ) from None
         if info is None:
             raise missing_blob(store, sha256)
         try:

@@ -45,13 +45,13 @@ from airflow_aicenter.credentials import (
     session_name,
     session_policy,
 )
-from airflow_aicenter.errors import AICenterError, ConfigurationError, DatasetError
+from airflow_aicenter.errors import AICenterError, ConfigurationError, DatasetError, NotFoundError
 from airflow_aicenter.layout import blob_key
 from airflow_aicenter.records import BlobRef, Manifest, ManifestEntry, RunSpec
 from airflow_aicenter.runtime.checkpoint import CheckpointSync
 from airflow_aicenter.runtime.incremental import check_carried
 from airflow_aicenter.storage import S3Options, Store, open_store, transfer
-from airflow_aicenter.storage.transfer import ensure_blobs, put_blob, sha256_file
+from airflow_aicenter.storage.transfer import ensure_blobs, get_blob, put_blob, sha256_file
 from tests.conftest import free_port
 
 ACCOUNT = "123456789012"  # moto's default account
@@ -596,3 +596,13 @@ def test_a_parent_blob_that_is_gone_is_named_under_run_credentials(
     creds = assume(iam_moto, monkeypatch, run_scope(spec("train", save_training_data=True, incremental_base=uri)))
     with pytest.raises(DatasetError, match=r"which is gone from the store .*train without incremental=True"):
         check_carried(runtime_store(iam_moto, creds), base, [gone], uri)
+
+
+def test_a_package_blob_that_is_gone_is_named_under_run_credentials(
+    iam_moto: IamMoto, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Staging a version whose blob was deleted: not "access denied; check the credentials"."""
+    gone = "0e" * 32
+    creds = assume_for_moto(iam_moto, monkeypatch, run_scope(spec("predict", blob=BlobRef(sha256=gone, size=3))))
+    with pytest.raises(NotFoundError, match=r"missing from the store or not readable .*aicenter verify --repair"):
+        get_blob(runtime_store(iam_moto, creds), gone, tmp_path / "package.zip")
