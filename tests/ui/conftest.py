@@ -253,7 +253,7 @@ class Pages:
 
     client: Any
     store: Store
-    root: Path
+    root: Path | None  # a file store's folder; None on S3
 
     def get(self, path: str, user: str = "alice", *, html: bool = True) -> httpx.Response:
         accept = "text/html" if html else "application/json"
@@ -261,16 +261,25 @@ class Pages:
 
 
 @pytest.fixture
-def pages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pages]:
+def pages(request: pytest.FixtureRequest, store: Store, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pages]:
+    """The app over the ``store`` fixture's empty store (file and S3), read through the ``aicenter_default`` connection."""
     from airflow.api_fastapi.core_api.security import get_user
     from fastapi.testclient import TestClient
 
     from airflow_aicenter.plugins.access import dag_access
     from airflow_aicenter.plugins.app import create_app
 
-    root = tmp_path / "store"
-    store = open_store(root.as_uri())
-    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps({"conn_type": "aicenter", "extra": {"storage": store.uri}}))
+    extra: dict[str, Any] = {"storage": store.uri}
+    root = None
+    if store.uri.startswith("file://"):
+        root = Path(store.uri.removeprefix("file://"))
+    else:
+        s3 = request.getfixturevalue("s3_server")
+        monkeypatch.setenv("AIRFLOW_CONN_AWS_MOTO", json.dumps({
+            "conn_type": "aws", "login": "testing", "password": "testing-secret",
+            "extra": {"endpoint_url": s3.endpoint, "region_name": "us-east-1"}}))
+        extra["aws_conn_id"] = "aws_moto"
+    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps({"conn_type": "aicenter", "extra": extra}))
 
     app = create_app()
     app.dependency_overrides[get_user] = _test_user
