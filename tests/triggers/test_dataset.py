@@ -377,6 +377,21 @@ def test_the_record_of_what_was_announced_lives_in_the_asset_state_store_not_the
     assert not store_keys(dataset), "the trigger writes nothing into the aicenter store"
 
 
+async def fires_once_for_one_change(trigger: DatasetChangedTrigger, dataset: Dataset) -> None:
+    """Run ``trigger`` as is (whatever state store it was given), add a file: one event, and no second one."""
+    events = trigger.run()
+    first = asyncio.ensure_future(events.__anext__())
+    await asyncio.sleep(QUIET)
+    dataset.put("b.csv", b"1\n")
+    assert (await asyncio.wait_for(first, 20)).payload["files"] == 2
+    second = asyncio.ensure_future(events.__anext__())
+    await asyncio.sleep(QUIET)
+    assert not second.done(), "fired again without a change"
+    second.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await second
+
+
 def test_without_an_asset_state_store_the_state_is_kept_in_memory_with_a_warning(
     dataset: Dataset, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -384,22 +399,26 @@ def test_without_an_asset_state_store_the_state_is_kept_in_memory_with_a_warning
     restart will miss a change made while it was down; it never falls back to a store that runs can write."""
     trigger = DatasetChangedTrigger(dataset=dataset.uri, poll_interval=POLL)
 
-    async def scenario() -> None:
-        events = trigger.run()
-        first = asyncio.ensure_future(events.__anext__())
-        await asyncio.sleep(QUIET)
-        dataset.put("b.csv", b"1\n")
-        assert (await asyncio.wait_for(first, 20)).payload["files"] == 2
-        second = asyncio.ensure_future(events.__anext__())
-        await asyncio.sleep(QUIET)
-        assert not second.done(), "fired again without a change"
-        second.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await second
-
-    run(scenario)
+    run(lambda: fires_once_for_one_change(trigger, dataset))
     said = "".join(capfd.readouterr())  # the trigger's log (Airflow's structlog writes to the process's output)
     assert "without an asset state store" in said and "kept in memory only" in said, said
+    assert not store_keys(dataset), "the trigger writes nothing into the aicenter store"
+
+
+def test_one_trigger_for_watchers_of_two_assets_keeps_its_state_in_memory_with_a_warning(
+    dataset: Dataset, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Airflow runs one trigger for identical watchers on two assets and hands it both assets' state store, which
+    refuses a key without saying which asset (Airflow's own ``AssetStateStoreAccessors``): still one event per change."""
+    from airflow.sdk import Asset
+    from airflow.sdk.execution_time.context import AssetStateStoreAccessors
+
+    trigger = DatasetChangedTrigger(dataset=dataset.uri, poll_interval=POLL)
+    trigger.asset_state_store = AssetStateStoreAccessors(inlets=[Asset(name="a", uri=dataset.uri), Asset(name="b", uri=dataset.uri)])
+
+    run(lambda: fires_once_for_one_change(trigger, dataset))
+    said = "".join(capfd.readouterr())
+    assert "no single asset state store" in said and "its own arguments" in said, said
     assert not store_keys(dataset), "the trigger writes nothing into the aicenter store"
 
 
