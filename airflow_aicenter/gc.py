@@ -60,9 +60,9 @@ from typing import Any
 
 from airflow_aicenter.errors import ConfigurationError, NotFoundError, StorageError
 from airflow_aicenter.layout import BLOBS, ENVS, MANIFEST_NAMES, PACKAGES, RUNS, LayoutError, RunPath, blob_key
-from airflow_aicenter.records import DamagedRecordError, Manifest, VersionRecord, read
+from airflow_aicenter.records import DamagedRecordError, Manifest, VersionRecord, oversized, read
 from airflow_aicenter.runtime.environment import EnvironmentRecord
-from airflow_aicenter.storage.store import Store
+from airflow_aicenter.storage.store import ObjectInfo, Store
 
 DEFAULT_GRACE_HOURS = 24.0
 _TEMP = re.compile(r"^[0-9a-f]{64}#\d+$")
@@ -149,25 +149,28 @@ def references(store: Store) -> References:
     found = References()
     for info in store.list(PACKAGES):
         if _VERSION_RECORD.match(info.key):
-            record = _read(store, info.key, VersionRecord, found)
+            record = _read(store, info, VersionRecord, found)
             if record is not None:
                 found.digests.add(record.blob.sha256)
                 found.counts["versions"] += 1
     for info in store.list(f"{RUNS}/"):
         if is_snapshot_manifest(info.key):
-            manifest = _read(store, info.key, Manifest, found)
+            manifest = _read(store, info, Manifest, found)
             if manifest is not None:
                 found.digests.update(entry.sha256 for entry in manifest.files)
                 found.counts["manifests"] += 1
     for info in store.list(ENVS):
-        if _ENV_RECORD.match(info.key) and (env := _read(store, info.key, EnvironmentRecord, found)) is not None:
+        if _ENV_RECORD.match(info.key) and (env := _read(store, info, EnvironmentRecord, found)) is not None:
             found.digests.add(env.blob.sha256)
             found.counts["environments"] = found.counts.get("environments", 0) + 1
     return found
 
 
-def _read(store: Store, key: str, model: type[Any], found: References) -> Any:
+def _read(store: Store, info: ObjectInfo, model: type[Any], found: References) -> Any:
+    key = info.key
     try:
+        if (too_large := oversized(store, key, info.size)) is not None:
+            raise too_large
         return read(store, key, model)
     except NotFoundError:  # deleted between listing and reading: it refers to nothing any more
         return None

@@ -337,6 +337,20 @@ DAMAGED_RECORD_FIX = ("restore it from a backup, or remove it if what it records
                       "(`aicenter verify` lists every damaged record)")
 
 
+#: No record the product writes comes near this size (a snapshot manifest of 100,000 files is about
+#: 20 MB); a larger object under a record's key is garbage, and reading it whole would cost its size
+#: in memory. Readers that list before they read (gc, verify) refuse it by its listed size.
+MAX_RECORD_BYTES = 256 * 2**20
+
+
+def oversized(store: Store, key: str, size: int) -> DamagedRecordError | None:
+    """The error for an object too large to be a record (by its listed size), or None."""
+    if size <= MAX_RECORD_BYTES:
+        return None
+    return DamagedRecordError(f"{store.url(key)} is not a record: it holds {size} bytes, over the {MAX_RECORD_BYTES} "
+                              f"bytes any record takes; {DAMAGED_RECORD_FIX}", key=key, raw=b"")
+
+
 def parse(store: Store, key: str, raw: bytes, model: type[M]) -> M:
     """``raw`` (the bytes stored at ``key``) as a ``model`` record; DamagedRecordError when it is not one."""
     try:

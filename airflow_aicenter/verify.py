@@ -55,6 +55,7 @@ from airflow_aicenter.records import (
     Registration,
     SnapshotHint,
     VersionRecord,
+    oversized,
     read,
 )
 from airflow_aicenter.runtime.checkpoint import CheckpointManifest
@@ -203,21 +204,22 @@ def _classify(key: str) -> tuple[str, type[BaseModel] | None] | None:
 
 def _read_records(store: Store, report: VerifyReport, refs: dict[str, _Ref]) -> None:
     """Read every record (READ_CONCURRENCY at once: one small GET each, latency-bound) and note what each names."""
-    keys: list[tuple[str, str, type[BaseModel] | None]] = []
+    keys: list[tuple[str, str, type[BaseModel] | None, int]] = []
     for top in (layout.PACKAGES, layout.ENVS, layout.SNAPSHOTS, layout.TRIGGERS, f"{layout.RUNS}/"):
         for info in store.list(top):
             found = _classify(info.key)
             if found is not None:
-                keys.append((info.key, *found))
+                keys.append((info.key, *found, info.size))
 
-    def load(item: tuple[str, str, type[BaseModel] | None]) -> Any:
+    def load(item: tuple[str, str, type[BaseModel] | None, int]) -> Any:
+        key, _, model, size = item
         try:
-            return _read(store, item[0], item[2])
+            return oversized(store, key, size) or _read(store, key, model)
         except StorageError as exc:
             return exc
 
     with ThreadPoolExecutor(max_workers=READ_CONCURRENCY) as pool:
-        for (key, kind, _), record in zip(keys, pool.map(load, keys), strict=True):
+        for (key, kind, _, _), record in zip(keys, pool.map(load, keys), strict=True):
             report.records[kind] = report.records.get(kind, 0) + 1
             if isinstance(record, NotFoundError):  # deleted since it was listed
                 continue

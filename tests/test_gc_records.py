@@ -61,3 +61,21 @@ def test_gc_command_reports_damaged_records_and_exits_1(store: Store, tmp_path: 
     out, err = capsys.readouterr()
     assert "deleted 0" in out and "Traceback" not in out + err
     assert f"damaged record, skipped: {store.url(damage.records['env'])}" in err, err
+
+
+def test_an_object_too_large_to_be_a_record_is_not_read(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run credentials may create envs/<hex>.json of any size: gc and verify refuse it by its listed size
+    (reading it whole would cost its size in memory), report it, and go on."""
+    from airflow_aicenter import records
+    from airflow_aicenter.registry import Registry
+    from airflow_aicenter.verify import verify
+    from tests.conftest import EXAMPLE_PACKAGE
+
+    Registry(store).upload(EXAMPLE_PACKAGE, "churn")
+    big = layout.env_key("a" * 64)
+    store.put_bytes(big, b"{" + b" " * 5000)
+    monkeypatch.setattr(records, "MAX_RECORD_BYTES", 4096)
+    why = collect(store, grace=timedelta(0)).damaged[store.url(big)]
+    assert "is not a record: it holds 5001 bytes, over the 4096 bytes any record takes" in why, why
+    [damage] = verify(store).damage
+    assert damage.key == big and "holds 5001 bytes" in damage.detail
