@@ -6,8 +6,9 @@ policy, so a pod holds credentials that can only:
 
 - write its own run folder ``runs/<dag>/<run>/<task>/<try>/`` and its task's
   ``runs/<dag>/<run>/<task>/checkpoints/`` (delete only there: checkpoints are pruned);
-- read its run folder, its checkpoints, its datasets, its package version's blob (by its exact
-  key) and the single objects it is given (the parent's snapshot manifest of an incremental run);
+- read its run folder, its checkpoints, its datasets (for a manifest dataset, the folders of its
+  sources too), its package version's blob (by its exact key) and the single objects it is given
+  (the parent's snapshot manifest of an incremental run);
 - only when the run makes blobs (a new version, a snapshot, a package environment; an incremental
   run): create, never overwrite, ``blobs/sha256/*`` and read blobs by digest (``s3:if-none-match``:
   every object-creating request there must carry ``If-None-Match: *``; the multipart steps that
@@ -39,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypedDict
@@ -49,6 +50,8 @@ from airflow_aicenter.errors import ConfigurationError
 from airflow_aicenter.layout import BLOBS, ENVS, PACKAGES, RUNS, blob_key
 from airflow_aicenter.plans import plan_for
 from airflow_aicenter.records import RunSpec
+from airflow_aicenter.runtime.manifest import is_manifest_uri, read_manifest
+from airflow_aicenter.storage import Store
 
 DEFAULT_DURATION = 3600
 #: What STS accepts for DurationSeconds (the role's own maximum may be lower).
@@ -123,7 +126,7 @@ class Scope(TypedDict):
     environments: bool
 
 
-def run_scope(spec: RunSpec) -> Scope:
+def run_scope(spec: RunSpec, open_store: Callable[[str], Store] | None = None) -> Scope:
     """The scope of a run's credentials, from its spec: exactly what its agent reads and writes.
 
     ``blobs`` is the package version's blob; ``reads`` the parent's training snapshot manifest
@@ -132,19 +135,39 @@ def run_scope(spec: RunSpec) -> Scope:
     ``save_test_data``), a package environment (``install_requirements``), and an incremental run
     (it checks that the parent snapshot's blobs are still stored). ``environments`` when it
     restores or stores ``envs/<key>.json``.
+
+    A manifest dataset names its files, in its own folder or anywhere on S3: with ``open_store``
+    (the worker's, e.g. ``AICenterHook.get_store``) the manifest is read and the folders of its
+    ``s3://`` sources become datasets of the run too (read and listed, never written).
     """
     plan = plan_for(spec.pipeline)
     snapshots = spec.save_training_data or spec.save_test_data
+    datasets: list[str | None] = [spec.dataset, spec.evaluation_dataset]
+    if open_store is not None:
+        for uri in (spec.dataset, spec.evaluation_dataset):
+            if uri and uri.startswith("s3://") and is_manifest_uri(uri):
+                datasets += _source_folders(uri, open_store)
     return Scope(
         storage=spec.storage,
         run_prefix=spec.run_prefix,
         checkpoint_prefix=spec.checkpoint_prefix,
-        datasets=[spec.dataset, spec.evaluation_dataset],
+        datasets=datasets,
         reads=[spec.incremental_base] if spec.incremental_base else [],
         blobs=[spec.blob.sha256],
         makes_blobs=plan.makes_version or snapshots or spec.install_requirements or bool(spec.incremental_base),
         environments=spec.install_requirements,
     )
+
+
+def _source_folders(uri: str, open_store: Callable[[str], Store]) -> list[str]:
+    """The S3 folders a manifest's sources lie in (its own folder for relative ones), none inside another."""
+    folders = sorted({uri.rsplit("/", 1)[0]} | {line.source.rsplit("/", 1)[0] for line in read_manifest(uri, open_store)
+                                                if line.source.startswith("s3://")})
+    kept: list[str] = []
+    for folder in folders:  # sorted: a folder comes right after the folders it lies in
+        if not any(folder.startswith(f"{outer}/") for outer in kept):
+            kept.append(folder)
+    return kept
 
 
 def session_policy(

@@ -250,8 +250,9 @@ class PodLauncher(Launcher):
 
         The session policy (``credentials.run_scope``) lets the pod write only its run folder and the
         task's checkpoints, create (never overwrite) blobs and environments where the run makes them,
-        and read its package blob, datasets, checkpoints and parent snapshot; it lists no blob or
-        environment; version records and aliases stay the worker's. The values go into a per-run Kubernetes
+        and read its package blob, datasets (a manifest's source folders too), checkpoints and parent
+        snapshot; it lists no blob or environment; version records and aliases stay the worker's.
+        The values go into a per-run Kubernetes
         Secret referenced by ``secretKeyRef`` (never into the pod spec), are masked in every log,
         and the Secret is deleted when the run ends (the credentials expire on their own anyway).
         """
@@ -259,7 +260,8 @@ class PodLauncher(Launcher):
 
         from airflow_aicenter.credentials import run_credentials, run_scope
 
-        creds = run_credentials(self.hook.settings.extra, self.hook.settings.aws_conn_id, **run_scope(spec))
+        creds = run_credentials(self.hook.settings.extra, self.hook.settings.aws_conn_id,
+                                **run_scope(spec, self.hook.get_store))
         if creds is None:
             return
         values = creds.to_env()

@@ -606,3 +606,27 @@ def test_a_package_blob_that_is_gone_is_named_under_run_credentials(
     creds = assume_for_moto(iam_moto, monkeypatch, run_scope(spec("predict", blob=BlobRef(sha256=gone, size=3))))
     with pytest.raises(NotFoundError, match=r"missing from the store or not readable .*aicenter verify --repair"):
         get_blob(runtime_store(iam_moto, creds), gone, tmp_path / "package.zip")
+
+
+def test_a_manifest_dataset_reads_the_folders_of_its_sources(
+    iam_moto: IamMoto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A manifest names its files: relative to its folder, or anywhere on S3; the run reads those folders only."""
+    worker_s3 = iam_moto.worker("s3")
+    lines = [{"source": "images/cat.png", "usage": "TRAIN"}, {"source": f"s3://{BUCKET}/shared/2026/dog.png"}]
+    worker_s3.put_object(Bucket=BUCKET, Key="manifests/churn/train.manifest",
+                         Body="\n".join(json.dumps(line) for line in lines).encode())
+    for key in ("manifests/churn/images/cat.png", "shared/2026/dog.png", "shared/2025/secret.png"):
+        worker_s3.put_object(Bucket=BUCKET, Key=key, Body=key.encode())
+    worker = S3Options.from_env({"AWS_ENDPOINT_URL": iam_moto.endpoint, "AWS_REGION": "us-east-1",
+                                 "AWS_ACCESS_KEY_ID": iam_moto.worker_key, "AWS_SECRET_ACCESS_KEY": iam_moto.worker_secret})
+    scope = run_scope(spec("train", dataset=f"s3://{BUCKET}/manifests/churn/train.manifest"),
+                      lambda uri: open_store(uri, worker, create=False))
+    policy = session_policy(**scope)
+    assert allowed(policy, "s3:GetObject", obj("manifests/churn/train.manifest"))
+    assert allowed(policy, "s3:GetObject", obj("shared/2026/dog.png"))
+    assert not allowed(policy, "s3:GetObject", obj("shared/2025/secret.png"))
+    pod = s3_of(iam_moto, assume_for_moto(iam_moto, monkeypatch, scope))
+    for key in ("manifests/churn/train.manifest", "manifests/churn/images/cat.png", "shared/2026/dog.png"):
+        assert pod.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    assert denied(pod.get_object, Bucket=BUCKET, Key="shared/2025/secret.png")
