@@ -329,7 +329,8 @@ def run_credentials(
     if len(document) > MAX_POLICY_CHARS:
         raise ConfigurationError(
             f"the session policy for run {run_prefix} is {len(document)} characters, over the {MAX_POLICY_CHARS} AWS "
-            "accepts: the run names too many datasets; put them under fewer s3:// prefixes"
+            "accepts: the run names too many datasets (a manifest's sources count by the folders they lie in); put them "
+            "under fewer s3:// prefixes"
         )
     from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
     from botocore.exceptions import BotoCoreError, ClientError
