@@ -559,14 +559,20 @@ def cmd_package_validate(args: argparse.Namespace, registry: Registry | None) ->
 
 
 # -- runs commands ------------------------------------------------------------------------
-def _read_runs(registry: Registry, args: argparse.Namespace) -> list[RunRecord]:
+def _read_runs(registry: Registry, args: argparse.Namespace) -> tuple[list[RunRecord], list[str]]:
+    """The runs, and the ids of those left out because a record of theirs could not be read (each warned about)."""
+    left_out: list[str] = []
+
+    def skipped(run_id: str, exc: StorageError) -> None:
+        left_out.append(run_id)
+        err_console.print(f"[yellow]warning:[/] run {escape(run_id)} left out: {escape(str(exc))}", highlight=False)
+
     with Progress(TextColumn("Reading run records"), BarColumn(), MofNCompleteColumn(), console=err_console,
                   transient=True) as bar:
         task = bar.add_task("runs", total=None)
-        return list_runs(registry.store, package=args.package, status=args.status,
-                         progress=lambda done, total: bar.update(task, completed=done, total=total),
-                         on_error=lambda run_id, exc: err_console.print(
-                             f"[yellow]warning:[/] run {escape(run_id)} left out: {escape(str(exc))}", highlight=False))
+        records = list_runs(registry.store, package=args.package, status=args.status,
+                            progress=lambda done, total: bar.update(task, completed=done, total=total), on_error=skipped)
+    return records, left_out
 
 
 def _versions(record: RunRecord, *, markup: bool = True) -> str:
@@ -581,13 +587,19 @@ def _fits(ids: Sequence[str], other_columns: int) -> bool:
 
 
 def cmd_runs_list(args: argparse.Namespace, registry: Registry) -> int:
-    records = _read_runs(registry, args)
+    """Exit 1 when a run was left out (a damaged record of its own, warned about on stderr), as package list does."""
+    records, left_out = _read_runs(registry, args)
     if args.json:
         emit_json([r.summary() for r in records])
-        return 0
+    else:
+        _print_runs(registry, args, records)
+    return 1 if left_out else 0
+
+
+def _print_runs(registry: Registry, args: argparse.Namespace, records: list[RunRecord]) -> None:
     if not records:
         console.print("No runs" + (" match" if args.package or args.status else " yet") + f" in {escape(registry.store.uri)}")
-        return 0
+        return
     console.print(f"Runs in {escape(registry.store.uri)} (newest first)")
     if _fits([r.id for r in records], 100):
         table = Table()
@@ -598,7 +610,7 @@ def cmd_runs_list(args: argparse.Namespace, registry: Registry) -> int:
             table.add_row(escape(r.id), r.pipeline, _status(r.status), _fmt(r.package), _versions(r), _fmt(r.outcome.score),
                           r.start.strftime("%Y-%m-%d %H:%M:%S"), _duration(r.duration), _fmt(r.cause))
         console.print(table)
-        return 0
+        return
     # narrow (a pipe, CI, 80 columns): one block per run, its id on a line of its own, never broken
     for r in records:
         console.print(f"[bold]{escape(r.id)}[/]", overflow="ignore", crop=False)
@@ -606,7 +618,6 @@ def cmd_runs_list(args: argparse.Namespace, registry: Registry) -> int:
                       f"{r.start:%Y-%m-%d %H:%M:%S}  {_duration(r.duration)}")
         if r.cause:
             console.print(f"  cause: {_fmt(r.cause)}", highlight=False)
-    return 0
 
 
 def cmd_runs_show(args: argparse.Namespace, registry: Registry) -> int:

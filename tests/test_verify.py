@@ -178,7 +178,7 @@ def test_a_store_with_every_kind_of_damage_is_listed_verified_and_collected(stor
     detail = aicenter("package", "show", "churn:1.0")
     assert detail.returncode == 1 and "Lineage: 1.0" in detail.stdout and alias in detail.stderr
     runs = aicenter("runs", "list")
-    assert runs.returncode == 0 and "dag/run1/train/1" in runs.stdout
+    assert runs.returncode == 1 and "dag/run1/train/1" in runs.stdout
     assert f"run dag/run2/train/1 left out: {store.url(damage.records['outcome'])}" in runs.stderr
     verified = aicenter("verify")
     assert verified.returncode == 1
