@@ -189,8 +189,9 @@ def assume_for_moto(iam_moto: IamMoto, monkeypatch: pytest.MonkeyPatch, scope: S
     ``s3:ListObjectsV2``, not IAM's ``s3:ListBucket``. So the role gets the policy without its
     conditional Deny, with its listing unconditional and under moto's name too: broader, never
     narrower, than the session policy, so what moto refuses, AWS refuses too. The evaluator
-    tests those conditions. (moto authorizes a HEAD under no S3 action a policy can name: every
-    HEAD is refused, as AWS refuses a HEAD of an absent key to whoever may not list it.)
+    tests those conditions. (moto authorizes a HEAD as ``s3:HeadObject``, AWS as ``s3:GetObject``;
+    the policy names only the latter, so moto refuses every HEAD, as AWS refuses a HEAD of an
+    absent key to whoever may not list it.)
     """
     creds = assume(iam_moto, monkeypatch, scope)
     statements = []
@@ -501,7 +502,7 @@ def test_prediction_credentials_read_their_package_blob_and_not_another_teams(
     for key, body in ((BLOB, b"package zip"), (OTHER, b"another team's model"), ("aicenter/envs/k.json", b"{}")):
         worker_s3.put_object(Bucket=BUCKET, Key=key, Body=body)
     pod = s3_of(iam_moto, assume(iam_moto, monkeypatch, run_scope(spec("predict"))))
-    # (GETs only: moto 5.2 answers 403 to every HEAD made with assumed-role credentials, whatever the policy.)
+    # (GETs only: moto 5.2 authorizes a HEAD as s3:HeadObject, which is no IAM action; AWS as s3:GetObject.)
     assert pod.get_object(Bucket=BUCKET, Key=BLOB)["Body"].read() == b"package zip"
     assert denied(pod.get_object, Bucket=BUCKET, Key=OTHER)
     assert denied(pod.get_object, Bucket=BUCKET, Key="aicenter/envs/k.json")
@@ -532,8 +533,9 @@ def test_without_checkpoints_nothing_under_the_task_but_the_run_folder_is_writab
 
 # -- the runtime under credentials that may not list blobs/ ------------------------------------
 # Run credentials list no blob, and S3 answers 403 (not 404) to a lookup of an absent key from
-# whoever may not list it; moto 5.2 answers 403 to every HEAD made with assumed-role credentials,
-# which stands for that here.
+# whoever may not list it. moto 5.2 refuses every HEAD under these policies (it authorizes a HEAD
+# as s3:HeadObject, which is no IAM action; AWS authorizes it as s3:GetObject): that stands for
+# AWS's answer here, for present keys too.
 def test_a_snapshot_with_run_credentials_stores_its_blobs_without_listing_the_store(
     iam_moto: IamMoto, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
