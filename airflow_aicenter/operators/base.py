@@ -2,12 +2,15 @@
 
 resolve the version -> check (package, datasets, launcher) -> recover an earlier try's run ->
 launch the runtime (a launcher) -> :meth:`BasePipelineOperator.complete`. The operator is glue:
-what happens after a run (recover an earlier try, register the new version once per task
-instance, promote, ``_results.json``, the XCom value, the Asset event's data) is
-:mod:`airflow_aicenter.completion`, without Airflow; the operator publishes the one value it
-returns. The pipeline type is a :class:`~airflow_aicenter.plans.PipelinePlan` (data), asked and
-never compared by name; the place the run executes is a
-:class:`~airflow_aicenter.launchers.Launcher`, built once per execution.
+its arguments are checked by :mod:`.checks` (when the DAG is parsed, and the datasets before
+compute); rendered, they are one :class:`~airflow_aicenter.completion.RunRequest`, from which
+:mod:`airflow_aicenter.run_spec` builds the run's spec; what happens after a run (recover an
+earlier try, register the new version once per task instance, promote, ``_results.json``, the
+XCom value, the Asset event's data) is :mod:`airflow_aicenter.completion`, without Airflow; the
+operator publishes the one value it returns. The pipeline type is a
+:class:`~airflow_aicenter.plans.PipelinePlan` (data), asked and never compared by name; the
+place the run executes is a :class:`~airflow_aicenter.launchers.Launcher`, built once per
+execution.
 
 The operators subclass KubernetesPodOperator so every pod setting is available as it is; only
 its public extension points are used (``build_pod_request_obj``, ``get_or_create_pod``,
