@@ -80,6 +80,9 @@ def small_dataset(tmp_path: Path, name: str = "data") -> Path:
 
 
 # -- tasks run in process (the operator's execute with a task context; no Airflow subprocess) ----------
+#: Pod polling for the test Kubernetes API server, whose pods start and end in seconds.
+FAST = {"startup_check_interval_seconds": 1, "poll_interval": 0.5, "base_container_status_polling_interval": 0.2}
+
 #: The example DAG's training env (dags/aicenter_training.py).
 EXAMPLE_ENV = {"EPOCHS": "150", "LEARNING_RATE": "0.2"}
 

@@ -29,7 +29,7 @@ from airflow_aicenter.records import Manifest, Outcome, read
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import Store, open_store
 from airflow_aicenter.storage.transfer import run, upload_tree
-from tests.aicenter_helpers import example_training, run_trigger
+from tests.aicenter_helpers import FAST, example_training, run_trigger
 from tests.conftest import EXAMPLE_PACKAGE, make_dataset, write_files
 from tests.operators.kube_api import FakeKubernetes, make_context, seed_pod
 from tests.packages import ECHO_MAIN, FAILING_TRAIN
@@ -37,10 +37,6 @@ from tests.packages import ECHO_MAIN, FAILING_TRAIN
 IMAGE = "aicenter-runtime:test"
 POD_KEY_ID, POD_SECRET = "AKIAPODONLY00000001", "pod-only-s3cr3t-never-in-a-manifest"
 CONN_PASSWORD = "testing-secret"  # the worker's AWS connection (tests.conftest's moto credentials)
-
-#: Poll the test API server often: the pods of these tests start and end in seconds.
-FAST = {"poll_interval": 0.5, "startup_check_interval_seconds": 1, "base_container_status_polling_interval": 0.2}
-
 
 GATED_TRAIN = '''
 import os, time

@@ -20,9 +20,9 @@ from airflow_aicenter.launchers.job import JobLauncher, job_name
 from airflow_aicenter.operators import FullPipelineOperator, TrainPipelineOperator
 from airflow_aicenter.records import Results, read
 from airflow_aicenter.registry import Registry
+from tests.aicenter_helpers import FAST, MAIN, run_trigger
 from tests.conftest import write_files
 from tests.operators.kube_api import FakeKubernetes, make_context
-from tests.operators.test_kubernetes_launcher import FAST, MAIN, run_trigger
 from tests.runtime.test_distributed import RENDEZVOUS
 
 

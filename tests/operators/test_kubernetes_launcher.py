@@ -7,7 +7,6 @@ test`` are in test_kubernetes_dags.py.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import io
@@ -27,6 +26,7 @@ from airflow_aicenter.launchers.pod import PodRun
 from airflow_aicenter.operators import TrainPipelineOperator
 from airflow_aicenter.records import Manifest, Outcome, Results, read, read_optional
 from airflow_aicenter.registry import Registry
+from tests.aicenter_helpers import FAST, run_trigger
 from tests.conftest import write_files
 from tests.operators.kube_api import FakeKubernetes, make_context, seed_pod
 from tests.packages import ECHO_MAIN
@@ -52,7 +52,6 @@ class Main:
     def save(self):
         pass
 '''
-FAST = {"startup_check_interval_seconds": 1, "poll_interval": 0.5, "base_container_status_polling_interval": 0.2}
 
 
 class WorkerDied(BaseException):
@@ -65,15 +64,6 @@ def upload(registry: Registry, tmp_path: Path, name: str, train_py: str = TRAIN,
 
 def train_op(package: str, dataset: str | None, **kwargs: Any) -> TrainPipelineOperator:
     return TrainPipelineOperator(task_id="train", package=package, dataset=dataset, **FAST, **kwargs)
-
-
-def run_trigger(deferred: TaskDeferred) -> dict[str, Any]:
-    async def first_event() -> dict[str, Any]:
-        async for event in deferred.trigger.run():
-            return event.payload
-        raise AssertionError("the trigger ended without an event")
-
-    return asyncio.run(first_event())
 
 
 def posts(kube: FakeKubernetes) -> int:
