@@ -1,74 +1,169 @@
 """Snapshots of data folders: a manifest (path -> digest, size) over the content-addressed blob store.
 
 A blob's key is its digest, so data that is already stored is never written again. What
-makes a re-snapshot of a large dataset cheap is knowing *which* digests are stored without
-asking the store once per file: after each snapshot of a source (a dataset URI) the runtime
-leaves a hint, ``snapshots/<sha256 of the source>.json``, naming that snapshot's manifest.
-The next snapshot of the same source reads the hint and the manifest (two GETs) and takes
-the digests it lists as stored: a manifest is written only after all its blobs, and ``gc``
-never deletes a blob a manifest names. Only the digests the last manifest does not list
-(new or changed files) are checked and uploaded.
+makes a re-snapshot of a large dataset cheap is not reading back the blobs that are stored:
+after each snapshot of a source (a dataset URI) the runtime leaves a hint,
+``snapshots/<sha256 of the source>.json``, naming that snapshot's manifest. The next snapshot
+of the same source reads the hint and the manifest and takes the digests it lists as
+*vouched for*: a manifest is written only after all its blobs were verified (hashed in full
+or uploaded, or vouched for in turn), and ``gc`` never deletes a blob a manifest names.
 
-The hint is never authoritative: a missing or unreadable hint or manifest, a source that
-does not match, or one missing blob in a random sample of the vouched-for digests, and the
-snapshot falls back to checking every digest (a listing or HEADs, then a full hash of each
-blob that is there: ensure_blobs). The vouched-for blobs are not read back: that would read the
-whole dataset from the store on every run. A blob damaged after the snapshot that wrote it is
-still never used: every download verifies its digest, and `aicenter verify` finds it and, with
-`--repair`, rewrites it.
+Vouched for is not trusted blindly: a blob may be deleted, or damaged in place (one byte
+flipped keeps its size), after the manifest was written. Blobs are create-once, so an intact
+blob is never modified after the manifest that names it: each vouched-for blob gets a HEAD
+(metadata, no bytes; concurrent), and one that is missing, of another size, or modified
+*strictly after* the manifest (the manifest's own HEAD) is not vouched for. One modified after
+is read back and hashed (a repair by `aicenter verify --repair` rewrites a blob intact); one
+missing or damaged is rewritten from the staged file by ensure_blobs, and the log names it as
+repaired. Those and the digests the last manifest does not list (new or changed files) are
+checked the full way (ensure_blobs). Nothing is read back in the usual case, so a re-snapshot
+of unchanged data costs a HEAD per distinct file, not a download of the dataset.
+
+Both times come from the store's clock (S3 sets Last-Modified, a file system the mtime, when
+the bytes are written), so the clocks of the workers do not enter. S3 reports whole seconds
+and a file system its clock tick: a change within the same second (tick) as the manifest
+write looks no later than it and is let through; so is a modification made with an old time
+set on purpose (``touch -d``, ``cp -p``, ``rsync -t`` of damaged bytes on a file store). Such a
+blob is still never used: every download verifies its digest, and `aicenter verify` finds it
+and, with ``--repair``, rewrites it. A blob rewritten intact after the manifest is hashed once
+more by the next snapshot, then vouched for by that snapshot's newer manifest.
+
+The hint is never authoritative: a missing or unreadable hint or manifest, or a source that
+does not match, and the snapshot checks every digest (a listing or HEADs, then a full hash of
+each blob that is there: ensure_blobs).
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
-from airflow_aicenter.errors import AICenterError
+from airflow_aicenter.errors import AccessDeniedError, AICenterError
 from airflow_aicenter.layout import blob_key, snapshot_hint_key
 from airflow_aicenter.records import Manifest, ManifestEntry, SnapshotHint, read_optional, write
 from airflow_aicenter.storage import Store
-from airflow_aicenter.storage.transfer import BlobStats, FileEntry, ensure_blobs, run
+from airflow_aicenter.storage.store import ObjectInfo
+from airflow_aicenter.storage.transfer import (
+    BlobState,
+    BlobStats,
+    FileEntry,
+    blob_state_async,
+    ensure_blobs,
+    gather_limited,
+    run,
+)
 
-#: How many vouched-for digests are checked with a HEAD before the hint is trusted.
-SAMPLE = 8
+#: Damaged or missing blobs named one by one in the log line that reports a repair; the rest are counted.
+NAMED = 5
 
 
-def stored_by_hint(store: Store, source: str | None, digests: set[str], log: Callable[[str], None]) -> set[str]:
-    """The digests among ``digests`` that the last snapshot of ``source`` proves stored (maybe none)."""
-    if not source or not digests:
-        return set()
+@dataclass(frozen=True)
+class Vouched:
+    """What the last snapshot of a source proves about the digests of a new one.
+
+    ``known``: stored and intact (unmodified since the manifest naming them, or hashed);
+    ``broken``: digest -> "missing" or "damaged", left for ensure_blobs to rewrite from the
+    staged files; ``manifest``: the vouching manifest's key.
+    """
+
+    known: frozenset[str] = frozenset()
+    broken: Mapping[str, BlobState] = field(default_factory=dict)
+    manifest: str | None = None
+
+
+def modified_after(blob: datetime, manifest: datetime, *, whole_seconds: bool) -> bool:
+    """Whether a blob's last modification is strictly later than the manifest's.
+
+    With ``whole_seconds`` (S3: Last-Modified is reported in seconds, by HEAD at least) both
+    are compared at that precision, so a blob written in the same second as its manifest, the
+    normal case for a small snapshot, is not taken as modified after it.
+    """
+    if whole_seconds:
+        blob, manifest = blob.replace(microsecond=0), manifest.replace(microsecond=0)
+    return blob > manifest
+
+
+async def _head(store: Store, key: str) -> ObjectInfo | None:
+    """HEAD a blob; a refused HEAD counts as absent (S3's 403 for an absent key to run credentials)."""
+    try:
+        return await store.head_async(key)
+    except AccessDeniedError:
+        return None
+
+
+async def check_vouched(store: Store, sizes: Mapping[str, int], since: datetime) -> dict[str, BlobState]:
+    """The state of each blob in ``sizes`` (digest -> size) that a manifest written at ``since`` names.
+
+    A HEAD each, concurrently: missing; another size (damaged); unmodified since ``since``
+    (ok, not read); modified after it: read back and hashed in full (ok or damaged).
+    """
+    whole_seconds = store.scheme != "file"
+
+    async def one(digest: str) -> BlobState:
+        info = await _head(store, blob_key(digest))
+        if info is None:
+            return "missing"
+        if info.size != sizes[digest]:
+            return "damaged"
+        if info.last_modified is not None and not modified_after(info.last_modified, since, whole_seconds=whole_seconds):
+            return "ok"
+        return await blob_state_async(store, digest)
+
+    digests = sorted(sizes)
+    return dict(zip(digests, await gather_limited(digests, one), strict=True))
+
+
+def vouched_blobs(store: Store, source: str | None, sizes: Mapping[str, int], log: Callable[[str], None]) -> Vouched:
+    """What the last snapshot of ``source`` proves about the digests in ``sizes`` (digest -> size; maybe nothing)."""
+    if not source or not sizes:
+        return Vouched()
     try:
         hint = read_optional(store, snapshot_hint_key(source), SnapshotHint)
         if hint is None or hint.source != source:
-            return set()
+            return Vouched()
+        # HEAD before GET: a manifest rewritten in between only makes more blobs look modified after it.
+        written = store.head(hint.manifest)
+        if written is None or written.last_modified is None:
+            return Vouched()
         manifest = read_optional(store, hint.manifest, Manifest)
         if manifest is None:
-            return set()
-        known = digests & {entry.sha256 for entry in manifest.files}
-        sample = random.sample(sorted(known), min(SAMPLE, len(known)))
-        if any(not store.exists(blob_key(d)) for d in sample):
-            log(f"the last snapshot of {source} names blobs that are gone; checking every file")
-            return set()
+            return Vouched()
+        listed = {entry.sha256 for entry in manifest.files} & set(sizes)
+        states = run(check_vouched(store, {d: sizes[d] for d in listed}, written.last_modified))
     except AICenterError as exc:  # a hint must never fail a run
         log(f"snapshot hint for {source} not usable ({exc}); checking every file")
-        return set()
-    return known
+        return Vouched()
+    return Vouched(known=frozenset(d for d, s in states.items() if s == "ok"),
+                   broken={d: s for d, s in states.items() if s != "ok"}, manifest=hint.manifest)
+
+
+def _repaired(source: str, vouched: Vouched) -> str:
+    """The log line for vouched-for blobs found missing or damaged and rewritten from the staged files."""
+    items = sorted(vouched.broken.items())
+    named = ", ".join(f"sha256:{digest[:12]} ({state})" for digest, state in items[:NAMED])
+    more = f" and {len(items) - NAMED} more" if len(items) > NAMED else ""
+    return (f"repaired {len(items)} blob{'s' if len(items) != 1 else ''} that the last snapshot of {source} "
+            f"({vouched.manifest}) names and that were gone or damaged in the store since it was written: "
+            f"{named}{more}; rewritten from the staged files")
 
 
 def take_snapshot(
     store: Store, folder: Path, entries: Sequence[FileEntry], *, source: str | None, directory: str, key: str,
     log: Callable[[str], None], carried: Sequence[ManifestEntry] = (), fingerprints: Mapping[str, str] | None = None,
 ) -> BlobStats:
-    """Store the blobs of ``entries`` that are missing, then the manifest at ``key``, then the hint.
+    """Store the blobs of ``entries`` that are missing or damaged, then the manifest at ``key``, then the hint.
 
     ``carried`` are files of the dataset that were not staged (an incremental run's unchanged
     files): listed in the manifest as they are, their blobs vouched for by the manifest they come
     from. ``fingerprints`` (path -> source ETag or mtime) let the next incremental run compare
     without downloading.
     """
-    known = stored_by_hint(store, source, {e.sha256 for e in entries}, log)
-    stats = run(ensure_blobs(store, folder, entries, known=known))
+    vouched = vouched_blobs(store, source, {e.sha256: e.size for e in entries}, log)
+    stats = run(ensure_blobs(store, folder, entries, known=vouched.known))
+    if vouched.broken and source:
+        log(_repaired(source, vouched))
     marks = fingerprints or {}
     files = [ManifestEntry(path=e.path, sha256=e.sha256, size=e.size, etag=marks.get(e.path)) for e in entries]
     files = sorted([*files, *carried], key=lambda e: e.path)

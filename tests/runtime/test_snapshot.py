@@ -1,4 +1,7 @@
-"""Zero-copy re-snapshots: the last manifest of a source vouches for its blobs; never trusted blindly."""
+"""Zero-copy re-snapshots: the last manifest of a source vouches for its blobs; never trusted blindly.
+
+Repairs of vouched-for blobs damaged in place: test_snapshot_repair.py.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import pytest
 
 from airflow_aicenter.layout import BLOBS, blob_key, snapshot_hint_key
 from airflow_aicenter.records import Manifest, read
-from airflow_aicenter.runtime.snapshot import SAMPLE, take_snapshot
+from airflow_aicenter.runtime.snapshot import take_snapshot
 from airflow_aicenter.storage import Store
 from airflow_aicenter.storage.transfer import FileEntry, sha256_file
 
@@ -17,10 +20,17 @@ SOURCE = "s3://data/churn"
 
 
 class CountingStore:
-    """The real store, with a count of existence checks (one per blob without the hint)."""
+    """The real store, with a count of existence checks and of blobs read back (hashed).
+
+    transfer checks a key readable before each GET, so ``reads`` counts the blob GETs.
+    """
 
     def __init__(self, inner: Store) -> None:
-        self._inner, self.checks = inner, 0
+        self._inner, self.checks, self.reads = inner, 0, 0
+
+    def check_readable(self, key: str) -> None:
+        self.reads += key.startswith(BLOBS)
+        self._inner.check_readable(key)
 
     def exists(self, key: str) -> bool:
         self.checks += key.startswith(BLOBS)
@@ -54,16 +64,17 @@ def snap(store: Any, root: Path, files: list[FileEntry], n: int, source: str | N
                          key=f"runs/d/r/t/{n}/data_directory.manifest.json", log=(logs if logs is not None else []).append)
 
 
-def test_unchanged_data_is_neither_written_nor_checked_file_by_file(store: Store, tmp_path: Path) -> None:
+def test_unchanged_data_is_neither_written_nor_read_back(store: Store, tmp_path: Path) -> None:
     files = make_data(tmp_path / "data")
     counting = CountingStore(store)
     first = snap(counting, tmp_path / "data", files, 1)
     assert first.uploaded_files == 40 and counting.checks == 40
 
-    counting.checks = 0
+    counting.checks = counting.reads = 0
     second = snap(counting, tmp_path / "data", files, 2)
     assert (second.uploaded_files, second.uploaded_bytes) == (0, 0)
-    assert counting.checks <= SAMPLE  # a sample, not one per file
+    assert counting.reads == 0  # vouched for: a HEAD each (metadata), no blob read back
+    assert counting.checks == 40
     manifest = read(store, "runs/d/r/t/2/data_directory.manifest.json", Manifest)
     assert {e.sha256 for e in manifest.files} == {e.sha256 for e in files} and manifest.source == SOURCE
 
@@ -103,9 +114,9 @@ def test_an_unusable_hint_falls_back_to_checking_every_file(store: Store, tmp_pa
     counting = CountingStore(store)
     stats = snap(counting, root, files, 1)
     assert stats.uploaded_files == 12 and counting.checks == 12
-    # and the snapshot replaced it with a good hint
-    counting.checks = 0
-    assert snap(counting, root, files, 2).uploaded_files == 0 and counting.checks <= SAMPLE
+    # and the snapshot replaced it with a good hint: nothing read back the next time
+    counting.reads = 0
+    assert snap(counting, root, files, 2).uploaded_files == 0 and counting.reads == 0
 
 
 def test_a_snapshot_without_a_source_leaves_no_hint(store: Store, tmp_path: Path) -> None:

@@ -1,0 +1,166 @@
+"""A re-snapshot repairs the blobs its last manifest vouches for (issue 20, finding 2).
+
+The last manifest of a source vouches for its blobs, so a re-snapshot does not read them
+back; what it must still notice is a blob changed since that manifest was written. Blobs are
+create-once: an intact one is never modified after the manifest naming it, so a blob that is
+missing, of another size, or modified after the manifest is checked in full and rewritten
+from the staged file. Each test damages a blob the way a disk or a careless hand would (one
+byte flipped in place, same size), on both stores, and re-snapshots the same source.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from airflow_aicenter.layout import BLOBS, blob_key
+from airflow_aicenter.runtime.snapshot import take_snapshot
+from airflow_aicenter.storage import Store
+from airflow_aicenter.storage.store import local_path
+from airflow_aicenter.storage.transfer import BlobStats, FileEntry, blob_state, sha256_file
+
+SOURCE = "s3://data/churn"
+LARGE = 17 * 2**20  # above the old 16 MiB limit, and a multipart upload on S3
+
+
+class ReadCounting:
+    """The real store, counting the blobs read back (transfer checks a key readable before each GET)."""
+
+    def __init__(self, inner: Store) -> None:
+        self._inner, self.reads = inner, 0
+
+    def check_readable(self, key: str) -> None:
+        self.reads += key.startswith(BLOBS)
+        self._inner.check_readable(key)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def dataset(root: Path) -> list[FileEntry]:
+    """A 17 MiB file and two small ones."""
+    root.mkdir(parents=True)
+    (root / "large.bin").write_bytes(os.urandom(LARGE))
+    (root / "a.csv").write_bytes(b"a,b\n1,2\n")
+    (root / "sub").mkdir()
+    (root / "sub" / "b.csv").write_bytes(b"c\n3\n" * 100)
+    out = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        e = sha256_file(path)
+        out.append(FileEntry(path.relative_to(root).as_posix(), e.sha256, e.size))
+    return out
+
+
+def snap(store: Any, root: Path, files: list[FileEntry], n: int, logs: list[str]) -> BlobStats:
+    return take_snapshot(store, root, files, source=SOURCE, directory="data_directory",
+                         key=f"runs/d/r/t/{n}/data_directory.manifest.json", log=logs.append)
+
+
+def after_the_manifest(store: Store) -> None:
+    """Let the store's clock pass the manifest's, as it has when damage happens: S3 reports
+    Last-Modified in whole seconds, a file system its mtime at the kernel's clock tick (a few ms).
+
+    A change within that same tick as the manifest write looks no later than it (the residual
+    window, covered by the digest check on every download and by `aicenter verify`).
+    """
+    time.sleep(1.1 if store.scheme == "s3" else 0.05)
+
+
+def flip_in_place(store: Store, digest: str, offset: int) -> None:
+    """One bit of the stored blob flipped, its size unchanged: in the file itself, or a PUT over the S3 key."""
+    key = blob_key(digest)
+    if store.scheme == "file":
+        with open(local_path(store.uri) / key, "r+b") as fh:
+            fh.seek(offset)
+            byte = fh.read(1)
+            fh.seek(offset)
+            fh.write(bytes([byte[0] ^ 0x01]))
+    else:
+        data = bytearray(store.get_bytes(key))
+        data[offset] ^= 0x01
+        store.put_bytes(key, bytes(data))
+    assert blob_state(store, digest) == "damaged"
+
+
+def large(files: list[FileEntry]) -> FileEntry:
+    return next(e for e in files if e.path == "large.bin")
+
+
+def test_a_re_snapshot_repairs_a_vouched_for_blob_with_one_byte_flipped(store: Store, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    files = dataset(root)
+    snap(store, root, files, 1, [])
+    after_the_manifest(store)
+    big = large(files)
+    flip_in_place(store, big.sha256, 9 * 2**20 + 3)
+
+    logs: list[str] = []
+    stats = snap(store, root, files, 2, logs)
+    assert blob_state(store, big.sha256) == "ok", "the re-snapshot must rewrite the damaged blob from the staged file"
+    assert (stats.uploaded_files, stats.uploaded_bytes) == (1, big.size)
+    assert any("repaired" in line and big.sha256[:12] in line for line in logs), logs
+
+    counting = ReadCounting(store)  # repaired now: the next re-snapshot trusts it again, reading nothing back
+    again = snap(counting, root, files, 3, logs)
+    assert again.uploaded_files == 0 and counting.reads <= 1  # at most the repaired blob, rewritten after manifest 2
+
+
+def test_a_re_snapshot_repairs_a_truncated_vouched_for_blob(store: Store, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    files = dataset(root)
+    snap(store, root, files, 1, [])
+    small = next(e for e in files if e.path == "sub/b.csv")
+    store.put_bytes(blob_key(small.sha256), (root / "sub" / "b.csv").read_bytes()[:-1])
+
+    logs: list[str] = []
+    stats = snap(store, root, files, 2, logs)
+    assert blob_state(store, small.sha256) == "ok"
+    assert stats.uploaded_files == 1
+    assert any("repaired" in line and small.sha256[:12] in line for line in logs), logs
+
+
+def test_a_deleted_vouched_for_blob_is_uploaded_again(store: Store, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    files = dataset(root)
+    snap(store, root, files, 1, [])
+    big = large(files)
+    store.delete(blob_key(big.sha256))
+
+    logs: list[str] = []
+    stats = snap(store, root, files, 2, logs)
+    assert blob_state(store, big.sha256) == "ok"
+    assert (stats.uploaded_files, stats.uploaded_bytes) == (1, big.size)
+    assert any("missing" in line and big.sha256[:12] in line for line in logs), logs
+
+
+def test_a_vouched_for_blob_rewritten_intact_is_hashed_not_uploaded(store: Store, tmp_path: Path) -> None:
+    """A blob written again after the manifest (a repair, `aicenter verify --repair`) is read back once, then trusted."""
+    root = tmp_path / "data"
+    files = dataset(root)
+    snap(store, root, files, 1, [])
+    after_the_manifest(store)
+    small = next(e for e in files if e.path == "a.csv")
+    store.put_bytes(blob_key(small.sha256), (root / "a.csv").read_bytes())
+
+    counting = ReadCounting(store)
+    logs: list[str] = []
+    stats = snap(counting, root, files, 2, logs)
+    assert stats.uploaded_files == 0 and counting.reads == 1
+    assert not any("repaired" in line for line in logs), logs
+    counting.reads = 0
+    after_the_manifest(store)
+    assert snap(counting, root, files, 3, logs).uploaded_files == 0 and counting.reads == 0
+
+
+def test_an_unchanged_re_snapshot_reads_no_blob_back(store: Store, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    files = dataset(root)
+    snap(store, root, files, 1, [])
+    after_the_manifest(store)
+    counting = ReadCounting(store)
+    logs: list[str] = []
+    stats = snap(counting, root, files, 2, logs)
+    assert (stats.uploaded_files, counting.reads) == (0, 0)
+    assert logs == []
