@@ -539,12 +539,7 @@ def store_built(store: Store, plan: dict[str, Any], log: Log, cache_dir: Path | 
         return f"environment {key[:12]} was stored by another run meanwhile"
     handle, name = tempfile.mkstemp(prefix=f".env-{key[:12]}-", suffix=f".{PACKED}")
     os.close(handle)
-    path = Path(name)
-    try:
-        packed = _Packed(path, *_pack(final, path))
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
+    packed = _pack_into(final, Path(name))
     return _store(store, key, packed, list(plan["requirements"]), package, log, replace=replace)
 
 
@@ -556,6 +551,15 @@ class _Packed:
     path: Path
     sha256: str
     size: int
+
+
+def _pack_into(env: Path, path: Path) -> _Packed:
+    """Pack ``env`` into ``path`` (a new temporary file); a partial file is deleted when packing fails."""
+    try:
+        return _Packed(path, *_pack(env, path))
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def _build(final: Path, make: Callable[[Path], None], key: str, requirements: list[str], package: str | None, log: Log,
@@ -578,12 +582,7 @@ def _build(final: Path, make: Callable[[Path], None], key: str, requirements: li
         _write_marker(tmp, key, requirements, package)
         _seal(tmp)
         if pack:
-            path = final.parent / f".tmp-{key[:12]}-{uuid.uuid4().hex[:8]}.{PACKED}"
-            try:
-                packed = _Packed(path, *_pack(tmp, path))
-            except BaseException:
-                path.unlink(missing_ok=True)
-                raise
+            packed = _pack_into(tmp, final.parent / f".tmp-{key[:12]}-{uuid.uuid4().hex[:8]}.{PACKED}")
             log(f"environment {key[:12]}: bytecode compiled in {compiled:.2f} s, packed ({packed.size / 2**20:.1f} MiB) "
                 f"in {time.perf_counter() - began - compiled:.2f} s, before any package code runs")
         try:
