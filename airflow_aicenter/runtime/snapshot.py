@@ -10,14 +10,16 @@ or uploaded, or vouched for in turn), and ``gc`` never deletes a blob a manifest
 
 Vouched for is not trusted blindly: a blob may be deleted, or damaged in place (one byte
 flipped keeps its size), after the manifest was written. Blobs are create-once, so an intact
-blob is never modified after the manifest that names it: each vouched-for blob gets a HEAD
-(metadata, no bytes; concurrent), and one that is missing, of another size, or modified
-*strictly after* the manifest (the manifest's own HEAD) is not vouched for. One modified after
-is read back and hashed (a repair by `aicenter verify --repair` rewrites a blob intact); one
-missing or damaged is rewritten from the staged file by ensure_blobs, and the log names it as
-repaired. Those and the digests the last manifest does not list (new or changed files) are
-checked the full way (ensure_blobs). Nothing is read back in the usual case, so a re-snapshot
-of unchanged data costs a HEAD per distinct file, not a download of the dataset.
+blob is never modified after the manifest that names it: the metadata of each vouched-for blob
+is looked up (no bytes: a HEAD each, concurrently, or on S3 for many a listing of the blob
+prefix), and one that is missing, of another size, or modified *strictly after* the manifest
+(the manifest's own HEAD) is not vouched for. One modified after is read back and hashed (a
+repair by `aicenter verify --repair` rewrites a blob intact); one missing or damaged is
+rewritten from the staged file by ensure_blobs, and the log names it as repaired. Those and
+the digests the last manifest does not list (new or changed files) are checked the full way
+(ensure_blobs). Nothing is read back in the usual case: a re-snapshot of unchanged data costs
+a HEAD per distinct file (on S3 from 1,000 files on, a listing request per 1,000), not a
+download of the dataset.
 
 Both times come from the store's clock (S3 sets Last-Modified, a file system the mtime, when
 the bytes are written), so the clocks of the workers do not enter. S3 reports whole seconds
@@ -39,24 +41,30 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
 from airflow_aicenter.errors import AccessDeniedError, AICenterError
 from airflow_aicenter.layout import blob_key, snapshot_hint_key
 from airflow_aicenter.records import Manifest, ManifestEntry, SnapshotHint, read_optional, write
-from airflow_aicenter.storage import Store
+from airflow_aicenter.storage import Store, transfer
 from airflow_aicenter.storage.store import ObjectInfo
 from airflow_aicenter.storage.transfer import (
-    BlobState,
     BlobStats,
     FileEntry,
     blob_state_async,
     ensure_blobs,
     gather_limited,
     run,
+    stored_digests,
 )
 
 #: Damaged or missing blobs named one by one in the log line that reports a repair; the rest are counted.
 NAMED = 5
+
+
+#: What a vouched-for blob was found to be; "refused": its metadata may not be read with these
+#: credentials, so it is neither known nor named as broken (ensure_blobs decides).
+Found = Literal["ok", "missing", "damaged", "refused"]
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,7 @@ class Vouched:
     """
 
     known: frozenset[str] = frozenset()
-    broken: Mapping[str, BlobState] = field(default_factory=dict)
+    broken: Mapping[str, Found] = field(default_factory=dict)
     manifest: str | None = None
 
 
@@ -85,26 +93,47 @@ def modified_after(blob: datetime, manifest: datetime, *, whole_seconds: bool) -
     return blob > manifest
 
 
-async def _head(store: Store, key: str) -> ObjectInfo | None:
-    """HEAD a blob; a refused HEAD counts as absent (S3's 403 for an absent key to run credentials)."""
+async def _head(store: Store, key: str) -> ObjectInfo | Literal["refused"] | None:
+    """HEAD a blob: its metadata, None when absent, or "refused".
+
+    S3 answers 403 for an absent key to whoever may not list the bucket (run credentials), and
+    some servers refuse a HEAD that a GET would be allowed: such a blob is not vouched for, and
+    not named as missing either (ensure_blobs looks it up and creates it only where absent).
+    """
     try:
         return await store.head_async(key)
     except AccessDeniedError:
-        return None
+        return "refused"
 
 
-async def check_vouched(store: Store, sizes: Mapping[str, int], since: datetime) -> dict[str, BlobState]:
+async def check_vouched(store: Store, sizes: Mapping[str, int], since: datetime) -> dict[str, Found]:
     """The state of each blob in ``sizes`` (digest -> size) that a manifest written at ``since`` names.
 
-    A HEAD each, concurrently: missing; another size (damaged); unmodified since ``since``
-    (ok, not read); modified after it: read back and hashed in full (ok or damaged).
+    Its metadata, concurrently: missing; another size (damaged); unmodified since ``since``
+    (ok, not read); modified after it: read back and hashed in full (ok or damaged). The
+    metadata comes from a HEAD each, or on S3, for LIST_MIN_FILES blobs or more, from a listing
+    of the blob prefix (1,000 a request), as ensure_blobs finds blobs; run credentials list no
+    blob, and get HEADs.
     """
     whole_seconds = store.scheme != "file"
+    listed: dict[str, ObjectInfo] | None = None
+    unknown: set[str] = set()
+    if store.scheme == "s3" and len(sizes) >= transfer.LIST_MIN_FILES:
+        try:
+            listed, unknown = await stored_digests(store, set(sizes))
+        except AccessDeniedError:
+            listed = None
 
-    async def one(digest: str) -> BlobState:
-        info = await _head(store, blob_key(digest))
+    async def one(digest: str) -> Found:
+        info: ObjectInfo | Literal["refused"] | None
+        if listed is not None and digest not in unknown:
+            info = listed.get(digest)
+        else:
+            info = await _head(store, blob_key(digest))
         if info is None:
             return "missing"
+        if info == "refused":
+            return "refused"
         if info.size != sizes[digest]:
             return "damaged"
         if info.last_modified is not None and not modified_after(info.last_modified, since, whole_seconds=whole_seconds):
@@ -136,7 +165,8 @@ def vouched_blobs(store: Store, source: str | None, sizes: Mapping[str, int], lo
         log(f"snapshot hint for {source} not usable ({exc}); checking every file")
         return Vouched()
     return Vouched(known=frozenset(d for d, s in states.items() if s == "ok"),
-                   broken={d: s for d, s in states.items() if s != "ok"}, manifest=hint.manifest)
+                   broken={d: s for d, s in states.items() if s in ("missing", "damaged")},
+                   manifest=hint.manifest)
 
 
 def _repaired(source: str, vouched: Vouched) -> str:

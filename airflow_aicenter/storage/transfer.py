@@ -760,11 +760,14 @@ LIST_RANGES = 4
 _HEX = "0123456789abcdef"
 
 
-async def stored_digests(store: Store, digests: set[str], ranges: int | None = None) -> tuple[dict[str, int], set[str]]:
-    """({digest: stored size} for those present, unknown) among ``digests``, by listing the blob prefix."""
+async def stored_digests(
+    store: Store, digests: set[str], ranges: int | None = None
+) -> tuple[dict[str, ObjectInfo], set[str]]:
+    """({digest: what the listing says of its blob} for those present, unknown) among ``digests``, by listing
+    the blob prefix (size and Last-Modified: a re-snapshot compares the latter with its last manifest's)."""
     ranges = ranges or LIST_RANGES
     pages_left = [max(ranges, len(digests) * LIST_PAGES_PER_1000 // 1000)]
-    present: dict[str, int] = {}
+    present: dict[str, ObjectInfo] = {}
     unknown: set[str] = {d for d in digests if d[:1] not in _HEX}
     step = 16 // ranges
 
@@ -772,7 +775,7 @@ async def stored_digests(store: Store, digests: set[str], ranges: int | None = N
         mine = {d for d in digests if lo <= d[:1] and (hi is None or d[:1] < hi)}
         if not mine:
             return
-        found: dict[str, int] = {}
+        found: dict[str, ObjectInfo] = {}
         offset = {"offset": BLOBS + lo} if lo != "0" else {}
         try:
             async for page in obstore.list(store.inner, BLOBS.rstrip("/"), chunk_size=1000, **offset):
@@ -782,7 +785,7 @@ async def stored_digests(store: Store, digests: set[str], ranges: int | None = N
                     if hi is not None and digest[:1] >= hi:  # S3 lists in key order: this range is done
                         return
                     if digest in mine:
-                        found[digest] = meta["size"]
+                        found[digest] = ObjectInfo(meta["path"], meta["size"], meta.get("last_modified"), meta.get("e_tag"))
                 if pages_left[0] < 0:
                     unknown.update(mine - set(found))
                     return
@@ -825,10 +828,10 @@ async def ensure_blobs(
     (100 MiB on this project's 2-core machine: 0.24-0.7 s on the file store, 0.24-0.35 s on a
     loopback moto server, against 0.18 s for the local sha256 and 0.01 s for a HEAD; on a real
     S3 link it is a download at 50-100 MB/s a connection), and only blobs that are already
-    stored and not in ``known`` pay it: a re-snapshot of the same source passes the digests its
-    last manifest lists as ``known`` (snapshot.py) and reads none of them back. ``known`` digests
-    are taken as stored without a check: the caller vouches for them (a committed manifest
-    names only blobs that were verified when it was written); `aicenter verify` checks those.
+    stored and not in ``known`` pay it: a re-snapshot of the same source passes as ``known`` the
+    digests its last manifest lists whose blobs are unmodified since (snapshot.py), and reads none
+    of them back. ``known`` digests are taken as stored without a check: the caller vouches for
+    them (a committed manifest names only blobs that were verified when it was written).
     A concurrent writer of the same blob is harmless (it writes the same verified bytes).
     """
     unique: dict[str, FileEntry] = {}
@@ -837,7 +840,7 @@ async def ensure_blobs(
     for digest in known:
         unique.pop(digest, None)
     budget = MemoryBudget()
-    listed: dict[str, int] | None = None
+    listed: dict[str, ObjectInfo] | None = None
     unknown: set[str] = set()
     if store.scheme == "s3" and len(unique) >= LIST_MIN_FILES:
         try:
@@ -848,7 +851,7 @@ async def ensure_blobs(
 
     async def state(entry: FileEntry) -> BlobState:
         if listed is not None and entry.sha256 not in unknown:
-            size = listed.get(entry.sha256)
+            size = None if (seen := listed.get(entry.sha256)) is None else seen.size
         else:
             info = await _lookup(store, blob_key(entry.sha256))
             size = None if info is None else info.size

@@ -17,7 +17,7 @@ from typing import Any
 
 from airflow_aicenter.layout import BLOBS, blob_key
 from airflow_aicenter.runtime.snapshot import take_snapshot
-from airflow_aicenter.storage import Store
+from airflow_aicenter.storage import Store, open_store, transfer
 from airflow_aicenter.storage.store import local_path
 from airflow_aicenter.storage.transfer import BlobStats, FileEntry, blob_state, sha256_file
 
@@ -34,6 +34,20 @@ class ReadCounting:
     def check_readable(self, key: str) -> None:
         self.reads += key.startswith(BLOBS)
         self._inner.check_readable(key)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class HeadCounting:
+    """The real store, counting the HEADs of blobs."""
+
+    def __init__(self, inner: Store) -> None:
+        self._inner, self.heads = inner, 0
+
+    async def head_async(self, key: str) -> Any:
+        self.heads += key.startswith(BLOBS)
+        return await self._inner.head_async(key)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -164,3 +178,24 @@ def test_an_unchanged_re_snapshot_reads_no_blob_back(store: Store, tmp_path: Pat
     stats = snap(counting, root, files, 2, logs)
     assert (stats.uploaded_files, counting.reads) == (0, 0)
     assert logs == []
+
+
+def test_on_s3_a_large_snapshot_finds_the_damage_by_listing(s3_server: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    """From LIST_MIN_FILES files on, the blobs' metadata comes from a listing of blobs/, not a HEAD each."""
+    monkeypatch.setattr(transfer, "LIST_MIN_FILES", 2)
+    store = open_store(f"s3://{s3_server.create_bucket()}/aicenter", s3_server.options)
+    root = tmp_path / "data"
+    files = dataset(root)
+    snap(store, root, files, 1, [])
+    after_the_manifest(store)
+    big, small = large(files), next(e for e in files if e.path == "a.csv")
+    flip_in_place(store, big.sha256, 5)
+    store.delete(blob_key(small.sha256))
+
+    counting = HeadCounting(store)
+    logs: list[str] = []
+    stats = snap(counting, root, files, 2, logs)
+    assert counting.heads == 0, "the listing answers for every vouched-for blob"
+    assert (stats.uploaded_files, stats.uploaded_bytes) == (2, big.size + small.size)
+    assert blob_state(store, big.sha256) == blob_state(store, small.sha256) == "ok"
+    assert any("repaired 2 blobs" in line for line in logs), logs
