@@ -103,6 +103,22 @@ def package_outlet(package: object) -> Asset | AssetAlias:
     return AssetAlias(PACKAGE_ALIAS)
 
 
+def declared_list(value: object) -> list[Any]:
+    """Inlets or outlets as given to ``partial()`` (one, a list, a tuple or none), as a list."""
+    if not value:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def package_inlets(package: object) -> list[Asset]:
+    """Every pipeline runs a version of its package (train and full from a parent): a plain package name declares
+    the package's asset as an inlet too, so Airflow lists the task among the asset's consumers. A templated or mapped
+    name is only known at run time: no inlet (an alias would claim events of every package)."""
+    if isinstance(package, str) and not is_templated(package):
+        return [package_asset(package)]
+    return []
+
+
 def is_templated(value: object) -> bool:
     return isinstance(value, str) and ("{{" in value or "{%" in value)
 
@@ -229,6 +245,8 @@ class BasePipelineOperator(KubernetesPodOperator):
             outlet = package_outlet(package)
             if outlet not in self.outlets and AssetAlias(PACKAGE_ALIAS) not in self.outlets:  # partial() declared it
                 self.outlets = [*self.outlets, outlet]
+        # Declared once: partial() declared it already for a task unmapped in the worker.
+        self.inlets = [*self.inlets, *(a for a in package_inlets(package) if a not in self.inlets)]
         self.callbacks = [*self.callbacks, RunCallbacks]
         self.launcher_in_use: Launcher | None = None
         self.completion: Completion | None = None
@@ -241,9 +259,9 @@ class BasePipelineOperator(KubernetesPodOperator):
         other ("inactive assets"): 8 mapped trainings made 8 versions and no event.
         """
         if cls.plan.makes_version:
-            declared = kwargs.get("outlets") or []
-            declared = list(declared) if isinstance(declared, list | tuple) else [declared]
-            kwargs["outlets"] = [*declared, package_outlet(kwargs.get("package"))]
+            kwargs["outlets"] = [*declared_list(kwargs.get("outlets")), package_outlet(kwargs.get("package"))]
+        if inlets := package_inlets(kwargs.get("package")):
+            kwargs["inlets"] = [*declared_list(kwargs.get("inlets")), *inlets]
         return super().partial(**kwargs)
 
     # -- the hook, the launcher ---------------------------------------------------------
