@@ -40,10 +40,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypedDict
+from typing import Any
 from urllib.parse import urlsplit
 
 from airflow_aicenter.errors import ConfigurationError
@@ -113,17 +113,27 @@ def role_settings(extra: Mapping[str, Any]) -> tuple[str, int] | None:
     return role, duration
 
 
-class Scope(TypedDict):
-    """What one run reaches in the store, as the worker knows it before the pod starts (``run_scope``)."""
+@dataclass(frozen=True)
+class Scope:
+    """What one run reaches in the store, as the worker knows it before the pod starts (``run_scope``).
+
+    ``run_prefix`` and ``checkpoint_prefix`` are store keys (``runs/<dag>/<run>/<task>/<try>``,
+    ``runs/<dag>/<run>/<task>/checkpoints``); ``datasets`` are the run's dataset URIs (only
+    ``s3://`` ones matter; for a manifest dataset the manifest and its sources' folders);
+    ``reads`` are single objects the run reads, as store keys or ``s3://`` URIs (the parent
+    snapshot of an incremental run); ``blobs`` the digests of the blobs it reads (its package).
+    ``makes_blobs``: it creates blobs and reads them by digest (see the module docstring for why
+    S3 cannot narrow that further); ``environments``: it reads and creates ``envs/*``.
+    """
 
     storage: str
     run_prefix: str
     checkpoint_prefix: str | None
-    datasets: list[str | None]
-    reads: list[str]
-    blobs: list[str]
-    makes_blobs: bool
-    environments: bool
+    datasets: tuple[str | None, ...] = ()
+    reads: tuple[str, ...] = ()
+    blobs: tuple[str, ...] = ()
+    makes_blobs: bool = False
+    environments: bool = False
 
 
 def run_scope(spec: RunSpec, open_store: Callable[[str], Store] | None = None) -> Scope:
@@ -142,18 +152,18 @@ def run_scope(spec: RunSpec, open_store: Callable[[str], Store] | None = None) -
     """
     plan = plan_for(spec.pipeline)
     snapshots = spec.save_training_data or spec.save_test_data
-    datasets: list[str | None] = [spec.dataset, spec.evaluation_dataset]
+    datasets: tuple[str | None, ...] = (spec.dataset, spec.evaluation_dataset)
     if open_store is not None:
         for uri in (spec.dataset, spec.evaluation_dataset):
             if uri and uri.startswith("s3://") and is_manifest_uri(uri):
-                datasets += _source_folders(uri, open_store)
+                datasets += tuple(_source_folders(uri, open_store))
     return Scope(
         storage=spec.storage,
         run_prefix=spec.run_prefix,
         checkpoint_prefix=spec.checkpoint_prefix,
         datasets=datasets,
-        reads=[spec.incremental_base] if spec.incremental_base else [],
-        blobs=[spec.blob.sha256],
+        reads=(spec.incremental_base,) if spec.incremental_base else (),
+        blobs=(spec.blob.sha256,),
         makes_blobs=plan.makes_version or snapshots or spec.install_requirements or bool(spec.incremental_base),
         environments=spec.install_requirements,
     )
@@ -170,29 +180,10 @@ def _source_folders(uri: str, open_store: Callable[[str], Store]) -> list[str]:
     return kept
 
 
-def session_policy(
-    *,
-    storage: str,
-    run_prefix: str,
-    checkpoint_prefix: str | None,
-    datasets: Iterable[str | None] = (),
-    reads: Iterable[str] = (),
-    blobs: Iterable[str] = (),
-    makes_blobs: bool = False,
-    environments: bool = False,
-    partition: str = "aws",
-) -> dict[str, Any]:
-    """The session policy for one run: exactly what DESIGN lets a pod do, nothing else.
-
-    ``run_prefix`` and ``checkpoint_prefix`` are store keys (``runs/<dag>/<run>/<task>/<try>``,
-    ``runs/<dag>/<run>/<task>/checkpoints``); ``datasets`` are the run's dataset URIs (only
-    ``s3://`` ones matter; for a manifest dataset give the manifest and its sources' prefixes);
-    ``reads`` are single objects the run reads, as store keys or ``s3://`` URIs (the parent
-    snapshot of an incremental run); ``blobs`` the digests of the blobs it reads (its package).
-    ``makes_blobs``: it creates blobs and reads them by digest (see the module docstring for why
-    S3 cannot narrow that further); ``environments``: it reads and creates ``envs/*``.
-    """
-    bucket, root = parse_s3_uri(storage)
+def session_policy(scope: Scope, partition: str = "aws") -> dict[str, Any]:
+    """The session policy for the run of ``scope``: exactly what DESIGN lets a pod do, nothing else."""
+    bucket, root = parse_s3_uri(scope.storage)
+    run_prefix, checkpoint_prefix, makes_blobs = scope.run_prefix, scope.checkpoint_prefix, scope.makes_blobs
 
     def key(name: str) -> str:
         name = name.strip("/")
@@ -206,9 +197,9 @@ def session_policy(
             raise ConfigurationError(f"{what} {prefix!r} is not a folder under runs/ (runs/<dag>/<run>/<task>/...)")
     run = key(_checked("run_prefix", run_prefix))
     checkpoints = key(_checked("checkpoint_prefix", checkpoint_prefix)) if checkpoint_prefix else None
-    create_only = [*([key(BLOBS)] if makes_blobs else []), *([key(ENVS)] if environments else [])]
+    create_only = [*([key(BLOBS)] if makes_blobs else []), *([key(ENVS)] if scope.environments else [])]
     data: dict[str, list[str]] = {}  # the run's S3 datasets: bucket -> prefixes
-    for uri in datasets:
+    for uri in scope.datasets:
         if uri and uri.startswith("s3://"):
             data_bucket, prefix = parse_s3_uri(_checked("dataset", uri))
             data.setdefault(data_bucket, []).append(prefix)
@@ -218,14 +209,14 @@ def session_policy(
     for data_bucket, prefixes in data.items():
         listed.setdefault(data_bucket, []).extend(prefixes)
     single: list[str] = []  # the single objects it reads: given keys or URIs, its package blob
-    for name in reads:
+    for name in scope.reads:
         if "://" in name:
             if name.startswith("s3://"):
                 single += objects(*parse_s3_uri(_checked("read", name)))
         else:
             single += objects(bucket, key(_checked("read", name)))
     if not makes_blobs:  # else blobs/sha256/* is readable anyway (by digest)
-        single += objects(bucket, *(key(blob_key(_digest(d))) for d in blobs))
+        single += objects(bucket, *(key(blob_key(_digest(d))) for d in scope.blobs))
     read_only = [*single, *(arn for b, prefixes in data.items() for arn in objects(b, *_object_patterns(prefixes)))]
 
     def one_or_many(arns: list[str]) -> str | list[str]:
@@ -297,38 +288,23 @@ def session_name(run_prefix: str) -> str:
     return f"aicenter-{readable[:43]}-{digest}"
 
 
-def run_credentials(
-    extra: Mapping[str, Any],
-    aws_conn_id: str | None,
-    *,
-    storage: str,
-    run_prefix: str,
-    checkpoint_prefix: str | None,
-    datasets: Iterable[str | None] = (),
-    reads: Iterable[str] = (),
-    blobs: Iterable[str] = (),
-    makes_blobs: bool = False,
-    environments: bool = False,
-) -> S3Credentials | None:
+def run_credentials(extra: Mapping[str, Any], aws_conn_id: str | None, scope: Scope) -> S3Credentials | None:
     """Per-run STS credentials limited by ``session_policy``; None when the connection names no role.
 
     ``extra`` is the ``aicenter`` connection's extra (``runtime_role_arn``, ``runtime_role_duration``);
-    ``aws_conn_id`` the AWS connection whose identity may assume the role. The rest is the run's
-    scope (``run_scope(spec)`` gives it from the run spec).
+    ``aws_conn_id`` the AWS connection whose identity may assume the role; ``scope`` what the run
+    reaches (``run_scope(spec)`` gives it from the run spec).
     """
     settings = role_settings(extra)
     if settings is None:
         return None
     role_arn, duration = settings
     partition = role_arn.split(":")[1]
-    policy = session_policy(
-        storage=storage, run_prefix=run_prefix, checkpoint_prefix=checkpoint_prefix, datasets=datasets, reads=reads,
-        blobs=blobs, makes_blobs=makes_blobs, environments=environments, partition=partition,
-    )
+    policy = session_policy(scope, partition)
     document = json.dumps(policy, separators=(",", ":"))
     if len(document) > MAX_POLICY_CHARS:
         raise ConfigurationError(
-            f"the session policy for run {run_prefix} is {len(document)} characters, over the {MAX_POLICY_CHARS} AWS "
+            f"the session policy for run {scope.run_prefix} is {len(document)} characters, over the {MAX_POLICY_CHARS} AWS "
             "accepts: the run names too many datasets (a manifest's sources count by the folders they lie in); put them "
             "under fewer s3:// prefixes"
         )
@@ -338,7 +314,7 @@ def run_credentials(
     sts = AwsBaseHook(aws_conn_id=aws_conn_id, client_type="sts").get_conn()
     try:
         answer = sts.assume_role(
-            RoleArn=role_arn, RoleSessionName=session_name(run_prefix), Policy=document, DurationSeconds=duration,
+            RoleArn=role_arn, RoleSessionName=session_name(scope.run_prefix), Policy=document, DurationSeconds=duration,
         )
     except ClientError as exc:
         error = exc.response.get("Error", {})

@@ -261,7 +261,7 @@ class PodLauncher(Launcher):
         from airflow_aicenter.credentials import run_credentials, run_scope
 
         creds = run_credentials(self.hook.settings.extra, self.hook.settings.aws_conn_id,
-                                **run_scope(spec, self.hook.get_store))
+                                run_scope(spec, self.hook.get_store))
         if creds is None:
             return
         values = creds.to_env()

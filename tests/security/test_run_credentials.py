@@ -27,7 +27,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -83,7 +83,7 @@ SCOPE = run_scope(spec(checkpoint_prefix=CHECKPOINTS))
 
 
 def policy_for_this_run() -> dict[str, Any]:
-    return session_policy(**SCOPE)
+    return session_policy(SCOPE)
 
 
 @dataclass
@@ -165,8 +165,8 @@ def assume(iam_moto: IamMoto, monkeypatch: pytest.MonkeyPatch, scope: Scope, dur
     for name, value in iam_moto.connection_env().items():
         monkeypatch.setenv(name, value)
     iam_moto.worker("iam").put_role_policy(RoleName=ROLE, PolicyName="run",
-                                           PolicyDocument=json.dumps(session_policy(**scope)))
-    creds = run_credentials({"runtime_role_arn": ROLE_ARN, "runtime_role_duration": duration}, "aws_iam_moto", **scope)
+                                           PolicyDocument=json.dumps(session_policy(scope)))
+    creds = run_credentials({"runtime_role_arn": ROLE_ARN, "runtime_role_duration": duration}, "aws_iam_moto", scope)
     assert creds is not None
     return creds
 
@@ -195,7 +195,7 @@ def assume_for_moto(iam_moto: IamMoto, monkeypatch: pytest.MonkeyPatch, scope: S
     """
     creds = assume(iam_moto, monkeypatch, scope)
     statements = []
-    for st in session_policy(**scope)["Statement"]:
+    for st in session_policy(scope)["Statement"]:
         if "Condition" in st and st["Effect"] == "Deny":
             continue
         st = {k: v for k, v in st.items() if k != "Condition"}
@@ -213,7 +213,7 @@ def credentials(iam_moto: IamMoto, monkeypatch: pytest.MonkeyPatch) -> S3Credent
     worker_s3 = iam_moto.worker("s3")
     worker_s3.put_object(Bucket=BUCKET, Key=BLOB, Body=b"package zip")
     worker_s3.put_object(Bucket=BUCKET, Key="datasets/churn/train.csv", Body=b"a,b\n1,2\n")
-    return assume(iam_moto, monkeypatch, {**SCOPE, "datasets": [DATASET, "file:///local/data"]})
+    return assume(iam_moto, monkeypatch, replace(SCOPE, datasets=(DATASET, "file:///local/data")))
 
 
 def denied(call: Any, **kwargs: Any) -> bool:
@@ -282,14 +282,14 @@ def test_a_role_the_worker_may_not_assume_is_a_clear_error(iam_moto: IamMoto, mo
         monkeypatch.setenv(name, value)
     other = f"arn:aws:iam::{ACCOUNT}:role/not-for-airflow"
     with pytest.raises(ConfigurationError, match=r"cannot assume runtime_role_arn .*not-for-airflow.*sts:AssumeRole"):
-        run_credentials({"runtime_role_arn": other}, "aws_iam_moto", storage=STORAGE, run_prefix=RUN,
-                        checkpoint_prefix=CHECKPOINTS)
+        run_credentials({"runtime_role_arn": other}, "aws_iam_moto",
+                        Scope(storage=STORAGE, run_prefix=RUN, checkpoint_prefix=CHECKPOINTS))
 
 
 def test_without_a_role_there_are_no_run_credentials() -> None:
     # No STS call at all (no connection exists under that id): the pod's own identity is used.
-    assert run_credentials({"storage": STORAGE}, "no_such_connection", storage=STORAGE, run_prefix=RUN,
-                           checkpoint_prefix=None) is None
+    assert run_credentials({"storage": STORAGE}, "no_such_connection",
+                           Scope(storage=STORAGE, run_prefix=RUN, checkpoint_prefix=None)) is None
 
 
 @pytest.mark.parametrize(("extra", "message"), [
@@ -302,28 +302,28 @@ def test_without_a_role_there_are_no_run_credentials() -> None:
 ])
 def test_bad_role_settings_are_refused_naming_the_fix(extra: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigurationError, match=re.escape(message)):
-        run_credentials(extra, None, storage=STORAGE, run_prefix=RUN, checkpoint_prefix=None)
+        run_credentials(extra, None, Scope(storage=STORAGE, run_prefix=RUN, checkpoint_prefix=None))
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"storage": "file:///srv/aicenter"}, "needs the store on S3"),
     ({"run_prefix": "runs/churn/*/train/1"}, "wildcard or variable"),
     ({"run_prefix": "runs/churn/${aws:username}/train/1"}, "wildcard or variable"),
-    ({"datasets": ["s3://data/ch?rn"]}, "wildcard or variable"),
+    ({"datasets": ("s3://data/ch?rn",)}, "wildcard or variable"),
     ({"run_prefix": "packages/churn"}, "is not a folder under runs/"),
     ({"checkpoint_prefix": "blobs/sha256"}, "is not a folder under runs/"),
 ])
 def test_a_policy_that_would_grant_more_is_refused(kwargs: dict[str, Any], message: str) -> None:
     arguments: dict[str, Any] = {"storage": STORAGE, "run_prefix": RUN, "checkpoint_prefix": CHECKPOINTS, **kwargs}
     with pytest.raises(ConfigurationError, match=re.escape(message)):
-        session_policy(**arguments)
+        session_policy(Scope(**arguments))
 
 
 def test_a_session_policy_over_the_aws_limit_is_refused_before_calling_sts() -> None:
-    datasets = [f"s3://data-{uuid.uuid4().hex}/folder-{i}" for i in range(30)]
+    datasets = tuple(f"s3://data-{uuid.uuid4().hex}/folder-{i}" for i in range(30))
     with pytest.raises(ConfigurationError, match=f"over the {MAX_POLICY_CHARS} AWS accepts"):
-        run_credentials({"runtime_role_arn": ROLE_ARN}, "no_such_connection", storage=STORAGE, run_prefix=RUN,
-                        checkpoint_prefix=CHECKPOINTS, datasets=datasets)
+        run_credentials({"runtime_role_arn": ROLE_ARN}, "no_such_connection",
+                        Scope(storage=STORAGE, run_prefix=RUN, checkpoint_prefix=CHECKPOINTS, datasets=datasets))
 
 
 def test_a_typical_full_run_fits_the_aws_limit() -> None:
@@ -335,7 +335,7 @@ def test_a_typical_full_run_fits_the_aws_limit() -> None:
                 incremental_base=f"{store}/{long_run.replace('~12', '~11')}/2/data_directory.manifest.json")
     predict = spec("predict", storage=store, run_prefix=f"{long_run}/3", dataset="s3://company-datasets/churn/inbox")
     for run in (full, predict):
-        assert len(json.dumps(session_policy(**run_scope(run)), separators=(",", ":"))) <= MAX_POLICY_CHARS
+        assert len(json.dumps(session_policy(run_scope(run)), separators=(",", ":"))) <= MAX_POLICY_CHARS
 
 
 def test_session_names_fit_sts() -> None:
@@ -396,7 +396,7 @@ def test_the_policy_allows_exactly_what_design_lists() -> None:
     full = spec("full", evaluation_dataset="s3://other-data/images/2026", checkpoint_prefix=CHECKPOINTS,
                 install_requirements=True, save_training_data=True,
                 incremental_base=f"{STORAGE}/{PARENT}/data_directory.manifest.json")
-    policy = session_policy(**run_scope(full))
+    policy = session_policy(run_scope(full))
     put, get, delete, lst = "s3:PutObject", "s3:GetObject", "s3:DeleteObject", "s3:ListBucket"
     bucket = f"arn:aws:s3:::{BUCKET}"
     expectations = [
@@ -460,7 +460,7 @@ def test_the_policy_allows_exactly_what_design_lists() -> None:
     spec("evaluate", dataset=None, evaluation_dataset=DATASET, checkpoint_prefix=CHECKPOINTS),
 ], ids=["predict", "evaluate", "evaluate-with-checkpoints"])
 def test_a_run_that_makes_no_blob_reads_its_package_blob_and_no_other(run: RunSpec) -> None:
-    policy = session_policy(**run_scope(run))
+    policy = session_policy(run_scope(run))
     put, get, lst = "s3:PutObject", "s3:GetObject", "s3:ListBucket"
     expectations = [
         (True, get, obj(BLOB), {}),
@@ -487,12 +487,12 @@ def test_a_run_that_makes_no_blob_reads_its_package_blob_and_no_other(run: RunSp
 ])
 def test_the_scope_follows_what_the_run_does(run: RunSpec, makes_blobs: bool, environments: bool) -> None:
     scope = run_scope(run)
-    assert (scope["makes_blobs"], scope["environments"], scope["blobs"]) == (makes_blobs, environments, [PACKAGE])
+    assert (scope.makes_blobs, scope.environments, scope.blobs) == (makes_blobs, environments, (PACKAGE,))
 
 
 def test_a_digest_that_is_not_one_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="is not 64 lowercase hex characters"):
-        session_policy(storage=STORAGE, run_prefix=RUN, checkpoint_prefix=None, blobs=["*"])
+        session_policy(Scope(storage=STORAGE, run_prefix=RUN, checkpoint_prefix=None, blobs=("*",)))
 
 
 def test_prediction_credentials_read_their_package_blob_and_not_another_teams(
@@ -524,7 +524,7 @@ def test_incremental_credentials_read_the_parent_snapshot_the_version_record_nam
 
 
 def test_without_checkpoints_nothing_under_the_task_but_the_run_folder_is_writable() -> None:
-    policy = session_policy(storage=f"s3://{BUCKET}", run_prefix=RUN, checkpoint_prefix=None)
+    policy = session_policy(Scope(storage=f"s3://{BUCKET}", run_prefix=RUN, checkpoint_prefix=None))
     assert allowed(policy, "s3:PutObject", obj(f"{RUN}/outcome.json"), **CREATE)
     assert not allowed(policy, "s3:PutObject", obj(f"{CHECKPOINTS}/manifests/1.json"), **CREATE)
     assert not any("s3:DeleteObject" in _as_list(s["Action"]) for s in policy["Statement"] if s["Effect"] == "Allow")
@@ -624,7 +624,7 @@ def test_a_manifest_dataset_reads_the_folders_of_its_sources(
                                  "AWS_ACCESS_KEY_ID": iam_moto.worker_key, "AWS_SECRET_ACCESS_KEY": iam_moto.worker_secret})
     scope = run_scope(spec("train", dataset=f"s3://{BUCKET}/manifests/churn/train.manifest"),
                       lambda uri: open_store(uri, worker, create=False))
-    policy = session_policy(**scope)
+    policy = session_policy(scope)
     assert allowed(policy, "s3:GetObject", obj("manifests/churn/train.manifest"))
     assert allowed(policy, "s3:GetObject", obj("shared/2026/dog.png"))
     assert not allowed(policy, "s3:GetObject", obj("shared/2025/secret.png"))
