@@ -17,9 +17,10 @@ from typing import Any
 
 from airflow_aicenter.layout import BLOBS, blob_key
 from airflow_aicenter.runtime.snapshot import take_snapshot
-from airflow_aicenter.storage import Store, open_store, transfer
+from airflow_aicenter.storage import S3Options, Store, open_store, transfer
 from airflow_aicenter.storage.store import local_path
 from airflow_aicenter.storage.transfer import BlobStats, FileEntry, blob_state, sha256_file
+from tests.resilience.support import FaultPlan, FaultProxy
 
 SOURCE = "s3://data/churn"
 LARGE = 17 * 2**20  # above the old 16 MiB limit, and a multipart upload on S3
@@ -199,3 +200,26 @@ def test_on_s3_a_large_snapshot_finds_the_damage_by_listing(s3_server: Any, tmp_
     assert (stats.uploaded_files, stats.uploaded_bytes) == (2, big.size + small.size)
     assert blob_state(store, big.sha256) == blob_state(store, small.sha256) == "ok"
     assert any("repaired 2 blobs" in line for line in logs), logs
+
+
+def test_where_blob_heads_are_refused_nothing_is_named_repaired(s3_server: Any, tmp_path: Path) -> None:
+    """Run credentials list no blob, and a server may refuse their HEADs (403): such a blob is not vouched
+    for, ensure_blobs creates it only where absent, and no blob is named as missing or repaired."""
+    bucket = s3_server.create_bucket()
+    direct = open_store(f"s3://{bucket}/aicenter", s3_server.options)
+    root = tmp_path / "data"
+    files = dataset(root)
+    snap(direct, root, files, 1, [])
+    small = next(e for e in files if e.path == "a.csv")
+    direct.delete(blob_key(small.sha256))
+    plan = FaultPlan(rules=[(lambda method, path: method == "HEAD" and "/blobs/" in path, "denied", 10_000)])
+    with FaultProxy(s3_server.port, plan) as proxy:
+        options = S3Options(endpoint_url=proxy.endpoint, region="us-east-1", access_key_id="testing",
+                            secret_access_key="testing-secret")
+        logs: list[str] = []
+        stats = snap(open_store(f"s3://{bucket}/aicenter", options), root, files, 2, logs)
+    assert plan.injected, "the HEADs of blobs were refused"
+    # the absent one is created (the 17 MiB one is sent again too: a multipart upload cannot be create-only)
+    assert stats.uploaded_files in (1, 2)
+    assert blob_state(direct, small.sha256) == "ok"
+    assert not any("repaired" in line or "missing" in line for line in logs), logs
