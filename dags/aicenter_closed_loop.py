@@ -22,7 +22,7 @@ import os
 from datetime import datetime
 from pathlib import Path
 
-from airflow.sdk import DAG, Asset, AssetWatcher, task
+from airflow.sdk import DAG, Asset, AssetWatcher, Param, task
 
 from airflow_aicenter.operators import FullPipelineOperator, PredictPipelineOperator
 from airflow_aicenter.triggers import DatasetChangedTrigger
@@ -45,6 +45,10 @@ with DAG(
     schedule=[churn_data],
     start_date=datetime(2026, 1, 1),
     catchup=False,
+    params={
+        "epochs": Param(150, type="integer", minimum=1, description="gradient-descent steps of the retraining (EPOCHS)"),
+        "learning_rate": Param(0.2, type="number", exclusiveMinimum=0, description="step size (LEARNING_RATE)"),
+    },
     tags=["aicenter", "example"],
 ) as dag:
 
@@ -67,7 +71,7 @@ with DAG(
         version="latest",
         dataset=DATASET,
         evaluation_dataset=HOLDOUT,
-        env={"EPOCHS": "150", "LEARNING_RATE": "0.2"},
+        env={"EPOCHS": "{{ params.epochs }}", "LEARNING_RATE": "{{ params.learning_rate }}"},
         promote_to="production",
         promote_if="better",
     )

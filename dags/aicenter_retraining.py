@@ -64,6 +64,8 @@ with DAG(
     params={
         "version": Param("latest", type="string", description='version to retrain: "M.m", "M", "latest" or an alias'),
         "dataset": Param(DEFAULT_DATASET, type="string", description="data folder URI (s3://... or file:///...)"),
+        "epochs": Param(150, type="integer", minimum=1, description="gradient-descent steps (EPOCHS)"),
+        "learning_rate": Param(0.2, type="number", exclusiveMinimum=0, description="step size (LEARNING_RATE)"),
     },
     tags=["aicenter", "example"],
 ):
@@ -72,7 +74,7 @@ with DAG(
         package=PACKAGE,
         version="{{ params.version }}",
         dataset="{{ params.dataset }}",
-        env={"EPOCHS": "150", "LEARNING_RATE": "0.2"},
+        env={"EPOCHS": "{{ params.epochs }}", "LEARNING_RATE": "{{ params.learning_rate }}"},
         save_training_data=True,
         promote_to="production",
         promote_if="better",

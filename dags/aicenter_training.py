@@ -3,6 +3,9 @@
 Runs unchanged with ``airflow dags test aicenter_training``: with no ``aicenter_default``
 connection the store is ``$AIRFLOW_HOME/aicenter`` and training runs in a child process.
 Point ``dataset`` at ``s3://...`` and add the connection to train from S3 instead.
+
+The hyperparameters are DAG params, so the UI's trigger form offers them; they reach the
+package as its ``env`` (AI Center "parameters") through templating: ``{{ params.epochs }}``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ with DAG(
     params={
         "package": Param("churn", type="string"),
         "version": Param("latest", type="string", description='"M.m", "M", "latest" or an alias'),
-        "dataset": Param(DEFAULT_DATASET, type="string"),
+        "dataset": Param(DEFAULT_DATASET, type="string", description="data folder URI (s3://... or file:///...)"),
+        "epochs": Param(150, type="integer", minimum=1, description="gradient-descent steps (EPOCHS)"),
+        "learning_rate": Param(0.2, type="number", exclusiveMinimum=0, description="step size (LEARNING_RATE)"),
     },
     tags=["aicenter", "example"],
 ) as dag:
@@ -36,6 +41,6 @@ with DAG(
         package="{{ params.package }}",
         version="{{ params.version }}",
         dataset="{{ params.dataset }}",
-        env={"EPOCHS": "150", "LEARNING_RATE": "0.2"},
+        env={"EPOCHS": "{{ params.epochs }}", "LEARNING_RATE": "{{ params.learning_rate }}"},
         save_training_data=True,
     )

@@ -37,7 +37,13 @@ from airflow_aicenter.launchers.base import Finished, Launcher
 from airflow_aicenter.launchers.local import LocalLauncher
 from airflow_aicenter.launchers.pod import PodLauncher, PodSettings, RunCallbacks, pvc_uri, template_namespace
 from airflow_aicenter.launchers.pod_spec import PodResources
-from airflow_aicenter.operators.checks import check_arguments, check_datasets
+from airflow_aicenter.operators.checks import (
+    check_arguments,
+    check_datasets,
+    check_rendered_counts,
+    is_templated,
+    rendered_count,
+)
 from airflow_aicenter.operators.links import ArtifactsLink, ResultsLink
 from airflow_aicenter.plans import PipelinePlan
 from airflow_aicenter.promotion import PromoteIf
@@ -59,6 +65,8 @@ AICENTER_TEMPLATE_FIELDS = (
     "env",
     "dataset_volume_claim",
     "dataset_sub_path",
+    "nodes",  # a count, or a template such as "{{ params.procs_per_node }}" (checked once rendered)
+    "procs_per_node",
 )
 
 
@@ -119,10 +127,6 @@ def package_inlets(package: object) -> list[Asset]:
     return []
 
 
-def is_templated(value: object) -> bool:
-    return isinstance(value, str) and ("{{" in value or "{%" in value)
-
-
 class BasePipelineOperator(KubernetesPodOperator):
     """Shared flow of the AI Center pipeline types. Use a subclass.
 
@@ -161,6 +165,7 @@ class BasePipelineOperator(KubernetesPodOperator):
     :param promote_if: ``"better"`` (a strictly higher score, like with like) or ``"always"``.
     :param nodes: machines of a distributed run (``nodes > 1``: an Indexed Job; local: must be 1).
     :param procs_per_node: user processes per machine (ranks); world size = nodes x procs_per_node.
+        ``nodes`` and ``procs_per_node`` are templated: ``"{{ params.procs_per_node }}"`` takes a DAG param.
     :param checkpoint_interval: seconds between syncs of ``checkpoint_directory`` to the task's
         ``checkpoints/`` (a retry resumes from the latest complete one).
     :param incremental: train on the files new or changed since the parent version's snapshot (the
@@ -199,8 +204,8 @@ class BasePipelineOperator(KubernetesPodOperator):
         allow_source_builds: bool = False,
         promote_to: str | None = None,
         promote_if: PromoteIf = "better",
-        nodes: int = 1,
-        procs_per_node: int = 1,
+        nodes: int | str = 1,
+        procs_per_node: int | str = 1,
         checkpoint_interval: float = 300,
         incremental: bool = False,
         **kwargs: Any,
@@ -298,10 +303,10 @@ class BasePipelineOperator(KubernetesPodOperator):
                 datasets=(self.dataset, self.evaluation_dataset),
                 secret_keys=request.masked_keys,
             )
-            if self.nodes > 1:
+            if request.nodes > 1:
                 from airflow_aicenter.launchers.job import JobLauncher
 
-                return JobLauncher(self, hook, settings, nodes=self.nodes)
+                return JobLauncher(self, hook, settings, nodes=request.nodes)
             return PodLauncher(self, hook, settings)
         return LocalLauncher(
             store=hook.get_store(),
@@ -309,7 +314,7 @@ class BasePipelineOperator(KubernetesPodOperator):
             secrets=request.redactor,
             python=self.python,
             gpu=self.gpu,
-            nodes=self.nodes,
+            nodes=request.nodes,
             dataset_volume_claim=self.dataset_volume_claim,
             log=self.log,
             run_as_user=hook.settings.extra.get("run_as_user"),
@@ -424,6 +429,9 @@ class BasePipelineOperator(KubernetesPodOperator):
         super().render_template_fields(context, jinja_env)
         from airflow.sdk.log import mask_secret
 
+        with fail_once():  # a templated count (a DAG param) is known, and checked, only now
+            self.nodes, self.procs_per_node = check_rendered_counts(self.plan, type(self).__name__, self)
+
         for value in self.run_request().redactor.values:
             for form in sorted(forms(value)):  # every form; no name: Airflow keeps a named value only if on its list
                 mask_secret(form)
@@ -465,8 +473,8 @@ class BasePipelineOperator(KubernetesPodOperator):
             save_test_data=self.save_test_data,
             install_requirements=self.install_requirements,
             allow_source_builds=self.allow_source_builds,
-            nodes=self.nodes,
-            procs_per_node=self.procs_per_node,
+            nodes=rendered_count("nodes", self.nodes),
+            procs_per_node=rendered_count("procs_per_node", self.procs_per_node),
             checkpoint_interval=self.checkpoint_interval,
             incremental=self.incremental,
             spec_extra=self.spec_extra(),

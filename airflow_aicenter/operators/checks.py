@@ -40,10 +40,23 @@ def gpu_count(gpu: bool | int) -> int:
     raise ConfigurationError(f"gpu={gpu!r} is not valid; use True/False or a GPU count such as 2")
 
 
-def positive_count(name: str, value: int) -> int:
+def positive_count(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigurationError(f"{name}={value!r} is not valid; give a whole number of at least 1")
     return value
+
+
+def is_templated(value: object) -> bool:
+    """A Jinja template: its value is known only once the task is rendered (then it is checked)."""
+    return isinstance(value, str) and ("{{" in value or "{%" in value)
+
+
+def rendered_count(name: str, value: int | str) -> int:
+    """``nodes`` or ``procs_per_node`` once rendered: a template such as ``{{ params.procs_per_node }}``
+    renders to text ("3"), which names the count; anything else is refused as :func:`positive_count` does."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return positive_count(name, int(value))
+    return positive_count(name, value)
 
 
 class Arguments(Protocol):
@@ -57,8 +70,8 @@ class Arguments(Protocol):
     dataset_volume_claim: str | None
     dataset_sub_path: str | None
     allow_source_builds: bool
-    nodes: int
-    procs_per_node: int
+    nodes: int | str  # a count, or a template rendering to one
+    procs_per_node: int | str
     checkpoint_interval: float
     incremental: bool
     launcher: str | None
@@ -78,8 +91,9 @@ def check_arguments(plan: PipelinePlan, who: str, args: Arguments) -> None:
     check_infra(cpu=args.cpu, memory_gb=args.memory_gb, storage_gb=args.storage_gb, dataset_sub_path=args.dataset_sub_path)
     if not isinstance(args.allow_source_builds, bool):
         raise ConfigurationError(f"allow_source_builds={args.allow_source_builds!r} is not valid; give True or False")
-    positive_count("nodes", args.nodes)
-    positive_count("procs_per_node", args.procs_per_node)
+    # Templated counts (a DAG param) are checked with the shape once rendered: check_rendered_counts.
+    nodes = 1 if is_templated(args.nodes) else rendered_count("nodes", args.nodes)
+    procs_per_node = 1 if is_templated(args.procs_per_node) else rendered_count("procs_per_node", args.procs_per_node)
     interval = args.checkpoint_interval
     if isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0:
         raise ConfigurationError(f"checkpoint_interval={interval!r} is not valid; give seconds > 0 (default 300)")
@@ -97,9 +111,17 @@ def check_arguments(plan: PipelinePlan, who: str, args: Arguments) -> None:
         raise ConfigurationError(f"launcher={args.launcher!r} is not valid; use one of {', '.join(LAUNCHERS)} or None")
     check_promote_if(args.promote_if)
     check_shape(
-        plan, who, nodes=args.nodes, procs_per_node=args.procs_per_node, incremental=args.incremental,
+        plan, who, nodes=nodes, procs_per_node=procs_per_node, incremental=args.incremental,
         promote_to=args.promote_to, promote_if=args.promote_if,
     )
+
+
+def check_rendered_counts(plan: PipelinePlan, who: str, args: Arguments) -> tuple[int, int]:
+    """``(nodes, procs_per_node)`` once the task is rendered, checked against the plan as at parse time."""
+    nodes, procs_per_node = rendered_count("nodes", args.nodes), rendered_count("procs_per_node", args.procs_per_node)
+    check_shape(plan, who, nodes=nodes, procs_per_node=procs_per_node, incremental=args.incremental,
+                promote_to=args.promote_to, promote_if=args.promote_if)
+    return nodes, procs_per_node
 
 
 def check_prediction(input_type: str, max_failed: int) -> None:
