@@ -39,9 +39,11 @@ from rich.table import Table
 from rich.text import Text
 
 from airflow_aicenter import layout
+from airflow_aicenter.completion import SNAPSHOT_OF
 from airflow_aicenter.errors import AICenterError, ConfigurationError, NotFoundError, StorageError, VersionError
 from airflow_aicenter.gc import DEFAULT_GRACE_HOURS, collect
 from airflow_aicenter.package import Version, open_package, validate_package, validate_package_name
+from airflow_aicenter.plans import PLANS
 from airflow_aicenter.process import exit_process
 from airflow_aicenter.promotion import PROMOTE_IF, promote, version_score
 from airflow_aicenter.records import AliasRecord, Manifest, VersionRecord, read_optional
@@ -662,9 +664,8 @@ def snapshot_summary(store: Store, uri: str | None) -> str | None:
     return f"content {content.hexdigest()[:12]}, {files}, {manifest.total_bytes} bytes"
 
 
-#: The snapshot row shown right after each dataset row of ``runs compare``: (row, snapshot directory).
-SNAPSHOT_ROWS = {"dataset": ("dataset_snapshot", "data_directory"),
-                 "evaluation_dataset": ("evaluation_snapshot", "test_data_directory")}
+#: The snapshot row shown right after each dataset row of ``runs compare`` (its data: ``completion.SNAPSHOT_OF``).
+SNAPSHOT_ROWS = {"dataset": "dataset_snapshot", "evaluation_dataset": "evaluation_snapshot"}
 
 
 def _with_snapshots(store: Store, records: list[RunRecord], rows: list[tuple[str, list[Any]]]) -> list[tuple[str, list[Any]]]:
@@ -673,8 +674,8 @@ def _with_snapshots(store: Store, records: list[RunRecord], rows: list[tuple[str
     for name, values in rows:
         out.append((name, values))
         if name in SNAPSHOT_ROWS:
-            row, directory = SNAPSHOT_ROWS[name]
-            out.append((row, [snapshot_summary(store, r.outcome.snapshots.get(directory)) for r in records]))
+            directory = SNAPSHOT_OF[name]
+            out.append((SNAPSHOT_ROWS[name], [snapshot_summary(store, r.outcome.snapshots.get(directory)) for r in records]))
     return out
 
 
@@ -741,7 +742,8 @@ def add_package_commands(groups: Any) -> None:
     p = command(package, "validate", cmd_package_validate, "check a package folder or zip statically (no code runs)",
                 needs_store=False)
     p.add_argument("path")
-    p.add_argument("--pipeline", choices=("train", "evaluate", "full", "serve"), default="train")
+    # What validate_package checks a package for, per pipeline (predicting needs the serving half: "serve").
+    p.add_argument("--pipeline", choices=tuple(dict.fromkeys(plan.contract for plan in PLANS.values())), default="train")
 
 
 def add_runs_commands(groups: Any) -> None:
