@@ -16,9 +16,10 @@ download), so the first incremental run after it compares without downloading.
 
 ``data_directory`` then holds only the new and changed files. The snapshot of the run (with
 ``save_training_data``) is the whole dataset as of now: the staged files plus the unchanged ones
-carried over from the base manifest, whose blobs the base manifest vouches for (checked by a
-sample before compute), so they are neither downloaded nor uploaded. It records every file's
-fingerprint, so the next incremental run compares without downloading.
+carried over from the base manifest, whose blobs the base manifest vouches for (each checked
+before compute as a re-snapshot checks them: check_carried), so they are neither downloaded
+nor uploaded. It records every file's fingerprint, so the next incremental run compares
+without downloading.
 
 Nothing new or changed: :class:`NothingNew` with the reason; the agent reports the run as
 ``skipped`` and the operator skips the task.
@@ -26,20 +27,17 @@ Nothing new or changed: :class:`NothingNew` with the reason; the agent reports t
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
-from airflow_aicenter.errors import AccessDeniedError, ConfigurationError, DatasetError, NotFoundError
-from airflow_aicenter.layout import blob_key
+from airflow_aicenter.errors import AICenterError, ConfigurationError, DatasetError, NotFoundError
 from airflow_aicenter.records import Manifest, ManifestEntry, VersionRecord, read
+from airflow_aicenter.runtime.snapshot import check_vouched
 from airflow_aicenter.storage import Store, open_store
 from airflow_aicenter.storage.store import ObjectInfo
 from airflow_aicenter.storage.transfer import FileEntry, download_file, gather_limited, run
-
-#: Carried-over blobs checked with a HEAD before they are taken as stored.
-SAMPLE = 8
 
 
 class NothingNew(Exception):
@@ -110,19 +108,46 @@ def read_base(store: Store, uri: str) -> Manifest:
         ) from None
 
 
+def base_written(store: Store, uri: str) -> datetime | None:
+    """When the base snapshot manifest was written, by the store's clock (None: not known)."""
+    try:
+        if uri.startswith(store.uri + "/"):
+            info = store.head(uri[len(store.uri) + 1:])
+        else:
+            folder, _, name = uri.rstrip("/").rpartition("/")
+            info = open_store(folder, create=False).head(name)
+    except AICenterError:
+        return None
+    return None if info is None else info.last_modified
+
+
 def check_carried(store: Store, base: Manifest, carried: list[ManifestEntry], uri: str) -> None:
-    """A sample of the carried-over blobs must exist: they go into the new snapshot without being uploaded."""
-    digests = sorted({e.sha256 for e in carried})
-    for digest in random.sample(digests, min(SAMPLE, len(digests))):
-        try:
-            there = store.exists(blob_key(digest))
-        except AccessDeniedError:  # run credentials list no blob: S3 answers 403 for an absent one
-            there = False
-        if not there:
+    """Every carried-over blob must be stored intact: they go into the new snapshot without being uploaded.
+
+    The rule of a re-snapshot (snapshot.check_vouched): blobs are create-once, so one unmodified
+    since the base manifest was written is intact; one modified after it is hashed in full. A
+    manifest that carried a damaged blob would vouch for it, and the next re-snapshot of the
+    dataset would trust it instead of repairing it; so a missing or damaged one stops the run
+    before compute, naming the full run that stores it again.
+    """
+    sizes = {e.sha256: e.size for e in carried}
+    if not sizes:
+        return
+    states = run(check_vouched(store, sizes, base_written(store, uri)))
+    paths = {e.sha256: e.path for e in carried}
+    for digest, state in sorted(states.items()):
+        if state in ("missing", "refused"):  # run credentials get 403 for an absent blob
             raise DatasetError(
                 f"the parent version's training snapshot {uri} names blob sha256:{digest[:12]}..., which is gone from "
                 "the store (or, with runtime_role_arn, not readable with the run's credentials); train without "
                 "incremental=True to take a full snapshot again"
+            )
+        if state == "damaged":
+            raise DatasetError(
+                f"the parent version's training snapshot {uri} names {paths[digest]} as blob sha256:{digest[:12]}..., "
+                "which is damaged in the store (its content no longer hashes to its name); train without "
+                "incremental=True: its full snapshot rewrites the blob from the data (or `aicenter verify --repair` "
+                "from a copy of it)"
             )
 
 

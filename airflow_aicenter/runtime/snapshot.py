@@ -106,11 +106,12 @@ async def _head(store: Store, key: str) -> ObjectInfo | Literal["refused"] | Non
         return "refused"
 
 
-async def check_vouched(store: Store, sizes: Mapping[str, int], since: datetime) -> dict[str, Found]:
+async def check_vouched(store: Store, sizes: Mapping[str, int], since: datetime | None) -> dict[str, Found]:
     """The state of each blob in ``sizes`` (digest -> size) that a manifest written at ``since`` names.
 
     Its metadata, concurrently: missing; another size (damaged); unmodified since ``since``
-    (ok, not read); modified after it: read back and hashed in full (ok or damaged). The
+    (ok, not read); modified after it, or ``since`` not known: read back and hashed in full
+    (ok or damaged). The
     metadata comes from a HEAD each, or on S3, for LIST_MIN_FILES blobs or more, from a listing
     of the blob prefix (1,000 a request), as ensure_blobs finds blobs; run credentials list no
     blob, and get HEADs.
@@ -136,7 +137,9 @@ async def check_vouched(store: Store, sizes: Mapping[str, int], since: datetime)
             return "refused"
         if info.size != sizes[digest]:
             return "damaged"
-        if info.last_modified is not None and not modified_after(info.last_modified, since, whole_seconds=whole_seconds):
+        if since is not None and info.last_modified is not None and not modified_after(
+            info.last_modified, since, whole_seconds=whole_seconds
+        ):
             return "ok"
         return await blob_state_async(store, digest)
 

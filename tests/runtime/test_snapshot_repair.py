@@ -15,7 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from airflow_aicenter.errors import DatasetError
 from airflow_aicenter.layout import BLOBS, blob_key
+from airflow_aicenter.records import Manifest, read
+from airflow_aicenter.runtime.incremental import check_carried
 from airflow_aicenter.runtime.snapshot import take_snapshot
 from airflow_aicenter.storage import S3Options, Store, open_store, transfer
 from airflow_aicenter.storage.store import local_path
@@ -223,3 +228,25 @@ def test_where_blob_heads_are_refused_nothing_is_named_repaired(s3_server: Any, 
     assert stats.uploaded_files in (1, 2)
     assert blob_state(direct, small.sha256) == "ok"
     assert not any("repaired" in line or "missing" in line for line in logs), logs
+
+
+def test_an_incremental_run_does_not_carry_a_damaged_blob_into_its_snapshot(store: Store, tmp_path: Path) -> None:
+    """The unchanged files of an incremental run go into its snapshot without being staged: their blobs are
+    checked by the same rule against the parent's snapshot, so no manifest vouches for a damaged blob (the
+    next re-snapshot would trust it). A full run then repairs it."""
+    root = tmp_path / "data"
+    files = dataset(root)
+    key = "runs/parent/data_directory.manifest.json"
+    snap(store, root, files, 0, [])
+    store.copy("runs/d/r/t/0/data_directory.manifest.json", key)
+    base = read(store, key, Manifest)
+    check_carried(store, base, base.files, store.url(key))  # intact: nothing to say
+
+    after_the_manifest(store)
+    small = next(e for e in files if e.path == "sub/b.csv")
+    flip_in_place(store, small.sha256, 7)
+    with pytest.raises(DatasetError, match=rf"sub/b.csv.*sha256:{small.sha256[:12]}.*is damaged.*without incremental=True"):
+        check_carried(store, base, base.files, store.url(key))
+    logs: list[str] = []
+    assert snap(store, root, files, 1, logs).uploaded_files == 1  # the full run's snapshot
+    assert blob_state(store, small.sha256) == "ok"
