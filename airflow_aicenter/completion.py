@@ -72,6 +72,8 @@ class RunRequest:
     nodes: int = 1
     procs_per_node: int = 1
     checkpoint_interval: float = 300.0
+    #: Seconds between updates of progress.json, metrics.jsonl and the progress log lines.
+    progress_interval: float = 30.0
     incremental: bool = False
     #: More RunSpec fields of a pipeline type (prediction's ``input_type`` and ``max_failed``).
     spec_extra: Mapping[str, Any] = field(default_factory=dict)
@@ -140,9 +142,12 @@ class Completion:
     new_version: VersionRecord | None
     outcome: Outcome
     promotion: Promotion | None = None
+    #: The run's page in the Airflow UI (an http(s) URL under the api-server's base URL, else a path from its root).
+    run_url: str | None = None
 
     @property
     def event(self) -> dict[str, Any] | None:
+        """The Asset event's extra: the new version, its parent and score, the run's page and its folder."""
         if self.new_version is None:
             return None
         return {
@@ -150,6 +155,7 @@ class Completion:
             "version": self.new_version.version,
             "parent": self.parent.version,
             "score": self.outcome.score,
+            "run_url": self.run_url,
             "run_uri": self.value["run_uri"],
         }
 
@@ -249,14 +255,19 @@ class PostRun:
                 return Recovered(ref, outcome, self.registry.get(request.package, outcome.version))
         return None
 
-    def record_refused(self, run: RunRef, error: AICenterError) -> None:
-        """A run refused before compute is recorded too (phase "prepare"), so the run records show it."""
+    def record_refused(self, run: RunRef, error: AICenterError, resolved: str | None = None) -> None:
+        """A run refused before compute is recorded too (phase "prepare"), so the run records show it.
+
+        ``resolved`` is the version the requested one resolved to, when the refusal came after that.
+        """
         request = self.request
         outcome = Outcome(
             status="running",
             pipeline=self.plan.name,
             package=request.package,
-            version=str(request.requested_version),
+            version=resolved or str(request.requested_version),
+            requested_version=str(request.requested_version),
+            trigger=run.trigger,
             start_at=time.time(),
             phase="prepare",
             dataset=request.dataset,
@@ -269,12 +280,13 @@ class PostRun:
             self.log.warning("Could not record the refused run in %s: %s", run.uri, exc)
 
     # -- after the run --------------------------------------------------------------------
-    def complete(self, run: RunRef, outcome: Outcome, version: str) -> Completion:
+    def complete(self, run: RunRef, outcome: Outcome, version: str, run_url: str | None = None) -> Completion:
         """Register (once per task instance), record an evaluation, promote, write ``_results.json``.
 
-        ``version`` is the version the run ran (the parent of a new one). Safe to repeat for the
-        same run. A run that succeeded but whose version could not be registered is recorded as
-        failed (phase "register") and the error raised.
+        ``version`` is the version the run ran (the parent of a new one); ``run_url`` the run's
+        page (the operator's extra link), carried by ``_results.json`` and the Asset event. Safe
+        to repeat for the same run. A run that succeeded but whose version could not be
+        registered is recorded as failed (phase "register") and the error raised.
         """
         request, registry = self.request, self.registry
         parent = registry.get(request.package, version)
@@ -300,7 +312,7 @@ class PostRun:
             extra.update(predictions_uri=predictions, predicted=outcome.predicted, failed=outcome.failed)
         artifacts_uri = store.url(run.key(f"{ARTIFACTS}/"))
         results_uri = store.url(run.key(RESULTS))
-        results = self.results(run, parent, outcome, new_version, artifacts_uri, extra)
+        results = self.results(run, parent, outcome, new_version, artifacts_uri, {**extra, "run_url": run_url})
         crash_point("results")
         write(store, run.key(RESULTS), results)
         snapshot = outcome.snapshots.get("data_directory") or outcome.snapshots.get("test_data_directory")
@@ -319,7 +331,7 @@ class PostRun:
         for warning in outcome.warnings:
             self.log.warning("%s", warning)
         self.log.info("Results: %s", results_uri)
-        return Completion(value, results, parent, new_version, outcome, promotion)
+        return Completion(value, results, parent, new_version, outcome, promotion, run_url)
 
     def register(self, parent: VersionRecord, outcome: Outcome, run: RunRef) -> VersionRecord:
         """The run's package folder becomes the next minor version of ``parent``'s major, once per task instance."""
@@ -338,8 +350,11 @@ class PostRun:
             snapshot=outcome.snapshots.get("data_directory"),
             score=outcome.score,
             evaluated_on=self.request.evaluated_on(outcome),
-            created_by=f"{run.dag_id}.{run.task_id}",
+            # The person, schedule or asset that started the run; the DAG and task are in ``run``.
+            created_by=run.trigger.by if run.trigger is not None else f"{run.dag_id}.{run.task_id}",
             description=parent.description,
+            resources=outcome.resources,
+            cost=outcome.cost,
         )
         self.log.info("Registered %s version %s (parent %s)", package, record.version, parent.version)
         return record
@@ -434,6 +449,9 @@ class PostRun:
             "pipeline_type": plan.name,
             "status": outcome.status,
             "run_uri": run.uri,
+            # The DAG run and task try (the pages link to them and to the log) and who or what started it.
+            "run": run.task_try,
+            "triggered_by": None if run.trigger is None else run.trigger.model_dump(),
             "requested_version": str(request.requested_version),
             "phases": outcome.phases,
             "warnings": outcome.warnings,
@@ -444,6 +462,10 @@ class PostRun:
             aicenter["distributed"] = outcome.distributed
         if outcome.checkpoint:
             aicenter["checkpoint"] = outcome.checkpoint
+        if outcome.resources:  # what the run used and, with the connection's prices, cost (docs/progress.md)
+            aicenter["resources"] = outcome.resources
+        if outcome.cost:
+            aicenter["cost"] = outcome.cost
         return Results.model_validate(
             {
                 "parameters": {

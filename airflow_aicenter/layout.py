@@ -46,6 +46,10 @@ REGISTRATION = "registration.json"
 ARTIFACTS = "artifacts"
 PREDICTIONS = "predictions"
 CHECKPOINTS = "checkpoints"
+#: The run's live progress (step, total, percent, ETA, latest metrics) and its thinned metric history,
+#: written by the agent while package code runs (DESIGN "Progress, metrics and resources").
+PROGRESS = "progress.json"
+METRICS = "metrics.jsonl"
 #: The AI Center folders whose content can be snapshotted, and their manifest names.
 SNAPSHOT_DIRECTORIES = ("data_directory", "test_data_directory")
 MAP_SEPARATOR = "~"

@@ -45,8 +45,34 @@ class BlobRef(Record):
     size: int
 
 
+class TriggerAsset(Record):
+    """An asset event that started an asset-triggered DAG run, and the task run that emitted it."""
+
+    uri: str
+    dag_id: str | None = None
+    run_id: str | None = None
+    task_id: str | None = None
+    #: The package version the event announced (an ``aicenter://`` event's extra), else None.
+    version: str | None = None
+
+
+class Trigger(Record):
+    """Who or what started the DAG run a run belongs to: what the pages and the CLI show as "triggered by".
+
+    Recorded from Airflow's DAG run, so a record names the person even after the DAG run is gone.
+    """
+
+    #: One line: the person (``alice``), ``schedule``, ``asset aicenter://churn/``, else Airflow's run type.
+    by: str
+    #: Airflow's DAG run type: ``manual``, ``scheduled``, ``asset_triggered``, ``backfill``, ...
+    run_type: str = ""
+    #: The triggering user's name, when a person started it (the UI, the API, ``airflow dags trigger``).
+    user: str | None = None
+    assets: list[TriggerAsset] = Field(default_factory=list)
+
+
 class RunRef(Record):
-    """Which Airflow task try (or CLI call) a record came from."""
+    """Which Airflow task try (or CLI call) a record came from, and who or what started its DAG run."""
 
     dag_id: str
     run_id: str
@@ -54,6 +80,13 @@ class RunRef(Record):
     try_number: int = 1
     map_index: int = -1
     uri: str = ""  # the run folder (runs/<dag_id>/<run_id>/<task_id>/<try>) as a URI
+    trigger: Trigger | None = None  # None: records from before triggers were recorded, and CLI calls
+
+    @property
+    def task_try(self) -> dict[str, Any]:
+        """The DAG run and task try, what the Airflow UI's DAG-run and log links are built from."""
+        return {"dag_id": self.dag_id, "run_id": self.run_id, "task_id": self.task_id, "try_number": self.try_number,
+                "map_index": self.map_index}
 
     @property
     def path(self) -> RunPath:
@@ -88,7 +121,12 @@ class VersionRecord(Record):
     evaluated_on: str | None = None
     description: str = ""
     created_at: datetime = Field(default_factory=utcnow)
+    #: Who made it: the person, schedule or asset that started the run (``run.trigger.by``); ``cli:<user>``
+    #: for an upload; ``<dag_id>.<task_id>`` for a run whose trigger is unknown.
     created_by: str = ""
+    #: What the run that made it used (``Outcome.resources``) and, with the connection extra ``prices``, cost.
+    resources: dict[str, Any] | None = None
+    cost: dict[str, Any] | None = None
 
 
 class EvaluationRecord(Record):
@@ -182,6 +220,14 @@ class RunSpec(Record):
     #: The connection extra ``allowed_dataset_roots``: the only folders ``file://`` data may come from.
     #: The runtime checks every source a manifest names against them again before reading it.
     allowed_dataset_roots: list[str] = Field(default_factory=list)
+    #: What the task asked for (``"latest"``, ``"production"``); ``version`` is what that resolved to.
+    requested_version: str | None = None
+    #: Who or what started the DAG run (copied into the outcome, so a failed run shows it too).
+    trigger: Trigger | None = None
+    #: Seconds between the agent's updates of progress.json and metrics.jsonl (DESIGN "Progress, metrics and resources").
+    progress_interval: float = Field(default=30, gt=0)
+    #: The connection extra ``prices`` (validated by ``runtime.resources.prices_of``): the run's cost is computed with it.
+    prices: dict[str, float] | None = None
 
 
 class Outcome(Record):
@@ -195,6 +241,7 @@ class Outcome(Record):
     status: RunStatus
     pipeline: Pipeline
     package: str
+    #: The version the run ran: resolved (``1.4``), unless it was refused before its version could be resolved.
     version: str
     start_at: float
     end_at: float | None = None
@@ -219,8 +266,16 @@ class Outcome(Record):
     #: ``{"resumed_from_try", "files", "bytes"}`` of the task's checkpoint (``_results.json`` aicenter.checkpoint).
     checkpoint: dict[str, Any] | None = None
     skipped: CappedText | None = None  # why an incremental run had nothing to train on (status "skipped")
+    #: What the task asked for (``"latest"``, an alias); None in records from before it was recorded.
+    requested_version: str | None = None
+    #: Who or what started the DAG run (``RunSpec.trigger``); None when unknown.
+    trigger: Trigger | None = None
     #: The package environment: ``{"key", "source", "seconds"}`` (source: none, local, store, installed).
     environment: dict[str, Any] | None = None
+    #: What the run used (``runtime.resources``): wall and CPU seconds and peak memory of the user processes,
+    #: GPU seconds, utilisation and memory, bytes staged and uploaded; ``cost`` with the connection's prices.
+    resources: dict[str, Any] | None = None
+    cost: dict[str, Any] | None = None
 
     @classmethod
     def starting(cls, spec: RunSpec, status: RunStatus = "running", **fields: Any) -> Outcome:
@@ -230,12 +285,33 @@ class Outcome(Record):
         """
         return cls(
             status=status, pipeline=spec.pipeline, package=spec.package, version=spec.version, start_at=time.time(),
-            dataset=spec.dataset, evaluation_dataset=spec.evaluation_dataset, env=masked_env(spec.env), **fields,
+            dataset=spec.dataset, evaluation_dataset=spec.evaluation_dataset, env=masked_env(spec.env),
+            requested_version=spec.requested_version, trigger=spec.trigger, **fields,
         )
 
     @property
     def execution_time(self) -> float:
         return round((self.end_at or time.time()) - self.start_at, 3)
+
+
+class Progress(Record):
+    """``progress.json`` of a run folder: where package code says it is (``aicenter.report``), updated while it runs."""
+
+    step: float | None = None
+    total: float | None = None
+    percent: float | None = None
+    #: Seconds left, from the rate of steps since the first report; None until it can be told.
+    eta_seconds: float | None = None
+    #: The latest value of every metric reported (names and values as package code gave them, secrets masked).
+    metrics: dict[str, float | None] = Field(default_factory=dict)
+    #: Reports read so far, lines that were not a report (skipped), and the points in metrics.jsonl.
+    reports: int = 0
+    skipped: int = 0
+    points: int = 0
+    started_at: float | None = None
+    updated_at: float
+    #: True once the user processes have ended (the last update).
+    final: bool = False
 
 
 class Registration(Record):

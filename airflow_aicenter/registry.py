@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Literal, cast
+from typing import Any, BinaryIO, Literal, cast
 
 import obstore
 
@@ -277,6 +277,8 @@ class Registry:
         evaluated_on: str | None = None,
         created_by: str = "",
         description: str = "",
+        resources: dict[str, Any] | None = None,
+        cost: dict[str, Any] | None = None,
     ) -> VersionRecord:
         """Create the next version: ``N.0`` for an upload, the next free minor of the parent's major otherwise."""
         if not self.store.exists(layout.blob_key(blob.sha256)):
@@ -291,7 +293,7 @@ class Registry:
             record = VersionRecord(
                 package=name, version=str(version), blob=blob, parent=parent, pipeline=pipeline,  # type: ignore[arg-type]
                 run=run, snapshot=snapshot, score=score, evaluated_on=evaluated_on, created_by=created_by,
-                description=description,
+                description=description, resources=resources, cost=cost,
             )
             made[:] = [record]
             return record.model_dump_json(indent=2).encode()

@@ -13,9 +13,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from airflow_aicenter.completion import RunRequest
-from airflow_aicenter.records import RunRef, RunSpec, VersionRecord
+from airflow_aicenter.records import RunRef, RunSpec, Trigger, TriggerAsset, VersionRecord
 from airflow_aicenter.runtime.environment import package_indexes
 from airflow_aicenter.runtime.manifest import dataset_roots
+from airflow_aicenter.runtime.resources import prices_of
 from airflow_aicenter.secrets import SECRET_KEYS_ENV
 
 if TYPE_CHECKING:
@@ -37,14 +38,43 @@ class TaskTry(Protocol):
     def map_index(self) -> int | None: ...
 
 
-def run_ref(ti: TaskTry, store: Store) -> RunRef:
-    """The run folder of this task try (one folder a try: output isolation), with its URI in ``store``."""
+def trigger_of(dag_run: Any) -> Trigger | None:
+    """Who or what started ``dag_run`` (Airflow's ``context["dag_run"]``): the person, the schedule or the assets.
+
+    A scheduled run is ``schedule``; a run a person started (the UI, the API, ``airflow dags
+    trigger`` or ``test``, a backfill) is that person; an asset-triggered run is the assets whose
+    events started it, with the task runs that emitted them. None without a DAG run.
+    """
+    if dag_run is None:
+        return None
+    run_type = str(getattr(getattr(dag_run, "run_type", ""), "value", getattr(dag_run, "run_type", "")) or "")
+    user = getattr(dag_run, "triggering_user_name", None) or None
+    assets = []
+    for event in getattr(dag_run, "consumed_asset_events", None) or ():
+        version = (event.extra or {}).get("version") if str(event.asset.uri).startswith("aicenter://") else None
+        assets.append(TriggerAsset(uri=event.asset.uri, dag_id=event.source_dag_id, run_id=event.source_run_id,
+                                   task_id=event.source_task_id, version=None if version is None else str(version)))
+    if run_type == "scheduled":
+        by = "schedule"
+    elif user:
+        by = user
+    elif assets:
+        by = "asset " + ", ".join(dict.fromkeys(a.uri for a in assets))
+    else:
+        by = run_type or "unknown"
+    return Trigger(by=by, run_type=run_type, user=user, assets=assets)
+
+
+def run_ref(ti: TaskTry, store: Store, dag_run: Any = None) -> RunRef:
+    """The run folder of this task try (one folder a try: output isolation), with its URI in ``store``, and who or
+    what started its DAG run (``dag_run``: Airflow's ``context["dag_run"]``)."""
     ref = RunRef(
         dag_id=ti.dag_id,
         run_id=ti.run_id,
         task_id=ti.task_id,
         try_number=ti.try_number or 1,
         map_index=ti.map_index if ti.map_index is not None else -1,
+        trigger=trigger_of(dag_run),
     )
     ref.uri = store.url(ref.prefix)
     return ref
@@ -70,6 +100,8 @@ def build_spec(
         run_prefix=run.prefix,
         package=request.package,
         version=parent.version,
+        requested_version=request.requested_version,
+        trigger=run.trigger,
         blob=parent.blob,
         dataset=request.dataset,
         evaluation_dataset=request.evaluation_dataset,
@@ -85,6 +117,8 @@ def build_spec(
         procs_per_node=request.procs_per_node,
         checkpoint_prefix=run.path.task.checkpoints if request.plan.makes_version else None,
         checkpoint_interval=request.checkpoint_interval,
+        progress_interval=request.progress_interval,
+        prices=prices_of(extra.get("prices")),
         incremental_base=incremental_base,
         package_indexes=package_indexes(extra.get("package_indexes")),
         allowed_dataset_roots=[str(r) for r in dataset_roots(extra.get("allowed_dataset_roots"))],

@@ -44,7 +44,7 @@ from airflow_aicenter.operators.checks import (
     is_templated,
     rendered_count,
 )
-from airflow_aicenter.operators.links import ArtifactsLink, ResultsLink
+from airflow_aicenter.operators.links import ArtifactsLink, ResultsLink, run_page_url
 from airflow_aicenter.plans import PipelinePlan
 from airflow_aicenter.promotion import PromoteIf
 from airflow_aicenter.records import RunRef, RunSpec, VersionRecord
@@ -168,6 +168,9 @@ class BasePipelineOperator(KubernetesPodOperator):
         ``nodes`` and ``procs_per_node`` are templated: ``"{{ params.procs_per_node }}"`` takes a DAG param.
     :param checkpoint_interval: seconds between syncs of ``checkpoint_directory`` to the task's
         ``checkpoints/`` (a retry resumes from the latest complete one).
+    :param progress_interval: seconds between updates of the run's ``progress.json`` and
+        ``metrics.jsonl`` and the progress lines in the task log, from what package code reports
+        with ``aicenter.report`` (docs/progress.md).
     :param incremental: train on the files new or changed since the parent version's snapshot (the
         parent needs one: train it with ``save_training_data=True``); the run snapshots its data too.
     :param kwargs: any KubernetesPodOperator argument (node selector, tolerations, pod templates,
@@ -208,6 +211,7 @@ class BasePipelineOperator(KubernetesPodOperator):
         procs_per_node: int | str = 1,
         checkpoint_interval: float = 300,
         incremental: bool = False,
+        progress_interval: float = 30,
         **kwargs: Any,
     ) -> None:
         # Without a termination file (a hard crash) the log tail becomes the pod's failure message.
@@ -239,11 +243,13 @@ class BasePipelineOperator(KubernetesPodOperator):
         self.nodes = nodes
         self.procs_per_node = procs_per_node
         self.checkpoint_interval = checkpoint_interval
+        self.progress_interval = progress_interval
         self.incremental = incremental
         self.promote_to = promote_to
         self.promote_if = promote_if
         check_arguments(self.plan, type(self).__name__, self)
         self.gpu, self.checkpoint_interval = int(gpu), float(checkpoint_interval)
+        self.progress_interval = float(progress_interval)
         if dataset_volume_claim and not dataset:  # records and _results.json name a mounted claim pvc://<claim>/<sub_path>
             self.dataset = pvc_uri(dataset_volume_claim, dataset_sub_path)
         if self.plan.makes_version:
@@ -326,6 +332,7 @@ class BasePipelineOperator(KubernetesPodOperator):
         run = self.run_ref(context)
         post = PostRun(hook.registry, request, self.log)
         self.launcher_in_use = None  # each execution builds its own
+        parent: VersionRecord | None = None
         with fail_once():
             try:
                 launcher = self.run_launcher()
@@ -347,7 +354,7 @@ class BasePipelineOperator(KubernetesPodOperator):
                     parent, run = recovered.parent, recovered.run
                 spec = self.build_spec(parent, run)
             except AICenterError as exc:
-                post.record_refused(run, exc)
+                post.record_refused(run, exc, resolved=None if parent is None else parent.version)
                 raise
             if recovered is not None:
                 finished = Finished(spec, run, recovered.outcome)
@@ -415,8 +422,8 @@ class BasePipelineOperator(KubernetesPodOperator):
 
     # -- before compute -------------------------------------------------------------------
     def run_ref(self, context: Context) -> RunRef:
-        """This task try's run folder (see :func:`airflow_aicenter.run_spec.run_ref`)."""
-        return run_spec.run_ref(context["ti"], self.aicenter_hook.get_store())
+        """This task try's run folder and who or what started its DAG run (:func:`airflow_aicenter.run_spec.run_ref`)."""
+        return run_spec.run_ref(context["ti"], self.aicenter_hook.get_store(), context.get("dag_run"))
 
     def render_template_fields(self, context: Context, jinja_env: Any = None) -> None:
         """Render, then mask secrets and show what the run will use, before Airflow stores the rendered fields.
@@ -476,6 +483,7 @@ class BasePipelineOperator(KubernetesPodOperator):
             nodes=rendered_count("nodes", self.nodes),
             procs_per_node=rendered_count("procs_per_node", self.procs_per_node),
             checkpoint_interval=self.checkpoint_interval,
+            progress_interval=self.progress_interval,
             incremental=self.incremental,
             spec_extra=self.spec_extra(),
         )
@@ -491,7 +499,9 @@ class BasePipelineOperator(KubernetesPodOperator):
         if finished.outcome.status == "skipped":
             raise AirflowSkipException(finished.outcome.skipped or "the runtime found nothing to do")
         post = PostRun(self.aicenter_hook.registry, self.run_request(), self.log)
-        done = self.completion = post.complete(finished.run, finished.outcome, finished.spec.version)
+        # The run's page, as the extra link builds it: the folder may be an earlier try's (a recovered run).
+        run_url = run_page_url(finished.run)
+        done = self.completion = post.complete(finished.run, finished.outcome, finished.spec.version, run_url)
         context["ti"].xcom_push(key="return_value", value=done.value)
         if done.event is not None:
             if is_templated(self.package) or any(isinstance(o, AssetAlias) for o in self.outlets):

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO, cast
 
+import aicenter
 from airflow_aicenter.crashpoints import crash_point
 from airflow_aicenter.errors import AICenterError, DatasetError, NotFoundError, RunError
 from airflow_aicenter.layout import manifest_name, outcome_name
@@ -50,6 +51,8 @@ from airflow_aicenter.runtime.incremental import (
     stage_incremental,
 )
 from airflow_aicenter.runtime.manifest import EVALUATION, INFERENCE, TRAINING, is_manifest_uri, stage_manifest
+from airflow_aicenter.runtime.progress import METRICS_FILE, METRICS_FILE_ENV, ProgressTracker
+from airflow_aicenter.runtime.resources import cost_of
 from airflow_aicenter.runtime.snapshot import take_snapshot
 from airflow_aicenter.runtime.supervisor import RESULT_LIMIT, emit, read_untrusted_json, supervise
 from airflow_aicenter.runtime.user import cap
@@ -79,6 +82,8 @@ DIRECTORIES = (
 TERMINATION_LOG = "/dev/termination-log"
 #: The user process, started by path: the package's environment does not hold airflow_aicenter.
 USER_SCRIPT = Path(__file__).resolve().with_name("user.py")
+#: ``import aicenter`` in package code (stdlib only): copied alone into ``bin/lib/``, which user.py puts on the path.
+REPORT_MODULE = Path(aicenter.__file__).resolve()
 #: Longest line of user output passed on; the rest of the line is cut (a 400 MB line must not
 #: cost the agent 400 MB).
 LINE_LIMIT = supervisor.LINE_LIMIT
@@ -308,6 +313,8 @@ class Agent:
             if self.outcome.status != "succeeded":
                 self._upload_artifacts_best_effort()
             self.outcome.warnings = [redact(w, self.secrets) for w in self.outcome.warnings]  # may name user files
+            if not (self.mode == "stage" and self.outcome.status == "running"):
+                self._finish_resources()
             crash_point("outcome")
             write(self.store, self.key(self.outcome_name), self.outcome)
             if self.mode == "stage" and self.outcome.status == "running":
@@ -346,7 +353,7 @@ class Agent:
             if self.mode == "stage":
                 self._hand_over(root, groups)
                 return
-        with self.phase("user_code"):
+        with self.phase("user_code"), self._progress():
             if self.mode == "sync":
                 results = self._wait_for_supervisor()
             else:
@@ -375,6 +382,43 @@ class Agent:
                     self._snapshot("test_data_directory", spec.evaluation_dataset or spec.dataset)
         if plan.serving:
             self._check_failed_inputs()
+
+    @contextlib.contextmanager
+    def _progress(self) -> Iterator[None]:
+        """While user code runs, node 0 keeps the run's progress.json and metrics.jsonl (runtime/progress.py)."""
+        if self.topology.node_rank != 0:
+            yield
+            return
+        tracker = ProgressTracker(self.store, self.key, str(self.control / METRICS_FILE), self.spec.progress_interval, log,
+                                  self.secrets).start()
+        try:
+            yield
+        finally:
+            tracker.stop()
+
+    def _count(self, name: str, n: int) -> None:
+        """Add ``n`` bytes to the run's ``resources`` (kept in the outcome: a pod's stage hands it to sync)."""
+        resources = dict(self.outcome.resources or {})
+        resources[name] = int(resources.get(name) or 0) + int(n)
+        self.outcome.resources = resources
+
+    def _used(self, usage: Any) -> None:
+        """The user processes' figures from the supervisor's exit record (``supervisor.Usage``)."""
+        if isinstance(usage, dict):
+            keep = ("wall_seconds", "cpu_seconds", "peak_memory_bytes", "gpu_utilization", "gpu_memory_peak_bytes")
+            figures = {k: usage.get(k) for k in keep if isinstance(usage.get(k), int | float) or usage.get(k) is None}
+            self.outcome.resources = {**(self.outcome.resources or {}), **figures}
+
+    def _finish_resources(self) -> None:
+        """GPU seconds (wall seconds times the GPUs asked for) and, with prices, the cost (runtime/resources.py)."""
+        resources = {"wall_seconds": None, "cpu_seconds": None, "peak_memory_bytes": None, "gpu_seconds": None,
+                     "gpu_utilization": None, "gpu_memory_peak_bytes": None, "bytes_staged": 0, "bytes_uploaded": 0,
+                     **(self.outcome.resources or {})}
+        if resources["wall_seconds"] is not None:
+            resources["gpu_seconds"] = round(float(resources["wall_seconds"]) * self.spec.gpu, 3)
+        self.outcome.resources = resources
+        if self.spec.prices:
+            self.outcome.cost = cost_of(resources, self.spec.prices)
 
     def _before_user_code(self) -> Path:
         """Everything before package code runs (stage): package, environment, data, checkpoint."""
@@ -476,6 +520,7 @@ class Agent:
         if ended is None:
             raise RunError(f"the user supervisor's exit file {exit_file} is not a JSON object in a regular file of at most "
                            f"{EXIT_LIMIT} bytes (replaced by package code?)")
+        self._used(ended.get("resources"))
         if ended.get("status") != "succeeded":
             raise RunError(cap(str(ended.get("cause") or f"the user processes {ended.get('status') or 'failed'}")))
         results = ended.get("results")
@@ -488,6 +533,7 @@ class Agent:
         spec = self.spec
         zip_path = self.work / "package.zip"
         get_blob(self.store, spec.blob.sha256, zip_path)
+        self._count("bytes_staged", zip_path.stat().st_size)
         # In a pod package/ is a volume's mount point, which cannot be replaced: the package goes inside it.
         target = self.work / "package" / "root" if self.mode == "stage" else self.work / "package"
         root = extract_zip(zip_path, target)
@@ -542,6 +588,7 @@ class Agent:
                 entries = run(download_tree(source, dest))
         took = time.perf_counter() - began
         size = sum(e.size for e in entries)
+        self._count("bytes_staged", size)
         log(f"staged {len(entries)} files ({human(size)}) from {uri} in {took:.2f} s")
         return entries
 
@@ -606,12 +653,15 @@ class Agent:
         script = self._user_script()
         tmp = self.work / "tmp"  # TMPDIR, and its caches (torch, matplotlib) below it: writable, unlike HOME
         tmp.mkdir(exist_ok=True)
-        env = {**env, "TMPDIR": str(tmp), "XDG_CACHE_HOME": env.get("XDG_CACHE_HOME") or str(tmp / tag / "cache"),
+        metrics = self._metrics_file()
+        env = {**env, METRICS_FILE_ENV: str(metrics), "TMPDIR": str(tmp),
+               "XDG_CACHE_HOME": env.get("XDG_CACHE_HOME") or str(tmp / tag / "cache"),
                "MPLCONFIGDIR": env.get("MPLCONFIGDIR") or str(tmp / tag / "matplotlib"),
                "TRITON_CACHE_DIR": env.get("TRITON_CACHE_DIR") or str(tmp / tag / "triton")}
         instructions.write_text(json.dumps({
             "root": str(root), "module": module, "result": str(result_path),
             "parent": None if self.mode == "stage" else os.getpid(), "steps": steps or [], "predict": predict,
+            "lib": str(self._user_lib()),
             # Several processes of one run: each is confined to its own share (DESIGN "Distributed training").
             "writable": self.writable(root, env, steps or [], predict) if self.topology.world_size > 1 else None,
         }))
@@ -637,6 +687,34 @@ class Agent:
             copy.chmod(0o644)
         return copy
 
+    def _metrics_file(self) -> Path:
+        """The file ``aicenter.report`` appends to (``AICENTER_METRICS_FILE``), created before any user process starts.
+
+        In ``control/``: a run_as user writes there, and a confined rank is given this one file
+        (``writable``). Whatever package code leaves in its place, the agent reads it warily (runtime/progress.py).
+        """
+        path = self.control / METRICS_FILE
+        if not path.exists():
+            self.control.mkdir(parents=True, exist_ok=True)
+            path.touch(0o644)
+        return path
+
+    def _user_lib(self) -> Path:
+        """``bin/lib/`` holding a copy of the ``aicenter`` module alone: user.py puts it on the user processes' path.
+
+        Nothing else is there, so package code imports ``aicenter`` and nothing of the agent.
+        """
+        lib = self.work / "bin" / "lib"
+        target = lib / "aicenter.py"
+        if not target.exists():
+            lib.mkdir(parents=True, exist_ok=True)
+            for folder in (lib.parent, lib):
+                with contextlib.suppress(OSError):  # a pod's bin/ is a volume's mount point, not ours to chmod
+                    folder.chmod(0o755)
+            shutil.copyfile(REPORT_MODULE, target)
+            target.chmod(0o644)
+        return lib
+
     def writable(self, root: Path, env: dict[str, str], steps: list[dict[str, Any]], predict: dict[str, Any] | None) -> list[str]:
         """The only folders a user process may write (user.py confines it with Landlock), created now.
 
@@ -654,7 +732,7 @@ class Agent:
                 paths += [self.dirs["training_data_directory"], self.dirs["evaluation_data_directory"]]
         for path in paths:
             path.mkdir(parents=True, exist_ok=True)
-        return [str(path) for path in paths] + ["/dev/null", "/dev/shm"]
+        return [str(path) for path in paths] + [env[METRICS_FILE_ENV], "/dev/null", "/dev/shm"]
 
     def supervise(self, processes: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Run the user processes under the supervisor, in this process (it is their subreaper).
@@ -664,6 +742,7 @@ class Agent:
         """
         self._confine(processes)
         ended = supervise(self._supervisor_plan(processes))
+        self._used(ended.get("resources"))
         if ended["status"] != "succeeded":
             raise RunError(ended["cause"] or f"the user processes {ended['status']}")
         return cast(list[dict[str, Any]], ended["results"])
@@ -695,6 +774,7 @@ class Agent:
             "grace": USER_GRACE,
             "run_as": self.run_as,
             "exit_file": str(self.control / "exit.json"),
+            "gpus": self.spec.gpu,
         }
 
     # -- the call plans ------------------------------------------------------------------
@@ -826,6 +906,7 @@ class Agent:
         for rel in local_files(folder):  # outputs and errors may quote the secrets user code knows
             redact_json_lines_file(folder / rel, self.secrets)
         entries = run(upload_tree(folder, self.store, self.key("predictions"), secrets=self.secrets, label="predictions"))
+        self._count("bytes_uploaded", sum(e.size for e in entries))
         log(f"uploaded {len(entries)} prediction files to {self.store.url(self.key('predictions'))}")
 
     def _check_failed_inputs(self) -> None:
@@ -843,6 +924,8 @@ class Agent:
             zip_path = Path(tmp) / "package.zip"
             digest = write_zip(root, zip_path)
             wrote = put_blob(self.store, zip_path, digest.sha256)
+        if wrote:
+            self._count("bytes_uploaded", digest.size)
         files = sum(1 for _ in iter_package_files(root))
         log(f"new package content: {files} files, {human(digest.size)} zipped, sha256:{digest.sha256[:12]}"
             f"{'' if wrote else ' (already stored)'}")
@@ -853,6 +936,7 @@ class Agent:
                                   label="artifacts_directory"))
         self.outcome.artifacts = len(entries)
         self.outcome.artifacts_bytes = sum(e.size for e in entries)
+        self._count("bytes_uploaded", self.outcome.artifacts_bytes)
         log(f"uploaded {len(entries)} artifacts ({human(self.outcome.artifacts_bytes)})")
 
     def _upload_artifacts_best_effort(self) -> None:
@@ -902,6 +986,7 @@ class Agent:
                               carried=inc.carried if inc else (),
                               fingerprints=inc.fingerprints if inc else self.fingerprints if name == "data_directory" else None)
         self.outcome.snapshots[name] = self.store.url(key)
+        self._count("bytes_uploaded", stats.uploaded_bytes)
         log(f"snapshot of {name}: {stats.files} files ({human(stats.bytes)}), "
             f"{stats.uploaded_files} new blobs ({human(stats.uploaded_bytes)}) written")
 

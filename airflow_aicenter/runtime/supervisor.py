@@ -39,6 +39,8 @@ import contextlib
 import importlib.util
 import json
 import os
+import resource
+import shutil
 import signal
 import stat
 import subprocess
@@ -66,6 +68,9 @@ LINE_LIMIT = 64 * 1024
 GRACE = 5.0
 #: The largest result file read (a user process writes it: it must not cost the supervisor its memory).
 RESULT_LIMIT = 64 << 20
+#: Seconds between looks at the user processes' memory and the GPUs (``nvidia-smi``).
+SAMPLE_INTERVAL = 1.0
+NVIDIA_SMI_QUERY = ("--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits")
 
 
 def _companion(name: str, file: str | None = None) -> ModuleType:
@@ -145,6 +150,100 @@ class UserProcess:
     def failure_time(self) -> float:
         failure = (self.result() or {}).get("failure") or {}
         return float(failure.get("at", float("inf")))
+
+
+def _vm_hwm(pid: int) -> int:
+    """Peak resident memory of a live process in bytes (``VmHWM`` of ``/proc/<pid>/status``), 0 when unknown."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+class Usage:
+    """What the user processes of one group used (DESIGN "Progress, metrics and resources").
+
+    CPU seconds and, when they set a new high, the peak memory come from ``getrusage`` of this
+    process's reaped children (the user processes, what they waited for, and orphans this
+    subreaper reaped): numbers the kernel keeps, which package code cannot forge. The peak
+    memory is also sampled from ``/proc`` while they run (the sum over the live processes), as
+    are the GPUs with ``nvidia-smi`` when the run asked for GPUs and the tool is there
+    (utilisation averaged over the samples, memory at its highest); where it is not, the GPU
+    figures are null.
+    """
+
+    def __init__(self, gpus: int) -> None:
+        self.gpus = gpus
+        self.began = time.monotonic()
+        self.before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.peak_memory = 0
+        self.smi = shutil.which("nvidia-smi") if gpus > 0 else None
+        self.gpu_utilization: list[float] = []
+        self.gpu_memory = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, pids: Any) -> None:
+        self._thread = threading.Thread(target=self._sample, args=(pids,), name="aicenter-usage", daemon=True)
+        self._thread.start()
+
+    def _sample(self, pids: Any) -> None:
+        while True:
+            self.peak_memory = max(self.peak_memory, sum(_vm_hwm(pid) for pid in pids()))
+            if self.smi:
+                self._gpus()
+            if self._stop.wait(SAMPLE_INTERVAL):
+                return
+
+    def _gpus(self) -> None:
+        assert self.smi is not None
+        try:
+            done = subprocess.run([self.smi, *NVIDIA_SMI_QUERY], capture_output=True, text=True, timeout=10, check=False)
+            rows = [[float(v) for v in line.split(",")] for line in done.stdout.splitlines() if line.strip()]
+        except (OSError, subprocess.SubprocessError, ValueError):
+            return
+        if done.returncode != 0 or not rows or any(len(r) != 2 for r in rows):
+            return
+        self.gpu_utilization.append(sum(r[0] for r in rows) / len(rows))
+        self.gpu_memory = max(self.gpu_memory, int(sum(r[1] for r in rows) * 1024 * 1024))
+
+    def finish(self) -> dict[str, Any]:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime + after.ru_stime) - (self.before.ru_utime + self.before.ru_stime)
+        if after.ru_maxrss > self.before.ru_maxrss:  # a child of this group set a new high (kilobytes on Linux)
+            self.peak_memory = max(self.peak_memory, after.ru_maxrss * 1024)
+        sampled = bool(self.gpu_utilization)
+        return {
+            "wall_seconds": round(time.monotonic() - self.began, 3),
+            "cpu_seconds": round(max(cpu, 0.0), 3),
+            "peak_memory_bytes": self.peak_memory or None,
+            "gpu_utilization": round(sum(self.gpu_utilization) / len(self.gpu_utilization), 1) if sampled else None,
+            "gpu_memory_peak_bytes": self.gpu_memory if sampled else None,
+        }
+
+
+def merge_usage(first: dict[str, Any] | None, second: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Two groups run one after the other (a node's ``process_data``, then its ranks): times add up, peaks are the highest."""
+    if not first or not second:
+        return second or first
+    merged = dict(second)
+    for key in ("wall_seconds", "cpu_seconds"):
+        merged[key] = round(float(first.get(key) or 0) + float(second.get(key) or 0), 3)
+    for key in ("peak_memory_bytes", "gpu_memory_peak_bytes"):
+        values = [v for v in (first.get(key), second.get(key)) if v is not None]
+        merged[key] = max(values) if values else None
+    weights = [(g.get("gpu_utilization"), float(g.get("wall_seconds") or 0)) for g in (first, second)]
+    known = [(u, w) for u, w in weights if u is not None]
+    total = sum(w for _, w in known)
+    merged["gpu_utilization"] = (round(sum(u * w for u, w in known) / total, 1) if total else known[0][0]) if known else None
+    return merged
 
 
 class Supervisor:
@@ -293,9 +392,11 @@ def supervise(plan: dict[str, Any], *, stdout: TextIO | None = None, stderr: Tex
     :class:`Stopped`) stops every process, records ``killed`` and propagates.
     """
     isolation.become_subreaper()
+    used: dict[str, Any] | None = None
     try:
         for earlier in plan.get("before") or []:  # groups run first, one after the other (a node's process_data)
             first = supervise({**plan, **earlier, "before": None, "exit_file": None}, stdout=stdout, stderr=stderr)
+            used = merge_usage(used, first.get("resources"))
             if first["status"] != "succeeded":  # none of the last group starts; the exit file says why
                 return _write_exit(plan.get("exit_file"), {**first, "results": [None] * len(plan["processes"])})
     except BaseException:  # stopped during an earlier group: whoever waits for the exit file still gets one
@@ -304,8 +405,10 @@ def supervise(plan: dict[str, Any], *, stdout: TextIO | None = None, stderr: Tex
         raise
     sup = Supervisor(plan, stdout or sys.stdout, stderr or sys.stderr)
     record: dict[str, Any] = {"status": "killed", "results": [], "failed": None, "cause": "the run was stopped"}
+    usage = Usage(int(plan.get("gpus") or 0))
     try:
         try:
+            usage.start(lambda: [u.process.pid for u in sup.users if u.process.returncode is None])
             for entry in plan["processes"]:
                 sup.start(entry)
             label, cause = sup.wait()
@@ -319,6 +422,7 @@ def supervise(plan: dict[str, Any], *, stdout: TextIO | None = None, stderr: Tex
         sup.join()
         results = [sup.secrets.redact_data(u.result()) for u in sup.users]  # user env secrets masked in them too
         record["results"] = results + [None] * (len(plan["processes"]) - len(results))
+        record["resources"] = merge_usage(used, usage.finish())
         _write_exit(plan.get("exit_file"), record)
     return record
 

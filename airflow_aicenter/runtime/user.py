@@ -29,7 +29,8 @@ Instructions (JSON)::
                {"call": "save"}],
      "predict": {"input_type": "json", "data": "/work/data", "out": "/work/parts/0",
                  "inputs": [["a.jsonl", 0, 500], ...]},   # or [["x.png"], ...] for "file"
-     "writable": ["/work/tmp", "/work/artifacts/rank-1", ...]}   # or null: not confined
+     "writable": ["/work/tmp", "/work/artifacts/rank-1", ...],   # or null: not confined
+     "lib": "/work/bin/lib"}              # on sys.path: the ``aicenter`` module (aicenter.report) alone
 
 With ``writable`` (the runs of several processes), the process confines itself with Landlock
 before it imports package code (:func:`confine`): it writes only below those folders and reads
@@ -385,8 +386,11 @@ def main(argv: list[str]) -> int:
         if problem and os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"[aicenter] user processes are not confined to their own folders: {problem}", file=sys.stderr,
                   flush=True)
-    # Package code imports its own modules (``from model import Net``), never this folder's.
+    # Package code imports its own modules (``from model import Net``), never this folder's; and
+    # ``aicenter`` (aicenter.report) from ``lib``, a folder holding that one stdlib-only module.
     sys.path[0] = str(root)
+    if plan.get("lib"):
+        sys.path.append(str(plan["lib"]))
     result: dict[str, Any] = {"ok": False, "score": None, "skipped": [], "failure": None}
     try:
         instance = load_main(root, plan["module"])

@@ -64,7 +64,8 @@ def test_user_code_sees_only_its_variables(store, tmp_path, request):
     assert done.returncode == 0, done.stderr
     seen = json.loads(store.get_bytes(f"{spec.run_prefix}/artifacts/env.json"))
     env = seen["env"]
-    assert not [k for k in env if k.startswith(("AWS_", "AIRFLOW", "AICENTER_"))], sorted(env)
+    # AICENTER_METRICS_FILE alone: where aicenter.report appends (DESIGN "Progress, metrics and resources").
+    assert not [k for k in env if k.startswith(("AWS_", "AIRFLOW", "AICENTER_")) and k != "AICENTER_METRICS_FILE"], sorted(env)
     assert "UNRELATED_WORKER_VAR" not in env and "OTHER_TOKEN" not in env
     assert env["API_TOKEN"] == "user-secret-token" and env["EPOCHS"] == "3"
     assert env["LANG"] == "C.UTF-8" and env["TZ"] == "UTC" and env["CUDA_VISIBLE_DEVICES"] == ""
@@ -342,6 +343,8 @@ def test_the_supervisor_runs_by_path_with_the_standard_library_alone(tmp_path):
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     ended = json.loads((tmp_path / "exit.json").read_text())
+    used = ended.pop("resources")  # what the user processes used (supervisor.Usage), measured with the standard library
+    assert used["wall_seconds"] > 0 and used["cpu_seconds"] >= 0 and used["gpu_utilization"] is None
     assert ended == {"status": "succeeded", "results": [{"ok": True, "score": 0.5}] * 2, "failed": None, "cause": None}
     assert "[rank 0] token is ***" in done.stdout and "[rank 1] token is ***" in done.stdout and secret not in done.stdout
     cut = [line for line in done.stdout.splitlines() if "qqq" in line]
