@@ -324,6 +324,13 @@ class LocalStore(Store):
         real = os.path.realpath(self.root / key)
         if not _inside(real, self._real_root):
             raise StorageError(link_error(key, real, self.uri))
+        try:
+            mode = os.stat(real).st_mode
+        except OSError:
+            return  # not there: the read itself says so
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            # opening a FIFO blocks until someone writes to it: one such key would hang its reader for good
+            raise StorageError(f"{key!r} in {self.uri} is not a regular file (a FIFO, socket or device); remove it")
 
 
 def _inside(real: str, root: str) -> bool:

@@ -7,6 +7,7 @@ the run's own folder, previews are bounded, and a damaged record is named, not a
 
 from __future__ import annotations
 
+import os
 from urllib.parse import quote
 
 import pytest
@@ -100,6 +101,7 @@ def test_a_store_with_one_of_each_damage_browses_without_a_server_error_or_a_lea
         secret_file.write_text("team-b-secret outside the store")
         link = pages.root / layout.RunPath.parse(teams.ours).key("artifacts/link.txt")
         link.symlink_to(secret_file)
+        os.mkfifo(link.with_name("pipe.txt"))  # reading a FIFO would block a server thread for good
 
     seen: dict[str, str] = {}
 
@@ -135,7 +137,9 @@ def test_a_store_with_one_of_each_damage_browses_without_a_server_error_or_a_lea
     # the planted link: listed runs pages still show, and it is never served
     assert "team-b-secret" not in browse(f"/runs/{quoted(teams.ours)}/preview/link.txt")
     assert "team-b-secret" not in browse(f"/runs/{quoted(teams.ours)}/artifacts/link.txt")
-    for name in ("ok.csv", "big.csv", "wide.csv", "notes.txt"):
+    if pages.root is not None:
+        assert "not a regular file" in browse(f"/runs/{quoted(teams.ours)}/artifacts/pipe.txt")
+    for name in ("ok.csv", "big.csv", "wide.csv", "notes.txt", "pipe.txt"):
         browse(f"/runs/{quoted(teams.ours)}/preview/{name}")
     browse("/compare?" + "&".join(f"run={quote(r, safe='')}" for r in runs if r != damaged["outcome"]))
     browse("/compare?run=manual")
