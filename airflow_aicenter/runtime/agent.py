@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO, cast
 
-import aicenter
 from airflow_aicenter.crashpoints import crash_point
 from airflow_aicenter.errors import AICenterError, DatasetError, NotFoundError, RunError
 from airflow_aicenter.layout import manifest_name, outcome_name
@@ -83,7 +82,7 @@ TERMINATION_LOG = "/dev/termination-log"
 #: The user process, started by path: the package's environment does not hold airflow_aicenter.
 USER_SCRIPT = Path(__file__).resolve().with_name("user.py")
 #: ``import aicenter`` in package code (stdlib only): copied alone into ``bin/lib/``, which user.py puts on the path.
-REPORT_MODULE = Path(aicenter.__file__).resolve()
+REPORT_MODULE = USER_SCRIPT.with_name("report.py")
 #: Longest line of user output passed on; the rest of the line is cut (a 400 MB line must not
 #: cost the agent 400 MB).
 LINE_LIMIT = supervisor.LINE_LIMIT

@@ -22,6 +22,7 @@ from airflow_aicenter.errors import ConfigurationError
 from airflow_aicenter.layout import METRICS, PROGRESS
 from airflow_aicenter.records import Outcome, Progress, RunSpec, read
 from airflow_aicenter.registry import Registry
+from airflow_aicenter.runtime import report as report_module
 from airflow_aicenter.runtime.progress import MAX_POINTS
 from airflow_aicenter.runtime.resources import cost_of, prices_of
 from airflow_aicenter.storage import Store, open_store
@@ -258,11 +259,13 @@ class Main:
     assert done.returncode == 0, done.stderr
     info = json.loads(store.get_bytes(f"{PREFIX}/artifacts/info.json"))
     assert [name for name in info["beside"] if name != "__pycache__"] == ["aicenter.py"] and info["agent"] == [], info
-    # The module itself imports only the standard library.
-    code = "import sys; sys.path.insert(0, sys.argv[1]); import aicenter; print(sorted(m for m in sys.modules if m.startswith('airflow')))"
-    out = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(Path(aicenter.__file__).parent.parent)], capture_output=True,
-                         text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    # The copied module (runtime/report.py) imports only the standard library: no site-packages at all here.
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "aicenter.py").write_bytes(Path(report_module.__file__).read_bytes())
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import aicenter; aicenter.report(step=1); print(sorted(sys.modules))"
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(lib)], capture_output=True, text=True, check=True)
+    assert not [m for m in eval(out.stdout) if m.startswith("airflow")]
 
 
 def test_ranks_of_a_confined_distributed_run_report_through_the_one_metrics_file(tmp_path, spawn_runtime):
