@@ -18,7 +18,7 @@ from airflow_aicenter.errors import ConfigurationError, RunError, StorageError
 from airflow_aicenter.layout import OUTCOME, REGISTRATION, RESULTS, blob_key
 from airflow_aicenter.plans import EVALUATE, FULL, PREDICT, TRAIN, PipelinePlan
 from airflow_aicenter.promotion import promote
-from airflow_aicenter.records import BlobRef, Outcome, Registration, RunRef, read, write
+from airflow_aicenter.records import BlobRef, Outcome, Registration, RunRef, Trigger, read, write
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.secrets import MASK
 from airflow_aicenter.storage import Store
@@ -81,7 +81,8 @@ def test_a_training_run_registers_one_version_and_publishes_it(registry: Registr
         "score": None,
         "run_uri": run.uri,
     }
-    assert done.event == {"package": "scored", "version": "1.1", "parent": "1.0", "score": None, "run_uri": run.uri}
+    assert done.event == {"package": "scored", "version": "1.1", "parent": "1.0", "score": None, "run_url": None,
+                          "run_uri": run.uri}
     results = results_of(store, run)
     assert results == json.loads(done.results.model_dump_json(exclude_unset=True))
     assert results["parameters"] == {
@@ -263,6 +264,31 @@ def test_a_refused_run_is_recorded_with_secrets_masked(registry: Registry):
     assert (refused.status, refused.phase, refused.version, refused.dataset) == ("failed", "prepare", "production", DATA)
     assert refused.error is not None and SECRET not in refused.error and refused.error.startswith("the token ")
     assert refused.env == {"EPOCHS": "3", "API_TOKEN": MASK}
+
+
+def test_a_refused_run_records_the_version_it_resolved_and_what_was_asked(registry: Registry):
+    """A run page showed "Package churn latest" for a run refused after resolving 1.4: the resolved version is recorded."""
+    store, run = registry.store, ref(registry.store)
+    run.trigger = Trigger(by="alice", run_type="manual", user="alice")
+    PostRun(registry, request(TRAIN, requested_version="production")).record_refused(
+        run, ConfigurationError("no such dataset"), resolved="1.0"
+    )
+    refused = read(store, run.key(OUTCOME), Outcome)
+    assert (refused.version, refused.requested_version, refused.trigger) == ("1.0", "production", run.trigger)
+
+
+def test_the_run_page_and_who_started_the_run_are_in_the_event_the_version_and_the_results(registry: Registry):
+    store, run = registry.store, ref(registry.store)
+    run.trigger = Trigger(by="schedule", run_type="scheduled")
+    page = "https://airflow.example.com/aicenter/runs/dag/manual__1/task/1"
+    done = PostRun(registry, request(TRAIN)).complete(run, outcome(registry, TRAIN), "1.0", run_url=page)
+    assert done.event is not None and done.event["run_url"] == page and done.event["run_uri"] == run.uri
+    assert done.new_version is not None and done.new_version.created_by == "schedule"
+    assert done.new_version.run is not None and done.new_version.run.trigger == run.trigger
+    aicenter = results_of(store, run)["aicenter"]
+    assert aicenter["run_url"] == page
+    assert aicenter["triggered_by"] == {"by": "schedule", "run_type": "scheduled", "user": None, "assets": []}
+    assert aicenter["run"] == {"dag_id": "dag", "run_id": "manual__1", "task_id": "task", "try_number": 1, "map_index": -1}
 
 
 def test_lineage_names_the_datasets_and_the_versions(registry: Registry):

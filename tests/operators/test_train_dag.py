@@ -13,6 +13,7 @@ import json
 
 import pytest
 
+from airflow_aicenter.operators.links import run_page_url
 from airflow_aicenter.records import Manifest, Outcome, Results, read
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import Store, open_store
@@ -75,7 +76,8 @@ def test_example_training_creates_a_version(deployment, monkeypatch):
     assert value == context["ti"].xcom["return_value"] == result_value(store, record, "churn")
     [(asset, extra)] = [added for accessor in context["outlet_events"].values() for added in accessor.added]
     assert asset.uri == "aicenter://churn/"
-    assert extra == {"package": "churn", "version": "1.1", "parent": "1.0", "score": None, "run_uri": store.url(prefix)}
+    assert extra == {"package": "churn", "version": "1.1", "parent": "1.0", "score": None,
+                     "run_url": run_page_url(record.run), "run_uri": store.url(prefix)}
 
     # the same parent again (another DAG run): a second, distinct version; nothing lost
     again = example_training(dataset, version="1.0")
@@ -118,7 +120,8 @@ def test_example_training_dag_and_the_cli_share_the_connection_in_airflows_datab
         assert xcoms(airflow_env.home, "aicenter_training")["train"]["return_value"] == result_value(store, record, "churn")
         [event] = [e for e in asset_events(airflow_env.home, "aicenter://churn/")
                    if e["dag_id"] == "aicenter_training" and e["extra"]["run_uri"] == store.url(prefix)]
-        assert event["extra"] == {"package": "churn", "version": "1.1", "parent": "1.0", "score": None, "run_uri": store.url(prefix)}
+        assert event["extra"] == {"package": "churn", "version": "1.1", "parent": "1.0", "score": None,
+                                  "run_url": run_page_url(record.run), "run_uri": store.url(prefix)}
         listed = airflow_env.aicenter("runs", "list", "--json")
         assert [r["id"].split("/")[0] for r in json.loads(listed.stdout)] == ["aicenter_training"], listed.stderr
     finally:
