@@ -13,8 +13,9 @@ from urllib.parse import quote
 import pytest
 
 from airflow_aicenter import layout
+from airflow_aicenter.runs import RunNotFoundError, find_run
 from tests.store_damage import RUN, damaged_store
-from tests.ui.stores import BIG_FIELD, PACKAGE, SECRETS, THEIRS, damage, two_teams
+from tests.ui.stores import BIG_FIELD, OURS, PACKAGE, SECRETS, THEIRS, damage, two_teams
 
 
 def quoted(run_id: str) -> str:
@@ -174,3 +175,21 @@ def test_the_shared_damaged_store_browses_without_a_server_error(pages, tmp_path
     assert f"damaged record {damage_.records['outcome']}" in pages.get("/runs/dag/run2/train/1", "admin").text
     # the run's snapshot still reads: its manifest is intact, only the blobs it names are damaged or missing
     assert "3</td>" in pages.get(f"/runs/{quoted(RUN.id)}", "admin").text
+
+
+def test_find_run_matches_among_visible_dags_only(store):
+    """The rule the compare page relies on, at its source: runs.find_run(visible=) never names a refused DAG's run."""
+    teams = two_teams(store)
+
+    def mine(dag_id: str) -> bool:
+        return dag_id == OURS
+
+    with pytest.raises(RunNotFoundError) as missing:
+        find_run(store, "1", mine)
+    assert not any(secret in str(missing.value) for secret in SECRETS)
+    assert find_run(store, "train", mine).id == teams.ours  # ambiguous without the filter: four runs
+    with pytest.raises(RunNotFoundError, match="ambiguous"):
+        find_run(store, "train")
+    with pytest.raises(RunNotFoundError) as full:  # an exact id of a refused DAG reads as absent, exists or not
+        find_run(store, teams.theirs[0], mine)
+    assert "does not exist" in str(full.value)
