@@ -43,7 +43,7 @@ from airflow_aicenter.completion import SNAPSHOT_OF
 from airflow_aicenter.errors import AICenterError, ConfigurationError, NotFoundError, StorageError, VersionError
 from airflow_aicenter.gc import DEFAULT_GRACE_HOURS, collect
 from airflow_aicenter.package import Version, open_package, validate_package, validate_package_name
-from airflow_aicenter.plans import PLANS
+from airflow_aicenter.plans import CONTRACTS
 from airflow_aicenter.process import exit_process
 from airflow_aicenter.promotion import PROMOTE_IF, promote, version_score
 from airflow_aicenter.records import AliasRecord, Manifest, VersionRecord, read_optional
@@ -742,8 +742,7 @@ def add_package_commands(groups: Any) -> None:
     p = command(package, "validate", cmd_package_validate, "check a package folder or zip statically (no code runs)",
                 needs_store=False)
     p.add_argument("path")
-    # What validate_package checks a package for, per pipeline (predicting needs the serving half: "serve").
-    p.add_argument("--pipeline", choices=tuple(dict.fromkeys(plan.contract for plan in PLANS.values())), default="train")
+    p.add_argument("--pipeline", choices=CONTRACTS, default="train")
 
 
 def add_runs_commands(groups: Any) -> None:

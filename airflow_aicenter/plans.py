@@ -102,6 +102,8 @@ PREDICT = PipelinePlan(
 )
 
 PLANS: dict[str, PipelinePlan] = {plan.name: plan for plan in (TRAIN, EVALUATE, FULL, PREDICT)}
+#: What ``validate_package`` can check a package for, each once (``PipelinePlan.contract``).
+CONTRACTS: tuple[str, ...] = tuple(dict.fromkeys(plan.contract for plan in PLANS.values()))
 
 
 def plan_for(name: str) -> PipelinePlan:

@@ -40,16 +40,15 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from airflow_aicenter.errors import PackageError
 from airflow_aicenter.package.requirements import check_requirements_file
+from airflow_aicenter.plans import CONTRACTS, PLANS
 
-PIPELINES = ("serve", "train", "evaluate", "full")
+PIPELINES = tuple(sorted(CONTRACTS, key=lambda name: name != "serve"))
+"""What a package can be checked for (``PipelinePlan.contract``): serving, which every package must meet, first."""
 
 REQUIRED_METHODS: dict[str, tuple[str, ...]] = {
-    "serve": (),
-    "train": ("train", "save"),
-    "evaluate": ("evaluate",),
-    "full": ("process_data", "train", "evaluate", "save"),
+    plan.contract: plan.calls if plan.source == "train.py" else () for plan in PLANS.values()
 }
-"""Methods ``train.py``'s ``Main`` needs per pipeline, besides ``__init__`` (always needed)."""
+"""Methods ``train.py``'s ``Main`` needs per pipeline (the plan's calls), besides ``__init__`` (always needed)."""
 
 MAIN_METHODS = ("__init__", "predict")
 """Methods ``main.py``'s ``Main`` always needs: serving is what every package is for."""
@@ -81,7 +80,7 @@ MAX_BASE_DEPTH = 100
 """How many same-file base classes deep validation follows ``Main``: real hierarchies are a few
 levels; a generated chain of thousands would only make the worker do the work."""
 
-TRAINING_PIPELINES = ("train", "full")
+TRAINING_PIPELINES = tuple(plan.contract for plan in PLANS.values() if plan.makes_version)
 """Pipelines that make a new version; ``aicenter.json`` ``retrainable: false`` forbids them."""
 
 CONTRACT_FILES = frozenset({"main.py", "train.py", "requirements.txt", "train_requirements.txt", "aicenter.json"})
