@@ -54,6 +54,15 @@ METRICS = "metrics.jsonl"
 SNAPSHOT_DIRECTORIES = ("data_directory", "test_data_directory")
 MAP_SEPARATOR = "~"
 _TRY = re.compile(r"^[1-9][0-9]{0,5}$")
+#: A sha256 as the store spells one in a key (a blob, a checkpoint object, an environment key, a
+#: hashed name): 64 lowercase hex characters. For patterns over whole keys; ``is_digest`` for one name.
+SHA256_HEX = "[0-9a-f]{64}"
+_SHA256 = re.compile(SHA256_HEX)
+
+
+def is_digest(text: str) -> bool:
+    """Whether ``text`` is a sha256 as the store names content (exactly 64 lowercase hex characters)."""
+    return _SHA256.fullmatch(text) is not None
 
 
 class LayoutError(ValueError):
@@ -95,21 +104,22 @@ def snapshot_hint_key(source: str) -> str:
 
 
 def package_prefix(package: str) -> str:
+    """The folder of everything the registry keeps of ``package``: every key below is built from it."""
     return f"{PACKAGES}{package}/"
 
 
 def aliases_root(package: str) -> str:
     """The folder of every alias of ``package`` (no trailing ``/``: a directory listing)."""
-    return f"{PACKAGES}{package}/aliases"
+    return f"{package_prefix(package)}aliases"
 
 
 def hint_key(package: str, sequence: str) -> str:
     """Where a number sequence of ``package`` (``major``, a major's minors, ``alias-<name>``) keeps its hint."""
-    return f"{PACKAGES}{package}/hints/{sequence}"
+    return f"{package_prefix(package)}hints/{sequence}"
 
 
 def evaluations_prefix(package: str, version: str) -> str:
-    return f"{PACKAGES}{package}/evaluations/{version}/"
+    return f"{package_prefix(package)}evaluations/{version}/"
 
 
 def evaluation_key(package: str, version: str, name: str) -> str:
@@ -117,7 +127,7 @@ def evaluation_key(package: str, version: str, name: str) -> str:
 
 
 def versions_prefix(package: str) -> str:
-    return f"{PACKAGES}{package}/versions/"
+    return f"{package_prefix(package)}versions/"
 
 
 def version_key(package: str, version: str) -> str:
@@ -125,7 +135,7 @@ def version_key(package: str, version: str) -> str:
 
 
 def aliases_prefix(package: str, alias: str) -> str:
-    return f"{PACKAGES}{package}/aliases/{alias}/"
+    return f"{aliases_root(package)}/{alias}/"
 
 
 def alias_key(package: str, alias: str, seq: int) -> str:
@@ -134,7 +144,7 @@ def alias_key(package: str, alias: str, seq: int) -> str:
 
 def made_by_key(package: str, task: TaskPath) -> str:
     """The record of the version ``task`` (a task instance: every try of it) committed, if any."""
-    return f"{PACKAGES}{package}/runs/{_digest(task.prefix)}.json"
+    return f"{package_prefix(package)}runs/{_digest(task.prefix)}.json"
 
 
 def manifest_name(directory: str) -> str:
