@@ -25,7 +25,7 @@ from airflow_aicenter import layout
 from airflow_aicenter.errors import AICenterError, ConfigurationError, NotFoundError, StorageError, VersionError
 from airflow_aicenter.plugins import pages
 from airflow_aicenter.plugins.access import AccessDep, UserDep, login_url
-from airflow_aicenter.records import DamagedRecordError
+from airflow_aicenter.records import DAMAGED_RECORD_FIX, DamagedRecordError
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.runs import RunNotFoundError, find_runs
 from airflow_aicenter.storage import LocalStore
@@ -92,6 +92,7 @@ def create_app() -> FastAPI:
     templates.env.filters["score"] = pages.score
     templates.env.filters["q"] = lambda text: quote(str(text), safe="")
     templates.env.filters["qp"] = lambda text: quote(str(text), safe="/")
+    templates.env.globals["damaged_fix"] = DAMAGED_RECORD_FIX
 
     def render(request: Request, template: str, code: int = 200, **context: Any) -> HTMLResponse:
         base = _base(request)

@@ -68,8 +68,11 @@ def run_id_of(record: VersionRecord) -> str | None:
 
 
 def damaged(key: str, what: str = "it is not a valid record") -> str:
-    """How a page names a record it could not use: by key, never by its content (which may name anything)."""
-    return f"damaged record {key}: {what}; {DAMAGED_RECORD_FIX}"
+    """How a page names a record it could not use: by key, never by its content (which may name anything).
+
+    What to do about it (``DAMAGED_RECORD_FIX``) is said once, beside the list of them.
+    """
+    return f"damaged record {key}: {what}"
 
 
 def _read_each(store: Store, keys: Iterable[str], model: type[M], problems: list[str]) -> list[tuple[str, M]]:
@@ -175,7 +178,7 @@ def package_records(registry: Registry, name: str) -> PackageRecords:
         if keys and keys[-1] in entries:  # the highest entry is the alias's current target
             aliases[alias] = entries[keys[-1]]
         history[alias] = sorted(entries.values(), key=lambda e: e.seq, reverse=True)
-    return PackageRecords(versions, evaluations, aliases, history, problems)
+    return PackageRecords(versions, evaluations, aliases, history, sorted(problems))
 
 
 @dataclass
@@ -380,7 +383,7 @@ def _snapshot(store: Store, path: layout.RunPath, directory: str, uri: str) -> S
     try:
         return Snapshot(directory, uri, read(store, key, Manifest))
     except DamagedRecordError:
-        return Snapshot(directory, uri, None, damaged(key))
+        return Snapshot(directory, uri, None, f"{damaged(key)}; {DAMAGED_RECORD_FIX}")
     except StorageError as exc:  # missing, or a link in a file store that leaves it
         return Snapshot(directory, uri, None, str(exc))
 
