@@ -73,6 +73,7 @@ class Arguments(Protocol):
     nodes: int | str  # a count, or a template rendering to one
     procs_per_node: int | str
     checkpoint_interval: float
+    progress_interval: float
     incremental: bool
     launcher: str | None
     promote_to: str | None
@@ -94,9 +95,10 @@ def check_arguments(plan: PipelinePlan, who: str, args: Arguments) -> None:
     # Templated counts (a DAG param) are checked with the shape once rendered: check_rendered_counts.
     nodes = 1 if is_templated(args.nodes) else rendered_count("nodes", args.nodes)
     procs_per_node = 1 if is_templated(args.procs_per_node) else rendered_count("procs_per_node", args.procs_per_node)
-    interval = args.checkpoint_interval
-    if isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0:
-        raise ConfigurationError(f"checkpoint_interval={interval!r} is not valid; give seconds > 0 (default 300)")
+    for name, default in (("checkpoint_interval", 300), ("progress_interval", 30)):
+        interval = getattr(args, name)
+        if isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0:
+            raise ConfigurationError(f"{name}={interval!r} is not valid; give seconds > 0 (default {default})")
     if claim and dataset and not dataset.startswith("pvc://"):
         raise ConfigurationError(
             f"give either dataset={dataset!r} (staged from the store) or dataset_volume_claim={claim!r} "
