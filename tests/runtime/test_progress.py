@@ -367,3 +367,30 @@ def test_prices_given_as_an_object_or_its_json_text():
     cost = cost_of({"cpu_seconds": 3600, "gpu_seconds": 7200, "peak_memory_bytes": 2 * 2**30, "wall_seconds": 1800},
                    {"cpu_hour": 0.04, "gpu_hour": 2.5, "gib_hour": 0.005})
     assert (cost["cpu"], cost["gpu"], cost["memory"]) == (0.04, 5.0, 0.005) and cost["total"] == pytest.approx(5.045)
+
+
+def test_the_example_package_reports_its_epochs_and_still_trains_where_aicenter_is_absent(tmp_path, spawn_runtime):
+    from tests.conftest import EXAMPLE_PACKAGE, make_dataset
+
+    data = make_dataset(tmp_path / "data", rows=60)
+    folder = data.parent if data.is_file() else data
+    store = open_store((tmp_path / "store").as_uri())
+    base = Registry(store).upload(EXAMPLE_PACKAGE, "churn")
+    run(upload_tree(folder, store, "datasets/churn"))
+    spec = RunSpec(pipeline="train", storage=store.uri, run_prefix=PREFIX, package="churn", version=base.version, blob=base.blob,
+                   dataset=store.url("datasets/churn"), env={"EPOCHS": "20"}, progress_interval=0.2)
+    done = spawn_runtime.run(spec)
+    assert done.returncode == 0, done.stderr
+    final = progress_of(store)
+    assert final is not None and (final.step, final.total, final.percent) == (20, 20, 100.0) and "loss" in final.metrics
+    assert "[aicenter] progress 100% (step 20/20)" in done.stderr
+    # Without aicenter (AI Center itself, or a plain python -I -S): the same training, no report.
+    code = ("import sys, os; sys.path.insert(0, sys.argv[1]); os.chdir(sys.argv[1]); import train; "
+            "assert train.aicenter is None; m = train.Main(); m.train(sys.argv[2]); print('trained')")
+    copy = tmp_path / "churn"
+    import shutil
+
+    shutil.copytree(EXAMPLE_PACKAGE, copy)
+    alone = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(copy), str(folder)], capture_output=True, text=True,
+                           env={"EPOCHS": "3", "PATH": os.environ["PATH"]}, timeout=120, check=False)
+    assert alone.returncode == 0 and "trained" in alone.stdout, alone.stderr

@@ -24,6 +24,11 @@ import os
 import random
 from pathlib import Path
 
+try:  # progress and metrics for AI Center on Airflow (docs/progress.md); the package runs the same without it
+    import aicenter
+except ImportError:
+    aicenter = None
+
 from churn_model import LABEL, MODEL_FILE, LogisticModel, accuracy, confusion_matrix, csv_files, log_loss, read_rows, to_xy
 
 EVALUATION_FRACTION = 0.2  # share of the data process_data keeps for evaluation
@@ -120,6 +125,8 @@ class Main:
                 for j in range(k):
                     grad_w[j] += error * z[j]
             self.loss_curve.append(loss / n)
+            if aicenter is not None:
+                aicenter.report(step=epoch, total=self.epochs, loss=loss / n)
             if epoch % log_every == 0 or epoch == self.epochs:
                 print(f"train: epoch {epoch:4d}/{self.epochs}  loss {loss / n:.4f}")
             if epoch == self.epochs:

@@ -26,6 +26,11 @@ import random
 import time
 from pathlib import Path
 
+try:  # progress and metrics for AI Center on Airflow (docs/progress.md); the package runs the same without it
+    import aicenter
+except ImportError:
+    aicenter = None
+
 from linear import MODEL_FILE, LinearModel, TcpAllReduce, distributed, r2, read_csv_dir, write_csv
 
 EVALUATION_FRACTION = 0.2
@@ -81,10 +86,15 @@ class Main:
         print(f"rank {self.rank}/{self.world} ({self.summary.get('device', 'cpu')}, {self.backend}): "
               f"{self.epochs} epochs on {len(shard_x)} rows in {took:.2f} s, loss {self.summary['final_loss']:.6f}", flush=True)
 
+    def _report(self, epoch: int, loss: float) -> None:
+        """Rank 0 reports the epoch and its loss (the agent counts rank 0's reports only)."""
+        if aicenter is not None and self.rank == 0:
+            aicenter.report(step=epoch, total=self.epochs, loss=loss)
+
     def _train_python(self, model: LinearModel, xs: list[list[float]], ys: list[float]) -> LinearModel:
         reduce = TcpAllReduce(self.rank, self.world, self.master_addr, self.master_port) if self.world > 1 else None
         try:
-            for _ in range(self.epochs):
+            for epoch in range(1, self.epochs + 1):
                 gw, gb, loss = model.gradient(xs, ys)
                 local = [*gw, gb, loss, float(len(xs))]
                 total = reduce.sum(local) if reduce else local
@@ -92,6 +102,7 @@ class Main:
                 model.weights = [w - self.learning_rate * g / n for w, g in zip(model.weights, total[:len(gw)], strict=True)]
                 model.bias -= self.learning_rate * total[len(gw)] / n
                 self.losses.append(total[len(gw) + 1] / n)
+                self._report(epoch, self.losses[-1])
         finally:
             if reduce:
                 reduce.close()
@@ -125,6 +136,8 @@ class Main:
             loss.backward()  # DDP averages the gradients of all ranks here
             optimiser.step()
             losses[epoch] = loss.detach()
+            if (epoch + 1) % max(1, self.epochs // 100) == 0 or epoch + 1 == self.epochs:  # .item() waits for the GPU
+                self._report(epoch + 1, loss.item())
         self.losses = losses.tolist()
         if self.world > 1:
             dist.barrier()

@@ -23,6 +23,11 @@ import os
 import time
 from pathlib import Path
 
+try:  # progress for AI Center on Airflow (docs/progress.md); the package runs the same without it
+    import aicenter
+except ImportError:
+    aicenter = None
+
 STATE = "state.json"
 MODEL_FILE = Path("model.json")
 
@@ -85,6 +90,8 @@ class Main:
             self.state["weights"] = [wi - self.rate * g / len(rows) for wi, g in zip(w, grad_w, strict=True)]
             self.state["bias"] = b - self.rate * grad_b / len(rows)
             self.state["epoch"] += 1
+            if aicenter is not None:
+                aicenter.report(step=self.state["epoch"], total=self.epochs)
             time.sleep(self.pause)
             self._checkpoint()
 
