@@ -6,7 +6,9 @@ after each snapshot of a source (a dataset URI) the runtime leaves a hint,
 ``snapshots/<sha256 of the source>.json``, naming that snapshot's manifest. The next snapshot
 of the same source reads the hint and the manifest and takes the digests it lists as
 *vouched for*: a manifest is written only after all its blobs were verified (hashed in full
-or uploaded, or vouched for in turn), and ``gc`` never deletes a blob a manifest names.
+or uploaded, or vouched for in turn; an incremental run's carried-over blobs are checked the
+same way before compute: incremental.check_carried), and ``gc`` never deletes a blob a
+manifest names.
 
 Vouched for is not trusted blindly: a blob may be deleted, or damaged in place (one byte
 flipped keeps its size), after the manifest was written. Blobs are create-once, so an intact
@@ -29,6 +31,11 @@ set on purpose (``touch -d``, ``cp -p``, ``rsync -t`` of damaged bytes on a file
 blob is still never used: every download verifies its digest, and `aicenter verify` finds it
 and, with ``--repair``, rewrites it. A blob rewritten intact after the manifest is hashed once
 more by the next snapshot, then vouched for by that snapshot's newer manifest.
+
+The manifest's time is a little later than the checks it records: a blob damaged after it was
+checked or uploaded and before the manifest was written looks unmodified to the next
+snapshot. So the vouched-for blobs are checked last, after the new and changed files are
+uploaded and right before the manifest is written, which keeps that moment to the check itself.
 
 The hint is never authoritative: a missing or unreadable hint or manifest, or a source that
 does not match, and the snapshot checks every digest (a listing or HEADs, then a full hash of
@@ -147,29 +154,47 @@ async def check_vouched(store: Store, sizes: Mapping[str, int], since: datetime 
     return dict(zip(digests, await gather_limited(digests, one), strict=True))
 
 
-def vouched_blobs(store: Store, source: str | None, sizes: Mapping[str, int], log: Callable[[str], None]) -> Vouched:
-    """What the last snapshot of ``source`` proves about the digests in ``sizes`` (digest -> size; maybe nothing)."""
-    if not source or not sizes:
-        return Vouched()
+@dataclass(frozen=True)
+class LastSnapshot:
+    """The last snapshot of a source, as its hint names it: the manifest, when it was written, what it lists."""
+
+    manifest: str
+    written: datetime
+    digests: frozenset[str]
+
+
+def last_snapshot(store: Store, source: str | None, digests: set[str], log: Callable[[str], None]) -> LastSnapshot | None:
+    """The last snapshot of ``source`` and which of ``digests`` it lists (None: no usable hint)."""
+    if not source or not digests:
+        return None
     try:
         hint = read_optional(store, snapshot_hint_key(source), SnapshotHint)
         if hint is None or hint.source != source:
-            return Vouched()
+            return None
         # HEAD before GET: a manifest rewritten in between only makes more blobs look modified after it.
         written = store.head(hint.manifest)
         if written is None or written.last_modified is None:
-            return Vouched()
+            return None
         manifest = read_optional(store, hint.manifest, Manifest)
         if manifest is None:
-            return Vouched()
-        listed = {entry.sha256 for entry in manifest.files} & set(sizes)
-        states = run(check_vouched(store, {d: sizes[d] for d in listed}, written.last_modified))
+            return None
     except AICenterError as exc:  # a hint must never fail a run
         log(f"snapshot hint for {source} not usable ({exc}); checking every file")
+        return None
+    listed = frozenset({entry.sha256 for entry in manifest.files} & digests)
+    return LastSnapshot(manifest=hint.manifest, written=written.last_modified, digests=listed)
+
+
+def vouched_blobs(store: Store, last: LastSnapshot, sizes: Mapping[str, int], log: Callable[[str], None]) -> Vouched:
+    """What ``last`` proves about the blobs it lists (``sizes``: digest -> size): check_vouched."""
+    try:
+        states = run(check_vouched(store, sizes, last.written))
+    except AICenterError as exc:  # the full check (ensure_blobs) decides instead
+        log(f"could not check the blobs that the last snapshot {last.manifest} names ({exc}); checking every file")
         return Vouched()
     return Vouched(known=frozenset(d for d, s in states.items() if s == "ok"),
                    broken={d: s for d, s in states.items() if s in ("missing", "damaged")},
-                   manifest=hint.manifest)
+                   manifest=last.manifest)
 
 
 def _repaired(source: str, vouched: Vouched) -> str:
@@ -193,10 +218,20 @@ def take_snapshot(
     from. ``fingerprints`` (path -> source ETag or mtime) let the next incremental run compare
     without downloading.
     """
-    vouched = vouched_blobs(store, source, {e.sha256: e.size for e in entries}, log)
-    stats = run(ensure_blobs(store, folder, entries, known=vouched.known))
+    sizes = {e.sha256: e.size for e in entries}
+    last = last_snapshot(store, source, set(sizes), log)
+    listed = last.digests if last else frozenset()
+    # New and changed files first (the long part), then the check of the vouched-for blobs, right
+    # before the manifest is written: a blob damaged after its check and before the manifest would
+    # look unmodified to the next snapshot, so that moment is kept short.
+    fresh = run(ensure_blobs(store, folder, [e for e in entries if e.sha256 not in listed]))
+    vouched = vouched_blobs(store, last, {d: sizes[d] for d in listed}, log) if last else Vouched()
+    again = run(ensure_blobs(store, folder, [e for e in entries if e.sha256 in listed], known=vouched.known))
     if vouched.broken and source:
         log(_repaired(source, vouched))
+    stats = BlobStats(files=len(entries), bytes=fresh.bytes + again.bytes,
+                      uploaded_files=fresh.uploaded_files + again.uploaded_files,
+                      uploaded_bytes=fresh.uploaded_bytes + again.uploaded_bytes)
     marks = fingerprints or {}
     files = [ManifestEntry(path=e.path, sha256=e.sha256, size=e.size, etag=marks.get(e.path)) for e in entries]
     files = sorted([*files, *carried], key=lambda e: e.path)
