@@ -47,7 +47,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from airflow_aicenter.errors import ConfigurationError
-from airflow_aicenter.layout import BLOBS, ENVS, PACKAGES, RUNS, blob_key
+from airflow_aicenter.layout import BLOBS, ENVS, PACKAGES, RUNS, blob_key, is_digest
 from airflow_aicenter.plans import plan_for
 from airflow_aicenter.records import RunSpec
 from airflow_aicenter.runtime.manifest import is_manifest_uri, read_manifest
@@ -61,7 +61,6 @@ MAX_POLICY_CHARS = 2048
 _ROLE_ARN = re.compile(r"^arn:(aws[a-z-]*):iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
 #: IAM reads these inside a Resource or a condition value as wildcards and policy variables.
 _POLICY_SPECIAL = re.compile(r"[*?$]")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -258,7 +257,7 @@ def session_policy(scope: Scope, partition: str = "aws") -> dict[str, Any]:
 
 
 def _digest(value: str) -> str:
-    if not _SHA256.match(value):
+    if not is_digest(value):
         raise ConfigurationError(f"blob digest {value!r} is not 64 lowercase hex characters (a sha256); the version "
                                  "record naming it is damaged: run `aicenter verify` on the store")
     return value

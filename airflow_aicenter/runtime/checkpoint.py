@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import threading
 import time
@@ -43,7 +42,13 @@ from pydantic import Field
 
 from airflow_aicenter.crashpoints import crash_point
 from airflow_aicenter.errors import AccessDeniedError, AICenterError, AlreadyExistsError, StorageError
-from airflow_aicenter.layout import CHECKPOINT_MANIFESTS, CHECKPOINT_OBJECTS, checkpoint_manifest_key, checkpoint_object_key
+from airflow_aicenter.layout import (
+    CHECKPOINT_MANIFESTS,
+    CHECKPOINT_OBJECTS,
+    checkpoint_manifest_key,
+    checkpoint_object_key,
+    is_digest,
+)
 from airflow_aicenter.records import Record, read, utcnow, write
 from airflow_aicenter.secrets import Redactor
 from airflow_aicenter.storage import Store
@@ -65,7 +70,6 @@ _COMMIT_TRIES = 5
 #: An object that is not a digest (a put's temporary) is pruned only once this old: it may be
 #: another writer's upload in flight.
 TEMP_MAX_AGE = timedelta(hours=1)
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
 class CheckpointFile(Record):
@@ -258,7 +262,7 @@ class CheckpointSync:
             stale = datetime.now(UTC) - TEMP_MAX_AGE
             for info in self.store.list(f"{self.prefix}{CHECKPOINT_OBJECTS}"):
                 name = info.key.rsplit("/", 1)[-1]
-                if not _DIGEST.match(name):  # another writer's upload in flight, or one killed long ago
+                if not is_digest(name):  # another writer's upload in flight, or one killed long ago
                     if info.last_modified is None or info.last_modified > stale:
                         continue
                 elif name in names:

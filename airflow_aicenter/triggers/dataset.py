@@ -51,7 +51,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -60,11 +59,11 @@ from typing import Any, Protocol, cast
 from airflow.triggers.base import BaseEventTrigger, TriggerEvent
 
 from airflow_aicenter.errors import ConfigurationError, DatasetError, NotFoundError
+from airflow_aicenter.layout import is_digest
 from airflow_aicenter.storage import Store
 
 #: The asset state store key prefix of a DatasetChangedTrigger's record (the rest: sha256 of its arguments).
 STATE_PREFIX = "aicenter.dataset_changed."
-_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -176,7 +175,7 @@ class DatasetChangedTrigger(BaseEventTrigger):
                 self.dataset, exc)
             return _MemoryState(), None
         fingerprint = value.get("fingerprint") if isinstance(value, dict) else None
-        if value is not None and not (isinstance(fingerprint, str) and _FINGERPRINT.fullmatch(fingerprint)):
+        if value is not None and not (isinstance(fingerprint, str) and is_digest(fingerprint)):
             self.log.warning("unreadable state %s of DatasetChangedTrigger(dataset=%s): recording the current listing "
                              "anew", self.state_key, self.dataset)
             return state, None

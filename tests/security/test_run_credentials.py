@@ -490,9 +490,11 @@ def test_the_scope_follows_what_the_run_does(run: RunSpec, makes_blobs: bool, en
     assert (scope.makes_blobs, scope.environments, scope.blobs) == (makes_blobs, environments, (PACKAGE,))
 
 
-def test_a_digest_that_is_not_one_is_refused() -> None:
+@pytest.mark.parametrize("digest", ["*", PACKAGE + "\n", PACKAGE.upper()])
+def test_a_digest_that_is_not_one_is_refused(digest: str) -> None:
+    # "\n": a newline would end up inside the blob's ARN (a regex's "$" matches before a final newline).
     with pytest.raises(ConfigurationError, match="is not 64 lowercase hex characters"):
-        session_policy(Scope(storage=STORAGE, run_prefix=RUN, checkpoint_prefix=None, blobs=("*",)))
+        session_policy(Scope(storage=STORAGE, run_prefix=RUN, checkpoint_prefix=None, blobs=(digest,)))
 
 
 def test_prediction_credentials_read_their_package_blob_and_not_another_teams(
