@@ -34,7 +34,7 @@ from typing import Any, TextIO, cast
 
 from airflow_aicenter.crashpoints import crash_point
 from airflow_aicenter.errors import AICenterError, DatasetError, NotFoundError, RunError
-from airflow_aicenter.layout import manifest_name, outcome_name
+from airflow_aicenter.layout import ARTIFACTS, PREDICTIONS, manifest_name, outcome_name
 from airflow_aicenter.package import extract_zip, iter_package_files, validate_package, write_zip
 from airflow_aicenter.plans import plan_for
 from airflow_aicenter.records import BlobRef, Outcome, RunSpec, write
@@ -904,9 +904,9 @@ class Agent:
         folder = self.work / "predictions"
         for rel in local_files(folder):  # outputs and errors may quote the secrets user code knows
             redact_json_lines_file(folder / rel, self.secrets)
-        entries = run(upload_tree(folder, self.store, self.key("predictions"), secrets=self.secrets, label="predictions"))
+        entries = run(upload_tree(folder, self.store, self.key(PREDICTIONS), secrets=self.secrets, label="predictions"))
         self._count("bytes_uploaded", sum(e.size for e in entries))
-        log(f"uploaded {len(entries)} prediction files to {self.store.url(self.key('predictions'))}")
+        log(f"uploaded {len(entries)} prediction files to {self.store.url(self.key(PREDICTIONS))}")
 
     def _check_failed_inputs(self) -> None:
         failed, allowed = self.outcome.failed or 0, self.spec.max_failed
@@ -914,7 +914,7 @@ class Agent:
             total = failed + (self.outcome.predicted or 0)
             raise RunError(
                 f"{failed} of {total} inputs failed, more than max_failed={allowed}; first: {self.first_error}; "
-                f"every output and error is in {self.store.url(self.key('predictions'))}"
+                f"every output and error is in {self.store.url(self.key(PREDICTIONS))}"
             )
 
     # -- uploads -------------------------------------------------------------------------
@@ -931,7 +931,7 @@ class Agent:
         return BlobRef(sha256=digest.sha256, size=digest.size)
 
     def _upload_artifacts(self) -> None:
-        entries = run(upload_tree(self.dirs["artifacts_directory"], self.store, self.key("artifacts"), secrets=self.secrets,
+        entries = run(upload_tree(self.dirs["artifacts_directory"], self.store, self.key(ARTIFACTS), secrets=self.secrets,
                                   label="artifacts_directory"))
         self.outcome.artifacts = len(entries)
         self.outcome.artifacts_bytes = sum(e.size for e in entries)
