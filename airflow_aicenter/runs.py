@@ -21,7 +21,15 @@ from typing import Any
 
 from airflow_aicenter.errors import AICenterError, StorageError
 from airflow_aicenter.layout import ARTIFACTS, OUTCOME, REGISTRATION, RESULTS, RUNS, LayoutError, RunPath
-from airflow_aicenter.records import DAMAGED_RECORD_FIX, DamagedRecordError, Outcome, Registration, read, read_optional
+from airflow_aicenter.records import (
+    DAMAGED_RECORD_FIX,
+    DamagedRecordError,
+    Outcome,
+    Registration,
+    Trigger,
+    read,
+    read_optional,
+)
 from airflow_aicenter.secrets import masked_env
 from airflow_aicenter.storage import Store
 
@@ -104,6 +112,18 @@ class RunRecord:
         return masked_env(env)
 
     @property
+    def trigger(self) -> Trigger | None:
+        """Who or what started the run's DAG run (the person, ``schedule``, assets); None in older records."""
+        return self.outcome.trigger
+
+    @property
+    def dag_run(self) -> dict[str, Any]:
+        """The DAG run and task try the run folder belongs to: what links to Airflow's DAG-run and log pages need."""
+        path = RunPath.parse(self.id)
+        return {"dag_id": path.dag_id, "run_id": path.run_id, "task_id": path.task_id, "try_number": path.try_number,
+                "map_index": path.map_index}
+
+    @property
     def start(self) -> datetime:
         return datetime.fromtimestamp(self.outcome.start_at, UTC)
 
@@ -139,7 +159,11 @@ class RunRecord:
             "failed_phase": o.phase if self.status in ("failed", "killed", "running") else None,
             "package": self.package,
             "version": self.version,
+            "requested_version": self.outcome.requested_version,
             "new_version": self.new_version,
+            "triggered_by": None if self.trigger is None else self.trigger.by,
+            "trigger": None if self.trigger is None else self.trigger.model_dump(),
+            "dag_run": self.dag_run,
             "dataset": self.dataset,
             "evaluation_dataset": self.evaluation_dataset,
             "env": self.env,

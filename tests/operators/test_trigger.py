@@ -26,6 +26,7 @@ from airflow_aicenter.layout import OUTCOME, RESULTS
 from airflow_aicenter.operators import EvaluatePipelineOperator, TrainPipelineOperator
 from airflow_aicenter.records import Outcome, RunRef, VersionRecord, read
 from airflow_aicenter.registry import Registry
+from airflow_aicenter.runs import find_run
 from airflow_aicenter.storage import open_store
 from tests.aicenter_helpers import SCORED_TRAIN, small_dataset, upload_package
 from tests.operators.kube_api import make_context
@@ -131,3 +132,20 @@ def test_records_written_before_triggers_were_recorded_stay_readable():
     outcome = Outcome.model_validate({"status": "failed", "pipeline": "train", "package": "p", "version": "latest",
                                       "start_at": 1.0})
     assert outcome.trigger is None and outcome.requested_version is None
+
+
+def test_the_run_records_show_who_started_a_run_its_dag_run_and_the_version_it_resolved(registry, tmp_path):
+    """What ``aicenter runs show --json`` and the run pages read (``runs.RunRecord.summary``), a failed run included."""
+    ok = TrainPipelineOperator(task_id="train", package="scored", dataset=small_dataset(tmp_path).as_uri())
+    run_task(ok, dag_run(DagRunType.MANUAL, "alice"), "train")
+    refused = TrainPipelineOperator(task_id="typo", package="scored", dataset=(tmp_path / "typo").as_uri())
+    with pytest.raises(Exception, match="is empty or does not exist"):
+        run_task(refused, dag_run(DagRunType.SCHEDULED), "typo")
+    # the refused run came after the training: "latest" was 1.1 by then
+    for task_id, by, status, version in (("train", "alice", "succeeded", "1.0"), ("typo", "schedule", "failed", "1.1")):
+        summary = find_run(registry.store, f"aicenter_training/{RUN_ID}/{task_id}/1").summary()
+        assert (summary["status"], summary["triggered_by"]) == (status, by)
+        assert (summary["version"], summary["requested_version"]) == (version, "latest")
+        assert summary["trigger"]["run_type"] == ("manual" if by == "alice" else "scheduled")
+        assert summary["dag_run"] == {"dag_id": "aicenter_training", "run_id": RUN_ID, "task_id": task_id,
+                                      "try_number": 1, "map_index": -1}
