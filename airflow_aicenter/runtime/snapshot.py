@@ -50,7 +50,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from airflow_aicenter.errors import AccessDeniedError, AICenterError
+from airflow_aicenter.errors import AccessDeniedError, AICenterError, DatasetError
 from airflow_aicenter.layout import blob_key, snapshot_hint_key
 from airflow_aicenter.records import Manifest, ManifestEntry, SnapshotHint, read_optional, write
 from airflow_aicenter.storage import Store, transfer
@@ -197,14 +197,44 @@ def vouched_blobs(store: Store, last: LastSnapshot, sizes: Mapping[str, int], lo
                    manifest=last.manifest)
 
 
-def _repaired(source: str, vouched: Vouched) -> str:
+def _repaired(source: str, manifest: str | None, broken: Mapping[str, Found]) -> str:
     """The log line for vouched-for blobs found missing or damaged and rewritten from the staged files."""
-    items = sorted(vouched.broken.items())
+    items = sorted(broken.items())
     named = ", ".join(f"sha256:{digest[:12]} ({state})" for digest, state in items[:NAMED])
     more = f" and {len(items) - NAMED} more" if len(items) > NAMED else ""
     return (f"repaired {len(items)} blob{'s' if len(items) != 1 else ''} that the last snapshot of {source} "
-            f"({vouched.manifest}) names and that were gone or damaged in the store since it was written: "
+            f"({manifest}) names and that were gone or damaged in the store since it was written: "
             f"{named}{more}; rewritten from the staged files")
+
+
+def _check_carried(store: Store, carried: Sequence[ManifestEntry], sizes: Mapping[str, int], vouched: Vouched) -> None:
+    """The carried-over blobs (``sizes``: those not staged too) must still be intact as the manifest is written.
+
+    They were checked before compute (incremental.check_carried), but a run computes for hours:
+    one damaged since would be vouched for by this manifest and never repaired by a re-snapshot.
+    Those the last snapshot vouches for were just checked with the staged ones; the others are
+    hashed in full. They cannot be repaired here (their files were not staged): a DatasetError
+    names the file and the full run that rewrites the blob.
+    """
+    if not sizes:
+        return
+    states: dict[str, Found] = {d: state for d, state in vouched.broken.items() if d in sizes}
+    unchecked = {d: size for d, size in sizes.items() if d not in vouched.known and d not in states}
+    if unchecked:
+        states |= run(check_vouched(store, unchecked, None))
+    bad = sorted((d, state) for d, state in states.items() if state != "ok")
+    if bad:
+        digest, state = bad[0]
+        path = next(e.path for e in carried if e.sha256 == digest)
+        what = ("is damaged in the store (its content no longer hashes to its name)" if state == "damaged" else
+                "is gone from the store (or, with runtime_role_arn, not readable with the run's credentials)")
+        more = f" ({len(bad) - 1} more carried-over blobs too)" if len(bad) > 1 else ""
+        raise DatasetError(
+            f"{path} (blob sha256:{digest[:12]}...), carried over unchanged from the parent version's training "
+            f"snapshot, {what}: it changed while this run computed, after it was checked{more}; no snapshot was "
+            "written. Train without incremental=True: its full snapshot rewrites the blob from the data (or "
+            "`aicenter verify --repair` rewrites it from a copy of it)"
+        )
 
 
 def take_snapshot(
@@ -215,10 +245,13 @@ def take_snapshot(
 
     ``carried`` are files of the dataset that were not staged (an incremental run's unchanged
     files): listed in the manifest as they are, their blobs vouched for by the manifest they come
-    from. ``fingerprints`` (path -> source ETag or mtime) let the next incremental run compare
-    without downloading.
+    from and checked again here (a damaged one is a DatasetError: without its file it cannot be
+    rewritten). ``fingerprints`` (path -> source ETag or mtime) let the next incremental run
+    compare without downloading.
     """
-    sizes = {e.sha256: e.size for e in entries}
+    staged = {e.sha256: e.size for e in entries}
+    carried_sizes = {e.sha256: e.size for e in carried if e.sha256 not in staged}
+    sizes = carried_sizes | staged
     last = last_snapshot(store, source, set(sizes), log)
     listed = last.digests if last else frozenset()
     # New and changed files first (the long part), then the check of the vouched-for blobs, right
@@ -227,8 +260,10 @@ def take_snapshot(
     fresh = run(ensure_blobs(store, folder, [e for e in entries if e.sha256 not in listed]))
     vouched = vouched_blobs(store, last, {d: sizes[d] for d in listed}, log) if last else Vouched()
     again = run(ensure_blobs(store, folder, [e for e in entries if e.sha256 in listed], known=vouched.known))
-    if vouched.broken and source:
-        log(_repaired(source, vouched))
+    repaired = {d: state for d, state in vouched.broken.items() if d in staged}
+    if repaired and source:
+        log(_repaired(source, vouched.manifest, repaired))
+    _check_carried(store, carried, carried_sizes, vouched)
     stats = BlobStats(files=len(entries), bytes=fresh.bytes + again.bytes,
                       uploaded_files=fresh.uploaded_files + again.uploaded_files,
                       uploaded_bytes=fresh.uploaded_bytes + again.uploaded_bytes)

@@ -20,7 +20,7 @@ import pytest
 from airflow_aicenter.errors import DatasetError
 from airflow_aicenter.layout import BLOBS, blob_key
 from airflow_aicenter.records import Manifest, read
-from airflow_aicenter.runtime.incremental import check_carried
+from airflow_aicenter.runtime.incremental import check_carried, stage_incremental
 from airflow_aicenter.runtime.snapshot import take_snapshot
 from airflow_aicenter.storage import S3Options, Store, open_store, transfer
 from airflow_aicenter.storage.store import local_path
@@ -250,3 +250,30 @@ def test_an_incremental_run_does_not_carry_a_damaged_blob_into_its_snapshot(stor
     logs: list[str] = []
     assert snap(store, root, files, 1, logs).uploaded_files == 1  # the full run's snapshot
     assert blob_state(store, small.sha256) == "ok"
+
+
+def test_a_carried_blob_damaged_while_the_incremental_run_computes_fails_its_snapshot(
+    store: Store, tmp_path: Path
+) -> None:
+    """check_carried ran before compute; a carried blob damaged during training must not be vouched for by the
+    run's snapshot either (no re-snapshot would repair it): the snapshot checks the carried blobs again."""
+    data = "datasets/d"
+    for name, body in {"a.csv": b"a,1\n" * 50, "b.csv": b"b,1\n" * 60}.items():
+        store.put_bytes(f"{data}/{name}", body)
+    source = open_store(store.url(data), store.options if store.scheme == "s3" else None, create=False)
+    parent = tmp_path / "parent"
+    entries = transfer.run(transfer.download_tree(source, parent))
+    take_snapshot(store, parent, entries, source=store.url(data), directory="data_directory", key="runs/p/m.json",
+                  log=print)
+    base = read(store, "runs/p/m.json", Manifest)
+    store.put_bytes(f"{data}/c.csv", b"c,1\n")
+    staging = stage_incremental(source, tmp_path / "data", base, print)
+    check_carried(store, base, staging.carried, store.url("runs/p/m.json"))  # before compute: intact
+
+    after_the_manifest(store)
+    b = next(e for e in staging.carried if e.path == "b.csv")
+    flip_in_place(store, b.sha256, 3)  # while the run computes
+    with pytest.raises(DatasetError, match=rf"b.csv.*sha256:{b.sha256[:12]}.*damaged.*without incremental=True"):
+        take_snapshot(store, tmp_path / "data", staging.staged, source=store.url(data), directory="data_directory",
+                      key="runs/c/m.json", log=print, carried=staging.carried, fingerprints=staging.fingerprints)
+    assert store.head("runs/c/m.json") is None, "no manifest vouches for the damaged blob"
