@@ -59,22 +59,32 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from airflow_aicenter.errors import ConfigurationError, NotFoundError, StorageError
-from airflow_aicenter.layout import BLOBS, ENVS, MANIFEST_NAMES, PACKAGES, RUNS, LayoutError, RunPath, blob_key
+from airflow_aicenter.layout import (
+    BLOBS,
+    ENVS,
+    MANIFEST_NAMES,
+    PACKAGES,
+    RUNS,
+    SHA256_HEX,
+    LayoutError,
+    RunPath,
+    blob_key,
+    is_digest,
+)
 from airflow_aicenter.records import DamagedRecordError, Manifest, VersionRecord, oversized, read
 from airflow_aicenter.runtime.environment import EnvironmentRecord
 from airflow_aicenter.storage.store import ObjectInfo, Store
 
 DEFAULT_GRACE_HOURS = 24.0
-_TEMP = re.compile(r"^[0-9a-f]{64}#\d+$")
-_HEX = re.compile(r"^[0-9a-f]{64}$")
+_TEMP = re.compile(rf"^{SHA256_HEX}#\d+$")
 #: A sha256 digest anywhere in a damaged record's bytes (not part of a longer hex run).
-_DIGEST_IN = re.compile(rb"(?<![0-9a-f])[0-9a-f]{64}(?![0-9a-f])")
+_DIGEST_IN = re.compile(rb"(?<![0-9a-f])" + SHA256_HEX.encode() + rb"(?![0-9a-f])")
 _VERSION_RECORD = re.compile(rf"^{re.escape(PACKAGES)}[^/]+/versions/[^/]+\.json$")
 #: Package environments (runtime/environment.py) unused this long are deleted (never sooner than the blob grace):
 #: deleting one costs the next run a cold install, keeping one only storage.
 DEFAULT_ENV_GRACE_DAYS = 7.0
-_ENV_RECORD = re.compile(r"^envs/([0-9a-f]{64})\.json$")
-_ENV_USED = re.compile(r"^envs/([0-9a-f]{64})\.used-\d{4}-\d{2}-\d{2}$")
+_ENV_RECORD = re.compile(rf"^{re.escape(ENVS)}({SHA256_HEX})\.json$")
+_ENV_USED = re.compile(rf"^{re.escape(ENVS)}({SHA256_HEX})\.used-\d{{4}}-\d{{2}}-\d{{2}}$")
 
 
 @dataclass
@@ -203,7 +213,7 @@ def collect(store: Store, *, grace: timedelta = timedelta(hours=DEFAULT_GRACE_HO
     present: set[str] = set()
     for info in store.list(BLOBS):
         digest = info.key[len(BLOBS):]
-        if not _HEX.match(digest):
+        if not is_digest(digest):
             if _TEMP.match(digest) and info.last_modified is not None and info.last_modified <= cutoff and not dry_run:
                 store.delete(info.key)  # a killed upload's temporary (file store: <hex>#<n>)
             continue  # not ours (a foreign file): leave it alone

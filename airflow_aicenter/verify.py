@@ -79,15 +79,15 @@ READ_CONCURRENCY = 16
 State = Literal["missing", "damaged", "unreadable"]
 Kind = Literal["blob", "checkpoint object", "record"]
 
-_P = re.escape(layout.PACKAGES)
+_P, _HEX = re.escape(layout.PACKAGES), layout.SHA256_HEX
 _RECORDS: list[tuple[re.Pattern[str], str, type[BaseModel] | None]] = [
     (re.compile(rf"^{_P}[^/]+/versions/[^/]+\.json$"), "version", VersionRecord),
     (re.compile(rf"^{_P}[^/]+/aliases/[^/]+/\d+\.json$"), "alias", AliasRecord),
     (re.compile(rf"^{_P}[^/]+/evaluations/[^/]+/[^/]+\.json$"), "evaluation", EvaluationRecord),
-    (re.compile(rf"^{_P}[^/]+/runs/[0-9a-f]{{64}}\.json$"), "made-by record", Registration),
-    (re.compile(rf"^{re.escape(layout.ENVS)}[0-9a-f]{{64}}\.json$"), "environment", EnvironmentRecord),
-    (re.compile(rf"^{re.escape(layout.SNAPSHOTS)}[0-9a-f]{{64}}\.json$"), "snapshot hint", SnapshotHint),
-    (re.compile(rf"^{re.escape(layout.TRIGGERS)}[0-9a-f]{{64}}\.json$"), "trigger state", None),
+    (re.compile(rf"^{_P}[^/]+/runs/{_HEX}\.json$"), "made-by record", Registration),
+    (re.compile(rf"^{re.escape(layout.ENVS)}{_HEX}\.json$"), "environment", EnvironmentRecord),
+    (re.compile(rf"^{re.escape(layout.SNAPSHOTS)}{_HEX}\.json$"), "snapshot hint", SnapshotHint),
+    (re.compile(rf"^{re.escape(layout.TRIGGERS)}{_HEX}\.json$"), "trigger state", None),
 ]
 _RUN_FILES: dict[str, tuple[str, type[BaseModel] | None]] = {
     **{layout.manifest_name(d): ("snapshot manifest", Manifest) for d in layout.SNAPSHOT_DIRECTORIES},
