@@ -126,6 +126,16 @@ def evaluation_key(package: str, version: str, name: str) -> str:
     return f"{evaluations_prefix(package, version)}{name}.json"
 
 
+def approvals_prefix(package: str) -> str:
+    """The folder of every version's approval records (``promote_if="approved"``)."""
+    return f"{package_prefix(package)}approvals/"
+
+
+def approval_key(package: str, version: str, stage: Literal["request", "decision"]) -> str:
+    """A version's approval request (created when the run asks) or its one decision (created once)."""
+    return f"{approvals_prefix(package)}{version}/{stage}.json"
+
+
 def versions_prefix(package: str) -> str:
     return f"{package_prefix(package)}versions/"
 

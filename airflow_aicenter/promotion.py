@@ -16,8 +16,11 @@ from airflow_aicenter.package import validate_alias_name
 from airflow_aicenter.records import AliasRecord, EvaluationRecord, VersionRecord
 from airflow_aicenter.registry import Registry
 
-PromoteIf = Literal["better", "always"]
+PromoteIf = Literal["better", "always", "approved"]
+#: What the CLI's ``promote --if`` offers: a decision made now.
 PROMOTE_IF: tuple[str, ...] = ("better", "always")
+#: What the operators' ``promote_if`` takes: also "approved" (a person decides, :mod:`airflow_aicenter.approval`).
+OPERATOR_PROMOTE_IF: tuple[str, ...] = (*PROMOTE_IF, "approved")
 
 
 @dataclass(frozen=True)
@@ -78,12 +81,21 @@ def version_score(
 
 
 def check_promote_if(promote_if: str) -> str:
-    if promote_if not in PROMOTE_IF:
+    if promote_if not in OPERATOR_PROMOTE_IF:
         raise ConfigurationError(
             f"promote_if={promote_if!r} is not valid; use 'better' (score strictly above the alias's "
-            "current version's) or 'always'"
+            "current version's), 'always' or 'approved' (a person approves in Airflow's Required Actions)"
         )
     return promote_if
+
+
+def rejected_reason(registry: Registry, package: str, version: str) -> str | None:
+    """Why ``version`` must not be promoted (a person rejected it), or None."""
+    approval = registry.approval(package, version)
+    if approval is None or approval.status != "rejected":
+        return None
+    comment = f": {approval.comment!r}" if approval.comment else ""
+    return f"version {version} was rejected for {approval.alias!r} ({approval.reason or 'rejected'}{comment})"
 
 
 def _decide(
@@ -98,6 +110,8 @@ def _decide(
 ) -> tuple[bool, str]:
     if current is not None and current.version == version:
         return False, f"{alias!r} already points at {version}"
+    if promote_if == "approved":
+        return False, f"waiting for a person's approval before {alias!r} moves to {version} (promote_if='approved')"
     if promote_if == "always":
         return True, "promote_if='always'" + (f" (replaces {current.version})" if current else f" (new alias {alias!r})")
     if score is None:
@@ -128,13 +142,20 @@ def promote(
     promote_if: str = "better",
     set_by: str = "",
     evaluated_on: str | None = None,
+    force: bool = False,
 ) -> Promotion:
     """Point ``alias`` at ``version`` if ``promote_if`` allows it, atomically and with history.
 
     ``evaluated_on`` names the data ``score`` was measured on (see :func:`version_score`).
+    ``promote_if="approved"`` never moves the alias here: the person's decision does
+    (:func:`airflow_aicenter.approval.apply_decision`). A version a person rejected is never
+    moved, unless ``force`` (the CLI's ``--force``).
     """
     validate_alias_name(alias)
     check_promote_if(promote_if)
+    if not force and (refused := rejected_reason(registry, package, version)) is not None:
+        current = registry.alias(package, alias)
+        return Promotion(alias, current.version if current else None, version, False, refused)
     last: dict[str, Any] = {}
 
     def condition(current: AliasRecord | None) -> bool:

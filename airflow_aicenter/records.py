@@ -151,6 +151,32 @@ class AliasRecord(Record):
     set_at: datetime = Field(default_factory=utcnow)
 
 
+ApprovalStatus = Literal["pending", "approved", "rejected"]
+
+
+class ApprovalRecord(Record):
+    """A person's approval of a version for an alias (``promote_if="approved"``), beside the version record.
+
+    Version records are created once, so the approval is kept next to it, also created once:
+    the request (``pending``) when the run registers the candidate, then at most one decision
+    (``approved`` or ``rejected``, the first one written wins). ``by`` is the person (``None``
+    when the request timed out), ``at`` when it was decided (or asked), ``comment`` theirs.
+    """
+
+    package: str
+    version: str
+    alias: str
+    status: ApprovalStatus
+    by: str | None = None
+    at: datetime = Field(default_factory=utcnow)
+    comment: str = ""
+    #: Why, in words: "approved by ada", "rejected by ada", "no decision within 0:00:05 (the request timed out)".
+    reason: str = ""
+    #: The run that asked (its folder) and the page where the request is answered.
+    run: RunRef | None = None
+    request_url: str | None = None
+
+
 class ManifestEntry(Record):
     path: str
     sha256: str

@@ -42,6 +42,7 @@ from airflow_aicenter.package import (
 from airflow_aicenter.package.requirements import included_files
 from airflow_aicenter.records import (
     AliasRecord,
+    ApprovalRecord,
     BlobRef,
     EvaluationRecord,
     Registration,
@@ -507,3 +508,46 @@ class Registry:
     def evaluations(self, name: str, version: str) -> list[EvaluationRecord]:
         prefix = layout.evaluations_prefix(name, version)
         return sorted((read(self.store, i.key, EvaluationRecord) for i in self.store.list(prefix)), key=lambda r: r.created_at)
+
+    # -- approvals (promote_if="approved") -------------------------------------------------
+    def request_approval(self, record: ApprovalRecord) -> ApprovalRecord:
+        """Record that ``record.version`` waits for a person's decision; once (a retried task keeps the first request).
+
+        The version must exist: an approval is never the only trace of a version.
+        """
+        self.get(record.package, record.version)
+        key = layout.approval_key(record.package, record.version, "request")
+        try:
+            write(self.store, key, record, create=True)
+        except AlreadyExistsError:
+            return read(self.store, key, ApprovalRecord)
+        return record
+
+    def decide_approval(self, record: ApprovalRecord) -> ApprovalRecord:
+        """Keep a version's decision (approved or rejected), created once: the decision already kept wins and is returned."""
+        if record.status == "pending":
+            raise ValueError("a decision is 'approved' or 'rejected'")
+        self.get(record.package, record.version)
+        key = layout.approval_key(record.package, record.version, "decision")
+        try:
+            write(self.store, key, record, create=True)
+        except AlreadyExistsError:
+            return read(self.store, key, ApprovalRecord)
+        return record
+
+    def approval(self, name: str, version: str) -> ApprovalRecord | None:
+        """A version's approval: its decision, else its pending request, else None (never asked)."""
+        decision = read_optional(self.store, layout.approval_key(name, version, "decision"), ApprovalRecord)
+        if decision is not None:
+            return decision
+        return read_optional(self.store, layout.approval_key(name, version, "request"), ApprovalRecord)
+
+    def pending_approvals(self, name: str) -> list[ApprovalRecord]:
+        """The versions of ``name`` that wait for a person's decision, oldest request first."""
+        folders, _ = self.store.list_dir(layout.approvals_prefix(name).rstrip("/"))
+        pending = []
+        for folder in folders:
+            record = self.approval(name, folder.rsplit("/", 1)[-1])
+            if record is not None and record.status == "pending":
+                pending.append(record)
+        return sorted(pending, key=lambda r: r.at)
