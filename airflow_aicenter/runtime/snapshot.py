@@ -118,10 +118,9 @@ async def check_vouched(store: Store, sizes: Mapping[str, int], since: datetime 
 
     Its metadata, concurrently: missing; another size (damaged); unmodified since ``since``
     (ok, not read); modified after it, or ``since`` not known: read back and hashed in full
-    (ok or damaged). The
-    metadata comes from a HEAD each, or on S3, for LIST_MIN_FILES blobs or more, from a listing
-    of the blob prefix (1,000 a request), as ensure_blobs finds blobs; run credentials list no
-    blob, and get HEADs.
+    (ok or damaged). The metadata comes from a HEAD each, or on S3, for LIST_MIN_FILES blobs
+    or more, from a listing of the blob prefix (1,000 a request), as ensure_blobs finds blobs;
+    run credentials list no blob, and get HEADs.
     """
     whole_seconds = store.scheme != "file"
     listed: dict[str, ObjectInfo] | None = None
