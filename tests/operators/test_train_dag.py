@@ -112,6 +112,9 @@ def test_example_training_dag_and_the_cli_share_the_connection_in_airflows_datab
         registry = Registry(open_store(uri))
         record = registry.resolve("churn", "latest")
         assert (record.version, record.parent) == ("1.1", "1.0"), "the task trained what the command uploaded"
+        # who started it, from the DAG run Airflow hands the task (`airflow dags test` names its user "dag_test")
+        assert record.run is not None and record.run.trigger is not None
+        assert (record.created_by, record.run.trigger.run_type) == ("dag_test", "manual")
         store = registry.store
         prefix = record.run.prefix
         assert store.exists(f"{prefix}/_results.json") and store.exists(f"blobs/sha256/{record.blob.sha256}")
