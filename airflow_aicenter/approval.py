@@ -18,17 +18,30 @@ decision and the body are tested alone on real stores.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from airflow_aicenter.errors import AICenterError, ConfigurationError
 from airflow_aicenter.layout import OUTCOME
 from airflow_aicenter.plans import PipelinePlan
 from airflow_aicenter.promotion import Promotion, version_score
-from airflow_aicenter.records import ApprovalRecord, Manifest, Outcome, RunRef, VersionRecord, read_optional
+from airflow_aicenter.records import (
+    ApprovalRecord,
+    Manifest,
+    Outcome,
+    Results,
+    RunRef,
+    VersionRecord,
+    read_optional,
+    write,
+)
 from airflow_aicenter.registry import Registry
+from airflow_aicenter.storage import Store
+
+if TYPE_CHECKING:
+    from airflow_aicenter.completion import Completion, RunRequest
 
 APPROVE, REJECT = "Approve", "Reject"
 #: The request's options, as the provider's ``ApprovalOperator`` names them; a timeout takes the default.
@@ -306,3 +319,100 @@ def pending_request(
     """The ``pending`` record a run keeps when it asks."""
     return ApprovalRecord(package=package, version=version, alias=alias, status="pending", run=run,
                           request_url=request_url, reason="waiting for a person's decision")
+
+
+# -- the task's side: open the request, ask, apply the answer ------------------------------
+def open_request(
+    registry: Registry,
+    request: RunRequest,
+    done: Completion,
+    run: RunRef,
+    page_url: Callable[[RunRef], str],
+    request_url: str | None = None,
+) -> tuple[ApprovalRecord, str] | None:
+    """Keep the ``pending`` request beside the candidate and write the body to show; None: nothing to ask.
+
+    Nothing is asked when the alias already points at the candidate, or when the candidate
+    already has a decision (a person decides about a version once; a rejected one stays rejected).
+    """
+    alias = request.promote_to
+    assert alias is not None
+    candidate = done.new_version or done.parent
+    package = candidate.package
+    current_alias = registry.alias(package, alias)
+    if current_alias is not None and current_alias.version == candidate.version:
+        return None
+    existing = registry.approval(package, candidate.version)
+    if existing is not None and existing.status != "pending":
+        return None
+    kept = registry.request_approval(pending_request(package, candidate.version, alias, run, request_url))
+    current = None if current_alias is None else registry.get(package, current_alias.version)
+    env = run_env(registry, candidate)
+    asked = Candidate(candidate, done.outcome.score, request.evaluated_on(done.outcome),
+                      request.masked_env() if env is None else env, done.run_url)
+    current_url = None if current is None or current.run is None else page_url(current.run)
+    return kept, request_body(registry, asked, alias, current, current_url)
+
+
+def ask(
+    *,
+    ti_id: Any,
+    subject: str,
+    body: str,
+    timeout: timedelta,
+    method_name: str,
+    kwargs: dict[str, Any],
+    defer: Callable[..., Any],
+) -> NoReturn:
+    """Create the human-in-the-loop request and wait, as the standard provider's ``HITLOperator.execute`` does.
+
+    Its own functions write the request (``upsert_hitl_detail``); on Airflow 3.3+ the task
+    waits in ``awaiting_input`` (no worker slot, no trigger), before that it defers to the
+    provider's ``HITLTrigger``. Either way it resumes in ``method_name`` with the response as
+    ``event`` and ``kwargs``. Options Approve/Reject, a comment field, Reject on timeout.
+    """
+    hitl_support()
+    from airflow.providers.standard.version_compat import AIRFLOW_V_3_1_3_PLUS, AIRFLOW_V_3_3_PLUS
+    from airflow.sdk import Param
+    from airflow.sdk.definitions.param import ParamsDict
+    from airflow.sdk.execution_time.hitl import upsert_hitl_detail
+    from airflow.sdk.timezone import utcnow
+
+    params = ParamsDict({COMMENT: Param("", type="string", title="Comment",
+                                        description="Why: kept with the decision and in the alias history")})
+    serialized = {k: params.get_param(k).serialize() for k in params} if AIRFLOW_V_3_1_3_PLUS else params.dump()
+    upsert_hitl_detail(ti_id=ti_id, options=OPTIONS, subject=subject, body=body, defaults=DEFAULTS, multiple=False,
+                       params=serialized)
+    if AIRFLOW_V_3_3_PLUS:
+        from airflow.sdk.exceptions import TaskAwaitingInput
+
+        raise TaskAwaitingInput(method_name=method_name, kwargs=kwargs, timeout=timeout)
+    from airflow.providers.standard.triggers.hitl import HITLTrigger
+
+    defer(trigger=HITLTrigger(ti_id=ti_id, options=OPTIONS, defaults=DEFAULTS, params=serialized, multiple=False,
+                              timeout_datetime=utcnow() + timeout), method_name=method_name, kwargs=kwargs)
+    raise AssertionError("defer() returned")  # pragma: no cover - defer always raises
+
+
+def decide(
+    registry: Registry, package: str, version: str, alias: str, event: Mapping[str, Any], timeout: timedelta | None
+) -> tuple[ApprovalRecord, Promotion]:
+    """The response ``event`` applied to ``version``'s request (see :func:`apply_decision`)."""
+    request = registry.approval(package, version) or pending_request(package, version, alias, None)
+    return apply_decision(registry, request, decision_from_event(event, timeout), timeout)
+
+
+def as_value(record: ApprovalRecord) -> dict[str, Any]:
+    """The ``approval`` entry of the XCom value and ``_results.json``: status, by, at, comment, reason."""
+    return {"status": record.status, "alias": record.alias, "by": record.by, "at": record.at.isoformat(),
+            "comment": record.comment, "reason": record.reason}
+
+
+def note_in_results(store: Store, results_uri: str, record: ApprovalRecord, promotion: Promotion) -> None:
+    """``_results.json`` says what the person decided (``aicenter.approval``) and what the promotion did."""
+    key = results_uri[len(store.uri) + 1:] if results_uri.startswith(store.uri + "/") else results_uri
+    results = read_optional(store, key, Results)
+    if results is None:
+        return
+    results.aicenter.update(approval=as_value(record), promoted=promotion.promoted, promotion=promotion.as_dict())
+    write(store, key, results)

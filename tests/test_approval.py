@@ -233,3 +233,20 @@ def test_an_approval_needs_its_version_and_is_kept_beside_it(registry: Registry)
     first = registry.approval("churn", "1.0")
     asked(registry, "1.0")
     assert registry.approval("churn", "1.0") == first
+
+
+# -- the operators refuse bad input when the DAG is parsed ---------------------------------
+def test_the_operators_refuse_bad_approval_arguments() -> None:
+    from airflow_aicenter.operators import EvaluatePipelineOperator, FullPipelineOperator, TrainPipelineOperator
+
+    with pytest.raises(ConfigurationError, match="needs promote_to"):
+        FullPipelineOperator(task_id="f", package="churn", dataset="file:///d", promote_if="approved")
+    with pytest.raises(ConfigurationError, match="not a positive duration"):
+        FullPipelineOperator(task_id="f", package="churn", dataset="file:///d", promote_to="production",
+                             promote_if="approved", approval_timeout=-1)
+    with pytest.raises(ConfigurationError, match="FullPipelineOperator and EvaluatePipelineOperator"):
+        TrainPipelineOperator(task_id="t", package="churn", dataset="file:///d", promote_to="production",
+                              promote_if="approved")
+    task = EvaluatePipelineOperator(task_id="e", package="churn", evaluation_dataset="file:///d",
+                                    promote_to="production", promote_if="approved", approval_timeout=5)
+    assert task.approval_timeout == timedelta(seconds=5)

@@ -21,14 +21,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import quote
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.sdk import Asset, AssetAlias
 from airflow.sdk.exceptions import AirflowFailException
 
-from airflow_aicenter import run_spec
+from airflow_aicenter import approval, run_spec
 from airflow_aicenter.assets import OPENLINEAGE_NAMESPACE, SCHEME, operator_lineage
 from airflow_aicenter.completion import Completion, PostRun, RunRequest, lineage
 from airflow_aicenter.errors import AICenterError
@@ -44,7 +46,7 @@ from airflow_aicenter.operators.checks import (
     is_templated,
     rendered_count,
 )
-from airflow_aicenter.operators.links import ArtifactsLink, ResultsLink, run_page_url
+from airflow_aicenter.operators.links import ArtifactsLink, ResultsLink, _base_url, run_page_url
 from airflow_aicenter.plans import PipelinePlan
 from airflow_aicenter.promotion import PromoteIf
 from airflow_aicenter.records import RunRef, RunSpec, VersionRecord
@@ -162,7 +164,10 @@ class BasePipelineOperator(KubernetesPodOperator):
         ``run_as_user``, runs as that user; the environment is then cached for this package
         alone, never shared with another package.
     :param promote_to: an alias to point at the run's version when it earns it.
-    :param promote_if: ``"better"`` (a strictly higher score, like with like) or ``"always"``.
+    :param promote_if: ``"better"`` (a strictly higher score, like with like), ``"always"`` or
+        ``"approved"`` (Full and Evaluate: a person approves in Airflow's Required Actions; docs/approval.md).
+    :param approval_timeout: how long ``promote_if="approved"`` waits for the person (a ``timedelta`` or
+        seconds > 0, default 7 days); no answer by then rejects.
     :param nodes: machines of a distributed run (``nodes > 1``: an Indexed Job; local: must be 1).
     :param procs_per_node: user processes per machine (ranks); world size = nodes x procs_per_node.
         ``nodes`` and ``procs_per_node`` are templated: ``"{{ params.procs_per_node }}"`` takes a DAG param.
@@ -207,6 +212,7 @@ class BasePipelineOperator(KubernetesPodOperator):
         allow_source_builds: bool = False,
         promote_to: str | None = None,
         promote_if: PromoteIf = "better",
+        approval_timeout: timedelta | float = approval.DEFAULT_TIMEOUT,
         nodes: int | str = 1,
         procs_per_node: int | str = 1,
         checkpoint_interval: float = 300,
@@ -248,6 +254,8 @@ class BasePipelineOperator(KubernetesPodOperator):
         self.promote_to = promote_to
         self.promote_if = promote_if
         check_arguments(self.plan, type(self).__name__, self)
+        self.approval_timeout = approval.check_approval(self.plan, type(self).__name__, promote_to, promote_if,
+                                                        approval_timeout)
         self.gpu, self.checkpoint_interval = int(gpu), float(checkpoint_interval)
         self.progress_interval = float(progress_interval)
         if dataset_volume_claim and not dataset:  # records and _results.json name a mounted claim pvc://<claim>/<sub_path>
@@ -503,12 +511,49 @@ class BasePipelineOperator(KubernetesPodOperator):
         run_url = run_page_url(finished.run)
         done = self.completion = post.complete(finished.run, finished.outcome, finished.spec.version, run_url)
         context["ti"].xcom_push(key="return_value", value=done.value)
-        if done.event is not None:
-            if is_templated(self.package) or any(isinstance(o, AssetAlias) for o in self.outlets):
-                context["outlet_events"][AssetAlias(PACKAGE_ALIAS)].add(package_asset(self.package), extra=done.event)
-            else:
-                context["outlet_events"][package_asset(self.package)].extra = done.event
+        if self.promote_if == "approved" and done.promotion is not None:
+            self.ask_approval(context, done, finished.run)  # waits (raises) while a person decides
+        self.publish_event(context, done.event)
         return done.value
+
+    def publish_event(self, context: Context, event: dict[str, Any] | None) -> None:
+        """The package asset's event for a run that made a version (through the alias when the name is templated)."""
+        if event is not None:
+            if is_templated(self.package) or any(isinstance(o, AssetAlias) for o in self.outlets):
+                context["outlet_events"][AssetAlias(PACKAGE_ALIAS)].add(package_asset(self.package), extra=event)
+            else:
+                context["outlet_events"][package_asset(self.package)].extra = event
+
+    # -- promote_if="approved": a person decides (airflow_aicenter.approval) ---------------------
+    def ask_approval(self, context: Context, done: Completion, run: RunRef) -> None:
+        """Keep the candidate's pending approval and ask a person; returns only when there is nothing to ask."""
+        ti = context["ti"]
+        required = (f"{_base_url()}/dags/{quote(ti.dag_id, safe='')}/runs/{quote(ti.run_id, safe='')}/tasks/"
+                    f"{quote(ti.task_id, safe='')}/required_actions")
+        asking = approval.open_request(self.aicenter_hook.registry, self.run_request(), done, run, run_page_url,
+                                       required)
+        if asking is None:
+            return
+        pending, body = asking
+        self.log.info("Asking for approval of %s %s for %r (Browse -> Required Actions: %s), waiting up to %s",
+                      pending.package, pending.version, pending.alias, required, self.approval_timeout)
+        approval.ask(ti_id=ti.id, subject=approval.subject(pending.package, pending.version, pending.alias), body=body,
+                     timeout=self.approval_timeout, method_name="approval_complete",
+                     kwargs={"value": done.value, "asset_event": done.event}, defer=self.defer)
+
+    def approval_complete(
+        self, context: Context, event: dict[str, Any], value: dict[str, Any], asset_event: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The person's answer (or the timeout): keep the decision, move the alias if approved, publish."""
+        registry = self.aicenter_hook.registry
+        kept, promotion = approval.decide(registry, self.package, value["version"], str(self.promote_to), event,
+                                          self.approval_timeout)
+        approval.note_in_results(registry.store, value["results_uri"], kept, promotion)
+        self.log.info("%s %s for %r: %s%s", kept.package, kept.version, kept.alias, kept.reason,
+                      f" ({kept.comment})" if kept.comment else "")
+        self.publish_event(context, asset_event)
+        return {**value, "promoted": promotion.promoted, "promotion": promotion.as_dict(),
+                "approval": approval.as_value(kept)}
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
         """OpenLineage: inputs = the datasets and the parent version; outputs = the new version and its snapshot."""
