@@ -64,6 +64,7 @@ from airflow_aicenter.layout import (
     ENVS,
     MANIFEST_NAMES,
     PACKAGES,
+    RECORD_KEYS,
     RUNS,
     SHA256_HEX,
     LayoutError,
@@ -79,7 +80,6 @@ DEFAULT_GRACE_HOURS = 24.0
 _TEMP = re.compile(rf"^{SHA256_HEX}#\d+$")
 #: A sha256 digest anywhere in a damaged record's bytes (not part of a longer hex run).
 _DIGEST_IN = re.compile(rb"(?<![0-9a-f])" + SHA256_HEX.encode() + rb"(?![0-9a-f])")
-_VERSION_RECORD = re.compile(rf"^{re.escape(PACKAGES)}[^/]+/versions/[^/]+\.json$")
 #: Package environments (runtime/environment.py) unused this long are deleted (never sooner than the blob grace):
 #: deleting one costs the next run a cold install, keeping one only storage.
 DEFAULT_ENV_GRACE_DAYS = 7.0
@@ -158,7 +158,7 @@ def references(store: Store) -> References:
     """Every blob digest a version record or a snapshot manifest names; unreadable records are reported, not fatal."""
     found = References()
     for info in store.list(PACKAGES):
-        if _VERSION_RECORD.match(info.key):
+        if RECORD_KEYS["version"].match(info.key):
             record = _read(store, info, VersionRecord, found)
             if record is not None:
                 found.digests.add(record.blob.sha256)

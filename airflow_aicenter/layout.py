@@ -94,6 +94,11 @@ def env_key(key: str) -> str:
     return f"{ENVS}{key}.json"
 
 
+def env_used_key(key: str, day: str) -> str:
+    """The create-once marker a run leaves on the first day (``YYYY-MM-DD``) it uses environment ``key`` (gc reads it)."""
+    return f"{ENVS}{key}.used-{day}"
+
+
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -155,6 +160,20 @@ def alias_key(package: str, alias: str, seq: int) -> str:
 def made_by_key(package: str, task: TaskPath) -> str:
     """The record of the version ``task`` (a task instance: every try of it) committed, if any."""
     return f"{package_prefix(package)}runs/{_digest(task.prefix)}.json"
+
+
+_P = re.escape(PACKAGES)
+#: The records of the store outside run folders, by kind, as whole keys (what the functions above build):
+#: for telling them apart in a listing (``aicenter verify``, gc).
+RECORD_KEYS: dict[str, re.Pattern[str]] = {
+    "version": re.compile(rf"^{_P}[^/]+/versions/[^/]+\.json$"),
+    "alias": re.compile(rf"^{_P}[^/]+/aliases/[^/]+/\d+\.json$"),
+    "evaluation": re.compile(rf"^{_P}[^/]+/evaluations/[^/]+/[^/]+\.json$"),
+    "made-by record": re.compile(rf"^{_P}[^/]+/runs/{SHA256_HEX}\.json$"),
+    "environment": re.compile(rf"^{re.escape(ENVS)}{SHA256_HEX}\.json$"),
+    "snapshot hint": re.compile(rf"^{re.escape(SNAPSHOTS)}{SHA256_HEX}\.json$"),
+    "trigger state": re.compile(rf"^{re.escape(TRIGGERS)}{SHA256_HEX}\.json$"),
+}
 
 
 def manifest_name(directory: str) -> str:

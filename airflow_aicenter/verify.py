@@ -79,16 +79,17 @@ READ_CONCURRENCY = 16
 State = Literal["missing", "damaged", "unreadable"]
 Kind = Literal["blob", "checkpoint object", "record"]
 
-_P, _HEX = re.escape(layout.PACKAGES), layout.SHA256_HEX
-_RECORDS: list[tuple[re.Pattern[str], str, type[BaseModel] | None]] = [
-    (re.compile(rf"^{_P}[^/]+/versions/[^/]+\.json$"), "version", VersionRecord),
-    (re.compile(rf"^{_P}[^/]+/aliases/[^/]+/\d+\.json$"), "alias", AliasRecord),
-    (re.compile(rf"^{_P}[^/]+/evaluations/[^/]+/[^/]+\.json$"), "evaluation", EvaluationRecord),
-    (re.compile(rf"^{_P}[^/]+/runs/{_HEX}\.json$"), "made-by record", Registration),
-    (re.compile(rf"^{re.escape(layout.ENVS)}{_HEX}\.json$"), "environment", EnvironmentRecord),
-    (re.compile(rf"^{re.escape(layout.SNAPSHOTS)}{_HEX}\.json$"), "snapshot hint", SnapshotHint),
-    (re.compile(rf"^{re.escape(layout.TRIGGERS)}{_HEX}\.json$"), "trigger state", None),
-]
+#: The model each record kind of ``layout.RECORD_KEYS`` is read with (None: only checked to be JSON).
+_MODELS: dict[str, type[BaseModel] | None] = {
+    "version": VersionRecord,
+    "alias": AliasRecord,
+    "evaluation": EvaluationRecord,
+    "made-by record": Registration,
+    "environment": EnvironmentRecord,
+    "snapshot hint": SnapshotHint,
+    "trigger state": None,
+}
+_RECORDS = [(pattern, kind, _MODELS[kind]) for kind, pattern in layout.RECORD_KEYS.items()]
 _RUN_FILES: dict[str, tuple[str, type[BaseModel] | None]] = {
     **{layout.manifest_name(d): ("snapshot manifest", Manifest) for d in layout.SNAPSHOT_DIRECTORIES},
     layout.OUTCOME: ("outcome", Outcome),

@@ -100,7 +100,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from pydantic import Field
 
 from airflow_aicenter.errors import AlreadyExistsError, ConfigurationError, RequirementsError, StorageError
-from airflow_aicenter.layout import ENVS, blob_key, env_key
+from airflow_aicenter.layout import blob_key, env_key, env_used_key
 from airflow_aicenter.package.requirements import REQUIREMENTS, check_requirements_file, local_path, logical_lines
 from airflow_aicenter.records import BlobRef, Record, read_optional, utcnow, write
 from airflow_aicenter.storage.store import Store
@@ -880,13 +880,9 @@ def _mark_used(store: Store, key: str, final: Path) -> None:
     if stamp.exists():
         return
     with contextlib.suppress(StorageError):
-        store.put_bytes(used_key(key, day), b"", create=True)
+        store.put_bytes(env_used_key(key, day), b"", create=True)
     with contextlib.suppress(OSError):
         stamp.touch()
-
-
-def used_key(key: str, day: str) -> str:
-    return f"{ENVS}{key}.used-{day}"
 
 
 def _in_background(work: Callable[[], str]) -> Future[str]:
