@@ -3,6 +3,7 @@
 ```
 blobs/sha256/<hex>                               immutable content
 envs/<key>.json                                  a cached package environment (names its blob)
+envs/<key>.used-<YYYY-MM-DD>                     a day it was used (gc deletes environments unused for long)
 snapshots/<sha256 of the source>.json            the last snapshot of a data source (a hint naming its manifest)
 triggers/                                        left by earlier versions' dataset triggers (never read: their
                                                  state is in Airflow's asset state store, where runs cannot write)
