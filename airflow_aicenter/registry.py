@@ -515,20 +515,18 @@ class Registry:
 
         The version must exist: an approval is never the only trace of a version.
         """
-        self.get(record.package, record.version)
-        key = layout.approval_key(record.package, record.version, "request")
-        try:
-            write(self.store, key, record, create=True)
-        except AlreadyExistsError:
-            return read(self.store, key, ApprovalRecord)
-        return record
+        return self._keep_first(record, "request")
 
     def decide_approval(self, record: ApprovalRecord) -> ApprovalRecord:
         """Keep a version's decision (approved or rejected), created once: the decision already kept wins and is returned."""
         if record.status == "pending":
             raise ValueError("a decision is 'approved' or 'rejected'")
+        return self._keep_first(record, "decision")
+
+    def _keep_first(self, record: ApprovalRecord, stage: Literal["request", "decision"]) -> ApprovalRecord:
+        """``record`` created once beside its version (which must exist); the one kept first when another came before."""
         self.get(record.package, record.version)
-        key = layout.approval_key(record.package, record.version, "decision")
+        key = layout.approval_key(record.package, record.version, stage)
         try:
             write(self.store, key, record, create=True)
         except AlreadyExistsError:
