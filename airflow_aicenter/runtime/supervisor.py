@@ -20,6 +20,7 @@ The plan (JSON)::
      "run_as": null | {"uid": 1234, "gid": 1234},
      "exit_file": "/.../control/exit.json",
      "before": [{"processes": [...]}, ...],   # optional: groups run first, one after the other
+     "gpus": 0,                          # GPUs the run asked for: > 0 samples them with nvidia-smi
      "inherit_env": {"names": [...], "prefixes": [...]}}  # optional: these come from this process's env
 
 What it does: starts each process (its own session; as ``run_as`` with no supplementary
@@ -30,7 +31,8 @@ descendant (it is their subreaper, so ``setsid`` daemons are found too), collect
 process's result file and writes the exit file last, atomically::
 
     {"status": "succeeded" | "failed" | "killed", "results": [<result JSON or null>, ...],
-     "failed": "<label of the first failing process or null>", "cause": "<capped text or null>"}
+     "failed": "<label of the first failing process or null>", "cause": "<capped text or null>",
+     "resources": {"wall_seconds", "cpu_seconds", "peak_memory_bytes", "gpu_utilization", "gpu_memory_peak_bytes"}}
 """
 
 from __future__ import annotations
@@ -142,6 +144,8 @@ class UserProcess:
     process: subprocess.Popen[bytes]
     result_path: Path
     pumps: list[threading.Thread] = field(default_factory=list)
+    #: Peak resident memory of the process and what it waited for, in bytes, from ``wait4`` once it has ended.
+    peak_memory: int = 0
 
     def result(self) -> dict[str, Any] | None:
         """The process's result file, when it is a regular file (never through a link user code planted)."""
@@ -150,6 +154,22 @@ class UserProcess:
     def failure_time(self) -> float:
         failure = (self.result() or {}).get("failure") or {}
         return float(failure.get("at", float("inf")))
+
+    def poll(self, block: bool = False) -> int | None:
+        """The exit code once the process has ended, else None; reaped here with ``wait4`` for its peak memory.
+
+        The kernel's own figure for that process, so a run of one second is measured as well as a long one.
+        """
+        process = self.process
+        if process.returncode is None:
+            try:
+                pid, status, usage = os.wait4(process.pid, 0 if block else os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere (Popen): its code is still known there
+                return process.poll()
+            if pid:
+                process.returncode = os.waitstatus_to_exitcode(status)
+                self.peak_memory = usage.ru_maxrss * 1024  # kilobytes on Linux
+        return process.returncode
 
 
 def _vm_hwm(pid: int) -> int:
@@ -167,13 +187,13 @@ def _vm_hwm(pid: int) -> int:
 class Usage:
     """What the user processes of one group used (DESIGN "Progress, metrics and resources").
 
-    CPU seconds and, when they set a new high, the peak memory come from ``getrusage`` of this
-    process's reaped children (the user processes, what they waited for, and orphans this
-    subreaper reaped): numbers the kernel keeps, which package code cannot forge. The peak
-    memory is also sampled from ``/proc`` while they run (the sum over the live processes), as
-    are the GPUs with ``nvidia-smi`` when the run asked for GPUs and the tool is there
-    (utilisation averaged over the samples, memory at its highest); where it is not, the GPU
-    figures are null.
+    CPU seconds come from ``getrusage`` of this process's reaped children (the user processes,
+    what they waited for, and orphans this subreaper reaped), and the peak memory from ``wait4``
+    of each user process (the sum over the processes, which run side by side): numbers the
+    kernel keeps, which package code cannot forge. The peak memory is also sampled from
+    ``/proc`` while they run (the sum over the live processes), as are the GPUs with
+    ``nvidia-smi`` when the run asked for GPUs and the tool is there (utilisation averaged over
+    the samples, memory at its highest); where it is not, the GPU figures are null.
     """
 
     def __init__(self, gpus: int) -> None:
@@ -211,7 +231,9 @@ class Usage:
         self.gpu_utilization.append(sum(r[0] for r in rows) / len(rows))
         self.gpu_memory = max(self.gpu_memory, int(sum(r[1] for r in rows) * 1024 * 1024))
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self, peaks: list[int]) -> dict[str, Any]:
+        """The group's figures; ``peaks`` are the ended processes' own peak memory (``wait4``), which run side by side."""
+        self.peak_memory = max(self.peak_memory, sum(peaks))
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=15)
@@ -307,15 +329,15 @@ class Supervisor:
         """``(label, cause)`` of the first process to fail, or ``(None, None)`` when all succeeded."""
         users = self.users
         while True:
-            failed = [u for u in users if u.process.poll() not in (None, 0)]
+            failed = [u for u in users if u.poll() not in (None, 0)]
             if failed:
                 time.sleep(0.3)  # let failures caused by this one (a broken rendezvous) land, then pick the first
-                failed = [u for u in users if u.process.poll() not in (None, 0)]
+                failed = [u for u in users if u.poll() not in (None, 0)]
                 self.stop()
                 self.join()
                 first = min(failed, key=UserProcess.failure_time)
                 return first.label, self.cause(first)
-            if all(u.process.returncode is not None for u in users):
+            if all(u.poll() is not None for u in users):
                 break
             time.sleep(0.05)
         self.join()
@@ -344,18 +366,18 @@ class Supervisor:
 
     def stop(self) -> None:
         """SIGTERM each running user process's group, SIGKILL what is left after the grace."""
-        running = [u for u in self.users if u.process.poll() is None]
+        running = [u for u in self.users if u.poll() is None]
         for user in running:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(user.process.pid, signal.SIGTERM)
         deadline = time.monotonic() + self.grace
         for user in running:
-            try:
-                user.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            while user.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if user.poll() is None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(user.process.pid, signal.SIGKILL)
-                user.process.wait()
+                user.poll(block=True)
         self.kill_leftovers()
 
     def kill_leftovers(self) -> None:
@@ -422,7 +444,7 @@ def supervise(plan: dict[str, Any], *, stdout: TextIO | None = None, stderr: Tex
         sup.join()
         results = [sup.secrets.redact_data(u.result()) for u in sup.users]  # user env secrets masked in them too
         record["results"] = results + [None] * (len(plan["processes"]) - len(results))
-        record["resources"] = merge_usage(used, usage.finish())
+        record["resources"] = merge_usage(used, usage.finish([u.peak_memory for u in sup.users]))
         _write_exit(plan.get("exit_file"), record)
     return record
 

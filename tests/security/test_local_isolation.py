@@ -27,9 +27,10 @@ import pytest
 from airflow_aicenter.completion import PostRun, RunRequest
 from airflow_aicenter.errors import ConfigurationError
 from airflow_aicenter.launchers.local import LocalLauncher
+from airflow_aicenter.layout import PROGRESS
 from airflow_aicenter.operators import TrainPipelineOperator
 from airflow_aicenter.plans import TRAIN
-from airflow_aicenter.records import Outcome, RunRef, read
+from airflow_aicenter.records import Outcome, Progress, RunRef, read
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
 from tests.runtime.test_run import setup_run
@@ -506,3 +507,38 @@ def test_the_connection_extra_run_as_user_reaches_the_local_launcher(tmp_path, m
     monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps({"conn_type": "aicenter", "extra": extra}))
     with pytest.raises(ConfigurationError, match="unprivileged user, not root"):
         TrainPipelineOperator(task_id="t", package="rec", dataset="file:///unused").make_launcher("local").check()
+
+
+# -- aicenter.report under run_as_user (docs/progress.md) ------------------------------------------
+REPORTING = '''
+import os
+import aicenter
+
+class Main:
+    def __init__(self):
+        pass
+    def process_data(self, input_directory):
+        pass
+    def train(self, training_directory):
+        for step in range(1, 4):
+            aicenter.report(step=step, total=3, uid=os.getuid())
+    def evaluate(self, evaluation_directory):
+        return 1.0
+    def save(self):
+        open("model.txt", "w").write("trained")
+'''
+
+
+def test_a_run_as_user_training_reports_its_progress(system_user, scratch, tmp_path, private_worker):
+    """That user cannot read the worker's installation: ``import aicenter`` comes from the copy beside the user
+    processes (``bin/lib/``), and the metrics file in the agent's ``control/`` is that user's to write."""
+    store = open_store((scratch / "store").as_uri())
+    _, spec = setup_run(store, tmp_path, train_py=REPORTING)
+    spec = spec.model_copy(update={"install_requirements": True, "progress_interval": 0.2})
+    worker = launch(spec, scratch, {}, private_worker.python, run_as=system_user)
+    assert worker.returncode == 0, worker.output[-3000:]
+    progress = read(store, f"{spec.run_prefix}/{PROGRESS}", Progress)
+    assert (progress.step, progress.total, progress.final) == (3, 3, True)
+    assert progress.metrics == {"uid": system_user.uid}, "the reports came from the run_as user's process"
+    used = read(store, f"{spec.run_prefix}/outcome.json", Outcome).resources
+    assert used is not None and used["wall_seconds"] > 0 and used["peak_memory_bytes"] > 0
