@@ -50,7 +50,8 @@ from airflow_aicenter.runtime.incremental import (
     stage_incremental,
 )
 from airflow_aicenter.runtime.manifest import EVALUATION, INFERENCE, TRAINING, is_manifest_uri, stage_manifest
-from airflow_aicenter.runtime.progress import METRICS_FILE, METRICS_FILE_ENV, ProgressTracker
+from airflow_aicenter.runtime.progress import METRICS_FILE, ProgressTracker
+from airflow_aicenter.runtime.report import METRICS_FILE_ENV
 from airflow_aicenter.runtime.resources import cost_of
 from airflow_aicenter.runtime.snapshot import take_snapshot
 from airflow_aicenter.runtime.supervisor import RESULT_LIMIT, emit, read_untrusted_json, supervise

@@ -34,8 +34,6 @@ from airflow_aicenter.records import Progress, write
 from airflow_aicenter.secrets import Redactor
 from airflow_aicenter.storage.store import Store
 
-#: The variable that names the metrics file in user processes (``aicenter.METRICS_FILE_ENV``).
-METRICS_FILE_ENV = "AICENTER_METRICS_FILE"
 #: The metrics file, in the work folder's ``control/``.
 METRICS_FILE = "metrics.jsonl"
 #: Bytes read from the metrics file per look; when more was written since, the older part is skipped.
