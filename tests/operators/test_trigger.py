@@ -26,6 +26,7 @@ from airflow_aicenter.layout import OUTCOME, RESULTS
 from airflow_aicenter.operators import EvaluatePipelineOperator, TrainPipelineOperator
 from airflow_aicenter.records import Outcome, RunRef, VersionRecord, read
 from airflow_aicenter.registry import Registry
+from airflow_aicenter.run_spec import trigger_of
 from airflow_aicenter.runs import find_run
 from airflow_aicenter.storage import open_store
 from tests.aicenter_helpers import SCORED_TRAIN, small_dataset, upload_package
@@ -149,3 +150,23 @@ def test_the_run_records_show_who_started_a_run_its_dag_run_and_the_version_it_r
         assert summary["trigger"]["run_type"] == ("manual" if by == "alice" else "scheduled")
         assert summary["dag_run"] == {"dag_id": "aicenter_training", "run_id": RUN_ID, "task_id": task_id,
                                       "try_number": 1, "map_index": -1}
+
+
+def test_what_started_a_dag_run_of_every_type_reads_as_one_line():
+    """``trigger_of`` on the Task SDK's DagRun: a person wins over the run type; assets are named once each."""
+    twice = [new_version_event("1.0"), new_version_event("1.1")]
+    other = AssetEventDagRunReference(
+        asset=AssetReferenceAssetEventDagRun(name="features", uri="s3://bucket/features", extra={}),
+        extra={"version": "7"}, source_task_id=None, source_dag_id=None, source_run_id=None, source_map_index=None,
+        source_aliases=[], timestamp=NOW,
+    )
+    cases = [
+        (dag_run(DagRunType.OPERATOR_TRIGGERED), "operator_triggered"),
+        (dag_run(DagRunType.ASSET_MATERIALIZATION, "carol"), "carol"),
+        (dag_run(DagRunType.ASSET_TRIGGERED, events=[*twice, other]), "asset aicenter://scored/, s3://bucket/features"),
+    ]
+    for run, by in cases:
+        trigger = trigger_of(run)
+        assert trigger is not None and trigger.by == by
+    assert [a.version for a in trigger.assets] == ["1.0", "1.1", None], "a version only from an aicenter event"
+    assert trigger_of(None) is None
