@@ -349,3 +349,39 @@ def test_package_code_in_base_reaches_no_credentials_spec_agent_or_store(backend
     assert not report["store_listing"]["ok"] and "FileNotFoundError" in report["store_listing"]["error"]
     if deployment.store_folder is not None:
         assert not (deployment.store_folder / "runs" / "planted").exists(), "nothing written by base reached the store"
+
+
+# -- progress and resources (docs/progress.md) ------------------------------------------------
+REPORTING_TRAIN = '''
+import aicenter
+
+class Main:
+    def __init__(self):
+        pass
+    def train(self, training_directory):
+        for epoch in range(1, 4):
+            aicenter.report(step=epoch, total=3, loss=1.0 / epoch)
+    def save(self):
+        open("model.txt", "w").write("trained")
+'''
+
+
+def test_a_training_in_containers_reports_progress_through_sync(file_deployment: Deployment, tmp_path: Path):
+    """``import aicenter`` in base (read-only root, bin/lib/ from stage), the reports read by sync into the run folder."""
+    from airflow_aicenter.layout import METRICS, PROGRESS
+    from airflow_aicenter.records import Outcome, Progress, read
+
+    deployment = file_deployment
+    upload(deployment, tmp_path, "reports", **{"train.py": REPORTING_TRAIN})
+    op = TrainPipelineOperator(task_id="train", package="reports", dataset=deployment.dataset, progress_interval=0.5, **FAST)
+    result = op.execute(make_context())
+    run_ref = deployment.registry.get("reports", result["version"]).run
+    assert run_ref is not None
+    store = deployment.registry.store
+    progress = read(store, f"{run_ref.prefix}/{PROGRESS}", Progress)
+    assert (progress.step, progress.total, progress.final, progress.metrics) == (3, 3, True, {"loss": 1 / 3})
+    assert len(store.get_bytes(f"{run_ref.prefix}/{METRICS}").decode().splitlines()) == 3
+    [pod] = deployment.kube.all_pods()
+    assert "[aicenter] progress 100% (step 3/3)" in "\n".join(line for _, c, line in pod.log if c == "sync")
+    used = read(store, f"{run_ref.prefix}/outcome.json", Outcome).resources
+    assert used is not None and used["wall_seconds"] > 0 and used["peak_memory_bytes"] > 0 and used["bytes_staged"] > 0
