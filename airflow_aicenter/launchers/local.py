@@ -41,7 +41,7 @@ from airflow_aicenter.errors import ConfigurationError
 from airflow_aicenter.launchers.base import Finished, Launcher, settle_outcome
 from airflow_aicenter.records import RunRef, RunSpec
 from airflow_aicenter.runtime import isolation
-from airflow_aicenter.runtime.environment import BASE_PYTHON_ENV
+from airflow_aicenter.runtime.environment import BASE_PYTHON_ENV, cache_root
 from airflow_aicenter.secrets import Redactor, capped_lines
 from airflow_aicenter.storage.store import LocalStore
 
@@ -272,8 +272,7 @@ class LocalLauncher(Launcher):
 
     def _check_cache(self, uid: int, gid: int, base: str) -> None:
         """Package environments live in the cache (``AICENTER_CACHE``): ``run_as_user`` must be able to enter it."""
-        root = Path(os.environ.get("AICENTER_CACHE") or Path(os.environ.get("HOME") or Path.home()) / ".cache" / "aicenter")
-        root = root.absolute()
+        root = cache_root()  # as the runtime finds it: it runs with this worker's AICENTER_CACHE and HOME
         existing = next(p for p in (root, *root.parents) if p.exists())  # the runtime creates the rest, open to all
         answer = isolation.probe_as(uid, gid, base, [existing])
         if answer is None or not answer["access"][0][1]:
