@@ -9,8 +9,11 @@
 # the database of the home it works in and fills it with example runs, which has no place in
 # the Airflow you run. Likewise an exported AICENTER_STORAGE or aicenter_default connection
 # is not used: the example's store is <its home>/aicenter.
+#
+# `source scripts/example.sh --setup` (what scripts/ui.sh does) stops after the set-up (install,
+# home, database, datasets, package upload), leaving the home's settings exported.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 EXAMPLE_HOME=$(realpath -m "${AICENTER_EXAMPLE_HOME:-$PWD/airflow-home}")
 if [ -n "${AIRFLOW_HOME:-}" ] && [ "$(realpath -m "$AIRFLOW_HOME")" != "$EXAMPLE_HOME" ]; then
   echo "example.sh: leaving AIRFLOW_HOME=$AIRFLOW_HOME alone; the example works in its own home, $EXAMPLE_HOME" \
@@ -28,6 +31,9 @@ DATASET=$AIRFLOW_HOME/aicenter-datasets/churn
 "$BIN/python" examples/make_dataset.py "$DATASET" --rows 2000
 "$BIN/python" examples/make_dataset.py "$AIRFLOW_HOME/aicenter-datasets/churn-holdout" --rows 600 --seed 8
 "$BIN/aicenter" package upload examples/packages/churn --name churn
+if [ "${1:-}" = "--setup" ]; then
+  return 0 2>/dev/null || exit 0  # sourced: back to the caller, with this home's settings exported
+fi
 "$BIN/airflow" dags test aicenter_training -c "{\"dataset\": \"file://$DATASET\"}"
 # Closing the loop: a full pipeline that promotes to production only when better, then an
 # evaluation of the newest version on the holdout set (the DAG that new versions trigger).
