@@ -45,8 +45,8 @@ from airflow_aicenter.gc import DEFAULT_GRACE_HOURS, collect
 from airflow_aicenter.package import Version, open_package, validate_package, validate_package_name
 from airflow_aicenter.plans import CONTRACTS
 from airflow_aicenter.process import exit_process
-from airflow_aicenter.promotion import PROMOTE_IF, promote, version_score
-from airflow_aicenter.records import AliasRecord, Manifest, VersionRecord, read_optional
+from airflow_aicenter.promotion import PROMOTE_IF, promote, rejected_reason, version_score
+from airflow_aicenter.records import AliasRecord, ApprovalRecord, Manifest, VersionRecord, read_optional
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.runs import STATUSES, RunRecord, compare, find_run, find_runs, list_runs
 from airflow_aicenter.storage import S3Options, Store, open_store
@@ -293,17 +293,20 @@ def cmd_package_list(args: argparse.Namespace, registry: Registry) -> int:
     rows: list[dict[str, Any]] = []
     for summary in registry.summaries():
         latest = summary.latest
+        pending = _tolerant(summary.problems, "approvals", functools.partial(registry.pending_approvals, summary.name), [])
         rows.append({"package": summary.name, "latest": latest.version if latest else None,
                      "created_at": latest.created_at if latest else None, "score": latest.score if latest else None,
-                     "aliases": {a: r.version for a, r in summary.aliases.items()}, "problems": summary.problems})
+                     "aliases": {a: r.version for a, r in summary.aliases.items()},
+                     "pending_approval": [f"{p.version} for {p.alias}" for p in pending], "problems": summary.problems})
     if args.json:
         emit_json(rows)
         return 1 if any(r["problems"] for r in rows) else 0
     table = Table(title=f"Packages in {escape(registry.store.uri)}")
-    for col in ("package", "latest", "score", "aliases", "created"):
+    for col in ("package", "latest", "score", "aliases", "pending approval", "created"):
         table.add_column(col)
     for r in rows:
-        table.add_row(_fmt(r["package"]), _fmt(r["latest"]), _fmt(r["score"]), _fmt(r["aliases"]), _fmt(r["created_at"]))
+        table.add_row(_fmt(r["package"]), _fmt(r["latest"]), _fmt(r["score"]), _fmt(r["aliases"]),
+                      escape(", ".join(r["pending_approval"])) or "-", _fmt(r["created_at"]))
     console.print(table if rows else "No packages yet: `aicenter package upload PATH --name NAME`")
     problems = [(r["package"], p) for r in rows for p in r["problems"]]
     for package, problem in problems:
@@ -376,7 +379,28 @@ def _version_row(registry: Registry, record: VersionRecord, pointed: dict[str, l
         "created_at": record.created_at.isoformat(), "created_by": record.created_by,
         "run": record.run.label if record.run else None, "snapshot": record.snapshot,
         "aliases": pointed.get(record.version, []),
+        "approval": _approval_entry(_tolerant(problems, f"approval of {record.version}",
+                                              lambda: registry.approval(record.package, record.version), None)),
     }
+
+
+def _approval_entry(record: ApprovalRecord | None) -> dict[str, Any] | None:
+    """A version's approval (``promote_if="approved"``): status, alias, by, at, comment, reason; None if never asked."""
+    if record is None:
+        return None
+    return {"status": record.status, "alias": record.alias, "by": record.by, "at": record.at.isoformat(),
+            "comment": record.comment, "reason": record.reason, "request_url": record.request_url}
+
+
+def _approval_text(approval: dict[str, Any] | None) -> str | None:
+    if approval is None:
+        return None
+    if approval["status"] == "pending":
+        where = f" (answer in Airflow: Browse -> Required Actions, {approval['request_url']})" if approval["request_url"] else ""
+        return f"PENDING for {approval['alias']} since {approval['at'][:19].replace('T', ' ')}{where}"
+    comment = f": {approval['comment']}" if approval["comment"] else ""
+    at = approval["at"][:19].replace("T", " ")
+    return f"{approval['status']} for {approval['alias']} ({approval['reason']}) at {at}{comment}"
 
 
 def _pointed(aliases: dict[str, AliasRecord]) -> dict[str, list[str]]:
@@ -451,13 +475,16 @@ def _print_package_overview(data: dict[str, Any]) -> None:
     versions = data["versions"]
     runs_inline = _fits([v["run"] or "" for v in versions], 90)
     table = Table(title=f"Package {escape(data['package'])}: versions")
-    columns = ["version", "parent", "made by", "score", "evaluations", "aliases", "created"] + (["run"] if runs_inline else [])
+    columns = ["version", "parent", "made by", "score", "evaluations", "aliases", "approval", "created"] + (
+        ["run"] if runs_inline else [])
     for col in columns:
         table.add_column(col, overflow="fold", no_wrap=col == "run")
     for v in versions:
         evals = ", ".join(_fmt(e["score"]) for e in v["evaluations"]) or "-"
         row = [_fmt(v["version"]), _fmt(v["parent"]), v["pipeline"], _fmt(v["score"]), evals,
-               escape(", ".join(v["aliases"])) or "-", v["created_at"][:19].replace("T", " ")]
+               escape(", ".join(v["aliases"])) or "-",
+               escape(f"{v['approval']['status']} ({v['approval']['alias']})") if v["approval"] else "-",
+               v["created_at"][:19].replace("T", " ")]
         table.add_row(*row, *([_fmt(v["run"])] if runs_inline else []))
     console.print(table)
     if not runs_inline:  # narrow: the runs that made each version below the table, ids whole
@@ -491,7 +518,8 @@ def _print_version_detail(data: dict[str, Any]) -> None:
         ("run", data["run"]), ("snapshot", data["snapshot"]), ("content", f"sha256:{data['blob']['sha256'][:16]} "
                                                                              f"({data['blob']['size']} bytes)"),
         ("score (its run)", data["score"]), ("judged score", f"{_fmt(data['judged_score'])} ({data['judged_by']})"),
-        ("aliases", ", ".join(data["aliases"]) or None), ("description", data["description"] or None),
+        ("aliases", ", ".join(data["aliases"]) or None), ("approval", _approval_text(data["approval"])),
+        ("description", data["description"] or None),
     ]))
     if data["evaluations"]:
         table = Table(title="Evaluations")
@@ -508,9 +536,17 @@ def _print_version_detail(data: dict[str, Any]) -> None:
 def cmd_package_promote(args: argparse.Namespace, registry: Registry) -> int:
     name, spec = split_ref(args.ref, need_version=True)
     record = registry.resolve(name, spec or "latest")
+    refused = None if args.force else rejected_reason(registry, name, record.version)
+    if refused is not None:  # a person said no: only an explicit --force overrides them
+        if args.json:
+            emit_json({"package": name, "promoted": False, "alias": args.alias, "to": record.version, "reason": refused})
+        else:
+            err_console.print(f"Refused: {escape(refused)}. To promote it all the same: aicenter package promote "
+                              f"{escape(name)}:{escape(record.version)} --alias {args.alias} --force", highlight=False)
+        return EXIT_PROBLEM
     judged = version_score(registry, name, record.version)
     decision = promote(registry, name, args.alias, record.version, score=judged.score, evaluated_on=judged.on,
-                       promote_if=args.promote_if, set_by=f"cli:{getpass.getuser()}")
+                       promote_if=args.promote_if, set_by=f"cli:{getpass.getuser()}", force=args.force)
     if args.json:
         emit_json({"package": name, "promoted": decision.promoted, **decision.as_dict()})
     elif decision.promoted:
@@ -739,6 +775,8 @@ def add_package_commands(groups: Any) -> None:
     p.add_argument("--if", dest="promote_if", choices=PROMOTE_IF, default="better",
                    help="'better' (default, as the operators): only a scored version whose score beats the alias's "
                         "current version's; 'always': unconditionally")
+    p.add_argument("--force", action="store_true",
+                   help="promote a version a person rejected (promote_if='approved') all the same")
     p = command(package, "validate", cmd_package_validate, "check a package folder or zip statically (no code runs)",
                 needs_store=False)
     p.add_argument("path")
