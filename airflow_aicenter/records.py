@@ -323,13 +323,13 @@ class Outcome(Record):
 class Progress(Record):
     """``progress.json`` of a run folder: where package code says it is (``aicenter.report``), updated while it runs."""
 
-    step: float | None = None
-    total: float | None = None
+    step: int | float | None = None  # an int stays an int (step 5, not 5.0)
+    total: int | float | None = None
     percent: float | None = None
     #: Seconds left, from the rate of steps since the first report; None until it can be told.
     eta_seconds: float | None = None
     #: The latest value of every metric reported (names and values as package code gave them, secrets masked).
-    metrics: dict[str, float | None] = Field(default_factory=dict)
+    metrics: dict[str, int | float | None] = Field(default_factory=dict)
     #: Reports read so far, lines that were not a report (skipped), and the points in metrics.jsonl.
     reports: int = 0
     skipped: int = 0

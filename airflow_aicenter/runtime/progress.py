@@ -49,11 +49,13 @@ MAX_NAMES = 256
 MAX_NAME = 64
 
 
-def number(value: Any) -> float | None:
-    """A finite number, else None (a string, NaN, infinity, a bool is 0 or 1)."""
+def number(value: Any) -> int | float | None:
+    """A finite number (an int stays one), else None (a string, NaN, infinity; a bool is 0 or 1)."""
     if isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, int | float):
+        return int(value)
+    if isinstance(value, int):
+        return value if abs(value) < 2**53 else None
+    if not isinstance(value, float):
         return None
     try:
         result = float(value)

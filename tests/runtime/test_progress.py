@@ -394,3 +394,29 @@ def test_the_example_package_reports_its_epochs_and_still_trains_where_aicenter_
     alone = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(copy), str(folder)], capture_output=True, text=True,
                            env={"EPOCHS": "3", "PATH": os.environ["PATH"]}, timeout=120, check=False)
     assert alone.returncode == 0 and "trained" in alone.stdout, alone.stderr
+
+
+def test_a_flood_of_reports_is_read_in_bounded_looks_and_the_latest_wins(tmp_path, spawn_runtime):
+    """40 MB of reports written at once: the agent reads at most READ_LIMIT bytes a look, skipping the older part."""
+    train = '''
+import json, os
+
+class Main:
+    def __init__(self):
+        pass
+    def train(self, training_directory):
+        lines = b"".join(json.dumps({"step": i, "total": 1_000_000, "metrics": {"loss": 1 / i}}).encode() + b"\\n"
+                         for i in range(1, 700_001))
+        with open(os.environ["AICENTER_METRICS_FILE"], "ab") as fh:
+            fh.write(lines)
+    def save(self):
+        pass
+'''
+    store, spec = make_run(tmp_path, train, progress_interval=3600)  # one look: the last one
+    done = spawn_runtime.run(spec)
+    assert done.returncode == 0, done.stderr
+    final = progress_of(store)
+    assert final is not None and final.step == 700_000 and final.total == 1_000_000 and final.percent == 70.0
+    assert final.skipped >= 1 and final.reports < 700_000, final  # the older part was skipped, not parsed
+    assert isinstance(final.step, int) and '"step":700000' in store.get_bytes(f"{PREFIX}/{PROGRESS}").decode().replace(" ", "")
+    assert len(history(store)) <= MAX_POINTS
