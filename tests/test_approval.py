@@ -250,3 +250,14 @@ def test_the_operators_refuse_bad_approval_arguments() -> None:
     task = EvaluatePipelineOperator(task_id="e", package="churn", evaluation_dataset="file:///d",
                                     promote_to="production", promote_if="approved", approval_timeout=5)
     assert task.approval_timeout == timedelta(seconds=5)
+
+
+def test_the_example_dag_retrains_waits_for_a_person_then_predicts_with_production() -> None:
+    from tests.aicenter_helpers import example_task
+
+    retrain = example_task("aicenter_approval", "retrain")
+    assert retrain.promote_if == "approved" and retrain.promote_to == "production"
+    assert retrain.approval_timeout == timedelta(days=3)
+    assert retrain.dag.timetable.expression == "0 3 * * 1"
+    score = example_task("aicenter_approval", "score_inbox")
+    assert score.version == "production" and "retrain" in score.upstream_task_ids
