@@ -25,6 +25,7 @@ from kubernetes.client.exceptions import ApiException
 
 from airflow_aicenter.errors import ConfigurationError, RunError
 from airflow_aicenter.hooks.aicenter import AICenterHook
+from airflow_aicenter.launchers import kube_retry
 from airflow_aicenter.launchers.base import Finished, killed_by_airflow, settle_outcome
 from airflow_aicenter.launchers.pod import PodLauncher, PodRun, PodSettings
 from airflow_aicenter.launchers.pod_spec import (
@@ -114,12 +115,8 @@ class JobLauncher(PodLauncher):
         else:
             if existing is not None:  # a finished Job of an earlier try: it is replaced
                 self._delete()
-            try:
-                core.create_namespaced_service(self.namespace, service)
-            except ApiException as exc:
-                if exc.status != 409:
-                    raise
-            batch.create_namespaced_job(self.namespace, job)
+            self._create(core.create_namespaced_service, service, "create the Service")
+            self._create(batch.create_namespaced_job, job, "create the Job")
             self.op.log.info(
                 "Created Job %s/%s: %d nodes x %d processes", self.namespace, self.job, self.nodes, spec.procs_per_node
             )
@@ -127,11 +124,32 @@ class JobLauncher(PodLauncher):
             self._defer(context)
         try:
             status = self._wait()
+        except kube_retry.KubernetesUnavailable:
+            # The API server failed for the whole retry budget: the Job may well be running on. It
+            # is kept (with its credentials) for the task's retry to reattach to, never deleted on a read error.
+            raise
+        except BaseException:
+            self._end()  # killed, timed out, or the Job disappeared
+            raise
+        try:
             return self.ending_of_job(status)
         finally:
-            if not self.op.deferrable:
-                self._delete()
-                self.revoke_credentials()
+            self._end()
+
+    def _end(self) -> None:
+        if not self.op.deferrable:
+            self._delete()
+            self.revoke_credentials()
+
+    def _create(self, create: Any, body: Any, what: str) -> None:
+        """Create an object, retrying transient API errors; 409 is one of our tries that got through (or the Service
+        of an earlier attempt), which is what we wanted."""
+        assert self.namespace is not None
+        try:
+            kube_retry.call(create, self.namespace, body, what=what, log=self.op.log)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
 
     def _defer(self, context: Context) -> None:
         from airflow.providers.cncf.kubernetes.triggers.job import KubernetesJobTrigger
@@ -170,7 +188,8 @@ class JobLauncher(PodLauncher):
     def _read_job(self) -> k8s.V1Job | None:
         assert self.job is not None and self.namespace is not None
         try:
-            return self.kube.batch_v1_client.read_namespaced_job(self.job, self.namespace)
+            return kube_retry.call(self.kube.batch_v1_client.read_namespaced_job, self.job, self.namespace,
+                                   what=f"read Job {self.namespace}/{self.job}", log=self.op.log)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -202,7 +221,9 @@ class JobLauncher(PodLauncher):
 
     def _pods(self) -> list[k8s.V1Pod]:
         assert self.job is not None and self.namespace is not None
-        pods = self.kube.core_v1_client.list_namespaced_pod(self.namespace, label_selector=f"job-name={self.job}").items
+        pods = kube_retry.call(self.kube.core_v1_client.list_namespaced_pod, self.namespace,
+                               label_selector=f"job-name={self.job}", what=f"list the pods of Job {self.job}",
+                               log=self.op.log).items
         return sorted(pods, key=lambda p: int((p.metadata.labels or {}).get("batch.kubernetes.io/job-completion-index", "0")))
 
     def _relay_logs(self) -> None:
@@ -212,13 +233,15 @@ class JobLauncher(PodLauncher):
             for container in (STAGE_CONTAINER, self.op.base_container_name, SYNC_CONTAINER):
                 try:
                     # Raw bytes: with its content preloaded the client gives str(bytes) of a plain-text body.
-                    response = self.kube.core_v1_client.read_namespaced_pod_log(
-                        pod.metadata.name, pod.metadata.namespace, container=container, _preload_content=False
+                    response = kube_retry.call(
+                        self.kube.core_v1_client.read_namespaced_pod_log, pod.metadata.name, pod.metadata.namespace,
+                        container=container, _preload_content=False, what=f"read the log of node {index}", log=self.op.log,
+                        budget=30,
                     )
                     text = response.data.decode("utf-8", "replace")
-                except ApiException as exc:
+                except (ApiException, kube_retry.KubernetesUnavailable) as exc:
                     self.op.log.warning("Could not read the %s log of node %s (%s): %s", container, index, pod.metadata.name,
-                                        exc.reason)
+                                        getattr(exc, "reason", exc))
                     continue
                 for line in str(text).splitlines():
                     self.op.log.info("[node %s] %s", index, line)
@@ -250,7 +273,7 @@ class JobLauncher(PodLauncher):
     def _safe_pods(self) -> list[k8s.V1Pod]:
         try:
             return self._pods()
-        except ApiException:
+        except (ApiException, kube_retry.KubernetesUnavailable):
             return []
 
     def _delete(self) -> None:
@@ -262,10 +285,13 @@ class JobLauncher(PodLauncher):
         body = k8s.V1DeleteOptions(propagation_policy="Background")
         for delete in (self.kube.batch_v1_client.delete_namespaced_job, self.kube.core_v1_client.delete_namespaced_service):
             try:
-                delete(self.job, self.namespace, body=body)
+                kube_retry.call(delete, self.job, self.namespace, body=body, what=f"delete {self.namespace}/{self.job}",
+                                log=self.op.log)
             except ApiException as exc:
                 if exc.status != 404:
                     self.op.log.warning("Could not delete %s/%s: %s", self.namespace, self.job, exc.reason)
+            except kube_retry.KubernetesUnavailable as exc:
+                self.op.log.warning("Could not delete %s/%s: %s", self.namespace, self.job, exc)
 
     def kill(self) -> None:
         """Delete the Job and Service; the run is recorded as killed."""

@@ -166,6 +166,19 @@ class Pod:
 
 
 @dataclass
+class Fault:
+    """The next ``count`` requests whose method and path match answer ``status`` (or reset the connection)."""
+
+    method: str
+    path: re.Pattern[str]
+    count: int
+    status: int | str  # an HTTP status, or "reset": the connection is closed with no answer
+
+    def matches(self, method: str, path: str) -> bool:
+        return self.count > 0 and (self.method in ("*", method)) and bool(self.path.search(path))
+
+
+@dataclass
 class Job:
     """An Indexed batch/v1 Job: one pod per completion index, no retries (backoffLimit 0)."""
 
@@ -200,6 +213,10 @@ class FakeKubernetes:
         self.start_delay = 0.0  # seconds a pod stays Pending before its containers start
         #: Called with the labelSelector before a pod list is answered (a test can seed pods then).
         self.on_list_pods: Callable[[str | None], None] | None = None
+        #: Injected API faults (:meth:`fail_next`): the next requests matching them fail.
+        self.faults: list[Fault] = []
+        #: Faults served, as ``(method, path, status or "reset")``.
+        self.faults_served: list[tuple[str, str, int | str]] = []
         self.cond = threading.Condition()
         self._rv = itertools.count(1000)
         self._server: ThreadingHTTPServer | None = None
@@ -248,6 +265,27 @@ class FakeKubernetes:
 
     def add_claim(self, name: str, folder: Path, namespace: str = "default") -> None:
         self.claims[(namespace, name)] = folder
+
+    def fail_next(self, path: str, count: int = 1, status: int | str = 503, *, method: str = "GET") -> Fault:
+        """Make the next ``count`` ``method`` requests whose path matches the regex ``path`` fail.
+
+        ``status`` is an HTTP status (500, 503, 429: a Kubernetes ``Status`` body) or ``"reset"``
+        (the connection is dropped with a TCP reset before any answer), as a flaky API server,
+        load balancer or network does. ``method="*"`` matches every method.
+        """
+        fault = Fault(method=method, path=re.compile(path), count=count, status=status)
+        with self.cond:
+            self.faults.append(fault)
+        return fault
+
+    def take_fault(self, method: str, path: str) -> int | str | None:
+        with self.cond:
+            for fault in self.faults:
+                if fault.matches(method, path):
+                    fault.count -= 1
+                    self.faults_served.append((method, path, fault.status))
+                    return fault.status
+        return None
 
     def all_pods(self) -> list[Pod]:
         with self.cond:
@@ -811,9 +849,30 @@ def _handler(kube: FakeKubernetes) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.close_connection = True
 
+        def _reset(self) -> None:
+            """Drop the connection with a TCP reset (SO_LINGER 0), no answer at all."""
+            import socket
+            import struct
+
+            self.close_connection = True
+            try:
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
+            except OSError:
+                pass
+
         def _dispatch(self, method: str) -> None:
             kube.requests.append((method, self.path))
             path = urlparse(self.path).path
+            fault = kube.take_fault(method, path)
+            if fault is not None:
+                if method in ("POST", "PATCH", "DELETE", "PUT"):
+                    self._body()
+                if fault == "reset":
+                    return self._reset()
+                code = int(fault)
+                reason = {429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable"}.get(code, "InternalError")
+                return self._send(code, ApiError(code, reason, f"injected fault: {method} {path} answered {code}").body())
             try:
                 body = self._body() if method in ("POST", "PATCH", "DELETE", "PUT") else None
                 if path == "/version":

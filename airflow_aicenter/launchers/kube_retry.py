@@ -1,0 +1,91 @@
+"""Kubernetes API calls that ride out a flaky API server: 5xx, 429, dropped or refused connections.
+
+A 10-hour multi-node training is polled thousands of times; on a shared cluster the API
+server (or the load balancer before it) answers 503 now and then, throttles with 429, or
+drops a connection while it restarts. One such answer must not end the run: the calls the
+Job launcher makes go through :func:`call`, which retries the transient ones with jittered
+exponential backoff (so the workers of many tasks do not retry in step) within an overall
+time budget, and raises :class:`KubernetesUnavailable` (retryable) once the budget is spent.
+
+The KubernetesHook's own ``generic_api_retry`` is not used here: it retries 409 too (a
+create whose first answer was lost would be retried into "already exists" five times), and
+its five attempts over about 15 s are shorter than an API server restart.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
+
+from airflow_aicenter.errors import RunError
+
+if TYPE_CHECKING:
+    import logging
+
+T = TypeVar("T")
+
+#: HTTP statuses worth another try: throttled, or the server (or its proxy) failing for now.
+TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
+#: Seconds of retrying one call before giving up (an API server restart takes about a minute).
+BUDGET = 120.0
+#: The first wait and the longest one between tries, in seconds.
+FIRST_WAIT, MAX_WAIT = 0.5, 10.0
+
+
+class KubernetesUnavailable(RunError):
+    """The Kubernetes API kept failing for the whole retry budget (retryable: the next try reattaches)."""
+
+
+def transient(error: BaseException) -> bool:
+    """Whether ``error`` is one a retry can cure: a 429/5xx answer, or no answer at all."""
+    if isinstance(error, ApiException):
+        return error.status in TRANSIENT_STATUS or not error.status  # status 0: no HTTP answer
+    return isinstance(error, (HTTPError, ConnectionError, TimeoutError))
+
+
+def _retry_after(error: BaseException) -> float | None:
+    """A 429's ``Retry-After`` in seconds, when the server gave one."""
+    if isinstance(error, ApiException) and error.status == 429:
+        value = (error.headers or {}).get("Retry-After")
+        try:
+            return float(value) if value is not None else None
+        except ValueError:
+            return None
+    return None
+
+
+def call(fn: Callable[..., T], *args: object, what: str, log: logging.Logger | None = None, budget: float | None = None,
+         **kwargs: object) -> T:
+    """``fn(*args, **kwargs)``, retried while it fails transiently, for at most ``budget`` seconds.
+
+    Non-transient errors (404, 409, 422, 403...) are raised at once: the caller decides what
+    they mean. ``what`` names the call in the log and in the final error.
+    """
+    limit = BUDGET if budget is None else budget
+    deadline = time.monotonic() + limit
+    wait = FIRST_WAIT
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            return fn(*args, **kwargs)
+        except Exception as error:
+            if not transient(error):
+                raise
+            left = deadline - time.monotonic()
+            cause = f"{error.status} {error.reason}" if isinstance(error, ApiException) else f"{type(error).__name__}: {error}"
+            if left <= 0:
+                raise KubernetesUnavailable(
+                    f"the Kubernetes API failed to {what} for {limit:.0f} s ({tries} tries, last: {cause}); check the API "
+                    "server; the task's retry reattaches to a run that is still going"
+                ) from error
+            pause = min(left, _retry_after(error) or random.uniform(wait / 2, wait))  # jitter, not crypto
+            if log is not None:
+                log.warning("Kubernetes API: could not %s (%s); trying again in %.1f s", what, cause, pause)
+            time.sleep(pause)
+            wait = min(wait * 2, MAX_WAIT)
