@@ -17,17 +17,20 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
 from airflow_aicenter.errors import RunError
 
-if TYPE_CHECKING:
-    import logging
-
 T = TypeVar("T")
+
+
+class WarningLog(Protocol):
+    """Any logger (stdlib or Airflow's structlog one): only ``warning`` is used."""
+
+    def warning(self, msg: str, /, *args: Any) -> Any: ...
 
 #: HTTP statuses worth another try: throttled, or the server (or its proxy) failing for now.
 TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
@@ -59,7 +62,7 @@ def _retry_after(error: BaseException) -> float | None:
     return None
 
 
-def call(fn: Callable[..., T], *args: object, what: str, log: logging.Logger | None = None, budget: float | None = None,
+def call(fn: Callable[..., T], *args: object, what: str, log: WarningLog | None = None, budget: float | None = None,
          **kwargs: object) -> T:
     """``fn(*args, **kwargs)``, retried while it fails transiently, for at most ``budget`` seconds.
 
