@@ -1,7 +1,8 @@
 """The AI Center pages: a FastAPI app the api-server mounts at ``/aicenter`` (server-side HTML, no CDN).
 
-Pages: ``/`` packages, ``/packages/<name>``, ``/runs/<dag_id>/<run_id>/<task>/<try>`` (with
-artifact previews and downloads), ``/compare?run=...&run=...``. The store is the one the
+Pages: ``/`` packages, ``/packages/<name>``, ``/runs`` every run (filters, pages),
+``/runs/<dag_id>/<run_id>/<task>/<try>`` (with artifact previews and downloads, and ``/live``: its
+progress as JSON while it runs), ``/compare?run=...&run=...``. The store is the one the
 ``aicenter_default`` connection names (or the embedded default), read through
 :class:`AICenterHook`, so file and S3 stores show the same pages. Every page needs a signed-in
 user; a run's pages need read access to its DAG (:mod:`access`).
@@ -19,6 +20,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from airflow_aicenter import layout
@@ -27,7 +29,7 @@ from airflow_aicenter.plugins import pages
 from airflow_aicenter.plugins.access import AccessDep, UserDep, login_url
 from airflow_aicenter.records import DAMAGED_RECORD_FIX, DamagedRecordError
 from airflow_aicenter.registry import Registry
-from airflow_aicenter.runs import RunNotFoundError, find_runs
+from airflow_aicenter.runs import RunNotFoundError, find_run, find_runs
 from airflow_aicenter.storage import LocalStore
 
 HERE = Path(__file__).resolve().parent
@@ -36,6 +38,8 @@ DOCS = HERE / "docs"
 URL_PREFIX = "/aicenter"
 #: Sent with every artifact: the browser must never run an artifact (HTML, SVG) in the Airflow origin.
 ARTIFACT_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox; default-src 'none'"}
+#: An SVG opened on its own: its styles apply, no script runs (sandboxed, and no script source allowed).
+SVG_POLICY = "sandbox; default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 #: A compare page shows at most this many runs side by side.
 MAX_COMPARED = 12
 
@@ -58,6 +62,22 @@ def task_instance_url(airflow: str, path: layout.RunPath) -> str:
     if path.map_index >= 0:
         url += f"/mapped/{path.map_index}"
     return f"{url}?try_number={path.try_number}"
+
+
+def dag_run_url(airflow: str, path: layout.RunPath) -> str:
+    """The Airflow UI's page of the DAG run a run belongs to."""
+    return f"{airflow}/dags/{quote(path.dag_id, safe='')}/runs/{quote(path.run_id, safe='')}"
+
+
+def when(value: Any) -> Markup:
+    """A time as every page writes it: ``<time datetime="ISO">2026-01-01 12:00:00 UTC</time>``.
+
+    The browser rewrites the text in the time zone the user chose in Airflow (static/aicenter.js).
+    """
+    moment = pages.as_time(value)
+    if moment is None:
+        return Markup("")
+    return Markup('<time datetime="{}">{}</time>').format(moment.isoformat(), moment.strftime(pages.TIME_FORMAT))
 
 
 def _run_path(dag_id: str, run_id: str, task: str, try_number: int) -> layout.RunPath:
@@ -90,6 +110,11 @@ def create_app() -> FastAPI:
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = Jinja2Templates(directory=HERE / "templates")
     templates.env.filters["score"] = pages.score
+    templates.env.filters["when"] = when
+    templates.env.filters["seconds"] = pages.seconds
+    templates.env.filters["size"] = pages.size
+    templates.env.filters["money"] = pages.money
+    templates.env.filters["resources"] = pages.resource_line
     templates.env.filters["q"] = lambda text: quote(str(text), safe="")
     templates.env.filters["qp"] = lambda text: quote(str(text), safe="/")
     templates.env.globals["damaged_fix"] = DAMAGED_RECORD_FIX
@@ -156,14 +181,40 @@ def create_app() -> FastAPI:
         readable = {d for d in page.dag_ids() if access.can_read(d)}
         return render(request, "package.html", page=page, readable=readable, store=reg.store.uri)
 
+    @app.get("/runs", response_class=HTMLResponse)
+    def runs_page(request: Request, user: UserDep, access: AccessDep, status: str = "", dag: str = "",
+                  package: str = "", pipeline: str = "", page: Annotated[int, Query(ge=1)] = 1,
+                  per_page: Annotated[int, Query(ge=1, le=pages.MAX_PER_PAGE)] = pages.PER_PAGE) -> HTMLResponse:
+        """Every run of the DAGs the user may read, failed ones included, newest first, filtered, paginated."""
+        request.state.aicenter_user = user
+        store = registry().store
+        listing = pages.runs_list(store, access.can_read, status=status, dag=dag, package=package, pipeline=pipeline,
+                                  page=page, per_page=per_page)
+        return render(request, "runs.html", runs=listing, store=store.uri)
+
     @app.get("/runs/{dag_id}/{run_id}/{task}/{try_number}", response_class=HTMLResponse)
     def run_page(request: Request, path: RunPathDep, user: UserDep, access: AccessDep) -> HTMLResponse:
         request.state.aicenter_user = user
         access.require(path.dag_id)
         store = registry().store
         page = pages.run_page(store, path)
+        airflow = _base(request).removesuffix(URL_PREFIX)
         return render(request, "run.html", page=page, s=page.summary, store=store.uri,
-                      task_instance=task_instance_url(_base(request).removesuffix(URL_PREFIX), path))
+                      task_instance=task_instance_url(airflow, path), dag_run=dag_run_url(airflow, path))
+
+    @app.get("/runs/{dag_id}/{run_id}/{task}/{try_number}/live")
+    def run_live(path: RunPathDep, access: AccessDep) -> JSONResponse:
+        """What a run page refreshes while the run goes on: status, progress, metric history and charts, resources."""
+        access.require(path.dag_id)
+        store = registry().store
+        record = find_run(store, path.id)
+        now = pages.live(store, path)
+        return JSONResponse({
+            "status": record.status, "ended": record.status != "running", "phase": record.outcome.phase,
+            "progress": None if now.progress is None else now.progress.model_dump(mode="json"),
+            "progress_error": now.progress_error, "series": now.series, "x": now.x, "charts": now.chart(),
+            "resources": record.outcome.resources, "cost": record.outcome.cost, "duration": record.duration,
+        })
 
     @app.get("/runs/{dag_id}/{run_id}/{task}/{try_number}/preview/{relative:path}", response_class=HTMLResponse)
     def preview_page(request: Request, path: RunPathDep, relative: str, user: UserDep, access: AccessDep) -> HTMLResponse:
@@ -185,9 +236,12 @@ def create_app() -> FastAPI:
         except (OSError, ValueError) as exc:  # obstore's errors: the store did not answer as it should
             raise StorageError(f"could not read {store.url(key)}: {exc}") from exc
         name = relative.rsplit("/", 1)[-1]
-        disposition = "inline" if inline and pages.artifact_kind(relative) == "image" else "attachment"
+        kind = pages.artifact_kind(relative)
+        disposition = "inline" if inline and kind in ("image", "svg") else "attachment"
         headers = {**ARTIFACT_HEADERS, "Content-Disposition": f"{disposition}; filename*=UTF-8''{quote(name)}",
                    "Content-Length": str(result.meta["size"])}
+        if kind == "svg":
+            headers["Content-Security-Policy"] = SVG_POLICY
         return StreamingResponse(result.stream(min_chunk_size=256 * 1024), media_type=pages.media_type(relative), headers=headers)
 
     @app.get("/compare", response_class=HTMLResponse)

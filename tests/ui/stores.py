@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from airflow_aicenter import layout
-from airflow_aicenter.records import Manifest, Outcome, RunRef, write
+from airflow_aicenter.records import Manifest, Outcome, RunRef, Trigger, write
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import Store
 
@@ -38,12 +38,22 @@ class TwoTeams:
     damaged: dict[str, str] = field(default_factory=dict)  # what is damaged -> the key (see :func:`damage`)
 
 
-def _outcome(store: Store, run_id: str, **fields: object) -> layout.RunPath:
+def _outcome(store: Store, run_id: str, *, start: float | None = None, end: float | None | bool = True,
+             output_tail: list[str] | None = None, **fields: object) -> layout.RunPath:
+    """Write a run's outcome.json (succeeded, train, 30 s, score 0.5 unless ``fields`` say otherwise).
+
+    ``output_tail`` is added to the record as the runtime writes it (the last lines of the user's output).
+    """
     path = layout.RunPath.parse(run_id)
-    start = time.time() - 60
-    outcome = Outcome(status="succeeded", pipeline="train", package=PACKAGE, version="1.0", start_at=start,
-                      end_at=start + 30, score=0.5, env={"LR": "0.1"}, **fields)  # type: ignore[arg-type]
-    write(store, path.key(layout.OUTCOME), outcome)
+    start = time.time() - 60 if start is None else start
+    values: dict[str, object] = {"status": "succeeded", "pipeline": "train", "package": PACKAGE, "version": "1.0",
+                                 "start_at": start, "end_at": start + 30 if end is True else end, "score": 0.5,
+                                 "env": {"LR": "0.1"}, **fields}
+    outcome = Outcome(**values)  # type: ignore[arg-type]
+    data = json.loads(outcome.model_dump_json())
+    if output_tail is not None:
+        data["output_tail"] = output_tail
+    store.put_bytes(path.key(layout.OUTCOME), json.dumps(data, indent=2).encode())
     return path
 
 
@@ -53,9 +63,9 @@ def _manifest(store: Store, path: layout.RunPath, directory: str, source: str) -
     return store.url(key)
 
 
-def _run_ref(run_id: str) -> RunRef:
+def _run_ref(run_id: str, trigger: Trigger | None = None) -> RunRef:
     path = layout.RunPath.parse(run_id)
-    return RunRef(dag_id=path.dag_id, run_id=path.run_id, task_id=path.task_id, try_number=path.try_number)
+    return RunRef(dag_id=path.dag_id, run_id=path.run_id, task_id=path.task_id, try_number=path.try_number, trigger=trigger)
 
 
 def two_teams(store: Store) -> TwoTeams:
@@ -150,3 +160,91 @@ def damage(store: Store, scratch: Path, teams: TwoTeams) -> dict[str, str]:
     damaged["registration"] = run_id
     teams.damaged = damaged
     return damaged
+
+
+@dataclass
+class EveryKind:
+    """Run ids of the store :func:`runs_of_every_kind` builds (all of OURS but ``theirs``)."""
+
+    train: str  # succeeded, resolved 1.4 from "latest", triggered by a person, progress and resources with cost
+    failed: str  # failed in user_code, with the last lines of the user's output
+    evaluate: str  # succeeded, scored 1.0 (an evaluation record)
+    predict: str  # succeeded, with predictions
+    running: str  # still running, reporting progress
+    theirs: str  # a failed run of THEIRS
+
+
+OUTPUT_TAIL = ["epoch 1 loss=0.9", "epoch 2 loss=0.7", "Traceback (most recent call last):",
+               '  File "train.py", line 12, in train', "ValueError: <b>column 'age' is missing</b>"]
+
+
+def _results(store: Store, path: layout.RunPath, pipeline: str, inputs: dict[str, str], outputs: dict[str, object],
+              start: float) -> None:
+    results = {"parameters": {"pipeline": f"{path.dag_id}.{path.task_id}", "inputs": {"package": PACKAGE, "version": "1.4",
+                                                                                      **inputs, "gpu": "False"},
+                              "env": {"EPOCHS": "3", "API_TOKEN": "***"}},
+               "run_summary": {"execution_time": 0.8, "start_at": int(start), "end_at": int(start) + 1,
+                               "outputs": {"package": PACKAGE, "version": "1.4", **outputs}}}
+    store.put_bytes(path.key(layout.RESULTS), json.dumps(results).encode())
+
+
+def runs_of_every_kind(store: Store) -> EveryKind:
+    """One package (versions 1.0 .. 1.4) and a run of every pipeline and status, written as the product writes them."""
+    from airflow_aicenter.records import EvaluationRecord, Progress
+
+    registry = Registry(store)
+    first = registry.upload(HERE / "package", PACKAGE, created_by="cli:ops")
+    now = time.time()
+    person = Trigger(by="ada", run_type="manual", user="ada")
+    kinds = EveryKind(train=f"{OURS}/manual__ada/train/1", failed=f"{OURS}/manual__ada/broken/1",
+                      evaluate=f"{OURS}/scheduled__e/evaluate/1", predict=f"{OURS}/scheduled__p/predict/1",
+                      running=f"{OURS}/manual__live/train/1", theirs=f"{THEIRS}/scheduled__1/broken/1")
+    resources = {"wall_seconds": 0.8, "cpu_seconds": 0.6, "peak_memory_bytes": 52_428_800, "gpu_seconds": 0.0,
+                 "gpu_utilization": None, "gpu_memory_peak_bytes": None, "bytes_staged": 2048, "bytes_uploaded": 4096}
+    cost = {"cpu": 0.01, "gpu": 0.0, "memory": 0.0023, "total": 0.0123, "prices": {"cpu_hour": 0.04, "gib_hour": 0.005}}
+    # train: resolved "latest" to 1.3 and made 1.4
+    for score in (0.7, 0.75, 0.72):  # 1.1 .. 1.3, scored by the runs that made them
+        registry.commit(PACKAGE, parent="1.0", blob=first.blob, pipeline="train", score=score, created_by="cli:ops")
+    path = _outcome(store, kinds.train, version="1.3", requested_version="latest", trigger=person, score=None,
+                    resources=resources, cost=cost, start=now - 500)
+    _results(store, path, "train", {"train_data": "s3://team-a-data/train"}, {"version": "1.4"}, now - 500)
+    registry.commit(PACKAGE, parent="1.3", blob=first.blob, pipeline="train", run=_run_ref(kinds.train, person),
+                    snapshot=store.url(path.key(layout.manifest_name("data_directory"))), created_by="ada",
+                    resources=resources, cost=cost)
+    write(store, path.key(layout.PROGRESS), Progress(step=3, total=3, percent=100.0, metrics={"loss": 0.31}, reports=3,
+                                                     points=3, started_at=now - 499, updated_at=now - 490, final=True))
+    store.put_bytes(path.key(layout.METRICS), "".join(
+        json.dumps({"time": now - 499 + i, "step": i + 1, "metrics": {"loss": 0.9 - 0.3 * i, "accuracy": 0.6 + 0.1 * i}}) + "\n"
+        for i in range(3)).encode())
+    store.put_bytes(path.key(f"{layout.ARTIFACTS}/report.md"), b"# Report\n\nAccuracy **0.88**.\n\n<script>alert(1)</script>\n\n"
+                    b"[click](javascript:alert(2)) and [docs](https://example.com/docs)\n")
+    store.put_bytes(path.key(f"{layout.ARTIFACTS}/loss.svg"), b'<svg xmlns="http://www.w3.org/2000/svg" width="40" height="20">'
+                    b'<script>alert(3)</script><rect width="40" height="20" fill="red"/></svg>')
+    # failed, with the last lines of the user's output
+    _outcome(store, kinds.failed, status="failed", phase="user_code", error="ValueError: column 'age' is missing",
+             score=None, trigger=person, start=now - 400, output_tail=OUTPUT_TAIL)
+    # evaluate: scored 1.4 on held-out data
+    path = _outcome(store, kinds.evaluate, pipeline="evaluate", version="1.4", requested_version="production",
+                    score=0.8, dataset=None, evaluation_dataset="s3://team-a-data/holdout",
+                    trigger=Trigger(by="schedule", run_type="scheduled"), start=now - 300)
+    _results(store, path, "evaluate", {"evaluation_data": "s3://team-a-data/holdout"}, {"score": 0.8}, now - 300)
+    write(store, layout.evaluation_key(PACKAGE, "1.4", "e1"), EvaluationRecord(
+        package=PACKAGE, version="1.4", score=0.8, dataset="s3://team-a-data/holdout", run=_run_ref(kinds.evaluate)))
+    # predict: two outputs and an error
+    path = _outcome(store, kinds.predict, pipeline="predict", version="1.4", score=None, dataset="s3://team-a-data/inbox",
+                    predicted=2, failed=1, start=now - 200)
+    _results(store, path, "predict", {"inference_data": "s3://team-a-data/inbox"},
+             {"predictions_data": store.url(path.key(layout.PREDICTIONS)), "predicted": 2, "failed": 1}, now - 200)
+    store.put_bytes(path.key(f"{layout.PREDICTIONS}/batch.jsonl"), b'{"line": 0, "output": {"churn": 0.91}}\n'
+                    b'{"line": 1, "output": {"churn": 0.12}}\n{"line": 2, "error": "ValueError: bad input"}\n')
+    # running: progress reported so far
+    path = _outcome(store, kinds.running, status="running", phase="user_code", score=None, end=None, start=now - 60)
+    write(store, path.key(layout.PROGRESS), Progress(step=40, total=100, percent=40.0, eta_seconds=90, metrics={"loss": 0.5},
+                                                     reports=4, points=4, started_at=now - 59, updated_at=now - 5))
+    store.put_bytes(path.key(layout.METRICS), "".join(
+        json.dumps({"time": now - 59 + i, "step": 10 * (i + 1), "metrics": {"loss": 0.9 - 0.1 * i}}) + "\n"
+        for i in range(4)).encode())
+    # a run of THEIRS
+    _outcome(store, kinds.theirs, status="failed", error="team-b-secret failure", start=now - 100,
+             output_tail=["team-b-secret output"])
+    return kinds

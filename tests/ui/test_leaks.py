@@ -123,6 +123,9 @@ def test_a_store_with_one_of_each_damage_browses_without_a_server_error_or_a_lea
         assert f"damaged record {damaged[what]}" in package, (what, package[-4000:])
     assert 'id="v-1.0"' in package and 'id="v-1.1"' in package  # the readable versions are all still shown
     browse("/packages/otherpkg")
+    listing = browse("/runs")  # every run of her DAG, the damaged ones named by key beside the list
+    assert f"damaged record {layout.RunPath.parse(damaged['outcome']).key(layout.OUTCOME)}" in listing, listing[-3000:]
+    assert teams.ours in listing and damaged["manifest"] in listing
     runs = [teams.ours, damaged["outcome"], damaged["results_garbage"], damaged["results_list"],
             damaged["results_shapes"], damaged["manifest"], damaged["registration"]]
     damaged_key = {damaged["outcome"]: layout.OUTCOME, damaged["results_garbage"]: layout.RESULTS,

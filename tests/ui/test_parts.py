@@ -51,19 +51,35 @@ def test_run_folders_outside_runs_are_refused(parts):
         pages.run_path(*parts)
 
 
-def test_artifact_kinds_never_serve_html_or_svg_inline():
-    assert [pages.artifact_kind(p) for p in ("a.txt", "b.CSV", "c.png", "d.svg", "e.html", "f.tsv")] == [
-        "text", "csv", "image", "binary", "binary", "csv"]
+def test_artifact_kinds_never_serve_html_and_svg_only_as_an_image():
+    assert [pages.artifact_kind(p) for p in ("a.txt", "b.CSV", "c.png", "d.svg", "e.html", "f.tsv", "g.md")] == [
+        "text", "csv", "image", "svg", "binary", "csv", "markdown"]
     assert pages.media_type("report.html") == "application/octet-stream"
     assert pages.media_type("notes.md").startswith("text/plain")
+    assert pages.media_type("loss.svg") == "image/svg+xml"  # shown by <img> only, with a policy that blocks scripts
 
 
 def test_score_chart_and_rounding():
-    svg = pages.score_chart([("1.0", None), ("1.1", 0.8133333333333334), ("1.2", 0.79)])
-    assert svg.startswith("<svg") and svg.count("<circle") == 2 and "0.8133" in svg and "0.8133333" not in svg
-    assert pages.score_chart([("1.0", None)]) == ""
-    assert pages.score_chart([("1.0", 0.5)]).count("<circle") == 1  # one point: no division by zero
+    svg = pages.score_chart(["1.0", "1.1", "1.2"], [None, 0.8133333333333334, 0.79], [[0.7, 0.75], [], []])
+    assert svg.startswith("<svg") and "0.8133" in svg and "0.8133333" not in svg
+    assert svg.count('class="point own"') == 2 and svg.count('class="point evaluation"') == 2  # two series
+    assert "Own score" in svg and "Evaluation" in svg  # and a legend that names them
+    assert pages.score_chart(["1.0"], [None], [[]]) == ""
+    assert pages.score_chart(["1.0"], [0.5], [[]]).count('class="point own"') == 1  # one point: no division by zero
     assert pages.score(0.8133333333333334) == "0.8133" and pages.score(None) == ""
+
+
+def test_metric_charts_escape_names_and_draw_one_chart_per_metric():
+    svg = pages.metric_charts({"loss": [[1, 0.9], [2, 0.5]], "<b>acc</b>": [[1, 0.5]]}, "step")
+    assert svg.count('<svg class="chart metrics"') == 2 and "<b>" not in svg and "&lt;b&gt;acc" in svg
+    assert pages.metric_charts({}, "step") == ""
+
+
+def test_formats_used_on_every_page():
+    assert pages.seconds(0.8) == "0.8 s" and pages.seconds(192) == "3m12s" and pages.seconds(3900) == "1h05m"
+    assert pages.size(52_428_800) == "50.0 MiB" and pages.size(512) == "512 B"
+    assert pages.money(0.0123) == "0.0123" and pages.money(12.5) == "12.5" and pages.money(float("nan")) == ""
+    assert pages.as_time(0).isoformat() == "1970-01-01T00:00:00+00:00" and pages.as_time("not a time") is None
 
 
 def test_plugin_mounts_the_pages_and_adds_the_nav_entry():
