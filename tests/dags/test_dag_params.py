@@ -27,6 +27,7 @@ TRAINING_TASKS = {
     "aicenter_retraining": "retrain",
     "aicenter_closed_loop": "retrain",
     "aicenter_distributed": "train_distributed",
+    "aicenter_approval": "retrain",
 }
 
 
