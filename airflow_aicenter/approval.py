@@ -378,8 +378,9 @@ def ask(
     from airflow.sdk.execution_time.hitl import upsert_hitl_detail
     from airflow.sdk.timezone import utcnow
 
-    params = ParamsDict({COMMENT: Param("", type="string", title="Comment",
-                                        description="Why: kept with the decision and in the alias history")})
+    # Optional (null allowed): Approve and Reject stay clickable without one.
+    params = ParamsDict({COMMENT: Param(None, type=["null", "string"], title="Comment",
+                                        description="Why (optional): kept with the decision and in the alias history")})
     serialized = {k: params.get_param(k).serialize() for k in params} if AIRFLOW_V_3_1_3_PLUS else params.dump()
     upsert_hitl_detail(ti_id=ti_id, options=OPTIONS, subject=subject, body=body, defaults=DEFAULTS, multiple=False,
                        params=serialized)
