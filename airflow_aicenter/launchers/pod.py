@@ -41,9 +41,11 @@ from airflow_aicenter.launchers.pod_spec import (
     ANNOTATION_RUN,
     AWS_SECRET_KEYS,
     DATASET_MOUNT,
+    DEFAULT_STARTUP_TIMEOUT,
     LABEL_PACKAGE,
     LABEL_RUN,
     LABEL_VERSION,
+    QUEUE_LABEL,
     PodResources,
     PodShape,
     check_sub_path,
@@ -187,6 +189,10 @@ class PodSettings:
     secret_keys: frozenset[str] = frozenset()
     #: Extra env for the runtime container (per-run credentials), replacing the user's of the same name.
     credentials: list[k8s.V1EnvVar] = field(default_factory=list)
+    #: The Kueue LocalQueue (operator argument, else the connection extra): labels the pod or Job; a Job is queued suspended.
+    queue_name: str | None = None
+    #: Seconds every node of a Job may take to be running once admitted (all-or-nothing start).
+    startup_timeout: float = DEFAULT_STARTUP_TIMEOUT
 
 
 class RunCallbacks(KubernetesPodOperatorCallback):
@@ -386,6 +392,8 @@ class PodLauncher(Launcher):
                 LABEL_VERSION: label_value(spec.version),
                 LABEL_RUN: label_value(run.label),
             }
+        if settings.queue_name:
+            labels[QUEUE_LABEL] = settings.queue_name
         return PodShape(
             image=hook.settings.image,
             base_container=self.op.base_container_name,

@@ -106,6 +106,40 @@ AWS_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": False, "AWS_SECRET_ACCESS_KEY": False, "
 MASTER_PORT = 29500
 LABEL_JOB = "aicenter/job"
 _MAX_LABEL = 63
+#: Kueue's label naming the LocalQueue a pod or Job waits in (``queue_name``).
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+#: Default seconds for every node of a distributed run to be running once admitted (``startup_timeout``).
+DEFAULT_STARTUP_TIMEOUT = 600.0
+_LABEL_VALUE = re.compile(r"(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
+
+
+def check_queue_name(value: object, where: str = "queue_name") -> str | None:
+    """A Kueue LocalQueue name as a label value (<= 63 chars of ``[A-Za-z0-9._-]``, alphanumeric at both ends).
+
+    Checked before anything is created: Kubernetes would refuse the whole Job for a bad label
+    value, after the run's credentials were issued.
+    """
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > _MAX_LABEL or not _LABEL_VALUE.fullmatch(value):
+        raise ConfigurationError(
+            f"{where}={value!r} is not a valid Kubernetes label value; give the name of a Kueue LocalQueue in the task's "
+            "namespace (up to 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit)"
+        )
+    return value
+
+
+def check_startup_timeout(value: object) -> float:
+    """``startup_timeout`` as seconds > 0 (given as seconds or a ``timedelta``)."""
+    from datetime import timedelta
+
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0:
+        raise ConfigurationError(
+            f"startup_timeout={value!r} is not a positive duration; give seconds > 0 or a timedelta (default "
+            f"{DEFAULT_STARTUP_TIMEOUT:.0f} s): how long every node of a distributed run may take to be running"
+        )
+    return float(seconds)
 
 
 # -- small pure helpers ------------------------------------------------------------------
@@ -587,6 +621,8 @@ def job_manifests(
     # KPO's per-try labels would make the Job's pods look like a KPO pod of one try.
     for kpo_label in ("try_number", "already_checked"):
         labels.pop(kpo_label, None)
+    # Queued (Kueue): the Job carries the queue label and is created suspended; Kueue admits it whole.
+    queue = labels.get(QUEUE_LABEL)
     pod.spec.restart_policy = "Never"
     pod.spec.subdomain = name
     meta = k8s.V1ObjectMeta(labels=labels, annotations=pod.metadata.annotations)
@@ -597,10 +633,11 @@ def job_manifests(
         metadata=k8s.V1ObjectMeta(
             name=name,
             namespace=namespace,
-            labels={LABEL_JOB: name, LABEL_RUN: label_value(run_label)},
+            labels={LABEL_JOB: name, LABEL_RUN: label_value(run_label), **({QUEUE_LABEL: queue} if queue else {})},
             annotations={ANNOTATION_RUN: run_json},
         ),
-        spec=k8s.V1JobSpec(completion_mode="Indexed", completions=nodes, parallelism=nodes, backoff_limit=0, template=template),
+        spec=k8s.V1JobSpec(completion_mode="Indexed", completions=nodes, parallelism=nodes, backoff_limit=0, template=template,
+                           suspend=True if queue else None),
     )
     service = k8s.V1Service(
         api_version="v1",

@@ -33,12 +33,12 @@ from airflow.sdk.exceptions import AirflowFailException
 from airflow_aicenter import approval, run_spec
 from airflow_aicenter.assets import OPENLINEAGE_NAMESPACE, SCHEME, operator_lineage
 from airflow_aicenter.completion import Completion, PostRun, RunRequest, lineage
-from airflow_aicenter.errors import AICenterError
+from airflow_aicenter.errors import AICenterError, ConfigurationError
 from airflow_aicenter.hooks.aicenter import AICenterHook
 from airflow_aicenter.launchers.base import Finished, Launcher
 from airflow_aicenter.launchers.local import LocalLauncher
 from airflow_aicenter.launchers.pod import PodLauncher, PodSettings, RunCallbacks, pvc_uri, template_namespace
-from airflow_aicenter.launchers.pod_spec import PodResources
+from airflow_aicenter.launchers.pod_spec import DEFAULT_STARTUP_TIMEOUT, PodResources, check_queue_name, check_startup_timeout
 from airflow_aicenter.operators.checks import (
     check_arguments,
     check_datasets,
@@ -178,6 +178,13 @@ class BasePipelineOperator(KubernetesPodOperator):
         with ``aicenter.report`` (docs/progress.md).
     :param incremental: train on the files new or changed since the parent version's snapshot (the
         parent needs one: train it with ``save_training_data=True``); the run snapshots its data too.
+    :param queue_name: the Kueue LocalQueue the run waits in on Kubernetes (default: the connection extra
+        ``queue_name``): its label goes on the pod or the Job, and a distributed run's Job is created
+        suspended so Kueue admits all its nodes at once (docs/kubernetes.md). ``priority_class_name``
+        (a KubernetesPodOperator argument) is passed through as it is.
+    :param startup_timeout: how long every node of a distributed run may take to be running once the
+        Job is admitted (seconds or a ``timedelta``, default 600 s); if they are not, the run fails
+        naming how many were, and the Job is removed so no GPU is held half-started.
     :param kwargs: any KubernetesPodOperator argument (node selector, tolerations, pod templates,
         ``deferrable=True``, ...).
     """
@@ -218,6 +225,8 @@ class BasePipelineOperator(KubernetesPodOperator):
         checkpoint_interval: float = 300,
         incremental: bool = False,
         progress_interval: float = 30,
+        queue_name: str | None = None,
+        startup_timeout: timedelta | float = DEFAULT_STARTUP_TIMEOUT,
         **kwargs: Any,
     ) -> None:
         # Without a termination file (a hard crash) the log tail becomes the pod's failure message.
@@ -258,6 +267,8 @@ class BasePipelineOperator(KubernetesPodOperator):
                                                         approval_timeout)
         self.gpu, self.checkpoint_interval = int(gpu), float(checkpoint_interval)
         self.progress_interval = float(progress_interval)
+        self.queue_name = check_queue_name(queue_name)
+        self.startup_timeout = check_startup_timeout(startup_timeout)
         if dataset_volume_claim and not dataset:  # records and _results.json name a mounted claim pvc://<claim>/<sub_path>
             self.dataset = pvc_uri(dataset_volume_claim, dataset_sub_path)
         if self.plan.makes_version:
@@ -310,6 +321,9 @@ class BasePipelineOperator(KubernetesPodOperator):
                 dataset_sub_path=self.dataset_sub_path,
             )
             settings = PodSettings(
+                queue_name=self.queue_name or check_queue_name(hook.settings.extra.get("queue_name"),
+                                                               "the connection's extra queue_name"),
+                startup_timeout=self.startup_timeout,
                 pipeline=self.plan.name,
                 env=self.env,
                 resources=resources,
@@ -322,6 +336,11 @@ class BasePipelineOperator(KubernetesPodOperator):
 
                 return JobLauncher(self, hook, settings, nodes=request.nodes)
             return PodLauncher(self, hook, settings)
+        if self.queue_name:
+            raise ConfigurationError(
+                f"queue_name={self.queue_name!r} is for the kubernetes launcher (a Kueue queue); the {name} launcher runs "
+                "on the worker: remove queue_name or use launcher='kubernetes'"
+            )
         return LocalLauncher(
             store=hook.get_store(),
             env={**hook.runtime_env(self.dataset, self.evaluation_dataset), **run_spec.secret_env(request)},

@@ -213,6 +213,9 @@ class FakeKubernetes:
         self.start_delay = 0.0  # seconds a pod stays Pending before its containers start
         #: Called with the labelSelector before a pod list is answered (a test can seed pods then).
         self.on_list_pods: Callable[[str | None], None] | None = None
+        #: Pods this says True for are never scheduled: they stay Pending (``PodScheduled: False``, Unschedulable),
+        #: as on a cluster with no free GPU node; e.g. ``lambda pod: index_of(pod) == 1``.
+        self.unschedulable: Callable[[dict[str, Any]], bool] | None = None
         #: Injected API faults (:meth:`fail_next`): the next requests matching them fail.
         self.faults: list[Fault] = []
         #: Faults served, as ``(method, path, status or "reset")``.
@@ -328,8 +331,16 @@ class FakeKubernetes:
                 "conditions": [{"type": "PodScheduled", "status": "True", "lastTransitionTime": rfc3339(now())}],
             }
             pod = Pod(obj=body, folder=folder, containers=containers, init=init)
-            self._event(pod, "Scheduled", f"Successfully assigned {key[0]}/{key[1]} to fake-node")
             self.pods[key] = pod
+            if self.unschedulable is not None and self.unschedulable(body):
+                message = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+                body["status"]["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                                 "message": message, "lastTransitionTime": rfc3339(now())}]
+                self._event(pod, "FailedScheduling", message, kind="Warning")
+                meta["resourceVersion"] = str(next(self._rv))
+                self.cond.notify_all()
+                return copy.deepcopy(body)
+            self._event(pod, "Scheduled", f"Successfully assigned {key[0]}/{key[1]} to fake-node")
             self._update_status(pod)
             self.cond.notify_all()
         run, args = (self._run_pod, (pod,)) if self.podman is None else (self.podman.run, (self, pod))
@@ -428,8 +439,39 @@ class FakeKubernetes:
                 raise ApiError(409, "AlreadyExists", f'jobs.batch "{meta["name"]}" already exists')
             meta.update(uid=str(uuid.uuid4()), creationTimestamp=rfc3339(now()), resourceVersion=str(next(self._rv)))
             job = Job(obj=body, port=_free_port())
-            body["status"] = {"active": 0, "startTime": rfc3339(now())}
             self.jobs[key] = job
+            if spec.get("suspend"):  # queued (Kueue): no pods until admitted, see admit_job
+                body["status"] = {"active": 0, "conditions": [self._job_condition("Suspended", "True", "JobSuspended",
+                                                                                  "Job suspended")]}
+                self.cond.notify_all()
+                return copy.deepcopy(body)
+            body["status"] = {"active": 0, "startTime": rfc3339(now())}
+        self._start_job(job)
+        return copy.deepcopy(body)
+
+    @staticmethod
+    def _job_condition(kind: str, status: str, reason: str, message: str) -> dict[str, str]:
+        moment = rfc3339(now())
+        return {"type": kind, "status": status, "reason": reason, "message": message, "lastProbeTime": moment,
+                "lastTransitionTime": moment}
+
+    def admit_job(self, name: str | None = None, namespace: str = "default") -> None:
+        """Unsuspend a queued Job and start its pods, as Kueue does when its quota is free (the only Job if no name)."""
+        with self.cond:
+            if name is None:
+                [(namespace, name)] = list(self.jobs)
+            job = self.get_job(namespace, name)
+            if not job.obj["spec"].get("suspend"):
+                raise AssertionError(f"Job {namespace}/{name} is not suspended")
+            job.obj["spec"]["suspend"] = False
+            job.obj["status"] = {"active": 0, "startTime": rfc3339(now()),
+                                 "conditions": [self._job_condition("Suspended", "False", "JobResumed", "Job resumed")]}
+            job.obj["metadata"]["resourceVersion"] = str(next(self._rv))
+        self._start_job(job)
+
+    def _start_job(self, job: Job) -> None:
+        """The Job controller's start: one pod per completion index, then the controller's loop."""
+        body, meta, spec = job.obj, job.obj["metadata"], job.obj["spec"]
         template = spec["template"]
         subdomain = template["spec"].get("subdomain")
         for index in range(int(spec.get("completions", 1))):
@@ -453,8 +495,7 @@ class FakeKubernetes:
             created = self.create_pod(meta["namespace"], pod)
             with self.cond:
                 job.pods.append((created["metadata"]["namespace"], created["metadata"]["name"]))
-        threading.Thread(target=self._control_job, args=(job,), name=f"job-{meta['name']}", daemon=True).start()
-        return copy.deepcopy(body)
+        threading.Thread(target=self._control_job, args=(job,), name=f"job-{body['metadata']['name']}", daemon=True).start()
 
     def get_job(self, namespace: str, name: str) -> Job:
         job = self.jobs.get((namespace, name))
@@ -495,7 +536,8 @@ class FakeKubernetes:
                     status["completedIndexes"] = f"0-{len(phases) - 1}" if len(phases) > 1 else "0"
                 if done is not None:
                     moment = rfc3339(now())
-                    status["conditions"] = [{"type": done[0], "status": "True", "reason": done[1], "message": done[2],
+                    status["conditions"] = [*(c for c in status.get("conditions", []) if c["type"] == "Suspended"),
+                                            {"type": done[0], "status": "True", "reason": done[1], "message": done[2],
                                              "lastProbeTime": moment, "lastTransitionTime": moment}]
                     if done[0] == "Complete":
                         status["completionTime"] = moment

@@ -8,13 +8,16 @@ Kueue does), pods that stay Pending.
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from airflow_aicenter.operators import FullPipelineOperator
+from airflow_aicenter.errors import ConfigurationError
+from airflow_aicenter.operators import FullPipelineOperator, TrainPipelineOperator
 from airflow_aicenter.registry import Registry
 from tests.aicenter_helpers import FAST, MAIN
 from tests.conftest import write_files
@@ -79,3 +82,73 @@ def test_api_errors_when_creating_the_job_are_retried(deployment, kube_api: Fake
     assert result["version"] == "1.1"
     assert len(kube_api.faults_served) == 4
     kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")
+
+
+# -- Kueue: queue_name, suspended Jobs, priority -----------------------------------------
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
+
+def run_in_thread(op: Any, context: dict[str, Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """``op.execute(context)`` in a thread; its result or error lands in the returned dict."""
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["result"] = op.execute(context)
+        except BaseException as error:  # handed to the test
+            out["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_a_queued_job_is_created_suspended_and_runs_when_admitted(deployment, kube_api: FakeKubernetes):
+    registry, dataset = deployment
+    op = full_op(dataset, queue_name="team-a", priority_class_name="training-high")
+    thread, out = run_in_thread(op, make_context())
+    kube_api.wait_for(lambda: bool(kube_api.jobs) or not thread.is_alive(), timeout=60, what="the Job")
+    assert "error" not in out, out
+    [job] = [m for m in kube_api.created if m.get("kind") == "Job"]
+    assert job["spec"]["suspend"] is True, "queued: Kueue admits it whole"
+    assert job["metadata"]["labels"][QUEUE_LABEL] == "team-a"
+    assert job["spec"]["template"]["metadata"]["labels"][QUEUE_LABEL] == "team-a"
+    assert job["spec"]["template"]["spec"]["priorityClassName"] == "training-high"
+    thread.join(3)
+    assert thread.is_alive() and not kube_api.all_pods(), "no pod while the Job waits in the queue"
+    kube_api.admit_job()
+    thread.join(120)
+    assert "error" not in out, out.get("error")
+    assert out["result"]["version"] == "1.1" and out["result"]["score"] == 6.0
+    kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")
+
+
+def test_queue_name_from_the_connection_extra_and_bad_values(deployment, kube_api: FakeKubernetes, monkeypatch):
+    registry, dataset = deployment
+    with pytest.raises(ConfigurationError, match=r"queue_name='Team A!' is not a valid Kubernetes label value"):
+        full_op(dataset, queue_name="Team A!")
+    with pytest.raises(ConfigurationError, match=r"queue_name='team-a' is for the kubernetes launcher"):
+        TrainPipelineOperator(task_id="t", package="ddp", dataset=dataset, queue_name="team-a",
+                              launcher="local").execute(make_context())
+    extra = json.loads(os.environ["AIRFLOW_CONN_AICENTER_DEFAULT"])["extra"]
+    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps(
+        {"conn_type": "aicenter", "extra": {**extra, "queue_name": "from-the-connection"}}))
+    launcher = full_op(dataset).make_launcher("kubernetes")
+    assert launcher.settings.queue_name == "from-the-connection"
+    assert full_op(dataset, queue_name="mine").make_launcher("kubernetes").settings.queue_name == "mine"
+    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps(
+        {"conn_type": "aicenter", "extra": {**extra, "queue_name": "-bad-"}}))
+    with pytest.raises(ConfigurationError, match=r"the connection's extra queue_name='-bad-' is not a valid"):
+        full_op(dataset).make_launcher("kubernetes")
+    assert not kube_api.created
+
+
+def test_a_single_pod_run_carries_the_queue_label_and_priority(deployment, kube_api: FakeKubernetes):
+    from tests.operators.kube_api import seed_pod
+
+    registry, dataset = deployment
+    op = TrainPipelineOperator(task_id="train", package="ddp", dataset=dataset, queue_name="team-b",
+                               priority_class_name="low", install_requirements=False, **FAST)
+    pod = seed_pod(op, registry, make_context())
+    assert pod["metadata"]["labels"][QUEUE_LABEL] == "team-b"
+    assert pod["spec"]["priorityClassName"] == "low"
