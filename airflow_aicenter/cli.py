@@ -43,7 +43,8 @@ from airflow_aicenter.completion import SNAPSHOT_OF
 from airflow_aicenter.errors import AICenterError, ConfigurationError, NotFoundError, StorageError, VersionError
 from airflow_aicenter.gc import DEFAULT_GRACE_HOURS, collect
 from airflow_aicenter.package import Version, open_package, validate_package, validate_package_name
-from airflow_aicenter.plans import CONTRACTS
+from airflow_aicenter.package.validate import capabilities
+from airflow_aicenter.plans import CONTRACTS, PLANS
 from airflow_aicenter.process import exit_process
 from airflow_aicenter.promotion import PROMOTE_IF, promote, rejected_reason, version_score
 from airflow_aicenter.records import AliasRecord, ApprovalRecord, Manifest, VersionRecord, read_optional
@@ -270,10 +271,14 @@ def cmd_package_upload(args: argparse.Namespace, registry: Registry) -> int:
     with err_console.status(f"Validating and uploading {args.path} ..."):
         done = registry.upload_package(Path(args.path), args.name, force=args.force, description=args.description,
                                        created_by=f"cli:{getpass.getuser()}")
+        with tempfile.TemporaryDirectory(prefix="aicenter-upload-") as tmp:
+            cannot = {k: v for k, v in capabilities(open_package(Path(args.path), Path(tmp) / "pkg")).items() if v}
     record = done.record
     if args.json:
-        emit_json({**record.model_dump(mode="json"), "created": done.created, "repaired": done.repaired})
-    elif done.created:
+        emit_json({**record.model_dump(mode="json"), "created": done.created, "repaired": done.repaired,
+                   "pipelines": {name: name not in cannot for name in PLANS}, "cannot": cannot})
+        return 0
+    if done.created:
         console.print(f"Uploaded [bold]{record.package}[/] version [bold green]{record.version}[/] "
                       f"(sha256:{record.blob.sha256[:12]}, {record.blob.size} bytes) to {registry.store.uri}"
                       + ("; the stored copy of this content was damaged and has been rewritten" if done.repaired else ""))
@@ -282,10 +287,28 @@ def cmd_package_upload(args: argparse.Namespace, registry: Registry) -> int:
                       f"has been rewritten from this upload (sha256:{record.blob.sha256[:12]}, in {registry.store.uri}); "
                       "no new version was made")
     else:
-        console.print(f"Not uploaded: the content is identical to [bold]{record.package} {record.version}[/] "
+        console.print(f"Already stored: the content is identical to [bold]{record.package} {record.version}[/] "
                       f"(sha256:{record.blob.sha256[:12]}) in {registry.store.uri}, so no new version was made; "
                       "`--force` makes a new major version anyway")
+    _print_capabilities(record.package, cannot)
     return 0
+
+
+def _pipeline_label(name: str) -> str:
+    return f"serve ({name})" if PLANS[name].serving else name
+
+
+def _print_capabilities(package: str, cannot: dict[str, str]) -> None:
+    """What the operators can run on the package: a package that cannot be trained is told so at upload, not at its run."""
+    can = [_pipeline_label(name) for name in PLANS if name not in cannot]
+    console.print(f"  {escape(package)} can: {', '.join(can) or 'nothing'}", highlight=False)
+    if cannot and all(why.startswith("package has no train.py") for why in cannot.values()):
+        console.print(f"  cannot: {', '.join(map(_pipeline_label, cannot))} (no train.py: add train.py with class Main; "
+                      "`aicenter package validate PATH --pipeline train` names the methods each pipeline calls)",
+                      highlight=False)
+        return
+    for name, why in cannot.items():
+        console.print(f"  cannot: {_pipeline_label(name)} ({escape(why)})", highlight=False)
 
 
 def cmd_package_list(args: argparse.Namespace, registry: Registry) -> int:
@@ -543,7 +566,7 @@ def cmd_package_promote(args: argparse.Namespace, registry: Registry) -> int:
         else:
             err_console.print(f"Refused: {escape(refused)}. To promote it all the same: aicenter package promote "
                               f"{escape(name)}:{escape(record.version)} --alias {args.alias} --force", highlight=False)
-        return EXIT_PROBLEM
+        return EXIT_REFUSED
     judged = version_score(registry, name, record.version)
     decision = promote(registry, name, args.alias, record.version, score=judged.score, evaluated_on=judged.on,
                        promote_if=args.promote_if, set_by=f"cli:{getpass.getuser()}", force=args.force)
@@ -564,7 +587,8 @@ def cmd_package_promote(args: argparse.Namespace, registry: Registry) -> int:
         if args.promote_if == "better" and decision.from_version != decision.to_version:
             console.print(f"To promote it all the same: aicenter package promote {escape(name)}:{escape(record.version)} "
                           f"--alias {args.alias} --if always")
-    return 0
+    # the alias already pointing at the version is the state asked for; any other "not promoted" is a refusal
+    return EXIT_OK if decision.promoted or decision.from_version == decision.to_version else EXIT_REFUSED
 
 
 def _public(methods: frozenset[str]) -> list[str]:
@@ -670,7 +694,8 @@ def cmd_runs_show(args: argparse.Namespace, registry: Registry) -> int:
         ("pipeline", data["pipeline"]), ("status", Text.from_markup(_status(data["status"]))), ("cause", data["cause"]),
         ("failed phase", data["failed_phase"]), ("package", data["package"]), ("version", _versions(record, markup=False)),
         ("dataset", data["dataset"]), ("evaluation dataset", data["evaluation_dataset"]), ("env", data["env"]),
-        ("score", data["score"]), ("started", record.start), ("duration", _duration(data["duration"])),
+        ("score", data["score"]), ("predictions", _predictions(data)),
+        ("started", record.start), ("duration", _duration(data["duration"])),
         ("phases", {k: f"{v:.2f}s" for k, v in data["phases"].items()}), ("warnings", "; ".join(data["warnings"]) or None),
         ("artifacts", f"{data['artifacts']['files']} files, {data['artifacts']['bytes']} bytes: {data['artifacts']['uri']}"),
         ("snapshots", data["snapshots"] or None), ("results", data["results_uri"]),
@@ -679,6 +704,15 @@ def cmd_runs_show(args: argparse.Namespace, registry: Registry) -> int:
         ("run folder", data["uri"]),
     ]))
     return 0
+
+
+def _predictions(data: dict[str, Any]) -> str | None:
+    """``7 predicted, 2 failed: <uri>`` for a batch prediction (None for other pipelines)."""
+    if data["predictions_uri"] is None:
+        return None
+    counts = "no counts (the run did not finish)" if data["predicted"] is None else (
+        f"{data['predicted']} predicted, {data['failed'] or 0} failed")
+    return f"{counts}: {data['predictions_uri']}"
 
 
 def snapshot_summary(store: Store, uri: str | None) -> str | None:
@@ -780,7 +814,8 @@ def add_package_commands(groups: Any) -> None:
     p = command(package, "validate", cmd_package_validate, "check a package folder or zip statically (no code runs)",
                 needs_store=False)
     p.add_argument("path")
-    p.add_argument("--pipeline", choices=CONTRACTS, default="train")
+    p.add_argument("--pipeline", choices=tuple(dict.fromkeys((*PLANS, *CONTRACTS))), default="train",
+                   help="the pipeline as the operators name it (predict: the serving contract, also called serve)")
 
 
 def add_runs_commands(groups: Any) -> None:
@@ -909,7 +944,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aicenter", description="AI Center packages and runs in an airflow-aicenter store.",
         epilog="Exit status: 0 done, nothing wrong; 1 an error (the line on stderr says what and how to fix it) or "
-               "problems found (damaged records or blobs); 2 a malformed command line; 130 interrupted; "
+               "problems found (damaged records or blobs); 2 a malformed command line; 3 refused (e.g. promote: not "
+               "better, or rejected; nothing was changed); 130 interrupted; "
                "141 the reader of the output went away. --debug (or AICENTER_DEBUG=1) adds the traceback to an error.")
     parser.add_argument("--storage", help="storage URI (s3://bucket/prefix or file:///path); default: $AICENTER_STORAGE, "
                         "the aicenter_default connection (as tasks read it), or $AIRFLOW_HOME/aicenter")
@@ -920,8 +956,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: Exit statuses (docs/cli.md): done; an error or problems found; a malformed command line (argparse's own).
-EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
+#: Exit statuses (docs/cli.md): done; an error or problems found; a malformed command line (argparse's own);
+#: refused: a valid request a rule turned down (``promote`` not better, a rejected version), nothing changed.
+EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
 #: Interrupted (Ctrl-C): 128 + SIGINT, as the shell reports it.
 INTERRUPTED = 130
 

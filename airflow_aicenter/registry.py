@@ -15,6 +15,7 @@ request), so a retry finds the version an earlier try committed instead of makin
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import tempfile
 from collections.abc import Callable, Iterable
@@ -25,7 +26,14 @@ from typing import Any, BinaryIO, Literal, cast
 import obstore
 
 from airflow_aicenter import layout
-from airflow_aicenter.errors import AICenterError, AlreadyExistsError, NotFoundError, StorageError, VersionError
+from airflow_aicenter.errors import (
+    AICenterError,
+    AlreadyExistsError,
+    NotFoundError,
+    PackageError,
+    StorageError,
+    VersionError,
+)
 from airflow_aicenter.layout import REGISTRATION
 from airflow_aicenter.package import (
     MAX_CONTRACT_FILE_BYTES,
@@ -220,9 +228,11 @@ class Registry:
 
     def _missing(self, name: str, what: str) -> str:
         if self.latest_major(name) is None:
+            close = difflib.get_close_matches(name, self.packages(), n=1, cutoff=0.75)
             return (
-                f"package {name!r} has no versions in {self.store.uri}; upload it first with "
-                f"`aicenter package upload PATH --name {name}`"
+                f"package {name!r} has no versions in {self.store.uri}; "
+                + (f"did you mean {close[0]!r}? " if close else "")
+                + f"upload it first with `aicenter package upload PATH --name {name}`"
             )
         return f"package {name!r} has no {what} in {self.store.uri}; `aicenter package show {name}` lists its versions"
 
@@ -396,7 +406,12 @@ class Registry:
                 if includes <= wanted:
                     break
                 wanted |= includes
-            validate_package(root, pipeline)
+            try:
+                validate_package(root, pipeline)
+            except PackageError as exc:  # the run's log and records must say which package cannot do it
+                shown = "predict" if pipeline == "serve" else pipeline
+                raise PackageError(
+                    f"package {record.package}:{record.version} cannot run the {shown} pipeline: {exc}") from exc
 
     def download(self, name: str, spec: str, dest: Path) -> tuple[VersionRecord, Path]:
         """Fetch a version's zip (verified against its digest) into ``dest`` (a folder)."""

@@ -20,7 +20,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from airflow_aicenter.errors import AICenterError, StorageError
-from airflow_aicenter.layout import ARTIFACTS, OUTCOME, REGISTRATION, RESULTS, RUNS, LayoutError, RunPath
+from airflow_aicenter.layout import ARTIFACTS, OUTCOME, PREDICTIONS, REGISTRATION, RESULTS, RUNS, LayoutError, RunPath
+from airflow_aicenter.plans import PLANS
 from airflow_aicenter.records import (
     DAMAGED_RECORD_FIX,
     DamagedRecordError,
@@ -79,26 +80,59 @@ class RunRecord:
         return self.outcome.version
 
     @property
+    def makes_version(self) -> bool:
+        """Whether the run's pipeline makes a version (train, full): evaluate and predict only use one."""
+        plan = PLANS.get(self.pipeline)
+        return plan is not None and plan.makes_version
+
+    @property
     def new_version(self) -> str | None:
-        """The version the run created (train/full), once registered."""
+        """The version the run created (train/full), once registered; None for pipelines that make none."""
         if self.registration is not None:
             return self.registration.version
-        if self.results and self.pipeline != "evaluate":
+        if self.results and self.makes_version:  # other pipelines' outputs name the version they used
             version = _dig(self.results, "run_summary", "outputs", "version")
             return version if isinstance(version, str) else None
         return None
 
-    def _input(self, key: str) -> str | None:
-        value = _dig(self.results, "parameters", "inputs", key)
+    def _input(self, attr: str) -> str | None:
+        """The operator argument ``attr`` (``dataset``, ``evaluation_dataset``) as the records hold it.
+
+        ``_results.json`` names it by the pipeline's own key (``train_data``, ``inference_data``:
+        ``PipelinePlan.input_keys``); a run without one (failed, refused) has it in ``outcome.json``.
+        """
+        plan = PLANS.get(self.pipeline)
+        keys = [key for key, given in (plan.input_keys if plan else ()) if given == attr]
+        for key in keys if self.results else ():
+            value = _dig(self.results, "parameters", "inputs", key)
+            if isinstance(value, str):
+                return value
+        value = getattr(self.outcome, attr)
         return value if isinstance(value, str) else None
 
     @property
     def dataset(self) -> str | None:
-        return self._input("train_data") if self.results else self.outcome.dataset
+        return self._input("dataset")
 
     @property
     def evaluation_dataset(self) -> str | None:
-        return self._input("evaluation_data") if self.results else self.outcome.evaluation_dataset
+        return self._input("evaluation_dataset")
+
+    @property
+    def predicted(self) -> int | None:
+        """Batch prediction: how many inputs got an output (None for other pipelines)."""
+        return self.outcome.predicted
+
+    @property
+    def failed(self) -> int | None:
+        """Batch prediction: how many inputs raised an error (None for other pipelines)."""
+        return self.outcome.failed
+
+    @property
+    def predictions_uri(self) -> str | None:
+        """Where a batch prediction wrote its outputs."""
+        plan = PLANS.get(self.pipeline)
+        return f"{self.uri}/{PREDICTIONS}/" if plan is not None and plan.serving else None
 
     @property
     def env(self) -> dict[str, str] | None:
@@ -166,6 +200,9 @@ class RunRecord:
             "dag_run": self.dag_run,
             "dataset": self.dataset,
             "evaluation_dataset": self.evaluation_dataset,
+            "predicted": self.predicted,
+            "failed": self.failed,
+            "predictions_uri": self.predictions_uri,
             "env": self.env,
             "score": o.score,
             "start_at": self.start.isoformat(),
@@ -365,6 +402,8 @@ COMPARED: tuple[tuple[str, Callable[[RunRecord], Any]], ...] = (
     ("dataset", lambda r: r.dataset),
     ("evaluation_dataset", lambda r: r.evaluation_dataset),
     ("score", lambda r: r.outcome.score),
+    ("predicted", lambda r: r.predicted),
+    ("failed", lambda r: r.failed),
     ("promoted", lambda r: None if r.promotion is None else r.promotion.get("promoted")),
     ("cause", lambda r: r.cause),
 )

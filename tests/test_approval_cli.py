@@ -39,12 +39,12 @@ def test_promote_refuses_a_rejected_version_without_force(tmp_path: Path) -> Non
                                                                                              task_id="t")))
     apply_decision(registry, request, Decision(False, "ada", datetime(2026, 12, 7, 9, tzinfo=UTC), "leaky feature"))
     refused = cli(uri, "package", "promote", "churn:1.1", "--alias", "production", "--if", "always")
-    assert refused.returncode == 1, refused
+    assert refused.returncode == 3, refused  # refused (docs/cli.md), not an error
     assert "Refused: version 1.1 was rejected for 'production' (rejected by ada: 'leaky feature')" in refused.stderr
     assert "--force" in refused.stderr
     assert registry.alias("churn", "production").version == "1.0"
     as_json = cli(uri, "package", "promote", "churn:1.1", "--alias", "production", "--json")
-    assert as_json.returncode == 1 and json.loads(as_json.stdout)["promoted"] is False
+    assert as_json.returncode == 3 and json.loads(as_json.stdout)["promoted"] is False
     forced = cli(uri, "package", "promote", "churn:1.1", "--alias", "production", "--if", "always", "--force")
     assert forced.returncode == 0, forced
     assert registry.alias("churn", "production").version == "1.1"

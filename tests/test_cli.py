@@ -168,8 +168,10 @@ def test_package_promote(filled, capsys):
     better = read_json(capsys, "--storage", uri, "package", "promote", "scored:production", "--alias", "canary", "--if", "better")
     assert better["promoted"] is True and (better["from"], better["to"]) == ("1.1", "1.2")
     assert "has no score" in better["reason"]
-    worse = read_json(capsys, "--storage", uri, "package", "promote", "scored:1.1", "--alias", "canary", "--if", "better")
-    assert worse["promoted"] is False and "has no score" in worse["reason"]
+    code, out, _ = run_cli(capsys, "--storage", uri, "package", "promote", "scored:1.1", "--alias", "canary", "--if", "better",
+                           "--json")
+    worse = json.loads(out)
+    assert code == 3 and worse["promoted"] is False and "has no score" in worse["reason"]
     history = Registry(open_store(uri)).alias_history("scored", "canary")
     assert [(h.version, h.previous) for h in history] == [("1.1", None), ("1.2", "1.1")]
     assert history[0].set_by.startswith("cli:")
@@ -229,12 +231,13 @@ def test_promote_defaults_to_better_and_keeps_a_scored_version_over_an_unscored_
 
     first = read_json(capsys, "--storage", uri, "package", "promote", "scored:1.1", "--alias", "production")
     assert first["promoted"] is True and first["reason"].startswith("score 0.8")
-    refused = read_json(capsys, "--storage", uri, "package", "promote", "scored:1.2", "--alias", "production")
-    assert refused["promoted"] is False and "version 1.2 has no score" in refused["reason"]
+    code, out, _ = run_cli(capsys, "--storage", uri, "package", "promote", "scored:1.2", "--alias", "production", "--json")
+    refused = json.loads(out)
+    assert code == 3 and refused["promoted"] is False and "version 1.2 has no score" in refused["reason"]
     assert registry.alias("scored", "production").version == "1.1"
 
     done = console_script("--storage", uri, "package", "promote", "scored:1.2", "--alias", "production")
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 3, done.stderr  # refused: a script can tell (docs/cli.md)
     assert "Not promoted: version 1.2 has no score" in done.stdout and "--if better cannot judge it" in done.stdout
     assert "'production' stays at 1.1 (score 0.8" in done.stdout
     assert "aicenter package promote scored:1.2 --alias production --if always" in done.stdout

@@ -415,10 +415,13 @@ def _read_requirements(path: Path) -> list[str]:
 def validate_package(root: Path, pipeline: str = "serve") -> PackageInfo:
     """Check ``root`` against the package contract for ``pipeline``, without running package code.
 
+    ``pipeline``: a contract (``PIPELINES``) or a pipeline name as the operators use it (``plans.PLANS``).
+
     Raises ``PackageError`` naming the file, the problem and the fix; returns what was learned.
     """
+    pipeline = PLANS[pipeline].contract if pipeline in PLANS else pipeline  # "predict": the serving contract
     if pipeline not in PIPELINES:
-        raise PackageError(f"unknown pipeline {pipeline!r}: use one of {', '.join(PIPELINES)}")
+        raise PackageError(f"unknown pipeline {pipeline!r}: use one of {', '.join(dict.fromkeys((*PLANS, *PIPELINES)))}")
     given = Path(root)
     if not given.exists():
         raise PackageError(f"package folder {str(given)!r} does not exist: pass the folder that holds main.py, or its zip")
@@ -462,3 +465,20 @@ def validate_package(root: Path, pipeline: str = "serve") -> PackageInfo:
             f"set \"retrainable\": true (or remove the key) to allow training"
         )
     return PackageInfo(root, has_train, main_methods, train_methods, metadata, requirements)
+
+
+def capabilities(root: Path) -> dict[str, str | None]:
+    """What each pipeline (``plans.PLANS``: train, evaluate, full, predict) makes of the package at ``root``.
+
+    ``None`` where the package meets that pipeline's contract, else the reason it does not (the
+    error a run would stop with, before compute). Upload only needs the serving contract, so a
+    package that cannot be trained uploads: this tells its owner so then, not at the first run.
+    """
+    by_contract: dict[str, str | None] = {}
+    for contract in dict.fromkeys(plan.contract for plan in PLANS.values()):
+        try:
+            validate_package(root, contract)
+            by_contract[contract] = None
+        except PackageError as exc:
+            by_contract[contract] = str(exc)
+    return {name: by_contract[plan.contract] for name, plan in PLANS.items()}

@@ -162,7 +162,7 @@ def test_validation_never_executes_package_code(make_package: MakePackage, tmp_p
 
 
 def test_unknown_pipeline(make_package: MakePackage) -> None:
-    assert error(make_package(), "training") == "unknown pipeline 'training': use one of serve, train, evaluate, full"
+    assert error(make_package(), "training") == "unknown pipeline 'training': use one of train, evaluate, full, predict, serve"
 
 
 def test_missing_folder(tmp_path: Path) -> None:

@@ -1,0 +1,154 @@
+"""Exit statuses scripts can trust, and the rough edges of a first hour with the ``aicenter`` command (issue 24).
+
+Every command runs as the installed console script in a subprocess, on a real store; run records
+are those the operators' completion writes (``PostRun``) after an outcome as the runtime reports it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from airflow_aicenter.completion import PostRun, RunRequest
+from airflow_aicenter.layout import OUTCOME
+from airflow_aicenter.plans import PREDICT, TRAIN
+from airflow_aicenter.records import Outcome, RunRef, write
+from airflow_aicenter.registry import Registry
+from airflow_aicenter.storage import open_store
+from tests.conftest import write_files
+from tests.packages import ECHO_MAIN
+
+AICENTER = str(Path(sys.executable).parent / "aicenter")
+TRAIN_PY = ("class Main:\n    def __init__(self):\n        pass\n    def train(self, training_directory):\n        pass\n"
+            "    def evaluate(self, evaluation_directory):\n        return 0.5\n    def save(self):\n        pass\n")
+#: ``1`` error or problems found; ``3`` the request was valid but a rule refused it (docs/cli.md).
+EXIT_ERROR, EXIT_REFUSED = 1, 3
+
+
+def cli(uri: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AICENTER_", "AWS_"))}
+    return subprocess.run([AICENTER, "--storage", uri, *args], capture_output=True, text=True, env=env, timeout=120,
+                          check=False)
+
+
+@pytest.fixture
+def uri(tmp_path: Path) -> str:
+    """A file store holding ``churn`` 1.0 (trainable) and ``served`` 1.0 (main.py only: it can be served, not trained)."""
+    uri = (tmp_path / "store").as_uri()
+    registry = Registry(open_store(uri))
+    registry.upload(write_files(tmp_path / "churn", {"main.py": ECHO_MAIN, "train.py": TRAIN_PY, "requirements.txt": ""}),
+                    "churn")
+    registry.upload(write_files(tmp_path / "served", {"main.py": ECHO_MAIN, "requirements.txt": ""}), "served")
+    return uri
+
+
+# -- item 2: a request that was not carried out never exits 0 ------------------------------
+def test_promote_refused_as_not_better_exits_3(uri: str) -> None:
+    refused = cli(uri, "package", "promote", "churn:1.0", "--alias", "production")
+    assert refused.returncode == EXIT_REFUSED, refused
+    assert "Not promoted" in refused.stdout and "--if always" in refused.stdout
+    as_json = cli(uri, "package", "promote", "churn:1.0", "--alias", "production", "--json")
+    assert as_json.returncode == EXIT_REFUSED and json.loads(as_json.stdout)["promoted"] is False
+    done = cli(uri, "package", "promote", "churn:1.0", "--alias", "production", "--if", "always")
+    assert done.returncode == 0, done
+    # the alias already is where it was asked to be: the request's end state holds, nothing to refuse
+    again = cli(uri, "package", "promote", "churn:1.0", "--alias", "production")
+    assert again.returncode == 0 and "already points at 1.0" in again.stdout, again
+
+
+def test_identical_upload_is_done_and_says_so(uri: str, tmp_path: Path) -> None:
+    """The content is stored (as 1.0): the request is carried out, so a re-run script goes on (exit 0)."""
+    again = cli(uri, "package", "upload", str(tmp_path / "churn"), "--name", "churn")
+    assert again.returncode == 0, again
+    assert "Already stored: the content is identical to churn 1.0" in again.stdout and "--force" in again.stdout
+
+
+def test_exit_table_lists_every_status_the_code_returns() -> None:
+    """docs/cli.md's one table holds each exit status the command returns."""
+    from airflow_aicenter import cli as module
+
+    table = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    for code in (module.EXIT_OK, module.EXIT_PROBLEM, module.EXIT_USAGE, module.EXIT_REFUSED, module.INTERRUPTED,
+                 module.BROKEN_PIPE):
+        assert f"\n| {code} |" in table, f"exit status {code} is not in docs/cli.md's table"
+
+
+# -- item 3: what a package can do, said on upload; a Train run of one that cannot be trained ---
+def test_upload_says_what_the_package_can_do(uri: str, tmp_path: Path) -> None:
+    pkg = write_files(tmp_path / "churn2", {"main.py": ECHO_MAIN, "requirements.txt": ""})
+    done = cli(uri, "package", "upload", str(pkg), "--name", "churn2")
+    assert done.returncode == 0, done
+    assert "can: serve (predict)" in done.stdout
+    assert "cannot: train, evaluate, full (no train.py" in done.stdout
+    as_json = json.loads(cli(uri, "package", "upload", str(pkg), "--name", "churn2", "--json", "--force").stdout)
+    assert as_json["pipelines"] == {"train": False, "evaluate": False, "full": False, "predict": True}
+    trainable = json.loads(cli(uri, "package", "upload", str(tmp_path / "churn"), "--name", "c3", "--json").stdout)
+    assert trainable["pipelines"] == {"train": True, "evaluate": True, "full": False, "predict": True}
+    assert "process_data" in trainable["cannot"]["full"]
+
+
+def test_training_a_package_without_train_py_names_the_package(uri: str) -> None:
+    """What the operators call before compute (Registry.check): the error names the package and the missing file."""
+    from airflow_aicenter.errors import PackageError
+
+    registry = Registry(open_store(uri))
+    with pytest.raises(PackageError) as caught:
+        registry.check(registry.get("served", "1.0"), "train")
+    message = str(caught.value)
+    assert message.startswith("package served:1.0 cannot run the train pipeline: "), message
+    assert "no train.py" in message and "train(self, training_directory)" in message
+
+
+# -- item 4: predict runs as the records hold them; validate accepts the operators' names ---------
+def _complete(registry: Registry, plan_name: str, task: str, **fields: object) -> None:
+    plan = PREDICT if plan_name == "predict" else TRAIN
+    run = RunRef(dag_id="dag", run_id="manual__1", task_id=task, try_number=1)
+    run.uri = registry.store.url(run.prefix)
+    ended = Outcome(status="succeeded", pipeline=plan.name, package="churn", version="1.0", start_at=100.0, end_at=160.0,
+                    dataset="s3://data/inbox/", blob=registry.get("churn", "1.0").blob if plan.makes_version else None,
+                    **fields)  # type: ignore[arg-type]
+    write(registry.store, run.key(OUTCOME), ended)
+    PostRun(registry, RunRequest(plan=plan, package="churn", dataset="s3://data/inbox/")).complete(run, ended, "1.0")
+
+
+def test_predict_runs_are_shown_as_the_records_hold_them(uri: str) -> None:
+    registry = Registry(open_store(uri))
+    _complete(registry, "predict", "score", predicted=7, failed=2)
+    _complete(registry, "train", "fit")
+    shown = json.loads(cli(uri, "runs", "show", "score", "--json").stdout)
+    assert (shown["version"], shown["new_version"], shown["dataset"]) == ("1.0", None, "s3://data/inbox/")
+    assert (shown["predicted"], shown["failed"]) == (7, 2)
+    assert shown["predictions_uri"].endswith("runs/dag/manual__1/score/1/predictions/")
+    text = cli(uri, "runs", "show", "score").stdout
+    assert "1.0 -> 1.0" not in text and "s3://data/inbox/" in text and "7 predicted, 2 failed" in text
+    compared = json.loads(cli(uri, "runs", "compare", "score", "fit", "--json").stdout)["fields"]
+    assert compared["version"] == ["1.0", "1.0"] and compared["new_version"] == [None, "1.1"]
+    assert compared["dataset"] == ["s3://data/inbox/", "s3://data/inbox/"]
+    assert compared["predicted"] == [7, None] and compared["failed"] == [2, None]
+    listed = cli(uri, "runs", "list").stdout
+    assert "1.0 -> 1.0" not in listed and "1.0 -> 1.1" in listed
+
+
+@pytest.mark.parametrize("pipeline", ["train", "evaluate", "full", "predict", "serve"])
+def test_validate_takes_the_operators_pipeline_names(uri: str, tmp_path: Path, pipeline: str) -> None:
+    pkg = write_files(tmp_path / "pkg", {"main.py": ECHO_MAIN, "train.py": TRAIN_PY.replace(
+        "    def train", "    def process_data(self, input_directory):\n        pass\n    def train"), "requirements.txt": ""})
+    done = cli(uri, "package", "validate", str(pkg), "--pipeline", pipeline, "--json")
+    assert done.returncode == 0, done
+    assert json.loads(done.stdout)["pipeline"] == pipeline
+
+
+# -- item 7a: a close name is suggested --------------------------------------------------------
+def test_a_mistyped_package_name_suggests_the_close_one(uri: str) -> None:
+    for args in (("package", "show", "chrun"), ("package", "show", "chrun:1.0"),
+                 ("package", "promote", "chrun:1.0", "--alias", "production")):
+        done = cli(uri, *args)
+        assert done.returncode == EXIT_ERROR, done
+        assert "did you mean 'churn'?" in done.stderr, done.stderr
+    far = cli(uri, "package", "show", "zzzzzz")
+    assert far.returncode == EXIT_ERROR and "did you mean" not in far.stderr
