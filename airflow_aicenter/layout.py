@@ -170,6 +170,7 @@ RECORD_KEYS: dict[str, re.Pattern[str]] = {
     "version": re.compile(rf"^{_P}[^/]+/versions/[^/]+\.json$"),
     "alias": re.compile(rf"^{_P}[^/]+/aliases/[^/]+/\d+\.json$"),
     "evaluation": re.compile(rf"^{_P}[^/]+/evaluations/[^/]+/[^/]+\.json$"),
+    "approval": re.compile(rf"^{_P}[^/]+/approvals/[^/]+/(request|decision)\.json$"),
     "made-by record": re.compile(rf"^{_P}[^/]+/runs/{SHA256_HEX}\.json$"),
     "environment": re.compile(rf"^{re.escape(ENVS)}{SHA256_HEX}\.json$"),
     "snapshot hint": re.compile(rf"^{re.escape(SNAPSHOTS)}{SHA256_HEX}\.json$"),

@@ -48,6 +48,7 @@ from airflow_aicenter.package import open_package, write_zip
 from airflow_aicenter.records import (
     DAMAGED_RECORD_FIX,
     AliasRecord,
+    ApprovalRecord,
     DamagedRecordError,
     EvaluationRecord,
     Manifest,
@@ -84,6 +85,7 @@ _MODELS: dict[str, type[BaseModel] | None] = {
     "version": VersionRecord,
     "alias": AliasRecord,
     "evaluation": EvaluationRecord,
+    "approval": ApprovalRecord,
     "made-by record": Registration,
     "environment": EnvironmentRecord,
     "snapshot hint": SnapshotHint,

@@ -261,3 +261,14 @@ def test_the_example_dag_retrains_waits_for_a_person_then_predicts_with_producti
     assert retrain.dag.timetable.expression == "0 3 * * 1"
     score = example_task("aicenter_approval", "score_inbox")
     assert score.version == "production" and "retrain" in score.upstream_task_ids
+
+
+def test_verify_reads_the_approval_records_and_names_a_damaged_one(registry: Registry) -> None:
+    from airflow_aicenter.verify import verify
+
+    asked(registry, "1.0")
+    report = verify(registry.store)
+    assert report.records.get("approval") == 1 and not report.damage
+    registry.store.put_bytes(approval_key("churn", "1.0", "decision"), b'{"status": "maybe"}')
+    damaged = verify(registry.store).damage
+    assert [(d.record, d.key) for d in damaged] == [("approval", approval_key("churn", "1.0", "decision"))]
