@@ -35,9 +35,23 @@ from airflow_aicenter.records import (
 )
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.secrets import Redactor, is_secret_key, masked_env, redact
+from airflow_aicenter.storage.store import local_path
 
 #: What the data of a run's snapshot is called in ``_results.json`` outputs, by operator argument.
 SNAPSHOT_OF = {"dataset": "data_directory", "evaluation_dataset": "test_data_directory"}
+
+
+def dataset_uri(value: str | None) -> str | None:
+    """A dataset as records name it: a plain absolute path becomes its ``file://`` URI (a trailing ``/`` kept).
+
+    Records, ``_results.json`` and the UI compare and link datasets by URI; a path given as
+    ``dataset="/data/churn"`` is the same data as ``file:///data/churn``. A relative path is a
+    ConfigurationError: the worker's current folder is no place to find data.
+    """
+    if not value or "://" in value:
+        return value
+    uri = local_path(value).as_uri()
+    return f"{uri}/" if value.endswith("/") and not uri.endswith("/") else uri
 
 
 class Log(Protocol):
@@ -77,6 +91,10 @@ class RunRequest:
     incremental: bool = False
     #: More RunSpec fields of a pipeline type (prediction's ``input_type`` and ``max_failed``).
     spec_extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for attr in SNAPSHOT_OF:
+            object.__setattr__(self, attr, dataset_uri(getattr(self, attr)))
 
     @cached_property
     def masked_keys(self) -> frozenset[str]:

@@ -152,3 +152,24 @@ def test_a_mistyped_package_name_suggests_the_close_one(uri: str) -> None:
         assert "did you mean 'churn'?" in done.stderr, done.stderr
     far = cli(uri, "package", "show", "zzzzzz")
     assert far.returncode == EXIT_ERROR and "did you mean" not in far.stderr
+
+
+# -- item 7b: a plain path dataset is recorded as a file:// URI --------------------------------
+def test_a_plain_path_dataset_is_recorded_as_a_file_uri(uri: str, tmp_path: Path) -> None:
+    from airflow_aicenter.errors import ConfigurationError
+
+    data = write_files(tmp_path / "my data", {"rows.csv": "x\n1\n"})
+    request = RunRequest(plan=TRAIN, package="churn", dataset=f"{data}/")
+    assert request.dataset == f"{data.as_uri()}/" and request.datasets()["dataset"] == f"{data.as_uri()}/"
+    assert RunRequest(plan=TRAIN, package="churn", dataset="s3://b/d/").dataset == "s3://b/d/"
+    registry = Registry(open_store(uri))
+    run = RunRef(dag_id="dag", run_id="manual__1", task_id="fit", try_number=1)
+    run.uri = registry.store.url(run.prefix)
+    ended = Outcome(status="succeeded", pipeline="train", package="churn", version="1.0", start_at=1.0, end_at=2.0,
+                    dataset=request.dataset, blob=registry.get("churn", "1.0").blob)
+    write(registry.store, run.key(OUTCOME), ended)
+    PostRun(registry, request).complete(run, ended, "1.0")
+    shown = json.loads(cli(uri, "runs", "show", "fit", "--json").stdout)
+    assert shown["dataset"] == f"{data.as_uri()}/", shown["dataset"]
+    with pytest.raises(ConfigurationError, match="relative"):
+        RunRequest(plan=TRAIN, package="churn", dataset="data/rows")
