@@ -272,3 +272,58 @@ def test_verify_reads_the_approval_records_and_names_a_damaged_one(registry: Reg
     registry.store.put_bytes(approval_key("churn", "1.0", "decision"), b'{"status": "maybe"}')
     damaged = verify(registry.store).damage
     assert [(d.record, d.key) for d in damaged] == [("approval", approval_key("churn", "1.0", "decision"))]
+
+
+def completion(registry: Registry, candidate: VersionRecord, *, made: bool, score: float) -> tuple[object, object]:
+    """What PostRun.complete returned for a full run (``made``: the candidate is its new version) or an evaluation."""
+    from typing import Any, cast
+
+    from airflow_aicenter.completion import Completion, RunRequest
+
+    plan = FULL if made else EVALUATE
+    request = RunRequest(plan=plan, package="churn", dataset="s3://b/d/", evaluation_dataset="s3://b/h/",
+                         env={"EPOCHS": "3", "API_TOKEN": "s3cret"}, promote_to="production", promote_if="approved")
+    outcome = Outcome(status="succeeded", pipeline=plan.name, package="churn", version=candidate.version, start_at=0,
+                      score=score)
+    parent = registry.get("churn", candidate.parent or candidate.version) if made else candidate
+    done = Completion({"version": candidate.version}, cast(Any, None), parent, candidate if made else None, outcome,
+                      run_url="/aicenter/runs/x")
+    return request, done
+
+
+def test_open_request_for_an_evaluation_asks_about_the_evaluated_version_once(registry: Registry) -> None:
+    from airflow_aicenter.approval import open_request
+
+    base = registry.get("churn", "1.0")
+    new = trained(registry, base, "new", score=0.7, on="s3://b/h/", env={"EPOCHS": "3"}, files={"a.csv": "a"})
+    request, done = completion(registry, new, made=False, score=0.75)
+    asking = open_request(registry, request, done, run_ref("eval"), lambda run: f"/aicenter/runs/{run.task_id}")
+    assert asking is not None
+    pending, body = asking
+    assert pending.version == new.version and pending.status == "pending" and pending.run == run_ref("eval")
+    assert "candidate 1.1: 0.75 (on `s3://b/h/`)" in body
+    # decided: never asked again, and a rejected version stays rejected
+    apply_decision(registry, pending, Decision(False, "ada", datetime.now(UTC), "no"))
+    assert open_request(registry, request, done, run_ref("eval2"), str) is None
+    assert registry.approval("churn", new.version).status == "rejected"
+
+
+def test_open_request_for_a_full_run_masks_secrets_and_skips_an_alias_already_there(registry: Registry) -> None:
+    from airflow_aicenter.approval import open_request
+
+    base = registry.get("churn", "1.0")
+    registry.set_alias("churn", "production", "1.0")
+    new = registry.commit("churn", parent="1.0", blob=base.blob, pipeline="full", run=run_ref("new"), score=0.8)
+    request, done = completion(registry, new, made=True, score=0.8)
+    asking = open_request(registry, request, done, run_ref("new"), str)
+    assert asking is not None
+    body = asking[1]
+    assert "s3cret" not in body and "`EPOCHS=3`" not in body  # current 1.0 was uploaded: nothing to compare
+    assert "no parameters to compare" in body
+    registry.set_alias("churn", "production", new.version)
+    assert open_request(registry, request, done, run_ref("new"), str) is None
+    # a new alias: the candidate's parameters are listed, secrets masked
+    from dataclasses import replace
+
+    asking = open_request(registry, replace(request, promote_to="staging"), done, run_ref("new"), str)
+    assert asking is not None and "`EPOCHS=3`" in asking[1] and "API_TOKEN=***" in asking[1] and "s3cret" not in asking[1]
