@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import importlib
+import inspect
 import io
 import json
 import os
@@ -298,6 +300,64 @@ def check_airflow(lines: list[tuple[str, list[str], bool]], home: Path) -> list[
     return list(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
+
+def _checked(module: str) -> bool:
+    """Imports from the provider and from Airflow are checked; others (datetime, ...) are the reader's."""
+    return module.split(".", maxsplit=1)[0] in ("airflow_aicenter", "aicenter", "airflow")
+
+
+def _has(module: str, name: str) -> bool:
+    """``from module import name`` works (``airflow.sdk`` resolves its names lazily, so ask, do not list)."""
+    try:
+        getattr(importlib.import_module(module), name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _parameters(cls: type) -> set[str]:
+    """Every keyword an operator class takes: its own and those of each class it passes ``**kwargs`` to."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            names |= {p.name for p in inspect.signature(init).parameters.values()
+                      if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self"}
+    return names
+
+
+def check_python_names(block: Block) -> list[str]:
+    """What a python block imports from the provider or Airflow exists, and operator calls use real arguments."""
+    try:
+        tree = ast.parse(block.body)
+    except SyntaxError:
+        return []  # check_python reports it
+    problems: list[str] = []
+    imported: dict[str, object] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if not _checked(node.module):
+                continue
+            for alias in node.names:
+                if not _has(node.module, alias.name):
+                    problems.append(f"{block.where(node.lineno - 1)}: `from {node.module} import {alias.name}`: "
+                                    f"{node.module} has no {alias.name}")
+                else:
+                    imported[alias.asname or alias.name] = getattr(importlib.import_module(node.module), alias.name)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id.endswith("PipelineOperator"):
+            # a fragment (a signature excerpt) may leave the import out: the operators' module is meant
+            cls = imported.get(node.func.id) or getattr(importlib.import_module("airflow_aicenter.operators"),
+                                                        node.func.id, None)
+            if not isinstance(cls, type):
+                problems.append(f"{block.where(node.lineno - 1)}: there is no operator {node.func.id}")
+                continue
+            known = _parameters(cls)
+            for kw in node.keywords:
+                if kw.arg is not None and kw.arg not in known:
+                    problems.append(f"{block.where(kw.lineno - 1)}: {node.func.id} has no argument {kw.arg!r}")
+    return problems
+
 # -- the docs as they are ----------------------------------------------------------------------------
 
 IDS = [str(p.relative_to(ROOT)) for p in DOC_FILES]
@@ -308,6 +368,13 @@ def test_code_blocks_parse(path: Path) -> None:
     checks = {"python": check_python, "py": check_python, "json": check_json, "bash": check_bash,
               "sh": check_bash, "shell": check_bash}
     problems = [p for b in fenced_blocks(path) if b.lang in checks for p in checks[b.lang](b)]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("path", DOC_FILES, ids=IDS)
+def test_python_blocks_use_names_that_exist(path: Path) -> None:
+    """Imports from the provider and Airflow resolve; operator calls pass only arguments the operators take."""
+    problems = [p for b in fenced_blocks(path) if b.lang in ("python", "py") for p in check_python_names(b)]
     assert not problems, "\n".join(problems)
 
 
@@ -369,6 +436,12 @@ with DAG("x") as dag:
 if true; then echo yes
 ```
 
+```python
+from airflow_aicenter.operators import TrainPipelineOperator, TuneOperator
+
+TrainPipelineOperator(task_id="train", package="churn", dataset="s3://b/d/", save_data=True, retries=2)
+```
+
 ```json
 {"storage": "s3://bucket/prefix",}
 ```
@@ -391,9 +464,11 @@ def test_planted_broken_blocks_are_caught(tmp_path: Path) -> None:
     path = tmp_path / "planted.md"
     path.write_text(PLANTED)
     blocks = fenced_blocks(path)
-    assert [b.lang for b in blocks] == ["python", "bash", "json", "bash"]
-    assert check_python(blocks[0]) and check_bash(blocks[1]) and check_json(blocks[2])
-    assert not check_bash(blocks[3])  # well-formed shell, wrong commands: the next checks
+    assert [b.lang for b in blocks] == ["python", "bash", "python", "json", "bash"]
+    assert check_python(blocks[0]) and check_bash(blocks[1]) and check_json(blocks[3])
+    assert not check_bash(blocks[4])
+    names = "\n".join(check_python_names(blocks[2]))
+    assert "TuneOperator" in names and "'save_data'" in names and "retries" not in names and "dataset" not in names, names  # well-formed shell, wrong commands: the next checks
     problems = "\n".join(check_aicenter(path))
     for wrong in ("publish", "deploy", "--pakage", "sometimes", "remove", "--grace"):
         assert wrong in problems, (wrong, problems)
