@@ -173,3 +173,23 @@ def test_a_plain_path_dataset_is_recorded_as_a_file_uri(uri: str, tmp_path: Path
     assert shown["dataset"] == f"{data.as_uri()}/", shown["dataset"]
     with pytest.raises(ConfigurationError, match="relative"):
         RunRequest(plan=TRAIN, package="churn", dataset="data/rows")
+
+
+# -- item 7c: an S3 connection without AWS credentials says so, and the fix ----------------------
+def test_s3_connection_without_credentials_says_what_to_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An AWS connection with no key, role or profile (and none in the environment) is named with the fix."""
+    from airflow_aicenter.hooks.aicenter import AICenterHook
+
+    for key in list(os.environ):
+        if key.startswith("AWS_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_BARE", json.dumps({"conn_type": "aws", "extra": {"region_name": "us-east-1"}}))
+    extra = {"storage": "s3://some-bucket/aicenter", "aws_conn_id": "aws_bare"}
+    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_TEST", json.dumps({"conn_type": "aicenter", "extra": extra}))
+    ok, message = AICenterHook("aicenter_test").test_connection()
+    assert not ok
+    assert "NoneType" not in message and "get_frozen_credentials" not in message, message
+    assert "no AWS credentials for the AWS connection 'aws_bare'" in message and "AWS_ACCESS_KEY_ID" in message, message

@@ -94,7 +94,15 @@ class AICenterHook(BaseHook):
         from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
 
         aws = AwsBaseHook(aws_conn_id=self.settings.aws_conn_id, client_type="s3")
-        creds = aws.get_credentials()
+        try:
+            creds = aws.get_credentials()
+        except AttributeError as exc:  # botocore found none: AwsBaseHook then calls .get_frozen_credentials() on None
+            raise ConfigurationError(
+                f"no AWS credentials for the AWS connection {self.settings.aws_conn_id!r} (used for "
+                f"{self.settings.storage}): give that connection an access key id (login) and secret access key "
+                "(password), or a role_arn or profile_name in its extra, or set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY where the tasks run"
+            ) from exc
         return S3Options(
             endpoint_url=aws.conn_config.get_service_endpoint_url("s3"),
             region=aws.conn_region_name,
