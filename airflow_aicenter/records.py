@@ -302,6 +302,9 @@ class Outcome(Record):
     #: GPU seconds, utilisation and memory, bytes staged and uploaded; ``cost`` with the connection's prices.
     resources: dict[str, Any] | None = None
     cost: dict[str, Any] | None = None
+    #: The last lines of the user processes' output (stdout, stderr, the traceback) when they failed:
+    #: at most ``supervisor.TAIL_LINES``, each capped, secrets masked. None when they did not fail.
+    output_tail: list[str] | None = None
 
     @classmethod
     def starting(cls, spec: RunSpec, status: RunStatus = "running", **fields: Any) -> Outcome:

@@ -54,7 +54,7 @@ from airflow_aicenter.runtime.progress import METRICS_FILE, ProgressTracker
 from airflow_aicenter.runtime.report import METRICS_FILE_ENV
 from airflow_aicenter.runtime.resources import cost_of
 from airflow_aicenter.runtime.snapshot import take_snapshot
-from airflow_aicenter.runtime.supervisor import RESULT_LIMIT, emit, read_untrusted_json, supervise
+from airflow_aicenter.runtime.supervisor import RESULT_LIMIT, TAIL_LINE, TAIL_LINES, emit, read_untrusted_json, supervise
 from airflow_aicenter.runtime.user import cap
 from airflow_aicenter.secrets import SECRET_KEYS_ENV, Redactor, is_secret_key, redact, redact_json_lines_file
 from airflow_aicenter.storage import Store, open_store
@@ -521,6 +521,7 @@ class Agent:
             raise RunError(f"the user supervisor's exit file {exit_file} is not a JSON object in a regular file of at most "
                            f"{EXIT_LIMIT} bytes (replaced by package code?)")
         self._used(ended.get("resources"))
+        self._output_tail(ended)
         if ended.get("status") != "succeeded":
             raise RunError(cap(str(ended.get("cause") or f"the user processes {ended.get('status') or 'failed'}")))
         results = ended.get("results")
@@ -743,9 +744,22 @@ class Agent:
         self._confine(processes)
         ended = supervise(self._supervisor_plan(processes))
         self._used(ended.get("resources"))
+        self._output_tail(ended)
         if ended["status"] != "succeeded":
             raise RunError(ended["cause"] or f"the user processes {ended['status']}")
         return cast(list[dict[str, Any]], ended["results"])
+
+    def _output_tail(self, ended: dict[str, Any]) -> None:
+        """A run whose user processes failed keeps their last lines of output in its outcome (the run page shows them).
+
+        The supervisor kept them masked and capped; in a pod its exit file comes from the user
+        container, so they are checked again here: strings only, as many and as long as it keeps, masked.
+        """
+        tail = ended.get("output_tail")
+        if ended.get("status") == "succeeded" or not isinstance(tail, list):
+            return
+        lines = [str(line)[:TAIL_LINE + 40] for line in tail[-TAIL_LINES:] if isinstance(line, str)]
+        self.outcome.output_tail = [redact(line, self.secrets) for line in lines]
 
     def _confine(self, processes: list[dict[str, Any]]) -> None:
         """Locally: scratch files in the work folder (removed with it), and under ``run_as`` only its folders writable."""

@@ -37,6 +37,7 @@ process's result file and writes the exit file last, atomically::
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib.util
 import json
@@ -66,6 +67,10 @@ BUNDLE = {
 #: Longest line of user output passed on; the rest of the line is cut (a 400 MB line must not
 #: cost the supervisor 400 MB).
 LINE_LIMIT = 64 * 1024
+#: The last lines of user output kept for the run's record (the run page of a failed run shows them),
+#: each at most TAIL_LINE characters.
+TAIL_LINES = 50
+TAIL_LINE = 500
 #: Seconds a user process gets between SIGTERM and SIGKILL.
 GRACE = 5.0
 #: The largest result file read (a user process writes it: it must not cost the supervisor its memory).
@@ -282,6 +287,13 @@ class Supervisor:
         self.secrets = secrets.Redactor(env[n] for env in envs for n in names if env.get(n))
         self.users: list[UserProcess] = []
         self.session = os.getsid(0)
+        #: The last lines passed on (masked), for the exit record: what the run page shows of a failed run.
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+
+    def keep(self, line: str) -> None:
+        """Keep ``line`` (already masked) among the last lines, cut to TAIL_LINE characters."""
+        cut = len(line) - TAIL_LINE
+        self.tail.append(line if cut <= 0 else f"{line[:TAIL_LINE]}… [{cut} characters cut]")
 
     # -- starting and streaming ------------------------------------------------------------
     def start(self, entry: dict[str, Any]) -> UserProcess:
@@ -323,6 +335,7 @@ class Supervisor:
         with pipe:
             for text in secrets.capped_lines(pipe.readline, self.secrets, self.line_limit):
                 emit(sink, f"{prefix}{text}\n")
+                self.keep(f"{prefix}{text}")
 
     # -- waiting and ending ----------------------------------------------------------------
     def wait(self) -> tuple[str | None, str | None]:
@@ -356,6 +369,8 @@ class Supervisor:
                 tag = f"[{user.label}] " if self.prefix else ""
                 lines = self.secrets.redact(str(failure["traceback"])).splitlines()
                 emit(self.stderr, "".join(f"{tag}{line}\n" for line in lines))
+                for line in lines:
+                    self.keep(f"{tag}{line}")
             return f"{prefix}{failure['cause']}"
         code = user.process.returncode
         if code is not None and code < 0:
@@ -445,6 +460,8 @@ def supervise(plan: dict[str, Any], *, stdout: TextIO | None = None, stderr: Tex
         results = [sup.secrets.redact_data(u.result()) for u in sup.users]  # user env secrets masked in them too
         record["results"] = results + [None] * (len(plan["processes"]) - len(results))
         record["resources"] = merge_usage(used, usage.finish([u.peak_memory for u in sup.users]))
+        if record["status"] != "succeeded":  # what the failed run's page shows of its output
+            record["output_tail"] = list(sup.tail)
         _write_exit(plan.get("exit_file"), record)
     return record
 
