@@ -485,3 +485,16 @@ def test_synopsis_variants() -> None:
         "aicenter package validate PATH [--pipeline train|evaluate|full|serve]")
     assert variants("aicenter runs compare RUN RUN ...")[0][-1] == PLACEHOLDERS["RUN"]
 
+
+
+def test_every_operator_argument_is_documented() -> None:
+    """docs/operators.md lists every argument the four operators take (their own and the shared base's)."""
+    from airflow_aicenter.operators import base, pipeline
+
+    page = (ROOT / "docs" / "operators.md").read_text()
+    classes = [base.BasePipelineOperator, pipeline.TrainPipelineOperator, pipeline.EvaluatePipelineOperator,
+               pipeline.FullPipelineOperator, pipeline.PredictPipelineOperator]
+    missing = sorted({f"{cls.__name__}({name})" for cls in classes
+                      for name, p in inspect.signature(cls.__init__).parameters.items()
+                      if p.kind is p.KEYWORD_ONLY and f"`{name}`" not in page})
+    assert not missing, f"docs/operators.md does not document: {', '.join(missing)}"
