@@ -148,7 +148,8 @@ def test_an_overlong_line_is_cut_before_a_secret_it_would_split(secret: str, whe
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(secret=secret_text, where=st.integers(min_value=0, max_value=5000))
 def test_an_overlong_json_line_is_masked_in_pieces_without_cutting_a_secret(tmp_path: Path, secret: str, where: int) -> None:
-    assume(worth_masking(secret) and not set(secret) & set("xy*") and len(secret.splitlines()) == 1)
+    assume(worth_masking(secret) and not set(secret) & set("xy*") and len(secret.splitlines()) == 1
+           and "\n" not in secret and "\r" not in secret)  # a JSON line holds no line break
     line = "x" * where + secret + "y" * (5000 - where)
     path = tmp_path / "errors.jsonl"
     path.write_text(f"{line}\n{line}")
