@@ -87,7 +87,7 @@ def summary(store: Store, registry: Registry, dataset: str) -> dict[str, Any]:
     results["parameters"].pop("pipeline")  # <dag_id>.<task_id>
     for key in ("phases", "run_uri"):
         results["aicenter"].pop(key)
-    for key in ("run", "run_url", "resources"):  # the task instance (DAG, run) and measured times: not the same twice
+    for key in ("run", "run_url", "triggered_by", "resources"):  # the task instance, its DAG run, measured times
         results["aicenter"].pop(key, None)
     artifacts = {i.key.rsplit("/artifacts/", 1)[1]: hashlib.sha256(store.get_bytes(i.key)).hexdigest()
                  for i in store.list(f"{prefix}/artifacts")}
