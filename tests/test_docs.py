@@ -495,6 +495,17 @@ def test_every_operator_argument_is_documented() -> None:
     classes = [base.BasePipelineOperator, pipeline.TrainPipelineOperator, pipeline.EvaluatePipelineOperator,
                pipeline.FullPipelineOperator, pipeline.PredictPipelineOperator]
     missing = sorted({f"{cls.__name__}({name})" for cls in classes
-                      for name, p in inspect.signature(cls.__init__).parameters.items()
+                      for name, p in inspect.signature(cls).parameters.items()
                       if p.kind is p.KEYWORD_ONLY and f"`{name}`" not in page})
     assert not missing, f"docs/operators.md does not document: {', '.join(missing)}"
+
+
+def test_every_connection_extra_is_documented() -> None:
+    """The README's list of connection extras names every field of the connection form."""
+    from airflow_aicenter.provider_info import get_provider_info
+
+    readme = (ROOT / "README.md").read_text()
+    fields = [f for ct in get_provider_info()["connection-types"] for f in ct.get("conn-fields", {})]
+    assert fields, "the aicenter connection type has form fields"
+    missing = [f for f in fields if f"`{f}`" not in readme]
+    assert not missing, f"README.md does not name the connection extras {missing}"
