@@ -22,6 +22,9 @@ from typing import Any
 import httpx
 import pytest
 
+from airflow_aicenter.records import Results, read
+from airflow_aicenter.registry import Registry
+from airflow_aicenter.storage import open_store
 from tests.conftest import REPO, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -89,21 +92,22 @@ def test_ui_script_serves_the_example_dags_with_logs_and_stops_cleanly(tmp_path)
         assert not (tmp_path / "yours").exists(), "an exported AIRFLOW_HOME is left alone"
         assert api.get("/aicenter/").status_code == 200, "the ML Packages pages are served"
 
-        # A run as the trigger form makes it: the params reach the package, and its task log shows in the UI.
-        logical = {"logical_date": None, "conf": {"epochs": 3, "learning_rate": 0.3}}
-        run = api.post("/api/v2/dags/aicenter_training/dagRuns", json=logical)
-        assert run.status_code == 200, run.text
-        run_id = run.json()["dag_run_id"]
-        state = wait_for(lambda: (s := api.get(f"/api/v2/dags/aicenter_training/dagRuns/{run_id}").json()["state"])
-                         in ("success", "failed") and s, "the triggered run did not finish", log, 240)
-        logs = api.get(f"/api/v2/dags/aicenter_training/dagRuns/{run_id}/taskInstances/train/logs/1")
-        assert logs.status_code == 200, logs.text
-        text = json.dumps(logs.json()["content"])  # what the UI's log view shows, one event a line
-        assert state == "success", text[-4000:]
+        # Runs as the trigger form makes them: the params reach the package, and the task log shows in the UI.
+        # The distributed example uploads its package itself and runs the ranks its param asks for.
+        run_id = trigger(api, "aicenter_training", {"epochs": 3, "learning_rate": 0.3})
+        distributed_id = trigger(api, "aicenter_distributed", {"procs_per_node": 3, "epochs": 5})
+        text = finished(api, log, "aicenter_training", run_id, "train")
         assert "Package churn version 1.0" in text, text[-4000:]  # the operator's own log line, in the UI's log view
-        results = sorted(home.glob(f"aicenter/runs/aicenter_training/{run_id}/train/1/_results.json"))
-        assert results, "the run wrote its _results.json in the example's store"
-        assert json.loads(results[0].read_text())["parameters"]["env"] == {"EPOCHS": "3", "LEARNING_RATE": "0.3"}
+        finished(api, log, "aicenter_distributed", distributed_id, "train_distributed")
+        registry = Registry(open_store((home / "aicenter").as_uri()))
+        churn = registry.get("churn", "1.1")
+        assert churn.run.run_id == run_id
+        assert read(registry.store, f"{churn.run.prefix}/_results.json", Results).parameters.env == {
+            "EPOCHS": "3", "LEARNING_RATE": "0.3"}
+        [uploaded, trained] = registry.versions("regression_ddp")
+        assert uploaded.created_by == "aicenter_distributed.upload_package" and trained.run.run_id == distributed_id
+        assert read(registry.store, f"{trained.run.prefix}/_results.json", Results).aicenter["distributed"] == {
+            "nodes": 1, "procs_per_node": 3, "world_size": 3}
 
         check_connection_test_button(api, home)
     finally:
@@ -117,6 +121,26 @@ def test_ui_script_serves_the_example_dags_with_logs_and_stops_cleanly(tmp_path)
     assert process.returncode == 130, log.read_text()[-3000:]
     assert not processes_of(home), processes_of(home)
     assert "Shutting down components" in log.read_text()
+
+
+def trigger(api: httpx.Client, dag_id: str, conf: dict[str, Any]) -> str:
+    """A DAG run as the trigger form makes it (the REST call the form sends); its id."""
+    run = api.post(f"/api/v2/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf})
+    assert run.status_code == 200, run.text
+    return str(run.json()["dag_run_id"])
+
+
+def finished(api: httpx.Client, log: Path, dag_id: str, run_id: str, task_id: str) -> str:
+    """Wait for a run to succeed; the task's log as the UI's log view shows it (one event a line)."""
+    path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}"
+    state = wait_for(lambda: (s := api.get(path).json()["state"]) in ("success", "failed") and s,
+                     f"{dag_id} {run_id} did not finish", log, 300)
+    logs = api.get(f"{path}/taskInstances/{task_id}/logs/1")
+    assert logs.status_code == 200, logs.text
+    text = json.dumps(logs.json()["content"])
+    ours = [line for line in log.read_text().splitlines() if dag_id in line and "request finished" not in line]
+    assert state == "success", text[-3000:] + "\n".join(ours[-40:])[-6000:]
+    return text
 
 
 def check_connection_test_button(api: httpx.Client, home: Path) -> None:
