@@ -18,7 +18,6 @@ import shutil
 import statistics
 import subprocess
 import time
-from pathlib import Path
 
 from common import PYTHON, REPO, machine, save_json, table, verdict, work_dir
 
