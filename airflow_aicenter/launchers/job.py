@@ -31,6 +31,7 @@ from airflow_aicenter.launchers.pod import PodLauncher, PodRun, PodSettings
 from airflow_aicenter.launchers.pod_spec import (
     LABEL_JOB,
     MASTER_PORT,
+    QUEUE_LABEL,
     STAGE_CONTAINER,
     SYNC_CONTAINER,
     job_agent_env,
@@ -49,6 +50,38 @@ if TYPE_CHECKING:
 __all__ = ["LABEL_JOB", "MASTER_PORT", "JobLauncher", "job_name"]
 #: Seconds between Job status polls while waiting (sync).
 POLL = 2.0
+
+
+class GangStartTimeout(RunError):
+    """Not every node of a Job was running within ``startup_timeout`` after admission."""
+
+
+def node_index(pod: k8s.V1Pod) -> str:
+    return str((pod.metadata.labels or {}).get("batch.kubernetes.io/job-completion-index", "?"))
+
+
+def node_started(pod: k8s.V1Pod) -> bool:
+    """Scheduled and a container of it started (its stage container counts: the node holds its GPUs)."""
+    status = pod.status
+    if status is None:
+        return False
+    if status.phase in ("Running", "Succeeded", "Failed"):
+        return True
+    return any(s.state is not None and (s.state.running or s.state.terminated) for s in status.init_container_statuses or [])
+
+
+def why_pending(pod: k8s.V1Pod) -> str:
+    """Why a node's pod is not running: its scheduling condition, else a waiting container's reason."""
+    status = pod.status
+    for condition in (status.conditions if status else None) or []:
+        if condition.type == "PodScheduled" and condition.status != "True":
+            return f"{condition.reason or 'not scheduled'}: {condition.message or ''}".rstrip(": ")
+    for container in [*((status.init_container_statuses if status else None) or []),
+                      *((status.container_statuses if status else None) or [])]:
+        if container.state is not None and container.state.waiting is not None:
+            waiting = container.state.waiting
+            return f"{waiting.reason}: {waiting.message or ''}".rstrip(": ")
+    return f"pod {pod.metadata.name} is {status.phase if status else 'Pending'}"
 
 
 def job_name(run: RunRef) -> str:
@@ -124,6 +157,10 @@ class JobLauncher(PodLauncher):
             self._defer(context)
         try:
             status = self._wait()
+        except GangStartTimeout as timeout:
+            self._end()  # removed at once: no GPU held by half a gang
+            self._await_pods_gone()  # the started nodes record "killed" as they stop; the cause is the timeout
+            return self.ending_of_start(str(timeout))
         except kube_retry.KubernetesUnavailable:
             # The API server failed for the whole retry budget: the Job may well be running on. It
             # is kept (with its credentials) for the task's retry to reattach to, never deleted on a read error.
@@ -209,6 +246,15 @@ class JobLauncher(PodLauncher):
         return True
 
     def _wait(self) -> k8s.V1JobStatus:
+        """Poll the Job to its end; until every node runs, hold it to ``startup_timeout`` (all-or-nothing start).
+
+        The clock starts when the Job is admitted (not suspended): time queued in Kueue is not
+        startup time. A node counts as started once its pod is scheduled and its first container
+        started (staging counts: the node holds its GPUs then).
+        """
+        admitted: float | None = None
+        started = False
+        timeout = self.settings.startup_timeout
         while True:
             job = self._read_job()
             if job is None:
@@ -217,6 +263,26 @@ class JobLauncher(PodLauncher):
                 if condition.type in ("Complete", "Failed") and condition.status == "True":
                     self._relay_logs()
                     return job.status
+            if not started and job.spec.suspend:
+                if admitted is None:
+                    self.op.log.info("Job %s/%s waits in queue %s to be admitted", self.namespace, self.job,
+                                     (job.metadata.labels or {}).get(QUEUE_LABEL))
+                admitted = None  # queued (again): the start clock waits for admission
+            elif not started:
+                admitted = admitted if admitted is not None else time.monotonic()
+                pods = self._pods()
+                running = [p for p in pods if node_started(p)]
+                if len(running) >= self.nodes:
+                    started = True
+                    self.op.log.info("All %d nodes of Job %s are running", self.nodes, self.job)
+                elif time.monotonic() - admitted > timeout:
+                    waiting = "; ".join(f"node {node_index(p)}: {why_pending(p)}" for p in pods if not node_started(p))
+                    raise GangStartTimeout(
+                        f"{len(running)} of {self.nodes} nodes running after {timeout:.0f} s (startup_timeout); the Job "
+                        f"was removed so that no node holds its GPUs half-started{': ' + waiting if waiting else ''}. "
+                        "The cluster lacks room for every node at once: retry later, use a Kueue queue (queue_name), "
+                        "ask for fewer nodes or raise startup_timeout"
+                    )
             time.sleep(POLL)
 
     def _pods(self) -> list[k8s.V1Pod]:
@@ -269,6 +335,19 @@ class JobLauncher(PodLauncher):
             outcome.error = f"{outcome.error}; {'; '.join(causes)}"
             write(store, run.key(OUTCOME), outcome)
         return Finished(spec, run, settle_outcome(store, spec, run, ended=f"Job {self.job} ended without node 0's report"))
+
+    def ending_of_start(self, cause: str) -> Finished:
+        """The gang did not start in time: the run failed with ``cause`` (retryable: capacity may free up)."""
+        spec, run, store, outcome = self.reported()
+        if outcome is None or outcome.status in ("running", "succeeded", "killed"):
+            end_outcome(store, run.key(OUTCOME), outcome or spec, "failed", cause)
+        return Finished(spec, run, settle_outcome(store, spec, run, ended=cause))
+
+    def _await_pods_gone(self, limit: float = 60.0) -> None:
+        """Wait (bounded) until the deleted Job's pods are gone, so what they record last is known."""
+        deadline = time.monotonic() + limit
+        while self._safe_pods() and time.monotonic() < deadline:
+            time.sleep(POLL / 2)
 
     def _safe_pods(self) -> list[k8s.V1Pod]:
         try:

@@ -152,3 +152,38 @@ def test_a_single_pod_run_carries_the_queue_label_and_priority(deployment, kube_
     pod = seed_pod(op, registry, make_context())
     assert pod["metadata"]["labels"][QUEUE_LABEL] == "team-b"
     assert pod["spec"]["priorityClassName"] == "low"
+
+
+# -- all-or-nothing starts: startup_timeout -----------------------------------------------
+def completion_index(pod: dict[str, Any]) -> int:
+    return int(pod["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"])
+
+
+def test_a_gang_not_all_running_within_startup_timeout_fails_naming_the_counts_and_is_removed(deployment, kube_api):
+    """Node 1 is never scheduled (no free GPU node): after startup_timeout the run fails, retryable, and the Job goes."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from airflow_aicenter.errors import RunError
+
+    registry, dataset = deployment
+    kube_api.unschedulable = lambda pod: completion_index(pod) == 1
+    with pytest.raises(RunError, match=r"1 of 2 nodes running after 4 s") as failed:
+        full_op(dataset, startup_timeout=4).execute(make_context())
+    assert not isinstance(failed.value, AirflowFailException), "retryable: capacity may free up"
+    assert "node 1: Unschedulable: 0/3 nodes are available" in str(failed.value)
+    assert "startup_timeout" in str(failed.value)
+    kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")
+    kube_api.wait_for(lambda: not kube_api.pods, timeout=30, what="every pod stopped: no GPU held half-started")
+    assert [r.version for r in registry.versions("ddp")] == ["1.0"], "no version"
+
+
+def test_time_in_the_queue_does_not_count_against_startup_timeout(deployment, kube_api: FakeKubernetes):
+    registry, dataset = deployment
+    thread, out = run_in_thread(full_op(dataset, queue_name="team-a", startup_timeout=3), make_context())
+    kube_api.wait_for(lambda: bool(kube_api.jobs) or not thread.is_alive(), timeout=60, what="the Job")
+    thread.join(6)  # twice the startup_timeout, suspended
+    assert thread.is_alive(), out
+    kube_api.admit_job()
+    thread.join(120)
+    assert "error" not in out, out.get("error")
+    assert out["result"]["version"] == "1.1"
