@@ -400,16 +400,34 @@ def test_every_page_is_linked_from_the_index() -> None:
     assert all((ROOT / "docs" / name).is_file() for name in linked), sorted(n for n in linked if not (ROOT / "docs" / n).is_file())
 
 
-def test_relative_links_resolve() -> None:
-    """A link to another file of the repository (README -> docs/x.md, x.md -> y.md) names one that exists."""
+def anchors(path: Path) -> set[str]:
+    """The anchors of a Markdown file's headings, as GitHub and the UI's renderer make them."""
+    out = set()
+    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*$", path.read_text(), re.MULTILINE):
+        out.add(re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-"))
+    return out
+
+
+def link_problems(path: Path) -> list[str]:
+    """Relative links of a Markdown file whose file, or heading, does not exist."""
     problems = []
-    for path in DOC_FILES:
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            for target in re.findall(r"\]\(([^)\s]+)\)", line):
-                if re.match(r"[a-z]+:|#", target):
-                    continue
-                if not (path.parent / target.split("#", 1)[0]).exists():
-                    problems.append(f"{path.relative_to(ROOT)}:{n}: link to {target}, which does not exist")
+    rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        for target in re.findall(r"\]\(([^)\s]+)\)", line):
+            if re.match(r"[a-z]+:|#", target):
+                continue
+            file, _, anchor = target.partition("#")
+            if not (path.parent / file).exists():
+                problems.append(f"{rel}:{n}: link to {target}, which does not exist")
+            elif anchor and file.endswith(".md") and anchor not in anchors(path.parent / file):
+                problems.append(f"{rel}:{n}: link to {target}: {file} has no heading with that anchor "
+                                f"(it has: {', '.join(sorted(anchors(path.parent / file)))})")
+    return problems
+
+
+def test_relative_links_resolve() -> None:
+    """A link to another file of the repository (README -> docs/x.md, x.md -> y.md#z) names one, and a heading, that exist."""
+    problems = [p for path in DOC_FILES for p in link_problems(path)]
     assert not problems, "\n".join(problems)
 
 
@@ -473,6 +491,10 @@ def test_planted_broken_blocks_are_caught(tmp_path: Path) -> None:
     for wrong in ("publish", "deploy", "--pakage", "sometimes", "remove", "--grace"):
         assert wrong in problems, (wrong, problems)
     assert "upload ./pkg" not in problems and "--if better" not in problems and "--if always" not in problems, problems
+    (tmp_path / "other.md").write_text("# Other\n\n## A section\n")
+    (tmp_path / "links.md").write_text("[ok](other.md#a-section), [no](other.md#b-section), [gone](gone.md)\n")
+    links = "\n".join(link_problems(tmp_path / "links.md"))
+    assert "#b-section" in links and "gone.md" in links and "#a-section:" not in links, links
     airflow = "\n".join(check_airflow(airflow_lines(path), tmp_path / "home"))
     for wrong in ("tset", "--conn-extras", "'dag'"):
         assert wrong in airflow, (wrong, airflow)
