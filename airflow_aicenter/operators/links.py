@@ -1,4 +1,7 @@
-"""Extra links on the task: its run's page in the AI Center UI (``/aicenter/runs/...``), and that page's artifacts.
+"""Extra links on the task: its run's page in the AI Center UI, and that page's artifacts, inside Airflow's shell.
+
+The links go to the external view's route (``/plugin/ml-packages/aicenter/runs/...``): the Airflow
+UI opens the page in its frame there, with its navigation around it, instead of the bare page.
 
 The link is computed from the task instance key alone (dag_id, run_id, task_id, map_index,
 try_number -> the run folder, :mod:`airflow_aicenter.layout`): no XCom is read, so the links
@@ -12,7 +15,7 @@ the store is.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from airflow.sdk import BaseOperatorLink
 
@@ -22,6 +25,9 @@ if TYPE_CHECKING:
     from airflow.sdk import BaseOperator
 
 URL_PREFIX = "/aicenter"
+#: The "ML Packages" external view's ``url_route`` (plugins/__init__.py): Airflow shows ``/plugin/<route>/<path>``
+#: as its shell with ``/<path>`` in the view's frame.
+VIEW_ROUTE = "ml-packages"
 
 
 def _base_url() -> str:
@@ -39,13 +45,24 @@ def run_page_url(ti_key: Any, anchor: str = "") -> str:
     return f"{_base_url()}{URL_PREFIX}/runs/{parts}" + (f"#{anchor}" if anchor else "")
 
 
+def in_airflow(url: str) -> str:
+    """A page of the AI Center app (``run_page_url``) as the route that shows it inside Airflow's shell.
+
+    The frame loads the path after ``/plugin/<route>`` from the site's root, so a proxy path of
+    ``[api] base_url`` is in it twice: once for the shell, once for the page.
+    """
+    base = _base_url()
+    page = url.removeprefix(base)
+    return f"{base}/plugin/{VIEW_ROUTE}{urlsplit(base).path}{page}"
+
+
 class ResultsLink(BaseOperatorLink):
     """The run's page: status, phases, inputs, score, ``_results.json``."""
 
     name = "AI Center run"
 
     def get_link(self, operator: BaseOperator, *, ti_key: Any) -> str:
-        return run_page_url(ti_key)
+        return in_airflow(run_page_url(ti_key))
 
 
 class ArtifactsLink(BaseOperatorLink):
@@ -54,4 +71,4 @@ class ArtifactsLink(BaseOperatorLink):
     name = "AI Center artifacts"
 
     def get_link(self, operator: BaseOperator, *, ti_key: Any) -> str:
-        return run_page_url(ti_key, "artifacts")
+        return in_airflow(run_page_url(ti_key, "artifacts"))

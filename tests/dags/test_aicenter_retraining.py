@@ -77,7 +77,7 @@ def test_retraining_promotes_and_each_new_version_is_evaluated(airflow_env, monk
     results = json.loads(registry.store.get_bytes(value["results_uri"].removeprefix(registry.store.uri + "/")))
     assert results["aicenter"]["promotion"] == value["promotion"]
     # the extra links open the run's page in the Airflow UI (same origin), computed from the task instance alone
-    assert retrain["_link_ResultsLink"].startswith("/aicenter/runs/aicenter_retraining/")
+    assert retrain["_link_ResultsLink"].startswith("/plugin/ml-packages/aicenter/runs/aicenter_retraining/")
     assert retrain["_link_ResultsLink"].endswith("/retrain/1") and retrain["_link_ArtifactsLink"].endswith("/retrain/1#artifacts")
     events = asset_events(home, "aicenter://churn/")
     assert events[-1]["dag_id"] == "aicenter_retraining" and events[-1]["extra"]["version"] == "1.1"

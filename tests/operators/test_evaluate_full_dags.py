@@ -111,5 +111,5 @@ def test_full_then_evaluate_end_to_end(deployment, tmp_path, monkeypatch, capfd)
         dag_id, dag_run_id, task_id, try_number = run_id.split("/")
         ti_key = TaskInstanceKey(dag_id=dag_id, task_id=task_id, run_id=dag_run_id, try_number=int(try_number))
         links = {type(link).__name__: link.get_link(tasks[task], ti_key=ti_key) for link in tasks[task].operator_extra_links}
-        assert links["ResultsLink"] == "/aicenter/runs/" + "/".join(quote(p, safe="") for p in run_id.split("/"))
+        assert links["ResultsLink"] == "/plugin/ml-packages/aicenter/runs/" + "/".join(quote(p, safe="") for p in run_id.split("/"))
         assert links["ArtifactsLink"] == links["ResultsLink"] + "#artifacts"

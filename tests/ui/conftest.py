@@ -45,7 +45,7 @@ READS: dict[str, set[str] | None] = {"alice": {OURS}, "nobody": set(), "admin": 
 PACKAGE = "uipkg"
 DAG_ID = "aicenter_ui"
 T = TypeVar("T")
-SCREENSHOTS = Path(os.environ.get("AICENTER_TEST_OUTPUT", HERE.parents[1] / "test-output")) / "ui"
+SCREENSHOTS = Path(os.environ.get("AICENTER_TEST_OUTPUT", HERE.parents[1] / "test-output")) / "screenshots"
 
 
 @dataclass
@@ -188,13 +188,15 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture
 def shots(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    """``shots(page, "name")`` saves a full-page screenshot under test-output/ui/ (and the test's tmp folder)."""
+    """``shots(page, "name")`` saves a full-page screenshot under test-output/screenshots/ (and the test's tmp folder),
+    and prints its path (kept as a test artifact)."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
 
     def take(page: Any, name: str) -> Path:
         target = SCREENSHOTS / f"{request.node.name}-{name}.png"
         page.screenshot(path=str(target), full_page=True)
         shutil.copy(target, tmp_path / target.name)
+        print(f"screenshot: {target}")
         return target
 
     return take

@@ -1,6 +1,6 @@
 """The AI Center pages as users meet them: a real api-server, Debian's Chromium, file and S3 stores.
 
-Screenshots of every step are kept under test-output/ui/ (and each test's tmp folder).
+Screenshots of every step are kept under test-output/screenshots/ (and each test's tmp folder).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def test_packages_package_run_and_previews_in_the_browser(signed_in, ui_server, 
     trained = page.locator("#v-1\\.1")
     assert trained.locator("td.score").inner_text() == "0.8133"  # not 0.8133333333333334
     assert "1.0" in trained.inner_text() and "full" in trained.inner_text()
-    assert page.locator("svg.chart circle").count() == 3  # 1.1, 1.2, 1.3 are scored; 1.0 is not
+    assert page.locator("svg.chart circle.point.own").count() == 3  # 1.1, 1.2, 1.3 are scored; 1.0 is not
     history = page.locator("#alias-production tbody tr")
     assert history.count() == 2 and "0.8512 > 0.8133" in history.first.inner_text()
     assert history.first.locator("td.set-by").inner_text() == "ui-tests"
@@ -118,7 +118,7 @@ def test_packages_package_run_and_previews_in_the_browser(signed_in, ui_server, 
     assert "values.csv" not in page.locator("#snapshots").inner_text()  # a summary, not the listing
     assert re.search(r"data_directory\s+\S+\s+1\s+\d+", page.locator("#snapshots").inner_text())
     assert '"train_data"' in page.locator("#results-json").inner_text()
-    ti_link = page.locator("#task-instance").get_attribute("href")
+    ti_link = page.locator("#task-log").get_attribute("href")
     assert ti_link.startswith(f"/dags/{DAG_ID}/runs/") and ti_link.endswith("/tasks/full?try_number=1")
     shots(page, "run")
 
@@ -170,9 +170,9 @@ def extra_links(ui_server, task: str) -> dict[str, str]:
 def test_extra_links_lead_to_the_run_page_for_success_and_failure(signed_in, ui_server, shots):
     for task in ("full", "broken"):
         links = extra_links(ui_server, task)
-        assert links == {
-            "AI Center run": f"/aicenter/runs/{quoted(ui_server.run_folder(task))}",
-            "AI Center artifacts": f"/aicenter/runs/{quoted(ui_server.run_folder(task))}#artifacts",
+        assert links == {  # inside Airflow's shell: the external view's route, with the page in its frame
+            "AI Center run": f"/plugin/ml-packages/aicenter/runs/{quoted(ui_server.run_folder(task))}",
+            "AI Center artifacts": f"/plugin/ml-packages/aicenter/runs/{quoted(ui_server.run_folder(task))}#artifacts",
         }
     # computed from the task instance key: no XCom is read, so a failed task logs no "XCom not found" beside its cause
     assert "failed on purpose" in ui_server.dag_log and "XCom not found" not in ui_server.dag_log
@@ -183,9 +183,12 @@ def test_extra_links_lead_to_the_run_page_for_success_and_failure(signed_in, ui_
     link.wait_for(timeout=60_000)
     shots(page, "task-instance")
     link.click()
-    page.wait_for_url("**/aicenter/runs/**/broken/1")
-    assert page.locator("#status").inner_text() == "failed"
-    assert "failed on purpose" in page.locator("#cause").inner_text()
+    page.wait_for_url("**/plugin/ml-packages/aicenter/runs/**/broken/1")
+    frame = page.frame_locator("iframe[title='ML Packages']")  # Airflow's navigation stays around the page
+    frame.locator("#status").wait_for(timeout=60_000)
+    assert frame.locator("#status").inner_text() == "failed"
+    assert "failed on purpose" in frame.locator("#cause").inner_text()
+    assert not frame.locator("header.top .brand").is_visible()  # no second header inside Airflow's frame
     shots(page, "failed-run")
 
 

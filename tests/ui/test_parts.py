@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from airflow_aicenter import layout
-from airflow_aicenter.operators.links import ArtifactsLink, ResultsLink, run_page_url
+from airflow_aicenter.operators.links import VIEW_ROUTE, ArtifactsLink, ResultsLink, run_page_url
 from airflow_aicenter.plugins import AICenterPlugin, pages
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
@@ -21,18 +21,24 @@ def key(**kw):
                               "map_index": -1, "try_number": 2, **kw})
 
 
-def test_links_are_same_origin_and_need_no_xcom(monkeypatch):
+def test_links_are_same_origin_need_no_xcom_and_stay_in_airflows_shell(monkeypatch):
     monkeypatch.delenv("AIRFLOW__API__BASE_URL", raising=False)
+    page = "/aicenter/runs/d/manual__2026-01-01T00%3A00%3A00%2B00%3A00/train/2"
+    assert run_page_url(key()) == page  # the page itself (event extras, messages)
+    # the extra links open it inside Airflow's shell: the external view's route, with the page in its frame
     url = ResultsLink().get_link(None, ti_key=key())  # type: ignore[arg-type]
-    assert url == "/aicenter/runs/d/manual__2026-01-01T00%3A00%3A00%2B00%3A00/train/2"
+    assert url == f"/plugin/ml-packages{page}"
     assert ArtifactsLink().get_link(None, ti_key=key()) == url + "#artifacts"  # type: ignore[arg-type]
+    [view] = AICenterPlugin.external_views
+    assert view["url_route"] == VIEW_ROUTE
     # a mapped task instance's folder is <task>~<index>, as the layout names it
     mapped = run_page_url(key(map_index=3))
     assert mapped.endswith("/train~3/2")
     assert layout.RunPath.parse(mapped.removeprefix("/aicenter/runs/").replace("%3A", ":").replace("%2B", "+")).map_index == 3
-    # behind a proxy: under [api] base_url, still http(s)
+    # behind a proxy: under [api] base_url, still http(s); the frame's path keeps the proxy path too
     monkeypatch.setenv("AIRFLOW__API__BASE_URL", "https://airflow.example.com/team/")
     assert run_page_url(key()).startswith("https://airflow.example.com/team/aicenter/runs/d/")
+    assert ResultsLink().get_link(None, ti_key=key()) == f"https://airflow.example.com/team/plugin/ml-packages/team{page}"  # type: ignore[arg-type]
     monkeypatch.setenv("AIRFLOW__API__BASE_URL", "airflow.example.com")  # not http(s): a root-relative path instead
     assert run_page_url(key()).startswith("/aicenter/runs/")
 

@@ -1,11 +1,14 @@
 """Training entry point of the UI tests' ML package: writes a text, a CSV and a PNG artifact.
 
 ``FAIL_IN`` (env) names a method that raises, so a test gets a failed run of the same package.
+``SLOW_EPOCHS`` (env) makes ``train`` report that many epochs with ``aicenter.report``, ``EPOCH_SECONDS`` apart
+(a run in progress for the live page).
 """
 
 import json
 import os
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -45,6 +48,17 @@ class Main:
                 (out / path.name).write_text(path.read_text())
 
     def train(self, training_directory):
+        epochs = int(os.environ.get("SLOW_EPOCHS", "0"))
+        for epoch in range(1, epochs + 1):
+            time.sleep(float(os.environ.get("EPOCH_SECONDS", "1")))
+            print(f"epoch {epoch}/{epochs} loss={1 / epoch:.3f}", flush=True)
+            try:
+                import aicenter
+
+                aicenter.report(step=epoch, total=epochs, loss=1 / epoch, accuracy=1 - 0.5 / epoch)
+            except ImportError:
+                pass
+        print(f"training on {training_directory}", flush=True)
         self._check("train")
         self._read(training_directory)
         self.threshold = sum(self.values) / len(self.values)
