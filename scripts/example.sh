@@ -55,3 +55,4 @@ print(f"\nNew version from aicenter_training: churn {record.version} (parent {re
 print(f"_results.json: {registry.store.url(record.run.prefix + '/_results.json')}")
 print(f"artifacts:     {registry.store.url(record.run.prefix + '/artifacts/')}")
 PY
+echo "The Airflow UI on this home, with these runs and the example DAGs: bash scripts/ui.sh"
