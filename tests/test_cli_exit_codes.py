@@ -20,7 +20,7 @@ from airflow_aicenter.plans import PREDICT, TRAIN
 from airflow_aicenter.records import Outcome, RunRef, write
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
-from tests.conftest import write_files
+from tests.conftest import RuntimeSpawner, write_files
 from tests.packages import ECHO_MAIN
 
 AICENTER = str(Path(sys.executable).parent / "aicenter")
@@ -193,3 +193,61 @@ def test_s3_connection_without_credentials_says_what_to_fix(monkeypatch: pytest.
     assert not ok
     assert "NoneType" not in message and "get_frozen_credentials" not in message, message
     assert "no AWS credentials for the AWS connection 'aws_bare'" in message and "AWS_ACCESS_KEY_ID" in message, message
+
+
+# -- item 7e: the runtime leaves no temp folder behind ---------------------------------------------
+SLEEPY_TRAIN = ("import time\nclass Main:\n    def __init__(self):\n        pass\n"
+                "    def train(self, training_directory):\n        time.sleep(120)\n    def save(self):\n        pass\n")
+
+
+def test_the_runtime_leaves_no_temp_folder_on_any_ending(tmp_path: Path, spawn_runtime: RuntimeSpawner) -> None:
+    """Started on its own (no launcher folder given), the runtime removes its work folder when it ends; one
+    killed with SIGKILL cannot, so the next start removes it and kills what still ran in it."""
+    import signal
+    import time
+
+    from airflow_aicenter.records import RunSpec, read_optional
+    from airflow_aicenter.storage.transfer import run, upload_tree
+    from tests.aicenter_helpers import small_dataset, upload_package
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {"TMPDIR": str(temp)}
+    store = open_store((tmp_path / "store").as_uri())
+    registry = Registry(store)
+    upload_package(registry, tmp_path, "fits", TRAIN_PY)
+    upload_package(registry, tmp_path, "sleepy", SLEEPY_TRAIN)
+    run(upload_tree(small_dataset(tmp_path), store, "datasets/d"))
+
+    def spec(run_id: str, package: str, **kw: object) -> RunSpec:
+        base = registry.get(package, "1.0")
+        return RunSpec.model_validate({"pipeline": "train", "storage": store.uri, "run_prefix": f"runs/{run_id}",
+                                       "package": package, "version": "1.0", "blob": base.blob,
+                                       "dataset": store.url("datasets/d"), **kw})
+
+    def left() -> list[str]:
+        return sorted(p.name for p in temp.iterdir())
+
+    assert spawn_runtime.start(spec("d/r/ok/1", "fits"), env).wait(timeout=120) == 0
+    assert left() == [], "a run that succeeded"
+    assert spawn_runtime.start(spec("d/r/bad/1", "fits", dataset=store.url("datasets/none")), env).wait(timeout=120) == 1
+    assert left() == [], "a run that failed"
+
+    killed = spawn_runtime.start(spec("d/r/slow/1", "sleepy"), env)
+    deadline = time.monotonic() + 90
+    while (o := read_optional(store, "runs/d/r/slow/1/outcome.json", Outcome)) is None or o.phase != "user_code":
+        assert time.monotonic() < deadline, "the slow run never reached user code"
+        time.sleep(0.2)
+    killed.send_signal(signal.SIGTERM)
+    assert killed.wait(timeout=60) == 1
+    assert left() == [], "a run stopped with SIGTERM (what on_kill and pod deletion send)"
+
+    killed = spawn_runtime.start(spec("d/r/slow/2", "sleepy"), env)
+    while (o := read_optional(store, "runs/d/r/slow/2/outcome.json", Outcome)) is None or o.phase != "user_code":
+        assert time.monotonic() < deadline + 90, "the slow run never reached user code"
+        time.sleep(0.2)
+    killed.kill()
+    killed.wait(timeout=60)
+    assert len(left()) == 1, "SIGKILL: nothing can clean up at that moment"
+    assert spawn_runtime.start(spec("d/r/ok/2", "fits"), env).wait(timeout=120) == 0
+    assert left() == [], "the next run removed the folder of the killed one (and what still ran in it)"

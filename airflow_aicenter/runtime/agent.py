@@ -1061,6 +1061,21 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Killed
 
 
+def own_work_folder() -> Path:
+    """The work folder of a runtime started without one (``AICENTER_WORKDIR``), locked while it runs.
+
+    The local launcher gives the runtime its own launch folder; started otherwise (by hand, by a
+    test), the runtime makes one the same way: named and locked as a launch folder, so a runtime
+    killed with SIGKILL, which removes nothing, leaves a folder the next start (or the next local
+    launch) sweeps, killing what still runs in it.
+    """
+    parent = Path(tempfile.gettempdir())
+    isolation.sweep(parent, log)
+    folder = Path(tempfile.mkdtemp(prefix=isolation.LAUNCH_PREFIX))
+    isolation.hold_lock(folder)  # never closed: the kernel drops the lock when this process ends, however it ends
+    return folder
+
+
 def watch_parent() -> None:
     """When the launcher that started this agent dies, stop the run as if killed (SIGTERM to self).
 
@@ -1135,7 +1150,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = RunSpec.model_validate_json(raw)
     signal.signal(signal.SIGTERM, _on_sigterm)
     watch_parent()
-    workdir = Path(os.environ.get("AICENTER_WORKDIR") or tempfile.mkdtemp(prefix="aicenter-run-"))
+    workdir = Path(os.environ.get("AICENTER_WORKDIR") or own_work_folder())
     workdir.mkdir(parents=True, exist_ok=True)
     state = Path(os.environ.get("AICENTER_STATE") or workdir / ".state")
     try:
