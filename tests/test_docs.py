@@ -116,6 +116,9 @@ def check_bash(block: Block) -> list[str]:
     return []
 
 
+#: Blocks whose command lines are checked: shell, console, and unmarked or text blocks (a command shown
+#: in one is still copied by readers; layouts and output have no line that starts with the command).
+COMMAND_BLOCKS = ("bash", "sh", "shell", "console", "", "text")
 #: Sample values for the placeholders the docs use in synopsis lines.
 PLACEHOLDERS = {
     "NAME": "churn", "NAME:VERSION": "churn:1.0", "NAME[:VERSION]": "churn:1.0", "VERSION": "1.0",
@@ -221,7 +224,7 @@ def check_command_words(words: list[str], parser: argparse.ArgumentParser) -> st
 def check_aicenter(path: Path, text: str | None = None) -> list[str]:
     problems: list[str] = []
     for block in fenced_blocks(path, text):
-        if block.lang not in ("bash", "sh", "shell", "console"):
+        if block.lang not in COMMAND_BLOCKS:
             continue
         for offset, line in command_lines(block, "aicenter"):
             for words in variants(line):
@@ -281,7 +284,7 @@ def airflow_lines(path: Path, text: str | None = None) -> list[tuple[str, list[s
     rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
     found: list[tuple[str, list[str], bool]] = []
     for block in fenced_blocks(path, text):
-        if block.lang in ("bash", "sh", "shell", "console"):
+        if block.lang in COMMAND_BLOCKS:
             for offset, line in command_lines(block, "airflow"):
                 found.extend((block.where(offset), words, True) for words in variants(line))
     for n, span in inline_spans(path, text):
