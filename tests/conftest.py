@@ -265,6 +265,61 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(pytest.mark.timeout(seconds))
 
 
+# -- one temp root per test session, removed at its end ---------------------------------------------
+#: Prefix of a session's temp root, short: Unix socket paths under it must stay within 108 bytes.
+TEMP_ROOT_PREFIX = "aict-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Point TMPDIR at a folder of this session's own (xdist workers inherit it), after removing roots of dead sessions.
+
+    pytest's own folders and every temp folder the code under test makes land in it, and it is
+    removed at the session's end (``pytest_unconfigure``): runs no longer pile up gigabytes in
+    TMPDIR. AICENTER_KEEP_TEST_TMP=1 keeps it to look into a failure.
+    """
+    if hasattr(config, "workerinput") or os.environ.get("AICENTER_TEST_TMP_ROOT"):
+        return  # an xdist worker, or a session inside a session: the outer one owns the root
+    import tempfile
+
+    parent = Path(tempfile.gettempdir())
+    for old in parent.glob(f"{TEMP_ROOT_PREFIX}*"):
+        try:
+            pid = int((old / "pid").read_text())
+        except (OSError, ValueError):
+            continue  # not one of ours (or not finished being made)
+        if not _alive(pid):
+            shutil.rmtree(old, ignore_errors=True)
+    root = Path(tempfile.mkdtemp(prefix=TEMP_ROOT_PREFIX, dir=parent))
+    root.chmod(0o1777)  # as /tmp: other users (run_as_user's, PostgreSQL's) make and reach their folders in it
+    (root / "pid").write_text(str(os.getpid()))
+    config.stash[_TEMP_ROOT] = root
+    os.environ.update(TMPDIR=str(root), AICENTER_TEST_TMP_ROOT=str(root))
+    tempfile.tempdir = None  # computed again from TMPDIR
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    root = config.stash.get(_TEMP_ROOT, None)
+    if root is None:
+        return
+    if os.environ.get("AICENTER_KEEP_TEST_TMP"):
+        print(f"test temp folders kept in {root} (AICENTER_KEEP_TEST_TMP)")
+        return
+    shutil.rmtree(root, ignore_errors=True)
+
+
+_TEMP_ROOT = pytest.StashKey[Path]()
+
+
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     """Say where the tests went when none ran: often every one asked for is in the other tier."""
     if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:

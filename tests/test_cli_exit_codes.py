@@ -251,3 +251,26 @@ def test_the_runtime_leaves_no_temp_folder_on_any_ending(tmp_path: Path, spawn_r
     assert len(left()) == 1, "SIGKILL: nothing can clean up at that moment"
     assert spawn_runtime.start(spec("d/r/ok/2", "fits"), env).wait(timeout=120) == 0
     assert left() == [], "the next run removed the folder of the killed one (and what still ran in it)"
+
+
+def test_a_test_session_removes_its_temp_root(tmp_path: Path) -> None:
+    """tests/conftest.py gives each session its own TMPDIR (pytest's folders and every temp folder the code under
+    test makes go there) and removes it at the end; a root left by a killed session goes at the next start."""
+    stale = tmp_path / "aict-stale"
+    stale.mkdir()
+    (stale / "pid").write_text("999999999")  # no such process: a session that was killed
+    (tmp_path / "test_probe.py").write_text(
+        "import os, tempfile\n\ndef test_probe(tmp_path):\n    tempfile.mkdtemp(prefix='aicenter-run-')\n"
+        "    assert os.stat(tempfile.gettempdir()).st_mode & 0o7777 == 0o1777, 'other users reach it, as /tmp'\n"
+        "    print('ROOT', tempfile.gettempdir(), tmp_path)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "AICENTER_KEEP", "AICENTER_TEST_TMP"))}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider", "-o",
+                           "addopts=", "-s", "-q", str(tmp_path / "test_probe.py")], capture_output=True, text=True,
+                          env={**env, "TMPDIR": str(tmp_path)}, cwd=Path(__file__).resolve().parents[1], timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    root, pytest_tmp = next(line.split()[1:] for line in done.stdout.splitlines() if line.startswith("ROOT"))
+    assert Path(root).parent == tmp_path and Path(pytest_tmp).is_relative_to(root)
+    assert not Path(root).exists(), "the session's temp root is removed at its end"
+    assert not stale.exists(), "a killed session's root is removed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test_probe.py"]
