@@ -462,7 +462,8 @@ def metric_charts(series: dict[str, list[list[float]]], x_name: str, width: int 
         body.append('<polyline class="line" points="' + " ".join(f"{px(a):.1f},{py(b):.1f}" for a, b in points) + '"/>')
         if len(points) == 1:
             body.append(f'<circle class="point" cx="{px(xs[0]):.1f}" cy="{py(ys[0]):.1f}" r="3"/>')
-        body.append(f'<text class="axis" x="{width - pad_r}" y="{height - 8}" text-anchor="end">{x_name}</text></svg>')
+        body.append(f'<text class="axis" x="{(pad_l + width - pad_r) / 2:.0f}" y="{height - 8}" text-anchor="middle">'
+                    f"{x_name}</text></svg>")
         charts.append("".join(body))
     return "".join(charts)
 

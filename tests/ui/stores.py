@@ -38,7 +38,7 @@ class TwoTeams:
     damaged: dict[str, str] = field(default_factory=dict)  # what is damaged -> the key (see :func:`damage`)
 
 
-def _outcome(store: Store, run_id: str, *, start: float | None = None, end: float | None | bool = True,
+def _outcome(store: Store, run_id: str, *, start: float | None = None, end: float | bool | None = True,
              output_tail: list[str] | None = None, **fields: object) -> layout.RunPath:
     """Write a run's outcome.json (succeeded, train, 30 s, score 0.5 unless ``fields`` say otherwise).
 

@@ -38,7 +38,7 @@ def test_a_failed_run_is_found_from_the_runs_list_and_shows_its_last_output(sign
     page.wait_for_url("**/aicenter/runs?status=failed**")
     assert [r.get_attribute("data-run") for r in page.locator("#runs tr.run").all()] == [ui_server.run_folder("broken")]
     shots(page, "runs-failed")
-    page.click(f"#runs tr.run a.run-link")
+    page.click("#runs tr.run a.run-link")
     page.wait_for_url("**/aicenter/runs/**/broken/1")
     assert "failed on purpose" in page.locator("#cause").inner_text()
     output = page.locator("#output").inner_text()
