@@ -601,6 +601,7 @@ def cmd_package_validate(args: argparse.Namespace, registry: Registry | None) ->
         with tempfile.TemporaryDirectory(prefix="aicenter-validate-") as tmp:
             info = validate_package(open_package(Path(args.path), Path(tmp) / "pkg"), args.pipeline)
             root = str(info.root) if Path(args.path).is_dir() else args.path
+            cannot = {k: v for k, v in capabilities(info.root).items() if v}
     except AICenterError as exc:
         if args.json:
             emit_json({"valid": False, "path": args.path, "pipeline": args.pipeline, "error": str(exc)})
@@ -609,6 +610,7 @@ def cmd_package_validate(args: argparse.Namespace, registry: Registry | None) ->
         "valid": True, "path": args.path, "root": root, "pipeline": args.pipeline, "has_train": info.has_train,
         "main_methods": _public(info.main_methods), "train_methods": _public(info.train_methods),
         "requirements": info.requirements, "metadata": info.metadata.model_dump(),
+        "pipelines": {name: name not in cannot for name in PLANS}, "cannot": cannot,
     }
     if args.json:
         emit_json(data)
@@ -617,6 +619,7 @@ def cmd_package_validate(args: argparse.Namespace, registry: Registry | None) ->
     console.print(f"  main.py Main: {escape(', '.join(data['main_methods']))}")
     console.print(f"  train.py Main: {escape(', '.join(data['train_methods'])) or '(no train.py)'}")
     console.print(f"  requirements: {len(info.requirements)} line(s); description: {_fmt(info.metadata.description or '-')}")
+    _print_capabilities("the package", cannot)
     return 0
 
 

@@ -231,7 +231,7 @@ class Registry:
             close = difflib.get_close_matches(name, self.packages(), n=1, cutoff=0.75)
             return (
                 f"package {name!r} has no versions in {self.store.uri}; "
-                + (f"did you mean {close[0]!r}? " if close else "")
+                + (f"did you mean {close[0]!r}? Otherwise " if close else "")
                 + f"upload it first with `aicenter package upload PATH --name {name}`"
             )
         return f"package {name!r} has no {what} in {self.store.uri}; `aicenter package show {name}` lists its versions"

@@ -141,6 +141,16 @@ def test_validate_takes_the_operators_pipeline_names(uri: str, tmp_path: Path, p
     done = cli(uri, "package", "validate", str(pkg), "--pipeline", pipeline, "--json")
     assert done.returncode == 0, done
     assert json.loads(done.stdout)["pipeline"] == pipeline
+    assert json.loads(done.stdout)["pipelines"] == {"train": True, "evaluate": True, "full": True, "predict": True}
+
+
+def test_validate_says_what_a_package_without_train_py_can_do(tmp_path: Path) -> None:
+    pkg = write_files(tmp_path / "pkg", {"main.py": ECHO_MAIN, "requirements.txt": ""})
+    done = cli((tmp_path / "unused").as_uri(), "package", "validate", str(pkg), "--pipeline", "predict")
+    assert done.returncode == 0, done
+    assert "the package can: serve (predict)" in done.stdout and "cannot: train, evaluate, full" in done.stdout
+    refused = cli((tmp_path / "unused").as_uri(), "package", "validate", str(pkg), "--pipeline", "train")
+    assert refused.returncode == EXIT_ERROR and "no train.py" in refused.stderr
 
 
 # -- item 7a: a close name is suggested --------------------------------------------------------
