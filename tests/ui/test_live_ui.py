@@ -130,3 +130,25 @@ def test_the_pages_follow_airflows_dark_theme_and_time_zone(admin_context, ui_se
     finally:
         page.evaluate("localStorage.removeItem('theme'); localStorage.removeItem('timezone')")
         page.close()
+
+
+def test_markdown_is_rendered_and_svg_shown_as_an_image_with_no_script_run(signed_in, ui_server, shots):
+    page = signed_in
+    page.goto(f"/aicenter/runs/{quoted(ui_server.run_folder('full'))}")
+    page.click("a.preview:text('report.md')")
+    doc = page.locator("#artifact-markdown")
+    assert doc.locator("h1").inner_text() == "Training report"
+    assert doc.locator("table tbody tr").count() == 6  # a Markdown table, rendered
+    assert "<script>" in doc.inner_text()  # raw HTML shown as text, never run
+    assert doc.locator("a").count() == 0  # the javascript: link stays text
+    assert page.evaluate("window.__markdownScript === undefined && window.__markdownLink === undefined")
+    shots(page, "preview-markdown")
+    page.go_back()
+    page.click("a.preview:text('plots/loss.svg')")
+    image = page.locator("#artifact-image")
+    image.wait_for()
+    page.wait_for_function("document.getElementById('artifact-image').complete")
+    assert image.evaluate("img => img.naturalWidth") == 120
+    assert page.locator("svg polyline").count() == 0  # an image, not inline markup
+    assert page.evaluate("window.__svgScript === undefined")
+    shots(page, "preview-svg")

@@ -114,7 +114,7 @@ def test_packages_package_run_and_previews_in_the_browser(signed_in, ui_server, 
     assert "API_TOKEN" in env and "***" in env and "not-for-the-page" not in page.content()
     assert page.locator("#phases tbody tr").count() >= 3
     files = page.locator("#artifact-list tbody tr td:first-child").all_inner_texts()
-    assert files == ["metrics.txt", "plots/chart.png", "predictions.csv"]
+    assert files == ["metrics.txt", "plots/chart.png", "plots/loss.svg", "predictions.csv", "report.md"]
     assert "values.csv" not in page.locator("#snapshots").inner_text()  # a summary, not the listing
     assert re.search(r"data_directory\s+\S+\s+1\s+\d+", page.locator("#snapshots").inner_text())
     assert '"train_data"' in page.locator("#results-json").inner_text()
@@ -221,7 +221,7 @@ def test_the_same_run_page_on_an_s3_store(signed_in, ui_server, s3_server, shots
         page.goto(f"/aicenter/runs/{quoted(ui_server.run_folder('full'))}")
         assert s3.uri in page.locator("footer").inner_text()
         assert page.locator("#status").inner_text() == "succeeded" and page.locator("#score").inner_text() == "0.8133"
-        assert page.locator("#artifact-list tbody tr").count() == 3
+        assert page.locator("#artifact-list tbody tr").count() == 5
         shots(page, "s3-run")
         page.click("a.preview:text('plots/chart.png')")
         page.wait_for_function("document.getElementById('artifact-image').complete")

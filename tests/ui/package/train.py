@@ -69,6 +69,13 @@ class Main:
                 f.write(f"{i},{v},{v > self.threshold}\n")
         (self.artifacts / "plots").mkdir(exist_ok=True)
         (self.artifacts / "plots" / "chart.png").write_bytes(_png(24, 16, (1, 124, 238)))
+        (self.artifacts / "report.md").write_text(
+            f"# Training report\n\nThreshold **{self.threshold:.3f}** over {len(self.values)} rows.\n\n"
+            "| row | value |\n|---|---|\n" + "".join(f"| {i} | {v} |\n" for i, v in enumerate(self.values))
+            + "\n<script>window.__markdownScript = 1</script>\n\n[a bad link](javascript:window.__markdownLink=1)\n")
+        (self.artifacts / "plots" / "loss.svg").write_text(
+            '<svg xmlns="http://www.w3.org/2000/svg" width="120" height="60"><script>parent.__svgScript = 1</script>'
+            '<polyline points="0,10 40,35 80,45 120,50" fill="none" stroke="#017cee" stroke-width="3"/></svg>')
 
     def evaluate(self, evaluation_directory):
         self._check("evaluate")
