@@ -17,6 +17,8 @@ with its own cause from ``node-<k>.outcome.json``.
 from __future__ import annotations
 
 import hashlib
+import re
+import threading
 import time
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
@@ -50,6 +52,88 @@ if TYPE_CHECKING:
 __all__ = ["LABEL_JOB", "MASTER_PORT", "JobLauncher", "job_name"]
 #: Seconds between Job status polls while waiting (sync).
 POLL = 2.0
+
+
+_RANK_PREFIX = re.compile(r"^\[rank (\d+)\] ")
+
+
+class NodeLogStream:
+    """Node 0's user container log, followed into the task log while the run goes on.
+
+    Lines read ``[node 0 rank r] ...`` (the supervisor's ``[rank r]`` prefix is folded in; with
+    one process per node, node 0 runs rank 0 alone). The stream runs in a daemon thread: it
+    waits for node 0's pod to start its user container, then follows its log until it ends.
+    ``complete`` says whether it reached the end, so the log is not relayed twice; a stream
+    broken by the API server leaves the whole log to the relay at the end instead.
+    """
+
+    def __init__(self, launcher: JobLauncher) -> None:
+        self.launcher = launcher
+        self.complete = False
+        self.stop = threading.Event()
+        self.response: Any = None
+        launcher.streamer = self
+        self.thread = threading.Thread(target=self._run, name=f"aicenter-log-{launcher.job}", daemon=True)
+        self.thread.start()
+
+    def line(self, text: str) -> str:
+        match = _RANK_PREFIX.match(text)
+        if match:
+            return f"[node 0 rank {match.group(1)}] {text[match.end():]}"
+        if self.launcher.pod_run is not None and self.launcher.pod_run.spec.procs_per_node == 1:
+            return f"[node 0 rank 0] {text}"
+        return f"[node 0] {text}"
+
+    def _node0(self) -> k8s.V1Pod | None:
+        """Node 0's pod once its user container started (None while it has not, or once the run is over)."""
+        container = self.launcher.op.base_container_name
+        while not self.stop.wait(POLL):
+            try:
+                pods = self.launcher._pods()
+            except Exception:  # noqa: BLE001 - the wait itself reports API trouble; keep looking
+                continue
+            for pod in pods:
+                if node_index(pod) != "0" or pod.status is None:
+                    continue
+                for status in pod.status.container_statuses or []:
+                    state = status.state
+                    if status.name == container and state is not None and (state.running or state.terminated):
+                        return pod
+        return None
+
+    def _run(self) -> None:
+        log, op = self.launcher.op.log, self.launcher.op
+        pod = self._node0()
+        if pod is None:
+            return
+        try:
+            self.response = self.launcher.kube.core_v1_client.read_namespaced_pod_log(
+                pod.metadata.name, pod.metadata.namespace, container=op.base_container_name, follow=True,
+                _preload_content=False, _request_timeout=(30, None),  # a training may print nothing for hours
+            )
+            pending = b""
+            while chunk := self.response.read1(65536):  # what has arrived, not a full buffer
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for raw in lines:
+                    log.info("%s", self.line(raw.decode("utf-8", "replace").rstrip("\r")))
+            if pending:
+                log.info("%s", self.line(pending.decode("utf-8", "replace")))
+            self.complete = True
+        except Exception as exc:  # noqa: BLE001 - the relay at the end has the whole log
+            if not self.stop.is_set():
+                log.warning("Following node 0's log stopped (%s); it is relayed whole when the run ends", exc)
+
+    def finish(self, wait: float = 10.0) -> None:
+        """Stop looking for node 0; let a stream that runs read to its end (the container ended), then close it."""
+        self.stop.set()
+        self.thread.join(wait)
+        if self.thread.is_alive() and self.response is not None:
+            self.complete = False
+            try:
+                self.response.release_conn()
+            except Exception:  # noqa: BLE001 - closing a stream that is going away
+                pass
 
 
 class GangStartTimeout(RunError):
@@ -114,6 +198,7 @@ class JobLauncher(PodLauncher):
         self.kube = cast("KubernetesHook", operator.hook)
         self.job: str | None = None
         self.namespace: str | None = None
+        self.streamer: NodeLogStream | None = None
 
     def check(self) -> None:
         super().check()
@@ -155,6 +240,7 @@ class JobLauncher(PodLauncher):
             )
         if self.op.deferrable:
             self._defer(context)
+        streamer = NodeLogStream(self)
         try:
             status = self._wait()
         except GangStartTimeout as timeout:
@@ -168,6 +254,8 @@ class JobLauncher(PodLauncher):
         except BaseException:
             self._end()  # killed, timed out, or the Job disappeared
             raise
+        finally:
+            streamer.finish()
         try:
             return self.ending_of_job(status)
         finally:
@@ -261,7 +349,10 @@ class JobLauncher(PodLauncher):
                 raise RunError(f"Job {self.namespace}/{self.job} disappeared while running (deleted by someone?)")
             for condition in job.status.conditions or []:
                 if condition.type in ("Complete", "Failed") and condition.status == "True":
-                    self._relay_logs()
+                    streamer = self.streamer
+                    if streamer is not None:
+                        streamer.finish()
+                    self._relay_logs(skip_streamed=streamer is not None and streamer.complete)
                     return job.status
             if not started and job.spec.suspend:
                 if admitted is None:
@@ -292,11 +383,17 @@ class JobLauncher(PodLauncher):
                                log=self.op.log).items
         return sorted(pods, key=lambda p: int((p.metadata.labels or {}).get("batch.kubernetes.io/job-completion-index", "0")))
 
-    def _relay_logs(self) -> None:
-        """Every node's log into the task log, prefixed with its node, once the Job ended."""
+    def _relay_logs(self, *, skip_streamed: bool = False) -> None:
+        """Every node's log into the task log, prefixed with its node, once the Job ended.
+
+        Node 0's user container was streamed while the run went on (:class:`NodeLogStream`); when
+        that stream reached the container's end, it is not repeated here.
+        """
         for pod in self._pods():
             index = (pod.metadata.labels or {}).get("batch.kubernetes.io/job-completion-index", "?")
             for container in (STAGE_CONTAINER, self.op.base_container_name, SYNC_CONTAINER):
+                if skip_streamed and index == "0" and container == self.op.base_container_name:
+                    continue
                 try:
                     # Raw bytes: with its content preloaded the client gives str(bytes) of a plain-text body.
                     response = kube_retry.call(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +188,52 @@ def test_time_in_the_queue_does_not_count_against_startup_timeout(deployment, ku
     thread.join(120)
     assert "error" not in out, out.get("error")
     assert out["result"]["version"] == "1.1"
+
+
+# -- node 0's log while the run goes on -----------------------------------------------------
+WAITING_TRAIN = '''
+import os, time
+
+class Main:
+    def __init__(self):
+        pass
+    def process_data(self, input_directory):
+        pass
+    def train(self, training_directory):
+        rank = os.environ["RANK"]
+        print(f"streamed hello from rank {rank}", flush=True)
+        deadline = time.time() + 90
+        while rank == "0" and not os.path.exists(os.environ["RELEASE"]) and time.time() < deadline:
+            time.sleep(0.2)
+        print(f"streamed bye from rank {rank}", flush=True)
+    def evaluate(self, evaluation_directory):
+        return 1.0
+    def save(self):
+        with open("model.txt", "w") as fh:
+            fh.write("trained")
+'''
+
+
+def test_node_0_log_reaches_the_task_log_while_the_run_goes_on(kube_deployment, kube_api: FakeKubernetes, tmp_path: Path,
+                                                               capfd: pytest.CaptureFixture[str]):
+    registry, dataset = kube_deployment
+    registry.upload(write_files(tmp_path / "pkg", {"main.py": MAIN, "train.py": WAITING_TRAIN, "requirements.txt": ""}), "slow")
+    release = tmp_path / "release"
+    op = TrainPipelineOperator(task_id="train", package="slow", dataset=dataset, nodes=2, install_requirements=False,
+                               env={"RELEASE": str(release)}, **FAST)
+    thread, out = run_in_thread(op, make_context())
+    seen = ""
+    deadline = time.monotonic() + 90
+    while "[node 0 rank 0] streamed hello from rank 0" not in seen and time.monotonic() < deadline and thread.is_alive():
+        captured = capfd.readouterr()
+        seen += captured.out + captured.err
+        time.sleep(0.3)
+    alive = thread.is_alive()
+    release.write_text("go")
+    thread.join(120)
+    assert "error" not in out, out.get("error")
+    assert alive and "[node 0 rank 0] streamed hello from rank 0" in seen, f"node 0's line before the run ended:\n{seen[-3000:]}"
+    captured = capfd.readouterr()
+    rest = seen + captured.out + captured.err
+    assert "[node 0 rank 0] streamed bye from rank 0" in rest
+    assert rest.count("streamed hello from rank 0") == 1, "node 0's log once, not again at the end"
