@@ -167,10 +167,14 @@ def create_app() -> FastAPI:
         return render(request, "docs.html", title=title, docs=pages.doc_titles(DOCS), html=html)
 
     @app.get("/", response_class=HTMLResponse)
-    def packages_page(request: Request, user: UserDep) -> HTMLResponse:
+    def packages_page(request: Request, user: UserDep, access: AccessDep) -> HTMLResponse:
         request.state.aicenter_user = user
         reg = registry()
-        return render(request, "index.html", packages=pages.package_rows(reg), store=reg.store.uri)
+        rows = pages.package_rows(reg)
+        last = pages.last_runs(reg.store, access.can_read)  # runs of DAGs the user may read only
+        for row in rows:
+            row.last_run = last.get(row.name)
+        return render(request, "index.html", packages=rows, store=reg.store.uri)
 
     @app.get("/packages/{name}", response_class=HTMLResponse)
     def package_page(request: Request, name: str, user: UserDep, access: AccessDep) -> HTMLResponse:

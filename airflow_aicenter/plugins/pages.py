@@ -290,6 +290,16 @@ class PackageRow:
     best_score: float | None
     best_version: str | None
     problems: list[str] = field(default_factory=list)
+    #: The newest run of the package among the DAGs the user may read (``last_runs``), if any.
+    last_run: RunRecord | None = None
+
+
+def last_runs(store: Store, can_read: Any) -> dict[str, RunRecord]:
+    """Each package's newest run among the DAGs ``can_read`` allows (damaged runs are the runs list's to name)."""
+    last: dict[str, RunRecord] = {}
+    for record in readable_runs(store, can_read, []):  # newest first
+        last.setdefault(record.package, record)
+    return last
 
 
 def _best(versions: list[VersionRecord], evaluations: dict[str, list[EvaluationRecord]]) -> tuple[float | None, str | None]:
@@ -1050,6 +1060,8 @@ def compare_rows(store: Store, records: list[RunRecord]) -> list[tuple[str, list
     for name, values in compare(records):
         if name == "score":
             values = [score(v) if isinstance(v, float) else v for v in values]
+        if name == "start":  # a time, written as every page writes one (the template makes it a <time>)
+            values = [as_time(r.outcome.start_at) for r in records]
         rows.append((name, values))
         if name == "evaluation_dataset":
             rows.append(("snapshot", [snapshot_summary(store, r) for r in records]))

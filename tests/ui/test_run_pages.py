@@ -206,3 +206,22 @@ def test_pages_in_airflow_frame_follow_its_theme_and_time_zone(pages):
     head = text.split("</head>")[0]
     assert re.search(r'<script src="/aicenter/static/theme.js"></script>', head)
     assert 'class="top"' in text  # the header shown outside Airflow; hidden inside its frame (theme.js)
+
+
+def test_the_compare_page_writes_times_as_every_page_does(pages):
+    kinds = runs_of_every_kind(pages.store)
+    text = pages.get(f"/compare?run={quote(kinds.train, safe='')}&run={quote(kinds.evaluate, safe='')}").text
+    row = re.search(r'<tr class="[a-z]+" data-field="start">(.*?)</tr>', text, re.S)
+    assert row, text[-3000:]
+    shown = re.findall(r'<time datetime="[^"]+\+00:00">([^<]*)</time>', row.group(1))
+    assert len(shown) == 2 and all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", s) for s in shown), row.group(1)
+
+
+def test_the_packages_page_shows_each_packages_last_readable_run(pages):
+    kinds = runs_of_every_kind(pages.store)
+    row = re.search(rf'<tr>\s*<td><a href="/aicenter/packages/{PACKAGE}">.*?</tr>', pages.get("/").text, re.S)
+    assert row, pages.get("/").text[-3000:]
+    assert f'href="/aicenter/runs/{quoted(kinds.running)}"' in row.group(0) and "status-running" in row.group(0)
+    # a user who reads no DAG is shown no run
+    nobody = pages.get("/", "nobody").text
+    assert "/aicenter/runs/" not in nobody.replace('href="/aicenter/runs"', "")
