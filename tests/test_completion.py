@@ -168,7 +168,9 @@ def test_promotion_is_decided_and_reported_in_the_value_and_the_results(registry
 
     worse = PostRun(registry, request(FULL, promote_to="production")).complete(worse_run, outcome(registry, FULL, score=0.5), "1.0")
     assert worse.value["promoted"] is False and worse.value["promotion"]["from"] == "1.1"
-    assert worse.value["promotion"]["reason"].startswith("score 0.5 is not above 0.8 of the current production version 1.1")
+    # each full run scored its own split of data no snapshot identifies: not comparable, so not promoted (promotion.compare)
+    assert worse.value["promotion"]["reason"].startswith("1.2 and the current production version 1.1 were not scored on "
+                                                         "the same data (1.2: 0.5 on its own process_data split of ")
     assert results_of(store, worse_run)["aicenter"]["promoted"] is False
     assert registry.resolve("scored", "production").version == "1.1"
 
@@ -181,7 +183,8 @@ def test_promotion_is_decided_and_reported_in_the_value_and_the_results(registry
 def test_a_retry_reports_the_promotion_its_earlier_attempt_made(registry: Registry):
     """Try 1 promoted, then died before writing its results; try 2 must not report "not promoted"."""
     base = registry.get("scored", "1.0")
-    v1, v2 = (registry.commit("scored", parent="1.0", blob=base.blob, pipeline="full", score=s).version for s in (0.5, 0.6))
+    v1, v2 = (registry.commit("scored", parent="1.0", blob=base.blob, pipeline="full", score=s,
+                                   evaluated_on="s3://b/holdout").version for s in (0.5, 0.6))
     assert promote(registry, "scored", "production", v1, score=0.5).promoted
     post = PostRun(registry, request(EVALUATE, requested_version=v2, promote_to="production"))
     ended = Outcome(status="succeeded", pipeline="evaluate", package="scored", version=v2, start_at=0, score=0.9)

@@ -6,10 +6,14 @@ The scores are controlled: the package's evaluate() returns the run's ``SCORE`` 
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -19,14 +23,18 @@ from airflow_aicenter.records import EvaluationRecord
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
 from tests.aicenter_helpers import SCORED_TRAIN, small_dataset, upload_package
+from tests.conftest import write_files
 from tests.operators.kube_api import make_context
+
+HOLDOUT = "s3://b/churn-holdout"
 
 
 def versions_with_scores(registry: Registry, tmp_path, scores: list[float | None]) -> list[str]:
-    """1.1, 1.2, ... of package "scored", each with the given record score."""
+    """1.1, 1.2, ... of package "scored", each with the given score of its full run on the same ``HOLDOUT``."""
     upload_package(registry, tmp_path, "scored", SCORED_TRAIN)
     base = registry.get("scored", "1.0")
-    return [registry.commit("scored", parent="1.0", blob=base.blob, pipeline="full", score=s).version for s in scores]
+    return [registry.commit("scored", parent="1.0", blob=base.blob, pipeline="full", score=s,
+                            evaluated_on=None if s is None else HOLDOUT).version for s in scores]
 
 
 def test_better_promotes_and_worse_does_not(store, tmp_path):
@@ -43,12 +51,12 @@ def test_better_promotes_and_worse_does_not(store, tmp_path):
     assert not unscored.promoted and "has no score" in unscored.reason and "promote_if='always'" in unscored.reason
     better = promote(registry, "scored", "production", v5, score=0.9)
     assert better.promoted and (better.from_version, better.to_version) == ("1.1", "1.5")
-    assert better.reason == "score 0.9 > 0.5 of the current production version 1.1 (full run)"
+    assert better.reason == f"score 0.9 > 0.5 of the current production version 1.1 (on the same evaluation data {HOLDOUT})"
     again = promote(registry, "scored", "production", v5, score=0.95)
     assert not again.promoted and again.reason == "'production' already points at 1.5"
 
-    # an evaluation outranks the score the version's own run recorded
-    registry.add_evaluation(EvaluationRecord(package="scored", version=v5, score=0.2))
+    # a later evaluation on the same data outranks the score the version's own run recorded
+    registry.add_evaluation(EvaluationRecord(package="scored", version=v5, score=0.2, dataset=HOLDOUT))
     assert version_score(registry, "scored", v5).score == 0.2
     assert promote(registry, "scored", "production", v2, score=0.4).promoted
 
@@ -70,29 +78,28 @@ def test_better_compares_scores_measured_on_the_same_data(store, tmp_path):
     registry = Registry(store)
     upload_package(registry, tmp_path, "scored", SCORED_TRAIN)
     base = registry.get("scored", "1.0")
-    split, holdout = "s3://b/churn#process_data", "s3://b/churn-holdout"
+    split = "s3://b/churn#process_data"
 
     def full(score: float, on: str) -> str:
         return registry.commit("scored", parent="1.0", blob=base.blob, pipeline="full", score=score, evaluated_on=on).version
 
     v1 = full(0.9, split)
     assert promote(registry, "scored", "production", v1, score=0.9, evaluated_on=split).promoted
-    registry.add_evaluation(EvaluationRecord(package="scored", version=v1, score=0.6, dataset=holdout))
-    # 0.8 beats production's holdout score (0.6) but not its score on the same split (0.9): not promoted
+    registry.add_evaluation(EvaluationRecord(package="scored", version=v1, score=0.6, dataset=HOLDOUT))
+    # 0.8 on its own split is compared with nothing: no common evaluation data, no training snapshots to match
     v2 = full(0.8, split)
     decision = promote(registry, "scored", "production", v2, score=0.8, evaluated_on=split)
     assert not decision.promoted
-    assert decision.reason == "score 0.8 is not above 0.9 of the current production version 1.1 (full run on the same data)"
+    assert decision.reason.startswith("1.2 and the current production version 1.1 were not scored on the same data "
+                                      "(1.2: 0.8 on its own process_data split of s3://b/churn; 1.1: 0.6 on "
+                                      f"{HOLDOUT}), so promote_if='better' cannot judge them; evaluate both on the same "
+                                      "data: EvaluatePipelineOperator(task_id=..., package='scored', version='1.2', "
+                                      f"evaluation_dataset='{HOLDOUT}')")
     # scored on the holdout: compared with production's holdout evaluation
-    decision = promote(registry, "scored", "production", full(0.7, holdout), score=0.7, evaluated_on=holdout)
-    assert decision.promoted and decision.reason.startswith("score 0.7 > 0.6 of the current production version 1.1 "
-                                                            "(evaluation on the same data, ")
-    # no comparable score: the latest evaluation is used, and the reason says it is on other data
-    v4 = full(0.95, "file:///elsewhere#process_data")
-    decision = promote(registry, "scored", "staging", v1, score=0.9, evaluated_on=split)
-    decision = promote(registry, "scored", "staging", v4, score=0.95, evaluated_on="file:///elsewhere#process_data")
-    assert decision.promoted and "(evaluation on other data of " in decision.reason
-    assert version_score(registry, "scored", v1).on == holdout
+    decision = promote(registry, "scored", "production", full(0.7, HOLDOUT), score=0.7, evaluated_on=HOLDOUT)
+    assert decision.promoted
+    assert decision.reason == f"score 0.7 > 0.6 of the current production version 1.1 (on the same evaluation data {HOLDOUT})"
+    assert version_score(registry, "scored", v1).on == HOLDOUT
     assert registry.get("scored", v2).evaluated_on == split
 
 
@@ -179,7 +186,7 @@ def promotion_tasks(data: str) -> list:
     def full(task_id, score, **kw):
         env = {"SCORE": score, **kw.pop("env", {})}
         return FullPipelineOperator(task_id=task_id, package="scored", version="1.0", dataset=data,
-                                    env=env, promote_to="production", **kw)
+                                    env=env, promote_to="production", save_training_data=True, **kw)
 
     def evaluate(task_id, version, score):
         return EvaluatePipelineOperator(task_id=task_id, package="scored", version=version, env={"SCORE": score},
@@ -187,24 +194,29 @@ def promotion_tasks(data: str) -> list:
 
     return [
         full("first", "0.5"),                         # 1.1: no alias yet -> promoted
-        full("worse", "0.4"),                         # 1.2: not promoted
+        full("worse", "0.4"),                         # 1.2: not promoted (the same training data, the same split)
         full("equal", "0.5"),                         # 1.3: not strictly better -> not promoted
         full("better", "0.9"),                        # 1.4: promoted over 1.1
-        evaluate("evaluate_better", "1.2", "0.95"),   # 1.2 evaluated at 0.95 > 0.9 -> promoted
-        evaluate("evaluate_worse", "1.4", "0.3"),     # 0.3 < 0.95 (1.2's evaluation) -> not promoted
+        evaluate("evaluate_current", "1.4", "0.6"),   # production evaluated on the evaluation data
+        evaluate("evaluate_better", "1.2", "0.95"),   # 1.2 on the same data: 0.95 > 0.6 -> promoted
+        evaluate("evaluate_worse", "1.4", "0.3"),     # 0.3 < 0.95 (1.2's evaluation on the same data) -> not promoted
         full("unscored", "0.99", env={"EVAL_SPLIT": "0"}),  # 1.5: empty evaluation split -> score null, not promoted
         full("forced", "0.1", promote_if="always"),   # 1.6: promoted although worse
     ]
 
 
+SAME_SPLIT = "(full-run scores on the same training data file://"
 EXPECTED = {  # task -> (promoted, from, to, reason fragment)
     "first": (True, None, "1.1", "alias 'production' did not exist yet"),
     "worse": (False, "1.1", "1.2", "score 0.4 is not above 0.5"),
     "equal": (False, "1.1", "1.3", "score 0.5 is not above 0.5"),
-    "better": (True, "1.1", "1.4", "score 0.9 > 0.5 of the current production version 1.1 (full run on the same data)"),
-    # 1.4 was never evaluated on this data: its full run's score (on its own split) is all there is, and the reason says so
-    "evaluate_better": (True, "1.4", "1.2", "score 0.95 > 0.9 of the current production version 1.4 (full run on other data)"),
-    "evaluate_worse": (False, "1.2", "1.4", "score 0.3 is not above 0.95 of the current production version 1.2 (evaluation on the same data, "),
+    "better": (True, "1.1", "1.4", "score 0.9 > 0.5 of the current production version 1.1 " + SAME_SPLIT),
+    "evaluate_current": (False, "1.4", "1.4", "'production' already points at 1.4"),
+    # 1.4's full-run score (0.9, on its own split) is not what 1.2's evaluation is compared with: 1.4's evaluation is
+    "evaluate_better": (True, "1.4", "1.2", "score 0.95 > 0.6 of the current production version 1.4 (on the same "
+                                            "evaluation data file://"),
+    "evaluate_worse": (False, "1.2", "1.4", "score 0.3 is not above 0.95 of the current production version 1.2 (on the "
+                                            "same evaluation data file://"),
     "unscored": (False, "1.2", "1.5", "has no score"),
     "forced": (True, "1.2", "1.6", "promote_if='always'"),
 }
@@ -238,3 +250,54 @@ def test_promotion_through_the_operators(tmp_path, monkeypatch, capsys):
     assert [(h.version, h.previous) for h in history] == [("1.1", None), ("1.4", "1.1"), ("1.2", "1.4"), ("1.6", "1.2")]
     assert history[1].set_by.startswith("run aicenter_test_promotion/manual__") and history[1].set_by.endswith("/better/1")
     assert registry.resolve("scored", "production").version == "1.6"
+
+
+def test_operators_and_cli_give_the_same_answer_no_flip_flop(tmp_path, monkeypatch):
+    """Issue 24 item 1: own full-run scores on different splits never decide; an evaluation on the same data does,
+    the same way for the operators' promote_if='better' and `aicenter package promote`."""
+    from airflow_aicenter.operators import EvaluatePipelineOperator, FullPipelineOperator
+
+    uri = (tmp_path / "aicenter").as_uri()
+    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps({"conn_type": "aicenter", "extra": {"storage": uri}}))
+    registry = Registry(open_store(uri))
+    upload_package(registry, tmp_path, "scored", SCORED_TRAIN)
+    week1 = small_dataset(tmp_path, "week1").as_uri()
+    week2 = write_files(tmp_path / "week2", {"rows.csv": "x\n3\n4\n"}).as_uri()  # new data: another split
+    holdout = small_dataset(tmp_path, "holdout").as_uri()
+
+    def run(op):
+        return op.execute(make_context("aicenter_test_flip_flop", op.task_id))
+
+    def full(task_id, score, data):
+        return run(FullPipelineOperator(task_id=task_id, package="scored", version="1.0", dataset=data,
+                                        env={"SCORE": score}, promote_to="production", save_training_data=True))
+
+    def evaluate(task_id, version, score):
+        return run(EvaluatePipelineOperator(task_id=task_id, package="scored", version=version, env={"SCORE": score},
+                                            evaluation_dataset=holdout, save_test_data=True, promote_to="production"))
+
+    assert full("first", "0.8675", week1)["promoted"] is True  # 1.1: no alias yet
+    second = full("second", "0.87", week2)  # 1.2: higher, but on its own split of other data
+    assert second["promoted"] is False and "not scored on the same data" in second["promotion"]["reason"]
+    assert "EvaluatePipelineOperator(" in second["promotion"]["reason"]
+    assert registry.alias("scored", "production").version == "1.1"
+    evaluate("evaluate_first", "1.1", "0.816667")
+    last = evaluate("evaluate_second", "1.2", "0.813333")
+    assert last["promoted"] is False
+    reason = last["promotion"]["reason"]
+    assert reason.startswith("score 0.813333 is not above 0.816667 of the current production version 1.1 "
+                             f"(on the same evaluation data {holdout}, snapshot ")
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AICENTER_", "AWS_"))}
+    cli = [str(Path(sys.executable).parent / "aicenter"), "--storage", uri, "package", "promote"]
+    refused = subprocess.run([*cli, "scored:1.2", "--alias", "production", "--json"], capture_output=True, text=True,
+                             env=env, timeout=120, check=False)
+    assert refused.returncode == 3, refused
+    assert json.loads(refused.stdout)["reason"] == reason, "the CLI decides by the same rule, in the same words"
+    assert registry.alias("scored", "production").version == "1.1"
+    # the other way round both agree too: 1.1 is the better one on the same data
+    registry.set_alias("scored", "production", "1.2", set_by="test")
+    moved = subprocess.run([*cli, "scored:1.1", "--alias", "production"], capture_output=True, text=True, env=env,
+                           timeout=120, check=False)
+    assert moved.returncode == 0, moved
+    assert "0.816667 > 0.813333" in moved.stdout and "same evaluation data" in moved.stdout
