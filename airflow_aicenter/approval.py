@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from airflow_aicenter.errors import AICenterError, ConfigurationError
 from airflow_aicenter.layout import OUTCOME
 from airflow_aicenter.plans import PipelinePlan
-from airflow_aicenter.promotion import Promotion, version_score
+from airflow_aicenter.promotion import Promotion, compare
 from airflow_aicenter.records import (
     ApprovalRecord,
     Manifest,
@@ -188,21 +188,26 @@ def request_body(
     if current is None:
         lines.append(f"- candidate {new.version}: {_fmt(candidate.score)} (on `{candidate.on}`)")
     else:
-        theirs = version_score(registry, package, current.version, on=candidate.on)
-        same = candidate.on is not None and theirs.on == candidate.on
-        lines.append(f"- candidate {new.version}: {_fmt(candidate.score)} (on `{candidate.on}`)")
-        lines.append(f"- current {current.version}: {_fmt(theirs.score)} ({theirs.source})")
-        if theirs.score is None:
+        # the comparison promote_if='better' would make (promotion.compare): the person sees the same rule
+        judged = compare(registry, package, new.version, current.version)
+        ours, theirs = judged.ours, judged.theirs
+        if judged.comparable and ours is not None:
+            lines.append(f"- candidate {new.version}: {_fmt(ours.score)} ({ours.source}, on `{ours.data}`)")
+        else:
+            lines.append(f"- candidate {new.version}: {_fmt(candidate.score)} (on `{candidate.on}`)")
+        if theirs is None:
+            lines.append(f"- current {current.version}: none")
             lines.append("- The current version has no score: the scores cannot be compared.")
-        elif not same:
-            lines.append(
-                f"- **Not like with like**: the current version was scored on `{theirs.on}`, the candidate on "
-                f"`{candidate.on}`; the two scores are not comparable."
-            )
-        elif candidate.score is not None:
-            delta = candidate.score - theirs.score
-            verdict = "higher" if delta > 0 else "lower" if delta < 0 else "the same"
-            lines.append(f"- On the same data the candidate scores {verdict} ({delta:+.6g}).")
+        else:
+            lines.append(f"- current {current.version}: {_fmt(theirs.score)} ({theirs.source}, on `{theirs.data}`)")
+            if not judged.comparable or ours is None:
+                lines.append(f"- **Not like with like**: {judged.why_not}; the two scores are not comparable. To compare "
+                             f"them, {judged.fix}.")
+            else:
+                delta = ours.score - theirs.score
+                verdict = "higher" if delta > 0 else "lower" if delta < 0 else "the same"
+                basis = judged.basis or ""
+                lines.append(f"- {basis[:1].upper()}{basis[1:]}: the candidate scores {verdict} ({delta:+.6g}).")
     lines += ["", "### Parameters (`env`)"]
     theirs_env = None if current is None else run_env(registry, current)
     if current is None:

@@ -274,8 +274,14 @@ def _why_not(
     )
     split = [m for m in (mine[-1:] + theirs[-1:]) if m.own_split]
     hint = ""
-    if len(split) == 2 and split[0].dataset == split[1].dataset and (split[0].digest is None or split[1].digest is None):
-        hint = "; or train both with save_training_data=True so that the same training data can be recognised"
+    if len(split) == 2 and split[0].dataset == split[1].dataset:
+        a, b = split
+        if a.digest is None or b.digest is None:
+            hint = "; or train both with save_training_data=True so that the same training data can be recognised"
+        elif a.digest != b.digest:
+            shown += f"; the data under {a.dataset} changed between the runs (snapshots {a.digest[:12]}, {b.digest[:12]})"
+        elif a.version.partition(".")[0] != b.version.partition(".")[0]:
+            shown += "; the same training data, but split by two majors' process_data"
     return f"not scored on the same data ({shown})", f"evaluate both on the same data: {runs}{hint}"
 
 

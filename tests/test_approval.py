@@ -138,7 +138,8 @@ def test_the_request_uses_an_evaluation_of_the_current_version_on_the_same_data(
     registry.set_alias("churn", "production", old.version)
     new = trained(registry, base, "new", score=0.7, on="s3://b/new/", env={}, files={"a.csv": "a"})
     body = request_body(registry, Candidate(new, 0.7, "s3://b/new/", {}), "production", old, None)
-    assert "current 1.1: 0.6 (evaluation on the same data" in body and "Not like with like" not in body
+    assert "current 1.1: 0.6 (evaluation of " in body and "On the same evaluation data s3://b/new/" in body
+    assert "Not like with like" not in body
 
 
 def test_the_request_for_a_new_alias_and_an_uploaded_current_version(registry: Registry) -> None:

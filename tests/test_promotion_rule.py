@@ -137,3 +137,24 @@ def test_no_score_and_first_promotion(store: Store, tmp_path: Path) -> None:
     registry.set_alias("scored", "production", unscored)
     assert promote(registry, "scored", "production", first, score=0.5).reason.endswith(
         f"the current production version {unscored} has no score")
+
+
+def test_the_approval_request_compares_by_the_same_rule(store: Store, tmp_path: Path) -> None:
+    """The person sees the comparison promote_if='better' would make: the same URI with other content is not the same data."""
+    from airflow_aicenter.approval import Candidate, request_body
+
+    registry = registry_with_package(store, tmp_path)
+    old = full(registry, "old", 0.80, "s3://b/churn", {"rows.csv": "a"})
+    new = full(registry, "new", 0.85, "s3://b/churn", {"rows.csv": "b"})  # next week's data under the same URI
+    body = request_body(registry, Candidate(registry.get("scored", new), 0.85, "s3://b/churn#process_data", {}),
+                        "production", registry.get("scored", old), None)
+    assert "**Not like with like**" in body and "not scored on the same data" in body
+    assert "the data under s3://b/churn changed between the runs" in body
+    assert "EvaluatePipelineOperator(task_id=..., package='scored'" in body
+    evaluate(registry, "eval-old", old, 0.7, HOLDOUT, {"h.csv": "c"})
+    evaluate(registry, "eval-new", new, 0.75, HOLDOUT, {"h.csv": "c"})
+    body = request_body(registry, Candidate(registry.get("scored", new), 0.85, "s3://b/churn#process_data", {}),
+                        "production", registry.get("scored", old), None)
+    assert f"On the same evaluation data {HOLDOUT}, snapshot " in body and "the candidate scores higher (+0.05)" in body
+    assert f"current {old}: 0.7 (evaluation of " in body and f"candidate {new}: 0.75 (evaluation of " in body
+    assert compare(registry, "scored", new, old).better
