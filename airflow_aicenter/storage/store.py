@@ -9,6 +9,9 @@ uses this module inside training pods.
 from __future__ import annotations
 
 import builtins
+import errno
+import hashlib
+import mmap
 import os
 import re
 import stat
@@ -311,6 +314,63 @@ class LocalStore(Store):
         for key, st in walk_files(self.root, sub, label=self.uri):
             yield ObjectInfo(key=key, size=st.st_size, last_modified=datetime.fromtimestamp(st.st_mtime, UTC))
 
+    def head(self, key: str) -> ObjectInfo | None:
+        """A file's metadata from one ``os.stat``, not an obstore HEAD.
+
+        The re-snapshot check asks this for every vouched-for blob: through obstore each call
+        cost a trip through its runtime (2,000 blobs: 0.4-0.6 s); a stat costs microseconds. A
+        folder is not an object (None), as for obstore; the etag is obstore's ("inode-mtime-size").
+        """
+        self.check_readable(key)
+        try:
+            with self._errors(key):
+                st = os.stat(self.root / key)
+        except NotFoundError:
+            return None
+        except StorageError as exc:
+            if isinstance(exc.__cause__, NotADirectoryError):  # a path through a file: not there
+                return None
+            raise
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return ObjectInfo(
+            key=key, size=st.st_size, last_modified=datetime.fromtimestamp(st.st_mtime, UTC),
+            etag=f'"{st.st_ino:x}-{st.st_mtime_ns // 1000:x}-{st.st_size:x}"',
+        )
+
+    async def head_async(self, key: str) -> ObjectInfo | None:
+        """head(): a stat does not block long enough to be worth a thread."""
+        return self.head(key)
+
+    def read_into(self, key: str, dest: Path) -> tuple[str, int]:
+        """Copy the file ``key`` to ``dest`` (created or truncated) and return (sha256 hex, size) of the copy.
+
+        The store's local read path (transfer.download_file uses it for every file-store read):
+        plain file I/O at the disk's speed instead of obstore's reads (1 GiB took 5-9 s through
+        obstore). The bytes move in the kernel (``copy_file_range``: a reflink on file systems
+        that share extents, an in-kernel copy elsewhere) and the digest is taken from the copy,
+        through a read-only mapping of what was just written, so what is verified is what the
+        caller gets, in one pass. ``dest`` is always a new file: never a hard link to the blob,
+        because user code may write the staged file (the package folder of a training becomes
+        the next version) and must not change the store through it.
+        """
+        self.check_readable(key)
+        with self._errors(key):
+            src = os.open(self.root / key, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # NONBLOCK: a FIFO swapped in never hangs
+            try:
+                mode = os.fstat(src).st_mode
+                if stat.S_ISDIR(mode):
+                    raise FileNotFoundError(errno.ENOENT, "is a folder, not a file", str(self.root / key))
+                if not stat.S_ISREG(mode):
+                    raise StorageError(f"{key!r} in {self.uri} is not a regular file; remove it")
+                dst = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+                try:
+                    return copy_hashed(src, dst)
+                finally:
+                    os.close(dst)
+            finally:
+                os.close(src)
+
     def delete(self, key: str) -> None:
         """obstore refuses keys ending in ``#<digits>``: such a leftover temporary is unlinked here."""
         if _TEMP_SUFFIX.search(key):
@@ -331,6 +391,51 @@ class LocalStore(Store):
         if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
             # opening a FIFO blocks until someone writes to it: one such key would hang its reader for good
             raise StorageError(f"{key!r} in {self.uri} is not a regular file (a FIFO, socket or device); remove it")
+
+
+#: Bytes a copy_file_range call moves before the copy is hashed (a multiple of mmap's granularity).
+COPY_CHUNK = 16 * 2**20
+#: copy_file_range is refused for this pair of files (another file system on an old kernel, a file
+#: system without it): the bytes then go through this process.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
+
+
+def copy_hashed(src: int, dst: int) -> tuple[str, int]:
+    """Copy the open file ``src`` from its start to the open file ``dst`` (read-write); (sha256 of the copy, size).
+
+    One pass: each chunk is copied in the kernel, then hashed through a read-only mapping of
+    ``dst`` (the page cache just written, no copy into Python). Where the kernel refuses the
+    copy, the rest goes through a buffer, read once, hashed and written. Reads until end of
+    file, so a file that shrank or grew while it was copied hashes to what was copied.
+    """
+    digest = hashlib.sha256()
+    offset = 0
+    kernel = hasattr(os, "copy_file_range")
+    while kernel:
+        try:
+            n = os.copy_file_range(src, dst, COPY_CHUNK, offset, offset)
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_COPY:
+                raise
+            kernel = False
+            break
+        if not n:
+            return digest.hexdigest(), offset
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        with mmap.mmap(dst, offset + n - start, access=mmap.ACCESS_READ, offset=start) as mapped, \
+                memoryview(mapped) as view:
+            digest.update(view[offset - start:])
+        offset += n
+    buf = bytearray(COPY_CHUNK)
+    with memoryview(buf) as view:
+        while n := os.preadv(src, [view], offset):
+            chunk = view[:n]
+            digest.update(chunk)
+            written = 0
+            while written < n:
+                written += os.pwrite(dst, chunk[written:], offset + written)
+            offset += n
+    return digest.hexdigest(), offset
 
 
 def _inside(real: str, root: str) -> bool:

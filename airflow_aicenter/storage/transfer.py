@@ -47,7 +47,7 @@ from airflow_aicenter.errors import (
     StorageError,
 )
 from airflow_aicenter.layout import BLOBS, blob_key
-from airflow_aicenter.storage.store import ObjectInfo, Store, unstorable, walk_files
+from airflow_aicenter.storage.store import LocalStore, ObjectInfo, Store, unstorable, walk_files
 
 #: Concurrent requests per transfer; small files are latency-bound, so many in flight win: with
 #: 20 ms to first byte (a real S3 link), 10,000 files take at least 10,000 / 64 x 20 ms = 3.1 s at
@@ -332,7 +332,9 @@ async def download_file(
     tmp = tmp or dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.part")
     try:
         with store._errors(key):
-            if size is not None and size >= RANGED_MIN and store.scheme == "s3" and store.ranged_reads:
+            if isinstance(store, LocalStore):  # the file store's own read path: plain file I/O, hashed from the copy
+                hexdigest, got = await asyncio.to_thread(store.read_into, key, tmp)
+            elif size is not None and size >= RANGED_MIN and store.scheme == "s3" and store.ranged_reads:
                 hexdigest, got = await _ranged(store, key, tmp, size=size, etag=etag,
                                              limit=limit or AdaptiveLimit(RANGES_IN_FLIGHT))
             else:
@@ -530,7 +532,9 @@ async def download_tree(
             n, info = numbered
             rel = rels[n]
             target = dest_root / rel
-            if info.size <= WHOLE_MAX:  # nothing (an empty file: _without_folder_markers already asked S3), or one body
+            # S3, small: nothing (an empty file: _without_folder_markers already asked S3), or one body; the file
+            # store copies every file in the kernel (download_file)
+            if info.size <= WHOLE_MAX and not isinstance(store, LocalStore):
                 async with budget.hold(info.size):
                     with store._errors(info.key):
                         data = memoryview(b"")

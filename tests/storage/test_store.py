@@ -174,8 +174,20 @@ def test_a_download_that_fails_midway_leaves_no_partial_file(store, tmp_path, mo
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
 
-    real_pipelined = transfer._pipelined
-    monkeypatch.setattr(transfer, "_pipelined", lambda stream, sink: real_pipelined(stream, failing_write))
+    if store.scheme == "file":  # the file store copies in the kernel, COPY_CHUNK at a time (LocalStore.read_into)
+        from airflow_aicenter.storage import store as store_module
+
+        real_copy = os.copy_file_range
+        monkeypatch.setattr(store_module, "COPY_CHUNK", 2**20)
+
+        def failing_copy(src, dst, count, offset_src=None, offset_dst=None):
+            failing_write(b"x" * count)
+            return real_copy(src, dst, count, offset_src, offset_dst)
+
+        monkeypatch.setattr(os, "copy_file_range", failing_copy)
+    else:
+        real_pipelined = transfer._pipelined
+        monkeypatch.setattr(transfer, "_pipelined", lambda stream, sink: real_pipelined(stream, failing_write))
     with pytest.raises(StorageError, match="No space left on device"):
         run(transfer.download_file(store, "data/weights.bin", tmp_path / "out" / "weights.bin"))
     assert len(calls) == 2 and list((tmp_path / "out").iterdir()) == [], "no .part file is left behind"

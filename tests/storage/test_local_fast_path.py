@@ -1,0 +1,164 @@
+"""The file store's own read path (LocalStore.read_into, LocalStore.head): plain file I/O, same guarantees.
+
+Staging from the file store copies in the kernel and hashes the copy instead of reading
+through obstore; these tests hold it to what the obstore path guaranteed, on both stores: a
+flipped byte is found, a missing blob is named, and the staged file is a copy of its own, so
+user code writing it cannot change the store.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+
+import obstore
+import pytest
+
+from airflow_aicenter.errors import NotFoundError, StorageError
+from airflow_aicenter.layout import blob_key
+from airflow_aicenter.storage import store as store_module
+from airflow_aicenter.storage.transfer import download_tree, get_blob, put_blob, run, sha256_file
+
+
+def _stored(store, tmp_path, content: bytes) -> str:
+    src = tmp_path / "source.bin"
+    src.write_bytes(content)
+    digest = sha256_file(src).sha256
+    put_blob(store, src, digest)
+    return digest
+
+
+def test_staging_finds_a_flipped_byte(store, tmp_path):
+    content = os.urandom(3 * 2**20 + 123)
+    digest = _stored(store, tmp_path, content)
+    flipped = bytearray(content)
+    flipped[len(flipped) // 2] ^= 0x01  # same size, one bit
+    store.put_bytes(blob_key(digest), bytes(flipped))
+    dest = tmp_path / "stage" / "package.zip"
+    with pytest.raises(StorageError, match=f"is corrupt: its content hashes to sha256:(?!{digest}).*expected sha256:{digest}"):
+        get_blob(store, digest, dest)
+    assert not dest.exists()
+    assert os.listdir(dest.parent) == []  # no partial file left behind
+
+
+def test_staging_a_missing_blob_names_it(store, tmp_path):
+    digest = hashlib.sha256(b"never stored").hexdigest()
+    with pytest.raises(NotFoundError, match=f"blob sha256:{digest} is missing from the store.*aicenter verify --repair"):
+        get_blob(store, digest, tmp_path / "package.zip")
+    assert not (tmp_path / "package.zip").exists()
+
+
+def test_the_staged_file_is_a_copy_user_code_may_write(store, tmp_path):
+    content = os.urandom(2**20 + 5)
+    digest = _stored(store, tmp_path, content)
+    dest = tmp_path / "work" / "package.zip"
+    entry = get_blob(store, digest, dest)
+    assert (entry.sha256, entry.size) == (digest, len(content))
+    assert dest.read_bytes() == content
+    st = dest.stat()
+    assert st.st_nlink == 1  # not a hard link to the store's blob
+    with open(dest, "r+b") as fh:  # what user code may do to its package folder
+        fh.write(b"overwritten by user code")
+    with open(dest, "ab") as fh:
+        fh.write(b"appended")
+    assert store.get_bytes(blob_key(digest)) == content
+    get_blob(store, digest, tmp_path / "again.zip")  # the store's blob still verifies
+    if store.scheme == "file":
+        assert st.st_ino != os.stat(store.root / blob_key(digest)).st_ino
+
+
+@pytest.mark.parametrize("chunk", [store_module.COPY_CHUNK, 100_000], ids=["default-chunk", "unaligned-chunk"])
+def test_download_tree_hashes_every_size(store, tmp_path, monkeypatch, chunk):
+    """Sizes around the chunk (the file store maps each copied chunk at an aligned offset to hash it)."""
+    monkeypatch.setattr(store_module, "COPY_CHUNK", chunk)
+    files = {
+        "empty": b"",
+        "one": b"x",
+        "a/around-chunk": os.urandom(chunk + 7),
+        "a/b/several-chunks": os.urandom(3 * chunk - 1),
+        "small.txt": b"hello\n",
+    }
+    for rel, data in files.items():
+        store.put_bytes(f"data/{rel}", data)
+    entries = run(download_tree(store, tmp_path / "out", prefix="data"))
+    assert {e.path: (e.sha256, e.size) for e in entries} == {
+        rel: (hashlib.sha256(data).hexdigest(), len(data)) for rel, data in files.items()
+    }
+    for rel, data in files.items():
+        assert (tmp_path / "out" / rel).read_bytes() == data
+
+
+def test_a_refused_kernel_copy_goes_through_a_buffer(tmp_path, monkeypatch):
+    """copy_file_range refused after the first chunk (another file system on an old kernel): the rest is read and hashed."""
+    store = store_module.LocalStore((tmp_path / "store").as_uri())
+    monkeypatch.setattr(store_module, "COPY_CHUNK", 65536)
+    content = os.urandom(5 * 65536 + 11)
+    digest = _stored(store, tmp_path, content)
+    real = os.copy_file_range
+    calls = []
+
+    def refuse_after_one(*args, **kwargs):
+        calls.append(args)
+        if len(calls) > 1:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(os, "copy_file_range", refuse_after_one)
+    entry = get_blob(store, digest, tmp_path / "out.bin")
+    assert (entry.sha256, entry.size) == (digest, len(content))
+    assert (tmp_path / "out.bin").read_bytes() == content
+    assert len(calls) == 2
+
+
+def test_a_failed_kernel_copy_is_a_storage_error_and_leaves_nothing(tmp_path, monkeypatch):
+    store = store_module.LocalStore((tmp_path / "store").as_uri())
+    digest = _stored(store, tmp_path, b"payload" * 1000)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "copy_file_range", disk_full)
+    (tmp_path / "stage").mkdir()
+    with pytest.raises(StorageError, match="No space left on device"):
+        get_blob(store, digest, tmp_path / "stage" / "out.bin")
+    assert os.listdir(tmp_path / "stage") == []
+
+
+def test_file_store_head_is_a_stat_with_obstores_answers(tmp_path):
+    """head() answers as obstore's HEAD did (size, Last-Modified, etag), from one os.stat."""
+    store = store_module.LocalStore((tmp_path / "store").as_uri())
+    store.put_bytes("blobs/ab/cdef", b"12345")
+    ours = store.head("blobs/ab/cdef")
+    theirs = obstore.head(store.inner, "blobs/ab/cdef")
+    assert ours is not None
+    assert (ours.key, ours.size, ours.etag) == (theirs["path"], theirs["size"], theirs["e_tag"])
+    assert abs((ours.last_modified - theirs["last_modified"]).total_seconds()) < 1e-3
+    assert run(store.head_async("blobs/ab/cdef")) == ours
+    assert store.head("blobs/ab/missing") is None
+    assert store.head("blobs/ab") is None  # a folder is not an object
+    assert store.head("blobs/ab/cdef/below-a-file") is None
+
+
+def test_file_store_head_refuses_a_link_out_of_the_store(tmp_path):
+    store = store_module.LocalStore((tmp_path / "store").as_uri())
+    outside = tmp_path / "secret"
+    outside.write_text("not yours")
+    (store.root / "blobs").mkdir()
+    os.symlink(outside, store.root / "blobs" / "link")
+    with pytest.raises(StorageError, match="outside"):
+        store.head("blobs/link")
+    with pytest.raises(StorageError, match="outside"):
+        store.read_into("blobs/link", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_read_into_replaces_what_the_destination_held(tmp_path):
+    """A shorter file read into an existing destination leaves none of its old tail."""
+    store = store_module.LocalStore((tmp_path / "store").as_uri())
+    store.put_bytes("k", b"a" * 100)
+    hexdigest, size = store.read_into("k", tmp_path / "copy")
+    assert (hexdigest, size) == (hashlib.sha256(b"a" * 100).hexdigest(), 100)
+    store.put_bytes("k", b"b" * 50)
+    assert store.read_into("k", tmp_path / "copy") == (hashlib.sha256(b"b" * 50).hexdigest(), 50)
+    assert (tmp_path / "copy").read_bytes() == b"b" * 50  # truncated, not left with the old tail
