@@ -154,6 +154,24 @@ def node_started(pod: k8s.V1Pod) -> bool:
     return any(s.state is not None and (s.state.running or s.state.terminated) for s in status.init_container_statuses or [])
 
 
+def disruption(pod: k8s.V1Pod) -> str | None:
+    """How a pod was disrupted by its node (eviction, preemption, node loss, taint), or None.
+
+    Kubernetes marks such pods with the ``DisruptionTarget`` condition (reason
+    ``EvictionByEvictionAPI``, ``PreemptionByScheduler``, ``DeletionByTaintManager``,
+    ``TerminationByKubelet``...); node-pressure evictions also set ``status.reason: Evicted``.
+    """
+    status = pod.status
+    if status is None:
+        return None
+    for condition in status.conditions or []:
+        if condition.type == "DisruptionTarget" and condition.status == "True":
+            return f"{condition.reason}: {condition.message}" if condition.message else str(condition.reason)
+    if status.reason in ("Evicted", "NodeLost", "Preempting", "Terminated", "Shutdown"):
+        return f"{status.reason}: {status.message}" if status.message else str(status.reason)
+    return None
+
+
 def why_pending(pod: k8s.V1Pod) -> str:
     """Why a node's pod is not running: its scheduling condition, else a waiting container's reason."""
     status = pod.status
@@ -415,6 +433,13 @@ class JobLauncher(PodLauncher):
         succeeded = status is not None and any(c.type == "Complete" and c.status == "True" for c in status.conditions or [])
         if succeeded and outcome is not None and outcome.status == "succeeded":
             return Finished(spec, run, outcome)
+        disrupted = [f"node {node_index(p)} was disrupted on node {(p.spec.node_name if p.spec else None) or '?'} ({why})"
+                     for p in self._safe_pods() if (why := disruption(p))]
+        if disrupted:  # the node went away under the run: not the training's fault, the retry resumes
+            cause = "; ".join(disrupted) + ("; a retryable failure: the task's retry resumes from the latest checkpoint "
+                                            "(give the task retries)")
+            end_outcome(store, run.key(OUTCOME), outcome or spec, "failed", cause)
+            return Finished(spec, run, settle_outcome(store, spec, run, ended=cause))
         causes = []
         for node in range(1, self.nodes):
             node_outcome = read_optional(store, run.key(outcome_name(node)), Outcome)

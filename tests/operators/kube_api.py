@@ -155,6 +155,8 @@ class Pod:
     deleting: bool = False
     gone: bool = False
     init_failed: bool = False
+    #: The ``DisruptionTarget`` condition of a disrupted pod (:meth:`FakeKubernetes.disrupt`).
+    disruption: dict[str, Any] | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -290,6 +292,25 @@ class FakeKubernetes:
                     return fault.status
         return None
 
+    def disrupt(self, index: int, reason: str = "EvictionByEvictionAPI", message: str = "Eviction API: evicting") -> Pod:
+        """Disrupt the running pod of Job completion ``index`` as an eviction (node pressure, drain) does.
+
+        The pod gets the ``DisruptionTarget`` condition and ``status.reason: Evicted``, its containers
+        are stopped like the kubelet does (SIGTERM, then SIGKILL after the grace period), and it
+        stays listed, Failed, as node-pressure evictions leave it.
+        """
+        with self.cond:
+            [pod] = [p for p in self.pods.values()
+                     if (p.obj["metadata"].get("labels") or {}).get("batch.kubernetes.io/job-completion-index") == str(index)]
+            pod.disruption = {"type": "DisruptionTarget", "status": "True", "reason": reason, "message": message,
+                              "lastTransitionTime": rfc3339(now())}
+            pod.obj["status"].update(reason="Evicted", message=message)
+            self._event(pod, "Evicted", message, kind="Warning")
+            self._update_status(pod)
+            self.cond.notify_all()
+        threading.Thread(target=self._terminate, args=(pod, 5.0), kwargs={"keep": True}, daemon=True).start()
+        return pod
+
     def all_pods(self) -> list[Pod]:
         with self.cond:
             return [*self.deleted, *self.pods.values()]
@@ -341,6 +362,7 @@ class FakeKubernetes:
                 self.cond.notify_all()
                 return copy.deepcopy(body)
             self._event(pod, "Scheduled", f"Successfully assigned {key[0]}/{key[1]} to fake-node")
+            body["spec"]["nodeName"] = "fake-node"
             self._update_status(pod)
             self.cond.notify_all()
         run, args = (self._run_pod, (pod,)) if self.podman is None else (self.podman.run, (self, pod))
@@ -736,7 +758,7 @@ class FakeKubernetes:
                 pod.log.append((now(), container.name, raw.decode(errors="replace").rstrip("\n")))
                 self.cond.notify_all()
 
-    def _terminate(self, pod: Pod, grace: float) -> None:
+    def _terminate(self, pod: Pod, grace: float, *, keep: bool = False) -> None:
         running = [c for c in [*pod.init, *pod.containers] if c.process is not None and c.exit_code is None]
         with self.cond:
             self._event(pod, "Killing", "Stopping container " + ", ".join(c.name for c in running))
@@ -751,6 +773,10 @@ class FakeKubernetes:
                 _kill(container, signal.SIGKILL)
         with self.cond:
             self.wait_for(lambda: all(c.exit_code is not None for c in running), timeout=30, what="containers to stop")
+            if keep:  # evicted: the pod object stays (Failed) until someone deletes it
+                self._update_status(pod)
+                self.cond.notify_all()
+                return
             pod.gone = True
             self.pods.pop(pod.key, None)
             self.deleted.append(pod)
@@ -773,7 +799,7 @@ class FakeKubernetes:
         statuses = self._statuses(pod, pod.containers)
         init_statuses = self._statuses(pod, pod.init)
         codes = [c.exit_code for c in pod.containers]
-        if pod.init_failed:
+        if pod.init_failed or (pod.disruption is not None and codes and all(code is not None for code in codes)):
             phase = "Failed"
         elif codes and all(code is not None for code in codes):
             phase = "Succeeded" if all(code == 0 for code in codes) else "Failed"
@@ -795,6 +821,7 @@ class FakeKubernetes:
                 {"type": "Initialized", "status": initialized, "lastTransitionTime": rfc3339(now())},
                 {"type": "ContainersReady", "status": ready, "lastTransitionTime": rfc3339(now())},
                 {"type": "Ready", "status": ready, "lastTransitionTime": rfc3339(now())},
+                *([pod.disruption] if pod.disruption else []),
             ]
         pod.obj["metadata"]["resourceVersion"] = str(next(self._rv))
 

@@ -237,3 +237,65 @@ def test_node_0_log_reaches_the_task_log_while_the_run_goes_on(kube_deployment, 
     rest = seen + captured.out + captured.err
     assert "[node 0 rank 0] streamed bye from rank 0" in rest
     assert rest.count("streamed hello from rank 0") == 1, "node 0's log once, not again at the end"
+
+
+# -- disruptions: an evicted node is a retryable failure; the retry resumes from the checkpoint ----
+CHECKPOINT_DDP = '''
+import json, os, time
+
+class Main:
+    def __init__(self):
+        self.state = os.path.join(os.environ["checkpoint_directory"], "state.json")
+    def process_data(self, input_directory):
+        pass
+    def train(self, training_directory):
+        if os.environ["RANK"] == "0":
+            epoch = json.load(open(self.state))["epoch"] if os.path.exists(self.state) else 0
+            with open(os.path.join(os.environ["artifacts_directory"], "resumed.txt"), "w") as fh:
+                fh.write(str(epoch))
+            json.dump({"epoch": epoch + 1}, open(self.state, "w"))
+        time.sleep(float(os.environ["HOLD"]))  # the first try is disrupted while it trains
+    def evaluate(self, evaluation_directory):
+        return 1.0
+    def save(self):
+        with open("model.txt", "w") as fh:
+            fh.write("trained")
+'''
+
+
+def test_an_evicted_node_is_a_retryable_failure_naming_it_and_the_retry_resumes_from_the_checkpoint(
+        kube_deployment, kube_api: FakeKubernetes, tmp_path: Path):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from airflow_aicenter.errors import RunError
+    from airflow_aicenter.records import Outcome, read
+
+    registry, dataset = kube_deployment
+    registry.upload(write_files(tmp_path / "pkg", {"main.py": MAIN, "train.py": CHECKPOINT_DDP, "requirements.txt": ""}), "ck")
+
+    def op(hold: str) -> TrainPipelineOperator:
+        return TrainPipelineOperator(task_id="train", package="ck", dataset=dataset, nodes=2, install_requirements=False,
+                                     checkpoint_interval=1, env={"HOLD": hold}, **FAST)
+
+    thread, out = run_in_thread(op("60"), make_context())
+
+    def synced() -> bool:
+        return any("periodic checkpoint" in line for p in kube_api.all_pods() for _, name, line in p.log if name == "sync")
+
+    kube_api.wait_for(lambda: synced() or not thread.is_alive(), timeout=90, what="node 0's first checkpoint sync")
+    assert thread.is_alive(), out
+    kube_api.disrupt(1, reason="EvictionByEvictionAPI", message="Eviction API: evicting")
+    thread.join(120)
+    error = out.get("error")
+    assert isinstance(error, RunError) and not isinstance(error, AirflowFailException), repr(error)
+    assert "node 1 was disrupted on node fake-node (EvictionByEvictionAPI: Eviction API: evicting)" in str(error), str(error)
+    assert "resumes from the latest checkpoint" in str(error)
+    kube_api.wait_for(lambda: not kube_api.jobs, timeout=30, what="the failed Job removed")
+
+    # the task's retry (try 2): resumes from try 1's checkpoint and makes the version
+    result = op("0").execute(make_context(try_number=2))
+    run = registry.get("ck", result["version"]).run
+    assert run.try_number == 2
+    assert registry.store.get_bytes(f"{run.prefix}/artifacts/resumed.txt").decode() == "1", "resumed from try 1's checkpoint"
+    second = read(registry.store, f"{run.prefix}/outcome.json", Outcome)
+    assert second.checkpoint is not None and second.checkpoint["resumed_from_try"] == 1
