@@ -865,7 +865,9 @@ def predictions(store: Store, path: layout.RunPath) -> tuple[list[PredictionRow]
                 continue
             if not isinstance(item, dict):
                 item = {"output": item}
-            output = None if "output" not in item else _cell(json.dumps(item["output"], sort_keys=True))
+            value = item.get("output")  # a string as predict() returned it, anything else as JSON
+            shown = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+            output = None if "output" not in item else _cell(shown)
             error = None if item.get("error") is None else _cell(str(item["error"]))
             rows.append(PredictionRow(name, item.get("line"), output, error))
     return rows, ("the first predictions only; download the files for all of them" if cut else None)

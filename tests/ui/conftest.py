@@ -111,8 +111,11 @@ def _seed(home: Path, env: dict[str, str], store: Store) -> tuple[str, str]:
     data = home / "dataset"
     data.mkdir()
     (data / "values.csv").write_text("row,value\n" + "".join(f"{i},{v}\n" for i, v in enumerate([0.1, 0.4, 0.35, 0.8, 0.9, 0.2])))
+    inbox = home / "inbox"
+    inbox.mkdir()
+    (inbox / "inputs.jsonl").write_text("0.1\n0.9\nnot a number\n0.7\n")
     run_env = {
-        **env, "UI_TEST_DATASET": data.as_uri(),
+        **env, "UI_TEST_DATASET": data.as_uri(), "UI_TEST_INBOX": inbox.as_uri(),
         "AIRFLOW_CONN_AICENTER_DEFAULT": json.dumps({"conn_type": "aicenter", "extra": {"storage": store.uri}}),
     }
     done = subprocess.run([str(BIN / "airflow"), "dags", "test", DAG_ID], env=run_env, capture_output=True, text=True,

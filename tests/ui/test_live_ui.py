@@ -152,3 +152,18 @@ def test_markdown_is_rendered_and_svg_shown_as_an_image_with_no_script_run(signe
     assert page.locator("svg polyline").count() == 0  # an image, not inline markup
     assert page.evaluate("window.__svgScript === undefined")
     shots(page, "preview-svg")
+
+
+def test_a_batch_runs_predictions_are_listed_on_its_page(signed_in, ui_server, shots):
+    page = signed_in
+    page.goto(f"/aicenter/runs/{quoted(ui_server.run_folder('score'))}")
+    assert page.locator("#status").inner_text() == "succeeded"
+    inputs = page.locator("#inputs").inner_text()
+    assert "Inference data" in inputs and "Training data" not in inputs
+    assert page.locator("#new-version").count() == 0 and page.locator("#score").count() == 0  # a prediction makes neither
+    assert page.locator("#predicted").inner_text() == "3 (1 failed)"
+    rows = page.locator("#predictions tbody tr")
+    assert rows.count() == 4
+    assert '"positive": true' in rows.nth(1).inner_text().replace("\\", "")
+    assert "not a number" in rows.nth(2).inner_text() or "could not convert" in rows.nth(2).inner_text()
+    shots(page, "predict-run")
