@@ -113,6 +113,10 @@ def test_packages_package_run_and_previews_in_the_browser(signed_in, ui_server, 
     env = page.locator("#env").inner_text()
     assert "API_TOKEN" in env and "***" in env and "not-for-the-page" not in page.content()
     assert page.locator("#phases tbody tr").count() >= 3
+    # two durations, each named for what it measures: the runtime's, and the task try's as Airflow recorded it
+    runtime = float(page.locator("#duration").inner_text().removesuffix(" s"))
+    task = float(page.locator("#task-duration").inner_text().removesuffix(" s"))
+    assert 0 < runtime <= task, (runtime, task)
     files = page.locator("#artifact-list tbody tr td:first-child").all_inner_texts()
     assert files == ["metrics.txt", "plots/chart.png", "plots/loss.svg", "predictions.csv", "report.md"]
     assert "values.csv" not in page.locator("#snapshots").inner_text()  # a summary, not the listing
