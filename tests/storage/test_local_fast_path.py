@@ -162,3 +162,80 @@ def test_read_into_replaces_what_the_destination_held(tmp_path):
     store.put_bytes("k", b"b" * 50)
     assert store.read_into("k", tmp_path / "copy") == (hashlib.sha256(b"b" * 50).hexdigest(), 50)
     assert (tmp_path / "copy").read_bytes() == b"b" * 50  # truncated, not left with the old tail
+
+
+# -- extraction: stored entries copied in the kernel, CRC checked on the copy -------------------
+def _package_zip(tmp_path, weights: bytes):
+    from airflow_aicenter.package.archive import write_zip
+
+    folder = tmp_path / "pkg"
+    (folder / "model").mkdir(parents=True)
+    (folder / "main.py").write_text("class Main:\n    pass\n")
+    (folder / "requirements.txt").write_text("")
+    (folder / "model" / "weights.bin").write_bytes(weights)  # random: incompressible, so stored
+    (folder / "run.sh").write_text("#!/bin/sh\n")
+    (folder / "run.sh").chmod(0o755)
+    write_zip(folder, tmp_path / "pkg.zip")
+    return tmp_path / "pkg.zip"
+
+
+def _stored_weights(zip_path):
+    import zipfile
+
+    with zipfile.ZipFile(zip_path) as zf:
+        info = zf.getinfo("model/weights.bin")
+        assert info.compress_type == zipfile.ZIP_STORED
+        header = zip_path.read_bytes()[info.header_offset:info.header_offset + 30]
+        return info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+
+
+@pytest.mark.parametrize("chunk", [16 << 20, 100_000], ids=["default-chunk", "unaligned-chunk"])
+def test_extract_copies_a_stored_entry_exactly(tmp_path, monkeypatch, chunk):
+    from airflow_aicenter.package import archive
+
+    monkeypatch.setattr(archive, "COPY_CHUNK", chunk)
+    weights = os.urandom(3 * 2**20 + 5)
+    root = archive.extract_zip(_package_zip(tmp_path, weights), tmp_path / "out")
+    assert (root / "model" / "weights.bin").read_bytes() == weights
+    assert (root / "model" / "weights.bin").stat().st_nlink == 1
+    assert (root / "run.sh").stat().st_mode & 0o111
+    assert (root / "main.py").read_text() == "class Main:\n    pass\n"
+
+
+def test_extract_finds_a_flipped_byte_in_a_stored_entry(tmp_path):
+    """A zip not verified by digest (a user's own zip): the CRC of the copy is still checked."""
+    from airflow_aicenter.package import archive
+
+    zip_path = _package_zip(tmp_path, os.urandom(2**20 + 3))
+    data = bytearray(zip_path.read_bytes())
+    data[_stored_weights(zip_path) + 1000] ^= 0x01
+    zip_path.write_bytes(bytes(data))
+    with pytest.raises(archive.ArchiveError, match=r"zip entry 'model/weights\.bin' is corrupt"):
+        archive.extract_zip(zip_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []  # no partial folder left
+
+
+def test_extract_refuses_a_local_header_naming_another_file(tmp_path):
+    from airflow_aicenter.package import archive
+
+    zip_path = _package_zip(tmp_path, os.urandom(2**20 + 3))
+    data = zip_path.read_bytes()
+    first = data.index(b"model/weights.bin")  # the local header's name comes first, the central directory's last
+    zip_path.write_bytes(data[:first] + b"model/WEIGHTS.bin" + data[first + len(b"model/weights.bin"):])
+    with pytest.raises(archive.ArchiveError, match=r"zip entry 'model/weights\.bin' .*corrupt"):
+        archive.extract_zip(zip_path, tmp_path / "out")
+
+
+def test_extract_through_zipfile_where_the_kernel_refuses_the_copy(tmp_path, monkeypatch):
+    from airflow_aicenter.package import archive
+
+    weights = os.urandom(2**20 + 3)
+    zip_path = _package_zip(tmp_path, weights)
+
+    def refused(*args, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refused)
+    root = archive.extract_zip(zip_path, tmp_path / "out")
+    assert (root / "model" / "weights.bin").read_bytes() == weights
