@@ -328,6 +328,22 @@ class JobLauncher(PodLauncher):
             self._delete()
             self.revoke_credentials(self.pod_run.run if self.pod_run else None)
 
+    def tidy_recovered(self, run: RunRef) -> None:
+        """An earlier try finished while its worker could not see it (the API server was down): its Job and
+        Service, still there, are removed now, and its credentials revoked; a Job still running is left alone."""
+        self.job, self.namespace = job_name(run), self.pod_namespace()
+        try:
+            job = self._read_job()
+        except (ApiException, kube_retry.KubernetesUnavailable) as exc:
+            self.op.log.warning("Could not look for Job %s/%s of an earlier try: %s", self.namespace, self.job, exc)
+            return
+        if job is None:
+            return
+        if any(c.type in ("Complete", "Failed") and c.status == "True" for c in (job.status.conditions or [])):
+            self.op.log.info("Removing Job %s/%s of try %s, which ended", self.namespace, self.job, run.try_number)
+            self._delete()
+            self.revoke_credentials(run)
+
     def _read_job(self) -> k8s.V1Job | None:
         assert self.job is not None and self.namespace is not None
         try:

@@ -407,6 +407,10 @@ class PodLauncher(Launcher):
             ports=tuple(self.ports),
         )
 
+    def tidy_recovered(self, run: RunRef) -> None:
+        """An earlier try's finished run is being completed instead of run again: nothing to tidy for one pod
+        (KubernetesPodOperator removed it); the Job launcher removes that try's Job."""
+
     def shape_pod(self, pod: k8s.V1Pod) -> k8s.V1Pod:
         """Our three containers under the user's settings (called from the operator's build_pod_request_obj)."""
         return shape_pod(pod, self.pod_shape())

@@ -385,6 +385,8 @@ class BasePipelineOperator(KubernetesPodOperator):
                 raise
             if recovered is not None:
                 finished = Finished(spec, run, recovered.outcome)
+                if isinstance(launcher, PodLauncher):
+                    launcher.tidy_recovered(recovered.run)
             elif isinstance(launcher, PodLauncher) and launcher.runs_in_operator:
                 launcher.prepare(spec, run)
                 finished = self.kpo_run(launcher, None, partial(super().execute, context))

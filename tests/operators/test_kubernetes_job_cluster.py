@@ -299,3 +299,24 @@ def test_an_evicted_node_is_a_retryable_failure_naming_it_and_the_retry_resumes_
     assert registry.store.get_bytes(f"{run.prefix}/artifacts/resumed.txt").decode() == "1", "resumed from try 1's checkpoint"
     second = read(registry.store, f"{run.prefix}/outcome.json", Outcome)
     assert second.checkpoint is not None and second.checkpoint["resumed_from_try"] == 1
+
+
+def test_an_api_server_down_past_the_retry_budget_keeps_the_job_and_the_retry_reattaches(deployment, kube_api, monkeypatch):
+    """The API answers 503 for longer than the budget: the task fails retryable and the Job runs on; try 2 waits for
+    it (still running) or completes its run (ended meanwhile), and removes it either way."""
+    from airflow_aicenter.launchers import kube_retry
+
+    registry, dataset = deployment
+    monkeypatch.setattr(kube_retry, "BUDGET", 2.0)
+    faults: list[Any] = []
+    watcher = when_job_exists(kube_api, lambda: faults.append(kube_api.fail_next(JOB_PATH, 10_000, 503)))
+    with pytest.raises(kube_retry.KubernetesUnavailable, match=r"the Kubernetes API failed to read Job .* for 2 s"):
+        full_op(dataset).execute(make_context())
+    watcher.join(5)
+    assert kube_api.jobs, "the Job was not deleted because reads failed"
+    assert not [p for m, p in kube_api.requests if m == "DELETE" and "/jobs/" in p]
+    faults[0].count = 0  # the API server is back
+    result = full_op(dataset).execute(make_context(try_number=2))
+    assert result["version"] == "1.1" and result["score"] == 6.0
+    assert len([m for m in kube_api.created if m.get("kind") == "Job"]) == 1, "try 1's Job was not started again"
+    kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")
