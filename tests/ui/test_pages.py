@@ -228,6 +228,7 @@ def test_the_same_run_page_on_an_s3_store(signed_in, ui_server, s3_server, shots
         assert page.locator("#artifact-list tbody tr").count() == 5
         shots(page, "s3-run")
         page.click("a.preview:text('plots/chart.png')")
+        page.locator("#artifact-image").wait_for()  # the preview page has loaded
         page.wait_for_function("document.getElementById('artifact-image').complete")
         assert page.locator("#artifact-image").evaluate("img => img.naturalWidth") == 24
         # a change in the S3 store shows: the page reads the store, not a copy
