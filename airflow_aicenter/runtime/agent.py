@@ -60,9 +60,9 @@ from airflow_aicenter.secrets import SECRET_KEYS_ENV, Redactor, is_secret_key, r
 from airflow_aicenter.storage import Store, open_store
 from airflow_aicenter.storage.transfer import (
     FileEntry,
+    blob_to_read,
     check_names,
     download_tree,
-    get_blob,
     local_files,
     put_blob,
     run,
@@ -532,13 +532,12 @@ class Agent:
     # -- staging -------------------------------------------------------------------------
     def _stage_package(self) -> Path:
         spec = self.spec
-        zip_path = self.work / "package.zip"
-        get_blob(self.store, spec.blob.sha256, zip_path)
-        self._count("bytes_staged", zip_path.stat().st_size)
         # In a pod package/ is a volume's mount point, which cannot be replaced: the package goes inside it.
         target = self.work / "package" / "root" if self.mode == "stage" else self.work / "package"
-        root = extract_zip(zip_path, target)
-        zip_path.unlink()
+        # verified, then read in place on the file store (no copy of a multi-GB zip); downloaded elsewhere
+        with blob_to_read(self.store, spec.blob.sha256, self.work / "package.zip") as (zip_path, size):
+            self._count("bytes_staged", size)
+            root = extract_zip(zip_path, target)
         validate_package(root, self.plan.contract)
         return root
 

@@ -239,3 +239,54 @@ def test_extract_through_zipfile_where_the_kernel_refuses_the_copy(tmp_path, mon
     monkeypatch.setattr(os, "copy_file_range", refused)
     root = archive.extract_zip(zip_path, tmp_path / "out")
     assert (root / "model" / "weights.bin").read_bytes() == weights
+
+
+# -- blob_to_read: the package zip read in place on the file store, verified first -----------------
+def test_blob_to_read_finds_a_flipped_byte(store, tmp_path):
+    from airflow_aicenter.storage.transfer import blob_to_read
+
+    zip_path = _package_zip(tmp_path, os.urandom(2**20 + 3))
+    digest = sha256_file(zip_path).sha256
+    put_blob(store, zip_path, digest)
+    data = bytearray(zip_path.read_bytes())
+    data[_stored_weights(zip_path) + 10] ^= 0x01
+    store.put_bytes(blob_key(digest), bytes(data))
+    (tmp_path / "work").mkdir()
+    with (pytest.raises(StorageError, match=f"is corrupt: its content hashes to sha256:(?!{digest}).*expected sha256:{digest}"),
+          blob_to_read(store, digest, tmp_path / "work" / "package.zip")):
+        pytest.fail("a damaged blob was handed out")
+    assert os.listdir(tmp_path / "work") == []
+
+
+def test_blob_to_read_of_a_missing_blob_names_it(store, tmp_path):
+    from airflow_aicenter.storage.transfer import blob_to_read
+
+    digest = hashlib.sha256(b"gone").hexdigest()
+    with (pytest.raises(NotFoundError, match=f"blob sha256:{digest} is missing from the store"),
+          blob_to_read(store, digest, tmp_path / "package.zip")):
+        pytest.fail("a missing blob was handed out")
+
+
+def test_a_package_staged_in_place_is_a_copy_user_code_may_write(store, tmp_path):
+    """Extracted from the blob read in place: every file is new, so writing it leaves the store's blob intact."""
+    from airflow_aicenter.package.archive import extract_zip
+    from airflow_aicenter.storage.transfer import blob_to_read
+
+    weights = os.urandom(2**20 + 3)
+    zip_path = _package_zip(tmp_path, weights)
+    digest = sha256_file(zip_path).sha256
+    put_blob(store, zip_path, digest)
+    (tmp_path / "work").mkdir()
+    with blob_to_read(store, digest, tmp_path / "work" / "package.zip") as (path, size):
+        assert size == zip_path.stat().st_size
+        root = extract_zip(path, tmp_path / "work" / "package")
+    assert sorted(os.listdir(tmp_path / "work")) == ["package"]  # no zip left behind
+    staged = root / "model" / "weights.bin"
+    assert staged.read_bytes() == weights and staged.stat().st_nlink == 1
+    staged.write_bytes(b"retrained")
+    (root / "main.py").write_text("changed by user code\n")
+    assert sha256_file_of(store, digest) == digest
+
+
+def sha256_file_of(store, digest: str) -> str:
+    return hashlib.sha256(store.get_bytes(blob_key(digest))).hexdigest()
