@@ -47,6 +47,7 @@ from airflow_aicenter.package.validate import capabilities
 from airflow_aicenter.plans import CONTRACTS, PLANS
 from airflow_aicenter.process import exit_process
 from airflow_aicenter.promotion import PROMOTE_IF, promote, rejected_reason, version_score
+from airflow_aicenter.promotion import compare as compare_versions
 from airflow_aicenter.records import AliasRecord, ApprovalRecord, Manifest, VersionRecord, read_optional
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.runs import STATUSES, RunRecord, compare, find_run, find_runs, list_runs
@@ -556,6 +557,21 @@ def _print_version_detail(data: dict[str, Any]) -> None:
     _print_aliases(data["all_aliases"])
 
 
+def _stays_at(registry: Registry, name: str, alias: str, current: str, candidate: str) -> str:
+    """The alias's version and the scores the rule of "better" compared (:func:`promotion.compare`).
+
+    Never the current version's latest score on some other data: that number can disagree
+    with the decision printed just above it.
+    """
+    judged = compare_versions(registry, name, candidate, current)
+    if judged.comparable and judged.ours is not None and judged.theirs is not None:
+        return (f"{alias!r} stays at {current}: its score {judged.theirs.score:.6g} against "
+                f"{judged.ours.score:.6g} of {candidate}, {judged.basis}")
+    if judged.theirs is None:
+        return f"{alias!r} stays at {current} (no score)"
+    return f"{alias!r} stays at {current} (score {judged.theirs.describe().partition(': ')[2]})"
+
+
 def cmd_package_promote(args: argparse.Namespace, registry: Registry) -> int:
     name, spec = split_ref(args.ref, need_version=True)
     record = registry.resolve(name, spec or "latest")
@@ -581,9 +597,7 @@ def cmd_package_promote(args: argparse.Namespace, registry: Registry) -> int:
         reason = decision.reason.replace("promote_if='always'", "--if always").replace("promote_if='better'", "--if better")
         console.print(f"Not promoted: {escape(reason)}")
         if decision.from_version and decision.from_version != decision.to_version:
-            current = version_score(registry, name, decision.from_version)
-            console.print(f"{escape(repr(args.alias))} stays at {escape(decision.from_version)} "
-                          f"(score {_fmt(current.score)}, {escape(current.source)})")
+            console.print(escape(_stays_at(registry, name, args.alias, decision.from_version, decision.to_version)))
         if args.promote_if == "better" and decision.from_version != decision.to_version:
             console.print(f"To promote it all the same: aicenter package promote {escape(name)}:{escape(record.version)} "
                           f"--alias {args.alias} --if always")

@@ -389,3 +389,27 @@ def test_one_damaged_alias_record_does_not_hide_the_other_packages(tmp_path, cap
     assert code == 1 and set(rows) == {"churn", "other"}
     assert rows["other"]["problems"] == [] and rows["other"]["latest"] == "1.0"
     assert rows["churn"]["latest"] == "1.0" and any("production" in p for p in rows["churn"]["problems"])
+
+
+def test_promote_says_the_scores_the_rule_compared(tmp_path, capsys):
+    """The "stays at" line shows the current version's score on the data both were compared on, not its latest score elsewhere."""
+    from airflow_aicenter.records import EvaluationRecord
+
+    uri = (tmp_path / "store").as_uri()
+    registry = Registry(open_store(uri))
+    upload_package(registry, tmp_path, "scored", SCORED_TRAIN)
+    blob = registry.get("scored", "1.0").blob
+    holdout, other = "file:///data/holdout/", "file:///data/other/"
+    registry.commit("scored", parent="1.0", blob=blob, pipeline="full", score=0.7, evaluated_on=holdout)  # 1.1
+    registry.commit("scored", parent="1.1", blob=blob, pipeline="full", score=0.65, evaluated_on=holdout)  # 1.2
+    first = read_json(capsys, "--storage", uri, "package", "promote", "scored:1.1", "--alias", "production")
+    assert first["promoted"] is True
+    # production's latest score is on other data: the rule does not use it, and neither may the message
+    registry.add_evaluation(EvaluationRecord(package="scored", version="1.1", score=0.95, dataset=other))
+
+    code, out, _ = run_cli(capsys, "--storage", uri, "package", "promote", "scored:1.2", "--alias", "production")
+    text = " ".join(out.split())
+    assert code == 3, text
+    assert f"Not promoted: score 0.65 is not above 0.7 of the current production version 1.1 (on the same evaluation data {holdout})" in text
+    assert f"'production' stays at 1.1: its score 0.7 against 0.65 of 1.2, on the same evaluation data {holdout}" in text, text
+    assert "0.95" not in text
