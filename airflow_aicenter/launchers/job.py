@@ -31,11 +31,13 @@ from airflow_aicenter.launchers import kube_retry
 from airflow_aicenter.launchers.base import Finished, killed_by_airflow, settle_outcome
 from airflow_aicenter.launchers.pod import PodLauncher, PodRun, PodSettings
 from airflow_aicenter.launchers.pod_spec import (
+    DISRUPTED_RETRY,
     LABEL_JOB,
     MASTER_PORT,
     QUEUE_LABEL,
     STAGE_CONTAINER,
     SYNC_CONTAINER,
+    disruption,
     job_agent_env,
     job_manifests,
     job_ports,
@@ -152,24 +154,6 @@ def node_started(pod: k8s.V1Pod) -> bool:
     if status.phase in ("Running", "Succeeded", "Failed"):
         return True
     return any(s.state is not None and (s.state.running or s.state.terminated) for s in status.init_container_statuses or [])
-
-
-def disruption(pod: k8s.V1Pod) -> str | None:
-    """How a pod was disrupted by its node (eviction, preemption, node loss, taint), or None.
-
-    Kubernetes marks such pods with the ``DisruptionTarget`` condition (reason
-    ``EvictionByEvictionAPI``, ``PreemptionByScheduler``, ``DeletionByTaintManager``,
-    ``TerminationByKubelet``...); node-pressure evictions also set ``status.reason: Evicted``.
-    """
-    status = pod.status
-    if status is None:
-        return None
-    for condition in status.conditions or []:
-        if condition.type == "DisruptionTarget" and condition.status == "True":
-            return f"{condition.reason}: {condition.message}" if condition.message else str(condition.reason)
-    if status.reason in ("Evicted", "NodeLost", "Preempting", "Terminated", "Shutdown"):
-        return f"{status.reason}: {status.message}" if status.message else str(status.reason)
-    return None
 
 
 def why_pending(pod: k8s.V1Pod) -> str:
@@ -452,8 +436,7 @@ class JobLauncher(PodLauncher):
         disrupted = [f"node {node_index(p)} was disrupted on node {(p.spec.node_name if p.spec else None) or '?'} ({why})"
                      for p in self._safe_pods() if (why := disruption(p))]
         if disrupted:  # the node went away under the run: not the training's fault, the retry resumes
-            cause = "; ".join(disrupted) + ("; a retryable failure: the task's retry resumes from the latest checkpoint "
-                                            "(give the task retries)")
+            cause = "; ".join([*disrupted, DISRUPTED_RETRY])
             end_outcome(store, run.key(OUTCOME), outcome or spec, "failed", cause)
             return Finished(spec, run, settle_outcome(store, spec, run, ended=cause))
         causes = []

@@ -42,6 +42,7 @@ from airflow_aicenter.launchers.pod_spec import (
     AWS_SECRET_KEYS,
     DATASET_MOUNT,
     DEFAULT_STARTUP_TIMEOUT,
+    DISRUPTED_RETRY,
     LABEL_PACKAGE,
     LABEL_RUN,
     LABEL_VERSION,
@@ -49,6 +50,7 @@ from airflow_aicenter.launchers.pod_spec import (
     PodResources,
     PodShape,
     check_sub_path,
+    disruption,
     label_value,
     run_ending,
     run_spec_json,
@@ -364,6 +366,11 @@ class PodLauncher(Launcher):
                     launch_cause(failure),
                 )
             return Finished(spec, run, outcome)
+        if pod is not None and (why := disruption(pod)) is not None:  # its node went away: not the training's fault
+            node = (pod.spec.node_name if pod.spec else None) or "?"
+            cause = f"the pod was disrupted on node {node} ({why}); {DISRUPTED_RETRY}"
+            end_outcome(store, run.key(OUTCOME), outcome or spec, "failed", cause)
+            return Finished(spec, run, settle_outcome(store, spec, run, ended=cause))
         if outcome is None and code is None:
             cause = (
                 f"the training pod did not run: {launch_cause(failure) if failure else 'it ended without starting the runtime'}"

@@ -275,6 +275,27 @@ def run_ending(pod: k8s.V1Pod | None, base: str) -> tuple[str, int | None, str |
     return base, code, reason, message
 
 
+def disruption(pod: k8s.V1Pod) -> str | None:
+    """How a pod was disrupted by its node (eviction, preemption, node loss, taint), or None.
+
+    Kubernetes marks such pods with the ``DisruptionTarget`` condition (reason
+    ``EvictionByEvictionAPI``, ``PreemptionByScheduler``, ``DeletionByTaintManager``,
+    ``TerminationByKubelet``...); node-pressure evictions also set ``status.reason: Evicted``.
+    """
+    status = pod.status
+    if status is None:
+        return None
+    for condition in status.conditions or []:
+        if condition.type == "DisruptionTarget" and condition.status == "True":
+            return f"{condition.reason}: {condition.message}" if condition.message else str(condition.reason)
+    if status.reason in ("Evicted", "NodeLost", "Preempting", "Terminated", "Shutdown"):
+        return f"{status.reason}: {status.message}" if status.message else str(status.reason)
+    return None
+
+
+DISRUPTED_RETRY = "a retryable failure: the task's retry resumes from the latest checkpoint (give the task retries)"
+
+
 # -- merging ours under the user's -------------------------------------------------------
 def infra_resources(
     *, gpu: int, cpu: float | str | None, memory_gb: float | None, storage_gb: float | None

@@ -292,16 +292,17 @@ class FakeKubernetes:
                     return fault.status
         return None
 
-    def disrupt(self, index: int, reason: str = "EvictionByEvictionAPI", message: str = "Eviction API: evicting") -> Pod:
-        """Disrupt the running pod of Job completion ``index`` as an eviction (node pressure, drain) does.
+    def disrupt(self, index: int | None = None, reason: str = "EvictionByEvictionAPI",
+                message: str = "Eviction API: evicting") -> Pod:
+        """Disrupt the running pod of Job completion ``index`` (None: the only pod) as an eviction (node pressure, drain) does.
 
         The pod gets the ``DisruptionTarget`` condition and ``status.reason: Evicted``, its containers
         are stopped like the kubelet does (SIGTERM, then SIGKILL after the grace period), and it
         stays listed, Failed, as node-pressure evictions leave it.
         """
         with self.cond:
-            [pod] = [p for p in self.pods.values()
-                     if (p.obj["metadata"].get("labels") or {}).get("batch.kubernetes.io/job-completion-index") == str(index)]
+            [pod] = [p for p in self.pods.values() if index is None  # the only pod
+                     or (p.obj["metadata"].get("labels") or {}).get("batch.kubernetes.io/job-completion-index") == str(index)]
             pod.disruption = {"type": "DisruptionTarget", "status": "True", "reason": reason, "message": message,
                               "lastTransitionTime": rfc3339(now())}
             pod.obj["status"].update(reason="Evicted", message=message)

@@ -320,3 +320,30 @@ def test_an_api_server_down_past_the_retry_budget_keeps_the_job_and_the_retry_re
     assert result["version"] == "1.1" and result["score"] == 6.0
     assert len([m for m in kube_api.created if m.get("kind") == "Job"]) == 1, "try 1's Job was not started again"
     kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")
+
+
+def test_an_evicted_single_pod_is_a_retryable_failure_naming_its_node(kube_deployment, kube_api: FakeKubernetes,
+                                                                      tmp_path: Path):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from airflow_aicenter.errors import RunError
+
+    registry, dataset = kube_deployment
+    registry.upload(write_files(tmp_path / "pkg", {"main.py": MAIN, "train.py": CHECKPOINT_DDP, "requirements.txt": ""}), "one")
+    op = TrainPipelineOperator(task_id="train", package="one", dataset=dataset, install_requirements=False,
+                               env={"HOLD": "60"}, **FAST)
+    thread, out = run_in_thread(op, make_context())
+
+    def training() -> bool:
+        return any(c.name == "base" and c.process is not None and c.exit_code is None for p in kube_api.pods.values()
+                   for c in p.containers)
+
+    kube_api.wait_for(lambda: training() or not thread.is_alive(), timeout=90, what="the pod's user container")
+    assert thread.is_alive(), out
+    kube_api.disrupt(reason="PreemptionByScheduler", message="Preempted in order to admit critical pod")
+    thread.join(120)
+    error = out.get("error")
+    assert isinstance(error, RunError) and not isinstance(error, AirflowFailException), repr(error)
+    assert "the pod was disrupted on node fake-node (PreemptionByScheduler: Preempted in order to admit critical pod)" in str(
+        error), str(error)
+    assert "resumes from the latest checkpoint" in str(error)
