@@ -1,9 +1,12 @@
 """Closing the loop: retrain on a schedule, promote only a better model, evaluate every new version.
 
 - ``aicenter_retraining`` (cron, Mondays 03:00): a full pipeline (process_data, train,
-  evaluate, save) on the churn package's latest version. The new version becomes
-  ``production`` only when its score is strictly above the score of production's current
-  version, so a bad week of data never replaces a good model.
+  evaluate, save) on the churn package's latest version with the week's data, scored on a
+  fixed holdout set (``evaluation_dataset``) that every week's version is scored on too. The
+  new version becomes ``production`` only when its score there is strictly above production's
+  score on the same holdout, so a bad week of data never replaces a good model and a good
+  week replaces it on its own. (Scored on its own split of each week's data instead, two
+  versions would be measured on different data and never be compared.)
 - ``aicenter_evaluate_new_version`` (scheduled on ``Asset("aicenter://churn")``): every new
   churn version, from this DAG or any other train/full run, is evaluated on a fixed holdout
   set and becomes ``staging`` when it beats staging's current version there. The version
@@ -63,7 +66,10 @@ with DAG(
     max_active_runs=1,
     params={
         "version": Param("latest", type="string", description='version to retrain: "M.m", "M", "latest" or an alias'),
-        "dataset": Param(DEFAULT_DATASET, type="string", description="data folder URI (s3://... or file:///...)"),
+        "dataset": Param(DEFAULT_DATASET, type="string", description="the week's data folder URI (s3://... or file:///...)"),
+        "evaluation_dataset": Param(DEFAULT_HOLDOUT, type="string",
+                                    description="the fixed holdout folder URI every version is scored on; keep it "
+                                                "the same across weeks, or versions cannot be compared"),
         "epochs": Param(150, type="integer", minimum=1, description="gradient-descent steps (EPOCHS)"),
         "learning_rate": Param(0.2, type="number", exclusiveMinimum=0, description="step size (LEARNING_RATE)"),
     },
@@ -74,8 +80,10 @@ with DAG(
         package=PACKAGE,
         version="{{ params.version }}",
         dataset="{{ params.dataset }}",
+        evaluation_dataset="{{ params.evaluation_dataset }}",
         env={"EPOCHS": "{{ params.epochs }}", "LEARNING_RATE": "{{ params.learning_rate }}"},
         save_training_data=True,
+        save_test_data=True,  # the holdout's snapshot: its content, not just its URI, shows it is the same data
         promote_to="production",
         promote_if="better",
     )

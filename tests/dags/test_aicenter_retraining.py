@@ -7,8 +7,10 @@ asset-scheduled DAG falls back to its ``version`` param.
 
 The cron DAG runs once through ``airflow dags test`` (the smoke run of the full pipeline, promotion,
 the Asset event and the extra links), the triggered run through ``airflow tasks test``; the run by
-hand and a second retraining run the DAGs' own tasks (parsed from dags/, templates rendered) in
-process against the same store.
+hand and the later weeks' retraining runs run the DAGs' own tasks (parsed from dags/, templates
+rendered) in process against the same store. Every week's version is scored on the same fixed
+holdout, so the one rule of "better" (promotion.compare: the same evaluation data) decides: a worse
+week is refused, a better one becomes production on its own.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import shutil
 
 import pytest
 
+from airflow_aicenter.promotion import measurements
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
 from tests.aicenter_helpers import asset_events, dag_paused, example_task, queued_for, run_task, task_states, xcoms
@@ -66,14 +69,21 @@ def test_retraining_promotes_and_each_new_version_is_evaluated(airflow_env, monk
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     unpaused = {"AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False"}
 
-    # 1. the cron DAG, unchanged: full pipeline, promoted (no production yet), Asset event
-    done = airflow_env.dags_test("aicenter_retraining", extra_env=unpaused)
+    # 1. the cron DAG, unchanged: full pipeline, promoted (no production yet), Asset event. The first week is
+    #    a small one (40 customers), scored on the DAG's default holdout
+    first_week = make_dataset(home / "aicenter-datasets" / "churn-week-1", rows=40, seed=7).parent
+    done = airflow_env.dags_test("aicenter_retraining", {"dataset": first_week.as_uri()}, extra_env=unpaused)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     retrain = xcoms(home, "aicenter_retraining")["retrain"]
     value = retrain["return_value"]
     assert value["version"] == "1.1" and 0.6 < value["score"] <= 1.0
     assert value["promoted"] is True and value["promotion"]["to"] == "1.1" and value["promotion"]["from"] is None
     assert registry.resolve("churn", "production").version == "1.1"
+    # scored on the fixed holdout (the DAG's evaluation_dataset), snapshotted so that its content identifies it
+    holdout_uri = (home / "aicenter-datasets" / "churn-holdout").as_uri()
+    assert registry.get("churn", "1.1").evaluated_on == holdout_uri
+    snapshot = next(m.digest for m in measurements(registry, "churn", "1.1") if m.data == holdout_uri)
+    assert snapshot is not None
     results = json.loads(registry.store.get_bytes(value["results_uri"].removeprefix(registry.store.uri + "/")))
     assert results["aicenter"]["promotion"] == value["promotion"]
     # the extra links open the run's page in the Airflow UI (same origin), computed from the task instance alone
@@ -88,7 +98,7 @@ def test_retraining_promotes_and_each_new_version_is_evaluated(airflow_env, monk
     # 2. the asset-scheduled DAG by hand (its task in this process, on the same store): no event, so the
     #    version param ("latest") is evaluated
     monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps({"conn_type": "aicenter", "extra": {"storage": registry.store.uri}}))
-    holdout = {"evaluation_dataset": (home / "aicenter-datasets" / "churn-holdout").as_uri()}  # the DAG's default in this home
+    holdout = {"evaluation_dataset": holdout_uri}  # both DAGs' default in $AIRFLOW_HOME, which this process does not set
     manual, _ = run_task(example_task(CONSUMER, "evaluate", "aicenter_retraining"), holdout)
     assert manual["version"] == "1.1" and manual["promoted"] is True and manual["promotion"]["alias"] == "staging"
 
@@ -110,9 +120,9 @@ def test_retraining_promotes_and_each_new_version_is_evaluated(airflow_env, monk
     assert [e.run.run_id for e in registry.evaluations("churn", "1.1")][-1] == run["run_id"]
     assert queued_for(home, CONSUMER) == 0
 
-    # 5. a bad week of data (labels shuffled: nothing to learn): a new version, but production stays
+    # 5. a bad week of data (labels shuffled: nothing to learn): a new version, scored on the same fixed holdout
+    #    as production's 1.1, worse there, so production stays (the one rule of "better": same evaluation data)
     bad = make_dataset(home / "aicenter-datasets" / "churn-shuffled", rows=300, seed=9)
-    bad = bad if bad.is_file() else bad / "churn.csv"
     rows = list(csv.DictReader(bad.open()))
     labels = [r["churned"] for r in rows]
     random.Random(5).shuffle(labels)
@@ -120,13 +130,27 @@ def test_retraining_promotes_and_each_new_version_is_evaluated(airflow_env, monk
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows({**r, "churned": label} for r, label in zip(rows, labels))
-    worse, _ = run_task(example_task("aicenter_retraining", "retrain"), {"dataset": bad.parent.as_uri()},
+    worse, _ = run_task(example_task("aicenter_retraining", "retrain"), {**holdout, "dataset": bad.parent.as_uri()},
                         run_id="scheduled__2026-03-02T03:00:00+00:00")
     assert worse["version"] == "2.1" and worse["score"] < value["score"]
+    assert registry.get("churn", "2.1").evaluated_on == holdout_uri
     assert worse["promoted"] is False and worse["promotion"]["from"] == "1.1"
-    # its score is on its own split of other data: not compared (promotion.compare); the reason says what to evaluate
-    assert "not scored on the same data" in worse["promotion"]["reason"]
-    assert "current production version 1.1" in worse["promotion"]["reason"]
-    assert "EvaluatePipelineOperator(task_id=..., package='churn', version='2.1'" in worse["promotion"]["reason"]
+    assert worse["promotion"]["reason"] == (
+        f"score {worse['score']:.6g} is not above {value['score']:.6g} of the current production version 1.1 "
+        f"(on the same evaluation data {holdout_uri}, snapshot {snapshot[:12]})"
+    )
     assert registry.resolve("churn", "production").version == "1.1"
-    assert [h.version for h in registry.alias_history("churn", "production")] == ["1.1"]
+
+    # 6. a good week (30 times the first week's customers; the weights carried on from the latest version):
+    #    better on the same holdout, so production moves on its own
+    good = make_dataset(home / "aicenter-datasets" / "churn-week-10", rows=1200, seed=10).parent
+    better, _ = run_task(example_task("aicenter_retraining", "retrain"), {**holdout, "dataset": good.as_uri(), "epochs": 300},
+                         run_id="scheduled__2026-03-09T03:00:00+00:00")
+    assert better["version"] == "2.2" and better["score"] > value["score"], (better["score"], value["score"])
+    assert better["promoted"] is True and (better["promotion"]["from"], better["promotion"]["to"]) == ("1.1", "2.2")
+    assert better["promotion"]["reason"] == (
+        f"score {better['score']:.6g} > {value['score']:.6g} of the current production version 1.1 "
+        f"(on the same evaluation data {holdout_uri}, snapshot {snapshot[:12]})"
+    )
+    assert registry.resolve("churn", "production").version == "2.2"
+    assert [h.version for h in registry.alias_history("churn", "production")] == ["1.1", "2.2"]
