@@ -125,3 +125,22 @@ def test_a_templated_count_is_checked_once_rendered(tmp_path, monkeypatch):
         rendered(evaluate)
     with pytest.raises(ConfigurationError, match="procs_per_node='3x' is not valid"):
         FullPipelineOperator(task_id="literal", package="p", dataset="file:///d", procs_per_node="3x")
+
+
+def test_every_version_that_promotes_on_better_is_scored_on_the_one_fixed_holdout(dags, tmp_path):
+    """The retraining DAGs and the evaluation DAG score on the same holdout folder, so "better" compares like with like.
+
+    Scored on its own split of each week's data instead, a new version could never be compared with
+    production (promotion.compare) and production would never move on its own.
+    """
+    holdout = (tmp_path / "home" / "aicenter-datasets" / "churn-holdout").as_uri()
+    tasks = {
+        "aicenter_retraining": "retrain", "aicenter_closed_loop": "retrain", "aicenter_evaluate_new_version": "evaluate",
+    }
+    for dag_id, task_id in tasks.items():
+        task = rendered(dags[dag_id].get_task(task_id))
+        assert task.evaluation_dataset == holdout, dag_id
+        assert task.promote_if == "better", dag_id
+    retrain = dags["aicenter_retraining"].get_task("retrain")
+    assert retrain.save_test_data is True, "the holdout's snapshot shows that its content is the same week after week"
+    assert rendered(retrain, {"evaluation_dataset": "s3://bucket/holdout/"}).evaluation_dataset == "s3://bucket/holdout/"
