@@ -7,7 +7,10 @@ Standard library only, so it runs anywhere the project does::
 
 writes ``DEST/churn.csv`` (or ``DEST/churn_NAME.csv`` with ``--split``). The same seed always
 gives the same file; use a different seed for an evaluation set drawn from the same
-population, e.g. ``--seed 7`` to train and ``--seed 8`` to evaluate.
+population, e.g. ``--seed 7`` to train and ``--seed 8`` to evaluate. The example DAGs score
+every version on one such holdout, ``$AIRFLOW_HOME/aicenter-datasets/churn-holdout`` (seed 8):
+keep it unchanged while the training data changes week by week, so that the versions stay
+comparable (a promotion compares scores on the same evaluation data).
 
 Columns (one customer per row):
 

@@ -29,6 +29,9 @@ mkdir -p "$AIRFLOW_HOME"
 "$BIN/airflow" db migrate >/dev/null
 DATASET=$AIRFLOW_HOME/aicenter-datasets/churn
 "$BIN/python" examples/make_dataset.py "$DATASET" --rows 2000
+# The fixed holdout every retrained version is scored on (the DAGs' evaluation_dataset): another seed, so
+# no customer of the training data is in it, and the same content on every run, so that versions trained
+# in different weeks are scored on the same data and "better" can compare them.
 "$BIN/python" examples/make_dataset.py "$AIRFLOW_HOME/aicenter-datasets/churn-holdout" --rows 600 --seed 8
 "$BIN/aicenter" package upload examples/packages/churn --name churn
 if [ "${1:-}" = "--setup" ]; then
