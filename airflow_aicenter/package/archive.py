@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from airflow_aicenter.errors import ArchiveError, PackageError
+from airflow_aicenter.errors import ArchiveError, PackageError, StorageError
 from airflow_aicenter.package.validate import find_package_root, iter_package_files
 
 CHUNK = 1 << 20
@@ -272,6 +272,7 @@ def extract_zip(
     max_ratio: int = MAX_RATIO,
     only: Callable[[str], bool] | None = None,
     max_selected_bytes: int | None = None,
+    expect_sha256: str | None = None,
 ) -> Path:
     """Safely extract a package zip (a path, or a seekable binary reader) into ``dest``; return the package root.
 
@@ -279,6 +280,11 @@ def extract_zip(
     checked), so validation can fetch just the contract files of a multi-GB zip;
     ``max_selected_bytes`` refuses a selected file larger than that from the central directory,
     before it is fetched (a 2 GB ``main.py`` in a trained version is not downloaded to be refused).
+    ``expect_sha256`` (a path only) verifies the whole zip against that digest in the same pass
+    as the extraction: stored entries are hashed from the copies just written (so what is
+    verified is what lands in ``dest``; their CRC is then redundant), every other byte from the
+    zip; ``dest`` appears only if the digest matches. It lets a blob be extracted straight from
+    the store with one read of its bytes (transfer.blob_to_read).
     ``dest`` must not exist or be empty; on failure it is left as it was.
     """
     dest = Path(dest)
@@ -309,10 +315,18 @@ def extract_zip(
                 if isinstance(source, str):
                     raw = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
                     stack.callback(os.close, raw)
+                hasher = None
+                if expect_sha256 is not None:
+                    if raw is None or only is not None:
+                        raise ValueError("expect_sha256 needs a zip on disk, extracted whole")
+                    hasher = _ZipHasher(raw)
+                    infos = sorted(infos, key=lambda i: i.header_offset)  # the digest runs through the file in order
                 for info in infos:
                     if info.is_dir() or (only is not None and not only(info.filename)):
                         continue
-                    _extract_one(zf, info, staging, budget, raw)
+                    _extract_one(zf, info, staging, budget, raw, hasher)
+                if hasher is not None and expect_sha256 is not None:
+                    hasher.check(expect_sha256, label)
         staging.chmod(0o755)  # mkdtemp makes it private; the package folder is an ordinary one
         if dest.exists():
             dest.rmdir()
@@ -334,7 +348,10 @@ def _check_selected(infos: list[zipfile.ZipInfo], only: Callable[[str], bool] | 
             )
 
 
-def _extract_one(zf: zipfile.ZipFile, info: zipfile.ZipInfo, staging: Path, budget: list[int], raw: int | None = None) -> None:
+def _extract_one(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, staging: Path, budget: list[int], raw: int | None = None,
+    hasher: _ZipHasher | None = None,
+) -> None:
     name = info.filename
     target = staging.joinpath(*_check_name(name))
     base = staging.resolve()
@@ -349,7 +366,11 @@ def _extract_one(zf: zipfile.ZipFile, info: zipfile.ZipInfo, staging: Path, budg
                 raise ArchiveError(
                     f"the zip expands to more than its size limit (reached in entry {name!r}): keep large data in datasets, "
                     "not in the package")
-            if _copy_stored(raw, start, info, target):
+            if hasher is not None and start >= hasher.pos:  # entries that overlap an earlier one keep their CRC check
+                hasher.upto(start)
+            else:
+                hasher = None
+            if _copy_stored(raw, start, info, target, hasher):
                 if (info.external_attr >> 16) & 0o111:
                     target.chmod(0o755)
                 return
@@ -407,7 +428,39 @@ def _stored_data_start(raw: int, info: zipfile.ZipInfo) -> int | None:
     return start
 
 
-def _copy_stored(raw: int, start: int, info: zipfile.ZipInfo, target: Path) -> bool:
+class _ZipHasher:
+    """The sha256 of a zip, taken in file order while it is extracted: copied entries from their copies, the rest from the zip."""
+
+    def __init__(self, raw: int) -> None:
+        self.raw = raw
+        self.pos = 0
+        self.digest = hashlib.sha256()
+
+    def upto(self, end: int) -> None:
+        """Hash the zip's own bytes from where the digest stands to ``end``."""
+        while self.pos < end:
+            chunk = os.pread(self.raw, min(COPY_CHUNK, end - self.pos), self.pos)
+            if not chunk:
+                break
+            self.digest.update(chunk)
+            self.pos += len(chunk)
+
+    def copied(self, data: memoryview) -> None:
+        """Hash the next bytes of the zip from the copy of them just written."""
+        self.digest.update(data)
+        self.pos += len(data)
+
+    def check(self, expected: str, label: str) -> None:
+        self.upto(os.fstat(self.raw).st_size)
+        if (actual := self.digest.hexdigest()) != expected:
+            raise StorageError(
+                f"{label} is corrupt: its content hashes to sha256:{actual}, expected sha256:{expected}; the blob was "
+                "changed or damaged in the store: `aicenter verify --repair SOURCE` rewrites it from a folder or zip that "
+                "holds the original content; then run the task again"
+            )
+
+
+def _copy_stored(raw: int, start: int, info: zipfile.ZipInfo, target: Path, hasher: _ZipHasher | None = None) -> bool:
     """Copy a stored entry to a new file in the kernel and check its CRC through a mapping of the copy.
 
     The bytes never pass through Python buffers (a 2 GB weights file: about 1 CPU s instead of
@@ -433,9 +486,12 @@ def _copy_stored(raw: int, start: int, info: zipfile.ZipInfo, target: Path) -> b
             aligned = pos - pos % mmap.ALLOCATIONGRANULARITY
             with mmap.mmap(out, pos + n - aligned, access=mmap.ACCESS_READ, offset=aligned) as mapped, \
                     memoryview(mapped) as view:
-                crc = zlib.crc32(view[pos - aligned:], crc)
+                if hasher is not None:
+                    hasher.copied(view[pos - aligned:])
+                else:
+                    crc = zlib.crc32(view[pos - aligned:], crc)
             pos += n
-        if crc != info.CRC:
+        if hasher is None and crc != info.CRC:
             raise ArchiveError(f"zip entry {info.filename!r} is corrupt (Bad CRC-32 for file {info.filename!r}): the zip "
                                f"was damaged (e.g. in transfer); {_REMAKE}, or upload it again")
         return True

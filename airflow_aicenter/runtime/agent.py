@@ -35,7 +35,7 @@ from typing import Any, TextIO, cast
 from airflow_aicenter.crashpoints import crash_point
 from airflow_aicenter.errors import AICenterError, DatasetError, NotFoundError, RunError
 from airflow_aicenter.layout import ARTIFACTS, PREDICTIONS, manifest_name, outcome_name
-from airflow_aicenter.package import extract_zip, iter_package_files, validate_package, write_zip
+from airflow_aicenter.package import iter_package_files, validate_package, write_zip
 from airflow_aicenter.plans import plan_for
 from airflow_aicenter.records import BlobRef, Outcome, RunSpec, write
 from airflow_aicenter.runtime import isolation, supervisor
@@ -60,9 +60,9 @@ from airflow_aicenter.secrets import SECRET_KEYS_ENV, Redactor, is_secret_key, r
 from airflow_aicenter.storage import Store, open_store
 from airflow_aicenter.storage.transfer import (
     FileEntry,
-    blob_to_read,
     check_names,
     download_tree,
+    extract_blob,
     local_files,
     put_blob,
     run,
@@ -534,10 +534,9 @@ class Agent:
         spec = self.spec
         # In a pod package/ is a volume's mount point, which cannot be replaced: the package goes inside it.
         target = self.work / "package" / "root" if self.mode == "stage" else self.work / "package"
-        # verified, then read in place on the file store (no copy of a multi-GB zip); downloaded elsewhere
-        with blob_to_read(self.store, spec.blob.sha256, self.work / "package.zip") as (zip_path, size):
-            self._count("bytes_staged", size)
-            root = extract_zip(zip_path, target)
+        # read in place and verified in the same pass on the file store (no copy of a multi-GB zip); downloaded elsewhere
+        root, size = extract_blob(self.store, spec.blob.sha256, target, self.work / "package.zip")
+        self._count("bytes_staged", size)
         validate_package(root, self.plan.contract)
         return root
 

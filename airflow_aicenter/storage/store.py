@@ -371,31 +371,23 @@ class LocalStore(Store):
             finally:
                 os.close(src)
 
-    def open_hashed(self, key: str) -> tuple[int, str, int]:
-        """Open the file ``key`` read-only and hash it: (descriptor, sha256 hex, size); the caller closes it.
+    def open_read(self, key: str) -> tuple[int, int]:
+        """Open the file ``key`` read-only: (descriptor, size); the caller closes it.
 
-        For reading a blob in place (extracting a package zip) with no copy: what the caller
-        reads through the descriptor is the inode that was hashed, even if the blob is replaced
-        meanwhile (every writer renames a new file into place). The bytes go through a buffer,
-        not a mapping, so a file truncated by hand meanwhile cannot crash the reader.
+        For reading a blob in place (extracting a package zip, transfer.extract_blob) with no
+        copy: what is read through the descriptor is one inode, even if the blob is replaced
+        meanwhile (every writer renames a new file into place).
         """
         self.check_readable(key)
         with self._errors(key):
             fd = os.open(self.root / key, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             try:
-                mode = os.fstat(fd).st_mode
-                if stat.S_ISDIR(mode):
+                st = os.fstat(fd)
+                if stat.S_ISDIR(st.st_mode):
                     raise FileNotFoundError(errno.ENOENT, "is a folder, not a file", str(self.root / key))
-                if not stat.S_ISREG(mode):
+                if not stat.S_ISREG(st.st_mode):
                     raise StorageError(f"{key!r} in {self.uri} is not a regular file; remove it")
-                digest = hashlib.sha256()
-                offset = 0
-                buf = bytearray(COPY_CHUNK)
-                with memoryview(buf) as view:
-                    while n := os.preadv(fd, [view], offset):
-                        digest.update(view[:n])
-                        offset += n
-                return fd, digest.hexdigest(), offset
+                return fd, st.st_size
             except BaseException:
                 os.close(fd)
                 raise

@@ -25,7 +25,7 @@ import random
 import secrets
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Literal, TypeVar
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 from airflow_aicenter.errors import (
     AccessDeniedError,
     AlreadyExistsError,
+    ArchiveError,
     DatasetError,
     NotFoundError,
     PackageError,
@@ -983,43 +984,59 @@ def missing_blob(store: Store, sha256: str) -> NotFoundError:
     )
 
 
-@contextlib.contextmanager
-def blob_to_read(store: Store, sha256: str, scratch: Path) -> Iterator[tuple[Path, int]]:
-    """(a path to read the blob ``sha256`` at, its size), verified against its digest, for read-only use.
+def extract_blob(store: Store, sha256: str, target: Path, scratch: Path) -> tuple[Path, int]:
+    """Extract the package zip stored as blob ``sha256`` into ``target``, verified; (package root, zip size).
 
-    For extracting a package zip, which is read once and thrown away. On the file store the
-    blob is opened read-only, hashed, and read in place through that open descriptor
-    (``/proc/self/fd/N``): no 2 GB copy, no link (nothing can write the store's blob through
-    it), and what is read is the inode that was verified. Elsewhere, and where /proc is not
-    there, the blob is downloaded to ``scratch`` (get_blob) and removed afterwards.
+    On the file store the blob is read in place, once: opened read-only, and extracted
+    through that descriptor (``/proc/self/fd/N``) while its digest is taken in the same pass,
+    stored entries hashed from the copies just written (extract_zip's ``expect_sha256``), so
+    what is verified is what lands in ``target``, which appears only if the digest matches. No
+    copy of the zip, and no link: nothing can write the store's blob through the package
+    folder. Elsewhere, and where /proc is not there, the blob is downloaded to ``scratch``
+    (get_blob verifies it), extracted and removed.
     """
+    from airflow_aicenter.package.archive import extract_zip
+
     if isinstance(store, LocalStore) and os.path.isdir("/proc/self/fd"):
         key = blob_key(sha256)
         try:
-            fd, hexdigest, size = store.open_hashed(key)
+            fd, size = store.open_read(key)
         except NotFoundError:
             raise missing_blob(store, sha256) from None
         try:
-            if hexdigest != sha256:
-                raise StorageError(
-                    f"{store.url(key)} is corrupt: its content hashes to sha256:{hexdigest}, expected sha256:{sha256}; "
-                    f"the object was changed or damaged in the store: {REPAIR_ADVICE}"
-                )
             path = Path(f"/proc/self/fd/{fd}")
             try:  # a sandbox that hides /proc or refuses its links gets the copy below
                 os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
             except OSError:
                 pass
             else:
-                yield path, size
-                return
+                try:
+                    return extract_zip(path, target, expect_sha256=sha256), size
+                except (StorageError, ArchiveError) as exc:
+                    # a damaged blob can fail as a zip before its digest is reached: name it as damaged
+                    actual = _sha256_fd(fd)
+                    if actual != sha256:
+                        raise StorageError(
+                            f"{store.url(key)} is corrupt: its content hashes to sha256:{actual}, expected sha256:{sha256}; "
+                            f"the object was changed or damaged in the store: {REPAIR_ADVICE}"
+                        ) from None
+                    raise type(exc)(str(exc).replace(str(path), store.url(key))) from None
         finally:
             os.close(fd)
     entry = get_blob(store, sha256, scratch)
     try:
-        yield scratch, entry.size
+        return extract_zip(scratch, target), entry.size
     finally:
         scratch.unlink(missing_ok=True)
+
+
+def _sha256_fd(fd: int) -> str:
+    digest = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, CHUNK, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()
 
 
 def get_blob(store: Store, sha256: str, dest: Path) -> FileEntry:

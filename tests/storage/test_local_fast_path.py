@@ -241,52 +241,67 @@ def test_extract_through_zipfile_where_the_kernel_refuses_the_copy(tmp_path, mon
     assert (root / "model" / "weights.bin").read_bytes() == weights
 
 
-# -- blob_to_read: the package zip read in place on the file store, verified first -----------------
-def test_blob_to_read_finds_a_flipped_byte(store, tmp_path):
-    from airflow_aicenter.storage.transfer import blob_to_read
-
-    zip_path = _package_zip(tmp_path, os.urandom(2**20 + 3))
+# -- extract_blob: the package zip read in place on the file store, verified in the same pass -----
+def _stored_package(store, tmp_path, weights: bytes):
+    zip_path = _package_zip(tmp_path, weights)
     digest = sha256_file(zip_path).sha256
     put_blob(store, zip_path, digest)
+    return zip_path, digest
+
+
+@pytest.mark.parametrize("where", ["stored-entry", "central-directory", "end"])
+def test_staging_a_package_finds_a_flipped_byte(store, tmp_path, where):
+    """In a stored entry (hashed from its copy), in the zip's structure (fails as a zip first), or past the entries."""
+    from airflow_aicenter.storage.transfer import extract_blob
+
+    zip_path, digest = _stored_package(store, tmp_path, os.urandom(2**20 + 3))
     data = bytearray(zip_path.read_bytes())
-    data[_stored_weights(zip_path) + 10] ^= 0x01
+    at = {"stored-entry": _stored_weights(zip_path) + 10, "central-directory": data.rindex(b"PK\x01\x02") + 4,
+          "end": len(data) - 2}[where]
+    data[at] ^= 0x01
     store.put_bytes(blob_key(digest), bytes(data))
     (tmp_path / "work").mkdir()
-    with (pytest.raises(StorageError, match=f"is corrupt: its content hashes to sha256:(?!{digest}).*expected sha256:{digest}"),
-          blob_to_read(store, digest, tmp_path / "work" / "package.zip")):
-        pytest.fail("a damaged blob was handed out")
-    assert os.listdir(tmp_path / "work") == []
+    with pytest.raises(StorageError, match=f"is corrupt: its content hashes to sha256:(?!{digest}).*expected sha256:{digest}"):
+        extract_blob(store, digest, tmp_path / "work" / "package", tmp_path / "work" / "package.zip")
+    assert os.listdir(tmp_path / "work") == []  # no package folder, no zip, no partial folder
 
 
-def test_blob_to_read_of_a_missing_blob_names_it(store, tmp_path):
-    from airflow_aicenter.storage.transfer import blob_to_read
+def test_staging_a_missing_package_blob_names_it(store, tmp_path):
+    from airflow_aicenter.storage.transfer import extract_blob
 
     digest = hashlib.sha256(b"gone").hexdigest()
-    with (pytest.raises(NotFoundError, match=f"blob sha256:{digest} is missing from the store"),
-          blob_to_read(store, digest, tmp_path / "package.zip")):
-        pytest.fail("a missing blob was handed out")
+    with pytest.raises(NotFoundError, match=f"blob sha256:{digest} is missing from the store"):
+        extract_blob(store, digest, tmp_path / "package", tmp_path / "package.zip")
+    assert not (tmp_path / "package").exists()
 
 
 def test_a_package_staged_in_place_is_a_copy_user_code_may_write(store, tmp_path):
     """Extracted from the blob read in place: every file is new, so writing it leaves the store's blob intact."""
-    from airflow_aicenter.package.archive import extract_zip
-    from airflow_aicenter.storage.transfer import blob_to_read
+    from airflow_aicenter.storage.transfer import extract_blob
 
     weights = os.urandom(2**20 + 3)
-    zip_path = _package_zip(tmp_path, weights)
-    digest = sha256_file(zip_path).sha256
-    put_blob(store, zip_path, digest)
+    zip_path, digest = _stored_package(store, tmp_path, weights)
     (tmp_path / "work").mkdir()
-    with blob_to_read(store, digest, tmp_path / "work" / "package.zip") as (path, size):
-        assert size == zip_path.stat().st_size
-        root = extract_zip(path, tmp_path / "work" / "package")
+    root, size = extract_blob(store, digest, tmp_path / "work" / "package", tmp_path / "work" / "package.zip")
+    assert size == zip_path.stat().st_size
     assert sorted(os.listdir(tmp_path / "work")) == ["package"]  # no zip left behind
     staged = root / "model" / "weights.bin"
     assert staged.read_bytes() == weights and staged.stat().st_nlink == 1
+    assert (root / "run.sh").stat().st_mode & 0o111
     staged.write_bytes(b"retrained")
     (root / "main.py").write_text("changed by user code\n")
-    assert sha256_file_of(store, digest) == digest
+    assert hashlib.sha256(store.get_bytes(blob_key(digest))).hexdigest() == digest
 
 
-def sha256_file_of(store, digest: str) -> str:
-    return hashlib.sha256(store.get_bytes(blob_key(digest))).hexdigest()
+def test_extract_zip_verifies_a_digest_in_the_same_pass(tmp_path, monkeypatch):
+    from airflow_aicenter.package import archive
+
+    monkeypatch.setattr(archive, "COPY_CHUNK", 100_000)
+    weights = os.urandom(3 * 2**20 + 1)
+    zip_path = _package_zip(tmp_path, weights)
+    digest = sha256_file(zip_path).sha256
+    root = archive.extract_zip(zip_path, tmp_path / "ok", expect_sha256=digest)
+    assert (root / "model" / "weights.bin").read_bytes() == weights
+    with pytest.raises(StorageError, match=f"hashes to sha256:{digest}, expected sha256:{'0' * 64}"):
+        archive.extract_zip(zip_path, tmp_path / "bad", expect_sha256="0" * 64)
+    assert not (tmp_path / "bad").exists()
