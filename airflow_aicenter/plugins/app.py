@@ -27,7 +27,7 @@ from airflow_aicenter import layout
 from airflow_aicenter.errors import AICenterError, ConfigurationError, NotFoundError, StorageError, VersionError
 from airflow_aicenter.plugins import pages
 from airflow_aicenter.plugins.access import AccessDep, UserDep, login_url
-from airflow_aicenter.records import DAMAGED_RECORD_FIX, DamagedRecordError
+from airflow_aicenter.records import DAMAGED_RECORD_FIX, DamagedRecordError, RunRef
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.runs import RunNotFoundError, find_run, find_runs
 from airflow_aicenter.storage import LocalStore
@@ -62,6 +62,19 @@ def task_instance_url(airflow: str, path: layout.RunPath) -> str:
     if path.map_index >= 0:
         url += f"/mapped/{path.map_index}"
     return f"{url}?try_number={path.try_number}"
+
+
+def required_actions_url(airflow: str, run: RunRef | None) -> str:
+    """Where a person answers an approval: the asking task's Required Actions view, else Browse -> Required Actions.
+
+    Built from the record's run (checked to be a run folder), never from a URL a record holds.
+    """
+    if run is None:
+        return f"{airflow}/required_actions"
+    url = f"{airflow}/dags/{quote(run.dag_id, safe='')}/runs/{quote(run.run_id, safe='')}/tasks/{quote(run.task_id, safe='')}"
+    if run.map_index >= 0:
+        url += f"/mapped/{run.map_index}"
+    return f"{url}/required_actions"
 
 
 def dag_run_url(airflow: str, path: layout.RunPath) -> str:
@@ -142,10 +155,12 @@ def create_app() -> FastAPI:
 
     def render(request: Request, template: str, code: int = 200, **context: Any) -> HTMLResponse:
         base = _base(request)
+        airflow = base.removesuffix(URL_PREFIX)
         user = getattr(request.state, "aicenter_user", None)
         return templates.TemplateResponse(
             request, template, {
-                "base": base, "airflow": base.removesuffix(URL_PREFIX),
+                "base": base, "airflow": airflow,
+                "required_actions": lambda run=None: required_actions_url(airflow, run),
                 "user": user.get_name() if user is not None else None,
                 "run_url": lambda run_id: run_url(base, run_id), "set_by_run": pages.set_by_run, **context,
             }, status_code=code,

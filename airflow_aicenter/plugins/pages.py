@@ -31,6 +31,7 @@ from airflow_aicenter.plans import PLANS, PipelinePlan
 from airflow_aicenter.records import (
     DAMAGED_RECORD_FIX,
     AliasRecord,
+    ApprovalRecord,
     DamagedRecordError,
     EvaluationRecord,
     Manifest,
@@ -231,6 +232,8 @@ class PackageRecords:
     aliases: dict[str, AliasRecord]
     history: dict[str, list[AliasRecord]]
     problems: list[str]
+    #: Each version's approval (``promote_if="approved"``): its decision, else its pending request.
+    approvals: dict[str, ApprovalRecord] = field(default_factory=dict)
 
 
 def _check_version(name: str, key: str, record: VersionRecord) -> str | None:
@@ -278,7 +281,51 @@ def package_records(registry: Registry, name: str) -> PackageRecords:
         if keys and keys[-1] in entries:  # the highest entry is the alias's current target
             aliases[alias] = entries[keys[-1]]
         history[alias] = sorted(entries.values(), key=lambda e: e.seq, reverse=True)
-    return PackageRecords(versions, evaluations, aliases, history, sorted(problems))
+    approvals = package_approvals(store, name, known, problems)
+    return PackageRecords(versions, evaluations, aliases, history, sorted(problems), approvals)
+
+
+def _check_approval(name: str, key: str, record: ApprovalRecord) -> str | None:
+    """Why an approval record that parsed is still not the one its key names (a forged or misplaced record)."""
+    stage = key.rsplit("/", 1)[-1].removesuffix(".json")
+    if record.package != name or stage not in ("request", "decision") \
+            or layout.approval_key(name, record.version, stage) != key:  # type: ignore[arg-type]
+        return damaged(key, "it records another package or version than its key")
+    if (stage == "decision") == (record.status == "pending"):
+        return damaged(key, f"a {stage} cannot be {record.status!r}")
+    try:
+        run_path_of(record.run)
+    except layout.LayoutError:
+        return damaged(key, "it names a run that cannot exist")
+    return None
+
+
+def package_approvals(store: Store, name: str, known: set[str], problems: list[str]) -> dict[str, ApprovalRecord]:
+    """Each version's approval, read as :meth:`Registry.approval` does (the decision, else the request), in one listing.
+
+    A damaged approval record is named in ``problems``: a damaged decision leaves the version's
+    approval unknown rather than shown as the request (which would say pending when it is not).
+    """
+    keys = [i.key for i in store.list(layout.approvals_prefix(name)) if layout.RECORD_KEYS["approval"].match(i.key)]
+    found: dict[str, dict[str, ApprovalRecord | None]] = {}
+    for key in keys:
+        version, stage = key.rsplit("/", 2)[-2:]
+        found.setdefault(version, {})[stage.removesuffix(".json")] = None
+    for key, record in _read_each(store, keys, ApprovalRecord, problems):
+        problem = _check_approval(name, key, record)
+        version, stage = key.rsplit("/", 2)[-2:]
+        if problem:
+            problems.append(problem)
+        else:
+            found[version][stage.removesuffix(".json")] = record
+    out = {}
+    for version, stages in found.items():
+        if version not in known:
+            continue  # an approval of a version that is not (or no longer) there is not shown
+        chosen = stages["decision"] if "decision" in stages else stages.get("request")
+        if chosen is not None:
+            out[version] = chosen
+    return out
 
 
 @dataclass
@@ -292,6 +339,8 @@ class PackageRow:
     problems: list[str] = field(default_factory=list)
     #: The newest run of the package among the DAGs the user may read (``last_runs``), if any.
     last_run: RunRecord | None = None
+    #: How many versions wait for a person's decision (``promote_if="approved"``).
+    pending: int = 0
 
 
 def last_runs(store: Store, can_read: Any) -> dict[str, RunRecord]:
@@ -320,7 +369,7 @@ def package_rows(registry: Registry) -> list[PackageRow]:
         return PackageRow(
             name=name, latest=found.versions[-1].version if found.versions else None, versions=len(found.versions),
             aliases={a: r.version for a, r in found.aliases.items()}, best_score=best, best_version=best_version,
-            problems=found.problems,
+            problems=found.problems, pending=sum(a.status == "pending" for a in found.approvals.values()),
         )
 
     names = registry.packages()
@@ -334,6 +383,7 @@ class VersionRow:
     run_id: str | None
     evaluations: list[EvaluationRecord]
     aliases: list[str]
+    approval: ApprovalRecord | None = None
 
     @property
     def version(self) -> str:
@@ -350,12 +400,19 @@ class PackagePage:
     description: str = ""
     problems: list[str] = field(default_factory=list)
 
+    @property
+    def pending(self) -> list[ApprovalRecord]:
+        """The versions waiting for a person's decision, oldest request first: what the page lists at the top."""
+        return sorted((r.approval for r in self.versions if r.approval and r.approval.status == "pending"),
+                      key=lambda a: a.at)
+
     def dag_ids(self) -> set[str]:
-        """Every DAG whose runs this page names: made a version, evaluated one, or moved an alias."""
+        """Every DAG whose runs this page names: made a version, evaluated one, moved an alias, or asked for approval."""
         made = {r.record.run.dag_id for r in self.versions if r.record.run}
         evaluated = {e.run.dag_id for r in self.versions for e in r.evaluations if e.run}
         moved = {run.dag_id for entries in self.history.values() for e in entries if (run := set_by_run(e))}
-        return made | evaluated | moved
+        asked = {r.approval.run.dag_id for r in self.versions if r.approval and r.approval.run}
+        return made | evaluated | moved | asked
 
 
 def package_page(registry: Registry, name: str) -> PackagePage:
@@ -372,7 +429,8 @@ def package_page(registry: Registry, name: str) -> PackagePage:
     by_version: dict[str, list[str]] = {}
     for alias, current in sorted(found.aliases.items()):
         by_version.setdefault(current.version, []).append(alias)
-    rows = [VersionRow(v, run_id_of(v), evaluations.get(v.version, []), by_version.get(v.version, [])) for v in versions]
+    rows = [VersionRow(v, run_id_of(v), evaluations.get(v.version, []), by_version.get(v.version, []),
+                       found.approvals.get(v.version)) for v in versions]
     chart = score_chart([v.version for v in versions], [v.score for v in versions],
                         [[e.score for e in evaluations.get(v.version, []) if e.score is not None] for v in versions])
     return PackagePage(
@@ -671,6 +729,9 @@ class RunPage:
     output_tail: list[str] = field(default_factory=list)
     predictions: list[PredictionRow] = field(default_factory=list)
     predictions_note: str | None = None
+    #: The approval this run asked for (``promote_if="approved"``), and a damaged approval record's name.
+    approval: ApprovalRecord | None = None
+    approval_error: str | None = None
 
     @property
     def started(self) -> datetime | None:
@@ -877,6 +938,46 @@ def _cell(text: str) -> str:
     return text if len(text) <= PREDICTION_CELL else text[:PREDICTION_CELL] + "…"
 
 
+def _asked_by(approval: ApprovalRecord, path: layout.RunPath) -> bool:
+    """Whether ``approval`` was asked by the task of run folder ``path`` (any try: a retried task keeps the first request)."""
+    run = approval.run
+    return run is not None and (run.dag_id, run.run_id, run.task_id, run.map_index) == \
+        (path.dag_id, path.run_id, path.task_id, path.map_index)
+
+
+def run_approval(store: Store, record: RunRecord, path: layout.RunPath) -> tuple[ApprovalRecord | None, str | None]:
+    """The approval of the version this run asked a person about, and a damaged record's name, if any.
+
+    The candidate is the version the run made (full) or scored (evaluate). Its approval is shown
+    only when this run's task asked for it, or its ``_results.json`` keeps the decision: another
+    run of the same version (another DAG's) is not named here.
+    """
+    candidate = record.new_version or record.version
+    if not candidate:
+        return None, None
+    noted = isinstance(record.results, dict) and isinstance(record.results.get("aicenter"), dict) \
+        and "approval" in record.results["aicenter"]
+    found: dict[str, ApprovalRecord | None] = {}
+    error = None
+    for stage in ("decision", "request"):
+        key = layout.approval_key(record.package, candidate, stage)
+        try:
+            found[stage] = read(store, key, ApprovalRecord)
+        except NotFoundError:
+            found[stage] = None
+        except DamagedRecordError:
+            found[stage], error = None, error or damaged(key)
+            continue
+        kept = found[stage]
+        if kept is not None and (problem := _check_approval(record.package, key, kept)):
+            found[stage], error = None, error or problem
+    ours = noted or any(a is not None and _asked_by(a, path) for a in found.values())
+    if not ours:
+        return None, None
+    approval = found["decision"] or (None if error and found["request"] else found["request"])
+    return approval, error
+
+
 def run_page(store: Store, path: layout.RunPath) -> RunPage:
     """A run: its record, ``_results.json``, artifacts and snapshot summaries (from its own folder only)."""
     record = find_run(store, path.id)
@@ -895,6 +996,8 @@ def run_page(store: Store, path: layout.RunPath) -> RunPage:
                    inputs=run_inputs(record, plan), live=live(store, path), output_tail=output_tail(record))
     if plan is not None and plan.serving:
         page.predictions, page.predictions_note = predictions(store, path)
+    if plan is None or plan.makes_version or plan.scored:
+        page.approval, page.approval_error = run_approval(store, record, path)
     return page
 
 

@@ -1,0 +1,117 @@
+"""Approvals on the AI Center pages (issue 22): each version's decision, the pending ones findable.
+
+The app in process over file and S3 stores (the ``pages`` fixture). ``alice`` reads ``team_a``
+only: a pending request of a ``team_b`` run is counted and shown as pending on the package
+(the approval belongs to the package), but its run, its DAG and its request link are never named.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from urllib.parse import quote
+
+from airflow_aicenter import layout
+from airflow_aicenter.records import ApprovalRecord, RunRef
+from airflow_aicenter.registry import Registry
+from airflow_aicenter.storage import Store
+from tests.ui.stores import OURS, PACKAGE, SECRETS, THEIRS, two_teams
+
+COMMENT = '<script>alert("x")</script> looks good & ready'
+
+
+def _ref(run_id: str) -> RunRef:
+    path = layout.RunPath.parse(run_id)
+    return RunRef(dag_id=path.dag_id, run_id=path.run_id, task_id=path.task_id, try_number=path.try_number)
+
+
+def _request_url(run_id: str) -> str:
+    path = layout.RunPath.parse(run_id)
+    return f"/dags/{path.dag_id}/runs/{path.run_id}/tasks/{path.task_id}/required_actions"
+
+
+def approvals(store: Store) -> dict[str, str]:
+    """Version 1.0 approved by ada (a hostile comment), 1.1 (our run's) pending, 1.2 (theirs) pending."""
+    teams = two_teams(store)
+    registry = Registry(store)
+    made = {v.run.path.id: v.version for v in registry.versions(PACKAGE) if v.run}
+    ours, theirs = made[teams.ours], made[teams.theirs[0]]
+    at = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    registry.request_approval(ApprovalRecord(package=PACKAGE, version="1.0", alias="production", status="pending", at=at))
+    registry.decide_approval(ApprovalRecord(package=PACKAGE, version="1.0", alias="production", status="approved",
+                                            by="ada", at=at, comment=COMMENT, reason="approved by ada"))
+    for version, run_id in ((ours, teams.ours), (theirs, teams.theirs[0])):
+        registry.request_approval(ApprovalRecord(package=PACKAGE, version=version, alias="production", status="pending",
+                                                 at=at, run=_ref(run_id), request_url=_request_url(run_id)))
+    # our run's _results.json names the version it made (the candidate its task asked about)
+    results = {"run_summary": {"outputs": {"package": PACKAGE, "version": ours}}, "aicenter": {}}
+    store.put_bytes(layout.RunPath.parse(teams.ours).key(layout.RESULTS), json.dumps(results).encode())
+    return {"ours": ours, "theirs": theirs, "our_run": teams.ours}
+
+
+def test_the_package_page_shows_each_versions_approval_and_the_pending_ones(pages):
+    found = approvals(pages.store)
+    page = pages.get(f"/packages/{PACKAGE}")
+    assert page.status_code == 200, page.text
+    text = page.text
+    for secret in SECRETS:
+        assert secret not in text, secret
+    # the decision: who, the comment escaped (never markup)
+    assert 'id="approval-1.0"' in text and "approved" in text and "ada" in text
+    assert "<script>alert" not in text and "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt; looks good &amp; ready" in text
+    # waiting for approval, at the top: both pending versions, our run linked with its Required Actions view
+    waiting = text[text.index('id="pending"'):text.index('id="versions"')]
+    assert found["ours"] in waiting and found["theirs"] in waiting
+    our_run = "/".join(quote(p, safe="") for p in found["our_run"].split("/"))
+    assert f"/aicenter/runs/{our_run}" in waiting
+    assert _request_url(found["our_run"]) in waiting and 'href="/required_actions"' in waiting
+    assert "a run of a DAG you cannot read" in waiting
+    # the admin reads both DAGs: theirs is linked too
+    admin = pages.get(f"/packages/{PACKAGE}", "admin")
+    assert f"{THEIRS}/scheduled__1" in admin.text and "/dags/team_b/runs/scheduled__1" in admin.text
+
+
+def test_the_packages_index_counts_pending_approvals_and_links_to_them(pages):
+    approvals(pages.store)
+    index = pages.get("/")
+    assert index.status_code == 200, index.text
+    assert f'href="/aicenter/packages/{PACKAGE}#pending"' in index.text
+    assert 'class="pending-count">2 pending<' in index.text
+    for secret in SECRETS:
+        assert secret not in index.text, secret
+
+
+def test_the_run_page_shows_the_approval_of_its_candidate(pages):
+    found = approvals(pages.store)
+    our_run = "/".join(quote(p, safe="") for p in found["our_run"].split("/"))
+    page = pages.get(f"/runs/{our_run}")
+    assert page.status_code == 200, page.text
+    assert 'id="approval"' in page.text and "pending" in page.text and _request_url(found["our_run"]) in page.text
+    # decided: the run page shows the decision, by whom and the comment
+    registry = Registry(pages.store)
+    registry.decide_approval(ApprovalRecord(package=PACKAGE, version=found["ours"], alias="production", status="rejected",
+                                            by="grace", comment="<b>worse</b> on holdout", reason="rejected by grace",
+                                            run=_ref(found["our_run"])))
+    page = pages.get(f"/runs/{our_run}")
+    approval = page.text[page.text.index('id="approval"'):]
+    assert "rejected" in approval and "grace" in approval and "&lt;b&gt;worse&lt;/b&gt; on holdout" in approval
+
+
+def test_a_damaged_approval_record_is_named_never_a_server_error(pages):
+    found = approvals(pages.store)
+    key = layout.approval_key(PACKAGE, found["ours"], "decision")
+    pages.store.put_bytes(key, b"{ not a record")
+    forged = layout.approval_key(PACKAGE, "1.0", "decision")  # a record of another version under 1.0's key
+    pages.store.put_bytes(forged, json.dumps({"package": PACKAGE, "version": "9.9", "alias": "production",
+                                              "status": "approved"}).encode())
+    for path in (f"/packages/{PACKAGE}", "/"):
+        page = pages.get(path)
+        assert page.status_code == 200, page.text
+        assert f"damaged record {key}" in page.text and f"damaged record {forged}" in page.text
+        for secret in SECRETS:
+            assert secret not in page.text, secret
+    our_run = "/".join(quote(p, safe="") for p in found["our_run"].split("/"))
+    page = pages.get(f"/runs/{our_run}")
+    assert page.status_code == 200, page.text
+    assert f"damaged record {key}" in page.text
+    assert OURS in page.text
