@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import quote
 
 from airflow_aicenter import layout
@@ -115,3 +116,39 @@ def test_a_damaged_approval_record_is_named_never_a_server_error(pages):
     assert page.status_code == 200, page.text
     assert f"damaged record {key}" in page.text
     assert OURS in page.text
+
+
+def test_screenshot_of_a_package_page_with_a_pending_and_an_approved_version(pages, browser, shots):
+    """Chromium draws the package page as a person sees it (the app in process, its pages and styles served to the
+    browser through the test client): the pending list at the top, and the approved version's comment as text."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def off_loop(fn: Any, *args: Any, **kwargs: Any) -> Any:  # Playwright's sync API runs an event loop in this thread
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            return pool.submit(fn, *args, **kwargs).result()
+
+    found = off_loop(approvals, pages.store)
+    origin = "http://aicenter.test"
+
+    def fetch(url: str) -> Any:
+        return off_loop(pages.client.get, url.removeprefix(origin), headers={"Accept": "text/html", "X-Test-User": "alice"})
+
+    def answer(route: Any) -> None:
+        response = fetch(route.request.url)
+        route.fulfill(status=response.status_code, body=response.content,
+                      content_type=response.headers.get("content-type", "text/html"))
+
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    try:
+        page = context.new_page()
+        page.route(f"{origin}/**", answer)
+        page.goto(f"{origin}/aicenter/packages/{PACKAGE}")
+        pending = page.locator("#pending-approvals")
+        assert pending.locator(f"[id='pending-{found['ours']}']").is_visible()
+        assert pending.locator(f"[id='pending-{found['theirs']}']").inner_text().count("a run of a DAG you cannot read") == 1
+        comment = page.locator("[id='approval-1.0'] .approval-comment")
+        assert comment.inner_text() == COMMENT  # the markup in the comment is text, not an element
+        assert page.locator("[id='approval-1.0'] script").count() == 0
+        shots(page, "package-approvals")
+    finally:
+        context.close()
