@@ -152,3 +152,18 @@ def test_screenshot_of_a_package_page_with_a_pending_and_an_approved_version(pag
         shots(page, "package-approvals")
     finally:
         context.close()
+
+
+def test_the_decision_on_a_run_of_an_unreadable_dag_shows_its_status_only(pages):
+    found = approvals(pages.store)
+    Registry(pages.store).decide_approval(ApprovalRecord(
+        package=PACKAGE, version=found["theirs"], alias="production", status="rejected", by="team-b-lead",
+        comment="see team-b-secret notes", reason="rejected by team-b-lead", run=_ref(f"{THEIRS}/scheduled__1/train/1")))
+    page = pages.get(f"/packages/{PACKAGE}")
+    assert page.status_code == 200, page.text
+    row = page.text[page.text.index(f'id="approval-{found["theirs"]}"'):]
+    assert ">rejected</span>" in row.split("</td>", 1)[0]
+    for secret in (*SECRETS, "team-b-lead"):
+        assert secret not in page.text, secret
+    admin = pages.get(f"/packages/{PACKAGE}", "admin")
+    assert "team-b-lead" in admin.text and "see team-b-secret notes" in admin.text
