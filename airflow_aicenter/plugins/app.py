@@ -223,13 +223,16 @@ def create_app() -> FastAPI:
 
     @app.get("/runs", response_class=HTMLResponse)
     def runs_page(request: Request, user: UserDep, access: AccessDep, status: str = "", dag: str = "",
-                  package: str = "", pipeline: str = "", page: Annotated[int, Query(ge=1)] = 1,
+                  package: str = "", pipeline: str = "", approval: str = "", page: Annotated[int, Query(ge=1)] = 1,
                   per_page: Annotated[int, Query(ge=1, le=pages.MAX_PER_PAGE)] = pages.PER_PAGE) -> HTMLResponse:
-        """Every run of the DAGs the user may read, failed ones included, newest first, filtered, paginated."""
+        """Every run of the DAGs the user may read, failed ones included, newest first, filtered, paginated.
+
+        ``approval=pending``: the runs whose candidate waits for a person's decision (``promote_if="approved"``).
+        """
         request.state.aicenter_user = user
         store = registry().store
         listing = pages.runs_list(store, access.can_read, status=status, dag=dag, package=package, pipeline=pipeline,
-                                  page=page, per_page=per_page)
+                                  approval=approval, page=page, per_page=per_page)
         return render(request, "runs.html", runs=listing, store=store.uri)
 
     @app.get("/runs/{dag_id}/{run_id}/{task}/{try_number}", response_class=HTMLResponse)

@@ -300,7 +300,7 @@ def _check_approval(name: str, key: str, record: ApprovalRecord) -> str | None:
     return None
 
 
-def package_approvals(store: Store, name: str, known: set[str], problems: list[str]) -> dict[str, ApprovalRecord]:
+def package_approvals(store: Store, name: str, known: set[str] | None, problems: list[str]) -> dict[str, ApprovalRecord]:
     """Each version's approval, read as :meth:`Registry.approval` does (the decision, else the request), in one listing.
 
     A damaged approval record is named in ``problems``: a damaged decision leaves the version's
@@ -320,7 +320,7 @@ def package_approvals(store: Store, name: str, known: set[str], problems: list[s
             found[version][stage.removesuffix(".json")] = record
     out = {}
     for version, stages in found.items():
-        if version not in known:
+        if known is not None and version not in known:
             continue  # an approval of a version that is not (or no longer) there is not shown
         chosen = stages["decision"] if "decision" in stages else stages.get("request")
         if chosen is not None:
@@ -552,6 +552,8 @@ class RunRow:
     record: RunRecord
     trigger: str | None
     start: datetime | None
+    #: The approval this run asked for that still waits for a person's decision, if any.
+    waiting: ApprovalRecord | None = None
 
     @property
     def id(self) -> str:
@@ -580,6 +582,20 @@ class RunsList:
             query["per_page"] = str(self.per_page)
         query["page"] = str(page)
         return f"{base}/runs?{urlencode(query)}"
+
+
+#: What the runs list's ``approval`` filter can be set to.
+APPROVAL_FILTERS = ("pending",)
+
+
+def waiting_runs(store: Store, packages: Iterable[str], problems: list[str]) -> dict[tuple[str, str, str, int], ApprovalRecord]:
+    """The pending approvals of ``packages`` by the task that asked (dag, run, task, map index): the runs waiting for a person."""
+    waiting = {}
+    for name in sorted(set(packages)):
+        for approval in package_approvals(store, name, None, problems).values():
+            if approval.status == "pending" and (run := approval.run) is not None:
+                waiting[(run.dag_id, run.run_id, run.task_id, run.map_index)] = approval
+    return waiting
 
 
 def triggered_by(record: RunRecord) -> str | None:
@@ -646,7 +662,7 @@ def readable_runs(store: Store, can_read: Any, problems: list[str]) -> list[RunR
 
 
 def runs_list(store: Store, can_read: Any, *, status: str = "", dag: str = "", package: str = "", pipeline: str = "",
-              page: int = 1, per_page: int = PER_PAGE) -> RunsList:
+              approval: str = "", page: int = 1, per_page: int = PER_PAGE) -> RunsList:
     """Every run of the DAGs ``can_read`` allows, newest first, filtered, one page of it.
 
     Runs of other DAGs are left out before anything is said of them: not a row, not a filter
@@ -654,21 +670,32 @@ def runs_list(store: Store, can_read: Any, *, status: str = "", dag: str = "", p
     """
     if status and status not in RUN_STATUSES:
         raise layout.LayoutError(f"unknown status {status!r}: use one of {', '.join(RUN_STATUSES)}")
+    if approval and approval not in APPROVAL_FILTERS:
+        raise layout.LayoutError(f"unknown approval {approval!r}: use {' or '.join(APPROVAL_FILTERS)} (the runs waiting "
+                                 "for a person's decision), or leave it out")
     problems: list[str] = []
     records = readable_runs(store, can_read, problems)
+    waiting = waiting_runs(store, (r.package for r in records), problems)
+
+    def waits(record: RunRecord) -> ApprovalRecord | None:
+        path = layout.RunPath.parse(record.id)
+        return waiting.get((path.dag_id, path.run_id, path.task_id, path.map_index))
+
     options = {
         "status": [s for s in RUN_STATUSES if any(r.status == s for r in records)],
         "dag": sorted({r.dag_id for r in records}),
         "package": sorted({r.package for r in records}),
         "pipeline": [p for p in PLANS if any(r.pipeline == p for r in records)],
+        "approval": [a for a in APPROVAL_FILTERS if any(waits(r) for r in records)],
     }
     chosen = [r for r in records if (not status or r.status == status) and (not dag or r.dag_id == dag)
-              and (not package or r.package == package) and (not pipeline or r.pipeline == pipeline)]
+              and (not package or r.package == package) and (not pipeline or r.pipeline == pipeline)
+              and (not approval or waits(r) is not None)]
     pages = max(1, -(-len(chosen) // per_page))
     page = min(page, pages)
     shown = chosen[(page - 1) * per_page: page * per_page]
-    rows = [RunRow(r, triggered_by(r), as_time(r.outcome.start_at)) for r in shown]
-    filters = {"status": status, "dag": dag, "package": package, "pipeline": pipeline}
+    rows = [RunRow(r, triggered_by(r), as_time(r.outcome.start_at), waits(r)) for r in shown]
+    filters = {"status": status, "dag": dag, "package": package, "pipeline": pipeline, "approval": approval}
     return RunsList(rows, len(chosen), page, pages, per_page, filters, options, sorted(problems))
 
 

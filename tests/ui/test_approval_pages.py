@@ -167,3 +167,22 @@ def test_the_decision_on_a_run_of_an_unreadable_dag_shows_its_status_only(pages)
         assert secret not in page.text, secret
     admin = pages.get(f"/packages/{PACKAGE}", "admin")
     assert "team-b-lead" in admin.text and "see team-b-secret notes" in admin.text
+
+
+def test_the_runs_list_filters_the_runs_waiting_for_approval(pages):
+    found = approvals(pages.store)
+    listing = pages.get("/runs?approval=pending")
+    assert listing.status_code == 200, listing.text
+    assert f'data-run="{found["our_run"]}"' in listing.text and listing.text.count('class="run"') == 1
+    assert 'class="tag approval approval-pending"' in listing.text
+    assert '<option value="pending" selected>' in listing.text
+    for secret in SECRETS:
+        assert secret not in listing.text, secret
+    # the admin sees both waiting runs; once ours is decided, only theirs waits
+    assert pages.get("/runs?approval=pending", "admin").text.count('class="run"') == 2
+    Registry(pages.store).decide_approval(ApprovalRecord(package=PACKAGE, version=found["ours"], alias="production",
+                                                         status="approved", by="ada", run=_ref(found["our_run"])))
+    assert pages.get("/runs?approval=pending").text.count('class="run"') == 0
+    assert pages.get("/runs?approval=pending", "admin").text.count('class="run"') == 1
+    wrong = pages.get("/runs?approval=maybe", html=False)
+    assert wrong.status_code == 400 and "pending" in wrong.json()["detail"]
