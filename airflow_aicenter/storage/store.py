@@ -314,6 +314,24 @@ class LocalStore(Store):
         for key, st in walk_files(self.root, sub, label=self.uri):
             yield ObjectInfo(key=key, size=st.st_size, last_modified=datetime.fromtimestamp(st.st_mtime, UTC))
 
+    def get_bytes(self, key: str) -> bytes:
+        """A small file's bytes with one read, not through obstore (records, small dataset files)."""
+        self.check_readable(key)
+        with self._errors(key):
+            fd = os.open(self.root / key, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                st = os.fstat(fd)
+                if stat.S_ISDIR(st.st_mode):
+                    raise FileNotFoundError(errno.ENOENT, "is a folder, not a file", str(self.root / key))
+                if not stat.S_ISREG(st.st_mode):
+                    raise StorageError(f"{key!r} in {self.uri} is not a regular file; remove it")
+                parts = []
+                while chunk := os.read(fd, max(st.st_size + 1, 65536)):
+                    parts.append(chunk)
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+            finally:
+                os.close(fd)
+
     def head(self, key: str) -> ObjectInfo | None:
         """A file's metadata from one ``os.stat``, not an obstore HEAD.
 

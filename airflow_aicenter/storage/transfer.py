@@ -533,9 +533,16 @@ async def download_tree(
             n, info = numbered
             rel = rels[n]
             target = dest_root / rel
-            # S3, small: nothing (an empty file: _without_folder_markers already asked S3), or one body; the file
-            # store copies every file in the kernel (download_file)
-            if info.size <= WHOLE_MAX and not isinstance(store, LocalStore):
+            if info.size <= WHOLE_MAX and isinstance(store, LocalStore):  # one read, one write, hashed in memory
+
+                def small() -> FileEntry:
+                    data = memoryview(store.get_bytes(info.key))
+                    return FileEntry(rel, _write_new(target, data), len(data))
+
+                async with budget.hold(info.size):
+                    with store._errors(info.key):
+                        return await asyncio.to_thread(small)
+            if info.size <= WHOLE_MAX:  # S3: nothing (an empty file: _without_folder_markers already asked S3), or one body
                 async with budget.hold(info.size):
                     with store._errors(info.key):
                         data = memoryview(b"")

@@ -305,3 +305,25 @@ def test_extract_zip_verifies_a_digest_in_the_same_pass(tmp_path, monkeypatch):
     with pytest.raises(StorageError, match=f"hashes to sha256:{digest}, expected sha256:{'0' * 64}"):
         archive.extract_zip(zip_path, tmp_path / "bad", expect_sha256="0" * 64)
     assert not (tmp_path / "bad").exists()
+
+
+def test_file_store_get_bytes_reads_plainly_and_answers_as_before(tmp_path):
+    """get_bytes (records, small dataset files) is one read: missing and folder keys are NotFoundError, links stay inside."""
+    store = store_module.LocalStore((tmp_path / "store").as_uri())
+    store.put_bytes("records/a.json", b'{"a": 1}')
+    store.put_bytes("records/big.bin", payload := os.urandom(300_000))
+    assert store.get_bytes("records/a.json") == b'{"a": 1}'
+    assert store.get_bytes("records/big.bin") == payload
+    store.put_bytes("records/empty", b"")
+    assert store.get_bytes("records/empty") == b""
+    with pytest.raises(NotFoundError):
+        store.get_bytes("records/missing.json")
+    with pytest.raises(NotFoundError):
+        store.get_bytes("records")
+    (tmp_path / "secret").write_text("not yours")
+    os.symlink(tmp_path / "secret", store.root / "records" / "link.json")
+    with pytest.raises(StorageError, match="outside"):
+        store.get_bytes("records/link.json")
+    os.mkfifo(store.root / "records" / "pipe.json")
+    with pytest.raises(StorageError, match="not a regular file"):
+        store.get_bytes("records/pipe.json")
