@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import hashlib
 import itertools
 import mmap
@@ -492,7 +493,8 @@ async def download_tree(
     refused by name (it cannot be read as a file); a key that is also a folder
     (``x`` and ``x/y``) and, on a file store, a name obstore cannot read are DatasetErrors
     naming them, found before any byte is read. Temporary files live in a folder of their own
-    beside ``dest``, so no dataset file name can collide with one.
+    beside ``dest`` (inside it where ``dest`` is a mount: _staging_folder), so no dataset file
+    name can collide with one.
 
     Small files are where the time goes (10,000 x 4 KB): per file the event loop only sends the
     GET and takes the body; creating, writing and hashing the file happen on a worker thread
@@ -516,7 +518,7 @@ async def download_tree(
     dest_root = dest.resolve()
     for folder in sorted({os.path.dirname(rel) for rel in rels} - {""}):
         os.makedirs(dest_root / folder, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".aicenter-staging-", dir=dest_root.parent))
+    staging = _staging_folder(dest_root, rels)
     ranges = AdaptiveLimit(RANGES_IN_FLIGHT)
     budget = MemoryBudget(DOWNLOAD_BUDGET)
     try:
@@ -559,6 +561,33 @@ async def download_tree(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return sorted(entries, key=lambda e: e.path)
+
+
+def _staging_folder(dest_root: Path, rels: list[str]) -> Path:
+    """A new folder for download_tree's temporaries, from which a rename into ``dest_root`` works.
+
+    Beside ``dest_root`` where a file renames from there into it, so no temporary ever shows in
+    the data folder; a rename cannot cross mounts (EXDEV), and in a pod ``data/`` and
+    ``test_data/`` are mounts of their own (a bind mount of the same file system too), so there
+    the folder is made inside ``dest_root`` under a name that no dataset file or folder uses.
+    """
+    staging = Path(tempfile.mkdtemp(prefix=".aicenter-staging-", dir=dest_root.parent))
+    probe = staging / "probe"
+    probe.touch()
+    landed = dest_root / staging.name  # a fresh random name: no dataset entry (checked below if it moves inside)
+    try:
+        os.replace(probe, landed)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if exc.errno != errno.EXDEV:
+            raise
+    else:
+        landed.unlink()
+        return staging
+    taken = {rel.split("/", 1)[0] for rel in rels}
+    while (staging := Path(tempfile.mkdtemp(prefix=".aicenter-staging-", dir=dest_root))).name in taken:
+        staging.rmdir()
+    return staging
 
 
 def _write_new(target: Path, data: memoryview) -> str:

@@ -18,7 +18,7 @@ import pytest
 from airflow_aicenter.errors import NotFoundError, StorageError
 from airflow_aicenter.layout import blob_key
 from airflow_aicenter.storage import store as store_module
-from airflow_aicenter.storage.transfer import download_tree, get_blob, put_blob, run, sha256_file
+from airflow_aicenter.storage.transfer import WHOLE_MAX, download_tree, get_blob, put_blob, run, sha256_file
 
 
 def _stored(store, tmp_path, content: bytes) -> str:
@@ -327,3 +327,31 @@ def test_file_store_get_bytes_reads_plainly_and_answers_as_before(tmp_path):
     os.mkfifo(store.root / "records" / "pipe.json")
     with pytest.raises(StorageError, match="not a regular file"):
         store.get_bytes("records/pipe.json")
+
+
+def test_staging_into_a_data_folder_that_is_a_mount_of_its_own(store, tmp_path, monkeypatch):
+    """In a pod data/ and test_data/ are mounts of their own: nothing renames into them from beside (EXDEV).
+
+    The mount is faked: a rename into ``data`` from outside it fails as the kernel fails it. A file
+    large enough to go through a temporary still lands, and no temporary is left in either folder.
+    """
+    big = os.urandom(WHOLE_MAX + 1)
+    store.put_bytes("ds/big.bin", big)
+    store.put_bytes("ds/sub/small.csv", b"a,b\n1,2\n")
+    data = tmp_path / "work" / "data"
+    data.mkdir(parents=True)
+    data = data.resolve()
+    real_replace = os.replace
+
+    def mounted(src, dst, **kwargs):
+        inside = [os.path.commonpath([str(data), os.path.abspath(p)]) == str(data) for p in (src, dst)]
+        if inside == [False, True]:
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src), None, str(dst))
+        return real_replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "replace", mounted)
+    entries = run(download_tree(store, data, prefix="ds"))
+    assert [(e.path, e.size) for e in entries] == [("big.bin", len(big)), ("sub/small.csv", 8)]
+    assert (data / "big.bin").read_bytes() == big
+    assert sorted(os.listdir(data)) == ["big.bin", "sub"]
+    assert os.listdir(data.parent) == ["data"]
