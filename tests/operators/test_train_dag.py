@@ -94,13 +94,22 @@ def test_example_training_dag_and_the_cli_share_the_connection_in_airflows_datab
     added = airflow_env.run("airflow", "connections", "add", "aicenter_default", "--conn-type", "aicenter",
                             "--conn-extra", json.dumps({"storage": uri}))
     assert added.returncode == 0, added.stderr[-2000:]
+    # airflow_env is the worker's session: the example DAGs' smoke runs (tests/dags) may already have put a
+    # churn in the embedded default. What counts is that this upload leaves it as it was.
+    embedded = airflow_env.home / "aicenter" / "packages" / "churn"
+
+    def embedded_files() -> list[str]:
+        return sorted(str(p.relative_to(embedded)) for p in embedded.rglob("*")) if embedded.exists() else []
+
+    before = embedded_files()
     try:
         missing = airflow_env.aicenter("package", "show", "churn")
         assert missing.returncode == 1
         assert f"there is no store at {uri} (from the aicenter_default connection's storage extra)" in missing.stderr
         done = airflow_env.aicenter("package", "upload", str(EXAMPLE_PACKAGE), "--name", "churn")
         assert done.returncode == 0 and "version 1.0" in done.stdout and uri in done.stdout, done.stderr
-        assert not (airflow_env.home / "aicenter" / "packages" / "churn").exists(), "not the embedded default"
+        assert Registry(open_store(uri)).resolve("churn", "latest").version == "1.0", "in the connection's store"
+        assert embedded_files() == before, "not the embedded default"
 
         unknown = airflow_env.aicenter("package", "show", "churn:7.0")
         assert unknown.returncode == 1 and f"in {uri}" in unknown.stderr
