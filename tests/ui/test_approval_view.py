@@ -4,6 +4,8 @@ A full run with ``promote_if="approved"`` runs with ``airflow dags test`` agains
 AIRFLOW_HOME (the api-server reads the same metadata database) and waits for a person. The
 signed-in admin finds the request in Browse -> Required Actions, reads the comparison and
 approves it in the task's Required Actions view; the alias moves, with the admin as approver.
+The run trains a package of its own (a copy of the UI tests' package): the version it makes and its
+approval stay out of the seeded ``uipkg`` that the other page tests count versions and runs of.
 Screenshots: test-output/ui/.
 """
 
@@ -20,9 +22,11 @@ from typing import Any
 import httpx
 
 from airflow_aicenter.registry import Registry
+from tests.ui.conftest import off_loop
 
 DAG_ID = "aicenter_ui_approval"
 ALIAS = "ui-approved"
+PACKAGE = "approvalpkg"  # not uipkg, nor a name containing it: the session's seed stays as test_pages reads it
 BIN = Path(sys.executable).parent
 
 DAG_SOURCE = f'''
@@ -35,7 +39,7 @@ from airflow_aicenter.operators import FullPipelineOperator
 
 with DAG(dag_id={DAG_ID!r}, schedule=None, start_date=datetime(2026, 1, 1), catchup=False):
     FullPipelineOperator(
-        task_id="retrain", package="uipkg", version="1.0", dataset=os.environ["UI_TEST_DATASET"],
+        task_id="retrain", package={PACKAGE!r}, version="1.0", dataset=os.environ["UI_TEST_DATASET"],
         save_training_data=True, env={{"ROWS": "6"}}, promote_to={ALIAS!r}, promote_if="approved",
         approval_timeout=600,
     )
@@ -59,6 +63,7 @@ def test_the_request_shows_in_required_actions_and_approving_moves_the_alias(
     ui_server: Any, admin_context: Any, shots: Any, tmp_path: Path
 ) -> None:
     registry = Registry(ui_server.store)
+    off_loop(registry.upload, Path(__file__).parent / "package", PACKAGE, created_by="ui-tests")
     dag_file = ui_server.home / "dags" / "approval" / "approval_dag.py"  # dags test wants it in the dags folder
     dag_file.parent.mkdir(exist_ok=True)
     dag_file.write_text(DAG_SOURCE)
@@ -81,8 +86,8 @@ def test_the_request_shows_in_required_actions_and_approving_moves_the_alias(
         detail = wait("the approval request", request, 240, process)
         run_id, subject = detail["task_instance"]["dag_run_id"], detail["subject"]
         version = subject.split()[2]
-        assert subject == f"Approve uipkg {version} for {ALIAS}?"
-        assert registry.approval("uipkg", version).status == "pending"
+        assert subject == f"Approve {PACKAGE} {version} for {ALIAS}?"
+        assert registry.approval(PACKAGE, version).status == "pending"
 
         page = admin_context.new_page()
         page.goto("/required_actions")
@@ -106,7 +111,7 @@ def test_the_request_shows_in_required_actions_and_approving_moves_the_alias(
         if process.poll() is None:
             os.killpg(process.pid, 15)
             process.wait(timeout=30)
-    current = registry.alias("uipkg", ALIAS)
+    current = registry.alias(PACKAGE, ALIAS)
     assert current is not None and current.version == version and current.set_by == "admin"
-    kept = registry.approval("uipkg", version)
+    kept = registry.approval(PACKAGE, version)
     assert kept.status == "approved" and kept.by == "admin" and kept.comment == "seen in the UI"
