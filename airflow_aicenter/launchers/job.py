@@ -54,6 +54,8 @@ if TYPE_CHECKING:
 __all__ = ["LABEL_JOB", "MASTER_PORT", "JobLauncher", "job_name"]
 #: Seconds between Job status polls while waiting (sync).
 POLL = 2.0
+#: Seconds a recovered earlier try's Job gets to end on its own before it is removed.
+TIDY_WAIT = 30.0
 
 
 _RANK_PREFIX = re.compile(r"^\[rank (\d+)\] ")
@@ -314,19 +316,27 @@ class JobLauncher(PodLauncher):
 
     def tidy_recovered(self, run: RunRef) -> None:
         """An earlier try finished while its worker could not see it (the API server was down): its Job and
-        Service, still there, are removed now, and its credentials revoked; a Job still running is left alone."""
+        Service, still there, are removed now, and its credentials revoked.
+
+        Its run wrote ``outcome.json``, so its work is done; the Job may still be ending (containers exiting after
+        the outcome, the Job controller not yet marking it complete). It gets ``TIDY_WAIT`` seconds to end, then is
+        removed either way: left, it would stay in the namespace for good."""
         self.job, self.namespace = job_name(run), self.pod_namespace()
+        deadline = time.monotonic() + TIDY_WAIT
         try:
             job = self._read_job()
+            while job is not None and not _ended(job) and time.monotonic() < deadline:
+                time.sleep(POLL / 2)
+                job = self._read_job()
         except (ApiException, kube_retry.KubernetesUnavailable) as exc:
             self.op.log.warning("Could not look for Job %s/%s of an earlier try: %s", self.namespace, self.job, exc)
             return
         if job is None:
             return
-        if any(c.type in ("Complete", "Failed") and c.status == "True" for c in (job.status.conditions or [])):
-            self.op.log.info("Removing Job %s/%s of try %s, which ended", self.namespace, self.job, run.try_number)
-            self._delete()
-            self.revoke_credentials(run)
+        state = "which ended" if _ended(job) else f"whose run is complete (still ending after {TIDY_WAIT:.0f} s)"
+        self.op.log.info("Removing Job %s/%s of try %s, %s", self.namespace, self.job, run.try_number, state)
+        self._delete()
+        self.revoke_credentials(run)
 
     def _read_job(self) -> k8s.V1Job | None:
         assert self.job is not None and self.namespace is not None
@@ -504,3 +514,8 @@ class JobLauncher(PodLauncher):
         outcome = read_optional(store, key, Outcome)
         if outcome is None or outcome.status == "running":
             end_outcome(store, key, outcome or self.pod_run.spec, "killed", killed_by_airflow)
+
+
+def _ended(job: k8s.V1Job) -> bool:
+    """Whether the Job controller marked the Job complete or failed."""
+    return any(c.type in ("Complete", "Failed") and c.status == "True" for c in (job.status.conditions or []))
