@@ -316,17 +316,11 @@ class LocalStore(Store):
 
     def get_bytes(self, key: str) -> bytes:
         """A small file's bytes with one read, not through obstore (records, small dataset files)."""
-        self.check_readable(key)
+        fd, size = self.open_read(key)
         with self._errors(key):
-            fd = os.open(self.root / key, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             try:
-                st = os.fstat(fd)
-                if stat.S_ISDIR(st.st_mode):
-                    raise FileNotFoundError(errno.ENOENT, "is a folder, not a file", str(self.root / key))
-                if not stat.S_ISREG(st.st_mode):
-                    raise StorageError(f"{key!r} in {self.uri} is not a regular file; remove it")
                 parts = []
-                while chunk := os.read(fd, max(st.st_size + 1, 65536)):
+                while chunk := os.read(fd, max(size + 1, 65536)):
                     parts.append(chunk)
                 return parts[0] if len(parts) == 1 else b"".join(parts)
             finally:
