@@ -9,11 +9,14 @@ from typing import Any
 
 import pytest
 
+from airflow_aicenter.operators import FullPipelineOperator
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import Store, open_store
 from airflow_aicenter.storage.transfer import run, upload_tree
+from tests.aicenter_helpers import FAST, MAIN
 from tests.conftest import S3Server, make_dataset, write_files
 from tests.operators.kube_api import FakeKubernetes, build_runtime_python
+from tests.runtime.test_distributed import RENDEZVOUS
 
 
 def s3_connection_env(server: S3Server, bucket: str) -> dict[str, str]:
@@ -113,3 +116,17 @@ def kube_deployment(kube_api: FakeKubernetes, tmp_path: Path, monkeypatch: pytes
     registry = Registry(open_store(uri))
     data = write_files(tmp_path / "data", {"rows.csv": "a\n1\n2\n"})
     return registry, data.as_uri()
+
+
+@pytest.fixture
+def ddp_deployment(kube_deployment: tuple[Registry, str], tmp_path: Path) -> tuple[Registry, str]:
+    """The fake cluster's deployment with package ``ddp`` (a rendezvous training) uploaded: the Job tests' package."""
+    registry, dataset = kube_deployment
+    registry.upload(write_files(tmp_path / "pkg", {"main.py": MAIN, "train.py": RENDEZVOUS, "requirements.txt": ""}), "ddp")
+    return registry, dataset
+
+
+def ddp_full_op(dataset: str, **kwargs: Any) -> FullPipelineOperator:
+    """A full run of ``ddp`` as an Indexed Job of two nodes with two processes each."""
+    return FullPipelineOperator(task_id="train", package="ddp", dataset=dataset, nodes=2, procs_per_node=2,
+                                install_requirements=False, **FAST, **kwargs)

@@ -9,7 +9,6 @@ Kubernetes schemas. The ranks do a real TCP rendezvous on MASTER_ADDR/MASTER_POR
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,25 +16,12 @@ from airflow.sdk.exceptions import TaskDeferred
 
 from airflow_aicenter.errors import ConfigurationError, RunError
 from airflow_aicenter.launchers.job import JobLauncher, job_name
-from airflow_aicenter.operators import FullPipelineOperator, TrainPipelineOperator
+from airflow_aicenter.operators import TrainPipelineOperator
 from airflow_aicenter.records import Results, read
 from airflow_aicenter.registry import Registry
-from tests.aicenter_helpers import FAST, MAIN, run_trigger
-from tests.conftest import write_files
+from tests.aicenter_helpers import run_trigger
+from tests.operators.conftest import ddp_full_op
 from tests.operators.kube_api import FakeKubernetes, make_context
-from tests.runtime.test_distributed import RENDEZVOUS
-
-
-@pytest.fixture
-def deployment(kube_deployment: tuple[Registry, str], tmp_path: Path) -> tuple[Registry, str]:
-    registry, dataset = kube_deployment
-    registry.upload(write_files(tmp_path / "pkg", {"main.py": MAIN, "train.py": RENDEZVOUS, "requirements.txt": ""}), "ddp")
-    return registry, dataset
-
-
-def full_op(dataset: str, **kwargs: Any) -> FullPipelineOperator:
-    return FullPipelineOperator(task_id="train", package="ddp", dataset=dataset, nodes=2, procs_per_node=2,
-                                install_requirements=False, **FAST, **kwargs)
 
 
 def calls(registry: Registry, prefix: str, folder: str = "") -> list[dict[str, Any]]:
@@ -43,10 +29,10 @@ def calls(registry: Registry, prefix: str, folder: str = "") -> list[dict[str, A
     return [json.loads(line) for line in raw.splitlines()]
 
 
-def test_two_nodes_of_two_processes_train_together(deployment, kube_api: FakeKubernetes, capfd: pytest.CaptureFixture[str]):
-    registry, dataset = deployment
+def test_two_nodes_of_two_processes_train_together(ddp_deployment, kube_api: FakeKubernetes, capfd: pytest.CaptureFixture[str]):
+    registry, dataset = ddp_deployment
     context = make_context()
-    result = full_op(dataset).execute(context)
+    result = ddp_full_op(dataset).execute(context)
     # every node's log reaches the task log line by line (it came as one "b'...\\n...'" string)
     captured = capfd.readouterr()
     logged = (captured.out + captured.err).splitlines()
@@ -87,28 +73,28 @@ def test_two_nodes_of_two_processes_train_together(deployment, kube_api: FakeKub
     kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")
 
 
-def test_a_failing_rank_on_node_1_fails_the_task_naming_it(deployment, kube_api: FakeKubernetes):
-    registry, dataset = deployment
+def test_a_failing_rank_on_node_1_fails_the_task_naming_it(ddp_deployment, kube_api: FakeKubernetes):
+    registry, dataset = ddp_deployment
     with pytest.raises(RunError, match=r"node 1: rank 3: Main.train\(\) raised ValueError: rank 3 refuses to train"):
-        full_op(dataset, env={"FAIL_RANK": "3"}).execute(make_context())
+        ddp_full_op(dataset, env={"FAIL_RANK": "3"}).execute(make_context())
     assert [r.version for r in registry.versions("ddp")] == ["1.0"], "no version"
     kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")
 
 
-def test_deferrable_job_completes_on_reentry(deployment, kube_api: FakeKubernetes):
-    registry, dataset = deployment
+def test_deferrable_job_completes_on_reentry(ddp_deployment, kube_api: FakeKubernetes):
+    registry, dataset = ddp_deployment
     context = make_context()
     with pytest.raises(TaskDeferred) as deferred:
-        full_op(dataset, deferrable=True).execute(context)
+        ddp_full_op(dataset, deferrable=True).execute(context)
     event = run_trigger(deferred.value)
     assert event["status"] == "success" and event["name"].startswith("aicenter-train-")
-    result = full_op(dataset, deferrable=True).trigger_reentry(context, event)  # a fresh operator, as after deserialisation
+    result = ddp_full_op(dataset, deferrable=True).trigger_reentry(context, event)  # a fresh operator, as after deserialisation
     assert result["version"] == "1.1" and result["score"] == 6.0
     kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")
 
 
-def test_multi_node_refusals_before_anything_is_created(deployment, kube_api: FakeKubernetes, monkeypatch):
-    registry, dataset = deployment
+def test_multi_node_refusals_before_anything_is_created(ddp_deployment, kube_api: FakeKubernetes, monkeypatch):
+    registry, dataset = ddp_deployment
     with pytest.raises(ConfigurationError, match="nodes=0 is not valid"):
         TrainPipelineOperator(task_id="t", package="ddp", dataset=dataset, nodes=0)
     with pytest.raises(ConfigurationError, match="procs_per_node=0 is not valid"):

@@ -18,26 +18,13 @@ from typing import Any
 import pytest
 
 from airflow_aicenter.errors import ConfigurationError
-from airflow_aicenter.operators import FullPipelineOperator, TrainPipelineOperator
-from airflow_aicenter.registry import Registry
+from airflow_aicenter.operators import TrainPipelineOperator
 from tests.aicenter_helpers import FAST, MAIN
 from tests.conftest import write_files
+from tests.operators.conftest import ddp_full_op
 from tests.operators.kube_api import FakeKubernetes, make_context
-from tests.runtime.test_distributed import RENDEZVOUS
 
 JOB_PATH = r"^/apis/batch/v1/namespaces/[^/]+/jobs/[^/]+$"
-
-
-@pytest.fixture
-def deployment(kube_deployment: tuple[Registry, str], tmp_path: Path) -> tuple[Registry, str]:
-    registry, dataset = kube_deployment
-    registry.upload(write_files(tmp_path / "pkg", {"main.py": MAIN, "train.py": RENDEZVOUS, "requirements.txt": ""}), "ddp")
-    return registry, dataset
-
-
-def full_op(dataset: str, **kwargs: Any) -> FullPipelineOperator:
-    return FullPipelineOperator(task_id="train", package="ddp", dataset=dataset, nodes=2, procs_per_node=2,
-                                install_requirements=False, **FAST, **kwargs)
 
 
 def when_job_exists(kube: FakeKubernetes, then: Any) -> threading.Thread:
@@ -51,9 +38,9 @@ def when_job_exists(kube: FakeKubernetes, then: Any) -> threading.Thread:
     return thread
 
 
-def test_api_errors_during_the_job_wait_are_retried_and_the_run_succeeds(deployment, kube_api: FakeKubernetes):
+def test_api_errors_during_the_job_wait_are_retried_and_the_run_succeeds(ddp_deployment, kube_api: FakeKubernetes):
     """503s, a 500 and dropped connections while the Job runs: the run goes on, the Job is never deleted early."""
-    registry, dataset = deployment
+    registry, dataset = ddp_deployment
 
     def inject() -> None:
         kube_api.fail_next(JOB_PATH, 3, 503)
@@ -62,7 +49,7 @@ def test_api_errors_during_the_job_wait_are_retried_and_the_run_succeeds(deploym
         kube_api.fail_next(r"/pods$", 2, 503)  # the pod list read when the Job ended
 
     watcher = when_job_exists(kube_api, inject)
-    result = full_op(dataset).execute(make_context())
+    result = ddp_full_op(dataset).execute(make_context())
     watcher.join(5)
     assert result["version"] == "1.1" and result["score"] == 6.0
     served = [status for _, _, status in kube_api.faults_served]
@@ -73,13 +60,13 @@ def test_api_errors_during_the_job_wait_are_retried_and_the_run_succeeds(deploym
     kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")
 
 
-def test_api_errors_when_creating_the_job_are_retried(deployment, kube_api: FakeKubernetes):
+def test_api_errors_when_creating_the_job_are_retried(ddp_deployment, kube_api: FakeKubernetes):
     """The create answered 503 twice, the Service create once: created on a later try, one Job only."""
-    registry, dataset = deployment
+    registry, dataset = ddp_deployment
     kube_api.fail_next(r"/jobs$", 2, 503, method="POST")
     kube_api.fail_next(r"/services$", 1, 503, method="POST")
     kube_api.fail_next(JOB_PATH, 1, 502)  # the first look for an earlier attempt's Job
-    result = full_op(dataset).execute(make_context())
+    result = ddp_full_op(dataset).execute(make_context())
     assert result["version"] == "1.1"
     assert len(kube_api.faults_served) == 4
     kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")
@@ -104,9 +91,9 @@ def run_in_thread(op: Any, context: dict[str, Any]) -> tuple[threading.Thread, d
     return thread, out
 
 
-def test_a_queued_job_is_created_suspended_and_runs_when_admitted(deployment, kube_api: FakeKubernetes):
-    registry, dataset = deployment
-    op = full_op(dataset, queue_name="team-a", priority_class_name="training-high")
+def test_a_queued_job_is_created_suspended_and_runs_when_admitted(ddp_deployment, kube_api: FakeKubernetes):
+    registry, dataset = ddp_deployment
+    op = ddp_full_op(dataset, queue_name="team-a", priority_class_name="training-high")
     thread, out = run_in_thread(op, make_context())
     kube_api.wait_for(lambda: bool(kube_api.jobs) or not thread.is_alive(), timeout=60, what="the Job")
     assert "error" not in out, out
@@ -124,30 +111,30 @@ def test_a_queued_job_is_created_suspended_and_runs_when_admitted(deployment, ku
     kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")
 
 
-def test_queue_name_from_the_connection_extra_and_bad_values(deployment, kube_api: FakeKubernetes, monkeypatch):
-    registry, dataset = deployment
+def test_queue_name_from_the_connection_extra_and_bad_values(ddp_deployment, kube_api: FakeKubernetes, monkeypatch):
+    registry, dataset = ddp_deployment
     with pytest.raises(ConfigurationError, match=r"queue_name='Team A!' is not a valid Kubernetes label value"):
-        full_op(dataset, queue_name="Team A!")
+        ddp_full_op(dataset, queue_name="Team A!")
     with pytest.raises(ConfigurationError, match=r"queue_name='team-a' is for the kubernetes launcher"):
         TrainPipelineOperator(task_id="t", package="ddp", dataset=dataset, queue_name="team-a",
                               launcher="local").execute(make_context())
     extra = json.loads(os.environ["AIRFLOW_CONN_AICENTER_DEFAULT"])["extra"]
     monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps(
         {"conn_type": "aicenter", "extra": {**extra, "queue_name": "from-the-connection"}}))
-    launcher = full_op(dataset).make_launcher("kubernetes")
+    launcher = ddp_full_op(dataset).make_launcher("kubernetes")
     assert launcher.settings.queue_name == "from-the-connection"
-    assert full_op(dataset, queue_name="mine").make_launcher("kubernetes").settings.queue_name == "mine"
+    assert ddp_full_op(dataset, queue_name="mine").make_launcher("kubernetes").settings.queue_name == "mine"
     monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps(
         {"conn_type": "aicenter", "extra": {**extra, "queue_name": "-bad-"}}))
     with pytest.raises(ConfigurationError, match=r"the connection's extra queue_name='-bad-' is not a valid"):
-        full_op(dataset).make_launcher("kubernetes")
+        ddp_full_op(dataset).make_launcher("kubernetes")
     assert not kube_api.created
 
 
-def test_a_single_pod_run_carries_the_queue_label_and_priority(deployment, kube_api: FakeKubernetes):
+def test_a_single_pod_run_carries_the_queue_label_and_priority(ddp_deployment, kube_api: FakeKubernetes):
     from tests.operators.kube_api import seed_pod
 
-    registry, dataset = deployment
+    registry, dataset = ddp_deployment
     op = TrainPipelineOperator(task_id="train", package="ddp", dataset=dataset, queue_name="team-b",
                                priority_class_name="low", install_requirements=False, **FAST)
     pod = seed_pod(op, registry, make_context())
@@ -160,16 +147,16 @@ def completion_index(pod: dict[str, Any]) -> int:
     return int(pod["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"])
 
 
-def test_a_gang_not_all_running_within_startup_timeout_fails_naming_the_counts_and_is_removed(deployment, kube_api):
+def test_a_gang_not_all_running_within_startup_timeout_fails_naming_the_counts_and_is_removed(ddp_deployment, kube_api):
     """Node 1 is never scheduled (no free GPU node): after startup_timeout the run fails, retryable, and the Job goes."""
     from airflow.sdk.exceptions import AirflowFailException
 
     from airflow_aicenter.errors import RunError
 
-    registry, dataset = deployment
+    registry, dataset = ddp_deployment
     kube_api.unschedulable = lambda pod: completion_index(pod) == 1
     with pytest.raises(RunError, match=r"1 of 2 nodes running after 4 s") as failed:
-        full_op(dataset, startup_timeout=4).execute(make_context())
+        ddp_full_op(dataset, startup_timeout=4).execute(make_context())
     assert not isinstance(failed.value, AirflowFailException), "retryable: capacity may free up"
     assert "node 1: Unschedulable: 0/3 nodes are available" in str(failed.value)
     assert "startup_timeout" in str(failed.value)
@@ -178,9 +165,9 @@ def test_a_gang_not_all_running_within_startup_timeout_fails_naming_the_counts_a
     assert [r.version for r in registry.versions("ddp")] == ["1.0"], "no version"
 
 
-def test_time_in_the_queue_does_not_count_against_startup_timeout(deployment, kube_api: FakeKubernetes):
-    registry, dataset = deployment
-    thread, out = run_in_thread(full_op(dataset, queue_name="team-a", startup_timeout=3), make_context())
+def test_time_in_the_queue_does_not_count_against_startup_timeout(ddp_deployment, kube_api: FakeKubernetes):
+    registry, dataset = ddp_deployment
+    thread, out = run_in_thread(ddp_full_op(dataset, queue_name="team-a", startup_timeout=3), make_context())
     kube_api.wait_for(lambda: bool(kube_api.jobs) or not thread.is_alive(), timeout=60, what="the Job")
     thread.join(6)  # twice the startup_timeout, suspended
     assert thread.is_alive(), out
@@ -301,22 +288,22 @@ def test_an_evicted_node_is_a_retryable_failure_naming_it_and_the_retry_resumes_
     assert second.checkpoint is not None and second.checkpoint["resumed_from_try"] == 1
 
 
-def test_an_api_server_down_past_the_retry_budget_keeps_the_job_and_the_retry_reattaches(deployment, kube_api, monkeypatch):
+def test_an_api_server_down_past_the_retry_budget_keeps_the_job_and_the_retry_reattaches(ddp_deployment, kube_api, monkeypatch):
     """The API answers 503 for longer than the budget: the task fails retryable and the Job runs on; try 2 waits for
     it (still running) or completes its run (ended meanwhile), and removes it either way."""
     from airflow_aicenter.launchers import kube_retry
 
-    registry, dataset = deployment
+    registry, dataset = ddp_deployment
     monkeypatch.setattr(kube_retry, "BUDGET", 2.0)
     faults: list[Any] = []
     watcher = when_job_exists(kube_api, lambda: faults.append(kube_api.fail_next(JOB_PATH, 10_000, 503)))
     with pytest.raises(kube_retry.KubernetesUnavailable, match=r"the Kubernetes API failed to read Job .* for 2 s"):
-        full_op(dataset).execute(make_context())
+        ddp_full_op(dataset).execute(make_context())
     watcher.join(5)
     assert kube_api.jobs, "the Job was not deleted because reads failed"
     assert not [p for m, p in kube_api.requests if m == "DELETE" and "/jobs/" in p]
     faults[0].count = 0  # the API server is back
-    result = full_op(dataset).execute(make_context(try_number=2))
+    result = ddp_full_op(dataset).execute(make_context(try_number=2))
     assert result["version"] == "1.1" and result["score"] == 6.0
     assert len([m for m in kube_api.created if m.get("kind") == "Job"]) == 1, "try 1's Job was not started again"
     kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")
