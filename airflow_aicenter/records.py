@@ -41,8 +41,19 @@ class Record(BaseModel):
 
 
 class BlobRef(Record):
+    """A version's (or an environment's) content in the blob store.
+
+    ``kind`` says what the blob is: ``"zip"``, the package as one deterministic zip (records
+    written before per-file versions have no ``kind`` and read as zip); ``"files"``, the
+    encoded manifest of a per-file version (package/contents.py), whose files are blobs of
+    their own at ``layout.blob_key(file.sha256)``. ``sha256`` and ``size`` are always those of
+    the blob itself (the zip or the manifest), stored at ``layout.blob_key(sha256)``, so
+    identical content is recognised by ``sha256`` for both kinds.
+    """
+
     sha256: str
     size: int
+    kind: Literal["zip", "files"] = "zip"
 
 
 class TriggerAsset(Record):
