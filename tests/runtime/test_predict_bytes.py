@@ -125,8 +125,8 @@ CASES: dict[str, tuple[str, list[list[Any]]]] = {
 }
 
 
-def run_case(root: Path, data: Path, input_type: str, inputs: list[list[Any]]) -> dict[str, Any]:
-    """Run ``user.py`` by path on one share; what it wrote: output files, result (less its timing), stderr."""
+def run_case(root: Path, data: Path, input_type: str, inputs: list[list[Any]], script: Path) -> dict[str, Any]:
+    """Run ``script`` (``user.py``) by path on one share; what it wrote: output files, result (less its timing), stderr."""
     pkg, out = root / "pkg", root / "out"
     pkg.mkdir(parents=True, exist_ok=True)
     (pkg / "main.py").write_text(MAIN)
@@ -135,7 +135,7 @@ def run_case(root: Path, data: Path, input_type: str, inputs: list[list[Any]]) -
         "root": str(pkg), "module": "main", "result": str(root / "result.json"), "parent": None, "steps": [],
         "predict": {"input_type": input_type, "data": str(data), "out": str(out), "inputs": inputs},
         "writable": None, "lib": None}))
-    done = subprocess.run([sys.executable, user.__file__, str(instructions)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, str(script), str(instructions)], capture_output=True, text=True,
                           timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     result = json.loads((root / "result.json").read_text())
@@ -153,14 +153,25 @@ def run_case(root: Path, data: Path, input_type: str, inputs: list[list[Any]]) -
     return {"files": files, "result": result, "printed": printed}
 
 
-def outputs(tmp: Path) -> dict[str, Any]:
+def outputs(tmp: Path, script: Path) -> dict[str, Any]:
     data = dataset(tmp)
-    return {name: run_case(tmp / f"case-{i}", data, kind, inputs) for i, (name, (kind, inputs)) in enumerate(CASES.items())}
+    return {name: run_case(tmp / f"case-{i}", data, kind, inputs, script)
+            for i, (name, (kind, inputs)) in enumerate(CASES.items())}
 
 
-@pytest.fixture(scope="module")
-def written(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return outputs(tmp_path_factory.mktemp("predict-bytes"))
+def small_batches(folder: Path) -> Path:
+    """``user.py`` with blocks of 97 bytes: every block and output boundary falls inside the inputs above."""
+    source = Path(user.__file__).read_text()
+    assert source.count("\nBATCH_BYTES = ") == 1, "user.py no longer sets BATCH_BYTES: update this test"
+    script = folder / "user.py"
+    script.write_text(source.replace("\nBATCH_BYTES = ", "\nBATCH_BYTES = 97  # ", 1))
+    return script
+
+
+@pytest.fixture(scope="module", params=["as shipped", "97-byte batches"])
+def written(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("predict-bytes")
+    return outputs(tmp, Path(user.__file__) if request.param == "as shipped" else small_batches(tmp))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -180,5 +191,5 @@ if __name__ == "__main__":
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
-        GOLDEN.write_text(json.dumps(outputs(Path(folder)), indent=1, ensure_ascii=False) + "\n")
+        GOLDEN.write_text(json.dumps(outputs(Path(folder), Path(user.__file__)), indent=1, ensure_ascii=False) + "\n")
     print(f"wrote {GOLDEN}")
