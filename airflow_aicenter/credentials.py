@@ -8,7 +8,9 @@ policy, so a pod holds credentials that can only:
   ``runs/<dag>/<run>/<task>/checkpoints/`` (delete only there: checkpoints are pruned);
 - read its run folder, its checkpoints, its datasets (for a manifest dataset, the folders of its
   sources too), its package version's blob (by its exact key) and the single objects it is given
-  (the parent's snapshot manifest of an incremental run);
+  (the parent's snapshot manifest of an incremental run); for a per-file package version, its
+  manifest blob and the file blobs it lists by their exact keys when there are at most
+  ``MAX_EXACT_BLOBS`` of them and the policy still fits, else every blob by digest (below);
 - only when the run makes blobs (a new version, a snapshot, a package environment; an incremental
   run): create, never overwrite, ``blobs/sha256/*`` and read blobs by digest (``s3:if-none-match``:
   every object-creating request there must carry ``If-None-Match: *``; the multipart steps that
@@ -25,7 +27,12 @@ blob ARNs. So a run that makes blobs may read any blob whose full sha256 it know
 cannot do is learn digests from the store: it lists no blob or environment, and reads no version
 record, alias, snapshot hint, trigger state or other run's folder, which are where digests are
 named. A run that makes no blob (batch prediction, an evaluation without snapshots or
-environment) reads its package blob and nothing else under ``blobs/``.
+environment) reads its package blob and nothing else under ``blobs/``; with a per-file package,
+its manifest and the few file blobs that lists. A per-file package of more files than a policy
+can name (each key is ~110 characters of the 2,048) is read the same way a run that makes blobs
+reads: GetObject on ``blobs/sha256/*`` with no ListBucket there (``Scope.reads_blobs``), so
+the run reads the blobs whose digests its manifest gives it, and any other only if it already
+knows that blob's full sha256 (content-addressed keys cannot be guessed or listed).
 
 Nothing allows ``packages/`` (version records and aliases), and an explicit Deny keeps it so
 even if a dataset is the store itself: those are written by the worker alone. Effective
@@ -41,7 +48,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -49,7 +56,7 @@ from urllib.parse import urlsplit
 from airflow_aicenter.errors import ConfigurationError
 from airflow_aicenter.layout import BLOBS, ENVS, PACKAGES, RUNS, blob_key, is_digest
 from airflow_aicenter.plans import plan_for
-from airflow_aicenter.records import RunSpec
+from airflow_aicenter.records import BlobRef, RunSpec
 from airflow_aicenter.runtime.manifest import is_manifest_uri, read_manifest
 from airflow_aicenter.storage import Store
 
@@ -59,6 +66,8 @@ MIN_DURATION, MAX_DURATION = 900, 43200
 #: AWS refuses a session policy whose plaintext is longer than this.
 MAX_POLICY_CHARS = 2048
 _ROLE_ARN = re.compile(r"^arn:(aws[a-z-]*):iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
+#: A per-file package of at most this many distinct file blobs is read by their exact keys; more by digest.
+MAX_EXACT_BLOBS = 8
 #: IAM reads these inside a Resource or a condition value as wildcards and policy variables.
 _POLICY_SPECIAL = re.compile(r"[*?$]")
 
@@ -120,9 +129,12 @@ class Scope:
     ``runs/<dag>/<run>/<task>/checkpoints``); ``datasets`` are the run's dataset URIs (only
     ``s3://`` ones matter; for a manifest dataset the manifest and its sources' folders);
     ``reads`` are single objects the run reads, as store keys or ``s3://`` URIs (the parent
-    snapshot of an incremental run); ``blobs`` the digests of the blobs it reads (its package).
+    snapshot of an incremental run); ``blobs`` the digests of the blobs it reads (its package:
+    the zip, or a per-file version's manifest and its few file blobs).
     ``makes_blobs``: it creates blobs and reads them by digest (see the module docstring for why
-    S3 cannot narrow that further); ``environments``: it reads and creates ``envs/*``.
+    S3 cannot narrow that further); ``reads_blobs``: it reads blobs by digest, creating none (a
+    per-file package of more files than the policy can name); ``environments``: it reads and
+    creates ``envs/*``.
     """
 
     storage: str
@@ -133,6 +145,7 @@ class Scope:
     blobs: tuple[str, ...] = ()
     makes_blobs: bool = False
     environments: bool = False
+    reads_blobs: bool = False
 
 
 def run_scope(spec: RunSpec, open_store: Callable[[str], Store] | None = None) -> Scope:
@@ -147,7 +160,9 @@ def run_scope(spec: RunSpec, open_store: Callable[[str], Store] | None = None) -
 
     A manifest dataset names its files, in its own folder or anywhere on S3: with ``open_store``
     (the worker's, e.g. ``AICenterHook.get_store``) the manifest is read and the folders of its
-    ``s3://`` sources become datasets of the run too (read and listed, never written).
+    ``s3://`` sources become datasets of the run too (read and listed, never written). A per-file
+    package's manifest is read the same way: up to ``MAX_EXACT_BLOBS`` file blobs are named by
+    their keys, more (or without ``open_store``) make the run read blobs by digest.
     """
     plan = plan_for(spec.pipeline)
     snapshots = spec.save_training_data or spec.save_test_data
@@ -156,16 +171,37 @@ def run_scope(spec: RunSpec, open_store: Callable[[str], Store] | None = None) -
         for uri in (spec.dataset, spec.evaluation_dataset):
             if uri and uri.startswith("s3://") and is_manifest_uri(uri):
                 datasets += tuple(_source_folders(uri, open_store))
+    blobs, reads_blobs = _package_blobs(spec.storage, spec.blob, open_store)
     return Scope(
         storage=spec.storage,
         run_prefix=spec.run_prefix,
         checkpoint_prefix=spec.checkpoint_prefix,
         datasets=datasets,
         reads=(spec.incremental_base,) if spec.incremental_base else (),
-        blobs=(spec.blob.sha256,),
+        blobs=blobs,
         makes_blobs=plan.makes_version or snapshots or spec.install_requirements or bool(spec.incremental_base),
         environments=spec.install_requirements,
+        reads_blobs=reads_blobs,
     )
+
+
+def _package_blobs(storage: str, blob: BlobRef, open_store: Callable[[str], Store] | None) -> tuple[tuple[str, ...], bool]:
+    """(the digests of the package's blobs to name by key, whether it reads blobs by digest instead).
+
+    A zip version is its one blob. A per-file version is its manifest and the distinct file
+    blobs the manifest lists, read here with the worker's store (verified by digest), when they
+    are few enough to name; else, or without a store to read it from, the run reads by digest.
+    """
+    if blob.kind != "files":
+        return (blob.sha256,), False
+    if open_store is None:
+        return (blob.sha256,), True
+    from airflow_aicenter.registry import read_contents
+
+    files = sorted(read_contents(open_store(storage), blob.sha256).digests())
+    if len(files) > MAX_EXACT_BLOBS:
+        return (blob.sha256,), True
+    return (blob.sha256, *files), False
 
 
 def _source_folders(uri: str, open_store: Callable[[str], Store]) -> list[str]:
@@ -180,7 +216,24 @@ def _source_folders(uri: str, open_store: Callable[[str], Store]) -> list[str]:
 
 
 def session_policy(scope: Scope, partition: str = "aws") -> dict[str, Any]:
-    """The session policy for the run of ``scope``: exactly what DESIGN lets a pod do, nothing else."""
+    """The session policy for the run of ``scope``: exactly what DESIGN lets a pod do, nothing else.
+
+    Where naming each of several package blobs by key would make the policy longer than AWS
+    accepts, the blobs are read by digest instead (``reads_blobs``: the module docstring says why
+    that is safe), so a long run id or many datasets never make a per-file package unusable.
+    """
+    policy = _session_policy(scope, partition)
+    if len(scope.blobs) > 1 and not scope.reads_blobs and len(_compact(policy)) > MAX_POLICY_CHARS:
+        policy = _session_policy(replace(scope, blobs=scope.blobs[:1], reads_blobs=True), partition)
+    return policy
+
+
+def _compact(policy: dict[str, Any]) -> str:
+    """The policy as it is sent to STS (and as AWS counts its length)."""
+    return json.dumps(policy, separators=(",", ":"))
+
+
+def _session_policy(scope: Scope, partition: str) -> dict[str, Any]:
     bucket, root = parse_s3_uri(scope.storage)
     run_prefix, checkpoint_prefix, makes_blobs = scope.run_prefix, scope.checkpoint_prefix, scope.makes_blobs
 
@@ -214,8 +267,12 @@ def session_policy(scope: Scope, partition: str = "aws") -> dict[str, Any]:
                 single += objects(*parse_s3_uri(_checked("read", name)))
         else:
             single += objects(bucket, key(_checked("read", name)))
-    if not makes_blobs:  # else blobs/sha256/* is readable anyway (by digest)
-        single += objects(bucket, *(key(blob_key(_digest(d))) for d in scope.blobs))
+    for digest in scope.blobs:
+        _digest(digest)
+    if not makes_blobs and scope.reads_blobs:  # a per-file package of many files: any blob, by digest (never listed)
+        single += objects(bucket, f"{key(BLOBS)}/*")
+    elif not makes_blobs:  # else blobs/sha256/* is readable anyway (by digest)
+        single += objects(bucket, *(key(blob_key(d)) for d in scope.blobs))
     read_only = [*single, *(arn for b, prefixes in data.items() for arn in objects(b, *_object_patterns(prefixes)))]
 
     def one_or_many(arns: list[str]) -> str | list[str]:
@@ -300,7 +357,7 @@ def run_credentials(extra: Mapping[str, Any], aws_conn_id: str | None, scope: Sc
     role_arn, duration = settings
     partition = role_arn.split(":")[1]
     policy = session_policy(scope, partition)
-    document = json.dumps(policy, separators=(",", ":"))
+    document = _compact(policy)
     if len(document) > MAX_POLICY_CHARS:
         raise ConfigurationError(
             f"the session policy for run {scope.run_prefix} is {len(document)} characters, over the {MAX_POLICY_CHARS} AWS "

@@ -634,3 +634,98 @@ def test_a_manifest_dataset_reads_the_folders_of_its_sources(
     for key in ("manifests/churn/train.manifest", "manifests/churn/images/cat.png", "shared/2026/dog.png"):
         assert pod.get_object(Bucket=BUCKET, Key=key)["Body"].read()
     assert denied(pod.get_object, Bucket=BUCKET, Key="shared/2025/secret.png")
+
+
+# -- per-file package versions (issue 25): the manifest's blobs by exact key, else by digest --------
+def per_file_package(store: Store, tmp_path: Path, n_files: int) -> BlobRef:
+    """A per-file version's content in ``store``: ``n_files`` file blobs and the manifest naming them."""
+    from airflow_aicenter.package.contents import PackageContents, PackageFile, encode
+
+    files = []
+    for i in range(n_files):
+        path = tmp_path / f"file-{i}.bin"
+        path.write_bytes(f"file {i} ".encode() + uuid.uuid4().bytes)
+        entry = sha256_file(path)
+        put_blob(store, path, entry.sha256)
+        files.append(PackageFile(path=f"model/file-{i:03d}.bin", size=entry.size, mode=0o644, sha256=entry.sha256))
+    manifest = tmp_path / "manifest.json"
+    manifest.write_bytes(encode(PackageContents(files=files)))
+    ref = sha256_file(manifest)
+    put_blob(store, manifest, ref.sha256)
+    return BlobRef(sha256=ref.sha256, size=ref.size, kind="files")
+
+
+def store_at(root: Path) -> Any:
+    """``open_store`` for run_scope: the run's s3:// storage, served from a folder laid out like it."""
+    return lambda uri: open_store(root.as_uri())
+
+
+def file_keys(store: Store, blob: BlobRef) -> list[str]:
+    from airflow_aicenter.registry import read_contents
+
+    return [f"aicenter/{blob_key(f.sha256)}" for f in read_contents(store, blob.sha256).files]
+
+
+def test_a_per_file_package_of_a_few_files_is_read_by_exact_keys(tmp_path: Path) -> None:
+    """A prediction staging a per-file version reads its manifest and the blobs it lists, and no other blob."""
+    store = open_store((tmp_path / "store").as_uri())
+    blob = per_file_package(store, tmp_path, 3)
+    scope = run_scope(spec("predict", blob=blob), store_at(tmp_path / "store"))
+    assert not scope.makes_blobs and not scope.reads_blobs and len(scope.blobs) == 4
+    policy = session_policy(scope)
+    get, lst = "s3:GetObject", "s3:ListBucket"
+    for key in [f"aicenter/{blob_key(blob.sha256)}", *file_keys(store, blob)]:
+        assert allowed(policy, get, obj(key)), key
+    assert not allowed(policy, get, obj(OTHER))
+    assert not allowed(policy, get, obj(BLOB))
+    assert not allowed(policy, lst, f"arn:aws:s3:::{BUCKET}", **{"s3:prefix": "aicenter/blobs/sha256/"})
+    assert not allowed(policy, "s3:PutObject", obj(OTHER), **CREATE, **{"s3:if-none-match": "*"})
+
+
+@pytest.mark.parametrize("how", ["many files", "no store to read the manifest from"])
+def test_a_per_file_package_of_many_files_reads_blobs_by_digest_and_lists_none(tmp_path: Path, how: str) -> None:
+    """Thousands of keys do not fit a session policy (2,048 characters): GetObject on blobs/sha256/* then,
+    never ListBucket there, so only a digest the run already knows can be read (content-addressed keys are
+    unguessable), and nothing is writable."""
+    store = open_store((tmp_path / "store").as_uri())
+    blob = per_file_package(store, tmp_path, 40 if how == "many files" else 2)
+    scope = run_scope(spec("predict", blob=blob), store_at(tmp_path / "store") if how == "many files" else None)
+    assert scope.reads_blobs and not scope.makes_blobs
+    policy = session_policy(scope)
+    document = json.dumps(policy, separators=(",", ":"))
+    assert len(document) <= MAX_POLICY_CHARS
+    get, lst = "s3:GetObject", "s3:ListBucket"
+    for key in [f"aicenter/{blob_key(blob.sha256)}", *file_keys(store, blob)]:
+        assert allowed(policy, get, obj(key)), key
+    for prefix in ("aicenter/blobs/sha256/", "aicenter/blobs/", "aicenter/"):
+        assert not allowed(policy, lst, f"arn:aws:s3:::{BUCKET}", **{"s3:prefix": prefix})
+    assert not allowed(policy, "s3:PutObject", obj(OTHER), **CREATE, **{"s3:if-none-match": "*"})
+    assert not allowed(policy, get, obj("aicenter/envs/k.json"))
+    assert not allowed(policy, get, obj("aicenter/packages/churn/versions/1.0.json"))
+
+
+def test_exact_keys_give_way_to_reading_by_digest_when_the_policy_would_be_too_long() -> None:
+    digests = tuple(f"{i:02x}" * 32 for i in range(9))
+    long_run = "runs/" + "d" * 200 + "/manual__2026-11-28T00:00:00/t/1"
+    scope = Scope(storage=STORAGE, run_prefix=long_run, checkpoint_prefix=None,
+                  datasets=tuple(f"s3://{BUCKET}/datasets/{'x' * 60}-{i}" for i in range(4)), blobs=digests)
+    policy = session_policy(scope)
+    assert len(json.dumps(policy, separators=(",", ":"))) <= MAX_POLICY_CHARS
+    for digest in digests:
+        assert allowed(policy, "s3:GetObject", obj(f"aicenter/{blob_key(digest)}"))
+    assert not allowed(policy, "s3:ListBucket", f"arn:aws:s3:::{BUCKET}", **{"s3:prefix": "aicenter/blobs/sha256/"})
+
+
+def test_prediction_credentials_read_the_blobs_of_their_per_file_package_and_not_another_teams(
+    iam_moto: IamMoto, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    worker = S3Options.from_env({"AWS_ENDPOINT_URL": iam_moto.endpoint, "AWS_REGION": "us-east-1",
+                                 "AWS_ACCESS_KEY_ID": iam_moto.worker_key, "AWS_SECRET_ACCESS_KEY": iam_moto.worker_secret})
+    store = open_store(STORAGE, worker, create=False)
+    blob = per_file_package(store, tmp_path, 3)
+    iam_moto.worker("s3").put_object(Bucket=BUCKET, Key=OTHER, Body=b"another team's model")
+    scope = run_scope(spec("predict", blob=blob), lambda uri: open_store(uri, worker, create=False))
+    pod = s3_of(iam_moto, assume(iam_moto, monkeypatch, scope))
+    for key in [f"aicenter/{blob_key(blob.sha256)}", *file_keys(store, blob)]:
+        assert pod.get_object(Bucket=BUCKET, Key=key)["Body"].read(), key
+    assert denied(pod.get_object, Bucket=BUCKET, Key=OTHER)
