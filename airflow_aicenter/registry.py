@@ -47,6 +47,7 @@ from airflow_aicenter.package import (
     validate_package_name,
     write_zip,
 )
+from airflow_aicenter.package.contents import PackageContents, decode
 from airflow_aicenter.package.requirements import included_files
 from airflow_aicenter.records import (
     AliasRecord,
@@ -65,6 +66,35 @@ from airflow_aicenter.storage.transfer import get_blob, store_blob
 
 #: Give up after this many lost races in a row (only reachable under pathological contention).
 MAX_ATTEMPTS = 10_000
+#: What repairs a per-file version's manifest or one of its file blobs.
+MANIFEST_FIX = ("upload the same package folder again (`aicenter package upload FOLDER --name NAME`: identical content "
+                "rewrites what is missing or damaged) or run `aicenter verify --repair FOLDER`")
+
+
+class DamagedManifestError(StorageError):
+    """A per-file version's manifest blob does not hash to its name: trying again cannot help, a repair can."""
+
+    retryable = False
+
+
+def read_contents(store: Store, sha256: str) -> PackageContents:
+    """The manifest of a per-file version, stored as the blob ``sha256``, verified by its digest and decoded.
+
+    NotFoundError when the blob is missing, StorageError when its bytes hash to another digest
+    (DamagedManifestError), PackageError when they are not a manifest: each names the blob and the fix. gc,
+    verify, the registry and the credentials read a manifest through this one function.
+    """
+    key = layout.blob_key(sha256)
+    try:
+        data = store.get_bytes(key)
+    except NotFoundError:
+        raise NotFoundError(
+            f"the package manifest {store.url(key)} is missing (deleted by hand, or by gc); {MANIFEST_FIX}") from None
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha256:
+        raise DamagedManifestError(f"the package manifest {store.url(key)} is damaged: its content hashes to "
+                                   f"sha256:{actual}; {MANIFEST_FIX}")
+    return decode(data, where=store.url(key))
 
 
 class Sequence:
