@@ -49,6 +49,9 @@ from airflow_aicenter.errors import (
     StorageError,
 )
 from airflow_aicenter.layout import BLOBS, blob_key
+from airflow_aicenter.package.contents import KnownDigest, PackageContents, PackageFile, contents_of, decode, encode
+from airflow_aicenter.records import BlobRef
+from airflow_aicenter.storage.cache import BlobCache
 from airflow_aicenter.storage.store import LocalStore, ObjectInfo, Store, unstorable, walk_files
 
 #: Concurrent requests per transfer; small files are latency-bound, so many in flight win: with
@@ -1095,3 +1098,240 @@ def get_blob(store: Store, sha256: str, dest: Path) -> FileEntry:
             raise missing_blob(store, sha256) from None
 
     return run(AdaptiveLimit(1).call(get))
+
+
+# -- per-file package versions ---------------------------------------------------------------
+#: A manifest larger than this is refused before it is read (it is held in memory): 64 MiB lists ~400,000 files.
+MANIFEST_MAX = 64 * 2**20
+#: Files of a per-file version fetched at once (each may be a ranged download of its own).
+PACKAGE_FILES_IN_FLIGHT = 32
+
+
+@dataclass(frozen=True)
+class PackagePut:
+    """What storing a package folder as a per-file version did: its ref and manifest, and what was sent.
+
+    ``blobs``: the file blobs (all of them, and those written because the store lacked them or
+    held them damaged); ``manifest_written``: whether the manifest blob itself was written.
+    """
+
+    ref: BlobRef
+    contents: PackageContents
+    blobs: BlobStats
+    manifest_written: bool
+
+    @property
+    def written_bytes(self) -> int:
+        return self.blobs.uploaded_bytes + (self.ref.size if self.manifest_written else 0)
+
+
+def store_package_files(
+    store: Store, root: Path, *, known: KnownDigest | None = None, stored: Collection[str] = ()
+) -> PackagePut:
+    """Store the package folder ``root`` as a per-file version: the blobs the store lacks, then the manifest.
+
+    Files are listed and hashed as write_zip would pack them (contents_of; ``known`` may give
+    a digest without reading the file). Each file blob goes through ensure_blobs, so an
+    existing blob is trusted only under the issue-20 rules: read back and hashed in full unless
+    its digest is in ``stored`` (the caller vouches for it: a committed manifest's blob
+    unmodified since, snapshot.check_vouched), rewritten when missing or damaged. The manifest
+    is written last (store_blob_async: the same rules), so a manifest never names a blob that
+    is not there. The manifest's bytes are canonical (contents.encode): the same files give
+    the same ``sha256``, and identical content is recognised by it.
+    """
+    contents = contents_of(root, known=known)
+    entries = [FileEntry(f.path, f.sha256, f.size) for f in contents.files]
+    stats = run(ensure_blobs(store, root, entries, known=stored))
+    data = encode(contents)
+    sha256 = hashlib.sha256(data).hexdigest()
+    with tempfile.TemporaryDirectory(prefix="aicenter-manifest-") as tmp:
+        path = Path(tmp) / "manifest.json"
+        path.write_bytes(data)
+        found = store_blob(store, path, sha256)
+    return PackagePut(BlobRef(sha256=sha256, size=len(data), kind="files"), contents, stats, found != "ok")
+
+
+def put_package_files(
+    store: Store, root: Path, *, known: KnownDigest | None = None, stored: Collection[str] = ()
+) -> tuple[BlobRef, int]:
+    """store_package_files, as (the version's ref, kind "files"; the bytes written to the store)."""
+    put = store_package_files(store, root, known=known, stored=stored)
+    return put.ref, put.written_bytes
+
+
+def read_package_contents(
+    store: Store, ref: BlobRef, *, cache: BlobCache | None = None
+) -> tuple[PackageContents, int]:
+    """The manifest a per-file ``ref`` names, verified by its digest; (contents, bytes fetched from the store).
+
+    From the local blob cache when it holds it (0 bytes fetched), else fetched (into the cache
+    when there is one). Either way its bytes are hashed before they are decoded.
+    """
+    key = blob_key(ref.sha256)
+    where = f"blob sha256:{ref.sha256} ({store.url(key)})"
+    if ref.size > MANIFEST_MAX:
+        raise PackageError(
+            f"the package manifest {where} is {ref.size} bytes, over the limit of {MANIFEST_MAX}: it cannot be a "
+            "manifest airflow-aicenter wrote; upload the package folder again (`aicenter package upload FOLDER`)")
+    fetched = 0
+    data: bytes | None = None
+    if cache is not None and (entry := cache.lookup(ref.sha256, ref.size)) is not None:
+        data = entry.read_bytes()
+        if hashlib.sha256(data).hexdigest() != ref.sha256:  # sealed yet changed: fetch it again
+            cache._drop(entry)
+            data = None
+    if data is None:
+        try:
+            data = store.get_bytes(key)
+        except NotFoundError:
+            raise missing_blob(store, ref.sha256) from None
+        fetched = len(data)
+        if (actual := hashlib.sha256(data).hexdigest()) != ref.sha256:
+            raise DamagedBlobError(
+                f"the package manifest {where} is damaged: its content hashes to sha256:{actual}; {REPAIR_ADVICE}; "
+                "then run the task again")
+        if cache is not None:
+            with contextlib.suppress(OSError):  # a cache that cannot be written only costs a fetch next time
+                tmp = cache.new_temp(ref.sha256)
+                tmp.write_bytes(data)
+                cache.publish(tmp, ref.sha256, len(data))
+    return decode(data, where=where), fetched
+
+
+def stage_package(
+    store: Store, ref: BlobRef, target: Path, scratch: Path, *, cache: BlobCache | None, link: bool = True,
+) -> tuple[Path, int]:
+    """Put the package version ``ref`` in ``target``, verified; (the package root, bytes fetched from the store).
+
+    ``"zip"``: extract_blob (the zip read in place on the file store, else downloaded to
+    ``scratch``). ``"files"``: the manifest (read_package_contents), then every file: from the
+    local blob cache when it holds the blob, else fetched once from the store into the cache,
+    its digest taken while it streams (a blob that does not hash to its name is never cached
+    or placed, and the error names the package file and the repair), then placed with its
+    mode. ``link``: files of mode 0644 are hard-linked to the cache's read-only entry (no
+    copy: what makes a warm staging of GBs instant); False gives every file a private copy
+    (a kernel copy, a reflink where the file system shares extents), for a folder package
+    code writes (a training's, which becomes the next version) and where several runs on a
+    node must not share an inode. Without a cache, files are downloaded straight into place.
+    ``target`` must not exist or be empty, and appears only complete.
+    """
+    if ref.kind == "zip":
+        return extract_blob(store, ref.sha256, target, scratch)
+    contents, fetched = read_package_contents(store, ref, cache=cache)
+    _check_package_size(contents, store.url(blob_key(ref.sha256)))
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise FileExistsError(f"package target {target} already exists and is not an empty folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    try:
+        for folder in sorted({os.path.dirname(f.path) for f in contents.files} - {""}):
+            (staging / folder).mkdir(parents=True, exist_ok=True)
+        first: dict[str, PackageFile] = {}
+        for f in contents.files:
+            first.setdefault(f.sha256, f)
+        if cache is not None:
+            fetched += run(_fill_cache(store, cache, list(first.values())))
+            for f in contents.files:
+                dest = staging / f.path
+                if link and f.mode == 0o644:
+                    cache.link(f.sha256, dest, size=f.size)
+                else:
+                    cache.copy(f.sha256, dest, size=f.size, mode=f.mode)
+            for f in contents.files:
+                cache.remember(staging / f.path, f.sha256)
+        else:
+            fetched += run(_download_files(store, staging, list(first.values())))
+            for f in contents.files:
+                dest = staging / f.path
+                if first[f.sha256] is not f:
+                    shutil.copyfile(staging / first[f.sha256].path, dest)
+                os.chmod(dest, f.mode)
+        for folder in {os.path.dirname(f.path) for f in contents.files} - {""}:
+            (staging / folder).chmod(0o755)
+        staging.chmod(0o755)  # mkdtemp makes it private; the package folder is an ordinary one
+        if target.exists():
+            target.rmdir()
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target, fetched
+
+
+def _check_package_size(contents: PackageContents, where: str) -> None:
+    """The limits a zip version is extracted under (archive.MAX_TOTAL_BYTES, 20,000 files) hold for per-file ones."""
+    from airflow_aicenter.package.archive import MAX_TOTAL_BYTES
+
+    if len(contents.files) > MAX_PACKAGE_FILES:
+        raise PackageError(
+            f"the package manifest {where} lists {len(contents.files)} files, more than the limit of {MAX_PACKAGE_FILES}: "
+            "remove generated files or pack many small files into one, and upload the package again")
+    if contents.total_size > MAX_TOTAL_BYTES:
+        raise PackageError(
+            f"the package manifest {where} adds up to {contents.total_size} bytes, over the limit of {MAX_TOTAL_BYTES}: "
+            "keep large data in datasets, not in the package")
+
+
+MAX_PACKAGE_FILES = 20_000
+
+
+def _damaged_file(store: Store, f: PackageFile, actual: str) -> DamagedBlobError:
+    return DamagedBlobError(
+        f"package file {f.path!r} is damaged in the store: its blob sha256:{f.sha256} ({store.url(blob_key(f.sha256))}) "
+        f"hashes to sha256:{actual}; nothing was staged. Repair it: {REPAIR_ADVICE}; then run the task again")
+
+
+def _missing_file(store: Store, f: PackageFile) -> NotFoundError:
+    return NotFoundError(
+        f"package file {f.path!r} is missing from the store: its blob sha256:{f.sha256} "
+        f"({store.url(blob_key(f.sha256))}) was deleted after the version naming it was written (by `aicenter gc` or "
+        f"by hand); nothing was staged. {REPAIR_ADVICE}; then run the task again")
+
+
+async def _fetch_file(store: Store, f: PackageFile, dest: Path, ranges: AdaptiveLimit) -> None:
+    """Download the blob of ``f`` to ``dest`` (via a temp name), its digest taken while it streams; verified."""
+    key = blob_key(f.sha256)
+    try:
+        info = None if isinstance(store, LocalStore) else await store.head_async(key)
+    except AccessDeniedError:  # S3's answer for an absent key to credentials that may not list it (a run's)
+        raise _missing_file(store, f) from None
+    if info is None and not isinstance(store, LocalStore):
+        raise _missing_file(store, f)
+    try:
+        got = await download_file(store, key, dest, size=f.size, etag=None if info is None else info.etag, limit=ranges)
+    except NotFoundError:
+        raise _missing_file(store, f) from None
+    if got.sha256 != f.sha256 or got.size != f.size:
+        dest.unlink(missing_ok=True)
+        raise _damaged_file(store, f, got.sha256)
+
+
+async def _fill_cache(store: Store, cache: BlobCache, files: list[PackageFile]) -> int:
+    """Fetch into the cache the blobs of ``files`` (one per digest) that it lacks; the bytes fetched."""
+    missing = [f for f in files if cache.lookup(f.sha256, f.size) is None]
+    if not missing:
+        return 0
+    cache.prepare()
+    ranges = AdaptiveLimit(RANGES_IN_FLIGHT)
+
+    async def one(f: PackageFile) -> int:
+        tmp = cache.new_temp(f.sha256)
+        try:
+            await _fetch_file(store, f, tmp, ranges)
+            await asyncio.to_thread(cache.publish, tmp, f.sha256, f.size)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return f.size
+
+    return sum(await gather_limited(missing, one, PACKAGE_FILES_IN_FLIGHT))
+
+
+async def _download_files(store: Store, staging: Path, files: list[PackageFile]) -> int:
+    """Without a cache: each blob of ``files`` (one per digest) downloaded into its place; the bytes fetched."""
+    ranges = AdaptiveLimit(RANGES_IN_FLIGHT)
+
+    async def one(f: PackageFile) -> int:
+        await _fetch_file(store, f, staging / f.path, ranges)
+        return f.size
+
+    return sum(await gather_limited(files, one, PACKAGE_FILES_IN_FLIGHT))

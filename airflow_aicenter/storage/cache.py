@@ -1,0 +1,257 @@
+"""The node's local blob cache: package files fetched once, then linked or copied into work folders.
+
+A per-file package version (package/contents.py) names its files by digest. A node that staged
+a 1.5 GB base file once keeps it here, and the next run on that node places it in its package
+folder without a byte from the store: a hard link where the work folder is on the cache's file
+system (a 2 GB package in well under 0.2 s), a kernel copy elsewhere (a pod's package volume).
+
+Where: ``$AICENTER_CACHE/blobs`` (default ``~/.cache/aicenter/blobs`` of the user the runtime
+runs as, beside the environments in ``envs/``). In a pod the runtime's ``AICENTER_CACHE`` is the
+environment volume, so the cache lives as long as that volume does.
+
+Layout: ``sha256/<hex>`` entries, each the blob's bytes, verified by digest while it was
+fetched, then sealed: read-only (0444) and its modification time set to ``SEALED_MTIME_NS``;
+``tmp/`` for fetches in progress (same file system, so a fetch is published by a link: atomic,
+and two runs fetching the same blob on one node never clash: the second finds the first's
+entry and drops its own copy).
+
+Trust. A hard link shares the inode, so code that can write the linked file writes the cache
+entry. An entry is used only while it is still sealed as it was when verified: a regular file
+of its size, owned by this user, mode 0444, modification time ``SEALED_MTIME_NS``. Any write
+sets the modification time to now; making it writable changes the mode. Either way the entry
+is dropped and fetched again. The inode's change time (ctime) would be a stronger mark, but
+creating or removing any link to the inode changes it too (measured: ``ln`` and ``rm`` of a
+second name move ctime), so every staging and every removed work folder would invalidate
+every entry. Restoring the sealed time after a write takes the file owner's rights
+(``utime``): code running as the runtime's own user, which could rewrite the cache anyway;
+under ``run_as_user`` package code cannot, and in a pod the cache is on another volume (no link).
+
+What this cache placed in a work folder is remembered by inode with its size, modification and
+change time, right after staging: ``known`` gives a file's digest while all of them are
+unchanged, so the end of a training does not hash a 1.5 GB file it never touched. There ctime
+is strict: a write, a chmod, a new link all make the file hashed again.
+
+No Airflow import: the runtime image uses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from airflow_aicenter.errors import StorageError
+
+#: The modification time a verified entry is sealed with: 1980-01-01, the zip epoch. Any write makes it now.
+SEALED_MTIME_NS = 315_532_800 * 10**9
+SEALED_MODE = 0o444
+COPY_CHUNK = 16 * 2**20
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
+#: link(2) refused for this pair: another file system or mount (EXDEV), links not allowed (EPERM:
+#: protected_hardlinks, or a file system without them), too many links (EMLINK): the file is copied.
+_NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES}
+
+
+def default_cache_dir() -> Path:
+    """``$AICENTER_CACHE``, else ``~/.cache/aicenter``: the folder environments and blobs share."""
+    chosen = os.environ.get("AICENTER_CACHE") or Path.home() / ".cache" / "aicenter"
+    return Path(chosen).absolute()
+
+
+@dataclass(frozen=True)
+class _Placed:
+    """A file this cache put in a work folder: what its inode looked like right after staging."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    sha256: str
+
+
+class BlobCache:
+    """Verified, sealed copies of blobs on this node, placed into work folders by link or copy."""
+
+    def __init__(self, cache_dir: Path | None = None) -> None:
+        self.root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "blobs"
+        self.entries = self.root / "sha256"
+        self.tmp = self.root / "tmp"
+        self._placed: dict[tuple[int, int], _Placed] = {}
+
+    def __repr__(self) -> str:
+        return f"BlobCache({str(self.root)!r})"
+
+    def prepare(self) -> None:
+        """Create the cache's folders (private: package content of every run on the node is in here)."""
+        for folder in (self.root, self.entries, self.tmp):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        return self.entries / sha256
+
+    # -- entries -------------------------------------------------------------------------
+    def _sealed(self, st: os.stat_result, size: int) -> bool:
+        return (stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == SEALED_MODE and st.st_size == size
+                and st.st_mtime_ns == SEALED_MTIME_NS and st.st_uid == os.geteuid())
+
+    def lookup(self, sha256: str, size: int) -> Path | None:
+        """The entry of ``sha256`` if it is there and still sealed; a changed one is dropped (fetch it again)."""
+        path = self.path(sha256)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        if self._sealed(st, size):
+            return path
+        self._drop(path)
+        return None
+
+    def _drop(self, path: Path) -> None:
+        """Remove a changed entry; its links in work folders keep their inode (nothing else changes)."""
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+    def new_temp(self, sha256: str) -> Path:
+        """A fresh name in ``tmp/`` for a fetch of ``sha256`` in progress (unique per fetch: runs never clash)."""
+        self.prepare()
+        return self.tmp / f"{sha256}.{os.getpid()}.{secrets.token_hex(6)}"
+
+    def publish(self, tmp: Path, sha256: str, size: int) -> Path:
+        """Seal ``tmp`` (verified by the caller against ``sha256``) and make it the entry; the entry in use.
+
+        Published by a link (create-once): where another run published the same blob first,
+        its entry is used when sealed and ``tmp`` is dropped; a changed one is replaced.
+        """
+        final = self.path(sha256)
+        try:
+            os.chmod(tmp, SEALED_MODE)
+            os.utime(tmp, ns=(SEALED_MTIME_NS, SEALED_MTIME_NS))
+            for _ in range(3):
+                try:
+                    os.link(tmp, final)
+                    return final
+                except FileExistsError:
+                    if self.lookup(sha256, size) is not None:
+                        return final
+            os.replace(tmp, final)
+            return final
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    # -- placing into a work folder ------------------------------------------------------
+    def link(self, sha256: str, dest: Path, *, size: int) -> bool:
+        """Hard-link the entry to ``dest`` (new); True if linked, False if copied (another file system).
+
+        The linked file is read-only (0444, the entry's mode): package code that rewrites a
+        file in place needs a copy (``copy``), and the agent stages copies for runs whose
+        package folder becomes a new version.
+        """
+        src = self.lookup(sha256, size)
+        if src is None:
+            raise StorageError(f"blob sha256:{sha256} left the local blob cache {self.root} while it was staged: run "
+                               "the task again")
+        try:
+            os.link(src, dest)
+        except OSError as exc:
+            if exc.errno not in _NO_LINK:
+                raise
+            self.copy(sha256, dest, size=size, mode=0o644)
+            return False
+        return True
+
+    def copy(self, sha256: str, dest: Path, *, size: int, mode: int) -> None:
+        """Copy the entry to the new file ``dest`` with ``mode``, in the kernel where it can (a reflink on file
+        systems that share extents): a private file that package code may write."""
+        src = self.lookup(sha256, size)
+        if src is None:
+            raise StorageError(f"blob sha256:{sha256} left the local blob cache {self.root} while it was staged: run "
+                               "the task again")
+        fd_in = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fd_out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                copied = _copy(fd_in, fd_out)
+                os.fchmod(fd_out, mode)
+            finally:
+                os.close(fd_out)
+        finally:
+            os.close(fd_in)
+        if copied != size:
+            dest.unlink(missing_ok=True)
+            self._drop(src)
+            raise StorageError(f"blob sha256:{sha256} in the local blob cache {self.root} changed while it was copied "
+                               f"({copied} bytes, expected {size}): run the task again")
+
+    def remember(self, dest: Path, sha256: str) -> None:
+        """Note what ``dest`` (placed by this cache) looks like now, for ``known``: call it once staging is done."""
+        st = os.lstat(dest)
+        self._placed[(st.st_dev, st.st_ino)] = _Placed(st.st_size, st.st_mtime_ns, st.st_ctime_ns, sha256)
+
+    def known(self, path: Path, st: os.stat_result) -> str | None:
+        """The digest of a file this cache placed and nothing changed since (contents_of's ``known`` hook).
+
+        Same inode, size, modification and change time as right after staging: a write, a
+        chmod or a new link changes the change time, and the file is hashed again.
+        """
+        placed = self._placed.get((st.st_dev, st.st_ino))
+        if placed is None or (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (placed.size, placed.mtime_ns, placed.ctime_ns):
+            return None
+        return placed.sha256
+
+    def add(self, path: Path, sha256: str, size: int) -> bool:
+        """Keep a copy of a local file whose digest the caller just verified (a new version's new files); True if added.
+
+        The copy is hashed as it is written (``store.copy_hashed``): only bytes that match
+        ``sha256`` become an entry, so a file that changed meanwhile is simply not cached.
+        """
+        from airflow_aicenter.storage.store import copy_hashed
+
+        if self.lookup(sha256, size) is not None:
+            return False
+        tmp = self.new_temp(sha256)
+        try:
+            fd_in = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                fd_out = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                try:
+                    digest, got = copy_hashed(fd_in, fd_out)
+                finally:
+                    os.close(fd_out)
+            finally:
+                os.close(fd_in)
+            if (digest, got) != (sha256, size):
+                return False
+            self.publish(tmp, sha256, size)
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        """Remove every entry (their links in work folders keep their bytes)."""
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _copy(fd_in: int, fd_out: int) -> int:
+    """Copy ``fd_in`` from its start to ``fd_out``: in the kernel, else through a buffer; the bytes copied."""
+    offset = 0
+    while True:
+        try:
+            n = os.copy_file_range(fd_in, fd_out, COPY_CHUNK, offset, offset)
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_COPY:
+                raise
+            break
+        if not n:
+            return offset
+        offset += n
+    while chunk := os.pread(fd_in, COPY_CHUNK, offset):
+        written = 0
+        while written < len(chunk):
+            written += os.pwrite(fd_out, chunk[written:], offset + written)
+        offset += len(chunk)
+    return offset

@@ -1,0 +1,273 @@
+"""Per-file package versions, written and staged (storage/transfer.py), on the file store and the moto S3 server.
+
+A version is a manifest over content-addressed blobs: a second version with an unchanged big
+file writes only what changed, a node stages only the blobs its local cache lacks, and a
+damaged or missing blob is named by the package file it holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from airflow_aicenter.errors import NotFoundError, PackageError, StorageError
+from airflow_aicenter.layout import blob_key
+from airflow_aicenter.package import write_zip
+from airflow_aicenter.package.contents import contents_of, decode, encode
+from airflow_aicenter.records import BlobRef
+from airflow_aicenter.storage.cache import BlobCache
+from airflow_aicenter.storage.store import Store
+from airflow_aicenter.storage.transfer import (
+    DamagedBlobError,
+    put_blob,
+    put_package_files,
+    read_package_contents,
+    stage_package,
+    store_package_files,
+)
+from tests.packages import write_package
+
+BIG = 3 * 2**20 + 17
+
+
+def stored_bytes(store: Store) -> int:
+    return sum(info.size for info in store.list("blobs/"))
+
+
+def tree(root: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.relative_to(root).as_posix(): (p.read_bytes(), stat.S_IMODE(p.stat().st_mode))
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def package(tmp_path: Path) -> Path:
+    root = write_package(tmp_path / "pkg", files={
+        "model/weights.bin": os.urandom(BIG),
+        "model/copy.bin": b"same bytes",
+        "other/copy.bin": b"same bytes",  # two files, one blob
+        "meta.json": '{"epoch": 1}',
+        "run.sh": "#!/bin/sh\necho hi\n",
+    })
+    (root / "run.sh").chmod(0o755)
+    return root
+
+
+def test_a_second_version_writes_only_the_changed_file(store: Store, package: Path) -> None:
+    first, written = put_package_files(store, package)
+    assert first.kind == "files"
+    assert written == stored_bytes(store)
+    assert written >= BIG
+    (package / "meta.json").write_text('{"epoch": 2}')
+    before = stored_bytes(store)
+    put = store_package_files(store, package)
+    second = put.ref
+    assert second.sha256 != first.sha256
+    grew = stored_bytes(store) - before
+    assert grew == put.written_bytes == len('{"epoch": 2}') + second.size, "only meta.json and the manifest are new"
+    assert put.blobs.uploaded_files == 1 and put.manifest_written
+    # the same folder again: the same manifest digest (identical content is recognised), nothing written
+    again, written = put_package_files(store, package)
+    assert (again, written) == (second, 0)
+    assert stored_bytes(store) - before == grew
+    assert decode(store.get_bytes(blob_key(second.sha256)), where="x") == contents_of(package)
+
+
+def test_staging_twice_fetches_nothing_the_second_time(store: Store, package: Path, tmp_path: Path) -> None:
+    ref, _ = put_package_files(store, package)
+    cache = BlobCache(tmp_path / "cache")
+    root, fetched = stage_package(store, ref, tmp_path / "a" / "package", tmp_path / "a.zip", cache=cache)
+    distinct = sum({f.sha256: f.size for f in contents_of(package).files}.values())
+    assert fetched == distinct + ref.size
+    assert {k: v[0] for k, v in tree(root).items()} == {k: v[0] for k, v in tree(package).items()}
+    assert tree(root)["run.sh"][1] == 0o755
+    again, fetched = stage_package(store, ref, tmp_path / "b" / "package", tmp_path / "b.zip", cache=cache)
+    assert fetched == 0, "everything (the manifest too) comes from the local blob cache"
+    weights = (again / "model" / "weights.bin").stat()
+    entry = cache.path(hashlib.sha256((package / "model" / "weights.bin").read_bytes()).hexdigest()).stat()
+    assert (weights.st_ino, weights.st_nlink) == (entry.st_ino, 3), "linked, not copied"
+    assert stat.S_IMODE(weights.st_mode) == 0o444, "a linked file is the cache's read-only entry"
+    assert (again / "run.sh").stat().st_ino != entry.st_ino and stat.S_IMODE((again / "run.sh").stat().st_mode) == 0o755
+    assert contents_of(again) == contents_of(package), "a read-only link is recorded with mode 0644"
+
+
+def test_private_copies_for_a_folder_package_code_writes(store: Store, package: Path, tmp_path: Path) -> None:
+    ref, _ = put_package_files(store, package)
+    cache = BlobCache(tmp_path / "cache")
+    root, _ = stage_package(store, ref, tmp_path / "w" / "package", tmp_path / "w.zip", cache=cache, link=False)
+    assert {k: v for k, v in tree(root).items()} == tree(package)
+    weights = root / "model" / "weights.bin"
+    assert weights.stat().st_nlink == 1 and stat.S_IMODE(weights.stat().st_mode) == 0o644
+
+
+def test_staging_without_a_cache(store: Store, package: Path, tmp_path: Path) -> None:
+    ref, _ = put_package_files(store, package)
+    root, fetched = stage_package(store, ref, tmp_path / "n" / "package", tmp_path / "n.zip", cache=None)
+    assert tree(root) == tree(package)
+    assert fetched == ref.size + sum({f.sha256: f.size for f in contents_of(package).files}.values())
+
+
+def test_a_zip_version_still_stages(store: Store, package: Path, tmp_path: Path) -> None:
+    digest = write_zip(package, tmp_path / "p.zip")
+    put_blob(store, tmp_path / "p.zip", digest.sha256)
+    ref = BlobRef.model_validate({"sha256": digest.sha256, "size": digest.size})  # an old record: no kind
+    assert ref.kind == "zip"
+    root, size = stage_package(store, ref, tmp_path / "z" / "package", tmp_path / "z.zip", cache=BlobCache(tmp_path / "c"))
+    assert size == digest.size
+    assert tree(root) == tree(package)
+
+
+def _flip(store: Store, sha256: str) -> None:
+    data = bytearray(store.get_bytes(blob_key(sha256)))
+    data[len(data) // 2] ^= 0x01
+    store.put_bytes(blob_key(sha256), bytes(data))
+
+
+def test_a_flipped_byte_in_a_file_blob_is_named_at_staging(store: Store, package: Path, tmp_path: Path) -> None:
+    ref, _ = put_package_files(store, package)
+    weights = hashlib.sha256((package / "model" / "weights.bin").read_bytes()).hexdigest()
+    _flip(store, weights)
+    cache = BlobCache(tmp_path / "cache")
+    for use in (cache, None):
+        target = tmp_path / f"t{use is None}" / "package"
+        with pytest.raises(DamagedBlobError) as err:
+            stage_package(store, ref, target, tmp_path / "x.zip", cache=use)
+        message = str(err.value)
+        assert "package file 'model/weights.bin' is damaged" in message and weights in message
+        assert "aicenter verify --repair" in message and "aicenter package upload" in message
+        assert not err.value.retryable
+        assert not target.exists() and not [p for p in target.parent.iterdir() if ".partial-" in p.name]
+    assert not cache.path(weights).exists(), "damaged bytes never become a cache entry"
+    assert not any(cache.tmp.iterdir()), "no fetch left behind"
+    # uploading the same folder again repairs it (the issue-20 rule), and staging works
+    put_package_files(store, package)
+    root, _ = stage_package(store, ref, tmp_path / "ok" / "package", tmp_path / "x.zip", cache=cache)
+    assert contents_of(root) == contents_of(package)
+
+
+def test_a_missing_file_blob_is_named_at_staging(store: Store, package: Path, tmp_path: Path) -> None:
+    ref, _ = put_package_files(store, package)
+    meta = hashlib.sha256((package / "meta.json").read_bytes()).hexdigest()
+    store.delete(blob_key(meta))
+    for use in (BlobCache(tmp_path / "cache"), None):
+        target = tmp_path / f"t{use is None}" / "package"
+        with pytest.raises(NotFoundError, match=r"package file 'meta\.json' is missing from the store") as err:
+            stage_package(store, ref, target, tmp_path / "x.zip", cache=use)
+        assert "aicenter package upload" in str(err.value)
+        assert not target.exists()
+
+
+def test_a_damaged_or_missing_manifest_is_named(store: Store, package: Path, tmp_path: Path) -> None:
+    ref, _ = put_package_files(store, package)
+    _flip(store, ref.sha256)
+    with pytest.raises(DamagedBlobError, match=f"package manifest blob sha256:{ref.sha256} .* is damaged"):
+        stage_package(store, ref, tmp_path / "t" / "package", tmp_path / "x.zip", cache=BlobCache(tmp_path / "c"))
+    store.delete(blob_key(ref.sha256))
+    with pytest.raises(NotFoundError, match=f"blob sha256:{ref.sha256} is missing"):
+        read_package_contents(store, ref)
+    bogus = b"not a manifest"
+    bad = BlobRef(sha256=hashlib.sha256(bogus).hexdigest(), size=len(bogus), kind="files")
+    store.put_bytes(blob_key(bad.sha256), bogus)
+    with pytest.raises(PackageError, match=f"package manifest blob sha256:{bad.sha256} .* is not JSON"):
+        read_package_contents(store, bad)
+
+
+def test_a_hostile_manifest_cannot_write_outside_the_target(store: Store, tmp_path: Path) -> None:
+    evil = b'{"files":[{"mode":420,"path":"../escape","sha256":"' + b"a" * 64 + b'","size":1}],"format":"aicenter-package-files/1"}'
+    ref = BlobRef(sha256=hashlib.sha256(evil).hexdigest(), size=len(evil), kind="files")
+    store.put_bytes(blob_key(ref.sha256), evil)
+    with pytest.raises(PackageError, match=r"'\.\.' part"):
+        stage_package(store, ref, tmp_path / "t" / "package", tmp_path / "x.zip", cache=None)
+    assert not (tmp_path / "t").exists() or not any((tmp_path / "t").iterdir())
+
+
+def test_package_code_writing_a_linked_file_does_not_poison_the_cache(store: Store, package: Path, tmp_path: Path) -> None:
+    """A hard link shares the inode: code that writes the staged file writes the cache's entry (root may; others
+    chmod first). The next run still gets the version's bytes, and a new version records what was written."""
+    ref, _ = put_package_files(store, package)
+    cache = BlobCache(tmp_path / "cache")
+    root, _ = stage_package(store, ref, tmp_path / "a" / "package", tmp_path / "a.zip", cache=cache)
+    weights = root / "model" / "weights.bin"
+    original = (package / "model" / "weights.bin").read_bytes()
+    digest = hashlib.sha256(original).hexdigest()
+    assert weights.stat().st_ino == cache.path(digest).stat().st_ino
+    with open(weights, "r+b") as fh:  # in place, same size: what a hostile or careless package does
+        fh.seek(100)
+        fh.write(b"POISON")
+    assert cache.known(weights, weights.stat()) is None, "a written file is hashed again, not taken as staged"
+    new = contents_of(root, known=cache.known)
+    assert {f.path: f.sha256 for f in new.files}["model/weights.bin"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    again, fetched = stage_package(store, ref, tmp_path / "b" / "package", tmp_path / "b.zip", cache=cache)
+    assert (again / "model" / "weights.bin").read_bytes() == original, "the next run gets the version's bytes"
+    assert fetched == BIG, "the changed entry was dropped and fetched again"
+    # chmod then write (what a non-root owner must do), with the modification time put back: the mode gives it away
+    entry = cache.path(digest)
+    os.chmod(entry, 0o644)
+    with open(entry, "r+b") as fh:
+        fh.write(b"X")
+    os.utime(entry, ns=(entry.stat().st_atime_ns, 315_532_800 * 10**9))
+    third, fetched = stage_package(store, ref, tmp_path / "c" / "package", tmp_path / "c.zip", cache=cache)
+    assert (third / "model" / "weights.bin").read_bytes() == original and fetched == BIG
+
+
+def test_a_training_writes_its_private_copy_and_the_new_version_records_it(
+    store: Store, package: Path, tmp_path: Path
+) -> None:
+    ref, _ = put_package_files(store, package)
+    cache = BlobCache(tmp_path / "cache")
+    root, _ = stage_package(store, ref, tmp_path / "a" / "package", tmp_path / "a.zip", cache=cache, link=False)
+    hashed: list[str] = []
+
+    def known(path: Path, st: os.stat_result) -> str | None:
+        digest = cache.known(path, st)
+        if digest is None:
+            hashed.append(path.relative_to(root).as_posix())
+        return digest
+
+    weights = root / "model" / "weights.bin"
+    weights.write_bytes(b"fine-tuned" + weights.read_bytes()[10:])
+    (root / "new.txt").write_text("new")
+    before = stored_bytes(store)
+    put = store_package_files(store, root, known=known)
+    assert sorted(hashed) == ["model/weights.bin", "new.txt"], "unchanged staged files are not hashed again"
+    files = {f.path: f.sha256 for f in put.contents.files}
+    assert files["model/weights.bin"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert stored_bytes(store) - before == put.written_bytes == BIG + 3 + put.ref.size
+    original, fetched = stage_package(store, ref, tmp_path / "b" / "package", tmp_path / "b.zip", cache=cache)
+    assert fetched == 0 and contents_of(original) == contents_of(package), "the cache never saw the training's write"
+
+
+def test_concurrent_stagings_on_one_node_share_the_cache(store: Store, package: Path, tmp_path: Path) -> None:
+    ref, _ = put_package_files(store, package)
+    errors: list[BaseException] = []
+    roots: list[Path] = []
+
+    def stage(n: int) -> None:
+        try:
+            root, _ = stage_package(store, ref, tmp_path / f"r{n}" / "package", tmp_path / f"r{n}.zip",
+                                    cache=BlobCache(tmp_path / "cache"))
+            roots.append(root)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=stage, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(tree(root) == {k: (v[0], 0o444 if k != "run.sh" else 0o755) for k, v in tree(package).items()}
+               for root in roots)
+    assert not any((tmp_path / "cache" / "blobs" / "tmp").iterdir())
+
+
+def test_the_manifest_bytes_are_canonical(store: Store, package: Path) -> None:
+    ref, _ = put_package_files(store, package)
+    assert store.get_bytes(blob_key(ref.sha256)) == encode(contents_of(package))
+    with pytest.raises(StorageError):
+        stage_package(store, BlobRef(sha256="0" * 64, size=10, kind="files"), package.parent / "t", package.parent / "x",
+                      cache=None)
