@@ -9,7 +9,12 @@ the same pod the single-node launcher builds (image, volumes, resources, GPUs pe
 security context, credentials), through the operator's ``build_pod_request_obj``.
 
 The Job and the Service are named after the task instance (not the try), so a worker that
-restarts finds its running Job and waits for it instead of starting a second one. They are
+restarts finds its running Job and waits for it instead of starting a second one. On Airflow
+3.3 the Job's identity (name, namespace, uid) also goes into the task state store when it is
+created (as KubernetesPodOperator's ``durable`` does for its pod): the next try reattaches to
+that very Job even where a lookup by name would miss it (the namespace of new runs changed
+meanwhile) or find another (a Job of the same name that is not the one created). Without a
+state store, or with nothing stored, the lookup by name is the fallback. They are
 removed at the end, whatever the ending. The node that failed is named in the task's error,
 with its own cause from ``node-<k>.outcome.json``.
 """
@@ -56,6 +61,8 @@ __all__ = ["LABEL_JOB", "MASTER_PORT", "JobLauncher", "job_name"]
 POLL = 2.0
 #: Seconds a recovered earlier try's Job gets to end on its own before it is removed.
 TIDY_WAIT = 30.0
+#: The task state store key of the Job's identity (``{"name", "namespace", "uid"}``); renaming it strands running Jobs.
+STATE_KEY = "aicenter_job"
 
 
 _RANK_PREFIX = re.compile(r"^\[rank (\d+)\] ")
@@ -231,14 +238,17 @@ class JobLauncher(PodLauncher):
         job, service = self.manifests(context, spec, run)
         batch, core = self.kube.batch_v1_client, self.kube.core_v1_client
         assert self.job is not None and self.namespace is not None
-        existing = self._read_job()
+        state = self._state_store(context)
+        existing = self._stored_job(state) or self._read_job()
         if existing is not None and self._adopt_job(existing):
             self.op.log.info("Reattached to Job %s/%s of an earlier attempt", self.namespace, self.job)
         else:
             if existing is not None:  # a finished Job of an earlier try: it is replaced
                 self._delete()
+            self.job, self.namespace = job.metadata.name, job.metadata.namespace
             self._create(core.create_namespaced_service, service, "create the Service")
-            self._create(batch.create_namespaced_job, job, "create the Job")
+            created = self._create(batch.create_namespaced_job, job, "create the Job")
+            self._store_identity(state, created)
             self.op.log.info(
                 "Created Job %s/%s: %d nodes x %d processes", self.namespace, self.job, self.nodes, spec.procs_per_node
             )
@@ -270,15 +280,63 @@ class JobLauncher(PodLauncher):
             self._delete()
             self.revoke_credentials()
 
-    def _create(self, create: Any, body: Any, what: str) -> None:
+    def _create(self, create: Any, body: Any, what: str) -> Any:
         """Create an object, retrying transient API errors; 409 is one of our tries that got through (or the Service
-        of an earlier attempt), which is what we wanted."""
+        of an earlier attempt), which is what we wanted. Returns the object as created (None after a 409)."""
         assert self.namespace is not None
         try:
-            kube_retry.call(create, self.namespace, body, what=what, log=self.op.log)
+            return kube_retry.call(create, self.namespace, body, what=what, log=self.op.log)
         except ApiException as exc:
             if exc.status != 409:
                 raise
+            return None
+
+    # -- the task state store (Airflow 3.3) ----------------------------------------------------
+    def _state_store(self, context: Context) -> Any:
+        """The task state store of this task instance, or None (Airflow before 3.3, or ``durable=False``)."""
+        if not getattr(self.op, "durable", True):
+            return None
+        return context.get("task_state_store")
+
+    def _store_identity(self, state: Any, created: k8s.V1Job | None) -> None:
+        """Keep the created Job's identity for the next try; a store that fails only costs that (the name lookup stays)."""
+        if state is None:
+            return
+        job = created if created is not None and created.metadata is not None else self._read_job()
+        uid = job.metadata.uid if job is not None and job.metadata is not None else None
+        try:
+            state.set(STATE_KEY, {"name": self.job, "namespace": self.namespace, "uid": uid})
+        except Exception as exc:  # noqa: BLE001 - the Job runs regardless; only the reattach falls back to the name
+            self.op.log.warning("Could not keep Job %s/%s in the task state store (%s); a restarted worker finds it by "
+                                "name instead", self.namespace, self.job, exc)
+
+    def _stored_job(self, state: Any) -> k8s.V1Job | None:
+        """The Job an earlier try stored, if it is still there and still the same object (its uid); then ``job`` and
+        ``namespace`` name it. None: nothing stored, a malformed entry, or that Job is gone or replaced."""
+        if state is None:
+            return None
+        try:
+            stored = state.get(STATE_KEY)
+        except Exception as exc:  # noqa: BLE001 - an unreachable store must not stop the run; the name lookup follows
+            self.op.log.warning("Could not read the task state store (%s); looking for the Job by name", exc)
+            return None
+        if stored is None:
+            return None
+        if not (isinstance(stored, dict) and isinstance(stored.get("name"), str) and isinstance(stored.get("namespace"), str)):
+            self.op.log.warning("The task state store's %s entry is malformed (%r); looking for the Job by name", STATE_KEY,
+                                stored)
+            return None
+        planned = self.job, self.namespace
+        self.job, self.namespace = stored["name"], stored["namespace"]
+        job = self._read_job()
+        uid = stored.get("uid")
+        if job is not None and (uid is None or job.metadata.uid == uid):
+            self.op.log.info("Job %s/%s found through the task state store", self.namespace, self.job)
+            return job
+        why = "is gone" if job is None else f"was replaced by another object of that name (uid {job.metadata.uid}, not {uid})"
+        self.op.log.info("Job %s/%s of the task state store %s; looking for the Job by name", self.namespace, self.job, why)
+        self.job, self.namespace = planned
+        return None
 
     def _defer(self, context: Context) -> None:
         from airflow.providers.cncf.kubernetes.triggers.job import KubernetesJobTrigger

@@ -1173,8 +1173,123 @@ class _Events(dict):
         return accessor
 
 
+class StateStoreComms:
+    """The supervisor's side of Airflow's task state store, for a task run without a supervisor.
+
+    ``context["task_state_store"]`` is Airflow's own ``TaskStateStoreAccessor``; it sends
+    ``GetTaskStateStore`` / ``SetTaskStateStore`` / ``DeleteTaskStateStore`` /
+    ``ClearTaskStateStore`` to ``task_runner.SUPERVISOR_COMMS``, which the supervisor forwards
+    to the execution API and the metadata database. This answers them from a JSON file
+    instead: values are kept per task instance (dag, run, task, map index; every try shares
+    them, as in the database) and the file outlives a worker process killed mid-run, so the
+    next try's worker (another process) reads what the dead one wrote. Other messages
+    (``MaskSecret``) are acknowledged; connections and variables are not found here (the
+    environment variables backend, first in the chain, has them).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _load(self) -> dict[str, Any]:
+        if not self.path.exists():
+            return {"tis": {}, "values": {}}
+        return dict(json.loads(self.path.read_text()))
+
+    def _save(self, data: dict[str, Any]) -> None:
+        temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(data))
+        temporary.replace(self.path)
+
+    def register(self, ti_id: uuid.UUID, scope: Any) -> None:
+        """A task try's id and the task instance it belongs to (the database's task_instance row)."""
+        data = self._load()
+        data["tis"][str(ti_id)] = f"{scope.dag_id}|{scope.run_id}|{scope.task_id}|{scope.map_index}"
+        self._save(data)
+
+    def values(self, ti_id: uuid.UUID | str) -> dict[str, Any]:
+        """What the task instance of try ``ti_id`` has stored (for test assertions)."""
+        data = self._load()
+        return dict(data["values"].get(data["tis"][str(ti_id)], {}))
+
+    def send(self, msg: Any) -> Any:
+        from airflow.sdk.exceptions import ErrorType
+        from airflow.sdk.execution_time import comms
+
+        if isinstance(msg, comms.GetConnection):
+            return comms.ErrorResponse(error=ErrorType.CONNECTION_NOT_FOUND)
+        if isinstance(msg, comms.GetVariable):
+            return comms.ErrorResponse(error=ErrorType.VARIABLE_NOT_FOUND)
+        if not isinstance(msg, (comms.GetTaskStateStore, comms.SetTaskStateStore, comms.DeleteTaskStateStore,
+                                comms.ClearTaskStateStore)):
+            return comms.OKResponse(ok=True)
+        data = self._load()
+        instance = data["tis"][str(msg.ti_id)]
+        stored = data["values"].setdefault(instance, {})
+        if isinstance(msg, comms.GetTaskStateStore):
+            if msg.key not in stored:
+                return comms.ErrorResponse(error=ErrorType.TASK_STORE_NOT_FOUND)
+            return comms.TaskStateStoreResult(value=stored[msg.key])
+        if isinstance(msg, comms.SetTaskStateStore):
+            stored[msg.key] = msg.value
+        elif isinstance(msg, comms.DeleteTaskStateStore):
+            stored.pop(msg.key, None)
+        else:
+            stored.clear()
+        self._save(data)
+        return comms.OKResponse(ok=True)
+
+
+def use_state_store(path: Path) -> StateStoreComms:
+    """Serve the task state store of this process from ``path`` (a worker process's set-up; tests use monkeypatch)."""
+    from airflow.sdk.execution_time import task_runner
+
+    comms = StateStoreComms(path)
+    task_runner.SUPERVISOR_COMMS = comms  # type: ignore[assignment]
+    return comms
+
+
+#: A worker process running one try of a training task (``TrainPipelineOperator(task_id="train", **FAST, **op)``),
+#: its task state store served from a file the next try shares.
+_WORKER = """
+import json, sys
+from pathlib import Path
+from airflow_aicenter.operators import TrainPipelineOperator
+from tests.aicenter_helpers import FAST
+from tests.operators.kube_api import make_context, use_state_store
+
+args = json.loads(sys.argv[1])
+use_state_store(Path(args["store"]))
+op = TrainPipelineOperator(task_id="train", **FAST, **args["op"])
+op.execute(make_context(try_number=args["try"], state_store=Path(args["store"])))
+"""
+
+
+def kill_worker_once_stored(store: Path, key: str, *, try_number: int = 1, timeout: float = 90, **op: Any) -> None:
+    """Run a training try in a worker process, wait until it stored ``key`` in the task state store (what it
+    created), then kill it with SIGKILL: nothing of it runs on (no ``finally``, no ``on_kill``), as when a worker
+    machine dies. Its environment is this process's (the connections the test set)."""
+    worker = subprocess.Popen([sys.executable, "-c", _WORKER, json.dumps({"store": str(store), "try": try_number, "op": op})],
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    try:
+        while worker.poll() is None and time.monotonic() < deadline:
+            if store.exists() and any(key in values for values in json.loads(store.read_text())["values"].values()):
+                break
+            time.sleep(0.1)
+    finally:
+        worker.kill()
+        _, err = worker.communicate(timeout=30)
+    if worker.returncode != -signal.SIGKILL:
+        raise AssertionError(f"the worker ended by itself (exit code {worker.returncode}) before storing {key}: "
+                             f"{err.decode(errors='replace')[-3000:]}")
+    if not any(key in values for values in json.loads(store.read_text())["values"].values()):
+        raise AssertionError(f"the worker stored no {key} within {timeout:.0f} s: {err.decode(errors='replace')[-3000:]}")
+
+
 def make_context(dag_id: str = "aicenter_k8s", task_id: str = "train", *, run_id: str = "manual__2026-03-01T00:00:00+00:00",
-                 try_number: int = 1) -> dict[str, Any]:
+                 try_number: int = 1, state_store: Path | None = None) -> dict[str, Any]:
+    """A task context; with ``state_store``, ``context["task_state_store"]`` is Airflow's accessor served from that file
+    (:class:`StateStoreComms`: install it as ``task_runner.SUPERVISOR_COMMS`` in the process that runs the task)."""
     ti = FakeTI(dag_id=dag_id, run_id=run_id, task_id=task_id, try_number=try_number)
 
     class Dag:
@@ -1182,7 +1297,16 @@ def make_context(dag_id: str = "aicenter_k8s", task_id: str = "train", *, run_id
 
     dag = Dag()
     dag.dag_id = dag_id  # type: ignore[attr-defined]
-    return {"ti": ti, "run_id": run_id, "dag": dag, "outlet_events": _Events(), "task_instance": ti}
+    context = {"ti": ti, "run_id": run_id, "dag": dag, "outlet_events": _Events(), "task_instance": ti}
+    if state_store is not None:
+        from airflow.sdk._shared.state import TaskScope
+        from airflow.sdk.execution_time.context import TaskStateStoreAccessor
+
+        ti_id = uuid.uuid4()
+        scope = TaskScope(dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=ti.map_index)
+        StateStoreComms(state_store).register(ti_id, scope)
+        context["task_state_store"] = TaskStateStoreAccessor(ti_id=ti_id, scope=scope)
+    return context
 
 
 def seed_pod(op: Any, registry: Any, context: dict[str, Any], *, command: list[str] | None = None,

@@ -334,3 +334,44 @@ def test_an_evicted_single_pod_is_a_retryable_failure_naming_its_node(kube_deplo
     assert "the pod was disrupted on node fake-node (PreemptionByScheduler: Preempted in order to admit critical pod)" in str(
         error), str(error)
     assert "resumes from the latest checkpoint" in str(error)
+
+
+# -- reattach through Airflow's task state store --------------------------------------------
+def test_a_killed_worker_s_next_try_reattaches_to_the_job_named_in_the_task_state_store(
+        kube_deployment, kube_api: FakeKubernetes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Try 1's worker is killed (SIGKILL) after creating the Job; meanwhile the connection's namespace changed, so a
+    lookup by name in the namespace of today finds nothing. Try 2 reads the Job's identity (name, namespace, uid)
+    from the task state store and waits for that Job: one Job created in all."""
+    from airflow.sdk.execution_time import task_runner
+
+    from tests.operators.kube_api import StateStoreComms, kill_worker_once_stored
+
+    registry, dataset = kube_deployment
+    registry.upload(write_files(tmp_path / "pkg", {"main.py": MAIN, "train.py": WAITING_TRAIN, "requirements.txt": ""}), "slow")
+    store, release = tmp_path / "task-state.json", tmp_path / "release"
+    op_args: dict[str, Any] = {"package": "slow", "dataset": dataset, "nodes": 2, "install_requirements": False,
+                               "env": {"RELEASE": str(release)}}
+    kill_worker_once_stored(store, "aicenter_job", **op_args)
+    [(namespace, name)] = list(kube_api.jobs)
+    assert namespace == "default", "the Job runs on without its worker"
+    comms = StateStoreComms(store)
+    [ti_id] = json.loads(store.read_text())["tis"]
+    stored = comms.values(ti_id)["aicenter_job"]
+    assert stored == {"name": name, "namespace": "default", "uid": kube_api.jobs[(namespace, name)].obj["metadata"]["uid"]}
+
+    for key, value in kube_api.connection_env("team-b").items():  # new runs go to another namespace now
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(task_runner, "SUPERVISOR_COMMS", comms, raising=False)
+    seen = len(kube_api.requests)
+    thread, out = run_in_thread(TrainPipelineOperator(task_id="train", **FAST, **op_args),
+                                make_context(try_number=2, state_store=store))
+    kube_api.wait_for(lambda: any(m == "GET" and f"/namespaces/default/jobs/{name}" in p for m, p in kube_api.requests[seen:])
+                      or not thread.is_alive(), timeout=60, what="try 2 looking at try 1's Job")
+    release.write_text("go")
+    thread.join(120)
+    assert "error" not in out, out.get("error")
+    assert out["result"]["version"] == "1.1"
+    assert registry.get("slow", "1.1").run.try_number == 1, "try 1's run, waited for by try 2"
+    assert len([m for m in kube_api.created if m.get("kind") == "Job"]) == 1, "try 2 reattached: no second Job"
+    assert not [p for m, p in kube_api.requests if m == "POST" and "/namespaces/team-b/" in p]
+    kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")

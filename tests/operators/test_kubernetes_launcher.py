@@ -127,6 +127,57 @@ def test_deferrable_reentry_repeated_registers_once(kube_deployment, kube_api, t
     assert [r.version for r in registry.versions("rows")] == ["1.0", "1.1"]
 
 
+RELEASED_TRAIN = """
+import os, time
+class Main:
+    def __init__(self):
+        pass
+    def train(self, training_directory):
+        deadline = time.time() + 90
+        while not os.path.exists(os.environ["RELEASE"]) and time.time() < deadline:
+            time.sleep(0.2)
+    def save(self):
+        open("model.txt", "w").write("trained")
+"""
+
+
+def test_a_killed_worker_s_next_try_reattaches_to_the_pod_named_in_the_task_state_store(kube_deployment, kube_api, tmp_path,
+                                                                                         monkeypatch):
+    """KubernetesPodOperator's ``durable`` (Airflow 3.3): try 1's worker is killed after creating the pod; the namespace
+    of new runs changed meanwhile, so the label lookup finds nothing there. Try 2 reattaches to the pod the task state
+    store names (our check that it runs this very task still applies): one pod created in all."""
+    from airflow.sdk.execution_time import task_runner
+
+    from tests.operators.kube_api import StateStoreComms, kill_worker_once_stored
+
+    registry, dataset = kube_deployment
+    upload(registry, tmp_path, "held", train_py=RELEASED_TRAIN)
+    store, release = tmp_path / "task-state.json", tmp_path / "release"
+    op_args: dict[str, Any] = {"package": "held", "dataset": dataset, "env": {"RELEASE": str(release)}}
+    kill_worker_once_stored(store, "pod_identifier", **op_args)
+    [(namespace, name)] = list(kube_api.pods)
+    assert namespace == "default" and posts(kube_api) == 1
+    [ti_id] = json.loads(store.read_text())["tis"]
+    assert StateStoreComms(store).values(ti_id)["pod_identifier"] == {"name": name, "namespace": "default"}
+
+    for key, value in kube_api.connection_env("team-b").items():  # new runs go to another namespace now
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(task_runner, "SUPERVISOR_COMMS", StateStoreComms(store), raising=False)
+    seen = len(kube_api.requests)
+    errors: list[BaseException] = []
+    results: list[Any] = []
+    worker = threading.Thread(target=lambda: _capture(errors, lambda: results.append(
+        train_op(**op_args).execute(make_context(try_number=2, state_store=store)))), daemon=True)
+    worker.start()
+    kube_api.wait_for(lambda: any(m == "GET" and f"/namespaces/default/pods/{name}" in p for m, p in kube_api.requests[seen:])
+                      or not worker.is_alive(), timeout=60, what="try 2 looking at try 1's pod")
+    release.write_text("go")
+    worker.join(120)
+    assert not errors, errors
+    assert results[0]["version"] == "1.1" and results[0]["run_uri"].endswith("/train/1"), "try 1's run, waited for by try 2"
+    assert posts(kube_api) == 1, "try 2 reattached: no second pod"
+
+
 # -- wrong pods, lying pods, pods that never ran ---------------------------------------------
 @pytest.mark.parametrize("kind", ["not ours", "another package"])
 def test_foreign_pod_with_this_tasks_labels_is_refused(kind: str, kube_deployment, kube_api, tmp_path):
