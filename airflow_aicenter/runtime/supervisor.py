@@ -43,6 +43,7 @@ import importlib.util
 import json
 import os
 import resource
+import select
 import shutil
 import signal
 import stat
@@ -75,6 +76,10 @@ TAIL_LINE = 500
 GRACE = 5.0
 #: The largest result file read (a user process writes it: it must not cost the supervisor its memory).
 RESULT_LIMIT = 64 << 20
+#: Seconds between looks at the user processes while they run: without pidfds (polling), and with them
+#: (they wake the wait at once when a process ends; the slice only bounds one wait).
+POLL = 0.05
+WAIT_SLICE = 1.0
 #: Seconds between looks at the user processes' memory and the GPUs (``nvidia-smi``).
 SAMPLE_INTERVAL = 1.0
 NVIDIA_SMI_QUERY = ("--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits")
@@ -151,6 +156,8 @@ class UserProcess:
     pumps: list[threading.Thread] = field(default_factory=list)
     #: Peak resident memory of the process and what it waited for, in bytes, from ``wait4`` once it has ended.
     peak_memory: int = 0
+    #: A pidfd of the process (readable once it has ended), None where the kernel has none.
+    pidfd: int | None = None
 
     def result(self) -> dict[str, Any] | None:
         """The process's result file, when it is a regular file (never through a link user code planted)."""
@@ -175,6 +182,19 @@ class UserProcess:
                 process.returncode = os.waitstatus_to_exitcode(status)
                 self.peak_memory = usage.ru_maxrss * 1024  # kilobytes on Linux
         return process.returncode
+
+
+def open_pidfd(pid: int) -> int | None:
+    """A pidfd of ``pid`` (``pidfd_open``, Linux 5.3), None where there is none: then :meth:`Supervisor.pause` polls."""
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        return None
+    try:
+        fd: int = pidfd_open(pid)
+    except OSError:  # ENOSYS, or EPERM under a seccomp filter
+        return None
+    os.set_inheritable(fd, False)
+    return fd
 
 
 def _vm_hwm(pid: int) -> int:
@@ -320,7 +340,7 @@ class Supervisor:
                              + (" (that user must be able to read and run the interpreter and the package: "
                                 "check the folders' permissions, or AICENTER_CACHE for the environments)"
                                 if self.run_as and isinstance(exc, PermissionError) else "")) from None
-        user = UserProcess(label, process, Path(entry["result"]))
+        user = UserProcess(label, process, Path(entry["result"]), pidfd=open_pidfd(process.pid))
         self.users.append(user)
         prefix = f"[{label}] " if self.prefix else ""
         for pipe, sink in ((process.stdout, self.stdout), (process.stderr, self.stderr)):
@@ -352,13 +372,28 @@ class Supervisor:
                 return first.label, self.cause(first)
             if all(u.poll() is not None for u in users):
                 break
-            time.sleep(0.05)
+            self.pause([u for u in users if u.process.returncode is None])
         self.join()
         for user in users:
             result = user.result()
             if result is None or not result.get("ok"):
                 return user.label, self.cause(user)
         return None, None
+
+    @staticmethod
+    def pause(running: list[UserProcess]) -> None:
+        """Return as soon as one of ``running`` ends (at most :data:`WAIT_SLICE` s), else after :data:`POLL` s.
+
+        Through each process's pidfd, readable once it has ended: the end of the user processes
+        is seen at once (polling every 50 ms added 25 ms on average to every run's user code phase,
+        5% of a 10,000-input batch prediction). Where there are no pidfds (before Linux 5.3, a
+        seccomp filter), it polls.
+        """
+        fds = [u.pidfd for u in running if u.pidfd is not None]
+        if running and len(fds) == len(running):
+            select.select(fds, [], [], WAIT_SLICE)
+        else:
+            time.sleep(POLL)
 
     def cause(self, user: UserProcess) -> str:
         """The one-line cause of ``user``'s failure (its full traceback goes to the log)."""
@@ -413,6 +448,13 @@ class Supervisor:
             for pump in user.pumps:
                 pump.join(timeout=5)
 
+    def close(self) -> None:
+        """Close the processes' pidfds (once they have ended: nothing waits on them any more)."""
+        for user in self.users:
+            if user.pidfd is not None:
+                os.close(user.pidfd)
+                user.pidfd = None
+
 
 class StartError(Exception):
     """A user process could not be started (its interpreter missing or not runnable by ``run_as``)."""
@@ -457,6 +499,7 @@ def supervise(plan: dict[str, Any], *, stdout: TextIO | None = None, stderr: Tex
     finally:
         sup.stop()  # on an exception too: nothing outlives the supervisor's run
         sup.join()
+        sup.close()
         results = [sup.secrets.redact_data(u.result()) for u in sup.users]  # user env secrets masked in them too
         record["results"] = results + [None] * (len(plan["processes"]) - len(results))
         record["resources"] = merge_usage(used, usage.finish([u.peak_memory for u in sup.users]))
