@@ -115,7 +115,21 @@ Log = Callable[[str], None]
 FORMAT = "aicenter-env-2"
 #: Written last into a built environment: a cache folder without it is not a usable one.
 MARKER = "aicenter-env.json"
+#: Records of this format name one tar stream compressed as one zstd stream (the format before issue 25).
 PACKED = "tar.zst"
+#: What is stored now: the environment split into parts, each a whole tar stream compressed as one zstd
+#: frame, the parts concatenated into one blob; the record gives each part's offset, size and sha256, so
+#: the parts are read, verified and unpacked at once, one ``tar`` process each (a warm start from the
+#: store is bound by creating ~13,000 files, which one ``tar`` does on one core). An older runtime
+#: reads the format's name and installs instead (a single-stream reader would stop at the first part).
+PARTED = "tar.zst-parts"
+#: Parts an environment is packed into: more than the cores of a small node, so that they even out.
+PART_COUNT = 4
+#: A record naming more parts is refused (each part is a thread and a ``tar`` process).
+MAX_PARTS = 64
+#: Parts are balanced on bytes plus this much per entry: creating a file costs about as much as
+#: unpacking this many bytes.
+ENTRY_WEIGHT = 32 * 1024
 ZSTD_LEVEL = 3
 #: uv output lines kept for the error message when an install fails.
 TAIL = 12
@@ -124,12 +138,22 @@ USED_EVERY_DAYS = 1
 CHUNK = 2**20
 
 
+class EnvironmentPart(Record):
+    """One part of a :data:`PARTED` blob: bytes ``offset`` to ``offset + size`` hash to ``sha256``."""
+
+    offset: int
+    size: int
+    sha256: str
+
+
 class EnvironmentRecord(Record):
     """``envs/<key>.json``: the packed environment of one key (created once)."""
 
     key: str
     blob: BlobRef
+    #: :data:`PARTED` (with ``parts``) or, in records written before issue 25, :data:`PACKED`.
     format: str = PACKED
+    parts: list[EnvironmentPart] = Field(default_factory=list)
     python: str
     platform: str
     requirements: list[str]
@@ -412,7 +436,7 @@ class _BuildAs:
 def prepare_environment(
     package_root: Path, store: Store, *, cache_dir: Path | None = None, indexes: Sequence[str] = (), log: Log,
     allow_source_builds: bool = False, package: str | None = None, build_user: tuple[int, int] | None = None,
-    demote: Callable[[], None] | None = None, defer_build: bool = False,
+    demote: Callable[[], None] | None = None, defer_build: bool = False, package_code_cannot_write: bool = False,
 ) -> Environment:
     """The environment for the package at ``package_root``: cached locally, from the store, or installed.
 
@@ -434,6 +458,12 @@ def prepare_environment(
     here, next to the store credentials; the returned environment (source "build") carries the
     plan for the pod's ``build`` container in ``build_plan``, and its interpreter is where that
     build will put it.
+
+    ``package_code_cannot_write``: package code runs as another user (the local launcher's
+    ``run_as_user``), which cannot write the environment once it is read-only (it is the agent's),
+    so a fresh install is packed and uploaded while package code runs, not before it starts.
+    Otherwise (package code of the agent's own user could make it writable again) it is packed
+    before this returns, and only the upload of those bytes goes on meanwhile.
 
     Raises RequirementsError when the install fails (a source distribution without
     ``allow_source_builds`` names the requirement and the fix).
@@ -475,10 +505,14 @@ def prepare_environment(
         def install(tmp: Path) -> None:
             _install(tmp, root, envs.parent, indexes, log, package=owner, build_as=build_as)
 
-        # Packed here, before any package code runs; skipped when another run stored it meanwhile.
+        # Packed before any package code runs, unless package code cannot write it (then while it runs);
+        # skipped when another run stored it meanwhile.
         pack = replace or not _stored(store, key)
-        won, packed = _build(final, install, key, requirements, owner, log, byte_compile=True, pack=pack)
+        later = pack and package_code_cannot_write
+        won, packed = _build(final, install, key, requirements, owner, log, byte_compile=True, pack=pack and not later)
         source = "installed"
+        if later and won:
+            storing = _in_background(lambda: _pack_and_store(store, key, final, requirements, owner, log, replace=replace))
         if packed is not None:
             if won:
                 storing = _in_background(lambda: _store(store, key, packed, requirements, owner, log, replace=replace))
@@ -551,12 +585,14 @@ class _Packed:
     path: Path
     sha256: str
     size: int
+    #: Set: the blob is :data:`PARTED`; empty: one stream (:data:`PACKED`).
+    parts: tuple[EnvironmentPart, ...] = ()
 
 
 def _pack_into(env: Path, path: Path) -> _Packed:
-    """Pack ``env`` into ``path`` (a new temporary file); a partial file is deleted when packing fails."""
+    """Pack ``env`` into ``path`` (a new temporary file) in parts; a partial file is deleted when packing fails."""
     try:
-        return _Packed(path, *_pack(env, path))
+        return _pack_parts(env, path)
     except BaseException:
         path.unlink(missing_ok=True)
         raise
@@ -815,16 +851,23 @@ def _restore(store: Store, key: str, package: str | None, final: Path, log: Log)
     if record is None:
         log(f"environment {key[:12]} is in neither the local cache nor the store: installing")
         return "miss"
-    if record.format != PACKED:
+    if record.format not in (PACKED, PARTED):
         log(f"stored environment {key[:12]} is packed as {record.format!r}, which this runtime cannot read: installing")
         return "miss"
-    if (problem := _mismatch(record, key, package)) is not None:
+    if (problem := _mismatch(record, key, package) or _bad_parts(record)) is not None:
         log(f"WARNING: the stored environment record {store.url(env_key(key))} does not match its key ({problem}): "
             "not used; installing it again")
         return "broken"
     began = time.perf_counter()
+
+    def unpack(tmp: Path) -> None:
+        if record.format == PARTED:
+            _fetch_unpack_parts(store, record.blob, record.parts, tmp)
+        else:
+            _fetch_unpack(store, record.blob, tmp)
+
     try:
-        _build(final, lambda tmp: _fetch_unpack(store, record.blob, tmp), key, record.requirements, package, log)
+        _build(final, unpack, key, record.requirements, package, log)
     except (OSError, StorageError) as exc:  # corrupt or gone (gc): rebuild
         log(f"WARNING: the stored environment {key[:12]} cannot be used ({exc}); installing it again")
         return "broken"
@@ -843,8 +886,7 @@ def _store(store: Store, key: str, packed: _Packed, requirements: list[str], pac
     where the credentials only allow creating records (a pod's session policy) that fails with a
     warning naming the fix.
     """
-    with contextlib.suppress(OSError):  # upload at low priority: the user code runs meanwhile
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    _low_priority()
     try:
         if not replace and _stored(store, key):
             return f"environment {key[:12]} was stored by another run meanwhile"
@@ -854,7 +896,8 @@ def _store(store: Store, key: str, packed: _Packed, requirements: list[str], pac
         except StorageError as exc:
             raise StorageError(f"the packed environment was not stored: {exc}") from exc
         record = EnvironmentRecord(key=key, blob=BlobRef(sha256=packed.sha256, size=packed.size), python=python_tag(),
-                                   platform=platform_tag(), requirements=requirements, package=package)
+                                   platform=platform_tag(), requirements=requirements, package=package,
+                                   format=PARTED if packed.parts else PACKED, parts=list(packed.parts))
         try:
             write(store, env_key(key), record, create=not replace)
         except AlreadyExistsError:
@@ -868,6 +911,23 @@ def _store(store: Store, key: str, packed: _Packed, requirements: list[str], pac
                 f"{time.perf_counter() - began:.2f} s")
     finally:
         packed.path.unlink(missing_ok=True)
+
+
+def _pack_and_store(store: Store, key: str, final: Path, requirements: list[str], package: str | None, log: Log, *,
+                    replace: bool) -> str:
+    """Pack the environment in place and store it, while package code runs as a user that cannot write it."""
+    _low_priority()
+    began = time.perf_counter()
+    packed = _pack_into(final, final.parent / f".tmp-{key[:12]}-{uuid.uuid4().hex[:8]}.{PACKED}")
+    log(f"environment {key[:12]}: packed ({packed.size / 2**20:.1f} MiB) in {time.perf_counter() - began:.2f} s while "
+        "package code runs (as another user, which cannot write it)")
+    return _store(store, key, packed, requirements, package, log, replace=replace)
+
+
+def _low_priority() -> None:
+    """This thread (and the threads and processes it starts) at low priority: user code runs meanwhile."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 def _mark_used(store: Store, key: str, final: Path) -> None:
@@ -906,8 +966,14 @@ def _compile(env: Path) -> None:
     (pods run with PYTHONDONTWRITEBYTECODE: without this every pod would compile pandas & co.
     at each import). ``-I -S``: no ``site``, so no ``.pth`` file of the environment runs, and
     the minimal install environment. Best effort: a file that does not compile is left as it is.
+
+    In parallel (``-j 0``: a worker per core). The packages' own test suites (``tests/`` and
+    ``test/`` folders: half the files of numpy, pandas, scikit-learn and matplotlib, which a run
+    does not import) are left out: they cost half the compile time and would be compiled in
+    memory on the rare import.
     """
-    subprocess.run([str(venv_python(env)), "-I", "-S", "-m", "compileall", "-q", "-j", "0", str(env / "lib")],
+    skip = re.escape(str(env / "lib")) + r".*[/\\]tests?[/\\]"
+    subprocess.run([str(venv_python(env)), "-I", "-S", "-m", "compileall", "-q", "-j", "0", "-x", skip, str(env / "lib")],
                    env={"PATH": os.environ.get("PATH", os.defpath)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    check=False)
 
@@ -1005,3 +1071,281 @@ def _untar(dest: Path, packed: Iterable[bytes]) -> None:
     errors = tar.stderr.read().decode(errors="replace")
     if tar.wait() != 0:
         raise StorageError(f"unpacking the stored environment failed: tar: {errors.strip()[:300]}")
+
+
+# -- packing in parts (PARTED) ---------------------------------------------------------------
+def _bad_parts(record: EnvironmentRecord) -> str | None:
+    """Why the parts a :data:`PARTED` record names cannot be its blob; None: they tile it exactly."""
+    if record.format != PARTED:
+        return "it names parts of a blob packed as one stream" if record.parts else None
+    if not 1 <= len(record.parts) <= MAX_PARTS:
+        return f"it names {len(record.parts)} parts, not 1 to {MAX_PARTS}"
+    offset = 0
+    for index, part in enumerate(record.parts):
+        if part.offset != offset or part.size <= 0 or not re.fullmatch(r"[0-9a-f]{64}", part.sha256):
+            return f"its part {index} is not the next bytes of the blob with a sha256"
+        offset += part.size
+    if offset != record.blob.size:
+        return f"its parts add up to {offset} bytes, the blob to {record.blob.size}"
+    return None
+
+
+def _entries(env: Path) -> list[tuple[str, int]]:
+    """Every entry of ``env`` (top-down, sorted, a folder before what it holds) with its weight.
+
+    Relative names as ``tar`` takes them from a list; the folder itself is ``.``. Links are
+    entries of their own, never followed.
+    """
+    found: list[tuple[str, int]] = [(".", ENTRY_WEIGHT)]
+    pending = [""]
+    while pending:
+        rel = pending.pop()
+        folders: list[str] = []
+        with os.scandir(env / rel if rel else env) as scan:
+            items = sorted(scan, key=lambda item: item.name)
+        for item in items:
+            name = f"{rel}/{item.name}" if rel else item.name
+            if not rel and item.name.startswith(".used-"):
+                continue
+            if item.is_dir(follow_symlinks=False):
+                folders.append(name)
+                found.append((name, ENTRY_WEIGHT))
+            else:
+                size = item.stat(follow_symlinks=False).st_size if item.is_file(follow_symlinks=False) else 0
+                found.append((name, ENTRY_WEIGHT + size))
+        pending.extend(reversed(folders))
+    return found
+
+
+def _split(entries: list[tuple[str, int]], count: int) -> list[list[str]]:
+    """``entries`` in ``count`` runs of about equal weight, in order (a folder's files stay together)."""
+    total = sum(weight for _, weight in entries)
+    parts: list[list[str]] = [[]]
+    done = 0
+    for name, weight in entries:
+        if done >= total * len(parts) / count and len(parts) < count:
+            parts.append([])
+        parts[-1].append(name)
+        done += weight
+    return [part for part in parts if part]
+
+
+def _pack_part(env: Path, names: list[str], dest: Path) -> tuple[str, int]:
+    """The entries ``names`` of ``env`` as one tar stream, zstd-compressed into ``dest``: its sha256 and size.
+
+    Modes are stored with the owner's write bit (``--mode=u+w``): parts are unpacked at once
+    into the same folders, so none may be left read-only until all are in; the environment is
+    made read-only again after (:func:`_seal`).
+    """
+    import zstandard
+
+    listing = dest.with_name(dest.name + ".list")
+    listing.write_bytes(b"".join(name.encode("utf-8", "surrogateescape") + b"\0" for name in names))
+    try:
+        with tempfile.TemporaryFile() as errors:
+            tar = subprocess.Popen(["tar", "-C", str(env), "--no-recursion", "--null", "--verbatim-files-from",
+                                    "-T", str(listing), "--mode=u+w", "--ignore-failed-read", "-cf", "-"],
+                                   stdout=subprocess.PIPE, stderr=errors)
+            assert tar.stdout is not None
+            try:
+                with dest.open("wb") as f:
+                    writer = _HashingWriter(f)
+                    zstandard.ZstdCompressor(level=ZSTD_LEVEL).copy_stream(
+                        tar.stdout, cast(IO[bytes], writer), read_size=CHUNK, write_size=CHUNK)
+            finally:
+                tar.stdout.close()
+                code = tar.wait()
+            if code not in (0, 1):  # 1: a file changed while read (bytecode written meanwhile): harmless
+                errors.seek(0)
+                said = errors.read().decode(errors="replace").strip()
+                raise StorageError(f"packing the environment failed: tar: {said[:300]}")
+    finally:
+        listing.unlink(missing_ok=True)
+    return writer.digest.hexdigest(), writer.size
+
+
+def _pack_parts(env: Path, dest: Path, count: int = PART_COUNT) -> _Packed:
+    """Pack ``env`` into ``dest`` as :data:`PARTED`: the parts packed at once, then laid end to end.
+
+    The blob's own digest (its name in the store) is taken while the parts are copied into it;
+    each part's digest is taken while it is compressed.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    runs = _split(_entries(env), count)
+    files = [dest.with_name(f"{dest.name}.{index}") for index in range(len(runs))]
+    try:
+        with ThreadPoolExecutor(len(runs), thread_name_prefix="aicenter-env-pack") as pool:
+            digests = list(pool.map(lambda i: _pack_part(env, runs[i], files[i]), range(len(runs))))
+        parts: list[EnvironmentPart] = []
+        whole = hashlib.sha256()
+        offset = 0
+        with dest.open("wb") as out:
+            for path, (sha256, size) in zip(files, digests, strict=True):
+                with path.open("rb") as f:
+                    while chunk := f.read(CHUNK):
+                        whole.update(chunk)
+                        out.write(chunk)
+                parts.append(EnvironmentPart(offset=offset, size=size, sha256=sha256))
+                offset += size
+                path.unlink()
+    finally:
+        for path in files:
+            path.unlink(missing_ok=True)
+    return _Packed(dest, whole.hexdigest(), offset, tuple(parts))
+
+
+class _RangesIgnored(Exception):
+    """The S3 server answered a ranged GET with the whole object: the parts are read in one stream instead."""
+
+
+def _fetch_unpack_parts(store: Store, blob: BlobRef, parts: Sequence[EnvironmentPart], dest: Path) -> None:
+    """Read, verify and unpack the parts of a :data:`PARTED` blob at once, each into ``dest`` by a ``tar`` of its own.
+
+    A file store's blob is read in place (``pread`` of one open descriptor), an S3 blob as one
+    ranged GET per part (a server that ignores ranges: one stream, the parts in turn). Each part
+    is hashed as it is read and must match its record's digest (the record names each part's,
+    so together they are the whole blob's); ``dest`` is a temporary folder that the caller
+    discards when any part does not match.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from airflow_aicenter.storage.store import LocalStore
+
+    dest.mkdir()
+    key = blob_key(blob.sha256)
+    fd: int | None = None
+    if isinstance(store, LocalStore):
+        try:
+            fd, size = store.open_read(key)
+        except (FileNotFoundError, NotADirectoryError):
+            raise _ReadError(f"{store.url(key)} does not exist") from None
+        if size != blob.size:
+            os.close(fd)
+            raise StorageError(f"{store.url(key)} is corrupt: {size} bytes, its record says {blob.size}")
+    try:
+        def read(part: EnvironmentPart) -> Iterator[bytes]:
+            if fd is not None:
+                return _pread_range(fd, part.offset, part.size)
+            return _get_range(store, key, part.offset, part.size)
+
+        try:
+            with ThreadPoolExecutor(len(parts), thread_name_prefix="aicenter-env-unpack") as pool:
+                for done in [pool.submit(_unpack_part, store.url(key), index, part, read(part), dest)
+                             for index, part in enumerate(parts)]:
+                    done.result()
+        except _RangesIgnored:
+            store.ranged_reads = False
+            _remove(dest)
+            dest.mkdir()
+            whole = _Sequential(store, key, blob.size)
+            for index, part in enumerate(parts):
+                _unpack_part(store.url(key), index, part, whole.take(part.size), dest)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _pread_range(fd: int, offset: int, size: int) -> Iterator[bytes]:
+    end = offset + size
+    while offset < end:
+        data = os.pread(fd, min(CHUNK, end - offset), offset)
+        if not data:
+            return
+        offset += len(data)
+        yield data
+
+
+def _get_range(store: Store, key: str, offset: int, size: int) -> Iterator[bytes]:
+    import obstore
+
+    if not store.ranged_reads:
+        raise _RangesIgnored
+    try:
+        result = obstore.get(store.inner, key, options={"range": (offset, offset + size)})
+    except FileNotFoundError:
+        raise _ReadError(f"{store.url(key)} does not exist") from None
+    except Exception as exc:
+        if "non-partial" in str(exc):  # obstore's words for a 200 answer to a range
+            raise _RangesIgnored from exc
+        raise _ReadError(f"reading {store.url(key)} failed: {str(exc).splitlines()[0][:300]}") from exc
+    if tuple(result.range) != (offset, offset + size):
+        raise _RangesIgnored
+    try:
+        for chunk in result.stream(min_chunk_size=CHUNK):
+            yield bytes(chunk)
+    except Exception as exc:  # obstore's own errors: a failed read
+        raise _ReadError(f"reading {store.url(key)} failed: {str(exc).splitlines()[0][:300]}") from exc
+
+
+class _Sequential:
+    """The whole object as one stream (a server that ignores ranges), handed out part by part."""
+
+    def __init__(self, store: Store, key: str, size: int) -> None:
+        self.chunks = self._read(store, key, size)
+        self.rest = b""
+
+    @staticmethod
+    def _read(store: Store, key: str, size: int) -> Iterator[bytes]:
+        import obstore
+
+        got = 0
+        try:
+            for chunk in obstore.get(store.inner, key).stream(min_chunk_size=CHUNK):
+                got += len(chunk)
+                if got > size:
+                    raise _ReadError(f"{store.url(key)} does not match its record: it is larger than the {size} bytes "
+                                     "the record says")
+                yield bytes(chunk)
+        except FileNotFoundError:
+            raise _ReadError(f"{store.url(key)} does not exist") from None
+        except _ReadError:
+            raise
+        except Exception as exc:  # obstore's own errors: a failed or missing object
+            raise _ReadError(f"reading {store.url(key)} failed: {str(exc).splitlines()[0][:300]}") from exc
+
+    def take(self, size: int) -> Iterator[bytes]:
+        """The next ``size`` bytes (fewer where the object ends first)."""
+        while size > 0:
+            data = self.rest or next(self.chunks, b"")
+            if not data:
+                return
+            chunk, self.rest = data[:size], data[size:]
+            size -= len(chunk)
+            yield chunk
+
+
+def _unpack_part(url: str, index: int, part: EnvironmentPart, data: Iterator[bytes], dest: Path) -> None:
+    """Hash, decompress and unpack one part into ``dest`` (its own ``tar`` process); StorageError when it is damaged."""
+    import zstandard
+
+    digest = hashlib.sha256()
+    size = 0
+    with tempfile.TemporaryFile() as errors:
+        tar = subprocess.Popen(["tar", "-C", str(dest), "-xf", "-"], stdin=subprocess.PIPE, stderr=errors)
+        assert tar.stdin is not None
+        broken: str | None = None
+        try:
+            with zstandard.ZstdDecompressor().stream_writer(tar.stdin, closefd=False) as writer:
+                for chunk in data:
+                    size += len(chunk)
+                    if size > part.size:
+                        raise StorageError(f"{url} is corrupt: its part {index} is longer than its record says "
+                                           f"({part.size} bytes)")
+                    digest.update(chunk)
+                    writer.write(chunk)
+        except (zstandard.ZstdError, BrokenPipeError) as exc:
+            broken = f"part {index} is not a zstd tar stream ({exc})"
+        finally:
+            with contextlib.suppress(BrokenPipeError):
+                tar.stdin.close()
+            code = tar.wait()
+        errors.seek(0)
+        said = errors.read().decode(errors="replace").strip()
+    if size != part.size:
+        raise StorageError(f"{url} is corrupt: its part {index} has {size} bytes, the record says {part.size}")
+    if digest.hexdigest() != part.sha256:
+        raise StorageError(f"{url} is corrupt: its part {index} hashes to sha256:{digest.hexdigest()}, "
+                           f"expected sha256:{part.sha256}")
+    if broken is not None or code != 0:
+        raise StorageError(f"{url} is corrupt: {broken or f'unpacking part {index} failed: tar: {said[:300]}'}")

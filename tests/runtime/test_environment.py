@@ -293,3 +293,136 @@ def test_a_deployments_uv_cache_is_used_and_the_used_stamp_lies_beside_the_envir
     folder = env.python.parent.parent
     assert not list(folder.glob(".used-*")), "the environment is read-only: nothing is written into it"
     assert list(folder.parent.glob(f".{env.key}.used-*"))
+
+
+# -- issue 25: packed in parts, unpacked at once; compiled in parallel, tests left out ------------
+def many_modules_package(tmp_path: Path, name: str = "pkg") -> Path:
+    """A wheel of 60 modules in 6 folders (and a test suite), so that an environment has something to split."""
+    extra = {f"sub{i % 6}/mod{i}.py": f"X = {i}\n" + "# padding\n" * (50 * i) for i in range(60)}
+    extra.update({f"sub{i}/__init__.py": "" for i in range(6)})
+    extra.update({"tests/__init__.py": "", "tests/test_tiny.py": "def test_it():\n    assert True\n"})
+    return local_wheel_package(tmp_path, name, extra=extra)
+
+
+def tree(folder: Path) -> dict[str, tuple[str, int]]:
+    """Every entry of ``folder``: its kind and content digest (links: their target), and its mode."""
+    out: dict[str, tuple[str, int]] = {}
+    for path in [folder, *folder.rglob("*")]:
+        info = path.lstat()
+        rel = str(path.relative_to(folder))
+        if path.is_symlink():
+            out[rel] = (f"-> {path.readlink()}", 0)
+        elif path.is_dir():
+            out[rel] = ("dir", info.st_mode & 0o7777)
+        else:
+            out[rel] = (hashlib.sha256(path.read_bytes()).hexdigest(), info.st_mode & 0o7777)
+    return out
+
+
+@pytest.mark.parametrize("ranges", [True, False], ids=["ranged", "one-stream"])
+def test_a_stored_environment_is_packed_in_parts_that_are_unpacked_at_once(
+        store: Store, tmp_path: Path, closed_index: str, ranges: bool) -> None:
+    from airflow_aicenter.runtime.environment import PARTED
+
+    root = many_modules_package(tmp_path)
+    first = prepare(root, store, tmp_path / "c1")
+    record = read(store, env_key(first.key), EnvironmentRecord)
+    assert record.format == PARTED and len(record.parts) >= 2, record
+    blob = store.get_bytes(blob_key(record.blob.sha256))
+    assert hashlib.sha256(blob).hexdigest() == record.blob.sha256 and len(blob) == record.blob.size
+    offset = 0
+    for part in record.parts:  # the parts tile the blob, each with its own digest
+        assert part.offset == offset and hashlib.sha256(blob[offset:offset + part.size]).hexdigest() == part.sha256
+        offset += part.size
+    assert offset == len(blob)
+
+    store.ranged_reads = ranges  # False: as for a server that answers a ranged GET with the whole object
+    said: list[str] = []
+    restored = prepare(root, store, tmp_path / "c2", said)
+    assert restored.source == "store", said
+    assert imports_tiny(restored).startswith("42 ")
+    installed, unpacked = first.python.parent.parent, restored.python.parent.parent
+    assert tree(unpacked) == tree(installed), "the restored environment is the installed one, modes and links included"
+    writable = [p for p in [unpacked, *unpacked.rglob("*")] if not p.is_symlink() and p.stat().st_mode & 0o222]
+    assert writable == []
+
+
+def test_a_damaged_part_is_found_and_the_environment_rebuilt(store: Store, tmp_path: Path, closed_index: str) -> None:
+    root = many_modules_package(tmp_path)
+    first = prepare(root, store, tmp_path / "c1")
+    record = read(store, env_key(first.key), EnvironmentRecord)
+    blob = bytearray(store.get_bytes(blob_key(record.blob.sha256)))
+    last = record.parts[-1]
+    blob[last.offset + last.size // 2] ^= 0xFF  # one flipped byte, same size, at rest
+    store.put_bytes(blob_key(record.blob.sha256), bytes(blob))
+
+    said: list[str] = []
+    rebuilt = prepare(root, store, tmp_path / "c2", said)
+    assert rebuilt.source == "installed" and imports_tiny(rebuilt).startswith("42 ")
+    assert any(f"is corrupt: its part {len(record.parts) - 1} hashes to sha256:" in line for line in said), said
+    assert not [p.name for p in (tmp_path / "c2" / "envs").iterdir() if p.name.startswith(".tmp")], "nothing half-made"
+    assert read(store, env_key(first.key), EnvironmentRecord).blob.sha256 != record.blob.sha256, "replaced"
+
+
+@pytest.mark.parametrize("lie", ["gap", "short", "too-many"])
+def test_a_record_whose_parts_do_not_tile_its_blob_is_not_used(store: Store, tmp_path: Path, closed_index: str,
+                                                                lie: str) -> None:
+    from airflow_aicenter.records import write
+    from airflow_aicenter.runtime.environment import MAX_PARTS, EnvironmentPart
+
+    root = many_modules_package(tmp_path)
+    first = prepare(root, store, tmp_path / "c1")
+    record = read(store, env_key(first.key), EnvironmentRecord)
+    parts = list(record.parts)
+    if lie == "gap":
+        parts[1] = parts[1].model_copy(update={"offset": parts[1].offset + 1})
+    elif lie == "short":
+        parts = parts[:-1]
+    else:
+        parts = [EnvironmentPart(offset=i, size=1, sha256="0" * 64) for i in range(MAX_PARTS + 1)]
+    write(store, env_key(first.key), record.model_copy(update={"parts": parts}))
+
+    said: list[str] = []
+    rebuilt = prepare(root, store, tmp_path / "c2", said)
+    assert rebuilt.source == "installed", said
+    assert any("does not match its key (its part" in line or "does not match its key (it names" in line
+               for line in said), said
+
+
+def test_an_environment_stored_as_one_stream_is_still_restored(store: Store, tmp_path: Path, closed_index: str) -> None:
+    """Records written before environments were packed in parts (format tar.zst) keep working."""
+    from airflow_aicenter.records import BlobRef, write
+    from airflow_aicenter.runtime.environment import PACKED, _pack
+    from airflow_aicenter.storage.transfer import put_blob
+
+    root = local_wheel_package(tmp_path)
+    first = prepare(root, store, tmp_path / "c1")
+    record = read(store, env_key(first.key), EnvironmentRecord)
+    sha256, size = _pack(first.python.parent.parent, tmp_path / "old.tar.zst")
+    put_blob(store, tmp_path / "old.tar.zst", sha256)
+    write(store, env_key(first.key), record.model_copy(update={"format": PACKED, "parts": [],
+                                                               "blob": BlobRef(sha256=sha256, size=size)}))
+    restored = prepare(root, store, tmp_path / "c2")
+    assert restored.source == "store" and imports_tiny(restored).startswith("42 ")
+
+
+def test_bytecode_is_compiled_before_use_except_the_packages_own_tests(store: Store, tmp_path: Path,
+                                                                        closed_index: str) -> None:
+    env = prepare(many_modules_package(tmp_path), store, tmp_path / "cache")
+    site = next((env.python.parent.parent / "lib").glob("python*/site-packages/aicenter_tiny"))
+    assert list((site / "sub3" / "__pycache__").glob("mod3.*.pyc")), "modules are compiled before package code runs"
+    assert not (site / "tests" / "__pycache__").exists(), "a package's test suite is not compiled"
+
+
+def test_with_package_code_as_another_user_the_environment_is_packed_while_it_runs(
+        store: Store, tmp_path: Path, closed_index: str) -> None:
+    said: list[str] = []
+    env = prepare_environment(many_modules_package(tmp_path), store, cache_dir=tmp_path / "cache", log=said.append,
+                              package_code_cannot_write=True)
+    ready = next(i for i, line in enumerate(said) if "ready (installed)" in line)
+    assert not any("packed" in line for line in said[:ready]), "nothing packed before the environment is handed over"
+    assert env.storing is not None
+    env.finish(said.append)
+    packed = next(i for i, line in enumerate(said) if "packed" in line)
+    assert packed > ready and "while package code runs (as another user" in said[packed], said
+    assert prepare(tmp_path / "pkg", store, tmp_path / "fresh").source == "store"
