@@ -1,11 +1,12 @@
 """Figure 7: batch prediction throughput (inputs per second) against a bare loop over the same Main.predict.
 
-    .venv/bin/python benchmarks/bench_predict.py [--inputs 10000] [--repeat 5] [--no-operator]
+    .venv/bin/python benchmarks/bench_predict.py [--inputs 10000,100000] [--repeat 5] [--no-operator]
 
 Method: one package whose ``main.py`` scores a small model in pure Python (32 features ->
-32 tanh units -> logistic; weights read once from the package's ``model.json``; about 100 us
-a predict here, printed), one ``inputs.jsonl`` of --inputs JSON lines in a file store. Measured
-in the same run, interleaved, --repeat times (best and median printed):
+32 tanh units -> logistic; weights read once from the package's ``model.json``; about 50-100 us
+a predict, printed), one ``inputs.jsonl`` per size (--inputs: 10,000 and 100,000 JSON lines by
+default, so the fixed costs are seen in proportion) in a file store. Measured in the same run,
+interleaved, --repeat times (best and median printed):
 
 - bare loop: a fresh ``python`` that imports ``main.py``, creates ``Main()`` once, and for each
   line calls ``predict`` and writes ``json.dumps`` of the output; only the loop is timed (no
@@ -19,13 +20,16 @@ in the same run, interleaved, --repeat times (best and median printed):
   own predict loop (``predict_seconds``, logged as "inputs/s once loaded").
 - operator: ``PredictPipelineOperator.execute`` in this process with a hand-made context (no
   scheduler; local launcher, file store): resolve, check, launch the runtime, read its records.
-- interpreter + runtime imports: ``python -c "import airflow_aicenter.runtime.agent"``, the fixed
-  start-up cost of every run.
+- fixed costs, each round: ``python -c pass`` (an interpreter's start, which every user process
+  pays and the bare loop does not time), ``python user.py`` on one input (a user process's
+  whole fixed cost: interpreter, ``user.py``, ``main.py``, ``Main()``, its result), and
+  ``python -c "import airflow_aicenter.runtime.agent"`` (the runtime's own start).
 
 The runtime and the bare loops get the local launcher's environment (``launchers.local.PASS_ENV``).
 On a 2-core machine shared with other work, single runs vary a lot: read best-of and ratios.
 
-Targets (issue 15): >= 0.9x the bare loop's inputs/s with 1 process, >= 1.6x with 2.
+Targets: issue 15, >= 0.9x the bare loop's inputs/s with 1 process, >= 1.6x with 2; issue 25,
+the prediction phase with 1 process >= 0.95x the bare loop.
 """
 
 from __future__ import annotations
@@ -87,6 +91,8 @@ BARE = textwrap.dedent('''
     print(time.perf_counter() - began, time.process_time() - cpu)
 ''')
 TARGETS = {1: 0.9, 2: 1.6}
+#: Issue 25: the prediction phase (1 process) within 5% of the bare loop.
+PHASE_TARGET = 0.95
 RATE = re.compile(r"predicted (\d+) inputs, (\d+) failed, over (\d+) processes, (\d+) inputs/s once loaded")
 
 
@@ -197,82 +203,88 @@ def operator_run(package: str, dataset: str, procs: int, run_id: str, log: Path)
     return took
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--inputs", type=int, default=10_000)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--no-operator", action="store_true", help="skip PredictPipelineOperator (imports Airflow)")
-    args = parser.parse_args()
-    sys.path.insert(0, str(REPO))
-    from airflow_aicenter.records import RunSpec
-    from airflow_aicenter.registry import Registry
-    from airflow_aicenter.storage import open_store
-    from airflow_aicenter.storage.transfer import run, upload_tree
+def interpreter_start() -> float:
+    """Wall seconds of ``python -c pass`` in the launcher's environment: the start every user process pays."""
+    began = time.perf_counter()
+    subprocess.run([str(PYTHON), "-c", "pass"], env=launcher_env(), check=True, timeout=120)
+    return time.perf_counter() - began
 
-    work = work_dir("predict")
-    try:
-        pkg = make_package(work / "pkg")
-        inputs = make_inputs(work / "inbox" / "inputs.jsonl", args.inputs)
-        lines = inputs.read_text().splitlines(keepends=True)
-        halves = [work / "half-0.jsonl", work / "half-1.jsonl"]
-        halves[0].write_text("".join(lines[: len(lines) // 2]))
-        halves[1].write_text("".join(lines[len(lines) // 2:]))
-        store = open_store((work / "store").as_uri())
-        base = Registry(store).upload(pkg, "scorer")
-        run(upload_tree(inputs.parent, store, "datasets/inbox"))
-        dataset = store.url("datasets/inbox")
-        os.environ["AIRFLOW_CONN_AICENTER_DEFAULT"] = json.dumps({"conn_type": "aicenter", "extra": {"storage": store.uri}})
-        os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
-        print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f} (2 shared cores: other work runs beside "
-              f"this, so read the ratios, not the seconds); {args.inputs:,} JSON inputs", flush=True)
 
-        times: dict[str, list[float]] = {}
-        phases: dict[str, list[dict[str, float]]] = {}
-        loads: list[float] = []
-        bare_cpu: list[float] = []
-        imports_cpu: list[float] = []
+def user_process(pkg: Path, inputs: Path, work: Path) -> float:
+    """Wall seconds of ``python user.py`` on one input: a user process's whole fixed cost (start, ``Main()``, result)."""
+    from airflow_aicenter.runtime import user
 
-        def note(name: str, seconds: float) -> None:
-            times.setdefault(name, []).append(seconds)
-            print(f"  {name}: {seconds:.3f} s ({args.inputs / seconds:,.0f} inputs/s)", flush=True)
+    instructions = work / "one-input.json"
+    instructions.write_text(json.dumps({
+        "root": str(pkg), "module": "main", "result": str(work / "one-input.result.json"), "parent": None, "steps": [],
+        "predict": {"input_type": "json", "data": str(inputs.parent), "out": str(work / "one-input"),
+                    "inputs": [[inputs.name, 0, 1]]}, "writable": None, "lib": None}))
+    began = time.perf_counter()
+    subprocess.run([str(PYTHON), user.__file__, str(instructions)], env=launcher_env(), check=True, timeout=120)
+    return time.perf_counter() - began
 
-        for attempt in range(args.repeat):
-            loads.append(os.getloadavg()[0])
-            print(f"round {attempt + 1} (load average {loads[-1]:.1f})", flush=True)
-            wall, cpu = bare_loop(pkg, inputs, work / "bare.jsonl")
-            note("bare loop", wall)
-            bare_cpu.append(cpu)
-            note("bare loop x2 (2 halves at once)", bare_pair(pkg, halves, work))
+
+class Size:
+    """The inputs of one size and every measure taken on them, round after round."""
+
+    def __init__(self, count: int, work: Path, store: Any) -> None:
+        from airflow_aicenter.storage.transfer import run, upload_tree
+
+        self.count = count
+        self.work = work / f"n{count}"
+        self.inputs = make_inputs(self.work / "inbox" / "inputs.jsonl", count)
+        lines = self.inputs.read_bytes().splitlines(keepends=True)
+        self.halves = [self.work / "half-0.jsonl", self.work / "half-1.jsonl"]
+        self.halves[0].write_bytes(b"".join(lines[: len(lines) // 2]))
+        self.halves[1].write_bytes(b"".join(lines[len(lines) // 2:]))
+        run(upload_tree(self.inputs.parent, store, f"datasets/inbox-{count}"))
+        self.dataset = store.url(f"datasets/inbox-{count}")
+        self.times: dict[str, list[float]] = {}
+        self.phases: dict[str, list[dict[str, float]]] = {}
+        self.bare_cpu: list[float] = []
+
+    def note(self, name: str, seconds: float) -> None:
+        self.times.setdefault(name, []).append(seconds)
+        print(f"  {self.count:,} inputs, {name}: {seconds:.3f} s ({self.count / seconds:,.0f} inputs/s)", flush=True)
+
+    def round(self, attempt: int, pkg: Path, store: Any, base: Any, operator: bool) -> None:
+        from airflow_aicenter.records import RunSpec
+
+        wall, cpu = bare_loop(pkg, self.inputs, self.work / "bare.jsonl")
+        self.note("bare loop", wall)
+        self.bare_cpu.append(cpu)
+        self.note("bare loop x2 (2 halves at once)", bare_pair(pkg, self.halves, self.work))
+        for procs in (1, 2):
+            spec = RunSpec(pipeline="predict", storage=store.uri, run_prefix=f"runs/bench/n{self.count}/r{attempt}/p{procs}/1",
+                           package="scorer", version=base.version, blob=base.blob, dataset=self.dataset,
+                           procs_per_node=procs)
+            got = runtime(spec, self.work, store)
+            self.phases.setdefault(f"runtime {procs}", []).append(got)
+            self.note(f"runtime {procs} proc: whole", got["wall"])
+            self.note(f"runtime {procs} proc: prediction phase", got["phase"])
+            self.note(f"runtime {procs} proc: predict loop", got["loop"])
+        if operator:
             for procs in (1, 2):
-                spec = RunSpec(pipeline="predict", storage=store.uri, run_prefix=f"runs/bench/r{attempt}/p{procs}/1",
-                               package="scorer", version=base.version, blob=base.blob, dataset=dataset, procs_per_node=procs)
-                got = runtime(spec, work, store)
-                phases.setdefault(f"runtime {procs}", []).append(got)
-                note(f"runtime {procs} proc: whole", got["wall"])
-                note(f"runtime {procs} proc: prediction phase", got["phase"])
-                note(f"runtime {procs} proc: predict loop", got["loop"])
-            wall, cpu = startup()
-            times.setdefault("interpreter + runtime imports", []).append(wall)
-            imports_cpu.append(cpu)
-            if not args.no_operator:
-                for procs in (1, 2):
-                    took = operator_run("scorer", dataset, procs, f"manual__r{attempt}", work / "operator.log")
-                    note(f"operator {procs} proc", took)
+                self.note(f"operator {procs} proc", operator_run("scorer", self.dataset, procs,
+                                                                 f"manual__n{self.count}_r{attempt}", self.work / "operator.log"))
 
+    def report(self, repeat: int) -> list[dict[str, Any]]:
+        """Print this size's table and notes; return its checks for the raw results."""
+        n, times = self.count, self.times
         bare = min(times["bare loop"])
-        print(f"\nbare loop: {bare / args.inputs * 1e6:.0f} us per input (best of {args.repeat})\n")
+        print(f"\n{n:,} inputs: bare loop {bare / n * 1e6:.0f} us per input (best of {repeat})\n")
         rows, checks = [], []
         for name, values in times.items():
-            if name == "interpreter + runtime imports":
-                continue
             best = min(values)
             ratio = bare / best
             # Each round's own bare loop over its measure: load drifts less within a round than across rounds.
             paired = median([b / v for b, v in zip(times["bare loop"], values, strict=True)])
             procs = 2 if " 2 proc" in name or "x2" in name else 1
             target = None if name.startswith("bare loop") else TARGETS[procs]
+            if name == "runtime 1 proc: prediction phase":
+                target = PHASE_TARGET
             rows.append([name, ", ".join(f"{v:.2f}" for v in values), f"{best:.2f}", f"{median(values):.2f}",
-                         f"{args.inputs / best:,.0f}", "-" if name == "bare loop" else f"{ratio:.2f}x",
+                         f"{n / best:,.0f}", "-" if name == "bare loop" else f"{ratio:.2f}x",
                          "-" if name == "bare loop" else f"{paired:.2f}x",
                          "-" if target is None else f">= {target}x: {verdict(ratio >= target)} / {verdict(paired >= target)}"])
             if name.startswith("bare loop x2"):
@@ -282,24 +294,75 @@ def main() -> None:
         print(table(rows, ["measure", "runs (s)", "best s", "median s", "inputs/s (best)", "vs bare (best/best)",
                            "vs bare (median of rounds)", "target (best / rounds)"]))
         for procs in (1, 2):
-            runs = phases[f"runtime {procs}"]
+            runs = self.phases[f"runtime {procs}"]
             fixed = [r["wall"] - r["phase"] for r in runs]
             start = [r["phase"] - r["loop"] for r in runs]
             print(f"runtime {procs} proc: outside the prediction phase (interpreter, imports, staging, uploads, records) "
                   f"{min(fixed):.2f} s; in it but outside the predict loop (user processes, Main(), joining parts) "
-                  f"{min(start):.2f} s; phases of the best run: "
+                  f"{min(start):.3f} s best, {median(start):.3f} s median; phases of the best run: "
                   + ", ".join(f"{k[6:]} {v:.2f}" for k, v in min(runs, key=lambda r: r["wall"]).items()
                               if k.startswith("phase:")))
-        print(f"CPU seconds (load-independent), best: bare loop {min(bare_cpu):.2f} (loop only); runtime whole child "
-              f"tree, user processes included: 1 proc {min(r['cpu'] for r in phases['runtime 1']):.2f}, "
-              f"2 procs {min(r['cpu'] for r in phases['runtime 2']):.2f}")
-        imports = times["interpreter + runtime imports"]
-        print(f"interpreter + runtime imports (python -c 'import airflow_aicenter.runtime.agent'): "
-              f"{min(imports):.2f} s best, {median(imports):.2f} s median; {min(imports_cpu):.2f} CPU s best")
-        path = save_json("predict", {"machine": machine(), "inputs": args.inputs, "repeat": args.repeat, "load_average": loads,
-                                     "us_per_input_bare": bare / args.inputs * 1e6, "bare_cpu": bare_cpu,
-                                     "imports_cpu": imports_cpu, "times": times, "runtime": phases,
-                                     "results": checks})
+        print(f"CPU seconds (load-independent), best: bare loop {min(self.bare_cpu):.2f} (loop only); runtime whole child "
+              f"tree, user processes included: 1 proc {min(r['cpu'] for r in self.phases['runtime 1']):.2f}, "
+              f"2 procs {min(r['cpu'] for r in self.phases['runtime 2']):.2f}")
+        return checks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--inputs", type=lambda text: [int(v) for v in text.split(",")], default=[10_000, 100_000],
+                        help="input counts, comma-separated (default 10000,100000)")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--no-operator", action="store_true", help="skip PredictPipelineOperator (imports Airflow)")
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    from airflow_aicenter.registry import Registry
+    from airflow_aicenter.storage import open_store
+
+    work = work_dir("predict")
+    try:
+        pkg = make_package(work / "pkg")
+        store = open_store((work / "store").as_uri())
+        base = Registry(store).upload(pkg, "scorer")
+        sizes = [Size(count, work, store) for count in args.inputs]
+        os.environ["AIRFLOW_CONN_AICENTER_DEFAULT"] = json.dumps({"conn_type": "aicenter", "extra": {"storage": store.uri}})
+        os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+        print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f} (2 shared cores: other work runs beside "
+              f"this, so read the ratios, not the seconds); {', '.join(f'{n:,}' for n in args.inputs)} JSON inputs", flush=True)
+
+        fixed: dict[str, list[float]] = {}
+        loads: list[float] = []
+        imports_cpu: list[float] = []
+
+        def note_fixed(name: str, seconds: float) -> None:
+            fixed.setdefault(name, []).append(seconds)
+            print(f"  {name}: {seconds * 1000:.1f} ms", flush=True)
+
+        for attempt in range(args.repeat):
+            loads.append(os.getloadavg()[0])
+            print(f"round {attempt + 1} (load average {loads[-1]:.1f})", flush=True)
+            for size in sizes:
+                size.round(attempt, pkg, store, base, not args.no_operator)
+            note_fixed("python -c pass", interpreter_start())
+            note_fixed("python user.py, one input", user_process(pkg, sizes[0].inputs, work))
+            wall, cpu = startup()
+            note_fixed("interpreter + runtime imports", wall)
+            imports_cpu.append(cpu)
+
+        checks = {size.count: size.report(args.repeat) for size in sizes}
+        print("\nfixed costs, same run (best / median of rounds): " + "; ".join(
+            f"{name} {min(v) * 1000:.0f} / {median(v) * 1000:.0f} ms" for name, v in fixed.items())
+            + f"; runtime imports {min(imports_cpu):.2f} CPU s best")
+        print("\nprediction phase, 1 process, vs the bare loop (best/best, median of rounds), target >= "
+              f"{PHASE_TARGET}x: " + "; ".join(
+                  f"{size.count:,} inputs {c['ratio_vs_bare']:.3f}x, {c['paired_ratio']:.3f}x"
+                  for size in sizes for c in checks[size.count] if c["name"] == "runtime 1 proc: prediction phase"))
+        path = save_json("predict", {
+            "machine": machine(), "inputs": args.inputs, "repeat": args.repeat, "load_average": loads,
+            "fixed": fixed, "imports_cpu": imports_cpu,
+            "sizes": {str(size.count): {"us_per_input_bare": min(size.times["bare loop"]) / size.count * 1e6,
+                                        "bare_cpu": size.bare_cpu, "times": size.times, "runtime": size.phases,
+                                        "results": checks[size.count]} for size in sizes}})
         print(f"raw results: {path}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
