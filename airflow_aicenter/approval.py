@@ -21,7 +21,8 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+from urllib.parse import quote
 
 from airflow_aicenter.errors import AICenterError, ConfigurationError
 from airflow_aicenter.layout import OUTCOME
@@ -41,7 +42,7 @@ from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import Store
 
 if TYPE_CHECKING:
-    from airflow_aicenter.completion import Completion, RunRequest
+    from airflow_aicenter.completion import Completion, Log, RunRequest
 
 APPROVE, REJECT = "Approve", "Reject"
 #: The request's options, as the provider's ``ApprovalOperator`` names them; a timeout takes the default.
@@ -359,17 +360,35 @@ def open_request(
     return kept, request_body(registry, asked, alias, current, current_url)
 
 
+class TaskInstance(Protocol):
+    """What names a task instance's page: Airflow's task instance (``context["ti"]``) has these."""
+
+    @property
+    def dag_id(self) -> str: ...
+    @property
+    def run_id(self) -> str: ...
+    @property
+    def task_id(self) -> str: ...
+
+
+def required_actions_url(base_url: str, ti: TaskInstance) -> str:
+    """The task instance's Required Actions page (where the person answers), under the UI's ``base_url``."""
+    return (f"{base_url}/dags/{quote(ti.dag_id, safe='')}/runs/{quote(ti.run_id, safe='')}/tasks/"
+            f"{quote(ti.task_id, safe='')}/required_actions")
+
+
 def ask(
     *,
     ti_id: Any,
-    subject: str,
+    pending: ApprovalRecord,
     body: str,
     timeout: timedelta,
     method_name: str,
     kwargs: dict[str, Any],
     defer: Callable[..., Any],
+    log: Log,
 ) -> NoReturn:
-    """Create the human-in-the-loop request and wait, as the standard provider's ``HITLOperator.execute`` does.
+    """Create the human-in-the-loop request for ``pending`` and wait, as the standard provider's ``HITLOperator.execute``.
 
     Its own functions write the request (``upsert_hitl_detail``); on Airflow 3.3+ the task
     waits in ``awaiting_input`` (no worker slot, no trigger), before that it defers to the
@@ -377,6 +396,8 @@ def ask(
     ``event`` and ``kwargs``. Options Approve/Reject, a comment field, Reject on timeout.
     """
     hitl_support()
+    log.info("Asking for approval of %s %s for %r (Browse -> Required Actions: %s), waiting up to %s",
+             pending.package, pending.version, pending.alias, pending.request_url, timeout)
     from airflow.providers.standard.version_compat import AIRFLOW_V_3_1_3_PLUS, AIRFLOW_V_3_3_PLUS
     from airflow.sdk import Param
     from airflow.sdk.definitions.param import ParamsDict
@@ -387,8 +408,8 @@ def ask(
     params = ParamsDict({COMMENT: Param(None, type=["null", "string"], title="Comment",
                                         description="Why (optional): kept with the decision and in the alias history")})
     serialized = {k: params.get_param(k).serialize() for k in params} if AIRFLOW_V_3_1_3_PLUS else params.dump()
-    upsert_hitl_detail(ti_id=ti_id, options=OPTIONS, subject=subject, body=body, defaults=DEFAULTS, multiple=False,
-                       params=serialized)
+    upsert_hitl_detail(ti_id=ti_id, options=OPTIONS, subject=subject(pending.package, pending.version, pending.alias),
+                       body=body, defaults=DEFAULTS, multiple=False, params=serialized)
     if AIRFLOW_V_3_3_PLUS:
         from airflow.sdk.exceptions import TaskAwaitingInput
 
@@ -422,3 +443,18 @@ def note_in_results(store: Store, results_uri: str, record: ApprovalRecord, prom
         return
     results.aicenter.update(approval=as_value(record), promoted=promotion.promoted, promotion=promotion.as_dict())
     write(store, key, results)
+
+
+def settle(
+    registry: Registry, value: Mapping[str, Any], alias: str, event: Mapping[str, Any], timeout: timedelta | None, log: Log
+) -> dict[str, Any]:
+    """The task's resumption: the person's answer (or the timeout) for the run's ``value`` (its XCom value).
+
+    The decision is kept and applied (:func:`decide`), noted in ``_results.json``; the returned
+    value is ``value`` with what was decided (``promoted``, ``promotion``, ``approval``).
+    """
+    kept, promotion = decide(registry, value["package"], value["version"], alias, event, timeout)
+    note_in_results(registry.store, value["results_uri"], kept, promotion)
+    comment = f" ({kept.comment})" if kept.comment else ""
+    log.info("%s %s for %r: %s%s", kept.package, kept.version, kept.alias, kept.reason, comment)
+    return {**value, "promoted": promotion.promoted, "promotion": promotion.as_dict(), "approval": as_value(kept)}

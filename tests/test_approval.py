@@ -328,3 +328,49 @@ def test_open_request_for_a_full_run_masks_secrets_and_skips_an_alias_already_th
 
     asking = open_request(registry, replace(request, promote_to="staging"), done, run_ref("new"), str)
     assert asking is not None and "`EPOCHS=3`" in asking[1] and "API_TOKEN=***" in asking[1] and "s3cret" not in asking[1]
+
+
+def test_the_answer_is_kept_noted_in_the_results_and_returned_with_the_value(registry: Registry) -> None:
+    """What the task does when it resumes (approval.settle): the operator only publishes what it returns."""
+    import logging
+
+    from airflow_aicenter.approval import settle
+    from airflow_aicenter.records import Results, read
+
+    store, base = registry.store, registry.get("churn", "1.0")
+    registry.set_alias("churn", "production", "1.0")
+    new = trained(registry, base, "new", score=0.7, on="x", env={}, files={})
+    asked(registry, new.version)
+    results_key = run_ref("new").key("_results.json")
+    write(store, results_key, Results.model_validate({
+        "parameters": {"pipeline": "d.new", "inputs": {"package": "churn", "version": "1.0", "gpu": "False"}, "env": {}},
+        "run_summary": {"execution_time": 1, "start_at": 0, "end_at": 1, "outputs": {"package": "churn", "version": new.version}},
+        "aicenter": {"promoted": False},
+    }))
+    value = {"package": "churn", "version": new.version, "results_uri": store.url(results_key), "score": 0.7}
+    event = {"chosen_options": [APPROVE], "params_input": {"comment": "ship it"}, "responded_at": "2026-12-07T10:00:00+00:00",
+             "responded_by_user": {"id": "1", "name": "ada"}, "timedout": False}
+    decided = settle(registry, value, "production", event, timedelta(days=7), logging.getLogger("test"))
+    assert decided["score"] == 0.7 and decided["promoted"] is True
+    assert (decided["promotion"]["from"], decided["promotion"]["to"]) == ("1.0", new.version)
+    assert (decided["approval"]["status"], decided["approval"]["by"], decided["approval"]["comment"]) == ("approved", "ada",
+                                                                                                          "ship it")
+    assert registry.alias("churn", "production").version == new.version
+    noted = read(store, results_key, Results).aicenter
+    assert noted["approval"] == decided["approval"] and noted["promoted"] is True
+    # a retried resume with another answer: the first decision stands, nothing moves twice
+    again = settle(registry, value, "production", {**event, "chosen_options": [REJECT]}, None, logging.getLogger("test"))
+    assert again["approval"]["by"] == "ada" and again["promoted"] is True
+    assert len(registry.alias_history("churn", "production")) == 2
+
+
+def test_the_required_actions_page_names_the_task_instance_quoted() -> None:
+    from types import SimpleNamespace
+
+    from airflow_aicenter.approval import required_actions_url
+
+    ti = SimpleNamespace(dag_id="retrain", run_id="manual__2026-12-07T10:00:00+00:00", task_id="group.full")
+    assert required_actions_url("https://airflow.example.com", ti) == (
+        "https://airflow.example.com/dags/retrain/runs/manual__2026-12-07T10%3A00%3A00%2B00%3A00/tasks/group.full/"
+        "required_actions"
+    )

@@ -1,16 +1,14 @@
-"""The one flow every AI Center pipeline operator follows.
+"""The one flow every AI Center pipeline operator follows; the operator is glue.
 
-resolve the version -> check (package, datasets, launcher) -> recover an earlier try's run ->
-launch the runtime (a launcher) -> :meth:`BasePipelineOperator.complete`. The operator is glue:
-its arguments are checked by :mod:`.checks` (when the DAG is parsed, and the datasets before
-compute); rendered, they are one :class:`~airflow_aicenter.completion.RunRequest`, from which
-:mod:`airflow_aicenter.run_spec` builds the run's spec; what happens after a run (recover an
-earlier try, register the new version once per task instance, promote, ``_results.json``, the
-XCom value, the Asset event's data) is :mod:`airflow_aicenter.completion`, without Airflow; the
-operator publishes the one value it returns. The pipeline type is a
-:class:`~airflow_aicenter.plans.PipelinePlan` (data), asked and never compared by name; the
-place the run executes is a :class:`~airflow_aicenter.launchers.Launcher`, built once per
-execution.
+render and check the arguments (:mod:`.checks`, when the DAG is parsed and once rendered) ->
+one :class:`~airflow_aicenter.completion.RunRequest` -> before compute
+(:func:`airflow_aicenter.run_spec.prepare`: resolve, check, recover an earlier try, the spec)
+-> launch (:mod:`.launch`: the launcher, built once per execution) -> after the run
+(:mod:`airflow_aicenter.completion`: register once per task instance, promote,
+``_results.json``, the XCom value, the Asset event's data) -> publish the one value it returns
+(XCom, the package asset's event of :mod:`.package_asset`, a person's approval through
+:mod:`airflow_aicenter.approval`). Everything but the publishing is Airflow-free. The pipeline
+type is a :class:`~airflow_aicenter.plans.PipelinePlan` (data), asked and never compared by name.
 
 The operators subclass KubernetesPodOperator so every pod setting is available as it is; only
 its public extension points are used (``build_pod_request_obj``, ``get_or_create_pod``,
@@ -19,33 +17,25 @@ its public extension points are used (``build_pod_request_obj``, ``get_or_create
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import quote
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-from airflow.sdk import Asset, AssetAlias
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_aicenter import approval, run_spec
-from airflow_aicenter.assets import OPENLINEAGE_NAMESPACE, SCHEME, operator_lineage
+from airflow_aicenter.assets import OPENLINEAGE_NAMESPACE, operator_lineage
 from airflow_aicenter.completion import Completion, PostRun, RunRequest, lineage
-from airflow_aicenter.errors import AICenterError, ConfigurationError
+from airflow_aicenter.errors import AICenterError
 from airflow_aicenter.hooks.aicenter import AICenterHook
 from airflow_aicenter.launchers.base import Finished, Launcher
-from airflow_aicenter.launchers.local import LocalLauncher
-from airflow_aicenter.launchers.pod import PodLauncher, PodSettings, RunCallbacks, pvc_uri, template_namespace
-from airflow_aicenter.launchers.pod_spec import DEFAULT_STARTUP_TIMEOUT, PodResources, check_queue_name, check_startup_timeout
-from airflow_aicenter.operators.checks import (
-    check_arguments,
-    check_datasets,
-    check_rendered_counts,
-    is_templated,
-    rendered_count,
-)
+from airflow_aicenter.launchers.pod import PodLauncher, RunCallbacks, pvc_uri, template_namespace
+from airflow_aicenter.launchers.pod_spec import DEFAULT_STARTUP_TIMEOUT
+from airflow_aicenter.operators import launch, package_asset
+from airflow_aicenter.operators.checks import check_arguments, check_datasets, check_rendered_counts
 from airflow_aicenter.operators.links import ArtifactsLink, ResultsLink, _base_url, run_page_url
 from airflow_aicenter.plans import PipelinePlan
 from airflow_aicenter.promotion import PromoteIf
@@ -56,8 +46,6 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
     from kubernetes.client import models as k8s
 
-#: Version-producing runs whose package name is only known at run time add their event through this alias.
-PACKAGE_ALIAS = "aicenter-package-versions"
 #: Our own template fields; KubernetesPodOperator's are rendered too, but shown only for pod runs.
 AICENTER_TEMPLATE_FIELDS = (
     "package",
@@ -98,35 +86,6 @@ def fail_once() -> Iterator[None]:
         if exc.retryable:
             raise
         raise no_retry(exc) from exc
-
-
-def package_asset(package: str) -> Asset:
-    """The package's asset, ``aicenter://<package>`` (the scheme of :mod:`airflow_aicenter.assets`)."""
-    return Asset(f"{SCHEME}://{package}")
-
-
-def package_outlet(package: object) -> Asset | AssetAlias:
-    """A plain package name declares its own asset (lineage shows who produces it); a templated or
-    mapped one is only known at run time and goes through the shared alias."""
-    if isinstance(package, str) and not is_templated(package):
-        return package_asset(package)
-    return AssetAlias(PACKAGE_ALIAS)
-
-
-def declared_list(value: object) -> list[Any]:
-    """Inlets or outlets as given to ``partial()`` (one, a list, a tuple or none), as a list."""
-    if not value:
-        return []
-    return list(value) if isinstance(value, list | tuple) else [value]
-
-
-def package_inlets(package: object) -> list[Asset]:
-    """Every pipeline runs a version of its package (train and full from a parent): a plain package name declares
-    the package's asset as an inlet too, so Airflow lists the task among the asset's consumers. A templated or mapped
-    name is only known at run time: no inlet (an alias would claim events of every package)."""
-    if isinstance(package, str) and not is_templated(package):
-        return [package_asset(package)]
-    return []
 
 
 class BasePipelineOperator(KubernetesPodOperator):
@@ -235,48 +194,26 @@ class BasePipelineOperator(KubernetesPodOperator):
         kwargs.setdefault("init_container_logs", True)
         kwargs.setdefault("container_logs", True)
         super().__init__(**kwargs)
-        self.package = package
-        self.version = version
-        self.requested_version = version
-        self.dataset = dataset
-        self.evaluation_dataset = evaluation_dataset
-        self.env = env or {}
-        self.save_training_data = save_training_data
-        self.save_test_data = save_test_data
-        self.gpu = gpu
-        self.aicenter_conn_id = aicenter_conn_id
-        self.launcher = launcher
-        self.python = python
-        self.cpu = cpu
-        self.memory_gb = memory_gb
-        self.storage_gb = storage_gb
-        self.dataset_volume_claim = dataset_volume_claim
-        self.dataset_sub_path = dataset_sub_path
-        self.aws_secret_name = aws_secret_name
-        self.install_requirements = install_requirements
-        self.allow_source_builds = allow_source_builds
-        self.nodes = nodes
-        self.procs_per_node = procs_per_node
-        self.checkpoint_interval = checkpoint_interval
-        self.progress_interval = progress_interval
-        self.incremental = incremental
-        self.promote_to = promote_to
-        self.promote_if = promote_if
-        check_arguments(self.plan, type(self).__name__, self)
-        self.approval_timeout = approval.check_approval(self.plan, type(self).__name__, promote_to, promote_if,
-                                                        approval_timeout)
-        self.gpu, self.checkpoint_interval = int(gpu), float(checkpoint_interval)
-        self.progress_interval = float(progress_interval)
-        self.queue_name = check_queue_name(queue_name)
-        self.startup_timeout = check_startup_timeout(startup_timeout)
+        self.package, self.version, self.requested_version = package, version, version
+        self.dataset, self.evaluation_dataset, self.env = dataset, evaluation_dataset, env or {}
+        self.save_training_data, self.save_test_data = save_training_data, save_test_data
+        self.aicenter_conn_id, self.launcher, self.python = aicenter_conn_id, launcher, python
+        self.gpu, self.cpu, self.memory_gb, self.storage_gb = gpu, cpu, memory_gb, storage_gb
+        self.dataset_volume_claim, self.dataset_sub_path = dataset_volume_claim, dataset_sub_path
+        self.aws_secret_name, self.install_requirements = aws_secret_name, install_requirements
+        self.allow_source_builds, self.incremental = allow_source_builds, incremental
+        self.nodes, self.procs_per_node = nodes, procs_per_node
+        self.checkpoint_interval, self.progress_interval = checkpoint_interval, progress_interval
+        self.promote_to, self.promote_if = promote_to, promote_if
+        checked = check_arguments(self.plan, type(self).__name__, self, approval_timeout=approval_timeout,
+                                  queue_name=queue_name, startup_timeout=startup_timeout)
+        self.gpu, self.checkpoint_interval, self.progress_interval = (checked.gpu, checked.checkpoint_interval,
+                                                                       checked.progress_interval)
+        self.approval_timeout, self.queue_name = checked.approval_timeout, checked.queue_name
+        self.startup_timeout = checked.startup_timeout
         if dataset_volume_claim and not dataset:  # records and _results.json name a mounted claim pvc://<claim>/<sub_path>
             self.dataset = pvc_uri(dataset_volume_claim, dataset_sub_path)
-        if self.plan.makes_version:
-            outlet = package_outlet(package)
-            if outlet not in self.outlets and AssetAlias(PACKAGE_ALIAS) not in self.outlets:  # partial() declared it
-                self.outlets = [*self.outlets, outlet]
-        # Declared once: partial() declared it already for a task unmapped in the worker.
-        self.inlets = [*self.inlets, *(a for a in package_inlets(package) if a not in self.inlets)]
+        self.outlets, self.inlets = package_asset.declare(self.plan.makes_version, package, self.outlets, self.inlets)
         self.callbacks = [*self.callbacks, RunCallbacks]
         self.launcher_in_use: Launcher | None = None
         self.completion: Completion | None = None
@@ -288,10 +225,9 @@ class BasePipelineOperator(KubernetesPodOperator):
         Airflow registers the assets a DAG declares when it is parsed and drops events for any
         other ("inactive assets"): 8 mapped trainings made 8 versions and no event.
         """
-        if cls.plan.makes_version:
-            kwargs["outlets"] = [*declared_list(kwargs.get("outlets")), package_outlet(kwargs.get("package"))]
-        if inlets := package_inlets(kwargs.get("package")):
-            kwargs["inlets"] = [*declared_list(kwargs.get("inlets")), *inlets]
+        outlets, inlets = package_asset.declare(cls.plan.makes_version, kwargs.get("package"), kwargs.get("outlets"),
+                                                kwargs.get("inlets"))
+        kwargs.update({k: v for k, v in (("outlets", outlets), ("inlets", inlets)) if v})
         return super().partial(**kwargs)
 
     # -- the hook, the launcher ---------------------------------------------------------
@@ -309,118 +245,26 @@ class BasePipelineOperator(KubernetesPodOperator):
         return self.launcher_in_use
 
     def make_launcher(self, name: str) -> Launcher:
-        """The launcher for this run (override to add one); ``nodes > 1`` on Kubernetes is a Job."""
-        request, hook = self.run_request(), self.aicenter_hook
-        if name == "kubernetes":
-            resources = PodResources(
-                gpu=self.gpu,
-                cpu=self.cpu,
-                memory_gb=self.memory_gb,
-                storage_gb=self.storage_gb,
-                dataset_volume_claim=self.dataset_volume_claim,
-                dataset_sub_path=self.dataset_sub_path,
-            )
-            settings = PodSettings(
-                queue_name=self.queue_name or check_queue_name(hook.settings.extra.get("queue_name"),
-                                                               "the connection's extra queue_name"),
-                startup_timeout=self.startup_timeout,
-                pipeline=self.plan.name,
-                env=self.env,
-                resources=resources,
-                aws_secret_name=self.aws_secret_name,
-                datasets=(self.dataset, self.evaluation_dataset),
-                secret_keys=request.masked_keys,
-            )
-            if request.nodes > 1:
-                from airflow_aicenter.launchers.job import JobLauncher
-
-                return JobLauncher(self, hook, settings, nodes=request.nodes)
-            return PodLauncher(self, hook, settings)
-        if self.queue_name:
-            raise ConfigurationError(
-                f"queue_name={self.queue_name!r} is for the kubernetes launcher (a Kueue queue); the {name} launcher runs "
-                "on the worker: remove queue_name or use launcher='kubernetes'"
-            )
-        return LocalLauncher(
-            store=hook.get_store(),
-            env={**hook.runtime_env(self.dataset, self.evaluation_dataset), **run_spec.secret_env(request)},
-            secrets=request.redactor,
-            python=self.python,
-            gpu=self.gpu,
-            nodes=request.nodes,
-            dataset_volume_claim=self.dataset_volume_claim,
-            log=self.log,
-            run_as_user=hook.settings.extra.get("run_as_user"),
-        )
+        """The launcher for this run (override to add one): :func:`.launch.make_launcher`."""
+        return launch.make_launcher(self, name, self.run_request(), self.aicenter_hook)
 
     # -- the one flow --------------------------------------------------------------------
     def execute(self, context: Context) -> dict[str, Any]:
-        hook, request = self.aicenter_hook, self.run_request()
-        run = self.run_ref(context)
-        post = PostRun(hook.registry, request, self.log)
+        hook, request, run = self.aicenter_hook, self.run_request(), self.run_ref(context)
         self.launcher_in_use = None  # each execution builds its own
-        parent: VersionRecord | None = None
+        check_inputs = partial(check_datasets, self.plan, request.datasets(), type(self).__name__, open_store=hook.get_store,
+                               mounted_claim=bool(self.dataset_volume_claim),
+                               allowed_roots=hook.settings.extra.get("allowed_dataset_roots"))
         with fail_once():
-            try:
-                launcher = self.run_launcher()
-                parent = hook.registry.resolve(self.package, request.requested_version)
-                self.log.info("Package %s version %s (resolved from %r), run folder %s", self.package, parent.version,
-                              request.requested_version, run.uri)
-                hook.registry.check(parent, self.plan.contract)
-                check_datasets(
-                    self.plan,
-                    request.datasets(),
-                    type(self).__name__,
-                    open_store=hook.get_store,
-                    mounted_claim=bool(self.dataset_volume_claim),
-                    allowed_roots=hook.settings.extra.get("allowed_dataset_roots"),
-                )
-                launcher.check()
-                recovered = post.recover(run, outlives_worker=launcher.outlives_worker)
-                if recovered is not None:
-                    parent, run = recovered.parent, recovered.run
-                spec = self.build_spec(parent, run)
-            except AICenterError as exc:
-                post.record_refused(run, exc, resolved=None if parent is None else parent.version)
-                raise
-            if recovered is not None:
-                finished = Finished(spec, run, recovered.outcome)
-                if isinstance(launcher, PodLauncher):
-                    launcher.tidy_recovered(recovered.run)
-            elif isinstance(launcher, PodLauncher) and launcher.runs_in_operator:
-                launcher.prepare(spec, run)
-                finished = self.kpo_run(launcher, None, partial(super().execute, context))
-            else:
-                finished = launcher.launch(context, spec, run)
+            ready = run_spec.prepare(hook.registry, request, run, launcher=self.run_launcher, check_inputs=check_inputs,
+                                     extra=hook.settings.extra, log=self.log)
+            finished = launch.start(context, ready, partial(super().execute, context))
         return self.complete(context, finished)
 
     def trigger_reentry(self, context: Context, event: dict[str, Any]) -> Any:
         """Deferrable re-entry (pod or Job): KPO's own re-entry for a pod, then the same post-run step."""
-        launcher = self.run_launcher("kubernetes")
-        if not (isinstance(launcher, PodLauncher) and launcher.runs_in_operator):
-            return self.complete(context, launcher.resume(context, event))
-        pod_run = launcher.resumed(event)
-        return self.complete(context, self.kpo_run(launcher, pod_run.run, partial(super().trigger_reentry, context, event)))
-
-    def kpo_run(self, launcher: PodLauncher, run: RunRef | None, kpo: Callable[[], Any]) -> Finished:
-        """KubernetesPodOperator runs the pod (``execute``) or watches it on (``trigger_reentry``); outcome.json then
-        decides how the run ended, and the run's credentials are revoked (unless the task defers)."""
-        from airflow.sdk.exceptions import TaskDeferred
-
-        deferred = False
-        try:
-            kpo()
-        except TaskDeferred:
-            deferred = True
-            raise
-        except AICenterError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - outcome.json decides what the pod's failure means
-            return launcher.ending(exc)
-        finally:
-            if not deferred:
-                launcher.revoke_credentials(run)
-        return launcher.ending(None)
+        kpo_reentry = partial(super().trigger_reentry, context, event)
+        return self.complete(context, launch.resume(context, self.run_launcher("kubernetes"), event, kpo_reentry))
 
     def build_pod_request_obj(self, context: Context | None = None, *, dry_run: bool = False) -> k8s.V1Pod:
         """KubernetesPodOperator's pod, with the runtime container, volumes, resources and security added."""
@@ -467,7 +311,6 @@ class BasePipelineOperator(KubernetesPodOperator):
 
         with fail_once():  # a templated count (a DAG param) is known, and checked, only now
             self.nodes, self.procs_per_node = check_rendered_counts(self.plan, type(self).__name__, self)
-
         for value in self.run_request().redactor.values:
             for form in sorted(forms(value)):  # every form; no name: Airflow keeps a named value only if on its list
                 mask_secret(form)
@@ -488,35 +331,15 @@ class BasePipelineOperator(KubernetesPodOperator):
         """More RunSpec fields of a pipeline type (prediction's input type)."""
         return {}
 
-    # -- after the run: completion.py's one value, published --------------------------------
     def run_request(self) -> RunRequest:
-        """The rendered arguments as one value: the spec, the launcher's secret env and the post-run step read it."""
+        """The rendered arguments as one value (:func:`airflow_aicenter.run_spec.run_request`)."""
         from airflow.sdk.log import redact as airflow_redact
 
-        return RunRequest(
-            plan=self.plan,
-            package=self.package,
-            requested_version=str(self.requested_version),
-            dataset=self.dataset,
-            evaluation_dataset=self.evaluation_dataset,
-            env=self.env,
-            gpu=self.gpu,
-            promote_to=self.promote_to,
-            promote_if=self.promote_if,
-            # Values Airflow's masker knows (a templated Variable or Connection field) are secret under any name.
-            secret_keys=frozenset(k for k, v in self.env.items() if airflow_redact(str(v)) != str(v)),
-            save_training_data=self.save_training_data,
-            save_test_data=self.save_test_data,
-            install_requirements=self.install_requirements,
-            allow_source_builds=self.allow_source_builds,
-            nodes=rendered_count("nodes", self.nodes),
-            procs_per_node=rendered_count("procs_per_node", self.procs_per_node),
-            checkpoint_interval=self.checkpoint_interval,
-            progress_interval=self.progress_interval,
-            incremental=self.incremental,
-            spec_extra=self.spec_extra(),
-        )
+        # Values Airflow's masker knows (a templated Variable or Connection field) are secret under any name.
+        secret_keys = frozenset(k for k, v in self.env.items() if airflow_redact(str(v)) != str(v))
+        return run_spec.run_request(self.plan, self, secret_keys=secret_keys, spec_extra=self.spec_extra())
 
+    # -- after the run: completion.py's one value, published --------------------------------
     def complete(self, context: Context, finished: Finished) -> dict[str, Any]:
         """Every launcher path ends here (local, pod sync and deferrable, Job, a recovered earlier try).
 
@@ -529,52 +352,32 @@ class BasePipelineOperator(KubernetesPodOperator):
             raise AirflowSkipException(finished.outcome.skipped or "the runtime found nothing to do")
         post = PostRun(self.aicenter_hook.registry, self.run_request(), self.log)
         # The run's page, as the extra link builds it: the folder may be an earlier try's (a recovered run).
-        run_url = run_page_url(finished.run)
-        done = self.completion = post.complete(finished.run, finished.outcome, finished.spec.version, run_url)
+        done = self.completion = post.complete(finished.run, finished.outcome, finished.spec.version, run_page_url(finished.run))
         context["ti"].xcom_push(key="return_value", value=done.value)
         if self.promote_if == "approved" and done.promotion is not None:
             self.ask_approval(context, done, finished.run)  # waits (raises) while a person decides
-        self.publish_event(context, done.event)
+        package_asset.publish(context, self.package, self.outlets, done.event)
         return done.value
-
-    def publish_event(self, context: Context, event: dict[str, Any] | None) -> None:
-        """The package asset's event for a run that made a version (through the alias when the name is templated)."""
-        if event is not None:
-            if is_templated(self.package) or any(isinstance(o, AssetAlias) for o in self.outlets):
-                context["outlet_events"][AssetAlias(PACKAGE_ALIAS)].add(package_asset(self.package), extra=event)
-            else:
-                context["outlet_events"][package_asset(self.package)].extra = event
 
     # -- promote_if="approved": a person decides (airflow_aicenter.approval) ---------------------
     def ask_approval(self, context: Context, done: Completion, run: RunRef) -> None:
         """Keep the candidate's pending approval and ask a person; returns only when there is nothing to ask."""
         ti = context["ti"]
-        required = (f"{_base_url()}/dags/{quote(ti.dag_id, safe='')}/runs/{quote(ti.run_id, safe='')}/tasks/"
-                    f"{quote(ti.task_id, safe='')}/required_actions")
         asking = approval.open_request(self.aicenter_hook.registry, self.run_request(), done, run, run_page_url,
-                                       required)
-        if asking is None:
-            return
-        pending, body = asking
-        self.log.info("Asking for approval of %s %s for %r (Browse -> Required Actions: %s), waiting up to %s",
-                      pending.package, pending.version, pending.alias, required, self.approval_timeout)
-        approval.ask(ti_id=ti.id, subject=approval.subject(pending.package, pending.version, pending.alias), body=body,
-                     timeout=self.approval_timeout, method_name="approval_complete",
-                     kwargs={"value": done.value, "asset_event": done.event}, defer=self.defer)
+                                       approval.required_actions_url(_base_url(), ti))
+        if asking is not None:
+            approval.ask(ti_id=ti.id, pending=asking[0], body=asking[1], timeout=self.approval_timeout,
+                         method_name="approval_complete", kwargs={"value": done.value, "asset_event": done.event},
+                         defer=self.defer, log=self.log)
 
     def approval_complete(
         self, context: Context, event: dict[str, Any], value: dict[str, Any], asset_event: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         """The person's answer (or the timeout): keep the decision, move the alias if approved, publish."""
-        registry = self.aicenter_hook.registry
-        kept, promotion = approval.decide(registry, self.package, value["version"], str(self.promote_to), event,
-                                          self.approval_timeout)
-        approval.note_in_results(registry.store, value["results_uri"], kept, promotion)
-        self.log.info("%s %s for %r: %s%s", kept.package, kept.version, kept.alias, kept.reason,
-                      f" ({kept.comment})" if kept.comment else "")
-        self.publish_event(context, asset_event)
-        return {**value, "promoted": promotion.promoted, "promotion": promotion.as_dict(),
-                "approval": approval.as_value(kept)}
+        decided = approval.settle(self.aicenter_hook.registry, value, str(self.promote_to), event, self.approval_timeout,
+                                  self.log)
+        package_asset.publish(context, self.package, self.outlets, asset_event)
+        return decided
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
         """OpenLineage: inputs = the datasets and the parent version; outputs = the new version and its snapshot."""

@@ -7,17 +7,21 @@ pipeline type is asked of its :class:`~airflow_aicenter.plans.PipelinePlan`. No 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, get_args
+from typing import TYPE_CHECKING, NamedTuple, Protocol, get_args
 from urllib.parse import unquote, urlparse
 
+from airflow_aicenter.approval import DEFAULT_TIMEOUT as DEFAULT_APPROVAL_TIMEOUT
+from airflow_aicenter.approval import check_approval
 from airflow_aicenter.errors import ConfigurationError, DatasetError, NotFoundError
 from airflow_aicenter.launchers.base import LAUNCHERS
-from airflow_aicenter.launchers.pod_spec import check_infra
+from airflow_aicenter.launchers.pod_spec import DEFAULT_STARTUP_TIMEOUT, check_infra, check_queue_name, check_startup_timeout
 from airflow_aicenter.package import validate_alias_name
 from airflow_aicenter.plans import PipelinePlan
 from airflow_aicenter.promotion import PromoteIf, check_promote_if
 from airflow_aicenter.records import InputType
+from airflow_aicenter.run_spec import rendered_count
 from airflow_aicenter.runtime.manifest import (
     EVALUATION,
     INFERENCE,
@@ -40,23 +44,9 @@ def gpu_count(gpu: bool | int) -> int:
     raise ConfigurationError(f"gpu={gpu!r} is not valid; use True/False or a GPU count such as 2")
 
 
-def positive_count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{name}={value!r} is not valid; give a whole number of at least 1")
-    return value
-
-
 def is_templated(value: object) -> bool:
     """A Jinja template: its value is known only once the task is rendered (then it is checked)."""
     return isinstance(value, str) and ("{{" in value or "{%" in value)
-
-
-def rendered_count(name: str, value: int | str) -> int:
-    """``nodes`` or ``procs_per_node`` once rendered: a template such as ``{{ params.procs_per_node }}``
-    renders to text ("3"), which names the count; anything else is refused as :func:`positive_count` does."""
-    if isinstance(value, str) and value.strip().isdigit():
-        return positive_count(name, int(value))
-    return positive_count(name, value)
 
 
 class Arguments(Protocol):
@@ -81,11 +71,32 @@ class Arguments(Protocol):
     do_xcom_push: bool
 
 
-def check_arguments(plan: PipelinePlan, who: str, args: Arguments) -> None:
+class Checked(NamedTuple):
+    """The arguments :func:`check_arguments` normalises, as the operator keeps them."""
+
+    gpu: int
+    checkpoint_interval: float
+    progress_interval: float
+    approval_timeout: timedelta
+    queue_name: str | None
+    startup_timeout: float
+
+
+def check_arguments(
+    plan: PipelinePlan,
+    who: str,
+    args: Arguments,
+    *,
+    approval_timeout: object = DEFAULT_APPROVAL_TIMEOUT,
+    queue_name: object = None,
+    startup_timeout: object = DEFAULT_STARTUP_TIMEOUT,
+) -> Checked:
     """The operator's arguments, checked when the DAG is parsed: a task that cannot work never reaches a worker.
 
     ``who`` names the operator class in the messages. Only what is known before rendering is
     checked here (the datasets' content is checked by :func:`check_datasets` before compute).
+    Returns the arguments that have a normal form (a GPU count, seconds, a ``timedelta``), with
+    those the operator keeps only in that form (``approval_timeout``, ``queue_name``, ``startup_timeout``).
     """
     dataset, claim = args.dataset, args.dataset_volume_claim
     gpu_count(args.gpu)
@@ -116,6 +127,30 @@ def check_arguments(plan: PipelinePlan, who: str, args: Arguments) -> None:
         plan, who, nodes=nodes, procs_per_node=procs_per_node, incremental=args.incremental,
         promote_to=args.promote_to, promote_if=args.promote_if,
     )
+    return Checked(
+        gpu=gpu_count(args.gpu),
+        checkpoint_interval=float(args.checkpoint_interval),
+        progress_interval=float(args.progress_interval),
+        approval_timeout=check_approval(plan, who, args.promote_to, args.promote_if, approval_timeout),
+        queue_name=check_queue_name(queue_name),
+        startup_timeout=check_startup_timeout(startup_timeout),
+    )
+
+
+def run_queue(launcher: str, queue_name: str | None, connection_queue: object) -> str | None:
+    """The Kueue queue a run waits in: the operator's ``queue_name``, else the connection extra's.
+
+    Only the kubernetes launcher queues: ``queue_name`` on another launcher is refused, as it
+    would be ignored (the run starts on the worker at once); the connection's default is not.
+    """
+    if launcher == "kubernetes":
+        return queue_name or check_queue_name(connection_queue, "the connection's extra queue_name")
+    if queue_name:
+        raise ConfigurationError(
+            f"queue_name={queue_name!r} is for the kubernetes launcher (a Kueue queue); the {launcher} launcher runs "
+            "on the worker: remove queue_name or use launcher='kubernetes'"
+        )
+    return None
 
 
 def check_rendered_counts(plan: PipelinePlan, who: str, args: Arguments) -> tuple[int, int]:

@@ -18,7 +18,7 @@ from airflow.serialization.definitions.assets import SerializedAsset, Serialized
 from airflow.serialization.serialized_objects import DagSerialization, LazyDeserializedDAG
 
 from airflow_aicenter.operators import FullPipelineOperator, PredictPipelineOperator, TrainPipelineOperator
-from airflow_aicenter.operators.base import PACKAGE_ALIAS
+from airflow_aicenter.operators.package_asset import PACKAGE_ALIAS
 
 pytestmark = pytest.mark.airflow
 

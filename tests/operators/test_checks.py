@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from airflow_aicenter.errors import AICenterError, ConfigurationError
-from airflow_aicenter.operators.checks import check_arguments, check_prediction, gpu_count
+from airflow_aicenter.operators.checks import Checked, check_arguments, check_prediction, gpu_count, run_queue
 from airflow_aicenter.plans import EVALUATE, FULL, PREDICT, TRAIN, PipelinePlan
 
 GOOD: dict[str, Any] = {
@@ -83,6 +84,43 @@ def test_each_bad_argument_is_refused_with_its_fix(plan: PipelinePlan, changed: 
         check(plan, **changed)
     assert says in str(raised.value)
     assert raised.value.retryable is False
+
+
+def test_the_checked_arguments_come_back_in_their_normal_form():
+    """What the operator keeps: a GPU count, seconds as floats, the approval timeout as a timedelta."""
+    checked = check_arguments(FULL, "SomeOperator", SimpleNamespace(**{**GOOD, "gpu": True, "checkpoint_interval": 60}),
+                              approval_timeout=90, queue_name="", startup_timeout=timedelta(minutes=5))
+    assert checked == Checked(gpu=1, checkpoint_interval=60.0, progress_interval=30.0,
+                              approval_timeout=timedelta(seconds=90), queue_name=None, startup_timeout=300.0)
+    defaults = check_arguments(TRAIN, "SomeOperator", SimpleNamespace(**GOOD))
+    assert (defaults.approval_timeout, defaults.queue_name, defaults.startup_timeout) == (timedelta(days=7), None, 600.0)
+    assert check_arguments(TRAIN, "SomeOperator", SimpleNamespace(**GOOD), queue_name="team-a").queue_name == "team-a"
+
+
+@pytest.mark.parametrize(
+    ("changed", "says"),
+    [
+        ({"queue_name": "no spaces"}, "queue_name='no spaces' is not a valid Kubernetes label value"),
+        ({"startup_timeout": 0}, "startup_timeout=0 is not a positive duration"),
+        ({"approval_timeout": "7d"}, "approval_timeout='7d' is not a positive duration"),
+    ],
+)
+def test_bad_queue_startup_and_approval_arguments_are_refused(changed: dict[str, Any], says: str):
+    with pytest.raises(ConfigurationError, match=says) as raised:
+        check_arguments(TRAIN, "SomeOperator", SimpleNamespace(**GOOD), **changed)
+    assert raised.value.retryable is False
+
+
+def test_the_queue_is_the_operators_else_the_connections_and_only_kubernetes_queues():
+    assert run_queue("kubernetes", "mine", "theirs") == "mine"
+    assert run_queue("kubernetes", None, "theirs") == "theirs"
+    assert run_queue("kubernetes", None, None) is None
+    with pytest.raises(ConfigurationError, match="the connection's extra queue_name='bad queue' is not a valid"):
+        run_queue("kubernetes", None, "bad queue")
+    # the local launcher runs on the worker at once: a queue asked of it is refused, the connection's default is not
+    assert run_queue("local", None, "theirs") is None
+    with pytest.raises(ConfigurationError, match=r"queue_name='mine' is for the kubernetes launcher.*launcher='kubernetes'"):
+        run_queue("local", "mine", None)
 
 
 def test_gpu_count_is_a_whole_number():

@@ -23,7 +23,7 @@ from airflow_aicenter.operators import (
     PredictPipelineOperator,
     TrainPipelineOperator,
 )
-from airflow_aicenter.operators.base import PACKAGE_ALIAS
+from airflow_aicenter.operators.package_asset import PACKAGE_ALIAS
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
 from tests.aicenter_helpers import example_task, small_dataset, upload_package
