@@ -130,6 +130,11 @@ def _alternation(words: Iterable[str]) -> str:
     return build(trie)
 
 
+#: Up to this many forms, :meth:`Redactor.found_in` searches for each; beyond, for the alternation
+#: (on 7 MB of clean text: 100 forms, 0.19 s one by one and 0.76 s by the alternation).
+FEW_FORMS = 256
+
+
 class Redactor:
     """Masks every form of a set of secret values in text, records and log streams.
 
@@ -144,6 +149,7 @@ class Redactor:
         self._lock = threading.Lock()
         self._compiled: tuple[re.Pattern[str], bool] | None = None
         self._longest = 0
+        self._words: tuple[str, ...] = ()
         for value in values:
             self.add(value)
 
@@ -180,6 +186,7 @@ class Redactor:
             if self._compiled is None and self._values:
                 every = _matchable(set().union(*(forms(v) for v in self._values)))
                 self._longest = max(map(len, every))
+                self._words = tuple(sorted(every, key=len, reverse=True))
                 try:
                     alternation = _alternation(every)
                     re.compile(alternation)
@@ -188,6 +195,20 @@ class Redactor:
                 # With it: whether masking can make a new occurrence (a form holding MASK's character).
                 self._compiled = (re.compile(alternation), any(MASK[0] in f for f in every))
             return self._compiled
+
+    def found_in(self, text: str) -> bool:
+        """Whether any form of any secret occurs in ``text``.
+
+        One substring search per form while there are few (``str.find`` skips through clean text
+        far faster than the alternation steps through it: 7 MB of prediction outputs with 3
+        secrets, 0.2 s by the alternation), else one search of the alternation.
+        """
+        compiled = self._patterns()
+        if compiled is None:
+            return False
+        if len(self._words) <= FEW_FORMS:
+            return any(word in text for word in self._words)
+        return compiled[0].search(text) is not None
 
     def spans(self, text: str) -> list[tuple[int, int]]:
         """The merged ``(start, end)`` ranges of ``text`` covered by any form of any secret."""
@@ -299,6 +320,8 @@ def redact(text: str, secrets: Redactor | Iterable[str]) -> str:
 
 #: Lines of a JSON Lines file longer than this are masked as text in bounded pieces, not parsed.
 JSON_LINE_LIMIT = 16 << 20
+#: Lines of a JSON Lines file searched at once for secrets (see :func:`_redact_json_lines`), in bytes.
+JSON_BLOCK = 1 << 20
 
 
 def _redact_json_line(line: str, redactor: Redactor) -> str:
@@ -337,6 +360,36 @@ def _redact_long_line(first: bytes, source: IO[bytes], sink: IO[bytes], redactor
     sink.write(redactor.redact(pending + decoder.decode(b"", final=True)).encode())
 
 
+def _redact_json_lines(lines: list[bytes], sink: IO[bytes], redactor: Redactor) -> bool:
+    """Whole lines, masked into ``sink``; whether any changed.
+
+    One search of the whole block first: where no form of a secret is in it, none is in any of
+    its lines, and a line without a backslash (nothing its JSON strings could decode to that the
+    text does not show) is written as it is. The other lines, and every line of a block where a
+    form was found, go through :func:`_redact_json_line`, one by one.
+    """
+    if not lines:
+        return False
+    joined = b"".join(lines)
+    clean = not redactor.found_in(joined.decode("utf-8", "replace"))
+    if clean and b"\\" not in joined:
+        sink.write(joined)
+        return False
+    changed = False
+    for raw in lines:
+        if clean and b"\\" not in raw:
+            sink.write(raw)
+            continue
+        text = raw.decode("utf-8", "replace")
+        body = text.rstrip("\r\n")
+        masked = _redact_json_line(body, redactor)
+        if masked != body:
+            changed = True
+            raw = (masked + text[len(body):]).encode()
+        sink.write(raw)
+    return changed
+
+
 def redact_json_lines_file(path: Path, redactor: Redactor, *, limit: int = JSON_LINE_LIMIT) -> bool:
     """Mask every form of every secret in a JSON Lines file (batch prediction's outputs and errors), in place.
 
@@ -349,18 +402,23 @@ def redact_json_lines_file(path: Path, redactor: Redactor, *, limit: int = JSON_
     changed = False
     try:
         with open(path, "rb") as source, open(tmp, "wb") as sink:
-            while raw := source.readline(limit):
-                if len(raw) >= limit and not raw.endswith(b"\n"):
+            block: list[bytes] = []
+            size = 0
+            while True:
+                raw = source.readline(limit)
+                long = len(raw) >= limit and not raw.endswith(b"\n")
+                if raw and not long:
+                    block.append(raw)
+                    size += len(raw)
+                    if size < JSON_BLOCK:
+                        continue
+                changed = _redact_json_lines(block, sink, redactor) or changed
+                block, size = [], 0
+                if long:
                     changed = True  # cannot compare cheaply: written anew either way
                     _redact_long_line(raw, source, sink, redactor, limit)
-                    continue
-                text = raw.decode("utf-8", "replace")
-                body = text.rstrip("\r\n")
-                masked = _redact_json_line(body, redactor)
-                if masked != body:
-                    changed = True
-                    raw = (masked + text[len(body):]).encode()
-                sink.write(raw)
+                elif not raw:
+                    break
         if changed:
             os.replace(tmp, path)
     finally:
