@@ -25,6 +25,7 @@ import hashlib
 import re
 import threading
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from kubernetes.client import models as k8s
@@ -61,6 +62,8 @@ __all__ = ["LABEL_JOB", "MASTER_PORT", "JobLauncher", "job_name"]
 POLL = 2.0
 #: Seconds a recovered earlier try's Job gets to end on its own before it is removed.
 TIDY_WAIT = 30.0
+#: The deferrable trigger's event status when not every node ran within ``startup_timeout``.
+STARTUP_TIMEOUT = "startup_timeout"
 #: The task state store key of the Job's identity (``{"name", "namespace", "uid"}``); renaming it strands running Jobs.
 STATE_KEY = "aicenter_job"
 
@@ -177,6 +180,17 @@ def why_pending(pod: k8s.V1Pod) -> str:
             waiting = container.state.waiting
             return f"{waiting.reason}: {waiting.message or ''}".rstrip(": ")
     return f"pod {pod.metadata.name} is {status.phase if status else 'Pending'}"
+
+
+def gang_timeout_message(pods: Sequence[Any], nodes: int, timeout: float) -> str:
+    """Why a gang failed to start: how many of its nodes run, and why each other one waits (the Job is removed)."""
+    running = sum(1 for p in pods if node_started(p))
+    waiting = "; ".join(f"node {node_index(p)}: {why_pending(p)}" for p in pods if not node_started(p))
+    return (
+        f"{running} of {nodes} nodes running after {timeout:.0f} s (startup_timeout); the Job was removed so that no "
+        f"node holds its GPUs half-started{': ' + waiting if waiting else ''}. The cluster lacks room for every node at "
+        "once: retry later, use a Kueue queue (queue_name), ask for fewer nodes or raise startup_timeout"
+    )
 
 
 def job_name(run: RunRef) -> str:
@@ -339,11 +353,13 @@ class JobLauncher(PodLauncher):
         return None
 
     def _defer(self, context: Context) -> None:
-        from airflow.providers.cncf.kubernetes.triggers.job import KubernetesJobTrigger
+        from airflow_aicenter.triggers.job import GangJobTrigger
 
         assert self.job is not None and self.namespace is not None
         self.op.defer(
-            trigger=KubernetesJobTrigger(
+            trigger=GangJobTrigger(
+                nodes=self.nodes,
+                startup_timeout=self.settings.startup_timeout,
                 job_name=self.job,
                 job_namespace=self.namespace,
                 pod_names=[],
@@ -361,12 +377,21 @@ class JobLauncher(PodLauncher):
         )
 
     def resume(self, context: Context, event: dict[str, Any]) -> Finished:
-        """Deferrable re-entry: the Job's own annotation says which run it executes."""
+        """Deferrable re-entry: the Job's own annotation says which run it executes.
+
+        The trigger ends either with the Job (complete or failed) or, when not every node ran within
+        ``startup_timeout``, with ``status: startup_timeout``: then the Job is removed at once and the run fails
+        with the trigger's count of running nodes (retryable), as in the synchronous wait.
+        """
         self.job, self.namespace = event["name"], event["namespace"]
         job = self._read_job()
         if job is None or not self._adopt_job(job):
             raise RunError(f"Job {self.namespace}/{self.job} is gone or not ours; clear the task to run it again")
         try:
+            if event.get("status") == STARTUP_TIMEOUT:
+                self._delete()  # no GPU held by half a gang
+                self._await_pods_gone()
+                return self.ending_of_start(str(event.get("message") or "the Job's nodes did not all start in time"))
             return self.ending_of_job(job.status)
         finally:
             self._delete()
@@ -383,7 +408,7 @@ class JobLauncher(PodLauncher):
         deadline = time.monotonic() + TIDY_WAIT
         try:
             job = self._read_job()
-            while job is not None and not _ended(job) and time.monotonic() < deadline:
+            while job is not None and not job_ended(job) and time.monotonic() < deadline:
                 time.sleep(POLL / 2)
                 job = self._read_job()
         except (ApiException, kube_retry.KubernetesUnavailable) as exc:
@@ -391,7 +416,7 @@ class JobLauncher(PodLauncher):
             return
         if job is None:
             return
-        state = "which ended" if _ended(job) else f"whose run is complete (still ending after {TIDY_WAIT:.0f} s)"
+        state = "which ended" if job_ended(job) else f"whose run is complete (still ending after {TIDY_WAIT:.0f} s)"
         self.op.log.info("Removing Job %s/%s of try %s, %s", self.namespace, self.job, run.try_number, state)
         self._delete()
         self.revoke_credentials(run)
@@ -453,13 +478,7 @@ class JobLauncher(PodLauncher):
                     started = True
                     self.op.log.info("All %d nodes of Job %s are running", self.nodes, self.job)
                 elif time.monotonic() - admitted > timeout:
-                    waiting = "; ".join(f"node {node_index(p)}: {why_pending(p)}" for p in pods if not node_started(p))
-                    raise GangStartTimeout(
-                        f"{len(running)} of {self.nodes} nodes running after {timeout:.0f} s (startup_timeout); the Job "
-                        f"was removed so that no node holds its GPUs half-started{': ' + waiting if waiting else ''}. "
-                        "The cluster lacks room for every node at once: retry later, use a Kueue queue (queue_name), "
-                        "ask for fewer nodes or raise startup_timeout"
-                    )
+                    raise GangStartTimeout(gang_timeout_message(pods, self.nodes, timeout))
             time.sleep(POLL)
 
     def _pods(self) -> list[k8s.V1Pod]:
@@ -574,6 +593,6 @@ class JobLauncher(PodLauncher):
             end_outcome(store, key, outcome or self.pod_run.spec, "killed", killed_by_airflow)
 
 
-def _ended(job: k8s.V1Job) -> bool:
+def job_ended(job: k8s.V1Job) -> bool:
     """Whether the Job controller marked the Job complete or failed."""
     return any(c.type in ("Complete", "Failed") and c.status == "True" for c in (job.status.conditions or []))

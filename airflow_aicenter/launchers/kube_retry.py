@@ -14,9 +14,10 @@ its five attempts over about 15 s are shorter than an API server restart.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 from kubernetes.client.exceptions import ApiException
@@ -45,21 +46,80 @@ class KubernetesUnavailable(RunError):
 
 
 def transient(error: BaseException) -> bool:
-    """Whether ``error`` is one a retry can cure: a 429/5xx answer, or no answer at all."""
-    if isinstance(error, ApiException):
-        return error.status in TRANSIENT_STATUS or not error.status  # status 0: no HTTP answer
-    return isinstance(error, (HTTPError, ConnectionError, TimeoutError))
+    """Whether ``error`` is one a retry can cure: a 429/5xx answer, or no answer at all.
+
+    Both clients count: the sync one (kubernetes, urllib3) and the deferrable trigger's
+    (kubernetes_asyncio, aiohttp).
+    """
+    if isinstance(error, ApiException) or _async_api_error(error):
+        status = getattr(error, "status", None)
+        return status in TRANSIENT_STATUS or not status  # status 0: no HTTP answer
+    return isinstance(error, (HTTPError, ConnectionError, TimeoutError)) or _async_transport_error(error)
+
+
+def _async_api_error(error: BaseException) -> bool:
+    try:
+        from kubernetes_asyncio.client.exceptions import ApiException as AsyncApiException
+    except ImportError:  # the trigger's client is not installed: no such error can happen
+        return False
+    return isinstance(error, AsyncApiException)
+
+
+def _async_transport_error(error: BaseException) -> bool:
+    try:
+        from aiohttp import ClientConnectionError, ServerTimeoutError
+    except ImportError:
+        return False
+    return isinstance(error, (ClientConnectionError, ServerTimeoutError))
 
 
 def _retry_after(error: BaseException) -> float | None:
     """A 429's ``Retry-After`` in seconds, when the server gave one."""
-    if isinstance(error, ApiException) and error.status == 429:
-        value = (error.headers or {}).get("Retry-After")
+    if getattr(error, "status", None) == 429:
+        value = (getattr(error, "headers", None) or {}).get("Retry-After")
         try:
             return float(value) if value is not None else None
         except ValueError:
             return None
     return None
+
+
+def _unavailable(what: str, limit: float, tries: int, cause: str) -> KubernetesUnavailable:
+    return KubernetesUnavailable(
+        f"the Kubernetes API failed to {what} for {limit:.0f} s ({tries} tries, last: {cause}); check the API "
+        "server; the task's retry reattaches to a run that is still going"
+    )
+
+
+def _cause(error: BaseException) -> str:
+    status = getattr(error, "status", None)
+    if status is not None and hasattr(error, "reason"):
+        return f"{status} {error.reason}"
+    return f"{type(error).__name__}: {error}"
+
+
+async def acall(fn: Callable[..., Awaitable[T]], *args: object, what: str, log: WarningLog | None = None,
+                budget: float | None = None, **kwargs: object) -> T:
+    """:func:`call` for the deferrable trigger's coroutines: ``await fn(*args, **kwargs)``, retried the same way."""
+    limit = BUDGET if budget is None else budget
+    deadline = time.monotonic() + limit
+    wait = FIRST_WAIT
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            return await fn(*args, **kwargs)
+        except Exception as error:
+            if not transient(error):
+                raise
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _unavailable(what, limit, tries, _cause(error)) from error
+            pause = min(left, _retry_after(error) or random.uniform(wait / 2, wait))  # jitter, not crypto
+            if log is not None:
+                log.warning("Kubernetes API: could not %s (%s); trying again in %.1f s", what, _cause(error), pause)
+            await asyncio.sleep(pause)
+            wait = min(wait * 2, MAX_WAIT)
 
 
 def call(fn: Callable[..., T], *args: object, what: str, log: WarningLog | None = None, budget: float | None = None,
@@ -81,12 +141,9 @@ def call(fn: Callable[..., T], *args: object, what: str, log: WarningLog | None 
             if not transient(error):
                 raise
             left = deadline - time.monotonic()
-            cause = f"{error.status} {error.reason}" if isinstance(error, ApiException) else f"{type(error).__name__}: {error}"
+            cause = _cause(error)
             if left <= 0:
-                raise KubernetesUnavailable(
-                    f"the Kubernetes API failed to {what} for {limit:.0f} s ({tries} tries, last: {cause}); check the API "
-                    "server; the task's retry reattaches to a run that is still going"
-                ) from error
+                raise _unavailable(what, limit, tries, cause) from error
             pause = min(left, _retry_after(error) or random.uniform(wait / 2, wait))  # jitter, not crypto
             if log is not None:
                 log.warning("Kubernetes API: could not %s (%s); trying again in %.1f s", what, cause, pause)

@@ -8,6 +8,8 @@ Kueue does), pods that stay Pending.
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import json
 import os
 import threading
@@ -163,6 +165,66 @@ def test_a_gang_not_all_running_within_startup_timeout_fails_naming_the_counts_a
     kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")
     kube_api.wait_for(lambda: not kube_api.pods, timeout=30, what="every pod stopped: no GPU held half-started")
     assert [r.version for r in registry.versions("ddp")] == ["1.0"], "no version"
+
+
+def first_event(deferred: Any, timeout: float = 30) -> dict[str, Any]:
+    """The deferred task's trigger run as the triggerer runs it (rebuilt from what it serialized), to its first event
+    (within ``timeout`` seconds)."""
+    classpath, kwargs = deferred.trigger.serialize()
+    module, _, name = classpath.rpartition(".")
+    trigger = getattr(importlib.import_module(module), name)(**json.loads(json.dumps(kwargs)))
+
+    async def first() -> dict[str, Any]:
+        async for event in trigger.run():
+            return dict(event.payload)
+        raise AssertionError("the trigger ended without an event")
+
+    return asyncio.run(asyncio.wait_for(first(), timeout))
+
+
+def test_a_deferred_gang_not_all_running_within_startup_timeout_fails_naming_the_counts_and_is_removed(ddp_deployment,
+                                                                                                      kube_api):
+    """The same all-or-nothing start when the wait is deferred: the trigger ends at startup_timeout (it does not wait
+    for a Job that cannot run), and the re-entry fails naming the counts and removes the Job."""
+    from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
+
+    from airflow_aicenter.errors import RunError
+
+    registry, dataset = ddp_deployment
+    kube_api.unschedulable = lambda pod: completion_index(pod) == 1
+    context = make_context()
+    with pytest.raises(TaskDeferred) as deferred:
+        ddp_full_op(dataset, startup_timeout=3, deferrable=True).execute(context)
+    event = first_event(deferred.value)
+    assert event["status"] == "startup_timeout", event
+    with pytest.raises(RunError, match=r"1 of 2 nodes running after 3 s") as failed:
+        ddp_full_op(dataset, startup_timeout=3, deferrable=True).trigger_reentry(context, event)
+    assert not isinstance(failed.value, AirflowFailException), "retryable: capacity may free up"
+    assert "node 1: Unschedulable: 0/3 nodes are available" in str(failed.value)
+    kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")
+    kube_api.wait_for(lambda: not kube_api.pods, timeout=30, what="every pod stopped: no GPU held half-started")
+    assert [r.version for r in registry.versions("ddp")] == ["1.0"], "no version"
+
+
+def test_a_deferred_queued_job_waits_for_admission_then_runs(ddp_deployment, kube_api: FakeKubernetes):
+    """Deferred and queued: time in the queue is not startup time; once admitted the gang starts and the run succeeds;
+    the trigger rides out 5xx answers and dropped connections."""
+    from airflow.sdk.exceptions import TaskDeferred
+
+    registry, dataset = ddp_deployment
+    context = make_context()
+    with pytest.raises(TaskDeferred) as deferred:
+        ddp_full_op(dataset, queue_name="team-a", startup_timeout=2, deferrable=True).execute(context)
+    threading.Timer(5, kube_api.admit_job).start()  # past startup_timeout, as Kueue admits it later
+    kube_api.fail_next(r"/jobs/[^/]+/status$", 3, 503)  # a flaky API server while the trigger waits
+    kube_api.fail_next(r"/jobs/[^/]+/status$", 2, "reset")
+    kube_api.fail_next(r"/pods$", 2, 502)
+    event = first_event(deferred.value, timeout=90)
+    assert event["status"] == "success", event
+    assert len(kube_api.faults_served) == 7, kube_api.faults_served
+    result = ddp_full_op(dataset, queue_name="team-a", startup_timeout=2, deferrable=True).trigger_reentry(context, event)
+    assert result["version"] == "1.1"
+    kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")
 
 
 def test_time_in_the_queue_does_not_count_against_startup_timeout(ddp_deployment, kube_api: FakeKubernetes):

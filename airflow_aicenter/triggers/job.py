@@ -1,0 +1,108 @@
+"""The deferrable wait for a distributed run's Indexed Job, with the all-or-nothing start.
+
+KubernetesJobTrigger waits for the Job to complete or fail, and nothing else: a gang whose
+nodes cannot all be scheduled waits there for ever while the scheduled ones hold their GPUs.
+:class:`GangJobTrigger` is that trigger plus the synchronous wait's ``startup_timeout``: once
+the Job is admitted (not suspended: time queued in Kueue is not startup time), every node must
+be running within ``startup_timeout`` seconds, else the trigger ends with ``status:
+startup_timeout`` and the counts, and the task's re-entry removes the Job and fails the run
+(retryable), naming how many nodes ran and why the others wait.
+
+The admission time is the Job's own ``status.startTime`` (set by the Job controller when it
+starts or resumes the Job), so a restarted triggerer keeps the clock instead of starting it
+again. Every API call is retried through transient errors as the synchronous wait's are
+(:mod:`airflow_aicenter.launchers.kube_retry`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+from airflow.providers.cncf.kubernetes.triggers.job import KubernetesJobTrigger
+from airflow.triggers.base import TriggerEvent
+
+from airflow_aicenter.launchers import kube_retry
+from airflow_aicenter.launchers.job import STARTUP_TIMEOUT, gang_timeout_message, job_ended, node_started
+
+
+class GangJobTrigger(KubernetesJobTrigger):
+    """KubernetesJobTrigger with the gang's ``startup_timeout`` (see the module docstring).
+
+    :param nodes: the Job's number of pods (completions).
+    :param startup_timeout: seconds every node may take to be running once the Job is admitted.
+    """
+
+    def __init__(self, *, nodes: int, startup_timeout: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.nodes = nodes
+        self.startup_timeout = startup_timeout
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        _, kwargs = super().serialize()
+        return f"{type(self).__module__}.{type(self).__qualname__}", {
+            **kwargs, "nodes": self.nodes, "startup_timeout": self.startup_timeout,
+        }
+
+    async def _read_job(self) -> Any:
+        from kubernetes_asyncio.client import BatchV1Api
+
+        async def read() -> Any:
+            async with self.hook.get_conn() as connection:
+                return await BatchV1Api(connection).read_namespaced_job_status(name=self.job_name,
+                                                                               namespace=self.job_namespace)
+
+        return await kube_retry.acall(read, what=f"read Job {self.job_namespace}/{self.job_name}", log=self.log)
+
+    async def _pods(self) -> list[Any]:
+        from kubernetes_asyncio.client import CoreV1Api
+
+        async def pods() -> Any:
+            async with self.hook.get_conn() as connection:
+                return await CoreV1Api(connection).list_namespaced_pod(namespace=self.job_namespace,
+                                                                       label_selector=f"job-name={self.job_name}")
+
+        listed = await kube_retry.acall(pods, what=f"list the pods of Job {self.job_name}", log=self.log)
+        return sorted(listed.items, key=lambda p: int((p.metadata.labels or {}).get(
+            "batch.kubernetes.io/job-completion-index", "0")))
+
+    def _admitted_for(self, job: Any, first_seen: float) -> float:
+        """Seconds since the Job was admitted: from its ``status.startTime`` when it has one, else since first seen."""
+        start = getattr(job.status, "start_time", None) if job.status is not None else None
+        if isinstance(start, datetime):
+            return (datetime.now(UTC) - (start if start.tzinfo else start.replace(tzinfo=UTC))).total_seconds()
+        return time.monotonic() - first_seen
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        started = False
+        first_seen: float | None = None
+        while True:
+            job = await self._read_job()
+            if job_ended(job):  # a condition whose status is "True" (KubernetesHook's check takes "False" for true)
+                error = next((c.reason or "Failed" for c in job.status.conditions if c.type == "Failed" and c.status == "True"),
+                             None)
+                yield TriggerEvent({
+                    "name": job.metadata.name, "namespace": job.metadata.namespace, "pod_names": list(self.pod_names),
+                    "pod_namespace": self.pod_namespace, "status": "error" if error else "success",
+                    "message": f"Job failed with error: {error}" if error else "Job completed successfully",
+                    "xcom_result": None,
+                })
+                return
+            if not started and job.spec is not None and job.spec.suspend:
+                first_seen = None  # queued (again): the start clock waits for admission
+            elif not started:
+                first_seen = first_seen if first_seen is not None else time.monotonic()
+                pods = await self._pods()
+                if sum(1 for p in pods if node_started(p)) >= self.nodes:
+                    started = True
+                    self.log.info("All %d nodes of Job %s are running", self.nodes, self.job_name)
+                elif self._admitted_for(job, first_seen) > self.startup_timeout:
+                    yield TriggerEvent({
+                        "name": self.job_name, "namespace": self.job_namespace, "status": STARTUP_TIMEOUT,
+                        "message": gang_timeout_message(pods, self.nodes, self.startup_timeout),
+                    })
+                    return
+            await asyncio.sleep(self.poll_interval)
