@@ -16,6 +16,7 @@ share of the inputs in batch prediction.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -34,8 +35,8 @@ from typing import Any, TextIO, cast
 
 from airflow_aicenter.crashpoints import crash_point
 from airflow_aicenter.errors import AICenterError, DatasetError, NotFoundError, RunError
-from airflow_aicenter.layout import ARTIFACTS, PREDICTIONS, manifest_name, outcome_name
-from airflow_aicenter.package import iter_package_files, validate_package, write_zip
+from airflow_aicenter.layout import ARTIFACTS, PREDICTIONS, blob_key, manifest_name, outcome_name
+from airflow_aicenter.package import validate_package
 from airflow_aicenter.plans import plan_for
 from airflow_aicenter.records import BlobRef, Outcome, RunSpec, write
 from airflow_aicenter.runtime import isolation, supervisor
@@ -53,20 +54,22 @@ from airflow_aicenter.runtime.manifest import EVALUATION, INFERENCE, TRAINING, i
 from airflow_aicenter.runtime.progress import METRICS_FILE, ProgressTracker
 from airflow_aicenter.runtime.report import METRICS_FILE_ENV
 from airflow_aicenter.runtime.resources import cost_of
-from airflow_aicenter.runtime.snapshot import take_snapshot
+from airflow_aicenter.runtime.snapshot import check_vouched, take_snapshot
 from airflow_aicenter.runtime.supervisor import RESULT_LIMIT, TAIL_LINE, TAIL_LINES, emit, read_untrusted_json, supervise
 from airflow_aicenter.runtime.user import cap
 from airflow_aicenter.secrets import SECRET_KEYS_ENV, Redactor, is_secret_key, redact, redact_json_lines_file
 from airflow_aicenter.storage import Store, open_store
+from airflow_aicenter.storage.cache import BlobCache, runtime_cache
 from airflow_aicenter.storage.transfer import (
     FileEntry,
     check_names,
     download_tree,
-    extract_blob,
     local_files,
-    put_blob,
+    read_package_contents,
     run,
     sha256_file,
+    stage_package,
+    store_package_files,
     upload_tree,
 )
 
@@ -235,6 +238,9 @@ class Agent:
         self.control = self.work / "control"  # instructions and results of the user processes
         self.outcome = Outcome.starting(spec)
         self.entries: dict[str, list[FileEntry]] = {}
+        #: The blob cache this process staged a per-file package through (its ``known`` hook spares the re-hash of
+        #: untouched files when the folder is stored as the next version); None for a zip version or in a pod's sync.
+        self.staged_from: BlobCache | None = None
         #: Batch prediction: the first failed input, in input order, for the run's cause.
         self.first_error: str | None = None
         #: The task's checkpoint sync, once its latest checkpoint is restored (runtime/checkpoint.py).
@@ -530,12 +536,34 @@ class Agent:
         return cast(list[dict[str, Any]], results)
 
     # -- staging -------------------------------------------------------------------------
+    @functools.cached_property
+    def blob_cache(self) -> BlobCache | None:
+        """The node's blob cache for per-file versions (storage/cache.py), None where there is none or it cannot be made."""
+        # a pod: one container's part of a run, or any process Kubernetes started (it sets KUBERNETES_SERVICE_HOST)
+        cache = runtime_cache(in_pod=self.mode is not None or "KUBERNETES_SERVICE_HOST" in os.environ)
+        if cache is None:
+            return None
+        try:
+            cache.prepare()
+        except OSError as exc:  # a cache only saves fetches: a run goes on without one
+            log(f"no local blob cache ({cache.root}: {exc.strerror}); package files are fetched from the store")
+            return None
+        return cache
+
     def _stage_package(self) -> Path:
         spec = self.spec
         # In a pod package/ is a volume's mount point, which cannot be replaced: the package goes inside it.
         target = self.work / "package" / "root" if self.mode == "stage" else self.work / "package"
-        # read in place and verified in the same pass on the file store (no copy of a multi-GB zip); downloaded elsewhere
-        root, size = extract_blob(self.store, spec.blob.sha256, target, self.work / "package.zip")
+        # zip: read in place and verified in the same pass on the file store (no copy of a multi-GB zip), downloaded
+        # elsewhere; per-file: each file from the node's blob cache, or fetched once into it. A run whose package
+        # folder becomes the next version gets private copies (its code may rewrite them, and no other run shares
+        # them); the others get the cache's read-only files linked.
+        cache = self.staged_from = self.blob_cache if spec.blob.kind == "files" else None
+        root, size = stage_package(self.store, spec.blob, target, self.work / "package.zip", cache=cache,
+                                   link=not self.plan.makes_version)
+        if spec.blob.kind == "files":
+            log(f"package staged: {human(size)} fetched from the store, the rest from the local blob cache"
+                if cache is not None else f"package staged: {human(size)} fetched from the store")
         self._count("bytes_staged", size)
         validate_package(root, self.plan.contract)
         return root
@@ -605,7 +633,9 @@ class Agent:
                                                    allow_source_builds=self.spec.allow_source_builds,
                                                    package=self.spec.package,
                                                    build_user=(self.run_as["uid"], self.run_as["gid"]) if self.run_as else None,
-                                                   defer_build=self.mode == "stage")
+                                                   defer_build=self.mode == "stage",
+                                                   # another user cannot write it: packed while package code runs
+                                                   package_code_cannot_write=self.run_as is not None)
             self.outcome.environment = self.environment.summary()
             if self.environment.build_plan is not None:  # a pod's build container installs it, without credentials
                 self.built = self.environment.build_plan
@@ -932,16 +962,44 @@ class Agent:
 
     # -- uploads -------------------------------------------------------------------------
     def _store_package(self, root: Path) -> BlobRef:
-        with tempfile.TemporaryDirectory(dir=self.work) as tmp:
-            zip_path = Path(tmp) / "package.zip"
-            digest = write_zip(root, zip_path)
-            wrote = put_blob(self.store, zip_path, digest.sha256)
-        if wrote:
-            self._count("bytes_uploaded", digest.size)
-        files = sum(1 for _ in iter_package_files(root))
-        log(f"new package content: {files} files, {human(digest.size)} zipped, sha256:{digest.sha256[:12]}"
-            f"{'' if wrote else ' (already stored)'}")
-        return BlobRef(sha256=digest.sha256, size=digest.size)
+        """Store the package folder as a per-file version: only the files whose blob the store lacks are written.
+
+        A file staged from the blob cache and untouched since is not hashed again (the cache
+        knows its digest by inode); the parent's file blobs unmodified since its manifest are
+        vouched for, not read back (_vouched_package_blobs).
+        """
+        cache = self.staged_from  # in a pod, sync is not the process that staged: None
+        put = store_package_files(self.store, root, known=cache.known if cache is not None else None,
+                                  stored=self._vouched_package_blobs())
+        self._count("bytes_uploaded", put.written_bytes)
+        blobs = put.blobs
+        log(f"new package content: {blobs.files} files ({human(blobs.bytes)}): {blobs.uploaded_files} written "
+            f"({human(blobs.uploaded_bytes)}), the rest already stored; manifest sha256:{put.ref.sha256[:12]}"
+            f"{'' if put.manifest_written else ' (already stored)'}")
+        return put.ref
+
+    def _vouched_package_blobs(self) -> frozenset[str]:
+        """The parent version's file blobs that are intact without a read-back: unmodified since its manifest.
+
+        A manifest is written only after every blob it names was verified, and blobs are
+        create-once, so one of the right size not modified after the manifest is the one that was
+        verified (snapshot.check_vouched, the rule re-snapshots use); a modified one is read back
+        and hashed there, a missing or damaged one is left to store_package_files to rewrite. A
+        zip parent vouches for nothing. Never fails the run: on any error, nothing is vouched for.
+        """
+        parent = self.spec.blob
+        if parent is None or parent.kind != "files":
+            return frozenset()
+        try:
+            written = self.store.head(blob_key(parent.sha256))
+            if written is None or written.last_modified is None:
+                return frozenset()
+            contents, _ = read_package_contents(self.store, parent, cache=self.staged_from)
+            states = run(check_vouched(self.store, {f.sha256: f.size for f in contents.files}, written.last_modified))
+        except AICenterError as exc:
+            log(f"could not check the parent version's file blobs ({exc}); each one stored is read back")
+            return frozenset()
+        return frozenset(d for d, state in states.items() if state == "ok")
 
     def _upload_artifacts(self) -> None:
         entries = run(upload_tree(self.dirs["artifacts_directory"], self.store, self.key(ARTIFACTS), secrets=self.secrets,

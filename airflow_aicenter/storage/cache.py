@@ -42,6 +42,7 @@ import os
 import secrets
 import shutil
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -255,3 +256,23 @@ def _copy(fd_in: int, fd_out: int) -> int:
             written += os.pwrite(fd_out, chunk[written:], offset + written)
         offset += len(chunk)
     return offset
+
+
+#: The runtime's blob cache: a folder (its ``blobs/`` holds the cache), or ``off``. Unset: the local
+#: launcher's runs use ``$AICENTER_CACHE/blobs`` (default ``~/.cache/aicenter/blobs``); a pod uses none,
+#: because its ``AICENTER_CACHE`` is a volume of that pod alone (a cache there would be written once,
+#: read never, and cost a second copy of every file): set it to a folder the node keeps (a hostPath).
+BLOB_CACHE_ENV = "AICENTER_BLOB_CACHE"
+
+
+def runtime_cache(*, in_pod: bool, environ: Mapping[str, str] | None = None) -> BlobCache | None:
+    """The blob cache a run stages through, as ``AICENTER_BLOB_CACHE`` and where it runs say (above)."""
+    env = os.environ if environ is None else environ
+    chosen = env.get(BLOB_CACHE_ENV, "").strip()
+    if chosen.lower() in ("off", "0", "false", "no", "none"):
+        return None
+    if chosen:
+        return BlobCache(Path(chosen))
+    if in_pod:
+        return None
+    return BlobCache()

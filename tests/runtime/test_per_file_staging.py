@@ -19,7 +19,7 @@ from airflow_aicenter.errors import NotFoundError, PackageError, StorageError
 from airflow_aicenter.layout import blob_key
 from airflow_aicenter.package import write_zip
 from airflow_aicenter.package.contents import contents_of, decode, encode
-from airflow_aicenter.records import BlobRef
+from airflow_aicenter.records import BlobRef, Outcome, RunSpec, read
 from airflow_aicenter.storage.cache import BlobCache
 from airflow_aicenter.storage.store import Store
 from airflow_aicenter.storage.transfer import (
@@ -27,9 +27,12 @@ from airflow_aicenter.storage.transfer import (
     put_blob,
     put_package_files,
     read_package_contents,
+    run,
     stage_package,
     store_package_files,
+    upload_tree,
 )
+from tests.conftest import RuntimeSpawner
 from tests.packages import write_package
 
 BIG = 3 * 2**20 + 17
@@ -271,3 +274,55 @@ def test_the_manifest_bytes_are_canonical(store: Store, package: Path) -> None:
     with pytest.raises(StorageError):
         stage_package(store, BlobRef(sha256="0" * 64, size=10, kind="files"), package.parent / "t", package.parent / "x",
                       cache=None)
+
+
+# -- through the runtime (a real child process), as the local launcher runs it ----------------------------------
+FINE_TUNE = '''
+import os
+
+class Main:
+    def __init__(self):
+        pass
+    def process_data(self, input_directory):
+        pass
+    def train(self, training_directory):
+        with open("meta.json", "w") as fh:  # the base weights stay as they were; a small file changes
+            fh.write('{"epoch": 2}')
+    def evaluate(self, evaluation_directory):
+        return 1.0
+    def save(self):
+        pass
+'''
+
+
+def test_a_training_stores_a_per_file_version_and_an_evaluation_stages_it_from_the_cache(
+    store: Store, tmp_path: Path, spawn_runtime: RuntimeSpawner, request: pytest.FixtureRequest,
+) -> None:
+    env = request.getfixturevalue("s3_env").env() if store.uri.startswith("s3://") else {}
+    env["AICENTER_CACHE"] = str(tmp_path / "cache")
+    package = write_package(tmp_path / "pkg", train=FINE_TUNE, files={"weights.bin": os.urandom(BIG), "meta.json": "{}"})
+    base, _ = put_package_files(store, package)
+    run(upload_tree(write_package(tmp_path / "data", main=None, train=None, requirements=None, files={"a.csv": "x\n1\n"}),
+                    store, "datasets/d"))
+    spec = RunSpec(pipeline="train", storage=store.uri, run_prefix="runs/d/r/train/1", package="ft", version="1.0",
+                   blob=base, dataset=store.url("datasets/d"))
+    before = stored_bytes(store)
+    done = spawn_runtime.run(spec, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trained = read(store, f"{spec.run_prefix}/outcome.json", Outcome)
+    assert trained.blob is not None and trained.blob.kind == "files"
+    assert stored_bytes(store) - before < 10_000, "the unchanged weights are not stored again"
+    assert trained.resources is not None and trained.resources["bytes_uploaded"] < 10_000
+    assert "1 written" in done.stderr + done.stdout
+    files = {f.path: f for f in read_package_contents(store, trained.blob)[0].files}
+    assert files["meta.json"].sha256 == hashlib.sha256(b'{"epoch": 2}').hexdigest()
+    assert files["weights.bin"].sha256 == hashlib.sha256((package / "weights.bin").read_bytes()).hexdigest()
+    evaluate = spec.model_copy(update={"pipeline": "evaluate", "run_prefix": "runs/d/r/evaluate/1", "version": "1.1",
+                                       "blob": trained.blob, "dataset": None,
+                                       "evaluation_dataset": store.url("datasets/d")})
+    done = spawn_runtime.run(evaluate, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    evaluated = read(store, f"{evaluate.run_prefix}/outcome.json", Outcome)
+    assert evaluated.resources is not None
+    staged = evaluated.resources["bytes_staged"] - 4  # the evaluation data: 4 bytes
+    assert staged == len('{"epoch": 2}') + trained.blob.size, "only the new file and the manifest come from the store"

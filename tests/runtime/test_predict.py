@@ -137,7 +137,7 @@ def test_a_package_without_predict_is_refused_before_any_user_code(tmp_path):
                                                "train.py": TRAIN, "requirements.txt": ""})
     digest = write_zip(pkg, tmp_path / "nopredict.zip")
     put_blob(store, tmp_path / "nopredict.zip", digest.sha256)
-    spec.blob = spec.blob.model_copy(update={"sha256": digest.sha256, "size": digest.size})
+    spec.blob = spec.blob.model_copy(update={"sha256": digest.sha256, "size": digest.size, "kind": "zip"})
     done = run_runtime(spec, tmp_path)
     assert done.returncode == 1
     outcome = read(store, f"{spec.run_prefix}/outcome.json", Outcome)

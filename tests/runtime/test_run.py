@@ -89,12 +89,10 @@ def test_train_call_order_env_and_outputs(store, tmp_path, request):
     outcome = read(store, f"{spec.run_prefix}/outcome.json", Outcome)
     assert outcome.status == "succeeded" and outcome.blob is not None and outcome.artifacts == 2
     assert "s3cr3t" not in done.stderr and "s3cr3t" not in store.get_bytes(f"{spec.run_prefix}/outcome.json").decode()
-    # the new content is the package folder after save(), minus __pycache__
-    import zipfile
-
-    from airflow_aicenter.storage.transfer import get_blob
-    get_blob(store, outcome.blob.sha256, tmp_path / "new.zip")
-    names = zipfile.ZipFile(tmp_path / "new.zip").namelist()
+    # the new content is the package folder after save(), minus __pycache__: a per-file version
+    from airflow_aicenter.storage.transfer import read_package_contents
+    assert outcome.blob.kind == "files"
+    names = [f.path for f in read_package_contents(store, outcome.blob)[0].files]
     assert "model.txt" in names and not any("__pycache__" in n for n in names)
     manifest = read(store, f"{spec.run_prefix}/data_directory.manifest.json", Manifest)
     assert sorted(f.path for f in manifest.files) == ["a.csv", "sub/b.csv"] and manifest.total_bytes == 8
