@@ -1,0 +1,167 @@
+"""The node's blob cache (storage/cache.py): sealed entries, what unseals them, concurrent fetches, the known-digest hook."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from airflow_aicenter.package.contents import contents_of
+from airflow_aicenter.storage.cache import SEALED_MODE, SEALED_MTIME_NS, BlobCache, runtime_cache
+from airflow_aicenter.storage.store import Store
+from airflow_aicenter.storage.transfer import put_package_files, stage_package
+from tests.packages import write_package
+
+
+def entry_of(cache: BlobCache, data: bytes, tmp_path: Path) -> tuple[str, Path]:
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    assert cache.add(src, digest, len(data))
+    return digest, cache.path(digest)
+
+
+def test_runtime_cache_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AICENTER_CACHE", str(tmp_path / "c"))
+    monkeypatch.delenv("AICENTER_BLOB_CACHE", raising=False)
+    local = runtime_cache(in_pod=False)
+    assert local is not None and local.root == tmp_path / "c" / "blobs"
+    monkeypatch.delenv("AICENTER_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    default = runtime_cache(in_pod=False)
+    assert default is not None and default.root == tmp_path / "home" / ".cache" / "aicenter" / "blobs"
+    assert runtime_cache(in_pod=True) is None, "a pod's AICENTER_CACHE is its own volume: no cache unless asked"
+    monkeypatch.setenv("AICENTER_BLOB_CACHE", str(tmp_path / "node"))
+    chosen = runtime_cache(in_pod=True)
+    assert chosen is not None and chosen.root == tmp_path / "node" / "blobs"
+    monkeypatch.setenv("AICENTER_BLOB_CACHE", "off")
+    assert runtime_cache(in_pod=False) is None
+
+
+def test_an_entry_is_sealed_and_only_verified_bytes_enter(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path / "c")
+    digest, path = entry_of(cache, b"model bytes", tmp_path)
+    st = path.stat()
+    assert (st.st_mode & 0o7777, st.st_mtime_ns) == (SEALED_MODE, SEALED_MTIME_NS)
+    assert cache.lookup(digest, 11) == path
+    assert cache.lookup(digest, 12) is None and not path.exists(), "an entry of another size is dropped"
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"not the bytes")
+    assert not cache.add(other, digest, 13), "bytes that do not hash to the name never become an entry"
+    assert not path.exists() and not any(cache.tmp.iterdir())
+    assert (cache.root.stat().st_mode & 0o777) == 0o700, "package content of every run: private to the runtime's user"
+
+
+@pytest.mark.parametrize("change", ["write", "chmod", "touch", "chown", "replace"])
+def test_a_changed_entry_is_dropped(tmp_path: Path, change: str) -> None:
+    cache = BlobCache(tmp_path / "c")
+    digest, path = entry_of(cache, b"0123456789", tmp_path)
+    if change == "write":  # root writes a read-only file; the modification time says so
+        with open(path, "r+b") as fh:
+            fh.write(b"X")
+    elif change == "chmod":
+        path.chmod(0o644)
+    elif change == "touch":
+        os.utime(path)
+    elif change == "chown":
+        os.chown(path, 12345, 12345)
+    else:
+        fresh = tmp_path / "fresh"
+        fresh.write_bytes(b"9876543210")
+        os.replace(fresh, path)
+    assert cache.lookup(digest, 10) is None
+    assert not path.exists()
+
+
+def test_known_gives_a_digest_only_while_the_placed_file_is_untouched(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path / "c")
+    digest, _ = entry_of(cache, b"weights", tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("linked", "copied", "chmodded", "relinked"):
+        if name == "linked":
+            cache.link(digest, work / name, size=7)
+        else:
+            cache.copy(digest, work / name, size=7, mode=0o644)
+    for name in ("linked", "copied", "chmodded", "relinked"):
+        cache.remember(work / name, digest)
+    assert all(cache.known(work / n, (work / n).stat()) == digest for n in ("linked", "copied", "chmodded", "relinked"))
+    (work / "copied").write_bytes(b"weights")  # the same bytes, rewritten: hashed again all the same
+    (work / "chmodded").chmod(0o755)
+    os.link(work / "relinked", work / "another-name")
+    for name in ("copied", "chmodded", "relinked"):
+        assert cache.known(work / name, (work / name).stat()) is None, name
+    assert cache.known(tmp_path / "src.bin", (tmp_path / "src.bin").stat()) is None, "not placed by the cache"
+
+
+def test_link_falls_back_to_a_copy_on_another_file_system(tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second file system here")
+    cache = BlobCache(tmp_path / "c")
+    digest, path = entry_of(cache, b"weights", tmp_path)
+    dest = shm / f"aicenter-test-{os.getpid()}"
+    try:
+        assert cache.link(digest, dest, size=7) is False
+        assert dest.read_bytes() == b"weights" and dest.stat().st_ino != path.stat().st_ino
+        assert (dest.stat().st_mode & 0o777) == 0o644
+    finally:
+        dest.unlink(missing_ok=True)
+
+
+def test_a_published_entry_wins_and_an_unsealed_one_is_replaced(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path / "c")
+    digest, path = entry_of(cache, b"abc", tmp_path)
+    inode = path.stat().st_ino
+    tmp = cache.new_temp(digest)
+    tmp.write_bytes(b"abc")
+    assert cache.publish(tmp, digest, 3) == path and path.stat().st_ino == inode, "the first entry stays"
+    path.chmod(0o644)  # unsealed
+    tmp = cache.new_temp(digest)
+    tmp.write_bytes(b"abc")
+    cache.publish(tmp, digest, 3)
+    assert cache.lookup(digest, 3) == path and path.stat().st_ino != inode
+    assert not any(cache.tmp.iterdir())
+
+
+STAGE = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from airflow_aicenter.records import BlobRef
+    from airflow_aicenter.storage import open_store
+    from airflow_aicenter.package.contents import contents_of
+from airflow_aicenter.storage.cache import BlobCache
+    from airflow_aicenter.storage.transfer import stage_package
+    store = open_store(sys.argv[1])
+    ref = BlobRef.model_validate_json(sys.argv[2])
+    root, fetched = stage_package(store, ref, Path(sys.argv[3]), Path(sys.argv[3] + ".zip"), cache=BlobCache(Path(sys.argv[4])))
+    print(fetched)
+""")
+
+
+def test_concurrent_runs_on_one_node_fetch_into_one_cache_without_clashing(
+    store: Store, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    env = dict(os.environ)
+    if store.uri.startswith("s3://"):
+        env.update(request.getfixturevalue("s3_env").env())
+    package = write_package(tmp_path / "pkg", files={"w.bin": os.urandom(2**20 + 5), "b.bin": os.urandom(70_000)})
+    ref, _ = put_package_files(store, package)
+    procs = [subprocess.Popen([sys.executable, "-c", STAGE, store.uri, ref.model_dump_json(), str(tmp_path / f"r{n}" / "p"),
+                               str(tmp_path / "cache")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for n in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    for n in range(4):
+        assert (tmp_path / f"r{n}" / "p" / "w.bin").read_bytes() == (package / "w.bin").read_bytes()
+    cache = BlobCache(tmp_path / "cache")
+    assert not any(cache.tmp.iterdir()), "no fetch left behind"
+    assert len(list(cache.entries.iterdir())) == len(contents_of(package).digests()) + 1  # + the manifest
+    _, fetched = stage_package(store, ref, tmp_path / "again" / "p", tmp_path / "again.zip", cache=cache)
+    assert fetched == 0
+
