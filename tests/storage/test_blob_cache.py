@@ -134,8 +134,7 @@ STAGE = textwrap.dedent("""
     from pathlib import Path
     from airflow_aicenter.records import BlobRef
     from airflow_aicenter.storage import open_store
-    from airflow_aicenter.package.contents import contents_of
-from airflow_aicenter.storage.cache import BlobCache
+    from airflow_aicenter.storage.cache import BlobCache
     from airflow_aicenter.storage.transfer import stage_package
     store = open_store(sys.argv[1])
     ref = BlobRef.model_validate_json(sys.argv[2])
