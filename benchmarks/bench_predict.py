@@ -170,7 +170,9 @@ def runtime(spec: Any, work: Path, store: Any) -> dict[str, float]:
     found = RATE.search(done.stderr)
     assert found is not None and outcome.predicted == int(found[1]) and outcome.failed == 0, done.stderr[-2000:]
     inputs = int(found[1])
+    used = outcome.resources or {}
     return {"wall": wall, "cpu": cpu, "phase": outcome.phases["user_code"], "loop": inputs / int(found[4]),
+            "user_cpu": float(used.get("cpu_seconds") or 0),
             **{f"phase:{k}": v for k, v in outcome.phases.items()}}
 
 
@@ -302,9 +304,14 @@ class Size:
                   f"{min(start):.3f} s best, {median(start):.3f} s median; phases of the best run: "
                   + ", ".join(f"{k[6:]} {v:.2f}" for k, v in min(runs, key=lambda r: r["wall"]).items()
                               if k.startswith("phase:")))
-        print(f"CPU seconds (load-independent), best: bare loop {min(self.bare_cpu):.2f} (loop only); runtime whole child "
-              f"tree, user processes included: 1 proc {min(r['cpu'] for r in self.phases['runtime 1']):.2f}, "
+        bare_cpu = min(self.bare_cpu)
+        user_cpu = min(r["user_cpu"] for r in self.phases["runtime 1"])
+        print(f"CPU seconds (load-independent), best: bare loop {bare_cpu:.2f} (loop only); the user process of the "
+              f"1-process runs {user_cpu:.2f} (its start, Main(), the loop: bare / it = {bare_cpu / user_cpu:.3f}x); runtime "
+              f"whole child tree, user processes included: 1 proc {min(r['cpu'] for r in self.phases['runtime 1']):.2f}, "
               f"2 procs {min(r['cpu'] for r in self.phases['runtime 2']):.2f}")
+        checks.append({"name": "CPU: bare loop over the 1-process run's user process", "bare_cpu": bare_cpu,
+                       "user_cpu": user_cpu, "ratio": bare_cpu / user_cpu, "target": PHASE_TARGET})
         return checks
 
 
@@ -356,7 +363,10 @@ def main() -> None:
         print("\nprediction phase, 1 process, vs the bare loop (best/best, median of rounds), target >= "
               f"{PHASE_TARGET}x: " + "; ".join(
                   f"{size.count:,} inputs {c['ratio_vs_bare']:.3f}x, {c['paired_ratio']:.3f}x"
-                  for size in sizes for c in checks[size.count] if c["name"] == "runtime 1 proc: prediction phase"))
+                  for size in sizes for c in checks[size.count] if c["name"] == "runtime 1 proc: prediction phase")
+              + "; in CPU seconds (bare loop over the user process): " + "; ".join(
+                  f"{size.count:,} inputs {c['ratio']:.3f}x" for size in sizes for c in checks[size.count]
+                  if c["name"].startswith("CPU:")))
         path = save_json("predict", {
             "machine": machine(), "inputs": args.inputs, "repeat": args.repeat, "load_average": loads,
             "fixed": fixed, "imports_cpu": imports_cpu,
