@@ -42,12 +42,17 @@ import os
 import secrets
 import shutil
 import stat
-from collections.abc import Mapping
+import time
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from airflow_aicenter.errors import StorageError
+from airflow_aicenter.errors import ConfigurationError, StorageError
 
+#: What the cache may hold before trim() removes the least recently used entries (AICENTER_BLOB_CACHE_MAX).
+DEFAULT_MAX_BYTES = 32 * 2**30
+#: An entry used this recently is never trimmed: a run on the node may be placing it.
+RECENT_S = 3600
 #: The modification time a verified entry is sealed with: 1980-01-01, the zip epoch. Any write makes it now.
 SEALED_MTIME_NS = 315_532_800 * 10**9
 SEALED_MODE = 0o444
@@ -77,10 +82,12 @@ class _Placed:
 class BlobCache:
     """Verified, sealed copies of blobs on this node, placed into work folders by link or copy."""
 
-    def __init__(self, cache_dir: Path | None = None) -> None:
+    def __init__(self, cache_dir: Path | None = None, *, max_bytes: int | None = DEFAULT_MAX_BYTES) -> None:
         self.root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "blobs"
         self.entries = self.root / "sha256"
         self.tmp = self.root / "tmp"
+        #: trim() removes the least recently used entries past this size (None: no limit).
+        self.max_bytes = max_bytes
         self._placed: dict[tuple[int, int], _Placed] = {}
 
     def __repr__(self) -> str:
@@ -107,6 +114,8 @@ class BlobCache:
         except FileNotFoundError:
             return None
         if self._sealed(st, size):
+            with contextlib.suppress(OSError):  # the access time orders eviction (trim); the seal is the mtime
+                os.utime(path, ns=(time.time_ns(), SEALED_MTIME_NS))
             return path
         self._drop(path)
         return None
@@ -232,6 +241,38 @@ class BlobCache:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def trim(self, keep: Collection[str] = ()) -> int:
+        """Remove the least recently used entries until the cache is within ``max_bytes``; the bytes removed.
+
+        Never ``keep`` (what the staging that calls it just placed), nor an entry used in the
+        last RECENT_S (another run on the node may be placing it now). An entry's links in work
+        folders keep their bytes; the next run that needs it fetches it again.
+        """
+        if self.max_bytes is None:
+            return 0
+        found: list[tuple[int, str, int]] = []
+        try:
+            with os.scandir(self.entries) as it:
+                for item in it:
+                    with contextlib.suppress(FileNotFoundError):
+                        st = item.stat(follow_symlinks=False)
+                        found.append((st.st_atime_ns, item.name, st.st_size))
+        except FileNotFoundError:
+            return 0
+        total = sum(size for _, _, size in found)
+        removed = 0
+        recent = time.time_ns() - RECENT_S * 10**9
+        for atime, name, size in sorted(found):
+            if total <= self.max_bytes:
+                break
+            if name in keep or atime > recent:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                (self.entries / name).unlink()
+                total -= size
+                removed += size
+        return removed
+
     def clear(self) -> None:
         """Remove every entry (their links in work folders keep their bytes)."""
         shutil.rmtree(self.root, ignore_errors=True)
@@ -263,16 +304,37 @@ def _copy(fd_in: int, fd_out: int) -> int:
 #: because its ``AICENTER_CACHE`` is a volume of that pod alone (a cache there would be written once,
 #: read never, and cost a second copy of every file): set it to a folder the node keeps (a hostPath).
 BLOB_CACHE_ENV = "AICENTER_BLOB_CACHE"
+#: Bytes the blob cache may hold (``500M``, ``40G``, a number; ``0``: no limit). Default DEFAULT_MAX_BYTES.
+BLOB_CACHE_MAX_ENV = "AICENTER_BLOB_CACHE_MAX"
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str) -> int | None:
+    """``500M``, ``40G``, ``1073741824``: bytes (binary units); ``0``: None (no limit). A clear error otherwise."""
+    raw = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = raw[-1:] if raw[-1:] in _UNITS else ""
+    number = raw[: len(raw) - len(unit)].strip()
+    try:
+        value = float(number) * _UNITS[unit]
+    except ValueError:
+        raise ConfigurationError(
+            f"{BLOB_CACHE_MAX_ENV}={text!r} is not a size: write bytes or a number with K, M, G or T (e.g. 40G), "
+            "or 0 for no limit") from None
+    if value < 0:
+        raise ConfigurationError(f"{BLOB_CACHE_MAX_ENV}={text!r} is negative: give a size such as 40G, or 0 for no limit")
+    return int(value) or None
 
 
 def runtime_cache(*, in_pod: bool, environ: Mapping[str, str] | None = None) -> BlobCache | None:
     """The blob cache a run stages through, as ``AICENTER_BLOB_CACHE`` and where it runs say (above)."""
     env = os.environ if environ is None else environ
     chosen = env.get(BLOB_CACHE_ENV, "").strip()
+    limit = env.get(BLOB_CACHE_MAX_ENV, "").strip()
+    max_bytes = parse_size(limit) if limit else DEFAULT_MAX_BYTES
     if chosen.lower() in ("off", "0", "false", "no", "none"):
         return None
     if chosen:
-        return BlobCache(Path(chosen))
+        return BlobCache(Path(chosen), max_bytes=max_bytes)
     if in_pod:
         return None
-    return BlobCache()
+    return BlobCache(max_bytes=max_bytes)

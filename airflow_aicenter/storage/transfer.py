@@ -1239,6 +1239,8 @@ def stage_package(
                     cache.copy(f.sha256, dest, size=f.size, mode=f.mode)
             for f in contents.files:
                 cache.remember(staging / f.path, f.sha256)
+            with contextlib.suppress(OSError):  # a cache that cannot be trimmed still serves this run
+                cache.trim(keep={*contents.digests(), ref.sha256})
         else:
             fetched += run(_download_files(store, staging, list(first.values())))
             for f in contents.files:

@@ -7,10 +7,12 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
+from airflow_aicenter.errors import ConfigurationError
 from airflow_aicenter.package.contents import contents_of
 from airflow_aicenter.storage.cache import SEALED_MODE, SEALED_MTIME_NS, BlobCache, runtime_cache
 from airflow_aicenter.storage.store import Store
@@ -164,3 +166,41 @@ def test_concurrent_runs_on_one_node_fetch_into_one_cache_without_clashing(
     _, fetched = stage_package(store, ref, tmp_path / "again" / "p", tmp_path / "again.zip", cache=cache)
     assert fetched == 0
 
+
+
+def test_trim_removes_the_least_recently_used_entries_past_the_limit(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path / "c", max_bytes=250)
+    digests = [entry_of(cache, bytes([n]) * 100, tmp_path)[0] for n in range(4)]
+    hour = 3600 * 10**9
+    for age, digest in zip((5, 2, 4, 3), digests, strict=True):  # hours since each was last used
+        atime = time.time_ns() - age * hour
+        os.utime(cache.path(digest), ns=(atime, SEALED_MTIME_NS))
+    assert cache.trim(keep={digests[0]}) == 200, "the oldest but kept one stays; the next two oldest go"
+    assert [cache.lookup(d, 100) is not None for d in digests] == [True, True, False, False]
+    assert cache.lookup(digests[1], 100) is not None and cache.trim() == 0, "within the limit, or used in the last hour"
+    assert BlobCache(tmp_path / "c", max_bytes=None).trim() == 0
+
+
+def test_a_lookup_marks_an_entry_used_and_keeps_it_sealed(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path / "c")
+    digest, path = entry_of(cache, b"abc", tmp_path)
+    os.utime(path, ns=(1, SEALED_MTIME_NS))
+    assert cache.lookup(digest, 3) == path
+    st = path.stat()
+    assert st.st_atime_ns > 1 and st.st_mtime_ns == SEALED_MTIME_NS and cache.lookup(digest, 3) == path
+
+
+@pytest.mark.parametrize(("text", "size"), [("40G", 40 * 2**30), ("500M", 500 * 2**20), ("1.5GiB", 3 * 2**29),
+                                            ("1024", 1024), ("0", None)])
+def test_the_cache_limit_setting(text: str, size: int | None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("AICENTER_CACHE", str(tmp_path))
+    monkeypatch.setenv("AICENTER_BLOB_CACHE_MAX", text)
+    cache = runtime_cache(in_pod=False)
+    assert cache is not None and cache.max_bytes == size
+
+
+@pytest.mark.parametrize("text", ["lots", "-1G", "G"])
+def test_a_bad_cache_limit_is_named(text: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AICENTER_BLOB_CACHE_MAX", text)
+    with pytest.raises(ConfigurationError, match=r"AICENTER_BLOB_CACHE_MAX=.* (is not a size|is negative).* 0 for no limit"):
+        runtime_cache(in_pod=False)
