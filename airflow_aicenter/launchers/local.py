@@ -67,6 +67,8 @@ PASS_ENV = (
     "CUDA_VISIBLE_DEVICES",
     "NVIDIA_VISIBLE_DEVICES",
     "AICENTER_CACHE",
+    "AICENTER_BLOB_CACHE",  # the runtime's blob cache for per-file packages (storage/cache.py): a folder, or off
+    "AICENTER_BLOB_CACHE_MAX",
     "UV_CACHE_DIR",
     "UV_INDEX_URL",
     "UV_EXTRA_INDEX_URL",
