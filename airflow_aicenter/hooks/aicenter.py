@@ -105,7 +105,9 @@ class AICenterHook(BaseHook):
             ) from exc
         return S3Options(
             endpoint_url=aws.conn_config.get_service_endpoint_url("s3"),
-            region=aws.conn_region_name,
+            # The region the connection states; only without one is it resolved as botocore does (environment,
+            # config), which builds a client: the pages read the connection per request, a client costs ~0.25 s.
+            region=aws.region_name or aws.conn_region_name,
             access_key_id=creds.access_key,
             secret_access_key=creds.secret_key,
             session_token=creds.token,

@@ -133,3 +133,32 @@ def test_connection_test_on_s3(monkeypatch, s3_server):
     assert ok and "1 package(s)" in message
     ok, message = _hook(monkeypatch, {"storage": f"s3://no-such-bucket-{bucket}/x", "aws_conn_id": "aws_moto"}).test_connection()
     assert not ok and "does not exist" in message
+
+
+def test_the_store_of_each_page_is_opened_without_building_an_s3_client_for_the_region(monkeypatch, s3_server):
+    """Every page reads the connection afresh (a changed connection shows at once); building a botocore
+    client only to learn the region the connection states cost each page about a quarter of a second."""
+    import botocore.session
+
+    made: list[str] = []
+    create_client = botocore.session.Session.create_client
+
+    def counted(self, service_name, *args, **kwargs):
+        made.append(service_name)
+        return create_client(self, service_name, *args, **kwargs)
+
+    bucket = s3_server.create_bucket()
+    monkeypatch.setattr(botocore.session.Session, "create_client", counted)
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_MOTO", json.dumps({
+        "conn_type": "aws", "login": "testing", "password": "testing-secret",
+        "extra": {"endpoint_url": s3_server.endpoint, "region_name": "eu-west-3"}}))
+    options = _hook(monkeypatch, {"storage": f"s3://{bucket}/aicenter", "aws_conn_id": "aws_moto"}).s3_options
+    assert options is not None and options.region == "eu-west-3" and options.endpoint_url == s3_server.endpoint
+    assert options.access_key_id == "testing" and options.secret_access_key == "testing-secret"
+    assert made == [], f"clients built to read the connection: {made}"
+    # no region in the connection: the one botocore resolves (environment, config) as before
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "ap-south-1")
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_MOTO", json.dumps({
+        "conn_type": "aws", "login": "testing", "password": "testing-secret", "extra": {"endpoint_url": s3_server.endpoint}}))
+    options = _hook(monkeypatch, {"storage": f"s3://{bucket}/aicenter", "aws_conn_id": "aws_moto"}).s3_options
+    assert options is not None and options.region == "ap-south-1"
