@@ -7,14 +7,19 @@ image's libraries are used as they are. It is found, in this order:
 
 1. the local cache: ``$AICENTER_CACHE/envs/<key>`` (default ``~/.cache/aicenter/envs/<key>``),
    used in place;
-2. the store: ``envs/<key>.json`` names a packed environment (tar + zstd) under
-   ``blobs/sha256/``; the record must match its key (requirements, Python, platform, package)
-   and the blob its digest and size; it is streamed through zstd into tar while its digest is
-   computed, into a temporary folder that is used only when the digest matches;
-3. installed: ``uv venv`` + ``uv pip install -r requirements.txt``, byte-compiled and packed
-   (its digest computed) BEFORE any package code runs; only the upload of those very bytes
-   (verified against that digest while uploading) goes on in a background thread while the
-   user code runs, and the agent waits for it at the end of the run.
+2. the store: ``envs/<key>.json`` names a packed environment under ``blobs/sha256/``: a few
+   parts, each a tar stream compressed as one zstd frame, laid end to end (:data:`PARTED`; the
+   record gives each part's offset, size and sha256). The record must match its key
+   (requirements, Python, platform, package) and its parts must tile the blob; the parts are
+   read, hashed, decompressed and unpacked at once (one ``tar`` each: a warm start is bound by
+   creating ~13,000 files) into a temporary folder that is used only when every part's digest
+   matches. Records of the older single-stream format (:data:`PACKED`) are still read;
+3. installed: ``uv venv`` + ``uv pip install -r requirements.txt``, byte-compiled in parallel,
+   and packed (its digests computed) BEFORE any package code runs; only the upload of those very
+   bytes (verified against that digest while uploading) goes on in a background thread while the
+   user code runs, and the agent waits for it at the end of the run. Where package code runs as
+   another user, which cannot write the environment (``package_code_cannot_write``: the local
+   launcher's ``run_as_user``), packing too goes on while it runs.
 
 Installing runs no package-supplied code by default (finding 2 of issue 18): uv installs wheels
 only (``--only-binary :all:``), and every uv command runs with a minimal environment
@@ -36,11 +41,12 @@ spec, no user ``env``, the minimal install environment); ``base`` then gets the 
 read-only, and ``sync`` packs and stores the folder as the build left it (:func:`store_built`).
 
 What package code writes into its environment can never reach the store (finding 4): the
-bytes stored are those packed before it ran. Every environment is also made read-only
-(``chmod -R a-w``) before it is handed over; that is a boundary against another user (the
-local launcher's ``run_as_user``, a pod's read-only mount), not against code of the same uid,
-which could make it writable again: there the pack-before-run is the protection of the store,
-and the local cache of that worker is as trusted as the code it runs.
+bytes stored are those packed before it ran, or packed while it runs as a user that cannot
+write them. Every environment is also made read-only (``chmod -R a-w``) before it is handed
+over; that is a boundary against another user (the local launcher's ``run_as_user``, a pod's
+read-only mount), not against code of the same uid, which could make it writable again: there
+the pack-before-run is the protection of the store, and the local cache of that worker is as
+trusted as the code it runs.
 
 What the record check cannot stop: keys are predictable (they are made of public inputs), so
 whoever can create ``envs/<key>.json`` and a blob (a pod's session policy allows both, create-only,
@@ -617,6 +623,8 @@ def _build(final: Path, make: Callable[[Path], None], key: str, requirements: li
         compiled = time.perf_counter() - began
         _write_marker(tmp, key, requirements, package)
         _seal(tmp)
+        if byte_compile and not pack:
+            log(f"environment {key[:12]}: bytecode compiled in {compiled:.2f} s")
         if pack:
             packed = _pack_into(tmp, final.parent / f".tmp-{key[:12]}-{uuid.uuid4().hex[:8]}.{PACKED}")
             log(f"environment {key[:12]}: bytecode compiled in {compiled:.2f} s, packed ({packed.size / 2**20:.1f} MiB) "
