@@ -6,7 +6,8 @@ written. A crash in between leaves a blob nothing refers to. ``collect`` deletes
 and only those:
 
 - a blob is *referenced* when a version record (``packages/<name>/versions/*.json``) names it
-  as its content, or a run's snapshot manifest lists it: exactly
+  as its content, when the manifest of a per-file version (that content, ``kind`` "files")
+  lists it as one of the version's files, or when a run's snapshot manifest lists it: exactly
   ``runs/<dag>/<run>/<task>/<try>/{data_directory,test_data_directory}.manifest.json``
   (``layout.MANIFEST_NAMES`` in a run folder). Anything else that merely ends in
   ``.manifest.json`` (an artifact, say) is user content, not a record. Aliases and evaluations
@@ -33,10 +34,17 @@ and only those:
   damaged anywhere but in its digest still protects its blob until it is repaired. What a
   damaged record named beyond that is unknowable; dropping it costs: for an environment record,
   a rebuild of that environment (a cache); for a run's snapshot manifest, nothing that manifest
-  did not already lose. A damaged *version record* is different: only the CLI and the
+  did not already lose; for a damaged version record, a digest that is an intact per-file
+  manifest keeps the file blobs it lists as well. A damaged *version record* is different: only the CLI and the
   operators write ``packages/`` (runs cannot), and its blob is the only copy of a version; one
   that names no readable digest holds the collection (``GcReport.held``): nothing is deleted
   until it is restored or removed (fail safe: keep).
+- a per-file version's manifest that is missing, damaged (it hashes to another digest) or not a
+  manifest holds the collection too (``GcReport.manifests``, by its URI, with the fix): which
+  file blobs it named is unknowable, and they are the only copy of that version's files, so
+  nothing is deleted until the same package is uploaded again (identical content rewrites the
+  manifest) or ``aicenter verify --repair FOLDER`` restores it. A manifest is read once per pass
+  however many versions name it.
 - a record that cannot be *read* (the request failed: access denied, the store unreachable) is
   reported in ``GcReport.unreadable``; gc still reports on the whole store, but deletes nothing
   in that pass: what that record names is unknown, and trying again may read it.
@@ -58,7 +66,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from airflow_aicenter.errors import ConfigurationError, NotFoundError, StorageError
+from airflow_aicenter.errors import ConfigurationError, NotFoundError, PackageError, StorageError
 from airflow_aicenter.layout import (
     BLOBS,
     ENVS,
@@ -72,9 +80,10 @@ from airflow_aicenter.layout import (
     blob_key,
     is_digest,
 )
-from airflow_aicenter.records import DamagedRecordError, Manifest, VersionRecord, oversized, read
+from airflow_aicenter.records import BlobRef, DamagedRecordError, Manifest, VersionRecord, oversized, read
 from airflow_aicenter.runtime.environment import EnvironmentRecord
 from airflow_aicenter.storage.store import ObjectInfo, Store
+from airflow_aicenter.storage.transfer import MANIFEST_MAX, REPAIR_ADVICE, DamagedBlobError, read_package_contents
 
 DEFAULT_GRACE_HOURS = 24.0
 _TEMP = re.compile(rf"^{SHA256_HEX}#\d+$")
@@ -105,6 +114,7 @@ class GcReport:
     damaged: dict[str, str] = field(default_factory=dict)  # record URI -> why and the fix: reported, skipped
     salvaged: list[str] = field(default_factory=list)  # digests read from damaged records' bytes: kept
     unreadable: dict[str, str] = field(default_factory=dict)  # record URI -> why; while any, nothing is deleted
+    manifests: dict[str, str] = field(default_factory=dict)  # per-file version manifest URI -> why; while any, likewise
     held: str | None = None  # why nothing was deleted in this pass (None: the collection ran)
     environments: int = 0  # stored package environments (envs/<key>.json)
     environments_deleted: list[str] = field(default_factory=list)  # keys unused for longer than env_grace
@@ -120,7 +130,8 @@ class References:
 
     ``damaged``: records read but not valid (skipped; ``salvaged`` holds the digests in their
     bytes); ``holding``: damaged version records with no readable digest; ``unreadable``:
-    records whose reading failed.
+    records whose reading failed; ``manifests``: per-file version manifests missing, damaged or
+    not manifests (URI -> why, with the fix).
     """
 
     digests: set[str] = field(default_factory=set)
@@ -129,6 +140,7 @@ class References:
     salvaged: set[str] = field(default_factory=set)
     holding: list[str] = field(default_factory=list)
     unreadable: dict[str, str] = field(default_factory=dict)
+    manifests: dict[str, str] = field(default_factory=dict)
 
     def hold(self) -> str | None:
         """Why nothing may be deleted on what was read, or None when the collection can go on."""
@@ -139,6 +151,10 @@ class References:
             return (f"version record(s) {', '.join(self.holding)} are damaged and name no readable blob digest: "
                     "a version's content has no other copy, so nothing was deleted; restore each record from a "
                     "backup or remove it, then run gc again")
+        if self.manifests:
+            return (f"the manifest(s) {', '.join(self.manifests)} of per-file package versions cannot be read, so which "
+                    "file blobs they name is unknown and nothing was deleted: "
+                    + "; ".join(self.manifests.values()) + "; then run gc again")
         return None
 
 
@@ -157,12 +173,18 @@ def is_snapshot_manifest(key: str) -> bool:
 def references(store: Store) -> References:
     """Every blob digest a version record or a snapshot manifest names; unreadable records are reported, not fatal."""
     found = References()
+    manifests: dict[str, tuple[BlobRef, list[str]]] = {}  # a per-file version's manifest digest -> it, its versions
     for info in store.list(PACKAGES):
         if RECORD_KEYS["version"].match(info.key):
             record = _read(store, info, VersionRecord, found)
             if record is not None:
                 found.digests.add(record.blob.sha256)
                 found.counts["versions"] += 1
+                if record.blob.kind == "files":
+                    manifests.setdefault(record.blob.sha256, (record.blob, []))[1].append(
+                        f"{record.package}:{record.version}")
+    for ref, versions in manifests.values():
+        _package_files(store, ref, versions, found)
     for info in store.list(f"{RUNS}/"):
         if is_snapshot_manifest(info.key):
             manifest = _read(store, info, Manifest, found)
@@ -188,12 +210,52 @@ def _read(store: Store, info: ObjectInfo, model: type[Any], found: References) -
         digests = {m.decode() for m in _DIGEST_IN.findall(exc.raw)}
         found.damaged[store.url(key)] = f"{exc} (gc skipped it, keeping the {len(digests)} blob digest(s) read in it)"
         found.salvaged |= digests
+        if model is VersionRecord:  # a digest it names may be a per-file version's manifest: keep its files too
+            for digest in digests:
+                _salvage_manifest(store, digest, found)
         if model is VersionRecord and not digests:
             found.holding.append(store.url(key))
         return None
     except StorageError as exc:
         found.unreadable[store.url(key)] = f"{exc}; check access to that record, then run gc again"
         return None
+
+
+def _salvage_manifest(store: Store, digest: str, found: References) -> None:
+    """Keep the file blobs ``digest`` lists when it is an intact per-file manifest; anything else is left as it is.
+
+    What a damaged version record's content was is unknown, so each digest read in it is tried
+    as a manifest: a zip (or a blob too large to be a manifest) is not one and names nothing more.
+    """
+    try:
+        info = store.head(blob_key(digest))
+        if info is None or info.size > MANIFEST_MAX:
+            return
+        contents, _ = read_package_contents(store, BlobRef(sha256=digest, size=info.size, kind="files"))
+    except (NotFoundError, DamagedBlobError, PackageError):  # not there, not intact, or not a manifest
+        return
+    except StorageError as exc:  # the read failed: what it lists is unknown until it can be read
+        found.unreadable[store.url(blob_key(digest))] = f"{exc}; check access to that blob, then run gc again"
+        return
+    found.salvaged |= contents.digests()
+
+
+def _package_files(store: Store, ref: BlobRef, versions: list[str], found: References) -> None:
+    """Add the file blobs the manifest ``ref`` of per-file ``versions`` lists; note it when it cannot be read."""
+    uri = store.url(blob_key(ref.sha256))
+    try:
+        contents, _ = read_package_contents(store, ref)
+    except (NotFoundError, DamagedBlobError) as exc:  # missing, damaged (the error says how to repair it)
+        found.manifests[uri] = f"version(s) {', '.join(versions)}: {exc}"
+        return
+    except PackageError as exc:  # intact, but not a manifest this version reads
+        found.manifests[uri] = f"version(s) {', '.join(versions)}: {exc}; {REPAIR_ADVICE}"
+        return
+    except StorageError as exc:  # the read failed: trying again may read it
+        found.unreadable[uri] = f"the manifest of version(s) {', '.join(versions)}: {exc}; check access to it, then run gc again"
+        return
+    found.digests |= contents.digests()
+    found.counts["package files"] = found.counts.get("package files", 0) + len(contents.files)
 
 
 def collect(store: Store, *, grace: timedelta = timedelta(hours=DEFAULT_GRACE_HOURS), dry_run: bool = False,
@@ -250,6 +312,7 @@ def _note(report: GcReport, found: References) -> None:
     """Add what one reading of the records found wrong to the report (the first reason to hold wins)."""
     report.damaged.update(found.damaged)
     report.unreadable.update(found.unreadable)
+    report.manifests.update(found.manifests)
     report.salvaged = sorted(set(report.salvaged) | found.salvaged)
     report.held = report.held or found.hold()
 

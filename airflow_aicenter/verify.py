@@ -11,14 +11,22 @@ What is checked, by reading the whole store once:
 - every blob a version record, a snapshot manifest or an environment record names, and every
   checkpoint object a checkpoint manifest names, is read whole and hashed (whatever its size:
   ``transfer.blob_state``): "missing" or "damaged" (its content hashes to another digest),
-  with every record that names it.
+  with every record that names it;
+- a per-file version names its manifest blob (``referenced_by`` "version NAME:M.m (its
+  manifest)"); the manifest is read (once, however many versions name it) and each file blob it
+  lists is checked like any blob, named by version and file path ("version NAME:M.m
+  (weights.bin)"). A manifest that is missing or damaged is reported as such, and its files
+  cannot be listed until it is repaired; one that hashes right but is not a manifest is reported
+  "damaged" with why.
 
 ``repair`` rewrites each missing or damaged blob (and checkpoint object) whose content is found
 in a source: a folder or a zip. A source's candidates are its files, the zip itself, and the
 package zip ``aicenter package upload`` builds from the folder (or from the zip's content, or
 from a package folder or zip inside the folder): the upload zip is deterministic, so the same
-package folder gives the same digest (``package/archive.write_zip``). Only files of a size some
-damaged blob has are hashed. The content is written over the damaged object (an overwrite: a
+package folder gives the same digest (``package/archive.write_zip``), and, when a per-file
+version's manifest is to be repaired, the manifest an upload of that folder writes (also
+deterministic: ``package/contents.encode``). Only files of a size some damaged blob has are
+hashed. The content is written over the damaged object (an overwrite: a
 blob is otherwise created once), its bytes checked against the digest as they are sent: a blob
 through ``transfer.store_blob``, the writer that replaces a blob it finds damaged (as a re-upload
 does), a checkpoint object through ``transfer.upload_file``. Each is hashed again before it counts
@@ -45,10 +53,12 @@ from pydantic import BaseModel
 from airflow_aicenter import layout
 from airflow_aicenter.errors import AICenterError, ConfigurationError, NotFoundError, PackageError, StorageError
 from airflow_aicenter.package import open_package, write_zip
+from airflow_aicenter.package.contents import contents_of, encode
 from airflow_aicenter.records import (
     DAMAGED_RECORD_FIX,
     AliasRecord,
     ApprovalRecord,
+    BlobRef,
     DamagedRecordError,
     EvaluationRecord,
     Manifest,
@@ -63,10 +73,13 @@ from airflow_aicenter.runtime.checkpoint import CheckpointManifest
 from airflow_aicenter.runtime.environment import EnvironmentRecord
 from airflow_aicenter.storage.store import Store, walk_files
 from airflow_aicenter.storage.transfer import (
+    REPAIR_ADVICE,
     AdaptiveLimit,
+    DamagedBlobError,
     _hashes_to,
     blob_state_async,
     gather_limited,
+    read_package_contents,
     run,
     sha256_file,
     store_blob_async,
@@ -98,6 +111,8 @@ _RUN_FILES: dict[str, tuple[str, type[BaseModel] | None]] = {
     layout.REGISTRATION: ("registration", Registration),
     layout.RESULTS: ("results", None),
 }
+#: A per-file version's manifest digest -> (its ref, the versions that name it).
+_Manifests = dict[str, tuple[BlobRef, list[str]]]
 _NODE_OUTCOME = re.compile(rf"^node-\d+\.{re.escape(layout.OUTCOME)}$")
 _CHECKPOINT_MANIFEST = re.compile(
     rf"^({re.escape(layout.RUNS)}/[^/]+/[^/]+/[^/]+/{layout.CHECKPOINTS}/){re.escape(layout.CHECKPOINT_MANIFESTS)}\d+\.json$")
@@ -172,13 +187,28 @@ def verify(store: Store, *, repair: Path | None = None, progress: Callable[[int,
     began = time.perf_counter()
     report = VerifyReport(store=store.uri, source=None if repair is None else str(repair))
     refs: dict[str, _Ref] = {}
-    _read_records(store, report, refs)
-    report.blobs = sum(1 for r in refs.values() if r.kind == "blob")
-    report.checkpoint_objects = len(refs) - report.blobs
-    report.bytes = sum(r.size for r in refs.values())
+    manifests: _Manifests = {}
+    _read_records(store, report, refs, manifests)
+    _package_files(store, report, refs, manifests)
     report.damage += _check(store, list(refs.values()), progress)
     if repair is not None:
         _repair(store, report, repair)
+        # A manifest repaired just now lists files that could not be checked before: check (and repair) them now.
+        again = {d.sha256: manifests[d.sha256] for d in report.repaired if d.sha256 in manifests}
+        if again:
+            more: dict[str, _Ref] = {}
+            _package_files(store, report, more, again)
+            fresh = {key: ref for key, ref in more.items() if key not in refs}
+            for key, ref in more.items():
+                if key in refs:
+                    refs[key].referenced_by += ref.referenced_by
+            refs |= fresh
+            found = _check(store, list(fresh.values()), progress)
+            report.damage += found
+            _repair(store, report, repair, only=found)
+    report.blobs = sum(1 for r in refs.values() if r.kind == "blob")
+    report.checkpoint_objects = len(refs) - report.blobs
+    report.bytes = sum(r.size for r in refs.values())
     report.damage.sort(key=lambda d: (d.kind != "record", d.kind, d.key))
     report.seconds = round(time.perf_counter() - began, 3)
     return report
@@ -205,8 +235,11 @@ def _classify(key: str) -> tuple[str, type[BaseModel] | None] | None:
     return None
 
 
-def _read_records(store: Store, report: VerifyReport, refs: dict[str, _Ref]) -> None:
-    """Read every record (READ_CONCURRENCY at once: one small GET each, latency-bound) and note what each names."""
+def _read_records(store: Store, report: VerifyReport, refs: dict[str, _Ref], manifests: _Manifests) -> None:
+    """Read every record (READ_CONCURRENCY at once: one small GET each, latency-bound) and note what each names.
+
+    ``manifests`` gets each per-file version's manifest (by digest), with the versions that name it.
+    """
     keys: list[tuple[str, str, type[BaseModel] | None, int]] = []
     for top in (layout.PACKAGES, layout.ENVS, layout.SNAPSHOTS, layout.TRIGGERS, f"{layout.RUNS}/"):
         for info in store.list(top):
@@ -235,6 +268,9 @@ def _read_records(store: Store, report: VerifyReport, refs: dict[str, _Ref]) -> 
                     fix=_record_fix(kind) if damaged else "check access to the store and run `aicenter verify` again"))
                 continue
             _refs_of(key, kind, record, refs)
+            if isinstance(record, VersionRecord) and record.blob.kind == "files":
+                manifests.setdefault(record.blob.sha256, (record.blob, []))[1].append(
+                    f"{record.package}:{record.version}")
 
 
 def _read(store: Store, key: str, model: type[BaseModel] | None) -> Any:
@@ -258,7 +294,7 @@ def _refs_of(key: str, kind: str, record: Any, refs: dict[str, _Ref]) -> None:
 
     if isinstance(record, VersionRecord):
         add("blob", layout.blob_key(record.blob.sha256), record.blob.sha256, record.blob.size,
-            f"version {record.package}:{record.version}")
+            f"version {record.package}:{record.version}" + (" (its manifest)" if record.blob.kind == "files" else ""))
     elif isinstance(record, EnvironmentRecord):
         add("blob", layout.blob_key(record.blob.sha256), record.blob.sha256, record.blob.size, f"environment {key}")
     elif isinstance(record, Manifest):
@@ -270,6 +306,40 @@ def _refs_of(key: str, kind: str, record: Any, refs: dict[str, _Ref]) -> None:
         for cp in record.files:
             add("checkpoint object", layout.checkpoint_object_key(match.group(1), cp.sha256), cp.sha256, cp.size,
                 f"checkpoint {key} ({cp.path})")
+
+
+def _package_files(store: Store, report: VerifyReport, refs: dict[str, _Ref], manifests: _Manifests) -> None:
+    """Note the file blobs each per-file version's manifest lists (READ_CONCURRENCY manifests read at once).
+
+    A missing or damaged manifest is left to the object check, which reports it with its state;
+    one that hashes right but is not a manifest is reported here.
+    """
+    def load(ref: BlobRef) -> Any:
+        try:
+            return read_package_contents(store, ref)[0]
+        except (NotFoundError, DamagedBlobError):
+            return None
+        except (PackageError, StorageError) as exc:
+            return exc
+
+    blobs = [manifests[digest][0] for digest in sorted(manifests)]
+    with ThreadPoolExecutor(max_workers=READ_CONCURRENCY) as pool:
+        for blob, contents in zip(blobs, pool.map(load, blobs), strict=True):
+            digest, key = blob.sha256, layout.blob_key(blob.sha256)
+            if isinstance(contents, PackageError):
+                ref = refs[key]
+                report.damage.append(Damage(
+                    kind="blob", key=key, uri=store.url(key), state="damaged", sha256=digest, size=ref.size,
+                    referenced_by=sorted(set(ref.referenced_by)), detail=str(contents), fix=REPAIR_ADVICE))
+                refs.pop(key)  # reported: hashing it again would find it intact
+            elif isinstance(contents, StorageError):  # unreadable: the object check says so
+                continue
+            elif contents is not None:
+                for version in manifests[digest][1]:
+                    for f in contents.files:
+                        ref = refs.setdefault(layout.blob_key(f.sha256), _Ref("blob", layout.blob_key(f.sha256),
+                                                                               f.sha256, f.size))
+                        ref.referenced_by.append(f"version {version} ({f.path})")
 
 
 def _record_fix(kind: str) -> str:
@@ -335,11 +405,13 @@ def _object_fix(ref: _Ref, state: State) -> str:
 
 
 # -- repair -------------------------------------------------------------------------------
-def index_source(source: Path, work: Path, sizes: set[int]) -> dict[str, Path]:
+def index_source(source: Path, work: Path, sizes: set[int], *, manifests: bool = False) -> dict[str, Path]:
     """sha256 -> a local file with that content, among what ``source`` offers (see the module docstring).
 
     Only files whose size is in ``sizes`` are hashed; the package zips ``aicenter package upload``
-    would build are made in ``work`` (from the source, and from each package folder or zip in it).
+    would build are made in ``work`` (from the source, and from each package folder or zip in it),
+    and with ``manifests`` (a per-file version's manifest is to be repaired) the manifests it
+    would store too.
     """
     found: dict[str, Path] = {}
 
@@ -363,6 +435,10 @@ def index_source(source: Path, work: Path, sizes: set[int]) -> dict[str, Path]:
             zipped = work / f"package-{made[0]}.zip"
             write_zip(root, zipped)
             offer(zipped)
+            if manifests:
+                manifest = work / f"manifest-{made[0]}.json"
+                manifest.write_bytes(encode(contents_of(root)))
+                offer(manifest)
 
     if source.is_dir():
         package_zip(source)
@@ -379,13 +455,16 @@ def index_source(source: Path, work: Path, sizes: set[int]) -> dict[str, Path]:
     return found
 
 
-def _repair(store: Store, report: VerifyReport, source: Path) -> None:
-    broken = [d for d in report.damage if d.kind != "record" and d.state in ("missing", "damaged") and d.sha256]
+def _repair(store: Store, report: VerifyReport, source: Path, *, only: list[Damage] | None = None) -> None:
+    """Rewrite each missing or damaged object (of ``only``, else of the whole report) whose content ``source`` holds."""
+    broken = [d for d in (report.damage if only is None else only)
+              if d.kind != "record" and d.state in ("missing", "damaged") and d.sha256]
     if not broken:
         return
     with tempfile.TemporaryDirectory(prefix="aicenter-verify-") as tmp:
         try:
-            found = index_source(source, Path(tmp), {d.size for d in broken if d.size is not None})
+            found = index_source(source, Path(tmp), {d.size for d in broken if d.size is not None},
+                                 manifests=any(by.endswith("(its manifest)") for d in broken for by in d.referenced_by))
         except (AICenterError, OSError) as exc:
             raise ConfigurationError(f"cannot read the repair source {source}: {exc}; give a readable folder or zip") \
                 from exc
