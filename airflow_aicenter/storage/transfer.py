@@ -1283,26 +1283,37 @@ def _damaged_file(store: Store, f: PackageFile, actual: str) -> DamagedBlobError
         f"hashes to sha256:{actual}; nothing was staged. Repair it: {REPAIR_ADVICE}; then run the task again")
 
 
-def _missing_file(store: Store, f: PackageFile) -> NotFoundError:
+def _missing_file(store: Store, f: PackageFile, *, refused: bool = False) -> NotFoundError:
+    gone = ("is missing from the store or not readable with these credentials" if refused else
+            "is missing from the store")
     return NotFoundError(
-        f"package file {f.path!r} is missing from the store: its blob sha256:{f.sha256} "
-        f"({store.url(blob_key(f.sha256))}) was deleted after the version naming it was written (by `aicenter gc` or "
-        f"by hand); nothing was staged. {REPAIR_ADVICE}; then run the task again")
+        f"package file {f.path!r} {gone}: its blob sha256:{f.sha256} ({store.url(blob_key(f.sha256))}) was deleted "
+        f"after the version naming it was written (by `aicenter gc` or by hand)"
+        f"{', or the run credentials do not cover it' if refused else ''}; nothing was staged. {REPAIR_ADVICE}; "
+        "then run the task again")
 
 
 async def _fetch_file(store: Store, f: PackageFile, dest: Path, ranges: AdaptiveLimit) -> None:
-    """Download the blob of ``f`` to ``dest`` (via a temp name), its digest taken while it streams; verified."""
+    """Download the blob of ``f`` to ``dest`` (via a temp name), its digest taken while it streams; verified.
+
+    Only an object large enough for ranged reads is looked up first (its ETag pins the ranges
+    to one version of it); a smaller one is one GET.
+    """
     key = blob_key(f.sha256)
-    try:
-        info = None if isinstance(store, LocalStore) else await store.head_async(key)
-    except AccessDeniedError:  # S3's answer for an absent key to credentials that may not list it (a run's)
-        raise _missing_file(store, f) from None
-    if info is None and not isinstance(store, LocalStore):
-        raise _missing_file(store, f)
+    info = None
+    if f.size >= RANGED_MIN and not isinstance(store, LocalStore):
+        try:
+            info = await store.head_async(key)
+        except AccessDeniedError:  # S3's answer for an absent key to credentials that may not list it (a run's)
+            raise _missing_file(store, f, refused=True) from None
+        if info is None:
+            raise _missing_file(store, f)
     try:
         got = await download_file(store, key, dest, size=f.size, etag=None if info is None else info.etag, limit=ranges)
     except NotFoundError:
         raise _missing_file(store, f) from None
+    except AccessDeniedError:
+        raise _missing_file(store, f, refused=True) from None
     if got.sha256 != f.sha256 or got.size != f.size:
         dest.unlink(missing_ok=True)
         raise _damaged_file(store, f, got.sha256)

@@ -326,3 +326,18 @@ def test_a_training_stores_a_per_file_version_and_an_evaluation_stages_it_from_t
     assert evaluated.resources is not None
     staged = evaluated.resources["bytes_staged"] - 4  # the evaluation data: 4 bytes
     assert staged == len('{"epoch": 2}') + trained.blob.size, "only the new file and the manifest come from the store"
+
+
+def test_large_files_are_looked_up_then_read_in_ranges(
+    store: Store, package: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from airflow_aicenter.storage import transfer
+
+    monkeypatch.setattr(transfer, "RANGED_MIN", 2**20)  # weights.bin (3 MiB) takes the ranged path on S3
+    monkeypatch.setattr(transfer, "RANGE_PART", 2**20)
+    ref, _ = put_package_files(store, package)
+    root, _ = stage_package(store, ref, tmp_path / "a" / "package", tmp_path / "a.zip", cache=None)
+    assert tree(root) == tree(package)
+    store.delete(blob_key(hashlib.sha256((package / "model" / "weights.bin").read_bytes()).hexdigest()))
+    with pytest.raises(NotFoundError, match=r"package file 'model/weights\.bin' is missing from the store"):
+        stage_package(store, ref, tmp_path / "b" / "package", tmp_path / "b.zip", cache=BlobCache(tmp_path / "c"))
