@@ -52,6 +52,7 @@ from airflow_aicenter.records import AliasRecord, ApprovalRecord, Manifest, Vers
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.runs import STATUSES, RunRecord, compare, find_run, find_runs, list_runs
 from airflow_aicenter.storage import S3Options, Store, open_store
+from airflow_aicenter.storage.transfer import read_package_contents
 from airflow_aicenter.verify import verify
 
 console = Console(soft_wrap=True)
@@ -277,19 +278,28 @@ def cmd_package_upload(args: argparse.Namespace, registry: Registry) -> int:
     record = done.record
     if args.json:
         emit_json({**record.model_dump(mode="json"), "created": done.created, "repaired": done.repaired,
+                   "files": done.files, "size": done.size, "written_files": done.written_files,
+                   "written_bytes": done.written_bytes, "repaired_files": done.repaired_files,
                    "pipelines": {name: name not in cannot for name in PLANS}, "cannot": cannot})
         return 0
+    content = f"{_count(done.files, 'file')}, {_bytes(done.size)}"
     if done.created:
-        console.print(f"Uploaded [bold]{record.package}[/] version [bold green]{record.version}[/] "
-                      f"(sha256:{record.blob.sha256[:12]}, {record.blob.size} bytes) to {registry.store.uri}"
-                      + ("; the stored copy of this content was damaged and has been rewritten" if done.repaired else ""))
-    elif done.repaired:
-        console.print(f"[bold]{record.package} {record.version}[/] already stored; its blob was {done.repaired} and "
-                      f"has been rewritten from this upload (sha256:{record.blob.sha256[:12]}, in {registry.store.uri}); "
+        console.print(f"Uploaded [bold]{record.package}[/] version [bold green]{record.version}[/] ({content}) to "
+                      f"{registry.store.uri}: {_count(done.written_files, 'file')} ({_bytes(done.written_bytes)}) "
+                      f"written, {done.files - done.written_files} already stored", highlight=False)
+    elif done.repaired or done.repaired_files:
+        rewritten = []
+        if done.repaired:
+            rewritten.append(f"its blob was {done.repaired} and has been rewritten from this upload "
+                             f"(sha256:{record.blob.sha256[:12]}, in {registry.store.uri})")
+        if done.repaired_files:
+            rewritten.append(f"{_count(done.repaired_files, 'file blob')} ({_bytes(done.written_bytes)}) were missing "
+                             "or damaged and have been rewritten from this upload")
+        console.print(f"[bold]{record.package} {record.version}[/] already stored; {'; '.join(rewritten)}; "
                       "no new version was made")
     else:
         console.print(f"Already stored: the content is identical to [bold]{record.package} {record.version}[/] "
-                      f"(sha256:{record.blob.sha256[:12]}) in {registry.store.uri}, so no new version was made; "
+                      f"({content}, sha256:{record.blob.sha256[:12]}) in {registry.store.uri}, so no new version was made; "
                       "`--force` makes a new major version anyway")
     _print_capabilities(record.package, cannot)
     return 0
@@ -347,10 +357,17 @@ def cmd_package_download(args: argparse.Namespace, registry: Registry) -> int:
                                  "(it is made if it does not exist), e.g. the current one: .")
     with console.status(f"Downloading {escape(name)}:{escape(version or '')} ..."), local_path_errors(f"download into {dest}"):
         record, path = registry.download(name, version or "latest", dest)
+    per_file = record.blob.kind == "files"  # the zip is made from the files staged: its digest is taken here
+    sha256 = record.blob.sha256
+    if per_file:
+        with path.open("rb") as zipped:
+            sha256 = hashlib.file_digest(zipped, "sha256").hexdigest()
     if args.json:
-        emit_json({"package": name, "version": record.version, "path": str(path), "sha256": record.blob.sha256})
+        emit_json({"package": name, "version": record.version, "path": str(path), "sha256": sha256,
+                   "kind": record.blob.kind})
     else:
-        console.print(f"Downloaded {escape(name)} version {escape(record.version)} to {escape(str(path))} (sha256 verified)")
+        how = "every file's sha256 verified, zipped as `package upload` zips the folder" if per_file else "sha256 verified"
+        console.print(f"Downloaded {escape(name)} version {escape(record.version)} to {escape(str(path))} ({how})")
     return 0
 
 
@@ -487,12 +504,32 @@ def _version_detail(registry: Registry, name: str, spec: str) -> dict[str, Any]:
         "requested": spec,
         **_version_row(registry, record, _pointed(aliases), problems),
         "blob": record.blob.model_dump(),
+        "content": _content(registry, record, problems),
         "description": record.description,
         "lineage": lineage,
         "all_aliases": {a: {"version": c.version, "points_here": c.version == record.version,
                             "history": _alias_history(registry, name, a, c, problems)} for a, c in sorted(aliases.items())},
         "problems": problems,
     }
+
+
+def _content(registry: Registry, record: VersionRecord, problems: list[str]) -> dict[str, Any]:
+    """What a version holds: its kind, and for a per-file version how many files and bytes (its manifest, verified)."""
+    if record.blob.kind != "files":
+        return {"kind": "zip", "files": None, "size": record.blob.size}
+    contents = _tolerant(problems, "content", lambda: read_package_contents(registry.store, record.blob)[0], None)
+    return {"kind": "files", "files": len(contents.files) if contents else None,
+            "size": contents.total_size if contents else None}
+
+
+def _content_text(data: dict[str, Any]) -> str:
+    content, blob = data["content"], data["blob"]
+    if content["kind"] == "zip":
+        return f"zip sha256:{blob['sha256'][:16]} ({blob['size']} bytes)"
+    if content["files"] is None:
+        return f"per-file, manifest sha256:{blob['sha256'][:16]} (not readable: see the problems below)"
+    return (f"per-file: {_count(content['files'], 'file')}, {_bytes(content['size'])} "
+            f"(manifest sha256:{blob['sha256'][:16]})")
 
 
 def _print_package_overview(data: dict[str, Any]) -> None:
@@ -539,8 +576,7 @@ def _print_version_detail(data: dict[str, Any]) -> None:
     console.print(_kv_table(f"{data['package']} {data['version']}", [
         ("version", data["version"]), ("parent", data["parent"]), ("made by", data["pipeline"]),
         ("created", data["created_at"][:19].replace("T", " ")), ("created by", data["created_by"] or None),
-        ("run", data["run"]), ("snapshot", data["snapshot"]), ("content", f"sha256:{data['blob']['sha256'][:16]} "
-                                                                             f"({data['blob']['size']} bytes)"),
+        ("run", data["run"]), ("snapshot", data["snapshot"]), ("content", _content_text(data)),
         ("score (its run)", data["score"]), ("judged score", f"{_fmt(data['judged_score'])} ({data['judged_by']})"),
         ("aliases", ", ".join(data["aliases"]) or None), ("approval", _approval_text(data["approval"])),
         ("description", data["description"] or None),
@@ -850,7 +886,7 @@ def add_runs_commands(groups: Any) -> None:
 def cmd_gc(args: argparse.Namespace, registry: Registry) -> int:
     """Exit 1 when a record was damaged or unreadable (reported on stderr), even though gc ran."""
     report = collect(registry.store, grace=timedelta(hours=args.grace_hours), dry_run=args.dry_run)
-    problems = bool(report.damaged or report.unreadable)
+    problems = bool(report.damaged or report.unreadable or report.manifests)
     if args.json:
         emit_json(report.to_dict())
         return 1 if problems else 0
@@ -870,6 +906,8 @@ def cmd_gc(args: argparse.Namespace, registry: Registry) -> int:
         err_console.print(f"[red]damaged record, skipped:[/] {escape(record)}: {escape(why)}", highlight=False)
     for record, why in report.unreadable.items():
         err_console.print(f"[red]unreadable record:[/] {escape(record)}: {escape(why)}", highlight=False)
+    for manifest, why in report.manifests.items():
+        err_console.print(f"[red]package manifest not readable:[/] {escape(manifest)}: {escape(why)}", highlight=False)
     if report.held:
         err_console.print(f"[red]nothing deleted:[/] {escape(report.held)}", highlight=False)
     return 1 if problems else 0
@@ -890,6 +928,20 @@ def hours(text: str) -> float:
 
 def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
+
+
+def _bytes(n: int) -> str:
+    """A size as people read it: bytes below 1 KiB, else KiB, MiB or GiB with one decimal."""
+    if n < 1024:
+        return f"{n} bytes"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"  # unreachable
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "s")
 
 
 def add_gc_command(groups: Any) -> None:

@@ -196,9 +196,9 @@ def _package_blobs(storage: str, blob: BlobRef, open_store: Callable[[str], Stor
         return (blob.sha256,), False
     if open_store is None:
         return (blob.sha256,), True
-    from airflow_aicenter.registry import read_contents
+    from airflow_aicenter.storage.transfer import read_package_contents
 
-    files = sorted(read_contents(open_store(storage), blob.sha256).digests())
+    files = sorted(read_package_contents(open_store(storage), blob)[0].digests())
     if len(files) > MAX_EXACT_BLOBS:
         return (blob.sha256,), True
     return (blob.sha256, *files), False

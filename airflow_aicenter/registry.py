@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import os
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from airflow_aicenter import layout
 from airflow_aicenter.errors import (
     AICenterError,
     AlreadyExistsError,
+    ArchiveError,
     NotFoundError,
     PackageError,
     StorageError,
@@ -47,7 +49,8 @@ from airflow_aicenter.package import (
     validate_package_name,
     write_zip,
 )
-from airflow_aicenter.package.contents import PackageContents, decode
+from airflow_aicenter.package.archive import ZipDigest
+from airflow_aicenter.package.contents import PackageContents, contents_of, encode
 from airflow_aicenter.package.requirements import included_files
 from airflow_aicenter.records import (
     AliasRecord,
@@ -61,40 +64,18 @@ from airflow_aicenter.records import (
     read_optional,
     write,
 )
-from airflow_aicenter.storage import Store
-from airflow_aicenter.storage.transfer import get_blob, store_blob
+from airflow_aicenter.storage import Store, transfer
+from airflow_aicenter.storage.transfer import (
+    blob_state,
+    get_blob,
+    read_package_contents,
+    stage_package,
+    store_blob,
+    store_package_files,
+)
 
 #: Give up after this many lost races in a row (only reachable under pathological contention).
 MAX_ATTEMPTS = 10_000
-#: What repairs a per-file version's manifest or one of its file blobs.
-MANIFEST_FIX = ("upload the same package folder again (`aicenter package upload FOLDER --name NAME`: identical content "
-                "rewrites what is missing or damaged) or run `aicenter verify --repair FOLDER`")
-
-
-class DamagedManifestError(StorageError):
-    """A per-file version's manifest blob does not hash to its name: trying again cannot help, a repair can."""
-
-    retryable = False
-
-
-def read_contents(store: Store, sha256: str) -> PackageContents:
-    """The manifest of a per-file version, stored as the blob ``sha256``, verified by its digest and decoded.
-
-    NotFoundError when the blob is missing, StorageError when its bytes hash to another digest
-    (DamagedManifestError), PackageError when they are not a manifest: each names the blob and the fix. gc,
-    verify, the registry and the credentials read a manifest through this one function.
-    """
-    key = layout.blob_key(sha256)
-    try:
-        data = store.get_bytes(key)
-    except NotFoundError:
-        raise NotFoundError(
-            f"the package manifest {store.url(key)} is missing (deleted by hand, or by gc); {MANIFEST_FIX}") from None
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != sha256:
-        raise DamagedManifestError(f"the package manifest {store.url(key)} is damaged: its content hashes to "
-                                   f"sha256:{actual}; {MANIFEST_FIX}")
-    return decode(data, where=store.url(key))
 
 
 class Sequence:
@@ -173,13 +154,22 @@ class Upload:
 
     ``created`` is False when the content is identical to a stored upload (``record``), which is
     then returned instead of a new version. ``repaired`` is what was wrong with the stored blob
-    of ``record`` that this upload rewrote ("missing" or "damaged"), or None when it was intact
-    (a new version's blob that was simply not stored yet is no repair).
+    of ``record`` (its zip, or a per-file version's manifest) that this upload rewrote ("missing"
+    or "damaged"), or None when it was intact (a new version's blob that was simply not stored
+    yet is no repair); ``repaired_files`` how many of an identical per-file upload's file blobs
+    were missing or damaged and were rewritten. ``files`` and ``size``: the package's files and
+    their bytes; ``written_files`` and ``written_bytes``: the file blobs this upload wrote (the
+    rest were stored already, by this package or any other).
     """
 
     record: VersionRecord
     created: bool
     repaired: Literal["missing", "damaged"] | None = None
+    files: int = 0
+    size: int = 0
+    written_files: int = 0
+    written_bytes: int = 0
+    repaired_files: int = 0
 
 
 class Registry:
@@ -274,34 +264,63 @@ class Registry:
     def upload_package(
         self, path: Path, name: str, *, force: bool = False, created_by: str = "", description: str | None = None
     ) -> Upload:
-        """Validate and store a package; content identical to a stored upload makes no new version.
+        """Validate and store a package as a per-file version; content identical to a stored upload makes none.
 
-        The zip is deterministic, so identical content has the same digest: re-uploading an
-        unchanged package returns the upload (``N.0``) it equals instead of a new major
-        (``force`` makes the new major anyway). Either way the stored blob is hashed in full
-        and rewritten from this upload when it is damaged or missing, which is what the
-        corruption and missing-blob errors advise: uploading the same package again repairs it.
+        A new version is a manifest of the package's files over content-addressed blobs
+        (transfer.store_package_files): only the file blobs the store lacks are written, so a
+        new release that leaves a big file unchanged writes only what changed. The manifest is
+        deterministic, so identical content has the same digest: re-uploading an unchanged
+        package returns the upload (``N.0``) it equals instead of a new major (``force`` makes
+        the new major anyway); an upload stored as one zip before per-file versions is
+        recognised by the deterministic zip of the same folder, made only when the package has
+        such an upload. Either way every stored blob of that content is hashed in full and
+        rewritten from this upload when it is damaged or missing, which is what the corruption
+        and missing-blob errors advise: uploading the same package again repairs it.
         """
         validate_package_name(name)
         with tempfile.TemporaryDirectory(prefix="aicenter-upload-") as tmp:
             root = open_package(Path(path), Path(tmp) / "pkg")
             info = validate_package(root, "serve")
-            zip_path = Path(tmp) / "package.zip"
-            digest = write_zip(root, zip_path)
-            stored = None if force else self._identical_upload(name, digest.sha256)
-            found = store_blob(self.store, zip_path, digest.sha256)
-        if stored is not None:
-            return Upload(stored, created=False, repaired=None if found == "ok" else found)
-        blob = BlobRef(sha256=digest.sha256, size=digest.size)
-        desc = info.metadata.description if description is None else description
-        record = self.commit(name, parent=None, blob=blob, pipeline="upload", created_by=created_by, description=desc)
-        return Upload(record, created=True, repaired="damaged" if found == "damaged" else None)
+            contents = contents_of(root)
+            manifest = hashlib.sha256(encode(contents)).hexdigest()
+            zipped: list[ZipDigest] = []
 
-    def _identical_upload(self, name: str, sha256: str) -> VersionRecord | None:
-        """The upload (``N.0``) of ``name`` whose content is ``sha256``: one read per major, newest first."""
+            def zip_digest() -> str:  # the zip an upload stored before per-file versions, made once if asked
+                if not zipped:
+                    zipped.append(write_zip(root, Path(tmp) / "package.zip"))
+                return zipped[0].sha256
+
+            stored = None if force else self._identical_upload(name, manifest, zip_digest)
+            files, size = len(contents.files), contents.total_size
+            if stored is not None and stored.blob.kind == "zip":
+                found = store_blob(self.store, Path(tmp) / "package.zip", stored.blob.sha256)
+                return Upload(stored, created=False, repaired=None if found == "ok" else found, files=files, size=size,
+                              written_bytes=0 if found == "ok" else stored.blob.size)
+            before = None if stored is None else blob_state(self.store, manifest)
+            by_path = {f.path: f for f in contents.files}
+
+            def known(file: Path, st: os.stat_result) -> str | None:  # hashed just above: not read again
+                f = by_path.get(file.relative_to(root).as_posix())
+                return f.sha256 if f is not None and f.size == st.st_size else None
+
+            put = store_package_files(self.store, root, known=known)
+        written, written_bytes = put.blobs.uploaded_files, put.blobs.uploaded_bytes
+        if stored is not None:
+            return Upload(stored, created=False, repaired=None if before == "ok" else before, files=files, size=size,
+                          written_files=written, written_bytes=written_bytes, repaired_files=written)
+        desc = info.metadata.description if description is None else description
+        record = self.commit(name, parent=None, blob=put.ref, pipeline="upload", created_by=created_by, description=desc)
+        return Upload(record, created=True, files=files, size=size, written_files=written, written_bytes=written_bytes)
+
+    def _identical_upload(self, name: str, manifest: str, zip_digest: Callable[[], str]) -> VersionRecord | None:
+        """The upload (``N.0``) of ``name`` with this content: one read per major, newest first.
+
+        ``manifest`` is the content's per-file manifest digest; ``zip_digest()`` its zip's, asked
+        only when an upload stored as one zip is compared.
+        """
         for major in range((self.latest_major(name) or 0), 0, -1):
             stored = self.get(name, f"{major}.0")
-            if stored.blob.sha256 == sha256:
+            if stored.blob.sha256 == (manifest if stored.blob.kind == "files" else zip_digest()):
                 return stored
         return None
 
@@ -328,6 +347,8 @@ class Registry:
                 "going: `aicenter gc` with a grace period shorter than the run, or by hand); nothing was registered: "
                 "run the task again, and keep gc's grace period longer than the longest run"
             )
+        if blob.kind == "files":
+            self._check_files_stored(blob)
         made: list[VersionRecord] = []
 
         def make(version: Version) -> bytes:
@@ -345,6 +366,34 @@ class Registry:
             major = Version.parse(parent).major
             self._minors(name, major).append(lambda m, _: make(Version(major, m)))
         return made[0]
+
+    def _check_files_stored(self, blob: BlobRef) -> None:
+        """Refuse a per-file version whose manifest cannot be read or names a file blob the store lacks.
+
+        The manifest is written after its file blobs, so a lacking one was deleted since (gc, by
+        hand): a version naming it would fail every staging. One HEAD per distinct blob, at once.
+        """
+        try:
+            contents = read_package_contents(self.store, blob)[0]
+        except AICenterError as exc:
+            raise type(exc)(f"{exc}; nothing was registered") from None
+        paths: dict[str, list[str]] = {}
+        for f in contents.files:
+            paths.setdefault(f.sha256, []).append(f.path)
+
+        async def lacks(digest: str) -> bool:
+            return await self.store.head_async(layout.blob_key(digest)) is None
+
+        digests = sorted(paths)
+        absent = transfer.run(transfer.gather_limited(digests, lacks, transfer.AdaptiveLimit(transfer.CONCURRENCY)))
+        gone = [path for digest, lacking in zip(digests, absent, strict=True) if lacking for path in paths[digest]]
+        if gone:
+            shown = ", ".join(sorted(gone)[:5]) + (f" and {len(gone) - 5} more" if len(gone) > 5 else "")
+            raise StorageError(
+                f"the package content sha256:{blob.sha256} names files whose blobs are no longer in {self.store.uri}: "
+                f"{shown} (deleted while the run was going: `aicenter gc` with a grace period shorter than the run, or "
+                "by hand); nothing was registered: run the task again, and keep gc's grace period longer than the "
+                "longest run")
 
     def version_made_by(self, name: str, run: RunRef) -> VersionRecord | None:
         """The version the task instance of ``run`` (same dag, run, task and map index; any try) committed, or None.
@@ -409,9 +458,10 @@ class Registry:
     def check(self, record: VersionRecord, pipeline: str) -> None:
         """Validate a stored version for ``pipeline`` statically, before any compute starts.
 
-        Reads the zip through range requests: the central directory and the small contract
-        files only (sources, requirements, metadata), never a multi-GB model. The runtime
-        verifies the whole blob's digest when it stages it.
+        Reads the contract files only (sources, requirements, metadata), never a multi-GB
+        model: of a zip, through range requests (the central directory and those entries); of
+        a per-file version, its manifest and those files' blobs, each verified by its digest.
+        The runtime verifies everything it stages.
         """
         key = layout.blob_key(record.blob.sha256)
         if not self.store.exists(key):  # else the reader's failure would read as "not a zip"
@@ -427,11 +477,16 @@ class Registry:
                 parts = name.strip("/").split("/")
                 return is_contract_file(name) or "/".join(parts) in wanted or "/".join(parts[1:]) in wanted
 
+            contents = read_package_contents(self.store, record.blob)[0] if record.blob.kind == "files" else None
             # The contract files, then the files requirements.txt includes (-r, -c), followed until none is new.
             for attempt in range(8):
-                reader = obstore.open_reader(self.store.inner, key, size=record.blob.size)
-                root = extract_zip(cast(BinaryIO, reader), Path(tmp) / f"pkg{attempt}", only=selected,  # seekable reader
-                                   max_selected_bytes=MAX_CONTRACT_FILE_BYTES)
+                target = Path(tmp) / f"pkg{attempt}"
+                if contents is not None:
+                    root = self._fetch_selected(record, contents, selected, target)
+                else:
+                    reader = obstore.open_reader(self.store.inner, key, size=record.blob.size)
+                    root = extract_zip(cast(BinaryIO, reader), target, only=selected,  # seekable reader
+                                       max_selected_bytes=MAX_CONTRACT_FILE_BYTES)
                 includes = included_files(root)
                 if includes <= wanted:
                     break
@@ -443,12 +498,48 @@ class Registry:
                 raise PackageError(
                     f"package {record.package}:{record.version} cannot run the {shown} pipeline: {exc}") from exc
 
+    def _fetch_selected(self, record: VersionRecord, contents: PackageContents, selected: Callable[[str], bool],
+                        target: Path) -> Path:
+        """The files of a per-file version that ``selected`` names, fetched into ``target`` (verified); ``target``.
+
+        A selected file over MAX_CONTRACT_FILE_BYTES is refused from its size in the manifest,
+        before it is fetched, as a zip's is from its central directory.
+        """
+        target.mkdir(parents=True)
+        for f in contents.files:
+            if not selected(f.path):
+                continue
+            if f.size > MAX_CONTRACT_FILE_BYTES:
+                name = f.path.rsplit("/", 1)[-1]
+                raise ArchiveError(
+                    f"package file {f.path!r} of {record.package}:{record.version} is {f.size} bytes, over the limit of "
+                    f"{MAX_CONTRACT_FILE_BYTES} bytes for a contract file (it is parsed in the Airflow worker before the "
+                    f"run): keep {name} small and large data in other files of the package")
+            dest = target / f.path
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                get_blob(self.store, f.sha256, dest)
+            except NotFoundError as exc:
+                raise NotFoundError(f"version {record.package}:{record.version} names file {f.path}: {exc}") from None
+        return target
+
     def download(self, name: str, spec: str, dest: Path) -> tuple[VersionRecord, Path]:
-        """Fetch a version's zip (verified against its digest) into ``dest`` (a folder)."""
+        """Fetch a version as its zip into ``dest`` (a folder), verified.
+
+        A zip version's blob, checked against its digest. A per-file version is staged (its
+        manifest and every file verified by digest) and zipped by write_zip: the same
+        deterministic zip the package folder gives, byte for byte, so a per-file version and a
+        zip version of the same files download identically.
+        """
         record = self.resolve(name, spec)
         dest.mkdir(parents=True, exist_ok=True)
         target = dest / f"{name}-{record.version}.zip"
-        get_blob(self.store, record.blob.sha256, target)
+        if record.blob.kind == "zip":
+            get_blob(self.store, record.blob.sha256, target)
+            return record, target
+        with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=dest) as tmp:
+            root, _ = stage_package(self.store, record.blob, Path(tmp) / "pkg", Path(tmp) / "scratch", cache=None)
+            write_zip(root, target)
         return record, target
 
     # -- aliases and evaluations ---------------------------------------------------------

@@ -92,8 +92,10 @@ def test_download_detects_a_corrupt_blob(tmp_path):
     blob = Path(open_store(uri).root) / "blobs" / "sha256" / record.blob.sha256
     blob.write_bytes(b"not the package")
     done = cli("--storage", uri, "package", "download", "churn:1.0", str(tmp_path / "out"))
-    assert done.returncode == 1 and "is corrupt" in done.stderr
+    # a zip version's blob "is corrupt"; a per-file version's manifest (what uploads store now) "is damaged"
+    assert done.returncode == 1 and ("is corrupt" in done.stderr or "is damaged" in done.stderr), done.stderr
     assert not (tmp_path / "out" / "churn-1.0.zip").exists()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [], "no partial zip or staging folder is left"
 
 
 @pytest.mark.parametrize("files, name, message", [

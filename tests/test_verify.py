@@ -18,7 +18,7 @@ from airflow_aicenter import cli, layout
 from airflow_aicenter.errors import ConfigurationError
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import Store
-from airflow_aicenter.storage.transfer import blob_state, put_blob, sha256_file
+from airflow_aicenter.storage.transfer import blob_state, put_blob, read_package_contents, sha256_file
 from airflow_aicenter.verify import verify
 from tests.conftest import EXAMPLE_PACKAGE
 from tests.store_damage import damaged_store
@@ -54,7 +54,10 @@ def test_verify_names_every_damage_and_what_refers_to_it(store: Store, tmp_path:
         assert record.state == "damaged" and record.fix, (kind, record)
     assert ("blob", layout.blob_key(damage.package_blob)) not in found, "an intact blob is no damage"
     assert len(report.damage) == 3 + len(damage.records)
-    assert report.records["version"] == 2 and report.records["environment"] == 2 and report.blobs == 4
+    package = Registry(store).get("churn", "1.0").blob  # a per-file version: its manifest, then each file's blob
+    package_blobs = 1 + len(read_package_contents(store, package)[0].digests())
+    assert report.records["version"] == 2 and report.records["environment"] == 2
+    assert report.blobs == 3 + package_blobs, "the snapshot's three files and the package's blobs"
 
 
 def test_repair_from_a_dataset_folder(store: Store, tmp_path: Path) -> None:
@@ -94,7 +97,7 @@ def test_repair_a_package_blob(store: Store, tmp_path: Path, source_kind: str) -
             source = Path(shutil.move(source, tmp_path / "holder" / "mine.zip")).parent
     _flip(store, key)
     found = verify(store)
-    assert [(d.state, d.referenced_by) for d in found.damage] == [("damaged", ["version churn:1.0"])]
+    assert [(d.state, d.referenced_by) for d in found.damage] == [("damaged", ["version churn:1.0 (its manifest)"])]
     assert "upload the package again" in found.damage[0].fix
     store.delete(key)
     report = verify(store, repair=source)

@@ -661,9 +661,9 @@ def store_at(root: Path) -> Any:
 
 
 def file_keys(store: Store, blob: BlobRef) -> list[str]:
-    from airflow_aicenter.registry import read_contents
+    from airflow_aicenter.storage.transfer import read_package_contents
 
-    return [f"aicenter/{blob_key(f.sha256)}" for f in read_contents(store, blob.sha256).files]
+    return [f"aicenter/{blob_key(f.sha256)}" for f in read_package_contents(store, blob)[0].files]
 
 
 def test_a_per_file_package_of_a_few_files_is_read_by_exact_keys(tmp_path: Path) -> None:
