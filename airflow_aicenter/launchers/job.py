@@ -51,6 +51,7 @@ from airflow_aicenter.launchers.pod_spec import (
 )
 from airflow_aicenter.layout import OUTCOME, outcome_name
 from airflow_aicenter.records import Outcome, RunRef, RunSpec, end_outcome, read_optional, write
+from airflow_aicenter.secrets import Redactor, is_secret_key
 
 if TYPE_CHECKING:
     from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
@@ -62,6 +63,11 @@ __all__ = ["LABEL_JOB", "MASTER_PORT", "JobLauncher", "job_name"]
 POLL = 2.0
 #: Seconds a recovered earlier try's Job gets to end on its own before it is removed.
 TIDY_WAIT = 30.0
+#: Lines of each container of every other node copied into the task log when a distributed run fails (their
+#: last lines: where it failed; whole logs of many nodes would bury the cause).
+TAIL_LINES = 20
+#: The longest line copied from another node's log; the rest of it is cut (marked).
+TAIL_LINE_CHARS = 2000
 #: The deferrable trigger's event status when not every node ran within ``startup_timeout``.
 STARTUP_TIMEOUT = "startup_timeout"
 #: The task state store key of the Job's identity (``{"name", "namespace", "uid"}``); renaming it strands running Jobs.
@@ -91,6 +97,7 @@ class NodeLogStream:
         self.thread.start()
 
     def line(self, text: str) -> str:
+        text = self.launcher.redactor.redact(text)
         match = _RANK_PREFIX.match(text)
         if match:
             return f"[node 0 rank {match.group(1)}] {text[match.end():]}"
@@ -250,6 +257,7 @@ class JobLauncher(PodLauncher):
         self.pod_run = self.plan(spec, run)
         self.issue_credentials(spec, run)
         job, service = self.manifests(context, spec, run)
+        self.redactor_from(job)
         batch, core = self.kube.batch_v1_client, self.kube.core_v1_client
         assert self.job is not None and self.namespace is not None
         state = self._state_store(context)
@@ -458,13 +466,12 @@ class JobLauncher(PodLauncher):
             job = self._read_job()
             if job is None:
                 raise RunError(f"Job {self.namespace}/{self.job} disappeared while running (deleted by someone?)")
-            for condition in job.status.conditions or []:
-                if condition.type in ("Complete", "Failed") and condition.status == "True":
-                    streamer = self.streamer
-                    if streamer is not None:
-                        streamer.finish()
-                    self._relay_logs(skip_streamed=streamer is not None and streamer.complete)
-                    return job.status
+            if job_ended(job):
+                streamer = self.streamer
+                if streamer is not None:
+                    streamer.finish()
+                self._relay_logs(job, skip_streamed=streamer is not None and streamer.complete)
+                return job.status
             if not started and job.spec.suspend:
                 if admitted is None:
                     self.op.log.info("Job %s/%s waits in queue %s to be admitted", self.namespace, self.job,
@@ -488,31 +495,70 @@ class JobLauncher(PodLauncher):
                                log=self.op.log).items
         return sorted(pods, key=lambda p: int((p.metadata.labels or {}).get("batch.kubernetes.io/job-completion-index", "0")))
 
-    def _relay_logs(self, *, skip_streamed: bool = False) -> None:
-        """Every node's log into the task log, prefixed with its node, once the Job ended.
+    def _relay_logs(self, job: k8s.V1Job, *, skip_streamed: bool = False) -> None:
+        """What the task log gets of the nodes' logs once the Job ended.
 
         Node 0's user container was streamed while the run went on (:class:`NodeLogStream`); when
-        that stream reached the container's end, it is not repeated here.
+        that stream did not reach the container's end, its whole log is copied now. Node 0's
+        staging and upload containers are copied whole (the agent's lines: what was staged and
+        uploaded). The other nodes' logs are copied only when the Job failed, and only the last
+        ``TAIL_LINES`` lines of each container (asked of the API server, not read whole), each line
+        at most ``TAIL_LINE_CHARS`` long: where a node failed, not hours of its training. Every
+        line is masked with the run's known secrets (:meth:`redactor`).
         """
+        self.redactor_from(job)
+        failed = any(c.type == "Failed" and c.status == "True" for c in (job.status.conditions or []))
         for pod in self._pods():
-            index = (pod.metadata.labels or {}).get("batch.kubernetes.io/job-completion-index", "?")
+            index = node_index(pod)
             for container in (STAGE_CONTAINER, self.op.base_container_name, SYNC_CONTAINER):
-                if skip_streamed and index == "0" and container == self.op.base_container_name:
+                if index == "0":
+                    if skip_streamed and container == self.op.base_container_name:
+                        continue
+                    lines = self._pod_log(pod, container)
+                elif failed:
+                    lines = self._pod_log(pod, container, tail=TAIL_LINES)
+                    if lines:
+                        self.op.log.info("The last %d lines of node %s's %s container (%s):", len(lines), index, container,
+                                         pod.metadata.name)
+                else:
                     continue
-                try:
-                    # Raw bytes: with its content preloaded the client gives str(bytes) of a plain-text body.
-                    response = kube_retry.call(
-                        self.kube.core_v1_client.read_namespaced_pod_log, pod.metadata.name, pod.metadata.namespace,
-                        container=container, _preload_content=False, what=f"read the log of node {index}", log=self.op.log,
-                        budget=30,
-                    )
-                    text = response.data.decode("utf-8", "replace")
-                except (ApiException, kube_retry.KubernetesUnavailable) as exc:
-                    self.op.log.warning("Could not read the %s log of node %s (%s): %s", container, index, pod.metadata.name,
-                                        getattr(exc, "reason", exc))
-                    continue
-                for line in str(text).splitlines():
+                for line in lines:
                     self.op.log.info("[node %s] %s", index, line)
+        if not failed and self.nodes > 1:
+            self.op.log.info("The run succeeded: the logs of nodes 1 to %d are not copied (only a failed run's last lines "
+                             "are)", self.nodes - 1)
+
+    def _pod_log(self, pod: k8s.V1Pod, container: str, *, tail: int | None = None) -> list[str]:
+        """A container's log lines (its last ``tail`` lines, each cut at TAIL_LINE_CHARS), masked; [] if unreadable."""
+        index = node_index(pod)
+        limits: dict[str, Any] = {} if tail is None else {"tail_lines": tail, "limit_bytes": tail * (TAIL_LINE_CHARS + 1)}
+        try:
+            # Raw bytes: with its content preloaded the client gives str(bytes) of a plain-text body.
+            response = kube_retry.call(
+                self.kube.core_v1_client.read_namespaced_pod_log, pod.metadata.name, pod.metadata.namespace,
+                container=container, _preload_content=False, what=f"read the log of node {index}", log=self.op.log,
+                budget=30, **limits,
+            )
+            text = response.data.decode("utf-8", "replace")
+        except (ApiException, kube_retry.KubernetesUnavailable) as exc:
+            self.op.log.warning("Could not read the %s log of node %s (%s): %s", container, index, pod.metadata.name,
+                                getattr(exc, "reason", exc))
+            return []
+        lines = str(text).splitlines()
+        if tail is not None:
+            lines = [line if len(line) <= TAIL_LINE_CHARS else f"{line[:TAIL_LINE_CHARS]} [... line cut]"
+                     for line in lines[-tail:]]
+        return [self.redactor.redact(line) for line in lines]
+
+    def redactor_from(self, job: k8s.V1Job) -> Redactor:
+        """Add the plain values of the Job's secret-looking env (every container of its pod template) to
+        :attr:`redactor`, which already holds the run's ``env`` secrets and its issued credentials."""
+        spec = job.spec.template.spec if job.spec is not None and job.spec.template is not None else None
+        for container in [*((spec.init_containers if spec else None) or []), *((spec.containers if spec else None) or [])]:
+            for var in container.env or []:
+                if var.value and is_secret_key(var.name):
+                    self.redactor.add(var.value)
+        return self.redactor
 
     def ending_of_job(self, status: k8s.V1JobStatus | None) -> Finished:
         """Node 0's outcome.json decides; a failed node's own outcome names the cause."""

@@ -59,7 +59,7 @@ from airflow_aicenter.launchers.pod_spec import (
 from airflow_aicenter.layout import OUTCOME
 from airflow_aicenter.plans import plan_for
 from airflow_aicenter.records import Outcome, RunRef, RunSpec, end_outcome, read_optional
-from airflow_aicenter.secrets import is_secret_key
+from airflow_aicenter.secrets import Redactor, is_secret_key
 
 if TYPE_CHECKING:
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
@@ -226,6 +226,8 @@ class PodLauncher(Launcher):
         #: More env for ``stage`` and ``sync``, and ports of ``base`` (a Job's rendezvous).
         self.agent_env: list[k8s.V1EnvVar] = []
         self.ports: list[k8s.V1ContainerPort] = []
+        #: The run's secrets this launcher knows (``env``'s secret values, issued credentials): masked in what it logs.
+        self.redactor = Redactor(str(v) for k, v in settings.env.items() if is_secret_key(k) or k in settings.secret_keys)
 
     def check(self) -> None:
         refuse_secret_env(self.settings.env, self.settings.secret_keys)
@@ -275,6 +277,7 @@ class PodLauncher(Launcher):
         values = creds.to_env()
         for value in values.values():
             mask_secret(value)
+            self.redactor.add(value)
         name = credentials_secret_name(run)
         body = k8s.V1Secret(
             api_version="v1",

@@ -33,12 +33,15 @@ def test_two_nodes_of_two_processes_train_together(ddp_deployment, kube_api: Fak
     registry, dataset = ddp_deployment
     context = make_context()
     result = ddp_full_op(dataset).execute(context)
-    # every node's log reaches the task log line by line (it came as one "b'...\\n...'" string)
+    # node 0's staging and upload logs reach the task log line by line (they came as one "b'...\\n...'" string);
+    # a run that succeeded leaves the other nodes' logs out
     captured = capfd.readouterr()
     logged = (captured.out + captured.err).splitlines()
-    node_lines = [line[line.index("[node 1] "):] for line in logged if "[node 1] " in line]
+    node_lines = [line[line.index("[node 0] "):] for line in logged if "[node 0] " in line]
     assert any("[aicenter]" in line for line in node_lines), node_lines[:5]
-    assert not any(line.startswith("[node 1] b'") or "\\n" in line for line in node_lines), node_lines[:5]
+    assert not any(line.startswith("[node 0] b'") or "\\n" in line for line in node_lines), node_lines[:5]
+    assert not any("[node 1] " in line for line in logged)
+    assert any("the logs of nodes 1 to 1 are not copied" in line for line in logged)
 
     assert result["version"] == "1.1" and result["score"] == 6.0, "rank 0 summed the ranks 0+1+2+3 over TCP"
     record = registry.get("ddp", "1.1")

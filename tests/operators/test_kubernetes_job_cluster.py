@@ -288,6 +288,56 @@ def test_node_0_log_reaches_the_task_log_while_the_run_goes_on(kube_deployment, 
     assert rest.count("streamed hello from rank 0") == 1, "node 0's log once, not again at the end"
 
 
+NOISY_TRAIN = '''
+import os, time
+
+class Main:
+    def __init__(self):
+        pass
+    def process_data(self, input_directory):
+        pass
+    def train(self, training_directory):
+        rank = os.environ["RANK"]
+        if rank == "0":
+            print("rank 0 trains", flush=True)
+            time.sleep(60)  # stopped when node 1 fails the Job
+        for i in range(200):
+            print(f"node 1 says line {i}", flush=True)
+        print(f"the token is {os.environ['SERVICE_TOKEN']}", flush=True)
+        raise ValueError("node 1 gives up")
+    def evaluate(self, evaluation_directory):
+        return 1.0
+    def save(self):
+        pass
+'''
+
+
+def test_a_failed_run_shows_the_other_nodes_last_lines_only_redacted(kube_deployment, kube_api: FakeKubernetes, tmp_path: Path,
+                                                                     capfd: pytest.CaptureFixture[str]):
+    """Node 1 prints 200 lines, then a token, then fails: the task log gets its last lines (capped), masked, not its
+    whole log; node 0's log was streamed as the run went on."""
+    from airflow_aicenter.errors import RunError
+    from airflow_aicenter.launchers.job import TAIL_LINES
+
+    registry, dataset = kube_deployment
+    registry.upload(write_files(tmp_path / "pkg", {"main.py": MAIN, "train.py": NOISY_TRAIN, "requirements.txt": ""}), "noisy")
+    token = "tok-5f0c8e2a9b7d4c1e8f3a6b2d"
+    op = TrainPipelineOperator(task_id="train", package="noisy", dataset=dataset, nodes=2, install_requirements=False,
+                               env_vars={"SERVICE_TOKEN": token}, **FAST)
+    with pytest.raises(RunError, match=r"node 1: rank 1: Main.train\(\) raised ValueError: node 1 gives up"):
+        op.execute(make_context())
+    captured = capfd.readouterr()
+    logged = captured.out + captured.err
+    assert "[node 0 rank 0] rank 0 trains" in logged, "node 0 streamed"
+    node1 = [line[line.index("[node 1] "):] for line in logged.splitlines() if "[node 1] " in line]
+    assert any("node 1 says line 199" in line for line in node1), node1[-30:]
+    assert not any("node 1 says line 150" in line for line in node1), "the last lines only, not the whole log"
+    assert 0 < len(node1) <= 3 * TAIL_LINES, len(node1)
+    assert token not in logged, "masked"
+    assert any("the token is ***" in line for line in node1), node1[-30:]
+    assert "lines of node 1's" in logged
+
+
 # -- disruptions: an evicted node is a retryable failure; the retry resumes from the checkpoint ----
 CHECKPOINT_DDP = '''
 import json, os, time
