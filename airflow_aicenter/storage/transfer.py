@@ -849,6 +849,16 @@ async def _hashes_to(store: Store, key: str, sha256: str, size: int | None = Non
     its body is not read.
     """
     store.check_readable(key)
+    if isinstance(store, LocalStore):  # the file store's own read path: plain reads (an obstore read of 1 GiB: 5-9 s)
+
+        def local() -> bool:
+            fd, stored = store.open_read(key)
+            try:
+                return (size is None or stored == size) and _sha256_fd(fd) == sha256
+            finally:
+                os.close(fd)
+
+        return await asyncio.to_thread(local)
     digest = hashlib.sha256()
     with store._errors(key):
         result = await obstore.get_async(store.inner, key)
