@@ -250,6 +250,7 @@ class BasePipelineOperator(KubernetesPodOperator):
 
     # -- the one flow --------------------------------------------------------------------
     def execute(self, context: Context) -> dict[str, Any]:
+        """Prepare (refusals recorded, failing once), launch, then publish what the post-run step returns."""
         hook, request, run = self.aicenter_hook, self.run_request(), self.run_ref(context)
         self.launcher_in_use = None  # each execution builds its own
         check_inputs = partial(check_datasets, self.plan, request.datasets(), type(self).__name__, open_store=hook.get_store,
