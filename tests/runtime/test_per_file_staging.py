@@ -341,3 +341,45 @@ def test_large_files_are_looked_up_then_read_in_ranges(
     store.delete(blob_key(hashlib.sha256((package / "model" / "weights.bin").read_bytes()).hexdigest()))
     with pytest.raises(NotFoundError, match=r"package file 'model/weights\.bin' is missing from the store"):
         stage_package(store, ref, tmp_path / "b" / "package", tmp_path / "b.zip", cache=BlobCache(tmp_path / "c"))
+
+
+REWRITE_IN_PLACE = '''
+class Main:
+    def __init__(self):
+        pass
+    def process_data(self, input_directory):
+        pass
+    def train(self, training_directory):
+        with open("weights.bin", "r+b") as fh:  # in place, through whatever the staged file is
+            fh.write(b"TUNED")
+    def evaluate(self, evaluation_directory):
+        return 1.0
+    def save(self):
+        pass
+'''
+
+
+def test_a_training_that_rewrites_a_staged_file_in_place_leaves_the_cache_intact(
+    store: Store, tmp_path: Path, spawn_runtime: RuntimeSpawner, request: pytest.FixtureRequest,
+) -> None:
+    env = request.getfixturevalue("s3_env").env() if store.uri.startswith("s3://") else {}
+    env["AICENTER_CACHE"] = str(tmp_path / "cache")
+    weights = os.urandom(BIG)
+    package = write_package(tmp_path / "pkg", train=REWRITE_IN_PLACE, files={"weights.bin": weights})
+    base, _ = put_package_files(store, package)
+    run(upload_tree(write_package(tmp_path / "data", main=None, train=None, requirements=None, files={"a.csv": "x\n"}),
+                    store, "datasets/d"))
+    spec = RunSpec(pipeline="train", storage=store.uri, run_prefix="runs/d/r/train/1", package="ft", version="1.0",
+                   blob=base, dataset=store.url("datasets/d"))
+    for n in (1, 2):  # the second training stages the base from the cache the first one filled
+        done = spawn_runtime.run(spec.model_copy(update={"run_prefix": f"runs/d/r/train/{n}"}), env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        trained = read(store, f"runs/d/r/train/{n}/outcome.json", Outcome)
+        assert trained.blob is not None and trained.resources is not None
+        files = {f.path: f.sha256 for f in read_package_contents(store, trained.blob)[0].files}
+        assert files["weights.bin"] == hashlib.sha256(b"TUNED" + weights[5:]).hexdigest(), "the new version has the write"
+        every = base.size + sum({f.sha256: f.size for f in contents_of(package).files}.values())  # manifest, blobs
+        assert trained.resources["bytes_staged"] == (every + 2 if n == 1 else 2), "the second: the base from the cache"
+    root, fetched = stage_package(store, base, tmp_path / "check" / "package", tmp_path / "c.zip",
+                                  cache=BlobCache(tmp_path / "cache"))
+    assert fetched == 0 and (root / "weights.bin").read_bytes() == weights, "the cache still holds the base's bytes"
