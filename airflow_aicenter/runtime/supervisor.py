@@ -373,6 +373,9 @@ class Supervisor:
             if all(u.poll() is not None for u in users):
                 break
             self.pause([u for u in users if u.process.returncode is None])
+        # What they left running ends with them now: it may hold their output pipes, which the
+        # pumps would otherwise wait on (5 s a pipe) before the last lines could be passed on.
+        self.kill_leftovers()
         self.join()
         for user in users:
             result = user.result()
