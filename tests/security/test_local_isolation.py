@@ -134,7 +134,12 @@ class Main:
         open(pid_file + ".user", "w").write(f"{os.getpid()} {os.getppid()}")
         if os.environ.get("FAIL"):
             raise ValueError("boom")
-        time.sleep(float(os.environ.get("TRAIN_SLEEP", "0")))
+        # the run goes on for TRAIN_SLEEP seconds at most, or until the test releases it (release())
+        release, until = pid_file + ".release", time.monotonic() + float(os.environ.get("TRAIN_SLEEP", "0"))
+        while time.monotonic() < until and not os.path.exists(release):
+            time.sleep(0.05)
+        if os.path.exists(release):
+            os.remove(release)
     def save(self):
         pass
 '''
@@ -247,6 +252,12 @@ def run_file(scratch: Path, name: str, timeout: float = 60) -> str:
     raise AssertionError(f"package code never wrote {name}")
 
 
+def release(scratch: Path) -> None:
+    """Ends a DAEMON_TRAIN run's wait (its TRAIN_SLEEP is the most it waits): the test has seen what it needed."""
+    [pid_file] = (scratch / "tmp").glob("aicenter-launch-*/artifacts/daemon.pid")
+    pid_file.with_name("daemon.pid.release").write_text("")
+
+
 def probe_of(store, spec) -> dict:
     return json.loads(store.get_bytes(f"{spec.run_prefix}/artifacts/probe.json"))
 
@@ -291,7 +302,7 @@ def test_same_user_package_code_cannot_read_the_agent_nor_the_run_spec(s3_server
 def test_the_agent_is_not_dumpable_to_any_process_of_its_uid(s3_server, system_user, scratch, tmp_path, runtime_venv):
     """Not only to package code (which Landlock may confine as well): to any process of the same uid."""
     store = s3_store(s3_server)
-    _, spec = daemon_run(store, tmp_path, {"TRAIN_SLEEP": "6"})
+    _, spec = daemon_run(store, tmp_path, {"TRAIN_SLEEP": "30"})
     worker = launch(spec, scratch, s3_server.env(), runtime_venv.python, user=system_user, wait=False)
     _, agent = map(int, run_file(scratch, "daemon.pid.user").split())
     reader = "import sys\ntry:\n    open(sys.argv[1], 'rb').read(); print('read')\nexcept PermissionError:\n    print('denied')"
@@ -302,6 +313,7 @@ def test_the_agent_is_not_dumpable_to_any_process_of_its_uid(s3_server, system_u
                                    "-c", reader, f"/proc/{pid}/{name}"], user=system_user.uid, group=system_user.gid,
                                   extra_groups=[], capture_output=True, text=True, cwd="/", timeout=60, check=False)
             seen[("agent" if pid == agent else "worker", name)] = done.stdout.strip() or done.stderr[-300:]
+    release(scratch)
     out = worker.communicate(timeout=120)[0]
     assert worker.returncode == 0, out[-3000:]
     assert seen[("agent", "environ")] == "denied" and seen[("agent", "mem")] == "denied", seen
@@ -452,13 +464,14 @@ def test_sigkill_of_worker_and_agent_is_cleaned_up_by_the_next_launch(scratch, t
 def test_a_live_launch_folder_is_never_swept(scratch, tmp_path, runtime_venv):
     """The next launch removes only folders whose launcher is dead: a concurrent run on the same worker is left alone."""
     store = open_store((tmp_path / "store").as_uri())
-    _, spec = daemon_run(store, tmp_path, {"TRAIN_SLEEP": "15"})
+    _, spec = daemon_run(store, tmp_path, {"TRAIN_SLEEP": "30"})
     first = launch(spec, scratch, {}, runtime_venv.python, wait=False)
     daemon = int(run_file(scratch, "daemon.pid"))
     quick = setup_run(store, tmp_path / "next")[1].model_copy(update={"run_prefix": "runs/d/r/t/2"})
     second = launch(quick, scratch, {}, runtime_venv.python)
     assert second.returncode == 0, second.output[-3000:]
     assert alive(daemon) and first.poll() is None, "a live run was swept"
+    release(scratch)
     out = first.communicate(timeout=60)[0]
     assert first.returncode == 0, out[-3000:]
     assert gone_within(daemon, 5)
