@@ -75,6 +75,8 @@ STATE_KEY = "aicenter_job"
 
 
 _RANK_PREFIX = re.compile(r"^\[rank (\d+)\] ")
+#: The Job controller's message when a pod's DisruptionTarget matched a FailJob rule of podFailurePolicy.
+_POLICY_DISRUPTION = re.compile(r"Pod [^/\s]+/(\S+) has condition DisruptionTarget matching FailJob rule")
 
 
 class NodeLogStream:
@@ -231,6 +233,9 @@ class JobLauncher(PodLauncher):
         self.job: str | None = None
         self.namespace: str | None = None
         self.streamer: NodeLogStream | None = None
+        #: Every pod of the Job seen while waiting: its node index and the machine it ran on (a pod that is gone at
+        #: the end is still named with its machine).
+        self.seen: dict[str, tuple[str, str | None]] = {}
 
     def check(self) -> None:
         super().check()
@@ -493,6 +498,9 @@ class JobLauncher(PodLauncher):
         pods = kube_retry.call(self.kube.core_v1_client.list_namespaced_pod, self.namespace,
                                label_selector=f"job-name={self.job}", what=f"list the pods of Job {self.job}",
                                log=self.op.log).items
+        for pod in pods:
+            known = self.seen.get(pod.metadata.name, (None, None))[1]
+            self.seen[pod.metadata.name] = (node_index(pod), (pod.spec.node_name if pod.spec else None) or known)
         return sorted(pods, key=lambda p: int((p.metadata.labels or {}).get("batch.kubernetes.io/job-completion-index", "0")))
 
     def _relay_logs(self, job: k8s.V1Job, *, skip_streamed: bool = False) -> None:
@@ -566,8 +574,7 @@ class JobLauncher(PodLauncher):
         succeeded = status is not None and any(c.type == "Complete" and c.status == "True" for c in status.conditions or [])
         if succeeded and outcome is not None and outcome.status == "succeeded":
             return Finished(spec, run, outcome)
-        disrupted = [f"node {node_index(p)} was disrupted on node {(p.spec.node_name if p.spec else None) or '?'} ({why})"
-                     for p in self._safe_pods() if (why := disruption(p))]
+        disrupted = self.disruptions(status)
         if disrupted:  # the node went away under the run: not the training's fault, the retry resumes
             cause = "; ".join([*disrupted, DISRUPTED_RETRY])
             end_outcome(store, run.key(OUTCOME), outcome or spec, "failed", cause)
@@ -589,6 +596,30 @@ class JobLauncher(PodLauncher):
             outcome.error = f"{outcome.error}; {'; '.join(causes)}"
             write(store, run.key(OUTCOME), outcome)
         return Finished(spec, run, settle_outcome(store, spec, run, ended=f"Job {self.job} ended without node 0's report"))
+
+    def disruptions(self, status: k8s.V1JobStatus | None) -> list[str]:
+        """The nodes the cluster took away (``DisruptionTarget``, eviction, preemption, node loss), each named with its
+        pod and machine: from the pods still listed, and from the Job's ``PodFailurePolicy`` condition for a pod that
+        is gone (deleted or preempted before the Job ended)."""
+        found: dict[str, str] = {}
+        for pod in self._safe_pods():
+            if why := disruption(pod):
+                machine = (pod.spec.node_name if pod.spec else None) or self.seen.get(pod.metadata.name, ("", None))[1]
+                found[pod.metadata.name] = (f"node {node_index(pod)} (pod {pod.metadata.name}) was disrupted on node "
+                                            f"{machine or '?'} ({why})")
+        for condition in (status.conditions if status else None) or []:
+            match = _POLICY_DISRUPTION.search(condition.message or "")
+            if condition.type != "Failed" or condition.status != "True" or condition.reason != "PodFailurePolicy" or not match:
+                continue
+            name = match.group(1)
+            if name in found:
+                continue
+            index, machine = self.seen.get(name, (None, None))
+            if index is None:
+                numbered = re.match(rf"^{re.escape(self.job or '')}-(\d+)-", name)
+                index = numbered.group(1) if numbered else "?"
+            found[name] = f"node {index} (pod {name}) was disrupted on node {machine or '?'} (DisruptionTarget; the pod is gone)"
+        return list(found.values())
 
     def ending_of_start(self, cause: str) -> Finished:
         """The gang did not start in time: the run failed with ``cause`` (retryable: capacity may free up)."""

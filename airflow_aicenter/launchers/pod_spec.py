@@ -634,6 +634,14 @@ def job_ports() -> tuple[k8s.V1ContainerPort, ...]:
     return (k8s.V1ContainerPort(name="rendezvous", container_port=MASTER_PORT),)
 
 
+#: A node disrupted by the cluster (eviction, preemption, node loss: the ``DisruptionTarget`` condition) fails the whole
+#: Job at once, named in its ``Failed`` condition (reason ``PodFailurePolicy``) even when the pod is gone; without it a
+#: gang with a gone pod could wait on a replacement or half-restart. The launcher reports it as a retryable disruption.
+DISRUPTION_FAILS_JOB = k8s.V1PodFailurePolicy(rules=[k8s.V1PodFailurePolicyRule(
+    action="FailJob", on_pod_conditions=[k8s.V1PodFailurePolicyOnPodConditionsPattern(type="DisruptionTarget", status="True")],
+)])
+
+
 def job_manifests(
     pod: k8s.V1Pod, *, name: str, namespace: str, nodes: int, run_label: str, run_json: str
 ) -> tuple[k8s.V1Job, k8s.V1Service]:
@@ -658,7 +666,7 @@ def job_manifests(
             annotations={ANNOTATION_RUN: run_json},
         ),
         spec=k8s.V1JobSpec(completion_mode="Indexed", completions=nodes, parallelism=nodes, backoff_limit=0, template=template,
-                           suspend=True if queue else None),
+                           suspend=True if queue else None, pod_failure_policy=DISRUPTION_FAILS_JOB),
     )
     service = k8s.V1Service(
         api_version="v1",

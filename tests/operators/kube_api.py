@@ -293,12 +293,13 @@ class FakeKubernetes:
         return None
 
     def disrupt(self, index: int | None = None, reason: str = "EvictionByEvictionAPI",
-                message: str = "Eviction API: evicting") -> Pod:
+                message: str = "Eviction API: evicting", *, gone: bool = False) -> Pod:
         """Disrupt the running pod of Job completion ``index`` (None: the only pod) as an eviction (node pressure, drain) does.
 
         The pod gets the ``DisruptionTarget`` condition and ``status.reason: Evicted``, its containers
         are stopped like the kubelet does (SIGTERM, then SIGKILL after the grace period), and it
-        stays listed, Failed, as node-pressure evictions leave it.
+        stays listed, Failed, as node-pressure evictions leave it. With ``gone=True`` it is then
+        removed, as a preemption or an eviction through the API deletes it: nobody can read it after.
         """
         with self.cond:
             [pod] = [p for p in self.pods.values() if index is None  # the only pod
@@ -309,7 +310,7 @@ class FakeKubernetes:
             self._event(pod, "Evicted", message, kind="Warning")
             self._update_status(pod)
             self.cond.notify_all()
-        threading.Thread(target=self._terminate, args=(pod, 5.0), kwargs={"keep": True}, daemon=True).start()
+        threading.Thread(target=self._terminate, args=(pod, 5.0), kwargs={"keep": not gone}, daemon=True).start()
         return pod
 
     def all_pods(self) -> list[Pod]:
@@ -540,19 +541,44 @@ class FakeKubernetes:
     def job_pods(self, job: Job) -> list[Pod]:
         return [p for p in self.all_pods() if p.key in job.pods]
 
+    @staticmethod
+    def _failure_policy_match(job: Job, pods: list[Pod]) -> tuple[str, str, str] | None:
+        """The first pod whose ``DisruptionTarget`` matches a ``FailJob`` rule of ``spec.podFailurePolicy``, as the Job
+        controller reports it (the only rule kind the test server applies)."""
+        rules = ((job.obj["spec"].get("podFailurePolicy") or {}).get("rules")) or []
+        for pod in pods:
+            if pod.disruption is None:
+                continue
+            for number, rule in enumerate(rules):
+                patterns = rule.get("onPodConditions") or []
+                if rule.get("action") == "FailJob" and any(
+                        p.get("type") == "DisruptionTarget" and p.get("status", "True") == "True" for p in patterns):
+                    namespace, name = pod.key
+                    return ("Failed", "PodFailurePolicy",
+                            f"Pod {namespace}/{name} has condition DisruptionTarget matching FailJob rule at index {number}")
+        return None
+
     def _control_job(self, job: Job) -> None:
-        """Count pods; all succeeded -> Complete; one failed -> Failed and the others stopped (backoffLimit 0)."""
+        """Count pods; all succeeded -> Complete; one failed -> Failed and the others stopped (backoffLimit 0).
+
+        A pod removed before it succeeded (deleted, preempted) counts as failed, as the Job controller counts it
+        (pods are tracked with finalizers); a ``DisruptionTarget`` pod matching a ``FailJob`` rule of
+        ``podFailurePolicy`` fails the Job with reason ``PodFailurePolicy``.
+        """
         while True:
             with self.cond:
                 if job.deleting:
                     return
                 pods = self.job_pods(job)
-                phases = [p.obj["status"]["phase"] for p in pods]
+                phases = ["Failed" if p.gone and p.obj["status"]["phase"] != "Succeeded" else p.obj["status"]["phase"]
+                          for p in pods]
                 status = job.obj["status"]
                 status.update(active=sum(1 for ph in phases if ph in ("Pending", "Running")),
                               succeeded=phases.count("Succeeded"), failed=phases.count("Failed"))
-                done = None
-                if phases.count("Failed"):
+                done = self._failure_policy_match(job, pods)
+                if done is not None and not phases.count("Failed"):
+                    done = None  # the rule applies once the disrupted pod has ended
+                elif done is None and phases.count("Failed"):
                     done = ("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")
                 elif phases and all(ph == "Succeeded" for ph in phases):
                     done = ("Complete", "CompletionsReached", "Reached expected number of succeeded pods")

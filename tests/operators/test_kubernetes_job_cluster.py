@@ -12,6 +12,7 @@ import asyncio
 import importlib
 import json
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -387,7 +388,8 @@ def test_an_evicted_node_is_a_retryable_failure_naming_it_and_the_retry_resumes_
     thread.join(120)
     error = out.get("error")
     assert isinstance(error, RunError) and not isinstance(error, AirflowFailException), repr(error)
-    assert "node 1 was disrupted on node fake-node (EvictionByEvictionAPI: Eviction API: evicting)" in str(error), str(error)
+    assert re.search(r"node 1 \(pod aicenter-train-\w+-1-\w+\) was disrupted on node fake-node \(EvictionByEvictionAPI: "
+                     r"Eviction API: evicting\)", str(error)), str(error)
     assert "resumes from the latest checkpoint" in str(error)
     kube_api.wait_for(lambda: not kube_api.jobs, timeout=30, what="the failed Job removed")
 
@@ -398,6 +400,40 @@ def test_an_evicted_node_is_a_retryable_failure_naming_it_and_the_retry_resumes_
     assert registry.store.get_bytes(f"{run.prefix}/artifacts/resumed.txt").decode() == "1", "resumed from try 1's checkpoint"
     second = read(registry.store, f"{run.prefix}/outcome.json", Outcome)
     assert second.checkpoint is not None and second.checkpoint["resumed_from_try"] == 1
+
+
+def test_a_node_preempted_and_deleted_is_named_as_a_retryable_disruption(kube_deployment, kube_api: FakeKubernetes,
+                                                                        tmp_path: Path):
+    """Node 1's pod is preempted and deleted while the run trains: nobody can read it afterwards. The Job's
+    podFailurePolicy fails the Job at once on its DisruptionTarget (no half-restarted gang), and the run fails as a
+    retryable disruption naming the node, its pod and the machine it ran on."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from airflow_aicenter.errors import RunError
+
+    registry, dataset = kube_deployment
+    registry.upload(write_files(tmp_path / "pkg", {"main.py": MAIN, "train.py": CHECKPOINT_DDP, "requirements.txt": ""}), "ck")
+    op = TrainPipelineOperator(task_id="train", package="ck", dataset=dataset, nodes=2, install_requirements=False,
+                               env={"HOLD": "60"}, **FAST)
+    thread, out = run_in_thread(op, make_context())
+
+    def training() -> bool:
+        return sum(1 for p in kube_api.pods.values() for c in p.containers
+                   if c.name == "base" and c.process is not None and c.exit_code is None) == 2
+
+    kube_api.wait_for(lambda: training() or not thread.is_alive(), timeout=90, what="both nodes training")
+    assert thread.is_alive(), out
+    pod = kube_api.disrupt(1, reason="PreemptionByScheduler", message="Preempted in order to admit critical pod", gone=True)
+    thread.join(120)
+    error = out.get("error")
+    assert isinstance(error, RunError) and not isinstance(error, AirflowFailException), repr(error)
+    name = pod.key[1]
+    assert f"node 1 (pod {name}) was disrupted on node fake-node (DisruptionTarget" in str(error), str(error)
+    assert "resumes from the latest checkpoint" in str(error)
+    [job] = [m for m in kube_api.created if m.get("kind") == "Job"]
+    assert job["spec"]["podFailurePolicy"] == {"rules": [
+        {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]}
+    kube_api.wait_for(lambda: not kube_api.jobs, timeout=30, what="the failed Job removed")
 
 
 def test_an_api_server_down_past_the_retry_budget_keeps_the_job_and_the_retry_reattaches(ddp_deployment, kube_api, monkeypatch):
