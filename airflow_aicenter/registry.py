@@ -64,6 +64,7 @@ from airflow_aicenter.records import (
     read_optional,
     write,
 )
+from airflow_aicenter.runtime.snapshot import check_vouched
 from airflow_aicenter.storage import Store, transfer
 from airflow_aicenter.storage.transfer import (
     blob_state,
@@ -275,7 +276,9 @@ class Registry:
         recognised by the deterministic zip of the same folder, made only when the package has
         such an upload. Either way every stored blob of that content is hashed in full and
         rewritten from this upload when it is damaged or missing, which is what the corruption
-        and missing-blob errors advise: uploading the same package again repairs it.
+        and missing-blob errors advise: uploading the same package again repairs it. A new
+        release reads back only the stored blobs the newest upload does not vouch for
+        (``_vouched``): its unchanged big files are hashed locally, never downloaded again.
         """
         validate_package_name(name)
         with tempfile.TemporaryDirectory(prefix="aicenter-upload-") as tmp:
@@ -303,7 +306,10 @@ class Registry:
                 f = by_path.get(file.relative_to(root).as_posix())
                 return f.sha256 if f is not None and f.size == st.st_size else None
 
-            put = store_package_files(self.store, root, known=known)
+            # An identical upload reads every stored blob back (how a repair is found); a new release trusts those of
+            # the newest upload unmodified since its manifest, as a training trusts its parent's.
+            vouched = self._vouched(name, contents) if stored is None else frozenset()
+            put = store_package_files(self.store, root, known=known, stored=vouched)
         written, written_bytes = put.blobs.uploaded_files, put.blobs.uploaded_bytes
         if stored is not None:
             return Upload(stored, created=False, repaired=None if before == "ok" else before, files=files, size=size,
@@ -311,6 +317,32 @@ class Registry:
         desc = info.metadata.description if description is None else description
         record = self.commit(name, parent=None, blob=put.ref, pipeline="upload", created_by=created_by, description=desc)
         return Upload(record, created=True, files=files, size=size, written_files=written, written_bytes=written_bytes)
+
+    def _vouched(self, name: str, contents: PackageContents) -> frozenset[str]:
+        """The file blobs of ``contents`` that the newest upload of ``name`` lists and that are intact without a read.
+
+        That upload's manifest was written only after each of its blobs was verified, and blobs
+        are create-once: one of the right size not modified since the manifest is the one that
+        was verified (snapshot.check_vouched, the rule re-snapshots and trainings use; a modified
+        one is read back there). A zip upload, or any error, vouches for nothing: every stored
+        blob is then read back, as before.
+        """
+        major = self.latest_major(name)
+        if major is None:
+            return frozenset()
+        try:
+            newest = self.get(name, f"{major}.0").blob
+            if newest.kind != "files":
+                return frozenset()
+            written = self.store.head(layout.blob_key(newest.sha256))
+            if written is None or written.last_modified is None:
+                return frozenset()
+            listed = read_package_contents(self.store, newest)[0].digests()
+            sizes = {f.sha256: f.size for f in contents.files if f.sha256 in listed}
+            states = transfer.run(check_vouched(self.store, sizes, written.last_modified))
+        except AICenterError:
+            return frozenset()
+        return frozenset(digest for digest, state in states.items() if state == "ok")
 
     def _identical_upload(self, name: str, manifest: str, zip_digest: Callable[[], str]) -> VersionRecord | None:
         """The upload (``N.0``) of ``name`` with this content: one read per major, newest first.

@@ -27,7 +27,7 @@ from airflow_aicenter.package import write_zip
 from airflow_aicenter.package.contents import PackageContents, PackageFile, decode, encode
 from airflow_aicenter.records import BlobRef, VersionRecord
 from airflow_aicenter.registry import Registry
-from airflow_aicenter.storage import Store
+from airflow_aicenter.storage import Store, transfer
 from airflow_aicenter.storage.transfer import blob_state, put_blob, sha256_file
 from airflow_aicenter.verify import verify
 from tests.packages import TRAIN_ONLY, write_package
@@ -99,6 +99,29 @@ def test_a_second_version_with_an_unchanged_big_file_writes_only_what_changed(st
     assert grew < BIG / 100, f"the store grew by {grew} bytes for a 12-byte change"
     assert file_digest(store, second.record, "weights.bin") == file_digest(store, registry.get("churn", "1.0"),
                                                                            "weights.bin")
+
+
+def test_a_new_release_trusts_the_previous_uploads_file_blobs_unmodified_since_its_manifest(
+        store: Store, pkg: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new release does not read the unchanged 1.5 GB back from the store to verify it: the previous upload's
+    manifest was written only after its blobs were verified, and a blob unmodified since is that one (the rule
+    re-snapshots and trainings use). An identical upload still reads every blob back: it is how a repair is found."""
+    registry = Registry(store)
+    first = registry.upload(pkg, "churn")
+    weights = file_digest(store, first, "weights.bin")
+    read_back: list[str] = []
+    original = transfer._hashes_to
+
+    async def counted(store_: Store, key: str, sha256: str, size: int | None = None) -> bool:
+        read_back.append(sha256)
+        return await original(store_, key, sha256, size)
+
+    monkeypatch.setattr(transfer, "_hashes_to", counted)
+    (pkg / "meta.json").write_text('{"epoch": 2}')
+    assert registry.upload_package(pkg, "churn").record.version == "2.0"
+    assert weights not in read_back, "the unchanged big file's blob was read back"
+    again = registry.upload_package(pkg, "churn")
+    assert (again.record.version, again.created) == ("2.0", False) and weights in read_back
 
 
 def test_identical_content_returns_the_stored_per_file_upload(store: Store, pkg: Path) -> None:
