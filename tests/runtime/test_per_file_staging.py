@@ -383,3 +383,36 @@ def test_a_training_that_rewrites_a_staged_file_in_place_leaves_the_cache_intact
     root, fetched = stage_package(store, base, tmp_path / "check" / "package", tmp_path / "c.zip",
                                   cache=BlobCache(tmp_path / "cache"))
     assert fetched == 0 and (root / "weights.bin").read_bytes() == weights, "the cache still holds the base's bytes"
+
+
+def test_storing_a_training_reads_back_none_of_the_parents_unmodified_blobs(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest,
+) -> None:
+    """The parent's file blobs were verified when its manifest was written and are unmodified since: vouched for,
+    as a re-snapshot vouches for its last manifest's blobs, so the unchanged 1.5 GB base is not downloaded again."""
+    from airflow_aicenter.runtime.agent import Agent
+    from airflow_aicenter.storage import transfer
+
+    if store.uri.startswith("s3://"):
+        for key, value in request.getfixturevalue("s3_env").env().items():
+            monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AICENTER_CACHE", str(tmp_path / "cache"))
+    package = write_package(tmp_path / "pkg", train=FINE_TUNE, files={"weights.bin": os.urandom(BIG), "meta.json": "{}"})
+    base, _ = put_package_files(store, package)
+    run(upload_tree(write_package(tmp_path / "data", main=None, train=None, requirements=None, files={"a.csv": "x\n"}),
+                    store, "datasets/d"))
+    read_back: list[str] = []
+    hashes_to = transfer._hashes_to
+
+    async def counted(store_: Store, key: str, sha256: str, size: int | None = None) -> bool:
+        read_back.append(sha256)
+        return await hashes_to(store_, key, sha256, size)
+
+    monkeypatch.setattr(transfer, "_hashes_to", counted)
+    spec = RunSpec(pipeline="train", storage=store.uri, run_prefix="runs/d/r/train/1", package="ft", version="1.0",
+                   blob=base, dataset=store.url("datasets/d"))
+    outcome = Agent(spec, store, tmp_path / "work").run()
+    assert outcome.status == "succeeded", outcome.error
+    weights = hashlib.sha256((package / "weights.bin").read_bytes()).hexdigest()
+    assert weights not in read_back, "the parent's unchanged weights are vouched for, not read back"
+    assert outcome.blob is not None and weights in read_package_contents(store, outcome.blob)[0].digests()
