@@ -50,6 +50,7 @@ from airflow_aicenter.errors import (
 )
 from airflow_aicenter.layout import BLOBS, blob_key
 from airflow_aicenter.package.contents import KnownDigest, PackageContents, PackageFile, contents_of, decode, encode
+from airflow_aicenter.package.validate import find_package_root
 from airflow_aicenter.records import BlobRef
 from airflow_aicenter.storage.cache import BlobCache
 from airflow_aicenter.storage.store import LocalStore, ObjectInfo, Store, unstorable, walk_files
@@ -1267,7 +1268,7 @@ def stage_package(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return target, fetched
+    return find_package_root(target), fetched  # as for a zip: main.py's folder (paths are relative to it already)
 
 
 def _check_package_size(contents: PackageContents, where: str) -> None:

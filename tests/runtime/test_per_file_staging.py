@@ -416,3 +416,11 @@ def test_storing_a_training_reads_back_none_of_the_parents_unmodified_blobs(
     weights = hashlib.sha256((package / "weights.bin").read_bytes()).hexdigest()
     assert weights not in read_back, "the parent's unchanged weights are vouched for, not read back"
     assert outcome.blob is not None and weights in read_package_contents(store, outcome.blob)[0].digests()
+
+
+def test_a_package_one_folder_down_stages_to_that_folder(store: Store, tmp_path: Path) -> None:
+    """As for a zip in AI Center's shape (one root folder): the package root is the folder with main.py."""
+    write_package(tmp_path / "outer" / "churn")
+    ref, _ = put_package_files(store, tmp_path / "outer")
+    root, _ = stage_package(store, ref, tmp_path / "t" / "package", tmp_path / "t.zip", cache=None)
+    assert root == tmp_path / "t" / "package" / "churn" and (root / "main.py").is_file()
