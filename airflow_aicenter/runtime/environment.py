@@ -381,7 +381,8 @@ INDEX_VARIABLES = ("UV_INDEX_URL", "UV_DEFAULT_INDEX", "UV_EXTRA_INDEX_URL", "UV
 #: credentials, no user ``env``, no ``AWS_*``, no ``AIRFLOW_*``. A source build (when allowed) runs
 #: with this environment too, so it sees the index settings and nothing of the run.
 INSTALL_INHERITED = frozenset({
-    "PATH", "HOME", "TMPDIR", "LANG", "NETRC", "SSL_CERT_FILE", "SSL_CERT_DIR", "UV_NATIVE_TLS", "UV_HTTP_TIMEOUT",
+    "PATH", "HOME", "TMPDIR", "LANG", "NETRC", "SSL_CERT_FILE", "SSL_CERT_DIR",
+    "UV_NATIVE_TLS", "UV_HTTP_TIMEOUT", "UV_HTTP_RETRIES",  # uv's network settings: a deployment tunes them
     "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy", "all_proxy",
     *INDEX_VARIABLES,
 })

@@ -15,4 +15,5 @@ def closed_index(monkeypatch: pytest.MonkeyPatch) -> str:
         monkeypatch.setenv(name, url)
     for name in ("UV_EXTRA_INDEX_URL", "UV_INDEX", "UV_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("UV_HTTP_RETRIES", "0")  # a try of the closed port fails at once (uv's 3 retries took ~10 s)
     return url

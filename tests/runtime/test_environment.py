@@ -204,7 +204,9 @@ def test_a_warm_run_needs_no_package_index(store: Store, tmp_path: Path, monkeyp
     assert prepare(root, store, tmp_path / "c2", indexes=[closed]).source == "local"
 
 
-def test_index_credentials_are_never_logged(store: Store, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+def test_index_credentials_are_never_logged(store: Store, tmp_path: Path, capfd: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UV_HTTP_RETRIES", "0")  # the private index's closed port fails at once, not after ~10 s of retries
     index = simple_index(tmp_path / "mirror", tiny_wheel(tmp_path / "built"))
     secret = "s3cr3t-p%40ss"
     private = f"http://build-bot:{secret}@127.0.0.1:{free_port()}/simple"

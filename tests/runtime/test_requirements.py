@@ -40,7 +40,8 @@ class Main:
 @pytest.fixture
 def offline(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     closed = f"http://127.0.0.1:{free_port()}/simple"
-    return {"UV_INDEX_URL": closed, "UV_DEFAULT_INDEX": closed, "PIP_INDEX_URL": closed}
+    # uv's own setting: a closed index fails at once instead of after 3 retries with backoff (~10 s)
+    return {"UV_INDEX_URL": closed, "UV_DEFAULT_INDEX": closed, "PIP_INDEX_URL": closed, "UV_HTTP_RETRIES": "0"}
 
 
 def spec_for(store: Store, tmp_path: Path, requirements: str) -> RunSpec:
@@ -92,6 +93,7 @@ def test_a_failed_install_is_reported_as_a_requirements_problem(tmp_path: Path, 
     assert outcome.status == "failed" and outcome.phase == "requirements"
     assert outcome.error is not None and outcome.error.startswith("installing requirements failed: uv exited with code")
     assert "aicenter-tiny-missing" in outcome.error and "Main.train" not in outcome.error
+    assert "retries" not in outcome.error, "uv's UV_HTTP_RETRIES reaches the install as its UV_HTTP_TIMEOUT does"
 
 
 def test_without_install_requirements_there_is_no_environment_phase(tmp_path: Path) -> None:
