@@ -3,11 +3,13 @@
 A per-file package version (package/contents.py) names its files by digest. A node that staged
 a 1.5 GB base file once keeps it here, and the next run on that node places it in its package
 folder without a byte from the store: a hard link where the work folder is on the cache's file
-system (a 2 GB package in well under 0.2 s), a kernel copy elsewhere (a pod's package volume).
+system (a 1 GiB package in 1 ms here), a kernel copy where a run needs a private file or the
+link cannot cross file systems.
 
 Where: ``$AICENTER_CACHE/blobs`` (default ``~/.cache/aicenter/blobs`` of the user the runtime
-runs as, beside the environments in ``envs/``). In a pod the runtime's ``AICENTER_CACHE`` is the
-environment volume, so the cache lives as long as that volume does.
+runs as, beside the environments in ``envs/``), or the folder ``AICENTER_BLOB_CACHE`` names
+(runtime_cache). A pod has none unless that is set: its ``AICENTER_CACHE`` is a volume of the
+pod alone, which a cache would be written to once and never read from again.
 
 Layout: ``sha256/<hex>`` entries, each the blob's bytes, verified by digest while it was
 fetched, then sealed: read-only (0444) and its modification time set to ``SEALED_MTIME_NS``;
