@@ -403,7 +403,8 @@ class Registry:
         """Refuse a per-file version whose manifest cannot be read or names a file blob the store lacks.
 
         The manifest is written after its file blobs, so a lacking one was deleted since (gc, by
-        hand): a version naming it would fail every staging. One HEAD per distinct blob, at once.
+        hand): a version naming it would fail every staging. One HEAD per distinct blob, at once
+        (on S3, for many blobs, a listing of the blob prefix instead, as ensure_blobs does).
         """
         try:
             contents = read_package_contents(self.store, blob)[0]
@@ -413,12 +414,17 @@ class Registry:
         for f in contents.files:
             paths.setdefault(f.sha256, []).append(f.path)
 
-        async def lacks(digest: str) -> bool:
-            return await self.store.head_async(layout.blob_key(digest)) is None
+        async def absent() -> set[str]:
+            wanted, heads = set(paths), set(paths)
+            listed: dict[str, Any] = {}
+            if self.store.scheme == "s3" and len(wanted) >= transfer.LIST_MIN_FILES:  # a listing: 1,000 a request
+                listed, heads = await transfer.stored_digests(self.store, wanted)
+            looked = await transfer.gather_limited(
+                sorted(heads), lambda d: self.store.head_async(layout.blob_key(d)), transfer.AdaptiveLimit(transfer.CONCURRENCY))
+            found = set(listed) | {d for d, info in zip(sorted(heads), looked, strict=True) if info is not None}
+            return wanted - found
 
-        digests = sorted(paths)
-        absent = transfer.run(transfer.gather_limited(digests, lacks, transfer.AdaptiveLimit(transfer.CONCURRENCY)))
-        gone = [path for digest, lacking in zip(digests, absent, strict=True) if lacking for path in paths[digest]]
+        gone = [path for digest in sorted(transfer.run(absent())) for path in paths[digest]]
         if gone:
             shown = ", ".join(sorted(gone)[:5]) + (f" and {len(gone) - 5} more" if len(gone) > 5 else "")
             raise StorageError(

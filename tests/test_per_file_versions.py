@@ -172,7 +172,11 @@ def test_uploading_the_same_package_repairs_a_file_blob_or_the_manifest(store: S
 
 
 # -- commit, check, download ----------------------------------------------------------------
-def test_commit_refuses_a_manifest_that_names_a_missing_file_blob(store: Store, tmp_path: Path) -> None:
+@pytest.mark.parametrize("lookup", ["HEADs", "a listing"])
+def test_commit_refuses_a_manifest_that_names_a_missing_file_blob(store: Store, tmp_path: Path, lookup: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    if lookup == "a listing":  # what S3 takes for a manifest of LIST_MIN_FILES blobs or more
+        monkeypatch.setattr(transfer, "LIST_MIN_FILES", 1)
     registry = Registry(store)
     main = tmp_path / "main.py"
     main.write_text("class Main:\n    pass\n")
@@ -189,6 +193,10 @@ def test_commit_refuses_a_manifest_that_names_a_missing_file_blob(store: Store, 
     with pytest.raises(StorageError, match=r"model/weights\.bin .*nothing was registered"):
         registry.commit("churn", parent=None, blob=blob, pipeline="upload")
     assert registry.latest_major("churn") is None
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"never stored")
+    put_blob(store, weights, gone)
+    assert registry.commit("churn", parent=None, blob=blob, pipeline="upload").version == "1.0"
     store.delete(layout.blob_key(ref.sha256))
     with pytest.raises(StorageError, match=r"is no longer in .*nothing was registered"):
         registry.commit("churn", parent=None, blob=blob, pipeline="upload")
