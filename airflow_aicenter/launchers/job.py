@@ -416,11 +416,12 @@ class JobLauncher(PodLauncher):
 
         Its run wrote ``outcome.json``, so its work is done; the Job may still be ending (containers exiting after
         the outcome, the Job controller not yet marking it complete). It gets ``TIDY_WAIT`` seconds to end, then is
-        removed either way: left, it would stay in the namespace for good."""
+        removed either way: left, it would stay in the namespace for good. The Job is the one the task state store
+        names where there is one (the running task's context), else the one of this task's name."""
         self.job, self.namespace = job_name(run), self.pod_namespace()
         deadline = time.monotonic() + TIDY_WAIT
         try:
-            job = self._read_job()
+            job = self._stored_job(self._state_store(_current_context())) or self._read_job()
             while job is not None and not job_ended(job) and time.monotonic() < deadline:
                 time.sleep(POLL / 2)
                 job = self._read_job()
@@ -668,6 +669,16 @@ class JobLauncher(PodLauncher):
         outcome = read_optional(store, key, Outcome)
         if outcome is None or outcome.status == "running":
             end_outcome(store, key, outcome or self.pod_run.spec, "killed", killed_by_airflow)
+
+
+def _current_context() -> Any:
+    """The running task's context (the task runner sets it around ``execute``), or an empty one outside a task."""
+    try:
+        from airflow.sdk import get_current_context
+
+        return get_current_context()
+    except Exception:  # noqa: BLE001 - no task is running here: no state store to read
+        return {}
 
 
 def job_ended(job: k8s.V1Job) -> bool:

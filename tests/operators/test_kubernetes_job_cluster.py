@@ -523,3 +523,61 @@ def test_a_killed_worker_s_next_try_reattaches_to_the_job_named_in_the_task_stat
     assert len([m for m in kube_api.created if m.get("kind") == "Job"]) == 1, "try 2 reattached: no second Job"
     assert not [p for m, p in kube_api.requests if m == "POST" and "/namespaces/team-b/" in p]
     kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")
+
+
+def test_a_run_that_ended_while_no_worker_watched_has_its_job_removed_where_the_task_state_store_says(
+        kube_deployment, kube_api: FakeKubernetes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Try 1's worker is killed; its run goes on and succeeds meanwhile; the namespace of new runs changed. Try 2
+    completes try 1's run from its outcome and removes the ended Job from the namespace the task state store names
+    (a look by name in today's namespace would leave it there for good)."""
+    from airflow.sdk.execution_time import task_runner
+    from airflow.sdk.execution_time.context import set_current_context
+
+    from airflow_aicenter.records import Outcome, read_optional
+    from tests.operators.kube_api import StateStoreComms, kill_worker_once_stored
+
+    registry, dataset = kube_deployment
+    registry.upload(write_files(tmp_path / "pkg", {"main.py": MAIN, "train.py": WAITING_TRAIN, "requirements.txt": ""}), "slow")
+    store, release = tmp_path / "task-state.json", tmp_path / "release"
+    op_args: dict[str, Any] = {"package": "slow", "dataset": dataset, "nodes": 2, "install_requirements": False,
+                               "env": {"RELEASE": str(release)}}
+    kill_worker_once_stored(store, "aicenter_job", **op_args)
+    release.write_text("go")  # the run finishes with no worker watching
+    [(namespace, name)] = list(kube_api.jobs)
+    key = "runs/aicenter_k8s/manual__2026-03-01T00:00:00+00:00/train/1/outcome.json"
+    kube_api.wait_for(lambda: (o := read_optional(registry.store, key, Outcome)) is not None and o.status == "succeeded",
+                      timeout=90, what="try 1's run to succeed")
+    kube_api.wait_for(lambda: any(c["type"] == "Complete" for c in kube_api.jobs[(namespace, name)].obj["status"].get(
+        "conditions", [])), timeout=30, what="the Job to complete")
+
+    for k, value in kube_api.connection_env("team-b").items():
+        monkeypatch.setenv(k, value)
+    monkeypatch.setattr(task_runner, "SUPERVISOR_COMMS", StateStoreComms(store), raising=False)
+    context = make_context(try_number=2, state_store=store)
+    with set_current_context(context):  # as the task runner sets it around execute
+        result = TrainPipelineOperator(task_id="train", **FAST, **op_args).execute(context)
+    assert result["version"] == "1.1" and result["run_uri"].endswith("/train/1")
+    assert len([m for m in kube_api.created if m.get("kind") == "Job"]) == 1
+    kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="try 1's Job removed")
+
+
+@pytest.mark.parametrize("entry", [{"name": "aicenter-train-gone", "namespace": "default", "uid": "0000"}, "not an identity"],
+                         ids=["gone", "malformed"])
+def test_a_task_state_store_entry_for_no_job_falls_back_to_the_name_and_is_replaced(
+        ddp_deployment, kube_api: FakeKubernetes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, entry: Any):
+    from airflow.sdk.execution_time import task_runner
+
+    from tests.operators.kube_api import StateStoreComms
+
+    registry, dataset = ddp_deployment
+    store = tmp_path / "task-state.json"
+    comms = StateStoreComms(store)
+    monkeypatch.setattr(task_runner, "SUPERVISOR_COMMS", comms, raising=False)
+    context = make_context(state_store=store)
+    context["task_state_store"].set("aicenter_job", entry)  # an earlier try's, whose Job was removed since
+    result = ddp_full_op(dataset).execute(context)
+    assert result["version"] == "1.1"
+    [job] = [m for m in kube_api.created if m.get("kind") == "Job"]
+    stored = context["task_state_store"].get("aicenter_job")
+    assert stored["name"] == job["metadata"]["name"] and stored["namespace"] == "default" and stored["uid"]
+    kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")
