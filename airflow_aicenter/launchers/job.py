@@ -405,6 +405,8 @@ class JobLauncher(PodLauncher):
                 self._delete()  # no GPU held by half a gang
                 self._await_pods_gone()
                 return self.ending_of_start(str(event.get("message") or "the Job's nodes did not all start in time"))
+            if job_ended(job):
+                self._relay_logs(job, followed=False)
             return self.ending_of_job(job.status)
         finally:
             self._delete()
@@ -504,7 +506,7 @@ class JobLauncher(PodLauncher):
             self.seen[pod.metadata.name] = (node_index(pod), (pod.spec.node_name if pod.spec else None) or known)
         return sorted(pods, key=lambda p: int((p.metadata.labels or {}).get("batch.kubernetes.io/job-completion-index", "0")))
 
-    def _relay_logs(self, job: k8s.V1Job, *, skip_streamed: bool = False) -> None:
+    def _relay_logs(self, job: k8s.V1Job, *, skip_streamed: bool = False, followed: bool = True) -> None:
         """What the task log gets of the nodes' logs once the Job ended.
 
         Node 0's user container was streamed while the run went on (:class:`NodeLogStream`); when
@@ -513,14 +515,15 @@ class JobLauncher(PodLauncher):
         uploaded). The other nodes' logs are copied only when the Job failed, and only the last
         ``TAIL_LINES`` lines of each container (asked of the API server, not read whole), each line
         at most ``TAIL_LINE_CHARS`` long: where a node failed, not hours of its training. Every
-        line is masked with the run's known secrets (:meth:`redactor`).
+        line is masked with the run's known secrets (:meth:`redactor`). ``followed=False`` (a
+        deferred run: nobody streamed node 0) treats node 0's user container like the other nodes'.
         """
         self.redactor_from(job)
         failed = any(c.type == "Failed" and c.status == "True" for c in (job.status.conditions or []))
         for pod in self._pods():
             index = node_index(pod)
             for container in (STAGE_CONTAINER, self.op.base_container_name, SYNC_CONTAINER):
-                if index == "0":
+                if index == "0" and (followed or container != self.op.base_container_name):
                     if skip_streamed and container == self.op.base_container_name:
                         continue
                     lines = self._pod_log(pod, container)
@@ -533,9 +536,10 @@ class JobLauncher(PodLauncher):
                     continue
                 for line in lines:
                     self.op.log.info("[node %s] %s", index, line)
-        if not failed and self.nodes > 1:
-            self.op.log.info("The run succeeded: the logs of nodes 1 to %d are not copied (only a failed run's last lines "
-                             "are)", self.nodes - 1)
+        if not failed:
+            others = f"the logs of nodes 1 to {self.nodes - 1}"
+            self.op.log.info("The run succeeded: %s are not copied (only a failed run's last lines are)",
+                             others if followed else f"node 0's training log and {others}")
 
     def _pod_log(self, pod: k8s.V1Pod, container: str, *, tail: int | None = None) -> list[str]:
         """A container's log lines (its last ``tail`` lines, each cut at TAIL_LINE_CHARS), masked; [] if unreadable."""

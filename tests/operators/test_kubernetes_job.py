@@ -96,6 +96,29 @@ def test_deferrable_job_completes_on_reentry(ddp_deployment, kube_api: FakeKuber
     kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")
 
 
+def test_a_deferred_run_that_failed_shows_every_node_s_last_lines_on_reentry(ddp_deployment, kube_api: FakeKubernetes,
+                                                                            capfd: pytest.CaptureFixture[str]):
+    """Deferred, nothing streamed node 0's log: when the run failed, the re-entry copies the last lines of every node
+    still there (node 1's failing rank among them; the Job controller removed the others' pods), not whole logs."""
+    from airflow_aicenter.launchers.job import TAIL_LINES
+
+    registry, dataset = ddp_deployment
+    context = make_context()
+    with pytest.raises(TaskDeferred) as deferred:
+        ddp_full_op(dataset, deferrable=True, env={"FAIL_RANK": "3"}).execute(context)
+    event = run_trigger(deferred.value)
+    assert event["status"] == "error"
+    capfd.readouterr()
+    with pytest.raises(RunError, match=r"node 1: rank 3: Main.train\(\) raised ValueError: rank 3 refuses to train"):
+        ddp_full_op(dataset, deferrable=True, env={"FAIL_RANK": "3"}).trigger_reentry(context, event)
+    captured = capfd.readouterr()
+    logged = (captured.out + captured.err).splitlines()
+    node1 = [line for line in logged if "[node 1] " in line]
+    assert any("rank 3 refuses to train" in line for line in node1), node1[-20:]
+    assert 0 < len(node1) <= 3 * TAIL_LINES
+    kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")
+
+
 def test_multi_node_refusals_before_anything_is_created(ddp_deployment, kube_api: FakeKubernetes, monkeypatch):
     registry, dataset = ddp_deployment
     with pytest.raises(ConfigurationError, match="nodes=0 is not valid"):
