@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import socket
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,28 @@ from airflow_aicenter.storage import S3Options, Store, open_store
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_PACKAGE = REPO / "examples" / "packages" / "churn"
+
+
+def built_once(name: str, build: Callable[[Path], object]) -> Path:
+    """``build(folder)`` once per test session, by whichever xdist worker asks first; the others wait, then reuse it.
+
+    For what is slow to make and only read afterwards (a venv: ~10 s of pip each): each worker made
+    its own before. The folder is under the session's temp root (``pytest_configure``), which any
+    user may traverse and which is removed at the session's end.
+    """
+    import fcntl
+    import tempfile
+
+    root = Path(os.environ.get("AICENTER_TEST_TMP_ROOT") or tempfile.gettempdir()) / "built-once"
+    root.mkdir(mode=0o755, exist_ok=True)
+    folder, done = root / name, root / f"{name}.done"
+    with (root / f"{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the build fails
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed build left
+            build(folder)
+            done.write_text("")
+    return folder
 
 
 def free_port() -> int:
@@ -133,7 +156,6 @@ os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 
 # -- real Airflow --------------------------------------------------------------------------
 import json  # noqa: E402
-import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402

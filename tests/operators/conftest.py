@@ -14,7 +14,7 @@ from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import Store, open_store
 from airflow_aicenter.storage.transfer import run, upload_tree
 from tests.aicenter_helpers import FAST, MAIN
-from tests.conftest import S3Server, make_dataset, write_files
+from tests.conftest import S3Server, built_once, make_dataset, write_files
 from tests.operators.kube_api import FakeKubernetes, build_runtime_python
 from tests.runtime.test_distributed import RENDEZVOUS
 
@@ -82,19 +82,13 @@ def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> Deployment:
 
 
 # -- the test Kubernetes API server (tests/operators/kube_api.py) --------------------------
-_runtime_python: dict[Path, Path] = {}
-
-
 @pytest.fixture(scope="session")
-def runtime_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def runtime_python() -> Path:
     """The runtime image's Python, minus Docker: no Airflow, no kubernetes client.
 
-    Built once per session (and per pytest worker).
+    Built once per session, by the first pytest worker that needs it (the others reuse it).
     """
-    base = tmp_path_factory.getbasetemp()
-    if base not in _runtime_python:
-        _runtime_python[base] = build_runtime_python(tmp_path_factory.mktemp("runtime-venv") / "venv")
-    return _runtime_python[base]
+    return built_once("runtime-python", build_runtime_python) / "bin" / "python"
 
 
 @pytest.fixture

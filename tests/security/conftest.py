@@ -22,6 +22,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.conftest import built_once
+
 REPO = Path(__file__).resolve().parents[2]
 #: The system's interpreter: any user can run it (this checkout's venv was made from pyenv's, under /root).
 SYSTEM_PYTHON = Path("/usr/bin/python3")
@@ -41,26 +43,25 @@ def build_venv(base: str, dest: Path) -> SimpleNamespace:
     )
     if done.returncode != 0:
         raise RuntimeError(f"could not build the venv {dest}: {done.stdout[-2000:]}{done.stderr[-2000:]}")
-    site = next((dest / "lib").glob("python3*/site-packages"))
-    shutil.copytree(REPO / "airflow_aicenter", site / "airflow_aicenter", ignore=shutil.ignore_patterns("__pycache__"))
-    return SimpleNamespace(prefix=dest, python=python, site=site)
+    shutil.copytree(REPO / "airflow_aicenter", venv_of(dest).site / "airflow_aicenter", ignore=shutil.ignore_patterns("__pycache__"))
+    return venv_of(dest)
+
+
+def venv_of(dest: Path) -> SimpleNamespace:
+    return SimpleNamespace(prefix=dest, python=dest / "bin" / "python", site=next((dest / "lib").glob("python3*/site-packages")))
 
 
 @pytest.fixture(scope="session")
-def runtime_venv() -> Iterator[SimpleNamespace]:
+def runtime_venv() -> SimpleNamespace:
     """A worker's and runtime's venv that every user can run: made from the system's Python, world-readable.
 
     For the tests where the worker itself runs as an unprivileged user, and the ones run as root without
-    ``run_as_user``. Outside pytest's temporary folders, which are root's alone.
+    ``run_as_user``. Outside pytest's temporary folders, which are root's alone: in the session's temp
+    root (any user may traverse it), built once for all pytest workers.
     """
     if not SYSTEM_PYTHON.exists():
         pytest.fail(f"{SYSTEM_PYTHON} is missing: the attack tests run other users' processes with the system's Python")
-    folder = Path(tempfile.mkdtemp(prefix="aict-venv-", dir="/tmp"))
-    folder.chmod(0o755)
-    try:
-        yield build_venv(str(SYSTEM_PYTHON), folder / "venv")
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    return venv_of(built_once("runtime-venv", lambda dest: build_venv(str(SYSTEM_PYTHON), dest)))
 
 
 @pytest.fixture(scope="session")
