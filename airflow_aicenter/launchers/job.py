@@ -59,7 +59,8 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
 __all__ = ["LABEL_JOB", "MASTER_PORT", "JobLauncher", "job_name"]
-#: Seconds between Job status polls while waiting (sync).
+#: Seconds between Job status polls while waiting, unless the operator's ``poll_interval`` (KubernetesPodOperator's,
+#: 2 s by default; the deferrable trigger polls at it too) says otherwise.
 POLL = 2.0
 #: Seconds a recovered earlier try's Job gets to end on its own before it is removed.
 TIDY_WAIT = 30.0
@@ -110,7 +111,7 @@ class NodeLogStream:
     def _node0(self) -> k8s.V1Pod | None:
         """Node 0's pod once its user container started (None while it has not, or once the run is over)."""
         container = self.launcher.op.base_container_name
-        while not self.stop.wait(POLL):
+        while not self.stop.wait(self.launcher.poll):
             try:
                 pods = self.launcher._pods()
             except Exception:  # noqa: BLE001 - the wait itself reports API trouble; keep looking
@@ -230,6 +231,8 @@ class JobLauncher(PodLauncher):
         super().__init__(operator, hook, settings)
         self.nodes = nodes
         self.kube = cast("KubernetesHook", operator.hook)
+        #: Seconds between polls of the Job and its pods (the operator's ``poll_interval``).
+        self.poll = float(getattr(operator, "poll_interval", None) or POLL)
         self.job: str | None = None
         self.namespace: str | None = None
         self.streamer: NodeLogStream | None = None
@@ -425,7 +428,7 @@ class JobLauncher(PodLauncher):
         try:
             job = self._stored_job(self._state_store(_current_context())) or self._read_job()
             while job is not None and not job_ended(job) and time.monotonic() < deadline:
-                time.sleep(POLL / 2)
+                time.sleep(self.poll / 2)
                 job = self._read_job()
         except (ApiException, kube_retry.KubernetesUnavailable) as exc:
             self.op.log.warning("Could not look for Job %s/%s of an earlier try: %s", self.namespace, self.job, exc)
@@ -494,7 +497,7 @@ class JobLauncher(PodLauncher):
                     self.op.log.info("All %d nodes of Job %s are running", self.nodes, self.job)
                 elif time.monotonic() - admitted > timeout:
                     raise GangStartTimeout(gang_timeout_message(pods, self.nodes, timeout))
-            time.sleep(POLL)
+            time.sleep(self.poll)
 
     def _pods(self) -> list[k8s.V1Pod]:
         assert self.job is not None and self.namespace is not None
@@ -637,7 +640,7 @@ class JobLauncher(PodLauncher):
         """Wait (bounded) until the deleted Job's pods are gone, so what they record last is known."""
         deadline = time.monotonic() + limit
         while self._safe_pods() and time.monotonic() < deadline:
-            time.sleep(POLL / 2)
+            time.sleep(self.poll / 2)
 
     def _safe_pods(self) -> list[k8s.V1Pod]:
         try:
