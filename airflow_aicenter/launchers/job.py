@@ -332,7 +332,12 @@ class JobLauncher(PodLauncher):
         """Keep the created Job's identity for the next try; a store that fails only costs that (the name lookup stays)."""
         if state is None:
             return
-        job = created if created is not None and created.metadata is not None else self._read_job()
+        job = created
+        if job is None or job.metadata is None:  # a 409: an earlier create of ours got through; its uid is read
+            try:
+                job = self._read_job()
+            except (ApiException, kube_retry.KubernetesUnavailable):
+                job = None  # stored without its uid: the name and namespace still find it
         uid = job.metadata.uid if job is not None and job.metadata is not None else None
         try:
             state.set(STATE_KEY, {"name": self.job, "namespace": self.namespace, "uid": uid})
