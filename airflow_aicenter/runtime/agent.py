@@ -36,7 +36,7 @@ from typing import Any, TextIO, cast
 from airflow_aicenter.crashpoints import crash_point
 from airflow_aicenter.errors import AICenterError, DatasetError, NotFoundError, RunError
 from airflow_aicenter.layout import ARTIFACTS, PREDICTIONS, blob_key, manifest_name, outcome_name
-from airflow_aicenter.package import validate_package
+from airflow_aicenter.package import iter_package_files, validate_package
 from airflow_aicenter.plans import plan_for
 from airflow_aicenter.records import BlobRef, Outcome, RunSpec, write
 from airflow_aicenter.runtime import isolation, supervisor
@@ -969,14 +969,44 @@ class Agent:
         vouched for, not read back (_vouched_package_blobs).
         """
         cache = self.staged_from  # in a pod, sync is not the process that staged: None
+        sealed = self._seal_new_files(root)
         put = store_package_files(self.store, root, known=cache.known if cache is not None else None,
                                   stored=self._vouched_package_blobs())
         self._count("bytes_uploaded", put.written_bytes)
+        if sealed and self.blob_cache is not None:
+            kept = sum(self.blob_cache.adopt(root / f.path, f.sha256, f.size, sealed[f.path])
+                       for f in put.contents.files if f.path in sealed)
+            if kept:
+                log(f"{kept} new package files kept in the local blob cache for the next run on this machine")
         blobs = put.blobs
         log(f"new package content: {blobs.files} files ({human(blobs.bytes)}): {blobs.uploaded_files} written "
             f"({human(blobs.uploaded_bytes)}), the rest already stored; manifest sha256:{put.ref.sha256[:12]}"
             f"{'' if put.manifest_written else ' (already stored)'}")
         return put.ref
+
+    def _seal_new_files(self, root: Path) -> dict[str, os.stat_result]:
+        """Locally, the files of the new version that the blob cache does not hold yet, sealed where they are.
+
+        Once stored, each still untouched becomes a cache entry by a link (BlobCache.adopt): no
+        copy, no second read, and an evaluation of the new version on this machine fetches
+        nothing. Package code has ended; the folder is the version's and goes with the work
+        folder. Not in a pod (its volumes end with it), nor for files of another user (run_as_user).
+        """
+        cache = self.blob_cache if self.mode is None else None
+        if cache is None:
+            return {}
+        sealed: dict[str, os.stat_result] = {}
+        for rel in iter_package_files(root):
+            path = root / rel
+            try:
+                st = path.lstat()
+            except OSError:
+                continue
+            if self.staged_from is not None and self.staged_from.known(path, st) is not None:
+                continue  # staged from the cache and untouched: its entry is there
+            if (done := cache.seal_in_place(path)) is not None:
+                sealed[rel.as_posix()] = done
+        return sealed
 
     def _vouched_package_blobs(self) -> frozenset[str]:
         """The parent version's file blobs that are intact without a read-back: unmodified since its manifest.

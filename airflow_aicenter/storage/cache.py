@@ -275,6 +275,45 @@ class BlobCache:
                 removed += size
         return removed
 
+    def seal_in_place(self, path: Path) -> os.stat_result | None:
+        """Seal a file of a finished run's package folder where it is, to adopt() it once it is hashed; its stat.
+
+        None, and the file left as it is, unless it is a plain file of this user, not executable
+        (the seal's mode would lose the executable bit the version records) and linked nowhere
+        else. Sealing only makes the file read-only with the sealed time: its content, and the
+        mode a version records for it (0644), stay as they were.
+        """
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o111 or st.st_nlink != 1:
+                return None
+            os.chmod(path, SEALED_MODE, follow_symlinks=False)
+            os.utime(path, ns=(time.time_ns(), SEALED_MTIME_NS), follow_symlinks=False)
+            return os.lstat(path)
+        except OSError:
+            return None
+
+    def adopt(self, path: Path, sha256: str, size: int, sealed: os.stat_result) -> bool:
+        """Make a file sealed by seal_in_place and since hashed to ``sha256`` an entry, by a link; True if it became one.
+
+        Only while nothing touched it since it was sealed (same inode, change time and seal): a
+        write during the hash would otherwise enter the cache under the digest of the bytes
+        before it. The work folder's name goes with the work folder; the entry keeps the bytes.
+        """
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        if ((st.st_dev, st.st_ino, st.st_ctime_ns) != (sealed.st_dev, sealed.st_ino, sealed.st_ctime_ns)
+                or not self._sealed(st, size) or self.lookup(sha256, size) is not None):
+            return False
+        try:
+            self.prepare()
+            os.link(path, self.path(sha256))
+        except OSError:  # another run's entry got there first, another file system, links refused: no entry, no harm
+            return False
+        return True
+
     def clear(self) -> None:
         """Remove every entry (their links in work folders keep their bytes)."""
         shutil.rmtree(self.root, ignore_errors=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from airflow_aicenter.errors import ConfigurationError
-from airflow_aicenter.package.contents import contents_of
+from airflow_aicenter.package.contents import contents_of, file_mode
 from airflow_aicenter.storage.cache import SEALED_MODE, SEALED_MTIME_NS, BlobCache, runtime_cache
 from airflow_aicenter.storage.store import Store
 from airflow_aicenter.storage.transfer import put_package_files, stage_package
@@ -204,3 +204,41 @@ def test_a_bad_cache_limit_is_named(text: str, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("AICENTER_BLOB_CACHE_MAX", text)
     with pytest.raises(ConfigurationError, match=r"AICENTER_BLOB_CACHE_MAX=.* (is not a size|is negative).* 0 for no limit"):
         runtime_cache(in_pod=False)
+
+
+def test_a_finished_runs_new_file_is_adopted_without_a_copy_unless_touched_after_the_seal(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path / "c")
+    work = tmp_path / "work"
+    work.mkdir()
+    kept, touched = work / "weights.bin", work / "touched.bin"
+    for path in (kept, touched):
+        path.write_bytes(b"new weights")
+    digest = hashlib.sha256(b"new weights").hexdigest()
+    sealed = {p: cache.seal_in_place(p) for p in (kept, touched)}
+    assert all(st is not None for st in sealed.values())
+    assert file_mode(kept.stat().st_mode) == 0o644, "a version records a sealed file as it was: not executable"
+    with open(touched, "r+b") as fh:  # a lingering process writes after the seal, while the file is hashed
+        fh.write(b"N")
+    os.utime(touched, ns=(1, SEALED_MTIME_NS))  # even with the sealed time put back: the change time gives it away
+    touched_st = sealed[touched]
+    assert touched_st is not None and not cache.adopt(touched, digest, 11, touched_st)
+    kept_st = sealed[kept]
+    assert kept_st is not None and cache.adopt(kept, digest, 11, kept_st)
+    assert cache.path(digest).stat().st_ino == kept.stat().st_ino, "a link: no copy"
+    kept.unlink()  # the work folder goes
+    assert cache.lookup(digest, 11) is not None and cache.path(digest).read_bytes() == b"new weights"
+
+
+def test_what_is_never_sealed_in_place(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path / "c")
+    script, shared, foreign = tmp_path / "run.sh", tmp_path / "shared", tmp_path / "foreign"
+    for path in (script, shared, foreign):
+        path.write_bytes(b"x")
+    script.chmod(0o755)
+    os.link(shared, tmp_path / "other-name")
+    os.chown(foreign, 12345, 12345)
+    for path in (script, shared, foreign):
+        before = path.stat()
+        assert cache.seal_in_place(path) is None
+        assert (path.stat().st_mode, path.stat().st_mtime_ns) == (before.st_mode, before.st_mtime_ns)
+
