@@ -18,7 +18,13 @@ Kubernetes OpenAPI schema (kubernetes-validate), then its containers run as loca
 - phases go Pending -> Running -> Succeeded/Failed; delete sends SIGTERM, then SIGKILL after
   the grace period, like the kubelet.
 
-Fixtures for tests that use it are at the end of the module: import them into a test module.
+Jobs (``batch/v1``, Indexed) run through a small Job controller: one pod per completion index,
+``backoffLimit: 0``, ``suspend`` until :meth:`FakeKubernetes.admit_job` (as Kueue admits), a
+``podFailurePolicy`` ``FailJob`` rule on ``DisruptionTarget``, and a pod removed before it
+succeeded counted as failed. :class:`StateStoreComms` serves Airflow's task state store to a
+task run without a supervisor, shared between worker processes through a file.
+
+Helpers for tests that use it are at the end of the module (the fixtures live in conftest.py).
 ``FakeKubernetes(..., podman=PodmanPods())`` runs the pods in real containers instead
 (tests/containers/podman.py, used by tests/containers/).
 """

@@ -1,9 +1,12 @@
-"""Distributed runs on a shared cluster (issue 23): a flaky API server, Kueue queues, all-or-nothing starts.
+"""Distributed runs on a shared cluster (issue 23): a flaky API server, Kueue queues, all-or-nothing starts (sync and
+deferred), node logs, disruptions, and reattaching through Airflow's task state store after a worker died.
 
 The operator runs in this process against the test API server (tests/operators/kube_api.py),
 which validates every manifest against the Kubernetes schemas and learns here what a shared
 cluster does: injected 5xx answers and connection resets, Jobs suspended until admitted (as
-Kueue does), pods that stay Pending.
+Kueue does), pods that stay Pending, pods disrupted (and deleted), podFailurePolicy. A worker
+that dies is a real process killed with SIGKILL; its task state store is Airflow's own accessor,
+served from a file the next try's worker shares (kube_api.StateStoreComms).
 """
 
 from __future__ import annotations
@@ -581,3 +584,39 @@ def test_a_task_state_store_entry_for_no_job_falls_back_to_the_name_and_is_repla
     stored = context["task_state_store"].get("aicenter_job")
     assert stored["name"] == job["metadata"]["name"] and stored["namespace"] == "default" and stored["uid"]
     kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")
+
+
+def test_transient_errors_of_both_kubernetes_clients_are_retried_within_the_budget():
+    """The synchronous client's and the trigger's (kubernetes_asyncio, aiohttp) transient errors are retried; others
+    are raised at once; past the budget the call fails retryable, naming what it tried."""
+    import aiohttp
+    from kubernetes.client.exceptions import ApiException
+    from kubernetes_asyncio.client.exceptions import ApiException as AsyncApiException
+
+    from airflow_aicenter.launchers import kube_retry
+
+    assert kube_retry.transient(AsyncApiException(status=503)) and kube_retry.transient(ApiException(status=429))
+    assert kube_retry.transient(aiohttp.ServerDisconnectedError()) and kube_retry.transient(ConnectionResetError())
+    assert not kube_retry.transient(AsyncApiException(status=404)) and not kube_retry.transient(ValueError("no"))
+    calls: list[int] = []
+
+    async def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise AsyncApiException(status=503, reason="Service Unavailable")
+        return "read"
+
+    assert asyncio.run(kube_retry.acall(flaky, what="read the Job", budget=10)) == "read" and len(calls) == 3
+
+    async def down() -> str:
+        raise aiohttp.ClientConnectionError("refused")
+
+    with pytest.raises(kube_retry.KubernetesUnavailable, match=r"failed to read the Job for 1 s \(\d+ tries, last: "
+                                                               r"ClientConnectionError: refused\)"):
+        asyncio.run(kube_retry.acall(down, what="read the Job", budget=1))
+
+    async def missing() -> str:
+        raise AsyncApiException(status=404, reason="Not Found")
+
+    with pytest.raises(AsyncApiException):
+        asyncio.run(kube_retry.acall(missing, what="read the Job", budget=10))
