@@ -191,6 +191,10 @@ def verify(store: Store, *, repair: Path | None = None, progress: Callable[[int,
     _read_records(store, report, refs, manifests)
     _package_files(store, report, refs, manifests)
     report.damage += _check(store, list(refs.values()), progress)
+    for damage in report.damage:
+        if damage.sha256 in manifests and damage.state in ("missing", "damaged") and not damage.detail:
+            damage.detail = ("the files this manifest lists are unknown until it is repaired, so none of them was "
+                             "checked; run `aicenter verify` again after the repair")
     if repair is not None:
         _repair(store, report, repair)
         # A manifest repaired just now lists files that could not be checked before: check (and repair) them now.

@@ -327,6 +327,8 @@ def test_verify_names_a_damaged_manifest_and_repairs_it_and_a_file_from_the_fold
     found = {d.key: d for d in report.damage}
     assert found[manifest_key].state == "damaged"
     assert found[manifest_key].referenced_by == ["version churn:1.0 (its manifest)"]
+    assert "none of them was checked" in found[manifest_key].detail
+    assert weights_key not in found, "a file of a manifest that cannot be read cannot be checked yet"
     assert "package upload" in found[manifest_key].fix
     repaired = verify(store, repair=pkg)
     assert {d.key for d in repaired.repaired} == {manifest_key, weights_key} and repaired.remaining == []
