@@ -180,6 +180,9 @@ class Environment:
     storing: Future[str] | None = field(default=None, repr=False, compare=False)
     #: ``defer_build`` and a miss: what the ``build`` container is to install (see :func:`build_planned`).
     build_plan: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    #: ``defer_store`` and a fresh install: what ``sync`` packs and stores while package code runs
+    #: (see :func:`store_meanwhile`).
+    store_plan: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def summary(self) -> dict[str, Any]:
         """What ``outcome.json`` records."""
@@ -444,6 +447,7 @@ def prepare_environment(
     package_root: Path, store: Store, *, cache_dir: Path | None = None, indexes: Sequence[str] = (), log: Log,
     allow_source_builds: bool = False, package: str | None = None, build_user: tuple[int, int] | None = None,
     demote: Callable[[], None] | None = None, defer_build: bool = False, package_code_cannot_write: bool = False,
+    defer_store: bool = False,
 ) -> Environment:
     """The environment for the package at ``package_root``: cached locally, from the store, or installed.
 
@@ -472,6 +476,10 @@ def prepare_environment(
     Otherwise (package code of the agent's own user could make it writable again) it is packed
     before this returns, and only the upload of those bytes goes on meanwhile.
 
+    ``defer_store`` (a pod's ``stage``, which ends before package code starts): a fresh install is
+    neither packed nor stored here; ``store_plan`` says what ``sync`` packs and stores
+    (:func:`store_meanwhile`) while package code runs in ``base``, which mounts it read-only.
+
     Raises RequirementsError when the install fails (a source distribution without
     ``allow_source_builds`` names the requirement and the fix).
     """
@@ -494,6 +502,7 @@ def prepare_environment(
         log("requirements.txt lists nothing: a bare environment with the image's packages")
         return Environment(venv_python(final), key, source, round(time.perf_counter() - began, 3))
     storing: Future[str] | None = None
+    store_plan: dict[str, Any] | None = None
     if (final / MARKER).is_file():
         source = "local"
         log(f"environment {key[:12]} found in the local cache {final}")
@@ -515,10 +524,12 @@ def prepare_environment(
         # Packed before any package code runs, unless package code cannot write it (then while it runs);
         # skipped when another run stored it meanwhile.
         pack = replace or not _stored(store, key)
-        later = pack and package_code_cannot_write
+        later = pack and (package_code_cannot_write or defer_store)
         won, packed = _build(final, install, key, requirements, owner, log, byte_compile=True, pack=pack and not later)
         source = "installed"
-        if later and won:
+        if later and won and defer_store:
+            store_plan = {"key": key, "requirements": requirements, "package": owner, "replace": replace}
+        elif later and won:
             storing = _in_background(lambda: _pack_and_store(store, key, final, requirements, owner, log, replace=replace))
         if packed is not None:
             if won:
@@ -528,7 +539,7 @@ def prepare_environment(
     _mark_used(store, key, final)
     seconds = round(time.perf_counter() - began, 3)
     log(f"environment {key[:12]} ready ({source}) in {seconds:.2f} s")
-    return Environment(venv_python(final), key, source, seconds, storing)
+    return Environment(venv_python(final), key, source, seconds, storing, store_plan=store_plan)
 
 
 # -- a pod's build container, and sync storing what it built ---------------------------------
@@ -923,14 +934,38 @@ def _store(store: Store, key: str, packed: _Packed, requirements: list[str], pac
 
 
 def _pack_and_store(store: Store, key: str, final: Path, requirements: list[str], package: str | None, log: Log, *,
-                    replace: bool) -> str:
-    """Pack the environment in place and store it, while package code runs as a user that cannot write it."""
+                    replace: bool, into: Path | None = None, why: str = "as another user, which cannot write it") -> str:
+    """Pack the environment in place and store it, while package code runs where it cannot write it."""
     _low_priority()
     began = time.perf_counter()
-    packed = _pack_into(final, final.parent / f".tmp-{key[:12]}-{uuid.uuid4().hex[:8]}.{PACKED}")
+    folder = into if into is not None else final.parent
+    packed = _pack_into(final, folder / f".tmp-{key[:12]}-{uuid.uuid4().hex[:8]}.{PACKED}")
     log(f"environment {key[:12]}: packed ({packed.size / 2**20:.1f} MiB) in {time.perf_counter() - began:.2f} s while "
-        "package code runs (as another user, which cannot write it)")
+        f"package code runs ({why})")
     return _store(store, key, packed, requirements, package, log, replace=replace)
+
+
+def store_meanwhile(store: Store, plan: dict[str, Any], log: Log, cache_dir: Path | None = None) -> Environment:
+    """``sync``: pack and store the environment ``stage`` installed, in the background while package code runs.
+
+    ``plan`` is ``stage``'s ``store_plan`` (through the agent's state, never from package code);
+    ``base`` mounts the environment read-only, so the folder is as ``stage`` left it. The returned
+    environment's :meth:`Environment.finish` waits for it (the end of the run). Raises
+    StorageError when the folder is not the planned environment.
+    """
+    key, package = str(plan["key"]), plan.get("package")
+    final = cache_root(cache_dir) / "envs" / key
+    try:
+        info = json.loads((final / MARKER).read_text())
+    except (OSError, ValueError) as exc:
+        raise StorageError(f"the stage container left no usable environment {key[:12]} ({exc})") from None
+    if info.get("key") != key or info.get("package") != package:
+        raise StorageError(f"the environment in {final} is not the one stage installed (key {key[:12]})")
+    requirements = [str(line) for line in plan["requirements"]]
+    storing = _in_background(lambda: _pack_and_store(
+        store, key, final, requirements, package, log, replace=bool(plan.get("replace")), into=Path(tempfile.gettempdir()),
+        why="its container has it read-only"))
+    return Environment(venv_python(final), key, "installed", 0.0, storing)
 
 
 def _low_priority() -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from airflow_aicenter.errors import RequirementsError
+from airflow_aicenter.errors import RequirementsError, StorageError
 from airflow_aicenter.layout import blob_key, env_key
 from airflow_aicenter.records import read
 from airflow_aicenter.runtime.environment import (
@@ -428,3 +428,24 @@ def test_with_package_code_as_another_user_the_environment_is_packed_while_it_ru
     packed = next(i for i, line in enumerate(said) if "packed" in line)
     assert packed > ready and "while package code runs (as another user" in said[packed], said
     assert prepare(tmp_path / "pkg", store, tmp_path / "fresh").source == "store"
+
+
+def test_in_a_pod_stage_leaves_packing_to_sync_which_stores_it_while_package_code_runs(
+        store: Store, tmp_path: Path, closed_index: str) -> None:
+    """``defer_store`` (stage): nothing packed or stored before package code; ``store_meanwhile`` (sync) stores it."""
+    from airflow_aicenter.runtime.environment import store_meanwhile
+
+    root = many_modules_package(tmp_path)
+    said: list[str] = []
+    staged = prepare_environment(root, store, cache_dir=tmp_path / "pod-env", log=said.append, defer_store=True)
+    assert staged.source == "installed" and staged.storing is None and staged.store_plan is not None
+    assert not any("packed" in line for line in said) and not store.exists(env_key(staged.key))
+    assert not [p for p in (tmp_path / "pod-env" / "envs").iterdir() if p.name.endswith(".tar.zst")]
+
+    synced = store_meanwhile(store, staged.store_plan, said.append, cache_dir=tmp_path / "pod-env")
+    synced.finish(said.append)
+    assert any("while package code runs (its container has it read-only)" in line for line in said), said
+    assert prepare(root, store, tmp_path / "next-pod").source == "store"
+
+    with pytest.raises(StorageError, match="is not the one stage installed"):
+        store_meanwhile(store, {**staged.store_plan, "package": "other"}, said.append, cache_dir=tmp_path / "pod-env")
