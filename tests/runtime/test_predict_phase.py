@@ -7,15 +7,20 @@ of the issue 25 target). Real processes, the agent's supervisor.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
 
-from airflow_aicenter.runtime.supervisor import Supervisor
+import pytest
+
+from airflow_aicenter.runtime.supervisor import Supervisor, supervise
 
 SLEEPS = '''
 import os, sys, time
 time.sleep(float(sys.argv[2]))
+with open(sys.argv[1], "w") as fh:
+    fh.write('{"ok": true}')
 os._exit(0)  # as user.py ends
 '''
 
@@ -44,3 +49,10 @@ def test_the_supervisors_wait_wakes_when_a_user_process_ends_not_before(tmp_path
         sup.close()
     assert user.pidfd is None, "closed once the run is over"
 
+
+
+def test_without_pidfds_the_supervisor_polls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel without pidfd_open (before 5.3), or a seccomp filter refusing it: the run goes on, polled."""
+    monkeypatch.delattr(os, "pidfd_open")
+    record = supervise({"processes": [entry(tmp_path, 0.2)]})
+    assert record["status"] == "succeeded", record
