@@ -39,6 +39,8 @@ credentials: ``stage`` (``defer_build``) only looks in the cache and the store, 
 hands a build plan to the ``build`` init container (:func:`build_planned`: no credentials, no run
 spec, no user ``env``, the minimal install environment); ``base`` then gets the environment volume
 read-only, and ``sync`` packs and stores the folder as the build left it (:func:`store_built`).
+A wheels-only install in ``stage`` (``defer_store``) is packed and stored the same way by ``sync``
+while package code runs (:func:`store_meanwhile`): ``stage`` ends before package code starts.
 
 What package code writes into its environment can never reach the store (finding 4): the
 bytes stored are those packed before it ran, or packed while it runs as a user that cannot
