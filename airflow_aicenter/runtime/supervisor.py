@@ -394,7 +394,10 @@ class Supervisor:
         """
         fds = [u.pidfd for u in running if u.pidfd is not None]
         if running and len(fds) == len(running):
-            select.select(fds, [], [], WAIT_SLICE)
+            waiter = select.poll()  # not select(): a descriptor past 1023 would not fit its set
+            for fd in fds:
+                waiter.register(fd, select.POLLIN)
+            waiter.poll(WAIT_SLICE * 1000)
         else:
             time.sleep(POLL)
 
