@@ -255,7 +255,6 @@ def _package_files(store: Store, ref: BlobRef, versions: list[str], found: Refer
         found.unreadable[uri] = f"the manifest of version(s) {', '.join(versions)}: {exc}; check access to it, then run gc again"
         return
     found.digests |= contents.digests()
-    found.counts["package files"] = found.counts.get("package files", 0) + len(contents.files)
 
 
 def collect(store: Store, *, grace: timedelta = timedelta(hours=DEFAULT_GRACE_HOURS), dry_run: bool = False,

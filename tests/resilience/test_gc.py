@@ -23,7 +23,7 @@ from airflow_aicenter.gc import GcReport, collect, references
 from airflow_aicenter.layout import BLOBS
 from airflow_aicenter.records import Outcome, RunRef, RunSpec, read
 from airflow_aicenter.storage import open_store
-from airflow_aicenter.storage.transfer import put_blob, sha256_file
+from airflow_aicenter.storage.transfer import put_blob, read_package_contents, sha256_file
 from tests.conftest import RuntimeSpawner
 from tests.resilience.support import Setup, check_store, run_runtime, setup_package
 
@@ -50,6 +50,11 @@ def _orphan(setup: Setup, tmp_path: Path, name: str) -> tuple[str, datetime]:
     info = setup.store.head(BLOBS + digest)
     assert info is not None and info.last_modified is not None
     return digest, info.last_modified
+
+
+def package_blobs(setup: Setup) -> int:
+    """The blobs of the uploaded version 1.0: a per-file version's manifest and each distinct file's blob."""
+    return 1 + len(read_package_contents(setup.store, setup.base.blob)[0].digests())
 
 
 def _register(setup: Setup, ref: RunRef, spec: RunSpec) -> str:
@@ -117,7 +122,7 @@ def test_gc_command_dry_run_json_and_grace(
 
     assert cli.main([*storage, "gc", "--json"]) == 0  # default grace (24 h): young, kept
     report = json.loads(capsys.readouterr().out)
-    assert report["deleted"] == [] and report["young"] == 1 and report["referenced"] == 1
+    assert report["deleted"] == [] and report["young"] == 1 and report["referenced"] == package_blobs(setup)
 
     assert cli.main([*storage, "gc", "--grace-hours", "0", "--dry-run", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["deleted"] == [orphan]
@@ -140,7 +145,8 @@ def test_a_damaged_record_is_reported_and_skipped(setup: Setup, tmp_path: Path) 
     assert list(report.damaged) == [setup.store.url(damaged)] and report.unreadable == {} and report.held is None
     assert "is not a valid Manifest record" in report.damaged[setup.store.url(damaged)]
     assert "restore it from a backup, or remove it" in report.damaged[setup.store.url(damaged)]
-    assert report.deleted == [orphan] and report.blobs == 2 and report.records == {"versions": 1, "manifests": 0}
+    assert report.deleted == [orphan] and report.blobs == 1 + package_blobs(setup)
+    assert report.records == {"versions": 1, "manifests": 0}
     assert not setup.store.exists(BLOBS + orphan)
     with pytest.raises(ConfigurationError, match="negative"):
         collect(setup.store, grace=timedelta(hours=-1))
