@@ -171,7 +171,9 @@ def run_scope(spec: RunSpec, open_store: Callable[[str], Store] | None = None) -
         for uri in (spec.dataset, spec.evaluation_dataset):
             if uri and uri.startswith("s3://") and is_manifest_uri(uri):
                 datasets += tuple(_source_folders(uri, open_store))
-    blobs, reads_blobs = _package_blobs(spec.storage, spec.blob, open_store)
+    makes_blobs = plan.makes_version or snapshots or spec.install_requirements or bool(spec.incremental_base)
+    # A run that makes blobs reads blobs by digest anyway: its per-file package's manifest need not be read here.
+    blobs, reads_blobs = ((spec.blob.sha256,), False) if makes_blobs else _package_blobs(spec.storage, spec.blob, open_store)
     return Scope(
         storage=spec.storage,
         run_prefix=spec.run_prefix,
@@ -179,7 +181,7 @@ def run_scope(spec: RunSpec, open_store: Callable[[str], Store] | None = None) -
         datasets=datasets,
         reads=(spec.incremental_base,) if spec.incremental_base else (),
         blobs=blobs,
-        makes_blobs=plan.makes_version or snapshots or spec.install_requirements or bool(spec.incremental_base),
+        makes_blobs=makes_blobs,
         environments=spec.install_requirements,
         reads_blobs=reads_blobs,
     )

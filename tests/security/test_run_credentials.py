@@ -729,3 +729,14 @@ def test_prediction_credentials_read_the_blobs_of_their_per_file_package_and_not
     for key in [f"aicenter/{blob_key(blob.sha256)}", *file_keys(store, blob)]:
         assert pod.get_object(Bucket=BUCKET, Key=key)["Body"].read(), key
     assert denied(pod.get_object, Bucket=BUCKET, Key=OTHER)
+
+
+def test_a_run_that_makes_blobs_does_not_read_its_per_file_packages_manifest() -> None:
+    """It reads blobs by digest anyway (its package's files among them): the worker spares the manifest's GET."""
+    def no_store(uri: str) -> Store:
+        raise AssertionError(f"{uri} was opened")
+
+    blob = BlobRef(sha256=PACKAGE, size=300, kind="files")
+    scope = run_scope(spec("train", dataset=None, blob=blob), no_store)
+    assert scope.makes_blobs and scope.blobs == (PACKAGE,)
+    assert allowed(session_policy(scope), "s3:GetObject", obj("aicenter/" + blob_key("ef" * 32)))
