@@ -515,12 +515,15 @@ class Registry:
                 parts = name.strip("/").split("/")
                 return is_contract_file(name) or "/".join(parts) in wanted or "/".join(parts[1:]) in wanted
 
+            def listed(path: str) -> bool:  # a manifest's paths start at the package root: no root folder to allow for
+                return path in wanted or ("/" not in path and is_contract_file(path))
+
             contents = read_package_contents(self.store, record.blob)[0] if record.blob.kind == "files" else None
             # The contract files, then the files requirements.txt includes (-r, -c), followed until none is new.
             for attempt in range(8):
                 target = Path(tmp) / f"pkg{attempt}"
                 if contents is not None:
-                    root = self._fetch_selected(record, contents, selected, target)
+                    root = self._fetch_selected(record, contents, listed, target)
                 else:
                     reader = obstore.open_reader(self.store.inner, key, size=record.blob.size)
                     root = extract_zip(cast(BinaryIO, reader), target, only=selected,  # seekable reader

@@ -216,6 +216,9 @@ def test_a_per_file_version_is_checked_for_its_pipeline(store: Store, pkg: Path,
     registry.check(only_serving, "serve")
     with pytest.raises(PackageError, match=r"package serving:1\.0 cannot run the train pipeline"):
         registry.check(only_serving, "train")
+    (pkg / "data").mkdir()  # a big data file that happens to be named like a contract file, in a subfolder
+    (pkg / "data" / "main.py").write_bytes(b"#" * (2 * 2**20))
+    registry.check(registry.upload(pkg, "churn"), "train")
     store.delete(layout.blob_key(file_digest(store, record, "reqs/base.txt")))
     with pytest.raises(StorageError, match=r"reqs/base\.txt"):
         registry.check(record, "train")
