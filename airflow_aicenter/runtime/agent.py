@@ -34,14 +34,20 @@ from pathlib import Path
 from typing import Any, TextIO, cast
 
 from airflow_aicenter.crashpoints import crash_point
-from airflow_aicenter.errors import AICenterError, DatasetError, NotFoundError, RunError
+from airflow_aicenter.errors import AICenterError, DatasetError, NotFoundError, RunError, StorageError
 from airflow_aicenter.layout import ARTIFACTS, PREDICTIONS, blob_key, manifest_name, outcome_name
 from airflow_aicenter.package import iter_package_files, validate_package
 from airflow_aicenter.plans import plan_for
 from airflow_aicenter.records import BlobRef, Outcome, RunSpec, write
 from airflow_aicenter.runtime import isolation, supervisor
 from airflow_aicenter.runtime.checkpoint import CheckpointSync, try_of
-from airflow_aicenter.runtime.environment import Environment, build_planned, prepare_environment, store_built
+from airflow_aicenter.runtime.environment import (
+    Environment,
+    build_planned,
+    prepare_environment,
+    store_built,
+    store_meanwhile,
+)
 from airflow_aicenter.runtime.incremental import (
     IncrementalStaging,
     NothingNew,
@@ -451,8 +457,10 @@ class Agent:
         (DESIGN "Environments"). The state goes to ``AICENTER_STATE``, a volume the user
         container does not mount, so nothing user code writes can change what sync uploads.
         """
+        store_plan = None
         if self.environment is not None:
             self.environment.finish(log)
+            store_plan = self.environment.store_plan  # a fresh install: sync packs it while base runs (read-only there)
             self.environment = None
         if self.built is not None:  # what a pod that ends in its build container was doing
             self.outcome.phase = "requirements"
@@ -473,7 +481,7 @@ class Agent:
         state = {
             "root": str(root), "dirs": {k: str(v) for k, v in self.dirs.items()}, "outcome": self.outcome.model_dump_json(),
             "entries": self.entries, "fingerprints": self.fingerprints, "incremental": self.incremental,
-            "predict_parts": self.predict_parts, "built": self.built,
+            "predict_parts": self.predict_parts, "built": self.built, "store_env": store_plan,
             "checkpoint": (self.checkpoints.last, self.checkpoints.resumed_from_try) if self.checkpoints else None,
         }
         assert self.state is not None
@@ -495,6 +503,11 @@ class Agent:
         self.entries, self.fingerprints, self.incremental = state["entries"], state["fingerprints"], state["incremental"]
         self.predict_parts = state["predict_parts"]
         self.built = state.get("built")
+        if (store_plan := state.get("store_env")) is not None:  # packed and stored while user code runs; waited for at the end
+            try:
+                self.environment = store_meanwhile(self.store, store_plan, log)
+            except StorageError as exc:  # never fail a run for its cache
+                log(f"WARNING: the environment was not stored for the next run ({exc}); the next run installs it again")
         if state["checkpoint"] is not None and self.spec.checkpoint_prefix:
             sync = self._checkpoint_sync(self.spec.checkpoint_prefix)
             sync.last, sync.resumed_from_try = state["checkpoint"]
@@ -635,7 +648,8 @@ class Agent:
                                                    build_user=(self.run_as["uid"], self.run_as["gid"]) if self.run_as else None,
                                                    defer_build=self.mode == "stage",
                                                    # another user cannot write it: packed while package code runs
-                                                   package_code_cannot_write=self.run_as is not None)
+                                                   package_code_cannot_write=self.run_as is not None,
+                                                   defer_store=self.mode == "stage")
             self.outcome.environment = self.environment.summary()
             if self.environment.build_plan is not None:  # a pod's build container installs it, without credentials
                 self.built = self.environment.build_plan

@@ -331,6 +331,10 @@ def test_requirements_are_installed_in_the_pod(kube_deployment, kube_api, tmp_pa
     [pod] = kube_api.all_pods()
     assert any("+ aicenter-tiny==0.1" in line for _, _, line in pod.log)
     assert outcome.environment is not None and outcome.environment["source"] == "installed"
+    # stage ends before user code: sync packs and stores the environment while base (read-only mount) runs
+    assert not any("packed" in line for _, c, line in pod.log if c == "stage")
+    assert any("while package code runs (its container has it read-only)" in line for _, c, line in pod.log if c == "sync")
+    assert any("stored for the next run" in line for _, c, line in pod.log if c == "sync")
 
 
 def test_failed_requirements_are_reported_as_such(kube_deployment, kube_api, tmp_path):
