@@ -64,7 +64,7 @@ from airflow_aicenter.records import (
     read_optional,
     write,
 )
-from airflow_aicenter.runtime.snapshot import check_vouched
+from airflow_aicenter.runtime.snapshot import vouched_by_version
 from airflow_aicenter.storage import Store, transfer
 from airflow_aicenter.storage.transfer import (
     blob_state,
@@ -319,30 +319,18 @@ class Registry:
         return Upload(record, created=True, files=files, size=size, written_files=written, written_bytes=written_bytes)
 
     def _vouched(self, name: str, contents: PackageContents) -> frozenset[str]:
-        """The file blobs of ``contents`` that the newest upload of ``name`` lists and that are intact without a read.
+        """The file blobs of ``contents`` that the newest upload of ``name`` vouches for (snapshot.vouched_by_version).
 
-        That upload's manifest was written only after each of its blobs was verified, and blobs
-        are create-once: one of the right size not modified since the manifest is the one that
-        was verified (snapshot.check_vouched, the rule re-snapshots and trainings use; a modified
-        one is read back there). A zip upload, or any error, vouches for nothing: every stored
-        blob is then read back, as before.
+        A zip upload, or any error, vouches for nothing: every stored blob is then read back.
         """
         major = self.latest_major(name)
         if major is None:
             return frozenset()
         try:
             newest = self.get(name, f"{major}.0").blob
-            if newest.kind != "files":
-                return frozenset()
-            written = self.store.head(layout.blob_key(newest.sha256))
-            if written is None or written.last_modified is None:
-                return frozenset()
-            listed = read_package_contents(self.store, newest)[0].digests()
-            sizes = {f.sha256: f.size for f in contents.files if f.sha256 in listed}
-            states = transfer.run(check_vouched(self.store, sizes, written.last_modified))
         except AICenterError:
             return frozenset()
-        return frozenset(digest for digest, state in states.items() if state == "ok")
+        return vouched_by_version(self.store, newest, {f.sha256: f.size for f in contents.files})
 
     def _identical_upload(self, name: str, manifest: str, zip_digest: Callable[[], str]) -> VersionRecord | None:
         """The upload (``N.0``) of ``name`` with this content: one read per major, newest first.

@@ -35,7 +35,7 @@ from typing import Any, TextIO, cast
 
 from airflow_aicenter.crashpoints import crash_point
 from airflow_aicenter.errors import AICenterError, DatasetError, NotFoundError, RunError, StorageError
-from airflow_aicenter.layout import ARTIFACTS, PREDICTIONS, blob_key, manifest_name, outcome_name
+from airflow_aicenter.layout import ARTIFACTS, PREDICTIONS, manifest_name, outcome_name
 from airflow_aicenter.package import iter_package_files, validate_package
 from airflow_aicenter.plans import plan_for
 from airflow_aicenter.records import BlobRef, Outcome, RunSpec, write
@@ -60,7 +60,7 @@ from airflow_aicenter.runtime.manifest import EVALUATION, INFERENCE, TRAINING, i
 from airflow_aicenter.runtime.progress import METRICS_FILE, ProgressTracker
 from airflow_aicenter.runtime.report import METRICS_FILE_ENV
 from airflow_aicenter.runtime.resources import cost_of
-from airflow_aicenter.runtime.snapshot import check_vouched, take_snapshot
+from airflow_aicenter.runtime.snapshot import take_snapshot, vouched_by_version
 from airflow_aicenter.runtime.supervisor import RESULT_LIMIT, TAIL_LINE, TAIL_LINES, emit, read_untrusted_json, supervise
 from airflow_aicenter.runtime.user import cap
 from airflow_aicenter.secrets import SECRET_KEYS_ENV, Redactor, is_secret_key, redact, redact_json_lines_file
@@ -71,7 +71,6 @@ from airflow_aicenter.storage.transfer import (
     check_names,
     download_tree,
     local_files,
-    read_package_contents,
     run,
     sha256_file,
     stage_package,
@@ -1023,27 +1022,18 @@ class Agent:
         return sealed
 
     def _vouched_package_blobs(self) -> frozenset[str]:
-        """The parent version's file blobs that are intact without a read-back: unmodified since its manifest.
+        """The parent version's file blobs that are intact without a read-back (snapshot.vouched_by_version).
 
-        A manifest is written only after every blob it names was verified, and blobs are
-        create-once, so one of the right size not modified after the manifest is the one that was
-        verified (snapshot.check_vouched, the rule re-snapshots use); a modified one is read back
-        and hashed there, a missing or damaged one is left to store_package_files to rewrite. A
-        zip parent vouches for nothing. Never fails the run: on any error, nothing is vouched for.
+        A modified one is read back and hashed, a missing or damaged one is left to
+        store_package_files to rewrite. Never fails the run: on any error, nothing is vouched for.
         """
         parent = self.spec.blob
-        if parent is None or parent.kind != "files":
+        if parent is None:
             return frozenset()
-        try:
-            written = self.store.head(blob_key(parent.sha256))
-            if written is None or written.last_modified is None:
-                return frozenset()
-            contents, _ = read_package_contents(self.store, parent, cache=self.staged_from)
-            states = run(check_vouched(self.store, {f.sha256: f.size for f in contents.files}, written.last_modified))
-        except AICenterError as exc:
-            log(f"could not check the parent version's file blobs ({exc}); each one stored is read back")
-            return frozenset()
-        return frozenset(d for d, state in states.items() if state == "ok")
+        return vouched_by_version(
+            self.store, parent, cache=self.staged_from,
+            on_error=lambda exc: log(f"could not check the parent version's file blobs ({exc}); each one stored is read back"),
+        )
 
     def _upload_artifacts(self) -> None:
         entries = run(upload_tree(self.dirs["artifacts_directory"], self.store, self.key(ARTIFACTS), secrets=self.secrets,

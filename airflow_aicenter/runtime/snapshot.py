@@ -52,8 +52,9 @@ from typing import Literal
 
 from airflow_aicenter.errors import AccessDeniedError, AICenterError, DatasetError
 from airflow_aicenter.layout import blob_key, snapshot_hint_key
-from airflow_aicenter.records import Manifest, ManifestEntry, SnapshotHint, read_optional, write
+from airflow_aicenter.records import BlobRef, Manifest, ManifestEntry, SnapshotHint, read_optional, write
 from airflow_aicenter.storage import Store, transfer
+from airflow_aicenter.storage.cache import BlobCache
 from airflow_aicenter.storage.store import ObjectInfo
 from airflow_aicenter.storage.transfer import (
     BlobStats,
@@ -151,6 +152,39 @@ async def check_vouched(store: Store, sizes: Mapping[str, int], since: datetime 
 
     digests = sorted(sizes)
     return dict(zip(digests, await gather_limited(digests, one), strict=True))
+
+
+def vouched_by_version(
+    store: Store,
+    ref: BlobRef,
+    sizes: Mapping[str, int] | None = None,
+    *,
+    cache: BlobCache | None = None,
+    on_error: Callable[[AICenterError], None] | None = None,
+) -> frozenset[str]:
+    """The file blobs a per-file version's manifest vouches for: intact without a read-back.
+
+    A version's manifest is written only after every blob it names was verified, and blobs are
+    create-once, so one of the right size not modified after the manifest is the one that was
+    verified (check_vouched, the rule re-snapshots use). ``sizes`` (digest -> size) limits the
+    answer to those blobs, else every file the manifest lists. A zip version vouches for nothing,
+    and so does any error (``on_error`` hears it): every stored blob is then read back, as before.
+    The one rule a new release (the newest upload) and a training (its parent) use.
+    """
+    if ref.kind != "files":
+        return frozenset()
+    try:
+        written = store.head(blob_key(ref.sha256))
+        if written is None or written.last_modified is None:
+            return frozenset()
+        listed = {f.sha256: f.size for f in transfer.read_package_contents(store, ref, cache=cache)[0].files}
+        wanted = listed if sizes is None else {d: size for d, size in sizes.items() if d in listed}
+        states = run(check_vouched(store, wanted, written.last_modified))
+    except AICenterError as exc:
+        if on_error is not None:
+            on_error(exc)
+        return frozenset()
+    return frozenset(digest for digest, state in states.items() if state == "ok")
 
 
 @dataclass(frozen=True)
