@@ -26,6 +26,7 @@ import random
 import secrets
 import shutil
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -726,7 +727,15 @@ async def upload_file(
     multipart upload holding PARTS_IN_FLIGHT parts in memory. S3 cannot make a multipart upload
     create-once, so a large ``create`` put must be a content-addressed blob (``expect_sha256``):
     a concurrent writer of the same key writes the same verified bytes, which is harmless.
+    A file store takes any size in one kernel copy (LocalStore.put_file), create-once included.
     """
+    if isinstance(store, LocalStore):  # the file store's own write path: a kernel copy, no bytes through Python
+
+        def check(hexdigest: str) -> None:
+            _check_digest(path, hexdigest, expect_sha256)
+
+        await _stoppable(lambda stop: store.put_file(key, path, create=create, check=check, stop=stop))
+        return
     budget = budget or MemoryBudget()
     size = path.stat().st_size if size is None else size
     with store._errors(key):
@@ -743,6 +752,23 @@ async def upload_file(
             await obstore.put_async(
                 store.inner, key, _file_chunks(path, expect_sha256), chunk_size=CHUNK, max_concurrency=PARTS_IN_FLIGHT
             )
+
+
+async def _stoppable(fn: Callable[[threading.Event], R]) -> R:
+    """``fn(stop)`` on a worker thread; cancelled, it sets ``stop`` and waits for the thread to end.
+
+    A thread cannot be killed: a cancelled upload must not go on copying and land its object
+    later, after its caller was told it was cancelled; ``fn`` checks ``stop`` between chunks.
+    """
+    stop = threading.Event()
+    future = asyncio.get_running_loop().run_in_executor(None, fn, stop)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        stop.set()
+        with contextlib.suppress(BaseException):
+            await future
+        raise
 
 
 def check_names(root: Path, rels: Sequence[str], *, secrets: Redactor | None = None, label: str | None = None) -> None:
