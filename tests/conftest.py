@@ -251,7 +251,7 @@ def is_integration(item: pytest.Item) -> bool:
 
 
 def xdist_group(item: pytest.Item) -> str:
-    """The worker an integration test shares with others under ``-n 2 --dist loadgroup`` (pyproject's addopts).
+    """The worker an integration test shares with others under ``--dist loadgroup`` (pyproject's addopts).
 
     One group per module, so a module's and a session's fixtures (a migrated AIRFLOW_HOME, the
     api-server and Chromium of tests/ui, a module's DAG run) are built once, not on both workers;
