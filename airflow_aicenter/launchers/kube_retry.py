@@ -98,28 +98,44 @@ def _cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+class _Backoff:
+    """The retry schedule of one call: jittered exponential pauses within ``budget`` seconds.
+
+    ``pause(error)`` (for a transient error) raises :class:`KubernetesUnavailable` once the budget
+    is spent, else logs and returns how long to wait before the next try: the one rule of
+    :func:`call` and :func:`acall`.
+    """
+
+    def __init__(self, what: str, log: WarningLog | None, budget: float | None) -> None:
+        self.what, self.log = what, log
+        self.limit = BUDGET if budget is None else budget
+        self.deadline = time.monotonic() + self.limit
+        self.wait, self.tries = FIRST_WAIT, 0
+
+    def pause(self, error: Exception) -> float:
+        self.tries += 1
+        left = self.deadline - time.monotonic()
+        cause = _cause(error)
+        if left <= 0:
+            raise _unavailable(self.what, self.limit, self.tries, cause) from error
+        pause = min(left, _retry_after(error) or random.uniform(self.wait / 2, self.wait))  # jitter, not crypto
+        if self.log is not None:
+            self.log.warning("Kubernetes API: could not %s (%s); trying again in %.1f s", self.what, cause, pause)
+        self.wait = min(self.wait * 2, MAX_WAIT)
+        return pause
+
+
 async def acall(fn: Callable[..., Awaitable[T]], *args: object, what: str, log: WarningLog | None = None,
                 budget: float | None = None, **kwargs: object) -> T:
     """:func:`call` for the deferrable trigger's coroutines: ``await fn(*args, **kwargs)``, retried the same way."""
-    limit = BUDGET if budget is None else budget
-    deadline = time.monotonic() + limit
-    wait = FIRST_WAIT
-    tries = 0
+    backoff = _Backoff(what, log, budget)
     while True:
-        tries += 1
         try:
             return await fn(*args, **kwargs)
         except Exception as error:
             if not transient(error):
                 raise
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise _unavailable(what, limit, tries, _cause(error)) from error
-            pause = min(left, _retry_after(error) or random.uniform(wait / 2, wait))  # jitter, not crypto
-            if log is not None:
-                log.warning("Kubernetes API: could not %s (%s); trying again in %.1f s", what, _cause(error), pause)
-            await asyncio.sleep(pause)
-            wait = min(wait * 2, MAX_WAIT)
+            await asyncio.sleep(backoff.pause(error))
 
 
 def call(fn: Callable[..., T], *args: object, what: str, log: WarningLog | None = None, budget: float | None = None,
@@ -129,23 +145,11 @@ def call(fn: Callable[..., T], *args: object, what: str, log: WarningLog | None 
     Non-transient errors (404, 409, 422, 403...) are raised at once: the caller decides what
     they mean. ``what`` names the call in the log and in the final error.
     """
-    limit = BUDGET if budget is None else budget
-    deadline = time.monotonic() + limit
-    wait = FIRST_WAIT
-    tries = 0
+    backoff = _Backoff(what, log, budget)
     while True:
-        tries += 1
         try:
             return fn(*args, **kwargs)
         except Exception as error:
             if not transient(error):
                 raise
-            left = deadline - time.monotonic()
-            cause = _cause(error)
-            if left <= 0:
-                raise _unavailable(what, limit, tries, cause) from error
-            pause = min(left, _retry_after(error) or random.uniform(wait / 2, wait))  # jitter, not crypto
-            if log is not None:
-                log.warning("Kubernetes API: could not %s (%s); trying again in %.1f s", what, cause, pause)
-            time.sleep(pause)
-            wait = min(wait * 2, MAX_WAIT)
+            time.sleep(backoff.pause(error))
