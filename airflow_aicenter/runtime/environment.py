@@ -1100,11 +1100,18 @@ def _fetch_unpack(store: Store, blob: BlobRef, dest: Path) -> None:
                            f"expected sha256:{blob.sha256}")
 
 
+#: ``tar`` unpacking a stored environment: its files are the runtime's own, with no special bits. A root
+#: runtime (the local launcher under ``run_as_user``) would otherwise keep the archive's owners and
+#: setuid bits, and the store's bytes may have been planted (see the module's docstring). Run with
+#: umask 022: what the user processes of another user read does not depend on the worker's umask.
+_UNTAR = ("tar", "--no-same-owner", "--no-same-permissions", "-C")
+
+
 def _untar(dest: Path, packed: Iterable[bytes]) -> None:
     """Extract a zstd-compressed tar stream into ``dest`` (the system's tar: fast)."""
     import zstandard
 
-    tar = subprocess.Popen(["tar", "-C", str(dest), "-xf", "-"], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    tar = subprocess.Popen([*_UNTAR, str(dest), "-xf", "-"], stdin=subprocess.PIPE, stderr=subprocess.PIPE, umask=0o022)
     assert tar.stdin is not None and tar.stderr is not None
     try:
         with zstandard.ZstdDecompressor().stream_writer(tar.stdin, closefd=False) as writer:
@@ -1136,17 +1143,18 @@ def _bad_parts(record: EnvironmentRecord) -> str | None:
     return None
 
 
-def _entries(env: Path) -> list[tuple[str, int]]:
-    """Every entry of ``env`` (top-down, sorted, a folder before what it holds) with its weight.
+def _entries(env: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """The folders of ``env`` (top-down, sorted, ``.`` first), and every other entry with its weight.
 
-    Relative names as ``tar`` takes them from a list; the folder itself is ``.``. Links are
-    entries of their own, never followed.
+    Relative names as ``tar`` takes them from a list. Links are entries of their own, never
+    followed (a link to a folder is not a folder).
     """
-    found: list[tuple[str, int]] = [(".", ENTRY_WEIGHT)]
+    folders: list[str] = ["."]
+    others: list[tuple[str, int]] = []
     pending = [""]
     while pending:
         rel = pending.pop()
-        folders: list[str] = []
+        inside: list[str] = []
         with os.scandir(env / rel if rel else env) as scan:
             items = sorted(scan, key=lambda item: item.name)
         for item in items:
@@ -1154,13 +1162,13 @@ def _entries(env: Path) -> list[tuple[str, int]]:
             if not rel and item.name.startswith(".used-"):
                 continue
             if item.is_dir(follow_symlinks=False):
+                inside.append(name)
                 folders.append(name)
-                found.append((name, ENTRY_WEIGHT))
             else:
                 size = item.stat(follow_symlinks=False).st_size if item.is_file(follow_symlinks=False) else 0
-                found.append((name, ENTRY_WEIGHT + size))
-        pending.extend(reversed(folders))
-    return found
+                others.append((name, ENTRY_WEIGHT + size))
+        pending.extend(reversed(inside))
+    return folders, others
 
 
 def _split(entries: list[tuple[str, int]], count: int) -> list[list[str]]:
@@ -1213,12 +1221,17 @@ def _pack_part(env: Path, names: list[str], dest: Path) -> tuple[str, int]:
 def _pack_parts(env: Path, dest: Path, count: int = PART_COUNT) -> _Packed:
     """Pack ``env`` into ``dest`` as :data:`PARTED`: the parts packed at once, then laid end to end.
 
+    The first part holds every folder and is unpacked first, then the ``count`` others (the
+    files and links, in runs of about equal weight) at once: no two ``tar`` processes create
+    or set up one folder at the same time.
+
     The blob's own digest (its name in the store) is taken while the parts are copied into it;
     each part's digest is taken while it is compressed.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    runs = _split(_entries(env), count)
+    folders, others = _entries(env)
+    runs = [folders, *_split(others, count)]
     files = [dest.with_name(f"{dest.name}.{index}") for index in range(len(runs))]
     try:
         with ThreadPoolExecutor(len(runs), thread_name_prefix="aicenter-env-pack") as pool:
@@ -1249,10 +1262,10 @@ def _fetch_unpack_parts(store: Store, blob: BlobRef, parts: Sequence[Environment
     """Read, verify and unpack the parts of a :data:`PARTED` blob at once, each into ``dest`` by a ``tar`` of its own.
 
     A file store's blob is read in place (``pread`` of one open descriptor), an S3 blob as one
-    ranged GET per part (a server that ignores ranges: one stream, the parts in turn). Each part
-    is hashed as it is read and must match its record's digest (the record names each part's,
-    so together they are the whole blob's); ``dest`` is a temporary folder that the caller
-    discards when any part does not match.
+    ranged GET per part (a server that ignores ranges: one stream, the parts in turn). The first
+    part (the folders) is unpacked before the others. Each part is hashed as it is read and must
+    match its record's digest (the record names each part's, so together they are the whole
+    blob's); ``dest`` is a temporary folder that the caller discards when any part does not match.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -1276,9 +1289,10 @@ def _fetch_unpack_parts(store: Store, blob: BlobRef, parts: Sequence[Environment
             return _get_range(store, key, part.offset, part.size)
 
         try:
-            with ThreadPoolExecutor(len(parts), thread_name_prefix="aicenter-env-unpack") as pool:
+            _unpack_part(store.url(key), 0, parts[0], read(parts[0]), dest)  # the folders
+            with ThreadPoolExecutor(max(len(parts) - 1, 1), thread_name_prefix="aicenter-env-unpack") as pool:
                 for done in [pool.submit(_unpack_part, store.url(key), index, part, read(part), dest)
-                             for index, part in enumerate(parts)]:
+                             for index, part in enumerate(parts) if index > 0]:
                     done.result()
         except _RangesIgnored:
             store.ranged_reads = False
@@ -1368,7 +1382,7 @@ def _unpack_part(url: str, index: int, part: EnvironmentPart, data: Iterator[byt
     digest = hashlib.sha256()
     size = 0
     with tempfile.TemporaryFile() as errors:
-        tar = subprocess.Popen(["tar", "-C", str(dest), "-xf", "-"], stdin=subprocess.PIPE, stderr=errors)
+        tar = subprocess.Popen([*_UNTAR, str(dest), "-xf", "-"], stdin=subprocess.PIPE, stderr=errors, umask=0o022)
         assert tar.stdin is not None
         broken: str | None = None
         try:

@@ -341,7 +341,7 @@ def test_a_stored_environment_is_packed_in_parts_that_are_unpacked_at_once(
     store.ranged_reads = ranges  # False: as for a server that answers a ranged GET with the whole object
     said: list[str] = []
     restored = prepare(root, store, tmp_path / "c2", said)
-    assert restored.source == "store", said
+    assert restored.source == "store", said[0][:600]
     assert imports_tiny(restored).startswith("42 ")
     installed, unpacked = first.python.parent.parent, restored.python.parent.parent
     assert tree(unpacked) == tree(installed), "the restored environment is the installed one, modes and links included"
@@ -449,3 +449,55 @@ def test_in_a_pod_stage_leaves_packing_to_sync_which_stores_it_while_package_cod
 
     with pytest.raises(StorageError, match="is not the one stage installed"):
         store_meanwhile(store, {**staged.store_plan, "package": "other"}, said.append, cache_dir=tmp_path / "pod-env")
+
+
+def test_a_stored_environment_unpacks_as_the_runtimes_own_files_without_special_bits(
+        store: Store, tmp_path: Path, closed_index: str) -> None:
+    """A stored environment (possibly planted, see DESIGN "Trust boundaries") cannot hand out setuid files or
+    files of another owner to a root runtime (the local launcher's run_as_user runs it as root)."""
+    import os
+    import stat
+
+    from airflow_aicenter.records import BlobRef, write
+    from airflow_aicenter.runtime.environment import _pack_parts
+    from airflow_aicenter.storage.transfer import put_blob
+
+    root = local_wheel_package(tmp_path)
+    first = prepare(root, store, tmp_path / "c1")
+    record = read(store, env_key(first.key), EnvironmentRecord)
+    planted = tmp_path / "planted"
+    shutil.copytree(first.python.parent.parent, planted, symlinks=True)
+    subprocess.run(["chmod", "-R", "u+w", str(planted)], check=True)
+    tool = planted / "bin" / "tool"
+    tool.write_text("#!/bin/sh\nid\n")
+    tool.chmod(0o4755 if os.geteuid() == 0 else 0o1755)
+    if os.geteuid() == 0:
+        os.chown(tool, 12345, 12345)
+    packed = _pack_parts(planted, tmp_path / "planted.tar.zst")
+    put_blob(store, packed.path, packed.sha256)
+    write(store, env_key(first.key), record.model_copy(update={
+        "blob": BlobRef(sha256=packed.sha256, size=packed.size), "parts": list(packed.parts)}))
+
+    said: list[str] = []
+    restored = prepare(root, store, tmp_path / "c2", said)
+    assert restored.source == "store", said[0][:600]
+    info = (restored.python.parent.parent / "bin" / "tool").stat()
+    assert not info.st_mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX), oct(info.st_mode)
+    assert (info.st_uid, info.st_mode & 0o555) == (os.geteuid(), 0o555)
+
+
+def test_many_tiny_parts_unpacked_at_once_give_the_same_tree(store: Store, tmp_path: Path) -> None:
+    """Parts whose files sit in folders another part names, unpacked at once, again and again: the same tree."""
+    from airflow_aicenter.records import BlobRef
+    from airflow_aicenter.runtime.environment import _fetch_unpack_parts, _pack_parts
+    from airflow_aicenter.storage.transfer import put_blob
+
+    folder = tmp_path / "env"
+    for i in range(40):  # tiny parts, a folder and the next one's file in each: the parts start at once
+        write_files(folder / f"sub{i}", {"m.py": "X = 1\n"})
+    packed = _pack_parts(folder, tmp_path / "env.tar.zst", count=40)
+    put_blob(store, packed.path, packed.sha256)
+    for attempt in range(10):
+        dest = tmp_path / f"unpacked{attempt}"
+        _fetch_unpack_parts(store, BlobRef(sha256=packed.sha256, size=packed.size), packed.parts, dest)
+        assert {k: v[0] for k, v in tree(dest).items()} == {k: v[0] for k, v in tree(folder).items()}
