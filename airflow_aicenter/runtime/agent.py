@@ -19,6 +19,7 @@ import contextlib
 import functools
 import io
 import json
+import math
 import os
 import pickle
 import shutil
@@ -34,7 +35,14 @@ from pathlib import Path
 from typing import Any, TextIO, cast
 
 from airflow_aicenter.crashpoints import crash_point
-from airflow_aicenter.errors import AICenterError, DatasetError, NotFoundError, RunError, StorageError
+from airflow_aicenter.errors import (
+    AICenterError,
+    ConfigurationError,
+    DatasetError,
+    NotFoundError,
+    RunError,
+    StorageError,
+)
 from airflow_aicenter.layout import ARTIFACTS, PREDICTIONS, manifest_name, outcome_name
 from airflow_aicenter.package import iter_package_files, validate_package
 from airflow_aicenter.plans import plan_for
@@ -227,8 +235,25 @@ EXIT_LIMIT = RESULT_LIMIT
 HEARTBEAT_LOST = 60.0
 #: Seconds sync waits for the user container's first heartbeat (the kubelet starts ``base``
 #: before ``sync``, and its shell's first heartbeat comes at once: a user command that replaced
-#: the supervisor never gives one).
+#: the supervisor never gives one). The runtime image's environment may set another
+#: (:data:`START_LOST_ENV`; docs/kubernetes.md).
 START_LOST = 30.0
+START_LOST_ENV = "AICENTER_SUPERVISOR_START_TIMEOUT"
+
+
+def start_lost() -> float:
+    """How long sync waits for the user container's first heartbeat: :data:`START_LOST_ENV`, else :data:`START_LOST`."""
+    given = os.environ.get(START_LOST_ENV, "").strip()
+    if not given:
+        return START_LOST
+    try:
+        seconds = float(given)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigurationError(f"{START_LOST_ENV}={given!r} is not a number of seconds above 0: set it to one "
+                                 f"(e.g. {START_LOST:g}) in the runtime image's environment, or unset it for {START_LOST:g} s")
+    return seconds
 
 
 class Agent:
@@ -519,17 +544,17 @@ class Agent:
     def _wait_for_supervisor(self) -> list[dict[str, Any]]:
         """The user supervisor's exit file (``base`` container), then its results, as ``supervise`` returns them."""
         exit_file, alive = self.control / "exit.json", self.control / "alive"
-        began = time.monotonic()
+        began, first_sign = time.monotonic(), start_lost()
         while not exit_file.exists():
             try:
                 silent = time.time() - alive.stat().st_mtime
             except FileNotFoundError:
                 silent = None
-            if (silent is not None and silent > HEARTBEAT_LOST) or (silent is None and time.monotonic() - began > START_LOST):
+            if (silent is not None and silent > HEARTBEAT_LOST) or (silent is None and time.monotonic() - began > first_sign):
                 if exit_file.exists():
                     break
                 if silent is None:
-                    raise RunError(f"the user container gave no sign of the user supervisor within {START_LOST:.0f} s "
+                    raise RunError(f"the user container gave no sign of the user supervisor within {first_sign:g} s "
                                    "(did a command given for the base container replace it? see the base container's log)")
                 raise RunError(f"the user container stopped {silent:.0f} s ago without reporting (killed whole: out of memory? "
                                "see the pod's status and the base container's log)")

@@ -10,7 +10,8 @@ Kubernetes OpenAPI schema (kubernetes-validate), then its containers run as loca
 - env from ``value``, ``secretKeyRef`` / ``envFrom.secretRef`` (secrets the test registers),
   ``fieldRef`` (metadata.name/namespace); nothing leaks in from the test process's env;
 - volumes: ``emptyDir`` -> a temp folder, ``persistentVolumeClaim`` -> the folder the test
-  registered for the claim (+ ``subPath``); mount paths in env values and arguments are
+  registered for the claim (+ ``subPath``), ``hostPath`` -> that folder of this machine (the
+  node of every pod; ``DirectoryOrCreate`` creates it); mount paths in env values and arguments are
   rewritten to those folders, ``/tmp`` becomes ``TMPDIR``;
 - ``python`` runs the interpreter given to the server (the airflow-free runtime venv);
 - the termination message file becomes ``AICENTER_TERMINATION_LOG`` and is reported in
@@ -213,6 +214,8 @@ class FakeKubernetes:
         self.secrets: dict[tuple[str, str], dict[str, str]] = {}
         self.claims: dict[tuple[str, str], Path] = {}
         self.unpullable: set[str] = set()
+        #: The runtime image's own environment (its Dockerfile's ENV): every container starts with it, the pod's env wins.
+        self.image_env: dict[str, str] = {}
         self.jobs: dict[tuple[str, str], Job] = {}
         self.secret_manifests: list[dict[str, Any]] = []
         self.services: dict[tuple[str, str], dict[str, Any]] = {}
@@ -689,6 +692,10 @@ class FakeKubernetes:
                 if (namespace, claim) not in self.claims:
                     raise ApiError(0, "FailedMount", f'persistentvolumeclaim "{claim}" not found')
                 host = self.claims[(namespace, claim)]
+            elif "hostPath" in volume:  # this machine is the node: the path itself, shared by every pod
+                host = Path(volume["hostPath"]["path"])
+                if volume["hostPath"].get("type") != "DirectoryOrCreate" and not host.is_dir():
+                    raise ApiError(0, "FailedMount", f'hostPath type check failed: {host} is not a directory')
             elif "secret" in volume:
                 host = pod.folder / "volumes" / mount["name"]
                 host.mkdir(parents=True, exist_ok=True)
@@ -717,6 +724,7 @@ class FakeKubernetes:
                "AICENTER_TERMINATION_LOG": str(container.termination_file)}
         if "/tmp" in mounts:
             env["TMPDIR"] = str(mounts["/tmp"])
+        env.update(self.image_env)
         env.update(self.container_env(pod, spec, rewrite))
         argv = [*(spec.get("command") or []), *(spec.get("args") or [])]
         if not argv:

@@ -205,11 +205,12 @@ def test_foreign_pod_with_this_tasks_labels_is_refused(kind: str, kube_deploymen
 
 def test_a_pod_that_succeeds_without_an_outcome_fails_the_task(kube_deployment, kube_api, tmp_path):
     """#73006: phase Succeeded is not success; outcome.json is. A base command that replaced the
-    user supervisor ends the run too: sync gives up waiting for its sign of life."""
+    user supervisor ends the run too: sync gives up waiting for its sign of life (after the image's setting)."""
     registry, dataset = kube_deployment
     upload(registry, tmp_path, "rows")
+    kube_api.image_env["AICENTER_SUPERVISOR_START_TIMEOUT"] = "3"  # 30 s without it
     op = train_op("rows", dataset, cmds=["python", "-c", "print('did something else')"])
-    with pytest.raises(RunError, match=r"failed: the user container gave no sign of the user supervisor within 30 s"):
+    with pytest.raises(RunError, match=r"failed: the user container gave no sign of the user supervisor within 3 s"):
         op.execute(make_context())
     assert [r.version for r in registry.versions("rows")] == ["1.0"]
     [key] = [i.key for i in registry.store.list("runs") if i.key.endswith("outcome.json")]

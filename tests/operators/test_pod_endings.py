@@ -175,3 +175,19 @@ def test_sync_refuses_an_exit_file_without_a_list_of_results(tmp_path: Path):
     (control / "alive").touch()
     with pytest.raises(RunError, match="holds no list of results"):
         _agent(tmp_path)._wait_for_supervisor()
+
+
+def test_how_long_sync_waits_for_the_first_sign_of_life_is_the_images_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """AICENTER_SUPERVISOR_START_TIMEOUT in the runtime image's environment (30 s without it); a bad value is named."""
+    from airflow_aicenter.errors import ConfigurationError
+    from airflow_aicenter.runtime import agent
+
+    (tmp_path / "control").mkdir()
+    monkeypatch.setattr(agent, "EXIT_POLL", 0.01)
+    monkeypatch.setenv("AICENTER_SUPERVISOR_START_TIMEOUT", "0.2")
+    with pytest.raises(RunError, match=r"gave no sign of the user supervisor within 0\.2 s"):
+        _agent(tmp_path)._wait_for_supervisor()
+    for bad in ("soon", "0", "-3", "nan", "inf"):
+        monkeypatch.setenv("AICENTER_SUPERVISOR_START_TIMEOUT", bad)
+        with pytest.raises(ConfigurationError, match=rf"AICENTER_SUPERVISOR_START_TIMEOUT={bad!r} is not .*seconds.*unset it"):
+            _agent(tmp_path)._wait_for_supervisor()
