@@ -415,7 +415,7 @@ async def _ranged(store: Store, key: str, tmp: Path, *, size: int, etag: str | N
                 async for chunk in result.stream(min_chunk_size=DOWNLOAD_CHUNK):
                     if pos[0] + len(chunk) > end:
                         raise _RangesIgnored
-                    await asyncio.to_thread(os.pwrite, fd, chunk, pos[0])  # a slow disk must not stall the loop
+                    await asyncio.to_thread(_pwrite_all, fd, chunk, pos[0])  # a slow disk must not stall the loop
                     pos[0] += len(chunk)
                 if pos[0] != end:
                     raise StorageError(f"{store.url(key)}: bytes {start}-{end} ended at {pos[0]}")
@@ -453,6 +453,15 @@ async def _ranged(store: Store, key: str, tmp: Path, *, size: int, etag: str | N
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
+    """Write all of ``data`` at ``offset``: a pwrite may write less (a disk filling up) and that must
+    not leave a hole of zeros that the hasher, which reads the file, would take for content."""
+    with memoryview(data) as view:
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
 
 
 def _hash_range(reader: BinaryIO, digest: hashlib._Hash, start: int, end: int) -> None:
@@ -734,7 +743,8 @@ async def upload_file(
         def check(hexdigest: str) -> None:
             _check_digest(path, hexdigest, expect_sha256)
 
-        await _stoppable(lambda stop: store.put_file(key, path, create=create, check=check, stop=stop))
+        verify = check if expect_sha256 is not None else None  # an artifact is not hashed: nothing reads its digest
+        await _stoppable(lambda stop: store.put_file(key, path, create=create, check=verify, stop=stop))
         return
     budget = budget or MemoryBudget()
     size = path.stat().st_size if size is None else size

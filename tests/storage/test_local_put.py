@@ -162,3 +162,23 @@ def test_a_tree_uploads_to_the_file_store_with_names_kept(tmp_path):
     assert (tmp_path / "store/out/d/big.bin").read_bytes() == (src / "d" / "big.bin").read_bytes()
     assert (tmp_path / "store/out/small.txt").read_text() == "x"
     assert _leftovers(tmp_path / "store") == []
+
+
+@pytest.mark.parametrize("verified", [False, True])
+def test_a_put_where_the_kernel_refuses_the_copy_goes_through_a_buffer(tmp_path, monkeypatch, verified):
+    """Another file system on an old kernel (EXDEV): the same bytes, verified where a digest is expected."""
+    import errno
+
+    def refused(*args: int) -> int:
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", refused)
+    store = open_store((tmp_path / "store").as_uri())
+    src = _file(tmp_path, BIG)
+    digest = sha256_file(src).sha256 if verified else None
+    run(upload_file(store, src, "v.bin", create=True, expect_sha256=digest))
+    assert store.get_bytes("v.bin") == src.read_bytes()
+    if verified:
+        with pytest.raises(StorageError, match="changed while it was being stored"):
+            run(upload_file(store, src, "w.bin", expect_sha256="1" * 64))
+        assert store.head("w.bin") is None
