@@ -49,6 +49,7 @@ from airflow_aicenter.launchers.pod_spec import (
     QUEUE_LABEL,
     PodResources,
     PodShape,
+    check_blob_cache,
     check_sub_path,
     disruption,
     label_value,
@@ -239,6 +240,7 @@ class PodLauncher(Launcher):
                 "dataset_volume_claim mounts the training dataset; evaluation runs read evaluation_dataset=URI"
             )
         check_sub_path(self.settings.resources.dataset_sub_path)
+        check_blob_cache(self.hook.settings.extra.get("blob_cache"))
 
     def plan(self, spec: RunSpec, run: RunRef) -> PodRun:
         """The spec as the pod runs it: a mounted dataset is not staged."""
@@ -415,6 +417,7 @@ class PodLauncher(Launcher):
             store_env=tuple(self.store_env()),
             agent_env=tuple(self.agent_env),
             ports=tuple(self.ports),
+            blob_cache=check_blob_cache(hook.settings.extra.get("blob_cache")),
         )
 
     def tidy_recovered(self, run: RunRef) -> None:

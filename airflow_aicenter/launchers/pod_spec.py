@@ -110,6 +110,8 @@ _MAX_LABEL = 63
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 #: Default seconds for every node of a distributed run to be running once admitted (``startup_timeout``).
 DEFAULT_STARTUP_TIMEOUT = 600.0
+#: The node's blob cache (connection extra ``blob_cache``): a hostPath volume, mounted in ``stage`` alone, here.
+BLOB_CACHE_VOLUME, BLOB_CACHE_MOUNT = "aicenter-blob-cache", "/aicenter/blob-cache"
 _LABEL_VALUE = re.compile(r"(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
 
 
@@ -140,6 +142,54 @@ def check_startup_timeout(value: object) -> float:
             f"{DEFAULT_STARTUP_TIMEOUT:.0f} s): how long every node of a distributed run may take to be running"
         )
     return float(seconds)
+
+
+@dataclass(frozen=True)
+class NodeBlobCache:
+    """The connection extra ``blob_cache``: a folder on each node that keeps per-file package files between pods.
+
+    :param host_path: the node's folder (a hostPath volume, created if missing), mounted in ``stage`` alone.
+    :param max_size: what it may hold before the least recently used entries go (``AICENTER_BLOB_CACHE_MAX``).
+    """
+
+    host_path: str
+    max_size: str | None = None
+
+
+_BLOB_CACHE_FIX = ('set the aicenter connection\'s extra to e.g. "blob_cache": {"host_path": "/var/cache/aicenter/blobs"} '
+                   '(optionally with "max_size": "40G"), or remove blob_cache to fetch package files in every pod')
+
+
+def check_blob_cache(value: object) -> NodeBlobCache | None:
+    """The connection extra ``blob_cache``, checked before any pod exists (a bad hostPath would leave the pod Pending).
+
+    An absolute folder other than ``/`` without ``..``: it becomes a hostPath volume on every node the runs use.
+    """
+    from airflow_aicenter.storage.cache import parse_size
+
+    if value is None or value == {}:
+        return None
+    where = "the aicenter connection's extra blob_cache"
+    if not isinstance(value, dict) or not set(value) <= {"host_path", "max_size"} or "host_path" not in value:
+        raise ConfigurationError(f"{where}={value!r} is not an object with host_path (and optionally max_size): "
+                                 f"{_BLOB_CACHE_FIX}")
+    path, size = value["host_path"], value.get("max_size")
+    if (not isinstance(path, str) or not path.startswith("/") or PurePosixPath(path) == PurePosixPath("/")
+            or "\x00" in path):
+        raise ConfigurationError(f"{where} host_path={path!r} is not an absolute folder on the node (other than /): "
+                                 f"{_BLOB_CACHE_FIX}")
+    if ".." in PurePosixPath(path).parts:
+        raise ConfigurationError(f"{where} host_path={path!r} contains '..': give the folder's absolute path without it; "
+                                 f"{_BLOB_CACHE_FIX}")
+    if size is not None:
+        try:
+            if not isinstance(size, str | int) or isinstance(size, bool):
+                raise ConfigurationError("not a size")
+            parse_size(str(size))
+        except ConfigurationError:
+            raise ConfigurationError(f"{where} max_size={size!r} is not a size: give bytes or a number with K, M, G or T "
+                                     f"(e.g. \"40G\"), or 0 for no limit; {_BLOB_CACHE_FIX}") from None
+    return NodeBlobCache(host_path=str(PurePosixPath(path)), max_size=None if size is None else str(size))
 
 
 # -- small pure helpers ------------------------------------------------------------------
@@ -430,6 +480,7 @@ class PodShape:
     :param store_env: the store's endpoint, region and credentials (``stage`` and ``sync`` only).
     :param agent_env: more env for ``stage`` and ``sync`` (a Job's rendezvous address).
     :param ports: container ports of ``base`` (a Job's rendezvous port).
+    :param blob_cache: the node's blob cache (connection extra ``blob_cache``): a hostPath in ``stage`` alone.
     """
 
     image: str | None
@@ -442,6 +493,7 @@ class PodShape:
     store_env: tuple[k8s.V1EnvVar, ...] = ()
     agent_env: tuple[k8s.V1EnvVar, ...] = ()
     ports: tuple[k8s.V1ContainerPort, ...] = ()
+    blob_cache: NodeBlobCache | None = None
 
     @property
     def source_builds(self) -> bool:
@@ -512,6 +564,11 @@ def shape_pod(pod: k8s.V1Pod, shape: PodShape) -> k8s.V1Pod:
         dataset = k8s.V1VolumeMount(
             name=DATASET_VOLUME, mount_path=DATASET_MOUNT, read_only=True, sub_path=res.dataset_sub_path or None
         )
+    if shape.blob_cache is not None:
+        # Shared by every pod on the node: stage alone mounts it (our code; it verifies each entry's digest as it
+        # copies it into the package volume, see storage/cache.py), never base, build or sync.
+        host = k8s.V1HostPathVolumeSource(path=shape.blob_cache.host_path, type="DirectoryOrCreate")
+        volumes.append(k8s.V1Volume(name=BLOB_CACHE_VOLUME, host_path=host))
     pod.spec.volumes = volumes
 
     base_mounts = list(user_mounts)
@@ -571,6 +628,12 @@ def shape_pod(pod: k8s.V1Pod, shape: PodShape) -> k8s.V1Pod:
                 mounts.append(k8s.V1VolumeMount(name=volume.name, mount_path=volume.path, read_only=read_only or None))
         if dataset is not None:
             mounts.append(copy.deepcopy(dataset))
+        node_cache: list[k8s.V1EnvVar] = []
+        if shape.blob_cache is not None and name == STAGE_CONTAINER:
+            mounts.append(k8s.V1VolumeMount(name=BLOB_CACHE_VOLUME, mount_path=BLOB_CACHE_MOUNT))
+            node_cache.append(k8s.V1EnvVar(name="AICENTER_BLOB_CACHE", value=BLOB_CACHE_MOUNT))
+            if shape.blob_cache.max_size is not None:
+                node_cache.append(k8s.V1EnvVar(name="AICENTER_BLOB_CACHE_MAX", value=shape.blob_cache.max_size))
         env = [
             k8s.V1EnvVar(name="AICENTER_WORKDIR", value=WORK_MOUNT),
             k8s.V1EnvVar(name="AICENTER_STATE", value=STATE_MOUNT),
@@ -581,6 +644,7 @@ def shape_pod(pod: k8s.V1Pod, shape: PodShape) -> k8s.V1Pod:
             *([k8s.V1EnvVar(name=SPEC_ENV, value=shape.spec_json)] if shape.spec_json is not None else []),
             *shape.store_env,
             *shape.agent_env,
+            *node_cache,
             *([k8s.V1EnvVar(name=USER_ENV_NAMES, value=",".join(user_names))] if user_names else []),
             *([k8s.V1EnvVar(name=USER_SECRET_NAMES, value=",".join(secret_names))] if secret_names else []),
         ]

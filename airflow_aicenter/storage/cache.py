@@ -33,6 +33,13 @@ change time, right after staging: ``known`` gives a file's digest while all of t
 unchanged, so the end of a training does not hash a 1.5 GB file it never touched. There ctime
 is strict: a write, a chmod, a new link all make the file hashed again.
 
+A shared cache (``shared=True``: a node's folder that every pod's ``stage`` mounts, the
+connection extra ``blob_cache``) trusts no seal: any pod that can write the folder could put
+other bytes under a digest's name and seal them like ours. There an entry is hashed before it
+counts as present (a wrong one is dropped and fetched again), it is never linked (a pod's
+package volume is another file system anyway), and each copy into a package folder is hashed
+as it is written, so the bytes a run gets are the bytes its manifest names.
+
 No Airflow import: the runtime image uses it.
 """
 
@@ -40,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import secrets
 import shutil
@@ -84,13 +92,19 @@ class _Placed:
 class BlobCache:
     """Verified, sealed copies of blobs on this node, placed into work folders by link or copy."""
 
-    def __init__(self, cache_dir: Path | None = None, *, max_bytes: int | None = DEFAULT_MAX_BYTES) -> None:
+    def __init__(
+        self, cache_dir: Path | None = None, *, max_bytes: int | None = DEFAULT_MAX_BYTES, shared: bool = False
+    ) -> None:
         self.root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "blobs"
         self.entries = self.root / "sha256"
         self.tmp = self.root / "tmp"
         #: trim() removes the least recently used entries past this size (None: no limit).
         self.max_bytes = max_bytes
+        #: Other pods write this folder too: entries are verified by digest, never by their seal (module doc).
+        self.shared = shared
         self._placed: dict[tuple[int, int], _Placed] = {}
+        #: Shared: entries this process hashed, by inode, with the size and modification time they had then.
+        self._verified: dict[tuple[int, int], tuple[int, int, str]] = {}
 
     def __repr__(self) -> str:
         return f"BlobCache({str(self.root)!r})"
@@ -105,17 +119,33 @@ class BlobCache:
 
     # -- entries -------------------------------------------------------------------------
     def _sealed(self, st: os.stat_result, size: int) -> bool:
+        # Shared: another pod's entry may be of another user; its digest, not its owner, vouches for it (_hashes_to).
         return (stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == SEALED_MODE and st.st_size == size
-                and st.st_mtime_ns == SEALED_MTIME_NS and st.st_uid == os.geteuid())
+                and st.st_mtime_ns == SEALED_MTIME_NS and (self.shared or st.st_uid == os.geteuid()))
+
+    def _hashes_to(self, path: Path, st: os.stat_result, sha256: str) -> bool:
+        """Shared: the entry's bytes hash to its name (read once per process while its inode looks the same)."""
+        key = (st.st_dev, st.st_ino)
+        if self._verified.get(key) == (st.st_size, st.st_mtime_ns, sha256):
+            return True
+        try:
+            with open(path, "rb", buffering=0) as f:
+                ok = hashlib.file_digest(f, "sha256").hexdigest() == sha256
+        except OSError:
+            return False
+        if ok:
+            self._verified[key] = (st.st_size, st.st_mtime_ns, sha256)
+        return ok
 
     def lookup(self, sha256: str, size: int) -> Path | None:
-        """The entry of ``sha256`` if it is there and still sealed; a changed one is dropped (fetch it again)."""
+        """The entry of ``sha256`` if it is there and still sealed (shared: and hashes to its name); a changed one is
+        dropped (fetch it again)."""
         path = self.path(sha256)
         try:
             st = os.lstat(path)
         except FileNotFoundError:
             return None
-        if self._sealed(st, size):
+        if self._sealed(st, size) and (not self.shared or self._hashes_to(path, st, sha256)):
             with contextlib.suppress(OSError):  # the access time orders eviction (trim); the seal is the mtime
                 os.utime(path, ns=(time.time_ns(), SEALED_MTIME_NS))
             return path
@@ -126,6 +156,7 @@ class BlobCache:
         """Remove a changed entry; its links in work folders keep their inode (nothing else changes)."""
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+        self._verified.clear()
 
     def new_temp(self, sha256: str) -> Path:
         """A fresh name in ``tmp/`` for a fetch of ``sha256`` in progress (unique per fetch: runs never clash)."""
@@ -163,6 +194,9 @@ class BlobCache:
         file in place needs a copy (``copy``), and the agent stages copies for runs whose
         package folder becomes a new version.
         """
+        if self.shared:  # never an inode another pod can reach: a copy, verified as it is written
+            self.copy(sha256, dest, size=size, mode=0o644)
+            return False
         src = self.lookup(sha256, size)
         if src is None:
             raise StorageError(f"blob sha256:{sha256} left the local blob cache {self.root} while it was staged: run "
@@ -178,26 +212,38 @@ class BlobCache:
 
     def copy(self, sha256: str, dest: Path, *, size: int, mode: int) -> None:
         """Copy the entry to the new file ``dest`` with ``mode``, in the kernel where it can (a reflink on file
-        systems that share extents): a private file that package code may write."""
+        systems that share extents): a private file that package code may write.
+
+        Shared: the copy is hashed as it is written (store.copy_hashed, one pass), so what lands
+        in ``dest`` is what the digest names even if another pod rewrote the entry meanwhile.
+        """
+        from airflow_aicenter.storage.store import copy_hashed
+
         src = self.lookup(sha256, size)
         if src is None:
             raise StorageError(f"blob sha256:{sha256} left the local blob cache {self.root} while it was staged: run "
                                "the task again")
+        digest = sha256
         fd_in = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            fd_out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            flags = (os.O_RDWR if self.shared else os.O_WRONLY) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            fd_out = os.open(dest, flags, 0o600)
             try:
-                copied = _copy(fd_in, fd_out)
+                if self.shared:
+                    digest, copied = copy_hashed(fd_in, fd_out)
+                else:
+                    copied = _copy(fd_in, fd_out)
                 os.fchmod(fd_out, mode)
             finally:
                 os.close(fd_out)
         finally:
             os.close(fd_in)
-        if copied != size:
+        if copied != size or digest != sha256:
             dest.unlink(missing_ok=True)
             self._drop(src)
+            got = f"{copied} bytes, expected {size}" if copied != size else f"its copy hashes to sha256:{digest}"
             raise StorageError(f"blob sha256:{sha256} in the local blob cache {self.root} changed while it was copied "
-                               f"({copied} bytes, expected {size}): run the task again")
+                               f"({got}; nothing was staged from it): run the task again")
 
     def remember(self, dest: Path, sha256: str) -> None:
         """Note what ``dest`` (placed by this cache) looks like now, for ``known``: call it once staging is done."""
@@ -343,7 +389,8 @@ def _copy(fd_in: int, fd_out: int) -> int:
 #: The runtime's blob cache: a folder (its ``blobs/`` holds the cache), or ``off``. Unset: the local
 #: launcher's runs use ``$AICENTER_CACHE/blobs`` (default ``~/.cache/aicenter/blobs``); a pod uses none,
 #: because its ``AICENTER_CACHE`` is a volume of that pod alone (a cache there would be written once,
-#: read never, and cost a second copy of every file): set it to a folder the node keeps (a hostPath).
+#: read never, and cost a second copy of every file): the connection extra ``blob_cache`` sets it to
+#: a folder the node keeps (a hostPath, mounted in ``stage`` alone), a shared cache (module doc).
 BLOB_CACHE_ENV = "AICENTER_BLOB_CACHE"
 #: Bytes the blob cache may hold (``500M``, ``40G``, a number; ``0``: no limit). Default DEFAULT_MAX_BYTES.
 BLOB_CACHE_MAX_ENV = "AICENTER_BLOB_CACHE_MAX"
@@ -374,8 +421,8 @@ def runtime_cache(*, in_pod: bool, environ: Mapping[str, str] | None = None) -> 
     max_bytes = parse_size(limit) if limit else DEFAULT_MAX_BYTES
     if chosen.lower() in ("off", "0", "false", "no", "none"):
         return None
-    if chosen:
-        return BlobCache(Path(chosen), max_bytes=max_bytes)
+    if chosen:  # in a pod, a node's folder every pod's stage mounts: shared (verified by digest, never linked)
+        return BlobCache(Path(chosen), max_bytes=max_bytes, shared=in_pod)
     if in_pod:
         return None
     return BlobCache(max_bytes=max_bytes)
