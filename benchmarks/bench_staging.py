@@ -2,7 +2,7 @@
 
     benchmarks/.venv-peers/bin/... must exist: run `bash benchmarks/setup.sh` once.
     .venv/bin/python benchmarks/bench_staging.py [--servers rclone,moto] [--repeat 3] [--shapes small,large,huge]
-        [--link plain,shaped] [--rate-mb 80] [--latency-ms 20] [--huge-mb 2048]
+        [--link plain,shaped] [--rate-mb 80] [--latency-ms 20] [--huge-mb 2048] [--file-store-mb 1024] [--save-as NAME]
 
 For each S3 server (rclone serve s3, moto server; each in its own process on 127.0.0.1) and
 each data shape (10,000 x 4 KB; 200 x 1 MB + 1 x 200 MB), every tool downloads the same
@@ -20,16 +20,23 @@ real S3 link is (rclone's ranged GETs are answered by the link from rclone's fol
 ignores Range). The ``huge`` shape is one object of --huge-mb MiB (a checkpoint or model):
 ours (concurrent ranged GETs above transfer.RANGED_MIN) against ``ours 1 stream`` (the same code
 with every object on one connection), s5cmd and aws-cli.
+
+Every row also gives the tool's CPU seconds (user + system of its process): on 2 cores shared
+with the server they are what its wall time is made of. ``--file-store-mb N`` adds the first
+upload of one N MiB file to a file store (upload_file: LocalStore.put_file) against ``cp`` +
+``sync`` of the same file; ``--save-as`` names the results file.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
 import time
 from pathlib import Path
 
 from common import (
+    PYTHON,
     ShapedServer,
     drop,
     machine,
@@ -70,6 +77,20 @@ def clear_prefix(server, bucket: str, prefix: str) -> None:
     run_cmd([peer("s5cmd"), "--endpoint-url", direct.endpoint, "rm", f"s3://{bucket}/{prefix}/*"], direct.env())
 
 
+#: CPU seconds (user + system) of each tool's runs, by (server kind, shape, op, tool): a 2-core machine
+#: shared with the server makes a client's CPU its wall time, so the figure shows both.
+CPU: dict[tuple[str, str, str, str], list[float]] = {}
+
+
+def run_timed(cmd: list[str], env: dict[str, str], key: tuple[str, str, str, str]) -> float:
+    """run_cmd, with the process's CPU seconds (its threads and children) recorded under ``key``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    took = run_cmd(cmd, env)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU.setdefault(key, []).append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    return took
+
+
 def bench_download(
     server, src: Path, work: Path, bucket: str, prefix: str, repeat: int, tools: list[str]
 ) -> dict[str, list[float]]:
@@ -88,7 +109,7 @@ def bench_download(
     for _ in range(repeat):  # interleaved, so drift (page cache, server state) hits every tool alike
         for tool in tools:
             drop(dest)
-            took = run_cmd(commands[tool](), env)
+            took = run_timed(commands[tool](), env, (server.kind, src.name, "download", tool))
             if tool != "ceiling" and not same_tree(src, dest):
                 raise RuntimeError(f"{tool} did not download the whole tree into {dest}")
             out.setdefault(tool, []).append(took)
@@ -110,7 +131,7 @@ def bench_upload(server, src: Path, bucket: str, repeat: int, tools: list[str]) 
         for tool in tools:
             n += 1
             prefix = f"up{n}"
-            took = run_cmd(commands[tool](prefix), env)
+            took = run_timed(commands[tool](prefix), env, (server.kind, src.name, "upload", tool))
             out.setdefault(tool, []).append(took)
             print(f"    upload   {tool:12s} {took:7.2f} s", flush=True)
             clear_prefix(server, bucket, prefix)
@@ -130,6 +151,9 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=20.0, help="shaped link: first-byte latency")
     parser.add_argument("--huge-mb", type=int, default=2048, help="size of the huge shape's one object (MiB)")
     parser.add_argument("--small-files", type=int, default=10_000, help="file count of the small shape")
+    parser.add_argument("--file-store-mb", type=int, default=0,
+                        help="also time the first upload of one file of this many MiB to a file store, against cp")
+    parser.add_argument("--save-as", default="staging", help="name of the results file (results/NAME.json)")
     args = parser.parse_args()
     for tool in ("s5cmd", "aws"):
         if peer(tool) is None:
@@ -180,11 +204,43 @@ def run_all(args: argparse.Namespace, work: Path) -> None:
                     server.stop()
 
     print()
-    print(table(rows, ["server", "shape", "op", "tool", "median s", "files/s", "MiB/s", "ours is N x faster"]))
+    print(table(rows, ["server", "shape", "op", "tool", "median s", "CPU-s", "files/s", "MiB/s", "ours is N x faster"]))
+    if args.file_store_mb:
+        results["file_store_upload"] = bench_file_store_upload(work, args.file_store_mb, args.repeat)
     print()
     print(targets(results["figures"]))
-    path = save_json("staging", results)
+    path = save_json(args.save_as, results)
     print(f"\nraw results: {path}")
+
+
+def bench_file_store_upload(work: Path, mb: int, repeat: int) -> dict[str, list[float]]:
+    """The first upload of one large file to a file store (a package blob, an artifact), against
+    ``cp`` + ``sync`` of the same file into the same folder: ours is a fresh process running
+    upload_file (a kernel copy, hashed from the copy, fsynced, linked into place)."""
+    src = work / "filestore-src.bin"
+    make_large_files(work / "filestore-gen", count=0, big=mb * 2**20)
+    (work / "filestore-gen" / "model.bin").rename(src)
+    script = ("import sys, hashlib; from pathlib import Path; from airflow_aicenter.storage import open_store; "
+              "from airflow_aicenter.storage.transfer import run, upload_file; "
+              "run(upload_file(open_store(Path(sys.argv[1]).as_uri()), Path(sys.argv[2]), 'blobs/x', create=True))")
+    out: dict[str, list[float]] = {}
+    for _ in range(repeat):
+        for tool in ("ours", "cp + sync"):
+            store = work / "filestore"
+            drop(store)
+            store.mkdir()
+            cmd = [str(PYTHON), "-c", script, str(store), str(src)] if tool == "ours" else \
+                ["sh", "-c", f"cp {src} {store}/x && sync {store}/x"]
+            took = run_timed(cmd, {}, ("file", "filestore", "upload", tool))
+            out.setdefault(tool, []).append(took)
+            print(f"    file store first upload of {mb} MiB: {tool:10s} {took:7.2f} s", flush=True)
+    drop(work / "filestore")
+    ours = median(out["ours"])
+    for tool, times in out.items():
+        cpu = CPU[("file", "filestore", "upload", tool)]
+        print(f"file store upload {mb} MiB {tool:10s} median {median(times):.2f} s, CPU {median(cpu):.2f} s"
+              + ("" if tool == "ours" else f", ours is {median(times) / ours:.2f}x faster"))
+    return out
 
 
 def tools_for(shape: str, op: str) -> list[str]:
@@ -221,10 +277,13 @@ def bench_servers(args: argparse.Namespace, started: list, sources: dict, result
                 ours = median(per_tool["ours"])
                 for tool, times in per_tool.items():
                     t = median(times)
-                    rows.append([server.kind, SHAPES[shape], op, tool, f"{t:.2f}", f"{files / t:,.0f}",
-                                 f"{size / 2**20 / t:,.0f}", "-" if tool == "ours" else f"{t / ours:.2f}x"])
+                    cpu = CPU.get((server.kind, src.name, op, tool), [])
+                    rows.append([server.kind, SHAPES[shape], op, tool, f"{t:.2f}", f"{median(cpu):.2f}" if cpu else "-",
+                                 f"{files / t:,.0f}", f"{size / 2**20 / t:,.0f}",
+                                 "-" if tool == "ours" else f"{t / ours:.2f}x"])
                     results["figures"].append({"server": server.kind, "shape": shape, "op": op, "tool": tool, "seconds": times,
-                                               "median": t, "files": files, "bytes": size, "ours_speedup": t / ours})
+                                               "median": t, "cpu_seconds": cpu, "files": files, "bytes": size,
+                                               "ours_speedup": t / ours})
 
 
 def targets(figures: list[dict]) -> str:
