@@ -268,7 +268,7 @@ def main() -> None:
     for name in warm_rows:
         ok = f[name] <= 1 and f[name] <= 1.2 * f["tar -x"]
         print(f"target {name}: <= 1 s and <= 1.2x tar -x: {verdict(ok)} ({f[name]:.2f} s, {f[name] / f['tar -x']:.2f}x)")
-    path = save_json("requirements", {"machine": machine(), "python": sys.version.split()[0], "repeat": args.repeat,
+    path = save_json("requirements-issue25", {"machine": machine(), "python": sys.version.split()[0], "repeat": args.repeat,
                                       "median": f, "rounds": rounds})
     print(f"\nraw results: {path}")
 
