@@ -128,10 +128,12 @@ PACKED = "tar.zst"
 #: What is stored now: the environment split into parts, each a whole tar stream compressed as one zstd
 #: frame, the parts concatenated into one blob; the record gives each part's offset, size and sha256, so
 #: the parts are read, verified and unpacked at once, one ``tar`` process each (a warm start from the
-#: store is bound by creating ~13,000 files, which one ``tar`` does on one core). An older runtime
-#: reads the format's name and installs instead (a single-stream reader would stop at the first part).
+#: store is bound by creating ~13,000 files, which one ``tar`` does on one core); the first part holds
+#: the folders and goes first. An older runtime reads the format's name and installs instead (a
+#: single-stream reader would stop at the end of the first part).
 PARTED = "tar.zst-parts"
-#: Parts an environment is packed into: more than the cores of a small node, so that they even out.
+#: Parts of files an environment is packed into, beside its folders' part: more than the cores of a
+#: small node, so that they even out.
 PART_COUNT = 4
 #: A record naming more parts is refused (each part is a thread and a ``tar`` process).
 MAX_PARTS = 64
