@@ -26,6 +26,7 @@ import re
 import threading
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from kubernetes.client import models as k8s
@@ -190,6 +191,20 @@ def why_pending(pod: k8s.V1Pod) -> str:
             waiting = container.state.waiting
             return f"{waiting.reason}: {waiting.message or ''}".rstrip(": ")
     return f"pod {pod.metadata.name} is {status.phase if status else 'Pending'}"
+
+
+def admitted_for(job: Any, first_seen: float) -> float:
+    """Seconds since the Job was admitted: from its ``status.startTime``, else since this process first saw it admitted.
+
+    The Job controller sets ``startTime`` when it starts the Job and again when it resumes a
+    suspended one (Kueue's admission), so queued time never counts, and a worker or triggerer
+    that restarted and reattached keeps the gang's clock instead of starting it again. Both
+    waits use it: the synchronous one (:meth:`JobLauncher._wait`) and GangJobTrigger.
+    """
+    start = getattr(job.status, "start_time", None) if job.status is not None else None
+    if isinstance(start, datetime):
+        return (datetime.now(UTC) - (start if start.tzinfo else start.replace(tzinfo=UTC))).total_seconds()
+    return time.monotonic() - first_seen
 
 
 def gang_timeout_message(pods: Sequence[Any], nodes: int, timeout: float) -> str:
@@ -472,8 +487,10 @@ class JobLauncher(PodLauncher):
         """Poll the Job to its end; until every node runs, hold it to ``startup_timeout`` (all-or-nothing start).
 
         The clock starts when the Job is admitted (not suspended): time queued in Kueue is not
-        startup time. A node counts as started once its pod is scheduled and its first container
-        started (staging counts: the node holds its GPUs then).
+        startup time. It is the Job's own ``status.startTime`` (:func:`admitted_for`), so a worker
+        that restarted and reattached does not give the gang ``startup_timeout`` again. A node
+        counts as started once its pod is scheduled and its first container started (staging
+        counts: the node holds its GPUs then).
         """
         admitted: float | None = None
         started = False
@@ -500,7 +517,7 @@ class JobLauncher(PodLauncher):
                 if len(running) >= self.nodes:
                     started = True
                     self.op.log.info("All %d nodes of Job %s are running", self.nodes, self.job)
-                elif time.monotonic() - admitted > timeout:
+                elif admitted_for(job, admitted) > timeout:
                     raise GangStartTimeout(gang_timeout_message(pods, self.nodes, timeout))
             time.sleep(self.poll)
 

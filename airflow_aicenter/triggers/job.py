@@ -19,14 +19,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Any
 
 from airflow.providers.cncf.kubernetes.triggers.job import KubernetesJobTrigger
 from airflow.triggers.base import TriggerEvent
 
 from airflow_aicenter.launchers import kube_retry
-from airflow_aicenter.launchers.job import STARTUP_TIMEOUT, gang_timeout_message, job_ended, node_started
+from airflow_aicenter.launchers.job import STARTUP_TIMEOUT, admitted_for, gang_timeout_message, job_ended, node_started
 
 
 class GangJobTrigger(KubernetesJobTrigger):
@@ -69,13 +68,6 @@ class GangJobTrigger(KubernetesJobTrigger):
         return sorted(listed.items, key=lambda p: int((p.metadata.labels or {}).get(
             "batch.kubernetes.io/job-completion-index", "0")))
 
-    def _admitted_for(self, job: Any, first_seen: float) -> float:
-        """Seconds since the Job was admitted: from its ``status.startTime`` when it has one, else since first seen."""
-        start = getattr(job.status, "start_time", None) if job.status is not None else None
-        if isinstance(start, datetime):
-            return (datetime.now(UTC) - (start if start.tzinfo else start.replace(tzinfo=UTC))).total_seconds()
-        return time.monotonic() - first_seen
-
     async def run(self) -> AsyncIterator[TriggerEvent]:
         started = False
         first_seen: float | None = None
@@ -99,7 +91,7 @@ class GangJobTrigger(KubernetesJobTrigger):
                 if sum(1 for p in pods if node_started(p)) >= self.nodes:
                     started = True
                     self.log.info("All %d nodes of Job %s are running", self.nodes, self.job_name)
-                elif self._admitted_for(job, first_seen) > self.startup_timeout:
+                elif admitted_for(job, first_seen) > self.startup_timeout:
                     yield TriggerEvent({
                         "name": self.job_name, "namespace": self.job_namespace, "status": STARTUP_TIMEOUT,
                         "message": gang_timeout_message(pods, self.nodes, self.startup_timeout),

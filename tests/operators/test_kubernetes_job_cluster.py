@@ -171,6 +171,32 @@ def test_a_gang_not_all_running_within_startup_timeout_fails_naming_the_counts_a
     assert [r.version for r in registry.versions("ddp")] == ["1.0"], "no version"
 
 
+def test_the_start_clock_is_the_job_s_own_start_time_not_the_worker_s(ddp_deployment, kube_api):
+    """A Job the cluster started long ago (a worker that restarted and reattached sees it so) with a node still Pending:
+    the synchronous wait fails at once, naming the counts, instead of giving the gang startup_timeout again."""
+    from datetime import timedelta
+
+    from airflow_aicenter.errors import RunError
+    from tests.operators.kube_api import now, rfc3339
+
+    registry, dataset = ddp_deployment
+    kube_api.unschedulable = lambda pod: completion_index(pod) == 1
+
+    def started_long_ago() -> None:
+        with kube_api.cond:
+            [job] = kube_api.jobs.values()
+            job.obj["status"]["startTime"] = rfc3339(now() - timedelta(seconds=600))
+
+    when_job_exists(kube_api, started_long_ago)
+    began = time.monotonic()
+    with pytest.raises(RunError, match=r"1 of 2 nodes running after 90 s") as failed:
+        ddp_full_op(dataset, startup_timeout=90).execute(make_context())
+    assert time.monotonic() - began < 45, "failed at once: the Job started 600 s ago, past startup_timeout"
+    assert "node 1: Unschedulable" in str(failed.value)
+    kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")
+    assert [r.version for r in registry.versions("ddp")] == ["1.0"], "no version"
+
+
 def first_event(deferred: Any, timeout: float = 30) -> dict[str, Any]:
     """The deferred task's trigger run as the triggerer runs it (rebuilt from what it serialized), to its first event
     (within ``timeout`` seconds)."""
