@@ -103,8 +103,8 @@ class BlobCache:
         #: Other pods write this folder too: entries are verified by digest, never by their seal (module doc).
         self.shared = shared
         self._placed: dict[tuple[int, int], _Placed] = {}
-        #: Shared: entries this process hashed, by inode, with the size and modification time they had then.
-        self._verified: dict[tuple[int, int], tuple[int, int, str]] = {}
+        #: Shared: entries this process hashed, by inode, with the size, modification and change time they had then.
+        self._verified: dict[tuple[int, int], tuple[int, int, int, str]] = {}
 
     def __repr__(self) -> str:
         return f"BlobCache({str(self.root)!r})"
@@ -124,18 +124,15 @@ class BlobCache:
                 and st.st_mtime_ns == SEALED_MTIME_NS and (self.shared or st.st_uid == os.geteuid()))
 
     def _hashes_to(self, path: Path, st: os.stat_result, sha256: str) -> bool:
-        """Shared: the entry's bytes hash to its name (read once per process while its inode looks the same)."""
-        key = (st.st_dev, st.st_ino)
-        if self._verified.get(key) == (st.st_size, st.st_mtime_ns, sha256):
+        """Shared: the entry's bytes hash to its name (hashed once per process while its inode's times stay the same:
+        any write, chmod or utime moves the change time, which no one can set back)."""
+        if self._verified.get((st.st_dev, st.st_ino)) == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, sha256):
             return True
         try:
             with open(path, "rb", buffering=0) as f:
-                ok = hashlib.file_digest(f, "sha256").hexdigest() == sha256
+                return hashlib.file_digest(f, "sha256").hexdigest() == sha256
         except OSError:
             return False
-        if ok:
-            self._verified[key] = (st.st_size, st.st_mtime_ns, sha256)
-        return ok
 
     def lookup(self, sha256: str, size: int) -> Path | None:
         """The entry of ``sha256`` if it is there and still sealed (shared: and hashes to its name); a changed one is
@@ -148,6 +145,10 @@ class BlobCache:
         if self._sealed(st, size) and (not self.shared or self._hashes_to(path, st, sha256)):
             with contextlib.suppress(OSError):  # the access time orders eviction (trim); the seal is the mtime
                 os.utime(path, ns=(time.time_ns(), SEALED_MTIME_NS))
+            if self.shared:  # as it is after our own utime; a write in between is caught by copy's hash
+                with contextlib.suppress(OSError):
+                    now = os.lstat(path)
+                    self._verified[(now.st_dev, now.st_ino)] = (now.st_size, now.st_mtime_ns, now.st_ctime_ns, sha256)
             return path
         self._drop(path)
         return None
@@ -199,8 +200,8 @@ class BlobCache:
             return False
         src = self.lookup(sha256, size)
         if src is None:
-            raise StorageError(f"blob sha256:{sha256} left the local blob cache {self.root} while it was staged: run "
-                               "the task again")
+            raise StorageError(f"blob sha256:{sha256} left the local blob cache {self.root} while it was staged "
+                               "(removed, or changed by another run or by hand): run the task again")
         try:
             os.link(src, dest)
         except OSError as exc:
@@ -221,8 +222,8 @@ class BlobCache:
 
         src = self.lookup(sha256, size)
         if src is None:
-            raise StorageError(f"blob sha256:{sha256} left the local blob cache {self.root} while it was staged: run "
-                               "the task again")
+            raise StorageError(f"blob sha256:{sha256} left the local blob cache {self.root} while it was staged "
+                               "(removed, or changed by another run or by hand): run the task again")
         digest = sha256
         fd_in = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
         try:

@@ -12,18 +12,20 @@ import hashlib
 import json
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from airflow_aicenter.errors import ConfigurationError
+from airflow_aicenter.errors import ConfigurationError, StorageError
 from airflow_aicenter.layout import blob_key
 from airflow_aicenter.operators import TrainPipelineOperator
 from airflow_aicenter.package.contents import decode
 from airflow_aicenter.registry import Registry
-from airflow_aicenter.storage.cache import SEALED_MODE, SEALED_MTIME_NS
+from airflow_aicenter.storage.cache import SEALED_MODE, SEALED_MTIME_NS, BlobCache, runtime_cache
 from tests.aicenter_helpers import FAST
 from tests.conftest import write_files
+from tests.operators.conftest import ddp_full_op
 from tests.operators.kube_api import FakeKubernetes, make_context
 from tests.packages import ECHO_MAIN
 
@@ -124,6 +126,26 @@ def test_an_entry_forged_in_the_node_folder_is_refetched_not_staged(kube_deploym
     assert entry.read_bytes() == WEIGHTS, "the node's entry holds the right bytes again"
 
 
+def test_the_nodes_of_a_job_share_the_node_folder(ddp_deployment, kube_api, tmp_path, monkeypatch):
+    """Both nodes of a distributed run on one node fill the folder at once (published create-once); the Job's pod
+    template carries the hostPath on stage alone (validated as a Job by the server)."""
+    registry, dataset = ddp_deployment
+    node = tmp_path / "node-cache"
+    use_blob_cache(monkeypatch, registry, {"host_path": str(node), "max_size": "1G"})
+    result = ddp_full_op(dataset).execute(make_context())
+    assert result["version"] == "1.1"
+    [job] = [m for m in kube_api.created if m.get("kind") == "Job"]
+    template = job["spec"]["template"]["spec"]
+    [volume] = [v for v in template["volumes"] if "hostPath" in v]
+    stage = next(c for c in template["initContainers"] if c["name"] == "stage")
+    assert {e["name"]: e.get("value") for e in stage["env"]}["AICENTER_BLOB_CACHE_MAX"] == "1G"
+    assert [c["name"] for c in [*template["initContainers"], *template["containers"]]
+            if any(m["name"] == volume["name"] for m in c.get("volumeMounts") or [])] == ["stage"]
+    manifest = registry.get("ddp", "1.0").blob.sha256
+    assert (node / "blobs" / "sha256" / manifest).is_file()
+    assert not list((node / "blobs" / "tmp").iterdir()), "no fetch left behind"
+
+
 @pytest.mark.parametrize(("blob_cache", "message"), [
     ({"host_path": "var/cache/aicenter"}, "absolute"),
     ({"host_path": "/var/cache/../aicenter"}, "'..'"),
@@ -139,3 +161,57 @@ def test_a_bad_blob_cache_extra_is_a_clear_error(blob_cache, message, kube_deplo
     with pytest.raises(ConfigurationError, match=re.escape(message)) as raised:
         op.make_launcher("kubernetes").check()
     assert "blob_cache" in str(raised.value)
+
+
+# -- the shared cache itself, as stage uses it (no cluster) --------------------------------
+def forge(entry: Path, data: bytes) -> None:
+    """Rewrite a sealed entry in place and seal it again, as a pod that can write the node's folder could."""
+    entry.chmod(0o644)
+    entry.write_bytes(data)
+    entry.chmod(SEALED_MODE)
+    os.utime(entry, ns=(SEALED_MTIME_NS, SEALED_MTIME_NS))
+
+
+def cached(cache: BlobCache, data: bytes) -> str:
+    digest = hashlib.sha256(data).hexdigest()
+    tmp = cache.new_temp(digest)
+    tmp.write_bytes(data)
+    cache.publish(tmp, digest, len(data))
+    return digest
+
+
+def test_a_shared_cache_counts_an_entry_only_if_it_hashes_to_its_name(tmp_path):
+    cache = BlobCache(tmp_path / "node", shared=True)
+    digest = cached(cache, b"weights" * 1000)
+    assert cache.lookup(digest, 7000) is not None
+    forge(cache.path(digest), b"WEIGHTS" * 1000)
+    assert cache.lookup(digest, 7000) is None, "sealed like ours, other bytes: not cached"
+    assert not cache.path(digest).exists(), "dropped, so the next fetch publishes the right bytes"
+
+
+def test_a_shared_cache_copies_never_links_and_refuses_an_entry_rewritten_during_staging(tmp_path):
+    data = os.urandom(2**20)
+    cache = BlobCache(tmp_path / "node", shared=True)
+    digest = cached(cache, data)
+    linked = tmp_path / "pkg" / "a.bin"
+    linked.parent.mkdir()
+    assert cache.link(digest, linked, size=len(data)) is False, "copied"
+    assert linked.read_bytes() == data and linked.stat().st_ino != cache.path(digest).stat().st_ino
+
+    assert cache.lookup(digest, len(data)) is not None  # checked, then rewritten before the copy (same inode, seal)
+    forged = bytearray(data)
+    forged[-5:] = b"evil!"
+    forge(cache.path(digest), bytes(forged))
+    dest = tmp_path / "pkg" / "b.bin"
+    with pytest.raises(StorageError, match=r"changed by another run .*run the task again"):
+        cache.copy(digest, dest, size=len(data), mode=0o644)
+    assert not dest.exists(), "nothing staged from it"
+    assert not cache.path(digest).exists()
+
+
+def test_only_a_pod_s_cache_is_shared(tmp_path):
+    env = {"AICENTER_BLOB_CACHE": str(tmp_path / "node")}
+    pod_cache, local_cache = runtime_cache(in_pod=True, environ=env), runtime_cache(in_pod=False, environ=env)
+    assert pod_cache is not None and pod_cache.shared
+    assert local_cache is not None and not local_cache.shared
+    assert runtime_cache(in_pod=True, environ={}) is None
