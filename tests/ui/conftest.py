@@ -126,7 +126,9 @@ def _seed(home: Path, env: dict[str, str], store: Store) -> tuple[str, str]:
     assert trained.version == "1.1" and trained.score is not None, done.stdout[-3000:] + done.stderr[-3000:]
     # Two more scored versions (as later runs would make them) so the chart has a line, and an alias with history.
     for score in (0.79, 0.8512345):
-        registry.commit(PACKAGE, parent="1.0", blob=trained.blob, pipeline="train", score=score, created_by="ui-tests")
+        # off the loop: a per-file version's commit checks its file blobs with a transfer (asyncio.run)
+        off_loop(registry.commit, PACKAGE, parent="1.0", blob=trained.blob, pipeline="train", score=score,
+                 created_by="ui-tests")
     registry.set_alias(PACKAGE, "production", "1.1", set_by=f"run {trained.run.path.id}", reason="first")  # as a promotion
     registry.set_alias(PACKAGE, "production", "1.3", set_by="ui-tests", reason="better: 0.8512 > 0.8133")
     return runs[0], done.stdout + done.stderr
