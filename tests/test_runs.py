@@ -71,7 +71,37 @@ def history(store: Store, tmp_path: Path, request: pytest.FixtureRequest, spawn_
     return store
 
 
-def test_list_shows_every_run_with_status_and_cause(history: Store) -> None:
+def test_list_find_and_compare_runs(history: Store) -> None:
+    """One history of five real runs serves the listing, the lookups and the comparison (the runs take seconds).
+
+    Lookups and the comparison first: the listing part ends by damaging one record."""
+    # find by id, URI or an unambiguous part
+    assert find_run(history, "nightly/r1/train/1").id == "nightly/r1/train/1"
+    assert find_run(history, history.url("runs/adhoc/r2/full/1")).id == "adhoc/r2/full/1"
+    assert find_run(history, history.url("runs/adhoc/r2/full/1/_results.json")).id == "adhoc/r2/full/1"
+    assert find_run(history, "runs/nightly/r1/evaluate/1/").id == "nightly/r1/evaluate/1"
+    assert find_run(history, "nightly/r1/train").id == "nightly/r1/train/2", "a task's last try"
+    assert find_run(history, "train").id == "nightly/r1/train/2"
+    assert find_run(history, "evaluate").id == "nightly/r1/evaluate/1"
+    assert find_run(history, "slow/1").id == "adhoc/r2/slow/1"
+    with pytest.raises(RunNotFoundError, match=r"run 'nightly' is ambiguous: it matches 3 runs \(nightly/r1/evaluate/1, "):
+        find_run(history, "nightly")
+    with pytest.raises(RunNotFoundError, match=r"no run 'nosuch' in .*`aicenter runs list` shows the run ids"):
+        find_run(history, "nosuch")
+    with pytest.raises(RunNotFoundError, match=r"runs/nightly/r1/train/7/outcome\.json does not exist"):
+        find_run(history, "nightly/r1/train/7")
+    with pytest.raises(RunNotFoundError, match="empty run id"):
+        find_run(history, " ")
+
+    # side by side (``aicenter runs compare``)
+    a, b = find_run(history, "full"), find_run(history, "evaluate")
+    rows = dict(compare([a, b]))
+    assert rows["pipeline"] == ["full", "evaluate"] and rows["status"] == ["succeeded", "failed"]
+    assert rows["score"] == [0.7, None] and rows["package"] == ["scored", "scored"] and rows["version"] == ["1.0", "1.0"]
+    assert rows["cause"][0] is None and "not a finite number" in rows["cause"][1]
+    assert list(rows)[:4] == ["pipeline", "status", "start", "duration_s"]
+
+    # the listing
     seen: list[tuple[int, int]] = []
     records = list_runs(history, progress=lambda done, total: seen.append((done, total)))
     assert seen[0] == (0, 5) and seen[-1] == (5, 5)
@@ -99,33 +129,6 @@ def test_list_shows_every_run_with_status_and_cause(history: Store) -> None:
     skipped: list[str] = []
     assert len(list_runs(history, on_error=lambda run_id, exc: skipped.append(run_id))) == 5
     assert skipped == ["broken/r/t/1"]
-
-
-def test_find_and_compare_runs_by_id_uri_or_unambiguous_part(history: Store) -> None:
-    assert find_run(history, "nightly/r1/train/1").id == "nightly/r1/train/1"
-    assert find_run(history, history.url("runs/adhoc/r2/full/1")).id == "adhoc/r2/full/1"
-    assert find_run(history, history.url("runs/adhoc/r2/full/1/_results.json")).id == "adhoc/r2/full/1"
-    assert find_run(history, "runs/nightly/r1/evaluate/1/").id == "nightly/r1/evaluate/1"
-    assert find_run(history, "nightly/r1/train").id == "nightly/r1/train/2", "a task's last try"
-    assert find_run(history, "train").id == "nightly/r1/train/2"
-    assert find_run(history, "evaluate").id == "nightly/r1/evaluate/1"
-    assert find_run(history, "slow/1").id == "adhoc/r2/slow/1"
-    with pytest.raises(RunNotFoundError, match=r"run 'nightly' is ambiguous: it matches 3 runs \(nightly/r1/evaluate/1, "):
-        find_run(history, "nightly")
-    with pytest.raises(RunNotFoundError, match=r"no run 'nosuch' in .*`aicenter runs list` shows the run ids"):
-        find_run(history, "nosuch")
-    with pytest.raises(RunNotFoundError, match=r"runs/nightly/r1/train/7/outcome\.json does not exist"):
-        find_run(history, "nightly/r1/train/7")
-    with pytest.raises(RunNotFoundError, match="empty run id"):
-        find_run(history, " ")
-
-    # side by side (``aicenter runs compare``)
-    a, b = find_run(history, "full"), find_run(history, "evaluate")
-    rows = dict(compare([a, b]))
-    assert rows["pipeline"] == ["full", "evaluate"] and rows["status"] == ["succeeded", "failed"]
-    assert rows["score"] == [0.7, None] and rows["package"] == ["scored", "scored"] and rows["version"] == ["1.0", "1.0"]
-    assert rows["cause"][0] is None and "not a finite number" in rows["cause"][1]
-    assert list(rows)[:4] == ["pipeline", "status", "start", "duration_s"]
 
 
 # -- hostile run ids and foreign keys under runs/ ----------------------------------------------
