@@ -124,13 +124,25 @@ def _agent(tmp_path: Path) -> Any:
 
 
 def test_a_supervisor_that_cannot_start_still_gives_sync_an_exit_file(tmp_path: Path):
+    import os
+    import signal
     import subprocess
 
     script, control = _control(tmp_path)
-    done = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30, check=False)
-    assert done.returncode != 0 and (control / "alive").exists()
+    # No captured pipes: the heartbeat loop's ``sleep`` outlives the shell (the shell kills the loop, not the
+    # sleep running in it) and held them open for a whole heartbeat (5 s). Its own session, ended after.
+    done = subprocess.Popen(["sh", "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        code = done.wait(timeout=30)
+    finally:
+        try:
+            os.killpg(done.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert code != 0 and (control / "alive").exists()
     ended = json.loads((control / "exit.json").read_text())
-    assert ended["status"] == "failed" and f"exited with code {done.returncode} before it reported" in ended["cause"]
+    assert ended["status"] == "failed" and f"exited with code {code} before it reported" in ended["cause"]
     with pytest.raises(RunError, match="the user supervisor exited with code"):
         _agent(tmp_path)._wait_for_supervisor()
 
