@@ -399,14 +399,15 @@ def test_the_example_package_reports_its_epochs_and_still_trains_where_aicenter_
 def test_a_flood_of_reports_is_read_in_bounded_looks_and_the_latest_wins(tmp_path, spawn_runtime):
     """40 MB of reports written at once: the agent reads at most READ_LIMIT bytes a look, skipping the older part."""
     train = '''
-import json, os
+import os
 
 class Main:
     def __init__(self):
         pass
     def train(self, training_directory):
-        lines = b"".join(json.dumps({"step": i, "total": 1_000_000, "metrics": {"loss": 1 / i}}).encode() + b"\\n"
-                         for i in range(1, 700_001))
+        # the bytes json.dumps writes for each report, formatted 4x faster (json.dumps took 3.5 s of the test)
+        lines = "".join('{"step": %d, "total": 1000000, "metrics": {"loss": %r}}\\n' % (i, 1 / i)
+                        for i in range(1, 700_001)).encode()
         with open(os.environ["AICENTER_METRICS_FILE"], "ab") as fh:
             fh.write(lines)
     def save(self):
