@@ -18,12 +18,45 @@ AICENTER = str(Path(sys.executable).parent / "aicenter")
 MAIN_PY = "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return 1\n"
 
 
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def cli_process(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The installed console script in a process of its own (what a user runs)."""
     import os
 
     base = {k: v for k, v in os.environ.items() if not k.startswith(("AICENTER_", "AWS_"))}
     return subprocess.run([AICENTER, *args], capture_output=True, text=True, env={**base, **(env or {})}, timeout=120,
                           check=False)
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The console script's entry function with the same argv and environment, in this process.
+
+    A process start costs about 0.3 s, which most calls here spend only to reach ``main``;
+    ``cli_process`` keeps real runs of the script where the process itself matters (the
+    environment read at start, the embedded Airflow default).
+    """
+    import contextlib
+    import io
+    import os
+
+    from airflow_aicenter.cli import main
+
+    saved = dict(os.environ)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        for key in [k for k in os.environ if k.startswith(("AICENTER_", "AWS_"))]:
+            del os.environ[key]
+        os.environ.update(env or {})
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse, as script() treats it
+                if isinstance(exc.code, str):
+                    print(exc.code, file=sys.stderr)
+                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess([AICENTER, *args], code, out.getvalue(), err.getvalue())
 
 
 def server_options(env: dict[str, str]):
@@ -42,7 +75,7 @@ def target(request, tmp_path):
 
 def test_upload_list_download_roundtrip(target, tmp_path):
     uri, env = target
-    done = cli("--storage", uri, "package", "upload", str(EXAMPLE_PACKAGE), "--name", "churn", env=env)
+    done = cli_process("--storage", uri, "package", "upload", str(EXAMPLE_PACKAGE), "--name", "churn", env=env)
     assert done.returncode == 0, done.stderr
     assert "Uploaded churn version 1.0" in done.stdout
 
@@ -69,7 +102,7 @@ def test_upload_list_download_roundtrip(target, tmp_path):
 
 def test_storage_from_environment_variable(tmp_path):
     uri = (tmp_path / "envstore").as_uri()
-    done = cli("package", "upload", str(EXAMPLE_PACKAGE), "--name", "churn", env={"AICENTER_STORAGE": uri})
+    done = cli_process("package", "upload", str(EXAMPLE_PACKAGE), "--name", "churn", env={"AICENTER_STORAGE": uri})
     assert done.returncode == 0, done.stderr
     assert Registry(open_store(uri)).resolve("churn", "latest").version == "1.0"
 
@@ -151,7 +184,7 @@ def test_read_commands_never_create_a_store_only_writes_do(tmp_path):
     assert "churn" in cli("--storage", typo.as_uri(), "package", "list").stdout
     # with nothing configured, the embedded default ($AIRFLOW_HOME/aicenter) follows the same rule
     home = tmp_path / "airflow-home"
-    done = cli("package", "list", env={"AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"})
+    done = cli_process("package", "list", env={"AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"})
     assert done.returncode == 1 and f"there is no store at {(home / 'aicenter').as_uri()}" in done.stderr, done.stderr
 
 
