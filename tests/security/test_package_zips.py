@@ -82,8 +82,9 @@ def test_our_zips_of_many_small_zero_files_always_extract(tmp_path: Path) -> Non
 
 def test_write_zip_writes_each_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """100 files of 2 MiB of zeros took 6.6 s (28 s on a loaded CI box; 4.5 s now): each over-compressible file restarted the zip
-    (quadratic). Now every file is opened for writing into the zip exactly once."""
-    files: dict[str, str | bytes] = {f"model/part{i:03d}.bin": bytes(2 << 20) for i in range(40)}
+    (quadratic). Now every file is opened for writing into the zip exactly once: a dozen such files show a restart
+    in the count of opens (40 took 3 s of the fast tier)."""
+    files: dict[str, str | bytes] = {f"model/part{i:03d}.bin": bytes(2 << 20) for i in range(12)}
     files["model/weights.bin"] = os.urandom(3 << 20)  # incompressible: stored from its first MiB
     root = write_package(tmp_path / "pkg", files=files)
     writes: list[str] = []
@@ -98,7 +99,7 @@ def test_write_zip_writes_each_file_once(tmp_path: Path, monkeypatch: pytest.Mon
     digest = write_zip(root, tmp_path / "p.zip")
     monkeypatch.undo()
     expected = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-    assert sorted(writes) == expected and len(expected) == 44
+    assert sorted(writes) == expected and len(expected) == 16
     assert write_zip(root, tmp_path / "q.zip") == digest  # still deterministic
 
 
