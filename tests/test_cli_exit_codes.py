@@ -1,6 +1,8 @@
 """Exit statuses scripts can trust, and the rough edges of a first hour with the ``aicenter`` command (issue 24).
 
-Every command runs as the installed console script in a subprocess, on a real store; run records
+Commands run through the console script's entry function with the same argv (the status it
+returns is the exit status), and the refused and error statuses also as the installed script in a
+subprocess, on a real store; run records
 are those the operators' completion writes (``PostRun``) after an outcome as the runtime reports it.
 """
 
@@ -20,6 +22,8 @@ from airflow_aicenter.plans import PREDICT, TRAIN
 from airflow_aicenter.records import Outcome, RunRef, write
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
+from tests import cli_helpers
+from tests.cli_helpers import cli_in_process
 from tests.conftest import RuntimeSpawner, write_files
 from tests.packages import ECHO_MAIN
 
@@ -31,9 +35,13 @@ EXIT_ERROR, EXIT_REFUSED = 1, 3
 
 
 def cli(uri: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AICENTER_", "AWS_"))}
-    return subprocess.run([AICENTER, "--storage", uri, *args], capture_output=True, text=True, env=env, timeout=120,
-                          check=False)
+    """In this process through ``cli.main``, the status it returns being the script's exit status."""
+    return cli_in_process(["--storage", uri, *args])
+
+
+def cli_process(uri: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """The installed console script: the exit status the shell sees."""
+    return cli_helpers.cli_process(["--storage", uri, *args])
 
 
 @pytest.fixture
@@ -49,7 +57,7 @@ def uri(tmp_path: Path) -> str:
 
 # -- item 2: a request that was not carried out never exits 0 ------------------------------
 def test_promote_refused_as_not_better_exits_3(uri: str) -> None:
-    refused = cli(uri, "package", "promote", "churn:1.0", "--alias", "production")
+    refused = cli_process(uri, "package", "promote", "churn:1.0", "--alias", "production")
     assert refused.returncode == EXIT_REFUSED, refused
     assert "Not promoted" in refused.stdout and "--if always" in refused.stdout
     as_json = cli(uri, "package", "promote", "churn:1.0", "--alias", "production", "--json")
@@ -157,7 +165,7 @@ def test_validate_says_what_a_package_without_train_py_can_do(tmp_path: Path) ->
 def test_a_mistyped_package_name_suggests_the_close_one(uri: str) -> None:
     for args in (("package", "show", "chrun"), ("package", "show", "chrun:1.0"),
                  ("package", "promote", "chrun:1.0", "--alias", "production")):
-        done = cli(uri, *args)
+        done = cli_process(uri, *args)
         assert done.returncode == EXIT_ERROR, done
         assert "did you mean 'churn'?" in done.stderr, done.stderr
     far = cli(uri, "package", "show", "zzzzzz")

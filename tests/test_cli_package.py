@@ -1,10 +1,9 @@
-"""`aicenter package upload/list/download` as a user runs them: the installed console script."""
+"""`aicenter package upload/list/download` as a user runs them: through the console script's entry function, and a few runs of the installed script itself."""
 
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -12,51 +11,19 @@ import pytest
 
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
+from tests import cli_helpers
 from tests.conftest import EXAMPLE_PACKAGE, write_files
 
-AICENTER = str(Path(sys.executable).parent / "aicenter")
 MAIN_PY = "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return 1\n"
 
 
 def cli_process(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """The installed console script in a process of its own (what a user runs)."""
-    import os
-
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("AICENTER_", "AWS_"))}
-    return subprocess.run([AICENTER, *args], capture_output=True, text=True, env={**base, **(env or {})}, timeout=120,
-                          check=False)
+    return cli_helpers.cli_process(args, env)
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """The console script's entry function with the same argv and environment, in this process.
-
-    A process start costs about 0.3 s, which most calls here spend only to reach ``main``;
-    ``cli_process`` keeps real runs of the script where the process itself matters (the
-    environment read at start, the embedded Airflow default).
-    """
-    import contextlib
-    import io
-    import os
-
-    from airflow_aicenter.cli import main
-
-    saved = dict(os.environ)
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        for key in [k for k in os.environ if k.startswith(("AICENTER_", "AWS_"))]:
-            del os.environ[key]
-        os.environ.update(env or {})
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main(list(args))
-            except SystemExit as exc:  # argparse, as script() treats it
-                if isinstance(exc.code, str):
-                    print(exc.code, file=sys.stderr)
-                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return subprocess.CompletedProcess([AICENTER, *args], code, out.getvalue(), err.getvalue())
+    """In this process through ``cli.main`` (a process start was most of each call's time)."""
+    return cli_helpers.cli_in_process(args, env)
 
 
 def server_options(env: dict[str, str]):
