@@ -72,11 +72,17 @@ def private_worker() -> Iterator[SimpleNamespace]:
     ``/root``, which another user cannot run: the launcher must then find one that user can run to
     make package environments from). ``holder`` is the 0700 folder around it, in ``/tmp`` (open to
     all, unlike pytest's folders): a test may open it.
+
+    Each pytest worker gets its own copy (a test may open its holder), of one venv built once for the
+    session: a copy takes a fraction of a second, pip took seconds per worker.
     """
+    base = getattr(sys, "_base_executable", None) or sys.executable
+    source = built_once("private-worker-venv", lambda dest: build_venv(base, dest))
     holder = Path(tempfile.mkdtemp(prefix="aict-worker-", dir="/tmp"))
     holder.chmod(0o700)
     try:
-        built = build_venv(getattr(sys, "_base_executable", None) or sys.executable, holder / "venv")
+        shutil.copytree(source, holder / "venv", symlinks=True)
+        built = venv_of(holder / "venv")
         built.holder = holder
         yield built
     finally:
