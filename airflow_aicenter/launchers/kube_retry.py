@@ -15,6 +15,7 @@ its five attempts over about 15 s are shorter than an API server restart.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -23,7 +24,7 @@ from typing import Any, Protocol, TypeVar
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
-from airflow_aicenter.errors import RunError
+from airflow_aicenter.errors import ConfigurationError, RunError
 
 T = TypeVar("T")
 
@@ -37,12 +38,33 @@ class WarningLog(Protocol):
 TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 #: Seconds of retrying one call before giving up (an API server restart takes about a minute).
 BUDGET = 120.0
-#: The first wait and the longest one between tries, in seconds.
+#: The first wait and the longest one between tries, in seconds, unless the worker's (or triggerer's)
+#: environment sets ``AICENTER_KUBE_RETRY_FIRST_WAIT`` / ``AICENTER_KUBE_RETRY_MAX_WAIT`` (docs/kubernetes.md).
 FIRST_WAIT, MAX_WAIT = 0.5, 10.0
+FIRST_WAIT_ENV, MAX_WAIT_ENV = "AICENTER_KUBE_RETRY_FIRST_WAIT", "AICENTER_KUBE_RETRY_MAX_WAIT"
 
 
 class KubernetesUnavailable(RunError):
     """The Kubernetes API kept failing for the whole retry budget (retryable: the next try reattaches)."""
+
+
+def _wait_setting(name: str, default: float) -> float:
+    """A wait in seconds from the environment variable ``name`` (above 0), else ``default``.
+
+    Read at each call, so an operator can shorten or lengthen the retry pauses of a worker or
+    triggerer without a new release; a bad value is refused naming the variable, not ignored.
+    """
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise ConfigurationError(f"{name}={raw!r} is not a number of seconds above 0; set it to, for example, "
+                                 f"{default:g}, or unset it for the default")
+    return value
 
 
 def transient(error: BaseException) -> bool:
@@ -110,7 +132,8 @@ class _Backoff:
         self.what, self.log = what, log
         self.limit = BUDGET if budget is None else budget
         self.deadline = time.monotonic() + self.limit
-        self.wait, self.tries = FIRST_WAIT, 0
+        self.wait, self.tries = _wait_setting(FIRST_WAIT_ENV, FIRST_WAIT), 0
+        self.max_wait = _wait_setting(MAX_WAIT_ENV, MAX_WAIT)
 
     def pause(self, error: Exception) -> float:
         self.tries += 1
@@ -121,7 +144,7 @@ class _Backoff:
         pause = min(left, _retry_after(error) or random.uniform(self.wait / 2, self.wait))  # jitter, not crypto
         if self.log is not None:
             self.log.warning("Kubernetes API: could not %s (%s); trying again in %.1f s", self.what, cause, pause)
-        self.wait = min(self.wait * 2, MAX_WAIT)
+        self.wait = min(self.wait * 2, self.max_wait)
         return pause
 
 

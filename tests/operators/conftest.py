@@ -104,6 +104,9 @@ def kube_deployment(kube_api: FakeKubernetes, tmp_path: Path, monkeypatch: pytes
     for key, value in kube_api.connection_env().items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("KUBECONFIG", raising=False)
+    # The API-fault tests' retries pause milliseconds, not the production 0.5..10 s (the documented settings).
+    monkeypatch.setenv("AICENTER_KUBE_RETRY_FIRST_WAIT", "0.05")
+    monkeypatch.setenv("AICENTER_KUBE_RETRY_MAX_WAIT", "0.2")
     uri = (tmp_path / "aicenter").as_uri()
     monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps(
         {"conn_type": "aicenter", "extra": {"storage": uri, "launcher": "kubernetes", "image": "aicenter-runtime:test"}}))

@@ -646,3 +646,43 @@ def test_transient_errors_of_both_kubernetes_clients_are_retried_within_the_budg
 
     with pytest.raises(AsyncApiException):
         asyncio.run(kube_retry.acall(missing, what="read the Job", budget=10))
+
+
+def test_the_retry_waits_are_read_from_the_environment_and_a_bad_one_is_refused(monkeypatch: pytest.MonkeyPatch):
+    """AICENTER_KUBE_RETRY_FIRST_WAIT / _MAX_WAIT set the pauses between tries (docs/kubernetes.md); a value that is
+    no number of seconds above 0 fails the call as a configuration error naming the variable, never a silent default."""
+    from kubernetes.client.exceptions import ApiException
+
+    from airflow_aicenter.launchers import kube_retry
+
+    class Warnings:
+        def __init__(self) -> None:
+            self.pauses: list[float] = []
+
+        def warning(self, msg: str, *args: Any) -> None:
+            self.pauses.append(float(args[-1]))
+
+    def flaky_until(n: int) -> Any:
+        calls: list[int] = []
+
+        def read() -> str:
+            calls.append(1)
+            if len(calls) <= n:
+                raise ApiException(status=503, reason="Service Unavailable")
+            return "read"
+        return read
+
+    monkeypatch.delenv("AICENTER_KUBE_RETRY_FIRST_WAIT", raising=False)
+    monkeypatch.delenv("AICENTER_KUBE_RETRY_MAX_WAIT", raising=False)
+    log = Warnings()
+    assert kube_retry.call(flaky_until(1), what="read the Job", log=log) == "read"
+    assert 0.25 <= log.pauses[0] <= 0.5, log.pauses  # the default first wait: 0.5 s, jittered down to half
+    monkeypatch.setenv("AICENTER_KUBE_RETRY_FIRST_WAIT", "0.02")
+    monkeypatch.setenv("AICENTER_KUBE_RETRY_MAX_WAIT", "0.04")
+    log = Warnings()
+    assert kube_retry.call(flaky_until(4), what="read the Job", log=log) == "read"
+    assert len(log.pauses) == 4 and 0.01 <= log.pauses[0] <= 0.02 and max(log.pauses) <= 0.04, log.pauses
+    for bad in ("0", "-1", "soon", "inf"):
+        monkeypatch.setenv("AICENTER_KUBE_RETRY_MAX_WAIT", bad)
+        with pytest.raises(ConfigurationError, match=r"AICENTER_KUBE_RETRY_MAX_WAIT=.* is not a number of seconds above 0"):
+            kube_retry.call(flaky_until(0), what="read the Job")
