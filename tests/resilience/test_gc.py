@@ -27,10 +27,11 @@ from airflow_aicenter.storage.transfer import put_blob, read_package_contents, s
 from tests.conftest import RuntimeSpawner
 from tests.resilience.support import Setup, check_store, run_runtime, setup_package
 
-#: Seconds between writing the old orphan and starting the run. Each gc call uses a grace
-#: period that makes the orphan just old enough and everything written after orphan + GAP/2
-#: young, however long the run takes (S3 timestamps may be rounded to the second: GAP > 2).
-GAP = 2.5
+#: Seconds between writing the old orphan and starting the run, by store. Each gc call uses a
+#: grace period that makes the orphan just old enough and everything written after orphan + gap/2
+#: young, however long the run takes (S3 timestamps may be rounded to the second: > 2 s; a
+#: file's modification time is exact to far below the half second the file store waits).
+GAPS = {"s3": 2.5, "file": 0.5}
 
 
 @pytest.fixture(params=["s3", "file"])
@@ -74,11 +75,12 @@ def test_gc_during_an_upload_keeps_young_and_referenced_blobs_and_removes_old_or
     assert len(referenced_before) >= 30  # two package zips and the snapshot's files
 
     orphan, orphan_time = _orphan(setup, tmp_path, "orphan.bin")  # e.g. left by a run that crashed
-    time.sleep(GAP)
+    gap = GAPS[setup.store.scheme]
+    time.sleep(gap)
 
     def gc_now(**kw: Any) -> GcReport:
         now = datetime.now(UTC)
-        return collect(setup.store, grace=now - orphan_time - timedelta(seconds=GAP / 2), now=now, **kw)
+        return collect(setup.store, grace=now - orphan_time - timedelta(seconds=gap / 2), now=now, **kw)
 
     ref2, spec2 = setup.spec(try_number=1, task_id="train_again")  # another task: a retry would report 1.1
     proc = spawn_runtime.start(spec2, {**setup.env, "AICENTER_WORKDIR": str(tmp_path / "work2")}, stdout=subprocess.DEVNULL)
