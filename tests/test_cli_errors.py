@@ -19,6 +19,7 @@ import pytest
 from airflow_aicenter import layout
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
+from tests.cli_helpers import cli_in_process
 from tests.conftest import EXAMPLE_PACKAGE
 
 AICENTER = str(Path(sys.executable).parent / "aicenter")
@@ -79,7 +80,8 @@ BAD_INPUTS = [
 def test_bad_input_is_one_clear_line(stored: tuple[str, Path], command: str, code: int, message: str) -> None:
     uri, tmp = stored
     args = command.format(tmp=tmp, example=EXAMPLE_PACKAGE).split()
-    done = aicenter(*args, env={"AICENTER_STORAGE": uri})
+    # in this process through cli.main (same argv and environment): the script itself is run below
+    done = cli_in_process(args, env={"AICENTER_STORAGE": uri, "COLUMNS": "200"})
     assert "Traceback" not in done.stderr and "Traceback" not in done.stdout, done.stderr
     assert done.returncode == code, (done.returncode, done.stderr)
     assert message in done.stderr, done.stderr
