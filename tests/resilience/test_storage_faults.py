@@ -40,8 +40,16 @@ TIMEOUT_S = 1
 
 
 class QuickTimeouts(S3Options):
+    timeout = f"{TIMEOUT_S}s"
+
     def client_options(self) -> dict:
-        return {**super().client_options(), "timeout": f"{TIMEOUT_S}s", "connect_timeout": f"{TIMEOUT_S}s"}
+        return {**super().client_options(), "timeout": self.timeout, "connect_timeout": self.timeout}
+
+
+class QuickerTimeouts(QuickTimeouts):
+    """For a single request at a time (no queue behind a busy proxy): a hang costs half a second."""
+
+    timeout = "500ms"
 
 
 @pytest.fixture
@@ -142,9 +150,9 @@ def test_commit_whose_answer_is_lost_makes_exactly_one_version(faulty, tmp_path)
 def test_persistent_fault_fails_with_a_clear_message_after_the_retry_budget(faulty, fast_retries, tmp_path, fault):
     proxy, store, direct = faulty
     # Three retries show "retried, and bounded" as well as six, at half the cost: a hang costs a
-    # whole client timeout a try.
+    # whole client timeout a try (half a second here: one request at a time).
     fast_retries["max_retries"] = 3
-    store = open_store(store.uri, QuickTimeouts(endpoint_url=proxy.endpoint, region="us-east-1",
+    store = open_store(store.uri, QuickerTimeouts(endpoint_url=proxy.endpoint, region="us-east-1",
                                                 access_key_id="testing", secret_access_key="testing-secret"))
     direct.put_bytes("data/a.bin", b"x" * 100)
     proxy.plan.rules = [(lambda m, p: True, fault, 10_000)]
