@@ -245,7 +245,7 @@ def test_a_deferred_queued_job_waits_for_admission_then_runs(ddp_deployment, kub
     context = make_context()
     with pytest.raises(TaskDeferred) as deferred:
         ddp_full_op(dataset, queue_name="team-a", startup_timeout=2, deferrable=True).execute(context)
-    threading.Timer(5, kube_api.admit_job).start()  # past startup_timeout, as Kueue admits it later
+    threading.Timer(4, kube_api.admit_job).start()  # twice startup_timeout, as Kueue admits it later
     kube_api.fail_next(r"/jobs/[^/]+/status$", 3, 503)  # a flaky API server while the trigger waits
     kube_api.fail_next(r"/jobs/[^/]+/status$", 2, "reset")
     kube_api.fail_next(r"/pods$", 2, 502)
@@ -259,9 +259,9 @@ def test_a_deferred_queued_job_waits_for_admission_then_runs(ddp_deployment, kub
 
 def test_time_in_the_queue_does_not_count_against_startup_timeout(ddp_deployment, kube_api: FakeKubernetes):
     registry, dataset = ddp_deployment
-    thread, out = run_in_thread(ddp_full_op(dataset, queue_name="team-a", startup_timeout=3), make_context())
+    thread, out = run_in_thread(ddp_full_op(dataset, queue_name="team-a", startup_timeout=2), make_context())
     kube_api.wait_for(lambda: bool(kube_api.jobs) or not thread.is_alive(), timeout=60, what="the Job")
-    thread.join(6)  # twice the startup_timeout, suspended
+    thread.join(4)  # twice the startup_timeout, suspended
     assert thread.is_alive(), out
     kube_api.admit_job()
     thread.join(120)
