@@ -19,7 +19,6 @@ from airflow_aicenter.records import Results, read
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
 from tests.aicenter_helpers import run_task
-from tests.conftest import REPO
 
 #: Each example DAG's task that trains, with the params the trigger form offers for its hyperparameters.
 TRAINING_TASKS = {
@@ -29,19 +28,6 @@ TRAINING_TASKS = {
     "aicenter_distributed": "train_distributed",
     "aicenter_approval": "retrain",
 }
-
-
-@pytest.fixture
-def dags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """Every DAG of dags/, parsed with AIRFLOW_HOME and the ``aicenter_default`` store in tmp_path."""
-    from airflow.dag_processing.dagbag import DagBag
-
-    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "home"))
-    store = tmp_path / "store"
-    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps({"conn_type": "aicenter", "extra": {"storage": store.as_uri()}}))
-    bag = DagBag(dag_folder=str(REPO / "dags"), safe_mode=False)
-    assert not bag.import_errors, bag.import_errors
-    return bag.dags
 
 
 def rendered(task: Any, conf: dict[str, Any] | None = None) -> Any:
