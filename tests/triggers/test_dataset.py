@@ -22,7 +22,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 
 from airflow_aicenter.errors import ConfigurationError, DatasetError, NotFoundError, StorageError
@@ -30,89 +29,10 @@ from airflow_aicenter.storage import open_store
 from airflow_aicenter.triggers import DatasetChangedTrigger
 from airflow_aicenter.triggers.dataset import listing_of
 from tests.conftest import BIN
+from tests.triggers.datasets import AssetState, Dataset
 
 POLL = 0.05
 QUIET = 0.6  # about a dozen polls: long enough for an event that should not come to have come
-
-
-class AssetState:
-    """One asset's state store as the triggerer hands it to an ``AssetWatcher``'s trigger (Airflow's
-    ``AssetStateStoreAccessors``): JSON values by key, kept in Airflow's database across trigger
-    instances. A stand-in for that database, in memory; values are stored as JSON text, as there."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, str] = {}
-
-    async def aget(self, key: str, default: Any = None) -> Any:
-        await asyncio.sleep(0)
-        return json.loads(self.values[key]) if key in self.values else default
-
-    async def aset(self, key: str, value: Any) -> None:
-        if value is None:
-            raise ValueError("Cannot set value as None")
-        await asyncio.sleep(0)
-        self.values[key] = json.dumps(value)
-
-    def get(self, key: str) -> Any:
-        return json.loads(self.values[key]) if key in self.values else None
-
-
-class Dataset:
-    """A dataset to change: a local folder, or a prefix in a moto bucket; and the state store of the asset watching it."""
-
-    def __init__(self, uri: str, s3: Any = None, bucket: str = "", prefix: str = "", root: Path | None = None) -> None:
-        self.uri, self.s3, self.bucket, self.prefix, self.root = uri, s3, bucket, prefix, root
-        self.store_uri = ""  # the aicenter store the connection names
-        self.state = AssetState()  # the watched asset's, in Airflow's database: it outlives triggerer restarts
-
-    def put(self, name: str, data: bytes) -> None:
-        if self.s3 is not None:
-            self.s3.put_object(Bucket=self.bucket, Key=f"{self.prefix}/{name}", Body=data)
-            return
-        assert self.root is not None
-        path = self.root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-
-    def recreate(self, name: str, data: bytes) -> None:
-        """Write ``name`` anew with ``data``, with no moment in which it is missing: uploaded again over itself on S3;
-        on disk a new file (new inode) with the old one's mtime, renamed over it (as ``rsync -t`` or ``cp -p`` leave it)."""
-        if self.s3 is not None:
-            self.put(name, data)
-            return
-        assert self.root is not None
-        old = self.root / name
-        fresh = self.root.parent / f".{name}.new"
-        fresh.write_bytes(data)
-        os.utime(fresh, ns=(old.stat().st_atime_ns, old.stat().st_mtime_ns))
-        os.replace(fresh, old)
-
-    def delete(self, name: str) -> None:
-        if self.s3 is not None:
-            self.s3.delete_object(Bucket=self.bucket, Key=f"{self.prefix}/{name}")
-        else:
-            assert self.root is not None
-            (self.root / name).unlink()
-
-
-@pytest.fixture(params=["file", "s3"])
-def dataset(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Dataset:
-    """An existing dataset holding a.csv, and an aicenter_default connection naming a fresh store on the same backend."""
-    if request.param == "file":
-        root = tmp_path / "inbox"
-        data = Dataset(root.as_uri(), root=root)
-        data.store_uri = (tmp_path / "aicenter").as_uri()
-    else:
-        server = request.getfixturevalue("s3_env")
-        client = boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1",
-                              aws_access_key_id="testing", aws_secret_access_key="testing-secret")
-        bucket = server.create_bucket()
-        data = Dataset(f"s3://{bucket}/inbox/", s3=client, bucket=bucket, prefix="inbox")
-        data.store_uri = f"s3://{bucket}/aicenter"
-    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps(
-        {"conn_type": "aicenter", "extra": {"storage": data.store_uri}}))
-    data.put("a.csv", b"x,y\n1,2\n")
-    return data
 
 
 class Watch:
