@@ -15,7 +15,6 @@ credentials), one batch prediction (S3) and one attack from inside the user cont
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,20 +26,16 @@ from airflow_aicenter.operators import (
     PredictPipelineOperator,
     TrainPipelineOperator,
 )
-from airflow_aicenter.registry import Registry
-from airflow_aicenter.storage import Store, open_store
-from airflow_aicenter.storage.transfer import run, upload_tree
-from tests.conftest import S3Server, write_files
-from tests.containers.podman import PodmanPods, podman
-from tests.operators.kube_api import FakeKubernetes, Pod, make_context
+from tests.conftest import write_files
+from tests.containers.deployments import CONN_PASSWORD, Deployment
+from tests.containers.podman import podman
+from tests.operators.kube_api import Pod, make_context
 from tests.packages import DOUBLING_MAIN, ECHO_MAIN
 from tests.runtime.test_distributed import RENDEZVOUS
 
 pytestmark = pytest.mark.containers
 
 FAST = {"startup_check_interval_seconds": 1, "poll_interval": 0.5, "base_container_status_polling_interval": 0.2}
-ROLE = "arn:aws:iam::123456789012:role/aicenter-runtime"
-CONN_PASSWORD = "aws-conn-password-not-for-pods"
 TRAIN = '''
 import os
 class Main:
@@ -52,67 +47,6 @@ class Main:
     def save(self):
         open("model.txt", "w").write(str(self.rows))
 '''
-
-
-@dataclass
-class Deployment:
-    registry: Registry
-    dataset: str
-    kube: FakeKubernetes
-    pods: PodmanPods
-    #: The file store's folder on this host (None on S3).
-    store_folder: Path | None = None
-    #: Where datasets go on this deployment's backend.
-    datasets: Store | None = None
-
-    def add_dataset(self, name: str, files: dict[str, str | bytes], tmp_path: Path) -> str:
-        folder = write_files(tmp_path / f"dataset-{name}", files)
-        if self.datasets is None:
-            self.pods.host_paths[str(folder)] = False
-            return folder.as_uri()
-        run(upload_tree(folder, self.datasets, name))
-        return self.datasets.url(name) + "/"
-
-
-def _connections(kube: FakeKubernetes, monkeypatch: pytest.MonkeyPatch, extra: dict[str, Any]) -> None:
-    for key, value in kube.connection_env().items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("KUBECONFIG", raising=False)
-    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps(
-        {"conn_type": "aicenter", "extra": {"launcher": "kubernetes", "image": "aicenter-runtime:test", **extra}}))
-
-
-@pytest.fixture
-def file_deployment(kube_podman: FakeKubernetes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Deployment:
-    """A file store on this host, mounted (hostPath, same path) into stage and sync only: never into base."""
-    store_folder = tmp_path / "aicenter"
-    store_folder.mkdir()
-    pods = kube_podman.podman
-    assert pods is not None
-    pods.host_paths[str(store_folder)] = True
-    _connections(kube_podman, monkeypatch, {"storage": store_folder.as_uri()})
-    deployment = Deployment(Registry(open_store(store_folder.as_uri())), "", kube_podman, pods, store_folder=store_folder)
-    deployment.dataset = deployment.add_dataset("rows", {"rows.csv": "a\n1\n2\n"}, tmp_path)
-    return deployment
-
-
-@pytest.fixture
-def s3_deployment(kube_podman: FakeKubernetes, s3_server: S3Server, tmp_path: Path,
-                  monkeypatch: pytest.MonkeyPatch) -> Deployment:
-    """moto S3 (reached over the host network); pods get per-run STS credentials through a Secret."""
-    bucket = s3_server.create_bucket()
-    store = open_store(f"s3://{bucket}/aicenter", s3_server.options)
-    _connections(kube_podman, monkeypatch, {"storage": store.uri, "aws_conn_id": "aws_moto", "runtime_role_arn": ROLE,
-                                            "runtime_role_duration": 900})
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_MOTO", json.dumps({
-        "conn_type": "aws", "login": "testing", "password": CONN_PASSWORD,
-        "extra": {"endpoint_url": s3_server.endpoint, "region_name": "us-east-1"}}))
-    pods = kube_podman.podman
-    assert pods is not None
-    deployment = Deployment(Registry(store), "", kube_podman, pods,
-                            datasets=open_store(f"s3://{bucket}/datasets", s3_server.options))
-    deployment.dataset = deployment.add_dataset("rows", {"rows.csv": "a\n1\n2\n"}, tmp_path)
-    return deployment
 
 
 def upload(deployment: Deployment, tmp_path: Path, name: str, **files: str) -> None:
