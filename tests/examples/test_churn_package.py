@@ -15,10 +15,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-import pytest
+from tests.examples.paths import PACKAGE, REPO
 
-REPO = Path(__file__).resolve().parents[2]
-PACKAGE = REPO / "examples" / "packages" / "churn"
 FEATURES = ["tenure_months", "monthly_charges", "support_calls", "contract_monthly", "age"]
 AICENTER_VARS = ("data_directory", "test_data_directory", "training_data_directory", "evaluation_data_directory",
                  "artifacts_directory", "save_training_data", "save_test_data", "EPOCHS", "LEARNING_RATE")
@@ -73,11 +71,6 @@ def aicenter_env(root: Path, data: Path) -> dict[str, str]:
 def csv_rows(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as fh:
         return list(csv.DictReader(fh))
-
-
-@pytest.fixture
-def pkg(tmp_path: Path) -> Path:
-    return Path(shutil.copytree(PACKAGE, tmp_path / "package"))
 
 
 def test_package_layout() -> None:
