@@ -25,6 +25,7 @@ from airflow_aicenter.runtime.snapshot import take_snapshot
 from airflow_aicenter.storage import S3Store, Store, open_store
 from tests.conftest import RuntimeSpawner, write_files
 from tests.packages import MAIN
+from tests.runtime.helpers import put
 
 
 def opener(store: Store) -> OpenStore:
@@ -34,34 +35,10 @@ def opener(store: Store) -> OpenStore:
     return lambda uri: open_store(uri, create=False)
 
 
-def put(store: Store, files: dict[str, str]) -> None:
-    for key, text in files.items():
-        store.put_bytes(key, text.encode())
-
-
 def outside_local(store: Store, key: str) -> str:
     """Where a source outside the manifest's folder is staged: <bucket>/<key>, or the path without its '/'."""
     url = store.url(key)
     return url.removeprefix("s3://") if url.startswith("s3://") else url.removeprefix("file:///")
-
-
-@pytest.fixture
-def dataset(store: Store) -> tuple[Store, str]:
-    """A manifest in datasets/m/ whose sources are relative, absolute inside its folder, and outside it."""
-    put(store, {
-        "datasets/m/images/a.jpg": "A", "datasets/m/images/b.jpg": "BB", "other/c.jpg": "CCC",
-        "datasets/m/images/d.jpg": "DDDD", "datasets/m/e.jpg": "EEEEE", "datasets/m/f.jpg": "FFFFFF",
-    })
-    lines = [
-        {"id": "1", "source": "images/a.jpg", "usage": "TRAIN", "annotation": [{"name": "cat", "type": "label"}]},
-        {"id": "2", "source": store.url("datasets/m/images/b.jpg")},
-        {"id": "3", "source": store.url("other/c.jpg"), "usage": "train"},
-        {"id": "4", "source": "images/d.jpg", "usage": "eval"},
-        {"id": "5", "source": "./e.jpg", "usage": "Test"},
-        {"id": "6", "source": "f.jpg", "usage": "INFERENCE"},
-    ]
-    put(store, {"datasets/m/train.manifest": "\n".join(json.dumps(line) for line in lines) + "\n\n"})
-    return store, store.url("datasets/m/train.manifest")
 
 
 def test_training_lines_are_staged_with_a_rewritten_manifest(dataset: tuple[Store, str], tmp_path: Path) -> None:

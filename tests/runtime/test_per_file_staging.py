@@ -34,8 +34,7 @@ from airflow_aicenter.storage.transfer import (
 )
 from tests.conftest import RuntimeSpawner
 from tests.packages import write_package
-
-BIG = 3 * 2**20 + 17
+from tests.runtime.helpers import BIG
 
 
 def stored_bytes(store: Store) -> int:
@@ -45,19 +44,6 @@ def stored_bytes(store: Store) -> int:
 def tree(root: Path) -> dict[str, tuple[bytes, int]]:
     return {p.relative_to(root).as_posix(): (p.read_bytes(), stat.S_IMODE(p.stat().st_mode))
             for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture
-def package(tmp_path: Path) -> Path:
-    root = write_package(tmp_path / "pkg", files={
-        "model/weights.bin": os.urandom(BIG),
-        "model/copy.bin": b"same bytes",
-        "other/copy.bin": b"same bytes",  # two files, one blob
-        "meta.json": '{"epoch": 1}',
-        "run.sh": "#!/bin/sh\necho hi\n",
-    })
-    (root / "run.sh").chmod(0o755)
-    return root
 
 
 def test_a_second_version_writes_only_the_changed_file(store: Store, package: Path) -> None:

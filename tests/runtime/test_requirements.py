@@ -11,12 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from airflow_aicenter.records import Outcome, RunSpec, read
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import Store, open_store
-from tests.conftest import free_port, write_files
+from tests.conftest import write_files
 from tests.packages import ECHO_MAIN
 from tests.runtime.test_environment import tiny_wheel
 from tests.runtime.test_run import run_runtime
@@ -35,13 +33,6 @@ class Main:
     def save(self):
         pass
 '''
-
-
-@pytest.fixture
-def offline(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    closed = f"http://127.0.0.1:{free_port()}/simple"
-    # uv's own setting: a closed index fails at once instead of after 3 retries with backoff (~10 s)
-    return {"UV_INDEX_URL": closed, "UV_DEFAULT_INDEX": closed, "PIP_INDEX_URL": closed, "UV_HTTP_RETRIES": "0"}
 
 
 def spec_for(store: Store, tmp_path: Path, requirements: str) -> RunSpec:
