@@ -19,7 +19,7 @@ from airflow_aicenter.layout import BLOBS
 from airflow_aicenter.package import Version
 from airflow_aicenter.records import RunRef, RunSpec, VersionRecord, read
 from airflow_aicenter.registry import Registry
-from airflow_aicenter.storage import Store
+from airflow_aicenter.storage import S3Options, Store, open_store
 from airflow_aicenter.storage.transfer import run, upload_tree
 from tests.conftest import RuntimeSpawner, write_files
 from tests.packages import ECHO_MAIN
@@ -280,3 +280,33 @@ class FaultProxy:
             h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         except OSError:
             pass
+
+
+#: Client timeouts short enough that a hung request costs a second, not two minutes.
+TIMEOUT_S = 1
+
+
+class QuickTimeouts(S3Options):
+    timeout = f"{TIMEOUT_S}s"
+
+    def client_options(self) -> dict:
+        return {**super().client_options(), "timeout": self.timeout, "connect_timeout": self.timeout}
+
+
+class QuickerTimeouts(QuickTimeouts):
+    """For a single request at a time (no queue behind a busy proxy): a hang costs half a second."""
+
+    timeout = "500ms"
+
+
+def make_setup(request, tmp_path, backend: str, point: str = "") -> Setup:
+    env = {"MODEL_MB": "24" if point.startswith("package_upload+") else "1"}
+    if backend == "file":
+        # The file store snapshots 80 small files in well under 0.05 s on a quiet machine: a timed kill
+        # inside the snapshot needs more of them to land there.
+        files = 2000 if point.startswith("snapshot+") else 80
+        return setup_package(open_store((tmp_path / "store").as_uri()), tmp_path, env, files=files)
+    server = request.getfixturevalue("s3_server")
+    store = open_store(f"s3://{server.create_bucket()}/aicenter", server.options)
+    return setup_package(store, tmp_path, {**server.env(), **env}, files=80)
+

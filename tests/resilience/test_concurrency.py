@@ -12,11 +12,8 @@ import multiprocessing as mp
 import threading
 from pathlib import Path
 
-import pytest
-
 from airflow_aicenter.records import BlobRef, Outcome, RunRef, read
-from airflow_aicenter.storage import open_store
-from tests.resilience.support import Setup, check_store, run_runtime, setup_package
+from tests.resilience.support import check_store, run_runtime
 
 N = 32
 
@@ -43,26 +40,17 @@ def _train_and_commit(uri: str, options: object, index: int, parent: str, workdi
     return index, record.version, record.blob.sha256
 
 
-@pytest.fixture(params=["s3", "file"])
-def setup(request, tmp_path) -> tuple[Setup, object]:
-    if request.param == "file":
-        return setup_package(open_store((tmp_path / "store").as_uri()), tmp_path, {}, files=3), None
-    server = request.getfixturevalue("s3_server")
-    store = open_store(f"s3://{server.create_bucket()}/aicenter", server.options)
-    return setup_package(store, tmp_path, server.env(), files=3), server.options
-
-
-def test_32_concurrent_trainings_get_32_distinct_versions(setup, tmp_path):
-    setup, options = setup
-    ref, spec = setup.spec(try_number=1)
-    done = run_runtime(spec, tmp_path, setup.env)
+def test_32_concurrent_trainings_get_32_distinct_versions(concurrency_setup, tmp_path):
+    concurrency_setup, options = concurrency_setup
+    ref, spec = concurrency_setup.spec(try_number=1)
+    done = run_runtime(spec, tmp_path, concurrency_setup.env)
     assert done.returncode == 0, done.stderr[-2000:]
-    real = read(setup.store, f"{spec.run_prefix}/outcome.json", Outcome).blob
+    real = read(concurrency_setup.store, f"{spec.run_prefix}/outcome.json", Outcome).blob
 
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["airflow_aicenter.registry", "airflow_aicenter.storage.transfer"])
     barrier = ctx.Manager().Barrier(N)
-    args = [(setup.store.uri, options, i, setup.base.version, str(tmp_path), barrier,
+    args = [(concurrency_setup.store.uri, options, i, concurrency_setup.base.version, str(tmp_path), barrier,
              (real.sha256, real.size) if i == 0 else None) for i in range(N)]
     with ctx.Pool(N) as pool:
         results = pool.starmap(_train_and_commit, args, chunksize=1)
@@ -70,19 +58,19 @@ def test_32_concurrent_trainings_get_32_distinct_versions(setup, tmp_path):
     versions = [v for _, v, _ in results]
     assert len(set(versions)) == N, sorted(versions)
     assert sorted(versions, key=lambda v: int(v.split(".")[1])) == [f"1.{m}" for m in range(1, N + 1)]
-    assert check_store(setup.store) == ["res:1.0"] + [f"res:1.{m}" for m in range(1, N + 1)]
+    assert check_store(concurrency_setup.store) == ["res:1.0"] + [f"res:1.{m}" for m in range(1, N + 1)]
     for index, version, sha in results:  # each version holds the content of the run that made it
-        record = setup.registry.get("res", version)
+        record = concurrency_setup.registry.get("res", version)
         assert record.blob.sha256 == sha and record.run.task_id == f"train_{index}" and record.parent == "1.0"
-    assert setup.registry.get("res", next(v for i, v, _ in results if i == 0)).blob.sha256 == real.sha256
-    assert setup.registry.resolve("res", "latest").version == f"1.{N}"
+    assert concurrency_setup.registry.get("res", next(v for i, v, _ in results if i == 0)).blob.sha256 == real.sha256
+    assert concurrency_setup.registry.resolve("res", "latest").version == f"1.{N}"
 
 
-def test_concurrent_alias_promotions_keep_a_consistent_history(setup):
-    setup, _ = setup
-    registry = setup.registry
-    targets = [setup.base.version] + [
-        registry.commit("res", parent="1.0", blob=setup.base.blob, pipeline="train").version for _ in range(7)
+def test_concurrent_alias_promotions_keep_a_consistent_history(concurrency_setup):
+    concurrency_setup, _ = concurrency_setup
+    registry = concurrency_setup.registry
+    targets = [concurrency_setup.base.version] + [
+        registry.commit("res", parent="1.0", blob=concurrency_setup.base.blob, pipeline="train").version for _ in range(7)
     ]
     barrier = threading.Barrier(16)
     errors: list[BaseException] = []

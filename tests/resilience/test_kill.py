@@ -19,11 +19,10 @@ import pytest
 from airflow_aicenter.completion import PostRun
 from airflow_aicenter.errors import RunError
 from airflow_aicenter.launchers import settle_outcome
-from airflow_aicenter.operators import TrainPipelineOperator
 from airflow_aicenter.records import Manifest, Outcome, Registration, RunRef, read, read_optional
 from airflow_aicenter.storage import open_store
 from tests.conftest import REPO
-from tests.resilience.support import Setup, check_store, run_runtime, setup_package
+from tests.resilience.support import Setup, check_store, make_setup, run_runtime, setup_package
 
 #: Where the runtime is killed. A bare phase dies as it starts; "+s" lands inside it
 #: (MODEL_MB makes save() write a model big enough that the zip and its upload take a while).
@@ -46,48 +45,26 @@ PHASES = ["stage_package", "stage_data", "user_code", "package_upload", "artifac
 CASES = [("s3", p) for p in RUNTIME_POINTS] + [("file", p) for p in ("package_upload+0.15", "snapshot+0.05", "outcome")]
 
 
-def make_setup(request, tmp_path, backend: str, point: str = "") -> Setup:
-    env = {"MODEL_MB": "24" if point.startswith("package_upload+") else "1"}
-    if backend == "file":
-        # The file store snapshots 80 small files in well under 0.05 s on a quiet machine: a timed kill
-        # inside the snapshot needs more of them to land there.
-        files = 2000 if point.startswith("snapshot+") else 80
-        return setup_package(open_store((tmp_path / "store").as_uri()), tmp_path, env, files=files)
-    server = request.getfixturevalue("s3_server")
-    store = open_store(f"s3://{server.create_bucket()}/aicenter", server.options)
-    return setup_package(store, tmp_path, {**server.env(), **env}, files=80)
-
-
-@pytest.fixture(params=["s3", "file"])
-def setup(request, tmp_path) -> Setup:
-    return make_setup(request, tmp_path, request.param)
-
-
-@pytest.fixture(scope="module")
-def operator() -> TrainPipelineOperator:
-    return TrainPipelineOperator(task_id="train", package="res", dataset="file:///unused")
-
-
-def _commit(operator, setup: Setup, ref: RunRef, outcome: Outcome):
+def _commit(operator, kill_setup: Setup, ref: RunRef, outcome: Outcome):
     """What the operator's post-run step does once the runtime succeeded: register the version once per task instance."""
-    return PostRun(setup.registry, operator.run_request()).register(setup.base, outcome, ref)
+    return PostRun(kill_setup.registry, operator.run_request()).register(kill_setup.base, outcome, ref)
 
 
-def _settle(setup: Setup, spec, ref: RunRef, code: int) -> Outcome:
+def _settle(kill_setup: Setup, spec, ref: RunRef, code: int) -> Outcome:
     """What every launcher does when the runtime has exited: outcome.json decides (the one place)."""
-    return settle_outcome(setup.store, spec, ref, ended=f"the runtime exited with code {code}")
+    return settle_outcome(kill_setup.store, spec, ref, ended=f"the runtime exited with code {code}")
 
 
 @pytest.mark.parametrize("backend, point", CASES, ids=[f"{b}-{p}" for b, p in CASES])
 def test_runtime_killed_at_every_phase(request, operator, tmp_path, backend, point):
-    setup = make_setup(request, tmp_path, backend, point)
+    kill_setup = make_setup(request, tmp_path, backend, point)
     phase = point.split("+")[0]
-    ref, spec = setup.spec(try_number=1)
-    done = run_runtime(spec, tmp_path, {**setup.env, "AICENTER_TEST_CRASH_AT": point})
+    ref, spec = kill_setup.spec(try_number=1)
+    done = run_runtime(spec, tmp_path, {**kill_setup.env, "AICENTER_TEST_CRASH_AT": point})
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
 
     # the run record says where it died: live progress first, then the operator's verdict
-    live = read(setup.store, f"{spec.run_prefix}/outcome.json", Outcome)
+    live = read(kill_setup.store, f"{spec.run_prefix}/outcome.json", Outcome)
     assert live.status == "running"
     if phase == "outcome":
         assert live.phase == "snapshot"
@@ -96,56 +73,56 @@ def test_runtime_killed_at_every_phase(request, operator, tmp_path, backend, poi
     else:
         assert live.phase == phase
     with pytest.raises(RunError, match=f"exited with code -9 during {live.phase}"):
-        _settle(setup, spec, ref, done.returncode)
-    final = read(setup.store, f"{spec.run_prefix}/outcome.json", Outcome)
+        _settle(kill_setup, spec, ref, done.returncode)
+    final = read(kill_setup.store, f"{spec.run_prefix}/outcome.json", Outcome)
     assert final.status == "failed" and f"during {live.phase}" in final.error and final.end_at is not None
 
     # nothing half-written: no new version, every blob whole, no registration
-    assert check_store(setup.store) == ["res:1.0"]
-    assert read_optional(setup.store, f"{spec.run_prefix}/registration.json", Registration) is None
-    manifest = read_optional(setup.store, f"{spec.run_prefix}/data_directory.manifest.json", Manifest)
+    assert check_store(kill_setup.store) == ["res:1.0"]
+    assert read_optional(kill_setup.store, f"{spec.run_prefix}/registration.json", Registration) is None
+    manifest = read_optional(kill_setup.store, f"{spec.run_prefix}/data_directory.manifest.json", Manifest)
     if manifest is not None:  # a manifest is only written once all its blobs are there
-        assert all(setup.store.exists(f"blobs/sha256/{f.sha256}") for f in manifest.files)
+        assert all(kill_setup.store.exists(f"blobs/sha256/{f.sha256}") for f in manifest.files)
 
     # the retry (next try) makes exactly one new version, and registering it again is a no-op
-    ref2, spec2 = setup.spec(try_number=2)
-    again = run_runtime(spec2, tmp_path, setup.env)
+    ref2, spec2 = kill_setup.spec(try_number=2)
+    again = run_runtime(spec2, tmp_path, kill_setup.env)
     assert again.returncode == 0, again.stderr[-3000:]
-    outcome = _settle(setup, spec2, ref2, 0)
-    first = _commit(operator, setup, ref2, outcome)
-    second = _commit(operator, setup, ref2, outcome)
+    outcome = _settle(kill_setup, spec2, ref2, 0)
+    first = _commit(operator, kill_setup, ref2, outcome)
+    second = _commit(operator, kill_setup, ref2, outcome)
     assert first.version == second.version == "1.1"
-    assert check_store(setup.store) == ["res:1.0", "res:1.1"]
-    assert first.run.prefix == ref2.prefix and first.snapshot == setup.store.url(f"{spec2.run_prefix}/data_directory.manifest.json")
+    assert check_store(kill_setup.store) == ["res:1.0", "res:1.1"]
+    assert first.run.prefix == ref2.prefix and first.snapshot == kill_setup.store.url(f"{spec2.run_prefix}/data_directory.manifest.json")
 
 
 class Crash(BaseException):
     """Stands for SIGKILL inside the registry (the operator process dies there)."""
 
 
-def test_operator_killed_between_version_record_and_marker_does_not_register_twice(setup, operator, tmp_path, monkeypatch):
+def test_operator_killed_between_version_record_and_marker_does_not_register_twice(kill_setup, operator, tmp_path, monkeypatch):
     """A crash inside commit_once, after the version record and before registration.json is
     completed: the same try registering again finds its version instead of taking the next one."""
-    ref, spec = setup.spec(try_number=1)
-    assert run_runtime(spec, tmp_path, setup.env).returncode == 0
-    outcome = _settle(setup, spec, ref, 0)
-    commit = type(setup.registry).commit
+    ref, spec = kill_setup.spec(try_number=1)
+    assert run_runtime(spec, tmp_path, kill_setup.env).returncode == 0
+    outcome = _settle(kill_setup, spec, ref, 0)
+    commit = type(kill_setup.registry).commit
 
     def commit_then_die(self, *args, **kwargs):
         commit(self, *args, **kwargs)
         raise Crash
 
-    monkeypatch.setattr(type(setup.registry), "commit", commit_then_die)
+    monkeypatch.setattr(type(kill_setup.registry), "commit", commit_then_die)
     with pytest.raises(Crash):
-        _commit(operator, setup, ref, outcome)
+        _commit(operator, kill_setup, ref, outcome)
     monkeypatch.undo()
-    orphan = setup.registry.get("res", "1.1")  # committed, but the marker does not say so
+    orphan = kill_setup.registry.get("res", "1.1")  # committed, but the marker does not say so
     assert orphan.run.prefix == ref.prefix
-    assert read(setup.store, f"{ref.prefix}/registration.json", Registration).version is None
-    again = _commit(operator, setup, ref, outcome)
+    assert read(kill_setup.store, f"{ref.prefix}/registration.json", Registration).version is None
+    again = _commit(operator, kill_setup, ref, outcome)
     assert again.version == orphan.version == "1.1"
-    assert check_store(setup.store) == ["res:1.0", "res:1.1"]
-    assert read(setup.store, f"{ref.prefix}/registration.json", Registration).version == "1.1"
+    assert check_store(kill_setup.store) == ["res:1.0", "res:1.1"]
+    assert read(kill_setup.store, f"{ref.prefix}/registration.json", Registration).version == "1.1"
 
 
 KILL_DAG = '''
@@ -184,24 +161,24 @@ def test_operator_killed_in_airflow_dags_test(airflow_env, tmp_path):
     one version. (The same try registering again is a no-op: see the operator-level tests above.)"""
     airflow_env.add_dag("aicenter_resilience_kill.py", KILL_DAG)
     uri = (tmp_path / "store").as_uri()
-    setup = setup_package(open_store(uri), tmp_path, {})
+    kill_setup = setup_package(open_store(uri), tmp_path, {})
     env = {"AIRFLOW_CONN_AICENTER_DEFAULT": json.dumps({"conn_type": "aicenter", "extra": {"storage": uri}}), "MODEL_MB": "1"}
-    conf = {"dataset": setup.dataset}
+    conf = {"dataset": kill_setup.dataset}
 
     killed = airflow_env.dags_test("aicenter_resilience_kill", conf, extra_env={**env, "AICENTER_TEST_CRASH_AT": "register"})
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:] + killed.stderr[-3000:]
-    assert check_store(setup.store) == ["res:1.0"]  # the runtime finished; nothing was registered
-    (run_dir,) = {o.key.rsplit("/", 1)[0] for o in setup.store.list("runs/aicenter_resilience_kill/") if o.key.endswith("outcome.json")}
-    assert read(setup.store, f"{run_dir}/outcome.json", Outcome).status == "succeeded"
-    assert not setup.store.exists(f"{run_dir}/registration.json") and not setup.store.exists(f"{run_dir}/_results.json")
+    assert check_store(kill_setup.store) == ["res:1.0"]  # the runtime finished; nothing was registered
+    (run_dir,) = {o.key.rsplit("/", 1)[0] for o in kill_setup.store.list("runs/aicenter_resilience_kill/") if o.key.endswith("outcome.json")}
+    assert read(kill_setup.store, f"{run_dir}/outcome.json", Outcome).status == "succeeded"
+    assert not kill_setup.store.exists(f"{run_dir}/registration.json") and not kill_setup.store.exists(f"{run_dir}/_results.json")
 
     # the next run of the task: exactly one new version, registered whole; killed while writing _results.json
     next_run = {**conf, "run_id": "manual__2026-03-02T00:00:00+00:00"}
     killed = subprocess.run([sys.executable, "-c", KILLED_TASK, json.dumps(next_run)], cwd=REPO, capture_output=True, text=True,
                             env={**os.environ, **env, "AICENTER_TEST_CRASH_AT": "results"}, timeout=240, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:] + killed.stderr[-3000:]
-    assert check_store(setup.store) == ["res:1.0", "res:1.1"]
-    record = setup.registry.get("res", "1.1")
+    assert check_store(kill_setup.store) == ["res:1.0", "res:1.1"]
+    record = kill_setup.registry.get("res", "1.1")
     assert record.run.prefix != run_dir and record.run.run_id == next_run["run_id"]
-    assert read(setup.store, f"{record.run.prefix}/registration.json", Registration).version == "1.1"
-    assert not setup.store.exists(f"{record.run.prefix}/_results.json")  # the record says the task did not finish
+    assert read(kill_setup.store, f"{record.run.prefix}/registration.json", Registration).version == "1.1"
+    assert not kill_setup.store.exists(f"{record.run.prefix}/_results.json")  # the record says the task did not finish

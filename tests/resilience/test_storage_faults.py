@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -33,46 +32,7 @@ from airflow_aicenter.storage.transfer import (
     upload_tree,
 )
 from tests.conftest import write_files
-from tests.resilience.support import FaultPlan, FaultProxy, check_store
-
-#: Client timeouts short enough that a hung request costs a second, not two minutes.
-TIMEOUT_S = 1
-
-
-class QuickTimeouts(S3Options):
-    timeout = f"{TIMEOUT_S}s"
-
-    def client_options(self) -> dict:
-        return {**super().client_options(), "timeout": self.timeout, "connect_timeout": self.timeout}
-
-
-class QuickerTimeouts(QuickTimeouts):
-    """For a single request at a time (no queue behind a busy proxy): a hang costs half a second."""
-
-    timeout = "500ms"
-
-
-@pytest.fixture
-def fast_retries(monkeypatch):
-    """The production policy's shape (exponential backoff), with test-sized waits and budget."""
-    config = {
-        "max_retries": 6,
-        "retry_timeout": timedelta(seconds=30),
-        "backoff": {"init_backoff": timedelta(milliseconds=20), "max_backoff": timedelta(milliseconds=400), "base": 2},
-    }
-    monkeypatch.setattr(store_module, "RETRY_CONFIG", config)
-    return config
-
-
-@pytest.fixture
-def faulty(s3_server, fast_retries):
-    """(proxy, store through the proxy, store straight to the server) on a fresh bucket."""
-    bucket = s3_server.create_bucket()
-    plan = FaultPlan(hang_seconds=TIMEOUT_S + 2)
-    with FaultProxy(s3_server.port, plan) as proxy:
-        options = QuickTimeouts(endpoint_url=proxy.endpoint, region="us-east-1", access_key_id="testing",
-                                secret_access_key="testing-secret")
-        yield proxy, open_store(f"s3://{bucket}/aicenter", options), open_store(f"s3://{bucket}/aicenter", s3_server.options)
+from tests.resilience.support import FaultPlan, FaultProxy, QuickerTimeouts, QuickTimeouts, check_store
 
 
 def _data(root: Path) -> Path:
@@ -236,17 +196,6 @@ def test_a_file_changed_after_hashing_is_never_stored_under_the_old_digest(store
 
 
 # -- large objects, overload, retry budget (issue 11) -------------------------------------------
-@pytest.fixture
-def small_ranges(monkeypatch):
-    """Ranged GETs from 4 MiB in 1 MiB parts, so a test object of a few MiB takes that path."""
-    from airflow_aicenter.storage import transfer
-
-    monkeypatch.setattr(transfer, "RANGED_MIN", 4 * 2**20)
-    monkeypatch.setattr(transfer, "RANGE_PART", 2**20)
-    monkeypatch.setattr(transfer, "RETRY_WAIT", 0.05)
-    return transfer
-
-
 def test_a_large_object_is_read_as_ranges_and_a_failed_part_is_retried(faulty, small_ranges, tmp_path):
     proxy, store, direct = faulty
     data = os.urandom(6 * 2**20 + 12345)  # 7 parts, an odd tail
