@@ -11,10 +11,12 @@ copied into its ``site-packages`` (installed, as a wheel would put it: its files
 
 from __future__ import annotations
 
+import pwd
 import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from importlib.metadata import version as dist_version
 from pathlib import Path
@@ -22,7 +24,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import built_once
+from airflow_aicenter.storage import Store, open_store
+from tests.conftest import S3Server, built_once
+from tests.security.helpers import AGENT_ENV, BOMB_ENTRIES, small_entry_bomb
 
 REPO = Path(__file__).resolve().parents[2]
 #: The system's interpreter: any user can run it (this checkout's venv was made from pyenv's, under /root).
@@ -87,3 +91,48 @@ def private_worker() -> Iterator[SimpleNamespace]:
         yield built
     finally:
         shutil.rmtree(holder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return small_entry_bomb(tmp_path_factory.mktemp("bomb") / "bomb.zip", entries=BOMB_ENTRIES)
+
+
+@pytest.fixture(params=["file", "s3"])
+def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Store, dict[str, str]]:
+    if request.param == "file":
+        return open_store((tmp_path / "store").as_uri()), {}
+    server: S3Server = request.getfixturevalue("s3_server")
+    return open_store(f"s3://{server.create_bucket()}/aicenter", server.options), server.env()
+
+
+@pytest.fixture
+def agent_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    for name, value in AGENT_ENV.items():
+        monkeypatch.setenv(name, value)
+    return AGENT_ENV
+
+
+@pytest.fixture
+def system_user() -> Iterator[SimpleNamespace]:
+    """A throwaway system user (no home, no login), removed afterwards with everything it still runs."""
+    name = f"aict{uuid.uuid4().hex[:10]}"
+    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                   check=True, capture_output=True)
+    entry = pwd.getpwnam(name)
+    try:
+        yield SimpleNamespace(name=name, uid=entry.pw_uid, gid=entry.pw_gid)
+    finally:
+        subprocess.run(["pkill", "-KILL", "-u", str(entry.pw_uid)], capture_output=True, check=False)
+        subprocess.run(["userdel", name], capture_output=True, check=False)
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """A folder any user may traverse (pytest's own tmp is root's alone): driver files, TMPDIR, a file store."""
+    path = Path(tempfile.mkdtemp(prefix="aict-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -34,11 +34,7 @@ from airflow_aicenter.runtime.user import landlock_abi
 from airflow_aicenter.storage import Store
 from airflow_aicenter.storage.transfer import put_blob
 from tests.runtime.test_environment import imports_tiny, package, simple_index, tiny_wheel
-
-SECRET = "agent-secret-4a1f9c"
-#: What the agent's environment holds and nothing package-supplied may see.
-AGENT_ENV = {"AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ACCESS_KEY_ID": "AKIAAGENT", "AIRFLOW_CONN_STORE": f"s3://x:{SECRET}@h",
-             "USER_PARAM_TOKEN": SECRET}
+from tests.security.helpers import AGENT_ENV, SECRET
 
 BACKEND = '''
 import json, os, zipfile
@@ -132,13 +128,6 @@ def leaks(entries: list[dict[str, object]]) -> list[str]:
         assert isinstance(env, dict)
         found += [f"{k}={v}" for k, v in env.items() if SECRET in v or k.startswith(("AWS_", "AIRFLOW_", "USER_PARAM"))]
     return found
-
-
-@pytest.fixture
-def agent_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    for name, value in AGENT_ENV.items():
-        monkeypatch.setenv(name, value)
-    return AGENT_ENV
 
 
 # -- finding 2: installing runs package code with the agent's credentials ----------------------

@@ -9,16 +9,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pwd
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -170,31 +166,6 @@ WORKER_SECRETS = {
     "AIRFLOW_CONN_WAREHOUSE": "postgresql://etl:worker-conn-password@db/warehouse",
     "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql://airflow:worker-sqlalchemy-password@db/airflow",
 }
-
-
-@pytest.fixture
-def system_user() -> Iterator[SimpleNamespace]:
-    """A throwaway system user (no home, no login), removed afterwards with everything it still runs."""
-    name = f"aict{uuid.uuid4().hex[:10]}"
-    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-                   check=True, capture_output=True)
-    entry = pwd.getpwnam(name)
-    try:
-        yield SimpleNamespace(name=name, uid=entry.pw_uid, gid=entry.pw_gid)
-    finally:
-        subprocess.run(["pkill", "-KILL", "-u", str(entry.pw_uid)], capture_output=True, check=False)
-        subprocess.run(["userdel", name], capture_output=True, check=False)
-
-
-@pytest.fixture
-def scratch() -> Iterator[Path]:
-    """A folder any user may traverse (pytest's own tmp is root's alone): driver files, TMPDIR, a file store."""
-    path = Path(tempfile.mkdtemp(prefix="aict-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def s3_store(s3_server):

@@ -10,13 +10,11 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import pytest
-
 from airflow_aicenter.records import Manifest, Outcome, RunRef, RunSpec, read
 from airflow_aicenter.registry import Registry
-from airflow_aicenter.storage import Store, open_store
+from airflow_aicenter.storage import Store
 from airflow_aicenter.storage.transfer import read_package_contents, run, upload_tree
-from tests.conftest import S3Server, write_files
+from tests.conftest import write_files
 from tests.packages import MAIN, write_package
 from tests.resilience.support import run_runtime
 
@@ -40,14 +38,6 @@ class Main:
         with open("model/weights.txt", "w") as fh:
             fh.write("trained")
 '''
-
-
-@pytest.fixture(params=["file", "s3"])
-def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Store, dict[str, str]]:
-    if request.param == "file":
-        return open_store((tmp_path / "store").as_uri()), {}
-    server: S3Server = request.getfixturevalue("s3_server")
-    return open_store(f"s3://{server.create_bucket()}/aicenter", server.options), server.env()
 
 
 def test_empty_files_survive_staging_snapshot_and_the_new_version(

@@ -18,25 +18,7 @@ from airflow_aicenter.errors import ArchiveError
 from airflow_aicenter.package import extract_zip, write_zip
 from airflow_aicenter.package.archive import MAX_RATIO, RATIO_MIN_SIZE, TOTAL_RATIO_MIN_SIZE
 from tests.packages import MAIN, write_package
-
-
-def small_entry_bomb(path: Path, entries: int = 1000) -> Path:
-    """``entries`` entries of 1 MiB of zeros each: none is ratio-checked on its own."""
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
-        zf.writestr("pkg/main.py", MAIN)
-        zf.writestr("pkg/requirements.txt", "")
-        for i in range(entries):
-            zf.writestr(f"pkg/zeros/{i:04d}.bin", bytes(RATIO_MIN_SIZE))
-    return path
-
-
-BOMB_ENTRIES = 300
-"""The reported bomb had 1,000 entries (1 GiB from 1.1 MB); 300 show the same and build faster."""
-
-
-@pytest.fixture(scope="module")
-def bomb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return small_entry_bomb(tmp_path_factory.mktemp("bomb") / "bomb.zip", entries=BOMB_ENTRIES)
+from tests.security.helpers import BOMB_ENTRIES, small_entry_bomb
 
 
 @pytest.mark.parametrize("source", ["path", "reader"])
