@@ -10,43 +10,20 @@ tests/security/test_run_credentials.py.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from airflow_aicenter.launchers.pod import credentials_secret_name
 from airflow_aicenter.operators import TrainPipelineOperator
-from airflow_aicenter.registry import Registry
-from airflow_aicenter.storage import open_store
-from airflow_aicenter.storage.transfer import run, upload_tree
-from tests.conftest import write_files
 from tests.operators.kube_api import FakeKubernetes, make_context
-from tests.operators.test_kubernetes_launcher import FAST, MAIN, TRAIN
+from tests.operators.test_kubernetes_launcher import FAST
 
 ROLE = "arn:aws:iam::123456789012:role/aicenter-runtime"
 CONN_PASSWORD = "aws-conn-password-not-for-pods"
 
 
-@pytest.fixture
-def s3_deployment(kube_api: FakeKubernetes, s3_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Registry, str]:
-    for key, value in kube_api.connection_env().items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("KUBECONFIG", raising=False)
-    bucket = s3_server.create_bucket()
-    store = open_store(f"s3://{bucket}/aicenter", s3_server.options)
-    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps({"conn_type": "aicenter", "extra": {
-        "storage": store.uri, "launcher": "kubernetes", "image": "aicenter-runtime:test", "aws_conn_id": "aws_moto",
-        "runtime_role_arn": ROLE, "runtime_role_duration": 900}}))
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_MOTO", json.dumps({"conn_type": "aws", "login": "testing", "password": CONN_PASSWORD,
-                                                            "extra": {"endpoint_url": s3_server.endpoint, "region_name": "us-east-1"}}))
-    registry = Registry(store)
-    registry.upload(write_files(tmp_path / "pkg", {"main.py": MAIN, "train.py": TRAIN, "requirements.txt": ""}), "rows")
-    run(upload_tree(write_files(tmp_path / "data", {"rows.csv": "a\n1\n2\n"}), open_store(f"s3://{bucket}/datasets", s3_server.options), "rows"))
-    return registry, f"s3://{bucket}/datasets/rows/"
-
-
-def test_a_pod_gets_its_own_session_credentials_through_a_per_run_secret(s3_deployment, kube_api: FakeKubernetes):
-    registry, dataset = s3_deployment
+def test_a_pod_gets_its_own_session_credentials_through_a_per_run_secret(kube_s3_deployment, kube_api: FakeKubernetes):
+    registry, dataset = kube_s3_deployment
     context = make_context()
     op = TrainPipelineOperator(task_id="train", package="rows", dataset=dataset, install_requirements=False, **FAST)
     result = op.execute(context)
@@ -72,10 +49,10 @@ def test_a_pod_gets_its_own_session_credentials_through_a_per_run_secret(s3_depl
     assert (pod.key[0], secret["metadata"]["name"]) not in kube_api.secrets, "the run's Secret is deleted after the run"
 
 
-def test_a_role_the_worker_cannot_name_fails_before_any_pod(s3_deployment, kube_api: FakeKubernetes, monkeypatch):
+def test_a_role_the_worker_cannot_name_fails_before_any_pod(kube_s3_deployment, kube_api: FakeKubernetes, monkeypatch):
     from airflow_aicenter.errors import ConfigurationError
 
-    registry, dataset = s3_deployment
+    registry, dataset = kube_s3_deployment
     extra = {"storage": registry.store.uri, "launcher": "kubernetes", "image": "aicenter-runtime:test", "aws_conn_id": "aws_moto",
              "runtime_role_arn": "not-an-arn"}
     monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps({"conn_type": "aicenter", "extra": extra}))

@@ -116,23 +116,6 @@ class Baseline:
     output: str
 
 
-@pytest.fixture(scope="module")
-def image_python_baseline(runtime_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Baseline:
-    """The example DAG's training in process on the local launcher, with the runtime image's interpreter."""
-    from structlog.testing import capture_logs
-
-    root = tmp_path_factory.mktemp("image-python")
-    store = open_store((root / "aicenter").as_uri())
-    registry = Registry(store)
-    registry.upload(EXAMPLE_PACKAGE, "churn")
-    dataset = churn_dataset(root).as_uri()
-    op = example_training(dataset, version="1.0", launcher="local", python=str(runtime_python))
-    with pytest.MonkeyPatch.context() as patch, capture_logs() as logs:
-        patch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps({"conn_type": "aicenter", "extra": {"storage": store.uri}}))
-        op.execute(make_context("aicenter_test_image_python", "train"))
-    return Baseline(summary=summary(store, registry, dataset), output="\n".join(str(entry["event"]) for entry in logs))
-
-
 def test_image_python_trains_through_the_local_launcher(image_python_baseline: Baseline, runtime_python: Path) -> None:
     """docker/requirements.txt and the image's code are enough to train: no Airflow in that interpreter."""
     for module in ("airflow", "kubernetes"):

@@ -32,13 +32,7 @@ LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 AWS_PASSWORD = "aws-conn-s3cr3t-password"
 
 
-@pytest.fixture(autouse=True)
-def connections(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in ("AIRFLOW_CONN_KUBERNETES_DEFAULT", "KUBECONFIG"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps(
-        {"conn_type": "aicenter", "extra": {"storage": (tmp_path / "store").as_uri(), "launcher": "kubernetes",
-                                            "image": "registry.example.com/aicenter-runtime:0.1.0"}}))
+pytestmark = pytest.mark.usefixtures("connections")
 
 
 def s3_connections(monkeypatch: pytest.MonkeyPatch, **extra: Any) -> None:

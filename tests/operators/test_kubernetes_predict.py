@@ -3,28 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from airflow_aicenter.errors import RunError
 from airflow_aicenter.operators import PredictPipelineOperator
 from airflow_aicenter.records import Results, read
-from airflow_aicenter.registry import Registry
-from tests.conftest import write_files
 from tests.operators.kube_api import FakeKubernetes, make_context
 from tests.operators.test_kubernetes_launcher import FAST
-from tests.packages import DOUBLING_MAIN
-
-
-@pytest.fixture
-def deployment(kube_deployment: tuple[Registry, str], tmp_path: Path) -> tuple[Registry, str]:
-    registry, _ = kube_deployment
-    registry.upload(write_files(tmp_path / "pkg", {"main.py": DOUBLING_MAIN, "requirements.txt": ""}), "doubler")
-    registry.set_alias("doubler", "production", "1.0", set_by="test")
-    lines = "".join(json.dumps({"x": n}) + "\n" for n in range(1, 201))
-    inbox = write_files(tmp_path / "inbox", {"a/batch.jsonl": lines, "b.jsonl": '{"x": 5}\n{"x": -1}\n'})
-    return registry, inbox.as_uri()
 
 
 def predict_op(dataset: str, **kwargs) -> PredictPipelineOperator:
@@ -32,8 +18,8 @@ def predict_op(dataset: str, **kwargs) -> PredictPipelineOperator:
                                    procs_per_node=2, install_requirements=False, **FAST, **kwargs)
 
 
-def test_a_pod_scores_every_input_with_the_promoted_version(deployment, kube_api: FakeKubernetes):
-    registry, inbox = deployment
+def test_a_pod_scores_every_input_with_the_promoted_version(doubler_deployment, kube_api: FakeKubernetes):
+    registry, inbox = doubler_deployment
     result = predict_op(inbox, max_failed=1).execute(make_context(task_id="score"))
     assert (result["version"], result["predicted"], result["failed"]) == ("1.0", 201, 1)
     prefix = result["run_uri"].removeprefix(registry.store.url("")).strip("/")
@@ -49,8 +35,8 @@ def test_a_pod_scores_every_input_with_the_promoted_version(deployment, kube_api
     assert pod.obj["status"]["phase"] == "Succeeded"
 
 
-def test_too_many_failed_inputs_fail_the_task_after_every_output(deployment, kube_api: FakeKubernetes):
-    registry, inbox = deployment
+def test_too_many_failed_inputs_fail_the_task_after_every_output(doubler_deployment, kube_api: FakeKubernetes):
+    registry, inbox = doubler_deployment
     with pytest.raises(RunError, match=r"1 .*failed"):
         predict_op(inbox).execute(make_context(task_id="score"))
     [run] = [i.key for i in registry.store.list("runs/") if i.key.endswith("predictions/b.jsonl")]

@@ -20,11 +20,9 @@ from airflow_aicenter.operators import TrainPipelineOperator
 from airflow_aicenter.records import Outcome, read, read_optional
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.runtime.environment import EnvironmentRecord, build_planned, prepare_environment, store_built
-from airflow_aicenter.storage import Store, open_store
-from airflow_aicenter.storage.transfer import run, upload_tree
+from airflow_aicenter.storage import Store
 from tests.conftest import write_files
 from tests.operators.kube_api import FakeKubernetes, make_context
-from tests.operators.test_kubernetes_credentials import CONN_PASSWORD, ROLE
 from tests.operators.test_kubernetes_launcher import FAST, MAIN
 from tests.runtime.test_environment import package
 from tests.security.test_environments import evil_index
@@ -42,31 +40,10 @@ class Main:
 '''
 
 
-@pytest.fixture
-def deployment(kube_api: FakeKubernetes, s3_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Registry, str, str]:
-    """An S3 store (per-run STS credentials in stage and sync), a dataset, and a local index with an sdist only."""
-    for key, value in kube_api.connection_env().items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("KUBECONFIG", raising=False)
-    bucket = s3_server.create_bucket()
-    store = open_store(f"s3://{bucket}/aicenter", s3_server.options)
-    index = evil_index(tmp_path / "mirror", tmp_path / "spy")
-    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps({"conn_type": "aicenter", "extra": {
-        "storage": store.uri, "launcher": "kubernetes", "image": "aicenter-runtime:test", "aws_conn_id": "aws_moto",
-        "runtime_role_arn": ROLE, "runtime_role_duration": 900, "package_indexes": [index]}}))
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_MOTO", json.dumps({"conn_type": "aws", "login": "testing", "password": CONN_PASSWORD,
-                                                            "extra": {"endpoint_url": s3_server.endpoint, "region_name": "us-east-1"}}))
-    registry = Registry(store)
-    registry.upload(write_files(tmp_path / "pkg", {"main.py": MAIN, "train.py": TRAIN, "requirements.txt": "evilproj\n"}), "srcpkg")
-    run(upload_tree(write_files(tmp_path / "data", {"rows.csv": "a\n1\n"}), open_store(f"s3://{bucket}/datasets", s3_server.options),
-                    "rows"))
-    return registry, f"s3://{bucket}/datasets/rows/", index
-
-
 def test_a_source_build_runs_in_the_build_container_without_credentials_and_is_stored_for_the_package(
-    deployment: tuple[Registry, str, str], kube_api: FakeKubernetes,
+    srcpkg_deployment: tuple[Registry, str, str], kube_api: FakeKubernetes,
 ) -> None:
-    registry, dataset, _ = deployment
+    registry, dataset, _ = srcpkg_deployment
     op = TrainPipelineOperator(task_id="train", package="srcpkg", dataset=dataset, allow_source_builds=True,
                                env={"USER_PARAM": USER_SECRET}, env_vars={"MY_FLAG": "on"}, **FAST)
     result = op.execute(make_context())
@@ -122,9 +99,9 @@ def test_sync_stores_nothing_when_the_built_environment_changed_after_its_build(
 
 
 def test_a_failed_build_fails_the_run_with_its_cause_before_any_user_code(
-    deployment: tuple[Registry, str, str], kube_api: FakeKubernetes, tmp_path: Path,
+    srcpkg_deployment: tuple[Registry, str, str], kube_api: FakeKubernetes, tmp_path: Path,
 ) -> None:
-    registry, dataset, _ = deployment
+    registry, dataset, _ = srcpkg_deployment
     registry.upload(write_files(tmp_path / "bad", {"main.py": MAIN, "train.py": TRAIN, "requirements.txt": "nosuchproj\n"}), "badsrc")
     op = TrainPipelineOperator(task_id="train", package="badsrc", dataset=dataset, allow_source_builds=True, **FAST)
     with pytest.raises(RunError) as failed:

@@ -6,12 +6,10 @@ read through the OpenLineage provider's own DefaultExtractor, as its listener do
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pendulum
-import pytest
 from airflow.dag_processing.collection import AssetModelOperation
 from airflow.providers.openlineage.extractors.base import DefaultExtractor
 from airflow.sdk import DAG, Asset, AssetAlias
@@ -25,32 +23,11 @@ from airflow_aicenter.operators import (
 )
 from airflow_aicenter.operators.package_asset import PACKAGE_ALIAS
 from airflow_aicenter.registry import Registry
-from airflow_aicenter.storage import open_store
-from tests.aicenter_helpers import example_task, small_dataset, upload_package
+from tests.aicenter_helpers import example_task, small_dataset
 from tests.operators.kube_api import make_context
 
-TRAIN = '''
-import os
-class Main:
-    def __init__(self):
-        pass
-    def train(self, training_directory):
-        self.n = len(os.listdir(training_directory))
-    def save(self):
-        open("model.txt", "w").write(str(self.n))
-'''
 
-
-@pytest.fixture
-def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Registry:
-    uri = (tmp_path / "aicenter").as_uri()
-    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps({"conn_type": "aicenter", "extra": {"storage": uri}}))
-    registry = Registry(open_store(uri))
-    upload_package(registry, tmp_path, "rows", TRAIN)
-    return registry
-
-
-def test_training_run_lineage_as_the_listener_sees_it(registry: Registry, tmp_path: Path):
+def test_training_run_lineage_as_the_listener_sees_it(rows_registry: Registry, tmp_path: Path):
     data = small_dataset(tmp_path)
     op = TrainPipelineOperator(task_id="train", package="rows", dataset=data.as_uri(), save_training_data=True)
     result = op.execute(make_context())
@@ -62,11 +39,11 @@ def test_training_run_lineage_as_the_listener_sees_it(registry: Registry, tmp_pa
     assert parent.name == "rows" and parent.facets["version"].datasetVersion == "1.0"
     [new] = [d for d in lineage.outputs if d.namespace == "aicenter"]
     assert new.name == "rows" and new.facets["version"].datasetVersion == result["version"] == "1.1"
-    snapshot = registry.get("rows", "1.1").snapshot
+    snapshot = rows_registry.get("rows", "1.1").snapshot
     assert snapshot and any(snapshot.endswith(d.name) for d in lineage.outputs if d.namespace == "file"), "the snapshot is an output"
 
 
-def test_evaluation_lineage_has_no_new_version(registry: Registry, tmp_path: Path):
+def test_evaluation_lineage_has_no_new_version(rows_registry: Registry, tmp_path: Path):
     op = EvaluatePipelineOperator(task_id="eval", package="rows", evaluation_dataset=small_dataset(tmp_path).as_uri())
     lineage = DefaultExtractor(op).extract_on_complete(None)  # before a run: the declared inputs only
     assert lineage is not None and not lineage.outputs and [d.namespace for d in lineage.inputs] == ["file"]

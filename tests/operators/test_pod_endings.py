@@ -14,9 +14,8 @@ import pytest
 from kubernetes.client import models as k8s
 
 from airflow_aicenter.errors import RunError
-from airflow_aicenter.launchers.pod import PodLauncher, PodRun
-from airflow_aicenter.operators import TrainPipelineOperator
-from airflow_aicenter.records import BlobRef, Outcome, RunRef, RunSpec, read, write
+from airflow_aicenter.launchers.pod import PodLauncher
+from airflow_aicenter.records import BlobRef, Outcome, RunSpec, read, write
 from airflow_aicenter.storage import open_store
 
 
@@ -25,21 +24,6 @@ def terminated(reason: str, code: int, message: str | None = None) -> k8s.V1Pod:
     status = k8s.V1PodStatus(phase="Failed", container_statuses=[
         k8s.V1ContainerStatus(name="base", image="aicenter-runtime:test", image_id="", ready=False, restart_count=0, state=state)])
     return k8s.V1Pod(metadata=k8s.V1ObjectMeta(name="p", namespace="default"), status=status)
-
-
-@pytest.fixture
-def launcher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> PodLauncher:
-    uri = (tmp_path / "store").as_uri()
-    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps(
-        {"conn_type": "aicenter", "extra": {"storage": uri, "launcher": "kubernetes", "image": "aicenter-runtime:test"}}))
-    op = TrainPipelineOperator(task_id="train", package="p", dataset="s3://b/d/")
-    launcher = op.make_launcher("kubernetes")
-    assert isinstance(launcher, PodLauncher)
-    run = RunRef(dag_id="d", run_id="r", task_id="train")
-    spec = RunSpec(pipeline="train", storage=uri, run_prefix=run.prefix, package="p", version="1.0",
-                   blob=BlobRef(sha256="ab" * 32, size=1))
-    launcher.pod_run = PodRun(spec=spec, run=run)
-    return launcher
 
 
 def test_an_oom_killed_pod_says_so_and_how_to_fix_it(launcher: PodLauncher):

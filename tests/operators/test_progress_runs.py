@@ -71,14 +71,6 @@ def check_run(registry: Registry, result: dict[str, Any], *, priced: bool) -> No
         assert "cost" not in results.aicenter and version.cost is None
 
 
-@pytest.fixture
-def local_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Registry:
-    uri = (tmp_path / "aicenter").as_uri()
-    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps({"conn_type": "aicenter",
-                                                                    "extra": {"storage": uri, "prices": PRICES}}))
-    return Registry(open_store(uri))
-
-
 def test_a_local_run_logs_its_progress_and_records_resources_and_cost(local_registry, tmp_path, capfd):
     upload(local_registry, tmp_path)
     data = write_files(tmp_path / "data", {"rows.csv": "a\n1\n"})

@@ -10,8 +10,6 @@ whose failing task Airflow retries).
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,20 +17,11 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_aicenter.operators import EvaluatePipelineOperator, FullPipelineOperator, TrainPipelineOperator
 from airflow_aicenter.records import Outcome, read
-from airflow_aicenter.registry import Registry
-from airflow_aicenter.storage import Store, open_store
+from airflow_aicenter.storage import Store
 from tests.aicenter_helpers import EXAMPLE_ENV, MAIN, SCORED_TRAIN, example_training, small_dataset, upload_package
 from tests.conftest import EXAMPLE_PACKAGE, make_dataset, write_files
 from tests.operators.kube_api import make_context
 from tests.packages import FAILING_TRAIN
-
-
-@pytest.fixture
-def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Registry:
-    """An empty file store that the ``aicenter_default`` connection points at."""
-    uri = (tmp_path / "aicenter").as_uri()
-    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps({"conn_type": "aicenter", "extra": {"storage": uri}}))
-    return Registry(open_store(uri))
 
 
 def fails(op: Any, task_id: str = "train") -> BaseException:
@@ -65,21 +54,21 @@ def assert_refused_before_compute(store: Store, cause: str, env: dict | None = N
     ({"dataset": "{tmp}/data/churn.csv"}, "is a file, not a folder"),
     ({"dataset": "s3://no-such-bucket-here/data"}, "bucket 'no-such-bucket-here' does not exist"),
 ])
-def test_bad_inputs_fail_before_compute(conf, expected, registry, tmp_path, s3_env):
-    registry.upload(EXAMPLE_PACKAGE, "churn")
+def test_bad_inputs_fail_before_compute(conf, expected, empty_registry, tmp_path, s3_env):
+    empty_registry.upload(EXAMPLE_PACKAGE, "churn")
     data = make_dataset(tmp_path / "data", rows=50)
     (tmp_path / "empty").mkdir()
     dataset = (data.parent if data.is_file() else data).as_uri()
     conf = {"dataset": dataset, **{k: v.replace("{tmp}", tmp_path.as_uri()) for k, v in conf.items()}}
     error = fails(example_training(**conf))
     assert expected in str(error)
-    assert_refused_before_compute(registry.store, expected)
+    assert_refused_before_compute(empty_registry.store, expected)
     assert not (tmp_path / "typo").exists(), "a dataset URI with a typo must not create a folder"
 
 
-def test_gpu_on_a_worker_without_one_fails_before_compute(registry, tmp_path, monkeypatch):
+def test_gpu_on_a_worker_without_one_fails_before_compute(empty_registry, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no nvidia-smi here, as on a CPU worker
-    registry.upload(EXAMPLE_PACKAGE, "churn")
+    empty_registry.upload(EXAMPLE_PACKAGE, "churn")
     data = make_dataset(tmp_path / "data", rows=50)
     op = TrainPipelineOperator(task_id="train", package="churn", version="latest",
                                dataset=(data.parent if data.is_file() else data).as_uri(), gpu=2)
@@ -87,7 +76,7 @@ def test_gpu_on_a_worker_without_one_fails_before_compute(registry, tmp_path, mo
     assert "gpu=2 was asked for, but this worker has 0 visible GPU(s)" in str(error)
     assert "launcher='kubernetes'" in str(error)
     assert isinstance(error, AirflowFailException)
-    assert_refused_before_compute(registry.store, "0 visible GPU(s)", env={})
+    assert_refused_before_compute(empty_registry.store, "0 visible GPU(s)", env={})
 
 
 CRASHING_TRAIN = '''
@@ -107,22 +96,22 @@ class Main:
     (CRASHING_TRAIN, "the user process was killed by SIGKILL (out of memory?) before it reported"),
     (FAILING_TRAIN, "Main.train() raised ValueError: labels column 'churned' is missing (train.py:8)"),
 ])
-def test_failed_run_leaves_no_version(train_py, expected, registry, tmp_path):
+def test_failed_run_leaves_no_version(train_py, expected, empty_registry, tmp_path):
     pkg = write_files(tmp_path / "pkg", {"main.py": MAIN, "train.py": train_py, "requirements.txt": ""})
-    registry.upload(pkg, "crashy")
+    empty_registry.upload(pkg, "crashy")
     data = write_files(tmp_path / "data", {"rows.csv": "a,b\n1,2\n"})
     error = fails(example_training(data.as_uri(), package="crashy"))
     assert expected in str(error)
     assert not isinstance(error, AirflowFailException), "a failure of user code stays retryable"
-    assert [r.version for r in registry.versions("crashy")] == ["1.0"]
-    [outcome] = outcomes(registry.store).values()
+    assert [r.version for r in empty_registry.versions("crashy")] == ["1.0"]
+    [outcome] = outcomes(empty_registry.store).values()
     assert outcome.status == "failed" and expected in (outcome.error or "")
-    assert not any(i.key.endswith("_results.json") for i in registry.store.list("runs"))
+    assert not any(i.key.endswith("_results.json") for i in empty_registry.store.list("runs"))
 
 
-def test_an_unknown_version_is_not_retried_a_user_error_is(registry, tmp_path):
+def test_an_unknown_version_is_not_retried_a_user_error_is(empty_registry, tmp_path):
     """What test_boundaries_dag.py's retried task shows through Airflow, decided here: the exception's kind."""
-    upload_package(registry, tmp_path, "scored", SCORED_TRAIN)
+    upload_package(empty_registry, tmp_path, "scored", SCORED_TRAIN)
     data = small_dataset(tmp_path).as_uri()
     unknown = fails(TrainPipelineOperator(task_id="train", package="scored", version="9.9", dataset=data, env={"SCORE": "1"}))
     assert "9.9" in str(unknown) and isinstance(unknown, AirflowFailException), "an unknown version is not retried"
@@ -130,7 +119,7 @@ def test_an_unknown_version_is_not_retried_a_user_error_is(registry, tmp_path):
                                             env={"SCORE": "high"}), "evaluate")
     assert "Main.evaluate() returned 'high'" in str(broken)
     assert not isinstance(broken, AirflowFailException), "a failure of user code uses the task's retries"
-    assert [r.version for r in registry.versions("scored")] == ["1.0"]
+    assert [r.version for r in empty_registry.versions("scored")] == ["1.0"]
 
 
 BAD_CAUSES = {
@@ -140,8 +129,8 @@ BAD_CAUSES = {
 }
 
 
-def test_bad_scores_empty_training_split_and_unknown_alias_fail_clearly(registry, tmp_path):
-    upload_package(registry, tmp_path, "scored", SCORED_TRAIN)
+def test_bad_scores_empty_training_split_and_unknown_alias_fail_clearly(empty_registry, tmp_path):
+    upload_package(empty_registry, tmp_path, "scored", SCORED_TRAIN)
     data = small_dataset(tmp_path).as_uri()
     tasks = {
         "eval_string": EvaluatePipelineOperator(task_id="eval_string", package="scored", version="1.0",
@@ -154,7 +143,7 @@ def test_bad_scores_empty_training_split_and_unknown_alias_fail_clearly(registry
                                                        evaluation_dataset=data, env={"SCORE": "0.5"}),
     }
     errors = {task: str(fails(op, task)) for task, op in tasks.items()}  # every task fails
-    store = registry.store
+    store = empty_registry.store
     recorded = outcomes(store)
     assert set(recorded) == set(BAD_CAUSES) | {"eval_unknown_alias"}
     for task, cause in BAD_CAUSES.items():
@@ -167,6 +156,6 @@ def test_bad_scores_empty_training_split_and_unknown_alias_fail_clearly(registry
     assert "package 'scored' has no alias 'champion'" in errors["eval_unknown_alias"]
     assert "aicenter package promote scored:VERSION --alias champion" in errors["eval_unknown_alias"]
     # nothing half-done is visible: no version, no evaluation, no results
-    assert [r.version for r in registry.versions("scored")] == ["1.0"]
-    assert registry.evaluations("scored", "1.0") == []
+    assert [r.version for r in empty_registry.versions("scored")] == ["1.0"]
+    assert empty_registry.evaluations("scored", "1.0") == []
     assert not any(i.key.endswith("_results.json") for i in store.list("runs"))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,25 +24,13 @@ from airflow.sdk.api.datamodels._generated import (
 from airflow_aicenter.layout import OUTCOME, RESULTS
 from airflow_aicenter.operators import EvaluatePipelineOperator, TrainPipelineOperator
 from airflow_aicenter.records import Outcome, RunRef, VersionRecord, read
-from airflow_aicenter.registry import Registry
 from airflow_aicenter.run_spec import trigger_of
 from airflow_aicenter.runs import find_run
-from airflow_aicenter.storage import open_store
-from tests.aicenter_helpers import SCORED_TRAIN, small_dataset, upload_package
+from tests.aicenter_helpers import small_dataset
 from tests.operators.kube_api import make_context
 
 RUN_ID = "manual__2026-03-01T00:00:00+00:00"
 NOW = datetime(2026, 3, 1, tzinfo=UTC)
-
-
-@pytest.fixture
-def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Registry:
-    uri = (tmp_path / "aicenter").as_uri()
-    monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps({"conn_type": "aicenter", "extra": {"storage": uri}}))
-    monkeypatch.setenv("AIRFLOW__API__BASE_URL", "https://airflow.example.com/team")
-    registry = Registry(open_store(uri))
-    upload_package(registry, tmp_path, "scored", SCORED_TRAIN)
-    return registry
 
 
 def dag_run(run_type: DagRunType, user: str | None = None, *, dag_id: str = "aicenter_training",
@@ -70,15 +57,15 @@ def run_task(op: Any, run: DagRun, task_id: str) -> tuple[Any, dict[str, Any]]:
     return op.execute(context), context
 
 
-def test_a_training_triggered_by_a_person_records_them_on_the_version_the_outcome_and_the_results(registry, tmp_path):
+def test_a_training_triggered_by_a_person_records_them_on_the_version_the_outcome_and_the_results(scored_registry, tmp_path):
     op = TrainPipelineOperator(task_id="train", package="scored", dataset=small_dataset(tmp_path).as_uri())
     value, context = run_task(op, dag_run(DagRunType.MANUAL, "alice"), "train")
 
-    version = registry.get("scored", value["version"])
+    version = scored_registry.get("scored", value["version"])
     assert version.created_by == "alice", "the person, not the DAG and task"
     assert version.run is not None and version.run.trigger is not None
     assert (version.run.trigger.by, version.run.trigger.user, version.run.trigger.run_type) == ("alice", "alice", "manual")
-    store, prefix = registry.store, version.run.prefix
+    store, prefix = scored_registry.store, version.run.prefix
     outcome = read(store, f"{prefix}/{OUTCOME}", Outcome)
     assert outcome.trigger == version.run.trigger, "a failed run's outcome says who started it too"
     assert (outcome.version, outcome.requested_version) == ("1.0", "latest"), "the version it resolved, and what was asked"
@@ -98,12 +85,12 @@ def test_a_training_triggered_by_a_person_records_them_on_the_version_the_outcom
     (DagRunType.ASSET_TRIGGERED, None, [new_version_event("1.0")], "asset aicenter://scored/"),
     (DagRunType.BACKFILL, "bob", [], "bob"),
 ])
-def test_a_schedule_or_an_asset_is_recorded_as_what_started_the_run(registry, tmp_path, run_type, user, events, by):
+def test_a_schedule_or_an_asset_is_recorded_as_what_started_the_run(scored_registry, tmp_path, run_type, user, events, by):
     op = EvaluatePipelineOperator(task_id="evaluate", package="scored", evaluation_dataset=small_dataset(tmp_path).as_uri(),
                                   env={"SCORE": "0.9"})
     run_task(op, dag_run(run_type, user, dag_id="aicenter_evaluate", events=events), "evaluate")
 
-    [evaluation] = registry.evaluations("scored", "1.0")
+    [evaluation] = scored_registry.evaluations("scored", "1.0")
     assert evaluation.run is not None and evaluation.run.trigger is not None
     trigger = evaluation.run.trigger
     assert (trigger.by, trigger.run_type, trigger.user) == (by, run_type.value, user)
@@ -111,16 +98,16 @@ def test_a_schedule_or_an_asset_is_recorded_as_what_started_the_run(registry, tm
         [asset] = trigger.assets
         assert (asset.uri, asset.dag_id, asset.task_id, asset.version) == (
             "aicenter://scored/", "aicenter_training", "train", "1.0"), "the run page can link to the run that made it"
-    outcome = read(registry.store, f"{evaluation.run.prefix}/{OUTCOME}", Outcome)
+    outcome = read(scored_registry.store, f"{evaluation.run.prefix}/{OUTCOME}", Outcome)
     assert outcome.trigger == trigger
 
 
-def test_a_run_refused_after_resolving_records_the_resolved_version_and_who_started_it(registry, tmp_path):
+def test_a_run_refused_after_resolving_records_the_resolved_version_and_who_started_it(scored_registry, tmp_path):
     op = TrainPipelineOperator(task_id="train", package="scored", dataset=(tmp_path / "typo").as_uri())
     with pytest.raises(Exception, match="is empty or does not exist"):
         run_task(op, dag_run(DagRunType.MANUAL, "alice"), "train")
-    [key] = [i.key for i in registry.store.list("runs") if i.key.endswith(OUTCOME)]
-    outcome = read(registry.store, key, Outcome)
+    [key] = [i.key for i in scored_registry.store.list("runs") if i.key.endswith(OUTCOME)]
+    outcome = read(scored_registry.store, key, Outcome)
     assert (outcome.status, outcome.version, outcome.requested_version) == ("failed", "1.0", "latest")
     assert outcome.trigger is not None and outcome.trigger.by == "alice"
 
@@ -135,7 +122,7 @@ def test_records_written_before_triggers_were_recorded_stay_readable():
     assert outcome.trigger is None and outcome.requested_version is None
 
 
-def test_the_run_records_show_who_started_a_run_its_dag_run_and_the_version_it_resolved(registry, tmp_path):
+def test_the_run_records_show_who_started_a_run_its_dag_run_and_the_version_it_resolved(scored_registry, tmp_path):
     """What ``aicenter runs show --json`` and the run pages read (``runs.RunRecord.summary``), a failed run included."""
     ok = TrainPipelineOperator(task_id="train", package="scored", dataset=small_dataset(tmp_path).as_uri())
     run_task(ok, dag_run(DagRunType.MANUAL, "alice"), "train")
@@ -144,7 +131,7 @@ def test_the_run_records_show_who_started_a_run_its_dag_run_and_the_version_it_r
         run_task(refused, dag_run(DagRunType.SCHEDULED), "typo")
     # the refused run came after the training: "latest" was 1.1 by then
     for task_id, by, status, version in (("train", "alice", "succeeded", "1.0"), ("typo", "schedule", "failed", "1.1")):
-        summary = find_run(registry.store, f"aicenter_training/{RUN_ID}/{task_id}/1").summary()
+        summary = find_run(scored_registry.store, f"aicenter_training/{RUN_ID}/{task_id}/1").summary()
         assert (summary["status"], summary["triggered_by"]) == (status, by)
         assert (summary["version"], summary["requested_version"]) == (version, "latest")
         assert summary["trigger"]["run_type"] == ("manual" if by == "alice" else "scheduled")
