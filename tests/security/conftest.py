@@ -11,22 +11,42 @@ copied into its ``site-packages`` (installed, as a wheel would put it: its files
 
 from __future__ import annotations
 
+import json
+import os
 import pwd
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from importlib.metadata import version as dist_version
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from botocore.exceptions import ClientError
 
+from airflow_aicenter.credentials import S3Credentials
 from airflow_aicenter.storage import Store, open_store
-from tests.conftest import S3Server, built_once
+from tests.conftest import S3Server, built_once, free_port
 from tests.security.helpers import AGENT_ENV, BOMB_ENTRIES, small_entry_bomb
+from tests.security.iam_moto import (
+    ACCOUNT,
+    BLOB,
+    BUCKET,
+    DATASET,
+    ROLE,
+    ROLE_ARN,
+    SCOPE,
+    SETUP_REQUESTS,
+    IamMoto,
+    assume,
+    policy_for_this_run,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 #: The system's interpreter: any user can run it (this checkout's venv was made from pyenv's, under /root).
@@ -136,3 +156,60 @@ def scratch() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def iam_moto() -> Iterator[IamMoto]:
+    """A moto server of this module's own, with IAM access control on after the set-up requests."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(SETUP_REQUESTS)}
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the moto server did not start") from None
+                time.sleep(0.1)
+        anyone = IamMoto(endpoint, "testing", "testing-secret")
+        anyone.worker("s3").create_bucket(Bucket=BUCKET)  # 1
+        iam = anyone.worker("iam")
+        iam.create_user(UserName="airflow-worker")  # 2
+        key = iam.create_access_key(UserName="airflow-worker")["AccessKey"]  # 3
+        iam.put_user_policy(UserName="airflow-worker", PolicyName="worker", PolicyDocument=json.dumps({  # 4
+            "Version": "2012-10-17",
+            "Statement": [
+                {"Effect": "Allow", "Action": "sts:AssumeRole", "Resource": ROLE_ARN},
+                # Each test gives the role the policy of the run it tests (moto enforces the role's policy only).
+                {"Effect": "Allow", "Action": "iam:PutRolePolicy", "Resource": ROLE_ARN},
+                {"Effect": "Allow", "Action": "s3:*", "Resource": [f"arn:aws:s3:::{BUCKET}", f"arn:aws:s3:::{BUCKET}/*"]},
+            ],
+        }))
+        iam.create_role(RoleName=ROLE, AssumeRolePolicyDocument=json.dumps({  # 5
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:user/airflow-worker"},
+                           "Action": "sts:AssumeRole"}],
+        }))
+        # moto enforces only the role's own policy for assumed-role credentials: give the role this run's session policy.
+        iam.put_role_policy(RoleName=ROLE, PolicyName="run", PolicyDocument=json.dumps(policy_for_this_run()))  # 6
+        moto = IamMoto(endpoint, key["AccessKeyId"], key["SecretAccessKey"])
+        with pytest.raises(ClientError):  # access control is on now: unknown keys are refused
+            anyone.worker("s3").list_objects_v2(Bucket=BUCKET)
+        yield moto
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.fixture
+def credentials(iam_moto: IamMoto, monkeypatch: pytest.MonkeyPatch) -> S3Credentials:
+    # The worker's own writes (it alone registers versions): a package blob and a dataset file to read.
+    worker_s3 = iam_moto.worker("s3")
+    worker_s3.put_object(Bucket=BUCKET, Key=BLOB, Body=b"package zip")
+    worker_s3.put_object(Bucket=BUCKET, Key="datasets/churn/train.csv", Body=b"a,b\n1,2\n")
+    return assume(iam_moto, monkeypatch, replace(SCOPE, datasets=(DATASET, "file:///local/data")))

@@ -18,21 +18,13 @@ blobs, listing limited by prefix, against lists of keys each kind of run must an
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from botocore.exceptions import ClientError
 
@@ -52,123 +44,23 @@ from airflow_aicenter.runtime.checkpoint import CheckpointSync
 from airflow_aicenter.runtime.incremental import check_carried
 from airflow_aicenter.storage import S3Options, Store, open_store, transfer
 from airflow_aicenter.storage.transfer import ensure_blobs, get_blob, put_blob, sha256_file
-from tests.conftest import free_port
-
-ACCOUNT = "123456789012"  # moto's default account
-ROLE = "aicenter-runtime"
-ROLE_ARN = f"arn:aws:iam::{ACCOUNT}:role/{ROLE}"
-BUCKET = "aicenter-iam"
-STORAGE = f"s3://{BUCKET}/aicenter"
-# No '+' in the run id here: moto matches policy resources as unescaped regular expressions (real ids
-# such as manual__...+00:00 are covered by the evaluator tests below).
-RUN = "runs/churn/manual__2026-11-28T00:00:00/train/1"
-CHECKPOINTS = "runs/churn/manual__2026-11-28T00:00:00/train/checkpoints"
-DATASET = f"s3://{BUCKET}/datasets/churn"
-PACKAGE = "ab" * 32  # the digest of the package version's zip
-BLOB = f"aicenter/blobs/sha256/{PACKAGE}"
-OTHER = "aicenter/blobs/sha256/" + "cd" * 32  # another team's model, in the same store
-#: The requests the set-up makes before access control starts (bucket, user, key, user policy, role, role policy).
-SETUP_REQUESTS = 6
-
-
-def spec(pipeline: str = "train", **changes: Any) -> RunSpec:
-    """A run of package churn 1.0 in run folder RUN, as the operator hands it to the launcher."""
-    fields: dict[str, Any] = {"pipeline": pipeline, "storage": STORAGE, "run_prefix": RUN, "package": "churn",
-                              "version": "1.0", "blob": BlobRef(sha256=PACKAGE, size=11), "dataset": DATASET}
-    return RunSpec(**(fields | changes))
-
-
-#: A training run with checkpoints: it makes a new version, so it creates blobs.
-SCOPE = run_scope(spec(checkpoint_prefix=CHECKPOINTS))
-
-
-def policy_for_this_run() -> dict[str, Any]:
-    return session_policy(SCOPE)
-
-
-@dataclass
-class IamMoto:
-    endpoint: str
-    worker_key: str
-    worker_secret: str
-
-    def client(self, service: str, key: str, secret: str, token: str | None = None) -> Any:
-        return boto3.client(service, endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id=key,
-                            aws_secret_access_key=secret, aws_session_token=token)
-
-    def worker(self, service: str) -> Any:
-        return self.client(service, self.worker_key, self.worker_secret)
-
-    def connection_env(self) -> dict[str, str]:
-        return {"AIRFLOW_CONN_AWS_IAM_MOTO": json.dumps({
-            "conn_type": "aws", "login": self.worker_key, "password": self.worker_secret,
-            "extra": {"endpoint_url": self.endpoint, "region_name": "us-east-1"},
-        })}
-
-    def assumed_role_policies(self) -> list[str]:
-        """The session policies moto recorded for AssumeRole calls (its own model API, no auth)."""
-        with urllib.request.urlopen(f"{self.endpoint}/moto-api/data.json", timeout=10) as answer:
-            data = json.load(answer)
-        return [role["policy"] for role in data.get("sts", {}).get("AssumedRole", []) if role.get("policy")]
-
-
-@pytest.fixture(scope="module")
-def iam_moto() -> Iterator[IamMoto]:
-    """A moto server of this module's own, with IAM access control on after the set-up requests."""
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(SETUP_REQUESTS)}
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("the moto server did not start") from None
-                time.sleep(0.1)
-        anyone = IamMoto(endpoint, "testing", "testing-secret")
-        anyone.worker("s3").create_bucket(Bucket=BUCKET)  # 1
-        iam = anyone.worker("iam")
-        iam.create_user(UserName="airflow-worker")  # 2
-        key = iam.create_access_key(UserName="airflow-worker")["AccessKey"]  # 3
-        iam.put_user_policy(UserName="airflow-worker", PolicyName="worker", PolicyDocument=json.dumps({  # 4
-            "Version": "2012-10-17",
-            "Statement": [
-                {"Effect": "Allow", "Action": "sts:AssumeRole", "Resource": ROLE_ARN},
-                # Each test gives the role the policy of the run it tests (moto enforces the role's policy only).
-                {"Effect": "Allow", "Action": "iam:PutRolePolicy", "Resource": ROLE_ARN},
-                {"Effect": "Allow", "Action": "s3:*", "Resource": [f"arn:aws:s3:::{BUCKET}", f"arn:aws:s3:::{BUCKET}/*"]},
-            ],
-        }))
-        iam.create_role(RoleName=ROLE, AssumeRolePolicyDocument=json.dumps({  # 5
-            "Version": "2012-10-17",
-            "Statement": [{"Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:user/airflow-worker"},
-                           "Action": "sts:AssumeRole"}],
-        }))
-        # moto enforces only the role's own policy for assumed-role credentials: give the role this run's session policy.
-        iam.put_role_policy(RoleName=ROLE, PolicyName="run", PolicyDocument=json.dumps(policy_for_this_run()))  # 6
-        moto = IamMoto(endpoint, key["AccessKeyId"], key["SecretAccessKey"])
-        with pytest.raises(ClientError):  # access control is on now: unknown keys are refused
-            anyone.worker("s3").list_objects_v2(Bucket=BUCKET)
-        yield moto
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-
-
-def assume(iam_moto: IamMoto, monkeypatch: pytest.MonkeyPatch, scope: Scope, duration: str = "1800") -> S3Credentials:
-    """The credentials the worker gets for a run of ``scope``, with the role carrying that run's session policy."""
-    for name, value in iam_moto.connection_env().items():
-        monkeypatch.setenv(name, value)
-    iam_moto.worker("iam").put_role_policy(RoleName=ROLE, PolicyName="run",
-                                           PolicyDocument=json.dumps(session_policy(scope)))
-    creds = run_credentials({"runtime_role_arn": ROLE_ARN, "runtime_role_duration": duration}, "aws_iam_moto", scope)
-    assert creds is not None
-    return creds
+from tests.security.iam_moto import (
+    ACCOUNT,
+    BLOB,
+    BUCKET,
+    CHECKPOINTS,
+    DATASET,
+    OTHER,
+    PACKAGE,
+    ROLE,
+    ROLE_ARN,
+    RUN,
+    STORAGE,
+    IamMoto,
+    assume,
+    policy_for_this_run,
+    spec,
+)
 
 
 def s3_of(iam_moto: IamMoto, creds: S3Credentials) -> Any:
@@ -205,15 +97,6 @@ def assume_for_moto(iam_moto: IamMoto, monkeypatch: pytest.MonkeyPatch, scope: S
     iam_moto.worker("iam").put_role_policy(RoleName=ROLE, PolicyName="run", PolicyDocument=json.dumps(
         {"Version": "2012-10-17", "Statement": statements}))
     return creds
-
-
-@pytest.fixture
-def credentials(iam_moto: IamMoto, monkeypatch: pytest.MonkeyPatch) -> S3Credentials:
-    # The worker's own writes (it alone registers versions): a package blob and a dataset file to read.
-    worker_s3 = iam_moto.worker("s3")
-    worker_s3.put_object(Bucket=BUCKET, Key=BLOB, Body=b"package zip")
-    worker_s3.put_object(Bucket=BUCKET, Key="datasets/churn/train.csv", Body=b"a,b\n1,2\n")
-    return assume(iam_moto, monkeypatch, replace(SCOPE, datasets=(DATASET, "file:///local/data")))
 
 
 def denied(call: Any, **kwargs: Any) -> bool:
