@@ -395,3 +395,255 @@ def spawn_runtime(tmp_path: Path) -> Iterator[RuntimeSpawner]:
     spawner = RuntimeSpawner(tmp_path / "runtime-specs")
     yield spawner
     spawner.close()
+
+
+# -- fixtures of the top-level test modules (issue 19: every fixture in a conftest), and their helpers.
+# They import tests.aicenter_helpers inside the fixture: that module imports this conftest.
+import signal  # noqa: E402
+import time  # noqa: E402
+
+from airflow_aicenter import layout  # noqa: E402
+from airflow_aicenter.records import Outcome, RunSpec, VersionRecord, read_optional  # noqa: E402
+from airflow_aicenter.registry import Registry  # noqa: E402
+from airflow_aicenter.storage.transfer import run, upload_tree  # noqa: E402
+from tests.packages import ECHO_MAIN, TRAIN_ONLY, write_package  # noqa: E402
+
+
+def run_cli_dag(data: str) -> None:
+    """One run of a DAG ``aicenter_test_cli``: train >> full >> [evaluate, evaluate_nan], each task as Airflow runs it."""
+    from airflow_aicenter.operators import EvaluatePipelineOperator, FullPipelineOperator, TrainPipelineOperator
+    from tests.operators.kube_api import make_context
+
+    def run(op: object) -> dict:
+        return op.execute(make_context("aicenter_test_cli", op.task_id))  # type: ignore[attr-defined]
+
+    trained = run(TrainPipelineOperator(task_id="train", package="scored", version="1.0", dataset=data,
+                                        env={"SCORE": "0.1", "API_KEY": "k-9f8e7d"}))
+    run(FullPipelineOperator(task_id="full", package="scored", version=trained["version"], dataset=data,
+                             env={"SCORE": "0.7", "EPOCHS": "4"}, promote_to="production"))
+    run(EvaluatePipelineOperator(task_id="evaluate", package="scored", version="production", evaluation_dataset=data,
+                                 env={"SCORE": "0.8"}, promote_to="staging"))
+    with pytest.raises(Exception, match=r"Main\.evaluate\(\) returned nan"):  # evaluate_nan fails the DAG run
+        run(EvaluatePipelineOperator(task_id="evaluate_nan", package="scored", version="production",
+                                     evaluation_dataset=data, env={"SCORE": "nan"}))
+
+
+
+def record_run(store, run_id: str, *, dataset: str, files: dict[str, bytes], start: float, status: str = "succeeded"):
+    """A run folder as the runtime leaves it: outcome.json and the data snapshot's manifest."""
+    import hashlib
+
+    from airflow_aicenter.records import Manifest, ManifestEntry, Outcome, write
+
+    entries = [ManifestEntry(path=p, sha256=hashlib.sha256(b).hexdigest(), size=len(b)) for p, b in sorted(files.items())]
+    manifest_key = f"runs/{run_id}/data_directory.manifest.json"
+    write(store, manifest_key, Manifest(source=dataset, directory="data_directory", files=entries, file_count=len(entries),
+                                        total_bytes=sum(e.size for e in entries)))
+    write(store, f"runs/{run_id}/outcome.json", Outcome(
+        status=status, pipeline="train", package="churn", version="1.0", start_at=start, end_at=start + 12.5,
+        dataset=dataset, env={"EPOCHS": "5"}, snapshots={"data_directory": store.url(manifest_key)},
+        error=None if status == "succeeded" else "ValueError: bad rows (train.py:12)"))
+
+
+
+RUN_IDS = [f"aicenter_training/scheduled__2026-11-{day:02d}T03:00:00+00:00/train_churn_model/1" for day in (1, 2, 3)]
+
+
+
+TRAIN_PY = ("class Main:\n    def __init__(self):\n        pass\n    def train(self, training_directory):\n        pass\n"
+            "    def evaluate(self, evaluation_directory):\n        return 0.5\n    def save(self):\n        pass\n")
+
+
+#: The "big" file: large enough that rewriting it shows in the bytes written, small enough for the fast tier.
+BIG = 3 * 2**20
+
+
+
+SLEEPY_TRAIN = '''
+import time
+class Main:
+    def __init__(self):
+        pass
+    def train(self, training_directory):
+        time.sleep(120)
+    def save(self):
+        pass
+'''
+
+
+
+def start_runtime(spawn_runtime: RuntimeSpawner, store: Store, process_env: dict[str, str], run_id: str, pipeline: str,
+                  package: str, **spec_kw: Any) -> subprocess.Popen[str]:
+    registry = Registry(store)
+    base = registry.get(package, "1.0")
+    spec = RunSpec.model_validate({"pipeline": pipeline, "storage": store.uri, "run_prefix": f"runs/{run_id}",
+                                   "package": package, "version": "1.0", "blob": base.blob, **spec_kw})
+    return spawn_runtime.start(spec, process_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+# from test_approval.py
+@pytest.fixture
+def registry(store: Store, tmp_path: Path) -> Registry:
+    registry = Registry(store)
+    registry.upload(write_package(tmp_path / "pkg", train=TRAIN_ONLY), "churn")
+    return registry
+
+
+
+# from test_cli.py
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory) -> Iterator[tuple[str, str]]:
+    """(store URI, dataset URI) after one DAG run: 1.1 trained, 1.2 full (production), evaluated, one failure."""
+    from tests.aicenter_helpers import SCORED_TRAIN, small_dataset, upload_package
+    tmp = tmp_path_factory.mktemp("cli")
+    uri = (tmp / "aicenter").as_uri()
+    upload_package(Registry(open_store(uri)), tmp, "scored", SCORED_TRAIN)
+    data = small_dataset(tmp).as_uri()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps({"conn_type": "aicenter", "extra": {"storage": uri}}))
+        run_cli_dag(data)
+    yield uri, data
+
+
+
+# from test_cli.py
+@pytest.fixture
+def recorded(tmp_path) -> str:
+    uri = (tmp_path / "store").as_uri()
+    store = open_store(uri)
+    data = "s3://bucket/datasets/churn/"
+    record_run(store, RUN_IDS[0], dataset=data, files={"a.csv": b"x\n1\n"}, start=1_790_000_000)
+    record_run(store, RUN_IDS[1], dataset=data, files={"a.csv": b"x\n1\n"}, start=1_790_086_400)
+    record_run(store, RUN_IDS[2], dataset=data, files={"a.csv": b"x\n1\n", "b.csv": b"x\n2\n"}, start=1_790_172_800,
+               status="failed")
+    return uri
+
+
+
+# from test_cli_errors.py
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """A file store with churn 1.0 and a run whose cause and env hold rich markup; and a scratch folder."""
+    tmp = tmp_path_factory.mktemp("cli-errors")
+    store = open_store((tmp / "store").as_uri())
+    Registry(store).upload(EXAMPLE_PACKAGE, "churn")
+    run = layout.RunPath("dag", "run1", "train", try_number=1)
+    store.put_bytes(run.key(layout.OUTCOME), (
+        b'{"status": "failed", "pipeline": "train", "package": "churn", "version": "1.0", "start_at": 1.0, "end_at": 2.0,'
+        b' "error": "ValueError: [/bold] in [red]column[/red", "env": {"[/x]": "[/y]"}}'))
+    broken = layout.RunPath("dag", "run2", "train", try_number=1)
+    store.put_bytes(broken.key(layout.OUTCOME), b"[/bold] not an outcome")
+    (tmp / "afile").write_text("x")
+    return store.uri, tmp
+
+
+
+# from test_cli_exit_codes.py
+@pytest.fixture
+def uri(tmp_path: Path) -> str:
+    """A file store holding ``churn`` 1.0 (trainable) and ``served`` 1.0 (main.py only: it can be served, not trained)."""
+    uri = (tmp_path / "store").as_uri()
+    registry = Registry(open_store(uri))
+    registry.upload(write_files(tmp_path / "churn", {"main.py": ECHO_MAIN, "train.py": TRAIN_PY, "requirements.txt": ""}),
+                    "churn")
+    registry.upload(write_files(tmp_path / "served", {"main.py": ECHO_MAIN, "requirements.txt": ""}), "served")
+    return uri
+
+
+
+# from test_cli_package.py
+@pytest.fixture(params=["file", "s3"])
+def target(request, tmp_path):
+    if request.param == "file":
+        return (tmp_path / "store").as_uri(), {}
+    server = request.getfixturevalue("s3_server")
+    return f"s3://{server.create_bucket()}/root", server.env()
+
+
+
+# from test_cli_speed.py
+@pytest.fixture
+def store_uri(tmp_path: Path) -> str:
+    uri = (tmp_path / "store").as_uri()
+    Registry(open_store(uri)).upload(EXAMPLE_PACKAGE, "churn")
+    return uri
+
+
+
+# from test_completion.py
+@pytest.fixture
+def scored_registry(store: Store, tmp_path: Path) -> Registry:
+    """A store with package "scored" version 1.0."""
+    from tests.aicenter_helpers import SCORED_TRAIN, upload_package
+    scored_registry = Registry(store)
+    upload_package(scored_registry, tmp_path, "scored", SCORED_TRAIN)
+    return scored_registry
+
+
+
+# from test_per_file_versions.py
+@pytest.fixture
+def pkg(tmp_path: Path) -> Path:
+    """A package with a big unchanged file, a small changing one, a subfolder and an executable script."""
+    root = write_package(tmp_path / "pkg", train=TRAIN_ONLY, files={
+        "weights.bin": os.urandom(BIG), "meta.json": '{"epoch": 1}', "tools/run.sh": "#!/bin/sh\necho hi\n"})
+    (root / "tools" / "run.sh").chmod(0o755)
+    return root
+
+
+
+# from test_registry.py
+@pytest.fixture
+def train_pkg(tmp_path: Path) -> Path:
+    return write_package(tmp_path / "train_pkg", train=TRAIN_ONLY)
+
+
+
+# from test_run_spec.py
+@pytest.fixture
+def parent(store: Store, tmp_path: Path) -> VersionRecord:
+    from tests.aicenter_helpers import SCORED_TRAIN, upload_package
+    registry = Registry(store)
+    upload_package(registry, tmp_path, "scored", SCORED_TRAIN)
+    return registry.get("scored", "1.0")
+
+
+
+# from test_runs.py
+@pytest.fixture
+def history(store: Store, tmp_path: Path, request: pytest.FixtureRequest, spawn_runtime: RuntimeSpawner) -> Store:
+    """Five real runs: two tries of a training task, a failed evaluation, a full run, a killed run."""
+    from tests.aicenter_helpers import SCORED_TRAIN, small_dataset, upload_package
+    env = request.getfixturevalue("s3_server").env() if store.uri.startswith("s3://") else {}
+    registry = Registry(store)
+    upload_package(registry, tmp_path, "scored", SCORED_TRAIN)
+    upload_package(registry, tmp_path, "sleepy", SLEEPY_TRAIN)
+    run(upload_tree(small_dataset(tmp_path), store, "datasets/d"))
+    data = store.url("datasets/d")
+    runs: list[tuple[str, str, dict[str, Any]]] = [
+        ("nightly/r1/train/1", "train", {"dataset": data}),
+        ("nightly/r1/train/2", "train", {"dataset": data}),
+        ("nightly/r1/evaluate/1", "evaluate", {"evaluation_dataset": data, "env": {"SCORE": "nan"}}),
+        ("adhoc/r2/full/1", "full", {"dataset": data, "env": {"SCORE": "0.7", "EPOCHS": "4"}}),
+    ]
+    for run_id, pipeline, kw in runs:
+        assert start_runtime(spawn_runtime, store, env, run_id, pipeline, "scored", **kw).wait(timeout=120) in (0, 1)
+    slow = start_runtime(spawn_runtime, store, env, "adhoc/r2/slow/1", "train", "sleepy", dataset=data)
+    deadline = time.monotonic() + 60
+    while (o := read_optional(store, "runs/adhoc/r2/slow/1/outcome.json", Outcome)) is None or o.phase != "user_code":
+        assert time.monotonic() < deadline, "the slow run never reached user code"
+        time.sleep(0.2)
+    slow.send_signal(signal.SIGTERM)  # what on_kill / pod deletion does
+    assert slow.wait(timeout=60) == 1
+    return store
+
+
+
+# from test_verify.py
+@pytest.fixture
+def store_env(store: Store, monkeypatch: pytest.MonkeyPatch) -> Store:
+    """The store, with its S3 credentials in the environment for the CLI."""
+    if store.uri.startswith("s3://"):
+        for key, value in store.options.to_env().items():  # type: ignore[attr-defined]
+            monkeypatch.setenv(key, value)
+    return store

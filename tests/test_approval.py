@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
@@ -34,8 +33,6 @@ from airflow_aicenter.records import (
     write,
 )
 from airflow_aicenter.registry import Registry
-from airflow_aicenter.storage import Store
-from tests.packages import TRAIN_ONLY, write_package
 
 
 def run_ref(task: str) -> RunRef:
@@ -54,13 +51,6 @@ def trained(registry: Registry, parent: VersionRecord, task: str, *, score: floa
                                            version=parent.version, start_at=0, env=env))
     return registry.commit(parent.package, parent=parent.version, blob=parent.blob, pipeline="full", run=run,
                            snapshot=store.url(manifest_key), score=score, evaluated_on=on)
-
-
-@pytest.fixture
-def registry(store: Store, tmp_path: Path) -> Registry:
-    registry = Registry(store)
-    registry.upload(write_package(tmp_path / "pkg", train=TRAIN_ONLY), "churn")
-    return registry
 
 
 # -- bad input ------------------------------------------------------------------------------

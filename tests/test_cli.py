@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,42 +19,10 @@ import pytest
 from airflow_aicenter import cli
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
-from tests.aicenter_helpers import MAIN, SCORED_TRAIN, small_dataset, upload_package
-from tests.conftest import EXAMPLE_PACKAGE, write_files
+from tests.aicenter_helpers import MAIN, SCORED_TRAIN, upload_package
+from tests.conftest import EXAMPLE_PACKAGE, RUN_IDS, record_run, write_files
 
 AICENTER = str(Path(sys.executable).parent / "aicenter")
-
-def run_cli_dag(data: str) -> None:
-    """One run of a DAG ``aicenter_test_cli``: train >> full >> [evaluate, evaluate_nan], each task as Airflow runs it."""
-    from airflow_aicenter.operators import EvaluatePipelineOperator, FullPipelineOperator, TrainPipelineOperator
-    from tests.operators.kube_api import make_context
-
-    def run(op: object) -> dict:
-        return op.execute(make_context("aicenter_test_cli", op.task_id))  # type: ignore[attr-defined]
-
-    trained = run(TrainPipelineOperator(task_id="train", package="scored", version="1.0", dataset=data,
-                                        env={"SCORE": "0.1", "API_KEY": "k-9f8e7d"}))
-    run(FullPipelineOperator(task_id="full", package="scored", version=trained["version"], dataset=data,
-                             env={"SCORE": "0.7", "EPOCHS": "4"}, promote_to="production"))
-    run(EvaluatePipelineOperator(task_id="evaluate", package="scored", version="production", evaluation_dataset=data,
-                                 env={"SCORE": "0.8"}, promote_to="staging"))
-    with pytest.raises(Exception, match=r"Main\.evaluate\(\) returned nan"):  # evaluate_nan fails the DAG run
-        run(EvaluatePipelineOperator(task_id="evaluate_nan", package="scored", version="production",
-                                     evaluation_dataset=data, env={"SCORE": "nan"}))
-
-
-@pytest.fixture(scope="module")
-def filled(tmp_path_factory) -> Iterator[tuple[str, str]]:
-    """(store URI, dataset URI) after one DAG run: 1.1 trained, 1.2 full (production), evaluated, one failure."""
-    tmp = tmp_path_factory.mktemp("cli")
-    uri = (tmp / "aicenter").as_uri()
-    upload_package(Registry(open_store(uri)), tmp, "scored", SCORED_TRAIN)
-    data = small_dataset(tmp).as_uri()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps({"conn_type": "aicenter", "extra": {"storage": uri}}))
-        run_cli_dag(data)
-    yield uri, data
-
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     code = cli.main(list(args))
@@ -246,37 +213,6 @@ def test_promote_defaults_to_better_and_keeps_a_scored_version_over_an_unscored_
 
 
 # -- run records made by hand, to read at 80 columns ---------------------------------------
-def record_run(store, run_id: str, *, dataset: str, files: dict[str, bytes], start: float, status: str = "succeeded"):
-    """A run folder as the runtime leaves it: outcome.json and the data snapshot's manifest."""
-    import hashlib
-
-    from airflow_aicenter.records import Manifest, ManifestEntry, Outcome, write
-
-    entries = [ManifestEntry(path=p, sha256=hashlib.sha256(b).hexdigest(), size=len(b)) for p, b in sorted(files.items())]
-    manifest_key = f"runs/{run_id}/data_directory.manifest.json"
-    write(store, manifest_key, Manifest(source=dataset, directory="data_directory", files=entries, file_count=len(entries),
-                                        total_bytes=sum(e.size for e in entries)))
-    write(store, f"runs/{run_id}/outcome.json", Outcome(
-        status=status, pipeline="train", package="churn", version="1.0", start_at=start, end_at=start + 12.5,
-        dataset=dataset, env={"EPOCHS": "5"}, snapshots={"data_directory": store.url(manifest_key)},
-        error=None if status == "succeeded" else "ValueError: bad rows (train.py:12)"))
-
-
-RUN_IDS = [f"aicenter_training/scheduled__2026-11-{day:02d}T03:00:00+00:00/train_churn_model/1" for day in (1, 2, 3)]
-
-
-@pytest.fixture
-def recorded(tmp_path) -> str:
-    uri = (tmp_path / "store").as_uri()
-    store = open_store(uri)
-    data = "s3://bucket/datasets/churn/"
-    record_run(store, RUN_IDS[0], dataset=data, files={"a.csv": b"x\n1\n"}, start=1_790_000_000)
-    record_run(store, RUN_IDS[1], dataset=data, files={"a.csv": b"x\n1\n"}, start=1_790_086_400)
-    record_run(store, RUN_IDS[2], dataset=data, files={"a.csv": b"x\n1\n", "b.csv": b"x\n2\n"}, start=1_790_172_800,
-               status="failed")
-    return uri
-
-
 def whole_on_a_line(text: str, run_id: str) -> bool:
     return any(run_id in line for line in text.splitlines())
 

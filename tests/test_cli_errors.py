@@ -16,9 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from airflow_aicenter import layout
-from airflow_aicenter.registry import Registry
-from airflow_aicenter.storage import open_store
 from tests.cli_helpers import cli_in_process
 from tests.conftest import EXAMPLE_PACKAGE
 
@@ -29,22 +26,6 @@ def aicenter(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
     base = {k: v for k, v in os.environ.items() if not k.startswith(("AICENTER_", "AWS_"))}
     return subprocess.run([AICENTER, *args], capture_output=True, text=True, env={**base, "COLUMNS": "200", **(env or {})},
                           timeout=120, check=False)
-
-
-@pytest.fixture(scope="module")
-def stored(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
-    """A file store with churn 1.0 and a run whose cause and env hold rich markup; and a scratch folder."""
-    tmp = tmp_path_factory.mktemp("cli-errors")
-    store = open_store((tmp / "store").as_uri())
-    Registry(store).upload(EXAMPLE_PACKAGE, "churn")
-    run = layout.RunPath("dag", "run1", "train", try_number=1)
-    store.put_bytes(run.key(layout.OUTCOME), (
-        b'{"status": "failed", "pipeline": "train", "package": "churn", "version": "1.0", "start_at": 1.0, "end_at": 2.0,'
-        b' "error": "ValueError: [/bold] in [red]column[/red", "env": {"[/x]": "[/y]"}}'))
-    broken = layout.RunPath("dag", "run2", "train", try_number=1)
-    store.put_bytes(broken.key(layout.OUTCOME), b"[/bold] not an outcome")
-    (tmp / "afile").write_text("x")
-    return store.uri, tmp
 
 
 #: (arguments; {tmp} is the scratch folder), exit code, what stderr must say

@@ -24,12 +24,10 @@ from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
 from tests import cli_helpers
 from tests.cli_helpers import cli_in_process
-from tests.conftest import RuntimeSpawner, write_files
+from tests.conftest import TRAIN_PY, RuntimeSpawner, write_files
 from tests.packages import ECHO_MAIN
 
 AICENTER = str(Path(sys.executable).parent / "aicenter")
-TRAIN_PY = ("class Main:\n    def __init__(self):\n        pass\n    def train(self, training_directory):\n        pass\n"
-            "    def evaluate(self, evaluation_directory):\n        return 0.5\n    def save(self):\n        pass\n")
 #: ``1`` error or problems found; ``3`` the request was valid but a rule refused it (docs/cli.md).
 EXIT_ERROR, EXIT_REFUSED = 1, 3
 
@@ -42,17 +40,6 @@ def cli(uri: str, *args: str) -> subprocess.CompletedProcess[str]:
 def cli_process(uri: str, *args: str) -> subprocess.CompletedProcess[str]:
     """The installed console script: the exit status the shell sees."""
     return cli_helpers.cli_process(["--storage", uri, *args])
-
-
-@pytest.fixture
-def uri(tmp_path: Path) -> str:
-    """A file store holding ``churn`` 1.0 (trainable) and ``served`` 1.0 (main.py only: it can be served, not trained)."""
-    uri = (tmp_path / "store").as_uri()
-    registry = Registry(open_store(uri))
-    registry.upload(write_files(tmp_path / "churn", {"main.py": ECHO_MAIN, "train.py": TRAIN_PY, "requirements.txt": ""}),
-                    "churn")
-    registry.upload(write_files(tmp_path / "served", {"main.py": ECHO_MAIN, "requirements.txt": ""}), "served")
-    return uri
 
 
 # -- item 2: a request that was not carried out never exits 0 ------------------------------

@@ -32,14 +32,6 @@ def server_options(env: dict[str, str]):
     return S3Options.from_env(env) if env else None
 
 
-@pytest.fixture(params=["file", "s3"])
-def target(request, tmp_path):
-    if request.param == "file":
-        return (tmp_path / "store").as_uri(), {}
-    server = request.getfixturevalue("s3_server")
-    return f"s3://{server.create_bucket()}/root", server.env()
-
-
 def test_upload_list_download_roundtrip(target, tmp_path):
     uri, env = target
     done = cli_process("--storage", uri, "package", "upload", str(EXAMPLE_PACKAGE), "--name", "churn", env=env)

@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from airflow_aicenter.registry import Registry
-from airflow_aicenter.storage import open_store
 from tests.conftest import EXAMPLE_PACKAGE
 
 AICENTER = str(Path(sys.executable).parent / "aicenter")
@@ -34,13 +32,6 @@ def imported(args: list[str], env: dict[str, str]) -> tuple[subprocess.Completed
 
 def airflow_modules(modules: set[str]) -> list[str]:
     return sorted(m for m in modules if m == "airflow" or m.startswith("airflow."))
-
-
-@pytest.fixture
-def store_uri(tmp_path: Path) -> str:
-    uri = (tmp_path / "store").as_uri()
-    Registry(open_store(uri)).upload(EXAMPLE_PACKAGE, "churn")
-    return uri
 
 
 @pytest.mark.parametrize("command", [["package", "list"], ["package", "show", "churn"], ["runs", "list"],

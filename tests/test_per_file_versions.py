@@ -30,19 +30,8 @@ from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import Store, transfer
 from airflow_aicenter.storage.transfer import blob_state, put_blob, sha256_file
 from airflow_aicenter.verify import verify
-from tests.packages import TRAIN_ONLY, write_package
-
-#: The "big" file: large enough that rewriting it shows in the bytes written, small enough for the fast tier.
-BIG = 3 * 2**20
-
-
-@pytest.fixture
-def pkg(tmp_path: Path) -> Path:
-    """A package with a big unchanged file, a small changing one, a subfolder and an executable script."""
-    root = write_package(tmp_path / "pkg", train=TRAIN_ONLY, files={
-        "weights.bin": os.urandom(BIG), "meta.json": '{"epoch": 1}', "tools/run.sh": "#!/bin/sh\necho hi\n"})
-    (root / "tools" / "run.sh").chmod(0o755)
-    return root
+from tests.conftest import BIG
+from tests.packages import write_package
 
 
 def manifest_of(store: Store, record: VersionRecord) -> PackageContents:

@@ -6,7 +6,6 @@ import logging
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +21,6 @@ from airflow_aicenter.records import Outcome, RunRef, VersionRecord, read, write
 from airflow_aicenter.registry import Registry
 from airflow_aicenter.secrets import MASK, SECRET_KEYS_ENV
 from airflow_aicenter.storage import Store
-from tests.aicenter_helpers import SCORED_TRAIN, upload_package
 
 SECRET, KNOWN = "pa55-w0rd-value", "postgres://u:dbpass@db/x"
 
@@ -34,13 +32,6 @@ class TaskTry:
     task_id: str = "train"
     try_number: int | None = 2
     map_index: int | None = None
-
-
-@pytest.fixture
-def parent(store: Store, tmp_path: Path) -> VersionRecord:
-    registry = Registry(store)
-    upload_package(registry, tmp_path, "scored", SCORED_TRAIN)
-    return registry.get("scored", "1.0")
 
 
 def test_the_spec_holds_the_arguments_and_no_secret(store: Store, parent: VersionRecord):

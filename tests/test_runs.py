@@ -6,69 +6,12 @@ failed and killed runs, so the records show the whole history, not only the succ
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import time
-from pathlib import Path
-from typing import Any
-
 import pytest
 
 from airflow_aicenter.errors import StorageError
-from airflow_aicenter.records import Outcome, RunSpec, read_optional, write
-from airflow_aicenter.registry import Registry
+from airflow_aicenter.records import Outcome, write
 from airflow_aicenter.runs import RunNotFoundError, compare, find_run, list_runs
 from airflow_aicenter.storage import Store
-from airflow_aicenter.storage.transfer import run, upload_tree
-from tests.aicenter_helpers import SCORED_TRAIN, small_dataset, upload_package
-from tests.conftest import RuntimeSpawner
-
-SLEEPY_TRAIN = '''
-import time
-class Main:
-    def __init__(self):
-        pass
-    def train(self, training_directory):
-        time.sleep(120)
-    def save(self):
-        pass
-'''
-
-
-def start_runtime(spawn_runtime: RuntimeSpawner, store: Store, process_env: dict[str, str], run_id: str, pipeline: str,
-                  package: str, **spec_kw: Any) -> subprocess.Popen[str]:
-    registry = Registry(store)
-    base = registry.get(package, "1.0")
-    spec = RunSpec.model_validate({"pipeline": pipeline, "storage": store.uri, "run_prefix": f"runs/{run_id}",
-                                   "package": package, "version": "1.0", "blob": base.blob, **spec_kw})
-    return spawn_runtime.start(spec, process_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-@pytest.fixture
-def history(store: Store, tmp_path: Path, request: pytest.FixtureRequest, spawn_runtime: RuntimeSpawner) -> Store:
-    """Five real runs: two tries of a training task, a failed evaluation, a full run, a killed run."""
-    env = request.getfixturevalue("s3_server").env() if store.uri.startswith("s3://") else {}
-    registry = Registry(store)
-    upload_package(registry, tmp_path, "scored", SCORED_TRAIN)
-    upload_package(registry, tmp_path, "sleepy", SLEEPY_TRAIN)
-    run(upload_tree(small_dataset(tmp_path), store, "datasets/d"))
-    data = store.url("datasets/d")
-    runs: list[tuple[str, str, dict[str, Any]]] = [
-        ("nightly/r1/train/1", "train", {"dataset": data}),
-        ("nightly/r1/train/2", "train", {"dataset": data}),
-        ("nightly/r1/evaluate/1", "evaluate", {"evaluation_dataset": data, "env": {"SCORE": "nan"}}),
-        ("adhoc/r2/full/1", "full", {"dataset": data, "env": {"SCORE": "0.7", "EPOCHS": "4"}}),
-    ]
-    for run_id, pipeline, kw in runs:
-        assert start_runtime(spawn_runtime, store, env, run_id, pipeline, "scored", **kw).wait(timeout=120) in (0, 1)
-    slow = start_runtime(spawn_runtime, store, env, "adhoc/r2/slow/1", "train", "sleepy", dataset=data)
-    deadline = time.monotonic() + 60
-    while (o := read_optional(store, "runs/adhoc/r2/slow/1/outcome.json", Outcome)) is None or o.phase != "user_code":
-        assert time.monotonic() < deadline, "the slow run never reached user code"
-        time.sleep(0.2)
-    slow.send_signal(signal.SIGTERM)  # what on_kill / pod deletion does
-    assert slow.wait(timeout=60) == 1
-    return store
 
 
 def test_list_find_and_compare_runs(history: Store) -> None:

@@ -30,15 +30,6 @@ def _flip(store: Store, key: str, at: int = 10) -> None:
     store.put_bytes(key, bytes(raw))
 
 
-@pytest.fixture
-def store_env(store: Store, monkeypatch: pytest.MonkeyPatch) -> Store:
-    """The store, with its S3 credentials in the environment for the CLI."""
-    if store.uri.startswith("s3://"):
-        for key, value in store.options.to_env().items():  # type: ignore[attr-defined]
-            monkeypatch.setenv(key, value)
-    return store
-
-
 def test_verify_names_every_damage_and_what_refers_to_it(store: Store, tmp_path: Path) -> None:
     damage = damaged_store(store, tmp_path)
     report = verify(store)
