@@ -88,6 +88,18 @@ def make_zip(path: Path, entries: dict[str, bytes | str], *, compression: int = 
 ECHO_MAIN = "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return input\n"
 
 #: A training that fails inside a helper method (the cause names the method, file and line).
+#: A train.py that counts the files of its training dataset and saves the count (lineage and dataset-root tests).
+COUNTING_TRAIN = '''
+import os
+class Main:
+    def __init__(self):
+        pass
+    def train(self, training_directory):
+        self.n = len(os.listdir(training_directory))
+    def save(self):
+        open("model.txt", "w").write(str(self.n))
+'''
+
 FAILING_TRAIN = '''
 class Main:
     def __init__(self):

@@ -23,7 +23,7 @@ from tests.operators.test_kubernetes_dags import Baseline, churn_dataset, summar
 from tests.operators.test_kubernetes_launcher import TRAIN as LAUNCHER_TRAIN
 from tests.operators.test_kubernetes_source_builds import TRAIN as SRCPKG_TRAIN
 from tests.operators.test_progress_runs import PRICES
-from tests.packages import DOUBLING_MAIN
+from tests.packages import COUNTING_TRAIN, DOUBLING_MAIN
 from tests.runtime.test_distributed import RENDEZVOUS
 from tests.security.test_environments import evil_index
 
@@ -255,24 +255,12 @@ def image_python_baseline(runtime_python: Path, tmp_path_factory: pytest.TempPat
 
 
 # -- test_lineage.py ---
-TRAIN = '''
-import os
-class Main:
-    def __init__(self):
-        pass
-    def train(self, training_directory):
-        self.n = len(os.listdir(training_directory))
-    def save(self):
-        open("model.txt", "w").write(str(self.n))
-'''
-
-
 @pytest.fixture
 def rows_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Registry:
     uri = (tmp_path / "aicenter").as_uri()
     monkeypatch.setenv("AIRFLOW_CONN_AICENTER_DEFAULT", json.dumps({"conn_type": "aicenter", "extra": {"storage": uri}}))
     registry = Registry(open_store(uri))
-    upload_package(registry, tmp_path, "rows", TRAIN)
+    upload_package(registry, tmp_path, "rows", COUNTING_TRAIN)
     return registry
 
 

@@ -27,14 +27,3 @@ SECRET = "agent-secret-4a1f9c"
 AGENT_ENV = {"AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ACCESS_KEY_ID": "AKIAAGENT", "AIRFLOW_CONN_STORE": f"s3://x:{SECRET}@h",
              "USER_PARAM_TOKEN": SECRET}
 
-#: A package's train.py that counts the files of its training dataset (the one of tests/operators' lineage tests).
-TRAIN = '''
-import os
-class Main:
-    def __init__(self):
-        pass
-    def train(self, training_directory):
-        self.n = len(os.listdir(training_directory))
-    def save(self):
-        open("model.txt", "w").write(str(self.n))
-'''

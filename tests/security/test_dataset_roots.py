@@ -12,7 +12,7 @@ from airflow_aicenter.registry import Registry
 from airflow_aicenter.storage import open_store
 from tests.aicenter_helpers import small_dataset, upload_package
 from tests.operators.kube_api import make_context
-from tests.security.helpers import TRAIN
+from tests.packages import COUNTING_TRAIN as TRAIN
 
 
 def test_allowed_dataset_roots_refuse_a_file_dataset_elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

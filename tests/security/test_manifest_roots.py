@@ -22,8 +22,8 @@ from airflow_aicenter.storage import open_store
 from tests.aicenter_helpers import upload_package
 from tests.conftest import write_files
 from tests.operators.kube_api import make_context
+from tests.packages import COUNTING_TRAIN as TRAIN
 from tests.runtime.test_run import run_runtime
-from tests.security.helpers import TRAIN
 
 
 def roots_layout(tmp_path: Path) -> tuple[Path, Path]:

@@ -21,7 +21,7 @@ from airflow_aicenter.runs import list_runs
 from airflow_aicenter.storage import open_store
 from tests.aicenter_helpers import small_dataset, upload_package
 from tests.operators.kube_api import make_context
-from tests.security.helpers import TRAIN
+from tests.packages import COUNTING_TRAIN as TRAIN
 
 
 def test_a_version_that_cannot_be_registered_is_a_failed_run_with_its_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
