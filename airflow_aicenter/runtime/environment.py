@@ -1064,7 +1064,6 @@ def _fetch_unpack(store: Store, blob: BlobRef, dest: Path) -> None:
     process). ``dest`` is a temporary folder: if the digest does not match, the caller discards
     it, so a corrupt blob is never used.
     """
-    import obstore
 
     dest.mkdir()
     digest = hashlib.sha256()
@@ -1073,21 +1072,10 @@ def _fetch_unpack(store: Store, blob: BlobRef, dest: Path) -> None:
 
     def hashed() -> Iterator[bytes]:
         nonlocal size
-        try:
-            for chunk in obstore.get(store.inner, key).stream(min_chunk_size=CHUNK):
-                data = bytes(chunk)
-                digest.update(data)
-                size += len(data)
-                if size > blob.size:
-                    raise _ReadError(f"{store.url(key)} does not match its record: it is larger than the "
-                                       f"{blob.size} bytes the record says")
-                yield data
-        except FileNotFoundError:
-            raise _ReadError(f"{store.url(key)} does not exist") from None
-        except _ReadError:
-            raise
-        except Exception as exc:  # obstore's own errors: a failed or missing object
-            raise _ReadError(f"reading {store.url(key)} failed: {str(exc).splitlines()[0][:300]}") from exc
+        for data in _object_chunks(store, key, blob.size):
+            digest.update(data)
+            size += len(data)
+            yield data
 
     try:
         _untar(dest, hashed())
@@ -1340,31 +1328,32 @@ def _get_range(store: Store, key: str, offset: int, size: int) -> Iterator[bytes
         raise _ReadError(f"reading {store.url(key)} failed: {str(exc).splitlines()[0][:300]}") from exc
 
 
+def _object_chunks(store: Store, key: str, size: int) -> Iterator[bytes]:
+    """The whole object ``key`` as a stream, never more than its record's ``size``; every failure a _ReadError."""
+    import obstore
+
+    got = 0
+    try:
+        for chunk in obstore.get(store.inner, key).stream(min_chunk_size=CHUNK):
+            got += len(chunk)
+            if got > size:
+                raise _ReadError(f"{store.url(key)} does not match its record: it is larger than the {size} bytes "
+                                 "the record says")
+            yield bytes(chunk)
+    except FileNotFoundError:
+        raise _ReadError(f"{store.url(key)} does not exist") from None
+    except _ReadError:
+        raise
+    except Exception as exc:  # obstore's own errors: a failed or missing object
+        raise _ReadError(f"reading {store.url(key)} failed: {str(exc).splitlines()[0][:300]}") from exc
+
+
 class _Sequential:
     """The whole object as one stream (a server that ignores ranges), handed out part by part."""
 
     def __init__(self, store: Store, key: str, size: int) -> None:
-        self.chunks = self._read(store, key, size)
+        self.chunks = _object_chunks(store, key, size)
         self.rest = b""
-
-    @staticmethod
-    def _read(store: Store, key: str, size: int) -> Iterator[bytes]:
-        import obstore
-
-        got = 0
-        try:
-            for chunk in obstore.get(store.inner, key).stream(min_chunk_size=CHUNK):
-                got += len(chunk)
-                if got > size:
-                    raise _ReadError(f"{store.url(key)} does not match its record: it is larger than the {size} bytes "
-                                     "the record says")
-                yield bytes(chunk)
-        except FileNotFoundError:
-            raise _ReadError(f"{store.url(key)} does not exist") from None
-        except _ReadError:
-            raise
-        except Exception as exc:  # obstore's own errors: a failed or missing object
-            raise _ReadError(f"reading {store.url(key)} failed: {str(exc).splitlines()[0][:300]}") from exc
 
     def take(self, size: int) -> Iterator[bytes]:
         """The next ``size`` bytes (fewer where the object ends first)."""
