@@ -21,7 +21,7 @@ import stat
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -263,6 +263,27 @@ def _check_entries(infos: list[zipfile.ZipInfo], *, max_entries: int, max_total_
         )
 
 
+@contextlib.contextmanager
+def publishing(dest: Path) -> Iterator[Path]:
+    """A private folder beside ``dest`` to build it in, put in place whole when the block succeeds.
+
+    The folder is renamed onto ``dest`` (an empty folder there, such as a pod's mount point, is
+    replaced) and made an ordinary 0755 folder; on any failure it is removed. So a package folder
+    is never seen half-written: the one way a zip extraction and a per-file staging publish theirs.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial-"))
+    try:
+        yield staging
+        staging.chmod(0o755)  # mkdtemp makes it private; the package folder is an ordinary one
+        if dest.exists():
+            dest.rmdir()
+        os.replace(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def extract_zip(
     zip_path: Path | BinaryIO,
     dest: Path,
@@ -301,39 +322,29 @@ def extract_zip(
         zf = zipfile.ZipFile(source)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError) as e:
         raise ArchiveError(f"{label} is not a zip file or is corrupt ({e}): {_REMAKE}, or upload it again") from e
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial-"))
-    try:
-        with zf:
-            infos = zf.infolist()
-            _check_entries(infos, max_entries=max_entries, max_total_bytes=max_total_bytes, max_ratio=max_ratio)
-            if max_selected_bytes is not None:
-                _check_selected(infos, only, max_selected_bytes)
-            budget = [max_total_bytes]
-            with contextlib.ExitStack() as stack:
-                raw = None  # the zip itself, for stored entries copied in the kernel
-                if isinstance(source, str):
-                    raw = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
-                    stack.callback(os.close, raw)
-                hasher = None
-                if expect_sha256 is not None:
-                    if raw is None or only is not None:
-                        raise ValueError("expect_sha256 needs a zip on disk, extracted whole")
-                    hasher = _ZipHasher(raw)
-                    infos = sorted(infos, key=lambda i: i.header_offset)  # the digest runs through the file in order
-                for info in infos:
-                    if info.is_dir() or (only is not None and not only(info.filename)):
-                        continue
-                    _extract_one(zf, info, staging, budget, raw, hasher)
-                if hasher is not None and expect_sha256 is not None:
-                    hasher.check(expect_sha256, label)
-        staging.chmod(0o755)  # mkdtemp makes it private; the package folder is an ordinary one
-        if dest.exists():
-            dest.rmdir()
-        os.replace(staging, dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with publishing(dest) as staging, zf:
+        infos = zf.infolist()
+        _check_entries(infos, max_entries=max_entries, max_total_bytes=max_total_bytes, max_ratio=max_ratio)
+        if max_selected_bytes is not None:
+            _check_selected(infos, only, max_selected_bytes)
+        budget = [max_total_bytes]
+        with contextlib.ExitStack() as stack:
+            raw = None  # the zip itself, for stored entries copied in the kernel
+            if isinstance(source, str):
+                raw = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+                stack.callback(os.close, raw)
+            hasher = None
+            if expect_sha256 is not None:
+                if raw is None or only is not None:
+                    raise ValueError("expect_sha256 needs a zip on disk, extracted whole")
+                hasher = _ZipHasher(raw)
+                infos = sorted(infos, key=lambda i: i.header_offset)  # the digest runs through the file in order
+            for info in infos:
+                if info.is_dir() or (only is not None and not only(info.filename)):
+                    continue
+                _extract_one(zf, info, staging, budget, raw, hasher)
+            if hasher is not None and expect_sha256 is not None:
+                hasher.check(expect_sha256, label)
     return find_package_root(dest)
 
 

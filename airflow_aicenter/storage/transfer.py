@@ -1268,9 +1268,9 @@ def stage_package(
     _check_package_size(contents, store.url(blob_key(ref.sha256)))
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise FileExistsError(f"package target {target} already exists and is not an empty folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
-    try:
+    from airflow_aicenter.package.archive import publishing
+
+    with publishing(target) as staging:
         for folder in sorted({os.path.dirname(f.path) for f in contents.files} - {""}):
             (staging / folder).mkdir(parents=True, exist_ok=True)
         first: dict[str, PackageFile] = {}
@@ -1297,13 +1297,6 @@ def stage_package(
                 os.chmod(dest, f.mode)
         for folder in {os.path.dirname(f.path) for f in contents.files} - {""}:
             (staging / folder).chmod(0o755)
-        staging.chmod(0o755)  # mkdtemp makes it private; the package folder is an ordinary one
-        if target.exists():
-            target.rmdir()
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return find_package_root(target), fetched  # as for a zip: main.py's folder (paths are relative to it already)
 
 
