@@ -127,12 +127,14 @@ def test_packages_package_run_and_previews_in_the_browser(signed_in, ui_server, 
     shots(page, "run")
 
     page.click("a.preview:text('metrics.txt')")
+    page.wait_for_url("**/preview/metrics.txt")
     assert "threshold: " in page.locator("#artifact-text").inner_text()
     shots(page, "preview-text")
     page.go_back()
 
     page.click("a.preview:text('predictions.csv')")
     table = page.locator("#csv-table")
+    table.wait_for()  # the click starts a navigation; counting before it lands counts the run page
     assert table.locator("thead th").all_inner_texts() == ["row", "value", "positive"]
     assert table.locator("tbody tr").count() == 6
     shots(page, "preview-csv")
