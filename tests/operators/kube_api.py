@@ -650,6 +650,7 @@ class FakeKubernetes:
         for container, reader in zip([c for c in pod.containers if c.process], readers, strict=True):
             assert container.process is not None
             code = container.process.wait()
+            _end_container(container)
             reader.join()
             with self.cond:
                 container.exit_code = 128 - code if code < 0 else code
@@ -660,8 +661,11 @@ class FakeKubernetes:
     def _wait(self, pod: Pod, container: Container) -> None:
         """Run one (init) container to its end, its output into the pod's log."""
         assert container.process is not None
-        self._read_output(pod, container)
+        reader = threading.Thread(target=self._read_output, args=(pod, container), daemon=True)
+        reader.start()
         code = container.process.wait()
+        _end_container(container)
+        reader.join()
         with self.cond:
             container.exit_code = 128 - code if code < 0 else code
             container.finished = now()
@@ -907,6 +911,19 @@ def _free_port() -> int:
 def _flag(value: str | None) -> bool:
     """Query booleans: the sync client sends ``True``, the async one ``true``."""
     return (value or "").lower() in ("true", "1")
+
+
+def _end_container(container: Container) -> None:
+    """A container ends with its first process: the kernel kills what is left in its PID namespace.
+
+    Here that is the process group the container was started in; without this, a child the first
+    process left behind (the heartbeat's ``sleep``) holds the log pipe open for seconds after the end.
+    """
+    assert container.process is not None
+    try:
+        os.killpg(container.process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _kill(container: Container, sig: int) -> None:

@@ -107,9 +107,18 @@ def _race(registry: Registry, versions: list[str], scores: list, promote_if: str
     """All threads promote at once; returns their decisions and how many alias writes lost a race."""
     barrier, lock, lost = threading.Barrier(len(versions)), threading.Lock(), [0]
     put = registry.store.put_bytes
+    writers: list[str] = []
+    second_writer = threading.Event()
 
     def slow_put(key: str, data: bytes, *, create: bool = False) -> None:
         if create and "/aliases/" in key:
+            with lock:
+                writers.append(key)
+                arrived = len(writers)
+            if arrived == 1:  # the first writer waits for a second that read the same latest entry: a sure race
+                second_writer.wait(timeout=10)
+            elif arrived == 2:
+                second_writer.set()
             time.sleep(0.005)  # widen the window between "read the latest entry" and "create the next one"
         try:
             put(key, data, create=create)
