@@ -27,6 +27,7 @@ The pipeline operators subclass KubernetesPodOperator, so every pod argument, po
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -229,6 +230,12 @@ class PodLauncher(Launcher):
         self.ports: list[k8s.V1ContainerPort] = []
         #: The run's secrets this launcher knows (``env``'s secret values, issued credentials): masked in what it logs.
         self.redactor = Redactor(str(v) for k, v in settings.env.items() if is_secret_key(k) or k in settings.secret_keys)
+        #: Set by :meth:`stopping` when Airflow stops the task, before the pod or Job is deleted: a wait that then
+        #: fails on the deleted object records the run as killed, not failed (see :meth:`ending`).
+        self.killed = threading.Event()
+        #: Held while the ending or the kill reads and writes the run's outcome; re-entrant, as on_kill runs in a
+        #: signal handler of the thread whose execute may be recording at that moment.
+        self.recording = threading.RLock()
 
     def check(self) -> None:
         refuse_secret_env(self.settings.env, self.settings.secret_keys)
@@ -355,12 +362,41 @@ class PodLauncher(Launcher):
         store = self.hook.get_store()
         return spec, run, store, read_optional(store, run.key(OUTCOME), Outcome)
 
+    def stopping(self) -> None:
+        """Airflow is stopping the task (``on_kill``): called before the pod or Job is deleted, so that the launch
+        path, whose wait fails when it goes, ends the run as killed (:meth:`ending`), whichever records first."""
+        self.killed.set()
+
+    def killed_ending(self, seen: Outcome | None) -> Finished:
+        """The run Airflow stopped ends ``killed`` unless its runtime reported an ending itself (``seen``, the outcome
+        read before the launcher settled anything); raises the run's RunError (or returns a succeeded run)."""
+        spec, run, store, outcome = self.reported()
+        if outcome is None or outcome.status == "running" or (
+                outcome.status == "failed" and (seen is None or seen.status == "running")):  # ours, written before
+            end_outcome(store, run.key(OUTCOME), seen or spec, "killed", killed_by_airflow)
+        return Finished(spec, run, settle_outcome(store, spec, run))
+
     def ending(self, failure: BaseException | None) -> Finished:
         """outcome.json decides: succeeded -> Finished; otherwise the one-line cause, from the pod's status.
 
         The container that tells is ``stage`` when it failed (no user code ran), ``base`` when
         it was killed from outside (out of memory), else ``sync``, which wrote the run's message.
+        A run Airflow stopped (:meth:`stopping`) that did not report an ending of its own ends
+        ``killed``, not ``failed`` with the deleted pod's cause: on_kill and this wait race to
+        record it, and both say killed.
         """
+        with self.recording:
+            seen = self.reported()[3]
+            if self.killed.is_set():
+                return self.killed_ending(seen)
+            try:
+                return self._ending(failure)
+            except RunError:
+                if self.killed.is_set():  # on_kill came (a signal handler of this thread) while this recorded
+                    return self.killed_ending(seen)
+                raise
+
+    def _ending(self, failure: BaseException | None) -> Finished:
         spec, run, store, outcome = self.reported()
         pod = self.final_pod or getattr(self.op, "remote_pod", None) or getattr(self.op, "pod", None)
         container, code, reason, message = run_ending(pod, self.op.base_container_name)
@@ -478,6 +514,7 @@ class PodLauncher(Launcher):
         """After the operator's KPO ``on_kill`` deleted the pod: the run is recorded as killed (if the runtime could not)."""
         from airflow.providers.cncf.kubernetes.utils.pod_manager import OnKillAction
 
+        self.killed.set()
         self.revoke_credentials(self.pod_run.run if self.pod_run else None)
         if self.pod_run is None or self.op.on_kill_action == OnKillAction.KEEP_POD:
             return
@@ -489,8 +526,10 @@ class PodLauncher(Launcher):
             while self.op.pod is not None and outcome is not None and outcome.status == "running" and time.monotonic() < deadline:
                 time.sleep(0.5)
                 outcome = read_optional(store, key, Outcome)
-            if outcome is None or outcome.status == "running":
-                outcome = end_outcome(store, key, outcome or spec, "killed", killed_by_airflow)
+            with self.recording:  # the launch path's ending may be recording now: one after the other
+                outcome = read_optional(store, key, Outcome)
+                if outcome is None or outcome.status == "running":
+                    outcome = end_outcome(store, key, outcome or spec, "killed", killed_by_airflow)
             self.op.log.info("Run %s recorded as %s", self.pod_run.run.label, outcome.status)
         except Exception:
             self.op.log.exception("Could not record the run as killed")

@@ -289,6 +289,8 @@ class BasePipelineOperator(KubernetesPodOperator):
     def on_kill(self) -> None:
         """KPO deletes the pod (a pod run, or nothing started yet); the launcher then records the run as killed."""
         launcher = self.launcher_in_use
+        if isinstance(launcher, PodLauncher):
+            launcher.stopping()  # before the pod goes: the wait that sees it go ends the run killed, not failed
         if launcher is None or (isinstance(launcher, PodLauncher) and launcher.runs_in_operator):
             super().on_kill()
         if launcher is not None:

@@ -181,7 +181,11 @@ class Fault:
     method: str
     path: re.Pattern[str]
     count: int
-    status: int | str  # an HTTP status, or "reset": the connection is closed with no answer
+    status: int | str  # an HTTP status, "reset": the connection is closed with no answer, or "hold" (see hold_next)
+    #: For ``status="hold"``: the held requests go on (answered normally) once this is set.
+    release: threading.Event = field(default_factory=threading.Event)
+    #: Set when the first matching request is held (the test knows the client is waiting there).
+    reached: threading.Event = field(default_factory=threading.Event)
 
     def matches(self, method: str, path: str) -> bool:
         return self.count > 0 and (self.method in ("*", method)) and bool(self.path.search(path))
@@ -292,13 +296,33 @@ class FakeKubernetes:
             self.faults.append(fault)
         return fault
 
+    def hold_next(self, path: str, count: int = 1, *, method: str = "GET") -> Fault:
+        """Hold the next ``count`` ``method`` requests whose path matches ``path`` until ``fault.release`` is set.
+
+        A slow API server at one chosen call: the client waits there (``fault.reached`` says one
+        is waiting) while the test makes something else happen first; then the request is answered
+        as usual. Held at most 60 s. Deterministic orderings of two clients without sleeps.
+        """
+        fault = Fault(method=method, path=re.compile(path), count=count, status="hold")
+        with self.cond:
+            self.faults.append(fault)
+        return fault
+
     def take_fault(self, method: str, path: str) -> int | str | None:
+        held: Fault | None = None
         with self.cond:
             for fault in self.faults:
                 if fault.matches(method, path):
                     fault.count -= 1
-                    self.faults_served.append((method, path, fault.status))
-                    return fault.status
+                    if fault.status != "hold":
+                        self.faults_served.append((method, path, fault.status))
+                        return fault.status
+                    held = fault
+                    break
+        if held is not None:
+            held.reached.set()
+            if not held.release.wait(60):
+                raise AssertionError(f"{method} {path} was held for 60 s: the test never released it")
         return None
 
     def disrupt(self, index: int | None = None, reason: str = "EvictionByEvictionAPI",

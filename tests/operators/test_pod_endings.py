@@ -1,7 +1,8 @@
 """How a pod's ending becomes the run's: branches a cluster reaches but the test API server rarely does.
 
 The launcher reads the run's outcome.json and the finished pod's status (a real kubernetes
-model, as KPO's ``on_pod_completion`` callback hands it over). No API server is involved.
+model, as KPO's ``on_pod_completion`` callback hands it over); no API server is involved, except
+for the race of on_kill with the launch path, ordered by the test API server holding one request.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from airflow_aicenter.errors import RunError
 from airflow_aicenter.launchers.pod import PodLauncher
 from airflow_aicenter.records import BlobRef, Outcome, RunSpec, read, write
 from airflow_aicenter.storage import open_store
+from tests.operators.kube_api import FakeKubernetes
 
 
 def terminated(reason: str, code: int, message: str | None = None) -> k8s.V1Pod:
@@ -187,3 +189,65 @@ def test_how_long_sync_waits_for_the_first_sign_of_life_is_the_images_setting(tm
         monkeypatch.setenv("AICENTER_SUPERVISOR_START_TIMEOUT", bad)
         with pytest.raises(ConfigurationError, match=rf"AICENTER_SUPERVISOR_START_TIMEOUT={bad!r} is not .*seconds.*unset it"):
             _agent(tmp_path)._wait_for_supervisor()
+
+
+# -- on_kill of a pod that is still Pending: the run says killed, whoever notices first ----------
+@pytest.mark.parametrize("first", ["on_kill", "the wait"])
+def test_on_kill_of_a_pending_pod_records_killed_whichever_of_on_kill_and_the_failing_wait_comes_first(
+        first: str, kube_s3_deployment, kube_api: FakeKubernetes):
+    """The pod never leaves Pending; on_kill deletes it while KubernetesPodOperator polls its start (every 0.1 s).
+
+    Two paths then record the run: on_kill's, and the launch path's, whose wait fails on the deleted
+    pod. The test API server holds one request to choose which records first: ``on_kill`` (the
+    wait's pod reads are held until on_kill returned) or ``the wait`` (on_kill's revocation of the run's
+    credentials is held until the launch path has recorded its ending). Either way the run says
+    ``killed``, the pod is gone and the per-run credentials Secret is deleted.
+    """
+    import threading
+
+    from airflow_aicenter.layout import OUTCOME
+    from airflow_aicenter.operators import TrainPipelineOperator
+    from airflow_aicenter.records import read_optional
+    from tests.operators.kube_api import make_context
+
+    registry, dataset = kube_s3_deployment
+    kube_api.start_delay = 60.0  # Pending until deleted
+    op = TrainPipelineOperator(task_id="train", package="rows", dataset=dataset, install_requirements=False,
+                               startup_check_interval_seconds=0.1, poll_interval=0.5)
+    failures: list[BaseException] = []
+
+    def execute() -> None:
+        try:
+            op.execute(make_context())
+        except BaseException as error:  # handed to the test
+            failures.append(error)
+
+    worker = threading.Thread(target=execute, daemon=True)
+    worker.start()
+    kube_api.wait_for(lambda: (op.pod is not None and bool(kube_api.secrets)) or not worker.is_alive(), timeout=60,
+                      what="the pod and its credentials Secret")
+    assert worker.is_alive(), failures
+    [secret_key] = list(kube_api.secrets)
+    run = op.launcher_in_use.pod_run.run  # type: ignore[union-attr]
+    if first == "on_kill":
+        held = kube_api.hold_next(rf"/pods/{op.pod.metadata.name}$")  # the wait's next look at the pod
+        held.reached.wait(10)
+        op.on_kill()
+        held.release.set()
+        worker.join(60)
+    else:
+        held = kube_api.hold_next(r"/secrets/[^/]+$", method="DELETE")  # on_kill's revocation, after the pod's deletion
+        killer = threading.Thread(target=op.on_kill, daemon=True)
+        killer.start()
+        worker.join(60)  # the launch path saw the pod go and recorded its ending first
+        assert held.reached.is_set(), "on_kill was still revoking when the launch path ended"
+        held.release.set()
+        killer.join(60)
+    assert not worker.is_alive()
+    outcome = read_optional(registry.store, run.key(OUTCOME), Outcome)
+    assert outcome is not None and outcome.status == "killed", outcome
+    assert outcome.error == "killed by Airflow (task stopped) during start-up"
+    [failure] = failures
+    assert isinstance(failure, RunError) and " killed: killed by Airflow" in str(failure), failure
+    kube_api.wait_for(lambda: all(p.gone for p in kube_api.all_pods()), timeout=30, what="the pod to be deleted")
+    assert secret_key not in kube_api.secrets, "the run's credentials are revoked"
