@@ -10,10 +10,8 @@ Files are copied in 1 MiB chunks, so multi-GB models never sit in memory.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import io
-import mmap
 import os
 import re
 import shutil
@@ -27,6 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from airflow_aicenter.errors import ArchiveError, PackageError, StorageError
+from airflow_aicenter.kernel_copy import copy_range
 from airflow_aicenter.package.validate import find_package_root, iter_package_files
 
 CHUNK = 1 << 20
@@ -51,9 +50,7 @@ weights and compressed data gain nothing, and deflate crawls through them at ~30
 (benchmarks/README.md, "memory"). The choice depends on content only: zips stay deterministic."""
 
 COPY_CHUNK = 16 << 20
-"""Bytes a stored entry is copied by at a time, in the kernel (a multiple of mmap's granularity)."""
-_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
-"""copy_file_range refused for this pair of files: the entry goes through zipfile instead."""
+"""Bytes the zip's own bytes are hashed by at a time (_ZipHasher.upto)."""
 
 _SUPPORTED_COMPRESSION = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
@@ -381,11 +378,10 @@ def _extract_one(
                 hasher.upto(start)
             else:
                 hasher = None
-            if _copy_stored(raw, start, info, target, hasher):
-                if (info.external_attr >> 16) & 0o111:
-                    target.chmod(0o755)
-                return
-            budget[0] += info.file_size  # the kernel refused the copy: zipfile reads it below
+            _copy_stored(raw, start, info, target, hasher)
+            if (info.external_attr >> 16) & 0o111:
+                target.chmod(0o755)
+            return
         with zf.open(info) as src, open(target, "xb") as out:
             while chunk := src.read(CHUNK):
                 written += len(chunk)
@@ -471,44 +467,33 @@ class _ZipHasher:
             )
 
 
-def _copy_stored(raw: int, start: int, info: zipfile.ZipInfo, target: Path, hasher: _ZipHasher | None = None) -> bool:
-    """Copy a stored entry to a new file in the kernel and check its CRC through a mapping of the copy.
+def _copy_stored(raw: int, start: int, info: zipfile.ZipInfo, target: Path, hasher: _ZipHasher | None = None) -> None:
+    """Copy a stored entry to a new file with kernel_copy.copy_range and check its CRC from the copy.
 
     The bytes never pass through Python buffers (a 2 GB weights file: about 1 CPU s instead of
-    3 through zipfile); the CRC is still checked on every byte written. False, with no file
-    left, when the kernel refuses the copy (the caller then extracts it through zipfile).
+    3 through zipfile; where the kernel refuses the copy, through one buffer); the CRC, or the
+    zip's digest (``hasher``), is still taken over every byte written, read back from the copy.
     """
+    crc = 0
+
+    def check(view: memoryview) -> None:
+        nonlocal crc
+        if hasher is not None:
+            hasher.copied(view)
+        else:
+            crc = zlib.crc32(view, crc)
+
     out = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
-        pos = crc = 0
-        while pos < info.file_size:
-            try:
-                n = os.copy_file_range(raw, out, min(COPY_CHUNK, info.file_size - pos), start + pos, pos)
-            except OSError as exc:
-                if exc.errno not in _NO_KERNEL_COPY:
-                    raise
-                os.close(out)
-                out = -1
-                target.unlink()
-                return False
-            if not n:
-                raise ArchiveError(f"zip entry {info.filename!r} ended after {pos} of {info.file_size} bytes: the zip is "
-                                   f"truncated; {_REMAKE}")
-            aligned = pos - pos % mmap.ALLOCATIONGRANULARITY
-            with mmap.mmap(out, pos + n - aligned, access=mmap.ACCESS_READ, offset=aligned) as mapped, \
-                    memoryview(mapped) as view:
-                if hasher is not None:
-                    hasher.copied(view[pos - aligned:])
-                else:
-                    crc = zlib.crc32(view[pos - aligned:], crc)
-            pos += n
-        if hasher is None and crc != info.CRC:
-            raise ArchiveError(f"zip entry {info.filename!r} is corrupt (Bad CRC-32 for file {info.filename!r}): the zip "
-                               f"was damaged (e.g. in transfer); {_REMAKE}, or upload it again")
-        return True
+        copied = copy_range(raw, out, src_offset=start, length=info.file_size, consume=check)
     finally:
-        if out >= 0:
-            os.close(out)
+        os.close(out)
+    if copied != info.file_size:
+        raise ArchiveError(f"zip entry {info.filename!r} ended after {copied} of {info.file_size} bytes: the zip is "
+                           f"truncated; {_REMAKE}")
+    if hasher is None and crc != info.CRC:
+        raise ArchiveError(f"zip entry {info.filename!r} is corrupt (Bad CRC-32 for file {info.filename!r}): the zip "
+                           f"was damaged (e.g. in transfer); {_REMAKE}, or upload it again")
 
 
 def open_package(path: Path, workdir: Path) -> Path:

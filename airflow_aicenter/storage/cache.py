@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from airflow_aicenter.errors import ConfigurationError, StorageError
+from airflow_aicenter.kernel_copy import copy_range
 
 #: What the cache may hold before trim() removes the least recently used entries (AICENTER_BLOB_CACHE_MAX).
 DEFAULT_MAX_BYTES = 32 * 2**30
@@ -66,8 +67,6 @@ RECENT_S = 3600
 #: The modification time a verified entry is sealed with: 1980-01-01, the zip epoch. Any write makes it now.
 SEALED_MTIME_NS = 315_532_800 * 10**9
 SEALED_MODE = 0o444
-COPY_CHUNK = 16 * 2**20
-_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 #: link(2) refused for this pair: another file system or mount (EXDEV), links not allowed (EPERM:
 #: protected_hardlinks, or a file system without them), too many links (EMLINK): the file is copied.
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES}
@@ -233,7 +232,7 @@ class BlobCache:
                 if self.shared:
                     digest, copied = copy_hashed(fd_in, fd_out)
                 else:
-                    copied = _copy(fd_in, fd_out)
+                    copied = copy_range(fd_in, fd_out)
                 os.fchmod(fd_out, mode)
             finally:
                 os.close(fd_out)
@@ -364,27 +363,6 @@ class BlobCache:
     def clear(self) -> None:
         """Remove every entry (their links in work folders keep their bytes)."""
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _copy(fd_in: int, fd_out: int) -> int:
-    """Copy ``fd_in`` from its start to ``fd_out``: in the kernel, else through a buffer; the bytes copied."""
-    offset = 0
-    while True:
-        try:
-            n = os.copy_file_range(fd_in, fd_out, COPY_CHUNK, offset, offset)
-        except OSError as exc:
-            if exc.errno not in _NO_KERNEL_COPY:
-                raise
-            break
-        if not n:
-            return offset
-        offset += n
-    while chunk := os.pread(fd_in, COPY_CHUNK, offset):
-        written = 0
-        while written < len(chunk):
-            written += os.pwrite(fd_out, chunk[written:], offset + written)
-        offset += len(chunk)
-    return offset
 
 
 #: The runtime's blob cache: a folder (its ``blobs/`` holds the cache), or ``off``. Unset: the local

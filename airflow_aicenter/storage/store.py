@@ -12,7 +12,6 @@ import builtins
 import contextlib
 import errno
 import hashlib
-import mmap
 import os
 import re
 import secrets
@@ -40,6 +39,7 @@ from airflow_aicenter.errors import (
     NotFoundError,
     StorageError,
 )
+from airflow_aicenter.kernel_copy import copy_range
 
 #: Retries with exponential backoff and jitter for transient S3 errors (503 SlowDown, resets,
 #: timeouts), inside obstore, for every request. The budget is time, not a count: 8 retries from
@@ -501,63 +501,21 @@ class LocalStore(Store):
             raise StorageError(f"{key!r} in {self.uri} is not a regular file (a FIFO, socket or device); remove it")
 
 
-#: Bytes a copy_file_range call moves before the copy is hashed (a multiple of mmap's granularity).
-COPY_CHUNK = 16 * 2**20
-#: copy_file_range is refused for this pair of files (another file system on an old kernel, a file
-#: system without it): the bytes then go through this process.
-_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
-
-
-class CopyStopped(Exception):
-    """copy_hashed was asked to stop between two chunks (the upload it serves was cancelled)."""
-
-
 def copy_hashed(src: int, dst: int, *, stop: threading.Event | None = None, hashed: bool = True) -> tuple[str, int]:
     """Copy the open file ``src`` from its start to the open file ``dst`` (read-write); (sha256 of the copy, size).
 
-    One pass: each chunk is copied in the kernel, then hashed through a read-only mapping of
-    ``dst`` (the page cache just written, no copy into Python). Where the kernel refuses the
-    copy, the rest goes through a buffer, read once, hashed and written. Reads until end of
-    file, so a file that shrank or grew while it was copied hashes to what was copied. A set
-    ``stop`` ends the copy between two chunks with CopyStopped. ``hashed=False`` only copies
-    (the digest is then ""): hashing costs more CPU than the copy itself (1 GiB: about 0.9 s).
+    One pass through kernel_copy.copy_range: each chunk copied in the kernel, then hashed
+    through a read-only mapping of ``dst`` (the page cache just written, no copy into Python),
+    the next chunk copied while this one is hashed. Reads until end of file, so a file that
+    shrank or grew while it was copied hashes to what was copied. A set ``stop`` ends the copy
+    between two chunks with kernel_copy.CopyStopped. ``hashed=False`` only copies (the digest is then ""):
+    hashing costs more CPU than the copy itself (1 GiB: about 0.9 s).
     """
+    if not hashed:
+        return "", copy_range(src, dst, stop=stop)
     digest = hashlib.sha256()
-    offset = 0
-    kernel = hasattr(os, "copy_file_range")
-    while kernel:
-        if stop is not None and stop.is_set():
-            raise CopyStopped
-        try:
-            n = os.copy_file_range(src, dst, COPY_CHUNK, offset, offset)
-        except OSError as exc:
-            if exc.errno not in _NO_KERNEL_COPY:
-                raise
-            kernel = False
-            break
-        if not n:
-            return digest.hexdigest() if hashed else "", offset
-        if not hashed:
-            offset += n
-            continue
-        start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        with mmap.mmap(dst, offset + n - start, access=mmap.ACCESS_READ, offset=start) as mapped, \
-                memoryview(mapped) as view:
-            digest.update(view[offset - start:])
-        offset += n
-    buf = bytearray(COPY_CHUNK)
-    with memoryview(buf) as view:
-        while n := os.preadv(src, [view], offset):
-            if stop is not None and stop.is_set():
-                raise CopyStopped
-            chunk = view[:n]
-            if hashed:
-                digest.update(chunk)
-            written = 0
-            while written < n:
-                written += os.pwrite(dst, chunk[written:], offset + written)
-            offset += n
-    return digest.hexdigest() if hashed else "", offset
+    size = copy_range(src, dst, consume=digest.update, stop=stop)
+    return digest.hexdigest(), size
 
 
 _O_PATH: int = getattr(os, "O_PATH", 0)

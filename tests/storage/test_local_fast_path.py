@@ -15,6 +15,7 @@ import os
 import obstore
 import pytest
 
+from airflow_aicenter import kernel_copy
 from airflow_aicenter.errors import NotFoundError, StorageError
 from airflow_aicenter.layout import blob_key
 from airflow_aicenter.storage import store as store_module
@@ -68,10 +69,10 @@ def test_the_staged_file_is_a_copy_user_code_may_write(store, tmp_path):
         assert st.st_ino != os.stat(store.root / blob_key(digest)).st_ino
 
 
-@pytest.mark.parametrize("chunk", [store_module.COPY_CHUNK, 100_000], ids=["default-chunk", "unaligned-chunk"])
+@pytest.mark.parametrize("chunk", [kernel_copy.COPY_CHUNK, 100_000], ids=["default-chunk", "unaligned-chunk"])
 def test_download_tree_hashes_every_size(store, tmp_path, monkeypatch, chunk):
     """Sizes around the chunk (the file store maps each copied chunk at an aligned offset to hash it)."""
-    monkeypatch.setattr(store_module, "COPY_CHUNK", chunk)
+    monkeypatch.setattr(kernel_copy, "COPY_CHUNK", chunk)
     files = {
         "empty": b"",
         "one": b"x",
@@ -92,7 +93,7 @@ def test_download_tree_hashes_every_size(store, tmp_path, monkeypatch, chunk):
 def test_a_refused_kernel_copy_goes_through_a_buffer(tmp_path, monkeypatch):
     """copy_file_range refused after the first chunk (another file system on an old kernel): the rest is read and hashed."""
     store = store_module.LocalStore((tmp_path / "store").as_uri())
-    monkeypatch.setattr(store_module, "COPY_CHUNK", 65536)
+    monkeypatch.setattr(kernel_copy, "COPY_CHUNK", 65536)
     content = os.urandom(5 * 65536 + 11)
     digest = _stored(store, tmp_path, content)
     real = os.copy_file_range
@@ -193,7 +194,7 @@ def _stored_weights(zip_path):
 def test_extract_copies_a_stored_entry_exactly(tmp_path, monkeypatch, chunk):
     from airflow_aicenter.package import archive
 
-    monkeypatch.setattr(archive, "COPY_CHUNK", chunk)
+    monkeypatch.setattr(kernel_copy, "COPY_CHUNK", chunk)
     weights = os.urandom(3 * 2**20 + 5)
     root = archive.extract_zip(_package_zip(tmp_path, weights), tmp_path / "out")
     assert (root / "model" / "weights.bin").read_bytes() == weights
@@ -227,7 +228,8 @@ def test_extract_refuses_a_local_header_naming_another_file(tmp_path):
         archive.extract_zip(zip_path, tmp_path / "out")
 
 
-def test_extract_through_zipfile_where_the_kernel_refuses_the_copy(tmp_path, monkeypatch):
+def test_extract_through_a_buffer_where_the_kernel_refuses_the_copy(tmp_path, monkeypatch):
+    """kernel_copy's buffered path: the entry is read once, its CRC checked, written."""
     from airflow_aicenter.package import archive
 
     weights = os.urandom(2**20 + 3)
@@ -296,7 +298,7 @@ def test_a_package_staged_in_place_is_a_copy_user_code_may_write(store, tmp_path
 def test_extract_zip_verifies_a_digest_in_the_same_pass(tmp_path, monkeypatch):
     from airflow_aicenter.package import archive
 
-    monkeypatch.setattr(archive, "COPY_CHUNK", 100_000)
+    monkeypatch.setattr(kernel_copy, "COPY_CHUNK", 100_000)
     weights = os.urandom(3 * 2**20 + 1)
     zip_path = _package_zip(tmp_path, weights)
     digest = sha256_file(zip_path).sha256

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from airflow_aicenter import kernel_copy
 from airflow_aicenter.errors import AlreadyExistsError, StorageError
 from airflow_aicenter.layout import blob_key
 from airflow_aicenter.storage import open_store
-from airflow_aicenter.storage import store as store_module
 from airflow_aicenter.storage.transfer import SINGLE_PUT_MAX, put_blob, run, sha256_file, upload_file, upload_tree
 
 BIG = SINGLE_PUT_MAX + 3 * 2**20 + 17  # a multipart upload on S3
@@ -71,7 +71,7 @@ def test_bytes_that_do_not_match_the_digest_store_nothing(store, tmp_path, size)
 
 def test_an_overwrite_replaces_whole_and_readers_never_see_a_partial_file(tmp_path, monkeypatch):
     """While a large put copies, the key still holds the old bytes; then the new ones, never a mix."""
-    monkeypatch.setattr(store_module, "COPY_CHUNK", 2**20)  # many chunks: a reader has time to look between them
+    monkeypatch.setattr(kernel_copy, "COPY_CHUNK", 2**20)  # many chunks: a reader has time to look between them
     store = open_store((tmp_path / "store").as_uri())
     old, new = _file(tmp_path, BIG, "old.bin"), _file(tmp_path, BIG, "new.bin")
     run(upload_file(store, old, "m.bin"))
@@ -103,9 +103,10 @@ def test_a_process_killed_mid_copy_leaves_no_object(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal
         from pathlib import Path
-        from airflow_aicenter.storage import open_store, store as store_module
+        from airflow_aicenter import kernel_copy
+        from airflow_aicenter.storage import open_store
         from airflow_aicenter.storage.transfer import put_blob
-        store_module.COPY_CHUNK = 2**20
+        kernel_copy.COPY_CHUNK = 2**20
         real = os.copy_file_range
         def copy_then_die(*args, **kwargs):
             n = real(*args, **kwargs)
@@ -126,7 +127,7 @@ def test_a_process_killed_mid_copy_leaves_no_object(tmp_path):
 
 def test_a_cancelled_put_stores_nothing(tmp_path, monkeypatch):
     """An upload cancelled mid-copy (a task killed, a sibling failed) neither lands later nor leaves a temporary."""
-    monkeypatch.setattr(store_module, "COPY_CHUNK", 2**20)
+    monkeypatch.setattr(kernel_copy, "COPY_CHUNK", 2**20)
     store = open_store((tmp_path / "store").as_uri())
     src = _file(tmp_path, 64 * 2**20)
     real = os.copy_file_range

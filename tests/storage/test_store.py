@@ -175,10 +175,10 @@ def test_a_download_that_fails_midway_leaves_no_partial_file(store, tmp_path, mo
             raise OSError(28, "No space left on device")
 
     if store.scheme == "file":  # the file store copies in the kernel, COPY_CHUNK at a time (LocalStore.read_into)
-        from airflow_aicenter.storage import store as store_module
+        from airflow_aicenter import kernel_copy
 
         real_copy = os.copy_file_range
-        monkeypatch.setattr(store_module, "COPY_CHUNK", 2**20)
+        monkeypatch.setattr(kernel_copy, "COPY_CHUNK", 2**20)
 
         def failing_copy(src, dst, count, offset_src=None, offset_dst=None):
             failing_write(b"x" * count)
