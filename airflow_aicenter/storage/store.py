@@ -357,7 +357,7 @@ class LocalStore(Store):
         """head(): a stat does not block long enough to be worth a thread."""
         return self.head(key)
 
-    def read_into(self, key: str, dest: Path) -> tuple[str, int]:
+    def read_into(self, key: str, dest: Path, *, stop: threading.Event | None = None) -> tuple[str, int]:
         """Copy the file ``key`` to ``dest`` (created or truncated) and return (sha256 hex, size) of the copy.
 
         The store's local read path (transfer.download_file uses it for every file-store read):
@@ -367,7 +367,8 @@ class LocalStore(Store):
         through a read-only mapping of what was just written, so what is verified is what the
         caller gets, in one pass. ``dest`` is always a new file: never a hard link to the blob,
         because user code may write the staged file (the package folder of a training becomes
-        the next version) and must not change the store through it.
+        the next version) and must not change the store through it. A set ``stop`` ends the
+        copy between two chunks (kernel_copy.CopyStopped): the staging it serves failed elsewhere.
         """
         self.check_readable(key)
         with self._errors(key):
@@ -380,7 +381,7 @@ class LocalStore(Store):
                     raise StorageError(f"{key!r} in {self.uri} is not a regular file; remove it")
                 dst = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
                 try:
-                    return copy_hashed(src, dst)
+                    return copy_hashed(src, dst, stop=stop)
                 finally:
                     os.close(dst)
             finally:

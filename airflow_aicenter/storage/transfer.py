@@ -339,8 +339,9 @@ async def download_file(
     tmp = tmp or dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.part")
     try:
         with store._errors(key):
-            if isinstance(store, LocalStore):  # the file store's own read path: plain file I/O, hashed from the copy
-                hexdigest, got = await asyncio.to_thread(store.read_into, key, tmp)
+            if isinstance(store, LocalStore):  # the file store's own read path: a kernel copy, hashed from the copy
+                local = store  # cancelled (a sibling failed), the copy stops between two chunks: nothing writes after
+                hexdigest, got = await _stoppable(lambda stop: local.read_into(key, tmp, stop=stop))
             elif size is not None and size >= RANGED_MIN and store.scheme == "s3" and store.ranged_reads:
                 hexdigest, got = await _ranged(store, key, tmp, size=size, etag=etag,
                                              limit=limit or AdaptiveLimit(RANGES_IN_FLIGHT))
@@ -1150,8 +1151,11 @@ def get_blob(store: Store, sha256: str, dest: Path) -> FileEntry:
 # -- per-file package versions ---------------------------------------------------------------
 #: A manifest larger than this is refused before it is read (it is held in memory): 64 MiB lists ~400,000 files.
 MANIFEST_MAX = 64 * 2**20
-#: Files of a per-file version fetched at once (each may be a ranged download of its own).
+#: Files of a per-file version fetched at once from S3 (each may be a ranged download of its own).
 PACKAGE_FILES_IN_FLIGHT = 32
+#: ... and from the file store, where each is a kernel copy hashed as it goes: bound by the CPU (sha256, a core
+#: each; the copy runs a chunk ahead on a helper thread, kernel_copy), so about one per core, the largest first.
+LOCAL_FILES_IN_FLIGHT = max(2, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
 
 
 @dataclass(frozen=True)
@@ -1359,9 +1363,21 @@ async def _fetch_file(store: Store, f: PackageFile, dest: Path, ranges: Adaptive
         raise _damaged_file(store, f, got.sha256)
 
 
+def _fetch_order(store: Store, files: list[PackageFile]) -> tuple[list[PackageFile], int]:
+    """The blobs of one staging in the order they are fetched, and how many at once.
+
+    The largest first: a 1.5 GB file started last would be the whole tail of the staging. On
+    the file store a few at once (LOCAL_FILES_IN_FLIGHT: each copy is hashed, a core's work); on
+    S3 more, as the network wants. The first failure cancels the rest (gather_limited), and a
+    file-store copy in flight stops between two chunks (download_file).
+    """
+    ordered = sorted(files, key=lambda f: -f.size)
+    return ordered, LOCAL_FILES_IN_FLIGHT if isinstance(store, LocalStore) else PACKAGE_FILES_IN_FLIGHT
+
+
 async def _fill_cache(store: Store, cache: BlobCache, files: list[PackageFile]) -> int:
     """Fetch into the cache the blobs of ``files`` (one per digest) that it lacks; the bytes fetched."""
-    missing = [f for f in files if cache.lookup(f.sha256, f.size) is None]
+    missing, in_flight = _fetch_order(store, [f for f in files if cache.lookup(f.sha256, f.size) is None])
     if not missing:
         return 0
     cache.prepare()
@@ -1376,7 +1392,7 @@ async def _fill_cache(store: Store, cache: BlobCache, files: list[PackageFile]) 
             tmp.unlink(missing_ok=True)
         return f.size
 
-    return sum(await gather_limited(missing, one, PACKAGE_FILES_IN_FLIGHT))
+    return sum(await gather_limited(missing, one, in_flight))
 
 
 async def _download_files(store: Store, staging: Path, files: list[PackageFile]) -> int:
@@ -1387,4 +1403,5 @@ async def _download_files(store: Store, staging: Path, files: list[PackageFile])
         await _fetch_file(store, f, staging / f.path, ranges)
         return f.size
 
-    return sum(await gather_limited(files, one, PACKAGE_FILES_IN_FLIGHT))
+    ordered, in_flight = _fetch_order(store, files)
+    return sum(await gather_limited(ordered, one, in_flight))

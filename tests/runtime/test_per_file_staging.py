@@ -11,17 +11,20 @@ import hashlib
 import os
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from airflow_aicenter import kernel_copy
 from airflow_aicenter.errors import NotFoundError, PackageError, StorageError
 from airflow_aicenter.layout import blob_key
 from airflow_aicenter.package import write_zip
 from airflow_aicenter.package.contents import contents_of, decode, encode
 from airflow_aicenter.records import BlobRef, Outcome, RunSpec, read
+from airflow_aicenter.storage import open_store, transfer
 from airflow_aicenter.storage.cache import BlobCache
-from airflow_aicenter.storage.store import Store
+from airflow_aicenter.storage.store import LocalStore, Store
 from airflow_aicenter.storage.transfer import (
     DamagedBlobError,
     put_blob,
@@ -410,3 +413,103 @@ def test_a_package_one_folder_down_stages_to_that_folder(store: Store, tmp_path:
     ref, _ = put_package_files(store, tmp_path / "outer")
     root, _ = stage_package(store, ref, tmp_path / "t" / "package", tmp_path / "t.zip", cache=None)
     assert root == tmp_path / "t" / "package" / "churn" and (root / "main.py").is_file()
+
+
+# -- the blobs of one staging in parallel (issue 25: staging at the disk's speed) ------------------
+@pytest.fixture
+def many(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A package of 14 files from 1 byte to 6 MiB, the kernel copier's chunk lowered to 64 KiB and its pipeline
+    (the copy a chunk ahead of the hash, on a helper thread) from 128 KiB: every path of a staging runs on small files."""
+    monkeypatch.setattr(kernel_copy, "COPY_CHUNK", 2**16)
+    monkeypatch.setattr(kernel_copy, "PIPELINE_MIN", 2**17)
+    files: dict[str, str | bytes] = {f"data/part-{i:02d}.bin": os.urandom(2**20 * (i % 4) + i) for i in range(10)}
+    files["z/big.bin"] = os.urandom(6 * 2**20 + 5)  # the largest, last by name
+    files["meta.json"] = '{"epoch": 1}'
+    return write_package(tmp_path / "many", files=files)
+
+
+def _entries_hash_to_their_names(cache: BlobCache) -> None:
+    for entry in cache.entries.iterdir() if cache.entries.exists() else ():
+        assert hashlib.sha256(entry.read_bytes()).hexdigest() == entry.name, f"cache entry {entry.name} is not whole"
+    assert not cache.tmp.exists() or not any(cache.tmp.iterdir()), "no fetch left behind"
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cache", "nocache"])
+def test_a_damaged_blob_among_many_fails_the_staging_and_leaves_nothing(
+    store: Store, many: Path, tmp_path: Path, cached: bool,
+) -> None:
+    """A flipped byte in one file blob among many staged at once: the staging fails naming that file, no package
+    folder appears, no partial or damaged cache entry is left, and no copy goes on after the error."""
+    ref, _ = put_package_files(store, many)
+    damaged = hashlib.sha256((many / "data" / "part-06.bin").read_bytes()).hexdigest()
+    _flip(store, damaged)
+    cache = BlobCache(tmp_path / "cache") if cached else None
+    target = tmp_path / "t" / "package"
+    with pytest.raises(DamagedBlobError) as err:
+        stage_package(store, ref, target, tmp_path / "x.zip", cache=cache)
+    assert "package file 'data/part-06.bin' is damaged" in str(err.value) and damaged in str(err.value)
+    assert not target.exists() and not list(target.parent.iterdir()), "no package folder, whole or partial"
+    assert "kernel-copy" not in {t.name for t in threading.enumerate()}, "every copy ended with the staging"
+    if cache is not None:
+        assert not cache.path(damaged).exists()
+        _entries_hash_to_their_names(cache)
+    put_package_files(store, many)  # the same folder again repairs the blob; then the staging works
+    root, _ = stage_package(store, ref, target, tmp_path / "x.zip", cache=cache)
+    assert contents_of(root) == contents_of(many)
+
+
+def test_the_file_store_stages_the_largest_blobs_first_a_few_at_a_time(
+    many: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The copies are bound by hashing (a core each): a few at once, the largest first so it is not the tail."""
+    store = open_store((tmp_path / "store").as_uri())
+    ref, _ = put_package_files(store, many)
+    sizes = {hashlib.sha256(p.read_bytes()).hexdigest(): p.stat().st_size for p in many.rglob("*") if p.is_file()}
+    started: list[int] = []
+    running = [0, 0]  # now, most at once
+    lock = threading.Lock()
+    real = LocalStore.read_into
+
+    def observed(self: LocalStore, key: str, dest: Path, **kwargs: object) -> tuple[str, int]:
+        with lock:
+            started.append(sizes.get(key.rsplit("/", 1)[-1], -1))
+            running[0] += 1
+            running[1] = max(running)
+        try:
+            return real(self, key, dest, **kwargs)  # type: ignore[arg-type]
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(LocalStore, "read_into", observed)
+    for cache in (BlobCache(tmp_path / "cache"), None):
+        started.clear()
+        running[1] = 0
+        target = tmp_path / f"t{cache is None}" / "package"
+        root, _ = stage_package(store, ref, target, tmp_path / "x.zip", cache=cache)
+        assert contents_of(root) == contents_of(many)
+        assert started[0] == max(sizes.values()), "the largest blob starts first"
+        assert 2 <= running[1] <= transfer.LOCAL_FILES_IN_FLIGHT
+
+
+def test_a_failed_blob_stops_the_other_copies_in_flight(many: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The staging is lost once a blob is damaged: the large copy running beside it stops between two chunks."""
+    store = open_store((tmp_path / "store").as_uri())
+    ref, _ = put_package_files(store, many)
+    big = (many / "z" / "big.bin").stat().st_size
+    _flip(store, hashlib.sha256((many / "data" / "part-07.bin").read_bytes()).hexdigest())  # 3 MiB: beside the big one
+    real = os.copy_file_range
+    copied = [0]
+
+    def slow(src: int, *args: int) -> int:  # 2 ms a 64 KiB chunk of the big file: it is still running when part-07 fails
+        if os.fstat(src).st_size == big:
+            time.sleep(0.002)
+            copied[0] += (n := real(src, *args))
+            return n
+        return real(src, *args)
+
+    monkeypatch.setattr(os, "copy_file_range", slow)
+    with pytest.raises(DamagedBlobError):
+        stage_package(store, ref, tmp_path / "t" / "package", tmp_path / "x.zip", cache=None)
+    assert copied[0] < big, "the large copy went on after the staging had failed"
+    assert not list((tmp_path / "t").iterdir())
