@@ -21,6 +21,7 @@ with its own cause from ``node-<k>.outcome.json``.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import re
 import threading
@@ -81,42 +82,148 @@ _RANK_PREFIX = re.compile(r"^\[rank (\d+)\] ")
 _POLICY_DISRUPTION = re.compile(r"Pod [^/\s]+/(\S+) has condition DisruptionTarget matching FailJob rule")
 
 
+class JobLogs:
+    """What the task log gets of a Job's nodes: node 0's user container followed while the run goes on
+    (:class:`NodeLogStream`), and once the Job ended, what :meth:`relay` copies.
+
+    One code path for both waits: the synchronous one (:class:`JobLauncher`) and the deferrable
+    trigger (``GangJobTrigger``, through the synchronous client in threads; the triggerer writes a
+    trigger's log into the task's log). Both see the Job end at the same moment, before the Job
+    controller's removal of the pods it stops takes their logs away.
+
+    :param core: a CoreV1Api of the synchronous kubernetes client.
+    :param container: the user container's name (the operator's ``base_container_name``).
+    :param procs_per_node: processes per node (None: unknown), for the ``[node 0 rank r]`` prefix.
+    :param seen: every pod of the Job seen while waiting, by name: its node index and machine (shared with the launcher).
+    """
+
+    def __init__(self, core: Any, *, namespace: str, job: str, nodes: int, container: str, log: Any, redactor: Redactor,
+                 poll: float, procs_per_node: int | None = None,
+                 seen: dict[str, tuple[str, str | None]] | None = None) -> None:
+        self.core, self.namespace, self.job, self.nodes, self.container = core, namespace, job, nodes, container
+        self.log, self.redactor, self.poll, self.procs_per_node = log, redactor, poll, procs_per_node
+        self.seen = seen if seen is not None else {}
+
+    def pods(self) -> list[k8s.V1Pod]:
+        """The Job's pods by node index, each remembered in :attr:`seen` with the machine it runs on."""
+        pods = kube_retry.call(self.core.list_namespaced_pod, self.namespace, label_selector=f"job-name={self.job}",
+                               what=f"list the pods of Job {self.job}", log=self.log).items
+        for pod in pods:
+            known = self.seen.get(pod.metadata.name, (None, None))[1]
+            self.seen[pod.metadata.name] = (node_index(pod), (pod.spec.node_name if pod.spec else None) or known)
+        return sorted(pods, key=lambda p: int((p.metadata.labels or {}).get("batch.kubernetes.io/job-completion-index", "0")))
+
+    def safe_pods(self) -> list[k8s.V1Pod]:
+        try:
+            return self.pods()
+        except (ApiException, kube_retry.KubernetesUnavailable):
+            return []
+
+    def relay(self, job: k8s.V1Job, *, skip_streamed: bool = False, followed: bool = True) -> None:
+        """What the task log gets of the nodes' logs once the Job ended.
+
+        Node 0's user container was streamed while the run went on (:class:`NodeLogStream`); when
+        that stream did not reach the container's end, its whole log is copied now. Node 0's
+        staging and upload containers are copied whole (the agent's lines: what was staged and
+        uploaded). The other nodes' logs are copied only when the Job failed, and only the last
+        ``TAIL_LINES`` lines of each container (asked of the API server, not read whole), each line
+        at most ``TAIL_LINE_CHARS`` long: where a node failed, not hours of its training. Every
+        line is masked with the run's known secrets (:attr:`redactor`, with the Job's own secret-looking
+        env added). ``followed=False`` (nobody streamed node 0) treats node 0's user container like the other nodes'.
+        """
+        redactor_from(job, self.redactor)
+        failed = any(c.type == "Failed" and c.status == "True" for c in (job.status.conditions or []))
+        for pod in self.safe_pods():
+            index = node_index(pod)
+            for container in (STAGE_CONTAINER, self.container, SYNC_CONTAINER):
+                if index == "0" and (followed or container != self.container):
+                    if skip_streamed and container == self.container:
+                        continue
+                    lines = self.pod_log(pod, container)
+                elif failed:
+                    lines = self.pod_log(pod, container, tail=TAIL_LINES)
+                    if lines:
+                        self.log.info("The last %d lines of node %s's %s container (%s):", len(lines), index, container,
+                                      pod.metadata.name)
+                else:
+                    continue
+                for line in lines:
+                    self.log.info("[node %s] %s", index, line)
+        if not failed:
+            others = f"the logs of nodes 1 to {self.nodes - 1}"
+            self.log.info("The run succeeded: %s are not copied (only a failed run's last lines are)",
+                          others if followed else f"node 0's training log and {others}")
+
+    def pod_log(self, pod: k8s.V1Pod, container: str, *, tail: int | None = None) -> list[str]:
+        """A container's log lines (its last ``tail`` lines, each cut at TAIL_LINE_CHARS), masked; [] if unreadable."""
+        index = node_index(pod)
+        limits: dict[str, Any] = {} if tail is None else {"tail_lines": tail, "limit_bytes": tail * (TAIL_LINE_CHARS + 1)}
+        try:
+            # Raw bytes: with its content preloaded the client gives str(bytes) of a plain-text body.
+            response = kube_retry.call(
+                self.core.read_namespaced_pod_log, pod.metadata.name, pod.metadata.namespace,
+                container=container, _preload_content=False, what=f"read the log of node {index}", log=self.log,
+                budget=30, **limits,
+            )
+            text = response.data.decode("utf-8", "replace")
+        except (ApiException, kube_retry.KubernetesUnavailable) as exc:
+            self.log.warning("Could not read the %s log of node %s (%s): %s", container, index, pod.metadata.name,
+                             getattr(exc, "reason", exc))
+            return []
+        lines = str(text).splitlines()
+        if tail is not None:
+            lines = [line if len(line) <= TAIL_LINE_CHARS else f"{line[:TAIL_LINE_CHARS]} [... line cut]"
+                     for line in lines[-tail:]]
+        return [self.redactor.redact(line) for line in lines]
+
+
+def redactor_from(job: k8s.V1Job, redactor: Redactor) -> Redactor:
+    """Add the plain values of the Job's secret-looking env (every container of its pod template) to ``redactor``."""
+    spec = job.spec.template.spec if job.spec is not None and job.spec.template is not None else None
+    for container in [*((spec.init_containers if spec else None) or []), *((spec.containers if spec else None) or [])]:
+        for var in container.env or []:
+            if var.value and is_secret_key(var.name):
+                redactor.add(var.value)
+    return redactor
+
+
 class NodeLogStream:
     """Node 0's user container log, followed into the task log while the run goes on.
 
     Lines read ``[node 0 rank r] ...`` (the supervisor's ``[rank r]`` prefix is folded in; with
-    one process per node, node 0 runs rank 0 alone). The stream runs in a daemon thread: it
-    waits for node 0's pod to start its user container, then follows its log until it ends.
-    ``complete`` says whether it reached the end, so the log is not relayed twice; a stream
-    broken by the API server leaves the whole log to the relay at the end instead.
+    one process per node, node 0 runs rank 0 alone). The stream runs in a daemon thread (in the
+    starting thread's context: a trigger's log stays the task's): it looks for node 0's pod at
+    once and then every ``poll`` seconds until its user container started, then follows its log
+    until it ends. ``complete`` says whether it reached the end, so the log is not relayed twice;
+    a stream broken by the API server leaves the whole log to the relay at the end instead.
     """
 
-    def __init__(self, launcher: JobLauncher) -> None:
-        self.launcher = launcher
+    def __init__(self, logs: JobLogs) -> None:
+        self.logs = logs
         self.complete = False
         self.stop = threading.Event()
         self.response: Any = None
-        launcher.streamer = self
-        self.thread = threading.Thread(target=self._run, name=f"aicenter-log-{launcher.job}", daemon=True)
+        context = contextvars.copy_context()
+        self.thread = threading.Thread(target=context.run, args=(self._run,), name=f"aicenter-log-{logs.job}", daemon=True)
         self.thread.start()
 
     def line(self, text: str) -> str:
-        text = self.launcher.redactor.redact(text)
+        text = self.logs.redactor.redact(text)
         match = _RANK_PREFIX.match(text)
         if match:
             return f"[node 0 rank {match.group(1)}] {text[match.end():]}"
-        if self.launcher.pod_run is not None and self.launcher.pod_run.spec.procs_per_node == 1:
+        if self.logs.procs_per_node == 1:
             return f"[node 0 rank 0] {text}"
         return f"[node 0] {text}"
 
     def _node0(self) -> k8s.V1Pod | None:
         """Node 0's pod once its user container started (None while it has not, or once the run is over)."""
-        container = self.launcher.op.base_container_name
-        while not self.stop.wait(self.launcher.poll):
+        container = self.logs.container
+        while not self.stop.is_set():
             try:
-                pods = self.launcher._pods()
+                pods = self.logs.pods()
             except Exception:  # noqa: BLE001 - the wait itself reports API trouble; keep looking
-                continue
+                pods = []
             for pod in pods:
                 if node_index(pod) != "0" or pod.status is None:
                     continue
@@ -124,16 +231,17 @@ class NodeLogStream:
                     state = status.state
                     if status.name == container and state is not None and (state.running or state.terminated):
                         return pod
+            self.stop.wait(self.logs.poll)
         return None
 
     def _run(self) -> None:
-        log, op = self.launcher.op.log, self.launcher.op
+        log = self.logs.log
         pod = self._node0()
         if pod is None:
             return
         try:
-            self.response = self.launcher.kube.core_v1_client.read_namespaced_pod_log(
-                pod.metadata.name, pod.metadata.namespace, container=op.base_container_name, follow=True,
+            self.response = self.logs.core.read_namespaced_pod_log(
+                pod.metadata.name, pod.metadata.namespace, container=self.logs.container, follow=True,
                 _preload_content=False, _request_timeout=(30, None),  # a training may print nothing for hours
             )
             pending = b""
@@ -299,7 +407,7 @@ class JobLauncher(PodLauncher):
             )
         if self.op.deferrable:
             self._defer(context)
-        streamer = NodeLogStream(self)
+        streamer = self.streamer = NodeLogStream(self.logs())
         try:
             status = self._wait()
         except GangStartTimeout as timeout:
@@ -396,6 +504,7 @@ class JobLauncher(PodLauncher):
             trigger=GangJobTrigger(
                 nodes=self.nodes,
                 startup_timeout=self.settings.startup_timeout,
+                procs_per_node=self.pod_run.spec.procs_per_node if self.pod_run is not None else None,
                 job_name=self.job,
                 job_namespace=self.namespace,
                 pod_names=[],
@@ -428,7 +537,7 @@ class JobLauncher(PodLauncher):
                 self._delete()  # no GPU held by half a gang
                 self._await_pods_gone()
                 return self.ending_of_start(str(event.get("message") or "the Job's nodes did not all start in time"))
-            if job_ended(job):
+            if job_ended(job) and not event.get("logs_relayed"):  # an event of a trigger that did not relay them
                 self._relay_logs(job, followed=False)
             return self.ending_of_job(job.status)
         finally:
@@ -521,82 +630,24 @@ class JobLauncher(PodLauncher):
                     raise GangStartTimeout(gang_timeout_message(pods, self.nodes, timeout))
             time.sleep(self.poll)
 
-    def _pods(self) -> list[k8s.V1Pod]:
+    def logs(self) -> JobLogs:
+        """The nodes' logs of this launcher's Job (:class:`JobLogs`), masked with :attr:`redactor`."""
         assert self.job is not None and self.namespace is not None
-        pods = kube_retry.call(self.kube.core_v1_client.list_namespaced_pod, self.namespace,
-                               label_selector=f"job-name={self.job}", what=f"list the pods of Job {self.job}",
-                               log=self.op.log).items
-        for pod in pods:
-            known = self.seen.get(pod.metadata.name, (None, None))[1]
-            self.seen[pod.metadata.name] = (node_index(pod), (pod.spec.node_name if pod.spec else None) or known)
-        return sorted(pods, key=lambda p: int((p.metadata.labels or {}).get("batch.kubernetes.io/job-completion-index", "0")))
+        return JobLogs(self.kube.core_v1_client, namespace=self.namespace, job=self.job, nodes=self.nodes,
+                       container=self.op.base_container_name, log=self.op.log, redactor=self.redactor, poll=self.poll,
+                       procs_per_node=self.pod_run.spec.procs_per_node if self.pod_run is not None else None, seen=self.seen)
+
+    def _pods(self) -> list[k8s.V1Pod]:
+        return self.logs().pods()
 
     def _relay_logs(self, job: k8s.V1Job, *, skip_streamed: bool = False, followed: bool = True) -> None:
-        """What the task log gets of the nodes' logs once the Job ended.
-
-        Node 0's user container was streamed while the run went on (:class:`NodeLogStream`); when
-        that stream did not reach the container's end, its whole log is copied now. Node 0's
-        staging and upload containers are copied whole (the agent's lines: what was staged and
-        uploaded). The other nodes' logs are copied only when the Job failed, and only the last
-        ``TAIL_LINES`` lines of each container (asked of the API server, not read whole), each line
-        at most ``TAIL_LINE_CHARS`` long: where a node failed, not hours of its training. Every
-        line is masked with the run's known secrets (:meth:`redactor`). ``followed=False`` (a
-        deferred run: nobody streamed node 0) treats node 0's user container like the other nodes'.
-        """
-        self.redactor_from(job)
-        failed = any(c.type == "Failed" and c.status == "True" for c in (job.status.conditions or []))
-        for pod in self._pods():
-            index = node_index(pod)
-            for container in (STAGE_CONTAINER, self.op.base_container_name, SYNC_CONTAINER):
-                if index == "0" and (followed or container != self.op.base_container_name):
-                    if skip_streamed and container == self.op.base_container_name:
-                        continue
-                    lines = self._pod_log(pod, container)
-                elif failed:
-                    lines = self._pod_log(pod, container, tail=TAIL_LINES)
-                    if lines:
-                        self.op.log.info("The last %d lines of node %s's %s container (%s):", len(lines), index, container,
-                                         pod.metadata.name)
-                else:
-                    continue
-                for line in lines:
-                    self.op.log.info("[node %s] %s", index, line)
-        if not failed:
-            others = f"the logs of nodes 1 to {self.nodes - 1}"
-            self.op.log.info("The run succeeded: %s are not copied (only a failed run's last lines are)",
-                             others if followed else f"node 0's training log and {others}")
-
-    def _pod_log(self, pod: k8s.V1Pod, container: str, *, tail: int | None = None) -> list[str]:
-        """A container's log lines (its last ``tail`` lines, each cut at TAIL_LINE_CHARS), masked; [] if unreadable."""
-        index = node_index(pod)
-        limits: dict[str, Any] = {} if tail is None else {"tail_lines": tail, "limit_bytes": tail * (TAIL_LINE_CHARS + 1)}
-        try:
-            # Raw bytes: with its content preloaded the client gives str(bytes) of a plain-text body.
-            response = kube_retry.call(
-                self.kube.core_v1_client.read_namespaced_pod_log, pod.metadata.name, pod.metadata.namespace,
-                container=container, _preload_content=False, what=f"read the log of node {index}", log=self.op.log,
-                budget=30, **limits,
-            )
-            text = response.data.decode("utf-8", "replace")
-        except (ApiException, kube_retry.KubernetesUnavailable) as exc:
-            self.op.log.warning("Could not read the %s log of node %s (%s): %s", container, index, pod.metadata.name,
-                                getattr(exc, "reason", exc))
-            return []
-        lines = str(text).splitlines()
-        if tail is not None:
-            lines = [line if len(line) <= TAIL_LINE_CHARS else f"{line[:TAIL_LINE_CHARS]} [... line cut]"
-                     for line in lines[-tail:]]
-        return [self.redactor.redact(line) for line in lines]
+        """The nodes' logs into the task log once the Job ended (:meth:`JobLogs.relay`)."""
+        self.logs().relay(job, skip_streamed=skip_streamed, followed=followed)
 
     def redactor_from(self, job: k8s.V1Job) -> Redactor:
         """Add the plain values of the Job's secret-looking env (every container of its pod template) to
         :attr:`redactor`, which already holds the run's ``env`` secrets and its issued credentials."""
-        spec = job.spec.template.spec if job.spec is not None and job.spec.template is not None else None
-        for container in [*((spec.init_containers if spec else None) or []), *((spec.containers if spec else None) or [])]:
-            for var in container.env or []:
-                if var.value and is_secret_key(var.name):
-                    self.redactor.add(var.value)
-        return self.redactor
+        return redactor_from(job, self.redactor)
 
     def ending_of_job(self, status: k8s.V1JobStatus | None) -> Finished:
         """Node 0's outcome.json decides; a failed node's own outcome names the cause."""

@@ -25,26 +25,58 @@ from airflow.providers.cncf.kubernetes.triggers.job import KubernetesJobTrigger
 from airflow.triggers.base import TriggerEvent
 
 from airflow_aicenter.launchers import kube_retry
-from airflow_aicenter.launchers.job import STARTUP_TIMEOUT, admitted_for, gang_timeout_message, job_ended, node_started
+from airflow_aicenter.launchers.job import (
+    STARTUP_TIMEOUT,
+    JobLogs,
+    NodeLogStream,
+    admitted_for,
+    gang_timeout_message,
+    job_ended,
+    node_started,
+)
+from airflow_aicenter.secrets import Redactor
+
+#: The event key saying the trigger already copied the nodes' logs into the task log (the re-entry does not again).
+LOGS_RELAYED = "logs_relayed"
 
 
 class GangJobTrigger(KubernetesJobTrigger):
     """KubernetesJobTrigger with the gang's ``startup_timeout`` (see the module docstring).
 
+    Node 0's log is followed into the task log while the Job runs, and when the Job ends the
+    nodes' logs are relayed (node 0's staging and upload, the other nodes' last lines on failure),
+    as the synchronous wait does, with the same code (:class:`~airflow_aicenter.launchers.job.JobLogs`,
+    through the synchronous client in threads, as KubernetesJobTrigger reads XComs): the triggerer
+    writes a trigger's log into the task's log, and the Job controller removes the pods it stops
+    soon after the Job failed, before the task re-enters.
+
     :param nodes: the Job's number of pods (completions).
     :param startup_timeout: seconds every node may take to be running once the Job is admitted.
+    :param procs_per_node: processes per node (the ``[node 0 rank r]`` prefix of node 0's lines).
     """
 
-    def __init__(self, *, nodes: int, startup_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, *, nodes: int, startup_timeout: float, procs_per_node: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.nodes = nodes
         self.startup_timeout = startup_timeout
+        self.procs_per_node = procs_per_node
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         _, kwargs = super().serialize()
         return f"{type(self).__module__}.{type(self).__qualname__}", {
-            **kwargs, "nodes": self.nodes, "startup_timeout": self.startup_timeout,
+            **kwargs, "nodes": self.nodes, "startup_timeout": self.startup_timeout, "procs_per_node": self.procs_per_node,
         }
+
+    def _job_logs(self, job: Any) -> JobLogs:
+        """The nodes' logs through the synchronous client (built here, on the event loop, as KubernetesJobTrigger builds
+        its pod manager's), masked with the Job's own secret-looking env (the worker's masker is not here)."""
+        from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+        hook = KubernetesHook(conn_id=self.kubernetes_conn_id, in_cluster=self.in_cluster, config_file=self.config_file,
+                              cluster_context=self.cluster_context)
+        return JobLogs(hook.core_v1_client, namespace=self.job_namespace, job=self.job_name, nodes=self.nodes,
+                       container=self.base_container_name, log=self.log, redactor=Redactor(), poll=self.poll_interval,
+                       procs_per_node=self.procs_per_node)
 
     async def _read_job(self) -> Any:
         from kubernetes_asyncio.client import BatchV1Api
@@ -69,32 +101,44 @@ class GangJobTrigger(KubernetesJobTrigger):
             "batch.kubernetes.io/job-completion-index", "0")))
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        started = False
-        first_seen: float | None = None
-        while True:
-            job = await self._read_job()
-            if job_ended(job):  # a condition whose status is "True" (KubernetesHook's check takes "False" for true)
-                error = next((c.reason or "Failed" for c in job.status.conditions if c.type == "Failed" and c.status == "True"),
-                             None)
-                yield TriggerEvent({
-                    "name": job.metadata.name, "namespace": job.metadata.namespace, "pod_names": list(self.pod_names),
-                    "pod_namespace": self.pod_namespace, "status": "error" if error else "success",
-                    "message": f"Job failed with error: {error}" if error else "Job completed successfully",
-                    "xcom_result": None,
-                })
-                return
-            if not started and job.spec is not None and job.spec.suspend:
-                first_seen = None  # queued (again): the start clock waits for admission
-            elif not started:
-                first_seen = first_seen if first_seen is not None else time.monotonic()
-                pods = await self._pods()
-                if sum(1 for p in pods if node_started(p)) >= self.nodes:
-                    started = True
-                    self.log.info("All %d nodes of Job %s are running", self.nodes, self.job_name)
-                elif admitted_for(job, first_seen) > self.startup_timeout:
+        stream: NodeLogStream | None = None
+        try:
+            started = False
+            first_seen: float | None = None
+            logs: JobLogs | None = None
+            while True:
+                job = await self._read_job()
+                logs = logs or self._job_logs(job)
+                if job_ended(job):  # a condition whose status is "True" (KubernetesHook's check takes "False" for true)
+                    error = next((c.reason or "Failed" for c in job.status.conditions
+                                  if c.type == "Failed" and c.status == "True"), None)
+                    if stream is not None:
+                        await asyncio.to_thread(stream.finish)
+                    await asyncio.to_thread(logs.relay, job, skip_streamed=stream is not None and stream.complete)
                     yield TriggerEvent({
-                        "name": self.job_name, "namespace": self.job_namespace, "status": STARTUP_TIMEOUT,
-                        "message": gang_timeout_message(pods, self.nodes, self.startup_timeout),
+                        "name": job.metadata.name, "namespace": job.metadata.namespace, "pod_names": list(self.pod_names),
+                        "pod_namespace": self.pod_namespace, "status": "error" if error else "success",
+                        "message": f"Job failed with error: {error}" if error else "Job completed successfully",
+                        "xcom_result": None, LOGS_RELAYED: True,
                     })
                     return
-            await asyncio.sleep(self.poll_interval)
+                if stream is None and not (job.spec is not None and job.spec.suspend):
+                    stream = NodeLogStream(logs)  # admitted: node 0 is followed into the task log from now on
+                if not started and job.spec is not None and job.spec.suspend:
+                    first_seen = None  # queued (again): the start clock waits for admission
+                elif not started:
+                    first_seen = first_seen if first_seen is not None else time.monotonic()
+                    pods = await self._pods()
+                    if sum(1 for p in pods if node_started(p)) >= self.nodes:
+                        started = True
+                        self.log.info("All %d nodes of Job %s are running", self.nodes, self.job_name)
+                    elif admitted_for(job, first_seen) > self.startup_timeout:
+                        yield TriggerEvent({
+                            "name": self.job_name, "namespace": self.job_namespace, "status": STARTUP_TIMEOUT,
+                            "message": gang_timeout_message(pods, self.nodes, self.startup_timeout),
+                        })
+                        return
+                await asyncio.sleep(self.poll_interval)
+        finally:
+            if stream is not None:
+                stream.finish(0)  # ended, or cancelled (the trigger moved to another triggerer): stop following

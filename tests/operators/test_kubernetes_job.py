@@ -96,19 +96,20 @@ def test_deferrable_job_completes_on_reentry(ddp_deployment, kube_api: FakeKuber
     kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")
 
 
-def test_a_deferred_run_that_failed_shows_every_node_s_last_lines_on_reentry(ddp_deployment, kube_api: FakeKubernetes,
-                                                                            capfd: pytest.CaptureFixture[str]):
-    """Deferred, nothing streamed node 0's log: when the run failed, the re-entry copies the last lines of every node
-    still there (node 1's failing rank among them; the Job controller removed the others' pods), not whole logs."""
+def test_a_deferred_run_that_failed_shows_every_node_s_last_lines(ddp_deployment, kube_api: FakeKubernetes,
+                                                                  capfd: pytest.CaptureFixture[str]):
+    """Deferred: when the run failed, the trigger (whose log the triggerer writes into the task log) copies the last
+    lines of every other node as it sees the Job fail (node 1's failing rank among them), not whole logs; the
+    re-entry does not copy them again."""
     from airflow_aicenter.launchers.job import TAIL_LINES
 
     registry, dataset = ddp_deployment
     context = make_context()
     with pytest.raises(TaskDeferred) as deferred:
         ddp_full_op(dataset, deferrable=True, env={"FAIL_RANK": "3"}).execute(context)
+    capfd.readouterr()
     event = run_trigger(deferred.value)
     assert event["status"] == "error"
-    capfd.readouterr()
     with pytest.raises(RunError, match=r"node 1: rank 3: Main.train\(\) raised ValueError: rank 3 refuses to train"):
         ddp_full_op(dataset, deferrable=True, env={"FAIL_RANK": "3"}).trigger_reentry(context, event)
     captured = capfd.readouterr()

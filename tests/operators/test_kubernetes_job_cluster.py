@@ -318,6 +318,48 @@ def test_node_0_log_reaches_the_task_log_while_the_run_goes_on(kube_deployment, 
     assert rest.count("streamed hello from rank 0") == 1, "node 0's log once, not again at the end"
 
 
+def test_a_deferred_run_streams_node_0_s_log_from_the_trigger_while_the_run_goes_on(
+        kube_deployment, kube_api: FakeKubernetes, tmp_path: Path, capfd: pytest.CaptureFixture[str]):
+    """Deferred, the trigger follows node 0's log (the triggerer writes a trigger's log into the task log): node 0's
+    line is there before the run ends, once; the re-entry does not copy it again."""
+    from airflow.sdk.exceptions import TaskDeferred
+
+    registry, dataset = kube_deployment
+    registry.upload(write_files(tmp_path / "pkg", {"main.py": MAIN, "train.py": WAITING_TRAIN, "requirements.txt": ""}), "slow")
+    release = tmp_path / "release"
+
+    def op() -> TrainPipelineOperator:
+        return TrainPipelineOperator(task_id="train", package="slow", dataset=dataset, nodes=2, install_requirements=False,
+                                     env={"RELEASE": str(release)}, deferrable=True, **FAST)
+
+    context = make_context()
+    with pytest.raises(TaskDeferred) as deferred:
+        op().execute(context)
+    events: list[dict[str, Any]] = []
+    triggerer = threading.Thread(target=lambda: events.append(first_event(deferred.value, timeout=120)), daemon=True)
+    triggerer.start()
+    seen = ""
+    deadline = time.monotonic() + 90
+    while "[node 0 rank 0] streamed hello from rank 0" not in seen and time.monotonic() < deadline and triggerer.is_alive():
+        captured = capfd.readouterr()
+        seen += captured.out + captured.err
+        time.sleep(0.3)
+    waiting = triggerer.is_alive() and not events
+    release.write_text("go")
+    triggerer.join(120)
+    assert waiting and "[node 0 rank 0] streamed hello from rank 0" in seen, f"node 0's line before the end:\n{seen[-3000:]}"
+    [event] = events
+    assert event["status"] == "success", event
+    result = op().trigger_reentry(context, event)
+    assert result["version"] == "1.1"
+    captured = capfd.readouterr()
+    rest = seen + captured.out + captured.err
+    assert "[node 0 rank 0] streamed bye from rank 0" in rest
+    assert rest.count("streamed hello from rank 0") == 1, "node 0's log once, not again at the end"
+    assert "[node 0] [aicenter]" in rest, "node 0's staging and upload lines, relayed by the trigger"
+    kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")
+
+
 NOISY_TRAIN = '''
 import os, time
 
@@ -366,6 +408,49 @@ def test_a_failed_run_shows_the_other_nodes_last_lines_only_redacted(kube_deploy
     assert token not in logged, "masked"
     assert any("the token is ***" in line for line in node1), node1[-30:]
     assert "lines of node 1's" in logged
+
+
+def test_a_deferred_failed_run_gives_the_same_report_node_0_s_lines_and_the_other_nodes_last_lines(
+        kube_deployment, kube_api: FakeKubernetes, tmp_path: Path, capfd: pytest.CaptureFixture[str]):
+    """Deferred, node 1 fails while node 0 trains: the Job controller stops node 0 and its pod is removed before the
+    task re-enters. The task log still gets node 0's lines and node 1's last lines (capped, masked), as the
+    synchronous wait gives them: a removed pod's last lines come from its node's outcome record."""
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from airflow_aicenter.errors import RunError
+    from airflow_aicenter.launchers.job import TAIL_LINES
+    from tests.aicenter_helpers import run_trigger
+
+    registry, dataset = kube_deployment
+    registry.upload(write_files(tmp_path / "pkg", {"main.py": MAIN, "train.py": NOISY_TRAIN, "requirements.txt": ""}), "noisy")
+    token = "tok-5f0c8e2a9b7d4c1e8f3a6b2d"
+
+    def op() -> TrainPipelineOperator:
+        return TrainPipelineOperator(task_id="train", package="noisy", dataset=dataset, nodes=2, install_requirements=False,
+                                     env_vars={"SERVICE_TOKEN": token}, deferrable=True, **FAST)
+
+    context = make_context()
+    with pytest.raises(TaskDeferred) as deferred:
+        op().execute(context)
+    event = run_trigger(deferred.value)  # its log is the task's (the triggerer writes it into the task log)
+    assert event["status"] == "error", event
+    [job] = kube_api.jobs.values()
+    kube_api.wait_for(lambda: not any(p.key in job.pods for p in kube_api.pods.values()
+                                      if p.obj["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] == "0"),
+                      timeout=30, what="node 0's pod removed by the Job controller")
+    with pytest.raises(RunError, match=r"node 1: rank 1: Main.train\(\) raised ValueError: node 1 gives up"):
+        op().trigger_reentry(context, event)
+    captured = capfd.readouterr()
+    logged = captured.out + captured.err
+    assert logged.count("node 1 says line 199") == 1, "relayed once (by the trigger), not again on re-entry"
+    node0 = [line for line in logged.splitlines() if "[node 0" in line]
+    assert any("rank 0 trains" in line for line in node0), f"node 0's lines are in the task log:\n{logged[-3000:]}"
+    node1 = [line[line.index("[node 1] "):] for line in logged.splitlines() if "[node 1] " in line]
+    assert any("node 1 says line 199" in line for line in node1), node1[-30:]
+    assert not any("node 1 says line 150" in line for line in node1), "the last lines only, not the whole log"
+    assert 0 < len(node1) <= 3 * TAIL_LINES, len(node1)
+    assert token not in logged, "masked"
+    kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")
 
 
 # -- disruptions: an evicted node is a retryable failure; the retry resumes from the checkpoint ----
