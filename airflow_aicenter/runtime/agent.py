@@ -73,7 +73,7 @@ from airflow_aicenter.runtime.supervisor import RESULT_LIMIT, TAIL_LINE, TAIL_LI
 from airflow_aicenter.runtime.user import cap
 from airflow_aicenter.secrets import SECRET_KEYS_ENV, Redactor, is_secret_key, redact, redact_json_lines_file
 from airflow_aicenter.storage import Store, open_store
-from airflow_aicenter.storage.cache import BlobCache, runtime_cache
+from airflow_aicenter.storage.cache import BlobCache, PlacedFiles, runtime_cache
 from airflow_aicenter.storage.transfer import (
     FileEntry,
     check_names,
@@ -272,6 +272,9 @@ class Agent:
         #: The blob cache this process staged a per-file package through (its ``known`` hook spares the re-hash of
         #: untouched files when the folder is stored as the next version); None for a zip version or in a pod's sync.
         self.staged_from: BlobCache | None = None
+        #: The digests of the package files staging placed, while untouched (storage/cache.py PlacedFiles): storing the
+        #: folder as the next version hashes only what changed. A pod's stage hands it to sync in the agent's state.
+        self.placed = PlacedFiles()
         #: Batch prediction: the first failed input, in input order, for the run's cause.
         self.first_error: str | None = None
         #: The task's checkpoint sync, once its latest checkpoint is restored (runtime/checkpoint.py).
@@ -506,7 +509,7 @@ class Agent:
         state = {
             "root": str(root), "dirs": {k: str(v) for k, v in self.dirs.items()}, "outcome": self.outcome.model_dump_json(),
             "entries": self.entries, "fingerprints": self.fingerprints, "incremental": self.incremental,
-            "predict_parts": self.predict_parts, "built": self.built, "store_env": store_plan,
+            "predict_parts": self.predict_parts, "built": self.built, "store_env": store_plan, "placed": self.placed.table(),
             "checkpoint": (self.checkpoints.last, self.checkpoints.resumed_from_try) if self.checkpoints else None,
         }
         assert self.state is not None
@@ -528,6 +531,7 @@ class Agent:
         self.entries, self.fingerprints, self.incremental = state["entries"], state["fingerprints"], state["incremental"]
         self.predict_parts = state["predict_parts"]
         self.built = state.get("built")
+        self.placed = PlacedFiles(state.get("placed"))  # stage's: the user container cannot reach the state volume
         if (store_plan := state.get("store_env")) is not None:  # packed and stored while user code runs; waited for at the end
             try:
                 self.environment = store_meanwhile(self.store, store_plan, log)
@@ -598,7 +602,7 @@ class Agent:
         # them); the others get the cache's read-only files linked.
         cache = self.staged_from = self.blob_cache if spec.blob.kind == "files" else None
         root, size = stage_package(self.store, spec.blob, target, self.work / "package.zip", cache=cache,
-                                   link=not self.plan.makes_version)
+                                   link=not self.plan.makes_version, placed=self.placed)
         if spec.blob.kind == "files":
             log(f"package staged: {human(size)} fetched from the store, the rest from the local blob cache"
                 if cache is not None else f"package staged: {human(size)} fetched from the store")
@@ -843,7 +847,8 @@ class Agent:
                 writable += [Path(entry["cwd"]) for entry in processes]
             if self.plan.serving:
                 writable += [self.work / "predictions", self.work / "parts"]
-            isolation.hand_over(self.work, self.run_as["uid"], self.run_as["gid"], writable)
+            with self.placed.handing_over(self.work / "package"):  # the chown moves ctimes: the staged files stay known
+                isolation.hand_over(self.work, self.run_as["uid"], self.run_as["gid"], writable)
 
     def _supervisor_plan(self, processes: list[dict[str, Any]]) -> dict[str, Any]:
         """The user supervisor's plan (runtime/supervisor.py) for these processes."""
@@ -1003,14 +1008,21 @@ class Agent:
     def _store_package(self, root: Path) -> BlobRef:
         """Store the package folder as a per-file version: only the files whose blob the store lacks are written.
 
-        A file staged from the blob cache and untouched since is not hashed again (the cache
-        knows its digest by inode); the parent's file blobs unmodified since its manifest are
-        vouched for, not read back (_vouched_package_blobs).
+        A file staged and untouched since is not hashed again (``placed`` knows its digest by
+        inode: in a pod, from stage's state); the parent's file blobs unmodified since its
+        manifest are vouched for, not read back (_vouched_package_blobs).
         """
-        cache = self.staged_from  # in a pod, sync is not the process that staged: None
         sealed = self._seal_new_files(root)
-        put = store_package_files(self.store, root, known=cache.known if cache is not None else None,
-                                  stored=self._vouched_package_blobs())
+        spared: list[int] = []
+
+        def known(path: Path, st: os.stat_result) -> str | None:
+            if (digest := self.placed.known(path, st)) is not None:
+                spared.append(st.st_size)
+            return digest
+
+        put = store_package_files(self.store, root, known=known, stored=self._vouched_package_blobs())
+        if spared:
+            log(f"{len(spared)} package files ({human(sum(spared))}) untouched since staging: not read again")
         self._count("bytes_uploaded", put.written_bytes)
         if sealed and self.blob_cache is not None:
             kept = sum(self.blob_cache.adopt(root / f.path, f.sha256, f.size, sealed[f.path])
@@ -1041,7 +1053,7 @@ class Agent:
                 st = path.lstat()
             except OSError:
                 continue
-            if self.staged_from is not None and self.staged_from.known(path, st) is not None:
+            if self.staged_from is not None and self.placed.known(path, st) is not None:
                 continue  # staged from the cache and untouched: its entry is there
             if (done := cache.seal_in_place(path)) is not None:
                 sealed[rel.as_posix()] = done

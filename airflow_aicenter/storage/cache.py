@@ -53,7 +53,7 @@ import secrets
 import shutil
 import stat
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,12 +80,79 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class _Placed:
-    """A file this cache put in a work folder: what its inode looked like right after staging."""
+    """A file staging put in a work folder: what its inode looked like right after staging."""
 
     size: int
     mtime_ns: int
     ctime_ns: int
     sha256: str
+
+
+class PlacedFiles:
+    """The digests of the files a staging placed (verified as they were fetched or copied), by inode.
+
+    ``known`` gives a file's digest while its inode's size, modification and change time are
+    all as they were right after staging, so the end of a training does not hash a 1.5 GB file
+    it never touched. The change time (ctime) is the strict part: any write, chmod, utime or
+    new link moves it, and no unprivileged process can set it back. Three places use it: the
+    process that staged (the local launcher); a pod's ``sync`` container, which gets the table
+    from ``stage`` through the agent's state volume (user code mounts neither that volume nor
+    anything that leads to it, so package code cannot add or change an entry); and a run under
+    ``run_as_user``, where the agent's own chown of the package folder to that user moves every
+    ctime: ``handing_over`` re-takes the stat of each file it held unchanged right before.
+
+    What a forged entry could do: an entry only ever names the digest staging verified for that
+    inode, a blob the parent version references and the store holds. A file changed in place
+    with its times and inode kept (impossible without root) would be recorded under that old
+    digest: the new version would then reference the stored, correct parent blob, never bytes
+    that no one verified.
+    """
+
+    def __init__(self, table: Mapping[tuple[int, int], tuple[int, int, int, str]] | None = None) -> None:
+        self._placed: dict[tuple[int, int], _Placed] = {
+            key: _Placed(*value) for key, value in (table or {}).items()}
+
+    def __len__(self) -> int:
+        return len(self._placed)
+
+    def remember(self, path: Path, sha256: str) -> None:
+        """Note what ``path`` (just placed, its content verified as ``sha256``) looks like now."""
+        st = os.lstat(path)
+        self._placed[(st.st_dev, st.st_ino)] = _Placed(st.st_size, st.st_mtime_ns, st.st_ctime_ns, sha256)
+
+    def known(self, path: Path, st: os.stat_result) -> str | None:
+        """The digest of a file staging placed and nothing changed since (contents_of's ``known`` hook)."""
+        placed = self._placed.get((st.st_dev, st.st_ino))
+        if placed is None or (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (placed.size, placed.mtime_ns, placed.ctime_ns):
+            return None
+        return placed.sha256
+
+    def table(self) -> dict[tuple[int, int], tuple[int, int, int, str]]:
+        """Plain values, for a pod's stage to hand to sync (the agent's state)."""
+        return {key: (p.size, p.mtime_ns, p.ctime_ns, p.sha256) for key, p in self._placed.items()}
+
+    @contextlib.contextmanager
+    def handing_over(self, root: Path) -> Iterator[None]:
+        """Around the agent's own chown of ``root`` to the run's user (run_as_user), before any package code runs.
+
+        Each file under ``root`` still as staged before the block is taken as staged after it
+        when only its owner and change time moved (same inode, size, modification time): the
+        chown is the agent's, and nothing else ran in between.
+        """
+        before: dict[Path, tuple[int, int, int, int, str]] = {}
+        for base, _, names in os.walk(root):
+            for name in names:
+                path = Path(base) / name
+                with contextlib.suppress(OSError):
+                    st = os.lstat(path)
+                    if (digest := self.known(path, st)) is not None:
+                        before[path] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, digest)
+        yield
+        for path, (dev, ino, size, mtime_ns, digest) in before.items():
+            with contextlib.suppress(OSError):
+                st = os.lstat(path)
+                if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == (dev, ino, size, mtime_ns):
+                    self._placed[(dev, ino)] = _Placed(size, mtime_ns, st.st_ctime_ns, digest)
 
 
 class BlobCache:
@@ -101,7 +168,8 @@ class BlobCache:
         self.max_bytes = max_bytes
         #: Other pods write this folder too: entries are verified by digest, never by their seal (module doc).
         self.shared = shared
-        self._placed: dict[tuple[int, int], _Placed] = {}
+        #: What this cache placed in work folders (remember, known).
+        self.placed = PlacedFiles()
         #: Shared: entries this process hashed, by inode, with the size, modification and change time they had then.
         self._verified: dict[tuple[int, int], tuple[int, int, int, str]] = {}
 
@@ -247,19 +315,11 @@ class BlobCache:
 
     def remember(self, dest: Path, sha256: str) -> None:
         """Note what ``dest`` (placed by this cache) looks like now, for ``known``: call it once staging is done."""
-        st = os.lstat(dest)
-        self._placed[(st.st_dev, st.st_ino)] = _Placed(st.st_size, st.st_mtime_ns, st.st_ctime_ns, sha256)
+        self.placed.remember(dest, sha256)
 
     def known(self, path: Path, st: os.stat_result) -> str | None:
-        """The digest of a file this cache placed and nothing changed since (contents_of's ``known`` hook).
-
-        Same inode, size, modification and change time as right after staging: a write, a
-        chmod or a new link changes the change time, and the file is hashed again.
-        """
-        placed = self._placed.get((st.st_dev, st.st_ino))
-        if placed is None or (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (placed.size, placed.mtime_ns, placed.ctime_ns):
-            return None
-        return placed.sha256
+        """The digest of a file this cache placed and nothing changed since (PlacedFiles.known)."""
+        return self.placed.known(path, st)
 
     def add(self, path: Path, sha256: str, size: int) -> bool:
         """Keep a copy of a local file whose digest the caller just verified (a new version's new files); True if added.

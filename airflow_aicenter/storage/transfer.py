@@ -53,7 +53,7 @@ from airflow_aicenter.layout import BLOBS, blob_key
 from airflow_aicenter.package.contents import KnownDigest, PackageContents, PackageFile, contents_of, decode, encode
 from airflow_aicenter.package.validate import find_package_root
 from airflow_aicenter.records import BlobRef
-from airflow_aicenter.storage.cache import BlobCache
+from airflow_aicenter.storage.cache import BlobCache, PlacedFiles
 from airflow_aicenter.storage.store import LocalStore, ObjectInfo, Store, unstorable, walk_files
 
 #: Concurrent requests per transfer; small files are latency-bound, so many in flight win: with
@@ -1251,6 +1251,7 @@ def read_package_contents(
 
 def stage_package(
     store: Store, ref: BlobRef, target: Path, scratch: Path, *, cache: BlobCache | None, link: bool = True,
+    placed: PlacedFiles | None = None,
 ) -> tuple[Path, int]:
     """Put the package version ``ref`` in ``target``, verified; (the package root, bytes fetched from the store).
 
@@ -1264,7 +1265,9 @@ def stage_package(
     (a kernel copy, a reflink where the file system shares extents), for a folder package
     code writes (a training's, which becomes the next version) and where several runs on a
     node must not share an inode. Without a cache, files are downloaded straight into place.
-    ``target`` must not exist or be empty, and appears only complete.
+    ``target`` must not exist or be empty, and appears only complete. ``placed`` (and the
+    cache's own table) learns the digest of every file placed, verified as it was fetched or
+    copied, so storing the folder later need not hash the files no one touched (PlacedFiles).
     """
     if ref.kind == "zip":
         return extract_blob(store, ref.sha256, target, scratch)
@@ -1290,6 +1293,8 @@ def stage_package(
                     cache.copy(f.sha256, dest, size=f.size, mode=f.mode)
             for f in contents.files:
                 cache.remember(staging / f.path, f.sha256)
+                if placed is not None:
+                    placed.remember(staging / f.path, f.sha256)
             with contextlib.suppress(OSError):  # a cache that cannot be trimmed still serves this run
                 cache.trim(keep={*contents.digests(), ref.sha256})
         else:
@@ -1299,6 +1304,9 @@ def stage_package(
                 if first[f.sha256] is not f:
                     shutil.copyfile(staging / first[f.sha256].path, dest)
                 os.chmod(dest, f.mode)
+            if placed is not None:  # after every chmod: each file's times as they stay
+                for f in contents.files:
+                    placed.remember(staging / f.path, f.sha256)
         for folder in {os.path.dirname(f.path) for f in contents.files} - {""}:
             (staging / folder).chmod(0o755)
     return find_package_root(target), fetched  # as for a zip: main.py's folder (paths are relative to it already)

@@ -14,7 +14,9 @@ import pytest
 
 from airflow_aicenter.errors import ConfigurationError
 from airflow_aicenter.package.contents import contents_of, file_mode
-from airflow_aicenter.storage.cache import SEALED_MODE, SEALED_MTIME_NS, BlobCache, runtime_cache
+from airflow_aicenter.runtime import isolation
+from airflow_aicenter.storage import open_store
+from airflow_aicenter.storage.cache import SEALED_MODE, SEALED_MTIME_NS, BlobCache, PlacedFiles, runtime_cache
 from airflow_aicenter.storage.store import Store
 from airflow_aicenter.storage.transfer import put_package_files, stage_package
 from tests.packages import write_package
@@ -242,3 +244,55 @@ def test_what_is_never_sealed_in_place(tmp_path: Path) -> None:
         assert cache.seal_in_place(path) is None
         assert (path.stat().st_mode, path.stat().st_mtime_ns) == (before.st_mode, before.st_mtime_ns)
 
+
+
+# -- what staging placed, as a run_as_user hand-over and a pod's sync see it (PlacedFiles) -------
+def _staged(store_dir: Path, tmp_path: Path) -> tuple[Path, PlacedFiles, dict[str, str]]:
+    """A per-file package staged without a cache into ``tmp_path/work/package``, with what staging placed."""
+    store = open_store(store_dir.as_uri())
+    pkg = write_package(tmp_path / "pkg", files={"weights.bin": os.urandom(2**20), "meta.json": "{}"})
+    ref, _ = put_package_files(store, pkg)
+    placed = PlacedFiles()
+    root, _ = stage_package(store, ref, tmp_path / "work" / "package", tmp_path / "x.zip", cache=None, link=False,
+                            placed=placed)
+    digests = {f.path: f.sha256 for f in contents_of(pkg).files}
+    return root, placed, digests
+
+
+def test_staging_without_a_cache_knows_what_it_placed(tmp_path: Path) -> None:
+    root, placed, digests = _staged(tmp_path / "store", tmp_path)
+    assert contents_of(root, known=placed.known) == contents_of(root)
+    assert all(placed.known(root / rel, (root / rel).lstat()) == digest for rel, digest in digests.items())
+
+
+def test_the_hand_over_to_run_as_user_keeps_untouched_files_known(tmp_path: Path) -> None:
+    """The agent's chown to that user moves every ctime; the files untouched before it stay known after it,
+    a file written before it (its mtime put back) does not, nor one that user writes after it."""
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root (chown to another user), as the local launcher's run_as_user does")
+    root, placed, digests = _staged(tmp_path / "store", tmp_path)
+    weights, meta = root / "weights.bin", root / "meta.json"
+    st = meta.stat()
+    meta.write_text("{}")  # the same bytes again, the modification time put back: only the change time tells
+    os.utime(meta, ns=(st.st_atime_ns, st.st_mtime_ns))
+    stale = PlacedFiles(placed.table())  # what the cache's in-process table knew: it did not see the chown
+    time.sleep(0.02)  # past the file system's clock tick: the chown's change time differs from staging's
+    with placed.handing_over(root.parent):
+        isolation.hand_over(tmp_path / "work", 65534, 65534, [root])
+    after = weights.lstat()
+    assert after.st_uid == 65534
+    assert stale.known(weights, after) is None, "the chown moved the change time"
+    assert placed.known(weights, after) == digests["weights.bin"], "known across the agent's own chown"
+    assert placed.known(meta, meta.lstat()) is None, "written before the hand-over: hashed again"
+    with open(weights, "r+b") as fh:  # what that user may do to its package folder
+        fh.write(b"x")
+    assert placed.known(weights, weights.lstat()) is None
+
+
+def test_a_table_handed_from_stage_to_sync_knows_the_same_files(tmp_path: Path) -> None:
+    """A pod's stage hands its table to sync in the agent's state (plain values): same answers there."""
+    root, placed, digests = _staged(tmp_path / "store", tmp_path)
+    handed = PlacedFiles(placed.table())
+    assert all(handed.known(root / rel, (root / rel).lstat()) == digest for rel, digest in digests.items())
+    (root / "meta.json").chmod(0o600)
+    assert handed.known(root / "meta.json", (root / "meta.json").lstat()) is None
