@@ -33,10 +33,12 @@ runtime is already running when it stages; a fresh interpreter's import time is 
   nocache 2.06 s; nocache first: 3.16 s against cold 3.11 s, one run each, the same machine);
 - **warm**: every blob already in the node's cache: nothing fetched, every file linked;
 - **after version 1**: the cache holds version 1's blobs, so only what changed is fetched;
-- against **cp -r** of the same package folder (the same bytes), a fresh process.
+- against **cp -r** of the same package folder (the same bytes), a fresh process, and the floor
+  of a verified staging: **sha256 of the largest file**, which no number of cores shortens (a
+  digest is sequential; the staging copies a chunk ahead of it and runs the other files beside it).
 
 Targets (issue 25): version 2 writes <= 1% of the 1.5 GB file; staging from the local blob
-cache <= 0.2 s; (staging from the store <= 1.5x ``cp``: figure 9 measures the zip path).
+cache <= 0.2 s; staging from the file store <= 1.5x ``cp`` (figure 9 measures the zip path).
 """
 
 from __future__ import annotations
@@ -60,6 +62,11 @@ for folder, _, names in os.walk(sys.argv[1]):
     for name in names:
         with open(os.path.join(folder, name), "rb") as fh:
             hashlib.file_digest(fh, "sha256")
+'''
+SHA256_ONE_CHILD = r'''
+import hashlib, sys
+with open(sys.argv[1], "rb") as fh:
+    hashlib.file_digest(fh, "sha256")
 '''
 IMPORT_CHILD = "import airflow_aicenter.storage.transfer, airflow_aicenter.storage.cache"
 
@@ -240,6 +247,8 @@ def main() -> None:
             shutil.rmtree(after)
             shutil.rmtree(root / "cp", ignore_errors=True)
             note(limits, "cp -r of the staged bytes", fresh(["cp", "-r", str(v2), str(root / "cp")]))
+            note(limits, "sha256 of the largest file", fresh([str(PYTHON), "-c", SHA256_ONE_CHILD,
+                                                              str(v2 / "model" / "weights.bin")]))
             shutil.rmtree(root / "cp", ignore_errors=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -272,6 +281,13 @@ def main() -> None:
     print(f"\nversion 2 writes <= 1% of the big file: upload {100 * upload_written / big:.2f}%, training "
           f"{100 * training_written / big:.2f}% -> {verdict(max(upload_written, training_written) <= big / 100)}")
     print(f"staging from the blob cache <= 0.2 s: {warm:.3f} s -> {verdict(warm <= 0.2)}")
+    floor = med_limits["sha256 of the largest file"]
+    for name in ("cold (empty blob cache)", "nocache (no blob cache)"):
+        wall = statistics.median(w for w, _ in stages[name])
+        print(f"staging from the file store <= 1.5x cp -r, {name}: {wall:.2f} s = {wall / cp_staged:.2f}x "
+              f"-> {verdict(wall <= 1.5 * cp_staged)}")
+    print(f"  its floor: every byte is verified, and sha256 of the largest file alone (one core: a digest is "
+          f"sequential) takes {floor:.2f} s = {floor / cp_staged:.2f}x cp -r")
     save_json("per-file", {"machine": machine(), "mb": args.mb, "package_bytes": package_bytes, "big_file": big,
                            "writes": {n: [{"wall": w, "bytes": b} for w, b in r] for n, r in writes.items()},
                            "staging": {n: [{"wall": w, "fetched": f} for w, f in r] for n, r in stages.items()},
