@@ -364,8 +364,8 @@ class LocalStore(Store):
         plain file I/O at the disk's speed instead of obstore's reads (1 GiB took 5-9 s through
         obstore). The bytes move in the kernel (``copy_file_range``: a reflink on file systems
         that share extents, an in-kernel copy elsewhere) and the digest is taken from the copy,
-        through a read-only mapping of what was just written, so what is verified is what the
-        caller gets, in one pass. ``dest`` is always a new file: never a hard link to the blob,
+        read back from the page cache just written, so what is verified is what the caller
+        gets, in one pass (kernel_copy). ``dest`` is always a new file: never a hard link to the blob,
         because user code may write the staged file (the package folder of a training becomes
         the next version) and must not change the store through it. A set ``stop`` ends the
         copy between two chunks (kernel_copy.CopyStopped): the staging it serves failed elsewhere.
@@ -505,8 +505,8 @@ class LocalStore(Store):
 def copy_hashed(src: int, dst: int, *, stop: threading.Event | None = None, hashed: bool = True) -> tuple[str, int]:
     """Copy the open file ``src`` from its start to the open file ``dst`` (read-write); (sha256 of the copy, size).
 
-    One pass through kernel_copy.copy_range: each chunk copied in the kernel, then hashed
-    through a read-only mapping of ``dst`` (the page cache just written, no copy into Python),
+    One pass through kernel_copy.copy_range: each chunk copied in the kernel, then hashed as
+    read back from ``dst`` (the page cache just written, through a buffer the CPU keeps cached),
     the next chunk copied while this one is hashed. Reads until end of file, so a file that
     shrank or grew while it was copied hashes to what was copied. A set ``stop`` ends the copy
     between two chunks with kernel_copy.CopyStopped. ``hashed=False`` only copies (the digest is then ""):
