@@ -405,6 +405,9 @@ class JobLauncher(PodLauncher):
             self.op.log.info(
                 "Created Job %s/%s: %d nodes x %d processes", self.namespace, self.job, self.nodes, spec.procs_per_node
             )
+        if self.killed.is_set():  # on_kill came while the Job was being created: it found nothing to delete then
+            self._end()
+            return self._killed()
         if self.op.deferrable:
             self._defer(context)
         streamer = self.streamer = NodeLogStream(self.logs())
@@ -420,6 +423,8 @@ class JobLauncher(PodLauncher):
             raise
         except BaseException:
             self._end()  # killed, timed out, or the Job disappeared
+            if self.killed.is_set():  # on_kill removed the Job: the run was killed, it did not disappear
+                return self._killed()
             raise
         finally:
             streamer.finish()
@@ -427,6 +432,11 @@ class JobLauncher(PodLauncher):
             return self.ending_of_job(status)
         finally:
             self._end()
+
+    def _killed(self) -> Finished:
+        """The ending of a run on_kill stopped (:meth:`kill` records it too; whichever comes first, it says killed)."""
+        with self.recording:
+            return self.killed_ending(self.reported()[3])
 
     def _end(self) -> None:
         if not self.op.deferrable:
@@ -740,15 +750,17 @@ class JobLauncher(PodLauncher):
 
     def kill(self) -> None:
         """Delete the Job and Service; the run is recorded as killed."""
+        self.killed.set()
         self._delete()
         self.revoke_credentials(self.pod_run.run if self.pod_run else None)
         if self.pod_run is None:
             return
         store = self.hook.get_store()
         key = self.pod_run.run.key(OUTCOME)
-        outcome = read_optional(store, key, Outcome)
-        if outcome is None or outcome.status == "running":
-            end_outcome(store, key, outcome or self.pod_run.spec, "killed", killed_by_airflow)
+        with self.recording:  # the launch path may be recording the ending now: one after the other
+            outcome = read_optional(store, key, Outcome)
+            if outcome is None or outcome.status == "running":
+                end_outcome(store, key, outcome or self.pod_run.spec, "killed", killed_by_airflow)
 
 
 def _current_context() -> Any:

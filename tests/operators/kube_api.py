@@ -552,6 +552,8 @@ class FakeKubernetes:
             created = self.create_pod(meta["namespace"], pod)
             with self.cond:
                 job.pods.append((created["metadata"]["namespace"], created["metadata"]["name"]))
+                if job.deleting:  # deleted meanwhile: the garbage collector removes what it owned
+                    self.delete_pod(*job.pods[-1], None)
         threading.Thread(target=self._control_job, args=(job,), name=f"job-{body['metadata']['name']}", daemon=True).start()
 
     def get_job(self, namespace: str, name: str) -> Job:
@@ -566,7 +568,10 @@ class FakeKubernetes:
             job = self.get_job(namespace, name)
             job.deleting = True
             del self.jobs[(namespace, name)]
-            for key in job.pods:
+            uid = job.obj["metadata"]["uid"]
+            owned = [p.key for p in self.pods.values()  # what it owns, as the garbage collector finds it
+                     if any(ref.get("uid") == uid for ref in p.obj["metadata"].get("ownerReferences") or [])]
+            for key in dict.fromkeys([*job.pods, *owned]):
                 if key in self.pods:
                     self.delete_pod(*key, None)
             return copy.deepcopy(job.obj)

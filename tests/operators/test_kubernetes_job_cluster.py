@@ -598,6 +598,46 @@ def test_an_evicted_single_pod_is_a_retryable_failure_naming_its_node(kube_deplo
     assert "resumes from the latest checkpoint" in str(error)
 
 
+# -- on_kill: the Job goes, the run says killed --------------------------------------------
+@pytest.mark.parametrize("when", ["pending", "while the Job is created"])
+def test_on_kill_removes_the_job_revokes_its_credentials_and_records_the_run_as_killed(
+        when: str, kube_s3_deployment, kube_api: FakeKubernetes):
+    """on_kill of a distributed run: the Job and its Service are deleted (the Job only on a terminal state, kill or
+    timeout), the per-run credentials revoked, the run recorded ``killed`` and the task's error says so (not that the
+    Job disappeared). ``while the Job is created``: on_kill comes while the create is in flight (the test API server
+    holds it), so it finds nothing to delete; the launch path removes the Job it then creates."""
+    from airflow_aicenter.errors import RunError
+    from airflow_aicenter.layout import OUTCOME
+    from airflow_aicenter.records import Outcome, read_optional
+
+    registry, dataset = kube_s3_deployment
+    kube_api.start_delay = 60.0  # every node Pending until deleted
+    held = kube_api.hold_next(r"/jobs$", method="POST") if when != "pending" else None
+    op = TrainPipelineOperator(task_id="train", package="rows", dataset=dataset, nodes=2, install_requirements=False,
+                               **FAST)
+    thread, out = run_in_thread(op, make_context())
+    if held is not None:
+        assert held.reached.wait(60), out
+    else:
+        kube_api.wait_for(lambda: len(kube_api.pods) == 2 or not thread.is_alive(), timeout=60, what="the Job's pods")
+    assert thread.is_alive(), out
+    [secret] = list(kube_api.secrets)
+    run = op.launcher_in_use.pod_run.run  # type: ignore[union-attr]
+    op.on_kill()
+    if held is not None:
+        held.release.set()
+    thread.join(60)
+    assert not thread.is_alive()
+    error = out.get("error")
+    assert isinstance(error, RunError) and " killed: killed by Airflow (task stopped) during start-up" in str(error), error
+    outcome = read_optional(registry.store, run.key(OUTCOME), Outcome)
+    assert outcome is not None and outcome.status == "killed", outcome
+    assert secret not in kube_api.secrets, "the run's credentials are revoked"
+    kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services and not kube_api.pods, timeout=30,
+                      what="the Job, its Service and its pods removed")
+    assert [r.version for r in registry.versions("rows")] == ["1.0"], "no version"
+
+
 # -- reattach through Airflow's task state store --------------------------------------------
 def test_a_killed_worker_s_next_try_reattaches_to_the_job_named_in_the_task_state_store(
         kube_deployment, kube_api: FakeKubernetes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
