@@ -31,7 +31,8 @@ under ``run_as_user`` package code cannot, and in a pod the cache is on another 
 What this cache placed in a work folder is remembered by inode with its size, modification and
 change time, right after staging: ``known`` gives a file's digest while all of them are
 unchanged, so the end of a training does not hash a 1.5 GB file it never touched. There ctime
-is strict: a write, a chmod, a new link all make the file hashed again.
+is strict: a write, a chmod, a new link all make the file hashed again. The table is a
+PlacedFiles, which staging fills with or without a cache and which a pod's stage hands to sync.
 
 A shared cache (``shared=True``: a node's folder that every pod's ``stage`` mounts, the
 connection extra ``blob_cache``) trusts no seal: any pod that can write the folder could put
