@@ -105,6 +105,7 @@ def kube_api(tmp_path_factory: pytest.TempPathFactory, runtime_python: Path) -> 
     kube = FakeKubernetes(tmp_path_factory.mktemp("kube"), python=str(runtime_python)).start()
     yield kube
     kube.stop()
+    assert not kube.invalid, f"the test API server served objects the Kubernetes schema refuses: {kube.invalid[:3]}"
 
 
 @pytest.fixture

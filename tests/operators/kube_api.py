@@ -235,6 +235,9 @@ class FakeKubernetes:
         self.faults: list[Fault] = []
         #: Faults served, as ``(method, path, status or "reset")``.
         self.faults_served: list[tuple[str, str, int | str]] = []
+        #: What the server itself made of an object (a pod's or Job's status) that the schema refuses: the fixture
+        #: fails the test on any (the clients must only ever see objects a real API server could serve).
+        self.invalid: list[str] = []
         self.cond = threading.Condition()
         self._rv = itertools.count(1000)
         self._server: ThreadingHTTPServer | None = None
@@ -362,6 +365,13 @@ class FakeKubernetes:
     def everything_sent(self) -> str:
         """Every manifest and patch the clients sent, as text (for secret-leak assertions)."""
         return json.dumps(self.created)
+
+    def _served(self, obj: dict[str, Any], kind: str) -> None:
+        """Check an object as the server changed it (status, conditions) against the schema; keep what it refuses."""
+        try:
+            validate(obj, kind)
+        except ApiError as exc:
+            self.invalid.append(f"{obj.get('metadata', {}).get('name')}: {exc.message}")
 
     # -- API operations (called by the handler, under no lock) -----------------------------
     def create_pod(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -500,6 +510,7 @@ class FakeKubernetes:
             if spec.get("suspend"):  # queued (Kueue): no pods until admitted, see admit_job
                 body["status"] = {"active": 0, "conditions": [self._job_condition("Suspended", "True", "JobSuspended",
                                                                                   "Job suspended")]}
+                self._served(body, "Job")
                 self.cond.notify_all()
                 return copy.deepcopy(body)
             body["status"] = {"active": 0, "startTime": rfc3339(now())}
@@ -524,6 +535,7 @@ class FakeKubernetes:
             job.obj["status"] = {"active": 0, "startTime": rfc3339(now()),
                                  "conditions": [self._job_condition("Suspended", "False", "JobResumed", "Job resumed")]}
             job.obj["metadata"]["resourceVersion"] = str(next(self._rv))
+            self._served(job.obj, "Job")
         self._start_job(job)
 
     def _start_job(self, job: Job) -> None:
@@ -629,6 +641,7 @@ class FakeKubernetes:
                     if done[0] == "Complete":
                         status["completionTime"] = moment
                     job.obj["metadata"]["resourceVersion"] = str(next(self._rv))
+                    self._served(job.obj, "Job")
                     for pod in pods:
                         if not pod.terminal and not pod.deleting:
                             self.delete_pod(*pod.key, None)
@@ -898,6 +911,7 @@ class FakeKubernetes:
                 *([pod.disruption] if pod.disruption else []),
             ]
         pod.obj["metadata"]["resourceVersion"] = str(next(self._rv))
+        self._served(pod.obj, "Pod")
 
     def _statuses(self, pod: Pod, containers: list[Container]) -> list[dict[str, Any]]:
         statuses = []

@@ -78,6 +78,29 @@ def test_api_errors_when_creating_the_job_are_retried(ddp_deployment, kube_api: 
     kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")
 
 
+def test_the_test_api_server_validates_what_it_receives_and_what_it_serves(kube_deployment, kube_api: FakeKubernetes):
+    """Every manifest a client sends is checked against the Kubernetes schema (422 Invalid, as an API server answers),
+    and so is every status the server itself writes (suspended and admitted Jobs, conditions, pods Pending, evicted,
+    disrupted): the kube_api fixture fails a test whose server served an object the schema refuses."""
+    from kubernetes import client, config
+    from kubernetes.client.exceptions import ApiException
+
+    api = config.new_client_from_config(str(kube_api.kubeconfig()))  # not the process-wide default configuration
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "bad"}, "spec": {
+        "completionMode": "Indexed", "completions": 1, "template": {"spec": {
+            "restartPolicy": "Never", "containers": [{"name": "c", "image": "i", "gpus": 1}]}}}}
+    with pytest.raises(ApiException) as refused:
+        client.BatchV1Api(api).create_namespaced_job("default", job)
+    assert refused.value.status == 422 and "Job is invalid" in str(refused.value.body)
+    assert not kube_api.jobs
+    served = {**job, "spec": {**job["spec"], "template": {"spec": {"restartPolicy": "Never",
+                                                                   "containers": [{"name": "c", "image": "i"}]}}},
+              "status": {"conditions": [{"type": "Failed", "status": "True", "cause": "not a field"}]}}
+    kube_api._served(served, "Job")
+    assert kube_api.invalid and "bad: Job is invalid" in kube_api.invalid[0], kube_api.invalid
+    kube_api.invalid.clear()
+
+
 # -- Kueue: queue_name, suspended Jobs, priority -----------------------------------------
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
