@@ -282,8 +282,13 @@ class BasePipelineOperator(KubernetesPodOperator):
     def get_or_create_pod(self, pod_request_obj: k8s.V1Pod, context: Context) -> k8s.V1Pod:
         """KPO's reattach, refusing a pod that does not run this very task (#39096)."""
         pod = super().get_or_create_pod(pod_request_obj, context)
-        if isinstance(self.launcher_in_use, PodLauncher):
-            self.launcher_in_use.adopt(pod)
+        launcher = self.launcher_in_use
+        if isinstance(launcher, PodLauncher):
+            launcher.adopt(pod)
+            if launcher.killed.is_set():  # on_kill came while the pod was created, when there was no pod to delete
+                self.pod = pod
+                super().on_kill()
+                launcher.ending(None)  # killed: raises the run's RunError
         return pod
 
     def on_kill(self) -> None:

@@ -251,3 +251,44 @@ def test_on_kill_of_a_pending_pod_records_killed_whichever_of_on_kill_and_the_fa
     assert isinstance(failure, RunError) and " killed: killed by Airflow" in str(failure), failure
     kube_api.wait_for(lambda: all(p.gone for p in kube_api.all_pods()), timeout=30, what="the pod to be deleted")
     assert secret_key not in kube_api.secrets, "the run's credentials are revoked"
+
+
+def test_on_kill_while_the_pod_is_being_created_removes_the_pod_it_could_not_see(kube_s3_deployment,
+                                                                                 kube_api: FakeKubernetes):
+    """on_kill comes while the pod's create is in flight (the test API server holds it): KubernetesPodOperator has no
+    pod to delete yet. Once created, the pod is deleted at once instead of running on, and the run says killed."""
+    import threading
+
+    from airflow_aicenter.layout import OUTCOME
+    from airflow_aicenter.operators import TrainPipelineOperator
+    from airflow_aicenter.records import read_optional
+    from tests.operators.kube_api import make_context
+
+    registry, dataset = kube_s3_deployment
+    held = kube_api.hold_next(r"/pods$", method="POST")
+    op = TrainPipelineOperator(task_id="train", package="rows", dataset=dataset, install_requirements=False,
+                               startup_check_interval_seconds=0.1, poll_interval=0.5)
+    failures: list[BaseException] = []
+
+    def execute() -> None:
+        try:
+            op.execute(make_context())
+        except BaseException as error:  # handed to the test
+            failures.append(error)
+
+    worker = threading.Thread(target=execute, daemon=True)
+    worker.start()
+    assert held.reached.wait(60), failures
+    [secret_key] = list(kube_api.secrets)
+    run = op.launcher_in_use.pod_run.run  # type: ignore[union-attr]
+    op.on_kill()
+    held.release.set()
+    worker.join(60)
+    assert not worker.is_alive()
+    [failure] = failures
+    assert isinstance(failure, RunError) and " killed: killed by Airflow" in str(failure), failure
+    outcome = read_optional(registry.store, run.key(OUTCOME), Outcome)
+    assert outcome is not None and outcome.status == "killed", outcome
+    kube_api.wait_for(lambda: all(p.gone for p in kube_api.all_pods()), timeout=30, what="the pod to be deleted")
+    assert secret_key not in kube_api.secrets, "the run's credentials are revoked"
+    assert [r.version for r in registry.versions("rows")] == ["1.0"], "no version"
