@@ -108,10 +108,7 @@ class JobLogs:
         """The Job's pods by node index, each remembered in :attr:`seen` with the machine it runs on."""
         pods = kube_retry.call(self.core.list_namespaced_pod, self.namespace, label_selector=f"job-name={self.job}",
                                what=f"list the pods of Job {self.job}", log=self.log).items
-        for pod in pods:
-            known = self.seen.get(pod.metadata.name, (None, None))[1]
-            self.seen[pod.metadata.name] = (node_index(pod), (pod.spec.node_name if pod.spec else None) or known)
-        return sorted(pods, key=lambda p: int((p.metadata.labels or {}).get("batch.kubernetes.io/job-completion-index", "0")))
+        return remember(self.seen, pods)
 
     def safe_pods(self) -> list[k8s.V1Pod]:
         try:
@@ -175,6 +172,15 @@ class JobLogs:
             lines = [line if len(line) <= TAIL_LINE_CHARS else f"{line[:TAIL_LINE_CHARS]} [... line cut]"
                      for line in lines[-tail:]]
         return [self.redactor.redact(line) for line in lines]
+
+
+def remember(seen: dict[str, tuple[str, str | None]], pods: Sequence[Any]) -> list[Any]:
+    """Note each pod's node index and machine in ``seen`` (a pod gone at the end is still named with its machine);
+    the pods by node index."""
+    for pod in pods:
+        known = seen.get(pod.metadata.name, (None, None))[1]
+        seen[pod.metadata.name] = (node_index(pod), (pod.spec.node_name if pod.spec else None) or known)
+    return sorted(pods, key=lambda p: int((p.metadata.labels or {}).get("batch.kubernetes.io/job-completion-index", "0")))
 
 
 def redactor_from(job: k8s.V1Job, redactor: Redactor) -> Redactor:
@@ -539,6 +545,8 @@ class JobLauncher(PodLauncher):
         with the trigger's count of running nodes (retryable), as in the synchronous wait.
         """
         self.job, self.namespace = event["name"], event["namespace"]
+        for name, (index, machine) in (event.get("seen") or {}).items():  # the trigger's view: gone pods keep a machine
+            self.seen.setdefault(str(name), (str(index), machine))
         job = self._read_job()
         if job is None or not self._adopt_job(job):
             raise RunError(f"Job {self.namespace}/{self.job} is gone or not ours; clear the task to run it again")

@@ -33,6 +33,7 @@ from airflow_aicenter.launchers.job import (
     gang_timeout_message,
     job_ended,
     node_started,
+    remember,
 )
 from airflow_aicenter.secrets import Redactor
 
@@ -60,6 +61,9 @@ class GangJobTrigger(KubernetesJobTrigger):
         self.nodes = nodes
         self.startup_timeout = startup_timeout
         self.procs_per_node = procs_per_node
+        #: Every pod of the Job seen while waiting: its node index and machine (the event hands it to the re-entry,
+        #: which names a disrupted node's machine after its pod is gone).
+        self.seen: dict[str, tuple[str, str | None]] = {}
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         _, kwargs = super().serialize()
@@ -76,7 +80,7 @@ class GangJobTrigger(KubernetesJobTrigger):
                               cluster_context=self.cluster_context)
         return JobLogs(hook.core_v1_client, namespace=self.job_namespace, job=self.job_name, nodes=self.nodes,
                        container=self.base_container_name, log=self.log, redactor=Redactor(), poll=self.poll_interval,
-                       procs_per_node=self.procs_per_node)
+                       procs_per_node=self.procs_per_node, seen=self.seen)
 
     async def _read_job(self) -> Any:
         from kubernetes_asyncio.client import BatchV1Api
@@ -97,8 +101,7 @@ class GangJobTrigger(KubernetesJobTrigger):
                                                                        label_selector=f"job-name={self.job_name}")
 
         listed = await kube_retry.acall(pods, what=f"list the pods of Job {self.job_name}", log=self.log)
-        return sorted(listed.items, key=lambda p: int((p.metadata.labels or {}).get(
-            "batch.kubernetes.io/job-completion-index", "0")))
+        return remember(self.seen, listed.items)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         stream: NodeLogStream | None = None
@@ -119,7 +122,7 @@ class GangJobTrigger(KubernetesJobTrigger):
                         "name": job.metadata.name, "namespace": job.metadata.namespace, "pod_names": list(self.pod_names),
                         "pod_namespace": self.pod_namespace, "status": "error" if error else "success",
                         "message": f"Job failed with error: {error}" if error else "Job completed successfully",
-                        "xcom_result": None, LOGS_RELAYED: True,
+                        "xcom_result": None, LOGS_RELAYED: True, "seen": {k: list(v) for k, v in self.seen.items()},
                     })
                     return
                 if stream is None and not (job.spec is not None and job.spec.suspend):

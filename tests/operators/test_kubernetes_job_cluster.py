@@ -539,6 +539,47 @@ def test_an_evicted_node_is_a_retryable_failure_naming_it_and_the_retry_resumes_
     assert second.checkpoint is not None and second.checkpoint["resumed_from_try"] == 1
 
 
+def test_a_deferred_run_whose_node_is_preempted_and_deleted_is_a_retryable_disruption_naming_it(
+        kube_deployment, kube_api: FakeKubernetes, tmp_path: Path):
+    """Deferred: node 1's pod is preempted and deleted while the trigger waits. The re-entry (a fresh operator, no pod
+    left to read) fails retryable naming node 1, its pod and the machine it ran on, as the synchronous wait does."""
+    from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
+
+    from airflow_aicenter.errors import RunError
+
+    registry, dataset = kube_deployment
+    registry.upload(write_files(tmp_path / "pkg", {"main.py": MAIN, "train.py": CHECKPOINT_DDP, "requirements.txt": ""}), "ck")
+
+    def op() -> TrainPipelineOperator:
+        return TrainPipelineOperator(task_id="train", package="ck", dataset=dataset, nodes=2, install_requirements=False,
+                                     env={"HOLD": "60"}, deferrable=True, **FAST)
+
+    context = make_context()
+    with pytest.raises(TaskDeferred) as deferred:
+        op().execute(context)
+    events: list[dict[str, Any]] = []
+    triggerer = threading.Thread(target=lambda: events.append(first_event(deferred.value, timeout=120)), daemon=True)
+    triggerer.start()
+
+    def training() -> bool:
+        return sum(1 for p in kube_api.pods.values() for c in p.containers
+                   if c.name == "base" and c.process is not None and c.exit_code is None) == 2
+
+    kube_api.wait_for(lambda: training() or not triggerer.is_alive(), timeout=90, what="both nodes training")
+    pod = kube_api.disrupt(1, reason="PreemptionByScheduler", message="Preempted in order to admit critical pod", gone=True)
+    triggerer.join(120)
+    [event] = events
+    assert event["status"] == "error", event
+    kube_api.wait_for(lambda: not kube_api.pods, timeout=30, what="every pod of the failed Job gone")
+    with pytest.raises(RunError) as failed:
+        op().trigger_reentry(context, event)
+    assert not isinstance(failed.value, AirflowFailException), "retryable"
+    name = pod.key[1]
+    assert f"node 1 (pod {name}) was disrupted on node fake-node (DisruptionTarget" in str(failed.value), str(failed.value)
+    assert "resumes from the latest checkpoint" in str(failed.value)
+    kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")
+
+
 def test_a_node_preempted_and_deleted_is_named_as_a_retryable_disruption(kube_deployment, kube_api: FakeKubernetes,
                                                                         tmp_path: Path):
     """Node 1's pod is preempted and deleted while the run trains: nobody can read it afterwards. The Job's
