@@ -1265,6 +1265,11 @@ def stage_package(
     (a kernel copy, a reflink where the file system shares extents), for a folder package
     code writes (a training's, which becomes the next version) and where several runs on a
     node must not share an inode. Without a cache, files are downloaded straight into place.
+    A cold staging through the cache costs what one without it costs: each blob is one pass
+    (a kernel copy hashed from the copy, into the cache's ``tmp/``), then a seal and two links
+    (about 1 ms; measured at 2 GB, the same CPU seconds either way); with ``link`` False each
+    file then takes one more kernel copy (its private one: +0.5 CPU-s at 2 GB). The blobs are
+    fetched in parallel, the largest first (_fetch_order).
     ``target`` must not exist or be empty, and appears only complete. ``placed`` (and the
     cache's own table) learns the digest of every file placed, verified as it was fetched or
     copied, so storing the folder later need not hash the files no one touched (PlacedFiles).
