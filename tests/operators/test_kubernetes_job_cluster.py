@@ -635,6 +635,36 @@ def test_an_api_server_down_past_the_retry_budget_keeps_the_job_and_the_retry_re
     kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")
 
 
+def test_a_deferred_wait_past_the_retry_budget_keeps_the_job_and_the_retry_waits_for_it(ddp_deployment, kube_api,
+                                                                                          monkeypatch):
+    """The trigger's reads answer 503 for longer than the budget: the trigger fails retryable (KubernetesUnavailable) and
+    the Job runs on, untouched; try 2 waits for that same Job (defers to it) or, its run ended meanwhile, completes it."""
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from airflow_aicenter.launchers import kube_retry
+
+    registry, dataset = ddp_deployment
+    monkeypatch.setattr(kube_retry, "BUDGET", 2.0)
+    with pytest.raises(TaskDeferred) as deferred:
+        ddp_full_op(dataset, deferrable=True).execute(make_context())
+    fault = kube_api.fail_next(r"/jobs/[^/]+/status$", 10_000, 503)
+    with pytest.raises(kube_retry.KubernetesUnavailable, match=r"the Kubernetes API failed to read Job .* for 2 s"):
+        first_event(deferred.value)
+    assert kube_api.jobs, "the Job was not deleted because reads failed"
+    assert not [p for m, p in kube_api.requests if m == "DELETE" and "/jobs/" in p]
+    fault.count = 0  # the API server is back
+    context = make_context(try_number=2)
+    try:
+        result = ddp_full_op(dataset, deferrable=True).execute(context)
+    except TaskDeferred as again:
+        event = first_event(again, timeout=90)
+        assert event["status"] == "success", event
+        result = ddp_full_op(dataset, deferrable=True).trigger_reentry(context, event)
+    assert result["version"] == "1.1" and result["score"] == 6.0
+    assert len([m for m in kube_api.created if m.get("kind") == "Job"]) == 1, "try 1's Job was not started again"
+    kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")
+
+
 def test_an_evicted_single_pod_is_a_retryable_failure_naming_its_node(kube_deployment, kube_api: FakeKubernetes,
                                                                       tmp_path: Path):
     from airflow.sdk.exceptions import AirflowFailException
