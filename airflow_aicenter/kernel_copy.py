@@ -81,7 +81,7 @@ def copy_range(
             return pos
         if consume is not None:
             buf = buf if buf is not None else memoryview(bytearray(min(READ_BUFFER, n)))
-            _consume_copied(dst, pos, n, consume, buf)
+            read_back(dst, pos, n, consume, buf)
         pos += n
 
 
@@ -95,8 +95,13 @@ def _kernel_copy(src: int, dst: int, count: int, src_at: int, dst_at: int) -> in
         return None
 
 
-def _consume_copied(dst: int, pos: int, n: int, consume: Consumer, buf: memoryview) -> None:
-    """Hand ``consume`` bytes [pos, pos + n) of ``dst``, just copied, read back through ``buf``."""
+def read_back(dst: int, pos: int, n: int, consume: Consumer, buf: memoryview | None = None) -> None:
+    """Hand ``consume`` bytes [pos, pos + n) of ``dst``, just written, read back through ``buf`` (READ_BUFFER).
+
+    Also how a ranged download hashes its parts from the file they were written to (storage/transfer.py).
+    """
+    if buf is None:
+        buf = memoryview(bytearray(READ_BUFFER))
     end = pos + n
     while pos < end:
         got = os.preadv(dst, [buf[:min(len(buf), end - pos)]], pos)
@@ -188,7 +193,7 @@ def _pipelined(
                 return _buffered(src, dst, src_offset, pos, length, consume, stop)
             if not n:
                 return pos
-            _consume_copied(dst, pos, n, consume, buf)
+            read_back(dst, pos, n, consume, buf)
     finally:
         quit_.set()
         helper.join()
