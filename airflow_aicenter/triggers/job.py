@@ -33,6 +33,7 @@ from airflow_aicenter.launchers.job import (
     gang_timeout_message,
     job_ended,
     node_started,
+    redactor_from,
     remember,
 )
 from airflow_aicenter.secrets import Redactor
@@ -71,16 +72,34 @@ class GangJobTrigger(KubernetesJobTrigger):
             **kwargs, "nodes": self.nodes, "startup_timeout": self.startup_timeout, "procs_per_node": self.procs_per_node,
         }
 
-    def _job_logs(self, job: Any) -> JobLogs:
+    def _job_logs(self) -> JobLogs | None:
         """The nodes' logs through the synchronous client (built here, on the event loop, as KubernetesJobTrigger builds
-        its pod manager's), masked with the Job's own secret-looking env (the worker's masker is not here)."""
+        its pod manager's), masked with the Job's own secret-looking env (the worker's masker is not here). None when
+        the client cannot be built: the wait goes on and the re-entry relays the logs instead."""
         from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 
-        hook = KubernetesHook(conn_id=self.kubernetes_conn_id, in_cluster=self.in_cluster, config_file=self.config_file,
-                              cluster_context=self.cluster_context)
-        return JobLogs(hook.core_v1_client, namespace=self.job_namespace, job=self.job_name, nodes=self.nodes,
+        try:
+            hook = KubernetesHook(conn_id=self.kubernetes_conn_id, in_cluster=self.in_cluster, config_file=self.config_file,
+                                  cluster_context=self.cluster_context)
+            core = hook.core_v1_client
+        except Exception as exc:  # noqa: BLE001 - logs are a convenience; the Job's wait must not fail for them
+            self.log.warning("Cannot follow the nodes' logs from the triggerer (%s); they are copied when the task resumes",
+                             exc)
+            return None
+        return JobLogs(core, namespace=self.job_namespace, job=self.job_name, nodes=self.nodes,
                        container=self.base_container_name, log=self.log, redactor=Redactor(), poll=self.poll_interval,
                        procs_per_node=self.procs_per_node, seen=self.seen)
+
+    async def _relay(self, logs: JobLogs | None, job: Any, *, streamed: bool) -> bool:
+        """The nodes' logs into the task log as the Job ended (:meth:`JobLogs.relay`); False: the re-entry relays them."""
+        if logs is None:
+            return False
+        try:
+            await asyncio.to_thread(logs.relay, job, skip_streamed=streamed)
+        except Exception as exc:  # noqa: BLE001 - the event must still come; the re-entry copies what is left
+            self.log.warning("Could not copy the nodes' logs (%s); the task copies them when it resumes", exc)
+            return False
+        return True
 
     async def _read_job(self) -> Any:
         from kubernetes_asyncio.client import BatchV1Api
@@ -108,24 +127,24 @@ class GangJobTrigger(KubernetesJobTrigger):
         try:
             started = False
             first_seen: float | None = None
-            logs: JobLogs | None = None
+            logs = self._job_logs()
             while True:
                 job = await self._read_job()
-                logs = logs or self._job_logs(job)
                 if job_ended(job):  # a condition whose status is "True" (KubernetesHook's check takes "False" for true)
                     error = next((c.reason or "Failed" for c in job.status.conditions
                                   if c.type == "Failed" and c.status == "True"), None)
                     if stream is not None:
                         await asyncio.to_thread(stream.finish)
-                    await asyncio.to_thread(logs.relay, job, skip_streamed=stream is not None and stream.complete)
+                    relayed = await self._relay(logs, job, streamed=stream is not None and stream.complete)
                     yield TriggerEvent({
                         "name": job.metadata.name, "namespace": job.metadata.namespace, "pod_names": list(self.pod_names),
                         "pod_namespace": self.pod_namespace, "status": "error" if error else "success",
                         "message": f"Job failed with error: {error}" if error else "Job completed successfully",
-                        "xcom_result": None, LOGS_RELAYED: True, "seen": {k: list(v) for k, v in self.seen.items()},
+                        "xcom_result": None, LOGS_RELAYED: relayed, "seen": {k: list(v) for k, v in self.seen.items()},
                     })
                     return
-                if stream is None and not (job.spec is not None and job.spec.suspend):
+                if stream is None and logs is not None and not (job.spec is not None and job.spec.suspend):
+                    redactor_from(job, logs.redactor)  # the Job's own secret-looking env, masked from the first line
                     stream = NodeLogStream(logs)  # admitted: node 0 is followed into the task log from now on
                 if not started and job.spec is not None and job.spec.suspend:
                     first_seen = None  # queued (again): the start clock waits for admission

@@ -304,6 +304,7 @@ class Main:
     def train(self, training_directory):
         rank = os.environ["RANK"]
         print(f"streamed hello from rank {rank}", flush=True)
+        print(f"the credential is {os.environ.get('DB_CREDENTIAL', 'unset')}", flush=True)
         deadline = time.time() + 90
         while rank == "0" and not os.path.exists(os.environ["RELEASE"]) and time.time() < deadline:
             time.sleep(0.2)
@@ -344,16 +345,18 @@ def test_node_0_log_reaches_the_task_log_while_the_run_goes_on(kube_deployment, 
 def test_a_deferred_run_streams_node_0_s_log_from_the_trigger_while_the_run_goes_on(
         kube_deployment, kube_api: FakeKubernetes, tmp_path: Path, capfd: pytest.CaptureFixture[str]):
     """Deferred, the trigger follows node 0's log (the triggerer writes a trigger's log into the task log): node 0's
-    line is there before the run ends, once; the re-entry does not copy it again."""
+    line is there before the run ends, once, masked; the re-entry does not copy it again."""
     from airflow.sdk.exceptions import TaskDeferred
 
     registry, dataset = kube_deployment
     registry.upload(write_files(tmp_path / "pkg", {"main.py": MAIN, "train.py": WAITING_TRAIN, "requirements.txt": ""}), "slow")
     release = tmp_path / "release"
+    token = "tok-5f0c8e2a9b7d4c1e8f3a6b2d"
 
     def op() -> TrainPipelineOperator:
         return TrainPipelineOperator(task_id="train", package="slow", dataset=dataset, nodes=2, install_requirements=False,
-                                     env={"RELEASE": str(release)}, deferrable=True, **FAST)
+                                     env={"RELEASE": str(release)}, env_vars={"DB_CREDENTIAL": token}, deferrable=True,
+                                     **FAST)
 
     context = make_context()
     with pytest.raises(TaskDeferred) as deferred:
@@ -380,6 +383,7 @@ def test_a_deferred_run_streams_node_0_s_log_from_the_trigger_while_the_run_goes
     assert "[node 0 rank 0] streamed bye from rank 0" in rest
     assert rest.count("streamed hello from rank 0") == 1, "node 0's log once, not again at the end"
     assert "[node 0] [aicenter]" in rest, "node 0's staging and upload lines, relayed by the trigger"
+    assert token not in rest and "[node 0 rank 0] the credential is ***" in rest, "masked"
     kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")
 
 
