@@ -292,3 +292,35 @@ def test_on_kill_while_the_pod_is_being_created_removes_the_pod_it_could_not_see
     kube_api.wait_for(lambda: all(p.gone for p in kube_api.all_pods()), timeout=30, what="the pod to be deleted")
     assert secret_key not in kube_api.secrets, "the run's credentials are revoked"
     assert [r.version for r in registry.versions("rows")] == ["1.0"], "no version"
+
+
+def test_api_errors_while_a_single_pod_runs_are_retried_and_the_run_succeeds(kube_deployment, kube_api: FakeKubernetes,
+                                                                            tmp_path: Path):
+    """A flaky API server during a one-pod run (KubernetesPodOperator's own waits and reads, which retry 5xx and dropped
+    connections): 503s, a 500 and a reset on the pod's reads; the run goes on and its pod is deleted once, at its end."""
+    import threading
+
+    from airflow_aicenter.operators import TrainPipelineOperator
+    from tests.aicenter_helpers import FAST
+    from tests.conftest import write_files
+    from tests.operators.kube_api import make_context
+    from tests.operators.test_kubernetes_launcher import MAIN, TRAIN
+
+    registry, dataset = kube_deployment
+    registry.upload(write_files(tmp_path / "pkg", {"main.py": MAIN, "train.py": TRAIN, "requirements.txt": ""}), "rows")
+
+    def inject() -> None:
+        kube_api.wait_for(lambda: bool(kube_api.pods), timeout=60, what="the pod")
+        kube_api.fail_next(r"/pods/[^/]+$", 2, 503)
+        kube_api.fail_next(r"/pods/[^/]+$", 1, 500)
+        kube_api.fail_next(r"/pods/[^/]+$", 1, "reset")
+
+    watcher = threading.Thread(target=inject, daemon=True)
+    watcher.start()
+    result = TrainPipelineOperator(task_id="train", package="rows", dataset=dataset, install_requirements=False,
+                                   **FAST).execute(make_context())
+    watcher.join(5)
+    assert result["version"] == "1.1"
+    served = [status for _, _, status in kube_api.faults_served]
+    assert served.count(503) == 2 and 500 in served and "reset" in served, served
+    assert len([p for m, p in kube_api.requests if m == "DELETE" and "/pods/" in p]) == 1, "deleted once, at its end"
