@@ -324,3 +324,30 @@ def test_api_errors_while_a_single_pod_runs_are_retried_and_the_run_succeeds(kub
     served = [status for _, _, status in kube_api.faults_served]
     assert served.count(503) == 2 and 500 in served and "reset" in served, served
     assert len([p for m, p in kube_api.requests if m == "DELETE" and "/pods/" in p]) == 1, "deleted once, at its end"
+
+
+@pytest.mark.parametrize("entry", [{"name": "aicenter-gone-pod", "namespace": "default"}, "not an identity"],
+                         ids=["gone", "malformed"])
+def test_a_task_state_store_entry_for_no_pod_falls_back_to_the_label_lookup(
+        kube_deployment, kube_api: FakeKubernetes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, entry: Any):
+    """The task state store names a pod that is gone (or holds no identity): the run is not refused or stuck; the
+    label lookup finds nothing, one pod is created, the run succeeds and the store names the new pod."""
+    from airflow.sdk.execution_time import task_runner
+
+    from airflow_aicenter.operators import TrainPipelineOperator
+    from tests.aicenter_helpers import FAST
+    from tests.conftest import write_files
+    from tests.operators.kube_api import StateStoreComms, make_context
+    from tests.operators.test_kubernetes_launcher import MAIN, TRAIN
+
+    registry, dataset = kube_deployment
+    registry.upload(write_files(tmp_path / "pkg", {"main.py": MAIN, "train.py": TRAIN, "requirements.txt": ""}), "rows")
+    store = tmp_path / "task-state.json"
+    monkeypatch.setattr(task_runner, "SUPERVISOR_COMMS", StateStoreComms(store), raising=False)
+    context = make_context(state_store=store)
+    context["task_state_store"].set("pod_identifier", entry)  # an earlier try's, whose pod was removed since
+    result = TrainPipelineOperator(task_id="train", package="rows", dataset=dataset, install_requirements=False,
+                                   **FAST).execute(context)
+    assert result["version"] == "1.1"
+    [pod] = kube_api.all_pods()
+    assert context["task_state_store"].get("pod_identifier") == {"name": pod.key[1], "namespace": pod.key[0]}
