@@ -71,6 +71,8 @@ TIDY_WAIT = 30.0
 TAIL_LINES = 20
 #: The longest line copied from another node's log; the rest of it is cut (marked).
 TAIL_LINE_CHARS = 2000
+#: Seconds between looks for node 0's user container once its staging ended (it starts within moments).
+STAGED_POLL = 0.1
 #: The deferrable trigger's event status when not every node ran within ``startup_timeout``.
 STARTUP_TIMEOUT = "startup_timeout"
 #: The task state store key of the Job's identity (``{"name", "namespace", "uid"}``); renaming it strands running Jobs.
@@ -230,6 +232,7 @@ class NodeLogStream:
                 pods = self.logs.pods()
             except Exception:  # noqa: BLE001 - the wait itself reports API trouble; keep looking
                 pods = []
+            staged = False
             for pod in pods:
                 if node_index(pod) != "0" or pod.status is None:
                     continue
@@ -237,7 +240,11 @@ class NodeLogStream:
                     state = status.state
                     if status.name == container and state is not None and (state.running or state.terminated):
                         return pod
-            self.stop.wait(self.logs.poll)
+                init = pod.status.init_container_statuses or []
+                staged = bool(init) and all(s.state is not None and s.state.terminated for s in init)
+            # Staged: the user container starts within moments, and a run that fails at once (another node's error
+            # stops this one) would be gone before the next look at poll_interval.
+            self.stop.wait(min(self.logs.poll, STAGED_POLL) if staged else self.logs.poll)
         return None
 
     def _run(self) -> None:
