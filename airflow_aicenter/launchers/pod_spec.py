@@ -81,13 +81,20 @@ _NO_EXIT = (
 )
 #: ``base``: the user supervisor with its plan, under a shell that (a) touches ``control/alive``
 #: every few seconds, so ``sync`` sees a container that was killed whole (out of memory) stop,
-#: and (b) writes the exit file itself when the supervisor could not (it crashed or never
-#: started), so ``sync`` never waits for an exit file that cannot come.
+#: (b) writes the exit file itself when the supervisor could not (it crashed or never started),
+#: so ``sync`` never waits for an exit file that cannot come, and (c) passes SIGTERM on to the
+#: supervisor: the kubelet signals only a container's first process, and a shell that is PID 1
+#: ignores SIGTERM, so without the trap user code heard nothing before the grace period's SIGKILL
+#: (a stop that comes before the supervisor has started is passed on as soon as it has).
 SUPERVISOR_COMMAND = (
     "sh",
     "-c",
-    f"(while :; do : > {CONTROL}/alive; sleep {HEARTBEAT}; done) & "
-    f"python {BIN_MOUNT}/supervisor.py {CONTROL}/supervisor.json; code=$?; kill $! 2>/dev/null; "
+    "sup=; stop=; trap 'stop=1; [ -z \"$sup\" ] || kill -TERM \"$sup\" 2>/dev/null' TERM; "
+    f"(while :; do : > {CONTROL}/alive; sleep {HEARTBEAT}; done) & beat=$!; "
+    f"python {BIN_MOUNT}/supervisor.py {CONTROL}/supervisor.json & sup=$!; "
+    "[ -z \"$stop\" ] || kill -TERM \"$sup\" 2>/dev/null; "
+    "wait \"$sup\"; code=$?; while kill -0 \"$sup\" 2>/dev/null; do wait \"$sup\"; code=$?; done; "
+    "kill \"$beat\" 2>/dev/null; "
     f"[ -e {CONTROL}/exit.json ] || printf '{_NO_EXIT}' \"$code\" > {CONTROL}/exit.json; exit $code",
 )
 #: The runtime image's user (docker/Dockerfile); any image works, HOME is set explicitly.

@@ -319,3 +319,58 @@ def test_a_training_in_containers_reports_progress_through_sync(file_deployment:
     assert "[aicenter] progress 100% (step 3/3)" in "\n".join(line for _, c, line in pod.log if c == "sync")
     used = read(store, f"{run_ref.prefix}/outcome.json", Outcome).resources
     assert used is not None and used["wall_seconds"] > 0 and used["peak_memory_bytes"] > 0 and used["bytes_staged"] > 0
+
+
+# -- a stop reaches user code in real containers ------------------------------------------------
+STOPPABLE_TRAIN = '''
+import signal, sys, time
+class Main:
+    def __init__(self):
+        pass
+    def train(self, training_directory):
+        def stopped(*_):
+            print("user code heard SIGTERM", flush=True)
+            sys.exit(143)
+        signal.signal(signal.SIGTERM, stopped)
+        print("training started", flush=True)
+        time.sleep(120)
+    def save(self):
+        pass
+'''
+
+
+def test_deleting_the_pod_stops_user_code_with_sigterm_before_the_grace_period_ends(file_deployment: Deployment,
+                                                                                      tmp_path: Path):
+    """podman, like the kubelet, signals only each container's first process; in ``base`` that is a shell (PID 1),
+    which ignores SIGTERM unless it traps it: the stop must still reach the supervisor and user code at once."""
+    import threading
+    import time
+
+    from airflow_aicenter.records import Outcome, read
+
+    deployment = file_deployment
+    upload(deployment, tmp_path, "stoppable", **{"train.py": STOPPABLE_TRAIN})
+    op = TrainPipelineOperator(task_id="train", package="stoppable", dataset=deployment.dataset,
+                               termination_grace_period=45, **FAST)
+    worker = threading.Thread(target=lambda: _run_quietly(op), daemon=True)
+    worker.start()
+    deployment.kube.wait_for(lambda: any("training started" in line for p in deployment.kube.all_pods()
+                                         for _, c, line in p.log if c == "base"), timeout=120, what="user code to start")
+    [pod] = deployment.kube.all_pods()
+    started = time.monotonic()
+    op.on_kill()
+    deployment.kube.wait_for(lambda: pod.gone, timeout=90, what="the pod to be deleted")
+    took = time.monotonic() - started
+    worker.join(timeout=60)
+    base = "\n".join(line for _, c, line in pod.log if c == "base")
+    assert "user code heard SIGTERM" in base, base[-2000:]
+    assert took < 40, f"the pod took {took:.0f} s to stop: its containers waited for the grace period's SIGKILL"
+    key = "runs/aicenter_k8s/manual__2026-03-01T00:00:00+00:00/train/1/outcome.json"
+    assert read(deployment.registry.store, key, Outcome).status == "killed"
+
+
+def _run_quietly(op: TrainPipelineOperator) -> None:
+    try:
+        op.execute(make_context())
+    except BaseException:  # the task was stopped: what it records is what the test reads
+        pass

@@ -133,6 +133,53 @@ def test_a_supervisor_that_cannot_start_still_gives_sync_an_exit_file(tmp_path: 
         _agent(tmp_path)._wait_for_supervisor()
 
 
+def test_a_stop_sent_to_the_user_containers_shell_reaches_the_supervisor(tmp_path: Path):
+    """The kubelet sends SIGTERM to a container's first process only, here the shell: it must pass it on.
+
+    Otherwise the supervisor, and the user code under it, hear nothing until the SIGKILL at the end
+    of the grace period: no checkpoint, no stopped record (a shell that is PID 1 ignores SIGTERM).
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from airflow_aicenter.launchers.pod_spec import BIN_MOUNT, WORK_MOUNT
+
+    script, control = _control(tmp_path)
+    bin_dir = Path(BIN_MOUNT.replace(WORK_MOUNT, str(tmp_path)))
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    (bin_dir / "supervisor.py").write_text(
+        "import pathlib, signal, sys, time\n"
+        "control = pathlib.Path(sys.argv[1]).parent\n"
+        "def stop(*_):\n"
+        "    (control / 'stopped').write_text('SIGTERM')\n"
+        "    sys.exit(143)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "(control / 'started').write_text('')\n"
+        "time.sleep(60)\n")
+    python = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{python}:{os.environ['PATH']}"}
+    shell = subprocess.Popen(["sh", "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (control / "started").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (control / "started").exists(), "the supervisor started"
+        shell.send_signal(signal.SIGTERM)  # to the shell alone, as the kubelet does
+        code = shell.wait(timeout=30)
+    finally:
+        try:
+            os.killpg(shell.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert (control / "stopped").read_text() == "SIGTERM", "the supervisor heard the stop"
+    assert code == 143, "the shell ends with the supervisor's own code"
+    assert "exited with code 143" in json.loads((control / "exit.json").read_text())["cause"]
+
+
 def test_a_user_container_killed_whole_is_noticed_by_its_silence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import os
     import time
