@@ -124,3 +124,14 @@ class Main:
             raise ValueError(f"negative input {value}")
         return json.dumps({"y": value * self.factor})
 '''
+
+#: A training that writes model.txt and touches none of the staged files (the known-digest tests).
+SAVES_WITHOUT_TOUCHING = """
+class Main:
+    def __init__(self):
+        pass
+    def train(self, training_directory):
+        pass
+    def save(self):
+        open("model.txt", "w").write("trained")
+"""

@@ -20,18 +20,9 @@ from airflow_aicenter.registry import Registry
 from tests.aicenter_helpers import FAST
 from tests.conftest import write_files
 from tests.operators.kube_api import FakeKubernetes, make_context
-from tests.packages import ECHO_MAIN
+from tests.packages import ECHO_MAIN, SAVES_WITHOUT_TOUCHING
 
 WEIGHTS = os.urandom(3 * 2**20)
-UNTOUCHED = '''
-class Main:
-    def __init__(self):
-        pass
-    def train(self, training_directory):
-        pass
-    def save(self):
-        open("model.txt", "w").write("trained")
-'''
 #: Rewrites weights.bin in place and puts its modification time back: only the change time tells.
 REWRITES = '''
 import os
@@ -65,7 +56,7 @@ def train(kube: FakeKubernetes, registry: Registry, tmp_path: Path, code: str) -
 
 def test_sync_does_not_hash_the_files_stage_placed_and_no_one_touched(kube_deployment, kube_api, tmp_path):
     registry, _ = kube_deployment
-    files, sync_log = train(kube_api, registry, tmp_path, UNTOUCHED)
+    files, sync_log = train(kube_api, registry, tmp_path, SAVES_WITHOUT_TOUCHING)
     assert files["weights.bin"] == hashlib.sha256(WEIGHTS).hexdigest()
     assert files["model.txt"] == hashlib.sha256(b"trained").hexdigest()
     [spared] = [line for line in sync_log if "untouched since staging" in line]

@@ -12,19 +12,10 @@ import pytest
 
 from airflow_aicenter.records import Outcome, read
 from airflow_aicenter.storage import open_store
+from tests.packages import SAVES_WITHOUT_TOUCHING
 from tests.runtime.test_run import setup_run
 from tests.security import test_local_isolation
 from tests.security.test_local_isolation import launch
-
-UNTOUCHED = '''
-class Main:
-    def __init__(self):
-        pass
-    def train(self, training_directory):
-        pass
-    def save(self):
-        open("model.txt", "w").write("trained")
-'''
 
 
 def test_a_run_as_user_training_does_not_hash_the_files_it_never_touched(system_user, scratch, tmp_path, private_worker,
@@ -33,7 +24,7 @@ def test_a_run_as_user_training_does_not_hash_the_files_it_never_touched(system_
     monkeypatch.setattr(test_local_isolation, "WORKER", "import logging, sys\n"
                         "logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n" + test_local_isolation.WORKER)
     store = open_store((scratch / "store").as_uri())
-    _, spec = setup_run(store, tmp_path, train_py=UNTOUCHED)
+    _, spec = setup_run(store, tmp_path, train_py=SAVES_WITHOUT_TOUCHING)
     assert spec.blob.kind == "files"
     worker = launch(spec.model_copy(update={"install_requirements": True}), scratch, {}, private_worker.python,
                     run_as=system_user)
