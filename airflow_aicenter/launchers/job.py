@@ -520,6 +520,8 @@ class JobLauncher(PodLauncher):
         return None
 
     def _defer(self, context: Context) -> None:
+        from airflow.providers.cncf.kubernetes.utils.pod_manager import OnFinishAction
+
         from airflow_aicenter.triggers.job import GangJobTrigger
 
         assert self.job is not None and self.namespace is not None
@@ -528,6 +530,8 @@ class JobLauncher(PodLauncher):
                 nodes=self.nodes,
                 startup_timeout=self.settings.startup_timeout,
                 procs_per_node=self.pod_run.spec.procs_per_node if self.pod_run is not None else None,
+                credentials_secret=self.credentials_secret,
+                keep_job=self.op.on_finish_action == OnFinishAction.KEEP_POD,
                 job_name=self.job,
                 job_namespace=self.namespace,
                 pod_names=[],

@@ -57,11 +57,16 @@ class GangJobTrigger(KubernetesJobTrigger):
     :param procs_per_node: processes per node (the ``[node 0 rank r]`` prefix of node 0's lines).
     """
 
-    def __init__(self, *, nodes: int, startup_timeout: float, procs_per_node: int | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, nodes: int, startup_timeout: float, procs_per_node: int | None = None,
+                 credentials_secret: str | None = None, keep_job: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.nodes = nodes
         self.startup_timeout = startup_timeout
         self.procs_per_node = procs_per_node
+        self.credentials_secret = credentials_secret
+        self.keep_job = keep_job
+        #: An event was sent: the task's re-entry owns the Job from then on (on_kill leaves it alone).
+        self.fired = False
         #: Every pod of the Job seen while waiting: its node index and machine (the event hands it to the re-entry,
         #: which names a disrupted node's machine after its pod is gone).
         self.seen: dict[str, tuple[str, str | None]] = {}
@@ -70,7 +75,45 @@ class GangJobTrigger(KubernetesJobTrigger):
         _, kwargs = super().serialize()
         return f"{type(self).__module__}.{type(self).__qualname__}", {
             **kwargs, "nodes": self.nodes, "startup_timeout": self.startup_timeout, "procs_per_node": self.procs_per_node,
+            "credentials_secret": self.credentials_secret, "keep_job": self.keep_job,
         }
+
+    async def on_kill(self) -> None:
+        """A user marked the deferred task failed or succeeded, or cleared it: remove what the run holds.
+
+        No worker holds a deferred task, so the operator's on_kill cannot run; Airflow 3.3 calls
+        this instead (on a user's action only, never when a triggerer restarts or hands the trigger
+        on). As the operator's on_kill does: the Job (its pods with it, whose agents record the run
+        as killed on their way out) and its Service are deleted, unless ``on_finish_action`` keeps
+        pods, and the run's credentials Secret is revoked.
+        """
+        if self.fired:
+            return
+        await asyncio.to_thread(self._remove)
+
+    def _remove(self) -> None:
+        from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+        from kubernetes.client import V1DeleteOptions
+        from kubernetes.client.exceptions import ApiException
+
+        hook = KubernetesHook(conn_id=self.kubernetes_conn_id, in_cluster=self.in_cluster, config_file=self.config_file,
+                              cluster_context=self.cluster_context)
+        body = V1DeleteOptions(propagation_policy="Background")
+        deletes: list[tuple[Any, str, V1DeleteOptions | None]] = []
+        if not self.keep_job:
+            deletes += [(hook.batch_v1_client.delete_namespaced_job, self.job_name, body),
+                        (hook.core_v1_client.delete_namespaced_service, self.job_name, body)]
+        if self.credentials_secret:
+            deletes.append((hook.core_v1_client.delete_namespaced_secret, self.credentials_secret, None))
+        for delete, name, options in deletes:
+            try:
+                kube_retry.call(delete, name, self.job_namespace, body=options, what=f"delete {self.job_namespace}/{name}",
+                                log=self.log)
+            except ApiException as exc:
+                if exc.status != 404:
+                    self.log.warning("Could not delete %s/%s: %s", self.job_namespace, name, exc.reason)
+            except kube_retry.KubernetesUnavailable as exc:
+                self.log.warning("Could not delete %s/%s: %s", self.job_namespace, name, exc)
 
     def _job_logs(self) -> JobLogs | None:
         """The nodes' logs through the synchronous client (built here, on the event loop, as KubernetesJobTrigger builds
@@ -136,6 +179,7 @@ class GangJobTrigger(KubernetesJobTrigger):
                     if stream is not None:
                         await asyncio.to_thread(stream.finish)
                     relayed = await self._relay(logs, job, streamed=stream is not None and stream.complete)
+                    self.fired = True
                     yield TriggerEvent({
                         "name": job.metadata.name, "namespace": job.metadata.namespace, "pod_names": list(self.pod_names),
                         "pod_namespace": self.pod_namespace, "status": "error" if error else "success",
@@ -155,6 +199,7 @@ class GangJobTrigger(KubernetesJobTrigger):
                         started = True
                         self.log.info("All %d nodes of Job %s are running", self.nodes, self.job_name)
                     elif admitted_for(job, first_seen) > self.startup_timeout:
+                        self.fired = True
                         yield TriggerEvent({
                             "name": self.job_name, "namespace": self.job_namespace, "status": STARTUP_TIMEOUT,
                             "message": gang_timeout_message(pods, self.nodes, self.startup_timeout),

@@ -736,6 +736,28 @@ def test_on_kill_removes_the_job_revokes_its_credentials_and_records_the_run_as_
     assert [r.version for r in registry.versions("rows")] == ["1.0"], "no version"
 
 
+def test_a_deferred_run_killed_by_a_user_has_its_job_and_credentials_removed_by_the_trigger(
+        kube_s3_deployment, kube_api: FakeKubernetes):
+    """A deferred task marked failed or cleared gets no on_kill of its own (no worker holds it): Airflow 3.3 calls its
+    trigger's on_kill instead, which removes the Job, its Service and its pods and revokes the run's credentials."""
+    from airflow.sdk.exceptions import TaskDeferred
+
+    registry, dataset = kube_s3_deployment
+    kube_api.start_delay = 60.0  # every node Pending until deleted
+    op = TrainPipelineOperator(task_id="train", package="rows", dataset=dataset, nodes=2, install_requirements=False,
+                               deferrable=True, **FAST)
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute(make_context())
+    kube_api.wait_for(lambda: len(kube_api.pods) == 2, timeout=60, what="the Job's pods")
+    [secret] = list(kube_api.secrets)
+    trigger = deferred.value.trigger
+    asyncio.run(trigger.on_kill())
+    assert secret not in list(kube_api.secrets), "the run's credentials are revoked"
+    kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services and not kube_api.pods, timeout=30,
+                      what="the Job, its Service and its pods removed")
+    asyncio.run(trigger.on_kill())  # twice (a cancel retried) is harmless: nothing left to remove
+
+
 # -- reattach through Airflow's task state store --------------------------------------------
 def test_a_killed_worker_s_next_try_reattaches_to_the_job_named_in_the_task_state_store(
         kube_deployment, kube_api: FakeKubernetes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
