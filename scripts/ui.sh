@@ -8,8 +8,9 @@
 # aicenter_training and aicenter_distributed are unpaused, so a run triggered from the UI starts
 # at once; the scheduled ones stay paused until you unpause them. Prints the URL and the login
 # once the UI answers. Ctrl-C (or SIGTERM) stops every process it started: Airflow's components
-# get SIGINT as in `airflow standalone`, and whatever still runs 30 s later is terminated, then
-# killed (a scheduler that has run tasks may not exit on SIGINT alone).
+# get SIGINT as in `airflow standalone`, and whatever still runs 10 s later is terminated, then
+# killed 10 s after that (Airflow 3.3's scheduler, dag-processor and triggerer may stay up after
+# SIGINT and SIGTERM alike).
 #
 # AICENTER_UI_PORT (default 8080) picks the port; the UI listens on 127.0.0.1 only.
 set -euo pipefail
@@ -41,7 +42,7 @@ stop() {
   echo "ui.sh: stopping Airflow (api-server, scheduler, dag-processor, triggerer) ..." >&2
   kill -INT -- "-$STANDALONE" 2>/dev/null || return 0
   for signal in TERM KILL; do
-    for _ in $(seq 30); do
+    for _ in $(seq 10); do
       kill -0 -- "-$STANDALONE" 2>/dev/null || return 0
       sleep 1
     done
