@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,10 @@ def wait_for(predicate: Any, what: str, log: Path, timeout: float) -> Any:
     raise AssertionError(f"{what} within {timeout:.0f}s; ui.sh printed:\n{log.read_text()[-6000:]}")
 
 
+#: Runs argv[1:] with SIGINT's default action restored (an exec keeps a signal ignored, not a handler).
+DEFAULT_SIGINT = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])"
+
+
 def processes_of(home: Path) -> list[str]:
     """Processes still running with ``home`` as their AIRFLOW_HOME (ui.sh's Airflow, whatever its process group)."""
     found = []
@@ -77,8 +82,10 @@ def test_ui_script_serves_the_example_dags_with_logs_and_stops_cleanly(tmp_path)
                AICENTER_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1", NO_COLOR="1")
     log = tmp_path / "ui.log"
     with log.open("wb") as out:
-        process = subprocess.Popen(["bash", str(repo / "scripts" / "ui.sh")], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        # As from a terminal: SIGINT not ignored. Started from a background job (a CI runner's `cmd &`), this process
+        # inherits SIGINT ignored, and a shell cannot trap a signal ignored when it starts, so Ctrl-C would do nothing.
+        process = subprocess.Popen([sys.executable, "-c", DEFAULT_SIGINT, "bash", str(repo / "scripts" / "ui.sh")], env=env,
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         banner = wait_for(lambda: BANNER.search(log.read_text()), "ui.sh printed no URL and login", log, 300)
         url = banner["url"]
