@@ -756,16 +756,7 @@ class JobLauncher(PodLauncher):
 
         if self.job is None or self.namespace is None or self.op.on_finish_action == OnFinishAction.KEEP_POD:
             return
-        body = k8s.V1DeleteOptions(propagation_policy="Background")
-        for delete in (self.kube.batch_v1_client.delete_namespaced_job, self.kube.core_v1_client.delete_namespaced_service):
-            try:
-                kube_retry.call(delete, self.job, self.namespace, body=body, what=f"delete {self.namespace}/{self.job}",
-                                log=self.op.log)
-            except ApiException as exc:
-                if exc.status != 404:
-                    self.op.log.warning("Could not delete %s/%s: %s", self.namespace, self.job, exc.reason)
-            except kube_retry.KubernetesUnavailable as exc:
-                self.op.log.warning("Could not delete %s/%s: %s", self.namespace, self.job, exc)
+        delete_job(self.kube, self.job, self.namespace, self.op.log)
 
     def kill(self) -> None:
         """Delete the Job and Service; the run is recorded as killed."""
@@ -780,6 +771,27 @@ class JobLauncher(PodLauncher):
             outcome = read_optional(store, key, Outcome)
             if outcome is None or outcome.status == "running":
                 end_outcome(store, key, outcome or self.pod_run.spec, "killed", killed_by_airflow)
+
+
+def delete_quietly(delete: Any, name: str, namespace: str, log: Any, body: k8s.V1DeleteOptions | None = None) -> None:
+    """``delete(name, namespace)``, retried through transient errors; a missing object is fine, another failure a warning."""
+    try:
+        kube_retry.call(delete, name, namespace, body=body, what=f"delete {namespace}/{name}", log=log)
+    except ApiException as exc:
+        if exc.status != 404:
+            log.warning("Could not delete %s/%s: %s", namespace, name, exc.reason)
+    except kube_retry.KubernetesUnavailable as exc:
+        log.warning("Could not delete %s/%s: %s", namespace, name, exc)
+
+
+def delete_job(kube: KubernetesHook, job: str, namespace: str, log: Any) -> None:
+    """Remove a run's Job (its pods with it, in the background) and its Service of the same name.
+
+    The launcher's ending and on_kill, and the deferred trigger's on_kill, remove a Job this way.
+    """
+    body = k8s.V1DeleteOptions(propagation_policy="Background")
+    for delete in (kube.batch_v1_client.delete_namespaced_job, kube.core_v1_client.delete_namespaced_service):
+        delete_quietly(delete, job, namespace, log, body)
 
 
 def _current_context() -> Any:

@@ -30,6 +30,8 @@ from airflow_aicenter.launchers.job import (
     JobLogs,
     NodeLogStream,
     admitted_for,
+    delete_job,
+    delete_quietly,
     gang_timeout_message,
     job_ended,
     node_started,
@@ -93,27 +95,14 @@ class GangJobTrigger(KubernetesJobTrigger):
 
     def _remove(self) -> None:
         from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
-        from kubernetes.client import V1DeleteOptions
-        from kubernetes.client.exceptions import ApiException
 
         hook = KubernetesHook(conn_id=self.kubernetes_conn_id, in_cluster=self.in_cluster, config_file=self.config_file,
                               cluster_context=self.cluster_context)
-        body = V1DeleteOptions(propagation_policy="Background")
-        deletes: list[tuple[Any, str, V1DeleteOptions | None]] = []
         if not self.keep_job:
-            deletes += [(hook.batch_v1_client.delete_namespaced_job, self.job_name, body),
-                        (hook.core_v1_client.delete_namespaced_service, self.job_name, body)]
+            delete_job(hook, self.job_name, self.job_namespace, self.log)
         if self.credentials_secret:
-            deletes.append((hook.core_v1_client.delete_namespaced_secret, self.credentials_secret, None))
-        for delete, name, options in deletes:
-            try:
-                kube_retry.call(delete, name, self.job_namespace, body=options, what=f"delete {self.job_namespace}/{name}",
-                                log=self.log)
-            except ApiException as exc:
-                if exc.status != 404:
-                    self.log.warning("Could not delete %s/%s: %s", self.job_namespace, name, exc.reason)
-            except kube_retry.KubernetesUnavailable as exc:
-                self.log.warning("Could not delete %s/%s: %s", self.job_namespace, name, exc)
+            delete_quietly(hook.core_v1_client.delete_namespaced_secret, self.credentials_secret, self.job_namespace,
+                           self.log)
 
     def _job_logs(self) -> JobLogs | None:
         """The nodes' logs through the synchronous client (built here, on the event loop, as KubernetesJobTrigger builds
