@@ -87,7 +87,6 @@ def make_zip(path: Path, entries: dict[str, bytes | str], *, compression: int = 
 #: The smallest serving half: ``Main()`` and a ``predict`` that echoes its input (shared by the tests that train).
 ECHO_MAIN = "class Main:\n    def __init__(self):\n        pass\n    def predict(self, input):\n        return input\n"
 
-#: A training that fails inside a helper method (the cause names the method, file and line).
 #: A train.py that counts the files of its training dataset and saves the count (lineage and dataset-root tests).
 COUNTING_TRAIN = '''
 import os

@@ -29,7 +29,7 @@ from airflow_aicenter.operators import (
 from tests.conftest import write_files
 from tests.containers.deployments import CONN_PASSWORD, Deployment
 from tests.containers.podman import podman
-from tests.operators.kube_api import Pod, make_context
+from tests.operators.kube_api import Pod, make_context, run_in_thread
 from tests.packages import DOUBLING_MAIN, ECHO_MAIN
 from tests.runtime.test_distributed import RENDEZVOUS
 
@@ -343,7 +343,6 @@ def test_deleting_the_pod_stops_user_code_with_sigterm_before_the_grace_period_e
                                                                                       tmp_path: Path):
     """podman, like the kubelet, signals only each container's first process; in ``base`` that is a shell (PID 1),
     which ignores SIGTERM unless it traps it: the stop must still reach the supervisor and user code at once."""
-    import threading
     import time
 
     from airflow_aicenter.records import Outcome, read
@@ -352,8 +351,7 @@ def test_deleting_the_pod_stops_user_code_with_sigterm_before_the_grace_period_e
     upload(deployment, tmp_path, "stoppable", **{"train.py": STOPPABLE_TRAIN})
     op = TrainPipelineOperator(task_id="train", package="stoppable", dataset=deployment.dataset,
                                termination_grace_period=45, **FAST)
-    worker = threading.Thread(target=lambda: _run_quietly(op), daemon=True)
-    worker.start()
+    worker, _ = run_in_thread(op, make_context())  # stopped: what the run records is what the test reads
     deployment.kube.wait_for(lambda: any("training started" in line for p in deployment.kube.all_pods()
                                          for _, c, line in p.log if c == "base"), timeout=120, what="user code to start")
     [pod] = deployment.kube.all_pods()
@@ -368,9 +366,3 @@ def test_deleting_the_pod_stops_user_code_with_sigterm_before_the_grace_period_e
     key = "runs/aicenter_k8s/manual__2026-03-01T00:00:00+00:00/train/1/outcome.json"
     assert read(deployment.registry.store, key, Outcome).status == "killed"
 
-
-def _run_quietly(op: TrainPipelineOperator) -> None:
-    try:
-        op.execute(make_context())
-    except BaseException:  # the task was stopped: what it records is what the test reads
-        pass

@@ -1386,6 +1386,21 @@ def kill_worker_once_stored(store: Path, key: str, *, try_number: int = 1, timeo
         raise AssertionError(f"the worker stored no {key} within {timeout:.0f} s: {err.decode(errors='replace')[-3000:]}")
 
 
+def run_in_thread(op: Any, context: dict[str, Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """``op.execute(context)`` in a thread; its result or error lands in the returned dict."""
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["result"] = op.execute(context)
+        except BaseException as error:  # handed to the test
+            out["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, out
+
+
 def make_context(dag_id: str = "aicenter_k8s", task_id: str = "train", *, run_id: str = "manual__2026-03-01T00:00:00+00:00",
                  try_number: int = 1, state_store: Path | None = None) -> dict[str, Any]:
     """A task context; with ``state_store``, ``context["task_state_store"]`` is Airflow's accessor served from that file

@@ -28,7 +28,7 @@ from airflow_aicenter.operators import TrainPipelineOperator
 from tests.aicenter_helpers import FAST, MAIN
 from tests.conftest import write_files
 from tests.operators.conftest import ddp_full_op
-from tests.operators.kube_api import FakeKubernetes, make_context
+from tests.operators.kube_api import FakeKubernetes, make_context, run_in_thread
 
 JOB_PATH = r"^/apis/batch/v1/namespaces/[^/]+/jobs/[^/]+$"
 
@@ -103,21 +103,6 @@ def test_the_test_api_server_validates_what_it_receives_and_what_it_serves(kube_
 
 # -- Kueue: queue_name, suspended Jobs, priority -----------------------------------------
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-
-
-def run_in_thread(op: Any, context: dict[str, Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    """``op.execute(context)`` in a thread; its result or error lands in the returned dict."""
-    out: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            out["result"] = op.execute(context)
-        except BaseException as error:  # handed to the test
-            out["error"] = error
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, out
 
 
 def test_a_queued_job_is_created_suspended_and_runs_when_admitted(ddp_deployment, kube_api: FakeKubernetes):

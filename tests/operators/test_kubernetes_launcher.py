@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import re
-import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from airflow_aicenter.records import Manifest, Outcome, Results, read, read_opti
 from airflow_aicenter.registry import Registry
 from tests.aicenter_helpers import FAST, run_trigger
 from tests.conftest import write_files
-from tests.operators.kube_api import FakeKubernetes, make_context, seed_pod
+from tests.operators.kube_api import FakeKubernetes, make_context, run_in_thread, seed_pod
 from tests.packages import ECHO_MAIN
 
 MAIN = ECHO_MAIN
@@ -165,17 +164,13 @@ def test_a_killed_worker_s_next_try_reattaches_to_the_pod_named_in_the_task_stat
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(task_runner, "SUPERVISOR_COMMS", StateStoreComms(store), raising=False)
     seen = len(kube_api.requests)
-    errors: list[BaseException] = []
-    results: list[Any] = []
-    worker = threading.Thread(target=lambda: _capture(errors, lambda: results.append(
-        train_op(**op_args).execute(make_context(try_number=2, state_store=store)))), daemon=True)
-    worker.start()
+    worker, out = run_in_thread(train_op(**op_args), make_context(try_number=2, state_store=store))
     kube_api.wait_for(lambda: any(m == "GET" and f"/namespaces/default/pods/{name}" in p for m, p in kube_api.requests[seen:])
                       or not worker.is_alive(), timeout=60, what="try 2 looking at try 1's pod")
     release.write_text("go")
     worker.join(120)
-    assert not errors, errors
-    assert results[0]["version"] == "1.1" and results[0]["run_uri"].endswith("/train/1"), "try 1's run, waited for by try 2"
+    assert "error" not in out, out.get("error")
+    assert out["result"]["version"] == "1.1" and out["result"]["run_uri"].endswith("/train/1"), "try 1's run, waited for by try 2"
     assert posts(kube_api) == 1, "try 2 reattached: no second pod"
 
 
@@ -249,9 +244,7 @@ def test_on_kill_deletes_the_pod_and_records_the_run_as_killed(when: str, kube_d
     if when == "pending":
         kube_api.start_delay = 30.0
     op = train_op("slow", dataset)
-    errors: list[BaseException] = []
-    worker = threading.Thread(target=lambda: _capture(errors, op.execute, make_context()), daemon=True)
-    worker.start()
+    worker, _ = run_in_thread(op, make_context())
     key = "runs/aicenter_k8s/manual__2026-03-01T00:00:00+00:00/train/1/outcome.json"
     if when == "running":
         kube_api.wait_for(lambda: (o := read_optional(registry.store, key, Outcome)) is not None and o.phase == "user_code",
@@ -265,13 +258,6 @@ def test_on_kill_deletes_the_pod_and_records_the_run_as_killed(when: str, kube_d
     assert outcome.error == ("killed during user_code" if when == "running" else "killed by Airflow (task stopped) during start-up")
     worker.join(timeout=30)
     assert [r.version for r in registry.versions("slow")] == ["1.0"]
-
-
-def _capture(errors: list[BaseException], fn: Any, *args: Any) -> None:
-    try:
-        fn(*args)
-    except BaseException as exc:
-        errors.append(exc)
 
 
 # -- datasets on a volume claim, requirements in the pod -------------------------------------

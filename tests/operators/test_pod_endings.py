@@ -255,25 +255,16 @@ def test_on_kill_of_a_pending_pod_records_killed_whichever_of_on_kill_and_the_fa
     from airflow_aicenter.layout import OUTCOME
     from airflow_aicenter.operators import TrainPipelineOperator
     from airflow_aicenter.records import read_optional
-    from tests.operators.kube_api import make_context
+    from tests.operators.kube_api import make_context, run_in_thread
 
     registry, dataset = kube_s3_deployment
     kube_api.start_delay = 60.0  # Pending until deleted
     op = TrainPipelineOperator(task_id="train", package="rows", dataset=dataset, install_requirements=False,
                                startup_check_interval_seconds=0.1, poll_interval=0.5)
-    failures: list[BaseException] = []
-
-    def execute() -> None:
-        try:
-            op.execute(make_context())
-        except BaseException as error:  # handed to the test
-            failures.append(error)
-
-    worker = threading.Thread(target=execute, daemon=True)
-    worker.start()
+    worker, out = run_in_thread(op, make_context())
     kube_api.wait_for(lambda: (op.pod is not None and bool(kube_api.secrets)) or not worker.is_alive(), timeout=60,
                       what="the pod and its credentials Secret")
-    assert worker.is_alive(), failures
+    assert worker.is_alive(), out
     [secret_key] = list(kube_api.secrets)
     run = op.launcher_in_use.pod_run.run  # type: ignore[union-attr]
     if first == "on_kill":
@@ -294,7 +285,7 @@ def test_on_kill_of_a_pending_pod_records_killed_whichever_of_on_kill_and_the_fa
     outcome = read_optional(registry.store, run.key(OUTCOME), Outcome)
     assert outcome is not None and outcome.status == "killed", outcome
     assert outcome.error == "killed by Airflow (task stopped) during start-up"
-    [failure] = failures
+    failure = out.get("error")
     assert isinstance(failure, RunError) and " killed: killed by Airflow" in str(failure), failure
     kube_api.wait_for(lambda: all(p.gone for p in kube_api.all_pods()), timeout=30, what="the pod to be deleted")
     assert secret_key not in kube_api.secrets, "the run's credentials are revoked"
@@ -304,35 +295,25 @@ def test_on_kill_while_the_pod_is_being_created_removes_the_pod_it_could_not_see
                                                                                  kube_api: FakeKubernetes):
     """on_kill comes while the pod's create is in flight (the test API server holds it): KubernetesPodOperator has no
     pod to delete yet. Once created, the pod is deleted at once instead of running on, and the run says killed."""
-    import threading
 
     from airflow_aicenter.layout import OUTCOME
     from airflow_aicenter.operators import TrainPipelineOperator
     from airflow_aicenter.records import read_optional
-    from tests.operators.kube_api import make_context
+    from tests.operators.kube_api import make_context, run_in_thread
 
     registry, dataset = kube_s3_deployment
     held = kube_api.hold_next(r"/pods$", method="POST")
     op = TrainPipelineOperator(task_id="train", package="rows", dataset=dataset, install_requirements=False,
                                startup_check_interval_seconds=0.1, poll_interval=0.5)
-    failures: list[BaseException] = []
-
-    def execute() -> None:
-        try:
-            op.execute(make_context())
-        except BaseException as error:  # handed to the test
-            failures.append(error)
-
-    worker = threading.Thread(target=execute, daemon=True)
-    worker.start()
-    assert held.reached.wait(60), failures
+    worker, out = run_in_thread(op, make_context())
+    assert held.reached.wait(60), out
     [secret_key] = list(kube_api.secrets)
     run = op.launcher_in_use.pod_run.run  # type: ignore[union-attr]
     op.on_kill()
     held.release.set()
     worker.join(60)
     assert not worker.is_alive()
-    [failure] = failures
+    failure = out.get("error")
     assert isinstance(failure, RunError) and " killed: killed by Airflow" in str(failure), failure
     outcome = read_optional(registry.store, run.key(OUTCOME), Outcome)
     assert outcome is not None and outcome.status == "killed", outcome
