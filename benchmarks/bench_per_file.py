@@ -151,7 +151,7 @@ def main() -> None:
     from airflow_aicenter.registry import Registry
     from airflow_aicenter.runtime.snapshot import check_vouched
     from airflow_aicenter.storage import Store, open_store
-    from airflow_aicenter.storage.cache import BlobCache
+    from airflow_aicenter.storage.cache import BlobCache, PlacedFiles
     from airflow_aicenter.storage.transfer import (
         put_blob,
         read_package_contents,
@@ -197,14 +197,14 @@ def main() -> None:
             note(writes, "ours, upload (aicenter package upload)", (wall, du(target) - before))
 
             target = store_copy("store-training")
-            cache = BlobCache(root / f"cache-training-{round_}")
+            cache, placed = BlobCache(root / f"cache-training-{round_}"), PlacedFiles()
             staged, _ = stage_package(open_store(target.as_uri()), first.record.blob, root / f"train-{round_}",
-                                      root / "scratch", cache=cache, link=False)
+                                      root / "scratch", cache=cache, link=False, placed=placed)
             change(staged, epoch=2)  # what the training wrote; the base files are the cache's copies, untouched
             before = du(target)
 
-            def training(t: Path = target, s: Path = staged, c: BlobCache = cache) -> None:
-                """What agent._store_package does: the cache's known digests, the parent's blobs vouched for."""
+            def training(t: Path = target, s: Path = staged, c: PlacedFiles = placed) -> None:
+                """What agent._store_package does: staging's known digests, the parent's blobs vouched for."""
                 store = open_store(t.as_uri())
                 parent = first.record.blob
                 written = store.head(blob_key(parent.sha256))

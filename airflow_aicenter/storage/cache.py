@@ -28,11 +28,11 @@ every entry. Restoring the sealed time after a write takes the file owner's righ
 (``utime``): code running as the runtime's own user, which could rewrite the cache anyway;
 under ``run_as_user`` package code cannot, and in a pod the cache is on another volume (no link).
 
-What this cache placed in a work folder is remembered by inode with its size, modification and
-change time, right after staging: ``known`` gives a file's digest while all of them are
-unchanged, so the end of a training does not hash a 1.5 GB file it never touched. There ctime
-is strict: a write, a chmod, a new link all make the file hashed again. The table is a
-PlacedFiles, which staging fills with or without a cache and which a pod's stage hands to sync.
+What staging placed in a work folder, from this cache or not, is remembered by inode with its
+size, modification and change time right after staging (PlacedFiles): ``known`` gives a file's
+digest while all of them are unchanged, so the end of a training does not hash a 1.5 GB file it
+never touched. There ctime is strict: a write, a chmod, a new link all make the file hashed
+again. A pod's stage hands the table to sync.
 
 A shared cache (``shared=True``: a node's folder that every pod's ``stage`` mounts, the
 connection extra ``blob_cache``) trusts no seal: any pod that can write the folder could put
@@ -169,8 +169,6 @@ class BlobCache:
         self.max_bytes = max_bytes
         #: Other pods write this folder too: entries are verified by digest, never by their seal (module doc).
         self.shared = shared
-        #: What this cache placed in work folders (remember, known).
-        self.placed = PlacedFiles()
         #: Shared: entries this process hashed, by inode, with the size, modification and change time they had then.
         self._verified: dict[tuple[int, int], tuple[int, int, int, str]] = {}
 
@@ -313,14 +311,6 @@ class BlobCache:
             got = f"{copied} bytes, expected {size}" if copied != size else f"its copy hashes to sha256:{digest}"
             raise StorageError(f"blob sha256:{sha256} in the local blob cache {self.root} changed while it was copied "
                                f"({got}; nothing was staged from it): run the task again")
-
-    def remember(self, dest: Path, sha256: str) -> None:
-        """Note what ``dest`` (placed by this cache) looks like now, for ``known``: call it once staging is done."""
-        self.placed.remember(dest, sha256)
-
-    def known(self, path: Path, st: os.stat_result) -> str | None:
-        """The digest of a file this cache placed and nothing changed since (PlacedFiles.known)."""
-        return self.placed.known(path, st)
 
     def add(self, path: Path, sha256: str, size: int) -> bool:
         """Keep a copy of a local file whose digest the caller just verified (a new version's new files); True if added.

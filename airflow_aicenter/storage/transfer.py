@@ -1294,9 +1294,8 @@ def stage_package(
                     cache.link(f.sha256, dest, size=f.size)
                 else:
                     cache.copy(f.sha256, dest, size=f.size, mode=f.mode)
-            for f in contents.files:
-                cache.remember(staging / f.path, f.sha256)
-                if placed is not None:
+            if placed is not None:
+                for f in contents.files:
                     placed.remember(staging / f.path, f.sha256)
             with contextlib.suppress(OSError):  # a cache that cannot be trimmed still serves this run
                 cache.trim(keep={*contents.digests(), ref.sha256})

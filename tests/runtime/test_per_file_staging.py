@@ -23,7 +23,7 @@ from airflow_aicenter.package import write_zip
 from airflow_aicenter.package.contents import contents_of, decode, encode
 from airflow_aicenter.records import BlobRef, Outcome, RunSpec, read
 from airflow_aicenter.storage import open_store, transfer
-from airflow_aicenter.storage.cache import BlobCache
+from airflow_aicenter.storage.cache import BlobCache, PlacedFiles
 from airflow_aicenter.storage.store import LocalStore, Store
 from airflow_aicenter.storage.transfer import (
     DamagedBlobError,
@@ -181,8 +181,8 @@ def test_package_code_writing_a_linked_file_does_not_poison_the_cache(store: Sto
     """A hard link shares the inode: code that writes the staged file writes the cache's entry (root may; others
     chmod first). The next run still gets the version's bytes, and a new version records what was written."""
     ref, _ = put_package_files(store, package)
-    cache = BlobCache(tmp_path / "cache")
-    root, _ = stage_package(store, ref, tmp_path / "a" / "package", tmp_path / "a.zip", cache=cache)
+    cache, placed = BlobCache(tmp_path / "cache"), PlacedFiles()
+    root, _ = stage_package(store, ref, tmp_path / "a" / "package", tmp_path / "a.zip", cache=cache, placed=placed)
     weights = root / "model" / "weights.bin"
     original = (package / "model" / "weights.bin").read_bytes()
     digest = hashlib.sha256(original).hexdigest()
@@ -190,8 +190,8 @@ def test_package_code_writing_a_linked_file_does_not_poison_the_cache(store: Sto
     with open(weights, "r+b") as fh:  # in place, same size: what a hostile or careless package does
         fh.seek(100)
         fh.write(b"POISON")
-    assert cache.known(weights, weights.stat()) is None, "a written file is hashed again, not taken as staged"
-    new = contents_of(root, known=cache.known)
+    assert placed.known(weights, weights.stat()) is None, "a written file is hashed again, not taken as staged"
+    new = contents_of(root, known=placed.known)
     assert {f.path: f.sha256 for f in new.files}["model/weights.bin"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     again, fetched = stage_package(store, ref, tmp_path / "b" / "package", tmp_path / "b.zip", cache=cache)
     assert (again / "model" / "weights.bin").read_bytes() == original, "the next run gets the version's bytes"
@@ -210,12 +210,13 @@ def test_a_training_writes_its_private_copy_and_the_new_version_records_it(
     store: Store, package: Path, tmp_path: Path
 ) -> None:
     ref, _ = put_package_files(store, package)
-    cache = BlobCache(tmp_path / "cache")
-    root, _ = stage_package(store, ref, tmp_path / "a" / "package", tmp_path / "a.zip", cache=cache, link=False)
+    cache, placed = BlobCache(tmp_path / "cache"), PlacedFiles()
+    root, _ = stage_package(store, ref, tmp_path / "a" / "package", tmp_path / "a.zip", cache=cache, link=False,
+                            placed=placed)
     hashed: list[str] = []
 
     def known(path: Path, st: os.stat_result) -> str | None:
-        digest = cache.known(path, st)
+        digest = placed.known(path, st)
         if digest is None:
             hashed.append(path.relative_to(root).as_posix())
         return digest

@@ -92,15 +92,16 @@ def test_known_gives_a_digest_only_while_the_placed_file_is_untouched(tmp_path: 
             cache.link(digest, work / name, size=7)
         else:
             cache.copy(digest, work / name, size=7, mode=0o644)
+    placed = PlacedFiles()
     for name in ("linked", "copied", "chmodded", "relinked"):
-        cache.remember(work / name, digest)
-    assert all(cache.known(work / n, (work / n).stat()) == digest for n in ("linked", "copied", "chmodded", "relinked"))
+        placed.remember(work / name, digest)
+    assert all(placed.known(work / n, (work / n).stat()) == digest for n in ("linked", "copied", "chmodded", "relinked"))
     (work / "copied").write_bytes(b"weights")  # the same bytes, rewritten: hashed again all the same
     (work / "chmodded").chmod(0o755)
     os.link(work / "relinked", work / "another-name")
     for name in ("copied", "chmodded", "relinked"):
-        assert cache.known(work / name, (work / name).stat()) is None, name
-    assert cache.known(tmp_path / "src.bin", (tmp_path / "src.bin").stat()) is None, "not placed by the cache"
+        assert placed.known(work / name, (work / name).stat()) is None, name
+    assert placed.known(tmp_path / "src.bin", (tmp_path / "src.bin").stat()) is None, "not placed by the cache"
 
 
 def test_link_falls_back_to_a_copy_on_another_file_system(tmp_path: Path) -> None:
