@@ -42,6 +42,7 @@ import signal
 import subprocess
 import sys
 import threading
+import traceback
 import time
 import uuid
 from collections.abc import Callable
@@ -564,8 +565,8 @@ class FakeKubernetes:
             created = self.create_pod(meta["namespace"], pod)
             with self.cond:
                 job.pods.append((created["metadata"]["namespace"], created["metadata"]["name"]))
-                if job.deleting:  # deleted meanwhile: the garbage collector removes what it owned
-                    self.delete_pod(*job.pods[-1], None)
+                if job.deleting and job.pods[-1] in self.pods:  # deleted meanwhile: the garbage collector removes what
+                    self.delete_pod(*job.pods[-1], None)  # it owned (the delete may have found this pod already)
         threading.Thread(target=self._control_job, args=(job,), name=f"job-{body['metadata']['name']}", daemon=True).start()
 
     def get_job(self, namespace: str, name: str) -> Job:
@@ -1393,8 +1394,9 @@ def run_in_thread(op: Any, context: dict[str, Any]) -> tuple[threading.Thread, d
     def target() -> None:
         try:
             out["result"] = op.execute(context)
-        except BaseException as error:  # handed to the test
+        except BaseException as error:  # handed to the test, with where it came from for a failing assertion
             out["error"] = error
+            out["traceback"] = traceback.format_exc()
 
     thread = threading.Thread(target=target, daemon=True)
     thread.start()

@@ -712,7 +712,8 @@ def test_on_kill_removes_the_job_revokes_its_credentials_and_records_the_run_as_
     thread.join(60)
     assert not thread.is_alive()
     error = out.get("error")
-    assert isinstance(error, RunError) and " killed: killed by Airflow (task stopped) during start-up" in str(error), error
+    assert isinstance(error, RunError) and " killed: killed by Airflow (task stopped) during start-up" in str(error), \
+        out.get("traceback")
     outcome = read_optional(registry.store, run.key(OUTCOME), Outcome)
     assert outcome is not None and outcome.status == "killed", outcome
     assert secret not in kube_api.secrets, "the run's credentials are revoked"
