@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -61,6 +62,26 @@ class Launcher(ABC):
 def killed_by_airflow(phase: str) -> str:
     """The error of a run Airflow stopped (``on_kill``) before its runtime could record it."""
     return f"killed by Airflow (task stopped) during {phase}"
+
+
+def await_ending(store: Store, run: RunRef, seconds: float) -> None:
+    """Give a runtime that is stopping ``seconds`` to record its own ending (``killed`` in the phase it was in) while its
+    outcome says ``running``; a run that left no outcome never started, and is not waited for."""
+    key, deadline = run.key(OUTCOME), time.monotonic() + seconds
+    outcome = read_optional(store, key, Outcome)
+    while outcome is not None and outcome.status == "running" and time.monotonic() < deadline:
+        time.sleep(0.5)
+        outcome = read_optional(store, key, Outcome)
+
+
+def record_killed(store: Store, spec: RunSpec, run: RunRef) -> Outcome:
+    """on_kill's record of a run: ``killed`` (:func:`killed_by_airflow`), unless its runtime recorded an ending. The
+    operator's on_kill (pod and Job) and the deferred Job's trigger record a stopped run this way. Returns the outcome."""
+    key = run.key(OUTCOME)
+    outcome = read_optional(store, key, Outcome)
+    if outcome is None or outcome.status == "running":
+        outcome = end_outcome(store, key, outcome or spec, "killed", killed_by_airflow)
+    return outcome
 
 
 def settle_outcome(store: Store, spec: RunSpec, run: RunRef, *, ended: str | None = None) -> Outcome:

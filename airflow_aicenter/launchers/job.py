@@ -36,7 +36,7 @@ from kubernetes.client.exceptions import ApiException
 from airflow_aicenter.errors import ConfigurationError, RunError
 from airflow_aicenter.hooks.aicenter import AICenterHook
 from airflow_aicenter.launchers import kube_retry
-from airflow_aicenter.launchers.base import Finished, killed_by_airflow, settle_outcome
+from airflow_aicenter.launchers.base import Finished, record_killed, settle_outcome
 from airflow_aicenter.launchers.pod import PodLauncher, PodRun, PodSettings
 from airflow_aicenter.launchers.pod_spec import (
     DISRUPTED_RETRY,
@@ -531,6 +531,7 @@ class JobLauncher(PodLauncher):
                 startup_timeout=self.settings.startup_timeout,
                 procs_per_node=self.pod_run.spec.procs_per_node if self.pod_run is not None else None,
                 credentials_secret=self.credentials_secret,
+                aicenter_conn_id=self.hook.aicenter_conn_id,
                 keep_job=self.op.on_finish_action == OnFinishAction.KEEP_POD,
                 job_name=self.job,
                 job_namespace=self.namespace,
@@ -610,7 +611,7 @@ class JobLauncher(PodLauncher):
 
     def _adopt_job(self, job: k8s.V1Job) -> bool:
         """Take over a Job of this task instance that is still running (a worker restart)."""
-        found = PodRun.from_pod(k8s.V1Pod(metadata=job.metadata, spec=job.spec.template.spec))
+        found = run_of_job(job)
         if found is None:
             raise RunError(f"Job {self.namespace}/{self.job} was not started by airflow-aicenter; delete it and clear the task")
         if self.pod_run is not None and not found.same_task(self.pod_run):
@@ -766,11 +767,8 @@ class JobLauncher(PodLauncher):
         if self.pod_run is None:
             return
         store = self.hook.get_store()
-        key = self.pod_run.run.key(OUTCOME)
         with self.recording:  # the launch path may be recording the ending now: one after the other
-            outcome = read_optional(store, key, Outcome)
-            if outcome is None or outcome.status == "running":
-                end_outcome(store, key, outcome or self.pod_run.spec, "killed", killed_by_airflow)
+            record_killed(store, self.pod_run.spec, self.pod_run.run)
 
 
 def delete_quietly(delete: Any, name: str, namespace: str, log: Any, body: k8s.V1DeleteOptions | None = None) -> None:
@@ -802,6 +800,11 @@ def _current_context() -> Any:
         return get_current_context()
     except Exception:  # noqa: BLE001 - no task is running here: no state store to read
         return {}
+
+
+def run_of_job(job: k8s.V1Job) -> PodRun | None:
+    """The run a Job executes, from its pod template's annotation (None: not a Job of airflow-aicenter)."""
+    return PodRun.from_pod(k8s.V1Pod(metadata=job.metadata, spec=job.spec.template.spec))
 
 
 def job_ended(job: k8s.V1Job) -> bool:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -37,7 +36,14 @@ from kubernetes.client import models as k8s
 
 from airflow_aicenter.errors import ConfigurationError, RunError
 from airflow_aicenter.hooks.aicenter import AICenterHook
-from airflow_aicenter.launchers.base import Finished, Launcher, killed_by_airflow, settle_outcome
+from airflow_aicenter.launchers.base import (
+    Finished,
+    Launcher,
+    await_ending,
+    killed_by_airflow,
+    record_killed,
+    settle_outcome,
+)
 from airflow_aicenter.launchers.pod_spec import (
     ANNOTATION_RUN,
     AWS_SECRET_KEYS,
@@ -518,18 +524,12 @@ class PodLauncher(Launcher):
         self.revoke_credentials(self.pod_run.run if self.pod_run else None)
         if self.pod_run is None or self.op.on_kill_action == OnKillAction.KEEP_POD:
             return
-        spec, key = self.pod_run.spec, self.pod_run.run.key(OUTCOME)
         try:
             store = self.hook.get_store()
-            deadline = time.monotonic() + KILL_RECORD_WAIT
-            outcome = read_optional(store, key, Outcome)
-            while self.op.pod is not None and outcome is not None and outcome.status == "running" and time.monotonic() < deadline:
-                time.sleep(0.5)
-                outcome = read_optional(store, key, Outcome)
+            if self.op.pod is not None:
+                await_ending(store, self.pod_run.run, KILL_RECORD_WAIT)
             with self.recording:  # the launch path's ending may be recording now: one after the other
-                outcome = read_optional(store, key, Outcome)
-                if outcome is None or outcome.status == "running":
-                    outcome = end_outcome(store, key, outcome or spec, "killed", killed_by_airflow)
+                outcome = record_killed(store, self.pod_run.spec, self.pod_run.run)
             self.op.log.info("Run %s recorded as %s", self.pod_run.run.label, outcome.status)
         except Exception:
             self.op.log.exception("Could not record the run as killed")

@@ -23,8 +23,10 @@ from typing import Any
 
 from airflow.providers.cncf.kubernetes.triggers.job import KubernetesJobTrigger
 from airflow.triggers.base import TriggerEvent
+from kubernetes.client.exceptions import ApiException
 
 from airflow_aicenter.launchers import kube_retry
+from airflow_aicenter.launchers.base import await_ending, record_killed
 from airflow_aicenter.launchers.job import (
     STARTUP_TIMEOUT,
     JobLogs,
@@ -37,7 +39,9 @@ from airflow_aicenter.launchers.job import (
     node_started,
     redactor_from,
     remember,
+    run_of_job,
 )
+from airflow_aicenter.launchers.pod import KILL_RECORD_WAIT, PodRun
 from airflow_aicenter.secrets import Redactor
 
 #: The event key saying the trigger already copied the nodes' logs into the task log (the re-entry does not again).
@@ -57,15 +61,21 @@ class GangJobTrigger(KubernetesJobTrigger):
     :param nodes: the Job's number of pods (completions).
     :param startup_timeout: seconds every node may take to be running once the Job is admitted.
     :param procs_per_node: processes per node (the ``[node 0 rank r]`` prefix of node 0's lines).
+    :param credentials_secret: the run's credentials Secret, revoked by :meth:`on_kill`.
+    :param aicenter_conn_id: the connection of the run's store, where :meth:`on_kill` records a run no node of which
+        could record it (None: the record is left to the nodes).
+    :param keep_job: ``on_finish_action`` keeps pods: :meth:`on_kill` leaves the Job running.
     """
 
     def __init__(self, *, nodes: int, startup_timeout: float, procs_per_node: int | None = None,
-                 credentials_secret: str | None = None, keep_job: bool = False, **kwargs: Any) -> None:
+                 credentials_secret: str | None = None, aicenter_conn_id: str | None = None, keep_job: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.nodes = nodes
         self.startup_timeout = startup_timeout
         self.procs_per_node = procs_per_node
         self.credentials_secret = credentials_secret
+        self.aicenter_conn_id = aicenter_conn_id
         self.keep_job = keep_job
         #: An event was sent: the task's re-entry owns the Job from then on (on_kill leaves it alone).
         self.fired = False
@@ -77,7 +87,8 @@ class GangJobTrigger(KubernetesJobTrigger):
         _, kwargs = super().serialize()
         return f"{type(self).__module__}.{type(self).__qualname__}", {
             **kwargs, "nodes": self.nodes, "startup_timeout": self.startup_timeout, "procs_per_node": self.procs_per_node,
-            "credentials_secret": self.credentials_secret, "keep_job": self.keep_job,
+            "credentials_secret": self.credentials_secret, "aicenter_conn_id": self.aicenter_conn_id,
+            "keep_job": self.keep_job,
         }
 
     async def on_kill(self) -> None:
@@ -87,7 +98,10 @@ class GangJobTrigger(KubernetesJobTrigger):
         this instead (on a user's action only, never when a triggerer restarts or hands the trigger
         on). As the operator's on_kill does: the Job (its pods with it, whose agents record the run
         as killed on their way out) and its Service are deleted, unless ``on_finish_action`` keeps
-        pods, and the run's credentials Secret is revoked.
+        pods, and the run's credentials Secret is revoked. A run no agent recorded (every node still
+        Pending, or one that could not write) is recorded ``killed`` in the store, as the operator's
+        on_kill does: Airflow gives on_kill 30 s (``[triggerer] on_kill_timeout``), of which the
+        nodes get ``KILL_RECORD_WAIT`` to record it themselves.
         """
         if self.fired:
             return
@@ -98,11 +112,40 @@ class GangJobTrigger(KubernetesJobTrigger):
 
         hook = KubernetesHook(conn_id=self.kubernetes_conn_id, in_cluster=self.in_cluster, config_file=self.config_file,
                               cluster_context=self.cluster_context)
+        run = None if self.keep_job else self._run(hook)  # read before the Job goes: its annotation names the run
         if not self.keep_job:
             delete_job(hook, self.job_name, self.job_namespace, self.log)
         if self.credentials_secret:
             delete_quietly(hook.core_v1_client.delete_namespaced_secret, self.credentials_secret, self.job_namespace,
                            self.log)
+        if run is not None:
+            self._record_killed(run)
+
+    def _run(self, hook: Any) -> PodRun | None:
+        """The run the Job executes (None without ``aicenter_conn_id``, or when the Job cannot be read)."""
+        if not self.aicenter_conn_id:
+            return None
+        try:
+            job = kube_retry.call(hook.batch_v1_client.read_namespaced_job, self.job_name, self.job_namespace,
+                                  what=f"read Job {self.job_namespace}/{self.job_name}", log=self.log)
+        except (ApiException, kube_retry.KubernetesUnavailable) as exc:
+            self.log.warning("Could not read Job %s/%s (%s); its nodes record how the run ended", self.job_namespace,
+                             self.job_name, getattr(exc, "reason", None) or exc)
+            return None
+        return run_of_job(job)
+
+    def _record_killed(self, run: PodRun) -> None:
+        """The run recorded ``killed`` unless a node that had started recorded it as it stopped."""
+        from airflow_aicenter.hooks.aicenter import AICenterHook
+
+        assert self.aicenter_conn_id is not None
+        try:
+            store = AICenterHook(self.aicenter_conn_id).get_store()
+            await_ending(store, run.run, KILL_RECORD_WAIT)
+            outcome = record_killed(store, run.spec, run.run)
+            self.log.info("Run %s recorded as %s", run.run.label, outcome.status)
+        except Exception:
+            self.log.exception("Could not record run %s as killed", run.run.label)
 
     def _job_logs(self) -> JobLogs | None:
         """The nodes' logs through the synchronous client (built here, on the event loop, as KubernetesJobTrigger builds

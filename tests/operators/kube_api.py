@@ -42,8 +42,8 @@ import signal
 import subprocess
 import sys
 import threading
-import traceback
 import time
+import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field

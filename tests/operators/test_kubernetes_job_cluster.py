@@ -725,8 +725,13 @@ def test_on_kill_removes_the_job_revokes_its_credentials_and_records_the_run_as_
 def test_a_deferred_run_killed_by_a_user_has_its_job_and_credentials_removed_by_the_trigger(
         kube_s3_deployment, kube_api: FakeKubernetes):
     """A deferred task marked failed or cleared gets no on_kill of its own (no worker holds it): Airflow 3.3 calls its
-    trigger's on_kill instead, which removes the Job, its Service and its pods and revokes the run's credentials."""
+    trigger's on_kill instead, which removes the Job, its Service and its pods and revokes the run's credentials. Every
+    node was still Pending, so no agent recorded the ending: the trigger records the run ``killed``, as the operator's
+    on_kill does."""
     from airflow.sdk.exceptions import TaskDeferred
+
+    from airflow_aicenter.layout import OUTCOME
+    from airflow_aicenter.records import Outcome, read_optional
 
     registry, dataset = kube_s3_deployment
     kube_api.start_delay = 60.0  # every node Pending until deleted
@@ -736,11 +741,18 @@ def test_a_deferred_run_killed_by_a_user_has_its_job_and_credentials_removed_by_
         op.execute(make_context())
     kube_api.wait_for(lambda: len(kube_api.pods) == 2, timeout=60, what="the Job's pods")
     [secret] = list(kube_api.secrets)
-    trigger = deferred.value.trigger
+    run = op.launcher_in_use.pod_run.run  # type: ignore[union-attr]
+    assert read_optional(registry.store, run.key(OUTCOME), Outcome) is None, "no node started"
+    classpath, kwargs = deferred.value.trigger.serialize()  # rebuilt from what it serialized, as the triggerer does
+    module, _, name = classpath.rpartition(".")
+    trigger = getattr(importlib.import_module(module), name)(**json.loads(json.dumps(kwargs)))
     asyncio.run(trigger.on_kill())
     assert secret not in list(kube_api.secrets), "the run's credentials are revoked"
     kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services and not kube_api.pods, timeout=30,
                       what="the Job, its Service and its pods removed")
+    outcome = read_optional(registry.store, run.key(OUTCOME), Outcome)
+    assert outcome is not None and outcome.status == "killed", outcome
+    assert outcome.error == "killed by Airflow (task stopped) during start-up", outcome.error
     asyncio.run(trigger.on_kill())  # twice (a cancel retried) is harmless: nothing left to remove
 
 
