@@ -321,11 +321,15 @@ class PodLauncher(Launcher):
             name,
         )
 
+    def credentials_secret_of(self, run: RunRef | None = None) -> str | None:
+        """The run's credentials Secret: the one issued here, else (a deferrable re-entry) the name ``run``'s has."""
+        if self.credentials_secret is None and run is not None and self.hook.settings.extra.get("runtime_role_arn"):
+            return credentials_secret_name(run)
+        return self.credentials_secret
+
     def revoke_credentials(self, run: RunRef | None = None) -> None:
         """Delete the run's credentials Secret (after the run; on deferrable re-entry, from the run's name)."""
-        name = self.credentials_secret
-        if name is None and run is not None and self.hook.settings.extra.get("runtime_role_arn"):
-            name = credentials_secret_name(run)
+        name = self.credentials_secret_of(run)
         if name is None:
             return
         try:

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from functools import cached_property, partial
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.sdk.exceptions import AirflowFailException
@@ -44,6 +44,7 @@ from airflow_aicenter.secrets import forms
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
+    from airflow.triggers.base import BaseTrigger
     from kubernetes.client import models as k8s
 
 #: Our own template fields; KubernetesPodOperator's are rendered too, but shown only for pod runs.
@@ -290,6 +291,21 @@ class BasePipelineOperator(KubernetesPodOperator):
                 super().on_kill()
                 launcher.ending(None)  # killed: raises the run's RunError
         return pod
+
+    def defer(self, *, trigger: BaseTrigger, method_name: str, kwargs: dict[str, Any] | None = None,
+              timeout: timedelta | int | float | None = None) -> NoReturn:
+        """Every deferral: KubernetesPodOperator's pod trigger becomes :class:`~airflow_aicenter.triggers.pod.RunPodTrigger`
+        (the same wait, whose on_kill also revokes the run's credentials and records it killed)."""
+        from airflow.providers.cncf.kubernetes.triggers.pod import KubernetesPodTrigger
+
+        from airflow_aicenter.triggers.pod import RunPodTrigger
+
+        launcher = self.launcher_in_use
+        if type(trigger) is KubernetesPodTrigger and isinstance(launcher, PodLauncher):
+            run = launcher.pod_run.run if launcher.pod_run is not None else None
+            trigger = RunPodTrigger.replacing(trigger, aicenter_conn_id=self.aicenter_conn_id,
+                                              credentials_secret=launcher.credentials_secret_of(run))
+        super().defer(trigger=trigger, method_name=method_name, kwargs=kwargs, timeout=timeout)
 
     def on_kill(self) -> None:
         """KPO deletes the pod (a pod run, or nothing started yet); the launcher then records the run as killed."""

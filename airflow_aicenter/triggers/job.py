@@ -26,7 +26,6 @@ from airflow.triggers.base import TriggerEvent
 from kubernetes.client.exceptions import ApiException
 
 from airflow_aicenter.launchers import kube_retry
-from airflow_aicenter.launchers.base import await_ending, record_killed
 from airflow_aicenter.launchers.job import (
     STARTUP_TIMEOUT,
     JobLogs,
@@ -41,8 +40,9 @@ from airflow_aicenter.launchers.job import (
     remember,
     run_of_job,
 )
-from airflow_aicenter.launchers.pod import KILL_RECORD_WAIT, PodRun
+from airflow_aicenter.launchers.pod import PodRun
 from airflow_aicenter.secrets import Redactor
+from airflow_aicenter.triggers.pod import ON_KILL_BUDGET, record_stopped_run
 
 #: The event key saying the trigger already copied the nodes' logs into the task log (the re-entry does not again).
 LOGS_RELAYED = "logs_relayed"
@@ -101,7 +101,7 @@ class GangJobTrigger(KubernetesJobTrigger):
         pods, and the run's credentials Secret is revoked. A run no agent recorded (every node still
         Pending, or one that could not write) is recorded ``killed`` in the store, as the operator's
         on_kill does: Airflow gives on_kill 30 s (``[triggerer] on_kill_timeout``), of which the
-        nodes get ``KILL_RECORD_WAIT`` to record it themselves.
+        nodes get ``KILL_RECORD_WAIT`` to record it themselves (:func:`~airflow_aicenter.triggers.pod.record_stopped_run`).
         """
         if self.fired:
             return
@@ -118,8 +118,8 @@ class GangJobTrigger(KubernetesJobTrigger):
         if self.credentials_secret:
             delete_quietly(hook.core_v1_client.delete_namespaced_secret, self.credentials_secret, self.job_namespace,
                            self.log)
-        if run is not None:
-            self._record_killed(run)
+        if run is not None and self.aicenter_conn_id:
+            record_stopped_run(self.aicenter_conn_id, run, self.log)
 
     def _run(self, hook: Any) -> PodRun | None:
         """The run the Job executes (None without ``aicenter_conn_id``, or when the Job cannot be read)."""
@@ -127,25 +127,13 @@ class GangJobTrigger(KubernetesJobTrigger):
             return None
         try:
             job = kube_retry.call(hook.batch_v1_client.read_namespaced_job, self.job_name, self.job_namespace,
-                                  what=f"read Job {self.job_namespace}/{self.job_name}", log=self.log)
+                                  what=f"read Job {self.job_namespace}/{self.job_name}", log=self.log,
+                                  budget=ON_KILL_BUDGET)
         except (ApiException, kube_retry.KubernetesUnavailable) as exc:
             self.log.warning("Could not read Job %s/%s (%s); its nodes record how the run ended", self.job_namespace,
                              self.job_name, getattr(exc, "reason", None) or exc)
             return None
         return run_of_job(job)
-
-    def _record_killed(self, run: PodRun) -> None:
-        """The run recorded ``killed`` unless a node that had started recorded it as it stopped."""
-        from airflow_aicenter.hooks.aicenter import AICenterHook
-
-        assert self.aicenter_conn_id is not None
-        try:
-            store = AICenterHook(self.aicenter_conn_id).get_store()
-            await_ending(store, run.run, KILL_RECORD_WAIT)
-            outcome = record_killed(store, run.spec, run.run)
-            self.log.info("Run %s recorded as %s", run.run.label, outcome.status)
-        except Exception:
-            self.log.exception("Could not record run %s as killed", run.run.label)
 
     def _job_logs(self) -> JobLogs | None:
         """The nodes' logs through the synchronous client (built here, on the event loop, as KubernetesJobTrigger builds

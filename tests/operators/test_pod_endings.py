@@ -322,6 +322,43 @@ def test_on_kill_while_the_pod_is_being_created_removes_the_pod_it_could_not_see
     assert [r.version for r in registry.versions("rows")] == ["1.0"], "no version"
 
 
+def test_a_deferred_pod_run_stopped_while_pending_is_recorded_killed_by_its_trigger(kube_s3_deployment,
+                                                                                   kube_api: FakeKubernetes):
+    """A deferred one-pod run stopped from the UI (mark failed, clear) while its pod is Pending: no worker holds the
+    task, so Airflow 3.3 calls the trigger's on_kill, which deletes the pod. No runtime started to record the ending:
+    the trigger (rebuilt from what it serialized, as the triggerer does) records the run ``killed``, and its
+    credentials are revoked, as the operator's on_kill does for a running task."""
+    import asyncio
+    import importlib
+
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from airflow_aicenter.layout import OUTCOME
+    from airflow_aicenter.operators import TrainPipelineOperator
+    from airflow_aicenter.records import read_optional
+    from tests.operators.kube_api import make_context
+
+    registry, dataset = kube_s3_deployment
+    kube_api.start_delay = 60.0  # Pending until deleted
+    op = TrainPipelineOperator(task_id="train", package="rows", dataset=dataset, install_requirements=False,
+                               deferrable=True, startup_check_interval_seconds=0.1, poll_interval=0.5)
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute(make_context())
+    [secret_key] = list(kube_api.secrets)
+    run = op.launcher_in_use.pod_run.run  # type: ignore[union-attr]
+    assert read_optional(registry.store, run.key(OUTCOME), Outcome) is None, "the pod did not start"
+    classpath, kwargs = deferred.value.trigger.serialize()
+    module, _, name = classpath.rpartition(".")
+    trigger = getattr(importlib.import_module(module), name)(**json.loads(json.dumps(kwargs, default=str)))
+    asyncio.run(trigger.on_kill())
+    kube_api.wait_for(lambda: all(p.gone for p in kube_api.all_pods()), timeout=30, what="the pod to be deleted")
+    outcome = read_optional(registry.store, run.key(OUTCOME), Outcome)
+    assert outcome is not None and outcome.status == "killed", outcome
+    assert outcome.error == "killed by Airflow (task stopped) during start-up"
+    assert secret_key not in kube_api.secrets, "the run's credentials are revoked"
+    assert [r.version for r in registry.versions("rows")] == ["1.0"], "no version"
+
+
 def test_api_errors_while_a_single_pod_runs_are_retried_and_the_run_succeeds(kube_deployment, kube_api: FakeKubernetes,
                                                                             tmp_path: Path):
     """A flaky API server during a one-pod run (KubernetesPodOperator's own waits and reads, which retry 5xx and dropped
