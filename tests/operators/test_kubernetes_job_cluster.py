@@ -244,6 +244,11 @@ def test_a_deferred_gang_not_all_running_within_startup_timeout_fails_naming_the
     assert [r.version for r in registry.versions("ddp")] == ["1.0"], "no version"
 
 
+#: startup_timeout of the queued runs: after admission both nodes must start within it on a loaded 2-core machine
+#: (``startTime`` has whole seconds, so up to one of them is gone at admission); they wait longer than it in the queue.
+QUEUED_STARTUP = 6
+
+
 def test_a_deferred_queued_job_waits_for_admission_then_runs(ddp_deployment, kube_api: FakeKubernetes):
     """Deferred and queued: time in the queue is not startup time; once admitted the gang starts and the run succeeds;
     the trigger rides out 5xx answers and dropped connections."""
@@ -252,24 +257,25 @@ def test_a_deferred_queued_job_waits_for_admission_then_runs(ddp_deployment, kub
     registry, dataset = ddp_deployment
     context = make_context()
     with pytest.raises(TaskDeferred) as deferred:
-        ddp_full_op(dataset, queue_name="team-a", startup_timeout=2, deferrable=True).execute(context)
-    threading.Timer(4, kube_api.admit_job).start()  # twice startup_timeout, as Kueue admits it later
+        ddp_full_op(dataset, queue_name="team-a", startup_timeout=QUEUED_STARTUP, deferrable=True).execute(context)
+    threading.Timer(QUEUED_STARTUP + 2, kube_api.admit_job).start()  # past startup_timeout, as Kueue admits it later
     kube_api.fail_next(r"/jobs/[^/]+/status$", 3, 503)  # a flaky API server while the trigger waits
     kube_api.fail_next(r"/jobs/[^/]+/status$", 2, "reset")
     kube_api.fail_next(r"/pods$", 2, 502)
     event = first_event(deferred.value, timeout=90)
     assert event["status"] == "success", event
     assert len(kube_api.faults_served) == 7, kube_api.faults_served
-    result = ddp_full_op(dataset, queue_name="team-a", startup_timeout=2, deferrable=True).trigger_reentry(context, event)
+    result = ddp_full_op(dataset, queue_name="team-a", startup_timeout=QUEUED_STARTUP,
+                         deferrable=True).trigger_reentry(context, event)
     assert result["version"] == "1.1"
     kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services, timeout=30, what="Job and Service removal")
 
 
 def test_time_in_the_queue_does_not_count_against_startup_timeout(ddp_deployment, kube_api: FakeKubernetes):
     registry, dataset = ddp_deployment
-    thread, out = run_in_thread(ddp_full_op(dataset, queue_name="team-a", startup_timeout=2), make_context())
+    thread, out = run_in_thread(ddp_full_op(dataset, queue_name="team-a", startup_timeout=QUEUED_STARTUP), make_context())
     kube_api.wait_for(lambda: bool(kube_api.jobs) or not thread.is_alive(), timeout=60, what="the Job")
-    thread.join(4)  # twice the startup_timeout, suspended
+    thread.join(QUEUED_STARTUP + 2)  # past the startup_timeout, suspended
     assert thread.is_alive(), out
     kube_api.admit_job()
     thread.join(120)
