@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
+# Bytecode is cached even where PYTHONDONTWRITEBYTECODE is set (as on CI machines): this process and each xdist
+# worker then rewrite the test modules' asserts once, not in every run (about 8 CPU-s a process), and the
+# subprocesses (runtimes, ``airflow dags test``), which keep the variable, read airflow_aicenter's cached bytecode
+# instead of compiling it each time. Nothing is written where package code runs: those are subprocesses.
+sys.dont_write_bytecode = False
+
 import functools
 import os
 import shutil
@@ -155,10 +163,10 @@ os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 
 
 # -- real Airflow --------------------------------------------------------------------------
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
 
 BIN = Path(sys.executable).parent
 
@@ -399,14 +407,14 @@ def spawn_runtime(tmp_path: Path) -> Iterator[RuntimeSpawner]:
 
 # -- fixtures of the top-level test modules (issue 19: every fixture in a conftest), and their helpers.
 # They import tests.aicenter_helpers inside the fixture: that module imports this conftest.
-import signal  # noqa: E402
-import time  # noqa: E402
+import signal
+import time
 
-from airflow_aicenter import layout  # noqa: E402
-from airflow_aicenter.records import Outcome, RunSpec, VersionRecord, read_optional  # noqa: E402
-from airflow_aicenter.registry import Registry  # noqa: E402
-from airflow_aicenter.storage.transfer import run, upload_tree  # noqa: E402
-from tests.packages import ECHO_MAIN, TRAIN_ONLY, write_package  # noqa: E402
+from airflow_aicenter import layout
+from airflow_aicenter.records import Outcome, RunSpec, VersionRecord, read_optional
+from airflow_aicenter.registry import Registry
+from airflow_aicenter.storage.transfer import run, upload_tree
+from tests.packages import ECHO_MAIN, TRAIN_ONLY, write_package
 
 
 def run_cli_dag(data: str) -> None:
