@@ -570,6 +570,8 @@ class Agent:
                            f"{EXIT_LIMIT} bytes (replaced by package code?)")
         self._used(ended.get("resources"))
         self._output_tail(ended)
+        if ended.get("status") == "killed":  # the pod's deletion stopped the user container first: this container's
+            raise Killed  # own SIGTERM is on its way, and the run was stopped either way, not failed
         if ended.get("status") != "succeeded":
             raise RunError(cap(str(ended.get("cause") or f"the user processes {ended.get('status') or 'failed'}")))
         results = ended.get("results")

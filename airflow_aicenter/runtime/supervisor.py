@@ -502,6 +502,10 @@ def supervise(plan: dict[str, Any], *, stdout: TextIO | None = None, stderr: Tex
         record["status"] = "failed" if label else "succeeded"
         record["failed"] = label
         record["cause"] = user_module.cap(sup.secrets.redact(cause)) if cause else None
+    except Exception as exc:  # the supervisor's own failure, not a stop (those are BaseExceptions): "killed" means stopped
+        record.update(status="failed", cause=user_module.cap(sup.secrets.redact(
+            f"the user supervisor failed: {type(exc).__name__}: {exc}")))
+        raise
     finally:
         sup.stop()  # on an exception too: nothing outlives the supervisor's run
         sup.join()

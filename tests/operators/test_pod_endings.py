@@ -213,6 +213,21 @@ def test_sync_never_follows_a_link_planted_as_the_exit_file(tmp_path: Path):
         _agent(tmp_path)._wait_for_supervisor()
 
 
+def test_a_user_container_stopped_with_the_pod_makes_sync_record_killed_not_failed(tmp_path: Path):
+    """Deleting the pod sends SIGTERM to every container at once; when the user supervisor's exit record ("killed",
+    "the run was stopped") reaches sync before sync's own SIGTERM does, the run was still stopped, not failed (seen
+    in real containers under load: the run recorded ``failed: the run was stopped`` after on_kill)."""
+    from airflow_aicenter.runtime import agent
+
+    control = tmp_path / "control"
+    control.mkdir()
+    (control / "exit.json").write_text(json.dumps({"status": "killed", "results": [None], "failed": None,
+                                                   "cause": "the run was stopped"}))
+    (control / "alive").touch()
+    with pytest.raises(agent.Killed):
+        _agent(tmp_path)._wait_for_supervisor()
+
+
 def test_sync_refuses_an_exit_file_without_a_list_of_results(tmp_path: Path):
     control = tmp_path / "control"
     control.mkdir()

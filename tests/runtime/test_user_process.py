@@ -385,3 +385,16 @@ def test_the_supervisor_records_killed_on_sigterm(tmp_path, during):
     assert proc.returncode == 143
     ended = json.loads((tmp_path / "exit.json").read_text())
     assert ended["status"] == "killed" and ended["results"] == [None]
+
+
+def test_the_supervisor_s_own_failure_is_recorded_failed_not_killed(tmp_path):
+    """"killed" in the exit record means the run was stopped (SIGTERM): sync then records the run killed. A fault of the
+    supervisor itself (here a plan entry it cannot read) is recorded as a failure that names it."""
+    from airflow_aicenter.runtime.supervisor import supervise
+
+    plan = json.loads(_plan(tmp_path, [{}], "sk-supervised-0123456789").read_text())
+    del plan["processes"][0]["argv"]
+    with pytest.raises(KeyError):
+        supervise(plan)
+    ended = json.loads((tmp_path / "exit.json").read_text())
+    assert ended["status"] == "failed" and ended["cause"] == "the user supervisor failed: KeyError: 'argv'", ended
