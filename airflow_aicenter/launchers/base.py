@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow_aicenter.errors import RunError
 from airflow_aicenter.layout import OUTCOME
-from airflow_aicenter.records import Outcome, RunRef, RunSpec, end_outcome, read_optional
+from airflow_aicenter.records import Outcome, RunRef, RunSpec, RunStatus, end_outcome, read_optional
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -74,14 +75,20 @@ def await_ending(store: Store, run: RunRef, seconds: float) -> None:
         outcome = read_optional(store, key, Outcome)
 
 
-def record_killed(store: Store, spec: RunSpec, run: RunRef) -> Outcome:
-    """on_kill's record of a run: ``killed`` (:func:`killed_by_airflow`), unless its runtime recorded an ending. The
-    operator's on_kill (pod and Job) and the deferred Job's trigger record a stopped run this way. Returns the outcome."""
+def end_unrecorded(store: Store, spec: RunSpec, run: RunRef, status: RunStatus, error: str | Callable[[str], str]) -> Outcome:
+    """The run's outcome; one its runtime left unended (none, or still ``running``) is ended now with ``status`` and
+    ``error`` (:func:`end_outcome`). Returns it."""
     key = run.key(OUTCOME)
     outcome = read_optional(store, key, Outcome)
     if outcome is None or outcome.status == "running":
-        outcome = end_outcome(store, key, outcome or spec, "killed", killed_by_airflow)
+        outcome = end_outcome(store, key, outcome or spec, status, error)
     return outcome
+
+
+def record_killed(store: Store, spec: RunSpec, run: RunRef) -> Outcome:
+    """on_kill's record of a run: ``killed`` (:func:`killed_by_airflow`), unless its runtime recorded an ending. The
+    operator's on_kill (pod and Job) and both deferred triggers record a stopped run this way. Returns the outcome."""
+    return end_unrecorded(store, spec, run, "killed", killed_by_airflow)
 
 
 def settle_outcome(store: Store, spec: RunSpec, run: RunRef, *, ended: str | None = None) -> Outcome:
@@ -92,13 +99,8 @@ def settle_outcome(store: Store, spec: RunSpec, run: RunRef, *, ended: str | Non
     ``ended`` (what the launcher saw, e.g. "the runtime exited with code 137") as the cause.
     A run that did not succeed raises :class:`RunError` with its one-line cause.
     """
-    key = run.key(OUTCOME)
-    outcome = read_optional(store, key, Outcome)
-    if outcome is None or outcome.status == "running":
-        outcome = end_outcome(
-            store, key, outcome or spec, "failed",
-            lambda phase: f"{ended or 'the runtime ended'} during {phase} before reporting an outcome",
-        )
+    outcome = end_unrecorded(store, spec, run, "failed",
+                             lambda phase: f"{ended or 'the runtime ended'} during {phase} before reporting an outcome")
     if outcome.status not in ("succeeded", "skipped"):
         raise RunError(f"{spec.pipeline} run of {spec.package}:{spec.version} {outcome.status}: {outcome.error}")
     return outcome
