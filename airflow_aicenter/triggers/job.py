@@ -112,19 +112,18 @@ class GangJobTrigger(KubernetesJobTrigger):
 
         hook = KubernetesHook(conn_id=self.kubernetes_conn_id, in_cluster=self.in_cluster, config_file=self.config_file,
                               cluster_context=self.cluster_context)
-        run = None if self.keep_job else self._run(hook)  # read before the Job goes: its annotation names the run
+        recorder = None if self.keep_job else self.aicenter_conn_id  # a Job left running records its own ending
+        run = self._run(hook) if recorder else None  # read before the Job goes: its annotation names the run
         if not self.keep_job:
             delete_job(hook, self.job_name, self.job_namespace, self.log)
         if self.credentials_secret:
             delete_quietly(hook.core_v1_client.delete_namespaced_secret, self.credentials_secret, self.job_namespace,
                            self.log)
-        if run is not None and self.aicenter_conn_id:
-            record_stopped_run(self.aicenter_conn_id, run, self.log)
+        if recorder and run is not None:
+            record_stopped_run(recorder, run, self.log)
 
     def _run(self, hook: Any) -> PodRun | None:
-        """The run the Job executes (None without ``aicenter_conn_id``, or when the Job cannot be read)."""
-        if not self.aicenter_conn_id:
-            return None
+        """The run the Job executes (None when the Job cannot be read)."""
         try:
             job = kube_retry.call(hook.batch_v1_client.read_namespaced_job, self.job_name, self.job_namespace,
                                   what=f"read Job {self.job_namespace}/{self.job_name}", log=self.log,
