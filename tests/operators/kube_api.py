@@ -1387,6 +1387,15 @@ def kill_worker_once_stored(store: Path, key: str, *, try_number: int = 1, timeo
         raise AssertionError(f"the worker stored no {key} within {timeout:.0f} s: {err.decode(errors='replace')[-3000:]}")
 
 
+def rebuilt(trigger: Any) -> Any:
+    """``trigger`` as the triggerer makes it: from what it serialized, through JSON."""
+    import importlib
+
+    classpath, kwargs = trigger.serialize()
+    module, _, name = classpath.rpartition(".")
+    return getattr(importlib.import_module(module), name)(**json.loads(json.dumps(kwargs, default=str)))
+
+
 def run_in_thread(op: Any, context: dict[str, Any]) -> tuple[threading.Thread, dict[str, Any]]:
     """``op.execute(context)`` in a thread; its result or error lands in the returned dict."""
     out: dict[str, Any] = {}

@@ -12,7 +12,6 @@ served from a file the next try's worker shares (kube_api.StateStoreComms).
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import os
 import re
@@ -28,7 +27,7 @@ from airflow_aicenter.operators import TrainPipelineOperator
 from tests.aicenter_helpers import FAST, MAIN
 from tests.conftest import write_files
 from tests.operators.conftest import ddp_full_op
-from tests.operators.kube_api import FakeKubernetes, make_context, run_in_thread
+from tests.operators.kube_api import FakeKubernetes, make_context, rebuilt, run_in_thread
 
 JOB_PATH = r"^/apis/batch/v1/namespaces/[^/]+/jobs/[^/]+$"
 
@@ -208,9 +207,7 @@ def test_the_start_clock_is_the_job_s_own_start_time_not_the_worker_s(ddp_deploy
 def first_event(deferred: Any, timeout: float = 30) -> dict[str, Any]:
     """The deferred task's trigger run as the triggerer runs it (rebuilt from what it serialized), to its first event
     (within ``timeout`` seconds)."""
-    classpath, kwargs = deferred.trigger.serialize()
-    module, _, name = classpath.rpartition(".")
-    trigger = getattr(importlib.import_module(module), name)(**json.loads(json.dumps(kwargs)))
+    trigger = rebuilt(deferred.trigger)
 
     async def first() -> dict[str, Any]:
         async for event in trigger.run():
@@ -749,9 +746,7 @@ def test_a_deferred_run_killed_by_a_user_has_its_job_and_credentials_removed_by_
     [secret] = list(kube_api.secrets)
     run = op.launcher_in_use.pod_run.run  # type: ignore[union-attr]
     assert read_optional(registry.store, run.key(OUTCOME), Outcome) is None, "no node started"
-    classpath, kwargs = deferred.value.trigger.serialize()  # rebuilt from what it serialized, as the triggerer does
-    module, _, name = classpath.rpartition(".")
-    trigger = getattr(importlib.import_module(module), name)(**json.loads(json.dumps(kwargs)))
+    trigger = rebuilt(deferred.value.trigger)  # from what it serialized, as the triggerer makes it
     asyncio.run(trigger.on_kill())
     assert secret not in list(kube_api.secrets), "the run's credentials are revoked"
     kube_api.wait_for(lambda: not kube_api.jobs and not kube_api.services and not kube_api.pods, timeout=30,

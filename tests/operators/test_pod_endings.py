@@ -344,14 +344,13 @@ def test_a_deferred_pod_run_stopped_while_pending_is_recorded_killed_by_its_trig
     the trigger (rebuilt from what it serialized, as the triggerer does) records the run ``killed``, and its
     credentials are revoked, as the operator's on_kill does for a running task."""
     import asyncio
-    import importlib
 
     from airflow.sdk.exceptions import TaskDeferred
 
     from airflow_aicenter.layout import OUTCOME
     from airflow_aicenter.operators import TrainPipelineOperator
     from airflow_aicenter.records import read_optional
-    from tests.operators.kube_api import make_context
+    from tests.operators.kube_api import make_context, rebuilt
 
     registry, dataset = kube_s3_deployment
     kube_api.start_delay = 60.0  # Pending until deleted
@@ -362,10 +361,7 @@ def test_a_deferred_pod_run_stopped_while_pending_is_recorded_killed_by_its_trig
     [secret_key] = list(kube_api.secrets)
     run = op.launcher_in_use.pod_run.run  # type: ignore[union-attr]
     assert read_optional(registry.store, run.key(OUTCOME), Outcome) is None, "the pod did not start"
-    classpath, kwargs = deferred.value.trigger.serialize()
-    module, _, name = classpath.rpartition(".")
-    trigger = getattr(importlib.import_module(module), name)(**json.loads(json.dumps(kwargs, default=str)))
-    asyncio.run(trigger.on_kill())
+    asyncio.run(rebuilt(deferred.value.trigger).on_kill())  # from what it serialized, as the triggerer makes it
     kube_api.wait_for(lambda: all(p.gone for p in kube_api.all_pods()), timeout=30, what="the pod to be deleted")
     outcome = read_optional(registry.store, run.key(OUTCOME), Outcome)
     assert outcome is not None and outcome.status == "killed", outcome
